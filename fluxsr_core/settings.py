@@ -1,0 +1,108 @@
+"""Run settings (T_L, guidance, scale) and the safetensors metadata keys that carry them.
+
+Every LoRA and conditioning bundle FluxSR writes carries these keys (strings), so a file
+always says how it must be run. Values missing from a file fall back to our defaults; the
+paper publishes none of them.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, asdict
+from typing import Mapping, Optional
+
+from .flow import check_t_l
+
+FORMAT_VERSION = "1"
+DEFAULT_T_L = 0.25      # ours (and the one public re-implementation's)
+DEFAULT_GUIDANCE = 3.5  # FLUX.1-dev's and ComfyUI's usual value
+DEFAULT_SCALE = 4.0
+DEFAULT_BASE_MODEL = "black-forest-labs/FLUX.1-dev"
+
+KEY_FORMAT = "fluxsr.format"
+KEY_T_L = "fluxsr.t_l"
+KEY_GUIDANCE = "fluxsr.guidance"
+KEY_SCALE = "fluxsr.scale"
+KEY_BASE_MODEL = "fluxsr.base_model"
+KEY_LORA_RANK = "fluxsr.lora_rank"
+
+
+@dataclass
+class RunSettings:
+    """How a FluxSR student is run. ``source`` maps each field to where its value came from."""
+
+    t_l: float = DEFAULT_T_L
+    guidance: float = DEFAULT_GUIDANCE
+    scale: float = DEFAULT_SCALE
+    base_model: str = DEFAULT_BASE_MODEL
+    lora_rank: Optional[int] = None
+    source: dict | None = None
+
+    def __post_init__(self):
+        check_t_l(self.t_l)
+        if self.source is None:
+            self.source = {k: "default" for k in ("t_l", "guidance", "scale")}
+
+    def to_metadata(self) -> dict[str, str]:
+        """The ``fluxsr.*`` safetensors metadata for these settings."""
+        md = {
+            KEY_FORMAT: FORMAT_VERSION,
+            KEY_T_L: repr(float(self.t_l)),
+            KEY_GUIDANCE: repr(float(self.guidance)),
+            KEY_SCALE: repr(float(self.scale)),
+            KEY_BASE_MODEL: str(self.base_model),
+        }
+        if self.lora_rank is not None:
+            md[KEY_LORA_RANK] = str(int(self.lora_rank))
+        return md
+
+    def describe(self) -> str:
+        """One line naming each value and where it came from (printed by the CLI)."""
+        src = self.source or {}
+        return (f"T_L={self.t_l:g} ({src.get('t_l', 'default')}), "
+                f"guidance={self.guidance:g} ({src.get('guidance', 'default')}), "
+                f"scale={self.scale:g} ({src.get('scale', 'default')})")
+
+    def as_dict(self) -> dict:
+        return asdict(self)
+
+
+def _float(md: Mapping[str, str], key: str, what: str) -> Optional[float]:
+    if key not in md:
+        return None
+    try:
+        return float(md[key])
+    except (TypeError, ValueError):
+        raise ValueError(f"metadata {key}={md[key]!r} in {what} is not a number") from None
+
+
+def settings_from_metadata(*sources: tuple[Optional[Mapping[str, str]], str],
+                           base: Optional[RunSettings] = None) -> RunSettings:
+    """Merge run settings from metadata sources, earliest source winning per key.
+
+    ``sources`` are ``(metadata, label)`` pairs, e.g. ``(bundle_md, "bundle x.safetensors")``.
+    Keys missing everywhere keep ``base``'s values (defaults when ``base`` is None).
+    """
+    out = RunSettings() if base is None else RunSettings(**{k: v for k, v in base.as_dict().items()})
+    out.source = dict(out.source or {})
+    seen = set()
+    for md, label in sources:
+        if not md:
+            continue
+        for field_name, key in (("t_l", KEY_T_L), ("guidance", KEY_GUIDANCE), ("scale", KEY_SCALE)):
+            if field_name in seen:
+                continue
+            value = _float(md, key, label)
+            if value is not None:
+                setattr(out, field_name, value)
+                out.source[field_name] = label
+                seen.add(field_name)
+        if KEY_BASE_MODEL in md and "base_model" not in seen:
+            out.base_model = md[KEY_BASE_MODEL]
+            seen.add("base_model")
+        if KEY_LORA_RANK in md and out.lora_rank is None:
+            try:
+                out.lora_rank = int(md[KEY_LORA_RANK])
+            except ValueError:
+                pass
+    check_t_l(out.t_l)
+    return out

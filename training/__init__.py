@@ -1,0 +1,1 @@
+"""FluxSR training: teacher pairs, Real-ESRGAN degradation, FTD distillation (installed as fluxsr_training)."""
