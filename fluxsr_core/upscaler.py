@@ -1,0 +1,193 @@
+"""The one-step FluxSR upscale of an image, given a velocity model, a latent codec and settings.
+
+Pipeline (FLUXSR.md section 1): resize the LR image to the target size (bicubic), pad to the
+model's multiple, encode to ``z_L``, one velocity call per latent tile
+(``z_H = z_L - T_L * v(z_L, T_L)``, tiles Gaussian-blended), decode, crop back, colour fix
+against the upsampled input. Only the interfaces of :mod:`fluxsr_core.interfaces` are used,
+so the CLI (diffusers) and the ComfyUI nodes (ComfyUI's MODEL/VAE) run exactly this code.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import logging
+from dataclasses import dataclass, field
+from typing import Any, Callable, Optional
+
+import torch
+
+from . import color, flow, images, tiling
+from .interfaces import CancelCheck, LatentCodec, ProgressCallback, VelocityModel
+from .latents import PIXEL_MULTIPLE
+from .settings import DEFAULT_T_L
+from .tiling import TilingConfig
+
+log = logging.getLogger("fluxsr")
+
+COLOR_FIXES = ("none", "adain", "wavelet")
+DEFAULT_MAX_OUTPUT_PIXELS = 64_000_000
+
+
+@dataclass
+class UpscaleOptions:
+    """How to upscale. Exactly one of ``long_side``/``megapixels`` may replace ``scale``."""
+
+    scale: float = 4.0
+    long_side: Optional[int] = None
+    megapixels: Optional[float] = None
+    t_l: float = DEFAULT_T_L
+    color_fix: str = "wavelet"
+    tiling: TilingConfig = field(default_factory=TilingConfig)
+    max_output_pixels: int = DEFAULT_MAX_OUTPUT_PIXELS
+
+    def validate(self) -> "UpscaleOptions":
+        """Raise ValueError naming the first impossible setting."""
+        flow.check_t_l(self.t_l)
+        if self.color_fix not in COLOR_FIXES:
+            raise ValueError(f"unknown colour fix {self.color_fix!r}; choose one of {', '.join(COLOR_FIXES)}")
+        tiling.validate_tiling(self.tiling)
+        return self
+
+
+def output_size(height: int, width: int, options: UpscaleOptions) -> tuple[int, int]:
+    """The output size for an input of ``height x width`` (guarded by ``max_output_pixels``)."""
+    return images.target_size(
+        height, width,
+        scale=None if (options.long_side or options.megapixels) else options.scale,
+        long_side=options.long_side, megapixels=options.megapixels,
+        max_output_pixels=options.max_output_pixels)
+
+
+def upscale_tensor(
+    image: torch.Tensor,
+    model: VelocityModel,
+    codec: LatentCodec,
+    cond: Any,
+    options: UpscaleOptions,
+    progress: Optional[ProgressCallback] = None,
+    cancel_check: Optional[CancelCheck] = None,
+) -> torch.Tensor:
+    """Upscale ``image`` ``[B, 3, H, W]`` in [0, 1] with one FluxSR step; returns ``[B, 3, H2, W2]``.
+
+    ``progress(done, total, None)`` is called once per latent tile; ``cancel_check()`` runs
+    before each tile and may raise to stop. The result lies in [0, 1], on the codec's output
+    device, float32.
+    """
+    options.validate()
+    if image.ndim != 4 or image.shape[1] != 3:
+        raise ValueError(f"expected an RGB image batch [B, 3, H, W], got shape {tuple(image.shape)}")
+    out_h, out_w = output_size(image.shape[-2], image.shape[-1], options)
+    upsampled = images.resize(image.float(), (out_h, out_w))
+    padded, _ = images.pad_to_multiple(upsampled, PIXEL_MULTIPLE)
+    if cancel_check is not None:
+        cancel_check()
+    z_l = codec.encode(padded)
+    t_l = options.t_l
+
+    def one_tile(tile_latent: torch.Tensor, position_offset: tuple[int, int]) -> torch.Tensor:
+        # The same function the trainer's SR branch calls (flow.one_step_sr).
+        return flow.one_step_sr(model, tile_latent, t_l, cond, position_offset=position_offset)
+
+    z_h = tiling.tiled_apply(one_tile, z_l, options.tiling, progress=progress, cancel_check=cancel_check)
+    if cancel_check is not None:
+        cancel_check()
+    decoded = codec.decode(z_h).float()
+    decoded = images.crop(decoded, out_h, out_w)
+    fixed = color.apply_color_fix(options.color_fix, decoded, upsampled.to(decoded.device))
+    return fixed.clamp(0.0, 1.0)
+
+
+def is_out_of_memory(exc: BaseException) -> bool:
+    """True for CUDA/MPS/CPU allocation failures, whatever class the backend raises."""
+    if isinstance(exc, getattr(torch, "OutOfMemoryError", ())) or isinstance(
+            exc, getattr(torch.cuda, "OutOfMemoryError", ())):
+        return True
+    text = str(exc).lower()
+    return isinstance(exc, RuntimeError) and ("out of memory" in text or "can't allocate memory" in text)
+
+
+def smaller_tiling(config: TilingConfig, min_latent_tile: int = 32) -> Optional[TilingConfig]:
+    """Half-size tiles for an out-of-memory retry, or None when tiles are already minimal."""
+    if config.latent_tile <= min_latent_tile and config.tile_batch_size <= 1:
+        return None
+    if config.tile_batch_size > 1:
+        return dataclasses.replace(config, tile_batch_size=1)
+    tile = max(min_latent_tile, (config.latent_tile // 2) // 2 * 2)
+    overlap = min(config.latent_overlap, max(0, (tile // 4) // 2 * 2))
+    vae_tile = max(256, config.vae_tile // 2) if config.vae_tile else 512
+    vae_overlap = min(config.vae_overlap, vae_tile // 4)
+    return dataclasses.replace(config, latent_tile=tile, latent_overlap=overlap,
+                               vae_tile=vae_tile, vae_overlap=vae_overlap)
+
+
+def upscale_tensor_with_retry(
+    image: torch.Tensor,
+    model: VelocityModel,
+    codec: LatentCodec,
+    cond: Any,
+    options: UpscaleOptions,
+    progress: Optional[ProgressCallback] = None,
+    cancel_check: Optional[CancelCheck] = None,
+    on_retry: Optional[Callable[[TilingConfig, BaseException], None]] = None,
+    configure_codec: Optional[Callable[[TilingConfig], None]] = None,
+) -> tuple[torch.Tensor, TilingConfig]:
+    """:func:`upscale_tensor`, retried with smaller tiles after an out-of-memory error.
+
+    Returns the image and the tiling that succeeded. ``on_retry(new_tiling, error)`` is told of
+    each retry (the CLI and ComfyUI log it); ``configure_codec(tiling)`` lets the caller move its
+    codec to the new VAE tile size. Other errors propagate unchanged.
+    """
+    current = options
+    while True:
+        try:
+            return upscale_tensor(image, model, codec, cond, current, progress, cancel_check), current.tiling
+        except Exception as exc:  # noqa: BLE001 - filtered just below
+            if not is_out_of_memory(exc):
+                raise
+            nxt = smaller_tiling(current.tiling)
+            if nxt is None:
+                raise RuntimeError(
+                    "out of memory even with the smallest tiles; try --memory-mode model_offload or "
+                    "fp8_storage, a smaller --dtype, or a smaller output size") from exc
+            if torch.cuda.is_available():
+                torch.cuda.empty_cache()
+            if on_retry is not None:
+                on_retry(nxt, exc)
+            else:
+                log.warning("out of memory; retrying with latent tiles of %d (overlap %d)",
+                            nxt.latent_tile, nxt.latent_overlap)
+            if configure_codec is not None:
+                configure_codec(nxt)
+            current = dataclasses.replace(current, tiling=nxt)
+
+
+@dataclass
+class UpscaledImage:
+    """An upscaled image ready to save: rgb ``[1, 3, H, W]``, alpha ``[1, 1, H, W]`` or None."""
+
+    rgb: torch.Tensor
+    alpha: Optional[torch.Tensor]
+    bit_depth: int
+    grayscale: bool
+    tiling: TilingConfig
+
+
+def upscale_loaded_image(
+    loaded: "images.LoadedImage",
+    model: VelocityModel,
+    codec: LatentCodec,
+    cond: Any,
+    options: UpscaleOptions,
+    progress: Optional[ProgressCallback] = None,
+    cancel_check: Optional[CancelCheck] = None,
+    on_retry: Optional[Callable[[TilingConfig, BaseException], None]] = None,
+    configure_codec: Optional[Callable[[TilingConfig], None]] = None,
+) -> UpscaledImage:
+    """Upscale a :class:`fluxsr_core.images.LoadedImage`: colour through the model, alpha apart."""
+    rgb, used = upscale_tensor_with_retry(loaded.rgb, model, codec, cond, options, progress,
+                                          cancel_check, on_retry, configure_codec)
+    alpha = None
+    if loaded.alpha is not None:
+        alpha = images.upscale_alpha(loaded.alpha.to(rgb.device), tuple(rgb.shape[-2:]))
+    return UpscaledImage(rgb=rgb, alpha=alpha, bit_depth=loaded.bit_depth,
+                         grayscale=loaded.grayscale, tiling=used)
