@@ -1,0 +1,294 @@
+"""``fluxsr``: the headless one-step upscaler.
+
+    fluxsr upscale INPUT... -o OUT --transformer flux1-dev.safetensors --vae ae.safetensors \
+        --lora fluxsr_lora.safetensors --conditioning fluxsr_bundle.safetensors
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import os
+import sys
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Optional, Sequence
+
+IMAGE_SUFFIXES = {".png", ".jpg", ".jpeg", ".webp", ".bmp", ".tif", ".tiff", ".gif"}
+
+MODEL_FILES_HELP = """\
+fluxsr upscale needs four model files (nothing is downloaded):
+  --transformer  FLUX.1-dev transformer: flux1-dev.safetensors (BFL/ComfyUI single file, fp8 e4m3fn
+                 files work too) or a diffusers folder (the 'transformer' folder of FLUX.1-dev).
+                 In ComfyUI it lives in models/diffusion_models/.  [env FLUXSR_TRANSFORMER]
+  --vae          FLUX VAE: ae.safetensors or a diffusers 'vae' folder (ComfyUI: models/vae/).
+                 [env FLUXSR_VAE]
+  --lora         the FluxSR LoRA (diffusers naming, e.g. pytorch_lora_weights.safetensors;
+                 ComfyUI: models/loras/).  [env FLUXSR_LORA]
+  --conditioning the FluxSR conditioning bundle: our .safetensors bundle, or the folder holding
+                 t5_embedding.pth + clip_embedding.pth (ComfyUI: models/fluxsr/).
+                 [env FLUXSR_CONDITIONING]
+FLUX.1-dev weights are under the FLUX.1 [dev] Non-Commercial License (huggingface.co/black-forest-labs/FLUX.1-dev)."""
+
+
+class UsageError(Exception):
+    """A problem the user can fix from the command line (exit code 2, no traceback)."""
+
+
+@dataclass
+class Job:
+    source: Path
+    target: Path
+
+
+def _positive_float(text: str) -> float:
+    value = float(text)
+    if not value > 0:
+        raise argparse.ArgumentTypeError(f"must be positive (got {text})")
+    return value
+
+
+def build_parser() -> argparse.ArgumentParser:
+    from .tiling import TilingConfig
+    from .upscaler import COLOR_FIXES, DEFAULT_MAX_OUTPUT_PIXELS
+
+    defaults = TilingConfig()
+    parser = argparse.ArgumentParser(prog="fluxsr", description="FluxSR: one-step FLUX super-resolution.")
+    sub = parser.add_subparsers(dest="command", required=True)
+    up = sub.add_parser("upscale", help="upscale images with one FluxSR step",
+                        formatter_class=argparse.RawDescriptionHelpFormatter, epilog=MODEL_FILES_HELP)
+    up.add_argument("inputs", nargs="+", type=Path, help="image files or folders of images")
+    up.add_argument("-o", "--output", required=True, type=Path,
+                    help="output folder (created), or a .png path when there is one input")
+    up.add_argument("--overwrite", action="store_true", help="replace existing outputs (default: skip them)")
+
+    m = up.add_argument_group("model files")
+    m.add_argument("--transformer", default=os.environ.get("FLUXSR_TRANSFORMER"))
+    m.add_argument("--vae", default=os.environ.get("FLUXSR_VAE"))
+    m.add_argument("--lora", default=os.environ.get("FLUXSR_LORA"))
+    m.add_argument("--conditioning", default=os.environ.get("FLUXSR_CONDITIONING"))
+    m.add_argument("--lora-scale", type=float, default=1.0, help="LoRA strength (default 1.0)")
+    m.add_argument("--no-merge-lora", action="store_true",
+                   help="keep the LoRA as a separate peft adapter instead of merging it (slower; exact)")
+
+    s = up.add_argument_group("size (pick one; default x4)")
+    size = s.add_mutually_exclusive_group()
+    size.add_argument("--scale", type=_positive_float, help="upscale factor, any value (default: 4, or the files' own)")
+    size.add_argument("--long-side", type=int, help="target long side in pixels")
+    size.add_argument("--megapixels", type=_positive_float, help="target size in megapixels")
+    s.add_argument("--max-output-megapixels", type=_positive_float,
+                   default=DEFAULT_MAX_OUTPUT_PIXELS / 1e6, help="refuse larger outputs (default %(default)g)")
+
+    r = up.add_argument_group("run settings (default: from the bundle/LoRA, else T_L 0.25, guidance 3.5)")
+    r.add_argument("--t-l", type=float, default=None, help="LR time T_L in (0, 1)")
+    r.add_argument("--guidance", type=float, default=None, help="FLUX.1-dev guidance value")
+    r.add_argument("--color-fix", choices=COLOR_FIXES, default="wavelet")
+
+    t = up.add_argument_group("tiling")
+    t.add_argument("--tile", type=int, default=defaults.latent_tile * 8,
+                   help="transformer tile size in image pixels (multiple of 16; default %(default)s)")
+    t.add_argument("--tile-overlap", type=int, default=defaults.latent_overlap * 8,
+                   help="transformer tile overlap in image pixels (default %(default)s)")
+    t.add_argument("--vae-tile", type=int, default=defaults.vae_tile,
+                   help="VAE tile size in pixels, 0 = untiled (default %(default)s)")
+    t.add_argument("--vae-overlap", type=int, default=defaults.vae_overlap)
+    t.add_argument("--blend", choices=("gaussian", "linear", "constant"), default=defaults.blend)
+    t.add_argument("--global-position-ids", action="store_true",
+                   help="give tiles their global positions (default: tile-local, as in training)")
+    t.add_argument("--tile-batch", type=int, default=1, help="equal-shape tiles per transformer call")
+
+    d = up.add_argument_group("device")
+    d.add_argument("--device", default="auto", help="auto (cuda, mps, cpu), cpu, cuda, cuda:N, mps")
+    d.add_argument("--dtype", default="auto", choices=("auto", "bf16", "fp16", "fp32"))
+    d.add_argument("--memory-mode", default="none",
+                   choices=("none", "model_offload", "group_offload", "fp8_storage"),
+                   help="for small GPUs: CPU offload or fp8 weight storage (diffusers' hooks)")
+    up.add_argument("-q", "--quiet", action="store_true", help="no progress bars")
+    return parser
+
+
+def _pixels_to_latent(value: int, what: str) -> int:
+    if value % 16:
+        raise UsageError(f"{what} must be a multiple of 16 pixels (got {value})")
+    return value // 8
+
+
+def collect_jobs(inputs: Sequence[Path], output: Path) -> list[Job]:
+    """Expand folders, map each input to ``<stem>.png``; a single input may name a .png file."""
+    files: list[Path] = []
+    for item in inputs:
+        if item.is_dir():
+            found = sorted(p for p in item.iterdir() if p.suffix.lower() in IMAGE_SUFFIXES and p.is_file())
+            if not found:
+                raise UsageError(f"folder {item} holds no images ({', '.join(sorted(IMAGE_SUFFIXES))})")
+            files.extend(found)
+        else:
+            files.append(item)  # missing files fail per file, so the others still run
+    if output.suffix.lower() == ".png" and not output.is_dir():
+        if len(files) != 1:
+            raise UsageError(f"-o {output} is a file name but there are {len(files)} inputs; give a folder")
+        return [Job(files[0], output)]
+    if output.suffix and output.suffix.lower() in IMAGE_SUFFIXES:
+        raise UsageError(f"outputs are written as PNG; use -o {output.with_suffix('.png')} or a folder")
+    jobs, seen = [], {}
+    for f in files:
+        target = output / f"{f.stem}.png"
+        if target in seen:
+            raise UsageError(f"{f} and {seen[target]} would both be written to {target}; rename one")
+        seen[target] = f
+        jobs.append(Job(f, target))
+    return jobs
+
+
+def _load_pipeline(args, tiling, log):
+    """Build the velocity model, codec, conditioning and run settings from the user's files."""
+    from . import bundle as bundle_mod
+    from . import lora as lora_mod
+    from . import models
+    from .settings import settings_from_metadata
+
+    missing = [flag for flag, value in (("--transformer", args.transformer), ("--vae", args.vae),
+                                        ("--lora", args.lora), ("--conditioning", args.conditioning))
+               if not value]
+    if missing:
+        raise UsageError(f"missing {', '.join(missing)}\n\n{MODEL_FILES_HELP}")
+    device = models.resolve_device(args.device)
+    dtype = models.resolve_dtype(args.dtype, device)
+    cond_bundle = bundle_mod.load_bundle(args.conditioning)
+    for line in cond_bundle.report:
+        log(f"conditioning: {line}")
+    transformer = models.load_transformer(args.transformer, dtype=dtype, device="cpu")
+    lora_info = lora_mod.load_lora(transformer, args.lora, scale=args.lora_scale, merge=not args.no_merge_lora)
+    vae = models.load_vae(args.vae, dtype=dtype, device="cpu")
+    models.apply_memory_mode(transformer, vae, args.memory_mode, device)
+    settings = settings_from_metadata(
+        (cond_bundle.settings.to_metadata() if cond_bundle.settings.source
+         and any(v != "default" for v in cond_bundle.settings.source.values()) else None,
+         f"bundle {Path(args.conditioning).name}"),
+        (lora_info.metadata, f"LoRA {Path(args.lora).name}"))
+    if args.t_l is not None:
+        settings.t_l, settings.source["t_l"] = args.t_l, "command line"
+    if args.guidance is not None:
+        settings.guidance, settings.source["guidance"] = args.guidance, "command line"
+    velocity = models.DiffusersVelocity(transformer, compute_dtype=dtype)
+    codec = models.DiffusersCodec(vae, compute_dtype=dtype, tile=tiling.vae_tile, tile_overlap=tiling.vae_overlap)
+    cond = cond_bundle.to_conditioning(guidance=settings.guidance)
+    return velocity, codec, cond, settings, device, dtype
+
+
+def run_upscale(args) -> int:
+    from .images import load_image, save_image
+    from .tiling import TilingConfig, validate_tiling
+    from .upscaler import UpscaleOptions, upscale_loaded_image
+
+    quiet = args.quiet
+
+    def log(msg: str) -> None:
+        print(msg, file=sys.stderr, flush=True)
+
+    tiling = TilingConfig(
+        latent_tile=_pixels_to_latent(args.tile, "--tile"),
+        latent_overlap=_pixels_to_latent(args.tile_overlap, "--tile-overlap") if args.tile_overlap else 0,
+        vae_tile=args.vae_tile, vae_overlap=args.vae_overlap, blend=args.blend,
+        global_position_ids=args.global_position_ids, tile_batch_size=args.tile_batch)
+    validate_tiling(tiling)
+    jobs = collect_jobs(args.inputs, args.output)
+    todo = [j for j in jobs if args.overwrite or not j.target.exists()]
+    for j in jobs:
+        if j not in todo:
+            log(f"skip {j.source}: {j.target} exists (use --overwrite to replace it)")
+    if not todo:
+        log(f"nothing to do: all {len(jobs)} output(s) exist")
+        return 0
+
+    velocity, codec, cond, settings, device, dtype = _load_pipeline(args, tiling, log)
+    scale = args.scale if args.scale is not None else settings.scale
+    if args.scale is None and not (args.long_side or args.megapixels):
+        settings.source.setdefault("scale", "default")
+    else:
+        settings.source["scale"] = "command line"
+    settings.scale = scale
+    log(f"fluxsr: device {device}, dtype {str(dtype).replace('torch.', '')}, memory mode {args.memory_mode}; "
+        f"{settings.describe()}")
+    options = UpscaleOptions(scale=scale, long_side=args.long_side, megapixels=args.megapixels,
+                             t_l=settings.t_l, color_fix=args.color_fix, tiling=tiling,
+                             max_output_pixels=int(args.max_output_megapixels * 1e6)).validate()
+
+    def configure_codec(new_tiling):
+        codec.set_tiling(new_tiling.vae_tile, new_tiling.vae_overlap)
+
+    def on_retry(new_tiling, exc):
+        log(f"  out of memory; retrying with {new_tiling.latent_tile * 8}px tiles "
+            f"(overlap {new_tiling.latent_overlap * 8}px, VAE tile {new_tiling.vae_tile}px)")
+
+    failures: list[tuple[Path, str]] = []
+    done = 0
+    started = time.perf_counter()
+    bar = None
+    if not quiet:
+        from tqdm.auto import tqdm
+        bar = tqdm(total=len(todo), unit="img", desc="fluxsr", file=sys.stderr)
+    for job in todo:
+        tile_bar = None
+        try:
+            loaded = load_image(job.source)
+            if not quiet:
+                from tqdm.auto import tqdm
+                tile_bar = tqdm(total=None, unit="tile", desc=job.source.name, leave=False, file=sys.stderr)
+
+            def progress(done_tiles, total_tiles, preview, _bar=tile_bar):
+                if _bar is not None:
+                    _bar.total = total_tiles
+                    _bar.n = done_tiles
+                    _bar.refresh()
+
+            result = upscale_loaded_image(loaded, velocity, codec, cond, options, progress=progress,
+                                          on_retry=on_retry, configure_codec=configure_codec)
+            job.target.parent.mkdir(parents=True, exist_ok=True)
+            save_image(job.target, result.rgb.cpu(), alpha=None if result.alpha is None else result.alpha.cpu(),
+                       bit_depth=result.bit_depth, grayscale=result.grayscale)
+            done += 1
+            h, w = result.rgb.shape[-2:]
+            (bar.write if bar else log)(f"ok   {job.source} -> {job.target} ({w}x{h})")
+        except KeyboardInterrupt:
+            raise
+        except Exception as exc:  # noqa: BLE001 - one bad file must not stop the others
+            reason = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+            failures.append((job.source, reason))
+            (bar.write if bar else log)(f"FAIL {job.source}: {reason}")
+        finally:
+            if tile_bar is not None:
+                tile_bar.close()
+            if bar is not None:
+                bar.update(1)
+    if bar is not None:
+        bar.close()
+    elapsed = time.perf_counter() - started
+    skipped = len(jobs) - len(todo)
+    log(f"fluxsr: {done} upscaled, {skipped} skipped, {len(failures)} failed in {elapsed:.1f} s")
+    for path, reason in failures:
+        log(f"  failed: {path}: {reason}")
+    return 1 if failures else 0
+
+
+def main(argv: Optional[Sequence[str]] = None) -> int:
+    """Entry point of the ``fluxsr`` console script."""
+    logging.basicConfig(level=logging.WARNING, format="%(message)s")
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    try:
+        if args.command == "upscale":
+            return run_upscale(args)
+    except UsageError as exc:
+        print(f"fluxsr: {exc}", file=sys.stderr)
+        return 2
+    except (ValueError, FileNotFoundError, OSError) as exc:
+        # Model files and settings problems: the message names the file and the fix.
+        print(f"fluxsr: error: {exc}", file=sys.stderr)
+        return 2
+    return 0
+
+
+if __name__ == "__main__":  # pragma: no cover
+    sys.exit(main())
