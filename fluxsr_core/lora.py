@@ -1,0 +1,585 @@
+"""FluxSR student LoRA files: loading into a diffusers ``FluxTransformer2DModel``, saving, exporting.
+
+The student is FLUX.1-dev plus a LoRA. Files use diffusers/peft naming
+(``transformer.single_transformer_blocks.0.attn.to_q.lora_A.weight``), which diffusers'
+``FluxPipeline.load_lora_weights`` and ComfyUI's LoRA loaders both read. All LoRA machinery is
+peft's, driven through diffusers (``load_lora_adapter``, ``set_adapters``, ``fuse_lora``,
+``unload_lora``); this module only checks that a file fits the transformer, explains clearly when
+it does not, and carries the FluxSR run settings in the file's metadata.
+
+LoRA arithmetic (peft's): ``W' = W + scale * (alpha / r) * B @ A`` for every targeted linear layer,
+with ``A = lora_A [r, in]``, ``B = lora_B [out, r]``; ``alpha / sqrt(r)`` with rsLoRA.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import re
+from collections import Counter
+from dataclasses import dataclass, field
+from typing import Any, Mapping, Optional
+
+import torch
+
+from .settings import KEY_LORA_RANK, RunSettings, settings_from_metadata
+
+# diffusers' key for the peft LoraConfig it stores in a LoRA file's safetensors metadata
+# (diffusers.loaders.lora_base.LORA_ADAPTER_METADATA_KEY; repeated here so reading a file never
+# depends on a private import).
+LORA_ADAPTER_METADATA_KEY = "lora_adapter_metadata"
+# Ours, next to fluxsr.lora_rank: the alpha the tensors were trained with.
+KEY_LORA_ALPHA = "fluxsr.lora_alpha"
+KEY_CONTENT = "fluxsr.content"
+CONTENT_LORA = "lora"
+
+TRANSFORMER_PREFIX = "transformer."
+DEFAULT_ADAPTER_NAME = "fluxsr"
+
+# LoraConfig fields that change what a loaded LoRA computes and are safe to take from a file.
+# Everything else in a file's adapter config (init schemes that rewrite base weights such as
+# PiSSA/OLoRA, modules_to_save, target patterns) is ignored: the tensors decide what is targeted.
+_SAFE_CONFIG_FIELDS = ("lora_alpha", "alpha_pattern", "use_rslora")
+
+
+class LoraError(ValueError):
+    """A LoRA file that cannot be used with this transformer (the message says why and what to do)."""
+
+
+@dataclass
+class LoraInfo:
+    """What :func:`load_lora` found and did.
+
+    ``rank``/``alpha``: the most common rank and alpha over the LoRA's layers (``ranks`` and
+    ``alphas`` list the layers that differ, usually empty). ``target_modules``: the transformer
+    layers the LoRA changes (diffusers module names). ``metadata``: the file's safetensors
+    metadata. ``settings``: the run settings the file carries (defaults where it has none).
+    ``adapter_name`` is None once the LoRA was merged into the weights and unloaded.
+    """
+
+    path: str
+    rank: int
+    alpha: float
+    scale: float
+    merged: bool
+    adapter_name: Optional[str]
+    target_modules: list[str]
+    metadata: dict[str, str]
+    settings: RunSettings
+    alpha_source: str
+    ranks: dict[str, int] = field(default_factory=dict)
+    alphas: dict[str, float] = field(default_factory=dict)
+    notes: list[str] = field(default_factory=list)
+
+    def describe(self) -> str:
+        """One line for logs and the CLI."""
+        how = "merged into the weights" if self.merged else f"as adapter '{self.adapter_name}'"
+        return (f"LoRA {os.path.basename(self.path)}: rank {self.rank}, alpha {self.alpha:g} "
+                f"({self.alpha_source}), {len(self.target_modules)} layers, scale {self.scale:g}, "
+                f"{how}")
+
+
+# --- reading -------------------------------------------------------------------------------
+
+def _read_safetensors(path: str) -> tuple[dict[str, torch.Tensor], dict[str, str]]:
+    """The one place this module reads a file: tensors (CPU) and the string metadata."""
+    # TODO(weights.py): switch to fluxsr_core.weights.read_safetensors once it lands.
+    import safetensors
+    import safetensors.torch
+
+    if not os.path.exists(path):
+        raise FileNotFoundError(f"LoRA file not found: {path}")
+    if os.path.isdir(path):
+        raise LoraError(f"{path} is a folder; give the LoRA .safetensors file inside it")
+    if not path.lower().endswith(".safetensors"):
+        raise LoraError(f"{path}: only .safetensors LoRA files are read (pickled checkpoints can run "
+                        "code when opened); convert it to safetensors first")
+    try:
+        with safetensors.safe_open(path, framework="pt", device="cpu") as f:
+            md = dict(f.metadata() or {})
+            tensors = {k: f.get_tensor(k) for k in f.keys()}
+    except (safetensors.SafetensorError, OSError, ValueError) as exc:
+        raise LoraError(f"{path} is not a readable safetensors file ({exc})") from exc
+    return tensors, md
+
+
+# Key shapes of LoRAs for other model families, checked before anything is loaded so the user
+# learns what the file is for instead of a peft error about missing modules.
+_OTHER_FAMILIES: tuple[tuple[re.Pattern, str], ...] = (
+    (re.compile(r"(^|\.)lora_te2_|text_encoder_2\.|(^|\.)conditioner\.embedders\.1"),
+     "Stable Diffusion XL"),
+    (re.compile(r"lora_unet_(down_blocks|up_blocks|mid_block|input_blocks|output_blocks|middle_block)"
+                r"|(^|\.)(down_blocks|up_blocks|mid_block|input_blocks|output_blocks|middle_block)[._]\d"),
+     "a Stable Diffusion / SDXL UNet"),
+    (re.compile(r"(^|[._])joint_blocks[._]\d"), "Stable Diffusion 3 (MMDiT)"),
+    (re.compile(r"(^|\.)blocks\.\d+\.(self_attn|cross_attn)\."), "a video transformer (Wan-style blocks)"),
+)
+
+
+def _guess_family(keys) -> Optional[str]:
+    """Name the model family a LoRA's keys look like, if it is clearly not FLUX."""
+    keys = list(keys)
+    for pattern, name in _OTHER_FAMILIES:
+        if any(pattern.search(k) for k in keys):
+            return name
+    return None
+
+
+def _looks_like_lora(keys) -> bool:
+    return any(("lora" in k.lower()) or k.endswith(".alpha") or "lokr_" in k for k in keys)
+
+
+def _check_is_lora(state_dict: Mapping[str, torch.Tensor], path: str) -> None:
+    """Refuse empty files, whole models and other model families before diffusers sees them."""
+    name = os.path.basename(path)
+    if not state_dict:
+        raise LoraError(f"{path} holds no tensors: it is empty, so it is not a LoRA. "
+                        "Re-download or re-export the file.")
+    keys = list(state_dict)
+    if not _looks_like_lora(keys):
+        example = ", ".join(sorted(keys)[:3])
+        family = _guess_family(keys)
+        what = f" ({family})" if family else ""
+        raise LoraError(
+            f"{name}: this is a full model{what}, not a LoRA: its {len(keys)} tensors "
+            f"(e.g. {example}) carry no lora_A/lora_B or lora_down/lora_up weights. Load it as the "
+            "base transformer and give the FluxSR LoRA file (e.g. pytorch_lora_weights.safetensors) "
+            "as the LoRA.")
+    family = _guess_family(keys)
+    if family:
+        example = sorted(keys)[0]
+        raise LoraError(
+            f"{name} looks like a LoRA for {family} (keys such as '{example}'), not for FLUX. "
+            "FluxSR needs a LoRA trained on FLUX.1-dev (diffusers naming, e.g. "
+            "'transformer.single_transformer_blocks.0.attn.to_q.lora_A.weight').")
+
+
+def _to_diffusers_naming(state_dict: dict[str, torch.Tensor], path: str,
+                         notes: list[str]) -> tuple[dict[str, torch.Tensor], dict[str, float]]:
+    """Diffusers/peft naming with the ``transformer.`` prefix, plus the ``.alpha`` values (floats).
+
+    Uses diffusers' own FLUX converters (kohya/sd-scripts, XLabs, ...); a naming they do not handle
+    is reported as such.
+    """
+    from diffusers.loaders.lora_pipeline import FluxLoraLoaderMixin
+
+    sd = dict(state_dict)
+    # peft's PeftModel.save_pretrained names keys "base_model.model.<module>..."; diffusers would
+    # mistake that "base_model" for the fal-Kontext layout, so strip it first.
+    peft_prefix = "base_model.model."
+    if all(k.startswith(peft_prefix) for k in sd):
+        sd = {k[len(peft_prefix):]: v for k, v in sd.items()}
+    # Unprefixed diffusers naming ("single_transformer_blocks.0.attn.to_q.lora_A.weight").
+    if not any(k.startswith((TRANSFORMER_PREFIX, "text_encoder.")) for k in sd) and any(
+            (".lora_A." in k or ".lora_B." in k) for k in sd):
+        sd = {TRANSFORMER_PREFIX + k: v for k, v in sd.items()}
+    try:
+        sd, alphas = FluxLoraLoaderMixin.lora_state_dict(sd, return_alphas=True)
+    except Exception as exc:  # diffusers raises bare ValueError/KeyError/AssertionError here
+        raise LoraError(
+            f"{os.path.basename(path)}: diffusers could not convert this LoRA's naming to its own "
+            f"({type(exc).__name__}: {exc}). FluxSR reads FLUX LoRAs in diffusers naming and the "
+            "kohya/XLabs namings diffusers converts.") from exc
+    if isinstance(sd, tuple):  # older diffusers return (state_dict, alphas, ...) differently
+        sd = sd[0]
+    network_alphas: dict[str, float] = {}
+    for k, v in (alphas or {}).items():
+        network_alphas[k] = float(v.item() if torch.is_tensor(v) else v)
+
+    bfl = [k for k in sd if not k.startswith((TRANSFORMER_PREFIX, "text_encoder."))]
+    if bfl:
+        raise LoraError(
+            f"{os.path.basename(path)}: {len(bfl)} tensors are in a naming diffusers does not convert "
+            f"(e.g. '{bfl[0]}'). If this is a FLUX LoRA in BFL/ComfyUI naming "
+            "('diffusion_model.double_blocks...'), convert it to diffusers naming first.")
+    te = [k for k in sd if k.startswith("text_encoder.")]
+    if te:
+        notes.append(f"ignored {len(te)} text-encoder LoRA tensors: FluxSR runs with fixed text "
+                     "embeddings, so a text-encoder LoRA must be baked into the conditioning bundle")
+        sd = {k: v for k, v in sd.items() if not k.startswith("text_encoder.")}
+        network_alphas = {k: v for k, v in network_alphas.items() if not k.startswith("text_encoder.")}
+    if not sd:
+        raise LoraError(f"{os.path.basename(path)} holds no LoRA tensors for the FLUX transformer.")
+    return sd, network_alphas
+
+
+def _module_of(key: str) -> Optional[str]:
+    """``transformer.a.b.lora_A.weight`` -> ``a.b`` (None for keys that are not per-layer LoRA)."""
+    k = key[len(TRANSFORMER_PREFIX):] if key.startswith(TRANSFORMER_PREFIX) else key
+    for marker in (".lora_A.", ".lora_B.", ".lora_magnitude_vector"):
+        if marker in k:
+            return k.split(marker)[0]
+    return None
+
+
+def _count_blocks(names, prefix: str) -> int:
+    idx = [int(m.group(1)) for n in names if (m := re.match(rf"{prefix}\.(\d+)\.", n))]
+    return max(idx) + 1 if idx else 0
+
+
+def _check_fits(transformer, sd: dict[str, torch.Tensor], path: str) -> dict[str, int]:
+    """Every LoRA layer must name a linear layer of ``transformer`` with matching widths.
+
+    Returns ``{module: rank}``. Raises :class:`LoraError` saying what the LoRA looks made for.
+    """
+    name = os.path.basename(path)
+    modules = dict(transformer.named_modules())
+    pairs: dict[str, dict[str, torch.Tensor]] = {}
+    for k, v in sd.items():
+        mod = _module_of(k)
+        if mod is None:
+            continue
+        if ".lora_A." in k and k.endswith(".weight"):
+            pairs.setdefault(mod, {})["A"] = v
+        elif ".lora_B." in k and k.endswith(".weight"):
+            pairs.setdefault(mod, {})["B"] = v
+    if not pairs:
+        raise LoraError(f"{name} has no lora_A/lora_B weight pairs for the transformer.")
+
+    missing = sorted(m for m in pairs if m not in modules)
+    if missing:
+        names = list(pairs)
+        family = _guess_family(names)
+        if family:
+            raise LoraError(f"{name} looks like a LoRA for {family}, not for this FLUX transformer "
+                            f"(layers such as '{missing[0]}').")
+        if len(missing) == len(pairs):
+            raise LoraError(
+                f"{name}: none of its {len(pairs)} LoRA layers exists in this transformer "
+                f"(e.g. '{missing[0]}'). It is not a LoRA for a diffusers FluxTransformer2DModel.")
+        ld, ls = _count_blocks(names, "transformer_blocks"), _count_blocks(names, "single_transformer_blocks")
+        cfg = transformer.config
+        raise LoraError(
+            f"{name}: {len(missing)} of its {len(pairs)} LoRA layers do not exist in this transformer "
+            f"(e.g. '{missing[0]}'). The LoRA reaches {ld} double / {ls} single blocks; this "
+            f"transformer has {cfg.num_layers} / {cfg.num_single_layers}. It was made for a "
+            "different (deeper) FLUX model: use the base model it was trained on (FLUX.1-dev).")
+
+    ranks: dict[str, int] = {}
+    for mod, ab in sorted(pairs.items()):
+        if "A" not in ab or "B" not in ab:
+            raise LoraError(f"{name}: layer '{mod}' has lora_{'A' if 'A' in ab else 'B'} but no "
+                            f"lora_{'B' if 'A' in ab else 'A'}; the file is incomplete.")
+        a, b = ab["A"], ab["B"]
+        layer = modules[mod]
+        base = getattr(layer, "base_layer", layer)  # already wrapped by another peft adapter
+        if not isinstance(base, torch.nn.Linear):
+            raise LoraError(f"{name}: LoRA layer '{mod}' targets a {type(base).__name__}, not a "
+                            "linear layer; FluxSR LoRAs only adapt linear layers.")
+        if a.ndim != 2 or b.ndim != 2 or a.shape[0] != b.shape[1]:
+            raise LoraError(f"{name}: layer '{mod}' has lora_A {list(a.shape)} and lora_B "
+                            f"{list(b.shape)}, which do not form a low-rank pair ([r, in] and [out, r]).")
+        want_in, want_out = base.in_features, base.out_features
+        if a.shape[1] != want_in or b.shape[0] != want_out:
+            hidden = transformer.config.num_attention_heads * transformer.config.attention_head_dim
+            raise LoraError(
+                f"{name}: layer '{mod}' does not fit this transformer: the LoRA maps {a.shape[1]} -> "
+                f"{b.shape[0]} features (lora_A {list(a.shape)}, lora_B {list(b.shape)}), the "
+                f"transformer's layer maps {want_in} -> {want_out}. The LoRA was made for a FLUX "
+                f"model of a different width (this one has hidden size {hidden}; FLUX.1 has 3072).")
+        ranks[mod] = int(a.shape[0])
+    return ranks
+
+
+def _adapter_config_from_metadata(md: Mapping[str, str], path: str, notes: list[str]) -> dict:
+    """The peft LoraConfig a diffusers-saved file stores under ``lora_adapter_metadata``."""
+    raw = md.get(LORA_ADAPTER_METADATA_KEY)
+    if not raw:
+        return {}
+    try:
+        cfg = json.loads(raw)
+    except (TypeError, ValueError):
+        notes.append(f"ignored unreadable '{LORA_ADAPTER_METADATA_KEY}' metadata")
+        return {}
+    if not isinstance(cfg, dict):
+        return {}
+    # A pipeline save prefixes each field with the component ("transformer.r"); a model save does not.
+    if any(k.startswith(TRANSFORMER_PREFIX) for k in cfg):
+        cfg = {k[len(TRANSFORMER_PREFIX):]: v for k, v in cfg.items() if k.startswith(TRANSFORMER_PREFIX)}
+    elif any(k.startswith("text_encoder.") for k in cfg):
+        cfg = {}
+    return cfg
+
+
+def _lora_config(ranks: dict[str, int], network_alphas: dict[str, float], md: Mapping[str, str],
+                 path: str, notes: list[str]) -> tuple[dict, str]:
+    """LoraConfig kwargs: ranks from the tensors, alpha from ``.alpha`` tensors, else the file's
+    adapter metadata, else ``fluxsr.lora_alpha``, else alpha = rank (the diffusers convention).
+
+    Built with diffusers' own ``get_peft_kwargs`` so rank/alpha patterns mean what they mean there.
+    """
+    from diffusers.utils.peft_utils import get_peft_kwargs
+
+    rank_dict = {f"^{m}.lora_B.weight": r for m, r in ranks.items()}
+    peft_sd_keys = {f"{m}.lora_A.weight": None for m in ranks}
+    alphas = {k[len(TRANSFORMER_PREFIX):] if k.startswith(TRANSFORMER_PREFIX) else k: v
+              for k, v in network_alphas.items()}
+    cfg = get_peft_kwargs(rank_dict, alphas or None, peft_sd_keys, is_unet=True)
+    # A regex of the full module names: peft full-matches a string target, so nothing outside the
+    # file is adapted (a list would match by suffix: "proj_out" would also catch every block's).
+    cfg["target_modules"] = "(" + "|".join(re.escape(m) for m in sorted(ranks)) + ")"
+    cfg["use_dora"] = False
+    cfg["lora_bias"] = False
+    if alphas:
+        return cfg, "alpha tensors in the file"
+    file_cfg = _adapter_config_from_metadata(md, path, notes)
+    if "lora_alpha" in file_cfg:
+        for key in _SAFE_CONFIG_FIELDS:
+            if key in file_cfg and file_cfg[key] is not None:
+                cfg[key] = file_cfg[key]
+        cfg["lora_alpha"] = float(cfg["lora_alpha"])
+        if file_cfg.get("r") is not None and int(file_cfg["r"]) != cfg["r"] and not file_cfg.get("rank_pattern"):
+            notes.append(f"metadata says rank {file_cfg['r']} but the tensors have rank {cfg['r']}; "
+                         "the tensors were used")
+        return cfg, f"'{LORA_ADAPTER_METADATA_KEY}' metadata"
+    if KEY_LORA_ALPHA in md:
+        try:
+            cfg["lora_alpha"] = float(md[KEY_LORA_ALPHA])
+            cfg["alpha_pattern"] = {}
+            return cfg, f"{KEY_LORA_ALPHA} metadata"
+        except ValueError:
+            notes.append(f"ignored {KEY_LORA_ALPHA}={md[KEY_LORA_ALPHA]!r}: not a number")
+    # diffusers' convention when nothing says otherwise: alpha = rank per layer (scale 1).
+    cfg["lora_alpha"] = float(cfg["r"])
+    cfg["alpha_pattern"] = {k: float(v) for k, v in cfg.get("rank_pattern", {}).items()}
+    return cfg, "none in the file: alpha = rank"
+
+
+def _existing_adapters(transformer) -> list[str]:
+    return list(getattr(transformer, "peft_config", {}) or {})
+
+
+def load_lora(transformer, path: str | os.PathLike, scale: float = 1.0, merge: bool = False,
+              adapter_name: str = DEFAULT_ADAPTER_NAME) -> LoraInfo:
+    """Load a FluxSR (or any FLUX) LoRA file into a diffusers ``FluxTransformer2DModel``.
+
+    ``scale`` multiplies the LoRA (``W + scale * alpha/r * B @ A``); 0 gives the base model.
+    ``merge=False`` keeps it as the active peft adapter ``adapter_name`` (other adapters already on
+    the model stay loaded but inactive); ``merge=True`` fuses it into the base weights and unloads
+    the adapter, leaving a plain transformer (faster; needs no other adapter on the model).
+
+    Reads diffusers naming with or without the ``transformer.`` prefix, peft's
+    ``base_model.model.`` naming, and whatever FLUX namings diffusers converts (kohya/sd-scripts,
+    XLabs). Raises :class:`LoraError` for an empty file, a full model, a LoRA for another model
+    family or for a FLUX model of another width or depth; ``FileNotFoundError`` for a missing file.
+    """
+    path = os.fspath(path)
+    scale = float(scale)
+    if not math.isfinite(scale):
+        raise LoraError(f"LoRA scale must be a finite number (got {scale})")
+    existing = _existing_adapters(transformer)
+    if adapter_name in existing:
+        raise LoraError(f"the transformer already has an adapter named '{adapter_name}'; pass another "
+                        "adapter_name or load into a fresh transformer")
+    if merge and existing:
+        raise LoraError(f"merge=True needs a transformer without LoRA adapters, but it has "
+                        f"{existing}; load with merge=False or start from a fresh transformer")
+
+    raw, md = _read_safetensors(path)
+    md = dict(md or {})
+    _check_is_lora(raw, path)
+    notes: list[str] = []
+    sd, network_alphas = _to_diffusers_naming(raw, path, notes)
+    ranks = _check_fits(transformer, sd, path)
+    cfg, alpha_source = _lora_config(ranks, network_alphas, md, path, notes)
+
+    # diffusers filters both the tensors and the config by the component prefix.
+    prefixed_cfg = {TRANSFORMER_PREFIX + k: v for k, v in cfg.items()}
+    try:
+        transformer.load_lora_adapter(sd, prefix="transformer", adapter_name=adapter_name,
+                                      metadata=prefixed_cfg)
+    except Exception as exc:
+        raise LoraError(f"{os.path.basename(path)}: loading the LoRA failed in diffusers/peft: "
+                        f"{type(exc).__name__}: {exc}") from exc
+
+    _verify_loaded(transformer, adapter_name, sd, path)
+
+    if merge:
+        # peft's merge: W += scale * scaling * B @ A; then drop the wrappers, keeping merged weights.
+        transformer.fuse_lora(lora_scale=scale, adapter_names=[adapter_name])
+        transformer.unload_lora()
+    else:
+        transformer.set_adapters([adapter_name], weights=[scale])
+
+    rank_counts = Counter(ranks.values())
+    rank = rank_counts.most_common(1)[0][0]
+    alpha = float(cfg["lora_alpha"])
+    per_alpha = {m: _alpha_for(m, cfg) for m in ranks}
+    settings = settings_from_metadata((md, f"LoRA {path}"))
+    if settings.lora_rank is None:
+        settings.lora_rank = rank
+    elif settings.lora_rank != rank:
+        notes.append(f"metadata {KEY_LORA_RANK}={settings.lora_rank} but the tensors have rank {rank}")
+    return LoraInfo(
+        path=path, rank=rank, alpha=alpha, scale=scale, merged=bool(merge),
+        adapter_name=None if merge else adapter_name, target_modules=sorted(ranks), metadata=md,
+        settings=settings, alpha_source=alpha_source,
+        ranks={m: r for m, r in ranks.items() if r != rank},
+        alphas={m: a for m, a in per_alpha.items() if a != alpha},
+        notes=notes,
+    )
+
+
+def _alpha_for(module: str, cfg: dict) -> float:
+    from peft.utils.other import get_pattern_key
+
+    pattern = cfg.get("alpha_pattern") or {}
+    key = get_pattern_key(list(pattern), module)
+    return float(pattern.get(key, cfg["lora_alpha"]))
+
+
+def _verify_loaded(transformer, adapter_name: str, sd: dict[str, torch.Tensor], path: str) -> None:
+    """Every LoRA tensor of the file must now live in the model (peft only warns otherwise)."""
+    from peft.utils import get_peft_model_state_dict
+
+    loaded = get_peft_model_state_dict(transformer, adapter_name=adapter_name)
+    want = {k[len(TRANSFORMER_PREFIX):]: v for k, v in sd.items()}
+    lost = [k for k, v in want.items() if k not in loaded or tuple(loaded[k].shape) != tuple(v.shape)]
+    if lost:
+        transformer.delete_adapters(adapter_name)
+        raise LoraError(f"{os.path.basename(path)}: {len(lost)} LoRA tensors did not load into the "
+                        f"transformer (e.g. '{lost[0]}'); the adapter was removed again.")
+
+
+# --- writing -------------------------------------------------------------------------------
+
+def _normalise_keys(lora_state_dict: Mapping[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    out = {}
+    for k, v in lora_state_dict.items():
+        if not torch.is_tensor(v):
+            raise TypeError(f"LoRA state dict entry '{k}' is a {type(v).__name__}, not a tensor")
+        key = k
+        if key.startswith("base_model.model."):
+            key = key[len("base_model.model."):]
+        if not key.startswith(TRANSFORMER_PREFIX):
+            key = TRANSFORMER_PREFIX + key
+        out[key] = v.detach().to("cpu").contiguous()
+    return out
+
+
+def save_lora(path: str | os.PathLike, lora_state_dict: Mapping[str, torch.Tensor],
+              settings: RunSettings, rank: int, alpha: float,
+              extra_metadata: Optional[Mapping[str, Any]] = None) -> str:
+    """Write a FluxSR LoRA: diffusers-named tensors (``transformer.`` prefix) plus metadata.
+
+    Metadata: the ``fluxsr.*`` run settings (``settings.to_metadata()``, ``fluxsr.lora_rank``,
+    ``fluxsr.lora_alpha``) and diffusers' ``lora_adapter_metadata`` (the peft LoraConfig), so
+    ``FluxPipeline.load_lora_weights`` restores the same alpha. ``extra_metadata`` adds string
+    entries (they may not replace the keys above). Written to a temporary file and renamed into
+    place, so a failed save never leaves a half-written file. Returns the path.
+    """
+    import safetensors.torch
+
+    path = os.fspath(path)
+    rank = int(rank)
+    alpha = float(alpha)
+    if rank <= 0 or not math.isfinite(alpha):
+        raise ValueError(f"LoRA rank must be positive and alpha finite (got rank={rank}, alpha={alpha})")
+    sd = _normalise_keys(lora_state_dict)
+    if not sd:
+        raise ValueError("nothing to save: the LoRA state dict is empty")
+    modules = set()
+    for k, v in sd.items():
+        mod = _module_of(k)
+        if mod is None or not (k.endswith(".lora_A.weight") or k.endswith(".lora_B.weight")):
+            raise ValueError(f"'{k}' is not a LoRA weight in diffusers naming "
+                             "(<module>.lora_A.weight / <module>.lora_B.weight)")
+        r = v.shape[0] if ".lora_A." in k else v.shape[-1]
+        if v.ndim != 2 or r != rank:
+            raise ValueError(f"'{k}' has shape {list(v.shape)}, which is not rank {rank}")
+        modules.add(mod)
+    for mod in modules:
+        for part in ("lora_A", "lora_B"):
+            if f"{TRANSFORMER_PREFIX}{mod}.{part}.weight" not in sd:
+                raise ValueError(f"layer '{mod}' has no {part} weight; the state dict is incomplete")
+
+    settings_md = RunSettings(**{**settings.as_dict(), "lora_rank": rank}).to_metadata()
+    # target_modules as a full-match regex, as load_lora builds it: exact, where a list of names
+    # would match by suffix ("proj_out" would also catch every single block's proj_out).
+    adapter_cfg = {"r": rank, "lora_alpha": alpha,
+                   "target_modules": "(" + "|".join(re.escape(m) for m in sorted(modules)) + ")",
+                   "rank_pattern": {}, "alpha_pattern": {}, "use_dora": False, "lora_bias": False,
+                   "use_rslora": False}
+    reserved = {**settings_md, KEY_LORA_ALPHA: "", KEY_CONTENT: "", LORA_ADAPTER_METADATA_KEY: "",
+                "format": ""}
+    metadata: dict[str, str] = {}
+    for k, v in (extra_metadata or {}).items():
+        if k in reserved:
+            raise ValueError(f"extra_metadata may not set '{k}'; it is written from the settings")
+        metadata[str(k)] = v if isinstance(v, str) else json.dumps(v)
+    metadata.update(settings_md)
+    metadata.update({
+        "format": "pt",
+        KEY_CONTENT: CONTENT_LORA,
+        KEY_LORA_ALPHA: repr(alpha),
+        # Pipeline layout: fields prefixed with the component, as FluxPipeline.save_lora_weights does.
+        LORA_ADAPTER_METADATA_KEY: json.dumps({TRANSFORMER_PREFIX + k: v for k, v in adapter_cfg.items()},
+                                              indent=2, sort_keys=True),
+    })
+    _atomic_save(sd, path, metadata, safetensors.torch.save_file)
+    return path
+
+
+def _atomic_save(tensors: dict, path: str, metadata: dict, save_file) -> None:
+    import tempfile
+
+    folder = os.path.dirname(os.path.abspath(path))
+    os.makedirs(folder, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=folder, prefix=".tmp-", suffix=".safetensors")
+    os.close(fd)
+    try:
+        save_file(tensors, tmp, metadata=metadata)
+        os.replace(tmp, path)
+    except BaseException:
+        if os.path.exists(tmp):
+            os.remove(tmp)
+        raise
+
+
+# --- export from a model -------------------------------------------------------------------
+
+def _peft_config(transformer, adapter_name: str):
+    configs = getattr(transformer, "peft_config", None) or {}
+    if adapter_name not in configs:
+        raise LoraError(f"the transformer has no LoRA adapter named '{adapter_name}' "
+                        f"(it has {sorted(configs) or 'none'})")
+    return configs[adapter_name]
+
+
+def lora_state_dict_from_model(transformer, adapter_name: str = DEFAULT_ADAPTER_NAME) -> dict[str, torch.Tensor]:
+    """The adapter's LoRA tensors in diffusers naming (``transformer.<module>.lora_A.weight``).
+
+    Uses peft's ``get_peft_model_state_dict``; tensors are detached CPU copies, ready for
+    :func:`save_lora`. Works on a diffusers model with an injected adapter and on a peft
+    ``PeftModel`` wrapping one.
+    """
+    from peft.utils import get_peft_model_state_dict
+
+    _peft_config(transformer, adapter_name)
+    sd = get_peft_model_state_dict(transformer, adapter_name=adapter_name)
+    out = {}
+    for k, v in sd.items():
+        key = k[len("base_model.model."):] if k.startswith("base_model.model.") else k
+        out[TRANSFORMER_PREFIX + key] = v.detach().to("cpu", copy=True).contiguous()
+    return out
+
+
+def adapter_rank_alpha(transformer, adapter_name: str = DEFAULT_ADAPTER_NAME) -> tuple[int, float]:
+    """``(r, lora_alpha)`` of an adapter on the model (from its peft LoraConfig)."""
+    cfg = _peft_config(transformer, adapter_name)
+    if cfg.rank_pattern or cfg.alpha_pattern:
+        raise LoraError(f"adapter '{adapter_name}' has per-layer ranks/alphas; FluxSR files carry one "
+                        "rank and one alpha")
+    return int(cfg.r), float(cfg.lora_alpha)
+
+
+def save_lora_from_model(path: str | os.PathLike, transformer, settings: RunSettings,
+                         adapter_name: str = DEFAULT_ADAPTER_NAME,
+                         extra_metadata: Optional[Mapping[str, Any]] = None) -> str:
+    """Export an adapter on ``transformer`` as a FluxSR LoRA file (see :func:`save_lora`)."""
+    rank, alpha = adapter_rank_alpha(transformer, adapter_name)
+    if getattr(_peft_config(transformer, adapter_name), "use_rslora", False):
+        raise LoraError("rsLoRA adapters are not exported: FluxSR files use the plain alpha/r scaling")
+    return save_lora(path, lora_state_dict_from_model(transformer, adapter_name), settings,
+                     rank=rank, alpha=alpha, extra_metadata=extra_metadata)

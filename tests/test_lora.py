@@ -1,0 +1,380 @@
+"""FluxSR LoRA files: load/save through diffusers+peft on the tiny FLUX transformer."""
+
+from __future__ import annotations
+
+import json
+import os
+from importlib import resources
+
+import pytest
+import safetensors.torch
+import torch
+from diffusers import FluxTransformer2DModel
+from peft import LoraConfig
+
+from fluxsr_core import latents
+from fluxsr_core.lora import (
+    KEY_LORA_ALPHA,
+    LORA_ADAPTER_METADATA_KEY,
+    LoraError,
+    adapter_rank_alpha,
+    load_lora,
+    lora_state_dict_from_model,
+    save_lora,
+    save_lora_from_model,
+)
+from fluxsr_core.settings import KEY_LORA_RANK, KEY_T_L, RunSettings
+
+RANK, ALPHA = 4, 8.0
+TARGETS = ["to_q", "to_k", "to_v", "to_out.0", "proj_mlp", "proj_out", "ff.net.2"]
+
+
+def tiny_config() -> dict:
+    text = resources.files("fluxsr_core.configs").joinpath("tiny-transformer.json").read_text()
+    return {k: v for k, v in json.loads(text).items() if not k.startswith("_")}
+
+
+def fresh_transformer() -> FluxTransformer2DModel:
+    """The same base weights every call (seeded), so a LoRA's effect can be compared exactly."""
+    torch.manual_seed(1234)
+    return FluxTransformer2DModel.from_config(tiny_config()).eval()
+
+
+@pytest.fixture(scope="module")
+def inputs():
+    g = torch.Generator().manual_seed(7)
+    h = w = 8  # latent 8x8 -> 16 tokens of 64
+    latent = torch.randn(1, 16, h, w, generator=g)
+    return dict(
+        hidden_states=latents.pack(latent),
+        encoder_hidden_states=torch.randn(1, 5, 32, generator=g),
+        pooled_projections=torch.randn(1, 16, generator=g),
+        timestep=torch.tensor([0.25]),
+        img_ids=latents.image_ids(h, w),
+        txt_ids=latents.text_ids(5),
+        guidance=torch.tensor([3.5]),
+        return_dict=False,
+    )
+
+
+def run(model, inputs) -> torch.Tensor:
+    with torch.no_grad():
+        return model(**inputs)[0]
+
+
+@pytest.fixture(scope="module")
+def trained_lora():
+    """A peft LoRA with random, non-zero A and B, exported in diffusers naming."""
+    model = fresh_transformer()
+    model.add_adapter(LoraConfig(r=RANK, lora_alpha=ALPHA, target_modules=TARGETS,
+                                 init_lora_weights="gaussian"), adapter_name="student")
+    g = torch.Generator().manual_seed(99)
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if "lora_B" in name or "lora_A" in name:
+                p.copy_(torch.randn(p.shape, generator=g) * 0.2)
+    return model
+
+
+@pytest.fixture(scope="module")
+def lora_file(tmp_path_factory, trained_lora):
+    path = tmp_path_factory.mktemp("lora") / "student.safetensors"
+    settings = RunSettings(t_l=0.3, guidance=2.5, scale=2.0)
+    save_lora(path, lora_state_dict_from_model(trained_lora, "student"), settings, RANK, ALPHA,
+              extra_metadata={"fluxsr.train_step": "1200"})
+    return path
+
+
+def manual_merge(path, scale: float, alpha: float, rank: int) -> FluxTransformer2DModel:
+    """W + scale * (alpha / r) * B @ A on a plain copy of the base weights, computed here."""
+    lora = safetensors.torch.load_file(str(path))
+    model = fresh_transformer()
+    sd = model.state_dict()
+    done = 0
+    for key, a in lora.items():
+        if ".lora_A." not in key:
+            continue
+        module = key[len("transformer."):].split(".lora_A.")[0]
+        b = lora[key.replace(".lora_A.", ".lora_B.")]
+        sd[module + ".weight"] = sd[module + ".weight"] + scale * (alpha / rank) * (b.float() @ a.float())
+        done += 1
+    assert done > 0
+    model.load_state_dict(sd)
+    return model
+
+
+# --- the arithmetic ------------------------------------------------------------------------
+
+@pytest.mark.parametrize("scale", [1.0, 0.7])
+def test_separate_merged_and_manual_agree(lora_file, inputs, scale):
+    base = run(fresh_transformer(), inputs)
+
+    separate = fresh_transformer()
+    info = load_lora(separate, lora_file, scale=scale, merge=False)
+    out_separate = run(separate, inputs)
+
+    merged = fresh_transformer()
+    info_m = load_lora(merged, lora_file, scale=scale, merge=True)
+    out_merged = run(merged, inputs)
+
+    out_manual = run(manual_merge(lora_file, scale, ALPHA, RANK), inputs)
+
+    # The LoRA must actually change the output, or the equalities below prove nothing.
+    assert (out_manual - base).abs().max() > 1e-2
+    torch.testing.assert_close(out_separate, out_manual, rtol=0, atol=1e-5)
+    torch.testing.assert_close(out_merged, out_manual, rtol=0, atol=1e-5)
+
+    assert info.rank == RANK and info.alpha == ALPHA and not info.merged
+    assert info.adapter_name == "fluxsr" and "fluxsr" in separate.peft_config
+    assert info_m.merged and info_m.adapter_name is None
+    # Merged and unloaded: no peft wrappers, no adapter config left behind.
+    assert not getattr(merged, "peft_config", None)
+    assert not any("lora" in n for n, _ in merged.named_parameters())
+
+
+def test_scale_zero_is_the_base_model(lora_file, inputs):
+    base = run(fresh_transformer(), inputs)
+    for merge in (False, True):
+        model = fresh_transformer()
+        load_lora(model, lora_file, scale=0.0, merge=merge)
+        torch.testing.assert_close(run(model, inputs), base, rtol=0, atol=1e-6)
+
+
+def test_diffusers_reads_our_file_the_same_way(lora_file, inputs):
+    """FluxPipeline's own loader, given our file, restores the same alpha (from our metadata)."""
+    from diffusers.loaders.lora_pipeline import FluxLoraLoaderMixin
+
+    sd, alphas, md = FluxLoraLoaderMixin.lora_state_dict(
+        str(lora_file), return_alphas=True, return_lora_metadata=True)
+    assert md is not None and md["transformer.lora_alpha"] == ALPHA
+    theirs = fresh_transformer()
+    FluxLoraLoaderMixin.load_lora_into_transformer(sd, network_alphas=alphas, transformer=theirs,
+                                                   adapter_name="x", metadata=md)
+    ours = fresh_transformer()
+    load_lora(ours, lora_file)
+    torch.testing.assert_close(run(theirs, inputs), run(ours, inputs), rtol=0, atol=1e-6)
+
+
+def test_alpha_tensors_unprefixed_keys_and_default_alpha(tmp_path, lora_file, inputs):
+    lora = safetensors.torch.load_file(str(lora_file))
+    plain = {k[len("transformer."):]: v for k, v in lora.items()}
+
+    # kohya-style per-layer alpha tensors next to diffusers keys, no "transformer." prefix.
+    with_alpha = dict(plain)
+    for k in plain:
+        if ".lora_A." in k:
+            with_alpha[k.split(".lora_A.")[0] + ".alpha"] = torch.tensor(2.0)
+    p1 = tmp_path / "alpha.safetensors"
+    safetensors.torch.save_file(with_alpha, str(p1))
+    m1 = fresh_transformer()
+    info1 = load_lora(m1, p1)
+    assert info1.alpha == 2.0 and "alpha tensors" in info1.alpha_source
+    torch.testing.assert_close(run(m1, inputs), run(manual_merge(lora_file, 1.0, 2.0, RANK), inputs),
+                               rtol=0, atol=1e-5)
+
+    # No alpha anywhere: the diffusers convention alpha = rank (scale 1 per layer).
+    p2 = tmp_path / "noalpha.safetensors"
+    safetensors.torch.save_file(plain, str(p2))
+    m2 = fresh_transformer()
+    info2 = load_lora(m2, p2, scale=0.5)
+    assert info2.alpha == RANK and "alpha = rank" in info2.alpha_source
+    # Defaults, named as such, when the file carries no run settings.
+    assert info2.settings.t_l == 0.25 and info2.settings.source["t_l"] == "default"
+    assert info2.settings.lora_rank == RANK
+    torch.testing.assert_close(run(m2, inputs), run(manual_merge(lora_file, 0.5, RANK, RANK), inputs),
+                               rtol=0, atol=1e-5)
+
+
+def test_kohya_naming_goes_through_diffusers_converter(tmp_path, inputs):
+    """sd-scripts names (lora_down/lora_up/alpha) are converted by diffusers, alpha folded in."""
+    g = torch.Generator().manual_seed(3)
+    r = 2
+    kohya = {}
+    # layers whose kohya->diffusers mapping is one-to-one (no fused qkv split)
+    for name, (out_f, in_f) in {"lora_unet_double_blocks_0_img_attn_proj": (32, 32),
+                                "lora_unet_single_blocks_0_linear2": (32, 160)}.items():
+        kohya[f"{name}.lora_down.weight"] = torch.randn(r, in_f, generator=g) * 0.3
+        kohya[f"{name}.lora_up.weight"] = torch.randn(out_f, r, generator=g) * 0.3
+        kohya[f"{name}.alpha"] = torch.tensor(1.0)
+    path = tmp_path / "kohya.safetensors"
+    safetensors.torch.save_file(kohya, str(path))
+
+    model = fresh_transformer()
+    info = load_lora(model, path)
+    assert sorted(info.target_modules) == ["single_transformer_blocks.0.proj_out",
+                                           "transformer_blocks.0.attn.to_out.0"]
+    expected = fresh_transformer()
+    sd = expected.state_dict()
+    for name, module in (("lora_unet_double_blocks_0_img_attn_proj", "transformer_blocks.0.attn.to_out.0"),
+                         ("lora_unet_single_blocks_0_linear2", "single_transformer_blocks.0.proj_out")):
+        up, down = kohya[f"{name}.lora_up.weight"], kohya[f"{name}.lora_down.weight"]
+        sd[module + ".weight"] = sd[module + ".weight"] + (1.0 / r) * up @ down
+    expected.load_state_dict(sd)
+    torch.testing.assert_close(run(model, inputs), run(expected, inputs), rtol=0, atol=1e-5)
+
+
+# --- metadata ------------------------------------------------------------------------------
+
+def test_metadata_round_trip(lora_file):
+    md = safetensors.safe_open(str(lora_file), "pt").metadata()
+    assert md[KEY_T_L] == "0.3" and md[KEY_LORA_RANK] == str(RANK) and float(md[KEY_LORA_ALPHA]) == ALPHA
+    assert md["fluxsr.train_step"] == "1200"
+    adapter = json.loads(md[LORA_ADAPTER_METADATA_KEY])
+    assert adapter["transformer.r"] == RANK and adapter["transformer.lora_alpha"] == ALPHA
+    keys = safetensors.safe_open(str(lora_file), "pt").keys()
+    assert all(k.startswith("transformer.") and (".lora_A.weight" in k or ".lora_B.weight" in k)
+               for k in keys)
+
+    info = load_lora(fresh_transformer(), lora_file)
+    s = info.settings
+    assert (s.t_l, s.guidance, s.scale, s.lora_rank) == (0.3, 2.5, 2.0, RANK)
+    assert all(str(lora_file) in s.source[f] for f in ("t_l", "guidance", "scale"))
+    assert info.metadata["fluxsr.train_step"] == "1200"
+    assert "student.safetensors" in info.describe()
+
+
+def test_export_from_model_matches_peft(tmp_path, trained_lora):
+    sd = lora_state_dict_from_model(trained_lora, "student")
+    n_layers = sum(1 for m in trained_lora.modules() if hasattr(m, "lora_A"))
+    assert len(sd) == 2 * n_layers
+    a = sd["transformer.single_transformer_blocks.0.attn.to_q.lora_A.weight"]
+    assert torch.equal(a, trained_lora.single_transformer_blocks[0].attn.to_q.lora_A["student"].weight)
+    assert adapter_rank_alpha(trained_lora, "student") == (RANK, ALPHA)
+    path = save_lora_from_model(tmp_path / "x.safetensors", trained_lora, RunSettings(), "student")
+    assert set(safetensors.torch.load_file(path)) == set(sd)
+    with pytest.raises(LoraError, match="no LoRA adapter named 'nope'"):
+        lora_state_dict_from_model(trained_lora, "nope")
+
+
+def test_save_is_atomic_and_validated(tmp_path, trained_lora):
+    sd = lora_state_dict_from_model(trained_lora, "student")
+    path = tmp_path / "out.safetensors"
+    path.write_bytes(b"old")
+    with pytest.raises(ValueError, match="not rank 8"):
+        save_lora(path, sd, RunSettings(), rank=8, alpha=8)
+    bad = dict(sd)
+    bad.pop(next(k for k in bad if ".lora_B." in k))
+    with pytest.raises(ValueError, match="no lora_B"):
+        save_lora(path, bad, RunSettings(), rank=RANK, alpha=ALPHA)
+    with pytest.raises(ValueError, match="may not set"):
+        save_lora(path, sd, RunSettings(), RANK, ALPHA, extra_metadata={KEY_T_L: "0.5"})
+
+    # A save that fails while writing leaves the old file and no temporary behind.
+    def broken(tensors, filename, metadata=None):
+        with open(filename, "wb") as f:
+            f.write(b"partial")
+        raise OSError("disk full")
+
+    from fluxsr_core import lora as lora_mod
+    with pytest.raises(OSError, match="disk full"):
+        lora_mod._atomic_save(sd, str(path), {}, broken)
+    assert path.read_bytes() == b"old"
+    assert os.listdir(tmp_path) == ["out.safetensors"]
+
+    save_lora(path, sd, RunSettings(), RANK, ALPHA)
+    assert set(safetensors.torch.load_file(str(path))) == set(sd)
+    assert os.listdir(tmp_path) == ["out.safetensors"]
+
+
+# --- errors --------------------------------------------------------------------------------
+
+def _save(tmp_path, name, tensors, metadata=None):
+    path = tmp_path / name
+    safetensors.torch.save_file(tensors, str(path), metadata=metadata)
+    return path
+
+
+def _assert_untouched(model, inputs, base):
+    assert not getattr(model, "peft_config", None)
+    torch.testing.assert_close(run(model, inputs), base, rtol=0, atol=0)
+
+
+def test_sd_unet_lora_is_named(tmp_path, inputs):
+    path = _save(tmp_path, "sd.safetensors", {
+        "lora_unet_down_blocks_0_attentions_0_proj_in.lora_down.weight": torch.zeros(4, 320),
+        "lora_unet_down_blocks_0_attentions_0_proj_in.lora_up.weight": torch.zeros(320, 4),
+        "lora_unet_down_blocks_0_attentions_0_proj_in.alpha": torch.tensor(4.0),
+    })
+    model = fresh_transformer()
+    base = run(model, inputs)
+    with pytest.raises(LoraError, match="Stable Diffusion"):
+        load_lora(model, path)
+    _assert_untouched(model, inputs, base)
+
+    sdxl = _save(tmp_path, "sdxl.safetensors", {
+        "lora_te2_text_model_encoder_layers_0_mlp_fc1.lora_down.weight": torch.zeros(4, 1280),
+        "lora_te2_text_model_encoder_layers_0_mlp_fc1.lora_up.weight": torch.zeros(5120, 4)})
+    with pytest.raises(LoraError, match="Stable Diffusion XL"):
+        load_lora(fresh_transformer(), sdxl)
+
+
+def test_keys_matching_no_module(tmp_path):
+    path = _save(tmp_path, "other.safetensors", {
+        "transformer.encoder.layer.0.query.lora_A.weight": torch.zeros(4, 32),
+        "transformer.encoder.layer.0.query.lora_B.weight": torch.zeros(32, 4)})
+    with pytest.raises(LoraError, match="none of its 1 LoRA layers exists in this transformer"):
+        load_lora(fresh_transformer(), path)
+
+
+def test_lora_for_wider_flux(tmp_path, inputs):
+    """A LoRA made for FLUX.1 (hidden 3072) on a transformer of another width."""
+    path = _save(tmp_path, "wide.safetensors", {
+        "transformer.single_transformer_blocks.0.attn.to_q.lora_A.weight": torch.zeros(64, 3072),
+        "transformer.single_transformer_blocks.0.attn.to_q.lora_B.weight": torch.zeros(3072, 64)})
+    model = fresh_transformer()
+    base = run(model, inputs)
+    with pytest.raises(LoraError, match=r"maps 3072 -> 3072 features.*maps 32 -> 32.*hidden size 32"):
+        load_lora(model, path)
+    _assert_untouched(model, inputs, base)
+
+
+def test_lora_for_deeper_flux(tmp_path, lora_file):
+    lora = safetensors.torch.load_file(str(lora_file))
+    lora["transformer.transformer_blocks.18.attn.to_q.lora_A.weight"] = torch.zeros(RANK, 32)
+    lora["transformer.transformer_blocks.18.attn.to_q.lora_B.weight"] = torch.zeros(32, RANK)
+    path = _save(tmp_path, "deep.safetensors", lora)
+    with pytest.raises(LoraError, match=r"19 double / 1 single blocks; this transformer has 1 / 1"):
+        load_lora(fresh_transformer(), path)
+
+
+def test_unpaired_and_inconsistent_shapes(tmp_path):
+    key = "transformer.single_transformer_blocks.0.attn.to_q"
+    p1 = _save(tmp_path, "half.safetensors", {f"{key}.lora_A.weight": torch.zeros(4, 32)})
+    with pytest.raises(LoraError, match="has lora_A but no lora_B"):
+        load_lora(fresh_transformer(), p1)
+    p2 = _save(tmp_path, "skew.safetensors", {f"{key}.lora_A.weight": torch.zeros(4, 32),
+                                              f"{key}.lora_B.weight": torch.zeros(32, 8)})
+    with pytest.raises(LoraError, match="do not form a low-rank pair"):
+        load_lora(fresh_transformer(), p2)
+
+
+def test_empty_full_model_missing_and_pickle(tmp_path):
+    empty = _save(tmp_path, "empty.safetensors", {})
+    with pytest.raises(LoraError, match="empty"):
+        load_lora(fresh_transformer(), empty)
+
+    full = _save(tmp_path, "model.safetensors", fresh_transformer().state_dict())
+    with pytest.raises(LoraError, match="this is a full model, not a LoRA"):
+        load_lora(fresh_transformer(), full)
+
+    with pytest.raises(FileNotFoundError, match="nothere.safetensors"):
+        load_lora(fresh_transformer(), tmp_path / "nothere.safetensors")
+
+    pt = tmp_path / "lora.bin"
+    torch.save({"a": torch.zeros(1)}, pt)
+    with pytest.raises(LoraError, match="only .safetensors"):
+        load_lora(fresh_transformer(), pt)
+
+    junk = tmp_path / "junk.safetensors"
+    junk.write_bytes(b"\x00" * 64)
+    with pytest.raises(LoraError, match="not a readable safetensors file"):
+        load_lora(fresh_transformer(), junk)
+
+
+def test_adapter_name_clash_and_merge_over_adapter(lora_file):
+    model = fresh_transformer()
+    load_lora(model, lora_file)
+    with pytest.raises(LoraError, match="already has an adapter named 'fluxsr'"):
+        load_lora(model, lora_file)
+    with pytest.raises(LoraError, match="merge=True needs a transformer without LoRA adapters"):
+        load_lora(model, lora_file, merge=True, adapter_name="other")
