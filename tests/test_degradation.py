@@ -398,3 +398,23 @@ def test_config_is_frozen_and_replace_validates():
         c.scale = 2  # type: ignore[misc]
     with pytest.raises(DegradationConfigError):
         dataclasses.replace(c, gray_noise_prob=-0.1)
+
+
+# ------------------------------------------------------------------ back to HR size
+
+def test_degrade_to_hr_size_uses_the_upscalers_resize(photo):
+    from fluxsr_core import images
+
+    batch = torch.cat([photo, photo.flip(-1)])
+    out = D.degrade_to_hr_size(batch, DegradationConfig(), seed=[3, 9])
+    lr = degrade(batch, DegradationConfig(), seed=[3, 9])
+    assert out.shape == batch.shape
+    assert torch.equal(out, images.resize(lr, (96, 96)))  # the upscaler's call: default kind
+    assert out.min() >= 0 and out.max() <= 1
+    near = D.degrade_to_hr_size(batch, DegradationConfig(), seed=[3, 9], kind="nearest")
+    assert torch.equal(near, images.resize(lr, (96, 96), kind="nearest"))
+    # all stages off, x2: the round trip only loses what the downscale and 8-bit rounding lose
+    plain = D.degrade_to_hr_size(photo, only(scale=2, final_resize_modes=("area",)), seed=0)
+    assert (plain - photo).abs().mean() < 0.05
+    degraded = D.degrade_to_hr_size(photo, DegradationConfig(scale=2), seed=0)
+    assert (degraded - photo).abs().mean() > (plain - photo).abs().mean()
