@@ -1,0 +1,916 @@
+"""The pair dataset: teacher (noise, image-latent) pairs on disk, written and read safely.
+
+A pair dataset is a folder shared by every process that adds to it (``accelerate`` ranks of
+``fluxsr-train pairs``, a ComfyUI graph with the teacher-sampler node) and by the trainer that
+reads it. Its layout::
+
+    folder/
+      shard-<writer_id>-<seq:06d>.safetensors   immutable; up to ``shard_size`` pairs each
+      cond-<key>.safetensors                    one per distinct conditioning (t5, clip_pooled)
+      manifest-<writer_id>.jsonl                append-only; one line per COMPLETE shard
+      .lock-<writer_id>                         held while a writer with that id is alive
+
+Shard tensors, per pair ``i`` of the shard: ``"<i>.eps"`` and ``"<i>.z0"`` ``[16, h, w]`` in the
+normalised latent space, optional ``"<i>.image"`` (uint8 ``[3, H, W]``, the teacher's decoded
+image) and ``"<i>.trajectory"`` (``[S, 16, h, w]``). The shard's safetensors metadata holds
+``fluxsr.pairs`` = a JSON list with one object per pair: ``id``, ``cond`` (the conditioning
+key) and the caller's metadata (seed, resolution, prompt, steps, guidance, sigmas, ...).
+
+Why it is safe to kill, resume and share:
+
+* A shard is written to ``<name>.tmp``, fsync'd, renamed with :func:`os.replace` (atomic) and
+  the folder fsync'd; only then is its manifest line appended. A reader trusts manifests only,
+  so it never sees a half-written shard. A finished shard is never opened for writing again:
+  a resumed writer numbers new shards after every shard of its own that exists on disk.
+* Each writer appends to its own manifest and writes shards under its own name, so no file is
+  shared between writers. Conditioning files are content-addressed and created only if absent
+  (``os.link`` fails on an existing name), so two writers racing on the same prompt never
+  rewrite one.
+* A writer killed between the rename and the manifest append leaves a complete shard that no
+  manifest names; the next writer with the same id checks and adopts it (appends its line).
+  A killed writer's ``.tmp`` files are removed by the next writer with the same id and are
+  ignored by everyone else. A manifest line torn by a kill is skipped by readers (its shard is
+  adopted instead), and the resumed writer starts a fresh line after it.
+* Every manifest line carries the shard's sha256 and size: :func:`verify_pairs` and
+  :class:`PairDataset` detect truncated or corrupted shards and name them.
+
+Writer ids must be unique among writers running at the same time (a lock file enforces it);
+to resume a killed run, start the new writer with the same id (e.g. ``<host>-rank<r>``).
+"""
+
+from __future__ import annotations
+
+import collections
+import hashlib
+import json
+import logging
+import math
+import os
+import re
+import socket
+import time
+import warnings
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Iterable, Iterator, Mapping, Optional, Sequence
+
+import torch
+from safetensors import safe_open
+from safetensors.torch import load as st_load_bytes
+from safetensors.torch import save as st_save_bytes
+
+logger = logging.getLogger(__name__)
+
+PAIRS_FORMAT = "1"
+META_KEY_FORMAT = "fluxsr.pairs.format"
+META_KEY_PAIRS = "fluxsr.pairs"
+META_KEY_COND = "fluxsr.cond"
+
+_WRITER_ID_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,99}$")
+# The sequence number is always the last 6+ digits, so ``.+`` for the writer id is unambiguous.
+_SHARD_RE = re.compile(r"^shard-(?P<writer>.+)-(?P<seq>\d{6,})\.safetensors$")
+_SHARD_TMP_RE = re.compile(r"^shard-(?P<writer>.+)-(?P<seq>\d{6,})\.safetensors\.tmp$")
+_COND_TMP_RE = re.compile(r"^cond-(?P<key>[0-9a-f]+)\.safetensors\.(?P<writer>.+)\.tmp$")
+_MANIFEST_RE = re.compile(r"^manifest-(?P<writer>.+)\.jsonl$")
+COND_KEY_LENGTH = 16  # hex characters of sha256: 64 bits, ample for the prompts of one dataset
+
+
+class PairDataError(ValueError):
+    """A pair dataset is damaged (missing, truncated or corrupted shard) or used wrongly."""
+
+
+class WriterBusyError(RuntimeError):
+    """Another live process already writes with this writer id."""
+
+
+# --- small helpers ------------------------------------------------------------------------
+
+def pair_id(prompt_index: int, seed: int) -> str:
+    """The conventional pair id for prompt number ``prompt_index`` sampled with ``seed``.
+
+    Zero-padded so ids sort in prompt order even as plain strings.
+    """
+    return f"p{int(prompt_index):06d}-s{int(seed)}"
+
+
+def default_writer_id() -> str:
+    """``<hostname>-<pid>[-rank<r>]``: unique among running processes.
+
+    A run that wants to resume after a kill should pass a *stable* id instead (e.g.
+    ``<hostname>-rank<r>``): the pid changes on restart, so leftovers of the killed process
+    (its temporary files) are only cleaned up by a writer with the same id.
+    """
+    host = re.sub(r"[^A-Za-z0-9._-]", "_", socket.gethostname() or "host") or "host"
+    wid = f"{host}-{os.getpid()}"
+    rank = os.environ.get("RANK")
+    if rank is not None and rank.isdigit():
+        wid += f"-rank{rank}"
+    return wid[:100]
+
+
+def _check_writer_id(writer_id: str) -> str:
+    if not isinstance(writer_id, str) or not _WRITER_ID_RE.match(writer_id):
+        raise ValueError(
+            f"writer_id {writer_id!r} is not usable in file names: use 1-100 characters from "
+            "letters, digits, '.', '_' and '-', starting with a letter or digit "
+            "(e.g. 'myhost-rank0')"
+        )
+    return writer_id
+
+
+def _natural_key(s: str) -> tuple:
+    """Sort key comparing digit runs as numbers ("s9" before "s10")."""
+    return tuple((0, int(p), "") if p.isdigit() else (1, 0, p) for p in re.split(r"(\d+)", s) if p)
+
+
+def _sha256_file(path: Path, chunk: int = 1 << 22) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        while True:
+            b = f.read(chunk)
+            if not b:
+                break
+            h.update(b)
+    return h.hexdigest()
+
+
+def _fsync_dir(folder: Path) -> None:
+    """Make a rename durable. Not possible (nor needed) on Windows: ignored there."""
+    try:
+        fd = os.open(folder, os.O_RDONLY)
+    except OSError:
+        return
+    try:
+        os.fsync(fd)
+    except OSError:
+        pass
+    finally:
+        os.close(fd)
+
+
+def _write_file_durably(path: Path, data: bytes, fsync: bool) -> None:
+    with open(path, "wb") as f:
+        f.write(data)
+        f.flush()
+        if fsync:
+            os.fsync(f.fileno())
+
+
+def _jsonable(value: Any, where: str) -> Any:
+    """Turn tensors/numpy values into JSON types; reject anything JSON cannot carry."""
+    if isinstance(value, torch.Tensor):
+        return value.detach().cpu().tolist()
+    if hasattr(value, "tolist") and type(value).__module__.startswith("numpy"):
+        return value.tolist()
+    if isinstance(value, Mapping):
+        return {str(k): _jsonable(v, f"{where}.{k}") for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [_jsonable(v, where) for v in value]
+    if isinstance(value, float) and not math.isfinite(value):
+        raise ValueError(f"pair metadata {where} is {value}; JSON cannot store it")
+    if value is None or isinstance(value, (str, int, float, bool)):
+        return value
+    raise ValueError(
+        f"pair metadata {where} has type {type(value).__name__}, which JSON cannot store; "
+        "pass strings, numbers, lists or dicts"
+    )
+
+
+def _unbatch(t: torch.Tensor, ndim: int, name: str, shape_doc: str) -> torch.Tensor:
+    if not isinstance(t, torch.Tensor):
+        raise TypeError(f"{name} must be a torch.Tensor {shape_doc}, got {type(t).__name__}")
+    if t.ndim == ndim + 1 and t.shape[0] == 1:
+        t = t[0]
+    if t.ndim != ndim:
+        raise ValueError(f"{name} must be {shape_doc} (one pair, no batch), got shape {tuple(t.shape)}")
+    return t.detach().to("cpu").contiguous()
+
+
+def conditioning_key(t5: torch.Tensor, clip_pooled: torch.Tensor) -> str:
+    """Content key of a conditioning: short sha256 over both tensors (bytes, dtype, shape).
+
+    ``t5`` ``[L, D]`` or ``[1, L, D]``, ``clip_pooled`` ``[D]`` or ``[1, D]`` give the same key.
+    """
+    t5 = _unbatch(t5, 2, "cond_t5", "[L, 4096] or [1, L, 4096]")
+    clip = _unbatch(clip_pooled, 1, "cond_clip", "[768] or [1, 768]")
+    return hashlib.sha256(st_save_bytes({"t5": t5, "clip_pooled": clip})).hexdigest()[:COND_KEY_LENGTH]
+
+
+# --- manifests ----------------------------------------------------------------------------
+
+@dataclass(frozen=True)
+class ManifestEntry:
+    """One manifest line: a complete shard and the pair ids inside it."""
+
+    shard: str
+    sha256: str
+    bytes: int
+    count: int
+    pairs: tuple[str, ...]
+    writer: str
+    manifest: str
+    line: int
+
+    @staticmethod
+    def parse(text: str, manifest: str, line: int) -> "ManifestEntry":
+        d = json.loads(text)
+        if not isinstance(d, dict):
+            raise ValueError("not a JSON object")
+        pairs = d["pairs"]
+        if not isinstance(pairs, list) or not all(isinstance(p, str) for p in pairs):
+            raise ValueError("'pairs' is not a list of strings")
+        if int(d["count"]) != len(pairs):
+            raise ValueError(f"'count' {d['count']} differs from {len(pairs)} pair ids")
+        shard = str(d["shard"])
+        if os.path.basename(shard) != shard or not _SHARD_RE.match(shard):
+            raise ValueError(f"'shard' {shard!r} is not a shard file name")
+        return ManifestEntry(shard=shard, sha256=str(d["sha256"]), bytes=int(d["bytes"]),
+                             count=len(pairs), pairs=tuple(pairs), writer=str(d.get("writer", "")),
+                             manifest=manifest, line=line)
+
+
+@dataclass
+class ManifestScan:
+    entries: list[ManifestEntry] = field(default_factory=list)
+    # (manifest, line number, reason) of lines that are not valid records
+    bad_lines: list[tuple[str, int, str]] = field(default_factory=list)
+
+
+def _manifest_line(shard: str, sha: str, nbytes: int, ids: Sequence[str], writer: str) -> bytes:
+    rec = {"shard": shard, "sha256": sha, "bytes": nbytes, "count": len(ids), "pairs": list(ids),
+           "writer": writer, "format": PAIRS_FORMAT,
+           "created": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())}
+    return (json.dumps(rec, ensure_ascii=True, separators=(",", ":")) + "\n").encode("ascii")
+
+
+def _read_manifest(path: Path) -> ManifestScan:
+    scan = ManifestScan()
+    try:
+        data = path.read_bytes()
+    except FileNotFoundError:
+        return scan
+    lines = data.split(b"\n")
+    # The text after the last newline is a record still being appended, or torn by a kill.
+    complete, tail = lines[:-1], lines[-1]
+    for i, raw in enumerate(complete, start=1):
+        if not raw.strip():
+            continue
+        try:
+            scan.entries.append(ManifestEntry.parse(raw.decode("utf-8"), path.name, i))
+        except (ValueError, KeyError, TypeError, UnicodeDecodeError) as e:
+            scan.bad_lines.append((path.name, i, f"not a valid record ({e}); probably torn by a kill"))
+    if tail.strip():
+        scan.bad_lines.append((path.name, len(complete) + 1,
+                               "incomplete last line (being written, or torn by a kill)"))
+    return scan
+
+
+def scan_manifests(folder: str | os.PathLike) -> ManifestScan:
+    """Read every ``manifest-*.jsonl`` in ``folder`` (sorted by name, lines in file order)."""
+    folder = Path(folder)
+    total = ManifestScan()
+    if not folder.is_dir():
+        return total
+    for p in sorted(folder.glob("manifest-*.jsonl")):
+        s = _read_manifest(p)
+        total.entries.extend(s.entries)
+        total.bad_lines.extend(s.bad_lines)
+    return total
+
+
+# --- writer -------------------------------------------------------------------------------
+
+class _WriterLock:
+    """An exclusive OS lock on ``.lock-<writer_id>``, released by the OS if the process dies."""
+
+    def __init__(self, path: Path):
+        self.path = path
+        self._f = open(path, "a+b")
+        try:
+            if os.name == "nt":
+                import msvcrt
+
+                self._f.seek(0)
+                msvcrt.locking(self._f.fileno(), msvcrt.LK_NBLCK, 1)
+            else:
+                import fcntl
+
+                fcntl.flock(self._f.fileno(), fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except OSError:
+            self._f.close()
+            raise WriterBusyError(
+                f"another live process is writing pairs with this writer id ({path.name} is "
+                "locked); give each concurrent writer its own writer_id"
+            ) from None
+
+    def release(self) -> None:
+        if self._f.closed:
+            return
+        try:
+            if os.name == "nt":
+                import msvcrt
+
+                self._f.seek(0)
+                msvcrt.locking(self._f.fileno(), msvcrt.LK_UNLCK, 1)
+            else:
+                import fcntl
+
+                fcntl.flock(self._f.fileno(), fcntl.LOCK_UN)
+        except OSError:
+            pass
+        self._f.close()
+
+
+@dataclass
+class _Pending:
+    pair_id: str
+    eps: torch.Tensor
+    z0: torch.Tensor
+    cond_key: str
+    meta: dict
+    image: Optional[torch.Tensor]
+    trajectory: Optional[torch.Tensor]
+
+
+class PairWriter:
+    """Adds teacher pairs to a pair-dataset folder; resumes where a killed writer stopped.
+
+    ``PairWriter(folder, writer_id=None, shard_size=8)``: opens (creating if needed) the folder.
+    With the ``writer_id`` of a killed run it removes that run's temporary files, adopts a
+    complete shard the run renamed but had not yet listed, and numbers new shards after the
+    run's last one. Use :meth:`pending` to skip pairs already stored by any writer.
+
+    Pairs are buffered and written ``shard_size`` at a time; :meth:`flush` writes the buffer
+    now. As a context manager it flushes and releases the writer id on exit (also after an
+    exception: the buffered pairs are complete and worth keeping).
+    """
+
+    def __init__(self, folder: str | os.PathLike, writer_id: Optional[str] = None,
+                 shard_size: int = 8, fsync: bool = True):
+        if int(shard_size) < 1:
+            raise ValueError(f"shard_size must be at least 1 (got {shard_size})")
+        self.folder = Path(folder)
+        if self.folder.exists() and not self.folder.is_dir():
+            raise NotADirectoryError(f"pair dataset path {self.folder} exists and is not a folder")
+        self.folder.mkdir(parents=True, exist_ok=True)
+        self.writer_id = _check_writer_id(writer_id if writer_id is not None else default_writer_id())
+        self.shard_size = int(shard_size)
+        self.fsync = bool(fsync)
+        self.manifest_path = self.folder / f"manifest-{self.writer_id}.jsonl"
+        self._buffer: list[_Pending] = []
+        self._known_conds: set[str] = set()
+        self._closed = False
+        self._lock = _WriterLock(self.folder / f".lock-{self.writer_id}")
+        try:
+            self._recover()
+            self._done: set[str] = self.done_ids()
+        except BaseException:
+            self._lock.release()
+            raise
+
+    # -- resume ---------------------------------------------------------------------------
+
+    def _own_shard_seq(self, name: str) -> Optional[int]:
+        m = _SHARD_RE.match(name)
+        return int(m.group("seq")) if m and m.group("writer") == self.writer_id else None
+
+    def _recover(self) -> None:
+        """Clean up after a killed writer with the same id (we hold its lock, so it is dead)."""
+        for p in self.folder.iterdir():
+            m = _SHARD_TMP_RE.match(p.name) or _COND_TMP_RE.match(p.name)
+            if m and m.group("writer") == self.writer_id:
+                logger.info("removing %s left by a killed writer", p.name)
+                p.unlink(missing_ok=True)
+        # A torn last line: end it so the next record starts on a line of its own. The torn
+        # text stays (append-only); readers skip it, and its shard is adopted below.
+        if self.manifest_path.exists():
+            data = self.manifest_path.read_bytes()
+            if data and not data.endswith(b"\n"):
+                warnings.warn(f"{self.manifest_path.name}: closing a manifest line torn by a kill")
+                self._append_raw(b"\n")
+        listed = {e.shard for e in _read_manifest(self.manifest_path).entries}
+        seqs = [0]
+        for p in sorted(self.folder.glob(f"shard-{self.writer_id}-*.safetensors")):
+            seq = self._own_shard_seq(p.name)
+            if seq is None:
+                continue
+            seqs.append(seq)
+            if p.name not in listed:
+                self._adopt(p)
+        for e in _read_manifest(self.manifest_path).entries:
+            seq = self._own_shard_seq(e.shard)
+            if seq is not None:
+                seqs.append(seq)
+        self._next_seq = max(seqs) + 1
+
+    def _adopt(self, path: Path) -> None:
+        """List a complete shard renamed by a writer that was killed before its manifest line."""
+        try:
+            with safe_open(str(path), framework="pt") as f:
+                meta = f.metadata() or {}
+                keys = set(f.keys())
+            pairs = json.loads(meta[META_KEY_PAIRS])
+            ids = [str(p["id"]) for p in pairs]
+            for i in range(len(ids)):
+                if f"{i}.eps" not in keys or f"{i}.z0" not in keys:
+                    raise ValueError(f"pair {i} has no eps/z0 tensor")
+        except Exception as e:  # unreadable: leave it unlisted, so nobody reads it
+            warnings.warn(f"{path.name}: unlisted shard is unreadable ({e}); leaving it out of the dataset")
+            return
+        self._append_manifest(path.name, _sha256_file(path), path.stat().st_size, ids)
+        logger.info("adopted complete shard %s (%d pairs) left unlisted by a killed writer",
+                    path.name, len(ids))
+
+    # -- state ----------------------------------------------------------------------------
+
+    def done_ids(self) -> set[str]:
+        """Pair ids stored in complete shards by any writer of the folder (re-read now)."""
+        return {pid for e in scan_manifests(self.folder).entries for pid in e.pairs}
+
+    def pending(self, ids: Iterable[str]) -> list[str]:
+        """The ids from ``ids`` (order kept) that no writer has stored yet, nor this one buffered."""
+        self._done |= self.done_ids()
+        buffered = {p.pair_id for p in self._buffer}
+        return [i for i in ids if i not in self._done and i not in buffered]
+
+    @property
+    def buffered(self) -> int:
+        """Number of pairs added but not yet written to a shard."""
+        return len(self._buffer)
+
+    # -- adding ---------------------------------------------------------------------------
+
+    def add(self, pair_id: str, eps: torch.Tensor, z0: torch.Tensor, cond_t5: torch.Tensor,
+            cond_clip: torch.Tensor, meta: Optional[Mapping[str, Any]] = None,
+            image: Optional[torch.Tensor] = None, trajectory: Optional[torch.Tensor] = None) -> bool:
+        """Buffer one pair; writes a shard when ``shard_size`` pairs are buffered.
+
+        ``eps``, ``z0``: ``[16, h, w]`` (or ``[1, 16, h, w]``) normalised latents.
+        ``cond_t5``: ``[L, 4096]`` / ``[1, L, 4096]``; ``cond_clip``: ``[768]`` / ``[1, 768]``:
+        stored once per distinct conditioning in ``cond-<key>.safetensors``.
+        ``meta``: JSON-able per-pair metadata (seed, resolution, prompt, steps, guidance,
+        sigmas; tensors become lists). ``image``: uint8 ``[3, H, W]`` (a float image in [0, 1]
+        is rounded to uint8). ``trajectory``: ``[S, 16, h, w]``.
+
+        Returns False (and stores nothing) when ``pair_id`` is already stored or buffered, so
+        re-running the same ids never duplicates a pair.
+        """
+        if self._closed:
+            raise RuntimeError("this PairWriter is closed")
+        if not isinstance(pair_id, str) or not pair_id or "\n" in pair_id:
+            raise ValueError(f"pair_id must be a non-empty one-line string, got {pair_id!r}")
+        if pair_id in self._done or any(p.pair_id == pair_id for p in self._buffer):
+            logger.debug("pair %s already stored; skipped", pair_id)
+            return False
+        eps = _unbatch(eps, 3, "eps", "[C, h, w]")
+        z0 = _unbatch(z0, 3, "z0", "[C, h, w]")
+        if eps.shape != z0.shape:
+            raise ValueError(f"eps {tuple(eps.shape)} and z0 {tuple(z0.shape)} must have the same shape")
+        if image is not None:
+            image = _unbatch(image, 3, "image", "uint8 [3, H, W]")
+            if image.shape[0] != 3:
+                raise ValueError(f"image must be [3, H, W] (channels first), got {tuple(image.shape)}")
+            if image.dtype != torch.uint8:
+                if not image.is_floating_point():
+                    raise ValueError(f"image must be uint8 or float in [0, 1], got {image.dtype}")
+                image = (image.float().clamp(0, 1) * 255.0).round().to(torch.uint8)
+        if trajectory is not None:
+            trajectory = _unbatch(trajectory, 4, "trajectory", "[S, C, h, w]")
+            if trajectory.shape[1:] != eps.shape:
+                raise ValueError(f"trajectory {tuple(trajectory.shape)} must be [S, {', '.join(map(str, eps.shape))}]")
+        meta_json = _jsonable(dict(meta or {}), "meta")
+        for reserved in ("id", "cond"):
+            if reserved in meta_json:
+                raise ValueError(f"pair metadata may not use the reserved key {reserved!r}")
+        key = self._store_conditioning(cond_t5, cond_clip)
+        self._buffer.append(_Pending(pair_id, eps, z0, key, meta_json, image, trajectory))
+        if len(self._buffer) >= self.shard_size:
+            self.flush()
+        return True
+
+    def _store_conditioning(self, t5: torch.Tensor, clip: torch.Tensor) -> str:
+        t5 = _unbatch(t5, 2, "cond_t5", "[L, 4096] or [1, L, 4096]")
+        clip = _unbatch(clip, 1, "cond_clip", "[768] or [1, 768]")
+        key = conditioning_key(t5, clip)
+        if key in self._known_conds:
+            return key
+        final = self.folder / f"cond-{key}.safetensors"
+        if not final.exists():
+            data = st_save_bytes({"t5": t5, "clip_pooled": clip},
+                                 metadata={META_KEY_FORMAT: PAIRS_FORMAT, META_KEY_COND: key})
+            tmp = self.folder / f"cond-{key}.safetensors.{self.writer_id}.tmp"
+            _write_file_durably(tmp, data, self.fsync)
+            try:
+                # Create-if-absent: a hard link fails on an existing name, so a conditioning
+                # another writer created meanwhile is never replaced.
+                os.link(tmp, final)
+            except FileExistsError:
+                pass
+            except OSError:  # no hard links here (some network/FAT file systems)
+                if not final.exists():
+                    os.replace(tmp, final)
+            finally:
+                tmp.unlink(missing_ok=True)
+            if self.fsync:
+                _fsync_dir(self.folder)
+        self._known_conds.add(key)
+        return key
+
+    # -- writing --------------------------------------------------------------------------
+
+    def flush(self) -> Optional[str]:
+        """Write the buffered pairs as one shard now; returns its file name (None if empty)."""
+        if not self._buffer:
+            return None
+        tensors: dict[str, torch.Tensor] = {}
+        records = []
+        for i, p in enumerate(self._buffer):
+            tensors[f"{i}.eps"] = p.eps
+            tensors[f"{i}.z0"] = p.z0
+            if p.image is not None:
+                tensors[f"{i}.image"] = p.image
+            if p.trajectory is not None:
+                tensors[f"{i}.trajectory"] = p.trajectory
+            records.append({"id": p.pair_id, "cond": p.cond_key, **p.meta})
+        data = st_save_bytes(tensors, metadata={
+            META_KEY_FORMAT: PAIRS_FORMAT,
+            META_KEY_PAIRS: json.dumps(records, ensure_ascii=True),
+        })
+        name = f"shard-{self.writer_id}-{self._next_seq:06d}.safetensors"
+        self._write_shard_file(name, data)
+        ids = [p.pair_id for p in self._buffer]
+        self._append_manifest(name, hashlib.sha256(data).hexdigest(), len(data), ids)
+        self._next_seq += 1
+        self._done.update(ids)
+        self._buffer.clear()
+        return name
+
+    def _write_shard_file(self, name: str, data: bytes) -> None:
+        final = self.folder / name
+        if final.exists():  # cannot happen through this class; never overwrite a shard
+            raise PairDataError(f"refusing to overwrite existing shard {final}")
+        tmp = self.folder / (name + ".tmp")
+        _write_file_durably(tmp, data, self.fsync)
+        os.replace(tmp, final)
+        if self.fsync:
+            _fsync_dir(self.folder)
+
+    def _append_raw(self, data: bytes) -> None:
+        # One write() on an O_APPEND descriptor: the line lands whole at the end of the file.
+        fd = os.open(self.manifest_path, os.O_WRONLY | os.O_APPEND | os.O_CREAT | getattr(os, "O_BINARY", 0), 0o644)
+        try:
+            os.write(fd, data)
+            if self.fsync:
+                os.fsync(fd)
+        finally:
+            os.close(fd)
+
+    def _append_manifest(self, shard: str, sha: str, nbytes: int, ids: Sequence[str]) -> None:
+        self._append_raw(_manifest_line(shard, sha, nbytes, ids, self.writer_id))
+
+    # -- lifetime -------------------------------------------------------------------------
+
+    def close(self) -> None:
+        """Flush the buffer and release the writer id."""
+        if self._closed:
+            return
+        try:
+            self.flush()
+        finally:
+            self._closed = True
+            self._lock.release()
+
+    def __enter__(self) -> "PairWriter":
+        return self
+
+    def __exit__(self, exc_type, exc, tb) -> None:
+        self.close()
+
+    def __del__(self):  # pragma: no cover - best effort: never lose the OS lock
+        lock = getattr(self, "_lock", None)
+        if lock is not None and not getattr(self, "_closed", True):
+            if self._buffer:
+                warnings.warn(f"PairWriter {self.writer_id} dropped {len(self._buffer)} unflushed "
+                              "pairs; use it as a context manager or call close()")
+            lock.release()
+
+
+# --- verification -------------------------------------------------------------------------
+
+# Kinds that mean data named by a manifest cannot be read. The others are notes: leftovers of
+# a kill that readers ignore safely.
+ERROR_KINDS = ("missing", "truncated", "hash", "unreadable", "mismatch", "missing-cond", "bad-cond")
+
+
+@dataclass(frozen=True)
+class PairProblem:
+    """One finding of :func:`verify_pairs`."""
+
+    kind: str   # one of ERROR_KINDS, or "torn-line", "unlisted", "temp-file", "duplicate"
+    path: str
+    message: str
+
+    @property
+    def is_error(self) -> bool:
+        return self.kind in ERROR_KINDS
+
+    def __str__(self) -> str:
+        return f"[{self.kind}] {self.path}: {self.message}"
+
+
+@dataclass
+class VerifyReport:
+    """Everything :func:`verify_pairs` found. ``ok`` is True when no shard is damaged."""
+
+    folder: str
+    shards: int = 0
+    pairs: int = 0
+    problems: list[PairProblem] = field(default_factory=list)
+
+    @property
+    def errors(self) -> list[PairProblem]:
+        return [p for p in self.problems if p.is_error]
+
+    @property
+    def notes(self) -> list[PairProblem]:
+        return [p for p in self.problems if not p.is_error]
+
+    @property
+    def ok(self) -> bool:
+        return not self.errors
+
+    def bad_shards(self) -> set[str]:
+        return {Path(p.path).name for p in self.errors if Path(p.path).name.startswith("shard-")}
+
+    def __str__(self) -> str:
+        head = (f"pair dataset {self.folder}: {self.shards} shards, {self.pairs} distinct pairs, "
+                f"{len(self.errors)} errors, {len(self.notes)} notes")
+        return "\n".join([head] + [f"  {p}" for p in self.problems])
+
+
+def _check_shard(folder: Path, e: ManifestEntry, check_hash: bool) -> Optional[PairProblem]:
+    """Return the first problem of the shard named by manifest entry ``e``, or None."""
+    path = folder / e.shard
+    where = f"(listed in {e.manifest} line {e.line})"
+    if not path.exists():
+        return PairProblem("missing", str(path), f"shard file is missing {where}")
+    size = path.stat().st_size
+    if size != e.bytes:
+        return PairProblem("truncated", str(path),
+                           f"shard has {size} bytes, the manifest says {e.bytes} {where}")
+    if check_hash:
+        sha = _sha256_file(path)
+        if sha != e.sha256:
+            return PairProblem("hash", str(path),
+                               f"shard content is corrupted: sha256 {sha[:12]}... differs from "
+                               f"{e.sha256[:12]}... {where}")
+    try:
+        records, keys = _read_shard_header(path)
+    except Exception as ex:
+        return PairProblem("unreadable", str(path), f"shard cannot be read ({ex}) {where}")
+    ids = [str(r.get("id")) for r in records]
+    if ids != list(e.pairs):
+        return PairProblem("mismatch", str(path), f"shard holds pairs {ids}, the manifest says {list(e.pairs)}")
+    for i in range(len(ids)):
+        if f"{i}.eps" not in keys or f"{i}.z0" not in keys:
+            return PairProblem("unreadable", str(path), f"pair {ids[i]} has no eps/z0 tensor {where}")
+    return None
+
+
+def _read_shard_header(path: Path) -> tuple[list[dict], set[str]]:
+    with safe_open(str(path), framework="pt") as f:
+        meta = f.metadata() or {}
+        keys = set(f.keys())
+    if META_KEY_PAIRS not in meta:
+        raise ValueError(f"no '{META_KEY_PAIRS}' metadata; not a FluxSR pair shard")
+    records = json.loads(meta[META_KEY_PAIRS])
+    if not isinstance(records, list) or not all(isinstance(r, dict) for r in records):
+        raise ValueError(f"'{META_KEY_PAIRS}' metadata is not a list of objects")
+    return records, keys
+
+
+def _load_conditioning_file(path: Path, key: str) -> tuple[torch.Tensor, torch.Tensor]:
+    if not path.exists():
+        raise PairDataError(f"conditioning file {path} is missing (needed by key {key})")
+    try:
+        tensors = st_load_bytes(path.read_bytes())
+        t5, clip = tensors["t5"], tensors["clip_pooled"]
+    except Exception as e:
+        raise PairDataError(f"conditioning file {path} cannot be read ({e})") from None
+    if conditioning_key(t5, clip) != key:
+        raise PairDataError(f"conditioning file {path} is corrupted: its content does not hash to {key}")
+    return t5, clip
+
+
+def verify_pairs(folder: str | os.PathLike, check_hash: bool = True) -> VerifyReport:
+    """Check a pair-dataset folder: every listed shard present, whole, uncorrupted, readable.
+
+    Errors: a shard a manifest names that is missing, truncated, fails its sha256 (with
+    ``check_hash``), cannot be parsed, or holds other pairs than listed; a conditioning file
+    missing or not matching its key. Notes (harmless leftovers of a kill, ignored by readers):
+    torn manifest lines, unlisted shards, temporary files, pair ids stored more than once.
+    """
+    folder = Path(folder)
+    if not folder.is_dir():
+        raise FileNotFoundError(f"pair dataset folder {folder} does not exist")
+    report = VerifyReport(folder=str(folder))
+    scan = scan_manifests(folder)
+    for manifest, line, why in scan.bad_lines:
+        report.problems.append(PairProblem("torn-line", str(folder / manifest), f"line {line}: {why}"))
+    seen: dict[str, str] = {}
+    listed: set[str] = set()
+    conds: set[str] = set()
+    for e in scan.entries:
+        listed.add(e.shard)
+        report.shards += 1
+        prob = _check_shard(folder, e, check_hash)
+        if prob is not None:
+            report.problems.append(prob)
+            continue
+        records, _ = _read_shard_header(folder / e.shard)
+        conds.update(str(r.get("cond")) for r in records)
+        for pid in e.pairs:
+            if pid in seen:
+                report.problems.append(PairProblem(
+                    "duplicate", str(folder / e.shard), f"pair {pid} is also in {seen[pid]}; "
+                    "readers use one copy"))
+            else:
+                seen[pid] = e.shard
+    report.pairs = len(seen)
+    for key in sorted(conds):
+        try:
+            _load_conditioning_file(folder / f"cond-{key}.safetensors", key)
+        except PairDataError as ex:
+            kind = "missing-cond" if "missing" in str(ex) else "bad-cond"
+            report.problems.append(PairProblem(kind, str(folder / f"cond-{key}.safetensors"), str(ex)))
+    for p in sorted(folder.iterdir()):
+        if _SHARD_RE.match(p.name) and p.name not in listed:
+            report.problems.append(PairProblem("unlisted", str(p), "no manifest names this shard; "
+                                               "ignored (its writer will adopt it on resume)"))
+        elif _SHARD_TMP_RE.match(p.name) or _COND_TMP_RE.match(p.name):
+            report.problems.append(PairProblem("temp-file", str(p), "temporary file of a writer "
+                                               "(running or killed); ignored"))
+    return report
+
+
+# --- reader -------------------------------------------------------------------------------
+
+@dataclass(frozen=True)
+class _PairRef:
+    pair_id: str
+    shard: str
+    index: int  # position inside the shard
+
+
+class PairDataset(torch.utils.data.Dataset):
+    """Read-only view of a pair-dataset folder (all complete shards of all writers).
+
+    Items (``dataset[i]``) are dicts: ``id``, ``eps`` and ``z0`` ``[16, h, w]``, ``cond_key``,
+    ``t5`` ``[L, 4096]``, ``clip_pooled`` ``[768]``, ``meta`` (the pair's metadata dict), and
+    ``image`` (uint8 ``[3, H, W]``) / ``trajectory`` when stored and requested.
+
+    Pairs are ordered by id (digit runs compared as numbers), so the order does not depend on
+    how many writers produced the folder. An id stored twice (two writers given overlapping
+    work) is read from its first copy in (manifest name, line) order.
+
+    ``on_error="raise"`` (default): a listed shard that is missing or has the wrong size
+    raises :class:`PairDataError` here; a corrupted one (sha256 checked the first time each
+    shard is read in this process) raises when read. ``on_error="skip"``: every shard is
+    verified now (a full read of the folder) and damaged ones are left out with a warning.
+    """
+
+    def __init__(self, folder: str | os.PathLike, on_error: str = "raise", load_image: bool = True,
+                 load_trajectory: bool = False, cond_cache_size: int = 8):
+        if on_error not in ("raise", "skip"):
+            raise ValueError(f"on_error must be 'raise' or 'skip' (got {on_error!r})")
+        self.folder = Path(folder)
+        if not self.folder.is_dir():
+            raise FileNotFoundError(f"pair dataset folder {self.folder} does not exist")
+        self.on_error = on_error
+        self.load_image = load_image
+        self.load_trajectory = load_trajectory
+        self._cond_cache: "collections.OrderedDict[str, tuple]" = collections.OrderedDict()
+        self._cond_cache_size = max(1, int(cond_cache_size))
+        self._verified: set[str] = set()
+        self.skipped: list[PairProblem] = []
+
+        scan = scan_manifests(self.folder)
+        for manifest, line, why in scan.bad_lines:
+            logger.info("%s line %d skipped: %s", manifest, line, why)
+        self._entries: dict[str, ManifestEntry] = {}
+        refs: dict[str, _PairRef] = {}
+        for e in scan.entries:
+            if e.shard in self._entries:  # the same shard listed twice: one copy is enough
+                continue
+            prob = _check_shard(self.folder, e, check_hash=False) if on_error == "raise" else \
+                _check_shard(self.folder, e, check_hash=True)
+            if prob is not None:
+                if on_error == "raise":
+                    raise PairDataError(f"{prob.message}: {prob.path}. Run verify_pairs('{self.folder}') "
+                                        "to list every problem, or open with on_error='skip'")
+                warnings.warn(f"skipping damaged shard: {prob}")
+                self.skipped.append(prob)
+                continue
+            if on_error == "skip":
+                self._verified.add(e.shard)
+            self._entries[e.shard] = e
+            for idx, pid in enumerate(e.pairs):
+                refs.setdefault(pid, _PairRef(pid, e.shard, idx))
+        self._refs = [refs[k] for k in sorted(refs, key=_natural_key)]
+        self._index = {r.pair_id: i for i, r in enumerate(self._refs)}
+
+    def __len__(self) -> int:
+        return len(self._refs)
+
+    @property
+    def ids(self) -> list[str]:
+        """Pair ids in dataset order."""
+        return [r.pair_id for r in self._refs]
+
+    def index_of(self, pair_id: str) -> int:
+        """Position of ``pair_id`` in the dataset (KeyError if absent)."""
+        return self._index[pair_id]
+
+    def verify(self, check_hash: bool = True) -> VerifyReport:
+        """:func:`verify_pairs` on this dataset's folder."""
+        return verify_pairs(self.folder, check_hash=check_hash)
+
+    def _ensure_verified(self, shard: str) -> None:
+        if shard in self._verified:
+            return
+        e = self._entries[shard]
+        prob = _check_shard(self.folder, e, check_hash=True)
+        if prob is not None:
+            raise PairDataError(f"{prob.message}: {prob.path}. Run verify_pairs('{self.folder}') to "
+                                "list every problem, or open the dataset with on_error='skip'")
+        self._verified.add(shard)
+
+    def conditioning(self, key: str) -> tuple[torch.Tensor, torch.Tensor]:
+        """``(t5 [L, 4096], clip_pooled [768])`` for a conditioning key (small LRU cache)."""
+        hit = self._cond_cache.get(key)
+        if hit is not None:
+            self._cond_cache.move_to_end(key)
+            return hit
+        pair = _load_conditioning_file(self.folder / f"cond-{key}.safetensors", key)
+        self._cond_cache[key] = pair
+        while len(self._cond_cache) > self._cond_cache_size:
+            self._cond_cache.popitem(last=False)
+        return pair
+
+    def __getitem__(self, i: int) -> dict[str, Any]:
+        if not -len(self) <= i < len(self):
+            raise IndexError(f"pair index {i} out of range for {len(self)} pairs")
+        ref = self._refs[i]
+        self._ensure_verified(ref.shard)
+        path = self.folder / ref.shard
+        try:
+            with safe_open(str(path), framework="pt") as f:
+                meta = f.metadata() or {}
+                record = dict(json.loads(meta[META_KEY_PAIRS])[ref.index])
+                keys = set(f.keys())
+                item: dict[str, Any] = {
+                    "id": ref.pair_id,
+                    "eps": f.get_tensor(f"{ref.index}.eps"),
+                    "z0": f.get_tensor(f"{ref.index}.z0"),
+                }
+                if self.load_image and f"{ref.index}.image" in keys:
+                    item["image"] = f.get_tensor(f"{ref.index}.image")
+                if self.load_trajectory and f"{ref.index}.trajectory" in keys:
+                    item["trajectory"] = f.get_tensor(f"{ref.index}.trajectory")
+        except Exception as e:
+            raise PairDataError(f"shard {path} cannot be read ({e}); run verify_pairs('{self.folder}')") from None
+        key = str(record.pop("cond"))
+        record.pop("id", None)
+        item["cond_key"] = key
+        item["t5"], item["clip_pooled"] = self.conditioning(key)
+        item["meta"] = record
+        return item
+
+    def __iter__(self) -> Iterator[dict[str, Any]]:
+        for i in range(len(self)):
+            yield self[i]
+
+
+def collate_pairs(items: Sequence[dict[str, Any]]) -> dict[str, Any]:
+    """Batch dataset items: tensors stacked (all pairs must share sizes), ids/meta as lists.
+
+    Use as ``DataLoader(dataset, collate_fn=collate_pairs)``; the default collate would try
+    to batch variable-length metadata (sigmas, prompts).
+    """
+    if not items:
+        raise ValueError("cannot collate an empty batch")
+    out: dict[str, Any] = {"id": [it["id"] for it in items], "cond_key": [it["cond_key"] for it in items],
+                           "meta": [it["meta"] for it in items]}
+    for k in ("eps", "z0", "t5", "clip_pooled", "image", "trajectory"):
+        present = [k in it for it in items]
+        if not any(present):
+            continue
+        if not all(present):
+            raise PairDataError(f"some pairs of the batch have '{k}' and some do not; "
+                                "store it for every pair or for none")
+        shapes = {tuple(it[k].shape) for it in items}
+        if len(shapes) > 1:
+            raise PairDataError(f"cannot batch '{k}' of different shapes {sorted(shapes)}; "
+                                "use batch size 1 or bucket pairs by resolution")
+        out[k] = torch.stack([it[k] for it in items])
+    return out

@@ -1,0 +1,393 @@
+"""The pair dataset: write/read round trip, kill-and-resume, several writers, damage detection."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import textwrap
+import time
+import zlib
+from pathlib import Path
+
+import pytest
+import torch
+
+from fluxsr_core import pairs as P
+from fluxsr_core.pairs import (PairDataError, PairDataset, PairWriter, WriterBusyError, collate_pairs,
+                               conditioning_key, pair_id, verify_pairs)
+
+H = W = 4  # latent size of the test pairs
+
+
+def make_pair(pid: str, prompt: int = 0):
+    """Deterministic tensors for a pair id, so a re-run (after a kill) reproduces them."""
+    g = torch.Generator().manual_seed(zlib.crc32(pid.encode()))
+    eps = torch.randn(16, H, W, generator=g)
+    z0 = torch.randn(16, H, W, generator=g)
+    img = torch.randint(0, 256, (3, 8 * H, 8 * W), generator=g, dtype=torch.uint8)
+    gc = torch.Generator().manual_seed(1000 + prompt)
+    t5 = torch.randn(1, 5, 32, generator=gc)
+    clip = torch.randn(1, 16, generator=gc)
+    return eps, z0, t5, clip, img
+
+
+def add_pair(w: PairWriter, pid: str, prompt: int = 0, with_traj: bool = False) -> bool:
+    eps, z0, t5, clip, img = make_pair(pid, prompt)
+    traj = torch.stack([eps, 0.5 * (eps + z0), z0]) if with_traj else None
+    meta = {"seed": int(pid.split("-s")[1]), "prompt": f"prompt {prompt}", "steps": 2,
+            "guidance": 3.5, "sigmas": torch.tensor([1.0, 0.5, 0.0]), "resolution": [8 * H, 8 * W]}
+    return w.add(pid, eps, z0, t5, clip, meta, image=img, trajectory=traj)
+
+
+def check_item(item, pid, prompt=0):
+    eps, z0, t5, clip, img = make_pair(pid, prompt)
+    assert item["id"] == pid
+    assert torch.equal(item["eps"], eps) and torch.equal(item["z0"], z0)
+    assert torch.equal(item["t5"], t5[0]) and torch.equal(item["clip_pooled"], clip[0])
+    assert torch.equal(item["image"], img)
+    assert item["cond_key"] == conditioning_key(t5, clip)
+    assert item["meta"]["seed"] == int(pid.split("-s")[1])
+
+
+IDS = [pair_id(p, s) for p in range(3) for s in range(3)]  # 9 pairs, 3 prompts
+
+
+def prompt_of(pid: str) -> int:
+    return int(pid[1:7])
+
+
+# --- round trip ---------------------------------------------------------------------------
+
+def test_write_read_round_trip(tmp_path):
+    with PairWriter(tmp_path, "w0", shard_size=4) as w:
+        for pid in IDS:
+            assert add_pair(w, pid, prompt_of(pid), with_traj=True)
+        assert w.buffered == 1  # 9 = 4 + 4 + 1
+    files = sorted(p.name for p in tmp_path.iterdir() if not p.name.startswith("."))
+    assert [f for f in files if f.startswith("shard-")] == [
+        "shard-w0-000001.safetensors", "shard-w0-000002.safetensors", "shard-w0-000003.safetensors"]
+    # stored once per prompt, named by content
+    assert [f for f in files if f.startswith("cond-")] == sorted(
+        f"cond-{conditioning_key(*make_pair(pair_id(k, 0), k)[2:4])}.safetensors" for k in range(3))
+    lines = (tmp_path / "manifest-w0.jsonl").read_text().splitlines()
+    assert [json.loads(l)["count"] for l in lines] == [4, 4, 1]
+
+    ds = PairDataset(tmp_path, load_trajectory=True)
+    assert len(ds) == 9 and ds.ids == IDS
+    for pid in IDS:
+        item = ds[ds.index_of(pid)]
+        check_item(item, pid, prompt_of(pid))
+        assert item["meta"]["sigmas"] == [1.0, 0.5, 0.0]
+        assert item["meta"]["resolution"] == [32, 32] and item["meta"]["prompt"] == f"prompt {prompt_of(pid)}"
+        assert item["trajectory"].shape == (3, 16, H, W)
+        assert torch.equal(item["trajectory"][1], 0.5 * (item["eps"] + item["z0"]))
+    assert verify_pairs(tmp_path).ok
+
+    batch = collate_pairs([ds[0], ds[1]])
+    assert batch["eps"].shape == (2, 16, H, W) and batch["t5"].shape == (2, 5, 32)
+    assert batch["id"] == IDS[:2] and batch["image"].dtype == torch.uint8
+
+
+def test_conditioning_key_ignores_batch_dim_and_sees_content():
+    t5, clip = torch.randn(1, 3, 8), torch.randn(1, 4)
+    assert conditioning_key(t5, clip) == conditioning_key(t5[0], clip[0])
+    t5b = t5.clone()
+    t5b[0, 0, 0] += 1
+    assert conditioning_key(t5b, clip) != conditioning_key(t5, clip)
+
+
+def test_duplicate_add_is_skipped_and_pending(tmp_path):
+    with PairWriter(tmp_path, "w0", shard_size=2) as w:
+        assert add_pair(w, IDS[0])
+        assert not add_pair(w, IDS[0])          # buffered already
+        assert add_pair(w, IDS[1])              # shard written
+        assert not add_pair(w, IDS[1])          # stored already
+        assert w.pending(IDS[:4]) == IDS[2:4]
+        assert w.done_ids() == set(IDS[:2])
+    assert len(PairDataset(tmp_path)) == 2
+
+
+def test_bad_input_errors(tmp_path):
+    with pytest.raises(ValueError, match="writer_id"):
+        PairWriter(tmp_path, "bad/id")
+    with PairWriter(tmp_path, "w0") as w:
+        eps, z0, t5, clip, img = make_pair(IDS[0])
+        with pytest.raises(ValueError, match="same shape"):
+            w.add("a", eps, z0[:, :2], t5, clip)
+        with pytest.raises(ValueError, match="JSON"):
+            w.add("a", eps, z0, t5, clip, {"x": object()})
+        with pytest.raises(ValueError, match="image must be"):
+            w.add("a", eps, z0, t5, clip, image=img.permute(1, 2, 0))
+        with pytest.raises(ValueError, match="reserved"):
+            w.add("a", eps, z0, t5, clip, {"cond": 1})
+        assert w.buffered == 0
+    with pytest.raises(FileNotFoundError):
+        PairDataset(tmp_path / "nope")
+
+
+def test_same_writer_id_twice_is_refused(tmp_path):
+    with PairWriter(tmp_path, "w0"):
+        with pytest.raises(WriterBusyError, match="writer id"):
+            PairWriter(tmp_path, "w0")
+    PairWriter(tmp_path, "w0").close()  # released on close
+
+
+# --- kill and resume ----------------------------------------------------------------------
+
+CHILD = textwrap.dedent("""
+    import os, signal, sys
+    sys.path.insert(0, {testdir!r})
+    import test_pairs as T
+    from fluxsr_core import pairs as P
+
+    folder, mode = sys.argv[1], sys.argv[2]
+    die = lambda: os.kill(os.getpid(), signal.SIGKILL)
+    n_shards = [0]
+    orig_write, orig_append = P.PairWriter._write_shard_file, P.PairWriter._append_raw
+
+    def write_shard(self, name, data):
+        if mode == "mid-temp" and n_shards[0] == 2:
+            with open(os.path.join(folder, name + ".tmp"), "wb") as f:
+                f.write(data[: len(data) // 2])
+            die()
+        orig_write(self, name, data)
+        n_shards[0] += 1
+        if mode == "after-rename" and n_shards[0] == 3:
+            die()                       # renamed, manifest line not yet appended
+
+    def append_raw(self, data):
+        if mode == "mid-manifest" and n_shards[0] == 2:
+            orig_append(self, data[: len(data) // 2])
+            die()                       # a torn manifest line
+        orig_append(self, data)
+
+    P.PairWriter._write_shard_file = write_shard
+    P.PairWriter._append_raw = append_raw
+    w = P.PairWriter(folder, "rank0", shard_size=2, fsync=(mode == "random"))
+    for pid in T.IDS:
+        T.add_pair(w, pid, T.prompt_of(pid))
+        print("added", pid, flush=True)
+        if mode == "random":
+            import time; time.sleep(0.05)
+    w.close()
+    print("finished", flush=True)
+""")
+
+
+def run_child(folder: Path, mode: str, kill_after_lines: int | None = None) -> int:
+    script = folder.parent / "child.py"
+    script.write_text(CHILD.format(testdir=str(Path(__file__).parent)))
+    env = dict(os.environ, PYTHONPATH=str(Path(__file__).parent) + os.pathsep + os.environ.get("PYTHONPATH", ""))
+    proc = subprocess.Popen([sys.executable, str(script), str(folder), mode], env=env,
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    if kill_after_lines is not None:
+        manifest = folder / "manifest-rank0.jsonl"
+        deadline = time.time() + 60
+        while time.time() < deadline and proc.poll() is None:
+            if manifest.exists() and manifest.read_bytes().count(b"\n") >= kill_after_lines:
+                proc.send_signal(signal.SIGKILL)
+                break
+            time.sleep(0.01)
+    out, err = proc.communicate(timeout=60)
+    assert "Traceback" not in err, err
+    return proc.returncode
+
+
+def resume_and_finish(folder: Path, expect_missing_at_least: int = 1):
+    with PairWriter(folder, "rank0", shard_size=2) as w:
+        todo = w.pending(IDS)
+        assert len(todo) >= expect_missing_at_least
+        assert todo == [i for i in IDS if i not in w.done_ids()]
+        for pid in todo:
+            assert add_pair(w, pid, prompt_of(pid))
+    report = verify_pairs(folder)
+    assert report.ok, str(report)
+    assert not any(p.kind in ("temp-file", "unlisted", "duplicate") for p in report.problems), str(report)
+    ds = PairDataset(folder)
+    assert ds.ids == IDS                                   # nothing lost, nothing twice
+    entries = P.scan_manifests(folder).entries
+    stored = [pid for e in entries for pid in e.pairs]
+    assert sorted(stored) == sorted(IDS)                   # no pair stored twice either
+    for pid in IDS:
+        check_item(ds[ds.index_of(pid)], pid, prompt_of(pid))
+    return report
+
+
+@pytest.mark.skipif(os.name == "nt", reason="SIGKILL")
+def test_killed_after_rename_before_manifest_line(tmp_path):
+    folder = tmp_path / "pairs"
+    assert run_child(folder, "after-rename") == -signal.SIGKILL
+    listed = {e.shard for e in P.scan_manifests(folder).entries}
+    assert listed == {"shard-rank0-000001.safetensors", "shard-rank0-000002.safetensors"}
+    assert (folder / "shard-rank0-000003.safetensors").exists()        # complete but unlisted
+    assert len(PairDataset(folder)) == 4                               # readers trust manifests only
+    assert any(p.kind == "unlisted" for p in verify_pairs(folder).problems)
+    before = (folder / "shard-rank0-000003.safetensors").read_bytes()
+    resume_and_finish(folder)
+    # adopted, never rewritten
+    assert (folder / "shard-rank0-000003.safetensors").read_bytes() == before
+
+
+@pytest.mark.skipif(os.name == "nt", reason="SIGKILL")
+def test_killed_while_writing_a_shard(tmp_path):
+    folder = tmp_path / "pairs"
+    assert run_child(folder, "mid-temp") == -signal.SIGKILL
+    tmp = folder / "shard-rank0-000003.safetensors.tmp"
+    assert tmp.exists()
+    assert len(PairDataset(folder)) == 4                               # half-written file ignored
+    assert any(p.kind == "temp-file" for p in verify_pairs(folder).problems)
+    # another writer id does not touch it
+    PairWriter(folder, "other").close()
+    assert tmp.exists()
+    resume_and_finish(folder)
+    assert not tmp.exists()                                            # cleaned by its own writer id
+
+
+@pytest.mark.skipif(os.name == "nt", reason="SIGKILL")
+def test_killed_while_appending_the_manifest_line(tmp_path):
+    folder = tmp_path / "pairs"
+    assert run_child(folder, "mid-manifest") == -signal.SIGKILL
+    assert not (folder / "manifest-rank0.jsonl").read_bytes().endswith(b"\n")  # torn line
+    assert len(PairDataset(folder)) == 2          # shard 2 renamed, its line torn: not listed
+    with pytest.warns(UserWarning, match="torn"):
+        report = resume_and_finish(folder)
+    assert any(p.kind == "torn-line" for p in report.problems)       # a note, not an error
+
+
+@pytest.mark.skipif(os.name == "nt", reason="SIGKILL")
+def test_killed_at_a_random_moment(tmp_path):
+    folder = tmp_path / "pairs"
+    rc = run_child(folder, "random", kill_after_lines=2)
+    assert rc == -signal.SIGKILL
+    with PairWriter(folder, "rank0", shard_size=2) as w:
+        assert 4 <= len(w.done_ids()) < 9
+    resume_and_finish(folder)
+
+
+def test_writer_dropped_without_flush_loses_only_unflushed_pairs(tmp_path):
+    w = PairWriter(tmp_path, "w0", shard_size=4)
+    for pid in IDS[:6]:
+        add_pair(w, pid, prompt_of(pid))
+    with pytest.warns(UserWarning, match="unflushed"):
+        del w                                     # like a crash: 2 pairs only in memory
+    with PairWriter(tmp_path, "w0", shard_size=4) as w2:
+        assert w2.pending(IDS) == IDS[4:]
+        for pid in w2.pending(IDS):
+            add_pair(w2, pid, prompt_of(pid))
+    assert PairDataset(tmp_path).ids == IDS
+
+
+# --- several writers ----------------------------------------------------------------------
+
+def test_two_writers_one_folder(tmp_path):
+    a = PairWriter(tmp_path, "host-rank0", shard_size=2)
+    b = PairWriter(tmp_path, "host-rank1", shard_size=2)
+    for k, pid in enumerate(IDS):                 # interleaved, same prompts in both
+        add_pair(a if k % 2 == 0 else b, pid, prompt_of(pid))
+    # b stores a pair a already stored: a second copy, de-duplicated by readers
+    b.add(IDS[0], *[t + 100 for t in make_pair(IDS[0])[:2]], *make_pair(IDS[0])[2:4], {"seed": 0})
+    a.close()
+    b.close()
+    assert len(list(tmp_path.glob("cond-*.safetensors"))) == 3
+    assert len(list(tmp_path.glob("manifest-*.jsonl"))) == 2
+    ds = PairDataset(tmp_path)
+    assert ds.ids == IDS
+    for pid in IDS:
+        check_item(ds[ds.index_of(pid)], pid, prompt_of(pid))   # rank0's copy of IDS[0] (first manifest)
+    report = verify_pairs(tmp_path)
+    assert report.ok and report.pairs == 9
+    assert [p.kind for p in report.notes] == ["duplicate"]
+    # a fresh writer sees the other writers' work
+    with PairWriter(tmp_path, "comfyui-graph") as c:
+        assert c.pending(IDS + ["p000009-s0"]) == ["p000009-s0"]
+
+
+def test_order_does_not_depend_on_writers(tmp_path):
+    ids = [pair_id(0, s) for s in (10, 9, 100, 2)]
+    with PairWriter(tmp_path / "one", "w") as w:
+        for pid in ids:
+            add_pair(w, pid)
+    with PairWriter(tmp_path / "two", "b") as b, PairWriter(tmp_path / "two", "a") as a:
+        for k, pid in enumerate(ids):
+            add_pair(a if k % 2 else b, pid)
+    expect = [pair_id(0, s) for s in (2, 9, 10, 100)]
+    assert PairDataset(tmp_path / "one").ids == expect == PairDataset(tmp_path / "two").ids
+
+
+# --- damage -------------------------------------------------------------------------------
+
+def _three_shards(folder: Path):
+    with PairWriter(folder, "w0", shard_size=3) as w:
+        for pid in IDS:
+            add_pair(w, pid, prompt_of(pid))
+    return sorted(folder.glob("shard-*.safetensors"))
+
+
+def test_corrupted_shard_found_by_verify_and_by_reading(tmp_path):
+    shards = _three_shards(tmp_path)
+    bad = shards[1]
+    data = bytearray(bad.read_bytes())
+    data[-20] ^= 0xFF                              # a flipped byte inside tensor data
+    bad.write_bytes(bytes(data))
+    report = verify_pairs(tmp_path)
+    assert not report.ok
+    assert [(p.kind, Path(p.path).name) for p in report.errors] == [("hash", bad.name)]
+    assert report.bad_shards() == {bad.name}
+
+    ds = PairDataset(tmp_path)                     # size is right: found on first read
+    ds[0]                                          # a pair of a good shard reads fine
+    with pytest.raises(PairDataError, match=bad.name):
+        ds[3]
+    with pytest.warns(UserWarning, match=bad.name):
+        ds_skip = PairDataset(tmp_path, on_error="skip")
+    assert ds_skip.ids == IDS[:3] + IDS[6:]
+    assert [Path(p.path).name for p in ds_skip.skipped] == [bad.name]
+
+
+def test_truncated_shard_found(tmp_path):
+    shards = _three_shards(tmp_path)
+    bad = shards[2]
+    bad.write_bytes(bad.read_bytes()[:-100])
+    report = verify_pairs(tmp_path)
+    assert [(p.kind, Path(p.path).name) for p in report.errors] == [("truncated", bad.name)]
+    with pytest.raises(PairDataError, match=f"{bad.name}.*on_error='skip'"):
+        PairDataset(tmp_path)
+    with pytest.warns(UserWarning):
+        assert len(PairDataset(tmp_path, on_error="skip")) == 6
+
+
+def test_garbage_shard_with_matching_size_is_unreadable(tmp_path):
+    shards = _three_shards(tmp_path)
+    bad = shards[0]
+    bad.write_bytes(b"\x00" * bad.stat().st_size)   # size right, header destroyed
+    kinds = {p.kind for p in verify_pairs(tmp_path, check_hash=False).errors}
+    assert kinds == {"unreadable"}
+    assert {p.kind for p in verify_pairs(tmp_path).errors} == {"hash"}
+
+
+def test_manifest_naming_a_missing_shard(tmp_path):
+    shards = _three_shards(tmp_path)
+    shards[0].unlink()
+    report = verify_pairs(tmp_path)
+    assert [(p.kind, Path(p.path).name) for p in report.errors] == [("missing", shards[0].name)]
+    assert "manifest-w0.jsonl line 1" in report.errors[0].message
+    with pytest.raises(PairDataError, match=f"missing.*{shards[0].name}"):
+        PairDataset(tmp_path)
+
+
+def test_corrupted_conditioning_found(tmp_path):
+    _three_shards(tmp_path)
+    cond = sorted(tmp_path.glob("cond-*.safetensors"))[0]
+    from safetensors.torch import load_file, save_file
+    t = load_file(cond)
+    t["t5"] = t["t5"] + 1
+    save_file(t, cond)
+    report = verify_pairs(tmp_path)
+    assert [p.kind for p in report.errors] == ["bad-cond"]
+    ds = PairDataset(tmp_path)
+    with pytest.raises(PairDataError, match=cond.name):
+        for i in range(len(ds)):
+            ds[i]
