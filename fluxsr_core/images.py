@@ -1,0 +1,662 @@
+"""Reading and writing images of every mode, resizing to the output size, padding and cropping.
+
+Everything FluxSR computes on images works on float32 tensors ``[B, C, H, W]`` in ``[0, 1]``.
+This module is the one place where files become such tensors and back:
+
+* :func:`load_image` reads any image Pillow can open (8/16-bit, gray, palette, CMYK, float TIFF,
+  animations, EXIF-rotated photos) into a :class:`LoadedImage` that remembers what the file was,
+  so :func:`save_image` can write the result in the same kind (gray stays gray, 16 bits stay 16).
+* :func:`resize` is *the* resize used both by the upscaler (LR -> HR size before encoding) and by
+  training (making ``z_L``); one function, so train and test see the same interpolation.
+* :func:`target_size`, :func:`pad_to_multiple`, :func:`crop`, :func:`upscale_alpha` and the
+  ComfyUI layout helpers complete the path from a file to the model and back.
+
+16-bit RGB(A): Pillow has no 16-bit-per-channel colour mode; it decodes 48/64-bit PNG and TIFF
+into 8-bit RGB(A) by keeping the high byte of every sample, and it cannot write 16-bit colour PNG.
+Rather than adding a dependency (``imageio`` reads through Pillow and has the same loss; OpenCV is
+a large binary; ``pypng`` is pure Python and slow on large photos), we let Pillow's own C decoder do
+the work twice: once with the usual raw mode (high bytes) and once with the opposite byte order
+(which makes the same unpacker pick the low bytes). Decompression, PNG row filters, interlacing and
+TIFF compression are all handled by Pillow both times. Writing 16-bit PNG is a few lines of
+``zlib`` + ``numpy`` (:func:`_write_png16`); PNG is a simple, fully specified container.
+"""
+
+from __future__ import annotations
+
+import math
+import os
+import struct
+import sys
+import threading
+import uuid
+import warnings
+import zlib
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Optional, Sequence
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from PIL import Image, ImageOps, UnidentifiedImageError
+
+from .settings import DEFAULT_SCALE
+
+# 256 megapixels: a 16384 x 16384 input. Pillow's own guard (about 179 MP) is replaced by this one
+# so that the limit is one documented parameter instead of a global.
+DEFAULT_MAX_INPUT_PIXELS = 256 * 1024 * 1024
+# 64 megapixels (8192 x 8192): a 2048 x 2048 photo at x4 still fits.
+DEFAULT_MAX_OUTPUT_PIXELS = 8192 * 8192
+
+RESIZE_KINDS = ("bicubic", "bilinear", "area", "nearest")
+PAD_MODES = ("reflect", "replicate", "constant")
+
+# ITU-R BT.601 luma weights: the ones Pillow's convert("L") uses, so a gray input written back
+# as gray matches what Pillow would have produced from the same RGB result.
+_LUMA = (0.299, 0.587, 0.114)
+
+# Pillow's decompression-bomb limit is a module global; we swap it while we open a file.
+_PIL_LIMIT_LOCK = threading.Lock()
+
+
+# --- errors ----------------------------------------------------------------------------------
+
+class ImageFileError(ValueError):
+    """An image file could not be used (unreadable, empty, truncated, too large...)."""
+
+
+class ImageNotFoundError(FileNotFoundError):
+    """The image file does not exist."""
+
+
+class EmptyImageFileError(ImageFileError):
+    """The file has 0 bytes."""
+
+
+class NotAnImageError(ImageFileError):
+    """Pillow does not recognise the file as an image."""
+
+
+class TruncatedImageError(ImageFileError):
+    """The file ends before the image data does (interrupted download or copy)."""
+
+
+class ImageTooLargeError(ImageFileError):
+    """The input has more pixels than ``max_pixels`` allows."""
+
+
+class OutputTooLargeError(ValueError):
+    """The requested output size exceeds ``max_output_pixels``."""
+
+
+# --- loading ---------------------------------------------------------------------------------
+
+@dataclass
+class LoadedImage:
+    """An image read by :func:`load_image`.
+
+    ``rgb``: float32 ``[1, 3, H, W]`` in ``[0, 1]`` (gray inputs have three equal channels);
+    ``alpha``: float32 ``[1, 1, H, W]`` or ``None``; ``bit_depth``: 8 or 16 (what the output
+    should be written with); ``grayscale``: the source had no colour (L, LA, I;16, F...), so the
+    output is written gray again; ``source_mode``: Pillow's mode of the file; ``notes``: things
+    the user should know (only the first frame of an animation was used, values were clipped...);
+    ``icc_profile``: the embedded colour profile, to be written back with the result.
+    """
+
+    rgb: torch.Tensor
+    alpha: Optional[torch.Tensor]
+    bit_depth: int
+    grayscale: bool
+    source_mode: str
+    path: str
+    notes: list[str] = field(default_factory=list)
+    icc_profile: Optional[bytes] = None
+
+    @property
+    def height(self) -> int:
+        return int(self.rgb.shape[-2])
+
+    @property
+    def width(self) -> int:
+        return int(self.rgb.shape[-1])
+
+    @property
+    def size(self) -> tuple[int, int]:
+        """``(H, W)``."""
+        return self.height, self.width
+
+
+def load_image(path: str | os.PathLike, max_pixels: Optional[int] = DEFAULT_MAX_INPUT_PIXELS
+               ) -> LoadedImage:
+    """Read an image file into a :class:`LoadedImage`.
+
+    Honours EXIF orientation; uses the first frame of animations and multi-page files (and says
+    so in ``notes``); palette images with transparency and gray/RGB images with a ``tRNS``
+    colour get an alpha channel; CMYK is converted to RGB (through the embedded ICC profile when
+    there is one); 16-bit gray and 16-bit RGB(A) PNG/TIFF keep all 16 bits; float TIFFs are
+    clipped to ``[0, 1]``.
+
+    ``max_pixels`` guards against decompression bombs and accidental huge inputs; ``None``
+    disables the guard. Raises :class:`ImageNotFoundError`, :class:`EmptyImageFileError`,
+    :class:`NotAnImageError`, :class:`TruncatedImageError`, :class:`ImageTooLargeError` or
+    :class:`ImageFileError`, each naming the file and what to do.
+    """
+    p = Path(path)
+    if not p.exists():
+        raise ImageNotFoundError(f"image file not found: '{p}'. Check the path (relative paths "
+                                 f"are taken from the current folder '{os.getcwd()}').")
+    if p.is_dir():
+        raise ImageFileError(f"'{p}' is a folder, not an image file; pass the path of one image.")
+    if p.stat().st_size == 0:
+        raise EmptyImageFileError(f"image file '{p}' is empty (0 bytes): the download or copy "
+                                  f"that made it probably failed. Re-download or re-export it.")
+    if max_pixels is not None and int(max_pixels) <= 0:
+        raise ValueError(f"max_pixels must be positive or None (got {max_pixels})")
+    with _PIL_LIMIT_LOCK:
+        old_limit = Image.MAX_IMAGE_PIXELS
+        Image.MAX_IMAGE_PIXELS = None  # our own max_pixels check below replaces Pillow's global
+        try:
+            with warnings.catch_warnings():
+                warnings.simplefilter("ignore", Image.DecompressionBombWarning)
+                return _load(p, max_pixels)
+        finally:
+            Image.MAX_IMAGE_PIXELS = old_limit
+
+
+def _open(p: Path) -> Image.Image:
+    try:
+        _register_optional_openers()
+        return Image.open(p)
+    except UnidentifiedImageError as e:
+        raise NotAnImageError(
+            f"'{p}' is not an image Pillow can read (unknown or unsupported format). "
+            f"Use PNG, JPEG, WebP, TIFF, BMP or GIF; for HEIC install 'pillow-heif'."
+        ) from e
+    except (SyntaxError, EOFError, struct.error, ValueError) as e:
+        # Plugins raise these for headers that are cut short or malformed.
+        raise TruncatedImageError(
+            f"could not read the header of '{p}' ({e}); the file is damaged or incomplete. "
+            f"Re-download or re-export it.") from e
+
+
+def _register_optional_openers() -> None:
+    """Let Pillow open HEIC/HEIF when the optional ``pillow-heif`` plugin is installed."""
+    try:
+        import pillow_heif  # type: ignore
+    except ImportError:
+        return
+    pillow_heif.register_heif_opener()
+
+
+def _decode(p: Path, img: Image.Image, step) -> Image.Image:
+    """Run ``step(img)`` (which makes Pillow decode pixels) turning decode errors into ours."""
+    try:
+        return step(img)
+    except Image.DecompressionBombError as e:  # pragma: no cover - disabled above; keep safe
+        raise ImageTooLargeError(f"'{p}': {e}") from e
+    except (OSError, SyntaxError, EOFError, zlib.error, struct.error, ValueError) as e:
+        msg = str(e)
+        if "truncated" in msg or "broken data stream" in msg or isinstance(e, EOFError):
+            raise TruncatedImageError(
+                f"image file '{p}' is truncated: it ends before the image data does ({msg}). "
+                f"This usually means an interrupted download or copy; re-download or re-export "
+                f"the image.") from e
+        raise ImageFileError(f"could not decode image file '{p}' ({type(e).__name__}: {msg}). "
+                             f"The file is damaged or uses an unsupported variant of its format; "
+                             f"re-export it as PNG.") from e
+
+
+def _rawmode(tile) -> Optional[str]:
+    args = tile.args
+    if isinstance(args, str):
+        return args
+    if isinstance(args, tuple) and args and isinstance(args[0], str):
+        return args[0]
+    return None
+
+
+def _with_rawmode(tile, rawmode: str):
+    args = tile.args
+    if isinstance(args, str):
+        return tile._replace(args=rawmode)
+    return tile._replace(args=(rawmode,) + tuple(args[1:]))
+
+
+def _opposite_16(rawmode: str) -> str:
+    """``RGB;16B`` -> ``RGB;16L`` etc.: the same unpacker then picks each sample's low byte."""
+    order = rawmode[-1]
+    if order == "N":
+        order = "L" if sys.byteorder == "little" else "B"
+    return rawmode[:-1] + ("B" if order == "L" else "L")
+
+
+def _is_16bit_color(img: Image.Image) -> bool:
+    if img.mode not in ("RGB", "RGBA") or not img.tile:
+        return False
+    modes = [_rawmode(t) for t in img.tile]
+    return all(m is not None and m.split(";")[-1] in ("16B", "16L", "16N") for m in modes) and \
+        all(m.split(";")[0] == img.mode for m in modes)
+
+
+def _is_16bit_la_png(img: Image.Image) -> bool:
+    # PngImagePlugin maps 16-bit gray+alpha to mode RGBA with raw mode "LA;16B" (high bytes only).
+    return img.mode == "RGBA" and bool(img.tile) and all(_rawmode(t) == "LA;16B" for t in img.tile)
+
+
+def _transposed_array(img: Image.Image) -> np.ndarray:
+    # exif_transpose loads the image (decoding pixels) and applies the EXIF orientation.
+    return np.asarray(ImageOps.exif_transpose(img))
+
+
+def _load(p: Path, max_pixels: Optional[int]) -> LoadedImage:
+    notes: list[str] = []
+    with _open(p) as img:
+        w, h = img.size
+        if max_pixels is not None and w * h > int(max_pixels):
+            raise ImageTooLargeError(
+                f"'{p}' is {w}x{h} = {w * h / 1e6:.1f} megapixels, more than the limit of "
+                f"{int(max_pixels) / 1e6:.1f} MP (a guard against decompression bombs). If the "
+                f"file is genuine, pass a larger max_pixels to load_image (None disables the "
+                f"guard), or downscale the image first.")
+        frames = int(getattr(img, "n_frames", 1) or 1)
+        if frames > 1:
+            kind = "animation" if getattr(img, "is_animated", False) else "multi-page file"
+            notes.append(f"{p.name} is an {kind} with {frames} frames; only the first was used")
+        source_mode = img.mode
+        icc = img.info.get("icc_profile") or None
+        trns = img.info.get("transparency")
+        tiles = list(img.tile)
+
+        if _is_16bit_la_png(img):
+            # Decode with a pass-through raw mode of the same width (32 bits/pixel): bytes come
+            # out as (gray hi, gray lo, alpha hi, alpha lo).
+            img.tile = [_with_rawmode(t, "RGBA") for t in tiles]
+            raw = _decode(p, img, _transposed_array).astype(np.uint16)
+            gray = raw[..., 0] * 256 + raw[..., 1]
+            alpha = raw[..., 2] * 256 + raw[..., 3]
+            return _finish(p, gray[..., None] / 65535.0, alpha / 65535.0, 16, True, "LA;16",
+                           notes, icc)
+
+        if _is_16bit_color(img):
+            hi = _decode(p, img, _transposed_array).astype(np.uint16)
+            with _open(p) as low_img:
+                low_img.tile = [_with_rawmode(t, _opposite_16(_rawmode(t))) for t in tiles]
+                lo = _decode(p, low_img, _transposed_array).astype(np.uint16)
+            full = hi * 256 + lo
+            alpha = None
+            if full.shape[-1] == 4:
+                alpha = full[..., 3] / 65535.0
+                full = full[..., :3]
+            elif isinstance(trns, tuple) and len(trns) == 3:
+                alpha = (~np.all(full == np.asarray(trns, np.uint16), axis=-1)).astype(np.float64)
+            return _finish(p, full / 65535.0, alpha, 16, False, f"{source_mode};16", notes, icc)
+
+        mode = img.mode
+        if mode in ("I;16", "I;16L", "I;16B", "I;16N", "I;16S", "I"):
+            arr = _decode(p, img, _transposed_array).astype(np.float64)
+            alpha = None
+            if isinstance(trns, int):
+                alpha = (arr != trns).astype(np.float64)
+            if arr.min() < 0 or arr.max() > 65535:
+                notes.append(f"{p.name}: values outside 0..65535 were clipped")
+            return _finish(p, np.clip(arr, 0, 65535)[..., None] / 65535.0, alpha, 16, True,
+                           source_mode, notes, icc)
+        if mode == "F":
+            arr = _decode(p, img, _transposed_array).astype(np.float64)
+            if not np.isfinite(arr).all():
+                notes.append(f"{p.name}: NaN/inf values were replaced by 0/1")
+                arr = np.nan_to_num(arr, nan=0.0, posinf=1.0, neginf=0.0)
+            if arr.min() < 0 or arr.max() > 1:
+                notes.append(f"{p.name}: float values outside [0, 1] "
+                             f"(min {arr.min():.4g}, max {arr.max():.4g}) were clipped")
+            return _finish(p, np.clip(arr, 0, 1)[..., None], None, 16, True, source_mode,
+                           notes, icc)
+
+        # 8-bit family. Orientation first (the EXIF/TIFF tags live on the file's image object;
+        # converted copies may lose them), then let Pillow convert to one of L, LA, RGB, RGBA.
+        has_palette_alpha = mode == "PA" or (mode == "P" and "transparency" in img.info)
+        img = _decode(p, img, ImageOps.exif_transpose)
+        if mode == "CMYK":
+            img = _cmyk_to_rgb(img, notes)
+            icc = None  # the result is sRGB
+        elif mode in ("P", "PA"):
+            img = img.convert("RGBA" if has_palette_alpha else "RGB")
+        elif mode == "1":
+            img = img.convert("L")
+        elif mode == "La":
+            img = img.convert("LA")
+        elif mode == "RGBa":
+            img = img.convert("RGBA")
+        elif mode in ("L", "RGB") and trns is not None:
+            img = img.convert("LA" if mode == "L" else "RGBA")
+        elif mode not in ("L", "LA", "RGB", "RGBA"):
+            # RGBX, YCbCr, LAB, HSV...: Pillow knows how to make RGB of them.
+            img = img.convert("RGB")
+        arr = np.asarray(img).astype(np.float64) / 255.0
+        if arr.ndim == 2:
+            arr = arr[..., None]
+        gray = img.mode in ("L", "LA")
+        alpha = None
+        if img.mode in ("LA", "RGBA"):
+            alpha = arr[..., -1]
+            arr = arr[..., :-1]
+        return _finish(p, arr, alpha, 8, gray, source_mode, notes, icc)
+
+
+def _cmyk_to_rgb(img: Image.Image, notes: list[str]) -> Image.Image:
+    """CMYK -> sRGB through the embedded ICC profile when possible (Pillow's plain conversion
+    ignores profiles and gives flat, too-bright colours)."""
+    icc = img.info.get("icc_profile")
+    if icc:
+        try:
+            import io
+
+            from PIL import ImageCms
+
+            src = ImageCms.ImageCmsProfile(io.BytesIO(icc))
+            dst = ImageCms.createProfile("sRGB")
+            return ImageCms.profileToProfile(img, src, dst, outputMode="RGB")
+        except Exception as e:  # a broken profile must not make the image unreadable
+            notes.append(f"CMYK colour profile could not be applied ({e}); converted without it")
+    else:
+        notes.append("CMYK image without a colour profile: converted with Pillow's plain formula")
+    return img.convert("RGB")
+
+
+def _finish(p: Path, color: np.ndarray, alpha: Optional[np.ndarray], bit_depth: int,
+            grayscale: bool, source_mode: str, notes: list[str], icc) -> LoadedImage:
+    t = torch.from_numpy(np.ascontiguousarray(color, dtype=np.float32)).permute(2, 0, 1)[None]
+    if t.shape[1] == 1:
+        t = t.expand(1, 3, *t.shape[2:])
+    rgb = t.contiguous()
+    a = None
+    if alpha is not None:
+        a = torch.from_numpy(np.ascontiguousarray(alpha, dtype=np.float32))[None, None]
+    return LoadedImage(rgb=rgb, alpha=a, bit_depth=bit_depth, grayscale=grayscale,
+                       source_mode=source_mode, path=str(p), notes=notes,
+                       icc_profile=icc if isinstance(icc, (bytes, bytearray)) else None)
+
+
+# --- saving ----------------------------------------------------------------------------------
+
+_FORMATS = {".png": "PNG", ".jpg": "JPEG", ".jpeg": "JPEG", ".webp": "WEBP"}
+
+
+def save_image(path: str | os.PathLike, rgb: torch.Tensor, alpha: Optional[torch.Tensor] = None,
+               bit_depth: int = 8, grayscale: bool = False,
+               icc_profile: Optional[bytes] = None) -> Path:
+    """Write an image atomically and return its path.
+
+    ``rgb``: ``[1, 3, H, W]`` or ``[3, H, W]`` float in ``[0, 1]`` (values outside are clipped;
+    NaN is an error). ``alpha``: ``[1, 1, H, W]``, ``[1, H, W]`` or ``[H, W]``, or ``None``.
+    ``grayscale`` writes one luma channel (BT.601 weights, as Pillow's ``convert("L")``).
+    Values are rounded to the nearest level, not truncated. The format follows the suffix:
+    ``.png`` (8 or 16 bits), ``.jpg``/``.jpeg`` (8 bits, no alpha; quality 95), ``.webp``
+    (8 bits; quality 95). The file is written under a temporary name in the same folder and
+    renamed over ``path`` only when complete, so a failure never leaves a half-written image.
+    Missing parent folders are created.
+    """
+    p = Path(path)
+    fmt = _FORMATS.get(p.suffix.lower())
+    if fmt is None:
+        raise ValueError(f"cannot write '{p}': unsupported file type '{p.suffix}'. "
+                         f"Use .png (8 or 16 bits, alpha), .jpg or .webp.")
+    if bit_depth not in (8, 16):
+        raise ValueError(f"bit_depth must be 8 or 16 (got {bit_depth})")
+    if bit_depth == 16 and fmt != "PNG":
+        raise ValueError(f"cannot write '{p}' with 16 bits: {fmt} holds 8 bits per channel. "
+                         f"Save as .png or pass bit_depth=8.")
+    color = _as_hwc(rgb, "rgb")
+    if color.shape[-1] not in (1, 3):
+        raise ValueError(f"rgb must have 1 or 3 channels (got {color.shape[-1]})")
+    if grayscale and color.shape[-1] == 3:
+        color = (color[..., 0:1] * _LUMA[0] + color[..., 1:2] * _LUMA[1]
+                 + color[..., 2:3] * _LUMA[2])
+    elif not grayscale and color.shape[-1] == 1:
+        color = np.repeat(color, 3, axis=-1)
+    if alpha is not None:
+        a = _as_hwc(alpha, "alpha")
+        if a.shape[-1] != 1:
+            raise ValueError(f"alpha must have one channel (got {a.shape[-1]})")
+        if a.shape[:2] != color.shape[:2]:
+            raise ValueError(f"alpha is {a.shape[0]}x{a.shape[1]} but the image is "
+                             f"{color.shape[0]}x{color.shape[1]}; upscale the alpha to the "
+                             f"same size (upscale_alpha)")
+        if fmt == "JPEG":
+            raise ValueError(f"cannot write '{p}': JPEG has no alpha channel. Save as .png or "
+                             f".webp, or drop the alpha.")
+        color = np.concatenate([color, a], axis=-1)
+    levels = 65535 if bit_depth == 16 else 255
+    # floor(x + 0.5): round half up (numpy's round is half-to-even, which biases mid levels).
+    q = np.floor(np.clip(color, 0.0, 1.0) * levels + 0.5)
+    q = q.astype(np.uint16 if bit_depth == 16 else np.uint8)
+
+    def write(tmp: Path) -> None:
+        if bit_depth == 16:
+            _write_png16(tmp, q, icc_profile)
+            return
+        modes = {1: "L", 2: "LA", 3: "RGB", 4: "RGBA"}
+        im = Image.fromarray(q[..., 0] if q.shape[-1] == 1 else q, mode=modes[q.shape[-1]])
+        kw: dict = {}
+        if icc_profile:
+            kw["icc_profile"] = icc_profile
+        if fmt in ("JPEG", "WEBP"):
+            kw["quality"] = 95
+        im.save(tmp, format=fmt, **kw)
+
+    _atomic_write(p, write)
+    return p
+
+
+def _as_hwc(x: torch.Tensor, name: str) -> np.ndarray:
+    if not isinstance(x, torch.Tensor):
+        x = torch.as_tensor(np.asarray(x))
+    if x.ndim == 4:
+        if x.shape[0] != 1:
+            raise ValueError(f"{name} holds a batch of {x.shape[0]} images; save them one at a "
+                             f"time ({name}[i:i+1])")
+        x = x[0]
+    if x.ndim == 2:
+        x = x[None]
+    if x.ndim != 3:
+        raise ValueError(f"{name} must be [1, C, H, W], [C, H, W] or [H, W] (got {tuple(x.shape)})")
+    arr = x.detach().to("cpu", torch.float64).permute(1, 2, 0).numpy()
+    if not np.isfinite(arr).all():
+        raise ValueError(f"{name} contains NaN or infinite values; refusing to write a broken "
+                         f"image (this usually means the model ran in a precision that "
+                         f"overflowed: try float32 or bfloat16)")
+    return arr
+
+
+def _atomic_write(path: Path, write) -> None:
+    """``write(tmp)`` into a temporary file beside ``path``, then rename it over ``path``."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".{path.name}.{uuid.uuid4().hex[:12]}.tmp")
+    # Created with 0o666 so the umask applies as for any normal file (mkstemp would give 0o600).
+    os.close(os.open(tmp, os.O_CREAT | os.O_EXCL | os.O_WRONLY, 0o666))
+    try:
+        write(tmp)
+        os.replace(tmp, path)
+    except BaseException:
+        try:
+            os.unlink(tmp)
+        except FileNotFoundError:
+            pass
+        raise
+
+
+def _png_chunk(kind: bytes, data: bytes) -> bytes:
+    return (struct.pack(">I", len(data)) + kind + data
+            + struct.pack(">I", zlib.crc32(kind + data) & 0xFFFFFFFF))
+
+
+def _write_png16(path: Path, q: np.ndarray, icc_profile: Optional[bytes] = None) -> None:
+    """Write ``q`` (uint16 ``[H, W, C]``, C in 1..4) as a 16-bit PNG (PNG spec, ISO 15948).
+
+    Rows use the "Up" filter (byte-wise difference to the row above), which is exact, fully
+    vectorised and compresses smooth photos well.
+    """
+    h, w, c = q.shape
+    color_type = {1: 0, 2: 4, 3: 2, 4: 6}[c]
+    data = np.ascontiguousarray(q.astype(">u2")).view(np.uint8).reshape(h, w * c * 2)
+    up = data.copy()
+    up[1:] -= data[:-1]  # uint8 arithmetic wraps modulo 256, as the PNG filter requires
+    rows = np.concatenate([np.full((h, 1), 2, np.uint8), up], axis=1)
+    out = [b"\x89PNG\r\n\x1a\n",
+           _png_chunk(b"IHDR", struct.pack(">IIBBBBB", w, h, 16, color_type, 0, 0, 0))]
+    if icc_profile:
+        out.append(_png_chunk(b"iCCP", b"ICC Profile\x00\x00" + zlib.compress(icc_profile)))
+    out.append(_png_chunk(b"IDAT", zlib.compress(rows.tobytes(), 6)))
+    out.append(_png_chunk(b"IEND", b""))
+    with open(path, "wb") as f:
+        for part in out:
+            f.write(part)
+
+
+# --- sizes, resize, pad, crop ------------------------------------------------------------------
+
+def _round(x: float) -> int:
+    return int(math.floor(x + 0.5))
+
+
+def target_size(h: int, w: int, scale: Optional[float] = None, long_side: Optional[int] = None,
+                megapixels: Optional[float] = None,
+                max_output_pixels: Optional[int] = DEFAULT_MAX_OUTPUT_PIXELS) -> tuple[int, int]:
+    """The output ``(H, W)`` for an ``h x w`` input.
+
+    Give at most one of ``scale`` (factor), ``long_side`` (pixels of the longer side) or
+    ``megapixels`` (output area in millions of pixels, aspect kept); with none, ``scale`` is
+    FluxSR's default 4. Sides are rounded to the nearest pixel (at least 1). An output above
+    ``max_output_pixels`` (``None``: no limit) raises :class:`OutputTooLargeError`.
+    """
+    for name, v in (("h", h), ("w", w)):
+        if isinstance(v, bool) or int(v) != v or v <= 0:
+            raise ValueError(f"image {name} must be a positive integer (got {v!r})")
+    h, w = int(h), int(w)
+    given = [n for n, v in (("scale", scale), ("long_side", long_side),
+                            ("megapixels", megapixels)) if v is not None]
+    if len(given) > 1:
+        raise ValueError(f"give only one of scale, long_side, megapixels (got {', '.join(given)})")
+    if long_side is not None:
+        if isinstance(long_side, bool) or int(long_side) != long_side or long_side <= 0:
+            raise ValueError(f"long_side must be a positive integer (got {long_side!r})")
+        s = int(long_side) / max(h, w)
+        H = int(long_side) if h >= w else max(1, _round(h * s))
+        W = int(long_side) if w >= h else max(1, _round(w * s))
+    else:
+        if megapixels is not None:
+            if not (math.isfinite(megapixels) and megapixels > 0):
+                raise ValueError(f"megapixels must be a positive number (got {megapixels!r})")
+            s = math.sqrt(megapixels * 1e6 / (h * w))
+            what = f"megapixels={megapixels}"
+        else:
+            s = DEFAULT_SCALE if scale is None else float(scale)
+            if not (math.isfinite(s) and s > 0):
+                raise ValueError(f"scale must be a positive number (got {scale!r})")
+            what = f"scale={s:g}"
+        H, W = max(1, _round(h * s)), max(1, _round(w * s))
+    if max_output_pixels is not None and H * W > int(max_output_pixels):
+        fit = math.sqrt(int(max_output_pixels) / (h * w))
+        raise OutputTooLargeError(
+            f"the output would be {W}x{H} = {H * W / 1e6:.1f} megapixels, more than the limit of "
+            f"{int(max_output_pixels) / 1e6:.1f} MP (max_output_pixels={int(max_output_pixels)}). "
+            f"Lower the scale (at most about {fit:.2f}x for this {w}x{h} input) or raise "
+            f"max_output_pixels if this machine has the memory.")
+    return H, W
+
+
+def resize(image: torch.Tensor, size: Sequence[int], kind: str = "bicubic",
+           clamp: bool = True) -> torch.Tensor:
+    """Resize ``[B, C, H, W]`` to ``size = (h, w)``: the one resize FluxSR uses everywhere.
+
+    ``kind``: ``bicubic`` (default), ``bilinear``, ``area`` or ``nearest`` (pixel-centre exact).
+    Bicubic and bilinear are antialiased when either side shrinks, so downscaling does not
+    alias (training's LR->HR round trips and the upscaler's inputs go through the same kernel).
+    ``clamp`` keeps the result in ``[0, 1]`` (bicubic overshoots at edges). Computed in float32;
+    returned in the input's dtype. The same size returns the input (clamped).
+    """
+    if not isinstance(image, torch.Tensor) or image.ndim != 4:
+        raise ValueError(f"resize expects a [B, C, H, W] tensor (got "
+                         f"{tuple(image.shape) if isinstance(image, torch.Tensor) else type(image)})")
+    if not image.is_floating_point():
+        raise ValueError(f"resize expects a float image in [0, 1] (got {image.dtype}); "
+                         f"divide integer images by their maximum first")
+    if kind not in RESIZE_KINDS:
+        raise ValueError(f"unknown resize kind '{kind}'; choose one of {', '.join(RESIZE_KINDS)}")
+    h, w = (int(size[0]), int(size[1]))
+    if h <= 0 or w <= 0:
+        raise ValueError(f"resize target must be positive (got {h}x{w})")
+    H, W = image.shape[-2:]
+    if (h, w) == (H, W):
+        return image.clamp(0.0, 1.0) if clamp else image
+    x = image.float()
+    if kind in ("bicubic", "bilinear"):
+        out = F.interpolate(x, size=(h, w), mode=kind, align_corners=False,
+                            antialias=(h < H or w < W))
+    elif kind == "nearest":
+        out = F.interpolate(x, size=(h, w), mode="nearest-exact")
+    else:
+        out = F.interpolate(x, size=(h, w), mode="area")
+    if clamp:
+        out = out.clamp(0.0, 1.0)
+    return out.to(image.dtype)
+
+
+def pad_to_multiple(image: torch.Tensor, multiple: int = 16, mode: str = "reflect"
+                    ) -> tuple[torch.Tensor, tuple[int, int]]:
+    """Pad ``[B, C, H, W]`` at the bottom and right so both sides are multiples of ``multiple``.
+
+    Returns ``(padded, (pad_bottom, pad_right))``; :func:`crop` undoes it. ``mode``: ``reflect``
+    (default: mirrors content so the model sees no artificial edge), ``replicate`` or
+    ``constant`` (zeros). Reflection needs the pad to be smaller than the side; for tiny images
+    that side falls back to ``replicate``.
+    """
+    if image.ndim != 4:
+        raise ValueError(f"pad_to_multiple expects [B, C, H, W] (got {tuple(image.shape)})")
+    if int(multiple) <= 0:
+        raise ValueError(f"multiple must be positive (got {multiple})")
+    if mode not in PAD_MODES:
+        raise ValueError(f"unknown pad mode '{mode}'; choose one of {', '.join(PAD_MODES)}")
+    H, W = image.shape[-2:]
+    pb, pr = (-H) % multiple, (-W) % multiple
+    out = image
+    for pad, size, spec in ((pb, H, (0, 0, 0, pb)), (pr, W, (0, pr, 0, 0))):
+        if pad == 0:
+            continue
+        m = mode
+        if m == "reflect" and pad >= size:
+            m = "replicate"
+        out = F.pad(out, spec, mode=m) if m != "constant" else F.pad(out, spec, value=0.0)
+    return out, (pb, pr)
+
+
+def crop(image: torch.Tensor, h: int, w: int) -> torch.Tensor:
+    """The top-left ``h x w`` of ``[..., H, W]`` (undoes :func:`pad_to_multiple`)."""
+    H, W = image.shape[-2:]
+    if not (0 < h <= H and 0 < w <= W):
+        raise ValueError(f"cannot crop {h}x{w} out of an image of {H}x{W}")
+    return image[..., :h, :w]
+
+
+def upscale_alpha(alpha: torch.Tensor, size: Sequence[int]) -> torch.Tensor:
+    """Resize an alpha channel ``[B, 1, H, W]`` apart from the colour (the model never sees it),
+    with the same bicubic kernel as :func:`resize`, clamped to ``[0, 1]``."""
+    if alpha.ndim != 4 or alpha.shape[1] != 1:
+        raise ValueError(f"alpha must be [B, 1, H, W] (got {tuple(alpha.shape)})")
+    return resize(alpha, size, "bicubic", clamp=True)
+
+
+# --- ComfyUI layout --------------------------------------------------------------------------
+
+def bhwc_to_bchw(image: torch.Tensor) -> torch.Tensor:
+    """ComfyUI IMAGE ``[B, H, W, C]`` -> ``[B, C, H, W]`` (contiguous)."""
+    if image.ndim != 4:
+        raise ValueError(f"expected [B, H, W, C] (got {tuple(image.shape)})")
+    return image.permute(0, 3, 1, 2).contiguous()
+
+
+def bchw_to_bhwc(image: torch.Tensor) -> torch.Tensor:
+    """``[B, C, H, W]`` -> ComfyUI IMAGE ``[B, H, W, C]`` (contiguous)."""
+    if image.ndim != 4:
+        raise ValueError(f"expected [B, C, H, W] (got {tuple(image.shape)})")
+    return image.permute(0, 2, 3, 1).contiguous()

@@ -1,0 +1,468 @@
+"""Tests for fluxsr_core.images: every input mode, 16-bit fidelity, errors, atomic saving,
+resize/pad/crop and the output-size arithmetic."""
+
+from __future__ import annotations
+
+import os
+import struct
+import zlib
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+from fluxsr_core import images as I
+from fluxsr_core.images import (
+    EmptyImageFileError, ImageFileError, ImageNotFoundError, ImageTooLargeError, NotAnImageError,
+    OutputTooLargeError, TruncatedImageError, bchw_to_bhwc, bhwc_to_bchw, crop, load_image,
+    pad_to_multiple, resize, save_image, target_size, upscale_alpha,
+)
+
+
+# --- helpers ---------------------------------------------------------------------------------
+
+def _chunk(kind: bytes, data: bytes) -> bytes:
+    return struct.pack(">I", len(data)) + kind + data + struct.pack(">I", zlib.crc32(kind + data))
+
+
+def _filter_rows(data: np.ndarray, bpp: int) -> bytes:
+    """PNG-encode rows with every filter type in turn (None, Sub, Up, Average, Paeth), so the
+    decoder is exercised on all of them (libpng's adaptive filtering mixes them per row)."""
+    h, n = data.shape
+    x = data.astype(np.int32)
+    out = []
+    for r in range(h):
+        row = x[r]
+        up = x[r - 1] if r else np.zeros_like(row)
+        left = np.concatenate([np.zeros(bpp, np.int32), row[:-bpp]])
+        upleft = np.concatenate([np.zeros(bpp, np.int32), up[:-bpp]])
+        ftype = r % 5
+        if ftype == 0:
+            f = row
+        elif ftype == 1:
+            f = row - left
+        elif ftype == 2:
+            f = row - up
+        elif ftype == 3:
+            f = row - (left + up) // 2
+        else:
+            p = left + up - upleft
+            pa, pb, pc = np.abs(p - left), np.abs(p - up), np.abs(p - upleft)
+            pred = np.where((pa <= pb) & (pa <= pc), left, np.where(pb <= pc, up, upleft))
+            f = row - pred
+        out.append(bytes([ftype]) + (f % 256).astype(np.uint8).tobytes())
+    return b"".join(out)
+
+
+def write_png16_all_filters(path, arr: np.ndarray, exif: bytes | None = None) -> None:
+    h, w, c = arr.shape
+    color_type = {1: 0, 2: 4, 3: 2, 4: 6}[c]
+    data = arr.astype(">u2").view(np.uint8).reshape(h, w * c * 2)
+    parts = [b"\x89PNG\r\n\x1a\n",
+             _chunk(b"IHDR", struct.pack(">IIBBBBB", w, h, 16, color_type, 0, 0, 0))]
+    if exif is not None:
+        parts.append(_chunk(b"eXIf", exif))
+    parts += [_chunk(b"IDAT", zlib.compress(_filter_rows(data, 2 * c))), _chunk(b"IEND", b"")]
+    Path(path).write_bytes(b"".join(parts))
+
+
+def u16(t: torch.Tensor) -> np.ndarray:
+    """[1, C, H, W] float -> uint16 HxWxC by exact rounding."""
+    return np.round(t[0].permute(1, 2, 0).double().numpy() * 65535).astype(np.uint16)
+
+
+def u8(t: torch.Tensor) -> np.ndarray:
+    return np.round(t[0].permute(1, 2, 0).double().numpy() * 255).astype(np.uint8)
+
+
+def exif_with_orientation(o: int) -> bytes:
+    ex = Image.Exif()
+    ex[0x0112] = o
+    return ex.tobytes()
+
+
+@pytest.fixture
+def rng():
+    return np.random.default_rng(1234)
+
+
+# --- loading: modes --------------------------------------------------------------------------
+
+def test_rgb8_png_exact(tmp_path, rng):
+    a = rng.integers(0, 256, (9, 13, 3), dtype=np.uint8)
+    Image.fromarray(a).save(tmp_path / "a.png")
+    li = load_image(tmp_path / "a.png")
+    assert li.rgb.shape == (1, 3, 9, 13) and li.rgb.dtype == torch.float32
+    assert li.alpha is None and li.bit_depth == 8 and not li.grayscale and li.source_mode == "RGB"
+    assert np.array_equal(u8(li.rgb), a)
+    assert li.path.endswith("a.png") and li.size == (9, 13)
+
+
+def test_rgb16_png_keeps_16_bits_all_filters(tmp_path, rng):
+    a = rng.integers(0, 65536, (11, 7, 3), dtype=np.uint16)
+    write_png16_all_filters(tmp_path / "a.png", a)
+    # What plain Pillow gives: high bytes only (why images.py decodes twice).
+    assert np.array_equal(np.asarray(Image.open(tmp_path / "a.png")), (a >> 8).astype(np.uint8))
+    li = load_image(tmp_path / "a.png")
+    assert li.bit_depth == 16 and not li.grayscale and li.alpha is None
+    assert np.array_equal(u16(li.rgb), a)
+
+
+def test_rgba16_and_la16_png_keep_16_bits(tmp_path, rng):
+    a = rng.integers(0, 65536, (6, 10, 4), dtype=np.uint16)
+    write_png16_all_filters(tmp_path / "rgba.png", a)
+    li = load_image(tmp_path / "rgba.png")
+    assert li.bit_depth == 16 and np.array_equal(u16(li.rgb), a[..., :3])
+    assert np.array_equal(u16(li.alpha), a[..., 3:])
+
+    la = rng.integers(0, 65536, (6, 10, 2), dtype=np.uint16)
+    write_png16_all_filters(tmp_path / "la.png", la)
+    li = load_image(tmp_path / "la.png")
+    assert li.bit_depth == 16 and li.grayscale
+    assert np.array_equal(u16(li.rgb), np.repeat(la[..., :1], 3, axis=-1))
+    assert np.array_equal(u16(li.alpha), la[..., 1:])
+
+
+def test_gray16_png(tmp_path, rng):
+    a = rng.integers(0, 65536, (8, 5), dtype=np.uint16)
+    Image.fromarray(a).save(tmp_path / "g.png")  # Pillow writes I;16 as 16-bit gray PNG
+    li = load_image(tmp_path / "g.png")
+    assert li.grayscale and li.bit_depth == 16 and li.source_mode.startswith("I;16")
+    assert np.array_equal(u16(li.rgb)[..., 0], a) and np.array_equal(u16(li.rgb)[..., 2], a)
+
+
+def test_rgb16_tiff_keeps_16_bits(tmp_path, rng):
+    tifffile = pytest.importorskip("tifffile")
+    a = rng.integers(0, 65536, (5, 6, 3), dtype=np.uint16)
+    for comp in (None, "zlib"):
+        for order in ("<", ">"):
+            f = tmp_path / f"t_{comp}_{order == '<'}.tif"
+            tifffile.imwrite(f, a, photometric="rgb", compression=comp, byteorder=order)
+            li = load_image(f)
+            assert li.bit_depth == 16 and np.array_equal(u16(li.rgb), a), (comp, order)
+
+
+def test_float_tiff_clipped(tmp_path):
+    a = np.array([[-0.5, 0.25], [0.75, 3.0]], np.float32)
+    Image.fromarray(a, mode="F").save(tmp_path / "f.tif")
+    li = load_image(tmp_path / "f.tif")
+    assert li.grayscale and li.bit_depth == 16 and li.source_mode == "F"
+    assert torch.allclose(li.rgb[0, 1], torch.tensor([[0.0, 0.25], [0.75, 1.0]]))
+    assert any("clipped" in n for n in li.notes)
+
+
+def test_gray8_and_bilevel(tmp_path, rng):
+    a = rng.integers(0, 256, (4, 4), dtype=np.uint8)
+    Image.fromarray(a).save(tmp_path / "l.png")
+    li = load_image(tmp_path / "l.png")
+    assert li.grayscale and li.bit_depth == 8 and np.array_equal(u8(li.rgb)[..., 1], a)
+    Image.fromarray(a > 127).save(tmp_path / "b.png")
+    li = load_image(tmp_path / "b.png")
+    assert li.grayscale and set(np.unique(u8(li.rgb))) <= {0, 255}
+
+
+def test_gray_alpha_8bit(tmp_path, rng):
+    a = rng.integers(0, 256, (4, 6, 2), dtype=np.uint8)
+    Image.fromarray(a, mode="LA").save(tmp_path / "la.png")
+    li = load_image(tmp_path / "la.png")
+    assert li.grayscale and li.bit_depth == 8
+    assert np.array_equal(u8(li.alpha)[..., 0], a[..., 1])
+
+
+def test_palette_with_transparency_gets_alpha(tmp_path):
+    im = Image.new("P", (4, 2))
+    im.putpalette([255, 0, 0, 0, 255, 0] + [0] * 762)
+    im.putdata([0, 1, 0, 1, 1, 0, 1, 0])
+    im.save(tmp_path / "p.png", transparency=1)
+    li = load_image(tmp_path / "p.png")
+    assert li.source_mode == "P" and li.alpha is not None
+    assert u8(li.alpha)[0, :, 0].tolist() == [255, 0, 255, 0]
+    assert u8(li.rgb)[0, 0].tolist() == [255, 0, 0]
+
+
+def test_rgb_trns_colour_gets_alpha(tmp_path):
+    a = np.zeros((2, 3, 3), np.uint8)
+    a[0, 1] = (10, 20, 30)
+    Image.fromarray(a).save(tmp_path / "t.png", transparency=(10, 20, 30))
+    li = load_image(tmp_path / "t.png")
+    assert u8(li.alpha)[..., 0].tolist() == [[255, 0, 255], [255, 255, 255]]
+
+
+def test_animated_gif_first_frame_with_note(tmp_path):
+    frames = [Image.new("RGB", (8, 8), c) for c in ((255, 0, 0), (0, 0, 255), (0, 255, 0))]
+    frames[0].save(tmp_path / "a.gif", save_all=True, append_images=frames[1:], duration=50)
+    li = load_image(tmp_path / "a.gif")
+    assert u8(li.rgb)[0, 0].tolist() == [255, 0, 0]
+    assert any("first" in n and "3 frames" in n for n in li.notes)
+
+
+def test_cmyk_becomes_rgb(tmp_path):
+    Image.new("CMYK", (4, 4), (0, 255, 255, 0)).save(tmp_path / "c.jpg", quality=100)
+    li = load_image(tmp_path / "c.jpg")
+    assert li.source_mode == "CMYK" and li.rgb.shape[1] == 3
+    r, g, b = li.rgb[0, :, 2, 2].tolist()
+    assert r > 0.9 and g < 0.1 and b < 0.1  # cyan-free, magenta+yellow = red
+
+
+# Expected display transforms for EXIF orientation values (EXIF 2.3, tag 0x0112), written from
+# the standard's wording (e.g. 7: stored row 0 is the right side, stored column 0 the bottom).
+_ORIENT = {
+    1: lambda a: a,
+    2: lambda a: a[:, ::-1],
+    3: lambda a: a[::-1, ::-1],
+    4: lambda a: a[::-1],
+    5: lambda a: a.transpose(1, 0, 2),
+    6: lambda a: np.rot90(a, -1),
+    7: lambda a: a[::-1, ::-1].transpose(1, 0, 2),
+    8: lambda a: np.rot90(a, 1),
+}
+
+
+@pytest.mark.parametrize("orientation", list(range(1, 9)))
+def test_exif_orientation_8bit_and_16bit(tmp_path, rng, orientation):
+    a8 = rng.integers(0, 256, (3, 5, 3), dtype=np.uint8)
+    Image.fromarray(a8).save(tmp_path / "o.png", exif=exif_with_orientation(orientation))
+    li = load_image(tmp_path / "o.png")
+    assert np.array_equal(u8(li.rgb), _ORIENT[orientation](a8))
+
+    a16 = rng.integers(0, 65536, (3, 5, 3), dtype=np.uint16)
+    write_png16_all_filters(tmp_path / "o16.png", a16, exif=exif_with_orientation(orientation))
+    li = load_image(tmp_path / "o16.png")
+    assert np.array_equal(u16(li.rgb), _ORIENT[orientation](a16))
+
+
+# --- loading: errors -------------------------------------------------------------------------
+
+def test_missing_file(tmp_path):
+    with pytest.raises(ImageNotFoundError, match="not found.*nope.png"):
+        load_image(tmp_path / "nope.png")
+
+
+def test_folder_and_empty_file(tmp_path):
+    with pytest.raises(ImageFileError, match="folder"):
+        load_image(tmp_path)
+    (tmp_path / "e.png").write_bytes(b"")
+    with pytest.raises(EmptyImageFileError, match="empty .0 bytes"):
+        load_image(tmp_path / "e.png")
+
+
+def test_not_an_image(tmp_path):
+    (tmp_path / "x.png").write_text("this is not a picture\n" * 10)
+    with pytest.raises(NotAnImageError, match="x.png.*not an image"):
+        load_image(tmp_path / "x.png")
+
+
+@pytest.mark.parametrize("fmt", ["png", "jpg"])
+def test_truncated(tmp_path, rng, fmt):
+    a = rng.integers(0, 256, (64, 64, 3), dtype=np.uint8)
+    Image.fromarray(a).save(tmp_path / f"full.{fmt}")
+    data = (tmp_path / f"full.{fmt}").read_bytes()
+    (tmp_path / f"cut.{fmt}").write_bytes(data[: len(data) // 2])
+    with pytest.raises(TruncatedImageError, match=f"cut.{fmt}.*truncated.*re-download"):
+        load_image(tmp_path / f"cut.{fmt}")
+
+
+def test_decompression_bomb_guard(tmp_path):
+    Image.new("RGB", (100, 60)).save(tmp_path / "big.png")
+    before = Image.MAX_IMAGE_PIXELS
+    with pytest.raises(ImageTooLargeError, match=r"100x60.*max_pixels"):
+        load_image(tmp_path / "big.png", max_pixels=5000)
+    assert Image.MAX_IMAGE_PIXELS == before  # Pillow's global is restored
+    assert load_image(tmp_path / "big.png", max_pixels=6000).size == (60, 100)
+    assert load_image(tmp_path / "big.png", max_pixels=None).size == (60, 100)
+
+
+# --- saving ----------------------------------------------------------------------------------
+
+def test_save_rounds_half_up_and_clips(tmp_path):
+    vals = torch.tensor([(10 + 0.5) / 255, (10 + 0.49) / 255, -0.2, 1.7, 0.0, 1.0])
+    rgb = vals.view(1, 1, 1, 6).expand(1, 3, 1, 6).contiguous()
+    save_image(tmp_path / "r.png", rgb)
+    got = np.asarray(Image.open(tmp_path / "r.png"))[0, :, 0].tolist()
+    assert got == [11, 10, 0, 255, 0, 255]
+
+
+def test_save_16bit_roundtrip_rgb_rgba_gray(tmp_path, rng):
+    a = rng.integers(0, 65536, (7, 9, 4), dtype=np.uint16)
+    t = torch.from_numpy(a.astype(np.float64) / 65535).permute(2, 0, 1)[None].float()
+    save_image(tmp_path / "c.png", t[:, :3], t[:, 3:], bit_depth=16)
+    li = load_image(tmp_path / "c.png")
+    assert li.bit_depth == 16 and np.array_equal(u16(li.rgb), a[..., :3])
+    assert np.array_equal(u16(li.alpha), a[..., 3:])
+    save_image(tmp_path / "g.png", t[:, :3], bit_depth=16, grayscale=True)
+    im = Image.open(tmp_path / "g.png")
+    assert im.mode == "I;16"  # a standard 16-bit gray PNG that other tools read too
+    luma = (0.299 * a[..., 0] + 0.587 * a[..., 1] + 0.114 * a[..., 2]) / 65535
+    assert np.abs(np.asarray(im).astype(np.float64) - np.floor(luma * 65535 + 0.5)).max() <= 1
+
+
+def test_save_8bit_modes_and_formats(tmp_path, rng):
+    rgb = torch.rand(1, 3, 8, 8, generator=torch.Generator().manual_seed(0))
+    alpha = torch.rand(1, 1, 8, 8, generator=torch.Generator().manual_seed(1))
+    save_image(tmp_path / "a.png", rgb, alpha)
+    assert Image.open(tmp_path / "a.png").mode == "RGBA"
+    save_image(tmp_path / "g.png", rgb, alpha, grayscale=True)
+    assert Image.open(tmp_path / "g.png").mode == "LA"
+    save_image(tmp_path / "j.jpg", rgb)
+    assert Image.open(tmp_path / "j.jpg").format == "JPEG"
+    save_image(tmp_path / "w.webp", rgb, alpha)
+    assert Image.open(tmp_path / "w.webp").mode == "RGBA"
+
+
+def test_save_icc_profile_kept(tmp_path):
+    from PIL import ImageCms
+    icc = ImageCms.ImageCmsProfile(ImageCms.createProfile("sRGB")).tobytes()
+    rgb = torch.full((1, 3, 4, 4), 0.5)
+    for bd in (8, 16):
+        save_image(tmp_path / f"i{bd}.png", rgb, bit_depth=bd, icc_profile=icc)
+        assert load_image(tmp_path / f"i{bd}.png").icc_profile == icc
+
+
+def test_save_errors(tmp_path):
+    rgb = torch.zeros(1, 3, 4, 4)
+    with pytest.raises(ValueError, match="JPEG has no alpha"):
+        save_image(tmp_path / "a.jpg", rgb, torch.ones(1, 1, 4, 4))
+    with pytest.raises(ValueError, match="16 bits"):
+        save_image(tmp_path / "a.jpg", rgb, bit_depth=16)
+    with pytest.raises(ValueError, match="unsupported file type"):
+        save_image(tmp_path / "a.bmp", rgb)
+    with pytest.raises(ValueError, match="batch of 2"):
+        save_image(tmp_path / "a.png", torch.zeros(2, 3, 4, 4))
+    with pytest.raises(ValueError, match="NaN"):
+        save_image(tmp_path / "a.png", torch.full((1, 3, 4, 4), float("nan")))
+    with pytest.raises(ValueError, match="upscale_alpha"):
+        save_image(tmp_path / "a.png", rgb, torch.ones(1, 1, 2, 2))
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_save_is_atomic(tmp_path, monkeypatch):
+    target = tmp_path / "out.png"
+    save_image(target, torch.zeros(1, 3, 4, 4))
+    old = target.read_bytes()
+
+    def boom(path, q, icc=None):
+        Path(path).write_bytes(b"half")
+        raise RuntimeError("disk full")
+
+    monkeypatch.setattr(I, "_write_png16", boom)
+    with pytest.raises(RuntimeError, match="disk full"):
+        save_image(target, torch.ones(1, 3, 4, 4), bit_depth=16)
+    assert target.read_bytes() == old  # the old file is untouched
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["out.png"]  # no temp left behind
+
+
+def test_save_creates_folder_and_respects_umask(tmp_path):
+    p = save_image(tmp_path / "new" / "deep" / "x.png", torch.zeros(1, 3, 2, 2))
+    assert p.exists()
+    umask = os.umask(0)
+    os.umask(umask)
+    assert (p.stat().st_mode & 0o777) == (0o666 & ~umask)
+
+
+# --- sizes, resize, pad, crop ----------------------------------------------------------------
+
+def test_target_size():
+    assert target_size(100, 60) == (400, 240)
+    assert target_size(100, 60, scale=2.5) == (250, 150)
+    assert target_size(100, 60, long_side=1000) == (1000, 600)
+    assert target_size(60, 100, long_side=1000) == (600, 1000)
+    H, W = target_size(300, 400, megapixels=1.2)
+    assert (H, W) == (949, 1265) and abs(H * W - 1.2e6) / 1.2e6 < 0.001
+    assert target_size(3, 3, scale=0.5) == (2, 2)  # 1.5 rounds half up
+
+
+def test_target_size_errors():
+    with pytest.raises(ValueError, match="only one"):
+        target_size(10, 10, scale=2, long_side=40)
+    for bad in (dict(scale=0), dict(scale=-2), dict(scale=float("nan")), dict(long_side=0),
+                dict(megapixels=-1)):
+        with pytest.raises(ValueError):
+            target_size(10, 10, **bad)
+    with pytest.raises(ValueError, match="positive integer"):
+        target_size(0, 10)
+    with pytest.raises(OutputTooLargeError, match=r"16384x16384.*max_output_pixels.*Lower the scale"):
+        target_size(4096, 4096, scale=4)
+    assert target_size(4096, 4096, scale=4, max_output_pixels=None) == (16384, 16384)
+    assert target_size(2048, 2048, scale=4) == (8192, 8192)  # the default limit allows this
+
+
+def test_resize_basic():
+    x = torch.full((2, 3, 5, 7), 0.3)
+    y = resize(x, (20, 28))
+    assert y.shape == (2, 3, 20, 28) and torch.allclose(y, x[:, :, :1, :1].expand_as(y))
+    assert resize(x, (5, 7)) is not None and torch.equal(resize(x, (5, 7)), x)
+    assert resize(x.half(), (10, 14)).dtype == torch.float16
+
+
+def test_resize_downscale_is_antialiased():
+    # A one-pixel checkerboard: averaging gives 0.5; without antialias bicubic picks samples
+    # and would give a strong pattern.
+    x = ((torch.arange(30)[:, None] + torch.arange(30)[None]) % 2).float()[None, None]
+    y = resize(x, (10, 10))
+    assert (y - 0.5).abs().max() < 0.02
+    aliased = torch.nn.functional.interpolate(x, size=(10, 10), mode="bicubic", antialias=False)
+    assert (aliased - 0.5).abs().max() > 0.3
+
+
+def test_resize_clamps_bicubic_overshoot():
+    x = torch.zeros(1, 1, 8, 8)
+    x[..., 4:] = 1.0
+    y = resize(x, (32, 32))
+    assert y.min() >= 0 and y.max() <= 1
+    assert resize(x, (32, 32), clamp=False).min() < 0  # bicubic does overshoot
+
+
+def test_resize_errors():
+    with pytest.raises(ValueError, match="B, C, H, W"):
+        resize(torch.zeros(3, 4, 4), (8, 8))
+    with pytest.raises(ValueError, match="float"):
+        resize(torch.zeros(1, 3, 4, 4, dtype=torch.uint8), (8, 8))
+    with pytest.raises(ValueError, match="lanczos"):
+        resize(torch.zeros(1, 3, 4, 4), (8, 8), kind="lanczos")
+
+
+def test_pad_reflect_and_crop():
+    x = torch.arange(30.0).view(1, 1, 5, 6)
+    p, (pb, pr) = pad_to_multiple(x, 4)
+    assert p.shape == (1, 1, 8, 8) and (pb, pr) == (3, 2)
+    assert torch.equal(p[0, 0, 5, :6], x[0, 0, 3])  # reflection: row 5 mirrors row 3
+    assert torch.equal(p[0, 0, :5, 6], x[0, 0, :, 4])
+    assert torch.equal(crop(p, 5, 6), x)
+    same, pads = pad_to_multiple(torch.zeros(1, 3, 16, 32))
+    assert pads == (0, 0) and same.shape == (1, 3, 16, 32)
+
+
+def test_pad_tiny_image_falls_back_to_replicate():
+    x = torch.tensor([[[[0.2, 0.7]]]])  # 1x2: reflection of 15 rows is impossible
+    p, (pb, pr) = pad_to_multiple(x, 16)
+    assert p.shape == (1, 1, 16, 16) and (pb, pr) == (15, 14)
+    assert torch.allclose(p[0, 0, :, 0], torch.full((16,), 0.2))
+    assert torch.allclose(p[0, 0, :, 15], torch.full((16,), 0.7))
+
+
+def test_pad_constant_and_errors():
+    p, _ = pad_to_multiple(torch.ones(1, 1, 3, 3), 4, mode="constant")
+    assert p[0, 0, 3].sum() == 0 and p[0, 0, :3, :3].sum() == 9
+    with pytest.raises(ValueError, match="pad mode"):
+        pad_to_multiple(torch.ones(1, 1, 3, 3), 4, mode="wrap")
+    with pytest.raises(ValueError, match="cannot crop"):
+        crop(torch.ones(1, 1, 3, 3), 4, 3)
+
+
+def test_upscale_alpha():
+    a = torch.zeros(1, 1, 4, 4)
+    a[..., :, 2:] = 1
+    up = upscale_alpha(a, (16, 16))
+    assert up.shape == (1, 1, 16, 16) and up.min() >= 0 and up.max() <= 1
+    assert torch.equal(up, resize(a, (16, 16)))
+    with pytest.raises(ValueError, match=r"\[B, 1, H, W\]"):
+        upscale_alpha(torch.zeros(1, 3, 4, 4), (8, 8))
+
+
+def test_layout_helpers():
+    x = torch.rand(2, 5, 7, 3)
+    y = bhwc_to_bchw(x)
+    assert y.shape == (2, 3, 5, 7) and y.is_contiguous() and torch.equal(y[1, 2], x[1, ..., 2])
+    assert torch.equal(bchw_to_bhwc(y), x)
