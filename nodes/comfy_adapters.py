@@ -1,0 +1,382 @@
+"""The two FluxSR interfaces over ComfyUI's own types, plus ComfyUI's progress/interrupt hooks.
+
+* :class:`ComfyVelocity` is a :class:`~fluxsr_core.interfaces.VelocityModel` over a ComfyUI MODEL
+  (a ``ModelPatcher``). The transformer runs through ComfyUI's model management
+  (``load_models_gpu``; LoRA patches, weight dtypes, offloading and GGUF loaders all stay
+  ComfyUI's business) and ``BaseModel.apply_model`` with sigma as the timestep. ComfyUI returns
+  the denoised ``x0 = x - sigma * v``; we turn it back into the velocity ``v = (x - x0) / sigma``.
+  ``apply_model`` takes the latent already in the model's space (``process_latent_in``, i.e.
+  ``(raw - 0.1159) * 0.3611`` for FLUX), which is exactly our normalised latent, so no mapping
+  is needed beyond checking that the MODEL really has FLUX's latent format.
+* :class:`ComfyCodec` is a :class:`~fluxsr_core.interfaces.LatentCodec` over a ComfyUI VAE:
+  ComfyUI's VAE takes ``[B, H, W, C]`` pixels and returns *raw* latents, so we normalise with
+  :func:`fluxsr_core.latents.normalize` (and denormalise before decoding).
+
+Every ComfyUI import happens inside a function: this module imports (and CI exercises the
+conditioning helpers) without ComfyUI installed.
+"""
+
+from __future__ import annotations
+
+import inspect
+import logging
+import math
+import uuid
+from typing import Any, Callable, Optional
+
+import torch
+
+from ..fluxsr_core.interfaces import Conditioning
+from ..fluxsr_core.latents import LATENT_CHANNELS, LATENT_SCALE, LATENT_SHIFT, VAE_DOWNSCALE, denormalize, normalize
+from ..fluxsr_core.settings import DEFAULT_GUIDANCE, DEFAULT_SCALE, DEFAULT_T_L, RunSettings
+from ..fluxsr_core.tiling import TilingConfig
+
+log = logging.getLogger("fluxsr")
+
+# The key under which FluxSRConditioning stores the run settings in a CONDITIONING entry's dict.
+# ComfyUI hands every key of that dict to the model's ``extra_conds``; FLUX's ignores unknown
+# keys, so the settings travel through any node that copies conditioning dicts.
+SETTINGS_KEY = "fluxsr_settings"
+
+
+# --- conditioning ----------------------------------------------------------------------------
+
+def _check_conditioning(conditioning: Any) -> list:
+    if not isinstance(conditioning, (list, tuple)) or not conditioning:
+        raise ValueError(
+            "expected a ComfyUI CONDITIONING (a non-empty list of [tensor, dict] entries); connect "
+            "FluxSRConditioning or a FLUX CLIPTextEncode to the conditioning input")
+    for entry in conditioning:
+        if not (isinstance(entry, (list, tuple)) and len(entry) >= 2 and isinstance(entry[1], dict)):
+            raise ValueError("a CONDITIONING entry is not a [tensor, dict] pair; is the input really "
+                             "a CONDITIONING?")
+    return list(conditioning)
+
+
+def conditioning_settings(conditioning: Any) -> Optional[RunSettings]:
+    """The run settings FluxSRConditioning attached to a CONDITIONING (first entry that has them).
+
+    None for a conditioning from CLIPTextEncode & co.: the nodes then use our defaults.
+    """
+    for _, extra in _check_conditioning(conditioning):
+        data = extra.get(SETTINGS_KEY)
+        if data:
+            return RunSettings(t_l=float(data.get("t_l", DEFAULT_T_L)),
+                               guidance=float(data.get("guidance", DEFAULT_GUIDANCE)),
+                               scale=float(data.get("scale", DEFAULT_SCALE)),
+                               source=dict(data.get("source") or {}))
+    return None
+
+
+def make_conditioning(t5: torch.Tensor, clip_pooled: torch.Tensor, settings: RunSettings) -> list:
+    """A ComfyUI CONDITIONING for native FLUX: T5 tokens, CLIP pooled, guidance, our run settings."""
+    # Widths are the model's business (FLUX.1: 4096 and 768; the tiny test models: 32 and 16).
+    if t5.ndim != 3 or t5.shape[0] != 1:
+        raise ValueError(f"T5 embedding must be [1, L, D], got {tuple(t5.shape)}")
+    if clip_pooled.ndim != 2 or clip_pooled.shape[0] != 1:
+        raise ValueError(f"CLIP pooled embedding must be [1, D], got {tuple(clip_pooled.shape)}")
+    extra = {
+        "pooled_output": clip_pooled.float(),
+        "guidance": float(settings.guidance),
+        SETTINGS_KEY: {"t_l": float(settings.t_l), "guidance": float(settings.guidance),
+                       "scale": float(settings.scale), "source": dict(settings.source or {})},
+    }
+    return [[t5.float(), extra]]
+
+
+def conditioning_to_core(conditioning: Any, guidance: Optional[float] = None) -> Conditioning:
+    """The first CONDITIONING entry as a core :class:`Conditioning` (T5 tokens, CLIP pooled, guidance).
+
+    Used where the core needs the tensors themselves (the pair-dataset writer stores them once
+    per dataset) and by the CI tests that run the nodes on diffusers-backed models.
+    """
+    entries = _check_conditioning(conditioning)
+    t5, extra = entries[0][0], entries[0][1]
+    pooled = extra.get("pooled_output")
+    if t5 is None or pooled is None:
+        raise ValueError("this CONDITIONING has no T5 tokens or no CLIP pooled output; FLUX needs "
+                         "both (use FluxSRConditioning, or CLIPTextEncode with a FLUX DualCLIPLoader)")
+    if t5.ndim != 3 or pooled.ndim not in (1, 2):
+        raise ValueError(f"not a FLUX conditioning: tokens {tuple(t5.shape)}, pooled {tuple(pooled.shape)} "
+                         "(FLUX needs T5-XXL tokens [1, L, 4096] and a CLIP-L pooled vector [1, 768])")
+    g = extra.get("guidance", DEFAULT_GUIDANCE) if guidance is None else guidance
+    return Conditioning(t5=t5, clip_pooled=pooled.reshape(1, -1),
+                        guidance=DEFAULT_GUIDANCE if g is None else float(g))
+
+
+# --- velocity model over a ComfyUI MODEL ------------------------------------------------------
+
+def check_flux_model(model: Any) -> None:
+    """Raise ValueError unless ``model`` is a ComfyUI MODEL of a FLUX-style flow transformer."""
+    inner = getattr(model, "model", None)
+    fmt = getattr(inner, "latent_format", None)
+    if inner is None or fmt is None or not hasattr(inner, "apply_model"):
+        raise ValueError("the model input is not a ComfyUI MODEL; connect a UNETLoader (FLUX.1-dev) "
+                         "followed by LoraLoaderModelOnly with the FluxSR LoRA")
+    channels = getattr(fmt, "latent_channels", None)
+    scale, shift = getattr(fmt, "scale_factor", None), getattr(fmt, "shift_factor", None)
+    if channels != LATENT_CHANNELS or scale is None or shift is None or \
+            not (math.isclose(scale, LATENT_SCALE, rel_tol=1e-4) and math.isclose(shift, LATENT_SHIFT, rel_tol=1e-4)):
+        raise ValueError(
+            f"the MODEL is not a FLUX.1 model (latent format {type(fmt).__name__}); FluxSR needs "
+            "FLUX.1-dev (UNETLoader) with the FluxSR LoRA")
+    import comfy.model_sampling  # noqa: PLC0415 - ComfyUI only
+    if not isinstance(getattr(inner, "model_sampling", None), comfy.model_sampling.CONST):
+        raise ValueError("the MODEL is not a rectified-flow model (its sampling is not CONST); FluxSR "
+                         "needs FLUX.1-dev")
+
+
+def _supports_rope_shift(diffusion_model: Any) -> bool:
+    """ComfyUI versions whose FLUX ``process_img`` reads ``transformer_options['rope_options']``."""
+    fn = getattr(diffusion_model, "process_img", None)
+    try:
+        return fn is not None and "transformer_options" in inspect.signature(fn).parameters
+    except (TypeError, ValueError):
+        return False
+
+
+class ComfyVelocity:
+    """:class:`~fluxsr_core.interfaces.VelocityModel` over a ComfyUI MODEL (``ModelPatcher``).
+
+    ``cond`` at call time is a ComfyUI CONDITIONING. Its entries are turned into model inputs by
+    the model's own ``extra_conds`` (as ComfyUI's samplers do), so FLUX variants and the
+    ``guidance`` key behave as in a KSampler. Several entries are averaged by their ``strength``,
+    as ComfyUI's sampler averages unmasked conditionings; area/mask conditioning and ControlNets
+    are refused with a clear error (they have no meaning for a one-step tile pass).
+    """
+
+    def __init__(self, model: Any):
+        check_flux_model(model)
+        self.patcher = model
+        self._cache: dict = {}
+        self._warned_rope = False
+
+    # ComfyUI's loader decides where and how much of the model goes on the GPU.
+    def _load(self, shape: tuple) -> None:
+        import comfy.model_management as mm  # noqa: PLC0415
+        memory = None
+        try:
+            memory = self.patcher.model.memory_required(list(shape))
+        except Exception:  # noqa: BLE001 - older ComfyUI: no estimate, load as usual
+            memory = None
+        if memory is not None:
+            mm.load_models_gpu([self.patcher], memory_required=memory)
+        else:
+            mm.load_models_gpu([self.patcher])
+
+    def _model_conds(self, conditioning: Any, x: torch.Tensor) -> list[tuple[dict, float]]:
+        key = (id(conditioning), tuple(x.shape), str(x.device))
+        hit = self._cache.get(key)
+        if hit is not None and hit[0] is conditioning:
+            return hit[1]
+        inner = self.patcher.model
+        prepared = []
+        for tokens, extra in _check_conditioning(conditioning):
+            for bad, what in (("area", "area conditioning"), ("mask", "mask conditioning"),
+                              ("control", "ControlNet conditioning"), ("gligen", "GLIGEN conditioning")):
+                if extra.get(bad) is not None:
+                    raise ValueError(f"{what} is not supported by FluxSR's one-step upscale; connect a "
+                                     "plain FLUX conditioning (FluxSRConditioning)")
+            params = {k: v for k, v in extra.items() if k != SETTINGS_KEY}
+            if tokens is not None:
+                params["cross_attn"] = tokens
+            params.update(device=x.device, noise=x, width=x.shape[-1] * VAE_DOWNSCALE,
+                          height=x.shape[-2] * VAE_DOWNSCALE, prompt_type="positive")
+            out = inner.extra_conds(**params)
+            kwargs = {}
+            for name, value in out.items():
+                processed = value.process_cond(batch_size=x.shape[0], device=x.device, area=None)
+                kwargs[name] = processed.cond
+            prepared.append((kwargs, float(extra.get("strength", 1.0))))
+        self._cache = {key: (conditioning, prepared)}  # one shape at a time: tiles share it
+        return prepared
+
+    def __call__(self, latent: torch.Tensor, sigma: torch.Tensor, cond: Any,
+                 position_offset: tuple[int, int] = (0, 0)) -> torch.Tensor:
+        self._load(tuple(latent.shape))
+        patcher = self.patcher
+        inner = patcher.model
+        device = patcher.load_device
+        x = latent.to(device=device, dtype=torch.float32)
+        sigma = torch.as_tensor(sigma, dtype=torch.float32, device=device).reshape(-1)
+        if sigma.numel() == 1 and x.shape[0] > 1:
+            sigma = sigma.expand(x.shape[0])
+        if bool((sigma <= 0).any()):
+            raise ValueError("the velocity is undefined at sigma 0 (ComfyUI returns x0 there)")
+
+        options = getattr(patcher, "model_options", {}) or {}
+        total, weight = None, 0.0
+        for kwargs, strength in self._model_conds(cond, x):
+            transformer_options = dict(options.get("transformer_options", {}))
+            transformer_options.update(cond_or_uncond=[0], uuids=[uuid.uuid4()], sigmas=sigma)
+            if position_offset != (0, 0):
+                if not self._warned_rope and not _supports_rope_shift(getattr(inner, "diffusion_model", None)):
+                    log.warning("FluxSR: this ComfyUI's FLUX ignores rope offsets; tiles use local "
+                                "position ids")
+                    self._warned_rope = True
+                rope = dict(transformer_options.get("rope_options") or {})
+                rope["shift_y"] = rope.get("shift_y", 0.0) + float(position_offset[0])
+                rope["shift_x"] = rope.get("shift_x", 0.0) + float(position_offset[1])
+                transformer_options["rope_options"] = rope
+            c = dict(kwargs)
+            c["transformer_options"] = transformer_options
+            wrapper = options.get("model_function_wrapper")
+            if wrapper is not None:
+                x0 = wrapper(inner.apply_model, {"input": x, "timestep": sigma, "c": c, "cond_or_uncond": [0]})
+            else:
+                x0 = inner.apply_model(x, sigma, **c)
+            x0 = x0.float() * strength
+            total = x0 if total is None else total + x0
+            weight += strength
+        if not weight:
+            raise ValueError("all conditioning entries have strength 0")
+        x0 = total / weight
+        velocity = (x - x0) / sigma.view(-1, *([1] * (x.ndim - 1)))
+        return velocity.to(device=latent.device, dtype=latent.dtype)
+
+
+# --- latent codec over a ComfyUI VAE --------------------------------------------------------
+
+class ComfyCodec:
+    """:class:`~fluxsr_core.interfaces.LatentCodec` over a ComfyUI VAE.
+
+    ``vae_tile``/``vae_overlap`` (image pixels, from the tiling options) switch to ComfyUI's own
+    tiled VAE passes when an image is larger than one tile; 0 disables tiling (ComfyUI still
+    falls back to tiles by itself on out-of-memory).
+    """
+
+    downscale = VAE_DOWNSCALE
+    latent_channels = LATENT_CHANNELS
+
+    def __init__(self, vae: Any, vae_tile: int = 0, vae_overlap: int = 0):
+        if not (hasattr(vae, "encode") and hasattr(vae, "decode")):
+            raise ValueError("the vae input is not a ComfyUI VAE; connect a VAELoader with the FLUX "
+                             "VAE (ae.safetensors)")
+        channels = getattr(vae, "latent_channels", LATENT_CHANNELS)
+        if channels != LATENT_CHANNELS:
+            raise ValueError(f"the VAE has {channels} latent channels; FluxSR needs the 16-channel FLUX "
+                             "VAE (ae.safetensors)")
+        self.vae = vae
+        self.set_tiling(vae_tile, vae_overlap)
+
+    def set_tiling(self, vae_tile: int, vae_overlap: int) -> None:
+        """Change the VAE tile size (the out-of-memory retry calls this)."""
+        self.vae_tile = int(vae_tile or 0)
+        self.vae_overlap = int(vae_overlap or 0)
+
+    def _tiled(self, height: int, width: int) -> bool:
+        return self.vae_tile > 0 and max(height, width) > self.vae_tile
+
+    def encode(self, image: torch.Tensor) -> torch.Tensor:
+        """``[B, 3, H, W]`` in [0, 1] -> normalised latent ``[B, 16, H/8, W/8]``."""
+        pixels = image.float().clamp(0.0, 1.0).movedim(1, -1)
+        if self._tiled(image.shape[-2], image.shape[-1]):
+            raw = self.vae.encode_tiled(pixels, tile_x=self.vae_tile, tile_y=self.vae_tile,
+                                        overlap=self.vae_overlap)
+        else:
+            raw = self.vae.encode(pixels)
+        return normalize(raw.float())
+
+    def decode(self, latent: torch.Tensor) -> torch.Tensor:
+        """Normalised latent -> ``[B, 3, H, W]`` in [0, 1]."""
+        raw = denormalize(latent.float())
+        h, w = latent.shape[-2] * VAE_DOWNSCALE, latent.shape[-1] * VAE_DOWNSCALE
+        if self._tiled(h, w):
+            tile = max(8, self.vae_tile // VAE_DOWNSCALE)
+            pixels = self.vae.decode_tiled(raw, tile_x=tile, tile_y=tile,
+                                           overlap=self.vae_overlap // VAE_DOWNSCALE)
+        else:
+            pixels = self.vae.decode(raw)
+        if pixels.ndim == 5:  # video-capable VAEs return [B, T, H, W, C]
+            pixels = pixels.reshape(-1, *pixels.shape[-3:])
+        return pixels[..., :3].movedim(-1, 1).float()
+
+
+# --- factories (CI tests replace these with diffusers-backed ones) ---------------------------
+
+def make_velocity(model: Any) -> Any:
+    """The velocity model for a MODEL input."""
+    return ComfyVelocity(model)
+
+
+# The teacher decodes whole images: ComfyUI tiles by itself only when memory runs out.
+NO_VAE_TILING = TilingConfig(vae_tile=0, vae_overlap=0)
+
+
+def make_codec(vae: Any, tiling: TilingConfig) -> Any:
+    """The latent codec for a VAE input, tiled as ``tiling`` says."""
+    return ComfyCodec(vae, tiling.vae_tile, tiling.vae_overlap)
+
+
+# --- ComfyUI runtime hooks -----------------------------------------------------------------
+
+def intermediate_device() -> torch.device:
+    """Where ComfyUI wants node outputs (CPU unless --gpu-only); CPU without ComfyUI."""
+    try:
+        import comfy.model_management as mm  # noqa: PLC0415
+    except ImportError:
+        return torch.device("cpu")
+    return mm.intermediate_device()
+
+
+def cancel_check() -> None:
+    """Raise ComfyUI's interrupt exception when the user pressed Cancel; no-op without ComfyUI."""
+    try:
+        import comfy.model_management as mm  # noqa: PLC0415
+    except ImportError:
+        return
+    mm.throw_exception_if_processing_interrupted()
+
+
+class ComfyProgress:
+    """ProgressBar over several core calls (one per image of a batch).
+
+    ``for_item(i)`` returns the core :data:`~fluxsr_core.interfaces.ProgressCallback` of item
+    ``i``; the bar runs over ``items * tiles`` units. A latent preview, when the core passes one,
+    is drawn with ComfyUI's own previewer (Latent2RGB or TAESD, per the user's setting).
+    """
+
+    def __init__(self, items: int, latent_format: Any = None):
+        self.items = max(1, int(items))
+        self.latent_format = latent_format
+        self._bar = None
+        self._previewer = None
+        self._preview_failed = False
+        try:
+            import comfy.utils  # noqa: PLC0415
+        except ImportError:
+            return
+        self._bar = comfy.utils.ProgressBar(self.items)
+
+    def _preview(self, latent: Optional[torch.Tensor]):
+        if latent is None or self.latent_format is None or self._preview_failed:
+            return None
+        try:
+            if self._previewer is None:
+                import latent_preview  # noqa: PLC0415 - ComfyUI's module
+                self._previewer = latent_preview.get_previewer(latent.device, self.latent_format) or False
+            if self._previewer is False:
+                return None
+            return self._previewer.decode_latent_to_preview_image("JPEG", latent[:1])
+        except Exception as exc:  # noqa: BLE001 - a preview must never break an upscale
+            log.debug("FluxSR: no preview (%s)", exc)
+            self._preview_failed = True
+            return None
+
+    def for_item(self, index: int) -> Callable[[int, int, Optional[torch.Tensor]], None]:
+        def callback(done: int, total: int, preview: Optional[torch.Tensor] = None) -> None:
+            if self._bar is None or total <= 0:
+                return
+            self._bar.update_absolute(index * total + done, self.items * total, self._preview(preview))
+        return callback
+
+
+def free_memory() -> None:
+    """Ask ComfyUI to release cached GPU memory (before an out-of-memory retry)."""
+    try:
+        import comfy.model_management as mm  # noqa: PLC0415
+    except ImportError:
+        if torch.cuda.is_available():
+            torch.cuda.empty_cache()
+        return
+    mm.soft_empty_cache()

@@ -1,0 +1,209 @@
+"""FluxSRTeacherSampler: FLUX.1-dev's multi-step sampler for teacher pairs (noise, image latent).
+
+The sampling is the core's (:func:`fluxsr_core.flow.flux_sigmas` + :func:`~fluxsr_core.flow.euler_sample`
+over the velocity interface), so a pair made here and one made by ``fluxsr-train pairs`` follow
+the same schedule; pairs go to disk through the core's :class:`~fluxsr_core.pairs.PairWriter`.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+from dataclasses import dataclass
+from typing import Any, Callable, Optional
+
+import torch
+
+from ..fluxsr_core import flow, images, pairs
+from ..fluxsr_core.latents import LATENT_CHANNELS, PIXEL_MULTIPLE, VAE_DOWNSCALE, denormalize
+from . import comfy_adapters
+from .common import CATEGORY
+
+log = logging.getLogger("fluxsr")
+
+MAX_SEED = 0xFFFFFFFFFFFFFFFF
+
+
+def seeded_noise(seed: int, height: int, width: int) -> torch.Tensor:
+    """The starting noise ``[1, 16, h, w]`` for ``seed``: CPU float32 normal draws.
+
+    Drawn from a fresh CPU generator seeded with ``seed``, the same stream ComfyUI's own
+    ``prepare_noise`` draws for a KSampler, so it does not depend on the device or on other nodes.
+    """
+    generator = torch.Generator(device="cpu").manual_seed(int(seed))
+    shape = (1, LATENT_CHANNELS, height // VAE_DOWNSCALE, width // VAE_DOWNSCALE)
+    return torch.randn(shape, generator=generator, dtype=torch.float32, device="cpu")
+
+
+def preview_steps(steps: int, count: int) -> list[int]:
+    """Which steps (1-based, after the step) the trajectory shows: ``count`` evenly spaced, last included."""
+    if count <= 0:
+        return []
+    count = min(count, steps)
+    return sorted({max(1, round(steps * (k + 1) / count)) for k in range(count)})
+
+
+@dataclass
+class TeacherResult:
+    """One teacher sample: ``image`` ``[1, 3, H, W]``, ``z0``/``noise`` normalised latents."""
+
+    image: torch.Tensor
+    z0: torch.Tensor
+    noise: torch.Tensor
+    sigmas: torch.Tensor
+    trajectory: Optional[torch.Tensor]  # decoded states [S, 3, H, W], or None
+    trajectory_steps: list[int]
+
+
+def sample_teacher(velocity: Any, codec: Any, cond: Any, seed: int, steps: int, width: int, height: int,
+                   trajectory_previews: int = 0,
+                   progress: Optional[Callable[[int, int, Optional[torch.Tensor]], None]] = None,
+                   cancel_check: Optional[Callable[[], None]] = None) -> TeacherResult:
+    """Sample one image with the teacher: FLUX.1-dev sigmas for the size, Euler steps from noise."""
+    if width % PIXEL_MULTIPLE or height % PIXEL_MULTIPLE:
+        raise ValueError(f"width and height must be multiples of {PIXEL_MULTIPLE} pixels (got {width}x{height})")
+    if steps < 1:
+        raise ValueError(f"steps must be at least 1 (got {steps})")
+    noise = seeded_noise(seed, height, width)
+    tokens = (height // PIXEL_MULTIPLE) * (width // PIXEL_MULTIPLE)
+    sigmas = flow.flux_sigmas(int(steps), tokens)
+    wanted = set(preview_steps(int(steps), int(trajectory_previews)))
+    states: dict[int, torch.Tensor] = {}
+
+    def on_step(i: int, sigma: float, sigma_next: float, x: torch.Tensor, v: torch.Tensor) -> None:
+        done = i + 1
+        if done in wanted and done != steps:
+            states[done] = x.detach().to("cpu", torch.float32)
+        if progress is not None:
+            progress(done, int(steps), x)
+
+    z0 = flow.euler_sample(velocity, noise, sigmas, cond, callback=on_step, cancel_check=cancel_check)
+    z0 = z0.detach().float()
+    if cancel_check is not None:
+        cancel_check()
+    image = codec.decode(z0).float().cpu()
+    trajectory = None
+    order = sorted(wanted)
+    if order:
+        frames = []
+        for step in order:
+            if cancel_check is not None:
+                cancel_check()
+            frames.append(image if step == steps else codec.decode(states[step]).float().cpu())
+        trajectory = torch.cat(frames, dim=0)
+    return TeacherResult(image=image, z0=z0.cpu(), noise=noise, sigmas=sigmas, trajectory=trajectory,
+                         trajectory_steps=order)
+
+
+def teacher_pair_id(cond_key: str, seed: int, width: int, height: int, steps: int, guidance: float) -> str:
+    """The pair id: the same conditioning, seed, size, steps and guidance give the same pair."""
+    return f"c{cond_key}-s{int(seed)}-{int(width)}x{int(height)}-n{int(steps)}-g{float(guidance):g}"
+
+
+def write_pair(folder: str, result: TeacherResult, core_cond: Any, seed: int, steps: int,
+               width: int, height: int) -> tuple[str, Optional[str]]:
+    """Add the pair to ``folder`` as one new shard; returns ``(pair_id, shard name or None)``.
+
+    None means the same pair was already stored (re-running a graph never duplicates pairs).
+    """
+    key = pairs.conditioning_key(core_cond.t5.reshape(-1, core_cond.t5.shape[-1]),
+                                 core_cond.clip_pooled.reshape(-1))
+    pid = teacher_pair_id(key, seed, width, height, steps, core_cond.guidance)
+    meta = {"seed": int(seed), "width": int(width), "height": int(height), "steps": int(steps),
+            "guidance": float(core_cond.guidance), "sigmas": [float(s) for s in result.sigmas],
+            "source": "ComfyUI FluxSRTeacherSampler"}
+    writer_id = ("comfyui-" + pairs.default_writer_id())[:100]
+    with pairs.PairWriter(folder, writer_id=writer_id, shard_size=1) as writer:
+        added = writer.add(pid, result.noise[0], result.z0[0], core_cond.t5, core_cond.clip_pooled,
+                           meta=meta, image=result.image[0])
+        shard = writer.flush() if added else None
+        # add() with shard_size=1 already wrote the shard; report its name from the manifest.
+        if added and shard is None:
+            shard = next((e.shard for e in reversed(pairs.scan_manifests(folder).entries)
+                          if pid in e.pairs), None)
+    return pid, shard
+
+
+def resolve_dataset_folder(folder: str) -> str:
+    """An absolute dataset folder: relative paths are inside ComfyUI's output directory."""
+    folder = os.path.expanduser(folder.strip())
+    if os.path.isabs(folder):
+        return folder
+    try:
+        import folder_paths  # noqa: PLC0415 - ComfyUI's module
+        base = folder_paths.get_output_directory()
+    except ImportError:
+        base = os.getcwd()
+    return os.path.join(base, folder)
+
+
+class FluxSRTeacherSampler:
+    """FLUX.1-dev multi-step sampling of teacher pairs for FluxSR training."""
+
+    DESCRIPTION = (
+        "Samples an image with FLUX.1-dev (the teacher, without the FluxSR LoRA) using FluxSR's "
+        "multi-step sampler: FLUX.1-dev's shifted sigma schedule and Euler steps from seeded "
+        "noise. Outputs the image, its latent and a trajectory of decoded intermediate states. "
+        "With a dataset folder set, the (noise, image latent) pair is added to that folder as "
+        "one new shard, ready for fluxsr-train.")
+    CATEGORY = CATEGORY
+    FUNCTION = "sample"
+    RETURN_TYPES = ("IMAGE", "LATENT", "IMAGE")
+    RETURN_NAMES = ("image", "latent", "trajectory")
+    OUTPUT_TOOLTIPS = (
+        "The teacher's image.",
+        "Its latent (ComfyUI's raw VAE latent space).",
+        "Decoded states after the chosen steps, oldest first (the last one is the image).",
+    )
+
+    @classmethod
+    def INPUT_TYPES(cls):
+        # Widget order is part of the saved-workflow format: append new inputs at the end only.
+        return {
+            "required": {
+                "model": ("MODEL", {"tooltip": "FLUX.1-dev without the FluxSR LoRA (UNETLoader)."}),
+                "conditioning": ("CONDITIONING", {
+                    "tooltip": "The prompt: CLIPTextEncode with FLUX's DualCLIPLoader (T5-XXL + CLIP-L), "
+                               "guidance from FluxGuidance (3.5 when unset)."}),
+                "vae": ("VAE", {"tooltip": "The FLUX VAE (ae.safetensors), to decode the image."}),
+                "seed": ("INT", {"default": 0, "min": 0, "max": MAX_SEED, "control_after_generate": True,
+                                 "tooltip": "Noise seed; the pair id includes it, so a seed is stored once."}),
+                "steps": ("INT", {"default": 28, "min": 1, "max": 200,
+                                  "tooltip": "Euler steps of FLUX.1-dev's schedule (28 is FLUX's usual)."}),
+                "width": ("INT", {"default": 1024, "min": 256, "max": 4096, "step": PIXEL_MULTIPLE,
+                                  "tooltip": "Image width in pixels (multiple of 16); FluxSR trains at 1024."}),
+                "height": ("INT", {"default": 1024, "min": 256, "max": 4096, "step": PIXEL_MULTIPLE,
+                                   "tooltip": "Image height in pixels (multiple of 16)."}),
+                "trajectory_previews": ("INT", {
+                    "default": 4, "min": 0, "max": 64,
+                    "tooltip": "How many evenly spaced steps to decode into the trajectory output "
+                               "(each costs one VAE decode); 0 = none (the image alone)."}),
+                "dataset_folder": ("STRING", {
+                    "default": "", "multiline": False,
+                    "tooltip": "Pair-dataset folder to add the pair to (created if needed); relative "
+                               "paths are inside ComfyUI's output folder. Empty: nothing is saved."}),
+            }
+        }
+
+    def sample(self, model, conditioning, vae, seed, steps, width, height, trajectory_previews=4,
+               dataset_folder=""):
+        velocity = comfy_adapters.make_velocity(model)
+        codec = comfy_adapters.make_codec(vae, comfy_adapters.NO_VAE_TILING)
+        core_cond = comfy_adapters.conditioning_to_core(conditioning)
+        latent_format = getattr(getattr(model, "model", None), "latent_format", None)
+        progress = comfy_adapters.ComfyProgress(1, latent_format)
+        result = sample_teacher(velocity, codec, conditioning, int(seed), int(steps), int(width), int(height),
+                                int(trajectory_previews), progress=progress.for_item(0),
+                                cancel_check=comfy_adapters.cancel_check)
+        if dataset_folder and dataset_folder.strip():
+            folder = resolve_dataset_folder(dataset_folder)
+            pid, shard = write_pair(folder, result, core_cond, int(seed), int(steps), int(width), int(height))
+            if shard:
+                log.info("FluxSR teacher: pair %s written to %s (%s)", pid, folder, shard)
+            else:
+                log.info("FluxSR teacher: pair %s already in %s; not written again", pid, folder)
+        device = comfy_adapters.intermediate_device()
+        image = images.bchw_to_bhwc(result.image).to(device)
+        trajectory = images.bchw_to_bhwc(result.trajectory).to(device) if result.trajectory is not None else image
+        latent = {"samples": denormalize(result.z0).to(device)}
+        return (image, latent, trajectory)

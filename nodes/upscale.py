@@ -1,0 +1,146 @@
+"""FluxSRUpscale: the one-step FluxSR upscale of an IMAGE batch over ComfyUI's MODEL and VAE."""
+
+from __future__ import annotations
+
+import dataclasses
+import logging
+from typing import Any, Callable, Optional
+
+import torch
+
+from ..fluxsr_core import images, upscaler
+from ..fluxsr_core.settings import DEFAULT_T_L
+from ..fluxsr_core.tiling import TilingConfig
+from . import comfy_adapters
+from .common import CATEGORY, TILING_TYPE
+
+log = logging.getLogger("fluxsr")
+
+
+def resolve_t_l(widget: float, conditioning: Any) -> tuple[float, str]:
+    """T_L to use and where it came from: the widget when > 0, else the conditioning's, else ours."""
+    if widget and widget > 0:
+        return float(widget), "FluxSRUpscale widget"
+    settings = comfy_adapters.conditioning_settings(conditioning)
+    if settings is not None:
+        return float(settings.t_l), "conditioning bundle"
+    return DEFAULT_T_L, "default"
+
+
+def upscale_images(
+    image: torch.Tensor,
+    velocity: Any,
+    codec: Any,
+    cond: Any,
+    options: upscaler.UpscaleOptions,
+    progress_for: Optional[Callable[[int], Callable]] = None,
+    cancel_check: Optional[Callable[[], None]] = None,
+    on_retry: Optional[Callable[[TilingConfig, BaseException], None]] = None,
+    configure_codec: Optional[Callable[[TilingConfig], None]] = None,
+    output_device: Optional[torch.device] = None,
+) -> torch.Tensor:
+    """Upscale a ComfyUI IMAGE ``[B, H, W, C]`` (C = 1, 3 or 4) with the core upscaler.
+
+    Colour goes through the model one image at a time (memory stays that of one image; a
+    smaller tiling found by an out-of-memory retry is kept for the rest of the batch); an alpha
+    channel is upscaled apart and reattached, a single channel is run as grey RGB. Returns
+    ``[B, H2, W2, C]`` float32 on ``output_device``.
+    """
+    if image.ndim != 4 or image.shape[-1] not in (1, 3, 4):
+        raise ValueError(f"expected a ComfyUI IMAGE [B, H, W, C] with 1, 3 or 4 channels, got {tuple(image.shape)}")
+    if image.shape[0] == 0:
+        raise ValueError("the image batch is empty")
+    channels = image.shape[-1]
+    outputs = []
+    current = options
+    for index in range(image.shape[0]):
+        item = images.bhwc_to_bchw(image[index:index + 1].float())
+        rgb = item[:, :3] if channels >= 3 else item.expand(-1, 3, -1, -1)
+        progress = progress_for(index) if progress_for is not None else None
+        result, used = upscaler.upscale_tensor_with_retry(
+            rgb, velocity, codec, cond, current, progress=progress, cancel_check=cancel_check,
+            on_retry=on_retry, configure_codec=configure_codec)
+        if used != current.tiling:
+            current = dataclasses.replace(current, tiling=used)
+        result = result.float()
+        if channels == 4:
+            alpha = images.upscale_alpha(item[:, 3:4].to(result.device), tuple(result.shape[-2:]))
+            result = torch.cat([result, alpha.to(result.dtype)], dim=1)
+        elif channels == 1:
+            result = result.mean(dim=1, keepdim=True)
+        outputs.append(images.bchw_to_bhwc(result).to(output_device or torch.device("cpu")))
+    return torch.cat(outputs, dim=0)
+
+
+class FluxSRUpscale:
+    """One-step FluxSR super-resolution: FLUX.1-dev + FluxSR LoRA, one transformer pass per tile."""
+
+    DESCRIPTION = (
+        "Upscales images with FluxSR: the image is resized to the target size, encoded with the "
+        "FLUX VAE, moved to the clean image by one transformer step of FLUX.1-dev with the FluxSR "
+        "LoRA (z_H = z_L - T_L * v), decoded and colour-corrected. Connect UNETLoader (FLUX.1-dev) "
+        "-> LoraLoaderModelOnly (FluxSR LoRA) to model, VAELoader (ae.safetensors) to vae and "
+        "FluxSR Conditioning to conditioning. Large images run in tiles; RGBA keeps its alpha.")
+    CATEGORY = CATEGORY
+    FUNCTION = "upscale"
+    RETURN_TYPES = ("IMAGE",)
+    RETURN_NAMES = ("image",)
+    OUTPUT_TOOLTIPS = ("The upscaled images (alpha kept when the input has it).",)
+
+    @classmethod
+    def INPUT_TYPES(cls):
+        # Widget order is part of the saved-workflow format: append new inputs at the end only.
+        return {
+            "required": {
+                "image": ("IMAGE", {"tooltip": "The images to upscale (a batch; RGBA keeps its alpha)."}),
+                "model": ("MODEL", {"tooltip": "FLUX.1-dev with the FluxSR LoRA applied "
+                                               "(UNETLoader -> LoraLoaderModelOnly)."}),
+                "vae": ("VAE", {"tooltip": "The FLUX VAE (ae.safetensors via VAELoader)."}),
+                "conditioning": ("CONDITIONING", {
+                    "tooltip": "FluxSR Conditioning (carries T_L and guidance); a FLUX CLIPTextEncode "
+                               "conditioning also works, with default settings."}),
+                "scale": ("FLOAT", {"default": 4.0, "min": 1.0, "max": 16.0, "step": 0.05,
+                                    "tooltip": "Upscale factor; any value, FluxSR was trained for 4x."}),
+                "t_l": ("FLOAT", {"default": 0.0, "min": 0.0, "max": 0.99, "step": 0.01,
+                                  "tooltip": "T_L, the time the LR latent is placed at. 0 = the "
+                                             "conditioning bundle's value, else 0.25."}),
+                "color_fix": (list(upscaler.COLOR_FIXES), {
+                    "default": "wavelet",
+                    "tooltip": "Colour correction against the input: wavelet (keeps the low "
+                               "frequencies of the input, default), adain (matches mean and "
+                               "spread per channel) or none."}),
+            },
+            "optional": {
+                "tiling": (TILING_TYPE, {"tooltip": "Tile sizes from FluxSR Tiling Options; without "
+                                                    "it the fixed defaults are used."}),
+            },
+        }
+
+    def upscale(self, image, model, vae, conditioning, scale=4.0, t_l=0.0, color_fix="wavelet", tiling=None):
+        tiling_config = tiling if tiling is not None else TilingConfig()
+        t_l_used, t_l_source = resolve_t_l(t_l, conditioning)
+        options = upscaler.UpscaleOptions(scale=float(scale), t_l=t_l_used, color_fix=str(color_fix),
+                                          tiling=tiling_config).validate()
+        velocity = comfy_adapters.make_velocity(model)
+        codec = comfy_adapters.make_codec(vae, tiling_config)
+        log.info("FluxSR upscale: %d image(s) x%g, T_L=%g (%s), colour fix %s, tiles %dpx/%dpx overlap",
+                 image.shape[0], scale, t_l_used, t_l_source, color_fix,
+                 tiling_config.latent_tile * 8, tiling_config.latent_overlap * 8)
+        latent_format = getattr(getattr(model, "model", None), "latent_format", None)
+        progress = comfy_adapters.ComfyProgress(image.shape[0], latent_format)
+
+        def on_retry(new_tiling: TilingConfig, exc: BaseException) -> None:
+            log.warning("FluxSR: out of memory (%s); retrying with %dpx tiles (overlap %dpx, VAE tile %dpx)",
+                        type(exc).__name__, new_tiling.latent_tile * 8, new_tiling.latent_overlap * 8,
+                        new_tiling.vae_tile)
+            comfy_adapters.free_memory()
+
+        def configure_codec(new_tiling: TilingConfig) -> None:
+            if hasattr(codec, "set_tiling"):
+                codec.set_tiling(new_tiling.vae_tile, new_tiling.vae_overlap)
+
+        out = upscale_images(image, velocity, codec, conditioning, options,
+                             progress_for=progress.for_item, cancel_check=comfy_adapters.cancel_check,
+                             on_retry=on_retry, configure_codec=configure_codec,
+                             output_device=comfy_adapters.intermediate_device())
+        return (out,)
