@@ -17,6 +17,7 @@ import json
 import math
 import os
 import re
+import warnings
 from collections import Counter
 from dataclasses import dataclass, field
 from typing import Any, Mapping, Optional
@@ -302,8 +303,8 @@ def _adapter_config_from_metadata(md: Mapping[str, str], path: str, notes: list[
     return cfg
 
 
-def _lora_config(ranks: dict[str, int], network_alphas: dict[str, float], md: Mapping[str, str],
-                 path: str, notes: list[str]) -> tuple[dict, str]:
+def _lora_config(ranks: dict[str, int], sd_keys, network_alphas: dict[str, float],
+                 md: Mapping[str, str], path: str, notes: list[str]) -> tuple[dict, str]:
     """LoraConfig kwargs: ranks from the tensors, alpha from ``.alpha`` tensors, else the file's
     adapter metadata, else ``fluxsr.lora_alpha``, else alpha = rank (the diffusers convention).
 
@@ -312,15 +313,15 @@ def _lora_config(ranks: dict[str, int], network_alphas: dict[str, float], md: Ma
     from diffusers.utils.peft_utils import get_peft_kwargs
 
     rank_dict = {f"^{m}.lora_B.weight": r for m, r in ranks.items()}
-    peft_sd_keys = {f"{m}.lora_A.weight": None for m in ranks}
+    # diffusers reads use_dora / lora_bias off the key names (lora_magnitude_vector, lora_B.bias)
+    peft_sd_keys = {k[len(TRANSFORMER_PREFIX):] if k.startswith(TRANSFORMER_PREFIX) else k: None
+                    for k in sd_keys}
     alphas = {k[len(TRANSFORMER_PREFIX):] if k.startswith(TRANSFORMER_PREFIX) else k: v
               for k, v in network_alphas.items()}
     cfg = get_peft_kwargs(rank_dict, alphas or None, peft_sd_keys, is_unet=True)
     # A regex of the full module names: peft full-matches a string target, so nothing outside the
     # file is adapted (a list would match by suffix: "proj_out" would also catch every block's).
     cfg["target_modules"] = "(" + "|".join(re.escape(m) for m in sorted(ranks)) + ")"
-    cfg["use_dora"] = False
-    cfg["lora_bias"] = False
     if alphas:
         return cfg, "alpha tensors in the file"
     file_cfg = _adapter_config_from_metadata(md, path, notes)
@@ -382,7 +383,7 @@ def load_lora(transformer, path: str | os.PathLike, scale: float = 1.0, merge: b
     notes: list[str] = []
     sd, network_alphas = _to_diffusers_naming(raw, path, notes)
     ranks = _check_fits(transformer, sd, path)
-    cfg, alpha_source = _lora_config(ranks, network_alphas, md, path, notes)
+    cfg, alpha_source = _lora_config(ranks, list(sd), network_alphas, md, path, notes)
 
     # diffusers filters both the tensors and the config by the component prefix.
     prefixed_cfg = {TRANSFORMER_PREFIX + k: v for k, v in cfg.items()}
@@ -433,7 +434,10 @@ def _verify_loaded(transformer, adapter_name: str, sd: dict[str, torch.Tensor], 
     """Every LoRA tensor of the file must now live in the model (peft only warns otherwise)."""
     from peft.utils import get_peft_model_state_dict
 
-    loaded = get_peft_model_state_dict(transformer, adapter_name=adapter_name)
+    with warnings.catch_warnings():
+        # peft mistakes 1-D lora_B biases for unsharded ZeRO-3 tensors and warns; they are fine.
+        warnings.filterwarnings("ignore", message=".*have invalid shape.*")
+        loaded = get_peft_model_state_dict(transformer, adapter_name=adapter_name)
     want = {k[len(TRANSFORMER_PREFIX):]: v for k, v in sd.items()}
     lost = [k for k, v in want.items() if k not in loaded or tuple(loaded[k].shape) != tuple(v.shape)]
     if lost:

@@ -378,3 +378,27 @@ def test_adapter_name_clash_and_merge_over_adapter(lora_file):
         load_lora(model, lora_file)
     with pytest.raises(LoraError, match="merge=True needs a transformer without LoRA adapters"):
         load_lora(model, lora_file, merge=True, adapter_name="other")
+
+
+def test_lora_with_bias_terms(tmp_path, inputs):
+    """peft's lora_bias (a bias on lora_B) is detected from the keys and loaded, not dropped."""
+    from peft.utils import get_peft_model_state_dict
+
+    model = fresh_transformer()
+    model.add_adapter(LoraConfig(r=2, lora_alpha=2, target_modules=["to_q", "proj_out"],
+                                 lora_bias=True), adapter_name="b")
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if "lora_B" in name:
+                p.copy_(torch.randn(p.shape) * 0.2)
+    sd = {"transformer." + k: v for k, v in get_peft_model_state_dict(model, adapter_name="b").items()}
+    assert any(k.endswith("lora_B.bias") for k in sd)
+    path = _save(tmp_path, "bias.safetensors", sd)
+
+    ref = run(model, inputs)
+    assert (ref - run(fresh_transformer(), inputs)).abs().max() > 1e-2
+    separate, merged = fresh_transformer(), fresh_transformer()
+    load_lora(separate, path)
+    load_lora(merged, path, merge=True)
+    torch.testing.assert_close(run(separate, inputs), ref, rtol=0, atol=1e-5)
+    torch.testing.assert_close(run(merged, inputs), ref, rtol=0, atol=1e-5)
