@@ -380,6 +380,7 @@ def test_adapter_name_clash_and_merge_over_adapter(lora_file):
         load_lora(model, lora_file, merge=True, adapter_name="other")
 
 
+@pytest.mark.filterwarnings("ignore:.*invalid shape")
 def test_lora_with_bias_terms(tmp_path, inputs):
     """peft's lora_bias (a bias on lora_B) is detected from the keys and loaded, not dropped."""
     from peft.utils import get_peft_model_state_dict
