@@ -1,0 +1,560 @@
+"""Assembling the diffusers FLUX transformer and VAE, and the two interfaces over them.
+
+* :func:`load_transformer` / :func:`load_vae`: from a diffusers folder, a single safetensors
+  file (BFL/ComfyUI or diffusers keys; bf16, fp16, fp8, scaled fp8) or a shipped test config.
+  Nothing ever comes from the hub: folders are opened with ``local_files_only=True`` and single
+  files are built from configs inferred from their shapes plus ``fluxsr_core/configs``.
+* :class:`DiffusersVelocity` (a :class:`~fluxsr_core.interfaces.VelocityModel`) and
+  :class:`DiffusersCodec` (a :class:`~fluxsr_core.interfaces.LatentCodec`).
+* :func:`apply_memory_mode`: none, model_offload, group_offload, fp8_storage (diffusers' and
+  accelerate's own hooks).
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+from pathlib import Path
+from typing import Any, Optional, Union
+
+import torch
+
+from . import latents as L
+from .interfaces import Conditioning
+from .weights import (CorruptWeightsError, FP8_DTYPES, WeightsError, WeightsNotFoundError,
+                      WrongModelError, cast_state_dict, identify_checkpoint, read_safetensors,
+                      shipped_config, transformer_state_dict_to_diffusers, vae_state_dict_to_diffusers,
+                      KIND_DESCRIPTIONS)
+
+log = logging.getLogger(__name__)
+
+PathLike = Union[str, Path]
+MEMORY_MODES = ("none", "model_offload", "group_offload", "fp8_storage")
+# Names of shipped configs that may be built with random weights. Test models only: a random
+# FLUX.1-dev would be 12B parameters of noise, so it is never offered.
+RANDOM_INIT_NAMES = {"tiny": "tiny"}
+
+TRANSFORMER_HELP = ("Pass a FLUX.1 transformer: a single .safetensors file (flux1-dev.safetensors in "
+                    "BFL/ComfyUI keys, an fp8 release, or diffusers keys) or a diffusers folder "
+                    "(with config.json, or a pipeline folder with a transformer/ subfolder).")
+VAE_HELP = ("Pass the FLUX VAE: ae.safetensors, a diffusers VAE .safetensors file, or a diffusers "
+            "folder (with config.json, or a pipeline folder with a vae/ subfolder).")
+
+_EXEC_DEVICE_ATTR = "_fluxsr_execution_device"
+_COMPUTE_DTYPE_ATTR = "_fluxsr_compute_dtype"
+
+
+# ----------------------------------------------------------------------------- device, dtype
+
+def resolve_device(name: Union[str, torch.device, None] = "auto") -> torch.device:
+    """``auto`` (cuda, then mps, then cpu), ``cpu``, ``cuda``, ``cuda:N``, ``mps`` -> a device.
+
+    A device that is not there raises ValueError saying what is available. ``cuda`` becomes
+    ``cuda:<current>`` so device comparisons (offload hooks) see one spelling.
+    """
+    if isinstance(name, torch.device):
+        name = str(name)
+    name = (name or "auto").strip().lower()
+    has_mps = getattr(torch.backends, "mps", None) is not None and torch.backends.mps.is_available()
+    if name == "auto":
+        if torch.cuda.is_available():
+            return torch.device("cuda", torch.cuda.current_device())
+        return torch.device("mps") if has_mps else torch.device("cpu")
+    if name == "cpu":
+        return torch.device("cpu")
+    if name == "mps":
+        if not has_mps:
+            raise ValueError("device 'mps' asked for but Apple's MPS backend is not available here; "
+                             "use --device cpu or auto")
+        return torch.device("mps")
+    if name == "cuda" or name.startswith("cuda:"):
+        if not torch.cuda.is_available():
+            raise ValueError(f"device {name!r} asked for but this torch sees no CUDA GPU "
+                             f"(torch {torch.__version__}); use --device cpu or auto")
+        if name == "cuda":
+            return torch.device("cuda", torch.cuda.current_device())
+        try:
+            index = int(name.split(":", 1)[1])
+        except ValueError:
+            raise ValueError(f"device {name!r}: expected cuda:N with N a number") from None
+        count = torch.cuda.device_count()
+        if not 0 <= index < count:
+            raise ValueError(f"device {name!r}: there are {count} CUDA device(s), cuda:0..cuda:{count - 1}")
+        return torch.device("cuda", index)
+    raise ValueError(f"unknown device {name!r}; use auto, cpu, cuda, cuda:N or mps")
+
+
+_DTYPE_NAMES = {"bf16": torch.bfloat16, "bfloat16": torch.bfloat16, "fp16": torch.float16,
+                "float16": torch.float16, "half": torch.float16, "fp32": torch.float32,
+                "float32": torch.float32, "float": torch.float32}
+
+
+def resolve_dtype(name: Union[str, torch.dtype, None] = "auto",
+                  device: Union[str, torch.device, None] = None) -> torch.dtype:
+    """``bf16`` | ``fp16`` | ``fp32`` | ``auto`` (or a torch dtype) -> compute dtype.
+
+    ``auto``: bf16 on CUDA GPUs that support it (fp16 on older ones), fp16 on MPS, fp32 on
+    CPU (bf16 matmuls on CPU are slow and fp16 ones are missing on some builds). ``device``
+    defaults to :func:`resolve_device` ``("auto")``.
+    """
+    if isinstance(name, torch.dtype):
+        if name not in (torch.bfloat16, torch.float16, torch.float32):
+            raise ValueError(f"compute dtype must be bf16, fp16 or fp32, not {name}")
+        return name
+    key = (name or "auto").strip().lower()
+    if key in _DTYPE_NAMES:
+        return _DTYPE_NAMES[key]
+    if key != "auto":
+        raise ValueError(f"unknown dtype {name!r}; use auto, bf16, fp16 or fp32")
+    dev = resolve_device(device if device is not None else "auto")
+    if dev.type == "cuda":
+        return torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
+    if dev.type == "mps":
+        return torch.float16
+    return torch.float32
+
+
+# ------------------------------------------------------------------------------- assembling
+
+def _aligned(t: torch.Tensor) -> torch.Tensor:
+    """A contiguous, 64-byte aligned tensor (a copy only when needed).
+
+    Tensors read from safetensors sit at 8-byte offsets in the file buffer, and the converters
+    hand out views (split q|k|v, sliced 1x1 convs). Adopted as parameters as they are, CPU
+    matmul kernels take other code paths for them and results drift in the last bits, so the
+    same weights would not give identical outputs from a file and from a folder.
+    """
+    if t.is_contiguous() and t.data_ptr() % 64 == 0:
+        return t
+    return t.clone(memory_format=torch.contiguous_format)
+
+
+def _instantiate(cls, config: dict, state_dict: dict[str, torch.Tensor], dtype: torch.dtype,
+                 source: str):
+    """Build ``cls`` on the meta device and adopt the tensors (no second copy of 12B weights)."""
+    from accelerate import init_empty_weights
+
+    with init_empty_weights():
+        model = cls.from_config(config)
+    state_dict = {k: _aligned(v) for k, v in cast_state_dict(state_dict, dtype).items()}
+    result = model.load_state_dict(state_dict, strict=False, assign=True)
+    if result.missing_keys or result.unexpected_keys:
+        raise CorruptWeightsError(
+            f"{source} does not fit a {cls.__name__} with the config read from it: "
+            f"missing {result.missing_keys[:5]}{'...' if len(result.missing_keys) > 5 else ''}, "
+            f"unexpected {result.unexpected_keys[:5]}{'...' if len(result.unexpected_keys) > 5 else ''}. "
+            f"The file is incomplete or a variant FluxSR does not load")
+    still_meta = [n for n, t in list(model.named_parameters()) + list(model.named_buffers()) if t.is_meta]
+    if still_meta:
+        raise CorruptWeightsError(f"{source}: no weights for {still_meta[:5]}")
+    return model.eval()
+
+
+def _random_init(cls, config: dict, dtype: torch.dtype, seed: int):
+    # fork_rng: building a test model must not disturb the caller's random stream.
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(seed)
+        model = cls.from_config(config)
+    # nn.Module.to, not ModelMixin.to: diffusers' override warns about fp32-kept modules on
+    # every dtype cast, even for models that keep none.
+    return torch.nn.Module.to(model, dtype=dtype).eval()
+
+
+def _folder_with_config(path: Path, subfolder: str, expected_class: str, what: str,
+                        help_text: str) -> tuple[Path, Optional[str]]:
+    """Find the diffusers model folder: ``path`` itself or ``path/<subfolder>``."""
+    import json
+
+    candidates = [(path, None), (path / subfolder, subfolder)]
+    for folder, sub in candidates:
+        cfg = folder / "config.json"
+        if cfg.is_file():
+            try:
+                cls_name = json.loads(cfg.read_text(encoding="utf-8")).get("_class_name")
+            except (json.JSONDecodeError, UnicodeDecodeError) as exc:
+                raise CorruptWeightsError(f"{cfg} is not valid JSON ({exc})") from None
+            if cls_name and cls_name != expected_class:
+                hint = {"AutoencoderKL": "a VAE folder; pass it as --vae",
+                        "FluxTransformer2DModel": "a FLUX transformer folder; pass it as --transformer"}
+                raise WrongModelError(f"{folder} is not {what}: its config.json is a {cls_name}"
+                                      f"{' (' + hint[cls_name] + ')' if cls_name in hint else ''}")
+            return path, sub
+    listing = sorted(p.name for p in path.iterdir())[:12]
+    raise WeightsNotFoundError(f"{path} is a folder without config.json or {subfolder}/config.json "
+                               f"(it holds {listing}). {help_text}")
+
+
+def _load_from_file(path: Path, cls, to_diffusers, dtype: torch.dtype, what: str):
+    sd, _ = read_safetensors(path, what)
+    diffusers_sd, config = to_diffusers(sd, str(path))
+    del sd
+    return _instantiate(cls, config, diffusers_sd, dtype, str(path))
+
+
+def _align_parameters(model) -> None:
+    """Give every parameter/buffer aligned contiguous storage (see :func:`_aligned`); in place."""
+    with torch.no_grad():
+        for module in model.modules():
+            for name, p in list(module._parameters.items()):
+                if p is not None and not p.is_meta:
+                    fixed = _aligned(p.data)
+                    if fixed is not p.data:
+                        p.data = fixed
+            for name, b in list(module._buffers.items()):
+                if b is not None and not b.is_meta:
+                    module._buffers[name] = _aligned(b)
+
+
+def _finish(model, dtype, device):
+    _align_parameters(model)
+    setattr(model, _COMPUTE_DTYPE_ATTR, dtype)
+    if device is not None:
+        dev = resolve_device(device)
+        model.to(dev)
+        setattr(model, _EXEC_DEVICE_ATTR, dev)
+    return model
+
+
+def load_transformer(source: Union[PathLike, str], dtype: Union[str, torch.dtype] = "auto",
+                     device: Union[str, torch.device, None] = "cpu", seed: int = 0):
+    """Load a FLUX ``FluxTransformer2DModel``.
+
+    ``source``: a diffusers folder (``config.json`` + safetensors, or a pipeline folder with
+    ``transformer/``), loaded with ``local_files_only=True``; a single ``.safetensors`` file in
+    BFL/ComfyUI or diffusers keys (fp8 and scaled fp8 are cast to ``dtype``); or, only when no
+    such path exists, the name of a shipped test config (``"tiny"``) built with random weights
+    from ``seed``. ``device=None`` leaves it on the CPU without recording an execution device.
+    Missing paths raise :class:`~fluxsr_core.weights.WeightsNotFoundError` saying what to pass;
+    a file of another kind raises :class:`~fluxsr_core.weights.WrongModelError`.
+    """
+    from diffusers import FluxTransformer2DModel
+
+    torch_dtype = resolve_dtype(dtype, device if device is not None else "cpu")
+    path = Path(str(source)).expanduser()
+    if path.is_dir():
+        folder, sub = _folder_with_config(path, "transformer", "FluxTransformer2DModel",
+                                          "a FLUX transformer", TRANSFORMER_HELP)
+        model = FluxTransformer2DModel.from_pretrained(str(folder), subfolder=sub, torch_dtype=torch_dtype,
+                                                       local_files_only=True)
+    elif path.exists():
+        model = _load_from_file(path, FluxTransformer2DModel, transformer_state_dict_to_diffusers,
+                                torch_dtype, "transformer file")
+    elif str(source) in RANDOM_INIT_NAMES:
+        config = shipped_config(f"{RANDOM_INIT_NAMES[str(source)]}-transformer")
+        model = _random_init(FluxTransformer2DModel, config, torch_dtype, seed)
+    else:
+        raise WeightsNotFoundError(f"transformer not found: {path}. {TRANSFORMER_HELP}")
+    return _finish(model, torch_dtype, device)
+
+
+def load_vae(source: Union[PathLike, str], dtype: Union[str, torch.dtype] = "auto",
+             device: Union[str, torch.device, None] = "cpu", seed: int = 0):
+    """Load the FLUX VAE (``AutoencoderKL``, 16 latent channels).
+
+    ``source``: a diffusers folder (or a pipeline folder with ``vae/``), ``ae.safetensors`` (BFL
+    keys, converted with diffusers' own converter), a diffusers-keyed ``.safetensors`` file, or
+    (only when no such path exists) ``"tiny"``, the random test VAE. Errors as for
+    :func:`load_transformer`.
+    """
+    from diffusers import AutoencoderKL
+
+    torch_dtype = resolve_dtype(dtype, device if device is not None else "cpu")
+    path = Path(str(source)).expanduser()
+    if path.is_dir():
+        folder, sub = _folder_with_config(path, "vae", "AutoencoderKL", "a VAE", VAE_HELP)
+        model = AutoencoderKL.from_pretrained(str(folder), subfolder=sub, torch_dtype=torch_dtype,
+                                              local_files_only=True)
+        if model.config.latent_channels != L.LATENT_CHANNELS:
+            raise WrongModelError(f"{path} is a {model.config.latent_channels}-channel VAE; FLUX needs its "
+                                  f"16-channel VAE (ae.safetensors)")
+    elif path.exists():
+        model = _load_from_file(path, AutoencoderKL, vae_state_dict_to_diffusers, torch_dtype, "VAE file")
+    elif str(source) in RANDOM_INIT_NAMES:
+        config = shipped_config(f"{RANDOM_INIT_NAMES[str(source)]}-vae")
+        model = _random_init(AutoencoderKL, config, torch_dtype, seed)
+    else:
+        raise WeightsNotFoundError(f"VAE not found: {path}. {VAE_HELP}")
+    return _finish(model, torch_dtype, device)
+
+
+# ----------------------------------------------------------------------------- memory modes
+
+def _hook_offload_pair(transformer, vae, device: torch.device) -> None:
+    """Model-level CPU offload: each model sits on the device only while it runs.
+
+    accelerate's ``cpu_offload_with_hook`` moves a model to the device on its first forward
+    (diffusers' ``apply_forward_hook`` does the same for ``vae.encode``/``decode``) and
+    offloads the *previous* model first. FluxSR alternates encode, transformer, decode per
+    tile, so each model's hook offloads the other: a cycle, closed after both exist.
+    """
+    from accelerate import cpu_offload_with_hook
+
+    transformer.to("cpu")
+    vae.to("cpu")
+    _, vae_hook = cpu_offload_with_hook(vae, execution_device=device)
+    _, tr_hook = cpu_offload_with_hook(transformer, execution_device=device, prev_module_hook=vae_hook)
+    vae_hook.hook.prev_module_hook = tr_hook
+    transformer._fluxsr_offload_hook = tr_hook
+    vae._fluxsr_offload_hook = vae_hook
+
+
+def apply_memory_mode(transformer, vae, mode: str, device: Union[str, torch.device]) -> tuple:
+    """Place the models for running on ``device`` under a memory mode; returns ``(transformer, vae)``.
+
+    * ``none``: both models on the device.
+    * ``model_offload``: both on the CPU; each moves to the device while it runs and the other
+      goes back (accelerate's ``cpu_offload_with_hook``). Needs room for the largest model.
+    * ``group_offload``: diffusers' ``enable_group_offload`` (block level, one block per group)
+      on both; only one transformer block is on the device at a time. Slowest, least memory.
+    * ``fp8_storage``: diffusers' ``enable_layerwise_casting``: transformer weights stored as
+      ``float8_e4m3fn`` and cast per layer to the compute dtype (norms and embeddings stay in
+      the compute dtype, diffusers' defaults). Halves the transformer's memory vs bf16. The VAE
+      is small and stays as is.
+
+    The compute dtype is the one the models were loaded in. Records the execution device on
+    both models so :class:`DiffusersVelocity`/:class:`DiffusersCodec` send inputs there.
+    """
+    dev = resolve_device(device)
+    if mode not in MEMORY_MODES:
+        raise ValueError(f"unknown memory mode {mode!r}; use one of {', '.join(MEMORY_MODES)}")
+    for m in (transformer, vae):
+        if getattr(m, _COMPUTE_DTYPE_ATTR, None) is None:
+            setattr(m, _COMPUTE_DTYPE_ATTR, _param_dtype(m))
+    if mode == "none":
+        transformer.to(dev)
+        vae.to(dev)
+    elif mode == "model_offload":
+        _hook_offload_pair(transformer, vae, dev)
+    elif mode == "group_offload":
+        for m in (transformer, vae):
+            m.to("cpu")
+            m.enable_group_offload(onload_device=dev, offload_device=torch.device("cpu"),
+                                   offload_type="block_level", num_blocks_per_group=1,
+                                   use_stream=dev.type == "cuda")
+    elif mode == "fp8_storage":
+        compute = getattr(transformer, _COMPUTE_DTYPE_ATTR)
+        transformer.enable_layerwise_casting(storage_dtype=torch.float8_e4m3fn, compute_dtype=compute)
+        transformer.to(dev)
+        vae.to(dev)
+    for m in (transformer, vae):
+        setattr(m, _EXEC_DEVICE_ATTR, dev)
+    return transformer, vae
+
+
+def _param_dtype(module) -> torch.dtype:
+    for p in module.parameters():
+        if p.is_floating_point():
+            return p.dtype
+    return torch.float32
+
+
+def _execution_device(module) -> torch.device:
+    dev = getattr(module, _EXEC_DEVICE_ATTR, None)
+    if dev is not None:
+        return dev
+    hook = getattr(module, "_hf_hook", None)
+    if hook is not None and getattr(hook, "execution_device", None) is not None:
+        return torch.device(hook.execution_device)
+    return next(module.parameters()).device
+
+
+def _compute_dtype(module, given) -> torch.dtype:
+    if given is not None:
+        return resolve_dtype(given, "cpu")
+    recorded = getattr(module, _COMPUTE_DTYPE_ATTR, None)
+    if recorded is not None:
+        return recorded
+    dt = _param_dtype(module)
+    if dt in FP8_DTYPES:
+        raise ValueError("the model's weights are stored in fp8; pass compute_dtype (bf16, fp16 or fp32)")
+    return dt
+
+
+# ------------------------------------------------------------------------- velocity model
+
+class DiffusersVelocity:
+    """:class:`~fluxsr_core.interfaces.VelocityModel` over diffusers' ``FluxTransformer2DModel``.
+
+    Does what ``FluxPipeline`` does around its transformer call: 2x2 packing, image ids
+    ``(0, row, col)`` (shifted by ``position_offset`` in token units), zero text ids,
+    ``timestep = sigma`` (the transformer multiplies by 1000 inside), ``guidance`` only for
+    guidance-distilled models (FLUX.1-dev; ignored for schnell-like ones). Conditioning
+    tensors with batch 1 are broadcast to the latent batch. Gradients flow (training uses it).
+    """
+
+    def __init__(self, transformer, compute_dtype: Union[str, torch.dtype, None] = None,
+                 device: Union[str, torch.device, None] = None):
+        self.transformer = transformer
+        self.compute_dtype = _compute_dtype(transformer, compute_dtype)
+        self._device = resolve_device(device) if device is not None else None
+        cfg = transformer.config
+        self.guidance_embeds = bool(cfg.guidance_embeds)
+        self.joint_attention_dim = int(cfg.joint_attention_dim)
+        self.pooled_projection_dim = int(cfg.pooled_projection_dim)
+        self.in_channels = int(cfg.in_channels)
+
+    @property
+    def device(self) -> torch.device:
+        return self._device if self._device is not None else _execution_device(self.transformer)
+
+    def _batch(self, t: torch.Tensor, b: int, name: str, dims: int) -> torch.Tensor:
+        if t.ndim != dims:
+            raise ValueError(f"conditioning {name} must have {dims} dims, got shape {tuple(t.shape)}")
+        if t.shape[0] == b:
+            return t
+        if t.shape[0] == 1:
+            return t.expand(b, *t.shape[1:])
+        raise ValueError(f"conditioning {name} has batch {t.shape[0]}; expected 1 or {b}")
+
+    def __call__(self, latent: torch.Tensor, sigma: torch.Tensor, cond: Conditioning,
+                 position_offset: tuple[int, int] = (0, 0)) -> torch.Tensor:
+        if latent.ndim != 4 or latent.shape[1] * 4 != self.in_channels:
+            raise ValueError(f"latent must be [B, {self.in_channels // 4}, h, w], got {tuple(latent.shape)}")
+        b, _, h, w = latent.shape
+        dev, dt = self.device, self.compute_dtype
+        sigma = torch.as_tensor(sigma, dtype=torch.float32, device=latent.device)
+        if sigma.ndim == 0:
+            sigma = sigma.expand(b)
+        if sigma.shape != (b,):
+            raise ValueError(f"sigma must be a scalar or shaped [{b}], got {tuple(sigma.shape)}")
+        t5 = self._batch(cond.t5, b, "t5", 3)
+        pooled = self._batch(cond.clip_pooled, b, "clip_pooled", 2)
+        if t5.shape[-1] != self.joint_attention_dim or pooled.shape[-1] != self.pooled_projection_dim:
+            raise ValueError(f"conditioning widths t5 {t5.shape[-1]}, clip_pooled {pooled.shape[-1]} do not fit "
+                             f"this transformer ({self.joint_attention_dim}, {self.pooled_projection_dim}); "
+                             f"the bundle was made for another model")
+        tokens = L.pack(latent.to(device=dev, dtype=dt))
+        guidance = None
+        if self.guidance_embeds:
+            # FluxPipeline: torch.full([1], g, float32).expand(B); the model casts it itself.
+            guidance = torch.full((b,), float(cond.guidance), device=dev, dtype=torch.float32)
+        out = self.transformer(
+            hidden_states=tokens,
+            encoder_hidden_states=t5.to(device=dev, dtype=dt),
+            pooled_projections=pooled.to(device=dev, dtype=dt),
+            timestep=sigma.to(device=dev, dtype=dt),
+            img_ids=L.image_ids(h, w, offset=tuple(position_offset), device=dev, dtype=dt),
+            txt_ids=L.text_ids(t5.shape[1], device=dev, dtype=dt),
+            guidance=guidance,
+            return_dict=False,
+        )[0]
+        return L.unpack(out, h, w).to(device=latent.device, dtype=latent.dtype)
+
+
+# ----------------------------------------------------------------------------------- codec
+
+def _overlap_factor(tile: int, overlap: int) -> float:
+    """diffusers' overlap factor f with int(tile*(1-f)) == tile-overlap and int(tile/8*f) == overlap/8.
+
+    diffusers derives the tile step and the blend widths by truncating float products; a
+    plain overlap/tile can land a hair below an integer. Nudge f by an ulp until both agree.
+    """
+    f = overlap / tile
+    for cand in (f, math.nextafter(f, 1.0), math.nextafter(f, 0.0)):
+        if int(tile * (1 - cand)) == tile - overlap and int((tile // 8) * cand) == overlap // 8 \
+                and int(tile * cand) == overlap:
+            return cand
+    return f
+
+
+class DiffusersCodec:
+    """:class:`~fluxsr_core.interfaces.LatentCodec` over diffusers' ``AutoencoderKL`` (the FLUX VAE).
+
+    ``encode``: image ``[B, 3, H, W]`` in [0, 1] (H, W multiples of 8) -> the posterior's
+    *mode* (its mean: deterministic, no sampling) -> ``(raw - 0.1159) * 0.3611``.
+    ``decode``: the inverse, clamped to [0, 1]. Outputs keep the input's float dtype and device.
+
+    ``tile > 0`` (pixels, multiple of 8) turns on diffusers' own VAE tiling for images larger
+    than one tile, ``tile_overlap`` pixels shared by neighbours. Where diffusers' tiling falls
+    short, and why we still use it rather than our own:
+      * encode: each tile runs the whole encoder alone, so its GroupNorm statistics are the
+        tile's, not the image's; colours and contrast can shift slightly from tile to tile,
+        and the linear blend over the overlap only hides the seam;
+      * the last tile in a row/column is whatever is left (possibly a thin strip), whose
+        statistics are the least representative;
+      * decode has the same per-tile GroupNorm effect, usually smaller.
+    A large overlap (>= 1/4 of the tile) keeps this below visible levels for photos.
+    """
+
+    downscale = L.VAE_DOWNSCALE
+    latent_channels = L.LATENT_CHANNELS
+
+    def __init__(self, vae, compute_dtype: Union[str, torch.dtype, None] = None, tile: int = 0,
+                 tile_overlap: int = 0, device: Union[str, torch.device, None] = None):
+        cfg = vae.config
+        if int(cfg.latent_channels) != L.LATENT_CHANNELS:
+            raise WrongModelError(f"this VAE has {cfg.latent_channels} latent channels; FLUX's has 16")
+        shift, scale = cfg.get("shift_factor"), cfg.get("scaling_factor")
+        if shift is None or scale is None or abs(shift - L.LATENT_SHIFT) > 1e-4 or abs(scale - L.LATENT_SCALE) > 1e-4:
+            # We always normalise with FLUX's constants (the transformer was trained on them), so
+            # a differing config value is unused; it usually means a hand-written config.json.
+            log.warning("VAE config has shift_factor=%s, scaling_factor=%s; FLUX's are %s and %s. "
+                        "Using FLUX's values; if this is not the FLUX VAE, results will be wrong.",
+                        shift, scale, L.LATENT_SHIFT, L.LATENT_SCALE)
+        self.vae = vae
+        self.compute_dtype = _compute_dtype(vae, compute_dtype)
+        stored = _param_dtype(vae)
+        if stored not in FP8_DTYPES and stored != self.compute_dtype:
+            raise ValueError(f"the VAE's weights are {stored} but compute_dtype is {self.compute_dtype}; "
+                             f"load the VAE with dtype={self.compute_dtype}")
+        self._device = resolve_device(device) if device is not None else None
+        self.tile, self.tile_overlap = int(tile), int(tile_overlap)
+        if self.tile:
+            if self.tile < 0 or self.tile % self.downscale:
+                raise ValueError(f"VAE tile must be a positive multiple of {self.downscale} pixels (got {tile})")
+            if not 0 <= self.tile_overlap < self.tile or self.tile_overlap % self.downscale:
+                raise ValueError(f"VAE tile overlap must be a multiple of {self.downscale} pixels and smaller "
+                                 f"than the tile {self.tile} (got {tile_overlap})")
+            vae.enable_tiling()
+            vae.tile_sample_min_size = self.tile
+            vae.tile_latent_min_size = self.tile // self.downscale
+            vae.tile_overlap_factor = _overlap_factor(self.tile, self.tile_overlap)
+        else:
+            vae.disable_tiling()
+
+    @property
+    def device(self) -> torch.device:
+        return self._device if self._device is not None else _execution_device(self.vae)
+
+    def encode(self, image: torch.Tensor) -> torch.Tensor:
+        """Image ``[B, 3, H, W]`` in [0, 1] -> normalised latent ``[B, 16, H/8, W/8]``."""
+        if image.ndim != 4 or image.shape[1] != 3:
+            raise ValueError(f"image must be [B, 3, H, W], got {tuple(image.shape)}")
+        if image.shape[-2] % self.downscale or image.shape[-1] % self.downscale:
+            raise ValueError(f"image height and width must be multiples of {self.downscale} "
+                             f"(got {image.shape[-2]}x{image.shape[-1]}); pad it first")
+        out_dtype = image.dtype if image.is_floating_point() else torch.float32
+        x = image.to(device=self.device, dtype=self.compute_dtype) * 2 - 1
+        raw = self.vae.encode(x).latent_dist.mode()
+        return L.normalize(raw.float()).to(device=image.device, dtype=out_dtype)
+
+    def decode(self, latent: torch.Tensor) -> torch.Tensor:
+        """Normalised latent ``[B, 16, h, w]`` -> image ``[B, 3, 8h, 8w]`` in [0, 1]."""
+        if latent.ndim != 4 or latent.shape[1] != self.latent_channels:
+            raise ValueError(f"latent must be [B, 16, h, w], got {tuple(latent.shape)}")
+        raw = L.denormalize(latent.float()).to(device=self.device, dtype=self.compute_dtype)
+        img = self.vae.decode(raw).sample
+        out_dtype = latent.dtype if latent.is_floating_point() else torch.float32
+        return ((img.float() + 1) / 2).clamp(0, 1).to(device=latent.device, dtype=out_dtype)
+
+
+# ------------------------------------------------------------------------------ convenience
+
+def build_models(transformer_source: PathLike, vae_source: PathLike, dtype: Union[str, torch.dtype] = "auto",
+                 device: Union[str, torch.device] = "auto", memory_mode: str = "none", *,
+                 vae_tile: int = 0, vae_tile_overlap: int = 0, seed: int = 0
+                 ) -> tuple[DiffusersVelocity, DiffusersCodec]:
+    """Load both models, apply the memory mode and wrap them: ``(velocity, codec)``."""
+    dev = resolve_device(device)
+    torch_dtype = resolve_dtype(dtype, dev)
+    if memory_mode not in MEMORY_MODES:
+        raise ValueError(f"unknown memory mode {memory_mode!r}; use one of {', '.join(MEMORY_MODES)}")
+    transformer = load_transformer(transformer_source, dtype=torch_dtype, device=None, seed=seed)
+    vae = load_vae(vae_source, dtype=torch_dtype, device=None, seed=seed)
+    apply_memory_mode(transformer, vae, memory_mode, dev)
+    return (DiffusersVelocity(transformer, compute_dtype=torch_dtype),
+            DiffusersCodec(vae, compute_dtype=torch_dtype, tile=vae_tile, tile_overlap=vae_tile_overlap))
+
+
+__all__ = ["resolve_device", "resolve_dtype", "load_transformer", "load_vae", "apply_memory_mode",
+           "DiffusersVelocity", "DiffusersCodec", "build_models", "MEMORY_MODES"]
