@@ -26,6 +26,7 @@ import torch
 
 from .interfaces import Conditioning
 from .settings import KEY_GUIDANCE, KEY_SCALE, KEY_T_L, RunSettings, settings_from_metadata
+from .weights import WeightsError, read_safetensors, safe_torch_load_tensors
 
 T5_KEY = "t5"
 CLIP_KEY = "clip_pooled"
@@ -58,7 +59,7 @@ _CONFIG_ALIASES = {
 }
 
 
-class BundleError(ValueError):
+class BundleError(WeightsError):
     """A conditioning bundle that cannot be used (the message names the file and the problem)."""
 
 
@@ -111,53 +112,17 @@ class ConditioningBundle:
 
 def _read_safetensors(path: str) -> tuple[dict[str, torch.Tensor], dict[str, str]]:
     """The one place this module reads a safetensors file: tensors (CPU) and metadata."""
-    # TODO(weights.py): switch to fluxsr_core.weights.read_safetensors once it is committed.
-    import safetensors
-
-    try:
-        with safetensors.safe_open(path, framework="pt", device="cpu") as f:
-            md = dict(f.metadata() or {})
-            tensors = {k: f.get_tensor(k) for k in f.keys()}
-    except (safetensors.SafetensorError, OSError, ValueError) as exc:
-        raise BundleError(f"{path} is not a readable safetensors file ({exc}); re-download or "
-                          "re-export it") from exc
-    return tensors, md
+    return read_safetensors(path, what="conditioning bundle")
 
 
-def _load_tensor_pickle(path: str):
+def _load_tensor_pickle(path: str, what: str):
     """Open a ``.pth`` with ``torch.load(weights_only=True)`` only: tensors, never code.
 
-    ``weights_only`` makes torch refuse any pickle that references a class or function outside
-    tensors and plain containers before anything runs. What comes back must be a tensor, a flat
-    dict of tensors or a list of tensors.
+    :func:`fluxsr_core.weights.safe_torch_load_tensors`: torch refuses any pickle that references
+    a class or function outside tensors and plain containers before anything runs, and what comes
+    back must be a tensor, a flat dict of tensors or a list of tensors.
     """
-    # TODO(weights.py): switch to fluxsr_core.weights.safe_torch_load_tensors once it is committed.
-    import pickle
-
-    try:
-        obj = torch.load(path, map_location="cpu", weights_only=True)
-    except pickle.UnpicklingError as exc:
-        first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
-        raise BundleError(
-            f"{path} holds more than tensors (it references Python objects or code), so it was refused "
-            f"without running it. Embedding files must hold plain tensors. (torch: {first})") from None
-    except (RuntimeError, EOFError, ValueError, OSError) as exc:
-        raise BundleError(f"{path} is truncated or not a torch tensor file ({exc}); re-download it") from None
-    if torch.is_tensor(obj):
-        return obj
-    if isinstance(obj, Mapping):
-        bad = [k for k, v in obj.items() if not isinstance(k, str) or not torch.is_tensor(v)]
-        if bad:
-            raise BundleError(f"{path} is a dict whose entries {bad[:5]} are not tensors; an embedding "
-                              "file must hold a tensor, a dict of tensors or a list of tensors")
-        return dict(obj)
-    if isinstance(obj, (list, tuple)):
-        if not all(torch.is_tensor(v) for v in obj):
-            raise BundleError(f"{path} is a list holding non-tensors; an embedding file must hold "
-                              "tensors only")
-        return list(obj)
-    raise BundleError(f"{path} holds a {type(obj).__name__}; an embedding file must hold a tensor, "
-                      "a dict of tensors or a list of tensors")
+    return safe_torch_load_tensors(path, what=what)
 
 
 def _pick(obj, aliases: Iterable[str], path: str, what: str) -> torch.Tensor:
@@ -384,10 +349,10 @@ def _load_folder(folder: str, t5_width, clip_width) -> ConditioningBundle:
         raise FileNotFoundError(
             f"conditioning folder {folder} lacks {' and '.join(os.path.basename(p) for p in missing)}"
             f"{hint}; the folder form needs {T5_FILE} and {CLIP_FILE}")
-    t5 = _normalise_t5(_pick(_load_tensor_pickle(t5_path), _T5_ALIASES, t5_path, "T5 embedding"),
-                       t5_path, t5_width)
-    clip = _normalise_clip(_pick(_load_tensor_pickle(clip_path), _CLIP_ALIASES, clip_path,
-                                 "pooled CLIP embedding"), clip_path, clip_width)
+    t5 = _normalise_t5(_pick(_load_tensor_pickle(t5_path, "T5 embedding file"), _T5_ALIASES, t5_path,
+                             "T5 embedding"), t5_path, t5_width)
+    clip = _normalise_clip(_pick(_load_tensor_pickle(clip_path, "CLIP embedding file"), _CLIP_ALIASES,
+                                 clip_path, "pooled CLIP embedding"), clip_path, clip_width)
     report = [f"{T5_FILE}: {_describe(t5)}, {CLIP_FILE}: {_describe(clip)}"]
     config_path = os.path.join(folder, CONFIG_FILE)
     md: dict[str, str] = {}

@@ -25,6 +25,7 @@ from typing import Any, Mapping, Optional
 import torch
 
 from .settings import KEY_LORA_RANK, RunSettings, settings_from_metadata
+from .weights import WeightsError, read_safetensors
 
 # diffusers' key for the peft LoraConfig it stores in a LoRA file's safetensors metadata
 # (diffusers.loaders.lora_base.LORA_ADAPTER_METADATA_KEY; repeated here so reading a file never
@@ -44,7 +45,7 @@ DEFAULT_ADAPTER_NAME = "fluxsr"
 _SAFE_CONFIG_FIELDS = ("lora_alpha", "alpha_pattern", "use_rslora")
 
 
-class LoraError(ValueError):
+class LoraError(WeightsError):
     """A LoRA file that cannot be used with this transformer (the message says why and what to do)."""
 
 
@@ -84,25 +85,15 @@ class LoraInfo:
 # --- reading -------------------------------------------------------------------------------
 
 def _read_safetensors(path: str) -> tuple[dict[str, torch.Tensor], dict[str, str]]:
-    """The one place this module reads a file: tensors (CPU) and the string metadata."""
-    # TODO(weights.py): switch to fluxsr_core.weights.read_safetensors once it lands.
-    import safetensors
-    import safetensors.torch
+    """The one place this module reads a file: tensors (CPU) and the string metadata.
 
-    if not os.path.exists(path):
-        raise FileNotFoundError(f"LoRA file not found: {path}")
+    :func:`fluxsr_core.weights.read_safetensors` refuses pickles (``.bin``/``.pt``: unpickling can
+    run code), GGUF, empty and truncated files with messages naming the file.
+    """
     if os.path.isdir(path):
-        raise LoraError(f"{path} is a folder; give the LoRA .safetensors file inside it")
-    if not path.lower().endswith(".safetensors"):
-        raise LoraError(f"{path}: only .safetensors LoRA files are read (pickled checkpoints can run "
-                        "code when opened); convert it to safetensors first")
-    try:
-        with safetensors.safe_open(path, framework="pt", device="cpu") as f:
-            md = dict(f.metadata() or {})
-            tensors = {k: f.get_tensor(k) for k in f.keys()}
-    except (safetensors.SafetensorError, OSError, ValueError) as exc:
-        raise LoraError(f"{path} is not a readable safetensors file ({exc})") from exc
-    return tensors, md
+        raise LoraError(f"{path} is a folder; give the LoRA .safetensors file inside it "
+                        "(e.g. pytorch_lora_weights.safetensors)")
+    return read_safetensors(path, what="LoRA file")
 
 
 # Key shapes of LoRAs for other model families, checked before anything is loaded so the user

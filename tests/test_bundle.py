@@ -23,6 +23,7 @@ from fluxsr_core.bundle import (
 )
 from fluxsr_core.interfaces import Conditioning
 from fluxsr_core.settings import KEY_T_L, RunSettings
+from fluxsr_core.weights import CorruptWeightsError, UnsafeWeightsError
 
 T5_W, CLIP_W, L = 32, 16, 7  # the tiny test models' widths
 
@@ -84,7 +85,7 @@ def test_safetensors_that_is_not_a_bundle(tmp_path):
         load_bundle(only_t5)
     junk = tmp_path / "junk.safetensors"
     junk.write_bytes(b"\x00" * 40)
-    with pytest.raises(BundleError, match="junk.safetensors"):
+    with pytest.raises(CorruptWeightsError, match="junk.safetensors"):
         load_bundle(junk)
     with pytest.raises(FileNotFoundError, match="nothing.safetensors"):
         load_bundle(tmp_path / "nothing.safetensors")
@@ -181,6 +182,9 @@ def test_missing_files_are_named(tmp_path):
         load_bundle(empty)
     with pytest.raises(FileNotFoundError, match="nowhere"):
         load_bundle(tmp_path / "nowhere")
+    (folder / CLIP_FILE).write_bytes(b"PK\x03\x04 cut short")  # a truncated download
+    with pytest.raises(CorruptWeightsError, match="clip_embedding.pth is truncated"):
+        load_bundle(folder)
 
 
 class _Payload:
@@ -215,7 +219,7 @@ def test_pickles_holding_objects_are_refused_unexecuted(tmp_path, payload):
         assert marker.exists()
         marker.unlink()
 
-    with pytest.raises(BundleError, match=r"t5_embedding.pth (holds more than tensors|is a dict whose entries)"):
+    with pytest.raises(UnsafeWeightsError, match=r"t5_embedding.pth (holds more than tensors|is a dict whose entries)"):
         load_bundle(folder)
     assert not marker.exists()
 

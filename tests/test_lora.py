@@ -24,6 +24,7 @@ from fluxsr_core.lora import (
     save_lora_from_model,
 )
 from fluxsr_core.settings import KEY_LORA_RANK, KEY_T_L, RunSettings
+from fluxsr_core.weights import CorruptWeightsError, UnsafeWeightsError
 
 RANK, ALPHA = 4, 8.0
 TARGETS = ["to_q", "to_k", "to_v", "to_out.0", "proj_mlp", "proj_out", "ff.net.2"]
@@ -196,8 +197,7 @@ def test_kohya_naming_goes_through_diffusers_converter(tmp_path, inputs):
         kohya[f"{name}.lora_down.weight"] = torch.randn(r, in_f, generator=g) * 0.3
         kohya[f"{name}.lora_up.weight"] = torch.randn(out_f, r, generator=g) * 0.3
         kohya[f"{name}.alpha"] = torch.tensor(1.0)
-    path = tmp_path / "kohya.safetensors"
-    safetensors.torch.save_file(kohya, str(path))
+    path = _save(tmp_path, "kohya.safetensors", kohya)
 
     model = fresh_transformer()
     info = load_lora(model, path)
@@ -280,7 +280,7 @@ def test_save_is_atomic_and_validated(tmp_path, trained_lora):
 
 def _save(tmp_path, name, tensors, metadata=None):
     path = tmp_path / name
-    safetensors.torch.save_file(tensors, str(path), metadata=metadata)
+    safetensors.torch.save_file(tensors, str(path), metadata=metadata or {"format": "pt"})
     return path
 
 
@@ -362,13 +362,16 @@ def test_empty_full_model_missing_and_pickle(tmp_path):
 
     pt = tmp_path / "lora.bin"
     torch.save({"a": torch.zeros(1)}, pt)
-    with pytest.raises(LoraError, match="only .safetensors"):
+    with pytest.raises(UnsafeWeightsError, match="pickle"):
         load_lora(fresh_transformer(), pt)
 
     junk = tmp_path / "junk.safetensors"
     junk.write_bytes(b"\x00" * 64)
-    with pytest.raises(LoraError, match="not a readable safetensors file"):
+    with pytest.raises(CorruptWeightsError, match="not a safetensors file"):
         load_lora(fresh_transformer(), junk)
+
+    with pytest.raises(LoraError, match="is a folder"):
+        load_lora(fresh_transformer(), tmp_path)
 
 
 def test_adapter_name_clash_and_merge_over_adapter(lora_file):
@@ -403,3 +406,14 @@ def test_lora_with_bias_terms(tmp_path, inputs):
     load_lora(merged, path, merge=True)
     torch.testing.assert_close(run(separate, inputs), ref, rtol=0, atol=1e-5)
     torch.testing.assert_close(run(merged, inputs), ref, rtol=0, atol=1e-5)
+
+
+def test_small_lora_header_is_not_taken_for_a_pickle(tmp_path):
+    """A valid safetensors file whose 8-byte header length reads 0x80 0x00... (128 bytes) starts
+    like a protocol-0 pickle opcode pair; the file must still be read as safetensors."""
+    key = "transformer.single_transformer_blocks.0.attn.to_q"
+    path = tmp_path / "small.safetensors"
+    safetensors.torch.save_file({f"{key}.lora_A.weight": torch.zeros(4, 32)}, str(path))
+    assert path.read_bytes()[:9] == b"\x80" + b"\x00" * 7 + b"{"  # header length 128
+    with pytest.raises(LoraError, match="has lora_A but no lora_B"):  # read, then judged as a LoRA
+        load_lora(fresh_transformer(), path)
