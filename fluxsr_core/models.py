@@ -15,16 +15,15 @@ from __future__ import annotations
 import logging
 import math
 from pathlib import Path
-from typing import Any, Optional, Union
+from typing import Optional, Union
 
 import torch
 
 from . import latents as L
 from .interfaces import Conditioning
-from .weights import (CorruptWeightsError, FP8_DTYPES, WeightsError, WeightsNotFoundError,
-                      WrongModelError, cast_state_dict, identify_checkpoint, read_safetensors,
-                      shipped_config, transformer_state_dict_to_diffusers, vae_state_dict_to_diffusers,
-                      KIND_DESCRIPTIONS)
+from .weights import (CorruptWeightsError, FP8_DTYPES, WeightsNotFoundError, WrongModelError,
+                      read_safetensors, shipped_config, transformer_state_dict_to_diffusers,
+                      vae_state_dict_to_diffusers)
 
 log = logging.getLogger(__name__)
 
@@ -136,7 +135,11 @@ def _instantiate(cls, config: dict, state_dict: dict[str, torch.Tensor], dtype: 
 
     with init_empty_weights():
         model = cls.from_config(config)
-    state_dict = {k: _aligned(v) for k, v in cast_state_dict(state_dict, dtype).items()}
+    # One tensor at a time, replacing in place, so a 23 GB file never exists twice in memory.
+    for k in list(state_dict):
+        t = state_dict.pop(k)
+        state_dict[k] = _aligned(t.to(dtype) if t.is_floating_point() else t)
+        del t
     result = model.load_state_dict(state_dict, strict=False, assign=True)
     if result.missing_keys or result.unexpected_keys:
         raise CorruptWeightsError(
@@ -308,8 +311,8 @@ def apply_memory_mode(transformer, vae, mode: str, device: Union[str, torch.devi
       on both; only one transformer block is on the device at a time. Slowest, least memory.
     * ``fp8_storage``: diffusers' ``enable_layerwise_casting``: transformer weights stored as
       ``float8_e4m3fn`` and cast per layer to the compute dtype (norms and embeddings stay in
-      the compute dtype, diffusers' defaults). Halves the transformer's memory vs bf16. The VAE
-      is small and stays as is.
+      the compute dtype, diffusers' defaults; so do unmerged peft LoRA layers). Halves the
+      transformer's memory vs bf16. The VAE is small and stays as is.
 
     The compute dtype is the one the models were loaded in. Records the execution device on
     both models so :class:`DiffusersVelocity`/:class:`DiffusersCodec` send inputs there.
@@ -328,9 +331,12 @@ def apply_memory_mode(transformer, vae, mode: str, device: Union[str, torch.devi
     elif mode == "group_offload":
         for m in (transformer, vae):
             m.to("cpu")
+            # CUDA streams (prefetching the next block) only for the transformer: diffusers
+            # learns the prefetch order from a top-level forward, which the VAE never gets
+            # (FluxSR calls vae.encode/decode).
             m.enable_group_offload(onload_device=dev, offload_device=torch.device("cpu"),
                                    offload_type="block_level", num_blocks_per_group=1,
-                                   use_stream=dev.type == "cuda")
+                                   use_stream=dev.type == "cuda" and m is transformer)
     elif mode == "fp8_storage":
         compute = getattr(transformer, _COMPUTE_DTYPE_ATTR)
         transformer.enable_layerwise_casting(storage_dtype=torch.float8_e4m3fn, compute_dtype=compute)

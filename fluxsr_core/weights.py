@@ -25,7 +25,7 @@ import pickle
 import re
 from importlib import resources
 from pathlib import Path
-from typing import Iterable, Mapping, Optional, Union
+from typing import Iterable, Mapping, Union
 
 import torch
 
@@ -213,8 +213,6 @@ KIND_DESCRIPTIONS = {
     "unknown": "not a model FluxSR recognises",
 }
 
-_LORA_MARKERS = (".lora_A.", ".lora_B.", ".lora_down.", ".lora_up.", "lora_unet_", "lora_te",
-                 ".lora.down.", ".lora.up.", "lora_A.weight", "lora_B.weight")
 
 
 def _strip_any(key: str, prefixes: Iterable[str]) -> str:
@@ -238,7 +236,9 @@ def identify_checkpoint(keys: Iterable[str]) -> str:
     if {"t5", "clip_pooled"} <= kset:
         return "fluxsr-bundle"
     # LoRA before the models: LoRA keys also contain "double_blocks" or "transformer_blocks".
-    if any(m in k for k in keys for m in _LORA_MARKERS):
+    # Every LoRA naming (peft lora_A/B, kohya lora_unet_*/lora_down, XLabs proj_lora) says "lora";
+    # no base-model key does.
+    if any("lora" in k.lower() for k in keys):
         return "lora"
     tkeys = {_strip_any(k, TRANSFORMER_PREFIXES) for k in keys}
     if any(k.startswith(("input_blocks.", "middle_block.", "output_blocks.")) for k in tkeys) and \
