@@ -156,7 +156,7 @@ def _stand_ins_for_unused_imports():
     for name, attrs in stubs.items():
         if name in sys.modules or importlib.util.find_spec(name) is not None:
             continue
-        mod = types.ModuleType(name, f"stand-in for an unused import of stlpips-pytorch")
+        mod = types.ModuleType(name, "stand-in for an unused import of stlpips-pytorch")
 
         def _unavailable(*args, _name=name, **kwargs):
             raise RuntimeError(f"{_name} is not installed (stlpips-pytorch imported it unused)")
