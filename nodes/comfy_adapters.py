@@ -282,7 +282,7 @@ class ComfyCodec:
         raw = denormalize(latent.float())
         h, w = latent.shape[-2] * VAE_DOWNSCALE, latent.shape[-1] * VAE_DOWNSCALE
         if self._tiled(h, w):
-            tile = max(8, self.vae_tile // VAE_DOWNSCALE)
+            tile = max(8, self.vae_tile // VAE_DOWNSCALE)  # 64 px at least, as ComfyUI's VAEDecodeTiled
             pixels = self.vae.decode_tiled(raw, tile_x=tile, tile_y=tile,
                                            overlap=self.vae_overlap // VAE_DOWNSCALE)
         else:

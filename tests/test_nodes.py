@@ -1,0 +1,633 @@
+"""The ComfyUI node pack without ComfyUI: loading, node definitions, and every node run end to end.
+
+The pack is loaded the way ComfyUI loads a custom node (``spec_from_file_location`` on the root
+``__init__.py`` under a path-derived module name). Nodes run on the tiny diffusers-backed models;
+the ComfyUI side (ModelPatcher, VAE, model management, progress bar) is a small stand-in that
+keeps ComfyUI's contracts (``apply_model`` returns ``x - sigma * v`` for model-space latents,
+``extra_conds`` -> ``process_cond``, VAE takes ``[B, H, W, C]`` pixels and gives raw latents),
+so the adapters' arithmetic is checked against the core's diffusers path number for number.
+"""
+
+from __future__ import annotations
+
+import ast
+import importlib.util
+import inspect
+import logging
+import os
+import subprocess
+import sys
+import textwrap
+import types
+from pathlib import Path
+
+import pytest
+import torch
+
+REPO = Path(__file__).resolve().parents[1]
+PACK_NAME = str(REPO / "custom_nodes_test" / "ComfyUI-FluxSR").replace(".", "_x_")
+
+
+def load_pack(name: str = PACK_NAME):
+    """Import the pack as ComfyUI does (nodes.load_custom_node)."""
+    if name in sys.modules:
+        return sys.modules[name]
+    spec = importlib.util.spec_from_file_location(name, REPO / "__init__.py")
+    module = importlib.util.module_from_spec(spec)
+    sys.modules[name] = module
+    spec.loader.exec_module(module)
+    return module
+
+
+@pytest.fixture(scope="module")
+def pack():
+    return load_pack()
+
+
+def sub(pack, dotted: str):
+    return sys.modules[f"{pack.__name__}.{dotted}"]
+
+
+# --- the tiny diffusers models ----------------------------------------------------------------
+
+@pytest.fixture(scope="module")
+def tiny(pack):
+    models = importlib.import_module(f"{pack.__name__}.fluxsr_core.models")
+    transformer = models.load_transformer("tiny", dtype=torch.float32, device="cpu", seed=0)
+    vae = models.load_vae("tiny", dtype=torch.float32, device="cpu", seed=0)
+    return types.SimpleNamespace(
+        models=models, transformer=transformer, vae=vae,
+        velocity=models.DiffusersVelocity(transformer, compute_dtype=torch.float32),
+        codec=models.DiffusersCodec(vae, compute_dtype=torch.float32))
+
+
+def tiny_conditioning(pack, t_l=None, guidance=3.5):
+    adapters = sub(pack, "nodes.comfy_adapters")
+    settings_mod = sub(pack, "fluxsr_core.settings")
+    g = torch.Generator().manual_seed(7)
+    settings = settings_mod.RunSettings(t_l=t_l or settings_mod.DEFAULT_T_L, guidance=guidance)
+    if t_l is None:
+        return [[torch.randn(1, 5, 32, generator=g), {"pooled_output": torch.randn(1, 16, generator=g),
+                                                       "guidance": guidance}]]
+    return adapters.make_conditioning(torch.randn(1, 5, 32, generator=g), torch.randn(1, 16, generator=g),
+                                      settings)
+
+
+# --- a stand-in for ComfyUI's side ------------------------------------------------------------
+
+class FakeCond:
+    """ComfyUI's CONDRegular: ``process_cond`` repeats to the batch."""
+
+    def __init__(self, cond):
+        self.cond = cond
+
+    def process_cond(self, batch_size, **kwargs):
+        c = self.cond
+        return FakeCond(c.repeat(batch_size // c.shape[0], *([1] * (c.ndim - 1))) if c.shape[0] != batch_size else c)
+
+
+class FakeLatentFormat:
+    latent_channels = 16
+    scale_factor = 0.3611
+    shift_factor = 0.1159
+    latent_rgb_factors = None
+
+
+class FakeBaseModel:
+    """Like comfy.model_base.Flux: apply_model(x, sigma, c_crossattn, y, guidance) -> x - sigma * v."""
+
+    def __init__(self, velocity, const_cls):
+        self.velocity = velocity
+        self.latent_format = FakeLatentFormat()
+        self.model_sampling = const_cls()
+        self.calls = []
+
+    def extra_conds(self, **kw):
+        out = {"c_crossattn": FakeCond(kw["cross_attn"]), "y": FakeCond(kw["pooled_output"])}
+        g = kw.get("guidance", 3.5)
+        if g is not None:
+            out["guidance"] = FakeCond(torch.FloatTensor([g]))
+        return out
+
+    def memory_required(self, shape):
+        return 1
+
+    def apply_model(self, x, t, c_crossattn=None, y=None, guidance=None, transformer_options=None, **kw):
+        self.calls.append({"shape": tuple(x.shape), "t": t.clone(), "transformer_options": transformer_options})
+        rope = (transformer_options or {}).get("rope_options") or {}
+        offset = (int(rope.get("shift_y", 0)), int(rope.get("shift_x", 0)))
+        cond = types.SimpleNamespace(t5=c_crossattn[:1], clip_pooled=y[:1], guidance=float(guidance[0]))
+        v = self.velocity(x, t, cond, position_offset=offset)
+        return x - t.view(-1, 1, 1, 1) * v
+
+
+class FakePatcher:
+    def __init__(self, velocity, const_cls):
+        self.model = FakeBaseModel(velocity, const_cls)
+        self.load_device = torch.device("cpu")
+        self.model_options = {"transformer_options": {}}
+
+
+class FakeVAE:
+    """Like comfy.sd.VAE for FLUX: [B, H, W, C] pixels in [0, 1] <-> raw latents (posterior mode)."""
+
+    latent_channels = 16
+
+    def __init__(self, diffusers_vae):
+        self.vae = diffusers_vae
+        self.calls = []
+
+    def encode(self, pixels):
+        self.calls.append(("encode", tuple(pixels.shape)))
+        x = pixels.movedim(-1, 1) * 2 - 1
+        return self.vae.encode(x).latent_dist.mode()
+
+    def decode(self, raw):
+        self.calls.append(("decode", tuple(raw.shape)))
+        return ((self.vae.decode(raw).sample + 1) / 2).clamp(0, 1).movedim(1, -1)
+
+    def encode_tiled(self, pixels, tile_x, tile_y, overlap):
+        self.calls.append(("encode_tiled", tile_x, overlap))
+        return self.encode(pixels)
+
+    def decode_tiled(self, raw, tile_x, tile_y, overlap):
+        self.calls.append(("decode_tiled", tile_x, overlap))
+        return self.decode(raw)
+
+
+@pytest.fixture
+def fake_comfy(monkeypatch):
+    """Minimal ``comfy`` modules: model_sampling.CONST, model_management, utils.ProgressBar."""
+    comfy = types.ModuleType("comfy")
+    ms = types.ModuleType("comfy.model_sampling")
+    mm = types.ModuleType("comfy.model_management")
+    utils = types.ModuleType("comfy.utils")
+
+    class CONST:
+        pass
+
+    class InterruptProcessingException(Exception):
+        pass
+
+    state = types.SimpleNamespace(loads=[], bars=[], interrupt_after=None, checks=0, emptied=0)
+
+    def load_models_gpu(models, memory_required=0, **kw):
+        state.loads.append((models, memory_required))
+
+    def throw_exception_if_processing_interrupted():
+        state.checks += 1
+        if state.interrupt_after is not None and state.checks > state.interrupt_after:
+            raise InterruptProcessingException()
+
+    class ProgressBar:
+        def __init__(self, total, node_id=None):
+            self.total, self.updates = total, []
+            state.bars.append(self)
+
+        def update_absolute(self, value, total=None, preview=None):
+            self.updates.append((value, total))
+
+    ms.CONST = CONST
+    mm.load_models_gpu = load_models_gpu
+    mm.intermediate_device = lambda: torch.device("cpu")
+    mm.throw_exception_if_processing_interrupted = throw_exception_if_processing_interrupted
+    mm.InterruptProcessingException = InterruptProcessingException
+    mm.soft_empty_cache = lambda force=False: setattr(state, "emptied", state.emptied + 1)
+    utils.ProgressBar = ProgressBar
+    comfy.model_sampling, comfy.model_management, comfy.utils = ms, mm, utils
+    for name, mod in (("comfy", comfy), ("comfy.model_sampling", ms), ("comfy.model_management", mm),
+                      ("comfy.utils", utils)):
+        monkeypatch.setitem(sys.modules, name, mod)
+    state.CONST = CONST
+    state.Interrupt = InterruptProcessingException
+    return state
+
+
+# --- loading ------------------------------------------------------------------------------------
+
+NODE_IDS = ["FluxSRConditioning", "FluxSRTilingOptions", "FluxSRUpscale", "FluxSRTeacherSampler"]
+
+
+def test_pack_loads_as_comfyui_loads_it(pack):
+    assert sorted(pack.NODE_CLASS_MAPPINGS) == sorted(NODE_IDS)
+    assert set(pack.NODE_DISPLAY_NAME_MAPPINGS) == set(NODE_IDS)
+    assert all(name.startswith("FluxSR") for name in pack.NODE_DISPLAY_NAME_MAPPINGS.values())
+
+
+def test_pack_runs_its_own_core_copy(pack):
+    upscale_mod = sub(pack, "nodes.upscale")
+    assert upscale_mod.upscaler.__name__ == f"{pack.__name__}.fluxsr_core.upscaler"
+    assert Path(upscale_mod.upscaler.__file__).resolve() == REPO / "fluxsr_core" / "upscaler.py"
+
+
+def _absolute_core_imports(path: Path) -> list[str]:
+    tree = ast.parse(path.read_text(encoding="utf-8"))
+    bad = []
+    for node in ast.walk(tree):
+        if isinstance(node, ast.Import):
+            bad += [a.name for a in node.names if a.name.split(".")[0] in ("fluxsr_core", "fluxsr_training")]
+        elif isinstance(node, ast.ImportFrom) and node.level == 0 and node.module and \
+                node.module.split(".")[0] in ("fluxsr_core", "fluxsr_training"):
+            bad.append(node.module)
+    return bad
+
+
+@pytest.mark.parametrize("folder", ["nodes", "fluxsr_core"])
+def test_pack_code_imports_the_core_relatively(folder):
+    """A plain clone has no installed ``fluxsr_core``: every import inside the pack is relative."""
+    offenders = {p.name: _absolute_core_imports(p) for p in sorted((REPO / folder).glob("*.py"))
+                 if p.name != "cli.py"}
+    assert {k: v for k, v in offenders.items() if v} == {}
+    assert _absolute_core_imports(REPO / "__init__.py") == []
+
+
+def test_pack_works_without_the_installed_core(tmp_path):
+    """As after `git clone` + `pip install -r requirements.txt`: top-level fluxsr_core is absent."""
+    script = textwrap.dedent(f"""
+        import importlib.abc, importlib.util, sys, torch
+        class Block(importlib.abc.MetaPathFinder):
+            def find_spec(self, name, path=None, target=None):
+                if name.split(".")[0] in ("fluxsr_core", "fluxsr_training"):
+                    raise ImportError("blocked: " + name)
+        sys.meta_path.insert(0, Block())
+        name = "{tmp_path}/custom_nodes/ComfyUI-FluxSR"
+        spec = importlib.util.spec_from_file_location(name, "{REPO / '__init__.py'}")
+        pack = importlib.util.module_from_spec(spec); sys.modules[name] = pack; spec.loader.exec_module(pack)
+        tiling = pack.NODE_CLASS_MAPPINGS["FluxSRTilingOptions"]().build(256, 64, 0, 0, "gaussian")[0]
+        up = sys.modules[name + ".nodes.upscale"]
+        core = sys.modules[name + ".fluxsr_core.upscaler"]
+        class Vel:
+            def __call__(self, latent, sigma, cond, position_offset=(0, 0)):
+                return torch.zeros_like(latent)
+        class Codec:
+            downscale, latent_channels = 8, 16
+            def encode(self, x):
+                return torch.nn.functional.avg_pool2d(x, 8).repeat(1, 6, 1, 1)[:, :16]
+            def decode(self, z):
+                return torch.nn.functional.interpolate(z[:, :3], scale_factor=8)
+        out = up.upscale_images(torch.rand(1, 16, 16, 3), Vel(), Codec(), None,
+                                core.UpscaleOptions(scale=2.0, color_fix="none", tiling=tiling))
+        assert tuple(out.shape) == (1, 32, 32, 3), out.shape
+        assert "fluxsr_core" not in sys.modules
+        # ComfyUI-only imports happen inside functions: none ran here.
+        assert "comfy" not in sys.modules and "folder_paths" not in sys.modules
+        print("OK")
+    """)
+    r = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=120)
+    assert r.returncode == 0, r.stderr[-3000:]
+    assert r.stdout.strip().endswith("OK")
+
+
+# --- node definitions ---------------------------------------------------------------------------
+
+def _inputs(cls):
+    spec = cls.INPUT_TYPES()
+    assert set(spec) <= {"required", "optional", "hidden"}
+    for section in ("required", "optional"):
+        for name, value in spec.get(section, {}).items():
+            yield section, name, value
+
+
+@pytest.mark.parametrize("node_id", NODE_IDS)
+def test_node_definition_is_well_formed(pack, node_id):
+    cls = pack.NODE_CLASS_MAPPINGS[node_id]
+    assert cls.CATEGORY == "image/upscaling/FluxSR"
+    assert isinstance(cls.DESCRIPTION, str) and len(cls.DESCRIPTION) > 80
+    assert isinstance(cls.RETURN_TYPES, tuple) and cls.RETURN_TYPES
+    assert len(cls.RETURN_NAMES) == len(cls.RETURN_TYPES) == len(cls.OUTPUT_TOOLTIPS)
+    fn = getattr(cls, cls.FUNCTION)
+    params = inspect.signature(fn).parameters
+    seen = []
+    for section, name, value in _inputs(cls):
+        seen.append(name)
+        assert name in params, f"{node_id}.{cls.FUNCTION} does not take input {name}"
+        assert isinstance(value, tuple) and len(value) == 2, f"{node_id}.{name}: (type, options) expected"
+        kind, opts = value
+        assert opts.get("tooltip"), f"{node_id}.{name} has no tooltip"
+        if kind in ("INT", "FLOAT"):
+            assert opts["min"] <= opts["default"] <= opts["max"], f"{node_id}.{name} default out of range"
+            if kind == "INT":
+                assert all(isinstance(opts[k], int) for k in ("min", "max", "default"))
+        elif isinstance(kind, list):
+            assert "default" not in opts or opts["default"] in kind or not kind
+        else:
+            assert isinstance(kind, str) and kind.isupper() or kind == "FLUXSR_TILING"
+    # Every parameter without a default is a required input (ComfyUI passes inputs by name).
+    required = {n for s, n, _ in _inputs(cls) if s == "required"}
+    for pname, p in params.items():
+        if pname != "self" and p.default is inspect.Parameter.empty:
+            assert pname in required
+
+
+def test_widget_order_is_frozen(pack):
+    """Saved workflows store widget values by position: this order only ever grows at the end."""
+    expect = {
+        "FluxSRConditioning": ["bundle", "guidance"],
+        "FluxSRTilingOptions": ["tile_size", "tile_overlap", "vae_tile_size", "vae_tile_overlap", "blend",
+                                "global_position_ids", "tile_batch_size"],
+        "FluxSRUpscale": ["image", "model", "vae", "conditioning", "scale", "t_l", "color_fix", "tiling"],
+        "FluxSRTeacherSampler": ["model", "conditioning", "vae", "seed", "steps", "width", "height",
+                                 "trajectory_previews", "dataset_folder"],
+    }
+    for node_id, names in expect.items():
+        got = [n for _, n, _ in _inputs(pack.NODE_CLASS_MAPPINGS[node_id])]
+        assert got[:len(names)] == names
+
+
+# --- FluxSRConditioning -------------------------------------------------------------------------
+
+@pytest.fixture
+def bundle_dir(pack, tmp_path, monkeypatch):
+    bundle = sub(pack, "fluxsr_core.bundle")
+    settings = sub(pack, "fluxsr_core.settings")
+    g = torch.Generator().manual_seed(3)
+    t5, clip = torch.randn(1, 6, 32, generator=g), torch.randn(1, 16, generator=g)
+    root = tmp_path / "fluxsr"
+    root.mkdir()
+    bundle.save_bundle(root / "ours.safetensors", t5, clip, settings.RunSettings(t_l=0.4, guidance=2.5))
+    third = root / "release"
+    third.mkdir()
+    torch.save(t5[0].clone(), third / "t5_embedding.pth")
+    torch.save(clip[0].clone(), third / "clip_embedding.pth")
+    (third / "pytorch_lora_weights.safetensors").write_bytes(b"not listed")
+    (root / "notes.txt").write_text("not a bundle")
+    monkeypatch.setattr(sub(pack, "nodes.paths"), "search_dirs", lambda: [str(root)])
+    return types.SimpleNamespace(root=root, t5=t5, clip=clip)
+
+
+def test_conditioning_lists_and_loads_bundles(pack, bundle_dir):
+    cls = pack.NODE_CLASS_MAPPINGS["FluxSRConditioning"]
+    assert cls.INPUT_TYPES()["required"]["bundle"][0] == ["ours.safetensors", "release"]
+    (cond,) = cls().load("ours.safetensors", 0.0)
+    t5, extra = cond[0]
+    assert torch.equal(t5, bundle_dir.t5) and torch.equal(extra["pooled_output"], bundle_dir.clip)
+    assert extra["guidance"] == 2.5
+    settings = sub(pack, "nodes.comfy_adapters").conditioning_settings(cond)
+    assert (settings.t_l, settings.guidance) == (0.4, 2.5)
+    (cond2,) = cls().load("release", 4.0)  # the third-party folder form, guidance overridden
+    assert torch.equal(cond2[0][0], bundle_dir.t5) and cond2[0][1]["guidance"] == 4.0
+    assert sub(pack, "nodes.comfy_adapters").conditioning_settings(cond2).t_l == 0.25  # folder has no config
+
+
+def test_conditioning_errors_and_change_detection(pack, bundle_dir):
+    cls = pack.NODE_CLASS_MAPPINGS["FluxSRConditioning"]
+    with pytest.raises(FileNotFoundError, match="not found"):
+        cls().load("missing.safetensors", 0.0)
+    with pytest.raises(FileNotFoundError, match="relative"):
+        cls().load("../ours.safetensors", 0.0)
+    assert cls.VALIDATE_INPUTS("missing.safetensors") != True  # noqa: E712 - ComfyUI wants True or a message
+    assert cls.VALIDATE_INPUTS("ours.safetensors") is True
+    before = cls.IS_CHANGED("ours.safetensors", 0.0)
+    path = bundle_dir.root / "ours.safetensors"
+    os.utime(path, ns=(1, 1))
+    assert cls.IS_CHANGED("ours.safetensors", 0.0) != before
+
+
+def test_register_folder_keeps_user_paths_and_filters(pack, monkeypatch, tmp_path):
+    fp = types.ModuleType("folder_paths")
+    fp.models_dir = str(tmp_path / "models")
+    extra = str(tmp_path / "elsewhere" / "fluxsr")
+    fp.folder_names_and_paths = {"fluxsr": ([extra], set())}  # as extra_model_paths.yaml leaves it
+    fp.get_folder_paths = lambda name: fp.folder_names_and_paths[name][0]
+    monkeypatch.setitem(sys.modules, "folder_paths", fp)
+    paths = sub(pack, "nodes.paths")
+    assert paths.register_folder() is True
+    folders, exts = fp.folder_names_and_paths["fluxsr"]
+    assert folders == [os.path.join(fp.models_dir, "fluxsr"), extra]
+    assert exts == {".safetensors"}
+
+
+# --- FluxSRTilingOptions ------------------------------------------------------------------------
+
+def test_tiling_options_defaults_and_errors(pack):
+    cls = pack.NODE_CLASS_MAPPINGS["FluxSRTilingOptions"]
+    tiling = sub(pack, "fluxsr_core.tiling")
+    req = cls.INPUT_TYPES()["required"]
+    defaults = [req[k][1]["default"] for k in req]
+    assert cls().build(*defaults)[0] == tiling.TilingConfig()
+    assert cls().build(512, 128, 0, 0, "linear", True, 2)[0] == tiling.TilingConfig(
+        latent_tile=64, latent_overlap=16, vae_tile=0, vae_overlap=0, blend="linear",
+        global_position_ids=True, tile_batch_size=2)
+    with pytest.raises(ValueError, match="larger than overlap"):
+        cls().build(512, 512, 0, 0, "gaussian")
+    with pytest.raises(ValueError, match="multiple of 16"):
+        cls().build(520, 128, 0, 0, "gaussian")
+
+
+# --- the adapters over ComfyUI's MODEL and VAE --------------------------------------------------
+
+def test_comfy_velocity_recovers_the_velocity(pack, tiny, fake_comfy):
+    adapters = sub(pack, "nodes.comfy_adapters")
+    cond = tiny_conditioning(pack, t_l=0.3)
+    patcher = FakePatcher(tiny.velocity, fake_comfy.CONST)
+    vel = adapters.ComfyVelocity(patcher)
+    x = torch.randn(2, 16, 8, 6, generator=torch.Generator().manual_seed(1))
+    sigma = torch.tensor([0.3, 0.7])
+    core = adapters.conditioning_to_core(cond)
+    want = tiny.velocity(x, sigma, core)
+    got = vel(x, sigma, cond)
+    torch.testing.assert_close(got, want, atol=2e-5, rtol=1e-4)
+    assert fake_comfy.loads and fake_comfy.loads[-1][0] == [patcher]
+    # Position offsets become ComfyUI's rope shifts (token units).
+    got_off = vel(x, sigma, cond, position_offset=(2, 4))
+    torch.testing.assert_close(got_off, tiny.velocity(x, sigma, core, position_offset=(2, 4)), atol=2e-5, rtol=1e-4)
+    assert patcher.model.calls[-1]["transformer_options"]["rope_options"] == {"shift_y": 2.0, "shift_x": 4.0}
+    assert not torch.allclose(got_off, got)
+    # A patch wrapper (model_function_wrapper) is honoured.
+    seen = []
+    patcher.model_options["model_function_wrapper"] = lambda f, a: seen.append(a["timestep"]) or f(a["input"], a["timestep"], **a["c"])
+    torch.testing.assert_close(vel(x, sigma, cond), want, atol=2e-5, rtol=1e-4)
+    assert len(seen) == 1
+
+
+def test_comfy_velocity_averages_entries_and_refuses_areas(pack, tiny, fake_comfy):
+    adapters = sub(pack, "nodes.comfy_adapters")
+    a, b = tiny_conditioning(pack)[0], tiny_conditioning(pack, guidance=1.0)[0]
+    b = [b[0] * 0.5, dict(b[1], strength=3.0)]
+    patcher = FakePatcher(tiny.velocity, fake_comfy.CONST)
+    vel = adapters.ComfyVelocity(patcher)
+    x, sigma = torch.randn(1, 16, 4, 4), torch.tensor([0.5])
+    va = vel(x, sigma, [a])
+    vb = vel(x, sigma, [b])
+    torch.testing.assert_close(vel(x, sigma, [a, b]), (va + 3 * vb) / 4, atol=1e-5, rtol=1e-5)
+    with pytest.raises(ValueError, match="area conditioning"):
+        vel(x, sigma, [[a[0], dict(a[1], area=(8, 8, 0, 0))]])
+    with pytest.raises(ValueError, match="sigma 0"):
+        vel(x, torch.tensor([0.0]), [a])
+
+
+def test_comfy_velocity_refuses_models_that_are_not_flux(pack, tiny, fake_comfy):
+    adapters = sub(pack, "nodes.comfy_adapters")
+    patcher = FakePatcher(tiny.velocity, fake_comfy.CONST)
+    patcher.model.latent_format.scale_factor = 0.13025  # SDXL's
+    with pytest.raises(ValueError, match="not a FLUX.1 model"):
+        adapters.ComfyVelocity(patcher)
+    patcher = FakePatcher(tiny.velocity, object)
+    with pytest.raises(ValueError, match="rectified-flow"):
+        adapters.ComfyVelocity(patcher)
+    with pytest.raises(ValueError, match="not a ComfyUI MODEL"):
+        adapters.ComfyVelocity(object())
+
+
+def test_comfy_codec_normalises_and_tiles(pack, tiny):
+    adapters = sub(pack, "nodes.comfy_adapters")
+    vae = FakeVAE(tiny.vae)
+    codec = adapters.ComfyCodec(vae, vae_tile=32, vae_overlap=8)
+    img = torch.rand(1, 3, 16, 24, generator=torch.Generator().manual_seed(2))
+    torch.testing.assert_close(codec.encode(img), tiny.codec.encode(img), atol=1e-6, rtol=1e-5)
+    z = tiny.codec.encode(img)
+    torch.testing.assert_close(codec.decode(z), tiny.codec.decode(z), atol=1e-6, rtol=1e-5)
+    assert [c[0] for c in vae.calls] == ["encode", "decode"]
+    big = torch.rand(1, 3, 48, 40)
+    codec.encode(big)
+    codec.decode(tiny.codec.encode(big))
+    assert vae.calls[2] == ("encode_tiled", 32, 8) and vae.calls[4] == ("decode_tiled", 8, 1)  # at least 64 px, as VAEDecodeTiled
+    with pytest.raises(ValueError, match="16-channel FLUX"):
+        adapters.ComfyCodec(types.SimpleNamespace(encode=None, decode=None, latent_channels=4))
+
+
+# --- FluxSRUpscale ------------------------------------------------------------------------------
+
+def test_upscale_node_matches_the_core_upscaler(pack, tiny, fake_comfy):
+    upscaler = sub(pack, "fluxsr_core.upscaler")
+    images = sub(pack, "fluxsr_core.images")
+    adapters = sub(pack, "nodes.comfy_adapters")
+    node = pack.NODE_CLASS_MAPPINGS["FluxSRUpscale"]()
+    cond = tiny_conditioning(pack, t_l=0.35)
+    patcher = FakePatcher(tiny.velocity, fake_comfy.CONST)
+    image = torch.rand(2, 24, 20, 4, generator=torch.Generator().manual_seed(5))  # RGBA batch
+    (out,) = node.upscale(image, patcher, FakeVAE(tiny.vae), cond, scale=2.0, t_l=0.0, color_fix="wavelet")
+    assert out.shape == (2, 48, 40, 4) and out.dtype == torch.float32 and out.device.type == "cpu"
+    options = upscaler.UpscaleOptions(scale=2.0, t_l=0.35, color_fix="wavelet")
+    core_cond = adapters.conditioning_to_core(cond)
+    for i in range(2):
+        want = upscaler.upscale_tensor(images.bhwc_to_bchw(image[i:i + 1, ..., :3]), tiny.velocity, tiny.codec,
+                                       core_cond, options)
+        torch.testing.assert_close(images.bhwc_to_bchw(out[i:i + 1, ..., :3]), want, atol=1e-4, rtol=1e-4)
+        alpha = images.upscale_alpha(images.bhwc_to_bchw(image[i:i + 1, ..., 3:]), (48, 40))
+        torch.testing.assert_close(out[i, ..., 3], alpha[0, 0])
+    # T_L came from the conditioning (0.35): the default 0.25 gives another image.
+    other = upscaler.upscale_tensor(images.bhwc_to_bchw(image[:1, ..., :3]), tiny.velocity, tiny.codec, core_cond,
+                                    upscaler.UpscaleOptions(scale=2.0, t_l=0.25, color_fix="wavelet"))
+    assert (other - images.bhwc_to_bchw(out[:1, ..., :3])).abs().max() > 1e-3
+    # One progress bar over the whole batch, ending at its total; interrupt checks ran.
+    bar = fake_comfy.bars[-1]
+    assert bar.updates[-1][0] == bar.updates[-1][1] and len(bar.updates) == 2
+    assert fake_comfy.checks >= 4
+    assert patcher.model.calls[0]["t"].tolist() == pytest.approx([0.35])
+
+
+def test_upscale_t_l_resolution(pack):
+    up = sub(pack, "nodes.upscale")
+    with_settings = tiny_conditioning(pack, t_l=0.4)
+    plain = tiny_conditioning(pack)
+    assert up.resolve_t_l(0.0, with_settings) == (0.4, "conditioning bundle")
+    assert up.resolve_t_l(0.2, with_settings) == (0.2, "FluxSRUpscale widget")
+    assert up.resolve_t_l(0.0, plain) == (0.25, "default")
+    with pytest.raises(ValueError, match="CONDITIONING"):
+        up.resolve_t_l(0.0, [])
+
+
+def test_upscale_node_grey_and_tiled(pack, tiny, fake_comfy):
+    node = pack.NODE_CLASS_MAPPINGS["FluxSRUpscale"]()
+    tiling = pack.NODE_CLASS_MAPPINGS["FluxSRTilingOptions"]().build(256, 64, 64, 16, "gaussian")[0]
+    vae = FakeVAE(tiny.vae)
+    grey = torch.rand(1, 40, 36, 1)
+    (out,) = node.upscale(grey, FakePatcher(tiny.velocity, fake_comfy.CONST), vae, tiny_conditioning(pack),
+                          scale=4.0, t_l=0.25, color_fix="none", tiling=tiling)
+    assert out.shape == (1, 160, 144, 1)
+    patcher_calls = [c for c in vae.calls if c[0].endswith("tiled")]
+    assert patcher_calls == [("encode_tiled", 64, 16), ("decode_tiled", 8, 2)]
+
+
+def test_upscale_node_retries_with_smaller_tiles_on_oom(pack, tiny, fake_comfy, caplog):
+    node = pack.NODE_CLASS_MAPPINGS["FluxSRUpscale"]()
+    tiling = pack.NODE_CLASS_MAPPINGS["FluxSRTilingOptions"]().build(512, 128, 0, 0, "gaussian")[0]
+    patcher = FakePatcher(tiny.velocity, fake_comfy.CONST)
+    real_apply = patcher.model.apply_model
+
+    failures = []
+
+    def apply_model(x, t, **kw):
+        if not failures:  # the first pass runs out of memory
+            failures.append(tuple(x.shape))
+            raise torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 2.00 GiB")
+        return real_apply(x, t, **kw)
+
+    patcher.model.apply_model = apply_model
+    with caplog.at_level(logging.WARNING, logger="fluxsr"):
+        (out,) = node.upscale(torch.rand(2, 20, 20, 3), patcher, FakeVAE(tiny.vae), tiny_conditioning(pack),
+                              scale=3.2, t_l=0.25, color_fix="none", tiling=tiling)
+    assert out.shape == (2, 64, 64, 3)
+    retries = [r for r in caplog.records if "out of memory" in r.getMessage()]
+    assert len(retries) == 1 and "256px tiles" in retries[0].getMessage()
+    assert fake_comfy.emptied == 1 and len(failures) == 1
+
+
+def test_upscale_node_stops_on_interrupt(pack, tiny, fake_comfy):
+    node = pack.NODE_CLASS_MAPPINGS["FluxSRUpscale"]()
+    fake_comfy.interrupt_after = 2
+    tiling = pack.NODE_CLASS_MAPPINGS["FluxSRTilingOptions"]().build(256, 64, 0, 0, "gaussian")[0]
+    patcher = FakePatcher(tiny.velocity, fake_comfy.CONST)
+    with pytest.raises(fake_comfy.Interrupt):
+        node.upscale(torch.rand(1, 24, 24, 3), patcher, FakeVAE(tiny.vae), tiny_conditioning(pack),
+                     scale=4.0, t_l=0.25, color_fix="none", tiling=tiling)
+    assert 0 < len(patcher.model.calls) < 4  # 96 px output = 4 tiles of 256/64: stopped between tiles
+
+
+def test_upscale_node_refuses_bad_images(pack, tiny, fake_comfy):
+    node = pack.NODE_CLASS_MAPPINGS["FluxSRUpscale"]()
+    patcher = FakePatcher(tiny.velocity, fake_comfy.CONST)
+    with pytest.raises(ValueError, match=r"\[B, H, W, C\]"):
+        node.upscale(torch.rand(1, 16, 16, 2), patcher, FakeVAE(tiny.vae), tiny_conditioning(pack))
+    with pytest.raises(ValueError, match="T_L"):
+        node.upscale(torch.rand(1, 16, 16, 3), patcher, FakeVAE(tiny.vae), tiny_conditioning(pack), t_l=1.5)
+
+
+# --- FluxSRTeacherSampler -----------------------------------------------------------------------
+
+def test_teacher_sampler_is_the_core_sampler(pack, tiny, fake_comfy, tmp_path):
+    flow = sub(pack, "fluxsr_core.flow")
+    latents = sub(pack, "fluxsr_core.latents")
+    pairs = sub(pack, "fluxsr_core.pairs")
+    teacher = sub(pack, "nodes.teacher")
+    adapters = sub(pack, "nodes.comfy_adapters")
+    node = pack.NODE_CLASS_MAPPINGS["FluxSRTeacherSampler"]()
+    cond = tiny_conditioning(pack, guidance=3.0)
+    patcher = FakePatcher(tiny.velocity, fake_comfy.CONST)
+    image, latent, trajectory = node.sample(patcher, cond, FakeVAE(tiny.vae), seed=11, steps=3, width=32,
+                                            height=48, trajectory_previews=2, dataset_folder=str(tmp_path / "pairs"))
+    noise = teacher.seeded_noise(11, 48, 32)
+    assert torch.equal(noise, torch.randn(1, 16, 6, 4, generator=torch.Generator().manual_seed(11)))
+    sigmas = flow.flux_sigmas(3, (48 // 16) * (32 // 16))
+    core_cond = adapters.conditioning_to_core(cond)
+    z0 = flow.euler_sample(tiny.velocity, noise, sigmas, core_cond)
+    torch.testing.assert_close(latents.normalize(latent["samples"]), z0, atol=1e-4, rtol=1e-4)
+    assert image.shape == (1, 48, 32, 3)
+    torch.testing.assert_close(image[0], tiny.codec.decode(z0)[0].movedim(0, -1), atol=1e-4, rtol=1e-4)
+    assert trajectory.shape == (2, 48, 32, 3) and teacher.preview_steps(3, 2) == [2, 3]
+    torch.testing.assert_close(trajectory[-1], image[0])
+    # The pair is on disk, readable by the trainer's dataset, and not duplicated by a re-run.
+    data = pairs.PairDataset(tmp_path / "pairs")
+    assert len(data) == 1
+    item = data[0]
+    assert torch.equal(item["eps"], noise[0])
+    torch.testing.assert_close(item["z0"], z0[0], atol=1e-4, rtol=1e-4)
+    assert item["meta"]["seed"] == 11 and item["meta"]["steps"] == 3 and item["meta"]["guidance"] == 3.0
+    assert torch.equal(item["t5"], cond[0][0][0]) and item["image"].dtype == torch.uint8
+    node.sample(patcher, cond, FakeVAE(tiny.vae), seed=11, steps=3, width=32, height=48,
+                trajectory_previews=0, dataset_folder=str(tmp_path / "pairs"))
+    node.sample(patcher, cond, FakeVAE(tiny.vae), seed=12, steps=3, width=32, height=48,
+                trajectory_previews=0, dataset_folder=str(tmp_path / "pairs"))
+    assert len(pairs.PairDataset(tmp_path / "pairs")) == 2
+    assert len(list((tmp_path / "pairs").glob("shard-*.safetensors"))) == 2  # one shard per new pair
+
+
+def test_teacher_preview_steps_and_errors(pack, tiny):
+    teacher = sub(pack, "nodes.teacher")
+    assert teacher.preview_steps(28, 4) == [7, 14, 21, 28]
+    assert teacher.preview_steps(3, 10) == [1, 2, 3]
+    assert teacher.preview_steps(5, 0) == []
+    with pytest.raises(ValueError, match="multiples of 16"):
+        teacher.sample_teacher(tiny.velocity, tiny.codec, None, 0, 2, 40, 32)
+    assert teacher.resolve_dataset_folder("/abs/pairs") == "/abs/pairs"
