@@ -73,14 +73,27 @@ class UnsupportedWeightsError(WeightsError):
 
 # --------------------------------------------------------------------------------- file reading
 
-def _sniff(path: Path, n: int = 8) -> bytes:
+def _sniff(path: Path, n: int = 9) -> bytes:
     with open(path, "rb") as f:
         return f.read(n)
 
 
-def _looks_like_pickle(head: bytes) -> bool:
-    # torch.save's zip container starts "PK\x03\x04"; a raw pickle (protocol >= 2) with 0x80.
-    return head.startswith(b"PK\x03\x04") or (len(head) > 1 and head[0] == 0x80 and head[1] <= 5)
+def _looks_like_safetensors(head: bytes, size: int) -> bool:
+    # u64 little-endian header length, then the JSON header itself, which starts with "{".
+    if len(head) < 9 or head[8:9] != b"{":
+        return False
+    return 8 + int.from_bytes(head[:8], "little") <= size
+
+
+def _looks_like_pickle(head: bytes, size: int) -> bool:
+    r"""torch.save's zip container ("PK\x03\x04") or a raw pickle (PROTO opcode 0x80, protocol 2-5).
+
+    A safetensors header of 128 + 256*k bytes (k <= 5) also starts 0x80 0x0k, so a file that
+    parses as safetensors is never called a pickle.
+    """
+    if _looks_like_safetensors(head, size):
+        return False
+    return head.startswith(b"PK\x03\x04") or (len(head) > 1 and head[0] == 0x80 and 2 <= head[1] <= 5)
 
 
 def _existing_file(path: PathLike, what: str) -> Path:
@@ -98,7 +111,7 @@ def _existing_file(path: PathLike, what: str) -> Path:
 def _check_safetensors_container(p: Path, what: str) -> None:
     """Refuse pickles and GGUF by name and by content before asking safetensors to parse."""
     head = _sniff(p)
-    if p.suffix.lower() in PICKLE_SUFFIXES or _looks_like_pickle(head):
+    if p.suffix.lower() in PICKLE_SUFFIXES or _looks_like_pickle(head, p.stat().st_size):
         raise UnsafeWeightsError(
             f"{what} {p} is a pickle file ({p.suffix or 'pickle content'}); FluxSR never unpickles model "
             f"weights because loading a pickle can run arbitrary code. Convert it to safetensors "

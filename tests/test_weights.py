@@ -91,6 +91,21 @@ def test_read_safetensors_errors(tmp_path):
         W.read_safetensors(tmp_path)
 
 
+@pytest.mark.parametrize("header_len", [128, 384, 1408])
+def test_safetensors_header_length_that_starts_like_a_pickle_is_read(tmp_path, header_len):
+    """A header of 128 + 256*k bytes begins 0x80 0x0k, like a pickle's PROTO opcode."""
+    p = tmp_path / "small.safetensors"
+    for pad in range(0, 2000):
+        save_file({"w": torch.zeros(2)}, p, metadata={"pad": "x" * pad})
+        if int.from_bytes(p.read_bytes()[:8], "little") == header_len:
+            break
+    else:
+        pytest.fail("could not build the header length")
+    assert p.read_bytes()[0] == 0x80
+    sd, md = W.read_safetensors(p)
+    assert torch.equal(sd["w"], torch.zeros(2)) and len(md["pad"]) == pad
+
+
 @pytest.mark.parametrize("suffix", [".pt", ".pth", ".ckpt", ".bin"])
 def test_pickled_model_weights_are_refused(tmp_path, suffix):
     p = tmp_path / f"flux1-dev{suffix}"
