@@ -141,6 +141,15 @@ def collect_jobs(inputs: Sequence[Path], output: Path) -> list[Job]:
     return jobs
 
 
+def demo_defaults():
+    """The shipped demo model's files, or None when this install has none."""
+    try:
+        from .demo_model import demo_paths
+    except ImportError:
+        return None
+    return demo_paths()
+
+
 def _load_pipeline(args, tiling, log):
     """Build the velocity model, codec, conditioning and run settings from the user's files."""
     from . import bundle as bundle_mod
@@ -148,10 +157,17 @@ def _load_pipeline(args, tiling, log):
     from . import models
     from .settings import settings_from_metadata
 
-    missing = [flag for flag, value in (("--transformer", args.transformer), ("--vae", args.vae),
-                                        ("--lora", args.lora), ("--conditioning", args.conditioning))
-               if not value]
-    if missing:
+    given = {"--transformer": args.transformer, "--vae": args.vae, "--lora": args.lora,
+             "--conditioning": args.conditioning}
+    missing = [flag for flag, value in given.items() if not value]
+    demo = demo_defaults() if len(missing) == len(given) else None
+    if demo is not None:
+        args.transformer, args.vae, args.lora, args.conditioning = (
+            str(demo.transformer), str(demo.vae), str(demo.lora), str(demo.conditioning))
+        log("fluxsr: no model files given: using the bundled DEMO model (a tiny FLUX-architecture "
+            "student trained on a dozen photos, NOT FluxSR on FLUX.1-dev; see the README). "
+            "Pass --transformer/--vae/--lora/--conditioning for real results.")
+    elif missing:
         raise UsageError(f"missing {', '.join(missing)}\n\n{MODEL_FILES_HELP}")
     device = models.resolve_device(args.device)
     dtype = models.resolve_dtype(args.dtype, device)
@@ -160,6 +176,7 @@ def _load_pipeline(args, tiling, log):
         log(f"conditioning: {line}")
     transformer = models.load_transformer(args.transformer, dtype=dtype, device="cpu")
     lora_info = lora_mod.load_lora(transformer, args.lora, scale=args.lora_scale, merge=not args.no_merge_lora)
+    cond_bundle.check_fits(transformer)
     vae = models.load_vae(args.vae, dtype=dtype, device="cpu")
     models.apply_memory_mode(transformer, vae, args.memory_mode, device)
     settings = settings_from_metadata(

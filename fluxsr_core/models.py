@@ -504,19 +504,27 @@ class DiffusersCodec:
             raise ValueError(f"the VAE's weights are {stored} but compute_dtype is {self.compute_dtype}; "
                              f"load the VAE with dtype={self.compute_dtype}")
         self._device = resolve_device(device) if device is not None else None
-        self.tile, self.tile_overlap = int(tile), int(tile_overlap)
-        if self.tile:
-            if self.tile < 0 or self.tile % self.downscale:
+        self.set_tiling(tile, tile_overlap)
+
+    def set_tiling(self, tile: int, tile_overlap: int = 0) -> None:
+        """Turn diffusers' VAE tiling on (``tile`` pixels, multiple of 8) or off (``tile=0``).
+
+        Called again by the upscaler's out-of-memory retry with smaller tiles.
+        """
+        tile, tile_overlap = int(tile), int(tile_overlap)
+        if tile:
+            if tile < 0 or tile % self.downscale:
                 raise ValueError(f"VAE tile must be a positive multiple of {self.downscale} pixels (got {tile})")
-            if not 0 <= self.tile_overlap < self.tile or self.tile_overlap % self.downscale:
+            if not 0 <= tile_overlap < tile or tile_overlap % self.downscale:
                 raise ValueError(f"VAE tile overlap must be a multiple of {self.downscale} pixels and smaller "
-                                 f"than the tile {self.tile} (got {tile_overlap})")
-            vae.enable_tiling()
-            vae.tile_sample_min_size = self.tile
-            vae.tile_latent_min_size = self.tile // self.downscale
-            vae.tile_overlap_factor = _overlap_factor(self.tile, self.tile_overlap)
+                                 f"than the tile {tile} (got {tile_overlap})")
+            self.vae.enable_tiling()
+            self.vae.tile_sample_min_size = tile
+            self.vae.tile_latent_min_size = tile // self.downscale
+            self.vae.tile_overlap_factor = _overlap_factor(tile, tile_overlap)
         else:
-            vae.disable_tiling()
+            self.vae.disable_tiling()
+        self.tile, self.tile_overlap = tile, tile_overlap
 
     @property
     def device(self) -> torch.device:

@@ -1,0 +1,90 @@
+"""`fluxsr upscale` end to end on tiny random models: files written, skips, failures, messages."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+from PIL import Image
+
+from fluxsr_core import cli
+
+
+def model_args(files):
+    return ["--transformer", str(files.transformer), "--vae", str(files.vae), "--lora", str(files.lora),
+            "--conditioning", str(files.conditioning), "--device", "cpu", "--dtype", "fp32", "-q"]
+
+
+def test_missing_model_files_say_what_is_needed(tmp_path, photo_png, capsys, monkeypatch):
+    for var in ("FLUXSR_TRANSFORMER", "FLUXSR_VAE", "FLUXSR_LORA", "FLUXSR_CONDITIONING"):
+        monkeypatch.delenv(var, raising=False)
+    monkeypatch.setattr(cli, "demo_defaults", lambda: None)
+    code = cli.main(["upscale", str(photo_png), "-o", str(tmp_path / "out")])
+    err = capsys.readouterr().err
+    assert code == 2
+    for needed in ("--transformer", "--vae", "--lora", "--conditioning", "flux1-dev.safetensors", "ae.safetensors",
+                   "models/fluxsr"):
+        assert needed in err
+    assert not (tmp_path / "out").exists()
+
+
+def test_folder_output_bad_file_fails_alone(tmp_path, photo_png, tiny_model_files, capsys):
+    broken = tmp_path / "broken.png"
+    broken.write_bytes(b"\x89PNG\r\n\x1a\n" + b"\x00" * 40)
+    gray16 = tmp_path / "gray16.png"
+    Image.fromarray((np.linspace(0, 65535, 24 * 16).reshape(16, 24)).astype(np.uint16)).save(gray16)
+    rgba = tmp_path / "rgba.png"
+    a = np.zeros((16, 16, 4), np.uint8)
+    a[..., 0] = 200
+    a[..., 3] = np.linspace(0, 255, 16, dtype=np.uint8)[None, :]
+    Image.fromarray(a, "RGBA").save(rgba)
+    out = tmp_path / "out"
+    code = cli.main(["upscale", str(photo_png), str(broken), str(gray16), str(rgba), "-o", str(out),
+                     "--scale", "2"] + model_args(tiny_model_files))
+    err = capsys.readouterr().err
+    assert code == 1
+    assert "Traceback" not in err
+    assert "broken.png" in err and "1 failed" in err and "3 upscaled" in err
+    # the run settings and where they came from are reported (T_L from the bundle/LoRA metadata)
+    assert "T_L=0.3" in err and "guidance=2" in err
+    with Image.open(out / "astronaut.png") as im:
+        assert im.size == (80, 64) and im.mode == "RGB"
+    with Image.open(out / "gray16.png") as im:
+        assert im.size == (48, 32) and im.mode.startswith("I")   # 16-bit grayscale kept
+    with Image.open(out / "rgba.png") as im:
+        assert im.mode == "RGBA" and im.size == (32, 32)
+        alpha = np.asarray(im)[..., 3].astype(float)
+        assert alpha[:, 0].mean() < 40 and alpha[:, -1].mean() > 215  # alpha upscaled apart
+    assert not (out / "broken.png").exists()
+
+
+def test_existing_outputs_are_skipped_unless_overwrite(tmp_path, photo_png, tiny_model_files, capsys):
+    target = tmp_path / "result.png"
+    target.write_bytes(b"keep me")
+    code = cli.main(["upscale", str(photo_png), "-o", str(target)] + model_args(tiny_model_files))
+    assert code == 0 and target.read_bytes() == b"keep me"
+    assert "exists" in capsys.readouterr().err
+    code = cli.main(["upscale", str(photo_png), "-o", str(target), "--overwrite", "--long-side", "64"]
+                    + model_args(tiny_model_files))
+    assert code == 0
+    with Image.open(target) as im:
+        assert im.size == (64, 51) or im.size == (64, 52)
+
+
+def test_wrong_file_for_transformer_is_named(tmp_path, photo_png, tiny_model_files, capsys):
+    args = model_args(tiny_model_files)
+    args[args.index("--transformer") + 1] = str(tiny_model_files.vae)
+    code = cli.main(["upscale", str(photo_png), "-o", str(tmp_path / "o")] + args)
+    err = capsys.readouterr().err
+    assert code == 2 and "VAE" in err and "Traceback" not in err
+
+
+@pytest.mark.parametrize("extra,msg", [(["--t-l", "1.5"], "T_L"), (["--tile", "100"], "multiple of 16"),
+                                       (["--tile", "256", "--tile-overlap", "256"], "overlap")])
+def test_impossible_settings(tmp_path, photo_png, tiny_model_files, capsys, extra, msg):
+    code = cli.main(["upscale", str(photo_png), "-o", str(tmp_path / "o")] + model_args(tiny_model_files) + extra)
+    assert code == 2 and msg in capsys.readouterr().err
+
+
+def test_many_inputs_to_a_file_name_is_refused(tmp_path, photo_png, capsys):
+    code = cli.main(["upscale", str(photo_png), str(photo_png), "-o", str(tmp_path / "x.png")])
+    assert code == 2 and "folder" in capsys.readouterr().err

@@ -1,0 +1,157 @@
+"""The one-step upscaler over the two interfaces: sizes, exactness, tiling, retries, cancel."""
+
+import dataclasses
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from fluxsr_core import flow, upscaler
+from fluxsr_core.interfaces import Cancelled
+from fluxsr_core.tiling import TilingConfig
+from fluxsr_core.upscaler import UpscaleOptions
+
+
+class PixelCodec:
+    """A lossless stand-in VAE: 8x8 pixel blocks <-> 16 latent channels (3 x 64 would not fit, so
+    it keeps the block mean per channel in 3 channels and zeros elsewhere) and back by nearest."""
+
+    downscale = 8
+    latent_channels = 16
+
+    def encode(self, image):
+        z = F.avg_pool2d(image, 8)
+        return torch.cat([z, torch.zeros(z.shape[0], 13, *z.shape[-2:])], dim=1)
+
+    def decode(self, latent):
+        return F.interpolate(latent[:, :3], scale_factor=8, mode="nearest")
+
+    def set_tiling(self, tile, overlap):
+        pass
+
+
+class ConstantVelocity:
+    def __init__(self, value=0.0):
+        self.value, self.calls = value, []
+
+    def __call__(self, latent, sigma, cond, position_offset=(0, 0)):
+        self.calls.append((tuple(latent.shape), sigma.clone(), position_offset))
+        return torch.full_like(latent, self.value)
+
+
+def no_fix(**kw):
+    return UpscaleOptions(color_fix="none", **kw)
+
+
+@pytest.mark.parametrize("kw,expected", [
+    (dict(scale=4), (96, 128)),
+    (dict(scale=2.5), (60, 80)),
+    (dict(long_side=200), (150, 200)),
+])
+def test_output_sizes(kw, expected):
+    img = torch.rand(1, 3, 24, 32)
+    out = upscaler.upscale_tensor(img, ConstantVelocity(), PixelCodec(), None, no_fix(**kw))
+    assert tuple(out.shape) == (1, 3, *expected)
+
+
+def test_megapixels_target():
+    out = upscaler.upscale_tensor(torch.rand(1, 3, 30, 40), ConstantVelocity(), PixelCodec(), None,
+                                  no_fix(megapixels=0.0192))
+    assert abs(out.shape[-1] * out.shape[-2] - 19200) / 19200 < 0.05
+
+
+def test_one_step_is_z_l_minus_t_l_v():
+    """With a constant velocity c the output is decode(encode(x) - T_L * c): here, x - T_L c."""
+    img = torch.full((1, 3, 8, 8), 0.5)
+    out = upscaler.upscale_tensor(img, ConstantVelocity(0.4), PixelCodec(), None, no_fix(scale=2, t_l=0.25))
+    torch.testing.assert_close(out, torch.full((1, 3, 16, 16), 0.4))
+
+
+def test_sigma_given_to_model_is_t_l():
+    model = ConstantVelocity()
+    upscaler.upscale_tensor(torch.rand(2, 3, 8, 8), model, PixelCodec(), None, no_fix(t_l=0.3))
+    assert all(torch.allclose(s, torch.full((2,), 0.3)) for _, s, _ in model.calls)
+
+
+def test_padding_is_cropped_back_for_odd_sizes():
+    img = torch.rand(1, 3, 13, 7)
+    out = upscaler.upscale_tensor(img, ConstantVelocity(), PixelCodec(), None, no_fix(scale=3))
+    assert tuple(out.shape) == (1, 3, 39, 21)
+
+
+def test_tiles_are_used_and_counted():
+    model = ConstantVelocity()
+    seen = []
+    tiling = TilingConfig(latent_tile=8, latent_overlap=2)
+    upscaler.upscale_tensor(torch.rand(1, 3, 32, 32), model, PixelCodec(), None,
+                            no_fix(scale=4, tiling=tiling), progress=lambda d, t, p: seen.append((d, t)))
+    assert len(model.calls) > 1
+    assert all(shape[-2:] == (8, 8) for shape, _, _ in model.calls)
+    assert seen[-1][0] == seen[-1][1] == len(model.calls)
+
+
+def test_cancel_between_tiles():
+    model = ConstantVelocity()
+    calls = {"n": 0}
+
+    def cancel():
+        calls["n"] += 1
+        if calls["n"] > 2:
+            raise Cancelled("stop")
+
+    with pytest.raises(Cancelled):
+        upscaler.upscale_tensor(torch.rand(1, 3, 32, 32), model, PixelCodec(), None,
+                                no_fix(tiling=TilingConfig(latent_tile=8, latent_overlap=2)), cancel_check=cancel)
+    assert 0 < len(model.calls) < 20
+
+
+class OOMOnBigTiles(ConstantVelocity):
+    def __call__(self, latent, sigma, cond, position_offset=(0, 0)):
+        if latent.shape[-1] > 16:
+            raise torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 20.00 GiB")
+        return super().__call__(latent, sigma, cond, position_offset)
+
+
+def test_out_of_memory_retries_with_smaller_tiles():
+    retries = []
+    opts = no_fix(scale=4, tiling=TilingConfig(latent_tile=64, latent_overlap=16))
+    out, used = upscaler.upscale_tensor_with_retry(
+        torch.rand(1, 3, 64, 64), OOMOnBigTiles(), PixelCodec(), None, opts,
+        on_retry=lambda t, e: retries.append(t.latent_tile))
+    assert out.shape[-1] == 256
+    assert retries == [32] and used.latent_tile == 32 and used.latent_overlap <= 8
+
+
+def test_out_of_memory_gives_up_with_advice():
+    class AlwaysOOM(ConstantVelocity):
+        def __call__(self, *a, **k):
+            raise torch.OutOfMemoryError("out of memory")
+
+    with pytest.raises(RuntimeError, match="smallest tiles"):
+        upscaler.upscale_tensor_with_retry(torch.rand(1, 3, 16, 16), AlwaysOOM(), PixelCodec(), None,
+                                           no_fix(tiling=TilingConfig(latent_tile=32, latent_overlap=8)),
+                                           on_retry=lambda t, e: None)
+
+
+def test_other_errors_are_not_retried():
+    class Broken(ConstantVelocity):
+        def __call__(self, *a, **k):
+            raise ValueError("bad conditioning")
+
+    with pytest.raises(ValueError, match="bad conditioning"):
+        upscaler.upscale_tensor_with_retry(torch.rand(1, 3, 16, 16), Broken(), PixelCodec(), None, no_fix())
+
+
+@pytest.mark.parametrize("kw,msg", [
+    (dict(t_l=0.0), "T_L"), (dict(t_l=1.2), "T_L"), (dict(color_fix="sepia"), "colour fix"),
+    (dict(tiling=TilingConfig(latent_tile=8, latent_overlap=8)), "overlap"),
+])
+def test_impossible_settings_are_refused(kw, msg):
+    with pytest.raises(ValueError, match=msg):
+        upscaler.upscale_tensor(torch.rand(1, 3, 8, 8), ConstantVelocity(), PixelCodec(), None, UpscaleOptions(**kw))
+
+
+def test_output_size_guard():
+    with pytest.raises(ValueError, match="pixels"):
+        upscaler.upscale_tensor(torch.rand(1, 3, 100, 100), ConstantVelocity(), PixelCodec(), None,
+                                no_fix(scale=8, max_output_pixels=100_000))
