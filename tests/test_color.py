@@ -28,7 +28,7 @@ def test_adain_constant_target_becomes_source_mean():
     target = torch.full((1, 3, 2, 2), 0.2)
     source = torch.tensor([0.0, 0.1, 0.2, 0.5]).view(1, 1, 2, 2).expand(1, 3, 2, 2)
     out = adain_color_fix(target, source)
-    # (t - mean_t) is exactly 0, so every pixel is the source mean 0.8 / 4 = 0.2... per channel
+    # (t - mean_t) is exactly 0, so every pixel becomes the source mean (0 + .1 + .2 + .5) / 4
     assert torch.allclose(out, torch.full_like(out, 0.2), atol=1e-7)
     out2 = adain_color_fix(torch.full((1, 3, 2, 2), 0.9), source)
     assert torch.allclose(out2, torch.full_like(out2, 0.2), atol=1e-7)
