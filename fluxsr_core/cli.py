@@ -155,7 +155,7 @@ def _load_pipeline(args, tiling, log):
     from . import bundle as bundle_mod
     from . import lora as lora_mod
     from . import models
-    from .settings import settings_from_metadata
+    from .settings import merge_settings
 
     given = {"--transformer": args.transformer, "--vae": args.vae, "--lora": args.lora,
              "--conditioning": args.conditioning}
@@ -179,11 +179,7 @@ def _load_pipeline(args, tiling, log):
     cond_bundle.check_fits(transformer)
     vae = models.load_vae(args.vae, dtype=dtype, device="cpu")
     models.apply_memory_mode(transformer, vae, args.memory_mode, device)
-    settings = settings_from_metadata(
-        (cond_bundle.settings.to_metadata() if cond_bundle.settings.source
-         and any(v != "default" for v in cond_bundle.settings.source.values()) else None,
-         f"bundle {Path(args.conditioning).name}"),
-        (lora_info.metadata, f"LoRA {Path(args.lora).name}"))
+    settings = merge_settings(cond_bundle.settings, lora_info.settings)
     if args.t_l is not None:
         settings.t_l, settings.source["t_l"] = args.t_l, "command line"
     if args.guidance is not None:

@@ -106,3 +106,27 @@ def settings_from_metadata(*sources: tuple[Optional[Mapping[str, str]], str],
                 pass
     check_t_l(out.t_l)
     return out
+
+
+def merge_settings(*candidates: Optional[RunSettings]) -> RunSettings:
+    """Per field, the value of the first candidate that read it from a file (not a default).
+
+    ``merge_settings(bundle.settings, lora_info.settings)``: the bundle wins over the LoRA, and
+    fields neither file carries keep our defaults, with ``source`` saying so.
+    """
+    out = RunSettings()
+    out.source = dict(out.source or {})
+    for field_name in ("t_l", "guidance", "scale"):
+        for cand in candidates:
+            if cand is None:
+                continue
+            src = (cand.source or {}).get(field_name, "default")
+            if src != "default":
+                setattr(out, field_name, getattr(cand, field_name))
+                out.source[field_name] = src
+                break
+    for cand in candidates:
+        if cand is not None and cand.lora_rank is not None:
+            out.lora_rank = cand.lora_rank
+            break
+    return out
