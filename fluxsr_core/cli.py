@@ -246,6 +246,8 @@ def run_upscale(args) -> int:
         tile_bar = None
         try:
             loaded = load_image(job.source)
+            for note in loaded.notes:
+                (bar.write if bar else log)(f"note {job.source}: {note}")
             if not quiet:
                 from tqdm.auto import tqdm
                 tile_bar = tqdm(total=None, unit="tile", desc=job.source.name, leave=False, file=sys.stderr)
@@ -260,7 +262,7 @@ def run_upscale(args) -> int:
                                           on_retry=on_retry, configure_codec=configure_codec)
             job.target.parent.mkdir(parents=True, exist_ok=True)
             save_image(job.target, result.rgb.cpu(), alpha=None if result.alpha is None else result.alpha.cpu(),
-                       bit_depth=result.bit_depth, grayscale=result.grayscale)
+                       bit_depth=result.bit_depth, grayscale=result.grayscale, icc_profile=result.icc_profile)
             done += 1
             h, w = result.rgb.shape[-2:]
             (bar.write if bar else log)(f"ok   {job.source} -> {job.target} ({w}x{h})")

@@ -25,7 +25,7 @@ from .tiling import TilingConfig
 log = logging.getLogger("fluxsr")
 
 COLOR_FIXES = ("none", "adain", "wavelet")
-DEFAULT_MAX_OUTPUT_PIXELS = 64_000_000
+DEFAULT_MAX_OUTPUT_PIXELS = images.DEFAULT_MAX_OUTPUT_PIXELS  # 8192 x 8192
 
 
 @dataclass
@@ -114,8 +114,9 @@ def smaller_tiling(config: TilingConfig, min_latent_tile: int = 32) -> Optional[
         return dataclasses.replace(config, tile_batch_size=1)
     tile = max(min_latent_tile, (config.latent_tile // 2) // 2 * 2)
     overlap = min(config.latent_overlap, max(0, (tile // 4) // 2 * 2))
-    vae_tile = max(256, config.vae_tile // 2) if config.vae_tile else 512
-    vae_overlap = min(config.vae_overlap, vae_tile // 4)
+    # VAE tiles stay multiples of 8 pixels (the VAE's factor), overlaps too.
+    vae_tile = max(256, (config.vae_tile // 2) // 8 * 8) if config.vae_tile else 512
+    vae_overlap = min(config.vae_overlap, (vae_tile // 4) // 8 * 8)
     return dataclasses.replace(config, latent_tile=tile, latent_overlap=overlap,
                                vae_tile=vae_tile, vae_overlap=vae_overlap)
 
@@ -170,6 +171,7 @@ class UpscaledImage:
     bit_depth: int
     grayscale: bool
     tiling: TilingConfig
+    icc_profile: Optional[bytes] = None
 
 
 def upscale_loaded_image(
@@ -190,4 +192,5 @@ def upscale_loaded_image(
     if loaded.alpha is not None:
         alpha = images.upscale_alpha(loaded.alpha.to(rgb.device), tuple(rgb.shape[-2:]))
     return UpscaledImage(rgb=rgb, alpha=alpha, bit_depth=loaded.bit_depth,
-                         grayscale=loaded.grayscale, tiling=used)
+                         grayscale=loaded.grayscale, tiling=used,
+                         icc_profile=getattr(loaded, "icc_profile", None))
