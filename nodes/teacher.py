@@ -77,20 +77,21 @@ def sample_teacher(velocity: Any, codec: Any, cond: Any, seed: int, steps: int, 
         if progress is not None:
             progress(done, int(steps), x)
 
-    z0 = flow.euler_sample(velocity, noise, sigmas, cond, callback=on_step, cancel_check=cancel_check)
-    z0 = z0.detach().float()
-    if cancel_check is not None:
-        cancel_check()
-    image = codec.decode(z0).float().cpu()
-    trajectory = None
-    order = sorted(wanted)
-    if order:
-        frames = []
-        for step in order:
-            if cancel_check is not None:
-                cancel_check()
-            frames.append(image if step == steps else codec.decode(states[step]).float().cpu())
-        trajectory = torch.cat(frames, dim=0)
+    with torch.no_grad():  # as ComfyUI's inference mode: no autograd graph over 28 steps
+        z0 = flow.euler_sample(velocity, noise, sigmas, cond, callback=on_step, cancel_check=cancel_check)
+        z0 = z0.detach().float()
+        if cancel_check is not None:
+            cancel_check()
+        image = codec.decode(z0).float().cpu()
+        trajectory = None
+        order = sorted(wanted)
+        if order:
+            frames = []
+            for step in order:
+                if cancel_check is not None:
+                    cancel_check()
+                frames.append(image if step == steps else codec.decode(states[step]).float().cpu())
+            trajectory = torch.cat(frames, dim=0)
     return TeacherResult(image=image, z0=z0.cpu(), noise=noise, sigmas=sigmas, trajectory=trajectory,
                          trajectory_steps=order)
 
@@ -170,9 +171,9 @@ class FluxSRTeacherSampler:
                                  "tooltip": "Noise seed; the pair id includes it, so a seed is stored once."}),
                 "steps": ("INT", {"default": 28, "min": 1, "max": 200,
                                   "tooltip": "Euler steps of FLUX.1-dev's schedule (28 is FLUX's usual)."}),
-                "width": ("INT", {"default": 1024, "min": 256, "max": 4096, "step": PIXEL_MULTIPLE,
+                "width": ("INT", {"default": 1024, "min": 64, "max": 4096, "step": PIXEL_MULTIPLE,
                                   "tooltip": "Image width in pixels (multiple of 16); FluxSR trains at 1024."}),
-                "height": ("INT", {"default": 1024, "min": 256, "max": 4096, "step": PIXEL_MULTIPLE,
+                "height": ("INT", {"default": 1024, "min": 64, "max": 4096, "step": PIXEL_MULTIPLE,
                                    "tooltip": "Image height in pixels (multiple of 16)."}),
                 "trajectory_previews": ("INT", {
                     "default": 4, "min": 0, "max": 64,

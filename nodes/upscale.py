@@ -50,6 +50,13 @@ def upscale_images(
         raise ValueError(f"expected a ComfyUI IMAGE [B, H, W, C] with 1, 3 or 4 channels, got {tuple(image.shape)}")
     if image.shape[0] == 0:
         raise ValueError("the image batch is empty")
+    with torch.no_grad():  # ComfyUI runs nodes under inference mode; elsewhere keep no graph either
+        return _upscale_images(image, velocity, codec, cond, options, progress_for, cancel_check, on_retry,
+                               configure_codec, output_device)
+
+
+def _upscale_images(image, velocity, codec, cond, options, progress_for, cancel_check, on_retry,
+                    configure_codec, output_device) -> torch.Tensor:
     channels = image.shape[-1]
     outputs = []
     current = options

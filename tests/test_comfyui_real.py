@@ -1,0 +1,264 @@
+"""The pack in a real ComfyUI server (skipped unless COMFYUI_DIR points at a ComfyUI checkout).
+
+    COMFYUI_DIR=/path/to/ComfyUI COMFYUI_PYTHON=/path/to/comfy-venv/bin/python \
+        .venv/bin/pytest tests/test_comfyui_real.py -q
+
+``COMFYUI_PYTHON`` is the Python ComfyUI runs under (its own venv with ComfyUI's requirements and
+this repository's requirements.txt; the pack itself is NOT pip-installed there: it is loaded from
+a link in a custom_nodes folder, as a clone would be). ``FLUXSR_COMFY_MODELS`` may name a folder
+to keep the ~1.5 GB of random-weight files between runs (made on first use).
+
+The server runs on 127.0.0.1 with ``--cpu``, its own base directory and database in a temporary
+folder, and an extra_model_paths.yaml for the models and the pack. Checked: the pack registers
+its nodes; every shipped workflow validates against the server's own /object_info (no missing
+node, widget values in order and range, links typed); each API workflow runs to success at small
+sizes; the graph and ``fluxsr upscale`` give the same image from the same files; an interrupt
+in the middle of an upscale leaves the server able to run the next prompt.
+"""
+
+from __future__ import annotations
+
+import copy
+import importlib.util
+import json
+import os
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+REPO = Path(__file__).resolve().parents[1]
+SUPPORT = REPO / "tests" / "comfyui_support"
+COMFYUI_DIR = os.environ.get("COMFYUI_DIR")
+
+pytestmark = [pytest.mark.comfyui, pytest.mark.slow,
+              pytest.mark.skipif(not COMFYUI_DIR, reason="set COMFYUI_DIR (and COMFYUI_PYTHON) to run "
+                                                         "the real-ComfyUI tests")]
+
+
+def _load(name: str):
+    full = f"fluxsr_test_support_{name}"
+    if full not in sys.modules:
+        spec = importlib.util.spec_from_file_location(full, SUPPORT / f"{name}.py")
+        mod = importlib.util.module_from_spec(spec)
+        sys.modules[full] = mod
+        spec.loader.exec_module(mod)
+    return sys.modules[full]
+
+
+server_mod = _load("comfy_server")
+weights = _load("make_weights")
+check = _load("workflow_check")
+
+
+def read_workflow(name: str) -> dict:
+    return json.loads((REPO / "workflows" / f"{name}.json").read_text(encoding="utf-8"))
+
+
+@pytest.fixture(scope="module")
+def models_dir(tmp_path_factory):
+    folder = os.environ.get("FLUXSR_COMFY_MODELS") or str(tmp_path_factory.mktemp("comfy_models"))
+    weights.make_all(folder)
+    return Path(folder)
+
+
+@pytest.fixture(scope="module")
+def server(models_dir, tmp_path_factory):
+    python = os.environ.get("COMFYUI_PYTHON", sys.executable)
+    srv = server_mod.ComfyServer(COMFYUI_DIR, python, models_dir, tmp_path_factory.mktemp("comfy_run"))
+    srv.start()
+    try:
+        yield srv
+    finally:
+        srv.stop()
+
+
+@pytest.fixture(scope="module")
+def object_info(server):
+    return server.object_info()
+
+
+@pytest.fixture(scope="module")
+def input_image(server, tmp_path_factory):
+    from PIL import Image
+
+    rng = np.random.default_rng(0)
+    # Smooth structure plus noise: a photo-like 48x40 input.
+    yy, xx = np.mgrid[0:40, 0:48]
+    base = np.stack([128 + 90 * np.sin(xx / 7.0), 128 + 90 * np.cos(yy / 5.0), 128 + 60 * np.sin((xx + yy) / 9.0)], -1)
+    img = np.clip(base + rng.normal(0, 12, base.shape), 0, 255).astype(np.uint8)
+    path = tmp_path_factory.mktemp("inputs") / "fluxsr_test_input.png"
+    Image.fromarray(img).save(path)
+    return path, server.upload_image(path)
+
+
+def with_test_files(prompt: dict, image_name: str | None = None) -> dict:
+    """The shipped API workflow with the random-weight files and small settings."""
+    p = copy.deepcopy(prompt)
+    for node in p.values():
+        inputs = node["inputs"]
+        if "unet_name" in inputs:
+            inputs["unet_name"] = Path(weights.FLUX_FILE).name
+        if "lora_name" in inputs:
+            inputs["lora_name"] = Path(weights.LORA_FILE).name
+        if "vae_name" in inputs:
+            inputs["vae_name"] = Path(weights.VAE_FILE).name
+        if "bundle" in inputs:
+            inputs["bundle"] = Path(weights.BUNDLE_FILE).name
+        if node["class_type"] == "LoadImage" and image_name:
+            inputs["image"] = image_name
+    return p
+
+
+def load_png(path) -> np.ndarray:
+    from PIL import Image
+
+    return np.asarray(Image.open(path).convert("RGB")).astype(np.int64)
+
+
+# --- loading ------------------------------------------------------------------------------------
+
+def test_pack_registers_its_nodes(server, object_info):
+    ours = {k: v for k, v in object_info.items() if k.startswith("FluxSR")}
+    assert set(ours) == {"FluxSRConditioning", "FluxSRTilingOptions", "FluxSRUpscale", "FluxSRTeacherSampler"}
+    assert all(v["category"] == "image/upscaling/FluxSR" for v in ours.values())
+    bundles = ours["FluxSRConditioning"]["input"]["required"]["bundle"][0]
+    assert bundles == [Path(weights.BUNDLE_FILE).name, Path(weights.THIRDPARTY_DIR).name]
+    log = server.log_text()
+    assert server_mod.PACK_DIR_NAME in log  # listed under "Import times for custom nodes"
+    assert "IMPORT FAILED" not in "\n".join(ln for ln in log.splitlines() if server_mod.PACK_DIR_NAME in ln)
+
+
+@pytest.mark.parametrize("name", ["fluxsr_upscale", "fluxsr_upscale_tiled", "fluxsr_teacher_pairs"])
+def test_workflows_validate_against_the_real_nodes(name, object_info):
+    ui, api = read_workflow(name), read_workflow(f"{name}_api")
+    missing = {n["type"] for n in ui["nodes"]} - set(object_info) - check.FRONTEND_ONLY
+    assert missing == set(), f"missing nodes: {missing}"
+    assert check.check_ui(ui, object_info) == []
+    assert check.check_api(api, object_info) == []
+    assert check.compare_ui_api(ui, api, object_info) == []
+
+
+# --- running the workflows ----------------------------------------------------------------------
+
+def _core_upscale(models_dir: Path, image_path: Path, scale: float) -> torch.Tensor:
+    """The same files through the core's diffusers path, in this process (float result)."""
+    from PIL import Image
+
+    from fluxsr_core import bundle, lora, models, upscaler
+
+    transformer = models.load_transformer(models_dir / weights.FLUX_FILE, dtype=torch.float32, device="cpu")
+    lora.load_lora(transformer, models_dir / weights.LORA_FILE, merge=True)
+    vae = models.load_vae(models_dir / weights.VAE_FILE, dtype=torch.float32, device="cpu")
+    b = bundle.load_bundle(models_dir / weights.BUNDLE_FILE)
+    img = torch.from_numpy(np.asarray(Image.open(image_path).convert("RGB")).astype(np.float32) / 255.0)
+    options = upscaler.UpscaleOptions(scale=scale, t_l=b.settings.t_l, color_fix="wavelet")
+    with torch.no_grad():
+        out = upscaler.upscale_tensor(img.permute(2, 0, 1)[None], models.DiffusersVelocity(transformer),
+                                      models.DiffusersCodec(vae), b.to_conditioning(), options)
+    return out[0].permute(1, 2, 0)
+
+
+def test_upscale_workflow_matches_the_cli(server, models_dir, input_image, tmp_path):
+    path, name = input_image
+    prompt = with_test_files(read_workflow("fluxsr_upscale_api"), name)
+    prompt["6"]["inputs"]["scale"] = 2.0
+    prompt["7"]["inputs"]["filename_prefix"] = "parity"
+    entry = server.run(prompt, timeout=900)
+    (out_file,) = server.output_files(entry)
+    graph = load_png(out_file)
+    assert graph.shape == (80, 96, 3)
+    assert "lora key not loaded" not in server.log_text()  # ComfyUI placed every LoRA tensor
+    assert "T_L=0.3 (conditioning bundle)" in server.log_text()
+
+    cli_out = tmp_path / "cli.png"
+    cmd = [sys.executable, "-m", "fluxsr_core.cli", "upscale", str(path), "-o", str(cli_out), "--quiet",
+           "--transformer", str(models_dir / weights.FLUX_FILE), "--vae", str(models_dir / weights.VAE_FILE),
+           "--lora", str(models_dir / weights.LORA_FILE), "--conditioning", str(models_dir / weights.BUNDLE_FILE),
+           "--scale", "2", "--device", "cpu", "--dtype", "fp32"]
+    r = subprocess.run(cmd, capture_output=True, text=True, timeout=900, cwd=REPO)
+    assert r.returncode == 0, r.stderr[-3000:]
+    cli = load_png(cli_out)
+    # The CLI rounds to 8 bits, ComfyUI's SaveImage truncates: at most one level apart.
+    diff = np.abs(cli - graph)
+    assert diff.max() <= 1 and diff.mean() < 0.75, (diff.max(), diff.mean())
+    # Against the float result: ComfyUI's PNG is floor(255 x) up to float noise.
+    ref = _core_upscale(models_dir, path, 2.0).numpy()
+    floor = np.clip(255.0 * ref, 0, 255).astype(np.int64)
+    assert np.abs(floor - graph).max() <= 1
+    assert (floor == graph).mean() > 0.98
+    assert graph.std() > 5  # not a flat image: the comparison means something
+
+
+def test_tiled_workflow_runs(server, input_image):
+    _, name = input_image
+    prompt = with_test_files(read_workflow("fluxsr_upscale_tiled_api"), name)
+    prompt["6"]["inputs"]["scale"] = 4.0
+    prompt["8"]["inputs"].update(tile_size=256, tile_overlap=64, vae_tile_size=256, vae_tile_overlap=64)
+    prompt["7"]["inputs"]["filename_prefix"] = "tiled"
+    entry = server.run(prompt, timeout=900)
+    (out_file,) = server.output_files(entry)
+    assert load_png(out_file).shape == (160, 192, 3)
+
+
+def test_teacher_workflow_writes_a_pair(server, tmp_path):
+    from fluxsr_core.pairs import PairDataset
+
+    api = read_workflow("fluxsr_teacher_pairs_api")
+    # A random T5-XXL is too big for this machine: the prompt's conditioning comes from a bundle.
+    for nid in ("2", "3", "4"):
+        del api[nid]
+    api["4"] = {"class_type": "FluxSRConditioning", "inputs": {"bundle": "x", "guidance": 3.5}}
+    prompt = with_test_files(api)
+    folder = tmp_path / "pairs"
+    prompt["6"]["inputs"].update(steps=2, width=80, height=64, trajectory_previews=2, seed=5,
+                                 dataset_folder=str(folder))
+    prompt["7"]["inputs"]["filename_prefix"] = "teacher"
+    entry = server.run(prompt, timeout=900)
+    saved = server.output_files(entry)
+    assert [load_png(p).shape for p in saved if "teacher" in p.name] == [(64, 80, 3)]
+    data = PairDataset(folder)
+    assert len(data) == 1
+    item = data[0]
+    assert item["eps"].shape == item["z0"].shape == (16, 8, 10)
+    assert item["meta"]["seed"] == 5 and item["meta"]["steps"] == 2
+    assert torch.equal(item["eps"], torch.randn(1, 16, 8, 10, generator=torch.Generator().manual_seed(5))[0])
+    # The next seed (the workflow's "increment") adds a second pair as a second shard.
+    prompt["6"]["inputs"]["seed"] = 6
+    server.run(prompt, timeout=900)
+    assert len(PairDataset(folder)) == 2
+
+
+def test_interrupt_mid_upscale_then_next_prompt_runs(server, input_image):
+    _, name = input_image
+    prompt = with_test_files(read_workflow("fluxsr_upscale_tiled_api"), name)
+    # 48x40 -> x8 = 384x320 px = 48x40 latent, tiles of 32 with overlap 16: 3x2 = 6 tiles.
+    prompt["6"]["inputs"]["scale"] = 8.0
+    prompt["8"]["inputs"].update(tile_size=256, tile_overlap=128, vae_tile_size=0, vae_tile_overlap=0)
+    prompt["7"]["inputs"]["filename_prefix"] = "interrupted"
+    marker = "FluxSR upscale: 1 image(s) x8"
+    before = server.log_text().count(marker)
+    pid = server.queue(prompt)
+    deadline = time.monotonic() + 300
+    while server.log_text().count(marker) == before and time.monotonic() < deadline:
+        time.sleep(0.2)
+    assert server.log_text().count(marker) > before, "the upscale never started"
+    time.sleep(3.0)  # the encode and the first tile(s) are running
+    server.interrupt()
+    entry = server.wait(pid, timeout=600)
+    assert entry["status"]["status_str"] == "error"
+    kinds = {m[0]: m[1] for m in entry["status"]["messages"]}
+    assert "execution_interrupted" in kinds, kinds
+    assert kinds["execution_interrupted"]["node_type"] == "FluxSRUpscale"
+    assert not server.output_files(entry)
+    # The server goes on: the next prompt runs to success.
+    nxt = with_test_files(read_workflow("fluxsr_upscale_api"), name)
+    nxt["6"]["inputs"]["scale"] = 1.5
+    nxt["7"]["inputs"]["filename_prefix"] = "after_interrupt"
+    entry = server.run(nxt, timeout=900)
+    (out_file,) = server.output_files(entry)
+    assert load_png(out_file).shape == (60, 72, 3)
