@@ -1,0 +1,290 @@
+"""Evaluation: PSNR-Y/SSIM-Y against hand numbers, scikit-image and BasicSR's algorithm; border
+cut; bicubic baseline; skipped metrics listed with reasons; the real-weights loading path of LPIPS
+exercised with a locally written random-weight file; pyiqa wiring without downloads."""
+
+from __future__ import annotations
+
+import json
+import math
+import sys
+import types
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+from fluxsr_training import evaluate as E
+
+
+def _photo(h=96, w=128, seed=0) -> np.ndarray:
+    """A smooth colour image with some texture (deterministic)."""
+    rng = np.random.default_rng(seed)
+    yy, xx = np.mgrid[0:h, 0:w].astype(np.float64)
+    base = np.stack([np.sin(xx / 9.0), np.cos(yy / 7.0), np.sin((xx + yy) / 13.0)], -1) * 0.35 + 0.5
+    base += rng.normal(0, 0.04, base.shape)
+    return np.clip(np.round(base * 255), 0, 255).astype(np.uint8)
+
+
+def _noisy(a: np.ndarray, amp=12, seed=1) -> np.ndarray:
+    rng = np.random.default_rng(seed)
+    return np.clip(a.astype(int) + rng.integers(-amp, amp + 1, a.shape), 0, 255).astype(np.uint8)
+
+
+# --------------------------------------------------------------------------- Y channel, PSNR
+
+def test_y_channel_hand_numbers():
+    white = np.full((4, 4, 3), 255, np.uint8)
+    black = np.zeros((4, 4, 3), np.uint8)
+    red = np.zeros((4, 4, 3), np.uint8)
+    red[..., 0] = 255
+    assert np.allclose(E.rgb_to_y(white), 235.0)         # 16 + 65.481 + 128.553 + 24.966
+    assert np.allclose(E.rgb_to_y(black), 16.0)
+    assert np.allclose(E.rgb_to_y(red), 16.0 + 65.481)
+    # PSNR of white vs black: Y differs by 219 everywhere -> 20 log10(255 / 219)
+    assert E.psnr_y(white, black) == pytest.approx(20 * math.log10(255 / 219), abs=1e-9)
+    assert E.psnr_y(white, white) == float("inf")
+
+
+def test_psnr_hand_number_single_pixel_error():
+    a = np.full((10, 10, 3), 100, np.uint8)
+    b = a.copy()
+    b[0, 0] = (110, 100, 100)           # one pixel, R + 10 -> Y + 10 * 65.481 / 255
+    dy = 10 * 65.481 / 255
+    mse = dy * dy / 100
+    assert E.psnr_y(b, a) == pytest.approx(10 * math.log10(255 ** 2 / mse), abs=1e-9)
+    # the border cut removes the only differing pixel
+    assert E.psnr_y(b, a, crop_border=1) == float("inf")
+
+
+def test_float_tensor_inputs_are_rounded_to_8_bits():
+    a = _photo()
+    t = torch.from_numpy(a).permute(2, 0, 1).float() / 255
+    assert np.array_equal(E.to_uint8_hwc(t), a)
+    assert np.array_equal(E.to_uint8_hwc(t[None] + 0.4 / 255), a)   # rounding, as saving a PNG
+    gray = a[..., 0]
+    assert np.array_equal(E.to_uint8_hwc(gray), np.repeat(gray[..., None], 3, 2))
+    with pytest.raises(ValueError, match="NaN"):
+        E.to_uint8_hwc(np.full((4, 4, 3), np.nan))
+
+
+def test_psnr_and_ssim_match_scikit_image_on_the_y_channel():
+    from skimage.metrics import peak_signal_noise_ratio, structural_similarity
+
+    ref = _photo()
+    out = _noisy(ref)
+    b = 4
+    ya, yb = E.rgb_to_y(out[b:-b, b:-b]), E.rgb_to_y(ref[b:-b, b:-b])
+    want_psnr = peak_signal_noise_ratio(yb, ya, data_range=255)
+    want_ssim = structural_similarity(yb, ya, data_range=255, gaussian_weights=True, sigma=1.5,
+                                      use_sample_covariance=False)
+    assert E.psnr_y(out, ref, crop_border=b) == pytest.approx(want_psnr, abs=1e-9)
+    assert E.ssim_y(out, ref, crop_border=b) == pytest.approx(want_ssim, abs=1e-9)
+    assert 0.3 < want_ssim < 0.99      # a case that tells right from wrong
+
+
+def _basicsr_ssim(img: np.ndarray, img2: np.ndarray) -> float:
+    """BasicSR's _ssim, transcribed with scipy in place of cv2.filter2D (same correlation)."""
+    from scipy.ndimage import correlate
+
+    c1, c2 = (0.01 * 255) ** 2, (0.03 * 255) ** 2
+    k = np.exp(-((np.arange(11) - 5) ** 2) / (2 * 1.5 ** 2))
+    k /= k.sum()
+    window = np.outer(k, k)
+    f = lambda x: correlate(x, window, mode="reflect")[5:-5, 5:-5]  # noqa: E731
+    mu1, mu2 = f(img), f(img2)
+    s1, s2, s12 = f(img ** 2) - mu1 ** 2, f(img2 ** 2) - mu2 ** 2, f(img * img2) - mu1 * mu2
+    m = ((2 * mu1 * mu2 + c1) * (2 * s12 + c2)) / ((mu1 ** 2 + mu2 ** 2 + c1) * (s1 + s2 + c2))
+    return float(m.mean())
+
+
+def test_ssim_matches_basicsr_algorithm_and_border_matters():
+    ref = _photo(64, 80, seed=3)
+    out = _noisy(ref, amp=30, seed=4)
+    out[:4] = 0                          # damage only the border rows
+    for b in (0, 4):
+        ya = E.rgb_to_y(out[b:out.shape[0] - b, b:out.shape[1] - b])
+        yb = E.rgb_to_y(ref[b:ref.shape[0] - b, b:ref.shape[1] - b])
+        assert E.ssim_y(out, ref, crop_border=b) == pytest.approx(_basicsr_ssim(ya, yb), abs=1e-10)
+    assert E.psnr_y(out, ref, 4) > E.psnr_y(out, ref, 0) + 3
+
+
+def test_size_mismatch_and_tiny_images_are_clear_errors():
+    with pytest.raises(E.EvaluationError, match="differ in size"):
+        E.psnr_y(_photo(32, 32), _photo(32, 40))
+    with pytest.raises(E.EvaluationError, match="nothing left"):
+        E.psnr_y(_photo(8, 8), _photo(8, 8), crop_border=4)
+    with pytest.raises(E.EvaluationError, match="at least 11x11"):
+        E.ssim_y(_photo(16, 16), _photo(16, 16), crop_border=4)
+
+
+# --------------------------------------------------------------------------- report
+
+def test_evaluate_images_bicubic_row_skips_and_tables(tmp_path):
+    refs = {"a": _photo(66, 83, 0), "b": _photo(64, 96, 5)}          # "a" is not a multiple of 4
+    exact = {k: E.mod_crop(v, 4) for k, v in refs.items()}
+    report = E.evaluate_images({"perfect": exact, "noisy": {k: _noisy(v) for k, v in exact.items()}},
+                               refs, scale=4, metrics="psnr_y,ssim_y,dists,musiq",
+                               weights_dir=tmp_path / "empty")
+    assert [r.name for r in report.rows] == ["bicubic", "perfect", "noisy"]
+    assert report.metrics == ["psnr_y", "ssim_y"]
+    assert set(report.skipped) == {"dists", "musiq"} and all(report.skipped.values())
+    assert report.row("perfect").mean["psnr_y"] == float("inf")
+    assert report.row("perfect").mean["ssim_y"] == pytest.approx(1.0)
+    # the bicubic row is exactly: bicubic downscale of the mod-cropped reference, then upscale
+    want = np.mean([E.psnr_y(E.bicubic_upscale(E.bicubic_downscale(refs[k], 4), 4), exact[k], 4)
+                    for k in refs])
+    assert report.row("bicubic").mean["psnr_y"] == pytest.approx(want, abs=1e-9)
+    assert 25 < report.row("noisy").mean["psnr_y"] < 40          # +-12 uniform noise: about 30 dB
+    md = report.to_markdown(per_image=True)
+    assert "| bicubic |" in md and "PSNR-Y ↑" in md and "Skipped" in md and "DISTS" in md
+    data = json.loads(report.to_json())
+    assert data["rows"][1]["mean"]["psnr_y"] == "inf"
+    assert data["skipped"]["dists"] == report.skipped["dists"]
+
+
+def test_evaluate_images_rejects_wrong_sizes():
+    refs = {"a": _photo(64, 64)}
+    with pytest.raises(E.EvaluationError, match="reference's size"):
+        E.evaluate_images({"m": {"a": _photo(60, 64)}}, refs, 4, metrics="psnr_y")
+    with pytest.raises(E.EvaluationError, match="no output"):
+        E.evaluate_images({"m": {}}, refs, 4, metrics="psnr_y")
+    with pytest.raises(E.EvaluationError, match="needs 16x16"):
+        E.evaluate_images({"m": refs}, refs, 4, lr_images={"a": _photo(8, 8)}, metrics="psnr_y")
+    with pytest.raises(ValueError, match="unknown metric"):
+        E.parse_metrics("psnr,ssim")
+
+
+def test_folders_cli_and_lr_dir(tmp_path):
+    ref_dir, out_dir, lr_dir = tmp_path / "hr", tmp_path / "sr", tmp_path / "lr"
+    for d in (ref_dir, out_dir, lr_dir):
+        d.mkdir()
+    refs = {"x": _photo(64, 80, 1), "y": _photo(48, 64, 2)}
+    for k, v in refs.items():
+        Image.fromarray(v).save(ref_dir / f"{k}.png")
+        Image.fromarray(_noisy(v, 6)).save(out_dir / f"{k}.png")
+        Image.fromarray(v[::4, ::4]).save(lr_dir / f"{k}.png")        # a different LR than bicubic's
+    rep = E.evaluate_folders(out_dir, ref_dir, scale=4, metrics="psnr_y,ssim_y")
+    rep_lr = E.evaluate_folders({"mine": out_dir}, ref_dir, scale=4, lr_dir=lr_dir, metrics="psnr_y")
+    assert rep.row("sr").mean["psnr_y"] == rep_lr.row("mine").mean["psnr_y"]
+    assert rep.row("bicubic").mean["psnr_y"] != rep_lr.row("bicubic").mean["psnr_y"]
+    assert "given LR images" in rep_lr.baseline
+
+    js, md = tmp_path / "r.json", tmp_path / "r.md"
+    code = E.main_eval([str(out_dir), "-r", str(ref_dir), "--metrics", "psnr_y,ssim_y,topiq_nr",
+                        "--json", str(js), "--markdown", str(md), "--weights-dir", str(tmp_path / "w")])
+    assert code == 0
+    data = json.loads(js.read_text())
+    assert data["rows"][1]["mean"]["psnr_y"] == pytest.approx(rep.row("sr").mean["psnr_y"])
+    assert "topiq_nr" in data["skipped"]
+    assert "| sr |" in md.read_text()
+    (out_dir / "y.png").unlink()
+    assert E.main_eval([str(out_dir), "-r", str(ref_dir), "--metrics", "psnr_y"]) == 2
+
+
+# --------------------------------------------------------------------------- perceptual metrics
+
+def test_stlpips_runs_offline_and_is_labelled():
+    pytest.importorskip("stlpips_pytorch")
+    ref = _photo(64, 64)
+    refs = {"a": ref}
+    rep = E.evaluate_images({"same": refs, "noisy": {"a": _noisy(ref, 40)}}, refs, 4,
+                            metrics="stlpips", bicubic=False)
+    assert "stlpips-pytorch package weights" in rep.labels["stlpips"]
+    assert rep.row("same").mean["stlpips"] == pytest.approx(0.0, abs=1e-6)
+    assert rep.row("noisy").mean["stlpips"] > 0.01
+
+
+def test_lpips_reads_a_local_backbone_file(tmp_path):
+    """The code that loads real LPIPS weights, exercised with a random-weight AlexNet file."""
+    import torchvision
+
+    missing = E.evaluate_images({"m": {"a": _photo(64, 64)}}, {"a": _photo(64, 64)}, 4, metrics="lpips",
+                                bicubic=False, weights_dir=tmp_path)
+    assert "alexnet-owt-7be5be79.pth" in missing.skipped["lpips"]
+
+    torch.manual_seed(0)
+    ckpt = tmp_path / "checkpoints"
+    ckpt.mkdir()
+    torch.save(torchvision.models.alexnet().state_dict(), ckpt / "alexnet-owt-7be5be79.pth")
+    ref = _photo(64, 64)
+    rep = E.evaluate_images({"same": {"a": ref}, "noisy": {"a": _noisy(ref, 40)}}, {"a": ref}, 4,
+                            metrics="lpips", bicubic=False, weights_dir=tmp_path)
+    assert rep.skipped == {}
+    assert str(ckpt / "alexnet-owt-7be5be79.pth") in rep.labels["lpips"]
+    assert rep.row("same").mean["lpips"] == pytest.approx(0.0, abs=1e-6)
+    assert rep.row("noisy").mean["lpips"] > 0
+
+    (ckpt / "alexnet-owt-7be5be79.pth").write_bytes(b"not a checkpoint")
+    bad = E.evaluate_images({"m": {"a": ref}}, {"a": ref}, 4, metrics="lpips", bicubic=False,
+                            weights_dir=tmp_path)
+    assert "cannot be read" in bad.skipped["lpips"]
+
+
+@pytest.fixture
+def fake_pyiqa(monkeypatch):
+    """A stand-in pyiqa package (pyiqa itself is not installed in CI) recording create_metric calls.
+
+    Its metric reads the file pyiqa would read from its cache folder, through the same module
+    global the real pyiqa uses, and 'downloads' through download_url_to_file when it is absent.
+    """
+    calls = []
+    pkg = types.ModuleType("pyiqa")
+    pkg.__version__ = "0.0-test"
+    pkg.__path__ = []
+    utils = types.ModuleType("pyiqa.utils")
+    utils.__path__ = []
+    dl = types.ModuleType("pyiqa.utils.download_util")
+    dl.DEFAULT_CACHE_DIR = "/nonexistent"
+
+    def download_url_to_file(url, dst, *a, **k):  # pragma: no cover - must never run
+        raise AssertionError("a download was attempted")
+
+    dl.download_url_to_file = download_url_to_file
+    dl.download_file_from_google_drive = download_url_to_file
+
+    def create_metric(name, as_loss=False, device=None, **kw):
+        fname = {"musiq": "musiq_koniq_ckpt-e95806b9.pth"}.get(name, "other.pth")
+        path = Path(dl.DEFAULT_CACHE_DIR) / fname
+        if not path.is_file():
+            dl.download_url_to_file(f"https://example.invalid/{fname}", str(path))
+        w = torch.load(path, weights_only=True)["w"]
+        calls.append((name, str(path), torch.hub.get_dir()))
+        return lambda x, *rest: (x.mean() * w).reshape(1)
+
+    pkg.create_metric = create_metric
+    monkeypatch.setitem(sys.modules, "pyiqa", pkg)
+    monkeypatch.setitem(sys.modules, "pyiqa.utils", utils)
+    monkeypatch.setitem(sys.modules, "pyiqa.utils.download_util", dl)
+    monkeypatch.setattr(E, "_pyiqa_available", lambda: True)
+    return calls, dl
+
+
+def test_pyiqa_metric_built_from_local_file_without_downloads(tmp_path, fake_pyiqa):
+    calls, dl = fake_pyiqa
+    (tmp_path / "pyiqa").mkdir()
+    torch.save({"w": torch.tensor(2.0)}, tmp_path / "pyiqa" / "musiq_koniq_ckpt-e95806b9.pth")
+    img = _photo(32, 32)
+    hub_before = torch.hub.get_dir()
+    rep = E.evaluate_images({"m": {"a": img}}, {"a": img}, 4, metrics="musiq,dists", bicubic=False,
+                            weights_dir=tmp_path)
+    assert calls == [("musiq", str(tmp_path / "pyiqa" / "musiq_koniq_ckpt-e95806b9.pth"), str(tmp_path))]
+    want = 2.0 * float(E._as_float_tensor(img).mean())
+    assert rep.row("m").mean["musiq"] == pytest.approx(want, rel=1e-6)
+    assert "local weights" in rep.labels["musiq"]
+    assert "vgg16-397923af.pth" in rep.skipped["dists"]                  # checked before building
+    assert dl.DEFAULT_CACHE_DIR == "/nonexistent" and torch.hub.get_dir() == hub_before  # restored
+
+
+def test_pyiqa_download_attempt_is_refused_and_reported(tmp_path, fake_pyiqa, monkeypatch):
+    calls, dl = fake_pyiqa
+    # Our file table says musiq needs only its checkpoint; pretend a newer pyiqa wants another file.
+    spec = E.METRIC_SPECS["musiq"]
+    monkeypatch.setitem(E.METRIC_SPECS, "musiq", E.MetricSpec(spec.name, spec.title, spec.mode,
+                                                              spec.lower_better, "pyiqa", (), "other"))
+    img = _photo(32, 32)
+    rep = E.evaluate_images({"m": {"a": img}}, {"a": img}, 4, metrics="musiq", bicubic=False,
+                            weights_dir=tmp_path)
+    assert "wanted to download https://example.invalid/other.pth" in rep.skipped["musiq"]
+    assert calls == []
