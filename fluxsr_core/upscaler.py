@@ -82,6 +82,7 @@ def upscale_tensor(
     if cancel_check is not None:
         cancel_check()
     z_l = codec.encode(padded)
+    del padded  # full-size buffers dominate memory at large outputs; keep only what is needed
     t_l = options.t_l
 
     def one_tile(tile_latent: torch.Tensor, position_offset: tuple[int, int]) -> torch.Tensor:
@@ -91,8 +92,9 @@ def upscale_tensor(
     z_h = tiling.tiled_apply(one_tile, z_l, options.tiling, progress=progress, cancel_check=cancel_check)
     if cancel_check is not None:
         cancel_check()
-    decoded = codec.decode(z_h).float()
-    decoded = images.crop(decoded, out_h, out_w)
+    del z_l
+    decoded = images.crop(codec.decode(z_h).float(), out_h, out_w)
+    del z_h
     fixed = color.apply_color_fix(options.color_fix, decoded, upsampled.to(decoded.device))
     return fixed.clamp(0.0, 1.0)
 
