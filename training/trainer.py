@@ -1,0 +1,1265 @@
+"""FluxSR distillation: a FLUX transformer + LoRA learns the one-step LR -> HR map (FLUXSR.md 1-4).
+
+Per optimizer step, for every pair ``(eps, z_0)`` of the batch (teacher pairs from
+``fluxsr-train pairs``):
+
+1. ``x_0``: the teacher's decoded image (stored in the pair, else ``decode(z_0)``);
+2. ``LR = degrade_to_hr_size(x_0)`` (Real-ESRGAN, seeded per sample) and ``z_L = encode(LR)``
+   with the frozen VAE, no gradient;
+3. SR branch ``z_H = flow.one_step_sr(student, z_L, T_L, cond)`` (the function the upscaler calls
+   per tile), ``x_H = decode(z_H)`` with gradient through the decoder;
+4. ``L = w_ftd L_FTD + w_mse MSE(x_H, x_0) + w_tvlpips TV-LPIPS(x_H, x_0) + w_adl ADL``.
+   A term of weight 0 is not computed at all (no decode without MSE/TV-LPIPS, no perceptual
+   network, no ADL hooks).
+
+Engine: HF accelerate (DDP on CPU/GPU; FSDP/DeepSpeed through accelerate config files, see
+``configs/accelerate_*.yaml``), mixed precision, gradient accumulation, gradient checkpointing,
+AdamW (bitsandbytes 8-bit when asked for and installed), warm-up + constant/cosine/linear LR
+(diffusers' schedules), EMA of the LoRA weights, fp8 storage of the frozen base.
+
+Reproducibility: the data order, the degradation seed and the FTD time of every sample are
+functions of ``(data.seed, position in the sample stream)``, where the stream is the
+concatenation of seeded per-epoch permutations. A global batch therefore holds the same
+samples whatever the number of processes, and ``--resume`` continues the stream exactly.
+Checkpoints (accelerate's ``save_state`` with the LoRA instead of the full model) hold the
+optimizer, scheduler, EMA, RNG states and step; they are written to a temporary folder and
+renamed, and only the last ``checkpoint.keep_last`` are kept.
+
+Public API: :class:`TrainConfig` (+ :func:`load_train_config`), :func:`train` ->
+:class:`TrainResult`, :func:`build_student`, :func:`compute_losses`, :func:`latest_checkpoint`.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import dataclasses
+import hashlib
+import json
+import logging
+import math
+import os
+import re
+import shutil
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Callable, Iterator, Optional, Sequence
+
+import torch
+import torch.nn.functional as F
+
+from fluxsr_core import flow
+from fluxsr_core.bundle import ConditioningBundle, load_bundle, save_bundle
+from fluxsr_core.interfaces import Conditioning
+from fluxsr_core.lora import DEFAULT_ADAPTER_NAME, lora_state_dict_from_model, save_lora
+from fluxsr_core.settings import DEFAULT_BASE_MODEL, DEFAULT_GUIDANCE, DEFAULT_T_L, RunSettings
+
+from . import config_io
+from .config_io import ConfigError
+from .degradation import DegradationConfig, degrade, degrade_to_hr_size
+from .losses import DEFAULT_ADL_BLOCKS, ADLFeatureHook, parse_block_spec, tv_lpips
+
+log = logging.getLogger("fluxsr.train")
+
+LORA_FILE = "pytorch_lora_weights.safetensors"      # diffusers' name for a LoRA file
+EMA_LORA_FILE = "ema_lora_weights.safetensors"
+CONFIG_FILE = "config.toml"
+STATE_FILE = "trainer_state.json"
+CONDITIONING_FILE = "conditioning.safetensors"
+CHECKPOINT_DIR = "checkpoints"
+_CKPT_RE = re.compile(r"^step-(\d{7,})$")
+
+# Every linear projection of attention and MLP in both block kinds (diffusers names, relative
+# to a block). Double blocks: image and text attention q/k/v/out and both MLPs; single blocks:
+# q/k/v, the MLP input and the fused output. The AdaLN modulation linears (norm*.linear) and the
+# embedders stay frozen. The same set as diffusers' FLUX LoRA training scripts, all blocks.
+DEFAULT_LORA_TARGETS = [
+    "attn.to_q", "attn.to_k", "attn.to_v", "attn.to_out.0",
+    "attn.add_q_proj", "attn.add_k_proj", "attn.add_v_proj", "attn.to_add_out",
+    "ff.net.0.proj", "ff.net.2", "ff_context.net.0.proj", "ff_context.net.2",
+    "proj_mlp", "proj_out",
+]
+_BLOCK_RE = re.compile(r"^(transformer_blocks|single_transformer_blocks)\.(\d+)\.(.+)$")
+_KIND_OF = {"transformer_blocks": "double", "single_transformer_blocks": "single"}
+
+
+# =========================================================================================
+# config
+# =========================================================================================
+
+@dataclass
+class ModelConfig:
+    """The frozen base. ``transformer``/``vae``: a file or folder (see ``fluxsr_core.models``),
+    or ``"tiny"`` for the random test models. ``dtype``: storage/compute dtype of the frozen
+    base (``auto``: bf16 on GPUs, fp32 on CPU). ``memory_mode``: ``none`` or ``fp8_storage``
+    (base weights stored as float8_e4m3fn, cast per layer; the LoRA stays fp32)."""
+
+    transformer: str = ""
+    vae: str = ""
+    dtype: str = "auto"
+    memory_mode: str = "none"
+    gradient_checkpointing: bool = False
+    base_model: str = DEFAULT_BASE_MODEL   # written into the exported files' metadata
+    init_seed: int = 0                     # weights of "tiny" test models only
+
+
+@dataclass
+class LoraConfig:
+    """The student's LoRA. ``target_modules``: layer names relative to a block (default: every
+    attention and MLP projection, :data:`DEFAULT_LORA_TARGETS`), or ``"re:<regex>"`` matched
+    against full module names. ``blocks``: which blocks get them (``"double:all;single:all"``,
+    or e.g. ``"double:0,1;single:-1"``). Defaults: rank 64, alpha 64 (scale 1)."""
+
+    rank: int = 64
+    alpha: float = 64.0
+    dropout: float = 0.0
+    target_modules: list[str] = field(default_factory=lambda: list(DEFAULT_LORA_TARGETS))
+    blocks: str = "double:all;single:all"
+
+
+@dataclass
+class SettingsConfig:
+    """Run settings the student is trained (and later run) with; the scale is ``degradation.scale``."""
+
+    t_l: float = DEFAULT_T_L
+    guidance: float = DEFAULT_GUIDANCE
+
+
+@dataclass
+class DataConfig:
+    """``pairs``: a pair-dataset folder. ``conditioning``: ``"pairs"`` (each pair's own stored
+    conditioning) or a conditioning bundle file used for every pair (the fixed conditioning the
+    student runs with). ``teacher_image``: ``auto`` (the pair's stored image, else decode z_0),
+    ``stored`` or ``decode``. ``batch_size`` is per process. ``holdout``: the last N pairs (by
+    id) are kept out of training and used as validation images. ``seed``: data order,
+    degradation draws and FTD times."""
+
+    pairs: str = ""
+    conditioning: str = "pairs"
+    teacher_image: str = "auto"
+    batch_size: int = 1
+    num_workers: int = 0
+    holdout: int = 0
+    seed: int = 0
+
+
+@dataclass
+class LossConfig:
+    """Loss weights (0 turns a term off entirely) and the perceptual network for TV-LPIPS.
+
+    ``perceptual``: a kind of :func:`fluxsr_training.perceptual.load_perceptual` (``lpips-vgg``
+    needs a local torchvision backbone: ``perceptual_path`` or the torch hub cache;
+    ``stlpips-vgg`` ships in the stlpips-pytorch wheel; ``random-test`` is for tests only).
+    ``tv_gamma``: weight of the TV-map term. ``adl_blocks``: blocks whose image tokens ADL
+    uses. The paper publishes no weights; these defaults are ours."""
+
+    w_ftd: float = 1.0
+    w_mse: float = 1.0
+    w_tvlpips: float = 1.0
+    w_adl: float = 0.01
+    perceptual: str = "lpips-vgg"
+    perceptual_path: str = ""
+    tv_gamma: float = 1.0
+    adl_blocks: str = DEFAULT_ADL_BLOCKS
+
+
+@dataclass
+class OptimConfig:
+    """AdamW. ``adam_8bit``: ``auto`` (bitsandbytes' AdamW8bit on CUDA when installed),
+    ``true`` (required) or ``false``. ``schedule``: a diffusers schedule name (``constant``,
+    ``constant_with_warmup``, ``cosine``, ``linear``, ...) with ``warmup_steps``."""
+
+    lr: float = 1e-4
+    betas: list[float] = field(default_factory=lambda: [0.9, 0.999])
+    weight_decay: float = 1e-4
+    eps: float = 1e-8
+    adam_8bit: str = "auto"
+    max_grad_norm: float = 1.0
+    schedule: str = "constant_with_warmup"
+    warmup_steps: int = 100
+
+
+@dataclass
+class EmaConfig:
+    """EMA of the LoRA weights (used for validation and export when enabled). With ``warmup``
+    the decay ramps up as ``min(decay, (1 + n) / (10 + n))`` after ``n`` updates."""
+
+    enabled: bool = True
+    decay: float = 0.999
+    warmup: bool = True
+
+
+@dataclass
+class CheckpointConfig:
+    """Checkpoint every ``every`` steps (and at the end); keep the last ``keep_last``."""
+
+    every: int = 500
+    keep_last: int = 3
+
+
+@dataclass
+class ValidationConfig:
+    """Every ``every`` steps (0: never), upscale held-out LR images with the student through
+    ``fluxsr_core.upscaler.upscale_tensor`` and log PSNR against their HR originals.
+    ``images``: a folder or file of HR images (their LR is made with the degradation, seeded);
+    held-out pairs (``data.holdout``) are added. ``count``: at most this many images."""
+
+    every: int = 0
+    images: str = ""
+    count: int = 4
+    color_fix: str = "wavelet"
+    use_ema: bool = True
+    seed: int = 1234
+    save_images: bool = True
+
+
+@dataclass
+class TrainLoopConfig:
+    """The loop. ``mixed_precision``: ``auto`` (bf16 on GPU, none on CPU), ``no``, ``bf16``,
+    ``fp16``. ``stop_at``: stop (with a checkpoint) once this step is reached without ending
+    the schedule (0: run to ``max_steps``), for budgets and resume tests. ``resume``: ``""``,
+    ``"latest"`` (newest checkpoint in ``output_dir``, if any) or a checkpoint folder.
+    ``tensorboard``: ``auto``, ``true`` or ``false``."""
+
+    output_dir: str = "runs/fluxsr"
+    max_steps: int = 1000
+    gradient_accumulation_steps: int = 1
+    mixed_precision: str = "auto"
+    seed: int = 0
+    log_every: int = 10
+    stop_at: int = 0
+    resume: str = ""
+    tensorboard: str = "auto"
+    progress_bar: bool = True
+    ddp_find_unused_parameters: bool = False
+
+
+@dataclass
+class TrainConfig:
+    """Everything ``fluxsr-train train`` needs; TOML sections mirror the fields.
+
+    Load with :func:`load_train_config` (``path`` + ``"section.key=value"`` overrides); the
+    resolved config is written beside each checkpoint as ``config.toml``.
+    """
+
+    model: ModelConfig = field(default_factory=ModelConfig)
+    lora: LoraConfig = field(default_factory=LoraConfig)
+    settings: SettingsConfig = field(default_factory=SettingsConfig)
+    data: DataConfig = field(default_factory=DataConfig)
+    degradation: DegradationConfig = field(default_factory=DegradationConfig)
+    loss: LossConfig = field(default_factory=LossConfig)
+    optim: OptimConfig = field(default_factory=OptimConfig)
+    ema: EmaConfig = field(default_factory=EmaConfig)
+    checkpoint: CheckpointConfig = field(default_factory=CheckpointConfig)
+    validation: ValidationConfig = field(default_factory=ValidationConfig)
+    train: TrainLoopConfig = field(default_factory=TrainLoopConfig)
+
+    @classmethod
+    def from_toml(cls, path: Optional[str | os.PathLike] = None, overrides: Sequence[str] = ()) -> "TrainConfig":
+        """Defaults, then the TOML file, then ``"a.b=value"`` overrides."""
+        return load_train_config(path, overrides)
+
+    def with_overrides(self, overrides: Sequence[str]) -> "TrainConfig":
+        """A copy with ``"a.b=value"`` overrides applied."""
+        return config_io.apply_overrides(self, overrides)
+
+    def to_dict(self) -> dict[str, Any]:
+        return config_io.to_dict(self)
+
+    def save(self, path: str | os.PathLike) -> str:
+        """Write as TOML (atomically)."""
+        return config_io.save_config(self, path, header="FluxSR training config (resolved)")
+
+    def run_settings(self) -> RunSettings:
+        """The :class:`RunSettings` the student is trained with (and exported with)."""
+        return RunSettings(t_l=self.settings.t_l, guidance=self.settings.guidance,
+                           scale=float(self.degradation.scale), base_model=self.model.base_model,
+                           lora_rank=self.lora.rank,
+                           source={"t_l": "training config", "guidance": "training config",
+                                   "scale": "training config"})
+
+
+def load_train_config(path: Optional[str | os.PathLike] = None, overrides: Sequence[str] = ()) -> TrainConfig:
+    """:class:`TrainConfig` from defaults, an optional TOML file and ``"a.b=value"`` overrides."""
+    return config_io.load_config(TrainConfig, path, overrides)
+
+
+_CHOICES = {
+    ("model", "memory_mode"): ("none", "fp8_storage"),
+    ("data", "teacher_image"): ("auto", "stored", "decode"),
+    ("optim", "adam_8bit"): ("auto", "true", "false"),
+    ("train", "mixed_precision"): ("auto", "no", "bf16", "fp16"),
+    ("train", "tensorboard"): ("auto", "true", "false"),
+    ("validation", "color_fix"): ("none", "adain", "wavelet"),
+}
+
+
+def check_config(cfg: TrainConfig) -> None:
+    """Raise :class:`ConfigError` naming the first unusable value (before anything is loaded)."""
+    for (sec, key), choices in _CHOICES.items():
+        v = getattr(getattr(cfg, sec), key)
+        if v not in choices:
+            raise ConfigError(f"{sec}.{key}={v!r}; choose one of {', '.join(choices)}")
+    if not cfg.model.transformer:
+        raise ConfigError("model.transformer is required: a FLUX transformer .safetensors file or diffusers "
+                          "folder (or 'tiny' for the random test model)")
+    if not cfg.model.vae:
+        raise ConfigError("model.vae is required: the FLUX VAE (ae.safetensors or a diffusers folder), "
+                          "or 'tiny' for the random test VAE")
+    if not cfg.data.pairs:
+        raise ConfigError("data.pairs is required: a pair-dataset folder written by `fluxsr-train pairs`")
+    flow.check_t_l(cfg.settings.t_l)
+    positive = [("lora.rank", cfg.lora.rank), ("data.batch_size", cfg.data.batch_size),
+                ("train.max_steps", cfg.train.max_steps),
+                ("train.gradient_accumulation_steps", cfg.train.gradient_accumulation_steps),
+                ("train.log_every", cfg.train.log_every), ("checkpoint.every", cfg.checkpoint.every),
+                ("checkpoint.keep_last", cfg.checkpoint.keep_last), ("optim.lr", cfg.optim.lr)]
+    for name, v in positive:
+        if not v > 0:
+            raise ConfigError(f"{name} must be positive (got {v})")
+    for name, v in [("lora.alpha", cfg.lora.alpha), ("settings.guidance", cfg.settings.guidance)]:
+        if not math.isfinite(v) or v <= 0:
+            raise ConfigError(f"{name} must be a positive number (got {v})")
+    for name in ("w_ftd", "w_mse", "w_tvlpips", "w_adl", "tv_gamma"):
+        v = getattr(cfg.loss, name)
+        if not math.isfinite(v) or v < 0:
+            raise ConfigError(f"loss.{name} must be >= 0 (got {v})")
+    if not any(getattr(cfg.loss, n) > 0 for n in ("w_ftd", "w_mse", "w_tvlpips", "w_adl")):
+        raise ConfigError("every loss weight is 0: nothing to train (set loss.w_ftd, w_mse, w_tvlpips or w_adl)")
+    if cfg.loss.w_adl > 0 and not any(getattr(cfg.loss, n) > 0 for n in ("w_ftd", "w_mse", "w_tvlpips")):
+        raise ConfigError("ADL alone is a regulariser, not a training signal; add loss.w_ftd or w_mse")
+    if not 0.0 <= cfg.lora.dropout < 1.0:
+        raise ConfigError(f"lora.dropout must lie in [0, 1) (got {cfg.lora.dropout})")
+    if not 0.0 < cfg.ema.decay < 1.0:
+        raise ConfigError(f"ema.decay must lie in (0, 1) (got {cfg.ema.decay})")
+    if len(cfg.optim.betas) != 2 or not all(0.0 <= b < 1.0 for b in cfg.optim.betas):
+        raise ConfigError(f"optim.betas must be two numbers in [0, 1) (got {cfg.optim.betas})")
+    if cfg.optim.warmup_steps < 0 or cfg.data.holdout < 0 or cfg.data.num_workers < 0 \
+            or cfg.validation.every < 0 or cfg.train.stop_at < 0:
+        raise ConfigError("optim.warmup_steps, data.holdout, data.num_workers, validation.every and "
+                          "train.stop_at must be >= 0")
+    if cfg.optim.schedule not in _SCHEDULES:
+        raise ConfigError(f"optim.schedule={cfg.optim.schedule!r}; choose one of {', '.join(_SCHEDULES)}")
+    from .perceptual import PERCEPTUAL_KINDS
+
+    if cfg.loss.w_tvlpips > 0 and cfg.loss.perceptual not in PERCEPTUAL_KINDS:
+        raise ConfigError(f"loss.perceptual={cfg.loss.perceptual!r}; choose one of {', '.join(PERCEPTUAL_KINDS)}")
+
+
+_SCHEDULES = ("constant", "constant_with_warmup", "cosine", "linear", "cosine_with_restarts", "polynomial")
+
+
+# =========================================================================================
+# the student
+# =========================================================================================
+
+def resolve_lora_targets(transformer, targets: Sequence[str], blocks: str = "double:all;single:all") -> list[str]:
+    """Full module names of the linear layers the LoRA adapts.
+
+    ``targets``: names relative to a block (``"attn.to_q"``), applied to each selected block
+    that has them, or ``"re:<regex>"`` full-matched against every module name. ``blocks``: a
+    block selection as in :func:`fluxsr_training.losses.parse_block_spec`. Raises
+    :class:`ConfigError` for a target that matches no linear layer (naming the available ones).
+    """
+    n_double = len(transformer.transformer_blocks)
+    n_single = len(transformer.single_transformer_blocks)
+    try:
+        selected = set(parse_block_spec(blocks, n_double, n_single))
+    except ValueError as exc:
+        raise ConfigError(f"lora.blocks: {exc}") from None
+    plain = [t for t in targets if not t.startswith("re:")]
+    regexes = []
+    for t in targets:
+        if t.startswith("re:"):
+            try:
+                regexes.append((t, re.compile(t[3:])))
+            except re.error as exc:
+                raise ConfigError(f"lora.target_modules: {t!r} is not a valid regex ({exc})") from None
+    hits: dict[str, int] = {t: 0 for t in targets}
+    names: list[str] = []
+    available: set[str] = set()
+    for name, module in transformer.named_modules():
+        if not isinstance(module, torch.nn.Linear) or ".lora_" in name or name.endswith("base_layer"):
+            continue
+        m = _BLOCK_RE.match(name)
+        chosen = False
+        if m:
+            available.add(m.group(3))
+            if (_KIND_OF[m.group(1)], int(m.group(2))) in selected and m.group(3) in plain:
+                hits[m.group(3)] += 1
+                chosen = True
+        for t, rx in regexes:
+            if rx.fullmatch(name):
+                hits[t] += 1
+                chosen = True
+        if chosen:
+            names.append(name)
+    unmatched = [t for t, n in hits.items() if n == 0]
+    # A plain target may exist in one block kind only (to_add_out: double blocks); it is an
+    # error only when no selected block has it.
+    if unmatched:
+        raise ConfigError(f"lora.target_modules {unmatched} match no linear layer of the selected blocks; "
+                          f"block layers are: {', '.join(sorted(available))} (or use 're:<regex>' on full names)")
+    if not names:
+        raise ConfigError("the LoRA targets no layer; check lora.target_modules and lora.blocks")
+    return names
+
+
+def build_student(cfg: TrainConfig, device: torch.device | str = "cpu"):
+    """Load the frozen base, add the LoRA (fp32) and place both models on ``device``.
+
+    Returns ``(transformer, vae, compute_dtype)``. The transformer carries the trainable
+    adapter :data:`fluxsr_core.lora.DEFAULT_ADAPTER_NAME`; everything else is frozen. With
+    ``model.memory_mode = "fp8_storage"`` the base weights are stored as float8 (diffusers'
+    layerwise casting, which skips the LoRA layers). The LoRA's initial values come from the
+    torch RNG: seed it first for reproducible runs (:func:`train` does).
+    """
+    from peft import LoraConfig as PeftLoraConfig
+
+    from fluxsr_core import models
+
+    dev = models.resolve_device(device)
+    dtype = models.resolve_dtype(cfg.model.dtype, dev)
+    transformer = models.load_transformer(cfg.model.transformer, dtype=dtype, device=None, seed=cfg.model.init_seed)
+    vae = models.load_vae(cfg.model.vae, dtype=dtype, device=None, seed=cfg.model.init_seed)
+    transformer.requires_grad_(False)
+    vae.requires_grad_(False)
+    targets = resolve_lora_targets(transformer, cfg.lora.target_modules, cfg.lora.blocks)
+    peft_cfg = PeftLoraConfig(r=cfg.lora.rank, lora_alpha=cfg.lora.alpha, lora_dropout=cfg.lora.dropout,
+                              target_modules=targets, init_lora_weights=True)
+    transformer.add_adapter(peft_cfg, adapter_name=DEFAULT_ADAPTER_NAME)
+    # Trainable LoRA weights in fp32 whatever the base dtype (AdamW on bf16 weights loses updates).
+    for p in transformer.parameters():
+        if p.requires_grad:
+            p.data = p.data.to(torch.float32)
+    models.apply_memory_mode(transformer, vae, cfg.model.memory_mode, dev)
+    if cfg.model.gradient_checkpointing:
+        transformer.enable_gradient_checkpointing()
+    return transformer, vae, dtype
+
+
+def lora_parameters(transformer, adapter_name: str = DEFAULT_ADAPTER_NAME) -> dict[str, torch.nn.Parameter]:
+    """The adapter's parameters keyed by their LoRA-file name (``transformer.<module>.lora_A.weight``)."""
+    marker = f".{adapter_name}."
+    out = {}
+    for name, p in transformer.named_parameters():
+        if (".lora_A." in name or ".lora_B." in name) and marker in name:
+            key = "transformer." + name.replace(marker, ".")
+            out[key] = p
+    if not out:
+        raise ValueError(f"the transformer has no LoRA adapter '{adapter_name}'")
+    return out
+
+
+# =========================================================================================
+# EMA
+# =========================================================================================
+
+class LoraEMA:
+    """Exponential moving average of named LoRA parameters (fp32 shadows).
+
+    Kept by name (not position) so it can be written as a LoRA file in diffusers naming.
+    ``decay_at(n) = min(decay, (1 + n) / (10 + n))`` with ``warmup``, else ``decay``.
+    """
+
+    def __init__(self, params: dict[str, torch.nn.Parameter], decay: float = 0.999, warmup: bool = True):
+        self.decay = float(decay)
+        self.warmup = bool(warmup)
+        self.num_updates = 0
+        self.shadow = {k: p.detach().to(torch.float32).clone() for k, p in params.items()}
+
+    def decay_at(self, n: int) -> float:
+        return min(self.decay, (1.0 + n) / (10.0 + n)) if self.warmup else self.decay
+
+    @torch.no_grad()
+    def update(self, params: dict[str, torch.nn.Parameter]) -> None:
+        d = self.decay_at(self.num_updates)
+        for k, p in params.items():
+            self.shadow[k].lerp_(p.detach().to(self.shadow[k].device, torch.float32), 1.0 - d)
+        self.num_updates += 1
+
+    @contextlib.contextmanager
+    def applied_to(self, params: dict[str, torch.nn.Parameter]) -> Iterator[None]:
+        """Temporarily load the EMA weights into ``params`` (restored on exit)."""
+        saved = {k: p.detach().clone() for k, p in params.items()}
+        with torch.no_grad():
+            for k, p in params.items():
+                p.copy_(self.shadow[k].to(p.device, p.dtype))
+        try:
+            yield
+        finally:
+            with torch.no_grad():
+                for k, p in params.items():
+                    p.copy_(saved[k])
+
+    def state_dict(self) -> dict[str, Any]:
+        return {"decay": self.decay, "warmup": self.warmup, "num_updates": self.num_updates,
+                "shadow": {k: v.cpu() for k, v in self.shadow.items()}}
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        missing = set(self.shadow) - set(state["shadow"])
+        if missing:
+            raise ValueError(f"EMA state lacks {len(missing)} LoRA tensors (e.g. {sorted(missing)[0]}); "
+                             "the checkpoint was made with other LoRA targets")
+        self.num_updates = int(state["num_updates"])
+        for k in self.shadow:
+            self.shadow[k] = state["shadow"][k].to(self.shadow[k].device, torch.float32).clone()
+
+
+@dataclass
+class _TrainState:
+    """Counters saved in every checkpoint (accelerate custom object)."""
+
+    step: int = 0
+
+    def state_dict(self) -> dict[str, Any]:
+        return {"step": self.step}
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        self.step = int(state["step"])
+
+
+# =========================================================================================
+# data
+# =========================================================================================
+
+def _derived_seed(*parts) -> int:
+    """A 31-bit seed from a tuple (stable across runs, processes and platforms)."""
+    h = hashlib.sha256(":".join(str(p) for p in parts).encode()).digest()
+    return int.from_bytes(h[:4], "little") & 0x7FFFFFFF
+
+
+class SampleStream:
+    """The training order: concatenated seeded permutations of ``n`` items, addressed by position.
+
+    Position ``p`` is epoch ``p // n``, item ``perm_epoch[p % n]``. Per position it also fixes
+    the degradation seed and the FTD time draw, so a sample is the same wherever it lands
+    (any process count, any resume point).
+    """
+
+    def __init__(self, n: int, seed: int):
+        if n < 1:
+            raise ValueError("the training set is empty")
+        self.n, self.seed = int(n), int(seed)
+        self._perm: dict[int, list[int]] = {}
+
+    def index(self, pos: int) -> int:
+        epoch, off = divmod(int(pos), self.n)
+        perm = self._perm.get(epoch)
+        if perm is None:
+            g = torch.Generator().manual_seed(_derived_seed(self.seed, "order", epoch))
+            perm = torch.randperm(self.n, generator=g).tolist()
+            self._perm = {epoch: perm}  # one epoch cached is enough for a sequential stream
+        return perm[off]
+
+    def degradation_seed(self, pos: int) -> int:
+        return _derived_seed(self.seed, "degradation", int(pos))
+
+    def ftd_uniform(self, pos: int) -> float:
+        g = torch.Generator().manual_seed(_derived_seed(self.seed, "ftd", int(pos)))
+        return float(torch.rand(1, generator=g, dtype=torch.float64))
+
+
+class _StreamBatches(torch.utils.data.Sampler):
+    """This process's micro-batches of stream positions, from micro-step ``start`` on, forever.
+
+    Micro-step ``m`` covers global positions ``[m G, (m + 1) G)`` with ``G = batch * world``;
+    process ``r`` takes ``[m G + r batch, m G + (r + 1) batch)``.
+    """
+
+    def __init__(self, batch: int, rank: int, world: int, start: int):
+        self.batch, self.rank, self.world, self.start = batch, rank, world, start
+
+    def __iter__(self):
+        g = self.batch * self.world
+        m = self.start
+        while True:
+            base = m * g + self.rank * self.batch
+            yield list(range(base, base + self.batch))
+            m += 1
+
+    def __len__(self):  # pragma: no cover - infinite; DataLoader only asks in some code paths
+        return 2 ** 62
+
+
+class _TrainItems(torch.utils.data.Dataset):
+    """Stream position -> pair item with its LR image (degraded here when the image is stored)."""
+
+    def __init__(self, pairs, indices: list[int], stream: SampleStream, degradation: DegradationConfig,
+                 teacher_image: str):
+        self.pairs, self.indices, self.stream = pairs, indices, stream
+        self.degradation, self.teacher_image = degradation, teacher_image
+
+    def __len__(self):
+        return 2 ** 62
+
+    def __getitem__(self, pos: int) -> dict[str, Any]:
+        item = self.pairs[self.indices[self.stream.index(pos)]]
+        item["pos"] = int(pos)
+        image = item.pop("image", None)
+        if self.teacher_image == "stored" and image is None:
+            raise ValueError(f"pair {item['id']} has no stored teacher image but data.teacher_image='stored'; "
+                             "use 'auto' or 'decode' (decodes z_0 with the VAE)")
+        if image is not None and self.teacher_image != "decode":
+            x0 = image.float().div(255.0)[None]
+            item["x0"] = x0[0]
+            item["lr"] = degrade_to_hr_size(x0, self.degradation, seed=self.stream.degradation_seed(pos))[0]
+        return item
+
+
+def _collate(items: list[dict[str, Any]]) -> dict[str, Any]:
+    from fluxsr_core.pairs import collate_pairs
+
+    extra = {k: [it.pop(k) for it in items] for k in ("pos", "x0", "lr") if k in items[0]}
+    out = collate_pairs(items)
+    out["pos"] = extra["pos"]
+    for k in ("x0", "lr"):
+        if k in extra:
+            out[k] = torch.stack(extra[k])
+    return out
+
+
+# =========================================================================================
+# losses
+# =========================================================================================
+
+@dataclass
+class LossParts:
+    """The weighted total and each unweighted term (None when its weight is 0)."""
+
+    total: torch.Tensor
+    ftd: Optional[torch.Tensor] = None
+    mse: Optional[torch.Tensor] = None
+    tvlpips: Optional[torch.Tensor] = None
+    adl: Optional[torch.Tensor] = None
+
+    def as_floats(self) -> dict[str, float]:
+        out = {"loss": float(self.total.detach())}
+        for k in ("ftd", "mse", "tvlpips", "adl"):
+            v = getattr(self, k)
+            if v is not None:
+                out[k] = float(v.detach())
+        return out
+
+
+def compute_losses(velocity, codec, *, z_l: torch.Tensor, z0: torch.Tensor, eps: torch.Tensor,
+                   x0: Optional[torch.Tensor], cond: Any, t_l: float, ftd_t: Optional[torch.Tensor],
+                   loss: LossConfig, perceptual: Optional[Callable] = None,
+                   adl_hook: Optional[ADLFeatureHook] = None) -> LossParts:
+    """The FluxSR training loss for one batch (FLUXSR.md section 2).
+
+    ``z_l``, ``z0``, ``eps``: ``[B, 16, h, w]``; ``x0``: the teacher image ``[B, 3, H, W]`` in
+    [0, 1] (needed when ``w_mse`` or ``w_tvlpips`` > 0); ``ftd_t``: FTD times ``[B]`` in
+    [T_L, 1] (needed when ``w_ftd`` > 0). The SR branch is ``flow.one_step_sr`` and runs only
+    when an image term or ADL needs it; ``adl_hook`` records during the SR branch only.
+    """
+    terms: dict[str, torch.Tensor] = {}
+    need_image = loss.w_mse > 0 or loss.w_tvlpips > 0
+    if need_image or loss.w_adl > 0:
+        if loss.w_adl > 0:
+            if adl_hook is None:
+                raise ValueError("loss.w_adl > 0 needs an ADLFeatureHook on the student")
+            with adl_hook.capture():
+                z_h = flow.one_step_sr(velocity, z_l, t_l, cond)
+            terms["adl"] = adl_hook.loss()
+            adl_hook.clear()
+        else:
+            z_h = flow.one_step_sr(velocity, z_l, t_l, cond)
+        if need_image:
+            if x0 is None:
+                raise ValueError("MSE / TV-LPIPS need the teacher image x0")
+            x_h = codec.decode(z_h).float()
+            target = x0.to(x_h.device, torch.float32)
+            if loss.w_mse > 0:
+                terms["mse"] = F.mse_loss(x_h, target)
+            if loss.w_tvlpips > 0:
+                if perceptual is None:
+                    raise ValueError("loss.w_tvlpips > 0 needs a perceptual network")
+                terms["tvlpips"] = tv_lpips(x_h, target, perceptual, gamma=loss.tv_gamma)
+    if loss.w_ftd > 0:
+        if ftd_t is None:
+            raise ValueError("loss.w_ftd > 0 needs FTD times")
+        from .losses import ftd_loss
+
+        terms["ftd"] = ftd_loss(velocity, z_l, z0, eps, t_l, cond, t=ftd_t.to(z_l.device))
+    weights = {"ftd": loss.w_ftd, "mse": loss.w_mse, "tvlpips": loss.w_tvlpips, "adl": loss.w_adl}
+    total = sum(weights[k] * v.float() for k, v in terms.items())
+    return LossParts(total=total, **terms)
+
+
+# =========================================================================================
+# checkpoints
+# =========================================================================================
+
+def list_checkpoints(output_dir: str | os.PathLike) -> list[Path]:
+    """Complete checkpoints of a run, oldest first (temporary folders are ignored)."""
+    root = Path(output_dir) / CHECKPOINT_DIR
+    if not root.is_dir():
+        return []
+    found = [(int(m.group(1)), p) for p in root.iterdir() if p.is_dir() and (m := _CKPT_RE.match(p.name))]
+    return [p for _, p in sorted(found)]
+
+
+def latest_checkpoint(output_dir: str | os.PathLike) -> Optional[Path]:
+    """The newest complete checkpoint folder of a run, or None."""
+    ckpts = list_checkpoints(output_dir)
+    return ckpts[-1] if ckpts else None
+
+
+def resolve_resume(resume: str, output_dir: str | os.PathLike) -> Optional[Path]:
+    """``""`` -> None; ``"latest"`` -> newest checkpoint or None; a path -> that checkpoint
+    (a run folder means its newest). Raises FileNotFoundError for a path with no checkpoint."""
+    if not resume:
+        return None
+    if resume == "latest":
+        return latest_checkpoint(output_dir)
+    p = Path(resume)
+    if not p.exists():
+        raise FileNotFoundError(f"--resume {resume}: no such checkpoint folder")
+    if (p / STATE_FILE).is_file():
+        return p
+    newest = latest_checkpoint(p)
+    if newest is None:
+        raise FileNotFoundError(f"--resume {resume}: not a checkpoint folder (no {STATE_FILE}) and holds no "
+                                f"{CHECKPOINT_DIR}/step-* folders")
+    return newest
+
+
+# =========================================================================================
+# the result
+# =========================================================================================
+
+@dataclass
+class TrainResult:
+    """What :func:`train` did.
+
+    ``losses``: the total loss of every optimizer step run by this call (mean over processes).
+    ``history``: one dict per logging step (step, loss, each term, lr, seconds per step).
+    ``validation``: one dict per validation (step, psnr, bicubic_psnr, per-image values).
+    ``checkpoint``: the last checkpoint folder written; ``lora_path``/``ema_lora_path`` inside it.
+    """
+
+    output_dir: str
+    step: int
+    start_step: int
+    checkpoint: Optional[str]
+    lora_path: Optional[str]
+    ema_lora_path: Optional[str]
+    conditioning_path: Optional[str]
+    losses: list[float]
+    history: list[dict[str, Any]]
+    validation: list[dict[str, Any]]
+    perceptual_label: Optional[str]
+    stopped_early: bool
+    seconds: float
+    config: TrainConfig
+
+
+# =========================================================================================
+# training
+# =========================================================================================
+
+def _psnr(a: torch.Tensor, b: torch.Tensor) -> float:
+    mse = float(torch.mean((a.float().clamp(0, 1) - b.float().clamp(0, 1)) ** 2))
+    return float("inf") if mse == 0 else 10.0 * math.log10(1.0 / mse)
+
+
+def _make_optimizer(params: list[torch.nn.Parameter], cfg: OptimConfig, device: torch.device):
+    use_8bit = cfg.adam_8bit == "true" or (cfg.adam_8bit == "auto" and device.type == "cuda")
+    if use_8bit:
+        try:
+            import bitsandbytes as bnb
+        except ImportError:
+            if cfg.adam_8bit == "true":
+                raise ConfigError("optim.adam_8bit=true needs bitsandbytes: pip install bitsandbytes "
+                                  "(or set optim.adam_8bit=false)") from None
+            use_8bit = False
+        else:
+            log.info("optimizer: bitsandbytes AdamW8bit")
+            return bnb.optim.AdamW8bit(params, lr=cfg.lr, betas=tuple(cfg.betas), eps=cfg.eps,
+                                       weight_decay=cfg.weight_decay), "AdamW8bit (bitsandbytes)"
+    return torch.optim.AdamW(params, lr=cfg.lr, betas=tuple(cfg.betas), eps=cfg.eps,
+                             weight_decay=cfg.weight_decay), "AdamW (torch)"
+
+
+def _mixed_precision(name: str, device_type: str) -> str:
+    if name == "auto":
+        if device_type == "cuda":
+            return "bf16" if torch.cuda.is_bf16_supported() else "fp16"
+        return "no"
+    return name
+
+
+def _load_validation_images(cfg: TrainConfig) -> list[tuple[str, torch.Tensor]]:
+    from fluxsr_core import images
+
+    out: list[tuple[str, torch.Tensor]] = []
+    if not cfg.validation.images:
+        return out
+    p = Path(cfg.validation.images)
+    if not p.exists():
+        raise FileNotFoundError(f"validation.images: {p} does not exist")
+    files = [p] if p.is_file() else sorted(f for f in p.iterdir() if f.suffix.lower() in
+                                           (".png", ".jpg", ".jpeg", ".webp", ".bmp", ".tif", ".tiff"))
+    s = cfg.degradation.scale
+    for f in files[:cfg.validation.count]:
+        rgb = images.load_image(f).rgb.float()
+        h, w = rgb.shape[-2] - rgb.shape[-2] % s, rgb.shape[-1] - rgb.shape[-1] % s
+        out.append((f.stem, rgb[..., :h, :w]))
+    if not out:
+        raise FileNotFoundError(f"validation.images: no images found in {p}")
+    return out
+
+
+class _Run:
+    """One call of :func:`train` (kept in an object so the pieces can share state plainly)."""
+
+    def __init__(self, cfg: TrainConfig, stop_check: Optional[Callable[[int], bool]] = None):
+        self.cfg = cfg
+        self.stop_check = stop_check
+        self.out = Path(cfg.train.output_dir)
+
+    # -- setup -------------------------------------------------------------------------------
+
+    def setup(self) -> None:
+        from accelerate import Accelerator
+        from accelerate.utils import DistributedDataParallelKwargs, ProjectConfiguration, set_seed
+
+        cfg = self.cfg
+        device_probe = "cuda" if torch.cuda.is_available() and os.environ.get("ACCELERATE_USE_CPU", "").lower() \
+            not in ("1", "true") else "cpu"
+        mp = _mixed_precision(cfg.train.mixed_precision, device_probe)
+        trackers = None
+        if cfg.train.tensorboard != "false":
+            try:
+                import tensorboard  # noqa: F401
+                trackers = "tensorboard"
+            except ImportError:
+                if cfg.train.tensorboard == "true":
+                    raise ConfigError("train.tensorboard=true needs tensorboard: pip install tensorboard") from None
+        self.accelerator = acc = Accelerator(
+            mixed_precision=mp,
+            gradient_accumulation_steps=cfg.train.gradient_accumulation_steps,
+            log_with=trackers,
+            project_config=ProjectConfiguration(project_dir=str(self.out), logging_dir=str(self.out / "logs")),
+            kwargs_handlers=[DistributedDataParallelKwargs(
+                find_unused_parameters=cfg.train.ddp_find_unused_parameters)],
+        )
+        self.main = acc.is_main_process
+        if self.main:
+            self.out.mkdir(parents=True, exist_ok=True)
+        # Same seed on every process: identical LoRA initialisation everywhere.
+        set_seed(cfg.train.seed)
+        self.settings = cfg.run_settings()
+        self._info(f"FluxSR training: {acc.num_processes} process(es) on {acc.device}, mixed precision {mp}, "
+                   f"{self.settings.describe()}")
+
+        self.transformer, self.vae, self.dtype = build_student(cfg, acc.device)
+        self.transformer.train()
+        self.params = lora_parameters(self.transformer)
+        n_lora = sum(p.numel() for p in self.params.values())
+        self._info(f"student: {cfg.model.transformer} + LoRA rank {cfg.lora.rank} alpha {cfg.lora.alpha:g} on "
+                   f"{len(self.params) // 2} layers ({n_lora:,} trainable parameters), base {self.dtype} "
+                   f"({cfg.model.memory_mode}), gradient checkpointing "
+                   f"{'on' if cfg.model.gradient_checkpointing else 'off'}")
+
+        optimizer, self.optimizer_name = _make_optimizer(list(self.params.values()), cfg.optim, acc.device)
+        from diffusers.optimization import get_scheduler
+
+        # Stepped by us once per optimizer step (not prepared: accelerate would step it once per
+        # process, changing the schedule with the process count).
+        self.scheduler = get_scheduler(cfg.optim.schedule, optimizer, num_warmup_steps=cfg.optim.warmup_steps,
+                                       num_training_steps=cfg.train.max_steps)
+        self.model, self.optimizer = acc.prepare(self.transformer, optimizer)
+        self.ema = LoraEMA(self.params, cfg.ema.decay, cfg.ema.warmup) if cfg.ema.enabled else None
+        self.state = _TrainState()
+        acc.register_for_checkpointing(self.scheduler)
+        acc.register_for_checkpointing(self.state)
+        if self.ema is not None:
+            acc.register_for_checkpointing(self.ema)
+        acc.register_save_state_pre_hook(self._save_hook)
+        acc.register_load_state_pre_hook(self._load_hook)
+
+        from fluxsr_core.models import DiffusersCodec, DiffusersVelocity
+
+        self.velocity = DiffusersVelocity(self.transformer, compute_dtype=self.dtype, device=acc.device)
+        self.velocity.transformer = self.model  # forward through DDP/autocast wrappers
+        self.eval_velocity = DiffusersVelocity(self.transformer, compute_dtype=self.dtype, device=acc.device)
+        self.codec = DiffusersCodec(self.vae, compute_dtype=self.dtype)
+
+        self.perceptual, self.perceptual_label = None, None
+        if cfg.loss.w_tvlpips > 0:
+            from .perceptual import load_perceptual
+
+            self.perceptual, self.perceptual_label = load_perceptual(
+                cfg.loss.perceptual, cfg.loss.perceptual_path or None, device=acc.device)
+            self._info(f"perceptual term: TV-LPIPS with {self.perceptual_label} (kind {cfg.loss.perceptual}, "
+                       f"gamma {cfg.loss.tv_gamma:g}, weight {cfg.loss.w_tvlpips:g})")
+        else:
+            self._info("perceptual term: off (loss.w_tvlpips = 0)")
+        self.adl_hook = None
+        if cfg.loss.w_adl > 0:
+            self.adl_hook = ADLFeatureHook(self.transformer, cfg.loss.adl_blocks, active=False)
+            self._info(f"ADL on blocks {', '.join(self.adl_hook.labels)} (weight {cfg.loss.w_adl:g})")
+
+        self._setup_data()
+        self._setup_conditioning()
+
+        if trackers:
+            acc.init_trackers("fluxsr", config=_flat_scalars(cfg.to_dict()))
+
+    def _setup_data(self) -> None:
+        from fluxsr_core.pairs import PairDataset
+
+        cfg = self.cfg
+        self.pairs = PairDataset(cfg.data.pairs, load_image=cfg.data.teacher_image != "decode")
+        n = len(self.pairs)
+        if n == 0:
+            raise ValueError(f"pair dataset {cfg.data.pairs} holds no complete pairs; run `fluxsr-train pairs` first")
+        if cfg.data.holdout >= n:
+            raise ConfigError(f"data.holdout={cfg.data.holdout} leaves no training pairs (the dataset has {n})")
+        self.train_indices = list(range(n - cfg.data.holdout))
+        self.holdout_indices = list(range(n - cfg.data.holdout, n))
+        self.stream = SampleStream(len(self.train_indices), cfg.data.seed)
+        self._info(f"data: {len(self.train_indices)} training pairs from {cfg.data.pairs}"
+                   f"{f', {len(self.holdout_indices)} held out' if self.holdout_indices else ''}; global batch "
+                   f"{cfg.data.batch_size} x {self.accelerator.num_processes} process(es) x "
+                   f"{cfg.train.gradient_accumulation_steps} accumulation")
+
+    def _setup_conditioning(self) -> None:
+        """The fixed conditioning (bundle, or the dataset's only one), saved beside the run."""
+        cfg = self.cfg
+        self.fixed_bundle: Optional[ConditioningBundle] = None
+        if cfg.data.conditioning != "pairs":
+            self.fixed_bundle = load_bundle(cfg.data.conditioning)
+            self.fixed_bundle.check_fits(self.transformer)
+            self._info(f"conditioning: bundle {cfg.data.conditioning} for every pair")
+            t5, clip = self.fixed_bundle.t5, self.fixed_bundle.clip_pooled
+        else:
+            keys = sorted(p.name[len("cond-"):-len(".safetensors")]
+                          for p in Path(cfg.data.pairs).glob("cond-*.safetensors"))
+            t5 = clip = None
+            self._info(f"conditioning: each pair's own ({len(keys)} distinct in the dataset)")
+            if len(keys) == 1:
+                first = self.pairs[self.train_indices[0]]
+                t5, clip = first["t5"], first["clip_pooled"]
+        self.conditioning_path = None
+        if t5 is not None and self.main:
+            self.conditioning_path = str(self.out / CONDITIONING_FILE)
+            save_bundle(self.conditioning_path, t5, clip, self.settings,
+                        prompt=None if self.fixed_bundle is None else f"bundle {cfg.data.conditioning}")
+        # Validation conditioning: the fixed one, else the first training pair's.
+        if t5 is None:
+            first = self.pairs[self.train_indices[0]]
+            t5, clip = first["t5"], first["clip_pooled"]
+        self.val_cond = Conditioning(t5=t5.reshape(1, -1, t5.shape[-1]), clip_pooled=clip.reshape(1, -1),
+                                     guidance=cfg.settings.guidance)
+
+    # -- checkpoint hooks ---------------------------------------------------------------------
+
+    def _save_hook(self, models, weights, output_dir) -> None:
+        # Only the LoRA is trained: write it (and its EMA) as LoRA files and drop the full-model
+        # state dict accelerate gathered, so a checkpoint of a 12B base weighs megabytes.
+        if self.main:
+            save_lora(os.path.join(output_dir, LORA_FILE), {k: p.detach() for k, p in self.params.items()},
+                      self.settings, rank=self.cfg.lora.rank, alpha=self.cfg.lora.alpha)
+            if self.ema is not None:
+                save_lora(os.path.join(output_dir, EMA_LORA_FILE), self.ema.shadow, self.settings,
+                          rank=self.cfg.lora.rank, alpha=self.cfg.lora.alpha,
+                          extra_metadata={"fluxsr.ema_decay": repr(self.ema.decay),
+                                          "fluxsr.ema_updates": str(self.ema.num_updates)})
+        weights.clear()
+
+    def _load_hook(self, models, input_dir) -> None:
+        from fluxsr_core.weights import read_safetensors
+
+        models.clear()  # accelerate must not look for a full-model file
+        sd, _ = read_safetensors(os.path.join(input_dir, LORA_FILE), "LoRA checkpoint")
+        missing = sorted(set(self.params) - set(sd))
+        extra = sorted(set(sd) - set(self.params))
+        if missing or extra:
+            raise ValueError(f"checkpoint {input_dir} does not fit this LoRA (missing {missing[:3]}, unexpected "
+                             f"{extra[:3]}); resume with the lora.* settings it was made with "
+                             f"(see its {CONFIG_FILE})")
+        with torch.no_grad():
+            for k, p in self.params.items():
+                if tuple(sd[k].shape) != tuple(p.shape):
+                    raise ValueError(f"checkpoint {input_dir}: {k} has shape {list(sd[k].shape)}, the model's "
+                                     f"{list(p.shape)}; resume with the LoRA rank it was made with")
+                p.copy_(sd[k].to(p.device, p.dtype))
+
+    def save_checkpoint(self) -> Path:
+        acc = self.accelerator
+        step = self.state.step
+        root = self.out / CHECKPOINT_DIR
+        final = root / f"step-{step:07d}"
+        tmp = root / f".tmp-step-{step:07d}"
+        if self.main:
+            root.mkdir(parents=True, exist_ok=True)
+            if tmp.exists():
+                shutil.rmtree(tmp)
+            tmp.mkdir()
+        acc.wait_for_everyone()
+        acc.save_state(str(tmp), safe_serialization=True)
+        acc.wait_for_everyone()
+        if self.main:
+            self.cfg.save(tmp / CONFIG_FILE)
+            state = {"step": step, "max_steps": self.cfg.train.max_steps, "processes": acc.num_processes,
+                     "global_batch": self.cfg.data.batch_size * acc.num_processes
+                     * self.cfg.train.gradient_accumulation_steps,
+                     "samples_seen": step * self.cfg.data.batch_size * acc.num_processes
+                     * self.cfg.train.gradient_accumulation_steps,
+                     "lora": LORA_FILE, "ema_lora": EMA_LORA_FILE if self.ema is not None else None,
+                     "conditioning": self.conditioning_path, "perceptual": self.perceptual_label,
+                     "last": self.history[-1] if self.history else None,
+                     "time": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())}
+            (tmp / STATE_FILE).write_text(json.dumps(state, indent=2), encoding="utf-8")
+            old = None
+            if final.exists():  # the same step saved again after a resume: replace it whole
+                old = root / f".old-step-{step:07d}"
+                if old.exists():
+                    shutil.rmtree(old)
+                os.replace(final, old)
+            os.replace(tmp, final)
+            if old is not None:
+                shutil.rmtree(old, ignore_errors=True)
+            for stale in list_checkpoints(self.out)[:-self.cfg.checkpoint.keep_last]:
+                shutil.rmtree(stale, ignore_errors=True)
+            self._info(f"checkpoint {final}")
+        acc.wait_for_everyone()
+        return final
+
+    # -- validation ---------------------------------------------------------------------------
+
+    def _validation_set(self) -> list[tuple[str, torch.Tensor]]:
+        if not hasattr(self, "_val_set"):
+            items = _load_validation_images(self.cfg)
+            for i in self.holdout_indices[:max(0, self.cfg.validation.count - len(items))]:
+                it = self.pairs[i]
+                if "image" in it:
+                    hr = it["image"].float().div(255.0)[None]
+                else:
+                    with torch.no_grad():
+                        hr = self.codec.decode(it["z0"][None].to(self.accelerator.device)).float().cpu()
+                items.append((f"pair-{it['id']}", hr))
+            self._val_set = items
+        return self._val_set
+
+    @torch.no_grad()
+    def validate(self) -> Optional[dict[str, Any]]:
+        from fluxsr_core import images
+        from fluxsr_core.upscaler import UpscaleOptions, upscale_tensor
+
+        acc = self.accelerator
+        result = None
+        if self.main:
+            val = self._validation_set()
+            if val:
+                opts = UpscaleOptions(scale=float(self.cfg.degradation.scale), t_l=self.cfg.settings.t_l,
+                                      color_fix=self.cfg.validation.color_fix)
+                self.transformer.eval()
+                use_ema = self.ema is not None and self.cfg.validation.use_ema
+                ctx = self.ema.applied_to(self.params) if use_ema else contextlib.nullcontext()
+                per_image, folder = [], self.out / "validation" / f"step-{self.state.step:07d}"
+                with ctx, acc.autocast():
+                    for k, (name, hr) in enumerate(val):
+                        lr = degrade(hr, self.cfg.degradation, seed=self.cfg.validation.seed + k)
+                        sr = upscale_tensor(lr, self.eval_velocity, self.codec, self.val_cond, opts).float().cpu()
+                        bic = images.resize(lr, tuple(hr.shape[-2:])).clamp(0, 1)
+                        per_image.append({"name": name, "psnr": _psnr(sr, hr), "bicubic_psnr": _psnr(bic, hr)})
+                        if self.cfg.validation.save_images:
+                            images.save_image(folder / f"{name}-sr.png", sr)
+                            if self.state.step == 0 or not (folder.parent / f"{name}-lr.png").exists():
+                                images.save_image(folder.parent / f"{name}-lr.png", lr)
+                                images.save_image(folder.parent / f"{name}-hr.png", hr)
+                self.transformer.train()
+                result = {"step": self.state.step, "ema": use_ema,
+                          "psnr": sum(r["psnr"] for r in per_image) / len(per_image),
+                          "bicubic_psnr": sum(r["bicubic_psnr"] for r in per_image) / len(per_image),
+                          "images": per_image}
+                self._info(f"validation step {self.state.step}: PSNR-RGB {result['psnr']:.2f} dB "
+                           f"(bicubic {result['bicubic_psnr']:.2f} dB) on {len(per_image)} image(s)"
+                           f"{' with EMA weights' if use_ema else ''}")
+                acc.log({"val/psnr": result["psnr"], "val/bicubic_psnr": result["bicubic_psnr"]},
+                        step=self.state.step)
+        acc.wait_for_everyone()
+        return result
+
+    # -- the loop ------------------------------------------------------------------------------
+
+    def _info(self, msg: str) -> None:
+        if getattr(self, "main", True):
+            log.info(msg)
+
+    def _batch_tensors(self, batch: dict[str, Any]):
+        dev = self.accelerator.device
+        eps = batch["eps"].to(dev, torch.float32)
+        z0 = batch["z0"].to(dev, torch.float32)
+        pos = batch["pos"]
+        with torch.no_grad():
+            if "lr" in batch:
+                x0, lr = batch["x0"].to(dev), batch["lr"].to(dev)
+            else:
+                x0 = self.codec.decode(z0).float()
+                lr = degrade_to_hr_size(x0, self.cfg.degradation, seed=[self.stream.degradation_seed(p) for p in pos])
+            z_l = self.codec.encode(lr.float()).float()
+        t_l = self.cfg.settings.t_l
+        ftd_t = torch.tensor([t_l + (1.0 - t_l) * self.stream.ftd_uniform(p) for p in pos], dtype=torch.float32)
+        if self.fixed_bundle is not None:
+            cond = self.fixed_bundle.to_conditioning(self.cfg.settings.guidance)
+        else:
+            cond = Conditioning(t5=batch["t5"], clip_pooled=batch["clip_pooled"], guidance=self.cfg.settings.guidance)
+        return z_l, z0, eps, x0, cond, ftd_t
+
+    def run(self) -> TrainResult:
+        t_start = time.time()
+        self.setup()
+        cfg, acc = self.cfg, self.accelerator
+        self.history: list[dict[str, Any]] = []
+        self.validations: list[dict[str, Any]] = []
+        losses: list[float] = []
+
+        resume_from = resolve_resume(cfg.train.resume, self.out)
+        if resume_from is not None:
+            acc.load_state(str(resume_from))
+            self._info(f"resumed from {resume_from} at step {self.state.step}")
+        elif cfg.train.resume == "latest":
+            self._info("resume=latest: no checkpoint yet, starting fresh")
+        start_step = self.state.step
+        if self.main:
+            cfg.save(self.out / CONFIG_FILE)
+
+        accum = cfg.train.gradient_accumulation_steps
+        sampler = _StreamBatches(cfg.data.batch_size, acc.process_index, acc.num_processes, start_step * accum)
+        items = _TrainItems(self.pairs, self.train_indices, self.stream, cfg.degradation, cfg.data.teacher_image)
+        loader = torch.utils.data.DataLoader(items, batch_sampler=sampler, collate_fn=_collate,
+                                             num_workers=cfg.data.num_workers,
+                                             persistent_workers=cfg.data.num_workers > 0)
+        batches = iter(loader)
+        end = cfg.train.max_steps if not cfg.train.stop_at else min(cfg.train.stop_at, cfg.train.max_steps)
+        last_ckpt: Optional[Path] = None
+        stopped = False
+
+        progress = None
+        if self.main and cfg.train.progress_bar:
+            from tqdm.auto import tqdm
+
+            progress = tqdm(total=cfg.train.max_steps, initial=start_step, desc="training", unit="step",
+                            dynamic_ncols=True)
+        if cfg.validation.every and start_step == 0:
+            v = self.validate()
+            if v:
+                self.validations.append(v)
+        window: dict[str, float] = {}
+        window_n, t_window = 0, time.time()
+        try:
+            while self.state.step < end:
+                sums: dict[str, float] = {}
+                for _ in range(accum):
+                    batch = next(batches)
+                    z_l, z0, eps, x0, cond, ftd_t = self._batch_tensors(batch)
+                    with acc.accumulate(self.model):
+                        parts = compute_losses(self.velocity, self.codec, z_l=z_l, z0=z0, eps=eps, x0=x0,
+                                               cond=cond, t_l=cfg.settings.t_l, ftd_t=ftd_t, loss=cfg.loss,
+                                               perceptual=self.perceptual, adl_hook=self.adl_hook)
+                        if not torch.isfinite(parts.total):
+                            raise FloatingPointError(f"loss is {float(parts.total)} at step {self.state.step}; "
+                                                     "lower optim.lr or check the data")
+                        acc.backward(parts.total)
+                        if acc.sync_gradients and cfg.optim.max_grad_norm > 0:
+                            acc.clip_grad_norm_(list(self.params.values()), cfg.optim.max_grad_norm)
+                        self.optimizer.step()
+                        self.optimizer.zero_grad(set_to_none=True)
+                    for k, v in parts.as_floats().items():
+                        sums[k] = sums.get(k, 0.0) + v / accum
+                self.scheduler.step()
+                if self.ema is not None:
+                    self.ema.update(self.params)
+                self.state.step += 1
+                keys = sorted(sums)
+                reduced = acc.reduce(torch.tensor([sums[k] for k in keys], device=acc.device), "mean").tolist()
+                step_vals = dict(zip(keys, reduced))
+                losses.append(step_vals["loss"])
+                for k, v in step_vals.items():
+                    window[k] = window.get(k, 0.0) + v
+                window_n += 1
+                if progress is not None:
+                    progress.update(1)
+                    progress.set_postfix(loss=f"{step_vals['loss']:.4g}")
+                if self.state.step % cfg.train.log_every == 0 or self.state.step == end:
+                    lr_now = self.scheduler.get_last_lr()[0]
+                    dt = (time.time() - t_window) / window_n
+                    entry = {"step": self.state.step, **{k: v / window_n for k, v in window.items()},
+                             "lr": lr_now, "s_per_step": dt}
+                    self.history.append(entry)
+                    terms = " ".join(f"{k} {entry[k]:.4g}" for k in ("ftd", "mse", "tvlpips", "adl") if k in entry)
+                    line = (f"step {self.state.step}/{cfg.train.max_steps} | loss {entry['loss']:.4g} ({terms}) | "
+                            f"lr {lr_now:.3g} | {dt:.2f} s/step")
+                    if progress is not None:
+                        progress.write(line)
+                    self._info(line) if progress is None else log.debug(line)
+                    acc.log({f"train/{k}": v for k, v in entry.items() if k != "step"}, step=self.state.step)
+                    window, window_n, t_window = {}, 0, time.time()
+                if self.state.step % cfg.checkpoint.every == 0:
+                    last_ckpt = self.save_checkpoint()
+                if cfg.validation.every and self.state.step % cfg.validation.every == 0:
+                    v = self.validate()
+                    if v:
+                        self.validations.append(v)
+                if self.stop_check is not None and self.stop_check(self.state.step):
+                    stopped = True
+                    break
+        finally:
+            if progress is not None:
+                progress.close()
+        if last_ckpt is None or not last_ckpt.name.endswith(f"{self.state.step:07d}"):
+            if self.state.step > start_step or resume_from is None:
+                last_ckpt = self.save_checkpoint()
+            else:
+                last_ckpt = resume_from
+        stopped = stopped or self.state.step < cfg.train.max_steps
+        if self.adl_hook is not None:
+            self.adl_hook.remove()
+        acc.end_training()
+        return TrainResult(
+            output_dir=str(self.out), step=self.state.step, start_step=start_step,
+            checkpoint=str(last_ckpt), lora_path=str(last_ckpt / LORA_FILE),
+            ema_lora_path=str(last_ckpt / EMA_LORA_FILE) if self.ema is not None else None,
+            conditioning_path=self.conditioning_path, losses=losses, history=self.history,
+            validation=self.validations, perceptual_label=self.perceptual_label, stopped_early=stopped,
+            seconds=time.time() - t_start, config=cfg)
+
+
+def _flat_scalars(d: dict[str, Any], prefix: str = "") -> dict[str, Any]:
+    out = {}
+    for k, v in d.items():
+        if isinstance(v, dict):
+            out.update(_flat_scalars(v, f"{prefix}{k}."))
+        elif isinstance(v, (int, float, str, bool)):
+            out[f"{prefix}{k}"] = v
+        elif isinstance(v, (list, tuple)):
+            out[f"{prefix}{k}"] = json.dumps(v)
+    return out
+
+
+def train(config: TrainConfig, stop_check: Optional[Callable[[int], bool]] = None) -> TrainResult:
+    """Distil a FluxSR student as configured; returns a :class:`TrainResult`.
+
+    Runs in the current process, or in each process of an ``accelerate launch`` (DDP, FSDP or
+    DeepSpeed as the accelerate config says). ``stop_check(step)`` is asked after every
+    optimizer step; returning True stops the run there (with a checkpoint), like
+    ``train.stop_at``. Bad configs raise :class:`~fluxsr_training.config_io.ConfigError` before
+    any model is loaded.
+    """
+    if not isinstance(config, TrainConfig):
+        raise TypeError(f"train() takes a TrainConfig, got {type(config).__name__}")
+    check_config(config)
+    return _Run(config, stop_check).run()
+
+
+__all__ = ["TrainConfig", "ModelConfig", "LoraConfig", "SettingsConfig", "DataConfig", "LossConfig",
+           "OptimConfig", "EmaConfig", "CheckpointConfig", "ValidationConfig", "TrainLoopConfig",
+           "TrainResult", "LossParts", "LoraEMA", "SampleStream", "DEFAULT_LORA_TARGETS", "ConfigError",
+           "load_train_config", "check_config", "train", "build_student", "resolve_lora_targets",
+           "lora_parameters", "compute_losses", "list_checkpoints", "latest_checkpoint", "resolve_resume",
+           "LORA_FILE", "EMA_LORA_FILE", "CONFIG_FILE", "STATE_FILE", "CONDITIONING_FILE"]
