@@ -13,7 +13,11 @@ folder, and an extra_model_paths.yaml for the models and the pack. Checked: the 
 its nodes; every shipped workflow validates against the server's own /object_info (no missing
 node, widget values in order and range, links typed); each API workflow runs to success at small
 sizes; the graph and ``fluxsr upscale`` give the same image from the same files; an interrupt
-in the middle of an upscale leaves the server able to run the next prompt.
+in the middle of an upscale leaves the server able to run the next prompt; the UI workflows load
+in ComfyUI's own page (headless Chromium, when playwright and Chromium are there) with no missing
+node, every widget where it belongs, and the page's own API prompt equal to the shipped one.
+``FLUXSR_SCREENSHOT=docs/comfyui_upscale_workflow.png`` keeps the page's picture of the upscale
+workflow.
 """
 
 from __future__ import annotations
@@ -51,6 +55,7 @@ def _load(name: str):
 
 
 server_mod = _load("comfy_server")
+frontend = _load("frontend_check")
 weights = _load("make_weights")
 check = _load("workflow_check")
 
@@ -262,3 +267,41 @@ def test_interrupt_mid_upscale_then_next_prompt_runs(server, input_image):
     entry = server.run(nxt, timeout=900)
     (out_file,) = server.output_files(entry)
     assert load_png(out_file).shape == (60, 72, 3)
+
+
+# --- ComfyUI's own page -------------------------------------------------------------------------
+
+WORKFLOWS = ["fluxsr_upscale", "fluxsr_upscale_tiled", "fluxsr_teacher_pairs"]
+
+
+def test_ui_workflows_load_in_comfyuis_page(server, tmp_path):
+    why = frontend.available()
+    if why:
+        pytest.skip(why)
+    example = Path(COMFYUI_DIR) / "input" / "example.png"
+    if example.exists():  # LoadImage shows its preview in the screenshot
+        server.upload_image(example)
+    shot = Path(os.environ.get("FLUXSR_SCREENSHOT") or tmp_path / "upscale.png")
+    results = frontend.load_in_page(server, {n: read_workflow(n) for n in WORKFLOWS}, {"fluxsr_upscale": shot})
+    for name in WORKFLOWS:
+        res = results[name]
+        assert [n["type"] for n in res["nodes"] if not n["registered"]] == [], f"{name}: missing nodes"
+        assert len(res["nodes"]) == len(read_workflow(name)["nodes"])
+        api = read_workflow(f"{name}_api")
+        for node in res["nodes"]:
+            if str(node["id"]) not in api:
+                continue
+            widgets = dict(node["widgets"])
+            for key, value in api[str(node["id"])]["inputs"].items():
+                if not isinstance(value, list):
+                    assert widgets.get(key) == value, f"{name} node {node['id']}: widget {key} is {widgets.get(key)!r}"
+        # What the page would queue is exactly the shipped API workflow.
+        strip = lambda p: {k: {"class_type": v["class_type"], "inputs": v["inputs"]} for k, v in p.items()}  # noqa: E731
+        assert strip(res["prompt"]) == strip(api), name
+        assert {k: v["_meta"]["title"] for k, v in res["prompt"].items()} == \
+            {k: v["_meta"]["title"] for k, v in api.items()}
+        assert res["page_errors"] == []
+    from PIL import Image
+
+    picture = np.asarray(Image.open(shot).convert("L"), dtype=np.float32)
+    assert picture.shape == (940, 1600) and picture.std() > 10  # a drawn graph, not a blank page

@@ -59,11 +59,21 @@ ComfyUI/models/vae/{VAE_FILE}
 
 Every run adds one (noise, image latent) pair to ComfyUI/output/fluxsr_pairs/
 (an absolute path works too) as one new shard; the seed increments after each run.
-Queue as many runs as you want pairs, then train with:
-    fluxsr-train ... --pairs ComfyUI/output/fluxsr_pairs"""
+Queue as many runs as you want pairs, then give that folder to fluxsr-train
+as its pair dataset (see the README)."""
 
 PROMPT = ("a high-resolution photograph of a city street with people, shop signs, brick walls "
           "and trees, natural light, sharp fine detail")
+
+
+# Titles of nodes the workflows do not rename: the frontend's defaults (display names), written
+# out in both formats so the API file's _meta titles are what the page itself would send.
+DEFAULT_TITLES = {
+    "LoadImage": "Load Image", "SaveImage": "Save Image", "PreviewImage": "Preview Image",
+    "CLIPTextEncode": "CLIP Text Encode (Prompt)", "FluxGuidance": "FluxGuidance",
+    "FluxSRUpscale": "FluxSR Upscale", "FluxSRTilingOptions": "FluxSR Tiling Options",
+    "FluxSRTeacherSampler": "FluxSR Teacher Sampler", "FluxSRConditioning": "FluxSR Conditioning",
+}
 
 
 @dataclass
@@ -94,70 +104,70 @@ def _note(id_: int, pos, size, text: str) -> Node:
 
 def upscale_nodes(tiled: bool) -> Workflow:
     nodes = [
-        Node(1, "UNETLoader", (40, 60), (330, 82),
+        Node(1, "UNETLoader", (40, 40), (330, 82),
              {"unet_name": FLUX_FILE, "weight_dtype": "default"}, outputs=[("MODEL", "MODEL")],
              title="FLUX.1-dev (models/diffusion_models)"),
-        Node(2, "LoraLoaderModelOnly", (410, 60), (330, 82),
+        Node(2, "LoraLoaderModelOnly", (410, 40), (330, 82),
              {"lora_name": LORA_FILE, "strength_model": 1.0}, inputs=[("model", "MODEL")],
              outputs=[("MODEL", "MODEL")], title="FluxSR LoRA (models/loras)"),
-        Node(3, "VAELoader", (40, 190), (330, 58), {"vae_name": VAE_FILE}, outputs=[("VAE", "VAE")],
+        Node(3, "VAELoader", (40, 170), (330, 58), {"vae_name": VAE_FILE}, outputs=[("VAE", "VAE")],
              title="FLUX VAE (models/vae)"),
-        Node(4, "FluxSRConditioning", (40, 290), (330, 82),
+        Node(4, "FluxSRConditioning", (40, 270), (330, 82),
              {"bundle": BUNDLE_FILE, "guidance": 0.0}, outputs=[("conditioning", "CONDITIONING")],
              title="FluxSR Conditioning (models/fluxsr)"),
-        Node(5, "LoadImage", (40, 420), (330, 330), {"image": "example.png"},
+        Node(5, "LoadImage", (40, 400), (330, 330), {"image": "example.png"},
              outputs=[("IMAGE", "IMAGE"), ("MASK", "MASK")], ui_extra_after={"image": "image"}),
-        Node(6, "FluxSRUpscale", (800, 200), (330, 190),
+        Node(6, "FluxSRUpscale", (980, 40), (330, 190),
              {"scale": 4.0, "t_l": 0.0, "color_fix": "wavelet"},
              inputs=[("image", "IMAGE"), ("model", "MODEL"), ("vae", "VAE"),
                      ("conditioning", "CONDITIONING")] + ([("tiling", "FLUXSR_TILING")] if tiled else []),
              outputs=[("image", "IMAGE")]),
-        Node(7, "SaveImage", (1170, 200), (400, 450), {"filename_prefix": "FluxSR"},
+        Node(7, "SaveImage", (1350, 40), (400, 440), {"filename_prefix": "FluxSR"},
              inputs=[("images", "IMAGE")]),
     ]
     links = [(1, 0, 2, "model", "MODEL"), (5, 0, 6, "image", "IMAGE"), (2, 0, 6, "model", "MODEL"),
              (3, 0, 6, "vae", "VAE"), (4, 0, 6, "conditioning", "CONDITIONING"),
              (6, 0, 7, "images", "IMAGE")]
     if tiled:
-        nodes.append(Node(8, "FluxSRTilingOptions", (410, 420), (330, 250),
+        nodes.append(Node(8, "FluxSRTilingOptions", (980, 290), (330, 250),
                           {"tile_size": 1024, "tile_overlap": 256, "vae_tile_size": 1024,
                            "vae_tile_overlap": 128, "blend": "gaussian", "global_position_ids": False,
                            "tile_batch_size": 1},
                           outputs=[("tiling", "FLUXSR_TILING")]))
         links.append((8, 0, 6, "tiling", "FLUXSR_TILING"))
-        nodes.append(_note(9, (410, 700), (560, 430), WHERE_TILED))
+        nodes.append(_note(9, (410, 440), (530, 400), WHERE_TILED))
         # tiled example: a larger input benefits from 2x
         nodes[5].widgets["scale"] = 2.0
         return Workflow("fluxsr_upscale_tiled", nodes, links)
-    nodes.append(_note(8, (410, 420), (560, 400), WHERE_UPSCALE))
+    nodes.append(_note(8, (410, 440), (530, 310), WHERE_UPSCALE))
     return Workflow("fluxsr_upscale", nodes, links)
 
 
 def teacher_nodes() -> Workflow:
     nodes = [
-        Node(1, "UNETLoader", (40, 60), (330, 82),
+        Node(1, "UNETLoader", (40, 40), (380, 82),
              {"unet_name": FLUX_FILE, "weight_dtype": "default"}, outputs=[("MODEL", "MODEL")],
-             title="FLUX.1-dev teacher, no LoRA (models/diffusion_models)"),
-        Node(2, "DualCLIPLoader", (40, 190), (330, 130),
+             title="FLUX.1-dev, no LoRA (models/diffusion_models)"),
+        Node(2, "DualCLIPLoader", (40, 170), (380, 130),
              {"clip_name1": CLIP_L_FILE, "clip_name2": T5_FILE, "type": "flux", "device": "default"},
              outputs=[("CLIP", "CLIP")], title="FLUX text encoders (models/text_encoders)"),
-        Node(3, "CLIPTextEncode", (410, 190), (400, 160), {"text": PROMPT}, inputs=[("clip", "CLIP")],
+        Node(3, "CLIPTextEncode", (460, 40), (400, 160), {"text": PROMPT}, inputs=[("clip", "CLIP")],
              outputs=[("CONDITIONING", "CONDITIONING")]),
-        Node(4, "FluxGuidance", (410, 390), (320, 58), {"guidance": 3.5},
+        Node(4, "FluxGuidance", (460, 240), (320, 58), {"guidance": 3.5},
              inputs=[("conditioning", "CONDITIONING")], outputs=[("CONDITIONING", "CONDITIONING")]),
-        Node(5, "VAELoader", (40, 370), (330, 58), {"vae_name": VAE_FILE}, outputs=[("VAE", "VAE")],
+        Node(5, "VAELoader", (40, 340), (380, 58), {"vae_name": VAE_FILE}, outputs=[("VAE", "VAE")],
              title="FLUX VAE (models/vae)"),
-        Node(6, "FluxSRTeacherSampler", (860, 120), (340, 330),
+        Node(6, "FluxSRTeacherSampler", (980, 40), (340, 330),
              {"seed": 0, "steps": 28, "width": 1024, "height": 1024, "trajectory_previews": 4,
               "dataset_folder": "fluxsr_pairs"},
              inputs=[("model", "MODEL"), ("conditioning", "CONDITIONING"), ("vae", "VAE")],
              outputs=[("image", "IMAGE"), ("latent", "LATENT"), ("trajectory", "IMAGE")],
              ui_extra_after={"seed": "increment"}),
-        Node(7, "SaveImage", (1250, 60), (400, 450), {"filename_prefix": "FluxSR_teacher"},
+        Node(7, "SaveImage", (1370, 40), (380, 400), {"filename_prefix": "FluxSR_teacher"},
              inputs=[("images", "IMAGE")]),
-        Node(8, "PreviewImage", (1250, 560), (400, 300), {}, inputs=[("images", "IMAGE")],
+        Node(8, "PreviewImage", (1370, 480), (380, 300), {}, inputs=[("images", "IMAGE")],
              title="Trajectory"),
-        _note(9, (40, 500), (560, 420), WHERE_TEACHER),
+        _note(9, (460, 340), (480, 330), WHERE_TEACHER),
     ]
     links = [(2, 0, 3, "clip", "CLIP"), (3, 0, 4, "conditioning", "CONDITIONING"),
              (1, 0, 6, "model", "MODEL"), (4, 0, 6, "conditioning", "CONDITIONING"),
@@ -204,14 +214,14 @@ def to_ui(wf: Workflow) -> dict:
             "properties": {"Node name for S&R": n.type} if n.type != "Note" else {},
             "widgets_values": values,
         }
-        if n.title:
-            node["title"] = n.title
+        if n.title or n.type in DEFAULT_TITLES:
+            node["title"] = n.title or DEFAULT_TITLES[n.type]
         if n.color:
             node["color"], node["bgcolor"] = n.color
         nodes.append(node)
     return {"last_node_id": max(n.id for n in wf.nodes), "last_link_id": len(wf.links), "nodes": nodes,
             "links": link_rows, "groups": [], "config": {},
-            "extra": {"ds": {"scale": 0.8, "offset": [20, 20]}}, "version": 0.4}
+            "extra": {"ds": {"scale": 0.8, "offset": [90, 110]}}, "version": 0.4}
 
 
 def to_api(wf: Workflow) -> dict:
@@ -225,7 +235,7 @@ def to_api(wf: Workflow) -> dict:
             if dst == n.id:
                 inputs[name] = [str(src), slot]
         out[str(n.id)] = {"class_type": n.type, "inputs": inputs,
-                          "_meta": {"title": n.title or n.type}}
+                          "_meta": {"title": n.title or DEFAULT_TITLES.get(n.type, n.type)}}
     return out
 
 
