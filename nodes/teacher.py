@@ -114,14 +114,13 @@ def write_pair(folder: str, result: TeacherResult, core_cond: Any, seed: int, st
             "guidance": float(core_cond.guidance), "sigmas": [float(s) for s in result.sigmas],
             "source": "ComfyUI FluxSRTeacherSampler"}
     writer_id = ("comfyui-" + pairs.default_writer_id())[:100]
+    # shard_size=1: add() writes the pair as its own shard at once (one shard per run).
     with pairs.PairWriter(folder, writer_id=writer_id, shard_size=1) as writer:
         added = writer.add(pid, result.noise[0], result.z0[0], core_cond.t5, core_cond.clip_pooled,
                            meta=meta, image=result.image[0])
-        shard = writer.flush() if added else None
-        # add() with shard_size=1 already wrote the shard; report its name from the manifest.
-        if added and shard is None:
-            shard = next((e.shard for e in reversed(pairs.scan_manifests(folder).entries)
-                          if pid in e.pairs), None)
+    if not added:
+        return pid, None
+    shard = next((e.shard for e in reversed(pairs.scan_manifests(folder).entries) if pid in e.pairs), None)
     return pid, shard
 
 
