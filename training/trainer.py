@@ -418,7 +418,7 @@ def build_student(cfg: TrainConfig, device: torch.device | str = "cpu"):
 
     from fluxsr_core import models
 
-    dev = models.resolve_device(device)
+    dev = _device(device)
     dtype = models.resolve_dtype(cfg.model.dtype, dev)
     transformer = models.load_transformer(cfg.model.transformer, dtype=dtype, device=None, seed=cfg.model.init_seed)
     vae = models.load_vae(cfg.model.vae, dtype=dtype, device=None, seed=cfg.model.init_seed)
@@ -436,6 +436,16 @@ def build_student(cfg: TrainConfig, device: torch.device | str = "cpu"):
     if cfg.model.gradient_checkpointing:
         transformer.enable_gradient_checkpointing()
     return transformer, vae, dtype
+
+
+def _device(device) -> torch.device:
+    """A device in the one spelling fluxsr_core uses (accelerate says ``cpu:0`` on CPU ranks)."""
+    from fluxsr_core import models
+
+    dev = torch.device(device) if not isinstance(device, str) or ":" in device else None
+    if dev is not None and dev.type == "cpu":
+        return torch.device("cpu")
+    return models.resolve_device(str(dev) if dev is not None else device)
 
 
 def lora_parameters(transformer, adapter_name: str = DEFAULT_ADAPTER_NAME) -> dict[str, torch.nn.Parameter]:
@@ -826,8 +836,9 @@ class _Run:
         from accelerate.utils import DistributedDataParallelKwargs, ProjectConfiguration, set_seed
 
         cfg = self.cfg
-        device_probe = "cuda" if torch.cuda.is_available() and os.environ.get("ACCELERATE_USE_CPU", "").lower() \
-            not in ("1", "true") else "cpu"
+        from accelerate.utils import parse_flag_from_env
+
+        device_probe = "cuda" if torch.cuda.is_available() and not parse_flag_from_env("ACCELERATE_USE_CPU") else "cpu"
         mp = _mixed_precision(cfg.train.mixed_precision, device_probe)
         trackers = None
         if cfg.train.tensorboard != "false":
@@ -845,6 +856,13 @@ class _Run:
             kwargs_handlers=[DistributedDataParallelKwargs(
                 find_unused_parameters=cfg.train.ddp_find_unused_parameters)],
         )
+        world = int(os.environ.get("WORLD_SIZE", "1") or 1)
+        if world > 1 and acc.num_processes == 1:
+            # torchrun/accelerate started several processes but accelerate did not join them
+            # (e.g. `--multi_gpu` on a machine without GPUs): each would train alone.
+            raise RuntimeError(f"{world} processes were launched but accelerate runs them as independent "
+                               "single-process jobs. For multi-process CPU training set ACCELERATE_USE_CPU=1 "
+                               "(e.g. `ACCELERATE_USE_CPU=1 accelerate launch --multi_gpu --num_processes 2 ...`)")
         self.main = acc.is_main_process
         if self.main:
             self.out.mkdir(parents=True, exist_ok=True)
@@ -882,9 +900,9 @@ class _Run:
 
         from fluxsr_core.models import DiffusersCodec, DiffusersVelocity
 
-        self.velocity = DiffusersVelocity(self.transformer, compute_dtype=self.dtype, device=acc.device)
+        self.velocity = DiffusersVelocity(self.transformer, compute_dtype=self.dtype, device=_device(acc.device))
         self.velocity.transformer = self.model  # forward through DDP/autocast wrappers
-        self.eval_velocity = DiffusersVelocity(self.transformer, compute_dtype=self.dtype, device=acc.device)
+        self.eval_velocity = DiffusersVelocity(self.transformer, compute_dtype=self.dtype, device=_device(acc.device))
         self.codec = DiffusersCodec(self.vae, compute_dtype=self.dtype)
 
         self.perceptual, self.perceptual_label = None, None

@@ -1,0 +1,379 @@
+"""Teacher pairs: the frozen FLUX teacher samples ``(eps, z_0)`` from text prompts (``fluxsr-train pairs``).
+
+For every job (prompt, seed): ``eps ~ N(0, I)`` drawn on the CPU from the seed (so a pair is the
+same on any device and in any process), ``z_0 = euler_sample(teacher, eps, flux_sigmas(steps))``
+with :mod:`fluxsr_core.flow`'s sampler over :class:`fluxsr_core.models.DiffusersVelocity`, and,
+optionally, the decoded teacher image and the trajectory. Pairs go through
+:class:`fluxsr_core.pairs.PairWriter`, so a killed run restarts with only the missing pairs,
+several processes share one folder, and conditionings are stored once per distinct prompt.
+
+Conditioning per distinct prompt comes from local text encoders (CLIP-L and T5-XXL, encoded
+as ``FluxPipeline`` does by :func:`fluxsr_core.bundle.encode_prompt_bundle`), or from one fixed
+bundle file for every prompt (no T5 needed; the prompt is then only recorded).
+
+Distributed: under ``accelerate launch`` (or torchrun) process ``r`` of ``W`` takes the prompts
+whose index ``i`` has ``i % W == r`` and writes as ``<writer_prefix>-rank<r>`` (a stable id, so
+a restarted rank resumes its own files).
+
+Prompt files: ``.txt`` (one prompt per non-empty line) or ``.jsonl`` (one object per line with
+``"prompt"`` and optionally ``"seed"``). Seeds: a JSONL seed ``s`` gives pairs ``s, s+1, ...``;
+otherwise prompt ``i`` gets ``seed + i * pairs_per_prompt + j`` for its ``j``-th pair.
+Pair ids are :func:`fluxsr_core.pairs.pair_id` ``(i, seed)``.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import logging
+import os
+import re
+import socket
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Callable, Optional, Sequence
+
+import torch
+
+from fluxsr_core import flow
+from fluxsr_core.interfaces import Conditioning
+from fluxsr_core.latents import LATENT_CHANNELS, PIXEL_MULTIPLE, VAE_DOWNSCALE
+from fluxsr_core.pairs import PairWriter, pair_id
+from fluxsr_core.settings import DEFAULT_GUIDANCE, RunSettings
+
+from . import config_io
+from .config_io import ConfigError
+
+log = logging.getLogger("fluxsr.pairs")
+
+
+@dataclass
+class GenerateConfig:
+    """What ``fluxsr-train pairs`` does (TOML keys and ``--flags`` have these names).
+
+    Teacher: ``transformer`` and ``vae`` (files or folders; ``"tiny"`` for the test models),
+    ``dtype`` (``auto``: bf16 on GPU, fp32 on CPU), ``device``, ``memory_mode`` (none,
+    model_offload, group_offload, fp8_storage). Conditioning: ``bundle`` (a fixed bundle for
+    every prompt) or ``text_encoders`` (a FLUX pipeline folder with ``text_encoder``,
+    ``tokenizer``, ``text_encoder_2``, ``tokenizer_2``) and/or ``clip`` / ``t5`` folders holding
+    model and tokenizer. Sampling: ``steps``, ``guidance``, ``height``, ``width`` (multiples of
+    16), ``seed``, ``pairs_per_prompt``, ``batch_size``. Output: ``output`` folder,
+    ``save_image``, ``save_trajectory``, ``shard_size``, ``writer_prefix``; ``limit`` stops each
+    process after that many new pairs (0: no limit).
+    """
+
+    transformer: str = ""
+    vae: str = ""
+    prompts: str = ""
+    output: str = ""
+    bundle: str = ""
+    text_encoders: str = ""
+    clip: str = ""
+    t5: str = ""
+    max_sequence_length: int = 512
+    steps: int = 28
+    guidance: float = DEFAULT_GUIDANCE
+    height: int = 1024
+    width: int = 1024
+    seed: int = 0
+    pairs_per_prompt: int = 1
+    batch_size: int = 1
+    save_image: bool = True
+    save_trajectory: bool = False
+    shard_size: int = 8
+    writer_prefix: str = ""
+    limit: int = 0
+    dtype: str = "auto"
+    device: str = "auto"
+    memory_mode: str = "none"
+    init_seed: int = 0
+    fsync: bool = True
+    progress_bar: bool = True
+
+
+def load_generate_config(path: Optional[str | os.PathLike] = None, overrides: Sequence[str] = ()) -> GenerateConfig:
+    """:class:`GenerateConfig` from defaults, an optional TOML file and ``"key=value"`` overrides."""
+    return config_io.load_config(GenerateConfig, path, overrides)
+
+
+@dataclass(frozen=True)
+class Job:
+    """One pair to make: prompt number ``index`` sampled with ``seed``."""
+
+    index: int
+    prompt: str
+    seed: int
+
+    @property
+    def pair_id(self) -> str:
+        return pair_id(self.index, self.seed)
+
+
+@dataclass
+class GenerateResult:
+    """What :func:`generate_pairs` did in this process."""
+
+    output: str
+    writer_id: str
+    rank: int
+    world: int
+    jobs: int          # jobs of this process
+    skipped: int       # already stored (by any writer) before this run
+    written: list[str] = field(default_factory=list)  # pair ids added by this run
+    stopped_by_limit: bool = False
+    seconds: float = 0.0
+
+
+# --- prompts -------------------------------------------------------------------------------
+
+def read_prompts(path: str | os.PathLike) -> list[tuple[str, Optional[int]]]:
+    """``[(prompt, seed or None)]`` from a ``.txt`` (one per non-empty line) or ``.jsonl`` file."""
+    p = Path(path)
+    if not p.is_file():
+        raise FileNotFoundError(f"prompt file not found: {p}")
+    text = p.read_text(encoding="utf-8")
+    out: list[tuple[str, Optional[int]]] = []
+    if p.suffix.lower() == ".jsonl":
+        for n, line in enumerate(text.splitlines(), start=1):
+            if not line.strip():
+                continue
+            try:
+                obj = json.loads(line)
+            except json.JSONDecodeError as exc:
+                raise ValueError(f"{p} line {n} is not JSON ({exc.msg}); each line must be an object like "
+                                 '{"prompt": "a photo of ...", "seed": 3}') from None
+            if not isinstance(obj, dict) or not isinstance(obj.get("prompt"), str) or not obj["prompt"].strip():
+                raise ValueError(f"{p} line {n}: expected an object with a non-empty \"prompt\" string")
+            seed = obj.get("seed")
+            if seed is not None and (isinstance(seed, bool) or not isinstance(seed, int) or seed < 0):
+                raise ValueError(f"{p} line {n}: \"seed\" must be a non-negative integer (got {seed!r})")
+            out.append((obj["prompt"].strip(), seed))
+    else:
+        out = [(line.strip(), None) for line in text.splitlines() if line.strip()]
+    if not out:
+        raise ValueError(f"{p} holds no prompts")
+    return out
+
+
+def make_jobs(prompts: Sequence[tuple[str, Optional[int]]], seed: int = 0, pairs_per_prompt: int = 1) -> list[Job]:
+    """All jobs, in prompt order (see the module doc for the seed rule)."""
+    if pairs_per_prompt < 1:
+        raise ValueError(f"pairs_per_prompt must be at least 1 (got {pairs_per_prompt})")
+    jobs = []
+    for i, (prompt, s) in enumerate(prompts):
+        first = s if s is not None else seed + i * pairs_per_prompt
+        jobs.extend(Job(i, prompt, first + j) for j in range(pairs_per_prompt))
+    return jobs
+
+
+def noise_for(seed: int, height: int, width: int) -> torch.Tensor:
+    """The starting noise ``eps`` ``[16, H/8, W/8]`` (float32, CPU) of a pair, from its seed alone."""
+    g = torch.Generator().manual_seed(int(seed))
+    return torch.randn(LATENT_CHANNELS, height // VAE_DOWNSCALE, width // VAE_DOWNSCALE, generator=g)
+
+
+# --- conditioning --------------------------------------------------------------------------
+
+def _stable_writer_prefix() -> str:
+    return re.sub(r"[^A-Za-z0-9._-]", "_", socket.gethostname() or "host")[:80] or "host"
+
+
+def load_text_encoders(cfg: GenerateConfig, dtype: torch.dtype, device: torch.device):
+    """``(t5_encoder, t5_tokenizer, clip_encoder, clip_tokenizer)`` from local folders only."""
+    from transformers import AutoTokenizer, CLIPTextModel, T5EncoderModel
+
+    def where(explicit: str, sub_model: str, sub_tok: str) -> tuple[Path, Path]:
+        if explicit:
+            root = Path(explicit)
+            model = root / sub_model if (root / sub_model / "config.json").is_file() else root
+            tok = root / sub_tok if (root / sub_tok).is_dir() else model
+            return model, tok
+        root = Path(cfg.text_encoders)
+        return root / sub_model, root / sub_tok
+
+    paths = {"clip": where(cfg.clip, "text_encoder", "tokenizer"), "t5": where(cfg.t5, "text_encoder_2", "tokenizer_2")}
+    for name, (model, tok) in paths.items():
+        if not (model / "config.json").is_file():
+            raise FileNotFoundError(f"{name.upper()} text encoder not found at {model} (no config.json). Give "
+                                    "--text-encoders <FLUX.1-dev folder with text_encoder/ and text_encoder_2/> "
+                                    f"or --{name} <folder>; or use --bundle with fixed embeddings instead")
+        if not tok.is_dir():
+            raise FileNotFoundError(f"{name.upper()} tokenizer folder not found at {tok}")
+    kw = dict(local_files_only=True, torch_dtype=dtype)
+    try:
+        clip = CLIPTextModel.from_pretrained(paths["clip"][0], **kw).to(device).eval()
+        clip_tok = AutoTokenizer.from_pretrained(paths["clip"][1], local_files_only=True)
+        t5 = T5EncoderModel.from_pretrained(paths["t5"][0], **kw).to(device).eval()
+        t5_tok = AutoTokenizer.from_pretrained(paths["t5"][1], local_files_only=True)
+    except OSError as exc:
+        raise FileNotFoundError(f"could not load the text encoders from local files: {exc}") from None
+    return t5, t5_tok, clip, clip_tok
+
+
+def prompt_conditionings(cfg: GenerateConfig, prompts: Sequence[str], transformer_config,
+                         dtype: torch.dtype, device: torch.device) -> dict[str, tuple[torch.Tensor, torch.Tensor]]:
+    """``{prompt: (t5 [1, L, D], clip_pooled [1, D])}`` for the distinct ``prompts`` (CPU tensors)."""
+    from fluxsr_core.bundle import encode_prompt_bundle, load_bundle
+
+    distinct = list(dict.fromkeys(prompts))
+    if cfg.bundle:
+        b = load_bundle(cfg.bundle)
+        b.check_fits(transformer_config)
+        return {p: (b.t5.cpu(), b.clip_pooled.cpu()) for p in distinct}
+    if not (cfg.text_encoders or (cfg.clip and cfg.t5)):
+        raise ConfigError("no conditioning: give --bundle (fixed embeddings) or --text-encoders (local CLIP-L and "
+                          "T5-XXL, e.g. the FLUX.1-dev folder), or --clip and --t5")
+    t5, t5_tok, clip, clip_tok = load_text_encoders(cfg, dtype, device)
+    settings = RunSettings(guidance=cfg.guidance)
+    out = {}
+    for p in distinct:
+        b = encode_prompt_bundle(p, t5, t5_tok, clip, clip_tok, settings,
+                                 max_sequence_length=cfg.max_sequence_length, device="cpu")
+        b.check_fits(transformer_config)
+        out[p] = (b.t5, b.clip_pooled)
+    # Free the encoders before sampling (T5-XXL alone is ~9 GB in bf16).
+    del t5, clip
+    if device.type == "cuda":
+        torch.cuda.empty_cache()
+    return out
+
+
+# --- sampling ------------------------------------------------------------------------------
+
+def check_generate_config(cfg: GenerateConfig) -> None:
+    """Raise :class:`ConfigError` naming the first unusable value."""
+    for name in ("transformer", "vae", "prompts", "output"):
+        if not getattr(cfg, name):
+            raise ConfigError(f"{name} is required (--{name.replace('_', '-')})")
+    if cfg.height <= 0 or cfg.width <= 0 or cfg.height % PIXEL_MULTIPLE or cfg.width % PIXEL_MULTIPLE:
+        raise ConfigError(f"height and width must be positive multiples of {PIXEL_MULTIPLE} "
+                          f"(got {cfg.height}x{cfg.width})")
+    for name in ("steps", "pairs_per_prompt", "batch_size", "shard_size", "max_sequence_length"):
+        if getattr(cfg, name) < 1:
+            raise ConfigError(f"{name} must be at least 1 (got {getattr(cfg, name)})")
+    if cfg.limit < 0 or cfg.seed < 0:
+        raise ConfigError("limit and seed must be >= 0")
+    if not cfg.guidance > 0:
+        raise ConfigError(f"guidance must be positive (got {cfg.guidance})")
+
+
+def sample_batch(velocity, jobs: Sequence[Job], conds: dict[str, tuple[torch.Tensor, torch.Tensor]],
+                 cfg: GenerateConfig, device: torch.device, keep_trajectory: bool = False):
+    """Run the teacher for ``jobs`` together; returns ``(eps, z0, trajectory or None, sigmas)`` on CPU.
+
+    The trajectory is the latent after every Euler step, ``[B, steps, 16, h, w]`` (its last
+    entry is ``z_0``); ``sigmas`` the schedule used (``steps + 1`` values).
+    """
+    eps = torch.stack([noise_for(j.seed, cfg.height, cfg.width) for j in jobs])
+    h, w = eps.shape[-2:]
+    sigmas = flow.flux_sigmas(cfg.steps, (h // 2) * (w // 2))
+    t5 = torch.cat([conds[j.prompt][0] for j in jobs])
+    clip = torch.cat([conds[j.prompt][1] for j in jobs])
+    cond = Conditioning(t5=t5.to(device), clip_pooled=clip.to(device), guidance=cfg.guidance)
+    states: list[torch.Tensor] = []
+
+    def keep(i, s, s_next, x, v):
+        states.append(x.detach().to("cpu", torch.float32))
+
+    with torch.no_grad():
+        z0 = flow.euler_sample(velocity, eps.to(device), sigmas, cond, callback=keep if keep_trajectory else None)
+    traj = torch.stack(states, dim=1) if keep_trajectory else None
+    return eps, z0.detach().to("cpu", torch.float32), traj, sigmas
+
+
+def _batches(jobs: Sequence[Job], conds, size: int) -> list[list[Job]]:
+    """Consecutive jobs grouped up to ``size``, never mixing conditionings of different shapes."""
+    out: list[list[Job]] = []
+    for j in jobs:
+        if out and len(out[-1]) < size and conds[out[-1][0].prompt][0].shape == conds[j.prompt][0].shape:
+            out[-1].append(j)
+        else:
+            out.append([j])
+    return out
+
+
+def generate_pairs(cfg: GenerateConfig, on_pair: Optional[Callable[[str], None]] = None) -> GenerateResult:
+    """Make the missing teacher pairs of this process's share of the prompts; see the module doc.
+
+    ``on_pair(pair_id)`` is called after each pair is handed to the writer (progress; raising
+    from it stops the run, keeping the pairs already made). Returns a :class:`GenerateResult`.
+    """
+    from accelerate import PartialState
+    from accelerate.utils import parse_flag_from_env
+
+    from fluxsr_core import models
+
+    check_generate_config(cfg)
+    t0 = time.time()
+    state = PartialState(cpu=parse_flag_from_env("ACCELERATE_USE_CPU") or cfg.device == "cpu")
+    rank, world = state.process_index, state.num_processes
+    if cfg.device == "auto":
+        dev = state.device if state.device.type != "cpu" else torch.device("cpu")
+    else:
+        dev = models.resolve_device(cfg.device)
+    dtype = models.resolve_dtype(cfg.dtype, dev)
+
+    all_jobs = make_jobs(read_prompts(cfg.prompts), cfg.seed, cfg.pairs_per_prompt)
+    ids = [j.pair_id for j in all_jobs]
+    if len(set(ids)) != len(ids):
+        dup = next(i for i in ids if ids.count(i) > 1)
+        raise ValueError(f"pair id {dup} occurs twice; give distinct seeds")
+    mine = [j for j in all_jobs if j.index % world == rank]
+    writer_id = f"{cfg.writer_prefix or _stable_writer_prefix()}-rank{rank}"
+
+    with PairWriter(cfg.output, writer_id=writer_id, shard_size=cfg.shard_size, fsync=cfg.fsync) as writer:
+        pending_ids = set(writer.pending([j.pair_id for j in mine]))
+        todo = [j for j in mine if j.pair_id in pending_ids]
+        if cfg.limit:
+            todo = todo[:cfg.limit]
+        result = GenerateResult(output=str(cfg.output), writer_id=writer_id, rank=rank, world=world,
+                                jobs=len(mine), skipped=len(mine) - len(pending_ids))
+        log.info("rank %d/%d (%s): %d pairs assigned, %d already stored, %d to make now", rank, world,
+                 writer_id, len(mine), result.skipped, len(todo))
+        if todo:
+            transformer = models.load_transformer(cfg.transformer, dtype=dtype, device=None, seed=cfg.init_seed)
+            conds = prompt_conditionings(cfg, [j.prompt for j in todo], transformer.config, dtype, dev)
+            # The VAE is small next to the transformer; loading it always keeps one code path.
+            vae = models.load_vae(cfg.vae, dtype=dtype, device=None, seed=cfg.init_seed)
+            models.apply_memory_mode(transformer, vae, cfg.memory_mode, dev)
+            velocity = models.DiffusersVelocity(transformer, compute_dtype=dtype, device=dev)
+            codec = models.DiffusersCodec(vae, compute_dtype=dtype) if cfg.save_image else None
+            teacher = os.path.basename(os.path.normpath(str(cfg.transformer)))
+            progress = None
+            if cfg.progress_bar and state.is_local_main_process:
+                from tqdm.auto import tqdm
+
+                progress = tqdm(total=len(todo), desc=f"pairs (rank {rank})", unit="pair", dynamic_ncols=True)
+            try:
+                for batch in _batches(todo, conds, cfg.batch_size):
+                    eps, z0, traj, sigmas = sample_batch(velocity, batch, conds, cfg, dev, cfg.save_trajectory)
+                    imgs = None
+                    if codec is not None:
+                        with torch.no_grad():
+                            imgs = codec.decode(z0.to(dev)).float().cpu()
+                    for k, job in enumerate(batch):
+                        meta = {"seed": job.seed, "prompt": job.prompt, "prompt_index": job.index,
+                                "steps": cfg.steps, "guidance": cfg.guidance, "height": cfg.height,
+                                "width": cfg.width, "sigmas": [round(float(s), 8) for s in sigmas],
+                                "teacher": teacher}
+                        writer.add(job.pair_id, eps[k], z0[k], conds[job.prompt][0], conds[job.prompt][1], meta=meta,
+                                   image=None if imgs is None else imgs[k],
+                                   trajectory=None if traj is None else traj[k])
+                        result.written.append(job.pair_id)
+                        if progress is not None:
+                            progress.update(1)
+                        if on_pair is not None:
+                            on_pair(job.pair_id)
+            finally:
+                if progress is not None:
+                    progress.close()
+        result.stopped_by_limit = bool(cfg.limit) and len(pending_ids) > len(todo)
+    result.seconds = time.time() - t0
+    log.info("rank %d: wrote %d pairs to %s in %.1f s", rank, len(result.written), cfg.output, result.seconds)
+    return result
+
+
+__all__ = ["GenerateConfig", "GenerateResult", "Job", "load_generate_config", "read_prompts", "make_jobs",
+           "noise_for", "sample_batch", "generate_pairs", "check_generate_config", "load_text_encoders",
+           "prompt_conditionings"]
