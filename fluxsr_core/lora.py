@@ -489,6 +489,13 @@ def save_lora(path: str | os.PathLike, lora_state_dict: Mapping[str, torch.Tenso
             if f"{TRANSFORMER_PREFIX}{mod}.{part}.weight" not in sd:
                 raise ValueError(f"layer '{mod}' has no {part} weight; the state dict is incomplete")
 
+    if alpha != rank:
+        # ComfyUI reads alpha only from "<key>.alpha" tensors and ignores metadata, so a file with
+        # alpha != rank would run at another strength there. Fold alpha/rank into lora_B instead:
+        # B @ A * (alpha / r) is unchanged and every loader agrees (alpha = rank, scale 1).
+        fold = alpha / rank
+        sd = {k: (v * fold if ".lora_B." in k else v) for k, v in sd.items()}
+        alpha = float(rank)
     settings_md = RunSettings(**{**settings.as_dict(), "lora_rank": rank}).to_metadata()
     # target_modules as a full-match regex, as load_lora builds it: exact, where a list of names
     # would match by suffix ("proj_out" would also catch every single block's proj_out).

@@ -58,6 +58,7 @@ def output_size(height: int, width: int, options: UpscaleOptions) -> tuple[int, 
         max_output_pixels=options.max_output_pixels)
 
 
+@torch.no_grad()
 def upscale_tensor(
     image: torch.Tensor,
     model: VelocityModel,
@@ -71,7 +72,7 @@ def upscale_tensor(
 
     ``progress(done, total, None)`` is called once per latent tile; ``cancel_check()`` runs
     before each tile and may raise to stop. The result lies in [0, 1], on the codec's output
-    device, float32.
+    device, float32. Runs without autograd (training calls :func:`fluxsr_core.flow.one_step_sr`).
     """
     options.validate()
     if image.ndim != 4 or image.shape[1] != 3:

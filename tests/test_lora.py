@@ -77,8 +77,24 @@ def trained_lora():
     return model
 
 
+_TRAINED = {}
+
+
+def _trained_tensors():
+    return _TRAINED["sd"]
+
+
+def test_alpha_is_folded_into_b_for_comfyui(lora_file):
+    """ComfyUI ignores alpha metadata: the file stores B * alpha / r and alpha = r."""
+    saved = safetensors.torch.load_file(str(lora_file))
+    for key, value in _trained_tensors().items():
+        expected = value * (ALPHA / RANK) if ".lora_B." in key else value
+        torch.testing.assert_close(saved[key], expected)
+
+
 @pytest.fixture(scope="module")
 def lora_file(tmp_path_factory, trained_lora):
+    _TRAINED["sd"] = {k: v.detach().clone() for k, v in lora_state_dict_from_model(trained_lora, "student").items()}
     path = tmp_path_factory.mktemp("lora") / "student.safetensors"
     settings = RunSettings(t_l=0.3, guidance=2.5, scale=2.0)
     save_lora(path, lora_state_dict_from_model(trained_lora, "student"), settings, RANK, ALPHA,
@@ -86,9 +102,8 @@ def lora_file(tmp_path_factory, trained_lora):
     return path
 
 
-def manual_merge(path, scale: float, alpha: float, rank: int) -> FluxTransformer2DModel:
+def manual_merge(lora, scale: float, alpha: float, rank: int) -> FluxTransformer2DModel:
     """W + scale * (alpha / r) * B @ A on a plain copy of the base weights, computed here."""
-    lora = safetensors.torch.load_file(str(path))
     model = fresh_transformer()
     sd = model.state_dict()
     done = 0
@@ -118,14 +133,15 @@ def test_separate_merged_and_manual_agree(lora_file, inputs, scale):
     info_m = load_lora(merged, lora_file, scale=scale, merge=True)
     out_merged = run(merged, inputs)
 
-    out_manual = run(manual_merge(lora_file, scale, ALPHA, RANK), inputs)
+    # From the trained model's own (unfolded) weights with its alpha: the file folds alpha/r into B.
+    out_manual = run(manual_merge(_trained_tensors(), scale, ALPHA, RANK), inputs)
 
     # The LoRA must actually change the output, or the equalities below prove nothing.
     assert (out_manual - base).abs().max() > 1e-2
     torch.testing.assert_close(out_separate, out_manual, rtol=0, atol=1e-5)
     torch.testing.assert_close(out_merged, out_manual, rtol=0, atol=1e-5)
 
-    assert info.rank == RANK and info.alpha == ALPHA and not info.merged
+    assert info.rank == RANK and info.alpha == RANK and not info.merged  # alpha folded into B
     assert info.adapter_name == "fluxsr" and "fluxsr" in separate.peft_config
     assert info_m.merged and info_m.adapter_name is None
     # Merged and unloaded: no peft wrappers, no adapter config left behind.
@@ -147,7 +163,7 @@ def test_diffusers_reads_our_file_the_same_way(lora_file, inputs):
 
     sd, alphas, md = FluxLoraLoaderMixin.lora_state_dict(
         str(lora_file), return_alphas=True, return_lora_metadata=True)
-    assert md is not None and md["transformer.lora_alpha"] == ALPHA
+    assert md is not None and md["transformer.lora_alpha"] == RANK
     theirs = fresh_transformer()
     FluxLoraLoaderMixin.load_lora_into_transformer(sd, network_alphas=alphas, transformer=theirs,
                                                    adapter_name="x", metadata=md)
@@ -170,7 +186,7 @@ def test_alpha_tensors_unprefixed_keys_and_default_alpha(tmp_path, lora_file, in
     m1 = fresh_transformer()
     info1 = load_lora(m1, p1)
     assert info1.alpha == 2.0 and "alpha tensors" in info1.alpha_source
-    torch.testing.assert_close(run(m1, inputs), run(manual_merge(lora_file, 1.0, 2.0, RANK), inputs),
+    torch.testing.assert_close(run(m1, inputs), run(manual_merge(lora, 1.0, 2.0, RANK), inputs),
                                rtol=0, atol=1e-5)
 
     # No alpha anywhere: the diffusers convention alpha = rank (scale 1 per layer).
@@ -182,7 +198,7 @@ def test_alpha_tensors_unprefixed_keys_and_default_alpha(tmp_path, lora_file, in
     # Defaults, named as such, when the file carries no run settings.
     assert info2.settings.t_l == 0.25 and info2.settings.source["t_l"] == "default"
     assert info2.settings.lora_rank == RANK
-    torch.testing.assert_close(run(m2, inputs), run(manual_merge(lora_file, 0.5, RANK, RANK), inputs),
+    torch.testing.assert_close(run(m2, inputs), run(manual_merge(lora, 0.5, RANK, RANK), inputs),
                                rtol=0, atol=1e-5)
 
 
@@ -217,10 +233,10 @@ def test_kohya_naming_goes_through_diffusers_converter(tmp_path, inputs):
 
 def test_metadata_round_trip(lora_file):
     md = safetensors.safe_open(str(lora_file), "pt").metadata()
-    assert md[KEY_T_L] == "0.3" and md[KEY_LORA_RANK] == str(RANK) and float(md[KEY_LORA_ALPHA]) == ALPHA
+    assert md[KEY_T_L] == "0.3" and md[KEY_LORA_RANK] == str(RANK) and float(md[KEY_LORA_ALPHA]) == RANK
     assert md["fluxsr.train_step"] == "1200"
     adapter = json.loads(md[LORA_ADAPTER_METADATA_KEY])
-    assert adapter["transformer.r"] == RANK and adapter["transformer.lora_alpha"] == ALPHA
+    assert adapter["transformer.r"] == RANK and adapter["transformer.lora_alpha"] == RANK
     keys = safetensors.safe_open(str(lora_file), "pt").keys()
     assert all(k.startswith("transformer.") and (".lora_A.weight" in k or ".lora_B.weight" in k)
                for k in keys)
