@@ -169,3 +169,15 @@ def euler_sample(
         if callback is not None:
             callback(i, sig[i], sig[i + 1], x, v)
     return x
+
+
+def seeded_noise(seed: int, height: int, width: int, channels: int = 16, downscale: int = 8) -> torch.Tensor:
+    """The teacher's starting noise ``[1, 16, height/8, width/8]`` for ``seed`` (pixel sizes).
+
+    CPU float32 normal draws from a fresh generator seeded with ``seed``: the same stream
+    ComfyUI's ``prepare_noise`` draws for a KSampler, independent of the device. The ComfyUI
+    teacher node and ``fluxsr-train pairs`` both use it, so a seed means the same pair in both.
+    """
+    generator = torch.Generator(device="cpu").manual_seed(int(seed))
+    shape = (1, channels, height // downscale, width // downscale)
+    return torch.randn(shape, generator=generator, dtype=torch.float32, device="cpu")

@@ -15,24 +15,14 @@ from typing import Any, Callable, Optional
 import torch
 
 from ..fluxsr_core import flow, images, pairs
-from ..fluxsr_core.latents import LATENT_CHANNELS, PIXEL_MULTIPLE, VAE_DOWNSCALE, denormalize
+from ..fluxsr_core.flow import seeded_noise  # the seed convention shared with fluxsr-train pairs
+from ..fluxsr_core.latents import PIXEL_MULTIPLE, denormalize
 from . import comfy_adapters
 from .common import CATEGORY
 
 log = logging.getLogger("fluxsr")
 
 MAX_SEED = 0xFFFFFFFFFFFFFFFF
-
-
-def seeded_noise(seed: int, height: int, width: int) -> torch.Tensor:
-    """The starting noise ``[1, 16, h, w]`` for ``seed``: CPU float32 normal draws.
-
-    Drawn from a fresh CPU generator seeded with ``seed``, the same stream ComfyUI's own
-    ``prepare_noise`` draws for a KSampler, so it does not depend on the device or on other nodes.
-    """
-    generator = torch.Generator(device="cpu").manual_seed(int(seed))
-    shape = (1, LATENT_CHANNELS, height // VAE_DOWNSCALE, width // VAE_DOWNSCALE)
-    return torch.randn(shape, generator=generator, dtype=torch.float32, device="cpu")
 
 
 def preview_steps(steps: int, count: int) -> list[int]:
