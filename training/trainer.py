@@ -881,6 +881,12 @@ class _Run:
                    f"({cfg.model.memory_mode}), gradient checkpointing "
                    f"{'on' if cfg.model.gradient_checkpointing else 'off'}")
 
+        if self._distributed("FSDP") and cfg.ema.enabled:
+            raise ConfigError("ema.enabled=true is not supported with FSDP (the LoRA is sharded across processes); "
+                              "set ema.enabled=false, or use DeepSpeed ZeRO-2 (accelerate_deepspeed_flux.yaml)")
+        if self._distributed("DEEPSPEED") and cfg.model.memory_mode == "fp8_storage":
+            raise ConfigError("model.memory_mode=fp8_storage does not combine with DeepSpeed (its bf16 engine "
+                              "re-casts every weight); use memory_mode=none with ZeRO-2")
         optimizer, self.optimizer_name = _make_optimizer(list(self.params.values()), cfg.optim, acc.device)
         from diffusers.optimization import get_scheduler
 
@@ -975,12 +981,27 @@ class _Run:
 
     # -- checkpoint hooks ---------------------------------------------------------------------
 
+    def _distributed(self, kind: str) -> bool:
+        from accelerate.utils import DistributedType
+
+        return self.accelerator.distributed_type == getattr(DistributedType, kind)
+
+    def _lora_state(self) -> dict[str, torch.Tensor]:
+        """The current LoRA tensors in file naming (collective under FSDP; full on the main process)."""
+        if self._distributed("FSDP"):
+            full = self.accelerator.get_state_dict(self.model)
+            marker = f".{DEFAULT_ADAPTER_NAME}."
+            return {"transformer." + k.replace(marker, "."): v for k, v in (full or {}).items()
+                    if (".lora_A." in k or ".lora_B." in k) and marker in k}
+        return {k: p.detach() for k, p in self.params.items()}
+
     def _save_hook(self, models, weights, output_dir) -> None:
         # Only the LoRA is trained: write it (and its EMA) as LoRA files and drop the full-model
         # state dict accelerate gathered, so a checkpoint of a 12B base weighs megabytes.
+        sd = self._lora_state()
         if self.main:
-            save_lora(os.path.join(output_dir, LORA_FILE), {k: p.detach() for k, p in self.params.items()},
-                      self.settings, rank=self.cfg.lora.rank, alpha=self.cfg.lora.alpha)
+            save_lora(os.path.join(output_dir, LORA_FILE), sd, self.settings, rank=self.cfg.lora.rank,
+                      alpha=self.cfg.lora.alpha)
             if self.ema is not None:
                 save_lora(os.path.join(output_dir, EMA_LORA_FILE), self.ema.shadow, self.settings,
                           rank=self.cfg.lora.rank, alpha=self.cfg.lora.alpha,
@@ -992,6 +1013,8 @@ class _Run:
         from fluxsr_core.weights import read_safetensors
 
         models.clear()  # accelerate must not look for a full-model file
+        if self._distributed("FSDP") or self._distributed("DEEPSPEED"):
+            return  # their own checkpoints already restored the LoRA (sharded / engine state)
         sd, _ = read_safetensors(os.path.join(input_dir, LORA_FILE), "LoRA checkpoint")
         missing = sorted(set(self.params) - set(sd))
         extra = sorted(set(sd) - set(self.params))
@@ -1018,7 +1041,9 @@ class _Run:
                 shutil.rmtree(tmp)
             tmp.mkdir()
         acc.wait_for_everyone()
-        acc.save_state(str(tmp), safe_serialization=True)
+        # DeepSpeed writes its own model checkpoint: leave the frozen 12B base out of it.
+        extra = {"exclude_frozen_parameters": True} if self._distributed("DEEPSPEED") else {}
+        acc.save_state(str(tmp), safe_serialization=True, **extra)
         acc.wait_for_everyone()
         if self.main:
             self.cfg.save(tmp / CONFIG_FILE)
@@ -1139,7 +1164,8 @@ class _Run:
 
         resume_from = resolve_resume(cfg.train.resume, self.out)
         if resume_from is not None:
-            acc.load_state(str(resume_from))
+            acc.load_state(str(resume_from),
+                           **({"load_module_strict": False} if self._distributed("DEEPSPEED") else {}))
             self._info(f"resumed from {resume_from} at step {self.state.step}")
         elif cfg.train.resume == "latest":
             self._info("resume=latest: no checkpoint yet, starting fresh")
@@ -1185,7 +1211,9 @@ class _Run:
                                                      "lower optim.lr or check the data")
                         acc.backward(parts.total)
                         if acc.sync_gradients and cfg.optim.max_grad_norm > 0:
-                            acc.clip_grad_norm_(list(self.params.values()), cfg.optim.max_grad_norm)
+                            # FSDP clips through its own module: give it all of the model's parameters.
+                            acc.clip_grad_norm_(self.model.parameters() if self._distributed("FSDP")
+                                                else list(self.params.values()), cfg.optim.max_grad_norm)
                         self.optimizer.step()
                         self.optimizer.zero_grad(set_to_none=True)
                     for k, v in parts.as_floats().items():

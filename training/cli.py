@@ -1,0 +1,223 @@
+"""``fluxsr-train``: teacher pairs, distillation, export (and the evaluation / demo recipes).
+
+    fluxsr-train pairs  --transformer flux1-dev.safetensors --vae ae.safetensors \\
+                        --prompts prompts.txt --output pairs/ --bundle cond.safetensors
+    fluxsr-train train  --config train_default.toml model.transformer=... data.pairs=pairs/ [--resume latest]
+    fluxsr-train export runs/fluxsr -o student/
+    accelerate launch --multi_gpu --num_processes 8 -m fluxsr_training.cli train --config ...
+
+``train`` and ``pairs`` read a TOML config (``--config``: a path, or the name of a config shipped
+in ``fluxsr_training/configs`` such as ``train_tiny``) and then ``section.key=value`` overrides.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import logging
+import os
+import sys
+import typing
+from importlib import resources
+from pathlib import Path
+from typing import Optional, Sequence
+
+log = logging.getLogger("fluxsr.train")
+
+
+def shipped_config(name: str) -> Path:
+    """A config shipped in ``fluxsr_training/configs`` by name (``train_tiny`` or ``train_tiny.toml``)."""
+    root = Path(str(resources.files("fluxsr_training.configs")))
+    for cand in (root / name, root / f"{name}.toml"):
+        if cand.is_file():
+            return cand
+    shipped = sorted(p.name for p in root.glob("*.toml"))
+    raise FileNotFoundError(f"config {name!r} is neither a file nor a shipped config ({', '.join(shipped)})")
+
+
+def _config_path(value: Optional[str]) -> Optional[Path]:
+    if not value:
+        return None
+    p = Path(value)
+    return p if p.is_file() else shipped_config(value)
+
+
+def _setup_logging(verbose: bool) -> None:
+    logging.basicConfig(level=logging.DEBUG if verbose else logging.INFO, format="%(message)s", stream=sys.stdout,
+                        force=True)
+    # accelerate logs every file of a checkpoint at INFO; our own line says where it went.
+    for name in ("accelerate", "accelerate.checkpointing", "accelerate.accelerator"):
+        logging.getLogger(name).setLevel(logging.DEBUG if verbose else logging.WARNING)
+
+
+# --- pairs ---------------------------------------------------------------------------------
+
+def _add_dataclass_flags(parser: argparse.ArgumentParser, cls) -> list[str]:
+    """One ``--flag`` per field of ``cls`` (default None: unset flags leave the config alone)."""
+    from .config_io import _unwrap_optional  # noqa: PLC2701 - same package
+
+    names = []
+    hints = typing.get_type_hints(cls)
+    for f in dataclasses.fields(cls):
+        flag = "--" + f.name.replace("_", "-")
+        tp, _ = _unwrap_optional(hints[f.name])
+        doc = f"(default {f.default!r})" if f.default is not dataclasses.MISSING else ""
+        if tp is bool:
+            parser.add_argument(flag, dest=f.name, default=None, action=argparse.BooleanOptionalAction, help=doc)
+        else:
+            parser.add_argument(flag, dest=f.name, default=None, metavar=f.name.upper(), help=doc)
+        names.append(f.name)
+    return names
+
+
+def _cmd_pairs(args, fields: list[str]) -> int:
+    from .generate import generate_pairs, load_generate_config
+
+    overrides = list(args.overrides)
+    for name in fields:
+        v = getattr(args, name)
+        if v is not None:
+            overrides.append(f"{name}={str(v).lower() if isinstance(v, bool) else _quote(v)}")
+    cfg = load_generate_config(_config_path(args.config), overrides)
+    r = generate_pairs(cfg)
+    print(f"pairs: rank {r.rank}/{r.world} wrote {len(r.written)} new pairs to {r.output} "
+          f"({r.skipped} were already there){'; stopped at --limit' if r.stopped_by_limit else ''}")
+    return 0
+
+
+def _quote(v) -> str:
+    """A flag value as an override value: kept as a plain string unless it is a TOML number/bool."""
+    from .config_io import parse_override_value
+
+    parsed = parse_override_value(str(v))
+    if isinstance(parsed, (int, float, bool)) or str(v).startswith(("[", '"')):
+        return str(v)
+    import json
+
+    return json.dumps(str(v))
+
+
+# --- train ---------------------------------------------------------------------------------
+
+def _cmd_train(args) -> int:
+    from .trainer import load_train_config, train
+
+    overrides = list(args.overrides)
+    if args.resume is not None and "=" in args.resume and not Path(args.resume).exists():
+        # `--resume a.b=c`: argparse gave the first override to the optional value.
+        overrides.insert(0, args.resume)
+        args.resume = "latest"
+    if args.resume is not None:
+        overrides.append(f"train.resume={_quote(args.resume)}")
+    cfg = load_train_config(_config_path(args.config), overrides)
+    if args.print_config:
+        from . import config_io
+
+        sys.stdout.write(config_io.dump_toml(config_io.to_dict(cfg)))
+        return 0
+    r = train(cfg)
+    if r.step > r.start_step or r.checkpoint:
+        last = r.history[-1] if r.history else {}
+        val = f", validation PSNR {r.validation[-1]['psnr']:.2f} dB" if r.validation else ""
+        print(f"train: step {r.step}/{cfg.train.max_steps}{' (stopped early)' if r.stopped_early else ''}, "
+              f"loss {last.get('loss', float('nan')):.4g}{val}; checkpoint {r.checkpoint}")
+        print(f"export with: fluxsr-train export {r.output_dir} -o <folder>")
+    return 0
+
+
+# --- export --------------------------------------------------------------------------------
+
+def _cmd_export(args) -> int:
+    from .export import export_student
+
+    r = export_student(args.checkpoint, args.output, use_ema=args.ema, bundle=args.bundle)
+    print(f"export: step {r.step} ({'EMA' if r.ema else 'raw'} weights, rank {r.rank}, alpha {r.alpha:g})")
+    print(f"  LoRA:   {r.lora_path}")
+    print(f"  bundle: {r.bundle_path}")
+    print(f"  {r.settings.describe()}")
+    print(f"run with: fluxsr upscale IMAGE -o OUT --lora {r.lora_path} --bundle {r.bundle_path} ...")
+    return 0
+
+
+# --- delegated -----------------------------------------------------------------------------
+
+def _delegate(module: str, argv: Sequence[str]) -> int:
+    import importlib
+
+    try:
+        mod = importlib.import_module(f"fluxsr_training.{module}")
+    except ModuleNotFoundError as exc:
+        if exc.name == f"fluxsr_training.{module}":
+            raise SystemExit(f"fluxsr-train {module}: fluxsr_training.{module} is not installed") from None
+        raise
+    main_fn = getattr(mod, "main", None)
+    if main_fn is None:
+        raise SystemExit(f"fluxsr-train: fluxsr_training.{module} has no main(argv)")
+    return int(main_fn(list(argv)) or 0)
+
+
+def build_parser() -> tuple[argparse.ArgumentParser, list[str]]:
+    from .generate import GenerateConfig
+
+    p = argparse.ArgumentParser(prog="fluxsr-train", description=__doc__.split("\n\n")[0],
+                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("-v", "--verbose", action="store_true", help="debug logging and full tracebacks")
+    sub = p.add_subparsers(dest="command", required=True)
+
+    pp = sub.add_parser("pairs", help="sample teacher (noise, latent) pairs into a pair-dataset folder")
+    pp.add_argument("--config", help="TOML config (path or shipped name); flags and overrides win")
+    fields = _add_dataclass_flags(pp, GenerateConfig)
+    pp.add_argument("overrides", nargs="*", metavar="key=value", help="config overrides")
+
+    pt = sub.add_parser("train", help="distil the one-step student (FTD + MSE + TV-LPIPS + ADL)")
+    pt.add_argument("--config", help="TOML config (path, or a shipped name: train_default, train_tiny)")
+    pt.add_argument("--resume", nargs="?", const="latest", default=None,
+                    help="continue from the newest checkpoint of train.output_dir (no value / 'latest') or a "
+                         "checkpoint folder")
+    pt.add_argument("--print-config", action="store_true", help="print the resolved config and exit")
+    pt.add_argument("overrides", nargs="*", metavar="section.key=value",
+                    help="config overrides, e.g. optim.lr=5e-5 data.pairs=/data/pairs")
+
+    pe = sub.add_parser("export", help="write the student LoRA + conditioning bundle for fluxsr/ComfyUI")
+    pe.add_argument("checkpoint", help="a training output_dir (its newest checkpoint) or a checkpoint folder")
+    pe.add_argument("-o", "--output", required=True, help="folder for the exported files")
+    pe.add_argument("--ema", action=argparse.BooleanOptionalAction, default=None,
+                    help="export the EMA weights (default: when the run kept them)")
+    pe.add_argument("--bundle", help="ship this conditioning bundle instead of the run's own")
+
+    for name, text in (("eval", "PSNR/SSIM/LPIPS/... tables of outputs against references"),
+                       ("demo", "rebuild the shipped demo model (the committed recipe)")):
+        sd = sub.add_parser(name, help=text, add_help=False)
+        sd.add_argument("rest", nargs=argparse.REMAINDER)
+    return p, fields
+
+
+def main(argv: Optional[Sequence[str]] = None) -> int:
+    """Entry point of ``fluxsr-train``; returns the exit status."""
+    argv = list(sys.argv[1:] if argv is None else argv)
+    parser, fields = build_parser()
+    args = parser.parse_args(argv)
+    _setup_logging(args.verbose)
+    if args.command in ("eval", "demo"):
+        return _delegate({"eval": "evaluate", "demo": "demo"}[args.command], args.rest)
+    from .config_io import ConfigError
+
+    try:
+        if args.command == "pairs":
+            return _cmd_pairs(args, fields)
+        if args.command == "train":
+            return _cmd_train(args)
+        return _cmd_export(args)
+    except (ConfigError, FileNotFoundError, ValueError) as exc:
+        if args.verbose:
+            raise
+        print(f"fluxsr-train {args.command}: error: {exc}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print(f"fluxsr-train {args.command}: interrupted; rerun with the same arguments to continue "
+              f"({'--resume' if args.command == 'train' else 'pairs already written are kept'})", file=sys.stderr)
+        return 130
+
+
+if __name__ == "__main__":  # pragma: no cover - `python -m fluxsr_training.cli`
+    sys.exit(main())

@@ -1,0 +1,159 @@
+"""Export a trained student: the LoRA (diffusers naming, ``fluxsr.*`` metadata) and its conditioning bundle.
+
+``fluxsr-train export RUN_OR_CHECKPOINT -o OUT`` writes
+
+* ``OUT/pytorch_lora_weights.safetensors``: the EMA weights (when the run kept an EMA, unless
+  ``--no-ema``) or the raw weights of the checkpoint, through :func:`fluxsr_core.lora.save_lora`
+  (diffusers naming, ``lora_adapter_metadata`` with rank/alpha, the run settings);
+* ``OUT/conditioning.safetensors``: the fixed conditioning the student was trained with,
+  through :func:`fluxsr_core.bundle.save_bundle`, carrying the same run settings.
+
+Both are what ``fluxsr upscale --lora ... --bundle ...`` and the ComfyUI nodes load; ComfyUI's own
+LoRA loader reads the LoRA file onto a native FLUX.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Optional
+
+import torch
+
+from fluxsr_core.bundle import load_bundle, save_bundle
+from fluxsr_core.lora import save_lora
+from fluxsr_core.settings import RunSettings
+from fluxsr_core.weights import read_safetensors
+
+from .trainer import (CONDITIONING_FILE, CONFIG_FILE, EMA_LORA_FILE, LORA_FILE, STATE_FILE, TrainConfig,
+                      latest_checkpoint, load_train_config)
+
+log = logging.getLogger("fluxsr.export")
+
+BUNDLE_FILE = "conditioning.safetensors"
+
+
+class ExportError(ValueError):
+    """A checkpoint that cannot be exported as asked (the message says why and what to do)."""
+
+
+@dataclass
+class ExportResult:
+    """Where the files went and what they hold."""
+
+    lora_path: str
+    bundle_path: str
+    checkpoint: str
+    step: int
+    ema: bool
+    settings: RunSettings
+    rank: int
+    alpha: float
+
+
+def find_checkpoint(path: str | os.PathLike) -> Path:
+    """A checkpoint folder (``checkpoints/step-N``), or a run folder meaning its newest checkpoint."""
+    p = Path(path)
+    if not p.exists():
+        raise FileNotFoundError(f"no such checkpoint or run folder: {p}")
+    if (p / STATE_FILE).is_file():
+        return p
+    newest = latest_checkpoint(p)
+    if newest is None:
+        raise FileNotFoundError(f"{p} is neither a checkpoint folder (no {STATE_FILE}) nor a run folder with "
+                                "checkpoints/step-*; give the training output_dir or one of its checkpoints")
+    return newest
+
+
+def checkpoint_config(checkpoint: str | os.PathLike) -> TrainConfig:
+    """The resolved :class:`TrainConfig` saved beside a checkpoint."""
+    ckpt = Path(checkpoint)
+    cfg_path = ckpt / CONFIG_FILE
+    if not cfg_path.is_file():
+        raise FileNotFoundError(f"{ckpt} has no {CONFIG_FILE}; it was not written by fluxsr-train train")
+    return load_train_config(cfg_path)
+
+
+def _conditioning_source(ckpt: Path, state: dict, bundle: Optional[str]) -> str:
+    if bundle:
+        return bundle
+    candidates = []
+    if state.get("conditioning"):
+        candidates.append(Path(state["conditioning"]))
+    candidates.append(ckpt.parent.parent / CONDITIONING_FILE)  # <run>/checkpoints/step-N -> <run>
+    for c in candidates:
+        if c.is_file():
+            return str(c)
+    raise ExportError(f"{ckpt}: the run has no single fixed conditioning (it trained on pairs with several "
+                      "prompts' conditionings, or its conditioning.safetensors was moved). Pass --bundle with the "
+                      "conditioning the student should run with")
+
+
+def export_student(checkpoint: str | os.PathLike, output_dir: str | os.PathLike, use_ema: Optional[bool] = None,
+                   bundle: Optional[str] = None, lora_name: str = LORA_FILE,
+                   bundle_name: str = BUNDLE_FILE) -> ExportResult:
+    """Write the student's LoRA and conditioning bundle to ``output_dir``; returns :class:`ExportResult`.
+
+    ``checkpoint``: a checkpoint folder or a run folder (its newest checkpoint). ``use_ema``:
+    None = the EMA weights when the checkpoint has them, True = require them, False = the raw
+    weights. ``bundle``: a conditioning bundle to ship instead of the run's own. Both files
+    carry the run settings of the training config (T_L, guidance, scale, base model, rank).
+    """
+    ckpt = find_checkpoint(checkpoint)
+    cfg = checkpoint_config(ckpt)
+    state = json.loads((ckpt / STATE_FILE).read_text(encoding="utf-8"))
+    ema_file = ckpt / EMA_LORA_FILE
+    if use_ema is None:
+        use_ema = ema_file.is_file()
+    if use_ema and not ema_file.is_file():
+        raise ExportError(f"{ckpt} has no EMA weights ({EMA_LORA_FILE}); the run had ema.enabled=false. "
+                          "Export without --ema")
+    src = ema_file if use_ema else ckpt / LORA_FILE
+    if not src.is_file():
+        raise FileNotFoundError(f"{ckpt} lacks {src.name}; the checkpoint is incomplete")
+    tensors, md = read_safetensors(src, "LoRA checkpoint")
+    settings = cfg.run_settings()
+    step = int(state.get("step", 0))
+    out = Path(output_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    lora_path = save_lora(out / lora_name, tensors, settings, rank=cfg.lora.rank, alpha=cfg.lora.alpha,
+                          extra_metadata={"fluxsr.step": str(step), "fluxsr.weights": "ema" if use_ema else "raw",
+                                          "fluxsr.transformer": os.path.basename(os.path.normpath(cfg.model.transformer))})
+    cond_src = _conditioning_source(ckpt, state, bundle)
+    b = load_bundle(cond_src)
+    bundle_path = save_bundle(out / bundle_name, b.t5, b.clip_pooled, settings,
+                              prompt=f"FluxSR student conditioning (from {os.path.basename(cond_src)})")
+    log.info("exported step %d (%s weights) to %s and %s; %s", step, "EMA" if use_ema else "raw", lora_path,
+             bundle_path, settings.describe())
+    return ExportResult(lora_path=str(lora_path), bundle_path=str(bundle_path), checkpoint=str(ckpt), step=step,
+                        ema=bool(use_ema), settings=settings, rank=cfg.lora.rank, alpha=cfg.lora.alpha)
+
+
+def load_student(lora_path: str | os.PathLike, bundle_path: str | os.PathLike, transformer: str,
+                 vae: str, dtype="auto", device="cpu", init_seed: int = 0):
+    """Load an exported student the way users do: ``(velocity, codec, conditioning, settings)``.
+
+    A fresh base from ``transformer``/``vae`` (paths, or ``"tiny"`` with ``init_seed``), the
+    LoRA through :func:`fluxsr_core.lora.load_lora`, the bundle through
+    :func:`fluxsr_core.bundle.load_bundle`.
+    """
+    from fluxsr_core import models
+    from fluxsr_core.lora import load_lora
+
+    dev = models.resolve_device(device)
+    dt = models.resolve_dtype(dtype, dev)
+    tr = models.load_transformer(transformer, dtype=dt, device=None, seed=init_seed)
+    v = models.load_vae(vae, dtype=dt, device=None, seed=init_seed)
+    info = load_lora(tr, lora_path)
+    models.apply_memory_mode(tr, v, "none", dev)
+    b = load_bundle(bundle_path)
+    b.check_fits(tr)
+    return (models.DiffusersVelocity(tr, compute_dtype=dt), models.DiffusersCodec(v, compute_dtype=dt),
+            b.to_conditioning(), info.settings)
+
+
+__all__ = ["ExportError", "ExportResult", "export_student", "find_checkpoint", "checkpoint_config", "load_student",
+           "BUNDLE_FILE"]
