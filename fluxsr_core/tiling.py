@@ -214,7 +214,8 @@ def tiled_apply(fn: TileFn, latent: torch.Tensor, config: TilingConfig = TilingC
     tiles go through ``fn`` at once, concatenated along the batch (``B' = k * B``).
 
     ``cancel_check()`` runs before each call to ``fn`` and may raise to stop;
-    ``progress(done_tiles, total_tiles, None)`` runs after each call. A latent that fits in one
+    ``progress(done_tiles, total_tiles, latest_tile_output)`` runs after each call (the output
+    lets ComfyUI draw a preview; ignore it elsewhere). A latent that fits in one
     tile is passed to ``fn`` whole and its output returned unchanged. Otherwise the output is
     accumulated in float32 and returned in the dtype of ``fn``'s output, on its device.
     """
@@ -236,7 +237,7 @@ def tiled_apply(fn: TileFn, latent: torch.Tensor, config: TilingConfig = TilingC
             raise ValueError(f"the tile function must return [B, C, h, w] with B = {B} "
                              f"(got {getattr(out, 'shape', type(out))})")
         if progress is not None:
-            progress(1, 1, None)
+            progress(1, 1, out)
         return out
 
     th, tw = min(config.latent_tile, H), min(config.latent_tile, W)
@@ -283,5 +284,5 @@ def tiled_apply(fn: TileFn, latent: torch.Tensor, config: TilingConfig = TilingC
             wsum[:, :, R:R + oh, C:C + ow] += weights
         done += len(group)
         if progress is not None:
-            progress(done, total, None)
+            progress(done, total, y[:B])  # the latest tile's result: a cheap live preview
     return (acc / wsum).to(out_dtype)

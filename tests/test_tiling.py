@@ -218,9 +218,10 @@ def test_progress_and_determinism():
     seen = []
     x = torch.randn(1, 16, 40, 40)
     cfg = TilingConfig(latent_tile=16, latent_overlap=4)
-    a = tiled_apply(conv_fn(), x, cfg, progress=lambda d, t, p: seen.append((d, t, p)))
+    a = tiled_apply(conv_fn(), x, cfg, progress=lambda d, t, p: seen.append((d, t, None if p is None else tuple(p.shape))))
     total = count_tiles(40, 40, cfg)
-    assert seen == [(i, total, None) for i in range(1, total + 1)]
+    # each call reports the latest tile's output as a preview (ComfyUI draws it)
+    assert seen == [(i, total, (1, 16, 16, 16)) for i in range(1, total + 1)]
     assert torch.equal(a, tiled_apply(conv_fn(), x, cfg))
     seen.clear()
     tiled_apply(conv_fn(), x, TilingConfig(latent_tile=16, latent_overlap=4, tile_batch_size=4),
