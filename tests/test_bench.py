@@ -19,6 +19,9 @@ def test_tiny_benchmark_writes_a_complete_report(tmp_path):
     assert set(report["upscale"][0]["parts_s"]) == {"resize_pad", "vae_encode", "transformer_tiled",
                                                     "vae_decode", "color_fix"}
     assert report["teacher"]["steps"] == 3 and report["memory"]["method"]
+    # --tiny keeps the whole full-size path running: two sizes, efficiency, every memory mode
+    assert len(report["upscale"]) == 2 and report["transformer_efficiency"]["flops"] > 0
+    assert set(report["memory_modes"]) == {"none", "fp8_storage", "model_offload", "group_offload"}
     assert "overhead" in (tmp_path / "bench-tiny.md").read_text()
 
 
