@@ -1176,9 +1176,12 @@ class _Run:
         accum = cfg.train.gradient_accumulation_steps
         sampler = _StreamBatches(cfg.data.batch_size, acc.process_index, acc.num_processes, start_step * accum)
         items = _TrainItems(self.pairs, self.train_indices, self.stream, cfg.degradation, cfg.data.teacher_image)
+        # Its own generator: a DataLoader iterator otherwise draws its base seed from the global
+        # torch RNG, which would shift the LoRA dropout stream of a resumed run by one draw.
         loader = torch.utils.data.DataLoader(items, batch_sampler=sampler, collate_fn=_collate,
                                              num_workers=cfg.data.num_workers,
-                                             persistent_workers=cfg.data.num_workers > 0)
+                                             persistent_workers=cfg.data.num_workers > 0,
+                                             generator=torch.Generator().manual_seed(cfg.data.seed))
         batches = iter(loader)
         end = cfg.train.max_steps if not cfg.train.stop_at else min(cfg.train.stop_at, cfg.train.max_steps)
         last_ckpt: Optional[Path] = None
