@@ -181,7 +181,7 @@ def test_stop_and_resume_gives_the_same_weights_bit_for_bit(pairs, tmp_path):
     # LoRA dropout draws from the torch RNG, so this also checks the RNG state is restored.
     common = ("train.max_steps=6", "checkpoint.every=2", "checkpoint.keep_last=1", "lora.dropout=0.2",
               "optim.schedule=cosine", "optim.warmup_steps=2", "train.gradient_accumulation_steps=2",
-              "ema.decay=0.9")
+              "ema.decay=0.9", "lora.alpha=2")  # alpha != rank: the checkpoint must keep the tensors as trained
     full = T.train(tiny_config(pairs, tmp_path / "full", *common))
     part = T.train(tiny_config(pairs, tmp_path / "part", *common, "train.stop_at=3"))
     assert part.step == 3 and part.stopped_early
@@ -192,6 +192,7 @@ def test_stop_and_resume_gives_the_same_weights_bit_for_bit(pairs, tmp_path):
     assert rest.losses == full.losses[3:]
     for name in (T.LORA_FILE, T.EMA_LORA_FILE):
         a, b = lora_file(full.checkpoint, name), lora_file(rest.checkpoint, name)
+        assert T.read_lora_state(Path(full.checkpoint) / name)[1:] == (4, 2.0)
         assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a), name
     assert [p.name for p in T.list_checkpoints(tmp_path / "part")] == ["step-0000006"]  # keep_last=1
     # a resumed run of a finished one trains nothing and reports the checkpoint it came from

@@ -4,7 +4,8 @@
 
 * ``OUT/pytorch_lora_weights.safetensors``: the EMA weights (when the run kept an EMA, unless
   ``--no-ema``) or the raw weights of the checkpoint, through :func:`fluxsr_core.lora.save_lora`
-  (diffusers naming, ``lora_adapter_metadata`` with rank/alpha, the run settings);
+  (diffusers naming, ``lora_adapter_metadata``, the run settings; ``alpha / r`` folded into
+  ``lora_B`` so every loader, ComfyUI's included, applies the same strength);
 * ``OUT/conditioning.safetensors``: the fixed conditioning the student was trained with,
   through :func:`fluxsr_core.bundle.save_bundle`, carrying the same run settings.
 
@@ -26,13 +27,13 @@ import torch
 from fluxsr_core.bundle import load_bundle, save_bundle
 from fluxsr_core.lora import save_lora
 from fluxsr_core.settings import RunSettings
-from fluxsr_core.weights import read_safetensors
 
 from .trainer import (CONDITIONING_FILE, CONFIG_FILE, EMA_LORA_FILE, LORA_FILE, STATE_FILE, TrainConfig,
-                      latest_checkpoint, load_train_config)
+                      latest_checkpoint, load_train_config, read_lora_state)
 
 log = logging.getLogger("fluxsr.export")
 
+EXPORT_LORA_FILE = "pytorch_lora_weights.safetensors"  # diffusers' name for a LoRA file
 BUNDLE_FILE = "conditioning.safetensors"
 
 
@@ -93,7 +94,7 @@ def _conditioning_source(ckpt: Path, state: dict, bundle: Optional[str]) -> str:
 
 
 def export_student(checkpoint: str | os.PathLike, output_dir: str | os.PathLike, use_ema: Optional[bool] = None,
-                   bundle: Optional[str] = None, lora_name: str = LORA_FILE,
+                   bundle: Optional[str] = None, lora_name: str = EXPORT_LORA_FILE,
                    bundle_name: str = BUNDLE_FILE) -> ExportResult:
     """Write the student's LoRA and conditioning bundle to ``output_dir``; returns :class:`ExportResult`.
 
@@ -114,7 +115,10 @@ def export_student(checkpoint: str | os.PathLike, output_dir: str | os.PathLike,
     src = ema_file if use_ema else ckpt / LORA_FILE
     if not src.is_file():
         raise FileNotFoundError(f"{ckpt} lacks {src.name}; the checkpoint is incomplete")
-    tensors, md = read_safetensors(src, "LoRA checkpoint")
+    tensors, rank, alpha = read_lora_state(src)
+    if (rank, alpha) != (cfg.lora.rank, cfg.lora.alpha):
+        raise ExportError(f"{src}: rank {rank}, alpha {alpha:g} disagree with its {CONFIG_FILE} "
+                          f"(rank {cfg.lora.rank}, alpha {cfg.lora.alpha:g}); the checkpoint was edited")
     settings = cfg.run_settings()
     step = int(state.get("step", 0))
     out = Path(output_dir)
@@ -156,4 +160,4 @@ def load_student(lora_path: str | os.PathLike, bundle_path: str | os.PathLike, t
 
 
 __all__ = ["ExportError", "ExportResult", "export_student", "find_checkpoint", "checkpoint_config", "load_student",
-           "BUNDLE_FILE"]
+           "BUNDLE_FILE", "EXPORT_LORA_FILE"]

@@ -51,7 +51,7 @@ import torch.nn.functional as F
 from fluxsr_core import flow
 from fluxsr_core.bundle import ConditioningBundle, load_bundle, save_bundle
 from fluxsr_core.interfaces import Conditioning
-from fluxsr_core.lora import DEFAULT_ADAPTER_NAME, lora_state_dict_from_model, save_lora
+from fluxsr_core.lora import DEFAULT_ADAPTER_NAME
 from fluxsr_core.settings import DEFAULT_BASE_MODEL, DEFAULT_GUIDANCE, DEFAULT_T_L, RunSettings
 
 from . import config_io
@@ -61,7 +61,9 @@ from .losses import DEFAULT_ADL_BLOCKS, ADLFeatureHook, parse_block_spec, tv_lpi
 
 log = logging.getLogger("fluxsr.train")
 
-LORA_FILE = "pytorch_lora_weights.safetensors"      # diffusers' name for a LoRA file
+# Checkpoint LoRA files hold the trainer's tensors exactly (alpha in fluxsr.lora_alpha), so a
+# resume restores them bit for bit; `fluxsr-train export` writes the user-facing file.
+LORA_FILE = "lora_weights.safetensors"
 EMA_LORA_FILE = "ema_lora_weights.safetensors"
 CONFIG_FILE = "config.toml"
 STATE_FILE = "trainer_state.json"
@@ -459,6 +461,40 @@ def lora_parameters(transformer, adapter_name: str = DEFAULT_ADAPTER_NAME) -> di
     if not out:
         raise ValueError(f"the transformer has no LoRA adapter '{adapter_name}'")
     return out
+
+
+def save_lora_state(path: str | os.PathLike, tensors: dict[str, torch.Tensor], settings: RunSettings, rank: int,
+                    alpha: float, extra: Optional[dict[str, str]] = None) -> str:
+    """Write LoRA tensors exactly as trained (diffusers naming, fp32) with the ``fluxsr.*`` metadata.
+
+    Unlike :func:`fluxsr_core.lora.save_lora` (the export, which folds ``alpha / r`` into
+    ``lora_B`` for ComfyUI), nothing is rescaled: the training alpha is kept in
+    ``fluxsr.lora_alpha``, which :func:`fluxsr_core.lora.load_lora` also reads.
+    """
+    from safetensors.torch import save_file
+
+    from fluxsr_core.lora import KEY_CONTENT, KEY_LORA_ALPHA
+
+    md = {**RunSettings(**{**settings.as_dict(), "lora_rank": int(rank)}).to_metadata(), "format": "pt",
+          KEY_CONTENT: "lora", KEY_LORA_ALPHA: repr(float(alpha)),
+          "fluxsr.lora_state": "training checkpoint (tensors as trained); `fluxsr-train export` writes the file "
+                               "for fluxsr and ComfyUI", **(extra or {})}
+    save_file({k: v.detach().to("cpu", torch.float32).contiguous() for k, v in tensors.items()}, os.fspath(path),
+              metadata=md)
+    return os.fspath(path)
+
+
+def read_lora_state(path: str | os.PathLike) -> tuple[dict[str, torch.Tensor], int, float]:
+    """``(tensors, rank, alpha)`` of a file written by :func:`save_lora_state`."""
+    from fluxsr_core.lora import KEY_LORA_ALPHA
+    from fluxsr_core.settings import KEY_LORA_RANK
+    from fluxsr_core.weights import read_safetensors
+
+    sd, md = read_safetensors(path, "LoRA checkpoint")
+    md = md or {}
+    if KEY_LORA_RANK not in md or KEY_LORA_ALPHA not in md:
+        raise ValueError(f"{path} is not a FluxSR training checkpoint LoRA (no {KEY_LORA_RANK}/{KEY_LORA_ALPHA})")
+    return sd, int(md[KEY_LORA_RANK]), float(md[KEY_LORA_ALPHA])
 
 
 # =========================================================================================
@@ -996,26 +1032,27 @@ class _Run:
         return {k: p.detach() for k, p in self.params.items()}
 
     def _save_hook(self, models, weights, output_dir) -> None:
-        # Only the LoRA is trained: write it (and its EMA) as LoRA files and drop the full-model
-        # state dict accelerate gathered, so a checkpoint of a 12B base weighs megabytes.
+        # Only the LoRA is trained: write it (and its EMA) and drop the full-model state dict
+        # accelerate gathered, so a checkpoint of a 12B base weighs what the LoRA weighs.
         sd = self._lora_state()
         if self.main:
-            save_lora(os.path.join(output_dir, LORA_FILE), sd, self.settings, rank=self.cfg.lora.rank,
-                      alpha=self.cfg.lora.alpha)
+            rank, alpha = self.cfg.lora.rank, self.cfg.lora.alpha
+            save_lora_state(os.path.join(output_dir, LORA_FILE), sd, self.settings, rank, alpha)
             if self.ema is not None:
-                save_lora(os.path.join(output_dir, EMA_LORA_FILE), self.ema.shadow, self.settings,
-                          rank=self.cfg.lora.rank, alpha=self.cfg.lora.alpha,
-                          extra_metadata={"fluxsr.ema_decay": repr(self.ema.decay),
-                                          "fluxsr.ema_updates": str(self.ema.num_updates)})
+                save_lora_state(os.path.join(output_dir, EMA_LORA_FILE), self.ema.shadow, self.settings, rank, alpha,
+                                extra={"fluxsr.ema_decay": repr(self.ema.decay),
+                                       "fluxsr.ema_updates": str(self.ema.num_updates)})
         weights.clear()
 
     def _load_hook(self, models, input_dir) -> None:
-        from fluxsr_core.weights import read_safetensors
-
         models.clear()  # accelerate must not look for a full-model file
         if self._distributed("FSDP") or self._distributed("DEEPSPEED"):
             return  # their own checkpoints already restored the LoRA (sharded / engine state)
-        sd, _ = read_safetensors(os.path.join(input_dir, LORA_FILE), "LoRA checkpoint")
+        sd, rank, alpha = read_lora_state(os.path.join(input_dir, LORA_FILE))
+        if (rank, alpha) != (self.cfg.lora.rank, self.cfg.lora.alpha):
+            raise ValueError(f"checkpoint {input_dir} was trained with LoRA rank {rank}, alpha {alpha:g}; this config "
+                             f"has rank {self.cfg.lora.rank}, alpha {self.cfg.lora.alpha:g}. Resume with the lora.* "
+                             f"settings of its {CONFIG_FILE}")
         missing = sorted(set(self.params) - set(sd))
         extra = sorted(set(sd) - set(self.params))
         if missing or extra:
@@ -1311,4 +1348,4 @@ __all__ = ["TrainConfig", "ModelConfig", "LoraConfig", "SettingsConfig", "DataCo
            "TrainResult", "LossParts", "LoraEMA", "SampleStream", "DEFAULT_LORA_TARGETS", "ConfigError",
            "load_train_config", "check_config", "train", "build_student", "resolve_lora_targets",
            "lora_parameters", "compute_losses", "list_checkpoints", "latest_checkpoint", "resolve_resume",
-           "LORA_FILE", "EMA_LORA_FILE", "CONFIG_FILE", "STATE_FILE", "CONDITIONING_FILE"]
+           "save_lora_state", "read_lora_state", "LORA_FILE", "EMA_LORA_FILE", "CONFIG_FILE", "STATE_FILE", "CONDITIONING_FILE"]

@@ -1,0 +1,167 @@
+"""Export: the student's LoRA + bundle reload in fluxsr_core on a fresh base and reproduce its output."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+import torch
+from safetensors import safe_open
+from safetensors.torch import load_file
+
+from fluxsr_core import flow, models
+from fluxsr_core.bundle import load_bundle
+from fluxsr_core.pairs import PairWriter, pair_id
+from fluxsr_training import trainer as T
+from fluxsr_training.cli import main as cli_main
+from fluxsr_training.export import ExportError, export_student, load_student
+
+
+@pytest.fixture(autouse=True)
+def one_thread():
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)  # tiny models on a small shared machine: one thread is fastest
+    yield
+    torch.set_num_threads(n)
+
+
+def write_pairs(folder: Path, n: int, conds: int = 1) -> Path:
+    codec = models.DiffusersCodec(models.load_vae("tiny", dtype="fp32", device=None, seed=0))
+    g = torch.Generator().manual_seed(1)
+    cs = [(torch.randn(1, 8, 32, generator=g), torch.randn(1, 16, generator=g)) for _ in range(conds)]
+    with PairWriter(folder, writer_id="e0", shard_size=4, fsync=False) as w, torch.no_grad():
+        for i in range(n):
+            x = torch.nn.functional.interpolate(torch.rand(1, 3, 4, 4, generator=g), size=(32, 32), mode="bicubic",
+                                                align_corners=False).clamp(0, 1)
+            z0 = codec.encode(x)
+            t5, clip = cs[i % conds]
+            w.add(pair_id(i, i), torch.randn(z0.shape, generator=g), z0, t5, clip, image=codec.decode(z0)[0])
+    return folder
+
+
+def config(pairs: Path, out: Path, *extra: str) -> T.TrainConfig:
+    return T.load_train_config(None, [
+        "model.transformer=tiny", "model.vae=tiny", "model.dtype=fp32", "model.init_seed=7",
+        f"data.pairs={str(pairs)!r}", f"train.output_dir={str(out)!r}", "train.progress_bar=false",
+        "lora.rank=4", "lora.alpha=2", "optim.lr=2e-2", "optim.warmup_steps=0", "loss.w_tvlpips=0", "loss.w_adl=0",
+        "data.batch_size=2", "degradation.scale=2", "degradation.second_stage=false", "settings.t_l=0.3",
+        "settings.guidance=2.5", "train.max_steps=4", "ema.decay=0.5", "ema.warmup=false",
+        "train.tensorboard=false", *extra])
+
+
+@pytest.fixture(scope="module")
+def run(tmp_path_factory):
+    root = tmp_path_factory.mktemp("export")
+    pairs = write_pairs(root / "pairs", 4)
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        result = T.train(config(pairs, root / "run"))
+    finally:
+        torch.set_num_threads(n)
+    return result
+
+
+def student_output(cfg: T.TrainConfig, lora: dict[str, torch.Tensor], z_l: torch.Tensor, cond) -> torch.Tensor:
+    """The trainer's own student (build_student) with the given LoRA tensors, one SR step."""
+    tr, _, dtype = T.build_student(cfg, "cpu")
+    params = T.lora_parameters(tr)
+    assert params.keys() == lora.keys()
+    with torch.no_grad():
+        for k, p in params.items():
+            p.copy_(lora[k])
+        tr.eval()
+        return flow.one_step_sr(models.DiffusersVelocity(tr, compute_dtype=dtype), z_l, cfg.settings.t_l, cond)
+
+
+def test_export_reloads_in_fluxsr_core_and_reproduces_the_student(run, tmp_path):
+    cfg = run.config
+    r = export_student(run.output_dir, tmp_path / "out")
+    assert r.ema and r.step == 4 and Path(r.checkpoint) == Path(run.checkpoint)
+    # the user path: fresh base, fluxsr_core.lora.load_lora, fluxsr_core.bundle.load_bundle
+    velocity, codec, cond, settings = load_student(r.lora_path, r.bundle_path, "tiny", "tiny", dtype="fp32",
+                                                   init_seed=7)
+    assert (settings.t_l, settings.guidance, settings.scale, settings.lora_rank) == (0.3, 2.5, 2.0, 4)
+    assert cond.guidance == 2.5
+    z_l = torch.randn(1, 16, 4, 6, generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        exported = flow.one_step_sr(velocity, z_l, settings.t_l, cond)
+    ema, rank, alpha = T.read_lora_state(Path(run.checkpoint) / T.EMA_LORA_FILE)
+    assert (rank, alpha) == (4, 2.0)
+    reference = student_output(cfg, ema, z_l, cond)
+    assert torch.allclose(exported, reference, atol=1e-6), float((exported - reference).abs().max())
+    # ... and it is not the base model's output: the LoRA does something
+    base = models.DiffusersVelocity(models.load_transformer("tiny", dtype="fp32", device=None, seed=7))
+    with torch.no_grad():
+        plain = flow.one_step_sr(base, z_l, settings.t_l, cond)
+    assert float((exported - plain).abs().max()) > 1e-3
+
+    # metadata: fluxsr.* run settings, rank/alpha, diffusers' adapter config; the bundle carries the same
+    with safe_open(r.lora_path, "pt") as f:
+        md = f.metadata()
+        keys = list(f.keys())
+    assert md["fluxsr.t_l"] == "0.3" and md["fluxsr.guidance"] == "2.5" and md["fluxsr.scale"] == "2.0"
+    # alpha / r = 0.5 is folded into lora_B: alpha = rank in the file, so ComfyUI gets the same strength
+    assert md["fluxsr.lora_rank"] == "4" and md["fluxsr.lora_alpha"] == "4.0" and md["fluxsr.weights"] == "ema"
+    tensors = load_file(r.lora_path)
+    for k, v in ema.items():
+        assert torch.allclose(tensors[k], v * (0.5 if ".lora_B." in k else 1.0), rtol=0, atol=0)
+    assert md["fluxsr.base_model"] == "black-forest-labs/FLUX.1-dev" and "lora_adapter_metadata" in md
+    assert all(k.startswith("transformer.") and (".lora_A.weight" in k or ".lora_B.weight" in k) for k in keys)
+    b = load_bundle(r.bundle_path)
+    assert (b.settings.t_l, b.settings.guidance, b.settings.scale) == (0.3, 2.5, 2.0)
+    with safe_open(str(Path(cfg.data.pairs) / next(p.name for p in Path(cfg.data.pairs).glob("cond-*"))), "pt") as f:
+        assert torch.equal(b.t5[0], f.get_tensor("t5")) and torch.equal(b.clip_pooled[0], f.get_tensor("clip_pooled"))
+
+
+def test_raw_weights_and_errors(run, tmp_path):
+    raw = export_student(run.checkpoint, tmp_path / "raw", use_ema=False)
+    assert not raw.ema
+    a = load_file(raw.lora_path)
+    b, _, _ = T.read_lora_state(Path(run.checkpoint) / T.LORA_FILE)
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k] * (0.5 if ".lora_B." in k else 1.0)) for k in a)
+    ema, _, _ = T.read_lora_state(Path(run.checkpoint) / T.EMA_LORA_FILE)
+    assert any(not torch.equal(b[k], ema[k]) for k in b)  # decay 0.5 over 4 steps: EMA != raw
+    # the checkpoint's own file (tensors as trained, alpha in the metadata) loads in fluxsr_core
+    # and computes what the export computes
+    from fluxsr_core.lora import load_lora
+
+    outs = []
+    for path in (raw.lora_path, Path(run.checkpoint) / T.LORA_FILE):
+        tr = models.load_transformer("tiny", dtype="fp32", device=None, seed=7)
+        info = load_lora(tr, path)
+        assert info.rank == 4
+        z = torch.randn(1, 16, 4, 4, generator=torch.Generator().manual_seed(3))
+        with torch.no_grad():
+            outs.append(models.DiffusersVelocity(tr)(z, torch.tensor([0.3]), load_bundle(raw.bundle_path).to_conditioning()))
+    assert torch.allclose(outs[0], outs[1], atol=1e-6)
+    with pytest.raises(FileNotFoundError, match="neither a checkpoint"):
+        export_student(tmp_path, tmp_path / "x")
+
+
+def test_runs_without_ema_or_a_single_conditioning(tmp_path):
+    pairs = write_pairs(tmp_path / "pairs2", 2, conds=2)
+    r = T.train(config(pairs, tmp_path / "run2", "train.max_steps=1", "ema.enabled=false"))
+    assert r.conditioning_path is None and r.ema_lora_path is None
+    with pytest.raises(ExportError, match="no EMA weights"):
+        export_student(r.output_dir, tmp_path / "o", use_ema=True)
+    with pytest.raises(ExportError, match="--bundle"):
+        export_student(r.output_dir, tmp_path / "o")
+    # with an explicit bundle it exports, and the bundle gets the run's settings
+    cond = next(pairs.glob("cond-*.safetensors"))
+    from fluxsr_core.bundle import save_bundle
+    from fluxsr_core.settings import RunSettings
+
+    t = load_file(str(cond))
+    save_bundle(tmp_path / "mine.safetensors", t["t5"], t["clip_pooled"], RunSettings(t_l=0.5))
+    e = export_student(r.output_dir, tmp_path / "o", bundle=str(tmp_path / "mine.safetensors"))
+    assert not e.ema and load_bundle(e.bundle_path).settings.t_l == 0.3
+
+
+def test_cli_export(run, tmp_path, capsys):
+    assert cli_main(["export", run.output_dir, "-o", str(tmp_path / "cli"), "--no-ema"]) == 0
+    out = capsys.readouterr().out
+    assert "raw weights" in out and (tmp_path / "cli" / "pytorch_lora_weights.safetensors").is_file()
+    assert (tmp_path / "cli" / "conditioning.safetensors").is_file()
+    assert cli_main(["export", str(tmp_path / "missing"), "-o", str(tmp_path / "x")]) == 2
+    assert "no such checkpoint" in capsys.readouterr().err
