@@ -167,6 +167,16 @@ def make_jobs(prompts: Sequence[tuple[str, Optional[int]]], seed: int = 0, pairs
     return jobs
 
 
+def jobs_for_rank(jobs: Sequence[Job], rank: int, world: int) -> list[Job]:
+    """This process's share: the jobs whose prompt index ``i`` has ``i % world == rank``.
+
+    Whole prompts go to one process, so each conditioning is encoded once.
+    """
+    if not 0 <= rank < world:
+        raise ValueError(f"rank {rank} is not in [0, {world})")
+    return [j for j in jobs if j.index % world == rank]
+
+
 def noise_for(seed: int, height: int, width: int) -> torch.Tensor:
     """The starting noise ``eps`` ``[16, H/8, W/8]`` (float32, CPU) of a pair, from its seed alone."""
     g = torch.Generator().manual_seed(int(seed))
@@ -319,7 +329,7 @@ def generate_pairs(cfg: GenerateConfig, on_pair: Optional[Callable[[str], None]]
     if len(set(ids)) != len(ids):
         dup = next(i for i in ids if ids.count(i) > 1)
         raise ValueError(f"pair id {dup} occurs twice; give distinct seeds")
-    mine = [j for j in all_jobs if j.index % world == rank]
+    mine = jobs_for_rank(all_jobs, rank, world)
     writer_id = f"{cfg.writer_prefix or _stable_writer_prefix()}-rank{rank}"
 
     with PairWriter(cfg.output, writer_id=writer_id, shard_size=cfg.shard_size, fsync=cfg.fsync) as writer:
@@ -375,5 +385,5 @@ def generate_pairs(cfg: GenerateConfig, on_pair: Optional[Callable[[str], None]]
 
 
 __all__ = ["GenerateConfig", "GenerateResult", "Job", "load_generate_config", "read_prompts", "make_jobs",
-           "noise_for", "sample_batch", "generate_pairs", "check_generate_config", "load_text_encoders",
+           "noise_for", "jobs_for_rank", "sample_batch", "generate_pairs", "check_generate_config", "load_text_encoders",
            "prompt_conditionings"]

@@ -1,0 +1,218 @@
+"""Teacher pairs: prompts and seeds, the core sampler, resume without duplicates, ranks, text encoders, CLI."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+import torch
+
+from fluxsr_core import flow, models
+from fluxsr_core.bundle import save_bundle
+from fluxsr_core.interfaces import Conditioning
+from fluxsr_core.pairs import PairDataset, pair_id, verify_pairs
+from fluxsr_core.settings import RunSettings
+from fluxsr_training import generate as G
+from fluxsr_training.cli import main as cli_main
+from fluxsr_training.config_io import ConfigError
+
+
+@pytest.fixture(autouse=True)
+def one_thread():
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)  # tiny models on a small shared machine: one thread is fastest
+    yield
+    torch.set_num_threads(n)
+
+
+@pytest.fixture(scope="module")
+def inputs(tmp_path_factory):
+    root = tmp_path_factory.mktemp("gen")
+    g = torch.Generator().manual_seed(0)
+    bundle = save_bundle(root / "cond.safetensors", torch.randn(1, 8, 32, generator=g), torch.randn(1, 16, generator=g),
+                         RunSettings())
+    prompts = root / "prompts.txt"
+    prompts.write_text("a cat\n\na dog\na bird\n")
+    return root, Path(bundle), prompts
+
+
+def cfg_for(inputs, out: Path, *extra: str) -> G.GenerateConfig:
+    root, bundle, prompts = inputs
+    return G.load_generate_config(None, ["transformer=tiny", "vae=tiny", "dtype=fp32", "device=cpu",
+                                         f"prompts={str(prompts)!r}", f"output={str(out)!r}", f"bundle={str(bundle)!r}",
+                                         "steps=3", "height=32", "width=48", "pairs_per_prompt=2", "shard_size=2",
+                                         "fsync=false", "progress_bar=false", "init_seed=5", *extra])
+
+
+def read_all(folder: Path) -> dict[str, dict]:
+    ds = PairDataset(folder, load_trajectory=True)
+    return {i: ds[k] for k, i in enumerate(ds.ids)}
+
+
+# --- prompts and seeds -------------------------------------------------------------------------
+
+def test_prompt_files_and_seeds(tmp_path):
+    txt = tmp_path / "p.txt"
+    txt.write_text("  first prompt \n\nsecond\n")
+    assert G.read_prompts(txt) == [("first prompt", None), ("second", None)]
+    jl = tmp_path / "p.jsonl"
+    jl.write_text('{"prompt": "x", "seed": 40}\n\n{"prompt": "y"}\n')
+    assert G.read_prompts(jl) == [("x", 40), ("y", None)]
+    jobs = G.make_jobs(G.read_prompts(jl), seed=100, pairs_per_prompt=2)
+    assert [(j.index, j.seed) for j in jobs] == [(0, 40), (0, 41), (1, 102), (1, 103)]
+    assert jobs[0].pair_id == pair_id(0, 40) == "p000000-s40"
+    assert [j.index for j in G.jobs_for_rank(jobs, 1, 2)] == [1, 1]
+    jl.write_text('{"prompt": "x", "seed": -1}\n')
+    with pytest.raises(ValueError, match="non-negative"):
+        G.read_prompts(jl)
+    jl.write_text('not json\n')
+    with pytest.raises(ValueError, match="line 1 is not JSON"):
+        G.read_prompts(jl)
+    (tmp_path / "empty.txt").write_text("\n\n")
+    with pytest.raises(ValueError, match="holds no prompts"):
+        G.read_prompts(tmp_path / "empty.txt")
+    with pytest.raises(FileNotFoundError):
+        G.read_prompts(tmp_path / "missing.txt")
+    # the noise of a pair depends on its seed only
+    assert torch.equal(G.noise_for(7, 32, 48), G.noise_for(7, 32, 48)) and G.noise_for(7, 32, 48).shape == (16, 4, 6)
+
+
+# --- sampling, resume ---------------------------------------------------------------------------
+
+def test_pairs_come_from_the_core_sampler_and_a_stopped_run_resumes_without_duplicates(inputs, tmp_path):
+    root, bundle, _ = inputs
+    full = G.generate_pairs(cfg_for(inputs, tmp_path / "full", "save_trajectory=true"))
+    assert full.written == [pair_id(i, s) for i, s in [(0, 0), (0, 1), (1, 2), (1, 3), (2, 4), (2, 5)]]
+
+    # stopped after 3 pairs (limit), then resumed: the rest only, nothing twice
+    first = G.generate_pairs(cfg_for(inputs, tmp_path / "part", "save_trajectory=true", "limit=3"))
+    assert len(first.written) == 3 and first.stopped_by_limit
+    second = G.generate_pairs(cfg_for(inputs, tmp_path / "part", "save_trajectory=true"))
+    assert second.skipped == 3 and sorted(first.written + second.written) == sorted(full.written)
+    third = G.generate_pairs(cfg_for(inputs, tmp_path / "part", "save_trajectory=true"))
+    assert third.written == [] and third.skipped == 6
+    report = verify_pairs(tmp_path / "part")
+    assert report.ok and report.pairs == 6 and not [p for p in report.problems if p.kind == "duplicate"]
+
+    a, b = read_all(tmp_path / "full"), read_all(tmp_path / "part")
+    assert a.keys() == b.keys()
+    for k in a:
+        for t in ("eps", "z0", "image", "trajectory"):
+            assert torch.equal(a[k][t], b[k][t]), (k, t)
+
+    # each pair is the core's Euler sampler over the teacher from noise_for(seed)
+    item = a[pair_id(1, 3)]
+    assert torch.equal(item["eps"], G.noise_for(3, 32, 48))
+    teacher = models.DiffusersVelocity(models.load_transformer("tiny", dtype="fp32", device=None, seed=5))
+    from fluxsr_core.bundle import load_bundle
+
+    cond = load_bundle(bundle).to_conditioning(3.5)
+    sigmas = flow.flux_sigmas(3, (4 // 2) * (6 // 2))
+    with torch.no_grad():
+        z0 = flow.euler_sample(teacher, item["eps"][None], sigmas, cond)[0]
+    assert torch.allclose(item["z0"], z0, atol=1e-6)
+    assert item["trajectory"].shape == (3, 16, 4, 6) and torch.equal(item["trajectory"][-1], item["z0"])
+    codec = models.DiffusersCodec(models.load_vae("tiny", dtype="fp32", device=None, seed=5))
+    with torch.no_grad():
+        img = (codec.decode(item["z0"][None])[0] * 255).round().to(torch.uint8)
+    assert item["image"].shape == (3, 32, 48) and (item["image"].int() - img.int()).abs().max() <= 1
+    m = item["meta"]
+    assert (m["seed"], m["prompt"], m["prompt_index"], m["steps"], m["height"], m["width"]) == (3, "a dog", 1, 3, 32, 48)
+    assert m["sigmas"] == pytest.approx(sigmas.tolist(), abs=1e-7) and m["guidance"] == 3.5
+    assert len({it["cond_key"] for it in a.values()}) == 1  # one fixed bundle: stored once
+
+
+def test_batched_sampling_matches_one_at_a_time(inputs, tmp_path):
+    one = read_all(Path(G.generate_pairs(cfg_for(inputs, tmp_path / "b1", "save_image=false",
+                                                 "pairs_per_prompt=1")).output))
+    two = read_all(Path(G.generate_pairs(cfg_for(inputs, tmp_path / "b2", "save_image=false", "pairs_per_prompt=1",
+                                                 "batch_size=2")).output))
+    assert one.keys() == two.keys() and "image" not in next(iter(one.values()))
+    for k in one:
+        assert torch.allclose(one[k]["z0"], two[k]["z0"], atol=1e-5)
+
+
+def test_ranks_split_the_prompts_and_share_the_folder(inputs, tmp_path, monkeypatch):
+    import accelerate
+
+    class FakeState:
+        def __init__(self, rank):
+            self.process_index, self.num_processes, self.is_local_main_process = rank, 2, rank == 0
+            self.device = torch.device("cpu")
+
+    results = []
+    for rank in (0, 1):
+        monkeypatch.setattr(accelerate, "PartialState", lambda cpu=False, rank=rank: FakeState(rank))
+        results.append(G.generate_pairs(cfg_for(inputs, tmp_path / "shared", "writer_prefix=node", "pairs_per_prompt=1")))
+    assert [r.writer_id for r in results] == ["node-rank0", "node-rank1"]
+    assert results[0].written == [pair_id(0, 0), pair_id(2, 2)] and results[1].written == [pair_id(1, 1)]
+    assert sorted(p.name for p in (tmp_path / "shared").glob("manifest-*")) == ["manifest-node-rank0.jsonl",
+                                                                                   "manifest-node-rank1.jsonl"]
+    assert len(PairDataset(tmp_path / "shared")) == 3
+
+
+# --- text encoders ----------------------------------------------------------------------------
+
+def tiny_text_encoders(folder: Path) -> Path:
+    """A FLUX-pipeline-shaped folder with tiny random CLIP (16 wide) and T5 (32 wide) and tokenizers."""
+    from tokenizers import Tokenizer, models as tk_models, pre_tokenizers
+    from transformers import CLIPTextConfig, CLIPTextModel, PreTrainedTokenizerFast, T5Config, T5EncoderModel
+
+    vocab = {"<pad>": 0, "</s>": 1, "<unk>": 2, "a": 3, "cat": 4, "dog": 5, "bird": 6}
+    tk = Tokenizer(tk_models.WordLevel(vocab, unk_token="<unk>"))
+    tk.pre_tokenizer = pre_tokenizers.Whitespace()
+    tok = PreTrainedTokenizerFast(tokenizer_object=tk, pad_token="<pad>", eos_token="</s>", unk_token="<unk>",
+                                  model_max_length=6)
+    tok.save_pretrained(folder / "tokenizer")
+    tok.save_pretrained(folder / "tokenizer_2")
+    with torch.random.fork_rng():
+        torch.manual_seed(0)
+        CLIPTextModel(CLIPTextConfig(vocab_size=7, hidden_size=16, intermediate_size=32, num_hidden_layers=1,
+                                     num_attention_heads=2, max_position_embeddings=8, eos_token_id=1, pad_token_id=0,
+                                     bos_token_id=0)).save_pretrained(folder / "text_encoder")
+        T5EncoderModel(T5Config(vocab_size=7, d_model=32, d_kv=8, d_ff=32, num_layers=1, num_heads=2)
+                       ).save_pretrained(folder / "text_encoder_2")
+    return folder
+
+
+def test_conditioning_from_local_text_encoders(inputs, tmp_path):
+    te = tiny_text_encoders(tmp_path / "flux")
+    cfg = cfg_for(inputs, tmp_path / "enc", "bundle=''", f"text_encoders={str(te)!r}", "max_sequence_length=6",
+                  "pairs_per_prompt=1", "save_image=false")
+    G.generate_pairs(cfg)
+    ds = PairDataset(tmp_path / "enc")
+    items = [ds[i] for i in range(len(ds))]
+    assert len({it["cond_key"] for it in items}) == 3  # one conditioning per distinct prompt
+    t5 = {it["meta"]["prompt"]: it["t5"] for it in items}
+    assert t5["a cat"].shape == (6, 32) and items[0]["clip_pooled"].shape == (16,)
+    assert not torch.equal(t5["a cat"], t5["a dog"])
+    # the same numbers as encoding the prompt directly with fluxsr_core.bundle.encode_prompt_bundle
+    from fluxsr_core.bundle import encode_prompt_bundle
+
+    enc = G.load_text_encoders(cfg, torch.float32, torch.device("cpu"))
+    direct = encode_prompt_bundle("a cat", *enc, RunSettings(), max_sequence_length=6)
+    assert torch.equal(direct.t5[0], t5["a cat"])
+    with pytest.raises(FileNotFoundError, match="text encoder not found"):
+        G.generate_pairs(cfg_for(inputs, tmp_path / "none", "bundle=''", f"text_encoders={str(tmp_path)!r}"))
+    with pytest.raises(ConfigError, match="no conditioning"):
+        G.generate_pairs(cfg_for(inputs, tmp_path / "none2", "bundle=''"))
+
+
+# --- config and CLI ---------------------------------------------------------------------------
+
+def test_config_errors_and_cli(inputs, tmp_path, capsys):
+    with pytest.raises(ConfigError, match="multiples of 16"):
+        G.generate_pairs(cfg_for(inputs, tmp_path / "x", "height=40"))
+    with pytest.raises(ConfigError, match="prompts is required"):
+        G.generate_pairs(G.GenerateConfig(transformer="tiny", vae="tiny", output=str(tmp_path)))
+    root, bundle, prompts = inputs
+    args = ["pairs", "--transformer", "tiny", "--vae", "tiny", "--dtype", "fp32", "--device", "cpu",
+            "--prompts", str(prompts), "--output", str(tmp_path / "cli"), "--bundle", str(bundle), "--steps", "2",
+            "--height", "16", "--width", "16", "--no-save-image", "--no-progress-bar", "--no-fsync", "limit=2"]
+    assert cli_main(args) == 0
+    assert "wrote 2 new pairs" in capsys.readouterr().out
+    assert cli_main(args[:-1]) == 0
+    assert "wrote 1 new pairs" in capsys.readouterr().out and len(PairDataset(tmp_path / "cli")) == 3
+    assert cli_main(["pairs", "--transformer", "tiny", "--vae", "tiny", "--output", str(tmp_path / "e")]) == 2
+    assert "prompts is required" in capsys.readouterr().err
