@@ -135,7 +135,7 @@ def _cmd_export(args) -> int:
     print(f"  LoRA:   {r.lora_path}")
     print(f"  bundle: {r.bundle_path}")
     print(f"  {r.settings.describe()}")
-    print(f"run with: fluxsr upscale IMAGE -o OUT --lora {r.lora_path} --bundle {r.bundle_path} ...")
+    print(f"run with: fluxsr upscale IMAGE -o OUT --lora {r.lora_path} --conditioning {r.bundle_path} ...")
     return 0
 
 

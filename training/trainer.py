@@ -964,6 +964,8 @@ class _Run:
 
         self._setup_data()
         self._setup_conditioning()
+        if cfg.validation.every and self.main:
+            self._validation_set()  # bad validation paths fail now, not after the first steps
 
         if trackers:
             acc.init_trackers("fluxsr", config=_flat_scalars(cfg.to_dict()))
