@@ -297,3 +297,48 @@ def test_config_toml_overrides_and_errors(tmp_path):
         T.train(bad)
     with pytest.raises(ConfigError, match="model.transformer is required"):
         T.train(T.TrainConfig())
+
+
+# --- memory options -----------------------------------------------------------------------------
+
+def _grads(cfg: T.TrainConfig, z_l, z0, eps, x0, cond, t) -> tuple[dict[str, torch.Tensor], torch.nn.Module]:
+    from fluxsr_core import models
+
+    torch.manual_seed(0)  # the LoRA's initial values
+    tr, vae, dtype = T.build_student(cfg, "cpu")
+    tr.train()
+    params = T.lora_parameters(tr)
+    with torch.no_grad():  # lora_B starts at zero; make the LoRA path carry gradient to lora_A too
+        for k, p in params.items():
+            if ".lora_B." in k:
+                p.normal_(0, 0.1, generator=torch.Generator().manual_seed(len(k)))
+    hook = ADLFeatureHook(tr, "double:0;single:0", active=False)
+    vel = models.DiffusersVelocity(tr, compute_dtype=dtype)
+    codec = models.DiffusersCodec(vae, compute_dtype=dtype)
+    parts = T.compute_losses(vel, codec, z_l=z_l, z0=z0, eps=eps, x0=x0, cond=cond, t_l=0.25, ftd_t=t,
+                             loss=T.LossConfig(w_tvlpips=0.0, w_adl=0.5), adl_hook=hook)
+    parts.total.backward()
+    hook.remove()
+    return {k: p.grad.clone() for k, p in params.items()}, tr
+
+
+def test_gradient_checkpointing_and_fp8_storage(pairs, tmp_path):
+    g = torch.Generator().manual_seed(1)
+    z_l, z0, eps = (torch.randn(2, 16, 4, 4, generator=g) for _ in range(3))
+    x0, t = torch.rand(2, 3, 32, 32, generator=g), torch.tensor([0.4, 0.8])
+    cond = Conditioning(torch.randn(1, 8, 32, generator=g), torch.randn(1, 16, generator=g))
+    base = tiny_config(pairs, tmp_path)
+    plain, _ = _grads(base, z_l, z0, eps, x0, cond, t)
+    ckpt, tr = _grads(base.with_overrides(["model.gradient_checkpointing=true"]), z_l, z0, eps, x0, cond, t)
+    assert tr.gradient_checkpointing and plain.keys() == ckpt.keys()
+    assert all(torch.allclose(plain[k], ckpt[k], atol=1e-6) for k in plain)  # same maths, less memory
+    assert all(float(v.abs().max()) > 0 for v in plain.values())
+    fp8, tr8 = _grads(base.with_overrides(["model.memory_mode=fp8_storage"]), z_l, z0, eps, x0, cond, t)
+    q = tr8.transformer_blocks[0].attn.to_q
+    assert q.base_layer.weight.dtype == torch.float8_e4m3fn and not q.base_layer.weight.requires_grad
+    assert q.lora_A[T.DEFAULT_ADAPTER_NAME].weight.dtype == torch.float32 and q.lora_A[T.DEFAULT_ADAPTER_NAME].weight.requires_grad
+    assert all(torch.isfinite(v).all() and float(v.abs().max()) > 0 for v in fp8.values())
+    # fp8 rounding of the base changes the gradients a little, not their direction
+    cos = torch.nn.functional.cosine_similarity(torch.cat([v.flatten() for v in plain.values()]),
+                                                torch.cat([v.flatten() for v in fp8.values()]), dim=0)
+    assert cos > 0.9, float(cos)
