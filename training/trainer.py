@@ -437,6 +437,9 @@ def build_student(cfg: TrainConfig, device: torch.device | str = "cpu"):
     models.apply_memory_mode(transformer, vae, cfg.model.memory_mode, dev)
     if cfg.model.gradient_checkpointing:
         transformer.enable_gradient_checkpointing()
+        # The decoder runs with gradient too (x_H = decode(z_H)); at 1024 px its activations
+        # rival the transformer's.
+        vae.enable_gradient_checkpointing()
     return transformer, vae, dtype
 
 
