@@ -824,7 +824,6 @@ def _make_optimizer(params: list[torch.nn.Parameter], cfg: OptimConfig, device: 
                                   "(or set optim.adam_8bit=false)") from None
             use_8bit = False
         else:
-            log.info("optimizer: bitsandbytes AdamW8bit")
             return bnb.optim.AdamW8bit(params, lr=cfg.lr, betas=tuple(cfg.betas), eps=cfg.eps,
                                        weight_decay=cfg.weight_decay), "AdamW8bit (bitsandbytes)"
     return torch.optim.AdamW(params, lr=cfg.lr, betas=tuple(cfg.betas), eps=cfg.eps,
@@ -872,11 +871,10 @@ class _Run:
 
     def setup(self) -> None:
         from accelerate import Accelerator
-        from accelerate.utils import DistributedDataParallelKwargs, ProjectConfiguration, set_seed
+        from accelerate.utils import (DistributedDataParallelKwargs, ProjectConfiguration, parse_flag_from_env,
+                                      set_seed)
 
         cfg = self.cfg
-        from accelerate.utils import parse_flag_from_env
-
         device_probe = "cuda" if torch.cuda.is_available() and not parse_flag_from_env("ACCELERATE_USE_CPU") else "cpu"
         mp = _mixed_precision(cfg.train.mixed_precision, device_probe)
         trackers = None
@@ -911,6 +909,14 @@ class _Run:
         self._info(f"FluxSR training: {acc.num_processes} process(es) on {acc.device}, mixed precision {mp}, "
                    f"{self.settings.describe()}")
 
+        if self._distributed("FSDP") and cfg.ema.enabled:
+            raise ConfigError("ema.enabled=true is not supported with FSDP (the LoRA is sharded across processes); "
+                              "set ema.enabled=false, or use DeepSpeed ZeRO-2 (accelerate_deepspeed_flux.yaml)")
+        if self._distributed("DEEPSPEED") and cfg.model.memory_mode == "fp8_storage":
+            raise ConfigError("model.memory_mode=fp8_storage does not combine with DeepSpeed (its bf16 engine "
+                              "re-casts every weight); use memory_mode=none with ZeRO-2")
+        self._setup_data()  # before the (slow) model loading: a wrong data path fails at once
+
         self.transformer, self.vae, self.dtype = build_student(cfg, acc.device)
         self.transformer.train()
         self.params = lora_parameters(self.transformer)
@@ -920,13 +926,10 @@ class _Run:
                    f"({cfg.model.memory_mode}), gradient checkpointing "
                    f"{'on' if cfg.model.gradient_checkpointing else 'off'}")
 
-        if self._distributed("FSDP") and cfg.ema.enabled:
-            raise ConfigError("ema.enabled=true is not supported with FSDP (the LoRA is sharded across processes); "
-                              "set ema.enabled=false, or use DeepSpeed ZeRO-2 (accelerate_deepspeed_flux.yaml)")
-        if self._distributed("DEEPSPEED") and cfg.model.memory_mode == "fp8_storage":
-            raise ConfigError("model.memory_mode=fp8_storage does not combine with DeepSpeed (its bf16 engine "
-                              "re-casts every weight); use memory_mode=none with ZeRO-2")
         optimizer, self.optimizer_name = _make_optimizer(list(self.params.values()), cfg.optim, acc.device)
+        self._info(f"optimizer: {self.optimizer_name}, lr {cfg.optim.lr:g}, {cfg.optim.schedule} schedule with "
+                   f"{cfg.optim.warmup_steps} warm-up steps; EMA "
+                   f"{f'decay {cfg.ema.decay:g}' if cfg.ema.enabled else 'off'}")
         from diffusers.optimization import get_scheduler
 
         # Stepped by us once per optimizer step (not prepared: accelerate would step it once per
@@ -965,7 +968,6 @@ class _Run:
             self.adl_hook = ADLFeatureHook(self.transformer, cfg.loss.adl_blocks, active=False)
             self._info(f"ADL on blocks {', '.join(self.adl_hook.labels)} (weight {cfg.loss.w_adl:g})")
 
-        self._setup_data()
         self._setup_conditioning()
         if cfg.validation.every and self.main:
             self._validation_set()  # bad validation paths fail now, not after the first steps
