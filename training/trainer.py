@@ -988,6 +988,10 @@ class _Run:
         self.train_indices = list(range(n - cfg.data.holdout))
         self.holdout_indices = list(range(n - cfg.data.holdout, n))
         self.stream = SampleStream(len(self.train_indices), cfg.data.seed)
+        h, w = (int(d) * 8 for d in self.pairs[0]["z0"].shape[-2:])
+        if h % cfg.degradation.scale or w % cfg.degradation.scale:
+            raise ConfigError(f"the pairs are {h}x{w} pixels, not divisible by degradation.scale="
+                              f"{cfg.degradation.scale}; use a scale that divides the pair resolution")
         self._info(f"data: {len(self.train_indices)} training pairs from {cfg.data.pairs}"
                    f"{f', {len(self.holdout_indices)} held out' if self.holdout_indices else ''}; global batch "
                    f"{cfg.data.batch_size} x {self.accelerator.num_processes} process(es) x "
@@ -1001,20 +1005,28 @@ class _Run:
             self.fixed_bundle = load_bundle(cfg.data.conditioning)
             self.fixed_bundle.check_fits(self.transformer)
             self._info(f"conditioning: bundle {cfg.data.conditioning} for every pair")
+            bs = self.fixed_bundle.settings
+            differ = [f"{k} {getattr(bs, k):g} (bundle) vs {getattr(self.settings, k):g} (config)"
+                      for k in ("t_l", "guidance") if (bs.source or {}).get(k, "default") != "default"
+                      and abs(getattr(bs, k) - getattr(self.settings, k)) > 1e-9]
+            if differ and self.main:
+                log.warning("the bundle's run settings differ from the training config: %s; training uses the "
+                            "config's, and the exported files will carry them", "; ".join(differ))
             t5, clip = self.fixed_bundle.t5, self.fixed_bundle.clip_pooled
+            prompt = f"bundle {cfg.data.conditioning}"
         else:
             keys = sorted(p.name[len("cond-"):-len(".safetensors")]
                           for p in Path(cfg.data.pairs).glob("cond-*.safetensors"))
-            t5 = clip = None
+            t5 = clip = prompt = None
             self._info(f"conditioning: each pair's own ({len(keys)} distinct in the dataset)")
             if len(keys) == 1:
                 first = self.pairs[self.train_indices[0]]
                 t5, clip = first["t5"], first["clip_pooled"]
-        self.conditioning_path = None
+                prompt = first["meta"].get("prompt")
+        # The one conditioning the student trains with, kept beside the run for export.
+        self.conditioning_path = str(self.out / CONDITIONING_FILE) if t5 is not None else None
         if t5 is not None and self.main:
-            self.conditioning_path = str(self.out / CONDITIONING_FILE)
-            save_bundle(self.conditioning_path, t5, clip, self.settings,
-                        prompt=None if self.fixed_bundle is None else f"bundle {cfg.data.conditioning}")
+            save_bundle(self.conditioning_path, t5, clip, self.settings, prompt=prompt)
         # Validation conditioning: the fixed one, else the first training pair's.
         if t5 is None:
             first = self.pairs[self.train_indices[0]]
@@ -1128,7 +1140,8 @@ class _Run:
                 else:
                     with torch.no_grad():
                         hr = self.codec.decode(it["z0"][None].to(self.accelerator.device)).float().cpu()
-                items.append((f"pair-{it['id']}", hr))
+                s = self.cfg.degradation.scale
+                items.append((f"pair-{it['id']}", hr[..., :hr.shape[-2] - hr.shape[-2] % s, :hr.shape[-1] - hr.shape[-1] % s]))
             self._val_set = items
         return self._val_set
 
