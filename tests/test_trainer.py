@@ -4,10 +4,12 @@ from __future__ import annotations
 
 import logging
 import os
+import signal
 import socket
 import subprocess
 import sys
 import textwrap
+import time
 from pathlib import Path
 
 import pytest
@@ -198,6 +200,41 @@ def test_stop_and_resume_gives_the_same_weights_bit_for_bit(pairs, tmp_path):
     # a resumed run of a finished one trains nothing and reports the checkpoint it came from
     again = T.train(tiny_config(pairs, tmp_path / "part", *common, "train.resume=latest"))
     assert again.losses == [] and again.step == 6
+
+
+def test_sigkill_then_resume_matches_an_uninterrupted_run(pairs, tmp_path):
+    common = ["train.max_steps=8", "checkpoint.every=2", "lora.dropout=0.1", "ema.decay=0.8"]
+    script = tmp_path / "slow_train.py"
+    # Slowed down (0.4 s per step) so the kill lands mid-run; the process never learns it is killed.
+    script.write_text(textwrap.dedent("""
+        import sys, time, torch
+        torch.set_num_threads(1)
+        from fluxsr_training.trainer import load_train_config, train
+        train(load_train_config(sys.argv[1]), stop_check=lambda step: time.sleep(0.4) or False)
+    """))
+    run_dir = tmp_path / "killed"
+    tiny_config(pairs, run_dir, *common).save(tmp_path / "config.toml")
+    proc = subprocess.Popen([sys.executable, str(script), str(tmp_path / "config.toml")], stdout=subprocess.DEVNULL, stderr=subprocess.PIPE,
+                            env=dict(os.environ, OMP_NUM_THREADS="1", PYTHONWARNINGS="ignore"))
+    try:
+        deadline = time.time() + 120
+        while time.time() < deadline and proc.poll() is None:
+            if (run_dir / T.CHECKPOINT_DIR / "step-0000004").is_dir():
+                break
+            time.sleep(0.05)
+        assert proc.poll() is None, proc.stderr.read().decode()[-2000:]
+        proc.send_signal(signal.SIGKILL)
+        proc.wait(timeout=30)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+    assert T.latest_checkpoint(run_dir).name in ("step-0000004", "step-0000006")
+    resumed = T.train(tiny_config(pairs, run_dir, *common, "train.resume=latest"))
+    assert 0 < resumed.start_step < 8 and resumed.step == 8
+    full = T.train(tiny_config(pairs, tmp_path / "full", *common))
+    for name in (T.LORA_FILE, T.EMA_LORA_FILE):
+        a, b = lora_file(full.checkpoint, name), lora_file(resumed.checkpoint, name)
+        assert all(torch.equal(a[k], b[k]) for k in a), name
 
 
 def test_resume_from_a_missing_path_is_a_clear_error(pairs, tmp_path):
