@@ -379,3 +379,22 @@ def test_gradient_checkpointing_and_fp8_storage(pairs, tmp_path):
     cos = torch.nn.functional.cosine_similarity(torch.cat([v.flatten() for v in plain.values()]),
                                                 torch.cat([v.flatten() for v in fp8.values()]), dim=0)
     assert cos > 0.9, float(cos)
+
+
+def test_cli_train_config_resolution(capsys, tmp_path):
+    from fluxsr_training.cli import main, shipped_config
+
+    assert main(["train", "--config", "train_tiny", "--print-config", "--resume", "data.pairs=/d", "lora.rank=2"]) == 0
+    cfg = T.load_train_config(None, [])
+    out = capsys.readouterr().out
+    (tmp_path / "printed.toml").write_text(out)
+    printed = T.load_train_config(tmp_path / "printed.toml")
+    assert printed.data.pairs == "/d" and printed.lora.rank == 2 and printed.train.resume == "latest"
+    assert printed.model.transformer == "tiny" and printed.train.max_steps == 50 and printed != cfg
+    for shipped in ("train_default", "train_tiny"):
+        T.check_config(T.load_train_config(shipped_config(shipped), ["model.transformer=t", "model.vae=v",
+                                                                     "data.pairs=p"]))
+    assert main(["train", "--config", "no_such_config"]) == 2
+    assert "shipped config" in capsys.readouterr().err
+    assert main(["train", "optim.lr=-1", "model.transformer=tiny", "model.vae=tiny", "data.pairs=x"]) == 2
+    assert "optim.lr must be positive" in capsys.readouterr().err

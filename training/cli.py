@@ -159,7 +159,8 @@ def _delegate(module: str, argv: Sequence[str]) -> int:
 def build_parser() -> tuple[argparse.ArgumentParser, list[str]]:
     from .generate import GenerateConfig
 
-    p = argparse.ArgumentParser(prog="fluxsr-train", description=__doc__.split("\n\n")[0],
+    p = argparse.ArgumentParser(prog="fluxsr-train", description="FluxSR training: teacher pairs, distillation, "
+                                "export, evaluation and the demo recipe.",
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("-v", "--verbose", action="store_true", help="debug logging and full tracebacks")
     sub = p.add_subparsers(dest="command", required=True)
@@ -195,6 +196,10 @@ def build_parser() -> tuple[argparse.ArgumentParser, list[str]]:
 def main(argv: Optional[Sequence[str]] = None) -> int:
     """Entry point of ``fluxsr-train``; returns the exit status."""
     argv = list(sys.argv[1:] if argv is None else argv)
+    if argv and argv[0] in ("eval", "demo"):
+        # Their own parsers (help included) live in fluxsr_training.evaluate / .demo.
+        _setup_logging(False)
+        return _delegate({"eval": "evaluate", "demo": "demo"}[argv[0]], argv[1:])
     parser, fields = build_parser()
     args = parser.parse_args(argv)
     _setup_logging(args.verbose)
