@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import json
 from pathlib import Path
 
 import pytest
@@ -10,7 +9,6 @@ import torch
 
 from fluxsr_core import flow, models
 from fluxsr_core.bundle import save_bundle
-from fluxsr_core.interfaces import Conditioning
 from fluxsr_core.pairs import PairDataset, pair_id, verify_pairs
 from fluxsr_core.settings import RunSettings
 from fluxsr_training import generate as G

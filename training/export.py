@@ -22,7 +22,6 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Optional
 
-import torch
 
 from fluxsr_core.bundle import load_bundle, save_bundle
 from fluxsr_core.lora import save_lora

@@ -32,8 +32,8 @@ Public API: :class:`TrainConfig` (+ :func:`load_train_config`), :func:`train` ->
 from __future__ import annotations
 
 import contextlib
-import dataclasses
 import hashlib
+import importlib.util
 import json
 import logging
 import math
@@ -879,12 +879,10 @@ class _Run:
         mp = _mixed_precision(cfg.train.mixed_precision, device_probe)
         trackers = None
         if cfg.train.tensorboard != "false":
-            try:
-                import tensorboard  # noqa: F401
+            if importlib.util.find_spec("tensorboard") is not None:
                 trackers = "tensorboard"
-            except ImportError:
-                if cfg.train.tensorboard == "true":
-                    raise ConfigError("train.tensorboard=true needs tensorboard: pip install tensorboard") from None
+            elif cfg.train.tensorboard == "true":
+                raise ConfigError("train.tensorboard=true needs tensorboard: pip install tensorboard")
         self.accelerator = acc = Accelerator(
             mixed_precision=mp,
             gradient_accumulation_steps=cfg.train.gradient_accumulation_steps,
