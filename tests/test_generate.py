@@ -101,7 +101,7 @@ def test_pairs_come_from_the_core_sampler_and_a_stopped_run_resumes_without_dupl
 
     # each pair is the core's Euler sampler over the teacher from noise_for(seed)
     item = a[pair_id(1, 3)]
-    assert torch.equal(item["eps"], G.noise_for(3, 32, 48))
+    assert torch.equal(item["eps"], G.noise_for(3, 32, 48)) and torch.equal(item["eps"], flow.seeded_noise(3, 32, 48)[0])
     teacher = models.DiffusersVelocity(models.load_transformer("tiny", dtype="fp32", device=None, seed=5))
     from fluxsr_core.bundle import load_bundle
 

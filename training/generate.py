@@ -177,9 +177,12 @@ def jobs_for_rank(jobs: Sequence[Job], rank: int, world: int) -> list[Job]:
 
 
 def noise_for(seed: int, height: int, width: int) -> torch.Tensor:
-    """The starting noise ``eps`` ``[16, H/8, W/8]`` (float32, CPU) of a pair, from its seed alone."""
-    g = torch.Generator().manual_seed(int(seed))
-    return torch.randn(LATENT_CHANNELS, height // VAE_DOWNSCALE, width // VAE_DOWNSCALE, generator=g)
+    """The starting noise ``eps`` ``[16, H/8, W/8]`` of a pair: :func:`fluxsr_core.flow.seeded_noise`.
+
+    The core's convention (CPU float32 draws from the seed alone), shared with the ComfyUI teacher
+    node, so a seed means the same pair on any device, in any process and in both tools.
+    """
+    return flow.seeded_noise(int(seed), height, width, channels=LATENT_CHANNELS, downscale=VAE_DOWNSCALE)[0]
 
 
 # --- conditioning --------------------------------------------------------------------------
