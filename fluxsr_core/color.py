@@ -102,7 +102,7 @@ def wavelet_color_fix(target: torch.Tensor, source: torch.Tensor, levels: int = 
     """
     _check_pair(target, source)
     t = target.float()
-    return (t + wavelet_lowpass(source.float() - t, levels)).to(target.dtype)
+    return wavelet_lowpass(source.float() - t, levels).add_(t).to(target.dtype)
 
 
 def apply_color_fix(name: str, target: torch.Tensor, source: torch.Tensor) -> torch.Tensor:
@@ -114,4 +114,4 @@ def apply_color_fix(name: str, target: torch.Tensor, source: torch.Tensor) -> to
     if key == "none":
         return target
     fixed = adain_color_fix(target, source) if key == "adain" else wavelet_color_fix(target, source)
-    return fixed.clamp(0.0, 1.0)
+    return fixed.clamp_(0.0, 1.0)  # fixed is a fresh tensor: clamp in place

@@ -97,7 +97,7 @@ def upscale_tensor(
     decoded = images.crop(codec.decode(z_h).float(), out_h, out_w)
     del z_h
     fixed = color.apply_color_fix(options.color_fix, decoded, upsampled.to(decoded.device))
-    return fixed.clamp(0.0, 1.0)
+    return fixed.clamp_(0.0, 1.0)  # in place: no further full-size copy
 
 
 def is_out_of_memory(exc: BaseException) -> bool:
