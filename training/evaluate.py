@@ -24,9 +24,9 @@ Perceptual metrics (computed on the whole image, no border cut, as pyiqa's defau
 
 * ``lpips``: LPIPS v0.1 with the AlexNet backbone (the ``lpips`` package's heads, which ship in
   the package, and torchvision's ImageNet AlexNet file read from the weights folder).
-* ``stlpips``: ST-LPIPS (shift-tolerant LPIPS, AlexNet), whose complete weights ship inside the
-  ``stlpips-pytorch`` wheel; always available when that package is installed. Labelled as what
-  it is; it is not LPIPS.
+* ``stlpips`` / ``stlpips_vgg``: ST-LPIPS (shift-tolerant LPIPS, AlexNet / VGG), whose complete
+  weights ship inside the ``stlpips-pytorch`` wheel; always available when that package is
+  installed. Labelled as what it is; it is not LPIPS.
 * ``dists``, ``musiq``, ``maniqa``, ``clipiqa``, ``topiq_nr``, ``topiq_fr``: through ``pyiqa``,
   only when pyiqa is installed AND every weight file the metric needs is already on this
   machine. Nothing is ever downloaded: files are checked before the metric is built, and while
@@ -51,7 +51,6 @@ import json
 import math
 import os
 import sys
-import tempfile
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable, Iterator, Mapping, Optional, Sequence, Union
@@ -74,7 +73,7 @@ SSIM_C1 = (0.01 * 255) ** 2
 SSIM_C2 = (0.03 * 255) ** 2
 
 PSNR_Y, SSIM_Y = "psnr_y", "ssim_y"
-ALL_METRICS = (PSNR_Y, SSIM_Y, "lpips", "stlpips", "dists", "musiq", "maniqa", "clipiqa",
+ALL_METRICS = (PSNR_Y, SSIM_Y, "lpips", "stlpips", "stlpips_vgg", "dists", "musiq", "maniqa", "clipiqa",
                "topiq_nr", "topiq_fr")
 DEFAULT_METRICS = ALL_METRICS
 
@@ -261,6 +260,7 @@ METRIC_SPECS: dict[str, MetricSpec] = {s.name: s for s in (
     MetricSpec(SSIM_Y, "SSIM-Y", "FR", False, "protocol"),
     MetricSpec("lpips", "LPIPS", "FR", True, "lpips", (_ALEXNET,)),
     MetricSpec("stlpips", "ST-LPIPS", "FR", True, "stlpips"),
+    MetricSpec("stlpips_vgg", "ST-LPIPS-VGG", "FR", True, "stlpips"),
     MetricSpec("dists", "DISTS", "FR", True, "pyiqa",
                (_VGG16, WeightFile("pyiqa", "DISTS_weights-f5e65c96.pth")), "dists"),
     MetricSpec("musiq", "MUSIQ", "NR", False, "pyiqa",
@@ -412,7 +412,8 @@ def build_metric(name: str, device: Union[str, torch.device] = "cpu",
         return _Metric(spec, label, _lpips_like(module, device))
     if spec.backend == "stlpips":
         try:
-            module, label = perceptual.load_perceptual("stlpips-alex", device=device)
+            kind = "stlpips-vgg" if name == "stlpips_vgg" else "stlpips-alex"
+            module, label = perceptual.load_perceptual(kind, device=device)
         except (perceptual.PerceptualBackboneMissing, perceptual.PerceptualWeightsError, ImportError) as exc:
             raise MetricUnavailable(str(exc)) from None
         return _Metric(spec, label, _lpips_like(module, device))
@@ -534,9 +535,10 @@ def atomic_write_text(path: PathLike, text: str) -> None:
     """Write ``text`` to ``path`` through a temporary file in the same folder and ``os.replace``."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=str(path.parent))
+    # A name of our own (not mkstemp's 0600 file): the result gets the usual umask permissions.
+    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
     try:
-        with os.fdopen(fd, "w", encoding="utf-8") as f:
+        with open(tmp, "w", encoding="utf-8") as f:
             f.write(text)
         os.replace(tmp, path)
     except BaseException:
@@ -799,6 +801,10 @@ def main_eval(argv: Optional[Sequence[str]] = None) -> int:
     except (EvaluationError, ValueError, FileNotFoundError) as exc:
         print(f"fluxsr-train eval: error: {exc}", file=sys.stderr)
         return 2
+
+
+# ``fluxsr-train eval`` delegates to ``fluxsr_training.evaluate.main``.
+main = main_eval
 
 
 if __name__ == "__main__":  # pragma: no cover
