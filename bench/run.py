@@ -207,6 +207,7 @@ def main(argv=None) -> int:
     parser.add_argument("--device", default=None, help="default: cpu for --tiny and the small model, auto for --full-size")
     parser.add_argument("--out", type=Path, default=Path("bench/results"), help="folder for the JSON/markdown report")
     parser.add_argument("--teacher-steps", type=int, default=28)
+    parser.add_argument("--threads", type=int, default=None, help="CPU threads (default: all cores)")
     parser.add_argument("--memory-modes", default="none,fp8_storage,model_offload,group_offload",
                         help="full size: memory modes to measure")
     args = parser.parse_args(argv)
@@ -215,7 +216,9 @@ def main(argv=None) -> int:
     profile = PROFILES[name]
     device = models.resolve_device(args.device or ("auto" if args.full_size else "cpu"))
     dtype = models.resolve_dtype(profile["dtype"], device)
-    if device.type == "cpu" and name != "tiny":
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    elif device.type == "cpu" and name != "tiny":
         torch.set_num_threads(os.cpu_count() or 1)
     transformer, vae = build(profile, device, dtype)
     velocity = models.DiffusersVelocity(transformer, compute_dtype=dtype)

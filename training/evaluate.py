@@ -333,7 +333,6 @@ def _no_downloads(weights_dir: Path) -> Iterator[None]:
         raise _DownloadRefused(f"it wanted to download {url}")
 
     saved_env = {k: os.environ.get(k) for k in ("HF_HUB_OFFLINE", "TRANSFORMERS_OFFLINE")}
-    old_hub_dir = torch.hub.get_dir()
     patches: list[tuple[Any, str, Any]] = []
 
     def patch(obj, attr, value):
@@ -349,7 +348,9 @@ def _no_downloads(weights_dir: Path) -> Iterator[None]:
             patch(hf_constants, "HF_HUB_OFFLINE", True)
         except ImportError:
             pass
-        torch.hub.set_dir(str(weights_dir))
+        # torch.hub.set_dir pins the folder for good (TORCH_HOME is no longer read), so the
+        # private attribute behind it is patched and restored to exactly what it was.
+        patch(torch.hub, "_hub_dir", str(weights_dir))
         patch(torch.hub, "download_url_to_file", refuse)
         patch(urllib.request, "urlopen", refuse)
         try:
@@ -363,7 +364,6 @@ def _no_downloads(weights_dir: Path) -> Iterator[None]:
     finally:
         for obj, attr, old in reversed(patches):
             setattr(obj, attr, old)
-        torch.hub.set_dir(old_hub_dir)
         for k, v in saved_env.items():
             if v is None:
                 os.environ.pop(k, None)
