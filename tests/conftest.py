@@ -49,6 +49,15 @@ def _make_tiny_files(folder: Path) -> TinyModelFiles:
                           folder / "fluxsr-lora.safetensors", folder / "fluxsr-bundle.safetensors")
 
 
+@pytest.fixture
+def one_thread():
+    """Tiny models on a small shared machine: one thread is fastest (use via pytestmark)."""
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(n)
+
+
 @pytest.fixture(scope="session")
 def tiny_model_files(tmp_path_factory) -> TinyModelFiles:
     """Tiny random models saved as a user would have them (BFL files, LoRA, bundle)."""

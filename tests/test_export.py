@@ -17,12 +17,7 @@ from fluxsr_training.cli import main as cli_main
 from fluxsr_training.export import ExportError, export_student, load_student
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)  # tiny models on a small shared machine: one thread is fastest
-    yield
-    torch.set_num_threads(n)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def write_pairs(folder: Path, n: int, conds: int = 1) -> Path:

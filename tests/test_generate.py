@@ -16,12 +16,7 @@ from fluxsr_training.cli import main as cli_main
 from fluxsr_training.config_io import ConfigError
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)  # tiny models on a small shared machine: one thread is fastest
-    yield
-    torch.set_num_threads(n)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 @pytest.fixture(scope="module")

@@ -23,14 +23,7 @@ from fluxsr_training.config_io import ConfigError
 from fluxsr_training.losses import ADLFeatureHook
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    # The CI machine is small and shared: one intra-op thread per process is several times
-    # faster for these tiny models than two threads fighting over two cores.
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 @pytest.fixture(scope="module")
