@@ -15,7 +15,10 @@ node, widget values in order and range, links typed); each API workflow runs to 
 sizes; the graph and ``fluxsr upscale`` give the same image from the same files; an interrupt
 in the middle of an upscale leaves the server able to run the next prompt; the UI workflows load
 in ComfyUI's own page (headless Chromium, when playwright and Chromium are there) with no missing
-node, every widget where it belongs, and the page's own API prompt equal to the shipped one.
+node, every widget where it belongs, the page's own API prompt equal to the shipped one, and no
+page error while they load (errors the page raises on its own with an empty graph must be known
+frontend bugs, frontend_check.KNOWN_PAGE_ERRORS: frontend 1.27.x, shipped with ComfyUI 0.3.6x,
+throws one on every start).
 ``FLUXSR_SCREENSHOT=docs/comfyui_upscale_workflow.png`` keeps the page's picture of the upscale
 workflow.
 """
@@ -282,7 +285,11 @@ def test_ui_workflows_load_in_comfyuis_page(server, tmp_path):
     if example.exists():  # LoadImage shows its preview in the screenshot
         server.upload_image(example)
     shot = Path(os.environ.get("FLUXSR_SCREENSHOT") or tmp_path / "upscale.png")
-    results = frontend.load_in_page(server, {n: read_workflow(n) for n in WORKFLOWS}, {"fluxsr_upscale": shot})
+    report = frontend.load_in_page(server, {n: read_workflow(n) for n in WORKFLOWS}, {"fluxsr_upscale": shot})
+    # The page's own errors, raised with an empty graph before any of ours: only known frontend bugs.
+    unknown = [e for e in report["baseline_errors"] if not frontend.is_known_page_error(e)]
+    assert unknown == [], f"frontend {report['frontend_version']} errors with an empty graph: {unknown}"
+    results = report["workflows"]
     for name in WORKFLOWS:
         res = results[name]
         assert [n["type"] for n in res["nodes"] if not n["registered"]] == [], f"{name}: missing nodes"
@@ -300,7 +307,8 @@ def test_ui_workflows_load_in_comfyuis_page(server, tmp_path):
         assert strip(res["prompt"]) == strip(api), name
         assert {k: v["_meta"]["title"] for k, v in res["prompt"].items()} == \
             {k: v["_meta"]["title"] for k, v in api.items()}
-        assert res["page_errors"] == []
+        # Anything raised while one of ours loaded counts, known frontend bugs included.
+        assert res["page_errors"] == [], f"{name} in frontend {report['frontend_version']}: {res['page_errors']}"
     from PIL import Image
 
     picture = np.asarray(Image.open(shot).convert("L"), dtype=np.float32)
