@@ -191,6 +191,7 @@ def _load_pipeline(args, tiling, log):
 
 
 def run_upscale(args) -> int:
+    from .flow import check_t_l
     from .images import load_image, save_image
     from .tiling import TilingConfig, validate_tiling
     from .upscaler import UpscaleOptions, upscale_loaded_image
@@ -206,6 +207,8 @@ def run_upscale(args) -> int:
         vae_tile=args.vae_tile, vae_overlap=args.vae_overlap, blend=args.blend,
         global_position_ids=args.global_position_ids, tile_batch_size=args.tile_batch)
     validate_tiling(tiling)
+    if args.t_l is not None:
+        check_t_l(args.t_l)  # before minutes of model loading, not after
     jobs = collect_jobs(args.inputs, args.output)
     todo = [j for j in jobs if args.overwrite or not j.target.exists()]
     for j in jobs:
