@@ -808,9 +808,11 @@ class TrainResult:
 # training
 # =========================================================================================
 
-def _psnr(a: torch.Tensor, b: torch.Tensor) -> float:
-    mse = float(torch.mean((a.float().clamp(0, 1) - b.float().clamp(0, 1)) ** 2))
-    return float("inf") if mse == 0 else 10.0 * math.log10(1.0 / mse)
+def _psnr(a: torch.Tensor, b: torch.Tensor, scale: int) -> float:
+    """Validation PSNR by the field's protocol (Y channel, ``scale`` border), as ``fluxsr-train eval``."""
+    from .evaluate import psnr_y
+
+    return psnr_y(a.float().clamp(0, 1), b.float().clamp(0, 1), crop_border=int(scale))
 
 
 def _make_optimizer(params: list[torch.nn.Parameter], cfg: OptimConfig, device: torch.device):
@@ -1164,7 +1166,9 @@ class _Run:
                         lr = degrade(hr, self.cfg.degradation, seed=self.cfg.validation.seed + k)
                         sr = upscale_tensor(lr, self.eval_velocity, self.codec, self.val_cond, opts).float().cpu()
                         bic = images.resize(lr, tuple(hr.shape[-2:])).clamp(0, 1)
-                        per_image.append({"name": name, "psnr": _psnr(sr, hr), "bicubic_psnr": _psnr(bic, hr)})
+                        scale = self.cfg.degradation.scale
+                        per_image.append({"name": name, "psnr": _psnr(sr, hr, scale),
+                                          "bicubic_psnr": _psnr(bic, hr, scale)})
                         if self.cfg.validation.save_images:
                             images.save_image(folder / f"{name}-sr.png", sr)
                             if self.state.step == 0 or not (folder.parent / f"{name}-lr.png").exists():
@@ -1175,7 +1179,7 @@ class _Run:
                           "psnr": sum(r["psnr"] for r in per_image) / len(per_image),
                           "bicubic_psnr": sum(r["bicubic_psnr"] for r in per_image) / len(per_image),
                           "images": per_image}
-                self._info(f"validation step {self.state.step}: PSNR-RGB {result['psnr']:.2f} dB "
+                self._info(f"validation step {self.state.step}: PSNR-Y {result['psnr']:.2f} dB "
                            f"(bicubic {result['bicubic_psnr']:.2f} dB) on {len(per_image)} image(s)"
                            f"{' with EMA weights' if use_ema else ''}")
                 acc.log({"val/psnr": result["psnr"], "val/bicubic_psnr": result["bicubic_psnr"]},
