@@ -11,15 +11,20 @@ Measured:
   2. peak memory of an upscale at 4x the pixel count with the same fixed tiles, over the base
      size's (goal <= 1.3); CPU: peak RSS growth (VmHWM after resetting it), GPU: max allocated;
   3. one step against FLUX.1-dev's 28-step Euler teacher sampler at the same size (speed ratio);
-  full size only: 4. transformer FLOPs counted from the shapes over the measured time, as a
-     fraction of a large bf16 matmul's rate measured in the same run; 5. peak memory per memory mode.
-Random weights: the timings are the architecture's, the pixels mean nothing.
+  full size (and --tiny): 4. transformer FLOPs counted from the shapes over the measured time, as a
+     fraction of a large bf16 matmul's rate measured in the same run; 5. tiled against untiled
+     transformer time per output pixel at the larger size; 6. each opt-in speed-up
+     (``models.SPEEDUPS``, equal-shape tile batching) against the unchanged models, same run, with
+     the change in the outputs; 7. peak memory per memory mode at the larger size (on CUDA also
+     the absolute peak, weights included: what has to fit on the card).
+Random weights: the timings are the architecture's, the pixels mean nothing. The report is
+rewritten after every section, so a run cut short (a lent GPU's time limit) keeps what it measured.
 """
 
 from __future__ import annotations
 
 import argparse
-import copy
+import dataclasses
 import gc
 import json
 import os
@@ -95,8 +100,11 @@ class PeakMemory:
         return self
 
     def __exit__(self, *exc):
+        self.total = self.reserved = None
         if self.device.type == "cuda":
-            self.peak = torch.cuda.max_memory_allocated(self.device) - self.base
+            self.total = torch.cuda.max_memory_allocated(self.device)  # resident weights included
+            self.reserved = torch.cuda.max_memory_reserved(self.device)  # what the allocator held
+            self.peak = self.total - self.base
         else:
             self.peak = (self._rss("VmHWM") - self.base) if self.resettable else float("nan")
 
@@ -109,24 +117,59 @@ class PeakMemory:
         return 0
 
 
+def random_model(cls, config: dict, dtype: torch.dtype, device: torch.device, seed: int = 0):
+    """``cls(config)`` with random weights made directly on ``device`` in ``dtype``.
+
+    Built on the meta device, then each layer's own ``reset_parameters`` runs where the weights
+    live. ``from_config`` would first make FLUX.1-dev's 12B parameters in fp32 on the CPU (48 GB
+    and minutes of single-threaded init): too slow for a lent GPU's 15 minutes.
+    """
+    from accelerate import init_empty_weights
+
+    with init_empty_weights(include_buffers=True):
+        model = cls.from_config(config)
+    if any(True for _ in model.buffers()):
+        raise RuntimeError(f"{cls.__name__} has buffers, which to_empty would leave uninitialised")
+    model = torch.nn.Module.to(model, dtype=dtype).to_empty(device=device)
+    with torch.no_grad(), torch.random.fork_rng(devices=[device] if device.type == "cuda" else []):
+        torch.manual_seed(seed)
+        for module in model.modules():
+            own = list(module.parameters(recurse=False))
+            if hasattr(module, "reset_parameters"):
+                module.reset_parameters()
+            else:
+                for p in own:
+                    p.fill_(1.0)  # norm scales; every FLUX layer with weights has reset_parameters
+    return model.eval().requires_grad_(False)
+
+
+def from_state(cls, config, state: dict):
+    """A fresh ``cls(config)`` over the tensors of ``state`` (no copy): a variant or a memory mode
+    changes its own module tree and leaves the others' alone."""
+    from accelerate import init_empty_weights
+
+    with init_empty_weights(include_buffers=True):
+        model = cls.from_config(config)
+    model.load_state_dict(state, strict=True, assign=True)
+    return model.eval().requires_grad_(False)
+
+
+def rebuild(model):
+    return from_state(type(model), dict(model.config), model.state_dict())
+
+
 def build(profile: dict, device: torch.device, dtype: torch.dtype):
     """Random-weight transformer and VAE of the profile's architecture (no files, no hub)."""
     from diffusers import AutoencoderKL, FluxTransformer2DModel
 
-    torch.manual_seed(0)
     if profile["transformer"] == "tiny":
-        transformer = models.load_transformer("tiny", dtype=dtype, device=device)
-        vae = models.load_vae("tiny", dtype=dtype, device=device)
+        tcfg, vcfg = shipped_config("tiny-transformer"), shipped_config("tiny-vae")
     else:
         tcfg = {**shipped_config("flux1-dev-transformer"), **profile["transformer"]}
         vcfg = {**shipped_config("flux1-dev-vae"), **profile["vae"]}
-        transformer = FluxTransformer2DModel.from_config(tcfg).to(dtype)
-        vae = AutoencoderKL.from_config(vcfg).to(dtype)
-        transformer.to(device).eval()
-        vae.to(device).eval()
-    transformer.requires_grad_(False)
-    vae.requires_grad_(False)
-    return transformer, vae
+    strip = lambda c: {k: v for k, v in c.items() if not k.startswith("_")}
+    return (random_model(FluxTransformer2DModel, strip(tcfg), dtype, device, seed=0),
+            random_model(AutoencoderKL, strip(vcfg), dtype, device, seed=1))
 
 
 def conditioning(transformer, n_text: int, device, dtype) -> Conditioning:
@@ -199,6 +242,91 @@ def teacher_ratio(velocity, cond, latent_hw, steps: int, one_step_s: float) -> d
     return dict(steps=steps, teacher_s=t, one_step_s=one_step_s, speed_ratio=t / one_step_s)
 
 
+def tiling_throughput(velocity, cond, lr_size: int, tiling_cfg: TilingConfig, repeats: int) -> dict:
+    """The one-step transformer over a ``4 * lr_size`` output, untiled and tiled: seconds per
+    output megapixel and their ratio (goal: tiled within 10% of untiled where both fit)."""
+    side = lr_size * 4
+    z = torch.randn(1, 16, side // 8, side // 8, generator=torch.Generator().manual_seed(3))
+    step = lambda lat, off=(0, 0): flow.one_step_sr(velocity, lat, 0.25, cond, off)
+    t_untiled, _ = timed(lambda: step(z), repeats)
+    t_tiled, _ = timed(lambda: tiling.tiled_apply(step, z, tiling_cfg), repeats)
+    mp = side * side / 1e6
+    return dict(out=side, tiles=tiling.count_tiles(z.shape[-2], z.shape[-1], tiling_cfg),
+                untiled_s_per_mp=t_untiled / mp, tiled_s_per_mp=t_tiled / mp, tiled_over_untiled=t_tiled / t_untiled)
+
+
+def rel_l2(a: torch.Tensor, b: torch.Tensor) -> float:
+    a, b = a.float(), b.float()
+    return float((a - b).norm() / b.norm().clamp_min(1e-12))
+
+
+def speedup_variants(transformer, vae, cond, profile, tiles: TilingConfig, dtype, names, repeats: int) -> dict:
+    """Each speed-up alone against the unchanged models, in this run: seconds before and after
+    and the relative L2 change of the output.
+
+    Transformer changes (``fuse_qkv``, ``compile``): one untiled forward at the base size and
+    the tiled transformer at twice the side. ``channels_last_vae``: VAE encode and decode at the
+    base size. ``tile_batch``: the tiled transformer with a whole row of tiles per call. Every
+    variant gets a fresh module tree over the same weights (:func:`rebuild`), so none leaks
+    into the next. ``first_call_s`` is the warm-up call (compilation included).
+    """
+    side, g = profile["lr"] * 4, torch.Generator().manual_seed(4)
+    z = torch.randn(1, 16, side // 8, side // 8, generator=g)
+    z2 = torch.randn(1, 16, side // 4, side // 4, generator=g)
+    image = torch.rand(1, 3, side, side, generator=g)
+    kw = dict(vae_tile=profile["vae_tile"], vae_overlap=profile["vae_overlap"])
+
+    def measure(velocity, codec, which, tiling_cfg=tiles) -> dict:
+        step = lambda lat, off=(0, 0): flow.one_step_sr(velocity, lat, 0.25, cond, off)
+        jobs = {"transformer_one_forward": lambda: step(z),
+                "transformer_tiled": lambda: tiling.tiled_apply(step, z2, tiling_cfg),
+                "vae_encode": lambda: codec.encode(image),
+                "vae_decode": lambda: codec.decode(z)}
+        out = {}
+        for key in which:
+            t0 = now()
+            jobs[key]()
+            first = now() - t0
+            seconds, result = timed(jobs[key], repeats)
+            out[key] = dict(seconds=seconds, first_call_s=first, result=result)
+        return out
+
+    def codec_for(v):
+        return models.DiffusersCodec(v, compute_dtype=dtype, tile=kw["vae_tile"], tile_overlap=kw["vae_overlap"])
+
+    transformer_keys = ["transformer_one_forward", "transformer_tiled"]
+    vae_keys = ["vae_encode", "vae_decode"]
+    wanted = {"fuse_qkv": transformer_keys, "compile": transformer_keys, "channels_last_vae": vae_keys,
+              "tile_batch": ["transformer_tiled"]}
+    unknown = [n for n in names if n not in wanted]
+    if unknown:
+        raise SystemExit(f"unknown speed-up {unknown[0]!r}; choose from {', '.join(wanted)}")
+    base_velocity = models.DiffusersVelocity(transformer, compute_dtype=dtype)
+    needed = sorted({k for n in names for k in wanted[n]})
+    baseline = measure(base_velocity, codec_for(vae), needed)
+    row_tiles = len(tiling.tile_starts(z2.shape[-1], tiles.latent_tile, tiles.latent_overlap))
+    report = {"baseline": {k: v["seconds"] for k, v in baseline.items()}}
+    for name in names:
+        if name == "tile_batch":
+            batched = dataclasses.replace(tiles, tile_batch_size=row_tiles)
+            after = measure(base_velocity, codec_for(vae), wanted[name], batched)
+            detail = f"{row_tiles} tiles per call"
+        else:
+            t2, v2 = rebuild(transformer), rebuild(vae)
+            models.apply_speedups(t2, v2, [name])
+            after = measure(models.DiffusersVelocity(t2, compute_dtype=dtype), codec_for(v2), wanted[name])
+            detail = ""
+            del t2, v2
+        report[name] = {k: dict(before_s=baseline[k]["seconds"], after_s=a["seconds"],
+                                speedup=baseline[k]["seconds"] / a["seconds"], first_call_s=a["first_call_s"],
+                                output_rel_l2=rel_l2(a["result"], baseline[k]["result"]))
+                        for k, a in after.items()}
+        if detail:
+            report[name]["detail"] = detail
+        gc.collect()
+    return report
+
+
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     mode = parser.add_mutually_exclusive_group()
@@ -209,7 +337,11 @@ def main(argv=None) -> int:
     parser.add_argument("--teacher-steps", type=int, default=28)
     parser.add_argument("--threads", type=int, default=None, help="CPU threads (default: all cores)")
     parser.add_argument("--memory-modes", default="none,fp8_storage,model_offload,group_offload",
-                        help="full size: memory modes to measure")
+                        help="full size and --tiny: memory modes to measure ('' for none)")
+    parser.add_argument("--speedups", default=None,
+                        help="speed-ups to measure against the unchanged models, comma-separated, from "
+                             "fuse_qkv, compile, channels_last_vae, tile_batch ('' for none; default: all, "
+                             "but compile only on CUDA)")
     args = parser.parse_args(argv)
 
     name = "tiny" if args.tiny else ("full" if args.full_size else "small")
@@ -220,7 +352,14 @@ def main(argv=None) -> int:
         torch.set_num_threads(args.threads)
     elif device.type == "cpu" and name != "tiny":
         torch.set_num_threads(os.cpu_count() or 1)
+    speedups = args.speedups
+    if speedups is None:
+        speedups = "fuse_qkv,compile,channels_last_vae,tile_batch" if device.type == "cuda" else \
+            "fuse_qkv,channels_last_vae,tile_batch"
+    speedups = [n.strip() for n in speedups.split(",") if n.strip()]
+    t0 = time.perf_counter()
     transformer, vae = build(profile, device, dtype)
+    build_s = time.perf_counter() - t0
     velocity = models.DiffusersVelocity(transformer, compute_dtype=dtype)
     codec = models.DiffusersCodec(vae, compute_dtype=dtype, tile=profile["vae_tile"],
                                   tile_overlap=profile["vae_overlap"])
@@ -228,101 +367,163 @@ def main(argv=None) -> int:
     tiles = TilingConfig(latent_tile=profile["tile"], latent_overlap=profile["overlap"],
                          vae_tile=profile["vae_tile"], vae_overlap=profile["vae_overlap"])
 
+    import diffusers
     report = dict(profile=name, date=datetime.now(timezone.utc).isoformat(timespec="seconds"),
                   device=str(device), device_name=(torch.cuda.get_device_name(device) if device.type == "cuda"
                                                    else platform.processor() or platform.machine()),
-                  threads=torch.get_num_threads(), torch=torch.__version__, dtype=str(dtype).replace("torch.", ""),
+                  threads=torch.get_num_threads(), torch=torch.__version__, diffusers=diffusers.__version__,
+                  dtype=str(dtype).replace("torch.", ""), build_s=build_s,
                   tiling=dict(latent_tile=tiles.latent_tile, latent_overlap=tiles.latent_overlap,
                               vae_tile=tiles.vae_tile, vae_overlap=tiles.vae_overlap))
-    import diffusers
-    report["diffusers"] = diffusers.__version__
+    args.out.mkdir(parents=True, exist_ok=True)
+    stem = f"bench-{name}"
 
+    def save() -> None:
+        """Rewrite the report (atomically) after each section: a cut-short run keeps its figures."""
+        for suffix, text in ((".json", json.dumps(report, indent=2)), (".md", markdown(report))):
+            target = args.out / f"{stem}{suffix}"
+            tmp = target.with_suffix(suffix + ".tmp")
+            tmp.write_text(text)
+            os.replace(tmp, target)
+
+    def section(title: str) -> None:
+        print(f"[{time.perf_counter() - t0:7.1f} s] {title}", file=sys.stderr, flush=True)
+
+    # tiny runs every part of the full-size report on the CPU, so that path stays tested
+    full_report = name in ("full", "tiny")
     with torch.inference_mode():
+        section("upscale, parts timed alone")
         base = run_size(velocity, codec, cond, profile["lr"], tiles, profile["repeats"])
         report["upscale"] = [base]
-        # tiny runs every part of the full-size report on the CPU, so that path stays tested
-        full_report = name in ("full", "tiny")
         if full_report:
             report["upscale"].append(run_size(velocity, codec, cond, profile["lr"] * 2, tiles, 2))
+        save()
         # (2) memory at 4x the pixels (2x the side) with the same fixed tiles
+        section("peak memory at 1x and 4x the pixels")
         m1 = peak_memory(velocity, codec, cond, profile["lr"], tiles, device)
         m4 = peak_memory(velocity, codec, cond, profile["lr"] * 2, tiles, device)
         report["memory"] = dict(base_bytes=m1, four_x_bytes=m4, ratio=m4 / m1 if m1 else float("nan"),
                                 method="cuda max_memory_allocated" if device.type == "cuda" else "peak RSS growth (VmHWM)")
         # (3) one step vs the teacher sampler at the same (untiled) latent size
+        section(f"one step vs the {args.teacher_steps}-step teacher")
         z_hw = tuple(base["latent"])
         z = torch.randn(1, 16, *z_hw)
         one, _ = timed(lambda: flow.one_step_sr(velocity, z, 0.25, cond), profile["repeats"])
         report["teacher"] = teacher_ratio(velocity, cond, z_hw, args.teacher_steps, one)
+        save()
         if full_report:
+            section("transformer FLOP rate against the matmul rate")
             flops = transformer_flops(transformer.config, (z_hw[0] // 2) * (z_hw[1] // 2), profile["text"])
             rate = matmul_rate(device, dtype, 8192 if name == "full" else 256)
             report["transformer_efficiency"] = dict(
                 flops=flops, one_forward_s=one, achieved_flops_per_s=flops / one, matmul_flops_per_s=rate,
-                fraction_of_matmul=(flops / one) / rate)
-    if full_report:
-        report["memory_modes"] = memory_modes(profile, device, dtype, args.memory_modes.split(","), tiles)
-
-    args.out.mkdir(parents=True, exist_ok=True)
-    stem = f"bench-{name}"
-    (args.out / f"{stem}.json").write_text(json.dumps(report, indent=2))
-    md = markdown(report)
-    (args.out / f"{stem}.md").write_text(md)
-    print(md)
+                fraction_of_matmul=(flops / one) / rate,
+                upscale_over_transformer=base["total_s"] / base["parts_s"]["transformer_tiled"])
+            section("tiled vs untiled transformer at the larger size")
+            report["tiling_throughput"] = tiling_throughput(velocity, cond, profile["lr"] * 2, tiles, 2)
+            save()
+        if speedups:
+            section(f"speed-ups against the unchanged models: {', '.join(speedups)}")
+            report["speedups"] = speedup_variants(transformer, vae, cond, profile, tiles, dtype, speedups,
+                                                  profile["repeats"])
+            save()
+    modes = [m.strip() for m in args.memory_modes.split(",") if m.strip()]
+    if full_report and modes:
+        section(f"memory modes at {profile['lr'] * 8}px: {', '.join(modes)}")
+        # The device copies go first: each mode starts from CPU weights, as after loading a file.
+        states = [(type(m), dict(m.config), {k: v.to("cpu") for k, v in m.state_dict().items()})
+                  for m in (transformer, vae)]
+        del transformer, vae, velocity, codec
+        report["memory_modes"] = {}
+        for mode in modes:
+            report["memory_modes"][mode] = memory_mode(states, profile, device, dtype, mode, tiles)
+            save()
+    save()
+    print(markdown(report))
     print(f"written: {args.out / (stem + '.json')}, {args.out / (stem + '.md')}")
     return 0
 
 
-def memory_modes(profile, device, dtype, modes, tiles) -> dict:
-    """Peak device memory and time of one upscale (LR side ``profile['lr']``, x4) per memory mode,
-    with fresh models each time (full size: 1024px output)."""
-    out = {}
-    for mode in modes:
-        gc.collect()
-        if device.type == "cuda":
-            torch.cuda.empty_cache()
-        transformer, vae = build(profile, torch.device("cpu"), dtype)
-        models.apply_memory_mode(transformer, vae, mode, device)
-        velocity = models.DiffusersVelocity(transformer, compute_dtype=dtype)
-        codec = models.DiffusersCodec(vae, compute_dtype=dtype, tile=profile["vae_tile"],
-                                      tile_overlap=profile["vae_overlap"])
-        cond = conditioning(transformer, profile["text"], device, dtype)
-        with torch.inference_mode():
-            lr = torch.rand(1, 3, profile["lr"], profile["lr"])
-            t, _ = timed(lambda: upscale_tensor(lr, velocity, codec, cond, UpscaleOptions(tiling=tiles)), 1)
-            with PeakMemory(device) as pm:
-                upscale_tensor(lr, velocity, codec, cond, UpscaleOptions(tiling=tiles))
-        out[mode] = dict(peak_bytes=pm.peak, seconds=t)
-        del transformer, vae, velocity, codec
+def memory_mode(states, profile, device, dtype, mode: str, tiles: TilingConfig) -> dict:
+    """Peak memory and time of one x4 upscale to twice the base side (full size: 2048 px, tiled)
+    under one memory mode, with fresh models over the CPU weights ``states``."""
+    gc.collect()
+    if device.type == "cuda":
+        torch.cuda.empty_cache()
+    transformer, vae = (from_state(cls, cfg, sd) for cls, cfg, sd in states)
+    t0 = now()
+    models.apply_memory_mode(transformer, vae, mode, device)
+    place_s = now() - t0
+    velocity = models.DiffusersVelocity(transformer, compute_dtype=dtype)
+    codec = models.DiffusersCodec(vae, compute_dtype=dtype, tile=profile["vae_tile"],
+                                  tile_overlap=profile["vae_overlap"])
+    cond = conditioning(transformer, profile["text"], device, dtype)
+    lr = torch.rand(1, 3, profile["lr"] * 2, profile["lr"] * 2)
+    options = UpscaleOptions(tiling=tiles)
+    with torch.inference_mode():
+        t, _ = timed(lambda: upscale_tensor(lr, velocity, codec, cond, options), 1)
+        with PeakMemory(device) as pm:
+            upscale_tensor(lr, velocity, codec, cond, options)
+    out = dict(out=profile["lr"] * 8, peak_bytes=pm.peak, peak_total_bytes=pm.total, peak_reserved_bytes=pm.reserved,
+               seconds=t, place_s=place_s)
+    del transformer, vae, velocity, codec
+    gc.collect()
     return out
 
 
+def _mib(v) -> str:
+    return "-" if v is None else f"{v / 2**20:.0f}"
+
+
 def markdown(r: dict) -> str:
+    """The report as markdown; sections that have not run yet are left out."""
     lines = [f"### FluxSR benchmark: {r['profile']} ({r['device_name']}, {r['device']}, {r['dtype']}, "
-             f"torch {r['torch']}, {r['threads']} threads, {r['date']})", "",
-             "| LR -> output | tiles | total s | resize | encode | transformer | decode | colour | overhead (goal <= 1.10) |",
-             "|---|---|---|---|---|---|---|---|---|"]
-    for u in r["upscale"]:
-        p = u["parts_s"]
-        lines.append(f"| {u['lr']} -> {u['out']} | {u['tiles']} | {u['total_s']:.3f} | {p['resize_pad']:.3f} | "
-                     f"{p['vae_encode']:.3f} | {p['transformer_tiled']:.3f} | {p['vae_decode']:.3f} | "
-                     f"{p['color_fix']:.3f} | {u['overhead_ratio']:.3f} |")
-    m = r["memory"]
-    lines += ["", f"Peak memory ({m['method']}): base {m['base_bytes'] / 2**20:.1f} MiB, 4x pixels "
-                  f"{m['four_x_bytes'] / 2**20:.1f} MiB, ratio {m['ratio']:.2f} (goal <= 1.3)."]
-    t = r["teacher"]
-    lines.append(f"One step {t['one_step_s'] * 1000:.1f} ms vs {t['steps']}-step teacher {t['teacher_s']:.3f} s: "
-                 f"{t['speed_ratio']:.1f}x faster.")
+             f"torch {r['torch']}, diffusers {r['diffusers']}, {r['threads']} threads, {r['date']})", ""]
+    if "upscale" in r:
+        lines += ["| LR -> output | tiles | total s | resize | encode | transformer | decode | colour | overhead (goal <= 1.10) |",
+                  "|---|---|---|---|---|---|---|---|---|"]
+        for u in r["upscale"]:
+            p = u["parts_s"]
+            lines.append(f"| {u['lr']} -> {u['out']} | {u['tiles']} | {u['total_s']:.3f} | {p['resize_pad']:.3f} | "
+                         f"{p['vae_encode']:.3f} | {p['transformer_tiled']:.3f} | {p['vae_decode']:.3f} | "
+                         f"{p['color_fix']:.3f} | {u['overhead_ratio']:.3f} |")
+    if "memory" in r:
+        m = r["memory"]
+        lines += ["", f"Peak memory ({m['method']}): base {m['base_bytes'] / 2**20:.1f} MiB, 4x pixels "
+                      f"{m['four_x_bytes'] / 2**20:.1f} MiB, ratio {m['ratio']:.2f} (goal <= 1.3)."]
+    if "teacher" in r:
+        t = r["teacher"]
+        lines.append(f"One step {t['one_step_s'] * 1000:.1f} ms vs {t['steps']}-step teacher {t['teacher_s']:.3f} s: "
+                     f"{t['speed_ratio']:.1f}x faster.")
     if "transformer_efficiency" in r:
         e = r["transformer_efficiency"]
         lines.append(f"Transformer: {e['flops'] / 1e12:.3g} TFLOP per forward in {e['one_forward_s'] * 1000:.1f} ms = "
                      f"{e['achieved_flops_per_s'] / 1e12:.3g} TFLOP/s, {100 * e['fraction_of_matmul']:.0f}% of the "
-                     f"measured {r['dtype']} matmul rate ({e['matmul_flops_per_s'] / 1e12:.3g} TFLOP/s).")
-    if "memory_modes" in r:
-        out_px = r["upscale"][0]["out"]
-        lines += ["", f"| memory mode | peak MiB | s per {out_px}px image |", "|---|---|---|"]
+                     f"measured {r['dtype']} matmul rate ({e['matmul_flops_per_s'] / 1e12:.3g} TFLOP/s; goal >= 60%). "
+                     f"Whole upscale / transformer alone: {e['upscale_over_transformer']:.2f} (goal <= 1.3).")
+    if "tiling_throughput" in r:
+        tt = r["tiling_throughput"]
+        lines.append(f"Transformer at {tt['out']} px: untiled {tt['untiled_s_per_mp']:.3f} s/MP, {tt['tiles']} tiles "
+                     f"{tt['tiled_s_per_mp']:.3f} s/MP: tiled / untiled {tt['tiled_over_untiled']:.2f} (goal <= 1.10).")
+    if "speedups" in r:
+        lines += ["", "| speed-up | measure | before s | after s | speed-up | first call s | output rel. L2 |",
+                  "|---|---|---|---|---|---|---|"]
+        for sname, entries in r["speedups"].items():
+            if sname == "baseline":
+                continue
+            label = sname + (f" ({entries['detail']})" if "detail" in entries else "")
+            for key, v in entries.items():
+                if key == "detail":
+                    continue
+                lines.append(f"| {label} | {key} | {v['before_s']:.4f} | {v['after_s']:.4f} | {v['speedup']:.2f}x | "
+                             f"{v['first_call_s']:.2f} | {v['output_rel_l2']:.1e} |")
+    if r.get("memory_modes"):
+        out_px = next(iter(r["memory_modes"].values()))["out"]
+        lines += ["", f"| memory mode ({out_px} px output) | peak growth MiB | peak total MiB | peak reserved MiB | "
+                      f"s per image | placing s |", "|---|---|---|---|---|---|"]
         for mode, v in r["memory_modes"].items():
-            lines.append(f"| {mode} | {v['peak_bytes'] / 2**20:.1f} | {v['seconds']:.2f} |")
+            lines.append(f"| {mode} | {_mib(v['peak_bytes'])} | {_mib(v['peak_total_bytes'])} | "
+                         f"{_mib(v['peak_reserved_bytes'])} | {v['seconds']:.2f} | {v['place_s']:.2f} |")
     return "\n".join(lines) + "\n"
 
 

@@ -50,6 +50,7 @@ def _positive_float(text: str) -> float:
 
 
 def build_parser() -> argparse.ArgumentParser:
+    from .models import SPEEDUPS
     from .tiling import TilingConfig
     from .upscaler import COLOR_FIXES, DEFAULT_MAX_OUTPUT_PIXELS
 
@@ -104,6 +105,9 @@ def build_parser() -> argparse.ArgumentParser:
     d.add_argument("--memory-mode", default="none",
                    choices=("none", "model_offload", "group_offload", "fp8_storage"),
                    help="for small GPUs: CPU offload or fp8 weight storage (diffusers' hooks)")
+    d.add_argument("--speedups", default="",
+                   help=f"opt-in, comma-separated: {', '.join(SPEEDUPS)} (see bench/run.py for measured "
+                        f"effects; fuse_qkv needs the LoRA merged)")
     up.add_argument("-q", "--quiet", action="store_true", help="no progress bars")
     return parser
 
@@ -178,6 +182,7 @@ def _load_pipeline(args, tiling, log):
     lora_info = lora_mod.load_lora(transformer, args.lora, scale=args.lora_scale, merge=not args.no_merge_lora)
     cond_bundle.check_fits(transformer)
     vae = models.load_vae(args.vae, dtype=dtype, device="cpu")
+    models.apply_speedups(transformer, vae, args.speedups)
     models.apply_memory_mode(transformer, vae, args.memory_mode, device)
     settings = merge_settings(cond_bundle.settings, lora_info.settings)
     if args.t_l is not None:
@@ -193,6 +198,7 @@ def _load_pipeline(args, tiling, log):
 def run_upscale(args) -> int:
     from .flow import check_t_l
     from .images import load_image, save_image
+    from .models import parse_speedups
     from .tiling import TilingConfig, validate_tiling
     from .upscaler import UpscaleOptions, upscale_loaded_image
 
@@ -209,6 +215,8 @@ def run_upscale(args) -> int:
     validate_tiling(tiling)
     if args.t_l is not None:
         check_t_l(args.t_l)  # before minutes of model loading, not after
+    if "fuse_qkv" in parse_speedups(args.speedups) and args.no_merge_lora:
+        raise UsageError("--speedups fuse_qkv needs the LoRA merged; drop --no-merge-lora or fuse_qkv")
     jobs = collect_jobs(args.inputs, args.output)
     todo = [j for j in jobs if args.overwrite or not j.target.exists()]
     for j in jobs:

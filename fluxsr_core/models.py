@@ -347,6 +347,65 @@ def apply_memory_mode(transformer, vae, mode: str, device: Union[str, torch.devi
     return transformer, vae
 
 
+# ------------------------------------------------------------------------------- speed-ups
+
+SPEEDUPS = ("fuse_qkv", "compile", "channels_last_vae")
+
+
+def _has_unmerged_lora(module) -> bool:
+    return any(hasattr(m, "lora_A") for m in module.modules())
+
+
+def _has_placement_hooks(module) -> bool:
+    """Hooks of a memory mode (diffusers' layerwise casting / group offload, accelerate offload)."""
+    return any(hasattr(m, "_diffusers_hook") or hasattr(m, "_hf_hook") for m in module.modules())
+
+
+def parse_speedups(speedups) -> list[str]:
+    """``"fuse_qkv,compile"`` (or a list of names) -> the list of names; unknown names raise ValueError."""
+    names = [s.strip() for s in (speedups.split(",") if isinstance(speedups, str) else speedups) if s.strip()]
+    unknown = [s for s in names if s not in SPEEDUPS]
+    if unknown:
+        raise ValueError(f"unknown speed-up {unknown[0]!r}; choose from {', '.join(SPEEDUPS)}")
+    return names
+
+
+def apply_speedups(transformer, vae, speedups, *, compile_backend: str = "inductor") -> list[str]:
+    """Opt-in speed changes from the stack itself, applied in place; returns the names applied.
+
+    * ``fuse_qkv``: diffusers' ``fuse_qkv_projections``: one matmul for q|k|v (and the text
+      stream's q|k|v) instead of three. Same maths; bf16 results differ in the last bits.
+    * ``compile``: ``torch.compile`` of the repeated transformer blocks (diffusers'
+      ``compile_repeated_blocks``: one compiled graph serves all 19 + 38 blocks, so compiling
+      takes seconds rather than minutes). The first call of each new tile shape compiles.
+    * ``channels_last_vae``: the VAE's convolution weights in channels-last memory format, the
+      layout cuDNN's fastest convolution kernels use.
+
+    Call after loading (and merging) the LoRA and before :func:`apply_memory_mode`: fusing
+    copies the q/k/v weights into a new layer, which an unmerged LoRA would silently miss and a
+    memory mode's hooks would not manage; both cases raise ``ValueError``. ``bench/run.py``
+    measures each change against the unchanged models in the same run.
+    """
+    names = parse_speedups(speedups)
+    if "fuse_qkv" in names:
+        if _has_unmerged_lora(transformer):
+            raise ValueError("fuse_qkv needs the LoRA merged into the weights (an unmerged LoRA on to_q/to_k/to_v "
+                             "would be left out of the fused projection); load it with merge=True")
+        if _has_placement_hooks(transformer):
+            raise ValueError("fuse_qkv must come before the memory mode (apply_speedups, then apply_memory_mode)")
+        with torch.no_grad():
+            transformer.fuse_qkv_projections()
+    if "channels_last_vae" in names:
+        vae.to(memory_format=torch.channels_last)
+    if "compile" in names:
+        if hasattr(transformer, "compile_repeated_blocks"):
+            transformer.compile_repeated_blocks(fullgraph=True, backend=compile_backend)
+        else:  # diffusers < 0.35: the same per-block compilation by hand
+            for block in list(transformer.transformer_blocks) + list(transformer.single_transformer_blocks):
+                block.compile(fullgraph=True, backend=compile_backend)
+    return names
+
+
 def _param_dtype(module) -> torch.dtype:
     for p in module.parameters():
         if p.is_floating_point():
@@ -571,4 +630,4 @@ def build_models(transformer_source: PathLike, vae_source: PathLike, dtype: Unio
 
 
 __all__ = ["resolve_device", "resolve_dtype", "load_transformer", "load_vae", "apply_memory_mode",
-           "DiffusersVelocity", "DiffusersCodec", "build_models", "MEMORY_MODES"]
+           "apply_speedups", "DiffusersVelocity", "DiffusersCodec", "build_models", "MEMORY_MODES", "SPEEDUPS"]

@@ -10,10 +10,15 @@ import pytest
 BENCH = Path(__file__).resolve().parents[1] / "bench" / "run.py"
 
 
-def test_tiny_benchmark_writes_a_complete_report(tmp_path):
-    spec = importlib.util.spec_from_file_location("fluxsr_bench_run", BENCH)
+def load_bench(name="fluxsr_bench_run"):
+    spec = importlib.util.spec_from_file_location(name, BENCH)
     bench = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(bench)
+    return bench
+
+
+def test_tiny_benchmark_writes_a_complete_report(tmp_path):
+    bench = load_bench()
     assert bench.main(["--tiny", "--out", str(tmp_path), "--teacher-steps", "3"]) == 0
     report = json.loads((tmp_path / "bench-tiny.json").read_text())
     assert set(report["upscale"][0]["parts_s"]) == {"resize_pad", "vae_encode", "transformer_tiled",
@@ -22,14 +27,26 @@ def test_tiny_benchmark_writes_a_complete_report(tmp_path):
     # --tiny keeps the whole full-size path running: two sizes, efficiency, every memory mode
     assert len(report["upscale"]) == 2 and report["transformer_efficiency"]["flops"] > 0
     assert set(report["memory_modes"]) == {"none", "fp8_storage", "model_offload", "group_offload"}
-    assert "overhead" in (tmp_path / "bench-tiny.md").read_text()
+    assert all(v["out"] == 128 for v in report["memory_modes"].values())  # at the larger size
+    assert report["tiling_throughput"]["tiles"] == 9 and report["tiling_throughput"]["tiled_over_untiled"] > 0
+    # each speed-up measured against the unchanged models, and none changes the result (fp32)
+    speed = report["speedups"]
+    assert set(speed) == {"baseline", "fuse_qkv", "channels_last_vae", "tile_batch"}
+    assert set(speed["fuse_qkv"]) == {"transformer_one_forward", "transformer_tiled"}
+    assert set(speed["channels_last_vae"]) == {"vae_encode", "vae_decode"}
+    assert speed["tile_batch"]["detail"] == "3 tiles per call"
+    for name, entries in speed.items():
+        for key, v in entries.items():
+            if name != "baseline" and key != "detail":
+                assert v["output_rel_l2"] < 1e-4 and v["before_s"] == speed["baseline"][key]
+    md = (tmp_path / "bench-tiny.md").read_text()
+    assert "overhead" in md and "| tile_batch (3 tiles per call) | transformer_tiled |" in md
+    assert not list(tmp_path.glob("*.tmp"))
 
 
 def test_flop_count_of_flux1_dev_at_1024():
     """Shapes-only FLOP count: FLUX.1-dev at 1024x1024 (4096 image + 512 text tokens) is ~74 TFLOP."""
-    spec = importlib.util.spec_from_file_location("fluxsr_bench_run2", BENCH)
-    bench = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(bench)
+    bench = load_bench("fluxsr_bench_run2")
     from types import SimpleNamespace
     cfg = SimpleNamespace(num_attention_heads=24, attention_head_dim=128, num_layers=19, num_single_layers=38,
                           in_channels=64, joint_attention_dim=4096)
@@ -37,3 +54,26 @@ def test_flop_count_of_flux1_dev_at_1024():
     blocks = 57 * (24 * t * d * d + 4 * t * t * d)
     assert bench.transformer_flops(cfg, 4096, 512) == pytest.approx(blocks, rel=0.01)
     assert 70e12 < bench.transformer_flops(cfg, 4096, 512) < 80e12
+
+
+def test_random_model_is_made_in_place_with_the_layers_own_init():
+    """The full-size bench builds FLUX.1-dev on the meta device and initialises it where it lives:
+    every weight set (nothing left as to_empty's garbage), seeded, in the asked dtype."""
+    import torch
+    from diffusers import FluxTransformer2DModel
+
+    from fluxsr_core.weights import shipped_config
+
+    bench = load_bench("fluxsr_bench_run3")
+    cfg = {k: v for k, v in shipped_config("tiny-transformer").items() if not k.startswith("_")}
+    a = bench.random_model(FluxTransformer2DModel, cfg, torch.bfloat16, torch.device("cpu"), seed=5)
+    b = bench.random_model(FluxTransformer2DModel, cfg, torch.bfloat16, torch.device("cpu"), seed=5)
+    for (name, p), q in zip(a.named_parameters(), b.parameters()):
+        assert p.dtype == torch.bfloat16 and not p.requires_grad and torch.isfinite(p).all(), name
+        assert torch.equal(p, q), name
+    lin = a.transformer_blocks[0].attn.to_q.weight.float()
+    bound = 1 / lin.shape[1] ** 0.5  # nn.Linear's kaiming_uniform(a=sqrt(5)) bound
+    assert lin.abs().max() <= bound * 1.01 and lin.std() > bound / 3
+    assert torch.equal(a.transformer_blocks[0].attn.norm_q.weight, torch.ones_like(a.transformer_blocks[0].attn.norm_q.weight))
+    c = bench.rebuild(a)  # a fresh module tree over the same tensors
+    assert c is not a and all(p.data_ptr() == q.data_ptr() for p, q in zip(a.parameters(), c.parameters()))

@@ -79,7 +79,9 @@ def test_wrong_file_for_transformer_is_named(tmp_path, photo_png, tiny_model_fil
 
 
 @pytest.mark.parametrize("extra,msg", [(["--t-l", "1.5"], "T_L"), (["--tile", "100"], "multiple of 16"),
-                                       (["--tile", "256", "--tile-overlap", "256"], "overlap")])
+                                       (["--tile", "256", "--tile-overlap", "256"], "overlap"),
+                                       (["--speedups", "turbo"], "unknown speed-up"),
+                                       (["--speedups", "fuse_qkv", "--no-merge-lora"], "LoRA merged")])
 def test_impossible_settings(tmp_path, photo_png, tiny_model_files, capsys, extra, msg):
     code = cli.main(["upscale", str(photo_png), "-o", str(tmp_path / "o")] + model_args(tiny_model_files) + extra)
     assert code == 2 and msg in capsys.readouterr().err
@@ -88,3 +90,14 @@ def test_impossible_settings(tmp_path, photo_png, tiny_model_files, capsys, extr
 def test_many_inputs_to_a_file_name_is_refused(tmp_path, photo_png, capsys):
     code = cli.main(["upscale", str(photo_png), str(photo_png), "-o", str(tmp_path / "x.png")])
     assert code == 2 and "folder" in capsys.readouterr().err
+
+
+def test_speedups_give_the_same_image(tmp_path, photo_png, tiny_model_files, capsys):
+    """fuse_qkv + channels_last_vae change the arithmetic's layout, not the picture (fp32, CPU)."""
+    outs = []
+    for extra in ([], ["--speedups", "fuse_qkv,channels_last_vae"]):
+        target = tmp_path / f"o{len(outs)}.png"
+        assert cli.main(["upscale", str(photo_png), "-o", str(target)] + model_args(tiny_model_files) + extra) == 0
+        outs.append(np.asarray(Image.open(target), dtype=np.int16))
+    capsys.readouterr()
+    assert outs[0].shape == outs[1].shape and np.abs(outs[0] - outs[1]).max() <= 1

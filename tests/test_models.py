@@ -354,3 +354,55 @@ def test_memory_modes_run_on_cpu(mode, cond, inputs):
 def test_unknown_memory_mode():
     with pytest.raises(ValueError, match="unknown memory mode"):
         models.build_models("tiny", "tiny", dtype="fp32", device="cpu", memory_mode="turbo")
+
+
+# ------------------------------------------------------------------------------ speed-ups
+
+def test_fuse_qkv_and_channels_last_keep_the_results(cond, inputs):
+    transformer, vae = models.load_transformer("tiny", dtype="fp32"), models.load_vae("tiny", dtype="fp32")
+    ref_v, ref_c = models.DiffusersVelocity(models.load_transformer("tiny", dtype="fp32")), \
+        models.DiffusersCodec(models.load_vae("tiny", dtype="fp32"))
+    assert models.apply_speedups(transformer, vae, "fuse_qkv, channels_last_vae") == ["fuse_qkv", "channels_last_vae"]
+    attn = transformer.transformer_blocks[0].attn
+    assert attn.fused_projections and attn.to_qkv.weight.shape[0] == 3 * attn.to_q.weight.shape[0]
+    assert vae.decoder.conv_in.weight.is_contiguous(memory_format=torch.channels_last)
+    z, s = inputs
+    img = torch.rand(1, 3, 32, 32, generator=torch.Generator().manual_seed(9))
+    with torch.no_grad():
+        torch.testing.assert_close(models.DiffusersVelocity(transformer)(z, s, cond), ref_v(z, s, cond),
+                                   rtol=0, atol=1e-5)
+        codec = models.DiffusersCodec(vae)
+        torch.testing.assert_close(codec.encode(img), ref_c.encode(img), rtol=0, atol=1e-5)
+        torch.testing.assert_close(codec.decode(z), ref_c.decode(z), rtol=0, atol=1e-5)
+
+
+def test_compile_wraps_every_block(cond, inputs):
+    """The eager backend checks the wiring (which blocks, same outputs) without inductor's minutes."""
+    transformer, vae = models.load_transformer("tiny", dtype="fp32"), models.load_vae("tiny", dtype="fp32")
+    ref = models.DiffusersVelocity(models.load_transformer("tiny", dtype="fp32"))
+    models.apply_speedups(transformer, vae, ["compile"], compile_backend="eager")
+    blocks = list(transformer.transformer_blocks) + list(transformer.single_transformer_blocks)
+    assert blocks and all(b._compiled_call_impl is not None for b in blocks)
+    z, s = inputs
+    with torch.no_grad():
+        torch.testing.assert_close(models.DiffusersVelocity(transformer)(z, s, cond), ref(z, s, cond),
+                                   rtol=0, atol=1e-5)
+
+
+def test_speedups_refuse_what_they_would_get_wrong(tiny_model_files):
+    from fluxsr_core.lora import load_lora
+
+    vae = models.load_vae("tiny", dtype="fp32")
+    with pytest.raises(ValueError, match="unknown speed-up 'turbo'"):
+        models.apply_speedups(models.load_transformer("tiny", dtype="fp32"), vae, "fuse_qkv,turbo")
+    separate = models.load_transformer("tiny", dtype="fp32")
+    load_lora(separate, tiny_model_files.lora, merge=False)
+    with pytest.raises(ValueError, match="LoRA merged"):
+        models.apply_speedups(separate, vae, "fuse_qkv")
+    merged = models.load_transformer("tiny", dtype="fp32")
+    load_lora(merged, tiny_model_files.lora, merge=True)
+    assert models.apply_speedups(merged, vae, "fuse_qkv") == ["fuse_qkv"]
+    placed = models.load_transformer("tiny", dtype="fp32")
+    models.apply_memory_mode(placed, vae, "fp8_storage", "cpu")
+    with pytest.raises(ValueError, match="before the memory mode"):
+        models.apply_speedups(placed, vae, "fuse_qkv")
