@@ -172,6 +172,36 @@ def build(profile: dict, device: torch.device, dtype: torch.dtype):
             random_model(AutoencoderKL, strip(vcfg), dtype, device, seed=1))
 
 
+def param_bytes(module) -> int:
+    return sum(p.numel() * p.element_size() for p in module.parameters())
+
+
+def resident_weights(profile: dict, dtype: torch.dtype) -> dict:
+    """Bytes of weights each memory mode keeps on the device, counted from the shapes (meta
+    models: nothing is allocated, so this runs for FLUX.1-dev anywhere).
+
+    none: both models. fp8_storage: diffusers' layerwise casting applied to the meta transformer
+    (what it stores in fp8 and what it keeps in ``dtype``) plus the VAE. model_offload: the larger
+    model, alone on the device while it runs. group_offload: the layers outside the repeated
+    blocks plus two of the largest block (the running one and the one prefetched on a stream).
+    """
+    meta = torch.device("meta")
+    transformer, vae = build(profile, meta, dtype)
+    blocks = list(transformer.transformer_blocks) + list(transformer.single_transformer_blocks)
+    block_sizes = [param_bytes(b) for b in blocks]
+    t_bytes, v_bytes = param_bytes(transformer), param_bytes(vae)
+    fp8 = rebuild(transformer)
+    fp8.enable_layerwise_casting(storage_dtype=torch.float8_e4m3fn, compute_dtype=dtype)
+    by_dtype: dict[str, int] = {}
+    for p in fp8.parameters():
+        key = str(p.dtype).replace("torch.", "")
+        by_dtype[key] = by_dtype.get(key, 0) + p.numel() * p.element_size()
+    return dict(transformer_bytes=t_bytes, vae_bytes=v_bytes, fp8_storage_transformer_by_dtype=by_dtype,
+                modes=dict(none=t_bytes + v_bytes, fp8_storage=param_bytes(fp8) + v_bytes,
+                           model_offload=max(t_bytes, v_bytes),
+                           group_offload=t_bytes - sum(block_sizes) + 2 * max(block_sizes)))
+
+
 def conditioning(transformer, n_text: int, device, dtype) -> Conditioning:
     cfg = transformer.config
     g = torch.Generator().manual_seed(0)
@@ -342,10 +372,17 @@ def main(argv=None) -> int:
                         help="speed-ups to measure against the unchanged models, comma-separated, from "
                              "fuse_qkv, compile, channels_last_vae, tile_batch ('' for none; default: all, "
                              "but compile only on CUDA)")
+    parser.add_argument("--weights-only", action="store_true",
+                        help="only the weights each memory mode keeps on the device, from the shapes "
+                             "(no device needed: --full-size --weights-only gives FLUX.1-dev's on any machine)")
     args = parser.parse_args(argv)
 
     name = "tiny" if args.tiny else ("full" if args.full_size else "small")
     profile = PROFILES[name]
+    if args.weights_only:
+        w = resident_weights(profile, torch.bfloat16 if profile["dtype"] == "bf16" else torch.float32)
+        print(markdown_weights(w, name))
+        return 0
     device = models.resolve_device(args.device or ("auto" if args.full_size else "cpu"))
     dtype = models.resolve_dtype(profile["dtype"], device)
     if args.threads:
@@ -376,6 +413,7 @@ def main(argv=None) -> int:
                   dtype=str(dtype).replace("torch.", ""), build_s=build_s,
                   tiling=dict(latent_tile=tiles.latent_tile, latent_overlap=tiles.latent_overlap,
                               vae_tile=tiles.vae_tile, vae_overlap=tiles.vae_overlap))
+    report["resident_weights"] = resident_weights(profile, dtype)
     args.out.mkdir(parents=True, exist_ok=True)
     stem = f"bench-{name}"
 
@@ -472,6 +510,16 @@ def memory_mode(states, profile, device, dtype, mode: str, tiles: TilingConfig) 
     return out
 
 
+def markdown_weights(w: dict, profile: str) -> str:
+    gib = lambda b: f"{b / 2**30:.2f}"
+    split = ", ".join(f"{gib(b)} GiB {k}" for k, b in sorted(w["fp8_storage_transformer_by_dtype"].items()))
+    lines = [f"Weights on the device per memory mode ({profile} architecture, from the shapes; transformer "
+             f"{gib(w['transformer_bytes'])} GiB, VAE {gib(w['vae_bytes'])} GiB; fp8_storage transformer: {split}):",
+             "", "| memory mode | weights on the device GiB |", "|---|---|"]
+    lines += [f"| {mode} | {gib(b)} |" for mode, b in w["modes"].items()]
+    return "\n".join(lines) + "\n"
+
+
 def _mib(v) -> str:
     return "-" if v is None else f"{v / 2**20:.0f}"
 
@@ -480,6 +528,8 @@ def markdown(r: dict) -> str:
     """The report as markdown; sections that have not run yet are left out."""
     lines = [f"### FluxSR benchmark: {r['profile']} ({r['device_name']}, {r['device']}, {r['dtype']}, "
              f"torch {r['torch']}, diffusers {r['diffusers']}, {r['threads']} threads, {r['date']})", ""]
+    if "resident_weights" in r:
+        lines += [markdown_weights(r["resident_weights"], r["profile"])]
     if "upscale" in r:
         lines += ["| LR -> output | tiles | total s | resize | encode | transformer | decode | colour | overhead (goal <= 1.10) |",
                   "|---|---|---|---|---|---|---|---|---|"]

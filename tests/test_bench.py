@@ -40,6 +40,7 @@ def test_tiny_benchmark_writes_a_complete_report(tmp_path):
             if name != "baseline" and key != "detail":
                 assert v["output_rel_l2"] < 1e-4 and v["before_s"] == speed["baseline"][key]
     md = (tmp_path / "bench-tiny.md").read_text()
+    assert report["resident_weights"]["modes"]["fp8_storage"] < report["resident_weights"]["modes"]["none"]
     assert "overhead" in md and "| tile_batch (3 tiles per call) | transformer_tiled |" in md
     assert not list(tmp_path.glob("*.tmp"))
 
@@ -77,3 +78,19 @@ def test_random_model_is_made_in_place_with_the_layers_own_init():
     assert torch.equal(a.transformer_blocks[0].attn.norm_q.weight, torch.ones_like(a.transformer_blocks[0].attn.norm_q.weight))
     c = bench.rebuild(a)  # a fresh module tree over the same tensors
     assert c is not a and all(p.data_ptr() == q.data_ptr() for p, q in zip(a.parameters(), c.parameters()))
+
+
+def test_flux1_dev_weights_per_memory_mode_from_the_shapes():
+    """FLUX.1-dev on the meta device: 11,901,408,320 transformer parameters; diffusers' fp8
+    layerwise casting keeps the AdaLN modulation linears ("norm" in their names) and the
+    embedders in bf16, so fp8_storage stores 14.3 GiB, not half of 22.2."""
+    import torch
+
+    bench = load_bench("fluxsr_bench_run4")
+    w = bench.resident_weights(bench.PROFILES["full"], torch.bfloat16)
+    assert w["transformer_bytes"] == 2 * 11_901_408_320
+    modes = w["modes"]
+    assert modes["none"] == w["transformer_bytes"] + w["vae_bytes"] and modes["model_offload"] == w["transformer_bytes"]
+    assert 0.6 < modes["fp8_storage"] / modes["none"] < 0.67
+    assert set(w["fp8_storage_transformer_by_dtype"]) == {"bfloat16", "float8_e4m3fn"}
+    assert modes["group_offload"] < modes["none"] / 10
