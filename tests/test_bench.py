@@ -94,3 +94,20 @@ def test_flux1_dev_weights_per_memory_mode_from_the_shapes():
     assert 0.6 < modes["fp8_storage"] / modes["none"] < 0.67
     assert set(w["fp8_storage_transformer_by_dtype"]) == {"bfloat16", "float8_e4m3fn"}
     assert modes["group_offload"] < modes["none"] / 10
+
+
+def test_cpu_peak_memory_is_the_peak_of_live_torch_allocations():
+    """10 MiB, then 20 MiB more, free the 10, add 5: the peak is 30 MiB whatever the allocator
+    kept from before (which is what made peak RSS growth read 48 MiB below a 60 MiB base)."""
+    import torch
+
+    bench = load_bench("fluxsr_bench_run5")
+    mib = 2 ** 20
+    warm = torch.empty(64 * mib // 4)  # freed before the block: glibc may keep it for reuse
+    del warm
+    with bench.PeakMemory(torch.device("cpu")) as pm:
+        a = torch.empty(10 * mib // 4)
+        b = torch.empty(20 * mib // 4)
+        del a
+        c = torch.empty(5 * mib // 4)
+    assert pm.peak == 30 * mib and b.numel() and c.numel()
