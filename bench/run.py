@@ -477,16 +477,19 @@ def main(argv=None) -> int:
                                                   profile["repeats"])
             save()
     modes = [m.strip() for m in args.memory_modes.split(",") if m.strip()]
-    if full_report and modes:
-        section(f"memory modes at {profile['lr'] * 8}px: {', '.join(modes)}")
-        # The device copies go first: each mode starts from CPU weights, as after loading a file.
+    if full_report:
+        # The device copies go first: each memory mode and the file load start from CPU weights.
         states = [(type(m), dict(m.config), {k: v.to("cpu") for k, v in m.state_dict().items()})
                   for m in (transformer, vae)]
         del transformer, vae, velocity, codec
-        report["memory_modes"] = {}
-        for mode in modes:
-            report["memory_modes"][mode] = memory_mode(states, profile, device, dtype, mode, tiles)
-            save()
+        if modes:
+            section(f"memory modes at {profile['lr'] * 8}px: {', '.join(modes)}")
+            report["memory_modes"] = {}
+            for mode in modes:
+                report["memory_modes"][mode] = memory_mode(states, profile, device, dtype, mode, tiles)
+                save()
+        section("loading the transformer from a single file straight onto the device")
+        report["load_from_file"] = load_from_file(states, device, dtype)
     save()
     print(markdown(report))
     print(f"written: {args.out / (stem + '.json')}, {args.out / (stem + '.md')}")
@@ -528,6 +531,60 @@ def markdown_weights(w: dict, profile: str) -> str:
              "", "| memory mode | weights on the device GiB |", "|---|---|"]
     lines += [f"| {mode} | {gib(b)} |" for mode, b in w["modes"].items()]
     return "\n".join(lines) + "\n"
+
+
+def _rss_anon() -> int:
+    """This process's anonymous resident memory (heap, not the page cache of mapped files)."""
+    with open("/proc/self/status") as f:
+        for line in f:
+            if line.startswith("RssAnon:"):
+                return int(line.split()[1]) * 1024
+    return 0
+
+
+def load_from_file(states, device, dtype) -> dict:
+    """Write the transformer as the single BFL file users have, then time
+    ``models.load_transformer(file, device=...)`` and sample the anonymous RSS meanwhile.
+
+    Loading straight onto a GPU (memory mode none) keeps RAM flat: the file passes through the
+    page cache one tensor at a time. The file was just written, so it is read from the page
+    cache: this is the load's own cost, not the disk's.
+    """
+    import tempfile
+    import threading
+
+    from safetensors.torch import save_file
+
+    from fluxsr_core.weights import transformer_state_dict_to_bfl
+
+    (_, _, transformer_state), _ = states
+    with tempfile.TemporaryDirectory(prefix="fluxsr-bench-") as folder:
+        path = Path(folder) / "flux1-random.safetensors"
+        t0 = time.perf_counter()
+        bfl = transformer_state_dict_to_bfl(transformer_state)
+        save_file({k: v.contiguous() for k, v in bfl.items()}, str(path))
+        del bfl
+        write_s = time.perf_counter() - t0
+        gc.collect()
+        base, peak, stop = _rss_anon(), [0], threading.Event()
+
+        def sample():
+            while not stop.is_set():
+                peak[0] = max(peak[0], _rss_anon())
+                time.sleep(0.002)
+
+        sampler = threading.Thread(target=sample, daemon=True)
+        sampler.start()
+        t0 = now()
+        model = models.load_transformer(path, dtype=dtype, device=device)
+        load_s = now() - t0
+        stop.set()
+        sampler.join()
+        on_device = {p.device.type for p in model.parameters()}
+        size = path.stat().st_size
+        del model
+    return dict(file_bytes=size, write_s=write_s, load_s=load_s, ram_growth_peak_bytes=max(0, peak[0] - base),
+                parameters_on=sorted(on_device), method="RssAnon sampled every 2 ms")
 
 
 def _mib(v) -> str:
@@ -578,6 +635,11 @@ def markdown(r: dict) -> str:
                     continue
                 lines.append(f"| {label} | {key} | {v['before_s']:.4f} | {v['after_s']:.4f} | {v['speedup']:.2f}x | "
                              f"{v['first_call_s']:.2f} | {v['output_rel_l2']:.1e} |")
+    if "load_from_file" in r:
+        lf = r["load_from_file"]
+        lines += ["", f"Loading the transformer from its {lf['file_bytes'] / 2**30:.2f} GiB single file onto "
+                      f"{'/'.join(lf['parameters_on'])}: {lf['load_s']:.1f} s (file in the page cache), RAM growth at "
+                      f"most {lf['ram_growth_peak_bytes'] / 2**20:.0f} MiB ({lf['method']})."]
     if r.get("memory_modes"):
         out_px = next(iter(r["memory_modes"].values()))["out"]
         lines += ["", f"| memory mode ({out_px} px output) | peak growth MiB | peak total MiB | peak reserved MiB | "

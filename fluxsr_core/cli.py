@@ -178,12 +178,24 @@ def _load_pipeline(args, tiling, log):
     cond_bundle = bundle_mod.load_bundle(args.conditioning)
     for line in cond_bundle.report:
         log(f"conditioning: {line}")
-    transformer = models.load_transformer(args.transformer, dtype=dtype, device="cpu")
-    lora_info = lora_mod.load_lora(transformer, args.lora, scale=args.lora_scale, merge=not args.no_merge_lora)
-    cond_bundle.check_fits(transformer)
-    vae = models.load_vae(args.vae, dtype=dtype, device="cpu")
-    models.apply_speedups(transformer, vae, args.speedups)
-    models.apply_memory_mode(transformer, vae, args.memory_mode, device)
+    where = models.load_device(args.memory_mode, device)
+    try:
+        transformer = models.load_transformer(args.transformer, dtype=dtype, device=where)
+        lora_info = lora_mod.load_lora(transformer, args.lora, scale=args.lora_scale,
+                                       merge=not args.no_merge_lora)
+        cond_bundle.check_fits(transformer)
+        vae = models.load_vae(args.vae, dtype=dtype, device=where)
+        models.apply_speedups(transformer, vae, args.speedups)
+        models.apply_memory_mode(transformer, vae, args.memory_mode, device)
+    except Exception as exc:  # noqa: BLE001 - only out-of-memory is turned into advice
+        from .upscaler import is_out_of_memory
+
+        if not is_out_of_memory(exc):
+            raise
+        raise UsageError(f"the models do not fit on {device} with --memory-mode {args.memory_mode} "
+                         f"({type(exc).__name__}); FLUX.1-dev needs 22.3 GiB for its weights in bf16, 14.3 GiB "
+                         f"with --memory-mode fp8_storage, and --memory-mode model_offload or group_offload "
+                         f"keep them in RAM") from None
     settings = merge_settings(cond_bundle.settings, lora_info.settings)
     if args.t_l is not None:
         settings.t_l, settings.source["t_l"] = args.t_l, "command line"

@@ -129,17 +129,24 @@ def _aligned(t: torch.Tensor) -> torch.Tensor:
 
 
 def _instantiate(cls, config: dict, state_dict: dict[str, torch.Tensor], dtype: torch.dtype,
-                 source: str):
-    """Build ``cls`` on the meta device and adopt the tensors (no second copy of 12B weights)."""
+                 source: str, device: Optional[torch.device] = None):
+    """Build ``cls`` on the meta device and adopt the tensors (no second copy of 12B weights).
+
+    Each tensor is cast and moved to ``device`` (default: the CPU) on its own, so loading
+    straight onto a GPU never holds the model in RAM: with safetensors' memory-mapped tensors
+    the file passes through the page cache (which the OS can drop), one tensor at a time.
+    """
     from accelerate import init_empty_weights
 
     with init_empty_weights():
         model = cls.from_config(config)
+    target = torch.device("cpu") if device is None else device
     # One tensor at a time, replacing in place, so a 23 GB file never exists twice in memory.
     for k in list(state_dict):
         t = state_dict.pop(k)
-        state_dict[k] = _aligned(t.to(dtype) if t.is_floating_point() else t)
-        del t
+        placed = t.to(device=target, dtype=dtype) if t.is_floating_point() else t.to(device=target)
+        state_dict[k] = _aligned(placed) if target.type == "cpu" else placed
+        del t, placed
     result = model.load_state_dict(state_dict, strict=False, assign=True)
     if result.missing_keys or result.unexpected_keys:
         raise CorruptWeightsError(
@@ -187,11 +194,12 @@ def _folder_with_config(path: Path, subfolder: str, expected_class: str, what: s
                                f"(it holds {listing}). {help_text}")
 
 
-def _load_from_file(path: Path, cls, to_diffusers, dtype: torch.dtype, what: str):
+def _load_from_file(path: Path, cls, to_diffusers, dtype: torch.dtype, what: str,
+                    device: Optional[torch.device] = None):
     sd, _ = read_safetensors(path, what)
     diffusers_sd, config = to_diffusers(sd, str(path))
     del sd
-    return _instantiate(cls, config, diffusers_sd, dtype, str(path))
+    return _instantiate(cls, config, diffusers_sd, dtype, str(path), device)
 
 
 def _align_parameters(model) -> None:
@@ -206,6 +214,10 @@ def _align_parameters(model) -> None:
             for name, b in list(module._buffers.items()):
                 if b is not None and not b.is_meta:
                     module._buffers[name] = _aligned(b)
+
+
+def _placement(device) -> Optional[torch.device]:
+    return resolve_device(device) if device is not None else None
 
 
 def _finish(model, dtype, device):
@@ -227,6 +239,8 @@ def load_transformer(source: Union[PathLike, str], dtype: Union[str, torch.dtype
     BFL/ComfyUI or diffusers keys (fp8 and scaled fp8 are cast to ``dtype``); or, only when no
     such path exists, the name of a shipped test config (``"tiny"``) built with random weights
     from ``seed``. ``device=None`` leaves it on the CPU without recording an execution device.
+    A single file goes straight to ``device`` one tensor at a time: loaded onto a GPU, the
+    model is never held in RAM (the file only passes through the page cache).
     Missing paths raise :class:`~fluxsr_core.weights.WeightsNotFoundError` saying what to pass;
     a file of another kind raises :class:`~fluxsr_core.weights.WrongModelError`.
     """
@@ -241,7 +255,7 @@ def load_transformer(source: Union[PathLike, str], dtype: Union[str, torch.dtype
                                                        local_files_only=True)
     elif path.exists():
         model = _load_from_file(path, FluxTransformer2DModel, transformer_state_dict_to_diffusers,
-                                torch_dtype, "transformer file")
+                                torch_dtype, "transformer file", _placement(device))
     elif str(source) in RANDOM_INIT_NAMES:
         config = shipped_config(f"{RANDOM_INIT_NAMES[str(source)]}-transformer")
         model = _random_init(FluxTransformer2DModel, config, torch_dtype, seed)
@@ -271,7 +285,8 @@ def load_vae(source: Union[PathLike, str], dtype: Union[str, torch.dtype] = "aut
             raise WrongModelError(f"{path} is a {model.config.latent_channels}-channel VAE; FLUX needs its "
                                   f"16-channel VAE (ae.safetensors)")
     elif path.exists():
-        model = _load_from_file(path, AutoencoderKL, vae_state_dict_to_diffusers, torch_dtype, "VAE file")
+        model = _load_from_file(path, AutoencoderKL, vae_state_dict_to_diffusers, torch_dtype, "VAE file",
+                                _placement(device))
     elif str(source) in RANDOM_INIT_NAMES:
         config = shipped_config(f"{RANDOM_INIT_NAMES[str(source)]}-vae")
         model = _random_init(AutoencoderKL, config, torch_dtype, seed)
@@ -299,6 +314,14 @@ def _hook_offload_pair(transformer, vae, device: torch.device) -> None:
     vae_hook.hook.prev_module_hook = tr_hook
     transformer._fluxsr_offload_hook = tr_hook
     vae._fluxsr_offload_hook = vae_hook
+
+
+def load_device(memory_mode: str, device: Union[str, torch.device]) -> torch.device:
+    """Where to load the weights for ``memory_mode`` on ``device``: straight onto the device
+    when they will all live there (``none``), so RAM never holds the model; else the CPU, where
+    the offload modes keep them and where fp8_storage casts them (it needs the full-precision
+    weights first, for the LoRA merge, and they would not fit on the small GPUs it is for)."""
+    return resolve_device(device) if memory_mode == "none" else torch.device("cpu")
 
 
 def apply_memory_mode(transformer, vae, mode: str, device: Union[str, torch.device]) -> tuple:
@@ -623,12 +646,13 @@ def build_models(transformer_source: PathLike, vae_source: PathLike, dtype: Unio
     torch_dtype = resolve_dtype(dtype, dev)
     if memory_mode not in MEMORY_MODES:
         raise ValueError(f"unknown memory mode {memory_mode!r}; use one of {', '.join(MEMORY_MODES)}")
-    transformer = load_transformer(transformer_source, dtype=torch_dtype, device=None, seed=seed)
-    vae = load_vae(vae_source, dtype=torch_dtype, device=None, seed=seed)
+    where = load_device(memory_mode, dev)
+    transformer = load_transformer(transformer_source, dtype=torch_dtype, device=where, seed=seed)
+    vae = load_vae(vae_source, dtype=torch_dtype, device=where, seed=seed)
     apply_memory_mode(transformer, vae, memory_mode, dev)
     return (DiffusersVelocity(transformer, compute_dtype=torch_dtype),
             DiffusersCodec(vae, compute_dtype=torch_dtype, tile=vae_tile, tile_overlap=vae_tile_overlap))
 
 
 __all__ = ["resolve_device", "resolve_dtype", "load_transformer", "load_vae", "apply_memory_mode",
-           "apply_speedups", "DiffusersVelocity", "DiffusersCodec", "build_models", "MEMORY_MODES", "SPEEDUPS"]
+           "apply_speedups", "load_device", "DiffusersVelocity", "DiffusersCodec", "build_models", "MEMORY_MODES", "SPEEDUPS"]

@@ -28,6 +28,7 @@ def test_tiny_benchmark_writes_a_complete_report(tmp_path):
     assert len(report["upscale"]) == 2 and report["transformer_efficiency"]["flops"] > 0
     assert set(report["memory_modes"]) == {"none", "fp8_storage", "model_offload", "group_offload"}
     assert all(v["out"] == 128 for v in report["memory_modes"].values())  # at the larger size
+    assert report["load_from_file"]["parameters_on"] == ["cpu"] and report["load_from_file"]["file_bytes"] > 0
     assert report["tiling_throughput"]["tiles"] == 9 and report["tiling_throughput"]["tiled_over_untiled"] > 0
     # each speed-up measured against the unchanged models, and none changes the result (fp32)
     speed = report["speedups"]

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import numpy as np
+import torch
 import pytest
 from PIL import Image
 
@@ -101,3 +102,16 @@ def test_speedups_give_the_same_image(tmp_path, photo_png, tiny_model_files, cap
         outs.append(np.asarray(Image.open(target), dtype=np.int16))
     capsys.readouterr()
     assert outs[0].shape == outs[1].shape and np.abs(outs[0] - outs[1]).max() <= 1
+
+
+def test_models_that_do_not_fit_get_advice(tmp_path, photo_png, tiny_model_files, capsys, monkeypatch):
+    from fluxsr_core import models
+
+    def out_of_memory(*args, **kwargs):
+        raise torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 72.00 MiB")
+
+    monkeypatch.setattr(models, "load_transformer", out_of_memory)
+    code = cli.main(["upscale", str(photo_png), "-o", str(tmp_path / "o")] + model_args(tiny_model_files))
+    err = capsys.readouterr().err
+    assert code == 2 and "do not fit on cpu" in err and "fp8_storage" in err and "Traceback" not in err
+    assert not (tmp_path / "o").exists() or not list((tmp_path / "o").iterdir())

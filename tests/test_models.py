@@ -406,3 +406,24 @@ def test_speedups_refuse_what_they_would_get_wrong(tiny_model_files):
     models.apply_memory_mode(placed, vae, "fp8_storage", "cpu")
     with pytest.raises(ValueError, match="before the memory mode"):
         models.apply_speedups(placed, vae, "fuse_qkv")
+
+
+def test_load_device_follows_the_memory_mode():
+    """Weights that will all live on the device are loaded straight there (no copy in RAM);
+    the offload modes and fp8_storage (which casts after the LoRA merge) load to the CPU."""
+    assert models.load_device("none", "cpu") == torch.device("cpu")
+    for mode in ("model_offload", "group_offload", "fp8_storage"):
+        assert models.load_device(mode, "cpu") == torch.device("cpu")
+    if torch.cuda.is_available():  # pragma: no cover - no GPU in CI
+        assert models.load_device("none", "cuda").type == "cuda"
+        assert models.load_device("fp8_storage", "cuda").type == "cpu"
+
+
+def test_file_loaded_onto_a_device_places_every_tensor(transformer_files, tiny_transformer, cond, inputs):
+    dev = torch.device("cuda") if torch.cuda.is_available() else torch.device("cpu")
+    model = models.load_transformer(transformer_files / "flux1-bfl.safetensors", dtype="fp32", device=dev)
+    assert {p.device.type for p in model.parameters()} == {dev.type}
+    z, s = inputs
+    with torch.no_grad():
+        torch.testing.assert_close(models.DiffusersVelocity(model)(z, s, cond).cpu(),
+                                   models.DiffusersVelocity(tiny_transformer)(z, s, cond), rtol=0, atol=1e-5)

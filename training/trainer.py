@@ -422,8 +422,10 @@ def build_student(cfg: TrainConfig, device: torch.device | str = "cpu"):
 
     dev = _device(device)
     dtype = models.resolve_dtype(cfg.model.dtype, dev)
-    transformer = models.load_transformer(cfg.model.transformer, dtype=dtype, device=None, seed=cfg.model.init_seed)
-    vae = models.load_vae(cfg.model.vae, dtype=dtype, device=None, seed=cfg.model.init_seed)
+    # memory_mode none: straight onto this rank's device, so N ranks never hold N models in RAM
+    where = models.load_device(cfg.model.memory_mode, dev)
+    transformer = models.load_transformer(cfg.model.transformer, dtype=dtype, device=where, seed=cfg.model.init_seed)
+    vae = models.load_vae(cfg.model.vae, dtype=dtype, device=where, seed=cfg.model.init_seed)
     transformer.requires_grad_(False)
     vae.requires_grad_(False)
     targets = resolve_lora_targets(transformer, cfg.lora.target_modules, cfg.lora.blocks)
