@@ -190,8 +190,8 @@ def resident_weights(profile: dict, dtype: torch.dtype) -> dict:
     """Bytes of weights each memory mode keeps on the device, counted from the shapes (meta
     models: nothing is allocated, so this runs for FLUX.1-dev anywhere).
 
-    none: both models. fp8_storage: diffusers' layerwise casting applied to the meta transformer
-    (what it stores in fp8 and what it keeps in ``dtype``) plus the VAE. model_offload: the larger
+    none: both models. fp8_storage, fp8_storage_all: the memory mode itself applied to the meta
+    transformer (what it stores in fp8 and what it keeps in ``dtype``) plus the VAE. model_offload: the larger
     model, alone on the device while it runs. group_offload: the layers outside the repeated
     blocks plus two of the largest block (the running one and the one prefetched on a stream).
     """
@@ -200,14 +200,16 @@ def resident_weights(profile: dict, dtype: torch.dtype) -> dict:
     blocks = list(transformer.transformer_blocks) + list(transformer.single_transformer_blocks)
     block_sizes = [param_bytes(b) for b in blocks]
     t_bytes, v_bytes = param_bytes(transformer), param_bytes(vae)
-    fp8 = rebuild(transformer)
-    fp8.enable_layerwise_casting(storage_dtype=torch.float8_e4m3fn, compute_dtype=dtype)
+    fp8 = {}
+    for mode in models.FP8_MODES:
+        fp8[mode] = rebuild(transformer)
+        models.store_in_fp8(fp8[mode], dtype, every_linear=mode == "fp8_storage_all")
     by_dtype: dict[str, int] = {}
-    for p in fp8.parameters():
+    for p in fp8["fp8_storage"].parameters():
         key = str(p.dtype).replace("torch.", "")
         by_dtype[key] = by_dtype.get(key, 0) + p.numel() * p.element_size()
     return dict(transformer_bytes=t_bytes, vae_bytes=v_bytes, fp8_storage_transformer_by_dtype=by_dtype,
-                modes=dict(none=t_bytes + v_bytes, fp8_storage=param_bytes(fp8) + v_bytes,
+                modes=dict(none=t_bytes + v_bytes, **{m: param_bytes(t) + v_bytes for m, t in fp8.items()},
                            model_offload=max(t_bytes, v_bytes),
                            group_offload=t_bytes - sum(block_sizes) + 2 * max(block_sizes)))
 
@@ -376,7 +378,7 @@ def main(argv=None) -> int:
     parser.add_argument("--out", type=Path, default=Path("bench/results"), help="folder for the JSON/markdown report")
     parser.add_argument("--teacher-steps", type=int, default=28)
     parser.add_argument("--threads", type=int, default=None, help="CPU threads (default: all cores)")
-    parser.add_argument("--memory-modes", default="none,fp8_storage,model_offload,group_offload",
+    parser.add_argument("--memory-modes", default="none,fp8_storage,fp8_storage_all,model_offload,group_offload",
                         help="full size and --tiny: memory modes to measure ('' for none)")
     parser.add_argument("--speedups", default=None,
                         help="speed-ups to measure against the unchanged models, comma-separated, from "

@@ -50,7 +50,7 @@ def _positive_float(text: str) -> float:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    from .models import SPEEDUPS
+    from .models import MEMORY_MODES, SPEEDUPS
     from .tiling import TilingConfig
     from .upscaler import COLOR_FIXES, DEFAULT_MAX_OUTPUT_PIXELS
 
@@ -102,9 +102,10 @@ def build_parser() -> argparse.ArgumentParser:
     d = up.add_argument_group("device")
     d.add_argument("--device", default="auto", help="auto (cuda, mps, cpu), cpu, cuda, cuda:N, mps")
     d.add_argument("--dtype", default="auto", choices=("auto", "bf16", "fp16", "fp32"))
-    d.add_argument("--memory-mode", default="none",
-                   choices=("none", "model_offload", "group_offload", "fp8_storage"),
-                   help="for small GPUs: CPU offload or fp8 weight storage (diffusers' hooks)")
+    d.add_argument("--memory-mode", default="none", choices=MEMORY_MODES,
+                   help="for small GPUs: CPU offload or fp8 weight storage (diffusers' hooks); FLUX.1-dev's "
+                        "weights on the GPU: none 22.3 GiB, fp8_storage 14.3, fp8_storage_all 11.2 (modulation "
+                        "in fp8 too, as ComfyUI's fp8), model_offload 22.2, group_offload 1.4")
     d.add_argument("--speedups", default="",
                    help=f"opt-in, comma-separated: {', '.join(SPEEDUPS)} (see bench/run.py for measured "
                         f"effects; fuse_qkv needs the LoRA merged)")
@@ -194,7 +195,7 @@ def _load_pipeline(args, tiling, log):
             raise
         raise UsageError(f"the models do not fit on {device} with --memory-mode {args.memory_mode} "
                          f"({type(exc).__name__}); FLUX.1-dev needs 22.3 GiB for its weights in bf16, 14.3 GiB "
-                         f"with --memory-mode fp8_storage, and --memory-mode model_offload or group_offload "
+                         f"with --memory-mode fp8_storage, 11.2 GiB with fp8_storage_all, and --memory-mode model_offload or group_offload "
                          f"keep them in RAM") from None
     settings = merge_settings(cond_bundle.settings, lora_info.settings)
     if args.t_l is not None:

@@ -28,7 +28,8 @@ from .weights import (CorruptWeightsError, FP8_DTYPES, WeightsNotFoundError, Wro
 log = logging.getLogger(__name__)
 
 PathLike = Union[str, Path]
-MEMORY_MODES = ("none", "model_offload", "group_offload", "fp8_storage")
+MEMORY_MODES = ("none", "model_offload", "group_offload", "fp8_storage", "fp8_storage_all")
+FP8_MODES = ("fp8_storage", "fp8_storage_all")
 # Names of shipped configs that may be built with random weights. Test models only: a random
 # FLUX.1-dev would be 12B parameters of noise, so it is never offered.
 RANDOM_INIT_NAMES = {"tiny": "tiny"}
@@ -316,6 +317,31 @@ def _hook_offload_pair(transformer, vae, device: torch.device) -> None:
     vae._fluxsr_offload_hook = vae_hook
 
 
+def store_in_fp8(transformer, compute: torch.dtype, every_linear: bool) -> None:
+    """diffusers' layerwise casting to ``float8_e4m3fn``, with its own skip list or ours (the
+    fp8 memory modes; in place, on any device, meta included).
+
+    ``enable_layerwise_casting`` always adds the model's ``_skip_layerwise_casting_patterns``
+    (FLUX: "pos_embed", "norm"), and "norm" matches the AdaLN modulation linears
+    (``norm1.linear``...), so ``every_linear`` calls ``apply_layerwise_casting`` with that skip
+    list less "norm" (the peft adapter layers stay skipped: an unmerged LoRA keeps the compute
+    dtype either way).
+    """
+    if not every_linear:
+        transformer.enable_layerwise_casting(storage_dtype=torch.float8_e4m3fn, compute_dtype=compute)
+        return
+    from diffusers.hooks import apply_layerwise_casting
+    from diffusers.hooks.layerwise_casting import DEFAULT_SKIP_MODULES_PATTERN
+    from peft.tuners.lora.layer import LoraLayer
+
+    # The same skip list enable_layerwise_casting builds, less "norm" (which only matches FLUX's
+    # modulation linears: its RMSNorm/LayerNorm layers are no Linear, so they are never cast).
+    patterns = DEFAULT_SKIP_MODULES_PATTERN + tuple(getattr(transformer, "_skip_layerwise_casting_patterns", None) or ())
+    patterns = tuple(dict.fromkeys(p for p in patterns if p != "norm")) + tuple(LoraLayer.adapter_layer_names)
+    apply_layerwise_casting(transformer, storage_dtype=torch.float8_e4m3fn, compute_dtype=compute,
+                            skip_modules_pattern=patterns)
+
+
 def load_device(memory_mode: str, device: Union[str, torch.device]) -> torch.device:
     """Where to load the weights for ``memory_mode`` on ``device``: straight onto the device
     when they will all live there (``none``), so RAM never holds the model; else the CPU, where
@@ -337,6 +363,10 @@ def apply_memory_mode(transformer, vae, mode: str, device: Union[str, torch.devi
       FLUX's own skip pattern "norm") the AdaLN modulation linears stay in the compute dtype, as
       do unmerged peft LoRA layers: for FLUX.1-dev 14.3 GiB of weights instead of 22.2 GiB
       (``bench/run.py --full-size --weights-only``), not half. The VAE is small and stays as is.
+    * ``fp8_storage_all``: ``fp8_storage`` with the modulation linears in fp8 too, as ComfyUI's
+      ``fp8_e4m3fn`` weight dtype stores FLUX (the output projection and unmerged LoRA layers
+      stay in the compute dtype). FLUX.1-dev's transformer: 11.1 GiB, the mode that leaves room
+      for 1024 px tiles on a 16 GB card.
 
     The compute dtype is the one the models were loaded in. Records the execution device on
     both models so :class:`DiffusersVelocity`/:class:`DiffusersCodec` send inputs there.
@@ -361,9 +391,8 @@ def apply_memory_mode(transformer, vae, mode: str, device: Union[str, torch.devi
             m.enable_group_offload(onload_device=dev, offload_device=torch.device("cpu"),
                                    offload_type="block_level", num_blocks_per_group=1,
                                    use_stream=dev.type == "cuda" and m is transformer)
-    elif mode == "fp8_storage":
-        compute = getattr(transformer, _COMPUTE_DTYPE_ATTR)
-        transformer.enable_layerwise_casting(storage_dtype=torch.float8_e4m3fn, compute_dtype=compute)
+    elif mode in FP8_MODES:
+        store_in_fp8(transformer, getattr(transformer, _COMPUTE_DTYPE_ATTR), every_linear=mode == "fp8_storage_all")
         transformer.to(dev)
         vae.to(dev)
     for m in (transformer, vae):
@@ -655,4 +684,4 @@ def build_models(transformer_source: PathLike, vae_source: PathLike, dtype: Unio
 
 
 __all__ = ["resolve_device", "resolve_dtype", "load_transformer", "load_vae", "apply_memory_mode",
-           "apply_speedups", "load_device", "DiffusersVelocity", "DiffusersCodec", "build_models", "MEMORY_MODES", "SPEEDUPS"]
+           "apply_speedups", "load_device", "store_in_fp8", "DiffusersVelocity", "DiffusersCodec", "build_models", "MEMORY_MODES", "FP8_MODES", "SPEEDUPS"]

@@ -26,7 +26,7 @@ def test_tiny_benchmark_writes_a_complete_report(tmp_path):
     assert report["teacher"]["steps"] == 3 and report["memory"]["method"]
     # --tiny keeps the whole full-size path running: two sizes, efficiency, every memory mode
     assert len(report["upscale"]) == 2 and report["transformer_efficiency"]["flops"] > 0
-    assert set(report["memory_modes"]) == {"none", "fp8_storage", "model_offload", "group_offload"}
+    assert set(report["memory_modes"]) == {"none", "fp8_storage", "fp8_storage_all", "model_offload", "group_offload"}
     assert all(v["out"] == 128 for v in report["memory_modes"].values())  # at the larger size
     assert report["load_from_file"]["parameters_on"] == ["cpu"] and report["load_from_file"]["file_bytes"] > 0
     assert report["tiling_throughput"]["tiles"] == 9 and report["tiling_throughput"]["tiled_over_untiled"] > 0
@@ -84,7 +84,7 @@ def test_random_model_is_made_in_place_with_the_layers_own_init():
 def test_flux1_dev_weights_per_memory_mode_from_the_shapes():
     """FLUX.1-dev on the meta device: 11,901,408,320 transformer parameters; diffusers' fp8
     layerwise casting keeps the AdaLN modulation linears ("norm" in their names) and the
-    embedders in bf16, so fp8_storage stores 14.3 GiB, not half of 22.2."""
+    embedders in bf16, so fp8_storage stores 14.3 GiB, not half of 22.2; fp8_storage_all 11.2."""
     import torch
 
     bench = load_bench("fluxsr_bench_run4")
@@ -93,6 +93,7 @@ def test_flux1_dev_weights_per_memory_mode_from_the_shapes():
     modes = w["modes"]
     assert modes["none"] == w["transformer_bytes"] + w["vae_bytes"] and modes["model_offload"] == w["transformer_bytes"]
     assert 0.6 < modes["fp8_storage"] / modes["none"] < 0.67
+    assert 0.49 < modes["fp8_storage_all"] / modes["none"] < 0.51  # modulation in fp8 too: 11.2 GiB
     assert set(w["fp8_storage_transformer_by_dtype"]) == {"bfloat16", "float8_e4m3fn"}
     assert modes["group_offload"] < modes["none"] / 10
 

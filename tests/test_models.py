@@ -343,7 +343,7 @@ def test_memory_modes_run_on_cpu(mode, cond, inputs):
     assert torch.equal(out, again)
     torch.testing.assert_close(lat, ref_c.encode(img), rtol=0, atol=1e-6)
     assert pic.shape == img.shape
-    if mode == "fp8_storage":
+    if mode in models.FP8_MODES:
         assert any(p.dtype == torch.float8_e4m3fn for p in velocity.transformer.parameters())
         err = _rel(out, ref)
         assert 0 < err < FP8_STORAGE_REL_TOL
@@ -427,3 +427,37 @@ def test_file_loaded_onto_a_device_places_every_tensor(transformer_files, tiny_t
     with torch.no_grad():
         torch.testing.assert_close(models.DiffusersVelocity(model)(z, s, cond).cpu(),
                                    models.DiffusersVelocity(tiny_transformer)(z, s, cond), rtol=0, atol=1e-5)
+
+
+def test_fp8_storage_all_also_stores_the_modulation_in_fp8(tiny_model_files, cond, inputs):
+    """fp8_storage keeps FLUX's AdaLN modulation linears in the compute dtype (diffusers' "norm"
+    pattern); fp8_storage_all stores them in fp8 as ComfyUI's fp8 does. Both keep the output
+    projection and unmerged LoRA layers in the compute dtype."""
+    from fluxsr_core.lora import load_lora
+
+    with_lora = models.load_transformer("tiny", dtype="fp32")
+    load_lora(with_lora, tiny_model_files.lora, merge=False)
+    z, s = inputs
+    with torch.no_grad():
+        expected = models.DiffusersVelocity(with_lora)(z, s, cond)
+    stored = {}
+    for mode in models.FP8_MODES:
+        t = models.load_transformer("tiny", dtype="fp32")
+        load_lora(t, tiny_model_files.lora, merge=False)
+        models.apply_memory_mode(t, models.load_vae("tiny", dtype="fp32"), mode, "cpu")
+        stored[mode] = {n: p.dtype for n, p in t.named_parameters()}
+        with torch.no_grad():
+            assert 0 < _rel(models.DiffusersVelocity(t)(z, s, cond), expected) < FP8_STORAGE_REL_TOL
+    fp8 = torch.float8_e4m3fn
+
+    def weight(mode: str, layer: str) -> torch.dtype:  # a LoRA-wrapped layer keeps its weight in base_layer
+        dtypes = stored[mode]
+        return dtypes.get(f"{layer}.weight", dtypes.get(f"{layer}.base_layer.weight"))
+
+    modulation = "transformer_blocks.0.norm1.linear"
+    assert weight("fp8_storage", modulation) == torch.float32 and weight("fp8_storage_all", modulation) == fp8
+    for mode, dtypes in stored.items():
+        assert weight(mode, "proj_out") == torch.float32, mode
+        assert weight(mode, "transformer_blocks.0.ff.net.2") == weight(mode, "x_embedder") == fp8, mode
+        lora = [d for n, d in dtypes.items() if ".lora_" in n]
+        assert lora and all(d == torch.float32 for d in lora), mode

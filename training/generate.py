@@ -53,7 +53,7 @@ class GenerateConfig:
 
     Teacher: ``transformer`` and ``vae`` (files or folders; ``"tiny"`` for the test models),
     ``dtype`` (``auto``: bf16 on GPU, fp32 on CPU), ``device``, ``memory_mode`` (none,
-    model_offload, group_offload, fp8_storage). Conditioning: ``bundle`` (a fixed bundle for
+    model_offload, group_offload, fp8_storage, fp8_storage_all). Conditioning: ``bundle`` (a fixed bundle for
     every prompt) or ``text_encoders`` (a FLUX pipeline folder with ``text_encoder``,
     ``tokenizer``, ``text_encoder_2``, ``tokenizer_2``) and/or ``clip`` / ``t5`` folders holding
     model and tokenizer. Sampling: ``steps``, ``guidance``, ``height``, ``width`` (multiples of

@@ -52,6 +52,7 @@ from fluxsr_core import flow
 from fluxsr_core.bundle import ConditioningBundle, load_bundle, save_bundle
 from fluxsr_core.interfaces import Conditioning
 from fluxsr_core.lora import DEFAULT_ADAPTER_NAME
+from fluxsr_core.models import FP8_MODES
 from fluxsr_core.settings import DEFAULT_BASE_MODEL, DEFAULT_GUIDANCE, DEFAULT_T_L, RunSettings
 
 from . import config_io
@@ -93,7 +94,7 @@ _KIND_OF = {"transformer_blocks": "double", "single_transformer_blocks": "single
 class ModelConfig:
     """The frozen base. ``transformer``/``vae``: a file or folder (see ``fluxsr_core.models``),
     or ``"tiny"`` for the random test models. ``dtype``: storage/compute dtype of the frozen
-    base (``auto``: bf16 on GPUs, fp32 on CPU). ``memory_mode``: ``none`` or ``fp8_storage``
+    base (``auto``: bf16 on GPUs, fp32 on CPU). ``memory_mode``: ``none``, ``fp8_storage`` or ``fp8_storage_all``
     (base weights stored as float8_e4m3fn, cast per layer; the LoRA stays fp32)."""
 
     transformer: str = ""
@@ -287,7 +288,7 @@ def load_train_config(path: Optional[str | os.PathLike] = None, overrides: Seque
 
 
 _CHOICES = {
-    ("model", "memory_mode"): ("none", "fp8_storage"),
+    ("model", "memory_mode"): ("none",) + FP8_MODES,
     ("data", "teacher_image"): ("auto", "stored", "decode"),
     ("optim", "adam_8bit"): ("auto", "true", "false"),
     ("train", "mixed_precision"): ("auto", "no", "bf16", "fp16"),
@@ -914,8 +915,8 @@ class _Run:
         if self._distributed("FSDP") and cfg.ema.enabled:
             raise ConfigError("ema.enabled=true is not supported with FSDP (the LoRA is sharded across processes); "
                               "set ema.enabled=false, or use DeepSpeed ZeRO-2 (accelerate_deepspeed_flux.yaml)")
-        if self._distributed("DEEPSPEED") and cfg.model.memory_mode == "fp8_storage":
-            raise ConfigError("model.memory_mode=fp8_storage does not combine with DeepSpeed (its bf16 engine "
+        if self._distributed("DEEPSPEED") and cfg.model.memory_mode in FP8_MODES:
+            raise ConfigError(f"model.memory_mode={cfg.model.memory_mode} does not combine with DeepSpeed (its bf16 engine "
                               "re-casts every weight); use memory_mode=none with ZeRO-2")
         self._setup_data()  # before the (slow) model loading: a wrong data path fails at once
 
