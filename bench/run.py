@@ -338,8 +338,8 @@ def speedup_variants(transformer, vae, cond, profile, tiles: TilingConfig, dtype
 
     transformer_keys = ["transformer_one_forward", "transformer_tiled"]
     vae_keys = ["vae_encode", "vae_decode"]
-    wanted = {"fuse_qkv": transformer_keys, "compile": transformer_keys, "channels_last_vae": vae_keys,
-              "tile_batch": ["transformer_tiled"]}
+    wanted = {"fuse_qkv": transformer_keys, "compile": transformer_keys, "compile_cudagraphs": transformer_keys,
+              "cudnn_attention": transformer_keys, "channels_last_vae": vae_keys, "tile_batch": ["transformer_tiled"]}
     unknown = [n for n in names if n not in wanted]
     if unknown:
         raise SystemExit(f"unknown speed-up {unknown[0]!r}; choose from {', '.join(wanted)}")
@@ -349,16 +349,21 @@ def speedup_variants(transformer, vae, cond, profile, tiles: TilingConfig, dtype
     row_tiles = len(tiling.tile_starts(z2.shape[-1], tiles.latent_tile, tiles.latent_overlap))
     report = {"baseline": {k: v["seconds"] for k, v in baseline.items()}}
     for name in names:
-        if name == "tile_batch":
-            batched = dataclasses.replace(tiles, tile_batch_size=row_tiles)
-            after = measure(base_velocity, codec_for(vae), wanted[name], batched)
-            detail = f"{row_tiles} tiles per call"
-        else:
-            t2, v2 = rebuild(transformer), rebuild(vae)
-            models.apply_speedups(t2, v2, [name])
-            after = measure(models.DiffusersVelocity(t2, compute_dtype=dtype), codec_for(v2), wanted[name])
-            detail = ""
-            del t2, v2
+        try:
+            if name == "tile_batch":
+                batched = dataclasses.replace(tiles, tile_batch_size=row_tiles)
+                after = measure(base_velocity, codec_for(vae), wanted[name], batched)
+                detail = f"{row_tiles} tiles per call"
+            else:
+                t2, v2 = rebuild(transformer), rebuild(vae)
+                models.apply_speedups(t2, v2, [name])
+                after = measure(models.DiffusersVelocity(t2, compute_dtype=dtype), codec_for(v2), wanted[name])
+                detail = ""
+                del t2, v2
+        except Exception as exc:  # noqa: BLE001 - one failing change must not cost the rest of a GPU lease
+            report[name] = {"error": f"{type(exc).__name__}: {str(exc).splitlines()[0] if str(exc) else ''}"[:300]}
+            gc.collect()
+            continue
         report[name] = {k: dict(before_s=baseline[k]["seconds"], after_s=a["seconds"],
                                 speedup=baseline[k]["seconds"] / a["seconds"], first_call_s=a["first_call_s"],
                                 output_rel_l2=rel_l2(a["result"], baseline[k]["result"]))
@@ -382,8 +387,8 @@ def main(argv=None) -> int:
                         help="full size and --tiny: memory modes to measure ('' for none)")
     parser.add_argument("--speedups", default=None,
                         help="speed-ups to measure against the unchanged models, comma-separated, from "
-                             "fuse_qkv, compile, channels_last_vae, tile_batch ('' for none; default: all, "
-                             "but compile only on CUDA)")
+                             "fuse_qkv, channels_last_vae, tile_batch, cudnn_attention, compile, compile_cudagraphs "
+                             "('' for none; default: all on CUDA, the first three elsewhere)")
     parser.add_argument("--weights-only", action="store_true",
                         help="only the weights each memory mode keeps on the device, from the shapes "
                              "(no device needed: --full-size --weights-only gives FLUX.1-dev's on any machine)")
@@ -404,7 +409,8 @@ def main(argv=None) -> int:
     speedups = args.speedups
     if speedups is None:
         # compile last: the slowest to set up, so a run cut short loses the least
-        speedups = "fuse_qkv,channels_last_vae,tile_batch,compile" if device.type == "cuda" else \
+        speedups = "fuse_qkv,channels_last_vae,tile_batch,cudnn_attention,compile,compile_cudagraphs" \
+            if device.type == "cuda" else \
             "fuse_qkv,channels_last_vae,tile_batch"
     speedups = [n.strip() for n in speedups.split(",") if n.strip()]
     t0 = time.perf_counter()
@@ -632,6 +638,9 @@ def markdown(r: dict) -> str:
             if sname == "baseline":
                 continue
             label = sname + (f" ({entries['detail']})" if "detail" in entries else "")
+            if "error" in entries:
+                lines.append(f"| {label} | failed: {entries['error']} | | | | | |")
+                continue
             for key, v in entries.items():
                 if key == "detail":
                     continue

@@ -402,7 +402,7 @@ def apply_memory_mode(transformer, vae, mode: str, device: Union[str, torch.devi
 
 # ------------------------------------------------------------------------------- speed-ups
 
-SPEEDUPS = ("fuse_qkv", "compile", "channels_last_vae")
+SPEEDUPS = ("fuse_qkv", "compile", "compile_cudagraphs", "channels_last_vae", "cudnn_attention")
 
 
 def _has_unmerged_lora(module) -> bool:
@@ -415,11 +415,17 @@ def _has_placement_hooks(module) -> bool:
 
 
 def parse_speedups(speedups) -> list[str]:
-    """``"fuse_qkv,compile"`` (or a list of names) -> the list of names; unknown names raise ValueError."""
+    """``"fuse_qkv,compile"`` (or a list of names) -> the list of names, checked before any model
+    is loaded: unknown names, compile with compile_cudagraphs, and cudnn_attention without a
+    CUDA GPU raise ValueError."""
     names = [s.strip() for s in (speedups.split(",") if isinstance(speedups, str) else speedups) if s.strip()]
     unknown = [s for s in names if s not in SPEEDUPS]
     if unknown:
         raise ValueError(f"unknown speed-up {unknown[0]!r}; choose from {', '.join(SPEEDUPS)}")
+    if "compile" in names and "compile_cudagraphs" in names:
+        raise ValueError("choose one of compile and compile_cudagraphs")
+    if "cudnn_attention" in names and not torch.cuda.is_available():
+        raise ValueError("cudnn_attention needs a CUDA GPU (cuDNN's attention kernel)")
     return names
 
 
@@ -431,8 +437,13 @@ def apply_speedups(transformer, vae, speedups, *, compile_backend: str = "induct
     * ``compile``: ``torch.compile`` of the repeated transformer blocks (diffusers'
       ``compile_repeated_blocks``: one compiled graph serves all 19 + 38 blocks, so compiling
       takes seconds rather than minutes). The first call of each new tile shape compiles.
+    * ``compile_cudagraphs``: the same with ``mode="reduce-overhead"``: CUDA graphs replay each
+      block's kernels without per-kernel launch cost (the single step has fixed shapes).
     * ``channels_last_vae``: the VAE's convolution weights in channels-last memory format, the
       layout cuDNN's fastest convolution kernels use.
+    * ``cudnn_attention``: diffusers' attention backend ``_native_cudnn`` (torch's SDPA held to
+      cuDNN's fused attention, faster than its default flash kernel on Hopper by NVIDIA's
+      account); CUDA only.
 
     Call after loading (and merging) the LoRA and before :func:`apply_memory_mode`: fusing
     copies the q/k/v weights into a new layer, which an unmerged LoRA would silently miss and a
@@ -448,14 +459,18 @@ def apply_speedups(transformer, vae, speedups, *, compile_backend: str = "induct
             raise ValueError("fuse_qkv must come before the memory mode (apply_speedups, then apply_memory_mode)")
         with torch.no_grad():
             transformer.fuse_qkv_projections()
+    if "cudnn_attention" in names:
+        transformer.set_attention_backend("_native_cudnn")
     if "channels_last_vae" in names:
         vae.to(memory_format=torch.channels_last)
-    if "compile" in names:
+    for name, options in (("compile", {}), ("compile_cudagraphs", {"mode": "reduce-overhead"})):
+        if name not in names:
+            continue
         if hasattr(transformer, "compile_repeated_blocks"):
-            transformer.compile_repeated_blocks(fullgraph=True, backend=compile_backend)
+            transformer.compile_repeated_blocks(fullgraph=True, backend=compile_backend, **options)
         else:  # diffusers < 0.35: the same per-block compilation by hand
             for block in list(transformer.transformer_blocks) + list(transformer.single_transformer_blocks):
-                block.compile(fullgraph=True, backend=compile_backend)
+                block.compile(fullgraph=True, backend=compile_backend, **options)
     return names
 
 

@@ -113,3 +113,21 @@ def test_cpu_peak_memory_is_the_peak_of_live_torch_allocations():
         del a
         c = torch.empty(5 * mib // 4)
     assert pm.peak == 30 * mib and b.numel() and c.numel()
+
+
+def test_a_failing_speedup_is_recorded_and_the_others_still_run(tmp_path):
+    """One change that cannot run (cuDNN attention without a GPU) must not cost a GPU lease
+    the rest of the report."""
+    import torch
+
+    if torch.cuda.is_available():  # pragma: no cover - CI has no GPU
+        pytest.skip("cudnn_attention runs here")
+    bench = load_bench("fluxsr_bench_run6")
+    assert bench.main(["--tiny", "--out", str(tmp_path), "--teacher-steps", "2", "--memory-modes", "",
+                       "--speedups", "cudnn_attention,tile_batch"]) == 0
+    report = json.loads((tmp_path / "bench-tiny.json").read_text())
+    assert "needs a CUDA GPU" in report["speedups"]["cudnn_attention"]["error"]
+    assert report["speedups"]["tile_batch"]["transformer_tiled"]["after_s"] > 0
+    assert "memory_modes" not in report and report["load_from_file"]["file_bytes"] > 0
+    assert "| cudnn_attention | failed: ValueError: cudnn_attention needs a CUDA GPU" in \
+        (tmp_path / "bench-tiny.md").read_text()

@@ -82,6 +82,7 @@ def test_wrong_file_for_transformer_is_named(tmp_path, photo_png, tiny_model_fil
 @pytest.mark.parametrize("extra,msg", [(["--t-l", "1.5"], "T_L"), (["--tile", "100"], "multiple of 16"),
                                        (["--tile", "256", "--tile-overlap", "256"], "overlap"),
                                        (["--speedups", "turbo"], "unknown speed-up"),
+                                       (["--speedups", "compile,compile_cudagraphs"], "one of compile"),
                                        (["--speedups", "fuse_qkv", "--no-merge-lora"], "LoRA merged")])
 def test_impossible_settings(tmp_path, photo_png, tiny_model_files, capsys, extra, msg):
     code = cli.main(["upscale", str(photo_png), "-o", str(tmp_path / "o")] + model_args(tiny_model_files) + extra)

@@ -395,6 +395,11 @@ def test_speedups_refuse_what_they_would_get_wrong(tiny_model_files):
     vae = models.load_vae("tiny", dtype="fp32")
     with pytest.raises(ValueError, match="unknown speed-up 'turbo'"):
         models.apply_speedups(models.load_transformer("tiny", dtype="fp32"), vae, "fuse_qkv,turbo")
+    with pytest.raises(ValueError, match="one of compile and compile_cudagraphs"):
+        models.apply_speedups(models.load_transformer("tiny", dtype="fp32"), vae, "compile,compile_cudagraphs")
+    if not torch.cuda.is_available():
+        with pytest.raises(ValueError, match="needs a CUDA GPU"):
+            models.apply_speedups(models.load_transformer("tiny", dtype="fp32"), vae, "cudnn_attention")
     separate = models.load_transformer("tiny", dtype="fp32")
     load_lora(separate, tiny_model_files.lora, merge=False)
     with pytest.raises(ValueError, match="LoRA merged"):
