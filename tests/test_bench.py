@@ -30,6 +30,7 @@ def test_tiny_benchmark_writes_a_complete_report(tmp_path):
     assert all(v["out"] == 128 for v in report["memory_modes"].values())  # at the larger size
     assert report["load_from_file"]["parameters_on"] == ["cpu"] and report["load_from_file"]["file_bytes"] > 0
     assert report["tiling_throughput"]["tiles"] == 9 and report["tiling_throughput"]["tiled_over_untiled"] > 0
+    assert report["tiling_throughput"]["flops_tiled_over_untiled"] > 1  # tiny: overlaps dominate
     # each speed-up measured against the unchanged models, and none changes the result (fp32)
     speed = report["speedups"]
     assert set(speed) == {"baseline", "fuse_qkv", "channels_last_vae", "tile_batch"}
@@ -131,3 +132,23 @@ def test_a_failing_speedup_is_recorded_and_the_others_still_run(tmp_path):
     assert "memory_modes" not in report and report["load_from_file"]["file_bytes"] > 0
     assert "| cudnn_attention | failed: ValueError: cudnn_attention needs a CUDA GPU" in \
         (tmp_path / "bench-tiny.md").read_text()
+
+
+def test_default_tiles_cost_flux1_dev_more_work_at_2048_and_less_at_4096():
+    """From the shapes: 1024/256 px tiles make 9 tiles at 2048 px (1.6x the untiled FLOPs: the
+    overlaps repeat tokens) and 25 at 4096 px (0.48x: attention over the whole image is quadratic)."""
+    from types import SimpleNamespace
+
+    from fluxsr_core.tiling import TilingConfig
+
+    bench = load_bench("fluxsr_bench_run7")
+    cfg = SimpleNamespace(num_attention_heads=24, attention_head_dim=128, num_layers=19, num_single_layers=38,
+                          in_channels=64, joint_attention_dim=4096)
+    ratios = {}
+    for side in (2048, 4096):
+        lat = side // 8
+        shapes = bench._tile_shapes(lat, lat, TilingConfig())
+        ratios[side] = (len(shapes), sum(bench.transformer_flops(cfg, (h // 2) * (w // 2), 512) for h, w in shapes)
+                        / bench.transformer_flops(cfg, (lat // 2) ** 2, 512))
+    assert ratios[2048][0] == 9 and 1.55 < ratios[2048][1] < 1.65
+    assert ratios[4096][0] == 25 and 0.45 < ratios[4096][1] < 0.51
