@@ -299,15 +299,18 @@ def tiling_throughput(velocity, cond, lr_size: int, tiling_cfg: TilingConfig, re
     tiled_flops = sum(transformer_flops(cfg, (th // 2) * (tw // 2), n_txt)
                       for th, tw in _tile_shapes(z.shape[-2], z.shape[-1], tiling_cfg))
     untiled_flops = transformer_flops(cfg, (z.shape[-2] // 2) * (z.shape[-1] // 2), n_txt)
+    fitted = dataclasses.replace(tiling_cfg, fit_tiles=True)
+    fitted_flops = sum(transformer_flops(cfg, (th // 2) * (tw // 2), n_txt)
+                       for th, tw in _tile_shapes(z.shape[-2], z.shape[-1], fitted))
     return dict(out=side, tiles=tiling.count_tiles(z.shape[-2], z.shape[-1], tiling_cfg),
                 untiled_s_per_mp=t_untiled / mp, tiled_s_per_mp=t_tiled / mp, tiled_over_untiled=t_tiled / t_untiled,
-                flops_tiled_over_untiled=tiled_flops / untiled_flops)
+                flops_tiled_over_untiled=tiled_flops / untiled_flops,
+                flops_fitted_over_untiled=fitted_flops / untiled_flops)
 
 
 def _tile_shapes(h: int, w: int, config: TilingConfig) -> list[tuple[int, int]]:
-    rows = tiling.tile_starts(h, config.latent_tile, config.latent_overlap)
-    cols = tiling.tile_starts(w, config.latent_tile, config.latent_overlap)
-    return [(min(config.latent_tile, h), min(config.latent_tile, w)) for _ in rows for _ in cols]
+    (th, rows), (tw, cols) = tiling.axis_tiles(h, config), tiling.axis_tiles(w, config)
+    return [(th, tw) for _ in rows for _ in cols]
 
 
 def rel_l2(a: torch.Tensor, b: torch.Tensor) -> float:
@@ -352,14 +355,15 @@ def speedup_variants(transformer, vae, cond, profile, tiles: TilingConfig, dtype
     transformer_keys = ["transformer_one_forward", "transformer_tiled"]
     vae_keys = ["vae_encode", "vae_decode"]
     wanted = {"fuse_qkv": transformer_keys, "compile": transformer_keys, "compile_cudagraphs": transformer_keys,
-              "cudnn_attention": transformer_keys, "channels_last_vae": vae_keys, "tile_batch": ["transformer_tiled"]}
+              "cudnn_attention": transformer_keys, "channels_last_vae": vae_keys, "tile_batch": ["transformer_tiled"],
+              "tile_fit": ["transformer_tiled"]}
     unknown = [n for n in names if n not in wanted]
     if unknown:
         raise SystemExit(f"unknown speed-up {unknown[0]!r}; choose from {', '.join(wanted)}")
     base_velocity = models.DiffusersVelocity(transformer, compute_dtype=dtype)
     needed = sorted({k for n in names for k in wanted[n]})
     baseline = measure(base_velocity, codec_for(vae), needed)
-    row_tiles = len(tiling.tile_starts(z2.shape[-1], tiles.latent_tile, tiles.latent_overlap))
+    row_tiles = len(tiling.axis_tiles(z2.shape[-1], tiles)[1])
     report = {"baseline": {k: v["seconds"] for k, v in baseline.items()}}
     for name in names:
         try:
@@ -367,6 +371,11 @@ def speedup_variants(transformer, vae, cond, profile, tiles: TilingConfig, dtype
                 batched = dataclasses.replace(tiles, tile_batch_size=row_tiles)
                 after = measure(base_velocity, codec_for(vae), wanted[name], batched)
                 detail = f"{row_tiles} tiles per call"
+            elif name == "tile_fit":  # changes the grid, so the output changes too (see the rel. L2)
+                fitted = dataclasses.replace(tiles, fit_tiles=True)
+                after = measure(base_velocity, codec_for(vae), wanted[name], fitted)
+                size = tiling.axis_tiles(z2.shape[-1], fitted)[0] * 8
+                detail = f"{size} px tiles instead of {tiles.latent_tile * 8}"
             else:
                 t2, v2 = rebuild(transformer), rebuild(vae)
                 models.apply_speedups(t2, v2, [name])
@@ -400,8 +409,8 @@ def main(argv=None) -> int:
                         help="full size and --tiny: memory modes to measure ('' for none)")
     parser.add_argument("--speedups", default=None,
                         help="speed-ups to measure against the unchanged models, comma-separated, from "
-                             "fuse_qkv, channels_last_vae, tile_batch, cudnn_attention, compile, compile_cudagraphs "
-                             "('' for none; default: all on CUDA, the first three elsewhere)")
+                             "fuse_qkv, channels_last_vae, tile_batch, tile_fit, cudnn_attention, compile, "
+                             "compile_cudagraphs ('' for none; default: all on CUDA, the first four elsewhere)")
     parser.add_argument("--weights-only", action="store_true",
                         help="only the weights each memory mode keeps on the device, from the shapes "
                              "(no device needed: --full-size --weights-only gives FLUX.1-dev's on any machine)")
@@ -422,9 +431,9 @@ def main(argv=None) -> int:
     speedups = args.speedups
     if speedups is None:
         # compile last: the slowest to set up, so a run cut short loses the least
-        speedups = "fuse_qkv,channels_last_vae,tile_batch,cudnn_attention,compile,compile_cudagraphs" \
+        speedups = "fuse_qkv,channels_last_vae,tile_batch,tile_fit,cudnn_attention,compile,compile_cudagraphs" \
             if device.type == "cuda" else \
-            "fuse_qkv,channels_last_vae,tile_batch"
+            "fuse_qkv,channels_last_vae,tile_batch,tile_fit"
     speedups = [n.strip() for n in speedups.split(",") if n.strip()]
     t0 = time.perf_counter()
     transformer, vae = build(profile, device, dtype)
@@ -644,7 +653,8 @@ def markdown(r: dict) -> str:
         tt = r["tiling_throughput"]
         lines.append(f"Transformer at {tt['out']} px: untiled {tt['untiled_s_per_mp']:.3f} s/MP, {tt['tiles']} tiles "
                      f"{tt['tiled_s_per_mp']:.3f} s/MP: tiled / untiled {tt['tiled_over_untiled']:.2f} (goal <= 1.10; "
-                     f"the grid's own FLOP ratio, from the shapes: {tt['flops_tiled_over_untiled']:.2f}).")
+                     f"the grid's own FLOP ratio, from the shapes: {tt['flops_tiled_over_untiled']:.2f}; with fitted "
+                     f"tiles: {tt['flops_fitted_over_untiled']:.2f}).")
     if "speedups" in r:
         lines += ["", "| speed-up | measure | before s | after s | speed-up | first call s | output rel. L2 |",
                   "|---|---|---|---|---|---|---|"]

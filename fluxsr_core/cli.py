@@ -98,6 +98,9 @@ def build_parser() -> argparse.ArgumentParser:
     t.add_argument("--global-position-ids", action="store_true",
                    help="give tiles their global positions (default: tile-local, as in training)")
     t.add_argument("--tile-batch", type=int, default=1, help="equal-shape tiles per transformer call")
+    t.add_argument("--tile-fit", action="store_true",
+                   help="shrink the tiles to the shortest that cover the image with as many tiles and the same "
+                        "overlap (2048 px: 864 px tiles instead of 1024, 29%% fewer tokens)")
 
     d = up.add_argument_group("device")
     d.add_argument("--device", default="auto", help="auto (cuda, mps, cpu), cpu, cuda, cuda:N, mps")
@@ -224,7 +227,7 @@ def run_upscale(args) -> int:
         latent_tile=_pixels_to_latent(args.tile, "--tile"),
         latent_overlap=_pixels_to_latent(args.tile_overlap, "--tile-overlap") if args.tile_overlap else 0,
         vae_tile=args.vae_tile, vae_overlap=args.vae_overlap, blend=args.blend,
-        global_position_ids=args.global_position_ids, tile_batch_size=args.tile_batch)
+        global_position_ids=args.global_position_ids, tile_batch_size=args.tile_batch, fit_tiles=args.tile_fit)
     validate_tiling(tiling)
     if args.t_l is not None:
         check_t_l(args.t_l)  # before minutes of model loading, not after

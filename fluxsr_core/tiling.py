@@ -55,6 +55,11 @@ class TilingConfig:
     off, every tile sees the local ids ``(0, 0)...`` FluxSR trains with.
     ``tile_batch_size``: tiles sent through the model together (only with local ids, where all
     tiles share the same position ids).
+    ``fit_tiles``: shrink the tiles, per axis, to the shortest length that still covers the
+    latent with the same number of tiles and at least ``latent_overlap`` between neighbours
+    (:func:`fit_tile_length`). The fixed grid snaps its last tile to the border, so a 2048 px
+    image in 1024 px tiles is three tiles a side where the last two share 75%; fitted, they are
+    864 px with 256-272 px overlaps: the same count, 29% fewer tokens.
     """
 
     latent_tile: int = 128        # 1024 image pixels: FLUX.1-dev's home resolution
@@ -64,6 +69,7 @@ class TilingConfig:
     blend: str = "gaussian"       # "gaussian" | "linear" | "constant"
     global_position_ids: bool = False
     tile_batch_size: int = 1
+    fit_tiles: bool = False
 
     def validate(self) -> "TilingConfig":
         """Raise ``ValueError`` naming the first impossible value; return ``self``."""
@@ -104,8 +110,9 @@ def validate_tiling(config: TilingConfig) -> TilingConfig:
         raise ValueError(f"unknown blend '{c.blend}'; choose one of {', '.join(BLEND_PROFILES)}")
     if c.tile_batch_size < 1:
         raise ValueError(f"tile_batch_size must be at least 1 (got {c.tile_batch_size})")
-    if not isinstance(c.global_position_ids, bool):
-        raise ValueError(f"global_position_ids must be True or False (got {c.global_position_ids!r})")
+    for name in ("global_position_ids", "fit_tiles"):
+        if not isinstance(getattr(c, name), bool):
+            raise ValueError(f"{name} must be True or False (got {getattr(c, name)!r})")
     return c
 
 
@@ -147,10 +154,31 @@ def tile_starts(length: int, tile: int, overlap: int, align: int = PACK_ALIGN) -
     return starts
 
 
+def fit_tile_length(length: int, tile: int, overlap: int, align: int = PACK_ALIGN) -> int:
+    """The shortest tile (a multiple of ``align``, at most ``tile``) that covers ``length`` with as
+    many tiles as ``tile_starts(length, tile, overlap)`` lays and overlaps of at least
+    ``overlap``: ``n`` tiles need ``n * t >= length + (n - 1) * overlap``."""
+    n = len(tile_starts(length, tile, overlap, align))
+    if n == 1:
+        return min(tile, length)
+    fitted = -(-(length + (n - 1) * overlap) // n)
+    fitted = -(-fitted // align) * align
+    # tile_starts rounds the stride down to ``align``, which can leave the border one tile short
+    while fitted < tile and len(tile_starts(length, fitted, overlap, align)) > n:
+        fitted += align
+    return min(fitted, tile)
+
+
+def axis_tiles(length: int, config: TilingConfig) -> tuple[int, list[int]]:
+    """``(tile length, starts)`` of the tiles along one latent axis of ``length``."""
+    tile = fit_tile_length(length, config.latent_tile, config.latent_overlap) if config.fit_tiles \
+        else config.latent_tile
+    return min(tile, length), tile_starts(length, tile, config.latent_overlap)
+
+
 def tile_grid(h: int, w: int, config: TilingConfig) -> list[tuple[int, int]]:
     """Top-left corners ``(row, col)`` of the latent tiles, row by row, in latent pixels."""
-    rows = tile_starts(h, config.latent_tile, config.latent_overlap)
-    cols = tile_starts(w, config.latent_tile, config.latent_overlap)
+    rows, cols = axis_tiles(h, config)[1], axis_tiles(w, config)[1]
     return [(r, c) for r in rows for c in cols]
 
 
@@ -158,8 +186,7 @@ def count_tiles(h: int, w: int, config: TilingConfig) -> int:
     """How many tiles (= progress steps of :func:`tiled_apply` with batch size 1) an ``h x w``
     latent needs."""
     validate_tiling(config)
-    return len(tile_starts(h, config.latent_tile, config.latent_overlap)) * \
-        len(tile_starts(w, config.latent_tile, config.latent_overlap))
+    return len(axis_tiles(h, config)[1]) * len(axis_tiles(w, config)[1])
 
 
 def _profile_1d(n: int, profile: str, ramp: Optional[float], device, dtype) -> torch.Tensor:
@@ -240,7 +267,7 @@ def tiled_apply(fn: TileFn, latent: torch.Tensor, config: TilingConfig = TilingC
             progress(1, 1, out)
         return out
 
-    th, tw = min(config.latent_tile, H), min(config.latent_tile, W)
+    th, tw = axis_tiles(H, config)[0], axis_tiles(W, config)[0]
     batch = config.tile_batch_size if not config.global_position_ids else 1
     groups = [positions[i:i + batch] for i in range(0, total, batch)]
 

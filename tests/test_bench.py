@@ -33,14 +33,15 @@ def test_tiny_benchmark_writes_a_complete_report(tmp_path):
     assert report["tiling_throughput"]["flops_tiled_over_untiled"] > 1  # tiny: overlaps dominate
     # each speed-up measured against the unchanged models, and none changes the result (fp32)
     speed = report["speedups"]
-    assert set(speed) == {"baseline", "fuse_qkv", "channels_last_vae", "tile_batch"}
+    assert set(speed) == {"baseline", "fuse_qkv", "channels_last_vae", "tile_batch", "tile_fit"}
     assert set(speed["fuse_qkv"]) == {"transformer_one_forward", "transformer_tiled"}
     assert set(speed["channels_last_vae"]) == {"vae_encode", "vae_decode"}
     assert speed["tile_batch"]["detail"] == "3 tiles per call"
     for name, entries in speed.items():
         for key, v in entries.items():
-            if name != "baseline" and key != "detail":
+            if name not in ("baseline", "tile_fit") and key != "detail":  # tile_fit changes the grid
                 assert v["output_rel_l2"] < 1e-4 and v["before_s"] == speed["baseline"][key]
+    assert speed["tile_fit"]["detail"].endswith("px tiles instead of 64")
     md = (tmp_path / "bench-tiny.md").read_text()
     assert report["resident_weights"]["modes"]["fp8_storage"] < report["resident_weights"]["modes"]["none"]
     assert "overhead" in md and "| tile_batch (3 tiles per call) | transformer_tiled |" in md
@@ -152,3 +153,8 @@ def test_default_tiles_cost_flux1_dev_more_work_at_2048_and_less_at_4096():
                         / bench.transformer_flops(cfg, (lat // 2) ** 2, 512))
     assert ratios[2048][0] == 9 and 1.55 < ratios[2048][1] < 1.65
     assert ratios[4096][0] == 25 and 0.45 < ratios[4096][1] < 0.51
+    lat = 256  # fitted tiles at 2048 px: 9 tiles of 864 px, 1.14x the untiled FLOPs
+    fitted = bench._tile_shapes(lat, lat, TilingConfig(fit_tiles=True))
+    ratio = sum(bench.transformer_flops(cfg, (h // 2) * (w // 2), 512) for h, w in fitted) / \
+        bench.transformer_flops(cfg, (lat // 2) ** 2, 512)
+    assert len(fitted) == 9 and fitted[0] == (108, 108) and 1.1 < ratio < 1.2

@@ -11,7 +11,7 @@ import torch
 
 from fluxsr_core.interfaces import Cancelled, Conditioning
 from fluxsr_core.tiling import (
-    BLEND_PROFILES, TilingConfig, blend_weights, count_tiles, tile_grid, tile_starts, tiled_apply,
+    BLEND_PROFILES, TilingConfig, blend_weights, count_tiles, fit_tile_length, tile_grid, tile_starts, tiled_apply,
     validate_tiling,
 )
 
@@ -378,3 +378,89 @@ def test_attention_model_batched_tiles_match():
     z2 = torch.cat([z, -z])
     both = tiled_apply(fn, z2, TilingConfig(latent_tile=16, latent_overlap=8, tile_batch_size=4))
     assert torch.allclose(both[:1], single, atol=1e-5)
+
+
+# ------------------------------------------------------------------------------- fitted tiles
+
+@pytest.mark.parametrize("tile,overlap", [(128, 32), (64, 16), (32, 8), (16, 6)])
+def test_fitted_tiles_are_the_shortest_that_keep_count_and_overlap(tile, overlap):
+    for length in range(2, 6 * tile, 2):
+        fixed = tile_starts(length, tile, overlap)
+        fitted = fit_tile_length(length, tile, overlap)
+        if len(fixed) == 1:
+            assert fitted == min(tile, length)
+            continue
+        starts = tile_starts(length, fitted, overlap)
+        assert len(starts) == len(fixed) and fitted <= tile and fitted % 2 == 0, length
+        assert starts[0] == 0 and starts[-1] + fitted == length, length  # covers the axis
+        assert all(fitted - (b - a) >= overlap for a, b in zip(starts, starts[1:])), length
+        # two latent pixels shorter would need another tile or lose overlap
+        n = len(starts)
+        assert fitted - 2 <= overlap or n * (fitted - 2) < length + (n - 1) * overlap or \
+            len(tile_starts(length, fitted - 2, overlap)) > n, length
+
+
+def test_fitted_grid_at_2048px_uses_864px_tiles():
+    cfg = TilingConfig(fit_tiles=True)
+    assert tile_starts(256, 128, 32) == [0, 96, 128]  # fixed: the last two tiles share 75%
+    assert fit_tile_length(256, 128, 32) == 108 and tile_grid(256, 256, cfg)[:3] == [(0, 0), (0, 76), (0, 148)]
+    assert count_tiles(256, 256, cfg) == count_tiles(256, 256, TilingConfig()) == 9
+    assert fit_tile_length(512, 128, 32) == 128  # 4096 px: the fixed grid already fits
+
+
+def test_fitted_tiles_reconstruct_and_match_untiled_away_from_edges():
+    x = torch.randn(1, 16, 34, 44, generator=torch.Generator().manual_seed(3))
+    cfg = TilingConfig(latent_tile=16, latent_overlap=4, fit_tiles=True)
+    ident = lambda t, off: t
+    torch.testing.assert_close(tiled_apply(ident, x, cfg), x, rtol=0, atol=1e-6)
+    fn = conv_fn()
+    tiled = tiled_apply(fn, x, cfg)
+    shapes = {c[0] for c in fn.calls}
+    assert len(fn.calls) == count_tiles(34, 44, cfg) == 3 * 4 and shapes == {(1, 16, 14, 14)}
+    th, tw = 14, 14  # fixed tiles: 16 with the last ones sharing 10 of 16
+    # a 3x3 conv sees the same neighbourhood except within one pixel of a tile edge
+    full = conv_fn()(x, (0, 0))
+    inside = torch.ones(34, 44, dtype=torch.bool)
+    for r, c in tile_grid(34, 44, cfg):
+        for e in (r, r + th - 1):
+            if 0 < e < 33:
+                inside[e, :] = False
+        for e in (c, c + tw - 1):
+            if 0 < e < 43:
+                inside[:, e] = False
+    assert inside.sum() > 0.5 * inside.numel()
+    assert (tiled - full)[0, :, inside].abs().max() < 1e-5
+
+
+def test_fit_tiles_must_be_a_bool():
+    with pytest.raises(ValueError, match="fit_tiles must be True or False"):
+        TilingConfig(fit_tiles=1).validate()
+
+
+def test_fitted_tiles_at_2048px_keep_seams_invisible():
+    """The tiny FLUX transformer over a 256x256 latent (a 2048 px output): fixed 128/32 tiles
+    at [0, 96, 128] against fitted 108-wide tiles at [0, 76, 148]. Measured: border steps
+    fixed 1.00, fitted 0.99; largest step inside an overlap 1.37 and 1.42; difference to the
+    untiled result 0.11 and 0.14 (a tile sees less context); tiled time 0.43 s and 0.25 s."""
+    from fluxsr_core.tiling import axis_tiles
+
+    model, cond = _tiny_velocity()
+    z = smooth_latent(h=256, w=256, seed=3) * 0.2
+    sigma = torch.tensor([0.25])
+
+    def fn(x, offset):
+        with torch.no_grad():
+            return model(x, sigma.expand(x.shape[0]), cond, position_offset=offset)
+
+    with torch.no_grad():
+        untiled = fn(z, (0, 0))
+    cfg = TilingConfig(fit_tiles=True)
+    tile, starts = axis_tiles(256, cfg)
+    assert (tile, starts) == (108, [0, 76, 148])
+    out = tiled_apply(fn, z, cfg)
+    assert seam_ratio(out, starts, tile) < 1.2 and overlap_band_max(out, starts, tile) < 1.6
+    assert _rel(out, untiled) < 0.2
+
+
+def _rel(a, b):
+    return ((a - b).norm() / b.norm()).item()
