@@ -324,7 +324,7 @@ def test_widget_order_is_frozen(pack):
     expect = {
         "FluxSRConditioning": ["bundle", "guidance"],
         "FluxSRTilingOptions": ["tile_size", "tile_overlap", "vae_tile_size", "vae_tile_overlap", "blend",
-                                "global_position_ids", "tile_batch_size"],
+                                "global_position_ids", "tile_batch_size", "fit_tiles"],
         "FluxSRUpscale": ["image", "model", "vae", "conditioning", "scale", "t_l", "color_fix", "tiling"],
         "FluxSRTeacherSampler": ["model", "conditioning", "vae", "seed", "steps", "width", "height",
                                  "trajectory_previews", "dataset_folder"],
@@ -408,6 +408,8 @@ def test_tiling_options_defaults_and_errors(pack):
     assert cls().build(512, 128, 0, 0, "linear", True, 2)[0] == tiling.TilingConfig(
         latent_tile=64, latent_overlap=16, vae_tile=0, vae_overlap=0, blend="linear",
         global_position_ids=True, tile_batch_size=2)
+    assert cls().build(1024, 256, 1024, 128, "gaussian", False, 1, True)[0] == tiling.TilingConfig(fit_tiles=True)
+    assert list(req)[-1] == "fit_tiles"  # saved workflows keep widget values by position: appended last
     with pytest.raises(ValueError, match="larger than overlap"):
         cls().build(512, 512, 0, 0, "gaussian")
     with pytest.raises(ValueError, match="multiple of 16"):

@@ -128,7 +128,7 @@ def test_checker_catches_mistakes(specs):
     assert any("MODEL" in x or "VAE" in x for x in check.check_ui(bad, specs))
     tiling = next(n for n in bad["nodes"] if n["type"] == "FluxSRTilingOptions")
     tiling["widgets_values"] = tiling["widgets_values"][:-1]
-    assert any("no value for widget tile_batch_size" in x for x in check.check_ui(bad, specs))
+    assert any("no value for widget fit_tiles" in x for x in check.check_ui(bad, specs))
     api = read("workflows", "fluxsr_teacher_pairs_api")
     api["99"] = {"class_type": "Note", "inputs": {}}
     api["6"]["inputs"]["steps"] = 0

@@ -132,7 +132,7 @@ def upscale_nodes(tiled: bool) -> Workflow:
         nodes.append(Node(8, "FluxSRTilingOptions", (980, 290), (330, 250),
                           {"tile_size": 1024, "tile_overlap": 256, "vae_tile_size": 1024,
                            "vae_tile_overlap": 128, "blend": "gaussian", "global_position_ids": False,
-                           "tile_batch_size": 1},
+                           "tile_batch_size": 1, "fit_tiles": False},
                           outputs=[("tiling", "FLUXSR_TILING")]))
         links.append((8, 0, 6, "tiling", "FLUXSR_TILING"))
         nodes.append(_note(9, (410, 440), (530, 400), WHERE_TILED))
