@@ -197,9 +197,9 @@ def _load_pipeline(args, tiling, log):
         if not is_out_of_memory(exc):
             raise
         raise UsageError(f"the models do not fit on {device} with --memory-mode {args.memory_mode} "
-                         f"({type(exc).__name__}); FLUX.1-dev needs 22.3 GiB for its weights in bf16, 14.3 GiB "
-                         f"with --memory-mode fp8_storage, 11.2 GiB with fp8_storage_all, and --memory-mode model_offload or group_offload "
-                         f"keep them in RAM") from None
+                         f"({type(exc).__name__}); FLUX.1-dev needs 22.3 GiB for its weights in bf16, "
+                         f"14.3 GiB with --memory-mode fp8_storage, 11.2 GiB with fp8_storage_all, and "
+                         f"--memory-mode model_offload or group_offload keep them in RAM") from None
     settings = merge_settings(cond_bundle.settings, lora_info.settings)
     if args.t_l is not None:
         settings.t_l, settings.source["t_l"] = args.t_l, "command line"

@@ -336,7 +336,8 @@ def store_in_fp8(transformer, compute: torch.dtype, every_linear: bool) -> None:
 
     # The same skip list enable_layerwise_casting builds, less "norm" (which only matches FLUX's
     # modulation linears: its RMSNorm/LayerNorm layers are no Linear, so they are never cast).
-    patterns = DEFAULT_SKIP_MODULES_PATTERN + tuple(getattr(transformer, "_skip_layerwise_casting_patterns", None) or ())
+    patterns = DEFAULT_SKIP_MODULES_PATTERN + tuple(getattr(transformer, "_skip_layerwise_casting_patterns",
+                                                            None) or ())
     patterns = tuple(dict.fromkeys(p for p in patterns if p != "norm")) + tuple(LoraLayer.adapter_layer_names)
     apply_layerwise_casting(transformer, storage_dtype=torch.float8_e4m3fn, compute_dtype=compute,
                             skip_modules_pattern=patterns)
@@ -698,5 +699,6 @@ def build_models(transformer_source: PathLike, vae_source: PathLike, dtype: Unio
             DiffusersCodec(vae, compute_dtype=torch_dtype, tile=vae_tile, tile_overlap=vae_tile_overlap))
 
 
-__all__ = ["resolve_device", "resolve_dtype", "load_transformer", "load_vae", "apply_memory_mode",
-           "apply_speedups", "load_device", "store_in_fp8", "DiffusersVelocity", "DiffusersCodec", "build_models", "MEMORY_MODES", "FP8_MODES", "SPEEDUPS"]
+__all__ = ["resolve_device", "resolve_dtype", "load_transformer", "load_vae", "load_device", "apply_memory_mode",
+           "store_in_fp8", "parse_speedups", "apply_speedups", "DiffusersVelocity", "DiffusersCodec", "build_models",
+           "MEMORY_MODES", "FP8_MODES", "SPEEDUPS"]

@@ -78,7 +78,8 @@ def test_random_model_is_made_in_place_with_the_layers_own_init():
     lin = a.transformer_blocks[0].attn.to_q.weight.float()
     bound = 1 / lin.shape[1] ** 0.5  # nn.Linear's kaiming_uniform(a=sqrt(5)) bound
     assert lin.abs().max() <= bound * 1.01 and lin.std() > bound / 3
-    assert torch.equal(a.transformer_blocks[0].attn.norm_q.weight, torch.ones_like(a.transformer_blocks[0].attn.norm_q.weight))
+    norm = a.transformer_blocks[0].attn.norm_q.weight
+    assert torch.equal(norm, torch.ones_like(norm))
     c = bench.rebuild(a)  # a fresh module tree over the same tensors
     assert c is not a and all(p.data_ptr() == q.data_ptr() for p, q in zip(a.parameters(), c.parameters()))
 

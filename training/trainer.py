@@ -916,8 +916,8 @@ class _Run:
             raise ConfigError("ema.enabled=true is not supported with FSDP (the LoRA is sharded across processes); "
                               "set ema.enabled=false, or use DeepSpeed ZeRO-2 (accelerate_deepspeed_flux.yaml)")
         if self._distributed("DEEPSPEED") and cfg.model.memory_mode in FP8_MODES:
-            raise ConfigError(f"model.memory_mode={cfg.model.memory_mode} does not combine with DeepSpeed (its bf16 engine "
-                              "re-casts every weight); use memory_mode=none with ZeRO-2")
+            raise ConfigError(f"model.memory_mode={cfg.model.memory_mode} does not combine with DeepSpeed (its bf16 "
+                              "engine re-casts every weight); use memory_mode=none with ZeRO-2")
         self._setup_data()  # before the (slow) model loading: a wrong data path fails at once
 
         self.transformer, self.vae, self.dtype = build_student(cfg, acc.device)
