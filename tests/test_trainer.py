@@ -372,6 +372,14 @@ def test_gradient_checkpointing_and_fp8_storage(pairs, tmp_path):
     cos = torch.nn.functional.cosine_similarity(torch.cat([v.flatten() for v in plain.values()]),
                                                 torch.cat([v.flatten() for v in fp8.values()]), dim=0)
     assert cos > 0.9, float(cos)
+    # fp8_storage_all: the modulation linears in fp8 too; the LoRA still fp32 and trainable
+    fp8all, tra = _grads(base.with_overrides(["model.memory_mode=fp8_storage_all"]), z_l, z0, eps, x0, cond, t)
+    assert tra.transformer_blocks[0].norm1.linear.weight.dtype == torch.float8_e4m3fn
+    assert tr8.transformer_blocks[0].norm1.linear.weight.dtype != torch.float8_e4m3fn
+    assert tra.transformer_blocks[0].attn.to_q.lora_A[T.DEFAULT_ADAPTER_NAME].weight.dtype == torch.float32
+    cos = torch.nn.functional.cosine_similarity(torch.cat([v.flatten() for v in plain.values()]),
+                                                torch.cat([v.flatten() for v in fp8all.values()]), dim=0)
+    assert cos > 0.9, float(cos)
 
 
 def test_cli_train_config_resolution(capsys, tmp_path):
