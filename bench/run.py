@@ -573,12 +573,14 @@ def _rss_anon() -> int:
 
 
 def load_from_file(states, device, dtype) -> dict:
-    """Write the transformer as the single BFL file users have, then time
-    ``models.load_transformer(file, device=...)`` and sample the anonymous RSS meanwhile.
+    """Write the transformer as the single BFL file users have, then time loading it onto the
+    device and sample the anonymous RSS meanwhile: ``none`` (``models.load_transformer``: bf16
+    straight onto the device) and ``fp8_storage_all`` (``models.load_transformer_fp8``: cast to
+    fp8 on the device as each tensor arrives).
 
-    Loading straight onto a GPU (memory mode none) keeps RAM flat: the file passes through the
-    page cache one tensor at a time. The file was just written, so it is read from the page
-    cache: this is the load's own cost, not the disk's.
+    Both keep RAM flat on a GPU: the file passes through the page cache one tensor at a time.
+    The file was just written, so it is read from the page cache: this is the load's own cost,
+    not the disk's.
     """
     import tempfile
     import threading
@@ -588,33 +590,38 @@ def load_from_file(states, device, dtype) -> dict:
     from fluxsr_core.weights import transformer_state_dict_to_bfl
 
     (_, _, transformer_state), _ = states
+    out = {}
     with tempfile.TemporaryDirectory(prefix="fluxsr-bench-") as folder:
         path = Path(folder) / "flux1-random.safetensors"
         t0 = time.perf_counter()
         bfl = transformer_state_dict_to_bfl(transformer_state)
         save_file({k: v.contiguous() for k, v in bfl.items()}, str(path))
         del bfl
-        write_s = time.perf_counter() - t0
-        gc.collect()
-        base, peak, stop = _rss_anon(), [0], threading.Event()
+        out.update(file_bytes=path.stat().st_size, write_s=time.perf_counter() - t0, method="RssAnon sampled every 2 ms")
+        loaders = {"none": lambda: models.load_transformer(path, dtype=dtype, device=device),
+                   "fp8_storage_all": lambda: models.load_transformer_fp8(path, "fp8_storage_all", dtype=dtype,
+                                                                          device=device)[0]}
+        for mode, load in loaders.items():
+            gc.collect()
+            base, peak, stop = _rss_anon(), [0], threading.Event()
 
-        def sample():
-            while not stop.is_set():
-                peak[0] = max(peak[0], _rss_anon())
-                time.sleep(0.002)
+            def sample():
+                while not stop.is_set():
+                    peak[0] = max(peak[0], _rss_anon())
+                    time.sleep(0.002)
 
-        sampler = threading.Thread(target=sample, daemon=True)
-        sampler.start()
-        t0 = now()
-        model = models.load_transformer(path, dtype=dtype, device=device)
-        load_s = now() - t0
-        stop.set()
-        sampler.join()
-        on_device = {p.device.type for p in model.parameters()}
-        size = path.stat().st_size
-        del model
-    return dict(file_bytes=size, write_s=write_s, load_s=load_s, ram_growth_peak_bytes=max(0, peak[0] - base),
-                parameters_on=sorted(on_device), method="RssAnon sampled every 2 ms")
+            sampler = threading.Thread(target=sample, daemon=True)
+            sampler.start()
+            t0 = now()
+            model = load()
+            seconds = now() - t0
+            stop.set()
+            sampler.join()
+            out[mode] = dict(load_s=seconds, ram_growth_peak_bytes=max(0, peak[0] - base),
+                             weights_bytes=param_bytes(model),
+                             parameters_on=sorted({p.device.type for p in model.parameters()}))
+            del model
+    return out
 
 
 def _mib(v) -> str:
@@ -672,9 +679,13 @@ def markdown(r: dict) -> str:
                              f"{v['first_call_s']:.2f} | {v['output_rel_l2']:.1e} |")
     if "load_from_file" in r:
         lf = r["load_from_file"]
-        lines += ["", f"Loading the transformer from its {lf['file_bytes'] / 2**30:.2f} GiB single file onto "
-                      f"{'/'.join(lf['parameters_on'])}: {lf['load_s']:.1f} s (file in the page cache), RAM growth at "
-                      f"most {lf['ram_growth_peak_bytes'] / 2**20:.0f} MiB ({lf['method']})."]
+        for mode in ("none", "fp8_storage_all"):
+            if mode in lf:
+                v = lf[mode]
+                lines.append(f"Loading the transformer's {lf['file_bytes'] / 2**30:.2f} GiB single file onto "
+                             f"{'/'.join(v['parameters_on'])} for memory mode {mode}: {v['load_s']:.1f} s (file in "
+                             f"the page cache), {v['weights_bytes'] / 2**30:.2f} GiB of weights, RAM growth at most "
+                             f"{v['ram_growth_peak_bytes'] / 2**20:.0f} MiB ({lf['method']}).")
     if r.get("memory_modes"):
         out_px = next(iter(r["memory_modes"].values()))["out"]
         lines += ["", f"| memory mode ({out_px} px output) | peak growth MiB | peak total MiB | peak reserved MiB | "

@@ -183,10 +183,20 @@ def _load_pipeline(args, tiling, log):
     for line in cond_bundle.report:
         log(f"conditioning: {line}")
     where = models.load_device(args.memory_mode, device)
+    # fp8 modes with the LoRA merged: built in fp8 on the device as the file is read, so no
+    # full-precision copy of the model is ever made (fuse_qkv needs that copy: the usual path)
+    fp8_direct = (args.memory_mode in models.FP8_MODES and not args.no_merge_lora
+                  and "fuse_qkv" not in models.parse_speedups(args.speedups))
     try:
-        transformer = models.load_transformer(args.transformer, dtype=dtype, device=where)
-        lora_info = lora_mod.load_lora(transformer, args.lora, scale=args.lora_scale,
-                                       merge=not args.no_merge_lora)
+        if fp8_direct:
+            where = device
+            transformer, lora_info = models.load_transformer_fp8(
+                args.transformer, args.memory_mode, dtype=dtype, device=device, lora=args.lora,
+                lora_scale=args.lora_scale)
+        else:
+            transformer = models.load_transformer(args.transformer, dtype=dtype, device=where)
+            lora_info = lora_mod.load_lora(transformer, args.lora, scale=args.lora_scale,
+                                           merge=not args.no_merge_lora)
         cond_bundle.check_fits(transformer)
         vae = models.load_vae(args.vae, dtype=dtype, device=where)
         models.apply_speedups(transformer, vae, args.speedups)

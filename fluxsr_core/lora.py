@@ -356,10 +356,6 @@ def load_lora(transformer, path: str | os.PathLike, scale: float = 1.0, merge: b
     XLabs). Raises :class:`LoraError` for an empty file, a full model, a LoRA for another model
     family or for a FLUX model of another width or depth; ``FileNotFoundError`` for a missing file.
     """
-    path = os.fspath(path)
-    scale = float(scale)
-    if not math.isfinite(scale):
-        raise LoraError(f"LoRA scale must be a finite number (got {scale})")
     existing = _existing_adapters(transformer)
     if adapter_name in existing:
         raise LoraError(f"the transformer already has an adapter named '{adapter_name}'; pass another "
@@ -367,7 +363,66 @@ def load_lora(transformer, path: str | os.PathLike, scale: float = 1.0, merge: b
     if merge and existing:
         raise LoraError(f"merge=True needs a transformer without LoRA adapters, but it has "
                         f"{existing}; load with merge=False or start from a fresh transformer")
+    lf = _read_checked(transformer, path, scale)
 
+    # diffusers filters both the tensors and the config by the component prefix.
+    prefixed_cfg = {TRANSFORMER_PREFIX + k: v for k, v in lf.cfg.items()}
+    try:
+        transformer.load_lora_adapter(lf.sd, prefix="transformer", adapter_name=adapter_name,
+                                      metadata=prefixed_cfg)
+    except Exception as exc:
+        raise LoraError(f"{os.path.basename(lf.path)}: loading the LoRA failed in diffusers/peft: "
+                        f"{type(exc).__name__}: {exc}") from exc
+
+    _verify_loaded(transformer, adapter_name, lf.sd, lf.path)
+
+    if merge:
+        # peft's merge: W += scale * scaling * B @ A; then drop the wrappers, keeping merged weights.
+        transformer.fuse_lora(lora_scale=lf.scale, adapter_names=[adapter_name])
+        transformer.unload_lora()
+    else:
+        transformer.set_adapters([adapter_name], weights=[lf.scale])
+    return lf.info(merged=bool(merge), adapter_name=None if merge else adapter_name)
+
+
+@dataclass
+class _LoraFile:
+    """A LoRA file read, converted to diffusers naming and checked against a transformer."""
+
+    path: str
+    scale: float
+    sd: dict[str, torch.Tensor]
+    metadata: dict[str, str]
+    ranks: dict[str, int]
+    cfg: dict
+    alpha_source: str
+    notes: list[str]
+
+    def info(self, merged: bool, adapter_name: Optional[str]) -> LoraInfo:
+        rank = Counter(self.ranks.values()).most_common(1)[0][0]
+        alpha = float(self.cfg["lora_alpha"])
+        per_alpha = {m: _alpha_for(m, self.cfg) for m in self.ranks}
+        settings = settings_from_metadata((self.metadata, f"LoRA {self.path}"))
+        notes = list(self.notes)
+        if settings.lora_rank is None:
+            settings.lora_rank = rank
+        elif settings.lora_rank != rank:
+            notes.append(f"metadata {KEY_LORA_RANK}={settings.lora_rank} but the tensors have rank {rank}")
+        return LoraInfo(
+            path=self.path, rank=rank, alpha=alpha, scale=self.scale, merged=merged,
+            adapter_name=adapter_name, target_modules=sorted(self.ranks), metadata=self.metadata,
+            settings=settings, alpha_source=self.alpha_source,
+            ranks={m: r for m, r in self.ranks.items() if r != rank},
+            alphas={m: a for m, a in per_alpha.items() if a != alpha},
+            notes=notes,
+        )
+
+
+def _read_checked(transformer, path, scale: float) -> _LoraFile:
+    path = os.fspath(path)
+    scale = float(scale)
+    if not math.isfinite(scale):
+        raise LoraError(f"LoRA scale must be a finite number (got {scale})")
     raw, md = _read_safetensors(path)
     md = dict(md or {})
     _check_is_lora(raw, path)
@@ -375,42 +430,36 @@ def load_lora(transformer, path: str | os.PathLike, scale: float = 1.0, merge: b
     sd, network_alphas = _to_diffusers_naming(raw, path, notes)
     ranks = _check_fits(transformer, sd, path)
     cfg, alpha_source = _lora_config(ranks, list(sd), network_alphas, md, path, notes)
+    return _LoraFile(path, scale, sd, md, ranks, cfg, alpha_source, notes)
 
-    # diffusers filters both the tensors and the config by the component prefix.
-    prefixed_cfg = {TRANSFORMER_PREFIX + k: v for k, v in cfg.items()}
-    try:
-        transformer.load_lora_adapter(sd, prefix="transformer", adapter_name=adapter_name,
-                                      metadata=prefixed_cfg)
-    except Exception as exc:
-        raise LoraError(f"{os.path.basename(path)}: loading the LoRA failed in diffusers/peft: "
-                        f"{type(exc).__name__}: {exc}") from exc
 
-    _verify_loaded(transformer, adapter_name, sd, path)
+MergeFactors = dict[str, tuple[torch.Tensor, torch.Tensor, float]]
 
-    if merge:
-        # peft's merge: W += scale * scaling * B @ A; then drop the wrappers, keeping merged weights.
-        transformer.fuse_lora(lora_scale=scale, adapter_names=[adapter_name])
-        transformer.unload_lora()
-    else:
-        transformer.set_adapters([adapter_name], weights=[scale])
 
-    rank_counts = Counter(ranks.values())
-    rank = rank_counts.most_common(1)[0][0]
-    alpha = float(cfg["lora_alpha"])
-    per_alpha = {m: _alpha_for(m, cfg) for m in ranks}
-    settings = settings_from_metadata((md, f"LoRA {path}"))
-    if settings.lora_rank is None:
-        settings.lora_rank = rank
-    elif settings.lora_rank != rank:
-        notes.append(f"metadata {KEY_LORA_RANK}={settings.lora_rank} but the tensors have rank {rank}")
-    return LoraInfo(
-        path=path, rank=rank, alpha=alpha, scale=scale, merged=bool(merge),
-        adapter_name=None if merge else adapter_name, target_modules=sorted(ranks), metadata=md,
-        settings=settings, alpha_source=alpha_source,
-        ranks={m: r for m, r in ranks.items() if r != rank},
-        alphas={m: a for m, a in per_alpha.items() if a != alpha},
-        notes=notes,
-    )
+def merge_factors(transformer, path: str | os.PathLike, scale: float = 1.0) -> tuple[MergeFactors, LoraInfo]:
+    """A LoRA read for folding into the base weights while they load: ``{"<layer>.weight": (A, B,
+    factor)}`` with ``W + factor * B @ A`` peft's merge (``factor = scale * alpha / r``, or
+    ``alpha / sqrt(r)`` with rsLoRA), and what :func:`load_lora` with ``merge=True`` reports.
+
+    ``transformer`` may be a meta-device model: only its layer names and widths are checked.
+    This serves the fp8 memory modes, where the model is built in fp8 straight from the file:
+    peft can neither merge into fp8 weights nor keep a LoRA beside them in full precision (it
+    casts the adapter to the base layer's dtype). DoRA and LoRA biases are refused here (load
+    them with :func:`load_lora`).
+    """
+    lf = _read_checked(transformer, path, scale)
+    if lf.cfg.get("use_dora") or lf.cfg.get("lora_bias"):
+        raise LoraError(f"{os.path.basename(lf.path)} is a DoRA or has LoRA biases, which FluxSR merges only "
+                        "through peft: load it without an fp8 memory mode, or unmerged (--no-merge-lora)")
+    rslora = bool(lf.cfg.get("use_rslora"))
+    factors: MergeFactors = {}
+    for module, rank in lf.ranks.items():
+        alpha = _alpha_for(module, lf.cfg)
+        scaling = alpha / math.sqrt(rank) if rslora else alpha / rank
+        a = lf.sd[f"{TRANSFORMER_PREFIX}{module}.lora_A.weight"]
+        b = lf.sd[f"{TRANSFORMER_PREFIX}{module}.lora_B.weight"]
+        factors[f"{module}.weight"] = (a, b, lf.scale * scaling)
+    return factors, lf.info(merged=True, adapter_name=None)
 
 
 def _alpha_for(module: str, cfg: dict) -> float:

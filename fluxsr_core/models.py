@@ -15,7 +15,7 @@ from __future__ import annotations
 import logging
 import math
 from pathlib import Path
-from typing import Optional, Union
+from typing import Any, Callable, Optional, Union
 
 import torch
 
@@ -41,6 +41,7 @@ VAE_HELP = ("Pass the FLUX VAE: ae.safetensors, a diffusers VAE .safetensors fil
             "folder (with config.json, or a pipeline folder with a vae/ subfolder).")
 
 _EXEC_DEVICE_ATTR = "_fluxsr_execution_device"
+_FP8_MODE_ATTR = "_fluxsr_fp8_mode"
 _COMPUTE_DTYPE_ATTR = "_fluxsr_compute_dtype"
 
 
@@ -130,22 +131,38 @@ def _aligned(t: torch.Tensor) -> torch.Tensor:
 
 
 def _instantiate(cls, config: dict, state_dict: dict[str, torch.Tensor], dtype: torch.dtype,
-                 source: str, device: Optional[torch.device] = None):
+                 source: str, device: Optional[torch.device] = None,
+                 prepare: Optional[Callable[[Any], Optional[Callable]]] = None):
     """Build ``cls`` on the meta device and adopt the tensors (no second copy of 12B weights).
 
     Each tensor is cast and moved to ``device`` (default: the CPU) on its own, so loading
     straight onto a GPU never holds the model in RAM: with safetensors' memory-mapped tensors
     the file passes through the page cache (which the OS can drop), one tensor at a time.
+
+    ``prepare(meta_model)`` may lay the meta model out first (fp8 storage: each tensor then
+    takes the dtype its parameter has there) and return ``edit(key, tensor_on_device)``, applied
+    to every floating tensor before its cast (a LoRA merge).
     """
     from accelerate import init_empty_weights
 
     with init_empty_weights():
         model = cls.from_config(config)
     target = torch.device("cpu") if device is None else device
+    edit, dtypes = None, {}
+    if prepare is not None:
+        model = torch.nn.Module.to(model, dtype=dtype)  # meta: free; the layout starts from dtype
+        edit = prepare(model)
+        dtypes = {k: v.dtype for k, v in model.state_dict().items()}
     # One tensor at a time, replacing in place, so a 23 GB file never exists twice in memory.
     for k in list(state_dict):
         t = state_dict.pop(k)
-        placed = t.to(device=target, dtype=dtype) if t.is_floating_point() else t.to(device=target)
+        if not t.is_floating_point():
+            placed = t.to(device=target)
+        else:
+            placed = t.to(device=target)
+            if edit is not None:
+                placed = edit(k, placed)
+            placed = placed.to(dtypes.get(k, dtype))
         state_dict[k] = _aligned(placed) if target.type == "cpu" else placed
         del t, placed
     result = model.load_state_dict(state_dict, strict=False, assign=True)
@@ -196,11 +213,11 @@ def _folder_with_config(path: Path, subfolder: str, expected_class: str, what: s
 
 
 def _load_from_file(path: Path, cls, to_diffusers, dtype: torch.dtype, what: str,
-                    device: Optional[torch.device] = None):
+                    device: Optional[torch.device] = None, prepare=None):
     sd, _ = read_safetensors(path, what)
     diffusers_sd, config = to_diffusers(sd, str(path))
     del sd
-    return _instantiate(cls, config, diffusers_sd, dtype, str(path), device)
+    return _instantiate(cls, config, diffusers_sd, dtype, str(path), device, prepare)
 
 
 def _align_parameters(model) -> None:
@@ -296,6 +313,57 @@ def load_vae(source: Union[PathLike, str], dtype: Union[str, torch.dtype] = "aut
     return _finish(model, torch_dtype, device)
 
 
+def load_transformer_fp8(source: Union[PathLike, str], memory_mode: str, dtype: Union[str, torch.dtype] = "auto",
+                         device: Union[str, torch.device] = "auto", lora: Optional[PathLike] = None,
+                         lora_scale: float = 1.0, seed: int = 0):
+    """A FLUX transformer built straight into an fp8 memory mode on ``device``, the LoRA merged
+    on the way; returns ``(transformer, LoraInfo or None)``.
+
+    A single file is read one tensor at a time: each weight goes to the device, takes its LoRA
+    delta there in fp32 (``lora.merge_factors``: peft's merge formula) and is cast to the dtype
+    the mode stores it in, so neither RAM nor the device ever holds the model in full precision
+    (FLUX.1-dev: 14.3 or 11.1 GiB on the device for fp8_storage / fp8_storage_all, instead of
+    22 GiB of bf16 in RAM first); an fp8 file's weights are kept exactly as they are. Other
+    sources (diffusers folders, test names) load as usual, merge through peft, then are cast.
+    :func:`apply_memory_mode` with the same mode afterwards only places the VAE.
+    """
+    from diffusers import FluxTransformer2DModel
+
+    from . import lora as lora_mod
+
+    if memory_mode not in FP8_MODES:
+        raise ValueError(f"load_transformer_fp8 is for {', '.join(FP8_MODES)}, not {memory_mode!r}")
+    dev = resolve_device(device)
+    torch_dtype = resolve_dtype(dtype, dev)
+    every_linear = memory_mode == "fp8_storage_all"
+    path = Path(str(source)).expanduser()
+    if not path.is_file():
+        model = load_transformer(source, dtype=torch_dtype, device="cpu", seed=seed)
+        info = lora_mod.load_lora(model, lora, scale=lora_scale, merge=True) if lora is not None else None
+        store_in_fp8(model, torch_dtype, every_linear)
+        return _finish(model, torch_dtype, dev), info
+    found = {}
+
+    def prepare(meta):
+        edit = None
+        if lora is not None:
+            factors, found["info"] = lora_mod.merge_factors(meta, lora, lora_scale)
+
+            def edit(key: str, weight: torch.Tensor) -> torch.Tensor:
+                if key not in factors:
+                    return weight
+                a, b, factor = factors[key]
+                merged = weight.to(torch.float32)
+                return merged.addmm_(b.to(merged.device, torch.float32), a.to(merged.device, torch.float32),
+                                     alpha=factor)
+        store_in_fp8(meta, torch_dtype, every_linear)
+        return edit
+
+    model = _load_from_file(path, FluxTransformer2DModel, transformer_state_dict_to_diffusers, torch_dtype,
+                            "transformer file", dev, prepare)
+    return _finish(model, torch_dtype, dev), found.get("info")
+
+
 # ----------------------------------------------------------------------------- memory modes
 
 def _hook_offload_pair(transformer, vae, device: torch.device) -> None:
@@ -319,7 +387,8 @@ def _hook_offload_pair(transformer, vae, device: torch.device) -> None:
 
 def store_in_fp8(transformer, compute: torch.dtype, every_linear: bool) -> None:
     """diffusers' layerwise casting to ``float8_e4m3fn``, with its own skip list or ours (the
-    fp8 memory modes; in place, on any device, meta included).
+    fp8 memory modes; in place, on any device, meta included; a second call for the same mode
+    does nothing).
 
     ``enable_layerwise_casting`` always adds the model's ``_skip_layerwise_casting_patterns``
     (FLUX: "pos_embed", "norm"), and "norm" matches the AdaLN modulation linears
@@ -327,6 +396,13 @@ def store_in_fp8(transformer, compute: torch.dtype, every_linear: bool) -> None:
     list less "norm" (the peft adapter layers stay skipped: an unmerged LoRA keeps the compute
     dtype either way).
     """
+    mode = "fp8_storage_all" if every_linear else "fp8_storage"
+    done = getattr(transformer, _FP8_MODE_ATTR, None)
+    if done is not None:
+        if done != mode:
+            raise ValueError(f"the transformer is already stored as {done}; load it again for {mode}")
+        return
+    setattr(transformer, _FP8_MODE_ATTR, mode)
     if not every_linear:
         transformer.enable_layerwise_casting(storage_dtype=torch.float8_e4m3fn, compute_dtype=compute)
         return
@@ -344,10 +420,11 @@ def store_in_fp8(transformer, compute: torch.dtype, every_linear: bool) -> None:
 
 
 def load_device(memory_mode: str, device: Union[str, torch.device]) -> torch.device:
-    """Where to load the weights for ``memory_mode`` on ``device``: straight onto the device
-    when they will all live there (``none``), so RAM never holds the model; else the CPU, where
-    the offload modes keep them and where fp8_storage casts them (it needs the full-precision
-    weights first, for the LoRA merge, and they would not fit on the small GPUs it is for)."""
+    """Where :func:`load_transformer` / :func:`load_vae` should put the weights for ``memory_mode``
+    on ``device``: straight onto the device when they will all live there in the dtype they are
+    loaded in (``none``), so RAM never holds the model; else the CPU, where the offload modes
+    keep them and where the fp8 modes cast them (:func:`load_transformer_fp8` builds an fp8
+    transformer on the device directly)."""
     return resolve_device(device) if memory_mode == "none" else torch.device("cpu")
 
 
@@ -700,5 +777,5 @@ def build_models(transformer_source: PathLike, vae_source: PathLike, dtype: Unio
 
 
 __all__ = ["resolve_device", "resolve_dtype", "load_transformer", "load_vae", "load_device", "apply_memory_mode",
-           "store_in_fp8", "parse_speedups", "apply_speedups", "DiffusersVelocity", "DiffusersCodec", "build_models",
+           "store_in_fp8", "load_transformer_fp8", "parse_speedups", "apply_speedups", "DiffusersVelocity", "DiffusersCodec", "build_models",
            "MEMORY_MODES", "FP8_MODES", "SPEEDUPS"]

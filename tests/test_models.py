@@ -466,3 +466,71 @@ def test_fp8_storage_all_also_stores_the_modulation_in_fp8(tiny_model_files, con
         assert weight(mode, "transformer_blocks.0.ff.net.2") == weight(mode, "x_embedder") == fp8, mode
         lora = [d for n, d in dtypes.items() if ".lora_" in n]
         assert lora and all(d == torch.float32 for d in lora), mode
+
+
+# -------------------------------------------------------------------- fp8 straight from the file
+
+@pytest.mark.parametrize("mode", models.FP8_MODES)
+def test_fp8_load_with_merged_lora_matches_merge_then_cast(transformer_files, tiny_model_files, cond, inputs, mode):
+    """load_transformer_fp8 (each weight merged with its LoRA delta and cast as it loads) gives
+    the model that loading in full precision, merging through peft and then casting gives."""
+    from fluxsr_core.lora import load_lora
+
+    path = transformer_files / "flux1-bfl.safetensors"
+    ref = models.load_transformer(path, dtype="fp32")
+    ref_info = load_lora(ref, tiny_model_files.lora, merge=True)
+    models.apply_memory_mode(ref, models.load_vae("tiny", dtype="fp32"), mode, "cpu")
+    got, info = models.load_transformer_fp8(path, mode, dtype="fp32", device="cpu", lora=tiny_model_files.lora)
+    assert info.merged and info.rank == ref_info.rank and info.target_modules == ref_info.target_modules
+    assert info.settings.t_l == ref_info.settings.t_l
+    ref_p, got_p = dict(ref.named_parameters()), dict(got.named_parameters())
+    assert ref_p.keys() == got_p.keys()
+    fp8_elements = same = 0
+    for name, p in ref_p.items():
+        assert got_p[name].dtype == p.dtype, name
+        if p.dtype == torch.float8_e4m3fn:
+            fp8_elements += p.numel()
+            same += int((got_p[name].view(torch.uint8) == p.view(torch.uint8)).sum())
+        else:
+            torch.testing.assert_close(got_p[name], p, rtol=0, atol=1e-5)
+    # one rounding (fp32 merge, then fp8) against peft's: a last-bit difference can flip an fp8 step
+    assert fp8_elements > 0 and same / fp8_elements > 0.999
+    z, s = inputs
+    with torch.no_grad():
+        a, b = models.DiffusersVelocity(got)(z, s, cond), models.DiffusersVelocity(ref)(z, s, cond)
+    assert _rel(a, b) < 1e-3
+    # apply_memory_mode with the same mode leaves it as it is; another fp8 mode is refused
+    models.apply_memory_mode(got, models.load_vae("tiny", dtype="fp32"), mode, "cpu")
+    other = [m for m in models.FP8_MODES if m != mode][0]
+    with pytest.raises(ValueError, match="already stored"):
+        models.apply_memory_mode(got, models.load_vae("tiny", dtype="fp32"), other, "cpu")
+
+
+def test_fp8_file_weights_are_kept_as_they_are(transformer_files):
+    """An fp8 release loaded into an fp8 mode keeps the file's fp8 bytes (no round trip)."""
+    from safetensors import safe_open
+
+    path = transformer_files / "fp8.safetensors"
+    got, info = models.load_transformer_fp8(path, "fp8_storage_all", dtype="fp32", device="cpu")
+    assert info is None
+    with safe_open(str(path), "pt") as f:
+        fused = f.get_tensor("double_blocks.0.img_mlp.0.weight")
+    w = got.transformer_blocks[0].ff.net[0].proj.weight
+    assert w.dtype == torch.float8_e4m3fn and torch.equal(w.view(torch.uint8), fused.view(torch.uint8))
+
+
+def test_fp8_load_of_a_folder_merges_through_peft(transformer_files, tiny_model_files, cond, inputs):
+    """Sources other than a single file load in full precision, merge through peft, then cast."""
+    from fluxsr_core.lora import load_lora
+
+    got, info = models.load_transformer_fp8(transformer_files / "folder", "fp8_storage", dtype="fp32",
+                                            device="cpu", lora=tiny_model_files.lora, lora_scale=0.5)
+    assert info.merged and info.scale == 0.5
+    ref = models.load_transformer(transformer_files / "folder", dtype="fp32")
+    load_lora(ref, tiny_model_files.lora, scale=0.5, merge=True)
+    models.apply_memory_mode(ref, models.load_vae("tiny", dtype="fp32"), "fp8_storage", "cpu")
+    z, s = inputs
+    with torch.no_grad():
+        assert _rel(models.DiffusersVelocity(got)(z, s, cond), models.DiffusersVelocity(ref)(z, s, cond)) < 1e-6
+    with pytest.raises(ValueError, match="load_transformer_fp8 is for"):
+        models.load_transformer_fp8(transformer_files / "folder", "none")
