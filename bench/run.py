@@ -191,9 +191,10 @@ def resident_weights(profile: dict, dtype: torch.dtype) -> dict:
     models: nothing is allocated, so this runs for FLUX.1-dev anywhere).
 
     none: both models. fp8_storage, fp8_storage_all: the memory mode itself applied to the meta
-    transformer (what it stores in fp8 and what it keeps in ``dtype``) plus the VAE. model_offload: the larger
-    model, alone on the device while it runs. group_offload: the layers outside the repeated
-    blocks plus two of the largest block (the running one and the one prefetched on a stream).
+    transformer (what it stores in fp8 and what it keeps in ``dtype``) plus the VAE.
+    model_offload: the larger model, alone on the device while it runs. group_offload: the
+    layers outside the repeated blocks plus two of the largest block (the running one and the
+    one prefetched on a stream).
     """
     meta = torch.device("meta")
     transformer, vae = build(profile, meta, dtype)
