@@ -187,32 +187,12 @@ def param_bytes(module) -> int:
 
 
 def resident_weights(profile: dict, dtype: torch.dtype) -> dict:
-    """Bytes of weights each memory mode keeps on the device, counted from the shapes (meta
-    models: nothing is allocated, so this runs for FLUX.1-dev anywhere).
-
-    none: both models. fp8_storage, fp8_storage_all: the memory mode itself applied to the meta
-    transformer (what it stores in fp8 and what it keeps in ``dtype``) plus the VAE.
-    model_offload: the larger model, alone on the device while it runs. group_offload: the
-    layers outside the repeated blocks plus two of the largest block (the running one and the
-    one prefetched on a stream).
-    """
-    meta = torch.device("meta")
-    transformer, vae = build(profile, meta, dtype)
-    blocks = list(transformer.transformer_blocks) + list(transformer.single_transformer_blocks)
-    block_sizes = [param_bytes(b) for b in blocks]
+    """Bytes of weights each memory mode keeps on the device, from the shapes
+    (``models.weight_bytes_per_mode``, what ``--memory-mode auto`` decides with)."""
+    transformer, vae = build(profile, torch.device("meta"), dtype)
     t_bytes, v_bytes = param_bytes(transformer), param_bytes(vae)
-    fp8 = {}
-    for mode in models.FP8_MODES:
-        fp8[mode] = rebuild(transformer)
-        models.store_in_fp8(fp8[mode], dtype, every_linear=mode == "fp8_storage_all")
-    by_dtype: dict[str, int] = {}
-    for p in fp8["fp8_storage"].parameters():
-        key = str(p.dtype).replace("torch.", "")
-        by_dtype[key] = by_dtype.get(key, 0) + p.numel() * p.element_size()
-    return dict(transformer_bytes=t_bytes, vae_bytes=v_bytes, fp8_storage_transformer_by_dtype=by_dtype,
-                modes=dict(none=t_bytes + v_bytes, **{m: param_bytes(t) + v_bytes for m, t in fp8.items()},
-                           model_offload=max(t_bytes, v_bytes),
-                           group_offload=t_bytes - sum(block_sizes) + 2 * max(block_sizes)))
+    return dict(transformer_bytes=t_bytes, vae_bytes=v_bytes,
+                modes=models.weight_bytes_per_mode(dict(transformer.config), v_bytes, dtype))
 
 
 def conditioning(transformer, n_text: int, device, dtype) -> Conditioning:
@@ -556,9 +536,8 @@ def memory_mode(states, profile, device, dtype, mode: str, tiles: TilingConfig) 
 
 def markdown_weights(w: dict, profile: str) -> str:
     gib = lambda b: f"{b / 2**30:.2f}"
-    split = ", ".join(f"{gib(b)} GiB {k}" for k, b in sorted(w["fp8_storage_transformer_by_dtype"].items()))
     lines = [f"Weights on the device per memory mode ({profile} architecture, from the shapes; transformer "
-             f"{gib(w['transformer_bytes'])} GiB, VAE {gib(w['vae_bytes'])} GiB; fp8_storage transformer: {split}):",
+             f"{gib(w['transformer_bytes'])} GiB, VAE {gib(w['vae_bytes'])} GiB):",
              "", "| memory mode | weights on the device GiB |", "|---|---|"]
     lines += [f"| {mode} | {gib(b)} |" for mode, b in w["modes"].items()]
     return "\n".join(lines) + "\n"

@@ -105,10 +105,11 @@ def build_parser() -> argparse.ArgumentParser:
     d = up.add_argument_group("device")
     d.add_argument("--device", default="auto", help="auto (cuda, mps, cpu), cpu, cuda, cuda:N, mps")
     d.add_argument("--dtype", default="auto", choices=("auto", "bf16", "fp16", "fp32"))
-    d.add_argument("--memory-mode", default="none", choices=MEMORY_MODES,
+    d.add_argument("--memory-mode", default="auto", choices=("auto",) + MEMORY_MODES,
                    help="for small GPUs: CPU offload or fp8 weight storage (diffusers' hooks); FLUX.1-dev's "
                         "weights on the GPU: none 22.3 GiB, fp8_storage 14.3, fp8_storage_all 11.2 (modulation "
-                        "in fp8 too, as ComfyUI's fp8), model_offload 22.2, group_offload 1.4")
+                        "in fp8 too, as ComfyUI's fp8), model_offload 22.2, group_offload 1.4. auto (default): "
+                        "the fastest whose weights leave about 3 GiB of the GPU's free memory (none off CUDA)")
     d.add_argument("--speedups", default="",
                    help=f"opt-in, comma-separated: {', '.join(SPEEDUPS)} (see bench/run.py for measured "
                         f"effects; fuse_qkv needs the LoRA merged)")
@@ -182,6 +183,9 @@ def _load_pipeline(args, tiling, log):
     cond_bundle = bundle_mod.load_bundle(args.conditioning)
     for line in cond_bundle.report:
         log(f"conditioning: {line}")
+    if args.memory_mode == "auto":
+        args.memory_mode, why = models.choose_memory_mode(args.transformer, args.vae, dtype, device)
+        log(f"fluxsr: memory mode {args.memory_mode} (auto: {why})")
     where = models.load_device(args.memory_mode, device)
     # fp8 modes with the LoRA merged: built in fp8 on the device as the file is read, so no
     # full-precision copy of the model is ever made (fuse_qkv needs that copy: the usual path)

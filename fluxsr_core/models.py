@@ -419,6 +419,120 @@ def store_in_fp8(transformer, compute: torch.dtype, every_linear: bool) -> None:
                             skip_modules_pattern=patterns)
 
 
+GIB = 2 ** 30
+# What ``auto`` leaves free beside the weights for one 1024 px tile's activations (transformer
+# blocks run one at a time; the VAE decode of a 1024 px tile dominates): an estimate from the
+# shapes, not yet a measurement on a GPU (bench/run.py --full-size measures the peaks).
+AUTO_HEADROOM_BYTES = 3 * GIB
+# The order auto tries, fastest first; model_offload needs as much room as none, so never wins.
+AUTO_ORDER = ("none", "fp8_storage", "fp8_storage_all", "group_offload")
+
+
+def _param_bytes(module) -> int:
+    return sum(p.numel() * p.element_size() for p in module.parameters())
+
+
+def weight_bytes_per_mode(transformer_config: dict, vae_bytes: int,
+                          dtype: Union[str, torch.dtype] = torch.bfloat16) -> dict[str, int]:
+    """Bytes of weights each memory mode keeps on the device, counted from the shapes.
+
+    Meta-device models, nothing allocated: ``none`` both models; the fp8 modes the transformer
+    laid out by the mode itself (:func:`store_in_fp8`) plus the VAE; ``model_offload`` the larger
+    model; ``group_offload`` the layers outside the repeated blocks plus two of the largest
+    block (the one running and the one prefetched). FLUX.1-dev in bf16: 22.3, 14.3, 11.2, 22.2,
+    1.4 GiB.
+    """
+    from accelerate import init_empty_weights
+    from diffusers import FluxTransformer2DModel
+
+    torch_dtype = resolve_dtype(dtype, "cpu")
+    config = {k: v for k, v in dict(transformer_config).items() if not k.startswith("_")}
+
+    def skeleton():
+        with init_empty_weights():
+            return torch.nn.Module.to(FluxTransformer2DModel.from_config(config), dtype=torch_dtype)
+
+    transformer = skeleton()
+    t_bytes = _param_bytes(transformer)
+    blocks = [_param_bytes(b) for b in list(transformer.transformer_blocks) + list(transformer.single_transformer_blocks)]
+    out = {"none": t_bytes + vae_bytes}
+    for mode in FP8_MODES:
+        laid_out = skeleton()
+        store_in_fp8(laid_out, torch_dtype, every_linear=mode == "fp8_storage_all")
+        out[mode] = _param_bytes(laid_out) + vae_bytes
+    out["model_offload"] = max(t_bytes, vae_bytes)
+    out["group_offload"] = t_bytes - sum(blocks) + 2 * max(blocks, default=0)
+    return out
+
+
+def pick_memory_mode(weights: dict[str, int], free_bytes: int,
+                     headroom_bytes: int = AUTO_HEADROOM_BYTES) -> tuple[str, str]:
+    """The fastest mode of :data:`AUTO_ORDER` whose weights plus ``headroom_bytes`` fit in
+    ``free_bytes``: ``(mode, reason)``; ``group_offload`` when none does."""
+    for mode in AUTO_ORDER:
+        if weights[mode] + headroom_bytes <= free_bytes:
+            return mode, (f"{free_bytes / GIB:.1f} GiB free; {mode} keeps {weights[mode] / GIB:.1f} GiB of weights "
+                          f"there, plus about {headroom_bytes / GIB:.0f} GiB for a tile's activations")
+    return "group_offload", (f"only {free_bytes / GIB:.1f} GiB free: even group_offload's "
+                             f"{weights['group_offload'] / GIB:.1f} GiB of weights leave little room")
+
+
+def _header_tensors(path: Path, what: str) -> dict[str, torch.Tensor]:
+    from .weights import read_safetensors_header
+
+    info, _ = read_safetensors_header(path, what)
+    meta = {}
+    for key, (dtype_name, shape) in info.items():
+        dtype = getattr(torch, {"BF16": "bfloat16", "F16": "float16", "F32": "float32", "F64": "float64",
+                                "F8_E4M3": "float8_e4m3fn", "F8_E5M2": "float8_e5m2"}.get(dtype_name, "float32"))
+        meta[key] = torch.empty(shape, dtype=dtype, device="meta")
+    return meta
+
+
+def _transformer_config_of(source) -> dict:
+    import json
+
+    from .weights import infer_transformer_config
+
+    path = Path(str(source)).expanduser()
+    if path.is_dir():
+        folder, sub = _folder_with_config(path, "transformer", "FluxTransformer2DModel", "a FLUX transformer",
+                                          TRANSFORMER_HELP)
+        return json.loads(((folder / sub) if sub else folder).joinpath("config.json").read_text(encoding="utf-8"))
+    if path.exists():
+        return infer_transformer_config(_header_tensors(path, "transformer file"))
+    if str(source) in RANDOM_INIT_NAMES:
+        return shipped_config(f"{RANDOM_INIT_NAMES[str(source)]}-transformer")
+    raise WeightsNotFoundError(f"transformer not found: {path}. {TRANSFORMER_HELP}")
+
+
+def _vae_bytes_of(source, dtype: torch.dtype) -> int:
+    path = Path(str(source)).expanduser()
+    if path.is_dir():
+        files = sorted(path.glob("*.safetensors")) or sorted((path / "vae").glob("*.safetensors"))
+    elif path.exists():
+        files = [path]
+    else:  # a test name: the shipped config's model is tiny
+        return 0
+    numel = sum(t.numel() for f in files for t in _header_tensors(f, "VAE file").values())
+    return numel * torch.empty(0, dtype=dtype).element_size()
+
+
+def choose_memory_mode(transformer_source, vae_source, dtype: Union[str, torch.dtype] = "auto",
+                       device: Union[str, torch.device] = "auto",
+                       headroom_bytes: int = AUTO_HEADROOM_BYTES) -> tuple[str, str]:
+    """``auto``: the memory mode for these files on ``device``, read from the files' headers
+    (nothing is loaded) and the GPU's free memory: ``(mode, reason)``. Off CUDA: ``none``."""
+    dev = resolve_device(device)
+    if dev.type != "cuda":
+        return "none", f"{dev.type}: the weights live in RAM whatever the mode"
+    torch_dtype = resolve_dtype(dtype, dev)
+    weights = weight_bytes_per_mode(_transformer_config_of(transformer_source),
+                                    _vae_bytes_of(vae_source, torch_dtype), torch_dtype)
+    free, _ = torch.cuda.mem_get_info(dev)
+    return pick_memory_mode(weights, free, headroom_bytes)
+
+
 def load_device(memory_mode: str, device: Union[str, torch.device]) -> torch.device:
     """Where :func:`load_transformer` / :func:`load_vae` should put the weights for ``memory_mode``
     on ``device``: straight onto the device when they will all live there in the dtype they are
@@ -778,4 +892,5 @@ def build_models(transformer_source: PathLike, vae_source: PathLike, dtype: Unio
 
 __all__ = ["resolve_device", "resolve_dtype", "load_transformer", "load_vae", "load_device", "apply_memory_mode",
            "store_in_fp8", "load_transformer_fp8", "parse_speedups", "apply_speedups", "DiffusersVelocity", "DiffusersCodec", "build_models",
-           "MEMORY_MODES", "FP8_MODES", "SPEEDUPS"]
+           "MEMORY_MODES", "FP8_MODES", "SPEEDUPS",
+           "weight_bytes_per_mode", "pick_memory_mode", "choose_memory_mode", "AUTO_HEADROOM_BYTES"]

@@ -135,3 +135,8 @@ def test_fp8_modes_give_the_same_image_built_directly_or_cast_after_loading(tmp_
     capsys.readouterr()
     assert len(direct) == 1  # the fuse_qkv run loaded in full precision first
     assert np.abs(outs[0] - outs[1]).max() <= 2
+
+
+def test_memory_mode_auto_is_the_default_and_says_what_it_chose(tmp_path, photo_png, tiny_model_files, capsys):
+    assert cli.main(["upscale", str(photo_png), "-o", str(tmp_path / "o.png")] + model_args(tiny_model_files)) == 0
+    assert "memory mode none (auto: cpu: the weights live in RAM whatever the mode)" in capsys.readouterr().err

@@ -534,3 +534,34 @@ def test_fp8_load_of_a_folder_merges_through_peft(transformer_files, tiny_model_
         assert _rel(models.DiffusersVelocity(got)(z, s, cond), models.DiffusersVelocity(ref)(z, s, cond)) < 1e-6
     with pytest.raises(ValueError, match="load_transformer_fp8 is for"):
         models.load_transformer_fp8(transformer_files / "folder", "none")
+
+
+# -------------------------------------------------------------------------------- auto mode
+
+def test_auto_memory_mode_for_flux1_dev_by_free_gpu_memory():
+    """FLUX.1-dev's weights per mode, from the shapes, against a card's free memory (3 GiB left
+    for a tile's activations): 12 GiB group_offload, 15 fp8_storage_all, 20 fp8_storage, 32 none."""
+    gib = 2 ** 30
+    need = models.weight_bytes_per_mode(W.shipped_config("flux1-dev-transformer"), 83_819_683 * 2, "bf16")
+    assert round(need["none"] / gib, 1) == 22.3 and round(need["fp8_storage_all"] / gib, 1) == 11.2
+    picks = {free: models.pick_memory_mode(need, free * gib)[0] for free in (12, 15, 20, 32)}
+    assert picks == {12: "group_offload", 15: "fp8_storage_all", 20: "fp8_storage", 32: "none"}
+    mode, why = models.pick_memory_mode(need, 15 * gib)
+    assert "15.0 GiB free" in why and "11.2 GiB" in why
+    assert models.pick_memory_mode(need, 1 * gib)[0] == "group_offload"
+
+
+def test_auto_memory_mode_reads_the_files_headers(transformer_files, vae_files, monkeypatch):
+    """The files' own shapes decide (nothing is loaded); off CUDA it is always none."""
+    assert models.choose_memory_mode(transformer_files / "flux1-bfl.safetensors", vae_files / "ae.safetensors",
+                                     "fp32", "cpu")[0] == "none"
+    tr, vae = models.load_transformer("tiny", dtype="fp32"), models.load_vae("tiny", dtype="fp32")
+    vae_bytes = sum(p.numel() * 4 for p in vae.parameters())
+    need = models.weight_bytes_per_mode(dict(tr.config), vae_bytes, "fp32")
+    assert need["none"] == sum(p.numel() * 4 for p in tr.parameters()) + vae_bytes
+    monkeypatch.setattr(models, "resolve_device", lambda d="auto": torch.device("cuda", 0))
+    for mode in ("none", "fp8_storage", "fp8_storage_all"):
+        monkeypatch.setattr(torch.cuda, "mem_get_info", lambda d=None, free=need[mode]: (free, 2 * free))
+        for t_src in (transformer_files / "flux1-bfl.safetensors", transformer_files / "folder"):
+            got, _ = models.choose_memory_mode(t_src, vae_files / "ae.safetensors", "fp32", "cuda", headroom_bytes=0)
+            assert got == mode, (t_src, mode)
