@@ -162,7 +162,6 @@ def demo_defaults():
 def _load_pipeline(args, tiling, log):
     """Build the velocity model, codec, conditioning and run settings from the user's files."""
     from . import bundle as bundle_mod
-    from . import lora as lora_mod
     from . import models
     from .settings import merge_settings
 
@@ -183,28 +182,13 @@ def _load_pipeline(args, tiling, log):
     cond_bundle = bundle_mod.load_bundle(args.conditioning)
     for line in cond_bundle.report:
         log(f"conditioning: {line}")
-    if args.memory_mode == "auto":
+    if args.memory_mode == "auto":  # said before the minutes of loading, not after
         args.memory_mode, why = models.choose_memory_mode(args.transformer, args.vae, dtype, device)
         log(f"fluxsr: memory mode {args.memory_mode} (auto: {why})")
-    where = models.load_device(args.memory_mode, device)
-    # fp8 modes with the LoRA merged: built in fp8 on the device as the file is read, so no
-    # full-precision copy of the model is ever made (fuse_qkv needs that copy: the usual path)
-    fp8_direct = (args.memory_mode in models.FP8_MODES and not args.no_merge_lora
-                  and "fuse_qkv" not in models.parse_speedups(args.speedups))
     try:
-        if fp8_direct:
-            where = device
-            transformer, lora_info = models.load_transformer_fp8(
-                args.transformer, args.memory_mode, dtype=dtype, device=device, lora=args.lora,
-                lora_scale=args.lora_scale)
-        else:
-            transformer = models.load_transformer(args.transformer, dtype=dtype, device=where)
-            lora_info = lora_mod.load_lora(transformer, args.lora, scale=args.lora_scale,
-                                           merge=not args.no_merge_lora)
-        cond_bundle.check_fits(transformer)
-        vae = models.load_vae(args.vae, dtype=dtype, device=where)
-        models.apply_speedups(transformer, vae, args.speedups)
-        models.apply_memory_mode(transformer, vae, args.memory_mode, device)
+        loaded = models.load_models(args.transformer, args.vae, args.memory_mode, dtype, device, lora=args.lora,
+                                    lora_scale=args.lora_scale, merge_lora=not args.no_merge_lora,
+                                    speedups=args.speedups)
     except Exception as exc:  # noqa: BLE001 - only out-of-memory is turned into advice
         from .upscaler import is_out_of_memory
 
@@ -214,6 +198,8 @@ def _load_pipeline(args, tiling, log):
                          f"({type(exc).__name__}); FLUX.1-dev needs 22.3 GiB for its weights in bf16, "
                          f"14.3 GiB with --memory-mode fp8_storage, 11.2 GiB with fp8_storage_all, and "
                          f"--memory-mode model_offload or group_offload keep them in RAM") from None
+    transformer, vae, lora_info = loaded.transformer, loaded.vae, loaded.lora
+    cond_bundle.check_fits(transformer)
     settings = merge_settings(cond_bundle.settings, lora_info.settings)
     if args.t_l is not None:
         settings.t_l, settings.source["t_l"] = args.t_l, "command line"

@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import logging
 import math
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Callable, Optional, Union
 
@@ -873,24 +874,72 @@ class DiffusersCodec:
 
 # ------------------------------------------------------------------------------ convenience
 
+@dataclass
+class LoadedModels:
+    """What :func:`load_models` placed: the models, the LoRA's report, and the memory mode used
+    with why (``"given"``, or what ``auto`` read off the files and the GPU)."""
+
+    transformer: Any
+    vae: Any
+    lora: Any
+    memory_mode: str
+    memory_mode_reason: str
+    dtype: torch.dtype
+    device: torch.device
+
+
+def load_models(transformer_source: PathLike, vae_source: PathLike, memory_mode: str = "auto",
+                dtype: Union[str, torch.dtype] = "auto", device: Union[str, torch.device] = "auto", *,
+                lora: Optional[PathLike] = None, lora_scale: float = 1.0, merge_lora: bool = True,
+                speedups=(), seed: int = 0) -> LoadedModels:
+    """Both models loaded and placed for a memory mode, with the LoRA and the speed-ups: the one
+    loading path of ``fluxsr upscale`` and ``fluxsr-train pairs``.
+
+    ``auto``: :func:`choose_memory_mode`. ``none``: straight onto the device. The fp8 modes with a
+    merged LoRA (or none): :func:`load_transformer_fp8`, built in fp8 as the file loads. Otherwise
+    the weights load to the CPU, the LoRA goes in through peft, then the speed-ups
+    (:func:`apply_speedups`) and the memory mode (:func:`apply_memory_mode`). ``fuse_qkv`` needs
+    the full-precision weights, so with an fp8 mode it takes the second path.
+    """
+    from . import lora as lora_mod
+
+    dev = resolve_device(device)
+    torch_dtype = resolve_dtype(dtype, dev)
+    reason = "given"
+    if memory_mode == "auto":
+        memory_mode, reason = choose_memory_mode(transformer_source, vae_source, torch_dtype, dev)
+    if memory_mode not in MEMORY_MODES:
+        raise ValueError(f"unknown memory mode {memory_mode!r}; use auto or one of {', '.join(MEMORY_MODES)}")
+    names = parse_speedups(speedups)
+    if "fuse_qkv" in names and lora is not None and not merge_lora:
+        raise ValueError("fuse_qkv needs the LoRA merged (merge_lora=True)")
+    direct_fp8 = memory_mode in FP8_MODES and (lora is None or merge_lora) and "fuse_qkv" not in names
+    where = dev if direct_fp8 else load_device(memory_mode, dev)
+    info = None
+    if direct_fp8:
+        transformer, info = load_transformer_fp8(transformer_source, memory_mode, torch_dtype, dev, lora=lora,
+                                                 lora_scale=lora_scale, seed=seed)
+    else:
+        transformer = load_transformer(transformer_source, dtype=torch_dtype, device=where, seed=seed)
+        if lora is not None:
+            info = lora_mod.load_lora(transformer, lora, scale=lora_scale, merge=merge_lora)
+    vae = load_vae(vae_source, dtype=torch_dtype, device=where, seed=seed)
+    apply_speedups(transformer, vae, names)
+    apply_memory_mode(transformer, vae, memory_mode, dev)
+    return LoadedModels(transformer, vae, info, memory_mode, reason, torch_dtype, dev)
+
+
 def build_models(transformer_source: PathLike, vae_source: PathLike, dtype: Union[str, torch.dtype] = "auto",
                  device: Union[str, torch.device] = "auto", memory_mode: str = "none", *,
                  vae_tile: int = 0, vae_tile_overlap: int = 0, seed: int = 0
                  ) -> tuple[DiffusersVelocity, DiffusersCodec]:
-    """Load both models, apply the memory mode and wrap them: ``(velocity, codec)``."""
-    dev = resolve_device(device)
-    torch_dtype = resolve_dtype(dtype, dev)
-    if memory_mode not in MEMORY_MODES:
-        raise ValueError(f"unknown memory mode {memory_mode!r}; use one of {', '.join(MEMORY_MODES)}")
-    where = load_device(memory_mode, dev)
-    transformer = load_transformer(transformer_source, dtype=torch_dtype, device=where, seed=seed)
-    vae = load_vae(vae_source, dtype=torch_dtype, device=where, seed=seed)
-    apply_memory_mode(transformer, vae, memory_mode, dev)
-    return (DiffusersVelocity(transformer, compute_dtype=torch_dtype),
-            DiffusersCodec(vae, compute_dtype=torch_dtype, tile=vae_tile, tile_overlap=vae_tile_overlap))
+    """:func:`load_models` without a LoRA, wrapped: ``(velocity, codec)``."""
+    loaded = load_models(transformer_source, vae_source, memory_mode, dtype, device, seed=seed)
+    return (DiffusersVelocity(loaded.transformer, compute_dtype=loaded.dtype),
+            DiffusersCodec(loaded.vae, compute_dtype=loaded.dtype, tile=vae_tile, tile_overlap=vae_tile_overlap))
 
 
 __all__ = ["resolve_device", "resolve_dtype", "load_transformer", "load_vae", "load_device", "apply_memory_mode",
-           "store_in_fp8", "load_transformer_fp8", "parse_speedups", "apply_speedups", "DiffusersVelocity", "DiffusersCodec", "build_models",
+           "store_in_fp8", "load_transformer_fp8", "load_models", "LoadedModels", "parse_speedups", "apply_speedups", "DiffusersVelocity", "DiffusersCodec", "build_models",
            "MEMORY_MODES", "FP8_MODES", "SPEEDUPS",
            "weight_bytes_per_mode", "pick_memory_mode", "choose_memory_mode", "AUTO_HEADROOM_BYTES"]

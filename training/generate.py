@@ -53,7 +53,7 @@ class GenerateConfig:
 
     Teacher: ``transformer`` and ``vae`` (files or folders; ``"tiny"`` for the test models),
     ``dtype`` (``auto``: bf16 on GPU, fp32 on CPU), ``device``, ``memory_mode`` (none,
-    model_offload, group_offload, fp8_storage, fp8_storage_all). Conditioning: ``bundle`` (a fixed bundle for
+    model_offload, group_offload, fp8_storage, fp8_storage_all, auto). Conditioning: ``bundle`` (a fixed bundle for
     every prompt) or ``text_encoders`` (a FLUX pipeline folder with ``text_encoder``,
     ``tokenizer``, ``text_encoder_2``, ``tokenizer_2``) and/or ``clip`` / ``t5`` folders holding
     model and tokenizer. Sampling: ``steps``, ``guidance``, ``height``, ``width`` (multiples of
@@ -349,11 +349,12 @@ def generate_pairs(cfg: GenerateConfig, on_pair: Optional[Callable[[str], None]]
         log.info("rank %d/%d (%s): %d pairs assigned, %d already stored, %d to make now", rank, world,
                  writer_id, len(mine), result.skipped, len(todo))
         if todo:
-            transformer = models.load_transformer(cfg.transformer, dtype=dtype, device=None, seed=cfg.init_seed)
-            conds = prompt_conditionings(cfg, [j.prompt for j in todo], transformer.config, dtype, dev)
             # The VAE is small next to the transformer; loading it always keeps one code path.
-            vae = models.load_vae(cfg.vae, dtype=dtype, device=None, seed=cfg.init_seed)
-            models.apply_memory_mode(transformer, vae, cfg.memory_mode, dev)
+            loaded = models.load_models(cfg.transformer, cfg.vae, cfg.memory_mode, dtype, dev, seed=cfg.init_seed)
+            if loaded.memory_mode_reason != "given":
+                log.info("memory mode %s (auto: %s)", loaded.memory_mode, loaded.memory_mode_reason)
+            transformer, vae = loaded.transformer, loaded.vae
+            conds = prompt_conditionings(cfg, [j.prompt for j in todo], transformer.config, dtype, dev)
             velocity = models.DiffusersVelocity(transformer, compute_dtype=dtype, device=dev)
             codec = models.DiffusersCodec(vae, compute_dtype=dtype) if cfg.save_image else None
             teacher = os.path.basename(os.path.normpath(str(cfg.transformer)))
