@@ -26,6 +26,9 @@ def test_tiny_benchmark_writes_a_complete_report(tmp_path):
     assert report["teacher"]["steps"] == 3 and report["memory"]["method"]
     # --tiny keeps the whole full-size path running: two sizes, efficiency, every memory mode
     assert len(report["upscale"]) == 2 and report["transformer_efficiency"]["flops"] > 0
+    eff = report["transformer_efficiency"]
+    assert eff["flops_counted"] == pytest.approx(eff["flops"], rel=0.1)  # tiny: modulation and embedders weigh more
+    assert eff["upscale_over_transformer_flops"] > 1 and eff["vae"]["vae_decode"]["flops"] > 0
     assert set(report["memory_modes"]) == {"none", "fp8_storage", "fp8_storage_all", "model_offload", "group_offload"}
     assert all(v["out"] == 128 for v in report["memory_modes"].values())  # at the larger size
     loaded = report["load_from_file"]
@@ -161,3 +164,20 @@ def test_default_tiles_cost_flux1_dev_more_work_at_2048_and_less_at_4096():
     ratio = sum(bench.transformer_flops(cfg, (h // 2) * (w // 2), 512) for h, w in fitted) / \
         bench.transformer_flops(cfg, (lat // 2) ** 2, 512)
     assert len(fitted) == 9 and fitted[0] == (108, 108) and 1.1 < ratio < 1.2
+
+
+def test_flops_counted_by_torch_on_meta_tensors_agree_with_the_hand_count():
+    """FLUX.1-dev at 1024 px, counted by FlopCounterMode on meta tensors: the transformer's 74.4
+    TFLOP match transformer_flops within 0.1%; the VAE adds 4.9 (encode) + 10.5 (decode) TFLOP,
+    so even at the transformer's rate the whole upscale takes 1.21x the transformer alone."""
+    import torch
+
+    bench = load_bench("fluxsr_bench_run8")
+    counted = bench.counted_flops(bench.PROFILES["full"], torch.bfloat16, 1024)
+    from types import SimpleNamespace
+    cfg = SimpleNamespace(num_attention_heads=24, attention_head_dim=128, num_layers=19, num_single_layers=38,
+                          in_channels=64, joint_attention_dim=4096)
+    assert counted["transformer"] == pytest.approx(bench.transformer_flops(cfg, 4096, 512), rel=1e-3)
+    assert counted["vae_encode"] == pytest.approx(4.88e12, rel=0.01)
+    assert counted["vae_decode"] == pytest.approx(10.47e12, rel=0.01)
+    assert sum(counted.values()) / counted["transformer"] == pytest.approx(1.21, abs=0.01)
