@@ -59,7 +59,7 @@ class TilingConfig:
     latent with the same number of tiles and at least ``latent_overlap`` between neighbours
     (:func:`fit_tile_length`). The fixed grid snaps its last tile to the border, so a 2048 px
     image in 1024 px tiles is three tiles a side where the last two share 75%; fitted, they are
-    864 px with 256-272 px overlaps: the same count, 29% fewer tokens.
+    864 px with 256-288 px overlaps: the same count, 29% fewer tokens.
     """
 
     latent_tile: int = 128        # 1024 image pixels: FLUX.1-dev's home resolution
