@@ -514,6 +514,9 @@ def main(argv=None) -> int:
             section(f"speed-ups against the unchanged models: {', '.join(speedups)}")
             report["speedups"] = speedup_variants(transformer, vae, cond, profile, tiles, dtype, speedups,
                                                   profile["repeats"])
+            # compiled code and CUDA graph pools hold the variants' modules (and so the weights):
+            # let them go before the memory modes measure what is on the device
+            torch.compiler.reset()
             save()
     modes = [m.strip() for m in args.memory_modes.split(",") if m.strip()]
     if full_report:
@@ -539,8 +542,10 @@ def memory_mode(states, profile, device, dtype, mode: str, tiles: TilingConfig) 
     """Peak memory and time of one x4 upscale to twice the base side (full size: 2048 px, tiled)
     under one memory mode, with fresh models over the CPU weights ``states``."""
     gc.collect()
+    leftover = None
     if device.type == "cuda":
         torch.cuda.empty_cache()
+        leftover = torch.cuda.memory_allocated(device)  # should be ~0: counted in peak_total_bytes
     transformer, vae = (from_state(cls, cfg, sd) for cls, cfg, sd in states)
     t0 = now()
     models.apply_memory_mode(transformer, vae, mode, device)
@@ -556,7 +561,7 @@ def memory_mode(states, profile, device, dtype, mode: str, tiles: TilingConfig) 
         with PeakMemory(device) as pm:
             upscale_tensor(lr, velocity, codec, cond, options)
     out = dict(out=profile["lr"] * 8, peak_bytes=pm.peak, peak_total_bytes=pm.total, peak_reserved_bytes=pm.reserved,
-               seconds=t, place_s=place_s)
+               seconds=t, place_s=place_s, allocated_before_bytes=leftover)
     del transformer, vae, velocity, codec
     gc.collect()
     return out
