@@ -358,7 +358,7 @@ def speedup_variants(transformer, vae, cond, profile, tiles: TilingConfig, dtype
     transformer_keys = ["transformer_one_forward", "transformer_tiled"]
     vae_keys = ["vae_encode", "vae_decode"]
     wanted = {"fuse_qkv": transformer_keys, "compile": transformer_keys, "compile_cudagraphs": transformer_keys,
-              "cudnn_attention": transformer_keys, "channels_last_vae": vae_keys, "tile_batch": ["transformer_tiled"],
+              "cudnn_attention": transformer_keys, "flash_attention": transformer_keys, "channels_last_vae": vae_keys, "tile_batch": ["transformer_tiled"],
               "tile_fit": ["transformer_tiled"]}
     unknown = [n for n in names if n not in wanted]
     if unknown:
@@ -412,8 +412,9 @@ def main(argv=None) -> int:
                         help="full size and --tiny: memory modes to measure ('' for none)")
     parser.add_argument("--speedups", default=None,
                         help="speed-ups to measure against the unchanged models, comma-separated, from "
-                             "fuse_qkv, channels_last_vae, tile_batch, tile_fit, cudnn_attention, compile, "
-                             "compile_cudagraphs ('' for none; default: all on CUDA, the first four elsewhere)")
+                             "fuse_qkv, channels_last_vae, tile_batch, tile_fit, flash_attention, cudnn_attention, "
+                             "compile, compile_cudagraphs ('' for none; default: all on CUDA, the first four "
+                             "elsewhere)")
     parser.add_argument("--weights-only", action="store_true",
                         help="only the weights each memory mode keeps on the device, from the shapes "
                              "(no device needed: --full-size --weights-only gives FLUX.1-dev's on any machine)")
@@ -434,7 +435,8 @@ def main(argv=None) -> int:
     speedups = args.speedups
     if speedups is None:
         # compile last: the slowest to set up, so a run cut short loses the least
-        speedups = "fuse_qkv,channels_last_vae,tile_batch,tile_fit,cudnn_attention,compile,compile_cudagraphs" \
+        speedups = "fuse_qkv,channels_last_vae,tile_batch,tile_fit,flash_attention,cudnn_attention,compile," \
+            "compile_cudagraphs" \
             if device.type == "cuda" else \
             "fuse_qkv,channels_last_vae,tile_batch,tile_fit"
     speedups = [n.strip() for n in speedups.split(",") if n.strip()]

@@ -595,7 +595,9 @@ def apply_memory_mode(transformer, vae, mode: str, device: Union[str, torch.devi
 
 # ------------------------------------------------------------------------------- speed-ups
 
-SPEEDUPS = ("fuse_qkv", "compile", "compile_cudagraphs", "channels_last_vae", "cudnn_attention")
+SPEEDUPS = ("fuse_qkv", "compile", "compile_cudagraphs", "channels_last_vae", "cudnn_attention", "flash_attention")
+# diffusers attention backends: torch's SDPA held to one kernel (it otherwise picks per call)
+_ATTENTION_BACKENDS = {"cudnn_attention": "_native_cudnn", "flash_attention": "_native_flash"}
 
 
 def _has_unmerged_lora(module) -> bool:
@@ -609,16 +611,18 @@ def _has_placement_hooks(module) -> bool:
 
 def parse_speedups(speedups) -> list[str]:
     """``"fuse_qkv,compile"`` (or a list of names) -> the list of names, checked before any model
-    is loaded: unknown names, compile with compile_cudagraphs, and cudnn_attention without a
-    CUDA GPU raise ValueError."""
+    is loaded: unknown names, two compile modes or two attention backends at once, and an
+    attention backend without a CUDA GPU raise ValueError."""
     names = [s.strip() for s in (speedups.split(",") if isinstance(speedups, str) else speedups) if s.strip()]
     unknown = [s for s in names if s not in SPEEDUPS]
     if unknown:
         raise ValueError(f"unknown speed-up {unknown[0]!r}; choose from {', '.join(SPEEDUPS)}")
-    if "compile" in names and "compile_cudagraphs" in names:
-        raise ValueError("choose one of compile and compile_cudagraphs")
-    if "cudnn_attention" in names and not torch.cuda.is_available():
-        raise ValueError("cudnn_attention needs a CUDA GPU (cuDNN's attention kernel)")
+    for pair in (("compile", "compile_cudagraphs"), tuple(_ATTENTION_BACKENDS)):
+        if all(p in names for p in pair):
+            raise ValueError(f"choose one of {' and '.join(pair)}")
+    for name in _ATTENTION_BACKENDS:
+        if name in names and not torch.cuda.is_available():
+            raise ValueError(f"{name} needs a CUDA GPU (its attention kernel is CUDA's)")
     return names
 
 
@@ -635,8 +639,8 @@ def apply_speedups(transformer, vae, speedups, *, compile_backend: str = "induct
     * ``channels_last_vae``: the VAE's convolution weights in channels-last memory format, the
       layout cuDNN's fastest convolution kernels use.
     * ``cudnn_attention``: diffusers' attention backend ``_native_cudnn`` (torch's SDPA held to
-      cuDNN's fused attention, faster than its default flash kernel on Hopper by NVIDIA's
-      account); CUDA only.
+      cuDNN's fused attention, faster than its flash kernel on Hopper by NVIDIA's account);
+      ``flash_attention``: ``_native_flash`` (held to torch's flash kernel). CUDA only.
 
     Call after loading (and merging) the LoRA and before :func:`apply_memory_mode`: fusing
     copies the q/k/v weights into a new layer, which an unmerged LoRA would silently miss and a
@@ -652,8 +656,9 @@ def apply_speedups(transformer, vae, speedups, *, compile_backend: str = "induct
             raise ValueError("fuse_qkv must come before the memory mode (apply_speedups, then apply_memory_mode)")
         with torch.no_grad():
             transformer.fuse_qkv_projections()
-    if "cudnn_attention" in names:
-        transformer.set_attention_backend("_native_cudnn")
+    for name, backend in _ATTENTION_BACKENDS.items():
+        if name in names:
+            transformer.set_attention_backend(backend)
     if "channels_last_vae" in names:
         vae.to(memory_format=torch.channels_last)
     for name, options in (("compile", {}), ("compile_cudagraphs", {"mode": "reduce-overhead"})):

@@ -397,9 +397,13 @@ def test_speedups_refuse_what_they_would_get_wrong(tiny_model_files):
         models.apply_speedups(models.load_transformer("tiny", dtype="fp32"), vae, "fuse_qkv,turbo")
     with pytest.raises(ValueError, match="one of compile and compile_cudagraphs"):
         models.apply_speedups(models.load_transformer("tiny", dtype="fp32"), vae, "compile,compile_cudagraphs")
+    with pytest.raises(ValueError, match="one of cudnn_attention and flash_attention"):
+        models.parse_speedups("flash_attention,cudnn_attention")
     if not torch.cuda.is_available():
         with pytest.raises(ValueError, match="needs a CUDA GPU"):
             models.apply_speedups(models.load_transformer("tiny", dtype="fp32"), vae, "cudnn_attention")
+        with pytest.raises(ValueError, match="needs a CUDA GPU"):
+            models.apply_speedups(models.load_transformer("tiny", dtype="fp32"), vae, "flash_attention")
     separate = models.load_transformer("tiny", dtype="fp32")
     load_lora(separate, tiny_model_files.lora, merge=False)
     with pytest.raises(ValueError, match="LoRA merged"):
