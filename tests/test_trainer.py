@@ -338,10 +338,15 @@ def _grads(cfg: T.TrainConfig, z_l, z0, eps, x0, cond, t) -> tuple[dict[str, tor
     tr, vae, dtype = T.build_student(cfg, "cpu")
     tr.train()
     params = T.lora_parameters(tr)
-    with torch.no_grad():  # lora_B starts at zero; make the LoRA path carry gradient to lora_A too
+    with torch.no_grad():
+        # lora_B starts at zero; make the LoRA path carry gradient to lora_A too. lora_A is set
+        # as well, so that runs with different memory modes (whose random starts differ: the fp8
+        # modes draw lora_A again in fp32) compare the same LoRA.
         for k, p in params.items():
             if ".lora_B." in k:
                 p.normal_(0, 0.1, generator=torch.Generator().manual_seed(len(k)))
+            elif ".lora_A." in k:
+                p.normal_(0, 0.1, generator=torch.Generator().manual_seed(len(k) + 1000))
     hook = ADLFeatureHook(tr, "double:0;single:0", active=False)
     vel = models.DiffusersVelocity(tr, compute_dtype=dtype)
     codec = models.DiffusersCodec(vae, compute_dtype=dtype)
@@ -363,6 +368,11 @@ def test_gradient_checkpointing_and_fp8_storage(pairs, tmp_path):
     assert tr.gradient_checkpointing and plain.keys() == ckpt.keys()
     assert all(torch.allclose(plain[k], ckpt[k], atol=1e-6) for k in plain)  # same maths, less memory
     assert all(float(v.abs().max()) > 0 for v in plain.values())
+    torch.manual_seed(0)
+    fresh, _, _ = T.build_student(base.with_overrides(["model.memory_mode=fp8_storage"]), "cpu")
+    start = fresh.transformer_blocks[0].attn.to_q.lora_A[T.DEFAULT_ADAPTER_NAME].weight
+    # the fp8 modes' random start is a full fp32 draw, not one rounded to fp8's 3 mantissa bits
+    assert start.dtype == torch.float32 and (start.to(torch.float8_e4m3fn).float() != start).float().mean() > 0.9
     fp8, tr8 = _grads(base.with_overrides(["model.memory_mode=fp8_storage"]), z_l, z0, eps, x0, cond, t)
     q = tr8.transformer_blocks[0].attn.to_q
     assert q.base_layer.weight.dtype == torch.float8_e4m3fn and not q.base_layer.weight.requires_grad

@@ -413,8 +413,8 @@ def build_student(cfg: TrainConfig, device: torch.device | str = "cpu"):
 
     Returns ``(transformer, vae, compute_dtype)``. The transformer carries the trainable
     adapter :data:`fluxsr_core.lora.DEFAULT_ADAPTER_NAME`; everything else is frozen. With
-    ``model.memory_mode = "fp8_storage"`` the base weights are stored as float8 (diffusers'
-    layerwise casting, which skips the LoRA layers). The LoRA's initial values come from the
+    ``model.memory_mode = "fp8_storage"`` (or ``fp8_storage_all``) the base weights are built in
+    float8 on the device as the file loads (diffusers' layerwise casting; the LoRA stays fp32). The LoRA's initial values come from the
     torch RNG: seed it first for reproducible runs (:func:`train` does).
     """
     from peft import LoraConfig as PeftLoraConfig
@@ -423,9 +423,17 @@ def build_student(cfg: TrainConfig, device: torch.device | str = "cpu"):
 
     dev = _device(device)
     dtype = models.resolve_dtype(cfg.model.dtype, dev)
-    # memory_mode none: straight onto this rank's device, so N ranks never hold N models in RAM
-    where = models.load_device(cfg.model.memory_mode, dev)
-    transformer = models.load_transformer(cfg.model.transformer, dtype=dtype, device=where, seed=cfg.model.init_seed)
+    # Straight onto this rank's device, so N ranks never hold N models in RAM: in bf16 (none), or
+    # built in fp8 as the file loads (the fp8 modes)
+    fp8 = cfg.model.memory_mode in FP8_MODES
+    if fp8:
+        transformer, _ = models.load_transformer_fp8(cfg.model.transformer, cfg.model.memory_mode, dtype=dtype,
+                                                     device=dev, seed=cfg.model.init_seed)
+        where = dev
+    else:
+        where = models.load_device(cfg.model.memory_mode, dev)
+        transformer = models.load_transformer(cfg.model.transformer, dtype=dtype, device=where,
+                                              seed=cfg.model.init_seed)
     vae = models.load_vae(cfg.model.vae, dtype=dtype, device=where, seed=cfg.model.init_seed)
     transformer.requires_grad_(False)
     vae.requires_grad_(False)
@@ -437,6 +445,15 @@ def build_student(cfg: TrainConfig, device: torch.device | str = "cpu"):
     for p in transformer.parameters():
         if p.requires_grad:
             p.data = p.data.to(torch.float32)
+    if fp8:
+        # peft made the adapter in its base layer's storage dtype, fp8, rounding lora_A's random
+        # start to 3 mantissa bits: draw it again in fp32 (lora_B starts at zero either way)
+        from peft.tuners.lora.layer import LoraLayer
+
+        with torch.no_grad():
+            for module in transformer.modules():
+                if isinstance(module, LoraLayer) and DEFAULT_ADAPTER_NAME in module.lora_A:
+                    module.reset_lora_parameters(DEFAULT_ADAPTER_NAME, True)
     models.apply_memory_mode(transformer, vae, cfg.model.memory_mode, dev)
     if cfg.model.gradient_checkpointing:
         transformer.enable_gradient_checkpointing()
