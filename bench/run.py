@@ -182,15 +182,11 @@ def build(profile: dict, device: torch.device, dtype: torch.dtype):
             random_model(AutoencoderKL, strip(vcfg), dtype, device, seed=1))
 
 
-def param_bytes(module) -> int:
-    return sum(p.numel() * p.element_size() for p in module.parameters())
-
-
 def resident_weights(profile: dict, dtype: torch.dtype) -> dict:
     """Bytes of weights each memory mode keeps on the device, from the shapes
     (``models.weight_bytes_per_mode``, what ``--memory-mode auto`` decides with)."""
     transformer, vae = build(profile, torch.device("meta"), dtype)
-    t_bytes, v_bytes = param_bytes(transformer), param_bytes(vae)
+    t_bytes, v_bytes = models.param_bytes(transformer), models.param_bytes(vae)
     return dict(transformer_bytes=t_bytes, vae_bytes=v_bytes,
                 modes=models.weight_bytes_per_mode(dict(transformer.config), v_bytes, dtype))
 
@@ -358,7 +354,8 @@ def speedup_variants(transformer, vae, cond, profile, tiles: TilingConfig, dtype
     transformer_keys = ["transformer_one_forward", "transformer_tiled"]
     vae_keys = ["vae_encode", "vae_decode"]
     wanted = {"fuse_qkv": transformer_keys, "compile": transformer_keys, "compile_cudagraphs": transformer_keys,
-              "cudnn_attention": transformer_keys, "flash_attention": transformer_keys, "channels_last_vae": vae_keys, "tile_batch": ["transformer_tiled"],
+              "cudnn_attention": transformer_keys, "flash_attention": transformer_keys, "channels_last_vae": vae_keys,
+              "tile_batch": ["transformer_tiled"],
               "tile_fit": ["transformer_tiled"]}
     unknown = [n for n in names if n not in wanted]
     if unknown:
@@ -620,7 +617,8 @@ def load_from_file(states, device, dtype) -> dict:
         bfl = transformer_state_dict_to_bfl(transformer_state)
         save_file({k: v.contiguous() for k, v in bfl.items()}, str(path))
         del bfl
-        out.update(file_bytes=path.stat().st_size, write_s=time.perf_counter() - t0, method="RssAnon sampled every 2 ms")
+        out.update(file_bytes=path.stat().st_size, write_s=time.perf_counter() - t0,
+                   method="RssAnon sampled every 2 ms")
         loaders = {"none": lambda: models.load_transformer(path, dtype=dtype, device=device),
                    "fp8_storage_all": lambda: models.load_transformer_fp8(path, "fp8_storage_all", dtype=dtype,
                                                                           device=device)[0]}
@@ -641,7 +639,7 @@ def load_from_file(states, device, dtype) -> dict:
             stop.set()
             sampler.join()
             out[mode] = dict(load_s=seconds, ram_growth_peak_bytes=max(0, peak[0] - base),
-                             weights_bytes=param_bytes(model),
+                             weights_bytes=models.param_bytes(model),
                              parameters_on=sorted({p.device.type for p in model.parameters()}))
             del model
     return out

@@ -429,7 +429,8 @@ AUTO_HEADROOM_BYTES = 3 * GIB
 AUTO_ORDER = ("none", "fp8_storage", "fp8_storage_all", "group_offload")
 
 
-def _param_bytes(module) -> int:
+def param_bytes(module) -> int:
+    """Bytes of a module's parameters as stored (fp8 layers count one byte per weight)."""
     return sum(p.numel() * p.element_size() for p in module.parameters())
 
 
@@ -454,13 +455,14 @@ def weight_bytes_per_mode(transformer_config: dict, vae_bytes: int,
             return torch.nn.Module.to(FluxTransformer2DModel.from_config(config), dtype=torch_dtype)
 
     transformer = skeleton()
-    t_bytes = _param_bytes(transformer)
-    blocks = [_param_bytes(b) for b in list(transformer.transformer_blocks) + list(transformer.single_transformer_blocks)]
+    t_bytes = param_bytes(transformer)
+    blocks = [param_bytes(b) for b in
+              list(transformer.transformer_blocks) + list(transformer.single_transformer_blocks)]
     out = {"none": t_bytes + vae_bytes}
     for mode in FP8_MODES:
         laid_out = skeleton()
         store_in_fp8(laid_out, torch_dtype, every_linear=mode == "fp8_storage_all")
-        out[mode] = _param_bytes(laid_out) + vae_bytes
+        out[mode] = param_bytes(laid_out) + vae_bytes
     out["model_offload"] = max(t_bytes, vae_bytes)
     out["group_offload"] = t_bytes - sum(blocks) + 2 * max(blocks, default=0)
     return out
@@ -944,7 +946,8 @@ def build_models(transformer_source: PathLike, vae_source: PathLike, dtype: Unio
             DiffusersCodec(loaded.vae, compute_dtype=loaded.dtype, tile=vae_tile, tile_overlap=vae_tile_overlap))
 
 
-__all__ = ["resolve_device", "resolve_dtype", "load_transformer", "load_vae", "load_device", "apply_memory_mode",
-           "store_in_fp8", "load_transformer_fp8", "load_models", "LoadedModels", "parse_speedups", "apply_speedups", "DiffusersVelocity", "DiffusersCodec", "build_models",
-           "MEMORY_MODES", "FP8_MODES", "SPEEDUPS",
-           "weight_bytes_per_mode", "pick_memory_mode", "choose_memory_mode", "AUTO_HEADROOM_BYTES"]
+__all__ = ["resolve_device", "resolve_dtype", "load_transformer", "load_vae", "load_device", "load_models",
+           "LoadedModels", "load_transformer_fp8", "apply_memory_mode", "store_in_fp8", "parse_speedups",
+           "apply_speedups", "DiffusersVelocity", "DiffusersCodec", "build_models", "MEMORY_MODES", "FP8_MODES",
+           "SPEEDUPS", "param_bytes", "weight_bytes_per_mode", "pick_memory_mode", "choose_memory_mode",
+           "AUTO_HEADROOM_BYTES"]

@@ -424,17 +424,10 @@ def build_student(cfg: TrainConfig, device: torch.device | str = "cpu"):
     dev = _device(device)
     dtype = models.resolve_dtype(cfg.model.dtype, dev)
     # Straight onto this rank's device, so N ranks never hold N models in RAM: in bf16 (none), or
-    # built in fp8 as the file loads (the fp8 modes)
-    fp8 = cfg.model.memory_mode in FP8_MODES
-    if fp8:
-        transformer, _ = models.load_transformer_fp8(cfg.model.transformer, cfg.model.memory_mode, dtype=dtype,
-                                                     device=dev, seed=cfg.model.init_seed)
-        where = dev
-    else:
-        where = models.load_device(cfg.model.memory_mode, dev)
-        transformer = models.load_transformer(cfg.model.transformer, dtype=dtype, device=where,
-                                              seed=cfg.model.init_seed)
-    vae = models.load_vae(cfg.model.vae, dtype=dtype, device=where, seed=cfg.model.init_seed)
+    # built in fp8 as the file loads (the fp8 modes); the memory mode is in place from here on
+    loaded = models.load_models(cfg.model.transformer, cfg.model.vae, cfg.model.memory_mode, dtype, dev,
+                                seed=cfg.model.init_seed)
+    transformer, vae = loaded.transformer, loaded.vae
     transformer.requires_grad_(False)
     vae.requires_grad_(False)
     targets = resolve_lora_targets(transformer, cfg.lora.target_modules, cfg.lora.blocks)
@@ -445,7 +438,7 @@ def build_student(cfg: TrainConfig, device: torch.device | str = "cpu"):
     for p in transformer.parameters():
         if p.requires_grad:
             p.data = p.data.to(torch.float32)
-    if fp8:
+    if cfg.model.memory_mode in FP8_MODES:
         # peft made the adapter in its base layer's storage dtype, fp8, rounding lora_A's random
         # start to 3 mantissa bits: draw it again in fp32 (lora_B starts at zero either way)
         from peft.tuners.lora.layer import LoraLayer
@@ -454,7 +447,6 @@ def build_student(cfg: TrainConfig, device: torch.device | str = "cpu"):
             for module in transformer.modules():
                 if isinstance(module, LoraLayer) and DEFAULT_ADAPTER_NAME in module.lora_A:
                     module.reset_lora_parameters(DEFAULT_ADAPTER_NAME, True)
-    models.apply_memory_mode(transformer, vae, cfg.model.memory_mode, dev)
     if cfg.model.gradient_checkpointing:
         transformer.enable_gradient_checkpointing()
         # The decoder runs with gradient too (x_H = decode(z_H)); at 1024 px its activations
