@@ -343,17 +343,19 @@ def load_transformer_fp8(source: Union[PathLike, str], memory_mode: str, dtype: 
         info = lora_mod.load_lora(model, lora, scale=lora_scale, merge=True) if lora is not None else None
         store_in_fp8(model, torch_dtype, every_linear)
         return _finish(model, torch_dtype, dev), info
-    found = {}
+    found, merged_keys = {}, set()
 
     def prepare(meta):
         edit = None
         if lora is not None:
-            factors, found["info"] = lora_mod.merge_factors(meta, lora, lora_scale)
+            found["factors"], found["info"] = lora_mod.merge_factors(meta, lora, lora_scale)
+            factors = found["factors"]
 
             def edit(key: str, weight: torch.Tensor) -> torch.Tensor:
                 if key not in factors:
                     return weight
                 a, b, factor = factors[key]
+                merged_keys.add(key)
                 merged = weight.to(torch.float32)
                 return merged.addmm_(b.to(merged.device, torch.float32), a.to(merged.device, torch.float32),
                                      alpha=factor)
@@ -362,6 +364,10 @@ def load_transformer_fp8(source: Union[PathLike, str], memory_mode: str, dtype: 
 
     model = _load_from_file(path, FluxTransformer2DModel, transformer_state_dict_to_diffusers, torch_dtype,
                             "transformer file", dev, prepare)
+    missed = sorted(set(found.get("factors", ())) - merged_keys)
+    if missed:  # a layer the LoRA names but the file's tensors did not bring: never drop it silently
+        raise lora_mod.LoraError(f"{lora}: {len(missed)} LoRA layers found no weight in {path.name} while merging "
+                                 f"(e.g. {missed[0]}); load without an fp8 memory mode to merge through peft")
     return _finish(model, torch_dtype, dev), found.get("info")
 
 

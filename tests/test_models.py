@@ -569,3 +569,57 @@ def test_auto_memory_mode_reads_the_files_headers(transformer_files, vae_files, 
         for t_src in (transformer_files / "flux1-bfl.safetensors", transformer_files / "folder"):
             got, _ = models.choose_memory_mode(t_src, vae_files / "ae.safetensors", "fp32", "cuda", headroom_bytes=0)
             assert got == mode, (t_src, mode)
+
+
+def test_fp8_merge_finds_every_lora_layer_in_the_flux1_dev_file_layout():
+    """On meta tensors, FLUX.1-dev's BFL file layout converted as the loader converts it: every
+    layer a full FluxSR-style LoRA adapts (attention, added projections, MLPs, single blocks'
+    proj_mlp/proj_out) names a weight the merge will meet. The loader also refuses, rather than
+    drops, a LoRA layer it did not meet (tested below on the tiny model)."""
+    from accelerate import init_empty_weights
+    from diffusers import FluxTransformer2DModel
+    from peft import LoraConfig
+
+    from fluxsr_core import lora as lora_mod
+
+    cfg = {k: v for k, v in W.shipped_config("flux1-dev-transformer").items() if not k.startswith("_")}
+    with init_empty_weights():
+        model = FluxTransformer2DModel.from_config(cfg)
+    bfl = W.transformer_state_dict_to_bfl(model.state_dict())
+    converted, _ = W.transformer_state_dict_to_diffusers(bfl, "meta")
+    targets = ["to_q", "to_k", "to_v", "to_out.0", "add_q_proj", "add_k_proj", "add_v_proj", "to_add_out",
+               "proj_mlp", "proj_out", "ff.net.0.proj", "ff.net.2", "ff_context.net.0.proj", "ff_context.net.2"]
+    with init_empty_weights():
+        adapted = FluxTransformer2DModel.from_config(cfg)
+        adapted.add_adapter(LoraConfig(r=64, lora_alpha=64, target_modules=targets), adapter_name="fluxsr")
+    lora_sd = {f"transformer.{k.replace('.fluxsr.', '.')}": v for k, v in adapted.state_dict().items()
+               if ".lora_" in k}
+    ranks = lora_mod._check_fits(model, lora_sd, "meta-lora")
+    assert len(ranks) == 19 * 12 + 38 * 5 + 1  # 12 per double block, 5 per single block, the final proj_out
+    missing = [m for m in ranks if f"{m}.weight" not in converted]
+    assert not missing, missing[:5]
+
+
+def test_fp8_merge_refuses_a_lora_layer_it_did_not_meet(transformer_files, tiny_model_files, monkeypatch):
+    from fluxsr_core import lora as lora_mod
+
+    real = lora_mod.merge_factors
+
+    def with_a_stray_layer(*args, **kwargs):
+        factors, info = real(*args, **kwargs)
+        a, b, f = next(iter(factors.values()))
+        factors["transformer_blocks.0.attn.not_a_layer.weight"] = (a, b, f)
+        return factors, info
+
+    monkeypatch.setattr(lora_mod, "merge_factors", with_a_stray_layer)
+    with pytest.raises(lora_mod.LoraError, match="found no weight"):
+        models.load_transformer_fp8(transformer_files / "flux1-bfl.safetensors", "fp8_storage", dtype="fp32",
+                                    device="cpu", lora=tiny_model_files.lora)
+
+
+def test_fp8_load_with_a_model_file_as_lora_says_so(transformer_files, vae_files):
+    from fluxsr_core.lora import LoraError
+
+    with pytest.raises(LoraError, match="not a LoRA"):
+        models.load_transformer_fp8(transformer_files / "flux1-bfl.safetensors", "fp8_storage_all", dtype="fp32",
+                                    device="cpu", lora=vae_files / "ae.safetensors")
