@@ -623,3 +623,34 @@ def test_fp8_load_with_a_model_file_as_lora_says_so(transformer_files, vae_files
     with pytest.raises(LoraError, match="not a LoRA"):
         models.load_transformer_fp8(transformer_files / "flux1-bfl.safetensors", "fp8_storage_all", dtype="fp32",
                                     device="cpu", lora=vae_files / "ae.safetensors")
+
+
+def test_fp8_merge_follows_rslora_and_alpha_patterns_as_peft_does(tmp_path, transformer_files, tiny_model_files,
+                                                                  cond, inputs):
+    """A third-party file whose adapter metadata asks for rsLoRA (alpha / sqrt(r)) and a per-layer
+    alpha: the streaming merge scales every layer as peft's merge does."""
+    from safetensors import safe_open
+
+    from fluxsr_core.lora import LORA_ADAPTER_METADATA_KEY, load_lora
+
+    with safe_open(str(tiny_model_files.lora), "pt") as f:
+        tensors = {k: f.get_tensor(k) for k in f.keys()}
+    layer = "transformer_blocks.0.attn.to_q"
+    meta = {LORA_ADAPTER_METADATA_KEY: json.dumps({"r": 4, "lora_alpha": 8.0, "use_rslora": True,
+                                                   "alpha_pattern": {layer: 2.0}, "rank_pattern": {}})}
+    odd = tmp_path / "rslora.safetensors"
+    save_file(tensors, str(odd), metadata=meta)
+    path = transformer_files / "flux1-bfl.safetensors"
+    ref = models.load_transformer(path, dtype="fp32")
+    info_ref = load_lora(ref, odd, scale=0.7, merge=True)
+    models.apply_memory_mode(ref, models.load_vae("tiny", dtype="fp32"), "fp8_storage", "cpu")
+    got, info = models.load_transformer_fp8(path, "fp8_storage", dtype="fp32", device="cpu", lora=odd, lora_scale=0.7)
+    assert info.alpha == info_ref.alpha == 8.0 and info.alphas == info_ref.alphas == {layer: 2.0}
+    z, s = inputs
+    with torch.no_grad():
+        a, b = models.DiffusersVelocity(got)(z, s, cond), models.DiffusersVelocity(ref)(z, s, cond)
+    plain = models.load_transformer(path, dtype="fp32")
+    models.apply_memory_mode(plain, models.load_vae("tiny", dtype="fp32"), "fp8_storage", "cpu")
+    with torch.no_grad():
+        no_lora = models.DiffusersVelocity(plain)(z, s, cond)
+    assert _rel(a, b) < 1e-3 < _rel(b, no_lora)  # the same LoRA, and a LoRA that does something
