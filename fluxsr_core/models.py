@@ -566,8 +566,8 @@ def apply_memory_mode(transformer, vae, mode: str, device: Union[str, torch.devi
       (``bench/run.py --full-size --weights-only``), not half. The VAE is small and stays as is.
     * ``fp8_storage_all``: ``fp8_storage`` with the modulation linears in fp8 too, as ComfyUI's
       ``fp8_e4m3fn`` weight dtype stores FLUX (the output projection and unmerged LoRA layers
-      stay in the compute dtype). FLUX.1-dev's transformer: 11.1 GiB, the mode that leaves room
-      for 1024 px tiles on a 16 GB card.
+      stay in the compute dtype). FLUX.1-dev's transformer: 11.1 GiB, the mode meant for 16 GB
+      cards (about 3 GiB left for a tile's activations: an estimate until measured on a GPU).
 
     The compute dtype is the one the models were loaded in. Records the execution device on
     both models so :class:`DiffusersVelocity`/:class:`DiffusersCodec` send inputs there.
