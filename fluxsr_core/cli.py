@@ -231,8 +231,7 @@ def run_upscale(args) -> int:
     validate_tiling(tiling)
     if args.t_l is not None:
         check_t_l(args.t_l)  # before minutes of model loading, not after
-    if "fuse_qkv" in parse_speedups(args.speedups) and args.no_merge_lora:
-        raise UsageError("--speedups fuse_qkv needs the LoRA merged; drop --no-merge-lora or fuse_qkv")
+    parse_speedups(args.speedups, merge_lora=not args.no_merge_lora)  # before the loading, too
     jobs = collect_jobs(args.inputs, args.output)
     todo = [j for j in jobs if args.overwrite or not j.target.exists()]
     for j in jobs:

@@ -486,22 +486,10 @@ def pick_memory_mode(weights: dict[str, int], free_bytes: int,
                              f"{weights['group_offload'] / GIB:.1f} GiB of weights leave little room")
 
 
-def _header_tensors(path: Path, what: str) -> dict[str, torch.Tensor]:
-    from .weights import read_safetensors_header
-
-    info, _ = read_safetensors_header(path, what)
-    meta = {}
-    for key, (dtype_name, shape) in info.items():
-        dtype = getattr(torch, {"BF16": "bfloat16", "F16": "float16", "F32": "float32", "F64": "float64",
-                                "F8_E4M3": "float8_e4m3fn", "F8_E5M2": "float8_e5m2"}.get(dtype_name, "float32"))
-        meta[key] = torch.empty(shape, dtype=dtype, device="meta")
-    return meta
-
-
 def _transformer_config_of(source) -> dict:
     import json
 
-    from .weights import infer_transformer_config
+    from .weights import infer_transformer_config, meta_state_dict
 
     path = Path(str(source)).expanduser()
     if path.is_dir():
@@ -509,7 +497,7 @@ def _transformer_config_of(source) -> dict:
                                           TRANSFORMER_HELP)
         return json.loads(((folder / sub) if sub else folder).joinpath("config.json").read_text(encoding="utf-8"))
     if path.exists():
-        return infer_transformer_config(_header_tensors(path, "transformer file"))
+        return infer_transformer_config(meta_state_dict(path, "transformer file"))
     if str(source) in RANDOM_INIT_NAMES:
         return shipped_config(f"{RANDOM_INIT_NAMES[str(source)]}-transformer")
     raise WeightsNotFoundError(f"transformer not found: {path}. {TRANSFORMER_HELP}")
@@ -523,7 +511,9 @@ def _vae_bytes_of(source, dtype: torch.dtype) -> int:
         files = [path]
     else:  # a test name: the shipped config's model is tiny
         return 0
-    numel = sum(t.numel() for f in files for t in _header_tensors(f, "VAE file").values())
+    from .weights import meta_state_dict
+
+    numel = sum(t.numel() for f in files for t in meta_state_dict(f, "VAE file").values())
     return numel * torch.empty(0, dtype=dtype).element_size()
 
 
@@ -617,10 +607,11 @@ def _has_placement_hooks(module) -> bool:
     return any(hasattr(m, "_diffusers_hook") or hasattr(m, "_hf_hook") for m in module.modules())
 
 
-def parse_speedups(speedups) -> list[str]:
+def parse_speedups(speedups, merge_lora: bool = True) -> list[str]:
     """``"fuse_qkv,compile"`` (or a list of names) -> the list of names, checked before any model
-    is loaded: unknown names, two compile modes or two attention backends at once, and an
-    attention backend without a CUDA GPU raise ValueError."""
+    is loaded: unknown names, two compile modes or two attention backends at once, an attention
+    backend without a CUDA GPU, and ``fuse_qkv`` with a LoRA kept unmerged (``merge_lora``
+    False) raise ValueError."""
     names = [s.strip() for s in (speedups.split(",") if isinstance(speedups, str) else speedups) if s.strip()]
     unknown = [s for s in names if s not in SPEEDUPS]
     if unknown:
@@ -631,6 +622,9 @@ def parse_speedups(speedups) -> list[str]:
     for name in _ATTENTION_BACKENDS:
         if name in names and not torch.cuda.is_available():
             raise ValueError(f"{name} needs a CUDA GPU (its attention kernel is CUDA's)")
+    if "fuse_qkv" in names and not merge_lora:
+        raise ValueError("fuse_qkv needs the LoRA merged (an unmerged LoRA on to_q/to_k/to_v would be left out "
+                         "of the fused projection); merge it, or leave fuse_qkv out")
     return names
 
 
@@ -923,9 +917,7 @@ def load_models(transformer_source: PathLike, vae_source: PathLike, memory_mode:
         memory_mode, reason = choose_memory_mode(transformer_source, vae_source, torch_dtype, dev)
     if memory_mode not in MEMORY_MODES:
         raise ValueError(f"unknown memory mode {memory_mode!r}; use auto or one of {', '.join(MEMORY_MODES)}")
-    names = parse_speedups(speedups)
-    if "fuse_qkv" in names and lora is not None and not merge_lora:
-        raise ValueError("fuse_qkv needs the LoRA merged (merge_lora=True)")
+    names = parse_speedups(speedups, merge_lora=lora is None or merge_lora)
     direct_fp8 = memory_mode in FP8_MODES and (lora is None or merge_lora) and "fuse_qkv" not in names
     where = dev if direct_fp8 else load_device(memory_mode, dev)
     info = None

@@ -172,6 +172,20 @@ def read_safetensors_header(path: PathLike, what: str = "weights file"
     return info, metadata
 
 
+_SAFETENSORS_DTYPES = {"BF16": "bfloat16", "F16": "float16", "F32": "float32", "F64": "float64",
+                       "F8_E4M3": "float8_e4m3fn", "F8_E5M2": "float8_e5m2", "I64": "int64", "I32": "int32",
+                       "I16": "int16", "I8": "int8", "U8": "uint8", "BOOL": "bool"}
+
+
+def meta_state_dict(path: PathLike, what: str = "weights file") -> dict[str, torch.Tensor]:
+    """The file's tensors as meta-device tensors of their shapes and dtypes (nothing is read
+    but the header): enough to infer a config or count bytes. Errors as for
+    :func:`read_safetensors_header`."""
+    info, _ = read_safetensors_header(path, what)
+    return {k: torch.empty(shape, dtype=getattr(torch, _SAFETENSORS_DTYPES.get(dtype, "float32")), device="meta")
+            for k, (dtype, shape) in info.items()}
+
+
 TensorPayload = Union[torch.Tensor, dict[str, torch.Tensor], list[torch.Tensor]]
 
 
@@ -692,7 +706,7 @@ def describe_file(path: PathLike) -> str:
 
 __all__ = [
     "WeightsError", "WeightsNotFoundError", "CorruptWeightsError", "UnsafeWeightsError",
-    "WrongModelError", "UnsupportedWeightsError", "read_safetensors", "read_safetensors_header",
+    "WrongModelError", "UnsupportedWeightsError", "read_safetensors", "read_safetensors_header", "meta_state_dict",
     "safe_torch_load_tensors", "identify_checkpoint", "KIND_DESCRIPTIONS", "shipped_config",
     "dequantize_scaled_fp8", "cast_state_dict", "infer_transformer_config",
     "transformer_state_dict_to_diffusers", "infer_vae_config", "vae_state_dict_to_diffusers",
