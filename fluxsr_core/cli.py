@@ -231,7 +231,8 @@ def run_upscale(args) -> int:
     validate_tiling(tiling)
     if args.t_l is not None:
         check_t_l(args.t_l)  # before minutes of model loading, not after
-    parse_speedups(args.speedups, merge_lora=not args.no_merge_lora)  # before the loading, too
+    # before the loading, too (load_models checks again once auto has chosen the memory mode)
+    parse_speedups(args.speedups, merge_lora=not args.no_merge_lora, memory_mode=args.memory_mode)
     jobs = collect_jobs(args.inputs, args.output)
     todo = [j for j in jobs if args.overwrite or not j.target.exists()]
     for j in jobs:

@@ -607,11 +607,12 @@ def _has_placement_hooks(module) -> bool:
     return any(hasattr(m, "_diffusers_hook") or hasattr(m, "_hf_hook") for m in module.modules())
 
 
-def parse_speedups(speedups, merge_lora: bool = True) -> list[str]:
+def parse_speedups(speedups, merge_lora: bool = True, memory_mode: Optional[str] = None) -> list[str]:
     """``"fuse_qkv,compile"`` (or a list of names) -> the list of names, checked before any model
     is loaded: unknown names, two compile modes or two attention backends at once, an attention
-    backend without a CUDA GPU, and ``fuse_qkv`` with a LoRA kept unmerged (``merge_lora``
-    False) raise ValueError."""
+    backend without a CUDA GPU, ``fuse_qkv`` with a LoRA kept unmerged (``merge_lora`` False)
+    and ``compile_cudagraphs`` with a memory mode other than ``none`` (when ``memory_mode`` is
+    given and not ``auto``) raise ValueError."""
     names = [s.strip() for s in (speedups.split(",") if isinstance(speedups, str) else speedups) if s.strip()]
     unknown = [s for s in names if s not in SPEEDUPS]
     if unknown:
@@ -625,10 +626,27 @@ def parse_speedups(speedups, merge_lora: bool = True) -> list[str]:
     if "fuse_qkv" in names and not merge_lora:
         raise ValueError("fuse_qkv needs the LoRA merged (an unmerged LoRA on to_q/to_k/to_v would be left out "
                          "of the fused projection); merge it, or leave fuse_qkv out")
+    if "compile_cudagraphs" in names and memory_mode not in (None, "auto", "none"):
+        # CUDA graphs replay the recorded weight addresses; offloading moves the weights and
+        # layerwise casting makes a new compute-dtype copy of each one on every call.
+        raise ValueError(f"compile_cudagraphs needs memory mode none (the weights resident where the CUDA graphs "
+                         f"recorded them); {memory_mode} moves or re-casts them on every call. Use compile instead")
     return names
 
 
-def apply_speedups(transformer, vae, speedups, *, compile_backend: str = "inductor") -> list[str]:
+def _compiles_whole_blocks(memory_mode: str) -> bool:
+    """Whether dynamo can trace a transformer block in one graph under ``memory_mode``.
+
+    Measured on the tiny model (torch 2.14, diffusers 0.42): group offloading's hooks call
+    ``torch.compiler.disable``d onload/offload functions (two graph breaks per block, which
+    diffusers supports); layerwise casting's hooks re-create each Linear's parameters in place
+    (``module.to``), one graph break per Linear. model_offload hooks the whole model, not a block.
+    """
+    return memory_mode in ("none", "model_offload")
+
+
+def apply_speedups(transformer, vae, speedups, *, compile_backend: str = "inductor",
+                   memory_mode: Optional[str] = None) -> list[str]:
     """Opt-in speed changes from the stack itself, applied in place; returns the names applied.
 
     * ``fuse_qkv``: diffusers' ``fuse_qkv_projections``: one matmul for q|k|v (and the text
@@ -636,6 +654,8 @@ def apply_speedups(transformer, vae, speedups, *, compile_backend: str = "induct
     * ``compile``: ``torch.compile`` of the repeated transformer blocks (diffusers'
       ``compile_repeated_blocks``: one compiled graph serves all 19 + 38 blocks, so compiling
       takes seconds rather than minutes). The first call of each new tile shape compiles.
+      With ``group_offload`` each block's graph breaks at its onload and offload; with the fp8
+      modes at each Linear (the casting hooks cannot be traced), so less of it is fused.
     * ``compile_cudagraphs``: the same with ``mode="reduce-overhead"``: CUDA graphs replay each
       block's kernels without per-kernel launch cost (the single step has fixed shapes).
     * ``channels_last_vae``: the VAE's convolution weights in channels-last memory format, the
@@ -644,12 +664,16 @@ def apply_speedups(transformer, vae, speedups, *, compile_backend: str = "induct
       cuDNN's fused attention, faster than its flash kernel on Hopper by NVIDIA's account);
       ``flash_attention``: ``_native_flash`` (held to torch's flash kernel). CUDA only.
 
-    Call after loading (and merging) the LoRA and before :func:`apply_memory_mode`: fusing
-    copies the q/k/v weights into a new layer, which an unmerged LoRA would silently miss and a
-    memory mode's hooks would not manage; both cases raise ``ValueError``. ``bench/run.py``
-    measures each change against the unchanged models in the same run.
+    Call after loading (and merging) the LoRA and before :func:`apply_memory_mode`, naming the
+    mode it will apply (``memory_mode``; by default ``none``, or the fp8 mode the transformer is
+    already stored in): fusing copies the q/k/v weights into a new layer, which an unmerged LoRA
+    would silently miss and a memory mode's hooks would not manage; both cases raise
+    ``ValueError``. ``bench/run.py`` measures each change against the unchanged models in the
+    same run.
     """
-    names = parse_speedups(speedups)
+    if memory_mode is None:
+        memory_mode = getattr(transformer, _FP8_MODE_ATTR, None) or "none"
+    names = parse_speedups(speedups, memory_mode=memory_mode)
     if "fuse_qkv" in names:
         if _has_unmerged_lora(transformer):
             raise ValueError("fuse_qkv needs the LoRA merged into the weights (an unmerged LoRA on to_q/to_k/to_v "
@@ -666,11 +690,16 @@ def apply_speedups(transformer, vae, speedups, *, compile_backend: str = "induct
     for name, options in (("compile", {}), ("compile_cudagraphs", {"mode": "reduce-overhead"})):
         if name not in names:
             continue
+        # fullgraph where a block has no hooks, so that a graph break there is an error, not a
+        # silent slowdown
+        fullgraph = _compiles_whole_blocks(memory_mode)
+        if not fullgraph:
+            log.info("compile with memory mode %s: the blocks' graphs break at its hooks", memory_mode)
         if hasattr(transformer, "compile_repeated_blocks"):
-            transformer.compile_repeated_blocks(fullgraph=True, backend=compile_backend, **options)
+            transformer.compile_repeated_blocks(fullgraph=fullgraph, backend=compile_backend, **options)
         else:  # diffusers < 0.35: the same per-block compilation by hand
             for block in list(transformer.transformer_blocks) + list(transformer.single_transformer_blocks):
-                block.compile(fullgraph=True, backend=compile_backend, **options)
+                block.compile(fullgraph=fullgraph, backend=compile_backend, **options)
     return names
 
 
@@ -917,7 +946,7 @@ def load_models(transformer_source: PathLike, vae_source: PathLike, memory_mode:
         memory_mode, reason = choose_memory_mode(transformer_source, vae_source, torch_dtype, dev)
     if memory_mode not in MEMORY_MODES:
         raise ValueError(f"unknown memory mode {memory_mode!r}; use auto or one of {', '.join(MEMORY_MODES)}")
-    names = parse_speedups(speedups, merge_lora=lora is None or merge_lora)
+    names = parse_speedups(speedups, merge_lora=lora is None or merge_lora, memory_mode=memory_mode)
     direct_fp8 = memory_mode in FP8_MODES and (lora is None or merge_lora) and "fuse_qkv" not in names
     where = dev if direct_fp8 else load_device(memory_mode, dev)
     info = None
@@ -929,7 +958,7 @@ def load_models(transformer_source: PathLike, vae_source: PathLike, memory_mode:
         if lora is not None:
             info = lora_mod.load_lora(transformer, lora, scale=lora_scale, merge=merge_lora)
     vae = load_vae(vae_source, dtype=torch_dtype, device=where, seed=seed)
-    apply_speedups(transformer, vae, names)
+    apply_speedups(transformer, vae, names, memory_mode=memory_mode)
     apply_memory_mode(transformer, vae, memory_mode, dev)
     return LoadedModels(transformer, vae, info, memory_mode, reason, torch_dtype, dev)
 

@@ -389,6 +389,20 @@ def test_compile_wraps_every_block(cond, inputs):
                                    rtol=0, atol=1e-5)
 
 
+@pytest.mark.parametrize("mode", models.MEMORY_MODES)
+def test_compile_runs_under_every_memory_mode(mode, cond, inputs):
+    """dynamo traces the blocks under each mode's hooks: whole where there are none, broken at
+    the hooks of group offloading and layerwise casting (fullgraph=True fails there on the first
+    call); the outputs stay those of the uncompiled model in the same mode."""
+    loaded = models.load_models("tiny", "tiny", mode, "fp32", "cpu")
+    velocity = models.DiffusersVelocity(loaded.transformer)
+    z, s = inputs
+    with torch.no_grad():
+        ref = velocity(z, s, cond)
+        models.apply_speedups(loaded.transformer, loaded.vae, ["compile"], compile_backend="eager", memory_mode=mode)
+        torch.testing.assert_close(velocity(z, s, cond), ref, rtol=0, atol=1e-5)
+
+
 def test_speedups_refuse_what_they_would_get_wrong(tiny_model_files):
     from fluxsr_core.lora import load_lora
 
@@ -399,6 +413,13 @@ def test_speedups_refuse_what_they_would_get_wrong(tiny_model_files):
         models.apply_speedups(models.load_transformer("tiny", dtype="fp32"), vae, "compile,compile_cudagraphs")
     with pytest.raises(ValueError, match="one of cudnn_attention and flash_attention"):
         models.parse_speedups("flash_attention,cudnn_attention")
+    for mode in ("fp8_storage", "fp8_storage_all", "model_offload", "group_offload"):
+        with pytest.raises(ValueError, match=f"compile_cudagraphs needs memory mode none.*{mode} moves"):
+            models.parse_speedups("compile_cudagraphs", memory_mode=mode)
+    for mode in (None, "auto", "none"):  # auto: load_models checks again once it has chosen
+        assert models.parse_speedups("compile_cudagraphs", memory_mode=mode) == ["compile_cudagraphs"]
+    with pytest.raises(ValueError, match="compile_cudagraphs needs memory mode none"):
+        models.load_models("tiny", "tiny", "group_offload", "fp32", "cpu", speedups="compile_cudagraphs")
     if not torch.cuda.is_available():
         with pytest.raises(ValueError, match="needs a CUDA GPU"):
             models.apply_speedups(models.load_transformer("tiny", dtype="fp32"), vae, "cudnn_attention")
