@@ -2,8 +2,9 @@
 
 * :func:`load_transformer` / :func:`load_vae`: from a diffusers folder, a single safetensors
   file (BFL/ComfyUI or diffusers keys; bf16, fp16, fp8, scaled fp8) or a shipped test config.
-  Nothing ever comes from the hub: folders are opened with ``local_files_only=True`` and single
-  files are built from configs inferred from their shapes plus ``fluxsr_core/configs``.
+  Nothing ever comes from the hub: folders are built from their own ``config.json`` and single
+  files from configs inferred from their shapes plus ``fluxsr_core/configs``; either way the
+  tensors go to the device one at a time.
 * :class:`DiffusersVelocity` (a :class:`~fluxsr_core.interfaces.VelocityModel`) and
   :class:`DiffusersCodec` (a :class:`~fluxsr_core.interfaces.LatentCodec`).
 * :func:`apply_memory_mode`: none, model_offload, group_offload, fp8_storage (diffusers' and
@@ -166,7 +167,13 @@ def _instantiate(cls, config: dict, state_dict: dict[str, torch.Tensor], dtype: 
             placed = placed.to(dtypes.get(k, dtype))
         state_dict[k] = _aligned(placed) if target.type == "cpu" else placed
         del t, placed
-    result = model.load_state_dict(state_dict, strict=False, assign=True)
+    try:
+        result = model.load_state_dict(state_dict, strict=False, assign=True)
+    except RuntimeError as exc:  # shapes that disagree with the config (a folder's hand-edited config.json)
+        detail = str(exc).strip().splitlines()
+        raise CorruptWeightsError(f"{source}: the weights do not fit a {cls.__name__} with its config "
+                                  f"({detail[-1].strip() if detail else exc}); the config or the weights are "
+                                  f"from another model") from None
     if result.missing_keys or result.unexpected_keys:
         raise CorruptWeightsError(
             f"{source} does not fit a {cls.__name__} with the config read from it: "
@@ -221,6 +228,29 @@ def _load_from_file(path: Path, cls, to_diffusers, dtype: torch.dtype, what: str
     return _instantiate(cls, config, diffusers_sd, dtype, str(path), device, prepare)
 
 
+def _folder_config(folder: Path) -> dict:
+    import json
+
+    return json.loads((folder / "config.json").read_text(encoding="utf-8"))
+
+
+def _load_from_folder(folder: Path, cls, dtype: torch.dtype, what: str, device: Optional[torch.device] = None,
+                      prepare=None):
+    """A diffusers model folder built like a single file (:func:`_instantiate`), not with
+    ``from_pretrained``: its shards then go to the device one tensor at a time too, so loading
+    FLUX.1-dev's folder onto a GPU, or into an fp8 mode, never holds 22 GiB of bf16 in RAM
+    (``from_pretrained`` builds the model on the CPU first)."""
+    from .weights import read_diffusers_folder
+
+    return _instantiate(cls, _folder_config(folder), read_diffusers_folder(folder, what), dtype, str(folder),
+                        device, prepare)
+
+
+def _model_folder(path: Path, subfolder: str, expected_class: str, what: str, help_text: str) -> Path:
+    folder, sub = _folder_with_config(path, subfolder, expected_class, what, help_text)
+    return folder / sub if sub else folder
+
+
 def _align_parameters(model) -> None:
     """Give every parameter/buffer aligned contiguous storage (see :func:`_aligned`); in place."""
     with torch.no_grad():
@@ -253,13 +283,13 @@ def load_transformer(source: Union[PathLike, str], dtype: Union[str, torch.dtype
                      device: Union[str, torch.device, None] = "cpu", seed: int = 0):
     """Load a FLUX ``FluxTransformer2DModel``.
 
-    ``source``: a diffusers folder (``config.json`` + safetensors, or a pipeline folder with
-    ``transformer/``), loaded with ``local_files_only=True``; a single ``.safetensors`` file in
-    BFL/ComfyUI or diffusers keys (fp8 and scaled fp8 are cast to ``dtype``); or, only when no
-    such path exists, the name of a shipped test config (``"tiny"``) built with random weights
-    from ``seed``. ``device=None`` leaves it on the CPU without recording an execution device.
-    A single file goes straight to ``device`` one tensor at a time: loaded onto a GPU, the
-    model is never held in RAM (the file only passes through the page cache).
+    ``source``: a diffusers folder (``config.json`` + safetensors, one file or shards, or a
+    pipeline folder with ``transformer/``); a single ``.safetensors`` file in BFL/ComfyUI or
+    diffusers keys (fp8 and scaled fp8 are cast to ``dtype``); or, only when no such path
+    exists, the name of a shipped test config (``"tiny"``) built with random weights from
+    ``seed``. ``device=None`` leaves it on the CPU without recording an execution device.
+    Files go straight to ``device`` one tensor at a time: loaded onto a GPU, the model is never
+    held in RAM (the files only pass through the page cache).
     Missing paths raise :class:`~fluxsr_core.weights.WeightsNotFoundError` saying what to pass;
     a file of another kind raises :class:`~fluxsr_core.weights.WrongModelError`.
     """
@@ -268,10 +298,8 @@ def load_transformer(source: Union[PathLike, str], dtype: Union[str, torch.dtype
     torch_dtype = resolve_dtype(dtype, device if device is not None else "cpu")
     path = Path(str(source)).expanduser()
     if path.is_dir():
-        folder, sub = _folder_with_config(path, "transformer", "FluxTransformer2DModel",
-                                          "a FLUX transformer", TRANSFORMER_HELP)
-        model = FluxTransformer2DModel.from_pretrained(str(folder), subfolder=sub, torch_dtype=torch_dtype,
-                                                       local_files_only=True)
+        folder = _model_folder(path, "transformer", "FluxTransformer2DModel", "a FLUX transformer", TRANSFORMER_HELP)
+        model = _load_from_folder(folder, FluxTransformer2DModel, torch_dtype, "transformer folder", _placement(device))
     elif path.exists():
         model = _load_from_file(path, FluxTransformer2DModel, transformer_state_dict_to_diffusers,
                                 torch_dtype, "transformer file", _placement(device))
@@ -297,12 +325,12 @@ def load_vae(source: Union[PathLike, str], dtype: Union[str, torch.dtype] = "aut
     torch_dtype = resolve_dtype(dtype, device if device is not None else "cpu")
     path = Path(str(source)).expanduser()
     if path.is_dir():
-        folder, sub = _folder_with_config(path, "vae", "AutoencoderKL", "a VAE", VAE_HELP)
-        model = AutoencoderKL.from_pretrained(str(folder), subfolder=sub, torch_dtype=torch_dtype,
-                                              local_files_only=True)
-        if model.config.latent_channels != L.LATENT_CHANNELS:
-            raise WrongModelError(f"{path} is a {model.config.latent_channels}-channel VAE; FLUX needs its "
-                                  f"16-channel VAE (ae.safetensors)")
+        folder = _model_folder(path, "vae", "AutoencoderKL", "a VAE", VAE_HELP)
+        channels = _folder_config(folder).get("latent_channels")
+        if channels != L.LATENT_CHANNELS:
+            raise WrongModelError(f"{path} is a {channels}-channel VAE; FLUX needs its 16-channel VAE "
+                                  f"(ae.safetensors)")
+        model = _load_from_folder(folder, AutoencoderKL, torch_dtype, "VAE folder", _placement(device))
     elif path.exists():
         model = _load_from_file(path, AutoencoderKL, vae_state_dict_to_diffusers, torch_dtype, "VAE file",
                                 _placement(device))
@@ -324,8 +352,9 @@ def load_transformer_fp8(source: Union[PathLike, str], memory_mode: str, dtype: 
     delta there in fp32 (``lora.merge_factors``: peft's merge formula) and is cast to the dtype
     the mode stores it in, so neither RAM nor the device ever holds the model in full precision
     (FLUX.1-dev: 14.3 or 11.1 GiB on the device for fp8_storage / fp8_storage_all, instead of
-    22 GiB of bf16 in RAM first); an fp8 file's weights are kept exactly as they are. Other
-    sources (diffusers folders, test names) load as usual, merge through peft, then are cast.
+    22 GiB of bf16 in RAM first); an fp8 file's weights are kept exactly as they are. A diffusers
+    folder is read the same way, shard by shard; the test names load as usual, merge through
+    peft, then are cast.
     :func:`apply_memory_mode` with the same mode afterwards only places the VAE.
     """
     from diffusers import FluxTransformer2DModel
@@ -338,7 +367,7 @@ def load_transformer_fp8(source: Union[PathLike, str], memory_mode: str, dtype: 
     torch_dtype = resolve_dtype(dtype, dev)
     every_linear = memory_mode == "fp8_storage_all"
     path = Path(str(source)).expanduser()
-    if not path.is_file():
+    if not path.exists():
         model = load_transformer(source, dtype=torch_dtype, device="cpu", seed=seed)
         info = lora_mod.load_lora(model, lora, scale=lora_scale, merge=True) if lora is not None else None
         store_in_fp8(model, torch_dtype, every_linear)
@@ -362,8 +391,12 @@ def load_transformer_fp8(source: Union[PathLike, str], memory_mode: str, dtype: 
         store_in_fp8(meta, torch_dtype, every_linear)
         return edit
 
-    model = _load_from_file(path, FluxTransformer2DModel, transformer_state_dict_to_diffusers, torch_dtype,
-                            "transformer file", dev, prepare)
+    if path.is_dir():
+        folder = _model_folder(path, "transformer", "FluxTransformer2DModel", "a FLUX transformer", TRANSFORMER_HELP)
+        model = _load_from_folder(folder, FluxTransformer2DModel, torch_dtype, "transformer folder", dev, prepare)
+    else:
+        model = _load_from_file(path, FluxTransformer2DModel, transformer_state_dict_to_diffusers, torch_dtype,
+                                "transformer file", dev, prepare)
     missed = sorted(set(found.get("factors", ())) - merged_keys)
     if missed:  # a layer the LoRA names but the file's tensors did not bring: never drop it silently
         raise lora_mod.LoraError(f"{lora}: {len(missed)} LoRA layers found no weight in {path.name} while merging "
@@ -487,15 +520,12 @@ def pick_memory_mode(weights: dict[str, int], free_bytes: int,
 
 
 def _transformer_config_of(source) -> dict:
-    import json
-
     from .weights import infer_transformer_config, meta_state_dict
 
     path = Path(str(source)).expanduser()
     if path.is_dir():
-        folder, sub = _folder_with_config(path, "transformer", "FluxTransformer2DModel", "a FLUX transformer",
-                                          TRANSFORMER_HELP)
-        return json.loads(((folder / sub) if sub else folder).joinpath("config.json").read_text(encoding="utf-8"))
+        return _folder_config(_model_folder(path, "transformer", "FluxTransformer2DModel", "a FLUX transformer",
+                                            TRANSFORMER_HELP))
     if path.exists():
         return infer_transformer_config(meta_state_dict(path, "transformer file"))
     if str(source) in RANDOM_INIT_NAMES:
@@ -506,7 +536,9 @@ def _transformer_config_of(source) -> dict:
 def _vae_bytes_of(source, dtype: torch.dtype) -> int:
     path = Path(str(source)).expanduser()
     if path.is_dir():
-        files = sorted(path.glob("*.safetensors")) or sorted((path / "vae").glob("*.safetensors"))
+        from .weights import diffusers_folder_files
+
+        files = diffusers_folder_files(_model_folder(path, "vae", "AutoencoderKL", "a VAE", VAE_HELP), "VAE folder")
     elif path.exists():
         files = [path]
     else:  # a test name: the shipped config's model is tiny

@@ -8,6 +8,8 @@ diffusers config dict, ready for :mod:`fluxsr_core.models`):
   in bf16, fp16, fp8 (``float8_e4m3fn`` / ``float8_e5m2``) or ComfyUI's *scaled* fp8.
 * ``ae.safetensors`` (the FLUX VAE in BFL/LDM keys: ``encoder.down.0.block...``).
 * single safetensors files in diffusers keys (``transformer_blocks.*``, ``encoder.down_blocks.*``).
+* diffusers model folders: ``config.json`` beside ``diffusion_pytorch_model.safetensors`` or the
+  shards its ``.index.json`` names (:func:`read_diffusers_folder`).
 
 Key conversion uses diffusers' own converters from ``diffusers.loaders.single_file_utils``
 (the code behind ``from_single_file``), so we map keys exactly as diffusers does.
@@ -184,6 +186,65 @@ def meta_state_dict(path: PathLike, what: str = "weights file") -> dict[str, tor
     info, _ = read_safetensors_header(path, what)
     return {k: torch.empty(shape, dtype=getattr(torch, _SAFETENSORS_DTYPES.get(dtype, "float32")), device="meta")
             for k, (dtype, shape) in info.items()}
+
+
+DIFFUSERS_WEIGHTS_NAME = "diffusion_pytorch_model"
+
+
+def diffusers_folder_files(folder: PathLike, what: str = "model folder") -> list[Path]:
+    """The safetensors files holding a diffusers model folder's weights: its
+    ``diffusion_pytorch_model.safetensors``, or the shards its ``.safetensors.index.json`` names.
+
+    A missing shard raises :class:`WeightsNotFoundError` (an incomplete download), a broken
+    index :class:`CorruptWeightsError`, a folder of pickles (``.bin``) :class:`UnsafeWeightsError`.
+    """
+    folder = Path(folder).expanduser()
+    index = folder / f"{DIFFUSERS_WEIGHTS_NAME}.safetensors.index.json"
+    single = folder / f"{DIFFUSERS_WEIGHTS_NAME}.safetensors"
+    if index.is_file():
+        try:
+            weight_map = json.loads(index.read_text(encoding="utf-8"))["weight_map"]
+            names = sorted(set(weight_map.values()))
+        except (json.JSONDecodeError, UnicodeDecodeError, KeyError, TypeError, AttributeError) as exc:
+            raise CorruptWeightsError(f"{index} is not a valid shard index ({type(exc).__name__}: {exc}); "
+                                      f"re-download the folder") from None
+        missing = [n for n in names if not (folder / n).is_file()]
+        if missing:
+            raise WeightsNotFoundError(f"{what} {folder}: {len(missing)} of the {len(names)} shards {index.name} "
+                                       f"names are missing ({', '.join(missing[:3])}): the download is incomplete")
+        return [folder / n for n in names]
+    if single.is_file():
+        return [single]
+    pickles = sorted(p.name for p in folder.iterdir() if p.suffix.lower() in PICKLE_SUFFIXES)
+    if pickles:
+        raise UnsafeWeightsError(f"{what} {folder} holds its weights as pickles ({', '.join(pickles[:3])}); FluxSR "
+                                 f"never unpickles model weights because loading a pickle can run arbitrary code. "
+                                 f"Use the folder's safetensors release")
+    others = sorted(p.name for p in folder.glob("*.safetensors"))
+    raise WeightsNotFoundError(f"{what} {folder} has no {single.name} or {index.name}"
+                               + (f"; it holds {', '.join(others[:3])}: pass that file itself" if others else ""))
+
+
+def read_diffusers_folder(folder: PathLike, what: str = "model folder") -> dict[str, torch.Tensor]:
+    """All tensors of a diffusers model folder (:func:`diffusers_folder_files`), read as
+    :func:`read_safetensors` reads one file (memory-mapped, nothing copied yet). A tensor in two
+    shards, or one the index names that no shard holds, raises :class:`CorruptWeightsError`."""
+    files = diffusers_folder_files(folder, what)
+    state_dict: dict[str, torch.Tensor] = {}
+    for f in files:
+        shard, _ = read_safetensors(f, what)
+        twice = sorted(set(shard) & set(state_dict))
+        if twice:
+            raise CorruptWeightsError(f"{what} {folder}: {twice[0]} is in two shards (one is {f.name}); "
+                                      f"re-download the folder")
+        state_dict.update(shard)
+    index = Path(folder).expanduser() / f"{DIFFUSERS_WEIGHTS_NAME}.safetensors.index.json"
+    if index.is_file():
+        absent = sorted(set(json.loads(index.read_text(encoding="utf-8"))["weight_map"]) - set(state_dict))
+        if absent:
+            raise CorruptWeightsError(f"{what} {folder}: {len(absent)} tensors its index names are in no shard "
+                                      f"(e.g. {absent[0]}); re-download the folder")
+    return state_dict
 
 
 TensorPayload = Union[torch.Tensor, dict[str, torch.Tensor], list[torch.Tensor]]
@@ -707,6 +768,7 @@ def describe_file(path: PathLike) -> str:
 __all__ = [
     "WeightsError", "WeightsNotFoundError", "CorruptWeightsError", "UnsafeWeightsError",
     "WrongModelError", "UnsupportedWeightsError", "read_safetensors", "read_safetensors_header", "meta_state_dict",
+    "DIFFUSERS_WEIGHTS_NAME", "diffusers_folder_files", "read_diffusers_folder",
     "safe_torch_load_tensors", "identify_checkpoint", "KIND_DESCRIPTIONS", "shipped_config",
     "dequantize_scaled_fp8", "cast_state_dict", "infer_transformer_config",
     "transformer_state_dict_to_diffusers", "infer_vae_config", "vae_state_dict_to_diffusers",

@@ -65,6 +65,7 @@ def transformer_files(tmp_path_factory, tiny_transformer):
     sd = _sd(tiny_transformer)
     bfl = W.transformer_state_dict_to_bfl(sd)
     tiny_transformer.save_pretrained(d / "folder")
+    tiny_transformer.save_pretrained(d / "sharded", max_shard_size="40KB")  # as FLUX.1-dev's, in shards
     tiny_transformer.save_pretrained(d / "pipeline" / "transformer")
     (d / "pipeline" / "model_index.json").write_text(json.dumps({"_class_name": "FluxPipeline"}))
     save_file(sd, d / "diffusers.safetensors")
@@ -115,7 +116,7 @@ def test_resolve_device_and_dtype():
 
 # ----------------------------------------------------------------------- loading layouts
 
-@pytest.mark.parametrize("name", ["folder", "pipeline", "diffusers.safetensors", "flux1-bfl.safetensors",
+@pytest.mark.parametrize("name", ["folder", "sharded", "pipeline", "diffusers.safetensors", "flux1-bfl.safetensors",
                                   "comfy.safetensors"])
 def test_transformer_layouts_give_identical_velocity(transformer_files, tiny_transformer, cond, inputs, name):
     z, s = inputs
@@ -145,6 +146,56 @@ def test_vae_layouts_give_identical_codec(vae_files, tiny_vae, name):
     z = ref.encode(img)
     assert torch.equal(loaded.encode(img), z)
     assert torch.equal(loaded.decode(z), ref.decode(z))
+
+
+def test_a_sharded_folder_is_read_shard_by_shard(transformer_files, tiny_transformer):
+    assert len(W.diffusers_folder_files(transformer_files / "sharded")) > 3
+    loaded = models.load_transformer(transformer_files / "sharded", dtype="bf16", device="cpu")
+    ref = tiny_transformer.state_dict()
+    assert all(torch.equal(v, ref[k].to(torch.bfloat16)) for k, v in loaded.state_dict().items())
+
+
+def test_broken_folders_are_named(tmp_path, transformer_files):
+    import shutil
+
+    def copy(name):
+        target = tmp_path / name
+        shutil.copytree(transformer_files / "sharded", target)
+        return target
+
+    shards = W.diffusers_folder_files(transformer_files / "sharded")
+    incomplete = copy("incomplete")
+    (incomplete / shards[1].name).unlink()
+    with pytest.raises(W.WeightsNotFoundError, match="1 of the .* shards .* missing.*download is incomplete"):
+        models.load_transformer(incomplete)
+    bad_index = copy("bad_index")
+    (bad_index / "diffusion_pytorch_model.safetensors.index.json").write_text("{\"weight_map\": ")
+    with pytest.raises(W.CorruptWeightsError, match="not a valid shard index"):
+        models.load_transformer(bad_index)
+    short_index = copy("short_shard")
+    index = json.loads((short_index / "diffusion_pytorch_model.safetensors.index.json").read_text())
+    index["weight_map"]["transformer_blocks.0.extra.weight"] = shards[0].name
+    (short_index / "diffusion_pytorch_model.safetensors.index.json").write_text(json.dumps(index))
+    with pytest.raises(W.CorruptWeightsError, match="1 tensors its index names are in no shard"):
+        models.load_transformer(short_index)
+    wrong_config = copy("wrong_config")
+    cfg = json.loads((wrong_config / "config.json").read_text())
+    cfg["joint_attention_dim"] += 8
+    (wrong_config / "config.json").write_text(json.dumps(cfg))
+    with pytest.raises(W.CorruptWeightsError, match="do not fit a FluxTransformer2DModel with its config"):
+        models.load_transformer(wrong_config)
+    pickled = tmp_path / "pickled"
+    pickled.mkdir()
+    shutil.copy(transformer_files / "folder" / "config.json", pickled / "config.json")
+    torch.save({"w": torch.zeros(2)}, pickled / "diffusion_pytorch_model.bin")
+    with pytest.raises(W.UnsafeWeightsError, match="as pickles .*never unpickles"):
+        models.load_transformer(pickled)
+    renamed = copy("renamed")
+    for f in renamed.glob("diffusion_pytorch_model*"):
+        f.unlink()
+    shutil.copy(transformer_files / "diffusers.safetensors", renamed / "flux-dev.safetensors")
+    with pytest.raises(W.WeightsNotFoundError, match="it holds flux-dev.safetensors: pass that file itself"):
+        models.load_transformer(renamed)
 
 
 def test_load_dtype_bf16(transformer_files):
@@ -544,21 +595,35 @@ def test_fp8_file_weights_are_kept_as_they_are(transformer_files):
     assert w.dtype == torch.float8_e4m3fn and torch.equal(w.view(torch.uint8), fused.view(torch.uint8))
 
 
-def test_fp8_load_of_a_folder_merges_through_peft(transformer_files, tiny_model_files, cond, inputs):
-    """Sources other than a single file load in full precision, merge through peft, then cast."""
+def test_fp8_load_of_a_folder_is_that_of_the_file(transformer_files, tiny_model_files):
+    """A (sharded) diffusers folder streams into an fp8 mode as a single file does: the same
+    bytes, LoRA merged on the way (in bf16 the one-rounding merge differs from peft's)."""
+    kw = dict(dtype="bf16", device="cpu", lora=tiny_model_files.lora, lora_scale=0.5)
+    got, info = models.load_transformer_fp8(transformer_files / "sharded", "fp8_storage", **kw)
+    ref, _ = models.load_transformer_fp8(transformer_files / "diffusers.safetensors", "fp8_storage", **kw)
+    assert info.merged and info.scale == 0.5
+    got_sd, ref_sd = got.state_dict(), ref.state_dict()
+    assert got_sd.keys() == ref_sd.keys() and any(v.dtype == torch.float8_e4m3fn for v in got_sd.values())
+    for k, v in ref_sd.items():
+        assert got_sd[k].dtype == v.dtype and torch.equal(got_sd[k].view(torch.uint8), v.view(torch.uint8)), k
+    with pytest.raises(ValueError, match="load_transformer_fp8 is for"):
+        models.load_transformer_fp8(transformer_files / "folder", "none")
+
+
+def test_fp8_load_of_a_test_model_merges_through_peft(tiny_model_files, cond, inputs):
+    """The shipped test names (no file to stream) load in full precision, merge through peft,
+    then are cast."""
     from fluxsr_core.lora import load_lora
 
-    got, info = models.load_transformer_fp8(transformer_files / "folder", "fp8_storage", dtype="fp32",
-                                            device="cpu", lora=tiny_model_files.lora, lora_scale=0.5)
+    got, info = models.load_transformer_fp8("tiny", "fp8_storage", dtype="fp32", device="cpu",
+                                            lora=tiny_model_files.lora, lora_scale=0.5)
     assert info.merged and info.scale == 0.5
-    ref = models.load_transformer(transformer_files / "folder", dtype="fp32")
+    ref = models.load_transformer("tiny", dtype="fp32")
     load_lora(ref, tiny_model_files.lora, scale=0.5, merge=True)
     models.apply_memory_mode(ref, models.load_vae("tiny", dtype="fp32"), "fp8_storage", "cpu")
     z, s = inputs
     with torch.no_grad():
         assert _rel(models.DiffusersVelocity(got)(z, s, cond), models.DiffusersVelocity(ref)(z, s, cond)) < 1e-6
-    with pytest.raises(ValueError, match="load_transformer_fp8 is for"):
-        models.load_transformer_fp8(transformer_files / "folder", "none")
 
 
 # -------------------------------------------------------------------------------- auto mode
