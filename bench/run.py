@@ -312,6 +312,17 @@ def _tile_shapes(h: int, w: int, config: TilingConfig) -> list[tuple[int, int]]:
     return [(th, tw) for _ in rows for _ in cols]
 
 
+def _device_name(device: torch.device) -> str:
+    if device.type == "cuda":
+        return torch.cuda.get_device_name(device)
+    try:  # platform.processor() is empty on Linux; the CPU's model name is in /proc/cpuinfo
+        with open("/proc/cpuinfo") as f:
+            model = next((line.split(":", 1)[1].strip() for line in f if line.startswith("model name")), "")
+    except OSError:
+        model = ""
+    return model or platform.processor() or platform.machine()
+
+
 def rel_l2(a: torch.Tensor, b: torch.Tensor) -> float:
     a, b = a.float(), b.float()
     return float((a - b).norm() / b.norm().clamp_min(1e-12))
@@ -412,9 +423,13 @@ def main(argv=None) -> int:
                              "fuse_qkv, channels_last_vae, tile_batch, tile_fit, flash_attention, cudnn_attention, "
                              "compile, compile_cudagraphs ('' for none; default: all on CUDA, the first four "
                              "elsewhere)")
-    parser.add_argument("--weights-only", action="store_true",
-                        help="only the weights each memory mode keeps on the device, from the shapes "
-                             "(no device needed: --full-size --weights-only gives FLUX.1-dev's on any machine)")
+    only = parser.add_mutually_exclusive_group()
+    only.add_argument("--weights-only", action="store_true",
+                      help="only the weights each memory mode keeps on the device, from the shapes "
+                           "(no device needed: --full-size --weights-only gives FLUX.1-dev's on any machine)")
+    only.add_argument("--activation-peaks", action="store_true",
+                      help="only the memory beyond the weights, per part of an upscale, at the profile's width "
+                           "with one block of each kind (--full-size: FLUX.1-dev's, in about 4 GB: runs on a CPU)")
     args = parser.parse_args(argv)
 
     name = "tiny" if args.tiny else ("full" if args.full_size else "small")
@@ -429,6 +444,21 @@ def main(argv=None) -> int:
         torch.set_num_threads(args.threads)
     elif device.type == "cpu" and name != "tiny":
         torch.set_num_threads(os.cpu_count() or 1)
+    if args.activation_peaks:
+        import diffusers
+
+        a = activation_peaks(profile, device, dtype)
+        a.update(profile=name, date=datetime.now(timezone.utc).isoformat(timespec="seconds"), device=str(device),
+                 device_name=_device_name(device), torch=torch.__version__, diffusers=diffusers.__version__,
+                 dtype=str(dtype).replace("torch.", ""), threads=torch.get_num_threads())
+        args.out.mkdir(parents=True, exist_ok=True)
+        stem = args.out / f"bench-{name}-activations"
+        md = markdown_activations(a, name)
+        stem.with_suffix(".json").write_text(json.dumps(a, indent=2))
+        stem.with_suffix(".md").write_text(md)
+        print(md)
+        print(f"written: {stem}.json, {stem}.md ({a['device_name']}, {a['dtype']}, {a['date']})")
+        return 0
     speedups = args.speedups
     if speedups is None:
         # compile last: the slowest to set up, so a run cut short loses the least
@@ -449,8 +479,7 @@ def main(argv=None) -> int:
 
     import diffusers
     report = dict(profile=name, date=datetime.now(timezone.utc).isoformat(timespec="seconds"),
-                  device=str(device), device_name=(torch.cuda.get_device_name(device) if device.type == "cuda"
-                                                   else platform.processor() or platform.machine()),
+                  device=str(device), device_name=_device_name(device),
                   threads=torch.get_num_threads(), torch=torch.__version__, diffusers=diffusers.__version__,
                   dtype=str(dtype).replace("torch.", ""), build_s=build_s,
                   tiling=dict(latent_tile=tiles.latent_tile, latent_overlap=tiles.latent_overlap,
@@ -543,6 +572,61 @@ def main(argv=None) -> int:
     print(markdown(report))
     print(f"written: {args.out / (stem + '.json')}, {args.out / (stem + '.md')}")
     return 0
+
+
+def activation_peaks(profile: dict, device: torch.device, dtype: torch.dtype) -> dict:
+    """Memory beyond the weights: the peak of each part of an upscale for one tile (full size:
+    1024 px, the default tile and VAE tile) and of a whole tiled upscale to twice that side.
+
+    The transformer has the profile's width but one double and one single block: without
+    autograd each block's activations are freed before the next block runs, so the peak does not
+    grow with depth (measured: FLUX.1-dev's width with 1+1 and 3+3 blocks, 0.453 GiB both; a
+    test checks it). So FLUX.1-dev's activation peaks can be measured on a machine without room
+    for its 22 GiB of weights, the CPU included (there: torch's CPU kernels, which allocate
+    somewhat differently from CUDA's and have no cuBLAS/cuDNN workspaces).
+    """
+    shallow = dict(profile, transformer=(profile["transformer"] if profile["transformer"] == "tiny"
+                                         else {**profile["transformer"], "num_layers": 1, "num_single_layers": 1}))
+    transformer, vae = build(shallow, device, dtype)
+    velocity = models.DiffusersVelocity(transformer, compute_dtype=dtype)
+    codec = models.DiffusersCodec(vae, compute_dtype=dtype, tile=profile["vae_tile"],
+                                  tile_overlap=profile["vae_overlap"])
+    cond = conditioning(transformer, profile["text"], device, dtype)
+    side = profile["tile"] * 8
+    g = torch.Generator().manual_seed(5)
+    image = torch.rand(1, 3, side, side, generator=g)
+    latent = torch.randn(1, 16, side // 8, side // 8, generator=g)
+    tiles = TilingConfig(latent_tile=profile["tile"], latent_overlap=profile["overlap"],
+                         vae_tile=profile["vae_tile"], vae_overlap=profile["vae_overlap"])
+    lr = torch.rand(1, 3, side // 2, side // 2, generator=g)  # x4 to twice the tile's side
+    jobs = {"transformer_tile": lambda: flow.one_step_sr(velocity, latent, 0.25, cond),
+            "vae_encode_tile": lambda: codec.encode(image),
+            "vae_decode_tile": lambda: codec.decode(latent),
+            "upscale_2x_tile_side": lambda: upscale_tensor(lr, velocity, codec, cond, UpscaleOptions(tiling=tiles))}
+    peaks = {}
+    with torch.inference_mode():
+        for name, job in jobs.items():
+            job()  # warm-up: lazy inits and allocator caches are not activations
+            with PeakMemory(device) as pm:
+                job()
+            peaks[name] = pm.peak
+    cfg = transformer.config
+    return dict(tile_px=side, upscale_px=side * 2, text_tokens=profile["text"], peaks_bytes=peaks,
+                blocks=f"{cfg.num_layers} double + {cfg.num_single_layers} single",
+                weights_bytes=models.param_bytes(transformer) + models.param_bytes(vae),
+                method=PeakMemory(device).method)
+
+
+def markdown_activations(a: dict, profile: str) -> str:
+    mib = lambda b: f"{b / 2**20:.0f}"
+    names = {"transformer_tile": f"transformer, one {a['tile_px']} px tile ({a['text_tokens']} text tokens)",
+             "vae_encode_tile": f"VAE encode, one {a['tile_px']} px tile",
+             "vae_decode_tile": f"VAE decode, one {a['tile_px']} px tile",
+             "upscale_2x_tile_side": f"whole x4 upscale to {a['upscale_px']} px, tiled"}
+    lines = [f"Memory beyond the weights ({profile} width, {a['blocks']} block(s): the peak does not grow with "
+             f"depth; {a['method']}):", "", "| part | peak MiB |", "|---|---|"]
+    lines += [f"| {names[k]} | {mib(v)} |" for k, v in a["peaks_bytes"].items()]
+    return "\n".join(lines) + "\n"
 
 
 def memory_mode(states, profile, device, dtype, mode: str, tiles: TilingConfig) -> dict:

@@ -109,7 +109,7 @@ def build_parser() -> argparse.ArgumentParser:
                    help="for small GPUs: CPU offload or fp8 weight storage (diffusers' hooks); FLUX.1-dev's "
                         "weights on the GPU: none 22.3 GiB, fp8_storage 14.3, fp8_storage_all 11.2 (modulation "
                         "in fp8 too, as ComfyUI's fp8), model_offload 22.2, group_offload 1.4. auto (default): "
-                        "the fastest whose weights leave about 3 GiB of the GPU's free memory (none off CUDA)")
+                        "the fastest whose weights leave 3.5 GiB of the GPU's free memory (none off CUDA)")
     d.add_argument("--speedups", default="",
                    help=f"opt-in, comma-separated: {', '.join(SPEEDUPS)} (see bench/run.py for measured "
                         f"effects; fuse_qkv needs the LoRA merged)")

@@ -25,7 +25,7 @@ from typing import Any, Mapping, Optional
 import torch
 
 from .settings import KEY_LORA_RANK, RunSettings, settings_from_metadata
-from .weights import WeightsError, read_safetensors
+from .weights import FP8_DTYPES, WeightsError, read_safetensors
 
 # diffusers' key for the peft LoraConfig it stores in a LoRA file's safetensors metadata
 # (diffusers.loaders.lora_base.LORA_ADAPTER_METADATA_KEY; repeated here so reading a file never
@@ -375,6 +375,7 @@ def load_lora(transformer, path: str | os.PathLike, scale: float = 1.0, merge: b
                         f"{type(exc).__name__}: {exc}") from exc
 
     _verify_loaded(transformer, adapter_name, lf.sd, lf.path)
+    _adapter_out_of_fp8(transformer, adapter_name, lf.sd)
 
     if merge:
         # peft's merge: W += scale * scaling * B @ A; then drop the wrappers, keeping merged weights.
@@ -484,6 +485,34 @@ def _verify_loaded(transformer, adapter_name: str, sd: dict[str, torch.Tensor], 
         transformer.delete_adapters(adapter_name)
         raise LoraError(f"{os.path.basename(path)}: {len(lost)} LoRA tensors did not load into the "
                         f"transformer (e.g. '{lost[0]}'); the adapter was removed again.")
+
+
+def _adapter_out_of_fp8(transformer, adapter_name: str, sd: dict[str, torch.Tensor]) -> None:
+    """Keep an adapter on fp8-stored weights (the fp8 memory modes) in the compute dtype.
+
+    peft creates each adapter layer in its base layer's dtype, so on fp8 weights the LoRA itself
+    would be rounded to fp8 (3 mantissa bits) and its matmul would fail. Such adapter layers are
+    cast to the compute dtype (that of the weights left unstored: norms, embedders) and the
+    file's values set again, rounded once.
+    """
+    from peft.tuners.lora.layer import LoraLayer
+    from peft.utils import set_peft_model_state_dict
+
+    compute = next((p.dtype for p in transformer.parameters() if p.dtype not in FP8_DTYPES), torch.bfloat16)
+    cast = False
+    for module in transformer.modules():
+        if not isinstance(module, LoraLayer):
+            continue
+        for name in module.adapter_layer_names:
+            layers = getattr(module, name)
+            if adapter_name in layers and any(p.dtype in FP8_DTYPES for p in layers[adapter_name].parameters()):
+                layers[adapter_name].to(compute)
+                cast = True
+    if cast:
+        with warnings.catch_warnings():
+            warnings.filterwarnings("ignore", message=".*have invalid shape.*")  # as in _verify_loaded
+            set_peft_model_state_dict(transformer, {k[len(TRANSFORMER_PREFIX):]: v for k, v in sd.items()},
+                                      adapter_name=adapter_name)
 
 
 # --- writing -------------------------------------------------------------------------------

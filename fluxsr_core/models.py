@@ -460,10 +460,13 @@ def store_in_fp8(transformer, compute: torch.dtype, every_linear: bool) -> None:
 
 
 GIB = 2 ** 30
-# What ``auto`` leaves free beside the weights for one 1024 px tile's activations (transformer
-# blocks run one at a time; the VAE decode of a 1024 px tile dominates): an estimate from the
-# shapes, not yet a measurement on a GPU (bench/run.py --full-size measures the peaks).
-AUTO_HEADROOM_BYTES = 3 * GIB
+# What ``auto`` leaves free beside the weights for the activations of an upscale with the
+# default 1024 px tiles. Measured (bench/run.py --full-size --activation-peaks, FLUX.1-dev's width,
+# bf16, torch's CPU kernels, 2026-12-01): a whole x4 upscale to 2048 px peaks at 2.45 GiB beyond
+# the weights (VAE decode of one tile 2.38, encode 1.51, transformer 0.45). The other GiB is for
+# what CUDA adds and the CPU cannot show (cuBLAS/cuDNN workspaces, the caching allocator's
+# slack): an allowance until a GPU run measures it.
+AUTO_HEADROOM_BYTES = int(3.5 * GIB)
 # The order auto tries, fastest first; model_offload needs as much room as none, so never wins.
 AUTO_ORDER = ("none", "fp8_storage", "fp8_storage_all", "group_offload")
 
@@ -514,7 +517,7 @@ def pick_memory_mode(weights: dict[str, int], free_bytes: int,
     for mode in AUTO_ORDER:
         if weights[mode] + headroom_bytes <= free_bytes:
             return mode, (f"{free_bytes / GIB:.1f} GiB free; {mode} keeps {weights[mode] / GIB:.1f} GiB of weights "
-                          f"there, plus about {headroom_bytes / GIB:.0f} GiB for a tile's activations")
+                          f"there, plus about {headroom_bytes / GIB:.1f} GiB for the activations")
     return "group_offload", (f"only {free_bytes / GIB:.1f} GiB free: even group_offload's "
                              f"{weights['group_offload'] / GIB:.1f} GiB of weights leave little room")
 
@@ -589,7 +592,7 @@ def apply_memory_mode(transformer, vae, mode: str, device: Union[str, torch.devi
     * ``fp8_storage_all``: ``fp8_storage`` with the modulation linears in fp8 too, as ComfyUI's
       ``fp8_e4m3fn`` weight dtype stores FLUX (the output projection and unmerged LoRA layers
       stay in the compute dtype). FLUX.1-dev's transformer: 11.1 GiB, the mode meant for 16 GB
-      cards (about 3 GiB left for a tile's activations: an estimate until measured on a GPU).
+      cards (a whole 2048 px upscale needs 2.45 GiB more, measured with torch's CPU kernels).
 
     The compute dtype is the one the models were loaded in. Records the execution device on
     both models so :class:`DiffusersVelocity`/:class:`DiffusersCodec` send inputs there.
@@ -963,9 +966,10 @@ def load_models(transformer_source: PathLike, vae_source: PathLike, memory_mode:
     """Both models loaded and placed for a memory mode, with the LoRA and the speed-ups: the one
     loading path of ``fluxsr upscale`` and ``fluxsr-train pairs``.
 
-    ``auto``: :func:`choose_memory_mode`. ``none``: straight onto the device. The fp8 modes with a
-    merged LoRA (or none): :func:`load_transformer_fp8`, built in fp8 as the file loads. Otherwise
-    the weights load to the CPU, the LoRA goes in through peft, then the speed-ups
+    ``auto``: :func:`choose_memory_mode`. ``none``: straight onto the device. The fp8 modes:
+    :func:`load_transformer_fp8`, built in fp8 as the files load, the LoRA merged on the way or
+    (``merge_lora`` False) added afterwards as a peft adapter kept in the compute dtype.
+    Otherwise the weights load to the CPU, the LoRA goes in through peft, then the speed-ups
     (:func:`apply_speedups`) and the memory mode (:func:`apply_memory_mode`). ``fuse_qkv`` needs
     the full-precision weights, so with an fp8 mode it takes the second path.
     """
@@ -979,12 +983,14 @@ def load_models(transformer_source: PathLike, vae_source: PathLike, memory_mode:
     if memory_mode not in MEMORY_MODES:
         raise ValueError(f"unknown memory mode {memory_mode!r}; use auto or one of {', '.join(MEMORY_MODES)}")
     names = parse_speedups(speedups, merge_lora=lora is None or merge_lora, memory_mode=memory_mode)
-    direct_fp8 = memory_mode in FP8_MODES and (lora is None or merge_lora) and "fuse_qkv" not in names
+    direct_fp8 = memory_mode in FP8_MODES and "fuse_qkv" not in names
     where = dev if direct_fp8 else load_device(memory_mode, dev)
     info = None
     if direct_fp8:
-        transformer, info = load_transformer_fp8(transformer_source, memory_mode, torch_dtype, dev, lora=lora,
-                                                 lora_scale=lora_scale, seed=seed)
+        transformer, info = load_transformer_fp8(transformer_source, memory_mode, torch_dtype, dev,
+                                                 lora=lora if merge_lora else None, lora_scale=lora_scale, seed=seed)
+        if lora is not None and not merge_lora:  # an adapter beside the fp8 weights, in the compute dtype
+            info = lora_mod.load_lora(transformer, lora, scale=lora_scale, merge=False)
     else:
         transformer = load_transformer(transformer_source, dtype=torch_dtype, device=where, seed=seed)
         if lora is not None:

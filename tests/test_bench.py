@@ -181,3 +181,38 @@ def test_flops_counted_by_torch_on_meta_tensors_agree_with_the_hand_count():
     assert counted["vae_encode"] == pytest.approx(4.88e12, rel=0.01)
     assert counted["vae_decode"] == pytest.approx(10.47e12, rel=0.01)
     assert sum(counted.values()) / counted["transformer"] == pytest.approx(1.21, abs=0.01)
+
+
+def test_activation_peaks_report(tmp_path):
+    bench = load_bench("fluxsr_bench_run5")
+    assert bench.main(["--tiny", "--activation-peaks", "--out", str(tmp_path)]) == 0
+    report = json.loads((tmp_path / "bench-tiny-activations.json").read_text())
+    assert set(report["peaks_bytes"]) == {"transformer_tile", "vae_encode_tile", "vae_decode_tile",
+                                          "upscale_2x_tile_side"}
+    assert all(v > 0 for v in report["peaks_bytes"].values()) and report["tile_px"] == 64
+    assert "| whole x4 upscale to 128 px, tiled |" in (tmp_path / "bench-tiny-activations.md").read_text()
+
+
+def test_activation_peak_does_not_grow_with_depth():
+    """--activation-peaks measures FLUX.1-dev's activations with one block of each kind. That is
+    valid only because, without autograd, each block's activations are freed before the next
+    runs: the peak of a forward is the same with 1+1 and 3+3 blocks."""
+    import torch
+
+    from fluxsr_core import flow, models
+
+    bench = load_bench("fluxsr_bench_run6")
+    peaks = []
+    for depth in (1, 3):
+        profile = dict(bench.PROFILES["small"],
+                       transformer={**bench.SMALL_TRANSFORMER, "num_layers": depth, "num_single_layers": depth})
+        transformer, _ = bench.build(profile, torch.device("cpu"), torch.float32)
+        velocity = models.DiffusersVelocity(transformer, compute_dtype=torch.float32)
+        cond = bench.conditioning(transformer, 64, "cpu", torch.float32)
+        latent = torch.randn(1, 16, 32, 32, generator=torch.Generator().manual_seed(0))
+        with torch.inference_mode():
+            flow.one_step_sr(velocity, latent, 0.25, cond)
+            with bench.PeakMemory(torch.device("cpu")) as pm:
+                flow.one_step_sr(velocity, latent, 0.25, cond)
+        peaks.append(pm.peak)
+    assert peaks[0] > 0 and peaks[0] == peaks[1]
