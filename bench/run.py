@@ -328,7 +328,8 @@ def rel_l2(a: torch.Tensor, b: torch.Tensor) -> float:
     return float((a - b).norm() / b.norm().clamp_min(1e-12))
 
 
-def speedup_variants(transformer, vae, cond, profile, tiles: TilingConfig, dtype, names, repeats: int) -> dict:
+def speedup_variants(transformer, vae, cond, profile, tiles: TilingConfig, dtype, names, repeats: int,
+                     compile_backend: str = "inductor") -> dict:
     """Each speed-up alone against the unchanged models, in this run: seconds before and after
     and the relative L2 change of the output.
 
@@ -336,7 +337,9 @@ def speedup_variants(transformer, vae, cond, profile, tiles: TilingConfig, dtype
     the tiled transformer at twice the side. ``channels_last_vae``: VAE encode and decode at the
     base size. ``tile_batch``: the tiled transformer with a whole row of tiles per call. Every
     variant gets a fresh module tree over the same weights (:func:`rebuild`), so none leaks
-    into the next. ``first_call_s`` is the warm-up call (compilation included).
+    into the next. ``first_call_s`` is the warm-up call (compilation included). ``compile_fp8``:
+    ``compile`` where 16-24 GB cards run, memory mode fp8_storage_all (its graphs break at each
+    Linear's casting hook), against the same fp8 model uncompiled.
     """
     side, g = profile["lr"] * 4, torch.Generator().manual_seed(4)
     z = torch.randn(1, 16, side // 8, side // 8, generator=g)
@@ -365,6 +368,7 @@ def speedup_variants(transformer, vae, cond, profile, tiles: TilingConfig, dtype
     transformer_keys = ["transformer_one_forward", "transformer_tiled"]
     vae_keys = ["vae_encode", "vae_decode"]
     wanted = {"fuse_qkv": transformer_keys, "compile": transformer_keys, "compile_cudagraphs": transformer_keys,
+              "compile_fp8": transformer_keys,
               "cudnn_attention": transformer_keys, "flash_attention": transformer_keys, "channels_last_vae": vae_keys,
               "tile_batch": ["transformer_tiled"],
               "tile_fit": ["transformer_tiled"]}
@@ -377,8 +381,19 @@ def speedup_variants(transformer, vae, cond, profile, tiles: TilingConfig, dtype
     row_tiles = len(tiling.axis_tiles(z2.shape[-1], tiles)[1])
     report = {"baseline": {k: v["seconds"] for k, v in baseline.items()}}
     for name in names:
+        before = baseline
         try:
-            if name == "tile_batch":
+            if name == "compile_fp8":
+                t2 = rebuild(transformer)
+                models.store_in_fp8(t2, dtype, every_linear=True)
+                v2 = models.DiffusersVelocity(t2, compute_dtype=dtype)
+                before = measure(v2, codec_for(vae), wanted[name])
+                models.apply_speedups(t2, vae, ["compile"], compile_backend=compile_backend,
+                                      memory_mode="fp8_storage_all")
+                after = measure(v2, codec_for(vae), wanted[name])
+                detail = "fp8_storage_all, against it uncompiled"
+                del t2, v2
+            elif name == "tile_batch":
                 batched = dataclasses.replace(tiles, tile_batch_size=row_tiles)
                 after = measure(base_velocity, codec_for(vae), wanted[name], batched)
                 detail = f"{row_tiles} tiles per call"
@@ -389,7 +404,7 @@ def speedup_variants(transformer, vae, cond, profile, tiles: TilingConfig, dtype
                 detail = f"{size} px tiles instead of {tiles.latent_tile * 8}"
             else:
                 t2, v2 = rebuild(transformer), rebuild(vae)
-                models.apply_speedups(t2, v2, [name])
+                models.apply_speedups(t2, v2, [name], compile_backend=compile_backend)
                 after = measure(models.DiffusersVelocity(t2, compute_dtype=dtype), codec_for(v2), wanted[name])
                 detail = ""
                 del t2, v2
@@ -397,9 +412,9 @@ def speedup_variants(transformer, vae, cond, profile, tiles: TilingConfig, dtype
             report[name] = {"error": f"{type(exc).__name__}: {str(exc).splitlines()[0] if str(exc) else ''}"[:300]}
             gc.collect()
             continue
-        report[name] = {k: dict(before_s=baseline[k]["seconds"], after_s=a["seconds"],
-                                speedup=baseline[k]["seconds"] / a["seconds"], first_call_s=a["first_call_s"],
-                                output_rel_l2=rel_l2(a["result"], baseline[k]["result"]))
+        report[name] = {k: dict(before_s=before[k]["seconds"], after_s=a["seconds"],
+                                speedup=before[k]["seconds"] / a["seconds"], first_call_s=a["first_call_s"],
+                                output_rel_l2=rel_l2(a["result"], before[k]["result"]))
                         for k, a in after.items()}
         if detail:
             report[name]["detail"] = detail
@@ -421,8 +436,8 @@ def main(argv=None) -> int:
     parser.add_argument("--speedups", default=None,
                         help="speed-ups to measure against the unchanged models, comma-separated, from "
                              "fuse_qkv, channels_last_vae, tile_batch, tile_fit, flash_attention, cudnn_attention, "
-                             "compile, compile_cudagraphs ('' for none; default: all on CUDA, the first four "
-                             "elsewhere)")
+                             "compile, compile_cudagraphs, compile_fp8 (compile under fp8_storage_all) ('' for none; "
+                             "default: all on CUDA, the first four elsewhere)")
     only = parser.add_mutually_exclusive_group()
     only.add_argument("--weights-only", action="store_true",
                       help="only the weights each memory mode keeps on the device, from the shapes "
@@ -463,7 +478,7 @@ def main(argv=None) -> int:
     if speedups is None:
         # compile last: the slowest to set up, so a run cut short loses the least
         speedups = "fuse_qkv,channels_last_vae,tile_batch,tile_fit,flash_attention,cudnn_attention,compile," \
-            "compile_cudagraphs" \
+            "compile_cudagraphs,compile_fp8" \
             if device.type == "cuda" else \
             "fuse_qkv,channels_last_vae,tile_batch,tile_fit"
     speedups = [n.strip() for n in speedups.split(",") if n.strip()]
