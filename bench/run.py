@@ -34,6 +34,7 @@ import sys
 import time
 from datetime import datetime, timezone
 from pathlib import Path
+from typing import Callable, Optional
 
 # Before torch loads kineto: its CPU-only builds log an ERROR line (no GPU count) per profiled block.
 os.environ.setdefault("KINETO_LOG_LEVEL", "5")
@@ -329,7 +330,8 @@ def rel_l2(a: torch.Tensor, b: torch.Tensor) -> float:
 
 
 def speedup_variants(transformer, vae, cond, profile, tiles: TilingConfig, dtype, names, repeats: int,
-                     compile_backend: str = "inductor") -> dict:
+                     compile_backend: str = "inductor", report: Optional[dict] = None,
+                     after_each: Optional[Callable[[], None]] = None) -> dict:
     """Each speed-up alone against the unchanged models, in this run: seconds before and after
     and the relative L2 change of the output.
 
@@ -339,7 +341,9 @@ def speedup_variants(transformer, vae, cond, profile, tiles: TilingConfig, dtype
     variant gets a fresh module tree over the same weights (:func:`rebuild`), so none leaks
     into the next. ``first_call_s`` is the warm-up call (compilation included). ``compile_fp8``:
     ``compile`` where 16-24 GB cards run, memory mode fp8_storage_all (its graphs break at each
-    Linear's casting hook), against the same fp8 model uncompiled.
+    Linear's casting hook), against the same fp8 model uncompiled. Results go into ``report``
+    (a new dict by default) as they come, ``after_each()`` is called after each (the bench saves
+    there: a GPU lease that runs out mid-section keeps the variants measured so far).
     """
     side, g = profile["lr"] * 4, torch.Generator().manual_seed(4)
     z = torch.randn(1, 16, side // 8, side // 8, generator=g)
@@ -379,7 +383,10 @@ def speedup_variants(transformer, vae, cond, profile, tiles: TilingConfig, dtype
     needed = sorted({k for n in names for k in wanted[n]})
     baseline = measure(base_velocity, codec_for(vae), needed)
     row_tiles = len(tiling.axis_tiles(z2.shape[-1], tiles)[1])
-    report = {"baseline": {k: v["seconds"] for k, v in baseline.items()}}
+    report = {} if report is None else report
+    report["baseline"] = {k: v["seconds"] for k, v in baseline.items()}
+    if after_each is not None:
+        after_each()
     for name in names:
         before = baseline
         try:
@@ -411,6 +418,8 @@ def speedup_variants(transformer, vae, cond, profile, tiles: TilingConfig, dtype
         except Exception as exc:  # noqa: BLE001 - one failing change must not cost the rest of a GPU lease
             report[name] = {"error": f"{type(exc).__name__}: {str(exc).splitlines()[0] if str(exc) else ''}"[:300]}
             gc.collect()
+            if after_each is not None:
+                after_each()
             continue
         report[name] = {k: dict(before_s=before[k]["seconds"], after_s=a["seconds"],
                                 speedup=before[k]["seconds"] / a["seconds"], first_call_s=a["first_call_s"],
@@ -419,6 +428,8 @@ def speedup_variants(transformer, vae, cond, profile, tiles: TilingConfig, dtype
         if detail:
             report[name]["detail"] = detail
         gc.collect()
+        if after_each is not None:
+            after_each()
     return report
 
 
@@ -572,8 +583,8 @@ def main(argv=None) -> int:
     if speedups:
         section(f"speed-ups against the unchanged models: {', '.join(speedups)}")
         with torch.inference_mode():
-            report["speedups"] = speedup_variants(transformer, vae, cond, profile, tiles, dtype, speedups,
-                                                  profile["repeats"])
+            speedup_variants(transformer, vae, cond, profile, tiles, dtype, speedups, profile["repeats"],
+                             report=report.setdefault("speedups", {}), after_each=save)
         # compiled code and CUDA graph pools hold the variants' modules, and so the weights
         torch.compiler.reset()
         save()

@@ -230,9 +230,13 @@ def test_compile_under_fp8_is_measured_against_fp8_uncompiled():
     transformer, vae = bench.build(profile, torch.device("cpu"), torch.float32)
     cond = bench.conditioning(transformer, profile["text"], "cpu", torch.float32)
     tiles = TilingConfig(latent_tile=profile["tile"], latent_overlap=profile["overlap"])
-    with torch.inference_mode():
-        report = bench.speedup_variants(transformer, vae, cond, profile, tiles, torch.float32, ["compile_fp8"], 1,
-                                        compile_backend="eager")
+    report, saved = {}, []
+    with torch.inference_mode():  # results land in `report` as they come, each followed by a save
+        bench.speedup_variants(transformer, vae, cond, profile, tiles, torch.float32, ["compile_fp8", "cudnn_attention"], 1,
+                               compile_backend="eager", report=report, after_each=lambda: saved.append(set(report)))
+    assert saved == [{"baseline"}, {"baseline", "compile_fp8"}, {"baseline", "compile_fp8", "cudnn_attention"}]
+    if not torch.cuda.is_available():  # a variant that fails is recorded, and saved, too
+        assert "needs a CUDA GPU" in report.pop("cudnn_attention")["error"]
     entry = report["compile_fp8"]
     assert entry.pop("detail") == "fp8_storage_all, against it uncompiled"
     assert set(entry) == {"transformer_one_forward", "transformer_tiled"}
