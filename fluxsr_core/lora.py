@@ -147,12 +147,99 @@ def _check_is_lora(state_dict: Mapping[str, torch.Tensor], path: str) -> None:
             "'transformer.single_transformer_blocks.0.attn.to_q.lora_A.weight').")
 
 
-def _to_diffusers_naming(state_dict: dict[str, torch.Tensor], path: str,
-                         notes: list[str]) -> tuple[dict[str, torch.Tensor], dict[str, float]]:
+_BFL_PREFIXES = ("model.diffusion_model.", "diffusion_model.")
+# text-encoder LoRA keys beside BFL-named ones (kohya's lora_te*, ComfyUI's text_encoders.*)
+_TEXT_ENCODER_PREFIXES = ("lora_te", "text_encoder", "text_encoders.", "clip_l.", "t5xxl.", "te1.", "te2.")
+_BFL_ROOTS = ("double_blocks.", "single_blocks.", "img_in", "txt_in", "time_in.", "vector_in.", "guidance_in.",
+              "final_layer.")
+# the part after a module's name -> what it is
+_LORA_PARTS = {".lora_A.weight": "A", ".lora_down.weight": "A", ".lora_B.weight": "B", ".lora_up.weight": "B",
+               ".alpha": "alpha"}
+
+
+def _bfl_module(key: str) -> Optional[tuple[str, str]]:
+    """``diffusion_model.double_blocks.0.img_attn.qkv.lora_A.weight`` -> ``("double_blocks.0.img_attn.qkv", "A")``;
+    None for keys outside BFL's module names."""
+    for pre in _BFL_PREFIXES:
+        if key.startswith(pre):
+            key = key[len(pre):]
+            break
+    if not key.startswith(_BFL_ROOTS):
+        return None
+    for suffix, part in _LORA_PARTS.items():
+        if key.endswith(suffix):
+            return key[: -len(suffix)], part
+    return key, "other"
+
+
+def _bfl_to_diffusers_naming(sd: dict[str, torch.Tensor], transformer, path: str,
+                             notes: list[str]) -> Optional[tuple[dict[str, torch.Tensor], dict[str, float]]]:
+    """A LoRA in BFL/ComfyUI module names (``diffusion_model.double_blocks.0.img_attn.qkv.lora_A``,
+    ``lora_down``/``lora_up`` too) -> diffusers naming; None if the file is not in BFL names.
+
+    Ours rather than diffusers' converters, which need every layer of a full BFL LoRA or fail on
+    partial ones: each BFL layer's ``B`` is split by the rows its weight splits into (fused
+    q|k|v, the single blocks' q|k|v|mlp, the final modulation's swapped halves), read off the
+    weight converter itself (:func:`~fluxsr_core.weights.bfl_row_sources`); ``A`` and ``alpha``
+    are shared by the parts. Exact: ``B_part @ A`` is the matching rows of ``B @ A``.
+    """
+    from .weights import bfl_row_sources
+
+    parsed = {k: _bfl_module(k) for k in sd}
+    bfl = {k: m for k, m in parsed.items() if m is not None}
+    if not bfl:
+        return None
+    name = os.path.basename(path)
+    text = [k for k, m in parsed.items() if m is None and k.startswith(_TEXT_ENCODER_PREFIXES)]
+    if text:
+        notes.append(f"ignored {len(text)} text-encoder LoRA tensors: FluxSR runs with fixed text "
+                     "embeddings, so a text-encoder LoRA must be baked into the conditioning bundle")
+    if len(bfl) + len(text) != len(sd):
+        other = next(k for k, m in parsed.items() if m is None and k not in text)
+        raise LoraError(f"{name} mixes BFL module names ('{next(iter(bfl))}') with others ('{other}'); "
+                        f"re-export it in one naming")
+    odd = [k for k, (_, part) in bfl.items() if part == "other"]
+    if odd:
+        raise LoraError(f"{name}: '{odd[0]}' is no lora_A/lora_B (lora_down/lora_up) weight or alpha; FluxSR merges "
+                        f"plain LoRAs (no DoRA magnitudes, no LoRA biases) in BFL naming")
+    layers: dict[str, dict[str, torch.Tensor]] = {}
+    for k, (module, part) in bfl.items():
+        layers.setdefault(module, {})[part] = sd[k]
+    plain = {k.replace(".base_layer.", "."): v.shape for k, v in transformer.state_dict().items()
+             if ".lora_" not in k and "lora_magnitude" not in k}
+    try:
+        sources = bfl_row_sources(plain)
+    except WeightsError as exc:
+        raise LoraError(f"{name}: a BFL-named LoRA is mapped through the transformer's own layers, which have "
+                        f"been changed ({exc}); load the LoRA before fusing projections") from None
+    out, alphas = {}, {}
+    for module, parts in layers.items():
+        if "A" not in parts or "B" not in parts:
+            raise LoraError(f"{name}: layer '{module}' has {'lora_A' if 'A' in parts else 'lora_B'} but not "
+                            f"{'lora_B' if 'A' in parts else 'lora_A'}; the file is incomplete")
+        if f"{module}.weight" not in sources:
+            raise LoraError(f"{name}: '{module}' is no layer of this FLUX transformer (BFL naming); the LoRA is "
+                            f"for another model or depth")
+        a, b = parts["A"], parts["B"]
+        for dkey, rows in sources[f"{module}.weight"]:
+            target = TRANSFORMER_PREFIX + dkey[: -len(".weight")]
+            out[f"{target}.lora_A.weight"] = a
+            out[f"{target}.lora_B.weight"] = b[rows]
+            if "alpha" in parts:
+                alpha = parts["alpha"]
+                alphas[f"{target}.alpha"] = float(alpha.item() if torch.is_tensor(alpha) else alpha)
+    notes.append(f"converted {len(layers)} LoRA layers from BFL/ComfyUI naming into {len(out) // 2} diffusers "
+                 f"layers (fused q|k|v and q|k|v|mlp split by rows)")
+    return out, alphas
+
+
+def _to_diffusers_naming(state_dict: dict[str, torch.Tensor], path: str, notes: list[str],
+                         transformer) -> tuple[dict[str, torch.Tensor], dict[str, float]]:
     """Diffusers/peft naming with the ``transformer.`` prefix, plus the ``.alpha`` values (floats).
 
-    Uses diffusers' own FLUX converters (kohya/sd-scripts, XLabs, ...); a naming they do not handle
-    is reported as such.
+    BFL/ComfyUI module names are converted by :func:`_bfl_to_diffusers_naming` against
+    ``transformer``'s layers; other namings by diffusers' own FLUX converters (kohya/sd-scripts,
+    XLabs, ...); a naming neither handles is reported as such.
     """
     from diffusers.loaders.lora_pipeline import FluxLoraLoaderMixin
 
@@ -162,6 +249,9 @@ def _to_diffusers_naming(state_dict: dict[str, torch.Tensor], path: str,
     peft_prefix = "base_model.model."
     if all(k.startswith(peft_prefix) for k in sd):
         sd = {k[len(peft_prefix):]: v for k, v in sd.items()}
+    converted = _bfl_to_diffusers_naming(sd, transformer, path, notes)
+    if converted is not None:
+        return converted
     # Unprefixed diffusers naming ("single_transformer_blocks.0.attn.to_q.lora_A.weight").
     if not any(k.startswith((TRANSFORMER_PREFIX, "text_encoder.")) for k in sd) and any(
             (".lora_A." in k or ".lora_B." in k) for k in sd):
@@ -182,9 +272,9 @@ def _to_diffusers_naming(state_dict: dict[str, torch.Tensor], path: str,
     bfl = [k for k in sd if not k.startswith((TRANSFORMER_PREFIX, "text_encoder."))]
     if bfl:
         raise LoraError(
-            f"{os.path.basename(path)}: {len(bfl)} tensors are in a naming diffusers does not convert "
-            f"(e.g. '{bfl[0]}'). If this is a FLUX LoRA in BFL/ComfyUI naming "
-            "('diffusion_model.double_blocks...'), convert it to diffusers naming first.")
+            f"{os.path.basename(path)}: {len(bfl)} tensors are in a naming neither FluxSR nor diffusers "
+            f"converts (e.g. '{bfl[0]}'). FluxSR reads diffusers/peft, BFL/ComfyUI "
+            "('diffusion_model.double_blocks...') and kohya/XLabs namings.")
     te = [k for k in sd if k.startswith("text_encoder.")]
     if te:
         notes.append(f"ignored {len(te)} text-encoder LoRA tensors: FluxSR runs with fixed text "
@@ -428,7 +518,7 @@ def _read_checked(transformer, path, scale: float) -> _LoraFile:
     md = dict(md or {})
     _check_is_lora(raw, path)
     notes: list[str] = []
-    sd, network_alphas = _to_diffusers_naming(raw, path, notes)
+    sd, network_alphas = _to_diffusers_naming(raw, path, notes, transformer)
     ranks = _check_fits(transformer, sd, path)
     cfg, alpha_source = _lora_config(ranks, list(sd), network_alphas, md, path, notes)
     return _LoraFile(path, scale, sd, md, ranks, cfg, alpha_source, notes)

@@ -714,6 +714,37 @@ def transformer_state_dict_to_bfl(sd: Mapping[str, torch.Tensor]) -> dict[str, t
     return out
 
 
+def bfl_row_sources(shapes: Mapping[str, Iterable[int]]) -> dict[str, list[tuple[str, torch.Tensor]]]:
+    """Where each BFL tensor's rows come from, for a FLUX transformer whose diffusers keys have
+    these shapes: ``{bfl_key: [(diffusers_key, rows), ...]}``, ``rows`` the positions in the BFL
+    tensor (dim 0) holding that diffusers tensor's rows 0, 1, ... in order.
+
+    Read off :func:`transformer_state_dict_to_bfl` itself, run on tensors whose entries are row
+    labels: so the split of the fused q|k|v and q|k|v|mlp and the swapped halves of the final
+    modulation are exactly the converter's. A LoRA's ``B`` in BFL names splits the same way
+    (its ``A`` is shared), which is how :mod:`fluxsr_core.lora` reads BFL-named LoRAs.
+    """
+    probe, starts, names, start = {}, [], [], 0
+    for key, shape in shapes.items():
+        n = int(list(shape)[0]) if len(list(shape)) else 1
+        probe[key] = torch.arange(start, start + n, dtype=torch.float64)  # exact integers to 2**53
+        starts.append(start)
+        names.append(key)
+        start += n
+    first_row = torch.tensor(starts, dtype=torch.long)
+    out = {}
+    for bkey, labels in transformer_state_dict_to_bfl(probe).items():
+        ids = labels.reshape(-1).long()
+        owner = torch.searchsorted(first_row, ids, right=True) - 1
+        parts = []
+        for o in dict.fromkeys(owner.tolist()):
+            positions = (owner == o).nonzero().reshape(-1)
+            rows = ids[positions] - first_row[o]
+            parts.append((names[o], positions[torch.argsort(rows)]))
+        out[bkey] = parts
+    return out
+
+
 def vae_state_dict_to_bfl(sd: Mapping[str, torch.Tensor]) -> dict[str, torch.Tensor]:
     """diffusers ``AutoencoderKL`` keys -> LDM/BFL keys (the layout of ``ae.safetensors``).
 
@@ -772,6 +803,6 @@ __all__ = [
     "safe_torch_load_tensors", "identify_checkpoint", "KIND_DESCRIPTIONS", "shipped_config",
     "dequantize_scaled_fp8", "cast_state_dict", "infer_transformer_config",
     "transformer_state_dict_to_diffusers", "infer_vae_config", "vae_state_dict_to_diffusers",
-    "describe_file", "FP8_DTYPES", "PICKLE_SUFFIXES", "transformer_state_dict_to_bfl",
+    "describe_file", "FP8_DTYPES", "PICKLE_SUFFIXES", "transformer_state_dict_to_bfl", "bfl_row_sources",
     "vae_state_dict_to_bfl",
 ]

@@ -229,6 +229,94 @@ def test_kohya_naming_goes_through_diffusers_converter(tmp_path, inputs):
     torch.testing.assert_close(run(model, inputs), run(expected, inputs), rtol=0, atol=1e-5)
 
 
+# Layers of a full BFL-named LoRA on the tiny model: fused q|k|v (both streams), the single
+# blocks' fused q|k|v|mlp, the final modulation (halves swapped against diffusers), embedders.
+BFL_TARGETS = ["double_blocks.0.img_attn.qkv", "double_blocks.0.txt_attn.qkv", "double_blocks.0.img_attn.proj",
+               "double_blocks.0.img_mlp.0", "double_blocks.0.txt_mlp.2", "double_blocks.0.img_mod.lin",
+               "single_blocks.0.linear1", "single_blocks.0.linear2", "single_blocks.0.modulation.lin",
+               "final_layer.linear", "final_layer.adaLN_modulation.1", "img_in", "txt_in", "time_in.in_layer"]
+
+
+def _bfl_lora(r: int = 2, alpha=None, names=("lora_A", "lora_B"), prefix: str = "diffusion_model."):
+    """A random LoRA on BFL_TARGETS in BFL names, and the tiny model's BFL weights with its delta
+    added by hand (W + alpha/r * B @ A), the reference no LoRA code touches."""
+    from fluxsr_core.weights import transformer_state_dict_to_bfl
+
+    g = torch.Generator().manual_seed(11)
+    base = transformer_state_dict_to_bfl({k: v.clone() for k, v in fresh_transformer().state_dict().items()})
+    lora, merged = {}, dict(base)
+    for t in BFL_TARGETS:
+        w = base[f"{t}.weight"]
+        a, b = torch.randn(r, w.shape[1], generator=g) * 0.1, torch.randn(w.shape[0], r, generator=g) * 0.1
+        lora[f"{prefix}{t}.{names[0]}.weight"], lora[f"{prefix}{t}.{names[1]}.weight"] = a, b
+        if alpha is not None:
+            lora[f"{prefix}{t}.alpha"] = torch.tensor(float(alpha))
+        merged[f"{t}.weight"] = w + ((alpha if alpha is not None else r) / r) * b @ a
+    return lora, merged
+
+
+@pytest.mark.parametrize("names,prefix,alpha", [(("lora_A", "lora_B"), "diffusion_model.", None),
+                                                (("lora_down", "lora_up"), "diffusion_model.", 1.0),
+                                                (("lora_A", "lora_B"), "", 4.0)])
+def test_bfl_naming_is_split_exactly(tmp_path, inputs, names, prefix, alpha):
+    """A LoRA in BFL/ComfyUI module names (fused q|k|v etc.) merges to exactly the model whose
+    BFL weights got the delta by hand (converted by the weight loader, which no LoRA code uses)."""
+    from fluxsr_core import models
+
+    lora, merged = _bfl_lora(alpha=alpha, names=names, prefix=prefix)
+    path = _save(tmp_path, "bfl-lora.safetensors", {**lora, "lora_te1_text_model_encoder_layers_0_mlp_fc1.alpha":
+                                                    torch.tensor(1.0)})
+    safetensors.torch.save_file(merged, tmp_path / "flux-merged.safetensors")
+    expected = models.load_transformer(tmp_path / "flux-merged.safetensors", dtype="fp32")
+    model = fresh_transformer()
+    info = load_lora(model, path, merge=True)
+    assert any("converted 14 LoRA layers from BFL/ComfyUI naming into 21 diffusers" in n for n in info.notes)
+    assert any("ignored 1 text-encoder" in n for n in info.notes)
+    assert {"transformer_blocks.0.attn.to_q", "transformer_blocks.0.attn.add_v_proj", "norm_out.linear",
+            "single_transformer_blocks.0.proj_mlp", "x_embedder"} <= set(info.target_modules)
+    torch.testing.assert_close(run(model, inputs), run(expected, inputs), rtol=0, atol=1e-5)
+    unmerged = fresh_transformer()
+    load_lora(unmerged, path, merge=False)  # as a peft adapter: the same model
+    torch.testing.assert_close(run(unmerged, inputs), run(expected, inputs), rtol=0, atol=1e-5)
+
+
+def test_bfl_naming_streams_into_fp8(tmp_path, tiny_model_files):
+    """The fp8 load merges each weight as it arrives (lora.merge_factors): a BFL-named LoRA meets
+    every weight there too (fp32 compute: the merged model, then cast)."""
+    from fluxsr_core import models
+
+    lora, _ = _bfl_lora()
+    path = _save(tmp_path, "bfl-lora.safetensors", lora)
+    got, info = models.load_transformer_fp8(tiny_model_files.transformer, "fp8_storage_all", dtype="fp32",
+                                            device="cpu", lora=path)
+    ref = models.load_transformer(tiny_model_files.transformer, dtype="fp32")
+    load_lora(ref, path, merge=True)
+    models.store_in_fp8(ref, torch.float32, every_linear=True)
+    same = total = 0
+    for (name, p), q in zip(ref.named_parameters(), got.parameters()):
+        if p.dtype == torch.float8_e4m3fn:
+            total += p.numel()
+            same += int((p.view(torch.uint8) == q.view(torch.uint8)).sum())
+    assert info.merged and total and same / total > 0.999
+
+
+def test_bfl_naming_errors_are_named(tmp_path):
+    lora, _ = _bfl_lora()
+    cases = {
+        "mixed": ({**lora, "transformer.transformer_blocks.0.attn.to_q.lora_A.weight": torch.zeros(2, 32)},
+                  "mixes BFL module names"),
+        "dora": ({**lora, "diffusion_model.img_in.dora_scale": torch.zeros(1, 32)}, "no lora_A/lora_B"),
+        "half": ({k: v for k, v in lora.items() if k != "diffusion_model.img_in.lora_B.weight"},
+                 "layer 'img_in' has lora_A but not lora_B"),
+        "deeper": ({**lora, "diffusion_model.double_blocks.3.img_attn.proj.lora_A.weight": torch.zeros(2, 32),
+                    "diffusion_model.double_blocks.3.img_attn.proj.lora_B.weight": torch.zeros(32, 2)},
+                   "'double_blocks.3.img_attn.proj' is no layer of this FLUX transformer"),
+    }
+    for name, (sd, message) in cases.items():
+        with pytest.raises(LoraError, match=message):
+            load_lora(fresh_transformer(), _save(tmp_path, f"{name}.safetensors", sd))
+
+
 # --- metadata ------------------------------------------------------------------------------
 
 def test_metadata_round_trip(lora_file):

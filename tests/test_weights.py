@@ -315,3 +315,20 @@ def test_describe_file(tmp_path, tiny_sd):
     save_file(W.transformer_state_dict_to_bfl(tiny_sd), tmp_path / "flux.safetensors")
     line = W.describe_file(tmp_path / "flux.safetensors")
     assert "FLUX transformer (BFL" in line and "F32" in line
+
+
+def test_bfl_row_sources_of_flux1_dev():
+    """FLUX.1-dev's fused BFL tensors, row by row, from the weight converter itself (meta shapes)."""
+    from accelerate import init_empty_weights
+    from diffusers import FluxTransformer2DModel
+
+    with init_empty_weights():
+        model = FluxTransformer2DModel.from_config(W._strip_meta(W.shipped_config("flux1-dev-transformer")))
+    sources = W.bfl_row_sources({k: v.shape for k, v in model.state_dict().items()})
+    qkv = sources["double_blocks.7.txt_attn.qkv.weight"]
+    assert [k for k, _ in qkv] == [f"transformer_blocks.7.attn.add_{x}_proj.weight" for x in "qkv"]
+    assert [rows[0].item() for _, rows in qkv] == [0, 3072, 6144] and all(len(r) == 3072 for _, r in qkv)
+    linear1 = sources["single_blocks.37.linear1.weight"]
+    assert [len(r) for _, r in linear1] == [3072, 3072, 3072, 12288]
+    (key, rows), = sources["final_layer.adaLN_modulation.1.weight"]
+    assert key == "norm_out.linear.weight" and rows[:2].tolist() == [3072, 3073] and rows[3072].item() == 0
