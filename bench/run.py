@@ -389,6 +389,10 @@ def speedup_variants(transformer, vae, cond, profile, tiles: TilingConfig, dtype
         after_each()
     for name in names:
         before = baseline
+        if name.startswith("compile"):
+            # Dynamo's caches live on the blocks' shared code objects: a variant compiled before
+            # would be reused, or its recompiles would exhaust the limit and leave this one eager.
+            torch.compiler.reset()
         try:
             if name == "compile_fp8":
                 t2 = rebuild(transformer)
