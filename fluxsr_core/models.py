@@ -7,8 +7,9 @@
   tensors go to the device one at a time.
 * :class:`DiffusersVelocity` (a :class:`~fluxsr_core.interfaces.VelocityModel`) and
   :class:`DiffusersCodec` (a :class:`~fluxsr_core.interfaces.LatentCodec`).
-* :func:`apply_memory_mode`: none, model_offload, group_offload, fp8_storage (diffusers' and
-  accelerate's own hooks).
+* :func:`apply_memory_mode`: none, model_offload, group_offload (diffusers' and accelerate's own
+  hooks), fp8_storage, fp8_storage_all (:func:`store_in_fp8`: diffusers' layer selection, a
+  traceable cast per call).
 """
 
 from __future__ import annotations
@@ -425,16 +426,65 @@ def _hook_offload_pair(transformer, vae, device: torch.device) -> None:
     vae._fluxsr_offload_hook = vae_hook
 
 
-def store_in_fp8(transformer, compute: torch.dtype, every_linear: bool) -> None:
-    """diffusers' layerwise casting to ``float8_e4m3fn``, with its own skip list or ours (the
-    fp8 memory modes; in place, on any device, meta included; a second call for the same mode
-    does nothing).
+_FP8_COMPUTE_ATTR = "_fluxsr_fp8_compute"
 
-    ``enable_layerwise_casting`` always adds the model's ``_skip_layerwise_casting_patterns``
-    (FLUX: "pos_embed", "norm"), and "norm" matches the AdaLN modulation linears
-    (``norm1.linear``...), so ``every_linear`` calls ``apply_layerwise_casting`` with that skip
-    list less "norm" (the peft adapter layers stay skipped: an unmerged LoRA keeps the compute
-    dtype either way).
+
+def _fp8_linear_forward(self, x: torch.Tensor) -> torch.Tensor:
+    """The forward of a Linear whose weights are stored in fp8: a compute-dtype copy for this
+    call only, which dynamo traces (the cast then fuses into the compiled graph)."""
+    dtype = getattr(self, _FP8_COMPUTE_ATTR)
+    bias = None if self.bias is None else self.bias.to(dtype)
+    return torch.nn.functional.linear(x, self.weight.to(dtype), bias)
+
+
+def fp8_layers(transformer, every_linear: bool) -> list[tuple[str, torch.nn.Linear]]:
+    """The Linear layers an fp8 mode stores in fp8: diffusers' layerwise-casting selection.
+
+    ``enable_layerwise_casting``'s skip list (diffusers' defaults, the model's
+    ``_keep_in_fp32_modules`` and ``_skip_layerwise_casting_patterns``, peft adapter layers), a
+    name matching it skipping its whole subtree as there. FLUX's own pattern "norm" also matches
+    its AdaLN modulation linears (``norm1.linear``...): ``every_linear`` leaves that pattern out
+    (FLUX's RMSNorm/LayerNorm layers are no Linear, so nothing else changes).
+    """
+    import re
+
+    from diffusers.hooks.layerwise_casting import DEFAULT_SKIP_MODULES_PATTERN
+    from peft.tuners.loha.layer import LoHaLayer
+    from peft.tuners.lokr.layer import LoKrLayer
+    from peft.tuners.lora.layer import LoraLayer
+
+    patterns = (tuple(DEFAULT_SKIP_MODULES_PATTERN) + tuple(getattr(transformer, "_keep_in_fp32_modules", None) or ())
+                + tuple(getattr(transformer, "_skip_layerwise_casting_patterns", None) or ()))
+    if every_linear:
+        patterns = tuple(p for p in patterns if p != "norm")
+    for layer in (LoraLayer, LoHaLayer, LoKrLayer):
+        patterns += tuple(layer.adapter_layer_names)
+    found = []
+
+    def walk(module, prefix: str) -> None:
+        if prefix and any(re.search(p, prefix) for p in patterns):
+            return
+        if isinstance(module, torch.nn.Linear):
+            found.append((prefix, module))
+            return
+        for name, child in module.named_children():
+            walk(child, f"{prefix}.{name}" if prefix else name)
+
+    walk(transformer, "")
+    return found
+
+
+def store_in_fp8(transformer, compute: torch.dtype, every_linear: bool) -> None:
+    """The fp8 memory modes: the Linear weights :func:`fp8_layers` selects stored as
+    ``float8_e4m3fn``, each call computing with a compute-dtype copy (in place, on any device,
+    meta included; a second call for the same mode does nothing).
+
+    The layers are diffusers' layerwise casting's, the arithmetic is the same (bit-identical
+    outputs), but not its hooks, which re-create the layer's parameters in the compute dtype
+    before each call and cast them back to fp8 after it. Here each call casts once, for the
+    call only, and the forward stays traceable, so ``compile`` takes whole blocks. Measured on
+    the CPU, 1 thread, the small bench model (bench/run.py's, fp32): 0.075 s per forward
+    against the hooks' 0.089 s, and 0.044 s compiled (the hooks' compile broke at every Linear).
     """
     mode = "fp8_storage_all" if every_linear else "fp8_storage"
     done = getattr(transformer, _FP8_MODE_ATTR, None)
@@ -443,20 +493,12 @@ def store_in_fp8(transformer, compute: torch.dtype, every_linear: bool) -> None:
             raise ValueError(f"the transformer is already stored as {done}; load it again for {mode}")
         return
     setattr(transformer, _FP8_MODE_ATTR, mode)
-    if not every_linear:
-        transformer.enable_layerwise_casting(storage_dtype=torch.float8_e4m3fn, compute_dtype=compute)
-        return
-    from diffusers.hooks import apply_layerwise_casting
-    from diffusers.hooks.layerwise_casting import DEFAULT_SKIP_MODULES_PATTERN
-    from peft.tuners.lora.layer import LoraLayer
+    import types
 
-    # The same skip list enable_layerwise_casting builds, less "norm" (which only matches FLUX's
-    # modulation linears: its RMSNorm/LayerNorm layers are no Linear, so they are never cast).
-    patterns = DEFAULT_SKIP_MODULES_PATTERN + tuple(getattr(transformer, "_skip_layerwise_casting_patterns",
-                                                            None) or ())
-    patterns = tuple(dict.fromkeys(p for p in patterns if p != "norm")) + tuple(LoraLayer.adapter_layer_names)
-    apply_layerwise_casting(transformer, storage_dtype=torch.float8_e4m3fn, compute_dtype=compute,
-                            skip_modules_pattern=patterns)
+    for _, layer in fp8_layers(transformer, every_linear):
+        layer.to(dtype=torch.float8_e4m3fn)
+        setattr(layer, _FP8_COMPUTE_ATTR, compute)
+        layer.forward = types.MethodType(_fp8_linear_forward, layer)
 
 
 GIB = 2 ** 30
@@ -584,8 +626,8 @@ def apply_memory_mode(transformer, vae, mode: str, device: Union[str, torch.devi
       goes back (accelerate's ``cpu_offload_with_hook``). Needs room for the largest model.
     * ``group_offload``: diffusers' ``enable_group_offload`` (block level, one block per group)
       on both; only one transformer block is on the device at a time. Slowest, least memory.
-    * ``fp8_storage``: diffusers' ``enable_layerwise_casting``: transformer weights stored as
-      ``float8_e4m3fn`` and cast per layer to the compute dtype. Norms, embeddings and (through
+    * ``fp8_storage``: the Linear weights diffusers' ``enable_layerwise_casting`` would cast,
+      stored as ``float8_e4m3fn`` and cast per call to the compute dtype (:func:`store_in_fp8`). Norms, embeddings and (through
       FLUX's own skip pattern "norm") the AdaLN modulation linears stay in the compute dtype, as
       do unmerged peft LoRA layers: for FLUX.1-dev 14.3 GiB of weights instead of 22.2 GiB
       (``bench/run.py --full-size --weights-only``), not half. The VAE is small and stays as is.
@@ -638,16 +680,17 @@ def _has_unmerged_lora(module) -> bool:
 
 
 def _has_placement_hooks(module) -> bool:
-    """Hooks of a memory mode (diffusers' layerwise casting / group offload, accelerate offload)."""
-    return any(hasattr(m, "_diffusers_hook") or hasattr(m, "_hf_hook") for m in module.modules())
+    """A memory mode applied: diffusers' group offload hooks, accelerate's offload, fp8 storage."""
+    return any(hasattr(m, "_diffusers_hook") or hasattr(m, "_hf_hook") or hasattr(m, _FP8_COMPUTE_ATTR)
+               for m in module.modules())
 
 
 def parse_speedups(speedups, merge_lora: bool = True, memory_mode: Optional[str] = None) -> list[str]:
     """``"fuse_qkv,compile"`` (or a list of names) -> the list of names, checked before any model
     is loaded: unknown names, two compile modes or two attention backends at once, an attention
     backend without a CUDA GPU, ``fuse_qkv`` with a LoRA kept unmerged (``merge_lora`` False)
-    and ``compile_cudagraphs`` with a memory mode other than ``none`` (when ``memory_mode`` is
-    given and not ``auto``) raise ValueError."""
+    and ``compile_cudagraphs`` with an offload mode (when ``memory_mode`` is given) raise
+    ValueError."""
     names = [s.strip() for s in (speedups.split(",") if isinstance(speedups, str) else speedups) if s.strip()]
     unknown = [s for s in names if s not in SPEEDUPS]
     if unknown:
@@ -661,11 +704,11 @@ def parse_speedups(speedups, merge_lora: bool = True, memory_mode: Optional[str]
     if "fuse_qkv" in names and not merge_lora:
         raise ValueError("fuse_qkv needs the LoRA merged (an unmerged LoRA on to_q/to_k/to_v would be left out "
                          "of the fused projection); merge it, or leave fuse_qkv out")
-    if "compile_cudagraphs" in names and memory_mode not in (None, "auto", "none"):
-        # CUDA graphs replay the recorded weight addresses; offloading moves the weights and
-        # layerwise casting makes a new compute-dtype copy of each one on every call.
-        raise ValueError(f"compile_cudagraphs needs memory mode none (the weights resident where the CUDA graphs "
-                         f"recorded them); {memory_mode} moves or re-casts them on every call. Use compile instead")
+    if "compile_cudagraphs" in names and memory_mode in ("model_offload", "group_offload"):
+        # CUDA graphs replay the recorded weight addresses; offloading moves the weights. (The fp8
+        # modes' per-call casts happen inside the graphs, from weights that stay put.)
+        raise ValueError(f"compile_cudagraphs needs the weights resident where the CUDA graphs recorded them; "
+                         f"{memory_mode} moves them on every call. Use compile, or memory mode none or an fp8 mode")
     return names
 
 
@@ -674,10 +717,11 @@ def _compiles_whole_blocks(memory_mode: str) -> bool:
 
     Measured on the tiny model (torch 2.14, diffusers 0.42): group offloading's hooks call
     ``torch.compiler.disable``d onload/offload functions (two graph breaks per block, which
-    diffusers supports); layerwise casting's hooks re-create each Linear's parameters in place
-    (``module.to``), one graph break per Linear. model_offload hooks the whole model, not a block.
+    diffusers supports). model_offload hooks the whole model, not a block; the fp8 modes'
+    forwards are traceable (:func:`store_in_fp8`; diffusers' layerwise casting hooks, which
+    re-create each Linear's parameters, broke the graph at every Linear).
     """
-    return memory_mode in ("none", "model_offload")
+    return memory_mode != "group_offload"
 
 
 def apply_speedups(transformer, vae, speedups, *, compile_backend: str = "inductor",
@@ -689,8 +733,8 @@ def apply_speedups(transformer, vae, speedups, *, compile_backend: str = "induct
     * ``compile``: ``torch.compile`` of the repeated transformer blocks (diffusers'
       ``compile_repeated_blocks``: one compiled graph serves all 19 + 38 blocks, so compiling
       takes seconds rather than minutes). The first call of each new tile shape compiles.
-      With ``group_offload`` each block's graph breaks at its onload and offload; with the fp8
-      modes at each Linear (the casting hooks cannot be traced), so less of it is fused.
+      With ``group_offload`` each block's graph breaks at its onload and offload; the fp8 modes
+      compile whole blocks, their casts included.
     * ``compile_cudagraphs``: the same with ``mode="reduce-overhead"``: CUDA graphs replay each
       block's kernels without per-kernel launch cost (the single step has fixed shapes).
     * ``channels_last_vae``: the VAE's convolution weights in channels-last memory format, the
@@ -1012,7 +1056,7 @@ def build_models(transformer_source: PathLike, vae_source: PathLike, dtype: Unio
 
 
 __all__ = ["resolve_device", "resolve_dtype", "load_transformer", "load_vae", "load_device", "load_models",
-           "LoadedModels", "load_transformer_fp8", "apply_memory_mode", "store_in_fp8", "parse_speedups",
+           "LoadedModels", "load_transformer_fp8", "apply_memory_mode", "store_in_fp8", "fp8_layers", "parse_speedups",
            "apply_speedups", "DiffusersVelocity", "DiffusersCodec", "build_models", "MEMORY_MODES", "FP8_MODES",
            "SPEEDUPS", "param_bytes", "weight_bytes_per_mode", "pick_memory_mode", "choose_memory_mode",
            "AUTO_HEADROOM_BYTES"]

@@ -85,7 +85,7 @@ def test_wrong_file_for_transformer_is_named(tmp_path, photo_png, tiny_model_fil
                                        (["--speedups", "compile,compile_cudagraphs"], "one of compile"),
                                        (["--speedups", "fuse_qkv", "--no-merge-lora"], "LoRA merged"),
                                        (["--speedups", "compile_cudagraphs", "--memory-mode", "model_offload"],
-                                        "compile_cudagraphs needs memory mode none")])
+                                        "compile_cudagraphs needs the weights resident")])
 def test_impossible_settings(tmp_path, photo_png, tiny_model_files, capsys, extra, msg):
     code = cli.main(["upscale", str(photo_png), "-o", str(tmp_path / "o")] + model_args(tiny_model_files) + extra)
     assert code == 2 and msg in capsys.readouterr().err

@@ -440,11 +440,42 @@ def test_compile_wraps_every_block(cond, inputs):
                                    rtol=0, atol=1e-5)
 
 
+@pytest.mark.parametrize("mode", models.FP8_MODES)
+def test_fp8_storage_is_diffusers_layerwise_casting_without_its_hooks(mode, tiny_model_files, cond, inputs):
+    """store_in_fp8 stores the very layers diffusers' layerwise casting would (FLUX's "norm"
+    pattern left out for fp8_storage_all) and computes bit-identical outputs, with an unmerged
+    LoRA too; it only casts once per call instead of re-creating the parameters twice."""
+    from diffusers.hooks import apply_layerwise_casting
+    from diffusers.hooks.layerwise_casting import DEFAULT_SKIP_MODULES_PATTERN
+    from peft.tuners.lora.layer import LoraLayer
+
+    from fluxsr_core.lora import load_lora
+
+    ours, theirs = (models.load_transformer("tiny", dtype="fp32") for _ in range(2))
+    for t in (ours, theirs):
+        load_lora(t, tiny_model_files.lora, merge=False)
+    models.store_in_fp8(ours, torch.float32, every_linear=mode == "fp8_storage_all")
+    if mode == "fp8_storage":
+        theirs.enable_layerwise_casting(storage_dtype=torch.float8_e4m3fn, compute_dtype=torch.float32)
+    else:
+        patterns = tuple(p for p in DEFAULT_SKIP_MODULES_PATTERN + ("pos_embed",) if p != "norm")
+        apply_layerwise_casting(theirs, storage_dtype=torch.float8_e4m3fn, compute_dtype=torch.float32,
+                                skip_modules_pattern=patterns + tuple(LoraLayer.adapter_layer_names))
+    hooked = {n for n, m in theirs.named_modules() if hasattr(m, "_diffusers_hook")
+              and m._diffusers_hook.get_hook("layerwise_casting") is not None}
+    assert hooked and {n for n, _ in models.fp8_layers(ours, mode == "fp8_storage_all")} == hooked
+    assert {n for n, p in ours.named_parameters() if p.dtype == torch.float8_e4m3fn} == \
+        {f"{n}.{p}" for n in hooked for p in ("weight", "bias") if f"{n}.{p}" in dict(ours.named_parameters())}
+    z, s = inputs
+    with torch.no_grad():
+        assert torch.equal(models.DiffusersVelocity(ours)(z, s, cond), models.DiffusersVelocity(theirs)(z, s, cond))
+
+
 @pytest.mark.parametrize("mode", models.MEMORY_MODES)
 def test_compile_runs_under_every_memory_mode(mode, cond, inputs):
-    """dynamo traces the blocks under each mode's hooks: whole where there are none, broken at
-    the hooks of group offloading and layerwise casting (fullgraph=True fails there on the first
-    call); the outputs stay those of the uncompiled model in the same mode."""
+    """dynamo traces the blocks under each mode: whole (fullgraph) with the fp8 modes' casts too,
+    broken at group offloading's hooks (fullgraph=True fails there on the first call); the
+    outputs stay those of the uncompiled model in the same mode."""
     loaded = models.load_models("tiny", "tiny", mode, "fp32", "cpu")
     velocity = models.DiffusersVelocity(loaded.transformer)
     z, s = inputs
@@ -464,12 +495,12 @@ def test_speedups_refuse_what_they_would_get_wrong(tiny_model_files):
         models.apply_speedups(models.load_transformer("tiny", dtype="fp32"), vae, "compile,compile_cudagraphs")
     with pytest.raises(ValueError, match="one of cudnn_attention and flash_attention"):
         models.parse_speedups("flash_attention,cudnn_attention")
-    for mode in ("fp8_storage", "fp8_storage_all", "model_offload", "group_offload"):
-        with pytest.raises(ValueError, match=f"compile_cudagraphs needs memory mode none.*{mode} moves"):
+    for mode in ("model_offload", "group_offload"):
+        with pytest.raises(ValueError, match=f"compile_cudagraphs needs the weights resident.*{mode} moves"):
             models.parse_speedups("compile_cudagraphs", memory_mode=mode)
-    for mode in (None, "auto", "none"):  # auto: load_models checks again once it has chosen
+    for mode in (None, "auto", "none", "fp8_storage", "fp8_storage_all"):  # auto: load_models checks again
         assert models.parse_speedups("compile_cudagraphs", memory_mode=mode) == ["compile_cudagraphs"]
-    with pytest.raises(ValueError, match="compile_cudagraphs needs memory mode none"):
+    with pytest.raises(ValueError, match="compile_cudagraphs needs the weights resident"):
         models.load_models("tiny", "tiny", "group_offload", "fp32", "cpu", speedups="compile_cudagraphs")
     if not torch.cuda.is_available():
         with pytest.raises(ValueError, match="needs a CUDA GPU"):
