@@ -414,8 +414,9 @@ def build_student(cfg: TrainConfig, device: torch.device | str = "cpu"):
     Returns ``(transformer, vae, compute_dtype)``. The transformer carries the trainable
     adapter :data:`fluxsr_core.lora.DEFAULT_ADAPTER_NAME`; everything else is frozen. With
     ``model.memory_mode = "fp8_storage"`` (or ``fp8_storage_all``) the base weights are built in
-    float8 on the device as the file loads (diffusers' layerwise casting; the LoRA stays fp32). The LoRA's initial values come from the
-    torch RNG: seed it first for reproducible runs (:func:`train` does).
+    float8 on the device as the file loads (``models.store_in_fp8``; the LoRA stays fp32). The
+    LoRA's initial values come from the torch RNG: seed it first for reproducible runs
+    (:func:`train` does).
     """
     from peft import LoraConfig as PeftLoraConfig
 
