@@ -714,8 +714,9 @@ def test_auto_memory_mode_reads_the_files_headers(transformer_files, vae_files, 
     monkeypatch.setattr(models, "resolve_device", lambda d="auto": torch.device("cuda", 0))
     for mode in ("none", "fp8_storage", "fp8_storage_all"):
         monkeypatch.setattr(torch.cuda, "mem_get_info", lambda d=None, free=need[mode]: (free, 2 * free))
-        for t_src in (transformer_files / "flux1-bfl.safetensors", transformer_files / "folder"):
-            got, _ = models.choose_memory_mode(t_src, vae_files / "ae.safetensors", "fp32", "cuda", headroom_bytes=0)
+        for t_src, v_src in ((transformer_files / "flux1-bfl.safetensors", vae_files / "ae.safetensors"),
+                             (transformer_files / "sharded", vae_files / "pipeline")):
+            got, _ = models.choose_memory_mode(t_src, v_src, "fp32", "cuda", headroom_bytes=0)
             assert got == mode, (t_src, mode)
 
 
