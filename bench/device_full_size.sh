@@ -26,11 +26,10 @@ export PYTHONPATH="$PWD${PYTHONPATH:+:$PYTHONPATH}" PYTHONUNBUFFERED=1
 } 2>&1 | tee "$out/gpu.txt"
 # Ends a little before the command's own limit, so the files written so far come back.
 budget="${BENCH_TIMEOUT_S:-540}"
-timeout "$((budget - 45))" "$python" bench/run.py "${BENCH_MODE:---full-size}" --out "$out" "$@" 2>&1 | tee "$out/log.txt"
-# Then, in what is left, the activation peaks per part on CUDA's kernels (seconds on a GPU):
-# what --memory-mode auto's headroom is calibrated from.
-left=$((budget - SECONDS))
-if [ "$left" -gt 15 ]; then
-    timeout "$left" "$python" bench/run.py "${BENCH_MODE:---full-size}" --activation-peaks --out "$out" 2>&1 \
-        | tee -a "$out/log.txt"
-fi
+# First, in a fixed slot, the activation peaks per part on CUDA's kernels (seconds on a GPU; it
+# writes its report only at the end): what --memory-mode auto's headroom is calibrated from.
+timeout -k 5 90 "$python" bench/run.py "${BENCH_MODE:---full-size}" --activation-peaks --out "$out" 2>&1 \
+    | tee "$out/log.txt"
+# Then the full report in what is left (it saves after every section).
+timeout -k 5 "$((budget - SECONDS - 5))" "$python" bench/run.py "${BENCH_MODE:---full-size}" --out "$out" "$@" 2>&1 \
+    | tee -a "$out/log.txt"

@@ -382,6 +382,8 @@ def speedup_variants(transformer, vae, cond, profile, tiles: TilingConfig, dtype
     base_velocity = models.DiffusersVelocity(transformer, compute_dtype=dtype)
     needed = sorted({k for n in names for k in wanted[n]})
     baseline = measure(base_velocity, codec_for(vae), needed)
+    from torch._dynamo.utils import counters
+
     row_tiles = len(tiling.axis_tiles(z2.shape[-1], tiles)[1])
     report = {} if report is None else report
     report["baseline"] = {k: v["seconds"] for k, v in baseline.items()}
@@ -393,6 +395,7 @@ def speedup_variants(transformer, vae, cond, profile, tiles: TilingConfig, dtype
             # Dynamo's caches live on the blocks' shared code objects: a variant compiled before
             # would be reused, or its recompiles would exhaust the limit and leave this one eager.
             torch.compiler.reset()
+            counters.clear()
         try:
             if name == "compile_fp8":
                 t2 = rebuild(transformer)
@@ -429,6 +432,11 @@ def speedup_variants(transformer, vae, cond, profile, tiles: TilingConfig, dtype
                                 speedup=before[k]["seconds"] / a["seconds"], first_call_s=a["first_call_s"],
                                 output_rel_l2=rel_l2(a["result"], before[k]["result"]))
                         for k, a in after.items()}
+        if name.startswith("compile"):
+            # what would make the figure a plain eager (or plain compile) one without saying so
+            breaks, skips = sum(counters["graph_break"].values()), counters["inductor"].get("cudagraph_skips", 0)
+            said = [f"{breaks} graph breaks" if breaks else "", f"CUDA graphs skipped {skips}x" if skips else ""]
+            detail = "; ".join(p for p in [detail, *said] if p)
         if detail:
             report[name]["detail"] = detail
         gc.collect()
@@ -446,8 +454,9 @@ def main(argv=None) -> int:
     parser.add_argument("--out", type=Path, default=Path("bench/results"), help="folder for the JSON/markdown report")
     parser.add_argument("--teacher-steps", type=int, default=28)
     parser.add_argument("--threads", type=int, default=None, help="CPU threads (default: all cores)")
-    parser.add_argument("--memory-modes", default="none,fp8_storage,fp8_storage_all,model_offload,group_offload",
-                        help="full size and --tiny: memory modes to measure ('' for none)")
+    parser.add_argument("--memory-modes", default="none,fp8_storage,fp8_storage_all,group_offload,model_offload",
+                        help="full size and --tiny: memory modes to measure ('' for none; model_offload last: "
+                             "it copies the whole transformer to and from the GPU at every VAE call)")
     parser.add_argument("--speedups", default=None,
                         help="speed-ups to measure against the unchanged models, comma-separated, from "
                              "fuse_qkv, channels_last_vae, tile_batch, tile_fit, flash_attention, cudnn_attention, "
@@ -493,7 +502,7 @@ def main(argv=None) -> int:
     if speedups is None:
         # compile last: the slowest to set up, so a run cut short loses the least
         speedups = "fuse_qkv,channels_last_vae,tile_batch,tile_fit,flash_attention,cudnn_attention,compile," \
-            "compile_cudagraphs,compile_fp8" \
+            "compile_fp8,compile_cudagraphs" \
             if device.type == "cuda" else \
             "fuse_qkv,channels_last_vae,tile_batch,tile_fit"
     speedups = [n.strip() for n in speedups.split(",") if n.strip()]
@@ -581,6 +590,11 @@ def main(argv=None) -> int:
             for mode in modes:
                 report["memory_modes"][mode] = memory_mode(states, profile, device, dtype, mode, tiles)
                 save()
+        # Before the speed-ups: the only check of the loaders' direct-to-device paths on CUDA,
+        # and quick, while compiling the speed-ups may outlast a lease.
+        section("loading the transformer from a single file straight onto the device")
+        report["load_from_file"] = load_from_file(states, device, dtype)
+        save()
         if speedups:
             transformer, vae = (from_state(cls, cfg, {k: v.to(device) for k, v in sd.items()})
                                 for cls, cfg, sd in states)
@@ -591,13 +605,6 @@ def main(argv=None) -> int:
                              report=report.setdefault("speedups", {}), after_each=save)
         # compiled code and CUDA graph pools hold the variants' modules, and so the weights
         torch.compiler.reset()
-        save()
-    if full_report:
-        if speedups:
-            del transformer, vae
-            gc.collect()
-        section("loading the transformer from a single file straight onto the device")
-        report["load_from_file"] = load_from_file(states, device, dtype)
     save()
     print(markdown(report))
     print(f"written: {args.out / (stem + '.json')}, {args.out / (stem + '.md')}")
@@ -678,13 +685,17 @@ def memory_mode(states, profile, device, dtype, mode: str, tiles: TilingConfig) 
     lr = torch.rand(1, 3, profile["lr"] * 2, profile["lr"] * 2)
     options = UpscaleOptions(tiling=tiles)
     with torch.inference_mode():
-        t, _ = timed(lambda: upscale_tensor(lr, velocity, codec, cond, options), 1)
-        with PeakMemory(device) as pm:
+        upscale_tensor(lr, velocity, codec, cond, options)  # warm-up
+        with PeakMemory(device) as pm:  # one run gives both (on the CPU the time includes the profiler's)
+            t0 = now()
             upscale_tensor(lr, velocity, codec, cond, options)
+            t = now() - t0
     out = dict(out=profile["lr"] * 8, peak_bytes=pm.peak, peak_total_bytes=pm.total, peak_reserved_bytes=pm.reserved,
                seconds=t, place_s=place_s, allocated_before_bytes=leftover)
     del transformer, vae, velocity, codec
     gc.collect()
+    if mode == "group_offload" and hasattr(torch._C, "_host_emptyCache"):
+        torch._C._host_emptyCache()  # its pinned CPU copy of the weights (24 GB) stays cached otherwise
     return out
 
 
@@ -828,11 +839,12 @@ def markdown(r: dict) -> str:
                              f"{v['ram_growth_peak_bytes'] / 2**20:.0f} MiB ({lf['method']}).")
     if r.get("memory_modes"):
         out_px = next(iter(r["memory_modes"].values()))["out"]
-        lines += ["", f"| memory mode ({out_px} px output) | peak growth MiB | peak total MiB | peak reserved MiB | "
-                      f"s per image | placing s |", "|---|---|---|---|---|---|"]
+        lines += ["", f"| memory mode ({out_px} px output) | peak total MiB (weights included: what must fit) | "
+                      f"peak reserved MiB | growth during the upscale MiB (offload modes: weights they bring in "
+                      f"included) | s per image | placing s |", "|---|---|---|---|---|---|"]
         for mode, v in r["memory_modes"].items():
-            lines.append(f"| {mode} | {_mib(v['peak_bytes'])} | {_mib(v['peak_total_bytes'])} | "
-                         f"{_mib(v['peak_reserved_bytes'])} | {v['seconds']:.2f} | {v['place_s']:.2f} |")
+            lines.append(f"| {mode} | {_mib(v['peak_total_bytes'])} | {_mib(v['peak_reserved_bytes'])} | "
+                         f"{_mib(v['peak_bytes'])} | {v['seconds']:.2f} | {v['place_s']:.2f} |")
     return "\n".join(lines) + "\n"
 
 

@@ -724,6 +724,23 @@ def _compiles_whole_blocks(memory_mode: str) -> bool:
     return memory_mode != "group_offload"
 
 
+def set_attention_backend(transformer, backend: str) -> None:
+    """diffusers' ``set_attention_backend`` for this transformer only.
+
+    diffusers records the backend on each of the model's attention processors (which pass it to
+    every attention call) and also makes it the process-wide default, which would change every
+    other model in the process that was never asked (seen in the bench: the variants after
+    ``cudnn_attention`` ran on cuDNN too); the default is put back.
+    """
+    from diffusers.models.attention_dispatch import _AttentionBackendRegistry
+
+    previous = _AttentionBackendRegistry._active_backend
+    try:
+        transformer.set_attention_backend(backend)
+    finally:
+        _AttentionBackendRegistry.set_active_backend(previous)
+
+
 def apply_speedups(transformer, vae, speedups, *, compile_backend: str = "inductor",
                    memory_mode: Optional[str] = None) -> list[str]:
     """Opt-in speed changes from the stack itself, applied in place; returns the names applied.
@@ -763,7 +780,7 @@ def apply_speedups(transformer, vae, speedups, *, compile_backend: str = "induct
             transformer.fuse_qkv_projections()
     for name, backend in _ATTENTION_BACKENDS.items():
         if name in names:
-            transformer.set_attention_backend(backend)
+            set_attention_backend(transformer, backend)
     if "channels_last_vae" in names:
         vae.to(memory_format=torch.channels_last)
     for name, options in (("compile", {}), ("compile_cudagraphs", {"mode": "reduce-overhead"})):
@@ -1057,6 +1074,7 @@ def build_models(transformer_source: PathLike, vae_source: PathLike, dtype: Unio
 
 __all__ = ["resolve_device", "resolve_dtype", "load_transformer", "load_vae", "load_device", "load_models",
            "LoadedModels", "load_transformer_fp8", "apply_memory_mode", "store_in_fp8", "fp8_layers", "parse_speedups",
+           "set_attention_backend",
            "apply_speedups", "DiffusersVelocity", "DiffusersCodec", "build_models", "MEMORY_MODES", "FP8_MODES",
            "SPEEDUPS", "param_bytes", "weight_bytes_per_mode", "pick_memory_mode", "choose_memory_mode",
            "AUTO_HEADROOM_BYTES"]

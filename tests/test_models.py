@@ -471,6 +471,23 @@ def test_fp8_storage_is_diffusers_layerwise_casting_without_its_hooks(mode, tiny
         assert torch.equal(models.DiffusersVelocity(ours)(z, s, cond), models.DiffusersVelocity(theirs)(z, s, cond))
 
 
+def test_attention_backend_is_set_for_one_transformer_only(cond, inputs):
+    """diffusers' set_attention_backend also changes the process-wide default, which every other
+    model uses; ours leaves that alone ("_native_math" runs on the CPU too)."""
+    from diffusers.models.attention_dispatch import _AttentionBackendRegistry
+
+    before = _AttentionBackendRegistry._active_backend
+    chosen, other = models.load_transformer("tiny", dtype="fp32"), models.load_transformer("tiny", dtype="fp32")
+    models.set_attention_backend(chosen, "_native_math")
+    assert _AttentionBackendRegistry._active_backend == before
+    backends = lambda t: {getattr(m.processor, "_attention_backend", None) for m in t.modules() if hasattr(m, "processor")}
+    assert {str(b) for b in backends(chosen)} == {"AttentionBackendName._NATIVE_MATH"} and backends(other) == {None}
+    z, s = inputs
+    with torch.no_grad():
+        torch.testing.assert_close(models.DiffusersVelocity(chosen)(z, s, cond), models.DiffusersVelocity(other)(z, s, cond),
+                                   rtol=0, atol=1e-5)
+
+
 @pytest.mark.parametrize("mode", models.MEMORY_MODES)
 def test_compile_runs_under_every_memory_mode(mode, cond, inputs):
     """dynamo traces the blocks under each mode: whole (fullgraph) with the fp8 modes' casts too,
