@@ -72,6 +72,21 @@ def test_wavelet_kernel_by_hand():
     assert d2[0, 0, 2, 2] == 1 and d2[0, 0, 4, 2] == 2 and d2[0, 0, 3, 3] == 0
 
 
+@pytest.mark.parametrize("shape,dilation", [((2, 3, 40, 56), 1), ((1, 3, 33, 20), 4), ((1, 1, 5, 7), 8)])
+def test_separable_blur_is_the_dilated_3x3_kernel(shape, dilation):
+    """The blur runs as two passes of shifted adds; it is the 3x3 kernel with holes and
+    replicate borders, as a depthwise conv2d computes it (also where the dilation exceeds the
+    image)."""
+    import torch.nn.functional as F
+
+    from fluxsr_core.color import _wavelet_blur
+
+    x = torch.rand(*shape, generator=torch.Generator().manual_seed(dilation))
+    k = torch.tensor([[1.0, 2.0, 1.0], [2.0, 4.0, 2.0], [1.0, 2.0, 1.0]]).div(16).expand(shape[1], 1, 3, 3)
+    ref = F.conv2d(F.pad(x, (dilation,) * 4, mode="replicate"), k, groups=shape[1], dilation=dilation)
+    torch.testing.assert_close(_wavelet_blur(x, dilation), ref, rtol=0, atol=1e-6)
+
+
 def test_wavelet_decomposition_sums_to_input():
     x = smooth_image(b=2, seed=3)
     for levels in (1, 3, 5):
