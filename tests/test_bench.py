@@ -37,6 +37,8 @@ def test_tiny_benchmark_writes_a_complete_report(tmp_path):
     assert loaded["fp8_storage_all"]["weights_bytes"] < 0.6 * loaded["none"]["weights_bytes"]
     assert report["tiling_throughput"]["tiles"] == 9 and report["tiling_throughput"]["tiled_over_untiled"] > 0
     assert report["tiling_throughput"]["flops_tiled_over_untiled"] > 1  # tiny: overlaps dominate
+    fewer = report["tiling_throughput"]["fewer_tiles"]  # 2x2 tiles of 80 px instead of 3x3 of 64
+    assert (fewer["tile_px"], fewer["tiles"]) == (80, 4) and fewer["flops_over_untiled"] > 0
     # each speed-up measured against the unchanged models, and none changes the result (fp32)
     speed = report["speedups"]
     assert set(speed) == {"baseline", "fuse_qkv", "channels_last_vae", "tile_batch", "tile_fit"}
@@ -250,3 +252,18 @@ def test_compile_under_fp8_is_measured_against_fp8_uncompiled(monkeypatch):
     for key, v in entry.items():
         assert v["before_s"] != report["baseline"][key] and v["output_rel_l2"] < 1e-6
     assert all(p.dtype == torch.float32 for p in transformer.parameters())  # the unchanged model stays so
+
+
+def test_fewer_tiles_is_the_shortest_tile_one_fewer_per_axis():
+    """FLUX.1-dev at 2048 px (256 latent, default 128/32 latent tiles: 3 per axis) -> 144 latent
+    (1152 px), 2 per axis; at 4096 px (5 per axis) -> 152 (1216 px), 4 per axis; one tile -> None."""
+    from fluxsr_core import tiling
+    from fluxsr_core.tiling import TilingConfig
+
+    bench = load_bench("fluxsr_bench_run8")
+    base = TilingConfig(latent_tile=128, latent_overlap=32)
+    for length, tile, per_axis in ((256, 144, 2), (512, 152, 4)):
+        fewer = bench.fewer_tiles(length, base)
+        assert fewer.latent_tile == tile and len(tiling.axis_tiles(length, fewer)[1]) == per_axis
+        assert len(tiling.axis_tiles(length, fewer.__class__(latent_tile=tile - 2, latent_overlap=32))[1]) > per_axis
+    assert bench.fewer_tiles(128, base) is None
