@@ -157,6 +157,11 @@ _LORA_PARTS = {".lora_A.weight": "A", ".lora_down.weight": "A", ".lora_B.weight"
                ".alpha": "alpha"}
 
 
+def _text_encoder_note(count: int) -> str:
+    return (f"ignored {count} text-encoder LoRA tensors: FluxSR runs with fixed text embeddings, so a "
+            "text-encoder LoRA must be baked into the conditioning bundle")
+
+
 def _bfl_module(key: str) -> Optional[tuple[str, str]]:
     """``diffusion_model.double_blocks.0.img_attn.qkv.lora_A.weight`` -> ``("double_blocks.0.img_attn.qkv", "A")``;
     None for keys outside BFL's module names."""
@@ -190,10 +195,9 @@ def _bfl_to_diffusers_naming(sd: dict[str, torch.Tensor], transformer, path: str
     if not bfl:
         return None
     name = os.path.basename(path)
-    text = [k for k, m in parsed.items() if m is None and k.startswith(_TEXT_ENCODER_PREFIXES)]
+    text = {k for k, m in parsed.items() if m is None and k.startswith(_TEXT_ENCODER_PREFIXES)}
     if text:
-        notes.append(f"ignored {len(text)} text-encoder LoRA tensors: FluxSR runs with fixed text "
-                     "embeddings, so a text-encoder LoRA must be baked into the conditioning bundle")
+        notes.append(_text_encoder_note(len(text)))
     if len(bfl) + len(text) != len(sd):
         other = next(k for k, m in parsed.items() if m is None and k not in text)
         raise LoraError(f"{name} mixes BFL module names ('{next(iter(bfl))}') with others ('{other}'); "
@@ -277,8 +281,7 @@ def _to_diffusers_naming(state_dict: dict[str, torch.Tensor], path: str, notes: 
             "('diffusion_model.double_blocks...') and kohya/XLabs namings.")
     te = [k for k in sd if k.startswith("text_encoder.")]
     if te:
-        notes.append(f"ignored {len(te)} text-encoder LoRA tensors: FluxSR runs with fixed text "
-                     "embeddings, so a text-encoder LoRA must be baked into the conditioning bundle")
+        notes.append(_text_encoder_note(len(te)))
         sd = {k: v for k, v in sd.items() if not k.startswith("text_encoder.")}
         network_alphas = {k: v for k, v in network_alphas.items() if not k.startswith("text_encoder.")}
     if not sd:

@@ -627,7 +627,8 @@ def apply_memory_mode(transformer, vae, mode: str, device: Union[str, torch.devi
     * ``group_offload``: diffusers' ``enable_group_offload`` (block level, one block per group)
       on both; only one transformer block is on the device at a time. Slowest, least memory.
     * ``fp8_storage``: the Linear weights diffusers' ``enable_layerwise_casting`` would cast,
-      stored as ``float8_e4m3fn`` and cast per call to the compute dtype (:func:`store_in_fp8`). Norms, embeddings and (through
+      stored as ``float8_e4m3fn`` and cast per call to the compute dtype
+      (:func:`store_in_fp8`). Norms, embeddings and (through
       FLUX's own skip pattern "norm") the AdaLN modulation linears stay in the compute dtype, as
       do unmerged peft LoRA layers: for FLUX.1-dev 14.3 GiB of weights instead of 22.2 GiB
       (``bench/run.py --full-size --weights-only``), not half. The VAE is small and stays as is.
@@ -729,8 +730,8 @@ def set_attention_backend(transformer, backend: str) -> None:
 
     diffusers records the backend on each of the model's attention processors (which pass it to
     every attention call) and also makes it the process-wide default, which would change every
-    other model in the process that was never asked (seen in the bench: the variants after
-    ``cudnn_attention`` ran on cuDNN too); the default is put back.
+    other model in the process that was never asked (in bench/run.py, every variant measured
+    after ``cudnn_attention``); the default is put back.
     """
     from diffusers.models.attention_dispatch import _AttentionBackendRegistry
 
