@@ -360,8 +360,8 @@ def speedup_variants(transformer, vae, cond, profile, tiles: TilingConfig, dtype
     base size. ``tile_batch``: the tiled transformer with a whole row of tiles per call. Every
     variant gets a fresh module tree over the same weights (:func:`rebuild`), so none leaks
     into the next. ``first_call_s`` is the warm-up call (compilation included). ``compile_fp8``:
-    ``compile`` where 16-24 GB cards run, memory mode fp8_storage_all (its graphs break at each
-    Linear's casting hook), against the same fp8 model uncompiled. Results go into ``report``
+    ``compile`` where 16-24 GB cards run, memory mode fp8_storage_all (the casts compiled into
+    the blocks), against the same fp8 model uncompiled. Results go into ``report``
     (a new dict by default) as they come, ``after_each()`` is called after each (the bench saves
     there: a GPU lease that runs out mid-section keeps the variants measured so far).
     """
