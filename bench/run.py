@@ -296,12 +296,10 @@ def tiling_throughput(velocity, cond, lr_size: int, tiling_cfg: TilingConfig, re
     cfg, n_txt = velocity.transformer.config, cond.t5.shape[1]
     # The work the grid itself adds: overlapping tiles repeat tokens; attention over fewer tokens
     # per call costs less. Counted from the shapes, this is the floor of the time ratio.
-    tiled_flops = sum(transformer_flops(cfg, (th // 2) * (tw // 2), n_txt)
-                      for th, tw in _tile_shapes(z.shape[-2], z.shape[-1], tiling_cfg))
+    tiled_flops = _grid_flops(cfg, z.shape[-2], z.shape[-1], tiling_cfg, n_txt)
     untiled_flops = transformer_flops(cfg, (z.shape[-2] // 2) * (z.shape[-1] // 2), n_txt)
     fitted = dataclasses.replace(tiling_cfg, fit_tiles=True)
-    fitted_flops = sum(transformer_flops(cfg, (th // 2) * (tw // 2), n_txt)
-                       for th, tw in _tile_shapes(z.shape[-2], z.shape[-1], fitted))
+    fitted_flops = _grid_flops(cfg, z.shape[-2], z.shape[-1], fitted, n_txt)
     out = dict(out=side, tiles=tiling.count_tiles(z.shape[-2], z.shape[-1], tiling_cfg),
                untiled_s_per_mp=t_untiled / mp, tiled_s_per_mp=t_tiled / mp, tiled_over_untiled=t_tiled / t_untiled,
                flops_tiled_over_untiled=tiled_flops / untiled_flops,
@@ -310,8 +308,7 @@ def tiling_throughput(velocity, cond, lr_size: int, tiling_cfg: TilingConfig, re
     if fewer is not None and z.shape[-2] == z.shape[-1]:
         # Larger tiles, one fewer per axis: attention grows per tile, the overlaps' repeats shrink.
         t_fewer, _ = timed(lambda: tiling.tiled_apply(step, z, fewer), repeats)
-        fewer_flops = sum(transformer_flops(cfg, (th // 2) * (tw // 2), n_txt)
-                          for th, tw in _tile_shapes(z.shape[-2], z.shape[-1], fewer))
+        fewer_flops = _grid_flops(cfg, z.shape[-2], z.shape[-1], fewer, n_txt)
         out["fewer_tiles"] = dict(tile_px=fewer.latent_tile * 8, tiles=tiling.count_tiles(*z.shape[-2:], fewer),
                                   tiled_over_untiled=t_fewer / t_untiled, flops_over_untiled=fewer_flops / untiled_flops)
     return out
@@ -326,6 +323,11 @@ def fewer_tiles(length: int, config: TilingConfig) -> Optional[TilingConfig]:
     o = config.latent_overlap
     tile = -(-(length + (n - 2) * o) // (n - 1))  # n - 1 tiles of `tile` overlapping by `o` cover length
     return dataclasses.replace(config, latent_tile=tile + tile % 2, fit_tiles=False)
+
+
+def _grid_flops(cfg, h: int, w: int, config: TilingConfig, n_txt: int) -> float:
+    """Transformer FLOPs of one tiled pass over an ``h x w`` latent (2x2 packing: a token per 2x2)."""
+    return sum(transformer_flops(cfg, (th // 2) * (tw // 2), n_txt) for th, tw in _tile_shapes(h, w, config))
 
 
 def _tile_shapes(h: int, w: int, config: TilingConfig) -> list[tuple[int, int]]:

@@ -27,7 +27,7 @@ import pickle
 import re
 from importlib import resources
 from pathlib import Path
-from typing import Iterable, Mapping, Union
+from typing import Iterable, Mapping, Optional, Union
 
 import torch
 
@@ -191,6 +191,19 @@ def meta_state_dict(path: PathLike, what: str = "weights file") -> dict[str, tor
 DIFFUSERS_WEIGHTS_NAME = "diffusion_pytorch_model"
 
 
+def _shard_map(folder: Path) -> Optional[dict[str, str]]:
+    """A diffusers folder's shard index, ``{tensor: shard file}``; None when it has none."""
+    index = folder / f"{DIFFUSERS_WEIGHTS_NAME}.safetensors.index.json"
+    if not index.is_file():
+        return None
+    try:
+        weight_map = json.loads(index.read_text(encoding="utf-8"))["weight_map"]
+        return {str(k): str(v) for k, v in weight_map.items()}
+    except (json.JSONDecodeError, UnicodeDecodeError, KeyError, TypeError, AttributeError) as exc:
+        raise CorruptWeightsError(f"{index} is not a valid shard index ({type(exc).__name__}: {exc}); "
+                                  f"re-download the folder") from None
+
+
 def diffusers_folder_files(folder: PathLike, what: str = "model folder") -> list[Path]:
     """The safetensors files holding a diffusers model folder's weights: its
     ``diffusion_pytorch_model.safetensors``, or the shards its ``.safetensors.index.json`` names.
@@ -201,13 +214,9 @@ def diffusers_folder_files(folder: PathLike, what: str = "model folder") -> list
     folder = Path(folder).expanduser()
     index = folder / f"{DIFFUSERS_WEIGHTS_NAME}.safetensors.index.json"
     single = folder / f"{DIFFUSERS_WEIGHTS_NAME}.safetensors"
-    if index.is_file():
-        try:
-            weight_map = json.loads(index.read_text(encoding="utf-8"))["weight_map"]
-            names = sorted(set(weight_map.values()))
-        except (json.JSONDecodeError, UnicodeDecodeError, KeyError, TypeError, AttributeError) as exc:
-            raise CorruptWeightsError(f"{index} is not a valid shard index ({type(exc).__name__}: {exc}); "
-                                      f"re-download the folder") from None
+    weight_map = _shard_map(folder)
+    if weight_map is not None:
+        names = sorted(set(weight_map.values()))
         missing = [n for n in names if not (folder / n).is_file()]
         if missing:
             raise WeightsNotFoundError(f"{what} {folder}: {len(missing)} of the {len(names)} shards {index.name} "
@@ -238,9 +247,9 @@ def read_diffusers_folder(folder: PathLike, what: str = "model folder") -> dict[
             raise CorruptWeightsError(f"{what} {folder}: {twice[0]} is in two shards (one is {f.name}); "
                                       f"re-download the folder")
         state_dict.update(shard)
-    index = Path(folder).expanduser() / f"{DIFFUSERS_WEIGHTS_NAME}.safetensors.index.json"
-    if index.is_file():
-        absent = sorted(set(json.loads(index.read_text(encoding="utf-8"))["weight_map"]) - set(state_dict))
+    weight_map = _shard_map(Path(folder).expanduser())
+    if weight_map is not None:
+        absent = sorted(set(weight_map) - set(state_dict))
         if absent:
             raise CorruptWeightsError(f"{what} {folder}: {len(absent)} tensors its index names are in no shard "
                                       f"(e.g. {absent[0]}); re-download the folder")
