@@ -156,6 +156,8 @@ def _instantiate(cls, config: dict, state_dict: dict[str, torch.Tensor], dtype: 
         model = torch.nn.Module.to(model, dtype=dtype)  # meta: free; the layout starts from dtype
         edit = prepare(model)
         dtypes = {k: v.dtype for k, v in model.state_dict().items()}
+    parts_of, pending = _fused_qkv_keys(model), {}
+    fused_of = {part: fused for fused, parts in parts_of.items() for part in parts}
     # One tensor at a time, replacing in place, so a 23 GB file never exists twice in memory.
     for k in list(state_dict):
         t = state_dict.pop(k)
@@ -165,9 +167,17 @@ def _instantiate(cls, config: dict, state_dict: dict[str, torch.Tensor], dtype: 
             placed = t.to(device=target)
             if edit is not None:
                 placed = edit(k, placed)
-            placed = placed.to(dtypes.get(k, dtype))
-        state_dict[k] = _aligned(placed) if target.type == "cpu" else placed
+            placed = placed.to(dtypes.get(fused_of.get(k, k), dtype))
+        placed = _aligned(placed) if target.type == "cpu" else placed
+        fused = fused_of.get(k)
+        if fused is None:
+            state_dict[k] = placed
+        else:  # a fused layout (fuse_qkv): q|k|v concatenated as soon as all three are here
+            pending[k] = placed
+            if all(part in pending for part in parts_of[fused]):
+                state_dict[fused] = torch.cat([pending.pop(part) for part in parts_of[fused]])
         del t, placed
+    state_dict.update(pending)  # an incomplete group: reported below as the file's fault
     try:
         result = model.load_state_dict(state_dict, strict=False, assign=True)
     except RuntimeError as exc:  # shapes that disagree with the config (a folder's hand-edited config.json)
@@ -345,7 +355,7 @@ def load_vae(source: Union[PathLike, str], dtype: Union[str, torch.dtype] = "aut
 
 def load_transformer_fp8(source: Union[PathLike, str], memory_mode: str, dtype: Union[str, torch.dtype] = "auto",
                          device: Union[str, torch.device] = "auto", lora: Optional[PathLike] = None,
-                         lora_scale: float = 1.0, seed: int = 0):
+                         lora_scale: float = 1.0, seed: int = 0, fuse_qkv: bool = False):
     """A FLUX transformer built straight into an fp8 memory mode on ``device``, the LoRA merged
     on the way; returns ``(transformer, LoraInfo or None)``.
 
@@ -355,7 +365,9 @@ def load_transformer_fp8(source: Union[PathLike, str], memory_mode: str, dtype: 
     (FLUX.1-dev: 14.3 or 11.1 GiB on the device for fp8_storage / fp8_storage_all, instead of
     22 GiB of bf16 in RAM first); an fp8 file's weights are kept exactly as they are. A diffusers
     folder is read the same way, shard by shard; the test names load as usual, merge through
-    peft, then are cast.
+    peft, then are cast. ``fuse_qkv``: laid out fused (:func:`fuse_qkv_projections`), each
+    attention's q, k and v concatenated as they arrive, after their LoRA merge and cast (the
+    cast is per element, so this equals fusing in full precision and casting after).
     :func:`apply_memory_mode` with the same mode afterwards only places the VAE.
     """
     from diffusers import FluxTransformer2DModel
@@ -371,6 +383,8 @@ def load_transformer_fp8(source: Union[PathLike, str], memory_mode: str, dtype: 
     if not path.exists():
         model = load_transformer(source, dtype=torch_dtype, device="cpu", seed=seed)
         info = lora_mod.load_lora(model, lora, scale=lora_scale, merge=True) if lora is not None else None
+        if fuse_qkv:
+            fuse_qkv_projections(model)
         store_in_fp8(model, torch_dtype, every_linear)
         return _finish(model, torch_dtype, dev), info
     found, merged_keys = {}, set()
@@ -389,6 +403,8 @@ def load_transformer_fp8(source: Union[PathLike, str], memory_mode: str, dtype: 
                 merged = weight.to(torch.float32)
                 return merged.addmm_(b.to(merged.device, torch.float32), a.to(merged.device, torch.float32),
                                      alpha=factor)
+        if fuse_qkv:  # after merge_factors, which looks the LoRA's layers up by their own names
+            fuse_qkv_projections(meta)
         store_in_fp8(meta, torch_dtype, every_linear)
         return edit
 
@@ -686,6 +702,52 @@ def _has_placement_hooks(module) -> bool:
                for m in module.modules())
 
 
+# The projections diffusers' ``fuse_projections`` concatenates, as (fused layer, its parts).
+_QKV_GROUPS = (("to_qkv", ("to_q", "to_k", "to_v")), ("to_added_qkv", ("add_q_proj", "add_k_proj", "add_v_proj")))
+
+
+def _qkv_fused(transformer) -> bool:
+    return any(getattr(m, "fused_projections", False) for m in transformer.modules())
+
+
+def _fused_qkv_keys(model) -> dict[str, list[str]]:
+    """``{"<attn>.to_qkv.weight": ["<attn>.to_q.weight", ...], ...}`` for the attention layers
+    :func:`fuse_qkv_projections` fused (empty for an unfused model)."""
+    keys = {}
+    for name, module in model.named_modules():
+        if not getattr(module, "fused_projections", False):
+            continue
+        for fused, parts in _QKV_GROUPS:
+            layer = getattr(module, fused, None)
+            if layer is None or hasattr(module, parts[0]):
+                continue
+            for tensor in ("weight", "bias"):
+                if getattr(layer, tensor, None) is not None:
+                    keys[f"{name}.{fused}.{tensor}"] = [f"{name}.{part}.{tensor}" for part in parts]
+    return keys
+
+
+def fuse_qkv_projections(transformer) -> None:
+    """diffusers' ``fuse_qkv_projections`` (one q|k|v matmul per stream), then the separate
+    q/k/v layers removed. In place, on any device, meta included; a second call does nothing.
+
+    diffusers keeps the separate layers beside the fused ones, for ``unfuse_qkv_projections``,
+    though the fused attention never reads them: for FLUX.1-dev 2.1 billion parameters
+    held twice, 4.0 GiB more in bf16. FluxSR never unfuses, so they go.
+    """
+    if not _qkv_fused(transformer):
+        with torch.no_grad():
+            transformer.fuse_qkv_projections()
+    for module in list(transformer.modules()):
+        if not getattr(module, "fused_projections", False):
+            continue
+        for fused, parts in _QKV_GROUPS:
+            if getattr(module, fused, None) is not None:
+                for part in parts:
+                    if part in module._modules:
+                        delattr(module, part)
+
+
 def parse_speedups(speedups, merge_lora: bool = True, memory_mode: Optional[str] = None) -> list[str]:
     """``"fuse_qkv,compile"`` (or a list of names) -> the list of names, checked before any model
     is loaded: unknown names, two compile modes or two attention backends at once, an attention
@@ -746,8 +808,9 @@ def apply_speedups(transformer, vae, speedups, *, compile_backend: str = "induct
                    memory_mode: Optional[str] = None) -> list[str]:
     """Opt-in speed changes from the stack itself, applied in place; returns the names applied.
 
-    * ``fuse_qkv``: diffusers' ``fuse_qkv_projections``: one matmul for q|k|v (and the text
-      stream's q|k|v) instead of three. Same maths; bf16 results differ in the last bits.
+    * ``fuse_qkv``: :func:`fuse_qkv_projections`: one matmul for q|k|v (and the text stream's
+      q|k|v) instead of three, in no more memory. Same maths; bf16 results differ in the last
+      bits. A transformer :func:`load_transformer_fp8` built fused is left as it is.
     * ``compile``: ``torch.compile`` of the repeated transformer blocks (diffusers'
       ``compile_repeated_blocks``: one compiled graph serves all 19 + 38 blocks, so compiling
       takes seconds rather than minutes). The first call of each new tile shape compiles.
@@ -771,14 +834,13 @@ def apply_speedups(transformer, vae, speedups, *, compile_backend: str = "induct
     if memory_mode is None:
         memory_mode = getattr(transformer, _FP8_MODE_ATTR, None) or "none"
     names = parse_speedups(speedups, memory_mode=memory_mode)
-    if "fuse_qkv" in names:
+    if "fuse_qkv" in names and not _qkv_fused(transformer):  # the fp8 loader fuses as the file loads
         if _has_unmerged_lora(transformer):
             raise ValueError("fuse_qkv needs the LoRA merged into the weights (an unmerged LoRA on to_q/to_k/to_v "
                              "would be left out of the fused projection); load it with merge=True")
         if _has_placement_hooks(transformer):
             raise ValueError("fuse_qkv must come before the memory mode (apply_speedups, then apply_memory_mode)")
-        with torch.no_grad():
-            transformer.fuse_qkv_projections()
+        fuse_qkv_projections(transformer)
     for name, backend in _ATTENTION_BACKENDS.items():
         if name in names:
             set_attention_backend(transformer, backend)
@@ -1032,8 +1094,8 @@ def load_models(transformer_source: PathLike, vae_source: PathLike, memory_mode:
     :func:`load_transformer_fp8`, built in fp8 as the files load, the LoRA merged on the way or
     (``merge_lora`` False) added afterwards as a peft adapter kept in the compute dtype.
     Otherwise the weights load to the CPU, the LoRA goes in through peft, then the speed-ups
-    (:func:`apply_speedups`) and the memory mode (:func:`apply_memory_mode`). ``fuse_qkv`` needs
-    the full-precision weights, so with an fp8 mode it takes the second path.
+    (:func:`apply_speedups`) and the memory mode (:func:`apply_memory_mode`). With an fp8 mode
+    ``fuse_qkv`` is done while the file loads.
     """
     from . import lora as lora_mod
 
@@ -1045,12 +1107,13 @@ def load_models(transformer_source: PathLike, vae_source: PathLike, memory_mode:
     if memory_mode not in MEMORY_MODES:
         raise ValueError(f"unknown memory mode {memory_mode!r}; use auto or one of {', '.join(MEMORY_MODES)}")
     names = parse_speedups(speedups, merge_lora=lora is None or merge_lora, memory_mode=memory_mode)
-    direct_fp8 = memory_mode in FP8_MODES and "fuse_qkv" not in names
+    direct_fp8 = memory_mode in FP8_MODES
     where = dev if direct_fp8 else load_device(memory_mode, dev)
     info = None
     if direct_fp8:
         transformer, info = load_transformer_fp8(transformer_source, memory_mode, torch_dtype, dev,
-                                                 lora=lora if merge_lora else None, lora_scale=lora_scale, seed=seed)
+                                                 lora=lora if merge_lora else None, lora_scale=lora_scale, seed=seed,
+                                                 fuse_qkv="fuse_qkv" in names)
         if lora is not None and not merge_lora:  # an adapter beside the fp8 weights, in the compute dtype
             info = lora_mod.load_lora(transformer, lora, scale=lora_scale, merge=False)
     else:
@@ -1075,6 +1138,7 @@ def build_models(transformer_source: PathLike, vae_source: PathLike, dtype: Unio
 
 __all__ = ["resolve_device", "resolve_dtype", "load_transformer", "load_vae", "load_device", "load_models",
            "LoadedModels", "load_transformer_fp8", "apply_memory_mode", "store_in_fp8", "fp8_layers", "parse_speedups",
+           "fuse_qkv_projections",
            "set_attention_backend",
            "apply_speedups", "DiffusersVelocity", "DiffusersCodec", "build_models", "MEMORY_MODES", "FP8_MODES",
            "SPEEDUPS", "param_bytes", "weight_bytes_per_mode", "pick_memory_mode", "choose_memory_mode",

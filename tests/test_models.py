@@ -414,8 +414,14 @@ def test_fuse_qkv_and_channels_last_keep_the_results(cond, inputs):
     ref_v, ref_c = models.DiffusersVelocity(models.load_transformer("tiny", dtype="fp32")), \
         models.DiffusersCodec(models.load_vae("tiny", dtype="fp32"))
     assert models.apply_speedups(transformer, vae, "fuse_qkv, channels_last_vae") == ["fuse_qkv", "channels_last_vae"]
-    attn = transformer.transformer_blocks[0].attn
-    assert attn.fused_projections and attn.to_qkv.weight.shape[0] == 3 * attn.to_q.weight.shape[0]
+    attn, single = transformer.transformer_blocks[0].attn, transformer.single_transformer_blocks[0].attn
+    inner = ref_v.transformer.transformer_blocks[0].attn.to_q.weight.shape[0]
+    assert attn.fused_projections and attn.to_qkv.weight.shape[0] == attn.to_added_qkv.weight.shape[0] == 3 * inner
+    assert single.fused_projections and single.to_qkv.weight.shape[0] == 3 * inner
+    # one copy of the weights: diffusers keeps the separate q/k/v layers beside the fused ones
+    assert not any(hasattr(m, name) for m in (attn, single)
+                   for name in ("to_q", "to_k", "to_v", "add_q_proj", "add_k_proj", "add_v_proj"))
+    assert models.param_bytes(transformer) == models.param_bytes(ref_v.transformer)
     assert vae.decoder.conv_in.weight.is_contiguous(memory_format=torch.channels_last)
     z, s = inputs
     img = torch.rand(1, 3, 32, 32, generator=torch.Generator().manual_seed(9))
@@ -425,6 +431,23 @@ def test_fuse_qkv_and_channels_last_keep_the_results(cond, inputs):
         codec = models.DiffusersCodec(vae)
         torch.testing.assert_close(codec.encode(img), ref_c.encode(img), rtol=0, atol=1e-5)
         torch.testing.assert_close(codec.decode(z), ref_c.decode(z), rtol=0, atol=1e-5)
+
+
+def test_fuse_qkv_of_flux1_dev_adds_no_parameters():
+    """On FLUX.1-dev's layout (meta device): diffusers' own fusion would hold 2.15 billion
+    parameters twice (4.0 GiB of bf16); fuse_qkv_projections keeps the count at 11.9 billion."""
+    from accelerate import init_empty_weights
+    from diffusers import FluxTransformer2DModel
+
+    with init_empty_weights():
+        model = FluxTransformer2DModel.from_config(W.shipped_config("flux1-dev-transformer"))
+    before = sum(p.numel() for p in model.parameters())
+    model.fuse_qkv_projections()
+    assert sum(p.numel() for p in model.parameters()) - before == 2_152_378_368
+    models.fuse_qkv_projections(model)
+    assert sum(p.numel() for p in model.parameters()) == before == 11_901_408_320
+    models.fuse_qkv_projections(model)  # a second call changes nothing
+    assert sum(p.numel() for p in model.parameters()) == before
 
 
 def test_compile_wraps_every_block(cond, inputs):
@@ -686,6 +709,45 @@ def test_unmerged_lora_beside_streamed_fp8_weights(mode, tiny_model_files, cond,
             with torch.no_grad():
                 torch.testing.assert_close(models.DiffusersVelocity(got.transformer)(z, s, cond),
                                            models.DiffusersVelocity(ref)(z, s, cond), rtol=0, atol=0)
+
+
+@pytest.mark.parametrize("mode", models.FP8_MODES)
+def test_fp8_load_fuses_qkv_as_the_file_loads(mode, transformer_files, tiny_model_files, cond, inputs):
+    """fuse_qkv with an fp8 mode streams too: each attention's q, k and v are merged with their
+    LoRA, cast and concatenated as they arrive. The fused weights are the unfused load's bytes
+    end to end, and the model computes what the unfused one does."""
+    kw = dict(dtype="fp32", device="cpu", lora=tiny_model_files.lora)
+    path = transformer_files / "diffusers.safetensors"
+    fused, info = models.load_transformer_fp8(path, mode, fuse_qkv=True, **kw)
+    plain, _ = models.load_transformer_fp8(path, mode, **kw)
+    assert info.merged
+    fused_sd, plain_sd = fused.state_dict(), plain.state_dict()
+    groups = models._fused_qkv_keys(fused)
+    assert len(groups) == 4 * len(fused.transformer_blocks) + 2 * len(fused.single_transformer_blocks)  # weights, biases
+    assert set(fused_sd) == set(plain_sd) - {k for parts in groups.values() for k in parts} | set(groups)
+    for k, v in fused_sd.items():
+        want = torch.cat([plain_sd[part] for part in groups[k]]) if k in groups else plain_sd[k]
+        assert v.dtype == want.dtype and torch.equal(v.view(torch.uint8), want.view(torch.uint8)), k
+    assert fused_sd["transformer_blocks.0.attn.to_qkv.weight"].dtype == torch.float8_e4m3fn
+    assert models.param_bytes(fused) == models.param_bytes(plain)
+    z, s = inputs
+    with torch.no_grad():
+        torch.testing.assert_close(models.DiffusersVelocity(fused)(z, s, cond), models.DiffusersVelocity(plain)(z, s, cond),
+                                   rtol=0, atol=1e-5)
+    # load_models takes this path, and apply_speedups leaves the fused model as it is
+    loaded = models.load_models(path, "tiny", mode, "fp32", "cpu", lora=tiny_model_files.lora, speedups="fuse_qkv")
+    assert loaded.transformer.state_dict().keys() == fused_sd.keys()
+
+
+def test_fp8_fused_load_of_a_file_missing_a_projection_names_it(tmp_path, transformer_files):
+    from safetensors.torch import load_file
+
+    sd = load_file(str(transformer_files / "diffusers.safetensors"))
+    del sd["single_transformer_blocks.0.attn.to_k.weight"]
+    save_file(sd, tmp_path / "cut.safetensors")
+    with pytest.raises(W.CorruptWeightsError, match=r"missing \['single_transformer_blocks.0.attn.to_qkv.weight'\]"):
+        models.load_transformer_fp8(tmp_path / "cut.safetensors", "fp8_storage", dtype="fp32", device="cpu",
+                                    fuse_qkv=True)
 
 
 def test_fp8_load_of_a_test_model_merges_through_peft(tiny_model_files, cond, inputs):
