@@ -282,6 +282,25 @@ def test_save_rounds_half_up_and_clips(tmp_path):
     save_image(tmp_path / "r.png", rgb)
     got = np.asarray(Image.open(tmp_path / "r.png"))[0, :, 0].tolist()
     assert got == [11, 10, 0, 255, 0, 255]
+    # a float64 CPU tensor is rounded in a copy, not in place
+    rgb64 = rgb.double()
+    before = rgb64.clone()
+    save_image(tmp_path / "r64.png", rgb64)
+    assert torch.equal(rgb64, before)
+    assert np.asarray(Image.open(tmp_path / "r64.png"))[0, :, 0].tolist() == got
+
+
+def test_save_quantises_exactly_as_float64_round_half_up(tmp_path, rng):
+    """Every float32 value lands on floor(x * levels + 0.5) computed in float64, 8 and 16 bits."""
+    x = torch.from_numpy(rng.random((3, 64, 64), dtype=np.float32))
+    # on level edges, where float32 arithmetic would round half of them the other way
+    x[0, 0, :32] = torch.tensor([(k + 0.5) / 255 for k in range(32)], dtype=torch.float32)
+    x[1, 0, :32] = torch.tensor([(k + 0.5) / 65535 for k in range(0, 32 * 977, 977)], dtype=torch.float32)
+    for bits, levels in ((8, 255), (16, 65535)):
+        save_image(tmp_path / f"q{bits}.png", x, bit_depth=bits)
+        got = np.asarray(Image.open(tmp_path / f"q{bits}.png")) if bits == 8 else u16(load_image(tmp_path / "q16.png").rgb)
+        want = np.floor(x.permute(1, 2, 0).double().numpy() * levels + 0.5)
+        assert np.array_equal(got.astype(np.float64), want), bits
 
 
 def test_save_16bit_roundtrip_rgb_rgba_gray(tmp_path, rng):
