@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import numpy as np
 import torch
 import pytest
@@ -56,6 +58,37 @@ def test_folder_output_bad_file_fails_alone(tmp_path, photo_png, tiny_model_file
         alpha = np.asarray(im)[..., 3].astype(float)
         assert alpha[:, 0].mean() < 40 and alpha[:, -1].mean() > 215  # alpha upscaled apart
     assert not (out / "broken.png").exists()
+
+
+def test_images_are_saved_while_the_next_upscales_and_a_failed_save_fails_alone(tmp_path, photo_png,
+                                                                              tiny_model_files, capsys, monkeypatch):
+    """Each save runs in a worker thread during the next image's upscale (one pending at most);
+    a save that fails (here the target name is taken by a folder) is reported for its image,
+    in order, and the other images are written."""
+    import threading
+
+    from fluxsr_core import images
+
+    sources = []
+    for name in ("a", "b", "c"):
+        sources.append(tmp_path / f"{name}.png")
+        sources[-1].write_bytes(photo_png.read_bytes())
+    out = tmp_path / "out"
+    (out / "b.png").mkdir(parents=True)  # os.replace cannot put a file there
+    threads, original = [], images.save_image
+    monkeypatch.setattr(images, "save_image", lambda *a, **k: threads.append(threading.current_thread().name)
+                        or original(*a, **k))
+    code = cli.main(["upscale"] + [str(p) for p in sources] + ["-o", str(out), "--overwrite", "--scale", "2"]
+                    + model_args(tiny_model_files))
+    err = capsys.readouterr().err
+    assert code == 1 and "Traceback" not in err
+    assert "2 upscaled, 0 skipped, 1 failed" in err
+    lines = [line for line in err.splitlines() if line.startswith(("ok ", "FAIL "))]
+    assert [line.split()[0] + " " + Path(line.split()[1].rstrip(":")).name for line in lines] == \
+        ["ok a.png", "FAIL b.png", "ok c.png"]
+    assert len(threads) == 3 and all(name.startswith("fluxsr-save") for name in threads)
+    assert (out / "a.png").is_file() and (out / "c.png").is_file() and (out / "b.png").is_dir()
+    assert not [p for p in out.iterdir() if p.name.endswith(".tmp")]
 
 
 def test_existing_outputs_are_skipped_unless_overwrite(tmp_path, photo_png, tiny_model_files, capsys):
