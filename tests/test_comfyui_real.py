@@ -20,7 +20,9 @@ page error while they load (errors the page raises on its own with an empty grap
 frontend bugs, frontend_check.KNOWN_PAGE_ERRORS: frontend 1.27.x, shipped with ComfyUI 0.3.6x,
 throws one on every start).
 ``FLUXSR_SCREENSHOT=docs/comfyui_upscale_workflow.png`` keeps the page's picture of the upscale
-workflow.
+workflow. ``COMFYUI_GGUF_DIR`` may name a checkout of city96/ComfyUI-GGUF (its ``gguf`` package
+installed in ComfyUI's venv and in this one): the upscale then also runs on a Q8_0 GGUF of the
+test transformer through its ``UnetLoaderGGUF``.
 """
 
 from __future__ import annotations
@@ -41,6 +43,7 @@ import torch
 REPO = Path(__file__).resolve().parents[1]
 SUPPORT = REPO / "tests" / "comfyui_support"
 COMFYUI_DIR = os.environ.get("COMFYUI_DIR")
+GGUF_PACK = os.environ.get("COMFYUI_GGUF_DIR")
 
 pytestmark = [pytest.mark.comfyui, pytest.mark.slow,
               pytest.mark.skipif(not COMFYUI_DIR, reason="set COMFYUI_DIR (and COMFYUI_PYTHON) to run "
@@ -77,7 +80,8 @@ def models_dir(tmp_path_factory):
 @pytest.fixture(scope="module")
 def server(models_dir, tmp_path_factory):
     python = os.environ.get("COMFYUI_PYTHON", sys.executable)
-    srv = server_mod.ComfyServer(COMFYUI_DIR, python, models_dir, tmp_path_factory.mktemp("comfy_run"))
+    srv = server_mod.ComfyServer(COMFYUI_DIR, python, models_dir, tmp_path_factory.mktemp("comfy_run"),
+                                 other_packs=(GGUF_PACK,) if GGUF_PACK else ())
     srv.start()
     try:
         yield srv
@@ -153,13 +157,13 @@ def test_workflows_validate_against_the_real_nodes(name, object_info):
 
 # --- running the workflows ----------------------------------------------------------------------
 
-def _core_upscale(models_dir: Path, image_path: Path, scale: float) -> torch.Tensor:
+def _core_upscale(models_dir: Path, image_path: Path, scale: float, flux_file: str = weights.FLUX_FILE) -> torch.Tensor:
     """The same files through the core's diffusers path, in this process (float result)."""
     from PIL import Image
 
     from fluxsr_core import bundle, lora, models, upscaler
 
-    transformer = models.load_transformer(models_dir / weights.FLUX_FILE, dtype=torch.float32, device="cpu")
+    transformer = models.load_transformer(models_dir / flux_file, dtype=torch.float32, device="cpu")
     lora.load_lora(transformer, models_dir / weights.LORA_FILE, merge=True)
     vae = models.load_vae(models_dir / weights.VAE_FILE, dtype=torch.float32, device="cpu")
     b = bundle.load_bundle(models_dir / weights.BUNDLE_FILE)
@@ -200,6 +204,37 @@ def test_upscale_workflow_matches_the_cli(server, models_dir, input_image, tmp_p
     assert np.abs(floor - graph).max() <= 1
     assert (floor == graph).mean() > 0.98
     assert graph.std() > 5  # not a flat image: the comparison means something
+
+
+def test_upscale_on_a_gguf_model_through_comfyui_gguf(server, models_dir, input_image, object_info):
+    """A GGUF FLUX (Q8_0, as ComfyUI-GGUF's converter writes it) loaded by ComfyUI-GGUF's own
+    loader, the LoRA through LoraLoaderModelOnly: the upscale equals the core's on the
+    dequantised weights, as the safetensors graph equals it on the file's."""
+    if not GGUF_PACK:
+        pytest.skip("set COMFYUI_GGUF_DIR to a ComfyUI-GGUF checkout")
+    pytest.importorskip("gguf")
+    assert "UnetLoaderGGUF" in object_info, "ComfyUI-GGUF did not load (is gguf installed in ComfyUI's venv?)"
+    files = weights.make_gguf(models_dir)
+    gguf_name = files["gguf"].name
+    assert gguf_name in object_info["UnetLoaderGGUF"]["input"]["required"]["unet_name"][0]
+    path, name = input_image
+    prompt = with_test_files(read_workflow("fluxsr_upscale_api"), name)
+    prompt["1"] = {"class_type": "UnetLoaderGGUF", "inputs": {"unet_name": gguf_name}}
+    prompt["6"]["inputs"]["scale"] = 2.0
+    prompt["7"]["inputs"]["filename_prefix"] = "gguf"
+    entry = server.run(prompt, timeout=900)
+    (out_file,) = server.output_files(entry)
+    graph = load_png(out_file)
+    assert graph.shape == (80, 96, 3)
+    ref = _core_upscale(models_dir, path, 2.0, weights.GGUF_DEQUANTIZED_FILE).numpy()
+    floor = np.clip(255.0 * ref, 0, 255).astype(np.int64)
+    assert np.abs(floor - graph).max() <= 1
+    assert (floor == graph).mean() > 0.98
+    # Q8_0 changes the weights: against the unquantised file's result the picture moves a little
+    plain = np.clip(255.0 * _core_upscale(models_dir, path, 2.0).numpy(), 0, 255).astype(np.int64)
+    assert 0 < np.abs(plain - graph).mean() < 3  # measured: 0.19 levels
+    assert "gguf qtypes: F32 (29), Q8_0 (23)" in server.log_text()
+    assert "lora key not loaded" not in server.log_text()
 
 
 def test_tiled_workflow_runs(server, input_image):

@@ -41,7 +41,11 @@ class ComfyServer:
     """A ComfyUI server on 127.0.0.1 (``--cpu``) with the pack and the given models folder."""
 
     def __init__(self, comfy_dir: str | os.PathLike, python: str, models_dir: str | os.PathLike,
-                 workdir: str | os.PathLike, port: Optional[int] = None, extra_args: tuple = ()):
+                 workdir: str | os.PathLike, port: Optional[int] = None, extra_args: tuple = (),
+                 other_packs: tuple = ()):
+        """``other_packs``: folders of further custom node packs (e.g. ComfyUI-GGUF), linked
+        beside this one."""
+        self.other_packs = tuple(Path(p) for p in other_packs)
         self.comfy_dir = Path(comfy_dir)
         self.python = python
         self.models_dir = Path(models_dir)
@@ -63,6 +67,10 @@ class ComfyServer:
         link = pack_parent / PACK_DIR_NAME
         if not link.exists():
             link.symlink_to(REPO, target_is_directory=True)
+        for pack in self.other_packs:
+            other = pack_parent / pack.name
+            if not other.exists():
+                other.symlink_to(pack.resolve(), target_is_directory=True)
         config = self.workdir / "extra_model_paths.yaml"
         config.write_text(
             "fluxsr_test:\n"

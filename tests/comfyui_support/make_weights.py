@@ -11,6 +11,13 @@ writes (skipping files that already exist and are complete)::
     MODELS_DIR/fluxsr/fluxsr-test-bundle.safetensors           conditioning bundle (T_L 0.3)
     MODELS_DIR/fluxsr/fluxsr-test-thirdparty/                  the same, third-party folder form
 
+and, with :func:`make_gguf` (needs the ``gguf`` package)::
+
+    MODELS_DIR/diffusion_models/fluxsr-test-flux-Q8_0.gguf     the FLUX file quantised as
+                                                               ComfyUI-GGUF's convert tool does
+    MODELS_DIR/reference/fluxsr-test-flux-Q8_0-dequantized.safetensors
+                                                               its weights dequantised (fp32)
+
 ComfyUI's FLUX detection infers depth and widths from the file but fixes 24 heads of 128
 dims, so hidden 3072 with one block of each kind is the smallest FLUX it loads (~0.5B
 parameters). Run with the project's own Python (needs diffusers and fluxsr_core).
@@ -31,6 +38,8 @@ VAE_FILE = "vae/fluxsr-test-ae.safetensors"
 LORA_FILE = "loras/fluxsr-test-lora.safetensors"
 BUNDLE_FILE = "fluxsr/fluxsr-test-bundle.safetensors"
 THIRDPARTY_DIR = "fluxsr/fluxsr-test-thirdparty"
+GGUF_FILE = "diffusion_models/fluxsr-test-flux-Q8_0.gguf"
+GGUF_DEQUANTIZED_FILE = "reference/fluxsr-test-flux-Q8_0-dequantized.safetensors"
 BUNDLE_T_L = 0.3
 BUNDLE_GUIDANCE = 3.5
 T5_TOKENS = 16
@@ -134,6 +143,43 @@ def make_all(models_dir: str | os.PathLike) -> dict[str, Path]:
         (third / "training_config.json").write_text(json.dumps({"t_l": BUNDLE_T_L}))
         torch.save(clip[0].clone(), third / "clip_embedding.pth.tmp")
         os.replace(third / "clip_embedding.pth.tmp", third / "clip_embedding.pth")
+    return paths
+
+
+def make_gguf(models_dir: str | os.PathLike) -> dict[str, Path]:
+    """The BFL FLUX file as a Q8_0 GGUF, by the rules of ComfyUI-GGUF's ``tools/convert.py``
+    (architecture "flux"; 1-D tensors and those of at most 1024 elements kept in F32, the rest
+    Q8_0), plus the dequantised weights as fp32 safetensors: exactly what a GGUF loader computes
+    with. Missing files only; returns their paths."""
+    import gguf
+    import numpy as np
+    from safetensors.torch import load_file
+
+    root = Path(models_dir)
+    paths = {"gguf": root / GGUF_FILE, "dequantized": root / GGUF_DEQUANTIZED_FILE}
+    if paths["gguf"].exists() and paths["dequantized"].exists():
+        return paths
+    source = make_all(models_dir)["flux"]
+    sd = load_file(str(source))
+    writer = gguf.GGUFWriter(path=None, arch="flux")
+    writer.add_quantization_version(gguf.GGML_QUANT_VERSION)
+    writer.add_file_type(gguf.LlamaFileType.MOSTLY_Q8_0)
+    dequantized = {}
+    for key, tensor in sd.items():
+        data = tensor.to(torch.float32).numpy()
+        small = data.ndim == 1 or data.size <= 1024
+        qtype = gguf.GGMLQuantizationType.F32 if small else gguf.GGMLQuantizationType.Q8_0
+        packed = gguf.quants.quantize(data, qtype)
+        writer.add_tensor(key, packed, raw_dtype=qtype)
+        dequantized[key] = torch.from_numpy(np.ascontiguousarray(gguf.quants.dequantize(packed, qtype)).reshape(data.shape))
+    paths["gguf"].parent.mkdir(parents=True, exist_ok=True)
+    tmp = paths["gguf"].with_name(paths["gguf"].name + ".tmp")
+    writer.write_header_to_file(path=str(tmp))
+    writer.write_kv_data_to_file()
+    writer.write_tensors_to_file()
+    writer.close()
+    os.replace(tmp, paths["gguf"])
+    _save(dequantized, paths["dequantized"])
     return paths
 
 
