@@ -106,7 +106,7 @@ def build_parser() -> argparse.ArgumentParser:
     d.add_argument("--device", default="auto", help="auto (cuda, mps, cpu), cpu, cuda, cuda:N, mps")
     d.add_argument("--dtype", default="auto", choices=("auto", "bf16", "fp16", "fp32"))
     d.add_argument("--memory-mode", default="auto", choices=("auto",) + MEMORY_MODES,
-                   help="for small GPUs: CPU offload or fp8 weight storage (diffusers' hooks); FLUX.1-dev's "
+                   help="for small GPUs: CPU offload (diffusers' hooks) or fp8 weight storage; FLUX.1-dev's "
                         "weights on the GPU: none 22.3 GiB, fp8_storage 14.3, fp8_storage_all 11.2 (modulation "
                         "in fp8 too, as ComfyUI's fp8), model_offload 22.2, group_offload 1.4. auto (default): "
                         "the fastest whose weights leave 3.5 GiB of the GPU's free memory (none off CUDA)")

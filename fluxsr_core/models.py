@@ -649,8 +649,9 @@ def apply_memory_mode(transformer, vae, mode: str, device: Union[str, torch.devi
       do unmerged peft LoRA layers: for FLUX.1-dev 14.3 GiB of weights instead of 22.2 GiB
       (``bench/run.py --full-size --weights-only``), not half. The VAE is small and stays as is.
     * ``fp8_storage_all``: ``fp8_storage`` with the modulation linears in fp8 too, as ComfyUI's
-      ``fp8_e4m3fn`` weight dtype stores FLUX (the output projection and unmerged LoRA layers
-      stay in the compute dtype). FLUX.1-dev's transformer: 11.1 GiB, the mode meant for 16 GB
+      ``fp8_e4m3fn`` weight dtype stores FLUX's linears (ComfyUI stores every parameter in fp8;
+      here the output projection, the q/k norm scales and unmerged LoRA layers stay in the
+      compute dtype). FLUX.1-dev's transformer: 11.1 GiB, the mode meant for 16 GB
       cards (a whole 2048 px upscale needs 2.45 GiB more, measured with torch's CPU kernels).
 
     The compute dtype is the one the models were loaded in. Records the execution device on
