@@ -86,7 +86,18 @@ class ImageTooLargeError(ImageFileError):
 
 
 class OutputTooLargeError(ValueError):
-    """The requested output size exceeds ``max_output_pixels``."""
+    """The requested output size exceeds ``max_output_pixels``.
+
+    ``height``/``width``: the output asked for; ``input_height``/``input_width``: the input;
+    ``max_scale``: the largest factor within the limit (front ends word their own advice).
+    """
+
+    def __init__(self, message: str, size: tuple[int, int] = (0, 0), input_size: tuple[int, int] = (0, 0),
+                 max_scale: float = 0.0):
+        super().__init__(message)
+        self.height, self.width = size
+        self.input_height, self.input_width = input_size
+        self.max_scale = max_scale
 
 
 # --- loading ---------------------------------------------------------------------------------
@@ -566,8 +577,9 @@ def target_size(h: int, w: int, scale: Optional[float] = None, long_side: Option
         raise OutputTooLargeError(
             f"the output would be {W}x{H} = {H * W / 1e6:.1f} megapixels, more than the limit of "
             f"{int(max_output_pixels) / 1e6:.1f} MP (max_output_pixels={int(max_output_pixels)}). "
-            f"Lower the scale (at most about {fit:.2f}x for this {w}x{h} input) or raise "
-            f"max_output_pixels if this machine has the memory.")
+            f"Lower the scale (at most about {fit:.2f}x for this {w}x{h} input) or raise the limit "
+            f"(fluxsr upscale --max-output-megapixels) if this machine has the memory.",
+            size=(H, W), input_size=(h, w), max_scale=fit)
     return H, W
 
 

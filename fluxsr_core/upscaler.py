@@ -124,6 +124,9 @@ def smaller_tiling(config: TilingConfig, min_latent_tile: int = 32) -> Optional[
                                vae_tile=vae_tile, vae_overlap=vae_overlap)
 
 
+CLI_OUT_OF_MEMORY_ADVICE = "try --memory-mode fp8_storage_all or group_offload, or a smaller output size"
+
+
 def upscale_tensor_with_retry(
     image: torch.Tensor,
     model: VelocityModel,
@@ -134,12 +137,15 @@ def upscale_tensor_with_retry(
     cancel_check: Optional[CancelCheck] = None,
     on_retry: Optional[Callable[[TilingConfig, BaseException], None]] = None,
     configure_codec: Optional[Callable[[TilingConfig], None]] = None,
+    out_of_memory_advice: str = CLI_OUT_OF_MEMORY_ADVICE,
 ) -> tuple[torch.Tensor, TilingConfig]:
     """:func:`upscale_tensor`, retried with smaller tiles after an out-of-memory error.
 
     Returns the image and the tiling that succeeded. ``on_retry(new_tiling, error)`` is told of
     each retry (the CLI and ComfyUI log it); ``configure_codec(tiling)`` lets the caller move its
-    codec to the new VAE tile size. Other errors propagate unchanged.
+    codec to the new VAE tile size. Other errors propagate unchanged. When even the smallest
+    tiles do not fit, the error ends with ``out_of_memory_advice`` (what to try, in the caller's
+    terms: the CLI's options by default).
     """
     current = options
     while True:
@@ -150,9 +156,7 @@ def upscale_tensor_with_retry(
                 raise
             nxt = smaller_tiling(current.tiling)
             if nxt is None:
-                raise RuntimeError(
-                    "out of memory even with the smallest tiles; try --memory-mode model_offload or "
-                    "fp8_storage, a smaller --dtype, or a smaller output size") from exc
+                raise RuntimeError(f"out of memory even with the smallest tiles; {out_of_memory_advice}") from exc
             if torch.cuda.is_available():
                 torch.cuda.empty_cache()
             if on_retry is not None:

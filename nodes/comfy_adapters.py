@@ -135,6 +135,28 @@ def _supports_rope_shift(diffusion_model: Any) -> bool:
         return False
 
 
+def _in_features(module: Any, *path: str) -> Optional[int]:
+    for name in path:
+        module = getattr(module, name, None)
+    return getattr(module, "in_features", None)
+
+
+def _check_widths(diffusion_model: Any, tokens: Any, pooled: Any) -> None:
+    """ValueError, before any matmul, when a conditioning's widths do not fit the FLUX model
+    (an SD1.5/SDXL/SD3 CLIPTextEncode, a bundle for another model)."""
+    want_t5 = _in_features(diffusion_model, "txt_in")
+    want_clip = _in_features(diffusion_model, "vector_in", "in_layer")
+    problems = []
+    if want_t5 is not None and isinstance(tokens, torch.Tensor) and tokens.shape[-1] != want_t5:
+        problems.append(f"its text tokens are {tokens.shape[-1]} wide, the model takes {want_t5} (T5-XXL)")
+    if want_clip is not None and isinstance(pooled, torch.Tensor) and pooled.shape[-1] != want_clip:
+        problems.append(f"its pooled vector is {pooled.shape[-1]} wide, the model takes {want_clip} (CLIP-L)")
+    if problems:
+        raise ValueError("the conditioning does not fit this FLUX model: " + "; ".join(problems)
+                         + ". Connect FluxSR Conditioning (a bundle made for FLUX.1-dev), or CLIPTextEncode "
+                           "with FLUX's DualCLIPLoader (clip_l + t5xxl, type flux)")
+
+
 class ComfyVelocity:
     """:class:`~fluxsr_core.interfaces.VelocityModel` over a ComfyUI MODEL (``ModelPatcher``).
 
@@ -177,6 +199,7 @@ class ComfyVelocity:
                 if extra.get(bad) is not None:
                     raise ValueError(f"{what} is not supported by FluxSR's one-step upscale; connect a "
                                      "plain FLUX conditioning (FluxSRConditioning)")
+            _check_widths(getattr(inner, "diffusion_model", None), tokens, extra.get("pooled_output"))
             params = {k: v for k, v in extra.items() if k != SETTINGS_KEY}
             if tokens is not None:
                 params["cross_attn"] = tokens

@@ -86,23 +86,46 @@ def sample_teacher(velocity: Any, codec: Any, cond: Any, seed: int, steps: int, 
                          trajectory_steps=order)
 
 
-def teacher_pair_id(cond_key: str, seed: int, width: int, height: int, steps: int, guidance: float) -> str:
-    """The pair id: the same conditioning, seed, size, steps and guidance give the same pair."""
-    return f"c{cond_key}-s{int(seed)}-{int(width)}x{int(height)}-n{int(steps)}-g{float(guidance):g}"
+def teacher_pair_id(cond_key: str, seed: int, width: int, height: int, steps: int, guidance: float,
+                    patches: str = "") -> str:
+    """The pair id: the same conditioning, seed, size, steps and guidance (and, for a patched
+    MODEL, the same patches: :func:`model_patches`) give the same pair."""
+    pid = f"c{cond_key}-s{int(seed)}-{int(width)}x{int(height)}-n{int(steps)}-g{float(guidance):g}"
+    return f"{pid}-p{patches}" if patches else pid
+
+
+def model_patches(model: Any) -> tuple[int, str]:
+    """``(number of patched weights, short fingerprint)`` of the weight patches (LoRAs) a ComfyUI
+    MODEL carries; ``(0, "")`` for a plain model. The fingerprint covers which weights are patched
+    and with what strengths, not the patch values."""
+    import hashlib
+
+    found = getattr(model, "patches", None) or {}
+    if not isinstance(found, dict) or not found:
+        return 0, ""
+    digest = hashlib.sha256()
+    for key in sorted(found):
+        strengths = [(entry[0], entry[2]) if isinstance(entry, (list, tuple)) and len(entry) > 2 else ()
+                     for entry in found[key]]
+        digest.update(f"{key}:{strengths!r};".encode())
+    return len(found), digest.hexdigest()[:8]
 
 
 def write_pair(folder: str, result: TeacherResult, core_cond: Any, seed: int, steps: int,
-               width: int, height: int) -> tuple[str, Optional[str]]:
+               width: int, height: int, patches: tuple[int, str] = (0, "")) -> tuple[str, Optional[str]]:
     """Add the pair to ``folder`` as one new shard; returns ``(pair_id, shard name or None)``.
 
     None means the same pair was already stored (re-running a graph never duplicates pairs).
+    ``patches``: :func:`model_patches` of the teacher MODEL, kept in the id and the metadata.
     """
     key = pairs.conditioning_key(core_cond.t5.reshape(-1, core_cond.t5.shape[-1]),
                                  core_cond.clip_pooled.reshape(-1))
-    pid = teacher_pair_id(key, seed, width, height, steps, core_cond.guidance)
+    pid = teacher_pair_id(key, seed, width, height, steps, core_cond.guidance, patches[1])
     meta = {"seed": int(seed), "width": int(width), "height": int(height), "steps": int(steps),
             "guidance": float(core_cond.guidance), "sigmas": [float(s) for s in result.sigmas],
             "source": "ComfyUI FluxSRTeacherSampler"}
+    if patches[0]:
+        meta.update(teacher_patched_weights=int(patches[0]), teacher_patches=patches[1])
     writer_id = ("comfyui-" + pairs.default_writer_id())[:100]
     # shard_size=1: add() writes the pair as its own shard at once (one shard per run).
     with pairs.PairWriter(folder, writer_id=writer_id, shard_size=1) as writer:
@@ -114,17 +137,33 @@ def write_pair(folder: str, result: TeacherResult, core_cond: Any, seed: int, st
     return pid, shard
 
 
+# Folders (os.pathsep-separated) where datasets may go besides ComfyUI's output folder.
+DATASET_ROOTS_ENV = "FLUXSR_DATASET_ROOTS"
+
+
 def resolve_dataset_folder(folder: str) -> str:
-    """An absolute dataset folder: relative paths are inside ComfyUI's output directory."""
-    folder = os.path.expanduser(folder.strip())
-    if os.path.isabs(folder):
-        return folder
+    """The dataset folder as an absolute path: relative paths are inside ComfyUI's output folder.
+
+    The result must lie inside the output folder or inside a folder named in the environment
+    variable ``FLUXSR_DATASET_ROOTS``; anything else (an absolute path elsewhere, ``..`` out of
+    the output folder, a link leading out) raises ValueError. Without this a shared workflow,
+    or any client of a server started with ``--listen``, could write wherever ComfyUI may.
+    """
     try:
         import folder_paths  # noqa: PLC0415 - ComfyUI's module
         base = folder_paths.get_output_directory()
     except ImportError:
         base = os.getcwd()
-    return os.path.join(base, folder)
+    path = os.path.realpath(os.path.join(base, os.path.expanduser(folder.strip())))
+    roots = [base] + [r for r in os.environ.get(DATASET_ROOTS_ENV, "").split(os.pathsep) if r.strip()]
+    for root in roots:
+        root = os.path.realpath(os.path.expanduser(root.strip()))
+        if os.path.commonpath([root, path]) == root:
+            return path
+    raise ValueError(
+        f"dataset folder {folder!r} is {path}, outside ComfyUI's output folder ({base}): give a path "
+        f"inside it, or name the folder datasets may go to in the environment variable "
+        f"{DATASET_ROOTS_ENV} (several separated by {os.pathsep!r}) before starting ComfyUI")
 
 
 class FluxSRTeacherSampler:
@@ -170,10 +209,22 @@ class FluxSRTeacherSampler:
                                "(each costs one VAE decode); 0 = none (the image alone)."}),
                 "dataset_folder": ("STRING", {
                     "default": "", "multiline": False,
-                    "tooltip": "Pair-dataset folder to add the pair to (created if needed); relative "
-                               "paths are inside ComfyUI's output folder. Empty: nothing is saved."}),
+                    "tooltip": "Pair-dataset folder to add the pair to (created if needed), inside "
+                               "ComfyUI's output folder (relative paths start there) or inside a "
+                               "folder listed in the environment variable FLUXSR_DATASET_ROOTS. "
+                               "Empty: nothing is saved."}),
             }
         }
+
+    @classmethod
+    def VALIDATE_INPUTS(cls, dataset_folder=""):
+        # at queue time, not after 28 steps of sampling
+        if dataset_folder and dataset_folder.strip():
+            try:
+                resolve_dataset_folder(dataset_folder)
+            except ValueError as exc:
+                return str(exc)
+        return True
 
     def sample(self, model, conditioning, vae, seed, steps, width, height, trajectory_previews=4,
                dataset_folder=""):
@@ -182,16 +233,23 @@ class FluxSRTeacherSampler:
         core_cond = comfy_adapters.conditioning_to_core(conditioning)
         latent_format = getattr(getattr(model, "model", None), "latent_format", None)
         progress = comfy_adapters.ComfyProgress(1, latent_format)
+        folder = resolve_dataset_folder(dataset_folder) if dataset_folder and dataset_folder.strip() else None
+        patches = model_patches(model)
+        if patches[0]:
+            log.warning("FluxSR teacher: the MODEL carries patches on %d weights (a LoRA?); FluxSR's teacher is "
+                        "plain FLUX.1-dev. Pairs from it are stored under their own ids (suffix -p%s).",
+                        patches[0], patches[1])
         result = sample_teacher(velocity, codec, conditioning, int(seed), int(steps), int(width), int(height),
                                 int(trajectory_previews), progress=progress.for_item(0),
                                 cancel_check=comfy_adapters.cancel_check)
-        if dataset_folder and dataset_folder.strip():
-            folder = resolve_dataset_folder(dataset_folder)
-            pid, shard = write_pair(folder, result, core_cond, int(seed), int(steps), int(width), int(height))
+        if folder is not None:
+            pid, shard = write_pair(folder, result, core_cond, int(seed), int(steps), int(width), int(height),
+                                    patches)
             if shard:
                 log.info("FluxSR teacher: pair %s written to %s (%s)", pid, folder, shard)
             else:
-                log.info("FluxSR teacher: pair %s already in %s; not written again", pid, folder)
+                log.warning("FluxSR teacher: pair %s is already in %s; not written again (change the seed for "
+                            "a new pair)", pid, folder)
         device = comfy_adapters.intermediate_device()
         image = images.bchw_to_bhwc(result.image).to(device)
         trajectory = images.bchw_to_bhwc(result.trajectory).to(device) if result.trajectory is not None else image

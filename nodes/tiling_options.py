@@ -76,7 +76,8 @@ class FluxSRTilingOptions:
                 "tile_batch_size": ("INT", {
                     "default": _DEFAULT.tile_batch_size, "min": 1, "max": 64, "step": 1,
                     "tooltip": "How many tiles go through the transformer at once; more is faster "
-                               "on large GPUs and needs more memory."}),
+                               "on large GPUs and needs more memory. With global_position_ids on, "
+                               "tiles run one at a time (each has its own positions)."}),
                 # appended last: saved workflows keep widget values by position
                 "fit_tiles": ("BOOLEAN", {
                     "default": _DEFAULT.fit_tiles,

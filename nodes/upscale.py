@@ -18,13 +18,23 @@ log = logging.getLogger("fluxsr")
 
 
 def resolve_t_l(widget: float, conditioning: Any) -> tuple[float, str]:
-    """T_L to use and where it came from: the widget when > 0, else the conditioning's, else ours."""
+    """T_L to use and where it came from: the widget when > 0, else the conditioning's, else ours.
+
+    A bundle without run settings carries our default; the source then says so (``fluxsr
+    upscale`` would read T_L from the LoRA's metadata, which ComfyUI's LoRA loader drops).
+    """
     if widget and widget > 0:
         return float(widget), "FluxSRUpscale widget"
     settings = comfy_adapters.conditioning_settings(conditioning)
-    if settings is not None:
-        return float(settings.t_l), "conditioning bundle"
-    return DEFAULT_T_L, "default"
+    if settings is not None and (settings.source or {}).get("t_l", "default") != "default":
+        return float(settings.t_l), f"conditioning: {settings.source['t_l']}"
+    return DEFAULT_T_L, ("default: the conditioning carries no T_L; set the t_l widget to the value the LoRA was "
+                         "trained with")
+
+
+# What to try when even the smallest tiles do not fit, in ComfyUI's terms.
+OUT_OF_MEMORY_ADVICE = ("load FLUX.1-dev with UNETLoader's weight_dtype fp8_e4m3fn, start ComfyUI with --lowvram, "
+                        "or lower the scale")
 
 
 def upscale_images(
@@ -66,7 +76,7 @@ def _upscale_images(image, velocity, codec, cond, options, progress_for, cancel_
         progress = progress_for(index) if progress_for is not None else None
         result, used = upscaler.upscale_tensor_with_retry(
             rgb, velocity, codec, cond, current, progress=progress, cancel_check=cancel_check,
-            on_retry=on_retry, configure_codec=configure_codec)
+            on_retry=on_retry, configure_codec=configure_codec, out_of_memory_advice=OUT_OF_MEMORY_ADVICE)
         if used != current.tiling:
             current = dataclasses.replace(current, tiling=used)
         result = result.float()
@@ -146,8 +156,14 @@ class FluxSRUpscale:
             if hasattr(codec, "set_tiling"):
                 codec.set_tiling(new_tiling.vae_tile, new_tiling.vae_overlap)
 
-        out = upscale_images(image, velocity, codec, conditioning, options,
-                             progress_for=progress.for_item, cancel_check=comfy_adapters.cancel_check,
-                             on_retry=on_retry, configure_codec=configure_codec,
-                             output_device=comfy_adapters.intermediate_device())
+        try:
+            out = upscale_images(image, velocity, codec, conditioning, options,
+                                 progress_for=progress.for_item, cancel_check=comfy_adapters.cancel_check,
+                                 on_retry=on_retry, configure_codec=configure_codec,
+                                 output_device=comfy_adapters.intermediate_device())
+        except images.OutputTooLargeError as exc:  # the node has no limit to raise: say what to do here
+            raise images.OutputTooLargeError(
+                f"FluxSR Upscale: the output would be {exc.width}x{exc.height} px, over the node's limit of "
+                f"{options.max_output_pixels / 1e6:.1f} megapixels (8192x8192); lower the scale to at most "
+                f"{exc.max_scale:.2f} for this {exc.input_width}x{exc.input_height} image") from None
         return (out,)

@@ -31,6 +31,7 @@ import copy
 import importlib.util
 import json
 import os
+import re
 import subprocess
 import sys
 import time
@@ -78,10 +79,17 @@ def models_dir(tmp_path_factory):
 
 
 @pytest.fixture(scope="module")
-def server(models_dir, tmp_path_factory):
+def datasets_root(tmp_path_factory):
+    """A folder outside ComfyUI's output folder where the server may write pair datasets."""
+    return tmp_path_factory.mktemp("datasets")
+
+
+@pytest.fixture(scope="module")
+def server(models_dir, datasets_root, tmp_path_factory):
     python = os.environ.get("COMFYUI_PYTHON", sys.executable)
     srv = server_mod.ComfyServer(COMFYUI_DIR, python, models_dir, tmp_path_factory.mktemp("comfy_run"),
-                                 other_packs=(GGUF_PACK,) if GGUF_PACK else ())
+                                 other_packs=(GGUF_PACK,) if GGUF_PACK else (),
+                                 env={"FLUXSR_DATASET_ROOTS": str(datasets_root)})
     srv.start()
     try:
         yield srv
@@ -185,7 +193,7 @@ def test_upscale_workflow_matches_the_cli(server, models_dir, input_image, tmp_p
     graph = load_png(out_file)
     assert graph.shape == (80, 96, 3)
     assert "lora key not loaded" not in server.log_text()  # ComfyUI placed every LoRA tensor
-    assert "T_L=0.3 (conditioning bundle)" in server.log_text()
+    assert re.search(r"T_L=0\.3 \(conditioning: bundle \S*fluxsr-test-bundle\.safetensors\)", server.log_text())
 
     cli_out = tmp_path / "cli.png"
     cmd = [sys.executable, "-m", "fluxsr_core.cli", "upscale", str(path), "-o", str(cli_out), "--quiet",
@@ -279,7 +287,7 @@ def test_tiled_workflow_runs(server, input_image):
     assert load_png(out_file).shape == (160, 192, 3)
 
 
-def test_teacher_workflow_writes_a_pair(server, tmp_path):
+def test_teacher_workflow_writes_a_pair(server, datasets_root):
     from fluxsr_core.pairs import PairDataset
 
     api = read_workflow("fluxsr_teacher_pairs_api")
@@ -288,7 +296,7 @@ def test_teacher_workflow_writes_a_pair(server, tmp_path):
         del api[nid]
     api["4"] = {"class_type": "FluxSRConditioning", "inputs": {"bundle": "x", "guidance": 3.5}}
     prompt = with_test_files(api)
-    folder = tmp_path / "pairs"
+    folder = datasets_root / "pairs"  # allowed by FLUXSR_DATASET_ROOTS
     prompt["6"]["inputs"].update(steps=2, width=80, height=64, trajectory_previews=2, seed=5,
                                  dataset_folder=str(folder))
     prompt["7"]["inputs"]["filename_prefix"] = "teacher"
@@ -305,6 +313,11 @@ def test_teacher_workflow_writes_a_pair(server, tmp_path):
     prompt["6"]["inputs"]["seed"] = 6
     server.run(prompt, timeout=900)
     assert len(PairDataset(folder)) == 2
+    # A folder outside the output folder and the allowed roots is refused when queued.
+    prompt["6"]["inputs"]["dataset_folder"] = "../../escaped_pairs"
+    with pytest.raises(server_mod.ComfyError, match="outside ComfyUI's output folder"):
+        server.queue(prompt)
+    assert not (server.base / "output" / ".." / ".." / "escaped_pairs").exists()
 
 
 def test_interrupt_mid_upscale_then_next_prompt_runs(server, input_image):

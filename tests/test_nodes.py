@@ -61,11 +61,12 @@ def tiny(pack):
         codec=models.DiffusersCodec(vae, compute_dtype=torch.float32))
 
 
-def tiny_conditioning(pack, t_l=None, guidance=3.5):
+def tiny_conditioning(pack, t_l=None, guidance=3.5, t_l_source="bundle tiny.safetensors"):
     adapters = sub(pack, "nodes.comfy_adapters")
     settings_mod = sub(pack, "fluxsr_core.settings")
     g = torch.Generator().manual_seed(7)
-    settings = settings_mod.RunSettings(t_l=t_l or settings_mod.DEFAULT_T_L, guidance=guidance)
+    settings = settings_mod.RunSettings(t_l=t_l or settings_mod.DEFAULT_T_L, guidance=guidance,
+                                        source={"t_l": t_l_source, "guidance": "default", "scale": "default"})
     if t_l is None:
         return [[torch.randn(1, 5, 32, generator=g), {"pooled_output": torch.randn(1, 16, generator=g),
                                                        "guidance": guidance}]]
@@ -471,6 +472,22 @@ def test_comfy_velocity_refuses_models_that_are_not_flux(pack, tiny, fake_comfy)
         adapters.ComfyVelocity(object())
 
 
+def test_comfy_velocity_refuses_a_conditioning_of_other_widths(pack, tiny, fake_comfy):
+    """An SDXL-like CLIPTextEncode (2048-wide tokens, 1280 pooled) is named before any matmul."""
+    adapters = sub(pack, "nodes.comfy_adapters")
+    patcher = FakePatcher(tiny.velocity, fake_comfy.CONST)
+    patcher.model.diffusion_model = types.SimpleNamespace(
+        txt_in=torch.nn.Linear(32, 8), vector_in=types.SimpleNamespace(in_layer=torch.nn.Linear(16, 8)))
+    vel = adapters.ComfyVelocity(patcher)
+    x, sigma = torch.randn(1, 16, 4, 4), torch.tensor([0.5])
+    vel(x, sigma, tiny_conditioning(pack))  # FLUX's widths (the tiny model's 32 and 16) pass
+    wrong = [[torch.randn(1, 5, 48), {"pooled_output": torch.randn(1, 20), "guidance": 3.5}]]
+    with pytest.raises(ValueError, match=r"tokens are 48 wide, the model takes 32 \(T5-XXL\).*"
+                                         r"pooled vector is 20 wide, the model takes 16 \(CLIP-L\).*DualCLIPLoader"):
+        vel(x, sigma, wrong)
+    assert len(patcher.model.calls) == 1
+
+
 def test_comfy_codec_normalises_and_tiles(pack, tiny):
     adapters = sub(pack, "nodes.comfy_adapters")
     vae = FakeVAE(tiny.vae)
@@ -523,9 +540,13 @@ def test_upscale_t_l_resolution(pack):
     up = sub(pack, "nodes.upscale")
     with_settings = tiny_conditioning(pack, t_l=0.4)
     plain = tiny_conditioning(pack)
-    assert up.resolve_t_l(0.0, with_settings) == (0.4, "conditioning bundle")
+    assert up.resolve_t_l(0.0, with_settings) == (0.4, "conditioning: bundle tiny.safetensors")
     assert up.resolve_t_l(0.2, with_settings) == (0.2, "FluxSRUpscale widget")
-    assert up.resolve_t_l(0.0, plain) == (0.25, "default")
+    assert up.resolve_t_l(0.0, plain)[0] == 0.25 and up.resolve_t_l(0.0, plain)[1].startswith("default")
+    # a bundle without run settings carries our default: said so, not credited to the bundle
+    bare = tiny_conditioning(pack, t_l=0.25, t_l_source="default")
+    t_l, source = up.resolve_t_l(0.0, bare)
+    assert t_l == 0.25 and source.startswith("default") and "t_l widget" in source
     with pytest.raises(ValueError, match="CONDITIONING"):
         up.resolve_t_l(0.0, [])
 
@@ -588,13 +609,14 @@ def test_upscale_node_refuses_bad_images(pack, tiny, fake_comfy):
 
 # --- FluxSRTeacherSampler -----------------------------------------------------------------------
 
-def test_teacher_sampler_is_the_core_sampler(pack, tiny, fake_comfy, tmp_path):
+def test_teacher_sampler_is_the_core_sampler(pack, tiny, fake_comfy, tmp_path, monkeypatch):
     flow = sub(pack, "fluxsr_core.flow")
     latents = sub(pack, "fluxsr_core.latents")
     pairs = sub(pack, "fluxsr_core.pairs")
     teacher = sub(pack, "nodes.teacher")
     adapters = sub(pack, "nodes.comfy_adapters")
     node = pack.NODE_CLASS_MAPPINGS["FluxSRTeacherSampler"]()
+    monkeypatch.setenv(teacher.DATASET_ROOTS_ENV, str(tmp_path))  # outside the (stand-in) output folder
     cond = tiny_conditioning(pack, guidance=3.0)
     patcher = FakePatcher(tiny.velocity, fake_comfy.CONST)
     image, latent, trajectory = node.sample(patcher, cond, FakeVAE(tiny.vae), seed=11, steps=3, width=32,
@@ -623,6 +645,37 @@ def test_teacher_sampler_is_the_core_sampler(pack, tiny, fake_comfy, tmp_path):
                 trajectory_previews=0, dataset_folder=str(tmp_path / "pairs"))
     assert len(pairs.PairDataset(tmp_path / "pairs")) == 2
     assert len(list((tmp_path / "pairs").glob("shard-*.safetensors"))) == 2  # one shard per new pair
+    # A patched MODEL (a LoRA on the teacher) is warned about and its pair is its own, marked as such.
+    patcher.patches = {"double_blocks.0.img_attn.qkv.weight": [(1.0, object(), 1.0, None, None)]}
+    node.sample(patcher, cond, FakeVAE(tiny.vae), seed=11, steps=3, width=32, height=48,
+                trajectory_previews=0, dataset_folder=str(tmp_path / "pairs"))
+    data = pairs.PairDataset(tmp_path / "pairs")
+    assert len(data) == 3
+    patched = [data[i]["meta"] for i in range(3) if "teacher_patches" in data[i]["meta"]]
+    assert len(patched) == 1 and patched[0]["teacher_patched_weights"] == 1 and patched[0]["seed"] == 11
+
+
+def test_teacher_dataset_folder_stays_inside_the_allowed_folders(pack, tmp_path, monkeypatch):
+    """Relative paths start in the output folder; ``..``, absolute paths and links out of it are
+    refused unless FLUXSR_DATASET_ROOTS names their folder; the node refuses them at queue time."""
+    teacher = sub(pack, "nodes.teacher")
+    out = tmp_path / "output"
+    out.mkdir()
+    monkeypatch.setitem(sys.modules, "folder_paths",
+                        types.SimpleNamespace(get_output_directory=lambda: str(out)))
+    monkeypatch.delenv(teacher.DATASET_ROOTS_ENV, raising=False)
+    assert teacher.resolve_dataset_folder("fluxsr_pairs") == os.path.realpath(out / "fluxsr_pairs")
+    assert teacher.resolve_dataset_folder(str(out / "a" / "b")) == os.path.realpath(out / "a" / "b")
+    (out / "link").symlink_to(tmp_path, target_is_directory=True)
+    for bad in ("../escaped", str(tmp_path / "elsewhere"), "link/x", "~/pairs"):
+        with pytest.raises(ValueError, match="outside ComfyUI's output folder.*FLUXSR_DATASET_ROOTS"):
+            teacher.resolve_dataset_folder(bad)
+    node = pack.NODE_CLASS_MAPPINGS["FluxSRTeacherSampler"]
+    assert "FLUXSR_DATASET_ROOTS" in node.VALIDATE_INPUTS(dataset_folder="../escaped")
+    assert node.VALIDATE_INPUTS(dataset_folder="fluxsr_pairs") is True and node.VALIDATE_INPUTS() is True
+    monkeypatch.setenv(teacher.DATASET_ROOTS_ENV, os.pathsep.join([str(tmp_path / "nowhere"), str(tmp_path)]))
+    assert teacher.resolve_dataset_folder(str(tmp_path / "elsewhere")) == os.path.realpath(tmp_path / "elsewhere")
+    assert teacher.resolve_dataset_folder("../escaped") == os.path.realpath(tmp_path / "escaped")
 
 
 def test_teacher_preview_steps_and_errors(pack, tiny):
@@ -632,4 +685,3 @@ def test_teacher_preview_steps_and_errors(pack, tiny):
     assert teacher.preview_steps(5, 0) == []
     with pytest.raises(ValueError, match="multiples of 16"):
         teacher.sample_teacher(tiny.velocity, tiny.codec, None, 0, 2, 40, 32)
-    assert teacher.resolve_dataset_folder("/abs/pairs") == "/abs/pairs"

@@ -58,7 +58,8 @@ ComfyUI/models/vae/{VAE_FILE}
     the FLUX VAE
 
 Every run adds one (noise, image latent) pair to ComfyUI/output/fluxsr_pairs/
-(an absolute path works too) as one new shard; the seed increments after each run.
+as one new shard (folders elsewhere: list them in FLUXSR_DATASET_ROOTS before
+starting ComfyUI); the seed increments after each run.
 Queue as many runs as you want pairs, then give that folder to fluxsr-train
 as its pair dataset (see the README)."""
 

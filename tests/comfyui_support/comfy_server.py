@@ -42,10 +42,11 @@ class ComfyServer:
 
     def __init__(self, comfy_dir: str | os.PathLike, python: str, models_dir: str | os.PathLike,
                  workdir: str | os.PathLike, port: Optional[int] = None, extra_args: tuple = (),
-                 other_packs: tuple = ()):
+                 other_packs: tuple = (), env: Optional[dict] = None):
         """``other_packs``: folders of further custom node packs (e.g. ComfyUI-GGUF), linked
-        beside this one."""
+        beside this one; ``env``: environment variables added for the server."""
         self.other_packs = tuple(Path(p) for p in other_packs)
+        self.extra_env = dict(env or {})
         self.comfy_dir = Path(comfy_dir)
         self.python = python
         self.models_dir = Path(models_dir)
@@ -93,7 +94,7 @@ class ComfyServer:
                "--base-directory", str(self.base), "--extra-model-paths-config", str(config),
                "--database-url", f"sqlite:///{self.workdir / 'comfyui.db'}", "--disable-auto-launch",
                "--preview-method", "latent2rgb", *self.extra_args]
-        env = dict(os.environ)
+        env = dict(os.environ, **self.extra_env)
         env.pop("CUDA_VISIBLE_DEVICES", None)
         self._log = open(self.log_path, "ab")
         self.proc = subprocess.Popen(cmd, cwd=self.comfy_dir, stdout=self._log, stderr=subprocess.STDOUT,
