@@ -827,6 +827,22 @@ class PairDataset(torch.utils.data.Dataset):
         """Pair ids in dataset order."""
         return [r.pair_id for r in self._refs]
 
+    def stored_image_count(self) -> int:
+        """How many pairs carry a stored teacher image (read from the shards' headers only)."""
+        by_shard: dict[str, list[int]] = collections.defaultdict(list)
+        for ref in self._refs:
+            by_shard[ref.shard].append(ref.index)
+        count = 0
+        for shard, indices in by_shard.items():
+            try:
+                with safe_open(str(self.folder / shard), framework="pt") as f:
+                    keys = set(f.keys())
+            except Exception as e:
+                raise PairDataError(f"shard {self.folder / shard} cannot be read ({e}); "
+                                    f"run verify_pairs('{self.folder}')") from None
+            count += sum(f"{i}.image" in keys for i in indices)
+        return count
+
     def index_of(self, pair_id: str) -> int:
         """Position of ``pair_id`` in the dataset (KeyError if absent)."""
         return self._index[pair_id]

@@ -142,6 +142,7 @@ def test_runs_without_ema_or_a_single_conditioning(tmp_path):
         export_student(r.output_dir, tmp_path / "o", use_ema=True)
     with pytest.raises(ExportError, match="--bundle"):
         export_student(r.output_dir, tmp_path / "o")
+    assert not (tmp_path / "o").exists()  # nothing half-written: the bundle is found before the LoRA is written
     # with an explicit bundle it exports, and the bundle gets the run's settings
     cond = next(pairs.glob("cond-*.safetensors"))
     from fluxsr_core.bundle import save_bundle

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import logging
 import os
 import signal
@@ -230,6 +231,81 @@ def test_sigkill_then_resume_matches_an_uninterrupted_run(pairs, tmp_path):
         assert all(torch.equal(a[k], b[k]) for k in a), name
 
 
+def test_resuming_an_older_checkpoint_sets_the_later_ones_aside(pairs, tmp_path):
+    """Resuming from step 4 of a run that reached step 8 replaces steps 6 and 8: they move to
+    checkpoints/superseded-*/ (kept), so pruning and --resume latest see this run's own only.
+    A fresh run into a folder with checkpoints is refused."""
+    common = ("train.max_steps=8", "checkpoint.every=2", "checkpoint.keep_last=3")
+    T.train(tiny_config(pairs, tmp_path / "run", *common))
+    assert [c.name for c in T.list_checkpoints(tmp_path / "run")] == ["step-0000004", "step-0000006", "step-0000008"]
+    step4 = tmp_path / "run" / T.CHECKPOINT_DIR / "step-0000004"
+    r = T.train(tiny_config(pairs, tmp_path / "run", *common, "train.stop_at=6", f"train.resume={str(step4)!r}"))
+    assert r.start_step == 4 and r.step == 6
+    assert [c.name for c in T.list_checkpoints(tmp_path / "run")] == ["step-0000004", "step-0000006"]
+    (aside,) = (tmp_path / "run" / T.CHECKPOINT_DIR).glob("superseded-*")
+    assert sorted(c.name for c in aside.iterdir()) == ["step-0000006", "step-0000008"]
+    assert T.resolve_resume("latest", tmp_path / "run").name == "step-0000006"
+    with pytest.raises(ConfigError, match="already holds checkpoints.*--resume latest"):
+        T.train(tiny_config(pairs, tmp_path / "run", *common))
+
+
+def test_resume_uses_the_configs_optimizer_settings_and_refuses_an_ema_change(pairs, tmp_path):
+    common = ("train.max_steps=6", "train.log_every=1", "optim.schedule=constant")
+    T.train(tiny_config(pairs, tmp_path / "run", *common, "train.stop_at=2", "optim.lr=1e-2"))
+    r = T.train(tiny_config(pairs, tmp_path / "run", *common, "train.stop_at=4", "optim.lr=1e-3",
+                            "optim.weight_decay=0.5", "train.resume=latest"))
+    assert [h["lr"] for h in r.history] == [pytest.approx(1e-3)] * 2  # not the checkpoint's 1e-2
+    saved = T.load_train_config(Path(r.checkpoint) / T.CONFIG_FILE)
+    assert saved.optim.lr == 1e-3 and saved.optim.weight_decay == 0.5
+    with pytest.raises(ConfigError, match="ema.enabled=true.*same setting"):
+        T.train(tiny_config(pairs, tmp_path / "run", *common, "ema.enabled=false", "train.resume=latest"))
+
+
+def test_resume_with_another_batch_goes_on_from_the_samples_seen(pairs, tmp_path, monkeypatch):
+    starts = []
+    original = T._StreamBatches.__init__
+    monkeypatch.setattr(T._StreamBatches, "__init__",
+                        lambda self, batch, rank, world, start: starts.append(start) or original(self, batch, rank, world, start))
+    common = ("train.max_steps=6", "checkpoint.every=2")
+    T.train(tiny_config(pairs, tmp_path / "run", *common, "train.stop_at=2", "data.batch_size=2"))
+    r = T.train(tiny_config(pairs, tmp_path / "run", *common, "train.stop_at=4", "data.batch_size=1",
+                            "train.resume=latest"))
+    assert starts == [0, 4]  # 2 steps x batch 2 seen; not 2 steps x the new batch 1
+    state = json.loads((Path(r.checkpoint) / T.STATE_FILE).read_text())
+    assert state["samples_seen"] == 4 + 2 * 1
+
+
+def test_settings_that_would_be_silently_ignored_are_refused(pairs, tmp_path, monkeypatch):
+    with pytest.raises(ConfigError, match="'constant' has no warm-up"):
+        T.check_config(tiny_config(pairs, tmp_path / "a", "optim.schedule=constant", "optim.warmup_steps=10"))
+    with pytest.raises(ConfigError, match="validation.every=2 but there is nothing to validate"):
+        T.train(tiny_config(pairs, tmp_path / "b", "train.max_steps=2", "validation.every=2"))
+    monkeypatch.setenv("ACCELERATE_GRADIENT_ACCUMULATION_STEPS", "2")
+    with pytest.raises(ConfigError, match="accelerate accumulates 2 .* train.gradient_accumulation_steps is 1"):
+        T.train(tiny_config(pairs, tmp_path / "c", "train.max_steps=1"))
+
+
+def test_pairs_with_and_without_stored_images_train_alike(tmp_path, caplog):
+    """A dataset where only some pairs carry the teacher image: every pair is decoded from z_0
+    (one treatment, said in the log); 'stored' is refused at setup, not mid-run."""
+    from fluxsr_core import models
+
+    folder = tmp_path / "mixed"
+    codec = models.DiffusersCodec(models.load_vae("tiny", dtype="fp32", device=None, seed=0))
+    g = torch.Generator().manual_seed(0)
+    t5, clip = torch.randn(1, 8, 32, generator=g), torch.randn(1, 16, generator=g)
+    with PairWriter(folder, writer_id="t0", shard_size=1, fsync=False) as w, torch.no_grad():
+        for i in range(4):
+            z0 = codec.encode(torch.rand(1, 3, 32, 32, generator=g))
+            w.add(pair_id(i, i), torch.randn(z0.shape, generator=g), z0, t5, clip, meta={"seed": i},
+                  image=codec.decode(z0)[0] if i % 2 else None)
+    caplog.set_level(logging.WARNING, logger="fluxsr.train")
+    r = T.train(tiny_config(folder, tmp_path / "run", "train.max_steps=4", "data.batch_size=2"))
+    assert r.step == 4 and "2 of the 4 pairs have no stored teacher image" in caplog.text
+    with pytest.raises(ConfigError, match="teacher_image='stored' but 2 of the 4 pairs"):
+        T.train(tiny_config(folder, tmp_path / "run2", "train.max_steps=1", "data.teacher_image=stored"))
+
+
 def test_resume_from_a_missing_path_is_a_clear_error(pairs, tmp_path):
     with pytest.raises(FileNotFoundError, match="no such checkpoint"):
         T.train(tiny_config(pairs, tmp_path / "x", f"train.resume={str(tmp_path / 'nowhere')!r}"))
@@ -392,6 +468,15 @@ def test_gradient_checkpointing_and_fp8_storage(pairs, tmp_path):
     assert cos > 0.9, float(cos)
 
 
+def test_cli_unwraps_errors_raised_in_dataloader_workers():
+    from fluxsr_training.cli import _user_message
+
+    wrapped = ValueError("Caught ValueError in DataLoader worker process 0.\nOriginal Traceback (most recent call "
+                         "last):\n  File \"x.py\", line 1, in f\nValueError: pair p7 has no stored teacher image")
+    assert _user_message(wrapped) == "pair p7 has no stored teacher image"
+    assert _user_message(ValueError("plain message")) == "plain message"
+
+
 def test_cli_train_config_resolution(capsys, tmp_path):
     from fluxsr_training.cli import main, shipped_config
 
@@ -405,6 +490,13 @@ def test_cli_train_config_resolution(capsys, tmp_path):
     for shipped in ("train_default", "train_tiny"):
         T.check_config(T.load_train_config(shipped_config(shipped), ["model.transformer=t", "model.vae=v",
                                                                      "data.pairs=p"]))
+    # overrides on both sides of --resume
+    assert main(["train", "--config", "train_tiny", "data.pairs=/d", "--resume", "latest", "lora.rank=3",
+                 "--print-config"]) == 0
+    both = capsys.readouterr().out
+    (tmp_path / "both.toml").write_text(both)
+    both = T.load_train_config(tmp_path / "both.toml")
+    assert both.data.pairs == "/d" and both.lora.rank == 3 and both.train.resume == "latest"
     assert main(["train", "--config", "no_such_config"]) == 2
     assert "shipped config" in capsys.readouterr().err
     assert main(["train", "optim.lr=-1", "model.transformer=tiny", "model.vae=tiny", "data.pairs=x"]) == 2

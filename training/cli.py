@@ -15,6 +15,7 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import logging
+import os
 import sys
 import typing
 from importlib import resources
@@ -115,6 +116,8 @@ def _cmd_train(args) -> int:
         sys.stdout.write(config_io.dump_toml(config_io.to_dict(cfg)))
         return 0
     r = train(cfg)
+    if int(os.environ.get("RANK", "0") or 0) != 0:
+        return 0  # one summary per job, from the main process
     if r.step > r.start_step or r.checkpoint:
         last = r.history[-1] if r.history else {}
         val = f", validation PSNR {r.validation[-1]['psnr']:.2f} dB" if r.validation else ""
@@ -192,6 +195,16 @@ def build_parser() -> tuple[argparse.ArgumentParser, list[str]]:
     return p, fields
 
 
+def _user_message(exc: BaseException) -> str:
+    """The error's own message; for one re-raised from a DataLoader worker ("Caught ValueError in
+    DataLoader worker process 0. Original Traceback ..."), the original's last line."""
+    text = str(exc).strip()
+    if text.startswith("Caught ") and "Original Traceback" in text:
+        last = text.splitlines()[-1]
+        return last.split(": ", 1)[1] if ": " in last else last
+    return text
+
+
 def main(argv: Optional[Sequence[str]] = None) -> int:
     """Entry point of ``fluxsr-train``; returns the exit status."""
     argv = list(sys.argv[1:] if argv is None else argv)
@@ -200,7 +213,15 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         _setup_logging(False)
         return _delegate({"eval": "evaluate", "demo": "demo"}[argv[0]], argv[1:])
     parser, fields = build_parser()
-    args = parser.parse_args(argv)
+    args, rest = parser.parse_known_args(argv)
+    # Overrides may stand on both sides of an option (`... data.pairs=P --resume latest x.y=z`):
+    # argparse takes the positionals of one stretch only and leaves the later ones over.
+    late = [a for a in rest if "=" in a and not a.startswith("-")]
+    if late and hasattr(args, "overrides"):
+        args.overrides = list(args.overrides) + late
+    unknown = [a for a in rest if a not in late or not hasattr(args, "overrides")]
+    if unknown:
+        parser.error(f"unrecognized arguments: {' '.join(unknown)}")
     _setup_logging(args.verbose)
     if args.command in ("eval", "demo"):
         return _delegate({"eval": "evaluate", "demo": "demo"}[args.command], args.rest)
@@ -215,7 +236,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     except (ConfigError, FileNotFoundError, ValueError) as exc:
         if args.verbose:
             raise
-        print(f"fluxsr-train {args.command}: error: {exc}", file=sys.stderr)
+        print(f"fluxsr-train {args.command}: error: {_user_message(exc)}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:
         print(f"fluxsr-train {args.command}: interrupted; rerun with the same arguments to continue "

@@ -120,13 +120,14 @@ def export_student(checkpoint: str | os.PathLike, output_dir: str | os.PathLike,
                           f"(rank {cfg.lora.rank}, alpha {cfg.lora.alpha:g}); the checkpoint was edited")
     settings = cfg.run_settings()
     step = int(state.get("step", 0))
+    # Everything is read before anything is written: a problem leaves no half export behind.
+    cond_src = _conditioning_source(ckpt, state, bundle)
+    b = load_bundle(cond_src)
     out = Path(output_dir)
     out.mkdir(parents=True, exist_ok=True)
     lora_path = save_lora(out / lora_name, tensors, settings, rank=cfg.lora.rank, alpha=cfg.lora.alpha,
                           extra_metadata={"fluxsr.step": str(step), "fluxsr.weights": "ema" if use_ema else "raw",
                                           "fluxsr.transformer": os.path.basename(os.path.normpath(cfg.model.transformer))})
-    cond_src = _conditioning_source(ckpt, state, bundle)
-    b = load_bundle(cond_src)
     bundle_path = save_bundle(out / bundle_name, b.t5, b.clip_pooled, settings,
                               prompt=f"FluxSR student conditioning (from {os.path.basename(cond_src)})")
     log.info("exported step %d (%s weights) to %s and %s; %s", step, "EMA" if use_ema else "raw", lora_path,

@@ -343,6 +343,9 @@ def check_config(cfg: TrainConfig) -> None:
                           "train.stop_at must be >= 0")
     if cfg.optim.schedule not in _SCHEDULES:
         raise ConfigError(f"optim.schedule={cfg.optim.schedule!r}; choose one of {', '.join(_SCHEDULES)}")
+    if cfg.optim.schedule == "constant" and cfg.optim.warmup_steps > 0:
+        raise ConfigError(f"optim.schedule='constant' has no warm-up (optim.warmup_steps={cfg.optim.warmup_steps} "
+                          "would be ignored); use 'constant_with_warmup', or set optim.warmup_steps=0")
     from .perceptual import PERCEPTUAL_KINDS
 
     if cfg.loss.w_tvlpips > 0 and cfg.loss.perceptual not in PERCEPTUAL_KINDS:
@@ -573,12 +576,16 @@ class _TrainState:
     """Counters saved in every checkpoint (accelerate custom object)."""
 
     step: int = 0
+    # Stream positions consumed (samples, all processes): where a resumed run's data goes on,
+    # whatever its batch size or process count. None: a checkpoint older than this counter.
+    samples: Optional[int] = 0
 
     def state_dict(self) -> dict[str, Any]:
-        return {"step": self.step}
+        return {"step": self.step, "samples": self.samples}
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
         self.step = int(state["step"])
+        self.samples = int(state["samples"]) if state.get("samples") is not None else None
 
 
 # =========================================================================================
@@ -623,10 +630,10 @@ class SampleStream:
 
 
 class _StreamBatches(torch.utils.data.Sampler):
-    """This process's micro-batches of stream positions, from micro-step ``start`` on, forever.
+    """This process's micro-batches of stream positions, from position ``start`` on, forever.
 
-    Micro-step ``m`` covers global positions ``[m G, (m + 1) G)`` with ``G = batch * world``;
-    process ``r`` takes ``[m G + r batch, m G + (r + 1) batch)``.
+    Micro-step ``m`` covers global positions ``[start + m G, start + (m + 1) G)`` with
+    ``G = batch * world``; process ``r`` takes the ``r``-th ``batch`` of them.
     """
 
     def __init__(self, batch: int, rank: int, world: int, start: int):
@@ -634,9 +641,9 @@ class _StreamBatches(torch.utils.data.Sampler):
 
     def __iter__(self):
         g = self.batch * self.world
-        m = self.start
+        m = 0
         while True:
-            base = m * g + self.rank * self.batch
+            base = self.start + m * g + self.rank * self.batch
             yield list(range(base, base + self.batch))
             m += 1
 
@@ -752,6 +759,21 @@ def compute_losses(velocity, codec, *, z_l: torch.Tensor, z0: torch.Tensor, eps:
 # =========================================================================================
 # checkpoints
 # =========================================================================================
+
+def _check_resumable(checkpoint: Path, cfg: TrainConfig) -> None:
+    """ConfigError before loading when the checkpoint holds state this config cannot take
+    (accelerate would fail with a bare count mismatch): EMA on in one and off in the other."""
+    saved = checkpoint / CONFIG_FILE
+    if not saved.is_file():
+        return
+    try:
+        then = load_train_config(saved)
+    except Exception:  # noqa: BLE001 - an unreadable old config: let the load itself decide
+        return
+    if then.ema.enabled != cfg.ema.enabled:
+        raise ConfigError(f"checkpoint {checkpoint} was trained with ema.enabled={str(then.ema.enabled).lower()}; "
+                          f"resume with the same setting (its {CONFIG_FILE}), or start a new run")
+
 
 def list_checkpoints(output_dir: str | os.PathLike) -> list[Path]:
     """Complete checkpoints of a run, oldest first (temporary folders are ignored)."""
@@ -913,6 +935,14 @@ class _Run:
             raise RuntimeError(f"{world} processes were launched but accelerate runs them as independent "
                                "single-process jobs. For multi-process CPU training set ACCELERATE_USE_CPU=1 "
                                "(e.g. `ACCELERATE_USE_CPU=1 accelerate launch --multi_gpu --num_processes 2 ...`)")
+        if acc.gradient_accumulation_steps != cfg.train.gradient_accumulation_steps:
+            # The loop runs the config's count of micro-batches per step; accelerate would sync
+            # (and step) after its own count, so steps, schedule, EMA and checkpoints would drift.
+            raise ConfigError(
+                f"accelerate accumulates {acc.gradient_accumulation_steps} micro-batches per optimizer step "
+                f"(ACCELERATE_GRADIENT_ACCUMULATION_STEPS, set by `accelerate launch` from the DeepSpeed "
+                f"config's gradient_accumulation_steps) but train.gradient_accumulation_steps is "
+                f"{cfg.train.gradient_accumulation_steps}; make the two equal")
         self.main = acc.is_main_process
         if self.main:
             self.out.mkdir(parents=True, exist_ok=True)
@@ -928,9 +958,19 @@ class _Run:
         if self._distributed("DEEPSPEED") and cfg.model.memory_mode in FP8_MODES:
             raise ConfigError(f"model.memory_mode={cfg.model.memory_mode} does not combine with DeepSpeed (its bf16 "
                               "engine re-casts every weight); use memory_mode=none with ZeRO-2")
+        if self._distributed("FSDP") and cfg.model.memory_mode in FP8_MODES:
+            raise ConfigError(f"model.memory_mode={cfg.model.memory_mode} does not combine with FSDP (it flattens "
+                              "fp8 and bf16 weights into one buffer); use memory_mode=none")
+        if self._distributed("FSDP") and cfg.validation.every:
+            # validation runs the whole student on the main process, which FSDP has sharded
+            raise ConfigError("validation.every needs the whole model on one process, which FSDP shards; set "
+                              "validation.every=0 and score exported checkpoints with `fluxsr-train evaluate`")
         self._setup_data()  # before the (slow) model loading: a wrong data path fails at once
 
         self.transformer, self.vae, self.dtype = build_student(cfg, acc.device)
+        # The LoRA is initialised alike everywhere (same seed above); from here each process
+        # draws its own random stream (LoRA dropout), else every rank would drop the same units.
+        set_seed(_derived_seed(cfg.train.seed, "process", acc.process_index))
         self.transformer.train()
         self.params = lora_parameters(self.transformer)
         n_lora = sum(p.numel() for p in self.params.values())
@@ -982,8 +1022,10 @@ class _Run:
             self._info(f"ADL on blocks {', '.join(self.adl_hook.labels)} (weight {cfg.loss.w_adl:g})")
 
         self._setup_conditioning()
-        if cfg.validation.every and self.main:
-            self._validation_set()  # bad validation paths fail now, not after the first steps
+        if cfg.validation.every and self.main and not self._validation_set():
+            # (bad validation paths fail here too, not after the first steps)
+            raise ConfigError(f"validation.every={cfg.validation.every} but there is nothing to validate on: set "
+                              "validation.images to a folder of HR images, or data.holdout to keep pairs out")
 
         if trackers:
             acc.init_trackers("fluxsr", config=_flat_scalars(cfg.to_dict()))
@@ -1001,6 +1043,18 @@ class _Run:
         self.train_indices = list(range(n - cfg.data.holdout))
         self.holdout_indices = list(range(n - cfg.data.holdout, n))
         self.stream = SampleStream(len(self.train_indices), cfg.data.seed)
+        self.teacher_image = cfg.data.teacher_image
+        if self.teacher_image != "decode":
+            stored, total = self.pairs.stored_image_count(), len(self.pairs)
+            if self.teacher_image == "stored" and stored < total:
+                raise ConfigError(f"data.teacher_image='stored' but {total - stored} of the {total} pairs have no "
+                                  "stored teacher image; use 'auto' or 'decode' (decodes z_0 with the VAE)")
+            if 0 < stored < total:
+                # one treatment for every pair: a batch mixing both kinds cannot be collated
+                log.warning("%d of the %d pairs have no stored teacher image: decoding z_0 for every pair "
+                            "(data.teacher_image='decode')", total - stored, total)
+                self.teacher_image = "decode"
+                self.pairs = PairDataset(cfg.data.pairs, load_image=False)
         h, w = (int(d) * 8 for d in self.pairs[0]["z0"].shape[-2:])
         if h % cfg.degradation.scale or w % cfg.degradation.scale:
             raise ConfigError(f"the pairs are {h}x{w} pixels, not divisible by degradation.scale="
@@ -1119,8 +1173,7 @@ class _Run:
             state = {"step": step, "max_steps": self.cfg.train.max_steps, "processes": acc.num_processes,
                      "global_batch": self.cfg.data.batch_size * acc.num_processes
                      * self.cfg.train.gradient_accumulation_steps,
-                     "samples_seen": step * self.cfg.data.batch_size * acc.num_processes
-                     * self.cfg.train.gradient_accumulation_steps,
+                     "samples_seen": self.state.samples,
                      "lora": LORA_FILE, "ema_lora": EMA_LORA_FILE if self.ema is not None else None,
                      "conditioning": self.conditioning_path, "perceptual": self.perceptual_label,
                      "last": self.history[-1] if self.history else None,
@@ -1140,6 +1193,46 @@ class _Run:
             self._info(f"checkpoint {final}")
         acc.wait_for_everyone()
         return final
+
+    def _apply_optim_config(self) -> None:
+        """After a resume: the config's lr, betas, weight decay and eps, not the checkpoint's.
+
+        Loading the optimizer and scheduler state brings back the values the checkpoint ran with
+        (param groups and the scheduler's base lr); the schedule's shape (kind, warm-up, length)
+        is the config's already, since the scheduler's functions are not saved.
+        """
+        o = self.cfg.optim
+        wanted = {"lr": o.lr, "betas": tuple(o.betas), "weight_decay": o.weight_decay, "eps": o.eps}
+        changed = []
+        for group in self.optimizer.param_groups:
+            for key, value in wanted.items():
+                old = group.get(key)
+                if key in group and (tuple(old) if isinstance(old, (list, tuple)) else old) != value:
+                    changed.append(f"{key} {old} -> {value}")
+                    group[key] = value
+            group["initial_lr"] = o.lr
+        self.scheduler.base_lrs = [o.lr for _ in self.scheduler.base_lrs]
+        # the current lr from the (restored) position in the config's schedule
+        for group, base, fn in zip(self.optimizer.param_groups, self.scheduler.base_lrs, self.scheduler.lr_lambdas):
+            group["lr"] = base * fn(self.scheduler.last_epoch)
+        self.scheduler._last_lr = [g["lr"] for g in self.optimizer.param_groups]
+        if changed:
+            self._info("resume: optimizer settings from the config, not the checkpoint: "
+                       + ", ".join(sorted(set(changed))))
+
+    def _set_aside_later_checkpoints(self, step: int) -> None:
+        """Checkpoints of this output folder past the one resumed from belong to the history this
+        run replaces: moved into ``checkpoints/superseded-<time>/`` (kept, not deleted), so that
+        neither ``--resume latest`` nor pruning mistakes them for this run's."""
+        later = [c for c in list_checkpoints(self.out) if int(_CKPT_RE.match(c.name).group(1)) > step]
+        if not later:
+            return
+        aside = self.out / CHECKPOINT_DIR / f"superseded-{time.strftime('%Y%m%dT%H%M%SZ', time.gmtime())}"
+        aside.mkdir(parents=True, exist_ok=True)
+        for c in later:
+            os.replace(c, aside / c.name)
+        log.warning("resumed from step %d: the later checkpoints %s were moved to %s", step,
+                    ", ".join(c.name for c in later), aside)
 
     # -- validation ---------------------------------------------------------------------------
 
@@ -1235,19 +1328,34 @@ class _Run:
         losses: list[float] = []
 
         resume_from = resolve_resume(cfg.train.resume, self.out)
+        existing = list_checkpoints(self.out)
+        accum = cfg.train.gradient_accumulation_steps
+        global_batch = cfg.data.batch_size * acc.num_processes * accum
+        if resume_from is None and existing:
+            raise ConfigError(f"{self.out} already holds checkpoints ({existing[-1].name} the newest): continue "
+                              "that run with --resume latest, or give this one its own train.output_dir")
         if resume_from is not None:
+            _check_resumable(resume_from, cfg)
             acc.load_state(str(resume_from),
                            **({"load_module_strict": False} if self._distributed("DEEPSPEED") else {}))
             self._info(f"resumed from {resume_from} at step {self.state.step}")
+            self._apply_optim_config()
+            if self.main:
+                self._set_aside_later_checkpoints(self.state.step)
+            acc.wait_for_everyone()
         elif cfg.train.resume == "latest":
             self._info("resume=latest: no checkpoint yet, starting fresh")
         start_step = self.state.step
+        if self.state.samples is None:  # a checkpoint from before the counter: its batch is assumed
+            self.state.samples = start_step * global_batch
+        elif resume_from is not None and self.state.samples != start_step * global_batch:
+            self._info(f"the global batch is now {global_batch}: the data stream goes on from sample "
+                       f"{self.state.samples}")
         if self.main:
             cfg.save(self.out / CONFIG_FILE)
 
-        accum = cfg.train.gradient_accumulation_steps
-        sampler = _StreamBatches(cfg.data.batch_size, acc.process_index, acc.num_processes, start_step * accum)
-        items = _TrainItems(self.pairs, self.train_indices, self.stream, cfg.degradation, cfg.data.teacher_image)
+        sampler = _StreamBatches(cfg.data.batch_size, acc.process_index, acc.num_processes, self.state.samples)
+        items = _TrainItems(self.pairs, self.train_indices, self.stream, cfg.degradation, self.teacher_image)
         # Its own generator: a DataLoader iterator otherwise draws its base seed from the global
         # torch RNG, which would shift the LoRA dropout stream of a resumed run by one draw.
         loader = torch.utils.data.DataLoader(items, batch_sampler=sampler, collate_fn=_collate,
@@ -1297,6 +1405,7 @@ class _Run:
                 if self.ema is not None:
                     self.ema.update(self.params)
                 self.state.step += 1
+                self.state.samples += global_batch
                 keys = sorted(sums)
                 reduced = acc.reduce(torch.tensor([sums[k] for k in keys], device=acc.device), "mean").tolist()
                 step_vals = dict(zip(keys, reduced))
