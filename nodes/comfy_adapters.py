@@ -120,6 +120,11 @@ def check_flux_model(model: Any) -> None:
         raise ValueError(
             f"the MODEL is not a FLUX.1 model (latent format {type(fmt).__name__}); FluxSR needs "
             "FLUX.1-dev (UNETLoader) with the FluxSR LoRA")
+    img_in = getattr(getattr(inner, "diffusion_model", None), "img_in", None)
+    packed = getattr(img_in, "in_features", LATENT_CHANNELS * 4)
+    if packed != LATENT_CHANNELS * 4:  # 2x2 patches of the 16-channel latent, nothing concatenated
+        raise ValueError(f"the MODEL takes {packed} input features per token, not {LATENT_CHANNELS * 4}: a FLUX "
+                         "variant with extra image inputs (Fill, Depth, Canny?); FluxSR needs FLUX.1-dev")
     import comfy.model_sampling  # noqa: PLC0415 - ComfyUI only
     if not isinstance(getattr(inner, "model_sampling", None), comfy.model_sampling.CONST):
         raise ValueError("the MODEL is not a rectified-flow model (its sampling is not CONST); FluxSR "
@@ -298,6 +303,9 @@ class ComfyCodec:
                                         overlap=self.vae_overlap)
         else:
             raw = self.vae.encode(pixels)
+        if raw.ndim != 4 or raw.shape[1] != LATENT_CHANNELS:
+            raise ValueError(f"the VAE encoded to a latent of shape {tuple(raw.shape)}, not [B, 16, h, w] (a video "
+                             "VAE?); FluxSR needs the FLUX VAE (ae.safetensors)")
         return normalize(raw.float())
 
     def decode(self, latent: torch.Tensor) -> torch.Tensor:

@@ -470,6 +470,10 @@ def test_comfy_velocity_refuses_models_that_are_not_flux(pack, tiny, fake_comfy)
         adapters.ComfyVelocity(patcher)
     with pytest.raises(ValueError, match="not a ComfyUI MODEL"):
         adapters.ComfyVelocity(object())
+    patcher = FakePatcher(tiny.velocity, fake_comfy.CONST)  # FLUX Fill: 384 = 64 + mask and masked image
+    patcher.model.diffusion_model = types.SimpleNamespace(img_in=torch.nn.Linear(384, 8))
+    with pytest.raises(ValueError, match="384 input features per token.*Fill"):
+        adapters.ComfyVelocity(patcher)
 
 
 def test_comfy_velocity_refuses_a_conditioning_of_other_widths(pack, tiny, fake_comfy):
@@ -503,6 +507,10 @@ def test_comfy_codec_normalises_and_tiles(pack, tiny):
     assert vae.calls[2] == ("encode_tiled", 32, 8) and vae.calls[4] == ("decode_tiled", 8, 1)  # at least 64 px, as VAEDecodeTiled
     with pytest.raises(ValueError, match="16-channel FLUX"):
         adapters.ComfyCodec(types.SimpleNamespace(encode=None, decode=None, latent_channels=4))
+    video = types.SimpleNamespace(latent_channels=16, decode=None,  # a Wan-like VAE: [B, C, T, h, w] latents
+                                  encode=lambda px: torch.zeros(px.shape[0], 16, 1, px.shape[1] // 8, px.shape[2] // 8))
+    with pytest.raises(ValueError, match=r"latent of shape \(1, 16, 1, 2, 3\).*video VAE"):
+        adapters.ComfyCodec(video).encode(img)
 
 
 # --- FluxSRUpscale ------------------------------------------------------------------------------

@@ -275,6 +275,14 @@ def test_resume_with_another_batch_goes_on_from_the_samples_seen(pairs, tmp_path
     assert state["samples_seen"] == 4 + 2 * 1
 
 
+def test_resume_on_a_changed_dataset_says_the_order_changed(pairs, tmp_path, caplog):
+    common = ("train.max_steps=4", "checkpoint.every=2")
+    T.train(tiny_config(pairs, tmp_path / "run", *common, "train.stop_at=2"))
+    caplog.set_level(logging.WARNING, logger="fluxsr.train")
+    T.train(tiny_config(pairs, tmp_path / "run", *common, "data.holdout=1", "train.resume=latest"))
+    assert "trained on 5 pairs, the dataset now has 4 for training" in caplog.text
+
+
 def test_settings_that_would_be_silently_ignored_are_refused(pairs, tmp_path, monkeypatch):
     with pytest.raises(ConfigError, match="'constant' has no warm-up"):
         T.check_config(tiny_config(pairs, tmp_path / "a", "optim.schedule=constant", "optim.warmup_steps=10"))

@@ -579,13 +579,17 @@ class _TrainState:
     # Stream positions consumed (samples, all processes): where a resumed run's data goes on,
     # whatever its batch size or process count. None: a checkpoint older than this counter.
     samples: Optional[int] = 0
+    # Training pairs when the checkpoint was written: the order is a permutation of them, so
+    # a dataset grown (or shrunk) before a resume continues in another order.
+    train_pairs: Optional[int] = None
 
     def state_dict(self) -> dict[str, Any]:
-        return {"step": self.step, "samples": self.samples}
+        return {"step": self.step, "samples": self.samples, "train_pairs": self.train_pairs}
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
         self.step = int(state["step"])
         self.samples = int(state["samples"]) if state.get("samples") is not None else None
+        self.train_pairs = int(state["train_pairs"]) if state.get("train_pairs") is not None else None
 
 
 # =========================================================================================
@@ -1339,6 +1343,10 @@ class _Run:
             acc.load_state(str(resume_from),
                            **({"load_module_strict": False} if self._distributed("DEEPSPEED") else {}))
             self._info(f"resumed from {resume_from} at step {self.state.step}")
+            if self.state.train_pairs is not None and self.state.train_pairs != len(self.train_indices) and self.main:
+                log.warning("the checkpoint was trained on %d pairs, the dataset now has %d for training: the data "
+                            "order from here on is not the one the run had", self.state.train_pairs,
+                            len(self.train_indices))
             self._apply_optim_config()
             if self.main:
                 self._set_aside_later_checkpoints(self.state.step)
@@ -1346,6 +1354,7 @@ class _Run:
         elif cfg.train.resume == "latest":
             self._info("resume=latest: no checkpoint yet, starting fresh")
         start_step = self.state.step
+        self.state.train_pairs = len(self.train_indices)
         if self.state.samples is None:  # a checkpoint from before the counter: its batch is assumed
             self.state.samples = start_step * global_batch
         elif resume_from is not None and self.state.samples != start_step * global_batch:
