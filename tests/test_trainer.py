@@ -293,6 +293,14 @@ def test_settings_that_would_be_silently_ignored_are_refused(pairs, tmp_path, mo
         T.train(tiny_config(pairs, tmp_path / "c", "train.max_steps=1"))
 
 
+def test_deepspeed_clipping_must_agree_with_max_grad_norm():
+    assert T.deepspeed_clipping_problem({"gradient_clipping": 1.0}, 1.0) is None
+    assert T.deepspeed_clipping_problem({"gradient_clipping": "auto"}, 0.5) is None
+    assert T.deepspeed_clipping_problem(None, 0.5) is None
+    assert "clips gradients at 1 (gradient_clipping) but optim.max_grad_norm is 0.5" in \
+        T.deepspeed_clipping_problem({"gradient_clipping": 1.0}, 0.5)
+
+
 def test_pairs_with_and_without_stored_images_train_alike(tmp_path, caplog):
     """A dataset where only some pairs carry the teacher image: every pair is decoded from z_0
     (one treatment, said in the log); 'stored' is refused at setup, not mid-run."""

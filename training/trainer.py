@@ -764,6 +764,19 @@ def compute_losses(velocity, codec, *, z_l: torch.Tensor, z0: torch.Tensor, eps:
 # checkpoints
 # =========================================================================================
 
+def deepspeed_clipping_problem(ds_config: Optional[dict], max_grad_norm: float) -> Optional[str]:
+    """Why a DeepSpeed config's ``gradient_clipping`` and ``optim.max_grad_norm`` cannot both
+    hold, or None. DeepSpeed's engine clips by its own value and accelerate's
+    ``clip_grad_norm_`` then does nothing, so a different max_grad_norm would be ignored."""
+    clip = (ds_config or {}).get("gradient_clipping")
+    if clip in (None, "auto"):
+        return None
+    if float(clip) != float(max_grad_norm):
+        return (f"the DeepSpeed config clips gradients at {float(clip):g} (gradient_clipping) but optim.max_grad_norm "
+                f"is {float(max_grad_norm):g}, which DeepSpeed would ignore; make the two equal")
+    return None
+
+
 def _check_resumable(checkpoint: Path, cfg: TrainConfig) -> None:
     """ConfigError before loading when the checkpoint holds state this config cannot take
     (accelerate would fail with a bare count mismatch): EMA on in one and off in the other."""
@@ -962,6 +975,11 @@ class _Run:
         if self._distributed("DEEPSPEED") and cfg.model.memory_mode in FP8_MODES:
             raise ConfigError(f"model.memory_mode={cfg.model.memory_mode} does not combine with DeepSpeed (its bf16 "
                               "engine re-casts every weight); use memory_mode=none with ZeRO-2")
+        if self._distributed("DEEPSPEED"):
+            problem = deepspeed_clipping_problem(getattr(acc.state.deepspeed_plugin, "deepspeed_config", None),
+                                                 cfg.optim.max_grad_norm)
+            if problem:
+                raise ConfigError(problem)
         if self._distributed("FSDP") and cfg.model.memory_mode in FP8_MODES:
             raise ConfigError(f"model.memory_mode={cfg.model.memory_mode} does not combine with FSDP (it flattens "
                               "fp8 and bf16 weights into one buffer); use memory_mode=none")
