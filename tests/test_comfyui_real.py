@@ -183,34 +183,53 @@ def _core_upscale(models_dir: Path, image_path: Path, scale: float, flux_file: s
     return out[0].permute(1, 2, 0)
 
 
+def run_upscale_graph(server, image_name: str, prefix: str, loader: dict | None = None,
+                      scale: float = 2.0) -> np.ndarray:
+    """The shipped upscale workflow on the test files (``loader`` replaces or edits node 1,
+    the model loader); returns the saved picture."""
+    prompt = with_test_files(read_workflow("fluxsr_upscale_api"), image_name)
+    if loader is not None:
+        prompt["1"] = loader if "class_type" in loader else dict(prompt["1"], inputs={**prompt["1"]["inputs"], **loader})
+    prompt["6"]["inputs"]["scale"] = scale
+    prompt["7"]["inputs"]["filename_prefix"] = prefix
+    (out_file,) = server.output_files(server.run(prompt, timeout=900))
+    return load_png(out_file)
+
+
+def run_cli(models_dir: Path, image: Path, target: Path, *extra: str) -> np.ndarray:
+    """``fluxsr upscale`` x2 on the test files (fp32, CPU); returns the written picture."""
+    cmd = [sys.executable, "-m", "fluxsr_core.cli", "upscale", str(image), "-o", str(target), "--quiet",
+           "--transformer", str(models_dir / weights.FLUX_FILE), "--vae", str(models_dir / weights.VAE_FILE),
+           "--lora", str(models_dir / weights.LORA_FILE), "--conditioning", str(models_dir / weights.BUNDLE_FILE),
+           "--scale", "2", "--device", "cpu", "--dtype", "fp32", *extra]
+    r = subprocess.run(cmd, capture_output=True, text=True, timeout=900, cwd=REPO)
+    assert r.returncode == 0, r.stderr[-3000:]
+    return load_png(target)
+
+
+def as_comfy_png(image: torch.Tensor) -> np.ndarray:
+    """A float result as ComfyUI's SaveImage writes it: floor(255 x), clipped."""
+    return np.clip(255.0 * image.numpy(), 0, 255).astype(np.int64)
+
+
+def assert_is_the_float_result(graph: np.ndarray, ref: torch.Tensor) -> None:
+    # ComfyUI's PNG is floor(255 x) of the float result, up to float noise.
+    floor = as_comfy_png(ref)
+    assert np.abs(floor - graph).max() <= 1
+    assert (floor == graph).mean() > 0.98
+
+
 def test_upscale_workflow_matches_the_cli(server, models_dir, input_image, tmp_path):
     path, name = input_image
-    prompt = with_test_files(read_workflow("fluxsr_upscale_api"), name)
-    prompt["6"]["inputs"]["scale"] = 2.0
-    prompt["7"]["inputs"]["filename_prefix"] = "parity"
-    entry = server.run(prompt, timeout=900)
-    (out_file,) = server.output_files(entry)
-    graph = load_png(out_file)
+    graph = run_upscale_graph(server, name, "parity")
     assert graph.shape == (80, 96, 3)
     assert "lora key not loaded" not in server.log_text()  # ComfyUI placed every LoRA tensor
     assert re.search(r"T_L=0\.3 \(conditioning: bundle \S*fluxsr-test-bundle\.safetensors\)", server.log_text())
-
-    cli_out = tmp_path / "cli.png"
-    cmd = [sys.executable, "-m", "fluxsr_core.cli", "upscale", str(path), "-o", str(cli_out), "--quiet",
-           "--transformer", str(models_dir / weights.FLUX_FILE), "--vae", str(models_dir / weights.VAE_FILE),
-           "--lora", str(models_dir / weights.LORA_FILE), "--conditioning", str(models_dir / weights.BUNDLE_FILE),
-           "--scale", "2", "--device", "cpu", "--dtype", "fp32"]
-    r = subprocess.run(cmd, capture_output=True, text=True, timeout=900, cwd=REPO)
-    assert r.returncode == 0, r.stderr[-3000:]
-    cli = load_png(cli_out)
+    cli = run_cli(models_dir, path, tmp_path / "cli.png")
     # The CLI rounds to 8 bits, ComfyUI's SaveImage truncates: at most one level apart.
     diff = np.abs(cli - graph)
     assert diff.max() <= 1 and diff.mean() < 0.75, (diff.max(), diff.mean())
-    # Against the float result: ComfyUI's PNG is floor(255 x) up to float noise.
-    ref = _core_upscale(models_dir, path, 2.0).numpy()
-    floor = np.clip(255.0 * ref, 0, 255).astype(np.int64)
-    assert np.abs(floor - graph).max() <= 1
-    assert (floor == graph).mean() > 0.98
+    assert_is_the_float_result(graph, _core_upscale(models_dir, path, 2.0))
     assert graph.std() > 5  # not a flat image: the comparison means something
 
 
@@ -222,25 +241,14 @@ def test_upscale_on_a_gguf_model_through_comfyui_gguf(server, models_dir, input_
         pytest.skip("set COMFYUI_GGUF_DIR to a ComfyUI-GGUF checkout")
     pytest.importorskip("gguf")
     assert "UnetLoaderGGUF" in object_info, "ComfyUI-GGUF did not load (is gguf installed in ComfyUI's venv?)"
-    files = weights.make_gguf(models_dir)
-    gguf_name = files["gguf"].name
+    gguf_name = weights.make_gguf(models_dir)["gguf"].name
     assert gguf_name in object_info["UnetLoaderGGUF"]["input"]["required"]["unet_name"][0]
     path, name = input_image
-    prompt = with_test_files(read_workflow("fluxsr_upscale_api"), name)
-    prompt["1"] = {"class_type": "UnetLoaderGGUF", "inputs": {"unet_name": gguf_name}}
-    prompt["6"]["inputs"]["scale"] = 2.0
-    prompt["7"]["inputs"]["filename_prefix"] = "gguf"
-    entry = server.run(prompt, timeout=900)
-    (out_file,) = server.output_files(entry)
-    graph = load_png(out_file)
+    graph = run_upscale_graph(server, name, "gguf", {"class_type": "UnetLoaderGGUF", "inputs": {"unet_name": gguf_name}})
     assert graph.shape == (80, 96, 3)
-    ref = _core_upscale(models_dir, path, 2.0, weights.GGUF_DEQUANTIZED_FILE).numpy()
-    floor = np.clip(255.0 * ref, 0, 255).astype(np.int64)
-    assert np.abs(floor - graph).max() <= 1
-    assert (floor == graph).mean() > 0.98
+    assert_is_the_float_result(graph, _core_upscale(models_dir, path, 2.0, weights.GGUF_DEQUANTIZED_FILE))
     # Q8_0 changes the weights: against the unquantised file's result the picture moves a little
-    plain = np.clip(255.0 * _core_upscale(models_dir, path, 2.0).numpy(), 0, 255).astype(np.int64)
-    assert 0 < np.abs(plain - graph).mean() < 3  # measured: 0.19 levels
+    assert 0 < np.abs(as_comfy_png(_core_upscale(models_dir, path, 2.0)) - graph).mean() < 3  # measured: 0.19
     assert "gguf qtypes: F32 (29), Q8_0 (23)" in server.log_text()
     assert "lora key not loaded" not in server.log_text()
 
@@ -253,23 +261,9 @@ def test_upscale_with_comfyuis_fp8_weight_dtype(server, models_dir, input_image,
     Measured (mean |difference| in 8-bit levels, random test model): ComfyUI fp8 against fp32
     2.61, against fp8_storage_all 2.47; fp8_storage_all against fp32 1.28."""
     path, name = input_image
-    prompt = with_test_files(read_workflow("fluxsr_upscale_api"), name)
-    prompt["1"]["inputs"]["weight_dtype"] = "fp8_e4m3fn"
-    prompt["6"]["inputs"]["scale"] = 2.0
-    prompt["7"]["inputs"]["filename_prefix"] = "fp8"
-    entry = server.run(prompt, timeout=900)
-    (out_file,) = server.output_files(entry)
-    graph = load_png(out_file)
-    outs = {}
-    for mode in ("fp8_storage_all", "none"):
-        target = tmp_path / f"{mode}.png"
-        cmd = [sys.executable, "-m", "fluxsr_core.cli", "upscale", str(path), "-o", str(target), "--quiet",
-               "--transformer", str(models_dir / weights.FLUX_FILE), "--vae", str(models_dir / weights.VAE_FILE),
-               "--lora", str(models_dir / weights.LORA_FILE), "--conditioning", str(models_dir / weights.BUNDLE_FILE),
-               "--scale", "2", "--device", "cpu", "--dtype", "fp32", "--memory-mode", mode]
-        r = subprocess.run(cmd, capture_output=True, text=True, timeout=900, cwd=REPO)
-        assert r.returncode == 0, r.stderr[-3000:]
-        outs[mode] = load_png(target)
+    graph = run_upscale_graph(server, name, "fp8", {"weight_dtype": "fp8_e4m3fn"})
+    outs = {mode: run_cli(models_dir, path, tmp_path / f"{mode}.png", "--memory-mode", mode)
+            for mode in ("fp8_storage_all", "none")}
     assert graph.shape == outs["none"].shape == (80, 96, 3)
     assert 0.5 < np.abs(outs["none"] - graph).mean() < 4  # fp8 really used, and no worse than that
     assert np.abs(outs["fp8_storage_all"] - graph).mean() < 4
