@@ -249,12 +249,14 @@ def test_resuming_an_older_checkpoint_sets_the_later_ones_aside(pairs, tmp_path)
         T.train(tiny_config(pairs, tmp_path / "run", *common))
 
 
-def test_resume_uses_the_configs_optimizer_settings_and_refuses_an_ema_change(pairs, tmp_path):
+def test_resume_uses_the_configs_optimizer_settings_and_refuses_an_ema_change(pairs, tmp_path, caplog):
     common = ("train.max_steps=6", "train.log_every=1", "optim.schedule=constant")
     T.train(tiny_config(pairs, tmp_path / "run", *common, "train.stop_at=2", "optim.lr=1e-2"))
+    caplog.set_level(logging.INFO, logger="fluxsr.train")
     r = T.train(tiny_config(pairs, tmp_path / "run", *common, "train.stop_at=4", "optim.lr=1e-3",
                             "optim.weight_decay=0.5", "train.resume=latest"))
     assert [h["lr"] for h in r.history] == [pytest.approx(1e-3)] * 2  # not the checkpoint's 1e-2
+    assert "lr 0.01 -> 0.001" in caplog.text and "weight_decay 0.0001 -> 0.5" in caplog.text
     saved = T.load_train_config(Path(r.checkpoint) / T.CONFIG_FILE)
     assert saved.optim.lr == 1e-3 and saved.optim.weight_decay == 0.5
     with pytest.raises(ConfigError, match="ema.enabled=true.*same setting"):

@@ -1224,8 +1224,9 @@ class _Run:
         is the config's already, since the scheduler's functions are not saved.
         """
         o = self.cfg.optim
-        wanted = {"lr": o.lr, "betas": tuple(o.betas), "weight_decay": o.weight_decay, "eps": o.eps}
-        changed = []
+        wanted = {"betas": tuple(o.betas), "weight_decay": o.weight_decay, "eps": o.eps}
+        # the base lr the checkpoint ran with (a group's "lr" is the scheduled one)
+        changed = [f"lr {b} -> {o.lr}" for b in self.scheduler.base_lrs if b != o.lr]
         for group in self.optimizer.param_groups:
             for key, value in wanted.items():
                 old = group.get(key)
