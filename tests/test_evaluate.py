@@ -119,6 +119,31 @@ def test_size_mismatch_and_tiny_images_are_clear_errors():
         E.ssim_y(_photo(16, 16), _photo(16, 16), crop_border=4)
 
 
+# --------------------------------------------------------------------------- bicubic
+
+def _pillow_bicubic_symmetric(img: np.ndarray, size: tuple[int, int], pad: int, factor: float) -> np.ndarray:
+    """Pillow's bicubic (a = -0.5, antialiased when shrinking) of the image mirrored at its
+    borders: an independent reference for MATLAB's imresize, whose borders are symmetric."""
+    padded = np.pad(img, pad, mode="symmetric")
+    grow = int(pad * factor)
+    out = Image.fromarray(padded.astype(np.float32), "F").resize((size[1] + 2 * grow, size[0] + 2 * grow),
+                                                                 Image.BICUBIC)
+    return np.asarray(out, dtype=np.float64)[grow:-grow, grow:-grow]
+
+
+@pytest.mark.parametrize("size, pad, factor", [((16, 20), 16, 0.25), ((256, 320), 8, 4.0), ((32, 40), 8, 0.5)])
+def test_matlab_imresize_is_pillows_bicubic_with_symmetric_borders(size, pad, factor):
+    img = _photo(64, 80, 3)[..., 0].astype(np.float64)
+    got = E.matlab_imresize(img[..., None], size)[..., 0]
+    assert got.shape == size
+    np.testing.assert_allclose(got, _pillow_bicubic_symmetric(img, size, pad, factor), rtol=0, atol=2e-4)
+    # and not torch's kernel (a = -0.75): the baselines differ measurably
+    torch_up = E.bicubic_upscale(_photo(16, 20, 3), 4, kernel="torch").astype(int)
+    assert np.abs(torch_up - E.bicubic_upscale(_photo(16, 20, 3), 4)).max() > 0
+    with pytest.raises(ValueError, match="bicubic kernel 'lanczos'"):
+        E.bicubic_upscale(_photo(16, 20, 3), 4, kernel="lanczos")
+
+
 # --------------------------------------------------------------------------- report
 
 def test_evaluate_images_bicubic_row_skips_and_tables(tmp_path):
@@ -169,7 +194,10 @@ def test_folders_cli_and_lr_dir(tmp_path):
     rep_lr = E.evaluate_folders({"mine": out_dir}, ref_dir, scale=4, lr_dir=lr_dir, metrics="psnr_y")
     assert rep.row("sr").mean["psnr_y"] == rep_lr.row("mine").mean["psnr_y"]
     assert rep.row("bicubic").mean["psnr_y"] != rep_lr.row("bicubic").mean["psnr_y"]
-    assert "given LR images" in rep_lr.baseline
+    assert "given LR images" in rep_lr.baseline and "MATLAB's imresize" in rep_lr.baseline
+    torch_rep = E.evaluate_folders(out_dir, ref_dir, scale=4, metrics="psnr_y", bicubic_kernel="torch")
+    assert torch_rep.row("bicubic").mean["psnr_y"] != rep.row("bicubic").mean["psnr_y"]
+    assert "torch's bicubic" in torch_rep.baseline
 
     js, md = tmp_path / "r.json", tmp_path / "r.md"
     code = E.main_eval([str(out_dir), "-r", str(ref_dir), "--metrics", "psnr_y,ssim_y,topiq_nr",

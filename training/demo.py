@@ -67,6 +67,9 @@ TRAIN_PHOTOS = ("astronaut", "camera", "coins", "moon", "clock", "brick", "grass
 DEMO_PROMPT = "a sharp, detailed, high-resolution photograph"
 DEMO_BASE_MODEL = "fluxsr-demo (tiny FLUX-architecture teacher trained by fluxsr_training.demo)"
 SCALE = 4
+# The demo's LR inputs and bicubic rows use the upscaler's own (torch) bicubic: its shipped
+# numbers (docs/demo_results.md) were made so, and stay reproducible.
+DEMO_BICUBIC = "torch"
 
 
 # =========================================================================================
@@ -801,7 +804,7 @@ def make_report(out: Path, work: Path, cfg: DemoConfig, say: Callable[[str], Non
         lr = {}
         for i, (name, img) in enumerate(hr.items()):
             if kind == "bicubic":
-                lr[name] = bicubic_downscale(img, SCALE)
+                lr[name] = bicubic_downscale(img, SCALE, DEMO_BICUBIC)
             else:
                 t = torch.from_numpy(img).permute(2, 0, 1).float()[None] / 255
                 lr[name] = to_uint8_hwc(degrade(t, DegradationConfig(scale=SCALE), seed=100 + i)[0])
@@ -812,7 +815,7 @@ def make_report(out: Path, work: Path, cfg: DemoConfig, say: Callable[[str], Non
         methods: dict[str, dict[str, np.ndarray]] = {ROW_VAE: {}, ROW_VAE_FIX: {}}
         with torch.no_grad():
             for name, arr in lr.items():
-                up = torch.from_numpy(bicubic_upscale(arr, SCALE)).permute(2, 0, 1).float()[None] / 255
+                up = torch.from_numpy(bicubic_upscale(arr, SCALE, DEMO_BICUBIC)).permute(2, 0, 1).float()[None] / 255
                 padded, _ = images.pad_to_multiple(up, 16)
                 rt = images.crop(codec.decode(codec.encode(padded)), *up.shape[-2:])
                 methods[ROW_VAE][name] = to_uint8_hwc(rt[0])
@@ -820,7 +823,7 @@ def make_report(out: Path, work: Path, cfg: DemoConfig, say: Callable[[str], Non
         methods[ROW_UNTRAINED] = _upscale_with_cli(paths, lr_dir, work / f"untrained-{kind}", 0.0)
         methods[ROW_TRAINED] = _upscale_with_cli(paths, lr_dir, work / f"trained-{kind}", 1.0)
         rep = evaluate_images(methods, hr, SCALE, lr_images=lr, metrics=cfg.report_metrics,
-                              notes=[f"LR: {what}"])
+                              notes=[f"LR: {what}"], bicubic_kernel=DEMO_BICUBIC)
         results["lr_kinds"][kind] = {"lr": what, "table": rep.as_dict(), "markdown": rep.to_markdown()}
         means = {r.name: r.mean for r in rep.rows}
         say(f"  LR {kind}: " + "; ".join(f"{n.split(' (')[0].split(':')[0]} {m['psnr_y']:.2f} dB / {m['ssim_y']:.4f}"
