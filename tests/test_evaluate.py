@@ -255,7 +255,8 @@ def fake_pyiqa(monkeypatch):
     """A stand-in pyiqa package (pyiqa itself is not installed in CI) recording create_metric calls.
 
     Its metric reads the file pyiqa would read from its cache folder, through the same module
-    global the real pyiqa uses, and 'downloads' through download_url_to_file when it is absent.
+    global the real pyiqa uses, and 'downloads' through download_url_to_file when it is absent
+    or, like CLIP's loader, when its content is not the published file (a checksum check).
     """
     calls = []
     pkg = types.ModuleType("pyiqa")
@@ -275,7 +276,7 @@ def fake_pyiqa(monkeypatch):
     def create_metric(name, as_loss=False, device=None, **kw):
         fname = {"musiq": "musiq_koniq_ckpt-e95806b9.pth"}.get(name, "other.pth")
         path = Path(dl.DEFAULT_CACHE_DIR) / fname
-        if not path.is_file():
+        if not path.is_file() or path.read_bytes() == b"not the published file":
             dl.download_url_to_file(f"https://example.invalid/{fname}", str(path))
         w = torch.load(path, weights_only=True)["w"]
         calls.append((name, str(path), torch.hub.get_dir()))
@@ -316,3 +317,9 @@ def test_pyiqa_download_attempt_is_refused_and_reported(tmp_path, fake_pyiqa, mo
                             weights_dir=tmp_path)
     assert "wanted to download https://example.invalid/other.pth" in rep.skipped["musiq"]
     assert calls == []
+    # the file is there but pyiqa rejected it (a bad checksum) and tries again: said so
+    (tmp_path / "pyiqa").mkdir(exist_ok=True)
+    (tmp_path / "pyiqa" / "other.pth").write_bytes(b"not the published file")
+    rep = E.evaluate_images({"m": {"a": img}}, {"a": img}, 4, metrics="musiq", bicubic=False,
+                            weights_dir=tmp_path)
+    assert "other.pth is there but was rejected (its checksum does not match" in rep.skipped["musiq"]

@@ -329,9 +329,15 @@ def _no_downloads(weights_dir: Path) -> Iterator[None]:
     pyiqa's CLIP loader ``clip/``), pyiqa's cache at ``weights_dir/pyiqa``, the Hugging Face hub
     is put offline, and the download functions of torch.hub, pyiqa and urllib raise.
     """
+    import urllib.parse
     import urllib.request
 
     def refuse(url, *args, **kwargs):
+        name = os.path.basename(urllib.parse.urlparse(str(url)).path)
+        present = sorted(Path(weights_dir).rglob(name)) if name and Path(weights_dir).is_dir() else []
+        if present:  # pyiqa fetches again a file whose checksum it rejected
+            raise _DownloadRefused(f"{present[0]} is there but was rejected (its checksum does not match the "
+                                   f"published file; replace it with {url})")
         raise _DownloadRefused(f"it wanted to download {url}")
 
     saved_env = {k: os.environ.get(k) for k in ("HF_HUB_OFFLINE", "TRANSFORMERS_OFFLINE")}
@@ -429,7 +435,7 @@ def _build_pyiqa(spec: MetricSpec, device: torch.device, wdir: Path) -> _Metric:
 
             metric = pyiqa.create_metric(spec.pyiqa_name, as_loss=False, device=device)
     except _DownloadRefused as exc:
-        raise MetricUnavailable(f"pyiqa's {spec.pyiqa_name} needs a file that is not here ({exc}); "
+        raise MetricUnavailable(f"pyiqa's {spec.pyiqa_name} needs a file it cannot use ({exc}); "
                                 f"downloads are off") from None
     except Exception as exc:  # noqa: BLE001 - whatever pyiqa raises, the metric is skipped with why
         raise MetricUnavailable(f"pyiqa could not build {spec.pyiqa_name}: {type(exc).__name__}: {exc}") from None
