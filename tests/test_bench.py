@@ -24,6 +24,8 @@ def test_tiny_benchmark_writes_a_complete_report(tmp_path):
     assert set(report["upscale"][0]["parts_s"]) == {"resize_pad", "vae_encode", "transformer_tiled",
                                                     "vae_decode", "color_fix"}
     assert report["teacher"]["steps"] == 3 and report["memory"]["method"]
+    assert all(u["total_image_on_device_s"] > 0 and u["device"] == "cpu" for u in report["upscale"])
+    assert "image on the device" in (tmp_path / "bench-tiny.md").read_text()
     # --tiny keeps the whole full-size path running: two sizes, efficiency, every memory mode
     assert len(report["upscale"]) == 2 and report["transformer_efficiency"]["flops"] > 0
     eff = report["transformer_efficiency"]
