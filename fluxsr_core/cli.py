@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import argparse
 import logging
+import math
 import os
 import sys
 import time
@@ -44,8 +45,22 @@ class Job:
 
 def _positive_float(text: str) -> float:
     value = float(text)
-    if not value > 0:
-        raise argparse.ArgumentTypeError(f"must be positive (got {text})")
+    if not (value > 0 and math.isfinite(value)):
+        raise argparse.ArgumentTypeError(f"must be a positive number (got {text})")
+    return value
+
+
+def _positive_int(text: str) -> int:
+    value = int(text)
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"must be a positive whole number (got {text})")
+    return value
+
+
+def _finite_float(text: str) -> float:
+    value = float(text)
+    if not math.isfinite(value):
+        raise argparse.ArgumentTypeError(f"must be a finite number (got {text})")
     return value
 
 
@@ -69,21 +84,21 @@ def build_parser() -> argparse.ArgumentParser:
     m.add_argument("--vae", default=os.environ.get("FLUXSR_VAE"))
     m.add_argument("--lora", default=os.environ.get("FLUXSR_LORA"))
     m.add_argument("--conditioning", default=os.environ.get("FLUXSR_CONDITIONING"))
-    m.add_argument("--lora-scale", type=float, default=1.0, help="LoRA strength (default 1.0)")
+    m.add_argument("--lora-scale", type=_finite_float, default=1.0, help="LoRA strength (default 1.0)")
     m.add_argument("--no-merge-lora", action="store_true",
                    help="keep the LoRA as a separate peft adapter instead of merging it (slower; exact)")
 
     s = up.add_argument_group("size (pick one; default x4)")
     size = s.add_mutually_exclusive_group()
     size.add_argument("--scale", type=_positive_float, help="upscale factor, any value (default: 4, or the files' own)")
-    size.add_argument("--long-side", type=int, help="target long side in pixels")
+    size.add_argument("--long-side", type=_positive_int, help="target long side in pixels")
     size.add_argument("--megapixels", type=_positive_float, help="target size in megapixels")
     s.add_argument("--max-output-megapixels", type=_positive_float,
                    default=DEFAULT_MAX_OUTPUT_PIXELS / 1e6, help="refuse larger outputs (default %(default)g)")
 
     r = up.add_argument_group("run settings (default: from the bundle/LoRA, else T_L 0.25, guidance 3.5)")
     r.add_argument("--t-l", type=float, default=None, help="LR time T_L in (0, 1)")
-    r.add_argument("--guidance", type=float, default=None, help="FLUX.1-dev guidance value")
+    r.add_argument("--guidance", type=_positive_float, default=None, help="FLUX.1-dev guidance value")
     r.add_argument("--color-fix", choices=COLOR_FIXES, default="wavelet")
 
     t = up.add_argument_group("tiling")
@@ -137,17 +152,47 @@ def collect_jobs(inputs: Sequence[Path], output: Path) -> list[Job]:
     if output.suffix.lower() == ".png" and not output.is_dir():
         if len(files) != 1:
             raise UsageError(f"-o {output} is a file name but there are {len(files)} inputs; give a folder")
-        return [Job(files[0], output)]
-    if output.suffix and output.suffix.lower() in IMAGE_SUFFIXES:
+        jobs = [Job(files[0], output)]
+    elif output.suffix and output.suffix.lower() in IMAGE_SUFFIXES and not output.is_dir():
         raise UsageError(f"outputs are written as PNG; use -o {output.with_suffix('.png')} or a folder")
-    jobs, seen = [], {}
-    for f in files:
-        target = output / f"{f.stem}.png"
-        if target in seen:
-            raise UsageError(f"{f} and {seen[target]} would both be written to {target}; rename one")
-        seen[target] = f
-        jobs.append(Job(f, target))
+    else:
+        if output.exists() and not output.is_dir():
+            raise UsageError(f"-o {output} is an existing file, not a folder; give a folder (or a .png name for "
+                             "one input)")
+        jobs, seen, clashes = [], {}, []
+        for f in files:
+            target = output / f"{f.stem}.png"
+            if target in seen:
+                clashes.append(f"{f} and {seen[target]} -> {target}")
+            seen[target] = f
+            jobs.append(Job(f, target))
+        if clashes:
+            raise UsageError("outputs would be written twice; rename one of each: " + "; ".join(clashes))
+    sources = {_identity(f) for f in files}
+    replaced = [j for j in jobs if _identity(j.target) in sources]
+    if replaced:
+        raise UsageError(f"{replaced[0].target} is also an input: its upscale would replace "
+                         f"{'it' if replaced[0].source == replaced[0].target else 'an input'}; write to another "
+                         "folder with -o")
+    _check_writable(jobs)
     return jobs
+
+
+def _identity(path: Path):
+    """What names one file: the resolved path (links followed; a file not there yet by its name)."""
+    return os.path.normcase(os.path.realpath(path))
+
+
+def _check_writable(jobs: Sequence[Job]) -> None:
+    """UsageError now, before minutes of loading, when an output folder cannot be written."""
+    for parent in sorted({j.target.parent for j in jobs}):
+        existing = parent
+        while not existing.exists() and existing != existing.parent:
+            existing = existing.parent
+        if not existing.is_dir():
+            raise UsageError(f"cannot create the output folder {parent}: {existing} is a file")
+        if not os.access(existing, os.W_OK | os.X_OK):
+            raise UsageError(f"cannot write into {existing} (permission denied); choose another -o")
 
 
 def demo_defaults():
@@ -216,7 +261,7 @@ def run_upscale(args) -> int:
     from .images import load_image
     from .models import parse_speedups
     from .tiling import TilingConfig, validate_tiling
-    from .upscaler import UpscaleOptions, upscale_loaded_image
+    from .upscaler import UpscaleOptions, output_size, upscale_loaded_image
 
     quiet = args.quiet
 
@@ -283,11 +328,12 @@ def run_upscale(args) -> int:
         say(f"ok   {job.source} -> {job.target} ({w}x{h})")
 
     writer = _BackgroundWriter(saved, failed)
+    interrupted = False
     try:
         for job in todo:
             tile_bar = None
             try:
-                loaded = load_image(job.source)
+                loaded = load_image(job.source, check_size=lambda h, w: output_size(h, w, options))
                 for note in loaded.notes:
                     say(f"note {job.source}: {note}")
                 if not quiet:
@@ -312,12 +358,18 @@ def run_upscale(args) -> int:
                     tile_bar.close()
                 if bar is not None:
                     bar.update(1)
+    except KeyboardInterrupt:
+        interrupted = True
     finally:  # Ctrl-C too: the image already upscaled is still written
         writer.close()
     if bar is not None:
         bar.close()
     elapsed = time.perf_counter() - started
     skipped = len(jobs) - len(todo)
+    if interrupted:
+        log(f"fluxsr: interrupted after {elapsed:.1f} s: {done} upscaled, {len(todo) - done - len(failures)} not "
+            f"done, {len(failures)} failed. Run the same command again to go on (finished outputs are skipped).")
+        return 130
     log(f"fluxsr: {done} upscaled, {skipped} skipped, {len(failures)} failed in {elapsed:.1f} s")
     for path, reason in failures:
         log(f"  failed: {path}: {reason}")
@@ -385,6 +437,9 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     except UsageError as exc:
         print(f"fluxsr: {exc}", file=sys.stderr)
         return 2
+    except KeyboardInterrupt:  # while the models load (the image loop reports its own)
+        print("fluxsr: interrupted", file=sys.stderr)
+        return 130
     except (ValueError, FileNotFoundError, OSError) as exc:
         # Model files and settings problems: the message names the file and the fix.
         print(f"fluxsr: error: {exc}", file=sys.stderr)

@@ -33,7 +33,7 @@ import warnings
 import zlib
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Optional, Sequence
+from typing import Any, Callable, Optional, Sequence
 
 import numpy as np
 import torch
@@ -137,8 +137,8 @@ class LoadedImage:
         return self.height, self.width
 
 
-def load_image(path: str | os.PathLike, max_pixels: Optional[int] = DEFAULT_MAX_INPUT_PIXELS
-               ) -> LoadedImage:
+def load_image(path: str | os.PathLike, max_pixels: Optional[int] = DEFAULT_MAX_INPUT_PIXELS,
+               check_size: Optional[Callable[[int, int], Any]] = None) -> LoadedImage:
     """Read an image file into a :class:`LoadedImage`.
 
     Honours EXIF orientation; uses the first frame of animations and multi-page files (and says
@@ -148,7 +148,9 @@ def load_image(path: str | os.PathLike, max_pixels: Optional[int] = DEFAULT_MAX_
     clipped to ``[0, 1]``.
 
     ``max_pixels`` guards against decompression bombs and accidental huge inputs; ``None``
-    disables the guard. Raises :class:`ImageNotFoundError`, :class:`EmptyImageFileError`,
+    disables the guard. ``check_size(height, width)`` runs on the header's size before any pixel
+    is decoded and may raise (the CLI refuses an output over its limit there, so a small file
+    that claims a huge size costs nothing). Raises :class:`ImageNotFoundError`, :class:`EmptyImageFileError`,
     :class:`NotAnImageError`, :class:`TruncatedImageError`, :class:`ImageTooLargeError` or
     :class:`ImageFileError`, each naming the file and what to do.
     """
@@ -169,7 +171,7 @@ def load_image(path: str | os.PathLike, max_pixels: Optional[int] = DEFAULT_MAX_
         try:
             with warnings.catch_warnings():
                 warnings.simplefilter("ignore", Image.DecompressionBombWarning)
-                return _load(p, max_pixels)
+                return _load(p, max_pixels, check_size)
         finally:
             Image.MAX_IMAGE_PIXELS = old_limit
 
@@ -259,7 +261,7 @@ def _transposed_array(img: Image.Image) -> np.ndarray:
     return np.asarray(ImageOps.exif_transpose(img))
 
 
-def _load(p: Path, max_pixels: Optional[int]) -> LoadedImage:
+def _load(p: Path, max_pixels: Optional[int], check_size=None) -> LoadedImage:
     notes: list[str] = []
     with _open(p) as img:
         w, h = img.size
@@ -267,8 +269,11 @@ def _load(p: Path, max_pixels: Optional[int]) -> LoadedImage:
             raise ImageTooLargeError(
                 f"'{p}' is {w}x{h} = {w * h / 1e6:.1f} megapixels, more than the limit of "
                 f"{int(max_pixels) / 1e6:.1f} MP (a guard against decompression bombs). If the "
-                f"file is genuine, pass a larger max_pixels to load_image (None disables the "
-                f"guard), or downscale the image first.")
+                f"file is genuine, downscale it first (from Python: a larger max_pixels for "
+                f"load_image, None disables the guard).")
+        if check_size is not None:
+            # EXIF orientation may swap the sides: callers check what does not change (area, long side)
+            check_size(h, w)
         frames = int(getattr(img, "n_frames", 1) or 1)
         if frames > 1:
             kind = "animation" if getattr(img, "is_animated", False) else "multi-page file"
@@ -332,6 +337,9 @@ def _load(p: Path, max_pixels: Optional[int]) -> LoadedImage:
             icc = None  # the result is sRGB
         elif mode in ("P", "PA"):
             img = img.convert("RGBA" if has_palette_alpha else "RGB")
+            rgb = np.asarray(img)[..., :3]
+            if np.array_equal(rgb[..., 0], rgb[..., 1]) and np.array_equal(rgb[..., 1], rgb[..., 2]):
+                img = img.convert("LA" if has_palette_alpha else "L")  # a grey palette: a grey image
         elif mode == "1":
             img = img.convert("L")
         elif mode == "La":

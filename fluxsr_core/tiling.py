@@ -171,8 +171,9 @@ def fit_tile_length(length: int, tile: int, overlap: int, align: int = PACK_ALIG
 
 def axis_tiles(length: int, config: TilingConfig) -> tuple[int, list[int]]:
     """``(tile length, starts)`` of the tiles along one latent axis of ``length``."""
-    tile = fit_tile_length(length, config.latent_tile, config.latent_overlap) if config.fit_tiles \
-        else config.latent_tile
+    tile = config.latent_tile
+    if config.fit_tiles and length > tile:  # one tile covering the axis needs no fitting (nor overlap)
+        tile = fit_tile_length(length, config.latent_tile, config.latent_overlap)
     return min(tile, length), tile_starts(length, tile, config.latent_overlap)
 
 

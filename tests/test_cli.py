@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 from pathlib import Path
 
 import numpy as np
@@ -89,6 +90,102 @@ def test_images_are_saved_while_the_next_upscales_and_a_failed_save_fails_alone(
     assert len(threads) == 3 and all(name.startswith("fluxsr-save") for name in threads)
     assert (out / "a.png").is_file() and (out / "c.png").is_file() and (out / "b.png").is_dir()
     assert not [p for p in out.iterdir() if p.name.endswith(".tmp")]
+
+
+def test_an_output_that_would_replace_an_input_is_refused(tmp_path, photo_png, tiny_model_files, capsys):
+    folder = tmp_path / "ip"
+    folder.mkdir()
+    (folder / "a.png").write_bytes(photo_png.read_bytes())
+    (folder / "b.jpg").write_bytes(b"not looked at")
+    before = (folder / "a.png").read_bytes()
+    for target in (folder, folder / "a.png"):
+        args = [str(folder / "a.png")] if target.suffix else [str(folder)]
+        code = cli.main(["upscale", *args, "-o", str(target), "--overwrite"] + model_args(tiny_model_files))
+        assert code == 2 and "is also an input" in capsys.readouterr().err
+    assert (folder / "a.png").read_bytes() == before and sorted(p.name for p in folder.iterdir()) == ["a.png", "b.jpg"]
+
+
+def test_output_places_checked_before_loading(tmp_path, photo_png, tiny_model_files, capsys, monkeypatch):
+    second = tmp_path / "second.png"
+    second.write_bytes(photo_png.read_bytes())
+    taken = tmp_path / "taken"
+    taken.write_bytes(b"a file")
+    code = cli.main(["upscale", str(photo_png), str(second), "-o", str(taken)] + model_args(tiny_model_files))
+    assert code == 2 and "is an existing file, not a folder" in capsys.readouterr().err
+    # a folder whose name ends in .png is a folder
+    as_folder = tmp_path / "results.png"
+    as_folder.mkdir()
+    assert cli.main(["upscale", str(photo_png), "-o", str(as_folder), "--scale", "2"] + model_args(tiny_model_files)) == 0
+    assert (as_folder / photo_png.name).is_file()
+    # a folder that cannot be written is named before any model loads (root may write anywhere: simulated)
+    locked = tmp_path / "locked"
+    locked.mkdir()
+    real_access = os.access
+    monkeypatch.setattr(os, "access", lambda path, mode: False if Path(path) == locked else real_access(path, mode))
+    monkeypatch.setattr(cli, "_load_pipeline", lambda *a: pytest.fail("models loaded"))
+    code = cli.main(["upscale", str(photo_png), "-o", str(locked / "sub")] + model_args(tiny_model_files))
+    assert code == 2 and f"cannot write into {locked}" in capsys.readouterr().err
+
+
+def test_impossible_sizes_are_refused_by_the_parser(tmp_path, photo_png, capsys):
+    for bad in (["--scale", "inf"], ["--megapixels", "nan"], ["--long-side", "0"], ["--long-side", "-5"],
+                ["--guidance", "nan"], ["--lora-scale", "inf"]):
+        with pytest.raises(SystemExit) as exc:
+            cli.main(["upscale", str(photo_png), "-o", str(tmp_path / "o"), *bad])
+        assert exc.value.code == 2, bad
+        assert "must be" in capsys.readouterr().err
+
+
+def test_a_huge_header_is_refused_before_its_pixels_are_decoded(tmp_path, photo_png, tiny_model_files, capsys):
+    """A PNG that claims 12000x12000 pixels (and holds a few bytes): the output limit is checked
+    on the header, so the file is refused as too large, not decoded (it would fail as truncated)."""
+    import struct
+    import zlib
+
+    def chunk(kind, data):
+        return struct.pack(">I", len(data)) + kind + data + struct.pack(">I", zlib.crc32(kind + data) & 0xFFFFFFFF)
+
+    bomb = tmp_path / "bomb.png"
+    bomb.write_bytes(b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", struct.pack(">IIBBBBB", 12000, 12000, 8, 0, 0, 0, 0))
+                     + chunk(b"IDAT", zlib.compress(b"\x00" * 64)) + chunk(b"IEND", b""))
+    code = cli.main(["upscale", str(bomb), str(photo_png), "-o", str(tmp_path / "out")] + model_args(tiny_model_files))
+    err = capsys.readouterr().err
+    assert code == 1 and "48000x48000" in err and "more than the limit" in err and "truncated" not in err
+    assert (tmp_path / "out" / photo_png.name).is_file()  # the other input still ran
+
+
+def test_ctrl_c_keeps_what_is_done_and_says_how_to_go_on(tmp_path, photo_png, tiny_model_files, capsys, monkeypatch):
+    from fluxsr_core import upscaler
+
+    sources = []
+    for name in ("a", "b", "c"):
+        sources.append(tmp_path / f"{name}.png")
+        sources[-1].write_bytes(photo_png.read_bytes())
+    calls, real = [], upscaler.upscale_loaded_image
+
+    def stop_at_the_second(*args, **kwargs):
+        calls.append(1)
+        if len(calls) == 2:
+            raise KeyboardInterrupt
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(upscaler, "upscale_loaded_image", stop_at_the_second)
+    out = tmp_path / "out"
+    code = cli.main(["upscale", *map(str, sources), "-o", str(out), "--scale", "2"] + model_args(tiny_model_files))
+    err = capsys.readouterr().err
+    assert code == 130 and "Traceback" not in err
+    assert "interrupted" in err and "1 upscaled, 2 not done" in err and "Run the same command again" in err
+    assert sorted(p.name for p in out.iterdir()) == ["a.png"]  # written whole; no temporary files
+
+
+def test_a_grey_palette_image_stays_grey(tmp_path, tiny_model_files, capsys):
+    grey = Image.fromarray(np.tile(np.arange(0, 256, 8, dtype=np.uint8), (24, 1))).convert("P")
+    assert grey.mode == "P"
+    grey.save(tmp_path / "g.gif")
+    assert cli.main(["upscale", str(tmp_path / "g.gif"), "-o", str(tmp_path / "o.png"), "--scale", "2"]
+                    + model_args(tiny_model_files)) == 0
+    with Image.open(tmp_path / "o.png") as im:
+        assert im.mode == "L" and im.size == (64, 48)
 
 
 def test_existing_outputs_are_skipped_unless_overwrite(tmp_path, photo_png, tiny_model_files, capsys):

@@ -11,7 +11,8 @@ import torch
 
 from fluxsr_core.interfaces import Cancelled, Conditioning
 from fluxsr_core.tiling import (
-    BLEND_PROFILES, TilingConfig, blend_weights, count_tiles, fit_tile_length, tile_grid, tile_starts, tiled_apply,
+    BLEND_PROFILES, TilingConfig, axis_tiles, blend_weights, count_tiles, fit_tile_length, tile_grid, tile_starts,
+    tiled_apply,
     validate_tiling,
 )
 
@@ -406,6 +407,17 @@ def test_fitted_grid_at_2048px_uses_864px_tiles():
     assert fit_tile_length(256, 128, 32) == 108 and tile_grid(256, 256, cfg)[:3] == [(0, 0), (0, 76), (0, 148)]
     assert count_tiles(256, 256, cfg) == count_tiles(256, 256, TilingConfig()) == 9
     assert fit_tile_length(512, 128, 32) == 128  # 4096 px: the fixed grid already fits
+
+
+@pytest.mark.parametrize("h, w", [(32, 32), (2, 4), (30, 174), (4, 2)])
+def test_fitted_tiles_on_axes_one_tile_covers(h, w):
+    """An axis no longer than one tile (a small or panoramic output) runs as one tile, fitted
+    or not (it once raised 'tile must be larger than overlap')."""
+    x = torch.randn(1, 16, h, w, generator=torch.Generator().manual_seed(4))
+    fitted, fixed = TilingConfig(fit_tiles=True), TilingConfig()
+    assert axis_tiles(h, fitted) == axis_tiles(h, fixed) == (h, [0])
+    out = tiled_apply(lambda t, off: t * 2, x, fitted)
+    torch.testing.assert_close(out, x * 2)
 
 
 def test_fitted_tiles_reconstruct_and_match_untiled_away_from_edges():
