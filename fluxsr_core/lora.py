@@ -389,6 +389,20 @@ def _adapter_config_from_metadata(md: Mapping[str, str], path: str, notes: list[
 
 def _lora_config(ranks: dict[str, int], sd_keys, network_alphas: dict[str, float],
                  md: Mapping[str, str], path: str, notes: list[str]) -> tuple[dict, str]:
+    cfg, source = _lora_config_unchecked(ranks, sd_keys, network_alphas, md, path, notes)
+    values = [cfg.get("lora_alpha")] + list((cfg.get("alpha_pattern") or {}).values())
+    try:
+        bad = [v for v in values if not math.isfinite(float(v))]
+    except (TypeError, ValueError):
+        bad = [v for v in values if not isinstance(v, (int, float))]
+    if bad:
+        raise LoraError(f"{os.path.basename(path)}: LoRA alpha {bad[0]!r} ({source}) is not a finite number; the "
+                        "file's metadata or alpha tensors are damaged. Re-export the LoRA")
+    return cfg, source
+
+
+def _lora_config_unchecked(ranks: dict[str, int], sd_keys, network_alphas: dict[str, float],
+                           md: Mapping[str, str], path: str, notes: list[str]) -> tuple[dict, str]:
     """LoraConfig kwargs: ranks from the tensors, alpha from ``.alpha`` tensors, else the file's
     adapter metadata, else ``fluxsr.lora_alpha``, else alpha = rank (the diffusers convention).
 
@@ -402,6 +416,11 @@ def _lora_config(ranks: dict[str, int], sd_keys, network_alphas: dict[str, float
                     for k in sd_keys}
     alphas = {k[len(TRANSFORMER_PREFIX):] if k.startswith(TRANSFORMER_PREFIX) else k: v
               for k, v in network_alphas.items()}
+    if alphas:
+        # A layer without its own .alpha has alpha = rank (kohya's convention); get_peft_kwargs
+        # would give it the first layer's alpha instead.
+        for module, rank in ranks.items():
+            alphas.setdefault(f"{module}.alpha", float(rank))
     cfg = get_peft_kwargs(rank_dict, alphas or None, peft_sd_keys, is_unet=True)
     # A regex of the full module names: peft full-matches a string target, so nothing outside the
     # file is adapted (a list would match by suffix: "proj_out" would also catch every block's).
@@ -413,8 +432,17 @@ def _lora_config(ranks: dict[str, int], sd_keys, network_alphas: dict[str, float
         for key in _SAFE_CONFIG_FIELDS:
             if key in file_cfg and file_cfg[key] is not None:
                 cfg[key] = file_cfg[key]
-        cfg["lora_alpha"] = float(cfg["lora_alpha"])
-        if file_cfg.get("r") is not None and int(file_cfg["r"]) != cfg["r"] and not file_cfg.get("rank_pattern"):
+        try:
+            cfg["lora_alpha"] = float(cfg["lora_alpha"])
+        except (TypeError, ValueError):
+            raise LoraError(f"{os.path.basename(path)}: its '{LORA_ADAPTER_METADATA_KEY}' metadata gives lora_alpha "
+                            f"{cfg['lora_alpha']!r}, not a number; re-export the LoRA") from None
+        try:
+            meta_rank = None if file_cfg.get("r") is None else int(file_cfg["r"])
+        except (TypeError, ValueError):
+            meta_rank = None
+            notes.append(f"ignored the metadata's rank {file_cfg['r']!r}: not a whole number")
+        if meta_rank is not None and meta_rank != cfg["r"] and not file_cfg.get("rank_pattern"):
             notes.append(f"metadata says rank {file_cfg['r']} but the tensors have rank {cfg['r']}; "
                          "the tensors were used")
         return cfg, f"'{LORA_ADAPTER_METADATA_KEY}' metadata"

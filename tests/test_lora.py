@@ -202,6 +202,37 @@ def test_alpha_tensors_unprefixed_keys_and_default_alpha(tmp_path, lora_file, in
                                rtol=0, atol=1e-5)
 
 
+def test_layers_without_alpha_tensors_get_alpha_equal_to_rank(tmp_path, lora_file, inputs):
+    """Only to_q carries an .alpha (2); every other layer then has alpha = rank (kohya's
+    convention), not to_q's value, which diffusers' get_peft_kwargs would hand them."""
+    lora = safetensors.torch.load_file(str(lora_file))
+    plain = {k[len("transformer."):]: v for k, v in lora.items()}
+    with_one = dict(plain)
+    first = sorted(k for k in plain if k.endswith(".attn.to_q.lora_A.weight"))[0]
+    with_one[first.split(".lora_A.")[0] + ".alpha"] = torch.tensor(2.0)
+    path = _save(tmp_path, "one_alpha.safetensors", with_one)
+    m = fresh_transformer()
+    load_lora(m, path, merge=True)
+    want = manual_merge(lora, 1.0, RANK, RANK)  # alpha = rank everywhere ...
+    sd = want.state_dict()
+    module = first[:-len(".lora_A.weight")]
+    a, b = plain[first], plain[first.replace(".lora_A.", ".lora_B.")]
+    sd[module + ".weight"] = sd[module + ".weight"] + (2.0 / RANK - 1.0) * (b.float() @ a.float())  # ... but here 2
+    want.load_state_dict(sd)
+    torch.testing.assert_close(run(m, inputs), run(want, inputs), rtol=0, atol=1e-5)
+
+
+@pytest.mark.parametrize("metadata", [{KEY_LORA_ALPHA: "nan"}, {KEY_LORA_ALPHA: "inf"},
+                                      {LORA_ADAPTER_METADATA_KEY: json.dumps({"transformer.lora_alpha": "abc"})}])
+def test_an_alpha_that_is_no_finite_number_is_refused(tmp_path, lora_file, metadata):
+    lora = safetensors.torch.load_file(str(lora_file))
+    path = _save(tmp_path, "bad_alpha.safetensors", lora, metadata={"format": "pt", **metadata})
+    m = fresh_transformer()
+    with pytest.raises(LoraError, match="bad_alpha.safetensors.*(not a finite number|not a number)"):
+        load_lora(m, path, merge=True)
+    assert not getattr(m, "peft_config", None)
+
+
 def test_kohya_naming_goes_through_diffusers_converter(tmp_path, inputs):
     """sd-scripts names (lora_down/lora_up/alpha) are converted by diffusers, alpha folded in."""
     g = torch.Generator().manual_seed(3)
