@@ -56,9 +56,18 @@ def test_prompt_files_and_seeds(tmp_path):
     assert [(j.index, j.seed) for j in jobs] == [(0, 40), (0, 41), (1, 102), (1, 103)]
     assert jobs[0].pair_id == pair_id(0, 40) == "p000000-s40"
     assert [j.index for j in G.jobs_for_rank(jobs, 1, 2)] == [1, 1]
-    jl.write_text('{"prompt": "x", "seed": -1}\n')
-    with pytest.raises(ValueError, match="non-negative"):
-        G.read_prompts(jl)
+    for bad in (-1, 2 ** 63):
+        jl.write_text(f'{{"prompt": "x", "seed": {bad}}}\n')
+        with pytest.raises(ValueError, match=r"from 0 to 2\*\*63 - 1"):
+            G.read_prompts(jl)
+    with pytest.raises(ValueError, match="seeds past 2"):
+        G.make_jobs([("x", None)], seed=2 ** 63 - 1, pairs_per_prompt=2)
+    # lines end at newlines only (not at NEL or U+2028 inside a prompt); a BOM is no prompt text
+    txt.write_bytes("\ufeffa cat\x85 on a mat\r\nsecond\u2028line\n".encode("utf-8"))
+    assert G.read_prompts(txt) == [("a cat\x85 on a mat", None), ("second\u2028line", None)]
+    txt.write_bytes("caf\xe9\n".encode("latin-1"))
+    with pytest.raises(ValueError, match="p.txt is not UTF-8"):
+        G.read_prompts(txt)
     jl.write_text('not json\n')
     with pytest.raises(ValueError, match="line 1 is not JSON"):
         G.read_prompts(jl)

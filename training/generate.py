@@ -131,10 +131,18 @@ def read_prompts(path: str | os.PathLike) -> list[tuple[str, Optional[int]]]:
     p = Path(path)
     if not p.is_file():
         raise FileNotFoundError(f"prompt file not found: {p}")
-    text = p.read_text(encoding="utf-8")
+    try:
+        # utf-8-sig: a byte-order mark is not part of the first prompt
+        text = p.read_text(encoding="utf-8-sig")
+    except UnicodeDecodeError as exc:
+        raise ValueError(f"prompt file {p} is not UTF-8 text ({exc.reason} at byte {exc.start}); save it as "
+                         "UTF-8") from None
+    # Lines end at \n (and \r\n) only: str.splitlines would also split inside a prompt at
+    # U+2028, NEL or form feed and shift every later prompt's index (and so its pair ids).
+    lines = text.replace("\r\n", "\n").split("\n")
     out: list[tuple[str, Optional[int]]] = []
     if p.suffix.lower() == ".jsonl":
-        for n, line in enumerate(text.splitlines(), start=1):
+        for n, line in enumerate(lines, start=1):
             if not line.strip():
                 continue
             try:
@@ -145,14 +153,18 @@ def read_prompts(path: str | os.PathLike) -> list[tuple[str, Optional[int]]]:
             if not isinstance(obj, dict) or not isinstance(obj.get("prompt"), str) or not obj["prompt"].strip():
                 raise ValueError(f"{p} line {n}: expected an object with a non-empty \"prompt\" string")
             seed = obj.get("seed")
-            if seed is not None and (isinstance(seed, bool) or not isinstance(seed, int) or seed < 0):
-                raise ValueError(f"{p} line {n}: \"seed\" must be a non-negative integer (got {seed!r})")
+            if seed is not None and (isinstance(seed, bool) or not isinstance(seed, int) or not 0 <= seed <= MAX_SEED):
+                raise ValueError(f"{p} line {n}: \"seed\" must be an integer from 0 to 2**63 - 1 (got {seed!r})")
             out.append((obj["prompt"].strip(), seed))
     else:
-        out = [(line.strip(), None) for line in text.splitlines() if line.strip()]
+        out = [(line.strip(), None) for line in lines if line.strip()]
     if not out:
         raise ValueError(f"{p} holds no prompts")
     return out
+
+
+# Seeds are stored and batched as 64-bit signed integers.
+MAX_SEED = 2 ** 63 - 1
 
 
 def make_jobs(prompts: Sequence[tuple[str, Optional[int]]], seed: int = 0, pairs_per_prompt: int = 1) -> list[Job]:
@@ -162,6 +174,8 @@ def make_jobs(prompts: Sequence[tuple[str, Optional[int]]], seed: int = 0, pairs
     jobs = []
     for i, (prompt, s) in enumerate(prompts):
         first = s if s is not None else seed + i * pairs_per_prompt
+        if first + pairs_per_prompt - 1 > MAX_SEED:
+            raise ValueError(f"prompt {i} would get seeds past 2**63 - 1 (from {first}); use a smaller --seed")
         jobs.extend(Job(i, prompt, first + j) for j in range(pairs_per_prompt))
     return jobs
 
@@ -264,8 +278,8 @@ def check_generate_config(cfg: GenerateConfig) -> None:
     for name in ("steps", "pairs_per_prompt", "batch_size", "shard_size", "max_sequence_length"):
         if getattr(cfg, name) < 1:
             raise ConfigError(f"{name} must be at least 1 (got {getattr(cfg, name)})")
-    if cfg.limit < 0 or cfg.seed < 0:
-        raise ConfigError("limit and seed must be >= 0")
+    if cfg.limit < 0 or not 0 <= cfg.seed <= MAX_SEED:
+        raise ConfigError(f"limit must be >= 0 and seed from 0 to 2**63 - 1 (got limit {cfg.limit}, seed {cfg.seed})")
     if not cfg.guidance > 0:
         raise ConfigError(f"guidance must be positive (got {cfg.guidance})")
 
