@@ -190,6 +190,8 @@ def _bfl_to_diffusers_naming(sd: dict[str, torch.Tensor], transformer, path: str
     """
     from .weights import bfl_row_sources
 
+    if any(".processor." in k for k in sd):
+        return None  # XLabs' naming (double_blocks.N.processor.qkv_lora1...): diffusers converts it
     parsed = {k: _bfl_module(k) for k in sd}
     bfl = {k: m for k, m in parsed.items() if m is not None}
     if not bfl:

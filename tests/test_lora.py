@@ -233,6 +233,28 @@ def test_an_alpha_that_is_no_finite_number_is_refused(tmp_path, lora_file, metad
     assert not getattr(m, "peft_config", None)
 
 
+def test_xlabs_naming_goes_through_diffusers_converter(tmp_path):
+    """XLabs' names start like BFL's (double_blocks.N.processor.qkv_lora1): diffusers' XLabs
+    converter takes them; q|k|v of each stream get their rows of up @ down."""
+    base = fresh_transformer()
+    width = base.transformer_blocks[0].attn.to_q.in_features
+    g = torch.Generator().manual_seed(5)
+    sd = {}
+    for stream in ("1", "2"):
+        sd[f"double_blocks.0.processor.qkv_lora{stream}.down.weight"] = torch.randn(2, width, generator=g)
+        sd[f"double_blocks.0.processor.qkv_lora{stream}.up.weight"] = torch.randn(3 * width, 2, generator=g) * 0.1
+        sd[f"double_blocks.0.processor.proj_lora{stream}.down.weight"] = torch.randn(2, width, generator=g)
+        sd[f"double_blocks.0.processor.proj_lora{stream}.up.weight"] = torch.randn(width, 2, generator=g) * 0.1
+    path = _save(tmp_path, "xlabs.safetensors", sd)
+    m = fresh_transformer()
+    info = load_lora(m, path, merge=True)
+    assert info.rank == 2 and len(info.target_modules) == 8
+    up, down = sd["double_blocks.0.processor.qkv_lora1.up.weight"], sd["double_blocks.0.processor.qkv_lora1.down.weight"]
+    for i, name in enumerate(("to_q", "to_k", "to_v")):
+        delta = getattr(m.transformer_blocks[0].attn, name).weight - getattr(base.transformer_blocks[0].attn, name).weight
+        torch.testing.assert_close(delta, up[i * width:(i + 1) * width] @ down, rtol=0, atol=1e-6)
+
+
 def test_kohya_naming_goes_through_diffusers_converter(tmp_path, inputs):
     """sd-scripts names (lora_down/lora_up/alpha) are converted by diffusers, alpha folded in."""
     g = torch.Generator().manual_seed(3)
