@@ -827,6 +827,26 @@ class PairDataset(torch.utils.data.Dataset):
         """Pair ids in dataset order."""
         return [r.pair_id for r in self._refs]
 
+    def records(self, pair_ids: Sequence[str]) -> dict[str, dict[str, Any]]:
+        """``{pair id: its stored metadata}`` (seed, prompt, steps, size, ...) for the ids this
+        dataset holds, read from the shards' headers only (no tensors)."""
+        wanted: dict[str, list[_PairRef]] = collections.defaultdict(list)
+        for pid in pair_ids:
+            i = self._index.get(pid)
+            if i is not None:
+                wanted[self._refs[i].shard].append(self._refs[i])
+        out: dict[str, dict[str, Any]] = {}
+        for shard, refs in wanted.items():
+            try:
+                with safe_open(str(self.folder / shard), framework="pt") as f:
+                    rows = json.loads((f.metadata() or {})[META_KEY_PAIRS])
+            except Exception as e:
+                raise PairDataError(f"shard {self.folder / shard} cannot be read ({e}); "
+                                    f"run verify_pairs('{self.folder}')") from None
+            for ref in refs:
+                out[ref.pair_id] = dict(rows[ref.index])
+        return out
+
     def stored_image_count(self) -> int:
         """How many pairs carry a stored teacher image (read from the shards' headers only)."""
         by_shard: dict[str, list[int]] = collections.defaultdict(list)

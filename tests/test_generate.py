@@ -125,6 +125,27 @@ def test_pairs_come_from_the_core_sampler_and_a_stopped_run_resumes_without_dupl
     assert len({it["cond_key"] for it in a.values()}) == 1  # one fixed bundle: stored once
 
 
+def test_a_resume_with_other_settings_or_an_edited_prompt_file_is_refused(inputs, tmp_path):
+    """Pair ids follow prompt lines and seeds: a rerun that would skip stored pairs made with
+    another size, step count or guidance, or from another prompt, must not mix them in."""
+    from fluxsr_training.config_io import ConfigError
+
+    out = tmp_path / "run"
+    G.generate_pairs(cfg_for(inputs, out, "save_image=false", "limit=2"))
+    for change, msg in (("steps=4", "steps 3 .stored. vs 4 .now."), ("height=64", "height 32 .stored. vs 64"),
+                        ("guidance=7", "guidance 3.5 .stored. vs 7")):
+        with pytest.raises(ConfigError, match=f"other settings: {msg}"):
+            G.generate_pairs(cfg_for(inputs, out, "save_image=false", change))
+    edited = tmp_path / "edited.txt"
+    edited.write_text("a new first line\na cat\na dog\na bird\n")
+    with pytest.raises(ConfigError, match="made from the prompt 'a cat', but line 1 .* is now 'a new first line'"):
+        G.generate_pairs(cfg_for(inputs, out, "save_image=false", f"prompts={str(edited)!r}"))
+    appended = tmp_path / "appended.txt"
+    appended.write_text("a cat\n\na dog\na bird\na fish\n")  # new prompts at the end: fine
+    r = G.generate_pairs(cfg_for(inputs, out, "save_image=false", f"prompts={str(appended)!r}"))
+    assert r.skipped == 2 and len(r.written) == 6
+
+
 def test_batched_sampling_matches_one_at_a_time(inputs, tmp_path):
     one = read_all(Path(G.generate_pairs(cfg_for(inputs, tmp_path / "b1", "save_image=false",
                                                  "pairs_per_prompt=1")).output))

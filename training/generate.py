@@ -163,6 +163,32 @@ def read_prompts(path: str | os.PathLike) -> list[tuple[str, Optional[int]]]:
     return out
 
 
+def _check_stored_pairs_match(cfg: GenerateConfig, stored: Sequence[Job]) -> None:
+    """ConfigError when pairs this run would skip as already stored were made with another
+    prompt (the prompt file was edited: ids follow line numbers) or other settings: a resumed
+    run must not mix them."""
+    if not stored:
+        return
+    from fluxsr_core.pairs import PairDataset
+
+    records = PairDataset(cfg.output, load_image=False).records([j.pair_id for j in stored])
+    want = {"height": cfg.height, "width": cfg.width, "steps": cfg.steps, "guidance": cfg.guidance}
+    for job in stored:
+        rec = records.get(job.pair_id)
+        if rec is None:
+            continue
+        if rec.get("prompt") is not None and rec["prompt"] != job.prompt:
+            raise ConfigError(f"pair {job.pair_id} in {cfg.output} was made from the prompt {rec['prompt']!r}, but "
+                              f"line {job.index + 1} of {cfg.prompts} is now {job.prompt!r} (ids follow the lines): "
+                              "append new prompts at the end, or write to another --output")
+        differ = [f"{k} {rec[k]} (stored) vs {v} (now)" for k, v in want.items()
+                  if k in rec and float(rec[k]) != float(v)]
+        if differ:
+            raise ConfigError(f"pair {job.pair_id} in {cfg.output} was made with other settings: "
+                              + ", ".join(differ) + "; resume with the settings of that run, or write to another "
+                              "--output")
+
+
 # Seeds are stored and batched as 64-bit signed integers.
 MAX_SEED = 2 ** 63 - 1
 
@@ -355,6 +381,7 @@ def generate_pairs(cfg: GenerateConfig, on_pair: Optional[Callable[[str], None]]
 
     with PairWriter(cfg.output, writer_id=writer_id, shard_size=cfg.shard_size, fsync=cfg.fsync) as writer:
         pending_ids = set(writer.pending([j.pair_id for j in mine]))
+        _check_stored_pairs_match(cfg, [j for j in mine if j.pair_id not in pending_ids])
         todo = [j for j in mine if j.pair_id in pending_ids]
         if cfg.limit:
             todo = todo[:cfg.limit]
