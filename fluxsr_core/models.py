@@ -580,7 +580,9 @@ def pick_memory_mode(weights: dict[str, int], free_bytes: int,
                              f"{weights['group_offload'] / GIB:.1f} GiB of weights leave little room")
 
 
-def _transformer_config_of(source) -> dict:
+def transformer_config_of(source) -> dict:
+    """The diffusers config of a transformer source (file, folder or test name), read from its
+    header or config.json: no weights are loaded."""
     from .weights import infer_transformer_config, meta_state_dict
 
     path = Path(str(source)).expanduser()
@@ -619,7 +621,7 @@ def choose_memory_mode(transformer_source, vae_source, dtype: Union[str, torch.d
     if dev.type != "cuda":
         return "none", f"{dev.type}: the weights live in RAM whatever the mode"
     torch_dtype = resolve_dtype(dtype, dev)
-    weights = weight_bytes_per_mode(_transformer_config_of(transformer_source),
+    weights = weight_bytes_per_mode(transformer_config_of(transformer_source),
                                     _vae_bytes_of(vae_source, torch_dtype), torch_dtype)
     free, _ = torch.cuda.mem_get_info(dev)
     return pick_memory_mode(weights, free, headroom_bytes)
@@ -1142,5 +1144,5 @@ __all__ = ["resolve_device", "resolve_dtype", "load_transformer", "load_vae", "l
            "fuse_qkv_projections",
            "set_attention_backend",
            "apply_speedups", "DiffusersVelocity", "DiffusersCodec", "build_models", "MEMORY_MODES", "FP8_MODES",
-           "SPEEDUPS", "param_bytes", "weight_bytes_per_mode", "pick_memory_mode", "choose_memory_mode",
+           "SPEEDUPS", "param_bytes", "transformer_config_of", "weight_bytes_per_mode", "pick_memory_mode", "choose_memory_mode",
            "AUTO_HEADROOM_BYTES"]

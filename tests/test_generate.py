@@ -199,7 +199,7 @@ def tiny_text_encoders(folder: Path) -> Path:
     return folder
 
 
-def test_conditioning_from_local_text_encoders(inputs, tmp_path):
+def test_conditioning_from_local_text_encoders(inputs, tmp_path, monkeypatch):
     te = tiny_text_encoders(tmp_path / "flux")
     cfg = cfg_for(inputs, tmp_path / "enc", "bundle=''", f"text_encoders={str(te)!r}", "max_sequence_length=6",
                   "pairs_per_prompt=1", "save_image=false")
@@ -216,6 +216,11 @@ def test_conditioning_from_local_text_encoders(inputs, tmp_path):
     enc = G.load_text_encoders(cfg, torch.float32, torch.device("cpu"))
     direct = encode_prompt_bundle("a cat", *enc, RunSettings(), max_sequence_length=6)
     assert torch.equal(direct.t5[0], t5["a cat"])
+    # conditioning problems are found before the transformer loads (and encoders never share memory with it)
+    from fluxsr_core import models
+
+    monkeypatch.setattr(models, "load_models",
+                        lambda *a, **k: pytest.fail("the transformer loaded before the conditioning was checked"))
     with pytest.raises(FileNotFoundError, match="text encoder not found"):
         G.generate_pairs(cfg_for(inputs, tmp_path / "none", "bundle=''", f"text_encoders={str(tmp_path)!r}"))
     with pytest.raises(ConfigError, match="no conditioning"):

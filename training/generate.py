@@ -390,12 +390,16 @@ def generate_pairs(cfg: GenerateConfig, on_pair: Optional[Callable[[str], None]]
         log.info("rank %d/%d (%s): %d pairs assigned, %d already stored, %d to make now", rank, world,
                  writer_id, len(mine), result.skipped, len(todo))
         if todo:
+            # The conditionings first, against the config read off the transformer's header: a bad
+            # encoder path fails before the 12B load, and the encoders are freed before it (T5-XXL
+            # and the transformer never share the GPU).
+            conds = prompt_conditionings(cfg, [j.prompt for j in todo], models.transformer_config_of(cfg.transformer),
+                                         dtype, dev)
             # The VAE is small next to the transformer; loading it always keeps one code path.
             loaded = models.load_models(cfg.transformer, cfg.vae, cfg.memory_mode, dtype, dev, seed=cfg.init_seed)
             if loaded.memory_mode_reason != "given":
                 log.info("memory mode %s (auto: %s)", loaded.memory_mode, loaded.memory_mode_reason)
             transformer, vae = loaded.transformer, loaded.vae
-            conds = prompt_conditionings(cfg, [j.prompt for j in todo], transformer.config, dtype, dev)
             velocity = models.DiffusersVelocity(transformer, compute_dtype=dtype, device=dev)
             codec = models.DiffusersCodec(vae, compute_dtype=dtype) if cfg.save_image else None
             teacher = os.path.basename(os.path.normpath(str(cfg.transformer)))
