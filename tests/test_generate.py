@@ -244,3 +244,10 @@ def test_config_errors_and_cli(inputs, tmp_path, capsys):
     assert "wrote 1 new pairs" in capsys.readouterr().out and len(PairDataset(tmp_path / "cli")) == 3
     assert cli_main(["pairs", "--transformer", "tiny", "--vae", "tiny", "--output", str(tmp_path / "e")]) == 2
     assert "prompts is required" in capsys.readouterr().err
+    # a second run writing the same folder under the same writer name: a message, no traceback
+    from fluxsr_core.pairs import PairWriter
+
+    with PairWriter(tmp_path / "cli", writer_id="busy-rank0", fsync=False):
+        assert cli_main(args[:-1] + ["--writer-prefix", "busy"]) == 2
+    err = capsys.readouterr().err
+    assert "another live process is writing" in err and "--writer-prefix" in err and "Traceback" not in err

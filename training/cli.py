@@ -225,6 +225,8 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     _setup_logging(args.verbose)
     if args.command in ("eval", "demo"):
         return _delegate({"eval": "evaluate", "demo": "demo"}[args.command], args.rest)
+    from fluxsr_core.pairs import WriterBusyError
+
     from .config_io import ConfigError
 
     try:
@@ -233,6 +235,11 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         if args.command == "train":
             return _cmd_train(args)
         return _cmd_export(args)
+    except WriterBusyError as exc:  # two runs writing one folder under the same name
+        if args.verbose:
+            raise
+        print(f"fluxsr-train {args.command}: error: {exc} (fluxsr-train pairs: --writer-prefix)", file=sys.stderr)
+        return 2
     except (ConfigError, FileNotFoundError, ValueError) as exc:
         if args.verbose:
             raise
