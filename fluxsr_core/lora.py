@@ -393,10 +393,7 @@ def _lora_config(ranks: dict[str, int], sd_keys, network_alphas: dict[str, float
                  md: Mapping[str, str], path: str, notes: list[str]) -> tuple[dict, str]:
     cfg, source = _lora_config_unchecked(ranks, sd_keys, network_alphas, md, path, notes)
     values = [cfg.get("lora_alpha")] + list((cfg.get("alpha_pattern") or {}).values())
-    try:
-        bad = [v for v in values if not math.isfinite(float(v))]
-    except (TypeError, ValueError):
-        bad = [v for v in values if not isinstance(v, (int, float))]
+    bad = [v for v in values if not (isinstance(v, (int, float)) and math.isfinite(v))]
     if bad:
         raise LoraError(f"{os.path.basename(path)}: LoRA alpha {bad[0]!r} ({source}) is not a finite number; the "
                         "file's metadata or alpha tensors are damaged. Re-export the LoRA")

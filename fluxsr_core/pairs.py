@@ -827,41 +827,33 @@ class PairDataset(torch.utils.data.Dataset):
         """Pair ids in dataset order."""
         return [r.pair_id for r in self._refs]
 
-    def records(self, pair_ids: Sequence[str]) -> dict[str, dict[str, Any]]:
-        """``{pair id: its stored metadata}`` (seed, prompt, steps, size, ...) for the ids this
-        dataset holds, read from the shards' headers only (no tensors)."""
-        wanted: dict[str, list[_PairRef]] = collections.defaultdict(list)
-        for pid in pair_ids:
-            i = self._index.get(pid)
-            if i is not None:
-                wanted[self._refs[i].shard].append(self._refs[i])
-        out: dict[str, dict[str, Any]] = {}
-        for shard, refs in wanted.items():
+    def _headers(self, refs: Iterable[_PairRef]) -> Iterator[tuple[list[_PairRef], set[str], dict[str, str]]]:
+        """``(refs, tensor names, metadata)`` per shard holding ``refs``: headers only, no tensors."""
+        by_shard: dict[str, list[_PairRef]] = collections.defaultdict(list)
+        for ref in refs:
+            by_shard[ref.shard].append(ref)
+        for shard, group in by_shard.items():
             try:
                 with safe_open(str(self.folder / shard), framework="pt") as f:
-                    rows = json.loads((f.metadata() or {})[META_KEY_PAIRS])
+                    keys, meta = set(f.keys()), f.metadata() or {}
             except Exception as e:
                 raise PairDataError(f"shard {self.folder / shard} cannot be read ({e}); "
                                     f"run verify_pairs('{self.folder}')") from None
-            for ref in refs:
-                out[ref.pair_id] = dict(rows[ref.index])
+            yield group, keys, meta
+
+    def records(self, pair_ids: Sequence[str]) -> dict[str, dict[str, Any]]:
+        """``{pair id: its stored metadata}`` (seed, prompt, steps, size, ...) for the ids this
+        dataset holds, read from the shards' headers only (no tensors)."""
+        refs = [self._refs[self._index[pid]] for pid in pair_ids if pid in self._index]
+        out: dict[str, dict[str, Any]] = {}
+        for group, _, meta in self._headers(refs):
+            rows = json.loads(meta[META_KEY_PAIRS])
+            out.update({ref.pair_id: dict(rows[ref.index]) for ref in group})
         return out
 
     def stored_image_count(self) -> int:
         """How many pairs carry a stored teacher image (read from the shards' headers only)."""
-        by_shard: dict[str, list[int]] = collections.defaultdict(list)
-        for ref in self._refs:
-            by_shard[ref.shard].append(ref.index)
-        count = 0
-        for shard, indices in by_shard.items():
-            try:
-                with safe_open(str(self.folder / shard), framework="pt") as f:
-                    keys = set(f.keys())
-            except Exception as e:
-                raise PairDataError(f"shard {self.folder / shard} cannot be read ({e}); "
-                                    f"run verify_pairs('{self.folder}')") from None
-            count += sum(f"{i}.image" in keys for i in indices)
-        return count
+        return sum(f"{ref.index}.image" in keys for group, keys, _ in self._headers(self._refs) for ref in group)
 
     def index_of(self, pair_id: str) -> int:
         """Position of ``pair_id`` in the dataset (KeyError if absent)."""

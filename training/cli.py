@@ -197,8 +197,13 @@ def build_parser() -> tuple[argparse.ArgumentParser, list[str]]:
 
 def _user_message(exc: BaseException) -> str:
     """The error's own message; for one re-raised from a DataLoader worker ("Caught ValueError in
-    DataLoader worker process 0. Original Traceback ..."), the original's last line."""
+    DataLoader worker process 0. Original Traceback ..."), the original's last line; a busy
+    writer name with the option that gives another."""
+    from fluxsr_core.pairs import WriterBusyError
+
     text = str(exc).strip()
+    if isinstance(exc, WriterBusyError):  # two runs writing one folder under the same name
+        return f"{text} (fluxsr-train pairs: --writer-prefix)"
     if text.startswith("Caught ") and "Original Traceback" in text:
         last = text.splitlines()[-1]
         return last.split(": ", 1)[1] if ": " in last else last
@@ -235,12 +240,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         if args.command == "train":
             return _cmd_train(args)
         return _cmd_export(args)
-    except WriterBusyError as exc:  # two runs writing one folder under the same name
-        if args.verbose:
-            raise
-        print(f"fluxsr-train {args.command}: error: {exc} (fluxsr-train pairs: --writer-prefix)", file=sys.stderr)
-        return 2
-    except (ConfigError, FileNotFoundError, ValueError) as exc:
+    except (ConfigError, FileNotFoundError, ValueError, WriterBusyError) as exc:
         if args.verbose:
             raise
         print(f"fluxsr-train {args.command}: error: {_user_message(exc)}", file=sys.stderr)

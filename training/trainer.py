@@ -792,12 +792,17 @@ def _check_resumable(checkpoint: Path, cfg: TrainConfig) -> None:
                           f"resume with the same setting (its {CONFIG_FILE}), or start a new run")
 
 
+def checkpoint_step(checkpoint: Path) -> int:
+    """The step of a checkpoint folder (``step-0000040`` -> 40)."""
+    return int(_CKPT_RE.match(Path(checkpoint).name).group(1))
+
+
 def list_checkpoints(output_dir: str | os.PathLike) -> list[Path]:
     """Complete checkpoints of a run, oldest first (temporary folders are ignored)."""
     root = Path(output_dir) / CHECKPOINT_DIR
     if not root.is_dir():
         return []
-    found = [(int(m.group(1)), p) for p in root.iterdir() if p.is_dir() and (m := _CKPT_RE.match(p.name))]
+    found = [(checkpoint_step(p), p) for p in root.iterdir() if p.is_dir() and _CKPT_RE.match(p.name)]
     return [p for _, p in sorted(found)]
 
 
@@ -1247,7 +1252,7 @@ class _Run:
         """Checkpoints of this output folder past the one resumed from belong to the history this
         run replaces: moved into ``checkpoints/superseded-<time>/`` (kept, not deleted), so that
         neither ``--resume latest`` nor pruning mistakes them for this run's."""
-        later = [c for c in list_checkpoints(self.out) if int(_CKPT_RE.match(c.name).group(1)) > step]
+        later = [c for c in list_checkpoints(self.out) if checkpoint_step(c) > step]
         if not later:
             return
         aside = self.out / CHECKPOINT_DIR / f"superseded-{time.strftime('%Y%m%dT%H%M%SZ', time.gmtime())}"
