@@ -10,6 +10,7 @@ import argparse
 import logging
 import math
 import os
+import stat
 import sys
 import time
 from dataclasses import dataclass
@@ -138,21 +139,35 @@ def _pixels_to_latent(value: int, what: str) -> int:
     return value // 8
 
 
-def collect_jobs(inputs: Sequence[Path], output: Path) -> list[Job]:
-    """Expand folders, map each input to ``<stem>.png``; a single input may name a .png file."""
+def collect_jobs(inputs: Sequence[Path], output: Path) -> tuple[list[Job], list[tuple[Path, str]]]:
+    """Expand folders, map each input to ``<stem>.png``; a single input may name a .png file.
+
+    Returns ``(jobs, unreadable)``: ``unreadable`` holds the inputs that cannot be read at all,
+    each with why (broken links, given or in a folder; folder entries that cannot be looked at);
+    they get no job, so they neither clash with another input's output nor load the models.
+    Output folders are checked for writing apart (:func:`_check_writable`), once the existing
+    outputs to skip are known.
+    """
+    from .images import broken_link_message
+
     files: list[Path] = []
+    unreadable: list[tuple[Path, str]] = []
     for item in inputs:
         if item.is_dir():
-            found = sorted(p for p in item.iterdir() if p.suffix.lower() in IMAGE_SUFFIXES and p.is_file())
-            if not found:
+            found, bad = _folder_images(item)
+            if not found and not bad:
                 raise UsageError(f"folder {item} holds no images ({', '.join(sorted(IMAGE_SUFFIXES))})")
             files.extend(found)
+            unreadable.extend(bad)
+        elif (broken := broken_link_message(item)) is not None:
+            unreadable.append((item, broken))
         else:
             files.append(item)  # missing files fail per file, so the others still run
     if output.suffix.lower() == ".png" and not output.is_dir():
-        if len(files) != 1:
-            raise UsageError(f"-o {output} is a file name but there are {len(files)} inputs; give a folder")
-        jobs = [Job(files[0], output)]
+        given = len(files) + len(unreadable)
+        if given != 1:
+            raise UsageError(f"-o {output} is a file name but there are {given} inputs; give a folder")
+        jobs = [Job(f, output) for f in files]
     elif output.suffix and output.suffix.lower() in IMAGE_SUFFIXES and not output.is_dir():
         raise UsageError(f"outputs are written as PNG; use -o {output.with_suffix('.png')} or a folder")
     else:
@@ -174,8 +189,32 @@ def collect_jobs(inputs: Sequence[Path], output: Path) -> list[Job]:
         raise UsageError(f"{replaced[0].target} is also an input: its upscale would replace "
                          f"{'it' if replaced[0].source == replaced[0].target else 'an input'}; write to another "
                          "folder with -o")
-    _check_writable(jobs)
-    return jobs
+    return jobs, unreadable
+
+
+def _folder_images(folder: Path) -> tuple[list[Path], list[tuple[Path, str]]]:
+    """The image files directly in ``folder`` (sorted), and its entries with an image name that
+    cannot be read, each with why: a broken link or an entry that cannot be looked at must be
+    reported, not dropped. Subfolders and other names are left alone."""
+    from .images import broken_link_message
+
+    found: list[Path] = []
+    unreadable: list[tuple[Path, str]] = []
+    for entry in sorted(folder.iterdir()):
+        if entry.suffix.lower() not in IMAGE_SUFFIXES:
+            continue
+        broken = broken_link_message(entry)
+        if broken is not None:
+            unreadable.append((entry, broken))
+            continue
+        try:
+            is_file = stat.S_ISREG(entry.stat().st_mode)
+        except OSError as exc:  # permission denied on the entry, an I/O error...
+            unreadable.append((entry, f"cannot be looked at ({exc.strerror or exc}); check its permissions"))
+            continue
+        if is_file:
+            found.append(entry)
+    return found, unreadable
 
 
 def _identity(path: Path):
@@ -184,7 +223,8 @@ def _identity(path: Path):
 
 
 def _check_writable(jobs: Sequence[Job]) -> None:
-    """UsageError now, before minutes of loading, when an output folder cannot be written."""
+    """UsageError now, before minutes of loading, when an output folder of ``jobs`` (those that
+    will write) cannot be written."""
     for parent in sorted({j.target.parent for j in jobs}):
         existing = parent
         while not existing.exists() and existing != existing.parent:
@@ -278,14 +318,21 @@ def run_upscale(args) -> int:
         check_t_l(args.t_l)  # before minutes of model loading, not after
     # before the loading, too (load_models checks again once auto has chosen the memory mode)
     parse_speedups(args.speedups, merge_lora=not args.no_merge_lora, memory_mode=args.memory_mode)
-    jobs = collect_jobs(args.inputs, args.output)
+    jobs, unreadable = collect_jobs(args.inputs, args.output)
+    for source, reason in unreadable:
+        log(f"FAIL {source}: {reason}")
     todo = [j for j in jobs if args.overwrite or not j.target.exists()]
     for j in jobs:
         if j not in todo:
             log(f"skip {j.source}: {j.target} exists (use --overwrite to replace it)")
+    # Only where something will be written: a rerun whose outputs all exist writes nothing.
+    _check_writable(todo)
+    skipped = len(jobs) - len(todo)
     if not todo:
-        log(f"nothing to do: all {len(jobs)} output(s) exist")
-        return 0
+        if not unreadable:
+            log(f"nothing to do: all {len(jobs)} output(s) exist")
+            return 0
+        return _summary(log, 0, skipped, unreadable, 0.0)
 
     velocity, codec, cond, settings, device, dtype = _load_pipeline(args, tiling, log)
     scale = args.scale if args.scale is not None else settings.scale
@@ -365,11 +412,17 @@ def run_upscale(args) -> int:
     if bar is not None:
         bar.close()
     elapsed = time.perf_counter() - started
-    skipped = len(jobs) - len(todo)
     if interrupted:
         log(f"fluxsr: interrupted after {elapsed:.1f} s: {done} upscaled, {len(todo) - done - len(failures)} not "
-            f"done, {len(failures)} failed. Run the same command again to go on (finished outputs are skipped).")
+            f"done, {len(unreadable) + len(failures)} failed. Run the same command again to go on (finished "
+            f"outputs are skipped).")
         return 130
+    return _summary(log, done, skipped, unreadable + failures, elapsed)
+
+
+def _summary(log, done: int, skipped: int, failures: Sequence[tuple[Path, str]], elapsed: float) -> int:
+    """Log the closing counts and each failure again (the FAIL lines may have scrolled away);
+    return the exit code."""
     log(f"fluxsr: {done} upscaled, {skipped} skipped, {len(failures)} failed in {elapsed:.1f} s")
     for path, reason in failures:
         log(f"  failed: {path}: {reason}")

@@ -58,6 +58,15 @@ _LUMA = (0.299, 0.587, 0.114)
 # Pillow's decompression-bomb limit is a module global; we swap it while we open a file.
 _PIL_LIMIT_LOCK = threading.Lock()
 
+# Float images hold 0..1 by convention, and 8-bit data is often stored as float in 0..255.
+# Values past either end by up to this fraction of the range are resampling or sharpening
+# overshoot and are clipped; further out the file means something else (HDR, signed or
+# scientific data), clipping would turn it white or black, so it is refused.
+FLOAT_OVERSHOOT = 0.1
+# A float image whose maximum is above this cannot be 0..1 with overshoot: it is read as 0..255.
+# (Between 1 + FLOAT_OVERSHOOT and this it is neither, and refused.)
+_FLOAT_0_255_ABOVE = 2.0
+
 
 # --- errors ----------------------------------------------------------------------------------
 
@@ -67,6 +76,10 @@ class ImageFileError(ValueError):
 
 class ImageNotFoundError(FileNotFoundError):
     """The image file does not exist."""
+
+
+class BrokenLinkError(ImageNotFoundError):
+    """The path is a symbolic link to a file that does not exist (or to a loop of links)."""
 
 
 class EmptyImageFileError(ImageFileError):
@@ -83,6 +96,10 @@ class TruncatedImageError(ImageFileError):
 
 class ImageTooLargeError(ImageFileError):
     """The input has more pixels than ``max_pixels`` allows."""
+
+
+class FloatRangeError(ImageFileError):
+    """A float image's values are neither 0..1 nor 0..255 (see :func:`load_image`)."""
 
 
 class OutputTooLargeError(ValueError):
@@ -144,18 +161,28 @@ def load_image(path: str | os.PathLike, max_pixels: Optional[int] = DEFAULT_MAX_
     Honours EXIF orientation; uses the first frame of animations and multi-page files (and says
     so in ``notes``); palette images with transparency and gray/RGB images with a ``tRNS``
     colour get an alpha channel; CMYK is converted to RGB (through the embedded ICC profile when
-    there is one); 16-bit gray and 16-bit RGB(A) PNG/TIFF keep all 16 bits; float TIFFs are
-    clipped to ``[0, 1]``.
+    there is one); 16-bit gray and 16-bit RGB(A) PNG/TIFF keep all 16 bits.
+
+    Float TIFFs (Pillow mode ``F``) are read as 0..1, the float convention, or, when their
+    maximum is above 2, as 0..255 (8-bit values stored as float: divided by 255, with a note).
+    Values past either end of that range by up to ``FLOAT_OVERSHOOT`` (10%) of it are clipped,
+    with a note; anything else (negative or -1..1 data, HDR, values far above 255) raises
+    :class:`FloatRangeError` saying how to convert it, since clipping would ruin it. NaN and
+    -inf become 0, +inf the top of the range.
 
     ``max_pixels`` guards against decompression bombs and accidental huge inputs; ``None``
     disables the guard. ``check_size(height, width)`` runs on the header's size before any pixel
     is decoded and may raise (the CLI refuses an output over its limit there, so a small file
-    that claims a huge size costs nothing). Raises :class:`ImageNotFoundError`, :class:`EmptyImageFileError`,
-    :class:`NotAnImageError`, :class:`TruncatedImageError`, :class:`ImageTooLargeError` or
+    that claims a huge size costs nothing). Raises :class:`ImageNotFoundError` (:class:`BrokenLinkError`
+    for a link to nothing), :class:`EmptyImageFileError`, :class:`NotAnImageError`,
+    :class:`TruncatedImageError`, :class:`ImageTooLargeError`, :class:`FloatRangeError` or
     :class:`ImageFileError`, each naming the file and what to do.
     """
     p = Path(path)
     if not p.exists():
+        broken = broken_link_message(p)
+        if broken is not None:
+            raise BrokenLinkError(broken)
         raise ImageNotFoundError(f"image file not found: '{p}'. Check the path (relative paths "
                                  f"are taken from the current folder '{os.getcwd()}').")
     if p.is_dir():
@@ -176,14 +203,39 @@ def load_image(path: str | os.PathLike, max_pixels: Optional[int] = DEFAULT_MAX_
             Image.MAX_IMAGE_PIXELS = old_limit
 
 
+def broken_link_message(path: str | os.PathLike) -> Optional[str]:
+    """What is wrong with ``path`` if it is a symbolic link to nothing (a missing file or a loop
+    of links), naming where it points and what to do; ``None`` for anything else."""
+    p = Path(path)
+    try:
+        if not p.is_symlink():
+            return None
+    except OSError:  # cannot even look at the entry: not known to be a link; the caller's stat says why
+        return None
+    try:
+        p.stat()
+        return None
+    except FileNotFoundError:
+        why = "which does not exist"
+    except OSError as e:  # ELOOP and the like
+        why = f"which cannot be reached ({e.strerror or e})"
+    return (f"'{p}' is a broken symbolic link: it points to '{os.readlink(p)}', {why}. "
+            f"Restore the file it points to, or remove the link.")
+
+
 def _open(p: Path) -> Image.Image:
     try:
         _register_optional_openers()
         return Image.open(p)
     except UnidentifiedImageError as e:
+        tiff_hint = ""
+        if p.suffix.lower() in (".tif", ".tiff"):
+            # Pillow has no float colour mode, so such TIFFs fail here rather than later.
+            tiff_hint = (" Pillow reads 8/16-bit TIFFs and float TIFFs with one channel only; a float "
+                         "colour (or 64-bit float) TIFF must be re-saved as a 16-bit TIFF or PNG.")
         raise NotAnImageError(
             f"'{p}' is not an image Pillow can read (unknown or unsupported format). "
-            f"Use PNG, JPEG, WebP, TIFF, BMP or GIF; for HEIC install 'pillow-heif'."
+            f"Use PNG, JPEG, WebP, TIFF, BMP or GIF; for HEIC install 'pillow-heif'.{tiff_hint}"
         ) from e
     except (SyntaxError, EOFError, struct.error, ValueError) as e:
         # Plugins raise these for headers that are cut short or malformed.
@@ -318,15 +370,8 @@ def _load(p: Path, max_pixels: Optional[int], check_size=None) -> LoadedImage:
             return _finish(p, np.clip(arr, 0, 65535)[..., None] / 65535.0, alpha, 16, True,
                            source_mode, notes, icc)
         if mode == "F":
-            arr = _decode(p, img, _transposed_array).astype(np.float64)
-            if not np.isfinite(arr).all():
-                notes.append(f"{p.name}: NaN/inf values were replaced by 0/1")
-                arr = np.nan_to_num(arr, nan=0.0, posinf=1.0, neginf=0.0)
-            if arr.min() < 0 or arr.max() > 1:
-                notes.append(f"{p.name}: float values outside [0, 1] "
-                             f"(min {arr.min():.4g}, max {arr.max():.4g}) were clipped")
-            return _finish(p, np.clip(arr, 0, 1)[..., None], None, 16, True, source_mode,
-                           notes, icc)
+            arr = _float_to_unit(p, _decode(p, img, _transposed_array).astype(np.float64), notes)
+            return _finish(p, arr[..., None], None, 16, True, source_mode, notes, icc)
 
         # 8-bit family. Orientation first (the EXIF/TIFF tags live on the file's image object;
         # converted copies may lose them), then let Pillow convert to one of L, LA, RGB, RGBA.
@@ -360,6 +405,43 @@ def _load(p: Path, max_pixels: Optional[int], check_size=None) -> LoadedImage:
             alpha = arr[..., -1]
             arr = arr[..., :-1]
         return _finish(p, arr, alpha, 8, gray, source_mode, notes, icc)
+
+
+def _float_to_unit(p: Path, arr: np.ndarray, notes: list[str]) -> np.ndarray:
+    """A float image in ``[0, 1]`` by the rule :func:`load_image` documents (0..1 or 0..255,
+    overshoot clipped, anything else refused), adding what the user should know to ``notes``."""
+    finite = np.isfinite(arr)
+    if not finite.any():
+        raise FloatRangeError(f"'{p}' holds no finite values (all NaN or infinite): there is no "
+                              f"picture to upscale. Re-export it from the program that made it.")
+    lo, hi = float(arr[finite].min()), float(arr[finite].max())
+    top = 255.0 if hi > _FLOAT_0_255_ABOVE else 1.0
+    if lo < -FLOAT_OVERSHOOT * top or hi > (1 + FLOAT_OVERSHOOT) * top:
+        if lo < -FLOAT_OVERSHOOT * top and lo >= -1.0 - FLOAT_OVERSHOOT and hi <= 1.0 + FLOAT_OVERSHOOT:
+            advice = "It looks like -1..1 data (a network's output): map it to 0..1 with (x + 1) / 2"
+        elif lo < -FLOAT_OVERSHOOT * top:
+            advice = ("An image has no negative values: this is signed or scientific data; rescale "
+                      "it to 0..1, e.g. (x - min) / (max - min)")
+        elif hi > (1 + FLOAT_OVERSHOOT) * 255:
+            advice = ("Values far above 255 are HDR or 16-bit/scientific data: tone-map HDR to 0..1, "
+                      "or divide by the largest possible value (65535 for 16-bit data)")
+        else:
+            advice = "Rescale it to 0..1 (or save it as an 8/16-bit PNG or TIFF)"
+        raise FloatRangeError(
+            f"'{p}' is a float image with values from {lo:.4g} to {hi:.4g}: neither 0..1 (the float "
+            f"convention) nor 0..255 (8-bit values stored as float), give or take "
+            f"{FLOAT_OVERSHOOT:.0%}. Clipping it would ruin it. {advice}, then run again.")
+    if top != 1.0:
+        notes.append(f"{p.name}: float values from {lo:.4g} to {hi:.4g}, not the usual 0..1: read as "
+                     f"8-bit values stored as float (divided by 255). If they mean something else "
+                     f"(HDR, where values above 1 are highlights), convert the file to 0..1 first")
+    if not finite.all():
+        notes.append(f"{p.name}: NaN/inf values were replaced by 0/{top:g}")
+        arr = np.nan_to_num(arr, nan=0.0, posinf=top, neginf=0.0)
+    if lo < 0 or hi > top:
+        notes.append(f"{p.name}: float values outside [0, {top:g}] "
+                     f"(min {lo:.4g}, max {hi:.4g}) were clipped")
+    return np.clip(arr / top, 0.0, 1.0)
 
 
 def _cmyk_to_rgb(img: Image.Image, notes: list[str]) -> Image.Image:

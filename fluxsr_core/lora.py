@@ -25,7 +25,7 @@ from typing import Any, Mapping, Optional
 import torch
 
 from .settings import KEY_LORA_RANK, RunSettings, settings_from_metadata
-from .weights import FP8_DTYPES, WeightsError, read_safetensors
+from .weights import FP8_DTYPES, WeightsError, read_safetensors, read_safetensors_header
 
 # diffusers' key for the peft LoraConfig it stores in a LoRA file's safetensors metadata
 # (diffusers.loaders.lora_base.LORA_ADAPTER_METADATA_KEY; repeated here so reading a file never
@@ -96,6 +96,25 @@ def _read_safetensors(path: str) -> tuple[dict[str, torch.Tensor], dict[str, str
     return read_safetensors(path, what="LoRA file")
 
 
+def read_lora_settings(path: str | os.PathLike, label: Optional[str] = None) -> RunSettings:
+    """The run settings (T_L, guidance, scale) a LoRA file's ``fluxsr.*`` metadata carries.
+
+    Reads the safetensors header only (cheap for any size). Fields the file does not carry keep
+    our defaults, with ``source`` saying "default"; a value that is not a number, or a T_L out of
+    range, is refused naming the file. ``label`` names the file in ``source`` (default
+    ``"LoRA <path>"``, as :func:`load_lora` writes it).
+    """
+    path = os.fspath(path)
+    if os.path.isdir(path):
+        raise LoraError(f"{path} is a folder; give the LoRA .safetensors file inside it "
+                        "(e.g. pytorch_lora_weights.safetensors)")
+    _, md = read_safetensors_header(path, what="LoRA file")
+    try:
+        return settings_from_metadata((md, label or f"LoRA {path}"))
+    except ValueError as exc:
+        raise LoraError(f"{os.path.basename(path)}: {exc}") from None
+
+
 # Key shapes of LoRAs for other model families, checked before anything is loaded so the user
 # learns what the file is for instead of a peft error about missing modules.
 _OTHER_FAMILIES: tuple[tuple[re.Pattern, str], ...] = (
@@ -109,7 +128,7 @@ _OTHER_FAMILIES: tuple[tuple[re.Pattern, str], ...] = (
 )
 
 
-def _guess_family(keys) -> Optional[str]:
+def guess_model_family(keys) -> Optional[str]:
     """Name the model family a LoRA's keys look like, if it is clearly not FLUX."""
     keys = list(keys)
     for pattern, name in _OTHER_FAMILIES:
@@ -131,14 +150,14 @@ def _check_is_lora(state_dict: Mapping[str, torch.Tensor], path: str) -> None:
     keys = list(state_dict)
     if not _looks_like_lora(keys):
         example = ", ".join(sorted(keys)[:3])
-        family = _guess_family(keys)
+        family = guess_model_family(keys)
         what = f" ({family})" if family else ""
         raise LoraError(
             f"{name}: this is a full model{what}, not a LoRA: its {len(keys)} tensors "
             f"(e.g. {example}) carry no lora_A/lora_B or lora_down/lora_up weights. Load it as the "
             "base transformer and give the FluxSR LoRA file (e.g. pytorch_lora_weights.safetensors) "
             "as the LoRA.")
-    family = _guess_family(keys)
+    family = guess_model_family(keys)
     if family:
         example = sorted(keys)[0]
         raise LoraError(
@@ -327,7 +346,7 @@ def _check_fits(transformer, sd: dict[str, torch.Tensor], path: str) -> dict[str
     missing = sorted(m for m in pairs if m not in modules)
     if missing:
         names = list(pairs)
-        family = _guess_family(names)
+        family = guess_model_family(names)
         if family:
             raise LoraError(f"{name} looks like a LoRA for {family}, not for this FLUX transformer "
                             f"(layers such as '{missing[0]}').")

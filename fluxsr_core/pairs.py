@@ -33,6 +33,13 @@ Why it is safe to kill, resume and share:
   adopted instead), and the resumed writer starts a fresh line after it.
 * Every manifest line carries the shard's sha256 and size: :func:`verify_pairs` and
   :class:`PairDataset` detect truncated or corrupted shards and name them.
+* A failed write (no space left on device, ...) raises one :class:`PairWriteError` naming the
+  file; its temporary file is removed, and the writer stops there (it neither retries nor
+  writes its buffer on close). The complete shards are kept; a rerun with the same writer id
+  adopts a shard that was renamed before its manifest line failed, and goes on.
+* A shard's header holds every pair's metadata (prompt included), and safetensors refuses
+  headers over :data:`SAFETENSORS_MAX_HEADER_BYTES`: a shard is started early when the next
+  pair would not fit, and one pair that alone would not fit is refused when added.
 
 Writer ids must be unique among writers running at the same time (a lock file enforces it);
 to resume a killed run, start the new writer with the same id (e.g. ``<host>-rank<r>``).
@@ -41,6 +48,7 @@ to resume a killed run, start the new writer with the same id (e.g. ``<host>-ran
 from __future__ import annotations
 
 import collections
+import errno
 import hashlib
 import json
 import logging
@@ -73,6 +81,11 @@ _SHARD_TMP_RE = re.compile(r"^shard-(?P<writer>.+)-(?P<seq>\d{6,})\.safetensors\
 _COND_TMP_RE = re.compile(r"^cond-(?P<key>[0-9a-f]+)\.safetensors\.(?P<writer>.+)\.tmp$")
 _MANIFEST_RE = re.compile(r"^manifest-(?P<writer>.+)\.jsonl$")
 COND_KEY_LENGTH = 16  # hex characters of sha256: 64 bits, ample for the prompts of one dataset
+# safetensors refuses to write or read a file whose JSON header is larger (MAX_HEADER_SIZE in
+# its Rust core). A shard's header holds the tensor entries and every pair's metadata record.
+SAFETENSORS_MAX_HEADER_BYTES = 100_000_000
+_TENSOR_ENTRY_MAX_BYTES = 256  # one tensor's header entry: name, dtype, shape, data offsets
+_HEADER_FIXED_BYTES = 1024     # braces, the format key, alignment padding
 
 
 class PairDataError(ValueError):
@@ -81,6 +94,31 @@ class PairDataError(ValueError):
 
 class WriterBusyError(RuntimeError):
     """Another live process already writes with this writer id."""
+
+
+class PairWriteError(PairDataError, OSError):
+    """Writing to a pair dataset failed (e.g. no space left on device); names the file.
+
+    An :class:`OSError` (``errno``, ``strerror`` and ``filename`` of the failed write) and, as a
+    :class:`PairDataError`, a ``ValueError``, so tools that report bad input as a message report
+    this one too. Nothing is left half-written under a final name; the complete shards are kept.
+    """
+
+    def __str__(self) -> str:  # the message, not OSError's "[Errno 28] ...: 'file'"
+        return str(self.args[0]) if self.args else ""
+
+
+def _write_error(path: Path, cause: OSError) -> PairWriteError:
+    """The :class:`PairWriteError` for ``cause`` (an OSError) raised while writing ``path``."""
+    if cause.errno == errno.ENOSPC:
+        what, fix = "no space left on device", "free space"
+    elif cause.errno == getattr(errno, "EDQUOT", None):
+        what, fix = "disk quota exceeded", "free space (or raise the quota)"
+    else:
+        what, fix = f"{cause.strerror or cause}", "fix that"
+    err = PairWriteError(f"{what} writing {path}; {fix} and run the same command again: the finished pairs are kept")
+    err.errno, err.strerror, err.filename = cause.errno, cause.strerror, str(path)
+    return err
 
 
 # --- small helpers ------------------------------------------------------------------------
@@ -174,6 +212,12 @@ def _jsonable(value: Any, where: str) -> Any:
         f"pair metadata {where} has type {type(value).__name__}, which JSON cannot store; "
         "pass strings, numbers, lists or dicts"
     )
+
+
+def _record_header_bytes(record: Mapping[str, Any]) -> int:
+    """Bytes a pair's metadata record takes in a shard header: JSON (ASCII) inside a JSON string,
+    plus the list separator."""
+    return len(json.dumps(json.dumps(record, ensure_ascii=True))) + 2
 
 
 def _unbatch(t: torch.Tensor, ndim: int, name: str, shape_doc: str) -> torch.Tensor:
@@ -330,6 +374,7 @@ class _Pending:
     meta: dict
     image: Optional[torch.Tensor]
     trajectory: Optional[torch.Tensor]
+    header_bytes: int  # what this pair adds to its shard's header (upper bound)
 
 
 class PairWriter:
@@ -340,9 +385,12 @@ class PairWriter:
     complete shard the run renamed but had not yet listed, and numbers new shards after the
     run's last one. Use :meth:`pending` to skip pairs already stored by any writer.
 
-    Pairs are buffered and written ``shard_size`` at a time; :meth:`flush` writes the buffer
-    now. As a context manager it flushes and releases the writer id on exit (also after an
-    exception: the buffered pairs are complete and worth keeping).
+    Pairs are buffered and written ``shard_size`` at a time (fewer when their metadata would
+    not fit one safetensors header); :meth:`flush` writes the buffer now. As a context manager
+    it flushes and releases the writer id on exit (also after an exception: the buffered pairs
+    are complete and worth keeping). After a failed write (:class:`PairWriteError`) the writer
+    stops: later adds raise, and closing releases the id without writing the buffer (a rerun
+    makes those pairs again).
     """
 
     def __init__(self, folder: str | os.PathLike, writer_id: Optional[str] = None,
@@ -360,6 +408,7 @@ class PairWriter:
         self._buffer: list[_Pending] = []
         self._known_conds: set[str] = set()
         self._closed = False
+        self._failed: Optional[PairWriteError] = None
         self._lock = _WriterLock(self.folder / f".lock-{self.writer_id}")
         try:
             self._recover()
@@ -387,7 +436,7 @@ class PairWriter:
             data = self.manifest_path.read_bytes()
             if data and not data.endswith(b"\n"):
                 warnings.warn(f"{self.manifest_path.name}: closing a manifest line torn by a kill")
-                self._append_raw(b"\n")
+                self._append_checked(b"\n")
         listed = {e.shard for e in _read_manifest(self.manifest_path).entries}
         seqs = [0]
         for p in sorted(self.folder.glob(f"shard-{self.writer_id}-*.safetensors")):
@@ -455,8 +504,7 @@ class PairWriter:
         Returns False (and stores nothing) when ``pair_id`` is already stored or buffered, so
         re-running the same ids never duplicates a pair.
         """
-        if self._closed:
-            raise RuntimeError("this PairWriter is closed")
+        self._check_usable()
         if not isinstance(pair_id, str) or not pair_id or "\n" in pair_id:
             raise ValueError(f"pair_id must be a non-empty one-line string, got {pair_id!r}")
         if pair_id in self._done or any(p.pair_id == pair_id for p in self._buffer):
@@ -482,11 +530,36 @@ class PairWriter:
         for reserved in ("id", "cond"):
             if reserved in meta_json:
                 raise ValueError(f"pair metadata may not use the reserved key {reserved!r}")
+        n_tensors = 2 + (image is not None) + (trajectory is not None)
+        header_bytes = (_record_header_bytes({"id": pair_id, "cond": "0" * COND_KEY_LENGTH, **meta_json})
+                        + n_tensors * _TENSOR_ENTRY_MAX_BYTES)
+        header_budget = SAFETENSORS_MAX_HEADER_BYTES - _HEADER_FIXED_BYTES
+        if header_bytes > header_budget:
+            raise ValueError(f"pair {pair_id}: its metadata takes {header_bytes:,} bytes of the shard header, more "
+                             f"than a safetensors header may hold ({SAFETENSORS_MAX_HEADER_BYTES:,} bytes); "
+                             "shorten the prompt (or other metadata)")
         key = self._store_conditioning(cond_t5, cond_clip)
-        self._buffer.append(_Pending(pair_id, eps, z0, key, meta_json, image, trajectory))
+        if self._buffer and sum(p.header_bytes for p in self._buffer) + header_bytes > header_budget:
+            logger.info("shard cut at %d pairs: one more would not fit a safetensors header", len(self._buffer))
+            self.flush()
+        self._buffer.append(_Pending(pair_id, eps, z0, key, meta_json, image, trajectory, header_bytes))
         if len(self._buffer) >= self.shard_size:
             self.flush()
         return True
+
+    def store_conditioning(self, cond_t5: torch.Tensor, cond_clip: torch.Tensor) -> str:
+        """Store a conditioning now (once per content, in ``cond-<key>.safetensors``); returns its key.
+
+        :meth:`add` does this itself; calling it first lets a caller encode many prompts ahead
+        and keep only their keys in memory (:meth:`load_conditioning` reads one back). A
+        conditioning no pair uses yet is harmless: readers look up only the keys pairs name.
+        """
+        self._check_usable()
+        return self._store_conditioning(cond_t5, cond_clip)
+
+    def load_conditioning(self, key: str) -> tuple[torch.Tensor, torch.Tensor]:
+        """``(t5 [L, D], clip_pooled [D])`` of a stored conditioning key, checked against its key."""
+        return _load_conditioning_file(self.folder / f"cond-{key}.safetensors", key)
 
     def _store_conditioning(self, t5: torch.Tensor, clip: torch.Tensor) -> str:
         t5 = _unbatch(t5, 2, "cond_t5", "[L, 4096] or [1, L, 4096]")
@@ -499,16 +572,19 @@ class PairWriter:
             data = st_save_bytes({"t5": t5, "clip_pooled": clip},
                                  metadata={META_KEY_FORMAT: PAIRS_FORMAT, META_KEY_COND: key})
             tmp = self.folder / f"cond-{key}.safetensors.{self.writer_id}.tmp"
-            _write_file_durably(tmp, data, self.fsync)
             try:
-                # Create-if-absent: a hard link fails on an existing name, so a conditioning
-                # another writer created meanwhile is never replaced.
-                os.link(tmp, final)
-            except FileExistsError:
-                pass
-            except OSError:  # no hard links here (some network/FAT file systems)
-                if not final.exists():
-                    os.replace(tmp, final)
+                _write_file_durably(tmp, data, self.fsync)
+                try:
+                    # Create-if-absent: a hard link fails on an existing name, so a conditioning
+                    # another writer created meanwhile is never replaced.
+                    os.link(tmp, final)
+                except FileExistsError:
+                    pass
+                except OSError:  # no hard links here (some network/FAT file systems)
+                    if not final.exists():
+                        os.replace(tmp, final)
+            except OSError as exc:
+                raise self._stop(final, exc) from exc
             finally:
                 tmp.unlink(missing_ok=True)
             if self.fsync:
@@ -522,6 +598,7 @@ class PairWriter:
         """Write the buffered pairs as one shard now; returns its file name (None if empty)."""
         if not self._buffer:
             return None
+        self._check_usable()
         tensors: dict[str, torch.Tensor] = {}
         records = []
         for i, p in enumerate(self._buffer):
@@ -537,8 +614,13 @@ class PairWriter:
             META_KEY_PAIRS: json.dumps(records, ensure_ascii=True),
         })
         name = f"shard-{self.writer_id}-{self._next_seq:06d}.safetensors"
-        self._write_shard_file(name, data)
+        try:
+            self._write_shard_file(name, data)
+        except OSError as exc:
+            raise self._stop(self.folder / name, exc) from exc
         ids = [p.pair_id for p in self._buffer]
+        # A failure from here on leaves a complete shard no manifest lists: the next writer with
+        # this id adopts it.
         self._append_manifest(name, hashlib.sha256(data).hexdigest(), len(data), ids)
         self._next_seq += 1
         self._done.update(ids)
@@ -550,8 +632,12 @@ class PairWriter:
         if final.exists():  # cannot happen through this class; never overwrite a shard
             raise PairDataError(f"refusing to overwrite existing shard {final}")
         tmp = self.folder / (name + ".tmp")
-        _write_file_durably(tmp, data, self.fsync)
-        os.replace(tmp, final)
+        try:
+            _write_file_durably(tmp, data, self.fsync)
+            os.replace(tmp, final)
+        except OSError:
+            tmp.unlink(missing_ok=True)  # a half-written file only takes space (disk full)
+            raise
         if self.fsync:
             _fsync_dir(self.folder)
 
@@ -559,23 +645,49 @@ class PairWriter:
         # One write() on an O_APPEND descriptor: the line lands whole at the end of the file.
         fd = os.open(self.manifest_path, os.O_WRONLY | os.O_APPEND | os.O_CREAT | getattr(os, "O_BINARY", 0), 0o644)
         try:
-            os.write(fd, data)
+            while data:  # a short write (disk filling up) goes on; the next write raises ENOSPC
+                data = data[os.write(fd, data):]
             if self.fsync:
                 os.fsync(fd)
         finally:
             os.close(fd)
 
+    def _append_checked(self, data: bytes) -> None:
+        """Append to the manifest; a failure stops the writer. A line torn by it is closed and
+        skipped by the next writer with this id, as after a kill."""
+        try:
+            self._append_raw(data)
+        except OSError as exc:
+            raise self._stop(self.manifest_path, exc) from exc
+
     def _append_manifest(self, shard: str, sha: str, nbytes: int, ids: Sequence[str]) -> None:
-        self._append_raw(_manifest_line(shard, sha, nbytes, ids, self.writer_id))
+        self._append_checked(_manifest_line(shard, sha, nbytes, ids, self.writer_id))
+
+    def _stop(self, path: Path, exc: OSError) -> PairWriteError:
+        """Record a failed write; the writer writes nothing more (a retry would fail the same way,
+        or find its own shard already renamed)."""
+        self._failed = _write_error(path, exc)
+        return self._failed
+
+    def _check_usable(self) -> None:
+        if self._closed:
+            raise RuntimeError("this PairWriter is closed")
+        if self._failed is not None:
+            raise RuntimeError(f"this PairWriter stopped after a failed write ({self._failed}); open a new one "
+                               "with the same writer id to go on")
 
     # -- lifetime -------------------------------------------------------------------------
 
     def close(self) -> None:
-        """Flush the buffer and release the writer id."""
+        """Flush the buffer and release the writer id (after a failed write: only release it)."""
         if self._closed:
             return
         try:
-            self.flush()
+            if self._failed is None:
+                self.flush()
+            elif self._buffer:
+                logger.info("PairWriter %s: %d buffered pairs not written after the failed write; a rerun "
+                            "makes them again", self.writer_id, len(self._buffer))
         finally:
             self._closed = True
             self._lock.release()

@@ -1,6 +1,7 @@
 """The FluxSR ComfyUI nodes (classic node API). Loaded through the pack's root ``__init__.py``."""
 
 from .conditioning import FluxSRConditioning
+from .lora_loader import FluxSRLoraLoader
 from .teacher import FluxSRTeacherSampler
 from .tiling_options import FluxSRTilingOptions
 from .upscale import FluxSRUpscale
@@ -10,6 +11,7 @@ NODE_CLASS_MAPPINGS = {
     "FluxSRTilingOptions": FluxSRTilingOptions,
     "FluxSRUpscale": FluxSRUpscale,
     "FluxSRTeacherSampler": FluxSRTeacherSampler,
+    "FluxSRLoraLoader": FluxSRLoraLoader,
 }
 
 NODE_DISPLAY_NAME_MAPPINGS = {
@@ -17,6 +19,7 @@ NODE_DISPLAY_NAME_MAPPINGS = {
     "FluxSRTilingOptions": "FluxSR Tiling Options",
     "FluxSRUpscale": "FluxSR Upscale",
     "FluxSRTeacherSampler": "FluxSR Teacher Sampler",
+    "FluxSRLoraLoader": "FluxSR Load LoRA",
 }
 
 __all__ = ["NODE_CLASS_MAPPINGS", "NODE_DISPLAY_NAME_MAPPINGS"]

@@ -61,11 +61,19 @@ def conditioning_settings(conditioning: Any) -> Optional[RunSettings]:
     for _, extra in _check_conditioning(conditioning):
         data = extra.get(SETTINGS_KEY)
         if data:
-            return RunSettings(t_l=float(data.get("t_l", DEFAULT_T_L)),
-                               guidance=float(data.get("guidance", DEFAULT_GUIDANCE)),
-                               scale=float(data.get("scale", DEFAULT_SCALE)),
-                               source=dict(data.get("source") or {}))
+            return _settings_from_dict(data)
     return None
+
+
+def _settings_to_dict(settings: RunSettings) -> dict:
+    # Plain floats and strings: the dicts are deep-copied and pickled by ComfyUI's caches.
+    return {"t_l": float(settings.t_l), "guidance": float(settings.guidance), "scale": float(settings.scale),
+            "source": dict(settings.source or {})}
+
+
+def _settings_from_dict(data: dict) -> RunSettings:
+    return RunSettings(t_l=float(data.get("t_l", DEFAULT_T_L)), guidance=float(data.get("guidance", DEFAULT_GUIDANCE)),
+                       scale=float(data.get("scale", DEFAULT_SCALE)), source=dict(data.get("source") or {}))
 
 
 def make_conditioning(t5: torch.Tensor, clip_pooled: torch.Tensor, settings: RunSettings) -> list:
@@ -78,8 +86,7 @@ def make_conditioning(t5: torch.Tensor, clip_pooled: torch.Tensor, settings: Run
     extra = {
         "pooled_output": clip_pooled.float(),
         "guidance": float(settings.guidance),
-        SETTINGS_KEY: {"t_l": float(settings.t_l), "guidance": float(settings.guidance),
-                       "scale": float(settings.scale), "source": dict(settings.source or {})},
+        SETTINGS_KEY: _settings_to_dict(settings),
     }
     return [[t5.float(), extra]]
 
@@ -112,7 +119,7 @@ def check_flux_model(model: Any) -> None:
     fmt = getattr(inner, "latent_format", None)
     if inner is None or fmt is None or not hasattr(inner, "apply_model"):
         raise ValueError("the model input is not a ComfyUI MODEL; connect a UNETLoader (FLUX.1-dev) "
-                         "followed by LoraLoaderModelOnly with the FluxSR LoRA")
+                         "followed by FluxSR Load LoRA with the FluxSR LoRA")
     channels = getattr(fmt, "latent_channels", None)
     scale, shift = getattr(fmt, "scale_factor", None), getattr(fmt, "shift_factor", None)
     if channels != LATENT_CHANNELS or scale is None or shift is None or \
@@ -321,6 +328,60 @@ class ComfyCodec:
         if pixels.ndim == 5:  # video-capable VAEs return [B, T, H, W, C]
             pixels = pixels.reshape(-1, *pixels.shape[-3:])
         return pixels[..., :3].movedim(-1, 1).float()
+
+
+# --- MODEL: a LoRA applied by FluxSRLoraLoader, and the run settings it carries ----------------
+
+# The key under which FluxSRLoraLoader keeps the LoRA's run settings in the MODEL's
+# ``model_options``. ``ModelPatcher.clone`` deep-copies that dict, so the settings follow the
+# MODEL through later patch and LoRA nodes; ComfyUI ignores keys it does not know. (ComfyUI's own
+# LoRA loaders read tensors only, so a LoRA's metadata, T_L included, is lost with them.)
+MODEL_SETTINGS_KEY = "fluxsr_lora_settings"
+
+# LoRA down/A tensors, one per layer, in the namings ComfyUI reads.
+_LORA_LAYER_KEY = ("lora_A.weight", "lora_down.weight", "lora.down.weight", "lora_A.default.weight")
+
+
+def _patch_count(model: Any) -> int:
+    return sum(len(v) for v in getattr(model, "patches", {}).values())
+
+
+def apply_lora(model: Any, lora_state_dict: dict, strength: float, name: str) -> Any:
+    """``model`` with the LoRA patched in by ComfyUI (as LoraLoaderModelOnly does); a clone.
+
+    Refuses a LoRA none of whose layers fit the MODEL (another model family, or a MODEL that is
+    not FLUX.1), naming what it looks like; warns when only some layers found a place.
+    """
+    import comfy.sd  # noqa: PLC0415 - ComfyUI's module
+
+    from ..fluxsr_core.lora import guess_model_family
+
+    layers = sum(1 for k in lora_state_dict if k.endswith(_LORA_LAYER_KEY))
+    patched = comfy.sd.load_lora_for_models(model, None, lora_state_dict, float(strength), 0)[0]
+    placed = _patch_count(patched) - _patch_count(model)
+    if placed <= 0:
+        family = guess_model_family(lora_state_dict)
+        what = f"it looks like a LoRA for {family}" if family else "is it a FLUX.1 LoRA, and the MODEL FLUX.1-dev?"
+        raise ValueError(f"FluxSR Load LoRA: none of the {layers or len(lora_state_dict)} layers of {name} fit "
+                         f"this MODEL ({what}); connect FLUX.1-dev and pick the FluxSR LoRA")
+    if layers and placed < layers:
+        log.warning("FluxSR Load LoRA: only %d of the %d layers of %s found a place in this MODEL (ComfyUI logs "
+                    "the others as 'lora key not loaded'); the upscale runs without them", placed, layers, name)
+    return patched
+
+
+def attach_model_settings(model: Any, settings: RunSettings) -> None:
+    """Keep the LoRA's run settings in ``model``'s options (a clone of its own, not the input)."""
+    options = getattr(model, "model_options", None)
+    if options is None:
+        raise ValueError("the MODEL has no model_options: is it a ComfyUI MODEL (ModelPatcher)?")
+    options[MODEL_SETTINGS_KEY] = _settings_to_dict(settings)
+
+
+def model_settings(model: Any) -> Optional[RunSettings]:
+    """The run settings FluxSRLoraLoader attached to a MODEL; None for any other MODEL."""
+    data = (getattr(model, "model_options", None) or {}).get(MODEL_SETTINGS_KEY)
+    return _settings_from_dict(data) if data else None
 
 
 # --- factories (CI tests replace these with diffusers-backed ones) ---------------------------

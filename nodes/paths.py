@@ -1,8 +1,10 @@
-"""``models/fluxsr``: where conditioning bundles live, registered with ComfyUI's folder_paths.
+"""Where the pack's files live in ComfyUI's model folders.
 
-A bundle is either our ``.safetensors`` file, or a folder holding the third-party
+``models/fluxsr`` holds conditioning bundles and is registered here with ComfyUI's
+folder_paths. A bundle is either our ``.safetensors`` file, or a folder holding the third-party
 ``t5_embedding.pth`` + ``clip_embedding.pth`` pair. ComfyUI's file lists only see files, so
-bundle folders are found here by a shallow scan of the registered folders.
+bundle folders are found here by a shallow scan of the registered folders. LoRAs stay in
+ComfyUI's own ``models/loras``.
 """
 
 from __future__ import annotations
@@ -106,8 +108,50 @@ def bundle_signature(name: str) -> Optional[str]:
     parts = []
     for f in files:
         try:
-            st = os.stat(f)
+            parts.append(f"{os.path.basename(f)}:{file_signature(f)}")
         except OSError:
             continue
-        parts.append(f"{os.path.basename(f)}:{st.st_size}:{st.st_mtime_ns}")
     return "|".join(parts)
+
+
+# --- models/loras (ComfyUI's folder) -------------------------------------------------------------
+
+LORA_FOLDER_NAME = "loras"
+
+
+def list_loras() -> list[str]:
+    """The LoRA files ComfyUI lists under ``models/loras`` (empty without ComfyUI)."""
+    try:
+        import folder_paths  # noqa: PLC0415
+    except ImportError:
+        return []
+    return list(folder_paths.get_filename_list(LORA_FOLDER_NAME))
+
+
+def resolve_lora(name: str) -> str:
+    """The full path of LoRA ``name`` from ComfyUI's list; FileNotFoundError naming the folders."""
+    if not name:
+        raise FileNotFoundError("no LoRA selected; put the FluxSR LoRA in models/loras and refresh the page")
+    try:
+        import folder_paths  # noqa: PLC0415
+    except ImportError:
+        raise FileNotFoundError(f"LoRA {name!r}: ComfyUI's folder_paths is not available") from None
+    path = folder_paths.get_full_path(LORA_FOLDER_NAME, name)
+    if path is None or not os.path.isfile(path):
+        where = ", ".join(folder_paths.get_folder_paths(LORA_FOLDER_NAME)) or "models/loras"
+        raise FileNotFoundError(f"LoRA {name!r} not found in {where}")
+    return path
+
+
+def file_signature(path: str) -> str:
+    """Size and modification time: changes when the file is replaced or rewritten."""
+    st = os.stat(path)
+    return f"{st.st_size}:{st.st_mtime_ns}"
+
+
+def lora_signature(name: str) -> Optional[str]:
+    """A string that changes when the LoRA file changes (ComfyUI's IS_CHANGED); None if missing."""
+    try:
+        return file_signature(resolve_lora(name))
+    except OSError:  # FileNotFoundError included
+        return None

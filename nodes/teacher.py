@@ -166,6 +166,17 @@ def resolve_dataset_folder(folder: str) -> str:
         f"{DATASET_ROOTS_ENV} (several separated by {os.pathsep!r}) before starting ComfyUI")
 
 
+def dataset_folder_identity(folder: str) -> str:
+    """``"none"``, ``"absent"`` or the folder's device and inode: changes when it is deleted or replaced."""
+    if not folder or not folder.strip():
+        return "none"
+    try:
+        st = os.stat(resolve_dataset_folder(folder))
+    except (OSError, ValueError):  # refused folders are VALIDATE_INPUTS' to report
+        return "absent"
+    return f"{st.st_dev}:{st.st_ino}"
+
+
 class FluxSRTeacherSampler:
     """FLUX.1-dev multi-step sampling of teacher pairs for FluxSR training."""
 
@@ -215,6 +226,14 @@ class FluxSRTeacherSampler:
                                "Empty: nothing is saved."}),
             }
         }
+
+    @classmethod
+    def IS_CHANGED(cls, dataset_folder="", **_):
+        # ComfyUI re-runs a node only when an input or this value changes. A dataset folder that
+        # was deleted (or replaced) since the last run must get its pair again, so the folder's
+        # identity is part of the value; our own writes into it leave that identity alone, so
+        # re-queueing an unchanged graph stays a cached no-op.
+        return dataset_folder_identity(dataset_folder)
 
     @classmethod
     def VALIDATE_INPUTS(cls, dataset_folder=""):

@@ -17,19 +17,19 @@ from .common import CATEGORY, TILING_TYPE
 log = logging.getLogger("fluxsr")
 
 
-def resolve_t_l(widget: float, conditioning: Any) -> tuple[float, str]:
-    """T_L to use and where it came from: the widget when > 0, else the conditioning's, else ours.
-
-    A bundle without run settings carries our default; the source then says so (``fluxsr
-    upscale`` would read T_L from the LoRA's metadata, which ComfyUI's LoRA loader drops).
+def resolve_t_l(widget: float, conditioning: Any, model: Any = None) -> tuple[float, str]:
+    """T_L to use and where it came from, in ``fluxsr upscale``'s order: the widget when > 0,
+    else the conditioning bundle's, else the LoRA's (kept on the MODEL by FluxSR Load LoRA),
+    else ours. A bundle without run settings carries our default; it is then not credited.
     """
     if widget and widget > 0:
         return float(widget), "FluxSRUpscale widget"
-    settings = comfy_adapters.conditioning_settings(conditioning)
-    if settings is not None and (settings.source or {}).get("t_l", "default") != "default":
-        return float(settings.t_l), f"conditioning: {settings.source['t_l']}"
-    return DEFAULT_T_L, ("default: the conditioning carries no T_L; set the t_l widget to the value the LoRA was "
-                         "trained with")
+    for settings, where in ((comfy_adapters.conditioning_settings(conditioning), "conditioning"),
+                            (comfy_adapters.model_settings(model), "model")):
+        if settings is not None and (settings.source or {}).get("t_l", "default") != "default":
+            return float(settings.t_l), f"{where}: {settings.source['t_l']}"
+    return DEFAULT_T_L, ("default: neither the conditioning nor the MODEL carries a T_L; load the LoRA with "
+                         "FluxSR Load LoRA, or set the t_l widget to the value the LoRA was trained with")
 
 
 # What to try when even the smallest tiles do not fit, in ComfyUI's terms.
@@ -96,7 +96,7 @@ class FluxSRUpscale:
         "Upscales images with FluxSR: the image is resized to the target size, encoded with the "
         "FLUX VAE, moved to the clean image by one transformer step of FLUX.1-dev with the FluxSR "
         "LoRA (z_H = z_L - T_L * v), decoded and colour-corrected. Connect UNETLoader (FLUX.1-dev) "
-        "-> LoraLoaderModelOnly (FluxSR LoRA) to model, VAELoader (ae.safetensors) to vae and "
+        "-> FluxSR Load LoRA to model, VAELoader (ae.safetensors) to vae and "
         "FluxSR Conditioning to conditioning. Large images run in tiles; RGBA keeps its alpha.")
     CATEGORY = CATEGORY
     FUNCTION = "upscale"
@@ -110,8 +110,8 @@ class FluxSRUpscale:
         return {
             "required": {
                 "image": ("IMAGE", {"tooltip": "The images to upscale (a batch; RGBA keeps its alpha)."}),
-                "model": ("MODEL", {"tooltip": "FLUX.1-dev with the FluxSR LoRA applied "
-                                               "(UNETLoader -> LoraLoaderModelOnly)."}),
+                "model": ("MODEL", {"tooltip": "FLUX.1-dev with the FluxSR LoRA applied (UNETLoader -> "
+                                               "FluxSR Load LoRA, which also carries the LoRA's T_L)."}),
                 "vae": ("VAE", {"tooltip": "The FLUX VAE (ae.safetensors via VAELoader)."}),
                 "conditioning": ("CONDITIONING", {
                     "tooltip": "FluxSR Conditioning (carries T_L and guidance); a FLUX CLIPTextEncode "
@@ -120,7 +120,8 @@ class FluxSRUpscale:
                                     "tooltip": "Upscale factor; any value, FluxSR was trained for 4x."}),
                 "t_l": ("FLOAT", {"default": 0.0, "min": 0.0, "max": 0.99, "step": 0.01,
                                   "tooltip": "T_L, the time the LR latent is placed at. 0 = the "
-                                             "conditioning bundle's value, else 0.25."}),
+                                             "conditioning bundle's value, else the LoRA's (via "
+                                             "FluxSR Load LoRA), else 0.25."}),
                 "color_fix": (list(upscaler.COLOR_FIXES), {
                     "default": "wavelet",
                     "tooltip": "Colour correction against the input: wavelet (keeps the low "
@@ -135,7 +136,7 @@ class FluxSRUpscale:
 
     def upscale(self, image, model, vae, conditioning, scale=4.0, t_l=0.0, color_fix="wavelet", tiling=None):
         tiling_config = tiling if tiling is not None else TilingConfig()
-        t_l_used, t_l_source = resolve_t_l(t_l, conditioning)
+        t_l_used, t_l_source = resolve_t_l(t_l, conditioning, model)
         options = upscaler.UpscaleOptions(scale=float(scale), t_l=t_l_used, color_fix=str(color_fix),
                                           tiling=tiling_config).validate()
         velocity = comfy_adapters.make_velocity(model)

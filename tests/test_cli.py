@@ -272,3 +272,78 @@ def test_fp8_modes_give_the_same_image_built_directly_or_cast_after_loading(tmp_
 def test_memory_mode_auto_is_the_default_and_says_what_it_chose(tmp_path, photo_png, tiny_model_files, capsys):
     assert cli.main(["upscale", str(photo_png), "-o", str(tmp_path / "o.png")] + model_args(tiny_model_files)) == 0
     assert "memory mode none (auto: cpu: the weights live in RAM whatever the mode)" in capsys.readouterr().err
+
+
+def test_broken_links_in_a_folder_are_reported_and_counted(tmp_path, photo_png, tiny_model_files, capsys):
+    """A folder's broken links with an image name are failed before the models load, by name,
+    and counted; the folder's images still run. Other names are not looked at."""
+    folder = tmp_path / "in"
+    folder.mkdir()
+    (folder / "a.png").write_bytes(photo_png.read_bytes())
+    (folder / "gone.jpg").symlink_to(tmp_path / "deleted.jpg")
+    (folder / "notes.txt").symlink_to(tmp_path / "deleted.txt")
+    out = tmp_path / "out"
+    code = cli.main(["upscale", str(folder), "-o", str(out), "--scale", "2"] + model_args(tiny_model_files))
+    err = capsys.readouterr().err
+    assert code == 1 and "Traceback" not in err
+    assert f"FAIL {folder / 'gone.jpg'}: " in err and "broken symbolic link" in err and "deleted.jpg" in err
+    assert err.index("gone.jpg") < err.index("fluxsr: device")  # said before the models load
+    assert "1 upscaled, 0 skipped, 1 failed" in err and f"  failed: {folder / 'gone.jpg'}: " in err
+    assert "notes.txt" not in err
+    assert sorted(p.name for p in out.iterdir()) == ["a.png"]
+
+
+def test_a_broken_link_given_as_input_is_an_error_naming_it(tmp_path, photo_png, tiny_model_files, capsys,
+                                                            monkeypatch):
+    link = tmp_path / "photo.png"
+    link.symlink_to(tmp_path / "moved-away.png")
+    monkeypatch.setattr(cli, "_load_pipeline", lambda *a: pytest.fail("models loaded for nothing"))
+    code = cli.main(["upscale", str(link), "-o", str(tmp_path / "out")] + model_args(tiny_model_files))
+    err = capsys.readouterr().err
+    assert code == 1 and "Traceback" not in err
+    assert f"FAIL {link}: " in err and "broken symbolic link" in err and "moved-away.png" in err
+    assert "0 upscaled, 0 skipped, 1 failed" in err
+    assert not (tmp_path / "out").exists()
+    # with a good input beside it, one output name still means one input
+    code = cli.main(["upscale", str(photo_png), str(link), "-o", str(tmp_path / "o.png")] + model_args(tiny_model_files))
+    assert code == 2 and "there are 2 inputs" in capsys.readouterr().err
+
+
+def test_an_unwritable_output_folder_is_fine_when_every_output_exists(tmp_path, photo_png, tiny_model_files, capsys,
+                                                                      monkeypatch):
+    """Nothing would be written (all skipped as existing), so the folder's permissions do not matter;
+    with --overwrite there is something to write, and the folder is refused before the models load."""
+    locked = tmp_path / "locked"
+    locked.mkdir()
+    (locked / photo_png.name).write_bytes(b"keep me")
+    real_access = os.access  # root may write anywhere: the lock is simulated
+    monkeypatch.setattr(os, "access", lambda path, mode: False if Path(path) == locked else real_access(path, mode))
+    monkeypatch.setattr(cli, "_load_pipeline", lambda *a: pytest.fail("models loaded"))
+    code = cli.main(["upscale", str(photo_png), "-o", str(locked)] + model_args(tiny_model_files))
+    err = capsys.readouterr().err
+    assert code == 0 and "cannot write" not in err
+    assert f"skip {photo_png}: {locked / photo_png.name} exists" in err and "nothing to do: all 1 output(s) exist" in err
+    code = cli.main(["upscale", str(photo_png), "-o", str(locked), "--overwrite"] + model_args(tiny_model_files))
+    assert code == 2 and f"cannot write into {locked}" in capsys.readouterr().err
+    assert (locked / photo_png.name).read_bytes() == b"keep me"
+
+
+def test_a_folder_entry_that_cannot_be_looked_at_is_reported(tmp_path, photo_png, monkeypatch):
+    """An image-named entry whose stat fails (permission denied on it: simulated, root may read anything)
+    is listed as unreadable with why, not dropped; subfolders and other names are not inputs."""
+    folder = tmp_path / "in"
+    folder.mkdir()
+    (folder / "a.png").write_bytes(photo_png.read_bytes())
+    (folder / "hidden.png").write_bytes(photo_png.read_bytes())
+    (folder / "sub.png").mkdir()
+    real_stat = Path.stat
+
+    def stat(self, *args, **kwargs):
+        if self.name == "hidden.png":
+            raise PermissionError(13, "Permission denied", str(self))
+        return real_stat(self, *args, **kwargs)
+
+    monkeypatch.setattr(Path, "stat", stat)
+    jobs, unreadable = cli.collect_jobs([folder], tmp_path / "out")
+    assert [j.source.name for j in jobs] == ["a.png"] and jobs[0].target == tmp_path / "out" / "a.png"
+    assert [(p.name, "Permission denied" in why) for p, why in unreadable] == [("hidden.png", True)]

@@ -36,6 +36,7 @@ import subprocess
 import sys
 import time
 from pathlib import Path
+from typing import Callable, Optional
 
 import numpy as np
 import pytest
@@ -144,10 +145,13 @@ def load_png(path) -> np.ndarray:
 
 def test_pack_registers_its_nodes(server, object_info):
     ours = {k: v for k, v in object_info.items() if k.startswith("FluxSR")}
-    assert set(ours) == {"FluxSRConditioning", "FluxSRTilingOptions", "FluxSRUpscale", "FluxSRTeacherSampler"}
+    assert set(ours) == {"FluxSRConditioning", "FluxSRTilingOptions", "FluxSRUpscale", "FluxSRTeacherSampler",
+                         "FluxSRLoraLoader"}
     assert all(v["category"] == "image/upscaling/FluxSR" for v in ours.values())
     bundles = ours["FluxSRConditioning"]["input"]["required"]["bundle"][0]
-    assert bundles == [Path(weights.BUNDLE_FILE).name, Path(weights.THIRDPARTY_DIR).name]
+    assert bundles == sorted(Path(p).name for p in (weights.BUNDLE_FILE, weights.THIRDPARTY_DIR, weights.NOSETTINGS_DIR))
+    loras = ours["FluxSRLoraLoader"]["input"]["required"]["lora_name"][0]
+    assert {Path(weights.LORA_FILE).name, Path(weights.LORA_T_L_FILE).name} <= set(loras)
     log = server.log_text()
     assert server_mod.PACK_DIR_NAME in log  # listed under "Import times for custom nodes"
     assert "IMPORT FAILED" not in "\n".join(ln for ln in log.splitlines() if server_mod.PACK_DIR_NAME in ln)
@@ -184,23 +188,26 @@ def _core_upscale(models_dir: Path, image_path: Path, scale: float, flux_file: s
 
 
 def run_upscale_graph(server, image_name: str, prefix: str, loader: dict | None = None,
-                      scale: float = 2.0) -> np.ndarray:
+                      scale: float = 2.0, edit: Optional[Callable[[dict], None]] = None) -> np.ndarray:
     """The shipped upscale workflow on the test files (``loader`` replaces or edits node 1,
-    the model loader); returns the saved picture."""
+    the model loader; ``edit`` changes the prompt further); returns the saved picture."""
     prompt = with_test_files(read_workflow("fluxsr_upscale_api"), image_name)
     if loader is not None:
         prompt["1"] = loader if "class_type" in loader else dict(prompt["1"], inputs={**prompt["1"]["inputs"], **loader})
+    if edit is not None:
+        edit(prompt)
     prompt["6"]["inputs"]["scale"] = scale
     prompt["7"]["inputs"]["filename_prefix"] = prefix
     (out_file,) = server.output_files(server.run(prompt, timeout=900))
     return load_png(out_file)
 
 
-def run_cli(models_dir: Path, image: Path, target: Path, *extra: str) -> np.ndarray:
+def run_cli(models_dir: Path, image: Path, target: Path, *extra: str, lora: str = weights.LORA_FILE,
+            conditioning: str = weights.BUNDLE_FILE) -> np.ndarray:
     """``fluxsr upscale`` x2 on the test files (fp32, CPU); returns the written picture."""
     cmd = [sys.executable, "-m", "fluxsr_core.cli", "upscale", str(image), "-o", str(target), "--quiet",
            "--transformer", str(models_dir / weights.FLUX_FILE), "--vae", str(models_dir / weights.VAE_FILE),
-           "--lora", str(models_dir / weights.LORA_FILE), "--conditioning", str(models_dir / weights.BUNDLE_FILE),
+           "--lora", str(models_dir / lora), "--conditioning", str(models_dir / conditioning),
            "--scale", "2", "--device", "cpu", "--dtype", "fp32", *extra]
     r = subprocess.run(cmd, capture_output=True, text=True, timeout=900, cwd=REPO)
     assert r.returncode == 0, r.stderr[-3000:]
@@ -233,9 +240,37 @@ def test_upscale_workflow_matches_the_cli(server, models_dir, input_image, tmp_p
     assert graph.std() > 5  # not a flat image: the comparison means something
 
 
+def test_the_loras_t_l_reaches_the_upscale_through_fluxsr_load_lora(server, models_dir, input_image, tmp_path):
+    """ComfyUI's LoRA loaders drop a LoRA's metadata; FluxSR Load LoRA keeps its T_L with the
+    MODEL. With a bundle that carries no T_L, the graph runs at the LoRA's T_L (0.45), as
+    ``fluxsr upscale`` does with the same files; through LoraLoaderModelOnly it falls back to
+    the default and says so."""
+    path, name = input_image
+    lora_name, bundle_name = Path(weights.LORA_T_L_FILE).name, Path(weights.NOSETTINGS_DIR).name
+
+    def files(prompt: dict) -> None:
+        prompt["2"]["inputs"]["lora_name"] = lora_name
+        prompt["4"]["inputs"]["bundle"] = bundle_name
+
+    graph = run_upscale_graph(server, name, "lora_t_l", edit=files)
+    assert re.search(r"T_L=0\.45 \(model: LoRA fluxsr-test-lora-tl045\.safetensors\)", server.log_text())
+    cli = run_cli(models_dir, path, tmp_path / "cli.png", lora=weights.LORA_T_L_FILE,
+                  conditioning=weights.NOSETTINGS_DIR)
+    diff = np.abs(cli - graph)
+    assert diff.max() <= 1 and diff.mean() < 0.75, (diff.max(), diff.mean())
+
+    def comfy_loader(prompt: dict) -> None:
+        files(prompt)
+        prompt["2"]["class_type"] = "LoraLoaderModelOnly"
+
+    plain = run_upscale_graph(server, name, "lora_t_l_plain", edit=comfy_loader)
+    assert "T_L=0.25 (default: neither the conditioning nor the MODEL carries a T_L" in server.log_text()
+    assert np.abs(plain - graph).mean() > 1  # T_L matters: 0.25 is another picture
+
+
 def test_upscale_on_a_gguf_model_through_comfyui_gguf(server, models_dir, input_image, object_info):
     """A GGUF FLUX (Q8_0, as ComfyUI-GGUF's converter writes it) loaded by ComfyUI-GGUF's own
-    loader, the LoRA through LoraLoaderModelOnly: the upscale equals the core's on the
+    loader, the LoRA through FluxSR Load LoRA: the upscale equals the core's on the
     dequantised weights, as the safetensors graph equals it on the file's."""
     if not GGUF_PACK:
         pytest.skip("set COMFYUI_GGUF_DIR to a ComfyUI-GGUF checkout")

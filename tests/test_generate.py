@@ -251,3 +251,153 @@ def test_config_errors_and_cli(inputs, tmp_path, capsys):
         assert cli_main(args[:-1] + ["--writer-prefix", "busy"]) == 2
     err = capsys.readouterr().err
     assert "another live process is writing" in err and "--writer-prefix" in err and "Traceback" not in err
+
+
+# --- memory, long prompts, disk full ----------------------------------------------------------
+
+class LiveEmbeddings:
+    """Counts the T5 embeddings in memory at once (made by the encoder, or read back from disk):
+    their storages, which stay alive as long as any view of them does."""
+
+    def __init__(self):
+        import weakref
+
+        self._storages = weakref.WeakSet()
+        self.peak = self.made = 0
+
+    @property
+    def alive(self) -> int:
+        return len(self._storages)
+
+    def track(self, t5: torch.Tensor) -> None:
+        self._storages.add(t5.untyped_storage())
+        self.made += 1
+        self.peak = max(self.peak, self.alive)
+
+
+def test_conditionings_are_made_before_the_transformer_and_memory_does_not_grow_with_the_prompts(
+        inputs, tmp_path, monkeypatch):
+    """T5 embeddings are 4 MiB each for FLUX: a run must not hold one per prompt."""
+    import itertools
+
+    from fluxsr_core import bundle as B
+    from fluxsr_core import pairs as P
+
+    words = ["a", "cat", "dog", "bird"]
+    prompts = [" ".join(c) for c in itertools.product(words, repeat=3)][:24]
+    (tmp_path / "many.txt").write_text("\n".join(prompts) + "\n")
+    te = tiny_text_encoders(tmp_path / "flux")
+    cfg = cfg_for(inputs, tmp_path / "out", "bundle=''", f"text_encoders={str(te)!r}", "max_sequence_length=6",
+                  f"prompts={str(tmp_path / 'many.txt')!r}", "pairs_per_prompt=1", "save_image=false", "steps=2",
+                  "height=16", "width=16", "shard_size=4")
+    live, events, alive_at_pair = LiveEmbeddings(), [], []
+    encode, load_file, load_models = B.encode_prompt_bundle, P._load_conditioning_file, models.load_models
+
+    def counted_encode(*a, **k):
+        b = encode(*a, **k)
+        live.track(b.t5)
+        events.append("encode")
+        return b
+
+    def counted_load_file(path, key):
+        t5, clip = load_file(path, key)
+        live.track(t5)
+        return t5, clip
+
+    def logged_load_models(*a, **k):
+        events.append("load_models")
+        return load_models(*a, **k)
+
+    monkeypatch.setattr(B, "encode_prompt_bundle", counted_encode)
+    monkeypatch.setattr(P, "_load_conditioning_file", counted_load_file)
+    monkeypatch.setattr(models, "load_models", logged_load_models)
+    result = G.generate_pairs(cfg, on_pair=lambda pid: alive_at_pair.append(live.alive))
+    monkeypatch.undo()
+
+    assert events == ["encode"] * 24 + ["load_models"]   # all encoded (once each) before the transformer loads
+    assert live.made >= 24 and live.peak <= 2            # not 24: bounded by a constant, not the prompt count
+    assert 1 <= min(alive_at_pair) and max(alive_at_pair) <= 2  # the pair's own conditioning, hardly more
+    # the pairs are those the in-memory conditionings gave before: same ids, conditionings, latents, metadata
+    assert result.written == [pair_id(i, i) for i in range(24)]
+    ds = PairDataset(tmp_path / "out")
+    assert ds.ids == result.written and verify_pairs(tmp_path / "out").ok
+    assert not list((tmp_path / "out").glob("*.tmp")) and len(list((tmp_path / "out").glob("cond-*"))) == 24
+    from fluxsr_core.bundle import encode_prompt_bundle
+    from fluxsr_core.pairs import conditioning_key
+
+    enc = G.load_text_encoders(cfg, torch.float32, torch.device("cpu"))
+    velocity = models.DiffusersVelocity(models.load_transformer("tiny", dtype="fp32", device=None, seed=5),
+                                        compute_dtype=torch.float32, device=torch.device("cpu"))
+    for i, prompt in enumerate(prompts):
+        item = ds[ds.index_of(pair_id(i, i))]
+        direct = encode_prompt_bundle(prompt, *enc, RunSettings(), max_sequence_length=6)
+        assert torch.equal(item["t5"], direct.t5[0]) and torch.equal(item["clip_pooled"], direct.clip_pooled[0])
+        assert item["cond_key"] == conditioning_key(direct.t5, direct.clip_pooled)
+        job = G.Job(i, prompt, i)
+        _, z0, _, _ = G.sample_batch(velocity, [job], {prompt: (direct.t5, direct.clip_pooled)}, cfg,
+                                     torch.device("cpu"))
+        assert torch.equal(item["z0"], z0[0]) and torch.equal(item["eps"], G.noise_for(i, 16, 16))
+        assert (item["meta"]["prompt"], item["meta"]["prompt_index"], item["meta"]["seed"]) == (prompt, i, i)
+
+
+def test_a_prompt_too_long_to_store_is_refused_before_anything_loads(inputs, tmp_path, monkeypatch):
+    """A 13 MB line used to fail only after sampling, when its shard's header went past 100 MB."""
+    limit = G.MAX_PROMPT_CHARS
+    ok = tmp_path / "ok.txt"
+    ok.write_text("x" * limit + "\n")
+    assert G.read_prompts(ok) == [("x" * limit, None)]                  # the limit itself is accepted
+    long_txt = tmp_path / "long.txt"
+    long_txt.write_text("a cat\n\n" + "a photo of a cat " * 800_000 + "\n")  # 13.6 MB, stripped: 13,599,999
+    long_jsonl = tmp_path / "long.jsonl"
+    long_jsonl.write_text('{"prompt": "a cat"}\n\n{"prompt": "' + "y" * (limit + 1) + '"}\n')
+    for m in ("load_models", "transformer_config_of"):
+        monkeypatch.setattr(models, m, lambda *a, **k: pytest.fail("a model loaded before the prompts were checked"))
+    monkeypatch.setattr(G, "load_text_encoders", lambda *a, **k: pytest.fail("encoders loaded first"))
+    for path, n in ((long_txt, "13,599,999"), (long_jsonl, f"{limit + 1:,}")):
+        out = tmp_path / f"out-{path.suffix[1:]}"
+        with pytest.raises(ValueError, match=rf"{path.name} line 3: the prompt is {n} characters long, more than "
+                                             rf"the {limit:,} accepted .*100 MB.*shorten the line"):
+            G.generate_pairs(cfg_for(inputs, out, f"prompts={str(path)!r}"))
+        assert not out.exists()                                           # nothing written
+
+
+def test_disk_full_is_one_message_and_the_same_command_then_finishes(inputs, tmp_path, monkeypatch, capsys):
+    import errno
+    import os
+
+    from fluxsr_core import pairs as P
+
+    root, bundle, prompts = inputs
+    out = tmp_path / "cli"
+    args = ["pairs", "--transformer", "tiny", "--vae", "tiny", "--dtype", "fp32", "--device", "cpu",
+            "--prompts", str(prompts), "--output", str(out), "--bundle", str(bundle), "--steps", "2", "--height", "16",
+            "--width", "16", "--shard-size", "1", "--writer-prefix", "node", "--no-progress-bar", "--no-fsync"]
+    write = P._write_file_durably
+    shards_tried = []
+
+    def second_shard_fills_the_disk(path, data, fsync):
+        if Path(path).name.startswith("shard-"):
+            shards_tried.append(Path(path).name)
+            if len(shards_tried) >= 2:
+                write(path, data[: len(data) // 2], fsync)                # half of it lands, then the disk is full
+                raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
+        write(path, data, fsync)
+
+    monkeypatch.setattr(P, "_write_file_durably", second_shard_fills_the_disk)
+    assert cli_main(args) == 2
+    err = capsys.readouterr().err
+    second = out / "shard-node-rank0-000002.safetensors"
+    assert err == (f"fluxsr-train pairs: error: no space left on device writing {second}; free space and run the "
+                   "same command again: the finished pairs are kept\n")
+    assert shards_tried == ["shard-node-rank0-000001.safetensors.tmp", "shard-node-rank0-000002.safetensors.tmp"]
+    assert not list(out.glob("*.tmp")) and not second.exists()
+    assert PairDataset(out).ids == [pair_id(0, 0)]                        # the finished pair is kept
+
+    monkeypatch.undo()                                                    # space freed: the same command again
+    assert cli_main(args) == 0
+    assert "wrote 2 new pairs" in capsys.readouterr().out
+    assert cli_main(args + [f"--output={tmp_path / 'clean'}"]) == 0       # a run the disk never stopped
+    a, b = read_all(out), read_all(tmp_path / "clean")
+    assert list(a) == list(b) == [pair_id(i, i) for i in range(3)] and verify_pairs(out).ok
+    for k in a:
+        assert torch.equal(a[k]["eps"], b[k]["eps"]) and torch.equal(a[k]["z0"], b[k]["z0"])

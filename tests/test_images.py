@@ -144,13 +144,62 @@ def test_rgb16_tiff_keeps_16_bits(tmp_path, rng):
             assert li.bit_depth == 16 and np.array_equal(u16(li.rgb), a), (comp, order)
 
 
-def test_float_tiff_clipped(tmp_path):
-    a = np.array([[-0.5, 0.25], [0.75, 3.0]], np.float32)
+def test_float_tiff_overshoot_clipped(tmp_path):
+    """0..1 floats a little past either end (resampling/sharpening overshoot) are clipped, with a note."""
+    a = np.array([[-0.05, 0.25], [0.75, 1.08]], np.float32)
     Image.fromarray(a, mode="F").save(tmp_path / "f.tif")
     li = load_image(tmp_path / "f.tif")
     assert li.grayscale and li.bit_depth == 16 and li.source_mode == "F"
     assert torch.allclose(li.rgb[0, 1], torch.tensor([[0.0, 0.25], [0.75, 1.0]]))
     assert any("clipped" in n for n in li.notes)
+    Image.fromarray(np.array([[0.0, 0.5], [0.25, 1.0]], np.float32), mode="F").save(tmp_path / "in.tif")
+    assert load_image(tmp_path / "in.tif").notes == []  # 0..1 as it should be: nothing to say
+
+
+def test_float_tiff_holding_0_255_is_read_as_8bit_values(tmp_path):
+    """8-bit data saved as float (0..255) is divided by 255 and says so, instead of coming out white."""
+    a = np.arange(0, 256, 17, dtype=np.float32).reshape(4, 4)
+    Image.fromarray(a, mode="F").save(tmp_path / "f255.tif")
+    li = load_image(tmp_path / "f255.tif")
+    assert torch.allclose(li.rgb[0, 0], torch.from_numpy(a / 255), atol=1e-6)
+    assert float(li.rgb.max()) == 1.0 and float(li.rgb.min()) == 0.0
+    assert len(li.notes) == 1 and "divided by 255" in li.notes[0] and "f255.tif" in li.notes[0]
+    # NaN stays black, +inf is the brightest value of the file's range (not 1/255)
+    b = a.copy()
+    b[0, 0], b[0, 1] = np.nan, np.inf
+    Image.fromarray(b, mode="F").save(tmp_path / "fnan.tif")
+    li = load_image(tmp_path / "fnan.tif")
+    assert li.rgb[0, 0, 0, :3].tolist() == [0.0, 1.0, pytest.approx(34 / 255)]
+    assert any("NaN" in n for n in li.notes) and any("divided by 255" in n for n in li.notes)
+
+
+@pytest.mark.parametrize("values,hint", [
+    ([-1.0, -0.3, 0.4, 1.0], r"\(x \+ 1\) / 2"),   # a -1..1 network output
+    ([0.0, 0.2, 40.0, 900.0], "HDR"),                 # far above 255
+    ([0.0, 0.3, 0.9, 1.6], "neither 0..1"),           # too far above 1 for overshoot, too low for 0..255
+    ([-60.0, 0.0, 100.0, 255.0], "negative"),         # 0..255 with far negative values
+])
+def test_float_tiff_in_another_range_is_refused(tmp_path, values, hint):
+    """Clipping these would ruin them (white, or black); the error names the range and what to do."""
+    Image.fromarray(np.array(values, np.float32).reshape(2, 2), mode="F").save(tmp_path / "f.tif")
+    with pytest.raises(I.FloatRangeError, match=hint) as exc:
+        load_image(tmp_path / "f.tif")
+    msg = str(exc.value)
+    assert "f.tif" in msg and f"{min(values):.4g} to {max(values):.4g}" in msg
+    assert isinstance(exc.value, ImageFileError)
+
+
+def test_float_tiff_without_finite_values_is_refused(tmp_path):
+    Image.fromarray(np.full((2, 2), np.nan, np.float32), mode="F").save(tmp_path / "nan.tif")
+    with pytest.raises(I.FloatRangeError, match="nan.tif.*no finite values"):
+        load_image(tmp_path / "nan.tif")
+
+
+def test_float_colour_tiff_error_says_what_pillow_reads(tmp_path):
+    tifffile = pytest.importorskip("tifffile")
+    tifffile.imwrite(tmp_path / "rgb32f.tif", np.zeros((4, 5, 3), np.float32), photometric="rgb")
+    with pytest.raises(NotAnImageError, match="rgb32f.tif.*float.*one channel.*16-bit"):
+        load_image(tmp_path / "rgb32f.tif")
 
 
 def test_gray8_and_bilevel(tmp_path, rng):
@@ -238,6 +287,21 @@ def test_exif_orientation_8bit_and_16bit(tmp_path, rng, orientation):
 def test_missing_file(tmp_path):
     with pytest.raises(ImageNotFoundError, match="not found.*nope.png"):
         load_image(tmp_path / "nope.png")
+
+
+def test_broken_link_is_named_as_one(tmp_path):
+    (tmp_path / "gone.png").symlink_to(tmp_path / "deleted.png")
+    with pytest.raises(I.BrokenLinkError, match=r"gone.png.*broken symbolic link.*deleted.png.*does not exist"):
+        load_image(tmp_path / "gone.png")
+    (tmp_path / "a.png").symlink_to("b.png")
+    (tmp_path / "b.png").symlink_to("a.png")  # a loop: it points nowhere either
+    with pytest.raises(I.BrokenLinkError, match=r"a.png.*broken symbolic link.*cannot be reached"):
+        load_image(tmp_path / "a.png")
+    assert issubclass(I.BrokenLinkError, ImageNotFoundError)  # callers catching "not found" still do
+    Image.new("RGB", (3, 2)).save(tmp_path / "real.png")
+    (tmp_path / "ok.png").symlink_to("real.png")
+    assert I.broken_link_message(tmp_path / "ok.png") is None and load_image(tmp_path / "ok.png").size == (2, 3)
+    assert I.broken_link_message(tmp_path / "real.png") is None
 
 
 def test_folder_and_empty_file(tmp_path):

@@ -206,7 +206,7 @@ def fake_comfy(monkeypatch):
 
 # --- loading ------------------------------------------------------------------------------------
 
-NODE_IDS = ["FluxSRConditioning", "FluxSRTilingOptions", "FluxSRUpscale", "FluxSRTeacherSampler"]
+NODE_IDS = ["FluxSRConditioning", "FluxSRTilingOptions", "FluxSRUpscale", "FluxSRTeacherSampler", "FluxSRLoraLoader"]
 
 
 def test_pack_loads_as_comfyui_loads_it(pack):
@@ -329,6 +329,7 @@ def test_widget_order_is_frozen(pack):
         "FluxSRUpscale": ["image", "model", "vae", "conditioning", "scale", "t_l", "color_fix", "tiling"],
         "FluxSRTeacherSampler": ["model", "conditioning", "vae", "seed", "steps", "width", "height",
                                  "trajectory_previews", "dataset_folder"],
+        "FluxSRLoraLoader": ["model", "lora_name", "strength_model"],
     }
     for node_id, names in expect.items():
         got = [n for _, n, _ in _inputs(pack.NODE_CLASS_MAPPINGS[node_id])]
@@ -396,6 +397,125 @@ def test_register_folder_keeps_user_paths_and_filters(pack, monkeypatch, tmp_pat
     folders, exts = fp.folder_names_and_paths["fluxsr"]
     assert folders == [os.path.join(fp.models_dir, "fluxsr"), extra]
     assert exts == {".safetensors"}
+
+
+# --- FluxSRLoraLoader ---------------------------------------------------------------------------
+
+class FakeLoraPatcher:
+    """ComfyUI's ModelPatcher as far as LoRAs go: ``patches`` per weight, ``clone`` deep-copies
+    ``model_options`` (ModelPatcher.clone does), and only the ``known`` layers take a patch."""
+
+    def __init__(self, known):
+        self.known, self.patches, self.model_options = set(known), {}, {"transformer_options": {}}
+
+    def clone(self):
+        import copy
+        n = FakeLoraPatcher(self.known)
+        n.patches = {k: list(v) for k, v in self.patches.items()}
+        n.model_options = copy.deepcopy(self.model_options)
+        return n
+
+
+@pytest.fixture
+def lora_dir(pack, tmp_path, monkeypatch):
+    """models/loras with a FluxSR LoRA (T_L 0.4), a LoRA without settings and an SDXL LoRA, plus
+    the folder_paths / comfy.utils / comfy.sd calls the loader makes."""
+    from safetensors.torch import load_file, save_file
+
+    lora = sub(pack, "fluxsr_core.lora")
+    settings = sub(pack, "fluxsr_core.settings")
+    root = tmp_path / "loras"
+    root.mkdir()
+    sd = {f"transformer.{m}.lora_{p}.weight": torch.zeros(2, 2)
+          for m in ("transformer_blocks.0.attn.to_q", "single_transformer_blocks.0.proj_out") for p in "AB"}
+    lora.save_lora(root / "fluxsr.safetensors", sd, settings.RunSettings(t_l=0.4, guidance=2.0), rank=2, alpha=2.0)
+    save_file(sd, str(root / "plain.safetensors"))
+    save_file({"lora_unet_down_blocks_0_attn.lora_down.weight": torch.zeros(2, 2)}, str(root / "sdxl.safetensors"))
+    save_file(sd, str(root / "bad_t_l.safetensors"), metadata={settings.KEY_T_L: "fast"})
+
+    fp = types.ModuleType("folder_paths")
+    fp.get_filename_list = lambda name: sorted(p.name for p in root.iterdir()) if name == "loras" else []
+    fp.get_full_path = lambda name, f: str(root / f) if (root / f).is_file() else None
+    fp.get_folder_paths = lambda name: [str(root)]
+    comfy = types.ModuleType("comfy")
+    utils, sd_mod = types.ModuleType("comfy.utils"), types.ModuleType("comfy.sd")
+    reads = []
+
+    def load_torch_file(path, safe_load=False):
+        reads.append(path)
+        return load_file(path)
+
+    def load_lora_for_models(model, clip, lora_sd, strength_model, strength_clip):
+        new = model.clone()
+        for k in lora_sd:
+            layer = k.removeprefix("transformer.").rsplit(".lora_", 1)[0]
+            if ".lora_A." in k and layer in model.known:
+                new.patches.setdefault(layer, []).append(strength_model)
+        return new, None
+
+    utils.load_torch_file, sd_mod.load_lora_for_models = load_torch_file, load_lora_for_models
+    comfy.utils, comfy.sd = utils, sd_mod
+    for name, mod in (("folder_paths", fp), ("comfy", comfy), ("comfy.utils", utils), ("comfy.sd", sd_mod)):
+        monkeypatch.setitem(sys.modules, name, mod)
+    flux = FakeLoraPatcher({"transformer_blocks.0.attn.to_q", "single_transformer_blocks.0.proj_out"})
+    return types.SimpleNamespace(root=root, flux=flux, reads=reads)
+
+
+def test_lora_loader_patches_the_model_and_carries_its_t_l(pack, lora_dir):
+    cls = pack.NODE_CLASS_MAPPINGS["FluxSRLoraLoader"]
+    up = sub(pack, "nodes.upscale")
+    assert cls.INPUT_TYPES()["required"]["lora_name"][0] == ["bad_t_l.safetensors", "fluxsr.safetensors",
+                                                             "plain.safetensors", "sdxl.safetensors"]
+    node = cls()
+    (model,) = node.load(lora_dir.flux, "fluxsr.safetensors", 0.8)
+    assert sorted(model.patches) == sorted(lora_dir.flux.known) and model.patches[
+        "transformer_blocks.0.attn.to_q"] == [0.8]
+    assert lora_dir.flux.patches == {} and "fluxsr_lora_settings" not in lora_dir.flux.model_options  # input untouched
+    # T_L order as in `fluxsr upscale`: widget > bundle > LoRA > default
+    plain, bare = tiny_conditioning(pack), tiny_conditioning(pack, t_l=0.25, t_l_source="default")
+    assert up.resolve_t_l(0.0, plain, model) == (0.4, "model: LoRA fluxsr.safetensors")
+    assert up.resolve_t_l(0.0, bare, model) == (0.4, "model: LoRA fluxsr.safetensors")
+    assert up.resolve_t_l(0.0, tiny_conditioning(pack, t_l=0.3), model)[0] == 0.3
+    assert up.resolve_t_l(0.2, plain, model)[0] == 0.2
+    assert up.resolve_t_l(0.0, plain, lora_dir.flux)[1].startswith("default")
+    # the settings survive a later clone (another LoRA or patch node after ours)
+    assert up.resolve_t_l(0.0, plain, model.clone())[0] == 0.4
+    # re-queueing reads the file once; rewriting it is noticed
+    node.load(lora_dir.flux, "fluxsr.safetensors", 1.0)
+    assert len(lora_dir.reads) == 1
+    before = cls.IS_CHANGED("fluxsr.safetensors", 1.0)
+    os.utime(lora_dir.root / "fluxsr.safetensors", ns=(1, 1))
+    assert cls.IS_CHANGED("fluxsr.safetensors", 1.0) != before
+    node.load(lora_dir.flux, "fluxsr.safetensors", 1.0)
+    assert len(lora_dir.reads) == 2
+
+
+def test_lora_loader_errors(pack, lora_dir, caplog):
+    cls = pack.NODE_CLASS_MAPPINGS["FluxSRLoraLoader"]
+    lora = sub(pack, "fluxsr_core.lora")
+    assert cls.VALIDATE_INPUTS("missing.safetensors") != True  # noqa: E712 - True or a message
+    assert "missing.safetensors" in cls.VALIDATE_INPUTS("missing.safetensors")
+    assert cls.VALIDATE_INPUTS("fluxsr.safetensors") is True
+    with pytest.raises(ValueError, match="Stable Diffusion / SDXL UNet"):
+        cls().load(lora_dir.flux, "sdxl.safetensors", 1.0)
+    with pytest.raises(lora.LoraError, match="bad_t_l.safetensors.*not a number"):
+        cls().load(lora_dir.flux, "bad_t_l.safetensors", 1.0)
+    (lora_dir.root / "cut.safetensors").write_bytes((lora_dir.root / "fluxsr.safetensors").read_bytes()[:-7])
+    with pytest.raises(lora.WeightsError, match="cut.safetensors"):
+        cls().load(lora_dir.flux, "cut.safetensors", 1.0)
+    # the bad T_L and the truncated file were refused on the header, before ComfyUI read a tensor
+    assert [os.path.basename(r) for r in lora_dir.reads] == ["sdxl.safetensors"]
+    # a LoRA without FluxSR metadata still applies, says so, and leaves T_L to the defaults
+    with caplog.at_level(logging.WARNING, logger="fluxsr"):
+        (model,) = cls().load(lora_dir.flux, "plain.safetensors", 1.0)
+    assert len(model.patches) == 2 and "carries no FluxSR T_L" in caplog.text
+    assert sub(pack, "nodes.upscale").resolve_t_l(0.0, tiny_conditioning(pack), model)[0] == 0.25
+    # only some layers placed: a warning with the counts
+    caplog.clear()
+    half = FakeLoraPatcher({"transformer_blocks.0.attn.to_q"})
+    with caplog.at_level(logging.WARNING, logger="fluxsr"):
+        cls().load(half, "fluxsr.safetensors", 1.0)
+    assert "only 1 of the 2 layers" in caplog.text
 
 
 # --- FluxSRTilingOptions ------------------------------------------------------------------------
@@ -684,6 +804,26 @@ def test_teacher_dataset_folder_stays_inside_the_allowed_folders(pack, tmp_path,
     monkeypatch.setenv(teacher.DATASET_ROOTS_ENV, os.pathsep.join([str(tmp_path / "nowhere"), str(tmp_path)]))
     assert teacher.resolve_dataset_folder(str(tmp_path / "elsewhere")) == os.path.realpath(tmp_path / "elsewhere")
     assert teacher.resolve_dataset_folder("../escaped") == os.path.realpath(tmp_path / "escaped")
+
+
+def test_teacher_reruns_when_its_dataset_folder_is_gone(pack, tmp_path, monkeypatch):
+    """ComfyUI re-runs a node only when IS_CHANGED changes: a deleted or replaced dataset folder
+    must change it (the pair is written again), the node's own writes into the folder must not."""
+    out = tmp_path / "output"
+    out.mkdir()
+    monkeypatch.setitem(sys.modules, "folder_paths", types.SimpleNamespace(get_output_directory=lambda: str(out)))
+    node = pack.NODE_CLASS_MAPPINGS["FluxSRTeacherSampler"]
+    assert node.IS_CHANGED(dataset_folder="") == "none"
+    assert node.IS_CHANGED(dataset_folder="pairs") == "absent"
+    (out / "pairs").mkdir()
+    first = node.IS_CHANGED(dataset_folder="pairs", seed=3)
+    assert first not in ("none", "absent")
+    (out / "pairs" / "shard-0.safetensors").write_bytes(b"x")  # what a run adds
+    assert node.IS_CHANGED(dataset_folder="pairs", seed=3) == first
+    (out / "pairs").rename(out / "pairs.old")
+    (out / "pairs").mkdir()
+    assert node.IS_CHANGED(dataset_folder="pairs", seed=3) != first
+    assert node.IS_CHANGED(dataset_folder="../escaped") == "absent"  # refused: VALIDATE_INPUTS reports it
 
 
 def test_teacher_preview_steps_and_errors(pack, tiny):

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import errno
 import json
 import os
 import signal
@@ -391,3 +392,126 @@ def test_corrupted_conditioning_found(tmp_path):
     with pytest.raises(PairDataError, match=cond.name):
         for i in range(len(ds)):
             ds[i]
+
+
+# --- disk full, header limit --------------------------------------------------------------
+
+class DiskFull:
+    """Simulated ENOSPC: the write named by ``kind`` fails half-way at its ``at``-th occurrence
+    (the half is really written, as a full disk does), and every write after it fails too."""
+
+    def __init__(self, monkeypatch, kind: str, at: int):
+        self.kind, self.at, self.seen, self.full = kind, at, 0, False
+        self.failed: list[str] = []   # names whose writes failed, in order
+        orig_write, orig_append = P._write_file_durably, P.PairWriter._append_raw
+
+        def write_file(path, data, fsync):
+            self._maybe_fail(Path(path).name, lambda part: orig_write(path, part, fsync), data)
+            orig_write(path, data, fsync)
+
+        def append_raw(writer, data):
+            self._maybe_fail(writer.manifest_path.name, lambda part: orig_append(writer, part), data)
+            orig_append(writer, data)
+
+        monkeypatch.setattr(P, "_write_file_durably", write_file)
+        monkeypatch.setattr(P.PairWriter, "_append_raw", append_raw)
+
+    def _maybe_fail(self, name: str, write_part, data: bytes) -> None:
+        if not self.full and name.startswith(self.kind):
+            self.seen += 1
+            if self.seen == self.at:
+                write_part(data[: len(data) // 2])
+                self.full = True
+        if self.full:
+            self.failed.append(name)
+            raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
+
+
+@pytest.mark.parametrize("kind, at, expect_file, stored", [
+    ("cond-", 2, "cond-{cond1}.safetensors", 2),               # prompt 1's conditioning (pair 4)
+    ("shard-", 2, "shard-rank0-000002.safetensors", 2),        # the second shard's data
+    ("manifest-", 2, "manifest-rank0.jsonl", 2),               # the second shard's manifest line
+])
+def test_disk_full_is_one_clear_error_nothing_half_written_and_a_rerun_finishes(tmp_path, monkeypatch, kind, at,
+                                                                               expect_file, stored):
+    folder = tmp_path / "pairs"
+    disk = DiskFull(monkeypatch, kind, at)
+    with pytest.raises(P.PairWriteError) as info:
+        with PairWriter(folder, "rank0", shard_size=2) as w:
+            for pid in IDS:
+                add_pair(w, pid, prompt_of(pid))
+    failed_path = folder / expect_file.format(cond1=conditioning_key(*make_pair(IDS[3], 1)[2:4]))
+    assert str(info.value) == (f"no space left on device writing {failed_path}; free space and run the same "
+                               "command again: the finished pairs are kept")
+    assert isinstance(info.value, OSError) and info.value.errno == errno.ENOSPC
+    assert info.value.filename == str(failed_path)
+    # one failed write, no second attempt (no retry on close: no double error, no "refusing to overwrite")
+    assert len(disk.failed) == 1 and disk.failed[0].startswith(failed_path.name)  # itself or its temp file
+    assert not list(folder.glob("*.tmp"))                              # the half-written temp file is gone
+    if kind != "manifest-":                                            # nothing under the final name either
+        assert not failed_path.exists()
+    assert len(PairDataset(folder)) == stored and verify_pairs(folder).ok
+
+    monkeypatch.undo()                                                 # space freed: the same run again
+    if kind == "manifest-":
+        with pytest.warns(UserWarning, match="torn"):                  # the half line, closed and skipped
+            resume_and_finish(folder)
+    else:
+        resume_and_finish(folder)
+
+
+def test_a_writer_stops_after_a_failed_write(tmp_path, monkeypatch):
+    DiskFull(monkeypatch, "shard-", 1)
+    w = PairWriter(tmp_path, "w0", shard_size=1)
+    with pytest.raises(P.PairWriteError, match="no space left on device"):
+        add_pair(w, IDS[0])
+    with pytest.raises(RuntimeError, match="stopped after a failed write .no space left.*same writer id"):
+        add_pair(w, IDS[1])
+    w.close()                                                          # releases the id, writes nothing
+    monkeypatch.undo()
+    with PairWriter(tmp_path, "w0", shard_size=1) as w2:
+        assert w2.pending(IDS[:2]) == IDS[:2]
+
+
+def _header_bytes(path: Path) -> int:
+    return int.from_bytes(path.read_bytes()[:8], "little")
+
+
+def test_shards_are_cut_to_fit_the_safetensors_header_limit(tmp_path, monkeypatch):
+    """A shard's header holds every pair's prompt: with long prompts a shard is started early
+    instead of writing a header safetensors refuses; one pair that cannot fit is refused."""
+    monkeypatch.setattr(P, "SAFETENSORS_MAX_HEADER_BYTES", 20_000)
+    prompt = 'a "quoted" caf\u00e9 \U0001f600 ' * 200                   # escaping makes it ~2.5x longer
+    with PairWriter(tmp_path, "w0", shard_size=8) as w:
+        for pid in IDS:
+            eps, z0, t5, clip, img = make_pair(pid)
+            assert w.add(pid, eps, z0, t5, clip, {"prompt": prompt}, image=img)
+        big = "x" * 20_000
+        with pytest.raises(ValueError, match=f"pair big-s0: .* bytes of the shard header, more than a safetensors "
+                                             "header may hold .20,000 bytes.; shorten the prompt"):
+            w.add("big-s0", eps, z0, t5 + 1, clip, {"prompt": big})
+        assert w.pending(["big-s0"]) == ["big-s0"]
+    shards = sorted(tmp_path.glob("shard-*.safetensors"))
+    assert len(shards) > 2                                             # shard_size alone would give 8 + 1
+    assert all(_header_bytes(s) <= 20_000 for s in shards)
+    assert len(list(tmp_path.glob("cond-*.safetensors"))) == 1         # nothing stored for the refused pair
+    ds = PairDataset(tmp_path)
+    assert ds.ids == sorted(IDS) and all(r["prompt"] == prompt for r in ds.records(IDS).values())
+    assert verify_pairs(tmp_path).ok
+
+
+def test_the_header_limit_is_the_one_safetensors_enforces(tmp_path):
+    """A 13 MB prompt in 8 pairs of one shard (a 104 MB header) used to fail after sampling."""
+    prompt = "a photo of a cat " * 800_000                              # 13.6 MB
+    with PairWriter(tmp_path, "w0", shard_size=8, fsync=False) as w:
+        for s in range(8):
+            eps, z0, t5, clip, _ = make_pair(pair_id(0, s))
+            w.add(pair_id(0, s), eps, z0, t5, clip, {"prompt": prompt})
+    shards = sorted(tmp_path.glob("shard-*.safetensors"))
+    assert len(shards) == 2 and all(_header_bytes(s) <= P.SAFETENSORS_MAX_HEADER_BYTES for s in shards)
+    assert len(PairDataset(tmp_path)) == 8
+    from safetensors import SafetensorError
+    from safetensors.torch import save as st_save
+
+    with pytest.raises(SafetensorError, match="header too large"):   # safetensors' own limit, just above ours
+        st_save({"x": torch.zeros(1)}, metadata={"m": "x" * P.SAFETENSORS_MAX_HEADER_BYTES})

@@ -38,8 +38,6 @@ _F = {"default": 1.0, "min": -100.0, "max": 100.0, "step": 0.01}
 CORE_SPECS = {
     "UNETLoader": {"input": {"required": {"unet_name": [[]], "weight_dtype": [
         ["default", "fp8_e4m3fn", "fp8_e4m3fn_fast", "fp8_e5m2"]]}}, "output": ["MODEL"]},
-    "LoraLoaderModelOnly": {"input": {"required": {"model": ["MODEL"], "lora_name": [[]],
-                                                   "strength_model": ["FLOAT", _F]}}, "output": ["MODEL"]},
     "VAELoader": {"input": {"required": {"vae_name": [[]]}}, "output": ["VAE"]},
     "LoadImage": {"input": {"required": {"image": [[], {"image_upload": True}]}}, "output": ["IMAGE", "MASK"]},
     "SaveImage": {"input": {"required": {"images": ["IMAGE"], "filename_prefix": ["STRING", {"default": "ComfyUI"}]}},

@@ -9,15 +9,19 @@ several processes share one folder, and conditionings are stored once per distin
 
 Conditioning per distinct prompt comes from local text encoders (CLIP-L and T5-XXL, encoded
 as ``FluxPipeline`` does by :func:`fluxsr_core.bundle.encode_prompt_bundle`), or from one fixed
-bundle file for every prompt (no T5 needed; the prompt is then only recorded).
+bundle file for every prompt (no T5 needed; the prompt is then only recorded). All of a run's
+conditionings are encoded before the transformer loads and stored at once in the dataset
+folder (``cond-<key>.safetensors``); sampling reads each back when its batch comes, so memory
+does not grow with the number of prompts.
 
 Distributed: under ``accelerate launch`` (or torchrun) process ``r`` of ``W`` takes the prompts
 whose index ``i`` has ``i % W == r`` and writes as ``<writer_prefix>-rank<r>`` (a stable id, so
 a restarted rank resumes its own files).
 
 Prompt files: ``.txt`` (one prompt per non-empty line) or ``.jsonl`` (one object per line with
-``"prompt"`` and optionally ``"seed"``). Seeds: a JSONL seed ``s`` gives pairs ``s, s+1, ...``;
-otherwise prompt ``i`` gets ``seed + i * pairs_per_prompt + j`` for its ``j``-th pair.
+``"prompt"`` and optionally ``"seed"``); a prompt has at most :data:`MAX_PROMPT_CHARS`
+characters. Seeds: a JSONL seed ``s`` gives pairs ``s, s+1, ...``; otherwise prompt ``i`` gets
+``seed + i * pairs_per_prompt + j`` for its ``j``-th pair.
 Pair ids are :func:`fluxsr_core.pairs.pair_id` ``(i, seed)``.
 """
 
@@ -31,7 +35,7 @@ import socket
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Callable, Optional, Sequence
+from typing import Callable, Iterator, Mapping, Optional, Sequence
 
 import torch
 
@@ -126,8 +130,27 @@ class GenerateResult:
 
 # --- prompts -------------------------------------------------------------------------------
 
+# The longest prompt accepted, in characters. Every pair stores its prompt in its shard's
+# safetensors header, which safetensors limits to 100 MB, so a 13 MB line would fail only
+# after sampling; and the encoders read far less (T5 512 tokens, a few thousand characters;
+# CLIP 77 tokens): a longer line is a pasted file or a missing line break, not a prompt.
+MAX_PROMPT_CHARS = 100_000
+
+
+def _check_prompt_length(path: Path, line: int, prompt: str) -> None:
+    if len(prompt) > MAX_PROMPT_CHARS:
+        raise ValueError(f"{path} line {line}: the prompt is {len(prompt):,} characters long, more than the "
+                         f"{MAX_PROMPT_CHARS:,} accepted (every pair stores its prompt in its shard's safetensors "
+                         "header, which is limited to 100 MB, and T5 reads only its first 512 tokens): shorten "
+                         "the line, or split it if it holds several prompts")
+
+
 def read_prompts(path: str | os.PathLike) -> list[tuple[str, Optional[int]]]:
-    """``[(prompt, seed or None)]`` from a ``.txt`` (one per non-empty line) or ``.jsonl`` file."""
+    """``[(prompt, seed or None)]`` from a ``.txt`` (one per non-empty line) or ``.jsonl`` file.
+
+    ValueError naming the line for a line that is not usable (bad JSON, a prompt longer than
+    :data:`MAX_PROMPT_CHARS`, ...).
+    """
     p = Path(path)
     if not p.is_file():
         raise FileNotFoundError(f"prompt file not found: {p}")
@@ -155,9 +178,13 @@ def read_prompts(path: str | os.PathLike) -> list[tuple[str, Optional[int]]]:
             seed = obj.get("seed")
             if seed is not None and (isinstance(seed, bool) or not isinstance(seed, int) or not 0 <= seed <= MAX_SEED):
                 raise ValueError(f"{p} line {n}: \"seed\" must be an integer from 0 to 2**63 - 1 (got {seed!r})")
+            _check_prompt_length(p, n, obj["prompt"].strip())
             out.append((obj["prompt"].strip(), seed))
     else:
-        out = [(line.strip(), None) for line in lines if line.strip()]
+        for n, line in enumerate(lines, start=1):
+            if line.strip():
+                _check_prompt_length(p, n, line.strip())
+                out.append((line.strip(), None))
     if not out:
         raise ValueError(f"{p} holds no prompts")
     return out
@@ -263,32 +290,69 @@ def load_text_encoders(cfg: GenerateConfig, dtype: torch.dtype, device: torch.de
     return t5, t5_tok, clip, clip_tok
 
 
-def prompt_conditionings(cfg: GenerateConfig, prompts: Sequence[str], transformer_config,
-                         dtype: torch.dtype, device: torch.device) -> dict[str, tuple[torch.Tensor, torch.Tensor]]:
-    """``{prompt: (t5 [1, L, D], clip_pooled [1, D])}`` for the distinct ``prompts`` (CPU tensors)."""
+def encode_conditionings(cfg: GenerateConfig, prompts: Sequence[str], transformer_config, dtype: torch.dtype,
+                         device: torch.device) -> Iterator[tuple[str, torch.Tensor, torch.Tensor]]:
+    """``(prompt, t5 [1, L, D], clip_pooled [1, D])`` for each distinct prompt, one at a time (CPU tensors).
+
+    A generator: a caller that stores each conditioning before taking the next holds one in
+    memory, however many prompts there are. The encoders load at the first ``next()`` (a bad
+    path fails there) and are freed after the last prompt. With ``cfg.bundle`` every prompt
+    gets the bundle's (same) tensors.
+    """
     from fluxsr_core.bundle import encode_prompt_bundle, load_bundle
 
     distinct = list(dict.fromkeys(prompts))
     if cfg.bundle:
         b = load_bundle(cfg.bundle)
         b.check_fits(transformer_config)
-        return {p: (b.t5.cpu(), b.clip_pooled.cpu()) for p in distinct}
+        t5_fixed, clip_fixed = b.t5.cpu(), b.clip_pooled.cpu()
+        for p in distinct:
+            yield p, t5_fixed, clip_fixed
+        return
     if not (cfg.text_encoders or (cfg.clip and cfg.t5)):
         raise ConfigError("no conditioning: give --bundle (fixed embeddings) or --text-encoders (local CLIP-L and "
                           "T5-XXL, e.g. the FLUX.1-dev folder), or --clip and --t5")
     t5, t5_tok, clip, clip_tok = load_text_encoders(cfg, dtype, device)
     settings = RunSettings(guidance=cfg.guidance)
-    out = {}
-    for p in distinct:
-        b = encode_prompt_bundle(p, t5, t5_tok, clip, clip_tok, settings,
-                                 max_sequence_length=cfg.max_sequence_length, device="cpu")
-        b.check_fits(transformer_config)
-        out[p] = (b.t5, b.clip_pooled)
-    # Free the encoders before sampling (T5-XXL alone is ~9 GB in bf16).
-    del t5, clip
-    if device.type == "cuda":
-        torch.cuda.empty_cache()
-    return out
+    try:
+        for p in distinct:
+            b = encode_prompt_bundle(p, t5, t5_tok, clip, clip_tok, settings,
+                                     max_sequence_length=cfg.max_sequence_length, device="cpu")
+            b.check_fits(transformer_config)
+            yield p, b.t5, b.clip_pooled
+            del b
+    finally:
+        # Free the encoders before sampling (T5-XXL alone is ~9 GB in bf16).
+        del t5, clip
+        if device.type == "cuda":
+            torch.cuda.empty_cache()
+
+
+@dataclass(frozen=True)
+class StoredConditioning:
+    """A prompt's conditioning stored in the dataset folder: its key and the T5 shape (for batching)."""
+
+    key: str
+    t5_shape: tuple[int, ...]
+
+
+def store_conditionings(writer: PairWriter, cfg: GenerateConfig, prompts: Sequence[str], transformer_config,
+                        dtype: torch.dtype, device: torch.device) -> dict[str, StoredConditioning]:
+    """Encode the distinct ``prompts`` and store each in ``writer``'s folder as soon as it is made.
+
+    Returns ``{prompt: StoredConditioning}``; only keys stay in memory, and
+    :meth:`~fluxsr_core.pairs.PairWriter.load_conditioning` reads a conditioning back.
+    """
+    stored: dict[str, StoredConditioning] = {}
+    last: Optional[tuple[torch.Tensor, torch.Tensor, StoredConditioning]] = None
+    for prompt, t5, clip in encode_conditionings(cfg, prompts, transformer_config, dtype, device):
+        if last is not None and last[0] is t5 and last[1] is clip:  # a bundle: hashed and stored once
+            stored[prompt] = last[2]
+            continue
+        entry = StoredConditioning(writer.store_conditioning(t5, clip), tuple(t5.shape))
+        stored[prompt] = entry
+        last = (t5, clip, entry) if cfg.bundle else None
+    return stored
 
 
 # --- sampling ------------------------------------------------------------------------------
@@ -334,15 +398,21 @@ def sample_batch(velocity, jobs: Sequence[Job], conds: dict[str, tuple[torch.Ten
     return eps, z0.detach().to("cpu", torch.float32), traj, sigmas
 
 
-def _batches(jobs: Sequence[Job], conds, size: int) -> list[list[Job]]:
+def _batches(jobs: Sequence[Job], t5_shapes: Mapping[str, tuple[int, ...]], size: int) -> list[list[Job]]:
     """Consecutive jobs grouped up to ``size``, never mixing conditionings of different shapes."""
     out: list[list[Job]] = []
     for j in jobs:
-        if out and len(out[-1]) < size and conds[out[-1][0].prompt][0].shape == conds[j.prompt][0].shape:
+        if out and len(out[-1]) < size and t5_shapes[out[-1][0].prompt] == t5_shapes[j.prompt]:
             out[-1].append(j)
         else:
             out.append([j])
     return out
+
+
+def _read_back(writer: PairWriter, stored: StoredConditioning) -> tuple[torch.Tensor, torch.Tensor]:
+    """A stored conditioning as ``(t5 [1, L, D], clip_pooled [1, D])``, as it was encoded."""
+    t5, clip = writer.load_conditioning(stored.key)
+    return t5[None], clip[None]
 
 
 def generate_pairs(cfg: GenerateConfig, on_pair: Optional[Callable[[str], None]] = None) -> GenerateResult:
@@ -392,9 +462,12 @@ def generate_pairs(cfg: GenerateConfig, on_pair: Optional[Callable[[str], None]]
         if todo:
             # The conditionings first, against the config read off the transformer's header: a bad
             # encoder path fails before the 12B load, and the encoders are freed before it (T5-XXL
-            # and the transformer never share the GPU).
-            conds = prompt_conditionings(cfg, [j.prompt for j in todo], models.transformer_config_of(cfg.transformer),
-                                         dtype, dev)
+            # and the transformer never share the GPU). Each goes to disk as soon as it is made,
+            # into the content-addressed cond files the pairs need anyway (written atomically,
+            # create-if-absent, so a rerun or another rank reuses them), and only its key
+            # stays in memory: held in RAM they would be 4 MiB per prompt, 40 GB for 10,000.
+            stored = store_conditionings(writer, cfg, [j.prompt for j in todo],
+                                         models.transformer_config_of(cfg.transformer), dtype, dev)
             # The VAE is small next to the transformer; loading it always keeps one code path.
             loaded = models.load_models(cfg.transformer, cfg.vae, cfg.memory_mode, dtype, dev, seed=cfg.init_seed)
             if loaded.memory_mode_reason != "given":
@@ -408,8 +481,12 @@ def generate_pairs(cfg: GenerateConfig, on_pair: Optional[Callable[[str], None]]
                 from tqdm.auto import tqdm
 
                 progress = tqdm(total=len(todo), desc=f"pairs (rank {rank})", unit="pair", dynamic_ncols=True)
+            conds: dict[str, tuple[torch.Tensor, torch.Tensor]] = {}
             try:
-                for batch in _batches(todo, conds, cfg.batch_size):
+                for batch in _batches(todo, {p: s.t5_shape for p, s in stored.items()}, cfg.batch_size):
+                    # This batch's conditionings only (kept from the last batch when a prompt spans both).
+                    conds = {p: conds[p] if p in conds else _read_back(writer, stored[p])
+                             for p in dict.fromkeys(j.prompt for j in batch)}
                     eps, z0, traj, sigmas = sample_batch(velocity, batch, conds, cfg, dev, cfg.save_trajectory)
                     imgs = None
                     if codec is not None:
@@ -439,4 +516,5 @@ def generate_pairs(cfg: GenerateConfig, on_pair: Optional[Callable[[str], None]]
 
 __all__ = ["GenerateConfig", "GenerateResult", "Job", "load_generate_config", "read_prompts", "make_jobs",
            "noise_for", "jobs_for_rank", "sample_batch", "generate_pairs", "check_generate_config", "load_text_encoders",
-           "prompt_conditionings"]
+           "encode_conditionings", "store_conditionings", "StoredConditioning",
+           "MAX_PROMPT_CHARS"]

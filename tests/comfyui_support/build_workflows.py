@@ -39,7 +39,9 @@ ComfyUI/models/fluxsr/{BUNDLE_FILE}
     (then pick <name> in FluxSR Conditioning)
 
 No text encoder is needed: the bundle holds the fixed embeddings.
-T_L 0 = the bundle's value. FLUX.1-dev and weights derived from it are under the
+T_L 0 = the bundle's value, else the LoRA's (FluxSR Load LoRA reads it
+from the file; ComfyUI's own LoRA loaders drop it).
+FLUX.1-dev and weights derived from it are under the
 FLUX.1 [dev] Non-Commercial License."""
 
 WHERE_TILED = WHERE_UPSCALE + """
@@ -74,6 +76,7 @@ DEFAULT_TITLES = {
     "CLIPTextEncode": "CLIP Text Encode (Prompt)", "FluxGuidance": "FluxGuidance",
     "FluxSRUpscale": "FluxSR Upscale", "FluxSRTilingOptions": "FluxSR Tiling Options",
     "FluxSRTeacherSampler": "FluxSR Teacher Sampler", "FluxSRConditioning": "FluxSR Conditioning",
+    "FluxSRLoraLoader": "FluxSR Load LoRA",
 }
 
 
@@ -108,9 +111,9 @@ def upscale_nodes(tiled: bool) -> Workflow:
         Node(1, "UNETLoader", (40, 40), (330, 82),
              {"unet_name": FLUX_FILE, "weight_dtype": "default"}, outputs=[("MODEL", "MODEL")],
              title="FLUX.1-dev (models/diffusion_models)"),
-        Node(2, "LoraLoaderModelOnly", (410, 40), (330, 82),
+        Node(2, "FluxSRLoraLoader", (410, 40), (330, 82),
              {"lora_name": LORA_FILE, "strength_model": 1.0}, inputs=[("model", "MODEL")],
-             outputs=[("MODEL", "MODEL")], title="FluxSR LoRA (models/loras)"),
+             outputs=[("model", "MODEL")], title="FluxSR LoRA (models/loras)"),
         Node(3, "VAELoader", (40, 170), (330, 58), {"vae_name": VAE_FILE}, outputs=[("VAE", "VAE")],
              title="FLUX VAE (models/vae)"),
         Node(4, "FluxSRConditioning", (40, 270), (330, 82),

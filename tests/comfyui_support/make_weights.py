@@ -8,8 +8,10 @@ writes (skipping files that already exist and are complete)::
                                                                1 double + 1 single block, bf16
     MODELS_DIR/vae/fluxsr-test-ae.safetensors                  full-size FLUX VAE, BFL/LDM keys
     MODELS_DIR/loras/fluxsr-test-lora.safetensors              diffusers-named LoRA (rank 4)
+    MODELS_DIR/loras/fluxsr-test-lora-tl045.safetensors        the same tensors, T_L 0.45 in metadata
     MODELS_DIR/fluxsr/fluxsr-test-bundle.safetensors           conditioning bundle (T_L 0.3)
     MODELS_DIR/fluxsr/fluxsr-test-thirdparty/                  the same, third-party folder form
+    MODELS_DIR/fluxsr/fluxsr-test-nosettings/                  the same embeddings, no run settings
 
 and, with :func:`make_gguf` (needs the ``gguf`` package)::
 
@@ -36,8 +38,11 @@ SEED = 1234
 FLUX_FILE = "diffusion_models/fluxsr-test-flux.safetensors"
 VAE_FILE = "vae/fluxsr-test-ae.safetensors"
 LORA_FILE = "loras/fluxsr-test-lora.safetensors"
+LORA_T_L_FILE = "loras/fluxsr-test-lora-tl045.safetensors"
+LORA_T_L = 0.45
 BUNDLE_FILE = "fluxsr/fluxsr-test-bundle.safetensors"
 THIRDPARTY_DIR = "fluxsr/fluxsr-test-thirdparty"
+NOSETTINGS_DIR = "fluxsr/fluxsr-test-nosettings"
 GGUF_FILE = "diffusion_models/fluxsr-test-flux-Q8_0.gguf"
 GGUF_DEQUANTIZED_FILE = "reference/fluxsr-test-flux-Q8_0-dequantized.safetensors"
 BUNDLE_T_L = 0.3
@@ -114,7 +119,8 @@ def make_all(models_dir: str | os.PathLike) -> dict[str, Path]:
 
     root = Path(models_dir)
     paths = {"flux": root / FLUX_FILE, "vae": root / VAE_FILE, "lora": root / LORA_FILE,
-             "bundle": root / BUNDLE_FILE, "thirdparty": root / THIRDPARTY_DIR}
+             "lora_t_l": root / LORA_T_L_FILE, "bundle": root / BUNDLE_FILE, "thirdparty": root / THIRDPARTY_DIR,
+             "nosettings": root / NOSETTINGS_DIR}
     transformer = None
     if not paths["flux"].exists() or not paths["lora"].exists():
         transformer = build_transformer()
@@ -127,6 +133,11 @@ def make_all(models_dir: str | os.PathLike) -> dict[str, Path]:
                        RunSettings(t_l=BUNDLE_T_L, guidance=BUNDLE_GUIDANCE), rank=LORA_RANK,
                        alpha=float(LORA_RANK))
     del transformer
+    if not paths["lora_t_l"].exists():
+        from safetensors.torch import load_file
+
+        lora.save_lora(paths["lora_t_l"], load_file(str(paths["lora"])), RunSettings(t_l=LORA_T_L),
+                       rank=LORA_RANK, alpha=float(LORA_RANK))
     if not paths["vae"].exists():
         _save(vae_state_dict_to_bfl(build_vae().state_dict()), paths["vae"])
     g = torch.Generator().manual_seed(SEED + 3)
@@ -143,6 +154,12 @@ def make_all(models_dir: str | os.PathLike) -> dict[str, Path]:
         (third / "training_config.json").write_text(json.dumps({"t_l": BUNDLE_T_L}))
         torch.save(clip[0].clone(), third / "clip_embedding.pth.tmp")
         os.replace(third / "clip_embedding.pth.tmp", third / "clip_embedding.pth")
+    bare = paths["nosettings"]
+    if not (bare / "clip_embedding.pth").exists():
+        bare.mkdir(parents=True, exist_ok=True)
+        torch.save(t5[0].clone(), bare / "t5_embedding.pth")
+        torch.save(clip[0].clone(), bare / "clip_embedding.pth.tmp")
+        os.replace(bare / "clip_embedding.pth.tmp", bare / "clip_embedding.pth")
     return paths
 
 

@@ -1,0 +1,84 @@
+"""FluxSRLoraLoader: the FluxSR LoRA applied to a MODEL, its run settings (T_L) kept with it."""
+
+from __future__ import annotations
+
+import logging
+
+from ..fluxsr_core import lora as lora_mod
+from . import comfy_adapters, paths
+from .common import CATEGORY
+
+log = logging.getLogger("fluxsr")
+
+
+class FluxSRLoraLoader:
+    """LoraLoaderModelOnly that also keeps the LoRA's FluxSR run settings (T_L) on the MODEL."""
+
+    DESCRIPTION = (
+        "Applies a FluxSR LoRA from models/loras to FLUX.1-dev, as LoraLoaderModelOnly does, and "
+        "keeps the run settings written in the LoRA file (T_L, the time the LR latent is placed "
+        "at) with the MODEL, so FluxSR Upscale runs the LoRA at the T_L it was trained with. "
+        "ComfyUI's own LoRA loaders drop that metadata. Works on any FLUX MODEL loader "
+        "(UNETLoader, fp8, GGUF).")
+    CATEGORY = CATEGORY
+    FUNCTION = "load"
+    RETURN_TYPES = ("MODEL",)
+    RETURN_NAMES = ("model",)
+    OUTPUT_TOOLTIPS = ("FLUX.1-dev with the FluxSR LoRA patched in, carrying the LoRA's T_L.",)
+
+    def __init__(self):
+        self._cached = None  # (path, signature, state dict): re-queueing does not re-read the file
+
+    @classmethod
+    def INPUT_TYPES(cls):
+        # Widget order is part of the saved-workflow format: append new inputs at the end only.
+        return {
+            "required": {
+                "model": ("MODEL", {"tooltip": "FLUX.1-dev (UNETLoader, or a GGUF / fp8 loader)."}),
+                "lora_name": (paths.list_loras(), {
+                    "tooltip": "The FluxSR LoRA, from models/loras. Its metadata's T_L is used by "
+                               "FluxSR Upscale unless the conditioning bundle or the t_l widget set one."}),
+                "strength_model": ("FLOAT", {
+                    "default": 1.0, "min": -100.0, "max": 100.0, "step": 0.01,
+                    "tooltip": "LoRA strength; FluxSR is trained for 1.0."}),
+            }
+        }
+
+    @classmethod
+    def IS_CHANGED(cls, lora_name, strength_model=1.0, **_):
+        # Re-run when the file changes on disk, not only when the name changes.
+        return f"{paths.lora_signature(lora_name)}|{strength_model}"
+
+    @classmethod
+    def VALIDATE_INPUTS(cls, lora_name, **_):
+        try:
+            paths.resolve_lora(lora_name)
+        except FileNotFoundError as exc:
+            return str(exc)
+        return True
+
+    def load(self, model, lora_name, strength_model=1.0):
+        path = paths.resolve_lora(lora_name)
+        settings = None
+        if path.lower().endswith(".safetensors"):
+            # The header alone: a truncated or mislabelled file is named here, before ComfyUI reads it.
+            settings = lora_mod.read_lora_settings(path, label=f"LoRA {lora_name}")
+        patched = comfy_adapters.apply_lora(model, self._state_dict(path), strength_model, lora_name)
+        if settings is None:
+            log.warning("FluxSR Load LoRA: %s is not a .safetensors file, so it carries no FluxSR run "
+                        "settings; set T_L in FluxSR Upscale", lora_name)
+            return (patched,)
+        if (settings.source or {}).get("t_l", "default") == "default":
+            log.warning("FluxSR Load LoRA: %s carries no FluxSR T_L (is it a FluxSR LoRA?); FluxSR Upscale "
+                        "falls back to the bundle's or its default", lora_name)
+        comfy_adapters.attach_model_settings(patched, settings)
+        log.info("FluxSR Load LoRA %s at strength %g: %s", lora_name, strength_model, settings.describe())
+        return (patched,)
+
+    def _state_dict(self, path: str) -> dict:
+        import comfy.utils  # noqa: PLC0415 - ComfyUI's module
+
+        signature = paths.file_signature(path)
+        if self._cached is None or self._cached[:2] != (path, signature):
+            self._cached = (path, signature, comfy.utils.load_torch_file(path, safe_load=True))
+        return self._cached[2]
