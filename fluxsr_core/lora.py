@@ -196,8 +196,9 @@ def _bfl_module(key: str) -> Optional[tuple[str, str]]:
     return key, "other"
 
 
-def _bfl_to_diffusers_naming(sd: dict[str, torch.Tensor], transformer, path: str,
-                             notes: list[str]) -> Optional[tuple[dict[str, torch.Tensor], dict[str, float]]]:
+def _bfl_to_diffusers_naming(sd: dict[str, torch.Tensor], transformer, path: str, notes: list[str],
+                             naming: str = "BFL/ComfyUI", shown: Optional[Mapping[str, str]] = None,
+                             ) -> Optional[tuple[dict[str, torch.Tensor], dict[str, float]]]:
     """A LoRA in BFL/ComfyUI module names (``diffusion_model.double_blocks.0.img_attn.qkv.lora_A``,
     ``lora_down``/``lora_up`` too) -> diffusers naming; None if the file is not in BFL names.
 
@@ -206,8 +207,13 @@ def _bfl_to_diffusers_naming(sd: dict[str, torch.Tensor], transformer, path: str
     q|k|v, the single blocks' q|k|v|mlp, the final modulation's swapped halves), read off the
     weight converter itself (:func:`~fluxsr_core.weights.bfl_row_sources`); ``A`` and ``alpha``
     are shared by the parts. Exact: ``B_part @ A`` is the matching rows of ``B @ A``.
+
+    ``naming`` and ``shown`` (BFL key or module -> the file's own name) are for messages, when
+    another naming was renamed to BFL's first (:func:`_kohya_outside_blocks`).
     """
     from .weights import bfl_row_sources
+
+    shown = shown or {}
 
     if any(".processor." in k for k in sd):
         return None  # XLabs' naming (double_blocks.N.processor.qkv_lora1...): diffusers converts it
@@ -225,8 +231,8 @@ def _bfl_to_diffusers_naming(sd: dict[str, torch.Tensor], transformer, path: str
                         f"re-export it in one naming")
     odd = [k for k, (_, part) in bfl.items() if part == "other"]
     if odd:
-        raise LoraError(f"{name}: '{odd[0]}' is no lora_A/lora_B (lora_down/lora_up) weight or alpha; FluxSR merges "
-                        f"plain LoRAs (no DoRA magnitudes, no LoRA biases) in BFL naming")
+        raise LoraError(f"{name}: '{shown.get(odd[0], odd[0])}' is no lora_A/lora_B (lora_down/lora_up) weight or "
+                        f"alpha; FluxSR merges plain LoRAs (no DoRA magnitudes, no LoRA biases) in {naming} naming")
     layers: dict[str, dict[str, torch.Tensor]] = {}
     for k, (module, part) in bfl.items():
         layers.setdefault(module, {})[part] = sd[k]
@@ -235,16 +241,17 @@ def _bfl_to_diffusers_naming(sd: dict[str, torch.Tensor], transformer, path: str
     try:
         sources = bfl_row_sources(plain)
     except WeightsError as exc:
-        raise LoraError(f"{name}: a BFL-named LoRA is mapped through the transformer's own layers, which have "
+        raise LoraError(f"{name}: a {naming}-named LoRA is mapped through the transformer's own layers, which have "
                         f"been changed ({exc}); load the LoRA before fusing projections") from None
     out, alphas = {}, {}
     for module, parts in layers.items():
         if "A" not in parts or "B" not in parts:
-            raise LoraError(f"{name}: layer '{module}' has {'lora_A' if 'A' in parts else 'lora_B'} but not "
+            raise LoraError(f"{name}: layer '{shown.get(module, module)}' has "
+                            f"{'lora_A' if 'A' in parts else 'lora_B'} but not "
                             f"{'lora_B' if 'A' in parts else 'lora_A'}; the file is incomplete")
         if f"{module}.weight" not in sources:
-            raise LoraError(f"{name}: '{module}' is no layer of this FLUX transformer (BFL naming); the LoRA is "
-                            f"for another model or depth")
+            raise LoraError(f"{name}: '{shown.get(module, module)}' is no layer of this FLUX transformer ({naming} "
+                            f"naming); the LoRA is for another model or depth")
         a, b = parts["A"], parts["B"]
         for dkey, rows in sources[f"{module}.weight"]:
             target = TRANSFORMER_PREFIX + dkey[: -len(".weight")]
@@ -253,9 +260,47 @@ def _bfl_to_diffusers_naming(sd: dict[str, torch.Tensor], transformer, path: str
             if "alpha" in parts:
                 alpha = parts["alpha"]
                 alphas[f"{target}.alpha"] = float(alpha.item() if torch.is_tensor(alpha) else alpha)
-    notes.append(f"converted {len(layers)} LoRA layers from BFL/ComfyUI naming into {len(out) // 2} diffusers "
-                 f"layers (fused q|k|v and q|k|v|mlp split by rows)")
+    split = " (fused q|k|v and q|k|v|mlp split by rows)" if len(out) // 2 > len(layers) else ""
+    notes.append(f"converted {len(layers)} LoRA layers from {naming} naming into {len(out) // 2} diffusers "
+                 f"layers{split}")
     return out, alphas
+
+
+# BFL's layers outside the double/single blocks. sd-scripts names a layer "lora_unet_" + its BFL
+# module name with "." -> "_" (lora_unet_final_layer_adaLN_modulation_1); the blocks' names are
+# ambiguous that way (img_mlp_0), which is why diffusers' converter keeps those.
+_KOHYA_PREFIX = "lora_unet_"
+_BFL_OUTSIDE_BLOCKS = ("img_in", "txt_in", "time_in.in_layer", "time_in.out_layer", "vector_in.in_layer",
+                       "vector_in.out_layer", "guidance_in.in_layer", "guidance_in.out_layer", "final_layer.linear",
+                       "final_layer.adaLN_modulation.1")
+_KOHYA_OUTSIDE_BLOCKS = {_KOHYA_PREFIX + m.replace(".", "_"): m for m in _BFL_OUTSIDE_BLOCKS}
+
+
+def _kohya_outside_blocks(sd: dict[str, torch.Tensor], transformer, path: str,
+                          notes: list[str]) -> tuple[dict[str, torch.Tensor], dict[str, float]]:
+    """Take a kohya/sd-scripts LoRA's layers outside the blocks (``lora_unet_img_in``,
+    ``lora_unet_final_layer_adaLN_modulation_1``, ``lora_unet_time_in_in_layer``, ...) out of
+    ``sd`` and convert them: renamed to BFL names, then :func:`_bfl_to_diffusers_naming` (the
+    final modulation's ``B`` gets its halves swapped, alphas stay per layer).
+
+    Not diffusers' converter: as of diffusers 0.42 it maps these layers without the
+    ``transformer.`` prefix (diffusers' own loader then drops them unnoticed) and discards the
+    final layers' alphas. Returns empty dicts when the file has no such layers.
+    """
+    renamed, shown = {}, {}
+    for key in [k for k in sd if k.split(".", 1)[0] in _KOHYA_OUTSIDE_BLOCKS]:
+        kohya_module, rest = key.split(".", 1)
+        bfl_module = _KOHYA_OUTSIDE_BLOCKS[kohya_module]
+        renamed[f"{bfl_module}.{rest}"] = sd.pop(key)
+        shown[f"{bfl_module}.{rest}"], shown[bfl_module] = key, kohya_module
+    if not renamed:
+        return {}, {}
+    converted = _bfl_to_diffusers_naming(renamed, transformer, path, notes, naming="kohya/sd-scripts", shown=shown)
+    if converted is None:  # only for XLabs-like ".processor." keys, which sd-scripts never writes
+        odd = next(shown[k] for k in renamed if ".processor." in k)
+        raise LoraError(f"{os.path.basename(path)}: '{odd}' is no lora_down/lora_up weight or alpha; FluxSR merges "
+                        "plain LoRAs in kohya/sd-scripts naming")
+    return converted
 
 
 def _to_diffusers_naming(state_dict: dict[str, torch.Tensor], path: str, notes: list[str],
@@ -263,8 +308,9 @@ def _to_diffusers_naming(state_dict: dict[str, torch.Tensor], path: str, notes: 
     """Diffusers/peft naming with the ``transformer.`` prefix, plus the ``.alpha`` values (floats).
 
     BFL/ComfyUI module names are converted by :func:`_bfl_to_diffusers_naming` against
-    ``transformer``'s layers; other namings by diffusers' own FLUX converters (kohya/sd-scripts,
-    XLabs, ...); a naming neither handles is reported as such.
+    ``transformer``'s layers, as are kohya's layers outside the blocks
+    (:func:`_kohya_outside_blocks`); other namings by diffusers' own FLUX converters
+    (kohya/sd-scripts blocks, XLabs, ...); a naming neither handles is reported as such.
     """
     from diffusers.loaders.lora_pipeline import FluxLoraLoaderMixin
 
@@ -277,6 +323,9 @@ def _to_diffusers_naming(state_dict: dict[str, torch.Tensor], path: str, notes: 
     converted = _bfl_to_diffusers_naming(sd, transformer, path, notes)
     if converted is not None:
         return converted
+    outside_sd, outside_alphas = _kohya_outside_blocks(sd, transformer, path, notes)
+    if outside_sd and not sd:
+        return outside_sd, outside_alphas  # nothing left for diffusers' converter
     # Unprefixed diffusers naming ("single_transformer_blocks.0.attn.to_q.lora_A.weight").
     if not any(k.startswith((TRANSFORMER_PREFIX, "text_encoder.")) for k in sd) and any(
             (".lora_A." in k or ".lora_B." in k) for k in sd):
@@ -293,6 +342,9 @@ def _to_diffusers_naming(state_dict: dict[str, torch.Tensor], path: str, notes: 
     network_alphas: dict[str, float] = {}
     for k, v in (alphas or {}).items():
         network_alphas[k] = float(v.item() if torch.is_tensor(v) else v)
+    # diffusers folds kohya's block alphas into A/B, so those layers are left at alpha = rank.
+    sd.update(outside_sd)
+    network_alphas.update(outside_alphas)
 
     bfl = [k for k in sd if not k.startswith((TRANSFORMER_PREFIX, "text_encoder."))]
     if bfl:
@@ -439,6 +491,10 @@ def _lora_config_unchecked(ranks: dict[str, int], sd_keys, network_alphas: dict[
         # would give it the first layer's alpha instead.
         for module, rank in ranks.items():
             alphas.setdefault(f"{module}.alpha", float(rank))
+        # peft matches pattern keys by suffix, so an alpha for the top-level "proj_out" would also
+        # reach single_transformer_blocks.N.proj_out; "^" anchors each key to its own layer (as
+        # rank_dict's keys are).
+        alphas = {"^" + k: v for k, v in alphas.items()}
     cfg = get_peft_kwargs(rank_dict, alphas or None, peft_sd_keys, is_unet=True)
     # A regex of the full module names: peft full-matches a string target, so nothing outside the
     # file is adapted (a list would match by suffix: "proj_out" would also catch every block's).

@@ -20,6 +20,7 @@ from fluxsr_core.lora import (
     adapter_rank_alpha,
     load_lora,
     lora_state_dict_from_model,
+    merge_factors,
     save_lora,
     save_lora_from_model,
 )
@@ -280,6 +281,104 @@ def test_kohya_naming_goes_through_diffusers_converter(tmp_path, inputs):
         sd[module + ".weight"] = sd[module + ".weight"] + (1.0 / r) * up @ down
     expected.load_state_dict(sd)
     torch.testing.assert_close(run(model, inputs), run(expected, inputs), rtol=0, atol=1e-5)
+
+
+# kohya/sd-scripts names of FLUX's layers outside the blocks -> the diffusers module, and whether
+# its output rows are BFL's (shift, scale) halves that diffusers stores as (scale, shift).
+KOHYA_OUTSIDE_BLOCKS = {
+    "lora_unet_img_in": ("x_embedder", False),
+    "lora_unet_txt_in": ("context_embedder", False),
+    "lora_unet_final_layer_linear": ("proj_out", False),
+    "lora_unet_final_layer_adaLN_modulation_1": ("norm_out.linear", True),
+    "lora_unet_time_in_in_layer": ("time_text_embed.timestep_embedder.linear_1", False),
+    "lora_unet_time_in_out_layer": ("time_text_embed.timestep_embedder.linear_2", False),
+    "lora_unet_vector_in_in_layer": ("time_text_embed.text_embedder.linear_1", False),
+    "lora_unet_vector_in_out_layer": ("time_text_embed.text_embedder.linear_2", False),
+    "lora_unet_guidance_in_in_layer": ("time_text_embed.guidance_embedder.linear_1", False),
+    "lora_unet_guidance_in_out_layer": ("time_text_embed.guidance_embedder.linear_2", False),
+}
+
+
+def _kohya_lora(layers: dict[str, str], r: int = 2):
+    """Random kohya tensors for ``{kohya name: diffusers module}`` on the tiny model; alphas differ
+    per layer (1.0, 1.5, ...) and the second layer has none (alpha = rank)."""
+    g = torch.Generator().manual_seed(21)
+    base = fresh_transformer().state_dict()
+    sd, alphas = {}, {}
+    for i, (name, module) in enumerate(layers.items()):
+        out_f, in_f = base[f"{module}.weight"].shape
+        sd[f"{name}.lora_down.weight"] = torch.randn(r, in_f, generator=g) * 0.3
+        sd[f"{name}.lora_up.weight"] = torch.randn(out_f, r, generator=g) * 0.3
+        alphas[name] = float(r) if i == 1 else 1.0 + 0.5 * i
+        if i != 1:
+            sd[f"{name}.alpha"] = torch.tensor(alphas[name])
+    return sd, alphas
+
+
+def test_kohya_layers_outside_the_blocks_load_with_their_alphas(tmp_path, inputs):
+    """sd-scripts LoRAs that also train img_in/txt_in/final_layer/time_in/vector_in/guidance_in:
+    every layer merges to W + alpha/r * B @ A with its own alpha; the final modulation's B has its
+    halves swapped (BFL's shift|scale is diffusers' scale|shift). diffusers 0.42's converter
+    leaves these layers without the "transformer." prefix (refused before) and drops the final
+    layers' alphas."""
+    r = 2
+    blocks = {"lora_unet_double_blocks_0_img_attn_proj": "transformer_blocks.0.attn.to_out.0",
+              "lora_unet_single_blocks_0_linear2": "single_transformer_blocks.0.proj_out"}
+    layers = {**blocks, **{k: m for k, (m, _) in KOHYA_OUTSIDE_BLOCKS.items()}}
+    kohya, alphas = _kohya_lora(layers, r)
+    assert alphas["lora_unet_single_blocks_0_linear2"] == r  # the layer without an .alpha
+    path = _save(tmp_path, "kohya-full.safetensors", kohya)
+
+    base_sd = fresh_transformer().state_dict()
+    want = dict(base_sd)
+    for name, module in layers.items():
+        up, down = kohya[f"{name}.lora_up.weight"], kohya[f"{name}.lora_down.weight"]
+        if KOHYA_OUTSIDE_BLOCKS.get(name, (None, False))[1]:
+            half = up.shape[0] // 2
+            up = torch.cat([up[half:], up[:half]])
+        want[f"{module}.weight"] = base_sd[f"{module}.weight"] + (alphas[name] / r) * up @ down
+
+    model = fresh_transformer()
+    info = load_lora(model, path, merge=True)
+    assert sorted(info.target_modules) == sorted(layers.values())
+    assert any("converted 10 LoRA layers from kohya/sd-scripts naming into 10 diffusers layers" in n
+               for n in info.notes)
+    got = model.state_dict()
+    assert set(got) == set(want)
+    for key in want:  # the LoRA's layers as computed by hand, every other weight untouched
+        torch.testing.assert_close(got[key], want[key], rtol=0, atol=1e-6, msg=key)
+    # the swap is visible: the unswapped B would give other adaLN weights
+    up = kohya["lora_unet_final_layer_adaLN_modulation_1.lora_up.weight"]
+    down = kohya["lora_unet_final_layer_adaLN_modulation_1.lora_down.weight"]
+    unswapped = base_sd["norm_out.linear.weight"] + (alphas["lora_unet_final_layer_adaLN_modulation_1"] / r) * up @ down
+    assert (got["norm_out.linear.weight"] - unswapped).abs().max() > 1e-2
+
+    # the fp8 modes' merge-while-loading gets the same per-layer alphas (diffusers folds the
+    # blocks' alphas into their tensors, so only the layers outside the blocks carry a factor)
+    factors, _ = merge_factors(fresh_transformer(), path)
+    assert {f"{m}.weight": factors[f"{m}.weight"][2] for m, _ in KOHYA_OUTSIDE_BLOCKS.values()} == \
+        {f"{m}.weight": alphas[n] / r for n, (m, _) in KOHYA_OUTSIDE_BLOCKS.items()}
+
+    out, base = run(model, inputs), run(fresh_transformer(), inputs)
+    assert (out - base).abs().max() > 1e-2
+    unmerged = fresh_transformer()
+    load_lora(unmerged, path, merge=False)  # as a peft adapter: the same model
+    torch.testing.assert_close(run(unmerged, inputs), out, rtol=1e-5, atol=1e-5)
+
+
+def test_kohya_outside_block_errors_are_named(tmp_path):
+    kohya, _ = _kohya_lora({"lora_unet_img_in": "x_embedder",
+                            "lora_unet_guidance_in_in_layer": "time_text_embed.guidance_embedder.linear_1"})
+    half = {k: v for k, v in kohya.items() if k != "lora_unet_img_in.lora_up.weight"}
+    with pytest.raises(LoraError, match="layer 'lora_unet_img_in' has lora_A but not lora_B"):
+        load_lora(fresh_transformer(), _save(tmp_path, "half.safetensors", half))
+    for odd in ("lora_unet_img_in.dora_scale", "lora_unet_img_in.processor.weight"):
+        with pytest.raises(LoraError, match=f"'{odd}' is no lora_.*kohya/sd-scripts naming"):
+            load_lora(fresh_transformer(), _save(tmp_path, "odd.safetensors", {**kohya, odd: torch.zeros(1, 64)}))
+    no_guidance = FluxTransformer2DModel.from_config({**tiny_config(), "guidance_embeds": False})
+    with pytest.raises(LoraError, match="'lora_unet_guidance_in_in_layer' is no layer of this FLUX transformer "
+                                        r"\(kohya/sd-scripts naming\)"):
+        load_lora(no_guidance, _save(tmp_path, "guidance.safetensors", kohya))
 
 
 # Layers of a full BFL-named LoRA on the tiny model: fused q|k|v (both streams), the single
