@@ -5,6 +5,7 @@ from __future__ import annotations
 import logging
 
 from ..fluxsr_core import lora as lora_mod
+from ..fluxsr_core.settings import merge_settings
 from . import comfy_adapters, paths
 from .common import CATEGORY
 
@@ -71,6 +72,9 @@ class FluxSRLoraLoader:
         if (settings.source or {}).get("t_l", "default") == "default":
             log.warning("FluxSR Load LoRA: %s carries no FluxSR T_L (is it a FluxSR LoRA?); FluxSR Upscale "
                         "falls back to the bundle's or its default", lora_name)
+        # Per field, this LoRA's values over those of a FluxSR LoRA loaded earlier in the chain: a
+        # style LoRA without settings after the FluxSR LoRA must not erase its T_L.
+        settings = merge_settings(settings, comfy_adapters.model_settings(model))
         comfy_adapters.attach_model_settings(patched, settings)
         log.info("FluxSR Load LoRA %s at strength %g: %s", lora_name, strength_model, settings.describe())
         return (patched,)

@@ -510,6 +510,11 @@ def test_lora_loader_errors(pack, lora_dir, caplog):
         (model,) = cls().load(lora_dir.flux, "plain.safetensors", 1.0)
     assert len(model.patches) == 2 and "carries no FluxSR T_L" in caplog.text
     assert sub(pack, "nodes.upscale").resolve_t_l(0.0, tiny_conditioning(pack), model)[0] == 0.25
+    # ... and after the FluxSR LoRA in a chain it keeps that LoRA's T_L
+    (fluxsr,) = cls().load(lora_dir.flux, "fluxsr.safetensors", 1.0)
+    (chained,) = cls().load(fluxsr, "plain.safetensors", 1.0)
+    assert sub(pack, "nodes.upscale").resolve_t_l(0.0, tiny_conditioning(pack), chained) == (
+        0.4, "model: LoRA fluxsr.safetensors")
     # only some layers placed: a warning with the counts
     caplog.clear()
     half = FakeLoraPatcher({"transformer_blocks.0.attn.to_q"})
