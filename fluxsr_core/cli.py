@@ -143,26 +143,38 @@ def collect_jobs(inputs: Sequence[Path], output: Path) -> tuple[list[Job], list[
     """Expand folders, map each input to ``<stem>.png``; a single input may name a .png file.
 
     Returns ``(jobs, unreadable)``: ``unreadable`` holds the inputs that cannot be read at all,
-    each with why (broken links, given or in a folder; folder entries that cannot be looked at);
-    they get no job, so they neither clash with another input's output nor load the models.
+    each with why (missing files, broken links, given or in a folder; inputs and folder entries
+    that cannot be looked at; folders that cannot be listed); they get no job, so they neither
+    clash with another input's output nor load the models.
     Output folders are checked for writing apart (:func:`_check_writable`), once the existing
     outputs to skip are known.
     """
-    from .images import broken_link_message
+    from .images import broken_link_message, missing_file_message
 
+    # Inputs that cannot be read fail one by one (so the others still run) and are named here,
+    # before minutes of model loading, not when their turn comes.
     files: list[Path] = []
     unreadable: list[tuple[Path, str]] = []
     for item in inputs:
-        if item.is_dir():
+        if (broken := broken_link_message(item)) is not None:
+            unreadable.append((item, broken))
+            continue
+        try:
+            is_dir = stat.S_ISDIR(item.stat().st_mode)
+        except (FileNotFoundError, NotADirectoryError):
+            unreadable.append((item, missing_file_message(item)))
+            continue
+        except OSError as exc:  # permission denied on a folder above it, an I/O error...
+            unreadable.append((item, f"cannot be looked at ({exc.strerror or exc}); check its permissions"))
+            continue
+        if is_dir:
             found, bad = _folder_images(item)
             if not found and not bad:
                 raise UsageError(f"folder {item} holds no images ({', '.join(sorted(IMAGE_SUFFIXES))})")
             files.extend(found)
             unreadable.extend(bad)
-        elif (broken := broken_link_message(item)) is not None:
-            unreadable.append((item, broken))
         else:
-            files.append(item)  # missing files fail per file, so the others still run
+            files.append(item)
     if output.suffix.lower() == ".png" and not output.is_dir():
         given = len(files) + len(unreadable)
         if given != 1:
@@ -195,12 +207,23 @@ def collect_jobs(inputs: Sequence[Path], output: Path) -> tuple[list[Job], list[
 def _folder_images(folder: Path) -> tuple[list[Path], list[tuple[Path, str]]]:
     """The image files directly in ``folder`` (sorted), and its entries with an image name that
     cannot be read, each with why: a broken link or an entry that cannot be looked at must be
-    reported, not dropped. Subfolders and other names are left alone."""
+    reported, not dropped. Subfolders and other names are left alone. A folder that cannot be
+    listed is itself the one unreadable input."""
     from .images import broken_link_message
 
     found: list[Path] = []
     unreadable: list[tuple[Path, str]] = []
-    for entry in sorted(folder.iterdir()):
+    try:
+        entries = sorted(folder.iterdir())
+    except OSError as exc:
+        # An input that cannot be read, like a broken link: it fails alone, not the whole run
+        # (an empty folder is a usage error instead: the wrong folder was named).
+        if isinstance(exc, PermissionError):
+            advice = f"check its permissions (listing needs read and execute permission: chmod u+rx '{folder}')"
+        else:
+            advice = "check that the disk or network share it is on is mounted and readable"
+        return [], [(folder, f"the folder cannot be listed ({exc.strerror or exc}); {advice}")]
+    for entry in entries:
         if entry.suffix.lower() not in IMAGE_SUFFIXES:
             continue
         broken = broken_link_message(entry)

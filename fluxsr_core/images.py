@@ -98,8 +98,16 @@ class ImageTooLargeError(ImageFileError):
     """The input has more pixels than ``max_pixels`` allows."""
 
 
-class FloatRangeError(ImageFileError):
+class PixelRangeError(ImageFileError):
+    """An image's values are outside every range :func:`load_image` reads (float or integer)."""
+
+
+class FloatRangeError(PixelRangeError):
     """A float image's values are neither 0..1 nor 0..255 (see :func:`load_image`)."""
+
+
+class IntegerRangeError(PixelRangeError):
+    """An integer image's values are outside 0..65535: negative or above 16 bits (see :func:`load_image`)."""
 
 
 class OutputTooLargeError(ValueError):
@@ -170,21 +178,26 @@ def load_image(path: str | os.PathLike, max_pixels: Optional[int] = DEFAULT_MAX_
     :class:`FloatRangeError` saying how to convert it, since clipping would ruin it. NaN and
     -inf become 0, +inf the top of the range.
 
+    Integer images of more than 8 bits (Pillow modes ``I;16*`` and ``I``) are read as 16-bit,
+    0..65535, except that a file of 32-bit samples whose maximum is at most 255 is read as 8-bit
+    values in a 32-bit container (divided by 255, with a note). 16-bit samples are always
+    16-bit, however dark. Negative values or values above 65535 raise :class:`IntegerRangeError`
+    saying how to convert them.
+
     ``max_pixels`` guards against decompression bombs and accidental huge inputs; ``None``
     disables the guard. ``check_size(height, width)`` runs on the header's size before any pixel
     is decoded and may raise (the CLI refuses an output over its limit there, so a small file
     that claims a huge size costs nothing). Raises :class:`ImageNotFoundError` (:class:`BrokenLinkError`
     for a link to nothing), :class:`EmptyImageFileError`, :class:`NotAnImageError`,
-    :class:`TruncatedImageError`, :class:`ImageTooLargeError`, :class:`FloatRangeError` or
-    :class:`ImageFileError`, each naming the file and what to do.
+    :class:`TruncatedImageError`, :class:`ImageTooLargeError`, :class:`FloatRangeError`,
+    :class:`IntegerRangeError` or :class:`ImageFileError`, each naming the file and what to do.
     """
     p = Path(path)
     if not p.exists():
         broken = broken_link_message(p)
         if broken is not None:
             raise BrokenLinkError(broken)
-        raise ImageNotFoundError(f"image file not found: '{p}'. Check the path (relative paths "
-                                 f"are taken from the current folder '{os.getcwd()}').")
+        raise ImageNotFoundError(missing_file_message(p))
     if p.is_dir():
         raise ImageFileError(f"'{p}' is a folder, not an image file; pass the path of one image.")
     if p.stat().st_size == 0:
@@ -201,6 +214,12 @@ def load_image(path: str | os.PathLike, max_pixels: Optional[int] = DEFAULT_MAX_
                 return _load(p, max_pixels, check_size)
         finally:
             Image.MAX_IMAGE_PIXELS = old_limit
+
+
+def missing_file_message(path: str | os.PathLike) -> str:
+    """What to say about an input ``path`` that does not exist, with where relative paths start."""
+    return (f"image file not found: '{Path(path)}'. Check the path (relative paths are taken from "
+            f"the current folder '{os.getcwd()}').")
 
 
 def broken_link_message(path: str | os.PathLike) -> Optional[str]:
@@ -361,14 +380,19 @@ def _load(p: Path, max_pixels: Optional[int], check_size=None) -> LoadedImage:
 
         mode = img.mode
         if mode in ("I;16", "I;16L", "I;16B", "I;16N", "I;16S", "I"):
-            arr = _decode(p, img, _transposed_array).astype(np.float64)
+            raw = _decode(p, img, _transposed_array)
+            rawmodes = [_rawmode(t) for t in tiles]
+            bits32 = mode == "I" and bool(rawmodes) and all(
+                r is not None and (r == "I" or r.startswith("I;32")) for r in rawmodes)
+            if bits32 and raw.dtype == np.int32 and all(r.startswith("I;32") and not r.endswith("S")
+                                                         for r in rawmodes):
+                raw = raw.view(np.uint32)  # Pillow keeps unsigned 32-bit samples as int32
+            arr = raw.astype(np.float64)
             alpha = None
             if isinstance(trns, int):
                 alpha = (arr != trns).astype(np.float64)
-            if arr.min() < 0 or arr.max() > 65535:
-                notes.append(f"{p.name}: values outside 0..65535 were clipped")
-            return _finish(p, np.clip(arr, 0, 65535)[..., None] / 65535.0, alpha, 16, True,
-                           source_mode, notes, icc)
+            return _finish(p, _integer_to_unit(p, arr, 32 if bits32 else 16, notes)[..., None], alpha,
+                           16, True, source_mode, notes, icc)
         if mode == "F":
             arr = _float_to_unit(p, _decode(p, img, _transposed_array).astype(np.float64), notes)
             return _finish(p, arr[..., None], None, 16, True, source_mode, notes, icc)
@@ -442,6 +466,34 @@ def _float_to_unit(p: Path, arr: np.ndarray, notes: list[str]) -> np.ndarray:
         notes.append(f"{p.name}: float values outside [0, {top:g}] "
                      f"(min {lo:.4g}, max {hi:.4g}) were clipped")
     return np.clip(arr / top, 0.0, 1.0)
+
+
+def _integer_to_unit(p: Path, arr: np.ndarray, bits: int, notes: list[str]) -> np.ndarray:
+    """An integer image of ``bits``-bit samples (16 or 32) in ``[0, 1]`` by the rule
+    :func:`load_image` documents, adding what the user should know to ``notes``."""
+    lo, hi = int(arr.min()), int(arr.max())
+    kind = f"{bits}-bit {'integer' if bits == 32 else 'gray'} image"
+    if lo < 0 or hi > 65535:
+        if lo < 0:
+            advice = ("An image has no negative values: this is signed data (a difference or a "
+                      "measurement); rescale it to 0..65535, e.g. (x - min) * 65535 / (max - min)")
+        else:
+            advice = ("Values above 65535 are more than 16 bits: scale them to 0..65535, e.g. "
+                      "x * 65535 / max (x / 65537 for full-range 32-bit data)")
+        raise IntegerRangeError(
+            f"'{p}' is a {kind} with values from {lo} to {hi}: outside 0..65535, the 16-bit range "
+            f"FluxSR reads integer images in. Clipping it would ruin it. {advice}, and save it as "
+            f"a 16-bit PNG or TIFF (or a float TIFF in 0..1), then run again.")
+    # 8-bit values are often stored in 32-bit containers (by image libraries that widen on
+    # export); a real 16-bit picture whose brightest pixel is at most 255 of 65535 would be
+    # almost black, so 0..255 is the better reading. 16-bit samples are left as 16-bit.
+    if bits == 32 and 0 < hi <= 255:
+        notes.append(f"{p.name}: a 32-bit integer image with values from {lo} to {hi}: read as "
+                     f"8-bit values in a 32-bit container (divided by 255), since a 16-bit picture "
+                     f"would be almost black. If they are 16-bit values of a very dark picture, "
+                     f"save it as a 16-bit PNG or TIFF, which is always read as 16-bit")
+        return arr / 255.0
+    return arr / 65535.0
 
 
 def _cmyk_to_rgb(img: Image.Image, notes: list[str]) -> Image.Image:

@@ -347,3 +347,76 @@ def test_a_folder_entry_that_cannot_be_looked_at_is_reported(tmp_path, photo_png
     jobs, unreadable = cli.collect_jobs([folder], tmp_path / "out")
     assert [j.source.name for j in jobs] == ["a.png"] and jobs[0].target == tmp_path / "out" / "a.png"
     assert [(p.name, "Permission denied" in why) for p, why in unreadable] == [("hidden.png", True)]
+
+
+def test_a_missing_input_file_fails_before_the_models_load(tmp_path, photo_png, tiny_model_files, capsys,
+                                                          monkeypatch):
+    """A missing file is named and counted as failed before minutes of model loading; the other
+    inputs still run, and with nothing else to do the models never load."""
+    missing = tmp_path / "typo.png"
+    out = tmp_path / "out"
+    code = cli.main(["upscale", str(missing), str(photo_png), "-o", str(out), "--scale", "2"]
+                    + model_args(tiny_model_files))
+    err = capsys.readouterr().err
+    assert code == 1 and "Traceback" not in err
+    assert f"FAIL {missing}: image file not found" in err and "Check the path" in err
+    assert err.index("typo.png") < err.index("fluxsr: device")  # said before the models load
+    assert "1 upscaled, 0 skipped, 1 failed" in err and f"  failed: {missing}: " in err
+    assert sorted(p.name for p in out.iterdir()) == [photo_png.name]
+    monkeypatch.setattr(cli, "_load_pipeline", lambda *a: pytest.fail("models loaded for nothing"))
+    for target in (tmp_path / "out2", tmp_path / "one.png"):
+        code = cli.main(["upscale", str(missing), "-o", str(target)] + model_args(tiny_model_files))
+        err = capsys.readouterr().err
+        assert code == 1 and f"FAIL {missing}: image file not found" in err and "0 upscaled, 0 skipped, 1 failed" in err
+        assert not target.exists()
+
+
+@pytest.mark.parametrize("error,advice", [(PermissionError(13, "Permission denied"), "check its permissions"),
+                                          (OSError(5, "Input/output error"), "check that the disk")])
+def test_a_folder_that_cannot_be_listed_fails_alone(tmp_path, photo_png, tiny_model_files, capsys, monkeypatch,
+                                                    error, advice):
+    """An input folder whose listing fails (simulated: root may list anything) is an input that
+    cannot be read, like a broken link: named with why and what to do before the models load,
+    counted as failed, and the other inputs still run."""
+    locked = tmp_path / "locked"
+    locked.mkdir()
+    (locked / "a.png").write_bytes(photo_png.read_bytes())
+    real_iterdir = Path.iterdir
+
+    def iterdir(self):
+        if self == locked:
+            raise type(error)(error.errno, error.strerror, str(self))
+        return real_iterdir(self)
+
+    monkeypatch.setattr(Path, "iterdir", iterdir)
+    out = tmp_path / "out"
+    code = cli.main(["upscale", str(locked), str(photo_png), "-o", str(out), "--scale", "2"]
+                    + model_args(tiny_model_files))
+    err = capsys.readouterr().err
+    assert code == 1 and "Traceback" not in err and "fluxsr: error" not in err
+    assert f"FAIL {locked}: the folder cannot be listed ({error.strerror})" in err and advice in err
+    assert err.index("FAIL") < err.index("fluxsr: device")
+    assert "1 upscaled, 0 skipped, 1 failed" in err
+    assert sorted(p.name for p in out.iterdir()) == [photo_png.name]
+    monkeypatch.setattr(cli, "_load_pipeline", lambda *a: pytest.fail("models loaded for nothing"))
+    code = cli.main(["upscale", str(locked), "-o", str(tmp_path / "out2")] + model_args(tiny_model_files))
+    assert code == 1 and "0 upscaled, 0 skipped, 1 failed" in capsys.readouterr().err
+
+
+def test_an_input_that_cannot_be_looked_at_is_reported(tmp_path, photo_png):
+    """A given input whose stat fails other than by not existing (permission denied on the folder
+    above it: simulated) is unreadable with why, not a generic error ending the run."""
+    hidden = tmp_path / "hidden.png"
+    hidden.write_bytes(photo_png.read_bytes())
+    real_stat = Path.stat
+
+    def stat(self, *args, **kwargs):
+        if self == hidden:
+            raise PermissionError(13, "Permission denied", str(self))
+        return real_stat(self, *args, **kwargs)
+
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setattr(Path, "stat", stat)
+        jobs, unreadable = cli.collect_jobs([hidden, photo_png], tmp_path / "out")
+    assert [j.source for j in jobs] == [photo_png]
+    assert [(p, "Permission denied" in why and "permissions" in why) for p, why in unreadable] == [(hidden, True)]

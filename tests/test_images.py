@@ -202,6 +202,74 @@ def test_float_colour_tiff_error_says_what_pillow_reads(tmp_path):
         load_image(tmp_path / "rgb32f.tif")
 
 
+# 32-bit integer samples (Pillow mode "I"): 8-bit values in a 32-bit container are common, a 16-bit
+# image this dark is not; 16-bit samples are always read as 16-bit, however dark.
+INT_8BIT_VALUES = np.array([[0, 17, 128, 255]])
+
+
+def _int32_tiffs(tmp_path, values):
+    """The same values as every 32-bit integer TIFF Pillow opens: signed and unsigned, both byte
+    orders Pillow reads, uncompressed and compressed (Pillow's libtiff path), and Pillow's own."""
+    tifffile = pytest.importorskip("tifffile")
+    files = []
+    for dtype, order, comp in (("int32", "<", None), ("int32", ">", None), ("uint32", "<", None),
+                               ("int32", "<", "zlib")):
+        files.append(tmp_path / f"{dtype}_{'le' if order == '<' else 'be'}_{comp}.tif")
+        tifffile.imwrite(files[-1], np.asarray(values).astype(dtype), byteorder=order, compression=comp)
+    files.append(tmp_path / "pillow_I.tif")
+    Image.fromarray(np.asarray(values, np.int32), mode="I").save(files[-1])
+    return files
+
+
+def test_int32_tiff_holding_0_255_is_read_as_8bit_values(tmp_path):
+    for f in _int32_tiffs(tmp_path, INT_8BIT_VALUES):
+        li = load_image(f)
+        assert li.source_mode == "I" and li.grayscale and li.alpha is None, f.name
+        assert li.rgb[0, 0].tolist() == (INT_8BIT_VALUES.astype(np.float32) / np.float32(255)).tolist(), f.name
+        assert np.array_equal(u8(li.rgb)[..., 0], INT_8BIT_VALUES), f.name
+        assert len(li.notes) == 1, f.name
+        assert f.name in li.notes[0] and "divided by 255" in li.notes[0] and "0 to 255" in li.notes[0]
+        assert "16-bit" in li.notes[0]  # says what to do if they are 16-bit values after all
+
+
+def test_int32_tiff_above_255_is_read_as_16bit(tmp_path):
+    values = np.array([[0, 256, 40000, 65535]])
+    for f in _int32_tiffs(tmp_path, values):
+        li = load_image(f)
+        assert li.bit_depth == 16 and np.array_equal(u16(li.rgb)[..., 0], values), f.name
+        assert li.notes == [], f.name
+
+
+def test_dark_16bit_images_stay_16bit(tmp_path):
+    """16-bit samples with a maximum of 255 are a dark 16-bit image, whatever Pillow's mode: an
+    I;16 PNG, and a signed 16-bit TIFF (which Pillow opens as mode I)."""
+    tifffile = pytest.importorskip("tifffile")
+    Image.fromarray(INT_8BIT_VALUES.astype(np.uint16)).save(tmp_path / "dark16.png")
+    tifffile.imwrite(tmp_path / "dark16s.tif", INT_8BIT_VALUES.astype(np.int16))
+    for name, mode in (("dark16.png", "I;16"), ("dark16s.tif", "I")):
+        li = load_image(tmp_path / name)
+        assert li.source_mode == mode and li.bit_depth == 16 and li.notes == [], name
+        assert np.array_equal(u16(li.rgb)[..., 0], INT_8BIT_VALUES), name
+
+
+@pytest.mark.parametrize("dtype,values,shown,hint", [
+    ("int32", [-5, 0, 100, 255], "-5 to 255", "negative"),
+    ("int16", [-300, 0, 100, 20000], "-300 to 20000", "negative"),
+    ("int32", [0, 10, 70000, 255], "0 to 70000", "above 65535"),
+    # Pillow reads unsigned 32-bit samples as signed: 2**32 - 1 must be named as such, not as -1
+    ("uint32", [0, 2**31 + 5, 2**32 - 1, 255], "0 to 4294967295", "above 65535"),
+])
+def test_integer_image_outside_0_65535_is_refused(tmp_path, dtype, values, shown, hint):
+    tifffile = pytest.importorskip("tifffile")
+    tifffile.imwrite(tmp_path / "i.tif", np.array([values], dtype))
+    with pytest.raises(I.IntegerRangeError, match=hint) as exc:
+        load_image(tmp_path / "i.tif")
+    msg = str(exc.value)
+    assert "i.tif" in msg and shown in msg and "0..65535" in msg and "16-bit" in msg
+    assert isinstance(exc.value, I.PixelRangeError) and isinstance(exc.value, ImageFileError)
+    assert issubclass(I.FloatRangeError, I.PixelRangeError)  # callers catching either range error
+
+
 def test_gray8_and_bilevel(tmp_path, rng):
     a = rng.integers(0, 256, (4, 4), dtype=np.uint8)
     Image.fromarray(a).save(tmp_path / "l.png")
