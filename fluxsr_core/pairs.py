@@ -25,18 +25,25 @@ Why it is safe to kill, resume and share:
 * Each writer appends to its own manifest and writes shards under its own name, so no file is
   shared between writers. Conditioning files are content-addressed and created only if absent
   (``os.link`` fails on an existing name), so two writers racing on the same prompt never
-  rewrite one.
+  rewrite a whole one.
 * A writer killed between the rename and the manifest append leaves a complete shard that no
   manifest names; the next writer with the same id checks and adopts it (appends its line).
   A killed writer's ``.tmp`` files are removed by the next writer with the same id and are
   ignored by everyone else. A manifest line torn by a kill is skipped by readers (its shard is
   adopted instead), and the resumed writer starts a fresh line after it.
+* A conditioning file that already exists is checked when a writer stores the same
+  conditioning again (its tensors read and hashed): a damaged one (unreadable, or other content
+  than its name says) is replaced atomically with the content in hand, which is safe because the
+  name is the content's hash (two writers replacing it at once write the same bytes).
 * Every manifest line carries the shard's sha256 and size: :func:`verify_pairs` and
   :class:`PairDataset` detect truncated or corrupted shards and name them.
 * A failed write (no space left on device, ...) raises one :class:`PairWriteError` naming the
   file; its temporary file is removed, and the writer stops there (it neither retries nor
   writes its buffer on close). The complete shards are kept; a rerun with the same writer id
-  adopts a shard that was renamed before its manifest line failed, and goes on.
+  adopts a shard that was renamed before its manifest line failed, and goes on. Opening a
+  writer fails the same way when the folder or the lock file cannot be made, and removes the
+  (empty) folders it made. A lock file left behind never blocks anyone: the OS lock on it,
+  released when its process ends, is what marks a writer id as taken.
 * A shard's header holds every pair's metadata (prompt included), and safetensors refuses
   headers over :data:`SAFETENSORS_MAX_HEADER_BYTES`: a shard is started early when the next
   pair would not fit, and one pair that alone would not fit is refused when added.
@@ -122,6 +129,34 @@ def _write_error(path: Path, cause: OSError) -> PairWriteError:
 
 
 # --- small helpers ------------------------------------------------------------------------
+
+def _make_folder(folder: Path) -> list[Path]:
+    """Create ``folder`` and its missing parents; returns the folders this call created,
+    innermost first. A failure raises :class:`PairWriteError` naming the folder it could not
+    make, after removing the ones made so far."""
+    missing = []
+    p = folder
+    while not p.exists() and p != p.parent:
+        missing.append(p)
+        p = p.parent
+    try:
+        folder.mkdir(parents=True, exist_ok=True)
+    except OSError as exc:
+        _remove_empty_folders(missing)
+        raise _write_error(Path(exc.filename) if exc.filename else folder, exc) from exc
+    return missing
+
+
+def _remove_empty_folders(folders: Sequence[Path]) -> None:
+    """rmdir each of ``folders`` (innermost first), keeping any that is not empty: another
+    writer may have put its files there meanwhile."""
+    for p in folders:
+        try:
+            p.rmdir()
+        except FileNotFoundError:
+            continue
+        except OSError:
+            return  # not empty: its parents are not empty either
 
 def pair_id(prompt_index: int, seed: int) -> str:
     """The conventional pair id for prompt number ``prompt_index`` sampled with ``seed``.
@@ -324,12 +359,26 @@ def scan_manifests(folder: str | os.PathLike) -> ManifestScan:
 
 # --- writer -------------------------------------------------------------------------------
 
+# What a non-blocking lock attempt raises when another process holds the lock (flock: EWOULDBLOCK
+# = EAGAIN; msvcrt.locking: EACCES or EDEADLOCK). Any other errno (ENOLCK on an NFS mount without
+# a lock daemon, ...) is a failure to lock, not a busy id: reporting it as busy would refuse
+# every rerun too.
+_LOCK_HELD_ERRNOS = {errno.EAGAIN, errno.EWOULDBLOCK, errno.EACCES, getattr(errno, "EDEADLOCK", errno.EAGAIN)}
+
+
 class _WriterLock:
-    """An exclusive OS lock on ``.lock-<writer_id>``, released by the OS if the process dies."""
+    """An exclusive OS lock on ``.lock-<writer_id>``, released by the OS if the process dies.
+
+    :class:`WriterBusyError` when another process holds it; :class:`PairWriteError` naming the
+    lock file when it cannot be created (no space left, ...) or locked at all.
+    """
 
     def __init__(self, path: Path):
         self.path = path
-        self._f = open(path, "a+b")
+        try:
+            self._f = open(path, "a+b")
+        except OSError as exc:
+            raise _write_error(path, exc) from exc
         try:
             if os.name == "nt":
                 import msvcrt
@@ -340,8 +389,10 @@ class _WriterLock:
                 import fcntl
 
                 fcntl.flock(self._f.fileno(), fcntl.LOCK_EX | fcntl.LOCK_NB)
-        except OSError:
+        except OSError as exc:
             self._f.close()
+            if exc.errno not in _LOCK_HELD_ERRNOS:
+                raise _write_error(path, exc) from exc
             raise WriterBusyError(
                 f"another live process is writing pairs with this writer id ({path.name} is "
                 "locked); give each concurrent writer its own writer_id"
@@ -400,7 +451,6 @@ class PairWriter:
         self.folder = Path(folder)
         if self.folder.exists() and not self.folder.is_dir():
             raise NotADirectoryError(f"pair dataset path {self.folder} exists and is not a folder")
-        self.folder.mkdir(parents=True, exist_ok=True)
         self.writer_id = _check_writer_id(writer_id if writer_id is not None else default_writer_id())
         self.shard_size = int(shard_size)
         self.fsync = bool(fsync)
@@ -409,10 +459,20 @@ class PairWriter:
         self._known_conds: set[str] = set()
         self._closed = False
         self._failed: Optional[PairWriteError] = None
-        self._lock = _WriterLock(self.folder / f".lock-{self.writer_id}")
+        made = _make_folder(self.folder)
+        try:
+            self._lock = _WriterLock(self.folder / f".lock-{self.writer_id}")
+        except BaseException:
+            _remove_empty_folders(made)  # a rerun must not find a half-made dataset folder
+            raise
         try:
             self._recover()
             self._done: set[str] = self.done_ids()
+        except OSError as exc:  # e.g. a leftover temp file that cannot be removed (read-only folder)
+            self._lock.release()
+            if isinstance(exc, PairWriteError):
+                raise
+            raise _write_error(Path(exc.filename) if exc.filename else self.folder, exc) from exc
         except BaseException:
             self._lock.release()
             raise
@@ -561,6 +621,26 @@ class PairWriter:
         """``(t5 [L, D], clip_pooled [D])`` of a stored conditioning key, checked against its key."""
         return _load_conditioning_file(self.folder / f"cond-{key}.safetensors", key)
 
+    def conditioning_problem(self, key: str, full: bool = True) -> Optional[str]:
+        """What is wrong with the stored conditioning ``key`` ("it is missing", "it cannot be
+        read (...)", ...), or None when it is whole.
+
+        ``full``: read its tensors and check they hash to ``key`` (~4 MiB for FLUX); otherwise
+        only its header is read, which finds a missing, truncated or unreadable file, not one
+        with wrong bytes of the right size. :meth:`store_conditioning` replaces a damaged file.
+        """
+        path = self.folder / f"cond-{key}.safetensors"
+        if not path.exists():
+            return "it is missing"
+        try:
+            if full:
+                _conditioning_from_bytes(path.read_bytes(), key)
+            else:
+                _check_conditioning_header(path)
+        except (OSError, ValueError) as why:
+            return str(why)
+        return None
+
     def _store_conditioning(self, t5: torch.Tensor, clip: torch.Tensor) -> str:
         t5 = _unbatch(t5, 2, "cond_t5", "[L, 4096] or [1, L, 4096]")
         clip = _unbatch(clip, 1, "cond_clip", "[768] or [1, 768]")
@@ -568,12 +648,26 @@ class PairWriter:
         if key in self._known_conds:
             return key
         final = self.folder / f"cond-{key}.safetensors"
-        if not final.exists():
-            data = st_save_bytes({"t5": t5, "clip_pooled": clip},
-                                 metadata={META_KEY_FORMAT: PAIRS_FORMAT, META_KEY_COND: key})
-            tmp = self.folder / f"cond-{key}.safetensors.{self.writer_id}.tmp"
-            try:
-                _write_file_durably(tmp, data, self.fsync)
+        # An existing file is checked (once per writer): a damaged one from an earlier run would
+        # otherwise be found only when read back, after the transformer has loaded.
+        exists = final.exists()
+        damage = self.conditioning_problem(key, full=True) if exists else None
+        if exists and damage is None:
+            self._known_conds.add(key)
+            return key
+        if damage is not None:
+            logger.warning("conditioning file %s is damaged (%s); replacing it with the conditioning in hand "
+                           "(its name is the hash of that content)", final, damage)
+        data = st_save_bytes({"t5": t5, "clip_pooled": clip},
+                             metadata={META_KEY_FORMAT: PAIRS_FORMAT, META_KEY_COND: key})
+        tmp = self.folder / f"cond-{key}.safetensors.{self.writer_id}.tmp"
+        try:
+            _write_file_durably(tmp, data, self.fsync)
+            if damage is not None:
+                # Atomic: a reader sees the old file or the new one. Another writer repairing it at
+                # the same time renames the same content over it, which is just as right.
+                os.replace(tmp, final)
+            else:
                 try:
                     # Create-if-absent: a hard link fails on an existing name, so a conditioning
                     # another writer created meanwhile is never replaced.
@@ -583,12 +677,12 @@ class PairWriter:
                 except OSError:  # no hard links here (some network/FAT file systems)
                     if not final.exists():
                         os.replace(tmp, final)
-            except OSError as exc:
-                raise self._stop(final, exc) from exc
-            finally:
-                tmp.unlink(missing_ok=True)
-            if self.fsync:
-                _fsync_dir(self.folder)
+        except OSError as exc:
+            raise self._stop(final, exc) from exc
+        finally:
+            tmp.unlink(missing_ok=True)
+        if self.fsync:
+            _fsync_dir(self.folder)
         self._known_conds.add(key)
         return key
 
@@ -801,17 +895,55 @@ def _read_shard_header(path: Path) -> tuple[list[dict], set[str]]:
     return records, keys
 
 
+def _conditioning_from_bytes(data: bytes, key: str) -> tuple[torch.Tensor, torch.Tensor]:
+    """``(t5, clip_pooled)`` of a conditioning file's bytes; ValueError saying what is wrong
+    when they are not the conditioning ``key`` names (unreadable, tensors absent, other content)."""
+    try:
+        tensors = st_load_bytes(data)
+    except Exception as e:  # safetensors raises its own error type for a damaged header
+        raise ValueError(f"it cannot be read ({e})") from None
+    if "t5" not in tensors or "clip_pooled" not in tensors:
+        raise ValueError(f"it holds tensors {sorted(tensors)}, not t5 and clip_pooled")
+    t5, clip = tensors["t5"], tensors["clip_pooled"]
+    try:
+        actual = conditioning_key(t5, clip)
+    except (TypeError, ValueError) as e:
+        raise ValueError(f"its tensors are not a conditioning ({e})") from None
+    if actual != key:
+        raise ValueError(f"its content does not hash to {key}: corrupted")
+    return t5, clip
+
+
+def _check_conditioning_header(path: Path) -> None:
+    """ValueError unless ``path``'s safetensors header reads, covers the whole file (safetensors
+    checks the size) and names t5 and clip_pooled. Reads the header only."""
+    try:
+        with safe_open(str(path), framework="pt") as f:
+            names = set(f.keys())
+    except Exception as e:  # safetensors raises its own error type for a damaged header
+        raise ValueError(f"it cannot be read ({e})") from None
+    if not {"t5", "clip_pooled"} <= names:
+        raise ValueError(f"it holds tensors {sorted(names)}, not t5 and clip_pooled")
+
+
+def _rerun_hint(folder: Path) -> str:
+    return (f"run `fluxsr-train pairs` again on {folder} with the same prompts and settings, which encodes the "
+            "prompt again and stores it (the pairs are kept)")
+
+
 def _load_conditioning_file(path: Path, key: str) -> tuple[torch.Tensor, torch.Tensor]:
     if not path.exists():
-        raise PairDataError(f"conditioning file {path} is missing (needed by key {key})")
+        raise PairDataError(f"conditioning file {path} is missing (needed by key {key}): {_rerun_hint(path.parent)}")
     try:
-        tensors = st_load_bytes(path.read_bytes())
-        t5, clip = tensors["t5"], tensors["clip_pooled"]
-    except Exception as e:
+        data = path.read_bytes()
+    except OSError as e:
         raise PairDataError(f"conditioning file {path} cannot be read ({e})") from None
-    if conditioning_key(t5, clip) != key:
-        raise PairDataError(f"conditioning file {path} is corrupted: its content does not hash to {key}")
-    return t5, clip
+    try:
+        return _conditioning_from_bytes(data, key)
+    except ValueError as why:
+        # Deleted, it is missing, which any rerun notices; a rerun may not re-read a damaged one in full.
+        raise PairDataError(f"conditioning file {path} is damaged ({why}); delete it and "
+                            f"{_rerun_hint(path.parent)}") from None
 
 
 def verify_pairs(folder: str | os.PathLike, check_hash: bool = True) -> VerifyReport:
@@ -850,11 +982,11 @@ def verify_pairs(folder: str | os.PathLike, check_hash: bool = True) -> VerifyRe
                 seen[pid] = e.shard
     report.pairs = len(seen)
     for key in sorted(conds):
+        path = folder / f"cond-{key}.safetensors"
         try:
-            _load_conditioning_file(folder / f"cond-{key}.safetensors", key)
+            _load_conditioning_file(path, key)
         except PairDataError as ex:
-            kind = "missing-cond" if "missing" in str(ex) else "bad-cond"
-            report.problems.append(PairProblem(kind, str(folder / f"cond-{key}.safetensors"), str(ex)))
+            report.problems.append(PairProblem("bad-cond" if path.exists() else "missing-cond", str(path), str(ex)))
     for p in sorted(folder.iterdir()):
         if _SHARD_RE.match(p.name) and p.name not in listed:
             report.problems.append(PairProblem("unlisted", str(p), "no manifest names this shard; "
