@@ -54,8 +54,10 @@ class LoraInfo:
     """What :func:`load_lora` found and did.
 
     ``rank``/``alpha``: the most common rank and alpha over the LoRA's layers (``ranks`` and
-    ``alphas`` list the layers that differ, usually empty). ``target_modules``: the transformer
-    layers the LoRA changes (diffusers module names). ``metadata``: the file's safetensors
+    ``alphas`` list the layers that differ, usually empty); ``alpha_source`` says where the alphas
+    come from. For kohya layers these are the file's own ``.alpha`` values, which diffusers'
+    converter folds into A/B (the merge then applies alpha = rank there). ``target_modules``: the
+    transformer layers the LoRA changes (diffusers module names). ``metadata``: the file's safetensors
     metadata. ``settings``: the run settings the file carries (defaults where it has none).
     ``adapter_name`` is None once the LoRA was merged into the weights and unloaded.
     """
@@ -167,7 +169,7 @@ def _check_is_lora(state_dict: Mapping[str, torch.Tensor], path: str) -> None:
 
 
 _BFL_PREFIXES = ("model.diffusion_model.", "diffusion_model.")
-# text-encoder LoRA keys beside BFL-named ones (kohya's lora_te*, ComfyUI's text_encoders.*)
+# text-encoder LoRA keys (kohya's lora_te*, diffusers' text_encoder.*, ComfyUI's text_encoders.*)
 _TEXT_ENCODER_PREFIXES = ("lora_te", "text_encoder", "text_encoders.", "clip_l.", "t5xxl.", "te1.", "te2.")
 _BFL_ROOTS = ("double_blocks.", "single_blocks.", "img_in", "txt_in", "time_in.", "vector_in.", "guidance_in.",
               "final_layer.")
@@ -198,9 +200,10 @@ def _bfl_module(key: str) -> Optional[tuple[str, str]]:
 
 def _bfl_to_diffusers_naming(sd: dict[str, torch.Tensor], transformer, path: str, notes: list[str],
                              naming: str = "BFL/ComfyUI", shown: Optional[Mapping[str, str]] = None,
-                             ) -> Optional[tuple[dict[str, torch.Tensor], dict[str, float]]]:
+                             ) -> tuple[dict[str, torch.Tensor], dict[str, float]]:
     """A LoRA in BFL/ComfyUI module names (``diffusion_model.double_blocks.0.img_attn.qkv.lora_A``,
-    ``lora_down``/``lora_up`` too) -> diffusers naming; None if the file is not in BFL names.
+    ``lora_down``/``lora_up`` too; every key of ``sd`` is one, as :func:`_naming_of` sorted them)
+    -> diffusers naming, plus the ``.alpha`` values of the diffusers layers.
 
     Ours rather than diffusers' converters, which need every layer of a full BFL LoRA or fail on
     partial ones: each BFL layer's ``B`` is split by the rows its weight splits into (fused
@@ -214,21 +217,8 @@ def _bfl_to_diffusers_naming(sd: dict[str, torch.Tensor], transformer, path: str
     from .weights import bfl_row_sources
 
     shown = shown or {}
-
-    if any(".processor." in k for k in sd):
-        return None  # XLabs' naming (double_blocks.N.processor.qkv_lora1...): diffusers converts it
-    parsed = {k: _bfl_module(k) for k in sd}
-    bfl = {k: m for k, m in parsed.items() if m is not None}
-    if not bfl:
-        return None
     name = os.path.basename(path)
-    text = {k for k, m in parsed.items() if m is None and k.startswith(_TEXT_ENCODER_PREFIXES)}
-    if text:
-        notes.append(_text_encoder_note(len(text)))
-    if len(bfl) + len(text) != len(sd):
-        other = next(k for k, m in parsed.items() if m is None and k not in text)
-        raise LoraError(f"{name} mixes BFL module names ('{next(iter(bfl))}') with others ('{other}'); "
-                        f"re-export it in one naming")
+    bfl = {k: _bfl_module(k) for k in sd}
     odd = [k for k, (_, part) in bfl.items() if part == "other"]
     if odd:
         raise LoraError(f"{name}: '{shown.get(odd[0], odd[0])}' is no lora_A/lora_B (lora_down/lora_up) weight or "
@@ -295,71 +285,205 @@ def _kohya_outside_blocks(sd: dict[str, torch.Tensor], transformer, path: str,
         shown[f"{bfl_module}.{rest}"], shown[bfl_module] = key, kohya_module
     if not renamed:
         return {}, {}
-    converted = _bfl_to_diffusers_naming(renamed, transformer, path, notes, naming="kohya/sd-scripts", shown=shown)
-    if converted is None:  # only for XLabs-like ".processor." keys, which sd-scripts never writes
-        odd = next(shown[k] for k in renamed if ".processor." in k)
-        raise LoraError(f"{os.path.basename(path)}: '{odd}' is no lora_down/lora_up weight or alpha; FluxSR merges "
-                        "plain LoRAs in kohya/sd-scripts naming")
-    return converted
+    return _bfl_to_diffusers_naming(renamed, transformer, path, notes, naming="kohya/sd-scripts", shown=shown)
+
+
+def _diffusers_converter(sd: dict[str, torch.Tensor], path: str) -> tuple[dict[str, torch.Tensor], dict[str, float]]:
+    """diffusers' own FLUX LoRA conversion (``FluxLoraLoaderMixin.lora_state_dict``): tensors in
+    diffusers naming and the ``.alpha`` values it hands on (floats)."""
+    from diffusers.loaders.lora_pipeline import FluxLoraLoaderMixin
+
+    try:
+        out, alphas = FluxLoraLoaderMixin.lora_state_dict(dict(sd), return_alphas=True)
+    except Exception as exc:  # diffusers raises bare ValueError/KeyError/AssertionError here
+        raise LoraError(
+            f"{os.path.basename(path)}: diffusers could not convert this LoRA's naming to its own "
+            f"({type(exc).__name__}: {exc}). FluxSR reads FLUX LoRAs in diffusers naming and the "
+            "kohya/XLabs namings diffusers converts.") from exc
+    if isinstance(out, tuple):  # older diffusers return (state_dict, alphas, ...) differently
+        out = out[0]
+    return dict(out), {k: float(v.item() if torch.is_tensor(v) else v) for k, v in (alphas or {}).items()}
+
+
+def _kohya_layers(sd: dict[str, torch.Tensor], path: str, naming: str,
+                  ) -> tuple[dict[str, torch.Tensor], dict[str, float], dict[str, float]]:
+    """kohya-style layers (``lora_unet_double_blocks_0_img_attn_qkv``, or diffusers module names
+    as ``lora_transformer_...``) through diffusers' converter, one kohya layer at a time.
+
+    diffusers folds each layer's ``alpha / r`` into its A/B, so peft must then apply alpha = rank
+    there; converting layer by layer tells which diffusers layers got which of the file's alphas.
+    Returns (tensors, the alphas peft applies, ``{module: the file's alpha}`` for the folded
+    layers: what :class:`LoraInfo` reports).
+    """
+    name = os.path.basename(path)
+    groups: dict[str, dict[str, torch.Tensor]] = {}
+    for k, v in sd.items():
+        groups.setdefault(k.split(".", 1)[0], {})[k] = v
+    out, alphas, file_alphas = {}, {}, {}
+    for layer, group in groups.items():
+        converted, _ = _diffusers_converter(group, path)
+        targets = [k[: -len(".lora_A.weight")] for k in converted if k.endswith(".lora_A.weight")]
+        if not targets:  # diffusers' kohya converter drops keys it does not know, unannounced
+            raise LoraError(f"{name}: diffusers' converter makes no LoRA layer of '{layer}' ({naming} naming; "
+                            f"tensors {', '.join(sorted(group))}); the file is incomplete or in another naming")
+        alpha = group.get(f"{layer}.alpha")
+        if alpha is not None:
+            value = float(alpha.reshape(-1)[0]) if alpha.numel() == 1 else math.nan
+            if not math.isfinite(value):
+                shown = repr(value) if alpha.numel() == 1 else f"of shape {list(alpha.shape)}"
+                raise LoraError(f"{name}: LoRA alpha {shown} of '{layer}' is not a finite number; the file's "
+                                "alpha tensors are damaged. Re-export the LoRA")
+            for target in targets:
+                file_alphas[_module_of(target + ".lora_A.weight")] = value
+                alphas[f"{target}.alpha"] = float(converted[f"{target}.lora_A.weight"].shape[0])
+        out.update(converted)
+    return out, alphas, file_alphas
+
+
+# The namings a FLUX LoRA's keys come in. A file may mix them (LoRAs merged by hand, trainers that
+# add layers in another naming); diffusers' converter would then keep one naming and drop the rest
+# unannounced, so each is converted on its own and the results joined (see _to_diffusers_naming).
+_DIFFUSERS = "diffusers/peft"
+_DIFFUSERS_BARE = "diffusers/peft (no 'transformer.' prefix)"
+_BFL = "BFL/ComfyUI"
+_KOHYA = "kohya/sd-scripts"
+_KOHYA_DIFFUSERS = "kohya-style diffusers (lora_transformer_*)"
+_XLABS = "XLabs"
+_OTHER = "unrecognised"
+_TEXT_ENCODER = "text encoder"
+_NAMINGS = (_DIFFUSERS, _DIFFUSERS_BARE, _BFL, _KOHYA, _KOHYA_DIFFUSERS, _XLABS, _OTHER)
+
+
+def _naming_of(key: str, top_modules) -> str:
+    """Which naming one LoRA key is in (``top_modules``: the transformer's top-level module names)."""
+    if key.startswith(_TEXT_ENCODER_PREFIXES):
+        return _TEXT_ENCODER
+    bfl = _bfl_module(key) is not None
+    if bfl and ".processor." in key:  # XLabs: double_blocks.N.processor.qkv_lora1 (diffusers converts it)
+        return _XLABS
+    if bfl:
+        return _BFL
+    if key.startswith("lora_unet"):
+        return _KOHYA
+    if key.startswith("lora_transformer_"):
+        return _KOHYA_DIFFUSERS
+    if key.startswith(TRANSFORMER_PREFIX):
+        return _DIFFUSERS
+    if key.split(".", 1)[0] in top_modules:
+        return _DIFFUSERS_BARE
+    return _OTHER
+
+
+def _namings_text(counts: Mapping[str, int]) -> str:
+    """``{"diffusers/peft": 2, "kohya/sd-scripts": 6}`` -> "2 tensors in diffusers/peft naming and 6 in ..."."""
+    parts = [f"{n} {'tensors ' if i == 0 else ''}in {naming} naming" for i, (naming, n) in enumerate(counts.items())]
+    return ", ".join(parts[:-1]) + " and " + parts[-1] if len(parts) > 1 else parts[0]
+
+
+@dataclass
+class _Converted:
+    """A LoRA in diffusers naming: ``sd`` (``transformer.``-prefixed), ``alphas`` (the
+    ``transformer.<module>.alpha`` values peft applies), ``file_alphas`` (``{module: the file's
+    alpha}`` where diffusers folded it into A/B), ``namings`` (naming -> tensors of the file in it,
+    text-encoder tensors left out)."""
+
+    sd: dict[str, torch.Tensor]
+    alphas: dict[str, float]
+    file_alphas: dict[str, float]
+    namings: dict[str, int]
+
+
+def _convert_naming(naming: str, sd: dict[str, torch.Tensor], transformer, path: str, notes: list[str],
+                    ) -> tuple[dict[str, torch.Tensor], dict[str, float], dict[str, float]]:
+    """One naming's tensors -> (diffusers-named tensors, alphas peft applies, the file's folded alphas)."""
+    if naming == _BFL:
+        return (*_bfl_to_diffusers_naming(sd, transformer, path, notes), {})
+    if naming == _KOHYA:
+        rest = dict(sd)
+        outside, outside_alphas = _kohya_outside_blocks(rest, transformer, path, notes)
+        blocks, block_alphas, file_alphas = _kohya_layers(rest, path, naming)
+        return {**blocks, **outside}, {**block_alphas, **outside_alphas}, file_alphas
+    if naming == _KOHYA_DIFFUSERS:
+        return _kohya_layers(sd, path, naming)
+    if naming == _DIFFUSERS_BARE:
+        sd = {TRANSFORMER_PREFIX + k: v for k, v in sd.items()}
+    return (*_diffusers_converter(sd, path), {})
 
 
 def _to_diffusers_naming(state_dict: dict[str, torch.Tensor], path: str, notes: list[str],
-                         transformer) -> tuple[dict[str, torch.Tensor], dict[str, float]]:
-    """Diffusers/peft naming with the ``transformer.`` prefix, plus the ``.alpha`` values (floats).
+                         transformer) -> _Converted:
+    """A LoRA file's tensors in diffusers/peft naming with the ``transformer.`` prefix.
 
-    BFL/ComfyUI module names are converted by :func:`_bfl_to_diffusers_naming` against
-    ``transformer``'s layers, as are kohya's layers outside the blocks
-    (:func:`_kohya_outside_blocks`); other namings by diffusers' own FLUX converters
-    (kohya/sd-scripts blocks, XLabs, ...); a naming neither handles is reported as such.
+    Each key is sorted into its naming (:func:`_naming_of`) and each naming converted on its own:
+    BFL/ComfyUI module names by :func:`_bfl_to_diffusers_naming` against ``transformer``'s layers,
+    as are kohya's layers outside the blocks (:func:`_kohya_outside_blocks`); kohya's blocks,
+    XLabs and the rest by diffusers' own FLUX converters. A file mixing namings is joined when
+    they change different layers and refused when two change the same one; text-encoder tensors
+    are noted and left out.
     """
-    from diffusers.loaders.lora_pipeline import FluxLoraLoaderMixin
-
+    name = os.path.basename(path)
     sd = dict(state_dict)
     # peft's PeftModel.save_pretrained names keys "base_model.model.<module>..."; diffusers would
     # mistake that "base_model" for the fal-Kontext layout, so strip it first.
     peft_prefix = "base_model.model."
     if all(k.startswith(peft_prefix) for k in sd):
         sd = {k[len(peft_prefix):]: v for k, v in sd.items()}
-    converted = _bfl_to_diffusers_naming(sd, transformer, path, notes)
-    if converted is not None:
-        return converted
-    outside_sd, outside_alphas = _kohya_outside_blocks(sd, transformer, path, notes)
-    if outside_sd and not sd:
-        return outside_sd, outside_alphas  # nothing left for diffusers' converter
-    # Unprefixed diffusers naming ("single_transformer_blocks.0.attn.to_q.lora_A.weight").
-    if not any(k.startswith((TRANSFORMER_PREFIX, "text_encoder.")) for k in sd) and any(
-            (".lora_A." in k or ".lora_B." in k) for k in sd):
-        sd = {TRANSFORMER_PREFIX + k: v for k, v in sd.items()}
-    try:
-        sd, alphas = FluxLoraLoaderMixin.lora_state_dict(sd, return_alphas=True)
-    except Exception as exc:  # diffusers raises bare ValueError/KeyError/AssertionError here
-        raise LoraError(
-            f"{os.path.basename(path)}: diffusers could not convert this LoRA's naming to its own "
-            f"({type(exc).__name__}: {exc}). FluxSR reads FLUX LoRAs in diffusers naming and the "
-            "kohya/XLabs namings diffusers converts.") from exc
-    if isinstance(sd, tuple):  # older diffusers return (state_dict, alphas, ...) differently
-        sd = sd[0]
-    network_alphas: dict[str, float] = {}
-    for k, v in (alphas or {}).items():
-        network_alphas[k] = float(v.item() if torch.is_tensor(v) else v)
-    # diffusers folds kohya's block alphas into A/B, so those layers are left at alpha = rank.
-    sd.update(outside_sd)
-    network_alphas.update(outside_alphas)
+    top_modules = {n for n, _ in transformer.named_children()}
+    families: dict[str, dict[str, torch.Tensor]] = {}
+    for k, v in sd.items():
+        families.setdefault(_naming_of(k, top_modules), {})[k] = v
+    text = families.pop(_TEXT_ENCODER, {})
+    if text:
+        notes.append(_text_encoder_note(len(text)))
+    if set(families) == {_OTHER} and any(".lora_A." in k or ".lora_B." in k for k in families[_OTHER]):
+        # peft naming without the prefix, for modules this transformer lacks: _check_fits says
+        # what the LoRA looks made for.
+        families = {_DIFFUSERS_BARE: families[_OTHER]}
+    if not families:
+        raise LoraError(f"{name} holds no LoRA tensors for the FLUX transformer (only {len(text)} text-encoder "
+                        "tensors, which FluxSR does not use).")
 
-    bfl = [k for k in sd if not k.startswith((TRANSFORMER_PREFIX, "text_encoder."))]
-    if bfl:
+    out: dict[str, torch.Tensor] = {}
+    alphas: dict[str, float] = {}
+    file_alphas: dict[str, float] = {}
+    owner: dict[str, str] = {}  # diffusers module -> the naming it came from
+    namings = {n: len(families[n]) for n in _NAMINGS if n in families}
+    for naming in namings:
+        part, part_alphas, part_file_alphas = _convert_naming(naming, families[naming], transformer, path, notes)
+        modules = {m for k in part if (m := _module_of(k)) is not None}
+        if not modules:
+            raise LoraError(f"{name}: its {namings[naming]} tensors in {naming} naming (e.g. "
+                            f"'{next(iter(families[naming]))}') convert to no LoRA layer. FluxSR reads diffusers/peft, "
+                            "BFL/ComfyUI ('diffusion_model.double_blocks...') and kohya/XLabs namings.")
+        for module in sorted(modules):
+            first = owner.setdefault(module, naming)
+            if first != naming:
+                raise LoraError(
+                    f"{name} mixes namings: {namings[first]} tensors in {first} naming (e.g. "
+                    f"'{next(iter(families[first]))}') and {namings[naming]} in {naming} naming (e.g. "
+                    f"'{next(iter(families[naming]))}'), and both change the layer '{module}', so which one "
+                    "counts is unclear. Re-export the LoRA in one naming, with each layer once.")
+        out.update(part)
+        alphas.update(part_alphas)
+        file_alphas.update(part_file_alphas)
+    if len(namings) > 1:
+        notes.append(f"the file mixes namings ({_namings_text(namings)}); each was converted on its own and "
+                     f"joined (they change different layers)")
+
+    unknown = [k for k in out if not k.startswith((TRANSFORMER_PREFIX, "text_encoder."))]
+    if unknown:
         raise LoraError(
-            f"{os.path.basename(path)}: {len(bfl)} tensors are in a naming neither FluxSR nor diffusers "
-            f"converts (e.g. '{bfl[0]}'). FluxSR reads diffusers/peft, BFL/ComfyUI "
+            f"{name}: {len(unknown)} tensors are in a naming neither FluxSR nor diffusers "
+            f"converts (e.g. '{unknown[0]}'). FluxSR reads diffusers/peft, BFL/ComfyUI "
             "('diffusion_model.double_blocks...') and kohya/XLabs namings.")
-    te = [k for k in sd if k.startswith("text_encoder.")]
-    if te:
+    te = [k for k in out if k.startswith("text_encoder.")]
+    if te:  # a converter that also renamed text-encoder keys
         notes.append(_text_encoder_note(len(te)))
-        sd = {k: v for k, v in sd.items() if not k.startswith("text_encoder.")}
-        network_alphas = {k: v for k, v in network_alphas.items() if not k.startswith("text_encoder.")}
-    if not sd:
-        raise LoraError(f"{os.path.basename(path)} holds no LoRA tensors for the FLUX transformer.")
-    return sd, network_alphas
+        out = {k: v for k, v in out.items() if not k.startswith("text_encoder.")}
+        alphas = {k: v for k, v in alphas.items() if not k.startswith("text_encoder.")}
+    if not out:
+        raise LoraError(f"{name} holds no LoRA tensors for the FLUX transformer.")
+    return _Converted(out, alphas, file_alphas, namings)
 
 
 def _module_of(key: str) -> Optional[str]:
@@ -547,9 +671,11 @@ def load_lora(transformer, path: str | os.PathLike, scale: float = 1.0, merge: b
     the adapter, leaving a plain transformer (faster; needs no other adapter on the model).
 
     Reads diffusers naming with or without the ``transformer.`` prefix, peft's
-    ``base_model.model.`` naming, and whatever FLUX namings diffusers converts (kohya/sd-scripts,
-    XLabs). Raises :class:`LoraError` for an empty file, a full model, a LoRA for another model
-    family or for a FLUX model of another width or depth; ``FileNotFoundError`` for a missing file.
+    ``base_model.model.`` naming, BFL/ComfyUI names, and whatever FLUX namings diffusers converts
+    (kohya/sd-scripts, XLabs); a file mixing namings loads when they change different layers.
+    Raises :class:`LoraError` for an empty file, a full model, a LoRA for another model family or
+    for a FLUX model of another width or depth, a file whose namings change the same layer twice;
+    ``FileNotFoundError`` for a missing file.
     """
     existing = _existing_adapters(transformer)
     if adapter_name in existing:
@@ -583,7 +709,11 @@ def load_lora(transformer, path: str | os.PathLike, scale: float = 1.0, merge: b
 
 @dataclass
 class _LoraFile:
-    """A LoRA file read, converted to diffusers naming and checked against a transformer."""
+    """A LoRA file read, converted to diffusers naming and checked against a transformer.
+
+    ``cfg`` holds the alphas peft applies; ``file_alphas`` the file's own alphas of layers whose
+    alpha diffusers folded into A/B (peft then applies alpha = rank there), which are reported.
+    """
 
     path: str
     scale: float
@@ -593,11 +723,15 @@ class _LoraFile:
     cfg: dict
     alpha_source: str
     notes: list[str]
+    file_alphas: dict[str, float] = field(default_factory=dict)
 
     def info(self, merged: bool, adapter_name: Optional[str]) -> LoraInfo:
         rank = Counter(self.ranks.values()).most_common(1)[0][0]
-        alpha = float(self.cfg["lora_alpha"])
-        per_alpha = {m: _alpha_for(m, self.cfg) for m in self.ranks}
+        per_alpha = {m: self.file_alphas.get(m, _alpha_for(m, self.cfg)) for m in self.ranks}
+        if self.file_alphas:
+            alpha = Counter(per_alpha.values()).most_common(1)[0][0]
+        else:
+            alpha = float(self.cfg["lora_alpha"])
         settings = settings_from_metadata((self.metadata, f"LoRA {self.path}"))
         notes = list(self.notes)
         if settings.lora_rank is None:
@@ -614,6 +748,9 @@ class _LoraFile:
         )
 
 
+_FOLDED = "folded into the weights by diffusers' kohya converter"
+
+
 def _read_checked(transformer, path, scale: float) -> _LoraFile:
     path = os.fspath(path)
     scale = float(scale)
@@ -623,10 +760,30 @@ def _read_checked(transformer, path, scale: float) -> _LoraFile:
     md = dict(md or {})
     _check_is_lora(raw, path)
     notes: list[str] = []
-    sd, network_alphas = _to_diffusers_naming(raw, path, notes, transformer)
-    ranks = _check_fits(transformer, sd, path)
-    cfg, alpha_source = _lora_config(ranks, list(sd), network_alphas, md, path, notes)
-    return _LoraFile(path, scale, sd, md, ranks, cfg, alpha_source, notes)
+    conv = _to_diffusers_naming(raw, path, notes, transformer)
+    ranks = _check_fits(transformer, conv.sd, path)
+    if len(conv.namings) > 1:
+        _refuse_metadata_alpha_when_mixed(md, conv.namings, path)
+    cfg, alpha_source = _lora_config(ranks, list(conv.sd), conv.alphas, md, path, notes)
+    if conv.file_alphas:
+        # the alphas reported are the file's, not the alpha = rank peft applies to folded layers
+        own = [k for k in conv.alphas if k.removeprefix(TRANSFORMER_PREFIX).removesuffix(".alpha")
+               not in conv.file_alphas]
+        those = f"those of {len(conv.file_alphas)} layers " if own else ""
+        alpha_source = f"'.alpha' tensors ({those}{_FOLDED})"
+    return _LoraFile(path, scale, conv.sd, md, ranks, cfg, alpha_source, notes, conv.file_alphas)
+
+
+def _refuse_metadata_alpha_when_mixed(md: Mapping[str, str], namings: Mapping[str, int], path: str) -> None:
+    """Refuse a file that mixes namings and whose metadata sets one alpha: which naming's layers
+    that alpha is for is unknown (the others carry theirs in tensors, or use none)."""
+    file_cfg = _adapter_config_from_metadata(md, path, [])
+    given = ([f"'{LORA_ADAPTER_METADATA_KEY}' lora_alpha {file_cfg['lora_alpha']!r}"] if "lora_alpha" in file_cfg
+             else []) + ([f"{KEY_LORA_ALPHA}={md[KEY_LORA_ALPHA]!r}"] if KEY_LORA_ALPHA in md else [])
+    if given:
+        raise LoraError(f"{os.path.basename(path)} mixes namings ({_namings_text(namings)}) and its metadata sets "
+                        f"one LoRA alpha ({given[0]}) without saying which layers it is for. Re-export the LoRA in "
+                        "one naming.")
 
 
 MergeFactors = dict[str, tuple[torch.Tensor, torch.Tensor, float]]

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 from importlib import resources
 
 import pytest
@@ -456,7 +457,8 @@ def test_bfl_naming_errors_are_named(tmp_path):
     lora, _ = _bfl_lora()
     cases = {
         "mixed": ({**lora, "transformer.transformer_blocks.0.attn.to_q.lora_A.weight": torch.zeros(2, 32)},
-                  "mixes BFL module names"),
+                  r"mixes namings: 1 tensors in diffusers/peft naming .* and 28 in BFL/ComfyUI naming .*both change "
+                  r"the layer 'transformer_blocks\.0\.attn\.to_q'"),
         "dora": ({**lora, "diffusion_model.img_in.dora_scale": torch.zeros(1, 32)}, "no lora_A/lora_B"),
         "half": ({k: v for k, v in lora.items() if k != "diffusion_model.img_in.lora_B.weight"},
                  "layer 'img_in' has lora_A but not lora_B"),
@@ -467,6 +469,204 @@ def test_bfl_naming_errors_are_named(tmp_path):
     for name, (sd, message) in cases.items():
         with pytest.raises(LoraError, match=message):
             load_lora(fresh_transformer(), _save(tmp_path, f"{name}.safetensors", sd))
+
+
+def test_kohya_report_gives_the_files_alphas(tmp_path, inputs):
+    """diffusers folds kohya's block alphas into A/B (peft then applies alpha = rank there):
+    LoraInfo reports the file's own .alpha values, and the merge is still W + alpha/r * B @ A."""
+    r = 2
+    layers = {"lora_unet_double_blocks_0_img_attn_qkv": ["transformer_blocks.0.attn.to_q",
+                                                         "transformer_blocks.0.attn.to_k",
+                                                         "transformer_blocks.0.attn.to_v"],
+              "lora_unet_double_blocks_0_txt_attn_proj": ["transformer_blocks.0.attn.to_add_out"],  # no .alpha
+              "lora_unet_double_blocks_0_img_attn_proj": ["transformer_blocks.0.attn.to_out.0"],
+              "lora_unet_img_in": ["x_embedder"]}
+    file_alpha = {"lora_unet_double_blocks_0_img_attn_qkv": 1.0, "lora_unet_double_blocks_0_txt_attn_proj": None,
+                  "lora_unet_double_blocks_0_img_attn_proj": 1.0, "lora_unet_img_in": 3.0}
+    base_sd = fresh_transformer().state_dict()
+    g = torch.Generator().manual_seed(31)
+    kohya, want = {}, dict(base_sd)
+    for name, modules in layers.items():
+        in_f = base_sd[f"{modules[0]}.weight"].shape[1]
+        out_f = sum(base_sd[f"{m}.weight"].shape[0] for m in modules)
+        down, up = torch.randn(r, in_f, generator=g) * 0.3, torch.randn(out_f, r, generator=g) * 0.3
+        kohya[f"{name}.lora_down.weight"], kohya[f"{name}.lora_up.weight"] = down, up
+        if file_alpha[name] is not None:
+            kohya[f"{name}.alpha"] = torch.tensor(file_alpha[name])
+        delta = ((file_alpha[name] or r) / r) * up @ down
+        for i, m in enumerate(modules):  # q|k|v: each its rows of up @ down
+            want[f"{m}.weight"] = base_sd[f"{m}.weight"] + delta[i * 32:(i + 1) * 32]
+    path = _save(tmp_path, "kohya-alphas.safetensors", kohya)
+
+    model = fresh_transformer()
+    info = load_lora(model, path, merge=True)
+    assert info.rank == r and info.alpha == 1.0
+    assert info.alphas == {"transformer_blocks.0.attn.to_add_out": 2.0, "x_embedder": 3.0}
+    assert info.alpha_source == ("'.alpha' tensors (those of 4 layers folded into the weights by diffusers' "
+                                 "kohya converter)")
+    assert "rank 2, alpha 1 ('.alpha' tensors (those of 4 layers folded" in info.describe()
+    got = model.state_dict()
+    for key in want:
+        torch.testing.assert_close(got[key], want[key], rtol=0, atol=1e-6, msg=key)
+    # what the merge applies differs from what is reported: 1 on the folded layers, x_embedder 3/2
+    factors, info_f = merge_factors(fresh_transformer(), path)
+    assert {k: f for k, (_, _, f) in factors.items()} == {
+        **{f"{m}.weight": 1.0 for n, ms in layers.items() if n != "lora_unet_img_in" for m in ms},
+        "x_embedder.weight": 1.5}
+    assert (info_f.alpha, info_f.alphas) == (info.alpha, info.alphas)
+
+    # only block layers: every alpha was folded
+    blocks = {k: v for k, v in kohya.items() if not k.startswith("lora_unet_img_in")}
+    info2 = load_lora(fresh_transformer(), _save(tmp_path, "blocks.safetensors", blocks))
+    assert info2.alpha_source == "'.alpha' tensors (folded into the weights by diffusers' kohya converter)"
+    assert (info2.alpha, info2.alphas) == (1.0, {"transformer_blocks.0.attn.to_add_out": 2.0})
+
+    # a damaged block alpha is refused, not folded into NaN weights
+    nan = {**blocks, "lora_unet_double_blocks_0_img_attn_proj.alpha": torch.tensor(float("nan"))}
+    with pytest.raises(LoraError, match="alpha nan of 'lora_unet_double_blocks_0_img_attn_proj' is not a finite"):
+        load_lora(fresh_transformer(), _save(tmp_path, "nan.safetensors", nan))
+
+
+# --- files mixing namings ------------------------------------------------------------------
+
+def _pair(g, out_f: int, in_f: int, r: int = 2):
+    return torch.randn(r, in_f, generator=g) * 0.3, torch.randn(out_f, r, generator=g) * 0.3
+
+
+def test_diffusers_and_kohya_keys_in_one_file_both_load(tmp_path, inputs):
+    """diffusers' converter, given transformer.* next to lora_unet_* keys, keeps the transformer.*
+    ones and drops the kohya layers unannounced; each naming is converted on its own instead."""
+    g = torch.Generator().manual_seed(41)
+    a_q, b_q = _pair(g, 32, 32)
+    a_o, b_o = _pair(g, 32, 32)
+    a_x, b_x = _pair(g, 32, 64)
+    sd = {"transformer.transformer_blocks.0.attn.to_q.lora_A.weight": a_q,
+          "transformer.transformer_blocks.0.attn.to_q.lora_B.weight": b_q,
+          "lora_unet_double_blocks_0_img_attn_proj.lora_down.weight": a_o,
+          "lora_unet_double_blocks_0_img_attn_proj.lora_up.weight": b_o,
+          "lora_unet_double_blocks_0_img_attn_proj.alpha": torch.tensor(1.0),
+          "lora_unet_img_in.lora_down.weight": a_x, "lora_unet_img_in.lora_up.weight": b_x}
+    path = _save(tmp_path, "mixed.safetensors", sd)
+    model = fresh_transformer()
+    info = load_lora(model, path, merge=True)
+    assert info.target_modules == ["transformer_blocks.0.attn.to_out.0", "transformer_blocks.0.attn.to_q",
+                                   "x_embedder"]
+    assert any("mixes namings (2 tensors in diffusers/peft naming and 5 in kohya/sd-scripts naming)" in n
+               for n in info.notes)
+    base, got = fresh_transformer().state_dict(), model.state_dict()
+    want = {**base, "transformer_blocks.0.attn.to_q.weight": base["transformer_blocks.0.attn.to_q.weight"] + b_q @ a_q,
+            "transformer_blocks.0.attn.to_out.0.weight":
+                base["transformer_blocks.0.attn.to_out.0.weight"] + 0.5 * b_o @ a_o,
+            "x_embedder.weight": base["x_embedder.weight"] + b_x @ a_x}
+    for key in want:
+        torch.testing.assert_close(got[key], want[key], rtol=0, atol=1e-6, msg=key)
+
+
+def test_every_naming_in_one_file(tmp_path, inputs):
+    """diffusers (prefixed and not), BFL, kohya blocks and outer layers, kohya-style diffusers
+    names and XLabs in one file, on different layers: each layer merges as by hand, its own alpha
+    (kohya's folded by diffusers, reported as the file's), as adapter and in merge_factors too."""
+    g = torch.Generator().manual_seed(43)
+    base = fresh_transformer().state_dict()
+    # (file keys' stem, naming of A/B, alpha or None, diffusers module); XLabs uses no alpha
+    layers = [("transformer.transformer_blocks.0.attn.to_q", ("lora_A", "lora_B"), 3.0,
+               "transformer_blocks.0.attn.to_q"),
+              ("single_transformer_blocks.0.attn.to_v", ("lora_A", "lora_B"), None, "single_transformer_blocks.0.attn.to_v"),
+              ("diffusion_model.double_blocks.0.txt_mlp.0", ("lora_A", "lora_B"), 1.0,
+               "transformer_blocks.0.ff_context.net.0.proj"),
+              ("lora_unet_double_blocks_0_img_attn_proj", ("lora_down", "lora_up"), 1.0,
+               "transformer_blocks.0.attn.to_out.0"),
+              ("lora_unet_img_in", ("lora_down", "lora_up"), 3.0, "x_embedder"),
+              ("lora_transformer_single_transformer_blocks_0_attn_to_k", ("lora_down", "lora_up"), 1.0,
+               "single_transformer_blocks.0.attn.to_k"),
+              ("single_blocks.0.processor.proj_lora", ("down", "up"), None, "single_transformer_blocks.0.proj_out")]
+    r = 2
+    sd, want, deltas = {"lora_te1_text_model_encoder_layers_0_mlp_fc1.alpha": torch.tensor(1.0)}, dict(base), {}
+    for stem, (a_name, b_name), alpha, module in layers:
+        out_f, in_f = base[f"{module}.weight"].shape
+        a, b = _pair(g, out_f, in_f, r)
+        sd[f"{stem}.{a_name}.weight"], sd[f"{stem}.{b_name}.weight"] = a, b
+        if alpha is not None:
+            sd[f"{stem}.alpha"] = torch.tensor(alpha)
+        deltas[f"{module}.weight"] = ((alpha or r) / r) * b @ a
+        want[f"{module}.weight"] = base[f"{module}.weight"] + deltas[f"{module}.weight"]
+    path = _save(tmp_path, "all-namings.safetensors", sd)
+
+    model = fresh_transformer()
+    info = load_lora(model, path, merge=True)
+    assert info.target_modules == sorted(m for *_, m in layers)
+    assert any("mixes namings (3 tensors in diffusers/peft naming, 2 in diffusers/peft (no 'transformer.' prefix) "
+               "naming, 3 in BFL/ComfyUI naming, 6 in kohya/sd-scripts naming, 3 in kohya-style diffusers "
+               "(lora_transformer_*) naming and 2 in XLabs naming)" in n for n in info.notes), info.notes
+    assert any("ignored 1 text-encoder" in n for n in info.notes)
+    reported = {m: (alpha or r) for *_, alpha, m in layers}
+    assert info.alpha == 1.0 and info.alphas == {m: a for m, a in reported.items() if a != 1.0}
+    assert "those of 2 layers folded into the weights by diffusers' kohya converter" in info.alpha_source
+    got = model.state_dict()
+    assert set(got) == set(want)
+    for key in want:
+        torch.testing.assert_close(got[key], want[key], rtol=0, atol=1e-6, msg=key)
+
+    unmerged = fresh_transformer()
+    load_lora(unmerged, path)
+    torch.testing.assert_close(run(unmerged, inputs), run(model, inputs), rtol=1e-5, atol=1e-5)
+    factors, _ = merge_factors(fresh_transformer(), path)
+    assert set(factors) == set(deltas)
+    for key, (a, b, factor) in factors.items():
+        torch.testing.assert_close(factor * b @ a, deltas[key], rtol=0, atol=1e-6, msg=key)
+
+
+def test_mixed_namings_on_one_layer_are_refused(tmp_path, inputs):
+    g = torch.Generator().manual_seed(47)
+    a, b = _pair(g, 32, 32)
+    diffusers = {"transformer.transformer_blocks.0.attn.to_out.0.lora_A.weight": a,
+                 "transformer.transformer_blocks.0.attn.to_out.0.lora_B.weight": b}
+    kohya = {"lora_unet_double_blocks_0_img_attn_proj.lora_down.weight": a.clone(),
+             "lora_unet_double_blocks_0_img_attn_proj.lora_up.weight": b.clone(),
+             "lora_unet_double_blocks_0_img_attn_proj.alpha": torch.tensor(1.0)}
+    bare = {k[len("transformer."):]: v.clone() for k, v in diffusers.items()}
+    model = fresh_transformer()
+    base = run(model, inputs)
+    with pytest.raises(LoraError, match=r"twice.safetensors mixes namings: 2 tensors in diffusers/peft naming "
+                                        r"\(e\.g\. 'transformer\.transformer_blocks.*'\) and 3 in kohya/sd-scripts "
+                                        r"naming \(e\.g\. 'lora_unet_double_blocks_0_img_attn_proj\..*'\), and both "
+                                        r"change the layer 'transformer_blocks\.0\.attn\.to_out\.0'.*one naming"):
+        load_lora(model, _save(tmp_path, "twice.safetensors", {**diffusers, **kohya}))
+    _assert_untouched(model, inputs, base)
+    with pytest.raises(LoraError, match=r"2 tensors in diffusers/peft naming .* and 2 in diffusers/peft \(no "
+                                        r"'transformer\.' prefix\) naming .*both change the layer"):
+        load_lora(model, _save(tmp_path, "bare.safetensors", {**diffusers, **bare}))
+
+    # One alpha in the metadata of a mixed file: for which naming's layers is unknown.
+    other = {"transformer.transformer_blocks.0.attn.to_q.lora_A.weight": a.clone(),
+             "transformer.transformer_blocks.0.attn.to_q.lora_B.weight": b.clone()}
+    for md, given in (({KEY_LORA_ALPHA: "8"}, "fluxsr.lora_alpha='8'"),
+                      ({LORA_ADAPTER_METADATA_KEY: json.dumps({"transformer.lora_alpha": 8})},
+                       "'lora_adapter_metadata' lora_alpha 8")):
+        with pytest.raises(LoraError, match=r"mixes namings \(2 tensors in diffusers/peft naming and 3 in "
+                                            r"kohya/sd-scripts naming\) and its metadata sets one LoRA alpha \("
+                                            + re.escape(given) + r"\) without saying which layers"):
+            load_lora(model, _save(tmp_path, "md.safetensors", {**other, **kohya}, metadata={"format": "pt", **md}))
+    _assert_untouched(model, inputs, base)
+
+
+def test_text_encoder_keys_next_to_diffusers_keys(tmp_path, inputs):
+    """A diffusers-named LoRA with text_encoder.* keys: the transformer part loads, the rest is noted."""
+    g = torch.Generator().manual_seed(53)
+    a, b = _pair(g, 32, 32)
+    sd = {"transformer.transformer_blocks.0.attn.to_q.lora_A.weight": a,
+          "transformer.transformer_blocks.0.attn.to_q.lora_B.weight": b,
+          "text_encoder.text_model.encoder.layers.0.mlp.fc1.lora_A.weight": torch.randn(2, 32, generator=g),
+          "text_encoder.text_model.encoder.layers.0.mlp.fc1.lora_B.weight": torch.randn(64, 2, generator=g)}
+    md = {"format": "pt", LORA_ADAPTER_METADATA_KEY: json.dumps({"transformer.r": 2, "transformer.lora_alpha": 4,
+                                                                 "text_encoder.r": 2, "text_encoder.lora_alpha": 2})}
+    model = fresh_transformer()
+    info = load_lora(model, _save(tmp_path, "with-te.safetensors", sd, metadata=md), merge=True)
+    assert info.target_modules == ["transformer_blocks.0.attn.to_q"] and info.alpha == 4.0
+    assert any("ignored 2 text-encoder LoRA tensors" in n for n in info.notes)
+    torch.testing.assert_close(model.transformer_blocks[0].attn.to_q.weight,
+                               fresh_transformer().transformer_blocks[0].attn.to_q.weight + 2.0 * b @ a,
+                               rtol=0, atol=1e-6)
 
 
 # --- metadata ------------------------------------------------------------------------------
