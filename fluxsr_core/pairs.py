@@ -158,6 +158,7 @@ def _remove_empty_folders(folders: Sequence[Path]) -> None:
         except OSError:
             return  # not empty: its parents are not empty either
 
+
 def pair_id(prompt_index: int, seed: int) -> str:
     """The conventional pair id for prompt number ``prompt_index`` sampled with ``seed``.
 
@@ -941,7 +942,8 @@ def _load_conditioning_file(path: Path, key: str) -> tuple[torch.Tensor, torch.T
     try:
         return _conditioning_from_bytes(data, key)
     except ValueError as why:
-        # Deleted, it is missing, which any rerun notices; a rerun may not re-read a damaged one in full.
+        # "Delete it": a rerun restores any missing one, but checks the cond files of stored pairs by
+        # their headers only, so it would keep one with wrong bytes of the right size.
         raise PairDataError(f"conditioning file {path} is damaged ({why}); delete it and "
                             f"{_rerun_hint(path.parent)}") from None
 

@@ -9,7 +9,7 @@ import torch
 
 from fluxsr_core import flow, models
 from fluxsr_core.bundle import save_bundle
-from fluxsr_core.pairs import PairDataset, pair_id, verify_pairs
+from fluxsr_core.pairs import PairDataError, PairDataset, pair_id, verify_pairs
 from fluxsr_core.settings import RunSettings
 from fluxsr_training import generate as G
 from fluxsr_training.cli import main as cli_main
@@ -17,6 +17,20 @@ from fluxsr_training.config_io import ConfigError
 
 
 pytestmark = pytest.mark.usefixtures("one_thread")
+
+
+@pytest.fixture(autouse=True)
+def cli_log_handlers_removed():
+    """fluxsr-train points the root logger at sys.stdout, which in a test is capsys' stream,
+    closed after it: later tests' log lines would print "--- Logging error ---" tracebacks."""
+    import logging
+
+    root = logging.getLogger()
+    before = set(root.handlers)
+    yield
+    for handler in set(root.handlers) - before:
+        if type(handler) is logging.StreamHandler:
+            root.removeHandler(handler)
 
 
 @pytest.fixture(scope="module")
@@ -48,12 +62,13 @@ def read_all(folder: Path) -> dict[str, dict]:
 def test_prompt_files_and_seeds(tmp_path):
     txt = tmp_path / "p.txt"
     txt.write_text("  first prompt \n\nsecond\n")
-    assert G.read_prompts(txt) == [("first prompt", None), ("second", None)]
+    assert G.read_prompts(txt) == [("first prompt", None, 1), ("second", None, 3)]  # (prompt, seed, line)
     jl = tmp_path / "p.jsonl"
     jl.write_text('{"prompt": "x", "seed": 40}\n\n{"prompt": "y"}\n')
-    assert G.read_prompts(jl) == [("x", 40), ("y", None)]
+    assert G.read_prompts(jl) == [("x", 40, 1), ("y", None, 3)]
     jobs = G.make_jobs(G.read_prompts(jl), seed=100, pairs_per_prompt=2)
-    assert [(j.index, j.seed) for j in jobs] == [(0, 40), (0, 41), (1, 102), (1, 103)]
+    assert [(j.index, j.seed, j.line) for j in jobs] == [(0, 40, 1), (0, 41, 1), (1, 102, 3), (1, 103, 3)]
+    assert [(j.index, j.seed, j.line) for j in G.make_jobs([("x", None)], seed=5)] == [(0, 5, None)]
     assert jobs[0].pair_id == pair_id(0, 40) == "p000000-s40"
     assert [j.index for j in G.jobs_for_rank(jobs, 1, 2)] == [1, 1]
     for bad in (-1, 2 ** 63):
@@ -64,7 +79,7 @@ def test_prompt_files_and_seeds(tmp_path):
         G.make_jobs([("x", None)], seed=2 ** 63 - 1, pairs_per_prompt=2)
     # lines end at newlines only (not at NEL or U+2028 inside a prompt); a BOM is no prompt text
     txt.write_bytes("\ufeffa cat\x85 on a mat\r\nsecond\u2028line\n".encode("utf-8"))
-    assert G.read_prompts(txt) == [("a cat\x85 on a mat", None), ("second\u2028line", None)]
+    assert G.read_prompts(txt) == [("a cat\x85 on a mat", None, 1), ("second\u2028line", None, 2)]
     txt.write_bytes("caf\xe9\n".encode("latin-1"))
     with pytest.raises(ValueError, match="p.txt is not UTF-8"):
         G.read_prompts(txt)
@@ -144,6 +159,24 @@ def test_a_resume_with_other_settings_or_an_edited_prompt_file_is_refused(inputs
     appended.write_text("a cat\n\na dog\na bird\na fish\n")  # new prompts at the end: fine
     r = G.generate_pairs(cfg_for(inputs, out, "save_image=false", f"prompts={str(appended)!r}"))
     assert r.skipped == 2 and len(r.written) == 6
+
+
+def test_an_edited_prompt_is_named_by_its_line_in_the_file(inputs, tmp_path, monkeypatch):
+    """Blank lines hold no prompt, so the prompt index is not the line number: the refusal names
+    the line the user has to look at."""
+    out = tmp_path / "run"
+    G.generate_pairs(cfg_for(inputs, out, "save_image=false", "limit=4"))   # "a cat" (line 1), "a dog" (line 3)
+    monkeypatch.setattr(models, "load_models", lambda *a, **k: pytest.fail("refused only after the model loaded"))
+    edited_txt = tmp_path / "edited.txt"
+    edited_txt.write_text("a cat\n\na horse\na bird\n")
+    edited_jsonl = tmp_path / "edited.jsonl"
+    edited_jsonl.write_text('{"prompt": "a cat"}\n\n\n{"prompt": "a horse"}\n{"prompt": "a bird"}\n')
+    for path, line in ((edited_txt, 3), (edited_jsonl, 4)):
+        with pytest.raises(ConfigError) as info:
+            G.generate_pairs(cfg_for(inputs, out, "save_image=false", f"prompts={str(path)!r}"))
+        assert str(info.value) == (f"pair {pair_id(1, 2)} in {out} was made from the prompt 'a dog', but line {line} "
+                                   f"of {path} is now 'a horse' (ids follow the prompts' order): append new prompts "
+                                   "at the end, or write to another --output")
 
 
 def test_batched_sampling_matches_one_at_a_time(inputs, tmp_path):
@@ -345,7 +378,7 @@ def test_a_prompt_too_long_to_store_is_refused_before_anything_loads(inputs, tmp
     limit = G.MAX_PROMPT_CHARS
     ok = tmp_path / "ok.txt"
     ok.write_text("x" * limit + "\n")
-    assert G.read_prompts(ok) == [("x" * limit, None)]                  # the limit itself is accepted
+    assert G.read_prompts(ok) == [("x" * limit, None, 1)]               # the limit itself is accepted
     long_txt = tmp_path / "long.txt"
     long_txt.write_text("a cat\n\n" + "a photo of a cat " * 800_000 + "\n")  # 13.6 MB, stripped: 13,599,999
     long_jsonl = tmp_path / "long.jsonl"
@@ -401,3 +434,93 @@ def test_disk_full_is_one_message_and_the_same_command_then_finishes(inputs, tmp
     assert list(a) == list(b) == [pair_id(i, i) for i in range(3)] and verify_pairs(out).ok
     for k in a:
         assert torch.equal(a[k]["eps"], b[k]["eps"]) and torch.equal(a[k]["z0"], b[k]["z0"])
+
+
+def test_disk_full_making_the_output_folder_or_lock_file_is_one_message(inputs, tmp_path, monkeypatch, capsys):
+    import errno
+    import os
+
+    from fluxsr_core import pairs as P
+
+    root, bundle, prompts = inputs
+    out = tmp_path / "data" / "pairs"
+    args = ["pairs", "--transformer", "tiny", "--vae", "tiny", "--dtype", "fp32", "--device", "cpu",
+            "--prompts", str(prompts), "--output", str(out), "--bundle", str(bundle), "--steps", "2", "--height", "16",
+            "--width", "16", "--writer-prefix", "node", "--no-save-image", "--no-progress-bar", "--no-fsync"]
+    hint = "free space and run the same command again: the finished pairs are kept"
+    mkdir = os.mkdir
+
+    def full_at_the_output(path, *a, **k):
+        if Path(path) == out:
+            raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC), str(path))
+        mkdir(path, *a, **k)
+
+    def open_but_no_lock_file(path, *a, **k):
+        if Path(path).name.startswith(".lock-"):
+            raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC), str(path))
+        return open(path, *a, **k)
+
+    for patch, failed in (((os, "mkdir", full_at_the_output), out),
+                          ((P, "open", open_but_no_lock_file), out / ".lock-node-rank0")):
+        monkeypatch.setattr(*patch, raising=False)
+        assert cli_main(args) == 2
+        assert capsys.readouterr().err == f"fluxsr-train pairs: error: no space left on device writing {failed}; {hint}\n"
+        assert list(tmp_path.iterdir()) == []                            # no half-made dataset folder
+        monkeypatch.undo()
+    assert cli_main(args) == 0 and len(PairDataset(out)) == 3            # space freed: the same command works
+
+
+def test_a_damaged_conditioning_file_is_repaired_before_the_transformer_loads(inputs, tmp_path, monkeypatch, caplog):
+    """A cond file of an earlier run that is damaged used to be reused as is and fail only when
+    read back for sampling, after the (12B) transformer had loaded."""
+    import logging
+
+    out = tmp_path / "run"
+    G.generate_pairs(cfg_for(inputs, out, "save_image=false", "limit=2"))
+    [cond] = out.glob("cond-*.safetensors")                             # one bundle: one conditioning
+    data = cond.read_bytes()
+    cond.write_bytes(data[:-3] + bytes([data[-3] ^ 0xFF]) + data[-2:])  # same size, one byte of a tensor wrong
+    load_models, found_at_load = models.load_models, []
+
+    def checked_load_models(*a, **k):
+        found_at_load.append(verify_pairs(out).ok)
+        return load_models(*a, **k)
+
+    monkeypatch.setattr(models, "load_models", checked_load_models)
+    with caplog.at_level(logging.WARNING):
+        result = G.generate_pairs(cfg_for(inputs, out, "save_image=false"))
+    assert found_at_load == [True]                                       # repaired before the load
+    assert [r.getMessage().split(" (")[0] for r in caplog.records if r.levelno >= logging.WARNING] == [
+        f"conditioning file {cond} is damaged"]
+    assert len(result.written) == 4 and verify_pairs(out).ok and not list(out.glob("*.tmp"))
+    assert len(read_all(out)) == 6
+
+    # Every pair stored: a rerun restores a deleted or truncated cond file (without the transformer).
+    monkeypatch.setattr(models, "load_models", lambda *a, **k: pytest.fail("nothing to sample, yet the model loaded"))
+    for damage in ("deleted", "truncated"):
+        if damage == "deleted":
+            cond.unlink()
+            with pytest.raises(PairDataError, match=rf"{cond} is missing .*: run `fluxsr-train pairs` again on {out} "
+                                                    "with the same prompts and settings"):
+                PairDataset(out)[0]
+        else:
+            cond.write_bytes(cond.read_bytes()[:100])
+        assert not verify_pairs(out).ok
+        caplog.clear()
+        with caplog.at_level(logging.WARNING):
+            assert G.generate_pairs(cfg_for(inputs, out, "save_image=false")).written == []
+        assert verify_pairs(out).ok, damage
+        assert [r.getMessage().split(" (")[0] for r in caplog.records if r.levelno >= logging.WARNING] == [
+            f"conditioning file {cond.name}, needed by stored pairs of line 1 of {inputs[2]}, is not usable"] + (
+            [f"conditioning file {cond} is damaged"] if damage == "truncated" else [])   # and then replaced
+    # Wrong bytes of the right size are found in full when read: the message says what to do, which works.
+    data = cond.read_bytes()
+    cond.write_bytes(data[:-3] + bytes([data[-3] ^ 0xFF]) + data[-2:])
+    with pytest.raises(PairDataError) as info:
+        PairDataset(out)[0]
+    assert str(info.value).startswith(f"conditioning file {cond} is damaged (its content does not hash to ")
+    assert str(info.value).endswith(f"delete it and run `fluxsr-train pairs` again on {out} with the same prompts and "
+                                    "settings, which encodes the prompt again and stores it (the pairs are kept)")
+    cond.unlink()
+    G.generate_pairs(cfg_for(inputs, out, "save_image=false"))
+    assert verify_pairs(out).ok and len(read_all(out)) == 6

@@ -389,9 +389,110 @@ def test_corrupted_conditioning_found(tmp_path):
     report = verify_pairs(tmp_path)
     assert [p.kind for p in report.errors] == ["bad-cond"]
     ds = PairDataset(tmp_path)
-    with pytest.raises(PairDataError, match=cond.name):
+    # found at read time (training): the error names the file and says what to do
+    with pytest.raises(PairDataError) as info:
         for i in range(len(ds)):
             ds[i]
+    assert str(info.value) == (f"conditioning file {cond} is damaged (its content does not hash to "
+                               f"{cond.name[5:-12]}: corrupted); delete it and run `fluxsr-train pairs` again on "
+                               f"{tmp_path} with the same prompts and settings, which encodes the prompt again and "
+                               "stores it (the pairs are kept)")
+    cond.unlink()
+    assert [p.kind for p in verify_pairs(tmp_path).errors] == ["missing-cond"]
+    with pytest.raises(PairDataError, match=rf"{cond.name} is missing .*: run `fluxsr-train pairs` again on "):
+        PairDataset(tmp_path)[0]
+
+
+def _cond_content(path: Path) -> tuple[dict, dict]:
+    """A cond file's tensors and metadata (its bytes vary: safetensors orders metadata keys at random)."""
+    from safetensors import safe_open
+
+    with safe_open(str(path), framework="pt") as f:
+        return {k: f.get_tensor(k).clone() for k in f.keys()}, f.metadata()  # clone: not backed by the file
+
+
+def _same_cond(path: Path, content: tuple[dict, dict]) -> bool:
+    tensors, meta = _cond_content(path)
+    return (meta == content[1] and tensors.keys() == content[0].keys()
+            and all(torch.equal(tensors[k], content[0][k]) for k in tensors))
+
+
+def _damage(path: Path, how: str) -> None:
+    data = path.read_bytes()
+    if how == "flipped":                                   # same size, a tensor byte changed
+        path.write_bytes(data[:-3] + bytes([data[-3] ^ 0xFF]) + data[-2:])
+    elif how == "truncated":
+        path.write_bytes(data[: len(data) // 2])
+    elif how == "empty":                                   # e.g. lost in a power cut before its data reached disk
+        path.write_bytes(b"")
+    else:                                                  # a whole file of another conditioning
+        with PairWriter(path.parent / "other", "x", fsync=False) as w:
+            key = w.store_conditioning(torch.ones(2, 32), torch.ones(16))
+        path.write_bytes((path.parent / "other" / f"cond-{key}.safetensors").read_bytes())
+
+
+@pytest.mark.parametrize("how, why", [
+    ("flipped", "its content does not hash to {key}: corrupted"),
+    ("truncated", "it cannot be read ("),                              # then safetensors' own words
+    ("empty", "it cannot be read ("),
+    ("other-content", "its content does not hash to {key}: corrupted"),
+])
+def test_a_damaged_conditioning_file_is_replaced_when_stored_again(tmp_path, caplog, how, why):
+    """Cond files are content-addressed: a writer that has the tensors of a damaged one (an
+    earlier run's) writes the right content over it, instead of failing once sampling reads it."""
+    folder = tmp_path / "pairs"
+    _, _, t5, clip, _ = make_pair(IDS[0])
+    with PairWriter(folder, "w0") as w:
+        key = w.store_conditioning(t5, clip)
+    cond = folder / f"cond-{key}.safetensors"
+    good = _cond_content(cond)
+    _damage(cond, how)
+    with caplog.at_level("WARNING", logger="fluxsr_core.pairs"), PairWriter(folder, "w1") as w:
+        assert w.store_conditioning(t5[0], clip[0]) == key
+        t5_back, clip_back = w.load_conditioning(key)
+    assert _same_cond(cond, good) and torch.equal(t5_back, t5[0]) and torch.equal(clip_back, clip[0])
+    [warning] = [r.getMessage() for r in caplog.records if r.levelname == "WARNING"]
+    assert warning.startswith(f"conditioning file {cond} is damaged ({why.format(key=key)}")
+    assert warning.endswith("); replacing it with the conditioning in hand (its name is the hash of that content)")
+    assert not list(folder.glob("*.tmp")) and verify_pairs(folder).ok
+
+    # What finds which damage: the full check all of it, the header check (cheap) all but wrong bytes.
+    _damage(cond, how)
+    with PairWriter(folder, "w2") as w:
+        assert w.conditioning_problem(key).startswith(why.format(key=key))
+        assert (w.conditioning_problem(key, full=False) is None) == (how in ("flipped", "other-content"))
+        cond.unlink()
+        assert w.conditioning_problem(key) == w.conditioning_problem(key, full=False) == "it is missing"
+
+
+def test_a_whole_conditioning_file_is_reused_not_rewritten_and_repairs_may_race(tmp_path, monkeypatch):
+    folder = tmp_path / "pairs"
+    _, _, t5, clip, _ = make_pair(IDS[0])
+    with PairWriter(folder, "w0") as w:
+        key = w.store_conditioning(t5, clip)
+    cond = folder / f"cond-{key}.safetensors"
+    inode = cond.stat().st_ino
+    with PairWriter(folder, "w1") as w:
+        assert w.store_conditioning(t5, clip) == key
+    assert cond.stat().st_ino == inode                                  # checked, kept as it was
+
+    # Two ranks find it damaged at once: both rename the same content over it, in either order.
+    good = _cond_content(cond)
+    _damage(cond, "flipped")
+    a, b = PairWriter(folder, "rank0"), PairWriter(folder, "rank1")
+    check = P.PairWriter.conditioning_problem
+
+    def rank0_repairs_while_rank1_decides(self, k, full=True):
+        problem = check(self, k, full)
+        if self is b:
+            assert a.store_conditioning(t5, clip) == key and _same_cond(cond, good)
+        return problem
+
+    monkeypatch.setattr(P.PairWriter, "conditioning_problem", rank0_repairs_while_rank1_decides)
+    assert b.store_conditioning(t5, clip) == key
+    a.close()
+    b.close()
+    assert _same_cond(cond, good) and not list(folder.glob("*.tmp"))
 
 
 # --- disk full, header limit --------------------------------------------------------------
@@ -471,6 +572,76 @@ def test_a_writer_stops_after_a_failed_write(tmp_path, monkeypatch):
     monkeypatch.undo()
     with PairWriter(tmp_path, "w0", shard_size=1) as w2:
         assert w2.pending(IDS[:2]) == IDS[:2]
+
+
+def _fail_os_mkdir_at(monkeypatch, target: Path, err: int = errno.ENOSPC):
+    mkdir = os.mkdir
+
+    def mkdir_or_fail(path, *a, **k):
+        if Path(path) == target:
+            raise OSError(err, os.strerror(err), str(path))
+        mkdir(path, *a, **k)
+
+    monkeypatch.setattr(os, "mkdir", mkdir_or_fail)
+
+
+def _fail_lock_file(monkeypatch, err: int = errno.ENOSPC):
+    """Creating ``.lock-*`` fails; every other file of the module opens as usual."""
+    def open_or_fail(path, *a, **k):
+        if Path(path).name.startswith(".lock-"):
+            raise OSError(err, os.strerror(err), str(path))
+        return open(path, *a, **k)
+
+    monkeypatch.setattr(P, "open", open_or_fail, raising=False)
+
+
+def test_disk_full_when_opening_is_the_same_clear_error_and_leaves_nothing(tmp_path, monkeypatch):
+    """Making the dataset folder or the writer's lock file can fail too (ENOSPC, a quota): one
+    PairWriteError naming the path, as for any write, and no folder or file left half-made."""
+    folder = tmp_path / "new" / "pairs"
+    hint = "free space and run the same command again: the finished pairs are kept"
+    _fail_os_mkdir_at(monkeypatch, folder)
+    with pytest.raises(P.PairWriteError) as info:
+        PairWriter(folder, "rank0")
+    assert str(info.value) == f"no space left on device writing {folder}; {hint}"
+    assert info.value.errno == errno.ENOSPC and info.value.filename == str(folder)
+    assert list(tmp_path.iterdir()) == []                              # "new", made on the way, removed too
+    monkeypatch.undo()
+
+    _fail_lock_file(monkeypatch)
+    with pytest.raises(P.PairWriteError) as info:
+        PairWriter(folder, "rank0")
+    assert str(info.value) == f"no space left on device writing {folder / '.lock-rank0'}; {hint}"
+    assert list(tmp_path.iterdir()) == []                              # the folders it made: removed
+    monkeypatch.undo()
+
+    with PairWriter(folder, "rank0", shard_size=2) as w:               # an existing dataset: kept as it is
+        for pid in IDS[:2]:
+            add_pair(w, pid, prompt_of(pid))
+    before = {p.name: p.read_bytes() for p in folder.iterdir()}
+    _fail_lock_file(monkeypatch, errno.EDQUOT)
+    with pytest.raises(P.PairWriteError, match=rf"^disk quota exceeded writing {folder / '.lock-rank1'}; free space "):
+        PairWriter(folder, "rank1")
+    assert {p.name: p.read_bytes() for p in folder.iterdir()} == before
+    monkeypatch.undo()
+    resume_and_finish(folder)                                          # the rerun goes on
+
+
+@pytest.mark.skipif(os.name == "nt", reason="fcntl")
+def test_a_lock_that_cannot_be_taken_is_not_reported_as_a_busy_writer(tmp_path, monkeypatch):
+    """flock fails with ENOLCK on NFS without a lock daemon: not "another live process" (which
+    every rerun would repeat) but what failed, on which file."""
+    import fcntl
+
+    def no_locks(fd, op):
+        raise OSError(errno.ENOLCK, os.strerror(errno.ENOLCK))
+
+    monkeypatch.setattr(fcntl, "flock", no_locks)
+    with pytest.raises(P.PairWriteError) as info:
+        PairWriter(tmp_path, "w0")
+    assert str(info.value) == (f"{os.strerror(errno.ENOLCK)} writing {tmp_path / '.lock-w0'}; fix that and run the "
+                               "same command again: the finished pairs are kept")
+    assert not isinstance(info.value, WriterBusyError)
 
 
 def _header_bytes(path: Path) -> int:

@@ -12,7 +12,9 @@ as ``FluxPipeline`` does by :func:`fluxsr_core.bundle.encode_prompt_bundle`), or
 bundle file for every prompt (no T5 needed; the prompt is then only recorded). All of a run's
 conditionings are encoded before the transformer loads and stored at once in the dataset
 folder (``cond-<key>.safetensors``); sampling reads each back when its batch comes, so memory
-does not grow with the number of prompts.
+does not grow with the number of prompts. An existing cond file is checked when its prompt is
+encoded again, and a damaged one replaced; a rerun also encodes again the prompts of stored
+pairs whose cond file is missing (deleted) or unreadable, so it restores them.
 
 Distributed: under ``accelerate launch`` (or torchrun) process ``r`` of ``W`` takes the prompts
 whose index ``i`` has ``i % W == r`` and writes as ``<writer_prefix>-rank<r>`` (a stable id, so
@@ -35,7 +37,7 @@ import socket
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Callable, Iterator, Mapping, Optional, Sequence
+from typing import Any, Callable, Iterator, Mapping, NamedTuple, Optional, Sequence
 
 import torch
 
@@ -102,15 +104,22 @@ def load_generate_config(path: Optional[str | os.PathLike] = None, overrides: Se
 
 @dataclass(frozen=True)
 class Job:
-    """One pair to make: prompt number ``index`` sampled with ``seed``."""
+    """One pair to make: prompt number ``index`` sampled with ``seed``; ``line``: the prompt's
+    line in its prompt file (1-based, blank lines counted; None when not from a file)."""
 
     index: int
     prompt: str
     seed: int
+    line: Optional[int] = None
 
     @property
     def pair_id(self) -> str:
         return pair_id(self.index, self.seed)
+
+    @property
+    def where(self) -> str:
+        """Where its prompt is, for messages: ``"line <n>"`` (``"prompt <index + 1>"`` when not from a file)."""
+        return f"line {self.line}" if self.line is not None else f"prompt {self.index + 1}"
 
 
 @dataclass
@@ -145,8 +154,18 @@ def _check_prompt_length(path: Path, line: int, prompt: str) -> None:
                          "the line, or split it if it holds several prompts")
 
 
-def read_prompts(path: str | os.PathLike) -> list[tuple[str, Optional[int]]]:
-    """``[(prompt, seed or None)]`` from a ``.txt`` (one per non-empty line) or ``.jsonl`` file.
+class PromptLine(NamedTuple):
+    """One prompt of a prompt file: its text, its seed (a JSONL ``"seed"``; None: the seed rule)
+    and its line number in the file (1-based, blank lines counted), for messages naming it."""
+
+    prompt: str
+    seed: Optional[int] = None
+    line: Optional[int] = None
+
+
+def read_prompts(path: str | os.PathLike) -> list[PromptLine]:
+    """``[PromptLine(prompt, seed or None, line)]`` from a ``.txt`` (one per non-empty line) or
+    ``.jsonl`` file.
 
     ValueError naming the line for a line that is not usable (bad JSON, a prompt longer than
     :data:`MAX_PROMPT_CHARS`, ...).
@@ -163,7 +182,7 @@ def read_prompts(path: str | os.PathLike) -> list[tuple[str, Optional[int]]]:
     # Lines end at \n (and \r\n) only: str.splitlines would also split inside a prompt at
     # U+2028, NEL or form feed and shift every later prompt's index (and so its pair ids).
     lines = text.replace("\r\n", "\n").split("\n")
-    out: list[tuple[str, Optional[int]]] = []
+    out: list[PromptLine] = []
     if p.suffix.lower() == ".jsonl":
         for n, line in enumerate(lines, start=1):
             if not line.strip():
@@ -179,26 +198,30 @@ def read_prompts(path: str | os.PathLike) -> list[tuple[str, Optional[int]]]:
             if seed is not None and (isinstance(seed, bool) or not isinstance(seed, int) or not 0 <= seed <= MAX_SEED):
                 raise ValueError(f"{p} line {n}: \"seed\" must be an integer from 0 to 2**63 - 1 (got {seed!r})")
             _check_prompt_length(p, n, obj["prompt"].strip())
-            out.append((obj["prompt"].strip(), seed))
+            out.append(PromptLine(obj["prompt"].strip(), seed, n))
     else:
         for n, line in enumerate(lines, start=1):
             if line.strip():
                 _check_prompt_length(p, n, line.strip())
-                out.append((line.strip(), None))
+                out.append(PromptLine(line.strip(), None, n))
     if not out:
         raise ValueError(f"{p} holds no prompts")
     return out
 
 
-def _check_stored_pairs_match(cfg: GenerateConfig, stored: Sequence[Job]) -> None:
-    """ConfigError when pairs this run would skip as already stored were made with another
-    prompt (the prompt file was edited: ids follow line numbers) or other settings: a resumed
-    run must not mix them."""
+def _stored_records(cfg: GenerateConfig, stored: Sequence[Job]) -> dict[str, dict[str, Any]]:
+    """``{pair id: stored metadata}`` of the ``stored`` jobs' pairs (shard headers only)."""
     if not stored:
-        return
+        return {}
     from fluxsr_core.pairs import PairDataset
 
-    records = PairDataset(cfg.output, load_image=False).records([j.pair_id for j in stored])
+    return PairDataset(cfg.output, load_image=False).records([j.pair_id for j in stored])
+
+
+def _check_stored_pairs_match(cfg: GenerateConfig, stored: Sequence[Job], records: Mapping[str, Mapping]) -> None:
+    """ConfigError when pairs this run would skip as already stored (``records``: their stored
+    metadata) were made with another prompt (the prompt file was edited: ids follow the prompts'
+    order) or other settings: a resumed run must not mix them."""
     want = {"height": cfg.height, "width": cfg.width, "steps": cfg.steps, "guidance": cfg.guidance}
     for job in stored:
         rec = records.get(job.pair_id)
@@ -206,7 +229,7 @@ def _check_stored_pairs_match(cfg: GenerateConfig, stored: Sequence[Job]) -> Non
             continue
         if rec.get("prompt") is not None and rec["prompt"] != job.prompt:
             raise ConfigError(f"pair {job.pair_id} in {cfg.output} was made from the prompt {rec['prompt']!r}, but "
-                              f"line {job.index + 1} of {cfg.prompts} is now {job.prompt!r} (ids follow the lines): "
+                              f"{job.where} of {cfg.prompts} is now {job.prompt!r} (ids follow the prompts' order): "
                               "append new prompts at the end, or write to another --output")
         differ = [f"{k} {rec[k]} (stored) vs {v} (now)" for k, v in want.items()
                   if k in rec and float(rec[k]) != float(v)]
@@ -220,16 +243,21 @@ def _check_stored_pairs_match(cfg: GenerateConfig, stored: Sequence[Job]) -> Non
 MAX_SEED = 2 ** 63 - 1
 
 
-def make_jobs(prompts: Sequence[tuple[str, Optional[int]]], seed: int = 0, pairs_per_prompt: int = 1) -> list[Job]:
-    """All jobs, in prompt order (see the module doc for the seed rule)."""
+def make_jobs(prompts: Sequence[PromptLine | tuple], seed: int = 0, pairs_per_prompt: int = 1) -> list[Job]:
+    """All jobs, in prompt order (see the module doc for the seed rule).
+
+    ``prompts``: :func:`read_prompts`'s lines, or plain ``(prompt, seed or None)`` pairs.
+    """
     if pairs_per_prompt < 1:
         raise ValueError(f"pairs_per_prompt must be at least 1 (got {pairs_per_prompt})")
     jobs = []
-    for i, (prompt, s) in enumerate(prompts):
+    for i, entry in enumerate(prompts):
+        prompt, s, line = PromptLine(*entry)
         first = s if s is not None else seed + i * pairs_per_prompt
         if first + pairs_per_prompt - 1 > MAX_SEED:
-            raise ValueError(f"prompt {i} would get seeds past 2**63 - 1 (from {first}); use a smaller --seed")
-        jobs.extend(Job(i, prompt, first + j) for j in range(pairs_per_prompt))
+            raise ValueError(f"{Job(i, prompt, first, line).where} would get seeds past 2**63 - 1 (from {first}); use "
+                             "a smaller --seed")
+        jobs.extend(Job(i, prompt, first + j, line) for j in range(pairs_per_prompt))
     return jobs
 
 
@@ -355,6 +383,26 @@ def store_conditionings(writer: PairWriter, cfg: GenerateConfig, prompts: Sequen
     return stored
 
 
+def _conditionings_to_restore(writer: PairWriter, cfg: GenerateConfig, stored: Sequence[Job],
+                               records: Mapping[str, Mapping]) -> dict[str, str]:
+    """``{prompt: key}`` for the already-stored pairs of ``stored`` whose conditioning file is
+    missing (deleted) or visibly damaged (unreadable, truncated): their prompts are encoded
+    again so the pairs can be read. Reads cond file headers only, so a resume stays cheap."""
+    restore: dict[str, str] = {}
+    checked: set[str] = set()
+    for job in stored:
+        key = (records.get(job.pair_id) or {}).get("cond")
+        if not isinstance(key, str) or key in checked:
+            continue
+        checked.add(key)
+        problem = writer.conditioning_problem(key, full=False)
+        if problem is not None:
+            log.warning("conditioning file cond-%s.safetensors, needed by stored pairs of %s of %s, is not usable "
+                        "(%s); encoding that prompt again to restore it", key, job.where, cfg.prompts, problem)
+            restore[job.prompt] = key
+    return restore
+
+
 # --- sampling ------------------------------------------------------------------------------
 
 def check_generate_config(cfg: GenerateConfig) -> None:
@@ -451,7 +499,10 @@ def generate_pairs(cfg: GenerateConfig, on_pair: Optional[Callable[[str], None]]
 
     with PairWriter(cfg.output, writer_id=writer_id, shard_size=cfg.shard_size, fsync=cfg.fsync) as writer:
         pending_ids = set(writer.pending([j.pair_id for j in mine]))
-        _check_stored_pairs_match(cfg, [j for j in mine if j.pair_id not in pending_ids])
+        done = [j for j in mine if j.pair_id not in pending_ids]
+        records = _stored_records(cfg, done)
+        _check_stored_pairs_match(cfg, done, records)
+        restore = _conditionings_to_restore(writer, cfg, done, records)
         todo = [j for j in mine if j.pair_id in pending_ids]
         if cfg.limit:
             todo = todo[:cfg.limit]
@@ -459,15 +510,22 @@ def generate_pairs(cfg: GenerateConfig, on_pair: Optional[Callable[[str], None]]
                                 jobs=len(mine), skipped=len(mine) - len(pending_ids))
         log.info("rank %d/%d (%s): %d pairs assigned, %d already stored, %d to make now", rank, world,
                  writer_id, len(mine), result.skipped, len(todo))
-        if todo:
+        if todo or restore:
             # The conditionings first, against the config read off the transformer's header: a bad
             # encoder path fails before the 12B load, and the encoders are freed before it (T5-XXL
             # and the transformer never share the GPU). Each goes to disk as soon as it is made,
             # into the content-addressed cond files the pairs need anyway (written atomically,
-            # create-if-absent, so a rerun or another rank reuses them), and only its key
-            # stays in memory: held in RAM they would be 4 MiB per prompt, 40 GB for 10,000.
-            stored = store_conditionings(writer, cfg, [j.prompt for j in todo],
+            # create-if-absent, so a rerun or another rank reuses them; a damaged one is
+            # replaced), and only its key stays in memory: held in RAM they would be 4 MiB per
+            # prompt, 40 GB for 10,000.
+            stored = store_conditionings(writer, cfg, [j.prompt for j in todo] + list(restore),
                                          models.transformer_config_of(cfg.transformer), dtype, dev)
+            for prompt, key in restore.items():
+                if stored[prompt].key != key:
+                    log.warning("cond-%s.safetensors could not be restored: its prompt now encodes to %s (other text "
+                                "encoders, max_sequence_length or bundle than the run that made its pairs?)",
+                                key, stored[prompt].key)
+        if todo:
             # The VAE is small next to the transformer; loading it always keeps one code path.
             loaded = models.load_models(cfg.transformer, cfg.vae, cfg.memory_mode, dtype, dev, seed=cfg.init_seed)
             if loaded.memory_mode_reason != "given":
@@ -516,5 +574,5 @@ def generate_pairs(cfg: GenerateConfig, on_pair: Optional[Callable[[str], None]]
 
 __all__ = ["GenerateConfig", "GenerateResult", "Job", "load_generate_config", "read_prompts", "make_jobs",
            "noise_for", "jobs_for_rank", "sample_batch", "generate_pairs", "check_generate_config", "load_text_encoders",
-           "encode_conditionings", "store_conditionings", "StoredConditioning",
+           "encode_conditionings", "store_conditionings", "StoredConditioning", "PromptLine",
            "MAX_PROMPT_CHARS"]
