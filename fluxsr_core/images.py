@@ -715,14 +715,23 @@ def target_size(h: int, w: int, scale: Optional[float] = None, long_side: Option
             what = f"scale={s:g}"
         H, W = max(1, _round(h * s)), max(1, _round(w * s))
     if max_output_pixels is not None and H * W > int(max_output_pixels):
-        fit = math.sqrt(int(max_output_pixels) / (h * w))
+        fit = _largest_scale_within(h, w, int(max_output_pixels))
         raise OutputTooLargeError(
             f"the output would be {W}x{H} = {H * W / 1e6:.1f} megapixels, more than the limit of "
             f"{int(max_output_pixels) / 1e6:.1f} MP (max_output_pixels={int(max_output_pixels)}). "
-            f"Lower the scale (at most about {fit:.2f}x for this {w}x{h} input) or raise the limit "
+            f"Lower the scale (at most {fit:.2f}x for this {w}x{h} input) or raise the limit "
             f"(fluxsr upscale --max-output-megapixels) if this machine has the memory.",
             size=(H, W), input_size=(h, w), max_scale=fit)
     return H, W
+
+
+def _largest_scale_within(h: int, w: int, max_pixels: int) -> float:
+    """The largest scale with two decimals whose output (sides rounded as above) fits ``max_pixels``:
+    advice a user can type back in and have accepted."""
+    scale = math.floor(math.sqrt(max_pixels / (h * w)) * 100) / 100
+    while scale > 0.01 and _round(h * scale) * _round(w * scale) > max_pixels:
+        scale = round(scale - 0.01, 2)
+    return scale
 
 
 def resize(image: torch.Tensor, size: Sequence[int], kind: str = "bicubic",

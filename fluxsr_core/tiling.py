@@ -94,9 +94,9 @@ def validate_tiling(config: TilingConfig) -> TilingConfig:
         raise ValueError(f"latent_overlap must be an even number >= 0 of latent pixels (a multiple "
                          f"of 16 image pixels); got {c.latent_overlap}")
     if c.latent_tile <= c.latent_overlap:
-        raise ValueError(f"tile must be larger than overlap: latent_tile {c.latent_tile} <= "
-                         f"latent_overlap {c.latent_overlap}. Lower the overlap (a quarter of the "
-                         f"tile is usual) or enlarge the tile.")
+        raise ValueError(f"the tile ({c.latent_tile * 8} px) must be larger than its overlap "
+                         f"({c.latent_overlap * 8} px; in latent pixels {c.latent_tile} <= {c.latent_overlap}). "
+                         f"Lower the overlap (a quarter of the tile is usual) or enlarge the tile.")
     if c.vae_tile < 0 or c.vae_tile % VAE_ALIGN:
         raise ValueError(f"vae_tile must be 0 (no VAE tiling) or a positive multiple of "
                          f"{VAE_ALIGN} pixels; got {c.vae_tile}")

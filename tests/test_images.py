@@ -539,6 +539,19 @@ def test_target_size_errors():
     assert target_size(2048, 2048, scale=4) == (8192, 8192)  # the default limit allows this
 
 
+@pytest.mark.parametrize("h, w, limit", [(520, 600, 8192 * 8192), (13, 17, 1000), (999, 1001, 4_000_000)])
+def test_too_large_advice_is_a_scale_that_is_accepted(h, w, limit):
+    """The advised "at most" scale, typed back in as printed, fits; one step more does not."""
+    with pytest.raises(OutputTooLargeError) as info:
+        target_size(h, w, scale=100, max_output_pixels=limit)
+    advised = info.value.max_scale
+    assert f"at most {advised:.2f}x" in str(info.value) and advised == round(advised, 2)
+    H, W = target_size(h, w, scale=float(f"{advised:.2f}"), max_output_pixels=limit)
+    assert H * W <= limit
+    with pytest.raises(OutputTooLargeError):
+        target_size(h, w, scale=advised + 0.01, max_output_pixels=limit)
+
+
 def test_resize_basic():
     x = torch.full((2, 3, 5, 7), 0.3)
     y = resize(x, (20, 28))

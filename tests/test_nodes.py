@@ -536,7 +536,7 @@ def test_tiling_options_defaults_and_errors(pack):
         global_position_ids=True, tile_batch_size=2)
     assert cls().build(1024, 256, 1024, 128, "gaussian", False, 1, True)[0] == tiling.TilingConfig(fit_tiles=True)
     assert list(req)[-1] == "fit_tiles"  # saved workflows keep widget values by position: appended last
-    with pytest.raises(ValueError, match="larger than overlap"):
+    with pytest.raises(ValueError, match=r"tile \(512 px\) must be larger than its overlap \(512 px"):
         cls().build(512, 512, 0, 0, "gaussian")
     with pytest.raises(ValueError, match="multiple of 16"):
         cls().build(520, 128, 0, 0, "gaussian")

@@ -85,7 +85,7 @@ def test_validate_tiling_errors():
     validate_tiling(TilingConfig())
     assert TilingConfig().validate() == TilingConfig()
     bad = [
-        (dict(latent_tile=32, latent_overlap=32), "tile must be larger than overlap"),
+        (dict(latent_tile=32, latent_overlap=32), r"tile \(256 px\) must be larger than its overlap \(256 px"),
         (dict(latent_tile=33), "even"),
         (dict(latent_overlap=5), "even"),
         (dict(vae_tile=512, vae_overlap=512), "VAE tile must be larger"),
@@ -265,7 +265,7 @@ def test_output_scale_factor_like_a_decoder():
 def test_tiled_apply_errors():
     with pytest.raises(ValueError, match="even"):
         tiled_apply(conv_fn(), torch.zeros(1, 16, 33, 40), TilingConfig(latent_tile=16, latent_overlap=4))
-    with pytest.raises(ValueError, match="tile must be larger than overlap"):
+    with pytest.raises(ValueError, match=r"tile \(\d+ px\) must be larger than its overlap \(\d+ px"):
         tiled_apply(conv_fn(), torch.zeros(1, 16, 32, 40), TilingConfig(latent_tile=16, latent_overlap=16))
     with pytest.raises(ValueError, match="must return"):
         tiled_apply(lambda x, o: x[:1], torch.zeros(2, 16, 32, 40), TilingConfig(latent_tile=16, latent_overlap=4))
