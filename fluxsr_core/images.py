@@ -565,7 +565,7 @@ def save_image(path: str | os.PathLike, rgb: torch.Tensor, alpha: Optional[torch
     if color.shape[0] not in (1, 3):
         raise ValueError(f"rgb must have 1 or 3 channels (got {color.shape[0]})")
     if grayscale and color.shape[0] == 3:
-        color = (color[0:1] * _LUMA[0] + color[1:2] * _LUMA[1] + color[2:3] * _LUMA[2])
+        color = luma(color[None])[0]
     elif not grayscale and color.shape[0] == 1:
         color = color.expand(3, -1, -1)
     if alpha is not None:
@@ -732,6 +732,18 @@ def _largest_scale_within(h: int, w: int, max_pixels: int) -> float:
     while scale > 0.01 and _round(h * scale) * _round(w * scale) > max_pixels:
         scale = round(scale - 0.01, 2)
     return scale
+
+
+def luma(rgb: torch.Tensor) -> torch.Tensor:
+    """``[B, 3, H, W]`` -> ``[B, 1, H, W]`` grey by Rec. 601 weights: how a grey input's upscale
+    becomes grey again (the model may tint it a little)."""
+    return rgb[:, 0:1] * _LUMA[0] + rgb[:, 1:2] * _LUMA[1] + rgb[:, 2:3] * _LUMA[2]
+
+
+def is_gray(rgb: torch.Tensor) -> bool:
+    """True when the three channels of ``[B, 3, H, W]`` are equal: a grey picture in RGB (ComfyUI's
+    LoadImage makes every picture RGB)."""
+    return rgb.shape[1] == 3 and torch.equal(rgb[:, 0], rgb[:, 1]) and torch.equal(rgb[:, 1], rgb[:, 2])
 
 
 def resize(image: torch.Tensor, size: Sequence[int], kind: str = "bicubic",

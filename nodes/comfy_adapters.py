@@ -346,6 +346,23 @@ def _patch_count(model: Any) -> int:
     return sum(len(v) for v in getattr(model, "patches", {}).values())
 
 
+def model_patches(model: Any) -> tuple[int, str]:
+    """``(number of patched weights, short fingerprint)`` of the weight patches (LoRAs) a ComfyUI
+    MODEL carries; ``(0, "")`` for a plain model. The fingerprint covers which weights are patched
+    and with what strengths, not the patch values."""
+    import hashlib
+
+    found = getattr(model, "patches", None) or {}
+    if not isinstance(found, dict) or not found:
+        return 0, ""
+    digest = hashlib.sha256()
+    for key in sorted(found):
+        strengths = [(entry[0], entry[2]) if isinstance(entry, (list, tuple)) and len(entry) > 2 else ()
+                     for entry in found[key]]
+        digest.update(f"{key}:{strengths!r};".encode())
+    return len(found), digest.hexdigest()[:8]
+
+
 def apply_lora(model: Any, lora_state_dict: dict, strength: float, name: str) -> Any:
     """``model`` with the LoRA patched in by ComfyUI (as LoraLoaderModelOnly does); a clone.
 
@@ -356,6 +373,9 @@ def apply_lora(model: Any, lora_state_dict: dict, strength: float, name: str) ->
 
     from ..fluxsr_core.lora import guess_model_family
 
+    if not lora_state_dict:
+        raise ValueError(f"FluxSR Load LoRA: {name} holds no tensors, so it is not a LoRA; re-download or "
+                         "re-export it")
     layers = sum(1 for k in lora_state_dict if k.endswith(_LORA_LAYER_KEY))
     patched = comfy.sd.load_lora_for_models(model, None, lora_state_dict, float(strength), 0)[0]
     placed = _patch_count(patched) - _patch_count(model)

@@ -48,7 +48,8 @@ class FluxSRConditioning:
         return f"{paths.bundle_signature(bundle)}|{guidance}"
 
     @classmethod
-    def VALIDATE_INPUTS(cls, bundle, guidance=0.0):
+    def VALIDATE_INPUTS(cls, bundle):
+        # Only bundle: ComfyUI skips its own min/max checks for every input named here.
         try:
             paths.resolve_bundle(bundle)
         except FileNotFoundError as exc:

@@ -5,7 +5,8 @@ from __future__ import annotations
 import logging
 
 from ..fluxsr_core import lora as lora_mod
-from ..fluxsr_core.settings import merge_settings
+from ..fluxsr_core.settings import RunSettings, merge_settings
+from ..fluxsr_core.weights import UnsafeWeightsError
 from . import comfy_adapters, paths
 from .common import CATEGORY
 
@@ -51,7 +52,8 @@ class FluxSRLoraLoader:
         return f"{paths.lora_signature(lora_name)}|{strength_model}"
 
     @classmethod
-    def VALIDATE_INPUTS(cls, lora_name, **_):
+    def VALIDATE_INPUTS(cls, lora_name):
+        # Only lora_name: ComfyUI skips its own min/max checks for every input named here.
         try:
             paths.resolve_lora(lora_name)
         except FileNotFoundError as exc:
@@ -63,18 +65,28 @@ class FluxSRLoraLoader:
         settings = None
         if path.lower().endswith(".safetensors"):
             # The header alone: a truncated or mislabelled file is named here, before ComfyUI reads it.
-            settings = lora_mod.read_lora_settings(path, label=f"LoRA {lora_name}")
+            try:
+                settings = lora_mod.read_lora_settings(path, label=f"LoRA {lora_name}")
+            except UnsafeWeightsError:
+                raise UnsafeWeightsError(
+                    f"FluxSR Load LoRA: {lora_name} is a pickle file named .safetensors. If you trust its "
+                    "source, rename it to .pt (ComfyUI reads .pt LoRAs with torch.load(weights_only=True)); "
+                    "better, get the .safetensors release") from None
         patched = comfy_adapters.apply_lora(model, self._state_dict(path), strength_model, lora_name)
-        if settings is None:
-            log.warning("FluxSR Load LoRA: %s is not a .safetensors file, so it carries no FluxSR run "
-                        "settings; set T_L in FluxSR Upscale", lora_name)
-            return (patched,)
-        if (settings.source or {}).get("t_l", "default") == "default":
-            log.warning("FluxSR Load LoRA: %s carries no FluxSR T_L (is it a FluxSR LoRA?); FluxSR Upscale "
-                        "falls back to the bundle's or its default", lora_name)
+        earlier = comfy_adapters.model_settings(model)
+        carried = settings is not None and (settings.source or {}).get("t_l", "default") != "default"
+        if not carried:
+            why = ("is not a .safetensors file, so it carries no FluxSR run settings" if settings is None
+                   else "carries no FluxSR T_L (is it a FluxSR LoRA?)")
+            if earlier is not None and (earlier.source or {}).get("t_l", "default") != "default":
+                log.info("FluxSR Load LoRA: %s %s; the MODEL keeps T_L %g (%s)", lora_name, why, earlier.t_l,
+                         earlier.source["t_l"])
+            else:
+                log.warning("FluxSR Load LoRA: %s %s; FluxSR Upscale takes T_L from the bundle, its t_l widget "
+                            "or its default 0.25", lora_name, why)
         # Per field, this LoRA's values over those of a FluxSR LoRA loaded earlier in the chain: a
         # style LoRA without settings after the FluxSR LoRA must not erase its T_L.
-        settings = merge_settings(settings, comfy_adapters.model_settings(model))
+        settings = merge_settings(settings or RunSettings(), earlier)
         comfy_adapters.attach_model_settings(patched, settings)
         log.info("FluxSR Load LoRA %s at strength %g: %s", lora_name, strength_model, settings.describe())
         return (patched,)

@@ -89,26 +89,9 @@ def sample_teacher(velocity: Any, codec: Any, cond: Any, seed: int, steps: int, 
 def teacher_pair_id(cond_key: str, seed: int, width: int, height: int, steps: int, guidance: float,
                     patches: str = "") -> str:
     """The pair id: the same conditioning, seed, size, steps and guidance (and, for a patched
-    MODEL, the same patches: :func:`model_patches`) give the same pair."""
+    MODEL, the same patches: :func:`~.comfy_adapters.model_patches`) give the same pair."""
     pid = f"c{cond_key}-s{int(seed)}-{int(width)}x{int(height)}-n{int(steps)}-g{float(guidance):g}"
     return f"{pid}-p{patches}" if patches else pid
-
-
-def model_patches(model: Any) -> tuple[int, str]:
-    """``(number of patched weights, short fingerprint)`` of the weight patches (LoRAs) a ComfyUI
-    MODEL carries; ``(0, "")`` for a plain model. The fingerprint covers which weights are patched
-    and with what strengths, not the patch values."""
-    import hashlib
-
-    found = getattr(model, "patches", None) or {}
-    if not isinstance(found, dict) or not found:
-        return 0, ""
-    digest = hashlib.sha256()
-    for key in sorted(found):
-        strengths = [(entry[0], entry[2]) if isinstance(entry, (list, tuple)) and len(entry) > 2 else ()
-                     for entry in found[key]]
-        digest.update(f"{key}:{strengths!r};".encode())
-    return len(found), digest.hexdigest()[:8]
 
 
 def write_pair(folder: str, result: TeacherResult, core_cond: Any, seed: int, steps: int,
@@ -116,7 +99,7 @@ def write_pair(folder: str, result: TeacherResult, core_cond: Any, seed: int, st
     """Add the pair to ``folder`` as one new shard; returns ``(pair_id, shard name or None)``.
 
     None means the same pair was already stored (re-running a graph never duplicates pairs).
-    ``patches``: :func:`model_patches` of the teacher MODEL, kept in the id and the metadata.
+    ``patches``: :func:`~.comfy_adapters.model_patches` of the teacher MODEL, kept in the id and the metadata.
     """
     key = pairs.conditioning_key(core_cond.t5.reshape(-1, core_cond.t5.shape[-1]),
                                  core_cond.clip_pooled.reshape(-1))
@@ -253,7 +236,7 @@ class FluxSRTeacherSampler:
         latent_format = getattr(getattr(model, "model", None), "latent_format", None)
         progress = comfy_adapters.ComfyProgress(1, latent_format)
         folder = resolve_dataset_folder(dataset_folder) if dataset_folder and dataset_folder.strip() else None
-        patches = model_patches(model)
+        patches = comfy_adapters.model_patches(model)
         if patches[0]:
             log.warning("FluxSR teacher: the MODEL carries patches on %d weights (a LoRA?); FluxSR's teacher is "
                         "plain FLUX.1-dev. Pairs from it are stored under their own ids (suffix -p%s).",

@@ -24,12 +24,32 @@ def resolve_t_l(widget: float, conditioning: Any, model: Any = None) -> tuple[fl
     """
     if widget and widget > 0:
         return float(widget), "FluxSRUpscale widget"
-    for settings, where in ((comfy_adapters.conditioning_settings(conditioning), "conditioning"),
-                            (comfy_adapters.model_settings(model), "model")):
+    lora = comfy_adapters.model_settings(model)
+    for settings, where in ((comfy_adapters.conditioning_settings(conditioning), "conditioning"), (lora, "model")):
         if settings is not None and (settings.source or {}).get("t_l", "default") != "default":
             return float(settings.t_l), f"{where}: {settings.source['t_l']}"
+    if lora is not None:  # the LoRA came through FluxSR Load LoRA, and its file has no T_L either
+        return DEFAULT_T_L, ("default: neither the conditioning nor the LoRA carries a T_L; set the t_l widget "
+                             "to the value the LoRA was trained with")
     return DEFAULT_T_L, ("default: neither the conditioning nor the MODEL carries a T_L; load the LoRA with "
                          "FluxSR Load LoRA, or set the t_l widget to the value the LoRA was trained with")
+
+
+def warn_about_the_inputs(model: Any, conditioning: Any, widget_t_l: float) -> None:
+    """Log what is likely a mistake but may be meant: a MODEL without any LoRA (FluxSR is FLUX.1-dev
+    *plus* its LoRA; a merged checkpoint is fine), and a bundle and a LoRA that disagree on T_L."""
+    if comfy_adapters.model_patches(model)[0] == 0:
+        log.warning("FluxSR upscale: the MODEL carries no LoRA. FluxSR is FLUX.1-dev plus the FluxSR LoRA "
+                    "(FluxSR Load LoRA); plain FLUX.1-dev in one step gives no upscale worth having. Ignore "
+                    "this if the LoRA is merged into the model file.")
+    if widget_t_l and widget_t_l > 0:
+        return
+    bundle, lora = comfy_adapters.conditioning_settings(conditioning), comfy_adapters.model_settings(model)
+    known = [s for s in (bundle, lora) if s is not None and (s.source or {}).get("t_l", "default") != "default"]
+    if len(known) == 2 and known[0].t_l != known[1].t_l:
+        log.warning("FluxSR upscale: the conditioning says T_L %g (%s) but the MODEL's LoRA says %g (%s); the "
+                    "bundle's is used, as fluxsr upscale does. Set the t_l widget to choose.", known[0].t_l,
+                    known[0].source["t_l"], known[1].t_l, known[1].source["t_l"])
 
 
 # What to try when even the smallest tiles do not fit, in ComfyUI's terms.
@@ -53,7 +73,9 @@ def upscale_images(
 
     Colour goes through the model one image at a time (memory stays that of one image; a
     smaller tiling found by an out-of-memory retry is kept for the rest of the batch); an alpha
-    channel is upscaled apart and reattached, a single channel is run as grey RGB. Returns
+    channel is upscaled apart and reattached; a single channel, or three equal ones (a grey
+    picture: ComfyUI loads every picture as RGB), is run as grey RGB and comes back grey (the
+    luma of the result, as ``fluxsr upscale`` writes it). Returns
     ``[B, H2, W2, C]`` float32 on ``output_device``.
     """
     if image.ndim != 4 or image.shape[-1] not in (1, 3, 4):
@@ -73,6 +95,7 @@ def _upscale_images(image, velocity, codec, cond, options, progress_for, cancel_
     for index in range(image.shape[0]):
         item = images.bhwc_to_bchw(image[index:index + 1].float())
         rgb = item[:, :3] if channels >= 3 else item.expand(-1, 3, -1, -1)
+        gray = channels == 1 or images.is_gray(rgb)
         progress = progress_for(index) if progress_for is not None else None
         result, used = upscaler.upscale_tensor_with_retry(
             rgb, velocity, codec, cond, current, progress=progress, cancel_check=cancel_check,
@@ -80,11 +103,13 @@ def _upscale_images(image, velocity, codec, cond, options, progress_for, cancel_
         if used != current.tiling:
             current = dataclasses.replace(current, tiling=used)
         result = result.float()
+        if gray:  # a grey picture stays grey, as `fluxsr upscale` writes it
+            result = images.luma(result).clamp(0, 1)
+            if channels != 1:
+                result = result.expand(-1, 3, -1, -1)
         if channels == 4:
             alpha = images.upscale_alpha(item[:, 3:4].to(result.device), tuple(result.shape[-2:]))
             result = torch.cat([result, alpha.to(result.dtype)], dim=1)
-        elif channels == 1:
-            result = result.mean(dim=1, keepdim=True)
         outputs.append(images.bchw_to_bhwc(result).to(output_device or torch.device("cpu")))
     return torch.cat(outputs, dim=0)
 
@@ -109,7 +134,8 @@ class FluxSRUpscale:
         # Widget order is part of the saved-workflow format: append new inputs at the end only.
         return {
             "required": {
-                "image": ("IMAGE", {"tooltip": "The images to upscale (a batch; RGBA keeps its alpha)."}),
+                "image": ("IMAGE", {"tooltip": "The images to upscale (a batch). RGBA keeps its alpha; Load Image "
+                                               "gives the alpha apart as MASK: join them with Join Image with Alpha."}),
                 "model": ("MODEL", {"tooltip": "FLUX.1-dev with the FluxSR LoRA applied (UNETLoader -> "
                                                "FluxSR Load LoRA, which also carries the LoRA's T_L)."}),
                 "vae": ("VAE", {"tooltip": "The FLUX VAE (ae.safetensors via VAELoader)."}),
@@ -141,9 +167,10 @@ class FluxSRUpscale:
                                           tiling=tiling_config).validate()
         velocity = comfy_adapters.make_velocity(model)
         codec = comfy_adapters.make_codec(vae, tiling_config)
-        log.info("FluxSR upscale: %d image(s) x%g, T_L=%g (%s), colour fix %s, tiles %dpx/%dpx overlap",
-                 image.shape[0], scale, t_l_used, t_l_source, color_fix,
-                 tiling_config.latent_tile * 8, tiling_config.latent_overlap * 8)
+        warn_about_the_inputs(model, conditioning, t_l)
+        log.info("FluxSR upscale: %d image(s) x%g, T_L=%g (%s), guidance %g, colour fix %s, tiles %dpx/%dpx overlap",
+                 image.shape[0], scale, t_l_used, t_l_source, comfy_adapters.conditioning_to_core(conditioning).guidance,
+                 color_fix, tiling_config.latent_tile * 8, tiling_config.latent_overlap * 8)
         latent_format = getattr(getattr(model, "model", None), "latent_format", None)
         progress = comfy_adapters.ComfyProgress(image.shape[0], latent_format)
 

@@ -290,6 +290,20 @@ def _inputs(cls):
 
 
 @pytest.mark.parametrize("node_id", NODE_IDS)
+def test_validate_inputs_leaves_comfyuis_range_checks_on(pack, node_id):
+    """ComfyUI skips its own min/max checks for every input VALIDATE_INPUTS names (all of them
+    when it takes **kwargs): it may name only inputs without a range."""
+    cls = pack.NODE_CLASS_MAPPINGS[node_id]
+    if not hasattr(cls, "VALIDATE_INPUTS"):
+        return
+    params = inspect.signature(cls.VALIDATE_INPUTS).parameters
+    assert not any(p.kind is inspect.Parameter.VAR_KEYWORD for p in params.values())
+    kinds = {n: v[0] for _, n, v in _inputs(cls)}
+    ranged = [n for n in params if kinds.get(n) in ("INT", "FLOAT")]
+    assert ranged == [], f"{node_id}.VALIDATE_INPUTS names {ranged}: ComfyUI would not range-check them"
+
+
+@pytest.mark.parametrize("node_id", NODE_IDS)
 def test_node_definition_is_well_formed(pack, node_id):
     cls = pack.NODE_CLASS_MAPPINGS[node_id]
     assert cls.CATEGORY == "image/upscaling/FluxSR"
@@ -509,12 +523,26 @@ def test_lora_loader_errors(pack, lora_dir, caplog):
     with caplog.at_level(logging.WARNING, logger="fluxsr"):
         (model,) = cls().load(lora_dir.flux, "plain.safetensors", 1.0)
     assert len(model.patches) == 2 and "carries no FluxSR T_L" in caplog.text
-    assert sub(pack, "nodes.upscale").resolve_t_l(0.0, tiny_conditioning(pack), model)[0] == 0.25
+    t_l, source = sub(pack, "nodes.upscale").resolve_t_l(0.0, tiny_conditioning(pack), model)
+    assert t_l == 0.25 and "nor the LoRA carries" in source and "load the LoRA with" not in source
     # ... and after the FluxSR LoRA in a chain it keeps that LoRA's T_L
     (fluxsr,) = cls().load(lora_dir.flux, "fluxsr.safetensors", 1.0)
     (chained,) = cls().load(fluxsr, "plain.safetensors", 1.0)
     assert sub(pack, "nodes.upscale").resolve_t_l(0.0, tiny_conditioning(pack), chained) == (
         0.4, "model: LoRA fluxsr.safetensors")
+    # ... a MODEL that already has a FluxSR LoRA's T_L keeps it, and is told so without a warning
+    caplog.clear()
+    with caplog.at_level(logging.INFO, logger="fluxsr"):
+        cls().load(cls().load(lora_dir.flux, "fluxsr.safetensors", 1.0)[0], "plain.safetensors", 1.0)
+    assert "the MODEL keeps T_L 0.4" in caplog.text and not [r for r in caplog.records if r.levelno >= logging.WARNING]
+    # an empty file, a pickle under a .safetensors name
+    from safetensors.torch import save_file
+    save_file({}, str(lora_dir.root / "empty.safetensors"))
+    with pytest.raises(ValueError, match="empty.safetensors holds no tensors"):
+        cls().load(lora_dir.flux, "empty.safetensors", 1.0)
+    torch.save({"x": torch.zeros(1)}, lora_dir.root / "pickled.safetensors")
+    with pytest.raises(sub(pack, "fluxsr_core.weights").UnsafeWeightsError, match="rename it to .pt"):
+        cls().load(lora_dir.flux, "pickled.safetensors", 1.0)
     # only some layers placed: a warning with the counts
     caplog.clear()
     half = FakeLoraPatcher({"transformer_blocks.0.attn.to_q"})
@@ -669,6 +697,26 @@ def test_upscale_node_matches_the_core_upscaler(pack, tiny, fake_comfy):
     assert patcher.model.calls[0]["t"].tolist() == pytest.approx([0.35])
 
 
+def test_upscale_node_warns_about_a_missing_lora_and_disagreeing_t_ls(pack, caplog):
+    up = sub(pack, "nodes.upscale")
+    adapters = sub(pack, "nodes.comfy_adapters")
+    settings = sub(pack, "fluxsr_core.settings")
+    plain = types.SimpleNamespace(patches={}, model_options={})
+    with caplog.at_level(logging.WARNING, logger="fluxsr"):
+        up.warn_about_the_inputs(plain, tiny_conditioning(pack, t_l=0.3), 0.0)
+    assert "carries no LoRA" in caplog.text and "T_L" not in caplog.text
+    caplog.clear()
+    patched = types.SimpleNamespace(patches={"w": [(1.0, None, 1.0)]}, model_options={})
+    adapters.attach_model_settings(patched, settings.RunSettings(t_l=0.45, source={"t_l": "LoRA a.safetensors"}))
+    with caplog.at_level(logging.WARNING, logger="fluxsr"):
+        up.warn_about_the_inputs(patched, tiny_conditioning(pack, t_l=0.3), 0.0)
+        up.warn_about_the_inputs(patched, tiny_conditioning(pack, t_l=0.3), 0.5)  # the widget decides: quiet
+        up.warn_about_the_inputs(patched, tiny_conditioning(pack, t_l=0.45), 0.0)  # they agree: quiet
+    assert caplog.text.count("FluxSR upscale") == 1
+    assert "conditioning says T_L 0.3 (bundle tiny.safetensors) but the MODEL's LoRA says 0.45" in caplog.text
+    assert "no LoRA" not in caplog.text
+
+
 def test_upscale_t_l_resolution(pack):
     up = sub(pack, "nodes.upscale")
     with_settings = tiny_conditioning(pack, t_l=0.4)
@@ -694,6 +742,25 @@ def test_upscale_node_grey_and_tiled(pack, tiny, fake_comfy):
     assert out.shape == (1, 160, 144, 1)
     patcher_calls = [c for c in vae.calls if c[0].endswith("tiled")]
     assert patcher_calls == [("encode_tiled", 64, 16), ("decode_tiled", 8, 2)]
+
+
+def test_upscale_node_keeps_a_grey_picture_grey(pack, tiny, fake_comfy):
+    """LoadImage makes every picture RGB: three equal channels come back equal (the luma of the
+    colour result, as `fluxsr upscale` writes a grey input), a colour picture is left alone."""
+    node = pack.NODE_CLASS_MAPPINGS["FluxSRUpscale"]()
+    images = sub(pack, "fluxsr_core.images")
+    run = lambda img: node.upscale(img, FakePatcher(tiny.velocity, fake_comfy.CONST), FakeVAE(tiny.vae),  # noqa: E731
+                                   tiny_conditioning(pack), scale=2.0, t_l=0.25, color_fix="none")[0]
+    grey = torch.rand(1, 24, 32, 1, generator=torch.Generator().manual_seed(5)).expand(-1, -1, -1, 3)
+    out = run(grey)
+    assert out.shape == (1, 48, 64, 3)
+    assert torch.equal(out[..., 0], out[..., 1]) and torch.equal(out[..., 1], out[..., 2])
+    # what the model made of it, in colour (the tiny random model tints it), reduced by luma
+    colour = run(grey.clone().contiguous() + torch.tensor([0.0, 0.0, 1e-3]))  # not grey: left in colour
+    assert (colour[..., 0] - colour[..., 2]).abs().max() > 1e-2
+    one = run(grey[..., :1].contiguous())
+    assert one.shape == (1, 48, 64, 1) and torch.allclose(one[..., 0], out[..., 0], atol=1e-6)
+    assert torch.allclose(images.luma(torch.ones(1, 3, 2, 2)), torch.ones(1, 1, 2, 2))
 
 
 def test_upscale_node_retries_with_smaller_tiles_on_oom(pack, tiny, fake_comfy, caplog):
