@@ -305,6 +305,10 @@ def _diffusers_converter(sd: dict[str, torch.Tensor], path: str) -> tuple[dict[s
     return dict(out), {k: float(v.item() if torch.is_tensor(v) else v) for k, v in (alphas or {}).items()}
 
 
+# The tensors of a plain kohya LoRA layer: anything else is another method's (DoRA, LyCORIS).
+_KOHYA_PLAIN_SUFFIXES = (".lora_down.weight", ".lora_up.weight", ".alpha")
+
+
 def _kohya_layers(sd: dict[str, torch.Tensor], path: str, naming: str,
                   ) -> tuple[dict[str, torch.Tensor], dict[str, float], dict[str, float]]:
     """kohya-style layers (``lora_unet_double_blocks_0_img_attn_qkv``, or diffusers module names
@@ -321,6 +325,11 @@ def _kohya_layers(sd: dict[str, torch.Tensor], path: str, naming: str,
         groups.setdefault(k.split(".", 1)[0], {})[k] = v
     out, alphas, file_alphas = {}, {}, {}
     for layer, group in groups.items():
+        odd = sorted(k for k in group if not k.endswith(_KOHYA_PLAIN_SUFFIXES))
+        if odd:  # diffusers' converter would drop these (DoRA scales, LyCORIS diffs) with a log line only
+            raise LoraError(f"{name}: '{odd[0]}' is no lora_down/lora_up weight or alpha; FluxSR merges plain "
+                            f"LoRAs (no DoRA magnitudes, no LyCORIS weight or bias diffs) in {naming} naming, "
+                            "and leaving that part out would change what the LoRA does")
         converted, _ = _diffusers_converter(group, path)
         targets = [k[: -len(".lora_A.weight")] for k in converted if k.endswith(".lora_A.weight")]
         if not targets:  # diffusers' kohya converter drops keys it does not know, unannounced

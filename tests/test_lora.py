@@ -376,6 +376,11 @@ def test_kohya_outside_block_errors_are_named(tmp_path):
     for odd in ("lora_unet_img_in.dora_scale", "lora_unet_img_in.processor.weight"):
         with pytest.raises(LoraError, match=f"'{odd}' is no lora_.*kohya/sd-scripts naming"):
             load_lora(fresh_transformer(), _save(tmp_path, "odd.safetensors", {**kohya, odd: torch.zeros(1, 64)}))
+    # in the blocks too, where diffusers' converter would drop them with a log line only
+    blocks, _ = _kohya_lora({"lora_unet_double_blocks_0_img_attn_proj": "transformer_blocks.0.attn.to_out.0"})
+    for odd in ("lora_unet_double_blocks_0_img_attn_proj.dora_scale", "lora_unet_double_blocks_0_img_attn_proj.diff_b"):
+        with pytest.raises(LoraError, match=f"'{odd}' is no lora_.*DoRA.*kohya/sd-scripts naming"):
+            load_lora(fresh_transformer(), _save(tmp_path, "odd.safetensors", {**blocks, odd: torch.zeros(1, 32)}))
     no_guidance = FluxTransformer2DModel.from_config({**tiny_config(), "guidance_embeds": False})
     with pytest.raises(LoraError, match="'lora_unet_guidance_in_in_layer' is no layer of this FLUX transformer "
                                         r"\(kohya/sd-scripts naming\)"):
