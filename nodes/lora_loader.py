@@ -75,10 +75,15 @@ class FluxSRLoraLoader:
         patched = comfy_adapters.apply_lora(model, self._state_dict(path), strength_model, lora_name)
         earlier = comfy_adapters.model_settings(model)
         carried = settings is not None and (settings.source or {}).get("t_l", "default") != "default"
+        earlier_carried = earlier is not None and (earlier.source or {}).get("t_l", "default") != "default"
+        if carried and earlier_carried:
+            log.warning("FluxSR Load LoRA: the MODEL already carries a FluxSR LoRA's T_L %g (%s); %s's T_L %g "
+                        "replaces it. Two FluxSR LoRAs on one MODEL is rarely meant.", earlier.t_l,
+                        earlier.source["t_l"], lora_name, settings.t_l)
         if not carried:
             why = ("is not a .safetensors file, so it carries no FluxSR run settings" if settings is None
                    else "carries no FluxSR T_L (is it a FluxSR LoRA?)")
-            if earlier is not None and (earlier.source or {}).get("t_l", "default") != "default":
+            if earlier_carried:
                 log.info("FluxSR Load LoRA: %s %s; the MODEL keeps T_L %g (%s)", lora_name, why, earlier.t_l,
                          earlier.source["t_l"])
             else:

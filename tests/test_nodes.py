@@ -535,6 +535,16 @@ def test_lora_loader_errors(pack, lora_dir, caplog):
     with caplog.at_level(logging.INFO, logger="fluxsr"):
         cls().load(cls().load(lora_dir.flux, "fluxsr.safetensors", 1.0)[0], "plain.safetensors", 1.0)
     assert "the MODEL keeps T_L 0.4" in caplog.text and not [r for r in caplog.records if r.levelno >= logging.WARNING]
+    # two FluxSR LoRAs: the later one's T_L, with a warning
+    other = lora_dir.root / "other.safetensors"
+    sub(pack, "fluxsr_core.lora").save_lora(other, {f"transformer.transformer_blocks.0.attn.to_q.lora_{p}.weight":
+                                                    torch.zeros(2, 2) for p in "AB"},
+                                            sub(pack, "fluxsr_core.settings").RunSettings(t_l=0.3), rank=2, alpha=2.0)
+    caplog.clear()
+    with caplog.at_level(logging.WARNING, logger="fluxsr"):
+        (two,) = cls().load(cls().load(lora_dir.flux, "fluxsr.safetensors", 1.0)[0], "other.safetensors", 1.0)
+    assert "already carries a FluxSR LoRA's T_L 0.4" in caplog.text and "T_L 0.3 replaces it" in caplog.text
+    assert sub(pack, "nodes.upscale").resolve_t_l(0.0, tiny_conditioning(pack), two)[0] == 0.3
     # an empty file, a pickle under a .safetensors name
     from safetensors.torch import save_file
     save_file({}, str(lora_dir.root / "empty.safetensors"))
