@@ -18,12 +18,12 @@ from __future__ import annotations
 import json
 import math
 import os
-import tempfile
 from dataclasses import dataclass, field
 from typing import Any, Iterable, Mapping, Optional
 
 import torch
 
+from .files import atomic_write
 from .interfaces import Conditioning
 from .settings import KEY_GUIDANCE, KEY_SCALE, KEY_T_L, RunSettings, settings_from_metadata
 from .weights import WeightsError, read_safetensors, safe_torch_load_tensors
@@ -369,22 +369,6 @@ def _load_folder(folder: str, t5_width, clip_width) -> ConditioningBundle:
 
 # --- saving ----------------------------------------------------------------------------------
 
-def _atomic_save(tensors: dict, path: str, metadata: dict) -> None:
-    import safetensors.torch
-
-    folder = os.path.dirname(os.path.abspath(path))
-    os.makedirs(folder, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=folder, prefix=".tmp-", suffix=".safetensors")
-    os.close(fd)
-    try:
-        safetensors.torch.save_file(tensors, tmp, metadata=metadata)
-        os.replace(tmp, path)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.remove(tmp)
-        raise
-
-
 def save_bundle(path: str | os.PathLike, t5: torch.Tensor, clip_pooled: torch.Tensor,
                 settings: RunSettings, prompt: Optional[str] = None) -> str:
     """Write a conditioning bundle (safetensors: ``t5``, ``clip_pooled``, ``fluxsr.*`` metadata).
@@ -399,7 +383,10 @@ def save_bundle(path: str | os.PathLike, t5: torch.Tensor, clip_pooled: torch.Te
     md = {"format": "pt", KEY_CONTENT: CONTENT_BUNDLE, **settings.to_metadata()}
     if prompt is not None:
         md[KEY_PROMPT] = str(prompt)
-    _atomic_save({T5_KEY: t5.to("cpu").contiguous(), CLIP_KEY: clip.to("cpu").contiguous()}, path, md)
+    import safetensors.torch
+
+    tensors = {T5_KEY: t5.to("cpu").contiguous(), CLIP_KEY: clip.to("cpu").contiguous()}
+    atomic_write(path, lambda tmp: safetensors.torch.save_file(tensors, tmp, metadata=md))
     return path
 
 

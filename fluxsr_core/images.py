@@ -28,7 +28,6 @@ import os
 import struct
 import sys
 import threading
-import uuid
 import warnings
 import zlib
 from dataclasses import dataclass, field
@@ -40,6 +39,7 @@ import torch
 import torch.nn.functional as F
 from PIL import Image, ImageOps, UnidentifiedImageError
 
+from .files import atomic_write
 from .settings import DEFAULT_SCALE
 
 # 256 megapixels: a 16384 x 16384 input. Pillow's own guard (about 179 MP) is replaced by this one
@@ -601,7 +601,7 @@ def save_image(path: str | os.PathLike, rgb: torch.Tensor, alpha: Optional[torch
             kw["quality"] = 95
         im.save(tmp, format=fmt, **kw)
 
-    _atomic_write(p, write)
+    atomic_write(p, write)
     return p
 
 
@@ -625,23 +625,6 @@ def _as_chw64(x: torch.Tensor, name: str) -> torch.Tensor:
                          f"image (this usually means the model ran in a precision that "
                          f"overflowed: try float32 or bfloat16)")
     return out
-
-
-def _atomic_write(path: Path, write) -> None:
-    """``write(tmp)`` into a temporary file beside ``path``, then rename it over ``path``."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.{uuid.uuid4().hex[:12]}.tmp")
-    # Created with 0o666 so the umask applies as for any normal file (mkstemp would give 0o600).
-    os.close(os.open(tmp, os.O_CREAT | os.O_EXCL | os.O_WRONLY, 0o666))
-    try:
-        write(tmp)
-        os.replace(tmp, path)
-    except BaseException:
-        try:
-            os.unlink(tmp)
-        except FileNotFoundError:
-            pass
-        raise
 
 
 def _png_chunk(kind: bytes, data: bytes) -> bytes:

@@ -24,6 +24,7 @@ from typing import Any, Mapping, Optional
 
 import torch
 
+from .files import atomic_write
 from .settings import KEY_LORA_RANK, RunSettings, settings_from_metadata
 from .weights import FP8_DTYPES, WeightsError, read_safetensors, read_safetensors_header
 
@@ -958,24 +959,8 @@ def save_lora(path: str | os.PathLike, lora_state_dict: Mapping[str, torch.Tenso
         LORA_ADAPTER_METADATA_KEY: json.dumps({TRANSFORMER_PREFIX + k: v for k, v in adapter_cfg.items()},
                                               indent=2, sort_keys=True),
     })
-    _atomic_save(sd, path, metadata, safetensors.torch.save_file)
+    atomic_write(path, lambda tmp: safetensors.torch.save_file(sd, tmp, metadata=metadata))
     return path
-
-
-def _atomic_save(tensors: dict, path: str, metadata: dict, save_file) -> None:
-    import tempfile
-
-    folder = os.path.dirname(os.path.abspath(path))
-    os.makedirs(folder, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=folder, prefix=".tmp-", suffix=".safetensors")
-    os.close(fd)
-    try:
-        save_file(tensors, tmp, metadata=metadata)
-        os.replace(tmp, path)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.remove(tmp)
-        raise
 
 
 # --- export from a model -------------------------------------------------------------------

@@ -707,7 +707,7 @@ def test_export_from_model_matches_peft(tmp_path, trained_lora):
         lora_state_dict_from_model(trained_lora, "nope")
 
 
-def test_save_is_atomic_and_validated(tmp_path, trained_lora):
+def test_save_is_atomic_and_validated(tmp_path, trained_lora, monkeypatch):
     sd = lora_state_dict_from_model(trained_lora, "student")
     path = tmp_path / "out.safetensors"
     path.write_bytes(b"old")
@@ -726,9 +726,9 @@ def test_save_is_atomic_and_validated(tmp_path, trained_lora):
             f.write(b"partial")
         raise OSError("disk full")
 
-    from fluxsr_core import lora as lora_mod
-    with pytest.raises(OSError, match="disk full"):
-        lora_mod._atomic_save(sd, str(path), {}, broken)
+    with monkeypatch.context() as m, pytest.raises(OSError, match="disk full"):
+        m.setattr(safetensors.torch, "save_file", broken)
+        save_lora(path, sd, RunSettings(), RANK, ALPHA)
     assert path.read_bytes() == b"old"
     assert os.listdir(tmp_path) == ["out.safetensors"]
 

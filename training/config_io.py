@@ -19,11 +19,12 @@ import difflib
 import json
 import math
 import os
-import tempfile
 import types
 import typing
 from pathlib import Path
 from typing import Any, Mapping, Optional, Sequence, TypeVar, Union
+
+from fluxsr_core.files import atomic_write_text
 
 try:  # Python >= 3.11
     import tomllib
@@ -269,18 +270,7 @@ def dump_toml(data: Mapping[str, Any], header: str = "") -> str:
 def save_config(cfg: Any, path: Union[str, os.PathLike], header: str = "") -> str:
     """Write ``cfg`` as TOML atomically (temporary file, then rename). Returns the path."""
     path = os.fspath(path)
-    text = dump_toml(to_dict(cfg), header=header)
-    folder = os.path.dirname(os.path.abspath(path))
-    os.makedirs(folder, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=folder, prefix=".tmp-", suffix=".toml")
-    try:
-        with os.fdopen(fd, "w", encoding="utf-8") as f:
-            f.write(text)
-        os.replace(tmp, path)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.remove(tmp)
-        raise
+    atomic_write_text(path, dump_toml(to_dict(cfg), header=header))
     return path
 
 

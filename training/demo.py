@@ -683,7 +683,7 @@ class Recipe:
         report["recipe"] = self.summary(time.time() - t0, _cpu_seconds() - cpu0)
         _atomic_json(self.out / "report.json", report)
         if self.docs is not None:
-            from .evaluate import atomic_write_text
+            from fluxsr_core.files import atomic_write_text
 
             atomic_write_text(self.docs, render_markdown(report))
         return report
@@ -713,7 +713,7 @@ def _cpu_seconds() -> float:
 
 
 def _atomic_json(path: Path, obj: Any) -> None:
-    from .evaluate import atomic_write_text
+    from fluxsr_core.files import atomic_write_text
 
     def clean(v):
         if isinstance(v, float) and not math.isfinite(v):

@@ -61,6 +61,8 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
+from fluxsr_core.files import atomic_write_text
+
 PathLike = Union[str, os.PathLike]
 
 IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".webp", ".bmp", ".tif", ".tiff")
@@ -537,22 +539,6 @@ class EvalReport:
             atomic_write_text(json_path, self.to_json() + "\n")
         if markdown_path is not None:
             atomic_write_text(markdown_path, self.to_markdown(per_image=per_image))
-
-
-def atomic_write_text(path: PathLike, text: str) -> None:
-    """Write ``text`` to ``path`` through a temporary file in the same folder and ``os.replace``."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    # A name of our own (not mkstemp's 0600 file): the result gets the usual umask permissions.
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-    try:
-        with open(tmp, "w", encoding="utf-8") as f:
-            f.write(text)
-        os.replace(tmp, path)
-    except BaseException:
-        with contextlib.suppress(OSError):
-            os.unlink(tmp)
-        raise
 
 
 def _as_float_tensor(image) -> torch.Tensor:

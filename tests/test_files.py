@@ -1,0 +1,59 @@
+"""Atomic writes: whole files or none, with the permissions any file the user makes gets."""
+
+from __future__ import annotations
+
+import os
+import stat
+
+import pytest
+import torch
+
+from fluxsr_core import bundle, files, lora
+from fluxsr_core.settings import RunSettings
+from fluxsr_training.config_io import save_config
+from fluxsr_training.trainer import TrainConfig
+
+
+@pytest.fixture
+def umask_022():
+    old = os.umask(0o022)
+    try:
+        yield
+    finally:
+        os.umask(old)
+
+
+def _mode(path) -> int:
+    return stat.S_IMODE(os.stat(path).st_mode)
+
+
+def test_written_files_get_the_umask_permissions_not_0600(tmp_path, umask_022):
+    """mkstemp's 0600 made exported LoRAs unreadable to a ComfyUI running as another user."""
+    sd = {f"transformer.x_embedder.lora_{p}.weight": torch.zeros(2, 2) for p in "AB"}
+    written = [
+        lora.save_lora(tmp_path / "lora.safetensors", sd, RunSettings(), rank=2, alpha=2.0),
+        bundle.save_bundle(tmp_path / "bundle.safetensors", torch.zeros(1, 3, 8), torch.zeros(1, 4), RunSettings()),
+        save_config(TrainConfig(), tmp_path / "config.toml"),
+        files.atomic_write_text(tmp_path / "deep" / "note.txt", "hello"),
+    ]
+    assert [_mode(p) for p in written] == [0o644] * 4
+    assert (tmp_path / "deep" / "note.txt").read_text(encoding="utf-8") == "hello"
+
+
+def test_a_failed_write_leaves_the_old_file_and_no_temporary(tmp_path):
+    target = tmp_path / "out.bin"
+    target.write_bytes(b"old")
+
+    def broken(tmp: str) -> None:
+        with open(tmp, "wb") as f:
+            f.write(b"partial")
+        raise OSError("disk full")
+
+    with pytest.raises(OSError, match="disk full"):
+        files.atomic_write(target, broken)
+    assert target.read_bytes() == b"old" and os.listdir(tmp_path) == ["out.bin"]
+    with pytest.raises(KeyboardInterrupt):
+        files.atomic_write(target, lambda tmp: (_ for _ in ()).throw(KeyboardInterrupt()))
+    assert os.listdir(tmp_path) == ["out.bin"]
+    files.atomic_write(target, lambda tmp: open(tmp, "wb").write(b"new"))
+    assert target.read_bytes() == b"new" and os.listdir(tmp_path) == ["out.bin"]
