@@ -271,7 +271,7 @@ def _load_pipeline(args, tiling, log):
     """Build the velocity model, codec, conditioning and run settings from the user's files."""
     from . import bundle as bundle_mod
     from . import models
-    from .settings import merge_settings
+    from .settings import disagreements, merge_settings
 
     given = {"--transformer": args.transformer, "--vae": args.vae, "--lora": args.lora,
              "--conditioning": args.conditioning}
@@ -309,6 +309,11 @@ def _load_pipeline(args, tiling, log):
     transformer, vae, lora_info = loaded.transformer, loaded.vae, loaded.lora
     cond_bundle.check_fits(transformer)
     settings = merge_settings(cond_bundle.settings, lora_info.settings)
+    given = {"t_l": args.t_l, "guidance": args.guidance, "scale": args.scale}
+    differ = disagreements(cond_bundle.settings, lora_info.settings, tuple(k for k, v in given.items() if v is None))
+    if differ:
+        log(f"warning: the conditioning bundle and the LoRA disagree: {'; '.join(differ)}. The bundle's values are "
+            "used; give --t-l / --guidance / --scale to choose")
     if args.t_l is not None:
         settings.t_l, settings.source["t_l"] = args.t_l, "command line"
     if args.guidance is not None:

@@ -108,6 +108,22 @@ def settings_from_metadata(*sources: tuple[Optional[Mapping[str, str]], str],
     return out
 
 
+def disagreements(first: Optional[RunSettings], second: Optional[RunSettings],
+                  fields: tuple[str, ...] = ("t_l", "guidance", "scale")) -> list[str]:
+    """The fields both settings read from a file (not defaults) with different values, each as
+    ``"T_L 0.3 (bundle a.safetensors) against 0.45 (LoRA b.safetensors)"``: what a user should
+    hear when :func:`merge_settings` silently prefers one file's value."""
+    if first is None or second is None:
+        return []
+    names = {"t_l": "T_L", "guidance": "guidance", "scale": "scale"}
+    out = []
+    for name in fields:
+        a, b = (first.source or {}).get(name, "default"), (second.source or {}).get(name, "default")
+        if a != "default" and b != "default" and abs(getattr(first, name) - getattr(second, name)) > 1e-9:
+            out.append(f"{names[name]} {getattr(first, name):g} ({a}) against {getattr(second, name):g} ({b})")
+    return out
+
+
 def merge_settings(*candidates: Optional[RunSettings]) -> RunSettings:
     """Per field, the value of the first candidate that read it from a file (not a default).
 

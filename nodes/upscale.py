@@ -9,7 +9,7 @@ from typing import Any, Callable, Optional
 import torch
 
 from ..fluxsr_core import images, upscaler
-from ..fluxsr_core.settings import DEFAULT_T_L
+from ..fluxsr_core.settings import DEFAULT_T_L, disagreements
 from ..fluxsr_core.tiling import TilingConfig
 from . import comfy_adapters
 from .common import CATEGORY, TILING_TYPE
@@ -44,12 +44,11 @@ def warn_about_the_inputs(model: Any, conditioning: Any, widget_t_l: float) -> N
                     "this if the LoRA is merged into the model file.")
     if widget_t_l and widget_t_l > 0:
         return
-    bundle, lora = comfy_adapters.conditioning_settings(conditioning), comfy_adapters.model_settings(model)
-    known = [s for s in (bundle, lora) if s is not None and (s.source or {}).get("t_l", "default") != "default"]
-    if len(known) == 2 and known[0].t_l != known[1].t_l:
-        log.warning("FluxSR upscale: the conditioning says T_L %g (%s) but the MODEL's LoRA says %g (%s); the "
-                    "bundle's is used, as fluxsr upscale does. Set the t_l widget to choose.", known[0].t_l,
-                    known[0].source["t_l"], known[1].t_l, known[1].source["t_l"])
+    differ = disagreements(comfy_adapters.conditioning_settings(conditioning), comfy_adapters.model_settings(model),
+                           ("t_l",))
+    if differ:
+        log.warning("FluxSR upscale: the conditioning and the MODEL's LoRA disagree: %s; the conditioning's is "
+                    "used, as fluxsr upscale does. Set the t_l widget to choose.", differ[0])
 
 
 # What to try when even the smallest tiles do not fit, in ComfyUI's terms.

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import re
 from pathlib import Path
 
 import numpy as np
@@ -420,3 +421,24 @@ def test_an_input_that_cannot_be_looked_at_is_reported(tmp_path, photo_png):
         jobs, unreadable = cli.collect_jobs([hidden, photo_png], tmp_path / "out")
     assert [j.source for j in jobs] == [photo_png]
     assert [(p, "Permission denied" in why and "permissions" in why) for p, why in unreadable] == [(hidden, True)]
+
+
+def test_a_bundle_and_a_lora_that_disagree_are_warned_about(tmp_path, photo_png, tiny_model_files, capsys):
+    """The bundle's value wins (documented order); the user hears of the LoRA's, unless they chose."""
+    from fluxsr_core import bundle
+    from fluxsr_core.settings import RunSettings
+
+    ours = bundle.load_bundle(tiny_model_files.conditioning)
+    other = bundle.save_bundle(tmp_path / "other-bundle.safetensors", ours.t5, ours.clip_pooled,
+                               RunSettings(t_l=0.4, guidance=2.0))
+    args = ["upscale", str(photo_png), "-o", str(tmp_path / "a.png"), "--scale", "2", "--quiet",
+            *model_args(tiny_model_files)]
+    args[args.index("--conditioning") + 1] = other
+    assert cli.main(args) == 0
+    err = capsys.readouterr().err
+    assert re.search(r"warning: the conditioning bundle and the LoRA disagree: T_L 0\.4 \(bundle \S*other-bundle"
+                     r"\.safetensors\) against 0\.3 \(LoRA \S*fluxsr-lora\.safetensors\)\.", err)
+    assert "guidance 2" not in err  # both say 2: no disagreement there
+    assert "T_L=0.4 (bundle" in err
+    assert cli.main(args[:1] + [args[1], "-o", str(tmp_path / "b.png")] + args[4:] + ["--t-l", "0.35"]) == 0
+    assert "disagree" not in capsys.readouterr().err

@@ -723,7 +723,7 @@ def test_upscale_node_warns_about_a_missing_lora_and_disagreeing_t_ls(pack, capl
         up.warn_about_the_inputs(patched, tiny_conditioning(pack, t_l=0.3), 0.5)  # the widget decides: quiet
         up.warn_about_the_inputs(patched, tiny_conditioning(pack, t_l=0.45), 0.0)  # they agree: quiet
     assert caplog.text.count("FluxSR upscale") == 1
-    assert "conditioning says T_L 0.3 (bundle tiny.safetensors) but the MODEL's LoRA says 0.45" in caplog.text
+    assert "disagree: T_L 0.3 (bundle tiny.safetensors) against 0.45 (LoRA a.safetensors)" in caplog.text
     assert "no LoRA" not in caplog.text
 
 
