@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import logging
+import os
 
 from ..fluxsr_core import lora as lora_mod
 from ..fluxsr_core.settings import RunSettings, merge_settings
@@ -101,5 +102,10 @@ class FluxSRLoraLoader:
 
         signature = paths.file_signature(path)
         if self._cached is None or self._cached[:2] != (path, signature):
-            self._cached = (path, signature, comfy.utils.load_torch_file(path, safe_load=True))
+            try:
+                state_dict = comfy.utils.load_torch_file(path, safe_load=True)
+            except Exception as exc:  # noqa: BLE001 - torch/safetensors raise many kinds, none naming the file
+                raise ValueError(f"FluxSR Load LoRA: {os.path.basename(path)} could not be read ({type(exc).__name__}: "
+                                 f"{exc}); the file is damaged or not a LoRA: download it again") from exc
+            self._cached = (path, signature, state_dict)
         return self._cached[2]

@@ -550,6 +550,9 @@ def test_lora_loader_errors(pack, lora_dir, caplog):
     save_file({}, str(lora_dir.root / "empty.safetensors"))
     with pytest.raises(ValueError, match="empty.safetensors holds no tensors"):
         cls().load(lora_dir.flux, "empty.safetensors", 1.0)
+    (lora_dir.root / "cut.pt").write_bytes(b"PK\x03\x04 not a whole zip")
+    with pytest.raises(ValueError, match=r"cut\.pt could not be read .*damaged or not a LoRA"):
+        cls().load(lora_dir.flux, "cut.pt", 1.0)
     torch.save({"x": torch.zeros(1)}, lora_dir.root / "pickled.safetensors")
     with pytest.raises(sub(pack, "fluxsr_core.weights").UnsafeWeightsError, match="rename it to .pt"):
         cls().load(lora_dir.flux, "pickled.safetensors", 1.0)
