@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import json
+import logging
 from pathlib import Path
 
 import pytest
@@ -134,13 +136,18 @@ def test_raw_weights_and_errors(run, tmp_path):
         export_student(tmp_path, tmp_path / "x")
 
 
-def test_runs_without_ema_or_a_single_conditioning(tmp_path):
+def test_runs_without_ema_or_a_single_conditioning(tmp_path, caplog):
     pairs = write_pairs(tmp_path / "pairs2", 2, conds=2)
+    caplog.set_level(logging.WARNING, logger="fluxsr.train")
     r = T.train(config(pairs, tmp_path / "run2", "train.max_steps=1", "ema.enabled=false"))
     assert r.conditioning_path is None and r.ema_lora_path is None
+    # said at the start of training, with what to do instead
+    assert f"data.conditioning=pairs and {pairs} holds 2 distinct conditionings" in caplog.text
+    assert "fluxsr-train bundle --prompt" in caplog.text
+    assert "data.conditioning=student_bundle.safetensors" in caplog.text
     with pytest.raises(ExportError, match="no EMA weights"):
         export_student(r.output_dir, tmp_path / "o", use_ema=True)
-    with pytest.raises(ExportError, match="--bundle"):
+    with pytest.raises(ExportError, match="no single fixed conditioning.*--bundle.*fluxsr-train bundle --prompt"):
         export_student(r.output_dir, tmp_path / "o")
     assert not (tmp_path / "o").exists()  # nothing half-written: the bundle is found before the LoRA is written
     # with an explicit bundle it exports, and the bundle gets the run's settings
@@ -152,6 +159,53 @@ def test_runs_without_ema_or_a_single_conditioning(tmp_path):
     save_bundle(tmp_path / "mine.safetensors", t["t5"], t["clip_pooled"], RunSettings(t_l=0.5))
     e = export_student(r.output_dir, tmp_path / "o", bundle=str(tmp_path / "mine.safetensors"))
     assert not e.ema and load_bundle(e.bundle_path).settings.t_l == 0.3
+
+
+def test_an_archived_run_exports_the_conditioning_it_trained_with(tmp_path, monkeypatch):
+    """Run A is moved aside and run B trains at A's old place (relative paths, same working
+    directory): A's export ships A's conditioning, checked against the hash A's checkpoint recorded."""
+    from fluxsr_core.bundle import save_bundle
+    from fluxsr_core.settings import RunSettings
+
+    monkeypatch.chdir(tmp_path)
+    pairs = write_pairs(tmp_path / "pairs", 2)
+    bundles = []
+    for name, seed in (("a", 1), ("b", 2)):
+        g = torch.Generator().manual_seed(seed)
+        save_bundle(f"{name}.safetensors", torch.randn(1, 8, 32, generator=g), torch.randn(1, 16, generator=g),
+                    RunSettings(), prompt=f"the prompt of {name}")
+        bundles.append(load_bundle(f"{name}.safetensors"))
+    relative = ("train.max_steps=1", "ema.enabled=false")
+    T.train(config(pairs, Path("runs/fluxsr"), *relative, "data.conditioning=a.safetensors"))
+    Path("archive").mkdir()
+    Path("runs/fluxsr").rename("archive/A")
+    T.train(config(pairs, Path("runs/fluxsr"), *relative, "data.conditioning=b.safetensors"))
+    e = export_student("archive/A", tmp_path / "exp-a")
+    shipped = load_bundle(e.bundle_path)
+    assert torch.equal(shipped.t5, bundles[0].t5) and not torch.equal(shipped.t5, bundles[1].t5)
+    with safe_open(e.bundle_path, "pt") as f:
+        assert f.metadata()["fluxsr.prompt"] == "the prompt of a"   # the source's prompt, kept
+
+    ck = T.latest_checkpoint("archive/A")
+    own = ck / T.CONDITIONING_FILE
+    own.write_bytes(Path("b.safetensors").read_bytes())  # replaced by another run's bundle
+    with pytest.raises(ExportError, match=f"{own} holds sha256 .*: the file was replaced or belongs to another run"):
+        export_student("archive/A", tmp_path / "refused")
+    assert not (tmp_path / "refused").exists()
+    # its own copy gone: the run folder's file is accepted only when it matches the recorded hash
+    own.unlink()
+    Path("archive/A/conditioning.safetensors").write_bytes(Path("b.safetensors").read_bytes())
+    with pytest.raises(ExportError, match="sha256"):
+        export_student("archive/A", tmp_path / "refused")
+    Path("archive/A/conditioning.safetensors").write_bytes(Path("a.safetensors").read_bytes())
+    assert torch.equal(load_bundle(export_student("archive/A", tmp_path / "exp-a2").bundle_path).t5, bundles[0].t5)
+    # a checkpoint from before the hash was recorded: the run folder's file, as before
+    state_file = ck / T.STATE_FILE
+    state = json.loads(state_file.read_text())
+    del state["conditioning_sha256"]
+    state_file.write_text(json.dumps({**state, "conditioning": "runs/fluxsr/conditioning.safetensors"}))
+    Path("runs/fluxsr/conditioning.safetensors").write_bytes(Path("b.safetensors").read_bytes())  # never read
+    assert torch.equal(load_bundle(export_student("archive/A", tmp_path / "exp-a3").bundle_path).t5, bundles[0].t5)
 
 
 def test_cli_export(run, tmp_path, capsys):

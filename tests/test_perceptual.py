@@ -34,7 +34,7 @@ def test_random_test_kind_runs_and_says_what_it_is():
     fn2, _ = load_perceptual("random-test")            # fixed seed: reproducible
     assert torch.equal(fn2(a * 2 - 1, b * 2 - 1), d.detach())
     assert tv_lpips(a, a, fn).item() == 0.0 and tv_lpips(a, b, fn).item() > 0
-    with pytest.raises(ValueError, match="no backbone_path"):
+    with pytest.raises(ValueError, match="loss.perceptual=random-test takes no loss.perceptual_path"):
         load_perceptual("random-test", backbone_path="x.pth")
 
 
@@ -51,9 +51,13 @@ def test_missing_backbone_names_the_file_and_where_to_put_it(tmp_path, monkeypat
         load_perceptual("lpips-vgg")
     msg = str(e.value)
     assert str(expected) in msg and "https://download.pytorch.org/models/vgg16-397923af.pth" in msg
-    assert "stlpips-vgg" in msg and isinstance(e.value, FileNotFoundError)
-    with pytest.raises(PerceptualBackboneMissing, match="alexnet-owt-7be5be79.pth"):
+    assert isinstance(e.value, FileNotFoundError)
+    # the keys a `fluxsr-train train` user types, not the Python argument names
+    assert "loss.perceptual_path" in msg and "loss.perceptual=stlpips-vgg" in msg and "loss.w_tvlpips=0" in msg
+    assert "backbone_path" not in msg and "kind=" not in msg
+    with pytest.raises(PerceptualBackboneMissing, match="alexnet-owt-7be5be79.pth") as e:
         load_perceptual("lpips-alex", backbone_path=tmp_path / "nope.pth")
+    assert f"{tmp_path / 'nope.pth'} (loss.perceptual_path)" in str(e.value)
 
 
 def _alexnet_features_file(path, seed=3):
@@ -112,6 +116,15 @@ def test_stlpips_missing_package_is_a_clear_error(monkeypatch):
     monkeypatch.delitem(sys.modules, "stlpips_pytorch.stlpips", raising=False)
     with pytest.raises(ImportError, match="pip install stlpips-pytorch"):
         load_perceptual("stlpips-alex")
+
+
+def test_stlpips_with_a_wrong_path_blames_the_path_not_the_install(tmp_path):
+    pytest.importorskip("stlpips_pytorch")
+    with pytest.raises(PerceptualBackboneMissing) as e:
+        load_perceptual("stlpips-vgg", backbone_path=tmp_path / "y.pth")
+    msg = str(e.value)
+    assert f"{tmp_path / 'y.pth'} (loss.perceptual_path) does not exist" in msg
+    assert "leave loss.perceptual_path empty" in msg and "reinstall" not in msg and "backbone_path" not in msg
 
 
 @pytest.mark.parametrize("net", ["alex", "vgg"])

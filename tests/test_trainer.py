@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import logging
 import os
+import re
 import signal
 import socket
 import subprocess
@@ -46,13 +47,54 @@ def pairs(tmp_path_factory) -> Path:
     return folder
 
 
+def tiny_overrides(pairs: Path, out: Path, *extra: str) -> list[str]:
+    """The tiny run's ``section.key=value`` overrides (as `fluxsr-train train` takes them)."""
+    return ["model.transformer=tiny", "model.vae=tiny", "model.dtype=fp32", f"data.pairs={str(pairs)!r}",
+            f"train.output_dir={str(out)!r}", "train.progress_bar=false", "train.log_every=5",
+            "lora.rank=4", "lora.alpha=4", "optim.lr=1e-2", "optim.warmup_steps=0", "loss.w_tvlpips=0",
+            "loss.w_adl=0", "data.batch_size=2", "degradation.scale=2", "degradation.second_stage=false",
+            "train.tensorboard=false", *extra]
+
+
 def tiny_config(pairs: Path, out: Path, *extra: str) -> T.TrainConfig:
-    return T.load_train_config(None, [
-        "model.transformer=tiny", "model.vae=tiny", "model.dtype=fp32", f"data.pairs={str(pairs)!r}",
-        f"train.output_dir={str(out)!r}", "train.progress_bar=false", "train.log_every=5",
-        "lora.rank=4", "lora.alpha=4", "optim.lr=1e-2", "optim.warmup_steps=0", "loss.w_tvlpips=0",
-        "loss.w_adl=0", "data.batch_size=2", "degradation.scale=2", "degradation.second_stage=false",
-        "train.tensorboard=false", *extra])
+    return T.load_train_config(None, tiny_overrides(pairs, out, *extra))
+
+
+def write_pair_folder(folder: Path, ids: range, writer: str = "t0", seed: int = 0) -> Path:
+    """Pairs like the ``pairs`` fixture's (one conditioning), with ids ``pair_id(i, i)`` for ``i`` in ``ids``;
+    another ``writer`` adds to an existing folder."""
+    from fluxsr_core import models
+
+    codec = models.DiffusersCodec(models.load_vae("tiny", dtype="fp32", device=None, seed=0))
+    g = torch.Generator().manual_seed(0)
+    t5, clip = torch.randn(1, 8, 32, generator=g), torch.randn(1, 16, generator=g)
+    g.manual_seed(seed + 1)
+    with PairWriter(folder, writer_id=writer, shard_size=2, fsync=False) as w, torch.no_grad():
+        for i in ids:
+            z0 = codec.encode(torch.nn.functional.interpolate(torch.rand(1, 3, 4, 4, generator=g), size=(32, 32),
+                                                              mode="bicubic", align_corners=False).clamp(0, 1))
+            w.add(pair_id(i, i), torch.randn(z0.shape, generator=g), z0, t5, clip, meta={"seed": i},
+                  image=codec.decode(z0)[0])
+    return folder
+
+
+def write_bundle(path: Path, seed: int) -> Path:
+    """A tiny conditioning bundle (t5 [1, 8, 32], clip_pooled [1, 16]) with a recorded prompt."""
+    from fluxsr_core.bundle import save_bundle
+    from fluxsr_core.settings import RunSettings
+
+    g = torch.Generator().manual_seed(seed)
+    save_bundle(path, torch.randn(1, 8, 32, generator=g), torch.randn(1, 16, generator=g), RunSettings(),
+                prompt=f"prompt {seed}")
+    return path
+
+
+def file_hashes(folder: Path) -> dict[str, str]:
+    """sha256 of every file under ``folder``, by relative path: a snapshot to compare."""
+    import hashlib
+
+    return {str(f.relative_to(folder)): hashlib.sha256(f.read_bytes()).hexdigest()
+            for f in sorted(folder.rglob("*")) if f.is_file()}
 
 
 def lora_file(ckpt: str | Path, name: str = T.LORA_FILE) -> dict[str, torch.Tensor]:
@@ -263,6 +305,70 @@ def test_resume_uses_the_configs_optimizer_settings_and_refuses_an_ema_change(pa
         T.train(tiny_config(pairs, tmp_path / "run", *common, "ema.enabled=false", "train.resume=latest"))
 
 
+def test_refusals_come_before_any_model_is_built_or_any_file_written(pairs, tmp_path, monkeypatch):
+    """A fresh run into a folder with checkpoints, a resume with another conditioning (by content)
+    or another T_L / scale / base model, and a resume of a missing checkpoint are refused before
+    the student is built; the existing run's files are left byte for byte as they were."""
+    from fluxsr_core.bundle import load_bundle
+    from fluxsr_core.settings import DEFAULT_T_L
+
+    trained_with, other = write_bundle(tmp_path / "a.safetensors", 1), write_bundle(tmp_path / "b.safetensors", 2)
+    run = tmp_path / "run"
+    common = ("train.max_steps=4", "checkpoint.every=2", "ema.enabled=false")
+    r = T.train(tiny_config(pairs, run, *common, "train.stop_at=2", f"data.conditioning={str(trained_with)!r}"))
+    # the checkpoint is self-contained: its own copy of the conditioning, whose content hash it records
+    ck, a = Path(r.checkpoint), load_bundle(trained_with)
+    own = load_bundle(ck / T.CONDITIONING_FILE)
+    assert torch.equal(own.t5, a.t5) and torch.equal(own.clip_pooled, a.clip_pooled)
+    state = json.loads((ck / T.STATE_FILE).read_text())
+    digest = T.conditioning_digest(a.t5, a.clip_pooled)
+    assert state["conditioning"] == T.CONDITIONING_FILE and state["conditioning_sha256"] == digest
+    assert r.conditioning_path == str(ck / T.CONDITIONING_FILE) and not (run / T.CONDITIONING_FILE).exists()
+    before = file_hashes(run)
+
+    monkeypatch.setattr(T, "build_student", lambda *a, **k: pytest.fail("a model was built before the refusal"))
+    with pytest.raises(ConfigError, match="already holds checkpoints.*--resume latest"):
+        T.train(tiny_config(pairs, run, *common, f"data.conditioning={str(other)!r}"))
+    with pytest.raises(ConfigError) as e:
+        T.train(tiny_config(pairs, run, *common, f"data.conditioning={str(other)!r}", "train.resume=latest"))
+    msg = str(e.value)
+    assert f"bundle {trained_with} (sha256 {digest[:16]})" in msg and f"bundle {other} (sha256" in msg
+    assert f"data.conditioning={ck / T.CONDITIONING_FILE} (the checkpoint's own copy)" in msg
+    for change, was in [("settings.t_l=0.5", f"settings.t_l={DEFAULT_T_L:g}"), ("settings.guidance=2", "settings.guidance=3.5"),
+                        ("degradation.scale=4", "degradation.scale=2"), ("lora.rank=8", "lora.rank=4")]:
+        with pytest.raises(ConfigError, match=f"trained with {was}, this config has {change}. These define"):
+            T.train(tiny_config(pairs, run, *common, change, f"data.conditioning={str(trained_with)!r}",
+                                "train.resume=latest"))
+    with pytest.raises(ConfigError, match="trained with model.transformer=tiny with model.init_seed=0, this config "
+                                          "has model.transformer=tiny with model.init_seed=3, a different base model"):
+        T.train(tiny_config(pairs, run, *common, "model.init_seed=3", f"data.conditioning={str(trained_with)!r}",
+                            "train.resume=latest"))
+    with pytest.raises(FileNotFoundError, match="no such checkpoint"):
+        T.train(tiny_config(pairs, tmp_path / "fresh", *common, f"train.resume={str(tmp_path / 'nowhere')!r}"))
+    assert file_hashes(run) == before and not (tmp_path / "fresh").exists()
+
+
+def test_resume_takes_softer_changes_with_a_notice(pairs, tmp_path, caplog):
+    """data.seed, the schedule and max_steps may change at a resume, each named with old -> new; the
+    conditioning is compared by content, so the checkpoint's own copy resumes a run whose bundle is gone."""
+    bundle = write_bundle(tmp_path / "a.safetensors", 1)
+    run = tmp_path / "run"
+    r = T.train(tiny_config(pairs, run, "train.max_steps=4", "checkpoint.every=2", "train.stop_at=2",
+                            "ema.enabled=false", f"data.conditioning={str(bundle)!r}"))
+    copy = tmp_path / "kept.safetensors"
+    copy.write_bytes((Path(r.checkpoint) / T.CONDITIONING_FILE).read_bytes())
+    bundle.unlink()
+    caplog.set_level(logging.WARNING, logger="fluxsr.train")
+    rest = T.train(tiny_config(pairs, run, "train.max_steps=3", "checkpoint.every=2", "ema.enabled=false",
+                               f"data.conditioning={str(copy)!r}", "data.seed=7", "optim.schedule=cosine",
+                               "train.resume=latest"))
+    assert rest.start_step == 2 and rest.step == 3
+    text = caplog.text
+    assert "resume: settings changed since step-0000002, the new ones apply from step 2 on" in text
+    assert "data.seed 0 -> 7 (the data order" in text and "optim.schedule constant_with_warmup -> cosine" in text
+    assert "train.max_steps 4 -> 3" in text and "data.conditioning" not in text
+
+
 def test_resume_with_another_batch_goes_on_from_the_samples_seen(pairs, tmp_path, monkeypatch):
     starts = []
     original = T._StreamBatches.__init__
@@ -277,12 +383,44 @@ def test_resume_with_another_batch_goes_on_from_the_samples_seen(pairs, tmp_path
     assert state["samples_seen"] == 4 + 2 * 1
 
 
-def test_resume_on_a_changed_dataset_says_the_order_changed(pairs, tmp_path, caplog):
-    common = ("train.max_steps=4", "checkpoint.every=2")
-    T.train(tiny_config(pairs, tmp_path / "run", *common, "train.stop_at=2"))
+def test_resume_keeps_the_held_out_pairs_it_started_with_and_appends_to_metrics_jsonl(tmp_path, caplog):
+    """The held-out ids are recorded at the start; pairs added before a resume all go to training,
+    the validation image stays the same, and a recorded pair that is gone is named. Every log
+    line and validation is in metrics.jsonl, appended across the resume."""
+    folder = write_pair_folder(tmp_path / "pairs", range(3))
+    run = tmp_path / "run"
+    common = ("train.max_steps=4", "checkpoint.every=2", "data.holdout=1", "validation.every=2",
+              "validation.count=1", "train.log_every=1", "ema.enabled=false")
+    first = T.train(tiny_config(folder, run, *common, "train.stop_at=2"))
+    held = f"pair-{pair_id(2, 2)}"
+    assert [im["name"] for im in first.validation[-1]["images"]] == [held]
+    assert json.loads((Path(first.checkpoint) / T.STATE_FILE).read_text())["holdout_ids"] == [pair_id(2, 2)]
+    write_pair_folder(folder, range(3, 6), writer="t1", seed=1)  # the dataset grows: p5 is now the last id
     caplog.set_level(logging.WARNING, logger="fluxsr.train")
-    T.train(tiny_config(pairs, tmp_path / "run", *common, "data.holdout=1", "train.resume=latest"))
-    assert "trained on 5 pairs, the dataset now has 4 for training" in caplog.text
+    rest = T.train(tiny_config(folder, run, *common, "train.resume=latest"))
+    assert [v["step"] for v in rest.validation] == [4]
+    assert [im["name"] for im in rest.validation[-1]["images"]] == [held]  # not pair-p000005-s5
+    assert "trained on 2 pairs, the dataset now has 5 for training" in caplog.text
+    assert not (run / "validation" / "step-0000004" / f"pair-{pair_id(5, 5)}-sr.png").exists()
+
+    lines = [json.loads(line) for line in (run / T.METRICS_FILE).read_text().splitlines()]
+    assert [(m["kind"], m["step"]) for m in lines] == [
+        ("start", 0), ("validation", 0), ("train", 1), ("train", 2), ("validation", 2),
+        ("resume", 2), ("train", 3), ("train", 4), ("validation", 4)]
+    trains = [m for m in lines if m["kind"] == "train"]
+    assert [m["loss"] for m in trains] == pytest.approx(first.losses + rest.losses)
+    assert all(m["loss"] == pytest.approx(m["ftd"] + m["mse"]) and m["lr"] > 0 for m in trains)
+    assert lines[-1]["psnr"] == pytest.approx(rest.validation[-1]["psnr"]) and lines[-1]["images"][0]["name"] == held
+    assert rest.metrics_path == str(run / T.METRICS_FILE)
+
+    # a held-out pair recorded at the start that is no longer in the dataset is said
+    state_file = Path(rest.checkpoint) / T.STATE_FILE
+    state = json.loads(state_file.read_text())
+    state_file.write_text(json.dumps({**state, "holdout_ids": [pair_id(2, 2), "p000099-s99"]}))
+    caplog.clear()
+    T.train(tiny_config(folder, run, *common[1:], "train.max_steps=5", "data.holdout=3", "train.resume=latest"))
+    assert "1 held-out pair(s) the run started with are no longer in" in caplog.text and "p000099-s99" in caplog.text
+    assert "data.holdout=3 is not applied on a resume: the run keeps the 2 pair(s)" in caplog.text
 
 
 def test_settings_that_would_be_silently_ignored_are_refused(pairs, tmp_path, monkeypatch):
@@ -493,6 +631,62 @@ def test_cli_unwraps_errors_raised_in_dataloader_workers():
                          "last):\n  File \"x.py\", line 1, in f\nValueError: pair p7 has no stored teacher image")
     assert _user_message(wrapped) == "pair p7 has no stored teacher image"
     assert _user_message(ValueError("plain message")) == "plain message"
+
+
+def test_cli_ctrl_c_writes_a_checkpoint_and_says_how_to_continue(pairs, tmp_path, monkeypatch, capsys):
+    """A first Ctrl-C (a real SIGINT) finishes the step and writes a checkpoint; a hard interrupt names
+    the last checkpoint kept and the steps lost. Both say `--resume latest`, which continues exactly."""
+    from fluxsr_training.cli import main
+
+    real_train = T.train
+
+    def interrupt_at(step, how):
+        def stop_check(s):
+            if s == step:
+                if how == "sigint":
+                    os.kill(os.getpid(), signal.SIGINT)
+                else:
+                    raise KeyboardInterrupt  # as a second Ctrl-C would, mid-run
+            return False
+        monkeypatch.setattr(T, "train", lambda cfg: real_train(cfg, stop_check=stop_check))
+
+    run = tmp_path / "run"
+    args = ["train", *tiny_overrides(pairs, run, "train.max_steps=6", "checkpoint.every=2", "lora.dropout=0.1")]
+    interrupt_at(3, "raise")
+    assert main(args) == 130
+    err = capsys.readouterr().err
+    ck2 = run / T.CHECKPOINT_DIR / "step-0000002"
+    assert f"interrupted at step 3; the last checkpoint kept is {ck2}; the step after it is lost" in err
+    assert "Continue with the same command plus --resume latest" in err
+
+    interrupt_at(4, "sigint")  # seen after step 4: step 5 is finished, then checkpointed
+    assert main([*args, "--resume", "latest"]) == 130
+    err = capsys.readouterr().err
+    ck5 = run / T.CHECKPOINT_DIR / "step-0000005"
+    assert f"interrupted at step 5; checkpoint {ck5} written, no step lost" in err and "--resume latest" in err
+    assert json.loads((ck5 / T.STATE_FILE).read_text())["step"] == 5
+    assert json.loads((run / T.METRICS_FILE).read_text().splitlines()[-1]) == {"kind": "interrupt", "step": 5,
+                                                                               "saved": True}
+    monkeypatch.setattr(T, "train", real_train)
+    assert main([*args, "--resume", "latest"]) == 0
+    assert "train: step 6/6" in capsys.readouterr().out
+    # the interrupt's checkpoint is an ordinary one: the result is the uninterrupted run's, bit for bit
+    full = real_train(tiny_config(pairs, tmp_path / "full", "train.max_steps=6", "checkpoint.every=2",
+                                  "lora.dropout=0.1"))
+    a, b = lora_file(full.checkpoint), lora_file(run / T.CHECKPOINT_DIR / "step-0000006")
+    assert all(torch.equal(a[k], b[k]) for k in a)
+
+
+def test_cli_summary_names_the_step_of_its_validation_and_warns_of_a_long_warm_up(pairs, tmp_path, capsys):
+    from fluxsr_training.cli import main
+
+    assert main(["train", *tiny_overrides(pairs, tmp_path / "run", "train.max_steps=2", "data.holdout=1",
+                                          "validation.every=5", "optim.warmup_steps=5", "train.log_every=1")]) == 0
+    out = capsys.readouterr().out
+    assert re.search(r"train: step 2/2, loss [0-9.]+, validation PSNR [0-9.]+ dB at step 0 \(before training\)", out)
+    assert "optim.warmup_steps=5 is not shorter than train.max_steps=2: the learning rate is still warming up" in out
+    assert "reaches at most 0.004, not optim.lr=0.01" in out
+    assert T.config_warnings(tiny_config(pairs, tmp_path, "train.max_steps=2", "optim.warmup_steps=1")) == []
 
 
 def test_cli_train_config_resolution(capsys, tmp_path):

@@ -115,12 +115,25 @@ def _cmd_train(args) -> int:
 
         sys.stdout.write(config_io.dump_toml(config_io.to_dict(cfg)))
         return 0
-    r = train(cfg)
+    try:
+        r = train(cfg)
+    except KeyboardInterrupt as exc:
+        # Ctrl-C: say what was kept and the exact way on (a rerun without --resume is refused)
+        from .trainer import TrainingInterrupted, interrupted_advice, latest_checkpoint
+
+        advice = exc.advice() if isinstance(exc, TrainingInterrupted) else \
+            interrupted_advice(latest_checkpoint(cfg.train.output_dir))
+        print(f"fluxsr-train train: {advice}", file=sys.stderr)
+        return 130
     if int(os.environ.get("RANK", "0") or 0) != 0:
         return 0  # one summary per job, from the main process
     if r.step > r.start_step or r.checkpoint:
         last = r.history[-1] if r.history else {}
-        val = f", validation PSNR {r.validation[-1]['psnr']:.2f} dB" if r.validation else ""
+        val = ""
+        if r.validation:  # the last validation may be older than the last step: name its step
+            v = r.validation[-1]
+            val = f", validation PSNR {v['psnr']:.2f} dB at step {v['step']}" + \
+                (" (before training)" if v["step"] == 0 and r.step > 0 else "")
         print(f"train: step {r.step}/{cfg.train.max_steps}{' (stopped early)' if r.stopped_early else ''}, "
               f"loss {last.get('loss', float('nan')):.4g}{val}; checkpoint {r.checkpoint}")
         print(f"export with: fluxsr-train export {r.output_dir} -o <folder>")

@@ -7,7 +7,9 @@
   (diffusers naming, ``lora_adapter_metadata``, the run settings; ``alpha / r`` folded into
   ``lora_B`` so every loader, ComfyUI's included, applies the same strength);
 * ``OUT/conditioning.safetensors``: the fixed conditioning the student was trained with,
-  through :func:`fluxsr_core.bundle.save_bundle`, carrying the same run settings.
+  through :func:`fluxsr_core.bundle.save_bundle`, carrying the same run settings (and the
+  source's prompt). It comes from the checkpoint's own copy, checked against the content hash
+  the checkpoint recorded, so an archived or moved run exports what it trained with.
 
 Both are what ``fluxsr upscale --lora ... --bundle ...`` and the ComfyUI nodes load; ComfyUI's own
 LoRA loader reads the LoRA file onto a native FLUX.
@@ -23,12 +25,13 @@ from pathlib import Path
 from typing import Optional
 
 
-from fluxsr_core.bundle import load_bundle, save_bundle
+from fluxsr_core.bundle import ConditioningBundle, load_bundle, save_bundle
 from fluxsr_core.lora import save_lora
 from fluxsr_core.settings import RunSettings
 
-from .trainer import (CONDITIONING_FILE, CONFIG_FILE, EMA_LORA_FILE, LORA_FILE, STATE_FILE, TrainConfig,
-                      latest_checkpoint, load_train_config, read_lora_state)
+from .trainer import (CHECKPOINT_DIR, CONDITIONING_FILE, CONFIG_FILE, EMA_LORA_FILE, LORA_FILE, STATE_FILE,
+                      TrainConfig, bundle_prompt, conditioning_digest, latest_checkpoint, load_train_config,
+                      read_lora_state)
 
 log = logging.getLogger("fluxsr.export")
 
@@ -77,19 +80,62 @@ def checkpoint_config(checkpoint: str | os.PathLike) -> TrainConfig:
     return load_train_config(cfg_path)
 
 
-def _conditioning_source(ckpt: Path, state: dict, bundle: Optional[str]) -> str:
+NO_FIXED_CONDITIONING_HELP = (
+    "Pass --bundle with the conditioning the student should run with: make one from the prompt with "
+    "`fluxsr-train bundle --prompt \"...\" --text-encoders ... -o student_bundle.safetensors` (or use one of the "
+    "pairs folder's cond-*.safetensors), and next time train with data.conditioning=student_bundle.safetensors "
+    "so the student learns the conditioning it runs with")
+
+
+def _conditioning_source(ckpt: Path, state: dict, bundle: Optional[str]) -> tuple[str, ConditioningBundle]:
+    """The conditioning to ship, read and checked: ``(path, bundle)``.
+
+    ``bundle`` (the user's --bundle) wins. Otherwise the checkpoint's own
+    ``conditioning.safetensors``, then (checkpoints from before they carried one) the run
+    folder's; a recorded content hash must match. Paths in ``trainer_state.json`` are never
+    used: they were relative to wherever training ran, and may name another run's file.
+    """
+    recorded = state.get("conditioning_sha256")
+    records_hash = "conditioning_sha256" in state   # written by every checkpoint since the hash exists
     if bundle:
-        return bundle
-    candidates = []
-    if state.get("conditioning"):
-        candidates.append(Path(state["conditioning"]))
-    candidates.append(ckpt.parent.parent / CONDITIONING_FILE)  # <run>/checkpoints/step-N -> <run>
+        b = load_bundle(bundle)
+        if recorded and conditioning_digest(b.t5, b.clip_pooled) != recorded:
+            log.warning("%s is not the conditioning %s was trained with (%s); shipping it as asked", bundle, ckpt,
+                        state.get("conditioning_source", f"sha256 {recorded[:16]}"))
+        return bundle, b
+    if records_hash and recorded is None:
+        raise ExportError(f"{ckpt}: the run has no single fixed conditioning (it trained with data.conditioning=pairs, "
+                          f"on the conditionings of {state.get('conditioning_source', 'several prompts')}). "
+                          + NO_FIXED_CONDITIONING_HELP)
+    candidates = [ckpt / CONDITIONING_FILE]
+    if ckpt.parent.name == CHECKPOINT_DIR:   # <run>/checkpoints/step-N: the run folder's (older runs)
+        candidates.append(ckpt.parent.parent / CONDITIONING_FILE)
+    mismatched = []
     for c in candidates:
-        if c.is_file():
-            return str(c)
-    raise ExportError(f"{ckpt}: the run has no single fixed conditioning (it trained on pairs with several "
-                      "prompts' conditionings, or its conditioning.safetensors was moved). Pass --bundle with the "
-                      "conditioning the student should run with")
+        if not c.is_file():
+            continue
+        b = load_bundle(c)
+        if not records_hash:
+            if c != candidates[0]:
+                log.warning("%s predates checkpoints with their own conditioning: exporting the run folder's %s, "
+                            "which a later run into the same folder would have replaced (no hash to check)", ckpt, c)
+            return str(c), b
+        got = conditioning_digest(b.t5, b.clip_pooled)
+        if got == recorded:
+            return str(c), b
+        mismatched.append(f"{c} holds sha256 {got[:16]}")
+    if mismatched:
+        raise ExportError(f"{ckpt} was trained with the conditioning of {state.get('conditioning_source', '?')} "
+                          f"(sha256 {recorded[:16]}), but " + "; ".join(mismatched)
+                          + ": the file was replaced or belongs to another run. Restore the checkpoint's own "
+                          f"{CONDITIONING_FILE}, or pass --bundle with the conditioning you mean to ship")
+    if records_hash:
+        raise ExportError(f"{ckpt} lacks its {CONDITIONING_FILE} (sha256 {recorded[:16]}); the checkpoint is "
+                          "incomplete. Pass --bundle with the conditioning it was trained with "
+                          f"(that of {state.get('conditioning_source', '?')}; see data.conditioning in its "
+                          f"{CONFIG_FILE})")
+    raise ExportError(f"{ckpt}: the run has no single fixed conditioning (it trained on pairs with several prompts' "
+                      f"conditionings, or its {CONDITIONING_FILE} was moved). " + NO_FIXED_CONDITIONING_HELP)
 
 
 def export_student(checkpoint: str | os.PathLike, output_dir: str | os.PathLike, use_ema: Optional[bool] = None,
@@ -99,8 +145,10 @@ def export_student(checkpoint: str | os.PathLike, output_dir: str | os.PathLike,
 
     ``checkpoint``: a checkpoint folder or a run folder (its newest checkpoint). ``use_ema``:
     None = the EMA weights when the checkpoint has them, True = require them, False = the raw
-    weights. ``bundle``: a conditioning bundle to ship instead of the run's own. Both files
-    carry the run settings of the training config (T_L, guidance, scale, base model, rank).
+    weights. ``bundle``: a conditioning bundle to ship instead of the run's own (needed when the
+    run trained on several conditionings). Both files carry the run settings of the training
+    config (T_L, guidance, scale, base model, rank). Raises :class:`ExportError` when the
+    checkpoint's conditioning is missing or does not match its recorded hash.
     """
     ckpt = find_checkpoint(checkpoint)
     cfg = checkpoint_config(ckpt)
@@ -121,15 +169,15 @@ def export_student(checkpoint: str | os.PathLike, output_dir: str | os.PathLike,
     settings = cfg.run_settings()
     step = int(state.get("step", 0))
     # Everything is read before anything is written: a problem leaves no half export behind.
-    cond_src = _conditioning_source(ckpt, state, bundle)
-    b = load_bundle(cond_src)
+    cond_src, b = _conditioning_source(ckpt, state, bundle)
+    prompt = bundle_prompt(cond_src)
     out = Path(output_dir)
     out.mkdir(parents=True, exist_ok=True)
     lora_path = save_lora(out / lora_name, tensors, settings, rank=cfg.lora.rank, alpha=cfg.lora.alpha,
                           extra_metadata={"fluxsr.step": str(step), "fluxsr.weights": "ema" if use_ema else "raw",
                                           "fluxsr.transformer": os.path.basename(os.path.normpath(cfg.model.transformer))})
     bundle_path = save_bundle(out / bundle_name, b.t5, b.clip_pooled, settings,
-                              prompt=f"FluxSR student conditioning (from {os.path.basename(cond_src)})")
+                              prompt=prompt or f"FluxSR student conditioning (from {os.path.basename(cond_src)})")
     log.info("exported step %d (%s weights) to %s and %s; %s", step, "EMA" if use_ema else "raw", lora_path,
              bundle_path, settings.describe())
     return ExportResult(lora_path=str(lora_path), bundle_path=str(bundle_path), checkpoint=str(ckpt), step=step,

@@ -128,12 +128,13 @@ def _load_lpips(net: str, backbone_path: Optional[Union[str, Path]]) -> tuple[to
     path = Path(backbone_path).expanduser() if backbone_path is not None else torchvision_checkpoint_path(net)
     if not path.is_file():
         fname, url = TORCHVISION_BACKBONES[net]
+        given = "" if backbone_path is None else " (loss.perceptual_path)"
         raise PerceptualBackboneMissing(
-            f"LPIPS-{net} needs its ImageNet backbone file and none was found at {path}. "
+            f"LPIPS-{net} needs its ImageNet backbone file and none was found at {path}{given}. "
             f"Download {url} on a connected machine and put it at "
             f"{torchvision_checkpoint_path(net)} (torchvision's hub cache; TORCH_HOME moves it) "
-            f"or pass its path as backbone_path. Without it use kind='stlpips-{net}' "
-            f"(weights ship in the stlpips-pytorch package) or turn the perceptual loss off.")
+            f"or give its path as loss.perceptual_path. Without it use loss.perceptual=stlpips-{net} "
+            f"(weights ship in the stlpips-pytorch package) or turn the perceptual loss off (loss.w_tvlpips=0).")
     with _quiet_torchvision():
         # pnet_rand: build the backbone without downloading; pretrained: the linear heads
         # that ship inside the lpips package.
@@ -192,10 +193,15 @@ def stlpips_weights_path(net: str) -> Path:
 def _load_stlpips(net: str, weights_path: Optional[Union[str, Path]]) -> tuple[torch.nn.Module, str]:
     st = _import_stlpips()
     path = Path(weights_path).expanduser() if weights_path is not None else stlpips_weights_path(net)
+    if not path.is_file() and weights_path is not None:
+        # the user's path is wrong, not the install: leaving it empty uses the packaged weights
+        raise PerceptualBackboneMissing(
+            f"ST-LPIPS-{net} weight file {path} (loss.perceptual_path) does not exist; fix the path, or leave "
+            f"loss.perceptual_path empty to use the weights that ship in stlpips-pytorch")
     if not path.is_file():
         raise PerceptualBackboneMissing(
-            f"ST-LPIPS-{net} weights not found at {path}; reinstall stlpips-pytorch "
-            "(pip install --force-reinstall stlpips-pytorch) or pass the file as backbone_path")
+            f"ST-LPIPS-{net} weights not found at {path}, inside the installed stlpips-pytorch; reinstall it "
+            "(pip install --force-reinstall stlpips-pytorch) or give a copy of the file as loss.perceptual_path")
     with _quiet_torchvision():
         model = st.LPIPS(net=net, variant="shift_tolerant", pretrained=False, verbose=False)
     sd = _read_state_dict(path, f"ST-LPIPS {net} weight file")
@@ -229,6 +235,9 @@ def load_perceptual(kind: str = "lpips-vgg", backbone_path: Optional[Union[str, 
     for ``stlpips-*`` a replacement for the packaged weight file. ``module(x, y)`` takes
     images in ``[-1, 1]`` and returns ``[B, 1, 1, 1]``; it is frozen and in eval mode.
     ``label`` says honestly what the network is; log it next to every perceptual number.
+
+    Error messages name the training config keys the CLI user types: ``kind`` is
+    ``loss.perceptual`` and ``backbone_path`` is ``loss.perceptual_path``.
     """
     if kind not in PERCEPTUAL_KINDS:
         raise ValueError(f"unknown perceptual kind {kind!r}; choose one of {', '.join(PERCEPTUAL_KINDS)}")
@@ -239,6 +248,7 @@ def load_perceptual(kind: str = "lpips-vgg", backbone_path: Optional[Union[str, 
         module, label = _load_stlpips(net, backbone_path)
     else:
         if backbone_path is not None:
-            raise ValueError("kind='random-test' takes no backbone_path (it has random weights)")
+            raise ValueError("loss.perceptual=random-test takes no loss.perceptual_path (it has random weights); "
+                             "leave loss.perceptual_path empty")
         module, label = _load_random_test()
     return _finish(module, device), label

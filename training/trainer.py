@@ -23,10 +23,14 @@ concatenation of seeded per-epoch permutations. A global batch therefore holds t
 samples whatever the number of processes, and ``--resume`` continues the stream exactly.
 Checkpoints (accelerate's ``save_state`` with the LoRA instead of the full model) hold the
 optimizer, scheduler, EMA, RNG states and step; they are written to a temporary folder and
-renamed, and only the last ``checkpoint.keep_last`` are kept.
+renamed, and only the last ``checkpoint.keep_last`` are kept. Each is self-contained: it also
+holds the fixed conditioning the student trained with (``conditioning.safetensors``, its content
+hash in ``trainer_state.json``), the held-out pair ids and an identity of the base model, which
+a resume and ``fluxsr-train export`` check.
 
 Public API: :class:`TrainConfig` (+ :func:`load_train_config`), :func:`train` ->
-:class:`TrainResult`, :func:`build_student`, :func:`compute_losses`, :func:`latest_checkpoint`.
+:class:`TrainResult` (or :class:`TrainingInterrupted`), :func:`build_student`,
+:func:`compute_losses`, :func:`latest_checkpoint`, :func:`conditioning_digest`.
 """
 
 from __future__ import annotations
@@ -40,6 +44,8 @@ import math
 import os
 import re
 import shutil
+import signal
+import threading
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -68,7 +74,8 @@ LORA_FILE = "lora_weights.safetensors"
 EMA_LORA_FILE = "ema_lora_weights.safetensors"
 CONFIG_FILE = "config.toml"
 STATE_FILE = "trainer_state.json"
-CONDITIONING_FILE = "conditioning.safetensors"
+CONDITIONING_FILE = "conditioning.safetensors"   # in each checkpoint: the conditioning it trained with
+METRICS_FILE = "metrics.jsonl"                   # in the run folder: every log line, appended across resumes
 CHECKPOINT_DIR = "checkpoints"
 _CKPT_RE = re.compile(r"^step-(\d{7,})$")
 
@@ -134,7 +141,8 @@ class DataConfig:
     conditioning) or a conditioning bundle file used for every pair (the fixed conditioning the
     student runs with). ``teacher_image``: ``auto`` (the pair's stored image, else decode z_0),
     ``stored`` or ``decode``. ``batch_size`` is per process. ``holdout``: the last N pairs (by
-    id) are kept out of training and used as validation images. ``seed``: data order,
+    id) when the run starts are kept out of training and used as validation images; the run
+    records their ids and keeps exactly those out on every resume (pairs added later train). ``seed``: data order,
     degradation draws and FTD times."""
 
     pairs: str = ""
@@ -353,6 +361,35 @@ def check_config(cfg: TrainConfig) -> None:
 
 
 _SCHEDULES = ("constant", "constant_with_warmup", "cosine", "linear", "cosine_with_restarts", "polynomial")
+
+
+def config_warnings(cfg: TrainConfig) -> list[str]:
+    """Settings that make a run weaker than it looks, without making it meaningless (:func:`train`
+    logs them at the start): a warm-up not shorter than the run, which never reaches ``optim.lr``."""
+    out = []
+    o, steps = cfg.optim, cfg.train.max_steps
+    if o.warmup_steps > 0 and o.warmup_steps >= steps:
+        peak = o.lr * min(1.0, steps / o.warmup_steps)
+        decay = "" if o.schedule == "constant_with_warmup" else f" and the {o.schedule} decay never starts"
+        out.append(f"optim.warmup_steps={o.warmup_steps} is not shorter than train.max_steps={steps}: the learning "
+                   f"rate is still warming up when the run ends (it reaches at most {peak:.3g}, not optim.lr="
+                   f"{o.lr:g}){decay}; set optim.warmup_steps below train.max_steps (e.g. {max(0, steps // 10)})")
+    return out
+
+
+def bundle_prompt(bundle_path: str | os.PathLike) -> Optional[str]:
+    """The prompt a ``.safetensors`` bundle records (``fluxsr.prompt``), or None."""
+    from fluxsr_core.bundle import KEY_PROMPT
+
+    if not os.fspath(bundle_path).lower().endswith(".safetensors"):
+        return None
+    try:
+        from safetensors import safe_open
+
+        with safe_open(os.fspath(bundle_path), framework="pt") as f:
+            return (f.metadata() or {}).get(KEY_PROMPT)
+    except Exception:  # noqa: BLE001 - provenance only; the bundle itself was read already
+        return None
 
 
 # =========================================================================================
@@ -777,19 +814,139 @@ def deepspeed_clipping_problem(ds_config: Optional[dict], max_grad_norm: float) 
     return None
 
 
-def _check_resumable(checkpoint: Path, cfg: TrainConfig) -> None:
-    """ConfigError before loading when the checkpoint holds state this config cannot take
-    (accelerate would fail with a bare count mismatch): EMA on in one and off in the other."""
+def conditioning_digest(t5: torch.Tensor, clip_pooled: torch.Tensor) -> str:
+    """sha256 of a conditioning's content (shapes and float32 values of ``t5`` and
+    ``clip_pooled``, shapes normalised to ``[1, L, D]`` / ``[1, D]``): equal for the same
+    embeddings whatever file, path or metadata they come with."""
+    h = hashlib.sha256()
+    for name, t in (("t5", t5.reshape(1, -1, t5.shape[-1])), ("clip_pooled", clip_pooled.reshape(1, -1))):
+        t = t.detach().to("cpu", torch.float32).contiguous()
+        h.update(f"{name}:{list(t.shape)}:".encode())
+        h.update(t.flatten().view(torch.uint8).numpy().tobytes())
+    return h.hexdigest()
+
+
+_IDENTITY_CHUNK = 1 << 20
+_WEIGHT_SUFFIXES = (".safetensors", ".bin", ".pt", ".pth", ".gguf")
+
+
+def base_model_identity(transformer: str, init_seed: int = 0) -> dict[str, Any]:
+    """What identifies the frozen base a LoRA is trained on, cheaply (no full read).
+
+    A file or folder: sha256 of each weight file's size, first and last MiB (a moved or renamed
+    copy matches, another checkpoint of the same architecture does not). The random test model
+    (``"tiny"``): its name and ``init_seed``.
+    """
+    p = Path(transformer).expanduser()
+    if not p.exists():
+        return {"test_model": str(transformer), "init_seed": int(init_seed)}
+    root = p / "transformer" if p.is_dir() and (p / "transformer").is_dir() else p
+    files = [root] if root.is_file() else sorted(f for f in root.rglob("*") if f.is_file()
+                                                 and f.suffix.lower() in _WEIGHT_SUFFIXES)
+    h = hashlib.sha256()
+    for f in files:
+        size = f.stat().st_size
+        h.update(f"{f.relative_to(root).as_posix() if f != root else ''}:{size}:".encode())
+        with open(f, "rb") as fh:
+            h.update(fh.read(_IDENTITY_CHUNK))
+            if size > _IDENTITY_CHUNK:
+                fh.seek(max(_IDENTITY_CHUNK, size - _IDENTITY_CHUNK))
+                h.update(fh.read(_IDENTITY_CHUNK))
+    return {"weight_files": len(files), "sha256_head_tail": h.hexdigest()}
+
+
+def _fmt(v: Any) -> str:
+    """A config value as the user writes it in an override."""
+    if isinstance(v, bool):
+        return str(v).lower()
+    if isinstance(v, float):
+        return f"{v:g}"
+    if isinstance(v, (list, tuple)):
+        return json.dumps(list(v))
+    return str(v)
+
+
+# Settings that define what the student is: a resume may not change them (the exported files
+# would claim values the weights were not trained with, or the checkpoint's state cannot load).
+_RESUME_FIXED = ("settings.t_l", "settings.guidance", "degradation.scale", "ema.enabled", "lora.rank",
+                 "lora.alpha", "lora.target_modules", "lora.blocks")
+# Changes a resume takes without a word: bookkeeping, paths, checks made elsewhere
+# (base model and conditioning by content, held-out pairs, optimizer values and batch: their
+# own notices), or the loop's own controls.
+_RESUME_QUIET = ("train.output_dir", "train.resume", "train.stop_at", "train.log_every", "train.progress_bar",
+                 "train.tensorboard", "train.ddp_find_unused_parameters", "checkpoint.", "validation.",
+                 "data.pairs", "data.num_workers", "data.holdout", "data.conditioning", "data.batch_size",
+                 "model.transformer", "model.init_seed", "model.gradient_checkpointing", "optim.lr", "optim.betas",
+                 "optim.weight_decay", "optim.eps", "train.gradient_accumulation_steps")
+_RESUME_CONSEQUENCE = {
+    "data.seed": "the data order, degradation draws and FTD times from here on are not the run's",
+    "train.seed": "no effect on a resume: the checkpoint's random state is restored",
+    "optim.schedule": "the learning-rate curve from here on follows the new schedule",
+    "optim.warmup_steps": "the learning-rate curve from here on follows the new warm-up",
+    "train.max_steps": "the schedule is stretched or cut to the new length",
+    "model.base_model": "the exported files will name the new base model",
+}
+
+
+def _flat_config(cfg: TrainConfig) -> dict[str, Any]:
+    return {f"{sec}.{k}": v for sec, vals in cfg.to_dict().items() for k, v in vals.items()}
+
+
+def _check_resumable(checkpoint: Path, cfg: TrainConfig, state: dict[str, Any],
+                     identity: dict[str, Any]) -> list[str]:
+    """Compare the checkpoint's saved config and state with ``cfg`` before anything is loaded.
+
+    Raises :class:`ConfigError` naming old and new values for a change of what defines the
+    student (:data:`_RESUME_FIXED`, the base model by content). Returns notices for the softer
+    changes (data seed, schedule, length, loss weights, degradation, ...), which apply from
+    the resumed step on.
+    """
     saved = checkpoint / CONFIG_FILE
     if not saved.is_file():
-        return
+        return []
     try:
         then = load_train_config(saved)
     except Exception:  # noqa: BLE001 - an unreadable old config: let the load itself decide
-        return
-    if then.ema.enabled != cfg.ema.enabled:
-        raise ConfigError(f"checkpoint {checkpoint} was trained with ema.enabled={str(then.ema.enabled).lower()}; "
-                          f"resume with the same setting (its {CONFIG_FILE}), or start a new run")
+        return []
+    old, new = _flat_config(then), _flat_config(cfg)
+    refused = [f"{k}={_fmt(old[k])}, this config has {k}={_fmt(new[k])}" for k in _RESUME_FIXED
+               if old.get(k) != new.get(k)]
+    recorded = state.get("base_model_identity")
+    if recorded is None:  # a checkpoint from before the identity was recorded: its config's base, if still there
+        from fluxsr_core.models import RANDOM_INIT_NAMES
+
+        src = then.model.transformer
+        if src in RANDOM_INIT_NAMES or Path(src).expanduser().exists():
+            recorded = base_model_identity(src, then.model.init_seed)
+    if recorded is not None and recorded != identity:
+        def base(c: TrainConfig, ident: dict[str, Any]) -> str:
+            return f"model.transformer={c.model.transformer}" + (
+                f" with model.init_seed={c.model.init_seed}" if "test_model" in ident else "")
+
+        refused.append(f"{base(then, recorded)}, this config has {base(cfg, identity)}, a different base model "
+                       "(compared by content, so a moved copy of the same file would be accepted)")
+    if refused:
+        raise ConfigError(f"checkpoint {checkpoint} was trained with " + "; with ".join(refused)
+                          + ". These define the student (the exported files claim them): resume with the same "
+                          f"setting (the values in its {CONFIG_FILE}), or start a new run with its own "
+                          "train.output_dir")
+    notices = []
+    for k in sorted(set(old) | set(new)):
+        if k in _RESUME_FIXED or k.startswith(_RESUME_QUIET) or old.get(k) == new.get(k):
+            continue
+        why = _RESUME_CONSEQUENCE.get(k) or ("the loss from here on is the new one" if k.startswith("loss.") else
+                                             "the LR images from here on are degraded the new way"
+                                             if k.startswith("degradation.") else "used from here on")
+        notices.append(f"{k} {_fmt(old.get(k))} -> {_fmt(new.get(k))} ({why})")
+    return notices
+
+
+def _read_state(checkpoint: Path) -> dict[str, Any]:
+    """A checkpoint's ``trainer_state.json`` (``{}`` when absent or unreadable)."""
+    try:
+        return json.loads((checkpoint / STATE_FILE).read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        return {}
 
 
 def checkpoint_step(checkpoint: Path) -> int:
@@ -832,6 +989,86 @@ def resolve_resume(resume: str, output_dir: str | os.PathLike) -> Optional[Path]
 
 
 # =========================================================================================
+# Ctrl-C
+# =========================================================================================
+
+class TrainingInterrupted(KeyboardInterrupt):
+    """Ctrl-C stopped :func:`train` during the loop.
+
+    ``step``: the step reached; ``checkpoint``: the newest checkpoint kept (None: none yet);
+    ``saved``: whether that checkpoint was written at the interrupt (then no step is lost).
+    :meth:`advice` says how to continue.
+    """
+
+    def __init__(self, step: int, checkpoint: Optional[Path], saved: bool):
+        super().__init__(step, checkpoint, saved)
+        self.step, self.checkpoint, self.saved = step, checkpoint, saved
+
+    def advice(self) -> str:
+        """One line for the user: what was kept, what was lost, the exact way to continue."""
+        return interrupted_advice(self.checkpoint, self.step, self.saved)
+
+    def __str__(self) -> str:
+        return self.advice()
+
+
+def interrupted_advice(checkpoint: Optional[Path], step: Optional[int] = None, saved: bool = False) -> str:
+    """What an interrupted ``train`` kept and how to continue (``step`` None: before the loop began)."""
+    where = "before training began" if step is None else f"at step {step}"
+    if checkpoint is None:
+        return f"interrupted {where}; no checkpoint was written yet, so there is nothing to resume: run the same " \
+               "command again to start over"
+    kept = checkpoint_step(checkpoint)
+    if saved:
+        what = f"checkpoint {checkpoint} written, no step lost"
+    elif step is not None and step > kept:
+        lost = "the step after it is lost" if step - kept == 1 else f"the {step - kept} steps after it are lost"
+        what = f"the last checkpoint kept is {checkpoint}; {lost}"
+    else:
+        what = f"the last checkpoint kept is {checkpoint}"
+    return (f"interrupted {where}; {what}. Continue with the same command plus --resume latest "
+            f"(or --resume {checkpoint})")
+
+
+class _InterruptRequest:
+    """SIGINT during the loop (main thread only): the first asks the run to stop after the
+    current step with a checkpoint; a second one stops at once, except while a checkpoint is
+    being written (it is let finish: the rename is what makes it complete)."""
+
+    def __init__(self):
+        self.requested = False
+        self.saving = False
+        self._previous = None
+
+    def install(self) -> "_InterruptRequest":
+        # Only over Python's default handler: an ignored SIGINT (a background job) or an
+        # application's own handler is left alone.
+        if threading.current_thread() is threading.main_thread() \
+                and signal.getsignal(signal.SIGINT) is signal.default_int_handler:
+            self._previous = signal.signal(signal.SIGINT, self._handle)
+        return self
+
+    def remove(self) -> None:
+        if self._previous is not None:
+            signal.signal(signal.SIGINT, self._previous)
+            self._previous = None
+
+    def _handle(self, signum, frame) -> None:
+        if self.requested and not self.saving:
+            raise KeyboardInterrupt
+        if not self.requested:
+            log.warning("Ctrl-C: stopping after this step with a checkpoint (Ctrl-C again stops at once, losing "
+                        "the steps since the last checkpoint)")
+        self.requested = True
+
+
+def _ignore_sigint(worker_id: int) -> None:
+    """DataLoader worker init: Ctrl-C is the main process's to handle (a worker that dies of it
+    would fail the batch the main process still needs to finish its step)."""
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
+
+
+# =========================================================================================
 # the result
 # =========================================================================================
 
@@ -842,7 +1079,9 @@ class TrainResult:
     ``losses``: the total loss of every optimizer step run by this call (mean over processes).
     ``history``: one dict per logging step (step, loss, each term, lr, seconds per step).
     ``validation``: one dict per validation (step, psnr, bicubic_psnr, per-image values).
-    ``checkpoint``: the last checkpoint folder written; ``lora_path``/``ema_lora_path`` inside it.
+    ``checkpoint``: the last checkpoint folder written; ``lora_path``/``ema_lora_path`` and
+    ``conditioning_path`` (the fixed conditioning it trained with; None when it trained on
+    several) inside it. ``metrics_path``: the run's ``metrics.jsonl``.
     """
 
     output_dir: str
@@ -859,6 +1098,7 @@ class TrainResult:
     stopped_early: bool
     seconds: float
     config: TrainConfig
+    metrics_path: Optional[str] = None
 
 
 # =========================================================================================
@@ -925,27 +1165,28 @@ class _Run:
         self.cfg = cfg
         self.stop_check = stop_check
         self.out = Path(cfg.train.output_dir)
+        self.interrupt = _InterruptRequest()
 
     # -- setup -------------------------------------------------------------------------------
 
-    def setup(self) -> None:
+    def _setup_accelerator(self) -> None:
+        """The accelerator and the refusals that depend on the launch; loads and writes nothing."""
         from accelerate import Accelerator
-        from accelerate.utils import (DistributedDataParallelKwargs, ProjectConfiguration, parse_flag_from_env,
-                                      set_seed)
+        from accelerate.utils import DistributedDataParallelKwargs, ProjectConfiguration, parse_flag_from_env
 
         cfg = self.cfg
         device_probe = "cuda" if torch.cuda.is_available() and not parse_flag_from_env("ACCELERATE_USE_CPU") else "cpu"
-        mp = _mixed_precision(cfg.train.mixed_precision, device_probe)
-        trackers = None
+        self.mixed_precision = mp = _mixed_precision(cfg.train.mixed_precision, device_probe)
+        self.trackers = None
         if cfg.train.tensorboard != "false":
             if importlib.util.find_spec("tensorboard") is not None:
-                trackers = "tensorboard"
+                self.trackers = "tensorboard"
             elif cfg.train.tensorboard == "true":
                 raise ConfigError("train.tensorboard=true needs tensorboard: pip install tensorboard")
         self.accelerator = acc = Accelerator(
             mixed_precision=mp,
             gradient_accumulation_steps=cfg.train.gradient_accumulation_steps,
-            log_with=trackers,
+            log_with=self.trackers,
             project_config=ProjectConfiguration(project_dir=str(self.out), logging_dir=str(self.out / "logs")),
             kwargs_handlers=[DistributedDataParallelKwargs(
                 find_unused_parameters=cfg.train.ddp_find_unused_parameters)],
@@ -966,14 +1207,6 @@ class _Run:
                 f"config's gradient_accumulation_steps) but train.gradient_accumulation_steps is "
                 f"{cfg.train.gradient_accumulation_steps}; make the two equal")
         self.main = acc.is_main_process
-        if self.main:
-            self.out.mkdir(parents=True, exist_ok=True)
-        # Same seed on every process: identical LoRA initialisation everywhere.
-        set_seed(cfg.train.seed)
-        self.settings = cfg.run_settings()
-        self._info(f"FluxSR training: {acc.num_processes} process(es) on {acc.device}, mixed precision {mp}, "
-                   f"{self.settings.describe()}")
-
         if self._distributed("FSDP") and cfg.ema.enabled:
             raise ConfigError("ema.enabled=true is not supported with FSDP (the LoRA is sharded across processes); "
                               "set ema.enabled=false, or use DeepSpeed ZeRO-2 (accelerate_deepspeed_flux.yaml)")
@@ -992,8 +1225,78 @@ class _Run:
             # validation runs the whole student on the main process, which FSDP has sharded
             raise ConfigError("validation.every needs the whole model on one process, which FSDP shards; set "
                               "validation.every=0 and score exported checkpoints with `fluxsr-train evaluate`")
-        self._setup_data()  # before the (slow) model loading: a wrong data path fails at once
 
+    def _preflight(self) -> Optional[Path]:
+        """Every refusal that needs no model, before any model is built or any file written.
+
+        Resolves ``train.resume`` (returns the checkpoint, or None for a fresh run), refuses a
+        fresh run into a folder with checkpoints and a resume that would change what defines the
+        student, reads the data and the conditioning (refusing one the checkpoint was not
+        trained with), and fixes the held-out pairs.
+        """
+        cfg, acc = self.cfg, self.accelerator
+        self.settings = cfg.run_settings()
+        self._info(f"FluxSR training: {acc.num_processes} process(es) on {acc.device}, mixed precision "
+                   f"{self.mixed_precision}, {self.settings.describe()}")
+        resume_from = resolve_resume(cfg.train.resume, self.out)
+        existing = list_checkpoints(self.out)
+        if resume_from is None and existing:
+            raise ConfigError(f"{self.out} already holds checkpoints ({existing[-1].name} the newest): continue "
+                              "that run with --resume latest, or give this one its own train.output_dir")
+        self.resume_state = _read_state(resume_from) if resume_from is not None else {}
+        self.base_identity = base_model_identity(cfg.model.transformer, cfg.model.init_seed)
+        self.resume_notices = (_check_resumable(resume_from, cfg, self.resume_state, self.base_identity)
+                               if resume_from is not None else [])
+        self._setup_data(self.resume_state.get("holdout_ids") if resume_from is not None else None)
+        self._setup_conditioning()
+        if resume_from is not None and "conditioning_sha256" in self.resume_state:
+            then = self.resume_state["conditioning_sha256"]
+            if then != self.conditioning_sha256:
+                def said(source, digest):
+                    return f"{source} (sha256 {digest[:16]})" if digest else source
+
+                own = resume_from / CONDITIONING_FILE
+                raise ConfigError(
+                    f"checkpoint {resume_from} was trained with the conditioning of "
+                    f"{said(self.resume_state.get('conditioning_source', '?'), then)}; this config gives the one of "
+                    f"{said(self.conditioning_source, self.conditioning_sha256)}. The student learns its conditioning: "
+                    + (f"resume with data.conditioning={own} (the checkpoint's own copy)" if own.is_file() else
+                       "resume with the data.conditioning it was trained with")
+                    + ", or start a new run with its own train.output_dir")
+        elif resume_from is not None and self.main:
+            log.warning("checkpoint %s records no conditioning hash (written by an older version): cannot check that "
+                        "data.conditioning is the one it was trained with", resume_from)
+        if self.main:
+            for text in config_warnings(cfg):
+                log.warning("%s", text)
+        self._validation_images = _load_validation_images(cfg)  # bad validation paths fail here
+        if cfg.validation.every and (cfg.validation.count < 1
+                                     or (not self._validation_images and not self.holdout_indices)):
+            raise ConfigError(f"validation.every={cfg.validation.every} but there is nothing to validate on: set "
+                              "validation.images to a folder of HR images, or data.holdout to keep pairs out")
+        return resume_from
+
+    def _setup_models(self) -> None:
+        """The perceptual network, the student, optimizer, schedule, EMA (the slow part)."""
+        from accelerate.utils import set_seed
+
+        cfg, acc = self.cfg, self.accelerator
+        if self.main:
+            self.out.mkdir(parents=True, exist_ok=True)
+        # Cheap next to the student, so a missing backbone fails before the minutes of loading it
+        self.perceptual, self.perceptual_label = None, None
+        if cfg.loss.w_tvlpips > 0:
+            from .perceptual import load_perceptual
+
+            self.perceptual, self.perceptual_label = load_perceptual(
+                cfg.loss.perceptual, cfg.loss.perceptual_path or None, device=acc.device)
+            self._info(f"perceptual term: TV-LPIPS with {self.perceptual_label} (kind {cfg.loss.perceptual}, "
+                       f"gamma {cfg.loss.tv_gamma:g}, weight {cfg.loss.w_tvlpips:g})")
+        else:
+            self._info("perceptual term: off (loss.w_tvlpips = 0)")
+
+        # Same seed on every process: identical LoRA initialisation everywhere.
+        set_seed(cfg.train.seed)
         self.transformer, self.vae, self.dtype = build_student(cfg, acc.device)
         # The LoRA is initialised alike everywhere (same seed above); from here each process
         # draws its own random stream (LoRA dropout), else every rank would drop the same units.
@@ -1005,6 +1308,8 @@ class _Run:
                    f"{len(self.params) // 2} layers ({n_lora:,} trainable parameters), base {self.dtype} "
                    f"({cfg.model.memory_mode}), gradient checkpointing "
                    f"{'on' if cfg.model.gradient_checkpointing else 'off'}")
+        if self.fixed_bundle is not None:
+            self.fixed_bundle.check_fits(self.transformer)
 
         optimizer, self.optimizer_name = _make_optimizer(list(self.params.values()), cfg.optim, acc.device)
         self._info(f"optimizer: {self.optimizer_name}, lr {cfg.optim.lr:g}, {cfg.optim.schedule} schedule with "
@@ -1033,31 +1338,18 @@ class _Run:
         self.eval_velocity = DiffusersVelocity(self.transformer, compute_dtype=self.dtype, device=_device(acc.device))
         self.codec = DiffusersCodec(self.vae, compute_dtype=self.dtype)
 
-        self.perceptual, self.perceptual_label = None, None
-        if cfg.loss.w_tvlpips > 0:
-            from .perceptual import load_perceptual
-
-            self.perceptual, self.perceptual_label = load_perceptual(
-                cfg.loss.perceptual, cfg.loss.perceptual_path or None, device=acc.device)
-            self._info(f"perceptual term: TV-LPIPS with {self.perceptual_label} (kind {cfg.loss.perceptual}, "
-                       f"gamma {cfg.loss.tv_gamma:g}, weight {cfg.loss.w_tvlpips:g})")
-        else:
-            self._info("perceptual term: off (loss.w_tvlpips = 0)")
         self.adl_hook = None
         if cfg.loss.w_adl > 0:
             self.adl_hook = ADLFeatureHook(self.transformer, cfg.loss.adl_blocks, active=False)
             self._info(f"ADL on blocks {', '.join(self.adl_hook.labels)} (weight {cfg.loss.w_adl:g})")
 
-        self._setup_conditioning()
-        if cfg.validation.every and self.main and not self._validation_set():
-            # (bad validation paths fail here too, not after the first steps)
-            raise ConfigError(f"validation.every={cfg.validation.every} but there is nothing to validate on: set "
-                              "validation.images to a folder of HR images, or data.holdout to keep pairs out")
-
-        if trackers:
+        if self.trackers:
             acc.init_trackers("fluxsr", config=_flat_scalars(cfg.to_dict()))
 
-    def _setup_data(self) -> None:
+    def _setup_data(self, recorded_holdout: Optional[list[str]] = None) -> None:
+        """Open the pairs and split them. ``recorded_holdout``: the held-out ids a resumed run
+        started with (kept, so no validation pair is ever trained on); None: a fresh run (or a
+        checkpoint older than the record), which holds out the last ``data.holdout`` ids."""
         from fluxsr_core.pairs import PairDataset
 
         cfg = self.cfg
@@ -1065,10 +1357,28 @@ class _Run:
         n = len(self.pairs)
         if n == 0:
             raise ValueError(f"pair dataset {cfg.data.pairs} holds no complete pairs; run `fluxsr-train pairs` first")
-        if cfg.data.holdout >= n:
-            raise ConfigError(f"data.holdout={cfg.data.holdout} leaves no training pairs (the dataset has {n})")
-        self.train_indices = list(range(n - cfg.data.holdout))
-        self.holdout_indices = list(range(n - cfg.data.holdout, n))
+        ids = self.pairs.ids
+        present = set(ids)
+        if recorded_holdout is None:
+            if cfg.data.holdout >= n:
+                raise ConfigError(f"data.holdout={cfg.data.holdout} leaves no training pairs (the dataset has {n})")
+            self.holdout_ids = ids[n - cfg.data.holdout:] if cfg.data.holdout else []
+        else:
+            self.holdout_ids = list(recorded_holdout)  # kept as recorded: a pair that comes back stays out
+            gone = [i for i in self.holdout_ids if i not in present]
+            if gone and self.main:
+                log.warning("%d held-out pair(s) the run started with are no longer in %s (%s): validation goes on "
+                            "with the %d that remain", len(gone), cfg.data.pairs, ", ".join(gone[:5]),
+                            len(self.holdout_ids) - len(gone))
+            if cfg.data.holdout != len(self.holdout_ids) and self.main:
+                log.warning("data.holdout=%d is not applied on a resume: the run keeps the %d pair(s) it held out "
+                            "from the start (any other pair may have been trained on; for more validation images "
+                            "use validation.images)", cfg.data.holdout, len(self.holdout_ids))
+        held = {self.pairs.index_of(i) for i in self.holdout_ids if i in present}
+        self.holdout_indices = sorted(held)
+        self.train_indices = [i for i in range(n) if i not in held]
+        if not self.train_indices:
+            raise ConfigError(f"every pair of {cfg.data.pairs} is held out; add pairs or lower data.holdout")
         self.stream = SampleStream(len(self.train_indices), cfg.data.seed)
         self.teacher_image = cfg.data.teacher_image
         if self.teacher_image != "decode":
@@ -1078,8 +1388,9 @@ class _Run:
                                   "stored teacher image; use 'auto' or 'decode' (decodes z_0 with the VAE)")
             if 0 < stored < total:
                 # one treatment for every pair: a batch mixing both kinds cannot be collated
-                log.warning("%d of the %d pairs have no stored teacher image: decoding z_0 for every pair "
-                            "(data.teacher_image='decode')", total - stored, total)
+                if self.main:
+                    log.warning("%d of the %d pairs have no stored teacher image: decoding z_0 for every pair "
+                                "(data.teacher_image='decode')", total - stored, total)
                 self.teacher_image = "decode"
                 self.pairs = PairDataset(cfg.data.pairs, load_image=False)
         h, w = (int(d) * 8 for d in self.pairs[0]["z0"].shape[-2:])
@@ -1092,35 +1403,50 @@ class _Run:
                    f"{cfg.train.gradient_accumulation_steps} accumulation")
 
     def _setup_conditioning(self) -> None:
-        """The fixed conditioning (bundle, or the dataset's only one), saved beside the run."""
+        """The fixed conditioning (a bundle, or the dataset's only one) and its content hash.
+
+        Nothing is written here: each checkpoint gets its own copy (:meth:`save_checkpoint`).
+        """
         cfg = self.cfg
+        settings = cfg.run_settings()
         self.fixed_bundle: Optional[ConditioningBundle] = None
         if cfg.data.conditioning != "pairs":
             self.fixed_bundle = load_bundle(cfg.data.conditioning)
-            self.fixed_bundle.check_fits(self.transformer)
             self._info(f"conditioning: bundle {cfg.data.conditioning} for every pair")
             bs = self.fixed_bundle.settings
-            differ = [f"{k} {getattr(bs, k):g} (bundle) vs {getattr(self.settings, k):g} (config)"
+            differ = [f"{k} {getattr(bs, k):g} (bundle) vs {getattr(settings, k):g} (config)"
                       for k in ("t_l", "guidance") if (bs.source or {}).get(k, "default") != "default"
-                      and abs(getattr(bs, k) - getattr(self.settings, k)) > 1e-9]
+                      and abs(getattr(bs, k) - getattr(settings, k)) > 1e-9]
             if differ and self.main:
                 log.warning("the bundle's run settings differ from the training config: %s; training uses the "
                             "config's, and the exported files will carry them", "; ".join(differ))
             t5, clip = self.fixed_bundle.t5, self.fixed_bundle.clip_pooled
-            prompt = f"bundle {cfg.data.conditioning}"
+            self.conditioning_prompt = bundle_prompt(cfg.data.conditioning) or f"bundle {cfg.data.conditioning}"
+            self.conditioning_source = f"bundle {os.path.abspath(cfg.data.conditioning)}"
         else:
             keys = sorted(p.name[len("cond-"):-len(".safetensors")]
                           for p in Path(cfg.data.pairs).glob("cond-*.safetensors"))
-            t5 = clip = prompt = None
+            t5 = clip = self.conditioning_prompt = None
+            folder = os.path.abspath(cfg.data.pairs)
+            self.conditioning_source = f"pairs folder {folder} (each pair's own, {len(keys)} distinct)"
             self._info(f"conditioning: each pair's own ({len(keys)} distinct in the dataset)")
             if len(keys) == 1:
                 first = self.pairs[self.train_indices[0]]
                 t5, clip = first["t5"], first["clip_pooled"]
-                prompt = first["meta"].get("prompt")
-        # The one conditioning the student trains with, kept beside the run for export.
-        self.conditioning_path = str(self.out / CONDITIONING_FILE) if t5 is not None else None
-        if t5 is not None and self.main:
-            save_bundle(self.conditioning_path, t5, clip, self.settings, prompt=prompt)
+                self.conditioning_prompt = first["meta"].get("prompt")
+                self.conditioning_source = f"pairs folder {folder} (its only one, cond-{keys[0]})"
+            elif len(keys) > 1 and self.main:
+                # FluxSR runs the student with one fixed prompt's embeddings; these would be many
+                log.warning("data.conditioning=pairs and %s holds %d distinct conditionings: the student trains on "
+                            "each pair's own prompt embedding, but FluxSR runs it with ONE fixed conditioning "
+                            "(validation here uses the first training pair's), and `fluxsr-train export` will "
+                            "need --bundle. To train with the conditioning the student will run with, make a bundle "
+                            "(fluxsr-train bundle --prompt \"...\" --text-encoders ... -o student_bundle.safetensors) "
+                            "and give data.conditioning=student_bundle.safetensors", cfg.data.pairs, len(keys))
+        # The one conditioning the student trains with (None: several), copied into each checkpoint.
+        self.fixed_t5, self.fixed_clip = t5, clip
+        self.conditioning_sha256 = conditioning_digest(t5, clip) if t5 is not None else None
+        self.conditioning_path: Optional[str] = None   # the newest checkpoint's copy, once written
         # Validation conditioning: the fixed one, else the first training pair's.
         if t5 is None:
             first = self.pairs[self.train_indices[0]]
@@ -1169,9 +1495,10 @@ class _Run:
         missing = sorted(set(self.params) - set(sd))
         extra = sorted(set(sd) - set(self.params))
         if missing or extra:
-            raise ValueError(f"checkpoint {input_dir} does not fit this LoRA (missing {missing[:3]}, unexpected "
-                             f"{extra[:3]}); resume with the lora.* settings it was made with "
-                             f"(see its {CONFIG_FILE})")
+            lacks = [f"lacks {len(missing)} of its tensors (e.g. {', '.join(missing[:3])})"] if missing else []
+            more = [f"has {len(extra)} it does not know (e.g. {', '.join(extra[:3])})"] if extra else []
+            raise ValueError(f"checkpoint {input_dir} does not fit this LoRA: it " + " and ".join(lacks + more)
+                             + f"; resume with the lora.* settings it was made with (see its {CONFIG_FILE})")
         with torch.no_grad():
             for k, p in self.params.items():
                 if tuple(sd[k].shape) != tuple(p.shape):
@@ -1180,6 +1507,14 @@ class _Run:
                 p.copy_(sd[k].to(p.device, p.dtype))
 
     def save_checkpoint(self) -> Path:
+        """Write a checkpoint of the current step (atomically: a temporary folder, renamed)."""
+        self.interrupt.saving = True   # a second Ctrl-C now would leave the rename half done
+        try:
+            return self._write_checkpoint()
+        finally:
+            self.interrupt.saving = False
+
+    def _write_checkpoint(self) -> Path:
         acc = self.accelerator
         step = self.state.step
         root = self.out / CHECKPOINT_DIR
@@ -1197,12 +1532,22 @@ class _Run:
         acc.wait_for_everyone()
         if self.main:
             self.cfg.save(tmp / CONFIG_FILE)
+            if self.fixed_t5 is not None:
+                # Self-contained: the conditioning it trained with travels (and is pruned) with it
+                save_bundle(tmp / CONDITIONING_FILE, self.fixed_t5, self.fixed_clip, self.settings,
+                            prompt=self.conditioning_prompt)
             state = {"step": step, "max_steps": self.cfg.train.max_steps, "processes": acc.num_processes,
                      "global_batch": self.cfg.data.batch_size * acc.num_processes
                      * self.cfg.train.gradient_accumulation_steps,
                      "samples_seen": self.state.samples,
                      "lora": LORA_FILE, "ema_lora": EMA_LORA_FILE if self.ema is not None else None,
-                     "conditioning": self.conditioning_path, "perceptual": self.perceptual_label,
+                     # file names inside this folder; the hash is what export and resume check
+                     "conditioning": CONDITIONING_FILE if self.fixed_t5 is not None else None,
+                     "conditioning_sha256": self.conditioning_sha256,
+                     "conditioning_source": self.conditioning_source,
+                     "base_model_identity": self.base_identity,
+                     "holdout_ids": self.holdout_ids,
+                     "perceptual": self.perceptual_label,
                      "last": self.history[-1] if self.history else None,
                      "time": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())}
             (tmp / STATE_FILE).write_text(json.dumps(state, indent=2), encoding="utf-8")
@@ -1219,6 +1564,8 @@ class _Run:
                 shutil.rmtree(stale, ignore_errors=True)
             self._info(f"checkpoint {final}")
         acc.wait_for_everyone()
+        if self.fixed_t5 is not None:
+            self.conditioning_path = str(final / CONDITIONING_FILE)
         return final
 
     def _apply_optim_config(self) -> None:
@@ -1266,7 +1613,7 @@ class _Run:
 
     def _validation_set(self) -> list[tuple[str, torch.Tensor]]:
         if not hasattr(self, "_val_set"):
-            items = _load_validation_images(self.cfg)
+            items = list(self._validation_images)  # read (and checked) before the models
             for i in self.holdout_indices[:max(0, self.cfg.validation.count - len(items))]:
                 it = self.pairs[i]
                 if "image" in it:
@@ -1318,6 +1665,7 @@ class _Run:
                            f"{' with EMA weights' if use_ema else ''}")
                 acc.log({"val/psnr": result["psnr"], "val/bicubic_psnr": result["bicubic_psnr"]},
                         step=self.state.step)
+                self._record_metrics({"kind": "validation", **result})
         acc.wait_for_everyone()
         return result
 
@@ -1326,6 +1674,15 @@ class _Run:
     def _info(self, msg: str) -> None:
         if getattr(self, "main", True):
             log.info(msg)
+
+    def _record_metrics(self, record: dict[str, Any]) -> None:
+        """Append one JSON line to ``<output_dir>/metrics.jsonl`` (main process; flushed at once),
+        so the numbers outlive stdout whether or not tensorboard is installed."""
+        if not self.main:
+            return
+        with open(self.out / METRICS_FILE, "a", encoding="utf-8") as f:
+            f.write(json.dumps(record) + "\n")
+            f.flush()
 
     def _batch_tensors(self, batch: dict[str, Any]):
         dev = self.accelerator.device
@@ -1349,21 +1706,17 @@ class _Run:
 
     def run(self) -> TrainResult:
         t_start = time.time()
-        self.setup()
+        self._setup_accelerator()
+        resume_from = self._preflight()   # refusals first: nothing built, nothing written yet
+        self._setup_models()
         cfg, acc = self.cfg, self.accelerator
         self.history: list[dict[str, Any]] = []
         self.validations: list[dict[str, Any]] = []
         losses: list[float] = []
 
-        resume_from = resolve_resume(cfg.train.resume, self.out)
-        existing = list_checkpoints(self.out)
         accum = cfg.train.gradient_accumulation_steps
         global_batch = cfg.data.batch_size * acc.num_processes * accum
-        if resume_from is None and existing:
-            raise ConfigError(f"{self.out} already holds checkpoints ({existing[-1].name} the newest): continue "
-                              "that run with --resume latest, or give this one its own train.output_dir")
         if resume_from is not None:
-            _check_resumable(resume_from, cfg)
             acc.load_state(str(resume_from),
                            **({"load_module_strict": False} if self._distributed("DEEPSPEED") else {}))
             self._info(f"resumed from {resume_from} at step {self.state.step}")
@@ -1371,6 +1724,9 @@ class _Run:
                 log.warning("the checkpoint was trained on %d pairs, the dataset now has %d for training: the data "
                             "order from here on is not the one the run had", self.state.train_pairs,
                             len(self.train_indices))
+            if self.resume_notices and self.main:
+                log.warning("resume: settings changed since %s, the new ones apply from step %d on: %s",
+                            resume_from.name, self.state.step, "; ".join(self.resume_notices))
             self._apply_optim_config()
             if self.main:
                 self._set_aside_later_checkpoints(self.state.step)
@@ -1386,6 +1742,9 @@ class _Run:
                        f"{self.state.samples}")
         if self.main:
             cfg.save(self.out / CONFIG_FILE)
+        self._record_metrics({"kind": "resume" if resume_from is not None else "start", "step": start_step,
+                              "checkpoint": str(resume_from) if resume_from is not None else None,
+                              "time": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())})
 
         sampler = _StreamBatches(cfg.data.batch_size, acc.process_index, acc.num_processes, self.state.samples)
         items = _TrainItems(self.pairs, self.train_indices, self.stream, cfg.degradation, self.teacher_image)
@@ -1394,11 +1753,12 @@ class _Run:
         loader = torch.utils.data.DataLoader(items, batch_sampler=sampler, collate_fn=_collate,
                                              num_workers=cfg.data.num_workers,
                                              persistent_workers=cfg.data.num_workers > 0,
+                                             worker_init_fn=_ignore_sigint if cfg.data.num_workers > 0 else None,
                                              generator=torch.Generator().manual_seed(cfg.data.seed))
         batches = iter(loader)
         end = cfg.train.max_steps if not cfg.train.stop_at else min(cfg.train.stop_at, cfg.train.max_steps)
         last_ckpt: Optional[Path] = None
-        stopped = False
+        stopped = interrupted = False
 
         progress = None
         if self.main and cfg.train.progress_bar:
@@ -1406,13 +1766,14 @@ class _Run:
 
             progress = tqdm(total=cfg.train.max_steps, initial=start_step, desc="training", unit="step",
                             dynamic_ncols=True)
-        if cfg.validation.every and start_step == 0:
-            v = self.validate()
-            if v:
-                self.validations.append(v)
+        self.interrupt.install()
         window: dict[str, float] = {}
         window_n, t_window = 0, time.time()
         try:
+            if cfg.validation.every and start_step == 0:
+                v = self.validate()
+                if v:
+                    self.validations.append(v)
             while self.state.step < end:
                 sums: dict[str, float] = {}
                 for _ in range(accum):
@@ -1440,7 +1801,11 @@ class _Run:
                 self.state.step += 1
                 self.state.samples += global_batch
                 keys = sorted(sums)
-                reduced = acc.reduce(torch.tensor([sums[k] for k in keys], device=acc.device), "mean").tolist()
+                # A Ctrl-C on any process rides along with the losses' reduce, so every process
+                # stops after the same step (a checkpoint is a collective).
+                reduced = acc.reduce(torch.tensor([sums[k] for k in keys] + [float(self.interrupt.requested)],
+                                                  device=acc.device), "mean").tolist()
+                interrupted = reduced.pop() > 0
                 step_vals = dict(zip(keys, reduced))
                 losses.append(step_vals["loss"])
                 for k, v in step_vals.items():
@@ -1449,7 +1814,7 @@ class _Run:
                 if progress is not None:
                     progress.update(1)
                     progress.set_postfix(loss=f"{step_vals['loss']:.4g}")
-                if self.state.step % cfg.train.log_every == 0 or self.state.step == end:
+                if self.state.step % cfg.train.log_every == 0 or self.state.step == end or interrupted:
                     lr_now = self.scheduler.get_last_lr()[0]
                     dt = (time.time() - t_window) / window_n
                     entry = {"step": self.state.step, **{k: v / window_n for k, v in window.items()},
@@ -1462,7 +1827,10 @@ class _Run:
                         progress.write(line)
                     self._info(line) if progress is None else log.debug(line)
                     acc.log({f"train/{k}": v for k, v in entry.items() if k != "step"}, step=self.state.step)
+                    self._record_metrics({"kind": "train", **entry})
                     window, window_n, t_window = {}, 0, time.time()
+                if interrupted:
+                    break  # the checkpoint of this step is written below
                 if self.state.step % cfg.checkpoint.every == 0:
                     last_ckpt = self.save_checkpoint()
                 if cfg.validation.every and self.state.step % cfg.validation.every == 0:
@@ -1472,25 +1840,36 @@ class _Run:
                 if self.stop_check is not None and self.stop_check(self.state.step):
                     stopped = True
                     break
+            if last_ckpt is None or not last_ckpt.name.endswith(f"{self.state.step:07d}"):
+                if self.state.step > start_step or resume_from is None:
+                    last_ckpt = self.save_checkpoint()
+                else:
+                    last_ckpt = resume_from
+        except KeyboardInterrupt:
+            # A second Ctrl-C (or one outside the handler's reach): what is on disk is what is kept.
+            self._record_metrics({"kind": "interrupt", "step": self.state.step, "saved": False})
+            raise TrainingInterrupted(self.state.step, latest_checkpoint(self.out), saved=False) from None
         finally:
+            self.interrupt.remove()
             if progress is not None:
                 progress.close()
-        if last_ckpt is None or not last_ckpt.name.endswith(f"{self.state.step:07d}"):
-            if self.state.step > start_step or resume_from is None:
-                last_ckpt = self.save_checkpoint()
-            else:
-                last_ckpt = resume_from
-        stopped = stopped or self.state.step < cfg.train.max_steps
+        stopped = stopped or interrupted or self.state.step < cfg.train.max_steps
         if self.adl_hook is not None:
             self.adl_hook.remove()
         acc.end_training()
+        if interrupted:
+            self._record_metrics({"kind": "interrupt", "step": self.state.step, "saved": True})
+            raise TrainingInterrupted(self.state.step, last_ckpt, saved=True)
+        if resume_from is not None and last_ckpt == resume_from and self.fixed_t5 is not None:
+            own = resume_from / CONDITIONING_FILE
+            self.conditioning_path = str(own) if own.is_file() else None
         return TrainResult(
             output_dir=str(self.out), step=self.state.step, start_step=start_step,
             checkpoint=str(last_ckpt), lora_path=str(last_ckpt / LORA_FILE),
             ema_lora_path=str(last_ckpt / EMA_LORA_FILE) if self.ema is not None else None,
             conditioning_path=self.conditioning_path, losses=losses, history=self.history,
             validation=self.validations, perceptual_label=self.perceptual_label, stopped_early=stopped,
-            seconds=time.time() - t_start, config=cfg)
+            seconds=time.time() - t_start, config=cfg, metrics_path=str(self.out / METRICS_FILE))
 
 
 def _flat_scalars(d: dict[str, Any], prefix: str = "") -> dict[str, Any]:
@@ -1511,8 +1890,15 @@ def train(config: TrainConfig, stop_check: Optional[Callable[[int], bool]] = Non
     Runs in the current process, or in each process of an ``accelerate launch`` (DDP, FSDP or
     DeepSpeed as the accelerate config says). ``stop_check(step)`` is asked after every
     optimizer step; returning True stops the run there (with a checkpoint), like
-    ``train.stop_at``. Bad configs raise :class:`~fluxsr_training.config_io.ConfigError` before
-    any model is loaded.
+    ``train.stop_at``. Bad configs, a fresh run into a folder that holds checkpoints, and a
+    resume that would change what defines the student (T_L, guidance, scale, base model, LoRA
+    shape, EMA, conditioning content) raise :class:`~fluxsr_training.config_io.ConfigError`
+    before any model is loaded or any file written.
+
+    Ctrl-C during the loop (main thread) finishes the current step, writes a checkpoint and
+    raises :class:`TrainingInterrupted` (``saved=True``); a second Ctrl-C stops at once
+    (``saved=False``, naming the last checkpoint kept). Every log line and validation is also
+    appended to ``<output_dir>/metrics.jsonl``.
     """
     if not isinstance(config, TrainConfig):
         raise TypeError(f"train() takes a TrainConfig, got {type(config).__name__}")
@@ -1525,4 +1911,6 @@ __all__ = ["TrainConfig", "ModelConfig", "LoraConfig", "SettingsConfig", "DataCo
            "TrainResult", "LossParts", "LoraEMA", "SampleStream", "DEFAULT_LORA_TARGETS", "ConfigError",
            "load_train_config", "check_config", "train", "build_student", "resolve_lora_targets",
            "lora_parameters", "compute_losses", "list_checkpoints", "latest_checkpoint", "resolve_resume",
-           "save_lora_state", "read_lora_state", "LORA_FILE", "EMA_LORA_FILE", "CONFIG_FILE", "STATE_FILE", "CONDITIONING_FILE"]
+           "save_lora_state", "read_lora_state", "LORA_FILE", "EMA_LORA_FILE", "CONFIG_FILE", "STATE_FILE",
+           "CONDITIONING_FILE", "METRICS_FILE", "TrainingInterrupted", "interrupted_advice", "conditioning_digest", "base_model_identity",
+           "config_warnings"]
