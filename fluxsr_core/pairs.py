@@ -9,6 +9,7 @@ reads it. Its layout::
       cond-<key>.safetensors                    one per distinct conditioning (t5, clip_pooled)
       manifest-<writer_id>.jsonl                append-only; one line per COMPLETE shard
       .lock-<writer_id>                         held while a writer with that id is alive
+      quarantine/                               shards and cond files set aside by drop_bad_shards
 
 Shard tensors, per pair ``i`` of the shard: ``"<i>.eps"`` and ``"<i>.z0"`` ``[16, h, w]`` in the
 normalised latent space, optional ``"<i>.image"`` (uint8 ``[3, H, W]``, the teacher's decoded
@@ -26,6 +27,11 @@ Why it is safe to kill, resume and share:
   shared between writers. Conditioning files are content-addressed and created only if absent
   (``os.link`` fails on an existing name), so two writers racing on the same prompt never
   rewrite a whole one.
+* Before writing a shard a writer re-reads every manifest: a buffered pair another writer has
+  stored meanwhile is not stored twice when it is the same pair (same metadata: prompt, seed,
+  settings), and is refused (:class:`PairConflictError`) when that id holds another pair. Two
+  copies of an id left by a race are told apart the same way by readers: a duplicate is read
+  once, a conflict is an error (:func:`verify_pairs`, :class:`PairDataset`).
 * A writer killed between the rename and the manifest append leaves a complete shard that no
   manifest names; the next writer with the same id checks and adopts it (appends its line).
   A killed writer's ``.tmp`` files are removed by the next writer with the same id and are
@@ -37,6 +43,9 @@ Why it is safe to kill, resume and share:
   name is the content's hash (two writers replacing it at once write the same bytes).
 * Every manifest line carries the shard's sha256 and size: :func:`verify_pairs` and
   :class:`PairDataset` detect truncated or corrupted shards and name them.
+  :func:`drop_bad_shards` (``fluxsr-train verify DIR --drop-bad``) takes them out of their
+  writers' manifests (atomically, under each writer's lock) and moves them to ``quarantine/``;
+  the writer then makes those pairs again.
 * A failed write (no space left on device, ...) raises one :class:`PairWriteError` naming the
   file; its temporary file is removed, and the writer stops there (it neither retries nor
   writes its buffer on close). The complete shards are kept; a rerun with the same writer id
@@ -101,6 +110,11 @@ class PairDataError(ValueError):
 
 class WriterBusyError(RuntimeError):
     """Another live process already writes with this writer id."""
+
+
+class PairConflictError(PairDataError):
+    """One pair id stands for two different pairs (another prompt, seed or setting): two writers
+    gave the same ids to different work, e.g. two prompt files writing one folder."""
 
 
 class PairWriteError(PairDataError, OSError):
@@ -274,6 +288,42 @@ def conditioning_key(t5: torch.Tensor, clip_pooled: torch.Tensor) -> str:
     t5 = _unbatch(t5, 2, "cond_t5", "[L, 4096] or [1, L, 4096]")
     clip = _unbatch(clip_pooled, 1, "cond_clip", "[768] or [1, 768]")
     return hashlib.sha256(st_save_bytes({"t5": t5, "clip_pooled": clip})).hexdigest()[:COND_KEY_LENGTH]
+
+
+# Record keys that say how a copy was stored, not which pair it is; two copies of one id are the
+# same pair when every other key they both carry agrees. "cond": the same prompt encoded on
+# another machine can differ in the last bits; "teacher": the teacher's file name, which may
+# differ between machines (the pair's own settings, e.g. a teacher fingerprint, are compared).
+_NOT_IDENTITY_KEYS = frozenset({"id", "cond", "teacher"})
+
+
+def pair_record_differences(a: Mapping[str, Any], b: Mapping[str, Any]) -> list[str]:
+    """The metadata keys (sorted) on which two stored copies of one pair id disagree.
+
+    Empty for a true duplicate (same prompt, seed and settings, e.g. two writers given
+    overlapping work); non-empty for a conflict (one id given to two different pairs). Keys
+    only one copy carries (an older writer's record) are not compared.
+    """
+    return sorted(k for k in (a.keys() & b.keys()) - _NOT_IDENTITY_KEYS if a[k] != b[k])
+
+
+def _short(value: Any, limit: int = 60) -> str:
+    text = repr(value)
+    return text if len(text) <= limit else text[: limit - 3] + "..."
+
+
+def _describe_differences(ours: Mapping[str, Any], theirs: Mapping[str, Any], keys: Sequence[str],
+                          ours_label: str, theirs_label: str) -> str:
+    """``"prompt 'car' (ours_label) vs 'cat' (theirs_label)"`` for the first two keys."""
+    shown = [f"{k} {_short(ours[k])} ({ours_label}) vs {_short(theirs[k])} ({theirs_label})" for k in keys[:2]]
+    return ", ".join(shown) + (f" and {len(keys) - 2} more" if len(keys) > 2 else "")
+
+
+def repair_hint(folder: str | os.PathLike) -> str:
+    """What to do about damaged or conflicting shards, as commands (shown in every such error)."""
+    return (f"run `fluxsr-train verify {folder}` to list every problem, then `fluxsr-train verify {folder} "
+            f"--drop-bad` to set the bad shards aside (into {Path(folder) / QUARANTINE_FOLDER}) and take them out "
+            "of the dataset; `fluxsr-train pairs` with the same arguments then makes their pairs again")
 
 
 # --- manifests ----------------------------------------------------------------------------
@@ -457,6 +507,10 @@ class PairWriter:
         self.fsync = bool(fsync)
         self.manifest_path = self.folder / f"manifest-{self.writer_id}.jsonl"
         self._buffer: list[_Pending] = []
+        # What this writer did since it opened: pairs it stored, and pairs it had made but did
+        # not store because another writer stored the same pair first.
+        self.written_ids: list[str] = []
+        self.stored_by_others: list[str] = []
         self._known_conds: set[str] = set()
         self._closed = False
         self._failed: Optional[PairWriteError] = None
@@ -690,10 +744,68 @@ class PairWriter:
     # -- writing --------------------------------------------------------------------------
 
     def flush(self) -> Optional[str]:
-        """Write the buffered pairs as one shard now; returns its file name (None if empty)."""
+        """Write the buffered pairs as one shard now; returns its file name (None if nothing to write).
+
+        The other writers' manifests are read first: a buffered pair another writer stored
+        meanwhile is dropped when it is the same pair (listed in :attr:`stored_by_others`), and
+        a pair stored under its id with other content (another prompt, seed or setting) raises
+        :class:`PairConflictError` after the other buffered pairs are written.
+        """
         if not self._buffer:
             return None
         self._check_usable()
+        conflict = self._drop_pairs_stored_by_others()
+        name = self._write_buffer() if self._buffer else None
+        if conflict is not None:
+            raise conflict
+        return name
+
+    def _drop_pairs_stored_by_others(self) -> Optional[PairConflictError]:
+        """Take out of the buffer the pairs other writers have stored since this one last looked;
+        returns the conflict error for pairs stored under their ids with other content (also
+        taken out: they are not this dataset's pairs), or None."""
+        stored_at: dict[str, ManifestEntry] = {}
+        for e in scan_manifests(self.folder).entries:
+            for pid in e.pairs:
+                stored_at.setdefault(pid, e)
+        self._done |= stored_at.keys()
+        taken = [p for p in self._buffer if p.pair_id in stored_at]
+        if not taken:
+            return None
+        headers: dict[str, list[dict]] = {}
+        conflicts: list[tuple[_Pending, ManifestEntry, dict, list[str]]] = []
+        drop: set[str] = set()
+        for p in taken:
+            e = stored_at[p.pair_id]
+            try:
+                rows = headers.get(e.shard)
+                if rows is None:
+                    rows = headers[e.shard] = _read_shard_header(self.folder / e.shard)[0]
+                theirs = rows[e.pairs.index(p.pair_id)]
+            except Exception:  # their copy is unreadable: keep ours (verify_pairs names the damaged one)
+                continue
+            ours = {"id": p.pair_id, "cond": p.cond_key, **p.meta}
+            differ = pair_record_differences(ours, theirs)
+            drop.add(p.pair_id)
+            if differ:
+                conflicts.append((p, e, theirs, differ))
+            else:
+                self.stored_by_others.append(p.pair_id)
+                logger.info("pair %s was stored meanwhile by writer %s (%s); not stored twice", p.pair_id,
+                            e.writer, e.shard)
+        self._buffer = [p for p in self._buffer if p.pair_id not in drop]
+        if not conflicts:
+            return None
+        p, e, theirs, differ = conflicts[0]
+        ours = {"id": p.pair_id, "cond": p.cond_key, **p.meta}
+        return PairConflictError(
+            f"pair {p.pair_id} is already stored in {self.folder / e.shard} (writer {e.writer}) as another pair: "
+            f"{_describe_differences(ours, theirs, differ, 'this writer', 'stored')}; {len(conflicts)} such pair(s) "
+            "were not stored. Two writers are giving the same ids to different pairs (e.g. two prompt files writing "
+            "one folder: ids follow the prompt lines); make the other pairs in a folder of their own")
+
+    def _write_buffer(self) -> str:
+        """Write the buffered pairs as one shard; returns its file name."""
         tensors: dict[str, torch.Tensor] = {}
         records = []
         for i, p in enumerate(self._buffer):
@@ -719,6 +831,7 @@ class PairWriter:
         self._append_manifest(name, hashlib.sha256(data).hexdigest(), len(data), ids)
         self._next_seq += 1
         self._done.update(ids)
+        self.written_ids.extend(ids)
         self._buffer.clear()
         return name
 
@@ -791,7 +904,13 @@ class PairWriter:
         return self
 
     def __exit__(self, exc_type, exc, tb) -> None:
-        self.close()
+        if exc is None:
+            self.close()
+            return
+        try:
+            self.close()
+        except PairConflictError as second:  # the error in flight came first and says more
+            logger.warning("%s", second)
 
     def __del__(self):  # pragma: no cover - best effort: never lose the OS lock
         lock = getattr(self, "_lock", None)
@@ -804,9 +923,12 @@ class PairWriter:
 
 # --- verification -------------------------------------------------------------------------
 
-# Kinds that mean data named by a manifest cannot be read. The others are notes: leftovers of
-# a kill that readers ignore safely.
-ERROR_KINDS = ("missing", "truncated", "hash", "unreadable", "mismatch", "missing-cond", "bad-cond")
+# Kinds that mean data named by a manifest cannot be read, or that one id names two different
+# pairs ("conflict"). The others are notes: leftovers of a kill, and true duplicates (the same
+# pair stored by two writers), which readers handle safely.
+ERROR_KINDS = ("missing", "truncated", "hash", "unreadable", "mismatch", "conflict", "missing-cond", "bad-cond")
+# Where `fluxsr-train verify --drop-bad` (drop_bad_shards) moves the files it takes out of a dataset.
+QUARANTINE_FOLDER = "quarantine"
 
 
 @dataclass(frozen=True)
@@ -952,9 +1074,11 @@ def verify_pairs(folder: str | os.PathLike, check_hash: bool = True) -> VerifyRe
     """Check a pair-dataset folder: every listed shard present, whole, uncorrupted, readable.
 
     Errors: a shard a manifest names that is missing, truncated, fails its sha256 (with
-    ``check_hash``), cannot be parsed, or holds other pairs than listed; a conditioning file
-    missing or not matching its key. Notes (harmless leftovers of a kill, ignored by readers):
-    torn manifest lines, unlisted shards, temporary files, pair ids stored more than once.
+    ``check_hash``), cannot be parsed, or holds other pairs than listed; a shard holding a later
+    copy of a pair id with other content than the first copy ("conflict": one id given to two
+    different pairs; readers would see only the first); a conditioning file missing or not
+    matching its key. Notes (harmless, ignored by readers): torn manifest lines, unlisted
+    shards, temporary files, true duplicates (the same pair stored twice; one copy is read).
     """
     folder = Path(folder)
     if not folder.is_dir():
@@ -963,9 +1087,11 @@ def verify_pairs(folder: str | os.PathLike, check_hash: bool = True) -> VerifyRe
     scan = scan_manifests(folder)
     for manifest, line, why in scan.bad_lines:
         report.problems.append(PairProblem("torn-line", str(folder / manifest), f"line {line}: {why}"))
-    seen: dict[str, str] = {}
+    seen: dict[str, tuple[str, dict]] = {}  # pair id -> (shard, record) of its first copy
     listed: set[str] = set()
     conds: set[str] = set()
+    # shard -> [(pair id, its record there, the first copy's shard and record, keys that differ)]
+    conflicts: dict[str, list[tuple[str, dict, str, dict, list[str]]]] = {}
     for e in scan.entries:
         listed.add(e.shard)
         report.shards += 1
@@ -975,13 +1101,27 @@ def verify_pairs(folder: str | os.PathLike, check_hash: bool = True) -> VerifyRe
             continue
         records, _ = _read_shard_header(folder / e.shard)
         conds.update(str(r.get("cond")) for r in records)
-        for pid in e.pairs:
-            if pid in seen:
-                report.problems.append(PairProblem(
-                    "duplicate", str(folder / e.shard), f"pair {pid} is also in {seen[pid]}; "
-                    "readers use one copy"))
+        for pid, rec in zip(e.pairs, records):
+            if pid not in seen:
+                seen[pid] = (e.shard, rec)
+                continue
+            first_shard, first = seen[pid]
+            differ = pair_record_differences(rec, first)
+            if differ:
+                conflicts.setdefault(e.shard, []).append((pid, rec, first_shard, first, differ))
             else:
-                seen[pid] = e.shard
+                report.problems.append(PairProblem(
+                    "duplicate", str(folder / e.shard), f"pair {pid} is also in {first_shard} (the same pair); "
+                    "readers use one copy"))
+    for shard, rows in conflicts.items():
+        pid, rec, first_shard, first, differ = rows[0]
+        report.problems.append(PairProblem(
+            "conflict", str(folder / shard),
+            f"{len(rows)} of its pair ids are also in other shards as other pairs, e.g. {pid}: "
+            f"{_describe_differences(rec, first, differ, 'here', first_shard)}. Two writers gave the same ids to "
+            "different pairs (e.g. two prompt files writing one folder: ids follow the prompt lines) and readers "
+            "would see only the first copy; --drop-bad sets this shard aside, then make its pairs in a folder "
+            "of their own"))
     report.pairs = len(seen)
     for key in sorted(conds):
         path = folder / f"cond-{key}.safetensors"
@@ -997,6 +1137,114 @@ def verify_pairs(folder: str | os.PathLike, check_hash: bool = True) -> VerifyRe
             report.problems.append(PairProblem("temp-file", str(p), "temporary file of a writer "
                                                "(running or killed); ignored"))
     return report
+
+
+@dataclass
+class DropReport:
+    """What :func:`drop_bad_shards` did."""
+
+    folder: str
+    # (shard file name, problem kind, pairs its manifest line listed): out of the dataset now
+    dropped: list[tuple[str, str, int]] = field(default_factory=list)
+    moved: list[str] = field(default_factory=list)  # files moved into the quarantine folder
+    busy: list[str] = field(default_factory=list)   # writer ids left alone: their writer is running
+
+    @property
+    def pairs_dropped(self) -> int:
+        return sum(n for _, _, n in self.dropped)
+
+    def __str__(self) -> str:
+        quarantine = Path(self.folder) / QUARANTINE_FOLDER
+        lines = [f"dropped {len(self.dropped)} shards ({self.pairs_dropped} pairs) from {self.folder}"
+                 + (f"; moved {len(self.moved)} files to {quarantine}" if self.moved else "")]
+        lines += [f"  {name} ({kind}, {n} pairs)" for name, kind, n in self.dropped]
+        lines += [f"  left alone: writer {w} is running (its lock file .lock-{w} is held); stop it or let it "
+                  "finish, then run this again" for w in self.busy]
+        return "\n".join(lines)
+
+
+def _quarantine(path: Path, quarantine: Path) -> Path:
+    """Move ``path`` into ``quarantine`` (made if needed) under a name no earlier move took."""
+    quarantine.mkdir(exist_ok=True)
+    target, n = quarantine / path.name, 1
+    while target.exists():
+        target, n = quarantine / f"{path.name}.{n}", n + 1
+    os.replace(path, target)
+    _fsync_dir(quarantine)
+    _fsync_dir(path.parent)
+    return target
+
+
+def _rewrite_manifest_without(path: Path, shards: set[str]) -> int:
+    """Atomically rewrite a manifest without the lines naming ``shards``; every other byte (torn
+    lines too) stays as it was. Returns how many lines went."""
+    data = path.read_bytes()
+    lines = data.split(b"\n")
+    keep: list[bytes] = []
+    removed = 0
+    for raw in lines[:-1]:
+        try:
+            shard = json.loads(raw.decode("utf-8")).get("shard")
+        except (ValueError, UnicodeDecodeError, AttributeError):
+            shard = None
+        if shard in shards:
+            removed += 1
+        else:
+            keep.append(raw + b"\n")
+    keep.append(lines[-1])  # the text after the last newline: kept as is
+    tmp = path.with_name(f".{path.name}.tmp")
+    _write_file_durably(tmp, b"".join(keep), fsync=True)
+    os.replace(tmp, path)
+    _fsync_dir(path.parent)
+    return removed
+
+
+def drop_bad_shards(folder: str | os.PathLike, report: Optional[VerifyReport] = None) -> DropReport:
+    """Take the shards :func:`verify_pairs` reports as errors out of the dataset, keeping their files.
+
+    For each writer whose manifest lists a bad shard (missing, truncated, corrupted, unreadable,
+    mismatched, or holding conflicting copies of other shards' pair ids): its lock is taken (a
+    running writer is left alone and named in ``busy``), the shard files are moved into
+    ``quarantine/`` and then the manifest is rewritten atomically without their lines. Moving
+    first means a kill in between leaves a listed shard that is missing, which a rerun drops; never
+    an unlisted bad shard the writer would adopt again. A damaged conditioning file is moved to
+    ``quarantine/`` too (``fluxsr-train pairs`` stores it again). The dropped pairs are then missing,
+    so a rerun of ``fluxsr-train pairs`` makes them again. ``report``: a :func:`verify_pairs` report
+    of the folder, to spare a second full read (None: verified now).
+    """
+    folder = Path(folder)
+    if report is None:
+        report = verify_pairs(folder)
+    result = DropReport(folder=str(folder))
+    bad = {Path(p.path).name: p.kind for p in report.errors if _SHARD_RE.match(Path(p.path).name)}
+    quarantine = folder / QUARANTINE_FOLDER
+    by_manifest: dict[str, list[ManifestEntry]] = collections.defaultdict(list)
+    for e in scan_manifests(folder).entries:
+        if e.shard in bad:
+            by_manifest[e.manifest].append(e)
+    for manifest, entries in sorted(by_manifest.items()):
+        m = _MANIFEST_RE.match(manifest)
+        writer = m.group("writer") if m else manifest
+        try:
+            lock = _WriterLock(folder / f".lock-{writer}")
+        except WriterBusyError:
+            result.busy.append(writer)
+            continue
+        try:
+            names = {e.shard for e in entries}
+            for name in sorted(names):
+                if (folder / name).exists():
+                    result.moved.append(str(_quarantine(folder / name, quarantine)))
+            _rewrite_manifest_without(folder / manifest, names)
+            unique = {e.shard: e for e in entries}.values()  # a shard listed twice is dropped once
+            result.dropped.extend((e.shard, bad[e.shard], e.count) for e in unique)
+        finally:
+            lock.release()
+    for p in report.errors:
+        path = Path(p.path)
+        if p.kind == "bad-cond" and path.exists():
+            result.moved.append(str(_quarantine(path, quarantine)))
+    return result
 
 
 # --- reader -------------------------------------------------------------------------------
@@ -1016,13 +1264,16 @@ class PairDataset(torch.utils.data.Dataset):
     ``image`` (uint8 ``[3, H, W]``) / ``trajectory`` when stored and requested.
 
     Pairs are ordered by id (digit runs compared as numbers), so the order does not depend on
-    how many writers produced the folder. An id stored twice (two writers given overlapping
-    work) is read from its first copy in (manifest name, line) order.
+    how many writers produced the folder. An id stored twice as the same pair (two writers given
+    overlapping work) is read from its first copy in (manifest name, line) order.
 
-    ``on_error="raise"`` (default): a listed shard that is missing or has the wrong size
-    raises :class:`PairDataError` here; a corrupted one (sha256 checked the first time each
-    shard is read in this process) raises when read. ``on_error="skip"``: every shard is
-    verified now (a full read of the folder) and damaged ones are left out with a warning.
+    ``on_error="raise"`` (default): a listed shard that is missing or has the wrong size, or an
+    id stored twice as two different pairs (:class:`PairConflictError`: another prompt, seed
+    or setting; e.g. two prompt files written into one folder), raises here; a corrupted shard
+    (sha256 checked the first time each shard is read in this process) raises when read. The
+    messages name the shards and the ``fluxsr-train verify`` commands that list and set them
+    aside. ``on_error="skip"``: every shard is verified now (a full read of the folder), damaged
+    ones are left out and conflicting ids read from their first copy, with a warning.
     """
 
     def __init__(self, folder: str | os.PathLike, on_error: str = "raise", load_image: bool = True,
@@ -1045,6 +1296,7 @@ class PairDataset(torch.utils.data.Dataset):
             logger.info("%s line %d skipped: %s", manifest, line, why)
         self._entries: dict[str, ManifestEntry] = {}
         refs: dict[str, _PairRef] = {}
+        repeats: dict[str, list[_PairRef]] = {}  # ids stored more than once: every copy, first first
         for e in scan.entries:
             if e.shard in self._entries:  # the same shard listed twice: one copy is enough
                 continue
@@ -1052,8 +1304,7 @@ class PairDataset(torch.utils.data.Dataset):
                 _check_shard(self.folder, e, check_hash=True)
             if prob is not None:
                 if on_error == "raise":
-                    raise PairDataError(f"{prob.message}: {prob.path}. Run verify_pairs('{self.folder}') "
-                                        "to list every problem, or open with on_error='skip'")
+                    raise PairDataError(f"{prob.message}: {prob.path}. {repair_hint(self.folder)}")
                 warnings.warn(f"skipping damaged shard: {prob}")
                 self.skipped.append(prob)
                 continue
@@ -1061,9 +1312,46 @@ class PairDataset(torch.utils.data.Dataset):
                 self._verified.add(e.shard)
             self._entries[e.shard] = e
             for idx, pid in enumerate(e.pairs):
-                refs.setdefault(pid, _PairRef(pid, e.shard, idx))
+                ref = _PairRef(pid, e.shard, idx)
+                first = refs.setdefault(pid, ref)
+                if first is not ref:
+                    repeats.setdefault(pid, [first]).append(ref)
+        if repeats:
+            self._check_repeated_ids(repeats)
         self._refs = [refs[k] for k in sorted(refs, key=_natural_key)]
         self._index = {r.pair_id: i for i, r in enumerate(self._refs)}
+
+    def _check_repeated_ids(self, repeats: Mapping[str, Sequence[_PairRef]]) -> None:
+        """Refuse (or, with ``on_error="skip"``, warn about) ids whose copies are different pairs."""
+        rows: dict[str, list[dict]] = {}
+        conflicts: list[tuple[_PairRef, _PairRef, str]] = []
+        for pid, copies in repeats.items():
+            for ref in copies:
+                if ref.shard not in rows:
+                    try:
+                        rows[ref.shard] = _read_shard_header(self.folder / ref.shard)[0]
+                    except Exception as e:
+                        raise PairDataError(f"shard {self.folder / ref.shard} cannot be read ({e}); "
+                                            f"{repair_hint(self.folder)}") from None
+            first = rows[copies[0].shard][copies[0].index]
+            for ref in copies[1:]:
+                rec = rows[ref.shard][ref.index]
+                differ = pair_record_differences(rec, first)
+                if differ:
+                    conflicts.append((copies[0], ref, _describe_differences(rec, first, differ, ref.shard,
+                                                                            copies[0].shard)))
+        if not conflicts:
+            return
+        first, later, desc = conflicts[0]
+        shards = sorted({ref.shard for _, ref, _ in conflicts})
+        message = (f"pair dataset {self.folder} holds {len(conflicts)} pair id(s) stored twice as different pairs, "
+                   f"e.g. {first.pair_id}: {desc}; shards holding the later copies: {', '.join(shards[:4])}"
+                   f"{' ...' if len(shards) > 4 else ''}. Two writers gave the same ids to different pairs (e.g. two "
+                   "prompt files writing one folder: ids follow the prompt lines), so one of them would be lost: "
+                   f"{repair_hint(self.folder)}, and make the set-aside pairs in a folder of their own")
+        if self.on_error == "raise":
+            raise PairConflictError(message)
+        warnings.warn(f"{message}; reading the first copy of each")
 
     def __len__(self) -> int:
         return len(self._refs)
@@ -1084,7 +1372,7 @@ class PairDataset(torch.utils.data.Dataset):
                     keys, meta = set(f.keys()), f.metadata() or {}
             except Exception as e:
                 raise PairDataError(f"shard {self.folder / shard} cannot be read ({e}); "
-                                    f"run verify_pairs('{self.folder}')") from None
+                                    f"{repair_hint(self.folder)}") from None
             yield group, keys, meta
 
     def records(self, pair_ids: Sequence[str]) -> dict[str, dict[str, Any]]:
@@ -1115,8 +1403,7 @@ class PairDataset(torch.utils.data.Dataset):
         e = self._entries[shard]
         prob = _check_shard(self.folder, e, check_hash=True)
         if prob is not None:
-            raise PairDataError(f"{prob.message}: {prob.path}. Run verify_pairs('{self.folder}') to "
-                                "list every problem, or open the dataset with on_error='skip'")
+            raise PairDataError(f"{prob.message}: {prob.path}. {repair_hint(self.folder)}")
         self._verified.add(shard)
 
     def conditioning(self, key: str) -> tuple[torch.Tensor, torch.Tensor]:
@@ -1152,7 +1439,7 @@ class PairDataset(torch.utils.data.Dataset):
                 if self.load_trajectory and f"{ref.index}.trajectory" in keys:
                     item["trajectory"] = f.get_tensor(f"{ref.index}.trajectory")
         except Exception as e:
-            raise PairDataError(f"shard {path} cannot be read ({e}); run verify_pairs('{self.folder}')") from None
+            raise PairDataError(f"shard {path} cannot be read ({e}); {repair_hint(self.folder)}") from None
         key = str(record.pop("cond"))
         record.pop("id", None)
         item["cond_key"] = key

@@ -175,8 +175,218 @@ def test_an_edited_prompt_is_named_by_its_line_in_the_file(inputs, tmp_path, mon
         with pytest.raises(ConfigError) as info:
             G.generate_pairs(cfg_for(inputs, out, "save_image=false", f"prompts={str(path)!r}"))
         assert str(info.value) == (f"pair {pair_id(1, 2)} in {out} was made from the prompt 'a dog', but line {line} "
-                                   f"of {path} is now 'a horse' (ids follow the prompts' order): append new prompts "
-                                   "at the end, or write to another --output")
+                                   f"of {path} is now 'a horse' (ids follow the prompts' order, so an edited prompt "
+                                   "file, or another one, cannot add to this folder): append new prompts at the end, "
+                                   "or write to another --output")
+
+
+def other_bundle(tmp_path: Path, length: int = 8, seed: int = 1) -> Path:
+    g = torch.Generator().manual_seed(seed)
+    return Path(save_bundle(tmp_path / f"cond-{length}-{seed}.safetensors", torch.randn(1, length, 32, generator=g),
+                            torch.randn(1, 16, generator=g), RunSettings()))
+
+
+def test_pairs_record_what_made_them_and_a_rerun_that_would_mix_others_in_is_refused(inputs, tmp_path, monkeypatch):
+    """Another teacher, bundle, T5 length, dtype or fp8 storage used to be mixed in silently (one
+    case crashing training later with advice about resolutions)."""
+    root, bundle, prompts = inputs
+    out = tmp_path / "run"
+    G.generate_pairs(cfg_for(inputs, out, "save_image=false", "limit=2"))
+    from fluxsr_core.bundle import load_bundle
+    from fluxsr_core.pairs import conditioning_key
+
+    b = load_bundle(bundle)
+    rec = PairDataset(out).records([pair_id(0, 0)])[pair_id(0, 0)]
+    assert {k: rec[k] for k in ("teacher_fingerprint", "teacher_weights", "dtype", "conditioning")} == {
+        "teacher_fingerprint": "tiny:init_seed=5", "teacher_weights": "full", "dtype": "float32",
+        "conditioning": f"bundle:{conditioning_key(b.t5, b.clip_pooled)}"}
+    assert "max_sequence_length" not in rec                           # a bundle's T5 length is the bundle's
+
+    for fn in ("load_models", "transformer_config_of"):                # refused before anything loads
+        monkeypatch.setattr(models, fn, lambda *a, **k: pytest.fail("a model loaded before the refusal"))
+    b2 = load_bundle(other_bundle(tmp_path))
+    key2 = conditioning_key(b2.t5, b2.clip_pooled)
+    for change, differ, flags in (
+            ("init_seed=6", "teacher_fingerprint tiny:init_seed=5 of 'tiny' .stored. vs tiny:init_seed=6 of 'tiny' .now.",
+             "--transformer, --init-seed"),
+            (f"bundle={str(other_bundle(tmp_path))!r}",
+             f"conditioning bundle:{conditioning_key(b.t5, b.clip_pooled)} .stored. vs bundle:{key2} .now.",
+             "--bundle / --text-encoders / --clip / --t5"),
+            ("dtype=bf16", "dtype float32 .stored. vs bfloat16 .now.", "--dtype"),
+            ("memory_mode=fp8_storage", "teacher_weights full .stored. vs fp8_storage .now.", "--memory-mode")):
+        with pytest.raises(ConfigError, match=rf"^pair {pair_id(0, 0)} in {out} was made with other settings: {differ}; "
+                                              rf"a folder holds pairs made one way \({flags}\): resume with the settings "
+                                              "of that run, or write to another --output$"):
+            G.generate_pairs(cfg_for(inputs, out, "save_image=false", change))
+    # a real teacher file: its fingerprint, not its name or place, identifies it
+    tiny_file = tmp_path / "teacher.safetensors"
+    tiny_file.write_bytes(b"x" * 3000)
+    moved = tmp_path / "elsewhere" / "renamed.safetensors"
+    moved.parent.mkdir()
+    moved.write_bytes(b"x" * 3000)
+    assert G.weights_fingerprint(tiny_file) == G.weights_fingerprint(moved) != G.weights_fingerprint(tmp_path / "run")
+    moved.write_bytes(b"x" * 1500 + b"y" + b"x" * 1499)
+    assert G.weights_fingerprint(tiny_file) != G.weights_fingerprint(moved)
+    with pytest.raises(ConfigError, match=r"teacher_fingerprint tiny:init_seed=5 of 'tiny' .stored. vs 3000:\w{16} of "
+                                          r"'teacher.safetensors' .now.; a folder holds pairs made one way \(--transformer\)"):
+        G.generate_pairs(cfg_for(inputs, out, "save_image=false", f"transformer={str(tiny_file)!r}"))
+    monkeypatch.undo()
+    r = G.generate_pairs(cfg_for(inputs, out, "save_image=false"))    # the same settings: resumes
+    assert r.skipped == 2 and len(r.written) == 4
+
+
+def test_a_text_encoder_run_refuses_another_t5_length_also_in_a_dataset_older_than_the_recipe(inputs, tmp_path,
+                                                                                                monkeypatch):
+    te = tiny_text_encoders(tmp_path / "flux")
+    enc = ("bundle=''", f"text_encoders={str(te)!r}", "save_image=false", "pairs_per_prompt=1")
+    out = tmp_path / "te"
+    G.generate_pairs(cfg_for(inputs, out, *enc, "max_sequence_length=6", "limit=1"))
+    rec = PairDataset(out).records([pair_id(0, 0)])[pair_id(0, 0)]
+    assert rec["max_sequence_length"] == 6 and rec["conditioning"].startswith("text-encoders:")
+    monkeypatch.setattr(models, "load_models", lambda *a, **k: pytest.fail("a model loaded before the refusal"))
+    with pytest.raises(ConfigError, match=r"other settings: max_sequence_length 6 .stored. vs 5 .now.; a folder holds "
+                                          r"pairs made one way \(--max-sequence-length\)"):
+        G.generate_pairs(cfg_for(inputs, out, *enc, "max_sequence_length=5"))
+
+    # pairs made before the recipe keys: those keys are not compared, but the T5 length of the stored
+    # conditionings still is (the trainer cannot batch 5 with 8 tokens)
+    old = tmp_path / "old"
+    recipe = G.pair_recipe
+    monkeypatch.undo()
+    monkeypatch.setattr(G, "pair_recipe", lambda *a: {k: v for k, v in recipe(*a).items()
+                                                     if k in ("height", "width", "steps", "guidance")})
+    G.generate_pairs(cfg_for(inputs, old, "limit=2", "save_image=false"))            # 8-token bundle
+    monkeypatch.undo()
+    assert "conditioning" not in PairDataset(old).records([pair_id(0, 0)])[pair_id(0, 0)]
+    monkeypatch.setattr(models, "load_models", lambda *a, **k: pytest.fail("a model loaded before the refusal"))
+    with pytest.raises(ConfigError, match=rf"^this run's T5 conditionings are 5 tokens long, but those of the pairs in "
+                                          rf"{old} .e.g. p000000-s0. are 8: the trainer cannot batch them together"):
+        G.generate_pairs(cfg_for(inputs, old, "save_image=false", f"bundle={str(other_bundle(tmp_path, 5))!r}"))
+    monkeypatch.undo()
+    r = G.generate_pairs(cfg_for(inputs, old, "save_image=false", f"bundle={str(other_bundle(tmp_path, 8))!r}"))
+    assert len(r.written) == 4                                        # an old dataset keeps working
+
+
+@pytest.mark.parametrize("when", ["after b's first pair", "while b samples its first batch"])
+def test_two_writers_on_one_prompt_file_share_the_work_and_count_only_their_own(inputs, tmp_path, monkeypatch, when):
+    """Two processes on one prompt file used to make every pair twice, each claiming all as new."""
+    out = tmp_path / "shared"
+    made_by_b, runs_of_a = [], []
+
+    def a_runs_meanwhile():   # a (another machine, same prompt file) makes and stores all six
+        if not runs_of_a:
+            runs_of_a.append("running")
+            runs_of_a[0] = G.generate_pairs(cfg_for(inputs, out, "save_image=false", "writer_prefix=a"))
+
+    sample = G.sample_batch
+    if when == "while b samples its first batch":   # then b's first shard, and the next add, find a's pairs
+        def sample_then_a_runs(*a, **k):
+            result = sample(*a, **k)
+            a_runs_meanwhile()
+            return result
+
+        monkeypatch.setattr(G, "sample_batch", sample_then_a_runs)
+        extra = ("batch_size=2", "shard_size=1")
+    else:
+        extra = ()
+    b = G.generate_pairs(cfg_for(inputs, out, "save_image=false", "writer_prefix=b", *extra),
+                         on_pair=lambda pid: (made_by_b.append(pid), a_runs_meanwhile()))
+    [a] = runs_of_a
+    every = [pair_id(i, s) for i, s in [(0, 0), (0, 1), (1, 2), (1, 3), (2, 4), (2, 5)]]
+    assert a.written == every and a.made_by_others == []
+    assert made_by_b == every[:2 if extra else 1]                      # b sampled one batch, not six pairs
+    assert b.written == [] and sorted(b.made_by_others) == sorted(every)   # and stored none twice
+    report = verify_pairs(out)
+    assert report.ok and report.problems == [] and report.pairs == 6
+    assert not list(out.glob("shard-b-*")) and PairDataset(out).ids == every
+
+
+def test_a_second_prompt_file_written_into_the_folder_meanwhile_is_refused_at_once(inputs, tmp_path):
+    """Ids follow prompt lines: another prompt file's line 1 is the same id as this one's."""
+    out = tmp_path / "shared"
+    mine = tmp_path / "mine.txt"
+    mine.write_text("a boat\n\na car\na train\n")
+    runs_of_a = []
+
+    def a_runs_meanwhile(pid):
+        if not runs_of_a:
+            runs_of_a.append(G.generate_pairs(cfg_for(inputs, out, "save_image=false", "writer_prefix=a")))
+
+    with pytest.raises(ConfigError, match=rf"^pair {pair_id(0, 1)} in {out} was made from the prompt 'a cat', but line 1 "
+                                          rf"of {mine} is now 'a boat' .ids follow the prompts' order, so an edited prompt "
+                                          "file, or another one, cannot add to this folder."):
+        G.generate_pairs(cfg_for(inputs, out, "save_image=false", "writer_prefix=b", f"prompts={str(mine)!r}"),
+                         on_pair=a_runs_meanwhile)
+    assert len(runs_of_a[0].written) == 6
+    # b's pair in hand had a's id: not stored (a conflict), so no pair of the folder is lost or doubled
+    assert not list(out.glob("shard-b-*")) and verify_pairs(out).ok and verify_pairs(out).problems == []
+    assert {r["prompt"] for r in PairDataset(out).records(PairDataset(out).ids).values()} == {"a cat", "a dog",
+                                                                                              "a bird"}
+
+
+def test_verify_lists_damage_and_drop_bad_lets_pairs_make_the_lost_pairs_again(inputs, tmp_path, capsys):
+    """A damaged or deleted shard blocked `pairs` and `train`, and the only advice was a Python call."""
+    from fluxsr_core.pairs import PairWriter
+
+    root, bundle, prompts = inputs
+    out = tmp_path / "pairs"
+    args = ["pairs", "--transformer", "tiny", "--vae", "tiny", "--dtype", "fp32", "--device", "cpu",
+            "--prompts", str(prompts), "--output", str(out), "--bundle", str(bundle), "--steps", "2", "--height", "16",
+            "--width", "16", "--shard-size", "1", "--writer-prefix", "node", "--no-save-image", "--no-progress-bar",
+            "--no-fsync"]
+    assert cli_main(args) == 0
+    capsys.readouterr()
+    before = {k: {t: item[t].clone() for t in ("eps", "z0")} for k, item in read_all(out).items()}  # not the mapped file
+    truncated, deleted = out / "shard-node-rank0-000001.safetensors", out / "shard-node-rank0-000003.safetensors"
+    damaged = truncated.read_bytes()[:1000]
+    truncated.write_bytes(damaged)
+    deleted.unlink()
+
+    # pairs and train both stop, naming the command that lists and repairs
+    hint = f"`fluxsr-train verify {out} --drop-bad`"
+    assert cli_main(args) == 2
+    err = capsys.readouterr().err
+    assert hint in err and "verify_pairs" not in err and str(truncated) in err
+    assert cli_main(["train", "--config", "train_tiny", f"data.pairs={out}", f"train.output_dir={tmp_path / 'run'}"]) == 2
+    err = capsys.readouterr().err
+    assert hint in err and "verify_pairs" not in err
+    assert cli_main(["verify", str(out)]) == 1
+    text = capsys.readouterr().out
+    assert f"[truncated] {truncated}: shard has 1000 bytes" in text and f"[missing] {deleted}: shard file is missing" in text
+    assert f"verify: 2 errors. `fluxsr-train verify {out} --drop-bad` sets the bad shards aside" in text
+
+    with PairWriter(out, writer_id="node-rank0"):                       # the writer is running: left alone
+        assert cli_main(["verify", str(out), "--drop-bad"]) == 1
+    text = capsys.readouterr().out
+    assert "left alone: writer node-rank0 is running" in text and not (out / "quarantine").exists()
+
+    assert cli_main(["verify", str(out), "--drop-bad"]) == 0
+    text = capsys.readouterr().out
+    assert f"dropped 2 shards (2 pairs) from {out}; moved 1 files to {out / 'quarantine'}" in text
+    assert f"{out} is usable now; run `fluxsr-train pairs` with the same arguments as before to make the 2 dropped" in text
+    assert (out / "quarantine" / truncated.name).read_bytes() == damaged      # kept, not deleted
+    assert PairDataset(out).ids == [pair_id(1, 1)]
+
+    assert cli_main(args) == 0                                           # the lost pairs are made again
+    assert "wrote 2 new pairs" in capsys.readouterr().out
+    assert cli_main(["verify", str(out)]) == 0
+    assert "is usable" in capsys.readouterr().out
+    after = read_all(out)
+    assert list(after) == list(before)
+    for k in before:
+        assert torch.equal(after[k]["eps"], before[k]["eps"]) and torch.equal(after[k]["z0"], before[k]["z0"])
+
+    # a damaged conditioning file: set aside too, and pairs stores it again
+    [cond] = out.glob("cond-*.safetensors")
+    data = cond.read_bytes()
+    cond.write_bytes(data[:-3] + bytes([data[-3] ^ 0xFF]) + data[-2:])
+    assert cli_main(["verify", str(out), "--drop-bad"]) == 1            # a missing cond until pairs runs again
+    text = capsys.readouterr().out
+    assert f"[missing-cond] {cond}" in text and "stored again by `fluxsr-train pairs`" in text
+    assert (out / "quarantine" / cond.name).exists()
+    assert cli_main(args) == 0 and cli_main(["verify", str(out)]) == 0
+    assert cli_main(["verify", str(tmp_path / "nope")]) == 2
+    assert "does not exist" in capsys.readouterr().err
 
 
 def test_batched_sampling_matches_one_at_a_time(inputs, tmp_path):

@@ -17,8 +17,8 @@ import pytest
 import torch
 
 from fluxsr_core import pairs as P
-from fluxsr_core.pairs import (PairDataError, PairDataset, PairWriter, WriterBusyError, collate_pairs,
-                               conditioning_key, pair_id, verify_pairs)
+from fluxsr_core.pairs import (PairConflictError, PairDataError, PairDataset, PairWriter, WriterBusyError,
+                               collate_pairs, conditioning_key, drop_bad_shards, pair_id, verify_pairs)
 
 H = W = 4  # latent size of the test pairs
 
@@ -35,10 +35,10 @@ def make_pair(pid: str, prompt: int = 0):
     return eps, z0, t5, clip, img
 
 
-def add_pair(w: PairWriter, pid: str, prompt: int = 0, with_traj: bool = False) -> bool:
+def add_pair(w: PairWriter, pid: str, prompt: int = 0, with_traj: bool = False, prompt_text: str | None = None) -> bool:
     eps, z0, t5, clip, img = make_pair(pid, prompt)
     traj = torch.stack([eps, 0.5 * (eps + z0), z0]) if with_traj else None
-    meta = {"seed": int(pid.split("-s")[1]), "prompt": f"prompt {prompt}", "steps": 2,
+    meta = {"seed": int(pid.split("-s")[1]), "prompt": prompt_text or f"prompt {prompt}", "steps": 2,
             "guidance": 3.5, "sigmas": torch.tensor([1.0, 0.5, 0.0]), "resolution": [8 * H, 8 * W]}
     return w.add(pid, eps, z0, t5, clip, meta, image=img, trajectory=traj)
 
@@ -286,21 +286,28 @@ def test_writer_dropped_without_flush_loses_only_unflushed_pairs(tmp_path):
 def test_two_writers_one_folder(tmp_path):
     a = PairWriter(tmp_path, "host-rank0", shard_size=2)
     b = PairWriter(tmp_path, "host-rank1", shard_size=2)
+    late = PairWriter(tmp_path, "host-rank2", shard_size=2)   # opened before anything was stored
     for k, pid in enumerate(IDS):                 # interleaved, same prompts in both
         add_pair(a if k % 2 == 0 else b, pid, prompt_of(pid))
-    # b stores a pair a already stored: a second copy, de-duplicated by readers
-    b.add(IDS[0], *[t + 100 for t in make_pair(IDS[0])[:2]], *make_pair(IDS[0])[2:4], {"seed": 0})
+    # b's flushes read a's manifest: it knows IDS[0] is stored and does not take it again
+    assert not b.add(IDS[0], *make_pair(IDS[0])[:4], {"seed": 0})
+    # late has not looked since it opened: it takes the same pairs (same metadata), and its flush,
+    # reading the manifests first, stores neither twice
+    assert add_pair(late, IDS[0], 0) and add_pair(late, IDS[2], 0)
+    assert late.flush() is None and late.stored_by_others == [IDS[0], IDS[2]] and late.written_ids == []
     a.close()
     b.close()
+    late.close()
+    assert b.stored_by_others == [] and sorted(a.written_ids + b.written_ids) == sorted(IDS)
+    assert not list(tmp_path.glob("shard-host-rank2-*"))
     assert len(list(tmp_path.glob("cond-*.safetensors"))) == 3
     assert len(list(tmp_path.glob("manifest-*.jsonl"))) == 2
     ds = PairDataset(tmp_path)
     assert ds.ids == IDS
     for pid in IDS:
-        check_item(ds[ds.index_of(pid)], pid, prompt_of(pid))   # rank0's copy of IDS[0] (first manifest)
+        check_item(ds[ds.index_of(pid)], pid, prompt_of(pid))   # a's copy of IDS[0], the only one
     report = verify_pairs(tmp_path)
-    assert report.ok and report.pairs == 9
-    assert [p.kind for p in report.notes] == ["duplicate"]
+    assert report.ok and report.pairs == 9 and report.problems == []
     # a fresh writer sees the other writers' work
     with PairWriter(tmp_path, "comfyui-graph") as c:
         assert c.pending(IDS + ["p000009-s0"]) == ["p000009-s0"]
@@ -316,6 +323,98 @@ def test_order_does_not_depend_on_writers(tmp_path):
             add_pair(a if k % 2 else b, pid)
     expect = [pair_id(0, s) for s in (2, 9, 10, 100)]
     assert PairDataset(tmp_path / "one").ids == expect == PairDataset(tmp_path / "two").ids
+
+
+def test_record_differences_compare_what_defines_a_pair():
+    rec = {"id": "p000000-s0", "cond": "aa", "seed": 0, "prompt": "a cat", "steps": 2, "teacher": "flux1-dev"}
+    assert P.pair_record_differences(rec, dict(rec)) == []
+    # where a copy was stored (its conditioning's last bits, the teacher file's name) is not the pair
+    assert P.pair_record_differences(rec, {**rec, "cond": "bb", "teacher": "/models/flux"}) == []
+    assert P.pair_record_differences(rec, {"seed": 0, "newer_key": 1}) == []   # keys one copy lacks: not compared
+    assert P.pair_record_differences(rec, {**rec, "prompt": "a car", "steps": 3}) == ["prompt", "steps"]
+
+
+def _copy_writer_files(src: Path, dst: Path, writer: str) -> None:
+    """Put one writer's shards and manifest (and the cond files) of folder ``src`` into ``dst``, as two
+    writers racing on one folder, or a user merging two folders, leave them."""
+    import shutil
+
+    for f in list(src.glob(f"shard-{writer}-*")) + list(src.glob(f"manifest-{writer}.jsonl")) + list(src.glob("cond-*")):
+        if not (dst / f.name).exists():
+            shutil.copy2(f, dst / f.name)
+
+
+def test_a_true_duplicate_is_a_note_and_a_conflict_an_error_that_readers_refuse(tmp_path):
+    """Ids follow prompt lines, so two prompt files written into one folder give one id to two pairs:
+    readers would silently see only the first. The same pair stored twice is harmless."""
+    folder, other = tmp_path / "pairs", tmp_path / "other"
+    with PairWriter(folder, "a", shard_size=3) as a:
+        for pid in IDS[:3]:
+            add_pair(a, pid, 0)
+    with PairWriter(other, "b", shard_size=2) as b:
+        add_pair(b, IDS[0], 0)                                        # the same pair as a's
+        b.flush()
+        add_pair(b, IDS[1], 0, prompt_text="a car")                   # the same id, another pair
+        add_pair(b, IDS[5], 1)
+    _copy_writer_files(other, folder, "b")
+    a1, b1, b2 = "shard-a-000001.safetensors", "shard-b-000001.safetensors", "shard-b-000002.safetensors"
+
+    report = verify_pairs(folder)
+    assert [(p.kind, Path(p.path).name) for p in report.problems] == [("duplicate", b1), ("conflict", b2)]
+    assert not report.ok and report.bad_shards() == {b2} and report.pairs == 4
+    assert report.errors[0].message.startswith(
+        f"1 of its pair ids are also in other shards as other pairs, e.g. {IDS[1]}: prompt 'a car' (here) vs "
+        f"'prompt 0' ({a1}). Two writers gave the same ids to different pairs")
+    assert "--drop-bad" in report.errors[0].message
+
+    with pytest.raises(PairConflictError) as info:
+        PairDataset(folder)
+    text = str(info.value)
+    assert text.startswith(f"pair dataset {folder} holds 1 pair id(s) stored twice as different pairs, e.g. {IDS[1]}: "
+                           f"prompt 'a car' ({b2}) vs 'prompt 0' ({a1}); shards holding the later copies: {b2}.")
+    assert f"`fluxsr-train verify {folder} --drop-bad`" in text and "folder of their own" in text
+    with pytest.warns(UserWarning, match="stored twice as different pairs"):
+        ds = PairDataset(folder, on_error="skip")
+    assert ds.ids == [IDS[0], IDS[1], IDS[2], IDS[5]]
+    assert ds[ds.index_of(IDS[1])]["meta"]["prompt"] == "prompt 0"   # the first copy
+
+    # --drop-bad: the shard with the later copy leaves the dataset (its file kept in quarantine/)
+    b2_bytes = (folder / b2).read_bytes()
+    dropped = drop_bad_shards(folder)
+    assert dropped.dropped == [(b2, "conflict", 2)] and dropped.busy == []
+    assert (folder / "quarantine" / b2).read_bytes() == b2_bytes and not (folder / b2).exists()
+    assert [json.loads(line)["shard"] for line in (folder / "manifest-b.jsonl").read_text().splitlines()] == [b1]
+    assert verify_pairs(folder).ok and PairDataset(folder).ids == IDS[:3]
+
+
+def test_a_writer_refuses_a_pair_another_writer_stored_as_another_pair(tmp_path, caplog):
+    a = PairWriter(tmp_path, "a", shard_size=1)
+    b = PairWriter(tmp_path, "b", shard_size=2)                      # opened before a stored anything
+    add_pair(a, IDS[0], 0)
+    add_pair(b, IDS[0], 0, prompt_text="a car")
+    with pytest.raises(PairConflictError) as info:
+        add_pair(b, IDS[1], 0)                                       # the shard is full: the flush checks
+    assert str(info.value) == (
+        f"pair {IDS[0]} is already stored in {tmp_path / 'shard-a-000001.safetensors'} (writer a) as another pair: "
+        "prompt 'a car' (this writer) vs 'prompt 0' (stored); 1 such pair(s) were not stored. Two writers are giving "
+        "the same ids to different pairs (e.g. two prompt files writing one folder: ids follow the prompt lines); "
+        "make the other pairs in a folder of their own")
+    assert b.written_ids == [IDS[1]] and b.buffered == 0             # the other pair of the shard is kept
+    a.close()
+    b.close()
+    assert verify_pairs(tmp_path).ok and verify_pairs(tmp_path).problems == []
+    assert PairDataset(tmp_path).records([IDS[0]])[IDS[0]]["prompt"] == "prompt 0"
+
+    # an error already in flight is not replaced by the conflict found when the writer closes
+    c = PairWriter(tmp_path, "c", shard_size=4)
+    with caplog.at_level("WARNING", logger="fluxsr_core.pairs"), pytest.raises(RuntimeError, match="^stopped$"):
+        with c:
+            with PairWriter(tmp_path, "d", shard_size=1) as d:
+                add_pair(d, IDS[2], 0)
+            add_pair(c, IDS[2], 0, prompt_text="a boat")
+            raise RuntimeError("stopped")
+    assert any(f"pair {IDS[2]} is already stored" in r.getMessage() for r in caplog.records)
+    assert not list(tmp_path.glob("shard-c-*"))
 
 
 # --- damage -------------------------------------------------------------------------------
@@ -354,8 +453,14 @@ def test_truncated_shard_found(tmp_path):
     bad.write_bytes(bad.read_bytes()[:-100])
     report = verify_pairs(tmp_path)
     assert [(p.kind, Path(p.path).name) for p in report.errors] == [("truncated", bad.name)]
-    with pytest.raises(PairDataError, match=f"{bad.name}.*on_error='skip'"):
+    with pytest.raises(PairDataError) as info:
         PairDataset(tmp_path)
+    assert str(info.value) == (
+        f"shard has {bad.stat().st_size} bytes, the manifest says {bad.stat().st_size + 100} (listed in "
+        f"manifest-w0.jsonl line 3): {bad}. run `fluxsr-train verify {tmp_path}` to list every problem, then "
+        f"`fluxsr-train verify {tmp_path} --drop-bad` to set the bad shards aside (into {tmp_path / 'quarantine'}) "
+        "and take them out of the dataset; `fluxsr-train pairs` with the same arguments then makes their pairs again")
+    assert "verify_pairs(" not in str(info.value) and "on_error" not in str(info.value)  # no Python-only advice
     with pytest.warns(UserWarning):
         assert len(PairDataset(tmp_path, on_error="skip")) == 6
 
@@ -377,6 +482,56 @@ def test_manifest_naming_a_missing_shard(tmp_path):
     assert "manifest-w0.jsonl line 1" in report.errors[0].message
     with pytest.raises(PairDataError, match=f"missing.*{shards[0].name}"):
         PairDataset(tmp_path)
+
+
+def test_drop_bad_shards_sets_them_aside_and_the_writer_makes_their_pairs_again(tmp_path, monkeypatch):
+    shards = _three_shards(tmp_path)                                 # w0: 3 shards of 3 pairs
+    truncated = shards[1].read_bytes()[:-100]
+    shards[1].write_bytes(truncated)
+    shards[2].unlink()
+    manifest = tmp_path / "manifest-w0.jsonl"
+    with open(manifest, "ab") as f:
+        f.write(b'{"shard": "shard-w0-0000')                         # a line torn by a kill: kept as it is
+
+    # a kill between moving the shards and rewriting the manifest: a listed shard is missing, no more
+    monkeypatch.setattr(P, "_rewrite_manifest_without", lambda *a: (_ for _ in ()).throw(KeyboardInterrupt()))
+    with pytest.raises(KeyboardInterrupt):
+        drop_bad_shards(tmp_path)
+    monkeypatch.undo()
+    assert (tmp_path / "quarantine" / shards[1].name).read_bytes() == truncated
+    assert {p.kind for p in verify_pairs(tmp_path).errors} == {"missing"}
+
+    dropped = drop_bad_shards(tmp_path)                              # run again: finishes the job
+    assert dropped.dropped == [(shards[1].name, "missing", 3), (shards[2].name, "missing", 3)]
+    assert dropped.pairs_dropped == 6 and dropped.busy == []
+    assert [json.loads(line)["shard"] for line in manifest.read_text().splitlines()[:-1]] == [shards[0].name]
+    assert manifest.read_bytes().endswith(b'\n{"shard": "shard-w0-0000')
+    assert sorted(p.name for p in (tmp_path / "quarantine").iterdir()) == [shards[1].name]
+    report = verify_pairs(tmp_path)
+    assert report.ok and [p.kind for p in report.problems] == ["torn-line"]
+    assert PairDataset(tmp_path).ids == IDS[:3]
+    with pytest.warns(UserWarning, match="torn"):                    # the writer closes the torn line
+        with PairWriter(tmp_path, "w0", shard_size=3) as w:
+            assert w.pending(IDS) == IDS[3:]                         # the dropped pairs are missing now
+            for pid in w.pending(IDS):
+                add_pair(w, pid, prompt_of(pid))
+    ds = PairDataset(tmp_path)
+    assert ds.ids == IDS and verify_pairs(tmp_path).ok
+    for pid in IDS:
+        check_item(ds[ds.index_of(pid)], pid, prompt_of(pid))
+
+
+def test_drop_bad_shards_leaves_a_running_writer_alone(tmp_path):
+    shards = _three_shards(tmp_path)
+    shards[0].write_bytes(shards[0].read_bytes()[:-10])
+    before = {p.name: p.read_bytes() for p in tmp_path.iterdir() if p.is_file()}
+    with PairWriter(tmp_path, "w0"):                                 # w0 runs: its manifest is its own
+        dropped = drop_bad_shards(tmp_path)
+    assert dropped.busy == ["w0"] and dropped.dropped == [] and dropped.moved == []
+    assert "left alone: writer w0 is running (its lock file .lock-w0 is held)" in str(dropped)
+    assert {p.name: p.read_bytes() for p in tmp_path.iterdir() if p.is_file()} == before
+    assert not (tmp_path / "quarantine").exists()
+    assert drop_bad_shards(tmp_path).dropped == [(shards[0].name, "truncated", 3)]   # once it has stopped
 
 
 def test_corrupted_conditioning_found(tmp_path):

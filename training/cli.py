@@ -2,6 +2,8 @@
 
     fluxsr-train pairs  --transformer flux1-dev.safetensors --vae ae.safetensors \\
                         --prompts prompts.txt --output pairs/ --bundle cond.safetensors
+    fluxsr-train bundle --prompt "a photo" --text-encoders /models/flux -o student_bundle.safetensors
+    fluxsr-train verify pairs/ [--drop-bad]
     fluxsr-train train  --config train_default.toml model.transformer=... data.pairs=pairs/ [--resume latest]
     fluxsr-train export runs/fluxsr -o student/
     accelerate launch --multi_gpu --num_processes 8 -m fluxsr_training.cli train --config ...
@@ -80,9 +82,63 @@ def _cmd_pairs(args, fields: list[str]) -> int:
             overrides.append(f"{name}={str(v).lower() if isinstance(v, bool) else _quote(v)}")
     cfg = load_generate_config(_config_path(args.config), overrides)
     r = generate_pairs(cfg)
+    others = f"; {len(r.made_by_others)} were stored meanwhile by another writer" if r.made_by_others else ""
     print(f"pairs: rank {r.rank}/{r.world} wrote {len(r.written)} new pairs to {r.output} "
-          f"({r.skipped} were already there){'; stopped at --limit' if r.stopped_by_limit else ''}")
+          f"({r.skipped} were already there{others}){'; stopped at --limit' if r.stopped_by_limit else ''}")
     return 0
+
+
+def _cmd_bundle(args) -> int:
+    from .generate import read_single_prompt, write_student_bundle
+
+    prompt = read_single_prompt(args.prompt_file) if args.prompt_file else args.prompt
+    try:
+        r = write_student_bundle(args.output, prompt, text_encoders=args.text_encoders, clip=args.clip, t5=args.t5,
+                                 max_sequence_length=args.max_sequence_length, guidance=args.guidance, t_l=args.t_l,
+                                 scale=args.scale, dtype=args.dtype, device=args.device, overwrite=args.overwrite)
+    except KeyboardInterrupt:  # nothing is half-written: the file appears whole or not at all
+        print(f"fluxsr-train bundle: interrupted; {args.output} was not written", file=sys.stderr)
+        return 130
+    shown = r.prompt if len(r.prompt) <= 80 else r.prompt[:77] + "..."
+    print(f"bundle: wrote {r.path} from the prompt {shown!r}: t5 {list(r.t5_shape)}, clip_pooled "
+          f"{list(r.clip_shape)} ({r.dtype})")
+    for note in r.notes:
+        print(f"  note: {note}")
+    print(f"  run settings in its metadata: T_L={r.settings.t_l:g}, guidance={r.settings.guidance:g}, "
+          f"scale={r.settings.scale:g}")
+    print(f"train the student with it: fluxsr-train train ... data.conditioning={r.path}")
+    return 0
+
+
+def _cmd_verify(args) -> int:
+    from fluxsr_core.pairs import drop_bad_shards, verify_pairs
+
+    report = verify_pairs(args.folder)
+    print(report)
+    if report.ok:
+        print(f"verify: {args.folder} is usable" + (" (the notes are harmless)" if report.notes else ""))
+        return 0
+    if not args.drop_bad:
+        print(f"verify: {len(report.errors)} errors. `fluxsr-train verify {args.folder} --drop-bad` sets the bad "
+              "shards aside (their pairs leave the dataset; `fluxsr-train pairs` makes them again)")
+        return 1
+    try:
+        dropped = drop_bad_shards(args.folder, report)
+    except OSError as exc:  # e.g. a read-only folder: nothing is half-done (moves first, then the manifest)
+        print(f"fluxsr-train verify: error: could not set the bad shards aside: {exc}", file=sys.stderr)
+        return 2
+    print(dropped)
+    after = verify_pairs(args.folder, check_hash=False)  # the shards kept were hashed above
+    if after.ok:
+        print(f"verify: {args.folder} is usable now; run `fluxsr-train pairs` with the same arguments as before to "
+              f"make the {dropped.pairs_dropped} dropped pairs again (or train on the {after.pairs} left)")
+        return 0
+    print("verify: still not usable:")
+    for problem in after.errors:
+        print(f"  {problem}")
+    if any(p.kind in ("missing-cond", "bad-cond") for p in after.errors):
+        print("  a missing conditioning file is stored again by `fluxsr-train pairs` with the same arguments")
+    return 1
 
 
 def _quote(v) -> str:
@@ -185,6 +241,32 @@ def build_parser() -> tuple[argparse.ArgumentParser, list[str]]:
     fields = _add_dataclass_flags(pp, GenerateConfig)
     pp.add_argument("overrides", nargs="*", metavar="key=value", help="config overrides")
 
+    from fluxsr_core.settings import DEFAULT_GUIDANCE, DEFAULT_SCALE, DEFAULT_T_L
+
+    pb = sub.add_parser("bundle", help="encode the student's one fixed prompt into a conditioning bundle "
+                        "(for train's data.conditioning)")
+    which = pb.add_mutually_exclusive_group(required=True)
+    which.add_argument("--prompt", help="the prompt the student runs with")
+    which.add_argument("--prompt-file", help="a .txt or .jsonl file holding that one prompt")
+    pb.add_argument("--text-encoders", default="", help="FLUX.1-dev folder with text_encoder/ and text_encoder_2/ "
+                    "(as for pairs)")
+    pb.add_argument("--clip", default="", help="CLIP-L folder (model and tokenizer), instead of --text-encoders")
+    pb.add_argument("--t5", default="", help="T5-XXL folder (model and tokenizer), instead of --text-encoders")
+    pb.add_argument("--max-sequence-length", type=int, default=512, help="T5 tokens (default 512)")
+    pb.add_argument("--guidance", type=float, default=DEFAULT_GUIDANCE, help=f"(default {DEFAULT_GUIDANCE:g})")
+    pb.add_argument("--t-l", type=float, default=DEFAULT_T_L, help=f"the student's T_L (default {DEFAULT_T_L:g})")
+    pb.add_argument("--scale", type=float, default=DEFAULT_SCALE, help=f"(default {DEFAULT_SCALE:g})")
+    pb.add_argument("--dtype", default="auto", help="auto (bf16 on GPU, fp32 on CPU, as pairs), bf16, fp16, fp32")
+    pb.add_argument("--device", default="auto")
+    pb.add_argument("-o", "--output", required=True, help="the bundle file to write (.safetensors)")
+    pb.add_argument("--overwrite", action="store_true", help="replace an existing output file")
+
+    pv = sub.add_parser("verify", help="check a pair-dataset folder; --drop-bad sets damaged shards aside")
+    pv.add_argument("folder", help="the pair-dataset folder (pairs --output)")
+    pv.add_argument("--drop-bad", action="store_true",
+                    help="take the damaged, missing or conflicting shards out of their writers' manifests and move "
+                         "their files to <folder>/quarantine/, so pairs makes them again and train runs")
+
     pt = sub.add_parser("train", help="distil the one-step student (FTD + MSE + TV-LPIPS + ADL)")
     pt.add_argument("--config", help="TOML config (path, or a shipped name: train_default, train_tiny)")
     pt.add_argument("--resume", nargs="?", const="latest", default=None,
@@ -250,6 +332,10 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     try:
         if args.command == "pairs":
             return _cmd_pairs(args, fields)
+        if args.command == "bundle":
+            return _cmd_bundle(args)
+        if args.command == "verify":
+            return _cmd_verify(args)
         if args.command == "train":
             return _cmd_train(args)
         return _cmd_export(args)

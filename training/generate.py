@@ -24,11 +24,24 @@ Prompt files: ``.txt`` (one prompt per non-empty line) or ``.jsonl`` (one object
 ``"prompt"`` and optionally ``"seed"``); a prompt has at most :data:`MAX_PROMPT_CHARS`
 characters. Seeds: a JSONL seed ``s`` gives pairs ``s, s+1, ...``; otherwise prompt ``i`` gets
 ``seed + i * pairs_per_prompt + j`` for its ``j``-th pair.
-Pair ids are :func:`fluxsr_core.pairs.pair_id` ``(i, seed)``.
+Pair ids are :func:`fluxsr_core.pairs.pair_id` ``(i, seed)``: they follow the prompt file's order,
+so a rerun skips what is stored, and an edited prompt file (or another one written into the same
+folder) is refused, not mixed in.
+
+What else defines a pair is stored in its metadata (:func:`pair_recipe`: size, steps, guidance,
+a fingerprint of the teacher's weights, the conditioning source, the T5 length, the compute dtype
+and the teacher's weight storage), and a run that would add pairs made otherwise to a folder is
+refused before anything loads, naming the setting. Several processes may write one folder: each
+re-reads the others' manifests before every batch and skips (and never stores twice) pairs
+another has stored meanwhile; its summary counts only the pairs it stored.
+
+:func:`write_student_bundle` (``fluxsr-train bundle``) encodes the student's one fixed prompt with
+the same text-encoder loading, for ``data.conditioning`` of ``fluxsr-train train``.
 """
 
 from __future__ import annotations
 
+import hashlib
 import json
 import logging
 import os
@@ -44,8 +57,8 @@ import torch
 from fluxsr_core import flow
 from fluxsr_core.interfaces import Conditioning
 from fluxsr_core.latents import LATENT_CHANNELS, PIXEL_MULTIPLE, VAE_DOWNSCALE
-from fluxsr_core.pairs import PairWriter, pair_id
-from fluxsr_core.settings import DEFAULT_GUIDANCE, RunSettings
+from fluxsr_core.pairs import PairWriter, conditioning_key, pair_id
+from fluxsr_core.settings import DEFAULT_GUIDANCE, DEFAULT_SCALE, DEFAULT_T_L, RunSettings
 
 from . import config_io
 from .config_io import ConfigError
@@ -132,7 +145,10 @@ class GenerateResult:
     world: int
     jobs: int          # jobs of this process
     skipped: int       # already stored (by any writer) before this run
-    written: list[str] = field(default_factory=list)  # pair ids added by this run
+    written: list[str] = field(default_factory=list)  # pair ids this process stored in this run
+    # pair ids of this process's share that another writer stored during this run (not made again,
+    # or made but not stored twice)
+    made_by_others: list[str] = field(default_factory=list)
     stopped_by_limit: bool = False
     seconds: float = 0.0
 
@@ -209,34 +225,71 @@ def read_prompts(path: str | os.PathLike) -> list[PromptLine]:
     return out
 
 
-def _stored_records(cfg: GenerateConfig, stored: Sequence[Job]) -> dict[str, dict[str, Any]]:
-    """``{pair id: stored metadata}`` of the ``stored`` jobs' pairs (shard headers only)."""
-    if not stored:
-        return {}
+def _stored_records(folder: str | os.PathLike, pair_ids: Optional[Sequence[str]] = None) -> dict[str, dict[str, Any]]:
+    """``{pair id: stored metadata}`` of the given pairs (all the folder's when None), from the
+    shard headers only. A damaged or conflicting dataset raises its :class:`PairDataError`."""
     from fluxsr_core.pairs import PairDataset
 
-    return PairDataset(cfg.output, load_image=False).records([j.pair_id for j in stored])
+    if not Path(folder).is_dir():
+        return {}
+    ds = PairDataset(folder, load_image=False)
+    return ds.records(ds.ids if pair_ids is None else pair_ids)
 
 
-def _check_stored_pairs_match(cfg: GenerateConfig, stored: Sequence[Job], records: Mapping[str, Mapping]) -> None:
-    """ConfigError when pairs this run would skip as already stored (``records``: their stored
-    metadata) were made with another prompt (the prompt file was edited: ids follow the prompts'
-    order) or other settings: a resumed run must not mix them."""
-    want = {"height": cfg.height, "width": cfg.width, "steps": cfg.steps, "guidance": cfg.guidance}
+# What a recipe key is set by, for the refusal's advice.
+_RECIPE_FLAGS = {"height": "--height", "width": "--width", "steps": "--steps", "guidance": "--guidance",
+                 "teacher_fingerprint": "--transformer", "teacher_weights": "--memory-mode", "dtype": "--dtype",
+                 "conditioning": "--bundle / --text-encoders / --clip / --t5",
+                 "max_sequence_length": "--max-sequence-length"}
+
+
+def _check_stored_pairs_match(cfg: GenerateConfig, recipe: Mapping[str, Any], stored: Sequence[Job],
+                              records: Mapping[str, Mapping]) -> None:
+    """ConfigError when this run would add to pairs made otherwise.
+
+    ``records``: stored metadata by pair id. A pair of ``stored`` (a job this run skips as stored)
+    made from another prompt means the prompt file was edited, or is another file (ids follow the
+    prompts' order). Every pair made by ``fluxsr-train pairs`` (a ComfyUI graph's are left out)
+    must match ``recipe`` (:func:`pair_recipe`) on each key it carries: older pairs lack the
+    newer keys, which are then not compared.
+    """
     for job in stored:
         rec = records.get(job.pair_id)
-        if rec is None:
-            continue
-        if rec.get("prompt") is not None and rec["prompt"] != job.prompt:
+        if rec is not None and rec.get("prompt") is not None and rec["prompt"] != job.prompt:
             raise ConfigError(f"pair {job.pair_id} in {cfg.output} was made from the prompt {rec['prompt']!r}, but "
-                              f"{job.where} of {cfg.prompts} is now {job.prompt!r} (ids follow the prompts' order): "
-                              "append new prompts at the end, or write to another --output")
-        differ = [f"{k} {rec[k]} (stored) vs {v} (now)" for k, v in want.items()
-                  if k in rec and float(rec[k]) != float(v)]
+                              f"{job.where} of {cfg.prompts} is now {job.prompt!r} (ids follow the prompts' order, so "
+                              "an edited prompt file, or another one, cannot add to this folder): append new prompts "
+                              "at the end, or write to another --output")
+    for pid, rec in records.items():
+        if "prompt_index" not in rec:  # not made by fluxsr-train pairs (a ComfyUI graph's pair)
+            continue
+        differ = [k for k, v in recipe.items() if k in rec and not _same_value(rec[k], v)]
         if differ:
-            raise ConfigError(f"pair {job.pair_id} in {cfg.output} was made with other settings: "
-                              + ", ".join(differ) + "; resume with the settings of that run, or write to another "
-                              "--output")
+            texts = [f"{k} {_shown(k, rec[k], rec.get('teacher'))} (stored) vs "
+                     f"{_shown(k, recipe[k], _teacher_name(cfg))} (now)" for k in differ]
+            flags = ", ".join(dict.fromkeys(_recipe_flag(cfg, k) for k in differ))
+            raise ConfigError(f"pair {pid} in {cfg.output} was made with other settings: " + ", ".join(texts)
+                              + f"; a folder holds pairs made one way ({flags}): resume with the settings of that "
+                              "run, or write to another --output")
+
+
+def _shown(key: str, value: Any, teacher: Any) -> str:
+    """A recipe value for a message; a teacher fingerprint with the teacher's name beside it."""
+    return f"{value} of {teacher!r}" if key == "teacher_fingerprint" and teacher else str(value)
+
+
+def _recipe_flag(cfg: GenerateConfig, key: str) -> str:
+    from fluxsr_core.models import RANDOM_INIT_NAMES
+
+    if key == "teacher_fingerprint" and str(cfg.transformer) in RANDOM_INIT_NAMES:
+        return "--transformer, --init-seed"  # a test model: its weights come from the seed
+    return _RECIPE_FLAGS.get(key, key)
+
+
+def _same_value(stored: Any, now: Any) -> bool:
+    if isinstance(now, (int, float)) and not isinstance(now, bool) and isinstance(stored, (int, float)):
+        return float(stored) == float(now)
+    return stored == now
 
 
 # Seeds are stored and batched as 64-bit signed integers.
@@ -286,10 +339,9 @@ def _stable_writer_prefix() -> str:
     return re.sub(r"[^A-Za-z0-9._-]", "_", socket.gethostname() or "host")[:80] or "host"
 
 
-def load_text_encoders(cfg: GenerateConfig, dtype: torch.dtype, device: torch.device):
-    """``(t5_encoder, t5_tokenizer, clip_encoder, clip_tokenizer)`` from local folders only."""
-    from transformers import AutoTokenizer, CLIPTextModel, T5EncoderModel
-
+def text_encoder_paths(cfg: GenerateConfig) -> dict[str, tuple[Path, Path]]:
+    """``{"clip": (model folder, tokenizer folder), "t5": (...)}`` from ``cfg.text_encoders`` (a
+    FLUX pipeline folder) or ``cfg.clip`` / ``cfg.t5``; FileNotFoundError naming what is missing."""
     def where(explicit: str, sub_model: str, sub_tok: str) -> tuple[Path, Path]:
         if explicit:
             root = Path(explicit)
@@ -307,6 +359,15 @@ def load_text_encoders(cfg: GenerateConfig, dtype: torch.dtype, device: torch.de
                                     f"or --{name} <folder>; or use --bundle with fixed embeddings instead")
         if not tok.is_dir():
             raise FileNotFoundError(f"{name.upper()} tokenizer folder not found at {tok}")
+    return paths
+
+
+def load_text_encoders(cfg: GenerateConfig, dtype: torch.dtype, device: torch.device):
+    """``(t5_encoder, t5_tokenizer, clip_encoder, clip_tokenizer)`` from local folders only
+    (:func:`text_encoder_paths`)."""
+    from transformers import AutoTokenizer, CLIPTextModel, T5EncoderModel
+
+    paths = text_encoder_paths(cfg)
     kw = dict(local_files_only=True, torch_dtype=dtype)
     try:
         clip = CLIPTextModel.from_pretrained(paths["clip"][0], **kw).to(device).eval()
@@ -316,6 +377,147 @@ def load_text_encoders(cfg: GenerateConfig, dtype: torch.dtype, device: torch.de
     except OSError as exc:
         raise FileNotFoundError(f"could not load the text encoders from local files: {exc}") from None
     return t5, t5_tok, clip, clip_tok
+
+
+# --- what defines a pair ---------------------------------------------------------------------
+
+_FINGERPRINT_CHUNKS = 16
+_FINGERPRINT_CHUNK_BYTES = 64 * 1024
+
+
+def _file_digest(path: Path, h) -> int:
+    """Feed ``path``'s size and content into ``h``: the whole file up to 1 MiB, else 16 chunks of
+    64 KiB spread evenly over it (a few reads, however large the file); returns its size."""
+    size = path.stat().st_size
+    h.update(f"{size}:".encode())
+    with open(path, "rb") as f:
+        if size <= _FINGERPRINT_CHUNKS * _FINGERPRINT_CHUNK_BYTES:
+            h.update(f.read())
+        else:
+            step = (size - _FINGERPRINT_CHUNK_BYTES) / (_FINGERPRINT_CHUNKS - 1)
+            for i in range(_FINGERPRINT_CHUNKS):
+                f.seek(int(i * step))
+                h.update(f.read(_FINGERPRINT_CHUNK_BYTES))
+    return size
+
+
+def weights_fingerprint(*paths: str | os.PathLike) -> str:
+    """``"<bytes>:<16 hex>"``: a cheap fingerprint of model files or folders (every file in a
+    folder, hidden files and ``.md`` left out): their sizes and a sampled hash (see
+    :func:`_file_digest`), not a full hash. Other weights (a fine-tune, an fp8 file, another seed)
+    give another fingerprint; moving or renaming a file or folder does not change it."""
+    h = hashlib.sha256()
+    total = 0
+    for root in paths:
+        root = Path(root)
+        files = [root] if root.is_file() else sorted(
+            p for p in root.rglob("*") if p.is_file() and not any(part.startswith(".") for part in
+                                                                  p.relative_to(root).parts)
+            and p.suffix.lower() != ".md")
+        for f in files:
+            if f != root:  # a folder's layout is part of it; a single file's name is not
+                h.update(f.relative_to(root).as_posix().encode() + b"\0")
+            total += _file_digest(f, h)
+    return f"{total}:{h.hexdigest()[:16]}"
+
+
+def _teacher_name(cfg: GenerateConfig) -> str:
+    return os.path.basename(os.path.normpath(str(cfg.transformer)))
+
+
+def teacher_fingerprint(cfg: GenerateConfig) -> str:
+    """What identifies the teacher's weights (:func:`weights_fingerprint` of ``cfg.transformer``);
+    a test model name built from a seed (``tiny``) is identified by that seed."""
+    from fluxsr_core.models import RANDOM_INIT_NAMES, TRANSFORMER_HELP
+    from fluxsr_core.weights import WeightsNotFoundError
+
+    path = Path(str(cfg.transformer)).expanduser()
+    if path.exists():
+        return weights_fingerprint(path)
+    if str(cfg.transformer) in RANDOM_INIT_NAMES:
+        return f"{cfg.transformer}:init_seed={cfg.init_seed}"
+    raise WeightsNotFoundError(f"transformer not found: {path}. {TRANSFORMER_HELP}")
+
+
+def _bundle_key(cfg: GenerateConfig) -> str:
+    from fluxsr_core.bundle import load_bundle
+
+    b = load_bundle(cfg.bundle)
+    return conditioning_key(b.t5, b.clip_pooled)
+
+
+def pair_recipe(cfg: GenerateConfig, dtype: torch.dtype, memory_mode: str) -> dict[str, Any]:
+    """What defines this run's pairs besides prompt and seed, as stored in every pair's metadata
+    and compared on a rerun: ``height``, ``width``, ``steps``, ``guidance``;
+    ``teacher_fingerprint`` (:func:`teacher_fingerprint`); ``teacher_weights`` (``full``, or the
+    fp8 memory mode that stores them in fp8, which changes the numbers; the offload modes do not);
+    ``dtype`` (the compute dtype); ``conditioning`` (``bundle:<content key>``, or
+    ``text-encoders:<fingerprint of both encoders and tokenizers>``) and, with text encoders,
+    ``max_sequence_length`` (the T5 length). Cheap: no model is loaded (a few reads per file)."""
+    from fluxsr_core.models import FP8_MODES
+
+    if cfg.bundle:
+        conditioning = f"bundle:{_bundle_key(cfg)}"
+    elif cfg.text_encoders or (cfg.clip and cfg.t5):
+        paths = text_encoder_paths(cfg)
+        folders = dict.fromkeys(p for model_and_tokenizer in paths.values() for p in model_and_tokenizer)
+        conditioning = "text-encoders:" + weights_fingerprint(*folders)
+    else:
+        raise ConfigError("no conditioning: give --bundle (fixed embeddings) or --text-encoders (local CLIP-L and "
+                          "T5-XXL, e.g. the FLUX.1-dev folder), or --clip and --t5")
+    recipe: dict[str, Any] = {"height": cfg.height, "width": cfg.width, "steps": cfg.steps, "guidance": cfg.guidance,
+                              "teacher_fingerprint": teacher_fingerprint(cfg),
+                              "teacher_weights": memory_mode if memory_mode in FP8_MODES else "full",
+                              "dtype": str(dtype).replace("torch.", ""), "conditioning": conditioning}
+    if not cfg.bundle:
+        recipe["max_sequence_length"] = cfg.max_sequence_length
+    return recipe
+
+
+def _stored_t5_lengths(folder: Path, records: Mapping[str, Mapping]) -> dict[int, str]:
+    """``{T5 length: a pair id having it}`` of the stored pairs' conditionings (cond file headers
+    only; a missing or unreadable one, restored by this run, is left out)."""
+    from safetensors import safe_open
+
+    lengths: dict[int, str] = {}
+    seen: set[str] = set()
+    for pid, rec in records.items():
+        key = rec.get("cond")
+        if not isinstance(key, str) or key in seen:
+            continue
+        seen.add(key)
+        try:
+            with safe_open(str(folder / f"cond-{key}.safetensors"), framework="pt") as f:
+                shape = f.get_slice("t5").get_shape()
+        except Exception:
+            continue
+        lengths.setdefault(int(shape[-2]) if len(shape) >= 2 else -1, pid)
+    return lengths
+
+
+def _check_t5_lengths(cfg: GenerateConfig, stored: Mapping[str, "StoredConditioning"], jobs: Sequence[Job],
+                      records: Mapping[str, Mapping]) -> None:
+    """ConfigError when this run's conditionings have another T5 length than the stored pairs'
+    (the trainer cannot batch them); catches it for datasets older than the recipe keys too."""
+    have = _stored_t5_lengths(Path(cfg.output), records)
+    for job in jobs:
+        length = stored[job.prompt].t5_shape[-2]
+        if have and length not in have:
+            old, pid = next(iter(have.items()))
+            raise ConfigError(f"this run's T5 conditionings are {length} tokens long, but those of the pairs in "
+                              f"{cfg.output} (e.g. {pid}) are {old}: the trainer cannot batch them together "
+                              "(--max-sequence-length, or other text encoders or bundle, than the run that made "
+                              "them): resume with the settings of that run, or write to another --output")
+
+
+def _resolve_memory_mode(cfg: GenerateConfig, dtype: torch.dtype, device: torch.device) -> tuple[str, str]:
+    """``(memory mode, reason)``: ``auto`` decided from the files' headers and free memory, before
+    anything loads (the mode is part of the recipe when it stores the weights in fp8)."""
+    from fluxsr_core import models
+
+    if cfg.memory_mode != "auto":
+        return cfg.memory_mode, "given"
+    return models.choose_memory_mode(cfg.transformer, cfg.vae, dtype, device)
 
 
 def encode_conditionings(cfg: GenerateConfig, prompts: Sequence[str], transformer_config, dtype: torch.dtype,
@@ -420,6 +622,10 @@ def check_generate_config(cfg: GenerateConfig) -> None:
         raise ConfigError(f"limit must be >= 0 and seed from 0 to 2**63 - 1 (got limit {cfg.limit}, seed {cfg.seed})")
     if not cfg.guidance > 0:
         raise ConfigError(f"guidance must be positive (got {cfg.guidance})")
+    from fluxsr_core.models import MEMORY_MODES
+
+    if cfg.memory_mode not in ("auto",) + tuple(MEMORY_MODES):
+        raise ConfigError(f"memory_mode {cfg.memory_mode!r} is not one of auto, {', '.join(MEMORY_MODES)}")
 
 
 def sample_batch(velocity, jobs: Sequence[Job], conds: dict[str, tuple[torch.Tensor, torch.Tensor]],
@@ -495,13 +701,16 @@ def generate_pairs(cfg: GenerateConfig, on_pair: Optional[Callable[[str], None]]
         dup = next(i for i in ids if ids.count(i) > 1)
         raise ValueError(f"pair id {dup} occurs twice; give distinct seeds")
     mine = jobs_for_rank(all_jobs, rank, world)
+    # Before the output folder is made: a bad bundle, encoder or transformer path fails here.
+    memory_mode, mode_reason = _resolve_memory_mode(cfg, dtype, dev)
+    recipe = pair_recipe(cfg, dtype, memory_mode)
     writer_id = f"{cfg.writer_prefix or _stable_writer_prefix()}-rank{rank}"
 
     with PairWriter(cfg.output, writer_id=writer_id, shard_size=cfg.shard_size, fsync=cfg.fsync) as writer:
         pending_ids = set(writer.pending([j.pair_id for j in mine]))
         done = [j for j in mine if j.pair_id not in pending_ids]
-        records = _stored_records(cfg, done)
-        _check_stored_pairs_match(cfg, done, records)
+        records = _stored_records(cfg.output)
+        _check_stored_pairs_match(cfg, recipe, done, records)
         restore = _conditionings_to_restore(writer, cfg, done, records)
         todo = [j for j in mine if j.pair_id in pending_ids]
         if cfg.limit:
@@ -525,15 +734,16 @@ def generate_pairs(cfg: GenerateConfig, on_pair: Optional[Callable[[str], None]]
                     log.warning("cond-%s.safetensors could not be restored: its prompt now encodes to %s (other text "
                                 "encoders, max_sequence_length or bundle than the run that made its pairs?)",
                                 key, stored[prompt].key)
+            _check_t5_lengths(cfg, stored, todo, records)
         if todo:
             # The VAE is small next to the transformer; loading it always keeps one code path.
-            loaded = models.load_models(cfg.transformer, cfg.vae, cfg.memory_mode, dtype, dev, seed=cfg.init_seed)
-            if loaded.memory_mode_reason != "given":
-                log.info("memory mode %s (auto: %s)", loaded.memory_mode, loaded.memory_mode_reason)
+            loaded = models.load_models(cfg.transformer, cfg.vae, memory_mode, dtype, dev, seed=cfg.init_seed)
+            if mode_reason != "given":
+                log.info("memory mode %s (auto: %s)", memory_mode, mode_reason)
             transformer, vae = loaded.transformer, loaded.vae
             velocity = models.DiffusersVelocity(transformer, compute_dtype=dtype, device=dev)
             codec = models.DiffusersCodec(vae, compute_dtype=dtype) if cfg.save_image else None
-            teacher = os.path.basename(os.path.normpath(str(cfg.transformer)))
+            teacher = _teacher_name(cfg)
             progress = None
             if cfg.progress_bar and state.is_local_main_process:
                 from tqdm.auto import tqdm
@@ -542,6 +752,12 @@ def generate_pairs(cfg: GenerateConfig, on_pair: Optional[Callable[[str], None]]
             conds: dict[str, tuple[torch.Tensor, torch.Tensor]] = {}
             try:
                 for batch in _batches(todo, {p: s.t5_shape for p, s in stored.items()}, cfg.batch_size):
+                    kept = _drop_jobs_stored_by_others(writer, cfg, recipe, batch, result)
+                    if progress is not None and len(kept) < len(batch):
+                        progress.update(len(batch) - len(kept))
+                    batch = kept
+                    if not batch:
+                        continue
                     # This batch's conditionings only (kept from the last batch when a prompt spans both).
                     conds = {p: conds[p] if p in conds else _read_back(writer, stored[p])
                              for p in dict.fromkeys(j.prompt for j in batch)}
@@ -552,13 +768,13 @@ def generate_pairs(cfg: GenerateConfig, on_pair: Optional[Callable[[str], None]]
                             imgs = codec.decode(z0.to(dev)).float().cpu()
                     for k, job in enumerate(batch):
                         meta = {"seed": job.seed, "prompt": job.prompt, "prompt_index": job.index,
-                                "steps": cfg.steps, "guidance": cfg.guidance, "height": cfg.height,
-                                "width": cfg.width, "sigmas": [round(float(s), 8) for s in sigmas],
-                                "teacher": teacher}
-                        writer.add(job.pair_id, eps[k], z0[k], conds[job.prompt][0], conds[job.prompt][1], meta=meta,
-                                   image=None if imgs is None else imgs[k],
-                                   trajectory=None if traj is None else traj[k])
-                        result.written.append(job.pair_id)
+                                "sigmas": [round(float(s), 8) for s in sigmas], "teacher": teacher, **recipe}
+                        added = writer.add(job.pair_id, eps[k], z0[k], conds[job.prompt][0], conds[job.prompt][1],
+                                           meta=meta, image=None if imgs is None else imgs[k],
+                                           trajectory=None if traj is None else traj[k])
+                        if not added:  # a flush in this batch found it stored by another writer meanwhile
+                            _check_stored_pairs_match(cfg, recipe, [job], _stored_records(cfg.output, [job.pair_id]))
+                            result.made_by_others.append(job.pair_id)
                         if progress is not None:
                             progress.update(1)
                         if on_pair is not None:
@@ -567,12 +783,127 @@ def generate_pairs(cfg: GenerateConfig, on_pair: Optional[Callable[[str], None]]
                 if progress is not None:
                     progress.close()
         result.stopped_by_limit = bool(cfg.limit) and len(pending_ids) > len(todo)
+    # After the writer closed (its last shard is written): what it stored, and what it had made
+    # but did not store because another writer stored the same pairs first.
+    result.written = list(writer.written_ids)
+    result.made_by_others.extend(writer.stored_by_others)
     result.seconds = time.time() - t0
     log.info("rank %d: wrote %d pairs to %s in %.1f s", rank, len(result.written), cfg.output, result.seconds)
     return result
 
 
+def _drop_jobs_stored_by_others(writer: PairWriter, cfg: GenerateConfig, recipe: Mapping[str, Any],
+                                batch: Sequence[Job], result: GenerateResult) -> list[Job]:
+    """The jobs of ``batch`` no writer has stored yet (the manifests are read again). Another
+    writer's pair under one of their ids must be the same pair (ConfigError otherwise, as at the
+    start); those jobs are skipped and listed in ``result.made_by_others``."""
+    fresh = set(writer.pending([j.pair_id for j in batch]))
+    taken = [j for j in batch if j.pair_id not in fresh]
+    if taken:
+        _check_stored_pairs_match(cfg, recipe, taken, _stored_records(cfg.output, [j.pair_id for j in taken]))
+        result.made_by_others.extend(j.pair_id for j in taken)
+        log.info("%d pairs of this batch were stored meanwhile by another writer; skipped", len(taken))
+    return [j for j in batch if j.pair_id in fresh]
+
+
+# --- the student's conditioning bundle (fluxsr-train bundle) ---------------------------------
+
+@dataclass
+class StudentBundleResult:
+    """What :func:`write_student_bundle` wrote."""
+
+    path: str
+    prompt: str
+    t5_shape: tuple[int, ...]
+    clip_shape: tuple[int, ...]
+    dtype: str
+    settings: RunSettings
+    notes: list[str] = field(default_factory=list)  # e.g. "prompt truncated to 512 T5 tokens"
+
+
+def read_single_prompt(path: str | os.PathLike) -> str:
+    """The one prompt of a prompt file (``.txt`` or ``.jsonl``, read as :func:`read_prompts` does);
+    ValueError when it holds more than one (the student runs with ONE fixed prompt)."""
+    lines = read_prompts(path)
+    if len(lines) > 1:
+        where = ", ".join(str(p.line) for p in lines[:5]) + (", ..." if len(lines) > 5 else "")
+        raise ValueError(f"{path} holds {len(lines)} prompts (lines {where}); the student runs with one fixed prompt: "
+                         "put that one alone in a file, or pass it with --prompt")
+    return lines[0].prompt
+
+
+def write_student_bundle(output: str | os.PathLike, prompt: str, *, text_encoders: str = "", clip: str = "",
+                         t5: str = "", max_sequence_length: int = 512, guidance: float = DEFAULT_GUIDANCE,
+                         t_l: float = DEFAULT_T_L, scale: float = DEFAULT_SCALE, dtype: str = "auto",
+                         device: str = "auto", overwrite: bool = False) -> StudentBundleResult:
+    """Encode the student's fixed ``prompt`` into a conditioning bundle file (``fluxsr-train bundle``).
+
+    The text encoders load as for ``fluxsr-train pairs`` (:func:`load_text_encoders`: ``text_encoders``
+    a FLUX pipeline folder, or ``clip`` and ``t5`` folders) and encode as diffusers' FluxPipeline does
+    (:func:`fluxsr_core.bundle.encode_prompt_bundle`). The file carries the prompt and the run
+    settings (``t_l``, ``guidance``, ``scale``) in its metadata; give it to the trainer as
+    ``data.conditioning``. It is written under a temporary name and then linked into place, so it
+    is never half-written; an existing ``output`` is refused (before the encoders load) unless
+    ``overwrite``. ConfigError / ValueError / FileNotFoundError name what is wrong.
+    """
+    from fluxsr_core import models
+    from fluxsr_core.bundle import encode_prompt_bundle, save_bundle
+
+    out = Path(output)
+    if out.suffix.lower() != ".safetensors":
+        raise ConfigError(f"-o {out}: a conditioning bundle is a .safetensors file (e.g. student_bundle.safetensors)")
+    if out.is_dir():
+        raise ConfigError(f"-o {out} is a folder; give the bundle file's name "
+                          f"(e.g. {out / 'student_bundle.safetensors'})")
+    if out.exists() and not overwrite:
+        raise ConfigError(f"{out} already exists; pass --overwrite to replace it, or give another -o")
+    prompt = (prompt or "").strip()
+    if not prompt:
+        raise ConfigError("the prompt is empty: give --prompt TEXT or --prompt-file FILE")
+    if len(prompt) > MAX_PROMPT_CHARS:
+        raise ConfigError(f"the prompt is {len(prompt):,} characters long, more than the {MAX_PROMPT_CHARS:,} accepted")
+    if max_sequence_length < 1 or not guidance > 0 or not scale > 0:
+        raise ConfigError(f"max_sequence_length must be at least 1 and guidance and scale positive (got "
+                          f"{max_sequence_length}, {guidance}, {scale})")
+    if not (text_encoders or (clip and t5)):
+        raise ConfigError("no text encoders: give --text-encoders (a FLUX.1-dev folder with text_encoder/ and "
+                          "text_encoder_2/), or --clip and --t5")
+    label = "fluxsr-train bundle"
+    settings = RunSettings(t_l=t_l, guidance=guidance, scale=scale,
+                           source={"t_l": label, "guidance": label, "scale": label})
+    cfg = GenerateConfig(text_encoders=text_encoders, clip=clip, t5=t5, max_sequence_length=max_sequence_length)
+    text_encoder_paths(cfg)  # a missing folder fails here, with its message
+    dev = models.resolve_device(device)
+    torch_dtype = models.resolve_dtype(dtype, dev)
+    encoders = load_text_encoders(cfg, torch_dtype, dev)
+    try:
+        b = encode_prompt_bundle(prompt, *encoders, settings, max_sequence_length=max_sequence_length, device="cpu")
+    finally:
+        del encoders
+    tmp = out.with_name(f".{out.name}.{os.getpid()}.tmp")
+    try:
+        save_bundle(tmp, b.t5, b.clip_pooled, settings, prompt=prompt)
+        if overwrite:
+            os.replace(tmp, out)
+        else:
+            try:
+                os.link(tmp, out)  # create-if-absent: a file made meanwhile is never replaced
+            except FileExistsError:
+                raise ConfigError(f"{out} already exists; pass --overwrite to replace it, or give another -o") from None
+            except OSError:  # no hard links on this file system
+                if out.exists():
+                    raise ConfigError(f"{out} already exists; pass --overwrite to replace it, or give another "
+                                      "-o") from None
+                os.replace(tmp, out)
+    finally:
+        tmp.unlink(missing_ok=True)
+    return StudentBundleResult(path=str(out), prompt=prompt, t5_shape=tuple(b.t5.shape),
+                               clip_shape=tuple(b.clip_pooled.shape), dtype=str(b.t5.dtype).replace("torch.", ""),
+                               settings=settings, notes=[n for n in b.report[1:]])
+
+
 __all__ = ["GenerateConfig", "GenerateResult", "Job", "load_generate_config", "read_prompts", "make_jobs",
            "noise_for", "jobs_for_rank", "sample_batch", "generate_pairs", "check_generate_config", "load_text_encoders",
            "encode_conditionings", "store_conditionings", "StoredConditioning", "PromptLine",
-           "MAX_PROMPT_CHARS"]
+           "MAX_PROMPT_CHARS", "text_encoder_paths", "weights_fingerprint", "teacher_fingerprint", "pair_recipe",
+           "write_student_bundle", "read_single_prompt", "StudentBundleResult"]
