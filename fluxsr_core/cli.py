@@ -7,17 +7,28 @@
 from __future__ import annotations
 
 import argparse
+import errno
 import logging
 import math
 import os
+import signal
 import stat
 import sys
+import threading
 import time
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Optional, Sequence
 
+# What folder scans pick up (with HEIC/HEIF, AVIF and JPEG 2000 where this install reads them).
 IMAGE_SUFFIXES = {".png", ".jpg", ".jpeg", ".webp", ".bmp", ".tif", ".tiff", ".gif"}
+# Other image formats' suffixes: an -o ending in one of these is a file name in a format FluxSR
+# does not write, not a folder name.
+OTHER_IMAGE_SUFFIXES = {".exr", ".hdr", ".pfm", ".jxl", ".avif", ".heic", ".heif", ".jp2", ".j2k", ".jpx",
+                        ".jfif", ".tga", ".dds", ".ico", ".icns", ".psd", ".qoi", ".ppm", ".pgm", ".pbm",
+                        ".pnm", ".dng", ".cr2", ".cr3", ".nef", ".arw", ".raf", ".orf", ".rw2", ".svg"}
+# Write errors that every later image would hit too: the run stops at the first one.
+DISK_FULL_ERRNOS = {errno.ENOSPC} | ({errno.EDQUOT} if hasattr(errno, "EDQUOT") else set())
 
 MODEL_FILES_HELP = """\
 fluxsr upscale needs four model files (nothing is downloaded):
@@ -36,6 +47,12 @@ FLUX.1-dev weights are under the FLUX.1 [dev] Non-Commercial License (huggingfac
 
 class UsageError(Exception):
     """A problem the user can fix from the command line (exit code 2, no traceback)."""
+
+
+class Terminated(KeyboardInterrupt):
+    """SIGTERM (``kill``, ``timeout``, a job scheduler), raised in the main thread so that it stops
+    a run as Ctrl-C does: the pending write is finished, the counts are printed, nothing
+    half-written or temporary is left. Exit code 143 (128 + SIGTERM)."""
 
 
 @dataclass
@@ -76,8 +93,9 @@ def build_parser() -> argparse.ArgumentParser:
     up = sub.add_parser("upscale", help="upscale images with one FluxSR step",
                         formatter_class=argparse.RawDescriptionHelpFormatter, epilog=MODEL_FILES_HELP)
     up.add_argument("inputs", nargs="+", type=Path, help="image files or folders of images")
-    up.add_argument("-o", "--output", required=True, type=Path,
-                    help="output folder (created), or a .png path when there is one input")
+    up.add_argument("-o", "--output", required=True,
+                    help="output folder (created), or a .png path when there is one input (a trailing / "
+                         "makes it a folder whatever its name)")
     up.add_argument("--overwrite", action="store_true", help="replace existing outputs (default: skip them)")
 
     m = up.add_argument_group("model files")
@@ -113,7 +131,7 @@ def build_parser() -> argparse.ArgumentParser:
     t.add_argument("--blend", choices=("gaussian", "linear", "constant"), default=defaults.blend)
     t.add_argument("--global-position-ids", action="store_true",
                    help="give tiles their global positions (default: tile-local, as in training)")
-    t.add_argument("--tile-batch", type=int, default=1, help="equal-shape tiles per transformer call")
+    t.add_argument("--tile-batch", type=_positive_int, default=1, help="equal-shape tiles per transformer call")
     t.add_argument("--tile-fit", action="store_true",
                    help="shrink the tiles to the shortest that cover the image with as many tiles and the same "
                         "overlap (2048 px: 864 px tiles instead of 1024, 29%% fewer tokens)")
@@ -133,15 +151,31 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
-def _pixels_to_latent(value: int, what: str) -> int:
-    if value % 16:
-        raise UsageError(f"{what} must be a multiple of 16 pixels (got {value})")
-    return value // 8
+def _tiling_from_args(args):
+    """The transformer/VAE tiling the command line asks for, its pixel values checked here so the
+    errors speak of the options as typed (the tiling itself works in latent pixels, 8 px each)."""
+    from .tiling import TilingConfig, validate_tiling
+
+    if args.tile <= 0 or args.tile % 16:
+        raise UsageError(f"--tile must be a positive multiple of 16 pixels (got {args.tile})")
+    if args.tile_overlap < 0 or args.tile_overlap % 16:
+        raise UsageError(f"--tile-overlap must be 0 or a positive multiple of 16 pixels (got {args.tile_overlap})")
+    if args.tile_overlap >= args.tile:
+        raise UsageError(f"--tile-overlap ({args.tile_overlap} px) must be smaller than --tile ({args.tile} px); "
+                         "a quarter of the tile is usual")
+    return validate_tiling(TilingConfig(
+        latent_tile=args.tile // 8, latent_overlap=args.tile_overlap // 8,
+        vae_tile=args.vae_tile, vae_overlap=args.vae_overlap, blend=args.blend,
+        global_position_ids=args.global_position_ids, tile_batch_size=args.tile_batch, fit_tiles=args.tile_fit))
 
 
-def collect_jobs(inputs: Sequence[Path], output: Path) -> tuple[list[Job], list[tuple[Path, str]]]:
-    """Expand folders, map each input to ``<stem>.png``; a single input may name a .png file.
+def collect_jobs(inputs: Sequence[Path], output: Path, output_is_folder: bool = False
+                 ) -> tuple[list[Job], list[tuple[Path, str]]]:
+    """Expand folders, map each input to ``<stem>.png``; a single input may name a .png file
+    (unless ``output_is_folder``: the user typed ``-o`` with a trailing slash).
 
+    Folder scans take the image files directly in the folder (see :func:`scan_suffixes`), not
+    hidden ones (names starting with "."; a hidden file given by name is an input).
     Returns ``(jobs, unreadable)``: ``unreadable`` holds the inputs that cannot be read at all,
     each with why (missing files, broken links, given or in a folder; inputs and folder entries
     that cannot be looked at; folders that cannot be listed); they get no job, so they neither
@@ -151,6 +185,8 @@ def collect_jobs(inputs: Sequence[Path], output: Path) -> tuple[list[Job], list[
     """
     from .images import broken_link_message, missing_file_message
 
+    if output.is_symlink() and not output.exists():
+        raise UsageError(_broken_output_link_message(output))
     # Inputs that cannot be read fail one by one (so the others still run) and are named here,
     # before minutes of model loading, not when their turn comes.
     files: list[Path] = []
@@ -170,18 +206,26 @@ def collect_jobs(inputs: Sequence[Path], output: Path) -> tuple[list[Job], list[
         if is_dir:
             found, bad = _folder_images(item)
             if not found and not bad:
-                raise UsageError(f"folder {item} holds no images ({', '.join(sorted(IMAGE_SUFFIXES))})")
+                raise UsageError(f"folder {item} holds no images ({', '.join(sorted(scan_suffixes()))}; "
+                                 "hidden files and subfolders are not looked in)")
             files.extend(found)
             unreadable.extend(bad)
         else:
             files.append(item)
-    if output.suffix.lower() == ".png" and not output.is_dir():
+    first_by_identity: dict = {}
+    for f in files:
+        if (first := first_by_identity.setdefault(_identity(f), f)) is not f:
+            same = f"{f} is given twice" if first == f else f"{first} and {f} are the same file"
+            raise UsageError(f"{same}; give each input once")
+    suffix = output.suffix.lower()
+    if not output_is_folder and suffix == ".png" and not output.is_dir():
         given = len(files) + len(unreadable)
         if given != 1:
             raise UsageError(f"-o {output} is a file name but there are {given} inputs; give a folder")
         jobs = [Job(f, output) for f in files]
-    elif output.suffix and output.suffix.lower() in IMAGE_SUFFIXES and not output.is_dir():
-        raise UsageError(f"outputs are written as PNG; use -o {output.with_suffix('.png')} or a folder")
+    elif not output_is_folder and suffix in IMAGE_SUFFIXES | OTHER_IMAGE_SUFFIXES and not output.is_dir():
+        raise UsageError(f"outputs are written as PNG; use -o {output.with_suffix('.png')} or a folder "
+                         f"(end it with / for a folder named {output.name})")
     else:
         if output.exists() and not output.is_dir():
             raise UsageError(f"-o {output} is an existing file, not a folder; give a folder (or a .png name for "
@@ -195,7 +239,7 @@ def collect_jobs(inputs: Sequence[Path], output: Path) -> tuple[list[Job], list[
             jobs.append(Job(f, target))
         if clashes:
             raise UsageError("outputs would be written twice; rename one of each: " + "; ".join(clashes))
-    sources = {_identity(f) for f in files}
+    sources = set(first_by_identity)
     replaced = [j for j in jobs if _identity(j.target) in sources]
     if replaced:
         raise UsageError(f"{replaced[0].target} is also an input: its upscale would replace "
@@ -204,11 +248,20 @@ def collect_jobs(inputs: Sequence[Path], output: Path) -> tuple[list[Job], list[
     return jobs, unreadable
 
 
+def scan_suffixes() -> set[str]:
+    """The file name suffixes folder scans pick up: :data:`IMAGE_SUFFIXES`, and HEIC/HEIF, AVIF
+    and JPEG 2000 where this install can read them."""
+    from .images import optional_image_suffixes
+
+    return IMAGE_SUFFIXES | set(optional_image_suffixes())
+
+
 def _folder_images(folder: Path) -> tuple[list[Path], list[tuple[Path, str]]]:
     """The image files directly in ``folder`` (sorted), and its entries with an image name that
     cannot be read, each with why: a broken link or an entry that cannot be looked at must be
-    reported, not dropped. Subfolders and other names are left alone. A folder that cannot be
-    listed is itself the one unreadable input."""
+    reported, not dropped. Subfolders, other names and hidden files (macOS's "._x.png"
+    AppleDouble files hold no image) are left alone. A folder that cannot be listed is itself
+    the one unreadable input."""
     from .images import broken_link_message
 
     found: list[Path] = []
@@ -223,8 +276,9 @@ def _folder_images(folder: Path) -> tuple[list[Path], list[tuple[Path, str]]]:
         else:
             advice = "check that the disk or network share it is on is mounted and readable"
         return [], [(folder, f"the folder cannot be listed ({exc.strerror or exc}); {advice}")]
+    suffixes = scan_suffixes()
     for entry in entries:
-        if entry.suffix.lower() not in IMAGE_SUFFIXES:
+        if entry.name.startswith(".") or entry.suffix.lower() not in suffixes:
             continue
         broken = broken_link_message(entry)
         if broken is not None:
@@ -245,12 +299,27 @@ def _identity(path: Path):
     return os.path.normcase(os.path.realpath(path))
 
 
+def _broken_output_link_message(link: Path) -> str:
+    why = "which does not exist"
+    try:
+        link.stat()
+    except FileNotFoundError:
+        pass
+    except OSError as exc:  # a loop of links
+        why = f"which cannot be reached ({exc.strerror or exc})"
+    points_to = os.readlink(link)
+    return (f"cannot write the outputs: {link} is a broken symbolic link: it points to '{points_to}', {why} (a "
+            f"drive that is not mounted?). Mount or create '{points_to}', or give another -o.")
+
+
 def _check_writable(jobs: Sequence[Job]) -> None:
     """UsageError now, before minutes of loading, when an output folder of ``jobs`` (those that
     will write) cannot be written."""
     for parent in sorted({j.target.parent for j in jobs}):
         existing = parent
         while not existing.exists() and existing != existing.parent:
+            if existing.is_symlink():  # a link to nothing: creating the folder would fail
+                raise UsageError(_broken_output_link_message(existing))
             existing = existing.parent
         if not existing.is_dir():
             raise UsageError(f"cannot create the output folder {parent}: {existing} is a file")
@@ -267,10 +336,14 @@ def demo_defaults():
     return demo_paths()
 
 
-def _load_pipeline(args, tiling, log):
-    """Build the velocity model, codec, conditioning and run settings from the user's files."""
+def _prepare_run(args, log):
+    """The cheap part before the models load: resolve the model files (or the demo model), the
+    device and dtype, read the conditioning bundle and the LoRA's metadata (its header only), and
+    settle the run settings, so each input's output size is known, and checked, before minutes
+    of loading. Returns ``(cond_bundle, settings, device, dtype)``."""
     from . import bundle as bundle_mod
     from . import models
+    from .lora import read_lora_settings
     from .settings import disagreements, merge_settings
 
     given = {"--transformer": args.transformer, "--vae": args.vae, "--lora": args.lora,
@@ -290,6 +363,27 @@ def _load_pipeline(args, tiling, log):
     cond_bundle = bundle_mod.load_bundle(args.conditioning)
     for line in cond_bundle.report:
         log(f"conditioning: {line}")
+    lora_settings = read_lora_settings(args.lora)  # what load_lora reads from the same metadata
+    settings = merge_settings(cond_bundle.settings, lora_settings)
+    given = {"t_l": args.t_l, "guidance": args.guidance, "scale": args.scale}
+    differ = disagreements(cond_bundle.settings, lora_settings, tuple(k for k, v in given.items() if v is None))
+    if differ:
+        log(f"warning: the conditioning bundle and the LoRA disagree: {'; '.join(differ)}. The bundle's values are "
+            "used; give --t-l / --guidance / --scale to choose")
+    if args.t_l is not None:
+        settings.t_l, settings.source["t_l"] = args.t_l, "command line"
+    if args.guidance is not None:
+        settings.guidance, settings.source["guidance"] = args.guidance, "command line"
+    if args.scale is not None:
+        settings.scale, settings.source["scale"] = args.scale, "command line"
+    return cond_bundle, settings, device, dtype
+
+
+def _load_pipeline(args, tiling, log, cond_bundle, settings, device, dtype):
+    """Load the models (minutes for FLUX.1-dev) and build the velocity model, codec and
+    conditioning; returns ``(velocity, codec, cond)``."""
+    from . import models
+
     if args.memory_mode == "auto":  # said before the minutes of loading, not after
         args.memory_mode, why = models.choose_memory_mode(args.transformer, args.vae, dtype, device)
         log(f"fluxsr: memory mode {args.memory_mode} (auto: {why})")
@@ -306,29 +400,47 @@ def _load_pipeline(args, tiling, log):
                          f"({type(exc).__name__}); FLUX.1-dev needs 22.3 GiB for its weights in bf16, "
                          f"14.3 GiB with --memory-mode fp8_storage, 11.2 GiB with fp8_storage_all, and "
                          f"--memory-mode model_offload or group_offload keep them in RAM") from None
-    transformer, vae, lora_info = loaded.transformer, loaded.vae, loaded.lora
-    cond_bundle.check_fits(transformer)
-    settings = merge_settings(cond_bundle.settings, lora_info.settings)
-    given = {"t_l": args.t_l, "guidance": args.guidance, "scale": args.scale}
-    differ = disagreements(cond_bundle.settings, lora_info.settings, tuple(k for k, v in given.items() if v is None))
-    if differ:
-        log(f"warning: the conditioning bundle and the LoRA disagree: {'; '.join(differ)}. The bundle's values are "
-            "used; give --t-l / --guidance / --scale to choose")
-    if args.t_l is not None:
-        settings.t_l, settings.source["t_l"] = args.t_l, "command line"
-    if args.guidance is not None:
-        settings.guidance, settings.source["guidance"] = args.guidance, "command line"
-    velocity = models.DiffusersVelocity(transformer, compute_dtype=dtype)
-    codec = models.DiffusersCodec(vae, compute_dtype=dtype, tile=tiling.vae_tile, tile_overlap=tiling.vae_overlap)
-    cond = cond_bundle.to_conditioning(guidance=settings.guidance)
-    return velocity, codec, cond, settings, device, dtype
+    cond_bundle.check_fits(loaded.transformer)
+    velocity = models.DiffusersVelocity(loaded.transformer, compute_dtype=dtype)
+    codec = models.DiffusersCodec(loaded.vae, compute_dtype=dtype, tile=tiling.vae_tile,
+                                  tile_overlap=tiling.vae_overlap)
+    return velocity, codec, cond_bundle.to_conditioning(guidance=settings.guidance)
+
+
+def _describe_run(settings, args) -> str:
+    """The run settings and where each came from, with the output size as the user asked for it
+    (a long side or megapixels replace the scale)."""
+    src = settings.source or {}
+    if args.long_side:
+        size = f"long side {args.long_side} px (command line)"
+    elif args.megapixels:
+        size = f"{args.megapixels:g} megapixels (command line)"
+    else:
+        size = f"scale={settings.scale:g} ({src.get('scale', 'default')})"
+    return (f"T_L={settings.t_l:g} ({src.get('t_l', 'default')}), "
+            f"guidance={settings.guidance:g} ({src.get('guidance', 'default')}), {size}")
+
+
+def _first_line(exc: BaseException) -> str:
+    text = str(exc).strip()
+    return text.splitlines()[0] if text else type(exc).__name__
+
+
+def _write_failure(target: Path, exc: BaseException) -> str:
+    """Why writing ``target`` failed, naming it (an OSError's own text names no file, or the
+    temporary one)."""
+    if isinstance(exc, OSError):
+        return f"cannot write {target}: {exc.strerror or exc}"
+    return _first_line(exc)
 
 
 def run_upscale(args) -> int:
+    """``fluxsr upscale``: check everything that can be checked cheaply (inputs, their headers,
+    output places), load the models only if something is left to do, then upscale and write each
+    image; returns the exit code (0 all done, 1 some failed, 130/143 interrupted)."""
     from .flow import check_t_l
-    from .images import load_image
+    from .images import load_image, probe_image
     from .models import parse_speedups
-    from .tiling import TilingConfig, validate_tiling
     from .upscaler import UpscaleOptions, output_size, upscale_loaded_image
 
     quiet = args.quiet
@@ -336,19 +448,30 @@ def run_upscale(args) -> int:
     def log(msg: str) -> None:
         print(msg, file=sys.stderr, flush=True)
 
-    tiling = TilingConfig(
-        latent_tile=_pixels_to_latent(args.tile, "--tile"),
-        latent_overlap=_pixels_to_latent(args.tile_overlap, "--tile-overlap") if args.tile_overlap else 0,
-        vae_tile=args.vae_tile, vae_overlap=args.vae_overlap, blend=args.blend,
-        global_position_ids=args.global_position_ids, tile_batch_size=args.tile_batch, fit_tiles=args.tile_fit)
-    validate_tiling(tiling)
+    tiling = _tiling_from_args(args)
     if args.t_l is not None:
         check_t_l(args.t_l)  # before minutes of model loading, not after
     # before the loading, too (load_models checks again once auto has chosen the memory mode)
     parse_speedups(args.speedups, merge_lora=not args.no_merge_lora, memory_mode=args.memory_mode)
-    jobs, unreadable = collect_jobs(args.inputs, args.output)
-    for source, reason in unreadable:
+    output_text = os.fspath(args.output)  # as typed: Path() would drop a trailing slash
+    jobs, unreadable = collect_jobs(args.inputs, Path(output_text),
+                                    output_is_folder=output_text.endswith(("/", os.sep)))
+    # Inputs, and outputs, that fail before any work: named now, counted in the summary.
+    failed_early: list[tuple[Path, str]] = []
+
+    def failed_before_work(source: Path, reason: str) -> None:
+        failed_early.append((source, reason))
         log(f"FAIL {source}: {reason}")
+
+    for source, reason in unreadable:
+        failed_before_work(source, reason)
+    # An output name taken by a folder is no output that exists (to skip), and no write could
+    # replace it: a failure now, not after the upscale.
+    blocked = [j for j in jobs if j.target.is_dir()]
+    for j in blocked:
+        failed_before_work(j.source, f"cannot write {j.target}: a folder of that name is in the way; move or "
+                                     "rename the folder, or choose another -o")
+    jobs = [j for j in jobs if j not in blocked]
     todo = [j for j in jobs if args.overwrite or not j.target.exists()]
     for j in jobs:
         if j not in todo:
@@ -357,23 +480,36 @@ def run_upscale(args) -> int:
     _check_writable(todo)
     skipped = len(jobs) - len(todo)
     if not todo:
-        if not unreadable:
+        if not failed_early:
             log(f"nothing to do: all {len(jobs)} output(s) exist")
             return 0
-        return _summary(log, 0, skipped, unreadable, 0.0)
+        return _summary(log, 0, skipped, failed_early, 0.0)
 
-    velocity, codec, cond, settings, device, dtype = _load_pipeline(args, tiling, log)
-    scale = args.scale if args.scale is not None else settings.scale
-    if args.scale is None and not (args.long_side or args.megapixels):
-        settings.source.setdefault("scale", "default")
-    else:
-        settings.source["scale"] = "command line"
-    settings.scale = scale
-    log(f"fluxsr: device {device}, dtype {str(dtype).replace('torch.', '')}, memory mode {args.memory_mode}; "
-        f"{settings.describe()}")
-    options = UpscaleOptions(scale=scale, long_side=args.long_side, megapixels=args.megapixels,
+    cond_bundle, settings, device, dtype = _prepare_run(args, log)
+    options = UpscaleOptions(scale=settings.scale, long_side=args.long_side, megapixels=args.megapixels,
                              t_l=settings.t_l, color_fix=args.color_fix, tiling=tiling,
                              max_output_pixels=int(args.max_output_megapixels * 1e6)).validate()
+
+    def check_size(h: int, w: int) -> None:
+        output_size(h, w, options)
+
+    # Each input's header (not its pixels): not an image, empty, cut short, unreadable, or an
+    # output over the limit is found now, not after the models load.
+    headers_ok = []
+    for job in todo:
+        try:
+            probe_image(job.source, check_size=check_size)
+        except Exception as exc:  # noqa: BLE001 - one bad file must not stop the others
+            failed_before_work(job.source, _first_line(exc))
+        else:
+            headers_ok.append(job)
+    todo = headers_ok
+    if not todo:
+        return _summary(log, 0, skipped, failed_early, 0.0)
+
+    velocity, codec, cond = _load_pipeline(args, tiling, log, cond_bundle, settings, device, dtype)
+    log(f"fluxsr: device {device}, dtype {str(dtype).replace('torch.', '')}, memory mode {args.memory_mode}; "
+        f"{_describe_run(settings, args)}")
 
     def configure_codec(new_tiling):
         codec.set_tiling(new_tiling.vae_tile, new_tiling.vae_overlap)
@@ -391,8 +527,7 @@ def run_upscale(args) -> int:
         bar = tqdm(total=len(todo), unit="img", desc="fluxsr", file=sys.stderr)
     say = bar.write if bar else log
 
-    def failed(source: Path, exc: BaseException) -> None:
-        reason = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+    def failed(source: Path, reason: str) -> None:
         failures.append((source, reason))
         say(f"FAIL {source}: {reason}")
 
@@ -402,13 +537,19 @@ def run_upscale(args) -> int:
         h, w = result.rgb.shape[-2:]
         say(f"ok   {job.source} -> {job.target} ({w}x{h})")
 
-    writer = _BackgroundWriter(saved, failed)
-    interrupted = False
+    def still_writing(job: Job) -> None:
+        say(f"fluxsr: finishing the write of {job.target} first (nothing is left half-written)")
+
+    writer = _BackgroundWriter(saved, lambda job, exc: failed(job.source, _write_failure(job.target, exc)),
+                               still_writing)
+    interrupted: Optional[KeyboardInterrupt] = None
     try:
         for job in todo:
+            if writer.disk_full is not None:
+                break  # every later write would fail too
             tile_bar = None
             try:
-                loaded = load_image(job.source, check_size=lambda h, w: output_size(h, w, options))
+                loaded = load_image(job.source, check_size=check_size)
                 for note in loaded.notes:
                     say(f"note {job.source}: {note}")
                 if not quiet:
@@ -427,25 +568,35 @@ def run_upscale(args) -> int:
             except KeyboardInterrupt:
                 raise
             except Exception as exc:  # noqa: BLE001 - one bad file must not stop the others
-                failed(job.source, exc)
+                failed(job.source, _first_line(exc))
             finally:
                 if tile_bar is not None:
                     tile_bar.close()
                 if bar is not None:
                     bar.update(1)
-    except KeyboardInterrupt:
-        interrupted = True
+    except KeyboardInterrupt as exc:
+        interrupted = exc
     finally:  # Ctrl-C too: the image already upscaled is still written
-        writer.close()
+        late = writer.close()
+        if interrupted is None:
+            interrupted = late  # a Ctrl-C while the last write finished
     if bar is not None:
         bar.close()
     elapsed = time.perf_counter() - started
-    if interrupted:
-        log(f"fluxsr: interrupted after {elapsed:.1f} s: {done} upscaled, {len(todo) - done - len(failures)} not "
-            f"done, {len(unreadable) + len(failures)} failed. Run the same command again to go on (finished "
-            f"outputs are skipped).")
-        return 130
-    return _summary(log, done, skipped, unreadable + failures, elapsed)
+    not_done = len(todo) - done - len(failures)
+    n_failed = len(failed_early) + len(failures)
+    if interrupted is not None:
+        what = "terminated (SIGTERM)" if isinstance(interrupted, Terminated) else "interrupted"
+        log(f"fluxsr: {what} after {elapsed:.1f} s: {done} upscaled, {not_done} not done, {n_failed} failed. Run the "
+            f"same command again to go on (finished outputs are skipped).")
+        return 143 if isinstance(interrupted, Terminated) else 130
+    if writer.disk_full is not None:
+        where = writer.disk_full_target.parent
+        kept = f"The {done} finished output(s) are kept; " if done else "Nothing was written; "
+        log(f"fluxsr: stopped: no room left to write in {where} ({writer.disk_full.strerror}). {kept}{not_done} "
+            f"image(s) not done. Free some space and run the same command again to go on (finished outputs are "
+            f"skipped).")
+    return _summary(log, done, skipped, failed_early + failures, elapsed)
 
 
 def _summary(log, done: int, skipped: int, failures: Sequence[tuple[Path, str]], elapsed: float) -> int:
@@ -463,40 +614,65 @@ class _BackgroundWriter:
     Encoding is CPU work (a 4096 px PNG: 2.5 s here) and Pillow's encoders release the GIL,
     so with the models on a GPU it overlaps the next image's compute instead of adding to it.
     One write at most is pending: memory holds one finished image beside the one in progress.
-    ``saved(job, result)`` / ``failed(source, exc)`` report each write in the calling thread,
-    in the order the images were submitted.
+    ``saved(job, result)`` / ``failed(job, exc)`` report each write in the calling thread,
+    in the order the images were submitted. A write that fails for a full disk (or quota) sets
+    ``disk_full`` (the error) and ``disk_full_target``, and no later write is started.
+    ``still_writing(job)`` is told when :meth:`close` is interrupted while ``job`` is written.
     """
 
-    def __init__(self, saved, failed):
+    def __init__(self, saved, failed, still_writing=lambda job: None):
         from concurrent.futures import ThreadPoolExecutor
 
         self._pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="fluxsr-save")
-        self._saved, self._failed = saved, failed
+        self._saved, self._failed, self._still_writing = saved, failed, still_writing
         self._pending = None
+        self.disk_full: Optional[OSError] = None
+        self.disk_full_target: Optional[Path] = None
 
-    def submit(self, job: Job, result) -> None:
-        """Wait for the previous write, then start writing ``result`` to ``job.target``."""
+    def submit(self, job: Job, result) -> bool:
+        """Wait for the previous write, then start writing ``result`` to ``job.target``; False (and
+        nothing started) once the disk is full."""
         self.wait()
+        if self.disk_full is not None:
+            return False
         # off the device here, so the next image has its memory
         rgb, alpha = result.rgb.cpu(), None if result.alpha is None else result.alpha.cpu()
         self._pending = (job, result, self._pool.submit(_save_result, job.target, result, rgb, alpha))
+        return True
 
     def wait(self) -> None:
-        """Wait for the pending write, if any, and report it."""
+        """Wait for the pending write, if any, and report it. Interrupted (Ctrl-C), the write
+        stays pending, to be waited for again."""
         if self._pending is None:
             return
         job, result, future = self._pending
-        self._pending = None
         try:
             future.result()
         except Exception as exc:  # noqa: BLE001 - reported like any failed image
-            self._failed(job.source, exc)
+            self._pending = None
+            if isinstance(exc, OSError) and exc.errno in DISK_FULL_ERRNOS:
+                self.disk_full, self.disk_full_target = exc, job.target
+            self._failed(job, exc)
         else:
+            self._pending = None
             self._saved(job, result)
 
-    def close(self) -> None:
-        self.wait()
+    def close(self) -> Optional[KeyboardInterrupt]:
+        """Finish and report the pending write, through any further Ctrl-C or SIGTERM: the worker
+        thread cannot be stopped half-way (the interpreter would wait for it at exit anyway), so
+        waiting is what gets the write reported and its temporary file renamed or removed.
+        Returns the last interruption that arrived meanwhile, if any."""
+        interrupted = None
+        while True:
+            try:
+                self.wait()
+                break
+            except KeyboardInterrupt as exc:
+                interrupted = exc
+                if self._pending is not None:
+                    self._still_writing(self._pending[0])
         self._pool.shutdown()
+        return interrupted
 
 
 def _save_result(target: Path, result, rgb, alpha) -> None:
@@ -507,24 +683,41 @@ def _save_result(target: Path, result, rgb, alpha) -> None:
                icc_profile=result.icc_profile)
 
 
+def _raise_terminated(signum, frame):
+    raise Terminated()
+
+
 def main(argv: Optional[Sequence[str]] = None) -> int:
-    """Entry point of the ``fluxsr`` console script."""
+    """Entry point of the ``fluxsr`` console script. SIGTERM is handled as Ctrl-C while it runs
+    (the previous handler is restored on return)."""
     logging.basicConfig(level=logging.WARNING, format="%(message)s")
     parser = build_parser()
     args = parser.parse_args(argv)
+    # Signal handlers can only be set from the main thread (a caller running us in another
+    # thread keeps the default: SIGTERM then ends the process as before).
+    previous = None
+    if threading.current_thread() is threading.main_thread():
+        previous = signal.signal(signal.SIGTERM, _raise_terminated)
     try:
         if args.command == "upscale":
             return run_upscale(args)
     except UsageError as exc:
         print(f"fluxsr: {exc}", file=sys.stderr)
         return 2
-    except KeyboardInterrupt:  # while the models load (the image loop reports its own)
+    except Terminated:  # while the models load (the image loop reports its own)
+        print("fluxsr: terminated (SIGTERM)", file=sys.stderr)
+        return 143
+    except KeyboardInterrupt:
         print("fluxsr: interrupted", file=sys.stderr)
         return 130
     except (ValueError, FileNotFoundError, OSError) as exc:
         # Model files and settings problems: the message names the file and the fix.
         print(f"fluxsr: error: {exc}", file=sys.stderr)
         return 2
+    finally:
+        if threading.current_thread() is threading.main_thread():
+            # None: the old handler was not set from Python; the default is the best guess
+            signal.signal(signal.SIGTERM, previous if previous is not None else signal.SIG_DFL)
     return 0
 
 

@@ -6,6 +6,8 @@ This module is the one place where files become such tensors and back:
 * :func:`load_image` reads any image Pillow can open (8/16-bit, gray, palette, CMYK, float TIFF,
   animations, EXIF-rotated photos) into a :class:`LoadedImage` that remembers what the file was,
   so :func:`save_image` can write the result in the same kind (gray stays gray, 16 bits stay 16).
+  :func:`probe_image` runs the same checks on the header alone (no pixel decoded), so a front end
+  can refuse bad inputs before it loads its models.
 * :func:`resize` is *the* resize used both by the upscaler (LR -> HR size before encoding) and by
   training (making ``z_L``); one function, so train and test see the same interpolation.
 * :func:`target_size`, :func:`pad_to_multiple`, :func:`crop`, :func:`upscale_alpha` and the
@@ -23,6 +25,7 @@ TIFF compression are all handled by Pillow both times. Writing 16-bit PNG is a f
 
 from __future__ import annotations
 
+import contextlib
 import math
 import os
 import struct
@@ -63,9 +66,26 @@ _PIL_LIMIT_LOCK = threading.Lock()
 # overshoot and are clipped; further out the file means something else (HDR, signed or
 # scientific data), clipping would turn it white or black, so it is refused.
 FLOAT_OVERSHOOT = 0.1
-# A float image whose maximum is above this cannot be 0..1 with overshoot: it is read as 0..255.
-# (Between 1 + FLOAT_OVERSHOOT and this it is neither, and refused.)
+# A float image whose maximum is above this cannot be 0..1 with overshoot: it is 0..255 data or
+# HDR (0..1 with highlights above 1). (Between 1 + FLOAT_OVERSHOOT and this it is neither, and refused.)
 _FLOAT_0_255_ABOVE = 2.0
+# What tells 8-bit values stored as float from HDR: they are whole numbers (float32 keeps every
+# integer up to 2**24 exactly; the tolerance allows for a k / 255 * 255 round trip), or, once
+# resampled, most pixels are well above 1. An HDR or 0..1 picture with highlights has most values
+# at most 1 and fractional ones.
+_FLOAT_WHOLE_TOLERANCE = 1e-3
+_FLOAT_0_255_MEDIAN_ABOVE = 1.1
+# Range limits are compared with this relative slack: float32(1.1) is 1.10000002 in float64, and
+# "give or take 10%" must accept it.
+_FLOAT_LIMIT_SLACK = 1e-6
+# A 16-bit image whose brightest value is at most this (of 65535) is nearly black.
+_DARK_16BIT_MAX = 255
+# Formats whose frames are an animation; other multi-frame files (TIFF, MPO...) are multi-page.
+_ANIMATION_FORMATS = frozenset({"GIF", "PNG", "WEBP", "FLI", "AVIF"})
+# Signatures of formats Pillow always identifies when the header is whole: a file starting with
+# one that Pillow cannot open is damaged, not of an unknown format.
+_SIGNATURES = ((b"\x89PNG\r\n\x1a\n", "PNG"), (b"\xff\xd8\xff", "JPEG"), (b"GIF87a", "GIF"),
+               (b"GIF89a", "GIF"))
 
 
 # --- errors ----------------------------------------------------------------------------------
@@ -94,6 +114,10 @@ class TruncatedImageError(ImageFileError):
     """The file ends before the image data does (interrupted download or copy)."""
 
 
+class UnreadableImageError(ImageFileError):
+    """The file is there but cannot be read (no read permission, an I/O error)."""
+
+
 class ImageTooLargeError(ImageFileError):
     """The input has more pixels than ``max_pixels`` allows."""
 
@@ -114,15 +138,18 @@ class OutputTooLargeError(ValueError):
     """The requested output size exceeds ``max_output_pixels``.
 
     ``height``/``width``: the output asked for; ``input_height``/``input_width``: the input;
-    ``max_scale``: the largest factor within the limit (front ends word their own advice).
+    ``max_scale``, ``max_long_side``, ``max_megapixels``: the largest factor, long side (pixels)
+    and megapixels within the limit, each as the message prints it (front ends word their own advice).
     """
 
     def __init__(self, message: str, size: tuple[int, int] = (0, 0), input_size: tuple[int, int] = (0, 0),
-                 max_scale: float = 0.0):
+                 max_scale: float = 0.0, max_long_side: int = 0, max_megapixels: float = 0.0):
         super().__init__(message)
         self.height, self.width = size
         self.input_height, self.input_width = input_size
         self.max_scale = max_scale
+        self.max_long_side = max_long_side
+        self.max_megapixels = max_megapixels
 
 
 # --- loading ---------------------------------------------------------------------------------
@@ -171,49 +198,118 @@ def load_image(path: str | os.PathLike, max_pixels: Optional[int] = DEFAULT_MAX_
     colour get an alpha channel; CMYK is converted to RGB (through the embedded ICC profile when
     there is one); 16-bit gray and 16-bit RGB(A) PNG/TIFF keep all 16 bits.
 
-    Float TIFFs (Pillow mode ``F``) are read as 0..1, the float convention, or, when their
-    maximum is above 2, as 0..255 (8-bit values stored as float: divided by 255, with a note).
-    Values past either end of that range by up to ``FLOAT_OVERSHOOT`` (10%) of it are clipped,
-    with a note; anything else (negative or -1..1 data, HDR, values far above 255) raises
-    :class:`FloatRangeError` saying how to convert it, since clipping would ruin it. NaN and
-    -inf become 0, +inf the top of the range.
+    Float TIFFs (Pillow mode ``F``) are read as 0..1, the float convention, or as 0..255 (8-bit
+    values stored as float: divided by 255, written back as 8-bit, with a note) when their
+    maximum is above 2 and the values say so: all whole numbers, or a median above 1.1. A
+    maximum above 2 with mostly fractional values up to 1 is a 0..1 (HDR) picture with
+    highlights, and is refused with advice to tone-map it, since reading it as 0..255 would make
+    it black. Values past either end of the range by up to ``FLOAT_OVERSHOOT`` (10%) of it are
+    clipped, with a note; anything else (negative or -1..1 data, HDR, values far above 255)
+    raises :class:`FloatRangeError` saying how to convert it, since clipping would ruin it. NaN
+    and -inf become 0, +inf the top of the range.
 
     Integer images of more than 8 bits (Pillow modes ``I;16*`` and ``I``) are read as 16-bit,
     0..65535, except that a file of 32-bit samples whose maximum is at most 255 is read as 8-bit
-    values in a 32-bit container (divided by 255, with a note). 16-bit samples are always
-    16-bit, however dark. Negative values or values above 65535 raise :class:`IntegerRangeError`
-    saying how to convert them.
+    values in a 32-bit container (divided by 255, written back as 8-bit, with a note). 16-bit
+    samples are always 16-bit, however dark; one whose maximum is at most 255 gets a note that it
+    is nearly black (8-bit data belongs in an 8-bit file). Negative values or values above 65535
+    raise :class:`IntegerRangeError` saying how to convert them.
 
-    ``max_pixels`` guards against decompression bombs and accidental huge inputs; ``None``
-    disables the guard. ``check_size(height, width)`` runs on the header's size before any pixel
-    is decoded and may raise (the CLI refuses an output over its limit there, so a small file
-    that claims a huge size costs nothing). Raises :class:`ImageNotFoundError` (:class:`BrokenLinkError`
-    for a link to nothing), :class:`EmptyImageFileError`, :class:`NotAnImageError`,
-    :class:`TruncatedImageError`, :class:`ImageTooLargeError`, :class:`FloatRangeError`,
-    :class:`IntegerRangeError` or :class:`ImageFileError`, each naming the file and what to do.
+    ``max_pixels`` and ``check_size`` are checked on the header first, as by :func:`probe_image`.
+    Raises what :func:`probe_image` raises, and :class:`TruncatedImageError`,
+    :class:`FloatRangeError`, :class:`IntegerRangeError` or :class:`ImageFileError` for the
+    pixels, each naming the file and what to do.
     """
+    with _own_pixel_limit():
+        p, img = _open_checked(path, max_pixels, check_size)
+        with img:
+            return _load(p, img)
+
+
+def probe_image(path: str | os.PathLike, max_pixels: Optional[int] = DEFAULT_MAX_INPUT_PIXELS,
+                check_size: Optional[Callable[[int, int], Any]] = None) -> tuple[int, int]:
+    """Check that ``path`` is an image :func:`load_image` can start on, from its header only, and
+    return its ``(height, width)`` as stored (before EXIF orientation).
+
+    Cheap whatever the image's size: no pixel is decoded, so a front end can refuse bad inputs
+    before it loads its models. ``max_pixels`` guards against decompression bombs and accidental
+    huge inputs (``None`` disables it). ``check_size(height, width)`` runs on the header's size and
+    may raise (the CLI refuses an output over its limit there, so a small file claiming a huge size
+    costs nothing; EXIF orientation may swap the sides, so check what does not change: area, long
+    side). Raises :class:`ImageNotFoundError` (:class:`BrokenLinkError` for a link to nothing),
+    :class:`EmptyImageFileError`, :class:`UnreadableImageError` (no read permission, I/O error),
+    :class:`NotAnImageError`, :class:`TruncatedImageError` (a header cut short),
+    :class:`ImageTooLargeError` or :class:`ImageFileError` (a folder), each naming the file and
+    what to do, and whatever ``check_size`` raises. Problems in the pixel data are found only by
+    :func:`load_image`.
+    """
+    with _own_pixel_limit():
+        _, img = _open_checked(path, max_pixels, check_size)
+        with img:
+            w, h = img.size
+    return h, w
+
+
+@contextlib.contextmanager
+def _own_pixel_limit():
+    """Pillow's decompression-bomb limit is a module global: swap it out (under a lock) while a
+    file is opened and decoded, since our own ``max_pixels`` check replaces it."""
+    with _PIL_LIMIT_LOCK:
+        old_limit = Image.MAX_IMAGE_PIXELS
+        Image.MAX_IMAGE_PIXELS = None
+        try:
+            with warnings.catch_warnings():
+                warnings.simplefilter("ignore", Image.DecompressionBombWarning)
+                yield
+        finally:
+            Image.MAX_IMAGE_PIXELS = old_limit
+
+
+def _open_checked(path: str | os.PathLike, max_pixels: Optional[int],
+                  check_size: Optional[Callable[[int, int], Any]]) -> tuple[Path, Image.Image]:
+    """The checks of :func:`probe_image`; returns the path and the opened (undecoded) image, which
+    the caller closes."""
     p = Path(path)
-    if not p.exists():
-        broken = broken_link_message(p)
-        if broken is not None:
-            raise BrokenLinkError(broken)
-        raise ImageNotFoundError(missing_file_message(p))
-    if p.is_dir():
-        raise ImageFileError(f"'{p}' is a folder, not an image file; pass the path of one image.")
-    if p.stat().st_size == 0:
+    try:
+        exists = p.exists()
+        if not exists:
+            broken = broken_link_message(p)
+            if broken is not None:
+                raise BrokenLinkError(broken)
+            raise ImageNotFoundError(missing_file_message(p))
+        if p.is_dir():
+            raise ImageFileError(f"'{p}' is a folder, not an image file; pass the path of one image.")
+        empty = p.stat().st_size == 0
+    except PermissionError as e:  # a folder above it that may not be searched
+        raise UnreadableImageError(_unreadable_message(p, e)) from e
+    if empty:
         raise EmptyImageFileError(f"image file '{p}' is empty (0 bytes): the download or copy "
                                   f"that made it probably failed. Re-download or re-export it.")
     if max_pixels is not None and int(max_pixels) <= 0:
         raise ValueError(f"max_pixels must be positive or None (got {max_pixels})")
-    with _PIL_LIMIT_LOCK:
-        old_limit = Image.MAX_IMAGE_PIXELS
-        Image.MAX_IMAGE_PIXELS = None  # our own max_pixels check below replaces Pillow's global
-        try:
-            with warnings.catch_warnings():
-                warnings.simplefilter("ignore", Image.DecompressionBombWarning)
-                return _load(p, max_pixels, check_size)
-        finally:
-            Image.MAX_IMAGE_PIXELS = old_limit
+    img = _open(p)
+    try:
+        w, h = img.size
+        if max_pixels is not None and w * h > int(max_pixels):
+            raise ImageTooLargeError(
+                f"'{p}' is {w}x{h} = {w * h / 1e6:.1f} megapixels, more than the limit of "
+                f"{int(max_pixels) / 1e6:.1f} MP (a guard against decompression bombs). If the "
+                f"file is genuine, downscale it first (from Python: a larger max_pixels for "
+                f"load_image, None disables the guard).")
+        if check_size is not None:
+            check_size(h, w)
+    except BaseException:
+        img.close()
+        raise
+    return p, img
+
+
+def _unreadable_message(p: Path, e: OSError) -> str:
+    if isinstance(e, PermissionError):
+        return (f"cannot read '{p}': permission denied; check its permissions (reading needs read "
+                f"permission on the file and execute permission on its folders: chmod u+r '{p}').")
+    return (f"cannot read '{p}' ({e.strerror or e}); check that the disk or network share it is on "
+            f"is mounted and readable.")
 
 
 def missing_file_message(path: str | os.PathLike) -> str:
@@ -247,15 +343,23 @@ def _open(p: Path) -> Image.Image:
         _register_optional_openers()
         return Image.open(p)
     except UnidentifiedImageError as e:
+        kind = _signature_kind(p)
+        if kind is not None:
+            raise TruncatedImageError(
+                f"'{p}' starts like a {kind} file but its header cannot be read: the file is damaged "
+                f"or incomplete (an interrupted download or copy?). Re-download or re-export it.") from e
         tiff_hint = ""
         if p.suffix.lower() in (".tif", ".tiff"):
-            # Pillow has no float colour mode, so such TIFFs fail here rather than later.
-            tiff_hint = (" Pillow reads 8/16-bit TIFFs and float TIFFs with one channel only; a float "
-                         "colour (or 64-bit float) TIFF must be re-saved as a 16-bit TIFF or PNG.")
+            # Pillow has no float colour mode, nor 32-bit integer colour, so such TIFFs fail here.
+            tiff_hint = (" Pillow reads 8/16-bit TIFFs, and 32-bit float or integer TIFFs with one "
+                         "channel only; a colour TIFF of 32-bit samples (float or integer), or a TIFF "
+                         "of 16- or 64-bit floats, must be re-saved as a 16-bit TIFF or PNG.")
         raise NotAnImageError(
             f"'{p}' is not an image Pillow can read (unknown or unsupported format). "
             f"Use PNG, JPEG, WebP, TIFF, BMP or GIF; for HEIC install 'pillow-heif'.{tiff_hint}"
         ) from e
+    except OSError as e:  # opening the file itself: no read permission, an I/O error
+        raise UnreadableImageError(_unreadable_message(p, e)) from e
     except (SyntaxError, EOFError, struct.error, ValueError) as e:
         # Plugins raise these for headers that are cut short or malformed.
         raise TruncatedImageError(
@@ -263,13 +367,43 @@ def _open(p: Path) -> Image.Image:
             f"Re-download or re-export it.") from e
 
 
-def _register_optional_openers() -> None:
-    """Let Pillow open HEIC/HEIF when the optional ``pillow-heif`` plugin is installed."""
+def _signature_kind(p: Path) -> Optional[str]:
+    """The format named by the first bytes of ``p`` (see ``_SIGNATURES``), or ``None``."""
+    try:
+        with open(p, "rb") as f:
+            head = f.read(8)
+    except OSError:
+        return None
+    return next((kind for magic, kind in _SIGNATURES if head.startswith(magic)), None)
+
+
+def optional_image_suffixes() -> frozenset[str]:
+    """File name suffixes of the formats this install reads beyond PNG, JPEG, WebP, BMP, TIFF and
+    GIF: HEIC/HEIF when the ``pillow-heif`` plugin is installed, AVIF and JPEG 2000 when Pillow
+    was built with them (folder scans pick these up only where they can be read)."""
+    from PIL import features
+
+    found: set[str] = set()
+    if _register_optional_openers():
+        found |= {".heic", ".heif"}
+    for feature, suffixes in (("avif", {".avif"}), ("jpg_2000", {".jp2", ".j2k", ".jpx"})):
+        try:
+            if features.check(feature):
+                found |= suffixes
+        except ValueError:  # a Pillow that does not know the feature's name
+            pass
+    return frozenset(found)
+
+
+def _register_optional_openers() -> bool:
+    """Let Pillow open HEIC/HEIF when the optional ``pillow-heif`` plugin is installed; returns
+    whether it is."""
     try:
         import pillow_heif  # type: ignore
     except ImportError:
-        return
+        return False
     pillow_heif.register_heif_opener()
+    return True
 
 
 def _decode(p: Path, img: Image.Image, step) -> Image.Image:
@@ -332,123 +466,134 @@ def _transposed_array(img: Image.Image) -> np.ndarray:
     return np.asarray(ImageOps.exif_transpose(img))
 
 
-def _load(p: Path, max_pixels: Optional[int], check_size=None) -> LoadedImage:
+def _load(p: Path, img: Image.Image) -> LoadedImage:
+    """Decode ``img`` (opened from ``p`` and checked by :func:`_open_checked`)."""
     notes: list[str] = []
-    with _open(p) as img:
-        w, h = img.size
-        if max_pixels is not None and w * h > int(max_pixels):
-            raise ImageTooLargeError(
-                f"'{p}' is {w}x{h} = {w * h / 1e6:.1f} megapixels, more than the limit of "
-                f"{int(max_pixels) / 1e6:.1f} MP (a guard against decompression bombs). If the "
-                f"file is genuine, downscale it first (from Python: a larger max_pixels for "
-                f"load_image, None disables the guard).")
-        if check_size is not None:
-            # EXIF orientation may swap the sides: callers check what does not change (area, long side)
-            check_size(h, w)
-        frames = int(getattr(img, "n_frames", 1) or 1)
-        if frames > 1:
-            kind = "animation" if getattr(img, "is_animated", False) else "multi-page file"
-            notes.append(f"{p.name} is an {kind} with {frames} frames; only the first was used")
-        source_mode = img.mode
-        icc = img.info.get("icc_profile") or None
-        trns = img.info.get("transparency")
-        tiles = list(img.tile)
+    frames = int(getattr(img, "n_frames", 1) or 1)
+    if frames > 1:
+        animated = bool(getattr(img, "is_animated", False)) and img.format in _ANIMATION_FORMATS
+        what = "an animation" if animated else "a multi-page file"
+        notes.append(f"{p.name} is {what} with {frames} frames; only the first was used")
+    source_mode = img.mode
+    icc = img.info.get("icc_profile") or None
+    trns = img.info.get("transparency")
+    tiles = list(img.tile)
 
-        if _is_16bit_la_png(img):
-            # Decode with a pass-through raw mode of the same width (32 bits/pixel): bytes come
-            # out as (gray hi, gray lo, alpha hi, alpha lo).
-            img.tile = [_with_rawmode(t, "RGBA") for t in tiles]
-            raw = _decode(p, img, _transposed_array).astype(np.uint16)
-            gray = raw[..., 0] * 256 + raw[..., 1]
-            alpha = raw[..., 2] * 256 + raw[..., 3]
-            return _finish(p, gray[..., None] / 65535.0, alpha / 65535.0, 16, True, "LA;16",
-                           notes, icc)
+    if _is_16bit_la_png(img):
+        # Decode with a pass-through raw mode of the same width (32 bits/pixel): bytes come
+        # out as (gray hi, gray lo, alpha hi, alpha lo).
+        img.tile = [_with_rawmode(t, "RGBA") for t in tiles]
+        raw = _decode(p, img, _transposed_array).astype(np.uint16)
+        gray = raw[..., 0] * 256 + raw[..., 1]
+        alpha = raw[..., 2] * 256 + raw[..., 3]
+        _note_dark_16bit(p, int(gray.min()), int(gray.max()), notes)
+        return _finish(p, gray[..., None] / 65535.0, alpha / 65535.0, 16, True, "LA;16",
+                       notes, icc)
 
-        if _is_16bit_color(img):
-            hi = _decode(p, img, _transposed_array).astype(np.uint16)
-            with _open(p) as low_img:
-                low_img.tile = [_with_rawmode(t, _opposite_16(_rawmode(t))) for t in tiles]
-                lo = _decode(p, low_img, _transposed_array).astype(np.uint16)
-            full = hi * 256 + lo
-            alpha = None
-            if full.shape[-1] == 4:
-                alpha = full[..., 3] / 65535.0
-                full = full[..., :3]
-            elif isinstance(trns, tuple) and len(trns) == 3:
-                alpha = (~np.all(full == np.asarray(trns, np.uint16), axis=-1)).astype(np.float64)
-            return _finish(p, full / 65535.0, alpha, 16, False, f"{source_mode};16", notes, icc)
-
-        mode = img.mode
-        if mode in ("I;16", "I;16L", "I;16B", "I;16N", "I;16S", "I"):
-            raw = _decode(p, img, _transposed_array)
-            rawmodes = [_rawmode(t) for t in tiles]
-            bits32 = mode == "I" and bool(rawmodes) and all(
-                r is not None and (r == "I" or r.startswith("I;32")) for r in rawmodes)
-            if bits32 and raw.dtype == np.int32 and all(r.startswith("I;32") and not r.endswith("S")
-                                                         for r in rawmodes):
-                raw = raw.view(np.uint32)  # Pillow keeps unsigned 32-bit samples as int32
-            arr = raw.astype(np.float64)
-            alpha = None
-            if isinstance(trns, int):
-                alpha = (arr != trns).astype(np.float64)
-            return _finish(p, _integer_to_unit(p, arr, 32 if bits32 else 16, notes)[..., None], alpha,
-                           16, True, source_mode, notes, icc)
-        if mode == "F":
-            arr = _float_to_unit(p, _decode(p, img, _transposed_array).astype(np.float64), notes)
-            return _finish(p, arr[..., None], None, 16, True, source_mode, notes, icc)
-
-        # 8-bit family. Orientation first (the EXIF/TIFF tags live on the file's image object;
-        # converted copies may lose them), then let Pillow convert to one of L, LA, RGB, RGBA.
-        has_palette_alpha = mode == "PA" or (mode == "P" and "transparency" in img.info)
-        img = _decode(p, img, ImageOps.exif_transpose)
-        if mode == "CMYK":
-            img = _cmyk_to_rgb(img, notes)
-            icc = None  # the result is sRGB
-        elif mode in ("P", "PA"):
-            img = img.convert("RGBA" if has_palette_alpha else "RGB")
-            rgb = np.asarray(img)[..., :3]
-            if np.array_equal(rgb[..., 0], rgb[..., 1]) and np.array_equal(rgb[..., 1], rgb[..., 2]):
-                img = img.convert("LA" if has_palette_alpha else "L")  # a grey palette: a grey image
-        elif mode == "1":
-            img = img.convert("L")
-        elif mode == "La":
-            img = img.convert("LA")
-        elif mode == "RGBa":
-            img = img.convert("RGBA")
-        elif mode in ("L", "RGB") and trns is not None:
-            img = img.convert("LA" if mode == "L" else "RGBA")
-        elif mode not in ("L", "LA", "RGB", "RGBA"):
-            # RGBX, YCbCr, LAB, HSV...: Pillow knows how to make RGB of them.
-            img = img.convert("RGB")
-        arr = np.asarray(img).astype(np.float64) / 255.0
-        if arr.ndim == 2:
-            arr = arr[..., None]
-        gray = img.mode in ("L", "LA")
+    if _is_16bit_color(img):
+        hi = _decode(p, img, _transposed_array).astype(np.uint16)
+        with _open(p) as low_img:
+            low_img.tile = [_with_rawmode(t, _opposite_16(_rawmode(t))) for t in tiles]
+            lo = _decode(p, low_img, _transposed_array).astype(np.uint16)
+        full = hi * 256 + lo
         alpha = None
-        if img.mode in ("LA", "RGBA"):
-            alpha = arr[..., -1]
-            arr = arr[..., :-1]
-        return _finish(p, arr, alpha, 8, gray, source_mode, notes, icc)
+        if full.shape[-1] == 4:
+            alpha = full[..., 3] / 65535.0
+            full = full[..., :3]
+        elif isinstance(trns, tuple) and len(trns) == 3:
+            alpha = (~np.all(full == np.asarray(trns, np.uint16), axis=-1)).astype(np.float64)
+        _note_dark_16bit(p, int(full.min()), int(full.max()), notes)
+        return _finish(p, full / 65535.0, alpha, 16, False, f"{source_mode};16", notes, icc)
+
+    mode = img.mode
+    if mode in ("I;16", "I;16L", "I;16B", "I;16N", "I;16S", "I"):
+        raw = _decode(p, img, _transposed_array)
+        rawmodes = [_rawmode(t) for t in tiles]
+        bits32 = mode == "I" and bool(rawmodes) and all(
+            r is not None and (r == "I" or r.startswith("I;32")) for r in rawmodes)
+        if bits32 and raw.dtype == np.int32 and all(r.startswith("I;32") and not r.endswith("S")
+                                                     for r in rawmodes):
+            raw = raw.view(np.uint32)  # Pillow keeps unsigned 32-bit samples as int32
+        arr = raw.astype(np.float64)
+        alpha = None
+        if isinstance(trns, int):
+            alpha = (arr != trns).astype(np.float64)
+        unit, bit_depth = _integer_to_unit(p, arr, 32 if bits32 else 16, notes)
+        return _finish(p, unit[..., None], alpha, bit_depth, True, source_mode, notes, icc)
+    if mode == "F":
+        unit, bit_depth = _float_to_unit(p, _decode(p, img, _transposed_array).astype(np.float64), notes)
+        return _finish(p, unit[..., None], None, bit_depth, True, source_mode, notes, icc)
+
+    # 8-bit family. Orientation first (the EXIF/TIFF tags live on the file's image object;
+    # converted copies may lose them), then let Pillow convert to one of L, LA, RGB, RGBA.
+    has_palette_alpha = mode == "PA" or (mode == "P" and "transparency" in img.info)
+    img = _decode(p, img, ImageOps.exif_transpose)
+    if mode == "CMYK":
+        img = _cmyk_to_rgb(img, notes)
+        icc = None  # the result is sRGB
+    elif mode in ("P", "PA"):
+        img = img.convert("RGBA" if has_palette_alpha else "RGB")
+        rgb = np.asarray(img)[..., :3]
+        if np.array_equal(rgb[..., 0], rgb[..., 1]) and np.array_equal(rgb[..., 1], rgb[..., 2]):
+            img = img.convert("LA" if has_palette_alpha else "L")  # a grey palette: a grey image
+    elif mode == "1":
+        img = img.convert("L")
+    elif mode == "La":
+        img = img.convert("LA")
+    elif mode == "RGBa":
+        img = img.convert("RGBA")
+    elif mode in ("L", "RGB") and trns is not None:
+        img = img.convert("LA" if mode == "L" else "RGBA")
+    elif mode not in ("L", "LA", "RGB", "RGBA"):
+        # RGBX, YCbCr, LAB, HSV...: Pillow knows how to make RGB of them.
+        img = img.convert("RGB")
+    arr = np.asarray(img).astype(np.float64) / 255.0
+    if arr.ndim == 2:
+        arr = arr[..., None]
+    gray = img.mode in ("L", "LA")
+    alpha = None
+    if img.mode in ("LA", "RGBA"):
+        alpha = arr[..., -1]
+        arr = arr[..., :-1]
+    return _finish(p, arr, alpha, 8, gray, source_mode, notes, icc)
 
 
-def _float_to_unit(p: Path, arr: np.ndarray, notes: list[str]) -> np.ndarray:
-    """A float image in ``[0, 1]`` by the rule :func:`load_image` documents (0..1 or 0..255,
-    overshoot clipped, anything else refused), adding what the user should know to ``notes``."""
+def _float_to_unit(p: Path, arr: np.ndarray, notes: list[str]) -> tuple[np.ndarray, int]:
+    """A float image in ``[0, 1]`` by the rule :func:`load_image` documents (0..1, or 0..255 when
+    the values say so; overshoot clipped; anything else refused), and the bit depth to write it
+    with (8 for 8-bit values stored as float, else 16), adding what the user should know to ``notes``."""
     finite = np.isfinite(arr)
     if not finite.any():
         raise FloatRangeError(f"'{p}' holds no finite values (all NaN or infinite): there is no "
                               f"picture to upscale. Re-export it from the program that made it.")
-    lo, hi = float(arr[finite].min()), float(arr[finite].max())
-    top = 255.0 if hi > _FLOAT_0_255_ABOVE else 1.0
-    if lo < -FLOAT_OVERSHOOT * top or hi > (1 + FLOAT_OVERSHOOT) * top:
-        if lo < -FLOAT_OVERSHOOT * top and lo >= -1.0 - FLOAT_OVERSHOOT and hi <= 1.0 + FLOAT_OVERSHOOT:
+    values = arr[finite]
+    lo, hi = float(values.min()), float(values.max())
+    top = 1.0
+    if hi > _FLOAT_0_255_ABOVE:
+        # 8-bit data stored as float is whole numbers (or, resampled, mostly far above 1); a 0..1
+        # picture with HDR highlights is mostly fractional values up to 1.
+        whole = bool(np.all(np.abs(values - np.round(values)) <= _FLOAT_WHOLE_TOLERANCE))
+        if whole or float(np.median(values)) > _FLOAT_0_255_MEDIAN_ABOVE:
+            top = 255.0
+    slack = 1 + _FLOAT_LIMIT_SLACK
+    too_low, too_high = lo < -FLOAT_OVERSHOOT * top * slack, hi > (1 + FLOAT_OVERSHOOT) * top * slack
+    if too_low or too_high:
+        if too_low and lo >= (-1.0 - FLOAT_OVERSHOOT) * slack and hi <= (1.0 + FLOAT_OVERSHOOT) * slack:
             advice = "It looks like -1..1 data (a network's output): map it to 0..1 with (x + 1) / 2"
-        elif lo < -FLOAT_OVERSHOOT * top:
+        elif too_low:
             advice = ("An image has no negative values: this is signed or scientific data; rescale "
                       "it to 0..1, e.g. (x - min) / (max - min)")
-        elif hi > (1 + FLOAT_OVERSHOOT) * 255:
+        elif hi > (1 + FLOAT_OVERSHOOT) * 255 * slack:
             advice = ("Values far above 255 are HDR or 16-bit/scientific data: tone-map HDR to 0..1, "
                       "or divide by the largest possible value (65535 for 16-bit data)")
+        elif hi > _FLOAT_0_255_ABOVE:
+            above = float(np.mean(values > (1 + FLOAT_OVERSHOOT) * slack))
+            advice = (f"It looks like a 0..1 (HDR) picture with highlights: {above:.2%} of the values "
+                      f"are above {1 + FLOAT_OVERSHOOT:g} and the median is "
+                      f"{float(np.median(values)):.3g}, while 8-bit values stored as float are whole "
+                      f"numbers (reading it as 0..255 would make it black). Tone-map it to 0..1 "
+                      f"(e.g. x / (1 + x), or an HDR editor's tone mapping), or clip it to 0..1 "
+                      f"yourself if the highlights do not matter")
         else:
             advice = "Rescale it to 0..1 (or save it as an 8/16-bit PNG or TIFF)"
         raise FloatRangeError(
@@ -457,20 +602,22 @@ def _float_to_unit(p: Path, arr: np.ndarray, notes: list[str]) -> np.ndarray:
             f"{FLOAT_OVERSHOOT:.0%}. Clipping it would ruin it. {advice}, then run again.")
     if top != 1.0:
         notes.append(f"{p.name}: float values from {lo:.4g} to {hi:.4g}, not the usual 0..1: read as "
-                     f"8-bit values stored as float (divided by 255). If they mean something else "
-                     f"(HDR, where values above 1 are highlights), convert the file to 0..1 first")
+                     f"8-bit values stored as float (divided by 255; written as 8-bit). If they mean "
+                     f"something else (HDR, where values above 1 are highlights), convert the file "
+                     f"to 0..1 first")
     if not finite.all():
         notes.append(f"{p.name}: NaN/inf values were replaced by 0/{top:g}")
         arr = np.nan_to_num(arr, nan=0.0, posinf=top, neginf=0.0)
     if lo < 0 or hi > top:
         notes.append(f"{p.name}: float values outside [0, {top:g}] "
                      f"(min {lo:.4g}, max {hi:.4g}) were clipped")
-    return np.clip(arr / top, 0.0, 1.0)
+    return np.clip(arr / top, 0.0, 1.0), 8 if top == 255.0 else 16
 
 
-def _integer_to_unit(p: Path, arr: np.ndarray, bits: int, notes: list[str]) -> np.ndarray:
+def _integer_to_unit(p: Path, arr: np.ndarray, bits: int, notes: list[str]) -> tuple[np.ndarray, int]:
     """An integer image of ``bits``-bit samples (16 or 32) in ``[0, 1]`` by the rule
-    :func:`load_image` documents, adding what the user should know to ``notes``."""
+    :func:`load_image` documents, and the bit depth to write it with (8 for 8-bit values in a
+    32-bit container, else 16), adding what the user should know to ``notes``."""
     lo, hi = int(arr.min()), int(arr.max())
     kind = f"{bits}-bit {'integer' if bits == 32 else 'gray'} image"
     if lo < 0 or hi > 65535:
@@ -489,11 +636,21 @@ def _integer_to_unit(p: Path, arr: np.ndarray, bits: int, notes: list[str]) -> n
     # almost black, so 0..255 is the better reading. 16-bit samples are left as 16-bit.
     if bits == 32 and 0 < hi <= 255:
         notes.append(f"{p.name}: a 32-bit integer image with values from {lo} to {hi}: read as "
-                     f"8-bit values in a 32-bit container (divided by 255), since a 16-bit picture "
-                     f"would be almost black. If they are 16-bit values of a very dark picture, "
-                     f"save it as a 16-bit PNG or TIFF, which is always read as 16-bit")
-        return arr / 255.0
-    return arr / 65535.0
+                     f"8-bit values in a 32-bit container (divided by 255; written as 8-bit), since "
+                     f"a 16-bit picture would be almost black. If they are 16-bit values of a very "
+                     f"dark picture, save it as a 16-bit PNG or TIFF, which is always read as 16-bit")
+        return arr / 255.0, 8
+    _note_dark_16bit(p, lo, hi, notes)
+    return arr / 65535.0, 16
+
+
+def _note_dark_16bit(p: Path, lo: int, hi: int, notes: list[str]) -> None:
+    """Tell the user when a 16-bit image is nearly black (its values reach at most 255 of 65535):
+    it is upscaled as it is, and usually this is 8-bit data saved as 16-bit."""
+    if hi <= _DARK_16BIT_MAX:
+        notes.append(f"{p.name}: a 16-bit image with values from {lo} to {hi} of 65535: it is nearly "
+                     f"black and will come out nearly black. If these are 8-bit values (0..255), save "
+                     f"the file as 8-bit (an 8-bit PNG or TIFF) and run again")
 
 
 def _cmyk_to_rgb(img: Image.Image, notes: list[str]) -> Image.Image:
@@ -669,7 +826,8 @@ def target_size(h: int, w: int, scale: Optional[float] = None, long_side: Option
     Give at most one of ``scale`` (factor), ``long_side`` (pixels of the longer side) or
     ``megapixels`` (output area in millions of pixels, aspect kept); with none, ``scale`` is
     FluxSR's default 4. Sides are rounded to the nearest pixel (at least 1). An output above
-    ``max_output_pixels`` (``None``: no limit) raises :class:`OutputTooLargeError`.
+    ``max_output_pixels`` (``None``: no limit) raises :class:`OutputTooLargeError`, whose advice
+    is in the terms the size was asked in: the largest scale, long side or megapixels that fit.
     """
     for name, v in (("h", h), ("w", w)):
         if isinstance(v, bool) or int(v) != v or v <= 0:
@@ -682,39 +840,95 @@ def target_size(h: int, w: int, scale: Optional[float] = None, long_side: Option
     if long_side is not None:
         if isinstance(long_side, bool) or int(long_side) != long_side or long_side <= 0:
             raise ValueError(f"long_side must be a positive integer (got {long_side!r})")
-        s = int(long_side) / max(h, w)
-        H = int(long_side) if h >= w else max(1, _round(h * s))
-        W = int(long_side) if w >= h else max(1, _round(w * s))
+    elif megapixels is not None:
+        if not (math.isfinite(megapixels) and megapixels > 0):
+            raise ValueError(f"megapixels must be a positive number (got {megapixels!r})")
     else:
-        if megapixels is not None:
-            if not (math.isfinite(megapixels) and megapixels > 0):
-                raise ValueError(f"megapixels must be a positive number (got {megapixels!r})")
-            s = math.sqrt(megapixels * 1e6 / (h * w))
-            what = f"megapixels={megapixels}"
-        else:
-            s = DEFAULT_SCALE if scale is None else float(scale)
-            if not (math.isfinite(s) and s > 0):
-                raise ValueError(f"scale must be a positive number (got {scale!r})")
-            what = f"scale={s:g}"
-        H, W = max(1, _round(h * s)), max(1, _round(w * s))
+        scale = DEFAULT_SCALE if scale is None else float(scale)
+        if not (math.isfinite(scale) and scale > 0):
+            raise ValueError(f"scale must be a positive number (got {scale!r})")
+    H, W = _size_for(h, w, scale, long_side, megapixels)
     if max_output_pixels is not None and H * W > int(max_output_pixels):
-        fit = _largest_scale_within(h, w, int(max_output_pixels))
+        limit = int(max_output_pixels)
+        fit_scale = _largest_scale_within(h, w, limit)
+        fit_long_side = _largest_long_side_within(h, w, limit)
+        fit_megapixels = _largest_megapixels_within(h, w, limit)
+        if long_side is not None:
+            lower = f"Lower the long side (at most {fit_long_side} px for this {w}x{h} input)"
+        elif megapixels is not None:
+            lower = f"Lower the megapixels (at most {fit_megapixels:g} MP for this {w}x{h} input)"
+        else:
+            lower = f"Lower the scale (at most {fit_scale:.2f}x for this {w}x{h} input)"
         raise OutputTooLargeError(
             f"the output would be {W}x{H} = {H * W / 1e6:.1f} megapixels, more than the limit of "
-            f"{int(max_output_pixels) / 1e6:.1f} MP (max_output_pixels={int(max_output_pixels)}). "
-            f"Lower the scale (at most {fit:.2f}x for this {w}x{h} input) or raise the limit "
+            f"{limit / 1e6:.1f} MP (max_output_pixels={limit}). {lower} or raise the limit "
             f"(fluxsr upscale --max-output-megapixels) if this machine has the memory.",
-            size=(H, W), input_size=(h, w), max_scale=fit)
+            size=(H, W), input_size=(h, w), max_scale=fit_scale, max_long_side=fit_long_side,
+            max_megapixels=fit_megapixels)
     return H, W
+
+
+def _size_for(h: int, w: int, scale: Optional[float] = None, long_side: Optional[int] = None,
+              megapixels: Optional[float] = None) -> tuple[int, int]:
+    """The output ``(H, W)`` for one (checked) size request, without the limit."""
+    if long_side is not None:
+        s = int(long_side) / max(h, w)
+        return (int(long_side) if h >= w else max(1, _round(h * s)),
+                int(long_side) if w >= h else max(1, _round(w * s)))
+    s = math.sqrt(megapixels * 1e6 / (h * w)) if megapixels is not None else float(scale)
+    return max(1, _round(h * s)), max(1, _round(w * s))
+
+
+def _fits(size: tuple[int, int], max_pixels: int) -> bool:
+    return size[0] * size[1] <= max_pixels
 
 
 def _largest_scale_within(h: int, w: int, max_pixels: int) -> float:
     """The largest scale with two decimals whose output (sides rounded as above) fits ``max_pixels``:
     advice a user can type back in and have accepted."""
     scale = math.floor(math.sqrt(max_pixels / (h * w)) * 100) / 100
-    while scale > 0.01 and _round(h * scale) * _round(w * scale) > max_pixels:
+    while scale > 0.01 and not _fits(_size_for(h, w, scale=scale), max_pixels):
         scale = round(scale - 0.01, 2)
     return scale
+
+
+def _largest_long_side_within(h: int, w: int, max_pixels: int) -> int:
+    """The largest long side (pixels) whose output fits ``max_pixels`` (the area grows with the
+    long side, so a bisection finds it; a 1 px long side always fits)."""
+    fits, too_big = 1, max_pixels + 1  # the short side is at least 1 px, so this one cannot fit
+    while too_big - fits > 1:
+        middle = (fits + too_big) // 2
+        if _fits(_size_for(h, w, long_side=middle), max_pixels):
+            fits = middle
+        else:
+            too_big = middle
+    return fits
+
+
+def _largest_megapixels_within(h: int, w: int, max_pixels: int) -> float:
+    """The largest megapixels with three significant digits whose output (sides rounded) fits
+    ``max_pixels``; the next such value does not fit. (Rounding the sides may overshoot or fall
+    short of the area asked for, so the threshold is searched for, not computed.)"""
+    def fits(megapixels: float) -> bool:
+        return _fits(_size_for(h, w, megapixels=megapixels), max_pixels)
+
+    # The output area grows with the megapixels asked for, and a 1x1 output always fits.
+    below, above = 0.0, max_pixels / 1e6
+    while fits(above):
+        below, above = above, above * 2
+    for _ in range(80):
+        middle = (below + above) / 2
+        below, above = (middle, above) if fits(middle) else (below, middle)
+    decimals = 2 - math.floor(math.log10(below))
+
+    def typed(value: float) -> float:  # as a user would type it back in
+        return float(f"{value:.{max(decimals, 0)}f}")
+
+    step = 10.0 ** -decimals
+    best = typed(math.floor(below / step) * step)
+    while fits(typed(best + step)):  # the search stopped just short of a value that fits
+        best = typed(best + step)
+    return best
 
 
 def luma(rgb: torch.Tensor) -> torch.Tensor:

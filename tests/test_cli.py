@@ -65,8 +65,9 @@ def test_folder_output_bad_file_fails_alone(tmp_path, photo_png, tiny_model_file
 def test_images_are_saved_while_the_next_upscales_and_a_failed_save_fails_alone(tmp_path, photo_png,
                                                                               tiny_model_files, capsys, monkeypatch):
     """Each save runs in a worker thread during the next image's upscale (one pending at most);
-    a save that fails (here the target name is taken by a folder) is reported for its image,
-    in order, and the other images are written."""
+    a save that fails (here an I/O error, simulated) is reported for its image, in order, naming
+    the file it could not write, and the other images are written."""
+    import errno
     import threading
 
     from fluxsr_core import images
@@ -76,10 +77,15 @@ def test_images_are_saved_while_the_next_upscales_and_a_failed_save_fails_alone(
         sources.append(tmp_path / f"{name}.png")
         sources[-1].write_bytes(photo_png.read_bytes())
     out = tmp_path / "out"
-    (out / "b.png").mkdir(parents=True)  # os.replace cannot put a file there
     threads, original = [], images.save_image
-    monkeypatch.setattr(images, "save_image", lambda *a, **k: threads.append(threading.current_thread().name)
-                        or original(*a, **k))
+
+    def save(path, *args, **kwargs):
+        threads.append(threading.current_thread().name)
+        if Path(path).name == "b.png":
+            raise OSError(errno.EIO, "Input/output error")
+        return original(path, *args, **kwargs)
+
+    monkeypatch.setattr(images, "save_image", save)
     code = cli.main(["upscale"] + [str(p) for p in sources] + ["-o", str(out), "--overwrite", "--scale", "2"]
                     + model_args(tiny_model_files))
     err = capsys.readouterr().err
@@ -88,9 +94,9 @@ def test_images_are_saved_while_the_next_upscales_and_a_failed_save_fails_alone(
     lines = [line for line in err.splitlines() if line.startswith(("ok ", "FAIL "))]
     assert [line.split()[0] + " " + Path(line.split()[1].rstrip(":")).name for line in lines] == \
         ["ok a.png", "FAIL b.png", "ok c.png"]
+    assert f"FAIL {sources[1]}: cannot write {out / 'b.png'}: Input/output error" in err
     assert len(threads) == 3 and all(name.startswith("fluxsr-save") for name in threads)
-    assert (out / "a.png").is_file() and (out / "c.png").is_file() and (out / "b.png").is_dir()
-    assert not [p for p in out.iterdir() if p.name.endswith(".tmp")]
+    assert sorted(p.name for p in out.iterdir()) == ["a.png", "c.png"]  # no temporary files
 
 
 def test_an_output_that_would_replace_an_input_is_refused(tmp_path, photo_png, tiny_model_files, capsys):
@@ -195,6 +201,13 @@ def test_existing_outputs_are_skipped_unless_overwrite(tmp_path, photo_png, tiny
     code = cli.main(["upscale", str(photo_png), "-o", str(target)] + model_args(tiny_model_files))
     assert code == 0 and target.read_bytes() == b"keep me"
     assert "exists" in capsys.readouterr().err
+    code = cli.main(["upscale", str(photo_png), "-o", str(target), "--overwrite", "--megapixels", "0.003"]
+                    + model_args(tiny_model_files))
+    assert code == 0
+    err = capsys.readouterr().err
+    assert "0.003 megapixels (command line)" in err and "scale=" not in err  # what was asked, not a scale
+    with Image.open(target) as im:
+        assert im.size == (61, 49)
     code = cli.main(["upscale", str(photo_png), "-o", str(target), "--overwrite", "--long-side", "64"]
                     + model_args(tiny_model_files))
     assert code == 0
@@ -212,6 +225,10 @@ def test_wrong_file_for_transformer_is_named(tmp_path, photo_png, tiny_model_fil
 
 @pytest.mark.parametrize("extra,msg", [(["--t-l", "1.5"], "T_L"), (["--tile", "100"], "multiple of 16"),
                                        (["--tile", "256", "--tile-overlap", "256"], "overlap"),
+                                       # in pixels, as typed, not in latent units
+                                       (["--tile", "0"], "--tile must be a positive multiple of 16 pixels (got 0)"),
+                                       (["--tile-overlap", "-16"],
+                                        "--tile-overlap must be 0 or a positive multiple of 16 pixels (got -16)"),
                                        (["--speedups", "turbo"], "unknown speed-up"),
                                        (["--speedups", "compile,compile_cudagraphs"], "one of compile"),
                                        (["--speedups", "fuse_qkv", "--no-merge-lora"], "LoRA merged"),
@@ -223,8 +240,29 @@ def test_impossible_settings(tmp_path, photo_png, tiny_model_files, capsys, extr
 
 
 def test_many_inputs_to_a_file_name_is_refused(tmp_path, photo_png, capsys):
-    code = cli.main(["upscale", str(photo_png), str(photo_png), "-o", str(tmp_path / "x.png")])
-    assert code == 2 and "folder" in capsys.readouterr().err
+    second = tmp_path / "second.png"
+    second.write_bytes(photo_png.read_bytes())
+    code = cli.main(["upscale", str(photo_png), str(second), "-o", str(tmp_path / "x.png")])
+    assert code == 2 and "there are 2 inputs; give a folder" in capsys.readouterr().err
+
+
+def test_the_same_file_given_twice_is_named_as_such(tmp_path, photo_png, capsys):
+    """Twice by the same name, by a linked folder, or once by name and once in its folder: one file,
+    so the message says so (not "rename one of each"), and nothing is loaded or written."""
+    folder = tmp_path / "in"
+    folder.mkdir()
+    (folder / "b.png").write_bytes(photo_png.read_bytes())
+    (tmp_path / "link").symlink_to(folder)
+    out = tmp_path / "out"
+    for inputs, said in (([folder / "b.png", folder / "b.png"], f"{folder / 'b.png'} is given twice"),
+                         ([folder / "b.png", tmp_path / "link" / "b.png"],
+                          f"{folder / 'b.png'} and {tmp_path / 'link' / 'b.png'} are the same file"),
+                         ([folder, folder / "b.png"], f"{folder / 'b.png'} is given twice")):
+        for target in (out, tmp_path / "one.png"):
+            code = cli.main(["upscale", *map(str, inputs), "-o", str(target)])
+            err = capsys.readouterr().err
+            assert code == 2 and said in err and "give each input once" in err and "rename" not in err, inputs
+    assert not out.exists() and not (tmp_path / "one.png").exists()
 
 
 def test_speedups_give_the_same_image(tmp_path, photo_png, tiny_model_files, capsys):
@@ -442,3 +480,246 @@ def test_a_bundle_and_a_lora_that_disagree_are_warned_about(tmp_path, photo_png,
     assert "T_L=0.4 (bundle" in err
     assert cli.main(args[:1] + [args[1], "-o", str(tmp_path / "b.png")] + args[4:] + ["--t-l", "0.35"]) == 0
     assert "disagree" not in capsys.readouterr().err
+
+
+def test_bad_headers_fail_before_the_models_load(tmp_path, photo_png, tiny_model_files, capsys, monkeypatch):
+    """Not an image, empty, a PNG cut inside its header, and an output over the limit (the size asked
+    by long side: the advice is a long side) are each found from the header, named and counted
+    before the models load; the good input still runs, and alone they never load the models."""
+    bad = {"text.png": b"hello, not an image\n", "empty.png": b"",
+           "cut.png": photo_png.read_bytes()[:40]}
+    for name, data in bad.items():
+        (tmp_path / name).write_bytes(data)
+    out = tmp_path / "out"
+    inputs = [str(tmp_path / name) for name in bad]
+    code = cli.main(["upscale", *inputs, str(photo_png), "-o", str(out), "--long-side", "64"]
+                    + model_args(tiny_model_files))
+    err = capsys.readouterr().err
+    assert code == 1 and "Traceback" not in err
+    loaded_at = err.index("fluxsr: device")
+    for name, said in (("text.png", "not an image"), ("empty.png", "empty (0 bytes)"),
+                       ("cut.png", "starts like a PNG file")):
+        assert f"FAIL {tmp_path / name}: " in err and said in err, name
+        assert err.index(f"FAIL {tmp_path / name}") < loaded_at, name  # said before the models load
+    assert "1 upscaled, 0 skipped, 3 failed" in err and sorted(p.name for p in out.iterdir()) == [photo_png.name]
+    # D5: the log says what was asked for, not a scale nobody gave
+    assert "long side 64 px (command line)" in err[loaded_at:] and "scale=" not in err
+
+    monkeypatch.setattr(cli, "_load_pipeline", lambda *a: pytest.fail("models loaded for nothing"))
+    code = cli.main(["upscale", *inputs, str(photo_png), "-o", str(tmp_path / "out2"), "--long-side", "4000",
+                     "--max-output-megapixels", "1"] + model_args(tiny_model_files))
+    err = capsys.readouterr().err
+    assert code == 1 and "0 upscaled, 0 skipped, 4 failed" in err
+    assert f"FAIL {photo_png}: the output would be 4000x3200" in err
+    assert "Lower the long side (at most 1118 px for this 40x32 input)" in err
+    assert not (tmp_path / "out2").exists()
+
+
+def test_an_input_without_read_permission_fails_clearly_before_loading(tmp_path, photo_png, tiny_model_files,
+                                                                       capsys, monkeypatch):
+    """Opening it is refused (simulated: tests run as root): a FAIL line saying so and what to check,
+    not a raw Errno after the models load; the other input still runs."""
+    from PIL import Image as PILImage
+
+    locked = tmp_path / "locked.png"
+    locked.write_bytes(photo_png.read_bytes())
+    real_open = PILImage.open
+
+    def open_(fp, *args, **kwargs):
+        if Path(fp) == locked:
+            raise PermissionError(13, "Permission denied", str(fp))
+        return real_open(fp, *args, **kwargs)
+
+    monkeypatch.setattr(PILImage, "open", open_)
+    out = tmp_path / "out"
+    code = cli.main(["upscale", str(locked), str(photo_png), "-o", str(out), "--scale", "2"]
+                    + model_args(tiny_model_files))
+    err = capsys.readouterr().err
+    assert code == 1 and "Errno" not in err
+    assert f"FAIL {locked}: cannot read '{locked}': permission denied; check its permissions" in err
+    assert err.index("FAIL") < err.index("fluxsr: device")
+    assert "1 upscaled, 0 skipped, 1 failed" in err and sorted(p.name for p in out.iterdir()) == [photo_png.name]
+
+
+def test_an_output_that_is_a_broken_link_is_refused_before_loading(tmp_path, photo_png, tiny_model_files, capsys,
+                                                                   monkeypatch):
+    """-o naming a link to a folder that is not there (an unmounted drive), or a place under one, or a
+    .png name that is such a link: a usage error naming the link and its target, nothing computed."""
+    monkeypatch.setattr(cli, "_load_pipeline", lambda *a: pytest.fail("models loaded for nothing"))
+    dangling = tmp_path / "dangling_out"
+    dangling.symlink_to(tmp_path / "unmounted" / "outdir")
+    file_link = tmp_path / "one.png"
+    file_link.symlink_to(tmp_path / "unmounted" / "one.png")
+    for target, link in ((dangling, dangling), (dangling / "sub", dangling), (file_link, file_link)):
+        code = cli.main(["upscale", str(photo_png), "-o", str(target)] + model_args(tiny_model_files))
+        err = capsys.readouterr().err
+        assert code == 2 and "Traceback" not in err, target
+        assert f"{link} is a broken symbolic link" in err and str(tmp_path / "unmounted") in err, target
+    assert not (tmp_path / "unmounted").exists()
+
+
+def test_an_output_name_taken_by_a_folder_fails_before_loading(tmp_path, photo_png, tiny_model_files, capsys,
+                                                               monkeypatch):
+    """out/astronaut.png is a folder: not "skipped: exists", and not a failure after the upscale
+    showing a temporary name; a FAIL naming the folder, with or without --overwrite, and the folder
+    is left alone."""
+    monkeypatch.setattr(cli, "_load_pipeline", lambda *a: pytest.fail("models loaded for nothing"))
+    out = tmp_path / "out"
+    (out / photo_png.name).mkdir(parents=True)
+    for extra in ([], ["--overwrite"]):
+        code = cli.main(["upscale", str(photo_png), "-o", str(out)] + model_args(tiny_model_files) + extra)
+        err = capsys.readouterr().err
+        assert code == 1 and f"skip {photo_png}" not in err and ".tmp" not in err, extra
+        assert f"FAIL {photo_png}: cannot write {out / photo_png.name}: a folder of that name is in the way" in err
+        assert "0 upscaled, 0 skipped, 1 failed" in err
+    assert (out / photo_png.name).is_dir() and list((out / photo_png.name).iterdir()) == []
+
+
+def test_a_full_disk_stops_the_run_and_keeps_what_is_done(tmp_path, photo_png, tiny_model_files, capsys,
+                                                          monkeypatch):
+    """The second write fails with ENOSPC (simulated): its FAIL line names the file, the run stops
+    (every later write would fail too; the image upscaled meanwhile is not written, the last is never
+    upscaled), the finished output is kept, and the log says how to go on. Exit 1, like failures."""
+    import errno
+
+    from fluxsr_core import images, upscaler
+
+    sources = []
+    for name in ("a", "b", "c", "d"):
+        sources.append(tmp_path / f"{name}.png")
+        sources[-1].write_bytes(photo_png.read_bytes())
+    out = tmp_path / "out"
+    original_save, original_upscale, upscaled = images.save_image, upscaler.upscale_loaded_image, []
+
+    def save(path, *args, **kwargs):
+        if Path(path).name == "b.png":
+            raise OSError(errno.ENOSPC, "No space left on device")
+        return original_save(path, *args, **kwargs)
+
+    def upscale(loaded, *args, **kwargs):
+        upscaled.append(Path(loaded.path).name)
+        return original_upscale(loaded, *args, **kwargs)
+
+    monkeypatch.setattr(images, "save_image", save)
+    monkeypatch.setattr(upscaler, "upscale_loaded_image", upscale)
+    code = cli.main(["upscale", *map(str, sources), "-o", str(out), "--scale", "2"] + model_args(tiny_model_files))
+    err = capsys.readouterr().err
+    assert code == 1 and "Traceback" not in err
+    assert f"FAIL {sources[1]}: cannot write {out / 'b.png'}: No space left on device" in err
+    assert upscaled == ["a.png", "b.png", "c.png"]
+    assert f"stopped: no room left to write in {out}" in err and "The 1 finished output(s) are kept; 2 image(s) not " \
+        "done. Free some space and run the same command again" in err
+    assert "1 upscaled, 0 skipped, 1 failed" in err
+    assert sorted(p.name for p in out.iterdir()) == ["a.png"]
+
+
+def test_sigterm_stops_like_ctrl_c_and_the_old_handler_comes_back(tmp_path, photo_png, tiny_model_files, capsys,
+                                                                  monkeypatch):
+    """SIGTERM (kill, timeout, a scheduler) during the second upscale: the first image's write is
+    finished, the counts are printed, no temporary file is left; exit 143; the caller's own SIGTERM
+    handler is back afterwards (here one that fails the test if fluxsr let SIGTERM through)."""
+    import signal
+
+    from fluxsr_core import upscaler
+
+    def not_handled(signum, frame):
+        raise AssertionError("SIGTERM reached the caller's handler during the run")
+
+    old = signal.signal(signal.SIGTERM, not_handled)
+    try:
+        sources = []
+        for name in ("a", "b", "c"):
+            sources.append(tmp_path / f"{name}.png")
+            sources[-1].write_bytes(photo_png.read_bytes())
+        calls, real = [], upscaler.upscale_loaded_image
+
+        def terminated_at_the_second(*args, **kwargs):
+            calls.append(1)
+            if len(calls) == 2:
+                signal.raise_signal(signal.SIGTERM)  # the handler runs before this returns
+            return real(*args, **kwargs)
+
+        monkeypatch.setattr(upscaler, "upscale_loaded_image", terminated_at_the_second)
+        out = tmp_path / "out"
+        code = cli.main(["upscale", *map(str, sources), "-o", str(out), "--scale", "2"]
+                        + model_args(tiny_model_files))
+        err = capsys.readouterr().err
+        assert signal.getsignal(signal.SIGTERM) is not_handled
+    finally:
+        signal.signal(signal.SIGTERM, old)
+    assert code == 143 and "Traceback" not in err
+    assert "terminated (SIGTERM)" in err and "1 upscaled, 2 not done, 0 failed" in err and "Run the same command" in err
+    assert sorted(p.name for p in out.iterdir()) == ["a.png"]  # written whole; no temporary files
+
+
+def test_a_second_ctrl_c_while_the_last_write_finishes_still_reports(tmp_path, photo_png, tiny_model_files, capsys,
+                                                                     monkeypatch):
+    """Ctrl-C during the second upscale, and again while the first image's write is waited for: the
+    write is still finished and reported, the counts are printed, no temporary file is left."""
+    from concurrent.futures import Future
+
+    from fluxsr_core import upscaler
+
+    sources = []
+    for name in ("a", "b", "c"):
+        sources.append(tmp_path / f"{name}.png")
+        sources[-1].write_bytes(photo_png.read_bytes())
+    calls, real_upscale, real_result = [], upscaler.upscale_loaded_image, Future.result
+    second_interrupt = []
+
+    def interrupted_while_waiting(self, *args, **kwargs):
+        if not second_interrupt:  # the first wait after the first Ctrl-C: a second Ctrl-C
+            second_interrupt.append(1)
+            raise KeyboardInterrupt
+        return real_result(self, *args, **kwargs)
+
+    def ctrl_c_at_the_second(*args, **kwargs):
+        calls.append(1)
+        if len(calls) == 2:
+            monkeypatch.setattr(Future, "result", interrupted_while_waiting)
+            raise KeyboardInterrupt
+        return real_upscale(*args, **kwargs)
+
+    monkeypatch.setattr(upscaler, "upscale_loaded_image", ctrl_c_at_the_second)
+    out = tmp_path / "out"
+    code = cli.main(["upscale", *map(str, sources), "-o", str(out), "--scale", "2"] + model_args(tiny_model_files))
+    err = capsys.readouterr().err
+    assert second_interrupt and code == 130 and "Traceback" not in err
+    assert f"finishing the write of {out / 'a.png'}" in err and f"ok   {sources[0]} -> {out / 'a.png'}" in err
+    assert "interrupted after" in err and "1 upscaled, 2 not done, 0 failed" in err
+    assert sorted(p.name for p in out.iterdir()) == ["a.png"]
+
+
+def test_folder_scans_skip_hidden_files_and_take_heic_when_it_can_be_read(tmp_path, photo_png, monkeypatch):
+    """.hidden.png and macOS's ._x.png AppleDouble files are not inputs of a folder scan (one given by
+    name is); .heic files are, where pillow-heif is installed (simulated)."""
+    from fluxsr_core import images
+
+    folder = tmp_path / "in"
+    folder.mkdir()
+    for name in ("a.png", ".hidden.png", "._a.png", "photo.heic"):
+        (folder / name).write_bytes(photo_png.read_bytes())
+    monkeypatch.setattr(images, "optional_image_suffixes", lambda: frozenset())
+    jobs, unreadable = cli.collect_jobs([folder], tmp_path / "out")
+    assert [j.source.name for j in jobs] == ["a.png"] and unreadable == []
+    jobs, _ = cli.collect_jobs([folder / ".hidden.png"], tmp_path / "out")
+    assert [j.target.name for j in jobs] == [".hidden.png"]
+    monkeypatch.setattr(images, "optional_image_suffixes", lambda: frozenset({".heic", ".heif"}))
+    jobs, _ = cli.collect_jobs([folder], tmp_path / "out")
+    assert [j.source.name for j in jobs] == ["a.png", "photo.heic"]
+    assert jobs[1].target == tmp_path / "out" / "photo.png"
+
+
+def test_output_names_a_folder_with_a_slash_and_other_image_suffixes_are_refused(tmp_path, photo_png,
+                                                                                 tiny_model_files, capsys):
+    """-o x.png/ is a folder (created, the output inside it); -o x.exr, x.jxl... are file names in
+    formats FluxSR does not write, refused as .jpg is, not silently made into folders."""
+    for suffix in (".exr", ".hdr", ".jxl", ".avif", ".heic", ".jp2"):
+        target = tmp_path / f"x{suffix}"
+        code = cli.main(["upscale", str(photo_png), "-o", str(target)] + model_args(tiny_model_files))
+        err = capsys.readouterr().err
+        assert code == 2 and "outputs are written as PNG" in err and f"-o {tmp_path / 'x.png'}" in err, suffix
+        assert not target.exists(), suffix
+    target = tmp_path / "x.png"
+    assert cli.main(["upscale", str(photo_png), "-o", f"{target}/", "--scale", "2"] + model_args(tiny_model_files)) == 0
+    assert target.is_dir() and sorted(p.name for p in target.iterdir()) == [photo_png.name]

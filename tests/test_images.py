@@ -3,6 +3,7 @@ resize/pad/crop and the output-size arithmetic."""
 
 from __future__ import annotations
 
+import math
 import os
 import struct
 import zlib
@@ -161,6 +162,7 @@ def test_float_tiff_holding_0_255_is_read_as_8bit_values(tmp_path):
     a = np.arange(0, 256, 17, dtype=np.float32).reshape(4, 4)
     Image.fromarray(a, mode="F").save(tmp_path / "f255.tif")
     li = load_image(tmp_path / "f255.tif")
+    assert li.bit_depth == 8  # 8-bit values: written back as 8-bit, not 16
     assert torch.allclose(li.rgb[0, 0], torch.from_numpy(a / 255), atol=1e-6)
     assert float(li.rgb.max()) == 1.0 and float(li.rgb.min()) == 0.0
     assert len(li.notes) == 1 and "divided by 255" in li.notes[0] and "f255.tif" in li.notes[0]
@@ -171,6 +173,48 @@ def test_float_tiff_holding_0_255_is_read_as_8bit_values(tmp_path):
     li = load_image(tmp_path / "fnan.tif")
     assert li.rgb[0, 0, 0, :3].tolist() == [0.0, 1.0, pytest.approx(34 / 255)]
     assert any("NaN" in n for n in li.notes) and any("divided by 255" in n for n in li.notes)
+
+
+def test_float_tiff_of_resampled_8bit_values_is_read_as_0_255(tmp_path, rng):
+    """8-bit values that went through float resampling are no longer whole numbers, but most pixels
+    are far above 1: still 0..255."""
+    a = (rng.random((16, 16)) * 255).astype(np.float32)
+    a[0, 0] = 0.4  # a few dark pixels below 1 change nothing
+    Image.fromarray(a, mode="F").save(tmp_path / "r.tif")
+    li = load_image(tmp_path / "r.tif")
+    assert li.bit_depth == 8 and any("divided by 255" in n for n in li.notes)
+    assert torch.allclose(li.rgb[0, 0], torch.from_numpy(a / np.float32(255)), atol=1e-6)
+
+
+def test_float_tiff_with_hdr_highlights_is_refused_not_read_as_0_255(tmp_path, rng):
+    """A 0..1 picture with a small patch of highlights at 4.0: the maximum says "above 2", but the
+    values are fractional and almost all at most 1, so reading it as 0..255 (a black picture) is
+    wrong; it is refused with advice to tone-map."""
+    a = rng.random((40, 40)).astype(np.float32) * np.float32(0.9) + np.float32(0.01)
+    a[:4, :4] = 4.0
+    Image.fromarray(a, mode="F").save(tmp_path / "hdr.tif")
+    with pytest.raises(I.FloatRangeError, match=r"hdr.tif.*HDR.*highlights.*1.00% of the values are above 1.1"
+                                                r".*whole numbers.*black.*[Tt]one-map it to 0..1") as exc:
+        load_image(tmp_path / "hdr.tif")
+    assert f"{float(a.min()):.4g} to 4" in str(exc.value)
+    # the same picture as whole numbers up to 255 (8-bit values stored as float): 0..255, as documented
+    Image.fromarray(np.round(a / 4 * 255), mode="F").save(tmp_path / "whole.tif")
+    li = load_image(tmp_path / "whole.tif")
+    assert li.bit_depth == 8 and float(li.rgb.max()) == 1.0 and any("divided by 255" in n for n in li.notes)
+
+
+def test_float32_maximum_of_1_1_is_within_the_10_percent(tmp_path):
+    """float32(1.1) is 1.10000002 in float64: "give or take 10%" accepts it (clipped, with a note),
+    and float32(-0.1) at the other end too; a little further out is still refused."""
+    a = np.array([[-0.1, 0.25], [0.75, 1.1]], np.float32)
+    assert float(a.max()) > 1.1
+    Image.fromarray(a, mode="F").save(tmp_path / "f.tif")
+    li = load_image(tmp_path / "f.tif")
+    assert li.rgb[0, 0].tolist() == [[0.0, 0.25], [0.75, 1.0]]
+    assert any("clipped" in n for n in li.notes)
+    Image.fromarray(np.array([[0.0, 0.5], [0.25, 1.1001]], np.float32), mode="F").save(tmp_path / "g.tif")
+    with pytest.raises(I.FloatRangeError, match="neither 0..1"):
+        load_image(tmp_path / "g.tif")
 
 
 @pytest.mark.parametrize("values,hint", [
@@ -200,6 +244,12 @@ def test_float_colour_tiff_error_says_what_pillow_reads(tmp_path):
     tifffile.imwrite(tmp_path / "rgb32f.tif", np.zeros((4, 5, 3), np.float32), photometric="rgb")
     with pytest.raises(NotAnImageError, match="rgb32f.tif.*float.*one channel.*16-bit"):
         load_image(tmp_path / "rgb32f.tif")
+    # the same hint fits integer colour and half-float TIFFs, which Pillow cannot open either
+    tifffile.imwrite(tmp_path / "rgb32i.tif", np.zeros((4, 5, 3), np.int32), photometric="rgb")
+    tifffile.imwrite(tmp_path / "half.tif", np.zeros((4, 5), np.float16))
+    for name in ("rgb32i.tif", "half.tif"):
+        with pytest.raises(NotAnImageError, match="32-bit samples .float or integer.*16- or 64-bit floats"):
+            load_image(tmp_path / name)
 
 
 # 32-bit integer samples (Pillow mode "I"): 8-bit values in a 32-bit container are common, a 16-bit
@@ -225,6 +275,7 @@ def test_int32_tiff_holding_0_255_is_read_as_8bit_values(tmp_path):
     for f in _int32_tiffs(tmp_path, INT_8BIT_VALUES):
         li = load_image(f)
         assert li.source_mode == "I" and li.grayscale and li.alpha is None, f.name
+        assert li.bit_depth == 8, f.name  # written back as 8-bit
         assert li.rgb[0, 0].tolist() == (INT_8BIT_VALUES.astype(np.float32) / np.float32(255)).tolist(), f.name
         assert np.array_equal(u8(li.rgb)[..., 0], INT_8BIT_VALUES), f.name
         assert len(li.notes) == 1, f.name
@@ -240,16 +291,25 @@ def test_int32_tiff_above_255_is_read_as_16bit(tmp_path):
         assert li.notes == [], f.name
 
 
-def test_dark_16bit_images_stay_16bit(tmp_path):
+def test_dark_16bit_images_stay_16bit_with_a_note(tmp_path):
     """16-bit samples with a maximum of 255 are a dark 16-bit image, whatever Pillow's mode: an
-    I;16 PNG, and a signed 16-bit TIFF (which Pillow opens as mode I)."""
+    I;16 PNG, a signed 16-bit TIFF (which Pillow opens as mode I), a 16-bit RGB PNG. They are read
+    as they are, and the note says the result will be nearly black and that 8-bit data belongs
+    in an 8-bit file. One level brighter, nothing is said."""
     tifffile = pytest.importorskip("tifffile")
     Image.fromarray(INT_8BIT_VALUES.astype(np.uint16)).save(tmp_path / "dark16.png")
     tifffile.imwrite(tmp_path / "dark16s.tif", INT_8BIT_VALUES.astype(np.int16))
-    for name, mode in (("dark16.png", "I;16"), ("dark16s.tif", "I")):
+    rgb = np.stack([INT_8BIT_VALUES] * 3, axis=-1).astype(np.uint16)
+    write_png16_all_filters(tmp_path / "dark16rgb.png", rgb)
+    for name, mode in (("dark16.png", "I;16"), ("dark16s.tif", "I"), ("dark16rgb.png", "RGB;16")):
         li = load_image(tmp_path / name)
-        assert li.source_mode == mode and li.bit_depth == 16 and li.notes == [], name
+        assert li.source_mode == mode and li.bit_depth == 16, name
         assert np.array_equal(u16(li.rgb)[..., 0], INT_8BIT_VALUES), name
+        assert len(li.notes) == 1 and name in li.notes[0], name
+        assert "0 to 255 of 65535" in li.notes[0] and "nearly black" in li.notes[0], name
+        assert "save the file as 8-bit" in li.notes[0], name
+    Image.fromarray(np.array([[0, 256]], np.uint16)).save(tmp_path / "not_dark.png")
+    assert load_image(tmp_path / "not_dark.png").notes == []
 
 
 @pytest.mark.parametrize("dtype,values,shown,hint", [
@@ -313,6 +373,15 @@ def test_animated_gif_first_frame_with_note(tmp_path):
     li = load_image(tmp_path / "a.gif")
     assert u8(li.rgb)[0, 0].tolist() == [255, 0, 0]
     assert any("first" in n and "3 frames" in n for n in li.notes)
+
+
+def test_multipage_tiff_is_called_a_multi_page_file(tmp_path):
+    """Pillow calls a multi-page TIFF "animated"; the note calls it what it is."""
+    tifffile = pytest.importorskip("tifffile")
+    tifffile.imwrite(tmp_path / "pages.tif", np.stack([np.zeros((8, 8), np.uint8), np.full((8, 8), 9, np.uint8)]))
+    li = load_image(tmp_path / "pages.tif")
+    assert li.notes == ["pages.tif is a multi-page file with 2 frames; only the first was used"]
+    assert u8(li.rgb).max() == 0
 
 
 def test_cmyk_becomes_rgb(tmp_path):
@@ -394,6 +463,81 @@ def test_truncated(tmp_path, rng, fmt):
     (tmp_path / f"cut.{fmt}").write_bytes(data[: len(data) // 2])
     with pytest.raises(TruncatedImageError, match=f"cut.{fmt}.*truncated.*re-download"):
         load_image(tmp_path / f"cut.{fmt}")
+
+
+def test_a_png_cut_inside_its_header_is_called_damaged(tmp_path, rng):
+    """The first 40 bytes of a real PNG: Pillow cannot identify it, but it starts like a PNG, so it
+    is damaged or incomplete, not an unknown format."""
+    Image.fromarray(rng.integers(0, 256, (8, 8, 3), dtype=np.uint8)).save(tmp_path / "full.png")
+    (tmp_path / "head.png").write_bytes((tmp_path / "full.png").read_bytes()[:40])
+    for call in (load_image, I.probe_image):
+        with pytest.raises(TruncatedImageError, match=r"head.png.*starts like a PNG file.*damaged or incomplete"):
+            call(tmp_path / "head.png")
+
+
+def _png_header_only(path, w, h):
+    """A PNG that claims ``w x h`` pixels and holds a few bytes of data."""
+    path.write_bytes(b"\x89PNG\r\n\x1a\n" + _chunk(b"IHDR", struct.pack(">IIBBBBB", w, h, 8, 0, 0, 0, 0))
+                     + _chunk(b"IDAT", zlib.compress(b"\x00" * 64)) + _chunk(b"IEND", b""))
+
+
+def test_probe_image_reads_the_header_only(tmp_path):
+    """probe_image returns (height, width) without decoding a pixel (this file's data would fail as
+    truncated), and passes the size to check_size, whose error comes out as it is."""
+    _png_header_only(tmp_path / "claims.png", 6000, 4000)
+    seen = []
+    assert I.probe_image(tmp_path / "claims.png", max_pixels=None, check_size=lambda h, w: seen.append((h, w))) \
+        == (4000, 6000)
+    assert seen == [(4000, 6000)]
+    with pytest.raises(TruncatedImageError):
+        load_image(tmp_path / "claims.png", max_pixels=None)  # the pixels are not there
+
+    def refuse(h, w):
+        raise OutputTooLargeError(f"no room for {w}x{h}")
+
+    with pytest.raises(OutputTooLargeError, match="no room for 6000x4000"):
+        I.probe_image(tmp_path / "claims.png", max_pixels=None, check_size=refuse)
+    with pytest.raises(ImageTooLargeError, match="6000x4000"):
+        I.probe_image(tmp_path / "claims.png", max_pixels=1000)
+    before = Image.MAX_IMAGE_PIXELS
+    (tmp_path / "e.png").write_bytes(b"")
+    (tmp_path / "t.png").write_text("not a picture")
+    for name, error in (("e.png", EmptyImageFileError), ("t.png", NotAnImageError), ("nope.png", ImageNotFoundError)):
+        with pytest.raises(error, match=name):
+            I.probe_image(tmp_path / name)
+    assert Image.MAX_IMAGE_PIXELS == before
+
+
+def test_a_file_without_read_permission_says_so(tmp_path, monkeypatch):
+    """Opening the file is refused (simulated: root may read anything): a clear message naming the
+    file and what to check, from probe_image and load_image, not a raw Errno."""
+    Image.new("RGB", (3, 2)).save(tmp_path / "locked.png")
+    real_open = Image.open
+
+    def open_(fp, *args, **kwargs):
+        if Path(fp).name == "locked.png":
+            raise PermissionError(13, "Permission denied", str(fp))
+        return real_open(fp, *args, **kwargs)
+
+    monkeypatch.setattr(Image, "open", open_)
+    for call in (I.probe_image, load_image):
+        with pytest.raises(I.UnreadableImageError) as exc:
+            call(tmp_path / "locked.png")
+        assert str(exc.value).startswith(f"cannot read '{tmp_path / 'locked.png'}': permission denied; check its "
+                                         f"permissions")
+        assert "Errno" not in str(exc.value) and isinstance(exc.value, ImageFileError)
+
+
+def test_heic_is_a_scanned_suffix_only_with_pillow_heif(monkeypatch):
+    import sys
+    import types
+
+    registered = []
+    monkeypatch.setitem(sys.modules, "pillow_heif", None)  # not installed: importing it fails
+    assert ".heic" not in I.optional_image_suffixes()
+    monkeypatch.setitem(sys.modules, "pillow_heif",
+                        types.SimpleNamespace(register_heif_opener=lambda: registered.append(1)))
+    assert {".heic", ".heif"} <= I.optional_image_suffixes() and registered
 
 
 def test_decompression_bomb_guard(tmp_path):
@@ -550,6 +694,32 @@ def test_too_large_advice_is_a_scale_that_is_accepted(h, w, limit):
     assert H * W <= limit
     with pytest.raises(OutputTooLargeError):
         target_size(h, w, scale=advised + 0.01, max_output_pixels=limit)
+
+
+@pytest.mark.parametrize("h, w, limit", [(700, 1000, 8192 * 8192), (13, 17, 1000), (999, 1001, 4_000_000),
+                                         (3, 5000, 1_000_000)])
+def test_too_large_advice_is_in_the_terms_asked(h, w, limit):
+    """Asked by long side or megapixels, the advice is the largest long side / megapixels that fit,
+    which typed back in as printed is accepted, and one step more is not."""
+    with pytest.raises(OutputTooLargeError) as info:
+        target_size(h, w, long_side=100 * max(h, w), max_output_pixels=limit)
+    side = info.value.max_long_side
+    assert f"Lower the long side (at most {side} px for this {w}x{h} input)" in str(info.value)
+    assert "Lower the scale" not in str(info.value)
+    H, W = target_size(h, w, long_side=side, max_output_pixels=limit)
+    assert max(H, W) == side and H * W <= limit
+    with pytest.raises(OutputTooLargeError):
+        target_size(h, w, long_side=side + 1, max_output_pixels=limit)
+
+    with pytest.raises(OutputTooLargeError) as info:
+        target_size(h, w, megapixels=limit / 1e6 * 2, max_output_pixels=limit)
+    printed = f"{info.value.max_megapixels:g}"
+    assert f"Lower the megapixels (at most {printed} MP for this {w}x{h} input)" in str(info.value)
+    H, W = target_size(h, w, megapixels=float(printed), max_output_pixels=limit)
+    assert H * W <= limit
+    next_value = float(printed) + 10.0 ** (math.floor(math.log10(float(printed))) - 2)  # three digits
+    with pytest.raises(OutputTooLargeError):
+        target_size(h, w, megapixels=next_value, max_output_pixels=limit)
 
 
 def test_resize_basic():
