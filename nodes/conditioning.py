@@ -50,11 +50,7 @@ class FluxSRConditioning:
     @classmethod
     def VALIDATE_INPUTS(cls, bundle):
         # Only bundle: ComfyUI skips its own min/max checks for every input named here.
-        try:
-            paths.resolve_bundle(bundle)
-        except FileNotFoundError as exc:
-            return str(exc)
-        return True
+        return paths.validation_answer(paths.resolve_bundle, bundle)
 
     def load(self, bundle, guidance=0.0):
         path = paths.resolve_bundle(bundle)

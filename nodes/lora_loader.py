@@ -55,11 +55,7 @@ class FluxSRLoraLoader:
     @classmethod
     def VALIDATE_INPUTS(cls, lora_name):
         # Only lora_name: ComfyUI skips its own min/max checks for every input named here.
-        try:
-            paths.resolve_lora(lora_name)
-        except FileNotFoundError as exc:
-            return str(exc)
-        return True
+        return paths.validation_answer(paths.resolve_lora, lora_name)
 
     def load(self, model, lora_name, strength_model=1.0):
         path = paths.resolve_lora(lora_name)

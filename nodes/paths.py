@@ -143,6 +143,16 @@ def resolve_lora(name: str) -> str:
     return path
 
 
+def validation_answer(resolve, name: str):
+    """ComfyUI's VALIDATE_INPUTS answer for a file input: True, or the message saying why
+    ``resolve(name)`` cannot find it (shown at queue time, before anything runs)."""
+    try:
+        resolve(name)
+    except FileNotFoundError as exc:
+        return str(exc)
+    return True
+
+
 def file_signature(path: str) -> str:
     """Size and modification time: changes when the file is replaced or rewritten."""
     st = os.stat(path)
