@@ -345,6 +345,11 @@ def test_refusals_come_before_any_model_is_built_or_any_file_written(pairs, tmp_
                             "train.resume=latest"))
     with pytest.raises(FileNotFoundError, match="no such checkpoint"):
         T.train(tiny_config(pairs, tmp_path / "fresh", *common, f"train.resume={str(tmp_path / 'nowhere')!r}"))
+    # a resume with nothing left to train (it reported "loss nan" before)
+    with pytest.raises(ConfigError, match=r"is at step 2 and train.max_steps is 2: nothing is left to train.*"
+                                          r"train.max_steps=4"):
+        T.train(tiny_config(pairs, run, "train.max_steps=2", "checkpoint.every=2", "ema.enabled=false",
+                            f"data.conditioning={str(trained_with)!r}", "train.resume=latest"))
     assert file_hashes(run) == before and not (tmp_path / "fresh").exists()
 
 
@@ -680,8 +685,12 @@ def test_cli_ctrl_c_writes_a_checkpoint_and_says_how_to_continue(pairs, tmp_path
 def test_cli_summary_names_the_step_of_its_validation_and_warns_of_a_long_warm_up(pairs, tmp_path, capsys):
     from fluxsr_training.cli import main
 
+    # no --config: the shipped train_default, whose accumulation, workers and checkpointing the
+    # tiny run turns off again
     assert main(["train", *tiny_overrides(pairs, tmp_path / "run", "train.max_steps=2", "data.holdout=1",
-                                          "validation.every=5", "optim.warmup_steps=5", "train.log_every=1")]) == 0
+                                          "validation.every=5", "optim.warmup_steps=5", "train.log_every=1",
+                                          "train.gradient_accumulation_steps=1", "data.num_workers=0",
+                                          "model.gradient_checkpointing=false")]) == 0
     out = capsys.readouterr().out
     assert re.search(r"train: step 2/2, loss [0-9.]+, validation PSNR [0-9.]+ dB at step 0 \(before training\)", out)
     assert "optim.warmup_steps=5 is not shorter than train.max_steps=2: the learning rate is still warming up" in out
@@ -713,3 +722,8 @@ def test_cli_train_config_resolution(capsys, tmp_path):
     assert "shipped config" in capsys.readouterr().err
     assert main(["train", "optim.lr=-1", "model.transformer=tiny", "model.vae=tiny", "data.pairs=x"]) == 2
     assert "optim.lr must be positive" in capsys.readouterr().err
+    # without --config the shipped defaults the README documents, not the dataclasses' own
+    assert main(["train", "--print-config", "data.pairs=/d"]) == 0
+    (tmp_path / "plain.toml").write_text(capsys.readouterr().out)
+    assert T.load_train_config(tmp_path / "plain.toml") == T.load_train_config(shipped_config("train_default"),
+                                                                                ["data.pairs=/d"])

@@ -268,7 +268,10 @@ def build_parser() -> tuple[argparse.ArgumentParser, list[str]]:
                          "their files to <folder>/quarantine/, so pairs makes them again and train runs")
 
     pt = sub.add_parser("train", help="distil the one-step student (FTD + MSE + TV-LPIPS + ADL)")
-    pt.add_argument("--config", help="TOML config (path, or a shipped name: train_default, train_tiny)")
+    # The shipped defaults by default: the values the README documents (the dataclasses' own
+    # defaults are the Python API's and differ, e.g. no accumulation, no held-out pairs).
+    pt.add_argument("--config", default="train_default",
+                    help="TOML config (path, or a shipped name: train_default (the default), train_tiny)")
     pt.add_argument("--resume", nargs="?", const="latest", default=None,
                     help="continue from the newest checkpoint of train.output_dir (no value / 'latest') or a "
                          "checkpoint folder")

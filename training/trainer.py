@@ -1244,6 +1244,13 @@ class _Run:
             raise ConfigError(f"{self.out} already holds checkpoints ({existing[-1].name} the newest): continue "
                               "that run with --resume latest, or give this one its own train.output_dir")
         self.resume_state = _read_state(resume_from) if resume_from is not None else {}
+        done = int(self.resume_state.get("step", 0) or 0)
+        if resume_from is not None and done >= cfg.train.max_steps:
+            # Nothing would be trained, and the summary would report a loss of nan.
+            raise ConfigError(f"checkpoint {resume_from} is at step {done} and train.max_steps is "
+                              f"{cfg.train.max_steps}: nothing is left to train. To train on, raise it "
+                              f"(e.g. train.max_steps={done + max(1, cfg.train.max_steps)}); to use the student, "
+                              f"fluxsr-train export {self.out} -o <folder>")
         self.base_identity = base_model_identity(cfg.model.transformer, cfg.model.init_seed)
         self.resume_notices = (_check_resumable(resume_from, cfg, self.resume_state, self.base_identity)
                                if resume_from is not None else [])
