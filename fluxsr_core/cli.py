@@ -190,6 +190,7 @@ def collect_jobs(inputs: Sequence[Path], output: Path, output_is_folder: bool = 
     # Inputs that cannot be read fail one by one (so the others still run) and are named here,
     # before minutes of model loading, not when their turn comes.
     files: list[Path] = []
+    scanned: set[int] = set()  # id() of the files a folder scan found (not typed by the user)
     unreadable: list[tuple[Path, str]] = []
     for item in inputs:
         if (broken := broken_link_message(item)) is not None:
@@ -209,14 +210,21 @@ def collect_jobs(inputs: Sequence[Path], output: Path, output_is_folder: bool = 
                 raise UsageError(f"folder {item} holds no images ({', '.join(sorted(scan_suffixes()))}; "
                                  "hidden files and subfolders are not looked in)")
             files.extend(found)
+            scanned.update(id(f) for f in found)
             unreadable.extend(bad)
         else:
             files.append(item)
     first_by_identity: dict = {}
+    unique: list[Path] = []
     for f in files:
-        if (first := first_by_identity.setdefault(_identity(f), f)) is not f:
+        if (first := first_by_identity.setdefault(_identity(f), f)) is f:
+            unique.append(f)
+        elif id(f) in scanned:  # a link in a folder to a file already there: one upscale is enough
+            continue
+        else:
             same = f"{f} is given twice" if first == f else f"{first} and {f} are the same file"
             raise UsageError(f"{same}; give each input once")
+    files = unique
     suffix = output.suffix.lower()
     if not output_is_folder and suffix == ".png" and not output.is_dir():
         given = len(files) + len(unreadable)
@@ -300,16 +308,11 @@ def _identity(path: Path):
 
 
 def _broken_output_link_message(link: Path) -> str:
-    why = "which does not exist"
-    try:
-        link.stat()
-    except FileNotFoundError:
-        pass
-    except OSError as exc:  # a loop of links
-        why = f"which cannot be reached ({exc.strerror or exc})"
+    from .images import broken_link_message
+
     points_to = os.readlink(link)
-    return (f"cannot write the outputs: {link} is a broken symbolic link: it points to '{points_to}', {why} (a "
-            f"drive that is not mounted?). Mount or create '{points_to}', or give another -o.")
+    return (f"cannot write the outputs: {broken_link_message(link, advice='')}(A drive that is not mounted?) "
+            f"Mount or create '{points_to}', or give another -o.")
 
 
 def _check_writable(jobs: Sequence[Job]) -> None:
@@ -365,7 +368,9 @@ def _prepare_run(args, log):
         log(f"conditioning: {line}")
     lora_settings = read_lora_settings(args.lora)  # what load_lora reads from the same metadata
     settings = merge_settings(cond_bundle.settings, lora_settings)
-    given = {"t_l": args.t_l, "guidance": args.guidance, "scale": args.scale}
+    # scale counts as chosen also when the size is asked another way (then no scale is used)
+    size_given = args.scale is not None or args.long_side is not None or args.megapixels is not None
+    given = {"t_l": args.t_l, "guidance": args.guidance, "scale": True if size_given else None}
     differ = disagreements(cond_bundle.settings, lora_settings, tuple(k for k, v in given.items() if v is None))
     if differ:
         log(f"warning: the conditioning bundle and the LoRA disagree: {'; '.join(differ)}. The bundle's values are "
@@ -471,10 +476,13 @@ def run_upscale(args) -> int:
     for j in blocked:
         failed_before_work(j.source, f"cannot write {j.target}: a folder of that name is in the way; move or "
                                      "rename the folder, or choose another -o")
-    jobs = [j for j in jobs if j not in blocked]
-    todo = [j for j in jobs if args.overwrite or not j.target.exists()]
-    for j in jobs:
-        if j not in todo:
+    blocked_ids = {id(j) for j in blocked}
+    jobs = [j for j in jobs if id(j) not in blocked_ids]
+    todo = []
+    for j in jobs:  # one pass: with 10,000 inputs a membership test per job took seconds
+        if args.overwrite or not j.target.exists():
+            todo.append(j)
+        else:
             log(f"skip {j.source}: {j.target} exists (use --overwrite to replace it)")
     # Only where something will be written: a rerun whose outputs all exist writes nothing.
     _check_writable(todo)
@@ -564,7 +572,8 @@ def run_upscale(args) -> int:
 
                 result = upscale_loaded_image(loaded, velocity, codec, cond, options, progress=progress,
                                               on_retry=on_retry, configure_codec=configure_codec)
-                writer.submit(job, result)
+                if not writer.submit(job, result):  # the disk filled while it upscaled: not done, said so
+                    say(f"not written: {job.source} (the disk is full; it is among the images not done)")
             except KeyboardInterrupt:
                 raise
             except Exception as exc:  # noqa: BLE001 - one bad file must not stop the others
@@ -678,7 +687,6 @@ class _BackgroundWriter:
 def _save_result(target: Path, result, rgb, alpha) -> None:
     from .images import save_image
 
-    target.parent.mkdir(parents=True, exist_ok=True)
     save_image(target, rgb, alpha=alpha, bit_depth=result.bit_depth, grayscale=result.grayscale,
                icc_profile=result.icc_profile)
 

@@ -9,6 +9,7 @@ from pathlib import Path
 from typing import Callable, Union
 
 PathLike = Union[str, os.PathLike]
+_NAME_MAX = 255  # bytes in one file name on the usual file systems (ext4, XFS, APFS, NTFS)
 
 
 def atomic_write(path: PathLike, write: Callable[[str], None]) -> str:
@@ -22,9 +23,12 @@ def atomic_write(path: PathLike, write: Callable[[str], None]) -> str:
     """
     target = Path(path)
     target.parent.mkdir(parents=True, exist_ok=True)
-    tmp = target.with_name(f".{target.name}.{uuid.uuid4().hex[:12]}.tmp")
-    os.close(os.open(tmp, os.O_CREAT | os.O_EXCL | os.O_WRONLY, 0o666))
+    token = uuid.uuid4().hex[:12]
+    tmp = target.with_name(f".{target.name}.{token}.tmp")
+    if len(os.fsencode(tmp.name)) > _NAME_MAX:  # a long target name: the temporary one must still fit
+        tmp = target.with_name(f".fluxsr-{token}.tmp")
     try:
+        os.close(os.open(tmp, os.O_CREAT | os.O_EXCL | os.O_WRONLY, 0o666))
         # What the umask made of 0o666, read back (Python cannot read the umask without changing
         # it); set again after writing, since some writers replace the file (safetensors makes
         # its output 0o600).

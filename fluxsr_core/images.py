@@ -85,7 +85,8 @@ _ANIMATION_FORMATS = frozenset({"GIF", "PNG", "WEBP", "FLI", "AVIF"})
 # Signatures of formats Pillow always identifies when the header is whole: a file starting with
 # one that Pillow cannot open is damaged, not of an unknown format.
 _SIGNATURES = ((b"\x89PNG\r\n\x1a\n", "PNG"), (b"\xff\xd8\xff", "JPEG"), (b"GIF87a", "GIF"),
-               (b"GIF89a", "GIF"))
+               (b"GIF89a", "GIF"), (b"BM", "BMP"))
+# (TIFF is left out: a whole TIFF of a kind Pillow does not read, float colour say, fails the same way.)
 
 
 # --- errors ----------------------------------------------------------------------------------
@@ -318,9 +319,10 @@ def missing_file_message(path: str | os.PathLike) -> str:
             f"the current folder '{os.getcwd()}').")
 
 
-def broken_link_message(path: str | os.PathLike) -> Optional[str]:
+def broken_link_message(path: str | os.PathLike,
+                        advice: str = "Restore the file it points to, or remove the link.") -> Optional[str]:
     """What is wrong with ``path`` if it is a symbolic link to nothing (a missing file or a loop
-    of links), naming where it points and what to do; ``None`` for anything else."""
+    of links), naming where it points, then ``advice``; ``None`` for anything else."""
     p = Path(path)
     try:
         if not p.is_symlink():
@@ -334,8 +336,7 @@ def broken_link_message(path: str | os.PathLike) -> Optional[str]:
         why = "which does not exist"
     except OSError as e:  # ELOOP and the like
         why = f"which cannot be reached ({e.strerror or e})"
-    return (f"'{p}' is a broken symbolic link: it points to '{os.readlink(p)}', {why}. "
-            f"Restore the file it points to, or remove the link.")
+    return f"'{p}' is a broken symbolic link: it points to '{os.readlink(p)}', {why}. {advice}"
 
 
 def _open(p: Path) -> Image.Image:
@@ -353,13 +354,18 @@ def _open(p: Path) -> Image.Image:
             # Pillow has no float colour mode, nor 32-bit integer colour, so such TIFFs fail here.
             tiff_hint = (" Pillow reads 8/16-bit TIFFs, and 32-bit float or integer TIFFs with one "
                          "channel only; a colour TIFF of 32-bit samples (float or integer), or a TIFF "
-                         "of 16- or 64-bit floats, must be re-saved as a 16-bit TIFF or PNG.")
+                         "of 16- or 64-bit floats, must be re-saved as a 16-bit TIFF or PNG. An ordinary "
+                         "TIFF that fails here is damaged or incomplete: re-export it.")
         raise NotAnImageError(
             f"'{p}' is not an image Pillow can read (unknown or unsupported format). "
             f"Use PNG, JPEG, WebP, TIFF, BMP or GIF; for HEIC install 'pillow-heif'.{tiff_hint}"
         ) from e
-    except OSError as e:  # opening the file itself: no read permission, an I/O error
-        raise UnreadableImageError(_unreadable_message(p, e)) from e
+    except OSError as e:
+        if e.errno is None:  # Pillow's own "Truncated File Read", "could not create decoder object"...
+            raise TruncatedImageError(
+                f"could not read the header of '{p}' ({e}); the file is damaged or incomplete. "
+                f"Re-download or re-export it.") from e
+        raise UnreadableImageError(_unreadable_message(p, e)) from e  # no read permission, an I/O error
     except (SyntaxError, EOFError, struct.error, ValueError) as e:
         # Plugins raise these for headers that are cut short or malformed.
         raise TruncatedImageError(
@@ -371,9 +377,11 @@ def _signature_kind(p: Path) -> Optional[str]:
     """The format named by the first bytes of ``p`` (see ``_SIGNATURES``), or ``None``."""
     try:
         with open(p, "rb") as f:
-            head = f.read(8)
+            head = f.read(12)
     except OSError:
         return None
+    if head[:4] == b"RIFF" and head[8:12] == b"WEBP":
+        return "WebP"
     return next((kind for magic, kind in _SIGNATURES if head.startswith(magic)), None)
 
 

@@ -93,10 +93,14 @@ def _read_safetensors(path: str) -> tuple[dict[str, torch.Tensor], dict[str, str
     :func:`fluxsr_core.weights.read_safetensors` refuses pickles (``.bin``/``.pt``: unpickling can
     run code), GGUF, empty and truncated files with messages naming the file.
     """
+    _refuse_folder(path)
+    return read_safetensors(path, what="LoRA file")
+
+
+def _refuse_folder(path: str) -> None:
     if os.path.isdir(path):
         raise LoraError(f"{path} is a folder; give the LoRA .safetensors file inside it "
                         "(e.g. pytorch_lora_weights.safetensors)")
-    return read_safetensors(path, what="LoRA file")
 
 
 def read_lora_settings(path: str | os.PathLike, label: Optional[str] = None) -> RunSettings:
@@ -108,9 +112,7 @@ def read_lora_settings(path: str | os.PathLike, label: Optional[str] = None) -> 
     ``"LoRA <path>"``, as :func:`load_lora` writes it).
     """
     path = os.fspath(path)
-    if os.path.isdir(path):
-        raise LoraError(f"{path} is a folder; give the LoRA .safetensors file inside it "
-                        "(e.g. pytorch_lora_weights.safetensors)")
+    _refuse_folder(path)
     _, md = read_safetensors_header(path, what="LoRA file")
     try:
         return settings_from_metadata((md, label or f"LoRA {path}"))
@@ -201,7 +203,7 @@ def _bfl_module(key: str) -> Optional[tuple[str, str]]:
 
 def _bfl_to_diffusers_naming(sd: dict[str, torch.Tensor], transformer, path: str, notes: list[str],
                              naming: str = "BFL/ComfyUI", shown: Optional[Mapping[str, str]] = None,
-                             ) -> tuple[dict[str, torch.Tensor], dict[str, float]]:
+                             layers_are: str = "LoRA layers") -> tuple[dict[str, torch.Tensor], dict[str, float]]:
     """A LoRA in BFL/ComfyUI module names (``diffusion_model.double_blocks.0.img_attn.qkv.lora_A``,
     ``lora_down``/``lora_up`` too; every key of ``sd`` is one, as :func:`_naming_of` sorted them)
     -> diffusers naming, plus the ``.alpha`` values of the diffusers layers.
@@ -212,7 +214,7 @@ def _bfl_to_diffusers_naming(sd: dict[str, torch.Tensor], transformer, path: str
     weight converter itself (:func:`~fluxsr_core.weights.bfl_row_sources`); ``A`` and ``alpha``
     are shared by the parts. Exact: ``B_part @ A`` is the matching rows of ``B @ A``.
 
-    ``naming`` and ``shown`` (BFL key or module -> the file's own name) are for messages, when
+    ``naming``, ``shown`` (BFL key or module -> the file's own name) and ``layers_are`` are for messages, when
     another naming was renamed to BFL's first (:func:`_kohya_outside_blocks`).
     """
     from .weights import bfl_row_sources
@@ -252,7 +254,7 @@ def _bfl_to_diffusers_naming(sd: dict[str, torch.Tensor], transformer, path: str
                 alpha = parts["alpha"]
                 alphas[f"{target}.alpha"] = float(alpha.item() if torch.is_tensor(alpha) else alpha)
     split = " (fused q|k|v and q|k|v|mlp split by rows)" if len(out) // 2 > len(layers) else ""
-    notes.append(f"converted {len(layers)} LoRA layers from {naming} naming into {len(out) // 2} diffusers "
+    notes.append(f"converted {len(layers)} {layers_are} from {naming} naming into {len(out) // 2} diffusers "
                  f"layers{split}")
     return out, alphas
 
@@ -286,7 +288,8 @@ def _kohya_outside_blocks(sd: dict[str, torch.Tensor], transformer, path: str,
         shown[f"{bfl_module}.{rest}"], shown[bfl_module] = key, kohya_module
     if not renamed:
         return {}, {}
-    return _bfl_to_diffusers_naming(renamed, transformer, path, notes, naming="kohya/sd-scripts", shown=shown)
+    return _bfl_to_diffusers_naming(renamed, transformer, path, notes, naming="kohya/sd-scripts", shown=shown,
+                                    layers_are="LoRA layers outside the blocks")
 
 
 def _diffusers_converter(sd: dict[str, torch.Tensor], path: str) -> tuple[dict[str, torch.Tensor], dict[str, float]]:

@@ -554,7 +554,7 @@ def test_an_output_that_is_a_broken_link_is_refused_before_loading(tmp_path, pho
         code = cli.main(["upscale", str(photo_png), "-o", str(target)] + model_args(tiny_model_files))
         err = capsys.readouterr().err
         assert code == 2 and "Traceback" not in err, target
-        assert f"{link} is a broken symbolic link" in err and str(tmp_path / "unmounted") in err, target
+        assert f"'{link}' is a broken symbolic link" in err and str(tmp_path / "unmounted") in err, target
     assert not (tmp_path / "unmounted").exists()
 
 
@@ -607,6 +607,7 @@ def test_a_full_disk_stops_the_run_and_keeps_what_is_done(tmp_path, photo_png, t
     assert code == 1 and "Traceback" not in err
     assert f"FAIL {sources[1]}: cannot write {out / 'b.png'}: No space left on device" in err
     assert upscaled == ["a.png", "b.png", "c.png"]
+    assert f"not written: {sources[2]} (the disk is full" in err  # upscaled while the failing write ran
     assert f"stopped: no room left to write in {out}" in err and "The 1 finished output(s) are kept; 2 image(s) not " \
         "done. Free some space and run the same command again" in err
     assert "1 upscaled, 0 skipped, 1 failed" in err
@@ -723,3 +724,15 @@ def test_output_names_a_folder_with_a_slash_and_other_image_suffixes_are_refused
     target = tmp_path / "x.png"
     assert cli.main(["upscale", str(photo_png), "-o", f"{target}/", "--scale", "2"] + model_args(tiny_model_files)) == 0
     assert target.is_dir() and sorted(p.name for p in target.iterdir()) == [photo_png.name]
+
+
+def test_a_link_in_a_folder_to_one_of_its_images_is_upscaled_once(tmp_path, photo_png):
+    """Not "given twice": the user named the folder, not the file; the link is skipped."""
+    folder = tmp_path / "in"
+    folder.mkdir()
+    (folder / "img1.png").write_bytes(photo_png.read_bytes())
+    (folder / "latest.png").symlink_to("img1.png")
+    jobs, unreadable = cli.collect_jobs([folder], tmp_path / "out")
+    assert [j.source.name for j in jobs] == ["img1.png"] and unreadable == []
+    with pytest.raises(cli.UsageError, match="are the same file; give each input once"):
+        cli.collect_jobs([folder / "img1.png", folder / "latest.png"], tmp_path / "out")

@@ -475,6 +475,33 @@ def test_a_png_cut_inside_its_header_is_called_damaged(tmp_path, rng):
             call(tmp_path / "head.png")
 
 
+@pytest.mark.parametrize("fmt, save", [("jpg", {"format": "JPEG", "exif": b"Exif\x00\x00" + b"\x00" * 3000}),
+                                       ("png", {"format": "PNG"}), ("bmp", {"format": "BMP"}),
+                                       ("tif", {"format": "TIFF"}), ("webp", {"format": "WEBP"})])
+def test_a_file_cut_anywhere_in_its_header_is_damaged_not_unreadable(tmp_path, rng, fmt, save):
+    """Pillow reports some cut-off headers as a plain OSError ("Truncated File Read"): that is a
+    damaged file, not a disk or permission problem; and a cut so early that Pillow cannot
+    identify it is still named by its signature."""
+    Image.fromarray(rng.integers(0, 256, (64, 64, 3), dtype=np.uint8)).save(tmp_path / f"full.{fmt}", **save)
+    data = (tmp_path / f"full.{fmt}").read_bytes()
+    for cut in (12, 20, 30, 60, 200, 1000, 3000):  # 12: enough bytes to hold every signature
+        if cut >= len(data) - 100:
+            continue
+        (tmp_path / f"cut.{fmt}").write_bytes(data[:cut])
+        try:
+            I.probe_image(tmp_path / f"cut.{fmt}")
+        except I.TruncatedImageError:
+            continue
+        except I.NotAnImageError as e:  # TIFF: a damaged one and an unsupported one look alike
+            assert fmt == "tif" and "damaged or incomplete" in str(e), str(e)
+            continue
+        except I.ImageFileError as e:
+            pytest.fail(f"{fmt} cut at {cut}: {type(e).__name__}: {e}")
+        # a header that is whole at this cut: decoding must then call the file damaged
+        with pytest.raises(I.TruncatedImageError):
+            load_image(tmp_path / f"cut.{fmt}")
+
+
 def _png_header_only(path, w, h):
     """A PNG that claims ``w x h`` pixels and holds a few bytes of data."""
     path.write_bytes(b"\x89PNG\r\n\x1a\n" + _chunk(b"IHDR", struct.pack(">IIBBBBB", w, h, 8, 0, 0, 0, 0))

@@ -342,7 +342,7 @@ def test_kohya_layers_outside_the_blocks_load_with_their_alphas(tmp_path, inputs
     model = fresh_transformer()
     info = load_lora(model, path, merge=True)
     assert sorted(info.target_modules) == sorted(layers.values())
-    assert any("converted 10 LoRA layers from kohya/sd-scripts naming into 10 diffusers layers" in n
+    assert any("converted 10 LoRA layers outside the blocks from kohya/sd-scripts naming into 10 diffusers layers" in n
                for n in info.notes)
     got = model.state_dict()
     assert set(got) == set(want)

@@ -56,6 +56,8 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
+from fluxsr_core.files import atomic_write, atomic_write_text
+
 log = logging.getLogger("fluxsr.demo")
 
 # Photos of skimage.data that ship inside the scikit-image wheel (no pooch download).
@@ -428,10 +430,7 @@ def save_model_file(model, path: Path, metadata: dict[str, str], dtype=torch.flo
 
     sd = {k: v.detach().to("cpu", dtype if v.is_floating_point() else v.dtype).contiguous()
           for k, v in model.state_dict().items()}
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.tmp")
-    save_file(sd, str(tmp), metadata={"format": "pt", **metadata})
-    os.replace(tmp, path)
+    atomic_write(path, lambda tmp: save_file(sd, tmp, metadata={"format": "pt", **metadata}))
     return path
 
 
@@ -492,9 +491,7 @@ class Recipe:
         self.state[stage] = {"key": _digest(key), "facts": facts or {}}
         self.timings[stage] = {"wall": round(seconds, 1), "cpu": round(_cpu_seconds() - self._cpu0, 1)}
         self.state["_timings"] = self.timings
-        tmp = self.state_path.with_suffix(".tmp")
-        tmp.write_text(json.dumps(self.state, indent=2))
-        os.replace(tmp, self.state_path)
+        atomic_write_text(self.state_path, json.dumps(self.state, indent=2))
 
     def facts(self, stage: str) -> dict:
         return self.state.get(stage, {}).get("facts", {})
@@ -660,9 +657,7 @@ class Recipe:
         self.out.mkdir(parents=True, exist_ok=True)
         for src, name in ((Path(res.lora_path), D.LORA_FILE), (Path(res.bundle_path), D.CONDITIONING_FILE),
                           (self.teacher_path, D.TRANSFORMER_FILE), (self.vae_path, D.VAE_FILE)):
-            tmp = self.out / f".{name}.tmp"
-            shutil.copyfile(src, tmp)
-            os.replace(tmp, self.out / name)
+            atomic_write(self.out / name, lambda tmp, src=src: shutil.copyfile(src, tmp))
         self._finish("export", None, time.time() - t0, {"step": res.step, "ema": res.ema, "rank": res.rank})
 
     def stage_report(self) -> dict:
@@ -683,7 +678,6 @@ class Recipe:
         report["recipe"] = self.summary(time.time() - t0, _cpu_seconds() - cpu0)
         _atomic_json(self.out / "report.json", report)
         if self.docs is not None:
-            from fluxsr_core.files import atomic_write_text
 
             atomic_write_text(self.docs, render_markdown(report))
         return report
@@ -713,7 +707,6 @@ def _cpu_seconds() -> float:
 
 
 def _atomic_json(path: Path, obj: Any) -> None:
-    from fluxsr_core.files import atomic_write_text
 
     def clean(v):
         if isinstance(v, float) and not math.isfinite(v):
