@@ -56,7 +56,8 @@ def _check_conditioning(conditioning: Any) -> list:
 def conditioning_settings(conditioning: Any) -> Optional[RunSettings]:
     """The run settings FluxSRConditioning attached to a CONDITIONING (first entry that has them).
 
-    None for a conditioning from CLIPTextEncode & co.: the nodes then use our defaults.
+    None for a conditioning from CLIPTextEncode & co.: T_L then comes from the LoRA (FluxSR Load
+    LoRA), else our default.
     """
     for _, extra in _check_conditioning(conditioning):
         data = extra.get(SETTINGS_KEY)
@@ -339,7 +340,8 @@ class ComfyCodec:
 MODEL_SETTINGS_KEY = "fluxsr_lora_settings"
 
 # LoRA down/A tensors, one per layer, in the namings ComfyUI reads.
-_LORA_LAYER_KEY = ("lora_A.weight", "lora_down.weight", "lora.down.weight", "lora_A.default.weight")
+_LORA_LAYER_KEY = ("lora_A.weight", "lora_down.weight", "lora.down.weight", "lora_A.default.weight", ".lora_A",
+                   "lora_linear_layer.down.weight")
 
 
 def _patch_count(model: Any) -> int:

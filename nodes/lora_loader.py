@@ -58,9 +58,12 @@ class FluxSRLoraLoader:
         return paths.validation_answer(paths.resolve_lora, lora_name)
 
     def load(self, model, lora_name, strength_model=1.0):
+        if strength_model == 0:  # as LoraLoaderModelOnly: the MODEL as it came, without the LoRA's T_L either
+            log.info("FluxSR Load LoRA: strength 0, %s is not applied", lora_name)
+            return (model,)
         path = paths.resolve_lora(lora_name)
         settings = None
-        if path.lower().endswith(".safetensors"):
+        if path.lower().endswith((".safetensors", ".sft")):  # ComfyUI reads .sft as safetensors too
             # The header alone: a truncated or mislabelled file is named here, before ComfyUI reads it.
             try:
                 settings = lora_mod.read_lora_settings(path, label=f"LoRA {lora_name}")

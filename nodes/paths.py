@@ -145,7 +145,10 @@ def resolve_lora(name: str) -> str:
 
 def validation_answer(resolve, name: str):
     """ComfyUI's VALIDATE_INPUTS answer for a file input: True, or the message saying why
-    ``resolve(name)`` cannot find it (shown at queue time, before anything runs)."""
+    ``resolve(name)`` cannot find it (shown at queue time, before anything runs). A linked input
+    arrives as None: it is checked when the node runs."""
+    if name is None:
+        return True
     try:
         resolve(name)
     except FileNotFoundError as exc:

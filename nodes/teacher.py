@@ -9,6 +9,8 @@ from __future__ import annotations
 
 import logging
 import os
+import threading
+import uuid
 from dataclasses import dataclass
 from typing import Any, Callable, Optional
 
@@ -149,15 +151,47 @@ def resolve_dataset_folder(folder: str) -> str:
         f"{DATASET_ROOTS_ENV} (several separated by {os.pathsep!r}) before starting ComfyUI")
 
 
-def dataset_folder_identity(folder: str) -> str:
-    """``"none"``, ``"absent"`` or the folder's device and inode: changes when it is deleted or replaced."""
+def _folder_identity(path: str) -> str:
+    try:
+        st = os.stat(path)
+    except OSError:
+        return "absent"
+    return f"{st.st_dev}:{st.st_ino}"
+
+
+# Per dataset folder: (the value IS_CHANGED gave, the folder identity that value stands for). The
+# node's own first run creates the folder; that must not count as a change, or the next queue
+# would sample again for nothing. Only the node's process sees this; a restart empties ComfyUI's
+# cache too.
+_FOLDER_TOKENS: dict[str, tuple[str, str]] = {}
+_FOLDER_TOKENS_LOCK = threading.Lock()
+
+
+def dataset_folder_token(folder: str) -> str:
+    """ComfyUI's IS_CHANGED value for ``folder``: ``"none"``, or a token that changes when the
+    folder is deleted or replaced by another one, but not when this node created it."""
     if not folder or not folder.strip():
         return "none"
     try:
-        st = os.stat(resolve_dataset_folder(folder))
-    except (OSError, ValueError):  # refused folders are VALIDATE_INPUTS' to report
-        return "absent"
-    return f"{st.st_dev}:{st.st_ino}"
+        path = resolve_dataset_folder(folder)
+    except ValueError:  # refused folders are VALIDATE_INPUTS' to report
+        return "refused"
+    identity = _folder_identity(path)
+    with _FOLDER_TOKENS_LOCK:
+        known = _FOLDER_TOKENS.get(path)
+        if known is not None and known[1] == identity:
+            return known[0]
+        token = f"{identity}#{uuid.uuid4().hex[:8]}"
+        _FOLDER_TOKENS[path] = (token, identity)
+        return token
+
+
+def _folder_written(path: str) -> None:
+    """After a run wrote into ``path``: the folder it may have created keeps the queued token."""
+    with _FOLDER_TOKENS_LOCK:
+        known = _FOLDER_TOKENS.get(path)
+        if known is not None:
+            _FOLDER_TOKENS[path] = (known[0], _folder_identity(path))
 
 
 class FluxSRTeacherSampler:
@@ -216,7 +250,7 @@ class FluxSRTeacherSampler:
         # was deleted (or replaced) since the last run must get its pair again, so the folder's
         # identity is part of the value; our own writes into it leave that identity alone, so
         # re-queueing an unchanged graph stays a cached no-op.
-        return dataset_folder_identity(dataset_folder)
+        return dataset_folder_token(dataset_folder)
 
     @classmethod
     def VALIDATE_INPUTS(cls, dataset_folder=""):
@@ -247,6 +281,7 @@ class FluxSRTeacherSampler:
         if folder is not None:
             pid, shard = write_pair(folder, result, core_cond, int(seed), int(steps), int(width), int(height),
                                     patches)
+            _folder_written(folder)
             if shard:
                 log.info("FluxSR teacher: pair %s written to %s (%s)", pid, folder, shard)
             else:

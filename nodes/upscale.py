@@ -74,7 +74,7 @@ def upscale_images(
     smaller tiling found by an out-of-memory retry is kept for the rest of the batch); an alpha
     channel is upscaled apart and reattached; a single channel, or three equal ones (a grey
     picture: ComfyUI loads every picture as RGB), is run as grey RGB and comes back grey (the
-    luma of the result, as ``fluxsr upscale`` writes it). Returns
+    luma of the result, as ``fluxsr upscale`` writes a grey-mode file). Returns
     ``[B, H2, W2, C]`` float32 on ``output_device``.
     """
     if image.ndim != 4 or image.shape[-1] not in (1, 3, 4):
@@ -102,7 +102,7 @@ def _upscale_images(image, velocity, codec, cond, options, progress_for, cancel_
         if used != current.tiling:
             current = dataclasses.replace(current, tiling=used)
         result = result.float()
-        if gray:  # a grey picture stays grey, as `fluxsr upscale` writes it
+        if gray:  # a grey picture stays grey (the model may tint it a little)
             result = images.luma(result).clamp(0, 1)
             if channels != 1:
                 result = result.expand(-1, 3, -1, -1)
@@ -140,7 +140,7 @@ class FluxSRUpscale:
                 "vae": ("VAE", {"tooltip": "The FLUX VAE (ae.safetensors via VAELoader)."}),
                 "conditioning": ("CONDITIONING", {
                     "tooltip": "FluxSR Conditioning (carries T_L and guidance); a FLUX CLIPTextEncode "
-                               "conditioning also works, with default settings."}),
+                               "conditioning also works (T_L then from the LoRA, else 0.25)."}),
                 "scale": ("FLOAT", {"default": 4.0, "min": 1.0, "max": 16.0, "step": 0.05,
                                     "tooltip": "Upscale factor; any value, FluxSR was trained for 4x."}),
                 "t_l": ("FLOAT", {"default": 0.0, "min": 0.0, "max": 0.99, "step": 0.01,

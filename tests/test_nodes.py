@@ -510,6 +510,14 @@ def test_lora_loader_errors(pack, lora_dir, caplog):
     assert cls.VALIDATE_INPUTS("missing.safetensors") != True  # noqa: E712 - True or a message
     assert "missing.safetensors" in cls.VALIDATE_INPUTS("missing.safetensors")
     assert cls.VALIDATE_INPUTS("fluxsr.safetensors") is True
+    # a linked lora_name reaches VALIDATE_INPUTS as None (checked when the node runs), as bundle does
+    assert cls.VALIDATE_INPUTS(None) is True and pack.NODE_CLASS_MAPPINGS["FluxSRConditioning"].VALIDATE_INPUTS(None)
+    # strength 0: the MODEL as it came (as LoraLoaderModelOnly), without the LoRA's T_L
+    assert cls().load(lora_dir.flux, "fluxsr.safetensors", 0.0)[0] is lora_dir.flux
+    # .sft is safetensors to ComfyUI: its metadata is read
+    (lora_dir.root / "fluxsr.sft").write_bytes((lora_dir.root / "fluxsr.safetensors").read_bytes())
+    assert sub(pack, "nodes.upscale").resolve_t_l(0.0, tiny_conditioning(pack),
+                                                  cls().load(lora_dir.flux, "fluxsr.sft", 1.0)[0])[0] == 0.4
     with pytest.raises(ValueError, match="Stable Diffusion / SDXL UNet"):
         cls().load(lora_dir.flux, "sdxl.safetensors", 1.0)
     with pytest.raises(lora.LoraError, match="bad_t_l.safetensors.*not a number"):
@@ -518,7 +526,7 @@ def test_lora_loader_errors(pack, lora_dir, caplog):
     with pytest.raises(lora.WeightsError, match="cut.safetensors"):
         cls().load(lora_dir.flux, "cut.safetensors", 1.0)
     # the bad T_L and the truncated file were refused on the header, before ComfyUI read a tensor
-    assert [os.path.basename(r) for r in lora_dir.reads] == ["sdxl.safetensors"]
+    assert [os.path.basename(r) for r in lora_dir.reads] == ["fluxsr.sft", "sdxl.safetensors"]
     # a LoRA without FluxSR metadata still applies, says so, and leaves T_L to the defaults
     with caplog.at_level(logging.WARNING, logger="fluxsr"):
         (model,) = cls().load(lora_dir.flux, "plain.safetensors", 1.0)
@@ -891,24 +899,36 @@ def test_teacher_dataset_folder_stays_inside_the_allowed_folders(pack, tmp_path,
     assert teacher.resolve_dataset_folder("../escaped") == os.path.realpath(tmp_path / "escaped")
 
 
-def test_teacher_reruns_when_its_dataset_folder_is_gone(pack, tmp_path, monkeypatch):
+def test_teacher_reruns_when_its_dataset_folder_is_gone(pack, tiny, fake_comfy, tmp_path, monkeypatch):
     """ComfyUI re-runs a node only when IS_CHANGED changes: a deleted or replaced dataset folder
-    must change it (the pair is written again), the node's own writes into the folder must not."""
+    must change it (the pair is written again); the node's own run, which creates the folder and
+    writes into it, must not (re-queueing would sample again for nothing)."""
     out = tmp_path / "output"
     out.mkdir()
     monkeypatch.setitem(sys.modules, "folder_paths", types.SimpleNamespace(get_output_directory=lambda: str(out)))
-    node = pack.NODE_CLASS_MAPPINGS["FluxSRTeacherSampler"]
-    assert node.IS_CHANGED(dataset_folder="") == "none"
-    assert node.IS_CHANGED(dataset_folder="pairs") == "absent"
-    (out / "pairs").mkdir()
-    first = node.IS_CHANGED(dataset_folder="pairs", seed=3)
-    assert first not in ("none", "absent")
-    (out / "pairs" / "shard-0.safetensors").write_bytes(b"x")  # what a run adds
-    assert node.IS_CHANGED(dataset_folder="pairs", seed=3) == first
+    cls = pack.NODE_CLASS_MAPPINGS["FluxSRTeacherSampler"]
+    patcher, cond = FakePatcher(tiny.velocity, fake_comfy.CONST), tiny_conditioning(pack)
+
+    def run():
+        cls().sample(patcher, cond, FakeVAE(tiny.vae), seed=5, steps=2, width=32, height=32, trajectory_previews=0,
+                     dataset_folder="pairs")
+
+    assert cls.IS_CHANGED(dataset_folder="") == "none"
+    first = cls.IS_CHANGED(dataset_folder="pairs", seed=5)  # the folder does not exist yet
+    run()  # creates it and writes the pair
+    assert (out / "pairs").is_dir() and cls.IS_CHANGED(dataset_folder="pairs", seed=5) == first
+    run()  # nothing new: the same seed is stored
+    assert cls.IS_CHANGED(dataset_folder="pairs", seed=5) == first
     (out / "pairs").rename(out / "pairs.old")
-    (out / "pairs").mkdir()
-    assert node.IS_CHANGED(dataset_folder="pairs", seed=3) != first
-    assert node.IS_CHANGED(dataset_folder="../escaped") == "absent"  # refused: VALIDATE_INPUTS reports it
+    gone = cls.IS_CHANGED(dataset_folder="pairs", seed=5)
+    assert gone != first
+    run()  # the pair is written again, into the new folder
+    assert len(sub(pack, "fluxsr_core.pairs").PairDataset(out / "pairs")) == 1
+    assert cls.IS_CHANGED(dataset_folder="pairs", seed=5) == gone
+    (out / "pairs").rename(out / "pairs.older")
+    (out / "pairs").mkdir()  # replaced by another folder
+    assert cls.IS_CHANGED(dataset_folder="pairs", seed=5) not in (first, gone)
+    assert cls.IS_CHANGED(dataset_folder="../escaped") == "refused"  # VALIDATE_INPUTS reports it
 
 
 def test_teacher_preview_steps_and_errors(pack, tiny):
