@@ -45,7 +45,9 @@ Why it is safe to kill, resume and share:
   :class:`PairDataset` detect truncated or corrupted shards and name them.
   :func:`drop_bad_shards` (``fluxsr-train verify DIR --drop-bad``) takes them out of their
   writers' manifests (atomically, under each writer's lock) and moves them to ``quarantine/``;
-  the writer then makes those pairs again.
+  the writer then makes those pairs again. A shard the system cannot read (permission denied,
+  EIO: the problem ``io-error``) is reported, never a traceback, and left in place: it may be
+  whole, and the fix is the disk or the permissions.
 * A failed write (no space left on device, ...) raises one :class:`PairWriteError` naming the
   file; its temporary file is removed, and the writer stops there (it neither retries nor
   writes its buffer on close). The complete shards are kept; a rerun with the same writer id
@@ -925,8 +927,13 @@ class PairWriter:
 
 # Kinds that mean data named by a manifest cannot be read, or that one id names two different
 # pairs ("conflict"). The others are notes: leftovers of a kill, and true duplicates (the same
-# pair stored by two writers), which readers handle safely.
-ERROR_KINDS = ("missing", "truncated", "hash", "unreadable", "mismatch", "conflict", "missing-cond", "bad-cond")
+# pair stored by two writers), which readers handle safely. "io-error": the system could not read
+# the file (permission denied, EIO): unlike the others it says nothing about the file's content.
+ERROR_KINDS = ("missing", "truncated", "hash", "unreadable", "mismatch", "conflict", "missing-cond", "bad-cond",
+               "io-error")
+# Errors `--drop-bad` leaves in place: the shard may be whole, and setting it aside would make
+# `fluxsr-train pairs` sample its pairs again for a permission or disk problem.
+KEPT_ON_DROP_KINDS = ("io-error",)
 # Where `fluxsr-train verify --drop-bad` (drop_bad_shards) moves the files it takes out of a dataset.
 QUARANTINE_FOLDER = "quarantine"
 
@@ -979,31 +986,52 @@ class VerifyReport:
 
 def _check_shard(folder: Path, e: ManifestEntry, check_hash: bool) -> Optional[PairProblem]:
     """Return the first problem of the shard named by manifest entry ``e``, or None."""
+    return _check_shard_records(folder, e, check_hash)[0]
+
+
+def _check_shard_records(folder: Path, e: ManifestEntry,
+                         check_hash: bool) -> tuple[Optional[PairProblem], list[dict]]:
+    """``(first problem or None, the shard's pair records)`` of the shard named by ``e``. An
+    OSError reading it (permission denied, EIO) is the problem ``io-error``, not a traceback."""
     path = folder / e.shard
     where = f"(listed in {e.manifest} line {e.line})"
-    if not path.exists():
-        return PairProblem("missing", str(path), f"shard file is missing {where}")
-    size = path.stat().st_size
-    if size != e.bytes:
-        return PairProblem("truncated", str(path),
-                           f"shard has {size} bytes, the manifest says {e.bytes} {where}")
-    if check_hash:
-        sha = _sha256_file(path)
-        if sha != e.sha256:
-            return PairProblem("hash", str(path),
-                               f"shard content is corrupted: sha256 {sha[:12]}... differs from "
-                               f"{e.sha256[:12]}... {where}")
     try:
-        records, keys = _read_shard_header(path)
-    except Exception as ex:
-        return PairProblem("unreadable", str(path), f"shard cannot be read ({ex}) {where}")
+        if not path.exists():
+            return PairProblem("missing", str(path), f"shard file is missing {where}"), []
+        size = path.stat().st_size
+        if size != e.bytes:
+            return PairProblem("truncated", str(path),
+                               f"shard has {size} bytes, the manifest says {e.bytes} {where}"), []
+        if check_hash:
+            sha = _sha256_file(path)
+            if sha != e.sha256:
+                return PairProblem("hash", str(path),
+                                   f"shard content is corrupted: sha256 {sha[:12]}... differs from "
+                                   f"{e.sha256[:12]}... {where}"), []
+        try:
+            records, keys = _read_shard_header(path)
+        except OSError:
+            raise
+        except Exception as ex:  # safetensors raises its own error type for a damaged header
+            return PairProblem("unreadable", str(path), f"shard cannot be read ({ex}) {where}"), []
+    except OSError as ex:
+        return PairProblem("io-error", str(path),
+                           f"shard cannot be read from disk ({ex.strerror or ex}) {where}; the file may be whole: "
+                           "fix its permissions or the disk, then run again"), []
     ids = [str(r.get("id")) for r in records]
     if ids != list(e.pairs):
-        return PairProblem("mismatch", str(path), f"shard holds pairs {ids}, the manifest says {list(e.pairs)}")
+        return PairProblem("mismatch", str(path), f"shard holds pairs {ids}, the manifest says {list(e.pairs)}"), []
     for i in range(len(ids)):
         if f"{i}.eps" not in keys or f"{i}.z0" not in keys:
-            return PairProblem("unreadable", str(path), f"pair {ids[i]} has no eps/z0 tensor {where}")
-    return None
+            return PairProblem("unreadable", str(path), f"pair {ids[i]} has no eps/z0 tensor {where}"), []
+    return None, records
+
+
+def _problem_error(prob: PairProblem, folder: Path) -> PairDataError:
+    """The :class:`PairDataError` a reader raises for ``prob``: with the verify / --drop-bad
+    commands for damage, without them for a file the system could not read (nothing to drop)."""
+    hint = "" if prob.kind in KEPT_ON_DROP_KINDS else f". {repair_hint(folder)}"
+    return PairDataError(f"{prob.message}: {prob.path}{hint}")
 
 
 def _read_shard_header(path: Path) -> tuple[list[dict], set[str]]:
@@ -1054,13 +1082,18 @@ def _rerun_hint(folder: Path) -> str:
             "prompt again and stores it (the pairs are kept)")
 
 
+class _ConditioningReadError(PairDataError):
+    """A conditioning file the system could not read (permission denied, EIO): not damage."""
+
+
 def _load_conditioning_file(path: Path, key: str) -> tuple[torch.Tensor, torch.Tensor]:
     if not path.exists():
         raise PairDataError(f"conditioning file {path} is missing (needed by key {key}): {_rerun_hint(path.parent)}")
     try:
         data = path.read_bytes()
     except OSError as e:
-        raise PairDataError(f"conditioning file {path} cannot be read ({e})") from None
+        raise _ConditioningReadError(f"conditioning file {path} cannot be read from disk ({e.strerror or e}); the "
+                                     "file may be whole: fix its permissions or the disk, then run again") from None
     try:
         return _conditioning_from_bytes(data, key)
     except ValueError as why:
@@ -1095,11 +1128,10 @@ def verify_pairs(folder: str | os.PathLike, check_hash: bool = True) -> VerifyRe
     for e in scan.entries:
         listed.add(e.shard)
         report.shards += 1
-        prob = _check_shard(folder, e, check_hash)
+        prob, records = _check_shard_records(folder, e, check_hash)
         if prob is not None:
             report.problems.append(prob)
             continue
-        records, _ = _read_shard_header(folder / e.shard)
         conds.update(str(r.get("cond")) for r in records)
         for pid, rec in zip(e.pairs, records):
             if pid not in seen:
@@ -1127,6 +1159,8 @@ def verify_pairs(folder: str | os.PathLike, check_hash: bool = True) -> VerifyRe
         path = folder / f"cond-{key}.safetensors"
         try:
             _load_conditioning_file(path, key)
+        except _ConditioningReadError as ex:
+            report.problems.append(PairProblem("io-error", str(path), str(ex)))
         except PairDataError as ex:
             report.problems.append(PairProblem("bad-cond" if path.exists() else "missing-cond", str(path), str(ex)))
     for p in sorted(folder.iterdir()):
@@ -1148,6 +1182,8 @@ class DropReport:
     dropped: list[tuple[str, str, int]] = field(default_factory=list)
     moved: list[str] = field(default_factory=list)  # files moved into the quarantine folder
     busy: list[str] = field(default_factory=list)   # writer ids left alone: their writer is running
+    # shards left in place because the system could not read them (KEPT_ON_DROP_KINDS): (file name, problem)
+    unreadable: list[tuple[str, str]] = field(default_factory=list)
 
     @property
     def pairs_dropped(self) -> int:
@@ -1160,6 +1196,8 @@ class DropReport:
         lines += [f"  {name} ({kind}, {n} pairs)" for name, kind, n in self.dropped]
         lines += [f"  left alone: writer {w} is running (its lock file .lock-{w} is held); stop it or let it "
                   "finish, then run this again" for w in self.busy]
+        lines += [f"  left in place (not set aside, it may be whole): {name}: {problem}"
+                  for name, problem in self.unreadable]
         return "\n".join(lines)
 
 
@@ -1210,13 +1248,17 @@ def drop_bad_shards(folder: str | os.PathLike, report: Optional[VerifyReport] = 
     an unlisted bad shard the writer would adopt again. A damaged conditioning file is moved to
     ``quarantine/`` too (``fluxsr-train pairs`` stores it again). The dropped pairs are then missing,
     so a rerun of ``fluxsr-train pairs`` makes them again. ``report``: a :func:`verify_pairs` report
-    of the folder, to spare a second full read (None: verified now).
+    of the folder, to spare a second full read (None: verified now). A shard the system could not
+    read (``io-error``: permission denied, EIO) is left in place and listed in ``unreadable``: its
+    content may be whole, and the fix is the file's permissions or the disk, not new pairs.
     """
     folder = Path(folder)
     if report is None:
         report = verify_pairs(folder)
     result = DropReport(folder=str(folder))
-    bad = {Path(p.path).name: p.kind for p in report.errors if _SHARD_RE.match(Path(p.path).name)}
+    shard_errors = [p for p in report.errors if _SHARD_RE.match(Path(p.path).name)]
+    result.unreadable = [(Path(p.path).name, p.message) for p in shard_errors if p.kind in KEPT_ON_DROP_KINDS]
+    bad = {Path(p.path).name: p.kind for p in shard_errors if p.kind not in KEPT_ON_DROP_KINDS}
     quarantine = folder / QUARANTINE_FOLDER
     by_manifest: dict[str, list[ManifestEntry]] = collections.defaultdict(list)
     for e in scan_manifests(folder).entries:
@@ -1304,8 +1346,9 @@ class PairDataset(torch.utils.data.Dataset):
                 _check_shard(self.folder, e, check_hash=True)
             if prob is not None:
                 if on_error == "raise":
-                    raise PairDataError(f"{prob.message}: {prob.path}. {repair_hint(self.folder)}")
-                warnings.warn(f"skipping damaged shard: {prob}")
+                    raise _problem_error(prob, self.folder)
+                warnings.warn(f"skipping {'unreadable' if prob.kind in KEPT_ON_DROP_KINDS else 'damaged'} "
+                              f"shard: {prob}")
                 self.skipped.append(prob)
                 continue
             if on_error == "skip":
@@ -1403,7 +1446,7 @@ class PairDataset(torch.utils.data.Dataset):
         e = self._entries[shard]
         prob = _check_shard(self.folder, e, check_hash=True)
         if prob is not None:
-            raise PairDataError(f"{prob.message}: {prob.path}. {repair_hint(self.folder)}")
+            raise _problem_error(prob, self.folder)
         self._verified.add(shard)
 
     def conditioning(self, key: str) -> tuple[torch.Tensor, torch.Tensor]:

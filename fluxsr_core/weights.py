@@ -22,6 +22,7 @@ Safety: model weights are read from safetensors only. Pickle files (``.pt``, ``.
 
 from __future__ import annotations
 
+import hashlib
 import json
 import pickle
 import re
@@ -805,7 +806,53 @@ def describe_file(path: PathLike) -> str:
     return f"{Path(path).name}: {KIND_DESCRIPTIONS.get(kind, kind)}; {len(info)} tensors, {', '.join(dtypes)}"
 
 
+# --------------------------------------------------------------------------------- identity
+
+_FINGERPRINT_CHUNKS = 16
+_FINGERPRINT_CHUNK_BYTES = 64 * 1024
+
+
+def _file_digest(path: Path, h) -> int:
+    """Feed ``path``'s size and content into ``h``: the whole file up to 1 MiB, else 16 chunks of
+    64 KiB spread evenly over it (a few reads, however large the file); returns its size."""
+    size = path.stat().st_size
+    h.update(f"{size}:".encode())
+    with open(path, "rb") as f:
+        if size <= _FINGERPRINT_CHUNKS * _FINGERPRINT_CHUNK_BYTES:
+            h.update(f.read())
+        else:
+            step = (size - _FINGERPRINT_CHUNK_BYTES) / (_FINGERPRINT_CHUNKS - 1)
+            for i in range(_FINGERPRINT_CHUNKS):
+                f.seek(int(i * step))
+                h.update(f.read(_FINGERPRINT_CHUNK_BYTES))
+    return size
+
+
+def weights_fingerprint(*paths: PathLike) -> str:
+    """``"<bytes>:<16 hex>"``: a cheap fingerprint of model files or folders (every file in a
+    folder, hidden files and ``.md`` left out): their sizes and a sampled hash (see
+    :func:`_file_digest`), not a full hash. Other weights (a fine-tune, a merged LoRA, an fp8
+    file, another seed) give another fingerprint, as the samples are spread over the whole file
+    and not only its ends; moving or renaming a file or folder does not change it. The one
+    identity of weights both ``fluxsr-train pairs`` (the teacher) and ``fluxsr-train train``
+    (the base model of a resume) compare."""
+    h = hashlib.sha256()
+    total = 0
+    for root in paths:
+        root = Path(root)
+        files = [root] if root.is_file() else sorted(
+            p for p in root.rglob("*") if p.is_file() and not any(part.startswith(".") for part in
+                                                                  p.relative_to(root).parts)
+            and p.suffix.lower() != ".md")
+        for f in files:
+            if f != root:  # a folder's layout is part of it; a single file's name is not
+                h.update(f.relative_to(root).as_posix().encode() + b"\0")
+            total += _file_digest(f, h)
+    return f"{total}:{h.hexdigest()[:16]}"
+
+
 __all__ = [
+    "weights_fingerprint",
     "WeightsError", "WeightsNotFoundError", "CorruptWeightsError", "UnsafeWeightsError",
     "WrongModelError", "UnsupportedWeightsError", "read_safetensors", "read_safetensors_header", "meta_state_dict",
     "DIFFUSERS_WEIGHTS_NAME", "diffusers_folder_files", "read_diffusers_folder",

@@ -107,14 +107,21 @@ def test_an_existing_bundle_is_kept_unless_overwrite_and_none_is_ever_half_writt
     assert "already exists" in capsys.readouterr().err and late.read_bytes() == b"theirs"
     monkeypatch.undo()
 
-    # Ctrl-C while writing: no file under the name, no temporary file
-    def interrupted(*a, **k):
+    # Ctrl-C once the bundle is written under its temporary name, as it is linked into place: no
+    # file under the name, and the temporary file is gone too
+    never = tmp_path / "never.safetensors"
+    written: list[str] = []
+
+    def interrupted(src, dst, *a, **k):
+        assert Path(dst) == never and Path(src).parent == tmp_path
+        written.append(Path(src).name)
+        assert metadata(Path(src))["fluxsr.prompt"] == "a cat"       # whole, under the temporary name
         raise KeyboardInterrupt
 
-    monkeypatch.setattr(B, "save_bundle", interrupted)
-    never = tmp_path / "never.safetensors"
+    monkeypatch.setattr(G.os, "link", interrupted)
     assert cli_main(bundle_args(te, never, "--prompt", "a cat")) == 130
     assert capsys.readouterr().err.endswith(f"\nfluxsr-train bundle: interrupted; {never} was not written\n")
+    assert len(written) == 1 and written[0] != never.name
     assert sorted(p.name for p in tmp_path.iterdir()) == ["late.safetensors", "student_bundle.safetensors"]
 
 

@@ -224,6 +224,20 @@ def test_stlpips_runs_offline_and_is_labelled():
     assert rep.row("noisy").mean["stlpips"] > 0.01
 
 
+def test_a_broken_stlpips_install_is_named_without_the_training_keys(monkeypatch):
+    """The message eval shows for ST-LPIPS weights missing from their package named the trainer's
+    loss.perceptual_path, which eval does not have: it says to reinstall, and nothing else."""
+    pytest.importorskip("stlpips_pytorch")
+    from fluxsr_training import perceptual
+
+    monkeypatch.setattr(perceptual, "stlpips_weights_path", lambda net: Path("/nonexistent/stlpips") / f"{net}.pth")
+    rep = E.evaluate_images({"m": {"a": _photo(64, 64)}}, {"a": _photo(64, 64)}, 4, metrics="stlpips",
+                            bicubic=False)
+    why = rep.skipped["stlpips"]
+    assert "weights not found at /nonexistent/stlpips/alex.pth" in why and "pip install --force-reinstall" in why
+    assert "loss." not in why and "give a copy" not in why
+
+
 def test_lpips_reads_a_local_backbone_file(tmp_path):
     """The code that loads real LPIPS weights, exercised with a random-weight AlexNet file."""
     import torchvision

@@ -235,6 +235,40 @@ def test_pairs_record_what_made_them_and_a_rerun_that_would_mix_others_in_is_ref
     assert r.skipped == 2 and len(r.written) == 4
 
 
+def test_memory_mode_auto_keeps_the_teacher_weights_its_folder_was_made_with(inputs, tmp_path, monkeypatch):
+    """auto chooses by free GPU memory, and an fp8 mode is part of the recipe: a rerun on a busier GPU
+    was refused as "made with other settings", and ranks deciding alone could mix fp8 and full
+    pairs. With pairs in the folder auto keeps their teacher_weights; on a fresh folder all ranks
+    take the mode the tightest of them needs."""
+    out = tmp_path / "run"
+    first = G.generate_pairs(cfg_for(inputs, out, "save_image=false", "memory_mode=auto"))   # CPU: none, full weights
+    assert len(first.written) == 6
+    busy = ("fp8_storage", "9.0 GiB free; fp8_storage keeps 7.0 GiB of weights there")
+    monkeypatch.setattr(models, "choose_memory_mode", lambda *a, **k: busy)
+    again = G.generate_pairs(cfg_for(inputs, out, "save_image=false", "memory_mode=auto"))  # was refused
+    assert again.skipped == 6 and again.written == []
+    cpu = torch.device("cpu")
+    mode, reason = G._resolve_memory_mode(cfg_for(inputs, out, "memory_mode=auto"), torch.float32, cpu)
+    assert mode == "group_offload"                                   # keeps the weights whole, and fits
+    assert f"the pairs in {out} were made with teacher_weights full" in reason and "stores them in fp8" in reason
+    # pairs made with fp8 weights keep them, however much memory is free now
+    monkeypatch.setattr(G, "_stored_records", lambda folder, ids=None: {
+        pair_id(0, 0): {"prompt_index": 0, "teacher_weights": "fp8_storage_all"}})
+    monkeypatch.setattr(models, "choose_memory_mode", lambda *a, **k: ("none", "80 GiB free"))
+    assert G._resolve_memory_mode(cfg_for(inputs, out, "memory_mode=auto"), torch.float32, cpu)[0] == "fp8_storage_all"
+    # a fresh folder, two ranks: the one with less free memory decides for both
+    monkeypatch.setattr(G, "_stored_records", lambda folder, ids=None: {})
+    monkeypatch.setattr(G, "_all_ranks", lambda value, world: [value, busy])
+    mode, reason = G._resolve_memory_mode(cfg_for(inputs, tmp_path / "fresh", "memory_mode=auto"), torch.float32,
+                                          cpu, world=2)
+    assert mode == "fp8_storage" and reason.startswith("rank 1 needs it (9.0 GiB free")
+    monkeypatch.setattr(G, "_all_ranks", lambda value, world: [value, ("group_offload", "2 GiB free")])
+    assert G._resolve_memory_mode(cfg_for(inputs, tmp_path / "fresh", "memory_mode=auto"), torch.float32, cpu,
+                                  world=2)[0] == "none"              # both store full weights: each its own mode
+    assert G._resolve_memory_mode(cfg_for(inputs, tmp_path / "fresh", "memory_mode=none"), torch.float32, cpu,
+                                  world=2) == ("none", "given")
+
+
 def test_a_text_encoder_run_refuses_another_t5_length_also_in_a_dataset_older_than_the_recipe(inputs, tmp_path,
                                                                                                 monkeypatch):
     te = tiny_text_encoders(tmp_path / "flux")

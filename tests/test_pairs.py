@@ -534,6 +534,72 @@ def test_drop_bad_shards_leaves_a_running_writer_alone(tmp_path):
     assert drop_bad_shards(tmp_path).dropped == [(shards[0].name, "truncated", 3)]   # once it has stopped
 
 
+def _unreadable_from_disk(monkeypatch, target: Path, err: int = errno.EIO) -> None:
+    """Make the system refuse to read ``target`` (its stat still works), as a failing disk or a
+    file without read permission does: opening it raises OSError ``err``."""
+    real_open, real_safe_open = open, P.safe_open
+
+    def refuse(path) -> None:
+        if Path(path) == target:
+            raise OSError(err, os.strerror(err), str(path))
+
+    monkeypatch.setattr(P, "open", lambda path, *a, **k: refuse(path) or real_open(path, *a, **k), raising=False)
+    monkeypatch.setattr(P, "safe_open", lambda path, *a, **k: refuse(path) or real_safe_open(path, *a, **k))
+
+
+@pytest.mark.parametrize("err", [errno.EIO, errno.EACCES])
+def test_a_shard_the_system_cannot_read_is_reported_and_left_in_place(tmp_path, monkeypatch, capsys, err):
+    """An OSError other than a missing file while checking a shard used to crash verify, skip-mode
+    reading and --drop-bad with a traceback. It is the problem "io-error", naming the error;
+    --drop-bad leaves such a shard where it is (it may be whole: the fix is the disk or the
+    permissions, not sampling its pairs again) and says so."""
+    from fluxsr_training.cli import main as cli_main
+
+    shards = _three_shards(tmp_path)
+    bad = shards[1]
+    _unreadable_from_disk(monkeypatch, bad, err)
+    report = verify_pairs(tmp_path)
+    assert [(p.kind, Path(p.path).name) for p in report.errors] == [("io-error", bad.name)]
+    assert os.strerror(err) in report.errors[0].message and "manifest-w0.jsonl line 2" in report.errors[0].message
+    assert report.pairs == 6                                         # the other shards were read
+
+    with pytest.warns(UserWarning, match=f"skipping unreadable shard: \\[io-error\\] {bad}"):
+        ds = PairDataset(tmp_path, on_error="skip")
+    assert ds.ids == IDS[:3] + IDS[6:] and [p.kind for p in ds.skipped] == ["io-error"]
+    with pytest.raises(PairDataError, match=f"{os.strerror(err)}.*fix its permissions or the disk") as info:
+        PairDataset(tmp_path)                                        # the header read fails too
+    assert "--drop-bad" not in str(info.value)                       # no advice that would not help
+
+    before = {p.name: p.read_bytes() for p in tmp_path.iterdir() if p.is_file() and p != bad}
+    assert cli_main(["verify", str(tmp_path)]) == 1
+    out = capsys.readouterr().out
+    assert f"[io-error] {bad}: shard cannot be read from disk ({os.strerror(err)})" in out
+    assert "1 of them could not be read from disk (io-error): --drop-bad leaves those in place" in out
+    assert cli_main(["verify", str(tmp_path), "--drop-bad"]) == 1
+    out = capsys.readouterr().out
+    assert f"dropped 0 shards (0 pairs) from {tmp_path}" in out
+    assert f"left in place (not set aside, it may be whole): {bad.name}: shard cannot be read from disk" in out
+    assert "verify: still not usable" in out
+    assert bad.exists() and not (tmp_path / "quarantine").exists()   # nothing moved, the manifest as it was
+    assert {p.name: p.read_bytes() for p in tmp_path.iterdir() if p.is_file() and p != bad} == before
+
+    monkeypatch.undo()                                               # the disk is back: the shard was whole
+    assert verify_pairs(tmp_path).ok and PairDataset(tmp_path).ids == IDS
+
+
+def test_a_conditioning_file_the_system_cannot_read_is_not_set_aside(tmp_path, monkeypatch):
+    _three_shards(tmp_path)
+    cond = sorted(tmp_path.glob("cond-*.safetensors"))[0]
+    real_read_bytes = Path.read_bytes
+    monkeypatch.setattr(Path, "read_bytes", lambda self: (_ for _ in ()).throw(OSError(errno.EIO, "Input/output error"))
+                        if self == cond else real_read_bytes(self))
+    report = verify_pairs(tmp_path)
+    assert [(p.kind, p.path) for p in report.errors] == [("io-error", str(cond))]
+    assert "cannot be read from disk (Input/output error)" in report.errors[0].message
+    dropped = drop_bad_shards(tmp_path, report)
+    assert dropped.moved == [] and cond.exists()
+
+
 def test_corrupted_conditioning_found(tmp_path):
     _three_shards(tmp_path)
     cond = sorted(tmp_path.glob("cond-*.safetensors"))[0]

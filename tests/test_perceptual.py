@@ -58,6 +58,26 @@ def test_missing_backbone_names_the_file_and_where_to_put_it(tmp_path, monkeypat
     with pytest.raises(PerceptualBackboneMissing, match="alexnet-owt-7be5be79.pth") as e:
         load_perceptual("lpips-alex", backbone_path=tmp_path / "nope.pth")
     assert f"{tmp_path / 'nope.pth'} (loss.perceptual_path)" in str(e.value)
+    assert f"put it at {tmp_path / 'nope.pth'} (or leave loss.perceptual_path empty" in str(e.value)
+
+
+def test_messages_name_the_callers_own_settings(tmp_path, monkeypatch):
+    """`fluxsr-train eval` shows these messages too, where the training keys mean nothing: the
+    caller names its settings (eval: the AlexNet file comes from --weights-dir; no setting
+    gives ST-LPIPS weights, and a missing metric is skipped, not turned off)."""
+    monkeypatch.setenv("TORCH_HOME", str(tmp_path / "torch"))
+    eval_names = PC.SettingNames(path="--weights-dir", kind=None, turn_off=None)
+    where = tmp_path / "w" / "checkpoints" / "alexnet-owt-7be5be79.pth"
+    with pytest.raises(PerceptualBackboneMissing) as e:
+        load_perceptual("lpips-alex", backbone_path=where, names=eval_names)
+    msg = str(e.value)
+    assert f"none was found at {where} (--weights-dir)" in msg and f"put it at {where}" in msg
+    assert "loss." not in msg and "Without it" not in msg
+    with pytest.raises(PerceptualBackboneMissing) as e:
+        load_perceptual("lpips-vgg", names=PC.SettingNames(path=None, kind=None, turn_off=None))
+    assert "loss." not in str(e.value) and "give its path" not in str(e.value)
+    with pytest.raises(ValueError, match="^the random-test kind takes no --weights-dir"):
+        load_perceptual("random-test", backbone_path="x.pth", names=eval_names)
 
 
 def _alexnet_features_file(path, seed=3):

@@ -56,6 +56,17 @@ def tiny_overrides(pairs: Path, out: Path, *extra: str) -> list[str]:
             "train.tensorboard=false", *extra]
 
 
+# `fluxsr-train train` without --config starts from the shipped train_default; these put back the
+# dataclass defaults the tiny runs are written against (before the tiny run's own overrides).
+CLI_PLAIN_DEFAULTS = ("data.holdout=0", "validation.every=0", "train.gradient_accumulation_steps=1",
+                      "data.num_workers=0", "model.gradient_checkpointing=false")
+
+
+def tiny_cli_args(pairs: Path, out: Path, *extra: str) -> list[str]:
+    """``fluxsr-train train`` arguments for the tiny run (as :func:`tiny_config` builds it)."""
+    return ["train", *CLI_PLAIN_DEFAULTS, *tiny_overrides(pairs, out, *extra)]
+
+
 def tiny_config(pairs: Path, out: Path, *extra: str) -> T.TrainConfig:
     return T.load_train_config(None, tiny_overrides(pairs, out, *extra))
 
@@ -233,9 +244,9 @@ def test_stop_and_resume_gives_the_same_weights_bit_for_bit(pairs, tmp_path):
         assert T.read_lora_state(Path(full.checkpoint) / name)[1:] == (4, 2.0)
         assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a), name
     assert [p.name for p in T.list_checkpoints(tmp_path / "part")] == ["step-0000006"]  # keep_last=1
-    # a resumed run of a finished one trains nothing and reports the checkpoint it came from
-    again = T.train(tiny_config(pairs, tmp_path / "part", *common, "train.resume=latest"))
-    assert again.losses == [] and again.step == 6
+    # resuming a finished run is refused: nothing is left to train
+    with pytest.raises(ConfigError, match="is at step 6 and train.max_steps is 6: nothing is left to train"):
+        T.train(tiny_config(pairs, tmp_path / "part", *common, "train.resume=latest"))
 
 
 def test_sigkill_then_resume_matches_an_uninterrupted_run(pairs, tmp_path):
@@ -350,7 +361,81 @@ def test_refusals_come_before_any_model_is_built_or_any_file_written(pairs, tmp_
                                           r"train.max_steps=4"):
         T.train(tiny_config(pairs, run, "train.max_steps=2", "checkpoint.every=2", "ema.enabled=false",
                             f"data.conditioning={str(trained_with)!r}", "train.resume=latest"))
+    # ... also when train.stop_at is the nearer end (it trained nothing and reported "loss nan")
+    for stop_at, example in ((2, 4), (1, 3)):
+        with pytest.raises(ConfigError, match=rf"is at step 2 and train.stop_at is {stop_at}: nothing is left to "
+                                              rf"train. To train on, raise it above 2 \(e.g. train.stop_at={example}\), "
+                                              r"or set train.stop_at=0 to train to train.max_steps=4$"):
+            T.train(tiny_config(pairs, run, *common, f"train.stop_at={stop_at}",
+                                f"data.conditioning={str(trained_with)!r}", "train.resume=latest"))
+    # a base model path that is not there is named as missing, not called "a different base model"
+    gone = tmp_path / "moved-away" / "flux1-dev.safetensors"
+    for resume in ("train.resume=latest", "train.resume=''"):
+        with pytest.raises(FileNotFoundError, match=rf"^model.transformer {re.escape(str(gone))}: no such file or "
+                                                    "folder") as e:
+            T.train(tiny_config(pairs, run if "latest" in resume else tmp_path / "fresh", *common,
+                                f"model.transformer={str(gone)!r}", f"data.conditioning={str(trained_with)!r}",
+                                resume))
+        assert "different base model" not in str(e.value)
     assert file_hashes(run) == before and not (tmp_path / "fresh").exists()
+
+
+def test_the_base_model_is_identified_by_sampled_content_and_older_checkpoints_still_resume(tmp_path):
+    """The identity is the sampled fingerprint `fluxsr-train pairs` records of its teacher: it sees
+    a file that differs from the base only between its first and last MiB (e.g. a LoRA merged
+    in), which the head-and-tail hash older checkpoints recorded did not. Those checkpoints are
+    compared the way they were recorded, so their runs resume."""
+    from fluxsr_core.weights import weights_fingerprint
+
+    base = tmp_path / "flux.safetensors"
+    content = bytes(range(256)) * (3 * 4096)                          # 3 MiB
+    base.write_bytes(content)
+    merged = tmp_path / "flux-merged.safetensors"
+    merged.write_bytes(content[:1 << 20] + bytes(b ^ 0x55 for b in content[1 << 20:2 << 20]) + content[2 << 20:])
+    moved = tmp_path / "elsewhere" / "renamed.safetensors"
+    moved.parent.mkdir()
+    moved.write_bytes(content)
+
+    identity = T.base_model_identity(str(base))
+    assert identity == {"weights_fingerprint": weights_fingerprint(base)} == T.base_model_identity(str(moved))
+    assert T.base_model_identity(str(merged)) != identity
+    assert T._head_tail_identity(str(merged)) == T._head_tail_identity(str(base))  # what the old identity missed
+    assert T.base_model_identity("tiny", 3) == {"test_model": "tiny", "init_seed": 3}
+
+    ckpt = tmp_path / "run" / T.CHECKPOINT_DIR / "step-0000002"
+    ckpt.mkdir(parents=True)
+
+    def config(transformer: Path) -> T.TrainConfig:
+        return T.load_train_config(None, [f"model.transformer={str(transformer)!r}", "model.vae=tiny"])
+
+    config(base).save(ckpt / T.CONFIG_FILE)
+    now = {"base_model_identity": identity}
+    assert T._check_resumable(ckpt, config(moved), now, T.base_model_identity(str(moved))) == []
+    with pytest.raises(ConfigError, match="a different base model"):
+        T._check_resumable(ckpt, config(merged), now, T.base_model_identity(str(merged)))
+    older = {"base_model_identity": T._head_tail_identity(str(base))}
+    assert set(older["base_model_identity"]) == {"weight_files", "sha256_head_tail"}
+    assert T._check_resumable(ckpt, config(moved), older, T.base_model_identity(str(moved))) == []
+    other = tmp_path / "other.safetensors"
+    other.write_bytes(b"\x01" + content[1:])
+    with pytest.raises(ConfigError, match="a different base model"):
+        T._check_resumable(ckpt, config(other), older, T.base_model_identity(str(other)))
+
+
+def test_a_conditioning_file_no_pair_uses_does_not_count(tmp_path, caplog):
+    """`fluxsr-train pairs` stores every conditioning before it samples; a run killed or refused in
+    between leaves cond files no pair uses. The dataset's pairs still have one conditioning:
+    the student trains with it and each checkpoint carries it (no warning of several)."""
+    folder = write_pair_folder(tmp_path / "pairs", range(3))
+    g = torch.Generator().manual_seed(7)
+    with PairWriter(folder, writer_id="killed", fsync=False) as w:
+        w.store_conditioning(torch.randn(1, 8, 32, generator=g), torch.randn(1, 16, generator=g))
+    assert len(list(folder.glob("cond-*.safetensors"))) == 2
+    caplog.set_level(logging.INFO, logger="fluxsr.train")
+    r = T.train(tiny_config(folder, tmp_path / "run", "train.max_steps=1"))
+    assert "distinct conditionings" not in caplog.text
+    assert "conditioning: each pair's own (1 distinct in the dataset)" in caplog.text
+    assert r.conditioning_path == str(Path(r.checkpoint) / T.CONDITIONING_FILE) and Path(r.conditioning_path).is_file()
 
 
 def test_resume_takes_softer_changes_with_a_notice(pairs, tmp_path, caplog):
@@ -475,25 +560,50 @@ def test_resume_from_a_missing_path_is_a_clear_error(pairs, tmp_path):
 # --- two processes ----------------------------------------------------------------------------
 
 def test_two_cpu_processes_match_one_with_the_same_global_batch(pairs, tmp_path):
+    """Two processes of batch 1 train as one of batch 2. They also agree on the held-out pair when a
+    writer adds a pair between their opens of the folder (here: rank 1 reads a copy holding one
+    pair more, which sorts last): the main process decides the split by id, so rank 1 neither
+    trains on rank 0's validation pair nor runs a longer sample stream."""
+    import shutil
+
+    grown = tmp_path / "grown"
+    shutil.copytree(pairs, grown)
+    write_pair_folder(grown, range(5, 6), writer="t1", seed=1)
     script = tmp_path / "run_train.py"
     script.write_text(textwrap.dedent("""
-        import sys
-        from fluxsr_training.trainer import load_train_config, train
-        train(load_train_config(None, sys.argv[1:]))
+        import json, os, sys
+        from pathlib import Path
+        from fluxsr_training import trainer as T
+
+        rank, grown, overrides = int(os.environ["RANK"]), sys.argv[1], sys.argv[2:]
+        if rank == 1:  # the folder as it reads after a writer added a pair
+            overrides.append(f"data.pairs={grown!r}")
+        setup = T._Run._setup_data
+
+        def record_split(self, *args):
+            setup(self, *args)
+            ids = self.pairs.ids
+            Path(grown).with_name(f"split-rank{rank}.json").write_text(json.dumps(
+                {"train": [ids[i] for i in self.train_indices], "holdout": self.holdout_ids}))
+
+        T._Run._setup_data = record_split
+        T.train(T.load_train_config(None, overrides))
     """))
     common = ["model.transformer=tiny", "model.vae=tiny", "model.dtype=fp32", f"data.pairs={str(pairs)!r}",
               "train.progress_bar=false", "lora.rank=4", "lora.alpha=4", "optim.lr=1e-2", "optim.warmup_steps=0",
               "loss.w_tvlpips=0", "loss.w_adl=0.1", "degradation.scale=2", "degradation.second_stage=false",
-              "train.max_steps=3", "checkpoint.every=3", "train.tensorboard=false"]
+              "train.max_steps=3", "checkpoint.every=3", "train.tensorboard=false", "data.holdout=1"]
     with socket.socket() as sock:  # a free port for the two processes' rendezvous
         sock.bind(("127.0.0.1", 0))
         port = sock.getsockname()[1]
     env = dict(os.environ, ACCELERATE_USE_CPU="1", OMP_NUM_THREADS="1", PYTHONWARNINGS="ignore")
     cmd = [sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes", "2",
            "--num_machines", "1", "--mixed_precision", "no", "--dynamo_backend", "no", "--main_process_port", str(port),
-           str(script), *common, "data.batch_size=1", f"train.output_dir={str(tmp_path / 'two')!r}"]
+           str(script), str(grown), *common, "data.batch_size=1", f"train.output_dir={str(tmp_path / 'two')!r}"]
     proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=240)
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    splits = [json.loads((tmp_path / f"split-rank{r}.json").read_text()) for r in (0, 1)]
+    assert splits[0] == splits[1] == {"train": [pair_id(i, i) for i in range(4)], "holdout": [pair_id(4, 4)]}
     one = T.train(T.load_train_config(None, [*common, "data.batch_size=2", f"train.output_dir={str(tmp_path / 'one')!r}"]))
     state = (tmp_path / "two" / T.CHECKPOINT_DIR / "step-0000003" / T.STATE_FILE).read_text()
     assert '"processes": 2' in state and '"global_batch": 2' in state
@@ -506,6 +616,42 @@ def test_two_cpu_processes_match_one_with_the_same_global_batch(pairs, tmp_path)
     # bits; Adam's normalised steps carry that into the weights at about 1e-5 (measured 2e-5
     # after 3 steps at lr 1e-2, against weight changes of 3e-2).
     assert max(float((a[k] - b[k]).abs().max()) for k in a) < 1e-4
+
+
+def test_a_decision_of_the_main_process_reaches_the_others_errors_included(monkeypatch):
+    """What `_decided_on_main` gives every process (a fake broadcast carries the main process's box
+    to the other one): the main's result, not a decision of their own; the main's refusal,
+    raised everywhere (no process left waiting for the others)."""
+    import accelerate.utils
+
+    sent: list = []
+
+    def broadcast(box, from_process=0):  # the main process sends first, the other receives
+        if sent:
+            box[0] = sent.pop()
+        else:
+            sent.append(box[0])
+        return box
+
+    monkeypatch.setattr(accelerate.utils, "broadcast_object_list", broadcast)
+
+    class Acc:
+        num_processes = 2
+
+    def process(main: bool) -> T._Run:
+        run = T._Run.__new__(T._Run)
+        run.accelerator, run.main = Acc(), main
+        return run
+
+    assert process(True)._decided_on_main(lambda: ["p1", "p2"]) == ["p1", "p2"]
+    assert process(False)._decided_on_main(lambda: pytest.fail("decided on another process")) == ["p1", "p2"]
+
+    def refuse():
+        raise ConfigError("data.holdout=9 leaves no training pairs")
+
+    for main in (True, False):
+        with pytest.raises(ConfigError, match="data.holdout=9 leaves no training pairs"):
+            process(main)._decided_on_main(refuse if main else lambda: pytest.fail("decided on another process"))
 
 
 # --- the sample stream ----------------------------------------------------------------------------
@@ -656,7 +802,7 @@ def test_cli_ctrl_c_writes_a_checkpoint_and_says_how_to_continue(pairs, tmp_path
         monkeypatch.setattr(T, "train", lambda cfg: real_train(cfg, stop_check=stop_check))
 
     run = tmp_path / "run"
-    args = ["train", *tiny_overrides(pairs, run, "train.max_steps=6", "checkpoint.every=2", "lora.dropout=0.1")]
+    args = tiny_cli_args(pairs, run, "train.max_steps=6", "checkpoint.every=2", "lora.dropout=0.1")
     interrupt_at(3, "raise")
     assert main(args) == 130
     err = capsys.readouterr().err
@@ -685,12 +831,8 @@ def test_cli_ctrl_c_writes_a_checkpoint_and_says_how_to_continue(pairs, tmp_path
 def test_cli_summary_names_the_step_of_its_validation_and_warns_of_a_long_warm_up(pairs, tmp_path, capsys):
     from fluxsr_training.cli import main
 
-    # no --config: the shipped train_default, whose accumulation, workers and checkpointing the
-    # tiny run turns off again
-    assert main(["train", *tiny_overrides(pairs, tmp_path / "run", "train.max_steps=2", "data.holdout=1",
-                                          "validation.every=5", "optim.warmup_steps=5", "train.log_every=1",
-                                          "train.gradient_accumulation_steps=1", "data.num_workers=0",
-                                          "model.gradient_checkpointing=false")]) == 0
+    assert main(tiny_cli_args(pairs, tmp_path / "run", "train.max_steps=2", "data.holdout=1", "validation.every=5",
+                              "optim.warmup_steps=5", "train.log_every=1")) == 0
     out = capsys.readouterr().out
     assert re.search(r"train: step 2/2, loss [0-9.]+, validation PSNR [0-9.]+ dB at step 0 \(before training\)", out)
     assert "optim.warmup_steps=5 is not shorter than train.max_steps=2: the learning rate is still warming up" in out

@@ -111,7 +111,7 @@ def _cmd_bundle(args) -> int:
 
 
 def _cmd_verify(args) -> int:
-    from fluxsr_core.pairs import drop_bad_shards, verify_pairs
+    from fluxsr_core.pairs import KEPT_ON_DROP_KINDS, drop_bad_shards, verify_pairs
 
     report = verify_pairs(args.folder)
     print(report)
@@ -121,6 +121,11 @@ def _cmd_verify(args) -> int:
     if not args.drop_bad:
         print(f"verify: {len(report.errors)} errors. `fluxsr-train verify {args.folder} --drop-bad` sets the bad "
               "shards aside (their pairs leave the dataset; `fluxsr-train pairs` makes them again)")
+        unreadable = [p for p in report.errors if p.kind in KEPT_ON_DROP_KINDS]
+        if unreadable:
+            print(f"  {len(unreadable)} of them could not be read from disk ({', '.join(KEPT_ON_DROP_KINDS)}): "
+                  "--drop-bad leaves those in place, as they may be whole; fix their permissions or the disk "
+                  "and verify again")
         return 1
     try:
         dropped = drop_bad_shards(args.folder, report)

@@ -413,17 +413,21 @@ def build_metric(name: str, device: Union[str, torch.device] = "cpu",
                                 + "; ".join(f.where(wdir) for f in missing))
     from fluxsr_training import perceptual
 
+    # The messages name eval's own option, not the training keys: the AlexNet file comes from
+    # --weights-dir; ST-LPIPS's weights only from its package (eval has no option for them).
     if spec.backend == "lpips":
         try:
-            module, label = perceptual.load_perceptual("lpips-alex", backbone_path=_ALEXNET.locate(wdir),
-                                                       device=device)
+            module, label = perceptual.load_perceptual(
+                "lpips-alex", backbone_path=_ALEXNET.locate(wdir), device=device,
+                names=perceptual.SettingNames(path="--weights-dir", kind=None, turn_off=None))
         except (perceptual.PerceptualBackboneMissing, perceptual.PerceptualWeightsError, ImportError) as exc:
             raise MetricUnavailable(str(exc)) from None
         return _Metric(spec, label, _lpips_like(module, device))
     if spec.backend == "stlpips":
         try:
             kind = "stlpips-vgg" if name == "stlpips_vgg" else "stlpips-alex"
-            module, label = perceptual.load_perceptual(kind, device=device)
+            module, label = perceptual.load_perceptual(
+                kind, device=device, names=perceptual.SettingNames(path=None, kind=None, turn_off=None))
         except (perceptual.PerceptualBackboneMissing, perceptual.PerceptualWeightsError, ImportError) as exc:
             raise MetricUnavailable(str(exc)) from None
         return _Metric(spec, label, _lpips_like(module, device))

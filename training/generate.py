@@ -41,7 +41,6 @@ the same text-encoder loading, for ``data.conditioning`` of ``fluxsr-train train
 
 from __future__ import annotations
 
-import hashlib
 import json
 import logging
 import os
@@ -59,6 +58,7 @@ from fluxsr_core.interfaces import Conditioning
 from fluxsr_core.latents import LATENT_CHANNELS, PIXEL_MULTIPLE, VAE_DOWNSCALE
 from fluxsr_core.pairs import PairWriter, conditioning_key, pair_id
 from fluxsr_core.settings import DEFAULT_GUIDANCE, DEFAULT_SCALE, DEFAULT_T_L, RunSettings
+from fluxsr_core.weights import weights_fingerprint
 
 from . import config_io
 from .config_io import ConfigError
@@ -381,46 +381,6 @@ def load_text_encoders(cfg: GenerateConfig, dtype: torch.dtype, device: torch.de
 
 # --- what defines a pair ---------------------------------------------------------------------
 
-_FINGERPRINT_CHUNKS = 16
-_FINGERPRINT_CHUNK_BYTES = 64 * 1024
-
-
-def _file_digest(path: Path, h) -> int:
-    """Feed ``path``'s size and content into ``h``: the whole file up to 1 MiB, else 16 chunks of
-    64 KiB spread evenly over it (a few reads, however large the file); returns its size."""
-    size = path.stat().st_size
-    h.update(f"{size}:".encode())
-    with open(path, "rb") as f:
-        if size <= _FINGERPRINT_CHUNKS * _FINGERPRINT_CHUNK_BYTES:
-            h.update(f.read())
-        else:
-            step = (size - _FINGERPRINT_CHUNK_BYTES) / (_FINGERPRINT_CHUNKS - 1)
-            for i in range(_FINGERPRINT_CHUNKS):
-                f.seek(int(i * step))
-                h.update(f.read(_FINGERPRINT_CHUNK_BYTES))
-    return size
-
-
-def weights_fingerprint(*paths: str | os.PathLike) -> str:
-    """``"<bytes>:<16 hex>"``: a cheap fingerprint of model files or folders (every file in a
-    folder, hidden files and ``.md`` left out): their sizes and a sampled hash (see
-    :func:`_file_digest`), not a full hash. Other weights (a fine-tune, an fp8 file, another seed)
-    give another fingerprint; moving or renaming a file or folder does not change it."""
-    h = hashlib.sha256()
-    total = 0
-    for root in paths:
-        root = Path(root)
-        files = [root] if root.is_file() else sorted(
-            p for p in root.rglob("*") if p.is_file() and not any(part.startswith(".") for part in
-                                                                  p.relative_to(root).parts)
-            and p.suffix.lower() != ".md")
-        for f in files:
-            if f != root:  # a folder's layout is part of it; a single file's name is not
-                h.update(f.relative_to(root).as_posix().encode() + b"\0")
-            total += _file_digest(f, h)
-    return f"{total}:{h.hexdigest()[:16]}"
-
-
 def _teacher_name(cfg: GenerateConfig) -> str:
     return os.path.basename(os.path.normpath(str(cfg.transformer)))
 
@@ -454,8 +414,6 @@ def pair_recipe(cfg: GenerateConfig, dtype: torch.dtype, memory_mode: str) -> di
     ``dtype`` (the compute dtype); ``conditioning`` (``bundle:<content key>``, or
     ``text-encoders:<fingerprint of both encoders and tokenizers>``) and, with text encoders,
     ``max_sequence_length`` (the T5 length). Cheap: no model is loaded (a few reads per file)."""
-    from fluxsr_core.models import FP8_MODES
-
     if cfg.bundle:
         conditioning = f"bundle:{_bundle_key(cfg)}"
     elif cfg.text_encoders or (cfg.clip and cfg.t5):
@@ -467,7 +425,7 @@ def pair_recipe(cfg: GenerateConfig, dtype: torch.dtype, memory_mode: str) -> di
                           "T5-XXL, e.g. the FLUX.1-dev folder), or --clip and --t5")
     recipe: dict[str, Any] = {"height": cfg.height, "width": cfg.width, "steps": cfg.steps, "guidance": cfg.guidance,
                               "teacher_fingerprint": teacher_fingerprint(cfg),
-                              "teacher_weights": memory_mode if memory_mode in FP8_MODES else "full",
+                              "teacher_weights": _teacher_weights(memory_mode),
                               "dtype": str(dtype).replace("torch.", ""), "conditioning": conditioning}
     if not cfg.bundle:
         recipe["max_sequence_length"] = cfg.max_sequence_length
@@ -510,14 +468,65 @@ def _check_t5_lengths(cfg: GenerateConfig, stored: Mapping[str, "StoredCondition
                               "them): resume with the settings of that run, or write to another --output")
 
 
-def _resolve_memory_mode(cfg: GenerateConfig, dtype: torch.dtype, device: torch.device) -> tuple[str, str]:
+def _stored_teacher_weights(records: Mapping[str, Mapping]) -> Optional[tuple[str, str]]:
+    """``(teacher_weights, pair id)`` of the first stored pair made by ``fluxsr-train pairs`` that
+    records how the teacher's weights were stored, or None (a fresh folder, or older pairs)."""
+    for pid, rec in records.items():
+        if "prompt_index" in rec and isinstance(rec.get("teacher_weights"), str):
+            return rec["teacher_weights"], pid
+    return None
+
+
+def _all_ranks(value: Any, world: int) -> list[Any]:
+    """``value`` of every process, in rank order (a collective: every process must call it)."""
+    if world == 1:
+        return [value]
+    from accelerate.utils import gather_object
+
+    return gather_object([value])
+
+
+def _resolve_memory_mode(cfg: GenerateConfig, dtype: torch.dtype, device: torch.device,
+                         world: int = 1) -> tuple[str, str]:
     """``(memory mode, reason)``: ``auto`` decided from the files' headers and free memory, before
-    anything loads (the mode is part of the recipe when it stores the weights in fp8)."""
+    anything loads (the mode is part of the recipe when it stores the weights in fp8).
+
+    ``auto`` must not make the recipe depend on how busy the GPU is: when ``cfg.output`` already
+    holds pairs that record ``teacher_weights``, it keeps that (an fp8 mode as it was; ``full``:
+    the fastest mode that does not store in fp8 and fits, else ``group_offload``). With several
+    processes (a collective: each tells the others its choice) whose choices would store the
+    weights differently, every one uses the mode the tightest of them needs, so all their pairs
+    record the same ``teacher_weights``. The reason is logged when the models load.
+    """
     from fluxsr_core import models
 
     if cfg.memory_mode != "auto":
         return cfg.memory_mode, "given"
-    return models.choose_memory_mode(cfg.transformer, cfg.vae, dtype, device)
+    mode, reason = models.choose_memory_mode(cfg.transformer, cfg.vae, dtype, device)
+    stored = _stored_teacher_weights(_stored_records(cfg.output))
+    if stored is not None:
+        weights, pid = stored
+        made = f"the pairs in {cfg.output} were made with teacher_weights {weights} (e.g. {pid}), which this run keeps"
+        if weights in models.FP8_MODES:
+            mode, reason = weights, made
+        elif mode in models.FP8_MODES:  # full weights, and `none` does not fit: the offload that keeps them whole
+            mode, reason = "group_offload", f"{made}; {reason}, but {mode} stores them in fp8"
+        else:
+            reason = f"{reason}; {made}"
+    choices = _all_ranks((mode, reason), world)
+    if len({_teacher_weights(m) for m, _ in choices}) > 1:  # the ranks' pairs would differ: the tightest decides
+        tightest, why = max(choices, key=lambda c: models.AUTO_ORDER.index(c[0]) if c[0] in models.AUTO_ORDER else -1)
+        if tightest != mode:
+            mode, reason = tightest, (f"rank {choices.index((tightest, why))} needs it ({why}), and all ranks store "
+                                      "the teacher's weights alike so their pairs record the same teacher_weights")
+    return mode, reason
+
+
+def _teacher_weights(memory_mode: str) -> str:
+    """How ``memory_mode`` stores the teacher's weights, as pairs record it (``teacher_weights``)."""
+    from fluxsr_core.models import FP8_MODES
+
+    return memory_mode if memory_mode in FP8_MODES else "full"
 
 
 def encode_conditionings(cfg: GenerateConfig, prompts: Sequence[str], transformer_config, dtype: torch.dtype,
@@ -702,7 +711,7 @@ def generate_pairs(cfg: GenerateConfig, on_pair: Optional[Callable[[str], None]]
         raise ValueError(f"pair id {dup} occurs twice; give distinct seeds")
     mine = jobs_for_rank(all_jobs, rank, world)
     # Before the output folder is made: a bad bundle, encoder or transformer path fails here.
-    memory_mode, mode_reason = _resolve_memory_mode(cfg, dtype, dev)
+    memory_mode, mode_reason = _resolve_memory_mode(cfg, dtype, dev, world)
     recipe = pair_recipe(cfg, dtype, memory_mode)
     writer_id = f"{cfg.writer_prefix or _stable_writer_prefix()}-rank{rank}"
 

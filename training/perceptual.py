@@ -34,6 +34,7 @@ import importlib.util
 import sys
 import types
 import warnings
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Optional, Union
 
@@ -48,6 +49,24 @@ TORCHVISION_BACKBONES = {
     "vgg": ("vgg16-397923af.pth", "https://download.pytorch.org/models/vgg16-397923af.pth"),
     "alex": ("alexnet-owt-7be5be79.pth", "https://download.pytorch.org/models/alexnet-owt-7be5be79.pth"),
 }
+
+
+@dataclass(frozen=True)
+class SettingNames:
+    """The settings a caller's user types, as :func:`load_perceptual`'s error messages name them.
+
+    ``path``: the one that gives ``backbone_path``; ``kind``: the one that picks the kind;
+    ``turn_off``: how the user does without the network. None: the caller has no such
+    setting, and no message suggests it.
+    """
+
+    path: Optional[str] = "loss.perceptual_path"
+    kind: Optional[str] = "loss.perceptual"
+    turn_off: Optional[str] = "turn the perceptual loss off (loss.w_tvlpips=0)"
+
+
+# `fluxsr-train train`'s keys (the default).
+TRAINING_SETTINGS = SettingNames()
 
 
 class PerceptualBackboneMissing(FileNotFoundError):
@@ -122,19 +141,28 @@ def _load_lpips_backbone(lp: torch.nn.Module, net: str, path: Path) -> None:
             p.copy_(src.to(p.dtype))
 
 
-def _load_lpips(net: str, backbone_path: Optional[Union[str, Path]]) -> tuple[torch.nn.Module, str]:
+def _load_lpips(net: str, backbone_path: Optional[Union[str, Path]],
+                names: SettingNames) -> tuple[torch.nn.Module, str]:
     import lpips
 
     path = Path(backbone_path).expanduser() if backbone_path is not None else torchvision_checkpoint_path(net)
     if not path.is_file():
         fname, url = TORCHVISION_BACKBONES[net]
-        given = "" if backbone_path is None else " (loss.perceptual_path)"
+        given = f" ({names.path})" if backbone_path is not None and names.path else ""
+        # where the caller looks: the given path, else torchvision's cache (or a path of one's own)
+        hub = torchvision_checkpoint_path(net)
+        if backbone_path is not None:
+            put = f"put it at {path}" + (f" (or leave {names.path} empty and put it in torchvision's hub cache, "
+                                         f"{hub})" if names.path else "")
+        else:
+            put = (f"put it at {hub} (torchvision's hub cache; TORCH_HOME moves it)"
+                   + (f" or give its path as {names.path}" if names.path else ""))
+        instead = [f"use {names.kind}=stlpips-{net} (weights ship in the stlpips-pytorch package)"] if names.kind else []
+        instead += [names.turn_off] if names.turn_off else []
         raise PerceptualBackboneMissing(
             f"LPIPS-{net} needs its ImageNet backbone file and none was found at {path}{given}. "
-            f"Download {url} on a connected machine and put it at "
-            f"{torchvision_checkpoint_path(net)} (torchvision's hub cache; TORCH_HOME moves it) "
-            f"or give its path as loss.perceptual_path. Without it use loss.perceptual=stlpips-{net} "
-            f"(weights ship in the stlpips-pytorch package) or turn the perceptual loss off (loss.w_tvlpips=0).")
+            f"Download {url} on a connected machine and {put}."
+            + (f" Without it {' or '.join(instead)}." if instead else ""))
     with _quiet_torchvision():
         # pnet_rand: build the backbone without downloading; pretrained: the linear heads
         # that ship inside the lpips package.
@@ -190,18 +218,22 @@ def stlpips_weights_path(net: str) -> Path:
     return root / "weights" / "vST0.0" / f"{net}_shift_tolerant.pth"
 
 
-def _load_stlpips(net: str, weights_path: Optional[Union[str, Path]]) -> tuple[torch.nn.Module, str]:
+def _load_stlpips(net: str, weights_path: Optional[Union[str, Path]],
+                  names: SettingNames) -> tuple[torch.nn.Module, str]:
     st = _import_stlpips()
     path = Path(weights_path).expanduser() if weights_path is not None else stlpips_weights_path(net)
     if not path.is_file() and weights_path is not None:
         # the user's path is wrong, not the install: leaving it empty uses the packaged weights
+        given = f" ({names.path})" if names.path else ""
+        empty = f"leave {names.path} empty" if names.path else "give none"
         raise PerceptualBackboneMissing(
-            f"ST-LPIPS-{net} weight file {path} (loss.perceptual_path) does not exist; fix the path, or leave "
-            f"loss.perceptual_path empty to use the weights that ship in stlpips-pytorch")
+            f"ST-LPIPS-{net} weight file {path}{given} does not exist; fix the path, or {empty} to use the "
+            "weights that ship in stlpips-pytorch")
     if not path.is_file():
         raise PerceptualBackboneMissing(
             f"ST-LPIPS-{net} weights not found at {path}, inside the installed stlpips-pytorch; reinstall it "
-            "(pip install --force-reinstall stlpips-pytorch) or give a copy of the file as loss.perceptual_path")
+            "(pip install --force-reinstall stlpips-pytorch)"
+            + (f" or give a copy of the file as {names.path}" if names.path else ""))
     with _quiet_torchvision():
         model = st.LPIPS(net=net, variant="shift_tolerant", pretrained=False, verbose=False)
     sd = _read_state_dict(path, f"ST-LPIPS {net} weight file")
@@ -227,7 +259,8 @@ def _load_random_test() -> tuple[torch.nn.Module, str]:
 
 
 def load_perceptual(kind: str = "lpips-vgg", backbone_path: Optional[Union[str, Path]] = None,
-                    device: Optional[Union[str, torch.device]] = None) -> tuple[torch.nn.Module, str]:
+                    device: Optional[Union[str, torch.device]] = None,
+                    names: SettingNames = TRAINING_SETTINGS) -> tuple[torch.nn.Module, str]:
     """Build the perceptual distance for TV-LPIPS; returns ``(module, label)``.
 
     ``kind``: one of :data:`PERCEPTUAL_KINDS` (see the module doc). ``backbone_path``: for
@@ -236,19 +269,22 @@ def load_perceptual(kind: str = "lpips-vgg", backbone_path: Optional[Union[str, 
     images in ``[-1, 1]`` and returns ``[B, 1, 1, 1]``; it is frozen and in eval mode.
     ``label`` says honestly what the network is; log it next to every perceptual number.
 
-    Error messages name the training config keys the CLI user types: ``kind`` is
-    ``loss.perceptual`` and ``backbone_path`` is ``loss.perceptual_path``.
+    Error messages name the settings the caller's user types (``names``, a :class:`SettingNames`):
+    by default ``fluxsr-train train``'s, where ``kind`` is ``loss.perceptual`` and
+    ``backbone_path`` is ``loss.perceptual_path``; another front end (``fluxsr-train eval``) passes
+    its own, or None for a setting it does not have.
     """
     if kind not in PERCEPTUAL_KINDS:
         raise ValueError(f"unknown perceptual kind {kind!r}; choose one of {', '.join(PERCEPTUAL_KINDS)}")
     family, _, net = kind.partition("-")
     if family == "lpips":
-        module, label = _load_lpips(net, backbone_path)
+        module, label = _load_lpips(net, backbone_path, names)
     elif family == "stlpips":
-        module, label = _load_stlpips(net, backbone_path)
+        module, label = _load_stlpips(net, backbone_path, names)
     else:
         if backbone_path is not None:
-            raise ValueError("loss.perceptual=random-test takes no loss.perceptual_path (it has random weights); "
-                             "leave loss.perceptual_path empty")
+            what = f"{names.kind}=random-test" if names.kind else "the random-test kind"
+            path = names.path or "backbone path"
+            raise ValueError(f"{what} takes no {path} (it has random weights); leave {path} empty")
         module, label = _load_random_test()
     return _finish(module, device), label

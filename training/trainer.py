@@ -42,6 +42,7 @@ import json
 import logging
 import math
 import os
+import pickle
 import re
 import shutil
 import signal
@@ -633,6 +634,11 @@ class _TrainState:
 # data
 # =========================================================================================
 
+def end_step(loop: TrainLoopConfig) -> int:
+    """The step a run stops at: ``train.max_steps``, or ``train.stop_at`` when set and nearer."""
+    return min(loop.stop_at, loop.max_steps) if loop.stop_at else loop.max_steps
+
+
 def _derived_seed(*parts) -> int:
     """A 31-bit seed from a tuple (stable across runs, processes and platforms)."""
     h = hashlib.sha256(":".join(str(p) for p in parts).encode()).digest()
@@ -826,33 +832,56 @@ def conditioning_digest(t5: torch.Tensor, clip_pooled: torch.Tensor) -> str:
     return h.hexdigest()
 
 
-_IDENTITY_CHUNK = 1 << 20
-_WEIGHT_SUFFIXES = (".safetensors", ".bin", ".pt", ".pth", ".gguf")
+def _transformer_weights_root(p: Path) -> Path:
+    """A transformer file or folder; for a whole pipeline folder its ``transformer/`` subfolder."""
+    return p / "transformer" if p.is_dir() and (p / "transformer").is_dir() else p
 
 
 def base_model_identity(transformer: str, init_seed: int = 0) -> dict[str, Any]:
     """What identifies the frozen base a LoRA is trained on, cheaply (no full read).
 
-    A file or folder: sha256 of each weight file's size, first and last MiB (a moved or renamed
-    copy matches, another checkpoint of the same architecture does not). The random test model
-    (``"tiny"``): its name and ``init_seed``.
+    A file or folder: :func:`fluxsr_core.weights.weights_fingerprint` of it (of a pipeline folder's
+    ``transformer/``): sizes and 16 chunks sampled over each file, the fingerprint ``fluxsr-train
+    pairs`` records of its teacher. A moved or renamed copy matches; another checkpoint of the
+    same architecture, or the same one with a LoRA merged in, does not. A random test model name
+    (:data:`fluxsr_core.models.RANDOM_INIT_NAMES`, e.g. ``"tiny"``): its name and ``init_seed``.
+    Any other path that does not exist raises :class:`~fluxsr_core.weights.WeightsNotFoundError`
+    naming it (before any model is built).
     """
+    from fluxsr_core.models import RANDOM_INIT_NAMES, TRANSFORMER_HELP
+    from fluxsr_core.weights import WeightsNotFoundError, weights_fingerprint
+
     p = Path(transformer).expanduser()
-    if not p.exists():
+    if p.exists():
+        return {"weights_fingerprint": weights_fingerprint(_transformer_weights_root(p))}
+    if str(transformer) in RANDOM_INIT_NAMES:
         return {"test_model": str(transformer), "init_seed": int(init_seed)}
-    root = p / "transformer" if p.is_dir() and (p / "transformer").is_dir() else p
+    raise WeightsNotFoundError(f"model.transformer {transformer}: no such file or folder ({p}). {TRANSFORMER_HELP}")
+
+
+# The identity checkpoints recorded before the sampled fingerprint: its key, and what it read.
+_HEAD_TAIL_KEY = "sha256_head_tail"
+_HEAD_TAIL_CHUNK = 1 << 20
+_HEAD_TAIL_SUFFIXES = (".safetensors", ".bin", ".pt", ".pth", ".gguf")
+
+
+def _head_tail_identity(transformer: str) -> dict[str, Any]:
+    """The base-model identity older checkpoints recorded (sha256 of each weight file's size,
+    first and last MiB), computed the same way, so their runs stay resumable. It cannot see a
+    change in the middle of a file only; new checkpoints record :func:`base_model_identity`."""
+    root = _transformer_weights_root(Path(transformer).expanduser())
     files = [root] if root.is_file() else sorted(f for f in root.rglob("*") if f.is_file()
-                                                 and f.suffix.lower() in _WEIGHT_SUFFIXES)
+                                                 and f.suffix.lower() in _HEAD_TAIL_SUFFIXES)
     h = hashlib.sha256()
     for f in files:
         size = f.stat().st_size
         h.update(f"{f.relative_to(root).as_posix() if f != root else ''}:{size}:".encode())
         with open(f, "rb") as fh:
-            h.update(fh.read(_IDENTITY_CHUNK))
-            if size > _IDENTITY_CHUNK:
-                fh.seek(max(_IDENTITY_CHUNK, size - _IDENTITY_CHUNK))
-                h.update(fh.read(_IDENTITY_CHUNK))
-    return {"weight_files": len(files), "sha256_head_tail": h.hexdigest()}
+            h.update(fh.read(_HEAD_TAIL_CHUNK))
+            if size > _HEAD_TAIL_CHUNK:
+                fh.seek(max(_HEAD_TAIL_CHUNK, size - _HEAD_TAIL_CHUNK))
+                h.update(fh.read(_HEAD_TAIL_CHUNK))
+    return {"weight_files": len(files), _HEAD_TAIL_KEY: h.hexdigest()}
 
 
 def _fmt(v: Any) -> str:
@@ -918,6 +947,10 @@ def _check_resumable(checkpoint: Path, cfg: TrainConfig, state: dict[str, Any],
         src = then.model.transformer
         if src in RANDOM_INIT_NAMES or Path(src).expanduser().exists():
             recorded = base_model_identity(src, then.model.init_seed)
+    if recorded is not None and _HEAD_TAIL_KEY in recorded and "test_model" not in identity:
+        # recorded by an older version: compared the way it was made (new checkpoints of this
+        # run record the sampled fingerprint)
+        identity = _head_tail_identity(cfg.model.transformer)
     if recorded is not None and recorded != identity:
         def base(c: TrainConfig, ident: dict[str, Any]) -> str:
             return f"model.transformer={c.model.transformer}" + (
@@ -1158,6 +1191,66 @@ def _load_validation_images(cfg: TrainConfig) -> list[tuple[str, torch.Tensor]]:
     return out
 
 
+@dataclass(frozen=True)
+class DataSplit:
+    """Which pairs a run trains on and holds out, by id (dataset order), and where its teacher
+    images come from (``teacher_image``: ``stored`` / ``auto`` / ``decode``, after the check of
+    the stored images). ``holdout_ids`` may name pairs no longer in the dataset (kept as
+    recorded, so a pair that comes back stays out)."""
+
+    train_ids: list[str]
+    holdout_ids: list[str]
+    teacher_image: str
+
+
+def split_pairs(pairs, data: DataConfig, recorded_holdout: Optional[Sequence[str]] = None) -> DataSplit:
+    """The :class:`DataSplit` of a :class:`~fluxsr_core.pairs.PairDataset` for ``data``.
+
+    A fresh run (``recorded_holdout`` None) holds out the last ``data.holdout`` ids; a resume
+    keeps the ids it recorded. Raises :class:`ConfigError` (ValueError for an empty dataset)
+    when nothing is left to train on, or when ``teacher_image='stored'`` and some pairs lack the
+    image; with images on some pairs only, every pair is decoded (each said in the log, as are
+    held-out pairs that are gone and a ``data.holdout`` a resume does not apply). Reads the
+    dataset's ids and shard headers only.
+    """
+    n = len(pairs)
+    if n == 0:
+        raise ValueError(f"pair dataset {data.pairs} holds no complete pairs; run `fluxsr-train pairs` first")
+    ids = pairs.ids
+    present = set(ids)
+    if recorded_holdout is None:
+        if data.holdout >= n:
+            raise ConfigError(f"data.holdout={data.holdout} leaves no training pairs (the dataset has {n})")
+        holdout_ids = ids[n - data.holdout:] if data.holdout else []
+    else:
+        holdout_ids = list(recorded_holdout)  # kept as recorded: a pair that comes back stays out
+        gone = [i for i in holdout_ids if i not in present]
+        if gone:
+            log.warning("%d held-out pair(s) the run started with are no longer in %s (%s): validation goes on "
+                        "with the %d that remain", len(gone), data.pairs, ", ".join(gone[:5]),
+                        len(holdout_ids) - len(gone))
+        if data.holdout != len(holdout_ids):
+            log.warning("data.holdout=%d is not applied on a resume: the run keeps the %d pair(s) it held out "
+                        "from the start (any other pair may have been trained on; for more validation images "
+                        "use validation.images)", data.holdout, len(holdout_ids))
+    held = set(holdout_ids)
+    train_ids = [i for i in ids if i not in held]
+    if not train_ids:
+        raise ConfigError(f"every pair of {data.pairs} is held out; add pairs or lower data.holdout")
+    teacher_image = data.teacher_image
+    if teacher_image != "decode":
+        stored, total = pairs.stored_image_count(), n
+        if teacher_image == "stored" and stored < total:
+            raise ConfigError(f"data.teacher_image='stored' but {total - stored} of the {total} pairs have no "
+                              "stored teacher image; use 'auto' or 'decode' (decodes z_0 with the VAE)")
+        if 0 < stored < total:
+            # one treatment for every pair: a batch mixing both kinds cannot be collated
+            log.warning("%d of the %d pairs have no stored teacher image: decoding z_0 for every pair "
+                        "(data.teacher_image='decode')", total - stored, total)
+            teacher_image = "decode"
+    return DataSplit(train_ids=train_ids, holdout_ids=holdout_ids, teacher_image=teacher_image)
+
+
 class _Run:
     """One call of :func:`train` (kept in an object so the pieces can share state plainly)."""
 
@@ -1251,6 +1344,11 @@ class _Run:
                               f"{cfg.train.max_steps}: nothing is left to train. To train on, raise it "
                               f"(e.g. train.max_steps={done + max(1, cfg.train.max_steps)}); to use the student, "
                               f"fluxsr-train export {self.out} -o <folder>")
+        if resume_from is not None and done >= end_step(cfg.train):  # train.stop_at is the nearer end
+            raise ConfigError(f"checkpoint {resume_from} is at step {done} and train.stop_at is {cfg.train.stop_at}: "
+                              f"nothing is left to train. To train on, raise it above {done} (e.g. train.stop_at="
+                              f"{min(done + cfg.train.stop_at, cfg.train.max_steps)}), or set train.stop_at=0 to "
+                              f"train to train.max_steps={cfg.train.max_steps}")
         self.base_identity = base_model_identity(cfg.model.transformer, cfg.model.init_seed)
         self.resume_notices = (_check_resumable(resume_from, cfg, self.resume_state, self.base_identity)
                                if resume_from is not None else [])
@@ -1356,51 +1454,36 @@ class _Run:
     def _setup_data(self, recorded_holdout: Optional[list[str]] = None) -> None:
         """Open the pairs and split them. ``recorded_holdout``: the held-out ids a resumed run
         started with (kept, so no validation pair is ever trained on); None: a fresh run (or a
-        checkpoint older than the record), which holds out the last ``data.holdout`` ids."""
+        checkpoint older than the record), which holds out the last ``data.holdout`` ids.
+
+        The split is decided by id on the main process and given to the others (a writer may add
+        pairs while the processes open the folder one after the other: each deciding alone, one
+        could train on another's validation pair, or run a sample stream of another length);
+        every process then maps those ids to its own dataset's indices, ignoring pairs added since.
+        """
         from fluxsr_core.pairs import PairDataset
 
         cfg = self.cfg
-        self.pairs = PairDataset(cfg.data.pairs, load_image=cfg.data.teacher_image != "decode")
-        n = len(self.pairs)
-        if n == 0:
-            raise ValueError(f"pair dataset {cfg.data.pairs} holds no complete pairs; run `fluxsr-train pairs` first")
-        ids = self.pairs.ids
-        present = set(ids)
-        if recorded_holdout is None:
-            if cfg.data.holdout >= n:
-                raise ConfigError(f"data.holdout={cfg.data.holdout} leaves no training pairs (the dataset has {n})")
-            self.holdout_ids = ids[n - cfg.data.holdout:] if cfg.data.holdout else []
-        else:
-            self.holdout_ids = list(recorded_holdout)  # kept as recorded: a pair that comes back stays out
-            gone = [i for i in self.holdout_ids if i not in present]
-            if gone and self.main:
-                log.warning("%d held-out pair(s) the run started with are no longer in %s (%s): validation goes on "
-                            "with the %d that remain", len(gone), cfg.data.pairs, ", ".join(gone[:5]),
-                            len(self.holdout_ids) - len(gone))
-            if cfg.data.holdout != len(self.holdout_ids) and self.main:
-                log.warning("data.holdout=%d is not applied on a resume: the run keeps the %d pair(s) it held out "
-                            "from the start (any other pair may have been trained on; for more validation images "
-                            "use validation.images)", cfg.data.holdout, len(self.holdout_ids))
-        held = {self.pairs.index_of(i) for i in self.holdout_ids if i in present}
-        self.holdout_indices = sorted(held)
-        self.train_indices = [i for i in range(n) if i not in held]
-        if not self.train_indices:
-            raise ConfigError(f"every pair of {cfg.data.pairs} is held out; add pairs or lower data.holdout")
+
+        def decide() -> DataSplit:  # inside: a dataset that cannot be opened stops every process
+            self.pairs = PairDataset(cfg.data.pairs, load_image=cfg.data.teacher_image != "decode")
+            return split_pairs(self.pairs, cfg.data, recorded_holdout)
+
+        split = self._decided_on_main(decide)
+        self.holdout_ids, self.teacher_image = split.holdout_ids, split.teacher_image
+        if not self.main or (self.teacher_image == "decode") != (cfg.data.teacher_image == "decode"):
+            # the others open the folder now; the main process again when it decided to decode
+            self.pairs = PairDataset(cfg.data.pairs, load_image=self.teacher_image != "decode")
+        present = set(self.pairs.ids)
+        lost = [i for i in split.train_ids if i not in present]
+        if lost:
+            raise ConfigError(f"pair {lost[0]} that the main process chose for training is not in {cfg.data.pairs} "
+                              f"as this process (rank {self.accelerator.process_index}) reads it: the folder changed "
+                              "while the run started (e.g. `fluxsr-train verify --drop-bad`); start it again")
+        self.holdout_indices = sorted(self.pairs.index_of(i) for i in self.holdout_ids if i in present)
+        self.train_indices = sorted(self.pairs.index_of(i) for i in split.train_ids)
         self.stream = SampleStream(len(self.train_indices), cfg.data.seed)
-        self.teacher_image = cfg.data.teacher_image
-        if self.teacher_image != "decode":
-            stored, total = self.pairs.stored_image_count(), len(self.pairs)
-            if self.teacher_image == "stored" and stored < total:
-                raise ConfigError(f"data.teacher_image='stored' but {total - stored} of the {total} pairs have no "
-                                  "stored teacher image; use 'auto' or 'decode' (decodes z_0 with the VAE)")
-            if 0 < stored < total:
-                # one treatment for every pair: a batch mixing both kinds cannot be collated
-                if self.main:
-                    log.warning("%d of the %d pairs have no stored teacher image: decoding z_0 for every pair "
-                                "(data.teacher_image='decode')", total - stored, total)
-                self.teacher_image = "decode"
-                self.pairs = PairDataset(cfg.data.pairs, load_image=False)
-        h, w = (int(d) * 8 for d in self.pairs[0]["z0"].shape[-2:])
+        h, w = (int(d) * 8 for d in self.pairs[self.train_indices[0]]["z0"].shape[-2:])
         if h % cfg.degradation.scale or w % cfg.degradation.scale:
             raise ConfigError(f"the pairs are {h}x{w} pixels, not divisible by degradation.scale="
                               f"{cfg.degradation.scale}; use a scale that divides the pair resolution")
@@ -1408,6 +1491,33 @@ class _Run:
                    f"{f', {len(self.holdout_indices)} held out' if self.holdout_indices else ''}; global batch "
                    f"{cfg.data.batch_size} x {self.accelerator.num_processes} process(es) x "
                    f"{cfg.train.gradient_accumulation_steps} accumulation")
+
+    def _decided_on_main(self, decide: Callable[[], Any]) -> Any:
+        """``decide()`` run on the main process only, its result (or the error it raised) given to
+        every process, so a decision read off files that may change meanwhile is the same on all
+        (and a refusal stops all, none waits for the others). One process: just ``decide()``."""
+        acc = self.accelerator
+        if acc.num_processes == 1:
+            return decide()
+        from accelerate.utils import broadcast_object_list
+
+        box: list[Any] = [None]
+        if self.main:
+            try:
+                box[0] = ("ok", decide())
+            except Exception as exc:  # noqa: BLE001 - handed on, raised on every process
+                box[0] = ("error", exc)
+                try:
+                    pickle.dumps(exc)
+                except Exception:  # noqa: BLE001 - an error that cannot travel: its text does
+                    box[0] = ("error", RuntimeError(f"on the main process: {type(exc).__name__}: {exc}"))
+                broadcast_object_list(box, from_process=0)
+                raise
+        broadcast_object_list(box, from_process=0)
+        kind, value = box[0]
+        if kind == "error":
+            raise value
+        return value
 
     def _setup_conditioning(self) -> None:
         """The fixed conditioning (a bundle, or the dataset's only one) and its content hash.
@@ -1431,8 +1541,11 @@ class _Run:
             self.conditioning_prompt = bundle_prompt(cfg.data.conditioning) or f"bundle {cfg.data.conditioning}"
             self.conditioning_source = f"bundle {os.path.abspath(cfg.data.conditioning)}"
         else:
-            keys = sorted(p.name[len("cond-"):-len(".safetensors")]
-                          for p in Path(cfg.data.pairs).glob("cond-*.safetensors"))
+            # the conditionings this run's pairs use (a cond file stored ahead for pairs a killed or
+            # refused `pairs` run never made is not one of them)
+            ids = self.pairs.ids
+            used = [ids[i] for i in sorted(self.train_indices + self.holdout_indices)]
+            keys = sorted({str(rec.get("cond")) for rec in self.pairs.records(used).values()})
             t5 = clip = self.conditioning_prompt = None
             folder = os.path.abspath(cfg.data.pairs)
             self.conditioning_source = f"pairs folder {folder} (each pair's own, {len(keys)} distinct)"
@@ -1763,7 +1876,7 @@ class _Run:
                                              worker_init_fn=_ignore_sigint if cfg.data.num_workers > 0 else None,
                                              generator=torch.Generator().manual_seed(cfg.data.seed))
         batches = iter(loader)
-        end = cfg.train.max_steps if not cfg.train.stop_at else min(cfg.train.stop_at, cfg.train.max_steps)
+        end = end_step(cfg.train)
         last_ckpt: Optional[Path] = None
         stopped = interrupted = False
 
@@ -1920,4 +2033,4 @@ __all__ = ["TrainConfig", "ModelConfig", "LoraConfig", "SettingsConfig", "DataCo
            "lora_parameters", "compute_losses", "list_checkpoints", "latest_checkpoint", "resolve_resume",
            "save_lora_state", "read_lora_state", "LORA_FILE", "EMA_LORA_FILE", "CONFIG_FILE", "STATE_FILE",
            "CONDITIONING_FILE", "METRICS_FILE", "TrainingInterrupted", "interrupted_advice", "conditioning_digest", "base_model_identity",
-           "config_warnings"]
+           "config_warnings", "DataSplit", "split_pairs", "end_step"]
