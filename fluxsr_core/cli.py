@@ -219,7 +219,7 @@ def collect_jobs(inputs: Sequence[Path], output: Path, output_is_folder: bool = 
     for f in files:
         if (first := first_by_identity.setdefault(_identity(f), f)) is f:
             unique.append(f)
-        elif id(f) in scanned:  # a link in a folder to a file already there: one upscale is enough
+        elif id(f) in scanned and id(first) in scanned:  # a link in a folder to a file there: one is enough
             continue
         else:
             same = f"{f} is given twice" if first == f else f"{first} and {f} are the same file"

@@ -28,6 +28,7 @@ from __future__ import annotations
 import contextlib
 import math
 import os
+import re
 import struct
 import sys
 import threading
@@ -85,7 +86,10 @@ _ANIMATION_FORMATS = frozenset({"GIF", "PNG", "WEBP", "FLI", "AVIF"})
 # Signatures of formats Pillow always identifies when the header is whole: a file starting with
 # one that Pillow cannot open is damaged, not of an unknown format.
 _SIGNATURES = ((b"\x89PNG\r\n\x1a\n", "PNG"), (b"\xff\xd8\xff", "JPEG"), (b"GIF87a", "GIF"),
-               (b"GIF89a", "GIF"), (b"BM", "BMP"))
+               (b"GIF89a", "GIF"))
+# Pillow's errno-less OSErrors that mean a header cut short (others mean "not supported").
+_TRUNCATION_MESSAGES = re.compile(r"truncated|could not create decoder|not enough data|unexpected end|"
+                                  r"premature end|broken data stream", re.IGNORECASE)
 # (TIFF is left out: a whole TIFF of a kind Pillow does not read, float colour say, fails the same way.)
 
 
@@ -361,16 +365,29 @@ def _open(p: Path) -> Image.Image:
             f"Use PNG, JPEG, WebP, TIFF, BMP or GIF; for HEIC install 'pillow-heif'.{tiff_hint}"
         ) from e
     except OSError as e:
-        if e.errno is None:  # Pillow's own "Truncated File Read", "could not create decoder object"...
+        if e.errno is None and _TRUNCATION_MESSAGES.search(str(e)) and (
+                _signature_kind(p) is not None or _starts_like_tiff(p)):  # Pillow's own, for a header cut short
             raise TruncatedImageError(
                 f"could not read the header of '{p}' ({e}); the file is damaged or incomplete. "
                 f"Re-download or re-export it.") from e
+        if e.errno is None:  # Pillow's own for a whole file it does not support (a BMP compression...)
+            raise NotAnImageError(f"'{p}' cannot be read by Pillow ({e}): a format variant it does not "
+                                  f"support, or not an image at all. If it is an image, re-save it as PNG, JPEG or "
+                                  f"TIFF in another program.") from e
         raise UnreadableImageError(_unreadable_message(p, e)) from e  # no read permission, an I/O error
     except (SyntaxError, EOFError, struct.error, ValueError) as e:
         # Plugins raise these for headers that are cut short or malformed.
         raise TruncatedImageError(
             f"could not read the header of '{p}' ({e}); the file is damaged or incomplete. "
             f"Re-download or re-export it.") from e
+
+
+def _starts_like_tiff(p: Path) -> bool:
+    try:
+        with open(p, "rb") as f:
+            return f.read(4) in (b"II*\x00", b"MM\x00*")
+    except OSError:
+        return False
 
 
 def _signature_kind(p: Path) -> Optional[str]:
@@ -382,6 +399,8 @@ def _signature_kind(p: Path) -> Optional[str]:
         return None
     if head[:4] == b"RIFF" and head[8:12] == b"WEBP":
         return "WebP"
+    if head[:2] == b"BM" and head[6:10] == b"\x00\x00\x00\x00":  # "BM", file size, 4 reserved zero bytes
+        return "BMP"
     return next((kind for magic, kind in _SIGNATURES if head.startswith(magic)), None)
 
 

@@ -834,8 +834,9 @@ def weights_fingerprint(*paths: PathLike) -> str:
     :func:`_file_digest`), not a full hash. Other weights (a fine-tune, a merged LoRA, an fp8
     file, another seed) give another fingerprint, as the samples are spread over the whole file
     and not only its ends; moving or renaming a file or folder does not change it. The one
-    identity of weights both ``fluxsr-train pairs`` (the teacher) and ``fluxsr-train train``
-    (the base model of a resume) compare."""
+    algorithm ``fluxsr-train pairs`` (its teacher, the path given) and ``fluxsr-train train`` (the
+    base model of a resume, a pipeline folder's ``transformer/``) fingerprint weights with; the
+    two values are not compared with each other."""
     h = hashlib.sha256()
     total = 0
     for root in paths:

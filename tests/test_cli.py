@@ -736,3 +736,6 @@ def test_a_link_in_a_folder_to_one_of_its_images_is_upscaled_once(tmp_path, phot
     assert [j.source.name for j in jobs] == ["img1.png"] and unreadable == []
     with pytest.raises(cli.UsageError, match="are the same file; give each input once"):
         cli.collect_jobs([folder / "img1.png", folder / "latest.png"], tmp_path / "out")
+    for inputs in ([folder / "img1.png", folder], [folder, folder / "img1.png"]):  # typed and scanned: either order
+        with pytest.raises(cli.UsageError, match="give each input once"):
+            cli.collect_jobs(inputs, tmp_path / "out")

@@ -828,3 +828,18 @@ def test_layout_helpers():
     y = bhwc_to_bchw(x)
     assert y.shape == (2, 3, 5, 7) and y.is_contiguous() and torch.equal(y[1, 2], x[1, ..., 2])
     assert torch.equal(bchw_to_bhwc(y), x)
+
+
+def test_unsupported_or_unrelated_files_are_not_called_damaged(tmp_path):
+    """A whole BMP of a compression Pillow does not read is unsupported (re-downloading will not
+    help), and a text file that happens to start with "BM" is no image at all."""
+    import struct as st
+
+    header = st.pack("<2sIHHI", b"BM", 14 + 40 + 4, 0, 0, 14 + 40)
+    info = st.pack("<IiiHHIIiiII", 40, 2, 2, 1, 24, 4, 4, 0, 0, 0, 0)  # compression 4: BI_JPEG
+    (tmp_path / "jpeg.bmp").write_bytes(header + info + b"\x00" * 4)
+    with pytest.raises(I.NotAnImageError, match=r"jpeg\.bmp' cannot be read by Pillow .*variant it does not support.*re-save it"):
+        I.probe_image(tmp_path / "jpeg.bmp")
+    (tmp_path / "notes.png").write_text("BMW parts list: 4 wheels, 1 steering wheel\n")
+    with pytest.raises(I.NotAnImageError, match="not an image"):
+        I.probe_image(tmp_path / "notes.png")

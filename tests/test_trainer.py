@@ -654,6 +654,35 @@ def test_a_decision_of_the_main_process_reaches_the_others_errors_included(monke
             process(main)._decided_on_main(refuse if main else lambda: pytest.fail("decided on another process"))
 
 
+def test_a_failure_on_one_process_stops_every_process(monkeypatch):
+    """What `_on_every_process` does with a fake gather of both processes' reports: the failing
+    process raises its own error, the other one an error naming it, instead of waiting at the
+    next collective; with no failure both go on with their own result."""
+    import accelerate.utils
+
+    class Acc:
+        num_processes = 2
+
+    run = T._Run.__new__(T._Run)
+    run.accelerator = Acc()
+    reports = {0: None, 1: None}
+
+    def gather(mine):  # both processes' reports, this one's in its place
+        return [reports[0], reports[1]]
+
+    monkeypatch.setattr(accelerate.utils, "gather_object", gather)
+    assert run._on_every_process(lambda: 7) == 7
+    reports[1] = "ConfigError: pair p000004-s4 that the main process chose is not in the folder"
+    with pytest.raises(ConfigError, match="process 1 could not set up its data: ConfigError: pair p000004-s4"):
+        run._on_every_process(lambda: 7)  # this process (the main) succeeded; process 1 did not
+
+    def lost():
+        raise ConfigError("pair p000004-s4 ...")
+
+    with pytest.raises(ConfigError, match=r"^pair p000004-s4 \.\.\.$"):
+        run._on_every_process(lost)  # the failing process raises its own error
+
+
 # --- the sample stream ----------------------------------------------------------------------------
 
 def test_sample_stream_is_a_seeded_sequence_of_permutations():

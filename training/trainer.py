@@ -841,8 +841,8 @@ def base_model_identity(transformer: str, init_seed: int = 0) -> dict[str, Any]:
     """What identifies the frozen base a LoRA is trained on, cheaply (no full read).
 
     A file or folder: :func:`fluxsr_core.weights.weights_fingerprint` of it (of a pipeline folder's
-    ``transformer/``): sizes and 16 chunks sampled over each file, the fingerprint ``fluxsr-train
-    pairs`` records of its teacher. A moved or renamed copy matches; another checkpoint of the
+    ``transformer/``): sizes and 16 chunks sampled over each file, by the algorithm ``fluxsr-train
+    pairs`` fingerprints its teacher with (of the path it is given). A moved or renamed copy matches; another checkpoint of the
     same architecture, or the same one with a LoRA merged in, does not. A random test model name
     (:data:`fluxsr_core.models.RANDOM_INIT_NAMES`, e.g. ``"tiny"``): its name and ``init_seed``.
     Any other path that does not exist raises :class:`~fluxsr_core.weights.WeightsNotFoundError`
@@ -1471,17 +1471,22 @@ class _Run:
 
         split = self._decided_on_main(decide)
         self.holdout_ids, self.teacher_image = split.holdout_ids, split.teacher_image
-        if not self.main or (self.teacher_image == "decode") != (cfg.data.teacher_image == "decode"):
-            # the others open the folder now; the main process again when it decided to decode
-            self.pairs = PairDataset(cfg.data.pairs, load_image=self.teacher_image != "decode")
-        present = set(self.pairs.ids)
-        lost = [i for i in split.train_ids if i not in present]
-        if lost:
-            raise ConfigError(f"pair {lost[0]} that the main process chose for training is not in {cfg.data.pairs} "
-                              f"as this process (rank {self.accelerator.process_index}) reads it: the folder changed "
-                              "while the run started (e.g. `fluxsr-train verify --drop-bad`); start it again")
-        self.holdout_indices = sorted(self.pairs.index_of(i) for i in self.holdout_ids if i in present)
-        self.train_indices = sorted(self.pairs.index_of(i) for i in split.train_ids)
+
+        def map_ids() -> None:
+            if not self.main or (self.teacher_image == "decode") != (cfg.data.teacher_image == "decode"):
+                # the others open the folder now; the main process again when it decided to decode
+                self.pairs = PairDataset(cfg.data.pairs, load_image=self.teacher_image != "decode")
+            present = set(self.pairs.ids)
+            lost = [i for i in split.train_ids if i not in present]
+            if lost:
+                raise ConfigError(f"pair {lost[0]} that the main process chose for training is not in "
+                                  f"{cfg.data.pairs} as this process (rank {self.accelerator.process_index}) reads it: "
+                                  "the folder changed while the run started (e.g. `fluxsr-train verify --drop-bad`); "
+                                  "start it again")
+            self.holdout_indices = sorted(self.pairs.index_of(i) for i in self.holdout_ids if i in present)
+            self.train_indices = sorted(self.pairs.index_of(i) for i in split.train_ids)
+
+        self._on_every_process(map_ids)
         self.stream = SampleStream(len(self.train_indices), cfg.data.seed)
         h, w = (int(d) * 8 for d in self.pairs[self.train_indices[0]]["z0"].shape[-2:])
         if h % cfg.degradation.scale or w % cfg.degradation.scale:
@@ -1491,6 +1496,29 @@ class _Run:
                    f"{f', {len(self.holdout_indices)} held out' if self.holdout_indices else ''}; global batch "
                    f"{cfg.data.batch_size} x {self.accelerator.num_processes} process(es) x "
                    f"{cfg.train.gradient_accumulation_steps} accumulation")
+
+    def _on_every_process(self, work: Callable[[], Any]) -> Any:
+        """``work()`` on every process; when it fails on any, every process raises (the failing
+        ones their own error, the others one naming the failing process), so none is left waiting
+        at the next collective. One process: just ``work()``."""
+        acc = self.accelerator
+        if acc.num_processes == 1:
+            return work()
+        from accelerate.utils import gather_object
+
+        error, result = None, None
+        try:
+            result = work()
+        except Exception as exc:  # noqa: BLE001 - reported to every process, raised here below
+            error = exc
+        reports = gather_object([None if error is None else f"{type(error).__name__}: {error}"])
+        if error is not None:
+            raise error
+        failed = [(rank, text) for rank, text in enumerate(reports) if text is not None]
+        if failed:
+            rank, text = failed[0]
+            raise ConfigError(f"process {rank} could not set up its data: {text}")
+        return result
 
     def _decided_on_main(self, decide: Callable[[], Any]) -> Any:
         """``decide()`` run on the main process only, its result (or the error it raised) given to
