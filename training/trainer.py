@@ -821,15 +821,12 @@ def deepspeed_clipping_problem(ds_config: Optional[dict], max_grad_norm: float) 
 
 
 def conditioning_digest(t5: torch.Tensor, clip_pooled: torch.Tensor) -> str:
-    """sha256 of a conditioning's content (shapes and float32 values of ``t5`` and
-    ``clip_pooled``, shapes normalised to ``[1, L, D]`` / ``[1, D]``): equal for the same
-    embeddings whatever file, path or metadata they come with."""
-    h = hashlib.sha256()
-    for name, t in (("t5", t5.reshape(1, -1, t5.shape[-1])), ("clip_pooled", clip_pooled.reshape(1, -1))):
-        t = t.detach().to("cpu", torch.float32).contiguous()
-        h.update(f"{name}:{list(t.shape)}:".encode())
-        h.update(t.flatten().view(torch.uint8).numpy().tobytes())
-    return h.hexdigest()
+    """The content key of a conditioning (:func:`fluxsr_core.pairs.conditioning_key`) over its
+    float32 values: equal for the same embeddings whatever file, dtype, path or metadata they
+    come with."""
+    from fluxsr_core.pairs import conditioning_key
+
+    return conditioning_key(t5.detach().to("cpu", torch.float32), clip_pooled.detach().to("cpu", torch.float32))
 
 
 def _transformer_weights_root(p: Path) -> Path:
