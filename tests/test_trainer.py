@@ -486,11 +486,14 @@ def test_resume_keeps_the_held_out_pairs_it_started_with_and_appends_to_metrics_
     assert [im["name"] for im in first.validation[-1]["images"]] == [held]
     assert json.loads((Path(first.checkpoint) / T.STATE_FILE).read_text())["holdout_ids"] == [pair_id(2, 2)]
     write_pair_folder(folder, range(3, 6), writer="t1", seed=1)  # the dataset grows: p5 is now the last id
+    with open(run / T.METRICS_FILE, "a") as f:
+        f.write('{"kind": "train", "step": 3, "lo')  # a kill mid-append: dropped, not glued to the next line
     caplog.set_level(logging.WARNING, logger="fluxsr.train")
     rest = T.train(tiny_config(folder, run, *common, "train.resume=latest"))
     assert [v["step"] for v in rest.validation] == [4]
     assert [im["name"] for im in rest.validation[-1]["images"]] == [held]  # not pair-p000005-s5
     assert "trained on 2 pairs, the dataset now has 5 for training" in caplog.text
+    assert "dropping a last line cut short by a stopped run (32 bytes)" in caplog.text
     assert not (run / "validation" / "step-0000004" / f"pair-{pair_id(5, 5)}-sr.png").exists()
 
     lines = [json.loads(line) for line in (run / T.METRICS_FILE).read_text().splitlines()]
@@ -557,7 +560,65 @@ def test_resume_from_a_missing_path_is_a_clear_error(pairs, tmp_path):
         T.train(tiny_config(pairs, tmp_path / "x", f"train.resume={str(tmp_path / 'nowhere')!r}"))
 
 
+def test_a_torn_last_line_is_cut_back_to_the_last_whole_one(tmp_path):
+    path = tmp_path / "m.jsonl"
+    T._drop_torn_last_line(path)  # no file: nothing to do
+    assert not path.exists()
+    for whole, torn in [(b'{"a": 1}\n' * 3, b'{"b": "' + b"x" * 70000), (b"", b'{"only": "a torn line'),
+                        (b'{"a": 1}\n', b"")]:
+        path.write_bytes(whole + torn)  # the first torn line is longer than the 64 KiB look-back chunk
+        T._drop_torn_last_line(path)
+        assert path.read_bytes() == whole
+
+
 # --- two processes ----------------------------------------------------------------------------
+
+def launch_two_cpu_processes(script: Path, args: list[str], timeout: float = 240) -> subprocess.CompletedProcess:
+    """``accelerate launch`` of ``script args`` as two CPU processes (gloo) on a free port."""
+    with socket.socket() as sock:  # a free port for the two processes' rendezvous
+        sock.bind(("127.0.0.1", 0))
+        port = sock.getsockname()[1]
+    env = dict(os.environ, ACCELERATE_USE_CPU="1", OMP_NUM_THREADS="1", PYTHONWARNINGS="ignore")
+    cmd = [sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes", "2",
+           "--num_machines", "1", "--mixed_precision", "no", "--dynamo_backend", "no", "--main_process_port", str(port),
+           str(script), *args]
+    return subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=timeout)
+
+
+TWO_PROCESS_TRAIN_ARGS = ["model.transformer=tiny", "model.vae=tiny", "model.dtype=fp32", "train.progress_bar=false",
+                          "lora.rank=4", "lora.alpha=4", "loss.w_tvlpips=0", "degradation.scale=2",
+                          "train.max_steps=2", "checkpoint.every=2", "train.tensorboard=false", "data.batch_size=1"]
+
+
+@pytest.mark.parametrize("phase", ["build_student", "load_bundle"])
+def test_a_setup_failure_on_one_process_stops_both_without_waiting(pairs, tmp_path, phase):
+    """A failure on rank 1 alone while it builds its models (a GPU out of memory) or reads the
+    conditioning (a file that node cannot read) stops rank 0 with an error naming rank 1's. Before,
+    rank 0 went on into accelerate's prepare (or the data setup's collectives) and waited there:
+    `accelerate launch` on one machine then killed it, but processes started by other means (one
+    per SLURM task, other nodes) waited until the process group timed out (30 minutes)."""
+    bundle = tmp_path / "student_bundle.safetensors"
+    write_bundle(bundle, seed=0)
+    script = tmp_path / "run_train.py"
+    script.write_text(textwrap.dedent(f"""
+        import os, sys
+        from fluxsr_training import trainer as T
+
+        if int(os.environ["RANK"]) == 1:
+            def fail(*args, **kwargs):
+                raise RuntimeError("simulated failure of rank 1 in {phase}")
+
+            T.{phase} = fail
+        T.train(T.load_train_config(None, sys.argv[1:]))
+    """))
+    proc = launch_two_cpu_processes(script, [*TWO_PROCESS_TRAIN_ARGS, f"data.pairs={str(pairs)!r}",
+                                             f"data.conditioning={str(bundle)!r}",
+                                             f"train.output_dir={str(tmp_path / 'run')!r}"], timeout=180)
+    out = proc.stdout + proc.stderr
+    assert proc.returncode != 0, out[-3000:]
+    what = "build its models" if phase == "build_student" else "set up the conditioning"
+    assert f"process 1 could not {what}: RuntimeError: simulated failure of rank 1 in {phase}" in out, out[-3000:]
+    assert not list((tmp_path / "run").glob("checkpoints/*")), "no checkpoint of a run that never started"
 
 def test_two_cpu_processes_match_one_with_the_same_global_batch(pairs, tmp_path):
     """Two processes of batch 1 train as one of batch 2. They also agree on the held-out pair when a
@@ -593,14 +654,8 @@ def test_two_cpu_processes_match_one_with_the_same_global_batch(pairs, tmp_path)
               "train.progress_bar=false", "lora.rank=4", "lora.alpha=4", "optim.lr=1e-2", "optim.warmup_steps=0",
               "loss.w_tvlpips=0", "loss.w_adl=0.1", "degradation.scale=2", "degradation.second_stage=false",
               "train.max_steps=3", "checkpoint.every=3", "train.tensorboard=false", "data.holdout=1"]
-    with socket.socket() as sock:  # a free port for the two processes' rendezvous
-        sock.bind(("127.0.0.1", 0))
-        port = sock.getsockname()[1]
-    env = dict(os.environ, ACCELERATE_USE_CPU="1", OMP_NUM_THREADS="1", PYTHONWARNINGS="ignore")
-    cmd = [sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes", "2",
-           "--num_machines", "1", "--mixed_precision", "no", "--dynamo_backend", "no", "--main_process_port", str(port),
-           str(script), str(grown), *common, "data.batch_size=1", f"train.output_dir={str(tmp_path / 'two')!r}"]
-    proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=240)
+    proc = launch_two_cpu_processes(script, [str(grown), *common, "data.batch_size=1",
+                                             f"train.output_dir={str(tmp_path / 'two')!r}"])
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
     splits = [json.loads((tmp_path / f"split-rank{r}.json").read_text()) for r in (0, 1)]
     assert splits[0] == splits[1] == {"train": [pair_id(i, i) for i in range(4)], "holdout": [pair_id(4, 4)]}

@@ -1324,6 +1324,15 @@ class _Run:
         student, reads the data and the conditioning (refusing one the checkpoint was not
         trained with), and fixes the held-out pairs.
         """
+        # Each part runs on every process and stops them all when one fails (a refusal read off
+        # files, a rank that cannot read them); the data setup between them has its own guards.
+        resume_from = self._on_every_process(self._preflight_resume, "check the run folder")
+        self._setup_data(self.resume_state.get("holdout_ids") if resume_from is not None else None)
+        self._on_every_process(lambda: self._preflight_conditioning(resume_from), "set up the conditioning")
+        return resume_from
+
+    def _preflight_resume(self) -> Optional[Path]:
+        """The resume and the run folder's refusals (:meth:`_preflight`'s first part)."""
         cfg, acc = self.cfg, self.accelerator
         self.settings = cfg.run_settings()
         self._info(f"FluxSR training: {acc.num_processes} process(es) on {acc.device}, mixed precision "
@@ -1349,7 +1358,12 @@ class _Run:
         self.base_identity = base_model_identity(cfg.model.transformer, cfg.model.init_seed)
         self.resume_notices = (_check_resumable(resume_from, cfg, self.resume_state, self.base_identity)
                                if resume_from is not None else [])
-        self._setup_data(self.resume_state.get("holdout_ids") if resume_from is not None else None)
+        return resume_from
+
+    def _preflight_conditioning(self, resume_from: Optional[Path]) -> None:
+        """The conditioning, its check against the checkpoint's, the validation set's refusals
+        (:meth:`_preflight`'s last part)."""
+        cfg = self.cfg
         self._setup_conditioning()
         if resume_from is not None and "conditioning_sha256" in self.resume_state:
             then = self.resume_state["conditioning_sha256"]
@@ -1376,10 +1390,18 @@ class _Run:
                                      or (not self._validation_images and not self.holdout_indices)):
             raise ConfigError(f"validation.every={cfg.validation.every} but there is nothing to validate on: set "
                               "validation.images to a folder of HR images, or data.holdout to keep pairs out")
-        return resume_from
 
     def _setup_models(self) -> None:
-        """The perceptual network, the student, optimizer, schedule, EMA (the slow part)."""
+        """The perceptual network, the student, optimizer, schedule, EMA (the slow part).
+
+        Each process builds its own models first; a failure there on any process (a GPU out of
+        memory, a file one node cannot read) stops every process before accelerate's prepare,
+        whose collectives would otherwise leave the others waiting until they time out."""
+        optimizer = self._on_every_process(self._build_models, "build its models")
+        self._prepare_models(optimizer)
+
+    def _build_models(self) -> torch.optim.Optimizer:
+        """:meth:`_setup_models`' per-process part (no collective): returns the optimizer."""
         from accelerate.utils import set_seed
 
         cfg, acc = self.cfg, self.accelerator
@@ -1417,7 +1439,13 @@ class _Run:
         self._info(f"optimizer: {self.optimizer_name}, lr {cfg.optim.lr:g}, {cfg.optim.schedule} schedule with "
                    f"{cfg.optim.warmup_steps} warm-up steps; EMA "
                    f"{f'decay {cfg.ema.decay:g}' if cfg.ema.enabled else 'off'}")
+        return optimizer
+
+    def _prepare_models(self, optimizer: torch.optim.Optimizer) -> None:
+        """:meth:`_setup_models`' collective part: schedule, accelerate's prepare, EMA, hooks."""
         from diffusers.optimization import get_scheduler
+
+        cfg, acc = self.cfg, self.accelerator
 
         # Stepped by us once per optimizer step (not prepared: accelerate would step it once per
         # process, changing the schedule with the process count).
@@ -1494,10 +1522,11 @@ class _Run:
                    f"{cfg.data.batch_size} x {self.accelerator.num_processes} process(es) x "
                    f"{cfg.train.gradient_accumulation_steps} accumulation")
 
-    def _on_every_process(self, work: Callable[[], Any]) -> Any:
+    def _on_every_process(self, work: Callable[[], Any], what: str = "set up its data") -> Any:
         """``work()`` on every process; when it fails on any, every process raises (the failing
-        ones their own error, the others one naming the failing process), so none is left waiting
-        at the next collective. One process: just ``work()``."""
+        ones their own error, the others one naming the failing process and ``what`` it was
+        doing), so none is left waiting at the next collective. ``work`` itself must hold no
+        collective (a process that failed before it would never join). One process: just ``work()``."""
         acc = self.accelerator
         if acc.num_processes == 1:
             return work()
@@ -1514,7 +1543,7 @@ class _Run:
         failed = [(rank, text) for rank, text in enumerate(reports) if text is not None]
         if failed:
             rank, text = failed[0]
-            raise ConfigError(f"process {rank} could not set up its data: {text}")
+            raise ConfigError(f"process {rank} could not {what}: {text}")
         return result
 
     def _decided_on_main(self, decide: Callable[[], Any]) -> Any:
@@ -1825,7 +1854,11 @@ class _Run:
         so the numbers outlive stdout whether or not tensorboard is installed."""
         if not self.main:
             return
-        with open(self.out / METRICS_FILE, "a", encoding="utf-8") as f:
+        path = self.out / METRICS_FILE
+        if not getattr(self, "_metrics_tail_checked", False):
+            _drop_torn_last_line(path)  # a run killed mid-append; before this run's first line
+            self._metrics_tail_checked = True
+        with open(path, "a", encoding="utf-8") as f:
             f.write(json.dumps(record) + "\n")
             f.flush()
 
@@ -2015,6 +2048,35 @@ class _Run:
             conditioning_path=self.conditioning_path, losses=losses, history=self.history,
             validation=self.validations, perceptual_label=self.perceptual_label, stopped_early=stopped,
             seconds=time.time() - t_start, config=cfg, metrics_path=str(self.out / METRICS_FILE))
+
+
+def _drop_torn_last_line(path: Path) -> None:
+    """Cut a JSON-lines file back to its last whole line (a kill mid-append leaves part of one),
+    so the lines appended next stay one JSON record each. Nothing happens to a whole file."""
+    try:
+        size = path.stat().st_size
+    except FileNotFoundError:
+        return
+    if size == 0:
+        return
+    with open(path, "rb+") as f:
+        f.seek(-1, os.SEEK_END)
+        if f.read(1) == b"\n":
+            return
+        # the torn tail is short (one record): look back in chunks for the newline before it
+        end = size
+        while end > 0:
+            start = max(0, end - 65536)
+            f.seek(start)
+            cut = f.read(end - start).rfind(b"\n")
+            if cut >= 0:
+                keep = start + cut + 1
+                break
+            end = start
+        else:
+            keep = 0
+        log.warning("%s: dropping a last line cut short by a stopped run (%d bytes)", path, size - keep)
+        f.truncate(keep)
 
 
 def _flat_scalars(d: dict[str, Any], prefix: str = "") -> dict[str, Any]:
