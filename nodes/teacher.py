@@ -114,6 +114,9 @@ def write_pair(folder: str, result: TeacherResult, core_cond: Any, seed: int, st
     writer_id = ("comfyui-" + pairs.default_writer_id())[:100]
     # shard_size=1: add() writes the pair as its own shard at once (one shard per run).
     with pairs.PairWriter(folder, writer_id=writer_id, shard_size=1) as writer:
+        # First, so a re-run restores a deleted or damaged cond file its stored pair needs (the
+        # pair's id holds the conditioning's key); add() stores nothing for a stored pair.
+        writer.store_conditioning(core_cond.t5, core_cond.clip_pooled)
         added = writer.add(pid, result.noise[0], result.z0[0], core_cond.t5, core_cond.clip_pooled,
                            meta=meta, image=result.image[0])
     if not added:

@@ -860,8 +860,12 @@ def test_teacher_sampler_is_the_core_sampler(pack, tiny, fake_comfy, tmp_path, m
     torch.testing.assert_close(item["z0"], z0[0], atol=1e-4, rtol=1e-4)
     assert item["meta"]["seed"] == 11 and item["meta"]["steps"] == 3 and item["meta"]["guidance"] == 3.0
     assert torch.equal(item["t5"], cond[0][0][0]) and item["image"].dtype == torch.uint8
+    # A re-run of the same pair stores nothing new, but restores the cond file the pair needs.
+    (cond_file,) = (tmp_path / "pairs").glob("cond-*.safetensors")
+    cond_file.unlink()
     node.sample(patcher, cond, FakeVAE(tiny.vae), seed=11, steps=3, width=32, height=48,
                 trajectory_previews=0, dataset_folder=str(tmp_path / "pairs"))
+    assert torch.equal(pairs.PairDataset(tmp_path / "pairs")[0]["t5"], cond[0][0][0])
     node.sample(patcher, cond, FakeVAE(tiny.vae), seed=12, steps=3, width=32, height=48,
                 trajectory_previews=0, dataset_folder=str(tmp_path / "pairs"))
     assert len(pairs.PairDataset(tmp_path / "pairs")) == 2
