@@ -580,10 +580,11 @@ class PairWriter:
             for i in range(len(ids)):
                 if f"{i}.eps" not in keys or f"{i}.z0" not in keys:
                     raise ValueError(f"pair {i} has no eps/z0 tensor")
+            sha, nbytes = _sha256_file(path), path.stat().st_size  # a read error here is the same case
         except Exception as e:  # unreadable: leave it unlisted, so nobody reads it
             warnings.warn(f"{path.name}: unlisted shard is unreadable ({e}); leaving it out of the dataset")
             return
-        self._append_manifest(path.name, _sha256_file(path), path.stat().st_size, ids)
+        self._append_manifest(path.name, sha, nbytes, ids)
         logger.info("adopted complete shard %s (%d pairs) left unlisted by a killed writer",
                     path.name, len(ids))
 

@@ -233,6 +233,26 @@ def test_killed_after_rename_before_manifest_line(tmp_path):
 
 
 @pytest.mark.skipif(os.name == "nt", reason="SIGKILL")
+def test_an_unlisted_shard_that_cannot_be_read_is_left_out_with_a_warning(tmp_path, monkeypatch):
+    """An I/O error while hashing the shard a killed writer left unlisted (a bad sector, a
+    permission) is the unreadable case: warned, left unlisted; the writer still opens."""
+    import errno
+
+    folder = tmp_path / "pairs"
+    assert run_child(folder, "after-rename") == -signal.SIGKILL
+
+    def failing_read(path, chunk=1 << 22):
+        raise OSError(errno.EIO, "Input/output error", str(path))
+
+    monkeypatch.setattr(P, "_sha256_file", failing_read)
+    with pytest.warns(UserWarning, match=r"shard-rank0-000003\.safetensors: unlisted shard is unreadable "
+                                         r"\(\[Errno 5\] Input/output error"):
+        PairWriter(folder, "rank0").close()
+    assert {e.shard for e in P.scan_manifests(folder).entries} == {"shard-rank0-000001.safetensors",
+                                                                   "shard-rank0-000002.safetensors"}
+
+
+@pytest.mark.skipif(os.name == "nt", reason="SIGKILL")
 def test_killed_while_writing_a_shard(tmp_path):
     folder = tmp_path / "pairs"
     assert run_child(folder, "mid-temp") == -signal.SIGKILL
