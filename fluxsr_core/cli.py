@@ -444,7 +444,7 @@ def run_upscale(args) -> int:
     output places), load the models only if something is left to do, then upscale and write each
     image; returns the exit code (0 all done, 1 some failed, 130/143 interrupted)."""
     from .flow import check_t_l
-    from .images import load_image, probe_image
+    from .images import is_gray, load_image, luma, probe_image
     from .models import parse_speedups
     from .upscaler import UpscaleOptions, output_size, upscale_loaded_image
 
@@ -501,7 +501,8 @@ def run_upscale(args) -> int:
     def check_size(h: int, w: int) -> None:
         output_size(h, w, options)
 
-    # Each input's header (not its pixels): not an image, empty, cut short, unreadable, or an
+    # Each input's header (not its pixels, but for float and 32-bit or signed integer files, whose
+    # values decide): not an image, empty, cut short, unreadable, values out of range, or an
     # output over the limit is found now, not after the models load.
     headers_ok = []
     for job in todo:
@@ -560,6 +561,13 @@ def run_upscale(args) -> int:
                 loaded = load_image(job.source, check_size=check_size)
                 for note in loaded.notes:
                     say(f"note {job.source}: {note}")
+                # A grey picture stored as colour (scans, black-and-white photos saved as RGB) comes
+                # back grey, as from the ComfyUI node: the model may tint it a little. Grey-mode files
+                # need nothing here (save_image writes them as one luma channel).
+                gray_in_color = not loaded.grayscale and is_gray(loaded.rgb)
+                if gray_in_color:
+                    say(f"note {job.source}: a grey picture (its three colour channels are equal): the result "
+                        f"is made grey too (its luma, in all three channels)")
                 if not quiet:
                     from tqdm.auto import tqdm
                     tile_bar = tqdm(total=None, unit="tile", desc=job.source.name, leave=False, file=sys.stderr)
@@ -572,6 +580,8 @@ def run_upscale(args) -> int:
 
                 result = upscale_loaded_image(loaded, velocity, codec, cond, options, progress=progress,
                                               on_retry=on_retry, configure_codec=configure_codec)
+                if gray_in_color:
+                    result.rgb = luma(result.rgb).clamp(0, 1).expand(-1, 3, -1, -1)
                 if not writer.submit(job, result):  # the disk filled while it upscaled: not done, said so
                     say(f"not written: {job.source} (the disk is full; it is among the images not done)")
             except KeyboardInterrupt:

@@ -6,8 +6,9 @@ This module is the one place where files become such tensors and back:
 * :func:`load_image` reads any image Pillow can open (8/16-bit, gray, palette, CMYK, float TIFF,
   animations, EXIF-rotated photos) into a :class:`LoadedImage` that remembers what the file was,
   so :func:`save_image` can write the result in the same kind (gray stays gray, 16 bits stay 16).
-  :func:`probe_image` runs the same checks on the header alone (no pixel decoded), so a front end
-  can refuse bad inputs before it loads its models.
+  :func:`probe_image` runs the same checks on the header alone (no pixel decoded, except for the
+  rare float and 32-bit or signed integer files, whose values decide), so a front end can refuse bad inputs
+  before it loads its models.
 * :func:`resize` is *the* resize used both by the upscaler (LR -> HR size before encoding) and by
   training (making ``z_L``); one function, so train and test see the same interpolation.
 * :func:`target_size`, :func:`pad_to_multiple`, :func:`crop`, :func:`upscale_alpha` and the
@@ -81,6 +82,13 @@ _FLOAT_0_255_MEDIAN_ABOVE = 1.1
 _FLOAT_LIMIT_SLACK = 1e-6
 # A 16-bit image whose brightest value is at most this (of 65535) is nearly black.
 _DARK_16BIT_MAX = 255
+# One-channel modes of more than 8 bits: integer (16-bit, and Pillow's "I" for 32-bit and signed
+# 16-bit samples) and float.
+_WIDE_GRAY_MODES = ("I;16", "I;16L", "I;16B", "I;16N", "I;16S", "I", "F")
+# The modes among them whose pixel values, not the header, decide whether load_image accepts the
+# file (a float range, negative or above-16-bit integers): probe_image decodes these. They are rare,
+# and every other mode (8/16-bit) is judged from its header alone.
+_RANGE_CHECKED_MODES = frozenset({"I", "F"})
 # Formats whose frames are an animation; other multi-frame files (TIFF, MPO...) are multi-page.
 _ANIMATION_FORMATS = frozenset({"GIF", "PNG", "WEBP", "FLI", "AVIF"})
 # Signatures of formats Pillow always identifies when the header is whole: a file starting with
@@ -233,11 +241,12 @@ def load_image(path: str | os.PathLike, max_pixels: Optional[int] = DEFAULT_MAX_
 
 def probe_image(path: str | os.PathLike, max_pixels: Optional[int] = DEFAULT_MAX_INPUT_PIXELS,
                 check_size: Optional[Callable[[int, int], Any]] = None) -> tuple[int, int]:
-    """Check that ``path`` is an image :func:`load_image` can start on, from its header only, and
-    return its ``(height, width)`` as stored (before EXIF orientation).
+    """Check that ``path`` is an image :func:`load_image` can start on, from its header (and the
+    values of float and 32-bit integer images, see below), and return its ``(height, width)`` as
+    stored (before EXIF orientation).
 
-    Cheap whatever the image's size: no pixel is decoded, so a front end can refuse bad inputs
-    before it loads its models. ``max_pixels`` guards against decompression bombs and accidental
+    Cheap whatever the image's size: no pixel of an 8/16-bit image is decoded, so a front end can
+    refuse bad inputs before it loads its models. ``max_pixels`` guards against decompression bombs and accidental
     huge inputs (``None`` disables it). ``check_size(height, width)`` runs on the header's size and
     may raise (the CLI refuses an output over its limit there, so a small file claiming a huge size
     costs nothing; EXIF orientation may swap the sides, so check what does not change: area, long
@@ -245,13 +254,20 @@ def probe_image(path: str | os.PathLike, max_pixels: Optional[int] = DEFAULT_MAX
     :class:`EmptyImageFileError`, :class:`UnreadableImageError` (no read permission, I/O error),
     :class:`NotAnImageError`, :class:`TruncatedImageError` (a header cut short),
     :class:`ImageTooLargeError` or :class:`ImageFileError` (a folder), each naming the file and
-    what to do, and whatever ``check_size`` raises. Problems in the pixel data are found only by
-    :func:`load_image`.
+    what to do, and whatever ``check_size`` raises.
+
+    Float images and 32-bit or signed integer ones (Pillow modes ``F`` and ``I``) are the exception:
+    whether :func:`load_image` accepts them depends on their values, so their pixels are decoded and
+    judged by the loader's own rules, raising its :class:`FloatRangeError` or
+    :class:`IntegerRangeError` (and :class:`TruncatedImageError` for data cut short). Other
+    problems in the pixel data are found only by :func:`load_image`.
     """
     with _own_pixel_limit():
-        _, img = _open_checked(path, max_pixels, check_size)
+        p, img = _open_checked(path, max_pixels, check_size)
         with img:
             w, h = img.size
+            if img.mode in _RANGE_CHECKED_MODES:
+                _wide_gray_to_unit(p, img, notes=[])
     return h, w
 
 
@@ -533,23 +549,9 @@ def _load(p: Path, img: Image.Image) -> LoadedImage:
         return _finish(p, full / 65535.0, alpha, 16, False, f"{source_mode};16", notes, icc)
 
     mode = img.mode
-    if mode in ("I;16", "I;16L", "I;16B", "I;16N", "I;16S", "I"):
-        raw = _decode(p, img, _transposed_array)
-        rawmodes = [_rawmode(t) for t in tiles]
-        bits32 = mode == "I" and bool(rawmodes) and all(
-            r is not None and (r == "I" or r.startswith("I;32")) for r in rawmodes)
-        if bits32 and raw.dtype == np.int32 and all(r.startswith("I;32") and not r.endswith("S")
-                                                     for r in rawmodes):
-            raw = raw.view(np.uint32)  # Pillow keeps unsigned 32-bit samples as int32
-        arr = raw.astype(np.float64)
-        alpha = None
-        if isinstance(trns, int):
-            alpha = (arr != trns).astype(np.float64)
-        unit, bit_depth = _integer_to_unit(p, arr, 32 if bits32 else 16, notes)
+    if mode in _WIDE_GRAY_MODES:
+        unit, alpha, bit_depth = _wide_gray_to_unit(p, img, notes)
         return _finish(p, unit[..., None], alpha, bit_depth, True, source_mode, notes, icc)
-    if mode == "F":
-        unit, bit_depth = _float_to_unit(p, _decode(p, img, _transposed_array).astype(np.float64), notes)
-        return _finish(p, unit[..., None], None, bit_depth, True, source_mode, notes, icc)
 
     # 8-bit family. Orientation first (the EXIF/TIFF tags live on the file's image object;
     # converted copies may lose them), then let Pillow convert to one of L, LA, RGB, RGBA.
@@ -583,6 +585,31 @@ def _load(p: Path, img: Image.Image) -> LoadedImage:
         alpha = arr[..., -1]
         arr = arr[..., :-1]
     return _finish(p, arr, alpha, 8, gray, source_mode, notes, icc)
+
+
+def _wide_gray_to_unit(p: Path, img: Image.Image, notes: list[str]
+                       ) -> tuple[np.ndarray, Optional[np.ndarray], int]:
+    """Decode a one-channel image of integer or float samples (``_WIDE_GRAY_MODES``) and bring it
+    to ``[0, 1]`` by the rules :func:`load_image` documents: ``(values [H, W], alpha [H, W] or None,
+    bit depth to write)``. The one place those rules are applied, for the loader and for
+    :func:`probe_image` alike; raises :class:`FloatRangeError` or :class:`IntegerRangeError`."""
+    rawmodes = [_rawmode(t) for t in img.tile]  # read before decoding, which empties img.tile
+    trns = img.info.get("transparency")
+    raw = _decode(p, img, _transposed_array)
+    if img.mode == "F":
+        unit, bit_depth = _float_to_unit(p, raw.astype(np.float64), notes)
+        return unit, None, bit_depth
+    bits32 = img.mode == "I" and bool(rawmodes) and all(
+        r is not None and (r == "I" or r.startswith("I;32")) for r in rawmodes)
+    if bits32 and raw.dtype == np.int32 and all(r.startswith("I;32") and not r.endswith("S")
+                                                 for r in rawmodes):
+        raw = raw.view(np.uint32)  # Pillow keeps unsigned 32-bit samples as int32
+    arr = raw.astype(np.float64)
+    alpha = None
+    if isinstance(trns, int):
+        alpha = (arr != trns).astype(np.float64)
+    unit, bit_depth = _integer_to_unit(p, arr, 32 if bits32 else 16, notes)
+    return unit, alpha, bit_depth
 
 
 def _float_to_unit(p: Path, arr: np.ndarray, notes: list[str]) -> tuple[np.ndarray, int]:

@@ -515,6 +515,70 @@ def test_bad_headers_fail_before_the_models_load(tmp_path, photo_png, tiny_model
     assert not (tmp_path / "out2").exists()
 
 
+def test_pixel_values_out_of_range_fail_before_the_models_load(tmp_path, photo_png, tiny_model_files, capsys,
+                                                              monkeypatch):
+    """A float TIFF with HDR highlights and a 32-bit integer TIFF with values above 16 bits are
+    refused for their values, which only the pixels tell: they are read before the models load and
+    fail with the loader's own message; the good input still runs, and alone they load nothing."""
+    from fluxsr_core import images
+
+    hdr = np.random.default_rng(0).random((16, 24)).astype(np.float32) * np.float32(0.9)
+    hdr[:3, :3] = 4.0
+    Image.fromarray(hdr, mode="F").save(tmp_path / "hdr.tif")
+    Image.fromarray(np.array([[0, 10, 70000, 255]] * 4, np.int32), mode="I").save(tmp_path / "int32.tif")
+    bad = [tmp_path / "hdr.tif", tmp_path / "int32.tif"]
+    expected = {}
+    for path in bad:
+        with pytest.raises(images.PixelRangeError) as exc:
+            images.load_image(path)
+        expected[path] = str(exc.value)
+    out = tmp_path / "out"
+    code = cli.main(["upscale", *map(str, bad), str(photo_png), "-o", str(out), "--scale", "2"]
+                    + model_args(tiny_model_files))
+    err = capsys.readouterr().err
+    assert code == 1 and "Traceback" not in err
+    loaded_at = err.index("fluxsr: device")
+    for path in bad:
+        assert f"FAIL {path}: {expected[path]}\n" in err, path.name
+        assert err.index(f"FAIL {path}") < loaded_at, path.name  # said before the models load
+    assert "1 upscaled, 0 skipped, 2 failed" in err and sorted(p.name for p in out.iterdir()) == [photo_png.name]
+
+    monkeypatch.setattr(cli, "_load_pipeline", lambda *a: pytest.fail("models loaded for nothing"))
+    code = cli.main(["upscale", *map(str, bad), "-o", str(tmp_path / "out2")] + model_args(tiny_model_files))
+    assert code == 1 and "0 upscaled, 0 skipped, 2 failed" in capsys.readouterr().err
+
+
+def test_a_grey_photo_saved_as_rgb_comes_back_grey_and_rgb(tmp_path, capsys):
+    """A black-and-white photo stored as RGB (three equal channels) comes back grey, as from the
+    ComfyUI node (the demo model tints grey a little), and still as a 3-channel RGB file, with a
+    note saying so; a colour photo in the same run keeps its colour."""
+    from skimage import data
+
+    from fluxsr_core.demo_model import demo_paths
+
+    colour = np.asarray(Image.fromarray(data.astronaut()).resize((40, 32), Image.LANCZOS))
+    grey = np.asarray(Image.fromarray(colour).convert("L"))
+    Image.fromarray(np.stack([grey] * 3, axis=-1)).save(tmp_path / "grey.png")
+    Image.fromarray(colour).save(tmp_path / "colour.png")
+    with Image.open(tmp_path / "grey.png") as im:
+        assert im.mode == "RGB"
+    out = tmp_path / "out"
+    code = cli.main(["upscale", str(tmp_path / "grey.png"), str(tmp_path / "colour.png"), "-o", str(out),
+                     "--scale", "2", *demo_paths().cli_args(), "--device", "cpu", "-q"])
+    err = capsys.readouterr().err
+    assert code == 0, err
+    with Image.open(out / "grey.png") as im:
+        assert im.mode == "RGB" and im.size == (80, 64)
+        result = np.asarray(im).astype(int)
+    assert np.array_equal(result[..., 0], result[..., 1]) and np.array_equal(result[..., 1], result[..., 2])
+    assert result.std() > 20  # a picture, not a flat grey
+    with Image.open(out / "colour.png") as im:
+        assert im.mode == "RGB"
+        result = np.asarray(im).astype(int)
+    assert np.abs(result[..., 0] - result[..., 2]).mean() > 10  # still in colour
+    assert f"note {tmp_path / 'grey.png'}: a grey picture" in err and "colour.png: a grey" not in err
+
+
 def test_an_input_without_read_permission_fails_clearly_before_loading(tmp_path, photo_png, tiny_model_files,
                                                                        capsys, monkeypatch):
     """Opening it is refused (simulated: tests run as root): a FAIL line saying so and what to check,

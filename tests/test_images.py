@@ -503,9 +503,10 @@ def test_a_file_cut_anywhere_in_its_header_is_damaged_not_unreadable(tmp_path, r
             load_image(tmp_path / f"cut.{fmt}")
 
 
-def _png_header_only(path, w, h):
-    """A PNG that claims ``w x h`` pixels and holds a few bytes of data."""
-    path.write_bytes(b"\x89PNG\r\n\x1a\n" + _chunk(b"IHDR", struct.pack(">IIBBBBB", w, h, 8, 0, 0, 0, 0))
+def _png_header_only(path, w, h, bit_depth=8, color_type=0):
+    """A PNG that claims ``w x h`` pixels (8-bit gray unless told) and holds a few bytes of data."""
+    path.write_bytes(b"\x89PNG\r\n\x1a\n"
+                     + _chunk(b"IHDR", struct.pack(">IIBBBBB", w, h, bit_depth, color_type, 0, 0, 0))
                      + _chunk(b"IDAT", zlib.compress(b"\x00" * 64)) + _chunk(b"IEND", b""))
 
 
@@ -534,6 +535,40 @@ def test_probe_image_reads_the_header_only(tmp_path):
         with pytest.raises(error, match=name):
             I.probe_image(tmp_path / name)
     assert Image.MAX_IMAGE_PIXELS == before
+
+
+@pytest.mark.parametrize("bit_depth,color_type", [(16, 0), (8, 2), (16, 2), (16, 6)])
+def test_probe_image_reads_only_the_header_of_8_and_16_bit_images(tmp_path, bit_depth, color_type):
+    """16-bit gray, RGB and RGBA are judged from the header like 8-bit: probing a file whose pixel
+    data is missing succeeds (nothing decoded), loading it fails."""
+    _png_header_only(tmp_path / "claims.png", 60, 40, bit_depth, color_type)
+    assert I.probe_image(tmp_path / "claims.png") == (40, 60)
+    with pytest.raises(TruncatedImageError):
+        load_image(tmp_path / "claims.png")
+
+
+def test_probe_image_refuses_float_and_32_bit_values_as_load_image_does(tmp_path, rng):
+    """A float image (mode F) and a 32-bit or signed integer one (mode I) are accepted or not for
+    their values, so probe_image decodes them and refuses what load_image refuses, with the same
+    error and message; those load_image reads pass."""
+    tifffile = pytest.importorskip("tifffile")
+    hdr = rng.random((40, 30)).astype(np.float32) * np.float32(0.9) + np.float32(0.01)
+    hdr[:4, :4] = 4.0  # 0..1 with HDR highlights
+    Image.fromarray(hdr, mode="F").save(tmp_path / "hdr.tif")
+    Image.fromarray(np.array([[0, 10, 70000, 255]], np.int32), mode="I").save(tmp_path / "int32.tif")
+    tifffile.imwrite(tmp_path / "int16s.tif", np.array([[-300, 0, 100, 20000]], np.int16))  # Pillow: mode I
+    for name, error in (("hdr.tif", I.FloatRangeError), ("int32.tif", I.IntegerRangeError),
+                        ("int16s.tif", I.IntegerRangeError)):
+        with pytest.raises(error) as loading:
+            load_image(tmp_path / name)
+        with pytest.raises(error) as probing:
+            I.probe_image(tmp_path / name)
+        assert str(probing.value) == str(loading.value), name
+
+    Image.fromarray(np.clip(hdr, 0, 1), mode="F").save(tmp_path / "unit.tif")
+    Image.fromarray(np.array([[0, 256, 40000, 65535]], np.int32), mode="I").save(tmp_path / "int32ok.tif")
+    assert I.probe_image(tmp_path / "unit.tif") == (40, 30)
+    assert I.probe_image(tmp_path / "int32ok.tif") == (1, 4)
 
 
 def test_a_file_without_read_permission_says_so(tmp_path, monkeypatch):
