@@ -698,7 +698,7 @@ def _save_result(target: Path, result, rgb, alpha) -> None:
     from .images import save_image
 
     save_image(target, rgb, alpha=alpha, bit_depth=result.bit_depth, grayscale=result.grayscale,
-               icc_profile=result.icc_profile)
+               icc_profile=result.icc_profile, exif=result.exif, dpi=result.dpi)
 
 
 def _raise_terminated(signum, frame):

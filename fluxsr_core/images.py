@@ -42,7 +42,7 @@ from typing import Any, Callable, Optional, Sequence
 import numpy as np
 import torch
 import torch.nn.functional as F
-from PIL import Image, ImageOps, UnidentifiedImageError
+from PIL import ExifTags, Image, ImageOps, UnidentifiedImageError
 
 from .files import atomic_write
 from .settings import DEFAULT_SCALE
@@ -176,7 +176,9 @@ class LoadedImage:
     should be written with); ``grayscale``: the source had no colour (L, LA, I;16, F...), so the
     output is written gray again; ``source_mode``: Pillow's mode of the file; ``notes``: things
     the user should know (only the first frame of an animation was used, values were clipped...);
-    ``icc_profile``: the embedded colour profile, to be written back with the result.
+    ``icc_profile``: the embedded colour profile, to be written back with the result;
+    ``exif``: the file's descriptive EXIF (camera, dates, exposure, GPS...; see
+    :func:`carried_exif`) as bytes, or None; ``dpi``: its resolution in dots per inch, or None.
     """
 
     rgb: torch.Tensor
@@ -187,6 +189,8 @@ class LoadedImage:
     path: str
     notes: list[str] = field(default_factory=list)
     icc_profile: Optional[bytes] = None
+    exif: Optional[bytes] = None
+    dpi: Optional[tuple[float, float]] = None
 
     @property
     def height(self) -> int:
@@ -236,7 +240,66 @@ def load_image(path: str | os.PathLike, max_pixels: Optional[int] = DEFAULT_MAX_
     with _own_pixel_limit():
         p, img = _open_checked(path, max_pixels, check_size)
         with img:
-            return _load(p, img)
+            loaded = _load(p, img)
+            # After decoding: a PNG's eXIf chunk may follow its pixel data.
+            loaded.exif = carried_exif(img, loaded.notes)
+            loaded.dpi = _dpi_of(img)
+            return loaded
+
+
+# IFD0 tags that describe the picture, not how the file stores it: kept with the result. The
+# others (size, strips, compression, the thumbnail's offsets...) belong to the source file, and
+# the resolution is written from ``dpi`` by the output format itself.
+_DESCRIPTIVE_IFD0_TAGS = (ExifTags.Base.ImageDescription, ExifTags.Base.Make, ExifTags.Base.Model,
+                          ExifTags.Base.Software, ExifTags.Base.DateTime, ExifTags.Base.Artist,
+                          ExifTags.Base.HostComputer, ExifTags.Base.Copyright)
+# Left out of the Exif IFD: the maker note (a vendor blob whose internal offsets often point into
+# the source file, so moved it reads as garbage), the interoperability IFD's offset (into the
+# source file), and the pixel size, which save_image writes for the result.
+_DROPPED_EXIF_TAGS = (ExifTags.Base.MakerNote, ExifTags.IFD.Interop, ExifTags.Base.ExifImageWidth,
+                      ExifTags.Base.ExifImageHeight)
+
+
+def carried_exif(img: Image.Image, notes: Optional[list[str]] = None) -> Optional[bytes]:
+    """The EXIF of ``img`` worth keeping with an upscaled copy, as bytes for :func:`save_image`
+    (None when there is none): the descriptive IFD0 tags (camera, software, date, artist,
+    copyright), the Exif IFD (exposure, lens, original dates) and GPS. The orientation is left
+    out (the pixels are already upright), as is what describes the source file rather than the
+    picture (see ``_DESCRIPTIVE_IFD0_TAGS`` and ``_DROPPED_EXIF_TAGS``), and the thumbnail.
+    An EXIF that cannot be read is left out, with a note, never an error: it is metadata."""
+    try:
+        source = img.getexif()
+        kept = Image.Exif()
+        for tag in _DESCRIPTIVE_IFD0_TAGS:
+            if tag in source:
+                kept[tag] = source[tag]
+        exif_ifd = {k: v for k, v in source.get_ifd(ExifTags.IFD.Exif).items() if k not in _DROPPED_EXIF_TAGS}
+        if exif_ifd:
+            kept.get_ifd(ExifTags.IFD.Exif).update(exif_ifd)
+        gps = source.get_ifd(ExifTags.IFD.GPSInfo)
+        if gps:
+            kept.get_ifd(ExifTags.IFD.GPSInfo).update(gps)
+        if not (len(kept) or exif_ifd or gps):
+            return None
+        data = kept.tobytes()
+        Image.Exif().load(data)  # what we write must read back
+        return data
+    except Exception as e:  # noqa: BLE001 - a damaged EXIF must never cost the picture
+        if notes is not None:
+            notes.append(f"its EXIF metadata could not be copied ({type(e).__name__}: {e}); the result is "
+                         "written without it")
+        return None
+
+
+def _dpi_of(img: Image.Image) -> Optional[tuple[float, float]]:
+    """The file's resolution in dots per inch (kept with the result, as image editors do when they
+    resample: the print size grows with the pixels), or None when it has none or a nonsense one."""
+    dpi = img.info.get("dpi")
+    try:
+        x, y = (float(v) for v in dpi)
+    except (TypeError, ValueError):
+        return None
+    return (x, y) if 0 < x < 1e6 and 0 < y < 1e6 else None
 
 
 def probe_image(path: str | os.PathLike, max_pixels: Optional[int] = DEFAULT_MAX_INPUT_PIXELS,
@@ -747,8 +810,8 @@ _FORMATS = {".png": "PNG", ".jpg": "JPEG", ".jpeg": "JPEG", ".webp": "WEBP"}
 
 
 def save_image(path: str | os.PathLike, rgb: torch.Tensor, alpha: Optional[torch.Tensor] = None,
-               bit_depth: int = 8, grayscale: bool = False,
-               icc_profile: Optional[bytes] = None) -> Path:
+               bit_depth: int = 8, grayscale: bool = False, icc_profile: Optional[bytes] = None,
+               exif: Optional[bytes] = None, dpi: Optional[tuple[float, float]] = None) -> Path:
     """Write an image atomically and return its path.
 
     ``rgb``: ``[1, 3, H, W]`` or ``[3, H, W]`` float in ``[0, 1]`` (values outside are clipped;
@@ -758,7 +821,9 @@ def save_image(path: str | os.PathLike, rgb: torch.Tensor, alpha: Optional[torch
     ``.png`` (8 or 16 bits), ``.jpg``/``.jpeg`` (8 bits, no alpha; quality 95), ``.webp``
     (8 bits; quality 95). The file is written under a temporary name in the same folder and
     renamed over ``path`` only when complete, so a failure never leaves a half-written image.
-    Missing parent folders are created.
+    Missing parent folders are created. ``icc_profile``, ``exif`` (bytes, e.g. a
+    :class:`LoadedImage`'s: its pixel size is set to this image's) and ``dpi`` are written into
+    the file (WebP holds no resolution; a JPEG's EXIF over 64 KiB is left out, with a warning).
     """
     p = Path(path)
     fmt = _FORMATS.get(p.suffix.lower())
@@ -798,16 +863,21 @@ def save_image(path: str | os.PathLike, rgb: torch.Tensor, alpha: Optional[torch
     q = q.to(torch.int32 if bit_depth == 16 else torch.uint8).permute(1, 2, 0).contiguous().numpy()
     if bit_depth == 16:
         q = q.astype(np.uint16)
+    exif = _exif_for(exif, width=q.shape[1], height=q.shape[0], fmt=fmt, path=p)
 
     def write(tmp: Path) -> None:
         if bit_depth == 16:
-            _write_png16(tmp, q, icc_profile)
+            _write_png16(tmp, q, icc_profile, exif, dpi)
             return
         modes = {1: "L", 2: "LA", 3: "RGB", 4: "RGBA"}
         im = Image.fromarray(q[..., 0] if q.shape[-1] == 1 else q, mode=modes[q.shape[-1]])
         kw: dict = {}
         if icc_profile:
             kw["icc_profile"] = icc_profile
+        if exif:
+            kw["exif"] = exif
+        if dpi and fmt != "WEBP":
+            kw["dpi"] = dpi
         if fmt in ("JPEG", "WEBP"):
             kw["quality"] = 95
         im.save(tmp, format=fmt, **kw)
@@ -838,13 +908,37 @@ def _as_chw64(x: torch.Tensor, name: str) -> torch.Tensor:
     return out
 
 
+# A JPEG holds its EXIF in one APP1 segment: 65,535 bytes less its length field and the marker.
+_JPEG_MAX_EXIF_BYTES = 65533
+
+
+def _exif_for(exif: Optional[bytes], width: int, height: int, fmt: str, path: Path) -> Optional[bytes]:
+    """``exif`` with the pixel size of the image being written (when it records one)."""
+    if not exif:
+        return None
+    data = Image.Exif()
+    data.load(exif)
+    exif_ifd = data.get_ifd(ExifTags.IFD.Exif)
+    if exif_ifd:
+        exif_ifd[ExifTags.Base.ExifImageWidth], exif_ifd[ExifTags.Base.ExifImageHeight] = width, height
+    out = data.tobytes()
+    if fmt == "JPEG" and len(out) > _JPEG_MAX_EXIF_BYTES:
+        warnings.warn(f"{path.name}: the EXIF metadata ({len(out):,} bytes) does not fit a JPEG (64 KiB); "
+                      "written without it (save as .png or .webp to keep it)")
+        return None
+    return out
+
+
 def _png_chunk(kind: bytes, data: bytes) -> bytes:
     return (struct.pack(">I", len(data)) + kind + data
             + struct.pack(">I", zlib.crc32(kind + data) & 0xFFFFFFFF))
 
 
-def _write_png16(path: Path, q: np.ndarray, icc_profile: Optional[bytes] = None) -> None:
-    """Write ``q`` (uint16 ``[H, W, C]``, C in 1..4) as a 16-bit PNG (PNG spec, ISO 15948).
+def _write_png16(path: Path, q: np.ndarray, icc_profile: Optional[bytes] = None, exif: Optional[bytes] = None,
+                 dpi: Optional[tuple[float, float]] = None) -> None:
+    """Write ``q`` (uint16 ``[H, W, C]``, C in 1..4) as a 16-bit PNG (PNG spec, ISO 15948), with
+    the colour profile, EXIF (``eXIf``: the TIFF-structured data, without JPEG's ``Exif`` prefix)
+    and resolution (``pHYs``, in pixels per metre) when given.
 
     Rows use the "Up" filter (byte-wise difference to the row above), which is exact, fully
     vectorised and compresses smooth photos well.
@@ -859,6 +953,11 @@ def _write_png16(path: Path, q: np.ndarray, icc_profile: Optional[bytes] = None)
            _png_chunk(b"IHDR", struct.pack(">IIBBBBB", w, h, 16, color_type, 0, 0, 0))]
     if icc_profile:
         out.append(_png_chunk(b"iCCP", b"ICC Profile\x00\x00" + zlib.compress(icc_profile)))
+    if dpi:
+        x, y = (max(1, round(v / 0.0254)) for v in dpi)
+        out.append(_png_chunk(b"pHYs", struct.pack(">IIB", x, y, 1)))
+    if exif:
+        out.append(_png_chunk(b"eXIf", exif[6:] if exif.startswith(b"Exif\x00\x00") else exif))
     out.append(_png_chunk(b"IDAT", zlib.compress(rows.tobytes(), 6)))
     out.append(_png_chunk(b"IEND", b""))
     with open(path, "wb") as f:

@@ -179,6 +179,8 @@ class UpscaledImage:
     grayscale: bool
     tiling: TilingConfig
     icc_profile: Optional[bytes] = None
+    exif: Optional[bytes] = None
+    dpi: Optional[tuple[float, float]] = None
 
 
 def upscale_loaded_image(
@@ -200,4 +202,5 @@ def upscale_loaded_image(
         alpha = images.upscale_alpha(loaded.alpha.to(rgb.device), tuple(rgb.shape[-2:]))
     return UpscaledImage(rgb=rgb, alpha=alpha, bit_depth=loaded.bit_depth,
                          grayscale=loaded.grayscale, tiling=used,
-                         icc_profile=getattr(loaded, "icc_profile", None))
+                         icc_profile=getattr(loaded, "icc_profile", None), exif=getattr(loaded, "exif", None),
+                         dpi=getattr(loaded, "dpi", None))

@@ -551,7 +551,7 @@ def test_pixel_values_out_of_range_fail_before_the_models_load(tmp_path, photo_p
 def test_a_grey_photo_saved_as_rgb_comes_back_grey_and_rgb(tmp_path, capsys):
     """A black-and-white photo stored as RGB (three equal channels) comes back grey, as from the
     ComfyUI node (the demo model tints grey a little), and still as a 3-channel RGB file, with a
-    note saying so; a colour photo in the same run keeps its colour."""
+    note saying so; a colour photo in the same run keeps its colour, EXIF and resolution."""
     from skimage import data
 
     from fluxsr_core.demo_model import demo_paths
@@ -559,7 +559,9 @@ def test_a_grey_photo_saved_as_rgb_comes_back_grey_and_rgb(tmp_path, capsys):
     colour = np.asarray(Image.fromarray(data.astronaut()).resize((40, 32), Image.LANCZOS))
     grey = np.asarray(Image.fromarray(colour).convert("L"))
     Image.fromarray(np.stack([grey] * 3, axis=-1)).save(tmp_path / "grey.png")
-    Image.fromarray(colour).save(tmp_path / "colour.png")
+    exif = Image.Exif()
+    exif[271] = "Canon"  # Make: the photo's metadata travels with it (see test_images for the rules)
+    Image.fromarray(colour).save(tmp_path / "colour.png", exif=exif, dpi=(240, 240))
     with Image.open(tmp_path / "grey.png") as im:
         assert im.mode == "RGB"
     out = tmp_path / "out"
@@ -573,7 +575,8 @@ def test_a_grey_photo_saved_as_rgb_comes_back_grey_and_rgb(tmp_path, capsys):
     assert np.array_equal(result[..., 0], result[..., 1]) and np.array_equal(result[..., 1], result[..., 2])
     assert result.std() > 20  # a picture, not a flat grey
     with Image.open(out / "colour.png") as im:
-        assert im.mode == "RGB"
+        assert im.mode == "RGB" and im.getexif()[271] == "Canon"
+        assert im.info["dpi"] == pytest.approx((240, 240), abs=0.01)  # PNG stores pixels per metre
         result = np.asarray(im).astype(int)
     assert np.abs(result[..., 0] - result[..., 2]).mean() > 10  # still in colour
     assert f"note {tmp_path / 'grey.png'}: a grey picture" in err and "colour.png: a grey" not in err

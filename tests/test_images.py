@@ -678,6 +678,107 @@ def test_save_icc_profile_kept(tmp_path):
         assert load_image(tmp_path / f"i{bd}.png").icc_profile == icc
 
 
+def camera_exif(orientation: int = 1):
+    """EXIF as a camera writes it: descriptive tags, exposure, GPS, a maker note, its pixel size."""
+    from PIL import ExifTags
+
+    exif = Image.Exif()
+    exif[ExifTags.Base.Orientation] = orientation
+    exif[ExifTags.Base.Make], exif[ExifTags.Base.Model] = "Canon", "EOS R5"
+    exif[ExifTags.Base.Copyright] = "A. Photographer"
+    sub = exif.get_ifd(ExifTags.IFD.Exif)
+    sub[ExifTags.Base.DateTimeOriginal] = "2024:01:02 03:04:05"
+    sub[ExifTags.Base.FNumber] = 2.8
+    sub[ExifTags.Base.MakerNote] = b"vendor blob with offsets into the source file"
+    sub[ExifTags.Base.ExifImageWidth], sub[ExifTags.Base.ExifImageHeight] = 64, 48
+    exif.get_ifd(ExifTags.IFD.GPSInfo).update({1: "N", 2: (52.0, 31.0, 12.5)})
+    return exif
+
+
+@pytest.mark.parametrize("name,bit_depth", [("o.png", 8), ("o16.png", 16), ("o.jpg", 8), ("o.webp", 8)])
+def test_exif_and_dpi_are_carried_to_the_result(tmp_path, name, bit_depth):
+    """A photo's camera, dates, exposure, GPS and resolution reach the upscaled file (photo tools
+    keep them; before, every output lost them). The orientation is not carried (the pixels are
+    upright already: carried, viewers would turn the result again), nor the maker note (offsets
+    into the source file); the EXIF pixel size is the result's."""
+    from PIL import ExifTags
+
+    Image.new("RGB", (64, 48), (200, 10, 10)).save(tmp_path / "src.jpg", exif=camera_exif(orientation=6),
+                                                   dpi=(300, 300))
+    loaded = load_image(tmp_path / "src.jpg")
+    assert loaded.size == (64, 48) and loaded.dpi == (300, 300)  # turned upright: 48 wide
+    big = torch.nn.functional.interpolate(loaded.rgb, scale_factor=2)
+    save_image(tmp_path / name, big, bit_depth=bit_depth, exif=loaded.exif, dpi=loaded.dpi)
+    with Image.open(tmp_path / name) as out:
+        out.load()
+        exif = out.getexif()
+        assert out.size == (96, 128)
+        if name.endswith(".webp"):
+            assert "dpi" not in out.info  # WebP holds no resolution
+        else:
+            assert out.info["dpi"] == pytest.approx((300, 300), abs=0.01)  # PNG: pixels per metre
+    assert ExifTags.Base.Orientation not in exif
+    assert (exif[ExifTags.Base.Make], exif[ExifTags.Base.Model], exif[ExifTags.Base.Copyright]) == (
+        "Canon", "EOS R5", "A. Photographer")
+    sub = exif.get_ifd(ExifTags.IFD.Exif)
+    assert sub[ExifTags.Base.DateTimeOriginal] == "2024:01:02 03:04:05" and sub[ExifTags.Base.FNumber] == 2.8
+    assert ExifTags.Base.MakerNote not in sub
+    assert (sub[ExifTags.Base.ExifImageWidth], sub[ExifTags.Base.ExifImageHeight]) == (96, 128)
+    assert dict(exif.get_ifd(ExifTags.IFD.GPSInfo)) == {1: "N", 2: (52.0, 31.0, 12.5)}
+    assert load_image(tmp_path / name).size == (128, 96)  # read back upright, not turned again
+
+
+def test_exif_of_a_tiff_keeps_the_picture_tags_not_the_files_structure(tmp_path):
+    """A TIFF's first IFD is also its file structure (strips, size, compression): only the
+    descriptive tags travel, so a JPEG result never claims the TIFF's strip offsets or size."""
+    from PIL import ExifTags
+
+    Image.new("RGB", (16, 12)).save(tmp_path / "cam.jpg", exif=camera_exif())
+    with Image.open(tmp_path / "cam.jpg") as cam:  # a camera JPEG's EXIF, as a converter keeps it
+        Image.new("RGB", (16, 12)).save(tmp_path / "src.tif", exif=cam.getexif(), dpi=(72, 72))
+    with Image.open(tmp_path / "src.tif") as tif:
+        assert ExifTags.Base.StripOffsets in tif.getexif() and tif.getexif().get_ifd(ExifTags.IFD.GPSInfo)
+    kept = Image.Exif()
+    kept.load(load_image(tmp_path / "src.tif").exif)
+    assert kept[ExifTags.Base.Make] == "Canon" and kept.get_ifd(ExifTags.IFD.GPSInfo)
+    assert not {ExifTags.Base.StripOffsets, ExifTags.Base.ImageWidth, ExifTags.Base.Compression,
+                ExifTags.Base.XResolution} & set(kept)
+
+
+def test_a_damaged_exif_costs_the_metadata_not_the_picture(tmp_path, monkeypatch):
+    """EXIF that does not parse (Pillow warns and reads none) or cannot be written back is left
+    out, the second with a note; the image loads, and so does one without EXIF."""
+    Image.new("RGB", (8, 8), (1, 2, 3)).save(tmp_path / "bad.jpg", exif=b"Exif\x00\x00MM\x00\x2a\xff\xff\xff\xf0")
+    with pytest.warns(UserWarning, match="Corrupt EXIF"):
+        loaded = load_image(tmp_path / "bad.jpg")
+    assert loaded.exif is None and loaded.rgb.shape == (1, 3, 8, 8)
+    Image.new("RGB", (8, 8)).save(tmp_path / "cam.jpg", exif=camera_exif())
+
+    def unwritable(self):
+        raise ValueError("a tag type Pillow cannot write")
+
+    monkeypatch.setattr(Image.Exif, "tobytes", unwritable)
+    loaded = load_image(tmp_path / "cam.jpg")
+    assert loaded.exif is None and loaded.notes == [
+        "its EXIF metadata could not be copied (ValueError: a tag type Pillow cannot write); the result is written without it"]
+    monkeypatch.undo()
+    Image.new("RGB", (8, 8)).save(tmp_path / "plain.png")
+    plain = load_image(tmp_path / "plain.png")
+    assert plain.exif is None and plain.dpi is None and plain.notes == []
+
+
+def test_a_jpeg_too_small_for_the_exif_is_written_without_it(tmp_path):
+    from PIL import ExifTags
+
+    exif = camera_exif()
+    exif.get_ifd(ExifTags.IFD.Exif)[ExifTags.Base.UserComment] = b"ASCII\x00\x00\x00" + b"x" * 70000
+    with pytest.warns(UserWarning, match="does not fit a JPEG"):
+        save_image(tmp_path / "o.jpg", torch.zeros(1, 3, 8, 8), exif=exif.tobytes())
+    assert not Image.open(tmp_path / "o.jpg").getexif()
+    save_image(tmp_path / "o.png", torch.zeros(1, 3, 8, 8), exif=exif.tobytes())  # PNG holds it
+    assert Image.open(tmp_path / "o.png").getexif()[ExifTags.Base.Make] == "Canon"
+
+
 def test_save_errors(tmp_path):
     rgb = torch.zeros(1, 3, 4, 4)
     with pytest.raises(ValueError, match="JPEG has no alpha"):
@@ -700,7 +801,7 @@ def test_save_is_atomic(tmp_path, monkeypatch):
     save_image(target, torch.zeros(1, 3, 4, 4))
     old = target.read_bytes()
 
-    def boom(path, q, icc=None):
+    def boom(path, q, *metadata):
         Path(path).write_bytes(b"half")
         raise RuntimeError("disk full")
 
