@@ -957,8 +957,11 @@ class DiffusersVelocity:
             encoder_hidden_states=t5.to(device=dev, dtype=dt),
             pooled_projections=pooled.to(device=dev, dtype=dt),
             timestep=sigma.to(device=dev, dtype=dt),
-            img_ids=L.image_ids(h, w, offset=tuple(position_offset), device=dev, dtype=dt),
-            txt_ids=L.text_ids(t5.shape[1], device=dev, dtype=dt),
+            # float32 whatever the compute dtype: bf16 holds integers exactly only up to 256, so
+            # global ids past 4096 px would merge neighbouring positions (ComfyUI builds them in
+            # float32 too; diffusers' rotary embedding computes in float anyway).
+            img_ids=L.image_ids(h, w, offset=tuple(position_offset), device=dev, dtype=torch.float32),
+            txt_ids=L.text_ids(t5.shape[1], device=dev, dtype=torch.float32),
             guidance=guidance,
             return_dict=False,
         )[0]

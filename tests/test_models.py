@@ -267,6 +267,27 @@ def test_velocity_equals_diffusers_pipeline_internals(tiny_transformer, cond):
                            _direct_pipeline_call(tiny_transformer, z, s, cond, offset=(3, 5)))
 
 
+def test_position_ids_stay_exact_integers_in_bf16(cond):
+    """Global position ids past 256 (outputs over 4096 px) reach the transformer exactly: in bf16,
+    the compute dtype, 257 would become 256 and neighbouring tokens would share a position."""
+    seen = {}
+
+    def keep(module, args, kwargs):
+        seen.update(img_ids=kwargs["img_ids"], txt_ids=kwargs["txt_ids"])
+
+    bf16 = models.load_transformer("tiny", dtype="bf16", device="cpu", seed=0)
+    v = models.DiffusersVelocity(bf16)
+    handle = bf16.register_forward_pre_hook(keep, with_kwargs=True)
+    try:
+        with torch.no_grad():
+            v(torch.randn(1, 16, 4, 6), torch.tensor([0.5]), cond, position_offset=(255, 511))
+    finally:
+        handle.remove()
+    assert seen["img_ids"].dtype == seen["txt_ids"].dtype == torch.float32
+    assert seen["img_ids"][:, 1].unique().tolist() == [255.0, 256.0]
+    assert seen["img_ids"][:, 2].unique().tolist() == [511.0, 512.0, 513.0]
+
+
 def test_velocity_batch_offsets_and_guidance(tiny_transformer, cond):
     v = models.DiffusersVelocity(tiny_transformer)
     z = torch.randn(2, 16, 8, 8, generator=torch.Generator().manual_seed(5))
