@@ -57,7 +57,9 @@ class LoraInfo:
     ``rank``/``alpha``: the most common rank and alpha over the LoRA's layers (``ranks`` and
     ``alphas`` list the layers that differ, usually empty); ``alpha_source`` says where the alphas
     come from. For kohya layers these are the file's own ``.alpha`` values, which diffusers'
-    converter folds into A/B (the merge then applies alpha = rank there). ``target_modules``: the
+    converter folds into A/B (the merge then applies alpha = rank there), and the ranks are the
+    file's lora_down rows (what its alpha is divided by), also where diffusers splits a
+    block-sparse fused q|k|v into parts of lower rank. ``target_modules``: the
     transformer layers the LoRA changes (diffusers module names). ``metadata``: the file's safetensors
     metadata. ``settings``: the run settings the file carries (defaults where it has none).
     ``adapter_name`` is None once the LoRA was merged into the weights and unloaded.
@@ -309,25 +311,51 @@ def _diffusers_converter(sd: dict[str, torch.Tensor], path: str) -> tuple[dict[s
     return dict(out), {k: float(v.item() if torch.is_tensor(v) else v) for k, v in (alphas or {}).items()}
 
 
+# kohya's part names -> peft's, for files in diffusers module names that use kohya's (down = A, up = B).
+_DOWN_UP_AS_A_B = {".lora_down.weight": ".lora_A.weight", ".lora_up.weight": ".lora_B.weight"}
+
+
+def _down_up_as_a_b(sd: dict[str, torch.Tensor], path: str) -> dict[str, torch.Tensor]:
+    """``transformer.<module>.lora_down/lora_up.weight`` -> ``lora_A/lora_B``, before diffusers'
+    converter: it renames them too, but on its kohya path, which leaves ``.alpha`` tensors in the
+    state dict for peft to drop; renamed first, they are the layers' alphas as next to lora_A/lora_B.
+    A layer with a part under both names is refused (which one counts is unclear)."""
+    out = dict(sd)
+    for key in sd:
+        for down_up, a_b in _DOWN_UP_AS_A_B.items():
+            if not key.endswith(down_up):
+                continue
+            renamed = key[: -len(down_up)] + a_b
+            if renamed in sd:
+                raise LoraError(f"{os.path.basename(path)}: layer '{key[len(TRANSFORMER_PREFIX):-len(down_up)]}' has "
+                                f"both a {a_b[1:-len('.weight')]} and a {down_up[1:-len('.weight')]} weight, which "
+                                "mean the same part; re-export the LoRA with each layer once")
+            out[renamed] = out.pop(key)
+    return out
+
+
 # The tensors of a plain kohya LoRA layer: anything else is another method's (DoRA, LyCORIS).
 _KOHYA_PLAIN_SUFFIXES = (".lora_down.weight", ".lora_up.weight", ".alpha")
 
 
 def _kohya_layers(sd: dict[str, torch.Tensor], path: str, naming: str,
-                  ) -> tuple[dict[str, torch.Tensor], dict[str, float], dict[str, float]]:
+                  ) -> tuple[dict[str, torch.Tensor], dict[str, float], dict[str, float], dict[str, int]]:
     """kohya-style layers (``lora_unet_double_blocks_0_img_attn_qkv``, or diffusers module names
     as ``lora_transformer_...``) through diffusers' converter, one kohya layer at a time.
 
     diffusers folds each layer's ``alpha / r`` into its A/B, so peft must then apply alpha = rank
     there; converting layer by layer tells which diffusers layers got which of the file's alphas.
+    ``r`` is the layer's lora_down rows, also where diffusers splits a block-sparse fused q|k|v
+    (sd-scripts' split_qkv) into parts of a third of that rank (a quarter for q|k|v|mlp).
     Returns (tensors, the alphas peft applies, ``{module: the file's alpha}`` for the folded
-    layers: what :class:`LoraInfo` reports).
+    layers, ``{module: the file's rank}`` where that is not the part's rank: what
+    :class:`LoraInfo` reports).
     """
     name = os.path.basename(path)
     groups: dict[str, dict[str, torch.Tensor]] = {}
     for k, v in sd.items():
         groups.setdefault(k.split(".", 1)[0], {})[k] = v
-    out, alphas, file_alphas = {}, {}, {}
+    out, alphas, file_alphas, file_ranks = {}, {}, {}, {}
     for layer, group in groups.items():
         odd = sorted(k for k in group if not k.endswith(_KOHYA_PLAIN_SUFFIXES))
         if odd:  # diffusers' converter would drop these (DoRA scales, LyCORIS diffs) with a log line only
@@ -339,6 +367,10 @@ def _kohya_layers(sd: dict[str, torch.Tensor], path: str, naming: str,
         if not targets:  # diffusers' kohya converter drops keys it does not know, unannounced
             raise LoraError(f"{name}: diffusers' converter makes no LoRA layer of '{layer}' ({naming} naming; "
                             f"tensors {', '.join(sorted(group))}); the file is incomplete or in another naming")
+        rank = int(group[f"{layer}.lora_down.weight"].shape[0])  # present: the converter made layers of it
+        for target in targets:
+            if converted[f"{target}.lora_A.weight"].shape[0] != rank:
+                file_ranks[_module_of(target + ".lora_A.weight")] = rank
         alpha = group.get(f"{layer}.alpha")
         if alpha is not None:
             value = float(alpha.reshape(-1)[0]) if alpha.numel() == 1 else math.nan
@@ -350,7 +382,7 @@ def _kohya_layers(sd: dict[str, torch.Tensor], path: str, naming: str,
                 file_alphas[_module_of(target + ".lora_A.weight")] = value
                 alphas[f"{target}.alpha"] = float(converted[f"{target}.lora_A.weight"].shape[0])
         out.update(converted)
-    return out, alphas, file_alphas
+    return out, alphas, file_alphas, file_ranks
 
 
 # The namings a FLUX LoRA's keys come in. A file may mix them (LoRAs merged by hand, trainers that
@@ -397,30 +429,35 @@ def _namings_text(counts: Mapping[str, int]) -> str:
 class _Converted:
     """A LoRA in diffusers naming: ``sd`` (``transformer.``-prefixed), ``alphas`` (the
     ``transformer.<module>.alpha`` values peft applies), ``file_alphas`` (``{module: the file's
-    alpha}`` where diffusers folded it into A/B), ``namings`` (naming -> tensors of the file in it,
-    text-encoder tensors left out)."""
+    alpha}`` where diffusers folded it into A/B), ``file_ranks`` (``{module: the file's rank}``
+    where diffusers split a layer into parts of lower rank), ``namings`` (naming -> tensors of the
+    file in it, text-encoder tensors left out)."""
 
     sd: dict[str, torch.Tensor]
     alphas: dict[str, float]
     file_alphas: dict[str, float]
+    file_ranks: dict[str, int]
     namings: dict[str, int]
 
 
 def _convert_naming(naming: str, sd: dict[str, torch.Tensor], transformer, path: str, notes: list[str],
-                    ) -> tuple[dict[str, torch.Tensor], dict[str, float], dict[str, float]]:
-    """One naming's tensors -> (diffusers-named tensors, alphas peft applies, the file's folded alphas)."""
+                    ) -> tuple[dict[str, torch.Tensor], dict[str, float], dict[str, float], dict[str, int]]:
+    """One naming's tensors -> (diffusers-named tensors, alphas peft applies, the file's folded
+    alphas, the file's ranks of split layers)."""
     if naming == _BFL:
-        return (*_bfl_to_diffusers_naming(sd, transformer, path, notes), {})
+        return (*_bfl_to_diffusers_naming(sd, transformer, path, notes), {}, {})
     if naming == _KOHYA:
         rest = dict(sd)
         outside, outside_alphas = _kohya_outside_blocks(rest, transformer, path, notes)
-        blocks, block_alphas, file_alphas = _kohya_layers(rest, path, naming)
-        return {**blocks, **outside}, {**block_alphas, **outside_alphas}, file_alphas
+        blocks, block_alphas, file_alphas, file_ranks = _kohya_layers(rest, path, naming)
+        return {**blocks, **outside}, {**block_alphas, **outside_alphas}, file_alphas, file_ranks
     if naming == _KOHYA_DIFFUSERS:
         return _kohya_layers(sd, path, naming)
     if naming == _DIFFUSERS_BARE:
         sd = {TRANSFORMER_PREFIX + k: v for k, v in sd.items()}
-    return (*_diffusers_converter(sd, path), {})
+    if naming in (_DIFFUSERS, _DIFFUSERS_BARE):
+        sd = _down_up_as_a_b(sd, path)
+    return (*_diffusers_converter(sd, path), {}, {})
 
 
 def _to_diffusers_naming(state_dict: dict[str, torch.Tensor], path: str, notes: list[str],
@@ -459,10 +496,12 @@ def _to_diffusers_naming(state_dict: dict[str, torch.Tensor], path: str, notes: 
     out: dict[str, torch.Tensor] = {}
     alphas: dict[str, float] = {}
     file_alphas: dict[str, float] = {}
+    file_ranks: dict[str, int] = {}
     owner: dict[str, str] = {}  # diffusers module -> the naming it came from
     namings = {n: len(families[n]) for n in _NAMINGS if n in families}
     for naming in namings:
-        part, part_alphas, part_file_alphas = _convert_naming(naming, families[naming], transformer, path, notes)
+        part, part_alphas, part_file_alphas, part_file_ranks = _convert_naming(naming, families[naming], transformer,
+                                                                               path, notes)
         modules = {m for k in part if (m := _module_of(k)) is not None}
         if not modules:
             raise LoraError(f"{name}: its {namings[naming]} tensors in {naming} naming (e.g. "
@@ -479,6 +518,7 @@ def _to_diffusers_naming(state_dict: dict[str, torch.Tensor], path: str, notes: 
         out.update(part)
         alphas.update(part_alphas)
         file_alphas.update(part_file_alphas)
+        file_ranks.update(part_file_ranks)
     if len(namings) > 1:
         notes.append(f"the file mixes namings ({_namings_text(namings)}); each was converted on its own and "
                      f"joined (they change different layers)")
@@ -496,7 +536,7 @@ def _to_diffusers_naming(state_dict: dict[str, torch.Tensor], path: str, notes: 
         alphas = {k: v for k, v in alphas.items() if not k.startswith("text_encoder.")}
     if not out:
         raise LoraError(f"{name} holds no LoRA tensors for the FLUX transformer.")
-    return _Converted(out, alphas, file_alphas, namings)
+    return _Converted(out, alphas, file_alphas, file_ranks, namings)
 
 
 def _module_of(key: str) -> Optional[str]:
@@ -683,9 +723,10 @@ def load_lora(transformer, path: str | os.PathLike, scale: float = 1.0, merge: b
     the model stay loaded but inactive); ``merge=True`` fuses it into the base weights and unloads
     the adapter, leaving a plain transformer (faster; needs no other adapter on the model).
 
-    Reads diffusers naming with or without the ``transformer.`` prefix, peft's
-    ``base_model.model.`` naming, BFL/ComfyUI names, and whatever FLUX namings diffusers converts
-    (kohya/sd-scripts, XLabs); a file mixing namings loads when they change different layers.
+    Reads diffusers naming with or without the ``transformer.`` prefix (``lora_A``/``lora_B``, or
+    kohya's ``lora_down``/``lora_up`` part names), peft's ``base_model.model.`` naming, BFL/ComfyUI
+    names, and whatever FLUX namings diffusers converts (kohya/sd-scripts, XLabs); a file mixing
+    namings loads when they change different layers.
     Raises :class:`LoraError` for an empty file, a full model, a LoRA for another model family or
     for a FLUX model of another width or depth, a file whose namings change the same layer twice;
     ``FileNotFoundError`` for a missing file.
@@ -725,7 +766,9 @@ class _LoraFile:
     """A LoRA file read, converted to diffusers naming and checked against a transformer.
 
     ``cfg`` holds the alphas peft applies; ``file_alphas`` the file's own alphas of layers whose
-    alpha diffusers folded into A/B (peft then applies alpha = rank there), which are reported.
+    alpha diffusers folded into A/B (peft then applies alpha = rank there), which are reported;
+    ``file_ranks`` the file's ranks of layers diffusers split into lower-rank parts (the rank
+    ``ranks`` has there), which are reported.
     """
 
     path: str
@@ -737,11 +780,16 @@ class _LoraFile:
     alpha_source: str
     notes: list[str]
     file_alphas: dict[str, float] = field(default_factory=dict)
+    file_ranks: dict[str, int] = field(default_factory=dict)
 
     def info(self, merged: bool, adapter_name: Optional[str]) -> LoraInfo:
-        rank = Counter(self.ranks.values()).most_common(1)[0][0]
-        per_alpha = {m: self.file_alphas.get(m, _alpha_for(m, self.cfg)) for m in self.ranks}
-        if self.file_alphas:
+        ranks = {**self.ranks, **self.file_ranks}
+        rank = Counter(ranks.values()).most_common(1)[0][0]
+        # a split layer without a file alpha: peft's alpha scaled to the reported rank, so that
+        # alpha / rank stays the scaling applied (kohya's default, alpha = rank)
+        per_alpha = {m: self.file_alphas.get(m, _alpha_for(m, self.cfg) * ranks[m] / self.ranks[m])
+                     for m in self.ranks}
+        if self.file_alphas or self.file_ranks:
             alpha = Counter(per_alpha.values()).most_common(1)[0][0]
         else:
             alpha = float(self.cfg["lora_alpha"])
@@ -755,7 +803,7 @@ class _LoraFile:
             path=self.path, rank=rank, alpha=alpha, scale=self.scale, merged=merged,
             adapter_name=adapter_name, target_modules=sorted(self.ranks), metadata=self.metadata,
             settings=settings, alpha_source=self.alpha_source,
-            ranks={m: r for m, r in self.ranks.items() if r != rank},
+            ranks={m: r for m, r in ranks.items() if r != rank},
             alphas={m: a for m, a in per_alpha.items() if a != alpha},
             notes=notes,
         )
@@ -784,7 +832,7 @@ def _read_checked(transformer, path, scale: float) -> _LoraFile:
                not in conv.file_alphas]
         those = f"those of {len(conv.file_alphas)} layers " if own else ""
         alpha_source = f"'.alpha' tensors ({those}{_FOLDED})"
-    return _LoraFile(path, scale, conv.sd, md, ranks, cfg, alpha_source, notes, conv.file_alphas)
+    return _LoraFile(path, scale, conv.sd, md, ranks, cfg, alpha_source, notes, conv.file_alphas, conv.file_ranks)
 
 
 def _refuse_metadata_alpha_when_mixed(md: Mapping[str, str], namings: Mapping[str, int], path: str) -> None:

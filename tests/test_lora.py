@@ -224,6 +224,39 @@ def test_layers_without_alpha_tensors_get_alpha_equal_to_rank(tmp_path, lora_fil
     torch.testing.assert_close(run(m, inputs), run(want, inputs), rtol=0, atol=1e-5)
 
 
+@pytest.mark.parametrize("prefix", ["transformer.", ""])
+def test_diffusers_names_with_lora_down_up_parts(tmp_path, lora_file, inputs, prefix):
+    """Some trainers write diffusers module names with kohya's part names
+    (``transformer.<module>.lora_down/lora_up.weight``, ``.alpha``): down is lora_A, up is lora_B,
+    and the alphas count as next to lora_A/lora_B names (diffusers' converter renamed the parts
+    but left the alphas for peft, which dropped them)."""
+    lora = safetensors.torch.load_file(str(lora_file))
+    as_ab = {prefix + k[len("transformer."):]: v for k, v in lora.items()}
+    as_ab.update({k.split(".lora_A.")[0] + ".alpha": torch.tensor(2.0) for k in list(as_ab) if ".lora_A." in k})
+    as_down_up = {k.replace(".lora_A.", ".lora_down.").replace(".lora_B.", ".lora_up."): v for k, v in as_ab.items()}
+    ab_path, down_up_path = _save(tmp_path, "ab.safetensors", as_ab), _save(tmp_path, "down-up.safetensors", as_down_up)
+
+    want, got = fresh_transformer(), fresh_transformer()
+    info_ab = load_lora(want, ab_path, merge=True)
+    info = load_lora(got, down_up_path, merge=True)
+    assert (info.rank, info.alpha, info.alpha_source) == (RANK, 2.0, "alpha tensors in the file")
+    assert info.target_modules == info_ab.target_modules
+    got_sd = got.state_dict()
+    for key, value in want.state_dict().items():
+        torch.testing.assert_close(got_sd[key], value, rtol=0, atol=0, msg=key)
+    torch.testing.assert_close(run(got, inputs), run(manual_merge(lora, 1.0, 2.0, RANK), inputs), rtol=0, atol=1e-5)
+    factors_ab, _ = merge_factors(fresh_transformer(), ab_path)
+    factors, _ = merge_factors(fresh_transformer(), down_up_path)
+    assert {k: f for k, (_, _, f) in factors.items()} == {k: f for k, (_, _, f) in factors_ab.items()}
+
+    one = next(k for k in as_ab if k.endswith(".attn.to_q.lora_A.weight"))
+    twice = {**as_down_up, one: as_ab[one].clone()}
+    module = one[len(prefix):-len(".lora_A.weight")]
+    with pytest.raises(LoraError, match=rf"twice.safetensors: layer '{re.escape(module)}' has both a lora_A and a "
+                                        r"lora_down weight"):
+        load_lora(fresh_transformer(), _save(tmp_path, "twice.safetensors", twice))
+
+
 @pytest.mark.parametrize("metadata", [{KEY_LORA_ALPHA: "nan"}, {KEY_LORA_ALPHA: "inf"},
                                       {LORA_ADAPTER_METADATA_KEY: json.dumps({"transformer.lora_alpha": "abc"})}])
 def test_an_alpha_that_is_no_finite_number_is_refused(tmp_path, lora_file, metadata):
@@ -530,6 +563,79 @@ def test_kohya_report_gives_the_files_alphas(tmp_path, inputs):
     nan = {**blocks, "lora_unet_double_blocks_0_img_attn_proj.alpha": torch.tensor(float("nan"))}
     with pytest.raises(LoraError, match="alpha nan of 'lora_unet_double_blocks_0_img_attn_proj' is not a finite"):
         load_lora(fresh_transformer(), _save(tmp_path, "nan.safetensors", nan))
+
+
+def _fused_kohya_pair(g, in_f: int, split_rows: list[int], rank: int, form: str):
+    """lora_down [rank, in_f], lora_up [sum(split_rows), rank] of one kohya layer over a fused
+    weight (q|k|v, or a single block's q|k|v|mlp). "dense": one lora_down over the fused layer;
+    "block-sparse": sd-scripts' split_qkv, each part its own rank // parts rows of lora_down and
+    its own block of lora_up, zero elsewhere; "untrained": dense with lora_up still zero, as
+    sd-scripts initialises it (diffusers' converter takes that for block-sparse too)."""
+    down = torch.randn(rank, in_f, generator=g) * 0.3
+    up = torch.randn(sum(split_rows), rank, generator=g) * 0.3
+    if form == "block-sparse":
+        up = up * torch.block_diag(*[torch.ones(rows, rank // len(split_rows)) for rows in split_rows])
+    elif form == "untrained":
+        up = torch.zeros_like(up)
+    return down, up
+
+
+@pytest.mark.parametrize("alpha", [3.0, None])
+@pytest.mark.parametrize("form", ["dense", "block-sparse", "untrained"])
+def test_kohya_fused_qkv_reports_the_files_rank(tmp_path, form, alpha):
+    """diffusers' converter splits a kohya fused q|k|v into to_q/to_k/to_v, a block-sparse one into
+    parts of a third of its rank. The merge is W + alpha/r * (up @ down)[the part's rows] with r the
+    file's lora_down rows (as ComfyUI and diffusers read it), and LoraInfo reports that r: the rank
+    the alpha is divided by, not the parts' rank."""
+    r, layer = 6, "lora_unet_double_blocks_0_img_attn_qkv"
+    down, up = _fused_kohya_pair(torch.Generator().manual_seed(59), 32, [32] * 3, r, form)
+    kohya = {f"{layer}.lora_down.weight": down, f"{layer}.lora_up.weight": up}
+    if alpha is not None:
+        kohya[f"{layer}.alpha"] = torch.tensor(alpha)
+    path = _save(tmp_path, "kohya-qkv.safetensors", kohya)
+    base = fresh_transformer().state_dict()
+    delta = ((alpha or r) / r) * up @ down
+    modules = [f"transformer_blocks.0.attn.{name}" for name in ("to_q", "to_k", "to_v")]
+
+    model = fresh_transformer()
+    info = load_lora(model, path, merge=True)
+    got = model.state_dict()
+    factors, info_f = merge_factors(fresh_transformer(), path)
+    for i, module in enumerate(modules):
+        rows = delta[i * 32:(i + 1) * 32]
+        torch.testing.assert_close(got[f"{module}.weight"], base[f"{module}.weight"] + rows, rtol=0, atol=1e-6)
+        a, b, factor = factors[f"{module}.weight"]
+        torch.testing.assert_close(factor * b @ a, rows, rtol=0, atol=1e-6)
+    for report in (info, info_f):
+        assert (report.rank, report.ranks, report.alpha, report.alphas) == (r, {}, alpha or r, {})
+        assert report.settings.lora_rank == r
+    assert f"rank {r}, alpha {alpha or r:g}" in info.describe()
+
+
+@pytest.mark.parametrize("form", ["dense", "block-sparse"])
+def test_kohya_single_block_linear1_reports_the_files_rank(tmp_path, form):
+    """A single block's fused q|k|v|mlp (kohya's linear1; sd-scripts' split_qkv makes it 4 blocks).
+    diffusers' converter splits it by FLUX.1's widths only, so this runs merge_factors on a
+    FLUX.1-wide single block on the meta device; the parts' deltas are checked on random inputs."""
+    cfg = {**tiny_config(), "num_attention_heads": 24, "attention_head_dim": 128, "axes_dims_rope": [16, 56, 56],
+           "num_layers": 0}
+    with torch.device("meta"):
+        wide = FluxTransformer2DModel.from_config(cfg)
+    r, alpha, layer, widths = 8, 2.0, "lora_unet_single_blocks_0_linear1", [3072, 3072, 3072, 12288]
+    g = torch.Generator().manual_seed(61)
+    down, up = _fused_kohya_pair(g, 3072, widths, r, form)
+    path = _save(tmp_path, "kohya-linear1.safetensors", {f"{layer}.lora_down.weight": down,
+                                                         f"{layer}.lora_up.weight": up,
+                                                         f"{layer}.alpha": torch.tensor(alpha)})
+    factors, info = merge_factors(wide, path)
+    probe = torch.randn(3072, 4, generator=g)
+    start = 0
+    for module, rows in zip(("attn.to_q", "attn.to_k", "attn.to_v", "proj_mlp"), widths):
+        a, b, factor = factors[f"single_transformer_blocks.0.{module}.weight"]
+        want = (alpha / r) * up[start:start + rows] @ (down @ probe)
+        torch.testing.assert_close(factor * b @ (a @ probe), want, rtol=1e-5, atol=1e-6, msg=module)
+        start += rows
+    assert (info.rank, info.ranks, info.alpha, info.alphas) == (r, {}, alpha, {})
 
 
 # --- files mixing namings ------------------------------------------------------------------
