@@ -1063,14 +1063,19 @@ class DiffusersCodec:
         raw = self.vae.encode(x).latent_dist.mode()
         return L.normalize(raw.float()).to(device=image.device, dtype=out_dtype)
 
-    def decode(self, latent: torch.Tensor) -> torch.Tensor:
-        """Normalised latent ``[B, 16, h, w]`` -> image ``[B, 3, 8h, 8w]`` in [0, 1]."""
+    def decode(self, latent: torch.Tensor, clamp: bool = True) -> torch.Tensor:
+        """Normalised latent ``[B, 16, h, w]`` -> image ``[B, 3, 8h, 8w]`` in [0, 1].
+
+        ``clamp=False`` keeps the decoder's overshoot past 0 and 1: training's image losses use
+        it, since a clamped pixel passes no gradient back (the loss would see it wrong and
+        never correct it)."""
         if latent.ndim != 4 or latent.shape[1] != self.latent_channels:
             raise ValueError(f"latent must be [B, 16, h, w], got {tuple(latent.shape)}")
         raw = L.denormalize(latent.float()).to(device=self.device, dtype=self.compute_dtype)
         img = self.vae.decode(raw).sample
         out_dtype = latent.dtype if latent.is_floating_point() else torch.float32
-        return ((img.float() + 1) / 2).clamp(0, 1).to(device=latent.device, dtype=out_dtype)
+        img = (img.float() + 1) / 2
+        return (img.clamp(0, 1) if clamp else img).to(device=latent.device, dtype=out_dtype)
 
 
 # ------------------------------------------------------------------------------ convenience

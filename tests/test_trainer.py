@@ -176,6 +176,13 @@ def test_compute_losses_combines_the_configured_weights():
                                            + 0.25 * p.adl.item(), rel=1e-6)
     assert p.ftd.item() == pytest.approx(ftd_loss(vel, z_l, z0, eps, 0.25, cond, t=t).item(), rel=1e-6)
     assert 0 < p.adl.item() <= 1 and p.tvlpips.item() > 0 and p.mse.item() > 0
+    # The image terms see the decoder's overshoot past [0, 1] (clamped, it would pass no gradient)
+    from fluxsr_core import flow
+
+    x_h = codec.decode(flow.one_step_sr(vel, z_l, 0.25, cond), clamp=False)
+    assert ((x_h < 0) | (x_h > 1)).any()  # this random tiny VAE overshoots
+    assert p.mse.item() == pytest.approx(torch.nn.functional.mse_loss(x_h, x0).item(), rel=1e-6)
+    assert p.mse.item() != pytest.approx(torch.nn.functional.mse_loss(x_h.clamp(0, 1), x0).item(), rel=1e-4)
     # the ADL features came from the SR branch only: the hook is inactive again afterwards
     assert not hook.active
     hook.remove()

@@ -764,6 +764,7 @@ def compute_losses(velocity, codec, *, z_l: torch.Tensor, z0: torch.Tensor, eps:
                    adl_hook: Optional[ADLFeatureHook] = None) -> LossParts:
     """The FluxSR training loss for one batch (FLUXSR.md section 2).
 
+    ``codec``: a :class:`~fluxsr_core.models.DiffusersCodec` (its unclamped decode is used).
     ``z_l``, ``z0``, ``eps``: ``[B, 16, h, w]``; ``x0``: the teacher image ``[B, 3, H, W]`` in
     [0, 1] (needed when ``w_mse`` or ``w_tvlpips`` > 0); ``ftd_t``: FTD times ``[B]`` in
     [T_L, 1] (needed when ``w_ftd`` > 0). The SR branch is ``flow.one_step_sr`` and runs only
@@ -784,7 +785,7 @@ def compute_losses(velocity, codec, *, z_l: torch.Tensor, z0: torch.Tensor, eps:
         if need_image:
             if x0 is None:
                 raise ValueError("MSE / TV-LPIPS need the teacher image x0")
-            x_h = codec.decode(z_h).float()
+            x_h = codec.decode(z_h, clamp=False).float()  # overshoot past [0, 1] gets its gradient
             target = x0.to(x_h.device, torch.float32)
             if loss.w_mse > 0:
                 terms["mse"] = F.mse_loss(x_h, target)
