@@ -675,9 +675,10 @@ def test_two_cpu_processes_match_one_with_the_same_global_batch(pairs, tmp_path)
     moved = max(float(a[k].abs().max()) for k in a if ".lora_B." in k)
     assert moved > 1e-3  # the weights did move (lora_B starts at zero)
     # Gradients summed in another order (all-reduce of two halves vs one batch) differ in the last
-    # bits; Adam's normalised steps carry that into the weights at about 1e-5 (measured 2e-5
-    # after 3 steps at lr 1e-2, against weight changes of 3e-2).
-    assert max(float((a[k] - b[k]).abs().max()) for k in a) < 1e-4
+    # bits; Adam's normalised steps carry that into the weights, most where a gradient is near
+    # zero (measured 1.3e-4 after 3 steps at lr 1e-2, against weight changes of 3.0e-2; 2e-5 when
+    # the decode was clamped and many gradients were exactly zero).
+    assert max(float((a[k] - b[k]).abs().max()) for k in a) < 1e-2 * moved
 
 
 def test_a_decision_of_the_main_process_reaches_the_others_errors_included(monkeypatch):
