@@ -567,6 +567,30 @@ def test_resume_from_a_missing_path_is_a_clear_error(pairs, tmp_path):
         T.train(tiny_config(pairs, tmp_path / "x", f"train.resume={str(tmp_path / 'nowhere')!r}"))
 
 
+def test_a_conditioning_of_other_widths_is_refused_before_the_models_load(pairs, tmp_path, monkeypatch):
+    """A bundle (or pairs) made for another model is refused from the transformer's header, before
+    anything is built: before, the bundle's check came after the minutes of loading, and the
+    pairs' widths failed at the first step."""
+    from fluxsr_core.bundle import BundleError, save_bundle
+    from fluxsr_core.settings import RunSettings
+
+    def no_build(*args, **kwargs):
+        raise AssertionError("built the student before refusing")
+
+    monkeypatch.setattr(T, "build_student", no_build)
+    wide = save_bundle(tmp_path / "flux_bundle.safetensors", torch.randn(1, 8, 4096), torch.randn(1, 768), RunSettings())
+    with pytest.raises(BundleError, match="t5 is 4096 wide, the transformer takes 32"):
+        T.train(tiny_config(pairs, tmp_path / "run", f"data.conditioning={wide!r}"))
+    other = tmp_path / "other_pairs"
+    with PairWriter(other, writer_id="t0", fsync=False) as w:
+        for i in range(3):
+            w.add(pair_id(i, i), torch.randn(16, 4, 4), torch.randn(16, 4, 4), torch.randn(8, 64), torch.randn(16))
+    with pytest.raises(ConfigError, match=r"the conditionings in .*other_pairs are t5 64 and clip_pooled 16 wide; "
+                                          r"tiny takes 32 and 16"):
+        T.train(tiny_config(other, tmp_path / "run2", "data.teacher_image=decode"))
+    assert not (tmp_path / "run").exists() and not (tmp_path / "run2").exists()
+
+
 def test_a_torn_last_line_is_cut_back_to_the_last_whole_one(tmp_path):
     path = tmp_path / "m.jsonl"
     T._drop_torn_last_line(path)  # no file: nothing to do

@@ -1366,6 +1366,7 @@ class _Run:
         (:meth:`_preflight`'s last part)."""
         cfg = self.cfg
         self._setup_conditioning()
+        self._check_conditioning_fits()
         if resume_from is not None and "conditioning_sha256" in self.resume_state:
             then = self.resume_state["conditioning_sha256"]
             if then != self.conditioning_sha256:
@@ -1433,8 +1434,6 @@ class _Run:
                    f"{len(self.params) // 2} layers ({n_lora:,} trainable parameters), base {self.dtype} "
                    f"({cfg.model.memory_mode}), gradient checkpointing "
                    f"{'on' if cfg.model.gradient_checkpointing else 'off'}")
-        if self.fixed_bundle is not None:
-            self.fixed_bundle.check_fits(self.transformer)
 
         optimizer, self.optimizer_name = _make_optimizer(list(self.params.values()), cfg.optim, acc.device)
         self._info(f"optimizer: {self.optimizer_name}, lr {cfg.optim.lr:g}, {cfg.optim.schedule} schedule with "
@@ -1573,6 +1572,23 @@ class _Run:
         if kind == "error":
             raise value
         return value
+
+    def _check_conditioning_fits(self) -> None:
+        """Refuse a conditioning whose widths the transformer cannot take, from the transformer's
+        header or config.json (no weights loaded), so it is found before the minutes of loading."""
+        from fluxsr_core.models import transformer_config_of
+
+        config = transformer_config_of(self.cfg.model.transformer)
+        if self.fixed_bundle is not None:
+            self.fixed_bundle.check_fits(config)
+            return
+        t5, clip = self.val_cond.t5.shape[-1], self.val_cond.clip_pooled.shape[-1]
+        want_t5, want_clip = config.get("joint_attention_dim"), config.get("pooled_projection_dim")
+        if (want_t5, want_clip) != (t5, clip):
+            raise ConfigError(f"the conditionings in {self.cfg.data.pairs} are t5 {t5} and clip_pooled {clip} wide; "
+                              f"{self.cfg.model.transformer} takes {want_t5} and {want_clip} (joint_attention_dim, "
+                              "pooled_projection_dim): the pairs were made for another model. Train the model they "
+                              "were made with, or give data.conditioning=<a bundle made for this one>")
 
     def _setup_conditioning(self) -> None:
         """The fixed conditioning (a bundle, or the dataset's only one) and its content hash.
