@@ -342,6 +342,15 @@ def test_teacher_workflow_writes_a_pair(server, datasets_root):
     prompt["6"]["inputs"]["seed"] = 6
     server.run(prompt, timeout=900)
     assert len(PairDataset(folder)) == 2
+    # A deleted cond file comes back when the graph runs again after ComfyUI forgot its cache
+    # (a restart; here /free, which the server applies after the next prompt it runs).
+    (cond_file,) = folder.glob("cond-*.safetensors")
+    cond_file.unlink()
+    server.post("/free", {"free_memory": True})
+    server.run(prompt, timeout=900)  # still cached; the cache is dropped after it
+    server.run(prompt, timeout=900)  # the teacher node runs again: its pair is stored, the cond file is not
+    assert cond_file.is_file() and len(PairDataset(folder)) == 2
+    assert torch.equal(PairDataset(folder)[0]["t5"], PairDataset(folder)[1]["t5"])
     # A folder outside the output folder and the allowed roots is refused when queued.
     prompt["6"]["inputs"]["dataset_folder"] = "../../escaped_pairs"
     with pytest.raises(server_mod.ComfyError, match="outside ComfyUI's output folder"):
