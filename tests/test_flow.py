@@ -144,6 +144,22 @@ def test_ftd_loss_zero_for_exact_teacher_and_hand_value():
     assert flow.ftd_loss(off, z_l, z0, eps, t, t_l, None).item() == pytest.approx((c / 3) ** 2, rel=1e-5)
 
 
+def test_ftd_loss_is_a_scaled_regression_on_the_sr_velocity():
+    """What L_FTD reduces to, for any model and any z_L (on the line or not): with u = eps - z_0,
+    v_phi - (eps - z_L)/(1 - T_L) = T_L (u_SR - v_t)/(1 - T_L), so
+    L_FTD = (T_L/(1 - T_L))^2 * mean ||v_theta(z_t, t) - u_SR||^2 (1/9 at T_L 0.25): the student
+    learns the LR->HR velocity at the points between z_L and the noise. The README's weighting
+    advice rests on this."""
+    torch.manual_seed(7)
+    z0, eps, z_l = torch.randn(2, 16, 4, 4), torch.randn(2, 16, 4, 4), torch.randn(2, 16, 4, 4)
+    t_l, t = 0.25, torch.tensor([0.4, 0.8])
+    weights = torch.randn(16, 16)
+    model = lambda z, s, cond, position_offset=(0, 0): torch.einsum("oc,bchw->bohw", weights, z) * s.view(-1, 1, 1, 1)
+    v_t = model(flow.ftd_interpolate(z_l, eps, t, t_l), t, None)
+    expected = (t_l / (1 - t_l)) ** 2 * ((v_t - flow.sr_velocity(z_l, z0, t_l)) ** 2).mean()
+    assert flow.ftd_loss(model, z_l, z0, eps, t, t_l, None).item() == pytest.approx(expected.item(), rel=1e-5)
+
+
 def test_ftd_loss_receives_sigma_t():
     got = {}
 
