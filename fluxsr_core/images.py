@@ -254,10 +254,41 @@ _DESCRIPTIVE_IFD0_TAGS = (ExifTags.Base.ImageDescription, ExifTags.Base.Make, Ex
                           ExifTags.Base.Software, ExifTags.Base.DateTime, ExifTags.Base.Artist,
                           ExifTags.Base.HostComputer, ExifTags.Base.Copyright)
 # Left out of the Exif IFD: the maker note (a vendor blob whose internal offsets often point into
-# the source file, so moved it reads as garbage), the interoperability IFD's offset (into the
-# source file), and the pixel size, which save_image writes for the result.
-_DROPPED_EXIF_TAGS = (ExifTags.Base.MakerNote, ExifTags.IFD.Interop, ExifTags.Base.ExifImageWidth,
-                      ExifTags.Base.ExifImageHeight)
+# the source file, so moved it reads as garbage) and the pixel size, which save_image writes for
+# the result. The interoperability IFD is kept (its "R03" marks Adobe RGB photos).
+_DROPPED_EXIF_TAGS = (ExifTags.Base.MakerNote, ExifTags.Base.ExifImageWidth, ExifTags.Base.ExifImageHeight)
+_IFD_POINTERS = frozenset({ExifTags.IFD.Exif, ExifTags.IFD.GPSInfo, ExifTags.IFD.Interop})
+
+
+def _stored_text(value: Any) -> Any:
+    """Text beyond ASCII as the bytes the file held: Pillow reads EXIF text as Latin-1 and writes
+    str as ASCII, turning everything else into '?' (a UTF-8 "© Jörg" would come out "?? J??rg").
+    ASCII text stays str, so Pillow keeps writing it as text (bytes in a sub-IFD tag it does not
+    type would become "undefined" data)."""
+    if isinstance(value, str) and not value.isascii():
+        return value.encode("latin-1")
+    return value
+
+
+def _copied_exif(source: Image.Exif, ifd0_tags: Optional[Sequence[int]] = None,
+                 dropped: Sequence[int] = ()) -> Image.Exif:
+    """A new Exif holding ``source``'s IFD0 tags (``ifd0_tags``, or all of them), its Exif IFD
+    less ``dropped``, its interoperability and GPS IFDs, text kept byte for byte."""
+    kept = Image.Exif()
+    for tag in (ifd0_tags if ifd0_tags is not None else [t for t in source if t not in _IFD_POINTERS]):
+        if tag in source:
+            kept[tag] = _stored_text(source[tag])
+    exif_ifd = {k: _stored_text(v) for k, v in source.get_ifd(ExifTags.IFD.Exif).items()
+                if k not in dropped and k not in _IFD_POINTERS}
+    interop = {k: _stored_text(v) for k, v in source.get_ifd(ExifTags.IFD.Interop).items()}
+    if interop:
+        exif_ifd[ExifTags.IFD.Interop] = interop  # Pillow writes a nested dict as the sub-IFD
+    if exif_ifd:
+        kept.get_ifd(ExifTags.IFD.Exif).update(exif_ifd)
+    gps = {k: _stored_text(v) for k, v in source.get_ifd(ExifTags.IFD.GPSInfo).items()}
+    if gps:
+        kept.get_ifd(ExifTags.IFD.GPSInfo).update(gps)
+    return kept
 
 
 def carried_exif(img: Image.Image, notes: Optional[list[str]] = None) -> Optional[bytes]:
@@ -266,20 +297,12 @@ def carried_exif(img: Image.Image, notes: Optional[list[str]] = None) -> Optiona
     copyright), the Exif IFD (exposure, lens, original dates) and GPS. The orientation is left
     out (the pixels are already upright), as is what describes the source file rather than the
     picture (see ``_DESCRIPTIVE_IFD0_TAGS`` and ``_DROPPED_EXIF_TAGS``), and the thumbnail.
-    An EXIF that cannot be read is left out, with a note, never an error: it is metadata."""
+    Software and DateTime stay the source's (the picture's own history; the result's file time
+    says when it was made). An EXIF that cannot be copied is left out, with a note, never an
+    error: it is metadata."""
     try:
-        source = img.getexif()
-        kept = Image.Exif()
-        for tag in _DESCRIPTIVE_IFD0_TAGS:
-            if tag in source:
-                kept[tag] = source[tag]
-        exif_ifd = {k: v for k, v in source.get_ifd(ExifTags.IFD.Exif).items() if k not in _DROPPED_EXIF_TAGS}
-        if exif_ifd:
-            kept.get_ifd(ExifTags.IFD.Exif).update(exif_ifd)
-        gps = source.get_ifd(ExifTags.IFD.GPSInfo)
-        if gps:
-            kept.get_ifd(ExifTags.IFD.GPSInfo).update(gps)
-        if not (len(kept) or exif_ifd or gps):
+        kept = _copied_exif(img.getexif(), _DESCRIPTIVE_IFD0_TAGS, _DROPPED_EXIF_TAGS)
+        if not len(kept):
             return None
         data = kept.tobytes()
         Image.Exif().load(data)  # what we write must read back
@@ -294,6 +317,9 @@ def carried_exif(img: Image.Image, notes: Optional[list[str]] = None) -> Optiona
 def _dpi_of(img: Image.Image) -> Optional[tuple[float, float]]:
     """The file's resolution in dots per inch (kept with the result, as image editors do when they
     resample: the print size grows with the pixels), or None when it has none or a nonsense one."""
+    if (img.format == "JPEG" and img.info.get("jfif_unit") not in (1, 2)
+            and ExifTags.Base.XResolution not in img.getexif()):
+        return None  # Pillow's stand-in 72 for a JPEG with EXIF but no resolution
     dpi = img.info.get("dpi")
     try:
         x, y = (float(v) for v in dpi)
@@ -329,7 +355,7 @@ def probe_image(path: str | os.PathLike, max_pixels: Optional[int] = DEFAULT_MAX
         p, img = _open_checked(path, max_pixels, check_size)
         with img:
             w, h = img.size
-            if img.mode in _RANGE_CHECKED_MODES:
+            if img.mode in _RANGE_CHECKED_MODES and not _unsigned_16bit_samples(img):
                 _wide_gray_to_unit(p, img, notes=[])
     return h, w
 
@@ -650,6 +676,13 @@ def _load(p: Path, img: Image.Image) -> LoadedImage:
     return _finish(p, arr, alpha, 8, gray, source_mode, notes, icc)
 
 
+def _unsigned_16bit_samples(img: Image.Image) -> bool:
+    """Whether a mode-``I`` image stores unsigned 16-bit samples (16-bit PGM, some TIFFs: Pillow
+    opens them as ``I``), whose values are always in range, so the probe need not decode them."""
+    rawmodes = [_rawmode(t) for t in img.tile]
+    return bool(rawmodes) and all(r in ("I;16", "I;16B", "I;16L", "I;16N") for r in rawmodes)
+
+
 def _wide_gray_to_unit(p: Path, img: Image.Image, notes: list[str]
                        ) -> tuple[np.ndarray, Optional[np.ndarray], int]:
     """Decode a one-channel image of integer or float samples (``_WIDE_GRAY_MODES``) and bring it
@@ -823,7 +856,8 @@ def save_image(path: str | os.PathLike, rgb: torch.Tensor, alpha: Optional[torch
     renamed over ``path`` only when complete, so a failure never leaves a half-written image.
     Missing parent folders are created. ``icc_profile``, ``exif`` (bytes, e.g. a
     :class:`LoadedImage`'s: its pixel size is set to this image's) and ``dpi`` are written into
-    the file (WebP holds no resolution; a JPEG's EXIF over 64 KiB is left out, with a warning).
+    the file (WebP holds no resolution; a JPEG's EXIF over 64 KiB, or a resolution over 65,535
+    dpi, is left out, with a warning).
     """
     p = Path(path)
     fmt = _FORMATS.get(p.suffix.lower())
@@ -864,6 +898,10 @@ def save_image(path: str | os.PathLike, rgb: torch.Tensor, alpha: Optional[torch
     if bit_depth == 16:
         q = q.astype(np.uint16)
     exif = _exif_for(exif, width=q.shape[1], height=q.shape[0], fmt=fmt, path=p)
+    if dpi and fmt == "JPEG" and max(dpi) > _JPEG_MAX_DPI:
+        warnings.warn(f"{p.name}: a resolution of {max(dpi):,.0f} dpi does not fit a JPEG (at most "
+                      f"{_JPEG_MAX_DPI:,}); written without it (save as .png to keep it)")
+        dpi = None
 
     def write(tmp: Path) -> None:
         if bit_depth == 16:
@@ -910,14 +948,17 @@ def _as_chw64(x: torch.Tensor, name: str) -> torch.Tensor:
 
 # A JPEG holds its EXIF in one APP1 segment: 65,535 bytes less its length field and the marker.
 _JPEG_MAX_EXIF_BYTES = 65533
+# JFIF's density fields are 16 bits (a microscope's 254,000 dpi would wrap around).
+_JPEG_MAX_DPI = 65535
 
 
 def _exif_for(exif: Optional[bytes], width: int, height: int, fmt: str, path: Path) -> Optional[bytes]:
     """``exif`` with the pixel size of the image being written (when it records one)."""
     if not exif:
         return None
-    data = Image.Exif()
-    data.load(exif)
+    loaded = Image.Exif()
+    loaded.load(exif)
+    data = _copied_exif(loaded)  # re-serialised as loaded, text would lose its non-ASCII bytes
     exif_ifd = data.get_ifd(ExifTags.IFD.Exif)
     if exif_ifd:
         exif_ifd[ExifTags.Base.ExifImageWidth], exif_ifd[ExifTags.Base.ExifImageHeight] = width, height

@@ -547,6 +547,19 @@ def test_probe_image_reads_only_the_header_of_8_and_16_bit_images(tmp_path, bit_
         load_image(tmp_path / "claims.png")
 
 
+def test_probe_image_reads_only_the_header_of_a_16_bit_pgm(tmp_path):
+    """Pillow opens a 16-bit PGM as mode I, like 32-bit files, but its unsigned 16-bit samples are
+    always in range: the probe judges it from the header (a file cut short probes, loads not)."""
+    Image.fromarray(np.arange(60 * 40, dtype=np.uint16).reshape(40, 60) * 20).save(tmp_path / "g16.pgm")
+    data = (tmp_path / "g16.pgm").read_bytes()
+    (tmp_path / "cut.pgm").write_bytes(data[: len(data) // 2])
+    with Image.open(tmp_path / "cut.pgm") as im:
+        assert im.mode == "I"
+    assert I.probe_image(tmp_path / "cut.pgm") == (40, 60)
+    with pytest.raises(TruncatedImageError):
+        load_image(tmp_path / "cut.pgm")
+
+
 def test_probe_image_refuses_float_and_32_bit_values_as_load_image_does(tmp_path, rng):
     """A float image (mode F) and a 32-bit or signed integer one (mode I) are accepted or not for
     their values, so probe_image decodes them and refuses what load_image refuses, with the same
@@ -743,6 +756,48 @@ def test_exif_of_a_tiff_keeps_the_picture_tags_not_the_files_structure(tmp_path)
     assert kept[ExifTags.Base.Make] == "Canon" and kept.get_ifd(ExifTags.IFD.GPSInfo)
     assert not {ExifTags.Base.StripOffsets, ExifTags.Base.ImageWidth, ExifTags.Base.Compression,
                 ExifTags.Base.XResolution} & set(kept)
+
+
+def test_exif_text_keeps_its_bytes_and_an_adobe_rgb_marker_survives(tmp_path):
+    """Text beyond ASCII (Lightroom and phones write UTF-8) comes out byte for byte (Pillow's
+    own round trip turns it into '?'), and the interoperability IFD's "R03" (Adobe RGB) stays."""
+    from PIL import ExifTags
+
+    exif = camera_exif()
+    exif[ExifTags.Base.Copyright] = "© 2024 Jörg".encode()
+    sub = exif.get_ifd(ExifTags.IFD.Exif)
+    sub[ExifTags.Base.LensModel] = "Objectif Éclair".encode("latin-1")
+    sub[ExifTags.Base.ColorSpace] = 0xFFFF  # uncalibrated: DCF's Adobe RGB, with the R03 marker below
+    sub[ExifTags.IFD.Interop] = {1: "R03"}
+    Image.new("RGB", (16, 12)).save(tmp_path / "src.jpg", exif=exif)
+    loaded = load_image(tmp_path / "src.jpg")
+    for name in ("o.jpg", "o.png", "o16.png", "o.webp"):
+        save_image(tmp_path / name, loaded.rgb, bit_depth=16 if name == "o16.png" else 8, exif=loaded.exif)
+        data = (tmp_path / name).read_bytes()
+        assert "© 2024 Jörg".encode() in data and "Objectif Éclair".encode("latin-1") in data, name
+        with Image.open(tmp_path / name) as out:
+            assert dict(out.getexif().get_ifd(ExifTags.IFD.Interop)) == {1: "R03"}, name
+            # still text: Pillow reads it as Latin-1, the bytes are the UTF-8 ones
+            assert out.getexif()[ExifTags.Base.Copyright].encode("latin-1").decode() == "© 2024 Jörg", name
+
+
+def test_resolution_rules(tmp_path):
+    """No invented 72 dpi for a JPEG with EXIF but no resolution (Pillow's stand-in); a microscope's
+    254,000 dpi is kept in a PNG and left out of a JPEG, whose 16-bit field would wrap it."""
+    Image.new("RGB", (8, 8)).save(tmp_path / "no_dpi.jpg", exif=camera_exif())
+    with Image.open(tmp_path / "no_dpi.jpg") as im:
+        assert im.info["dpi"] == (72, 72)  # what Pillow says
+    assert load_image(tmp_path / "no_dpi.jpg").dpi is None
+    Image.new("RGB", (8, 8)).save(tmp_path / "micro.tif", resolution=100000.0, resolution_unit="cm")
+    micro = load_image(tmp_path / "micro.tif")
+    assert micro.dpi == pytest.approx((254000, 254000))
+    save_image(tmp_path / "m.png", micro.rgb, dpi=micro.dpi)
+    with Image.open(tmp_path / "m.png") as im:
+        assert im.info["dpi"] == pytest.approx((254000, 254000), rel=1e-4)
+    with pytest.warns(UserWarning, match="254,000 dpi does not fit a JPEG"):
+        save_image(tmp_path / "m.jpg", micro.rgb, dpi=micro.dpi)
+    with Image.open(tmp_path / "m.jpg") as im:
+        assert im.info.get("jfif_unit") == 0
 
 
 def test_a_damaged_exif_costs_the_metadata_not_the_picture(tmp_path, monkeypatch):
