@@ -63,6 +63,26 @@ class BundleError(WeightsError):
     """A conditioning bundle that cannot be used (the message names the file and the problem)."""
 
 
+# diffusers' FluxTransformer2DModel defaults, which a config.json without the keys gets
+_DEFAULT_WIDTHS = {"joint_attention_dim": 4096, "pooled_projection_dim": 768}
+
+
+def conditioning_width_problems(t5: torch.Tensor, clip_pooled: torch.Tensor, transformer_or_config: Any) -> list[str]:
+    """What keeps a conditioning (``t5 [..., L, D]``, ``clip_pooled [..., D]``) from fitting a FLUX
+    transformer (a diffusers model, its ``config`` or a config dict; a key it lacks has diffusers'
+    default), one sentence per width; empty when it fits."""
+    cfg = getattr(transformer_or_config, "config", transformer_or_config)
+    get = cfg.get if isinstance(cfg, Mapping) else (lambda k, d=None: getattr(cfg, k, d))
+    want_t5, want_clip = (get(k) or _DEFAULT_WIDTHS[k] for k in ("joint_attention_dim", "pooled_projection_dim"))
+    problems = []
+    if t5.shape[-1] != want_t5:
+        problems.append(f"t5 is {t5.shape[-1]} wide, the transformer takes {want_t5} (joint_attention_dim)")
+    if clip_pooled.shape[-1] != want_clip:
+        problems.append(f"clip_pooled is {clip_pooled.shape[-1]} wide, the transformer takes {want_clip} "
+                        "(pooled_projection_dim)")
+    return problems
+
+
 @dataclass
 class ConditioningBundle:
     """Fixed FluxSR conditioning plus the run settings it came with.
@@ -93,16 +113,7 @@ class ConditioningBundle:
         Accepts a diffusers ``FluxTransformer2DModel``, its ``config`` or a config dict; compares
         ``t5`` with ``joint_attention_dim`` and ``clip_pooled`` with ``pooled_projection_dim``.
         """
-        cfg = getattr(transformer_or_config, "config", transformer_or_config)
-        get = cfg.get if isinstance(cfg, Mapping) else (lambda k, d=None: getattr(cfg, k, d))
-        want_t5, want_clip = get("joint_attention_dim"), get("pooled_projection_dim")
-        problems = []
-        if want_t5 is not None and self.t5.shape[-1] != want_t5:
-            problems.append(f"t5 is {self.t5.shape[-1]} wide, the transformer takes {want_t5} "
-                            "(joint_attention_dim)")
-        if want_clip is not None and self.clip_pooled.shape[-1] != want_clip:
-            problems.append(f"clip_pooled is {self.clip_pooled.shape[-1]} wide, the transformer takes "
-                            f"{want_clip} (pooled_projection_dim)")
+        problems = conditioning_width_problems(self.t5, self.clip_pooled, transformer_or_config)
         if problems:
             raise BundleError(f"conditioning {self.source} does not fit this transformer: "
                               + "; ".join(problems) + ". Use a bundle made for this model.")

@@ -315,11 +315,12 @@ def _diffusers_converter(sd: dict[str, torch.Tensor], path: str) -> tuple[dict[s
 _DOWN_UP_AS_A_B = {".lora_down.weight": ".lora_A.weight", ".lora_up.weight": ".lora_B.weight"}
 
 
-def _down_up_as_a_b(sd: dict[str, torch.Tensor], path: str) -> dict[str, torch.Tensor]:
+def _as_peft_reads_it(sd: dict[str, torch.Tensor], path: str) -> dict[str, torch.Tensor]:
     """``transformer.<module>.lora_down/lora_up.weight`` -> ``lora_A/lora_B``, before diffusers'
     converter: it renames them too, but on its kohya path, which leaves ``.alpha`` tensors in the
     state dict for peft to drop; renamed first, they are the layers' alphas as next to lora_A/lora_B.
-    A layer with a part under both names is refused (which one counts is unclear)."""
+    A layer with a part under both names is refused (which one counts is unclear). Integer
+    ``.alpha`` tensors become float, as kohya's path reads them."""
     out = dict(sd)
     for key in sd:
         for down_up, a_b in _DOWN_UP_AS_A_B.items():
@@ -331,6 +332,9 @@ def _down_up_as_a_b(sd: dict[str, torch.Tensor], path: str) -> dict[str, torch.T
                                 f"both a {a_b[1:-len('.weight')]} and a {down_up[1:-len('.weight')]} weight, which "
                                 "mean the same part; re-export the LoRA with each layer once")
             out[renamed] = out.pop(key)
+    for key, value in sd.items():
+        if key.endswith(".alpha") and not value.is_floating_point():
+            out[key] = value.float()  # diffusers refuses integer alphas here (kohya's path takes them)
     return out
 
 
@@ -456,7 +460,7 @@ def _convert_naming(naming: str, sd: dict[str, torch.Tensor], transformer, path:
     if naming == _DIFFUSERS_BARE:
         sd = {TRANSFORMER_PREFIX + k: v for k, v in sd.items()}
     if naming in (_DIFFUSERS, _DIFFUSERS_BARE):
-        sd = _down_up_as_a_b(sd, path)
+        sd = _as_peft_reads_it(sd, path)
     return (*_diffusers_converter(sd, path), {}, {})
 
 

@@ -69,6 +69,13 @@ def test_widths_checked_against_a_transformer(tmp_path):
     b.check_fits({"joint_attention_dim": T5_W, "pooled_projection_dim": CLIP_W})
     with pytest.raises(BundleError, match=r"t5 is 32 wide, the transformer takes 4096.*clip_pooled is 16 wide"):
         b.check_fits({"joint_attention_dim": 4096, "pooled_projection_dim": 768})
+    # a config.json without the keys builds diffusers' defaults (4096, 768): checked against those
+    with pytest.raises(BundleError, match=r"t5 is 32 wide, the transformer takes 4096.*clip_pooled is 16 wide, the "
+                                          r"transformer takes 768"):
+        b.check_fits({"num_layers": 19})
+    from fluxsr_core.bundle import conditioning_width_problems
+
+    assert conditioning_width_problems(torch.zeros(1, 8, 4096), torch.zeros(1, 768), {"num_layers": 19}) == []
     with pytest.raises(BundleError, match=r"b.safetensors.*expected width 4096"):
         load_bundle(path, t5_width=4096)
     assert load_bundle(path, t5_width=T5_W, clip_width=CLIP_W).t5.shape[-1] == T5_W

@@ -248,6 +248,12 @@ def test_diffusers_names_with_lora_down_up_parts(tmp_path, lora_file, inputs, pr
     factors_ab, _ = merge_factors(fresh_transformer(), ab_path)
     factors, _ = merge_factors(fresh_transformer(), down_up_path)
     assert {k: f for k, (_, _, f) in factors.items()} == {k: f for k, (_, _, f) in factors_ab.items()}
+    # integer alphas (diffusers refused them here; kohya's path always took them) are the same alphas
+    int_alphas = {k: (torch.tensor(2) if k.endswith(".alpha") else v) for k, v in as_down_up.items()}
+    again = fresh_transformer()
+    assert load_lora(again, _save(tmp_path, "int-alpha.safetensors", int_alphas), merge=True).alpha == 2.0
+    for key, value in again.state_dict().items():
+        torch.testing.assert_close(value, got_sd[key], rtol=0, atol=0, msg=key)
 
     one = next(k for k in as_ab if k.endswith(".attn.to_q.lora_A.weight"))
     twice = {**as_down_up, one: as_ab[one].clone()}

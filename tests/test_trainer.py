@@ -585,8 +585,8 @@ def test_a_conditioning_of_other_widths_is_refused_before_the_models_load(pairs,
     with PairWriter(other, writer_id="t0", fsync=False) as w:
         for i in range(3):
             w.add(pair_id(i, i), torch.randn(16, 4, 4), torch.randn(16, 4, 4), torch.randn(8, 64), torch.randn(16))
-    with pytest.raises(ConfigError, match=r"the conditionings in .*other_pairs are t5 64 and clip_pooled 16 wide; "
-                                          r"tiny takes 32 and 16"):
+    with pytest.raises(ConfigError, match=r"the conditionings in .*other_pairs do not fit tiny: t5 is 64 wide, the "
+                                          r"transformer takes 32 \(joint_attention_dim\)\. The pairs were made for"):
         T.train(tiny_config(other, tmp_path / "run2", "data.teacher_image=decode"))
     assert not (tmp_path / "run").exists() and not (tmp_path / "run2").exists()
 
@@ -621,25 +621,30 @@ TWO_PROCESS_TRAIN_ARGS = ["model.transformer=tiny", "model.vae=tiny", "model.dty
                           "train.max_steps=2", "checkpoint.every=2", "train.tensorboard=false", "data.batch_size=1"]
 
 
-@pytest.mark.parametrize("phase", ["build_student", "load_bundle"])
-def test_a_setup_failure_on_one_process_stops_both_without_waiting(pairs, tmp_path, phase):
-    """A failure on rank 1 alone while it builds its models (a GPU out of memory) or reads the
-    conditioning (a file that node cannot read) stops rank 0 with an error naming rank 1's. Before,
-    rank 0 went on into accelerate's prepare (or the data setup's collectives) and waited there:
-    `accelerate launch` on one machine then killed it, but processes started by other means (one
-    per SLURM task, other nodes) waited until the process group timed out (30 minutes)."""
+@pytest.mark.parametrize("phase,doing", [("build_student", "build its models"),
+                                         ("load_bundle", "set up the conditioning"),
+                                         ("first_pair_read", "set up its data")])
+def test_a_setup_failure_on_one_process_stops_both_without_waiting(pairs, tmp_path, phase, doing):
+    """A failure on rank 1 alone while it builds its models (a GPU out of memory), reads the
+    conditioning or the first pair (a file that node cannot read) stops rank 0 with an error
+    naming rank 1's. Before, rank 0 went on into accelerate's prepare (or the next collective) and
+    waited there: `accelerate launch` on one machine then killed it, but processes started by
+    other means (one per SLURM task, other nodes) waited until the process group timed out."""
     bundle = tmp_path / "student_bundle.safetensors"
     write_bundle(bundle, seed=0)
     script = tmp_path / "run_train.py"
     script.write_text(textwrap.dedent(f"""
         import os, sys
+        from fluxsr_core.pairs import PairDataset
         from fluxsr_training import trainer as T
 
         if int(os.environ["RANK"]) == 1:
             def fail(*args, **kwargs):
                 raise RuntimeError("simulated failure of rank 1 in {phase}")
 
-            T.{phase} = fail
+            owner, name = {{"build_student": (T, "build_student"), "load_bundle": (T, "load_bundle"),
+                            "first_pair_read": (PairDataset, "__getitem__")}}["{phase}"]
+            setattr(owner, name, fail)
         T.train(T.load_train_config(None, sys.argv[1:]))
     """))
     proc = launch_two_cpu_processes(script, [*TWO_PROCESS_TRAIN_ARGS, f"data.pairs={str(pairs)!r}",
@@ -647,9 +652,9 @@ def test_a_setup_failure_on_one_process_stops_both_without_waiting(pairs, tmp_pa
                                              f"train.output_dir={str(tmp_path / 'run')!r}"], timeout=180)
     out = proc.stdout + proc.stderr
     assert proc.returncode != 0, out[-3000:]
-    what = "build its models" if phase == "build_student" else "set up the conditioning"
-    assert f"process 1 could not {what}: RuntimeError: simulated failure of rank 1 in {phase}" in out, out[-3000:]
+    assert f"process 1 could not {doing}: RuntimeError: simulated failure of rank 1 in {phase}" in out, out[-3000:]
     assert not list((tmp_path / "run").glob("checkpoints/*")), "no checkpoint of a run that never started"
+
 
 def test_two_cpu_processes_match_one_with_the_same_global_batch(pairs, tmp_path):
     """Two processes of batch 1 train as one of batch 2. They also agree on the held-out pair when a

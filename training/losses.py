@@ -82,7 +82,8 @@ def tv_map_to_lpips_range(tv: torch.Tensor) -> torch.Tensor:
     and a strong edge look alike, and blows up noise on flat images) and never clips, so the
     gradient reaches every pixel. Natural images have small TV values, so most of the map sits
     near -1 (dark) with edges brighter: the same layout LPIPS sees in a dark image with
-    bright lines, well inside its input range.
+    bright lines, well inside its input range. (An unclamped image's overshoot can take a few
+    values past 1; they are not clipped either.)
     """
     return tv / TV_MAX * 2.0 - 1.0
 
@@ -99,8 +100,8 @@ def tv_lpips(a: torch.Tensor, b: torch.Tensor, lpips_fn: Callable[[torch.Tensor,
              gamma: float = 1.0, reduction: str = "mean") -> torch.Tensor:
     """``TV-LPIPS(a, b) = LPIPS(a, b) + gamma * LPIPS(TV(a), TV(b))`` (FLUXSR.md section 3).
 
-    ``a``, ``b``: images ``[B, 3, H, W]`` in ``[0, 1]`` (the decoded one-step output and the
-    teacher image). ``lpips_fn(x, y)``: a perceptual distance taking images in ``[-1, 1]``
+    ``a``, ``b``: images ``[B, 3, H, W]`` in ``[0, 1]`` (the decoded one-step output, which
+    training passes unclamped so it may overshoot a little, and the teacher image). ``lpips_fn(x, y)``: a perceptual distance taking images in ``[-1, 1]``
     (e.g. the module from :func:`fluxsr_training.perceptual.load_perceptual`). Images are
     mapped with ``2 x - 1``; TV maps with :func:`tv_map_to_lpips_range`. ``reduction``:
     ``"mean"`` (scalar) or ``"none"`` (``[B]``).

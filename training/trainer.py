@@ -56,7 +56,7 @@ import torch
 import torch.nn.functional as F
 
 from fluxsr_core import flow
-from fluxsr_core.bundle import ConditioningBundle, load_bundle, save_bundle
+from fluxsr_core.bundle import ConditioningBundle, conditioning_width_problems, load_bundle, save_bundle
 from fluxsr_core.interfaces import Conditioning
 from fluxsr_core.lora import DEFAULT_ADAPTER_NAME
 from fluxsr_core.models import FP8_MODES
@@ -1510,13 +1510,14 @@ class _Run:
                                   "start it again")
             self.holdout_indices = sorted(self.pairs.index_of(i) for i in self.holdout_ids if i in present)
             self.train_indices = sorted(self.pairs.index_of(i) for i in split.train_ids)
+            # the first read of a pair's data: here too, a process that cannot read it stops all
+            h, w = (int(d) * 8 for d in self.pairs[self.train_indices[0]]["z0"].shape[-2:])
+            if h % cfg.degradation.scale or w % cfg.degradation.scale:
+                raise ConfigError(f"the pairs are {h}x{w} pixels, not divisible by degradation.scale="
+                                  f"{cfg.degradation.scale}; use a scale that divides the pair resolution")
 
         self._on_every_process(map_ids)
         self.stream = SampleStream(len(self.train_indices), cfg.data.seed)
-        h, w = (int(d) * 8 for d in self.pairs[self.train_indices[0]]["z0"].shape[-2:])
-        if h % cfg.degradation.scale or w % cfg.degradation.scale:
-            raise ConfigError(f"the pairs are {h}x{w} pixels, not divisible by degradation.scale="
-                              f"{cfg.degradation.scale}; use a scale that divides the pair resolution")
         self._info(f"data: {len(self.train_indices)} training pairs from {cfg.data.pairs}"
                    f"{f', {len(self.holdout_indices)} held out' if self.holdout_indices else ''}; global batch "
                    f"{cfg.data.batch_size} x {self.accelerator.num_processes} process(es) x "
@@ -1582,13 +1583,12 @@ class _Run:
         if self.fixed_bundle is not None:
             self.fixed_bundle.check_fits(config)
             return
-        t5, clip = self.val_cond.t5.shape[-1], self.val_cond.clip_pooled.shape[-1]
-        want_t5, want_clip = config.get("joint_attention_dim"), config.get("pooled_projection_dim")
-        if (want_t5, want_clip) != (t5, clip):
-            raise ConfigError(f"the conditionings in {self.cfg.data.pairs} are t5 {t5} and clip_pooled {clip} wide; "
-                              f"{self.cfg.model.transformer} takes {want_t5} and {want_clip} (joint_attention_dim, "
-                              "pooled_projection_dim): the pairs were made for another model. Train the model they "
-                              "were made with, or give data.conditioning=<a bundle made for this one>")
+        # One pair's conditioning stands for all: `pairs` refuses to mix encoders in one folder.
+        problems = conditioning_width_problems(self.val_cond.t5, self.val_cond.clip_pooled, config)
+        if problems:
+            raise ConfigError(f"the conditionings in {self.cfg.data.pairs} do not fit {self.cfg.model.transformer}: "
+                              + "; ".join(problems) + ". The pairs were made for another model: train the model "
+                              "they were made with, or give data.conditioning=<a bundle made for this one>")
 
     def _setup_conditioning(self) -> None:
         """The fixed conditioning (a bundle, or the dataset's only one) and its content hash.
