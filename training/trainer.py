@@ -1474,7 +1474,9 @@ class _Run:
             self._info(f"ADL on blocks {', '.join(self.adl_hook.labels)} (weight {cfg.loss.w_adl:g})")
 
         if self.trackers:
-            acc.init_trackers("fluxsr", config=_flat_scalars(cfg.to_dict()))
+            # main process only (accelerate's own rule); guarded, so a failure there stops the others too
+            self._on_every_process(lambda: acc.init_trackers("fluxsr", config=_flat_scalars(cfg.to_dict())),
+                                   "start its trackers")
 
     def _setup_data(self, recorded_holdout: Optional[list[str]] = None) -> None:
         """Open the pairs and split them. ``recorded_holdout``: the held-out ids a resumed run
