@@ -433,6 +433,37 @@ def test_batched_sampling_matches_one_at_a_time(inputs, tmp_path):
         assert torch.allclose(one[k]["z0"], two[k]["z0"], atol=1e-5)
 
 
+def test_parts_split_the_prompts_completely_whatever_each_parts_process_count():
+    """--part K/N for independent runs: every prompt goes to exactly one (part, rank), each part's
+    ranks share it evenly, also when the parts run with different process counts (a naive
+    i % (N * W) split would leave prompts out then); whole prompts stay together."""
+    jobs = G.make_jobs([(f"p{i}", None) for i in range(23)], seed=0, pairs_per_prompt=2)
+    for worlds in ([1, 1, 1], [2, 1, 3], [4, 4, 4]):
+        shares = [G.jobs_for_rank(jobs, r, w, (k, len(worlds))) for k, w in enumerate(worlds, 1) for r in range(w)]
+        taken = sorted(j.pair_id for share in shares for j in share)
+        assert taken == sorted(j.pair_id for j in jobs), worlds  # all, none twice
+        for k, w in enumerate(worlds, 1):
+            sizes = [len({j.index for j in G.jobs_for_rank(jobs, r, w, (k, len(worlds)))}) for r in range(w)]
+            assert max(sizes) - min(sizes) <= 1, (worlds, k, sizes)
+    assert G.jobs_for_rank(jobs, 0, 1, (1, 1)) == G.jobs_for_rank(jobs, 0, 1) == list(jobs)
+    assert G.parse_part("") == (1, 1) and G.parse_part(" 2/4 ") == (2, 4)
+    for bad in ("0/4", "5/4", "1", "a/b", "-1/2", "1/0"):
+        with pytest.raises(ConfigError, match=r"part must be K/N with K from 1 to N.*SLURM_ARRAY_TASK_ID \+ 1"):
+            G.parse_part(bad)
+
+
+def test_independent_runs_with_parts_share_the_work_and_the_folder(inputs, tmp_path):
+    """Two runs with --part 1/2 and 2/2 (each alone, no launcher) make every pair once between
+    them, as writers of their own, into one folder; a third run without a part finds all stored."""
+    common = ("writer_prefix=node", "pairs_per_prompt=1")
+    first = G.generate_pairs(cfg_for(inputs, tmp_path / "shared", *common, "part='1/2'"))
+    second = G.generate_pairs(cfg_for(inputs, tmp_path / "shared", *common, "part='2/2'"))
+    assert (first.writer_id, second.writer_id) == ("node-part1of2-rank0", "node-part2of2-rank0")
+    assert first.written == [pair_id(0, 0), pair_id(2, 2)] and second.written == [pair_id(1, 1)]
+    again = G.generate_pairs(cfg_for(inputs, tmp_path / "shared", *common))
+    assert again.written == [] and again.skipped == 3 and len(PairDataset(tmp_path / "shared")) == 3
+
+
 def test_ranks_split_the_prompts_and_share_the_folder(inputs, tmp_path, monkeypatch):
     import accelerate
 

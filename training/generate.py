@@ -18,7 +18,11 @@ pairs whose cond file is missing (deleted) or unreadable, so it restores them.
 
 Distributed: under ``accelerate launch`` (or torchrun) process ``r`` of ``W`` takes the prompts
 whose index ``i`` has ``i % W == r`` and writes as ``<writer_prefix>-rank<r>`` (a stable id, so
-a restarted rank resumes its own files).
+a restarted rank resumes its own files). Independent runs (SLURM array tasks, machines that
+share a folder but no launcher) split the prompts with ``part = "K/N"``: run ``K`` takes the
+prompts with ``i % N == K - 1`` (its ranks share those evenly) and writes as
+``<writer_prefix>-part<K>of<N>-rank<r>``; without it, independent runs would each sample every
+pair (never storing one twice, but doing the work N times).
 
 Prompt files: ``.txt`` (one prompt per non-empty line) or ``.jsonl`` (one object per line with
 ``"prompt"`` and optionally ``"seed"``); a prompt has at most :data:`MAX_PROMPT_CHARS`
@@ -78,7 +82,8 @@ class GenerateConfig:
     model and tokenizer. Sampling: ``steps``, ``guidance``, ``height``, ``width`` (multiples of
     16), ``seed``, ``pairs_per_prompt``, ``batch_size``. Output: ``output`` folder,
     ``save_image``, ``save_trajectory``, ``shard_size``, ``writer_prefix``; ``limit`` stops each
-    process after that many new pairs (0: no limit).
+    process after that many new pairs (0: no limit); ``part`` (``"K/N"``, K from 1 to N): this
+    independent run's share of the prompts (see the module doc; empty: all of them).
     """
 
     transformer: str = ""
@@ -102,6 +107,7 @@ class GenerateConfig:
     shard_size: int = 8
     writer_prefix: str = ""
     limit: int = 0
+    part: str = ""
     dtype: str = "auto"
     device: str = "auto"
     memory_mode: str = "none"
@@ -314,14 +320,29 @@ def make_jobs(prompts: Sequence[PromptLine | tuple], seed: int = 0, pairs_per_pr
     return jobs
 
 
-def jobs_for_rank(jobs: Sequence[Job], rank: int, world: int) -> list[Job]:
-    """This process's share: the jobs whose prompt index ``i`` has ``i % world == rank``.
+def parse_part(part: str) -> tuple[int, int]:
+    """``"K/N"`` -> ``(K, N)`` with ``1 <= K <= N``; ``""`` -> ``(1, 1)``. ConfigError otherwise."""
+    if not part:
+        return 1, 1
+    m = re.fullmatch(r"\s*(\d+)\s*/\s*(\d+)\s*", part)
+    if not m or not 1 <= int(m.group(1)) <= int(m.group(2)):
+        raise ConfigError(f"part must be K/N with K from 1 to N, e.g. 1/4 (got {part!r}); a SLURM array of 0..N-1 "
+                          "gives K as $((SLURM_ARRAY_TASK_ID + 1))")
+    return int(m.group(1)), int(m.group(2))
 
-    Whole prompts go to one process, so each conditioning is encoded once.
+
+def jobs_for_rank(jobs: Sequence[Job], rank: int, world: int, part: tuple[int, int] = (1, 1)) -> list[Job]:
+    """This process's share: with ``part = (K, N)`` the jobs whose prompt index ``i`` has
+    ``i % N == K - 1`` (this independent run's), and of those the ones whose ``i // N`` has
+    ``(i // N) % world == rank``; by default ``i % world == rank``.
+
+    Whole prompts go to one process, so each conditioning is encoded once. Each part is shared
+    evenly and completely among its own ranks, whatever another part's process count.
     """
     if not 0 <= rank < world:
         raise ValueError(f"rank {rank} is not in [0, {world})")
-    return [j for j in jobs if j.index % world == rank]
+    k, n = part
+    return [j for j in jobs if j.index % n == k - 1 and (j.index // n) % world == rank]
 
 
 def noise_for(seed: int, height: int, width: int) -> torch.Tensor:
@@ -627,6 +648,7 @@ def check_generate_config(cfg: GenerateConfig) -> None:
     for name in ("steps", "pairs_per_prompt", "batch_size", "shard_size", "max_sequence_length"):
         if getattr(cfg, name) < 1:
             raise ConfigError(f"{name} must be at least 1 (got {getattr(cfg, name)})")
+    parse_part(cfg.part)
     if cfg.limit < 0 or not 0 <= cfg.seed <= MAX_SEED:
         raise ConfigError(f"limit must be >= 0 and seed from 0 to 2**63 - 1 (got limit {cfg.limit}, seed {cfg.seed})")
     if not cfg.guidance > 0:
@@ -709,11 +731,14 @@ def generate_pairs(cfg: GenerateConfig, on_pair: Optional[Callable[[str], None]]
     if len(set(ids)) != len(ids):
         dup = next(i for i in ids if ids.count(i) > 1)
         raise ValueError(f"pair id {dup} occurs twice; give distinct seeds")
-    mine = jobs_for_rank(all_jobs, rank, world)
+    part = parse_part(cfg.part)
+    mine = jobs_for_rank(all_jobs, rank, world, part)
     # Before the output folder is made: a bad bundle, encoder or transformer path fails here.
     memory_mode, mode_reason = _resolve_memory_mode(cfg, dtype, dev, world)
     recipe = pair_recipe(cfg, dtype, memory_mode)
-    writer_id = f"{cfg.writer_prefix or _stable_writer_prefix()}-rank{rank}"
+    # a part of its own in the id: two parts on one machine must not take each other's lock
+    in_part = f"-part{part[0]}of{part[1]}" if part[1] > 1 else ""
+    writer_id = f"{cfg.writer_prefix or _stable_writer_prefix()}{in_part}-rank{rank}"
 
     with PairWriter(cfg.output, writer_id=writer_id, shard_size=cfg.shard_size, fsync=cfg.fsync) as writer:
         pending_ids = set(writer.pending([j.pair_id for j in mine]))
@@ -726,8 +751,9 @@ def generate_pairs(cfg: GenerateConfig, on_pair: Optional[Callable[[str], None]]
             todo = todo[:cfg.limit]
         result = GenerateResult(output=str(cfg.output), writer_id=writer_id, rank=rank, world=world,
                                 jobs=len(mine), skipped=len(mine) - len(pending_ids))
-        log.info("rank %d/%d (%s): %d pairs assigned, %d already stored, %d to make now", rank, world,
-                 writer_id, len(mine), result.skipped, len(todo))
+        log.info("rank %d/%d (%s)%s: %d pairs assigned, %d already stored, %d to make now", rank, world,
+                 writer_id, f", part {part[0]} of {part[1]}" if part[1] > 1 else "", len(mine), result.skipped,
+                 len(todo))
         if todo or restore:
             # The conditionings first, against the config read off the transformer's header: a bad
             # encoder path fails before the 12B load, and the encoders are freed before it (T5-XXL
@@ -912,7 +938,7 @@ def write_student_bundle(output: str | os.PathLike, prompt: str, *, text_encoder
 
 
 __all__ = ["GenerateConfig", "GenerateResult", "Job", "load_generate_config", "read_prompts", "make_jobs",
-           "noise_for", "jobs_for_rank", "sample_batch", "generate_pairs", "check_generate_config", "load_text_encoders",
+           "noise_for", "jobs_for_rank", "parse_part", "sample_batch", "generate_pairs", "check_generate_config", "load_text_encoders",
            "encode_conditionings", "store_conditionings", "StoredConditioning", "PromptLine",
            "MAX_PROMPT_CHARS", "text_encoder_paths", "weights_fingerprint", "teacher_fingerprint", "pair_recipe",
            "write_student_bundle", "read_single_prompt", "StudentBundleResult"]
