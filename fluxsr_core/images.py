@@ -242,72 +242,29 @@ def load_image(path: str | os.PathLike, max_pixels: Optional[int] = DEFAULT_MAX_
         with img:
             loaded = _load(p, img)
             # After decoding: a PNG's eXIf chunk may follow its pixel data.
-            loaded.exif = carried_exif(img, loaded.notes)
+            loaded.exif = carried_exif(p, img, loaded.notes)
             loaded.dpi = _dpi_of(img)
             return loaded
 
 
-# IFD0 tags that describe the picture, not how the file stores it: kept with the result. The
-# others (size, strips, compression, the thumbnail's offsets...) belong to the source file, and
-# the resolution is written from ``dpi`` by the output format itself.
-_DESCRIPTIVE_IFD0_TAGS = (ExifTags.Base.ImageDescription, ExifTags.Base.Make, ExifTags.Base.Model,
-                          ExifTags.Base.Software, ExifTags.Base.DateTime, ExifTags.Base.Artist,
-                          ExifTags.Base.HostComputer, ExifTags.Base.Copyright)
-# Left out of the Exif IFD: the maker note (a vendor blob whose internal offsets often point into
-# the source file, so moved it reads as garbage) and the pixel size, which save_image writes for
-# the result. The interoperability IFD is kept (its "R03" marks Adobe RGB photos).
-_DROPPED_EXIF_TAGS = (ExifTags.Base.MakerNote, ExifTags.Base.ExifImageWidth, ExifTags.Base.ExifImageHeight)
-_IFD_POINTERS = frozenset({ExifTags.IFD.Exif, ExifTags.IFD.GPSInfo, ExifTags.IFD.Interop})
+def carried_exif(p: Path, img: Image.Image, notes: Optional[list[str]] = None) -> Optional[bytes]:
+    """The EXIF of the picture ``img`` (opened from ``p``) worth keeping with an upscaled copy,
+    as bytes for :func:`save_image`, or None when there is none: see :mod:`fluxsr_core.exif`
+    (camera, dates, exposure, GPS, copyright, byte-exact; not the orientation, the thumbnail,
+    the maker note or what describes the source file's pixels). It comes from the file's EXIF
+    block (JPEG, PNG, WebP...; ImageMagick's PNG text chunk too) or a TIFF's own first directory.
+    An EXIF that cannot be read is left out with a note, never an error: it is metadata."""
+    from . import exif
 
-
-def _stored_text(value: Any) -> Any:
-    """Text beyond ASCII as the bytes the file held: Pillow reads EXIF text as Latin-1 and writes
-    str as ASCII, turning everything else into '?' (a UTF-8 "© Jörg" would come out "?? J??rg").
-    ASCII text stays str, so Pillow keeps writing it as text (bytes in a sub-IFD tag it does not
-    type would become "undefined" data)."""
-    if isinstance(value, str) and not value.isascii():
-        return value.encode("latin-1")
-    return value
-
-
-def _copied_exif(source: Image.Exif, ifd0_tags: Optional[Sequence[int]] = None,
-                 dropped: Sequence[int] = ()) -> Image.Exif:
-    """A new Exif holding ``source``'s IFD0 tags (``ifd0_tags``, or all of them), its Exif IFD
-    less ``dropped``, its interoperability and GPS IFDs, text kept byte for byte."""
-    kept = Image.Exif()
-    for tag in (ifd0_tags if ifd0_tags is not None else [t for t in source if t not in _IFD_POINTERS]):
-        if tag in source:
-            kept[tag] = _stored_text(source[tag])
-    exif_ifd = {k: _stored_text(v) for k, v in source.get_ifd(ExifTags.IFD.Exif).items()
-                if k not in dropped and k not in _IFD_POINTERS}
-    interop = {k: _stored_text(v) for k, v in source.get_ifd(ExifTags.IFD.Interop).items()}
-    if interop:
-        exif_ifd[ExifTags.IFD.Interop] = interop  # Pillow writes a nested dict as the sub-IFD
-    if exif_ifd:
-        kept.get_ifd(ExifTags.IFD.Exif).update(exif_ifd)
-    gps = {k: _stored_text(v) for k, v in source.get_ifd(ExifTags.IFD.GPSInfo).items()}
-    if gps:
-        kept.get_ifd(ExifTags.IFD.GPSInfo).update(gps)
-    return kept
-
-
-def carried_exif(img: Image.Image, notes: Optional[list[str]] = None) -> Optional[bytes]:
-    """The EXIF of ``img`` worth keeping with an upscaled copy, as bytes for :func:`save_image`
-    (None when there is none): the descriptive IFD0 tags (camera, software, date, artist,
-    copyright), the Exif IFD (exposure, lens, original dates) and GPS. The orientation is left
-    out (the pixels are already upright), as is what describes the source file rather than the
-    picture (see ``_DESCRIPTIVE_IFD0_TAGS`` and ``_DROPPED_EXIF_TAGS``), and the thumbnail.
-    Software and DateTime stay the source's (the picture's own history; the result's file time
-    says when it was made). An EXIF that cannot be copied is left out, with a note, never an
-    error: it is metadata."""
     try:
-        kept = _copied_exif(img.getexif(), _DESCRIPTIVE_IFD0_TAGS, _DROPPED_EXIF_TAGS)
-        if not len(kept):
-            return None
-        data = kept.tobytes()
-        Image.Exif().load(data)  # what we write must read back
-        return data
-    except Exception as e:  # noqa: BLE001 - a damaged EXIF must never cost the picture
+        if img.format == "TIFF":
+            with open(p, "rb") as f:
+                return exif.carried_exif(f, from_tiff_file=True)
+        raw = img.info.get("exif")
+        if not raw and "Raw profile type exif" in img.info:  # ImageMagick: hex after three header lines
+            raw = bytes.fromhex("".join(str(img.info["Raw profile type exif"]).split("\n")[3:]))
+        return exif.carried_exif(bytes(raw)) if raw else None
+    except (exif.ExifError, ValueError, TypeError, OSError) as e:
         if notes is not None:
             notes.append(f"its EXIF metadata could not be copied ({type(e).__name__}: {e}); the result is "
                          "written without it")
@@ -317,9 +274,13 @@ def carried_exif(img: Image.Image, notes: Optional[list[str]] = None) -> Optiona
 def _dpi_of(img: Image.Image) -> Optional[tuple[float, float]]:
     """The file's resolution in dots per inch (kept with the result, as image editors do when they
     resample: the print size grows with the pixels), or None when it has none or a nonsense one."""
-    if (img.format == "JPEG" and img.info.get("jfif_unit") not in (1, 2)
-            and ExifTags.Base.XResolution not in img.getexif()):
-        return None  # Pillow's stand-in 72 for a JPEG with EXIF but no resolution
+    if img.format == "JPEG" and img.info.get("jfif_unit") not in (1, 2):
+        # no JFIF resolution: Pillow took the EXIF's, or said 72 when it has none or cannot be read
+        try:
+            if ExifTags.Base.XResolution not in img.getexif():
+                return None
+        except Exception:  # noqa: BLE001 - an unreadable EXIF holds no resolution we can trust
+            return None
     dpi = img.info.get("dpi")
     try:
         x, y = (float(v) for v in dpi)
@@ -593,9 +554,22 @@ def _is_16bit_la_png(img: Image.Image) -> bool:
     return img.mode == "RGBA" and bool(img.tile) and all(_rawmode(t) == "LA;16B" for t in img.tile)
 
 
-def _transposed_array(img: Image.Image) -> np.ndarray:
-    # exif_transpose loads the image (decoding pixels) and applies the EXIF orientation.
-    return np.asarray(ImageOps.exif_transpose(img))
+def _upright(img: Image.Image, notes: list[str]) -> Image.Image:
+    """Decode ``img`` and turn it by its EXIF orientation (``ImageOps.exif_transpose``). An EXIF
+    that Pillow cannot parse (it raises on PNGs and WebPs, where JPEGs get an empty one) leaves
+    the picture as stored, with a note: the metadata must never cost the picture."""
+    img.load()
+    try:
+        img.getexif()
+    except Exception as e:  # noqa: BLE001 - whatever the parser raises
+        notes.append(f"its EXIF metadata cannot be parsed ({type(e).__name__}: {e}); an orientation it may "
+                     "hold is not applied")
+        return img
+    return ImageOps.exif_transpose(img)
+
+
+def _transposed_array(img: Image.Image, notes: list[str]) -> np.ndarray:
+    return np.asarray(_upright(img, notes))
 
 
 def _load(p: Path, img: Image.Image) -> LoadedImage:
@@ -615,7 +589,7 @@ def _load(p: Path, img: Image.Image) -> LoadedImage:
         # Decode with a pass-through raw mode of the same width (32 bits/pixel): bytes come
         # out as (gray hi, gray lo, alpha hi, alpha lo).
         img.tile = [_with_rawmode(t, "RGBA") for t in tiles]
-        raw = _decode(p, img, _transposed_array).astype(np.uint16)
+        raw = _decode(p, img, lambda im: _transposed_array(im, notes)).astype(np.uint16)
         gray = raw[..., 0] * 256 + raw[..., 1]
         alpha = raw[..., 2] * 256 + raw[..., 3]
         _note_dark_16bit(p, int(gray.min()), int(gray.max()), notes)
@@ -623,10 +597,10 @@ def _load(p: Path, img: Image.Image) -> LoadedImage:
                        notes, icc)
 
     if _is_16bit_color(img):
-        hi = _decode(p, img, _transposed_array).astype(np.uint16)
+        hi = _decode(p, img, lambda im: _transposed_array(im, notes)).astype(np.uint16)
         with _open(p) as low_img:
             low_img.tile = [_with_rawmode(t, _opposite_16(_rawmode(t))) for t in tiles]
-            lo = _decode(p, low_img, _transposed_array).astype(np.uint16)
+            lo = _decode(p, low_img, lambda im: _transposed_array(im, [])).astype(np.uint16)
         full = hi * 256 + lo
         alpha = None
         if full.shape[-1] == 4:
@@ -645,7 +619,7 @@ def _load(p: Path, img: Image.Image) -> LoadedImage:
     # 8-bit family. Orientation first (the EXIF/TIFF tags live on the file's image object;
     # converted copies may lose them), then let Pillow convert to one of L, LA, RGB, RGBA.
     has_palette_alpha = mode == "PA" or (mode == "P" and "transparency" in img.info)
-    img = _decode(p, img, ImageOps.exif_transpose)
+    img = _decode(p, img, lambda im: _upright(im, notes))
     if mode == "CMYK":
         img = _cmyk_to_rgb(img, notes)
         icc = None  # the result is sRGB
@@ -691,7 +665,7 @@ def _wide_gray_to_unit(p: Path, img: Image.Image, notes: list[str]
     :func:`probe_image` alike; raises :class:`FloatRangeError` or :class:`IntegerRangeError`."""
     rawmodes = [_rawmode(t) for t in img.tile]  # read before decoding, which empties img.tile
     trns = img.info.get("transparency")
-    raw = _decode(p, img, _transposed_array)
+    raw = _decode(p, img, lambda im: _transposed_array(im, notes))
     if img.mode == "F":
         unit, bit_depth = _float_to_unit(p, raw.astype(np.float64), notes)
         return unit, None, bit_depth
@@ -854,10 +828,11 @@ def save_image(path: str | os.PathLike, rgb: torch.Tensor, alpha: Optional[torch
     ``.png`` (8 or 16 bits), ``.jpg``/``.jpeg`` (8 bits, no alpha; quality 95), ``.webp``
     (8 bits; quality 95). The file is written under a temporary name in the same folder and
     renamed over ``path`` only when complete, so a failure never leaves a half-written image.
-    Missing parent folders are created. ``icc_profile``, ``exif`` (bytes, e.g. a
-    :class:`LoadedImage`'s: its pixel size is set to this image's) and ``dpi`` are written into
-    the file (WebP holds no resolution; a JPEG's EXIF over 64 KiB, or a resolution over 65,535
-    dpi, is left out, with a warning).
+    Missing parent folders are created. ``icc_profile`` (when its colour space is that of the
+    pixels written: grey or RGB), ``exif`` (bytes, e.g. a :class:`LoadedImage`'s: its pixel
+    size is set to this image's) and ``dpi`` are written into the file (WebP holds no
+    resolution; a JPEG's EXIF over 64 KiB, or a resolution over 65,535 dpi, is left out, with a
+    warning).
     """
     p = Path(path)
     fmt = _FORMATS.get(p.suffix.lower())
@@ -898,6 +873,10 @@ def save_image(path: str | os.PathLike, rgb: torch.Tensor, alpha: Optional[torch
     if bit_depth == 16:
         q = q.astype(np.uint16)
     exif = _exif_for(exif, width=q.shape[1], height=q.shape[0], fmt=fmt, path=p)
+    if icc_profile and _icc_color_space(icc_profile) != (b"GRAY" if q.shape[-1] <= 2 else b"RGB "):
+        # A profile must fit the pixels written (PNG forbids an RGB profile on grey; readers drop
+        # it): a grey result of a grey palette PNG with an sRGB profile is written without it.
+        icc_profile = None
     if dpi and fmt == "JPEG" and max(dpi) > _JPEG_MAX_DPI:
         warnings.warn(f"{p.name}: a resolution of {max(dpi):,.0f} dpi does not fit a JPEG (at most "
                       f"{_JPEG_MAX_DPI:,}); written without it (save as .png to keep it)")
@@ -952,17 +931,18 @@ _JPEG_MAX_EXIF_BYTES = 65533
 _JPEG_MAX_DPI = 65535
 
 
+def _icc_color_space(icc_profile: bytes) -> bytes:
+    """The data colour space an ICC profile's header names (bytes 16-19: ``b"RGB "``, ``b"GRAY"``...)."""
+    return bytes(icc_profile[16:20])
+
+
 def _exif_for(exif: Optional[bytes], width: int, height: int, fmt: str, path: Path) -> Optional[bytes]:
     """``exif`` with the pixel size of the image being written (when it records one)."""
+    from .exif import with_pixel_size
+
     if not exif:
         return None
-    loaded = Image.Exif()
-    loaded.load(exif)
-    data = _copied_exif(loaded)  # re-serialised as loaded, text would lose its non-ASCII bytes
-    exif_ifd = data.get_ifd(ExifTags.IFD.Exif)
-    if exif_ifd:
-        exif_ifd[ExifTags.Base.ExifImageWidth], exif_ifd[ExifTags.Base.ExifImageHeight] = width, height
-    out = data.tobytes()
+    out = with_pixel_size(exif, width, height)
     if fmt == "JPEG" and len(out) > _JPEG_MAX_EXIF_BYTES:
         warnings.warn(f"{path.name}: the EXIF metadata ({len(out):,} bytes) does not fit a JPEG (64 KiB); "
                       "written without it (save as .png or .webp to keep it)")

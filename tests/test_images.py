@@ -800,26 +800,116 @@ def test_resolution_rules(tmp_path):
         assert im.info.get("jfif_unit") == 0
 
 
-def test_a_damaged_exif_costs_the_metadata_not_the_picture(tmp_path, monkeypatch):
-    """EXIF that does not parse (Pillow warns and reads none) or cannot be written back is left
-    out, the second with a note; the image loads, and so does one without EXIF."""
-    Image.new("RGB", (8, 8), (1, 2, 3)).save(tmp_path / "bad.jpg", exif=b"Exif\x00\x00MM\x00\x2a\xff\xff\xff\xf0")
-    with pytest.warns(UserWarning, match="Corrupt EXIF"):
-        loaded = load_image(tmp_path / "bad.jpg")
+@pytest.mark.parametrize("blob,why", [(b"Exif\x00\x00MM\x00\x2a\xff\xff\xff\xf0", "a value at offset"),
+                                      (b"Exif\x00\x00garbage!", "no TIFF header")])
+@pytest.mark.parametrize("suffix", [".jpg", ".png", ".webp"])
+def test_a_damaged_exif_costs_the_metadata_not_the_picture(tmp_path, suffix, blob, why):
+    """EXIF that cannot be read is left out with a note and the picture loads: before, a PNG or
+    WebP whose EXIF Pillow could not parse was refused as a damaged image (Pillow raises there on
+    the orientation lookup; on a JPEG it warns and reads none)."""
+    import warnings
+
+    bad = tmp_path / f"bad{suffix}"
+    Image.new("RGB", (8, 8), (1, 2, 3)).save(bad, exif=blob)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # Pillow's own "Corrupt EXIF data" on the JPEG
+        loaded = load_image(bad)
     assert loaded.exif is None and loaded.rgb.shape == (1, 3, 8, 8)
-    Image.new("RGB", (8, 8)).save(tmp_path / "cam.jpg", exif=camera_exif())
-
-    def unwritable(self):
-        raise ValueError("a tag type Pillow cannot write")
-
-    monkeypatch.setattr(Image.Exif, "tobytes", unwritable)
-    loaded = load_image(tmp_path / "cam.jpg")
-    assert loaded.exif is None and loaded.notes == [
-        "its EXIF metadata could not be copied (ValueError: a tag type Pillow cannot write); the result is written without it"]
-    monkeypatch.undo()
+    assert any(f"EXIF metadata could not be copied (ExifError: {why}" in n for n in loaded.notes), loaded.notes
+    if suffix != ".jpg" and why == "no TIFF header":  # where Pillow raised
+        assert any("EXIF metadata cannot be parsed" in n and "orientation" in n for n in loaded.notes)
     Image.new("RGB", (8, 8)).save(tmp_path / "plain.png")
     plain = load_image(tmp_path / "plain.png")
     assert plain.exif is None and plain.dpi is None and plain.notes == []
+
+
+def test_exif_entries_are_copied_byte_exact_in_the_sources_byte_order(tmp_path):
+    """A little-endian camera EXIF keeps every carried entry's type, count and bytes: a UTF-16LE
+    UNICODE UserComment (its bytes depend on the byte order), UTF-8 in an ASCII tag Pillow has no
+    type for (it wrote such text as a byte list), rationals. Orientation, maker note, thumbnail and
+    the tags measured in source pixels are left out; the size is the result's."""
+    from fluxsr_core import exif as E
+
+    le = "<"
+
+    def entry(tag, typ, count, data):
+        return E._Entry(tag, typ, count, data)
+
+    comment = b"UNICODE\x00" + "Grüße".encode("utf-16-le")
+    owner = "Jürgen".encode() + b"\x00"
+    ifd0 = {0x010F: entry(0x010F, 2, 6, b"Canon\x00"), 0x0112: entry(0x0112, 3, 1, struct.pack("<H", 6))}
+    sub = {0x9286: entry(0x9286, 7, len(comment), comment), 0xA430: entry(0xA430, 2, len(owner), owner),
+           0x829D: entry(0x829D, 5, 1, struct.pack("<II", 28, 10)), 0x927C: entry(0x927C, 7, 4, b"MNOT"),
+           0xA20E: entry(0xA20E, 5, 1, struct.pack("<II", 333, 10)), 0x9214: entry(0x9214, 3, 2, struct.pack("<HH", 9, 2)),
+           0xA002: entry(0xA002, 4, 1, struct.pack("<I", 16))}
+    source = E.Exif(le, {"0": E._Directory(ifd0), "exif": E._Directory(sub)})
+    Image.new("RGB", (16, 12)).save(tmp_path / "cam.jpg", exif=E.to_bytes(source))
+    loaded = load_image(tmp_path / "cam.jpg")
+    assert loaded.size == (16, 12)  # turned upright by its orientation 6: 12 wide, 16 high
+    save_image(tmp_path / "out.png", torch.zeros(1, 3, 24, 32), exif=loaded.exif)
+    with Image.open(tmp_path / "out.png") as out:
+        out.load()
+        written = E.parse_exif(out.info["exif"])
+    assert written.byte_order == "<"
+    first, carried = written.directories["0"].entries, written.directories["exif"].entries
+    assert set(first) == {0x010F} and first[0x010F].data == b"Canon\x00"
+    for tag in (0x9286, 0xA430, 0x829D):
+        assert (carried[tag].type, carried[tag].count, carried[tag].data) == (sub[tag].type, sub[tag].count,
+                                                                             sub[tag].data), hex(tag)
+    assert not {0x927C, 0xA20E, 0x9214} & set(carried)
+    assert (carried[0xA002].type, carried[0xA002].data, carried[0xA003].data) == (3, struct.pack("<H", 32),
+                                                                                 struct.pack("<H", 24))
+
+
+def test_a_tiffs_description_is_its_layout_and_stays_behind(tmp_path):
+    """tifffile writes {"shape": [...]} (ImageJ and OME their headers) as the ImageDescription of a
+    TIFF: false for the result, so a TIFF's description is not carried; a JPEG's caption is."""
+    tifffile = pytest.importorskip("tifffile")
+    tifffile.imwrite(tmp_path / "t.tif", np.zeros((12, 16, 3), np.uint8), metadata={"axes": "YXS"},
+                     extratags=[(0x010F, 2, 0, "Nikon", True)])
+    from fluxsr_core import exif as E
+
+    kept = E.parse_exif(load_image(tmp_path / "t.tif").exif)
+    assert 0x010F in kept.directories["0"].entries and 0x010E not in kept.directories["0"].entries
+    cam = camera_exif()
+    cam[0x010E] = "Harbour at dawn"
+    Image.new("RGB", (8, 8)).save(tmp_path / "c.jpg", exif=cam)
+    assert E.parse_exif(load_image(tmp_path / "c.jpg").exif).directories["0"].entries[0x010E].data == b"Harbour at dawn\x00"
+
+
+def test_a_grey_result_drops_an_rgb_profile(tmp_path):
+    """PNG forbids an RGB profile on grey pixels (libpng drops it with a warning): a grey palette
+    PNG carrying sRGB comes back grey without it; an RGB result keeps it."""
+    from PIL import ImageCms
+
+    srgb = ImageCms.ImageCmsProfile(ImageCms.createProfile("sRGB")).tobytes()
+    pal = Image.new("P", (8, 8))
+    pal.putpalette([v for i in range(256) for v in (i, i, i)])
+    pal.save(tmp_path / "grey_palette.png", icc_profile=srgb)
+    loaded = load_image(tmp_path / "grey_palette.png")
+    assert loaded.grayscale and loaded.icc_profile == srgb
+    save_image(tmp_path / "out.png", loaded.rgb, grayscale=True, icc_profile=loaded.icc_profile)
+    with Image.open(tmp_path / "out.png") as out:
+        assert out.mode == "L" and "icc_profile" not in out.info
+    save_image(tmp_path / "rgb.png", loaded.rgb, icc_profile=srgb)
+    with Image.open(tmp_path / "rgb.png") as out:
+        assert out.info["icc_profile"] == srgb
+
+
+def test_exif_structures_that_cannot_be_read_raise_exif_error():
+    """Loops, offsets past the end, absurd counts: an ExifError, never a hang or a huge read."""
+    from fluxsr_core import exif as E
+
+    def tiff(ifd0: bytes) -> bytes:
+        return b"MM\x00*\x00\x00\x00\x08" + ifd0
+
+    loop = tiff(b"\x00\x01" + struct.pack(">HHII", 0x8769, 4, 1, 8) + b"\x00\x00\x00\x00")  # Exif IFD = IFD0
+    past_end = tiff(b"\x00\x01" + struct.pack(">HHII", 0x010F, 2, 40, 4000) + b"\x00\x00\x00\x00")
+    huge = tiff(b"\xff\xff")
+    for blob, why in ((loop, "points back"), (past_end, "runs past the end"), (huge, "claims 65535 entries"),
+                      (b"Exif\x00\x00not a tiff", "no TIFF header")):
+        with pytest.raises(E.ExifError, match=why):
+            E.parse_exif(blob)
 
 
 def test_a_jpeg_too_small_for_the_exif_is_written_without_it(tmp_path):
