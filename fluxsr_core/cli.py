@@ -21,12 +21,14 @@ from pathlib import Path
 from typing import Optional, Sequence
 
 # What folder scans pick up (with HEIC/HEIF, AVIF and JPEG 2000 where this install reads them).
-IMAGE_SUFFIXES = {".png", ".jpg", ".jpeg", ".webp", ".bmp", ".tif", ".tiff", ".gif"}
+# What folder scans pick up (Pillow reads them all; .mpo is a camera's multi-picture JPEG).
+IMAGE_SUFFIXES = {".png", ".jpg", ".jpeg", ".jfif", ".mpo", ".webp", ".bmp", ".tif", ".tiff", ".gif", ".ppm",
+                  ".pgm", ".pbm", ".pnm"}
 # Other image formats' suffixes: an -o ending in one of these is a file name in a format FluxSR
 # does not write, not a folder name.
 OTHER_IMAGE_SUFFIXES = {".exr", ".hdr", ".pfm", ".jxl", ".avif", ".heic", ".heif", ".jp2", ".j2k", ".jpx",
-                        ".jfif", ".tga", ".dds", ".ico", ".icns", ".psd", ".qoi", ".ppm", ".pgm", ".pbm",
-                        ".pnm", ".dng", ".cr2", ".cr3", ".nef", ".arw", ".raf", ".orf", ".rw2", ".svg"}
+                        ".tga", ".dds", ".ico", ".icns", ".psd", ".qoi", ".dng", ".cr2", ".cr3", ".nef", ".arw",
+                        ".raf", ".orf", ".rw2", ".svg"}
 # Write errors that every later image would hit too: the run stops at the first one.
 DISK_FULL_ERRNOS = {errno.ENOSPC} | ({errno.EDQUOT} if hasattr(errno, "EDQUOT") else set())
 

@@ -237,14 +237,16 @@ def load_image(path: str | os.PathLike, max_pixels: Optional[int] = DEFAULT_MAX_
     :class:`FloatRangeError`, :class:`IntegerRangeError` or :class:`ImageFileError` for the
     pixels, each naming the file and what to do.
     """
-    with _own_pixel_limit():
+    caught: list = []
+    with _own_pixel_limit(caught):
         p, img = _open_checked(path, max_pixels, check_size)
         with img:
             loaded = _load(p, img)
             # After decoding: a PNG's eXIf chunk may follow its pixel data.
             loaded.exif = carried_exif(p, img, loaded.notes)
             loaded.dpi = _dpi_of(img)
-            return loaded
+    _warnings_as_notes(caught, loaded.notes)
+    return loaded
 
 
 def carried_exif(p: Path, img: Image.Image, notes: Optional[list[str]] = None) -> Optional[bytes]:
@@ -322,18 +324,38 @@ def probe_image(path: str | os.PathLike, max_pixels: Optional[int] = DEFAULT_MAX
 
 
 @contextlib.contextmanager
-def _own_pixel_limit():
+def _own_pixel_limit(caught: Optional[list] = None):
     """Pillow's decompression-bomb limit is a module global: swap it out (under a lock) while a
-    file is opened and decoded, since our own ``max_pixels`` check replaces it."""
+    file is opened and decoded, since our own ``max_pixels`` check replaces it. ``caught``: a
+    list that receives the warnings raised meanwhile (see :func:`_warnings_as_notes`)."""
     with _PIL_LIMIT_LOCK:
         old_limit = Image.MAX_IMAGE_PIXELS
         Image.MAX_IMAGE_PIXELS = None
         try:
-            with warnings.catch_warnings():
+            with warnings.catch_warnings(record=caught is not None) as got:
+                if caught is not None:
+                    warnings.simplefilter("always")
                 warnings.simplefilter("ignore", Image.DecompressionBombWarning)
-                yield
+                try:
+                    yield
+                finally:
+                    if caught is not None:
+                        caught.extend(got)
         finally:
             Image.MAX_IMAGE_PIXELS = old_limit
+
+
+def _warnings_as_notes(caught: list, notes: list[str]) -> None:
+    """Pillow's warnings about a file ("Corrupt EXIF data", "Truncated File Read"...) become notes
+    of that file (printed with its name, not as bare warnings among the progress bars); other
+    warnings are raised again as they were."""
+    for w in caught:
+        if "PIL" in Path(w.filename).parts:
+            note = f"Pillow: {str(w.message).strip()}"
+            if note not in notes:
+                notes.append(note)
+        else:
+            warnings.warn_explicit(w.message, w.category, w.filename, w.lineno)
 
 
 def _open_checked(path: str | os.PathLike, max_pixels: Optional[int],

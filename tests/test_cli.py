@@ -778,6 +778,20 @@ def test_folder_scans_skip_hidden_files_and_take_heic_when_it_can_be_read(tmp_pa
     assert jobs[1].target == tmp_path / "out" / "photo.png"
 
 
+def test_folder_scans_take_every_format_pillow_reads(tmp_path, photo_png):
+    """A camera's .mpo, a .jfif, netpbm's .pgm/.ppm: read when named, and found by a folder scan too."""
+    folder = tmp_path / "in"
+    folder.mkdir()
+    with Image.open(photo_png) as im:
+        rgb = im.convert("RGB")
+        rgb.save(folder / "cam.mpo", format="MPO")
+        rgb.save(folder / "a.jfif", format="JPEG")
+        rgb.convert("L").save(folder / "scan.pgm")
+        rgb.save(folder / "b.ppm")
+    jobs, unreadable = cli.collect_jobs([folder], tmp_path / "out")
+    assert sorted(j.source.name for j in jobs) == ["a.jfif", "b.ppm", "cam.mpo", "scan.pgm"] and unreadable == []
+
+
 def test_output_names_a_folder_with_a_slash_and_other_image_suffixes_are_refused(tmp_path, photo_png,
                                                                                  tiny_model_files, capsys):
     """-o x.png/ is a folder (created, the output inside it); -o x.exr, x.jxl... are file names in

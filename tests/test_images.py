@@ -811,9 +811,12 @@ def test_a_damaged_exif_costs_the_metadata_not_the_picture(tmp_path, suffix, blo
 
     bad = tmp_path / f"bad{suffix}"
     Image.new("RGB", (8, 8), (1, 2, 3)).save(bad, exif=blob)
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore")  # Pillow's own "Corrupt EXIF data" on the JPEG
+    with warnings.catch_warnings(record=True) as escaped:
+        warnings.simplefilter("always")
         loaded = load_image(bad)
+    assert not escaped  # Pillow's own warnings are notes of the file, printed with its name
+    if suffix == ".jpg" and why == "a value at offset":
+        assert any(n.startswith("Pillow: Corrupt EXIF data") for n in loaded.notes), loaded.notes
     assert loaded.exif is None and loaded.rgb.shape == (1, 3, 8, 8)
     assert any(f"EXIF metadata could not be copied (ExifError: {why}" in n for n in loaded.notes), loaded.notes
     if suffix != ".jpg" and why == "no TIFF header":  # where Pillow raised
