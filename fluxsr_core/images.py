@@ -1133,10 +1133,19 @@ def luma(rgb: torch.Tensor) -> torch.Tensor:
     return rgb[:, 0:1] * _LUMA[0] + rgb[:, 1:2] * _LUMA[1] + rgb[:, 2:3] * _LUMA[2]
 
 
+# Channels this close everywhere make a grey picture: a colour-managed grey scan differs by a
+# level here and there, which the eye never sees (the model's tint, tens of levels, it does).
+GRAY_TOLERANCE = 2 / 255
+
+
 def is_gray(rgb: torch.Tensor) -> bool:
-    """True when the three channels of ``[B, 3, H, W]`` are equal: a grey picture in RGB (ComfyUI's
-    LoadImage makes every picture RGB)."""
-    return rgb.shape[1] == 3 and torch.equal(rgb[:, 0], rgb[:, 1]) and torch.equal(rgb[:, 1], rgb[:, 2])
+    """True when the three channels of ``[B, 3, H, W]`` agree everywhere to within
+    :data:`GRAY_TOLERANCE`: a grey picture in RGB (ComfyUI's LoadImage makes every picture RGB)."""
+    if rgb.shape[1] != 3:
+        return False
+    r, g, b = rgb[:, 0], rgb[:, 1], rgb[:, 2]
+    limit = GRAY_TOLERANCE + 1e-6  # a level's float rounding
+    return bool((r - g).abs().max() <= limit and (g - b).abs().max() <= limit)
 
 
 def resize(image: torch.Tensor, size: Sequence[int], kind: str = "bicubic",

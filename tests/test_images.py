@@ -899,6 +899,16 @@ def test_a_grey_result_drops_an_rgb_profile(tmp_path):
         assert out.info["icc_profile"] == srgb
 
 
+def test_grey_means_channels_within_two_levels():
+    """A colour-managed grey scan (a level off here and there) is grey; three levels is colour."""
+    g = torch.rand(1, 1, 8, 8, generator=torch.Generator().manual_seed(0)).expand(1, 3, 8, 8).clone()
+    assert I.is_gray(g) and not I.is_gray(g[:, :1])
+    for levels, grey in ((1, True), (2, True), (3, False)):
+        off = g.clone()
+        off[:, 2, 3, 4] -= levels / 255
+        assert I.is_gray(off) is grey, levels
+
+
 def test_exif_structures_that_cannot_be_read_raise_exif_error():
     """Loops, offsets past the end, absurd counts: an ExifError, never a hang or a huge read."""
     from fluxsr_core import exif as E

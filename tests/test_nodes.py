@@ -766,8 +766,9 @@ def test_upscale_node_grey_and_tiled(pack, tiny, fake_comfy):
 
 
 def test_upscale_node_keeps_a_grey_picture_grey(pack, tiny, fake_comfy):
-    """LoadImage makes every picture RGB: three equal channels come back equal (the luma of the
-    colour result, as `fluxsr upscale` writes a grey input), a colour picture is left alone."""
+    """LoadImage makes every picture RGB: three channels equal to within 2 levels come back equal
+    (the luma of the colour result, as `fluxsr upscale` writes a grey input), a colour picture is
+    left alone."""
     node = pack.NODE_CLASS_MAPPINGS["FluxSRUpscale"]()
     images = sub(pack, "fluxsr_core.images")
     run = lambda img: node.upscale(img, FakePatcher(tiny.velocity, fake_comfy.CONST), FakeVAE(tiny.vae),  # noqa: E731
@@ -777,8 +778,10 @@ def test_upscale_node_keeps_a_grey_picture_grey(pack, tiny, fake_comfy):
     assert out.shape == (1, 48, 64, 3)
     assert torch.equal(out[..., 0], out[..., 1]) and torch.equal(out[..., 1], out[..., 2])
     # what the model made of it, in colour (the tiny random model tints it), reduced by luma
-    colour = run(grey.clone().contiguous() + torch.tensor([0.0, 0.0, 1e-3]))  # not grey: left in colour
+    colour = run(grey.clone().contiguous() + torch.tensor([0.0, 0.0, 3 / 255]))  # 3 levels apart: colour
     assert (colour[..., 0] - colour[..., 2]).abs().max() > 1e-2
+    near = run(grey.clone().contiguous() + torch.tensor([0.0, 0.0, 1 / 255]))  # a level apart: still grey
+    assert torch.equal(near[..., 0], near[..., 2])
     one = run(grey[..., :1].contiguous())
     assert one.shape == (1, 48, 64, 1) and torch.allclose(one[..., 0], out[..., 0], atol=1e-6)
     assert torch.allclose(images.luma(torch.ones(1, 3, 2, 2)), torch.ones(1, 1, 2, 2))
