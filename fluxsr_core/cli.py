@@ -20,8 +20,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Optional, Sequence
 
-# What folder scans pick up (with HEIC/HEIF, AVIF and JPEG 2000 where this install reads them).
-# What folder scans pick up (Pillow reads them all; .mpo is a camera's multi-picture JPEG).
+# What folder scans pick up (Pillow reads them all; .mpo is a camera's multi-picture JPEG), with
+# HEIC/HEIF, AVIF and JPEG 2000 where this install reads them.
 IMAGE_SUFFIXES = {".png", ".jpg", ".jpeg", ".jfif", ".mpo", ".webp", ".bmp", ".tif", ".tiff", ".gif", ".ppm",
                   ".pgm", ".pbm", ".pnm"}
 # Other image formats' suffixes: an -o ending in one of these is a file name in a format FluxSR
@@ -568,8 +568,8 @@ def run_upscale(args) -> int:
                 # need nothing here (save_image writes them as one luma channel).
                 gray_in_color = not loaded.grayscale and is_gray(loaded.rgb)
                 if gray_in_color:
-                    say(f"note {job.source}: a grey picture (its three colour channels are equal): the result "
-                        f"is made grey too (its luma, in all three channels)")
+                    say(f"note {job.source}: a grey picture (its three colour channels agree to within 2 levels): "
+                        "the result is made grey too (its luma, in all three channels)")
                 if not quiet:
                     from tqdm.auto import tqdm
                     tile_bar = tqdm(total=None, unit="tile", desc=job.source.name, leave=False, file=sys.stderr)

@@ -15,7 +15,13 @@ for the result, is left out:
 * the Exif directory, without :data:`DROPPED_EXIF_TAGS` (the maker note, whose internal offsets
   often point into the source file; sizes and positions in the source's pixels; JPEG
   compression details); its pixel size is written for the result (:func:`with_pixel_size`);
-* the GPS and interoperability directories whole (the latter's "R03" marks Adobe RGB photos).
+* the GPS directory whole, the interoperability one (its "R03" marks Adobe RGB photos) without
+  the source's file format and pixel size;
+* no pointer to anything else (it would point into the source file).
+
+Entries of a type this module does not know, entries over 1 MiB and entries whose value cannot
+be read are left out; a whole EXIF over :data:`MAX_EXIF_BYTES` (a damaged or hostile file: a
+JPEG holds at most 64 KiB) is refused.
 """
 
 from __future__ import annotations
@@ -43,11 +49,16 @@ DROPPED_EXIF_TAGS = frozenset({
     0xA20E, 0xA20F, 0xA210,             # FocalPlaneX/YResolution and unit: per source pixel
     0x9214, 0xA214,                     # SubjectArea, SubjectLocation: source pixel positions
     0x9101, 0x9102,                     # ComponentsConfiguration, CompressedBitsPerPixel: JPEG coding
+    0xA420,                             # ImageUniqueID: the result is another image
 })
-_TYPE_SIZES = {1: 1, 2: 1, 3: 2, 4: 4, 5: 8, 6: 1, 7: 1, 8: 2, 9: 4, 10: 8, 11: 4, 12: 8, 13: 4}
-_SHORT, _LONG = 3, 4
+DROPPED_INTEROP_TAGS = frozenset({0x1000, 0x1001, 0x1002})  # RelatedImageFileFormat, -Width, -Length
+_POINTER_TAGS = frozenset({EXIF_IFD, GPS_IFD, INTEROP_IFD, 0x014A, 0x0190})  # also SubIFDs, GlobalParametersIFD
+# bytes per value of each TIFF type (129: EXIF 3.0's UTF-8 text)
+_TYPE_SIZES = {1: 1, 2: 1, 3: 2, 4: 4, 5: 8, 6: 1, 7: 1, 8: 2, 9: 4, 10: 8, 11: 4, 12: 8, 13: 4, 129: 1}
+_SHORT, _LONG, _IFD = 3, 4, 13
 _MAX_ENTRIES = 1000            # per directory: more is a damaged file, not a photo
-_MAX_VALUE_BYTES = 1 << 20     # per entry (the whole of a JPEG's EXIF is at most 64 KiB)
+_MAX_VALUE_BYTES = 1 << 20     # per entry
+MAX_EXIF_BYTES = 4 << 20       # all values together (several entries may point at the same bytes)
 
 
 class ExifError(ValueError):
@@ -77,19 +88,28 @@ class Exif:
 
 # --- reading ---------------------------------------------------------------------------------
 
+class _BigTiff(Exception):
+    """A BigTIFF structure (only TIFF files use it): not read here, and not an error."""
+
+
 class _Reader:
-    def __init__(self, fp: BinaryIO, base: int):
-        self.fp, self.base = fp, base  # offsets count from the TIFF header at ``base``
-        self.fp.seek(base)
+    def __init__(self, fp: BinaryIO):
+        self.fp = fp  # offsets count from the TIFF header at its start
         head = self.fp.read(8)
+        if head[:4] in (b"II+\x00", b"MM\x00+"):
+            raise _BigTiff()
         if len(head) < 8 or head[:4] not in (b"II*\x00", b"MM\x00*"):
             raise ExifError("no TIFF header")
         self.order = "<" if head[:2] == b"II" else ">"
         self.first = struct.unpack(self.order + "I", head[4:])[0]
         self.seen: set[int] = set()
+        self.budget = MAX_EXIF_BYTES
 
     def read(self, offset: int, size: int) -> bytes:
-        self.fp.seek(self.base + offset)
+        self.budget -= size
+        if self.budget < 0:
+            raise ExifError(f"its values take more than {MAX_EXIF_BYTES >> 20} MiB (a photo's take kilobytes)")
+        self.fp.seek(offset)
         data = self.fp.read(size)
         if len(data) < size:
             raise ExifError(f"a value at offset {offset} runs past the end")
@@ -103,21 +123,34 @@ class _Reader:
         if n > _MAX_ENTRIES:
             raise ExifError(f"a directory claims {n} entries")
         raw = self.read(offset + 2, 12 * n)
-        entries = {}
+        entries: dict[int, _Entry] = {}
         for i in range(n):
             tag, typ, count = struct.unpack(self.order + "HHI", raw[12 * i:12 * i + 8])
             value = raw[12 * i + 8:12 * i + 12]
-            if typ not in _TYPE_SIZES:
-                continue  # a type this reader does not know: its size is unknown, leave it out
+            if typ not in _TYPE_SIZES or tag in entries:
+                continue  # a type of unknown size; a tag given twice (the first counts, as for Pillow)
             size = _TYPE_SIZES[typ] * count
             if size > _MAX_VALUE_BYTES:
                 continue
-            data = value[:size] if size <= 4 else self.read(struct.unpack(self.order + "I", value)[0], size)
+            if size <= 4:
+                data = value[:size]
+            else:
+                try:
+                    data = self.read(struct.unpack(self.order + "I", value)[0], size)
+                except ExifError as e:
+                    if "runs past the end" not in str(e):
+                        raise
+                    continue  # one damaged entry (often one that is dropped anyway) costs only itself
             entries[tag] = _Entry(tag, typ, count, data)
         return entries
 
+    def pointed(self, entries: dict[int, _Entry], tag: int) -> Optional[dict[int, _Entry]]:
+        """The directory ``entries[tag]`` points to, or None."""
+        at = self.pointer(entries.get(tag))
+        return None if at is None else self.directory(at)
+
     def pointer(self, entry: Optional[_Entry]) -> Optional[int]:
-        if entry is None or entry.type not in (_LONG, 13) or entry.count != 1:
+        if entry is None or entry.type not in (_LONG, _IFD) or entry.count != 1:
             return None
         return struct.unpack(self.order + "I", entry.data)[0]
 
@@ -131,21 +164,18 @@ def parse_exif(source: bytes | BinaryIO) -> Optional[Exif]:
     fp = io.BytesIO(source[len(EXIF_PREFIX):] if source.startswith(EXIF_PREFIX) else source) \
         if isinstance(source, (bytes, bytearray)) else source
     try:
-        r = _Reader(fp, 0)
+        r = _Reader(fp)
         first = r.directory(r.first)
-        dirs = {"0": _Directory({t: e for t, e in first.items() if t not in (EXIF_IFD, GPS_IFD)})}
-        exif_at = r.pointer(first.get(EXIF_IFD))
-        if exif_at is not None:
-            sub = r.directory(exif_at)
-            interop_at = r.pointer(sub.get(INTEROP_IFD))
-            if interop_at is not None:
-                dirs["interop"] = _Directory(r.directory(interop_at))
-            dirs["exif"] = _Directory({t: e for t, e in sub.items() if t != INTEROP_IFD})
-        gps_at = r.pointer(first.get(GPS_IFD))
-        if gps_at is not None:
-            dirs["gps"] = _Directory(r.directory(gps_at))
+        sub = r.pointed(first, EXIF_IFD)
+        dirs = {"0": first, "exif": sub or {}, "gps": r.pointed(first, GPS_IFD) or {},
+                "interop": (r.pointed(sub, INTEROP_IFD) if sub else None) or {}}
+    except _BigTiff:
+        return None
     except (struct.error, OSError) as e:
         raise ExifError(str(e)) from e
+    # Pointers are made anew by to_bytes; any other would point into the source file.
+    dirs = {k: _Directory({t: e for t, e in d.items() if t not in _POINTER_TAGS and e.type != _IFD})
+            for k, d in dirs.items()}
     dirs = {k: d for k, d in dirs.items() if d.entries}
     return Exif(r.order, dirs) if dirs else None
 
@@ -155,8 +185,9 @@ def _carried_part(exif: Exif, from_tiff_file: bool) -> Optional[Exif]:
     keep = DESCRIPTIVE_TAGS - ({IMAGE_DESCRIPTION} if from_tiff_file else set())
     dirs = dict(exif.directories)
     dirs["0"] = _Directory({t: e for t, e in dirs.get("0", _Directory()).entries.items() if t in keep})
-    if "exif" in dirs:
-        dirs["exif"] = _Directory({t: e for t, e in dirs["exif"].entries.items() if t not in DROPPED_EXIF_TAGS})
+    for name, dropped in (("exif", DROPPED_EXIF_TAGS), ("interop", DROPPED_INTEROP_TAGS)):
+        if name in dirs:
+            dirs[name] = _Directory({t: e for t, e in dirs[name].entries.items() if t not in dropped})
     dirs = {k: d for k, d in dirs.items() if d.entries}
     return Exif(exif.byte_order, dirs) if dirs else None
 
@@ -210,12 +241,15 @@ def to_bytes(exif: Exif) -> bytes:
     return EXIF_PREFIX + bytes(out)
 
 
-def with_pixel_size(exif_bytes: bytes, width: int, height: int) -> bytes:
-    """``exif_bytes`` (from :func:`to_bytes`) recording ``width x height`` as the picture's size
-    (when it has an Exif directory, where the size lives)."""
+def with_pixel_size(exif_bytes: bytes, width: int, height: int) -> Optional[bytes]:
+    """``exif_bytes`` (with or without ``Exif\\0\\0``) as :func:`to_bytes` writes it, recording
+    ``width x height`` as the picture's size when it has an Exif directory (where the size
+    lives); None when it holds nothing. Raises :class:`ExifError` as :func:`parse_exif`."""
     exif = parse_exif(exif_bytes)
-    if exif is None or "exif" not in exif.directories:
-        return exif_bytes
+    if exif is None:
+        return None
+    if "exif" not in exif.directories:
+        return to_bytes(exif)
     entries = exif.directories["exif"].entries
     for tag, value in ((EXIF_IMAGE_WIDTH, width), (EXIF_IMAGE_HEIGHT, height)):
         e = _short_or_long(exif.byte_order, value)

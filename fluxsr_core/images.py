@@ -44,6 +44,7 @@ import torch
 import torch.nn.functional as F
 from PIL import ExifTags, Image, ImageOps, UnidentifiedImageError
 
+from . import exif as _exif
 from .files import atomic_write
 from .settings import DEFAULT_SCALE
 
@@ -237,15 +238,15 @@ def load_image(path: str | os.PathLike, max_pixels: Optional[int] = DEFAULT_MAX_
     :class:`FloatRangeError`, :class:`IntegerRangeError` or :class:`ImageFileError` for the
     pixels, each naming the file and what to do.
     """
-    caught: list = []
-    with _own_pixel_limit(caught):
+    pillow_warnings: list[str] = []
+    with _own_pixel_limit(pillow_warnings):
         p, img = _open_checked(path, max_pixels, check_size)
         with img:
             loaded = _load(p, img)
             # After decoding: a PNG's eXIf chunk may follow its pixel data.
             loaded.exif = carried_exif(p, img, loaded.notes)
             loaded.dpi = _dpi_of(img)
-    _warnings_as_notes(caught, loaded.notes)
+    loaded.notes.extend(pillow_warnings)  # (with a failed load, the error says what matters)
     return loaded
 
 
@@ -256,17 +257,15 @@ def carried_exif(p: Path, img: Image.Image, notes: Optional[list[str]] = None) -
     the maker note or what describes the source file's pixels). It comes from the file's EXIF
     block (JPEG, PNG, WebP...; ImageMagick's PNG text chunk too) or a TIFF's own first directory.
     An EXIF that cannot be read is left out with a note, never an error: it is metadata."""
-    from . import exif
-
     try:
         if img.format == "TIFF":
             with open(p, "rb") as f:
-                return exif.carried_exif(f, from_tiff_file=True)
+                return _exif.carried_exif(f, from_tiff_file=True)
         raw = img.info.get("exif")
         if not raw and "Raw profile type exif" in img.info:  # ImageMagick: hex after three header lines
             raw = bytes.fromhex("".join(str(img.info["Raw profile type exif"]).split("\n")[3:]))
-        return exif.carried_exif(bytes(raw)) if raw else None
-    except (exif.ExifError, ValueError, TypeError, OSError) as e:
+        return _exif.carried_exif(bytes(raw)) if raw else None
+    except (_exif.ExifError, ValueError, TypeError, OSError) as e:
         if notes is not None:
             notes.append(f"its EXIF metadata could not be copied ({type(e).__name__}: {e}); the result is "
                          "written without it")
@@ -314,7 +313,7 @@ def probe_image(path: str | os.PathLike, max_pixels: Optional[int] = DEFAULT_MAX
     :class:`IntegerRangeError` (and :class:`TruncatedImageError` for data cut short). Other
     problems in the pixel data are found only by :func:`load_image`.
     """
-    with _own_pixel_limit():
+    with _own_pixel_limit(pillow_warnings=[]):  # Pillow's warnings: the load reports them, as notes
         p, img = _open_checked(path, max_pixels, check_size)
         with img:
             w, h = img.size
@@ -324,38 +323,37 @@ def probe_image(path: str | os.PathLike, max_pixels: Optional[int] = DEFAULT_MAX
 
 
 @contextlib.contextmanager
-def _own_pixel_limit(caught: Optional[list] = None):
+def _own_pixel_limit(pillow_warnings: Optional[list[str]] = None):
     """Pillow's decompression-bomb limit is a module global: swap it out (under a lock) while a
-    file is opened and decoded, since our own ``max_pixels`` check replaces it. ``caught``: a
-    list that receives the warnings raised meanwhile (see :func:`_warnings_as_notes`)."""
+    file is opened and decoded, since our own ``max_pixels`` check replaces it.
+
+    ``pillow_warnings``: a list that receives the text of the warnings Pillow raises meanwhile
+    in this thread (about this file: "Corrupt EXIF data"...) instead of their being printed bare
+    among progress bars; they then become notes of the file. Every other warning, and Pillow's
+    in other threads, is shown as it would have been."""
     with _PIL_LIMIT_LOCK:
         old_limit = Image.MAX_IMAGE_PIXELS
         Image.MAX_IMAGE_PIXELS = None
         try:
-            with warnings.catch_warnings(record=caught is not None) as got:
-                if caught is not None:
-                    warnings.simplefilter("always")
+            with warnings.catch_warnings():
                 warnings.simplefilter("ignore", Image.DecompressionBombWarning)
-                try:
-                    yield
-                finally:
-                    if caught is not None:
-                        caught.extend(got)
+                if pillow_warnings is not None:
+                    # every one of Pillow's (not once per place), kept when from this thread
+                    warnings.filterwarnings("always", module=r"PIL(\.|$)")
+                    shown, me = warnings.showwarning, threading.get_ident()
+
+                    def keep(message, category, filename, lineno, file=None, line=None):
+                        if threading.get_ident() == me and "PIL" in Path(filename).parts:
+                            text = f"Pillow: {str(message).strip()}"
+                            if text not in pillow_warnings:
+                                pillow_warnings.append(text)
+                        else:
+                            shown(message, category, filename, lineno, file, line)
+
+                    warnings.showwarning = keep
+                yield
         finally:
             Image.MAX_IMAGE_PIXELS = old_limit
-
-
-def _warnings_as_notes(caught: list, notes: list[str]) -> None:
-    """Pillow's warnings about a file ("Corrupt EXIF data", "Truncated File Read"...) become notes
-    of that file (printed with its name, not as bare warnings among the progress bars); other
-    warnings are raised again as they were."""
-    for w in caught:
-        if "PIL" in Path(w.filename).parts:
-            note = f"Pillow: {str(w.message).strip()}"
-            if note not in notes:
-                notes.append(note)
-        else:
-            warnings.warn_explicit(w.message, w.category, w.filename, w.lineno)
 
 
 def _open_checked(path: str | os.PathLike, max_pixels: Optional[int],
@@ -960,11 +958,15 @@ def _icc_color_space(icc_profile: bytes) -> bytes:
 
 def _exif_for(exif: Optional[bytes], width: int, height: int, fmt: str, path: Path) -> Optional[bytes]:
     """``exif`` with the pixel size of the image being written (when it records one)."""
-    from .exif import with_pixel_size
-
     if not exif:
         return None
-    out = with_pixel_size(exif, width, height)
+    try:
+        out = _exif.with_pixel_size(exif, width, height)
+    except _exif.ExifError as e:
+        warnings.warn(f"{path.name}: the EXIF given cannot be read ({e}); written without it")
+        return None
+    if out is None:
+        return None
     if fmt == "JPEG" and len(out) > _JPEG_MAX_EXIF_BYTES:
         warnings.warn(f"{path.name}: the EXIF metadata ({len(out):,} bytes) does not fit a JPEG (64 KiB); "
                       "written without it (save as .png or .webp to keep it)")
@@ -1000,7 +1002,7 @@ def _write_png16(path: Path, q: np.ndarray, icc_profile: Optional[bytes] = None,
         x, y = (max(1, round(v / 0.0254)) for v in dpi)
         out.append(_png_chunk(b"pHYs", struct.pack(">IIB", x, y, 1)))
     if exif:
-        out.append(_png_chunk(b"eXIf", exif[6:] if exif.startswith(b"Exif\x00\x00") else exif))
+        out.append(_png_chunk(b"eXIf", exif.removeprefix(_exif.EXIF_PREFIX)))
     out.append(_png_chunk(b"IDAT", zlib.compress(rows.tobytes(), 6)))
     out.append(_png_chunk(b"IEND", b""))
     with open(path, "wb") as f:

@@ -72,8 +72,8 @@ def upscale_images(
 
     Colour goes through the model one image at a time (memory stays that of one image; a
     smaller tiling found by an out-of-memory retry is kept for the rest of the batch); an alpha
-    channel is upscaled apart and reattached; a single channel, or three equal ones (a grey
-    picture: ComfyUI loads every picture as RGB), is run as grey RGB and comes back grey (the
+    channel is upscaled apart and reattached; a single channel, or three that agree to within 2 levels
+    (a grey picture: ComfyUI loads every picture as RGB), is run as grey RGB and comes back grey (the
     luma of the result, as ``fluxsr upscale`` writes a grey-mode file). Returns
     ``[B, H2, W2, C]`` float32 on ``output_device``.
     """

@@ -910,19 +910,87 @@ def test_grey_means_channels_within_two_levels():
 
 
 def test_exif_structures_that_cannot_be_read_raise_exif_error():
-    """Loops, offsets past the end, absurd counts: an ExifError, never a hang or a huge read."""
+    """Loops, directories past the end, absurd counts, values past the budget: an ExifError, never a
+    hang or a huge read (a 1 MiB file could claim 10 GB by pointing 1000 entries of 1 MiB at the
+    same bytes). One entry whose value is past the end costs only itself; BigTIFF is not read."""
     from fluxsr_core import exif as E
 
-    def tiff(ifd0: bytes) -> bytes:
-        return b"MM\x00*\x00\x00\x00\x08" + ifd0
+    def tiff(*entries: bytes, first: int = 8) -> bytes:
+        return b"MM\x00*" + struct.pack(">I", first) + struct.pack(">H", len(entries)) + b"".join(entries) + bytes(4)
 
-    loop = tiff(b"\x00\x01" + struct.pack(">HHII", 0x8769, 4, 1, 8) + b"\x00\x00\x00\x00")  # Exif IFD = IFD0
-    past_end = tiff(b"\x00\x01" + struct.pack(">HHII", 0x010F, 2, 40, 4000) + b"\x00\x00\x00\x00")
-    huge = tiff(b"\xff\xff")
-    for blob, why in ((loop, "points back"), (past_end, "runs past the end"), (huge, "claims 65535 entries"),
-                      (b"Exif\x00\x00not a tiff", "no TIFF header")):
+    def entry(tag, typ, count, value):
+        return struct.pack(">HHII", tag, typ, count, value)
+
+    loop = tiff(entry(0x8769, 4, 1, 8))  # its Exif directory is itself
+    bomb = tiff(*[entry(0xC000 + i, 7, 1 << 20, 8) for i in range(5)]) + bytes(1 << 20)
+    for blob, why in ((loop, "points back"), (tiff(first=4000), "runs past the end"), (b"MM\x00*" + struct.pack(
+            ">IH", 8, 0xFFFF), "claims 65535 entries"), (b"Exif\x00\x00not a tiff", "no TIFF header"),
+                      (bomb, "more than 4 MiB")):
         with pytest.raises(E.ExifError, match=why):
             E.parse_exif(blob)
+    damaged = tiff(entry(0x010F, 2, 4, 0x4E696B00), entry(0xC350, 7, 40, 100_000_000))  # Make "Nik", a private tag
+    assert E.parse_exif(damaged).directories["0"].entries[0x010F].data == b"Nik\x00"
+    assert E.parse_exif(b"II+\x00\x08\x00\x00\x00" + bytes(16)) is None
+
+
+def test_exif_drops_what_is_false_for_the_result_and_pointers_it_cannot_follow():
+    """The interoperability directory's source format and size go; so does the image's unique id;
+    a pointer in an unexpected place (into the source file) is not copied; EXIF 3.0's UTF-8
+    type is; raw bytes without JPEG's prefix come back with it."""
+    from fluxsr_core import exif as E
+
+    o = ">"
+    ifd0 = {0x010F: E._Entry(0x010F, 2, 6, b"Canon\x00"), 0x0131: E._Entry(0x0131, 129, 4, "Ünï".encode()[:4])}
+    sub = {0xA420: E._Entry(0xA420, 2, 4, b"abc\x00"), 0x8825: E._Entry(0x8825, 4, 1, struct.pack(">I", 77)),
+           0x829A: E._Entry(0x829A, 5, 1, struct.pack(">II", 1, 250))}
+    interop = {1: E._Entry(1, 2, 4, b"R03\x00"), 0x1001: E._Entry(0x1001, 3, 1, struct.pack(">H", 64) + b"\0\0")}
+    src = E.to_bytes(E.Exif(o, {"0": E._Directory(ifd0), "exif": E._Directory(sub), "interop": E._Directory(interop)}))
+    kept = E.parse_exif(E.carried_exif(src))
+    assert set(kept.directories["0"].entries) == {0x010F, 0x0131} and kept.directories["0"].entries[0x0131].type == 129
+    assert set(kept.directories["exif"].entries) == {0x829A} and set(kept.directories["interop"].entries) == {1}
+    raw = src.removeprefix(E.EXIF_PREFIX)  # as a PNG's eXIf chunk holds it
+    assert E.with_pixel_size(raw, 10, 20).startswith(E.EXIF_PREFIX + b"MM\x00*")
+
+
+def test_pillow_warnings_are_notes_of_the_file_in_this_thread_only(tmp_path):
+    """Pillow's warnings while a file loads become its notes; a warning from elsewhere passes
+    through as it was (shown, and once per place under the default filter), and the probe
+    leaves them to the load."""
+    import threading
+    import warnings
+
+    Image.new("RGB", (8, 8)).save(tmp_path / "bad.jpg", exif=b"Exif\x00\x00MM\x00\x2a\xff\xff\xff\xf0")
+    with warnings.catch_warnings(record=True) as shown:
+        warnings.simplefilter("always")
+        I.probe_image(tmp_path / "bad.jpg")
+        loaded = load_image(tmp_path / "bad.jpg")
+    assert not shown and any(n.startswith("Pillow: Corrupt EXIF data") for n in loaded.notes)
+
+    started, done = threading.Event(), threading.Event()
+    real_open = I._open
+
+    def slow_open(p):  # the other thread warns while this one loads
+        started.set()
+        done.wait(5)
+        return real_open(p)
+
+    def elsewhere():
+        started.wait(5)
+        warnings.warn("from another thread", UserWarning)
+        done.set()
+
+    with warnings.catch_warnings(record=True) as shown:
+        warnings.simplefilter("always")
+        I._open = slow_open
+        try:
+            t = threading.Thread(target=elsewhere)
+            t.start()
+            clean = load_image(tmp_path / "bad.jpg")
+            t.join()
+        finally:
+            I._open = real_open
+    assert [str(w.message) for w in shown] == ["from another thread"]
+    assert not any("another thread" in n for n in clean.notes)
 
 
 def test_a_jpeg_too_small_for_the_exif_is_written_without_it(tmp_path):
