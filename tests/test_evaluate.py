@@ -337,3 +337,13 @@ def test_pyiqa_download_attempt_is_refused_and_reported(tmp_path, fake_pyiqa, mo
     rep = E.evaluate_images({"m": {"a": img}}, {"a": img}, 4, metrics="musiq", bicubic=False,
                             weights_dir=tmp_path)
     assert "other.pth is there but was rejected (its checksum does not match" in rep.skipped["musiq"]
+
+
+def test_what_changes_the_pixels_scored_is_logged(tmp_path, caplog):
+    """An animated output is scored on its first frame: the scores say so in the log (the
+    loader's note), not silently."""
+    frames = [Image.new("RGB", (8, 8), (c, c, c)) for c in (10, 200)]
+    frames[0].save(tmp_path / "anim.gif", save_all=True, append_images=frames[1:])
+    caplog.set_level("WARNING", logger="fluxsr.eval")
+    assert E.read_image_8bit(tmp_path / "anim.gif").shape == (8, 8, 3)
+    assert "anim.gif is an animation with 2 frames; only the first was used" in caplog.text

@@ -50,6 +50,7 @@ import argparse
 import contextlib
 import dataclasses
 import json
+import logging
 import math
 import os
 import sys
@@ -755,7 +756,10 @@ def read_image_8bit(path: PathLike) -> np.ndarray:
     alpha ignored) through :func:`fluxsr_core.images.load_image`."""
     from fluxsr_core.images import load_image
 
-    return to_uint8_hwc(load_image(path).rgb[0])
+    loaded = load_image(path)
+    for note in loaded.notes:  # what changes the pixels scored (first frame only, clipped values...)
+        logging.getLogger("fluxsr.eval").warning("%s: %s", path, note)
+    return to_uint8_hwc(loaded.rgb[0])
 
 
 def evaluate_folders(outputs_dir: Union[PathLike, Mapping[str, PathLike]], references_dir: PathLike,

@@ -1181,7 +1181,10 @@ def _load_validation_images(cfg: TrainConfig) -> list[tuple[str, torch.Tensor]]:
                                            (".png", ".jpg", ".jpeg", ".webp", ".bmp", ".tif", ".tiff"))
     s = cfg.degradation.scale
     for f in files[:cfg.validation.count]:
-        rgb = images.load_image(f).rgb.float()
+        loaded = images.load_image(f)
+        for note in loaded.notes:  # (only the first frame used, values clipped, Pillow's warnings...)
+            log.warning("validation image %s: %s", f, note)
+        rgb = loaded.rgb.float()
         h, w = rgb.shape[-2] - rgb.shape[-2] % s, rgb.shape[-1] - rgb.shape[-1] % s
         out.append((f.stem, rgb[..., :h, :w]))
     if not out:
