@@ -208,7 +208,7 @@ class LoadedImage:
 
 
 def load_image(path: str | os.PathLike, max_pixels: Optional[int] = DEFAULT_MAX_INPUT_PIXELS,
-               check_size: Optional[Callable[[int, int], Any]] = None) -> LoadedImage:
+               check_size: Optional[Callable[[int, int], Any]] = None, metadata: bool = True) -> LoadedImage:
     """Read an image file into a :class:`LoadedImage`.
 
     Honours EXIF orientation; uses the first frame of animations and multi-page files (and says
@@ -234,6 +234,8 @@ def load_image(path: str | os.PathLike, max_pixels: Optional[int] = DEFAULT_MAX_
     raise :class:`IntegerRangeError` saying how to convert them.
 
     ``max_pixels`` and ``check_size`` are checked on the header first, as by :func:`probe_image`.
+    ``metadata=False`` leaves ``exif`` and ``dpi`` unread (for pixels that are only scored or
+    trained on, never written back).
     Raises what :func:`probe_image` raises, and :class:`TruncatedImageError`,
     :class:`FloatRangeError`, :class:`IntegerRangeError` or :class:`ImageFileError` for the
     pixels, each naming the file and what to do.
@@ -243,9 +245,9 @@ def load_image(path: str | os.PathLike, max_pixels: Optional[int] = DEFAULT_MAX_
         p, img = _open_checked(path, max_pixels, check_size)
         with img:
             loaded = _load(p, img)
-            # After decoding: a PNG's eXIf chunk may follow its pixel data.
-            loaded.exif = carried_exif(p, img, loaded.notes)
-            loaded.dpi = _dpi_of(img)
+            if metadata:  # after decoding: a PNG's eXIf chunk may follow its pixel data
+                loaded.exif = carried_exif(p, img, loaded.notes)
+                loaded.dpi = _dpi_of(img)
     loaded.notes.extend(pillow_warnings)  # (with a failed load, the error says what matters)
     return loaded
 
@@ -1145,9 +1147,8 @@ def is_gray(rgb: torch.Tensor) -> bool:
     :data:`GRAY_TOLERANCE`: a grey picture in RGB (ComfyUI's LoadImage makes every picture RGB)."""
     if rgb.shape[1] != 3:
         return False
-    r, g, b = rgb[:, 0], rgb[:, 1], rgb[:, 2]
     limit = GRAY_TOLERANCE + 1e-6  # a level's float rounding
-    return bool((r - g).abs().max() <= limit and (g - b).abs().max() <= limit)
+    return bool((rgb.amax(dim=1) - rgb.amin(dim=1)).max() <= limit)
 
 
 def resize(image: torch.Tensor, size: Sequence[int], kind: str = "bicubic",

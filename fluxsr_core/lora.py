@@ -320,7 +320,14 @@ def _as_peft_reads_it(sd: dict[str, torch.Tensor], path: str) -> dict[str, torch
     converter: it renames them too, but on its kohya path, which leaves ``.alpha`` tensors in the
     state dict for peft to drop; renamed first, they are the layers' alphas as next to lora_A/lora_B.
     A layer with a part under both names is refused (which one counts is unclear). Integer
-    ``.alpha`` tensors become float, as kohya's path reads them."""
+    ``.alpha`` tensors become float, as kohya's path reads them. kohya's DoRA magnitudes
+    (``.dora_scale``) are refused, as in kohya naming: diffusers drops them with a log line only,
+    which would merge another LoRA than the file's."""
+    dora = sorted(k for k in sd if k.endswith(".dora_scale"))
+    if dora:
+        raise LoraError(f"{os.path.basename(path)}: '{dora[0]}' is a DoRA magnitude; FluxSR merges plain LoRAs in "
+                        "diffusers naming with kohya's part names (no DoRA magnitudes), and leaving it out would "
+                        "change what the LoRA does")
     out = dict(sd)
     for key in sd:
         for down_up, a_b in _DOWN_UP_AS_A_B.items():
@@ -791,8 +798,9 @@ class _LoraFile:
         rank = Counter(ranks.values()).most_common(1)[0][0]
         # a split layer without a file alpha: peft's alpha scaled to the reported rank, so that
         # alpha / rank stays the scaling applied (kohya's default, alpha = rank)
-        per_alpha = {m: self.file_alphas.get(m, _alpha_for(m, self.cfg) * ranks[m] / self.ranks[m])
-                     for m in self.ranks}
+        per_alpha = {m: self.file_alphas[m] if m in self.file_alphas else
+                     _alpha_for(m, self.cfg) * self.file_ranks[m] / self.ranks[m] if m in self.file_ranks else
+                     _alpha_for(m, self.cfg) for m in self.ranks}
         if self.file_alphas or self.file_ranks:
             alpha = Counter(per_alpha.values()).most_common(1)[0][0]
         else:

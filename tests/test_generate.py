@@ -44,12 +44,15 @@ def inputs(tmp_path_factory):
     return root, Path(bundle), prompts
 
 
-def cfg_for(inputs, out: Path, *extra: str) -> G.GenerateConfig:
+def cfg_args(inputs, out: Path) -> list[str]:
     root, bundle, prompts = inputs
-    return G.load_generate_config(None, ["transformer=tiny", "vae=tiny", "dtype=fp32", "device=cpu",
-                                         f"prompts={str(prompts)!r}", f"output={str(out)!r}", f"bundle={str(bundle)!r}",
-                                         "steps=3", "height=32", "width=48", "pairs_per_prompt=2", "shard_size=2",
-                                         "fsync=false", "progress_bar=false", "init_seed=5", *extra])
+    return ["transformer=tiny", "vae=tiny", "dtype=fp32", "device=cpu", f"prompts={str(prompts)!r}",
+            f"output={str(out)!r}", f"bundle={str(bundle)!r}", "steps=3", "height=32", "width=48", "pairs_per_prompt=2",
+            "shard_size=2", "fsync=false", "progress_bar=false", "init_seed=5"]
+
+
+def cfg_for(inputs, out: Path, *extra: str) -> G.GenerateConfig:
+    return G.load_generate_config(None, [*cfg_args(inputs, out), *extra])
 
 
 def read_all(folder: Path) -> dict[str, dict]:
@@ -459,9 +462,20 @@ def test_independent_runs_with_parts_share_the_work_and_the_folder(inputs, tmp_p
     first = G.generate_pairs(cfg_for(inputs, tmp_path / "shared", *common, "part='1/2'"))
     second = G.generate_pairs(cfg_for(inputs, tmp_path / "shared", *common, "part='2/2'"))
     assert (first.writer_id, second.writer_id) == ("node-part1of2-rank0", "node-part2of2-rank0")
+    # without a prefix, no machine name: a rerun of the part on another node is the same writer
+    assert G.generate_pairs(cfg_for(inputs, tmp_path / "alone", "pairs_per_prompt=1", "part='2/2'")).writer_id == \
+        "part2of2-rank0"
     assert first.written == [pair_id(0, 0), pair_id(2, 2)] and second.written == [pair_id(1, 1)]
     again = G.generate_pairs(cfg_for(inputs, tmp_path / "shared", *common))
     assert again.written == [] and again.skipped == 3 and len(PairDataset(tmp_path / "shared")) == 3
+    # a part run with an edited prompt file is refused, though the changed line is another part's
+    root, bundle, prompts = inputs
+    lines = prompts.read_text().splitlines()
+    edited = tmp_path / "edited.txt"
+    edited.write_text("\n".join([lines[0], "EDITED " + lines[1], *lines[2:]]) + "\n")
+    with pytest.raises(ConfigError, match=r"pair p000001-s1 .* was made from the prompt"):
+        G.generate_pairs(G.load_generate_config(None, [*cfg_args(inputs, tmp_path / "shared"), *common,
+                                                       f"prompts={str(edited)!r}", "part='1/2'"]))
 
 
 def test_ranks_split_the_prompts_and_share_the_folder(inputs, tmp_path, monkeypatch):

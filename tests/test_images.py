@@ -907,6 +907,10 @@ def test_grey_means_channels_within_two_levels():
         off = g.clone()
         off[:, 2, 3, 4] -= levels / 255
         assert I.is_gray(off) is grey, levels
+    spread = g.clone()  # red 2 above green, blue 2 below: red and blue 4 apart
+    spread[:, 0, 3, 4] += 2 / 255
+    spread[:, 2, 3, 4] -= 2 / 255
+    assert not I.is_gray(spread)
 
 
 def test_exif_structures_that_cannot_be_read_raise_exif_error():

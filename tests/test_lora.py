@@ -248,6 +248,11 @@ def test_diffusers_names_with_lora_down_up_parts(tmp_path, lora_file, inputs, pr
     factors_ab, _ = merge_factors(fresh_transformer(), ab_path)
     factors, _ = merge_factors(fresh_transformer(), down_up_path)
     assert {k: f for k, (_, _, f) in factors.items()} == {k: f for k, (_, _, f) in factors_ab.items()}
+    # kohya's DoRA magnitudes under these names are refused (diffusers dropped them: a plain merge)
+    down = next(k for k in as_down_up if k.endswith(".lora_down.weight"))
+    dora = {**as_down_up, down.replace(".lora_down.weight", ".dora_scale"): torch.ones(1, 32)}
+    with pytest.raises(LoraError, match=r"dora.safetensors: '.*\.dora_scale' is a DoRA magnitude"):
+        load_lora(fresh_transformer(), _save(tmp_path, "dora.safetensors", dora))
     # integer alphas (diffusers refused them here; kohya's path always took them) are the same alphas
     int_alphas = {k: (torch.tensor(2) if k.endswith(".alpha") else v) for k, v in as_down_up.items()}
     again = fresh_transformer()
@@ -261,6 +266,16 @@ def test_diffusers_names_with_lora_down_up_parts(tmp_path, lora_file, inputs, pr
     with pytest.raises(LoraError, match=rf"twice.safetensors: layer '{re.escape(module)}' has both a lora_A and a "
                                         r"lora_down weight"):
         load_lora(fresh_transformer(), _save(tmp_path, "twice.safetensors", twice))
+
+
+def test_per_layer_alphas_are_reported_as_the_file_gives_them(tmp_path, lora_file):
+    """An alpha tensor of 0.7 on every layer reports alpha 0.7 and no layer apart (a rank factor
+    applied to every layer made 0.7 * r / r = 0.6999999999999998 differ from it)."""
+    lora = safetensors.torch.load_file(str(lora_file))
+    rank3 = {k: (v[:3] if ".lora_A." in k else v[:, :3]).contiguous() for k, v in lora.items()}  # x * 3 / 3 != x
+    with_alpha = {**rank3, **{k.split(".lora_A.")[0] + ".alpha": torch.tensor(0.7) for k in lora if ".lora_A." in k}}
+    info = load_lora(fresh_transformer(), _save(tmp_path, "a07.safetensors", with_alpha), merge=True)
+    assert info.rank == 3 and info.alpha == pytest.approx(0.7) and info.alphas == {}
 
 
 @pytest.mark.parametrize("metadata", [{KEY_LORA_ALPHA: "nan"}, {KEY_LORA_ALPHA: "inf"},

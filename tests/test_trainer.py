@@ -183,6 +183,9 @@ def test_compute_losses_combines_the_configured_weights():
     assert ((x_h < 0) | (x_h > 1)).any()  # this random tiny VAE overshoots
     assert p.mse.item() == pytest.approx(torch.nn.functional.mse_loss(x_h, x0).item(), rel=1e-6)
     assert p.mse.item() != pytest.approx(torch.nn.functional.mse_loss(x_h.clamp(0, 1), x0).item(), rel=1e-4)
+    clamped = T.compute_losses(vel, codec, z_l=z_l, z0=z0, eps=eps, x0=x0, cond=cond, t_l=0.25, ftd_t=t,
+                               loss=T.LossConfig(w_ftd=0, w_mse=1, w_tvlpips=0, w_adl=0, clamp_decoded=True))
+    assert clamped.mse.item() == pytest.approx(torch.nn.functional.mse_loss(x_h.clamp(0, 1), x0).item(), rel=1e-6)
     # the ADL features came from the SR branch only: the hook is inactive again afterwards
     assert not hook.active
     hook.remove()

@@ -610,8 +610,9 @@ class Recipe:
             data=T.DataConfig(pairs=str(self.pairs_dir), conditioning=str(self.bundle_path), teacher_image="auto",
                               batch_size=c.student_batch, seed=c.seed),
             degradation=DegradationConfig(scale=SCALE),
+            # clamped as when the shipped demo was made (0.3.0), so the recipe still rebuilds it exactly
             loss=T.LossConfig(w_ftd=c.w_ftd, w_mse=c.w_mse, w_tvlpips=c.w_tvlpips, w_adl=c.w_adl,
-                              perceptual=c.perceptual),
+                              perceptual=c.perceptual, clamp_decoded=True),
             optim=T.OptimConfig(lr=c.student_lr, weight_decay=0.0, schedule="cosine",
                                 warmup_steps=max(1, c.student_steps // 20)),
             ema=T.EmaConfig(enabled=True, decay=c.ema_decay),

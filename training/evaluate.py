@@ -756,7 +756,7 @@ def read_image_8bit(path: PathLike) -> np.ndarray:
     alpha ignored) through :func:`fluxsr_core.images.load_image`."""
     from fluxsr_core.images import load_image
 
-    loaded = load_image(path)
+    loaded = load_image(path, metadata=False)
     for note in loaded.notes:  # what changes the pixels scored (first frame only, clipped values...)
         logging.getLogger("fluxsr.eval").warning("%s: %s", path, note)
     return to_uint8_hwc(loaded.rgb[0])

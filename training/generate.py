@@ -21,7 +21,8 @@ whose index ``i`` has ``i % W == r`` and writes as ``<writer_prefix>-rank<r>`` (
 a restarted rank resumes its own files). Independent runs (SLURM array tasks, machines that
 share a folder but no launcher) split the prompts with ``part = "K/N"``: run ``K`` takes the
 prompts with ``i % N == K - 1`` (its ranks share those evenly) and writes as
-``<writer_prefix>-part<K>of<N>-rank<r>``; without it, independent runs would each sample every
+``[<writer_prefix>-]part<K>of<N>-rank<r>`` (no machine name by default, so a rerun elsewhere
+resumes it); without it, independent runs would each sample every
 pair (never storing one twice, but doing the work N times).
 
 Prompt files: ``.txt`` (one prompt per non-empty line) or ``.jsonl`` (one object per line with
@@ -736,15 +737,21 @@ def generate_pairs(cfg: GenerateConfig, on_pair: Optional[Callable[[str], None]]
     # Before the output folder is made: a bad bundle, encoder or transformer path fails here.
     memory_mode, mode_reason = _resolve_memory_mode(cfg, dtype, dev, world)
     recipe = pair_recipe(cfg, dtype, memory_mode)
-    # a part of its own in the id: two parts on one machine must not take each other's lock
-    in_part = f"-part{part[0]}of{part[1]}" if part[1] > 1 else ""
-    writer_id = f"{cfg.writer_prefix or _stable_writer_prefix()}{in_part}-rank{rank}"
+    # A part's id is its own (two parts on one machine must not take each other's lock) and, by
+    # default, without the machine's name: a rerun of a SLURM array task lands on another node
+    # and must resume the same writer (its temporary files, its unlisted shard).
+    if part[1] > 1:
+        writer_id = f"{cfg.writer_prefix + '-' if cfg.writer_prefix else ''}part{part[0]}of{part[1]}-rank{rank}"
+    else:
+        writer_id = f"{cfg.writer_prefix or _stable_writer_prefix()}-rank{rank}"
 
     with PairWriter(cfg.output, writer_id=writer_id, shard_size=cfg.shard_size, fsync=cfg.fsync) as writer:
         pending_ids = set(writer.pending([j.pair_id for j in mine]))
         done = [j for j in mine if j.pair_id not in pending_ids]
         records = _stored_records(cfg.output)
-        _check_stored_pairs_match(cfg, recipe, done, records)
+        # every stored pair of the prompt file, not only this share's: another part (or rank) may
+        # have stored a line that this run's file now reads otherwise
+        _check_stored_pairs_match(cfg, recipe, [j for j in all_jobs if j.pair_id in records], records)
         restore = _conditionings_to_restore(writer, cfg, done, records)
         todo = [j for j in mine if j.pair_id in pending_ids]
         if cfg.limit:

@@ -163,7 +163,9 @@ class LossConfig:
     needs a local torchvision backbone: ``perceptual_path`` or the torch hub cache;
     ``stlpips-vgg`` ships in the stlpips-pytorch wheel; ``random-test`` is for tests only).
     ``tv_gamma``: weight of the TV-map term. ``adl_blocks``: blocks whose image tokens ADL
-    uses. The paper publishes no weights; these defaults are ours."""
+    uses. ``clamp_decoded``: clamp the decoded one-step image to [0, 1] before MSE and TV-LPIPS
+    (0.3.0's way; a clamped pixel passes no gradient, so by default they see the overshoot).
+    The paper publishes no weights; these defaults are ours."""
 
     w_ftd: float = 1.0
     w_mse: float = 1.0
@@ -173,6 +175,7 @@ class LossConfig:
     perceptual_path: str = ""
     tv_gamma: float = 1.0
     adl_blocks: str = DEFAULT_ADL_BLOCKS
+    clamp_decoded: bool = False
 
 
 @dataclass
@@ -764,7 +767,7 @@ def compute_losses(velocity, codec, *, z_l: torch.Tensor, z0: torch.Tensor, eps:
                    adl_hook: Optional[ADLFeatureHook] = None) -> LossParts:
     """The FluxSR training loss for one batch (FLUXSR.md section 2).
 
-    ``codec``: a :class:`~fluxsr_core.models.DiffusersCodec` (its unclamped decode is used).
+    ``codec``: a :class:`~fluxsr_core.models.DiffusersCodec` (``decode(..., clamp=...)``).
     ``z_l``, ``z0``, ``eps``: ``[B, 16, h, w]``; ``x0``: the teacher image ``[B, 3, H, W]`` in
     [0, 1] (needed when ``w_mse`` or ``w_tvlpips`` > 0); ``ftd_t``: FTD times ``[B]`` in
     [T_L, 1] (needed when ``w_ftd`` > 0). The SR branch is ``flow.one_step_sr`` and runs only
@@ -785,7 +788,7 @@ def compute_losses(velocity, codec, *, z_l: torch.Tensor, z0: torch.Tensor, eps:
         if need_image:
             if x0 is None:
                 raise ValueError("MSE / TV-LPIPS need the teacher image x0")
-            x_h = codec.decode(z_h, clamp=False).float()  # overshoot past [0, 1] gets its gradient
+            x_h = codec.decode(z_h, clamp=loss.clamp_decoded).float()  # unclamped: overshoot gets a gradient
             target = x0.to(x_h.device, torch.float32)
             if loss.w_mse > 0:
                 terms["mse"] = F.mse_loss(x_h, target)
@@ -1168,7 +1171,9 @@ def _mixed_precision(name: str, device_type: str) -> str:
     return name
 
 
-def _load_validation_images(cfg: TrainConfig) -> list[tuple[str, torch.Tensor]]:
+def _load_validation_images(cfg: TrainConfig, say_notes: bool = True) -> list[tuple[str, torch.Tensor]]:
+    """``validation.images`` as ``(name, rgb)``, cropped to the scale; ``say_notes``: log what the
+    loader noted about them (the main process does, once)."""
     from fluxsr_core import images
 
     out: list[tuple[str, torch.Tensor]] = []
@@ -1181,8 +1186,8 @@ def _load_validation_images(cfg: TrainConfig) -> list[tuple[str, torch.Tensor]]:
                                            (".png", ".jpg", ".jpeg", ".webp", ".bmp", ".tif", ".tiff"))
     s = cfg.degradation.scale
     for f in files[:cfg.validation.count]:
-        loaded = images.load_image(f)
-        for note in loaded.notes:  # (only the first frame used, values clipped, Pillow's warnings...)
+        loaded = images.load_image(f, metadata=False)
+        for note in loaded.notes if say_notes else ():  # (only the first frame used, values clipped...)
             log.warning("validation image %s: %s", f, note)
         rgb = loaded.rgb.float()
         h, w = rgb.shape[-2] - rgb.shape[-2] % s, rgb.shape[-1] - rgb.shape[-1] % s
@@ -1390,7 +1395,7 @@ class _Run:
         if self.main:
             for text in config_warnings(cfg):
                 log.warning("%s", text)
-        self._validation_images = _load_validation_images(cfg)  # bad validation paths fail here
+        self._validation_images = _load_validation_images(cfg, say_notes=self.main)  # bad paths fail here
         if cfg.validation.every and (cfg.validation.count < 1
                                      or (not self._validation_images and not self.holdout_indices)):
             raise ConfigError(f"validation.every={cfg.validation.every} but there is nothing to validate on: set "
@@ -1588,7 +1593,8 @@ class _Run:
         if self.fixed_bundle is not None:
             self.fixed_bundle.check_fits(config)
             return
-        # One pair's conditioning stands for all: `pairs` refuses to mix encoders in one folder.
+        # One pair's conditioning stands for all: `fluxsr-train pairs` refuses to mix encoders in one
+        # folder (pairs of other widths added otherwise fail at their first batch).
         problems = conditioning_width_problems(self.val_cond.t5, self.val_cond.clip_pooled, config)
         if problems:
             raise ConfigError(f"the conditionings in {self.cfg.data.pairs} do not fit {self.cfg.model.transformer}: "
