@@ -88,6 +88,10 @@ class Exif:
 
 # --- reading ---------------------------------------------------------------------------------
 
+class _CutShort(ExifError):
+    """A value or directory runs past the end of the data."""
+
+
 class _BigTiff(Exception):
     """A BigTIFF structure (only TIFF files use it): not read here, and not an error."""
 
@@ -112,7 +116,7 @@ class _Reader:
         self.fp.seek(offset)
         data = self.fp.read(size)
         if len(data) < size:
-            raise ExifError(f"a value at offset {offset} runs past the end")
+            raise _CutShort(f"a value at offset {offset} runs past the end")
         return data
 
     def directory(self, offset: int) -> dict[int, _Entry]:
@@ -137,9 +141,7 @@ class _Reader:
             else:
                 try:
                     data = self.read(struct.unpack(self.order + "I", value)[0], size)
-                except ExifError as e:
-                    if "runs past the end" not in str(e):
-                        raise
+                except _CutShort:
                     continue  # one damaged entry (often one that is dropped anyway) costs only itself
             entries[tag] = _Entry(tag, typ, count, data)
         return entries

@@ -269,8 +269,8 @@ def carried_exif(p: Path, img: Image.Image, notes: Optional[list[str]] = None) -
         return _exif.carried_exif(bytes(raw)) if raw else None
     except (_exif.ExifError, ValueError, TypeError, OSError) as e:
         if notes is not None:
-            notes.append(f"its EXIF metadata could not be copied ({type(e).__name__}: {e}); the result is "
-                         "written without it")
+            why = str(e) if isinstance(e, _exif.ExifError) else f"{type(e).__name__}: {e}"
+            notes.append(f"its EXIF metadata could not be copied ({why}); the result is written without it")
         return None
 
 

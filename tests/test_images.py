@@ -818,7 +818,7 @@ def test_a_damaged_exif_costs_the_metadata_not_the_picture(tmp_path, suffix, blo
     if suffix == ".jpg" and why == "a value at offset":
         assert any(n.startswith("Pillow: Corrupt EXIF data") for n in loaded.notes), loaded.notes
     assert loaded.exif is None and loaded.rgb.shape == (1, 3, 8, 8)
-    assert any(f"EXIF metadata could not be copied (ExifError: {why}" in n for n in loaded.notes), loaded.notes
+    assert any(f"EXIF metadata could not be copied ({why}" in n for n in loaded.notes), loaded.notes
     if suffix != ".jpg" and why == "no TIFF header":  # where Pillow raised
         assert any("EXIF metadata cannot be parsed" in n and "orientation" in n for n in loaded.notes)
     Image.new("RGB", (8, 8)).save(tmp_path / "plain.png")
