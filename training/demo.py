@@ -610,7 +610,7 @@ class Recipe:
             data=T.DataConfig(pairs=str(self.pairs_dir), conditioning=str(self.bundle_path), teacher_image="auto",
                               batch_size=c.student_batch, seed=c.seed),
             degradation=DegradationConfig(scale=SCALE),
-            # clamped as when the shipped demo was made (0.3.0), so the recipe still rebuilds it exactly
+            # the image losses clamped, as when the shipped demo was made (before 0.3.1)
             loss=T.LossConfig(w_ftd=c.w_ftd, w_mse=c.w_mse, w_tvlpips=c.w_tvlpips, w_adl=c.w_adl,
                               perceptual=c.perceptual, clamp_decoded=True),
             optim=T.OptimConfig(lr=c.student_lr, weight_decay=0.0, schedule="cosine",
@@ -962,9 +962,10 @@ def render_markdown(report: dict) -> str:
         "python -m fluxsr_training.demo --quick --out /tmp/demo-quick  # smoke test, a few minutes",
         "```",
         "",
-        "Every step is seeded; the numbers repeat exactly on the same machine with the same thread count "
-        "(CPU kernels may round differently elsewhere). `fluxsr_core/demo/report.json` holds every number "
-        "above, per image, plus the full recipe configuration.",
+        "Every step is seeded: the same code on the same machine and thread count repeats the numbers "
+        "exactly (CPU kernels may round differently elsewhere, and later code changes move them a little). "
+        "`fluxsr_core/demo/report.json` holds every number above, per image, plus the full recipe "
+        "configuration.",
         "",
     ]
     return "\n".join(lines)
