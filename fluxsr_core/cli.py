@@ -446,7 +446,7 @@ def run_upscale(args) -> int:
     output places), load the models only if something is left to do, then upscale and write each
     image; returns the exit code (0 all done, 1 some failed, 130/143 interrupted)."""
     from .flow import check_t_l
-    from .images import is_gray, load_image, luma, probe_image
+    from .images import load_image, probe_image
     from .models import parse_speedups
     from .upscaler import UpscaleOptions, output_size, upscale_loaded_image
 
@@ -563,13 +563,6 @@ def run_upscale(args) -> int:
                 loaded = load_image(job.source, check_size=check_size)
                 for note in loaded.notes:
                     say(f"note {job.source}: {note}")
-                # A grey picture stored as colour (scans, black-and-white photos saved as RGB) comes
-                # back grey, as from the ComfyUI node: the model may tint it a little. Grey-mode files
-                # need nothing here (save_image writes them as one luma channel).
-                gray_in_color = not loaded.grayscale and is_gray(loaded.rgb)
-                if gray_in_color:
-                    say(f"note {job.source}: a grey picture (its three colour channels agree to within 2 levels): "
-                        "the result is made grey too (its luma, in all three channels)")
                 if not quiet:
                     from tqdm.auto import tqdm
                     tile_bar = tqdm(total=None, unit="tile", desc=job.source.name, leave=False, file=sys.stderr)
@@ -582,8 +575,9 @@ def run_upscale(args) -> int:
 
                 result = upscale_loaded_image(loaded, velocity, codec, cond, options, progress=progress,
                                               on_retry=on_retry, configure_codec=configure_codec)
-                if gray_in_color:
-                    result.rgb = luma(result.rgb).clamp(0, 1).expand(-1, 3, -1, -1)
+                if result.gray_in_color:
+                    say(f"note {job.source}: a grey picture (its three colour channels agree to within 2 levels): "
+                        "the result is made grey too (its luma, in all three channels)")
                 if not writer.submit(job, result):  # the disk filled while it upscaled: not done, said so
                     say(f"not written: {job.source} (the disk is full; it is among the images not done)")
             except KeyboardInterrupt:

@@ -171,7 +171,9 @@ def upscale_tensor_with_retry(
 
 @dataclass
 class UpscaledImage:
-    """An upscaled image ready to save: rgb ``[1, 3, H, W]``, alpha ``[1, 1, H, W]`` or None."""
+    """An upscaled image ready to save: rgb ``[1, 3, H, W]``, alpha ``[1, 1, H, W]`` or None.
+    ``gray_in_color``: the source was a grey picture stored as colour, so ``rgb`` is the luma of
+    the model's output in all three channels."""
 
     rgb: torch.Tensor
     alpha: Optional[torch.Tensor]
@@ -181,6 +183,7 @@ class UpscaledImage:
     icc_profile: Optional[bytes] = None
     exif: Optional[bytes] = None
     dpi: Optional[tuple[float, float]] = None
+    gray_in_color: bool = False
 
 
 def upscale_loaded_image(
@@ -194,13 +197,21 @@ def upscale_loaded_image(
     on_retry: Optional[Callable[[TilingConfig, BaseException], None]] = None,
     configure_codec: Optional[Callable[[TilingConfig], None]] = None,
 ) -> UpscaledImage:
-    """Upscale a :class:`fluxsr_core.images.LoadedImage`: colour through the model, alpha apart."""
+    """Upscale a :class:`fluxsr_core.images.LoadedImage`: colour through the model, alpha apart.
+
+    A grey picture stored as colour (channels equal to within :data:`images.GRAY_TOLERANCE`: scans,
+    black-and-white photos saved as RGB) comes back grey, the luma of the result in every channel,
+    as from the ComfyUI node: the model may tint it. Grey-mode files are written as one luma
+    channel by :func:`images.save_image` instead."""
     rgb, used = upscale_tensor_with_retry(loaded.rgb, model, codec, cond, options, progress,
                                           cancel_check, on_retry, configure_codec)
+    gray_in_color = not loaded.grayscale and images.is_gray(loaded.rgb)
+    if gray_in_color:
+        rgb = images.luma(rgb).clamp(0, 1).expand(-1, 3, -1, -1)
     alpha = None
     if loaded.alpha is not None:
         alpha = images.upscale_alpha(loaded.alpha.to(rgb.device), tuple(rgb.shape[-2:]))
     return UpscaledImage(rgb=rgb, alpha=alpha, bit_depth=loaded.bit_depth,
                          grayscale=loaded.grayscale, tiling=used,
                          icc_profile=getattr(loaded, "icc_profile", None), exif=getattr(loaded, "exif", None),
-                         dpi=getattr(loaded, "dpi", None))
+                         dpi=getattr(loaded, "dpi", None), gray_in_color=gray_in_color)
