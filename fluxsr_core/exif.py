@@ -196,10 +196,11 @@ def _carried_part(exif: Exif, from_tiff_file: bool) -> Optional[Exif]:
 
 # --- writing ---------------------------------------------------------------------------------
 
-def _short_or_long(order: str, value: int) -> _Entry:
+def _short_or_long(order: str, tag: int, value: int) -> _Entry:
+    """An entry holding one unsigned integer, as a SHORT when it fits (EXIF's sizes may be either)."""
     if value <= 0xFFFF:
-        return _Entry(0, _SHORT, 1, struct.pack(order + "H", value))
-    return _Entry(0, _LONG, 1, struct.pack(order + "I", value))
+        return _Entry(tag, _SHORT, 1, struct.pack(order + "H", value))
+    return _Entry(tag, _LONG, 1, struct.pack(order + "I", value))
 
 
 def to_bytes(exif: Exif) -> bytes:
@@ -254,8 +255,7 @@ def with_pixel_size(exif_bytes: bytes, width: int, height: int) -> Optional[byte
         return to_bytes(exif)
     entries = exif.directories["exif"].entries
     for tag, value in ((EXIF_IMAGE_WIDTH, width), (EXIF_IMAGE_HEIGHT, height)):
-        e = _short_or_long(exif.byte_order, value)
-        entries[tag] = _Entry(tag, e.type, 1, e.data)
+        entries[tag] = _short_or_long(exif.byte_order, tag, value)
     return to_bytes(exif)
 
 
