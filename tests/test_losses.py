@@ -9,7 +9,8 @@ import torch
 import torch.utils.checkpoint
 
 from fluxsr_core.interfaces import Conditioning
-from fluxsr_training.losses import (ADLFeatureHook, attention_diversification_loss, ftd_loss,
+from fluxsr_training.losses import (ADLAttentionHook, ADLFeatureHook, attention_diversification_loss,
+                                    attention_map_diversification_loss, ftd_loss, make_adl_hook,
                                     parse_block_spec, total_variation_map, tv_lpips,
                                     tv_map_to_lpips_range)
 
@@ -148,6 +149,67 @@ def test_adl_gradient_lowers_similarity():
     assert attention_diversification_loss(x).item() < first - 0.1
 
 
+def attention_rows_by_hand(q, k):
+    """softmax(q k^T / sqrt(d)) row by row, in float64, with loops: the reference."""
+    b, h, s, d = q.shape
+    rows = torch.zeros(b, h, s, k.shape[2], dtype=torch.float64)
+    for i in range(b):
+        for j in range(h):
+            for n in range(s):
+                logits = [float(q[i, j, n] @ k[i, j, m]) / math.sqrt(d) for m in range(k.shape[2])]
+                top = max(logits)
+                e = [math.exp(x - top) for x in logits]
+                rows[i, j, n] = torch.tensor([x / sum(e) for x in e], dtype=torch.float64)
+    return rows
+
+
+def test_attention_map_adl_hand_computed():
+    g = torch.Generator().manual_seed(0)
+    q, k = torch.randn(2, 3, 4, 8, generator=g), torch.randn(2, 3, 7, 8, generator=g)
+    rows = attention_rows_by_hand(q, k)
+    cos = [float(rows[i, j, n] @ rows[i, j].mean(0)) /
+           (float(rows[i, j, n].norm()) * float(rows[i, j].mean(0).norm()))
+           for i in range(2) for j in range(3) for n in range(4)]
+    assert attention_map_diversification_loss(q, k).item() == pytest.approx(sum(cos) / len(cos), rel=1e-5)
+    # every query attends alike (here: all keys equal, so each row is uniform): 1
+    assert attention_map_diversification_loss(q, torch.ones(2, 3, 7, 8)).item() == pytest.approx(1.0)
+    # half the queries look at key 0 only, half at key 1 only: rows (1,0), (0,1), mean (.5,.5): 1/sqrt(2)
+    sharp = torch.tensor([[[[40.0, 0.0], [0.0, 40.0]]]])
+    assert attention_map_diversification_loss(sharp, torch.eye(2)[None, None]).item() == \
+        pytest.approx(1 / math.sqrt(2), rel=1e-6)
+    assert attention_map_diversification_loss(q.half(), k.half()).dtype == torch.float32
+    for bad_q, bad_k in [(q[0], k), (q, k[:1]), (q, k[..., :4]), (q[:, :, :0], k)]:
+        with pytest.raises(ValueError, match=r"queries \[B, H, S, d\]"):
+            attention_map_diversification_loss(bad_q, bad_k)
+
+
+def test_attention_form_sees_a_pattern_around_zero_mean_that_the_token_form_scores_0():
+    """Tokens that alternate +v, -v (a period-2 pattern around a zero mean): the token form calls
+    them perfectly diverse (0, its minimum); as queries and keys, each token attends to the tokens
+    of its own phase, so the attention rows repeat with the pattern and score well above 0."""
+    v = torch.tensor([3.0, 1.0, -2.0, 0.5])
+    tokens = torch.stack([v if n % 2 == 0 else -v for n in range(8)])[None]   # [1, 8, 4]
+    assert attention_diversification_loss(tokens).item() == 0.0
+    as_heads = tokens[:, None]                                                # [1, 1, 8, 4]
+    periodic = attention_map_diversification_loss(as_heads, as_heads).item()
+    assert periodic == pytest.approx(1 / math.sqrt(2), abs=1e-3)   # two phases: as "sharp" above
+    varied = torch.randn(1, 1, 8, 4, generator=torch.Generator().manual_seed(3)) * 3
+    assert attention_map_diversification_loss(varied, varied).item() < periodic
+
+
+def test_attention_map_adl_gradient_lowers_similarity():
+    g = torch.Generator().manual_seed(1)
+    q = (torch.randn(1, 2, 5, 4, generator=g) * 0.1).requires_grad_(True)   # near-uniform rows: ~1
+    k = torch.randn(1, 2, 6, 4, generator=g)
+    opt = torch.optim.SGD([q], lr=2.0)
+    first = attention_map_diversification_loss(q, k).item()
+    for _ in range(30):
+        opt.zero_grad()
+        attention_map_diversification_loss(q, k).backward()
+        opt.step()
+    assert attention_map_diversification_loss(q, k).item() < first - 0.1
+
+
 def test_parse_block_spec():
     assert parse_block_spec("double:0,5;single:10", 19, 38) == [("double", 0), ("double", 5), ("single", 10)]
     assert parse_block_spec(["double:-1", "single:all"], 2, 3) == [
@@ -188,7 +250,7 @@ def test_hook_collects_image_tokens_of_the_right_blocks(tiny):
             feats = hook.features()
             assert hook.labels == ["double:0", "single:0"]
             assert [tuple(f.shape) for f in feats] == [(2, 6, 32), (2, 6, 32)]  # image tokens only
-            assert torch.equal(feats[0], ref["after_double"])
+            assert torch.equal(feats[0], ref["after_double"][:, -6:])  # diffusers < 0.35 passes [text; image]
             assert torch.equal(feats[1], ref["after_single"])
             assert hook.loss().item() == pytest.approx(attention_diversification_loss(feats).item())
         n_hooks = len(tr.transformer_blocks[0]._forward_hooks) + len(tr.single_transformer_blocks[0]._forward_hooks)
@@ -213,7 +275,8 @@ def test_hook_capture_and_missing_features(tiny):
         assert hook.features()[0] is first and first.shape[0] == 1
 
 
-def test_hook_on_peft_model_and_gradient_checkpointing(tiny):
+@pytest.mark.parametrize("form", ["tokens", "attention"])
+def test_hook_on_peft_model_and_gradient_checkpointing(tiny, form):
     from peft import LoraConfig
 
     from fluxsr_core.models import DiffusersVelocity, load_transformer
@@ -232,23 +295,30 @@ def test_hook_on_peft_model_and_gradient_checkpointing(tiny):
         vel = DiffusersVelocity(tr, compute_dtype=torch.float32)
         # Without early stop the checkpoint recomputes whole blocks during backward, firing
         # the forward hooks again: the hook must ignore those calls.
-        with ADLFeatureHook(tr, "double:0;single:0") as hook, \
+        with make_adl_hook(tr, form, "double:0;single:0", queries=4) as hook, \
                 torch.utils.checkpoint.set_checkpoint_early_stop(False):
             hook.active = True                                 # record every forward (default)
             vel(latent, torch.tensor([0.5, 0.5]), cond)
-            feats = hook.features()
-            assert all(f.requires_grad for f in feats)
-            hook.loss().backward()
-            assert all(a is b for a, b in zip(hook.features(), feats))  # not overwritten
-        g = {n: p.grad.clone() for n, p in tr.named_parameters() if p.requires_grad}
+            recorded = {lb: dict(v) if isinstance(v, dict) else v for lb, v in hook._recorded.items()}
+            loss = hook.loss(sample_seeds=[1, 2])
+            assert loss.requires_grad
+            loss.backward()
+            for lb, v in hook._recorded.items():               # not overwritten by the recomputation
+                if isinstance(v, dict):
+                    assert v.keys() == recorded[lb].keys() and all(v[n] is recorded[lb][n] for n in v)
+                else:
+                    assert v is recorded[lb]
+        # (the attention form reaches no value or MLP weight of the last block it reads)
+        g = {n: p.grad.clone() for n, p in tr.named_parameters() if p.requires_grad and p.grad is not None}
         assert g and any(v.abs().sum() > 0 for v in g.values())
         grads.append(g)
+    assert grads[0].keys() == grads[1].keys()
     for n in grads[0]:
         assert torch.allclose(grads[0][n], grads[1][n], atol=1e-6), n
 
 
 class _OldSingleBlock(torch.nn.Module):
-    """Mimics diffusers < 0.32: takes and returns the joint [text; image] tokens."""
+    """Mimics diffusers < 0.35: takes and returns the joint [text; image] tokens."""
 
     def forward(self, hidden_states):
         return hidden_states * 2.0
@@ -284,3 +354,91 @@ def test_hook_handles_joint_token_output_of_older_diffusers():
 def test_hook_needs_a_flux_model():
     with pytest.raises(ValueError, match="no FLUX transformer"):
         ADLFeatureHook(torch.nn.Linear(2, 2), "double:0")
+
+
+class AttentionSpy:
+    """Records the queries and keys torch's SDPA gets (diffusers' native path, any version)."""
+
+    def __init__(self, monkeypatch):
+        self.calls = []
+        real = torch.nn.functional.scaled_dot_product_attention
+
+        def spy(*args, **kwargs):
+            q = kwargs.get("query", args[0] if args else None)
+            k = kwargs.get("key", args[1] if len(args) > 1 else None)
+            self.calls.append((q.detach().clone(), k.detach().clone()))
+            return real(*args, **kwargs)
+
+        monkeypatch.setattr(torch.nn.functional, "scaled_dot_product_attention", spy)
+
+
+@pytest.mark.parametrize("latent_hw,text_tokens", [((4, 6), 5),    # 6 image tokens, 5 text
+                                                   ((2, 4), 2)])   # 2 and 2 tokens = 2 heads: the shapes cannot tell the layout
+def test_attention_hook_gives_the_queries_and_keys_the_attention_used(tiny, monkeypatch, latent_hw, text_tokens):
+    tr, vel, _, _ = tiny
+    g = torch.Generator().manual_seed(4)
+    cond = Conditioning(t5=torch.randn(1, text_tokens, 32, generator=g), clip_pooled=torch.randn(1, 16, generator=g))
+    latent = torch.randn(2, 16, *latent_hw, generator=g)
+    n_img = latent_hw[0] * latent_hw[1] // 4
+    spy = AttentionSpy(monkeypatch)
+    with ADLAttentionHook(tr, "double:0;single:0", queries=10_000) as hook:
+        with torch.no_grad():
+            vel(latent, torch.tensor([0.5, 0.5]), cond)
+        inputs = hook.attention_inputs()
+        assert len(spy.calls) == 2 and len(inputs) == 2          # double block, then single block
+        for (q, k), (seen_q, seen_k) in zip(inputs, spy.calls):
+            assert q.shape == (2, 2, n_img, 16) and k.shape == (2, 2, n_img + text_tokens, 16)
+            assert torch.equal(q, seen_q[:, :, -n_img:])          # image queries, text first in the model
+            assert torch.equal(k, seen_k)
+        # queries >= image tokens: every query, no sampling
+        expected = torch.stack([attention_map_diversification_loss(q[:, :, -n_img:], k) for q, k in spy.calls]).mean()
+        assert hook.loss().item() == pytest.approx(expected.item(), rel=1e-6)
+
+
+def test_attention_hook_samples_queries_per_sample_seed(tiny, monkeypatch):
+    tr, vel, cond, latent = tiny                                  # 6 image tokens per sample
+    spy = AttentionSpy(monkeypatch)
+    with ADLAttentionHook(tr, "double:0;single:0", queries=3) as hook:
+        with torch.no_grad():
+            vel(latent, torch.tensor([0.5, 0.5]), cond)
+        seeded = hook.loss(sample_seeds=[11, 12]).item()
+        assert hook.loss(sample_seeds=[11, 12]).item() == seeded
+        assert hook.loss(sample_seeds=[11, 13]).item() != seeded
+        # the reference: seed s picks randperm(6)[:3] of its sample's image queries, in every block
+        picks = [torch.randperm(6, generator=torch.Generator().manual_seed(s))[:3] for s in (11, 12)]
+        per_block = []
+        for q, k in spy.calls:
+            q_img = q[:, :, -6:]
+            chosen = torch.stack([q_img[i][:, picks[i]] for i in range(2)])
+            per_block.append(attention_map_diversification_loss(chosen, k))
+        assert seeded == pytest.approx(torch.stack(per_block).mean().item(), rel=1e-6)
+        # a sample's value depends on its seed only, so splitting a batch over processes agrees
+        first = hook.loss(sample_seeds=[11, 12]).item()
+        spy.calls.clear()
+        with torch.no_grad():
+            vel(latent[:1], torch.tensor([0.5]), cond)
+        alone = hook.loss(sample_seeds=[11]).item()
+        with torch.no_grad():
+            vel(latent[1:], torch.tensor([0.5]), cond)
+        assert (alone + hook.loss(sample_seeds=[12]).item()) / 2 == pytest.approx(first, rel=1e-5)
+        with pytest.raises(ValueError, match="1 sample seeds for a batch of 2"):
+            vel(latent, torch.tensor([0.5, 0.5]), cond)
+            hook.loss(sample_seeds=[1])
+        # without seeds: the hook's own generator, so the draw moves on from call to call
+        assert hook.loss().item() != hook.loss().item() or hook.loss().item() != hook.loss().item()
+
+
+def test_attention_hook_errors(tiny):
+    tr, vel, cond, latent = tiny
+    with pytest.raises(ValueError, match="at least one query"):
+        ADLAttentionHook(tr, "single:0", queries=0)
+    with pytest.raises(ValueError, match="unknown ADL form 'maps'; use one of tokens, attention"):
+        make_adl_hook(tr, "maps")
+    assert isinstance(make_adl_hook(tr, "attention", "single:0", queries=7), ADLAttentionHook)
+    with ADLAttentionHook(tr, "double:0", active=False) as hook:
+        with pytest.raises(RuntimeError, match="no attention inputs from blocks"):
+            hook.loss()
+        assert len(tr.transformer_blocks[0].attn.norm_q._forward_hooks) == 1
+    assert len(tr.transformer_blocks[0].attn.norm_q._forward_hooks) == 0   # removed on exit
+    with pytest.raises(ValueError, match="no attention with norm_q, norm_k.*adl_form=tokens"):
+        ADLAttentionHook(_OldFlux(), "single:0")

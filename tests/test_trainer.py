@@ -201,17 +201,17 @@ def test_compute_losses_combines_the_configured_weights():
 
 def test_zero_weight_terms_are_not_even_built(pairs, tmp_path, monkeypatch, caplog):
     built_hooks, built_perceptual = [], []
-    real_hook = T.ADLFeatureHook
+    real_hook = T.make_adl_hook
 
-    def spy_hook(model, blocks, active=True):
-        h = real_hook(model, blocks, active=active)
+    def spy_hook(model, form, blocks, **kwargs):
+        h = real_hook(model, form, blocks, **kwargs)
         built_hooks.append((h, blocks))
         return h
 
     import fluxsr_training.perceptual as perceptual
 
     real_load = perceptual.load_perceptual
-    monkeypatch.setattr(T, "ADLFeatureHook", spy_hook)
+    monkeypatch.setattr(T, "make_adl_hook", spy_hook)
     monkeypatch.setattr(perceptual, "load_perceptual",
                         lambda *a, **k: built_perceptual.append(a) or real_load(*a, **k))
     caplog.set_level(logging.INFO, logger="fluxsr.train")
@@ -226,6 +226,7 @@ def test_zero_weight_terms_are_not_even_built(pairs, tmp_path, monkeypatch, capl
                             "train.log_every=1"))
     assert [b for _, b in built_hooks] == ["single:0"] and built_perceptual[0][0] == "random-test"
     assert "TV-LPIPS with random-backbone LPIPS (TEST ONLY" in caplog.text  # the log names the network
+    assert "ADL (tokens) on blocks single:0 (weight 0.5)" in caplog.text
     assert r.perceptual_label.startswith("random-backbone LPIPS")
     h = r.history[-1]
     assert h["loss"] == pytest.approx(h["ftd"] + h["mse"] + 0.1 * h["tvlpips"] + 0.5 * h["adl"], rel=1e-5)
@@ -692,7 +693,8 @@ def test_two_cpu_processes_match_one_with_the_same_global_batch(pairs, tmp_path)
     common = ["model.transformer=tiny", "model.vae=tiny", "model.dtype=fp32", f"data.pairs={str(pairs)!r}",
               "train.progress_bar=false", "lora.rank=4", "lora.alpha=4", "optim.lr=1e-2", "optim.warmup_steps=0",
               "loss.w_tvlpips=0", "loss.w_adl=0.1", "degradation.scale=2", "degradation.second_stage=false",
-              "train.max_steps=3", "checkpoint.every=3", "train.tensorboard=false", "data.holdout=1"]
+              "train.max_steps=3", "checkpoint.every=3", "train.tensorboard=false", "data.holdout=1",
+              "loss.adl_form=attention", "loss.adl_queries=3"]  # its query draw is seeded per sample
     proc = launch_two_cpu_processes(script, [str(grown), *common, "data.batch_size=1",
                                              f"train.output_dir={str(tmp_path / 'two')!r}"])
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
@@ -832,6 +834,11 @@ def test_config_toml_overrides_and_errors(tmp_path):
                                      "loss.w_ftd=0", "loss.w_mse=0", "loss.w_tvlpips=0", "loss.w_adl=0"])
     with pytest.raises(ConfigError, match="every loss weight is 0"):
         T.train(bad)
+    for override, msg in [("loss.adl_form=maps", "loss.adl_form must be one of tokens, attention"),
+                          ("loss.adl_queries=0", "loss.adl_queries must be at least 1")]:
+        with pytest.raises(ConfigError, match=msg):
+            T.check_config(T.load_train_config(None, ["model.transformer=tiny", "model.vae=tiny", "data.pairs=x",
+                                                      override]))
     with pytest.raises(ConfigError, match="model.transformer is required"):
         T.train(T.TrainConfig())
 

@@ -4,8 +4,11 @@
   :mod:`fluxsr_core.flow`; this only draws ``t ~ U[T_L, 1]`` and calls them.
 * :func:`total_variation_map` and :func:`tv_lpips`: LPIPS of the images plus ``gamma`` times
   LPIPS of their total-variation maps.
-* :func:`attention_diversification_loss` and :class:`ADLFeatureHook`: the token-feature form
-  of ADL, on image-token hidden states taken from chosen FLUX blocks by forward hooks.
+* ADL in two forms, each a loss function and a hook that feeds it from chosen FLUX blocks
+  (:func:`make_adl_hook` picks one): :func:`attention_diversification_loss` with
+  :class:`ADLFeatureHook`, the token-feature form on image-token hidden states; and
+  :func:`attention_map_diversification_loss` with :class:`ADLAttentionHook`, the ICCV 2023
+  form on the attention rows of sampled image-token queries.
 
 MSE is plain ``torch.nn.functional.mse_loss``. The weights of the terms are the trainer's.
 """
@@ -154,6 +157,34 @@ def attention_diversification_loss(features: Union[torch.Tensor, Sequence[torch.
     return torch.stack(values).mean()
 
 
+def attention_map_diversification_loss(queries: torch.Tensor, keys: torch.Tensor,
+                                       eps: float = ADL_EPS) -> torch.Tensor:
+    """Attention-map ADL (FLUXSR.md section 4, the ICCV 2023 form) for one attention layer.
+
+    ``queries``: ``[B, H, S, d]`` (image-token queries, after the q-norm and RoPE, usually a
+    sample of them); ``keys``: ``[B, H, N, d]`` (every token the attention sees, text
+    included). The attention rows are ``a_s = softmax(q_s k^T / sqrt(d))``; per head,
+    ``m = mean_s a_s`` and ``cos_s = <a_s, m> / (max(|a_s|, eps) * max(|m|, eps))``; the value is
+    the mean of ``cos_s`` over queries, heads and batch. 1 when every query attends alike (the
+    collapse behind periodic artefacts); lower when they attend to different tokens. Computed
+    in float32 whatever the input dtype.
+    """
+    if queries.ndim != 4 or keys.ndim != 4 or queries.shape[:2] != keys.shape[:2] or \
+            queries.shape[-1] != keys.shape[-1] or queries.shape[2] < 1 or keys.shape[2] < 1:
+        raise ValueError("attention-map ADL needs queries [B, H, S, d] and keys [B, H, N, d] with the same "
+                         f"B, H and d; got {tuple(queries.shape)} and {tuple(keys.shape)}")
+    q, k = queries.float(), keys.float()
+    attn = torch.softmax(q @ k.transpose(-1, -2) * q.shape[-1] ** -0.5, dim=-1)   # [B, H, S, N]
+    m = attn.mean(dim=2, keepdim=True)
+    dot = (attn * m).sum(dim=-1)
+    denom = attn.norm(dim=-1).clamp_min(eps) * m.norm(dim=-1).clamp_min(eps)
+    return (dot / denom).mean()
+
+
+ADL_FORMS = ("tokens", "attention")
+DEFAULT_ADL_QUERIES = 256   # ours: image-token queries sampled per sample and block
+
+
 DEFAULT_ADL_BLOCKS = "double:-1;single:-1"  # ours: the last block of each kind, nearest the output
 _KINDS = {"double": "transformer_blocks", "single": "single_transformer_blocks"}
 
@@ -213,47 +244,98 @@ def _in_backward() -> bool:
     return get is not None and get() != -1
 
 
-class ADLFeatureHook:
-    """Collects image-token hidden states ``[B, N_img, D]`` from chosen FLUX blocks.
+class ADLHook:
+    """What both ADL hooks share: the FLUX transformer inside ``model`` (plain, peft- or
+    DDP-wrapped), the selected blocks (:func:`parse_block_spec`), the image-token count of the
+    running forward (a pre-hook on the transformer), and the recording scope.
 
-    ``ADLFeatureHook(model, blocks="double:-1;single:-1")`` registers forward hooks on the
-    selected ``transformer_blocks`` ("double") and ``single_transformer_blocks`` ("single") of
-    the FLUX transformer inside ``model`` (plain, peft-wrapped or DDP-wrapped). Each block's
-    output is reduced to its image tokens:
-
-    * diffusers >= 0.32 (0.42 checked): both block kinds return
-      ``(encoder_hidden_states, hidden_states)``; the single block splits text from image
-      tokens itself, so ``hidden_states`` (element 1) are the image tokens.
-    * older diffusers: the single block returns one tensor of ``[text; image]`` tokens (text
-      first); the image tokens are the last ``N_img`` ones, with ``N_img`` read from the
-      transformer's own input by a pre-hook.
-
-    While :attr:`active` (default), every forward overwrites the features (last forward wins),
-    except forwards run inside a backward pass (gradient-checkpoint recomputation), which are
-    ignored. :meth:`capture` scopes recording to one block of code. Hooks are removed by
-    :meth:`remove` or on leaving a ``with`` block. Captured features keep their autograd graph
+    While :attr:`active` (default), every forward overwrites what was recorded (last forward
+    wins), except forwards run inside a backward pass (gradient-checkpoint recomputation),
+    which are ignored. :meth:`capture` scopes recording to one block of code. Hooks are removed
+    by :meth:`remove` or on leaving a ``with`` block. What is recorded keeps its autograd graph
     (diffusers' checkpointing is non-reentrant), so :meth:`loss` trains the model.
     """
 
-    def __init__(self, model: torch.nn.Module, blocks: Union[str, Sequence[str]] = DEFAULT_ADL_BLOCKS,
-                 active: bool = True):
+    def __init__(self, model: torch.nn.Module, blocks: Union[str, Sequence[str]], active: bool):
         self.transformer = find_flux_transformer(model)
         n_double = len(self.transformer.transformer_blocks)
         n_single = len(self.transformer.single_transformer_blocks)
         self.selection = parse_block_spec(blocks, n_double, n_single)
         self.labels = [f"{k}:{i}" for k, i in self.selection]
         self.active = bool(active)
-        self._features: dict[str, torch.Tensor] = {}
+        self._recorded: dict[str, Any] = {}
         self._n_img: Optional[int] = None
         self._handles = [self.transformer.register_forward_pre_hook(self._pre_hook, with_kwargs=True)]
+
+    def _selected_blocks(self) -> Iterator[tuple[str, str, torch.nn.Module]]:
         for (kind, i), label in zip(self.selection, self.labels):
-            block = getattr(self.transformer, _KINDS[kind])[i]
-            self._handles.append(block.register_forward_hook(self._make_hook(label)))
+            yield label, kind, getattr(self.transformer, _KINDS[kind])[i]
 
     def _pre_hook(self, module, args, kwargs):
         hs = kwargs.get("hidden_states", args[0] if args else None)
         if isinstance(hs, torch.Tensor) and hs.ndim == 3:
             self._n_img = int(hs.shape[1])
+
+    def _recording(self) -> bool:
+        return self.active and not _in_backward()
+
+    def _all_recorded(self, what: str) -> None:
+        missing = [lb for lb in self.labels if lb not in self._recorded]
+        if missing:
+            raise RuntimeError(f"no {what} from blocks {missing}: run the transformer forward while "
+                               "the hook is active (inside capture()) before asking for the ADL loss")
+
+    def clear(self) -> None:
+        """Forget what was recorded."""
+        self._recorded.clear()
+
+    @contextlib.contextmanager
+    def capture(self) -> Iterator["ADLHook"]:
+        """Record only inside this block: clears, activates, and deactivates on exit."""
+        self.clear()
+        self.active = True
+        try:
+            yield self
+        finally:
+            self.active = False
+
+    def remove(self) -> None:
+        """Remove every hook and drop what was recorded."""
+        for h in self._handles:
+            h.remove()
+        self._handles.clear()
+        self.clear()
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, exc_type, exc, tb) -> None:
+        self.remove()
+
+
+class ADLFeatureHook(ADLHook):
+    """Collects image-token hidden states ``[B, N_img, D]`` from chosen FLUX blocks for the
+    token-feature ADL (:func:`attention_diversification_loss`).
+
+    ``ADLFeatureHook(model, blocks="double:-1;single:-1")`` registers forward hooks on the
+    selected ``transformer_blocks`` ("double") and ``single_transformer_blocks`` ("single").
+    Each block's output is reduced to its image tokens:
+
+    * diffusers >= 0.35 (0.42 checked): both block kinds return
+      ``(encoder_hidden_states, hidden_states)``; the single block splits text from image
+      tokens itself, so ``hidden_states`` (element 1) are the image tokens.
+    * older diffusers (0.32.2 checked): the single block returns one tensor of ``[text; image]``
+      tokens (text first); the image tokens are the last ``N_img`` ones, with ``N_img`` read
+      from the transformer's own input by a pre-hook.
+
+    Recording rules: :class:`ADLHook`.
+    """
+
+    def __init__(self, model: torch.nn.Module, blocks: Union[str, Sequence[str]] = DEFAULT_ADL_BLOCKS,
+                 active: bool = True):
+        super().__init__(model, blocks, active)
+        for label, _, block in self._selected_blocks():
+            self._handles.append(block.register_forward_hook(self._make_hook(label)))
 
     def _image_tokens(self, label: str, output: Any) -> torch.Tensor:
         n = self._n_img
@@ -275,45 +357,153 @@ class ADLFeatureHook:
 
     def _make_hook(self, label: str):
         def hook(module, args, output):
-            if self.active and not _in_backward():
-                self._features[label] = self._image_tokens(label, output)
+            if self._recording():
+                self._recorded[label] = self._image_tokens(label, output)
         return hook
-
-    def clear(self) -> None:
-        """Forget the collected features."""
-        self._features.clear()
-
-    @contextlib.contextmanager
-    def capture(self) -> Iterator["ADLFeatureHook"]:
-        """Record only inside this block: clears, activates, and deactivates on exit."""
-        self.clear()
-        self.active = True
-        try:
-            yield self
-        finally:
-            self.active = False
 
     def features(self) -> list[torch.Tensor]:
         """Image-token features ``[B, N_img, D]`` of the selected blocks, in selection order."""
-        missing = [lb for lb in self.labels if lb not in self._features]
-        if missing:
-            raise RuntimeError(f"no features from blocks {missing}: run the transformer forward while "
-                               "the hook is active (inside capture()) before asking for the ADL loss")
-        return [self._features[lb] for lb in self.labels]
+        self._all_recorded("features")
+        return [self._recorded[lb] for lb in self.labels]
 
-    def loss(self, eps: float = ADL_EPS) -> torch.Tensor:
-        """:func:`attention_diversification_loss` of the collected features."""
+    def loss(self, eps: float = ADL_EPS, sample_seeds: Optional[Sequence[int]] = None) -> torch.Tensor:
+        """:func:`attention_diversification_loss` of the collected features. ``sample_seeds``
+        is accepted for the common interface with :class:`ADLAttentionHook`; this form uses
+        every token, so there is nothing to sample."""
         return attention_diversification_loss(self.features(), eps=eps)
 
-    def remove(self) -> None:
-        """Remove every hook and drop the features."""
-        for h in self._handles:
-            h.remove()
-        self._handles.clear()
-        self.clear()
 
-    def __enter__(self) -> "ADLFeatureHook":
-        return self
+def _diffusers_sequence_dim() -> int:
+    """Where FLUX's attention keeps the token axis after the head split: ``[B, N, H, d]`` since
+    diffusers 0.35, ``[B, H, N, d]`` before. Only consulted when a shape cannot tell (N == H)."""
+    import diffusers
+    from packaging.version import Version
 
-    def __exit__(self, exc_type, exc, tb) -> None:
-        self.remove()
+    return 1 if Version(diffusers.__version__).release >= (0, 35) else 2
+
+
+class ADLAttentionHook(ADLHook):
+    """Records the queries and keys of chosen FLUX blocks' attention for the attention-map
+    ADL (:func:`attention_map_diversification_loss`).
+
+    Forward hooks on each selected block's ``attn.norm_q`` / ``norm_k`` (and ``norm_added_k``,
+    the text keys of a double block) take the normalised projections the attention itself
+    uses, so nothing is computed twice and any processor that calls these norms is covered. A
+    pre-hook on ``attn`` takes its rotary embedding; :meth:`attention_inputs` applies it with
+    diffusers' own ``apply_rotary_emb``, as the processor does. The queries are the image
+    tokens'; the keys are every token's, text first, as in the model.
+
+    :meth:`loss` samples ``queries`` image tokens per sample (all of them when there are fewer):
+    the attention rows cost ``B * H * queries * N`` floats per block instead of ``N^2``. With
+    ``sample_seeds`` (one per sample, as the trainer gives) the draw depends only on the seed;
+    without, on this hook's own generator (``seed``). Recording rules: :class:`ADLHook`.
+    """
+
+    def __init__(self, model: torch.nn.Module, blocks: Union[str, Sequence[str]] = DEFAULT_ADL_BLOCKS,
+                 queries: int = DEFAULT_ADL_QUERIES, active: bool = True, seed: int = 0):
+        super().__init__(model, blocks, active)
+        if int(queries) < 1:
+            raise ValueError(f"the attention-map ADL needs at least one query per sample (got {queries})")
+        self.queries = int(queries)
+        self._generator = torch.Generator().manual_seed(int(seed))
+        for label, kind, block in self._selected_blocks():
+            attn = getattr(block, "attn", None)
+            norms = ["norm_q", "norm_k"] + (["norm_added_k"] if kind == "double" else [])
+            absent = [n for n in norms if not isinstance(getattr(attn, n, None), torch.nn.Module)]
+            if attn is None or absent:
+                raise ValueError(f"ADL attention hook on {label}: the block has no attention with "
+                                 f"{', '.join(absent) or 'norm_q'} (FLUX's q/k RMS norms); use "
+                                 "loss.adl_form=tokens with this model")
+            self._handles.append(attn.register_forward_pre_hook(self._rope_hook(label), with_kwargs=True))
+            for name in norms:
+                self._handles.append(getattr(attn, name).register_forward_hook(self._norm_hook(label, name)))
+
+    def _rope_hook(self, label: str):
+        def hook(module, args, kwargs):
+            if self._recording():
+                # a new forward of this block: drop the previous one's tensors
+                self._recorded[label] = {"rope": kwargs.get("image_rotary_emb"), "n_img": self._n_img}
+        return hook
+
+    def _norm_hook(self, label: str, name: str):
+        def hook(module, args, output):
+            if self._recording() and label in self._recorded:
+                self._recorded[label][name] = output
+        return hook
+
+    def _heads_first(self, x: torch.Tensor, n_tokens: int, label: str, name: str) -> torch.Tensor:
+        """``x`` as ``[B, H, n_tokens, d]``, whichever layout this diffusers version uses."""
+        dims = [d for d in (1, 2) if x.ndim == 4 and x.shape[d] == n_tokens]
+        if not dims:
+            raise RuntimeError(f"ADL attention hook on {label}: {name} has shape {tuple(x.shape)}, not "
+                               f"[B, {n_tokens} tokens, heads, d] or [B, heads, {n_tokens} tokens, d]; this "
+                               "FLUX attention is not one the hook knows (use loss.adl_form=tokens)")
+        seq = dims[0] if len(dims) == 1 else _diffusers_sequence_dim()
+        return x.transpose(1, 2) if seq == 1 else x
+
+    def attention_inputs(self) -> list[tuple[torch.Tensor, torch.Tensor]]:
+        """Per selected block, ``(image queries [B, H, N_img, d], keys [B, H, N, d])`` after the
+        q/k norms and RoPE, exactly as the block's attention used them."""
+        from diffusers.models.embeddings import apply_rotary_emb
+
+        self._all_recorded("attention inputs")
+        out = []
+        for label, kind, _ in self._selected_blocks():
+            rec = self._recorded[label]
+            rope, n_img = rec["rope"], rec["n_img"]
+            if rope is None or n_img is None:
+                raise RuntimeError(f"ADL attention hook on {label}: the attention ran without a rotary "
+                                   "embedding or the image token count is unknown; FLUX passes both")
+            missing = [n for n in ("norm_q", "norm_k", "norm_added_k") if n not in rec and
+                       (n != "norm_added_k" or kind == "double")]
+            if missing:
+                raise RuntimeError(f"ADL attention hook on {label}: {', '.join(missing)} did not run in the "
+                                   "attention (a processor that skips FLUX's q/k norms?); use loss.adl_form=tokens")
+            cos, sin = rope
+            n_all = int(cos.shape[0])
+            if kind == "double":   # image q/k here; text keys from the added projections
+                q = self._heads_first(rec["norm_q"], n_img, label, "norm_q")
+                k = torch.cat([self._heads_first(rec["norm_added_k"], n_all - n_img, label, "norm_added_k"),
+                               self._heads_first(rec["norm_k"], n_img, label, "norm_k")], dim=2)
+            else:                  # the single block attends over the joint [text; image] tokens
+                q = self._heads_first(rec["norm_q"], n_all, label, "norm_q")[:, :, -n_img:]
+                k = self._heads_first(rec["norm_k"], n_all, label, "norm_k")
+            q = apply_rotary_emb(q, (cos[-n_img:], sin[-n_img:]))
+            k = apply_rotary_emb(k, (cos, sin))
+            out.append((q, k))
+        return out
+
+    def _query_indices(self, batch: int, n_img: int, sample_seeds: Optional[Sequence[int]]) -> Optional[torch.Tensor]:
+        if self.queries >= n_img:
+            return None
+        if sample_seeds is not None:
+            if len(sample_seeds) != batch:
+                raise ValueError(f"ADL: {len(sample_seeds)} sample seeds for a batch of {batch}")
+            gens = [torch.Generator().manual_seed(int(s)) for s in sample_seeds]
+        else:
+            gens = [self._generator] * batch
+        return torch.stack([torch.randperm(n_img, generator=g)[:self.queries] for g in gens])
+
+    def loss(self, eps: float = ADL_EPS, sample_seeds: Optional[Sequence[int]] = None) -> torch.Tensor:
+        """Mean over the selected blocks of :func:`attention_map_diversification_loss`, on
+        ``queries`` sampled image-token queries per sample (the same ones in every block)."""
+        inputs = self.attention_inputs()
+        b, h, n_img, d = inputs[0][0].shape
+        idx = self._query_indices(b, n_img, sample_seeds)
+        values = []
+        for q, k in inputs:
+            if idx is not None:
+                q = q.gather(2, idx.to(q.device)[:, None, :, None].expand(b, h, idx.shape[1], d))
+            values.append(attention_map_diversification_loss(q, k, eps=eps))
+        return torch.stack(values).mean()
+
+
+def make_adl_hook(model: torch.nn.Module, form: str = "tokens", blocks: Union[str, Sequence[str]] = DEFAULT_ADL_BLOCKS,
+                  queries: int = DEFAULT_ADL_QUERIES, active: bool = True) -> ADLHook:
+    """The ADL hook of ``form`` (:data:`ADL_FORMS`): ``tokens`` (:class:`ADLFeatureHook`) or
+    ``attention`` (:class:`ADLAttentionHook` with ``queries`` sampled queries)."""
+    if form == "tokens":
+        return ADLFeatureHook(model, blocks, active=active)
+    if form == "attention":
+        return ADLAttentionHook(model, blocks, queries=queries, active=active)
+    raise ValueError(f"unknown ADL form {form!r}; use one of {', '.join(ADL_FORMS)}")

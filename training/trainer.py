@@ -65,7 +65,8 @@ from fluxsr_core.settings import DEFAULT_BASE_MODEL, DEFAULT_GUIDANCE, DEFAULT_T
 from . import config_io
 from .config_io import ConfigError
 from .degradation import DegradationConfig, degrade, degrade_to_hr_size
-from .losses import DEFAULT_ADL_BLOCKS, ADLFeatureHook, parse_block_spec, tv_lpips
+from .losses import (ADL_FORMS, DEFAULT_ADL_BLOCKS, DEFAULT_ADL_QUERIES, ADLHook, make_adl_hook,
+                     parse_block_spec, tv_lpips)
 
 log = logging.getLogger("fluxsr.train")
 
@@ -162,8 +163,10 @@ class LossConfig:
     ``perceptual``: a kind of :func:`fluxsr_training.perceptual.load_perceptual` (``lpips-vgg``
     needs a local torchvision backbone: ``perceptual_path`` or the torch hub cache;
     ``stlpips-vgg`` ships in the stlpips-pytorch wheel; ``random-test`` is for tests only).
-    ``tv_gamma``: weight of the TV-map term. ``adl_blocks``: blocks whose image tokens ADL
-    uses. ``clamp_decoded``: clamp the decoded one-step image to [0, 1] before MSE and TV-LPIPS
+    ``tv_gamma``: weight of the TV-map term. ``adl_blocks``: the blocks ADL reads.
+    ``adl_form``: ``tokens`` (cosine of each image token's block output with the mean token) or
+    ``attention`` (cosine of each sampled image-token query's attention row with the mean row,
+    per head; ``adl_queries`` queries per sample and block). ``clamp_decoded``: clamp the decoded one-step image to [0, 1] before MSE and TV-LPIPS
     (0.3.0's way; a clamped pixel passes no gradient, so by default they see the overshoot).
     The paper publishes no weights; these defaults are ours."""
 
@@ -175,6 +178,8 @@ class LossConfig:
     perceptual_path: str = ""
     tv_gamma: float = 1.0
     adl_blocks: str = DEFAULT_ADL_BLOCKS
+    adl_form: str = "tokens"
+    adl_queries: int = DEFAULT_ADL_QUERIES
     clamp_decoded: bool = False
 
 
@@ -343,6 +348,10 @@ def check_config(cfg: TrainConfig) -> None:
         raise ConfigError("every loss weight is 0: nothing to train (set loss.w_ftd, w_mse, w_tvlpips or w_adl)")
     if cfg.loss.w_adl > 0 and not any(getattr(cfg.loss, n) > 0 for n in ("w_ftd", "w_mse", "w_tvlpips")):
         raise ConfigError("ADL alone is a regulariser, not a training signal; add loss.w_ftd or w_mse")
+    if cfg.loss.adl_form not in ADL_FORMS:
+        raise ConfigError(f"loss.adl_form must be one of {', '.join(ADL_FORMS)} (got {cfg.loss.adl_form!r})")
+    if cfg.loss.adl_queries < 1:
+        raise ConfigError(f"loss.adl_queries must be at least 1 (got {cfg.loss.adl_queries})")
     if not 0.0 <= cfg.lora.dropout < 1.0:
         raise ConfigError(f"lora.dropout must lie in [0, 1) (got {cfg.lora.dropout})")
     if not 0.0 < cfg.ema.decay < 1.0:
@@ -674,6 +683,9 @@ class SampleStream:
     def degradation_seed(self, pos: int) -> int:
         return _derived_seed(self.seed, "degradation", int(pos))
 
+    def adl_seed(self, pos: int) -> int:
+        return _derived_seed(self.seed, "adl", int(pos))
+
     def ftd_uniform(self, pos: int) -> float:
         g = torch.Generator().manual_seed(_derived_seed(self.seed, "ftd", int(pos)))
         return float(torch.rand(1, generator=g, dtype=torch.float64))
@@ -764,24 +776,26 @@ class LossParts:
 def compute_losses(velocity, codec, *, z_l: torch.Tensor, z0: torch.Tensor, eps: torch.Tensor,
                    x0: Optional[torch.Tensor], cond: Any, t_l: float, ftd_t: Optional[torch.Tensor],
                    loss: LossConfig, perceptual: Optional[Callable] = None,
-                   adl_hook: Optional[ADLFeatureHook] = None) -> LossParts:
+                   adl_hook: Optional[ADLHook] = None,
+                   adl_seeds: Optional[Sequence[int]] = None) -> LossParts:
     """The FluxSR training loss for one batch (FLUXSR.md section 2).
 
     ``codec``: a :class:`~fluxsr_core.models.DiffusersCodec` (``decode(..., clamp=...)``).
     ``z_l``, ``z0``, ``eps``: ``[B, 16, h, w]``; ``x0``: the teacher image ``[B, 3, H, W]`` in
     [0, 1] (needed when ``w_mse`` or ``w_tvlpips`` > 0); ``ftd_t``: FTD times ``[B]`` in
     [T_L, 1] (needed when ``w_ftd`` > 0). The SR branch is ``flow.one_step_sr`` and runs only
-    when an image term or ADL needs it; ``adl_hook`` records during the SR branch only.
+    when an image term or ADL needs it; ``adl_hook`` (from :func:`~.losses.make_adl_hook`)
+    records during the SR branch only; ``adl_seeds``: one per sample, for a form that samples.
     """
     terms: dict[str, torch.Tensor] = {}
     need_image = loss.w_mse > 0 or loss.w_tvlpips > 0
     if need_image or loss.w_adl > 0:
         if loss.w_adl > 0:
             if adl_hook is None:
-                raise ValueError("loss.w_adl > 0 needs an ADLFeatureHook on the student")
+                raise ValueError("loss.w_adl > 0 needs an ADL hook (losses.make_adl_hook) on the student")
             with adl_hook.capture():
                 z_h = flow.one_step_sr(velocity, z_l, t_l, cond)
-            terms["adl"] = adl_hook.loss()
+            terms["adl"] = adl_hook.loss(sample_seeds=adl_seeds)
             adl_hook.clear()
         else:
             z_h = flow.one_step_sr(velocity, z_l, t_l, cond)
@@ -1478,8 +1492,10 @@ class _Run:
 
         self.adl_hook = None
         if cfg.loss.w_adl > 0:
-            self.adl_hook = ADLFeatureHook(self.transformer, cfg.loss.adl_blocks, active=False)
-            self._info(f"ADL on blocks {', '.join(self.adl_hook.labels)} (weight {cfg.loss.w_adl:g})")
+            self.adl_hook = make_adl_hook(self.transformer, cfg.loss.adl_form, cfg.loss.adl_blocks,
+                                          queries=cfg.loss.adl_queries, active=False)
+            form = cfg.loss.adl_form + (f", {cfg.loss.adl_queries} queries" if cfg.loss.adl_form == "attention" else "")
+            self._info(f"ADL ({form}) on blocks {', '.join(self.adl_hook.labels)} (weight {cfg.loss.w_adl:g})")
 
         if self.trackers:
             # main process only (accelerate's own rule); guarded, so a failure there stops the others too
@@ -1988,7 +2004,8 @@ class _Run:
                     with acc.accumulate(self.model):
                         parts = compute_losses(self.velocity, self.codec, z_l=z_l, z0=z0, eps=eps, x0=x0,
                                                cond=cond, t_l=cfg.settings.t_l, ftd_t=ftd_t, loss=cfg.loss,
-                                               perceptual=self.perceptual, adl_hook=self.adl_hook)
+                                               perceptual=self.perceptual, adl_hook=self.adl_hook,
+                                               adl_seeds=[self.stream.adl_seed(p) for p in batch["pos"]])
                         if not torch.isfinite(parts.total):
                             raise FloatingPointError(f"loss is {float(parts.total)} at step {self.state.step}; "
                                                      "lower optim.lr or check the data")
