@@ -660,6 +660,43 @@ def test_a_setup_failure_on_one_process_stops_both_without_waiting(pairs, tmp_pa
     assert not list((tmp_path / "run").glob("checkpoints/*")), "no checkpoint of a run that never started"
 
 
+@pytest.mark.parametrize("failure,message", [
+    ("error", "process 1 could not run training step 2: RuntimeError: simulated failure of rank 1 at step 2"),
+    ("nan", "process 1 could not run training step 1: FloatingPointError: loss is nan at step 0")])
+def test_a_failure_in_a_training_step_on_one_process_stops_both(pairs, tmp_path, failure, message):
+    """An error on rank 1 alone in a step's forward (an out-of-memory, a bad batch) or a
+    non-finite loss there stops rank 0 too, with an error naming rank 1's. Before, rank 0 went on
+    into the backward's all-reduce and waited: `accelerate launch` on one machine then killed it
+    without a word, and processes started by other means waited for the group's timeout."""
+    script = tmp_path / "run_train.py"
+    script.write_text(textwrap.dedent(f"""
+        import os, sys
+        import torch
+        from fluxsr_training import trainer as T
+
+        if int(os.environ["RANK"]) == 1:
+            real, calls = T.compute_losses, []
+
+            def failing(*args, **kwargs):
+                calls.append(1)
+                parts = real(*args, **kwargs)
+                if "{failure}" == "nan":
+                    parts.total = parts.total * float("nan")
+                elif len(calls) == 2:
+                    raise RuntimeError("simulated failure of rank 1 at step 2")
+                return parts
+
+            T.compute_losses = failing
+        T.train(T.load_train_config(None, sys.argv[1:]))
+    """))
+    proc = launch_two_cpu_processes(script, [*TWO_PROCESS_TRAIN_ARGS, f"data.pairs={str(pairs)!r}",
+                                             f"train.output_dir={str(tmp_path / 'run')!r}"], timeout=180)
+    out = proc.stdout + proc.stderr
+    assert proc.returncode != 0, out[-3000:]
+    assert message in out, out[-3000:]                      # rank 0's own error, naming rank 1's
+    assert not list((tmp_path / "run").glob("checkpoints/*")), "no checkpoint of a failed step"
+
+
 def test_two_cpu_processes_match_one_with_the_same_global_batch(pairs, tmp_path):
     """Two processes of batch 1 train as one of batch 2. They also agree on the held-out pair when a
     writer adds a pair between their opens of the folder (here: rank 1 reads a copy holding one
@@ -752,32 +789,42 @@ def test_a_decision_of_the_main_process_reaches_the_others_errors_included(monke
 
 
 def test_a_failure_on_one_process_stops_every_process(monkeypatch):
-    """What `_on_every_process` does with a fake gather of both processes' reports: the failing
+    """What `_on_every_process` does with a fake reduce and gather of both processes: the failing
     process raises its own error, the other one an error naming it, instead of waiting at the
-    next collective; with no failure both go on with their own result."""
+    next collective; with no failure both go on with their own result, and no report travels
+    (the check guards every training micro-step: one flag is reduced, nothing gathered)."""
     import accelerate.utils
+
+    other: dict = {"report": None}   # what process 1 reports; this one is process 0
+    gathered = []
 
     class Acc:
         num_processes = 2
+        device = "cpu"
+
+        def reduce(self, flags, op):
+            assert op == "sum"
+            return flags + (0.0 if other["report"] is None else 1.0)
+
+    def gather(mine):  # both processes' reports, this one's in its place
+        gathered.append(mine)
+        return [mine[0], other["report"]]
 
     run = T._Run.__new__(T._Run)
     run.accelerator = Acc()
-    reports = {0: None, 1: None}
-
-    def gather(mine):  # both processes' reports, this one's in its place
-        return [reports[0], reports[1]]
-
     monkeypatch.setattr(accelerate.utils, "gather_object", gather)
-    assert run._on_every_process(lambda: 7) == 7
-    reports[1] = "ConfigError: pair p000004-s4 that the main process chose is not in the folder"
-    with pytest.raises(ConfigError, match="process 1 could not set up its data: ConfigError: pair p000004-s4"):
+    assert run._on_every_process(lambda: 7) == 7 and gathered == []
+    other["report"] = "ConfigError: pair p000004-s4 that the main process chose is not in the folder"
+    with pytest.raises(T.OtherProcessError, match="process 1 could not set up its data: ConfigError: pair p000004-s4"):
         run._on_every_process(lambda: 7)  # this process (the main) succeeded; process 1 did not
 
     def lost():
         raise ConfigError("pair p000004-s4 ...")
 
+    other["report"] = None
     with pytest.raises(ConfigError, match=r"^pair p000004-s4 \.\.\.$"):
         run._on_every_process(lost)  # the failing process raises its own error
+    assert gathered[-1] == ["ConfigError: pair p000004-s4 ..."]
 
 
 # --- the sample stream ----------------------------------------------------------------------------
@@ -913,6 +960,21 @@ def test_cli_unwraps_errors_raised_in_dataloader_workers():
                          "last):\n  File \"x.py\", line 1, in f\nValueError: pair p7 has no stored teacher image")
     assert _user_message(wrapped) == "pair p7 has no stored teacher image"
     assert _user_message(ValueError("plain message")) == "plain message"
+
+
+def test_cli_reports_another_process_failure_in_one_line(pairs, tmp_path, monkeypatch, capsys):
+    from fluxsr_training.cli import main
+
+    def fails(cfg):
+        raise T.OtherProcessError("process 3 could not run training step 7: OutOfMemoryError: CUDA out of memory")
+
+    monkeypatch.setattr(T, "train", fails)
+    assert main(tiny_cli_args(pairs, tmp_path / "run")) == 2
+    assert capsys.readouterr().err.strip() == ("fluxsr-train train: error: process 3 could not run training "
+                                               "step 7: OutOfMemoryError: CUDA out of memory")
+    monkeypatch.setattr(T, "train", lambda cfg: 1 / 0)   # not the user's: the traceback, as before
+    with pytest.raises(ZeroDivisionError):
+        main(tiny_cli_args(pairs, tmp_path / "run"))
 
 
 def test_cli_ctrl_c_writes_a_checkpoint_and_says_how_to_continue(pairs, tmp_path, monkeypatch, capsys):

@@ -337,6 +337,12 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
 
     from .config_io import ConfigError
 
+    def user_errors() -> tuple:
+        # the trainer's own, when it ran (the other commands do not import it)
+        trainer = sys.modules.get(f"{__package__}.trainer")
+        return (ConfigError, FileNotFoundError, ValueError, WriterBusyError,
+                *((trainer.OtherProcessError,) if trainer is not None else ()))
+
     try:
         if args.command == "pairs":
             return _cmd_pairs(args, fields)
@@ -347,8 +353,8 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         if args.command == "train":
             return _cmd_train(args)
         return _cmd_export(args)
-    except (ConfigError, FileNotFoundError, ValueError, WriterBusyError) as exc:
-        if args.verbose:
+    except Exception as exc:  # noqa: BLE001 - the user's errors as one line, the rest raised
+        if args.verbose or not isinstance(exc, user_errors()):
             raise
         print(f"fluxsr-train {args.command}: error: {_user_message(exc)}", file=sys.stderr)
         return 2

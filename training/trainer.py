@@ -95,6 +95,11 @@ _BLOCK_RE = re.compile(r"^(transformer_blocks|single_transformer_blocks)\.(\d+)\
 _KIND_OF = {"transformer_blocks": "double", "single_transformer_blocks": "single"}
 
 
+class OtherProcessError(RuntimeError):
+    """Another process of the run failed (while setting up or in a training step): the message
+    names it, what it was doing and its error; that process raised its own."""
+
+
 # =========================================================================================
 # config
 # =========================================================================================
@@ -1551,9 +1556,12 @@ class _Run:
 
     def _on_every_process(self, work: Callable[[], Any], what: str = "set up its data") -> Any:
         """``work()`` on every process; when it fails on any, every process raises (the failing
-        ones their own error, the others one naming the failing process and ``what`` it was
-        doing), so none is left waiting at the next collective. ``work`` itself must hold no
-        collective (a process that failed before it would never join). One process: just ``work()``."""
+        ones their own error, the others :class:`OtherProcessError` naming the failing process and
+        ``what`` it was doing), so none is left waiting at the next collective. ``work`` itself
+        must hold no collective that a failing process could skip (under FSDP a forward does, so
+        there a failure inside the forward still waits for the group's timeout). The success
+        path costs one one-element all-reduce (it guards every training micro-step); the errors'
+        texts travel only when one failed. One process: just ``work()``."""
         acc = self.accelerator
         if acc.num_processes == 1:
             return work()
@@ -1564,14 +1572,14 @@ class _Run:
             result = work()
         except Exception as exc:  # noqa: BLE001 - reported to every process, raised here below
             error = exc
+        failures = acc.reduce(torch.tensor([0.0 if error is None else 1.0], device=acc.device), "sum")
+        if float(failures) == 0:
+            return result
         reports = gather_object([None if error is None else f"{type(error).__name__}: {error}"])
         if error is not None:
             raise error
-        failed = [(rank, text) for rank, text in enumerate(reports) if text is not None]
-        if failed:
-            rank, text = failed[0]
-            raise ConfigError(f"process {rank} could not {what}: {text}")
-        return result
+        rank, text = next((r, t) for r, t in enumerate(reports) if t is not None)
+        raise OtherProcessError(f"process {rank} could not {what}: {text}")
 
     def _decided_on_main(self, decide: Callable[[], Any]) -> Any:
         """``decide()`` run on the main process only, its result (or the error it raised) given to
@@ -1926,6 +1934,20 @@ class _Run:
             cond = Conditioning(t5=batch["t5"], clip_pooled=batch["clip_pooled"], guidance=self.cfg.settings.guidance)
         return z_l, z0, eps, x0, cond, ftd_t
 
+    def _micro_step_losses(self, batches: Iterator[dict[str, Any]]) -> LossParts:
+        """The next micro-batch's losses (forward only); refuses a non-finite total."""
+        cfg = self.cfg
+        batch = next(batches)
+        z_l, z0, eps, x0, cond, ftd_t = self._batch_tensors(batch)
+        parts = compute_losses(self.velocity, self.codec, z_l=z_l, z0=z0, eps=eps, x0=x0,
+                               cond=cond, t_l=cfg.settings.t_l, ftd_t=ftd_t, loss=cfg.loss,
+                               perceptual=self.perceptual, adl_hook=self.adl_hook,
+                               adl_seeds=[self.stream.adl_seed(p) for p in batch["pos"]])
+        if not torch.isfinite(parts.total):
+            raise FloatingPointError(f"loss is {float(parts.total)} at step {self.state.step}; "
+                                     "lower optim.lr or check the data")
+        return parts
+
     def run(self) -> TrainResult:
         t_start = time.time()
         self._setup_accelerator()
@@ -1999,16 +2021,12 @@ class _Run:
             while self.state.step < end:
                 sums: dict[str, float] = {}
                 for _ in range(accum):
-                    batch = next(batches)
-                    z_l, z0, eps, x0, cond, ftd_t = self._batch_tensors(batch)
                     with acc.accumulate(self.model):
-                        parts = compute_losses(self.velocity, self.codec, z_l=z_l, z0=z0, eps=eps, x0=x0,
-                                               cond=cond, t_l=cfg.settings.t_l, ftd_t=ftd_t, loss=cfg.loss,
-                                               perceptual=self.perceptual, adl_hook=self.adl_hook,
-                                               adl_seeds=[self.stream.adl_seed(p) for p in batch["pos"]])
-                        if not torch.isfinite(parts.total):
-                            raise FloatingPointError(f"loss is {float(parts.total)} at step {self.state.step}; "
-                                                     "lower optim.lr or check the data")
+                        # Guarded: an error on one process (its batch, an out-of-memory forward, a
+                        # non-finite loss) stops every process here, before the backward's
+                        # all-reduce where the others would wait for it until the group timed out.
+                        parts = self._on_every_process(lambda: self._micro_step_losses(batches),
+                                                       f"run training step {self.state.step + 1}")
                         acc.backward(parts.total)
                         if acc.sync_gradients and cfg.optim.max_grad_norm > 0:
                             # FSDP clips through its own module: give it all of the model's parameters.
