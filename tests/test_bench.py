@@ -269,3 +269,24 @@ def test_fewer_tiles_is_the_shortest_tile_one_fewer_per_axis():
         assert fewer.latent_tile == tile and len(tiling.axis_tiles(length, fewer)[1]) == per_axis
         assert len(tiling.axis_tiles(length, fewer.__class__(latent_tile=tile - 2, latent_overlap=32))[1]) > per_axis
     assert bench.fewer_tiles(128, base) is None
+
+
+def test_token_grid_error_measures_the_part_of_the_error_that_repeats_every_token():
+    spec = importlib.util.spec_from_file_location("fluxsr_bench_adl", BENCH.with_name("adl_forms_demo.py"))
+    adl = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(adl)
+    import numpy as np
+
+    rng = np.random.default_rng(0)
+    ref = rng.integers(40, 200, size=(160, 224, 3)).astype(np.uint8)
+    # a grey +-4 level checker of one token's period (16 px): a grid artefact
+    yy, xx = np.mgrid[:160, :224]
+    grid = np.where(((yy % 16) < 8) ^ ((xx % 16) < 8), 4, -4)[..., None]
+    gridded = (ref.astype(int) + grid).astype(np.uint8)
+    # Y = 16 + (65.481 R + 128.553 G + 24.966 B) / 255 per level of grey: 219/255 of it
+    assert adl.token_grid_error(gridded, ref) == pytest.approx(4 * 219 / 255, rel=0.02)
+    noisy = np.clip(ref.astype(int) + rng.integers(-4, 5, size=ref.shape), 0, 255).astype(np.uint8)
+    assert adl.token_grid_error(noisy, ref) < 0.3              # independent noise averages out
+    brighter = (ref.astype(int) + 4).astype(np.uint8)
+    assert adl.token_grid_error(brighter, ref) == pytest.approx(0.0, abs=1e-9)   # an offset is no grid
+    assert adl.token_grid_error(gridded[:150, :200], ref) > 3  # sizes that are no multiple of 16
