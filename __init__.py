@@ -15,10 +15,20 @@ need to share (all state lives in files and in the objects the nodes create), so
 pip-installed CLI and the pack can live side by side in ComfyUI's Python.
 """
 
+import logging as _logging
+
+from .fluxsr_core.dependencies import NODES_NEED as _NODES_NEED
+from .fluxsr_core.dependencies import outdated_dependencies as _outdated
+from .fluxsr_core.dependencies import upgrade_advice as _upgrade_advice
 from .nodes import NODE_CLASS_MAPPINGS, NODE_DISPLAY_NAME_MAPPINGS
 from .nodes.paths import register_folder as _register_folder
 
 # models/fluxsr, with an extension filter; a no-op when imported outside ComfyUI (tests).
 _register_folder()
+
+# Said once, at start-up, in ComfyUI's log; the nodes still register, so saved workflows load.
+_problems = _outdated(_NODES_NEED)
+if _problems:
+    _logging.getLogger("fluxsr").warning("[FluxSR] %s (in ComfyUI's Python)", _upgrade_advice(_problems))
 
 __all__ = ["NODE_CLASS_MAPPINGS", "NODE_DISPLAY_NAME_MAPPINGS"]

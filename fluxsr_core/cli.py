@@ -20,6 +20,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Optional, Sequence
 
+from .dependencies import UPSCALE_NEEDS, outdated_dependencies, upgrade_advice
+
 # What folder scans pick up (Pillow reads them all; .mpo is a camera's multi-picture JPEG), with
 # HEIC/HEIF, AVIF and JPEG 2000 where this install reads them.
 IMAGE_SUFFIXES = {".png", ".jpg", ".jpeg", ".jfif", ".mpo", ".webp", ".bmp", ".tif", ".tiff", ".gif", ".ppm",
@@ -712,6 +714,10 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     previous = None
     if threading.current_thread() is threading.main_thread():
         previous = signal.signal(signal.SIGTERM, _raise_terminated)
+    problems = outdated_dependencies(UPSCALE_NEEDS)
+    if problems:
+        print(f"fluxsr: error: {upgrade_advice(problems)}", file=sys.stderr)
+        return 2
     try:
         if args.command == "upscale":
             return run_upscale(args)

@@ -804,7 +804,8 @@ def set_attention_backend(transformer, backend: str) -> None:
     try:
         transformer.set_attention_backend(backend)
     finally:
-        _AttentionBackendRegistry.set_active_backend(previous)
+        # the class attribute itself: diffusers 0.35 has no set_active_backend (0.42's only sets it)
+        _AttentionBackendRegistry._active_backend = previous
 
 
 def apply_speedups(transformer, vae, speedups, *, compile_backend: str = "inductor",

@@ -978,12 +978,12 @@ def test_lora_with_bias_terms(tmp_path, inputs):
 
     model = fresh_transformer()
     model.add_adapter(LoraConfig(r=2, lora_alpha=2, target_modules=["to_q", "proj_out"],
-                                 lora_bias=True), adapter_name="b")
+                                 lora_bias=True), adapter_name="biased")
     with torch.no_grad():
         for name, p in model.named_parameters():
             if "lora_B" in name:
                 p.copy_(torch.randn(p.shape) * 0.2)
-    sd = {"transformer." + k: v for k, v in get_peft_model_state_dict(model, adapter_name="b").items()}
+    sd = {"transformer." + k: v for k, v in get_peft_model_state_dict(model, adapter_name="biased").items()}
     assert any(k.endswith("lora_B.bias") for k in sd)
     path = _save(tmp_path, "bias.safetensors", sd)
 

@@ -331,6 +331,12 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     if unknown:
         parser.error(f"unrecognized arguments: {' '.join(unknown)}")
     _setup_logging(args.verbose)
+    from fluxsr_core.dependencies import outdated_dependencies, upgrade_advice
+
+    problems = outdated_dependencies()
+    if problems:
+        print(f"fluxsr-train {args.command}: error: {upgrade_advice(problems)}", file=sys.stderr)
+        return 2
     if args.command in ("eval", "demo"):
         return _delegate({"eval": "evaluate", "demo": "demo"}[args.command], args.rest)
     from fluxsr_core.pairs import WriterBusyError

@@ -1,0 +1,73 @@
+"""The oldest version of each dependency that FluxSR works with, and a check of what is installed.
+
+The same bounds are written in ``pyproject.toml`` and ``requirements.txt`` (a test keeps the three
+equal); each is a version the whole test suite passed with (README, "Tested versions"), except
+torch's and torchvision's. The check exists because an install can be older than they say: a
+ComfyUI whose other node packs pinned an old diffusers, or a pack updated by ``git pull`` without
+``pip install -r requirements.txt``. What breaks there is deep inside diffusers (a missing
+``diffusers.hooks``, a missing attention registry method); the check names the package instead.
+"""
+
+from __future__ import annotations
+
+import importlib.metadata
+import re
+from typing import Optional, Sequence
+
+# distribution name -> the oldest version that works
+MINIMUM_VERSIONS = {
+    "torch": "2.4",
+    "torchvision": "0.19",
+    "diffusers": "0.35",
+    "transformers": "4.44",
+    "safetensors": "0.5",
+    "peft": "0.17",
+    "accelerate": "1.10",
+    "lpips": "0.1.4",
+    "numpy": "1.26",
+    "pillow": "11.0",
+    "tqdm": "4.60",
+}
+
+
+# What each entry point imports (the ComfyUI nodes run ComfyUI's torch and models, but read
+# LoRAs through diffusers' and peft's converters).
+UPSCALE_NEEDS = ("torch", "diffusers", "safetensors", "peft", "numpy", "pillow", "tqdm")
+NODES_NEED = ("diffusers", "safetensors", "peft", "numpy", "pillow")
+
+
+def _release(version: str) -> tuple[int, ...]:
+    """The leading numbers of a version string: ``"2.14.1+cu130"`` -> ``(2, 14, 1)``."""
+    numbers = []
+    for part in version.split("."):
+        m = re.match(r"\d+", part)
+        if m is None:
+            break
+        numbers.append(int(m.group()))
+        if m.end() < len(part):  # "0rc1", "1+cu130": the rest is a pre-release or local tag
+            break
+    return tuple(numbers)
+
+
+def outdated_dependencies(names: Optional[Sequence[str]] = None) -> list[str]:
+    """One line per dependency in ``names`` (default: all) that is missing or older than
+    :data:`MINIMUM_VERSIONS` says, e.g. ``"diffusers 0.32.2 (FluxSR needs >= 0.35)"``."""
+    problems = []
+    for name in names or MINIMUM_VERSIONS:
+        minimum = MINIMUM_VERSIONS[name]
+        try:
+            installed = importlib.metadata.version(name)
+        except importlib.metadata.PackageNotFoundError:
+            problems.append(f"{name} is not installed (FluxSR needs >= {minimum})")
+            continue
+        if _release(installed) < _release(minimum):
+            problems.append(f"{name} {installed} (FluxSR needs >= {minimum})")
+    return problems
+
+
+def upgrade_advice(problems: Sequence[str]) -> str:
+    """The message for :func:`outdated_dependencies`' lines, with the pip command that fixes them."""
+    names = [p.split()[0] for p in problems]
+    pins = " ".join(f"'{n}>={MINIMUM_VERSIONS[n]}'" for n in names)
+    return (f"these packages are older than FluxSR needs: {'; '.join(problems)}. "
+            f"Upgrade them with: pip install -U {pins}")

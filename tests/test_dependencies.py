@@ -1,0 +1,89 @@
+"""The declared oldest versions: one list in three places, and a clear refusal of older installs."""
+
+from __future__ import annotations
+
+import importlib.metadata
+import importlib.util
+import logging
+import re
+import sys
+from pathlib import Path
+
+import pytest
+
+from fluxsr_core import dependencies as D
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+def _bounds(lines):
+    out = {}
+    for line in lines:
+        m = re.fullmatch(r"\s*([A-Za-z0-9_.-]+)\s*>=\s*([0-9][0-9.]*)\s*", line.split("#")[0])
+        if m:
+            out[m.group(1).lower()] = m.group(2)
+    return out
+
+
+def test_the_minimum_versions_are_the_ones_pyproject_and_requirements_declare():
+    tomllib = pytest.importorskip("tomllib")   # Python 3.11+
+    project = tomllib.loads((REPO / "pyproject.toml").read_text())["project"]
+    assert _bounds(project["dependencies"]) == D.MINIMUM_VERSIONS
+    requirements = _bounds((REPO / "requirements.txt").read_text().splitlines())
+    # ComfyUI brings its own torch: the pack's requirements leave it (and torchvision) out
+    assert requirements == {k: v for k, v in D.MINIMUM_VERSIONS.items() if k not in ("torch", "torchvision")}
+    assert set(D.UPSCALE_NEEDS) <= set(D.MINIMUM_VERSIONS) and set(D.NODES_NEED) <= set(D.MINIMUM_VERSIONS)
+
+
+def fake_versions(monkeypatch, **versions):
+    real = importlib.metadata.version
+
+    def version(name):
+        if name in versions:
+            if versions[name] is None:
+                raise importlib.metadata.PackageNotFoundError(name)
+            return versions[name]
+        return real(name)
+
+    monkeypatch.setattr(D.importlib.metadata, "version", version)
+
+
+def test_outdated_dependencies_compare_release_numbers(monkeypatch):
+    fake_versions(monkeypatch, diffusers="0.32.2", torch="2.14.1+cu130", peft="0.17.0rc1", pillow="10.4.0",
+                  numpy="2.3.0", accelerate=None)
+    assert D.outdated_dependencies(["diffusers", "torch", "peft", "pillow", "numpy", "accelerate"]) == [
+        "diffusers 0.32.2 (FluxSR needs >= 0.35)", "pillow 10.4.0 (FluxSR needs >= 11.0)",
+        "accelerate is not installed (FluxSR needs >= 1.10)"]
+    fake_versions(monkeypatch, diffusers="0.100.0")        # numbers, not strings: 0.100 > 0.35
+    assert D.outdated_dependencies(["diffusers"]) == []
+    advice = D.upgrade_advice(["diffusers 0.32.2 (FluxSR needs >= 0.35)", "accelerate is not installed (FluxSR needs >= 1.10)"])
+    assert advice.endswith("Upgrade them with: pip install -U 'diffusers>=0.35' 'accelerate>=1.10'")
+
+
+def test_both_clis_refuse_an_old_diffusers_naming_it(monkeypatch, capsys, tmp_path):
+    from fluxsr_core import cli
+    from fluxsr_training import cli as train_cli
+
+    fake_versions(monkeypatch, diffusers="0.32.2")
+    assert cli.main(["upscale", str(tmp_path / "in.png"), "-o", str(tmp_path / "out.png")]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("fluxsr: error: these packages are older than FluxSR needs: diffusers 0.32.2 "
+                          "(FluxSR needs >= 0.35). Upgrade them with: pip install -U 'diffusers>=0.35'")
+    assert train_cli.main(["export", str(tmp_path / "run"), "-o", str(tmp_path / "x")]) == 2
+    assert "fluxsr-train export: error: these packages are older than FluxSR needs: diffusers 0.32.2" in \
+        capsys.readouterr().err
+    assert not (tmp_path / "out.png").exists() and not (tmp_path / "x").exists()
+
+
+def test_the_node_pack_still_loads_with_an_old_diffusers_and_says_what_to_upgrade(monkeypatch, caplog):
+    fake_versions(monkeypatch, diffusers="0.32.2")
+    name = "custom_nodes_deps_test_ComfyUI-FluxSR"
+    spec = importlib.util.spec_from_file_location(name, REPO / "__init__.py")
+    module = importlib.util.module_from_spec(spec)
+    monkeypatch.setitem(sys.modules, name, module)
+    with caplog.at_level(logging.WARNING, logger="fluxsr"):
+        spec.loader.exec_module(module)
+    assert "FluxSRUpscale" in module.NODE_CLASS_MAPPINGS          # saved workflows still load
+    assert "[FluxSR] these packages are older than FluxSR needs: diffusers 0.32.2 (FluxSR needs >= 0.35)" in caplog.text
+    for key in [k for k in sys.modules if k.startswith(name + ".")]:
+        monkeypatch.delitem(sys.modules, key)
