@@ -82,7 +82,7 @@ def main(argv=None) -> int:
     results_path = args.out / "adl_forms.json"
     results = json.loads(results_path.read_text()) if results_path.exists() else {}
     for variant in [v.strip() for v in args.variants.split(",") if v.strip()]:
-        key = f"{variant}@{args.w_adl:g}x{cfg.student_steps}"
+        key = f"{variant}@{0 if variant == 'none' else args.w_adl:g}x{cfg.student_steps}"
         if key in results:
             print(f"{key}: done before, kept")
             continue
@@ -116,12 +116,16 @@ def main(argv=None) -> int:
                         "lr_kinds": row}
         results_path.write_text(json.dumps(results, indent=1))
         print(f"{key}: " + json.dumps(row["bicubic"]["trained"]), flush=True)
-    lines = ["| variant | LR | PSNR-Y | SSIM-Y | ST-LPIPS | token-grid error, levels (per photo) |", "|---|---|---|---|---|---|"]
-    for key, r in results.items():
+    photos = ", ".join(demo.HOLDOUT)
+    lines = [f"| ADL | steps | LR | PSNR-Y | SSIM-Y | ST-LPIPS | token-grid error, levels ({photos}) |",
+             "|---|---|---|---|---|---|---|"]
+    for r in results.values():
+        label = "none" if r["variant"] == "none" else f"{r['variant']}, w_adl {r['w_adl']:g}"
         for kind, k in r["lr_kinds"].items():
             t = k["trained"]
             grid = ", ".join(f"{v:.2f}" for v in k["grid_trained"].values())
-            lines.append(f"| {key} | {kind} | {t['psnr_y']:.2f} | {t['ssim_y']:.4f} | {t.get('stlpips', float('nan')):.4f} | {grid} |")
+            lines.append(f"| {label} | {r['steps']} | {kind} | {t['psnr_y']:.2f} | {t['ssim_y']:.4f} | "
+                         f"{t.get('stlpips', float('nan')):.4f} | {grid} |")
     (args.out / "adl_forms.md").write_text("\n".join(lines) + "\n")
     print("\n".join(lines))
     return 0
