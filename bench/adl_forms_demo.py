@@ -59,6 +59,7 @@ def main(argv=None) -> int:
     p.add_argument("--w-adl", type=float, default=0.05, help="the ADL weight of both forms (demo: 0.001)")
     p.add_argument("--steps", type=int, default=None, help="student steps (default: the demo's)")
     p.add_argument("--variants", default="none,tokens,attention")
+    p.add_argument("--seed", type=int, default=None, help="the student's seed (LoRA init, data order; default: the demo's)")
     p.add_argument("--threads", type=int, default=None)
     args = p.parse_args(argv)
 
@@ -76,13 +77,16 @@ def main(argv=None) -> int:
     cfg = demo.DemoConfig.full()
     if args.steps:
         cfg = dataclasses.replace(cfg, student_steps=args.steps)
+    if args.seed is not None:
+        cfg = dataclasses.replace(cfg, seed=args.seed)
     args.out.mkdir(parents=True, exist_ok=True)
     recipe = demo.Recipe(cfg, args.out / "unused-out", args.work, None, quick=False)
     hr = demo.holdout_images(cfg)
     results_path = args.out / "adl_forms.json"
     results = json.loads(results_path.read_text()) if results_path.exists() else {}
     for variant in [v.strip() for v in args.variants.split(",") if v.strip()]:
-        key = f"{variant}@{0 if variant == 'none' else args.w_adl:g}x{cfg.student_steps}"
+        key = f"{variant}@{0 if variant == 'none' else args.w_adl:g}x{cfg.student_steps}" + \
+            (f"-seed{cfg.seed}" if args.seed is not None else "")
         if key in results:
             print(f"{key}: done before, kept")
             continue
@@ -111,7 +115,7 @@ def main(argv=None) -> int:
                          "grid_trained": grid_errors(vdir / "report" / f"trained-{kind}", hr),
                          "grid_untrained": grid_errors(vdir / "report" / f"untrained-{kind}", hr)}
         adl_last = [h.get("adl") for h in trained.history if "adl" in h]
-        results[key] = {"variant": variant, "w_adl": loss.w_adl, "steps": cfg.student_steps,
+        results[key] = {"variant": variant, "w_adl": loss.w_adl, "steps": cfg.student_steps, "seed": cfg.seed,
                         "train_seconds": round(seconds, 1), "adl_first_last": adl_last[:1] + adl_last[-1:],
                         "lr_kinds": row}
         results_path.write_text(json.dumps(results, indent=1))
@@ -120,7 +124,8 @@ def main(argv=None) -> int:
     lines = [f"| ADL | steps | LR | PSNR-Y | SSIM-Y | ST-LPIPS | token-grid error, levels ({photos}) |",
              "|---|---|---|---|---|---|---|"]
     for r in results.values():
-        label = "none" if r["variant"] == "none" else f"{r['variant']}, w_adl {r['w_adl']:g}"
+        label = ("none" if r["variant"] == "none" else f"{r['variant']}, w_adl {r['w_adl']:g}") + \
+            (f", seed {r['seed']}" if "seed" in r else "")
         for kind, k in r["lr_kinds"].items():
             t = k["trained"]
             grid = ", ".join(f"{v:.2f}" for v in k["grid_trained"].values())

@@ -709,15 +709,15 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     logging.basicConfig(level=logging.WARNING, format="%(message)s")
     parser = build_parser()
     args = parser.parse_args(argv)
+    problems = outdated_dependencies(UPSCALE_NEEDS)
+    if problems:
+        print(f"fluxsr: error: {upgrade_advice(problems)}", file=sys.stderr)
+        return 2
     # Signal handlers can only be set from the main thread (a caller running us in another
     # thread keeps the default: SIGTERM then ends the process as before).
     previous = None
     if threading.current_thread() is threading.main_thread():
         previous = signal.signal(signal.SIGTERM, _raise_terminated)
-    problems = outdated_dependencies(UPSCALE_NEEDS)
-    if problems:
-        print(f"fluxsr: error: {upgrade_advice(problems)}", file=sys.stderr)
-        return 2
     try:
         if args.command == "upscale":
             return run_upscale(args)

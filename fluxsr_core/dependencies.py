@@ -10,6 +10,7 @@ ComfyUI whose other node packs pinned an old diffusers, or a pack updated by ``g
 
 from __future__ import annotations
 
+import importlib
 import importlib.metadata
 import re
 from typing import Optional, Sequence
@@ -32,7 +33,7 @@ MINIMUM_VERSIONS = {
 
 # What each entry point imports (the ComfyUI nodes run ComfyUI's torch and models, but read
 # LoRAs through diffusers' and peft's converters).
-UPSCALE_NEEDS = ("torch", "diffusers", "safetensors", "peft", "numpy", "pillow", "tqdm")
+UPSCALE_NEEDS = ("torch", "diffusers", "safetensors", "peft", "accelerate", "numpy", "pillow", "tqdm")
 NODES_NEED = ("diffusers", "safetensors", "peft", "numpy", "pillow")
 
 
@@ -49,15 +50,32 @@ def _release(version: str) -> tuple[int, ...]:
     return tuple(numbers)
 
 
+# Import names where they differ from the distribution's: a drop-in build under another
+# distribution name (Pillow-SIMD) is found by its module's own __version__.
+_MODULES = {"pillow": "PIL"}
+
+
+def _installed_version(name: str) -> Optional[str]:
+    try:
+        return importlib.metadata.version(name)
+    except importlib.metadata.PackageNotFoundError:
+        pass
+    try:
+        module = importlib.import_module(_MODULES.get(name, name))
+    except ImportError:
+        return None
+    version = getattr(module, "__version__", None)
+    return version if isinstance(version, str) else None
+
+
 def outdated_dependencies(names: Optional[Sequence[str]] = None) -> list[str]:
     """One line per dependency in ``names`` (default: all) that is missing or older than
     :data:`MINIMUM_VERSIONS` says, e.g. ``"diffusers 0.32.2 (FluxSR needs >= 0.35)"``."""
     problems = []
     for name in names or MINIMUM_VERSIONS:
         minimum = MINIMUM_VERSIONS[name]
-        try:
-            installed = importlib.metadata.version(name)
-        except importlib.metadata.PackageNotFoundError:
+        installed = _installed_version(name)
+        if installed is None:
             problems.append(f"{name} is not installed (FluxSR needs >= {minimum})")
             continue
         if _release(installed) < _release(minimum):
@@ -68,6 +86,6 @@ def outdated_dependencies(names: Optional[Sequence[str]] = None) -> list[str]:
 def upgrade_advice(problems: Sequence[str]) -> str:
     """The message for :func:`outdated_dependencies`' lines, with the pip command that fixes them."""
     names = [p.split()[0] for p in problems]
-    pins = " ".join(f"'{n}>={MINIMUM_VERSIONS[n]}'" for n in names)
+    pins = " ".join(f'"{n}>={MINIMUM_VERSIONS[n]}"' for n in names)  # double quotes: Windows' cmd too
     return (f"these packages are older than FluxSR needs: {'; '.join(problems)}. "
             f"Upgrade them with: pip install -U {pins}")

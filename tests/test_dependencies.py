@@ -35,43 +35,68 @@ def test_the_minimum_versions_are_the_ones_pyproject_and_requirements_declare():
     assert set(D.UPSCALE_NEEDS) <= set(D.MINIMUM_VERSIONS) and set(D.NODES_NEED) <= set(D.MINIMUM_VERSIONS)
 
 
-def fake_versions(monkeypatch, **versions):
-    real = importlib.metadata.version
+def fake_versions(monkeypatch, absent_modules=(), **versions):
+    """Installed distributions as ``versions`` say (None: no such distribution); the modules in
+    ``absent_modules`` cannot be imported either."""
+    real_version, real_import = importlib.metadata.version, importlib.import_module
 
     def version(name):
         if name in versions:
             if versions[name] is None:
                 raise importlib.metadata.PackageNotFoundError(name)
             return versions[name]
-        return real(name)
+        return real_version(name)
+
+    def import_module(name, *args):
+        if name in absent_modules:
+            raise ImportError(f"No module named {name!r}")
+        return real_import(name, *args)
 
     monkeypatch.setattr(D.importlib.metadata, "version", version)
+    monkeypatch.setattr(D.importlib, "import_module", import_module)
 
 
 def test_outdated_dependencies_compare_release_numbers(monkeypatch):
     fake_versions(monkeypatch, diffusers="0.32.2", torch="2.14.1+cu130", peft="0.17.0rc1", pillow="10.4.0",
-                  numpy="2.3.0", accelerate=None)
+                  numpy="2.3.0", accelerate=None, absent_modules=("accelerate",))
     assert D.outdated_dependencies(["diffusers", "torch", "peft", "pillow", "numpy", "accelerate"]) == [
         "diffusers 0.32.2 (FluxSR needs >= 0.35)", "pillow 10.4.0 (FluxSR needs >= 11.0)",
         "accelerate is not installed (FluxSR needs >= 1.10)"]
     fake_versions(monkeypatch, diffusers="0.100.0")        # numbers, not strings: 0.100 > 0.35
     assert D.outdated_dependencies(["diffusers"]) == []
     advice = D.upgrade_advice(["diffusers 0.32.2 (FluxSR needs >= 0.35)", "accelerate is not installed (FluxSR needs >= 1.10)"])
-    assert advice.endswith("Upgrade them with: pip install -U 'diffusers>=0.35' 'accelerate>=1.10'")
+    assert advice.endswith('Upgrade them with: pip install -U "diffusers>=0.35" "accelerate>=1.10"')
+
+
+def test_a_build_under_another_distribution_name_is_found_by_its_module(monkeypatch):
+    import PIL
+
+    fake_versions(monkeypatch, pillow=None)                # e.g. Pillow-SIMD: no "pillow" distribution
+    monkeypatch.setattr(PIL, "__version__", "11.1.0.post1")
+    assert D.outdated_dependencies(["pillow"]) == []
+    monkeypatch.setattr(PIL, "__version__", "9.5.0")
+    assert D.outdated_dependencies(["pillow"]) == ["pillow 9.5.0 (FluxSR needs >= 11.0)"]
 
 
 def test_both_clis_refuse_an_old_diffusers_naming_it(monkeypatch, capsys, tmp_path):
+    import signal
+
     from fluxsr_core import cli
     from fluxsr_training import cli as train_cli
 
     fake_versions(monkeypatch, diffusers="0.32.2")
+    handler = signal.getsignal(signal.SIGTERM)
     assert cli.main(["upscale", str(tmp_path / "in.png"), "-o", str(tmp_path / "out.png")]) == 2
+    assert signal.getsignal(signal.SIGTERM) is handler     # refused before it took SIGTERM over
     err = capsys.readouterr().err
     assert err.startswith("fluxsr: error: these packages are older than FluxSR needs: diffusers 0.32.2 "
-                          "(FluxSR needs >= 0.35). Upgrade them with: pip install -U 'diffusers>=0.35'")
+                          '(FluxSR needs >= 0.35). Upgrade them with: pip install -U "diffusers>=0.35"')
     assert train_cli.main(["export", str(tmp_path / "run"), "-o", str(tmp_path / "x")]) == 2
     assert "fluxsr-train export: error: these packages are older than FluxSR needs: diffusers 0.32.2" in \
         capsys.readouterr().err
+    for command in ("demo", "eval"):                        # handed to their own modules, checked first
+        assert train_cli.main([command, "--help"]) == 2
+        assert f"fluxsr-train {command}: error: these packages are older" in capsys.readouterr().err
     assert not (tmp_path / "out.png").exists() and not (tmp_path / "x").exists()
 
 

@@ -662,7 +662,7 @@ def test_a_setup_failure_on_one_process_stops_both_without_waiting(pairs, tmp_pa
 
 @pytest.mark.parametrize("failure,message", [
     ("error", "process 1 could not run training step 2: RuntimeError: simulated failure of rank 1 at step 2"),
-    ("nan", "process 1 could not run training step 1: FloatingPointError: loss is nan at step 0")])
+    ("nan", "process 1 could not run training step 1: FloatingPointError: loss is nan at step 1")])
 def test_a_failure_in_a_training_step_on_one_process_stops_both(pairs, tmp_path, failure, message):
     """An error on rank 1 alone in a step's forward (an out-of-memory, a bad batch) or a
     non-finite loss there stops rank 0 too, with an error naming rank 1's. Before, rank 0 went on

@@ -1944,7 +1944,7 @@ class _Run:
                                perceptual=self.perceptual, adl_hook=self.adl_hook,
                                adl_seeds=[self.stream.adl_seed(p) for p in batch["pos"]])
         if not torch.isfinite(parts.total):
-            raise FloatingPointError(f"loss is {float(parts.total)} at step {self.state.step}; "
+            raise FloatingPointError(f"loss is {float(parts.total)} at step {self.state.step + 1}; "
                                      "lower optim.lr or check the data")
         return parts
 
@@ -2022,9 +2022,11 @@ class _Run:
                 sums: dict[str, float] = {}
                 for _ in range(accum):
                     with acc.accumulate(self.model):
-                        # Guarded: an error on one process (its batch, an out-of-memory forward, a
+                                        # Guarded: an error on one process (its batch, an out-of-memory forward, a
                         # non-finite loss) stops every process here, before the backward's
                         # all-reduce where the others would wait for it until the group timed out.
+                        # Not guarded: the backward and the optimizer step themselves (their
+                        # collectives are inside), nor, under FSDP or ZeRO-3, the forward's.
                         parts = self._on_every_process(lambda: self._micro_step_losses(batches),
                                                        f"run training step {self.state.step + 1}")
                         acc.backward(parts.total)
