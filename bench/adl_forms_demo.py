@@ -59,6 +59,9 @@ def main(argv=None) -> int:
     p.add_argument("--w-adl", type=float, default=0.05, help="the ADL weight of both forms (demo: 0.001)")
     p.add_argument("--steps", type=int, default=None, help="student steps (default: the demo's)")
     p.add_argument("--variants", default="none,tokens,attention")
+    p.add_argument("--queries", type=int, default=None,
+                   help="attention form: queries per sample (default: loss.adl_queries', 256, more than the "
+                        "demo's 144 image tokens, so all of them)")
     p.add_argument("--seed", type=int, default=None, help="the student's seed (LoRA init, data order; default: the demo's)")
     p.add_argument("--threads", type=int, default=None)
     args = p.parse_args(argv)
@@ -85,14 +88,16 @@ def main(argv=None) -> int:
     results_path = args.out / "adl_forms.json"
     results = json.loads(results_path.read_text()) if results_path.exists() else {}
     for variant in [v.strip() for v in args.variants.split(",") if v.strip()]:
+        sampled = variant == "attention" and args.queries is not None
         key = f"{variant}@{0 if variant == 'none' else args.w_adl:g}x{cfg.student_steps}" + \
-            (f"-seed{cfg.seed}" if args.seed is not None else "")
+            (f"-q{args.queries}" if sampled else "") + (f"-seed{cfg.seed}" if args.seed is not None else "")
         if key in results:
             print(f"{key}: done before, kept")
             continue
         base = recipe.train_config()
         loss = dataclasses.replace(base.loss, w_adl=0.0 if variant == "none" else args.w_adl,
-                                   adl_form="tokens" if variant == "none" else variant)
+                                   adl_form="tokens" if variant == "none" else variant,
+                                   adl_queries=args.queries if sampled else base.loss.adl_queries)
         vdir = args.out / key.replace("@", "-")
         if vdir.exists():
             shutil.rmtree(vdir)
@@ -116,6 +121,8 @@ def main(argv=None) -> int:
                          "grid_untrained": grid_errors(vdir / "report" / f"untrained-{kind}", hr)}
         adl_last = [h.get("adl") for h in trained.history if "adl" in h]
         results[key] = {"variant": variant, "w_adl": loss.w_adl, "steps": cfg.student_steps, "seed": cfg.seed,
+                        "queries": loss.adl_queries if variant == "attention" else None,
+                        "image_tokens": (cfg.pair_size // TOKEN_PX) ** 2,  # of a training crop
                         "train_seconds": round(seconds, 1), "adl_first_last": adl_last[:1] + adl_last[-1:],
                         "lr_kinds": row}
         results_path.write_text(json.dumps(results, indent=1))
@@ -125,6 +132,7 @@ def main(argv=None) -> int:
              "|---|---|---|---|---|---|---|"]
     for r in results.values():
         label = ("none" if r["variant"] == "none" else f"{r['variant']}, w_adl {r['w_adl']:g}") + \
+            (f", {r['queries']} queries" if r.get("queries") and r["queries"] < r["image_tokens"] else "") + \
             (f", seed {r['seed']}" if "seed" in r else "")
         for kind, k in r["lr_kinds"].items():
             t = k["trained"]
