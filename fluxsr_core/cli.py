@@ -20,7 +20,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Optional, Sequence
 
-from .dependencies import UPSCALE_NEEDS, outdated_dependencies, upgrade_advice
+from .dependencies import UPSCALE_NEEDS, refuse_outdated
 
 # What folder scans pick up (Pillow reads them all; .mpo is a camera's multi-picture JPEG), with
 # HEIC/HEIF, AVIF and JPEG 2000 where this install reads them.
@@ -709,9 +709,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     logging.basicConfig(level=logging.WARNING, format="%(message)s")
     parser = build_parser()
     args = parser.parse_args(argv)
-    problems = outdated_dependencies(UPSCALE_NEEDS)
-    if problems:
-        print(f"fluxsr: error: {upgrade_advice(problems)}", file=sys.stderr)
+    if refuse_outdated("fluxsr", UPSCALE_NEEDS):
         return 2
     # Signal handlers can only be set from the main thread (a caller running us in another
     # thread keeps the default: SIGTERM then ends the process as before).

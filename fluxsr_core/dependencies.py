@@ -13,6 +13,7 @@ from __future__ import annotations
 import importlib
 import importlib.metadata
 import re
+import sys
 from typing import Optional, Sequence
 
 # distribution name -> the oldest version that works
@@ -89,3 +90,12 @@ def upgrade_advice(problems: Sequence[str]) -> str:
     pins = " ".join(f'"{n}>={MINIMUM_VERSIONS[n]}"' for n in names)  # double quotes: Windows' cmd too
     return (f"these packages are older than FluxSR needs: {'; '.join(problems)}. "
             f"Upgrade them with: pip install -U {pins}")
+
+
+def refuse_outdated(program: str, names: Optional[Sequence[str]] = None) -> bool:
+    """For a command-line entry point: print ``"<program>: error: <advice>"`` to stderr and
+    return True when :func:`outdated_dependencies` finds any of ``names``; False otherwise."""
+    problems = outdated_dependencies(names)
+    if problems:
+        print(f"{program}: error: {upgrade_advice(problems)}", file=sys.stderr)
+    return bool(problems)

@@ -24,6 +24,8 @@ from importlib import resources
 from pathlib import Path
 from typing import Optional, Sequence
 
+from fluxsr_core.dependencies import refuse_outdated
+
 log = logging.getLogger("fluxsr.train")
 
 
@@ -313,23 +315,13 @@ def _user_message(exc: BaseException) -> str:
     return text
 
 
-def _refuses_old_dependencies(command: str) -> bool:
-    """Print the upgrade advice and return True when an installed dependency is too old."""
-    from fluxsr_core.dependencies import outdated_dependencies, upgrade_advice
-
-    problems = outdated_dependencies()
-    if problems:
-        print(f"fluxsr-train {command}: error: {upgrade_advice(problems)}", file=sys.stderr)
-    return bool(problems)
-
-
 def main(argv: Optional[Sequence[str]] = None) -> int:
     """Entry point of ``fluxsr-train``; returns the exit status."""
     argv = list(sys.argv[1:] if argv is None else argv)
     if argv and argv[0] in ("eval", "demo"):
         # Their own parsers (help included) live in fluxsr_training.evaluate / .demo.
         _setup_logging(False)
-        if _refuses_old_dependencies(argv[0]):
+        if refuse_outdated(f"fluxsr-train {argv[0]}"):
             return 2
         return _delegate({"eval": "evaluate", "demo": "demo"}[argv[0]], argv[1:])
     parser, fields = build_parser()
@@ -343,7 +335,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     if unknown:
         parser.error(f"unrecognized arguments: {' '.join(unknown)}")
     _setup_logging(args.verbose)
-    if _refuses_old_dependencies(args.command):
+    if refuse_outdated(f"fluxsr-train {args.command}"):
         return 2
     if args.command in ("eval", "demo"):
         return _delegate({"eval": "evaluate", "demo": "demo"}[args.command], args.rest)
