@@ -342,12 +342,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     from fluxsr_core.pairs import WriterBusyError
 
     from .config_io import ConfigError
-
-    def user_errors() -> tuple:
-        # the trainer's own, when it ran (the other commands do not import it)
-        trainer = sys.modules.get(f"{__package__}.trainer")
-        return (ConfigError, FileNotFoundError, ValueError, WriterBusyError,
-                *((trainer.OtherProcessError,) if trainer is not None else ()))
+    from .trainer import OtherProcessError  # costs no more than the pairs import above (torch)
 
     try:
         if args.command == "pairs":
@@ -359,8 +354,8 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         if args.command == "train":
             return _cmd_train(args)
         return _cmd_export(args)
-    except Exception as exc:  # noqa: BLE001 - the user's errors as one line, the rest raised
-        if args.verbose or not isinstance(exc, user_errors()):
+    except (ConfigError, FileNotFoundError, ValueError, WriterBusyError, OtherProcessError) as exc:
+        if args.verbose:
             raise
         print(f"fluxsr-train {args.command}: error: {_user_message(exc)}", file=sys.stderr)
         return 2
