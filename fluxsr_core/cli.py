@@ -696,7 +696,8 @@ def _save_result(target: Path, result, rgb, alpha) -> None:
     from .images import save_image
 
     save_image(target, rgb, alpha=alpha, bit_depth=result.bit_depth, grayscale=result.grayscale,
-               icc_profile=result.icc_profile, exif=result.exif, dpi=result.dpi)
+               icc_profile=result.icc_profile, exif=result.exif, dpi=result.dpi, xmp=result.xmp,
+               text=result.text)
 
 
 def _raise_terminated(signum, frame):

@@ -42,9 +42,10 @@ from typing import Any, Callable, Optional, Sequence
 import numpy as np
 import torch
 import torch.nn.functional as F
-from PIL import ExifTags, Image, ImageOps, UnidentifiedImageError
+from PIL import ExifTags, Image, ImageOps, PngImagePlugin, UnidentifiedImageError
 
 from . import exif as _exif
+from . import xmp as _xmp
 from .files import atomic_write
 from .settings import DEFAULT_SCALE
 
@@ -179,7 +180,10 @@ class LoadedImage:
     the user should know (only the first frame of an animation was used, values were clipped...);
     ``icc_profile``: the embedded colour profile, to be written back with the result;
     ``exif``: the file's descriptive EXIF (camera, dates, exposure, GPS...; see
-    :func:`carried_exif`) as bytes, or None; ``dpi``: its resolution in dots per inch, or None.
+    :func:`carried_exif`) as bytes, or None; ``dpi``: its resolution in dots per inch, or None;
+    ``xmp``: its XMP packet (caption, keywords, rating, rights, edit history; see
+    :func:`carried_xmp`), or None; ``text``: a PNG's descriptive text (:data:`PNG_TEXT_KEYS`:
+    title, author, copyright...), by keyword.
     """
 
     rgb: torch.Tensor
@@ -192,6 +196,8 @@ class LoadedImage:
     icc_profile: Optional[bytes] = None
     exif: Optional[bytes] = None
     dpi: Optional[tuple[float, float]] = None
+    xmp: Optional[bytes] = None
+    text: dict[str, str] = field(default_factory=dict)
 
     @property
     def height(self) -> int:
@@ -234,7 +240,7 @@ def load_image(path: str | os.PathLike, max_pixels: Optional[int] = DEFAULT_MAX_
     raise :class:`IntegerRangeError` saying how to convert them.
 
     ``max_pixels`` and ``check_size`` are checked on the header first, as by :func:`probe_image`.
-    ``metadata=False`` leaves ``exif`` and ``dpi`` unread (for pixels that are only scored or
+    ``metadata=False`` leaves ``exif``, ``dpi``, ``xmp`` and ``text`` unread (for pixels that are only scored or
     trained on, never written back).
     Raises what :func:`probe_image` raises, and :class:`TruncatedImageError`,
     :class:`FloatRangeError`, :class:`IntegerRangeError` or :class:`ImageFileError` for the
@@ -248,6 +254,8 @@ def load_image(path: str | os.PathLike, max_pixels: Optional[int] = DEFAULT_MAX_
             if metadata:  # after decoding: a PNG's eXIf chunk may follow its pixel data
                 loaded.exif = carried_exif(p, img, loaded.notes)
                 loaded.dpi = _dpi_of(img)
+                loaded.xmp = carried_xmp(img, loaded.notes)
+                loaded.text = carried_text(img, loaded.notes)
     loaded.notes.extend(pillow_warnings)  # (with a failed load, the error says what matters)
     return loaded
 
@@ -272,6 +280,58 @@ def carried_exif(p: Path, img: Image.Image, notes: Optional[list[str]] = None) -
             why = str(e) if isinstance(e, _exif.ExifError) else f"{type(e).__name__}: {e}"
             notes.append(f"its EXIF metadata could not be copied ({why}); the result is written without it")
         return None
+
+
+def carried_xmp(img: Image.Image, notes: Optional[list[str]] = None) -> Optional[bytes]:
+    """The XMP packet of ``img`` (JPEG, PNG, WebP, TIFF; ImageMagick's PNG text chunk too) as it
+    may travel with an upscaled copy (see :mod:`fluxsr_core.xmp`: its orientation made upright,
+    its thumbnail and what describes the source file's coding left out), or None when there is
+    none. One that cannot be read is left out with a note, never an error."""
+    raw = img.info.get("xmp") or img.info.get("XML:com.adobe.xmp")
+    try:
+        if not raw and "Raw profile type xmp" in img.info:  # ImageMagick: hex after three header lines
+            raw = bytes.fromhex("".join(str(img.info["Raw profile type xmp"]).split("\n")[3:]))
+        if isinstance(raw, str):
+            raw = raw.encode("utf-8")
+        return _xmp.carried_xmp(bytes(raw)) if raw else None
+    except (_xmp.XmpError, ValueError, TypeError) as e:
+        if notes is not None:
+            why = str(e) if isinstance(e, _xmp.XmpError) else f"{type(e).__name__}: {e}"
+            notes.append(f"its XMP metadata could not be copied ({why}); the result is written without it")
+        return None
+
+
+# PNG's predefined text keywords (PNG spec 11.3.4.2): what describes the picture. Others are
+# left out: a generator's own chunks (ComfyUI's "prompt" and "workflow", A1111's "parameters")
+# describe how the source was made, and ComfyUI would open the source's graph from the result.
+PNG_TEXT_KEYS = ("Title", "Author", "Description", "Copyright", "Creation Time", "Software", "Disclaimer",
+                 "Warning", "Source", "Comment")
+_MAX_TEXT_CHARS = 1 << 20  # per entry: more is a data dump, not a caption
+
+
+def carried_text(img: Image.Image, notes: Optional[list[str]] = None) -> dict[str, str]:
+    """A PNG's descriptive text chunks (:data:`PNG_TEXT_KEYS`), by keyword; empty for other
+    formats. An entry over a million characters is left out with a note."""
+    if img.format != "PNG":
+        return {}
+    try:
+        chunks = img.text
+    except (ValueError, OSError, SyntaxError) as e:  # a damaged text chunk costs the text, not the picture
+        if notes is not None:
+            notes.append(f"its PNG text could not be read ({type(e).__name__}: {e}); the result is written without it")
+        return {}
+    kept = {}
+    for key in PNG_TEXT_KEYS:
+        value = chunks.get(key)
+        if not isinstance(value, str) or not value:
+            continue
+        if len(value) > _MAX_TEXT_CHARS:
+            if notes is not None:
+                notes.append(f"its PNG text '{key}' ({len(value):,} characters) is too long to copy; "
+                             "the result is written without it")
+            continue
+        kept[key] = str(value)
+    return kept
 
 
 def _dpi_of(img: Image.Image) -> Optional[tuple[float, float]]:
@@ -576,18 +636,37 @@ def _is_16bit_la_png(img: Image.Image) -> bool:
     return img.mode == "RGBA" and bool(img.tile) and all(_rawmode(t) == "LA;16B" for t in img.tile)
 
 
+# EXIF orientation -> the turn that makes the picture upright
+_ORIENTATION_TURNS = {
+    2: Image.Transpose.FLIP_LEFT_RIGHT, 3: Image.Transpose.ROTATE_180, 4: Image.Transpose.FLIP_TOP_BOTTOM,
+    5: Image.Transpose.TRANSPOSE, 6: Image.Transpose.ROTATE_270, 7: Image.Transpose.TRANSVERSE,
+    8: Image.Transpose.ROTATE_90,
+}
+
+
 def _upright(img: Image.Image, notes: list[str]) -> Image.Image:
-    """Decode ``img`` and turn it by its EXIF orientation (``ImageOps.exif_transpose``). An EXIF
-    that Pillow cannot parse (it raises on PNGs and WebPs, where JPEGs get an empty one) leaves
-    the picture as stored, with a note: the metadata must never cost the picture."""
+    """Decode ``img`` and turn it by its orientation: the EXIF's, else the XMP's (``tiff:Orientation``,
+    found by namespace), the precedence the Metadata Working Group's guidelines give. Our own
+    rule, not ``ImageOps.exif_transpose``: Pillow 11 ignores an XMP orientation, Pillow 13 reads
+    one only under the prefix "tiff", so the turn, and with it whether the XMP carried as
+    upright is true, would depend on the Pillow installed. An EXIF that Pillow cannot parse (it
+    raises on PNGs and WebPs, where JPEGs get an empty one) leaves the picture as stored, with a
+    note: the metadata must never cost the picture."""
     img.load()
     try:
-        img.getexif()
+        turn = _ORIENTATION_TURNS.get(img.getexif().get(ExifTags.Base.Orientation))
     except Exception as e:  # noqa: BLE001 - whatever the parser raises
         notes.append(f"its EXIF metadata cannot be parsed ({type(e).__name__}: {e}); an orientation it may "
                      "hold is not applied")
         return img
-    return ImageOps.exif_transpose(img)
+    if turn is None and ExifTags.Base.Orientation not in img.getexif():
+        packet = img.info.get("xmp") or img.info.get("XML:com.adobe.xmp")
+        try:
+            turn = _ORIENTATION_TURNS.get(_xmp.orientation(packet.encode() if isinstance(packet, str) else packet)
+                                          if packet else None)
+        except _xmp.XmpError:
+            pass  # carried_xmp says why the XMP is left out
+    return img.transpose(turn) if turn is not None else img
 
 
 def _transposed_array(img: Image.Image, notes: list[str]) -> np.ndarray:
@@ -840,7 +919,8 @@ _FORMATS = {".png": "PNG", ".jpg": "JPEG", ".jpeg": "JPEG", ".webp": "WEBP"}
 
 def save_image(path: str | os.PathLike, rgb: torch.Tensor, alpha: Optional[torch.Tensor] = None,
                bit_depth: int = 8, grayscale: bool = False, icc_profile: Optional[bytes] = None,
-               exif: Optional[bytes] = None, dpi: Optional[tuple[float, float]] = None) -> Path:
+               exif: Optional[bytes] = None, dpi: Optional[tuple[float, float]] = None,
+               xmp: Optional[bytes] = None, text: Optional[dict[str, str]] = None) -> Path:
     """Write an image atomically and return its path.
 
     ``rgb``: ``[1, 3, H, W]`` or ``[3, H, W]`` float in ``[0, 1]`` (values outside are clipped;
@@ -852,9 +932,11 @@ def save_image(path: str | os.PathLike, rgb: torch.Tensor, alpha: Optional[torch
     renamed over ``path`` only when complete, so a failure never leaves a half-written image.
     Missing parent folders are created. ``icc_profile`` (when its colour space is that of the
     pixels written: grey or RGB), ``exif`` (bytes, e.g. a :class:`LoadedImage`'s: its pixel
-    size is set to this image's) and ``dpi`` are written into the file (WebP holds no
-    resolution; a JPEG's EXIF over 64 KiB, or a resolution over 65,535 dpi, is left out, with a
-    warning).
+    size is set to this image's), ``dpi``, ``xmp`` (an XMP packet, e.g. a :class:`LoadedImage`'s:
+    its pixel size is set to this image's, its instance id made new) and ``text`` (PNG text
+    chunks by keyword; a JPEG takes ``"Comment"`` as its comment) are written into the file.
+    What a format cannot hold is left out with a warning: WebP holds no resolution and no text,
+    a JPEG no EXIF over 64 KiB, no XMP over 65,504 bytes, no resolution over 65,535 dpi.
     """
     p = Path(path)
     fmt = _FORMATS.get(p.suffix.lower())
@@ -895,6 +977,8 @@ def save_image(path: str | os.PathLike, rgb: torch.Tensor, alpha: Optional[torch
     if bit_depth == 16:
         q = q.astype(np.uint16)
     exif = _exif_for(exif, width=q.shape[1], height=q.shape[0], fmt=fmt, path=p)
+    xmp = _xmp_for(xmp, width=q.shape[1], height=q.shape[0], fmt=fmt, path=p)
+    text = _text_for(text, fmt=fmt, path=p)
     if icc_profile and _icc_color_space(icc_profile) != (b"GRAY" if q.shape[-1] <= 2 else b"RGB "):
         # A profile must fit the pixels written (PNG forbids an RGB profile on grey; readers drop
         # it): a grey result of a grey palette PNG with an sRGB profile is written without it.
@@ -906,7 +990,7 @@ def save_image(path: str | os.PathLike, rgb: torch.Tensor, alpha: Optional[torch
 
     def write(tmp: Path) -> None:
         if bit_depth == 16:
-            _write_png16(tmp, q, icc_profile, exif, dpi)
+            _write_png16(tmp, q, icc_profile, exif, dpi, _png_text_chunks(xmp, text))
             return
         modes = {1: "L", 2: "LA", 3: "RGB", 4: "RGBA"}
         im = Image.fromarray(q[..., 0] if q.shape[-1] == 1 else q, mode=modes[q.shape[-1]])
@@ -917,6 +1001,14 @@ def save_image(path: str | os.PathLike, rgb: torch.Tensor, alpha: Optional[torch
             kw["exif"] = exif
         if dpi and fmt != "WEBP":
             kw["dpi"] = dpi
+        if fmt == "PNG" and (xmp or text):
+            kw["pnginfo"] = PngImagePlugin.PngInfo()
+            for kind, data in _png_text_chunks(xmp, text):
+                kw["pnginfo"].add(kind, data)
+        elif xmp:
+            kw["xmp"] = xmp
+        if fmt == "JPEG" and text:
+            kw["comment"] = text["Comment"].encode("utf-8")
         if fmt in ("JPEG", "WEBP"):
             kw["quality"] = 95
         im.save(tmp, format=fmt, **kw)
@@ -976,16 +1068,79 @@ def _exif_for(exif: Optional[bytes], width: int, height: int, fmt: str, path: Pa
     return out
 
 
+# A JPEG holds its XMP in one APP1 segment after the 29-byte namespace header (Adobe XMP part 3).
+_JPEG_MAX_XMP_BYTES = 65504
+
+
+def _xmp_for(xmp: Optional[bytes], width: int, height: int, fmt: str, path: Path) -> Optional[bytes]:
+    """``xmp`` for the image being written (its pixel size, a new instance id), or None."""
+    if not xmp:
+        return None
+    try:
+        out = _xmp.for_written_image(xmp, width, height)
+    except _xmp.XmpError as e:
+        warnings.warn(f"{path.name}: the XMP given cannot be read ({e}); written without it")
+        return None
+    if out is not None and fmt == "JPEG" and len(out) > _JPEG_MAX_XMP_BYTES:
+        warnings.warn(f"{path.name}: the XMP metadata ({len(out):,} bytes) does not fit a JPEG (65,504 bytes; "
+                      "extended XMP is not written); written without it (save as .png or .webp to keep it)")
+        return None
+    return out
+
+
+def _text_for(text: Optional[dict[str, str]], fmt: str, path: Path) -> dict[str, str]:
+    """The entries of ``text`` that ``fmt`` can hold (PNG: all; JPEG: the comment), warning about
+    the others; raises ValueError for a keyword PNG does not allow."""
+    if not text:
+        return {}
+    for key, value in text.items():
+        if not (isinstance(key, str) and 1 <= len(key) <= 79 and key == key.strip() and "  " not in key
+                and all(32 <= ord(c) <= 126 or 161 <= ord(c) <= 255 for c in key)):
+            raise ValueError(f"text keyword {key!r} is not a PNG keyword (1-79 Latin-1 letters, digits, "
+                             f"punctuation or single inner spaces)")
+        if not isinstance(value, str):
+            raise ValueError(f"text[{key!r}] must be a str (got {type(value).__name__})")
+    kept = dict(text) if fmt == "PNG" else {k: v for k, v in text.items() if fmt == "JPEG" and k == "Comment"}
+    left = [k for k in text if k not in kept]
+    if left:
+        warnings.warn(f"{path.name}: {fmt} has no place for the text {', '.join(left)}; written without it "
+                      f"(save as .png to keep it)")
+    return kept
+
+
+def _png_text_chunks(xmp: Optional[bytes], text: dict[str, str]) -> list[tuple[bytes, bytes]]:
+    """PNG chunks ``(kind, data)`` for the XMP packet (iTXt ``XML:com.adobe.xmp``, uncompressed as
+    Adobe's XMP specification asks) and the text: tEXt where Latin-1 holds it, else iTXt
+    (UTF-8); long values compressed."""
+    chunks = []
+    if xmp:
+        chunks.append((b"iTXt", b"XML:com.adobe.xmp\x00\x00\x00\x00\x00" + xmp))
+    for key, value in text.items():
+        keyword = key.encode("latin-1")
+        big = len(value) > 1024
+        try:
+            latin = value.encode("latin-1")
+        except UnicodeEncodeError:
+            body = value.encode("utf-8")
+            chunks.append((b"iTXt", keyword + (b"\x00\x01\x00" if big else b"\x00\x00\x00") + b"\x00\x00"
+                           + (zlib.compress(body) if big else body)))
+            continue
+        chunks.append((b"zTXt", keyword + b"\x00\x00" + zlib.compress(latin)) if big
+                      else (b"tEXt", keyword + b"\x00" + latin))
+    return chunks
+
+
 def _png_chunk(kind: bytes, data: bytes) -> bytes:
     return (struct.pack(">I", len(data)) + kind + data
             + struct.pack(">I", zlib.crc32(kind + data) & 0xFFFFFFFF))
 
 
 def _write_png16(path: Path, q: np.ndarray, icc_profile: Optional[bytes] = None, exif: Optional[bytes] = None,
-                 dpi: Optional[tuple[float, float]] = None) -> None:
+                 dpi: Optional[tuple[float, float]] = None,
+                 extra_chunks: Sequence[tuple[bytes, bytes]] = ()) -> None:
     """Write ``q`` (uint16 ``[H, W, C]``, C in 1..4) as a 16-bit PNG (PNG spec, ISO 15948), with
-    the colour profile, EXIF (``eXIf``: the TIFF-structured data, without JPEG's ``Exif`` prefix)
-    and resolution (``pHYs``, in pixels per metre) when given.
+    the colour profile, EXIF (``eXIf``: the TIFF-structured data, without JPEG's ``Exif`` prefix),
+    resolution (``pHYs``, in pixels per metre) and ``extra_chunks`` (``(kind, data)``) when given.
 
     Rows use the "Up" filter (byte-wise difference to the row above), which is exact, fully
     vectorised and compresses smooth photos well.
@@ -1005,6 +1160,7 @@ def _write_png16(path: Path, q: np.ndarray, icc_profile: Optional[bytes] = None,
         out.append(_png_chunk(b"pHYs", struct.pack(">IIB", x, y, 1)))
     if exif:
         out.append(_png_chunk(b"eXIf", exif.removeprefix(_exif.EXIF_PREFIX)))
+    out.extend(_png_chunk(kind, data) for kind, data in extra_chunks)
     out.append(_png_chunk(b"IDAT", zlib.compress(rows.tobytes(), 6)))
     out.append(_png_chunk(b"IEND", b""))
     with open(path, "wb") as f:

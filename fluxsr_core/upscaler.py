@@ -184,6 +184,8 @@ class UpscaledImage:
     exif: Optional[bytes] = None
     dpi: Optional[tuple[float, float]] = None
     gray_in_color: bool = False
+    xmp: Optional[bytes] = None
+    text: dict[str, str] = field(default_factory=dict)
 
 
 def upscale_loaded_image(
@@ -214,4 +216,5 @@ def upscale_loaded_image(
     return UpscaledImage(rgb=rgb, alpha=alpha, bit_depth=loaded.bit_depth,
                          grayscale=loaded.grayscale, tiling=used,
                          icc_profile=getattr(loaded, "icc_profile", None), exif=getattr(loaded, "exif", None),
-                         dpi=getattr(loaded, "dpi", None), gray_in_color=gray_in_color)
+                         dpi=getattr(loaded, "dpi", None), gray_in_color=gray_in_color,
+                         xmp=getattr(loaded, "xmp", None), text=dict(getattr(loaded, "text", None) or {}))

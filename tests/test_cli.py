@@ -561,7 +561,15 @@ def test_a_grey_photo_saved_as_rgb_comes_back_grey_and_rgb(tmp_path, capsys):
     Image.fromarray(np.stack([grey] * 3, axis=-1)).save(tmp_path / "grey.png")
     exif = Image.Exif()
     exif[271] = "Canon"  # Make: the photo's metadata travels with it (see test_images for the rules)
-    Image.fromarray(colour).save(tmp_path / "colour.png", exif=exif, dpi=(240, 240))
+    from PIL import PngImagePlugin
+
+    text = PngImagePlugin.PngInfo()
+    text.add_text("Title", "Astronaut")
+    text.add_itxt("XML:com.adobe.xmp", '<x:xmpmeta xmlns:x="adobe:ns:meta/"><rdf:RDF xmlns:rdf="http://www.w3.org/'
+                  '1999/02/22-rdf-syntax-ns#"><rdf:Description xmlns:exif="http://ns.adobe.com/exif/1.0/" '
+                  'xmlns:xmp="http://ns.adobe.com/xap/1.0/" exif:PixelXDimension="40" xmp:Rating="3"/>'
+                  '</rdf:RDF></x:xmpmeta>')
+    Image.fromarray(colour).save(tmp_path / "colour.png", exif=exif, dpi=(240, 240), pnginfo=text)
     with Image.open(tmp_path / "grey.png") as im:
         assert im.mode == "RGB"
     out = tmp_path / "out"
@@ -576,6 +584,8 @@ def test_a_grey_photo_saved_as_rgb_comes_back_grey_and_rgb(tmp_path, capsys):
     assert result.std() > 20  # a picture, not a flat grey
     with Image.open(out / "colour.png") as im:
         assert im.mode == "RGB" and im.getexif()[271] == "Canon"
+        assert im.text["Title"] == "Astronaut"
+        assert b'exif:PixelXDimension="80" xmp:Rating="3"' in im.info["xmp"]
         assert im.info["dpi"] == pytest.approx((240, 240), abs=0.01)  # PNG stores pixels per metre
         result = np.asarray(im).astype(int)
     assert np.abs(result[..., 0] - result[..., 2]).mean() > 10  # still in colour

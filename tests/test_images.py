@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import math
 import os
+import re
 import struct
 import zlib
 from pathlib import Path
@@ -1006,6 +1007,134 @@ def test_a_jpeg_too_small_for_the_exif_is_written_without_it(tmp_path):
     assert not Image.open(tmp_path / "o.jpg").getexif()
     save_image(tmp_path / "o.png", torch.zeros(1, 3, 8, 8), exif=exif.tobytes())  # PNG holds it
     assert Image.open(tmp_path / "o.png").getexif()[ExifTags.Base.Make] == "Canon"
+
+
+# --- XMP and PNG text ---------------------------------------------------------------------------
+
+def _lightroom_xmp(width: int = 64, height: int = 48) -> bytes:
+    return (f'<?xpacket begin="\ufeff" id="W5M0MpCehiHzreSzNTczkc9d"?><x:xmpmeta xmlns:x="adobe:ns:meta/">'
+            f'<rdf:RDF xmlns:rdf="http://www.w3.org/1999/02/22-rdf-syntax-ns#"><rdf:Description rdf:about=""'
+            f' xmlns:tiff="http://ns.adobe.com/tiff/1.0/" xmlns:exif="http://ns.adobe.com/exif/1.0/"'
+            f' xmlns:xmp="http://ns.adobe.com/xap/1.0/" xmlns:dc="http://purl.org/dc/elements/1.1/"'
+            f' tiff:Orientation="6" exif:PixelXDimension="{width}" exif:PixelYDimension="{height}" xmp:Rating="4">'
+            f'<dc:subject><rdf:Bag><rdf:li>k\u00fcste</rdf:li><rdf:li>dusk</rdf:li></rdf:Bag></dc:subject>'
+            f'</rdf:Description></rdf:RDF></x:xmpmeta><?xpacket end="w"?>').encode()
+
+
+@pytest.mark.parametrize("source", ["src.jpg", "src.png", "src.webp", "src.tif"])
+@pytest.mark.parametrize("name,bit_depth", [("o.png", 8), ("o16.png", 16), ("o.jpg", 8), ("o.webp", 8)])
+def test_xmp_is_carried_to_the_result_upright_and_with_its_size(tmp_path, source, name, bit_depth):
+    """Keywords, rating and the rest of a photo's XMP reach the upscaled file in every format we
+    write, from every format Pillow reads it from; its orientation is upright (as the pixels are,
+    else Lightroom would turn the result again) and its pixel size the result's. Before, every
+    output lost it."""
+    kw = {"tiffinfo": {700: _lightroom_xmp()}} if source.endswith(".tif") else {}
+    if source.endswith(".png"):
+        from PIL import PngImagePlugin
+
+        kw = {"pnginfo": PngImagePlugin.PngInfo()}
+        kw["pnginfo"].add_itxt("XML:com.adobe.xmp", _lightroom_xmp().decode())
+    elif not kw:
+        kw = {"xmp": _lightroom_xmp()}
+    Image.new("RGB", (64, 48), (200, 10, 10)).save(tmp_path / source, **kw)
+    loaded = load_image(tmp_path / source)
+    assert loaded.size == (64, 48)  # turned by the XMP's orientation (Pillow reads it without EXIF)
+    # upright: 1, or gone where Pillow turned the picture while loading it (TIFF, Pillow 13: it
+    # takes the orientation out of the packet it hands over)
+    upright = ([b"1"], []) if source.endswith(".tif") else ([b"1"],)
+    assert re.findall(rb'Orientation="(\d)"', loaded.xmp) in upright and loaded.notes == []
+    big = torch.nn.functional.interpolate(loaded.rgb, scale_factor=2)
+    save_image(tmp_path / name, big, bit_depth=bit_depth, xmp=loaded.xmp)
+    with Image.open(tmp_path / name) as out:
+        written = out.info["xmp"]
+    assert 'k\u00fcste'.encode() in written and b'xmp:Rating="4"' in written
+    assert b'exif:PixelXDimension="96" exif:PixelYDimension="128"' in written
+    again = load_image(tmp_path / name)
+    assert again.size == (128, 96) and again.xmp == written  # not turned again, read back as written
+
+
+def test_orientation_is_the_exifs_else_the_xmps_whatever_its_prefix(tmp_path):
+    """EXIF first, then XMP (the MWG's precedence), the XMP's found by namespace: Pillow 11
+    ignores it and Pillow 13 reads it only as "tiff:", so the turn was the installed Pillow's."""
+    from PIL import ExifTags
+
+    packet = _lightroom_xmp().replace(b"tiff:", b"t:").replace(b"xmlns:tiff", b"xmlns:t")
+    Image.new("RGB", (64, 48)).save(tmp_path / "prefix.jpg", xmp=packet)
+    loaded = load_image(tmp_path / "prefix.jpg")
+    assert loaded.size == (64, 48) and b't:Orientation="1"' in loaded.xmp  # turned by the XMP's 6
+    exif = Image.Exif()
+    exif[ExifTags.Base.Orientation] = 3
+    Image.new("RGB", (64, 48)).save(tmp_path / "both.jpg", xmp=_lightroom_xmp(), exif=exif)
+    both = load_image(tmp_path / "both.jpg")
+    assert both.size == (48, 64) and b'tiff:Orientation="1"' in both.xmp  # EXIF's 3 (a half turn) wins
+
+
+def test_png_text_carries_what_describes_the_picture_not_a_generators_graph(tmp_path):
+    """Title, author, copyright (any script) reach PNG results, 8 and 16 bit, byte-equal between
+    the two writers; ComfyUI's prompt/workflow and A1111's parameters stay behind (dropped on
+    ComfyUI, the result would open the source's graph)."""
+    from PIL import PngImagePlugin
+
+    info = PngImagePlugin.PngInfo()
+    info.add_text("Title", "Sea at dusk")
+    info.add_text("Copyright", "\u00a9 J\u00f6rg")      # Latin-1: tEXt
+    info.add_itxt("Author", "\u0399\u03c9\u03ac\u03bd\u03bd\u03b7\u03c2")  # Greek: iTXt
+    info.add_text("Description", "long " * 400, zip=True)
+    for generator in ("prompt", "workflow", "parameters"):
+        info.add_text(generator, "{}")
+    Image.new("RGB", (8, 8)).save(tmp_path / "src.png", pnginfo=info)
+    loaded = load_image(tmp_path / "src.png")
+    assert loaded.text == {"Title": "Sea at dusk", "Author": "\u0399\u03c9\u03ac\u03bd\u03bd\u03b7\u03c2",
+                           "Description": "long " * 400, "Copyright": "\u00a9 J\u00f6rg"}
+    for name, bit_depth in (("o.png", 8), ("o16.png", 16)):
+        save_image(tmp_path / name, loaded.rgb, bit_depth=bit_depth, text=loaded.text)
+        with Image.open(tmp_path / name) as out:
+            assert dict(out.text) == loaded.text, name
+    assert load_image(tmp_path / "o16.png").text == loaded.text
+
+
+def test_what_a_format_cannot_hold_is_left_out_with_a_warning(tmp_path):
+    """A JPEG keeps the comment as its COM segment and warns about the other text; WebP holds no
+    text; a JPEG's XMP over its one segment is left out (a PNG keeps it)."""
+    rgb = torch.zeros(1, 3, 8, 8)
+    with pytest.warns(UserWarning, match="JPEG has no place for the text Title; written without it"):
+        save_image(tmp_path / "o.jpg", rgb, text={"Title": "t", "Comment": "sea \u00e0 l'aube"})
+    with Image.open(tmp_path / "o.jpg") as out:
+        assert out.info["comment"].decode() == "sea \u00e0 l'aube"
+    with pytest.warns(UserWarning, match="WEBP has no place for the text Comment"):
+        save_image(tmp_path / "o.webp", rgb, text={"Comment": "c"})
+    huge = _lightroom_xmp().replace(b"dusk", b"d" * 70000)
+    with pytest.warns(UserWarning, match="does not fit a JPEG"):
+        save_image(tmp_path / "x.jpg", rgb, xmp=huge)
+    assert "xmp" not in Image.open(tmp_path / "x.jpg").info
+    save_image(tmp_path / "x.png", rgb, xmp=huge)
+    assert len(Image.open(tmp_path / "x.png").info["xmp"]) > 70000
+    with pytest.warns(UserWarning, match="the XMP given cannot be read \\(not well-formed XML"):
+        save_image(tmp_path / "b.png", rgb, xmp=b"<x:xmpmeta")
+    assert "xmp" not in Image.open(tmp_path / "b.png").info
+    with pytest.raises(ValueError, match="not a PNG keyword"):
+        save_image(tmp_path / "k.png", rgb, text={"bad\nkey": "v"})
+    assert not (tmp_path / "k.png").exists()
+
+
+@pytest.mark.parametrize("blob,why", [(b"<x:xmpmeta", "not well-formed XML"), (b"\xff\xfe\x00<", "not UTF-8"),
+                                      (b'<!DOCTYPE x []><x:xmpmeta xmlns:x="adobe:ns:meta/"/>', "it declares a DTD")])
+def test_a_damaged_xmp_costs_the_metadata_not_the_picture(tmp_path, blob, why):
+    Image.new("RGB", (8, 8), (1, 2, 3)).save(tmp_path / "bad.jpg", xmp=blob)
+    loaded = load_image(tmp_path / "bad.jpg")
+    assert loaded.xmp is None and loaded.rgb.shape == (1, 3, 8, 8)
+    assert any(f"XMP metadata could not be copied ({why}" in n for n in loaded.notes), loaded.notes
+
+
+def test_imagemagicks_hex_xmp_profile_is_read(tmp_path):
+    """ImageMagick stores a PNG's XMP as hex in a "Raw profile type xmp" text chunk."""
+    from PIL import PngImagePlugin
+
+    packet = _lightroom_xmp()
+    info = PngImagePlugin.PngInfo()
+    info.add_text("Raw profile type xmp", f"\nxmp\n{len(packet):8d}\n{packet.hex()}\n", zip=True)
+    Image.new("RGB", (8, 8)).save(tmp_path / "im.png", pnginfo=info)
+    assert b'xmp:Rating="4"' in load_image(tmp_path / "im.png").xmp
 
 
 def test_save_errors(tmp_path):

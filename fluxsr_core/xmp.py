@@ -1,0 +1,213 @@
+"""A photo's XMP packet, carried over to its upscaled copy.
+
+XMP (ISO 16684-1) is RDF/XML: Lightroom, Photoshop, darktable, phones and DAM tools keep the
+caption, keywords, rating, creator, rights and edit history there, often nowhere else. This
+module edits the packet's text in place, property by property, so everything it does not
+touch stays byte-exact: prefixes, order, whitespace, vendor namespaces. (Re-serialising a
+parsed tree renames prefixes and drops the packet wrapper.) A property is found by its
+namespace and name, in either of RDF's forms: an attribute (``tiff:Orientation="6"``) or an
+element (``<tiff:Orientation>6</tiff:Orientation>``).
+
+What is false for the result is changed or left out, as :mod:`fluxsr_core.exif` does for EXIF:
+
+* :func:`carried_xmp` (on load): ``tiff:Orientation`` becomes 1 (the pixels are upright
+  already); :data:`DROPPED_PROPERTIES` go (the thumbnail, the source's coding and pixel
+  positions, its unique id and digests, the pointer to a JPEG's ExtendedXMP, which is not
+  carried);
+* :func:`for_written_image` (on save): the pixel size (``tiff:ImageWidth``/``ImageLength``,
+  ``exif:PixelXDimension``/``PixelYDimension``) becomes the result's where the packet records
+  one, and ``xmpMM:InstanceID`` a new id where it has one (XMP gives every saved file its own;
+  ``xmpMM:DocumentID`` and the history stay: it is still that document).
+
+A packet that is not UTF-8, not well-formed XML, declares a DTD (XMP forbids one; it is also
+how entity bombs come in), holds no ``x:xmpmeta`` or ``rdf:RDF`` element, or is over
+:data:`MAX_XMP_BYTES` raises :class:`XmpError`: callers leave it out, with a note.
+"""
+
+from __future__ import annotations
+
+import re
+import uuid
+import xml.etree.ElementTree as ET
+from typing import Optional
+
+TIFF_NS = "http://ns.adobe.com/tiff/1.0/"
+EXIF_NS = "http://ns.adobe.com/exif/1.0/"
+XMP_NS = "http://ns.adobe.com/xap/1.0/"
+XMP_MM_NS = "http://ns.adobe.com/xap/1.0/mm/"
+XMP_NOTE_NS = "http://ns.adobe.com/xmp/note/"
+_META_NS = "adobe:ns:meta/"
+_RDF_NS = "http://www.w3.org/1999/02/22-rdf-syntax-ns#"
+
+PIXEL_SIZE_PROPERTIES = {  # (namespace, name) -> which side of the written image
+    (TIFF_NS, "ImageWidth"): "width", (TIFF_NS, "ImageLength"): "height",
+    (EXIF_NS, "PixelXDimension"): "width", (EXIF_NS, "PixelYDimension"): "height",
+}
+ORIENTATION = (TIFF_NS, "Orientation")
+INSTANCE_ID = (XMP_MM_NS, "InstanceID")
+DROPPED_PROPERTIES = frozenset({
+    (XMP_NS, "Thumbnails"),  # a picture of the source (EXIF's IFD1 is left out too)
+    (XMP_NOTE_NS, "HasExtendedXMP"),  # points at a JPEG's ExtendedXMP segments, which are not carried
+    # how the source file's pixels were coded, not what they show
+    *((TIFF_NS, n) for n in ("Compression", "PhotometricInterpretation", "SamplesPerPixel", "BitsPerSample",
+                             "PlanarConfiguration", "YCbCrSubSampling", "YCbCrPositioning", "NativeDigest")),
+    # per source pixel, or this very file (as in exif.DROPPED_EXIF_TAGS)
+    *((EXIF_NS, n) for n in ("FocalPlaneXResolution", "FocalPlaneYResolution", "FocalPlaneResolutionUnit",
+                             "SubjectArea", "SubjectLocation", "ComponentsConfiguration",
+                             "CompressedBitsPerPixel", "ImageUniqueID", "NativeDigest")),
+})
+# A JPEG's XMP lives in one APP1 segment (and ExtendedXMP, which is not written, beyond it);
+# far above that is a damaged or hostile file. Photoshop's DocumentAncestors lists can reach
+# megabytes, so the bound is generous.
+MAX_XMP_BYTES = 16 << 20
+
+# XML markup, each kind as a whole (a start tag's quoted values may hold '>')
+_MARKUP = re.compile(r"""<!--.*?-->|<!\[CDATA\[.*?\]\]>|<\?.*?\?>|<![^>]*>|<[^<>"']*(?:(?:"[^"]*"|'[^']*')[^<>"']*)*>""",
+                     re.S)
+_TAG = re.compile(r"<(/?)([^\s/>]+)(.*?)(/?)>\Z", re.S)
+_ATTRIBUTE = re.compile(r"""\s+([^\s=]+)\s*=\s*("[^"]*"|'[^']*')""")
+
+
+class XmpError(ValueError):
+    """The XMP packet cannot be carried (not UTF-8, not well-formed, a DTD, too large...)."""
+
+
+def carried_xmp(packet: bytes) -> Optional[bytes]:
+    """``packet`` as it may travel with an upscaled copy (see the module's rules), or None when it
+    is empty. Raises :class:`XmpError` when it cannot be read."""
+    text = _checked_text(packet)
+    if text is None:
+        return None
+    edited = _edited(text, {ORIENTATION: "1"}, DROPPED_PROPERTIES)
+    return edited.encode("utf-8")
+
+
+def for_written_image(packet: bytes, width: int, height: int) -> Optional[bytes]:
+    """``packet`` for a file of ``width x height`` pixels: that pixel size where it records one, a
+    new ``xmpMM:InstanceID`` where it has one. None when empty; raises :class:`XmpError`."""
+    text = _checked_text(packet)
+    if text is None:
+        return None
+    sides = {"width": str(int(width)), "height": str(int(height))}
+    values = {prop: sides[side] for prop, side in PIXEL_SIZE_PROPERTIES.items()}
+    values[INSTANCE_ID] = f"xmp.iid:{uuid.uuid4()}"
+    return _edited(text, values, frozenset()).encode("utf-8")
+
+
+def orientation(packet: bytes) -> Optional[int]:
+    """The packet's ``tiff:Orientation`` (1-8, as EXIF's), or None when it records none or an
+    invalid one. Raises :class:`XmpError` when it cannot be read."""
+    text = _checked_text(packet)
+    if text is None:
+        return None
+    name = f"{{{TIFF_NS}}}Orientation"
+    for element in _check_xml(text).iter():
+        value = element.get(name, element.text if element.tag == name else None)
+        if value is not None and value.strip() in tuple("12345678"):
+            return int(value)
+    return None
+
+
+def _checked_text(packet: bytes) -> Optional[str]:
+    if len(packet) > MAX_XMP_BYTES:
+        raise XmpError(f"{len(packet):,} bytes, more than any photo's XMP ({MAX_XMP_BYTES >> 20} MiB)")
+    packet = bytes(packet).rstrip(b"\x00 \t\r\n")  # some writers pad with NULs
+    if not packet:
+        return None
+    try:
+        text = packet.decode("utf-8")
+    except UnicodeDecodeError as e:
+        raise XmpError(f"not UTF-8 text (byte {e.start})") from None
+    _check_xml(text)
+    return text
+
+
+def _check_xml(text: str) -> ET.Element:
+    """The parsed packet; refuses what is not a well-formed XMP packet without a DTD."""
+    if re.search(r"<!DOCTYPE", text, re.I):
+        raise XmpError("it declares a DTD, which XMP forbids")
+    parser = ET.XMLParser()
+    try:
+        parser.feed(text)
+        root = parser.close()
+    except ET.ParseError as e:
+        raise XmpError(f"not well-formed XML ({e})") from None
+    names = {root.tag, *(el.tag for el in root.iter())}
+    if f"{{{_META_NS}}}xmpmeta" not in names and f"{{{_RDF_NS}}}RDF" not in names:
+        raise XmpError("not an XMP packet (no x:xmpmeta or rdf:RDF element)")
+    return root
+
+
+def _edited(text: str, values: dict[tuple[str, str], str], dropped: frozenset) -> str:
+    """``text`` with each property in ``values`` (attribute or simple element) set to its value
+    where present, and each in ``dropped`` removed; everything else byte-exact."""
+    edits: list[tuple[int, int, str]] = []
+    scopes: list[dict[str, str]] = [{"xml": "http://www.w3.org/XML/1998/namespace"}]  # prefix -> URI
+    dropping: Optional[tuple[int, int]] = None  # (depth, start) of a dropped element being skipped
+    simple_value: Optional[tuple[int, int, str]] = None  # (depth, text start, new value) of an element
+    for m in _MARKUP.finditer(text):
+        tag = _TAG.match(m.group())
+        if tag is None or m.group().startswith(("<!", "<?")):
+            continue
+        qname, attrs, empty = tag.group(2), tag.group(3), tag.group(4) == "/"
+        depth = len(scopes) - 1
+        if tag.group(1) == "/":  # an end tag closes the innermost open element
+            if simple_value is not None and simple_value[0] == depth:
+                edits.append((simple_value[1], m.start(), _escaped(simple_value[2])))
+            if dropping is not None and dropping[0] == depth:
+                edits.append((dropping[1], m.end(), ""))
+                dropping = None
+            simple_value = None
+            scopes.pop()
+            continue
+        simple_value = None  # an element inside: the enclosing one holds no simple value
+        names = dict(scopes[-1])
+        found = [(a, a.group(1)) for a in _ATTRIBUTE.finditer(attrs)]
+        for a, name in found:
+            if name == "xmlns" or name.startswith("xmlns:"):
+                names[name[6:]] = _unescaped(a.group(2)[1:-1])
+        if not empty:
+            scopes.append(names)
+        if dropping is not None:
+            continue
+        prop = _resolved(qname, names)
+        if prop in dropped:
+            start = m.start()
+            line_start = text.rfind("\n", 0, start)
+            if line_start >= 0 and text[line_start:start].isspace():
+                start = line_start  # the element's own line goes with it
+            if empty:
+                edits.append((start, m.end(), ""))
+            else:
+                dropping = (depth + 1, start)
+            continue
+        if prop in values and not empty:
+            simple_value = (depth + 1, m.end(), values[prop])
+        offset = m.start() + tag.start(3)
+        for a, name in found:
+            prop = _resolved(name, names) if ":" in name and not name.startswith("xmlns:") else None
+            if prop in dropped:
+                edits.append((offset + a.start(), offset + a.end(), ""))
+            elif prop in values:
+                quote = a.group(2)[0]
+                edits.append((offset + a.start(2), offset + a.end(2), quote + _escaped(values[prop]) + quote))
+    out = text
+    for start, end, new in sorted(edits, reverse=True):
+        out = out[:start] + new + out[end:]
+    _check_xml(out)  # never hand on a packet the edits broke
+    return out
+
+
+def _resolved(qname: str, names: dict[str, str]) -> Optional[tuple[str, str]]:
+    prefix, _, local = qname.rpartition(":")
+    uri = names.get(prefix) if prefix else names.get("")
+    return (uri, local) if uri is not None else None
+
+
+def _escaped(value: str) -> str:
+    return value.replace("&", "&amp;").replace("<", "&lt;").replace('"', "&quot;").replace("'", "&apos;")
+
+
+def _unescaped(value: str) -> str:
+    return value.replace("&quot;", '"').replace("&apos;", "'").replace("&lt;", "<").replace("&gt;", ">").replace(
+        "&amp;", "&")

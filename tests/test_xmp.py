@@ -1,0 +1,117 @@
+"""The XMP packet's edits: what is false for an upscaled copy changes, every other byte stays."""
+
+import re
+
+import pytest
+
+from fluxsr_core import xmp
+
+# Lightroom-style: attributes and elements, a tiff prefix that is not "tiff", a thumbnail, a
+# title whose text looks like a property, an ExtendedXMP pointer, NUL padding.
+SOURCE = (
+    '<?xpacket begin="\ufeff" id="W5M0MpCehiHzreSzNTczkc9d"?>\n'
+    '<x:xmpmeta xmlns:x="adobe:ns:meta/">\n'
+    ' <rdf:RDF xmlns:rdf="http://www.w3.org/1999/02/22-rdf-syntax-ns#">\n'
+    '  <rdf:Description rdf:about="" xmlns:t="http://ns.adobe.com/tiff/1.0/"'
+    ' xmlns:exif="http://ns.adobe.com/exif/1.0/" xmlns:xmp="http://ns.adobe.com/xap/1.0/"'
+    ' xmlns:xmpMM="http://ns.adobe.com/xap/1.0/mm/" xmlns:xmpNote="http://ns.adobe.com/xmp/note/"'
+    ' xmlns:dc="http://purl.org/dc/elements/1.1/"\n'
+    "   t:Orientation='6' t:ImageWidth=\"4000\" t:Compression=\"6\" xmp:Rating=\"5\"\n"
+    '   xmpMM:InstanceID="xmp.iid:old" xmpMM:DocumentID="xmp.did:doc" xmpNote:HasExtendedXMP="ABC">\n'
+    '   <exif:PixelYDimension>3000</exif:PixelYDimension>\n'
+    '   <exif:SubjectArea><rdf:Seq><rdf:li>10</rdf:li><rdf:li>20</rdf:li></rdf:Seq></exif:SubjectArea>\n'
+    '   <xmp:Thumbnails><rdf:Alt><rdf:li rdf:parseType="Resource">'
+    '<xmpGImg:image xmlns:xmpGImg="http://ns.adobe.com/xap/1.0/g/img/">/9j/4AAQ</xmpGImg:image>'
+    '</rdf:li></rdf:Alt></xmp:Thumbnails>\n'
+    '   <dc:title><rdf:Alt><rdf:li xml:lang="x-default">J\u00f6rg &amp; the "t:ImageWidth=5" sea</rdf:li>'
+    '</rdf:Alt></dc:title>\n'
+    '   <t:ImageLength>3000</t:ImageLength>\n'
+    '  </rdf:Description>\n'
+    ' </rdf:RDF>\n'
+    '</x:xmpmeta>\n'
+    '<?xpacket end="w"?>'
+).encode() + b"\x00" * 7
+
+CARRIED = (
+    '<?xpacket begin="\ufeff" id="W5M0MpCehiHzreSzNTczkc9d"?>\n'
+    '<x:xmpmeta xmlns:x="adobe:ns:meta/">\n'
+    ' <rdf:RDF xmlns:rdf="http://www.w3.org/1999/02/22-rdf-syntax-ns#">\n'
+    '  <rdf:Description rdf:about="" xmlns:t="http://ns.adobe.com/tiff/1.0/"'
+    ' xmlns:exif="http://ns.adobe.com/exif/1.0/" xmlns:xmp="http://ns.adobe.com/xap/1.0/"'
+    ' xmlns:xmpMM="http://ns.adobe.com/xap/1.0/mm/" xmlns:xmpNote="http://ns.adobe.com/xmp/note/"'
+    ' xmlns:dc="http://purl.org/dc/elements/1.1/"\n'
+    "   t:Orientation='1' t:ImageWidth=\"4000\" xmp:Rating=\"5\"\n"
+    '   xmpMM:InstanceID="xmp.iid:old" xmpMM:DocumentID="xmp.did:doc">\n'
+    '   <exif:PixelYDimension>3000</exif:PixelYDimension>\n'
+    '   <dc:title><rdf:Alt><rdf:li xml:lang="x-default">J\u00f6rg &amp; the "t:ImageWidth=5" sea</rdf:li>'
+    '</rdf:Alt></dc:title>\n'
+    '   <t:ImageLength>3000</t:ImageLength>\n'
+    '  </rdf:Description>\n'
+    ' </rdf:RDF>\n'
+    '</x:xmpmeta>\n'
+    '<?xpacket end="w"?>'
+).encode()
+
+
+def test_carried_packet_is_upright_without_the_source_files_properties_and_otherwise_byte_exact():
+    """Orientation 1 (the pixels are upright), no thumbnail, coding, pixel positions or ExtendedXMP
+    pointer; prefixes, quotes, order, whitespace and the title (whose text looks like a
+    property) stay as they were."""
+    assert xmp.carried_xmp(SOURCE) == CARRIED
+
+
+def test_written_packet_records_the_results_size_and_a_new_instance():
+    out = xmp.for_written_image(CARRIED, 16000, 12000).decode()
+    assert out.count("16000") == 1 and out.count("12000") == 2
+    assert 't:ImageWidth="16000"' in out and "<exif:PixelYDimension>12000</exif:PixelYDimension>" in out
+    assert "<t:ImageLength>12000</t:ImageLength>" in out
+    instance = re.search(r'xmpMM:InstanceID="xmp\.iid:([0-9a-f-]{36})"', out).group(1)
+    again = xmp.for_written_image(CARRIED, 16000, 12000).decode()
+    assert instance not in again  # each written file its own instance
+    assert 'xmpMM:DocumentID="xmp.did:doc"' in out  # still the same document
+    # nothing else moved: only the four values differ from the carried packet
+    assert re.sub(r"16000|12000|xmp\.iid:[0-9a-f-]{36}", "", out) == re.sub(
+        r"4000|3000|xmp\.iid:old", "", CARRIED.decode())
+
+
+def test_properties_are_found_by_namespace_not_by_prefix():
+    """A "tiff:" prefix bound to another namespace is not TIFF's; an unprefixed default namespace
+    element is found by its namespace; a packet recording no size gains none."""
+    packet = ('<x:xmpmeta xmlns:x="adobe:ns:meta/"><rdf:RDF xmlns:rdf="http://www.w3.org/1999/02/22-rdf-syntax-ns#">'
+              '<rdf:Description xmlns:tiff="http://example.com/not-tiff/" tiff:Orientation="6">'
+              '<Orientation xmlns="http://ns.adobe.com/tiff/1.0/">8</Orientation>'
+              '</rdf:Description></rdf:RDF></x:xmpmeta>').encode()
+    out = xmp.carried_xmp(packet).decode()
+    assert 'tiff:Orientation="6"' in out and '<Orientation xmlns="http://ns.adobe.com/tiff/1.0/">1</Orientation>' in out
+    assert xmp.for_written_image(packet, 10, 20) == packet  # no size, no instance id recorded
+
+
+def test_an_empty_or_padded_packet_is_none():
+    assert xmp.carried_xmp(b"") is None and xmp.carried_xmp(b"\x00\x00 \n") is None
+    assert xmp.for_written_image(b"\x00", 1, 1) is None
+
+
+@pytest.mark.parametrize("packet,why", [
+    (b'<x:xmpmeta xmlns:x="adobe:ns:meta/">', "not well-formed XML"),
+    ('<x:xmpmeta xmlns:x="adobe:ns:meta/"/>'.encode("utf-16"), "not UTF-8"),
+    (b'<!DOCTYPE x [<!ENTITY a "aaaa"><!ENTITY b "&a;&a;&a;">]><x:xmpmeta xmlns:x="adobe:ns:meta/">&b;</x:xmpmeta>',
+     "declares a DTD"),
+    (b"<html><body>not metadata</body></html>", "not an XMP packet"),
+])
+def test_packets_that_cannot_be_carried_raise_xmp_error(packet, why):
+    with pytest.raises(xmp.XmpError, match=why):
+        xmp.carried_xmp(packet)
+    with pytest.raises(xmp.XmpError, match=why):
+        xmp.for_written_image(packet, 1, 1)
+
+
+def test_a_packet_beyond_any_photos_size_is_refused(monkeypatch):
+    monkeypatch.setattr(xmp, "MAX_XMP_BYTES", 100)
+    with pytest.raises(xmp.XmpError, match="more than any photo's XMP"):
+        xmp.carried_xmp(CARRIED)
+
+
+def test_values_written_into_xml_are_escaped():
+    """A value is written as XML text: a hostile caller's size string cannot break the packet."""
+    out = xmp._edited(CARRIED.decode(), {(xmp.TIFF_NS, "ImageWidth"): '1" evil="<&'}, frozenset())
+    assert 't:ImageWidth="1&quot; evil=&quot;&lt;&amp;"' in out
