@@ -1,10 +1,11 @@
 """The oldest version of each dependency that FluxSR works with, and a check of what is installed.
 
 The same bounds are written in ``pyproject.toml`` and ``requirements.txt`` (a test keeps the three
-equal); each is a version the whole test suite passed with (README, "Tested versions"), except
-torch's and torchvision's. The check exists because an install can be older than they say: a
-ComfyUI whose other node packs pinned an old diffusers, or a pack updated by ``git pull`` without
-``pip install -r requirements.txt``. What breaks there is deep inside diffusers (a missing
+equal); each is a version the whole test suite passed with (README, "Tested versions"). torch
+2.6 is also the oldest that today's diffusers imports with (it calls ``torch.accelerator``), and
+torch 2.4 fails with diffusers 0.35 too (its attention passes ``enable_gqa`` to SDPA). The check
+exists because an install can be older than they say: a ComfyUI whose other node packs pinned
+an old diffusers, or a pack updated by ``git pull`` without ``pip install -r requirements.txt``. What breaks there is deep inside diffusers (a missing
 ``diffusers.hooks``, a missing attention registry method); the check names the package instead.
 """
 
@@ -18,8 +19,8 @@ from typing import Optional, Sequence
 
 # distribution name -> the oldest version that works
 MINIMUM_VERSIONS = {
-    "torch": "2.4",
-    "torchvision": "0.19",
+    "torch": "2.6",
+    "torchvision": "0.21",
     "diffusers": "0.35",
     "transformers": "4.44",
     "safetensors": "0.5",
