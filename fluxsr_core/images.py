@@ -287,18 +287,27 @@ def carried_xmp(img: Image.Image, notes: Optional[list[str]] = None) -> Optional
     may travel with an upscaled copy (see :mod:`fluxsr_core.xmp`: its orientation made upright,
     its thumbnail and what describes the source file's coding left out), or None when there is
     none. One that cannot be read is left out with a note, never an error."""
-    raw = img.info.get("xmp") or img.info.get("XML:com.adobe.xmp")
     try:
-        if not raw and "Raw profile type xmp" in img.info:  # ImageMagick: hex after three header lines
-            raw = bytes.fromhex("".join(str(img.info["Raw profile type xmp"]).split("\n")[3:]))
-        if isinstance(raw, str):
-            raw = raw.encode("utf-8")
-        return _xmp.carried_xmp(bytes(raw)) if raw else None
-    except (_xmp.XmpError, ValueError, TypeError) as e:
+        raw = _xmp_packet(img)
+        return _xmp.carried_xmp(raw) if raw else None
+    except _xmp.XmpError as e:
         if notes is not None:
-            why = str(e) if isinstance(e, _xmp.XmpError) else f"{type(e).__name__}: {e}"
-            notes.append(f"its XMP metadata could not be copied ({why}); the result is written without it")
+            notes.append(f"its XMP metadata could not be copied ({e}); the result is written without it")
         return None
+
+
+def _xmp_packet(img: Image.Image) -> Optional[bytes | str]:
+    """The XMP packet as the file holds it (JPEG APP1, PNG iTXt, WebP chunk, TIFF tag 700,
+    ImageMagick's hex PNG text), or None; raises :class:`xmp.XmpError` when it is not text."""
+    raw = img.info.get("xmp") or img.info.get("XML:com.adobe.xmp")
+    if not raw and "Raw profile type xmp" in img.info:  # ImageMagick: hex after three header lines
+        try:
+            raw = bytes.fromhex("".join(str(img.info["Raw profile type xmp"]).split("\n")[3:]))
+        except ValueError as e:
+            raise _xmp.XmpError(f"ImageMagick's hex profile cannot be read ({e})") from None
+    if isinstance(raw, tuple) and len(raw) == 1:  # a TIFF tag 700 of a type other than BYTE
+        raw = raw[0]
+    return raw or None
 
 
 # PNG's predefined text keywords (PNG spec 11.3.4.2): what describes the picture. Others are
@@ -645,28 +654,65 @@ _ORIENTATION_TURNS = {
 
 
 def _upright(img: Image.Image, notes: list[str]) -> Image.Image:
-    """Decode ``img`` and turn it by its orientation: the EXIF's, else the XMP's (``tiff:Orientation``,
-    found by namespace), the precedence the Metadata Working Group's guidelines give. Our own
-    rule, not ``ImageOps.exif_transpose``: Pillow 11 ignores an XMP orientation, Pillow 13 reads
-    one only under the prefix "tiff", so the turn, and with it whether the XMP carried as
-    upright is true, would depend on the Pillow installed. An EXIF that Pillow cannot parse (it
-    raises on PNGs and WebPs, where JPEGs get an empty one) leaves the picture as stored, with a
-    note: the metadata must never cost the picture."""
-    img.load()
+    """Decode ``img`` and turn it by its orientation: the EXIF's, else the XMP's (the picture's
+    ``tiff:Orientation``, found by namespace), the precedence of the Metadata Working Group's
+    guidelines. Our own rule, not ``ImageOps.exif_transpose``: Pillow folds a textual match of
+    ``tiff:Orientation`` anywhere in the XMP into its EXIF (Pillow 13; Pillow 11 only for PNG),
+    so the turn, and whether the XMP carried as upright is true, depended on the Pillow
+    installed. An EXIF that cannot be parsed (Pillow raises on PNGs and WebPs, where JPEGs get an
+    empty one) leaves the picture as stored, with a note: the metadata must never cost the
+    picture."""
+    tiff_orientation = None
+    if hasattr(img, "tag_v2"):
+        # Pillow 13 turns a TIFF while loading it: by its tag, which it then deletes, or by a
+        # textual match in the XMP (in a caption too; and a str packet made it raise). Hidden
+        # from that load, the XMP is left to the namespace rule below.
+        tiff_orientation = img.tag_v2.get(ExifTags.Base.Orientation)
+        if tiff_orientation in (5, 6, 7, 8):
+            # Pillow maps an uncompressed one-band TIFF (L, I;16) straight from the file at its
+            # size after the quarter turn, not the stored one: the pixels came out scrambled.
+            # Without a file name it reads them instead (Pillow 11 and 13).
+            img.filename = ""
+        hidden = img.info.pop("xmp", None)
+        try:
+            img.load()
+        finally:
+            if hidden is not None:
+                img.info["xmp"] = hidden
+    else:
+        img.load()
     try:
-        turn = _ORIENTATION_TURNS.get(img.getexif().get(ExifTags.Base.Orientation))
+        if hasattr(img, "tag_v2"):
+            if tiff_orientation is not None and ExifTags.Base.Orientation not in img.tag_v2:
+                return img  # turned already: the tag is gone, and with it any XMP fallback
+            orientation = tiff_orientation
+        else:
+            orientation = _exif_orientation(img)
     except Exception as e:  # noqa: BLE001 - whatever the parser raises
         notes.append(f"its EXIF metadata cannot be parsed ({type(e).__name__}: {e}); an orientation it may "
                      "hold is not applied")
         return img
-    if turn is None and ExifTags.Base.Orientation not in img.getexif():
-        packet = img.info.get("xmp") or img.info.get("XML:com.adobe.xmp")
+    if orientation is None:
         try:
-            turn = _ORIENTATION_TURNS.get(_xmp.orientation(packet.encode() if isinstance(packet, str) else packet)
-                                          if packet else None)
+            packet = _xmp_packet(img)
+            orientation = _xmp.orientation(packet) if packet else None
         except _xmp.XmpError:
             pass  # carried_xmp says why the XMP is left out
+    turn = _ORIENTATION_TURNS.get(orientation)
     return img.transpose(turn) if turn is not None else img
+
+
+def _exif_orientation(img: Image.Image) -> Optional[int]:
+    """The orientation in the file's EXIF block itself (not Pillow's ``getexif``, which adds a
+    textual match in the XMP), or None."""
+    raw = img.info.get("exif")
+    if not raw and "Raw profile type exif" in img.info:  # ImageMagick, as Pillow reads it
+        raw = bytes.fromhex("".join(str(img.info["Raw profile type exif"]).split("\n")[3:]))
+    if not raw:
+        return None
+    exif = Image.Exif()
+    exif.load(bytes(raw))
+    return exif.get(ExifTags.Base.Orientation)
 
 
 def _transposed_array(img: Image.Image, notes: list[str]) -> np.ndarray:
@@ -1008,7 +1054,7 @@ def save_image(path: str | os.PathLike, rgb: torch.Tensor, alpha: Optional[torch
         elif xmp:
             kw["xmp"] = xmp
         if fmt == "JPEG" and text:
-            kw["comment"] = text["Comment"].encode("utf-8")
+            kw["comment"] = text["Comment"].encode("utf-8")  # (its length checked by _text_for)
         if fmt in ("JPEG", "WEBP"):
             kw["quality"] = 95
         im.save(tmp, format=fmt, **kw)
@@ -1068,8 +1114,10 @@ def _exif_for(exif: Optional[bytes], width: int, height: int, fmt: str, path: Pa
     return out
 
 
-# A JPEG holds its XMP in one APP1 segment after the 29-byte namespace header (Adobe XMP part 3).
+# A JPEG holds its XMP in one APP1 segment after the 29-byte namespace header (Adobe XMP part 3),
+# its comment in one COM segment.
 _JPEG_MAX_XMP_BYTES = 65504
+_JPEG_MAX_COMMENT_BYTES = 65533
 
 
 def _xmp_for(xmp: Optional[bytes], width: int, height: int, fmt: str, path: Path) -> Optional[bytes]:
@@ -1077,7 +1125,7 @@ def _xmp_for(xmp: Optional[bytes], width: int, height: int, fmt: str, path: Path
     if not xmp:
         return None
     try:
-        out = _xmp.for_written_image(xmp, width, height)
+        out = _xmp.for_written_image(xmp, width, height)  # (a str is taken as UTF-8)
     except _xmp.XmpError as e:
         warnings.warn(f"{path.name}: the XMP given cannot be read ({e}); written without it")
         return None
@@ -1105,6 +1153,9 @@ def _text_for(text: Optional[dict[str, str]], fmt: str, path: Path) -> dict[str,
     if left:
         warnings.warn(f"{path.name}: {fmt} has no place for the text {', '.join(left)}; written without it "
                       f"(save as .png to keep it)")
+    if "Comment" in kept and fmt == "JPEG" and len(kept["Comment"].encode("utf-8")) > _JPEG_MAX_COMMENT_BYTES:
+        warnings.warn(f"{path.name}: the comment ({len(kept.pop('Comment').encode('utf-8')):,} bytes) does not "
+                      "fit a JPEG (65,533 bytes); written without it (save as .png to keep it)")
     return kept
 
 

@@ -26,9 +26,11 @@ how entity bombs come in), holds no ``x:xmpmeta`` or ``rdf:RDF`` element, or is 
 
 from __future__ import annotations
 
+import html
 import re
 import uuid
 import xml.etree.ElementTree as ET
+from xml.parsers import expat
 from typing import Optional
 
 TIFF_NS = "http://ns.adobe.com/tiff/1.0/"
@@ -72,43 +74,60 @@ class XmpError(ValueError):
     """The XMP packet cannot be carried (not UTF-8, not well-formed, a DTD, too large...)."""
 
 
-def carried_xmp(packet: bytes) -> Optional[bytes]:
+def carried_xmp(packet: bytes | str) -> Optional[bytes]:
     """``packet`` as it may travel with an upscaled copy (see the module's rules), or None when it
     is empty. Raises :class:`XmpError` when it cannot be read."""
-    text = _checked_text(packet)
-    if text is None:
+    checked = _checked(packet)
+    if checked is None:
         return None
-    edited = _edited(text, {ORIENTATION: "1"}, DROPPED_PROPERTIES)
-    return edited.encode("utf-8")
+    return _edited(checked[0], {ORIENTATION: "1"}, DROPPED_PROPERTIES).encode("utf-8")
 
 
-def for_written_image(packet: bytes, width: int, height: int) -> Optional[bytes]:
+def for_written_image(packet: bytes | str, width: int, height: int) -> Optional[bytes]:
     """``packet`` for a file of ``width x height`` pixels: that pixel size where it records one, a
     new ``xmpMM:InstanceID`` where it has one. None when empty; raises :class:`XmpError`."""
-    text = _checked_text(packet)
-    if text is None:
+    checked = _checked(packet)
+    if checked is None:
         return None
     sides = {"width": str(int(width)), "height": str(int(height))}
     values = {prop: sides[side] for prop, side in PIXEL_SIZE_PROPERTIES.items()}
     values[INSTANCE_ID] = f"xmp.iid:{uuid.uuid4()}"
-    return _edited(text, values, frozenset()).encode("utf-8")
+    return _edited(checked[0], values, frozenset()).encode("utf-8")
 
 
-def orientation(packet: bytes) -> Optional[int]:
-    """The packet's ``tiff:Orientation`` (1-8, as EXIF's), or None when it records none or an
-    invalid one. Raises :class:`XmpError` when it cannot be read."""
-    text = _checked_text(packet)
-    if text is None:
+def orientation(packet: bytes | str) -> Optional[int]:
+    """The picture's ``tiff:Orientation`` (1-8, as EXIF's) in ``packet``, or None when it records
+    none or an invalid one. Raises :class:`XmpError` when it cannot be read."""
+    checked = _checked(packet)
+    if checked is None:
         return None
     name = f"{{{TIFF_NS}}}Orientation"
-    for element in _check_xml(text).iter():
-        value = element.get(name, element.text if element.tag == name else None)
-        if value is not None and value.strip() in tuple("12345678"):
-            return int(value)
+    for description in _picture_descriptions(checked[1]):
+        values = [description.get(name)] + [e.text for e in description.findall(name)]
+        for value in values:
+            if value is not None and value.strip() in tuple("12345678"):
+                return int(value)
     return None
 
 
-def _checked_text(packet: bytes) -> Optional[str]:
+_RDF_ROOT, _DESCRIPTION = (_RDF_NS, "RDF"), (_RDF_NS, "Description")
+
+
+def _picture_descriptions(root: ET.Element) -> list[ET.Element]:
+    """The ``rdf:Description`` elements right under ``rdf:RDF``: the properties of the picture
+    itself. Deeper ones describe other resources (Photoshop's ``xmpMM:Pantry`` holds whole
+    packets of the documents placed in this one, with their own sizes and ids)."""
+    rdf = "{%s}%s" % _RDF_ROOT
+    roots = [root] if root.tag == rdf else list(root.iter(rdf))
+    return [d for r in roots for d in r.findall("{%s}%s" % _DESCRIPTION)]
+
+
+def _checked(packet: bytes | str) -> Optional[tuple[str, ET.Element]]:
+    """The packet's text and parsed tree, or None when it is empty; raises :class:`XmpError`."""
+    if isinstance(packet, str):
+        packet = packet.encode("utf-8")
+    if not isinstance(packet, (bytes, bytearray)):
+        raise XmpError(f"it is held as {type(packet).__name__}, not as text")
     if len(packet) > MAX_XMP_BYTES:
         raise XmpError(f"{len(packet):,} bytes, more than any photo's XMP ({MAX_XMP_BYTES >> 20} MiB)")
     packet = bytes(packet).rstrip(b"\x00 \t\r\n")  # some writers pad with NULs
@@ -118,39 +137,53 @@ def _checked_text(packet: bytes) -> Optional[str]:
         text = packet.decode("utf-8")
     except UnicodeDecodeError as e:
         raise XmpError(f"not UTF-8 text (byte {e.start})") from None
-    _check_xml(text)
-    return text
+    return text, _parsed(text)
 
 
-def _check_xml(text: str) -> ET.Element:
+class _Doctype(Exception):
+    pass
+
+
+def _refuse_doctype(*_args) -> None:
+    raise _Doctype
+
+
+def _parsed(text: str) -> ET.Element:
     """The parsed packet; refuses what is not a well-formed XMP packet without a DTD."""
-    if re.search(r"<!DOCTYPE", text, re.I):
-        raise XmpError("it declares a DTD, which XMP forbids")
-    parser = ET.XMLParser()
+    # expat first, to stop at a DTD before any entity in it is expanded (a DTD in a comment or
+    # CDATA is text, not a DTD)
+    guard = expat.ParserCreate()
+    guard.StartDoctypeDeclHandler = _refuse_doctype
     try:
-        parser.feed(text)
-        root = parser.close()
-    except ET.ParseError as e:
+        guard.Parse(text, True)
+    except _Doctype:
+        raise XmpError("it declares a DTD, which XMP forbids") from None
+    except expat.ExpatError as e:
         raise XmpError(f"not well-formed XML ({e})") from None
-    names = {root.tag, *(el.tag for el in root.iter())}
-    if f"{{{_META_NS}}}xmpmeta" not in names and f"{{{_RDF_NS}}}RDF" not in names:
+    root = ET.fromstring(text)
+    names = {el.tag for el in root.iter()}
+    if f"{{{_META_NS}}}xmpmeta" not in names and "{%s}%s" % _RDF_ROOT not in names:
         raise XmpError("not an XMP packet (no x:xmpmeta or rdf:RDF element)")
     return root
 
 
 def _edited(text: str, values: dict[tuple[str, str], str], dropped: frozenset) -> str:
-    """``text`` with each property in ``values`` (attribute or simple element) set to its value
-    where present, and each in ``dropped`` removed; everything else byte-exact."""
+    """``text`` with each property of the picture (see :func:`_picture_descriptions`) in
+    ``values`` set to its value where present (an attribute, or an element holding only text),
+    and each in ``dropped`` removed; everything else byte-exact. One pass over the markup, and
+    the result joined once: linear in the packet's size."""
     edits: list[tuple[int, int, str]] = []
-    scopes: list[dict[str, str]] = [{"xml": "http://www.w3.org/XML/1998/namespace"}]  # prefix -> URI
+    # per open element: (prefix -> namespace in scope, its (namespace, name))
+    stack: list[tuple[dict[str, str], Optional[tuple[str, str]]]] = [
+        ({"xml": "http://www.w3.org/XML/1998/namespace"}, None)]
     dropping: Optional[tuple[int, int]] = None  # (depth, start) of a dropped element being skipped
-    simple_value: Optional[tuple[int, int, str]] = None  # (depth, text start, new value) of an element
+    simple_value: Optional[tuple[int, int, str]] = None  # (depth, text start, new value)
     for m in _MARKUP.finditer(text):
         tag = _TAG.match(m.group())
         if tag is None or m.group().startswith(("<!", "<?")):
             continue
         qname, attrs, empty = tag.group(2), tag.group(3), tag.group(4) == "/"
-        depth = len(scopes) - 1
+        depth = len(stack) - 1
         if tag.group(1) == "/":  # an end tag closes the innermost open element
             if simple_value is not None and simple_value[0] == depth:
                 edits.append((simple_value[1], m.start(), _escaped(simple_value[2])))
@@ -158,44 +191,54 @@ def _edited(text: str, values: dict[tuple[str, str], str], dropped: frozenset) -
                 edits.append((dropping[1], m.end(), ""))
                 dropping = None
             simple_value = None
-            scopes.pop()
+            stack.pop()
             continue
         simple_value = None  # an element inside: the enclosing one holds no simple value
-        names = dict(scopes[-1])
+        names = dict(stack[-1][0])
         found = [(a, a.group(1)) for a in _ATTRIBUTE.finditer(attrs)]
         for a, name in found:
             if name == "xmlns" or name.startswith("xmlns:"):
-                names[name[6:]] = _unescaped(a.group(2)[1:-1])
+                names[name[6:]] = html.unescape(a.group(2)[1:-1])
+        element = _resolved(qname, names)
+        parent, grandparent = stack[-1][1], stack[-2][1] if len(stack) > 1 else None
         if not empty:
-            scopes.append(names)
+            stack.append((names, element))
         if dropping is not None:
             continue
-        prop = _resolved(qname, names)
-        if prop in dropped:
-            start = m.start()
-            line_start = text.rfind("\n", 0, start)
-            if line_start >= 0 and text[line_start:start].isspace():
-                start = line_start  # the element's own line goes with it
-            if empty:
-                edits.append((start, m.end(), ""))
-            else:
-                dropping = (depth + 1, start)
-            continue
-        if prop in values and not empty:
-            simple_value = (depth + 1, m.end(), values[prop])
-        offset = m.start() + tag.start(3)
-        for a, name in found:
-            prop = _resolved(name, names) if ":" in name and not name.startswith("xmlns:") else None
-            if prop in dropped:
-                edits.append((offset + a.start(), offset + a.end(), ""))
-            elif prop in values:
-                quote = a.group(2)[0]
-                edits.append((offset + a.start(2), offset + a.end(2), quote + _escaped(values[prop]) + quote))
-    out = text
-    for start, end, new in sorted(edits, reverse=True):
-        out = out[:start] + new + out[end:]
-    _check_xml(out)  # never hand on a packet the edits broke
+        if parent == _DESCRIPTION and grandparent == _RDF_ROOT:  # a property of the picture
+            if element in dropped:
+                if empty:
+                    edits.append((_line_start(text, m.start()), m.end(), ""))
+                else:
+                    dropping = (depth + 1, _line_start(text, m.start()))
+                continue
+            if element in values and not empty:
+                simple_value = (depth + 1, m.end(), values[element])
+        if element == _DESCRIPTION and parent == _RDF_ROOT:  # the picture's properties as attributes
+            offset = m.start() + tag.start(3)
+            for a, name in found:
+                prop = _resolved(name, names) if ":" in name and not name.startswith("xmlns:") else None
+                if prop in dropped:
+                    edits.append((offset + a.start(), offset + a.end(), ""))
+                elif prop in values:
+                    quote = a.group(2)[0]
+                    edits.append((offset + a.start(2), offset + a.end(2), quote + _escaped(values[prop]) + quote))
+    pieces, done = [], 0
+    for start, end, new in sorted(edits):
+        pieces += [text[done:start], new]
+        done = end
+    out = "".join(pieces) + text[done:]
+    _parsed(out)  # never hand on a packet the edits broke
     return out
+
+
+def _line_start(text: str, start: int) -> int:
+    """``start``, or where its line begins when only spaces come before it there (a dropped
+    element takes its own line with it)."""
+    k = start
+    while k > 0 and text[k - 1] in " \t":
+        k -= 1
+    return k - 1 if k > 0 and text[k - 1] == "\n" else start
 
 
 def _resolved(qname: str, names: dict[str, str]) -> Optional[tuple[str, str]]:
@@ -206,8 +249,3 @@ def _resolved(qname: str, names: dict[str, str]) -> Optional[tuple[str, str]]:
 
 def _escaped(value: str) -> str:
     return value.replace("&", "&amp;").replace("<", "&lt;").replace('"', "&quot;").replace("'", "&apos;")
-
-
-def _unescaped(value: str) -> str:
-    return value.replace("&quot;", '"').replace("&apos;", "'").replace("&lt;", "<").replace("&gt;", ">").replace(
-        "&amp;", "&")

@@ -1053,25 +1053,125 @@ def test_xmp_is_carried_to_the_result_upright_and_with_its_size(tmp_path, source
     assert again.size == (128, 96) and again.xmp == written  # not turned again, read back as written
 
 
-def test_orientation_is_the_exifs_else_the_xmps_whatever_its_prefix(tmp_path):
-    """EXIF first, then XMP (the MWG's precedence), the XMP's found by namespace: Pillow 11
-    ignores it and Pillow 13 reads it only as "tiff:", so the turn was the installed Pillow's."""
-    from PIL import ExifTags
+def _marked(w: int = 6, h: int = 4) -> np.ndarray:
+    """A w x h RGB picture whose every pixel differs, so any turn or flip shows."""
+    return (np.arange(w * h * 3).reshape(h, w, 3) * 3 % 256).astype(np.uint8)
 
-    packet = _lightroom_xmp().replace(b"tiff:", b"t:").replace(b"xmlns:tiff", b"xmlns:t")
-    Image.new("RGB", (64, 48)).save(tmp_path / "prefix.jpg", xmp=packet)
-    loaded = load_image(tmp_path / "prefix.jpg")
-    assert loaded.size == (64, 48) and b't:Orientation="1"' in loaded.xmp  # turned by the XMP's 6
-    exif = Image.Exif()
-    exif[ExifTags.Base.Orientation] = 3
-    Image.new("RGB", (64, 48)).save(tmp_path / "both.jpg", xmp=_lightroom_xmp(), exif=exif)
-    both = load_image(tmp_path / "both.jpg")
-    assert both.size == (48, 64) and b'tiff:Orientation="1"' in both.xmp  # EXIF's 3 (a half turn) wins
+
+def _as_loaded(path) -> np.ndarray:
+    return np.rint(load_image(path).rgb[0].permute(1, 2, 0).numpy() * 255).astype(np.uint8)
+
+
+def _packet_with(orientation_markup: str, extra_ns: str = "") -> bytes:
+    return ('<x:xmpmeta xmlns:x="adobe:ns:meta/"><rdf:RDF xmlns:rdf="http://www.w3.org/1999/02/22-rdf-syntax-ns#">'
+            f'<rdf:Description rdf:about="" {extra_ns}>{orientation_markup}</rdf:Description>'
+            '</rdf:RDF></x:xmpmeta>').encode()
+
+
+@pytest.mark.parametrize("suffix", [".jpg", ".png", ".webp", ".tif"])
+def test_orientation_is_the_exifs_else_the_pictures_xmp_found_by_namespace(tmp_path, suffix):
+    """EXIF first, then the XMP's (the MWG's precedence), found by namespace: the same turn with
+    every Pillow (Pillow 13 took a textual "tiff:Orientation" anywhere in the XMP, Pillow 11
+    none outside PNG). Lossless formats only compare pixels."""
+    from PIL import ExifTags, PngImagePlugin
+
+    def save(name, packet=None, exif_orientation=None):
+        kw = {}
+        if exif_orientation and suffix == ".tif":
+            kw["tiffinfo"] = {274: exif_orientation}
+        elif exif_orientation:
+            exif = Image.Exif()
+            exif[ExifTags.Base.Orientation] = exif_orientation
+            kw["exif"] = exif
+        if packet and suffix == ".tif":
+            kw.setdefault("tiffinfo", {})[700] = packet
+        elif packet and suffix == ".png":
+            kw["pnginfo"] = PngImagePlugin.PngInfo()
+            kw["pnginfo"].add_itxt("XML:com.adobe.xmp", packet.decode())
+        elif packet:
+            kw["xmp"] = packet
+        if suffix in (".jpg", ".webp"):
+            kw["quality"] = 100
+        Image.fromarray(_marked()).save(tmp_path / (name + suffix), **kw)
+        return tmp_path / (name + suffix)
+
+    turned = np.rot90(_marked(), -1)  # orientation 6: turn a quarter clockwise
+    other_prefix = save("prefix", _packet_with('<t:Orientation>6</t:Orientation>',
+                                               'xmlns:t="http://ns.adobe.com/tiff/1.0/"'))
+    wrong_ns = save("wrong_ns", _packet_with('', 'xmlns:tiff="urn:not-tiff" tiff:Orientation="6"'))
+    in_a_title = save("title", _packet_with('<dc:title>tiff:Orientation="6"</dc:title>',
+                                            'xmlns:dc="http://purl.org/dc/elements/1.1/"'))
+    both = save("both", _lightroom_xmp(), exif_orientation=3)  # EXIF 3 (a half turn), XMP 6
+    twice = save("twice", _packet_with('<t:Orientation>6</t:Orientation>', 'xmlns:t="http://ns.adobe.com/tiff/1.0/"'),
+                 exif_orientation=6)
+    assert load_image(other_prefix).size == (6, 4) and load_image(twice).size == (6, 4)  # turned once
+    assert load_image(wrong_ns).size == load_image(in_a_title).size == load_image(both).size == (4, 6)
+    assert b'<t:Orientation>1</t:Orientation>' in load_image(other_prefix).xmp
+    if suffix in (".png", ".tif"):
+        assert np.array_equal(_as_loaded(other_prefix), turned) and np.array_equal(_as_loaded(twice), turned)
+        assert np.array_equal(_as_loaded(both), np.rot90(_marked(), 2))
+        assert np.array_equal(_as_loaded(wrong_ns), _marked())
+
+
+@pytest.mark.parametrize("mode", ["L", "I;16", "RGB", "F"])
+@pytest.mark.parametrize("compression", [None, "tiff_lzw"])
+def test_a_tiffs_orientation_turns_every_mode_right(tmp_path, mode, compression):
+    """All eight orientations of a TIFF, each mode, raw and compressed. Pillow maps an
+    uncompressed one-band TIFF (L, I;16) from the file at its turned size, so those with a
+    quarter turn (5-8) came out scrambled, neither turned nor as stored."""
+    a = _marked(6, 4)[..., 0]
+    expected = {1: a, 2: a[:, ::-1], 3: a[::-1, ::-1], 4: a[::-1], 5: a.T, 6: np.rot90(a, -1),
+                7: np.rot90(a, 2).T, 8: np.rot90(a, 1)}
+    source = {"L": (a, 255), "I;16": (a.astype(np.uint16) * 200, 65535 / 200), "RGB": (np.stack([a] * 3, -1), 255),
+              "F": (a.astype(np.float32) / 255, 255)}[mode]
+    for orientation, want in expected.items():
+        kw = {"tiffinfo": {274: orientation}, **({"compression": compression} if compression else {})}
+        Image.fromarray(source[0]).save(tmp_path / "o.tif", **kw)
+        got = load_image(tmp_path / "o.tif").rgb[0, 0].numpy() * source[1]
+        assert got.shape == want.shape and np.allclose(got, want, atol=1e-3), (mode, orientation)
+
+
+def test_photoshops_pantry_is_another_documents_metadata_and_stays_as_it_is(tmp_path):
+    """Only the picture's own properties (right under rdf:RDF's descriptions) change: the size,
+    id and orientation of a document placed in it (xmpMM:Pantry) are its own, and its
+    orientation does not turn the picture."""
+    pantry = ('<xmpMM:Pantry><rdf:Bag><rdf:li><rdf:Description xmpMM:InstanceID="xmp.iid:placed" '
+              'tiff:ImageWidth="10" tiff:Orientation="6"><tiff:Compression>1</tiff:Compression>'
+              '</rdf:Description></rdf:li></rdf:Bag></xmpMM:Pantry>')
+    packet = _packet_with(pantry, 'xmlns:xmpMM="http://ns.adobe.com/xap/1.0/mm/" '
+                                  'xmlns:tiff="http://ns.adobe.com/tiff/1.0/" xmpMM:InstanceID="xmp.iid:own"')
+    Image.fromarray(_marked()).save(tmp_path / "p.png", pnginfo=_png_xmp(packet))
+    loaded = load_image(tmp_path / "p.png")
+    assert loaded.size == (4, 6) and pantry.encode() in loaded.xmp
+    save_image(tmp_path / "o.png", loaded.rgb, xmp=loaded.xmp)
+    written = Image.open(tmp_path / "o.png").info["xmp"]
+    assert pantry.encode() in written and b'xmpMM:InstanceID="xmp.iid:own"' not in written
+
+
+def _png_xmp(packet: bytes):
+    from PIL import PngImagePlugin
+
+    info = PngImagePlugin.PngInfo()
+    info.add_itxt("XML:com.adobe.xmp", packet.decode())
+    return info
+
+
+def test_a_tiff_xmp_tag_of_another_type_still_loads(tmp_path):
+    """Tag 700 written as ASCII (not BYTE, as the TIFF spec asks): Pillow 11 hands it over as a
+    tuple, which cost the whole picture."""
+    from PIL import TiffImagePlugin
+
+    ifd = TiffImagePlugin.ImageFileDirectory_v2()
+    ifd[700] = _lightroom_xmp().decode()
+    ifd.tagtype[700] = 2
+    Image.fromarray(_marked()).save(tmp_path / "a.tif", tiffinfo=ifd)
+    loaded = load_image(tmp_path / "a.tif")
+    assert loaded.rgb.shape[-2:] == (6, 4) and b'xmp:Rating="4"' in loaded.xmp
 
 
 def test_png_text_carries_what_describes_the_picture_not_a_generators_graph(tmp_path):
-    """Title, author, copyright (any script) reach PNG results, 8 and 16 bit, byte-equal between
-    the two writers; ComfyUI's prompt/workflow and A1111's parameters stay behind (dropped on
+    """Title, author, copyright (any script) reach PNG results, 8 and 16 bit, read back equal from
+    both writers; ComfyUI's prompt/workflow and A1111's parameters stay behind (dropped on
     ComfyUI, the result would open the source's graph)."""
     from PIL import PngImagePlugin
 
@@ -1103,6 +1203,9 @@ def test_what_a_format_cannot_hold_is_left_out_with_a_warning(tmp_path):
         assert out.info["comment"].decode() == "sea \u00e0 l'aube"
     with pytest.warns(UserWarning, match="WEBP has no place for the text Comment"):
         save_image(tmp_path / "o.webp", rgb, text={"Comment": "c"})
+    with pytest.warns(UserWarning, match="the comment \\(70,000 bytes\\) does not fit a JPEG"):
+        save_image(tmp_path / "long.jpg", rgb, text={"Comment": "c" * 70000})
+    assert "comment" not in Image.open(tmp_path / "long.jpg").info
     huge = _lightroom_xmp().replace(b"dusk", b"d" * 70000)
     with pytest.warns(UserWarning, match="does not fit a JPEG"):
         save_image(tmp_path / "x.jpg", rgb, xmp=huge)
@@ -1126,15 +1229,17 @@ def test_a_damaged_xmp_costs_the_metadata_not_the_picture(tmp_path, blob, why):
     assert any(f"XMP metadata could not be copied ({why}" in n for n in loaded.notes), loaded.notes
 
 
-def test_imagemagicks_hex_xmp_profile_is_read(tmp_path):
+def test_imagemagicks_hex_xmp_profile_is_read_and_its_orientation_applied(tmp_path):
     """ImageMagick stores a PNG's XMP as hex in a "Raw profile type xmp" text chunk."""
     from PIL import PngImagePlugin
 
     packet = _lightroom_xmp()
     info = PngImagePlugin.PngInfo()
     info.add_text("Raw profile type xmp", f"\nxmp\n{len(packet):8d}\n{packet.hex()}\n", zip=True)
-    Image.new("RGB", (8, 8)).save(tmp_path / "im.png", pnginfo=info)
-    assert b'xmp:Rating="4"' in load_image(tmp_path / "im.png").xmp
+    Image.fromarray(_marked()).save(tmp_path / "im.png", pnginfo=info)
+    loaded = load_image(tmp_path / "im.png")
+    assert b'xmp:Rating="4"' in loaded.xmp and b'tiff:Orientation="1"' in loaded.xmp
+    assert np.array_equal(_as_loaded(tmp_path / "im.png"), np.rot90(_marked(), -1))
 
 
 def test_save_errors(tmp_path):

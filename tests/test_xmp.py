@@ -115,3 +115,32 @@ def test_values_written_into_xml_are_escaped():
     """A value is written as XML text: a hostile caller's size string cannot break the packet."""
     out = xmp._edited(CARRIED.decode(), {(xmp.TIFF_NS, "ImageWidth"): '1" evil="<&'}, frozenset())
     assert 't:ImageWidth="1&quot; evil=&quot;&lt;&amp;"' in out
+
+
+def test_a_dtd_mentioned_in_a_comment_is_text_and_a_namespace_may_use_character_references():
+    packet = ('<x:xmpmeta xmlns:x="adobe:ns:meta/"><!-- no <!DOCTYPE here --><rdf:RDF '
+              'xmlns:rdf="http://www.w3.org/1999/02/22-rdf-syntax-ns#"><rdf:Description '
+              'xmlns:tiff="http:&#47;&#x2F;ns.adobe.com/tiff/1.0/" tiff:Orientation="6"/></rdf:RDF></x:xmpmeta>')
+    assert xmp.orientation(packet) == 6  # ElementTree resolves the references, and so must the editor
+    assert 'tiff:Orientation="1"' in xmp.carried_xmp(packet).decode()
+
+
+def test_a_packet_that_is_not_text_raises_xmp_error():
+    with pytest.raises(xmp.XmpError, match="held as tuple, not as text"):
+        xmp.carried_xmp((1, 2))
+
+
+def test_only_the_pictures_own_descriptions_are_read_and_edited():
+    """A description nested in a property (Photoshop's Pantry: documents placed in this one)
+    keeps its orientation, size and id; the picture's own, in a second top-level description,
+    are found."""
+    nested = ('<xmpMM:Pantry><rdf:Bag><rdf:li><rdf:Description tiff:Orientation="8" xmpMM:InstanceID="a">'
+              '<tiff:ImageWidth>7</tiff:ImageWidth></rdf:Description></rdf:li></rdf:Bag></xmpMM:Pantry>')
+    packet = ('<x:xmpmeta xmlns:x="adobe:ns:meta/"><rdf:RDF xmlns:rdf="http://www.w3.org/1999/02/22-rdf-syntax-ns#" '
+              'xmlns:tiff="http://ns.adobe.com/tiff/1.0/" xmlns:xmpMM="http://ns.adobe.com/xap/1.0/mm/">'
+              f'<rdf:Description>{nested}</rdf:Description>'
+              '<rdf:Description><tiff:Orientation>3</tiff:Orientation></rdf:Description></rdf:RDF></x:xmpmeta>')
+    assert xmp.orientation(packet) == 3
+    carried = xmp.carried_xmp(packet).decode()
+    assert nested in carried and "<tiff:Orientation>1</tiff:Orientation>" in carried
+    assert nested in xmp.for_written_image(carried, 100, 50).decode()
