@@ -8,7 +8,11 @@ from fluxsr_core import xmp
 
 # Lightroom-style: attributes and elements, a tiff prefix that is not "tiff", a thumbnail, a
 # title whose text looks like a property, an ExtendedXMP pointer, NUL padding.
-SOURCE = (
+SUBJECT_AREA = '\n   <exif:SubjectArea><rdf:Seq><rdf:li>10</rdf:li><rdf:li>20</rdf:li></rdf:Seq></exif:SubjectArea>'
+THUMBNAILS = ('\n   <xmp:Thumbnails><rdf:Alt><rdf:li rdf:parseType="Resource">'
+              '<xmpGImg:image xmlns:xmpGImg="http://ns.adobe.com/xap/1.0/g/img/">/9j/4AAQ</xmpGImg:image>'
+              '</rdf:li></rdf:Alt></xmp:Thumbnails>')
+SOURCE_TEXT = (
     '<?xpacket begin="\ufeff" id="W5M0MpCehiHzreSzNTczkc9d"?>\n'
     '<x:xmpmeta xmlns:x="adobe:ns:meta/">\n'
     ' <rdf:RDF xmlns:rdf="http://www.w3.org/1999/02/22-rdf-syntax-ns#">\n'
@@ -18,11 +22,7 @@ SOURCE = (
     ' xmlns:dc="http://purl.org/dc/elements/1.1/"\n'
     "   t:Orientation='6' t:ImageWidth=\"4000\" t:Compression=\"6\" xmp:Rating=\"5\"\n"
     '   xmpMM:InstanceID="xmp.iid:old" xmpMM:DocumentID="xmp.did:doc" xmpNote:HasExtendedXMP="ABC">\n'
-    '   <exif:PixelYDimension>3000</exif:PixelYDimension>\n'
-    '   <exif:SubjectArea><rdf:Seq><rdf:li>10</rdf:li><rdf:li>20</rdf:li></rdf:Seq></exif:SubjectArea>\n'
-    '   <xmp:Thumbnails><rdf:Alt><rdf:li rdf:parseType="Resource">'
-    '<xmpGImg:image xmlns:xmpGImg="http://ns.adobe.com/xap/1.0/g/img/">/9j/4AAQ</xmpGImg:image>'
-    '</rdf:li></rdf:Alt></xmp:Thumbnails>\n'
+    f'   <exif:PixelYDimension>3000</exif:PixelYDimension>{SUBJECT_AREA}{THUMBNAILS}\n'
     '   <dc:title><rdf:Alt><rdf:li xml:lang="x-default">J\u00f6rg &amp; the "t:ImageWidth=5" sea</rdf:li>'
     '</rdf:Alt></dc:title>\n'
     '   <t:ImageLength>3000</t:ImageLength>\n'
@@ -30,27 +30,11 @@ SOURCE = (
     ' </rdf:RDF>\n'
     '</x:xmpmeta>\n'
     '<?xpacket end="w"?>'
-).encode() + b"\x00" * 7
-
-CARRIED = (
-    '<?xpacket begin="\ufeff" id="W5M0MpCehiHzreSzNTczkc9d"?>\n'
-    '<x:xmpmeta xmlns:x="adobe:ns:meta/">\n'
-    ' <rdf:RDF xmlns:rdf="http://www.w3.org/1999/02/22-rdf-syntax-ns#">\n'
-    '  <rdf:Description rdf:about="" xmlns:t="http://ns.adobe.com/tiff/1.0/"'
-    ' xmlns:exif="http://ns.adobe.com/exif/1.0/" xmlns:xmp="http://ns.adobe.com/xap/1.0/"'
-    ' xmlns:xmpMM="http://ns.adobe.com/xap/1.0/mm/" xmlns:xmpNote="http://ns.adobe.com/xmp/note/"'
-    ' xmlns:dc="http://purl.org/dc/elements/1.1/"\n'
-    "   t:Orientation='1' t:ImageWidth=\"4000\" xmp:Rating=\"5\"\n"
-    '   xmpMM:InstanceID="xmp.iid:old" xmpMM:DocumentID="xmp.did:doc">\n'
-    '   <exif:PixelYDimension>3000</exif:PixelYDimension>\n'
-    '   <dc:title><rdf:Alt><rdf:li xml:lang="x-default">J\u00f6rg &amp; the "t:ImageWidth=5" sea</rdf:li>'
-    '</rdf:Alt></dc:title>\n'
-    '   <t:ImageLength>3000</t:ImageLength>\n'
-    '  </rdf:Description>\n'
-    ' </rdf:RDF>\n'
-    '</x:xmpmeta>\n'
-    '<?xpacket end="w"?>'
-).encode()
+)
+SOURCE = SOURCE_TEXT.encode() + b"\x00" * 7
+# what the rules ask, spelled out edit by edit
+CARRIED = (SOURCE_TEXT.replace("t:Orientation='6'", "t:Orientation='1'").replace(' t:Compression="6"', "")
+           .replace(' xmpNote:HasExtendedXMP="ABC"', "").replace(SUBJECT_AREA, "").replace(THUMBNAILS, "")).encode()
 
 
 def test_carried_packet_is_upright_without_the_source_files_properties_and_otherwise_byte_exact():
