@@ -659,19 +659,18 @@ def _upright(img: Image.Image, notes: list[str]) -> Image.Image:
     guidelines. Our own rule, not ``ImageOps.exif_transpose``: Pillow folds a textual match of
     ``tiff:Orientation`` anywhere in the XMP into its EXIF (Pillow 13; Pillow 11 only for PNG),
     so the turn, and whether the XMP carried as upright is true, depended on the Pillow
-    installed. An EXIF that cannot be parsed (Pillow raises on PNGs and WebPs, where JPEGs get an
-    empty one) leaves the picture as stored, with a note: the metadata must never cost the
-    picture."""
+    installed. An EXIF that cannot be parsed leaves its orientation unapplied, with a note (the
+    XMP's still counts): the metadata must never cost the picture."""
     tiff_orientation = None
     if hasattr(img, "tag_v2"):
-        # Pillow 13 turns a TIFF while loading it: by its tag, which it then deletes, or by a
-        # textual match in the XMP (in a caption too; and a str packet made it raise). Hidden
-        # from that load, the XMP is left to the namespace rule below.
+        # Pillow (11 and 13) turns a TIFF while loading it: by its tag, which it then deletes,
+        # or (13) by a textual match in the XMP (in a caption too; a str packet made it raise).
+        # Hidden from that load, the XMP is left to the namespace rule below.
         tiff_orientation = img.tag_v2.get(ExifTags.Base.Orientation)
         if tiff_orientation in (5, 6, 7, 8):
-            # Pillow maps an uncompressed one-band TIFF (L, I;16) straight from the file at its
-            # size after the quarter turn, not the stored one: the pixels came out scrambled.
-            # Without a file name it reads them instead (Pillow 11 and 13).
+            # Pillow maps an uncompressed TIFF of a mappable mode (L, I;16, P, RGBA, CMYK)
+            # straight from the file at its size after the quarter turn, not the stored one: the
+            # pixels came out scrambled. Without a file name it reads them instead (11 and 13).
             img.filename = ""
         hidden = img.info.pop("xmp", None)
         try:
@@ -691,7 +690,7 @@ def _upright(img: Image.Image, notes: list[str]) -> Image.Image:
     except Exception as e:  # noqa: BLE001 - whatever the parser raises
         notes.append(f"its EXIF metadata cannot be parsed ({type(e).__name__}: {e}); an orientation it may "
                      "hold is not applied")
-        return img
+        orientation = None  # the XMP's may still be read
     if orientation is None:
         try:
             packet = _xmp_packet(img)

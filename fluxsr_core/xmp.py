@@ -110,16 +110,17 @@ def orientation(packet: bytes | str) -> Optional[int]:
     return None
 
 
-_RDF_ROOT, _DESCRIPTION = (_RDF_NS, "RDF"), (_RDF_NS, "Description")
+_RDF_ROOT = (_RDF_NS, "RDF")
 
 
 def _picture_descriptions(root: ET.Element) -> list[ET.Element]:
-    """The ``rdf:Description`` elements right under ``rdf:RDF``: the properties of the picture
-    itself. Deeper ones describe other resources (Photoshop's ``xmpMM:Pantry`` holds whole
-    packets of the documents placed in this one, with their own sizes and ids)."""
+    """The elements right under ``rdf:RDF`` (``rdf:Description``, or a typed node): the
+    properties of the picture itself. Deeper ones describe other resources (Photoshop's
+    ``xmpMM:Pantry`` holds whole packets of the documents placed in this one, with their own
+    sizes and ids)."""
     rdf = "{%s}%s" % _RDF_ROOT
     roots = [root] if root.tag == rdf else list(root.iter(rdf))
-    return [d for r in roots for d in r.findall("{%s}%s" % _DESCRIPTION)]
+    return [d for r in roots for d in r]
 
 
 def _checked(packet: bytes | str) -> Optional[tuple[str, ET.Element]]:
@@ -151,8 +152,8 @@ def _refuse_doctype(*_args) -> None:
 def _parsed(text: str) -> ET.Element:
     """The parsed packet; refuses what is not a well-formed XMP packet without a DTD."""
     # expat first, to stop at a DTD before any entity in it is expanded (a DTD in a comment or
-    # CDATA is text, not a DTD)
-    guard = expat.ParserCreate()
+    # CDATA is text, not a DTD), with namespaces checked as ElementTree checks them
+    guard = expat.ParserCreate(namespace_separator="}")
     guard.StartDoctypeDeclHandler = _refuse_doctype
     try:
         guard.Parse(text, True)
@@ -160,7 +161,10 @@ def _parsed(text: str) -> ET.Element:
         raise XmpError("it declares a DTD, which XMP forbids") from None
     except expat.ExpatError as e:
         raise XmpError(f"not well-formed XML ({e})") from None
-    root = ET.fromstring(text)
+    try:
+        root = ET.fromstring(text)
+    except ET.ParseError as e:  # (expat above found none; kept so no ParseError ever escapes)
+        raise XmpError(f"not well-formed XML ({e})") from None
     names = {el.tag for el in root.iter()}
     if f"{{{_META_NS}}}xmpmeta" not in names and "{%s}%s" % _RDF_ROOT not in names:
         raise XmpError("not an XMP packet (no x:xmpmeta or rdf:RDF element)")
@@ -205,7 +209,7 @@ def _edited(text: str, values: dict[tuple[str, str], str], dropped: frozenset) -
             stack.append((names, element))
         if dropping is not None:
             continue
-        if parent == _DESCRIPTION and grandparent == _RDF_ROOT:  # a property of the picture
+        if grandparent == _RDF_ROOT:  # a property of the picture
             if element in dropped:
                 if empty:
                     edits.append((_line_start(text, m.start()), m.end(), ""))
@@ -214,7 +218,7 @@ def _edited(text: str, values: dict[tuple[str, str], str], dropped: frozenset) -
                 continue
             if element in values and not empty:
                 simple_value = (depth + 1, m.end(), values[element])
-        if element == _DESCRIPTION and parent == _RDF_ROOT:  # the picture's properties as attributes
+        if parent == _RDF_ROOT:  # the picture's description: its properties as attributes
             offset = m.start() + tag.start(3)
             for a, name in found:
                 prop = _resolved(name, names) if ":" in name and not name.startswith("xmlns:") else None

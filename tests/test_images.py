@@ -1229,6 +1229,26 @@ def test_a_damaged_xmp_costs_the_metadata_not_the_picture(tmp_path, blob, why):
     assert any(f"XMP metadata could not be copied ({why}" in n for n in loaded.notes), loaded.notes
 
 
+def test_a_namespace_slip_in_the_xmp_costs_the_xmp_not_the_picture(tmp_path):
+    """An unbound prefix: before the fix ElementTree's ParseError escaped load_image (or became
+    "could not decode image file")."""
+    slip = _packet_with('', 'dc:format="x"')
+    Image.fromarray(_marked()).save(tmp_path / "u.jpg", xmp=slip, quality=100)
+    loaded = load_image(tmp_path / "u.jpg")
+    assert loaded.size == (4, 6) and loaded.xmp is None
+    assert any("XMP metadata could not be copied (not well-formed XML (unbound prefix" in n for n in loaded.notes)
+    with pytest.warns(UserWarning, match="the XMP given cannot be read"):
+        save_image(tmp_path / "o.png", loaded.rgb, xmp=slip)
+
+
+def test_an_unreadable_exif_leaves_the_xmps_orientation_to_count(tmp_path):
+    Image.fromarray(_marked()).save(tmp_path / "j.png", exif=b"Exif\x00\x00JUNKJUNKJUNK", pnginfo=_png_xmp(
+        _packet_with('<t:Orientation>6</t:Orientation>', 'xmlns:t="http://ns.adobe.com/tiff/1.0/"')))
+    loaded = load_image(tmp_path / "j.png")
+    assert np.array_equal(_as_loaded(tmp_path / "j.png"), np.rot90(_marked(), -1))
+    assert any("EXIF metadata cannot be parsed" in n for n in loaded.notes)
+
+
 def test_imagemagicks_hex_xmp_profile_is_read_and_its_orientation_applied(tmp_path):
     """ImageMagick stores a PNG's XMP as hex in a "Raw profile type xmp" text chunk."""
     from PIL import PngImagePlugin

@@ -81,6 +81,11 @@ def test_an_empty_or_padded_packet_is_none():
     (b'<!DOCTYPE x [<!ENTITY a "aaaa"><!ENTITY b "&a;&a;&a;">]><x:xmpmeta xmlns:x="adobe:ns:meta/">&b;</x:xmpmeta>',
      "declares a DTD"),
     (b"<html><body>not metadata</body></html>", "not an XMP packet"),
+    # namespace slips: well-formed to a plain XML parser, not to a namespace-aware one
+    (b'<x:xmpmeta xmlns:x="adobe:ns:meta/"><rdf:RDF xmlns:rdf="http://www.w3.org/1999/02/22-rdf-syntax-ns#">'
+     b'<rdf:Description dc:format="x"/></rdf:RDF></x:xmpmeta>', "unbound prefix"),
+    (b'<x:xmpmeta xmlns:x="adobe:ns:meta/" xmlns:a="u" xmlns:b="u"><x:y a:n="1" b:n="2"/></x:xmpmeta>',
+     "duplicate attribute"),
 ])
 def test_packets_that_cannot_be_carried_raise_xmp_error(packet, why):
     with pytest.raises(xmp.XmpError, match=why):
@@ -128,3 +133,11 @@ def test_only_the_pictures_own_descriptions_are_read_and_edited():
     carried = xmp.carried_xmp(packet).decode()
     assert nested in carried and "<tiff:Orientation>1</tiff:Orientation>" in carried
     assert nested in xmp.for_written_image(carried, 100, 50).decode()
+
+
+def test_a_typed_node_is_the_pictures_description_too():
+    """RDF lets a description be written as a typed node (``<tiff:Image rdf:about="">``)."""
+    packet = ('<x:xmpmeta xmlns:x="adobe:ns:meta/"><rdf:RDF xmlns:rdf="http://www.w3.org/1999/02/22-rdf-syntax-ns#" '
+              'xmlns:tiff="http://ns.adobe.com/tiff/1.0/"><tiff:Image rdf:about="" tiff:Orientation="6"/>'
+              '</rdf:RDF></x:xmpmeta>')
+    assert xmp.orientation(packet) == 6 and 'tiff:Orientation="1"' in xmp.carried_xmp(packet).decode()
