@@ -18,6 +18,7 @@ pip-installed CLI and the pack can live side by side in ComfyUI's Python.
 import logging as _logging
 
 from .fluxsr_core.dependencies import NODES_NEED as _NODES_NEED
+from .fluxsr_core.dependencies import diffusers_torch_mismatch as _diffusers_torch_mismatch
 from .fluxsr_core.dependencies import outdated_dependencies as _outdated
 from .fluxsr_core.dependencies import upgrade_advice as _upgrade_advice
 from .nodes import NODE_CLASS_MAPPINGS, NODE_DISPLAY_NAME_MAPPINGS
@@ -30,5 +31,8 @@ _register_folder()
 _problems = _outdated(_NODES_NEED)
 if _problems:
     _logging.getLogger("fluxsr").warning("[FluxSR] %s (in ComfyUI's Python)", _upgrade_advice(_problems))
+_mismatch = _diffusers_torch_mismatch()
+if _mismatch:
+    _logging.getLogger("fluxsr").warning("[FluxSR] %s", _mismatch)
 
 __all__ = ["NODE_CLASS_MAPPINGS", "NODE_DISPLAY_NAME_MAPPINGS"]

@@ -85,6 +85,27 @@ def outdated_dependencies(names: Optional[Sequence[str]] = None) -> list[str]:
     return problems
 
 
+# diffusers from 0.39 declare torch >= 2.6 (0.42.1 cannot even be imported on torch 2.4.1: it
+# calls torch.accelerator). The CLIs need torch >= 2.6 anyway; ComfyUI brings its own torch, and
+# `pip install -r requirements.txt` there takes the newest diffusers whatever that torch is.
+DIFFUSERS_NEEDING_NEW_TORCH = ("0.39", "2.6")
+
+
+def diffusers_torch_mismatch() -> Optional[str]:
+    """A message when the installed diffusers asks for a newer torch than the installed one (a
+    ComfyUI on an old torch, its requirements installed with pip), else None."""
+    first, needed = DIFFUSERS_NEEDING_NEW_TORCH
+    diffusers, torch = _installed_version("diffusers"), _installed_version("torch")
+    if diffusers is None or torch is None:
+        return None
+    if _release(diffusers) < _release(first) or _release(torch) >= _release(needed):
+        return None
+    return (f"diffusers {diffusers} needs torch >= {needed} but this Python has torch {torch}, so the LoRA "
+            f"converters FluxSR borrows from it fail to import. Install a diffusers for this torch: "
+            f'pip install "diffusers>={MINIMUM_VERSIONS["diffusers"]},<{first}" (or update torch as your '
+            f"ComfyUI's own instructions say: a plain pip install can replace a CUDA build with another)")
+
+
 def upgrade_advice(problems: Sequence[str]) -> str:
     """The message for :func:`outdated_dependencies`' lines, with the pip command that fixes them."""
     names = [p.split()[0] for p in problems]

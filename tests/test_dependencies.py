@@ -112,3 +112,30 @@ def test_the_node_pack_still_loads_with_an_old_diffusers_and_says_what_to_upgrad
     assert "[FluxSR] these packages are older than FluxSR needs: diffusers 0.32.2 (FluxSR needs >= 0.35)" in caplog.text
     for key in [k for k in sys.modules if k.startswith(name + ".")]:
         monkeypatch.delitem(sys.modules, key)
+
+
+@pytest.mark.parametrize("diffusers,torch,said", [
+    ("0.42.1", "2.5.1+cu124", True), ("0.39.0", "2.4.1", True),
+    ("0.38.0", "2.5.1", False), ("0.42.1", "2.6.0", False), ("0.42.1", "2.14.1+cu130", False),
+])
+def test_a_diffusers_that_needs_a_newer_torch_than_comfyuis_is_named(monkeypatch, diffusers, torch, said):
+    fake_versions(monkeypatch, diffusers=diffusers, torch=torch)
+    message = D.diffusers_torch_mismatch()
+    assert (message is not None) == said
+    if said:
+        assert message.startswith(f"diffusers {diffusers} needs torch >= 2.6 but this Python has torch {torch}")
+        assert 'pip install "diffusers>=0.35,<0.39"' in message
+
+
+def test_the_node_pack_logs_a_diffusers_too_new_for_its_torch(monkeypatch, caplog):
+    fake_versions(monkeypatch, diffusers="0.42.1", torch="2.5.1")
+    name = "custom_nodes_deps_test2_ComfyUI-FluxSR"
+    spec = importlib.util.spec_from_file_location(name, REPO / "__init__.py")
+    module = importlib.util.module_from_spec(spec)
+    monkeypatch.setitem(sys.modules, name, module)
+    with caplog.at_level(logging.WARNING, logger="fluxsr"):
+        spec.loader.exec_module(module)
+    assert "FluxSRUpscale" in module.NODE_CLASS_MAPPINGS
+    assert "[FluxSR] diffusers 0.42.1 needs torch >= 2.6 but this Python has torch 2.5.1" in caplog.text
+    for key in [k for k in sys.modules if k.startswith(name + ".")]:
+        monkeypatch.delitem(sys.modules, key)
