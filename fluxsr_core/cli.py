@@ -18,7 +18,7 @@ import threading
 import time
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Optional, Sequence
+from typing import Callable, Optional, Sequence
 
 from .dependencies import UPSCALE_NEEDS, refuse_outdated
 
@@ -49,6 +49,14 @@ fluxsr upscale needs four model files (nothing is downloaded):
 FLUX.1-dev weights are under the FLUX.1 [dev] Non-Commercial License (huggingface.co/black-forest-labs/FLUX.1-dev)."""
 
 
+# --format -> the suffix written; the suffixes a file -o may have, and the format each names
+OUTPUT_FORMATS = {"png": ".png", "jpg": ".jpg", "webp": ".webp"}
+OUTPUT_SUFFIXES = {".png": "png", ".jpg": "jpg", ".jpeg": "jpg", ".webp": "webp"}
+# The largest side each holds: libjpeg's JPEG_MAX_DIMENSION; WebP stores sizes in 14 bits.
+_MAX_SIDE = {"jpg": 65500, "webp": 16383}
+_FORMAT_NAMES = {"png": "PNG", "jpg": "JPEG", "webp": "WebP"}
+
+
 class UsageError(Exception):
     """A problem the user can fix from the command line (exit code 2, no traceback)."""
 
@@ -69,6 +77,13 @@ def _positive_float(text: str) -> float:
     value = float(text)
     if not (value > 0 and math.isfinite(value)):
         raise argparse.ArgumentTypeError(f"must be a positive number (got {text})")
+    return value
+
+
+def _quality(text: str) -> int:
+    value = int(text)
+    if not 1 <= value <= 100:
+        raise argparse.ArgumentTypeError(f"must be a whole number from 1 to 100 (got {text})")
     return value
 
 
@@ -98,8 +113,12 @@ def build_parser() -> argparse.ArgumentParser:
                         formatter_class=argparse.RawDescriptionHelpFormatter, epilog=MODEL_FILES_HELP)
     up.add_argument("inputs", nargs="+", type=Path, help="image files or folders of images")
     up.add_argument("-o", "--output", required=True,
-                    help="output folder (created), or a .png path when there is one input (a trailing / "
-                         "makes it a folder whatever its name)")
+                    help="output folder (created), or a .png, .jpg or .webp path when there is one input (a "
+                         "trailing / makes it a folder whatever its name)")
+    up.add_argument("--format", choices=tuple(OUTPUT_FORMATS), default=None,
+                    help="what a folder -o gets (default png; a file -o's suffix decides): png (8 or 16 bit, "
+                         "alpha), jpg (8 bit, no alpha), webp (8 bit, alpha, at most 16383 px a side)")
+    up.add_argument("--quality", type=_quality, default=95, help="JPEG and WebP quality, 1-100 (default 95)")
     up.add_argument("--overwrite", action="store_true", help="replace existing outputs (default: skip them)")
 
     m = up.add_argument_group("model files")
@@ -173,10 +192,12 @@ def _tiling_from_args(args):
         global_position_ids=args.global_position_ids, tile_batch_size=args.tile_batch, fit_tiles=args.tile_fit))
 
 
-def collect_jobs(inputs: Sequence[Path], output: Path, output_is_folder: bool = False
-                 ) -> tuple[list[Job], list[tuple[Path, str]]]:
-    """Expand folders, map each input to ``<stem>.png``; a single input may name a .png file
-    (unless ``output_is_folder``: the user typed ``-o`` with a trailing slash).
+def collect_jobs(inputs: Sequence[Path], output: Path, output_is_folder: bool = False,
+                 output_format: Optional[str] = None) -> tuple[list[Job], list[tuple[Path, str]]]:
+    """Expand folders, map each input to ``<stem>.png`` (or the suffix of ``output_format``, one
+    of :data:`OUTPUT_FORMATS`); a single input may name a .png, .jpg/.jpeg or .webp file (unless
+    ``output_is_folder``: the user typed ``-o`` with a trailing slash), whose suffix must then
+    agree with ``output_format`` when one is given.
 
     Folder scans take the image files directly in the folder (see :func:`scan_suffixes`), not
     hidden ones (names starting with "."; a hidden file given by name is an input).
@@ -230,21 +251,24 @@ def collect_jobs(inputs: Sequence[Path], output: Path, output_is_folder: bool = 
             raise UsageError(f"{same}; give each input once")
     files = unique
     suffix = output.suffix.lower()
-    if not output_is_folder and suffix == ".png" and not output.is_dir():
+    if not output_is_folder and suffix in OUTPUT_SUFFIXES and not output.is_dir():
         given = len(files) + len(unreadable)
         if given != 1:
             raise UsageError(f"-o {output} is a file name but there are {given} inputs; give a folder")
+        if output_format is not None and OUTPUT_SUFFIXES[suffix] != output_format:
+            raise UsageError(f"-o {output} names a {OUTPUT_SUFFIXES[suffix]} file but --format is {output_format}; "
+                             "give one of the two, or make them agree")
         jobs = [Job(f, output) for f in files]
     elif not output_is_folder and suffix in IMAGE_SUFFIXES | OTHER_IMAGE_SUFFIXES and not output.is_dir():
-        raise UsageError(f"outputs are written as PNG; use -o {output.with_suffix('.png')} or a folder "
-                         f"(end it with / for a folder named {output.name})")
+        raise UsageError(f"outputs are written as PNG, JPEG or WebP; use -o {output.with_suffix('.png')} (or .jpg, "
+                         f".webp) or a folder (end it with / for a folder named {output.name})")
     else:
         if output.exists() and not output.is_dir():
-            raise UsageError(f"-o {output} is an existing file, not a folder; give a folder (or a .png name for "
-                             "one input)")
+            raise UsageError(f"-o {output} is an existing file, not a folder; give a folder (or a .png, .jpg or "
+                             ".webp name for one input)")
         jobs, seen, clashes = [], {}, []
         for f in files:
-            target = output / f"{f.stem}.png"
+            target = output / f"{f.stem}{OUTPUT_FORMATS[output_format or 'png']}"
             if target in seen:
                 clashes.append(f"{f} and {seen[target]} -> {target}")
             seen[target] = f
@@ -464,7 +488,7 @@ def run_upscale(args) -> int:
     parse_speedups(args.speedups, merge_lora=not args.no_merge_lora, memory_mode=args.memory_mode)
     output_text = os.fspath(args.output)  # as typed: Path() would drop a trailing slash
     jobs, unreadable = collect_jobs(args.inputs, Path(output_text),
-                                    output_is_folder=output_text.endswith(("/", os.sep)))
+                                    output_is_folder=output_text.endswith(("/", os.sep)), output_format=args.format)
     # Inputs, and outputs, that fail before any work: named now, counted in the summary.
     failed_early: list[tuple[Path, str]] = []
 
@@ -502,8 +526,17 @@ def run_upscale(args) -> int:
                              t_l=settings.t_l, color_fix=args.color_fix, tiling=tiling,
                              max_output_pixels=int(args.max_output_megapixels * 1e6)).validate()
 
-    def check_size(h: int, w: int) -> None:
-        output_size(h, w, options)
+    def check_size_for(job: Job) -> Callable[[int, int], None]:
+        """The size check of ``job``'s input: the output within the size limit, and within what
+        its format holds."""
+        fmt = OUTPUT_SUFFIXES[job.target.suffix.lower()]
+
+        def check_size(h: int, w: int) -> None:
+            out_h, out_w = output_size(h, w, options)
+            if max(out_h, out_w) > _MAX_SIDE.get(fmt, max(out_h, out_w)):
+                raise ValueError(f"the output would be {out_w}x{out_h} pixels, but {_FORMAT_NAMES[fmt]} holds at most "
+                                 f"{_MAX_SIDE[fmt]:,} a side; use --format png, or a smaller size")
+        return check_size
 
     # Each input's header (not its pixels, but for float and 32-bit or signed integer files, whose
     # values decide): not an image, empty, cut short, unreadable, values out of range, or an
@@ -511,7 +544,7 @@ def run_upscale(args) -> int:
     headers_ok = []
     for job in todo:
         try:
-            probe_image(job.source, check_size=check_size)
+            probe_image(job.source, check_size=check_size_for(job))
         except Exception as exc:  # noqa: BLE001 - one bad file must not stop the others
             failed_before_work(job.source, _first_line(exc))
         else:
@@ -544,17 +577,19 @@ def run_upscale(args) -> int:
         failures.append((source, reason))
         say(f"FAIL {source}: {reason}")
 
-    def saved(job: Job, result) -> None:
+    def saved(job: Job, result, notes: Sequence[str]) -> None:
         nonlocal done
         done += 1
         h, w = result.rgb.shape[-2:]
         say(f"ok   {job.source} -> {job.target} ({w}x{h})")
+        for note in notes:  # what the file's format could not hold
+            say(f"note {job.target}: {note}")
 
     def still_writing(job: Job) -> None:
         say(f"fluxsr: finishing the write of {job.target} first (nothing is left half-written)")
 
     writer = _BackgroundWriter(saved, lambda job, exc: failed(job.source, _write_failure(job.target, exc)),
-                               still_writing)
+                               still_writing, quality=args.quality)
     interrupted: Optional[KeyboardInterrupt] = None
     try:
         for job in todo:
@@ -562,9 +597,15 @@ def run_upscale(args) -> int:
                 break  # every later write would fail too
             tile_bar = None
             try:
-                loaded = load_image(job.source, check_size=check_size)
+                loaded = load_image(job.source, check_size=check_size_for(job))
                 for note in loaded.notes:
                     say(f"note {job.source}: {note}")
+                fmt = OUTPUT_SUFFIXES[job.target.suffix.lower()]
+                if loaded.alpha is not None and fmt == "jpg":
+                    raise ValueError("it has transparency, which JPEG cannot hold; use --format png or webp")
+                if loaded.bit_depth == 16 and fmt != "png":
+                    say(f"note {job.source}: 16 bits per channel, written with 8 in {_FORMAT_NAMES[fmt]} "
+                        "(--format png keeps 16)")
                 if not quiet:
                     from tqdm.auto import tqdm
                     tile_bar = tqdm(total=None, unit="tile", desc=job.source.name, leave=False, file=sys.stderr)
@@ -631,15 +672,18 @@ class _BackgroundWriter:
     Encoding is CPU work (a 4096 px PNG: 2.5 s here) and Pillow's encoders release the GIL,
     so with the models on a GPU it overlaps the next image's compute instead of adding to it.
     One write at most is pending: memory holds one finished image beside the one in progress.
-    ``saved(job, result)`` / ``failed(job, exc)`` report each write in the calling thread,
+    ``saved(job, result, notes)`` / ``failed(job, exc)`` report each write in the calling thread
+    (``notes``: the warnings of :func:`fluxsr_core.images.save_image`, e.g. metadata the format
+    cannot hold),
     in the order the images were submitted. A write that fails for a full disk (or quota) sets
     ``disk_full`` (the error) and ``disk_full_target``, and no later write is started.
     ``still_writing(job)`` is told when :meth:`close` is interrupted while ``job`` is written.
     """
 
-    def __init__(self, saved, failed, still_writing=lambda job: None):
+    def __init__(self, saved, failed, still_writing=lambda job: None, quality: int = 95):
         from concurrent.futures import ThreadPoolExecutor
 
+        self._quality = quality
         self._pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="fluxsr-save")
         self._saved, self._failed, self._still_writing = saved, failed, still_writing
         self._pending = None
@@ -654,7 +698,7 @@ class _BackgroundWriter:
             return False
         # off the device here, so the next image has its memory
         rgb, alpha = result.rgb.cpu(), None if result.alpha is None else result.alpha.cpu()
-        self._pending = (job, result, self._pool.submit(_save_result, job.target, result, rgb, alpha))
+        self._pending = (job, result, self._pool.submit(_save_result, job.target, result, rgb, alpha, self._quality))
         return True
 
     def wait(self) -> None:
@@ -664,7 +708,7 @@ class _BackgroundWriter:
             return
         job, result, future = self._pending
         try:
-            future.result()
+            notes = future.result()
         except Exception as exc:  # noqa: BLE001 - reported like any failed image
             self._pending = None
             if isinstance(exc, OSError) and exc.errno in DISK_FULL_ERRNOS:
@@ -672,7 +716,7 @@ class _BackgroundWriter:
             self._failed(job, exc)
         else:
             self._pending = None
-            self._saved(job, result)
+            self._saved(job, result, notes)
 
     def close(self) -> Optional[KeyboardInterrupt]:
         """Finish and report the pending write, through any further Ctrl-C or SIGTERM: the worker
@@ -692,12 +736,16 @@ class _BackgroundWriter:
         return interrupted
 
 
-def _save_result(target: Path, result, rgb, alpha) -> None:
+def _save_result(target: Path, result, rgb, alpha, quality: int = 95) -> list[str]:
+    """Write ``result`` to ``target`` (8 bits unless it is a PNG); return what the save left out
+    (collected, not warned: ``warnings`` state is process-wide, and this runs in a thread)."""
     from .images import save_image
 
-    save_image(target, rgb, alpha=alpha, bit_depth=result.bit_depth, grayscale=result.grayscale,
-               icc_profile=result.icc_profile, exif=result.exif, dpi=result.dpi, xmp=result.xmp,
-               text=result.text)
+    notes: list[str] = []
+    save_image(target, rgb, alpha=alpha, bit_depth=result.bit_depth if target.suffix.lower() == ".png" else 8,
+               grayscale=result.grayscale, icc_profile=result.icc_profile, exif=result.exif, dpi=result.dpi,
+               xmp=result.xmp, text=result.text, quality=quality, warn=notes.append)
+    return notes
 
 
 def _raise_terminated(signum, frame):

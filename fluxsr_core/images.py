@@ -965,7 +965,8 @@ _FORMATS = {".png": "PNG", ".jpg": "JPEG", ".jpeg": "JPEG", ".webp": "WEBP"}
 def save_image(path: str | os.PathLike, rgb: torch.Tensor, alpha: Optional[torch.Tensor] = None,
                bit_depth: int = 8, grayscale: bool = False, icc_profile: Optional[bytes] = None,
                exif: Optional[bytes] = None, dpi: Optional[tuple[float, float]] = None,
-               xmp: Optional[bytes] = None, text: Optional[dict[str, str]] = None) -> Path:
+               xmp: Optional[bytes | str] = None, text: Optional[dict[str, str]] = None, quality: int = 95,
+               warn: Optional[Callable[[str], None]] = None) -> Path:
     """Write an image atomically and return its path.
 
     ``rgb``: ``[1, 3, H, W]`` or ``[3, H, W]`` float in ``[0, 1]`` (values outside are clipped;
@@ -982,6 +983,8 @@ def save_image(path: str | os.PathLike, rgb: torch.Tensor, alpha: Optional[torch
     chunks by keyword; a JPEG takes ``"Comment"`` as its comment) are written into the file.
     What a format cannot hold is left out with a warning: WebP holds no resolution and no text,
     a JPEG no EXIF over 64 KiB, no XMP over 65,504 bytes, no resolution over 65,535 dpi.
+    ``quality`` (1-100) is the JPEG and WebP encoders'. ``warn(message)`` is told what is left out
+    (default: a ``UserWarning`` naming the file).
     """
     p = Path(path)
     fmt = _FORMATS.get(p.suffix.lower())
@@ -990,6 +993,11 @@ def save_image(path: str | os.PathLike, rgb: torch.Tensor, alpha: Optional[torch
                          f"Use .png (8 or 16 bits, alpha), .jpg or .webp.")
     if bit_depth not in (8, 16):
         raise ValueError(f"bit_depth must be 8 or 16 (got {bit_depth})")
+    if isinstance(quality, bool) or not isinstance(quality, int) or not 1 <= quality <= 100:
+        raise ValueError(f"quality must be a whole number from 1 to 100 (got {quality!r})")
+    if warn is None:
+        def warn(message: str) -> None:
+            warnings.warn(f"{p.name}: {message}", stacklevel=3)
     if bit_depth == 16 and fmt != "PNG":
         raise ValueError(f"cannot write '{p}' with 16 bits: {fmt} holds 8 bits per channel. "
                          f"Save as .png or pass bit_depth=8.")
@@ -1021,15 +1029,15 @@ def save_image(path: str | os.PathLike, rgb: torch.Tensor, alpha: Optional[torch
     q = q.to(torch.int32 if bit_depth == 16 else torch.uint8).permute(1, 2, 0).contiguous().numpy()
     if bit_depth == 16:
         q = q.astype(np.uint16)
-    exif = _exif_for(exif, width=q.shape[1], height=q.shape[0], fmt=fmt, path=p)
-    xmp = _xmp_for(xmp, width=q.shape[1], height=q.shape[0], fmt=fmt, path=p)
-    text = _text_for(text, fmt=fmt, path=p)
+    exif = _exif_for(exif, width=q.shape[1], height=q.shape[0], fmt=fmt, warn=warn)
+    xmp = _xmp_for(xmp, width=q.shape[1], height=q.shape[0], fmt=fmt, warn=warn)
+    text = _text_for(text, fmt=fmt, warn=warn)
     if icc_profile and _icc_color_space(icc_profile) != (b"GRAY" if q.shape[-1] <= 2 else b"RGB "):
         # A profile must fit the pixels written (PNG forbids an RGB profile on grey; readers drop
         # it): a grey result of a grey palette PNG with an sRGB profile is written without it.
         icc_profile = None
     if dpi and fmt == "JPEG" and max(dpi) > _JPEG_MAX_DPI:
-        warnings.warn(f"{p.name}: a resolution of {max(dpi):,.0f} dpi does not fit a JPEG (at most "
+        warn(f"a resolution of {max(dpi):,.0f} dpi does not fit a JPEG (at most "
                       f"{_JPEG_MAX_DPI:,}); written without it (save as .png to keep it)")
         dpi = None
 
@@ -1055,7 +1063,7 @@ def save_image(path: str | os.PathLike, rgb: torch.Tensor, alpha: Optional[torch
         if fmt == "JPEG" and text:
             kw["comment"] = text["Comment"].encode("utf-8")  # (its length checked by _text_for)
         if fmt in ("JPEG", "WEBP"):
-            kw["quality"] = 95
+            kw["quality"] = quality
         im.save(tmp, format=fmt, **kw)
 
     atomic_write(p, write)
@@ -1095,19 +1103,20 @@ def _icc_color_space(icc_profile: bytes) -> bytes:
     return bytes(icc_profile[16:20])
 
 
-def _exif_for(exif: Optional[bytes], width: int, height: int, fmt: str, path: Path) -> Optional[bytes]:
+def _exif_for(exif: Optional[bytes], width: int, height: int, fmt: str, warn: Callable[[str], None]
+              ) -> Optional[bytes]:
     """``exif`` with the pixel size of the image being written (when it records one)."""
     if not exif:
         return None
     try:
         out = _exif.with_pixel_size(exif, width, height)
     except _exif.ExifError as e:
-        warnings.warn(f"{path.name}: the EXIF given cannot be read ({e}); written without it")
+        warn(f"the EXIF given cannot be read ({e}); written without it")
         return None
     if out is None:
         return None
     if fmt == "JPEG" and len(out) > _JPEG_MAX_EXIF_BYTES:
-        warnings.warn(f"{path.name}: the EXIF metadata ({len(out):,} bytes) does not fit a JPEG (64 KiB); "
+        warn(f"the EXIF metadata ({len(out):,} bytes) does not fit a JPEG (64 KiB); "
                       "written without it (save as .png or .webp to keep it)")
         return None
     return out
@@ -1119,23 +1128,24 @@ _JPEG_MAX_XMP_BYTES = 65504
 _JPEG_MAX_COMMENT_BYTES = 65533
 
 
-def _xmp_for(xmp: Optional[bytes], width: int, height: int, fmt: str, path: Path) -> Optional[bytes]:
+def _xmp_for(xmp: Optional[bytes | str], width: int, height: int, fmt: str, warn: Callable[[str], None]
+             ) -> Optional[bytes]:
     """``xmp`` for the image being written (its pixel size, a new instance id), or None."""
     if not xmp:
         return None
     try:
         out = _xmp.for_written_image(xmp, width, height)  # (a str is taken as UTF-8)
     except _xmp.XmpError as e:
-        warnings.warn(f"{path.name}: the XMP given cannot be read ({e}); written without it")
+        warn(f"the XMP given cannot be read ({e}); written without it")
         return None
     if out is not None and fmt == "JPEG" and len(out) > _JPEG_MAX_XMP_BYTES:
-        warnings.warn(f"{path.name}: the XMP metadata ({len(out):,} bytes) does not fit a JPEG (65,504 bytes; "
+        warn(f"the XMP metadata ({len(out):,} bytes) does not fit a JPEG (65,504 bytes; "
                       "extended XMP is not written); written without it (save as .png or .webp to keep it)")
         return None
     return out
 
 
-def _text_for(text: Optional[dict[str, str]], fmt: str, path: Path) -> dict[str, str]:
+def _text_for(text: Optional[dict[str, str]], fmt: str, warn: Callable[[str], None]) -> dict[str, str]:
     """The entries of ``text`` that ``fmt`` can hold (PNG: all; JPEG: the comment), warning about
     the others; raises ValueError for a keyword PNG does not allow."""
     if not text:
@@ -1150,10 +1160,10 @@ def _text_for(text: Optional[dict[str, str]], fmt: str, path: Path) -> dict[str,
     kept = dict(text) if fmt == "PNG" else {k: v for k, v in text.items() if fmt == "JPEG" and k == "Comment"}
     left = [k for k in text if k not in kept]
     if left:
-        warnings.warn(f"{path.name}: {fmt} has no place for the text {', '.join(left)}; written without it "
+        warn(f"{fmt} has no place for the text {', '.join(left)}; written without it "
                       f"(save as .png to keep it)")
     if "Comment" in kept and fmt == "JPEG" and len(kept["Comment"].encode("utf-8")) > _JPEG_MAX_COMMENT_BYTES:
-        warnings.warn(f"{path.name}: the comment ({len(kept.pop('Comment').encode('utf-8')):,} bytes) does not "
+        warn(f"the comment ({len(kept.pop('Comment').encode('utf-8')):,} bytes) does not "
                       "fit a JPEG (65,533 bytes); written without it (save as .png to keep it)")
     return kept
 

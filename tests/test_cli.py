@@ -830,3 +830,55 @@ def test_a_link_in_a_folder_to_one_of_its_images_is_upscaled_once(tmp_path, phot
     for inputs in ([folder / "img1.png", folder], [folder, folder / "img1.png"]):  # typed and scanned: either order
         with pytest.raises(cli.UsageError, match="give each input once"):
             cli.collect_jobs(inputs, tmp_path / "out")
+
+
+def test_jpeg_and_webp_outputs_with_their_quality_limits_and_notes(tmp_path, capsys):
+    """`--format jpg|webp` (a folder) or a .jpg/.webp -o (one input): 8-bit files at `--quality`,
+    with the metadata each holds. What a format cannot take is said before any work where the
+    header tells (WebP's 16,383 px sides), before the upscale where the pixels do (JPEG has no
+    alpha), and as a note where only metadata is lost (a PNG's Title in a JPEG)."""
+    from PIL import PngImagePlugin
+    from skimage import data
+
+    from fluxsr_core.demo_model import demo_paths
+
+    photo = Image.fromarray(data.astronaut()).resize((40, 32), Image.LANCZOS)
+    exif = Image.Exif()
+    exif[271] = "Canon"
+    text = PngImagePlugin.PngInfo()
+    text.add_text("Title", "Astronaut")
+    photo.save(tmp_path / "colour.png", exif=exif, pnginfo=text)
+    Image.fromarray(np.full((16, 16, 4), 200, np.uint8)).save(tmp_path / "alpha.png")
+    Image.fromarray((np.arange(256).reshape(16, 16) * 250).astype(np.uint16)).save(tmp_path / "deep.png")
+    Image.new("RGB", (8200, 2)).save(tmp_path / "wide.png")
+    model = [*demo_paths().cli_args(), "--device", "cpu", "-q", "--scale", "2"]
+
+    def run(*args):
+        code = cli.main(["upscale", *args, *model])
+        return code, capsys.readouterr().err
+
+    sources = [str(tmp_path / n) for n in ("colour.png", "alpha.png", "deep.png", "wide.png")]
+    code, err = run(*sources, "-o", str(tmp_path / "webp"), "--format", "webp", "--quality", "90")
+    assert code == 1 and "3 upscaled, 0 skipped, 1 failed" in err, err
+    assert f"FAIL {tmp_path / 'wide.png'}: the output would be 16400x4 pixels, but WebP holds at most 16,383" in err
+    assert f"note {tmp_path / 'deep.png'}: 16 bits per channel, written with 8 in WebP" in err
+    assert f"note {tmp_path / 'webp' / 'colour.webp'}: WEBP has no place for the text Title" in err
+    with Image.open(tmp_path / "webp" / "colour.webp") as im:
+        assert im.format == "WEBP" and im.size == (80, 64) and im.getexif()[271] == "Canon"
+    with Image.open(tmp_path / "webp" / "alpha.webp") as im:
+        assert im.mode == "RGBA"
+    code, err = run(*sources[:2], "-o", str(tmp_path / "jpg"), "--format", "jpg")
+    assert code == 1 and f"FAIL {tmp_path / 'alpha.png'}: it has transparency, which JPEG cannot hold" in err, err
+    assert not (tmp_path / "jpg" / "alpha.jpg").exists()
+    with Image.open(tmp_path / "jpg" / "colour.jpg") as im:
+        assert im.format == "JPEG" and im.getexif()[271] == "Canon"
+    code, err = run(sources[0], "-o", str(tmp_path / "jpg"), "--format", "jpg")
+    assert code == 0 and f"skip {tmp_path / 'colour.png'}: {tmp_path / 'jpg' / 'colour.jpg'} exists" in err
+    sizes = {}
+    for quality in ("20", "100"):  # the quality reaches the encoder
+        out = tmp_path / f"q{quality}.jpg"
+        assert run(sources[0], "-o", str(out), "--quality", quality)[0] == 0
+        sizes[quality] = out.stat().st_size
+    assert sizes["20"] < sizes["100"] / 2, sizes
+    code, err = run(sources[0], "-o", str(tmp_path / "x.jpg"), "--format", "webp")
+    assert code == 2 and "names a jpg file but --format is webp" in err

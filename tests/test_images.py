@@ -1262,6 +1262,27 @@ def test_imagemagicks_hex_xmp_profile_is_read_and_its_orientation_applied(tmp_pa
     assert np.array_equal(_as_loaded(tmp_path / "im.png"), np.rot90(_marked(), -1))
 
 
+def test_save_quality_and_where_its_notes_go(tmp_path):
+    """``quality`` reaches the JPEG/WebP encoders and is checked; ``warn`` takes the notes instead
+    of a UserWarning (the CLI's writer thread: warnings' filters are process-wide)."""
+    rng = np.random.default_rng(0)
+    noisy = torch.from_numpy(rng.random((1, 3, 64, 64)).astype(np.float32))
+    for suffix in (".jpg", ".webp"):
+        save_image(tmp_path / f"lo{suffix}", noisy, quality=10)
+        save_image(tmp_path / f"hi{suffix}", noisy, quality=100)
+        assert (tmp_path / f"lo{suffix}").stat().st_size < (tmp_path / f"hi{suffix}").stat().st_size / 2
+    for bad in (0, 101, 95.0, True):
+        with pytest.raises(ValueError, match="quality must be a whole number from 1 to 100"):
+            save_image(tmp_path / "q.jpg", noisy, quality=bad)
+    notes = []
+    import warnings
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # none may escape as a warning
+        save_image(tmp_path / "n.jpg", noisy, text={"Title": "t"}, warn=notes.append)
+    assert notes == ["JPEG has no place for the text Title; written without it (save as .png to keep it)"]
+
+
 def test_save_errors(tmp_path):
     rgb = torch.zeros(1, 3, 4, 4)
     with pytest.raises(ValueError, match="JPEG has no alpha"):
