@@ -100,18 +100,27 @@ def test_both_clis_refuse_an_old_diffusers_naming_it(monkeypatch, capsys, tmp_pa
     assert not (tmp_path / "out.png").exists() and not (tmp_path / "x").exists()
 
 
-def test_the_node_pack_still_loads_with_an_old_diffusers_and_says_what_to_upgrade(monkeypatch, caplog):
-    fake_versions(monkeypatch, diffusers="0.32.2")
+def load_pack_as_comfyui_does(monkeypatch, caplog):
+    """Import the pack's root ``__init__.py`` under a custom_nodes-style name, its log captured,
+    and return it; its submodules leave ``sys.modules`` again, so each test imports it afresh."""
     name = "custom_nodes_deps_test_ComfyUI-FluxSR"
+    for key in [k for k in sys.modules if k == name or k.startswith(name + ".")]:
+        monkeypatch.delitem(sys.modules, key)
     spec = importlib.util.spec_from_file_location(name, REPO / "__init__.py")
     module = importlib.util.module_from_spec(spec)
     monkeypatch.setitem(sys.modules, name, module)
     with caplog.at_level(logging.WARNING, logger="fluxsr"):
         spec.loader.exec_module(module)
-    assert "FluxSRUpscale" in module.NODE_CLASS_MAPPINGS          # saved workflows still load
-    assert "[FluxSR] these packages are older than FluxSR needs: diffusers 0.32.2 (FluxSR needs >= 0.35)" in caplog.text
     for key in [k for k in sys.modules if k.startswith(name + ".")]:
         monkeypatch.delitem(sys.modules, key)
+    return module
+
+
+def test_the_node_pack_still_loads_with_an_old_diffusers_and_says_what_to_upgrade(monkeypatch, caplog):
+    fake_versions(monkeypatch, diffusers="0.32.2")
+    module = load_pack_as_comfyui_does(monkeypatch, caplog)
+    assert "FluxSRUpscale" in module.NODE_CLASS_MAPPINGS          # saved workflows still load
+    assert "[FluxSR] these packages are older than FluxSR needs: diffusers 0.32.2 (FluxSR needs >= 0.35)" in caplog.text
 
 
 @pytest.mark.parametrize("diffusers,torch,said", [
@@ -129,13 +138,6 @@ def test_a_diffusers_that_needs_a_newer_torch_than_comfyuis_is_named(monkeypatch
 
 def test_the_node_pack_logs_a_diffusers_too_new_for_its_torch(monkeypatch, caplog):
     fake_versions(monkeypatch, diffusers="0.42.1", torch="2.5.1")
-    name = "custom_nodes_deps_test2_ComfyUI-FluxSR"
-    spec = importlib.util.spec_from_file_location(name, REPO / "__init__.py")
-    module = importlib.util.module_from_spec(spec)
-    monkeypatch.setitem(sys.modules, name, module)
-    with caplog.at_level(logging.WARNING, logger="fluxsr"):
-        spec.loader.exec_module(module)
+    module = load_pack_as_comfyui_does(monkeypatch, caplog)
     assert "FluxSRUpscale" in module.NODE_CLASS_MAPPINGS
     assert "[FluxSR] diffusers 0.42.1 needs torch >= 2.6 but this Python has torch 2.5.1" in caplog.text
-    for key in [k for k in sys.modules if k.startswith(name + ".")]:
-        monkeypatch.delitem(sys.modules, key)
