@@ -81,7 +81,10 @@ def _positive_float(text: str) -> float:
 
 
 def _quality(text: str) -> int:
-    value = int(text)
+    try:
+        value = int(text)
+    except ValueError:
+        value = 0
     if not 1 <= value <= 100:
         raise argparse.ArgumentTypeError(f"must be a whole number from 1 to 100 (got {text})")
     return value
@@ -118,7 +121,7 @@ def build_parser() -> argparse.ArgumentParser:
     up.add_argument("--format", choices=tuple(OUTPUT_FORMATS), default=None,
                     help="what a folder -o gets (default png; a file -o's suffix decides): png (8 or 16 bit, "
                          "alpha), jpg (8 bit, no alpha), webp (8 bit, alpha, at most 16383 px a side)")
-    up.add_argument("--quality", type=_quality, default=95, help="JPEG and WebP quality, 1-100 (default 95)")
+    up.add_argument("--quality", type=_quality, default=None, help="JPEG and WebP quality, 1-100 (default 95)")
     up.add_argument("--overwrite", action="store_true", help="replace existing outputs (default: skip them)")
 
     m = up.add_argument_group("model files")
@@ -250,6 +253,16 @@ def collect_jobs(inputs: Sequence[Path], output: Path, output_is_folder: bool = 
             same = f"{f} is given twice" if first == f else f"{first} and {f} are the same file"
             raise UsageError(f"{same}; give each input once")
     files = unique
+    earlier_outputs: set = set()
+    if output_format not in (None, "png"):
+        # An earlier run into a folder it also reads (-o in --format jpg): a.jpg beside a.png is
+        # a.png's output, not an input (else the rerun that goes on would clash, a.png and a.jpg
+        # -> a.jpg). A PNG output of an in-place run is refused below as replacing its input.
+        outputs = {_identity(output / f"{f.stem}{OUTPUT_FORMATS[output_format]}") for f in files
+                   if f.suffix.lower() != OUTPUT_FORMATS[output_format]}
+        earlier = {i: id(f) for i, f in first_by_identity.items() if id(f) in scanned and i in outputs}
+        earlier_outputs, dropped = set(earlier), set(earlier.values())
+        files = [f for f in files if id(f) not in dropped]
     suffix = output.suffix.lower()
     if not output_is_folder and suffix in OUTPUT_SUFFIXES and not output.is_dir():
         given = len(files) + len(unreadable)
@@ -275,7 +288,7 @@ def collect_jobs(inputs: Sequence[Path], output: Path, output_is_folder: bool = 
             jobs.append(Job(f, target))
         if clashes:
             raise UsageError("outputs would be written twice; rename one of each: " + "; ".join(clashes))
-    sources = set(first_by_identity)
+    sources = set(first_by_identity) - earlier_outputs
     replaced = [j for j in jobs if _identity(j.target) in sources]
     if replaced:
         raise UsageError(f"{replaced[0].target} is also an input: its upscale would replace "
@@ -489,6 +502,9 @@ def run_upscale(args) -> int:
     output_text = os.fspath(args.output)  # as typed: Path() would drop a trailing slash
     jobs, unreadable = collect_jobs(args.inputs, Path(output_text),
                                     output_is_folder=output_text.endswith(("/", os.sep)), output_format=args.format)
+    if args.quality is not None and any(j.target.suffix.lower() == ".png" for j in jobs):
+        raise UsageError("--quality is for JPEG and WebP outputs; these are PNG, which is lossless (add --format "
+                         "jpg or webp, or give a .jpg or .webp -o)")
     # Inputs, and outputs, that fail before any work: named now, counted in the summary.
     failed_early: list[tuple[Path, str]] = []
 
@@ -534,8 +550,9 @@ def run_upscale(args) -> int:
         def check_size(h: int, w: int) -> None:
             out_h, out_w = output_size(h, w, options)
             if max(out_h, out_w) > _MAX_SIDE.get(fmt, max(out_h, out_w)):
-                raise ValueError(f"the output would be {out_w}x{out_h} pixels, but {_FORMAT_NAMES[fmt]} holds at most "
-                                 f"{_MAX_SIDE[fmt]:,} a side; use --format png, or a smaller size")
+                raise ValueError(f"the output's long side would be {max(out_h, out_w):,} pixels, but "
+                                 f"{_FORMAT_NAMES[fmt]} holds at most {_MAX_SIDE[fmt]:,}; write PNG (--format png, "
+                                 "or a .png -o), or ask for a smaller size")
         return check_size
 
     # Each input's header (not its pixels, but for float and 32-bit or signed integer files, whose
@@ -545,6 +562,8 @@ def run_upscale(args) -> int:
     for job in todo:
         try:
             probe_image(job.source, check_size=check_size_for(job))
+            if OUTPUT_SUFFIXES[job.target.suffix.lower()] == "jpg" and _transparent(job.source):
+                raise ValueError(_NO_ALPHA_IN_JPEG)
         except Exception as exc:  # noqa: BLE001 - one bad file must not stop the others
             failed_before_work(job.source, _first_line(exc))
         else:
@@ -589,7 +608,7 @@ def run_upscale(args) -> int:
         say(f"fluxsr: finishing the write of {job.target} first (nothing is left half-written)")
 
     writer = _BackgroundWriter(saved, lambda job, exc: failed(job.source, _write_failure(job.target, exc)),
-                               still_writing, quality=args.quality)
+                               still_writing, quality=95 if args.quality is None else args.quality)
     interrupted: Optional[KeyboardInterrupt] = None
     try:
         for job in todo:
@@ -602,10 +621,10 @@ def run_upscale(args) -> int:
                     say(f"note {job.source}: {note}")
                 fmt = OUTPUT_SUFFIXES[job.target.suffix.lower()]
                 if loaded.alpha is not None and fmt == "jpg":
-                    raise ValueError("it has transparency, which JPEG cannot hold; use --format png or webp")
-                if loaded.bit_depth == 16 and fmt != "png":
-                    say(f"note {job.source}: 16 bits per channel, written with 8 in {_FORMAT_NAMES[fmt]} "
-                        "(--format png keeps 16)")
+                    if bool((loaded.alpha < 1).any()):
+                        raise ValueError(_NO_ALPHA_IN_JPEG)
+                    loaded.alpha = None
+                    say(f"note {job.source}: its alpha channel is opaque everywhere; the JPEG is written without it")
                 if not quiet:
                     from tqdm.auto import tqdm
                     tile_bar = tqdm(total=None, unit="tile", desc=job.source.name, leave=False, file=sys.stderr)
@@ -618,6 +637,9 @@ def run_upscale(args) -> int:
 
                 result = upscale_loaded_image(loaded, velocity, codec, cond, options, progress=progress,
                                               on_retry=on_retry, configure_codec=configure_codec)
+                if loaded.bit_depth == 16 and fmt != "png":
+                    say(f"note {job.source}: its samples have more than 8 bits; {_FORMAT_NAMES[fmt]} is written with "
+                        "8 (PNG keeps 16: --format png, or a .png -o)")
                 if result.gray_in_color:
                     say(f"note {job.source}: a grey picture (its three colour channels agree to within 2 levels): "
                         "the result is made grey too (its luma, in all three channels)")
@@ -734,6 +756,24 @@ class _BackgroundWriter:
                     self._still_writing(self._pending[0])
         self._pool.shutdown()
         return interrupted
+
+
+_NO_ALPHA_IN_JPEG = ("it has transparency, which JPEG cannot hold; write PNG or WebP (--format png|webp, or a .png "
+                     "or .webp -o)")
+
+
+def _transparent(path: Path) -> bool:
+    """Whether the image at ``path`` has an alpha that is not opaque everywhere (its pixels are
+    read only when its header says it has an alpha)."""
+    from PIL import Image
+
+    from .images import load_image
+
+    with Image.open(path) as img:
+        if img.mode not in ("RGBA", "LA", "PA", "La", "RGBa") and "transparency" not in img.info:
+            return False
+    alpha = load_image(path, metadata=False).alpha
+    return alpha is not None and bool((alpha < 1).any())
 
 
 def _save_result(target: Path, result, rgb, alpha, quality: int = 95) -> list[str]:

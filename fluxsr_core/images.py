@@ -960,6 +960,7 @@ def _finish(p: Path, color: np.ndarray, alpha: Optional[np.ndarray], bit_depth: 
 # --- saving ----------------------------------------------------------------------------------
 
 _FORMATS = {".png": "PNG", ".jpg": "JPEG", ".jpeg": "JPEG", ".webp": "WEBP"}
+_FORMAT_NAMES = {"PNG": "PNG", "JPEG": "JPEG", "WEBP": "WebP"}  # as messages spell them
 
 
 def save_image(path: str | os.PathLike, rgb: torch.Tensor, alpha: Optional[torch.Tensor] = None,
@@ -995,9 +996,8 @@ def save_image(path: str | os.PathLike, rgb: torch.Tensor, alpha: Optional[torch
         raise ValueError(f"bit_depth must be 8 or 16 (got {bit_depth})")
     if isinstance(quality, bool) or not isinstance(quality, int) or not 1 <= quality <= 100:
         raise ValueError(f"quality must be a whole number from 1 to 100 (got {quality!r})")
-    if warn is None:
-        def warn(message: str) -> None:
-            warnings.warn(f"{p.name}: {message}", stacklevel=3)
+    left_out: list[str] = []  # what the format cannot hold: told once the file is written
+    told = warn
     if bit_depth == 16 and fmt != "PNG":
         raise ValueError(f"cannot write '{p}' with 16 bits: {fmt} holds 8 bits per channel. "
                          f"Save as .png or pass bit_depth=8.")
@@ -1029,16 +1029,24 @@ def save_image(path: str | os.PathLike, rgb: torch.Tensor, alpha: Optional[torch
     q = q.to(torch.int32 if bit_depth == 16 else torch.uint8).permute(1, 2, 0).contiguous().numpy()
     if bit_depth == 16:
         q = q.astype(np.uint16)
+    warn = left_out.append
     exif = _exif_for(exif, width=q.shape[1], height=q.shape[0], fmt=fmt, warn=warn)
     xmp = _xmp_for(xmp, width=q.shape[1], height=q.shape[0], fmt=fmt, warn=warn)
     text = _text_for(text, fmt=fmt, warn=warn)
-    if icc_profile and _icc_color_space(icc_profile) != (b"GRAY" if q.shape[-1] <= 2 else b"RGB "):
+    stored_gray = q.shape[-1] <= 2 and fmt != "WEBP"  # WebP has no grey mode: Pillow stores RGB
+    if icc_profile and fmt == "WEBP" and q.shape[-1] <= 2 and _icc_color_space(icc_profile) == b"GRAY":
+        warn("its grey ICC profile does not fit the RGB pixels WebP stores; written without it")
+        icc_profile = None
+    if dpi and fmt == "WEBP":
+        warn(f"WebP holds no resolution; written without its {max(dpi):,.0f} dpi")
+        dpi = None
+    if icc_profile and _icc_color_space(icc_profile) != (b"GRAY" if stored_gray else b"RGB "):
         # A profile must fit the pixels written (PNG forbids an RGB profile on grey; readers drop
         # it): a grey result of a grey palette PNG with an sRGB profile is written without it.
         icc_profile = None
     if dpi and fmt == "JPEG" and max(dpi) > _JPEG_MAX_DPI:
         warn(f"a resolution of {max(dpi):,.0f} dpi does not fit a JPEG (at most "
-                      f"{_JPEG_MAX_DPI:,}); written without it (save as .png to keep it)")
+                      f"{_JPEG_MAX_DPI:,}); written without it (PNG keeps it)")
         dpi = None
 
     def write(tmp: Path) -> None:
@@ -1052,7 +1060,7 @@ def save_image(path: str | os.PathLike, rgb: torch.Tensor, alpha: Optional[torch
             kw["icc_profile"] = icc_profile
         if exif:
             kw["exif"] = exif
-        if dpi and fmt != "WEBP":
+        if dpi:
             kw["dpi"] = dpi
         if fmt == "PNG" and (xmp or text):
             kw["pnginfo"] = PngImagePlugin.PngInfo()
@@ -1067,6 +1075,11 @@ def save_image(path: str | os.PathLike, rgb: torch.Tensor, alpha: Optional[torch
         im.save(tmp, format=fmt, **kw)
 
     atomic_write(p, write)
+    for message in left_out:
+        if told is not None:
+            told(message)
+        else:
+            warnings.warn(f"{p.name}: {message}", stacklevel=2)
     return p
 
 
@@ -1117,7 +1130,7 @@ def _exif_for(exif: Optional[bytes], width: int, height: int, fmt: str, warn: Ca
         return None
     if fmt == "JPEG" and len(out) > _JPEG_MAX_EXIF_BYTES:
         warn(f"the EXIF metadata ({len(out):,} bytes) does not fit a JPEG (64 KiB); "
-                      "written without it (save as .png or .webp to keep it)")
+                      "written without it (PNG and WebP keep it)")
         return None
     return out
 
@@ -1140,7 +1153,7 @@ def _xmp_for(xmp: Optional[bytes | str], width: int, height: int, fmt: str, warn
         return None
     if out is not None and fmt == "JPEG" and len(out) > _JPEG_MAX_XMP_BYTES:
         warn(f"the XMP metadata ({len(out):,} bytes) does not fit a JPEG (65,504 bytes; "
-                      "extended XMP is not written); written without it (save as .png or .webp to keep it)")
+                      "extended XMP is not written); written without it (PNG and WebP keep it)")
         return None
     return out
 
@@ -1160,11 +1173,11 @@ def _text_for(text: Optional[dict[str, str]], fmt: str, warn: Callable[[str], No
     kept = dict(text) if fmt == "PNG" else {k: v for k, v in text.items() if fmt == "JPEG" and k == "Comment"}
     left = [k for k in text if k not in kept]
     if left:
-        warn(f"{fmt} has no place for the text {', '.join(left)}; written without it "
-                      f"(save as .png to keep it)")
+        warn(f"{_FORMAT_NAMES[fmt]} has no place for the text {', '.join(left)}; written without it "
+                      f"(PNG keeps it)")
     if "Comment" in kept and fmt == "JPEG" and len(kept["Comment"].encode("utf-8")) > _JPEG_MAX_COMMENT_BYTES:
         warn(f"the comment ({len(kept.pop('Comment').encode('utf-8')):,} bytes) does not "
-                      "fit a JPEG (65,533 bytes); written without it (save as .png to keep it)")
+                      "fit a JPEG (65,533 bytes); written without it (PNG keeps it)")
     return kept
 
 

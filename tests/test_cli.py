@@ -834,9 +834,9 @@ def test_a_link_in_a_folder_to_one_of_its_images_is_upscaled_once(tmp_path, phot
 
 def test_jpeg_and_webp_outputs_with_their_quality_limits_and_notes(tmp_path, capsys):
     """`--format jpg|webp` (a folder) or a .jpg/.webp -o (one input): 8-bit files at `--quality`,
-    with the metadata each holds. What a format cannot take is said before any work where the
-    header tells (WebP's 16,383 px sides), before the upscale where the pixels do (JPEG has no
-    alpha), and as a note where only metadata is lost (a PNG's Title in a JPEG)."""
+    with the metadata each holds. What a format cannot take is said before the models load (a
+    WebP side over 16,383 px, transparency in a JPEG), and as a note where only something of
+    the file is lost (16 bits, a PNG's Title in a WebP, an alpha that is opaque everywhere)."""
     from PIL import PngImagePlugin
     from skimage import data
 
@@ -848,7 +848,11 @@ def test_jpeg_and_webp_outputs_with_their_quality_limits_and_notes(tmp_path, cap
     text = PngImagePlugin.PngInfo()
     text.add_text("Title", "Astronaut")
     photo.save(tmp_path / "colour.png", exif=exif, pnginfo=text)
-    Image.fromarray(np.full((16, 16, 4), 200, np.uint8)).save(tmp_path / "alpha.png")
+    see_through = np.full((16, 16, 4), 200, np.uint8)
+    see_through[..., 3] = 128
+    Image.fromarray(see_through).save(tmp_path / "alpha.png")
+    opaque = np.asarray(photo.convert("RGBA")).copy()
+    Image.fromarray(opaque).save(tmp_path / "opaque.png")  # a screenshot's RGBA, alpha 255 everywhere
     Image.fromarray((np.arange(256).reshape(16, 16) * 250).astype(np.uint16)).save(tmp_path / "deep.png")
     Image.new("RGB", (8200, 2)).save(tmp_path / "wide.png")
     model = [*demo_paths().cli_args(), "--device", "cpu", "-q", "--scale", "2"]
@@ -857,28 +861,59 @@ def test_jpeg_and_webp_outputs_with_their_quality_limits_and_notes(tmp_path, cap
         code = cli.main(["upscale", *args, *model])
         return code, capsys.readouterr().err
 
-    sources = [str(tmp_path / n) for n in ("colour.png", "alpha.png", "deep.png", "wide.png")]
-    code, err = run(*sources, "-o", str(tmp_path / "webp"), "--format", "webp", "--quality", "90")
+    def path(name):
+        return str(tmp_path / name)
+
+    sources = [path(n) for n in ("colour.png", "alpha.png", "deep.png", "wide.png")]
+    code, err = run(*sources, "-o", path("webp"), "--format", "webp", "--quality", "90")
     assert code == 1 and "3 upscaled, 0 skipped, 1 failed" in err, err
-    assert f"FAIL {tmp_path / 'wide.png'}: the output would be 16400x4 pixels, but WebP holds at most 16,383" in err
-    assert f"note {tmp_path / 'deep.png'}: 16 bits per channel, written with 8 in WebP" in err
-    assert f"note {tmp_path / 'webp' / 'colour.webp'}: WEBP has no place for the text Title" in err
+    assert (f"FAIL {path('wide.png')}: the output's long side would be 16,400 pixels, but WebP holds at most "
+            "16,383; write PNG (--format png, or a .png -o)") in err
+    assert err.index("FAIL") < err.index("fluxsr: device")  # before the models load
+    assert f"note {path('deep.png')}: its samples have more than 8 bits; WebP is written with 8" in err
+    assert f"note {tmp_path / 'webp' / 'colour.webp'}: WebP has no place for the text Title" in err
     with Image.open(tmp_path / "webp" / "colour.webp") as im:
         assert im.format == "WEBP" and im.size == (80, 64) and im.getexif()[271] == "Canon"
     with Image.open(tmp_path / "webp" / "alpha.webp") as im:
         assert im.mode == "RGBA"
-    code, err = run(*sources[:2], "-o", str(tmp_path / "jpg"), "--format", "jpg")
-    assert code == 1 and f"FAIL {tmp_path / 'alpha.png'}: it has transparency, which JPEG cannot hold" in err, err
-    assert not (tmp_path / "jpg" / "alpha.jpg").exists()
+    code, err = run(path("colour.png"), path("alpha.png"), path("opaque.png"), "-o", path("jpg"), "--format", "jpg")
+    assert code == 1 and f"FAIL {path('alpha.png')}: it has transparency, which JPEG cannot hold" in err, err
+    assert err.index(f"FAIL {path('alpha.png')}") < err.index("fluxsr: device")
+    assert f"note {path('opaque.png')}: its alpha channel is opaque everywhere; the JPEG is written without it" in err
     with Image.open(tmp_path / "jpg" / "colour.jpg") as im:
         assert im.format == "JPEG" and im.getexif()[271] == "Canon"
-    code, err = run(sources[0], "-o", str(tmp_path / "jpg"), "--format", "jpg")
-    assert code == 0 and f"skip {tmp_path / 'colour.png'}: {tmp_path / 'jpg' / 'colour.jpg'} exists" in err
+    with Image.open(tmp_path / "jpg" / "opaque.jpg") as im:
+        assert im.mode == "RGB" and im.size == (80, 64)
+    code, err = run(path("colour.png"), "-o", path("jpg"), "--format", "jpg")
+    assert code == 0 and f"skip {path('colour.png')}: {tmp_path / 'jpg' / 'colour.jpg'} exists" in err
     sizes = {}
     for quality in ("20", "100"):  # the quality reaches the encoder
         out = tmp_path / f"q{quality}.jpg"
-        assert run(sources[0], "-o", str(out), "--quality", quality)[0] == 0
+        assert run(path("colour.png"), "-o", str(out), "--quality", quality)[0] == 0
         sizes[quality] = out.stat().st_size
     assert sizes["20"] < sizes["100"] / 2, sizes
-    code, err = run(sources[0], "-o", str(tmp_path / "x.jpg"), "--format", "webp")
+    code, err = run(path("colour.png"), "-o", path("x.jpg"), "--format", "webp")
     assert code == 2 and "names a jpg file but --format is webp" in err
+    code, err = run(path("colour.png"), "-o", path("x.png"), "--quality", "80")
+    assert code == 2 and "--quality is for JPEG and WebP outputs; these are PNG" in err
+    with pytest.raises(SystemExit):
+        run(path("colour.png"), "-o", path("x.jpg"), "--quality", "abc")
+    assert "must be a whole number from 1 to 100 (got abc)" in capsys.readouterr().err
+
+
+def test_an_in_place_jpeg_run_can_be_run_again(tmp_path, capsys):
+    """`-o` the input folder with --format jpg: the second run (after a Ctrl-C, or for new files)
+    takes a.jpg for a.png's output, not an input whose output clashes with a.png's."""
+    from fluxsr_core.demo_model import demo_paths
+
+    folder = tmp_path / "photos"
+    folder.mkdir()
+    Image.new("RGB", (24, 16), (90, 30, 160)).save(folder / "a.png")
+    args = ["upscale", str(folder), "-o", str(folder), "--format", "jpg", *demo_paths().cli_args(),
+            "--device", "cpu", "-q", "--scale", "2"]
+    assert cli.main(args) == 0 and (folder / "a.jpg").exists()
+    capsys.readouterr()
+    Image.new("RGB", (24, 16)).save(folder / "b.png")
+    assert cli.main(args) == 0
+    err = capsys.readouterr().err
+    assert f"skip {folder / 'a.png'}: {folder / 'a.jpg'} exists" in err and "1 upscaled, 1 skipped" in err, err

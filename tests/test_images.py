@@ -692,6 +692,24 @@ def test_save_icc_profile_kept(tmp_path):
         assert load_image(tmp_path / f"i{bd}.png").icc_profile == icc
 
 
+def test_a_grey_profile_leaves_a_webp_which_stores_rgb(tmp_path):
+    """WebP has no grey mode (Pillow stores grey as RGB), so a GRAY profile would not fit its
+    pixels: left out with a note; PNG and JPEG keep grey pixels and the profile."""
+    from PIL import ImageCms
+
+    srgb = ImageCms.ImageCmsProfile(ImageCms.createProfile("sRGB")).tobytes()
+    gray = srgb[:16] + b"GRAY" + srgb[20:]  # the header's colour space is what the writer checks
+    grey = torch.full((1, 1, 4, 4), 0.5)
+    said = []
+    save_image(tmp_path / "g.webp", grey, grayscale=True, icc_profile=gray, warn=said.append)
+    assert said == ["its grey ICC profile does not fit the RGB pixels WebP stores; written without it"]
+    assert "icc_profile" not in Image.open(tmp_path / "g.webp").info
+    for name in ("g.png", "g.jpg"):
+        save_image(tmp_path / name, grey, grayscale=True, icc_profile=gray, warn=said.append)
+        with Image.open(tmp_path / name) as im:
+            assert im.mode == "L" and im.info["icc_profile"] == gray, name
+
+
 def camera_exif(orientation: int = 1):
     """EXIF as a camera writes it: descriptive tags, exposure, GPS, a maker note, its pixel size."""
     from PIL import ExifTags
@@ -721,7 +739,9 @@ def test_exif_and_dpi_are_carried_to_the_result(tmp_path, name, bit_depth):
     loaded = load_image(tmp_path / "src.jpg")
     assert loaded.size == (64, 48) and loaded.dpi == (300, 300)  # turned upright: 48 wide
     big = torch.nn.functional.interpolate(loaded.rgb, scale_factor=2)
-    save_image(tmp_path / name, big, bit_depth=bit_depth, exif=loaded.exif, dpi=loaded.dpi)
+    said = []
+    save_image(tmp_path / name, big, bit_depth=bit_depth, exif=loaded.exif, dpi=loaded.dpi, warn=said.append)
+    assert said == (["WebP holds no resolution; written without its 300 dpi"] if name.endswith(".webp") else [])
     with Image.open(tmp_path / name) as out:
         out.load()
         exif = out.getexif()
@@ -1201,7 +1221,7 @@ def test_what_a_format_cannot_hold_is_left_out_with_a_warning(tmp_path):
         save_image(tmp_path / "o.jpg", rgb, text={"Title": "t", "Comment": "sea \u00e0 l'aube"})
     with Image.open(tmp_path / "o.jpg") as out:
         assert out.info["comment"].decode() == "sea \u00e0 l'aube"
-    with pytest.warns(UserWarning, match="WEBP has no place for the text Comment"):
+    with pytest.warns(UserWarning, match="WebP has no place for the text Comment"):
         save_image(tmp_path / "o.webp", rgb, text={"Comment": "c"})
     with pytest.warns(UserWarning, match="the comment \\(70,000 bytes\\) does not fit a JPEG"):
         save_image(tmp_path / "long.jpg", rgb, text={"Comment": "c" * 70000})
@@ -1280,7 +1300,7 @@ def test_save_quality_and_where_its_notes_go(tmp_path):
     with warnings.catch_warnings():
         warnings.simplefilter("error")  # none may escape as a warning
         save_image(tmp_path / "n.jpg", noisy, text={"Title": "t"}, warn=notes.append)
-    assert notes == ["JPEG has no place for the text Title; written without it (save as .png to keep it)"]
+    assert notes == ["JPEG has no place for the text Title; written without it (PNG keeps it)"]
 
 
 def test_save_errors(tmp_path):
