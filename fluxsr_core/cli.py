@@ -72,6 +72,11 @@ class Job:
     source: Path
     target: Path
 
+    @property
+    def output_format(self) -> str:
+        """``png``, ``jpg`` or ``webp``: what the target's suffix names."""
+        return OUTPUT_SUFFIXES[self.target.suffix.lower()]
+
 
 def _positive_float(text: str) -> float:
     value = float(text)
@@ -545,14 +550,14 @@ def run_upscale(args) -> int:
     def check_size_for(job: Job) -> Callable[[int, int], None]:
         """The size check of ``job``'s input: the output within the size limit, and within what
         its format holds."""
-        fmt = OUTPUT_SUFFIXES[job.target.suffix.lower()]
+        limit = _MAX_SIDE.get(job.output_format)
 
         def check_size(h: int, w: int) -> None:
-            out_h, out_w = output_size(h, w, options)
-            if max(out_h, out_w) > _MAX_SIDE.get(fmt, max(out_h, out_w)):
-                raise ValueError(f"the output's long side would be {max(out_h, out_w):,} pixels, but "
-                                 f"{_FORMAT_NAMES[fmt]} holds at most {_MAX_SIDE[fmt]:,}; write PNG (--format png, "
-                                 "or a .png -o), or ask for a smaller size")
+            long_side = max(output_size(h, w, options))
+            if limit is not None and long_side > limit:
+                raise ValueError(f"the output's long side would be {long_side:,} pixels, but "
+                                 f"{_FORMAT_NAMES[job.output_format]} holds at most {limit:,}; write PNG (--format "
+                                 "png, or a .png -o), or ask for a smaller size")
         return check_size
 
     # Each input's header (not its pixels, but for float and 32-bit or signed integer files, whose
@@ -562,7 +567,7 @@ def run_upscale(args) -> int:
     for job in todo:
         try:
             probe_image(job.source, check_size=check_size_for(job))
-            if OUTPUT_SUFFIXES[job.target.suffix.lower()] == "jpg" and _transparent(job.source):
+            if job.output_format == "jpg" and _transparent(job.source):
                 raise ValueError(_NO_ALPHA_IN_JPEG)
         except Exception as exc:  # noqa: BLE001 - one bad file must not stop the others
             failed_before_work(job.source, _first_line(exc))
@@ -619,9 +624,9 @@ def run_upscale(args) -> int:
                 loaded = load_image(job.source, check_size=check_size_for(job))
                 for note in loaded.notes:
                     say(f"note {job.source}: {note}")
-                fmt = OUTPUT_SUFFIXES[job.target.suffix.lower()]
+                fmt = job.output_format
                 if loaded.alpha is not None and fmt == "jpg":
-                    if bool((loaded.alpha < 1).any()):
+                    if _see_through(loaded.alpha):  # (the probe found none; the file changed since)
                         raise ValueError(_NO_ALPHA_IN_JPEG)
                     loaded.alpha = None
                     say(f"note {job.source}: its alpha channel is opaque everywhere; the JPEG is written without it")
@@ -773,7 +778,12 @@ def _transparent(path: Path) -> bool:
         if img.mode not in ("RGBA", "LA", "PA", "La", "RGBa") and "transparency" not in img.info:
             return False
     alpha = load_image(path, metadata=False).alpha
-    return alpha is not None and bool((alpha < 1).any())
+    return alpha is not None and _see_through(alpha)
+
+
+def _see_through(alpha) -> bool:
+    """Whether an alpha ``[1, 1, H, W]`` in [0, 1] is below opaque anywhere."""
+    return bool((alpha < 1).any())
 
 
 def _save_result(target: Path, result, rgb, alpha, quality: int = 95) -> list[str]:

@@ -42,7 +42,7 @@ from typing import Any, Callable, Optional, Sequence
 import numpy as np
 import torch
 import torch.nn.functional as F
-from PIL import ExifTags, Image, ImageOps, PngImagePlugin, UnidentifiedImageError
+from PIL import ExifTags, Image, PngImagePlugin, UnidentifiedImageError
 
 from . import exif as _exif
 from . import xmp as _xmp
@@ -240,8 +240,8 @@ def load_image(path: str | os.PathLike, max_pixels: Optional[int] = DEFAULT_MAX_
     raise :class:`IntegerRangeError` saying how to convert them.
 
     ``max_pixels`` and ``check_size`` are checked on the header first, as by :func:`probe_image`.
-    ``metadata=False`` leaves ``exif``, ``dpi``, ``xmp`` and ``text`` unread (for pixels that are only scored or
-    trained on, never written back).
+    ``metadata=False`` leaves ``exif``, ``dpi``, ``xmp`` and ``text`` unread (for pixels that are
+    only scored or trained on, never written back).
     Raises what :func:`probe_image` raises, and :class:`TruncatedImageError`,
     :class:`FloatRangeError`, :class:`IntegerRangeError` or :class:`ImageFileError` for the
     pixels, each naming the file and what to do.
@@ -271,9 +271,7 @@ def carried_exif(p: Path, img: Image.Image, notes: Optional[list[str]] = None) -
         if img.format == "TIFF":
             with open(p, "rb") as f:
                 return _exif.carried_exif(f, from_tiff_file=True)
-        raw = img.info.get("exif")
-        if not raw and "Raw profile type exif" in img.info:  # ImageMagick: hex after three header lines
-            raw = bytes.fromhex("".join(str(img.info["Raw profile type exif"]).split("\n")[3:]))
+        raw = img.info.get("exif") or _imagemagick_profile(img, "exif")
         return _exif.carried_exif(bytes(raw)) if raw else None
     except (_exif.ExifError, ValueError, TypeError, OSError) as e:
         if notes is not None:
@@ -296,13 +294,20 @@ def carried_xmp(img: Image.Image, notes: Optional[list[str]] = None) -> Optional
         return None
 
 
+def _imagemagick_profile(img: Image.Image, kind: str) -> Optional[bytes]:
+    """ImageMagick's PNG text chunk "Raw profile type <kind>" (hex after three header lines) as
+    bytes, or None; raises ValueError when its hex cannot be read."""
+    text = img.info.get(f"Raw profile type {kind}")
+    return bytes.fromhex("".join(str(text).split("\n")[3:])) if text else None
+
+
 def _xmp_packet(img: Image.Image) -> Optional[bytes | str]:
     """The XMP packet as the file holds it (JPEG APP1, PNG iTXt, WebP chunk, TIFF tag 700,
     ImageMagick's hex PNG text), or None; raises :class:`xmp.XmpError` when it is not text."""
     raw = img.info.get("xmp") or img.info.get("XML:com.adobe.xmp")
-    if not raw and "Raw profile type xmp" in img.info:  # ImageMagick: hex after three header lines
+    if not raw:
         try:
-            raw = bytes.fromhex("".join(str(img.info["Raw profile type xmp"]).split("\n")[3:]))
+            raw = _imagemagick_profile(img, "xmp")
         except ValueError as e:
             raise _xmp.XmpError(f"ImageMagick's hex profile cannot be read ({e})") from None
     if isinstance(raw, tuple) and len(raw) == 1:  # a TIFF tag 700 of a type other than BYTE
@@ -704,9 +709,7 @@ def _upright(img: Image.Image, notes: list[str]) -> Image.Image:
 def _exif_orientation(img: Image.Image) -> Optional[int]:
     """The orientation in the file's EXIF block itself (not Pillow's ``getexif``, which adds a
     textual match in the XMP), or None."""
-    raw = img.info.get("exif")
-    if not raw and "Raw profile type exif" in img.info:  # ImageMagick, as Pillow reads it
-        raw = bytes.fromhex("".join(str(img.info["Raw profile type exif"]).split("\n")[3:]))
+    raw = img.info.get("exif") or _imagemagick_profile(img, "exif")
     if not raw:
         return None
     exif = Image.Exif()
@@ -997,7 +1000,6 @@ def save_image(path: str | os.PathLike, rgb: torch.Tensor, alpha: Optional[torch
     if isinstance(quality, bool) or not isinstance(quality, int) or not 1 <= quality <= 100:
         raise ValueError(f"quality must be a whole number from 1 to 100 (got {quality!r})")
     left_out: list[str] = []  # what the format cannot hold: told once the file is written
-    told = warn
     if bit_depth == 16 and fmt != "PNG":
         raise ValueError(f"cannot write '{p}' with 16 bits: {fmt} holds 8 bits per channel. "
                          f"Save as .png or pass bit_depth=8.")
@@ -1029,24 +1031,22 @@ def save_image(path: str | os.PathLike, rgb: torch.Tensor, alpha: Optional[torch
     q = q.to(torch.int32 if bit_depth == 16 else torch.uint8).permute(1, 2, 0).contiguous().numpy()
     if bit_depth == 16:
         q = q.astype(np.uint16)
-    warn = left_out.append
-    exif = _exif_for(exif, width=q.shape[1], height=q.shape[0], fmt=fmt, warn=warn)
-    xmp = _xmp_for(xmp, width=q.shape[1], height=q.shape[0], fmt=fmt, warn=warn)
-    text = _text_for(text, fmt=fmt, warn=warn)
+    exif = _exif_for(exif, width=q.shape[1], height=q.shape[0], fmt=fmt, warn=left_out.append)
+    xmp = _xmp_for(xmp, width=q.shape[1], height=q.shape[0], fmt=fmt, warn=left_out.append)
+    text = _text_for(text, fmt=fmt, warn=left_out.append)
     stored_gray = q.shape[-1] <= 2 and fmt != "WEBP"  # WebP has no grey mode: Pillow stores RGB
-    if icc_profile and fmt == "WEBP" and q.shape[-1] <= 2 and _icc_color_space(icc_profile) == b"GRAY":
-        warn("its grey ICC profile does not fit the RGB pixels WebP stores; written without it")
-        icc_profile = None
-    if dpi and fmt == "WEBP":
-        warn(f"WebP holds no resolution; written without its {max(dpi):,.0f} dpi")
-        dpi = None
     if icc_profile and _icc_color_space(icc_profile) != (b"GRAY" if stored_gray else b"RGB "):
         # A profile must fit the pixels written (PNG forbids an RGB profile on grey; readers drop
         # it): a grey result of a grey palette PNG with an sRGB profile is written without it.
+        if fmt == "WEBP" and _icc_color_space(icc_profile) == b"GRAY":  # the source's own profile
+            left_out.append("its grey ICC profile does not fit the RGB pixels WebP stores; written without it")
         icc_profile = None
+    if dpi and fmt == "WEBP":
+        left_out.append(f"WebP holds no resolution; written without its {max(dpi):,.0f} dpi")
+        dpi = None
     if dpi and fmt == "JPEG" and max(dpi) > _JPEG_MAX_DPI:
-        warn(f"a resolution of {max(dpi):,.0f} dpi does not fit a JPEG (at most "
-                      f"{_JPEG_MAX_DPI:,}); written without it (PNG keeps it)")
+        left_out.append(f"a resolution of {max(dpi):,.0f} dpi does not fit a JPEG (at most {_JPEG_MAX_DPI:,}); "
+                        "written without it (PNG keeps it)")
         dpi = None
 
     def write(tmp: Path) -> None:
@@ -1076,8 +1076,8 @@ def save_image(path: str | os.PathLike, rgb: torch.Tensor, alpha: Optional[torch
 
     atomic_write(p, write)
     for message in left_out:
-        if told is not None:
-            told(message)
+        if warn is not None:
+            warn(message)
         else:
             warnings.warn(f"{p.name}: {message}", stacklevel=2)
     return p
@@ -1130,7 +1130,7 @@ def _exif_for(exif: Optional[bytes], width: int, height: int, fmt: str, warn: Ca
         return None
     if fmt == "JPEG" and len(out) > _JPEG_MAX_EXIF_BYTES:
         warn(f"the EXIF metadata ({len(out):,} bytes) does not fit a JPEG (64 KiB); "
-                      "written without it (PNG and WebP keep it)")
+             "written without it (PNG and WebP keep it)")
         return None
     return out
 
@@ -1153,7 +1153,7 @@ def _xmp_for(xmp: Optional[bytes | str], width: int, height: int, fmt: str, warn
         return None
     if out is not None and fmt == "JPEG" and len(out) > _JPEG_MAX_XMP_BYTES:
         warn(f"the XMP metadata ({len(out):,} bytes) does not fit a JPEG (65,504 bytes; "
-                      "extended XMP is not written); written without it (PNG and WebP keep it)")
+             "extended XMP is not written); written without it (PNG and WebP keep it)")
         return None
     return out
 
@@ -1174,10 +1174,10 @@ def _text_for(text: Optional[dict[str, str]], fmt: str, warn: Callable[[str], No
     left = [k for k in text if k not in kept]
     if left:
         warn(f"{_FORMAT_NAMES[fmt]} has no place for the text {', '.join(left)}; written without it "
-                      f"(PNG keeps it)")
+             f"(PNG keeps it)")
     if "Comment" in kept and fmt == "JPEG" and len(kept["Comment"].encode("utf-8")) > _JPEG_MAX_COMMENT_BYTES:
         warn(f"the comment ({len(kept.pop('Comment').encode('utf-8')):,} bytes) does not "
-                      "fit a JPEG (65,533 bytes); written without it (PNG keeps it)")
+             "fit a JPEG (65,533 bytes); written without it (PNG keeps it)")
     return kept
 
 
