@@ -110,8 +110,12 @@ def upgrade_advice(problems: Sequence[str]) -> str:
     """The message for :func:`outdated_dependencies`' lines, with the pip command that fixes them."""
     names = [p.split()[0] for p in problems]
     pins = " ".join(f'"{n}>={MINIMUM_VERSIONS[n]}"' for n in names)  # double quotes: Windows' cmd too
-    return (f"these packages are older than FluxSR needs: {'; '.join(problems)}. "
-            f"Upgrade them with: pip install -U {pins}")
+    advice = (f"these packages are older than FluxSR needs: {'; '.join(problems)}. "
+              f"Upgrade them with: pip install -U {pins}")
+    if {"torch", "torchvision"} & set(names):
+        advice += (" (torch and torchvision: take the command for your GPU from pytorch.org; a plain pip "
+                   "install may bring another CUDA build, or none)")
+    return advice
 
 
 def refuse_outdated(program: str, names: Optional[Sequence[str]] = None) -> bool:

@@ -66,6 +66,9 @@ def test_outdated_dependencies_compare_release_numbers(monkeypatch):
     assert D.outdated_dependencies(["diffusers"]) == []
     advice = D.upgrade_advice(["diffusers 0.32.2 (FluxSR needs >= 0.35)", "accelerate is not installed (FluxSR needs >= 1.10)"])
     assert advice.endswith('Upgrade them with: pip install -U "diffusers>=0.35" "accelerate>=1.10"')
+    torch_advice = D.upgrade_advice(["torch 2.5.1 (FluxSR needs >= 2.6)"])
+    assert 'pip install -U "torch>=2.6" (torch and torchvision: take the command for your GPU from pytorch.org' \
+        in torch_advice
 
 
 def test_a_build_under_another_distribution_name_is_found_by_its_module(monkeypatch):
