@@ -37,8 +37,10 @@ DISK_FULL_ERRNOS = {errno.ENOSPC} | ({errno.EDQUOT} if hasattr(errno, "EDQUOT") 
 MODEL_FILES_HELP = """\
 fluxsr upscale needs four model files (nothing is downloaded):
   --transformer  FLUX.1-dev transformer: flux1-dev.safetensors (BFL/ComfyUI single file, fp8 e4m3fn
-                 files work too) or a diffusers folder (the 'transformer' folder of FLUX.1-dev).
-                 In ComfyUI it lives in models/diffusion_models/.  [env FLUXSR_TRANSFORMER]
+                 files work too), a GGUF file (flux1-dev-Q8_0.gguf ...; pip install gguf) or a
+                 diffusers folder (the 'transformer' folder of FLUX.1-dev).
+                 In ComfyUI it lives in models/diffusion_models/ (GGUF: models/unet/).
+                 [env FLUXSR_TRANSFORMER]
   --vae          FLUX VAE: ae.safetensors or a diffusers 'vae' folder (ComfyUI: models/vae/).
                  [env FLUXSR_VAE]
   --lora         the FluxSR LoRA (diffusers naming, e.g. pytorch_lora_weights.safetensors;
@@ -407,6 +409,10 @@ def _prepare_run(args, log):
             "Pass --transformer/--vae/--lora/--conditioning for real results.")
     elif missing:
         raise UsageError(f"missing {', '.join(missing)}\n\n{MODEL_FILES_HELP}")
+    try:  # what a GGUF transformer cannot do, before the minutes of loading
+        models.check_gguf_options(args.transformer, args.memory_mode, args.speedups)
+    except ValueError as exc:
+        raise UsageError(str(exc)) from None
     device = models.resolve_device(args.device)
     dtype = models.resolve_dtype(args.dtype, device)
     cond_bundle = bundle_mod.load_bundle(args.conditioning)
@@ -451,6 +457,8 @@ def _load_pipeline(args, tiling, log, cond_bundle, settings, device, dtype):
                          f"({type(exc).__name__}); FLUX.1-dev needs 22.3 GiB for its weights in bf16, "
                          f"14.3 GiB with --memory-mode fp8_storage, 11.2 GiB with fp8_storage_all, and "
                          f"--memory-mode model_offload or group_offload keep them in RAM") from None
+    for note in loaded.notes:
+        log(f"fluxsr: {note}")
     cond_bundle.check_fits(loaded.transformer)
     velocity = models.DiffusersVelocity(loaded.transformer, compute_dtype=dtype)
     codec = models.DiffusersCodec(loaded.vae, compute_dtype=dtype, tile=tiling.vae_tile,

@@ -749,6 +749,12 @@ def load_lora(transformer, path: str | os.PathLike, scale: float = 1.0, merge: b
     if merge and existing:
         raise LoraError(f"merge=True needs a transformer without LoRA adapters, but it has "
                         f"{existing}; load with merge=False or start from a fresh transformer")
+    if merge:
+        from .models import is_gguf_model
+
+        if is_gguf_model(transformer):
+            raise LoraError("merge=True cannot change GGUF-quantised weights; load the LoRA with merge=False "
+                            "(an adapter beside them)")
     lf = _read_checked(transformer, path, scale)
 
     # diffusers filters both the tensors and the config by the component prefix.

@@ -1,7 +1,8 @@
 """Assembling the diffusers FLUX transformer and VAE, and the two interfaces over them.
 
 * :func:`load_transformer` / :func:`load_vae`: from a diffusers folder, a single safetensors
-  file (BFL/ComfyUI or diffusers keys; bf16, fp16, fp8, scaled fp8) or a shipped test config.
+  file (BFL/ComfyUI or diffusers keys; bf16, fp16, fp8, scaled fp8), a GGUF transformer
+  (city96's quantisations, through diffusers' GGUF support) or a shipped test config.
   Nothing ever comes from the hub: folders are built from their own ``config.json`` and single
   files from configs inferred from their shapes plus ``fluxsr_core/configs``; either way the
   tensors go to the device one at a time.
@@ -16,7 +17,7 @@ from __future__ import annotations
 
 import logging
 import math
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable, Optional, Union
 
@@ -24,7 +25,7 @@ import torch
 
 from . import latents as L
 from .interfaces import Conditioning
-from .weights import (CorruptWeightsError, FP8_DTYPES, WeightsNotFoundError, WrongModelError,
+from .weights import (CorruptWeightsError, FP8_DTYPES, WeightsNotFoundError, WrongModelError, is_gguf_file,
                       read_safetensors, shipped_config, transformer_state_dict_to_diffusers,
                       vae_state_dict_to_diffusers)
 
@@ -33,12 +34,18 @@ log = logging.getLogger(__name__)
 PathLike = Union[str, Path]
 MEMORY_MODES = ("none", "model_offload", "group_offload", "fp8_storage", "fp8_storage_all")
 FP8_MODES = ("fp8_storage", "fp8_storage_all")
+# A GGUF transformer is quantised already (fp8 storage would have nothing to store) and its
+# weights are diffusers' GGUFParameter, which a LoRA merge, a q|k|v fusion and torch.compile of
+# the dequantising layers are not made for (compile: untested here, so not offered).
+GGUF_MEMORY_MODES = ("none", "model_offload", "group_offload")
+GGUF_REFUSED_SPEEDUPS = ("fuse_qkv", "compile", "compile_cudagraphs")
 # Names of shipped configs that may be built with random weights. Test models only: a random
 # FLUX.1-dev would be 12B parameters of noise, so it is never offered.
 RANDOM_INIT_NAMES = {"tiny": "tiny"}
 
 TRANSFORMER_HELP = ("Pass a FLUX.1 transformer: a single .safetensors file (flux1-dev.safetensors in "
-                    "BFL/ComfyUI keys, an fp8 release, or diffusers keys) or a diffusers folder "
+                    "BFL/ComfyUI keys, an fp8 release, or diffusers keys), a GGUF file "
+                    "(flux1-dev-Q8_0.gguf; needs pip install gguf) or a diffusers folder "
                     "(with config.json, or a pipeline folder with a transformer/ subfolder).")
 VAE_HELP = ("Pass the FLUX VAE: ae.safetensors, a diffusers VAE .safetensors file, or a diffusers "
             "folder (with config.json, or a pipeline folder with a vae/ subfolder).")
@@ -280,8 +287,36 @@ def _placement(device) -> Optional[torch.device]:
     return resolve_device(device) if device is not None else None
 
 
+def is_gguf_model(module) -> bool:
+    """Whether a model holds GGUF-quantised weights (diffusers' ``GGUFParameter``)."""
+    return any(type(p).__name__ == "GGUFParameter" for p in module.parameters())
+
+
+def _load_gguf(path: Path, dtype: torch.dtype, device: Optional[torch.device]):
+    """A GGUF transformer through diffusers' GGUF support: its layers dequantise their weights to
+    ``dtype`` at each call, so the weights stay as small as the file. diffusers' ``from_single_file``
+    gets the state dict with our keys and a config read off the file (written to a temporary
+    folder, as it wants one), so nothing is looked up on the hub."""
+    import json
+    import tempfile
+
+    from diffusers import FluxTransformer2DModel, GGUFQuantizationConfig
+
+    from .weights import read_gguf_transformer
+
+    state_dict, config = read_gguf_transformer(path, "transformer file")
+    with tempfile.TemporaryDirectory(prefix="fluxsr-gguf-config-") as folder:
+        Path(folder, "config.json").write_text(json.dumps({"_class_name": "FluxTransformer2DModel", **config}),
+                                               encoding="utf-8")
+        model = FluxTransformer2DModel.from_single_file(
+            state_dict, config=folder, local_files_only=True, torch_dtype=dtype, device=device,
+            quantization_config=GGUFQuantizationConfig(compute_dtype=dtype))
+    return model.eval()
+
+
 def _finish(model, dtype, device):
-    _align_parameters(model)
+    if not is_gguf_model(model):  # GGUF's tensors are fresh copies, and re-wrapping would drop their type
+        _align_parameters(model)
     setattr(model, _COMPUTE_DTYPE_ATTR, dtype)
     if device is not None:
         dev = resolve_device(device)
@@ -296,9 +331,10 @@ def load_transformer(source: Union[PathLike, str], dtype: Union[str, torch.dtype
 
     ``source``: a diffusers folder (``config.json`` + safetensors, one file or shards, or a
     pipeline folder with ``transformer/``); a single ``.safetensors`` file in BFL/ComfyUI or
-    diffusers keys (fp8 and scaled fp8 are cast to ``dtype``); or, only when no such path
-    exists, the name of a shipped test config (``"tiny"``) built with random weights from
-    ``seed``. ``device=None`` leaves it on the CPU without recording an execution device.
+    diffusers keys (fp8 and scaled fp8 are cast to ``dtype``); a GGUF file (needs the ``gguf``
+    package; the weights stay quantised and are dequantised to ``dtype`` at each call, see
+    :func:`is_gguf_model`); or, only when no such path exists, the name of a shipped test config
+    (``"tiny"``) built with random weights from ``seed``. ``device=None`` leaves it on the CPU without recording an execution device.
     Files go straight to ``device`` one tensor at a time: loaded onto a GPU, the model is never
     held in RAM (the files only pass through the page cache).
     Missing paths raise :class:`~fluxsr_core.weights.WeightsNotFoundError` saying what to pass;
@@ -311,6 +347,8 @@ def load_transformer(source: Union[PathLike, str], dtype: Union[str, torch.dtype
     if path.is_dir():
         folder = _model_folder(path, "transformer", "FluxTransformer2DModel", "a FLUX transformer", TRANSFORMER_HELP)
         model = _load_from_folder(folder, FluxTransformer2DModel, torch_dtype, "transformer folder", _placement(device))
+    elif is_gguf_file(path):
+        model = _load_gguf(path, torch_dtype, _placement(device))
     elif path.exists():
         model = _load_from_file(path, FluxTransformer2DModel, transformer_state_dict_to_diffusers,
                                 torch_dtype, "transformer file", _placement(device))
@@ -376,6 +414,7 @@ def load_transformer_fp8(source: Union[PathLike, str], memory_mode: str, dtype: 
 
     if memory_mode not in FP8_MODES:
         raise ValueError(f"load_transformer_fp8 is for {', '.join(FP8_MODES)}, not {memory_mode!r}")
+    check_gguf_options(source, memory_mode)
     dev = resolve_device(device)
     torch_dtype = resolve_dtype(dtype, dev)
     every_linear = memory_mode == "fp8_storage_all"
@@ -568,11 +607,39 @@ def weight_bytes_per_mode(transformer_config: dict, vae_bytes: int,
     return out
 
 
+def gguf_weight_bytes_per_mode(transformer_source, vae_bytes: int) -> dict[str, int]:
+    """:func:`weight_bytes_per_mode` for a GGUF transformer, from the sizes its tensors are stored
+    in (they stay quantised on the device): only the modes of :data:`GGUF_MEMORY_MODES`."""
+    from .weights import gguf_transformer_bytes
+
+    sizes = gguf_transformer_bytes(transformer_source)
+    t_bytes = sizes["rest"] + sum(sizes["blocks"])
+    return {"none": t_bytes + vae_bytes, "model_offload": max(t_bytes, vae_bytes),
+            "group_offload": sizes["rest"] + 2 * max(sizes["blocks"], default=0)}
+
+
+def check_gguf_options(transformer_source, memory_mode: str, speedups=()) -> None:
+    """Refuse, before anything loads, what a GGUF transformer cannot do (ValueError): an fp8
+    memory mode (it is quantised already) and the speed-ups of :data:`GGUF_REFUSED_SPEEDUPS`.
+    Other sources pass."""
+    if not is_gguf_file(transformer_source):
+        return
+    if memory_mode in FP8_MODES:
+        raise ValueError(f"memory mode {memory_mode} stores a safetensors transformer in fp8; this GGUF transformer "
+                         f"is quantised already: use {', '.join(GGUF_MEMORY_MODES)} (or auto, which picks one)")
+    names = [s.strip() for s in (speedups.split(",") if isinstance(speedups, str) else speedups) if s.strip()]
+    refused = [n for n in names if n in GGUF_REFUSED_SPEEDUPS]
+    if refused:
+        raise ValueError(f"{', '.join(refused)} cannot be used with a GGUF transformer (its weights stay quantised "
+                         f"and are dequantised at each call); leave {'it' if len(refused) == 1 else 'them'} out")
+
+
 def pick_memory_mode(weights: dict[str, int], free_bytes: int,
                      headroom_bytes: int = AUTO_HEADROOM_BYTES) -> tuple[str, str]:
     """The fastest mode of :data:`AUTO_ORDER` whose weights plus ``headroom_bytes`` fit in
-    ``free_bytes``: ``(mode, reason)``; ``group_offload`` when none does."""
-    for mode in AUTO_ORDER:
+    ``free_bytes``: ``(mode, reason)``; ``group_offload`` when none does. Modes missing from
+    ``weights`` are not available for the files (fp8 storage of a GGUF file)."""
+    for mode in (m for m in AUTO_ORDER if m in weights):
         if weights[mode] + headroom_bytes <= free_bytes:
             return mode, (f"{free_bytes / GIB:.1f} GiB free; {mode} keeps {weights[mode] / GIB:.1f} GiB of weights "
                           f"there, plus about {headroom_bytes / GIB:.1f} GiB for the activations")
@@ -589,6 +656,10 @@ def transformer_config_of(source) -> dict:
     if path.is_dir():
         return _folder_config(_model_folder(path, "transformer", "FluxTransformer2DModel", "a FLUX transformer",
                                             TRANSFORMER_HELP))
+    if is_gguf_file(path):
+        from .weights import gguf_transformer_config
+
+        return gguf_transformer_config(path)
     if path.exists():
         return infer_transformer_config(meta_state_dict(path, "transformer file"))
     if str(source) in RANDOM_INIT_NAMES:
@@ -621,8 +692,11 @@ def choose_memory_mode(transformer_source, vae_source, dtype: Union[str, torch.d
     if dev.type != "cuda":
         return "none", f"{dev.type}: the weights live in RAM whatever the mode"
     torch_dtype = resolve_dtype(dtype, dev)
-    weights = weight_bytes_per_mode(transformer_config_of(transformer_source),
-                                    _vae_bytes_of(vae_source, torch_dtype), torch_dtype)
+    vae_bytes = _vae_bytes_of(vae_source, torch_dtype)
+    if is_gguf_file(transformer_source):
+        weights = gguf_weight_bytes_per_mode(transformer_source, vae_bytes)
+    else:
+        weights = weight_bytes_per_mode(transformer_config_of(transformer_source), vae_bytes, torch_dtype)
     free, _ = torch.cuda.mem_get_info(dev)
     return pick_memory_mode(weights, free, headroom_bytes)
 
@@ -680,6 +754,9 @@ def apply_memory_mode(transformer, vae, mode: str, device: Union[str, torch.devi
                                    offload_type="block_level", num_blocks_per_group=1,
                                    use_stream=dev.type == "cuda" and m is transformer)
     elif mode in FP8_MODES:
+        if is_gguf_model(transformer):
+            raise ValueError(f"memory mode {mode} stores a transformer's weights in fp8; this one holds GGUF-quantised "
+                             f"weights already: use {', '.join(GGUF_MEMORY_MODES)}")
         store_in_fp8(transformer, getattr(transformer, _COMPUTE_DTYPE_ATTR), every_linear=mode == "fp8_storage_all")
         transformer.to(dev)
         vae.to(dev)
@@ -838,6 +915,10 @@ def apply_speedups(transformer, vae, speedups, *, compile_backend: str = "induct
     if memory_mode is None:
         memory_mode = getattr(transformer, _FP8_MODE_ATTR, None) or "none"
     names = parse_speedups(speedups, memory_mode=memory_mode)
+    refused = [n for n in names if n in GGUF_REFUSED_SPEEDUPS]
+    if refused and is_gguf_model(transformer):
+        raise ValueError(f"{', '.join(refused)} cannot be used with a GGUF transformer (its weights stay quantised "
+                         f"and are dequantised at each call)")
     if "fuse_qkv" in names and not _qkv_fused(transformer):  # the fp8 loader fuses as the file loads
         if _has_unmerged_lora(transformer):
             raise ValueError("fuse_qkv needs the LoRA merged into the weights (an unmerged LoRA on to_q/to_k/to_v "
@@ -1093,6 +1174,7 @@ class LoadedModels:
     memory_mode_reason: str
     dtype: torch.dtype
     device: torch.device
+    notes: list[str] = field(default_factory=list)  # what was done otherwise than asked, and why
 
 
 def load_models(transformer_source: PathLike, vae_source: PathLike, memory_mode: str = "auto",
@@ -1102,7 +1184,8 @@ def load_models(transformer_source: PathLike, vae_source: PathLike, memory_mode:
     """Both models loaded and placed for a memory mode, with the LoRA and the speed-ups: the one
     loading path of ``fluxsr upscale`` and ``fluxsr-train pairs``.
 
-    ``auto``: :func:`choose_memory_mode`. ``none``: straight onto the device. The fp8 modes:
+    ``auto``: :func:`choose_memory_mode`. ``none``: straight onto the device. A GGUF transformer
+    (:func:`check_gguf_options`) takes the LoRA as an adapter (said in ``notes``). The fp8 modes:
     :func:`load_transformer_fp8`, built in fp8 as the files load, the LoRA merged on the way or
     (``merge_lora`` False) added afterwards as a peft adapter kept in the compute dtype.
     Otherwise the weights load to the CPU, the LoRA goes in through peft, then the speed-ups
@@ -1118,6 +1201,11 @@ def load_models(transformer_source: PathLike, vae_source: PathLike, memory_mode:
         memory_mode, reason = choose_memory_mode(transformer_source, vae_source, torch_dtype, dev)
     if memory_mode not in MEMORY_MODES:
         raise ValueError(f"unknown memory mode {memory_mode!r}; use auto or one of {', '.join(MEMORY_MODES)}")
+    check_gguf_options(transformer_source, memory_mode, speedups)
+    notes = []
+    if lora is not None and merge_lora and is_gguf_file(transformer_source):
+        merge_lora = False
+        notes.append("the LoRA is kept as an adapter beside the GGUF weights (quantised weights cannot take a merge)")
     names = parse_speedups(speedups, merge_lora=lora is None or merge_lora, memory_mode=memory_mode)
     direct_fp8 = memory_mode in FP8_MODES
     where = dev if direct_fp8 else load_device(memory_mode, dev)
@@ -1135,7 +1223,7 @@ def load_models(transformer_source: PathLike, vae_source: PathLike, memory_mode:
     vae = load_vae(vae_source, dtype=torch_dtype, device=where, seed=seed)
     apply_speedups(transformer, vae, names, memory_mode=memory_mode)
     apply_memory_mode(transformer, vae, memory_mode, dev)
-    return LoadedModels(transformer, vae, info, memory_mode, reason, torch_dtype, dev)
+    return LoadedModels(transformer, vae, info, memory_mode, reason, torch_dtype, dev, notes)
 
 
 def build_models(transformer_source: PathLike, vae_source: PathLike, dtype: Union[str, torch.dtype] = "auto",
@@ -1154,4 +1242,5 @@ __all__ = ["resolve_device", "resolve_dtype", "load_transformer", "load_vae", "l
            "set_attention_backend",
            "apply_speedups", "DiffusersVelocity", "DiffusersCodec", "build_models", "MEMORY_MODES", "FP8_MODES",
            "SPEEDUPS", "param_bytes", "transformer_config_of", "weight_bytes_per_mode", "pick_memory_mode", "choose_memory_mode",
-           "AUTO_HEADROOM_BYTES"]
+           "AUTO_HEADROOM_BYTES", "is_gguf_model", "check_gguf_options", "gguf_weight_bytes_per_mode",
+           "GGUF_MEMORY_MODES", "GGUF_REFUSED_SPEEDUPS"]

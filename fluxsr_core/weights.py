@@ -120,10 +120,10 @@ def _check_safetensors_container(p: Path, what: str) -> None:
             f"weights because loading a pickle can run arbitrary code. Convert it to safetensors "
             f"(e.g. safetensors.torch.save_file(torch.load(path, weights_only=True), 'model.safetensors')) "
             f"or download the .safetensors release")
-    if head.startswith(b"GGUF") or p.suffix.lower() == ".gguf":
+    if head.startswith(GGUF_MAGIC) or p.suffix.lower() == ".gguf":
         raise UnsupportedWeightsError(
-            f"{what} {p} is a GGUF quantised file; FluxSR loads safetensors (bf16, fp16 or fp8). "
-            f"Use flux1-dev.safetensors or an fp8 safetensors release")
+            f"{what} {p} is a GGUF quantised file; FluxSR reads GGUF only for the FLUX transformer "
+            f"(--transformer); this file must be safetensors")
 
 
 def _corrupt(p: Path, what: str, exc: BaseException) -> CorruptWeightsError:
@@ -187,6 +187,112 @@ def meta_state_dict(path: PathLike, what: str = "weights file") -> dict[str, tor
     info, _ = read_safetensors_header(path, what)
     return {k: torch.empty(shape, dtype=getattr(torch, _SAFETENSORS_DTYPES.get(dtype, "float32")), device="meta")
             for k, (dtype, shape) in info.items()}
+
+
+# ------------------------------------------------------------------------------------ GGUF
+# city96's GGUF files of FLUX.1-dev (Q8_0 down to Q2_K; ComfyUI-GGUF's format) hold the BFL keys
+# with the weights quantised block-wise along each row. Reading and dequantising is diffusers' own
+# GGUF support (``load_gguf_checkpoint``, ``GGUFQuantizationConfig``); here only the header is
+# read to say what a file is, and the keys are mapped as for a safetensors file.
+
+GGUF_MAGIC = b"GGUF"
+GGUF_INSTALL = "pip install gguf"
+
+
+def is_gguf_file(path: PathLike) -> bool:
+    """True for an existing file that starts with GGUF's magic bytes or is named ``*.gguf``."""
+    p = Path(path).expanduser()
+    if not p.is_file():
+        return False
+    try:
+        return p.suffix.lower() == ".gguf" or _sniff(p, 4) == GGUF_MAGIC
+    except OSError:  # unreadable: the loader that opens it says why
+        return False
+
+
+def _gguf_reader(path: PathLike, what: str):
+    p = _existing_file(path, what)
+    try:
+        import gguf
+    except ImportError as exc:
+        why = f"({GGUF_INSTALL})" if exc.name in (None, "gguf") else f"(installed, but its import fails: {exc})"
+        raise UnsupportedWeightsError(f"{what} {p} is a GGUF file; reading GGUF needs the gguf package {why}") from None
+    if p.stat().st_size == 0:
+        raise CorruptWeightsError(f"{what} {p} is empty (0 bytes): the download or copy failed; re-download it")
+    if _sniff(p, 4) != GGUF_MAGIC:
+        raise CorruptWeightsError(f"{what} {p} is named .gguf but does not start as a GGUF file does; the "
+                                  f"download failed or it is another format: re-download it")
+    try:
+        return gguf.GGUFReader(str(p))
+    except Exception as exc:  # noqa: BLE001 - gguf raises ValueError, IndexError, struct errors...
+        raise CorruptWeightsError(f"{what} {p} is a truncated or damaged GGUF file; re-download it "
+                                  f"(gguf said: {type(exc).__name__}: {exc})") from None
+
+
+def read_gguf_header(path: PathLike, what: str = "GGUF file") -> dict[str, tuple[str, tuple[int, ...], int]]:
+    """``{name: (quantisation type, shape, bytes)}`` of a GGUF file's tensors, nothing dequantised
+    (the file is memory-mapped). Shapes are the unquantised tensors', in torch's order."""
+    reader = _gguf_reader(path, what)
+    return {t.name: (t.tensor_type.name, tuple(int(n) for n in reversed(t.shape.tolist())), int(t.n_bytes))
+            for t in reader.tensors}
+
+
+def _gguf_meta(header: Mapping[str, tuple[str, tuple[int, ...], int]]) -> dict[str, torch.Tensor]:
+    return {k: torch.empty(shape, device="meta") for k, (_, shape, _) in header.items()}
+
+
+def gguf_transformer_config(path: PathLike, what: str = "transformer file") -> dict:
+    """The diffusers config of a GGUF FLUX transformer, read off its header; other models raise
+    :class:`WrongModelError`, quantisation types diffusers cannot compute with
+    :class:`UnsupportedWeightsError`."""
+    p = Path(path).expanduser()
+    header = read_gguf_header(p, what)
+    meta = _gguf_meta(header)
+    kind = identify_checkpoint(meta)
+    if kind not in ("flux-transformer-bfl", "flux-transformer-diffusers"):
+        raise _wrong_kind(p, "a FLUX transformer", kind, meta)
+    from diffusers.quantizers.gguf.utils import SUPPORTED_GGUF_QUANT_TYPES
+
+    known = {t.name for t in SUPPORTED_GGUF_QUANT_TYPES} | {"F32", "F16", "BF16"}
+    unknown = sorted({q for q, _, _ in header.values()} - known)
+    if unknown:
+        raise UnsupportedWeightsError(
+            f"{what} {p} holds tensors quantised as {', '.join(unknown)}, which this diffusers cannot compute "
+            f"with (it can: {', '.join(sorted(known))}); use another quantisation of FLUX.1-dev, e.g. Q8_0 or Q4_K_S")
+    return infer_transformer_config(meta)
+
+
+def gguf_transformer_bytes(path: PathLike, what: str = "transformer file") -> dict[str, int]:
+    """Bytes of each tensor of a GGUF transformer as stored (quantised), under diffusers' keys' block
+    prefixes: ``{"blocks": [bytes per block...], "rest": bytes}``, for the memory-mode choice."""
+    header = read_gguf_header(path, what)
+    blocks: dict[str, int] = {}
+    rest = 0
+    for key, (_, _, n) in header.items():
+        key = next((key[len(pre):] for pre in TRANSFORMER_PREFIXES if key.startswith(pre)), key)
+        m = re.match(r"((?:double_blocks|single_blocks|transformer_blocks|single_transformer_blocks)\.\d+)\.", key)
+        if m:
+            blocks[m.group(1)] = blocks.get(m.group(1), 0) + n
+        else:
+            rest += n
+    return {"blocks": list(blocks.values()), "rest": rest}
+
+
+def read_gguf_transformer(path: PathLike, what: str = "transformer file") -> tuple[dict[str, torch.Tensor], dict]:
+    """A GGUF FLUX transformer as ``(diffusers-keyed state dict, diffusers config)``: the quantised
+    tensors stay quantised (diffusers' ``GGUFParameter``; the file's bytes, in RAM), the rest as stored."""
+    from diffusers.models.model_loading_utils import load_gguf_checkpoint
+
+    p = Path(path).expanduser()
+    config = gguf_transformer_config(p, what)
+    try:
+        sd = load_gguf_checkpoint(str(p), return_tensors=True)
+    except (ValueError, OSError) as exc:
+        raise CorruptWeightsError(f"{what} {p} cannot be read as GGUF; re-download it (diffusers said: {exc})") from None
+    sd = _select_transformer_keys(sd)
+    if identify_checkpoint(sd.keys()) == "flux-transformer-bfl":
+        sd = _convert_bfl_transformer(sd)  # row splits and concatenations keep the quantisation blocks whole
+    return sd, config
 
 
 DIFFUSERS_WEIGHTS_NAME = "diffusion_pytorch_model"
@@ -856,6 +962,7 @@ __all__ = [
     "weights_fingerprint",
     "WeightsError", "WeightsNotFoundError", "CorruptWeightsError", "UnsafeWeightsError",
     "WrongModelError", "UnsupportedWeightsError", "read_safetensors", "read_safetensors_header", "meta_state_dict",
+    "is_gguf_file", "read_gguf_header", "gguf_transformer_config", "gguf_transformer_bytes", "read_gguf_transformer",
     "DIFFUSERS_WEIGHTS_NAME", "diffusers_folder_files", "read_diffusers_folder",
     "safe_torch_load_tensors", "identify_checkpoint", "KIND_DESCRIPTIONS", "shipped_config",
     "dequantize_scaled_fp8", "cast_state_dict", "infer_transformer_config",

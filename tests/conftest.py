@@ -49,6 +49,58 @@ def _make_tiny_files(folder: Path) -> TinyModelFiles:
                           folder / "fluxsr-lora.safetensors", folder / "fluxsr-bundle.safetensors")
 
 
+def write_gguf(state_dict: dict, path: Path, qtype_name: str = "Q8_0") -> dict:
+    """``state_dict`` (BFL keys) as a GGUF file by the rules of ComfyUI-GGUF's ``tools/convert.py``
+    (architecture "flux"; 1-D tensors and those of at most 1024 elements in F32, the rest in
+    ``qtype_name``); returns the dequantised tensors as diffusers computes with them (fp32;
+    Q8_0's fp16 scale times its int8 values is a product in fp16 there, so rounded to fp16)."""
+    import gguf
+    import numpy as np
+
+    qtype = gguf.GGMLQuantizationType[qtype_name]
+    writer = gguf.GGUFWriter(path=None, arch="flux")
+    writer.add_quantization_version(gguf.GGML_QUANT_VERSION)
+    dequantized = {}
+    for key, tensor in state_dict.items():
+        data = tensor.to(torch.float32).numpy()
+        kind = gguf.GGMLQuantizationType.F32 if data.ndim == 1 or data.size <= 1024 else qtype
+        packed = gguf.quants.quantize(data, kind)
+        writer.add_tensor(key, packed, raw_dtype=kind)
+        exact = torch.from_numpy(np.ascontiguousarray(gguf.quants.dequantize(packed, kind)).reshape(data.shape))
+        dequantized[key] = exact.half().float() if kind == gguf.GGMLQuantizationType.Q8_0 else exact
+    writer.write_header_to_file(path=str(path))
+    writer.write_kv_data_to_file()
+    writer.write_tensors_to_file()
+    writer.close()
+    return dequantized
+
+
+@pytest.fixture(scope="session")
+def gguf_writer():
+    """:func:`write_gguf`, for tests that write GGUF files of their own."""
+    pytest.importorskip("gguf")
+    return write_gguf
+
+
+@dataclass
+class TinyGgufFiles:
+    gguf: Path          # the tiny transformer of tiny_model_files as a Q8_0 GGUF (BFL keys)
+    dequantized: Path   # the weights diffusers computes it with, as a BFL safetensors file (fp32)
+
+
+@pytest.fixture(scope="session")
+def tiny_gguf_files(tiny_model_files, tmp_path_factory) -> TinyGgufFiles:
+    """The tiny transformer quantised as city96's FLUX GGUF files are (needs the gguf package)."""
+    pytest.importorskip("gguf")
+    import safetensors.torch
+
+    folder = tmp_path_factory.mktemp("tiny-gguf")
+    sd = safetensors.torch.load_file(str(tiny_model_files.transformer))
+    dequantized = write_gguf(sd, folder / "flux-tiny-Q8_0.gguf")
+    safetensors.torch.save_file(dequantized, folder / "flux-tiny-Q8_0-dequantized.safetensors")
+    return TinyGgufFiles(folder / "flux-tiny-Q8_0.gguf", folder / "flux-tiny-Q8_0-dequantized.safetensors")
+
+
 @pytest.fixture
 def one_thread():
     """Tiny models on a small shared machine: one thread is fastest (use via pytestmark)."""

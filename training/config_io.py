@@ -38,6 +38,18 @@ class ConfigError(ValueError):
     """A config file or override that cannot be used; the message names the key and the fix."""
 
 
+def refuse_gguf(path: Union[str, os.PathLike], key: str, role: str) -> None:
+    """ConfigError when ``path`` is a GGUF file: training and pairs keep to the weights the student
+    is checked against (a LoRA trained on, or targets sampled from, dequantised weights is
+    untested ground); GGUF runs in ``fluxsr upscale``."""
+    from fluxsr_core.weights import is_gguf_file
+
+    if is_gguf_file(path):
+        raise ConfigError(f"{key}={path} is a GGUF file; {role} must be the FLUX transformer as safetensors "
+                          "(bf16, or memory_mode fp8_storage / fp8_storage_all for less memory). GGUF files run "
+                          "in fluxsr upscale")
+
+
 def _hints(cls) -> dict[str, Any]:
     return typing.get_type_hints(cls)
 

@@ -649,6 +649,7 @@ def check_generate_config(cfg: GenerateConfig) -> None:
     for name in ("steps", "pairs_per_prompt", "batch_size", "shard_size", "max_sequence_length"):
         if getattr(cfg, name) < 1:
             raise ConfigError(f"{name} must be at least 1 (got {getattr(cfg, name)})")
+    config_io.refuse_gguf(cfg.transformer, "transformer", "the teacher whose samples the student learns")
     parse_part(cfg.part)
     if cfg.limit < 0 or not 0 <= cfg.seed <= MAX_SEED:
         raise ConfigError(f"limit must be >= 0 and seed from 0 to 2**63 - 1 (got limit {cfg.limit}, seed {cfg.seed})")

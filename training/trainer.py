@@ -328,6 +328,7 @@ def check_config(cfg: TrainConfig) -> None:
     if not cfg.model.transformer:
         raise ConfigError("model.transformer is required: a FLUX transformer .safetensors file or diffusers "
                           "folder (or 'tiny' for the random test model)")
+    config_io.refuse_gguf(cfg.model.transformer, "model.transformer", "the frozen base the LoRA trains on")
     if not cfg.model.vae:
         raise ConfigError("model.vae is required: the FLUX VAE (ae.safetensors or a diffusers folder), "
                           "or 'tiny' for the random test VAE")
