@@ -124,6 +124,10 @@ def smaller_tiling(config: TilingConfig, min_latent_tile: int = 32) -> Optional[
                                vae_tile=vae_tile, vae_overlap=vae_overlap)
 
 
+class NonFiniteResultError(RuntimeError):
+    """The upscale computed NaN values (an fp16 overflow, NaN weights)."""
+
+
 CLI_OUT_OF_MEMORY_ADVICE = "try --memory-mode fp8_storage_all or group_offload, or a smaller output size"
 
 
@@ -143,14 +147,15 @@ def upscale_tensor_with_retry(
 
     Returns the image and the tiling that succeeded. ``on_retry(new_tiling, error)`` is told of
     each retry (the CLI and ComfyUI log it); ``configure_codec(tiling)`` lets the caller move its
-    codec to the new VAE tile size. Other errors propagate unchanged. When even the smallest
+    codec to the new VAE tile size. Other errors propagate unchanged; a result with NaN
+    values raises :class:`NonFiniteResultError`. When even the smallest
     tiles do not fit, the error ends with ``out_of_memory_advice`` (what to try, in the caller's
     terms: the CLI's options by default).
     """
     current = options
     while True:
         try:
-            return upscale_tensor(image, model, codec, cond, current, progress, cancel_check), current.tiling
+            result = upscale_tensor(image, model, codec, cond, current, progress, cancel_check)
         except Exception as exc:  # noqa: BLE001 - filtered just below
             if not is_out_of_memory(exc):
                 raise
@@ -167,6 +172,13 @@ def upscale_tensor_with_retry(
             if configure_codec is not None:
                 configure_codec(nxt)
             current = dataclasses.replace(current, tiling=nxt)
+            continue
+        # A NaN survives the clamp and is written as black: say so instead of handing it on.
+        if bool(torch.isnan(result).any()):
+            raise NonFiniteResultError(
+                "the upscale gave NaN values, so no picture is returned: the computation overflowed "
+                "(FLUX overflows in fp16: run it in bf16 or fp32) or the model or VAE weights hold NaN")
+        return result, current.tiling
 
 
 @dataclass

@@ -273,6 +273,24 @@ class ComfyVelocity:
 
 # --- latent codec over a ComfyUI VAE --------------------------------------------------------
 
+def _latent_vae_tiling(vae_tile: int, vae_overlap: int) -> tuple[int, int]:
+    """The tile and overlap, in latent pixels, that :meth:`ComfyCodec.decode` hands ComfyUI."""
+    return max(8, int(vae_tile) // VAE_DOWNSCALE), int(vae_overlap or 0) // VAE_DOWNSCALE  # 64 px at least
+
+
+def check_vae_tiling(vae_tile: int, vae_overlap: int) -> None:
+    """ValueError unless ComfyUI's tiled VAE can run these: ``encode_tiled``/``decode_tiled`` also
+    run tiles of half the size with the same overlap, so the overlap must stay under half the tile
+    (at half it divides by zero; above, no tile is run and the picture comes back NaN, black)."""
+    if not vae_tile:
+        return
+    latent_tile, latent_overlap = _latent_vae_tiling(vae_tile, vae_overlap)
+    if int(vae_overlap or 0) >= int(vae_tile) // 2 or latent_overlap >= latent_tile // 2:
+        raise ValueError(f"vae_tile_overlap {vae_overlap} must be less than half of vae_tile_size {vae_tile}: ComfyUI's "
+                         f"tiled VAE also runs tiles of half that size with the same overlap (a quarter, "
+                         f"{int(vae_tile) // 4 // 8 * 8}, is usual)")
+
+
 class ComfyCodec:
     """:class:`~fluxsr_core.interfaces.LatentCodec` over a ComfyUI VAE.
 
@@ -296,7 +314,8 @@ class ComfyCodec:
         self.set_tiling(vae_tile, vae_overlap)
 
     def set_tiling(self, vae_tile: int, vae_overlap: int) -> None:
-        """Change the VAE tile size (the out-of-memory retry calls this)."""
+        """Change the VAE tile size (the out-of-memory retry calls this); :func:`check_vae_tiling`."""
+        check_vae_tiling(vae_tile, vae_overlap)
         self.vae_tile = int(vae_tile or 0)
         self.vae_overlap = int(vae_overlap or 0)
 
@@ -321,9 +340,8 @@ class ComfyCodec:
         raw = denormalize(latent.float())
         h, w = latent.shape[-2] * VAE_DOWNSCALE, latent.shape[-1] * VAE_DOWNSCALE
         if self._tiled(h, w):
-            tile = max(8, self.vae_tile // VAE_DOWNSCALE)  # 64 px at least, as ComfyUI's VAEDecodeTiled
-            pixels = self.vae.decode_tiled(raw, tile_x=tile, tile_y=tile,
-                                           overlap=self.vae_overlap // VAE_DOWNSCALE)
+            tile, overlap = _latent_vae_tiling(self.vae_tile, self.vae_overlap)  # as ComfyUI's VAEDecodeTiled
+            pixels = self.vae.decode_tiled(raw, tile_x=tile, tile_y=tile, overlap=overlap)
         else:
             pixels = self.vae.decode(raw)
         if pixels.ndim == 5:  # video-capable VAEs return [B, T, H, W, C]

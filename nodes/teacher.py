@@ -146,6 +146,9 @@ def resolve_dataset_folder(folder: str) -> str:
     roots = [base] + [r for r in os.environ.get(DATASET_ROOTS_ENV, "").split(os.pathsep) if r.strip()]
     for root in roots:
         root = os.path.realpath(os.path.expanduser(root.strip()))
+        if path == root:  # shards, manifests and locks would lie loose among the user's pictures
+            raise ValueError(f"dataset folder {folder!r} is {path}, the allowed folder itself: name a folder inside "
+                             f"it for the pairs (e.g. fluxsr_pairs)")
         if os.path.commonpath([root, path]) == root:
             return path
     raise ValueError(

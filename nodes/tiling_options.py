@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from ..fluxsr_core import tiling
 from ..fluxsr_core.latents import VAE_DOWNSCALE
+from .comfy_adapters import check_vae_tiling
 from .common import CATEGORY, TILING_TYPE
 
 _DEFAULT = tiling.TilingConfig()
@@ -28,6 +29,7 @@ def tiling_from_widgets(tile_size: int, tile_overlap: int, vae_tile_size: int, v
         fit_tiles=bool(fit_tiles),
     )
     tiling.validate_tiling(config)
+    check_vae_tiling(config.vae_tile, config.vae_overlap)
     return config
 
 
@@ -63,7 +65,8 @@ class FluxSRTilingOptions:
                                "once (ComfyUI still falls back to tiles on out-of-memory)."}),
                 "vae_tile_overlap": ("INT", {
                     "default": _DEFAULT.vae_overlap, "min": 0, "max": 1024, "step": 32,
-                    "tooltip": "Overlap between VAE tiles in pixels."}),
+                    "tooltip": "Overlap between VAE tiles in pixels; less than half the VAE tile "
+                               "(ComfyUI's tiled VAE also runs half-size tiles), a quarter is usual."}),
                 "blend": (list(BLENDS), {
                     "default": _DEFAULT.blend,
                     "tooltip": "How overlapping tiles are weighted: gaussian (smooth, default), "

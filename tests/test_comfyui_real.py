@@ -309,11 +309,20 @@ def test_tiled_workflow_runs(server, input_image):
     _, name = input_image
     prompt = with_test_files(read_workflow("fluxsr_upscale_tiled_api"), name)
     prompt["6"]["inputs"]["scale"] = 4.0
-    prompt["8"]["inputs"].update(tile_size=256, tile_overlap=64, vae_tile_size=256, vae_tile_overlap=64)
+    # VAE tiles smaller than the output: ComfyUI's own tiled encode and decode run (which also
+    # run half-size tiles with the same overlap)
+    prompt["8"]["inputs"].update(tile_size=256, tile_overlap=64, vae_tile_size=128, vae_tile_overlap=32)
     prompt["7"]["inputs"]["filename_prefix"] = "tiled"
     entry = server.run(prompt, timeout=900)
     (out_file,) = server.output_files(entry)
-    assert load_png(out_file).shape == (160, 192, 3)
+    picture = load_png(out_file)
+    assert picture.shape == (160, 192, 3)
+    assert picture.std() > 5  # a picture, not the black of a NaN latent
+    # An overlap of half the tile is refused before any work (ComfyUI would divide by zero there,
+    # and above it return NaN, a black picture)
+    prompt["8"]["inputs"].update(vae_tile_size=128, vae_tile_overlap=64)
+    with pytest.raises(server_mod.ComfyError, match="vae_tile_overlap 64 must be less than half of vae_tile_size 128"):
+        server.run(prompt, timeout=300)
 
 
 def test_teacher_workflow_writes_a_pair(server, datasets_root):

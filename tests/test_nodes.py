@@ -687,6 +687,22 @@ def test_comfy_codec_normalises_and_tiles(pack, tiny):
         adapters.ComfyCodec(video).encode(img)
 
 
+def test_vae_tiling_comfyui_cannot_run_is_refused(pack):
+    """ComfyUI's encode_tiled/decode_tiled also run half-size tiles with the same overlap: at half
+    the tile the step is 0 (ZeroDivisionError), above it no tile runs and the picture is NaN (black)."""
+    adapters = sub(pack, "nodes.comfy_adapters")
+    options = sub(pack, "nodes.tiling_options")
+    for vae_tile, vae_overlap in ((128, 96), (64, 32), (128, 64), (72, 32)):  # 72/32: the decode's 9/4 latent tiles
+        with pytest.raises(ValueError, match=f"vae_tile_overlap {vae_overlap} must be less than half of "
+                                             f"vae_tile_size {vae_tile}"):
+            options.tiling_from_widgets(256, 64, vae_tile, vae_overlap, "gaussian")
+        with pytest.raises(ValueError, match="half that size with the same overlap"):
+            adapters.ComfyCodec(FakeVAE(None), vae_tile=vae_tile, vae_overlap=vae_overlap)
+    for vae_tile, vae_overlap in ((128, 56), (128, 32), (1024, 256), (64, 24), (0, 512)):
+        config = options.tiling_from_widgets(256, 64, vae_tile, vae_overlap, "gaussian")
+        assert (config.vae_tile, config.vae_overlap) == (vae_tile, vae_overlap)
+
+
 # --- FluxSRUpscale ------------------------------------------------------------------------------
 
 def test_upscale_node_matches_the_core_upscaler(pack, tiny, fake_comfy):
@@ -898,12 +914,17 @@ def test_teacher_dataset_folder_stays_inside_the_allowed_folders(pack, tmp_path,
     for bad in ("../escaped", str(tmp_path / "elsewhere"), "link/x", "~/pairs"):
         with pytest.raises(ValueError, match="outside ComfyUI's output folder.*FLUXSR_DATASET_ROOTS"):
             teacher.resolve_dataset_folder(bad)
+    for root_itself in (".", str(out), "a/.."):  # the pairs' files would lie among the saved pictures
+        with pytest.raises(ValueError, match="the allowed folder itself: name a folder inside it"):
+            teacher.resolve_dataset_folder(root_itself)
     node = pack.NODE_CLASS_MAPPINGS["FluxSRTeacherSampler"]
     assert "FLUXSR_DATASET_ROOTS" in node.VALIDATE_INPUTS(dataset_folder="../escaped")
     assert node.VALIDATE_INPUTS(dataset_folder="fluxsr_pairs") is True and node.VALIDATE_INPUTS() is True
     monkeypatch.setenv(teacher.DATASET_ROOTS_ENV, os.pathsep.join([str(tmp_path / "nowhere"), str(tmp_path)]))
     assert teacher.resolve_dataset_folder(str(tmp_path / "elsewhere")) == os.path.realpath(tmp_path / "elsewhere")
     assert teacher.resolve_dataset_folder("../escaped") == os.path.realpath(tmp_path / "escaped")
+    with pytest.raises(ValueError, match="the allowed folder itself"):
+        teacher.resolve_dataset_folder(str(tmp_path))
 
 
 def test_teacher_reruns_when_its_dataset_folder_is_gone(pack, tiny, fake_comfy, tmp_path, monkeypatch):

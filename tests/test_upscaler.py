@@ -142,6 +142,16 @@ def test_other_errors_are_not_retried():
         upscaler.upscale_tensor_with_retry(torch.rand(1, 3, 16, 16), Broken(), PixelCodec(), None, no_fix())
 
 
+def test_a_nan_result_is_an_error_not_a_black_picture():
+    """NaN survives the final clamp and would be written as black (an fp16 overflow, NaN weights)."""
+    with pytest.raises(upscaler.NonFiniteResultError, match="NaN values.*bf16 or fp32"):
+        upscaler.upscale_tensor_with_retry(torch.rand(1, 3, 16, 16), ConstantVelocity(float("nan")), PixelCodec(),
+                                           None, no_fix())
+    out, _ = upscaler.upscale_tensor_with_retry(torch.rand(1, 3, 16, 16), ConstantVelocity(0.5), PixelCodec(), None,
+                                                no_fix())
+    assert torch.isfinite(out).all()
+
+
 @pytest.mark.parametrize("kw,msg", [
     (dict(t_l=0.0), "T_L"), (dict(t_l=1.2), "T_L"), (dict(color_fix="sepia"), "colour fix"),
     (dict(tiling=TilingConfig(latent_tile=8, latent_overlap=8)), "overlap"),
