@@ -39,7 +39,7 @@ def atomic_write(path: PathLike, write: Callable[[str], None]) -> str:
     except BaseException:
         try:
             os.unlink(tmp)
-        except FileNotFoundError:
+        except OSError:  # never made (a read-only folder), or cannot go: the first error is the one to tell
             pass
         raise
     return str(target)

@@ -650,7 +650,7 @@ def pick_memory_mode(weights: dict[str, int], free_bytes: int,
 def transformer_config_of(source) -> dict:
     """The diffusers config of a transformer source (file, folder or test name), read from its
     header or config.json: no weights are loaded."""
-    from .weights import infer_transformer_config, meta_state_dict
+    from .weights import infer_transformer_config, meta_state_dict, require_flux_transformer
 
     path = Path(str(source)).expanduser()
     if path.is_dir():
@@ -661,7 +661,9 @@ def transformer_config_of(source) -> dict:
 
         return gguf_transformer_config(path)
     if path.exists():
-        return infer_transformer_config(meta_state_dict(path, "transformer file"))
+        meta = meta_state_dict(path, "transformer file")
+        require_flux_transformer(path, meta)  # a VAE, a LoRA...: say which, before the shapes are read
+        return infer_transformer_config(meta)
     if str(source) in RANDOM_INIT_NAMES:
         return shipped_config(f"{RANDOM_INIT_NAMES[str(source)]}-transformer")
     raise WeightsNotFoundError(f"transformer not found: {path}. {TRANSFORMER_HELP}")

@@ -248,9 +248,7 @@ def gguf_transformer_config(path: PathLike, what: str = "transformer file") -> d
     p = Path(path).expanduser()
     header = read_gguf_header(p, what)
     meta = _gguf_meta(header)
-    kind = identify_checkpoint(meta)
-    if kind not in ("flux-transformer-bfl", "flux-transformer-diffusers"):
-        raise _wrong_kind(p, "a FLUX transformer", kind, meta)
+    require_flux_transformer(p, meta)
     from diffusers.quantizers.gguf.utils import SUPPORTED_GGUF_QUANT_TYPES
 
     known = {t.name for t in SUPPORTED_GGUF_QUANT_TYPES} | {"F32", "F16", "BF16"}
@@ -476,6 +474,16 @@ def _wrong_kind(path: Path, wanted: str, kind: str, keys: Iterable[str]) -> Wron
         first = sorted(keys)[:4]
         desc += f" (first keys: {first})"
     return WrongModelError(f"{path} is not {wanted}: it looks like {desc}")
+
+
+def require_flux_transformer(path: PathLike, keys: Iterable[str]) -> str:
+    """The kind of a FLUX transformer file from its keys (BFL or diffusers naming); any other kind of
+    file raises :class:`WrongModelError` saying what it looks like (a VAE: pass it as --vae)."""
+    keys = list(keys)
+    kind = identify_checkpoint(keys)
+    if kind not in ("flux-transformer-bfl", "flux-transformer-diffusers"):
+        raise _wrong_kind(Path(path), "a FLUX transformer", kind, keys)
+    return kind
 
 
 # ------------------------------------------------------------------------- shipped configs
@@ -962,7 +970,7 @@ __all__ = [
     "weights_fingerprint",
     "WeightsError", "WeightsNotFoundError", "CorruptWeightsError", "UnsafeWeightsError",
     "WrongModelError", "UnsupportedWeightsError", "read_safetensors", "read_safetensors_header", "meta_state_dict",
-    "is_gguf_file", "read_gguf_header", "gguf_transformer_config", "gguf_transformer_bytes", "read_gguf_transformer",
+    "is_gguf_file", "read_gguf_header", "require_flux_transformer", "gguf_transformer_config", "gguf_transformer_bytes", "read_gguf_transformer",
     "DIFFUSERS_WEIGHTS_NAME", "diffusers_folder_files", "read_diffusers_folder",
     "safe_torch_load_tensors", "identify_checkpoint", "KIND_DESCRIPTIONS", "shipped_config",
     "dequantize_scaled_fp8", "cast_state_dict", "infer_transformer_config",

@@ -211,6 +211,31 @@ def test_folders_cli_and_lr_dir(tmp_path):
     assert E.main_eval([str(out_dir), "-r", str(ref_dir), "--metrics", "psnr_y"]) == 2
 
 
+def test_eval_output_files_that_cannot_be_written(tmp_path, capsys, monkeypatch):
+    """A folder given as --json is refused before any metric runs; a write that fails after the
+    metrics leaves the printed table, with the reason."""
+    ref_dir, out_dir = tmp_path / "hr", tmp_path / "sr"
+    for d in (ref_dir, out_dir):
+        d.mkdir()
+    Image.fromarray(_photo(48, 64, 2)).save(ref_dir / "y.png")
+    Image.fromarray(_noisy(_photo(48, 64, 2), 6)).save(out_dir / "y.png")
+    args = [str(out_dir), "-r", str(ref_dir), "--metrics", "psnr_y"]
+    computed = []
+    real = E.evaluate_folders
+    monkeypatch.setattr(E, "evaluate_folders", lambda *a, **k: computed.append(1) or real(*a, **k))
+    assert E.main_eval(args + ["--json", str(tmp_path)]) == 2
+    assert f"--json {tmp_path} is a folder" in capsys.readouterr().err and not computed
+
+    def no_space(path, text):
+        raise OSError(28, "No space left on device", str(path))
+
+    monkeypatch.setattr(E, "atomic_write_text", no_space)
+    assert E.main_eval(args + ["--markdown", str(tmp_path / "r.md")]) == 2
+    out, err = capsys.readouterr()
+    assert "| sr |" in out and computed
+    assert f"the table above is complete, but a file was not written: No space left on device: {tmp_path / 'r.md'}" in err
+
+
 # --------------------------------------------------------------------------- perceptual metrics
 
 def test_stlpips_runs_offline_and_is_labelled():

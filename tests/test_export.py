@@ -215,3 +215,44 @@ def test_cli_export(run, tmp_path, capsys):
     assert (tmp_path / "cli" / "conditioning.safetensors").is_file()
     assert cli_main(["export", str(tmp_path / "missing"), "-o", str(tmp_path / "x")]) == 2
     assert "no such checkpoint" in capsys.readouterr().err
+
+
+def test_an_earlier_export_is_kept_unless_overwrite_and_never_half_replaced(run, tmp_path):
+    first = export_student(run.output_dir, tmp_path / "out", use_ema=False)
+    before = {p.name: p.read_bytes() for p in (tmp_path / "out").iterdir()}
+    with pytest.raises(ExportError, match="holds pytorch_lora_weights.safetensors and conditioning.safetensors already"
+                                          ".*--overwrite"):
+        export_student(run.output_dir, tmp_path / "out")
+    assert {p.name: p.read_bytes() for p in (tmp_path / "out").iterdir()} == before
+    # a failure while writing the second file leaves the earlier pair as it was, and no temporary files
+    import fluxsr_training.export as E
+
+    def full_disk(*args, **kwargs):
+        raise OSError(28, "No space left on device")
+
+    original = E.save_bundle
+    E.save_bundle = full_disk
+    try:
+        with pytest.raises(OSError, match="No space left"):
+            export_student(run.output_dir, tmp_path / "out", overwrite=True)
+    finally:
+        E.save_bundle = original
+    assert {p.name: p.read_bytes() for p in (tmp_path / "out").iterdir()} == before
+    second = export_student(run.output_dir, tmp_path / "out", overwrite=True)  # EMA weights this time
+    assert load_file(second.lora_path).keys() == load_file(first.lora_path).keys()
+    assert Path(second.lora_path).read_bytes() != before["pytorch_lora_weights.safetensors"]  # replaced
+    assert sorted(p.name for p in (tmp_path / "out").iterdir()) == sorted(before)
+    (tmp_path / "blocked" / "conditioning.safetensors").mkdir(parents=True)
+    with pytest.raises(ExportError, match="a folder named conditioning.safetensors"):
+        export_student(run.output_dir, tmp_path / "blocked", overwrite=True)
+    assert sorted(p.name for p in (tmp_path / "blocked").iterdir()) == ["conditioning.safetensors"]
+
+
+def test_a_bundle_for_another_model_is_refused(run, tmp_path):
+    from fluxsr_core.bundle import save_bundle
+    from fluxsr_core.settings import RunSettings
+
+    save_bundle(tmp_path / "wide.safetensors", torch.zeros(1, 8, 4096), torch.zeros(1, 768), RunSettings())
+    with pytest.raises(ExportError, match=r"holds t5 4096 and clip_pooled 768 wide; the student .* takes 32 and 16"):
+        export_student(run.output_dir, tmp_path / "out", bundle=str(tmp_path / "wide.safetensors"))
+    assert not (tmp_path / "out").exists()

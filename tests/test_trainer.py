@@ -977,6 +977,27 @@ def test_cli_reports_another_process_failure_in_one_line(pairs, tmp_path, monkey
         main(tiny_cli_args(pairs, tmp_path / "run"))
 
 
+def test_cli_names_a_folder_it_cannot_write_and_a_wrong_model(pairs, tmp_path, capsys):
+    """Ordinary mistakes end in one line, not a traceback: an output_dir inside a file, a VAE
+    given as the transformer (named as a VAE, as fluxsr upscale names it)."""
+    from fluxsr_training.cli import main
+
+    (tmp_path / "notes.txt").write_text("x")
+    assert main(tiny_cli_args(pairs, tmp_path / "notes.txt" / "run")) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("fluxsr-train train: error: Not a directory: ") and "notes.txt" in err
+    assert "Traceback" not in err
+    from fluxsr_core import models, weights
+
+    vae_file = tmp_path / "ae.safetensors"
+    import safetensors.torch
+
+    safetensors.torch.save_file(weights.vae_state_dict_to_bfl(models.load_vae("tiny", dtype="fp32").state_dict()),
+                                str(vae_file))
+    assert main(tiny_cli_args(pairs, tmp_path / "run", f"model.transformer={str(vae_file)!r}")) == 2
+    assert "is not a FLUX transformer: it looks like a VAE (ae.safetensors); pass it as --vae" in capsys.readouterr().err
+
+
 def test_cli_ctrl_c_writes_a_checkpoint_and_says_how_to_continue(pairs, tmp_path, monkeypatch, capsys):
     """A first Ctrl-C (a real SIGINT) finishes the step and writes a checkpoint; a hard interrupt names
     the last checkpoint kept and the steps lost. Both say `--resume latest`, which continues exactly."""

@@ -208,7 +208,7 @@ def _cmd_train(args) -> int:
 def _cmd_export(args) -> int:
     from .export import export_student
 
-    r = export_student(args.checkpoint, args.output, use_ema=args.ema, bundle=args.bundle)
+    r = export_student(args.checkpoint, args.output, use_ema=args.ema, bundle=args.bundle, overwrite=args.overwrite)
     print(f"export: step {r.step} ({'EMA' if r.ema else 'raw'} weights, rank {r.rank}, alpha {r.alpha:g})")
     print(f"  LoRA:   {r.lora_path}")
     print(f"  bundle: {r.bundle_path}")
@@ -292,6 +292,7 @@ def build_parser() -> tuple[argparse.ArgumentParser, list[str]]:
     pe.add_argument("--ema", action=argparse.BooleanOptionalAction, default=None,
                     help="export the EMA weights (default: when the run kept them)")
     pe.add_argument("--bundle", help="ship this conditioning bundle instead of the run's own")
+    pe.add_argument("--overwrite", action="store_true", help="replace the files of an earlier export in the folder")
 
     for name, text in (("eval", "PSNR/SSIM/LPIPS/... tables of outputs against references"),
                        ("demo", "rebuild the shipped demo model (the committed recipe)")):
@@ -313,6 +314,13 @@ def _user_message(exc: BaseException) -> str:
         last = text.splitlines()[-1]
         return last.split(": ", 1)[1] if ": " in last else last
     return text
+
+
+def _os_message(exc: BaseException) -> str:
+    """An OSError as "what, on which path" (its own text names the path only in its repr)."""
+    if isinstance(exc, OSError) and exc.strerror and exc.filename:
+        return f"{exc.strerror}: {exc.filename}" + (f" -> {exc.filename2}" if exc.filename2 else "")
+    return _user_message(exc)
 
 
 def main(argv: Optional[Sequence[str]] = None) -> int:
@@ -358,6 +366,11 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         if args.verbose:
             raise
         print(f"fluxsr-train {args.command}: error: {_user_message(exc)}", file=sys.stderr)
+        return 2
+    except (OSError, FloatingPointError) as exc:  # a folder that cannot be written, a loss gone NaN
+        if args.verbose:
+            raise
+        print(f"fluxsr-train {args.command}: error: {_os_message(exc)}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:
         print(f"fluxsr-train {args.command}: interrupted; rerun with the same arguments to continue "

@@ -841,14 +841,37 @@ def _outputs_arg(items: Sequence[str]) -> dict[str, Path]:
     return out
 
 
+def _check_writable(flag: str, path: Optional[str]) -> None:
+    """EvaluationError now, before minutes of metrics, for an output file that cannot be written:
+    a folder of that name, or a place (the nearest folder that exists) this user cannot write."""
+    if path is None:
+        return
+    target = Path(path).expanduser()
+    if target.is_dir():
+        raise EvaluationError(f"{flag} {path} is a folder; give the file to write")
+    place = target.parent
+    while not place.exists() and place != place.parent:
+        place = place.parent
+    if not os.access(place, os.W_OK):
+        raise EvaluationError(f"{flag} {path}: {place} cannot be written (permission or read-only file system)")
+
+
 def run_eval(args: argparse.Namespace) -> int:
-    """Run ``fluxsr-train eval`` from parsed arguments; prints the Markdown table."""
+    """Run ``fluxsr-train eval`` from parsed arguments; prints the Markdown table, then writes the
+    files asked for (a write that still fails leaves the printed table as the result)."""
+    _check_writable("--json", args.json)
+    _check_writable("--markdown", args.markdown)
     report = evaluate_folders(_outputs_arg(args.outputs), args.references, scale=args.scale, lr_dir=args.lr,
                               metrics=args.metrics, bicubic=not args.no_bicubic, device=args.device,
                               weights_dir=args.weights_dir, crop_border=args.crop_border,
                               bicubic_kernel=args.bicubic_kernel)
-    report.write(json_path=args.json, markdown_path=args.markdown)
-    print(report.to_markdown(per_image=args.per_image), end="")
+    print(report.to_markdown(per_image=args.per_image), end="", flush=True)
+    try:
+        report.write(json_path=args.json, markdown_path=args.markdown)
+    except OSError as exc:
+        print(f"fluxsr-train eval: error: the table above is complete, but a file was not written: "
+              f"{exc.strerror or exc}: {exc.filename}", file=sys.stderr)
+        return 2
     return 0
 
 

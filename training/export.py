@@ -17,9 +17,11 @@ LoRA loader reads the LoRA file onto a native FLUX.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import logging
 import os
+import uuid
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Optional
@@ -138,9 +140,31 @@ def _conditioning_source(ckpt: Path, state: dict, bundle: Optional[str]) -> tupl
                       f"conditionings, or its {CONDITIONING_FILE} was moved). " + NO_FIXED_CONDITIONING_HELP)
 
 
+def _check_bundle_widths(ckpt: Path, cfg: TrainConfig, cond_src: str, b: ConditioningBundle) -> None:
+    """ExportError when a --bundle's widths are not those the student takes (the checkpoint's own
+    conditioning, else the base model's header): fluxsr upscale would refuse the pair only later."""
+    own = ckpt / CONDITIONING_FILE
+    if own.is_file():
+        ref = load_bundle(own)
+        widths, where = (ref.t5.shape[-1], ref.clip_pooled.shape[-1]), f"its own {CONDITIONING_FILE}"
+    else:
+        from fluxsr_core.models import transformer_config_of
+
+        try:
+            config = transformer_config_of(cfg.model.transformer)
+        except (OSError, ValueError):  # the base is elsewhere now: nothing to compare with
+            return
+        widths = (config["joint_attention_dim"], config["pooled_projection_dim"])
+        where = f"its base model {cfg.model.transformer}"
+    if (b.t5.shape[-1], b.clip_pooled.shape[-1]) != tuple(widths):
+        raise ExportError(f"--bundle {cond_src} holds t5 {b.t5.shape[-1]} and clip_pooled {b.clip_pooled.shape[-1]} wide; "
+                          f"the student of {ckpt} takes {widths[0]} and {widths[1]} ({where}): it is a bundle for "
+                          "another model")
+
+
 def export_student(checkpoint: str | os.PathLike, output_dir: str | os.PathLike, use_ema: Optional[bool] = None,
                    bundle: Optional[str] = None, lora_name: str = EXPORT_LORA_FILE,
-                   bundle_name: str = BUNDLE_FILE) -> ExportResult:
+                   bundle_name: str = BUNDLE_FILE, overwrite: bool = False) -> ExportResult:
     """Write the student's LoRA and conditioning bundle to ``output_dir``; returns :class:`ExportResult`.
 
     ``checkpoint``: a checkpoint folder or a run folder (its newest checkpoint). ``use_ema``:
@@ -148,7 +172,10 @@ def export_student(checkpoint: str | os.PathLike, output_dir: str | os.PathLike,
     weights. ``bundle``: a conditioning bundle to ship instead of the run's own (needed when the
     run trained on several conditionings). Both files carry the run settings of the training
     config (T_L, guidance, scale, base model, rank). Raises :class:`ExportError` when the
-    checkpoint's conditioning is missing or does not match its recorded hash.
+    checkpoint's conditioning is missing or does not match its recorded hash, when ``bundle``
+    is for a model of other widths, and when ``output_dir`` holds either file already (unless
+    ``overwrite``). Both files are written under temporary names first and put in place
+    together, so a failed export leaves an earlier one as it was.
     """
     ckpt = find_checkpoint(checkpoint)
     cfg = checkpoint_config(ckpt)
@@ -170,14 +197,35 @@ def export_student(checkpoint: str | os.PathLike, output_dir: str | os.PathLike,
     step = int(state.get("step", 0))
     # Everything is read before anything is written: a problem leaves no half export behind.
     cond_src, b = _conditioning_source(ckpt, state, bundle)
+    if bundle:
+        _check_bundle_widths(ckpt, cfg, cond_src, b)
     prompt = bundle_prompt(cond_src)
     out = Path(output_dir)
+    targets = (out / lora_name, out / bundle_name)
+    folders = [t.name for t in targets if t.is_dir()]
+    if folders:
+        raise ExportError(f"{out} holds a folder named {' and '.join(folders)}, where the export writes a file; "
+                          "move it, or choose another -o")
+    taken = [t.name for t in targets if t.exists() or t.is_symlink()]
+    if taken and not overwrite:
+        raise ExportError(f"{out} holds {' and '.join(taken)} already (an earlier export?); pass --overwrite to "
+                          "replace them, or choose another -o")
     out.mkdir(parents=True, exist_ok=True)
-    lora_path = save_lora(out / lora_name, tensors, settings, rank=cfg.lora.rank, alpha=cfg.lora.alpha,
-                          extra_metadata={"fluxsr.step": str(step), "fluxsr.weights": "ema" if use_ema else "raw",
-                                          "fluxsr.transformer": os.path.basename(os.path.normpath(cfg.model.transformer))})
-    bundle_path = save_bundle(out / bundle_name, b.t5, b.clip_pooled, settings,
-                              prompt=prompt or f"FluxSR student conditioning (from {os.path.basename(cond_src)})")
+    token = uuid.uuid4().hex[:8]
+    staged = [out / f".{t.name}.{token}.export" for t in targets]
+    try:
+        save_lora(staged[0], tensors, settings, rank=cfg.lora.rank, alpha=cfg.lora.alpha,
+                  extra_metadata={"fluxsr.step": str(step), "fluxsr.weights": "ema" if use_ema else "raw",
+                                  "fluxsr.transformer": os.path.basename(os.path.normpath(cfg.model.transformer))})
+        save_bundle(staged[1], b.t5, b.clip_pooled, settings,
+                    prompt=prompt or f"FluxSR student conditioning (from {os.path.basename(cond_src)})")
+        for tmp, target in zip(staged, targets):
+            os.replace(tmp, target)
+    finally:
+        for tmp in staged:
+            with contextlib.suppress(OSError):
+                tmp.unlink()
+    lora_path, bundle_path = (str(t) for t in targets)
     log.info("exported step %d (%s weights) to %s and %s; %s", step, "EMA" if use_ema else "raw", lora_path,
              bundle_path, settings.describe())
     return ExportResult(lora_path=str(lora_path), bundle_path=str(bundle_path), checkpoint=str(ckpt), step=step,

@@ -719,7 +719,7 @@ def generate_pairs(cfg: GenerateConfig, on_pair: Optional[Callable[[str], None]]
     rank, world = state.process_index, state.num_processes
     launched = int(os.environ.get("WORLD_SIZE", "1") or 1)
     if launched > 1 and world == 1:
-        raise RuntimeError(f"{launched} processes were launched but accelerate runs them unconnected, so each would "
+        raise ConfigError(f"{launched} processes were launched but accelerate runs them unconnected, so each would "
                            "take every prompt. On CPUs set ACCELERATE_USE_CPU=1 (e.g. `ACCELERATE_USE_CPU=1 accelerate "
                            "launch --multi_gpu --num_processes 2 ...`)")
     if cfg.device == "auto":

@@ -1314,7 +1314,7 @@ class _Run:
         if world > 1 and acc.num_processes == 1:
             # torchrun/accelerate started several processes but accelerate did not join them
             # (e.g. `--multi_gpu` on a machine without GPUs): each would train alone.
-            raise RuntimeError(f"{world} processes were launched but accelerate runs them as independent "
+            raise ConfigError(f"{world} processes were launched but accelerate runs them as independent "
                                "single-process jobs. For multi-process CPU training set ACCELERATE_USE_CPU=1 "
                                "(e.g. `ACCELERATE_USE_CPU=1 accelerate launch --multi_gpu --num_processes 2 ...`)")
         if acc.gradient_accumulation_steps != cfg.train.gradient_accumulation_steps:
