@@ -1,7 +1,9 @@
-"""Writing a file so that a failure never leaves a half-written file under its final name."""
+"""Writing a file so that a failure never leaves a half-written file under its final name, and an
+exclusive lock that the OS releases when its process dies."""
 
 from __future__ import annotations
 
+import errno
 import os
 import stat
 import uuid
@@ -51,3 +53,61 @@ def atomic_write_text(path: PathLike, text: str) -> str:
         with open(tmp, "w", encoding="utf-8") as f:
             f.write(text)
     return atomic_write(path, write)
+
+
+# What a non-blocking lock attempt raises when another process holds the lock (flock: EWOULDBLOCK
+# = EAGAIN; msvcrt.locking: EACCES or EDEADLOCK). Any other errno (ENOLCK on an NFS mount without
+# a lock daemon, ...) is a failure to lock, not a lock held: reporting it as held would refuse
+# every rerun too.
+_LOCK_HELD_ERRNOS = {errno.EAGAIN, errno.EWOULDBLOCK, errno.EACCES, getattr(errno, "EDEADLOCK", errno.EAGAIN)}
+
+
+class LockHeldError(RuntimeError):
+    """Another live process holds the lock."""
+
+
+class ExclusiveFileLock:
+    """An exclusive OS lock on the file ``path`` (created if missing, never deleted: removing a lock
+    file another process waits on would let two processes lock two files). The OS releases it
+    when the process dies, so a killed run never leaves a stale lock.
+
+    Raises :class:`LockHeldError` when another process holds it, ``OSError`` when the file cannot
+    be created or locked at all (no space, a lock-less network file system).
+    """
+
+    def __init__(self, path: PathLike):
+        self.path = Path(path)
+        self._f = open(self.path, "a+b")
+        try:
+            if os.name == "nt":
+                import msvcrt
+
+                self._f.seek(0)
+                msvcrt.locking(self._f.fileno(), msvcrt.LK_NBLCK, 1)
+            else:
+                import fcntl
+
+                fcntl.flock(self._f.fileno(), fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except OSError as exc:
+            self._f.close()
+            if exc.errno not in _LOCK_HELD_ERRNOS:
+                raise
+            raise LockHeldError(f"{self.path} is locked by another live process") from None
+
+    def release(self) -> None:
+        """Give the lock back (idempotent)."""
+        if self._f.closed:
+            return
+        try:
+            if os.name == "nt":
+                import msvcrt
+
+                self._f.seek(0)
+                msvcrt.locking(self._f.fileno(), msvcrt.LK_UNLCK, 1)
+            else:
+                import fcntl
+
+                fcntl.flock(self._f.fileno(), fcntl.LOCK_UN)
+        except OSError:
+            pass
+        self._f.close()

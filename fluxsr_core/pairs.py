@@ -106,6 +106,12 @@ _TENSOR_ENTRY_MAX_BYTES = 256  # one tensor's header entry: name, dtype, shape, 
 _HEADER_FIXED_BYTES = 1024     # braces, the format key, alignment padding
 
 
+def _no_dataset_folder(folder: Path) -> str:
+    if folder.exists():
+        return f"pair dataset folder {folder} is a file, not a folder (give the folder fluxsr-train pairs wrote)"
+    return f"pair dataset folder {folder} does not exist"
+
+
 class PairDataError(ValueError):
     """A pair dataset is damaged (missing, truncated or corrupted shard) or used wrongly."""
 
@@ -412,61 +418,29 @@ def scan_manifests(folder: str | os.PathLike) -> ManifestScan:
 
 # --- writer -------------------------------------------------------------------------------
 
-# What a non-blocking lock attempt raises when another process holds the lock (flock: EWOULDBLOCK
-# = EAGAIN; msvcrt.locking: EACCES or EDEADLOCK). Any other errno (ENOLCK on an NFS mount without
-# a lock daemon, ...) is a failure to lock, not a busy id: reporting it as busy would refuse
-# every rerun too.
-_LOCK_HELD_ERRNOS = {errno.EAGAIN, errno.EWOULDBLOCK, errno.EACCES, getattr(errno, "EDEADLOCK", errno.EAGAIN)}
-
-
 class _WriterLock:
-    """An exclusive OS lock on ``.lock-<writer_id>``, released by the OS if the process dies.
+    """An exclusive OS lock on ``.lock-<writer_id>`` (:class:`~fluxsr_core.files.ExclusiveFileLock`).
 
     :class:`WriterBusyError` when another process holds it; :class:`PairWriteError` naming the
     lock file when it cannot be created (no space left, ...) or locked at all.
     """
 
     def __init__(self, path: Path):
+        from .files import ExclusiveFileLock, LockHeldError
+
         self.path = path
         try:
-            self._f = open(path, "a+b")
-        except OSError as exc:
-            raise _write_error(path, exc) from exc
-        try:
-            if os.name == "nt":
-                import msvcrt
-
-                self._f.seek(0)
-                msvcrt.locking(self._f.fileno(), msvcrt.LK_NBLCK, 1)
-            else:
-                import fcntl
-
-                fcntl.flock(self._f.fileno(), fcntl.LOCK_EX | fcntl.LOCK_NB)
-        except OSError as exc:
-            self._f.close()
-            if exc.errno not in _LOCK_HELD_ERRNOS:
-                raise _write_error(path, exc) from exc
+            self._lock = ExclusiveFileLock(path)
+        except LockHeldError:
             raise WriterBusyError(
                 f"another live process is writing pairs with this writer id ({path.name} is "
                 "locked); give each concurrent writer its own writer_id"
             ) from None
+        except OSError as exc:
+            raise _write_error(path, exc) from exc
 
     def release(self) -> None:
-        if self._f.closed:
-            return
-        try:
-            if os.name == "nt":
-                import msvcrt
-
-                self._f.seek(0)
-                msvcrt.locking(self._f.fileno(), msvcrt.LK_UNLCK, 1)
-            else:
-                import fcntl
-
-                fcntl.flock(self._f.fileno(), fcntl.LOCK_UN)
-        except OSError:
-            pass
-        self._f.close()
+        self._lock.release()
 
 
 @dataclass
@@ -1116,7 +1090,7 @@ def verify_pairs(folder: str | os.PathLike, check_hash: bool = True) -> VerifyRe
     """
     folder = Path(folder)
     if not folder.is_dir():
-        raise FileNotFoundError(f"pair dataset folder {folder} does not exist")
+        raise FileNotFoundError(_no_dataset_folder(folder))
     report = VerifyReport(folder=str(folder))
     scan = scan_manifests(folder)
     for manifest, line, why in scan.bad_lines:
@@ -1325,7 +1299,7 @@ class PairDataset(torch.utils.data.Dataset):
             raise ValueError(f"on_error must be 'raise' or 'skip' (got {on_error!r})")
         self.folder = Path(folder)
         if not self.folder.is_dir():
-            raise FileNotFoundError(f"pair dataset folder {self.folder} does not exist")
+            raise FileNotFoundError(_no_dataset_folder(self.folder))
         self.on_error = on_error
         self.load_image = load_image
         self.load_trajectory = load_trajectory

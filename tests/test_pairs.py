@@ -833,7 +833,9 @@ def _fail_lock_file(monkeypatch, err: int = errno.ENOSPC):
             raise OSError(err, os.strerror(err), str(path))
         return open(path, *a, **k)
 
-    monkeypatch.setattr(P, "open", open_or_fail, raising=False)
+    from fluxsr_core import files  # where the lock file is opened
+
+    monkeypatch.setattr(files, "open", open_or_fail, raising=False)
 
 
 def test_disk_full_when_opening_is_the_same_clear_error_and_leaves_nothing(tmp_path, monkeypatch):
@@ -935,3 +937,12 @@ def test_the_header_limit_is_the_one_safetensors_enforces(tmp_path):
     too_large.write_bytes(struct.pack("<Q", len(header)) + header + bytes(4))
     with pytest.raises(SafetensorError, match="(?i)header ?too ?large"):
         safe_open(str(too_large), framework="pt")
+
+
+def test_a_missing_or_file_dataset_folder_is_named_as_such(tmp_path):
+    (tmp_path / "prompts.txt").write_text("a photo\n")
+    for open_it in (P.PairDataset, P.verify_pairs):
+        with pytest.raises(FileNotFoundError, match=r"prompts.txt is a file, not a folder \(give the folder"):
+            open_it(tmp_path / "prompts.txt")
+        with pytest.raises(FileNotFoundError, match=r"pair dataset folder .*nowhere does not exist$"):
+            open_it(tmp_path / "nowhere")

@@ -313,6 +313,83 @@ def test_resuming_an_older_checkpoint_sets_the_later_ones_aside(pairs, tmp_path)
         T.train(tiny_config(pairs, tmp_path / "run", *common))
 
 
+def test_one_run_at_a_time_per_folder_and_no_mixing_of_two_runs(pairs, tmp_path):
+    """A second run into a folder another live run writes is refused (they would replace each
+    other's checkpoints); so is resuming run A's checkpoint into run B's folder (B's would be set
+    aside and pruned). Into an empty folder A's checkpoint still starts a branch."""
+    from fluxsr_core.files import ExclusiveFileLock
+
+    common = ("train.max_steps=4", "checkpoint.every=2")
+    (tmp_path / "busy").mkdir()
+    held = ExclusiveFileLock(tmp_path / "busy" / T.RUN_LOCK_FILE)  # as the live run holds it
+    try:
+        with pytest.raises(ConfigError, match=r"another fluxsr-train train is writing .*busy \(it holds \.train\.lock\); "
+                                              "wait for it to end, or give this run its own train.output_dir"):
+            T.train(tiny_config(pairs, tmp_path / "busy", *common))
+        assert [f.name for f in (tmp_path / "busy").iterdir()] == [T.RUN_LOCK_FILE]  # nothing written
+    finally:
+        held.release()
+    T.train(tiny_config(pairs, tmp_path / "busy", *common))  # the lock is the OS's: free once released
+    T.train(tiny_config(pairs, tmp_path / "a", *common))
+    a_step2 = tmp_path / "a" / T.CHECKPOINT_DIR / "step-0000002"
+    before = file_hashes(tmp_path / "busy")
+    with pytest.raises(ConfigError, match=r"is not a checkpoint of .*busy, which holds another run's checkpoints "
+                                          r"\(step-0000004 the newest\): resuming here would mix the two runs"):
+        T.train(tiny_config(pairs, tmp_path / "busy", *common, f"train.resume={str(a_step2)!r}"))
+    assert file_hashes(tmp_path / "busy") == before
+    branch = T.train(tiny_config(pairs, tmp_path / "branch", *common, f"train.resume={str(a_step2)!r}"))
+    assert branch.start_step == 2 and branch.step == 4
+
+
+def test_a_checkpoint_that_cannot_be_written_is_removed_and_named(pairs, tmp_path, monkeypatch, capsys):
+    """A full disk inside torch's serializer (a RuntimeError from its C++ writer) or any OSError:
+    the part-written folder goes (it holds the space), the last complete checkpoint is named."""
+    from accelerate import Accelerator
+
+    from fluxsr_training.cli import main
+
+    real_save = Accelerator.save_state
+    calls = []
+
+    def full_at_the_second(self, output_dir, **kwargs):
+        calls.append(output_dir)
+        if len(calls) == 2:
+            Path(output_dir, "model.safetensors").write_bytes(b"x" * 1000)  # part of it made it to disk
+            raise RuntimeError("[enforce fail at inline_container.cc:672] . unexpected pos 113920 vs 113808")
+        return real_save(self, output_dir, **kwargs)
+
+    monkeypatch.setattr(Accelerator, "save_state", full_at_the_second)
+    run = tmp_path / "run"
+    assert main(tiny_cli_args(pairs, run, "train.max_steps=4", "checkpoint.every=2")) == 2
+    err = capsys.readouterr().err
+    assert ("writing checkpoint step 4 into " in err and "failed ([enforce fail at inline_container.cc:672] . "
+            "unexpected pos" in err and f"The last complete checkpoint is {run / T.CHECKPOINT_DIR / 'step-0000002'}: "
+            "free some space (or fix the folder) and continue with --resume latest" in err)
+    assert "Traceback" not in err
+    assert sorted(p.name for p in (run / T.CHECKPOINT_DIR).iterdir()) == ["step-0000002"]
+    calls.clear()
+    monkeypatch.setattr(Accelerator, "save_state", lambda self, d, **k: (_ for _ in ()).throw(ValueError("a bug")))
+    with pytest.raises(ValueError, match="a bug"):  # not a write failure: not dressed up as one
+        T.train(tiny_config(pairs, tmp_path / "run2", "train.max_steps=2", "checkpoint.every=2"))
+    assert not (tmp_path / "run2" / T.CHECKPOINT_DIR / ".tmp-step-0000002").exists()
+
+
+def test_a_validation_image_too_small_for_the_scale_is_refused_before_any_model(pairs, tmp_path, monkeypatch):
+    """A 3x3 picture crashed inside the degradation, and an 8x8 one at x4 failed at the first
+    validation with no file named; both are named before anything is built."""
+    from PIL import Image
+
+    folder = tmp_path / "val"
+    folder.mkdir()
+    Image.new("RGB", (12, 12), (90, 120, 30)).save(folder / "fine.png")
+    Image.new("RGB", (5, 9), (90, 120, 30)).save(folder / "tiny.png")
+    monkeypatch.setattr(T, "build_student", lambda *a, **k: pytest.fail("a model was built"))
+    with pytest.raises(ConfigError, match=r"validation.images: .*tiny.png is 5x9 px; at degradation.scale=2 a "
+                                          r"validation image needs at least 6x6"):
+        T.train(tiny_config(pairs, tmp_path / "run", f"validation.images={str(folder)!r}", "validation.every=1"))
+    assert not (tmp_path / "run").exists()
+
+
 def test_resume_uses_the_configs_optimizer_settings_and_refuses_an_ema_change(pairs, tmp_path, caplog):
     common = ("train.max_steps=6", "train.log_every=1", "optim.schedule=constant")
     T.train(tiny_config(pairs, tmp_path / "run", *common, "train.stop_at=2", "optim.lr=1e-2"))
@@ -1078,6 +1155,14 @@ def test_cli_train_config_resolution(capsys, tmp_path):
     assert "shipped config" in capsys.readouterr().err
     assert main(["train", "optim.lr=-1", "model.transformer=tiny", "model.vae=tiny", "data.pairs=x"]) == 2
     assert "optim.lr must be positive" in capsys.readouterr().err
+    # values torch or numpy would only refuse later, naming no key
+    for override, said in (("train.seed=-1", "train.seed must lie in 0..2**32-1 (got -1)"),
+                           ("data.seed=4294967296", "data.seed must lie in 0..2**32-1"),
+                           ("optim.weight_decay=-1", "optim.weight_decay must be a number >= 0 (got -1.0)"),
+                           ("optim.eps=-1e-8", "optim.eps must be a number >= 0"),
+                           ("model.dtype=fp64", "model.dtype: unknown dtype 'fp64'; use auto, bf16, fp16 or fp32")):
+        assert main(["train", override, "model.transformer=tiny", "model.vae=tiny", "data.pairs=x"]) == 2
+        assert said in capsys.readouterr().err
     # without --config the shipped defaults the README documents, not the dataclasses' own
     assert main(["train", "--print-config", "data.pairs=/d"]) == 0
     (tmp_path / "plain.toml").write_text(capsys.readouterr().out)

@@ -199,14 +199,14 @@ def parse_block_spec(spec: Union[str, Sequence[str]], n_double: int, n_single: i
     groups = [spec] if isinstance(spec, str) else list(spec)
     parts = [g for s in groups for g in re.split(r"[;\s]+", str(s).strip()) if g]
     if not parts:
-        raise ValueError("empty ADL block selection; use e.g. 'double:0,5;single:10'")
+        raise ValueError("empty block selection; use e.g. 'double:0,5;single:10'")
     counts = {"double": n_double, "single": n_single}
     out: list[tuple[str, int]] = []
     for part in parts:
         kind, sep, idx = part.partition(":")
         kind = kind.strip().lower()
         if kind not in counts or not sep or not idx.strip():
-            raise ValueError(f"ADL block selection {part!r}: expected 'double:<indices>' or "
+            raise ValueError(f"block selection {part!r}: expected 'double:<indices>' or "
                              "'single:<indices>' (e.g. 'double:0,5;single:10', 'single:all')")
         n = counts[kind]
         if idx.strip().lower() == "all":
@@ -217,9 +217,9 @@ def parse_block_spec(spec: Union[str, Sequence[str]], n_double: int, n_single: i
                 try:
                     i = int(tok)
                 except ValueError:
-                    raise ValueError(f"ADL block selection {part!r}: {tok!r} is not an integer") from None
+                    raise ValueError(f"block selection {part!r}: {tok!r} is not an integer") from None
                 if not -n <= i < n:
-                    raise ValueError(f"ADL block selection {part!r}: index {i} is out of range; this "
+                    raise ValueError(f"block selection {part!r}: index {i} is out of range; this "
                                      f"model has {n} {kind} blocks (0..{n - 1}, or negative from the end)")
                 indices.append(i % n)
         for i in indices:

@@ -79,6 +79,7 @@ STATE_FILE = "trainer_state.json"
 CONDITIONING_FILE = "conditioning.safetensors"   # in each checkpoint: the conditioning it trained with
 METRICS_FILE = "metrics.jsonl"                   # in the run folder: every log line, appended across resumes
 CHECKPOINT_DIR = "checkpoints"
+RUN_LOCK_FILE = ".train.lock"  # held by the run writing the folder (the OS drops it if the run dies)
 _CKPT_RE = re.compile(r"^step-(\d{7,})$")
 
 # Every linear projection of attention and MLP in both block kinds (diffusers names, relative
@@ -93,6 +94,26 @@ DEFAULT_LORA_TARGETS = [
 ]
 _BLOCK_RE = re.compile(r"^(transformer_blocks|single_transformer_blocks)\.(\d+)\.(.+)$")
 _KIND_OF = {"transformer_blocks": "double", "single_transformer_blocks": "single"}
+
+
+class CheckpointWriteError(OSError):
+    """A checkpoint could not be written (a full disk, a quota); the message names the last one kept."""
+
+
+def _is_write_failure(exc: BaseException) -> bool:
+    """An OSError, or torch's serializer failing on a full disk (a RuntimeError from its C++ writer:
+    "PytorchStreamWriter failed writing file", "unexpected pos")."""
+    if isinstance(exc, OSError):
+        return True
+    if not isinstance(exc, RuntimeError):
+        return False
+    text = str(exc)
+    return any(s in text for s in ("PytorchStreamWriter", "unexpected pos", "No space left", "Disk quota"))
+
+
+def _first_line(exc: BaseException) -> str:
+    text = str(exc).strip()
+    return text.splitlines()[0] if text else type(exc).__name__
 
 
 class OtherProcessError(RuntimeError):
@@ -368,6 +389,19 @@ def check_config(cfg: TrainConfig) -> None:
             or cfg.validation.every < 0 or cfg.train.stop_at < 0:
         raise ConfigError("optim.warmup_steps, data.holdout, data.num_workers, validation.every and "
                           "train.stop_at must be >= 0")
+    for name, v in (("optim.weight_decay", cfg.optim.weight_decay), ("optim.eps", cfg.optim.eps)):
+        if not math.isfinite(v) or v < 0:
+            raise ConfigError(f"{name} must be a number >= 0 (got {v})")
+    for name, v in (("train.seed", cfg.train.seed), ("data.seed", cfg.data.seed),
+                    ("validation.seed", cfg.validation.seed), ("model.init_seed", cfg.model.init_seed)):
+        if not 0 <= v < 2 ** 32:  # torch's and numpy's seeding take 32-bit seeds
+            raise ConfigError(f"{name} must lie in 0..2**32-1 (got {v})")
+    try:
+        from fluxsr_core.models import resolve_dtype
+
+        resolve_dtype(cfg.model.dtype, "cpu")
+    except ValueError as exc:
+        raise ConfigError(f"model.dtype: {exc}") from None
     if cfg.optim.schedule not in _SCHEDULES:
         raise ConfigError(f"optim.schedule={cfg.optim.schedule!r}; choose one of {', '.join(_SCHEDULES)}")
     if cfg.optim.schedule == "constant" and cfg.optim.warmup_steps > 0:
@@ -1211,6 +1245,10 @@ def _load_validation_images(cfg: TrainConfig, say_notes: bool = True) -> list[tu
             log.warning("validation image %s: %s", f, note)
         rgb = loaded.rgb.float()
         h, w = rgb.shape[-2] - rgb.shape[-2] % s, rgb.shape[-1] - rgb.shape[-1] % s
+        if min(h, w) < 3 * s:  # its LR must keep a few pixels, and its PSNR leaves out a border of s
+            raise ConfigError(f"validation.images: {f} is {rgb.shape[-1]}x{rgb.shape[-2]} px; at degradation.scale={s} "
+                              f"a validation image needs at least {3 * s}x{3 * s} (its PSNR leaves out a border of "
+                              f"{s} px): use larger pictures, or take this one out")
         out.append((f.stem, rgb[..., :h, :w]))
     if not out:
         raise FileNotFoundError(f"validation.images: no images found in {p}")
@@ -1285,6 +1323,26 @@ class _Run:
         self.stop_check = stop_check
         self.out = Path(cfg.train.output_dir)
         self.interrupt = _InterruptRequest()
+        self.run_lock = None
+
+    def release_run_lock(self) -> None:
+        if self.run_lock is not None:
+            self.run_lock.release()
+            self.run_lock = None
+
+    def _take_run_lock(self) -> None:
+        """One run at a time writes a folder: two would replace each other's checkpoints, interleave
+        metrics.jsonl and prune each other's steps (two jobs started on one folder, a requeued job
+        while the first still runs). The main process holds it for the whole run; the other
+        process's refusals come first (it sees no checkpoints yet only when both start at once)."""
+        from fluxsr_core.files import ExclusiveFileLock, LockHeldError
+
+        self.out.mkdir(parents=True, exist_ok=True)
+        try:
+            self.run_lock = ExclusiveFileLock(self.out / RUN_LOCK_FILE)
+        except LockHeldError:
+            raise ConfigError(f"another fluxsr-train train is writing {self.out} (it holds {RUN_LOCK_FILE}); wait for "
+                              "it to end, or give this run its own train.output_dir") from None
 
     # -- setup -------------------------------------------------------------------------------
 
@@ -1358,6 +1416,8 @@ class _Run:
         resume_from = self._on_every_process(self._preflight_resume, "check the run folder")
         self._setup_data(self.resume_state.get("holdout_ids") if resume_from is not None else None)
         self._on_every_process(lambda: self._preflight_conditioning(resume_from), "set up the conditioning")
+        # Last: the lock file is the run's first write, made only once nothing refuses the run.
+        self._on_every_process(lambda: self._take_run_lock() if self.main else None, "lock the run folder")
         return resume_from
 
     def _preflight_resume(self) -> Optional[Path]:
@@ -1371,6 +1431,13 @@ class _Run:
         if resume_from is None and existing:
             raise ConfigError(f"{self.out} already holds checkpoints ({existing[-1].name} the newest): continue "
                               "that run with --resume latest, or give this one its own train.output_dir")
+        own = (self.out / CHECKPOINT_DIR).resolve()
+        if resume_from is not None and existing and Path(resume_from).resolve().parent != own:
+            # Its checkpoints would be superseded and pruned by another run's: the two would mix.
+            raise ConfigError(f"--resume {resume_from} is not a checkpoint of {self.out}, which holds another run's "
+                              f"checkpoints ({existing[-1].name} the newest): resuming here would mix the two runs "
+                              f"and prune that one's. Continue it in its own folder "
+                              f"(train.output_dir={Path(resume_from).resolve().parent.parent}) or give an empty one")
         self.resume_state = _read_state(resume_from) if resume_from is not None else {}
         done = int(self.resume_state.get("step", 0) or 0)
         if resume_from is not None and done >= cfg.train.max_steps:
@@ -1753,6 +1820,27 @@ class _Run:
                 shutil.rmtree(tmp)
             tmp.mkdir()
         acc.wait_for_everyone()
+        try:
+            self._fill_checkpoint(tmp, final, root, step)
+        except BaseException as exc:
+            if self.main:  # a part-written checkpoint holds the space it took, and no resume can use it
+                shutil.rmtree(tmp, ignore_errors=True)
+            if not _is_write_failure(exc):
+                raise
+            kept = latest_checkpoint(self.out)
+            raise CheckpointWriteError(
+                f"writing checkpoint step {step} into {root} failed ({_first_line(exc)}); the part written is "
+                f"removed. " + (f"The last complete checkpoint is {kept}: " if kept else "No checkpoint is kept yet: ")
+                + "free some space (or fix the folder) and continue with --resume latest") from exc
+        acc.wait_for_everyone()
+        if self.fixed_t5 is not None:
+            self.conditioning_path = str(final / CONDITIONING_FILE)
+        return final
+
+    def _fill_checkpoint(self, tmp: Path, final: Path, root: Path, step: int) -> None:
+        """:meth:`_write_checkpoint`'s writes: the accelerate state into ``tmp``, then (main) the
+        config, conditioning and state, the rename to ``final`` and the pruning."""
+        acc = self.accelerator
         # DeepSpeed writes its own model checkpoint: leave the frozen 12B base out of it.
         extra = {"exclude_frozen_parameters": True} if self._distributed("DEEPSPEED") else {}
         acc.save_state(str(tmp), safe_serialization=True, **extra)
@@ -1790,10 +1878,6 @@ class _Run:
             for stale in list_checkpoints(self.out)[:-self.cfg.checkpoint.keep_last]:
                 shutil.rmtree(stale, ignore_errors=True)
             self._info(f"checkpoint {final}")
-        acc.wait_for_everyone()
-        if self.fixed_t5 is not None:
-            self.conditioning_path = str(final / CONDITIONING_FILE)
-        return final
 
     def _apply_optim_config(self) -> None:
         """After a resume: the config's lr, betas, weight decay and eps, not the checkpoint's.
@@ -2176,7 +2260,11 @@ def train(config: TrainConfig, stop_check: Optional[Callable[[int], bool]] = Non
     if not isinstance(config, TrainConfig):
         raise TypeError(f"train() takes a TrainConfig, got {type(config).__name__}")
     check_config(config)
-    return _Run(config, stop_check).run()
+    run = _Run(config, stop_check)
+    try:
+        return run.run()
+    finally:
+        run.release_run_lock()
 
 
 __all__ = ["TrainConfig", "ModelConfig", "LoraConfig", "SettingsConfig", "DataConfig", "LossConfig",
