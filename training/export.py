@@ -218,7 +218,7 @@ def export_student(checkpoint: str | os.PathLike, output_dir: str | os.PathLike,
                   extra_metadata={"fluxsr.step": str(step), "fluxsr.weights": "ema" if use_ema else "raw",
                                   "fluxsr.transformer": os.path.basename(os.path.normpath(cfg.model.transformer))})
         save_bundle(staged[1], b.t5, b.clip_pooled, settings,
-                    prompt=prompt or f"FluxSR student conditioning (from {os.path.basename(cond_src)})")
+                    prompt=prompt)  # none recorded: none claimed (a file name is no prompt)
         for tmp, target in zip(staged, targets):
             os.replace(tmp, target)
     finally:

@@ -1712,7 +1712,7 @@ class _Run:
                 log.warning("the bundle's run settings differ from the training config: %s; training uses the "
                             "config's, and the exported files will carry them", "; ".join(differ))
             t5, clip = self.fixed_bundle.t5, self.fixed_bundle.clip_pooled
-            self.conditioning_prompt = bundle_prompt(cfg.data.conditioning) or f"bundle {cfg.data.conditioning}"
+            self.conditioning_prompt = bundle_prompt(cfg.data.conditioning)  # None when it records none
             self.conditioning_source = f"bundle {os.path.abspath(cfg.data.conditioning)}"
         else:
             # the conditionings this run's pairs use (a cond file stored ahead for pairs a killed or
