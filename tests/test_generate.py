@@ -744,13 +744,15 @@ def test_disk_full_making_the_output_folder_or_lock_file_is_one_message(inputs, 
             raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC), str(path))
         mkdir(path, *a, **k)
 
+    from fluxsr_core import files  # where the writers' lock files are opened
+
     def open_but_no_lock_file(path, *a, **k):
         if Path(path).name.startswith(".lock-"):
             raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC), str(path))
         return open(path, *a, **k)
 
     for patch, failed in (((os, "mkdir", full_at_the_output), out),
-                          ((P, "open", open_but_no_lock_file), out / ".lock-node-rank0")):
+                          ((files, "open", open_but_no_lock_file), out / ".lock-node-rank0")):
         monkeypatch.setattr(*patch, raising=False)
         assert cli_main(args) == 2
         assert capsys.readouterr().err == f"fluxsr-train pairs: error: no space left on device writing {failed}; {hint}\n"
