@@ -409,10 +409,6 @@ def _prepare_run(args, log):
             "Pass --transformer/--vae/--lora/--conditioning for real results.")
     elif missing:
         raise UsageError(f"missing {', '.join(missing)}\n\n{MODEL_FILES_HELP}")
-    try:  # what a GGUF transformer cannot do, before the minutes of loading
-        models.check_gguf_options(args.transformer, args.memory_mode, args.speedups)
-    except ValueError as exc:
-        raise UsageError(str(exc)) from None
     device = models.resolve_device(args.device)
     dtype = models.resolve_dtype(args.dtype, device)
     cond_bundle = bundle_mod.load_bundle(args.conditioning)
@@ -442,7 +438,7 @@ def _load_pipeline(args, tiling, log, cond_bundle, settings, device, dtype):
     from . import models
 
     if args.memory_mode == "auto":  # said before the minutes of loading, not after
-        args.memory_mode, why = models.choose_memory_mode(args.transformer, args.vae, dtype, device)
+        args.memory_mode, why = models.choose_memory_mode(args.transformer, args.vae, dtype, device, lora=args.lora)
         log(f"fluxsr: memory mode {args.memory_mode} (auto: {why})")
     try:
         loaded = models.load_models(args.transformer, args.vae, args.memory_mode, dtype, device, lora=args.lora,
@@ -453,6 +449,13 @@ def _load_pipeline(args, tiling, log, cond_bundle, settings, device, dtype):
 
         if not is_out_of_memory(exc):
             raise
+        from .weights import is_gguf_file
+
+        if is_gguf_file(args.transformer):
+            raise UsageError(f"the models do not fit on {device} with --memory-mode {args.memory_mode} "
+                             f"({type(exc).__name__}); a GGUF transformer takes about its file's size there: use "
+                             "--memory-mode group_offload, which keeps it in RAM, or a smaller quantisation "
+                             "(e.g. Q4_K_S)") from None
         raise UsageError(f"the models do not fit on {device} with --memory-mode {args.memory_mode} "
                          f"({type(exc).__name__}); FLUX.1-dev needs 22.3 GiB for its weights in bf16, "
                          f"14.3 GiB with --memory-mode fp8_storage, 11.2 GiB with fp8_storage_all, and "
@@ -499,7 +502,7 @@ def run_upscale(args) -> int:
     image; returns the exit code (0 all done, 1 some failed, 130/143 interrupted)."""
     from .flow import check_t_l
     from .images import load_image, probe_image
-    from .models import parse_speedups
+    from .models import check_gguf_options, parse_speedups
     from .upscaler import UpscaleOptions, output_size, upscale_loaded_image
 
     quiet = args.quiet
@@ -510,7 +513,13 @@ def run_upscale(args) -> int:
     tiling = _tiling_from_args(args)
     if args.t_l is not None:
         check_t_l(args.t_l)  # before minutes of model loading, not after
-    # before the loading, too (load_models checks again once auto has chosen the memory mode)
+    # before the loading, too (load_models checks again once auto has chosen the memory mode);
+    # what a GGUF transformer cannot do first, so that its advice is not one GGUF cannot take
+    if args.transformer:
+        try:
+            check_gguf_options(args.transformer, args.memory_mode, args.speedups)
+        except ValueError as exc:
+            raise UsageError(str(exc)) from None
     parse_speedups(args.speedups, merge_lora=not args.no_merge_lora, memory_mode=args.memory_mode)
     output_text = os.fspath(args.output)  # as typed: Path() would drop a trailing slash
     jobs, unreadable = collect_jobs(args.inputs, Path(output_text),
@@ -586,6 +595,10 @@ def run_upscale(args) -> int:
         return _summary(log, 0, skipped, failed_early, 0.0)
 
     velocity, codec, cond = _load_pipeline(args, tiling, log, cond_bundle, settings, device, dtype)
+    from .upscaler import CLI_GGUF_OUT_OF_MEMORY_ADVICE, CLI_OUT_OF_MEMORY_ADVICE
+    from .weights import is_gguf_file
+
+    oom_advice = CLI_GGUF_OUT_OF_MEMORY_ADVICE if is_gguf_file(args.transformer) else CLI_OUT_OF_MEMORY_ADVICE
     log(f"fluxsr: device {device}, dtype {str(dtype).replace('torch.', '')}, memory mode {args.memory_mode}; "
         f"{_describe_run(settings, args)}")
 
@@ -649,7 +662,8 @@ def run_upscale(args) -> int:
                         _bar.refresh()
 
                 result = upscale_loaded_image(loaded, velocity, codec, cond, options, progress=progress,
-                                              on_retry=on_retry, configure_codec=configure_codec)
+                                              on_retry=on_retry, configure_codec=configure_codec,
+                                              out_of_memory_advice=oom_advice)
                 if loaded.bit_depth == 16 and fmt != "png":
                     say(f"note {job.source}: its samples have more than 8 bits; {_FORMAT_NAMES[fmt]} is written with "
                         "8 (PNG keeps 16: --format png, or a .png -o)")

@@ -607,15 +607,21 @@ def weight_bytes_per_mode(transformer_config: dict, vae_bytes: int,
     return out
 
 
-def gguf_weight_bytes_per_mode(transformer_source, vae_bytes: int) -> dict[str, int]:
+def gguf_weight_bytes_per_mode(transformer_source, vae_bytes: int, lora_bytes: int = 0,
+                               dtype: Union[str, torch.dtype] = torch.bfloat16) -> dict[str, int]:
     """:func:`weight_bytes_per_mode` for a GGUF transformer, from the sizes its tensors are stored
-    in (they stay quantised on the device): only the modes of :data:`GGUF_MEMORY_MODES`."""
+    in (they stay quantised on the device), only for the modes of :data:`GGUF_MEMORY_MODES`. Two
+    costs GGUF always has are added: the LoRA, which stays an adapter (``lora_bytes``: in the
+    compute dtype, on the device with the transformer), and the weight each layer dequantises at
+    its call (the largest, as fp16 and then in the compute dtype)."""
     from .weights import gguf_transformer_bytes
 
     sizes = gguf_transformer_bytes(transformer_source)
     t_bytes = sizes["rest"] + sum(sizes["blocks"])
-    return {"none": t_bytes + vae_bytes, "model_offload": max(t_bytes, vae_bytes),
-            "group_offload": sizes["rest"] + 2 * max(sizes["blocks"], default=0)}
+    workspace = sizes["largest_quantised"] * (2 + torch.empty(0, dtype=resolve_dtype(dtype, "cpu")).element_size())
+    return {"none": t_bytes + vae_bytes + lora_bytes + workspace,
+            "model_offload": max(t_bytes + lora_bytes, vae_bytes) + workspace,
+            "group_offload": sizes["rest"] + 2 * max(sizes["blocks"], default=0) + workspace}
 
 
 def check_gguf_options(transformer_source, memory_mode: str, speedups=()) -> None:
@@ -685,18 +691,33 @@ def _vae_bytes_of(source, dtype: torch.dtype) -> int:
     return numel * torch.empty(0, dtype=dtype).element_size()
 
 
+def _lora_bytes_of(lora_source, dtype: torch.dtype) -> int:
+    """Bytes of a LoRA file's tensors in ``dtype`` (its header only); 0 without one."""
+    if lora_source is None or not Path(str(lora_source)).expanduser().is_file():
+        return 0
+    from .weights import meta_state_dict
+
+    try:
+        numel = sum(t.numel() for t in meta_state_dict(lora_source, "LoRA file").values())
+    except Exception:  # noqa: BLE001 - the LoRA loader names what is wrong with the file later
+        return 0
+    return numel * torch.empty(0, dtype=dtype).element_size()
+
+
 def choose_memory_mode(transformer_source, vae_source, dtype: Union[str, torch.dtype] = "auto",
                        device: Union[str, torch.device] = "auto",
-                       headroom_bytes: int = AUTO_HEADROOM_BYTES) -> tuple[str, str]:
+                       headroom_bytes: int = AUTO_HEADROOM_BYTES, lora=None) -> tuple[str, str]:
     """``auto``: the memory mode for these files on ``device``, read from the files' headers
-    (nothing is loaded) and the GPU's free memory: ``(mode, reason)``. Off CUDA: ``none``."""
+    (nothing is loaded) and the GPU's free memory: ``(mode, reason)``. Off CUDA: ``none``.
+    ``lora``: the LoRA file, counted for a GGUF transformer (which keeps it as an adapter)."""
     dev = resolve_device(device)
     if dev.type != "cuda":
         return "none", f"{dev.type}: the weights live in RAM whatever the mode"
     torch_dtype = resolve_dtype(dtype, dev)
     vae_bytes = _vae_bytes_of(vae_source, torch_dtype)
-    if is_gguf_file(transformer_source):
-        weights = gguf_weight_bytes_per_mode(transformer_source, vae_bytes)
+    if is_gguf_file(transformer_source):  # the LoRA stays an adapter there: it counts (merged, it adds nothing)
+        weights = gguf_weight_bytes_per_mode(transformer_source, vae_bytes, _lora_bytes_of(lora, torch_dtype),
+                                             torch_dtype)
     else:
         weights = weight_bytes_per_mode(transformer_config_of(transformer_source), vae_bytes, torch_dtype)
     free, _ = torch.cuda.mem_get_info(dev)
@@ -1200,7 +1221,7 @@ def load_models(transformer_source: PathLike, vae_source: PathLike, memory_mode:
     torch_dtype = resolve_dtype(dtype, dev)
     reason = "given"
     if memory_mode == "auto":
-        memory_mode, reason = choose_memory_mode(transformer_source, vae_source, torch_dtype, dev)
+        memory_mode, reason = choose_memory_mode(transformer_source, vae_source, torch_dtype, dev, lora=lora)
     if memory_mode not in MEMORY_MODES:
         raise ValueError(f"unknown memory mode {memory_mode!r}; use auto or one of {', '.join(MEMORY_MODES)}")
     check_gguf_options(transformer_source, memory_mode, speedups)

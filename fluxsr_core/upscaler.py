@@ -129,6 +129,9 @@ class NonFiniteResultError(RuntimeError):
 
 
 CLI_OUT_OF_MEMORY_ADVICE = "try --memory-mode fp8_storage_all or group_offload, or a smaller output size"
+# A GGUF transformer cannot take the fp8 modes: its own ways to need less
+CLI_GGUF_OUT_OF_MEMORY_ADVICE = ("try --memory-mode group_offload, a smaller quantisation of FLUX.1-dev (e.g. Q4_K_S), "
+                                 "or a smaller output size")
 
 
 def upscale_tensor_with_retry(
@@ -210,6 +213,7 @@ def upscale_loaded_image(
     cancel_check: Optional[CancelCheck] = None,
     on_retry: Optional[Callable[[TilingConfig, BaseException], None]] = None,
     configure_codec: Optional[Callable[[TilingConfig], None]] = None,
+    out_of_memory_advice: str = CLI_OUT_OF_MEMORY_ADVICE,
 ) -> UpscaledImage:
     """Upscale a :class:`fluxsr_core.images.LoadedImage`: colour through the model, alpha apart.
 
@@ -218,7 +222,7 @@ def upscale_loaded_image(
     as from the ComfyUI node: the model may tint it. Grey-mode files are written as one luma
     channel by :func:`images.save_image` instead."""
     rgb, used = upscale_tensor_with_retry(loaded.rgb, model, codec, cond, options, progress,
-                                          cancel_check, on_retry, configure_codec)
+                                          cancel_check, on_retry, configure_codec, out_of_memory_advice)
     gray_in_color = not loaded.grayscale and images.is_gray(loaded.rgb)
     if gray_in_color:
         rgb = images.luma(rgb).clamp(0, 1).expand(-1, 3, -1, -1)

@@ -24,11 +24,13 @@ from __future__ import annotations
 
 import hashlib
 import json
+import math
 import pickle
 import re
+from collections import Counter
 from importlib import resources
 from pathlib import Path
-from typing import Iterable, Mapping, Optional, Union
+from typing import Any, Iterable, Mapping, Optional, Union
 
 import torch
 
@@ -260,12 +262,14 @@ def gguf_transformer_config(path: PathLike, what: str = "transformer file") -> d
     return infer_transformer_config(meta)
 
 
-def gguf_transformer_bytes(path: PathLike, what: str = "transformer file") -> dict[str, int]:
-    """Bytes of each tensor of a GGUF transformer as stored (quantised), under diffusers' keys' block
-    prefixes: ``{"blocks": [bytes per block...], "rest": bytes}``, for the memory-mode choice."""
+def gguf_transformer_bytes(path: PathLike, what: str = "transformer file") -> dict[str, Any]:
+    """Bytes of a GGUF transformer's tensors as stored (quantised), for the memory-mode choice:
+    ``{"blocks": [bytes per block...], "rest": bytes, "largest_quantised": elements}`` (the
+    largest quantised tensor's element count: each call dequantises one weight at a time)."""
     header = read_gguf_header(path, what)
     blocks: dict[str, int] = {}
     rest = 0
+    largest = max((math.prod(shape) for q, shape, _ in header.values() if q not in ("F32", "F16")), default=0)
     for key, (_, _, n) in header.items():
         key = next((key[len(pre):] for pre in TRANSFORMER_PREFIXES if key.startswith(pre)), key)
         m = re.match(r"((?:double_blocks|single_blocks|transformer_blocks|single_transformer_blocks)\.\d+)\.", key)
@@ -273,23 +277,49 @@ def gguf_transformer_bytes(path: PathLike, what: str = "transformer file") -> di
             blocks[m.group(1)] = blocks.get(m.group(1), 0) + n
         else:
             rest += n
-    return {"blocks": list(blocks.values()), "rest": rest}
+    return {"blocks": list(blocks.values()), "rest": rest, "largest_quantised": largest}
+
+
+def _gguf_tensors(path: Path, what: str) -> dict[str, torch.Tensor]:
+    """A GGUF file's tensors as views of the memory-mapped file, as diffusers' ``load_gguf_checkpoint``
+    types them (quantised and BF16 ones as its ``GGUFParameter``, F32/F16 as plain tensors). Ours
+    because that function copies every tensor: the whole file (12.7 GB for Q8_0) in RAM before a
+    byte reaches the GPU; mapped, the file only passes through the page cache."""
+    import warnings
+
+    import gguf
+    from diffusers.quantizers.gguf.utils import GGUFParameter
+
+    plain = {gguf.GGMLQuantizationType.F32, gguf.GGMLQuantizationType.F16}
+    out: dict[str, torch.Tensor] = {}
+    with warnings.catch_warnings():  # read-only views: nothing writes into the base weights
+        warnings.filterwarnings("ignore", message="The given NumPy array is not writable")
+        for t in _gguf_reader(path, what).tensors:
+            data = torch.from_numpy(t.data)
+            out[t.name] = data if t.tensor_type in plain else GGUFParameter(data, quant_type=t.tensor_type)
+    return out
 
 
 def read_gguf_transformer(path: PathLike, what: str = "transformer file") -> tuple[dict[str, torch.Tensor], dict]:
     """A GGUF FLUX transformer as ``(diffusers-keyed state dict, diffusers config)``: the quantised
-    tensors stay quantised (diffusers' ``GGUFParameter``; the file's bytes, in RAM), the rest as stored."""
-    from diffusers.models.model_loading_utils import load_gguf_checkpoint
+    tensors stay quantised (diffusers' ``GGUFParameter``), views of the memory-mapped file. Keys that
+    do not make up exactly the model the config describes raise :class:`CorruptWeightsError`."""
+    from accelerate import init_empty_weights
+    from diffusers import FluxTransformer2DModel
 
     p = Path(path).expanduser()
     config = gguf_transformer_config(p, what)
-    try:
-        sd = load_gguf_checkpoint(str(p), return_tensors=True)
-    except (ValueError, OSError) as exc:
-        raise CorruptWeightsError(f"{what} {p} cannot be read as GGUF; re-download it (diffusers said: {exc})") from None
-    sd = _select_transformer_keys(sd)
+    sd = _select_transformer_keys(_gguf_tensors(p, what))
     if identify_checkpoint(sd.keys()) == "flux-transformer-bfl":
         sd = _convert_bfl_transformer(sd)  # row splits and concatenations keep the quantisation blocks whole
+    with init_empty_weights():
+        expected = set(FluxTransformer2DModel.from_config(config).state_dict())
+    missing, unexpected = sorted(expected - set(sd)), sorted(set(sd) - expected)
+    if missing or unexpected:  # diffusers' loader would hand such a dict to its BFL converter, or leave meta weights
+        raise CorruptWeightsError(
+            f"{what} {p} does not fit a FLUX transformer with the config read from it: missing {missing[:5]}"
+            f"{'...' if len(missing) > 5 else ''}, unexpected {unexpected[:5]}{'...' if len(unexpected) > 5 else ''}. "
+            f"The file is incomplete or a variant FluxSR does not load")
     return sd, config
 
 
@@ -913,7 +943,14 @@ def vae_state_dict_to_bfl(sd: Mapping[str, torch.Tensor]) -> dict[str, torch.Ten
 
 
 def describe_file(path: PathLike) -> str:
-    """One line saying what a safetensors file holds (kind, tensor count, dtypes)."""
+    """One line saying what a safetensors or GGUF file holds (kind, tensor count, dtypes or
+    quantisation types)."""
+    if is_gguf_file(path):
+        header = read_gguf_header(path)
+        kind = identify_checkpoint(header)
+        counts = Counter(q for q, _, _ in header.values())
+        types = ", ".join(f"{q} x{n}" for q, n in counts.most_common())
+        return f"{Path(path).name}: GGUF, {KIND_DESCRIPTIONS.get(kind, kind)}; {len(header)} tensors, {types}"
     info, _ = read_safetensors_header(path)
     kind = identify_checkpoint(info)
     dtypes = sorted({d for d, _ in info.values()})

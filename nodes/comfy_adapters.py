@@ -383,6 +383,30 @@ def model_patches(model: Any) -> tuple[int, str]:
     return len(found), digest.hexdigest()[:8]
 
 
+_FLOAT_GGUF_TYPES = ("F32", "F16", "BF16")
+
+
+def model_weight_storage(model: Any) -> str:
+    """How a ComfyUI MODEL stores its diffusion model's weights, as pairs record it: ``"full"``,
+    ``"fp8"`` (UNETLoader's fp8 weight dtypes) or ``"gguf-<types>"`` (ComfyUI-GGUF's GGMLTensor
+    weights, e.g. ``gguf-Q8_0``). Both quantisations change the numbers a teacher samples."""
+    diffusion = getattr(getattr(model, "model", None), "diffusion_model", None)
+    if not isinstance(diffusion, torch.nn.Module):
+        return "full"
+    quantised, fp8 = set(), False
+    for param in diffusion.parameters():
+        tensor_type = getattr(param, "tensor_type", None)
+        if tensor_type is not None:
+            name = str(getattr(tensor_type, "name", tensor_type))
+            if name not in _FLOAT_GGUF_TYPES:
+                quantised.add(name)
+        elif param.dtype in (torch.float8_e4m3fn, torch.float8_e5m2):
+            fp8 = True
+    if quantised:
+        return "gguf-" + "+".join(sorted(quantised))
+    return "fp8" if fp8 else "full"
+
+
 def apply_lora(model: Any, lora_state_dict: dict, strength: float, name: str) -> Any:
     """``model`` with the LoRA patched in by ComfyUI (as LoraLoaderModelOnly does); a clone.
 

@@ -89,26 +89,32 @@ def sample_teacher(velocity: Any, codec: Any, cond: Any, seed: int, steps: int, 
 
 
 def teacher_pair_id(cond_key: str, seed: int, width: int, height: int, steps: int, guidance: float,
-                    patches: str = "") -> str:
+                    patches: str = "", weights: str = "full") -> str:
     """The pair id: the same conditioning, seed, size, steps and guidance (and, for a patched
-    MODEL, the same patches: :func:`~.comfy_adapters.model_patches`) give the same pair."""
+    MODEL, the same patches: :func:`~.comfy_adapters.model_patches`; for quantised weights, the
+    same storage: :func:`~.comfy_adapters.model_weight_storage`) give the same pair."""
     pid = f"c{cond_key}-s{int(seed)}-{int(width)}x{int(height)}-n{int(steps)}-g{float(guidance):g}"
-    return f"{pid}-p{patches}" if patches else pid
+    if patches:
+        pid += f"-p{patches}"
+    return pid if weights == "full" else f"{pid}-w{weights}"
 
 
 def write_pair(folder: str, result: TeacherResult, core_cond: Any, seed: int, steps: int,
-               width: int, height: int, patches: tuple[int, str] = (0, "")) -> tuple[str, Optional[str]]:
+               width: int, height: int, patches: tuple[int, str] = (0, ""),
+               weights: str = "full") -> tuple[str, Optional[str]]:
     """Add the pair to ``folder`` as one new shard; returns ``(pair_id, shard name or None)``.
 
     None means the same pair was already stored (re-running a graph never duplicates pairs).
-    ``patches``: :func:`~.comfy_adapters.model_patches` of the teacher MODEL, kept in the id and the metadata.
+    ``patches``: :func:`~.comfy_adapters.model_patches` of the teacher MODEL, kept in the id and the metadata;
+    ``weights``: its :func:`~.comfy_adapters.model_weight_storage`, recorded as ``teacher_weights`` (and in
+    the id, when not ``full``).
     """
     key = pairs.conditioning_key(core_cond.t5.reshape(-1, core_cond.t5.shape[-1]),
                                  core_cond.clip_pooled.reshape(-1))
-    pid = teacher_pair_id(key, seed, width, height, steps, core_cond.guidance, patches[1])
+    pid = teacher_pair_id(key, seed, width, height, steps, core_cond.guidance, patches[1], weights)
     meta = {"seed": int(seed), "width": int(width), "height": int(height), "steps": int(steps),
             "guidance": float(core_cond.guidance), "sigmas": [float(s) for s in result.sigmas],
-            "source": "ComfyUI FluxSRTeacherSampler"}
+            "source": "ComfyUI FluxSRTeacherSampler", "teacher_weights": weights}
     if patches[0]:
         meta.update(teacher_patched_weights=int(patches[0]), teacher_patches=patches[1])
     writer_id = ("comfyui-" + pairs.default_writer_id())[:100]
@@ -281,12 +287,17 @@ class FluxSRTeacherSampler:
             log.warning("FluxSR teacher: the MODEL carries patches on %d weights (a LoRA?); FluxSR's teacher is "
                         "plain FLUX.1-dev. Pairs from it are stored under their own ids (suffix -p%s).",
                         patches[0], patches[1])
+        storage = comfy_adapters.model_weight_storage(model)
+        if storage != "full":
+            log.warning("FluxSR teacher: the MODEL's weights are stored as %s, which changes the teacher's samples "
+                        "(FluxSR distils FLUX.1-dev; fluxsr-train pairs refuses GGUF). Pairs from it record "
+                        "teacher_weights %s and are stored under their own ids (suffix -w%s).", storage, storage, storage)
         result = sample_teacher(velocity, codec, conditioning, int(seed), int(steps), int(width), int(height),
                                 int(trajectory_previews), progress=progress.for_item(0),
                                 cancel_check=comfy_adapters.cancel_check)
         if folder is not None:
             pid, shard = write_pair(folder, result, core_cond, int(seed), int(steps), int(width), int(height),
-                                    patches)
+                                    patches, storage)
             _folder_written(folder)
             if shard:
                 log.info("FluxSR teacher: pair %s written to %s (%s)", pid, folder, shard)

@@ -49,9 +49,15 @@ def _make_tiny_files(folder: Path) -> TinyModelFiles:
                           folder / "fluxsr-lora.safetensors", folder / "fluxsr-bundle.safetensors")
 
 
+# What city96's patched llama-quantize leaves unquantised in a FLUX file (ComfyUI-GGUF's
+# tools/lcpp.patch): they stay as in the BF16 file convert.py wrote first.
+GGUF_FLUX_UNQUANTISED = ("txt_in.", "img_in.", "time_in.", "vector_in.", "guidance_in.", "final_layer.")
+
+
 def write_gguf(state_dict: dict, path: Path, qtype_name: str = "Q8_0") -> dict:
     """``state_dict`` (BFL keys) as a GGUF file by the rules of ComfyUI-GGUF's ``tools/convert.py``
-    (architecture "flux"; 1-D tensors and those of at most 1024 elements in F32, the rest in
+    and its llama-quantize patch (architecture "flux"; 1-D tensors and those of at most 1024
+    elements in F32, the layers of :data:`GGUF_FLUX_UNQUANTISED` in BF16, the rest in
     ``qtype_name``); returns the dequantised tensors as diffusers computes with them (fp32;
     Q8_0's fp16 scale times its int8 values is a product in fp16 there, so rounded to fp16)."""
     import gguf
@@ -63,7 +69,12 @@ def write_gguf(state_dict: dict, path: Path, qtype_name: str = "Q8_0") -> dict:
     dequantized = {}
     for key, tensor in state_dict.items():
         data = tensor.to(torch.float32).numpy()
-        kind = gguf.GGMLQuantizationType.F32 if data.ndim == 1 or data.size <= 1024 else qtype
+        if data.ndim == 1 or data.size <= 1024:
+            kind = gguf.GGMLQuantizationType.F32
+        elif key.startswith(GGUF_FLUX_UNQUANTISED):
+            kind = gguf.GGMLQuantizationType.BF16
+        else:
+            kind = qtype
         packed = gguf.quants.quantize(data, kind)
         writer.add_tensor(key, packed, raw_dtype=kind)
         exact = torch.from_numpy(np.ascontiguousarray(gguf.quants.dequantize(packed, kind)).reshape(data.shape))

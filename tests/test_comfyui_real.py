@@ -367,6 +367,32 @@ def test_teacher_workflow_writes_a_pair(server, datasets_root):
     assert not (server.base / "output" / ".." / ".." / "escaped_pairs").exists()
 
 
+def test_a_gguf_teacher_records_its_weights(server, models_dir, datasets_root, object_info):
+    """ComfyUI-GGUF's loader feeding the Teacher Sampler: its pairs say teacher_weights gguf-Q8_0
+    and keep ids of their own (a quantised teacher samples other targets)."""
+    if not GGUF_PACK:
+        pytest.skip("set COMFYUI_GGUF_DIR to a ComfyUI-GGUF checkout")
+    pytest.importorskip("gguf")
+    from fluxsr_core.pairs import PairDataset
+
+    assert "UnetLoaderGGUF" in object_info
+    api = read_workflow("fluxsr_teacher_pairs_api")
+    for nid in ("2", "3", "4"):
+        del api[nid]
+    api["4"] = {"class_type": "FluxSRConditioning", "inputs": {"bundle": "x", "guidance": 3.5}}
+    prompt = with_test_files(api)
+    prompt["1"] = {"class_type": "UnetLoaderGGUF", "inputs": {"unet_name": weights.make_gguf(models_dir)["gguf"].name}}
+    folder = datasets_root / "gguf-pairs"
+    prompt["6"]["inputs"].update(steps=2, width=64, height=64, trajectory_previews=0, seed=3,
+                                 dataset_folder=str(folder))
+    prompt["7"]["inputs"]["filename_prefix"] = "gguf-teacher"
+    server.run(prompt, timeout=900)
+    data = PairDataset(folder)
+    assert len(data) == 1 and data[0]["meta"]["teacher_weights"] == "gguf-Q8_0"
+    assert data.ids[0].endswith("-wgguf-Q8_0")
+    assert "stored as gguf-Q8_0, which changes the teacher's samples" in server.log_text()
+
+
 def test_interrupt_mid_upscale_then_next_prompt_runs(server, input_image):
     _, name = input_image
     prompt = with_test_files(read_workflow("fluxsr_upscale_tiled_api"), name)

@@ -897,6 +897,43 @@ def test_teacher_sampler_is_the_core_sampler(pack, tiny, fake_comfy, tmp_path, m
     assert len(data) == 3
     patched = [data[i]["meta"] for i in range(3) if "teacher_patches" in data[i]["meta"]]
     assert len(patched) == 1 and patched[0]["teacher_patched_weights"] == 1 and patched[0]["seed"] == 11
+    assert {data[i]["meta"]["teacher_weights"] for i in range(3)} == {"full"}
+
+
+def test_a_quantised_teacher_model_is_recorded_and_kept_apart(pack, tiny, fake_comfy, tmp_path, monkeypatch, caplog):
+    """ComfyUI-GGUF's weights (GGMLTensor, with a tensor_type) and UNETLoader's fp8 change the
+    teacher's numbers: warned about, recorded as teacher_weights, under ids of their own."""
+    import logging
+
+    pairs = sub(pack, "fluxsr_core.pairs")
+    teacher = sub(pack, "nodes.teacher")
+    adapters = sub(pack, "nodes.comfy_adapters")
+    monkeypatch.setenv(teacher.DATASET_ROOTS_ENV, str(tmp_path))
+    node = pack.NODE_CLASS_MAPPINGS["FluxSRTeacherSampler"]()
+    cond = tiny_conditioning(pack, guidance=3.0)
+    patcher = FakePatcher(tiny.velocity, fake_comfy.CONST)
+    assert adapters.model_weight_storage(patcher) == "full"  # no diffusion_model to look at
+    diffusion = torch.nn.Sequential(torch.nn.Linear(4, 4), torch.nn.LayerNorm(4))
+    patcher.model.diffusion_model = diffusion
+    assert adapters.model_weight_storage(patcher) == "full"
+    diffusion[0].weight.tensor_type = types.SimpleNamespace(name="Q8_0")  # as ComfyUI-GGUF's GGMLTensor
+    diffusion[1].weight.tensor_type = types.SimpleNamespace(name="F32")
+    assert adapters.model_weight_storage(patcher) == "gguf-Q8_0"
+    caplog.set_level(logging.WARNING, logger="fluxsr")
+    for _ in range(2):  # the same quantised pair twice: stored once
+        node.sample(patcher, cond, FakeVAE(tiny.vae), seed=5, steps=2, width=32, height=32, trajectory_previews=0,
+                    dataset_folder=str(tmp_path / "pairs"))
+    assert "stored as gguf-Q8_0, which changes the teacher's samples" in caplog.text
+    del patcher.model.diffusion_model
+    node.sample(patcher, cond, FakeVAE(tiny.vae), seed=5, steps=2, width=32, height=32, trajectory_previews=0,
+                dataset_folder=str(tmp_path / "pairs"))
+    data = pairs.PairDataset(tmp_path / "pairs")
+    assert sorted(data[i]["meta"]["teacher_weights"] for i in range(len(data))) == ["full", "gguf-Q8_0"]
+    assert sorted(pid.endswith("-wgguf-Q8_0") for pid in data.ids) == [False, True]
+    fp8 = torch.nn.Linear(4, 4)
+    fp8.weight.data = fp8.weight.data.to(torch.float8_e4m3fn)
+    patcher.model.diffusion_model = fp8
+    assert adapters.model_weight_storage(patcher) == "fp8"
 
 
 def test_teacher_dataset_folder_stays_inside_the_allowed_folders(pack, tmp_path, monkeypatch):
