@@ -26,6 +26,7 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import gc
+import importlib.util
 import json
 import os
 import platform
@@ -481,9 +482,12 @@ def main(argv=None) -> int:
     parser.add_argument("--out", type=Path, default=Path("bench/results"), help="folder for the JSON/markdown report")
     parser.add_argument("--teacher-steps", type=int, default=28)
     parser.add_argument("--threads", type=int, default=None, help="CPU threads (default: all cores)")
-    parser.add_argument("--memory-modes", default="none,fp8_storage,fp8_storage_all,group_offload,model_offload",
-                        help="full size and --tiny: memory modes to measure ('' for none; model_offload last: "
-                             "it copies the whole transformer to and from the GPU at every VAE call)")
+    parser.add_argument("--memory-modes", default="none,fp8_storage,fp8_storage_all,group_offload,model_offload,"
+                                                  "gguf_q8_0",
+                        help="full size and --tiny: memory modes to measure ('' for none; model_offload late: "
+                             "it copies the whole transformer to and from the GPU at every VAE call; gguf_q8_0: "
+                             "the weights quantised to Q8_0 as city96's GGUF files are, through diffusers' GGUF "
+                             "layers, all on the device)")
     parser.add_argument("--speedups", default=None,
                         help="speed-ups to measure against the unchanged models, comma-separated, from "
                              "fuse_qkv, channels_last_vae, tile_batch, tile_fit, flash_attention, cudnn_attention, "
@@ -605,6 +609,9 @@ def main(argv=None) -> int:
         report["tiling_throughput"] = tiling_throughput(velocity, cond, profile["lr"] * 2, tiles, 2)
         save()
     modes = [m.strip() for m in args.memory_modes.split(",") if m.strip()]
+    if "gguf_q8_0" in modes and importlib.util.find_spec("gguf") is None:
+        print("memory mode gguf_q8_0 left out: the gguf package is not installed (bench/fetch_device_wheels.sh)")
+        modes.remove("gguf_q8_0")
     if full_report:
         # The memory modes go before the speed-ups (the issue's goals first, should a lease's
         # time run out); each starts from CPU weights, as after loading a file.
@@ -693,9 +700,40 @@ def markdown_activations(a: dict, profile: str) -> str:
     return "\n".join(lines) + "\n"
 
 
+# diffusers' names of the layers city96's llama-quantize patch keeps unquantised in FLUX files
+# (BFL img_in, txt_in, time_in, vector_in, guidance_in, final_layer)
+_GGUF_UNQUANTISED = ("x_embedder.", "context_embedder.", "time_text_embed.", "norm_out.", "proj_out.")
+
+
+def quantize_q8_0(weight: torch.Tensor):
+    """``weight`` ``[rows, cols]`` (cols a multiple of 32) as GGUF Q8_0 blocks, on its device: per
+    32 values an fp16 scale (max |w| / 127) and 32 int8s, as gguf-py's quantiser lays them out;
+    a diffusers ``GGUFParameter`` of ``[rows, cols / 32 * 34]`` bytes."""
+    import gguf
+    from diffusers.quantizers.gguf.utils import GGUFParameter
+
+    blocks = weight.float().reshape(-1, 32)
+    scale = blocks.abs().amax(dim=1, keepdim=True) / 127
+    q = torch.where(scale > 0, blocks / scale.clamp_min(1e-30), 0).round().clamp(-127, 127).to(torch.int8)
+    packed = torch.cat([scale.half().view(torch.uint8), q.view(torch.uint8)], dim=1)
+    return GGUFParameter(packed.reshape(weight.shape[0], -1), quant_type=gguf.GGMLQuantizationType.Q8_0)
+
+
+def gguf_q8_0_transformer(state: dict, config: dict, dtype: torch.dtype, device: torch.device):
+    """The transformer of ``state`` quantised as a city96 Q8_0 file is (block linears in Q8_0; 1-D
+    tensors, small ones and :data:`_GGUF_UNQUANTISED` as they are), built by ``models.gguf_transformer``
+    straight onto ``device``: what ``fluxsr upscale --transformer flux1-dev-Q8_0.gguf`` runs."""
+    quantised = {}
+    for key, tensor in state.items():
+        keep = tensor.ndim != 2 or tensor.numel() <= 1024 or tensor.shape[1] % 32 or key.startswith(_GGUF_UNQUANTISED)
+        quantised[key] = tensor.to(device) if keep else quantize_q8_0(tensor.to(device))
+    return models.gguf_transformer(quantised, config, dtype, device)
+
+
 def memory_mode(states, profile, device, dtype, mode: str, tiles: TilingConfig) -> dict:
     """Peak memory and time of one x4 upscale to twice the base side (full size: 2048 px, tiled)
-    under one memory mode, with fresh models over the CPU weights ``states``."""
+    under one memory mode, with fresh models over the CPU weights ``states``; ``gguf_q8_0``: the
+    transformer quantised to Q8_0 (:func:`gguf_q8_0_transformer`), both models on the device."""
     gc.collect()
     leftover = None
     if device.type == "cuda":
@@ -703,6 +741,10 @@ def memory_mode(states, profile, device, dtype, mode: str, tiles: TilingConfig) 
         leftover = torch.cuda.memory_allocated(device)  # should be ~0: counted in peak_total_bytes
     transformer, vae = (from_state(cls, cfg, sd) for cls, cfg, sd in states)
     t0 = now()
+    if mode == "gguf_q8_0":
+        (_, t_config, t_state), _ = states
+        transformer = gguf_q8_0_transformer(t_state, t_config, dtype, device)
+        mode = "none"
     models.apply_memory_mode(transformer, vae, mode, device)
     place_s = now() - t0
     velocity = models.DiffusersVelocity(transformer, compute_dtype=dtype)

@@ -297,14 +297,21 @@ def _load_gguf(path: Path, dtype: torch.dtype, device: Optional[torch.device]):
     ``dtype`` at each call, so the weights stay as small as the file. diffusers' ``from_single_file``
     gets the state dict with our keys and a config read off the file (written to a temporary
     folder, as it wants one), so nothing is looked up on the hub."""
+    from .weights import read_gguf_transformer
+
+    state_dict, config = read_gguf_transformer(path, "transformer file")
+    return gguf_transformer(state_dict, config, dtype, device)
+
+
+def gguf_transformer(state_dict: dict, config: dict, dtype: torch.dtype, device: Optional[torch.device] = None):
+    """A ``FluxTransformer2DModel`` over a diffusers-keyed state dict whose quantised tensors are
+    diffusers' ``GGUFParameter`` (:func:`~fluxsr_core.weights.read_gguf_transformer`), built by
+    diffusers' GGUF quantiser: its linears dequantise to ``dtype`` at each call."""
     import json
     import tempfile
 
     from diffusers import FluxTransformer2DModel, GGUFQuantizationConfig
 
-    from .weights import read_gguf_transformer
-
-    state_dict, config = read_gguf_transformer(path, "transformer file")
     with tempfile.TemporaryDirectory(prefix="fluxsr-gguf-config-") as folder:
         Path(folder, "config.json").write_text(json.dumps({"_class_name": "FluxTransformer2DModel", **config}),
                                                encoding="utf-8")
@@ -1265,5 +1272,5 @@ __all__ = ["resolve_device", "resolve_dtype", "load_transformer", "load_vae", "l
            "set_attention_backend",
            "apply_speedups", "DiffusersVelocity", "DiffusersCodec", "build_models", "MEMORY_MODES", "FP8_MODES",
            "SPEEDUPS", "param_bytes", "transformer_config_of", "weight_bytes_per_mode", "pick_memory_mode", "choose_memory_mode",
-           "AUTO_HEADROOM_BYTES", "is_gguf_model", "check_gguf_options", "gguf_weight_bytes_per_mode",
+           "AUTO_HEADROOM_BYTES", "is_gguf_model", "gguf_transformer", "check_gguf_options", "gguf_weight_bytes_per_mode",
            "GGUF_MEMORY_MODES", "GGUF_REFUSED_SPEEDUPS"]

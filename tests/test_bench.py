@@ -31,7 +31,8 @@ def test_tiny_benchmark_writes_a_complete_report(tmp_path):
     eff = report["transformer_efficiency"]
     assert eff["flops_counted"] == pytest.approx(eff["flops"], rel=0.1)  # tiny: modulation and embedders weigh more
     assert eff["upscale_over_transformer_flops"] > 1 and eff["vae"]["vae_decode"]["flops"] > 0
-    assert set(report["memory_modes"]) == {"none", "fp8_storage", "fp8_storage_all", "model_offload", "group_offload"}
+    assert set(report["memory_modes"]) == {"none", "fp8_storage", "fp8_storage_all", "model_offload", "group_offload",
+                                           "gguf_q8_0"}
     assert all(v["out"] == 128 for v in report["memory_modes"].values())  # at the larger size
     loaded = report["load_from_file"]
     assert loaded["file_bytes"] > 0
@@ -290,3 +291,26 @@ def test_token_grid_error_measures_the_part_of_the_error_that_repeats_every_toke
     brighter = (ref.astype(int) + 4).astype(np.uint8)
     assert adl.token_grid_error(brighter, ref) == pytest.approx(0.0, abs=1e-9)   # an offset is no grid
     assert adl.token_grid_error(gridded[:150, :200], ref) > 3  # sizes that are no multiple of 16
+
+
+def test_the_benchs_q8_0_quantiser_is_gguf_q8_0():
+    """bench's gguf_q8_0 mode quantises random weights itself (a 12B file would take minutes to
+    write): its blocks read back, through diffusers' dequantiser, as gguf-py reads its own."""
+    gguf = pytest.importorskip("gguf")
+    import numpy as np
+    import torch
+    from diffusers.quantizers.gguf.utils import dequantize_gguf_tensor
+
+    bench = load_bench("fluxsr_bench_q8")
+    weight = torch.randn(48, 96, generator=torch.Generator().manual_seed(0)) * 0.02
+    weight[3, :32] = 0  # an all-zero block: scale 0, no division by it
+    ours = bench.quantize_q8_0(weight)
+    assert ours.shape == (48, 96 // 32 * 34) and ours.quant_type == gguf.GGMLQuantizationType.Q8_0
+    theirs = gguf.quants.quantize(weight.numpy(), gguf.GGMLQuantizationType.Q8_0)
+    ours_read = dequantize_gguf_tensor(ours).float()
+    theirs_read = torch.from_numpy(np.ascontiguousarray(
+        gguf.quants.dequantize(theirs, gguf.GGMLQuantizationType.Q8_0)).reshape(48, 96))
+    scale = weight.abs().reshape(-1, 32).amax(dim=1).max() / 127
+    assert float((ours_read - theirs_read).abs().max()) <= float(scale) * 1.01  # a rounding tie at most one step apart
+    assert float((ours_read - weight).abs().max()) <= float(scale) * 0.51  # within half a step of the input
+    assert torch.all(ours_read[3, :32] == 0)
