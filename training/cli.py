@@ -162,6 +162,11 @@ def _quote(v) -> str:
 
 # --- train ---------------------------------------------------------------------------------
 
+def _main_process() -> bool:
+    """Whether this is the job's main process (RANK 0, or no launcher)."""
+    return int(os.environ.get("RANK", "0") or 0) == 0
+
+
 def _cmd_train(args) -> int:
     from .trainer import load_train_config, train
 
@@ -186,9 +191,10 @@ def _cmd_train(args) -> int:
 
         advice = exc.advice() if isinstance(exc, TrainingInterrupted) else \
             interrupted_advice(latest_checkpoint(cfg.train.output_dir))
-        print(f"fluxsr-train train: {advice}", file=sys.stderr)
+        if _main_process():  # the launcher forwards Ctrl-C to every process: one advice per job
+            print(f"fluxsr-train train: {advice}", file=sys.stderr)
         return 130
-    if int(os.environ.get("RANK", "0") or 0) != 0:
+    if not _main_process():
         return 0  # one summary per job, from the main process
     if r.step > r.start_step or r.checkpoint:
         last = r.history[-1] if r.history else {}
