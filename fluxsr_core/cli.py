@@ -452,10 +452,11 @@ def _load_pipeline(args, tiling, log, cond_bundle, settings, device, dtype):
         from .weights import is_gguf_file
 
         if is_gguf_file(args.transformer):
+            offload = ("--memory-mode group_offload, which keeps it in RAM, or "
+                       if args.memory_mode != "group_offload" and device.type == "cuda" else "")
             raise UsageError(f"the models do not fit on {device} with --memory-mode {args.memory_mode} "
                              f"({type(exc).__name__}); a GGUF transformer takes about its file's size there: use "
-                             "--memory-mode group_offload, which keeps it in RAM, or a smaller quantisation "
-                             "(e.g. Q4_K_S)") from None
+                             f"{offload}a smaller quantisation (e.g. Q4_K_S)") from None
         raise UsageError(f"the models do not fit on {device} with --memory-mode {args.memory_mode} "
                          f"({type(exc).__name__}); FLUX.1-dev needs 22.3 GiB for its weights in bf16, "
                          f"14.3 GiB with --memory-mode fp8_storage, 11.2 GiB with fp8_storage_all, and "
@@ -595,10 +596,11 @@ def run_upscale(args) -> int:
         return _summary(log, 0, skipped, failed_early, 0.0)
 
     velocity, codec, cond = _load_pipeline(args, tiling, log, cond_bundle, settings, device, dtype)
-    from .upscaler import CLI_GGUF_OUT_OF_MEMORY_ADVICE, CLI_OUT_OF_MEMORY_ADVICE
+    from .upscaler import CLI_OUT_OF_MEMORY_ADVICE, gguf_out_of_memory_advice
     from .weights import is_gguf_file
 
-    oom_advice = CLI_GGUF_OUT_OF_MEMORY_ADVICE if is_gguf_file(args.transformer) else CLI_OUT_OF_MEMORY_ADVICE
+    oom_advice = (gguf_out_of_memory_advice(args.memory_mode, device) if is_gguf_file(args.transformer)
+                  else CLI_OUT_OF_MEMORY_ADVICE)
     log(f"fluxsr: device {device}, dtype {str(dtype).replace('torch.', '')}, memory mode {args.memory_mode}; "
         f"{_describe_run(settings, args)}")
 

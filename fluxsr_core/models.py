@@ -322,7 +322,7 @@ def gguf_transformer(state_dict: dict, config: dict, dtype: torch.dtype, device:
 
 
 def _finish(model, dtype, device):
-    if not is_gguf_model(model):  # GGUF's tensors are fresh copies, and re-wrapping would drop their type
+    if not is_gguf_model(model):  # GGUF's tensors are the file's mapping: copying them would undo it (and drop their type)
         _align_parameters(model)
     setattr(model, _COMPUTE_DTYPE_ATTR, dtype)
     if device is not None:

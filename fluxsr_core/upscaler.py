@@ -129,9 +129,13 @@ class NonFiniteResultError(RuntimeError):
 
 
 CLI_OUT_OF_MEMORY_ADVICE = "try --memory-mode fp8_storage_all or group_offload, or a smaller output size"
-# A GGUF transformer cannot take the fp8 modes: its own ways to need less
-CLI_GGUF_OUT_OF_MEMORY_ADVICE = ("try --memory-mode group_offload, a smaller quantisation of FLUX.1-dev (e.g. Q4_K_S), "
-                                 "or a smaller output size")
+
+
+def gguf_out_of_memory_advice(memory_mode: str, device: torch.device) -> str:
+    """The CLI's advice for a GGUF transformer, which cannot take the fp8 modes: its own ways to
+    need less (group_offload only where it is not in use already and would help, on CUDA)."""
+    offload = "--memory-mode group_offload, " if memory_mode != "group_offload" and device.type == "cuda" else ""
+    return f"try {offload}a smaller quantisation of FLUX.1-dev (e.g. Q4_K_S), or a smaller output size"
 
 
 def upscale_tensor_with_retry(

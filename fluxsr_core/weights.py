@@ -212,7 +212,7 @@ def is_gguf_file(path: PathLike) -> bool:
         return False
 
 
-def _gguf_reader(path: PathLike, what: str):
+def _gguf_reader(path: PathLike, what: str, mode: str = "r"):
     p = _existing_file(path, what)
     try:
         import gguf
@@ -225,7 +225,7 @@ def _gguf_reader(path: PathLike, what: str):
         raise CorruptWeightsError(f"{what} {p} is named .gguf but does not start as a GGUF file does; the "
                                   f"download failed or it is another format: re-download it")
     try:
-        return gguf.GGUFReader(str(p))
+        return gguf.GGUFReader(str(p), mode)
     except Exception as exc:  # noqa: BLE001 - gguf raises ValueError, IndexError, struct errors...
         raise CorruptWeightsError(f"{what} {p} is a truncated or damaged GGUF file; re-download it "
                                   f"(gguf said: {type(exc).__name__}: {exc})") from None
@@ -284,19 +284,17 @@ def _gguf_tensors(path: Path, what: str) -> dict[str, torch.Tensor]:
     """A GGUF file's tensors as views of the memory-mapped file, as diffusers' ``load_gguf_checkpoint``
     types them (quantised and BF16 ones as its ``GGUFParameter``, F32/F16 as plain tensors). Ours
     because that function copies every tensor: the whole file (12.7 GB for Q8_0) in RAM before a
-    byte reaches the GPU; mapped, the file only passes through the page cache."""
-    import warnings
-
+    byte reaches the GPU; mapped, the file only passes through the page cache. Copy-on-write: a
+    write into a weight (none of ours writes; an API user's might) changes this process's copy of
+    that page, never the file, and never faults on a read-only mapping."""
     import gguf
     from diffusers.quantizers.gguf.utils import GGUFParameter
 
     plain = {gguf.GGMLQuantizationType.F32, gguf.GGMLQuantizationType.F16}
     out: dict[str, torch.Tensor] = {}
-    with warnings.catch_warnings():  # read-only views: nothing writes into the base weights
-        warnings.filterwarnings("ignore", message="The given NumPy array is not writable")
-        for t in _gguf_reader(path, what).tensors:
-            data = torch.from_numpy(t.data)
-            out[t.name] = data if t.tensor_type in plain else GGUFParameter(data, quant_type=t.tensor_type)
+    for t in _gguf_reader(path, what, mode="c").tensors:
+        data = torch.from_numpy(t.data)
+        out[t.name] = data if t.tensor_type in plain else GGUFParameter(data, quant_type=t.tensor_type)
     return out
 
 

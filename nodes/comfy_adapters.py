@@ -387,24 +387,29 @@ _FLOAT_GGUF_TYPES = ("F32", "F16", "BF16")
 
 
 def model_weight_storage(model: Any) -> str:
-    """How a ComfyUI MODEL stores its diffusion model's weights, as pairs record it: ``"full"``,
-    ``"fp8"`` (UNETLoader's fp8 weight dtypes) or ``"gguf-<types>"`` (ComfyUI-GGUF's GGMLTensor
-    weights, e.g. ``gguf-Q8_0``). Both quantisations change the numbers a teacher samples."""
+    """How a ComfyUI MODEL stores its diffusion model's weights, as pairs record it: ``"full"``;
+    ``"fp8"`` (UNETLoader's fp8 weight dtypes, or a scaled-fp8 file that ComfyUI 0.8 holds as
+    comfy_kitchen's ``QuantizedTensor``, whose dtype reads bf16); ``"nvfp4"`` (such a tensor in
+    an FP4 layout); ``"gguf-<types>"`` (ComfyUI-GGUF's GGMLTensor weights, e.g. ``gguf-Q8_0``).
+    Each changes the numbers a teacher samples."""
     diffusion = getattr(getattr(model, "model", None), "diffusion_model", None)
     if not isinstance(diffusion, torch.nn.Module):
         return "full"
-    quantised, fp8 = set(), False
+    gguf_types, kinds = set(), set()
     for param in diffusion.parameters():
         tensor_type = getattr(param, "tensor_type", None)
+        layout = getattr(param, "layout_cls", None)
         if tensor_type is not None:
             name = str(getattr(tensor_type, "name", tensor_type))
             if name not in _FLOAT_GGUF_TYPES:
-                quantised.add(name)
+                gguf_types.add(name)
+        elif layout is not None and hasattr(param, "storage_dtype"):  # comfy_kitchen's QuantizedTensor
+            kinds.add("nvfp4" if "fp4" in str(getattr(layout, "__name__", layout)).lower() else "fp8")
         elif param.dtype in (torch.float8_e4m3fn, torch.float8_e5m2):
-            fp8 = True
-    if quantised:
-        return "gguf-" + "+".join(sorted(quantised))
-    return "fp8" if fp8 else "full"
+            kinds.add("fp8")
+    if gguf_types:
+        return "gguf-" + "+".join(sorted(gguf_types))
+    return "+".join(sorted(kinds)) if kinds else "full"
 
 
 def apply_lora(model: Any, lora_state_dict: dict, strength: float, name: str) -> Any:

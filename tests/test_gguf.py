@@ -190,9 +190,14 @@ def test_out_of_memory_advice_for_a_gguf_transformer_is_one_it_can_take(tiny_ggu
                      "--conditioning", str(tiny_model_files.conditioning), "--device", "cpu", "-q"])
     err = capsys.readouterr().err
     assert code == 1
-    assert ("out of memory even with the smallest tiles; try --memory-mode group_offload, a smaller quantisation of "
-            "FLUX.1-dev (e.g. Q4_K_S), or a smaller output size") in err
+    assert ("out of memory even with the smallest tiles; try a smaller quantisation of FLUX.1-dev (e.g. Q4_K_S), "
+            "or a smaller output size") in err  # on the CPU group_offload would not help
     assert "fp8_storage" not in err
+    from fluxsr_core.upscaler import gguf_out_of_memory_advice
+
+    cuda = torch.device("cuda")
+    assert gguf_out_of_memory_advice("none", cuda).startswith("try --memory-mode group_offload, a smaller")
+    assert "group_offload" not in gguf_out_of_memory_advice("group_offload", cuda)
 
 
 # Byte offsets of the fp16 scales in a block (the rest of a K-quant block is any bytes): random
@@ -253,3 +258,32 @@ def test_k_quant_files_load_with_every_row_in_its_place(quant, tmp_path):
         # diffusers dequantises in fp16: within its rounding of the largest value
         assert float((got - want).abs().max()) <= 2e-3 * float(want.abs().max()) + 1e-12, name
     assert quantised >= 14  # the block linears really are K-quant (split q/k/v/mlp rows included)
+
+
+def test_gguf_weights_are_the_files_mapping_not_a_copy(tiny_gguf_files):
+    """The quantised weights on the CPU live in the memory-mapped file (diffusers' own reader
+    copies the whole file into RAM first), mapped copy-on-write: a write changes this process's
+    page, not the file."""
+    import os
+    import sys
+
+    if not sys.platform.startswith("linux"):
+        pytest.skip("reads /proc/self/maps")
+    model = models.load_transformer(tiny_gguf_files.gguf, dtype="fp32")
+    target = os.path.realpath(tiny_gguf_files.gguf)
+    spans = []
+    with open("/proc/self/maps") as maps:
+        for line in maps:
+            fields = line.split()
+            if len(fields) >= 6 and fields[5] == target:
+                start, end = (int(x, 16) for x in fields[0].split("-"))
+                spans.append((start, end))
+    assert spans, "the GGUF file is not mapped"
+    # (the q/k/v rows diffusers' key converter splits off a fused tensor are copies: torch.cat)
+    weight = model.transformer_blocks[0].ff.net[0].proj.weight
+    assert type(weight).__name__ == "GGUFParameter"
+    assert any(start <= weight.data_ptr() < end for start, end in spans)
+    before = tiny_gguf_files.gguf.read_bytes()
+    with torch.no_grad():
+        weight.as_tensor()[0, 0] ^= 0xFF  # a write into the mapping: private to this process
+    assert tiny_gguf_files.gguf.read_bytes() == before

@@ -934,6 +934,14 @@ def test_a_quantised_teacher_model_is_recorded_and_kept_apart(pack, tiny, fake_c
     fp8.weight.data = fp8.weight.data.to(torch.float8_e4m3fn)
     patcher.model.diffusion_model = fp8
     assert adapters.model_weight_storage(patcher) == "fp8"
+    # ComfyUI 0.8 holds scaled-fp8 and NVFP4 files as comfy_kitchen QuantizedTensors: dtype bf16,
+    # a storage_dtype and a layout_cls (a layout's name)
+    kitchen = torch.nn.Linear(4, 4).to(torch.bfloat16)
+    kitchen.weight.storage_dtype, kitchen.weight.layout_cls = torch.uint8, "TensorCoreNVFP4Layout"
+    patcher.model.diffusion_model = kitchen
+    assert adapters.model_weight_storage(patcher) == "nvfp4"
+    kitchen.weight.layout_cls = "TensorCoreFP8E4M3Layout"
+    assert adapters.model_weight_storage(patcher) == "fp8"
 
 
 def test_teacher_dataset_folder_stays_inside_the_allowed_folders(pack, tmp_path, monkeypatch):

@@ -311,6 +311,9 @@ def test_resuming_an_older_checkpoint_sets_the_later_ones_aside(pairs, tmp_path)
     assert T.resolve_resume("latest", tmp_path / "run").name == "step-0000006"
     with pytest.raises(ConfigError, match="already holds checkpoints.*--resume latest"):
         T.train(tiny_config(pairs, tmp_path / "run", *common))
+    # a superseded checkpoint is still this folder's own: not refused as another run's
+    with pytest.raises(ConfigError, match="is at step 8 and train.max_steps is 8: nothing is left to train"):
+        T.train(tiny_config(pairs, tmp_path / "run", *common, f"train.resume={str(aside / 'step-0000008')!r}"))
 
 
 def test_one_run_at_a_time_per_folder_and_no_mixing_of_two_runs(pairs, tmp_path):
@@ -339,6 +342,23 @@ def test_one_run_at_a_time_per_folder_and_no_mixing_of_two_runs(pairs, tmp_path)
     assert file_hashes(tmp_path / "busy") == before
     branch = T.train(tiny_config(pairs, tmp_path / "branch", *common, f"train.resume={str(a_step2)!r}"))
     assert branch.start_step == 2 and branch.step == 4
+
+
+def test_a_file_system_without_locks_trains_unlocked_with_a_warning(pairs, tmp_path, monkeypatch, caplog):
+    import errno
+    import logging
+
+    from fluxsr_core import files
+
+    def no_locks(path):
+        raise OSError(errno.ENOLCK, "No locks available", str(path))
+
+    monkeypatch.setattr(files, "ExclusiveFileLock", no_locks)
+    caplog.set_level(logging.WARNING, logger="fluxsr.train")
+    r = T.train(tiny_config(pairs, tmp_path / "run", "train.max_steps=2", "checkpoint.every=2"))
+    assert r.step == 2
+    assert f"cannot lock {tmp_path / 'run' / T.RUN_LOCK_FILE} (No locks available): this run goes on unlocked" \
+        in caplog.text
 
 
 def test_a_checkpoint_that_cannot_be_written_is_removed_and_named(pairs, tmp_path, monkeypatch, capsys):
@@ -772,6 +792,32 @@ def test_a_failure_in_a_training_step_on_one_process_stops_both(pairs, tmp_path,
     assert proc.returncode != 0, out[-3000:]
     assert message in out, out[-3000:]                      # rank 0's own error, naming rank 1's
     assert not list((tmp_path / "run").glob("checkpoints/*")), "no checkpoint of a failed step"
+
+
+def test_a_checkpoint_write_failing_on_one_process_stops_both_and_leaves_no_part(pairs, tmp_path):
+    """Each rank writes its own part of a checkpoint (its RNG state): when rank 1's write fails
+    (a full disk), rank 0 stops too instead of waiting at the next collective, the part-written
+    folder is removed, and both say so."""
+    script = tmp_path / "run_train.py"
+    script.write_text(textwrap.dedent("""
+        import errno, os, sys
+        from accelerate import Accelerator
+        from fluxsr_training import trainer as T
+
+        if int(os.environ["RANK"]) == 1:
+            def full(self, *args, **kwargs):
+                raise OSError(errno.ENOSPC, "No space left on device", "random_states_1.pkl")
+
+            Accelerator.save_state = full
+        T.train(T.load_train_config(None, sys.argv[1:]))
+    """))
+    proc = launch_two_cpu_processes(script, [*TWO_PROCESS_TRAIN_ARGS, f"data.pairs={str(pairs)!r}",
+                                             f"train.output_dir={str(tmp_path / 'run')!r}"], timeout=180)
+    out = proc.stdout + proc.stderr
+    assert proc.returncode != 0, out[-3000:]
+    assert "writing checkpoint step 2 into" in out and "No checkpoint is kept yet" in out, out[-3000:]
+    assert "process 1 could not write checkpoint step 2: OSError" in out, out[-3000:]  # rank 0's, naming rank 1's
+    assert list((tmp_path / "run" / T.CHECKPOINT_DIR).iterdir()) == []  # the part-written folder removed
 
 
 def test_two_cpu_processes_match_one_with_the_same_global_batch(pairs, tmp_path):

@@ -1343,6 +1343,9 @@ class _Run:
         except LockHeldError:
             raise ConfigError(f"another fluxsr-train train is writing {self.out} (it holds {RUN_LOCK_FILE}); wait for "
                               "it to end, or give this run its own train.output_dir") from None
+        except OSError as exc:  # a file system without locks (NFS without lockd, some FUSE mounts)
+            log.warning("cannot lock %s (%s): this run goes on unlocked; start no other run into %s meanwhile",
+                        self.out / RUN_LOCK_FILE, exc.strerror or exc, self.out)
 
     # -- setup -------------------------------------------------------------------------------
 
@@ -1413,11 +1416,20 @@ class _Run:
         """
         # Each part runs on every process and stops them all when one fails (a refusal read off
         # files, a rank that cannot read them); the data setup between them has its own guards.
-        resume_from = self._on_every_process(self._preflight_resume, "check the run folder")
-        self._setup_data(self.resume_state.get("holdout_ids") if resume_from is not None else None)
-        self._on_every_process(lambda: self._preflight_conditioning(resume_from), "set up the conditioning")
-        # Last: the lock file is the run's first write, made only once nothing refuses the run.
-        self._on_every_process(lambda: self._take_run_lock() if self.main else None, "lock the run folder")
+        # The lock first: what the folder holds is read only once no other run can change it.
+        made_folder = not self.out.exists()
+        try:
+            self._on_every_process(lambda: self._take_run_lock() if self.main else None, "lock the run folder")
+            resume_from = self._on_every_process(self._preflight_resume, "check the run folder")
+            self._setup_data(self.resume_state.get("holdout_ids") if resume_from is not None else None)
+            self._on_every_process(lambda: self._preflight_conditioning(resume_from), "set up the conditioning")
+        except BaseException:
+            if self.main and made_folder:  # a refused run leaves nothing behind: not even its lock
+                self.release_run_lock()
+                with contextlib.suppress(OSError):
+                    (self.out / RUN_LOCK_FILE).unlink()
+                    self.out.rmdir()
+            raise
         return resume_from
 
     def _preflight_resume(self) -> Optional[Path]:
@@ -1432,12 +1444,15 @@ class _Run:
             raise ConfigError(f"{self.out} already holds checkpoints ({existing[-1].name} the newest): continue "
                               "that run with --resume latest, or give this one its own train.output_dir")
         own = (self.out / CHECKPOINT_DIR).resolve()
-        if resume_from is not None and existing and Path(resume_from).resolve().parent != own:
+        if resume_from is not None and existing and own not in Path(resume_from).resolve().parents:
             # Its checkpoints would be superseded and pruned by another run's: the two would mix.
+            # (This folder's own, superseded ones included, are under checkpoints/.)
+            where = Path(resume_from).resolve().parent
+            home = (f"in its own folder (train.output_dir={where.parent})" if where.name == CHECKPOINT_DIR
+                    else "in an empty train.output_dir")
             raise ConfigError(f"--resume {resume_from} is not a checkpoint of {self.out}, which holds another run's "
                               f"checkpoints ({existing[-1].name} the newest): resuming here would mix the two runs "
-                              f"and prune that one's. Continue it in its own folder "
-                              f"(train.output_dir={Path(resume_from).resolve().parent.parent}) or give an empty one")
+                              f"and prune that one's. Continue it {home}")
         self.resume_state = _read_state(resume_from) if resume_from is not None else {}
         done = int(self.resume_state.get("step", 0) or 0)
         if resume_from is not None and done >= cfg.train.max_steps:
@@ -1820,8 +1835,13 @@ class _Run:
                 shutil.rmtree(tmp)
             tmp.mkdir()
         acc.wait_for_everyone()
+        what = f"write checkpoint step {step}"
         try:
-            self._fill_checkpoint(tmp, final, root, step)
+            # Each part on every process, so that a rank whose write fails (each writes its own
+            # RNG state) stops the others too instead of leaving them at the next collective.
+            self._on_every_process(lambda: self._save_state_into(tmp), what)
+            self._on_every_process(lambda: self._finish_checkpoint(tmp, final, root, step) if self.main else None,
+                                   what)
         except BaseException as exc:
             if self.main:  # a part-written checkpoint holds the space it took, and no resume can use it
                 shutil.rmtree(tmp, ignore_errors=True)
@@ -1837,47 +1857,48 @@ class _Run:
             self.conditioning_path = str(final / CONDITIONING_FILE)
         return final
 
-    def _fill_checkpoint(self, tmp: Path, final: Path, root: Path, step: int) -> None:
-        """:meth:`_write_checkpoint`'s writes: the accelerate state into ``tmp``, then (main) the
-        config, conditioning and state, the rename to ``final`` and the pruning."""
-        acc = self.accelerator
+    def _save_state_into(self, tmp: Path) -> None:
+        """:meth:`_write_checkpoint`'s first part, on every process: accelerate's state into ``tmp``."""
         # DeepSpeed writes its own model checkpoint: leave the frozen 12B base out of it.
         extra = {"exclude_frozen_parameters": True} if self._distributed("DEEPSPEED") else {}
-        acc.save_state(str(tmp), safe_serialization=True, **extra)
-        acc.wait_for_everyone()
-        if self.main:
-            self.cfg.save(tmp / CONFIG_FILE)
-            if self.fixed_t5 is not None:
-                # Self-contained: the conditioning it trained with travels (and is pruned) with it
-                save_bundle(tmp / CONDITIONING_FILE, self.fixed_t5, self.fixed_clip, self.settings,
-                            prompt=self.conditioning_prompt)
-            state = {"step": step, "max_steps": self.cfg.train.max_steps, "processes": acc.num_processes,
-                     "global_batch": self.cfg.data.batch_size * acc.num_processes
-                     * self.cfg.train.gradient_accumulation_steps,
-                     "samples_seen": self.state.samples,
-                     "lora": LORA_FILE, "ema_lora": EMA_LORA_FILE if self.ema is not None else None,
-                     # file names inside this folder; the hash is what export and resume check
-                     "conditioning": CONDITIONING_FILE if self.fixed_t5 is not None else None,
-                     "conditioning_sha256": self.conditioning_sha256,
-                     "conditioning_source": self.conditioning_source,
-                     "base_model_identity": self.base_identity,
-                     "holdout_ids": self.holdout_ids,
-                     "perceptual": self.perceptual_label,
-                     "last": self.history[-1] if self.history else None,
-                     "time": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())}
-            (tmp / STATE_FILE).write_text(json.dumps(state, indent=2), encoding="utf-8")
-            old = None
-            if final.exists():  # the same step saved again after a resume: replace it whole
-                old = root / f".old-step-{step:07d}"
-                if old.exists():
-                    shutil.rmtree(old)
-                os.replace(final, old)
-            os.replace(tmp, final)
-            if old is not None:
-                shutil.rmtree(old, ignore_errors=True)
-            for stale in list_checkpoints(self.out)[:-self.cfg.checkpoint.keep_last]:
-                shutil.rmtree(stale, ignore_errors=True)
-            self._info(f"checkpoint {final}")
+        self.accelerator.save_state(str(tmp), safe_serialization=True, **extra)
+
+    def _finish_checkpoint(self, tmp: Path, final: Path, root: Path, step: int) -> None:
+        """:meth:`_write_checkpoint`'s second part, on the main process: the config, conditioning
+        and state into ``tmp``, the rename to ``final`` and the pruning."""
+        acc = self.accelerator
+        self.cfg.save(tmp / CONFIG_FILE)
+        if self.fixed_t5 is not None:
+            # Self-contained: the conditioning it trained with travels (and is pruned) with it
+            save_bundle(tmp / CONDITIONING_FILE, self.fixed_t5, self.fixed_clip, self.settings,
+                        prompt=self.conditioning_prompt)
+        state = {"step": step, "max_steps": self.cfg.train.max_steps, "processes": acc.num_processes,
+                 "global_batch": self.cfg.data.batch_size * acc.num_processes
+                 * self.cfg.train.gradient_accumulation_steps,
+                 "samples_seen": self.state.samples,
+                 "lora": LORA_FILE, "ema_lora": EMA_LORA_FILE if self.ema is not None else None,
+                 # file names inside this folder; the hash is what export and resume check
+                 "conditioning": CONDITIONING_FILE if self.fixed_t5 is not None else None,
+                 "conditioning_sha256": self.conditioning_sha256,
+                 "conditioning_source": self.conditioning_source,
+                 "base_model_identity": self.base_identity,
+                 "holdout_ids": self.holdout_ids,
+                 "perceptual": self.perceptual_label,
+                 "last": self.history[-1] if self.history else None,
+                 "time": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())}
+        (tmp / STATE_FILE).write_text(json.dumps(state, indent=2), encoding="utf-8")
+        old = None
+        if final.exists():  # the same step saved again after a resume: replace it whole
+            old = root / f".old-step-{step:07d}"
+            if old.exists():
+                shutil.rmtree(old)
+            os.replace(final, old)
+        os.replace(tmp, final)
+        if old is not None:
+            shutil.rmtree(old, ignore_errors=True)
+        for stale in list_checkpoints(self.out)[:-self.cfg.checkpoint.keep_last]:
+            shutil.rmtree(stale, ignore_errors=True)
+        self._info(f"checkpoint {final}")
 
     def _apply_optim_config(self) -> None:
         """After a resume: the config's lr, betas, weight decay and eps, not the checkpoint's.
@@ -2265,6 +2286,10 @@ def train(config: TrainConfig, stop_check: Optional[Callable[[int], bool]] = Non
         return run.run()
     finally:
         run.release_run_lock()
+        if torch.distributed.is_available() and torch.distributed.is_initialized():
+            # Else a refused multi-process run ends in "terminate called without an active exception"
+            # (exit -6) instead of its message's exit code.
+            torch.distributed.destroy_process_group()
 
 
 __all__ = ["TrainConfig", "ModelConfig", "LoraConfig", "SettingsConfig", "DataConfig", "LossConfig",
