@@ -722,6 +722,16 @@ TWO_PROCESS_TRAIN_ARGS = ["model.transformer=tiny", "model.vae=tiny", "model.dty
                           "train.max_steps=2", "checkpoint.every=2", "train.tensorboard=false", "data.batch_size=1"]
 
 
+def failed_two_process_run(script: Path, pairs: Path, tmp_path: Path, *extra: str) -> str:
+    """``script`` (a training run) as two CPU processes on the tiny model, which must fail: their
+    output."""
+    proc = launch_two_cpu_processes(script, [*TWO_PROCESS_TRAIN_ARGS, f"data.pairs={str(pairs)!r}", *extra,
+                                             f"train.output_dir={str(tmp_path / 'run')!r}"], timeout=180)
+    out = proc.stdout + proc.stderr
+    assert proc.returncode != 0, out[-3000:]
+    return out
+
+
 @pytest.mark.parametrize("phase,doing", [("build_student", "build its models"),
                                          ("load_bundle", "set up the conditioning"),
                                          ("first_pair_read", "set up its data")])
@@ -748,11 +758,7 @@ def test_a_setup_failure_on_one_process_stops_both_without_waiting(pairs, tmp_pa
             setattr(owner, name, fail)
         T.train(T.load_train_config(None, sys.argv[1:]))
     """))
-    proc = launch_two_cpu_processes(script, [*TWO_PROCESS_TRAIN_ARGS, f"data.pairs={str(pairs)!r}",
-                                             f"data.conditioning={str(bundle)!r}",
-                                             f"train.output_dir={str(tmp_path / 'run')!r}"], timeout=180)
-    out = proc.stdout + proc.stderr
-    assert proc.returncode != 0, out[-3000:]
+    out = failed_two_process_run(script, pairs, tmp_path, f"data.conditioning={str(bundle)!r}")
     assert f"process 1 could not {doing}: RuntimeError: simulated failure of rank 1 in {phase}" in out, out[-3000:]
     assert not list((tmp_path / "run").glob("checkpoints/*")), "no checkpoint of a run that never started"
 
@@ -786,10 +792,7 @@ def test_a_failure_in_a_training_step_on_one_process_stops_both(pairs, tmp_path,
             T.compute_losses = failing
         T.train(T.load_train_config(None, sys.argv[1:]))
     """))
-    proc = launch_two_cpu_processes(script, [*TWO_PROCESS_TRAIN_ARGS, f"data.pairs={str(pairs)!r}",
-                                             f"train.output_dir={str(tmp_path / 'run')!r}"], timeout=180)
-    out = proc.stdout + proc.stderr
-    assert proc.returncode != 0, out[-3000:]
+    out = failed_two_process_run(script, pairs, tmp_path)
     assert message in out, out[-3000:]                      # rank 0's own error, naming rank 1's
     assert not list((tmp_path / "run").glob("checkpoints/*")), "no checkpoint of a failed step"
 
@@ -811,10 +814,7 @@ def test_a_checkpoint_write_failing_on_one_process_stops_both_and_leaves_no_part
             Accelerator.save_state = full
         T.train(T.load_train_config(None, sys.argv[1:]))
     """))
-    proc = launch_two_cpu_processes(script, [*TWO_PROCESS_TRAIN_ARGS, f"data.pairs={str(pairs)!r}",
-                                             f"train.output_dir={str(tmp_path / 'run')!r}"], timeout=180)
-    out = proc.stdout + proc.stderr
-    assert proc.returncode != 0, out[-3000:]
+    out = failed_two_process_run(script, pairs, tmp_path)
     assert "writing checkpoint step 2 into" in out and "No checkpoint is kept yet" in out, out[-3000:]
     assert "process 1 could not write checkpoint step 2: OSError" in out, out[-3000:]  # rank 0's, naming rank 1's
     assert list((tmp_path / "run" / T.CHECKPOINT_DIR).iterdir()) == []  # the part-written folder removed
