@@ -740,16 +740,16 @@ def memory_mode(states, profile, device, dtype, mode: str, tiles: TilingConfig) 
     if device.type == "cuda":
         torch.cuda.empty_cache()
         leftover = torch.cuda.memory_allocated(device)  # should be ~0: counted in peak_total_bytes
-    transformer, vae = (from_state(cls, cfg, sd) for cls, cfg, sd in states)
-    quantise_s = None
+    (t_cls, t_config, t_state), (v_cls, v_config, v_state) = states
+    vae, quantise_s, placed_as = from_state(v_cls, v_config, v_state), None, mode
     if mode == "gguf_q8_0":  # the bench's own quantising is no part of placing a file's weights
-        (_, t_config, t_state), _ = states
         t0 = now()
         transformer = gguf_q8_0_transformer(t_state, t_config, dtype, device)
-        quantise_s = now() - t0
-        mode = "none"
+        quantise_s, placed_as = now() - t0, "none"
+    else:
+        transformer = from_state(t_cls, t_config, t_state)
     t0 = now()
-    models.apply_memory_mode(transformer, vae, mode, device)
+    models.apply_memory_mode(transformer, vae, placed_as, device)
     place_s = now() - t0
     velocity = models.DiffusersVelocity(transformer, compute_dtype=dtype)
     codec = models.DiffusersCodec(vae, compute_dtype=dtype, tile=profile["vae_tile"],

@@ -452,11 +452,11 @@ def _load_pipeline(args, tiling, log, cond_bundle, settings, device, dtype):
         from .weights import is_gguf_file
 
         if is_gguf_file(args.transformer):
-            offload = ("--memory-mode group_offload, which keeps it in RAM, or "
-                       if args.memory_mode != "group_offload" and device.type == "cuda" else "")
+            from .upscaler import gguf_out_of_memory_advice
+
             raise UsageError(f"the models do not fit on {device} with --memory-mode {args.memory_mode} "
-                             f"({type(exc).__name__}); a GGUF transformer takes about its file's size there: use "
-                             f"{offload}a smaller quantisation (e.g. Q4_K_S)") from None
+                             f"({type(exc).__name__}); a GGUF transformer takes about its file's size there: "
+                             f"{gguf_out_of_memory_advice(args.memory_mode, device)}") from None
         raise UsageError(f"the models do not fit on {device} with --memory-mode {args.memory_mode} "
                          f"({type(exc).__name__}); FLUX.1-dev needs 22.3 GiB for its weights in bf16, "
                          f"14.3 GiB with --memory-mode fp8_storage, 11.2 GiB with fp8_storage_all, and "

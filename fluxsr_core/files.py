@@ -67,9 +67,10 @@ class LockHeldError(RuntimeError):
 
 
 class ExclusiveFileLock:
-    """An exclusive OS lock on the file ``path`` (created if missing, never deleted: removing a lock
-    file another process waits on would let two processes lock two files). The OS releases it
-    when the process dies, so a killed run never leaves a stale lock.
+    """An exclusive OS lock on the file ``path`` (created if missing, and left in place: removing a
+    lock file that another process may be about to lock would let two processes lock two files;
+    only its creator may remove it, after releasing it, when nothing else can know of it). The
+    OS releases it when the process dies, so a killed run never leaves a stale lock.
 
     Raises :class:`LockHeldError` when another process holds it, ``OSError`` when the file cannot
     be created or locked at all (no space, a lock-less network file system).

@@ -193,11 +193,9 @@ def _instantiate(cls, config: dict, state_dict: dict[str, torch.Tensor], dtype: 
                                   f"({detail[-1].strip() if detail else exc}); the config or the weights are "
                                   f"from another model") from None
     if result.missing_keys or result.unexpected_keys:
-        raise CorruptWeightsError(
-            f"{source} does not fit a {cls.__name__} with the config read from it: "
-            f"missing {result.missing_keys[:5]}{'...' if len(result.missing_keys) > 5 else ''}, "
-            f"unexpected {result.unexpected_keys[:5]}{'...' if len(result.unexpected_keys) > 5 else ''}. "
-            f"The file is incomplete or a variant FluxSR does not load")
+        from .weights import keys_do_not_fit
+
+        raise keys_do_not_fit(source, f"a {cls.__name__}", result.missing_keys, result.unexpected_keys)
     still_meta = [n for n, t in list(model.named_parameters()) + list(model.named_buffers()) if t.is_meta]
     if still_meta:
         raise CorruptWeightsError(f"{source}: no weights for {still_meta[:5]}")
@@ -288,8 +286,9 @@ def _placement(device) -> Optional[torch.device]:
 
 
 def is_gguf_model(module) -> bool:
-    """Whether a model holds GGUF-quantised weights (diffusers' ``GGUFParameter``)."""
-    return any(type(p).__name__ == "GGUFParameter" for p in module.parameters())
+    """Whether a model holds GGUF-quantised weights (diffusers' GGUF quantiser built it: it records
+    ``quantization_method``, so no walk over the parameters is needed)."""
+    return getattr(module, "quantization_method", None) == "gguf"
 
 
 def _load_gguf(path: Path, dtype: torch.dtype, device: Optional[torch.device]):
@@ -341,7 +340,8 @@ def load_transformer(source: Union[PathLike, str], dtype: Union[str, torch.dtype
     diffusers keys (fp8 and scaled fp8 are cast to ``dtype``); a GGUF file (needs the ``gguf``
     package; the weights stay quantised and are dequantised to ``dtype`` at each call, see
     :func:`is_gguf_model`); or, only when no such path exists, the name of a shipped test config
-    (``"tiny"``) built with random weights from ``seed``. ``device=None`` leaves it on the CPU without recording an execution device.
+    (``"tiny"``) built with random weights from ``seed``. ``device=None`` leaves it on the CPU
+    without recording an execution device.
     Files go straight to ``device`` one tensor at a time: loaded onto a GPU, the model is never
     held in RAM (the files only pass through the page cache).
     Missing paths raise :class:`~fluxsr_core.weights.WeightsNotFoundError` saying what to pass;
@@ -625,23 +625,25 @@ def gguf_weight_bytes_per_mode(transformer_source, vae_bytes: int, lora_bytes: i
 
     sizes = gguf_transformer_bytes(transformer_source)
     t_bytes = sizes["rest"] + sum(sizes["blocks"])
-    workspace = sizes["largest_quantised"] * (2 + torch.empty(0, dtype=resolve_dtype(dtype, "cpu")).element_size())
+    workspace = sizes["largest_quantised"] * (2 + resolve_dtype(dtype, "cpu").itemsize)
     return {"none": t_bytes + vae_bytes + lora_bytes + workspace,
             "model_offload": max(t_bytes + lora_bytes, vae_bytes) + workspace,
             "group_offload": sizes["rest"] + 2 * max(sizes["blocks"], default=0) + workspace}
 
 
-def check_gguf_options(transformer_source, memory_mode: str, speedups=()) -> None:
+def check_gguf_options(transformer_source, memory_mode: Optional[str], speedups=()) -> None:
     """Refuse, before anything loads, what a GGUF transformer cannot do (ValueError): an fp8
     memory mode (it is quantised already) and the speed-ups of :data:`GGUF_REFUSED_SPEEDUPS`.
     Other sources pass."""
-    if not is_gguf_file(transformer_source):
-        return
+    if is_gguf_file(transformer_source):
+        _refuse_for_gguf(memory_mode, speedups)
+
+
+def _refuse_for_gguf(memory_mode: Optional[str], speedups=()) -> None:
     if memory_mode in FP8_MODES:
         raise ValueError(f"memory mode {memory_mode} stores a safetensors transformer in fp8; this GGUF transformer "
                          f"is quantised already: use {', '.join(GGUF_MEMORY_MODES)} (or auto, which picks one)")
-    names = [s.strip() for s in (speedups.split(",") if isinstance(speedups, str) else speedups) if s.strip()]
-    refused = [n for n in names if n in GGUF_REFUSED_SPEEDUPS]
+    refused = [n for n in _speedup_names(speedups) if n in GGUF_REFUSED_SPEEDUPS]
     if refused:
         raise ValueError(f"{', '.join(refused)} cannot be used with a GGUF transformer (its weights stay quantised "
                          f"and are dequantised at each call); leave {'it' if len(refused) == 1 else 'them'} out")
@@ -682,6 +684,13 @@ def transformer_config_of(source) -> dict:
     raise WeightsNotFoundError(f"transformer not found: {path}. {TRANSFORMER_HELP}")
 
 
+def _header_bytes(files, what: str, dtype: torch.dtype) -> int:
+    """Bytes the tensors of ``files`` take in ``dtype``, read off their headers."""
+    from .weights import meta_state_dict
+
+    return sum(t.numel() for f in files for t in meta_state_dict(f, what).values()) * dtype.itemsize
+
+
 def _vae_bytes_of(source, dtype: torch.dtype) -> int:
     path = Path(str(source)).expanduser()
     if path.is_dir():
@@ -692,23 +701,17 @@ def _vae_bytes_of(source, dtype: torch.dtype) -> int:
         files = [path]
     else:  # a test name: the shipped config's model is tiny
         return 0
-    from .weights import meta_state_dict
-
-    numel = sum(t.numel() for f in files for t in meta_state_dict(f, "VAE file").values())
-    return numel * torch.empty(0, dtype=dtype).element_size()
+    return _header_bytes(files, "VAE file", dtype)
 
 
 def _lora_bytes_of(lora_source, dtype: torch.dtype) -> int:
     """Bytes of a LoRA file's tensors in ``dtype`` (its header only); 0 without one."""
     if lora_source is None or not Path(str(lora_source)).expanduser().is_file():
         return 0
-    from .weights import meta_state_dict
-
     try:
-        numel = sum(t.numel() for t in meta_state_dict(lora_source, "LoRA file").values())
+        return _header_bytes([lora_source], "LoRA file", dtype)
     except Exception:  # noqa: BLE001 - the LoRA loader names what is wrong with the file later
         return 0
-    return numel * torch.empty(0, dtype=dtype).element_size()
 
 
 def choose_memory_mode(transformer_source, vae_source, dtype: Union[str, torch.dtype] = "auto",
@@ -858,13 +861,18 @@ def fuse_qkv_projections(transformer) -> None:
                         delattr(module, part)
 
 
+def _speedup_names(speedups) -> list[str]:
+    """``"fuse_qkv,compile"`` or a list of names -> the names, stripped."""
+    return [s.strip() for s in (speedups.split(",") if isinstance(speedups, str) else speedups) if s.strip()]
+
+
 def parse_speedups(speedups, merge_lora: bool = True, memory_mode: Optional[str] = None) -> list[str]:
     """``"fuse_qkv,compile"`` (or a list of names) -> the list of names, checked before any model
     is loaded: unknown names, two compile modes or two attention backends at once, an attention
     backend without a CUDA GPU, ``fuse_qkv`` with a LoRA kept unmerged (``merge_lora`` False)
     and ``compile_cudagraphs`` with an offload mode (when ``memory_mode`` is given) raise
     ValueError."""
-    names = [s.strip() for s in (speedups.split(",") if isinstance(speedups, str) else speedups) if s.strip()]
+    names = _speedup_names(speedups)
     unknown = [s for s in names if s not in SPEEDUPS]
     if unknown:
         raise ValueError(f"unknown speed-up {unknown[0]!r}; choose from {', '.join(SPEEDUPS)}")
@@ -945,10 +953,8 @@ def apply_speedups(transformer, vae, speedups, *, compile_backend: str = "induct
     if memory_mode is None:
         memory_mode = getattr(transformer, _FP8_MODE_ATTR, None) or "none"
     names = parse_speedups(speedups, memory_mode=memory_mode)
-    refused = [n for n in names if n in GGUF_REFUSED_SPEEDUPS]
-    if refused and is_gguf_model(transformer):
-        raise ValueError(f"{', '.join(refused)} cannot be used with a GGUF transformer (its weights stay quantised "
-                         f"and are dequantised at each call)")
+    if any(n in GGUF_REFUSED_SPEEDUPS for n in names) and is_gguf_model(transformer):
+        _refuse_for_gguf(None, names)
     if "fuse_qkv" in names and not _qkv_fused(transformer):  # the fp8 loader fuses as the file loads
         if _has_unmerged_lora(transformer):
             raise ValueError("fuse_qkv needs the LoRA merged into the weights (an unmerged LoRA on to_q/to_k/to_v "

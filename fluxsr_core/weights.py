@@ -10,11 +10,12 @@ diffusers config dict, ready for :mod:`fluxsr_core.models`):
 * single safetensors files in diffusers keys (``transformer_blocks.*``, ``encoder.down_blocks.*``).
 * diffusers model folders: ``config.json`` beside ``diffusion_pytorch_model.safetensors`` or the
   shards its ``.index.json`` names (:func:`read_diffusers_folder`).
+* GGUF transformers (city96's quantisations, ComfyUI-GGUF's format; :func:`read_gguf_transformer`).
 
 Key conversion uses diffusers' own converters from ``diffusers.loaders.single_file_utils``
 (the code behind ``from_single_file``), so we map keys exactly as diffusers does.
 
-Safety: model weights are read from safetensors only. Pickle files (``.pt``, ``.pth``,
+Safety: model weights are read from safetensors (and GGUF, which holds no code) only. Pickle files (``.pt``, ``.pth``,
 ``.ckpt``, ``.bin``) are refused for model weights, because unpickling can run code.
 :func:`safe_torch_load_tensors` is the one place a pickle is opened, with
 ``torch.load(weights_only=True)``, for the small third-party embedding files.
@@ -30,7 +31,7 @@ import re
 from collections import Counter
 from importlib import resources
 from pathlib import Path
-from typing import Any, Iterable, Mapping, Optional, Union
+from typing import Any, Iterable, Mapping, Optional, Sequence, Union
 
 import torch
 
@@ -73,7 +74,7 @@ class WrongModelError(WeightsError):
 
 
 class UnsupportedWeightsError(WeightsError):
-    """A real model file in a variant FluxSR does not load (e.g. GGUF, odd widths)."""
+    """A real model file in a variant FluxSR does not load (e.g. GGUF outside the transformer, odd widths)."""
 
 
 # --------------------------------------------------------------------------------- file reading
@@ -193,9 +194,9 @@ def meta_state_dict(path: PathLike, what: str = "weights file") -> dict[str, tor
 
 # ------------------------------------------------------------------------------------ GGUF
 # city96's GGUF files of FLUX.1-dev (Q8_0 down to Q2_K; ComfyUI-GGUF's format) hold the BFL keys
-# with the weights quantised block-wise along each row. Reading and dequantising is diffusers' own
-# GGUF support (``load_gguf_checkpoint``, ``GGUFQuantizationConfig``); here only the header is
-# read to say what a file is, and the keys are mapped as for a safetensors file.
+# with the weights quantised block-wise along each row. gguf-py reads the file (memory-mapped);
+# the quantised tensors become diffusers' ``GGUFParameter`` and its GGUF layers dequantise them;
+# the keys are mapped as for a safetensors file.
 
 GGUF_MAGIC = b"GGUF"
 GGUF_INSTALL = "pip install gguf"
@@ -219,8 +220,6 @@ def _gguf_reader(path: PathLike, what: str, mode: str = "r"):
     except ImportError as exc:
         why = f"({GGUF_INSTALL})" if exc.name in (None, "gguf") else f"(installed, but its import fails: {exc})"
         raise UnsupportedWeightsError(f"{what} {p} is a GGUF file; reading GGUF needs the gguf package {why}") from None
-    if p.stat().st_size == 0:
-        raise CorruptWeightsError(f"{what} {p} is empty (0 bytes): the download or copy failed; re-download it")
     if _sniff(p, 4) != GGUF_MAGIC:
         raise CorruptWeightsError(f"{what} {p} is named .gguf but does not start as a GGUF file does; the "
                                   f"download failed or it is another format: re-download it")
@@ -271,7 +270,7 @@ def gguf_transformer_bytes(path: PathLike, what: str = "transformer file") -> di
     rest = 0
     largest = max((math.prod(shape) for q, shape, _ in header.values() if q not in ("F32", "F16")), default=0)
     for key, (_, _, n) in header.items():
-        key = next((key[len(pre):] for pre in TRANSFORMER_PREFIXES if key.startswith(pre)), key)
+        key = _strip_any(key, TRANSFORMER_PREFIXES)
         m = re.match(r"((?:double_blocks|single_blocks|transformer_blocks|single_transformer_blocks)\.\d+)\.", key)
         if m:
             blocks[m.group(1)] = blocks.get(m.group(1), 0) + n
@@ -314,11 +313,16 @@ def read_gguf_transformer(path: PathLike, what: str = "transformer file") -> tup
         expected = set(FluxTransformer2DModel.from_config(config).state_dict())
     missing, unexpected = sorted(expected - set(sd)), sorted(set(sd) - expected)
     if missing or unexpected:  # diffusers' loader would hand such a dict to its BFL converter, or leave meta weights
-        raise CorruptWeightsError(
-            f"{what} {p} does not fit a FLUX transformer with the config read from it: missing {missing[:5]}"
-            f"{'...' if len(missing) > 5 else ''}, unexpected {unexpected[:5]}{'...' if len(unexpected) > 5 else ''}. "
-            f"The file is incomplete or a variant FluxSR does not load")
+        raise keys_do_not_fit(f"{what} {p}", "a FLUX transformer", missing, unexpected)
     return sd, config
+
+
+def keys_do_not_fit(source: str, model: str, missing: Sequence[str], unexpected: Sequence[str]) -> CorruptWeightsError:
+    """The error for weights whose keys are not those of the model their config describes."""
+    return CorruptWeightsError(
+        f"{source} does not fit {model} with the config read from it: missing {list(missing[:5])}"
+        f"{'...' if len(missing) > 5 else ''}, unexpected {list(unexpected[:5])}{'...' if len(unexpected) > 5 else ''}. "
+        f"The file is incomplete or a variant FluxSR does not load")
 
 
 DIFFUSERS_WEIGHTS_NAME = "diffusion_pytorch_model"

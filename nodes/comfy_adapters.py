@@ -27,6 +27,7 @@ from typing import Any, Callable, Optional
 import torch
 
 from ..fluxsr_core.interfaces import Conditioning
+from ..fluxsr_core.weights import FP8_DTYPES
 from ..fluxsr_core.latents import LATENT_CHANNELS, LATENT_SCALE, LATENT_SHIFT, VAE_DOWNSCALE, denormalize, normalize
 from ..fluxsr_core.settings import DEFAULT_GUIDANCE, DEFAULT_SCALE, DEFAULT_T_L, RunSettings
 from ..fluxsr_core.tiling import TilingConfig
@@ -405,7 +406,7 @@ def model_weight_storage(model: Any) -> str:
                 gguf_types.add(name)
         elif layout is not None and hasattr(param, "storage_dtype"):  # comfy_kitchen's QuantizedTensor
             kinds.add("nvfp4" if "fp4" in str(getattr(layout, "__name__", layout)).lower() else "fp8")
-        elif param.dtype in (torch.float8_e4m3fn, torch.float8_e5m2):
+        elif param.dtype in FP8_DTYPES:
             kinds.add("fp8")
     if gguf_types:
         return "gguf-" + "+".join(sorted(gguf_types))

@@ -1841,7 +1841,7 @@ class _Run:
             # RNG state) stops the others too instead of leaving them at the next collective.
             self._on_every_process(lambda: self._save_state_into(tmp), what)
             self._on_every_process(lambda: self._finish_checkpoint(tmp, final, root, step) if self.main else None,
-                                   what)
+                                   what)  # its all-reduce is the barrier after the rename
         except BaseException as exc:
             if self.main:  # a part-written checkpoint holds the space it took, and no resume can use it
                 shutil.rmtree(tmp, ignore_errors=True)
@@ -1852,7 +1852,6 @@ class _Run:
                 f"writing checkpoint step {step} into {root} failed ({_first_line(exc)}); the part written is "
                 f"removed. " + (f"The last complete checkpoint is {kept}: " if kept else "No checkpoint is kept yet: ")
                 + "free some space (or fix the folder) and continue with --resume latest") from exc
-        acc.wait_for_everyone()
         if self.fixed_t5 is not None:
             self.conditioning_path = str(final / CONDITIONING_FILE)
         return final
