@@ -2285,10 +2285,6 @@ def train(config: TrainConfig, stop_check: Optional[Callable[[int], bool]] = Non
         return run.run()
     finally:
         run.release_run_lock()
-        if torch.distributed.is_available() and torch.distributed.is_initialized():
-            # Else a refused multi-process run ends in "terminate called without an active exception"
-            # (exit -6) instead of its message's exit code.
-            torch.distributed.destroy_process_group()
 
 
 __all__ = ["TrainConfig", "ModelConfig", "LoraConfig", "SettingsConfig", "DataConfig", "LossConfig",
