@@ -21,6 +21,7 @@ from pathlib import Path
 from typing import Callable, Optional, Sequence
 
 from .dependencies import UPSCALE_NEEDS, refuse_outdated
+from .files import first_line, nearest_existing
 
 # What folder scans pick up (Pillow reads them all; .mpo is a camera's multi-picture JPEG), with
 # HEIC/HEIF, AVIF and JPEG 2000 where this install reads them.
@@ -367,11 +368,9 @@ def _check_writable(jobs: Sequence[Job]) -> None:
     """UsageError now, before minutes of loading, when an output folder of ``jobs`` (those that
     will write) cannot be written."""
     for parent in sorted({j.target.parent for j in jobs}):
-        existing = parent
-        while not existing.exists() and existing != existing.parent:
-            if existing.is_symlink():  # a link to nothing: creating the folder would fail
-                raise UsageError(_broken_output_link_message(existing))
-            existing = existing.parent
+        existing = nearest_existing(parent)
+        if existing.is_symlink() and not existing.exists():  # a link to nothing: creating the folder would fail
+            raise UsageError(_broken_output_link_message(existing))
         if not existing.is_dir():
             raise UsageError(f"cannot create the output folder {parent}: {existing} is a file")
         if not os.access(existing, os.W_OK | os.X_OK):
@@ -484,17 +483,12 @@ def _describe_run(settings, args) -> str:
             f"guidance={settings.guidance:g} ({src.get('guidance', 'default')}), {size}")
 
 
-def _first_line(exc: BaseException) -> str:
-    text = str(exc).strip()
-    return text.splitlines()[0] if text else type(exc).__name__
-
-
 def _write_failure(target: Path, exc: BaseException) -> str:
     """Why writing ``target`` failed, naming it (an OSError's own text names no file, or the
     temporary one)."""
     if isinstance(exc, OSError):
         return f"cannot write {target}: {exc.strerror or exc}"
-    return _first_line(exc)
+    return first_line(exc)
 
 
 def run_upscale(args) -> int:
@@ -588,7 +582,7 @@ def run_upscale(args) -> int:
             if job.output_format == "jpg" and _transparent(job.source):
                 raise ValueError(_NO_ALPHA_IN_JPEG)
         except Exception as exc:  # noqa: BLE001 - one bad file must not stop the others
-            failed_before_work(job.source, _first_line(exc))
+            failed_before_work(job.source, first_line(exc))
         else:
             headers_ok.append(job)
     todo = headers_ok
@@ -677,7 +671,7 @@ def run_upscale(args) -> int:
             except KeyboardInterrupt:
                 raise
             except Exception as exc:  # noqa: BLE001 - one bad file must not stop the others
-                failed(job.source, _first_line(exc))
+                failed(job.source, first_line(exc))
             finally:
                 if tile_bar is not None:
                     tile_bar.close()

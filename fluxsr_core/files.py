@@ -3,12 +3,13 @@ exclusive lock that the OS releases when its process dies."""
 
 from __future__ import annotations
 
+import contextlib
 import errno
 import os
 import stat
 import uuid
 from pathlib import Path
-from typing import Callable, Union
+from typing import Callable, Iterator, Sequence, Union
 
 PathLike = Union[str, os.PathLike]
 _NAME_MAX = 255  # bytes in one file name on the usual file systems (ext4, XFS, APFS, NTFS)
@@ -45,6 +46,46 @@ def atomic_write(path: PathLike, write: Callable[[str], None]) -> str:
             pass
         raise
     return str(target)
+
+
+@contextlib.contextmanager
+def replaced_together(targets: Sequence[PathLike]) -> Iterator[list[Path]]:
+    """Temporary paths beside ``targets``, one each, to write the files into; when the block ends
+    without error they are renamed over ``targets``, on any error (also Ctrl-C) removed, leaving
+    every target as it was. For files that belong together (an exported LoRA and its bundle):
+    a failed write replaces none of them. The renames come one after another: a failure between
+    two (rare: a rename takes no space) leaves the first ones replaced."""
+    token = uuid.uuid4().hex[:8]
+    staged = []
+    for target in map(Path, targets):
+        tmp = target.with_name(f".{target.name}.{token}.tmp")
+        if len(os.fsencode(tmp.name)) > _NAME_MAX:
+            tmp = target.with_name(f".fluxsr-{token}-{len(staged)}.tmp")
+        staged.append(tmp)
+    try:
+        yield staged
+        for tmp, target in zip(staged, targets):
+            os.replace(tmp, target)
+    finally:
+        for tmp in staged:
+            with contextlib.suppress(OSError):
+                tmp.unlink()
+
+
+def nearest_existing(path: PathLike) -> Path:
+    """``path`` itself or its nearest ancestor that is there: exists, or is a symbolic link (a
+    broken one too, which the caller may want to name: a folder cannot be created through it).
+    What a "can this be written?" check looks at before anything is made."""
+    place = Path(path)
+    while not os.path.lexists(place) and place != place.parent:
+        place = place.parent
+    return place
+
+
+def first_line(exc: BaseException) -> str:
+    """The first line of an error's text (its type's name when it has none), for a one-line report."""
+    text = str(exc).strip()
+    return text.splitlines()[0] if text else type(exc).__name__
 
 
 def atomic_write_text(path: PathLike, text: str) -> str:

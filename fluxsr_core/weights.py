@@ -233,7 +233,10 @@ def _gguf_reader(path: PathLike, what: str, mode: str = "r"):
 def read_gguf_header(path: PathLike, what: str = "GGUF file") -> dict[str, tuple[str, tuple[int, ...], int]]:
     """``{name: (quantisation type, shape, bytes)}`` of a GGUF file's tensors, nothing dequantised
     (the file is memory-mapped). Shapes are the unquantised tensors', in torch's order."""
-    reader = _gguf_reader(path, what)
+    return _gguf_header_of(_gguf_reader(path, what))
+
+
+def _gguf_header_of(reader) -> dict[str, tuple[str, tuple[int, ...], int]]:
     return {t.name: (t.tensor_type.name, tuple(int(n) for n in reversed(t.shape.tolist())), int(t.n_bytes))
             for t in reader.tensors}
 
@@ -247,7 +250,10 @@ def gguf_transformer_config(path: PathLike, what: str = "transformer file") -> d
     :class:`WrongModelError`, quantisation types diffusers cannot compute with
     :class:`UnsupportedWeightsError`."""
     p = Path(path).expanduser()
-    header = read_gguf_header(p, what)
+    return _gguf_config_of(p, read_gguf_header(p, what), what)
+
+
+def _gguf_config_of(p: Path, header: Mapping[str, tuple[str, tuple[int, ...], int]], what: str) -> dict:
     meta = _gguf_meta(header)
     require_flux_transformer(p, meta)
     from diffusers.quantizers.gguf.utils import SUPPORTED_GGUF_QUANT_TYPES
@@ -279,19 +285,20 @@ def gguf_transformer_bytes(path: PathLike, what: str = "transformer file") -> di
     return {"blocks": list(blocks.values()), "rest": rest, "largest_quantised": largest}
 
 
-def _gguf_tensors(path: Path, what: str) -> dict[str, torch.Tensor]:
-    """A GGUF file's tensors as views of the memory-mapped file, as diffusers' ``load_gguf_checkpoint``
+def _gguf_tensors(reader) -> dict[str, torch.Tensor]:
+    """A GGUF reader's tensors as views of the memory-mapped file, as diffusers' ``load_gguf_checkpoint``
     types them (quantised and BF16 ones as its ``GGUFParameter``, F32/F16 as plain tensors). Ours
     because that function copies every tensor: the whole file (12.7 GB for Q8_0) in RAM before a
-    byte reaches the GPU; mapped, the file only passes through the page cache. Copy-on-write: a
-    write into a weight (none of ours writes; an API user's might) changes this process's copy of
-    that page, never the file, and never faults on a read-only mapping."""
+    byte reaches the GPU; mapped, the file only passes through the page cache. ``reader`` is opened
+    copy-on-write (mode "c"): a write into a weight (none of ours writes; an API user's might)
+    changes this process's copy of that page, never the file, and never faults on a read-only
+    mapping."""
     import gguf
     from diffusers.quantizers.gguf.utils import GGUFParameter
 
     plain = {gguf.GGMLQuantizationType.F32, gguf.GGMLQuantizationType.F16}
     out: dict[str, torch.Tensor] = {}
-    for t in _gguf_reader(path, what, mode="c").tensors:
+    for t in reader.tensors:
         data = torch.from_numpy(t.data)
         out[t.name] = data if t.tensor_type in plain else GGUFParameter(data, quant_type=t.tensor_type)
     return out
@@ -305,8 +312,9 @@ def read_gguf_transformer(path: PathLike, what: str = "transformer file") -> tup
     from diffusers import FluxTransformer2DModel
 
     p = Path(path).expanduser()
-    config = gguf_transformer_config(p, what)
-    sd = _select_transformer_keys(_gguf_tensors(p, what))
+    reader = _gguf_reader(p, what, mode="c")  # one mapping for the header's checks and the tensors
+    config = _gguf_config_of(p, _gguf_header_of(reader), what)
+    sd = _select_transformer_keys(_gguf_tensors(reader))
     if identify_checkpoint(sd.keys()) == "flux-transformer-bfl":
         sd = _convert_bfl_transformer(sd)  # row splits and concatenations keep the quantisation blocks whole
     with init_empty_weights():

@@ -64,9 +64,7 @@ def write_gguf(state_dict: dict, path: Path, qtype_name: str = "Q8_0") -> dict:
     import numpy as np
 
     qtype = gguf.GGMLQuantizationType[qtype_name]
-    writer = gguf.GGUFWriter(path=None, arch="flux")
-    writer.add_quantization_version(gguf.GGML_QUANT_VERSION)
-    dequantized = {}
+    packed_tensors, dequantized = {}, {}
     for key, tensor in state_dict.items():
         data = tensor.to(torch.float32).numpy()
         if data.ndim == 1 or data.size <= 1024:
@@ -76,14 +74,25 @@ def write_gguf(state_dict: dict, path: Path, qtype_name: str = "Q8_0") -> dict:
         else:
             kind = qtype
         packed = gguf.quants.quantize(data, kind)
-        writer.add_tensor(key, packed, raw_dtype=kind)
+        packed_tensors[key] = (packed, kind)
         exact = torch.from_numpy(np.ascontiguousarray(gguf.quants.dequantize(packed, kind)).reshape(data.shape))
         dequantized[key] = exact.half().float() if kind == gguf.GGMLQuantizationType.Q8_0 else exact
+    save_gguf(path, packed_tensors)
+    return dequantized
+
+
+def save_gguf(path: Path, packed_tensors: dict) -> None:
+    """A GGUF file (architecture "flux") of ``{name: (packed numpy array, GGMLQuantizationType)}``."""
+    import gguf
+
+    writer = gguf.GGUFWriter(path=None, arch="flux")
+    writer.add_quantization_version(gguf.GGML_QUANT_VERSION)
+    for key, (packed, kind) in packed_tensors.items():
+        writer.add_tensor(key, packed, raw_dtype=kind)
     writer.write_header_to_file(path=str(path))
     writer.write_kv_data_to_file()
     writer.write_tensors_to_file()
     writer.close()
-    return dequantized
 
 
 @pytest.fixture(scope="session")
@@ -91,6 +100,13 @@ def gguf_writer():
     """:func:`write_gguf`, for tests that write GGUF files of their own."""
     pytest.importorskip("gguf")
     return write_gguf
+
+
+@pytest.fixture(scope="session")
+def gguf_saver():
+    """:func:`save_gguf`, for tests that pack GGUF tensors of their own."""
+    pytest.importorskip("gguf")
+    return save_gguf
 
 
 @dataclass

@@ -57,3 +57,26 @@ def test_a_failed_write_leaves_the_old_file_and_no_temporary(tmp_path):
     assert os.listdir(tmp_path) == ["out.bin"]
     files.atomic_write(target, lambda tmp: open(tmp, "wb").write(b"new"))
     assert target.read_bytes() == b"new" and os.listdir(tmp_path) == ["out.bin"]
+
+
+def test_files_replaced_together_are_all_replaced_or_none(tmp_path):
+    """The files of one export: on success every target is replaced; a failure while writing any
+    of them (also Ctrl-C) leaves every target as it was and no temporary file. A name at the
+    file system's limit still gets a temporary name that fits."""
+    long_name = "l" * 255
+    targets = [tmp_path / "a.bin", tmp_path / long_name]
+    for t in targets:
+        t.write_bytes(b"old")
+    for failure in (OSError("disk full"), KeyboardInterrupt()):
+        with pytest.raises(type(failure)):
+            with files.replaced_together(targets) as staged:
+                staged[0].write_bytes(b"new")
+                raise failure
+        assert [t.read_bytes() for t in targets] == [b"old", b"old"]
+        assert sorted(os.listdir(tmp_path)) == sorted(["a.bin", long_name])
+    with files.replaced_together(targets) as staged:
+        assert all(s.parent == tmp_path and len(s.name) <= 255 for s in staged)
+        for s, text in zip(staged, (b"new a", b"new l")):
+            s.write_bytes(text)
+    assert [t.read_bytes() for t in targets] == [b"new a", b"new l"]
+    assert sorted(os.listdir(tmp_path)) == sorted(["a.bin", long_name])

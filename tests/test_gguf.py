@@ -206,7 +206,7 @@ _FP16_SCALE_OFFSETS = {"Q4_K": (0, 2), "Q6_K": (208,)}
 
 
 @pytest.mark.parametrize("quant", sorted(_FP16_SCALE_OFFSETS))
-def test_k_quant_files_load_with_every_row_in_its_place(quant, tmp_path):
+def test_k_quant_files_load_with_every_row_in_its_place(quant, tmp_path, gguf_saver):
     """city96's common quantisations (Q4_K_S, Q6_K...) on a model whose rows fit 256-value blocks
     (2 heads of 128, FLUX.1's rope): each weight dequantises to what gguf-py reads from the file,
     through the key mapping and the fused-row splits."""
@@ -225,9 +225,7 @@ def test_k_quant_files_load_with_every_row_in_its_place(quant, tmp_path):
         torch.manual_seed(0)
         bfl = weights.transformer_state_dict_to_bfl(FluxTransformer2DModel.from_config(config).state_dict())
     rng = np.random.default_rng(0)
-    writer = gguf.GGUFWriter(path=None, arch="flux")
-    writer.add_quantization_version(gguf.GGML_QUANT_VERSION)
-    reference = {}
+    packed_tensors, reference = {}, {}
     for key, tensor in bfl.items():
         data = tensor.float().numpy()
         if data.ndim == 2 and data.shape[1] % block == 0:
@@ -238,14 +236,11 @@ def test_k_quant_files_load_with_every_row_in_its_place(quant, tmp_path):
             packed, kind = blocks.reshape(data.shape[0], -1), qtype
         else:
             packed, kind = data, gguf.GGMLQuantizationType.F32
-        writer.add_tensor(key, packed, raw_dtype=kind)
+        packed_tensors[key] = (packed, kind)
         reference[key] = torch.from_numpy(np.ascontiguousarray(gguf.quants.dequantize(packed, kind))
                                           .reshape(data.shape).astype(np.float32))
     path = tmp_path / f"flux-w256-{quant}.gguf"
-    writer.write_header_to_file(path=str(path))
-    writer.write_kv_data_to_file()
-    writer.write_tensors_to_file()
-    writer.close()
+    gguf_saver(path, packed_tensors)
 
     expected, _ = weights.transformer_state_dict_to_diffusers(reference)
     model = models.load_transformer(path, dtype="fp32").requires_grad_(False)

@@ -937,9 +937,16 @@ def test_a_failure_on_one_process_stops_every_process(monkeypatch):
     run.accelerator = Acc()
     monkeypatch.setattr(accelerate.utils, "gather_object", gather)
     assert run._on_every_process(lambda: 7) == 7 and gathered == []
-    other["report"] = "ConfigError: pair p000004-s4 that the main process chose is not in the folder"
-    with pytest.raises(T.OtherProcessError, match="process 1 could not set up its data: ConfigError: pair p000004-s4"):
+    other["report"] = ("ConfigError: pair p000004-s4 that the main process chose is not in the folder", False)
+    with pytest.raises(T.OtherProcessError, match="process 1 could not set up its data: ConfigError: pair p000004-s4") as e:
         run._on_every_process(lambda: 7)  # this process (the main) succeeded; process 1 did not
+    assert not T._is_write_failure(e.value)
+    # Whether the other process's error was a failed write is its own verdict, not read off the
+    # text here: a permission error (no "No space left" in it) still makes a checkpoint write error.
+    other["report"] = ("PermissionError: [Errno 13] Permission denied: 'random_states_1.pkl'", True)
+    with pytest.raises(T.OtherProcessError) as e:
+        run._on_every_process(lambda: 7, "write checkpoint step 2")
+    assert T._is_write_failure(e.value) and "process 1 could not write checkpoint step 2: PermissionError" in str(e.value)
 
     def lost():
         raise ConfigError("pair p000004-s4 ...")
@@ -947,7 +954,14 @@ def test_a_failure_on_one_process_stops_every_process(monkeypatch):
     other["report"] = None
     with pytest.raises(ConfigError, match=r"^pair p000004-s4 \.\.\.$"):
         run._on_every_process(lost)  # the failing process raises its own error
-    assert gathered[-1] == ["ConfigError: pair p000004-s4 ..."]
+    assert gathered[-1] == [("ConfigError: pair p000004-s4 ...", False)]
+
+    def denied():
+        raise PermissionError(13, "Permission denied", "random_states_0.pkl")
+
+    with pytest.raises(PermissionError):
+        run._on_every_process(denied)
+    assert gathered[-1] == [("PermissionError: [Errno 13] Permission denied: 'random_states_0.pkl'", True)]
 
 
 # --- the sample stream ----------------------------------------------------------------------------

@@ -62,7 +62,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from fluxsr_core.files import atomic_write_text
+from fluxsr_core.files import atomic_write_text, nearest_existing
 
 PathLike = Union[str, os.PathLike]
 
@@ -849,9 +849,7 @@ def _check_writable(flag: str, path: Optional[str]) -> None:
     target = Path(path).expanduser()
     if target.is_dir():
         raise EvaluationError(f"{flag} {path} is a folder; give the file to write")
-    place = target.parent
-    while not place.exists() and place != place.parent:
-        place = place.parent
+    place = nearest_existing(target.parent)
     if not os.access(place, os.W_OK):
         raise EvaluationError(f"{flag} {path}: {place} cannot be written (permission or read-only file system)")
 

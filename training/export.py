@@ -17,17 +17,16 @@ LoRA loader reads the LoRA file onto a native FLUX.
 
 from __future__ import annotations
 
-import contextlib
 import json
 import logging
 import os
-import uuid
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Optional
 
 
 from fluxsr_core.bundle import ConditioningBundle, load_bundle, save_bundle
+from fluxsr_core.files import replaced_together
 from fluxsr_core.lora import save_lora
 from fluxsr_core.settings import RunSettings
 
@@ -211,20 +210,12 @@ def export_student(checkpoint: str | os.PathLike, output_dir: str | os.PathLike,
         raise ExportError(f"{out} holds {' and '.join(taken)} already (an earlier export?); pass --overwrite to "
                           "replace them, or choose another -o")
     out.mkdir(parents=True, exist_ok=True)
-    token = uuid.uuid4().hex[:8]
-    staged = [out / f".{t.name}.{token}.export" for t in targets]
-    try:
+    with replaced_together(targets) as staged:
         save_lora(staged[0], tensors, settings, rank=cfg.lora.rank, alpha=cfg.lora.alpha,
                   extra_metadata={"fluxsr.step": str(step), "fluxsr.weights": "ema" if use_ema else "raw",
                                   "fluxsr.transformer": os.path.basename(os.path.normpath(cfg.model.transformer))})
         save_bundle(staged[1], b.t5, b.clip_pooled, settings,
                     prompt=prompt)  # none recorded: none claimed (a file name is no prompt)
-        for tmp, target in zip(staged, targets):
-            os.replace(tmp, target)
-    finally:
-        for tmp in staged:
-            with contextlib.suppress(OSError):
-                tmp.unlink()
     lora_path, bundle_path = (str(t) for t in targets)
     log.info("exported step %d (%s weights) to %s and %s; %s", step, "EMA" if use_ema else "raw", lora_path,
              bundle_path, settings.describe())

@@ -57,6 +57,7 @@ import torch.nn.functional as F
 
 from fluxsr_core import flow
 from fluxsr_core.bundle import ConditioningBundle, conditioning_width_problems, load_bundle, save_bundle
+from fluxsr_core.files import first_line
 from fluxsr_core.interfaces import Conditioning
 from fluxsr_core.lora import DEFAULT_ADAPTER_NAME
 from fluxsr_core.models import FP8_MODES
@@ -102,7 +103,10 @@ class CheckpointWriteError(OSError):
 
 def _is_write_failure(exc: BaseException) -> bool:
     """An OSError, or torch's serializer failing on a full disk (a RuntimeError from its C++ writer:
-    "PytorchStreamWriter failed writing file", "unexpected pos")."""
+    "PytorchStreamWriter failed writing file", "unexpected pos"); for another process's failure,
+    what that process found of its own error."""
+    if isinstance(exc, OtherProcessError):
+        return exc.write_failure
     if isinstance(exc, OSError):
         return True
     if not isinstance(exc, RuntimeError):
@@ -111,14 +115,14 @@ def _is_write_failure(exc: BaseException) -> bool:
     return any(s in text for s in ("PytorchStreamWriter", "unexpected pos", "No space left", "Disk quota"))
 
 
-def _first_line(exc: BaseException) -> str:
-    text = str(exc).strip()
-    return text.splitlines()[0] if text else type(exc).__name__
-
-
 class OtherProcessError(RuntimeError):
     """Another process of the run failed (while setting up or in a training step): the message
-    names it, what it was doing and its error; that process raised its own."""
+    names it, what it was doing and its error; that process raised its own. ``write_failure``:
+    whether that error was a failed write (:func:`_is_write_failure` on that process)."""
+
+    def __init__(self, message: str, write_failure: bool = False):
+        super().__init__(message)
+        self.write_failure = write_failure
 
 
 # =========================================================================================
@@ -1658,11 +1662,12 @@ class _Run:
         failures = acc.reduce(torch.tensor([0.0 if error is None else 1.0], device=acc.device), "sum")
         if float(failures) == 0:
             return result
-        reports = gather_object([None if error is None else f"{type(error).__name__}: {error}"])
+        reports = gather_object([None if error is None
+                                 else (f"{type(error).__name__}: {error}", _is_write_failure(error))])
         if error is not None:
             raise error
-        rank, text = next((r, t) for r, t in enumerate(reports) if t is not None)
-        raise OtherProcessError(f"process {rank} could not {what}: {text}")
+        rank, (text, write_failure) = next((r, t) for r, t in enumerate(reports) if t is not None)
+        raise OtherProcessError(f"process {rank} could not {what}: {text}", write_failure)
 
     def _decided_on_main(self, decide: Callable[[], Any]) -> Any:
         """``decide()`` run on the main process only, its result (or the error it raised) given to
@@ -1849,7 +1854,7 @@ class _Run:
                 raise
             kept = latest_checkpoint(self.out)
             raise CheckpointWriteError(
-                f"writing checkpoint step {step} into {root} failed ({_first_line(exc)}); the part written is "
+                f"writing checkpoint step {step} into {root} failed ({first_line(exc)}); the part written is "
                 f"removed. " + (f"The last complete checkpoint is {kept}: " if kept else "No checkpoint is kept yet: ")
                 + "free some space (or fix the folder) and continue with --resume latest") from exc
         if self.fixed_t5 is not None:
