@@ -297,23 +297,53 @@ def test_sigkill_then_resume_matches_an_uninterrupted_run(pairs, tmp_path):
 
 def test_resuming_an_older_checkpoint_sets_the_later_ones_aside(pairs, tmp_path):
     """Resuming from step 4 of a run that reached step 8 replaces steps 6 and 8: they move to
-    checkpoints/superseded-*/ (kept), so pruning and --resume latest see this run's own only.
+    checkpoints/superseded-*/ (kept), so pruning and --resume latest see this run's own only;
+    so do metrics.jsonl's lines past step 4, so that it holds each step once, this run's.
     A fresh run into a folder with checkpoints is refused."""
-    common = ("train.max_steps=8", "checkpoint.every=2", "checkpoint.keep_last=3")
+    common = ("train.max_steps=8", "checkpoint.every=2", "checkpoint.keep_last=3", "train.log_every=1")
     T.train(tiny_config(pairs, tmp_path / "run", *common))
     assert [c.name for c in T.list_checkpoints(tmp_path / "run")] == ["step-0000004", "step-0000006", "step-0000008"]
+    metrics = tmp_path / "run" / T.METRICS_FILE
+    with open(metrics, "a", encoding="utf-8") as f:
+        f.write("a line of someone else's\n")
+    first = [json.loads(line) for line in metrics.read_text(encoding="utf-8").splitlines()[:-1]]
     step4 = tmp_path / "run" / T.CHECKPOINT_DIR / "step-0000004"
     r = T.train(tiny_config(pairs, tmp_path / "run", *common, "train.stop_at=6", f"train.resume={str(step4)!r}"))
     assert r.start_step == 4 and r.step == 6
     assert [c.name for c in T.list_checkpoints(tmp_path / "run")] == ["step-0000004", "step-0000006"]
     (aside,) = (tmp_path / "run" / T.CHECKPOINT_DIR).glob("superseded-*")
-    assert sorted(c.name for c in aside.iterdir()) == ["step-0000006", "step-0000008"]
+    assert sorted(c.name for c in aside.iterdir()) == sorted(["step-0000006", "step-0000008", T.METRICS_FILE])
+    lines = metrics.read_text(encoding="utf-8").splitlines()
+    assert "a line of someone else's" in lines
+    records = [json.loads(line) for line in lines if line.startswith("{")]
+    assert [r["step"] for r in records if r["kind"] == "train"] == [1, 2, 3, 4, 5, 6]
+    assert [r["kind"] for r in records if r["kind"] != "train"] == ["start", "resume"]
+    moved = [json.loads(line) for line in (aside / T.METRICS_FILE).read_text(encoding="utf-8").splitlines()]
+    assert moved == [rec for rec in first if rec.get("step", 0) > 4]
+    assert [rec["step"] for rec in moved if rec["kind"] == "train"] == [5, 6, 7, 8]
     assert T.resolve_resume("latest", tmp_path / "run").name == "step-0000006"
     with pytest.raises(ConfigError, match="already holds checkpoints.*--resume latest"):
         T.train(tiny_config(pairs, tmp_path / "run", *common))
     # a superseded checkpoint is still this folder's own: not refused as another run's
     with pytest.raises(ConfigError, match="is at step 8 and train.max_steps is 8: nothing is left to train"):
         T.train(tiny_config(pairs, tmp_path / "run", *common, f"train.resume={str(aside / 'step-0000008')!r}"))
+
+
+def test_s_per_step_is_the_steps_own_time_without_checkpoints(pairs, tmp_path, monkeypatch):
+    """The logged s/step times the training steps: a checkpoint written in the window (here made
+    to take 2 s) is not in it. Before, one slow checkpoint made every window's step look slow."""
+    import time
+
+    real = T._Run.save_checkpoint
+
+    def slow_checkpoint(self):
+        time.sleep(2.0)
+        return real(self)
+
+    monkeypatch.setattr(T._Run, "save_checkpoint", slow_checkpoint)
+    r = T.train(tiny_config(pairs, tmp_path / "run", "train.max_steps=2", "checkpoint.every=1", "train.log_every=2"))
+    (entry,) = r.history
+    assert entry["step"] == 2 and 0 < entry["s_per_step"] < 1.0, entry  # with the checkpoint: > 1 s a step
 
 
 def test_one_run_at_a_time_per_folder_and_no_mixing_of_two_runs(pairs, tmp_path):
@@ -1014,6 +1044,18 @@ def test_config_toml_overrides_and_errors(tmp_path):
     with pytest.raises(ConfigError, match="unknown config key 'optim.foo'"):
         p.write_text("[optim]\nfoo = 1\n")
         T.load_train_config(p)
+    # A number where a path or a name goes: refused in a file (it was the string "3"); on the
+    # command line it is the text as typed (train.output_dir=1e3 was "1000.0").
+    p.write_text("[model]\ntransformer = 3\n")
+    with pytest.raises(ConfigError, match=r"^\S+c\.toml: config key 'model.transformer' must be a string "
+                                          r"\(in quotes: \"3\"\), got 3$"):
+        T.load_train_config(p)
+    cli = T.load_train_config(None, ["train.output_dir=1e3", "model.transformer=3", "train.tensorboard=false"])
+    assert (cli.train.output_dir, cli.model.transformer, cli.train.tensorboard) == ("1e3", "3", "false")
+    p.write_text("[model\n")
+    with pytest.raises(ConfigError) as broken:
+        T.load_train_config(p)
+    assert str(broken.value).count(str(p)) == 1 and "is not valid TOML" in str(broken.value)  # the path once
     bad = T.load_train_config(None, ["model.transformer=tiny", "model.vae=tiny", "data.pairs=x",
                                      "loss.w_ftd=0", "loss.w_mse=0", "loss.w_tvlpips=0", "loss.w_adl=0"])
     with pytest.raises(ConfigError, match="every loss weight is 0"):

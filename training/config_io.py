@@ -118,11 +118,12 @@ def _coerce(value: Any, tp, key: str) -> Any:
         except (TypeError, ValueError):
             raise ConfigError(f"config key '{key}' must be a number, got {value!r}") from None
     if inner is str:
-        if isinstance(value, (dict, list)):
-            raise ConfigError(f"config key '{key}' must be a string, got {value!r}")
-        if isinstance(value, bool):
+        if isinstance(value, bool):  # tensorboard = false: the "false" of its auto/true/false
             return "true" if value else "false"
-        return str(value)
+        if not isinstance(value, str):  # a number where a path or a name goes is a slip, not "3"
+            hint = f' (in quotes: "{value}")' if isinstance(value, (int, float)) else ""
+            raise ConfigError(f"config key '{key}' must be a string{hint}, got {value!r}")
+        return value
     return value
 
 
@@ -192,11 +193,6 @@ def apply_overrides(cfg: T, overrides: Sequence[str]) -> T:
         if not key:
             raise ConfigError(f"override {item!r} names no key")
         parts = key.split(".")
-        nested: dict[str, Any] = {}
-        node = nested
-        for p in parts[:-1]:
-            node = node.setdefault(p, {})
-        node[parts[-1]] = parse_override_value(raw.strip())
         # Walk the dataclass path first so a section given as a key gets a clear message.
         cls = type(cfg)
         for i, p in enumerate(parts):
@@ -214,6 +210,14 @@ def apply_overrides(cfg: T, overrides: Sequence[str]) -> T:
             elif dataclasses.is_dataclass(tp):
                 raise ConfigError(f"override {item!r}: '{key}' is a section; set one of its keys "
                                   f"({', '.join(f.name for f in dataclasses.fields(tp))})")
+        value = parse_override_value(raw.strip())
+        if _unwrap_optional(tp)[0] is str and isinstance(value, (int, float)) and not isinstance(value, bool):
+            value = raw.strip()  # a string key on the command line: train.output_dir=1e3 is "1e3", not "1000.0"
+        nested: dict[str, Any] = {}
+        node = nested
+        for p in parts[:-1]:
+            node = node.setdefault(p, {})
+        node[parts[-1]] = value
         cfg = from_dict(type(cfg), nested, base=cfg)
     return cfg
 
@@ -235,8 +239,9 @@ def load_config(cls: type[T], path: Union[str, os.PathLike, None] = None,
     """``cls`` from defaults, then the TOML file ``path`` (if given), then ``overrides``."""
     cfg = cls()
     if path is not None:
+        values = load_toml(path)  # its errors name the file already
         try:
-            cfg = from_dict(cls, load_toml(path))
+            cfg = from_dict(cls, values)
         except ConfigError as exc:
             raise ConfigError(f"{path}: {exc}") from None
     return apply_overrides(cfg, overrides)

@@ -57,7 +57,7 @@ import torch.nn.functional as F
 
 from fluxsr_core import flow
 from fluxsr_core.bundle import ConditioningBundle, conditioning_width_problems, load_bundle, save_bundle
-from fluxsr_core.files import first_line
+from fluxsr_core.files import atomic_write_text, first_line
 from fluxsr_core.interfaces import Conditioning
 from fluxsr_core.lora import DEFAULT_ADAPTER_NAME
 from fluxsr_core.models import FP8_MODES
@@ -1931,19 +1931,39 @@ class _Run:
             self._info("resume: optimizer settings from the config, not the checkpoint: "
                        + ", ".join(sorted(set(changed))))
 
-    def _set_aside_later_checkpoints(self, step: int) -> None:
-        """Checkpoints of this output folder past the one resumed from belong to the history this
-        run replaces: moved into ``checkpoints/superseded-<time>/`` (kept, not deleted), so that
-        neither ``--resume latest`` nor pruning mistakes them for this run's."""
-        later = [c for c in list_checkpoints(self.out) if checkpoint_step(c) > step]
-        if not later:
-            return
+    def _set_aside_superseded(self, step: int) -> None:
+        """What this output folder holds past the step resumed from belongs to the history this
+        run replaces: its checkpoints and its ``metrics.jsonl`` lines (a killed run logged steps
+        after its last checkpoint) move into ``checkpoints/superseded-<time>/`` (kept, not
+        deleted), so that neither ``--resume latest`` nor pruning mistakes those checkpoints for
+        this run's, and the metrics hold each step once, this run's."""
         aside = self.out / CHECKPOINT_DIR / f"superseded-{time.strftime('%Y%m%dT%H%M%SZ', time.gmtime())}"
+        later = [c for c in list_checkpoints(self.out) if checkpoint_step(c) > step]
+        if later:
+            aside.mkdir(parents=True, exist_ok=True)
+            for c in later:
+                os.replace(c, aside / c.name)
+            log.warning("resumed from step %d: the later checkpoints %s were moved to %s", step,
+                        ", ".join(c.name for c in later), aside)
+        metrics = self.out / METRICS_FILE
+        if not metrics.is_file():
+            return
+        _drop_torn_last_line(metrics)
+        kept, moved = [], []
+        for line in metrics.read_text(encoding="utf-8").splitlines(keepends=True):
+            try:
+                record_step = json.loads(line).get("step")
+            except (json.JSONDecodeError, AttributeError):
+                record_step = None  # not one of ours: left where it is
+            (moved if isinstance(record_step, int) and record_step > step else kept).append(line)
+        if not moved:
+            return
         aside.mkdir(parents=True, exist_ok=True)
-        for c in later:
-            os.replace(c, aside / c.name)
-        log.warning("resumed from step %d: the later checkpoints %s were moved to %s", step,
-                    ", ".join(c.name for c in later), aside)
+        with open(aside / METRICS_FILE, "a", encoding="utf-8") as f:  # first: a failure loses no line
+            f.writelines(moved)
+        atomic_write_text(metrics, "".join(kept))
+        log.warning("resumed from step %d: %d later lines of %s were moved to %s", step, len(moved),
+                    METRICS_FILE, aside / METRICS_FILE)
 
     # -- validation ---------------------------------------------------------------------------
 
@@ -2083,7 +2103,7 @@ class _Run:
                             resume_from.name, self.state.step, "; ".join(self.resume_notices))
             self._apply_optim_config()
             if self.main:
-                self._set_aside_later_checkpoints(self.state.step)
+                self._set_aside_superseded(self.state.step)
             acc.wait_for_everyone()
         elif cfg.train.resume == "latest":
             self._info("resume=latest: no checkpoint yet, starting fresh")
@@ -2122,13 +2142,14 @@ class _Run:
                             dynamic_ncols=True)
         self.interrupt.install()
         window: dict[str, float] = {}
-        window_n, t_window = 0, time.time()
+        window_n, window_seconds = 0, 0.0  # the steps' own time: checkpoints and validations are not in s_per_step
         try:
             if cfg.validation.every and start_step == 0:
                 v = self.validate()
                 if v:
                     self.validations.append(v)
             while self.state.step < end:
+                t_step = time.time()
                 sums: dict[str, float] = {}
                 for _ in range(accum):
                     with acc.accumulate(self.model):
@@ -2164,12 +2185,13 @@ class _Run:
                 for k, v in step_vals.items():
                     window[k] = window.get(k, 0.0) + v
                 window_n += 1
+                window_seconds += time.time() - t_step
                 if progress is not None:
                     progress.update(1)
                     progress.set_postfix(loss=f"{step_vals['loss']:.4g}")
                 if self.state.step % cfg.train.log_every == 0 or self.state.step == end or interrupted:
                     lr_now = self.scheduler.get_last_lr()[0]
-                    dt = (time.time() - t_window) / window_n
+                    dt = window_seconds / window_n
                     entry = {"step": self.state.step, **{k: v / window_n for k, v in window.items()},
                              "lr": lr_now, "s_per_step": dt}
                     self.history.append(entry)
@@ -2181,7 +2203,7 @@ class _Run:
                     self._info(line) if progress is None else log.debug(line)
                     acc.log({f"train/{k}": v for k, v in entry.items() if k != "step"}, step=self.state.step)
                     self._record_metrics({"kind": "train", **entry})
-                    window, window_n, t_window = {}, 0, time.time()
+                    window, window_n, window_seconds = {}, 0, 0.0
                 if interrupted:
                     break  # the checkpoint of this step is written below
                 if self.state.step % cfg.checkpoint.every == 0:
