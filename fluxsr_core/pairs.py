@@ -490,7 +490,7 @@ class PairWriter:
         self._known_conds: set[str] = set()
         self._closed = False
         self._failed: Optional[PairWriteError] = None
-        made = _make_folder(self.folder)
+        made = self._made_folders = _make_folder(self.folder)
         try:
             self._lock = _WriterLock(self.folder / f".lock-{self.writer_id}")
         except BaseException:
@@ -888,6 +888,22 @@ class PairWriter:
             self.close()
         except PairConflictError as second:  # the error in flight came first and says more
             logger.warning("%s", second)
+        self._remove_folder_if_untouched()
+
+    def _remove_folder_if_untouched(self) -> None:
+        """After a run that failed before writing anything (a refused setting) into a folder this
+        writer made: remove its lock file and the folders, so that a rerun does not find a
+        dataset folder that holds nothing. A folder anyone else wrote into is left as it is."""
+        if not self._made_folders:
+            return
+        lock_file = self._lock.path
+        try:
+            if [p.name for p in self.folder.iterdir()] != [lock_file.name]:
+                return
+            lock_file.unlink()
+        except OSError:
+            return
+        _remove_empty_folders(self._made_folders)
 
     def __del__(self):  # pragma: no cover - best effort: never lose the OS lock
         lock = getattr(self, "_lock", None)

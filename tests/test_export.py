@@ -136,11 +136,18 @@ def test_raw_weights_and_errors(run, tmp_path):
         export_student(tmp_path, tmp_path / "x")
 
 
-def test_runs_without_ema_or_a_single_conditioning(tmp_path, caplog):
+def test_runs_without_ema_or_a_single_conditioning(tmp_path, caplog, monkeypatch, capsys):
     pairs = write_pairs(tmp_path / "pairs2", 2, conds=2)
     caplog.set_level(logging.WARNING, logger="fluxsr.train")
     r = T.train(config(pairs, tmp_path / "run2", "train.max_steps=1", "ema.enabled=false"))
     assert r.conditioning_path is None and r.ema_lora_path is None
+    # the end-of-run hint of `fluxsr-train train` gives the --bundle that export will need
+    monkeypatch.setattr(T, "train", lambda cfg: r)
+    assert cli_main(["train", "model.transformer=tiny", "model.vae=tiny", f"data.pairs={str(pairs)!r}",
+                     f"train.output_dir={str(tmp_path / 'run2')!r}"]) == 0
+    (hint,) = [line for line in capsys.readouterr().out.splitlines() if line.startswith("export with:")]
+    assert hint.startswith(f"export with: fluxsr-train export {r.output_dir} -o <folder> --bundle <bundle.safetensors> "
+                           "(the run trained on several conditionings")
     # said at the start of training, with what to do instead
     assert f"data.conditioning=pairs and {pairs} holds 2 distinct conditionings" in caplog.text
     assert "fluxsr-train bundle --prompt" in caplog.text

@@ -946,3 +946,26 @@ def test_a_missing_or_file_dataset_folder_is_named_as_such(tmp_path):
             open_it(tmp_path / "prompts.txt")
         with pytest.raises(FileNotFoundError, match=r"pair dataset folder .*nowhere does not exist$"):
             open_it(tmp_path / "nowhere")
+
+
+def test_a_run_that_fails_before_writing_leaves_no_folder_it_made(tmp_path):
+    """A refused run (an encoder that fails to load, before any file) into a new folder took the
+    folder and its lock file with it no more: a rerun finds no dataset folder that holds nothing.
+    A folder that existed, or that holds anything written, is kept."""
+    new = tmp_path / "a" / "pairs"
+    with pytest.raises(RuntimeError, match="refused"):
+        with PairWriter(new, "w0"):
+            raise RuntimeError("refused")
+    assert not (tmp_path / "a").exists()
+    (tmp_path / "old").mkdir()
+    with pytest.raises(RuntimeError):
+        with PairWriter(tmp_path / "old", "w0"):
+            raise RuntimeError("refused")
+    assert (tmp_path / "old").is_dir()
+    with pytest.raises(RuntimeError):
+        with PairWriter(new, "w0", shard_size=8) as w:
+            eps, z0, t5, clip, img = make_pair(IDS[0])
+            w.add(IDS[0], eps, z0, t5, clip, {"prompt": "a photo"})
+            w.flush()
+            raise RuntimeError("stopped after one pair")
+    assert PairDataset(new).ids == [IDS[0]]  # the pair written is kept

@@ -205,7 +205,12 @@ def _cmd_train(args) -> int:
                 (" (before training)" if v["step"] == 0 and r.step > 0 else "")
         print(f"train: step {r.step}/{cfg.train.max_steps}{' (stopped early)' if r.stopped_early else ''}, "
               f"loss {last.get('loss', float('nan')):.4g}{val}; checkpoint {r.checkpoint}")
-        print(f"export with: fluxsr-train export {r.output_dir} -o <folder>")
+        if r.conditioning_path is None:  # trained on several conditionings: export needs the one to ship
+            print(f"export with: fluxsr-train export {r.output_dir} -o <folder> --bundle <bundle.safetensors> "
+                  "(the run trained on several conditionings: give the one the student should run with, "
+                  "e.g. one of the pairs folder's cond-*.safetensors)")
+        else:
+            print(f"export with: fluxsr-train export {r.output_dir} -o <folder>")
     return 0
 
 
