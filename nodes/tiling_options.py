@@ -5,7 +5,7 @@ from __future__ import annotations
 from ..fluxsr_core import tiling
 from ..fluxsr_core.latents import VAE_DOWNSCALE
 from .comfy_adapters import check_vae_tiling
-from .common import CATEGORY, TILING_TYPE
+from .common import CATEGORY, TILING_TYPE, range_problem
 
 _DEFAULT = tiling.TilingConfig()
 BLENDS = ("gaussian", "linear", "constant")
@@ -90,6 +90,24 @@ class FluxSRTilingOptions:
                                "tokens, same seams). Off: tiles of exactly tile_size."}),
             }
         }
+
+    @classmethod
+    def VALIDATE_INPUTS(cls, tile_size, tile_overlap, vae_tile_size, vae_tile_overlap):
+        # At queue time, not after minutes of model loading upstream: the rules between two
+        # widgets (overlap below the tile, below half the VAE tile). ComfyUI skips its own min/max
+        # checks for the inputs named here, so range_problem makes them from INPUT_TYPES.
+        values = {"tile_size": tile_size, "tile_overlap": tile_overlap, "vae_tile_size": vae_tile_size,
+                  "vae_tile_overlap": vae_tile_overlap}
+        problem = range_problem(cls, values)
+        if problem is not None:
+            return problem
+        if any(v is None for v in values.values()):  # a linked widget: checked when the node runs
+            return True
+        try:
+            tiling_from_widgets(tile_size, tile_overlap, vae_tile_size, vae_tile_overlap, _DEFAULT.blend)
+        except ValueError as exc:
+            return str(exc)
+        return True
 
     def build(self, tile_size, tile_overlap, vae_tile_size, vae_tile_overlap, blend,
               global_position_ids=False, tile_batch_size=1, fit_tiles=False):

@@ -318,11 +318,15 @@ def test_tiled_workflow_runs(server, input_image):
     picture = load_png(out_file)
     assert picture.shape == (160, 192, 3)
     assert picture.std() > 5  # a picture, not the black of a NaN latent
-    # An overlap of half the tile is refused before any work (ComfyUI would divide by zero there,
-    # and above it return NaN, a black picture)
+    # An overlap of half the tile is refused when queued, before any model loads (ComfyUI would
+    # divide by zero there, and above it return NaN, a black picture); so are values out of the
+    # widgets' ranges, which ComfyUI leaves to the VALIDATE_INPUTS that names them.
     prompt["8"]["inputs"].update(vae_tile_size=128, vae_tile_overlap=64)
     with pytest.raises(server_mod.ComfyError, match="vae_tile_overlap 64 must be less than half of vae_tile_size 128"):
-        server.run(prompt, timeout=300)
+        server.queue(prompt)
+    prompt["8"]["inputs"].update(vae_tile_overlap=32, tile_size=128)
+    with pytest.raises(server_mod.ComfyError, match="tile_size: value 128 smaller than min of 256"):
+        server.queue(prompt)
 
 
 def test_teacher_workflow_writes_a_pair(server, datasets_root):

@@ -290,17 +290,26 @@ def _inputs(cls):
 
 
 @pytest.mark.parametrize("node_id", NODE_IDS)
-def test_validate_inputs_leaves_comfyuis_range_checks_on(pack, node_id):
+def test_validate_inputs_keeps_comfyuis_range_checks(pack, node_id):
     """ComfyUI skips its own min/max checks for every input VALIDATE_INPUTS names (all of them
-    when it takes **kwargs): it may name only inputs without a range."""
+    when it takes **kwargs): a ranged input named there must get them from VALIDATE_INPUTS, at
+    each end of its range, with the other inputs at their defaults."""
     cls = pack.NODE_CLASS_MAPPINGS[node_id]
     if not hasattr(cls, "VALIDATE_INPUTS"):
         return
     params = inspect.signature(cls.VALIDATE_INPUTS).parameters
     assert not any(p.kind is inspect.Parameter.VAR_KEYWORD for p in params.values())
-    kinds = {n: v[0] for _, n, v in _inputs(cls)}
-    ranged = [n for n in params if kinds.get(n) in ("INT", "FLOAT")]
-    assert ranged == [], f"{node_id}.VALIDATE_INPUTS names {ranged}: ComfyUI would not range-check them"
+    specs = {n: v for _, n, v in _inputs(cls)}
+    defaults = {n: specs[n][1].get("default") for n in params if n in specs and len(specs[n]) > 1}
+    assert cls.VALIDATE_INPUTS(**defaults) is True
+    for name in params:
+        if specs.get(name, ("",))[0] not in ("INT", "FLOAT"):
+            continue
+        limits = specs[name][1]
+        for end, beyond in (("min", -1), ("max", 1)):
+            if end in limits:
+                answer = cls.VALIDATE_INPUTS(**{**defaults, name: limits[end] + beyond})
+                assert isinstance(answer, str) and name in answer and f"{end} of {limits[end]}" in answer, answer
 
 
 @pytest.mark.parametrize("node_id", NODE_IDS)
@@ -589,6 +598,11 @@ def test_tiling_options_defaults_and_errors(pack):
         cls().build(512, 512, 0, 0, "gaussian")
     with pytest.raises(ValueError, match="multiple of 16"):
         cls().build(520, 128, 0, 0, "gaussian")
+    # at queue time too (VALIDATE_INPUTS), before minutes of model loading upstream
+    assert "must be larger than its overlap (512 px" in cls.VALIDATE_INPUTS(512, 512, 0, 0)
+    assert "must be less than half of vae_tile_size 128" in cls.VALIDATE_INPUTS(1024, 256, 128, 64)
+    assert cls.VALIDATE_INPUTS(1024, 256, 128, 32) is True
+    assert cls.VALIDATE_INPUTS(1024, None, 128, 64) is True  # a linked widget: checked when the node runs
 
 
 # --- the adapters over ComfyUI's MODEL and VAE --------------------------------------------------
