@@ -460,6 +460,10 @@ def _load_pipeline(args, tiling, log, cond_bundle, settings, device, dtype):
                          f"({type(exc).__name__}); FLUX.1-dev needs 22.3 GiB for its weights in bf16, "
                          f"14.3 GiB with --memory-mode fp8_storage, 11.2 GiB with fp8_storage_all, and "
                          f"--memory-mode model_offload or group_offload keep them in RAM") from None
+    if loaded.lora is not None:  # what the LoRA file turned out to be: its layers, conversions, what was left out
+        log(f"fluxsr: {loaded.lora.describe()}")
+        for note in loaded.lora.notes:
+            log(f"fluxsr: LoRA: {note}")
     for note in loaded.notes:
         log(f"fluxsr: {note}")
     cond_bundle.check_fits(loaded.transformer)

@@ -20,7 +20,7 @@ import re
 import warnings
 from collections import Counter
 from dataclasses import dataclass, field
-from typing import Any, Mapping, Optional
+from typing import Any, Mapping, Optional, Sequence
 
 import torch
 
@@ -148,6 +148,35 @@ def _looks_like_lora(keys) -> bool:
     return any(("lora" in k.lower()) or k.endswith(".alpha") or "lokr_" in k for k in keys)
 
 
+# LyCORIS's other adapter kinds, by their tensors' names (LoHa, LoKr, OFT/BOFT; DoRA's
+# dora_scale, which kohya writes too, has its own message where the naming is read).
+_LYCORIS_KINDS = ((re.compile(r"\.hada_(w[12]_[ab]|t[12])$"), "LoHa"),
+                  (re.compile(r"\.lokr_(w[12](_[ab])?|t[12])$"), "LoKr"),
+                  (re.compile(r"\.(oft_blocks|oft_diag|boft_\w+)$"), "OFT"))
+# ComfyUI's full differences (its Train LoRA node, and its LoRA extraction with bias_diff on):
+# a bias or norm scale's whole change, not a low-rank one.
+_COMFY_DIFF = re.compile(r"\.(diff|diff_b|set_weight)$")
+_COMFYUI_APPLIES = ("In ComfyUI, FluxSR Load LoRA (or ComfyUI's own LoRA loaders) applies such a file; "
+                    "for fluxsr, use a plain LoRA")
+
+
+def _refuse_other_adapter_kinds(keys: Sequence[str], name: str) -> None:
+    """LyCORIS files and ComfyUI's full differences, named before any naming logic (which would
+    call a LoHa a full model, or a LoKr a naming it cannot convert)."""
+    for pattern, kind in _LYCORIS_KINDS:
+        example = next((k for k in keys if pattern.search(k)), None)
+        if example is not None:
+            raise LoraError(f"{name} is a LyCORIS {kind} (keys such as '{example}'), not a LoRA: FluxSR's own "
+                            "loader reads low-rank LoRAs (lora_A/lora_B or lora_down/lora_up layers, as "
+                            f"fluxsr-train export writes them). {_COMFYUI_APPLIES}.")
+    example = next((k for k in keys if _COMFY_DIFF.search(k)), None)
+    if example is not None:
+        raise LoraError(f"{name} holds ComfyUI's full differences (keys such as '{example}': a bias's or norm's "
+                        "whole change, as ComfyUI's Train LoRA node writes them, and its LoRA extraction with "
+                        "bias_diff on) besides low-rank layers; FluxSR's own loader reads low-rank LoRA layers "
+                        f"only. {_COMFYUI_APPLIES} (extract it again with bias_diff off).")
+
+
 def _check_is_lora(state_dict: Mapping[str, torch.Tensor], path: str) -> None:
     """Refuse empty files, whole models and other model families before diffusers sees them."""
     name = os.path.basename(path)
@@ -155,6 +184,7 @@ def _check_is_lora(state_dict: Mapping[str, torch.Tensor], path: str) -> None:
         raise LoraError(f"{path} holds no tensors: it is empty, so it is not a LoRA. "
                         "Re-download or re-export the file.")
     keys = list(state_dict)
+    _refuse_other_adapter_kinds(keys, name)
     if not _looks_like_lora(keys):
         example = ", ".join(sorted(keys)[:3])
         family = guess_model_family(keys)
@@ -183,7 +213,13 @@ _LORA_PARTS = {".lora_A.weight": "A", ".lora_down.weight": "A", ".lora_B.weight"
                ".alpha": "alpha"}
 
 
-def _text_encoder_note(count: int) -> str:
+def is_text_encoder_key(key: str) -> bool:
+    """Whether a LoRA tensor's key is a text encoder's (kohya's ``lora_te*``, diffusers', ComfyUI's)."""
+    return key.startswith(_TEXT_ENCODER_PREFIXES)
+
+
+def text_encoder_note(count: int) -> str:
+    """What FluxSR does with a LoRA's text-encoder tensors (none of them is used), for logs."""
     return (f"ignored {count} text-encoder LoRA tensors: FluxSR runs with fixed text embeddings, so a "
             "text-encoder LoRA must be baked into the conditioning bundle")
 
@@ -412,7 +448,7 @@ _NAMINGS = (_DIFFUSERS, _DIFFUSERS_BARE, _BFL, _KOHYA, _KOHYA_DIFFUSERS, _XLABS,
 
 def _naming_of(key: str, top_modules) -> str:
     """Which naming one LoRA key is in (``top_modules``: the transformer's top-level module names)."""
-    if key.startswith(_TEXT_ENCODER_PREFIXES):
+    if is_text_encoder_key(key):
         return _TEXT_ENCODER
     bfl = _bfl_module(key) is not None
     if bfl and ".processor." in key:  # XLabs: double_blocks.N.processor.qkv_lora1 (diffusers converts it)
@@ -495,7 +531,7 @@ def _to_diffusers_naming(state_dict: dict[str, torch.Tensor], path: str, notes: 
         families.setdefault(_naming_of(k, top_modules), {})[k] = v
     text = families.pop(_TEXT_ENCODER, {})
     if text:
-        notes.append(_text_encoder_note(len(text)))
+        notes.append(text_encoder_note(len(text)))
     if set(families) == {_OTHER} and any(".lora_A." in k or ".lora_B." in k for k in families[_OTHER]):
         # peft naming without the prefix, for modules this transformer lacks: _check_fits says
         # what the LoRA looks made for.
@@ -542,7 +578,7 @@ def _to_diffusers_naming(state_dict: dict[str, torch.Tensor], path: str, notes: 
             "('diffusion_model.double_blocks...') and kohya/XLabs namings.")
     te = [k for k in out if k.startswith("text_encoder.")]
     if te:  # a converter that also renamed text-encoder keys
-        notes.append(_text_encoder_note(len(te)))
+        notes.append(text_encoder_note(len(te)))
         out = {k: v for k, v in out.items() if not k.startswith("text_encoder.")}
         alphas = {k: v for k, v in alphas.items() if not k.startswith("text_encoder.")}
     if not out:
@@ -838,7 +874,7 @@ def _read_checked(transformer, path, scale: float) -> _LoraFile:
     raw, md = _read_safetensors(path)
     md = dict(md or {})
     _check_is_lora(raw, path)
-    notes: list[str] = []
+    notes: list[str] = _base_model_notes(md)
     conv = _to_diffusers_naming(raw, path, notes, transformer)
     ranks = _check_fits(transformer, conv.sd, path)
     if len(conv.namings) > 1:
@@ -851,6 +887,21 @@ def _read_checked(transformer, path, scale: float) -> _LoraFile:
         those = f"those of {len(conv.file_alphas)} layers " if own else ""
         alpha_source = f"'.alpha' tensors ({those}{_FOLDED})"
     return _LoraFile(path, scale, conv.sd, md, ranks, cfg, alpha_source, notes, conv.file_alphas, conv.file_ranks)
+
+
+# Where trainers record the base model (kohya/sd-scripts and the modelspec most tools write).
+_BASE_MODEL_KEYS = ("modelspec.architecture", "ss_base_model_version", "ss_sd_model_name")
+
+
+def _base_model_notes(md: Mapping[str, str]) -> list[str]:
+    """A note when the file's metadata says it was trained on FLUX.1-schnell: it loads (same
+    layers), but FluxSR runs on FLUX.1-dev, so its results would be odd."""
+    for key in _BASE_MODEL_KEYS:
+        value = str(md.get(key, ""))
+        if "schnell" in value.lower():
+            return [f"its metadata says it was trained on FLUX.1-schnell ({key}={value!r}); FluxSR runs on "
+                    "FLUX.1-dev, whose layers it fits, so expect results off from a FluxSR LoRA's"]
+    return []
 
 
 def _refuse_metadata_alpha_when_mixed(md: Mapping[str, str], namings: Mapping[str, int], path: str) -> None:

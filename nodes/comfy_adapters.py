@@ -421,23 +421,77 @@ def apply_lora(model: Any, lora_state_dict: dict, strength: float, name: str) ->
     """
     import comfy.sd  # noqa: PLC0415 - ComfyUI's module
 
-    from ..fluxsr_core.lora import guess_model_family
+    from ..fluxsr_core.lora import guess_model_family, is_text_encoder_key
 
     if not lora_state_dict:
         raise ValueError(f"FluxSR Load LoRA: {name} holds no tensors, so it is not a LoRA; re-download or "
                          "re-export it")
-    layers = sum(1 for k in lora_state_dict if k.endswith(_LORA_LAYER_KEY))
-    patched = comfy.sd.load_lora_for_models(model, None, lora_state_dict, float(strength), 0)[0]
+    layers = sum(1 for k in lora_state_dict if k.endswith(_LORA_LAYER_KEY) and not is_text_encoder_key(k))
+    with _ComfyLeftOut() as left_out:
+        patched = comfy.sd.load_lora_for_models(model, None, lora_state_dict, float(strength), 0)[0]
     placed = _patch_count(patched) - _patch_count(model)
     if placed <= 0:
         family = guess_model_family(lora_state_dict)
         what = f"it looks like a LoRA for {family}" if family else "is it a FLUX.1 LoRA, and the MODEL FLUX.1-dev?"
         raise ValueError(f"FluxSR Load LoRA: none of the {layers or len(lora_state_dict)} layers of {name} fit "
                          f"this MODEL ({what}); connect FLUX.1-dev and pick the FluxSR LoRA")
-    if layers and placed < layers:
+    said = _warn_left_out(left_out.keys, name)
+    if layers and placed < layers and not said:
         log.warning("FluxSR Load LoRA: only %d of the %d layers of %s found a place in this MODEL (ComfyUI logs "
                     "the others as 'lora key not loaded'); the upscale runs without them", placed, layers, name)
     return patched
+
+
+class _ComfyLeftOut(logging.Handler):
+    """The LoRA keys ComfyUI's loader leaves out, as it logs them ("lora key not loaded: <key>",
+    on the root logger, in every ComfyUI version this pack supports): its loader returns no list."""
+
+    PREFIX = "lora key not loaded: "
+
+    def __init__(self):
+        super().__init__(logging.WARNING)
+        self.keys: list[str] = []
+
+    def emit(self, record: logging.LogRecord) -> None:
+        text = record.getMessage()
+        if text.startswith(self.PREFIX):
+            self.keys.append(text[len(self.PREFIX):])
+
+    def __enter__(self) -> "_ComfyLeftOut":
+        logging.getLogger().addHandler(self)
+        return self
+
+    def __exit__(self, *exc) -> None:
+        logging.getLogger().removeHandler(self)
+
+
+# What a left-out key is, by its name: said so the user knows what the upscale runs without.
+_LEFT_OUT_KINDS = (("lora_magnitude_vector", "DoRA magnitudes"), (".bias", "LoRA biases"),
+                   (".alpha", "alphas of layers left out"))
+
+
+def _warn_left_out(keys: list[str], name: str) -> bool:
+    """One warning for the tensors of LoRA ``name`` that ComfyUI left out, by kind (text-encoder
+    ones with what FluxSR does with them); whether there were any."""
+    from ..fluxsr_core.lora import is_text_encoder_key, text_encoder_note
+
+    if not keys:
+        return False
+    text = [k for k in keys if is_text_encoder_key(k)]
+    kinds: dict[str, list[str]] = {}
+    for k in keys:
+        if not is_text_encoder_key(k):
+            kind = next((label for part, label in _LEFT_OUT_KINDS if part in k), "other tensors")
+            kinds.setdefault(kind, []).append(k)
+    parts = [f"{len(v)} {kind} (e.g. {v[0]})" for kind, v in kinds.items()]
+    if parts:
+        log.warning("FluxSR Load LoRA: ComfyUI's loader did not apply %s of %s; the upscale runs without them%s",
+                    ", ".join(parts), name,
+                    " (fluxsr upscale applies DoRA magnitudes and LoRA biases: its result differs from this one)"
+                    if set(kinds) & {"DoRA magnitudes", "LoRA biases"} else "")
+    if text:
+        log.warning("FluxSR Load LoRA: %s: %s", name, text_encoder_note(len(text)))
+    return True
 
 
 def attach_model_settings(model: Any, settings: RunSettings) -> None:

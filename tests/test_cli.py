@@ -917,3 +917,25 @@ def test_an_in_place_jpeg_run_can_be_run_again(tmp_path, capsys):
     assert cli.main(args) == 0
     err = capsys.readouterr().err
     assert f"skip {folder / 'a.png'}: {folder / 'a.jpg'} exists" in err and "1 upscaled, 1 skipped" in err, err
+
+
+def test_the_lora_is_reported_with_its_notes(tmp_path, photo_png, tiny_model_files, capsys):
+    """What the LoRA file turned out to be (rank, alpha, layers, merged) and its notes, here a
+    FLUX.1-schnell base in its metadata: said before the upscale. Before, a LoRA's notes (text-encoder
+    tensors ignored, namings converted, ...) reached no user of the CLI."""
+    from safetensors import safe_open
+    from safetensors.torch import save_file
+
+    with safe_open(str(tiny_model_files.lora), framework="pt") as f:
+        tensors = {k: f.get_tensor(k) for k in f.keys()}
+        metadata = {**(f.metadata() or {}), "modelspec.architecture": "flux-1-schnell/lora"}
+    schnell = tmp_path / "schnell-lora.safetensors"
+    save_file(tensors, str(schnell), metadata=metadata)
+    args = model_args(tiny_model_files)
+    args[args.index("--lora") + 1] = str(schnell)
+    args.remove("-q")
+    assert cli.main(["upscale", str(photo_png), "-o", str(tmp_path / "out.png"), "--scale", "1"] + args) == 0
+    err = capsys.readouterr().err
+    assert "fluxsr: LoRA schnell-lora.safetensors: rank 4, alpha 4" in err and "merged into the weights" in err
+    assert ("fluxsr: LoRA: its metadata says it was trained on FLUX.1-schnell "
+            "(modelspec.architecture='flux-1-schnell/lora')") in err

@@ -432,13 +432,32 @@ def test_kohya_outside_block_errors_are_named(tmp_path):
             load_lora(fresh_transformer(), _save(tmp_path, "odd.safetensors", {**kohya, odd: torch.zeros(1, 64)}))
     # in the blocks too, where diffusers' converter would drop them with a log line only
     blocks, _ = _kohya_lora({"lora_unet_double_blocks_0_img_attn_proj": "transformer_blocks.0.attn.to_out.0"})
-    for odd in ("lora_unet_double_blocks_0_img_attn_proj.dora_scale", "lora_unet_double_blocks_0_img_attn_proj.diff_b"):
-        with pytest.raises(LoraError, match=f"'{odd}' is no lora_.*DoRA.*kohya/sd-scripts naming"):
-            load_lora(fresh_transformer(), _save(tmp_path, "odd.safetensors", {**blocks, odd: torch.zeros(1, 32)}))
+    odd = "lora_unet_double_blocks_0_img_attn_proj.dora_scale"
+    with pytest.raises(LoraError, match=f"'{odd}' is no lora_.*DoRA.*kohya/sd-scripts naming"):
+        load_lora(fresh_transformer(), _save(tmp_path, "odd.safetensors", {**blocks, odd: torch.zeros(1, 32)}))
     no_guidance = FluxTransformer2DModel.from_config({**tiny_config(), "guidance_embeds": False})
     with pytest.raises(LoraError, match="'lora_unet_guidance_in_in_layer' is no layer of this FLUX transformer "
                                         r"\(kohya/sd-scripts naming\)"):
         load_lora(no_guidance, _save(tmp_path, "guidance.safetensors", kohya))
+
+
+@pytest.mark.parametrize("key,kind", [
+    ("transformer.transformer_blocks.0.attn.to_q.hada_w1_a", "LyCORIS LoHa"),
+    ("lycoris_transformer_blocks_0_attn_to_q.lokr_w1", "LyCORIS LoKr"),
+    ("transformer.transformer_blocks.0.attn.to_q.lokr_w2_b", "LyCORIS LoKr"),
+    ("lora_unet_double_blocks_0_img_attn_proj.oft_blocks", "LyCORIS OFT"),
+    ("diffusion_model.double_blocks.0.img_attn.norm.query_norm.diff", "ComfyUI's full differences"),
+    ("diffusion_model.double_blocks.0.img_attn.proj.diff_b", "ComfyUI's full differences"),
+    ("lora_unet_double_blocks_0_img_attn_proj.diff_b", "ComfyUI's full differences")])
+def test_other_adapter_kinds_are_named_as_such(tmp_path, key, kind):
+    """LyCORIS files and ComfyUI's full differences (its Train LoRA node writes .diff_b for every
+    biased layer) were called a full model, an unknown naming or a DoRA; said as what they are,
+    alone or beside LoRA layers, with where they do load (ComfyUI's loaders)."""
+    lora_layers = {f"transformer.transformer_blocks.0.attn.to_k.lora_{p}.weight": torch.zeros(4, 4) for p in "AB"}
+    for tensors in ({key: torch.zeros(4, 4)}, {**lora_layers, key: torch.zeros(4, 4)}):
+        with pytest.raises(LoraError, match=f"^odd.safetensors (is a|holds) {kind} .*'{re.escape(key)}'.*In ComfyUI, "
+                                            "FluxSR Load LoRA .*applies such a file"):
+            load_lora(fresh_transformer(), _save(tmp_path, "odd.safetensors", tensors))
 
 
 # Layers of a full BFL-named LoRA on the tiny model: fused q|k|v (both streams), the single

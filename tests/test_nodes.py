@@ -474,6 +474,8 @@ def lora_dir(pack, tmp_path, monkeypatch):
             layer = k.removeprefix("transformer.").rsplit(".lora_", 1)[0]
             if ".lora_A." in k and layer in model.known:
                 new.patches.setdefault(layer, []).append(strength_model)
+            elif not (k.endswith(".lora_B.weight") and layer in model.known):
+                logging.warning("lora key not loaded: %s", k)  # as ComfyUI's comfy.lora.load_lora says it
         return new, None
 
     utils.load_torch_file, sd_mod.load_lora_for_models = load_torch_file, load_lora_for_models
@@ -573,6 +575,34 @@ def test_lora_loader_errors(pack, lora_dir, caplog):
     torch.save({"x": torch.zeros(1)}, lora_dir.root / "pickled.safetensors")
     with pytest.raises(sub(pack, "fluxsr_core.weights").UnsafeWeightsError, match="rename it to .pt"):
         cls().load(lora_dir.flux, "pickled.safetensors", 1.0)
+
+
+def test_lora_loader_names_the_tensors_comfyui_leaves_out(pack, lora_dir, caplog):
+    """ComfyUI's loader skips DoRA magnitudes, LoRA biases and text-encoder layers with a bare
+    "lora key not loaded" line each; the node says what they are, and that `fluxsr upscale`,
+    which applies the first two, gives another result. A LoRA ComfyUI takes whole says nothing."""
+    from safetensors.torch import save_file
+
+    cls = pack.NODE_CLASS_MAPPINGS["FluxSRLoraLoader"]
+    base = {f"transformer.transformer_blocks.0.attn.to_q.lora_{p}.weight": torch.zeros(2, 2) for p in "AB"}
+    save_file({**base, "transformer.transformer_blocks.0.attn.to_q.lora_magnitude_vector": torch.ones(2),
+               "transformer.transformer_blocks.0.attn.to_q.lora_B.bias": torch.zeros(2),
+               "lora_te1_text_model_encoder_layers_0_mlp_fc1.lora_down.weight": torch.zeros(2, 2),
+               "lora_te1_text_model_encoder_layers_0_mlp_fc1.lora_up.weight": torch.zeros(2, 2)},
+              str(lora_dir.root / "dora_te.safetensors"))
+    with caplog.at_level(logging.WARNING, logger="fluxsr"):
+        (model,) = cls().load(lora_dir.flux, "dora_te.safetensors", 1.0)
+    assert len(model.patches) == 1
+    ours = [r.getMessage() for r in caplog.records if r.name == "fluxsr"]
+    assert any("1 DoRA magnitudes (e.g. transformer.transformer_blocks.0.attn.to_q.lora_magnitude_vector)" in m
+               and "1 LoRA biases (e.g. transformer.transformer_blocks.0.attn.to_q.lora_B.bias)" in m
+               and "fluxsr upscale applies DoRA magnitudes and LoRA biases" in m for m in ours), ours
+    assert any("ignored 2 text-encoder LoRA tensors" in m for m in ours), ours
+    assert not any("found a place" in m for m in ours)  # the text-encoder layer is not counted as a FLUX layer
+    caplog.clear()
+    with caplog.at_level(logging.WARNING, logger="fluxsr"):
+        cls().load(lora_dir.flux, "fluxsr.safetensors", 1.0)
+    assert not [r for r in caplog.records if r.name == "fluxsr"]
     # only some layers placed: a warning with the counts
     caplog.clear()
     half = FakeLoraPatcher({"transformer_blocks.0.attn.to_q"})
