@@ -219,13 +219,16 @@ def upscale_loaded_image(
     configure_codec: Optional[Callable[[TilingConfig], None]] = None,
     out_of_memory_advice: str = CLI_OUT_OF_MEMORY_ADVICE,
 ) -> UpscaledImage:
-    """Upscale a :class:`fluxsr_core.images.LoadedImage`: colour through the model, alpha apart.
+    """Upscale a :class:`fluxsr_core.images.LoadedImage`: colour through the model, alpha apart
+    (the colour under fully transparent pixels filled from the visible ones first,
+    :func:`images.fill_transparent`, so that it does not bleed into the edges).
 
     A grey picture stored as colour (channels equal to within :data:`images.GRAY_TOLERANCE`: scans,
     black-and-white photos saved as RGB) comes back grey, the luma of the result in every channel,
     as from the ComfyUI node: the model may tint it. Grey-mode files are written as one luma
     channel by :func:`images.save_image` instead."""
-    rgb, used = upscale_tensor_with_retry(loaded.rgb, model, codec, cond, options, progress,
+    source = loaded.rgb if loaded.alpha is None else images.fill_transparent(loaded.rgb, loaded.alpha)
+    rgb, used = upscale_tensor_with_retry(source, model, codec, cond, options, progress,
                                           cancel_check, on_retry, configure_codec, out_of_memory_advice)
     gray_in_color = not loaded.grayscale and images.is_gray(loaded.rgb)
     if gray_in_color:

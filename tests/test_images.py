@@ -1483,6 +1483,30 @@ def test_upscale_alpha():
         upscale_alpha(torch.zeros(1, 3, 4, 4), (8, 8))
 
 
+def test_fill_transparent_spreads_the_visible_colours_into_the_holes():
+    """Pixels with any alpha keep their colour; those under alpha 0 get the visible colours around
+    them (the nearest ones most), never what the file kept there; a grey picture stays grey, and a
+    picture opaque or transparent everywhere is returned as it is."""
+    rgb = torch.zeros(1, 3, 9, 13)               # black under the transparent part, as exporters store it
+    rgb[:, 0, 2:5, 2:6] = 1.0                    # a red patch ...
+    rgb[:, 2, 5:7, 8:11] = 1.0                   # ... and a blue one, half transparent
+    alpha = torch.zeros(1, 1, 9, 13)
+    alpha[..., 2:5, 2:6] = 1.0
+    alpha[..., 5:7, 8:11] = 0.5
+    out = I.fill_transparent(rgb, alpha)
+    seen = alpha > 0
+    assert torch.equal(out.expand_as(rgb)[seen.expand_as(rgb)], rgb[seen.expand_as(rgb)])
+    holes = out.permute(0, 2, 3, 1)[~seen[:, 0]]          # [n, 3] colours filled in
+    assert torch.allclose(holes.sum(-1), torch.ones(len(holes)), atol=1e-5)  # mixes of red and blue, no black
+    assert holes[:, 1].abs().max() < 1e-6                                     # and no green from anywhere
+    assert out[0, 0, 0, 0] > 0.9 and out[0, 2, 8, 12] > 0.9                 # each corner takes its nearer patch
+    gray = rgb.mean(1, keepdim=True).expand(-1, 3, -1, -1)
+    filled = I.fill_transparent(gray, alpha)
+    assert torch.allclose(filled[:, 0], filled[:, 1]) and torch.allclose(filled[:, 1], filled[:, 2])
+    for same in (torch.ones_like(alpha), torch.zeros_like(alpha)):
+        assert torch.equal(I.fill_transparent(rgb, same), rgb)
+
+
 def test_layout_helpers():
     x = torch.rand(2, 5, 7, 3)
     y = bhwc_to_bchw(x)

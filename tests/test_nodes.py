@@ -635,6 +635,34 @@ def test_tiling_options_defaults_and_errors(pack):
     assert cls.VALIDATE_INPUTS(1024, None, 128, 64) is True  # a linked widget: checked when the node runs
 
 
+def test_an_rgba_image_keeps_its_colour_at_the_edges(pack):
+    """FluxSR Upscale on RGBA (Join Image with Alpha): the black under the transparent pixels does
+    not bleed into the edges the upscale makes semi-transparent (lossless stand-in VAE, zero
+    velocity: what is left is the resize)."""
+    up, core = sub(pack, "nodes.upscale"), sub(pack, "fluxsr_core.upscaler")
+
+    class Zero:
+        def __call__(self, latent, sigma, cond, position_offset=(0, 0)):
+            return torch.zeros_like(latent)
+
+    class Lossless:
+        downscale, latent_channels = 8, 192
+
+        def encode(self, x):
+            return torch.nn.functional.pixel_unshuffle(x, 8)
+
+        def decode(self, z):
+            return torch.nn.functional.pixel_shuffle(z, 8)
+
+    image = torch.zeros(1, 32, 32, 4)
+    image[:, 8:24, 8:24] = torch.tensor([1.0, 0.0, 0.0, 1.0])
+    out = up.upscale_images(image, Zero(), Lossless(), None, core.UpscaleOptions(scale=4.0, color_fix="none"))
+    alpha = out[0, ..., 3]
+    edge = (alpha > 0.02) & (alpha < 0.98)
+    assert out.shape == (1, 128, 128, 4) and int(edge.sum()) > 500
+    assert float(out[0, ..., 0][edge].min()) > 0.999
+
+
 # --- the adapters over ComfyUI's MODEL and VAE --------------------------------------------------
 
 def test_comfy_velocity_recovers_the_velocity(pack, tiny, fake_comfy):
