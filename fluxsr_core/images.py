@@ -1385,8 +1385,9 @@ def resize(image: torch.Tensor, size: Sequence[int], kind: str = "bicubic",
     """Resize ``[B, C, H, W]`` to ``size = (h, w)``: the one resize FluxSR uses everywhere.
 
     ``kind``: ``bicubic`` (default), ``bilinear``, ``area`` or ``nearest`` (pixel-centre exact).
-    Bicubic and bilinear are antialiased when either side shrinks, so downscaling does not
-    alias (training's LR->HR round trips and the upscaler's inputs go through the same kernel).
+    Bicubic and bilinear are antialiased on a side that shrinks (only there), so downscaling
+    does not alias (training's LR->HR round trips and the upscaler's inputs go through the same
+    kernel).
     ``clamp`` keeps the result in ``[0, 1]`` (bicubic overshoots at edges). Computed in float32;
     returned in the input's dtype. The same size returns the input (clamped).
     """
@@ -1406,8 +1407,16 @@ def resize(image: torch.Tensor, size: Sequence[int], kind: str = "bicubic",
         return image.clamp(0.0, 1.0) if clamp else image
     x = image.float()
     if kind in ("bicubic", "bilinear"):
-        out = F.interpolate(x, size=(h, w), mode=kind, align_corners=False,
-                            antialias=(h < H or w < W))
+        def interpolate(t: torch.Tensor, to: tuple[int, int], antialias: bool) -> torch.Tensor:
+            return F.interpolate(t, size=to, mode=kind, align_corners=False, antialias=antialias)
+
+        if (h < H and w > W) or (h > H and w < W):
+            # One side shrinks, the other grows: each its own kernel. Antialiasing (another
+            # bicubic, a = -0.5) would otherwise apply to the growing side too.
+            x = interpolate(x, (h, W), True) if h < H else interpolate(x, (H, w), True)
+            out = interpolate(x, (h, w), False)
+        else:
+            out = interpolate(x, (h, w), h < H or w < W)
     elif kind == "nearest":
         out = F.interpolate(x, size=(h, w), mode="nearest-exact")
     else:

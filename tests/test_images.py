@@ -13,6 +13,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
+import torch.nn.functional as F
 from PIL import Image
 
 from fluxsr_core import images as I
@@ -1471,6 +1472,16 @@ def test_pad_constant_and_errors():
         pad_to_multiple(torch.ones(1, 1, 3, 3), 4, mode="wrap")
     with pytest.raises(ValueError, match="cannot crop"):
         crop(torch.ones(1, 1, 3, 3), 4, 3)
+
+
+def test_resize_antialiases_only_the_side_that_shrinks():
+    """One side shrinking and the other growing: the growing side gets the plain bicubic, as in a
+    pure upscale (antialiasing switched both sides to another kernel, up to 0.044 apart)."""
+    row = torch.rand(1, 1, 1, 9, generator=torch.Generator().manual_seed(0))
+    image = row.expand(1, 1, 12, 9).contiguous()          # equal rows: the shrink leaves them as they are
+    got = resize(image, (5, 31), clamp=False)
+    want = F.interpolate(row, size=(1, 31), mode="bicubic", align_corners=False)
+    torch.testing.assert_close(got, want.expand(1, 1, 5, 31), atol=1e-6, rtol=0)
 
 
 def test_upscale_alpha():
