@@ -483,10 +483,10 @@ def _warn_left_out(keys: list[str], name: str) -> bool:
         if not is_text_encoder_key(k):
             kind = next((label for part, label in _LEFT_OUT_KINDS if part in k), "other tensors")
             kinds.setdefault(kind, []).append(k)
-    parts = [f"{len(v)} {kind} (e.g. {v[0]})" for kind, v in kinds.items()]
+    parts = [f"{kind}: {len(v)} (e.g. {v[0]})" for kind, v in kinds.items()]
     if parts:
-        log.warning("FluxSR Load LoRA: ComfyUI's loader did not apply %s of %s; the upscale runs without them%s",
-                    ", ".join(parts), name,
+        log.warning("FluxSR Load LoRA: ComfyUI's loader did not apply these tensors of %s: %s; the upscale runs "
+                    "without them%s", name, "; ".join(parts),
                     " (fluxsr upscale applies DoRA magnitudes and LoRA biases: its result differs from this one)"
                     if set(kinds) & {"DoRA magnitudes", "LoRA biases"} else "")
     if text:

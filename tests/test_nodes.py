@@ -594,8 +594,9 @@ def test_lora_loader_names_the_tensors_comfyui_leaves_out(pack, lora_dir, caplog
         (model,) = cls().load(lora_dir.flux, "dora_te.safetensors", 1.0)
     assert len(model.patches) == 1
     ours = [r.getMessage() for r in caplog.records if r.name == "fluxsr"]
-    assert any("1 DoRA magnitudes (e.g. transformer.transformer_blocks.0.attn.to_q.lora_magnitude_vector)" in m
-               and "1 LoRA biases (e.g. transformer.transformer_blocks.0.attn.to_q.lora_B.bias)" in m
+    assert any("did not apply these tensors of dora_te.safetensors: " in m
+               and "DoRA magnitudes: 1 (e.g. transformer.transformer_blocks.0.attn.to_q.lora_magnitude_vector)" in m
+               and "LoRA biases: 1 (e.g. transformer.transformer_blocks.0.attn.to_q.lora_B.bias)" in m
                and "fluxsr upscale applies DoRA magnitudes and LoRA biases" in m for m in ours), ours
     assert any("ignored 2 text-encoder LoRA tensors" in m for m in ours), ours
     assert not any("found a place" in m for m in ours)  # the text-encoder layer is not counted as a FLUX layer
