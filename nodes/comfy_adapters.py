@@ -435,8 +435,8 @@ def apply_lora(model: Any, lora_state_dict: dict, strength: float, name: str) ->
         what = f"it looks like a LoRA for {family}" if family else "is it a FLUX.1 LoRA, and the MODEL FLUX.1-dev?"
         raise ValueError(f"FluxSR Load LoRA: none of the {layers or len(lora_state_dict)} layers of {name} fit "
                          f"this MODEL ({what}); connect FLUX.1-dev and pick the FluxSR LoRA")
-    said = _warn_left_out(left_out.keys, name)
-    if layers and placed < layers and not said:
+    _warn_left_out(left_out.keys, name)
+    if layers and placed < layers:
         log.warning("FluxSR Load LoRA: only %d of the %d layers of %s found a place in this MODEL (ComfyUI logs "
                     "the others as 'lora key not loaded'); the upscale runs without them", placed, layers, name)
     return patched
@@ -466,21 +466,22 @@ class _ComfyLeftOut(logging.Handler):
 
 
 # What a left-out key is, by its name: said so the user knows what the upscale runs without.
-_LEFT_OUT_KINDS = (("lora_magnitude_vector", "DoRA magnitudes"), (".bias", "LoRA biases"),
-                   (".alpha", "alphas of layers left out"))
+_LEFT_OUT_KINDS = (("lora_magnitude_vector", "DoRA magnitudes"), (".bias", "LoRA biases"))
+# A layer's own tensors: a layer left out is counted by apply_lora's layers-placed warning.
+_LAYER_PART_KEY = _LORA_LAYER_KEY + ("lora_B.weight", "lora_up.weight", "lora.up.weight", "lora_B.default.weight",
+                                     ".lora_B", "lora_linear_layer.up.weight", ".alpha")
 
 
-def _warn_left_out(keys: list[str], name: str) -> bool:
-    """One warning for the tensors of LoRA ``name`` that ComfyUI left out, by kind (text-encoder
-    ones with what FluxSR does with them); whether there were any."""
+def _warn_left_out(keys: list[str], name: str) -> None:
+    """Warnings for the tensors of LoRA ``name`` that ComfyUI left out, by kind, besides whole
+    layers (counted apart): text-encoder ones with what FluxSR does with them, DoRA magnitudes
+    and LoRA biases (which ``fluxsr upscale`` applies), others."""
     from ..fluxsr_core.lora import is_text_encoder_key, text_encoder_note
 
-    if not keys:
-        return False
     text = [k for k in keys if is_text_encoder_key(k)]
     kinds: dict[str, list[str]] = {}
     for k in keys:
-        if not is_text_encoder_key(k):
+        if not is_text_encoder_key(k) and not k.endswith(_LAYER_PART_KEY):
             kind = next((label for part, label in _LEFT_OUT_KINDS if part in k), "other tensors")
             kinds.setdefault(kind, []).append(k)
     parts = [f"{kind}: {len(v)} (e.g. {v[0]})" for kind, v in kinds.items()]
@@ -491,7 +492,6 @@ def _warn_left_out(keys: list[str], name: str) -> bool:
                     if set(kinds) & {"DoRA magnitudes", "LoRA biases"} else "")
     if text:
         log.warning("FluxSR Load LoRA: %s: %s", name, text_encoder_note(len(text)))
-    return True
 
 
 def attach_model_settings(model: Any, settings: RunSettings) -> None:
