@@ -53,11 +53,13 @@ def replaced_together(targets: Sequence[PathLike]) -> Iterator[list[Path]]:
     """Temporary paths beside ``targets``, one each, to write the files into; when the block ends
     without error they are renamed over ``targets``, on any error (also Ctrl-C) removed, leaving
     every target as it was. For files that belong together (an exported LoRA and its bundle):
-    a failed write replaces none of them. The renames come one after another: a failure between
-    two (rare: a rename takes no space) leaves the first ones replaced."""
+    a failed write replaces none of them. The renames come one after another: one that fails
+    (no space is needed, but on Windows a target another program holds open cannot be replaced)
+    leaves the targets before it replaced, and its error names the file."""
+    targets = [Path(t) for t in targets]  # an iterator would be used up before the renames
     token = uuid.uuid4().hex[:8]
     staged = []
-    for target in map(Path, targets):
+    for target in targets:
         tmp = target.with_name(f".{target.name}.{token}.tmp")
         if len(os.fsencode(tmp.name)) > _NAME_MAX:
             tmp = target.with_name(f".fluxsr-{token}-{len(staged)}.tmp")

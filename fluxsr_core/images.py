@@ -1462,12 +1462,6 @@ def crop(image: torch.Tensor, h: int, w: int) -> torch.Tensor:
     return image[..., :h, :w]
 
 
-# How far (in pixels) fill_transparent grows the visible colours one pixel at a time before the
-# pyramid fills the rest: as far as anything that reaches an edge sees (the x4 bicubic kernel's 2
-# pixels, the VAE's first layers) with room to spare.
-FILL_NEAR_PIXELS = 8
-
-
 def fill_transparent(rgb: torch.Tensor, alpha: torch.Tensor) -> torch.Tensor:
     """``rgb`` ``[B, 3, H, W]`` with the colour under fully transparent pixels (``alpha`` ``[B, 1,
     H, W]`` 0) replaced by the visible colours spread out from the edges; pixels with any alpha
@@ -1475,36 +1469,33 @@ def fill_transparent(rgb: torch.Tensor, alpha: torch.Tensor) -> torch.Tensor:
     resized and fed to the model as it is, it bleeds into the edges the upscale makes
     semi-transparent (a red sprite on black got a dark ring, red 0.76 over white).
 
-    Ours (no library here does it on tensors): within :data:`FILL_NEAR_PIXELS` of the visible
-    pixels, each hole takes the alpha-weighted mean of its filled 3x3 neighbours, ring by ring, so
-    the colour there is the nearest visible one's; the holes beyond, from a pull-push pyramid
-    (alpha-weighted 2x2 means, then back down, bilinear), smooth and reaching any hole. An image
-    transparent everywhere is returned as it is."""
-    weight = alpha.to(rgb.dtype).clamp(0, 1).expand(-1, 1, -1, -1)
-    visible = weight > 0
-    if bool(visible.all()) or not bool(visible.any()):
-        return rgb
-    colour, w = rgb * weight, weight  # premultiplied: a faint pixel counts for little
-    for _ in range(FILL_NEAR_PIXELS):
-        holes = w == 0
-        if not bool(holes.any()):
-            break
-        near_w = F.avg_pool2d(w, 3, 1, 1)
-        grow = holes & (near_w > 0)
-        colour = torch.where(grow, F.avg_pool2d(colour, 3, 1, 1), colour)
-        w = torch.where(grow, near_w, w)
-    levels = [(colour, w)]
-    while max(levels[-1][1].shape[-2:]) > 1:
-        c, lw = levels[-1]
-        levels.append((F.avg_pool2d(c, 2, ceil_mode=True), F.avg_pool2d(lw, 2, ceil_mode=True)))
-    filled = None
-    for c, lw in reversed(levels):
-        mean = c / lw.clamp_min(1e-12)
-        if filled is not None:
-            coarse = F.interpolate(filled, size=tuple(lw.shape[-2:]), mode="bilinear", align_corners=False)
-            mean = torch.where(lw > 0, mean, coarse)
-        filled = mean
-    return torch.where(visible, rgb, filled)
+    Pull-push, ours (no library here does it on tensors): alpha-weighted means over ever coarser
+    grids, each cell 3x3 of the finer level's at stride 2 (overlapping, so a hole's coarse cell
+    holds the visible pixels next to it), then from the coarsest back down, each level's holes
+    filled from the one above (bilinear): near an edge the colour is the nearby visible one's,
+    farther out a smooth blend, reaching any hole. Computed in float32 (the weights shrink by 9
+    a level: fp16 would lose them), image by image; an image transparent everywhere is returned
+    as it is. Returned in ``rgb``'s dtype."""
+    out = []
+    for one_rgb, one_alpha in zip(rgb.split(1), alpha.split(1)):
+        weight = one_alpha.float().clamp(0, 1)
+        visible = weight > 0
+        if bool(visible.all()) or not bool(visible.any()):
+            out.append(one_rgb)
+            continue
+        levels = [(one_rgb.float() * weight, weight)]
+        while max(levels[-1][1].shape[-2:]) > 1:
+            colour, w = levels[-1]
+            levels.append((F.avg_pool2d(colour, 3, 2, 1), F.avg_pool2d(w, 3, 2, 1)))
+        filled = None
+        for colour, w in reversed(levels):
+            mean = colour / w.clamp_min(1e-30)
+            if filled is not None:
+                coarse = F.interpolate(filled, size=tuple(w.shape[-2:]), mode="bilinear", align_corners=False)
+                mean = torch.where(w > 0, mean, coarse)
+            filled = mean
+        out.append(torch.where(visible, one_rgb.float(), filled).to(rgb.dtype))
+    return torch.cat(out)
 
 
 def upscale_alpha(alpha: torch.Tensor, size: Sequence[int]) -> torch.Tensor:

@@ -162,7 +162,9 @@ _COMFYUI_APPLIES = ("In ComfyUI, FluxSR Load LoRA (or ComfyUI's own LoRA loaders
 
 def _refuse_other_adapter_kinds(keys: Sequence[str], name: str) -> None:
     """LyCORIS files and ComfyUI's full differences, named before any naming logic (which would
-    call a LoHa a full model, or a LoKr a naming it cannot convert)."""
+    call a LoHa a full model, or a LoKr a naming it cannot convert). Text-encoder tensors are
+    left to the note that FluxSR does not use them."""
+    keys = [k for k in keys if not is_text_encoder_key(k)]
     for pattern, kind in _LYCORIS_KINDS:
         example = next((k for k in keys if pattern.search(k)), None)
         if example is not None:

@@ -358,9 +358,11 @@ class ComfyCodec:
 # LoRA loaders read tensors only, so a LoRA's metadata, T_L included, is lost with them.)
 MODEL_SETTINGS_KEY = "fluxsr_lora_settings"
 
-# LoRA down/A tensors, one per layer, in the namings ComfyUI reads.
-_LORA_LAYER_KEY = ("lora_A.weight", "lora_down.weight", "lora.down.weight", "lora_A.default.weight", ".lora_A",
-                   "lora_linear_layer.down.weight")
+# A LoRA layer's down/A and up/B tensors, in the namings ComfyUI reads.
+_LORA_LAYER_PARTS = (("lora_A.weight", "lora_B.weight"), ("lora_down.weight", "lora_up.weight"),
+                     ("lora.down.weight", "lora.up.weight"), ("lora_A.default.weight", "lora_B.default.weight"),
+                     (".lora_A", ".lora_B"), ("lora_linear_layer.down.weight", "lora_linear_layer.up.weight"))
+_LORA_LAYER_KEY = tuple(down for down, _ in _LORA_LAYER_PARTS)  # one per layer
 
 
 def _patch_count(model: Any) -> int:
@@ -468,8 +470,7 @@ class _ComfyLeftOut(logging.Handler):
 # What a left-out key is, by its name: said so the user knows what the upscale runs without.
 _LEFT_OUT_KINDS = (("lora_magnitude_vector", "DoRA magnitudes"), (".bias", "LoRA biases"))
 # A layer's own tensors: a layer left out is counted by apply_lora's layers-placed warning.
-_LAYER_PART_KEY = _LORA_LAYER_KEY + ("lora_B.weight", "lora_up.weight", "lora.up.weight", "lora_B.default.weight",
-                                     ".lora_B", "lora_linear_layer.up.weight", ".alpha")
+_LAYER_PART_KEY = tuple(part for pair in _LORA_LAYER_PARTS for part in pair) + (".alpha",)
 
 
 def _warn_left_out(keys: list[str], name: str) -> None:
@@ -488,7 +489,8 @@ def _warn_left_out(keys: list[str], name: str) -> None:
     if parts:
         log.warning("FluxSR Load LoRA: ComfyUI's loader did not apply these tensors of %s: %s; the upscale runs "
                     "without them%s", name, "; ".join(parts),
-                    " (fluxsr upscale applies DoRA magnitudes and LoRA biases: its result differs from this one)"
+                    " (fluxsr upscale applies peft-named DoRA magnitudes and LoRA biases outside its fp8 memory "
+                    "modes: its result differs from this one)"
                     if set(kinds) & {"DoRA magnitudes", "LoRA biases"} else "")
     if text:
         log.warning("FluxSR Load LoRA: %s: %s", name, text_encoder_note(len(text)))

@@ -17,7 +17,7 @@ def range_problem(node_class, values: Mapping[str, Any]) -> Optional[str]:
                for section in ("required", "optional") for name, entry in spec.get(section, {}).items()}
     for name, value in values.items():
         limits = options.get(name, {})
-        if value is None:  # a linked input: ComfyUI does not range-check those either
+        if not isinstance(value, (int, float)):  # linked (None), or a value ComfyUI could not convert (it says so)
             continue
         if "min" in limits and value < limits["min"]:
             return f"{name}: value {value} smaller than min of {limits['min']}"

@@ -225,6 +225,11 @@ def test_eval_output_files_that_cannot_be_written(tmp_path, capsys, monkeypatch)
     monkeypatch.setattr(E, "evaluate_folders", lambda *a, **k: computed.append(1) or real(*a, **k))
     assert E.main_eval(args + ["--json", str(tmp_path)]) == 2
     assert f"--json {tmp_path} is a folder" in capsys.readouterr().err and not computed
+    (tmp_path / "unmounted").symlink_to(tmp_path / "no-such-drive")  # a link to a drive not mounted
+    assert E.main_eval(args + ["--json", str(tmp_path / "unmounted" / "r.json")]) == 2
+    err = capsys.readouterr().err
+    assert f"--json {tmp_path / 'unmounted' / 'r.json'}: " in err and "no-such-drive" in err and not computed
+    assert "permission" not in err
 
     def no_space(path, text):
         raise OSError(28, "No space left on device", str(path))
@@ -263,8 +268,12 @@ def test_a_broken_stlpips_install_is_named_without_the_training_keys(monkeypatch
     assert "loss." not in why and "give a copy" not in why
 
 
-def test_lpips_reads_a_local_backbone_file(tmp_path):
-    """The code that loads real LPIPS weights, exercised with a random-weight AlexNet file."""
+def test_lpips_reads_a_local_backbone_file(tmp_path, monkeypatch):
+    """The code that loads real LPIPS weights, exercised with a random-weight AlexNet file (taken
+    for the published one in the SHA-256 check; as it is, it is skipped as not published)."""
+    import hashlib
+
+    from fluxsr_training import perceptual as PC
     import torchvision
 
     missing = E.evaluate_images({"m": {"a": _photo(64, 64)}}, {"a": _photo(64, 64)}, 4, metrics="lpips",
@@ -276,6 +285,11 @@ def test_lpips_reads_a_local_backbone_file(tmp_path):
     ckpt.mkdir()
     torch.save(torchvision.models.alexnet().state_dict(), ckpt / "alexnet-owt-7be5be79.pth")
     ref = _photo(64, 64)
+    unpublished = E.evaluate_images({"m": {"a": ref}}, {"a": ref}, 4, metrics="lpips", bicubic=False,
+                                    weights_dir=tmp_path)
+    assert "is not torchvision's published AlexNet checkpoint" in unpublished.skipped["lpips"]
+    monkeypatch.setitem(PC.TORCHVISION_BACKBONE_SHA256, "alex",
+                        hashlib.sha256((ckpt / "alexnet-owt-7be5be79.pth").read_bytes()).hexdigest()[:8])
     rep = E.evaluate_images({"same": {"a": ref}, "noisy": {"a": _noisy(ref, 40)}}, {"a": ref}, 4,
                             metrics="lpips", bicubic=False, weights_dir=tmp_path)
     assert rep.skipped == {}
@@ -284,6 +298,7 @@ def test_lpips_reads_a_local_backbone_file(tmp_path):
     assert rep.row("noisy").mean["lpips"] > 0
 
     (ckpt / "alexnet-owt-7be5be79.pth").write_bytes(b"not a checkpoint")
+    monkeypatch.setitem(PC.TORCHVISION_BACKBONE_SHA256, "alex", hashlib.sha256(b"not a checkpoint").hexdigest()[:8])
     bad = E.evaluate_images({"m": {"a": ref}}, {"a": ref}, 4, metrics="lpips", bicubic=False,
                             weights_dir=tmp_path)
     assert "cannot be read" in bad.skipped["lpips"]

@@ -74,7 +74,7 @@ def test_files_replaced_together_are_all_replaced_or_none(tmp_path):
                 raise failure
         assert [t.read_bytes() for t in targets] == [b"old", b"old"]
         assert sorted(os.listdir(tmp_path)) == sorted(["a.bin", long_name])
-    with files.replaced_together(targets) as staged:
+    with files.replaced_together(iter(targets)) as staged:  # any iterable, a generator too
         assert all(s.parent == tmp_path and len(s.name) <= 255 for s in staged)
         for s, text in zip(staged, (b"new a", b"new l")):
             s.write_bytes(text)

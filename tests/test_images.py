@@ -1516,6 +1516,16 @@ def test_fill_transparent_spreads_the_visible_colours_into_the_holes():
     assert torch.allclose(filled[:, 0], filled[:, 1]) and torch.allclose(filled[:, 1], filled[:, 2])
     for same in (torch.ones_like(alpha), torch.zeros_like(alpha)):
         assert torch.equal(I.fill_transparent(rgb, same), rgb)
+    # image by image: one transparent everywhere in a batch stays as it is
+    batch = I.fill_transparent(torch.cat([rgb, rgb + 0.5]), torch.cat([alpha, torch.zeros_like(alpha)]))
+    assert torch.equal(batch[:1], out) and torch.equal(batch[1:], rgb + 0.5)
+    # fp16 in, fp16 out, computed in float32: a faint pixel alone in the dark still gives its colour
+    faint = torch.zeros(1, 1, 64, 64)
+    faint[..., 0, 0] = 1 / 255
+    grey = torch.zeros(1, 3, 64, 64, dtype=torch.float16)
+    grey[..., 0, 0] = 0.5
+    half = I.fill_transparent(grey, faint.half())
+    assert half.dtype == torch.float16 and float((half - 0.5).abs().max()) < 1e-3
 
 
 def test_layout_helpers():

@@ -597,7 +597,7 @@ def test_lora_loader_names_the_tensors_comfyui_leaves_out(pack, lora_dir, caplog
     assert any("did not apply these tensors of dora_te.safetensors: " in m
                and "DoRA magnitudes: 1 (e.g. transformer.transformer_blocks.0.attn.to_q.lora_magnitude_vector)" in m
                and "LoRA biases: 1 (e.g. transformer.transformer_blocks.0.attn.to_q.lora_B.bias)" in m
-               and "fluxsr upscale applies DoRA magnitudes and LoRA biases" in m for m in ours), ours
+               and "fluxsr upscale applies peft-named DoRA magnitudes and LoRA biases" in m for m in ours), ours
     assert any("ignored 2 text-encoder LoRA tensors" in m for m in ours), ours
     assert not any("found a place" in m for m in ours)  # the text-encoder layer is not counted as a FLUX layer
     caplog.clear()
@@ -636,7 +636,7 @@ def test_tiling_options_defaults_and_errors(pack):
     assert cls.VALIDATE_INPUTS(1024, None, 128, 64) is True  # a linked widget: checked when the node runs
 
 
-def test_an_rgba_image_keeps_its_colour_at_the_edges(pack):
+def test_an_rgba_image_keeps_its_colour_at_the_edges(pack, lossless_codec):
     """FluxSR Upscale on RGBA (Join Image with Alpha): the black under the transparent pixels does
     not bleed into the edges the upscale makes semi-transparent (lossless stand-in VAE, zero
     velocity: what is left is the resize)."""
@@ -646,18 +646,9 @@ def test_an_rgba_image_keeps_its_colour_at_the_edges(pack):
         def __call__(self, latent, sigma, cond, position_offset=(0, 0)):
             return torch.zeros_like(latent)
 
-    class Lossless:
-        downscale, latent_channels = 8, 192
-
-        def encode(self, x):
-            return torch.nn.functional.pixel_unshuffle(x, 8)
-
-        def decode(self, z):
-            return torch.nn.functional.pixel_shuffle(z, 8)
-
     image = torch.zeros(1, 32, 32, 4)
     image[:, 8:24, 8:24] = torch.tensor([1.0, 0.0, 0.0, 1.0])
-    out = up.upscale_images(image, Zero(), Lossless(), None, core.UpscaleOptions(scale=4.0, color_fix="none"))
+    out = up.upscale_images(image, Zero(), lossless_codec, None, core.UpscaleOptions(scale=4.0, color_fix="none"))
     alpha = out[0, ..., 3]
     edge = (alpha > 0.02) & (alpha < 0.98)
     assert out.shape == (1, 128, 128, 4) and int(edge.sum()) > 500

@@ -92,10 +92,23 @@ def _alexnet_features_file(path, seed=3):
     return sd
 
 
+def published(monkeypatch, path, net="alex"):
+    """Take ``path`` (random test weights) for torchvision's published file in the SHA-256 check."""
+    import hashlib
+
+    monkeypatch.setitem(PC.TORCHVISION_BACKBONE_SHA256, net, hashlib.sha256(path.read_bytes()).hexdigest()[:8])
+
+
 def test_lpips_backbone_loads_from_hub_cache_file(tmp_path, monkeypatch):
     monkeypatch.setenv("TORCH_HOME", str(tmp_path / "torch"))
     path = torchvision_checkpoint_path("alex")
     sd = _alexnet_features_file(path)
+    # under the published name, other weights are no LPIPS backbone: refused by their SHA-256
+    with pytest.raises(PerceptualWeightsError, match=r"is not torchvision's published AlexNet checkpoint "
+                                                     r"alexnet-owt-7be5be79.pth \(its SHA-256 starts [0-9a-f]{8}, the "
+                                                     r"published file's 7be5be79\)"):
+        load_perceptual("lpips-alex")
+    published(monkeypatch, path)
     fn, label = load_perceptual("lpips-alex")
     assert label == f"LPIPS v0.1 (AlexNet backbone from {path})"
     # the backbone is the file's, the heads are the lpips package's (not random)
@@ -112,9 +125,11 @@ def test_lpips_backbone_loads_from_hub_cache_file(tmp_path, monkeypatch):
     assert bool((fn(a * 2 - 1, b * 2 - 1) > 0).all())
 
 
-def test_lpips_backbone_file_errors(tmp_path):
+def test_lpips_backbone_file_errors(tmp_path, monkeypatch):
+    """Files that pass the SHA-256 check (as if published) and still do not fit are named."""
     wrong = tmp_path / "vgg-for-alex.pth"
     torch.save({"features.0.weight": torch.zeros(64, 3, 3, 3)}, wrong)
+    published(monkeypatch, wrong)
     with pytest.raises(PerceptualWeightsError, match="not a torchvision AlexNet checkpoint"):
         load_perceptual("lpips-alex", backbone_path=wrong)
     good = tmp_path / "alex.pth"
@@ -122,9 +137,11 @@ def test_lpips_backbone_file_errors(tmp_path):
     shapes = dict(sd)
     shapes["features.0.weight"] = torch.zeros(64, 3, 3, 3)
     torch.save(shapes, tmp_path / "bad-shape.pth")
+    published(monkeypatch, tmp_path / "bad-shape.pth")
     with pytest.raises(PerceptualWeightsError, match=r"features.0.weight has shape \(64, 3, 3, 3\)"):
         load_perceptual("lpips-alex", backbone_path=tmp_path / "bad-shape.pth")
     (tmp_path / "cut.pth").write_bytes(good.read_bytes()[:5000])
+    published(monkeypatch, tmp_path / "cut.pth")
     with pytest.raises(PerceptualWeightsError, match="cannot be read"):
         load_perceptual("lpips-alex", backbone_path=tmp_path / "cut.pth")
 

@@ -304,18 +304,18 @@ def test_resuming_an_older_checkpoint_sets_the_later_ones_aside(pairs, tmp_path)
     T.train(tiny_config(pairs, tmp_path / "run", *common))
     assert [c.name for c in T.list_checkpoints(tmp_path / "run")] == ["step-0000004", "step-0000006", "step-0000008"]
     metrics = tmp_path / "run" / T.METRICS_FILE
-    with open(metrics, "a", encoding="utf-8") as f:
-        f.write("a line of someone else's\n")
-    first = [json.loads(line) for line in metrics.read_text(encoding="utf-8").splitlines()[:-1]]
+    with open(metrics, "ab") as f:
+        f.write(b"a line of someone else's\n" + b'{"step": true, "not": "utf-8 \xff"}\n')
+    first = [json.loads(line) for line in metrics.read_bytes().splitlines()[:-2]]
     step4 = tmp_path / "run" / T.CHECKPOINT_DIR / "step-0000004"
     r = T.train(tiny_config(pairs, tmp_path / "run", *common, "train.stop_at=6", f"train.resume={str(step4)!r}"))
     assert r.start_step == 4 and r.step == 6
     assert [c.name for c in T.list_checkpoints(tmp_path / "run")] == ["step-0000004", "step-0000006"]
     (aside,) = (tmp_path / "run" / T.CHECKPOINT_DIR).glob("superseded-*")
     assert sorted(c.name for c in aside.iterdir()) == sorted(["step-0000006", "step-0000008", T.METRICS_FILE])
-    lines = metrics.read_text(encoding="utf-8").splitlines()
-    assert "a line of someone else's" in lines
-    records = [json.loads(line) for line in lines if line.startswith("{")]
+    lines = metrics.read_bytes().splitlines()
+    assert b"a line of someone else's" in lines and b'{"step": true, "not": "utf-8 \xff"}' in lines  # left as they were
+    records = [json.loads(line) for line in lines if line.startswith(b'{"kind"')]
     assert [r["step"] for r in records if r["kind"] == "train"] == [1, 2, 3, 4, 5, 6]
     assert [r["kind"] for r in records if r["kind"] != "train"] == ["start", "resume"]
     moved = [json.loads(line) for line in (aside / T.METRICS_FILE).read_text(encoding="utf-8").splitlines()]
@@ -1050,8 +1050,10 @@ def test_config_toml_overrides_and_errors(tmp_path):
     with pytest.raises(ConfigError, match=r"^\S+c\.toml: config key 'model.transformer' must be a string "
                                           r"\(in quotes: \"3\"\), got 3$"):
         T.load_train_config(p)
-    cli = T.load_train_config(None, ["train.output_dir=1e3", "model.transformer=3", "train.tensorboard=false"])
-    assert (cli.train.output_dir, cli.model.transformer, cli.train.tensorboard) == ("1e3", "3", "false")
+    cli = T.load_train_config(None, ["train.output_dir=1e3", "model.transformer=3", "train.tensorboard=false",
+                                     "data.pairs=2024-05-01"])
+    assert (cli.train.output_dir, cli.model.transformer, cli.train.tensorboard, cli.data.pairs) == (
+        "1e3", "3", "false", "2024-05-01")
     p.write_text("[model\n")
     with pytest.raises(ConfigError) as broken:
         T.load_train_config(p)

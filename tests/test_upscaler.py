@@ -167,7 +167,7 @@ def test_output_size_guard():
                                 no_fix(scale=8, max_output_pixels=100_000))
 
 
-def test_the_colour_under_transparent_pixels_does_not_bleed_into_the_edges(tmp_path):
+def test_the_colour_under_transparent_pixels_does_not_bleed_into_the_edges(tmp_path, lossless_codec):
     """A red square on pixels transparent and black (as most exporters store them), x4 through a
     lossless stand-in VAE and a zero velocity: the edges the upscale makes semi-transparent stay
     red. Before, the black was resized into them: red 0.49 on average at the edge, a dark ring
@@ -177,21 +177,12 @@ def test_the_colour_under_transparent_pixels_does_not_bleed_into_the_edges(tmp_p
     from fluxsr_core import images
     import numpy as np
 
-    class Lossless:  # 8x8 pixel blocks <-> 192 latent channels, exactly
-        downscale, latent_channels = 8, 192
-
-        def encode(self, x):
-            return F.pixel_unshuffle(x, 8)
-
-        def decode(self, z):
-            return F.pixel_shuffle(z, 8)
-
     rgba = np.zeros((32, 32, 4), np.uint8)
     rgba[8:24, 8:24] = (255, 0, 0, 255)
     Image.fromarray(rgba, "RGBA").save(tmp_path / "logo.png")
     loaded = images.load_image(tmp_path / "logo.png")
     for fix in ("none", "wavelet"):
-        result = upscaler.upscale_loaded_image(loaded, ConstantVelocity(), Lossless(), None,
+        result = upscaler.upscale_loaded_image(loaded, ConstantVelocity(), lossless_codec, None,
                                                UpscaleOptions(scale=4, color_fix=fix))
         alpha = result.alpha[0, 0]
         edge = (alpha > 0.02) & (alpha < 0.98)

@@ -211,8 +211,10 @@ def apply_overrides(cfg: T, overrides: Sequence[str]) -> T:
                 raise ConfigError(f"override {item!r}: '{key}' is a section; set one of its keys "
                                   f"({', '.join(f.name for f in dataclasses.fields(tp))})")
         value = parse_override_value(raw.strip())
-        if _unwrap_optional(tp)[0] is str and isinstance(value, (int, float)) and not isinstance(value, bool):
-            value = raw.strip()  # a string key on the command line: train.output_dir=1e3 is "1e3", not "1000.0"
+        if _unwrap_optional(tp)[0] is str and not isinstance(value, (str, bool)):
+            # a string key on the command line keeps the text as typed: train.output_dir=1e3 is
+            # "1e3", not "1000.0", and 2024-05-01 no TOML date
+            value = raw.strip()
         nested: dict[str, Any] = {}
         node = nested
         for p in parts[:-1]:

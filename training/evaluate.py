@@ -723,6 +723,11 @@ def evaluate_images(methods: Mapping[str, Mapping[str, Any]], references: Mappin
         for m in used:
             vals = [res.per_image[k][m] for k in image_names]
             res.mean[m] = float(np.mean(vals))
+            finite = [v for v in vals if math.isfinite(v)]
+            if m == PSNR_Y and len(finite) < len(vals):  # BasicSR's mean is inf then: say what the rest give
+                rest = f"the mean of the other {len(finite)} is {np.mean(finite):.2f} dB" if finite else "no other"
+                notes = [*notes, f"{mname}: {len(vals) - len(finite)} of {len(vals)} images are identical to their "
+                                 f"reference (PSNR-Y inf, and so the mean, as BasicSR averages); {rest}"]
         rows.append(res)
     what = "MATLAB's imresize bicubic" if bicubic_kernel == "matlab" else "torch's bicubic (a = -0.75)"
     baseline = (f"bicubic baseline ({what}) from the given LR images" if lr_images is not None
@@ -777,26 +782,40 @@ def evaluate_folders(outputs_dir: Union[PathLike, Mapping[str, PathLike]], refer
         out_dirs = {str(k): Path(v) for k, v in outputs_dir.items()}
     else:
         out_dirs = {Path(outputs_dir).name or str(outputs_dir): Path(outputs_dir)}
-    methods = {}
+    methods, notes = {}, []
     for name, folder in out_dirs.items():
         found = list_images(folder)
         missing = [k for k in refs_paths if k not in found]
         if missing:
             raise EvaluationError(f"{folder} has no output for {len(missing)} reference(s), e.g. "
                                   f"{missing[:5]} (outputs are matched to {references_dir} by name "
-                                  "without extension)")
+                                  f"without extension{_case_hint(missing, found)})")
+        extra = sorted(set(found) - set(refs_paths))
+        if extra:
+            notes.append(f"{len(extra)} image(s) of {folder} have no reference in {references_dir} and are not "
+                         f"scored, e.g. {extra[:3]}")
         methods[name] = {k: read_image_8bit(found[k]) for k in refs_paths}
     lr = None
     if lr_dir is not None:
         lr_paths = list_images(lr_dir)
-        missing = [k for k in refs_paths if k not in lr_paths]
+        # DIV2K's LR files carry the scale in their names (0801x4.png for 0801.png)
+        lr_of = {k: k if k in lr_paths else f"{k}x{scale}" for k in refs_paths}
+        missing = [k for k, v in lr_of.items() if v not in lr_paths]
         if missing:
-            raise EvaluationError(f"{lr_dir} has no LR image for {missing[:5]}")
-        lr = {k: read_image_8bit(lr_paths[k]) for k in refs_paths}
+            raise EvaluationError(f"{lr_dir} has no LR image for {missing[:5]} (named as the reference, or with "
+                                  f"x{scale} after the name as in DIV2K{_case_hint(missing, lr_paths)})")
+        lr = {k: read_image_8bit(lr_paths[lr_of[k]]) for k in refs_paths}
     refs = {k: read_image_8bit(p) for k, p in refs_paths.items()}
     return evaluate_images(methods, refs, scale, lr_images=lr, metrics=metrics, bicubic=bicubic,
                            crop_border=crop_border, device=device, weights_dir=weights_dir,
-                           bicubic_kernel=bicubic_kernel)
+                           bicubic_kernel=bicubic_kernel, notes=notes)
+
+
+def _case_hint(missing: Sequence[str], found: Mapping[str, Path]) -> str:
+    """", and names differ only in case: ..." when some of ``missing`` are in ``found`` but for case."""
+    lower = {k.lower(): k for k in found}
+    pairs = [f"{k} / {lower[k.lower()]}" for k in missing if k.lower() in lower]
+    return f"; matching is case-sensitive, and these differ only in case: {pairs[:3]}" if pairs else ""
 
 
 # ============================================================================ command line
@@ -850,6 +869,11 @@ def _check_writable(flag: str, path: Optional[str]) -> None:
     if target.is_dir():
         raise EvaluationError(f"{flag} {path} is a folder; give the file to write")
     place = nearest_existing(target.parent)
+    from fluxsr_core.images import broken_link_message
+
+    broken = broken_link_message(place, advice="Mount or create where it points, or give another path.")
+    if broken:
+        raise EvaluationError(f"{flag} {path}: {broken}")
     if not os.access(place, os.W_OK):
         raise EvaluationError(f"{flag} {path}: {place} cannot be written (permission or read-only file system)")
 

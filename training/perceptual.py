@@ -29,6 +29,7 @@ the inputs).
 from __future__ import annotations
 
 import contextlib
+import hashlib
 import importlib
 import importlib.util
 import sys
@@ -49,6 +50,10 @@ TORCHVISION_BACKBONES = {
     "vgg": ("vgg16-397923af.pth", "https://download.pytorch.org/models/vgg16-397923af.pth"),
     "alex": ("alexnet-owt-7be5be79.pth", "https://download.pytorch.org/models/alexnet-owt-7be5be79.pth"),
 }
+# The start of each published file's SHA-256, which torchvision puts in its name and checks on
+# download: a file of that name with other weights (random, fine-tuned) would give numbers that
+# are not LPIPS under LPIPS's name.
+TORCHVISION_BACKBONE_SHA256 = {"vgg": "397923af", "alex": "7be5be79"}
 
 
 @dataclass(frozen=True)
@@ -117,8 +122,29 @@ def _finish(module: torch.nn.Module, device) -> torch.nn.Module:
     return module.to(device) if device is not None else module
 
 
+def _check_published_backbone(path: Path, net: str) -> None:
+    """PerceptualWeightsError unless ``path`` is torchvision's published backbone file (by the
+    SHA-256 start torchvision names it with; about a second for VGG16's 528 MB)."""
+    digest = hashlib.sha256()
+    try:
+        with open(path, "rb") as f:
+            for chunk in iter(lambda: f.read(1 << 20), b""):
+                digest.update(chunk)
+    except OSError as exc:
+        raise PerceptualWeightsError(f"LPIPS {net} backbone file {path} cannot be read: {exc.strerror or exc}") from None
+    want = TORCHVISION_BACKBONE_SHA256[net]
+    if not digest.hexdigest().startswith(want):
+        fname, url = TORCHVISION_BACKBONES[net]
+        raise PerceptualWeightsError(
+            f"{path} is not torchvision's published {'VGG16' if net == 'vgg' else 'AlexNet'} checkpoint {fname} "
+            f"(its SHA-256 starts {digest.hexdigest()[:8]}, the published file's {want}): LPIPS with it would not "
+            f"be LPIPS. Download {url} again")
+
+
 def _load_lpips_backbone(lp: torch.nn.Module, net: str, path: Path) -> None:
-    """Copy torchvision ``features.<i>.*`` weights into lpips' ``net.slice<k>.<i>.*`` modules."""
+    """Copy torchvision ``features.<i>.*`` weights into lpips' ``net.slice<k>.<i>.*`` modules,
+    from the file torchvision publishes (checked by its SHA-256)."""
+    _check_published_backbone(path, net)
     sd = _read_state_dict(path, f"LPIPS {net} backbone file")
     targets: dict[str, torch.nn.Parameter] = {}
     for sl in lp.net.children():              # slice1..slice5 hold torchvision's modules by index

@@ -57,7 +57,7 @@ import torch.nn.functional as F
 
 from fluxsr_core import flow
 from fluxsr_core.bundle import ConditioningBundle, conditioning_width_problems, load_bundle, save_bundle
-from fluxsr_core.files import atomic_write_text, first_line
+from fluxsr_core.files import atomic_write, first_line
 from fluxsr_core.interfaces import Conditioning
 from fluxsr_core.lora import DEFAULT_ADAPTER_NAME
 from fluxsr_core.models import FP8_MODES
@@ -1950,18 +1950,21 @@ class _Run:
             return
         _drop_torn_last_line(metrics)
         kept, moved = [], []
-        for line in metrics.read_text(encoding="utf-8").splitlines(keepends=True):
+        for line in metrics.read_bytes().splitlines(keepends=True):
             try:
-                record_step = json.loads(line).get("step")
-            except (json.JSONDecodeError, AttributeError):
-                record_step = None  # not one of ours: left where it is
-            (moved if isinstance(record_step, int) and record_step > step else kept).append(line)
+                record = json.loads(line)
+            except ValueError:  # not JSON, not UTF-8: not one of ours, left where it is
+                record = None
+            record_step = record.get("step") if isinstance(record, dict) else None
+            later = isinstance(record_step, int) and not isinstance(record_step, bool) and record_step > step
+            (moved if later else kept).append(line)
         if not moved:
             return
         aside.mkdir(parents=True, exist_ok=True)
-        with open(aside / METRICS_FILE, "a", encoding="utf-8") as f:  # first: a failure loses no line
-            f.writelines(moved)
-        atomic_write_text(metrics, "".join(kept))
+        # the lines moved first, the file rewritten then: a failure between the two loses no line
+        earlier = (aside / METRICS_FILE).read_bytes() if (aside / METRICS_FILE).is_file() else b""  # same second
+        atomic_write(aside / METRICS_FILE, lambda tmp: Path(tmp).write_bytes(earlier + b"".join(moved)))
+        atomic_write(metrics, lambda tmp: Path(tmp).write_bytes(b"".join(kept)))
         log.warning("resumed from step %d: %d later lines of %s were moved to %s", step, len(moved),
                     METRICS_FILE, aside / METRICS_FILE)
 
@@ -2102,9 +2105,9 @@ class _Run:
                 log.warning("resume: settings changed since %s, the new ones apply from step %d on: %s",
                             resume_from.name, self.state.step, "; ".join(self.resume_notices))
             self._apply_optim_config()
-            if self.main:
-                self._set_aside_superseded(self.state.step)
-            acc.wait_for_everyone()
+            resumed_step = self.state.step  # the main process's files; a failure there stops every process
+            self._on_every_process(lambda: self._set_aside_superseded(resumed_step) if self.main else None,
+                                   "set aside what the resumed run replaces")
         elif cfg.train.resume == "latest":
             self._info("resume=latest: no checkpoint yet, starting fresh")
         start_step = self.state.step
