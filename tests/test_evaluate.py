@@ -387,3 +387,30 @@ def test_what_changes_the_pixels_scored_is_logged(tmp_path, caplog):
     caplog.set_level("WARNING", logger="fluxsr.eval")
     assert E.read_image_8bit(tmp_path / "anim.gif").shape == (8, 8, 3)
     assert "anim.gif is an animation with 2 frames; only the first was used" in caplog.text
+
+
+def test_folder_pairing_is_said_where_it_surprises(tmp_path):
+    """Outputs without a reference are noted (they were ignored without a word), names that
+    differ only in case are pointed out, DIV2K's LR names (0801x4.png for 0801.png) pair, and a
+    row whose PSNR-Y mean is inf (an image identical to its reference) gets the mean of the rest."""
+    hr, sr, lr, bad = (tmp_path / d for d in ("hr", "sr", "lr", "bad"))
+    for d in (hr, sr, lr, bad):
+        d.mkdir()
+    for i, name in enumerate(("0801", "0802")):
+        ref = _photo(48, 64, i)
+        Image.fromarray(ref).save(hr / f"{name}.png")
+        Image.fromarray(ref if name == "0801" else _noisy(ref, 6)).save(sr / f"{name}.png")
+        Image.fromarray(ref[::4, ::4]).save(lr / f"{name}x4.png")
+    Image.fromarray(_photo(48, 64, 5)).save(sr / "extra.png")
+    rep = E.evaluate_folders(sr, hr, 4, lr_dir=lr, metrics="psnr_y")
+    notes = " ".join(rep.notes)
+    assert "1 image(s) of" in notes and "have no reference" in notes and "'extra'" in notes
+    assert rep.row("sr").mean["psnr_y"] == float("inf")
+    finite = rep.row("sr").per_image["0802"]["psnr_y"]
+    assert f"sr: 1 of 2 images are identical to their reference (PSNR-Y inf" in notes
+    assert f"the mean of the other 1 is {finite:.2f} dB" in notes
+    Image.fromarray(_photo(48, 64, 0)).save(bad / "0801.png")
+    Image.fromarray(_photo(48, 64, 1)).save(bad / "Img.png")
+    (hr / "0802.png").rename(hr / "img.png")
+    with pytest.raises(E.EvaluationError, match=r"case-sensitive, and these differ only in case: \['img / Img'\]"):
+        E.evaluate_folders(bad, hr, 4, metrics="psnr_y")
