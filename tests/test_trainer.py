@@ -1179,10 +1179,15 @@ def test_cli_names_a_folder_it_cannot_write_and_a_wrong_model(pairs, tmp_path, c
     assert "is not a FLUX transformer: it looks like a VAE (ae.safetensors); pass it as --vae" in capsys.readouterr().err
 
 
-def test_cli_ctrl_c_writes_a_checkpoint_and_says_how_to_continue(pairs, tmp_path, monkeypatch, capsys):
+def test_cli_ctrl_c_writes_a_checkpoint_and_says_how_to_continue(pairs, tmp_path, monkeypatch, capsys, request):
     """A first Ctrl-C (a real SIGINT) finishes the step and writes a checkpoint; a hard interrupt names
     the last checkpoint kept and the steps lost. Both say `--resume latest`, which continues exactly."""
     from fluxsr_training.cli import main
+
+    # Python's own handler, as in a terminal: a suite started as a background job inherits an
+    # ignored SIGINT, which training leaves alone (by design), and this test would see no Ctrl-C.
+    previous = signal.signal(signal.SIGINT, signal.default_int_handler)
+    request.addfinalizer(lambda: signal.signal(signal.SIGINT, previous))
 
     real_train = T.train
 
