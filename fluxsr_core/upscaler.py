@@ -230,7 +230,7 @@ def upscale_loaded_image(
     source = loaded.rgb if loaded.alpha is None else images.fill_transparent(loaded.rgb, loaded.alpha)
     rgb, used = upscale_tensor_with_retry(source, model, codec, cond, options, progress,
                                           cancel_check, on_retry, configure_codec, out_of_memory_advice)
-    gray_in_color = not loaded.grayscale and images.is_gray(loaded.rgb)
+    gray_in_color = not loaded.grayscale and images.is_gray(source)  # what lies under alpha 0 does not count
     if gray_in_color:
         rgb = images.luma(rgb).clamp(0, 1).expand(-1, 3, -1, -1)
     alpha = None

@@ -94,9 +94,9 @@ def _upscale_images(image, velocity, codec, cond, options, progress_for, cancel_
     for index in range(image.shape[0]):
         item = images.bhwc_to_bchw(image[index:index + 1].float())
         rgb = item[:, :3] if channels >= 3 else item.expand(-1, 3, -1, -1)
-        gray = channels == 1 or images.is_gray(rgb)
-        if channels == 4:  # what lies under alpha 0 must not bleed into the edges
+        if channels == 4:  # what lies under alpha 0 must not bleed into the edges (nor make a grey picture colour)
             rgb = images.fill_transparent(rgb, item[:, 3:4])
+        gray = channels == 1 or images.is_gray(rgb)
         progress = progress_for(index) if progress_for is not None else None
         result, used = upscaler.upscale_tensor_with_retry(
             rgb, velocity, codec, cond, current, progress=progress, cancel_check=cancel_check,

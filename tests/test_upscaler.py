@@ -190,3 +190,10 @@ def test_the_colour_under_transparent_pixels_does_not_bleed_into_the_edges(tmp_p
         assert float(result.rgb[0, 0][edge].min()) > 0.999, fix        # red at every edge pixel
         over_white = result.rgb[0, 0] * alpha + (1 - alpha)
         assert float(over_white.min()) > 0.999, fix
+    # a grey sprite keyed on magenta is a grey picture: what lies under alpha 0 does not count
+    rgba[...] = (255, 0, 255, 0)
+    rgba[8:24, 8:24] = (90, 90, 90, 255)
+    Image.fromarray(rgba, "RGBA").save(tmp_path / "grey.png")
+    result = upscaler.upscale_loaded_image(images.load_image(tmp_path / "grey.png"), ConstantVelocity(),
+                                           lossless_codec, None, UpscaleOptions(scale=4, color_fix="none"))
+    assert result.gray_in_color and torch.equal(result.rgb[:, 0], result.rgb[:, 2])
