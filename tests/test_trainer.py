@@ -879,6 +879,7 @@ def test_two_cpu_processes_match_one_with_the_same_global_batch(pairs, tmp_path)
 
         T._Run._setup_data = record_split
         T.train(T.load_train_config(None, overrides))
+        T.exit_without_teardown(0)  # as fluxsr-train ends each process of a launch
     """))
     common = ["model.transformer=tiny", "model.vae=tiny", "model.dtype=fp32", f"data.pairs={str(pairs)!r}",
               "train.progress_bar=false", "lora.rank=4", "lora.alpha=4", "optim.lr=1e-2", "optim.warmup_steps=0",
@@ -1141,6 +1142,26 @@ def test_cli_unwraps_errors_raised_in_dataloader_workers():
                          "last):\n  File \"x.py\", line 1, in f\nValueError: pair p7 has no stored teacher image")
     assert _user_message(wrapped) == "pair p7 has no stored teacher image"
     assert _user_message(ValueError("plain message")) == "plain message"
+
+
+def test_cli_ends_each_process_of_a_launch_without_the_teardown(pairs, tmp_path, monkeypatch):
+    """In a multi-process launch (WORLD_SIZE > 1) fluxsr-train ends its process through
+    exit_without_teardown with the run's exit status, the refused run's 2 too; alone it returns."""
+    from fluxsr_training.cli import main
+
+    ended = []
+
+    def end(code):
+        ended.append(code)
+        raise SystemExit(code)
+
+    monkeypatch.setattr(T, "exit_without_teardown", end)
+    monkeypatch.setattr(T, "train", lambda cfg: (_ for _ in ()).throw(ConfigError("refused")))
+    assert main(tiny_cli_args(pairs, tmp_path / "run")) == 2 and ended == []
+    monkeypatch.setenv("WORLD_SIZE", "2")
+    with pytest.raises(SystemExit):
+        main(tiny_cli_args(pairs, tmp_path / "run"))
+    assert ended == [2]
 
 
 def test_cli_reports_another_process_failure_in_one_line(pairs, tmp_path, monkeypatch, capsys):

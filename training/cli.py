@@ -335,7 +335,18 @@ def _os_message(exc: BaseException) -> str:
 
 
 def main(argv: Optional[Sequence[str]] = None) -> int:
-    """Entry point of ``fluxsr-train``; returns the exit status."""
+    """Entry point of ``fluxsr-train``; returns the exit status. In a process of a multi-process
+    launch it ends the process with it (:func:`fluxsr_training.trainer.exit_without_teardown`:
+    torch's teardown at interpreter exit aborted some completed two-process runs)."""
+    code = _main(argv)
+    if int(os.environ.get("WORLD_SIZE", "1") or 1) > 1:
+        from .trainer import exit_without_teardown
+
+        exit_without_teardown(code)
+    return code
+
+
+def _main(argv: Optional[Sequence[str]] = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
     if argv and argv[0] in ("eval", "demo"):
         # Their own parsers (help included) live in fluxsr_training.evaluate / .demo.
