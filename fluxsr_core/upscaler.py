@@ -188,6 +188,37 @@ def upscale_tensor_with_retry(
         return result, current.tiling
 
 
+def upscale_colour_and_alpha(
+    rgb: torch.Tensor,
+    alpha: Optional[torch.Tensor],
+    model: VelocityModel,
+    codec: LatentCodec,
+    cond: Any,
+    options: UpscaleOptions,
+    progress: Optional[ProgressCallback] = None,
+    cancel_check: Optional[CancelCheck] = None,
+    on_retry: Optional[Callable[[TilingConfig, BaseException], None]] = None,
+    configure_codec: Optional[Callable[[TilingConfig], None]] = None,
+    out_of_memory_advice: str = CLI_OUT_OF_MEMORY_ADVICE,
+) -> tuple[torch.Tensor, Optional[torch.Tensor], TilingConfig, bool]:
+    """One picture, ``rgb`` ``[1, 3, H, W]`` with ``alpha`` ``[1, 1, H, W]`` or None, upscaled as
+    ``fluxsr upscale`` and the ComfyUI node both do it: the colour under fully transparent pixels
+    filled from the visible ones (:func:`images.fill_transparent`, so it does not bleed into the
+    edges), the colour through the model (:func:`upscale_tensor_with_retry`), the alpha resized
+    apart, and a grey picture (channels equal to within :data:`images.GRAY_TOLERANCE`; what lies
+    under alpha 0 does not count) back grey, the luma of the result in every channel: the model
+    may tint it. Returns ``(rgb, alpha, tiling used, grey)``."""
+    source = rgb if alpha is None else images.fill_transparent(rgb, alpha)
+    out, used = upscale_tensor_with_retry(source, model, codec, cond, options, progress,
+                                          cancel_check, on_retry, configure_codec, out_of_memory_advice)
+    grey = images.is_gray(source)
+    if grey:
+        out = images.luma(out).clamp(0, 1).expand(-1, 3, -1, -1)
+    if alpha is not None:
+        alpha = images.upscale_alpha(alpha.to(out.device), tuple(out.shape[-2:]))
+    return out, alpha, used, grey
+
+
 @dataclass
 class UpscaledImage:
     """An upscaled image ready to save: rgb ``[1, 3, H, W]``, alpha ``[1, 1, H, W]`` or None.
@@ -219,23 +250,15 @@ def upscale_loaded_image(
     configure_codec: Optional[Callable[[TilingConfig], None]] = None,
     out_of_memory_advice: str = CLI_OUT_OF_MEMORY_ADVICE,
 ) -> UpscaledImage:
-    """Upscale a :class:`fluxsr_core.images.LoadedImage`: colour through the model, alpha apart
-    (the colour under fully transparent pixels filled from the visible ones first,
-    :func:`images.fill_transparent`, so that it does not bleed into the edges).
+    """Upscale a :class:`fluxsr_core.images.LoadedImage` (:func:`upscale_colour_and_alpha`).
 
-    A grey picture stored as colour (channels equal to within :data:`images.GRAY_TOLERANCE`: scans,
-    black-and-white photos saved as RGB) comes back grey, the luma of the result in every channel,
-    as from the ComfyUI node: the model may tint it. Grey-mode files are written as one luma
-    channel by :func:`images.save_image` instead."""
-    source = loaded.rgb if loaded.alpha is None else images.fill_transparent(loaded.rgb, loaded.alpha)
-    rgb, used = upscale_tensor_with_retry(source, model, codec, cond, options, progress,
-                                          cancel_check, on_retry, configure_codec, out_of_memory_advice)
-    gray_in_color = not loaded.grayscale and images.is_gray(source)  # what lies under alpha 0 does not count
-    if gray_in_color:
-        rgb = images.luma(rgb).clamp(0, 1).expand(-1, 3, -1, -1)
-    alpha = None
-    if loaded.alpha is not None:
-        alpha = images.upscale_alpha(loaded.alpha.to(rgb.device), tuple(rgb.shape[-2:]))
+    A grey picture stored as colour (scans, black-and-white photos saved as RGB) comes back grey,
+    the luma of the result in every channel (``gray_in_color``), as from the ComfyUI node;
+    grey-mode files are written as one luma channel by :func:`images.save_image`."""
+    rgb, alpha, used, grey = upscale_colour_and_alpha(loaded.rgb, loaded.alpha, model, codec, cond, options,
+                                                      progress, cancel_check, on_retry, configure_codec,
+                                                      out_of_memory_advice)
+    gray_in_color = grey and not loaded.grayscale
     return UpscaledImage(rgb=rgb, alpha=alpha, bit_depth=loaded.bit_depth,
                          grayscale=loaded.grayscale, tiling=used,
                          icc_profile=getattr(loaded, "icc_profile", None), exif=getattr(loaded, "exif", None),

@@ -94,22 +94,17 @@ def _upscale_images(image, velocity, codec, cond, options, progress_for, cancel_
     for index in range(image.shape[0]):
         item = images.bhwc_to_bchw(image[index:index + 1].float())
         rgb = item[:, :3] if channels >= 3 else item.expand(-1, 3, -1, -1)
-        if channels == 4:  # what lies under alpha 0 must not bleed into the edges (nor make a grey picture colour)
-            rgb = images.fill_transparent(rgb, item[:, 3:4])
-        gray = channels == 1 or images.is_gray(rgb)
         progress = progress_for(index) if progress_for is not None else None
-        result, used = upscaler.upscale_tensor_with_retry(
-            rgb, velocity, codec, cond, current, progress=progress, cancel_check=cancel_check,
-            on_retry=on_retry, configure_codec=configure_codec, out_of_memory_advice=OUT_OF_MEMORY_ADVICE)
+        result, alpha, used, _ = upscaler.upscale_colour_and_alpha(
+            rgb, item[:, 3:4] if channels == 4 else None, velocity, codec, cond, current, progress=progress,
+            cancel_check=cancel_check, on_retry=on_retry, configure_codec=configure_codec,
+            out_of_memory_advice=OUT_OF_MEMORY_ADVICE)
         if used != current.tiling:
             current = dataclasses.replace(current, tiling=used)
         result = result.float()
-        if gray:  # a grey picture stays grey (the model may tint it a little)
-            result = images.luma(result).clamp(0, 1)
-            if channels != 1:
-                result = result.expand(-1, 3, -1, -1)
-        if channels == 4:
-            alpha = images.upscale_alpha(item[:, 3:4].to(result.device), tuple(result.shape[-2:]))
+        if channels == 1:  # grey in, one channel out (the luma, in every channel of result)
+            result = result[:, :1]
+        if alpha is not None:
             result = torch.cat([result, alpha.to(result.dtype)], dim=1)
         outputs.append(images.bchw_to_bhwc(result).to(output_device or torch.device("cpu")))
     return torch.cat(outputs, dim=0)
