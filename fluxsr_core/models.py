@@ -16,8 +16,8 @@
 from __future__ import annotations
 
 import logging
-import math
 from dataclasses import dataclass, field
+from fractions import Fraction
 from pathlib import Path
 from typing import Any, Callable, Optional, Union
 
@@ -1088,18 +1088,17 @@ class DiffusersVelocity:
 
 # ----------------------------------------------------------------------------------- codec
 
-def _overlap_factor(tile: int, overlap: int) -> float:
-    """diffusers' overlap factor f with int(tile*(1-f)) == tile-overlap and int(tile/8*f) == overlap/8.
+def _overlap_factor(tile: int, overlap: int) -> Fraction:
+    """diffusers' ``tile_overlap_factor`` for ``tile`` pixels overlapping by ``overlap``, exactly.
 
-    diffusers derives the tile step and the blend widths by truncating float products; a
-    plain overlap/tile can land a hair below an integer. Nudge f by an ulp until both agree.
+    diffusers derives its tile steps and blend widths by truncating products of this factor:
+    ``int(tile * (1 - f))``, ``int(tile / 8 * f)`` (encode), ``int(tile / 8 * (1 - f))``,
+    ``int(tile * f)`` (decode). In real numbers only ``f = overlap / tile`` gives all four, and
+    for many pairs (136/40, 264/48, 272/80 px ...) no float does: the encode step came out a pixel
+    short, off the 8 px grid, and each tile's latent drifted a pixel further from where it
+    belongs. A Fraction makes every product exact (diffusers only multiplies and truncates it).
     """
-    f = overlap / tile
-    for cand in (f, math.nextafter(f, 1.0), math.nextafter(f, 0.0)):
-        if int(tile * (1 - cand)) == tile - overlap and int((tile // 8) * cand) == overlap // 8 \
-                and int(tile * cand) == overlap:
-            return cand
-    return f
+    return Fraction(int(overlap), int(tile))
 
 
 class DiffusersCodec:

@@ -386,6 +386,31 @@ def test_codec_tiled_vae(tiny_vae):
         models.DiffusersCodec(tiny_vae, tile=32, tile_overlap=32)
 
 
+@pytest.mark.parametrize("tile,overlap", [(136, 40), (272, 80)])
+def test_codec_tiles_land_on_their_pixels(tiny_vae, tile, overlap):
+    # pairs where no float overlap factor gives diffusers' four truncated products: the encode
+    # step came out tile - overlap - 1 px, and each tile's latent drifted a pixel off its place
+    step = tile - overlap
+    img = torch.rand(1, 3, 96, 3 * step + 8, generator=torch.Generator().manual_seed(8))
+    img = torch.nn.functional.avg_pool2d(img, 5, 1, 2)
+    lat_tile, lat_overlap, lat_step = tile // 8, overlap // 8, step // 8
+    try:
+        with torch.no_grad():
+            tiled = models.DiffusersCodec(tiny_vae, tile=tile, tile_overlap=overlap)
+            z = tiled.encode(img)
+            # the second tile is the encoder on exactly the pixels from `step` on; past the
+            # blend with the first, its latent columns are kept as they are
+            second = L.normalize(tiny_vae.encode(img[..., step:step + tile] * 2 - 1).latent_dist.mode())
+            torch.testing.assert_close(z[..., lat_step + lat_overlap:2 * lat_step],
+                                       second[..., lat_overlap:lat_step], rtol=0, atol=1e-6)
+            x = tiled.decode(z)
+            second_px = (tiny_vae.decode(L.denormalize(z[..., lat_step:lat_step + lat_tile])).sample + 1) / 2
+            torch.testing.assert_close(x[..., step + overlap:2 * step],
+                                       second_px.clamp(0, 1)[..., overlap:step], rtol=0, atol=1e-6)
+    finally:
+        models.DiffusersCodec(tiny_vae, tile=0)  # leave the shared VAE untiled
+
+
 def test_codec_checks_vae_config(caplog):
     vae = models.load_vae("tiny", dtype="fp32")
     vae.register_to_config(shift_factor=None, scaling_factor=0.18215)
