@@ -67,6 +67,22 @@ def conditioning_settings(conditioning: Any) -> Optional[RunSettings]:
     return None
 
 
+def conditioning_guidance(conditioning: Any) -> Optional[float]:
+    """The ``guidance`` value the CONDITIONING's first entry carries (FluxGuidance, CLIPTextEncodeFlux,
+    FluxSR Conditioning); None when it carries none (a plain CLIPTextEncode)."""
+    value = _check_conditioning(conditioning)[0][1].get("guidance")
+    return None if value is None else float(value)
+
+
+def with_guidance(conditioning: Any, guidance: float) -> Any:
+    """``conditioning`` with every entry's ``guidance`` set to ``guidance``: a new list, the input's
+    entries and dicts untouched (ComfyUI caches and reuses node outputs)."""
+    entries = _check_conditioning(conditioning)
+    if all(entry[1].get("guidance") == guidance for entry in entries):
+        return conditioning
+    return [[entry[0], {**entry[1], "guidance": float(guidance)}, *entry[2:]] for entry in entries]
+
+
 def _settings_to_dict(settings: RunSettings) -> dict:
     # Plain floats and strings: the dicts are deep-copied and pickled by ComfyUI's caches.
     return {"t_l": float(settings.t_l), "guidance": float(settings.guidance), "scale": float(settings.scale),

@@ -37,8 +37,8 @@ class FluxSRConditioning:
                                "Use the bundle that came with your FluxSR LoRA."}),
                 "guidance": ("FLOAT", {
                     "default": 0.0, "min": 0.0, "max": 100.0, "step": 0.1,
-                    "tooltip": "FLUX distilled guidance. 0 = the bundle's own value (3.5 when the "
-                               "bundle has none)."}),
+                    "tooltip": "FLUX distilled guidance. 0 = the bundle's own value; when the bundle "
+                               "has none, the LoRA's (via FluxSR Load LoRA), else 3.5."}),
             }
         }
 

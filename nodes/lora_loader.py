@@ -1,4 +1,4 @@
-"""FluxSRLoraLoader: the FluxSR LoRA applied to a MODEL, its run settings (T_L) kept with it."""
+"""FluxSRLoraLoader: the FluxSR LoRA applied to a MODEL, its run settings (T_L, guidance) kept with it."""
 
 from __future__ import annotations
 
@@ -15,19 +15,19 @@ log = logging.getLogger("fluxsr")
 
 
 class FluxSRLoraLoader:
-    """LoraLoaderModelOnly that also keeps the LoRA's FluxSR run settings (T_L) on the MODEL."""
+    """LoraLoaderModelOnly that also keeps the LoRA's FluxSR run settings (T_L, guidance) on the MODEL."""
 
     DESCRIPTION = (
         "Applies a FluxSR LoRA from models/loras to FLUX.1-dev, as LoraLoaderModelOnly does, and "
         "keeps the run settings written in the LoRA file (T_L, the time the LR latent is placed "
-        "at) with the MODEL, so FluxSR Upscale runs the LoRA at the T_L it was trained with. "
+        "at, and guidance) with the MODEL, so FluxSR Upscale runs the LoRA as it was trained. "
         "ComfyUI's own LoRA loaders drop that metadata. Works on any FLUX MODEL loader "
         "(UNETLoader, fp8, GGUF).")
     CATEGORY = CATEGORY
     FUNCTION = "load"
     RETURN_TYPES = ("MODEL",)
     RETURN_NAMES = ("model",)
-    OUTPUT_TOOLTIPS = ("FLUX.1-dev with the FluxSR LoRA patched in, carrying the LoRA's T_L.",)
+    OUTPUT_TOOLTIPS = ("FLUX.1-dev with the FluxSR LoRA patched in, carrying the LoRA's T_L and guidance.",)
 
     def __init__(self):
         self._cached = None  # (path, signature, state dict): re-queueing does not re-read the file
@@ -39,8 +39,8 @@ class FluxSRLoraLoader:
             "required": {
                 "model": ("MODEL", {"tooltip": "FLUX.1-dev (UNETLoader, or a GGUF / fp8 loader)."}),
                 "lora_name": (paths.list_loras(), {
-                    "tooltip": "The FluxSR LoRA, from models/loras. Its metadata's T_L is used by "
-                               "FluxSR Upscale unless the conditioning bundle or the t_l widget set one."}),
+                    "tooltip": "The FluxSR LoRA, from models/loras. Its metadata's T_L and guidance are used "
+                               "by FluxSR Upscale where the conditioning bundle and the widgets set none."}),
                 "strength_model": ("FLOAT", {
                     "default": 1.0, "min": -100.0, "max": 100.0, "step": 0.01,
                     "tooltip": "LoRA strength; FluxSR is trained for 1.0."}),

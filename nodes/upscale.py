@@ -9,7 +9,7 @@ from typing import Any, Callable, Optional
 import torch
 
 from ..fluxsr_core import images, upscaler
-from ..fluxsr_core.settings import DEFAULT_T_L, disagreements
+from ..fluxsr_core.settings import DEFAULT_GUIDANCE, DEFAULT_T_L, disagreements
 from ..fluxsr_core.tiling import TilingConfig
 from . import comfy_adapters
 from .common import CATEGORY, TILING_TYPE
@@ -35,20 +35,37 @@ def resolve_t_l(widget: float, conditioning: Any, model: Any = None) -> tuple[fl
                          "FluxSR Load LoRA, or set the t_l widget to the value the LoRA was trained with")
 
 
+def resolve_guidance(conditioning: Any, model: Any = None) -> tuple[float, str]:
+    """Guidance to use and where it came from, in ``fluxsr upscale``'s order: the conditioning's
+    when a file or a widget set it (FluxSR Conditioning), or a FluxGuidance / CLIPTextEncodeFlux
+    value on a text conditioning; else the LoRA's (kept on the MODEL by FluxSR Load LoRA); else ours.
+    """
+    settings = comfy_adapters.conditioning_settings(conditioning)
+    if settings is not None and (settings.source or {}).get("guidance", "default") != "default":
+        return float(settings.guidance), f"conditioning: {settings.source['guidance']}"
+    carried = comfy_adapters.conditioning_guidance(conditioning)
+    if settings is None and carried is not None:  # put there in the graph (FluxGuidance ...): chosen
+        return carried, "conditioning: its guidance value"
+    lora = comfy_adapters.model_settings(model)
+    if lora is not None and (lora.source or {}).get("guidance", "default") != "default":
+        return float(lora.guidance), f"model: {lora.source['guidance']}"
+    return DEFAULT_GUIDANCE, "default"
+
+
 def warn_about_the_inputs(model: Any, conditioning: Any, widget_t_l: float) -> None:
     """Log what is likely a mistake but may be meant: a MODEL without any LoRA (FluxSR is FLUX.1-dev
-    *plus* its LoRA; a merged checkpoint is fine), and a bundle and a LoRA that disagree on T_L."""
+    *plus* its LoRA; a merged checkpoint is fine), and a bundle and a LoRA that disagree on T_L
+    (unless the t_l widget chose) or guidance."""
     if comfy_adapters.model_patches(model)[0] == 0:
         log.warning("FluxSR upscale: the MODEL carries no LoRA. FluxSR is FLUX.1-dev plus the FluxSR LoRA "
                     "(FluxSR Load LoRA); plain FLUX.1-dev in one step gives no upscale worth having. Ignore "
                     "this if the LoRA is merged into the model file.")
-    if widget_t_l and widget_t_l > 0:
-        return
-    differ = disagreements(comfy_adapters.conditioning_settings(conditioning), comfy_adapters.model_settings(model),
-                           ("t_l",))
-    if differ:
+    fields = ("guidance",) if widget_t_l and widget_t_l > 0 else ("t_l", "guidance")
+    for difference in disagreements(comfy_adapters.conditioning_settings(conditioning),
+                                    comfy_adapters.model_settings(model), fields):
+        widget = "FluxSR Upscale's t_l" if difference.startswith("T_L") else "FluxSR Conditioning's guidance"
         log.warning("FluxSR upscale: the conditioning and the MODEL's LoRA disagree: %s; the conditioning's is "
-                    "used, as fluxsr upscale does. Set the t_l widget to choose.", differ[0])
+                    "used, as fluxsr upscale does. Set %s widget to choose.", difference, widget)
 
 
 # What to try when even the smallest tiles do not fit, in ComfyUI's terms.
@@ -133,11 +150,12 @@ class FluxSRUpscale:
                 "image": ("IMAGE", {"tooltip": "The images to upscale (a batch). RGBA keeps its alpha; Load Image "
                                                "gives the alpha apart as MASK: join them with Join Image with Alpha."}),
                 "model": ("MODEL", {"tooltip": "FLUX.1-dev with the FluxSR LoRA applied (UNETLoader -> "
-                                               "FluxSR Load LoRA, which also carries the LoRA's T_L)."}),
+                                               "FluxSR Load LoRA, which also carries the LoRA's T_L and guidance)."}),
                 "vae": ("VAE", {"tooltip": "The FLUX VAE (ae.safetensors via VAELoader)."}),
                 "conditioning": ("CONDITIONING", {
                     "tooltip": "FluxSR Conditioning (carries T_L and guidance); a FLUX CLIPTextEncode "
-                               "conditioning also works (T_L then from the LoRA, else 0.25)."}),
+                               "conditioning also works (T_L then from the LoRA, else 0.25; guidance its own, "
+                               "from FluxGuidance, else the LoRA's, else 3.5)."}),
                 "scale": ("FLOAT", {"default": 4.0, "min": 1.0, "max": 16.0, "step": 0.05,
                                     "tooltip": "Upscale factor; any value, FluxSR was trained for 4x."}),
                 "t_l": ("FLOAT", {"default": 0.0, "min": 0.0, "max": 0.99, "step": 0.01,
@@ -159,14 +177,16 @@ class FluxSRUpscale:
     def upscale(self, image, model, vae, conditioning, scale=4.0, t_l=0.0, color_fix="wavelet", tiling=None):
         tiling_config = tiling if tiling is not None else TilingConfig()
         t_l_used, t_l_source = resolve_t_l(t_l, conditioning, model)
+        guidance, guidance_source = resolve_guidance(conditioning, model)
+        if not guidance_source.startswith("conditioning"):  # the conditioning chose none: fill it in
+            conditioning = comfy_adapters.with_guidance(conditioning, guidance)
         options = upscaler.UpscaleOptions(scale=float(scale), t_l=t_l_used, color_fix=str(color_fix),
                                           tiling=tiling_config).validate()
         velocity = comfy_adapters.make_velocity(model)
         codec = comfy_adapters.make_codec(vae, tiling_config)
         warn_about_the_inputs(model, conditioning, t_l)
-        log.info("FluxSR upscale: %d image(s) x%g, T_L=%g (%s), guidance %g, colour fix %s, tiles %dpx/%dpx overlap",
-                 image.shape[0], scale, t_l_used, t_l_source, comfy_adapters.conditioning_to_core(conditioning).guidance,
-                 color_fix, tiling_config.latent_tile * 8, tiling_config.latent_overlap * 8)
+        log.info("FluxSR upscale: %d image(s) x%g, T_L=%g (%s), guidance %g (%s), colour fix %s, tiles %dpx/%dpx "
+                 "overlap", image.shape[0], scale, t_l_used, t_l_source, guidance, guidance_source, color_fix, tiling_config.latent_tile * 8, tiling_config.latent_overlap * 8)
         latent_format = getattr(getattr(model, "model", None), "latent_format", None)
         progress = comfy_adapters.ComfyProgress(image.shape[0], latent_format)
 

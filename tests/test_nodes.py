@@ -61,12 +61,12 @@ def tiny(pack):
         codec=models.DiffusersCodec(vae, compute_dtype=torch.float32))
 
 
-def tiny_conditioning(pack, t_l=None, guidance=3.5, t_l_source="bundle tiny.safetensors"):
+def tiny_conditioning(pack, t_l=None, guidance=3.5, t_l_source="bundle tiny.safetensors", guidance_source="default"):
     adapters = sub(pack, "nodes.comfy_adapters")
     settings_mod = sub(pack, "fluxsr_core.settings")
     g = torch.Generator().manual_seed(7)
     settings = settings_mod.RunSettings(t_l=t_l or settings_mod.DEFAULT_T_L, guidance=guidance,
-                                        source={"t_l": t_l_source, "guidance": "default", "scale": "default"})
+                                        source={"t_l": t_l_source, "guidance": guidance_source, "scale": "default"})
     if t_l is None:
         return [[torch.randn(1, 5, 32, generator=g), {"pooled_output": torch.randn(1, 16, generator=g),
                                                        "guidance": guidance}]]
@@ -114,7 +114,8 @@ class FakeBaseModel:
         return 1
 
     def apply_model(self, x, t, c_crossattn=None, y=None, guidance=None, transformer_options=None, **kw):
-        self.calls.append({"shape": tuple(x.shape), "t": t.clone(), "transformer_options": transformer_options})
+        self.calls.append({"shape": tuple(x.shape), "t": t.clone(), "transformer_options": transformer_options,
+                           "guidance": None if guidance is None else float(guidance[0])})
         rope = (transformer_options or {}).get("rope_options") or {}
         offset = (int(rope.get("shift_y", 0)), int(rope.get("shift_x", 0)))
         cond = types.SimpleNamespace(t5=c_crossattn[:1], clip_pooled=y[:1], guidance=float(guidance[0]))
@@ -816,6 +817,40 @@ def test_upscale_node_warns_about_a_missing_lora_and_disagreeing_t_ls(pack, capl
     assert caplog.text.count("FluxSR upscale") == 1
     assert "disagree: T_L 0.3 (bundle tiny.safetensors) against 0.45 (LoRA a.safetensors)" in caplog.text
     assert "no LoRA" not in caplog.text
+
+
+def test_upscale_guidance_in_the_order_of_fluxsr_upscale(pack, tiny, fake_comfy, caplog):
+    # conditioning chosen (a bundle's value, the FluxSR Conditioning widget, FluxGuidance on a text
+    # conditioning) > the LoRA's (on the MODEL, from FluxSR Load LoRA) > ours
+    up = sub(pack, "nodes.upscale")
+    adapters = sub(pack, "nodes.comfy_adapters")
+    settings = sub(pack, "fluxsr_core.settings")
+    patcher = FakePatcher(tiny.velocity, fake_comfy.CONST)
+    patcher.patches = {"w": [(1.0, None, 1.0)]}
+    adapters.attach_model_settings(patcher, settings.RunSettings(guidance=2.0, source={
+        "t_l": "default", "guidance": "LoRA a.safetensors", "scale": "default"}))
+    third_party = tiny_conditioning(pack, t_l=0.3)  # a bundle without guidance: 3.5 by default
+    assert up.resolve_guidance(third_party, patcher) == (2.0, "model: LoRA a.safetensors")
+    assert up.resolve_guidance(third_party) == (3.5, "default")
+    ours = tiny_conditioning(pack, t_l=0.3, guidance=5.0, guidance_source="bundle tiny.safetensors")
+    assert up.resolve_guidance(ours, patcher) == (5.0, "conditioning: bundle tiny.safetensors")
+    text = tiny_conditioning(pack, guidance=4.0)  # FluxGuidance on a CLIPTextEncode conditioning
+    assert up.resolve_guidance(text, patcher) == (4.0, "conditioning: its guidance value")
+    bare_text = [[text[0][0], {"pooled_output": text[0][1]["pooled_output"]}]]  # a plain CLIPTextEncode
+    assert up.resolve_guidance(bare_text, patcher)[0] == 2.0 and up.resolve_guidance(bare_text)[0] == 3.5
+    # the node runs the model at the LoRA's guidance, without touching its input conditioning
+    image = torch.rand(1, 16, 16, 3, generator=torch.Generator().manual_seed(3))
+    with caplog.at_level(logging.INFO, logger="fluxsr"):
+        node = pack.NODE_CLASS_MAPPINGS["FluxSRUpscale"]()
+        (out,) = node.upscale(image, patcher, FakeVAE(tiny.vae), third_party, scale=2.0)
+        (chosen,) = node.upscale(image, patcher, FakeVAE(tiny.vae), ours, scale=2.0)
+    assert [c["guidance"] for c in patcher.model.calls] == [2.0, 5.0]
+    assert third_party[0][1]["guidance"] == 3.5
+    assert "guidance 2 (model: LoRA a.safetensors)" in caplog.text
+    assert "disagree: guidance 5 (bundle tiny.safetensors) against 2 (LoRA a.safetensors)" in caplog.text
+    assert "FluxSR Conditioning's guidance widget" in caplog.text
+    # guidance changes the result (the tiny model embeds it), so the fill-in is not cosmetic
+    assert (out - chosen).abs().max() > 1e-4
 
 
 def test_upscale_t_l_resolution(pack):
