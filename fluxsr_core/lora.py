@@ -759,6 +759,52 @@ def _lora_config_unchecked(ranks: dict[str, int], sd_keys, network_alphas: dict[
     return cfg, "none in the file: alpha = rank"
 
 
+# The down-projection key endings of the LoRA namings ComfyUI reads ("<layer><ending>"); its
+# loader looks for that layer's alpha at "<layer>.alpha" and scales by alpha / rank.
+_DOWN_KEY_ENDINGS = (".lora_A.weight", ".lora_down.weight", "_lora.down.weight")
+
+
+def alpha_tensors_from_metadata(path: str | os.PathLike, state_dict: Mapping[str, torch.Tensor]
+                                ) -> tuple[dict[str, torch.Tensor], Optional[str]]:
+    """A LoRA's alphas that only its metadata holds, as ``"<layer>.alpha"`` tensors, with where they
+    came from; ``({}, None)`` when its tensors carry their own alphas or nothing says any.
+
+    For loaders that read tensors only (ComfyUI's: alpha from ``.alpha`` tensors, else alpha =
+    rank): a diffusers/peft save keeps its ``lora_alpha`` (and ``alpha_pattern``, rsLoRA) in
+    ``lora_adapter_metadata``, which :func:`load_lora` applies; through such a loader the
+    LoRA would run at another strength. rsLoRA's ``alpha / sqrt(rank)`` is written as the alpha
+    that gives it under ``alpha / rank``. ``state_dict`` is the file's, as read; it is not changed.
+    """
+    if any(key.endswith(".alpha") for key in state_dict):
+        return {}, None
+    path = os.fspath(path)
+    _, md = read_safetensors_header(path, what="LoRA file")
+    md = dict(md or {})
+    layers = {}  # layer key prefix -> (module name as diffusers names it, rank)
+    for key, tensor in state_dict.items():
+        ending = next((e for e in _DOWN_KEY_ENDINGS if key.endswith(e)), None)
+        if ending is not None and getattr(tensor, "ndim", 0) >= 2:
+            layer = key[:-len(ending)]
+            layers[layer] = (layer.removeprefix(TRANSFORMER_PREFIX), int(tensor.shape[0]))
+    if not layers:
+        return {}, None
+    ranks = {module: rank for module, rank in layers.values()}
+    cfg, source = _lora_config(ranks, [f"{layer}{_DOWN_KEY_ENDINGS[0]}" for layer in layers], {}, md, path, [])
+    if source.startswith("none in the file"):
+        return {}, None
+    rslora = bool(cfg.get("use_rslora"))
+    out, given = {}, set()
+    for layer, (module, rank) in layers.items():
+        alpha = _alpha_for(module, cfg)
+        given.add(alpha)
+        out[f"{layer}.alpha"] = torch.tensor(alpha * math.sqrt(rank) if rslora else alpha)
+    if all(float(out[f"{layer}.alpha"]) == rank for layer, (_, rank) in layers.items()):
+        return {}, None  # alpha = rank everywhere: what such a loader assumes anyway (our own files)
+    values = sorted(given)
+    said = f"alpha {values[0]:g}" if len(values) == 1 else f"alphas {values[0]:g} to {values[-1]:g}"
+    return out, f"{said} from its {source}" + (" (rsLoRA: alpha / sqrt(rank))" if rslora else "")
+
+
 def _existing_adapters(transformer) -> list[str]:
     return list(getattr(transformer, "peft_config", {}) or {})
 

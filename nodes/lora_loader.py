@@ -72,7 +72,16 @@ class FluxSRLoraLoader:
                     f"FluxSR Load LoRA: {lora_name} is a pickle file named .safetensors. If you trust its "
                     "source, rename it to .pt (ComfyUI reads .pt LoRAs with torch.load(weights_only=True)); "
                     "better, get the .safetensors release") from None
-        patched = comfy_adapters.apply_lora(model, self._state_dict(path), strength_model, lora_name)
+        state_dict = self._state_dict(path)
+        if settings is not None:
+            # ComfyUI's loader reads alphas from '.alpha' tensors only; a diffusers/peft save keeps
+            # its alpha in the metadata, which fluxsr upscale applies: hand it over as tensors.
+            alphas, said = lora_mod.alpha_tensors_from_metadata(path, state_dict)
+            if alphas:
+                state_dict = {**state_dict, **alphas}  # a new dict: the cached one stays the file's
+                log.info("FluxSR Load LoRA: %s: %s, given to ComfyUI's loader as '.alpha' tensors (it reads "
+                         "no metadata)", lora_name, said)
+        patched = comfy_adapters.apply_lora(model, state_dict, strength_model, lora_name)
         earlier = comfy_adapters.model_settings(model)
         carried = settings is not None and (settings.source or {}).get("t_l", "default") != "default"
         earlier_carried = earlier is not None and (earlier.source or {}).get("t_l", "default") != "default"

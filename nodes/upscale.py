@@ -41,11 +41,13 @@ def resolve_guidance(conditioning: Any, model: Any = None) -> tuple[float, str]:
     value on a text conditioning; else the LoRA's (kept on the MODEL by FluxSR Load LoRA); else ours.
     """
     settings = comfy_adapters.conditioning_settings(conditioning)
+    carried = comfy_adapters.conditioning_guidance(conditioning)
+    # a value other than the one FluxSR Conditioning wrote was put there later in the graph
+    # (FluxGuidance ...), as on a text conditioning: chosen
+    if carried is not None and (settings is None or abs(carried - float(settings.guidance)) > 1e-9):
+        return carried, "conditioning: its guidance value (FluxGuidance or a text encoder's widget)"
     if settings is not None and (settings.source or {}).get("guidance", "default") != "default":
         return float(settings.guidance), f"conditioning: {settings.source['guidance']}"
-    carried = comfy_adapters.conditioning_guidance(conditioning)
-    if settings is None and carried is not None:  # put there in the graph (FluxGuidance ...): chosen
-        return carried, "conditioning: its guidance value"
     lora = comfy_adapters.model_settings(model)
     if lora is not None and (lora.source or {}).get("guidance", "default") != "default":
         return float(lora.guidance), f"model: {lora.source['guidance']}"

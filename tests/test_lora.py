@@ -19,6 +19,7 @@ from fluxsr_core.lora import (
     LORA_ADAPTER_METADATA_KEY,
     LoraError,
     adapter_rank_alpha,
+    alpha_tensors_from_metadata,
     load_lora,
     lora_state_dict_from_model,
     merge_factors,
@@ -799,6 +800,39 @@ def test_mixed_namings_on_one_layer_are_refused(tmp_path, inputs):
                                             + re.escape(given) + r"\) without saying which layers"):
             load_lora(model, _save(tmp_path, "md.safetensors", {**other, **kohya}, metadata={"format": "pt", **md}))
     _assert_untouched(model, inputs, base)
+
+
+def test_metadata_alphas_as_tensors_give_the_scaling_peft_applies(tmp_path, lora_file):
+    """For loaders that read tensors only (ComfyUI's: alpha / rank from '.alpha' tensors, else 1):
+    the alphas a diffusers/peft save keeps in its metadata, as tensors giving merge_factors' scaling."""
+    g = torch.Generator().manual_seed(61)
+    sd = {}
+    for module in ("transformer_blocks.0.attn.to_q", "transformer_blocks.0.attn.to_k"):
+        sd[f"transformer.{module}.lora_A.weight"], sd[f"transformer.{module}.lora_B.weight"] = _pair(g, 32, 32, r=4)
+    for config, source in (({"r": 4, "lora_alpha": 8}, "'lora_adapter_metadata' metadata"),
+                           ({"transformer.r": 4, "transformer.lora_alpha": 8, "transformer.alpha_pattern":
+                             {"transformer_blocks.0.attn.to_k": 2}}, "'lora_adapter_metadata' metadata"),
+                           ({"r": 4, "lora_alpha": 8, "use_rslora": True}, "'lora_adapter_metadata' metadata")):
+        path = _save(tmp_path, "peft.safetensors", sd,
+                     metadata={"format": "pt", LORA_ADAPTER_METADATA_KEY: json.dumps(config)})
+        before = {k: v.clone() for k, v in sd.items()}
+        alphas, said = alpha_tensors_from_metadata(path, sd)
+        assert source in said and all(torch.equal(sd[k], before[k]) for k in sd) and len(sd) == len(before)
+        factors, _ = merge_factors(fresh_transformer(), path)
+        assert sorted(alphas) == ["transformer.transformer_blocks.0.attn.to_k.alpha",
+                                  "transformer.transformer_blocks.0.attn.to_q.alpha"]
+        for key, alpha in alphas.items():  # ComfyUI scales by alpha / rank
+            module = key.removeprefix("transformer.").removesuffix(".alpha")
+            assert float(alpha) / 4 == pytest.approx(factors[f"{module}.weight"][2], rel=1e-6), (config, key)
+    assert "alpha 8" in alpha_tensors_from_metadata(path, sd)[1] and "rsLoRA" in alpha_tensors_from_metadata(path, sd)[1]
+    # fluxsr.lora_alpha too; nothing for alpha tensors in the file, nothing said, or alpha = rank (our files)
+    path = _save(tmp_path, "ours.safetensors", sd, metadata={"format": "pt", KEY_LORA_ALPHA: "2"})
+    assert {float(v) for v in alpha_tensors_from_metadata(path, sd)[0].values()} == {2.0}
+    with_alpha = {**sd, "transformer.transformer_blocks.0.attn.to_q.alpha": torch.tensor(8.0)}
+    assert alpha_tensors_from_metadata(_save(tmp_path, "own.safetensors", with_alpha), with_alpha) == ({}, None)
+    assert alpha_tensors_from_metadata(_save(tmp_path, "bare.safetensors", sd), sd) == ({}, None)
+    ours = safetensors.torch.load_file(str(lora_file))
+    assert alpha_tensors_from_metadata(lora_file, ours) == ({}, None)
 
 
 def test_text_encoder_keys_next_to_diffusers_keys(tmp_path, inputs):

@@ -469,13 +469,16 @@ def lora_dir(pack, tmp_path, monkeypatch):
         reads.append(path)
         return load_file(path)
 
+    given = []
+
     def load_lora_for_models(model, clip, lora_sd, strength_model, strength_clip):
+        given.append(lora_sd)
         new = model.clone()
         for k in lora_sd:
-            layer = k.removeprefix("transformer.").rsplit(".lora_", 1)[0]
+            layer = k.removeprefix("transformer.").rsplit(".lora_", 1)[0].removesuffix(".alpha")
             if ".lora_A." in k and layer in model.known:
                 new.patches.setdefault(layer, []).append(strength_model)
-            elif not (k.endswith(".lora_B.weight") and layer in model.known):
+            elif not ((k.endswith(".lora_B.weight") or k.endswith(".alpha")) and layer in model.known):
                 logging.warning("lora key not loaded: %s", k)  # as ComfyUI's comfy.lora.load_lora says it
         return new, None
 
@@ -484,7 +487,7 @@ def lora_dir(pack, tmp_path, monkeypatch):
     for name, mod in (("folder_paths", fp), ("comfy", comfy), ("comfy.utils", utils), ("comfy.sd", sd_mod)):
         monkeypatch.setitem(sys.modules, name, mod)
     flux = FakeLoraPatcher({"transformer_blocks.0.attn.to_q", "single_transformer_blocks.0.proj_out"})
-    return types.SimpleNamespace(root=root, flux=flux, reads=reads)
+    return types.SimpleNamespace(root=root, flux=flux, reads=reads, given=given)
 
 
 def test_lora_loader_patches_the_model_and_carries_its_t_l(pack, lora_dir):
@@ -514,6 +517,31 @@ def test_lora_loader_patches_the_model_and_carries_its_t_l(pack, lora_dir):
     assert cls.IS_CHANGED("fluxsr.safetensors", 1.0) != before
     node.load(lora_dir.flux, "fluxsr.safetensors", 1.0)
     assert len(lora_dir.reads) == 2
+
+
+def test_lora_loader_hands_comfyui_the_alpha_only_the_metadata_holds(pack, lora_dir, caplog):
+    # ComfyUI's loader reads '.alpha' tensors only; a diffusers/peft save keeps lora_alpha in its
+    # metadata, which fluxsr upscale applies (alpha 8 at rank 2: four times the strength)
+    from safetensors.torch import load_file, save_file
+
+    cls = pack.NODE_CLASS_MAPPINGS["FluxSRLoraLoader"]
+    sd = load_file(str(lora_dir.root / "plain.safetensors"))
+    save_file(sd, str(lora_dir.root / "peft.safetensors"),
+              metadata={"format": "pt", "lora_adapter_metadata": '{"r": 2, "lora_alpha": 8}'})
+    node = cls()
+    with caplog.at_level(logging.INFO, logger="fluxsr"):
+        node.load(lora_dir.flux, "peft.safetensors", 1.0)
+    handed = lora_dir.given[-1]
+    assert {k: float(v) for k, v in handed.items() if k.endswith(".alpha")} == {
+        "transformer.transformer_blocks.0.attn.to_q.alpha": 8.0,
+        "transformer.single_transformer_blocks.0.proj_out.alpha": 8.0}
+    assert "alpha 8 from its 'lora_adapter_metadata' metadata, given to ComfyUI's loader" in caplog.text
+    assert not any(k.endswith(".alpha") for k in node._cached[2])  # the cached file is not changed
+    assert "did not apply" not in caplog.text and "found a place" not in caplog.text
+    # our own files (alpha folded in, alpha = rank) and files without metadata go as they are
+    node.load(lora_dir.flux, "fluxsr.safetensors", 1.0)
+    node.load(lora_dir.flux, "plain.safetensors", 1.0)
+    assert not any(k.endswith(".alpha") for sd_ in lora_dir.given[-2:] for k in sd_)
 
 
 def test_lora_loader_errors(pack, lora_dir, caplog):
@@ -835,7 +863,12 @@ def test_upscale_guidance_in_the_order_of_fluxsr_upscale(pack, tiny, fake_comfy,
     ours = tiny_conditioning(pack, t_l=0.3, guidance=5.0, guidance_source="bundle tiny.safetensors")
     assert up.resolve_guidance(ours, patcher) == (5.0, "conditioning: bundle tiny.safetensors")
     text = tiny_conditioning(pack, guidance=4.0)  # FluxGuidance on a CLIPTextEncode conditioning
-    assert up.resolve_guidance(text, patcher) == (4.0, "conditioning: its guidance value")
+    assert up.resolve_guidance(text, patcher)[:1] == (4.0,)
+    assert up.resolve_guidance(text, patcher)[1].startswith("conditioning: its guidance value")
+    # FluxGuidance after FluxSR Conditioning: its value, whether the bundle set one or not
+    for cond in (third_party, ours):
+        after = [[cond[0][0], {**cond[0][1], "guidance": 1.5}]]
+        assert up.resolve_guidance(after, patcher)[0] == 1.5
     bare_text = [[text[0][0], {"pooled_output": text[0][1]["pooled_output"]}]]  # a plain CLIPTextEncode
     assert up.resolve_guidance(bare_text, patcher)[0] == 2.0 and up.resolve_guidance(bare_text)[0] == 3.5
     # the node runs the model at the LoRA's guidance, without touching its input conditioning
