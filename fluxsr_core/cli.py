@@ -88,6 +88,13 @@ def _positive_float(text: str) -> float:
     return value
 
 
+def _output_megapixels(text: str) -> float:
+    value = _positive_float(text)
+    if int(value * 1e6) < 1:
+        raise argparse.ArgumentTypeError(f"must be at least 0.000001 (one pixel; got {text})")
+    return value
+
+
 def _quality(text: str) -> int:
     try:
         value = int(text)
@@ -146,7 +153,7 @@ def build_parser() -> argparse.ArgumentParser:
     size.add_argument("--scale", type=_positive_float, help="upscale factor, any value (default: 4, or the files' own)")
     size.add_argument("--long-side", type=_positive_int, help="target long side in pixels")
     size.add_argument("--megapixels", type=_positive_float, help="target size in megapixels")
-    s.add_argument("--max-output-megapixels", type=_positive_float,
+    s.add_argument("--max-output-megapixels", type=_output_megapixels,
                    default=DEFAULT_MAX_OUTPUT_PIXELS / 1e6, help="refuse larger outputs (default %(default)g)")
 
     r = up.add_argument_group("run settings (default: from the bundle/LoRA, else T_L 0.25, guidance 3.5)")
@@ -197,6 +204,15 @@ def _tiling_from_args(args):
     if args.tile_overlap >= args.tile:
         raise UsageError(f"--tile-overlap ({args.tile_overlap} px) must be smaller than --tile ({args.tile} px); "
                          "a quarter of the tile is usual")
+    if args.vae_tile < 0 or args.vae_tile % 8:
+        raise UsageError(f"--vae-tile must be 0 (untiled) or a positive multiple of 8 pixels (got {args.vae_tile})")
+    if args.vae_overlap < 0 or args.vae_overlap % 8:
+        raise UsageError(f"--vae-overlap must be 0 or a positive multiple of 8 pixels (got {args.vae_overlap})")
+    if args.vae_tile and args.vae_overlap >= args.vae_tile:
+        whose = ", its default" if args.vae_overlap == TilingConfig().vae_overlap else ""
+        raise UsageError(f"--vae-overlap ({args.vae_overlap} px{whose}) must be smaller than --vae-tile "
+                         f"({args.vae_tile} px); a quarter of the tile is usual: --vae-overlap "
+                         f"{args.vae_tile // 4 // 8 * 8}")
     return validate_tiling(TilingConfig(
         latent_tile=args.tile // 8, latent_overlap=args.tile_overlap // 8,
         vae_tile=args.vae_tile, vae_overlap=args.vae_overlap, blend=args.blend,
@@ -255,7 +271,10 @@ def collect_jobs(inputs: Sequence[Path], output: Path, output_is_folder: bool = 
     for f in files:
         if (first := first_by_identity.setdefault(_identity(f), f)) is f:
             unique.append(f)
-        elif id(f) in scanned and id(first) in scanned:  # a link in a folder to a file there: one is enough
+        elif id(f) in scanned and id(first) in scanned:  # a link in a folder to a file there: one is enough,
+            if first.is_symlink() and not f.is_symlink():  # under the file's own name, not the link's
+                unique[unique.index(first)] = f
+                first_by_identity[_identity(f)] = f
             continue
         else:
             same = f"{f} is given twice" if first == f else f"{first} and {f} are the same file"

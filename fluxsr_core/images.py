@@ -358,6 +358,8 @@ def _dpi_of(img: Image.Image) -> Optional[tuple[float, float]]:
                 return None
         except Exception:  # noqa: BLE001 - an unreadable EXIF holds no resolution we can trust
             return None
+    if img.format == "TIFF" and 282 not in getattr(img, "tag_v2", {}):
+        return None  # no XResolution tag: Pillow says (1, 1), which would print 80 px 80 inches wide
     dpi = img.info.get("dpi")
     try:
         x, y = (float(v) for v in dpi)
@@ -1287,10 +1289,10 @@ def target_size(h: int, w: int, scale: Optional[float] = None, long_side: Option
         elif megapixels is not None:
             lower = f"Lower the megapixels (at most {fit_megapixels:g} MP for this {w}x{h} input)"
         else:
-            lower = f"Lower the scale (at most {fit_scale:.2f}x for this {w}x{h} input)"
+            lower = f"Lower the scale (at most {fit_scale:g}x for this {w}x{h} input)"
         raise OutputTooLargeError(
-            f"the output would be {W}x{H} = {H * W / 1e6:.1f} megapixels, more than the limit of "
-            f"{limit / 1e6:.1f} MP (max_output_pixels={limit}). {lower} or raise the limit "
+            f"the output would be {W}x{H} = {_megapixels_text(H * W)} megapixels, more than the limit of "
+            f"{_megapixels_text(limit)} MP (max_output_pixels={limit}). {lower} or raise the limit "
             f"(fluxsr upscale --max-output-megapixels) if this machine has the memory.",
             size=(H, W), input_size=(h, w), max_scale=fit_scale, max_long_side=fit_long_side,
             max_megapixels=fit_megapixels)
@@ -1312,12 +1314,22 @@ def _fits(size: tuple[int, int], max_pixels: int) -> bool:
     return size[0] * size[1] <= max_pixels
 
 
+def _megapixels_text(pixels: int) -> str:
+    """Megapixels as a size limit is read: one decimal, more digits only where that would say 0.0."""
+    return f"{pixels / 1e6:.1f}" if pixels >= 50_000 else f"{pixels / 1e6:.3g}"
+
+
 def _largest_scale_within(h: int, w: int, max_pixels: int) -> float:
-    """The largest scale with two decimals whose output (sides rounded as above) fits ``max_pixels``:
-    advice a user can type back in and have accepted."""
-    scale = math.floor(math.sqrt(max_pixels / (h * w)) * 100) / 100
-    while scale > 0.01 and not _fits(_size_for(h, w, scale=scale), max_pixels):
-        scale = round(scale - 0.01, 2)
+    """The largest scale with two decimals (two significant digits below 0.1) whose output (sides
+    rounded as above) fits ``max_pixels``: advice a user can type back in and have accepted."""
+    raw = math.sqrt(max_pixels / (h * w))
+    decimals = max(2, 1 - math.floor(math.log10(raw)))
+    step = 10.0 ** -decimals
+    scale = round(math.floor(raw / step) * step, decimals)
+    while scale > step and not _fits(_size_for(h, w, scale=scale), max_pixels):
+        scale = round(scale - step, decimals)
+    while _fits(_size_for(h, w, scale=round(scale + step, decimals)), max_pixels):  # sides rounded down
+        scale = round(scale + step, decimals)
     return scale
 
 

@@ -46,6 +46,8 @@ class UpscaleOptions:
         if self.color_fix not in COLOR_FIXES:
             raise ValueError(f"unknown colour fix {self.color_fix!r}; choose one of {', '.join(COLOR_FIXES)}")
         tiling.validate_tiling(self.tiling)
+        if not (isinstance(self.max_output_pixels, int) and self.max_output_pixels >= 1):
+            raise ValueError(f"max_output_pixels must be a whole number of pixels >= 1 (got {self.max_output_pixels!r})")
         return self
 
 

@@ -208,8 +208,11 @@ class FluxSRUpscale:
                                  on_retry=on_retry, configure_codec=configure_codec,
                                  output_device=comfy_adapters.intermediate_device())
         except images.OutputTooLargeError as exc:  # the node has no limit to raise: say what to do here
+            # the scale widget starts at 1: below that, the advice is to shrink the input first
+            lower = (f"lower the scale to at most {exc.max_scale:g}" if exc.max_scale >= 1 else
+                     "even scale 1 is over it: shrink the image first (Upscale Image By, below 1)")
             raise images.OutputTooLargeError(
                 f"FluxSR Upscale: the output would be {exc.width}x{exc.height} px, over the node's limit of "
-                f"{options.max_output_pixels / 1e6:.1f} megapixels (8192x8192); lower the scale to at most "
-                f"{exc.max_scale:.2f} for this {exc.input_width}x{exc.input_height} image") from None
+                f"{options.max_output_pixels / 1e6:.1f} megapixels (8192x8192); {lower} for this "
+                f"{exc.input_width}x{exc.input_height} image") from None
         return (out,)

@@ -136,7 +136,7 @@ def test_output_places_checked_before_loading(tmp_path, photo_png, tiny_model_fi
 
 def test_impossible_sizes_are_refused_by_the_parser(tmp_path, photo_png, capsys):
     for bad in (["--scale", "inf"], ["--megapixels", "nan"], ["--long-side", "0"], ["--long-side", "-5"],
-                ["--guidance", "nan"], ["--lora-scale", "inf"]):
+                ["--guidance", "nan"], ["--lora-scale", "inf"], ["--max-output-megapixels", "1e-9"]):
         with pytest.raises(SystemExit) as exc:
             cli.main(["upscale", str(photo_png), "-o", str(tmp_path / "o"), *bad])
         assert exc.value.code == 2, bad
@@ -229,6 +229,11 @@ def test_wrong_file_for_transformer_is_named(tmp_path, photo_png, tiny_model_fil
                                        (["--tile", "0"], "--tile must be a positive multiple of 16 pixels (got 0)"),
                                        (["--tile-overlap", "-16"],
                                         "--tile-overlap must be 0 or a positive multiple of 16 pixels (got -16)"),
+                                       (["--vae-tile", "-8"], "--vae-tile must be 0 (untiled) or a positive"),
+                                       (["--vae-tile", "64"], "--vae-overlap (128 px, its default) must be smaller "
+                                                              "than --vae-tile (64 px); a quarter of the tile is "
+                                                              "usual: --vae-overlap 16"),
+                                       (["--vae-overlap", "12"], "--vae-overlap must be 0 or a positive multiple"),
                                        (["--speedups", "turbo"], "unknown speed-up"),
                                        (["--speedups", "compile,compile_cudagraphs"], "one of compile"),
                                        (["--speedups", "fuse_qkv", "--no-merge-lora"], "LoRA merged"),
@@ -825,6 +830,11 @@ def test_a_link_in_a_folder_to_one_of_its_images_is_upscaled_once(tmp_path, phot
     (folder / "latest.png").symlink_to("img1.png")
     jobs, unreadable = cli.collect_jobs([folder], tmp_path / "out")
     assert [j.source.name for j in jobs] == ["img1.png"] and unreadable == []
+    # under the file's own name also when the link sorts first (it was a_alias.png -> out/a_alias.png)
+    (folder / "a_alias.png").symlink_to("img1.png")
+    jobs, _ = cli.collect_jobs([folder], tmp_path / "out")
+    assert [(j.source.name, j.target.name) for j in jobs] == [("img1.png", "img1.png")]
+    (folder / "a_alias.png").unlink()
     with pytest.raises(cli.UsageError, match="are the same file; give each input once"):
         cli.collect_jobs([folder / "img1.png", folder / "latest.png"], tmp_path / "out")
     for inputs in ([folder / "img1.png", folder], [folder, folder / "img1.png"]):  # typed and scanned: either order

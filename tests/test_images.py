@@ -809,6 +809,10 @@ def test_resolution_rules(tmp_path):
     with Image.open(tmp_path / "no_dpi.jpg") as im:
         assert im.info["dpi"] == (72, 72)  # what Pillow says
     assert load_image(tmp_path / "no_dpi.jpg").dpi is None
+    Image.new("RGB", (8, 8)).save(tmp_path / "no_dpi.tif")  # no resolution tags at all
+    with Image.open(tmp_path / "no_dpi.tif") as im:
+        assert im.info["dpi"] == (1, 1)  # what Pillow says: 8 px would print 8 inches wide
+    assert load_image(tmp_path / "no_dpi.tif").dpi is None
     Image.new("RGB", (8, 8)).save(tmp_path / "micro.tif", resolution=100000.0, resolution_unit="cm")
     micro = load_image(tmp_path / "micro.tif")
     assert micro.dpi == pytest.approx((254000, 254000))
@@ -1372,17 +1376,23 @@ def test_target_size_errors():
     assert target_size(2048, 2048, scale=4) == (8192, 8192)  # the default limit allows this
 
 
-@pytest.mark.parametrize("h, w, limit", [(520, 600, 8192 * 8192), (13, 17, 1000), (999, 1001, 4_000_000)])
+@pytest.mark.parametrize("h, w, limit", [(520, 600, 8192 * 8192), (13, 17, 1000), (999, 1001, 4_000_000),
+                                         (3000, 3000, 100), (70, 30, 1)])
 def test_too_large_advice_is_a_scale_that_is_accepted(h, w, limit):
-    """The advised "at most" scale, typed back in as printed, fits; one step more does not."""
+    """The advised "at most" scale, typed back in as printed, fits; one step more does not (two
+    decimals; two significant digits below 0.1, where it said 0.00x)."""
     with pytest.raises(OutputTooLargeError) as info:
         target_size(h, w, scale=100, max_output_pixels=limit)
     advised = info.value.max_scale
-    assert f"at most {advised:.2f}x" in str(info.value) and advised == round(advised, 2)
-    H, W = target_size(h, w, scale=float(f"{advised:.2f}"), max_output_pixels=limit)
+    step = 0.01 if advised >= 0.1 else 10.0 ** (math.floor(math.log10(advised)) - 1)
+    assert advised > 0 and f"at most {advised:g}x" in str(info.value)
+    assert advised == pytest.approx(round(advised / step) * step, abs=step / 100)
+    H, W = target_size(h, w, scale=float(f"{advised:g}"), max_output_pixels=limit)
     assert H * W <= limit
     with pytest.raises(OutputTooLargeError):
-        target_size(h, w, scale=advised + 0.01, max_output_pixels=limit)
+        target_size(h, w, scale=float(f"{advised + step:.10g}"), max_output_pixels=limit)  # as typed
+    # the sizes are said in digits that are not all zero
+    assert " = 0.0 megapixels" not in str(info.value) and "limit of 0.0 MP" not in str(info.value)
 
 
 @pytest.mark.parametrize("h, w, limit", [(700, 1000, 8192 * 8192), (13, 17, 1000), (999, 1001, 4_000_000),
