@@ -102,6 +102,14 @@ def upscale_tensor(
     return fixed.clamp_(0.0, 1.0)  # in place: no further full-size copy
 
 
+class OutOfMemoryAtSmallestTilesError(getattr(torch, "OutOfMemoryError", torch.cuda.OutOfMemoryError)):
+    """Out of memory even with the smallest tiles, with what to try in the caller's terms.
+
+    Still torch's out-of-memory error (a ``RuntimeError``), so what handles those goes on doing
+    so: ComfyUI unloads its models and shows its memory advice only for that class.
+    """
+
+
 def is_out_of_memory(exc: BaseException) -> bool:
     """True for CUDA/MPS/CPU allocation failures, whatever class the backend raises."""
     if isinstance(exc, getattr(torch, "OutOfMemoryError", ())) or isinstance(
@@ -159,7 +167,7 @@ def upscale_tensor_with_retry(
     codec to the new VAE tile size. Other errors propagate unchanged; a result with NaN
     values raises :class:`NonFiniteResultError`. When even the smallest
     tiles do not fit, the error ends with ``out_of_memory_advice`` (what to try, in the caller's
-    terms: the CLI's options by default).
+    terms: the CLI's options by default), as :class:`OutOfMemoryAtSmallestTilesError`.
     """
     current = options
     while True:
@@ -170,7 +178,8 @@ def upscale_tensor_with_retry(
                 raise
             nxt = smaller_tiling(current.tiling)
             if nxt is None:
-                raise RuntimeError(f"out of memory even with the smallest tiles; {out_of_memory_advice}") from exc
+                raise OutOfMemoryAtSmallestTilesError(
+                    f"out of memory even with the smallest tiles; {out_of_memory_advice}") from exc
             if torch.cuda.is_available():
                 torch.cuda.empty_cache()
             if on_retry is not None:

@@ -567,12 +567,15 @@ class ComfyProgress:
 
     ``for_item(i)`` returns the core :data:`~fluxsr_core.interfaces.ProgressCallback` of item
     ``i``; the bar runs over ``items * tiles`` units. A latent preview, when the core passes one,
-    is drawn with ComfyUI's own previewer (Latent2RGB or TAESD, per the user's setting).
+    is drawn with ComfyUI's own previewer (Latent2RGB or TAESD, per the user's setting) on
+    ``device`` (the MODEL's load device, as ComfyUI's samplers do: the latents of a tiled upscale
+    sit on the CPU, where a TAESD decode per tile would cost more than the tile itself).
     """
 
-    def __init__(self, items: int, latent_format: Any = None):
+    def __init__(self, items: int, latent_format: Any = None, device: Optional[torch.device] = None):
         self.items = max(1, int(items))
         self.latent_format = latent_format
+        self.device = device
         self._bar = None
         self._previewer = None
         self._preview_failed = False
@@ -588,10 +591,10 @@ class ComfyProgress:
         try:
             if self._previewer is None:
                 import latent_preview  # noqa: PLC0415 - ComfyUI's module
-                self._previewer = latent_preview.get_previewer(latent.device, self.latent_format) or False
+                self._previewer = latent_preview.get_previewer(self.device or latent.device, self.latent_format) or False
             if self._previewer is False:
                 return None
-            return self._previewer.decode_latent_to_preview_image("JPEG", latent[:1])
+            return self._previewer.decode_latent_to_preview_image("JPEG", latent[:1].to(self.device or latent.device))
         except Exception as exc:  # noqa: BLE001 - a preview must never break an upscale
             log.debug("FluxSR: no preview (%s)", exc)
             self._preview_failed = True

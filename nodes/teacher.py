@@ -66,8 +66,8 @@ def sample_teacher(velocity: Any, codec: Any, cond: Any, seed: int, steps: int, 
         done = i + 1
         if done in wanted and done != steps:
             states[done] = x.detach().to("cpu", torch.float32)
-        if progress is not None:
-            progress(done, int(steps), x)
+        if progress is not None:  # the preview shows the image the step heads for, as a KSampler's does
+            progress(done, int(steps), x - sigma_next * v)
 
     with torch.no_grad():  # as ComfyUI's inference mode: no autograd graph over 28 steps
         z0 = flow.euler_sample(velocity, noise, sigmas, cond, callback=on_step, cancel_check=cancel_check)
@@ -217,6 +217,8 @@ class FluxSRTeacherSampler:
         "one new shard, ready for fluxsr-train.")
     CATEGORY = CATEGORY
     FUNCTION = "sample"
+    # It writes pairs: a graph of it alone (dataset folder set, outputs unconnected) must run.
+    OUTPUT_NODE = True
     RETURN_TYPES = ("IMAGE", "LATENT", "IMAGE")
     RETURN_NAMES = ("image", "latent", "trajectory")
     OUTPUT_TOOLTIPS = (
@@ -279,8 +281,13 @@ class FluxSRTeacherSampler:
         velocity = comfy_adapters.make_velocity(model)
         codec = comfy_adapters.make_codec(vae, comfy_adapters.NO_VAE_TILING)
         core_cond = comfy_adapters.conditioning_to_core(conditioning)
+        if dataset_folder and dataset_folder.strip() and len(conditioning) > 1:
+            # the sampler averages the entries; a pair stores one conditioning, and would lie
+            raise ValueError(f"FluxSR teacher: the conditioning has {len(conditioning)} entries (Conditioning "
+                             "Combine?), which the sampler averages, but a pair stores one conditioning: connect "
+                             "a single one to write pairs")
         latent_format = getattr(getattr(model, "model", None), "latent_format", None)
-        progress = comfy_adapters.ComfyProgress(1, latent_format)
+        progress = comfy_adapters.ComfyProgress(1, latent_format, getattr(model, "load_device", None))
         folder = resolve_dataset_folder(dataset_folder) if dataset_folder and dataset_folder.strip() else None
         patches = comfy_adapters.model_patches(model)
         if patches[0]:

@@ -190,7 +190,7 @@ class FluxSRUpscale:
         log.info("FluxSR upscale: %d image(s) x%g, T_L=%g (%s), guidance %g (%s), colour fix %s, tiles %dpx/%dpx "
                  "overlap", image.shape[0], scale, t_l_used, t_l_source, guidance, guidance_source, color_fix, tiling_config.latent_tile * 8, tiling_config.latent_overlap * 8)
         latent_format = getattr(getattr(model, "model", None), "latent_format", None)
-        progress = comfy_adapters.ComfyProgress(image.shape[0], latent_format)
+        progress = comfy_adapters.ComfyProgress(image.shape[0], latent_format, getattr(model, "load_device", None))
 
         def on_retry(new_tiling: TilingConfig, exc: BaseException) -> None:
             log.warning("FluxSR: out of memory (%s); retrying with %dpx tiles (overlap %dpx, VAE tile %dpx)",

@@ -1136,6 +1136,57 @@ def test_teacher_reruns_when_its_dataset_folder_is_gone(pack, tiny, fake_comfy, 
     assert cls.IS_CHANGED(dataset_folder="../escaped") == "refused"  # VALIDATE_INPUTS reports it
 
 
+def test_teacher_previews_the_image_each_step_heads_for(pack, tiny):
+    # as a KSampler's preview (x0 = x - sigma * v), not the noisy state: the last step's is the image
+    flow = sub(pack, "fluxsr_core.flow")
+    teacher = sub(pack, "nodes.teacher")
+    cond = sub(pack, "nodes.comfy_adapters").conditioning_to_core(tiny_conditioning(pack))
+    seen = []
+    result = teacher.sample_teacher(tiny.velocity, tiny.codec, cond, 5, 3, 32, 32,
+                                    progress=lambda done, total, latent: seen.append(latent.clone()))
+    sigmas = flow.flux_sigmas(3, 4)
+    x = teacher.seeded_noise(5, 32, 32)
+    for i, shown in enumerate(seen):
+        v = tiny.velocity(x, torch.full((1,), float(sigmas[i])), cond)
+        x = x + (float(sigmas[i + 1]) - float(sigmas[i])) * v
+        torch.testing.assert_close(shown, x - float(sigmas[i + 1]) * v)
+    assert float(sigmas[1]) > 0 and (seen[0] - x).abs().max() > 1e-3  # not the noisy state
+    torch.testing.assert_close(seen[-1], result.z0)
+
+
+def test_teacher_is_an_output_node_and_refuses_a_combined_conditioning_for_pairs(pack, tiny, fake_comfy, tmp_path,
+                                                                                 monkeypatch):
+    teacher = sub(pack, "nodes.teacher")
+    cls = pack.NODE_CLASS_MAPPINGS["FluxSRTeacherSampler"]
+    assert cls.OUTPUT_NODE is True  # a graph of it alone, writing pairs, runs
+    monkeypatch.setenv(teacher.DATASET_ROOTS_ENV, str(tmp_path))
+    combined = tiny_conditioning(pack) + tiny_conditioning(pack, guidance=2.0)
+    patcher = FakePatcher(tiny.velocity, fake_comfy.CONST)
+    with pytest.raises(ValueError, match="2 entries .* a pair stores one conditioning"):
+        cls().sample(patcher, combined, FakeVAE(tiny.vae), seed=1, steps=2, width=32, height=32,
+                     trajectory_previews=0, dataset_folder=str(tmp_path / "pairs"))
+    assert not (tmp_path / "pairs").exists() and patcher.model.calls == []  # refused before sampling
+    cls().sample(patcher, combined, FakeVAE(tiny.vae), seed=1, steps=2, width=32, height=32,
+                 trajectory_previews=0, dataset_folder="")  # no pairs: sampled, as a KSampler would
+
+
+def test_previews_are_drawn_on_the_models_device(pack, fake_comfy, monkeypatch):
+    adapters = sub(pack, "nodes.comfy_adapters")
+    made, decoded = [], []
+
+    class Previewer:
+        def decode_latent_to_preview_image(self, fmt, latent):
+            decoded.append(latent.device)
+            return ("JPEG", None, 512)
+
+    preview = types.ModuleType("latent_preview")
+    preview.get_previewer = lambda device, fmt: made.append(device) or Previewer()
+    monkeypatch.setitem(sys.modules, "latent_preview", preview)
+    progress = adapters.ComfyProgress(1, FakeLatentFormat(), torch.device("meta"))
+    progress.for_item(0)(1, 2, torch.zeros(1, 16, 4, 4))  # a CPU latent, as ComfyUI's VAE hands them
+    assert made == [torch.device("meta")] and decoded == [torch.device("meta")]
+
+
 def test_teacher_preview_steps_and_errors(pack, tiny):
     teacher = sub(pack, "nodes.teacher")
     assert teacher.preview_steps(28, 4) == [7, 14, 21, 28]

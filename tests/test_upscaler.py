@@ -124,13 +124,19 @@ def test_out_of_memory_retries_with_smaller_tiles():
 
 def test_out_of_memory_gives_up_with_advice():
     class AlwaysOOM(ConstantVelocity):
-        def __call__(self, *a, **k):
-            raise torch.OutOfMemoryError("out of memory")
+        raised: BaseException
 
-    with pytest.raises(RuntimeError, match="smallest tiles"):
-        upscaler.upscale_tensor_with_retry(torch.rand(1, 3, 16, 16), AlwaysOOM(), PixelCodec(), None,
-                                           no_fix(tiling=TilingConfig(latent_tile=32, latent_overlap=8)),
-                                           on_retry=lambda t, e: None)
+        def __call__(self, *a, **k):
+            raise self.raised
+
+    # still torch's out-of-memory class: ComfyUI unloads its models and gives its advice only for it
+    for raised in (torch.OutOfMemoryError("out of memory"), RuntimeError("DefaultCPUAllocator: can't allocate memory")):
+        AlwaysOOM.raised = raised
+        with pytest.raises(torch.cuda.OutOfMemoryError, match="smallest tiles") as info:
+            upscaler.upscale_tensor_with_retry(torch.rand(1, 3, 16, 16), AlwaysOOM(), PixelCodec(), None,
+                                               no_fix(tiling=TilingConfig(latent_tile=32, latent_overlap=8)),
+                                               on_retry=lambda t, e: None)
+        assert isinstance(info.value, upscaler.OutOfMemoryAtSmallestTilesError) and info.value.__cause__ is raised
 
 
 def test_other_errors_are_not_retried():
