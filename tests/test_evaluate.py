@@ -261,7 +261,7 @@ def test_a_broken_stlpips_install_is_named_without_the_training_keys(monkeypatch
     from fluxsr_training import perceptual
 
     monkeypatch.setattr(perceptual, "stlpips_weights_path", lambda net: Path("/nonexistent/stlpips") / f"{net}.pth")
-    rep = E.evaluate_images({"m": {"a": _photo(64, 64)}}, {"a": _photo(64, 64)}, 4, metrics="stlpips",
+    rep = E.evaluate_images({"m": {"a": _photo(64, 64)}}, {"a": _photo(64, 64)}, 4, metrics="psnr_y,stlpips",
                             bicubic=False)
     why = rep.skipped["stlpips"]
     assert "weights not found at /nonexistent/stlpips/alex.pth" in why and "pip install --force-reinstall" in why
@@ -276,16 +276,20 @@ def test_lpips_reads_a_local_backbone_file(tmp_path, monkeypatch):
     from fluxsr_training import perceptual as PC
     import torchvision
 
-    missing = E.evaluate_images({"m": {"a": _photo(64, 64)}}, {"a": _photo(64, 64)}, 4, metrics="lpips",
+    missing = E.evaluate_images({"m": {"a": _photo(64, 64)}}, {"a": _photo(64, 64)}, 4, metrics="psnr_y,lpips",
                                 bicubic=False, weights_dir=tmp_path)
-    assert "alexnet-owt-7be5be79.pth" in missing.skipped["lpips"]
+    assert "alexnet-owt-7be5be79.pth" in missing.skipped["lpips"] and missing.metrics == ["psnr_y"]
+    # nothing asked for can run: an error, not a table of nothing with exit 0
+    with pytest.raises(E.EvaluationError, match="none of the metrics asked for can run here: LPIPS.*alexnet-owt"):
+        E.evaluate_images({"m": {"a": _photo(64, 64)}}, {"a": _photo(64, 64)}, 4, metrics="lpips",
+                          bicubic=False, weights_dir=tmp_path)
 
     torch.manual_seed(0)
     ckpt = tmp_path / "checkpoints"
     ckpt.mkdir()
     torch.save(torchvision.models.alexnet().state_dict(), ckpt / "alexnet-owt-7be5be79.pth")
     ref = _photo(64, 64)
-    unpublished = E.evaluate_images({"m": {"a": ref}}, {"a": ref}, 4, metrics="lpips", bicubic=False,
+    unpublished = E.evaluate_images({"m": {"a": ref}}, {"a": ref}, 4, metrics="psnr_y,lpips", bicubic=False,
                                     weights_dir=tmp_path)
     assert "is not torchvision's published AlexNet checkpoint" in unpublished.skipped["lpips"]
     monkeypatch.setitem(PC.TORCHVISION_BACKBONE_SHA256, "alex",
@@ -299,7 +303,7 @@ def test_lpips_reads_a_local_backbone_file(tmp_path, monkeypatch):
 
     (ckpt / "alexnet-owt-7be5be79.pth").write_bytes(b"not a checkpoint")
     monkeypatch.setitem(PC.TORCHVISION_BACKBONE_SHA256, "alex", hashlib.sha256(b"not a checkpoint").hexdigest()[:8])
-    bad = E.evaluate_images({"m": {"a": ref}}, {"a": ref}, 4, metrics="lpips", bicubic=False,
+    bad = E.evaluate_images({"m": {"a": ref}}, {"a": ref}, 4, metrics="psnr_y,lpips", bicubic=False,
                             weights_dir=tmp_path)
     assert "cannot be read" in bad.skipped["lpips"]
 
@@ -367,14 +371,14 @@ def test_pyiqa_download_attempt_is_refused_and_reported(tmp_path, fake_pyiqa, mo
     monkeypatch.setitem(E.METRIC_SPECS, "musiq", E.MetricSpec(spec.name, spec.title, spec.mode,
                                                               spec.lower_better, "pyiqa", (), "other"))
     img = _photo(32, 32)
-    rep = E.evaluate_images({"m": {"a": img}}, {"a": img}, 4, metrics="musiq", bicubic=False,
+    rep = E.evaluate_images({"m": {"a": img}}, {"a": img}, 4, metrics="psnr_y,musiq", bicubic=False,
                             weights_dir=tmp_path)
     assert "wanted to download https://example.invalid/other.pth" in rep.skipped["musiq"]
     assert calls == []
     # the file is there but pyiqa rejected it (a bad checksum) and tries again: said so
     (tmp_path / "pyiqa").mkdir(exist_ok=True)
     (tmp_path / "pyiqa" / "other.pth").write_bytes(b"not the published file")
-    rep = E.evaluate_images({"m": {"a": img}}, {"a": img}, 4, metrics="musiq", bicubic=False,
+    rep = E.evaluate_images({"m": {"a": img}}, {"a": img}, 4, metrics="psnr_y,musiq", bicubic=False,
                             weights_dir=tmp_path)
     assert "other.pth is there but was rejected (its checksum does not match" in rep.skipped["musiq"]
 

@@ -71,7 +71,7 @@ def tiny_config(pairs: Path, out: Path, *extra: str) -> T.TrainConfig:
     return T.load_train_config(None, tiny_overrides(pairs, out, *extra))
 
 
-def write_pair_folder(folder: Path, ids: range, writer: str = "t0", seed: int = 0) -> Path:
+def write_pair_folder(folder: Path, ids: range, writer: str = "t0", seed: int = 0, meta: dict | None = None) -> Path:
     """Pairs like the ``pairs`` fixture's (one conditioning), with ids ``pair_id(i, i)`` for ``i`` in ``ids``;
     another ``writer`` adds to an existing folder."""
     from fluxsr_core import models
@@ -84,7 +84,7 @@ def write_pair_folder(folder: Path, ids: range, writer: str = "t0", seed: int = 
         for i in ids:
             z0 = codec.encode(torch.nn.functional.interpolate(torch.rand(1, 3, 4, 4, generator=g), size=(32, 32),
                                                               mode="bicubic", align_corners=False).clamp(0, 1))
-            w.add(pair_id(i, i), torch.randn(z0.shape, generator=g), z0, t5, clip, meta={"seed": i},
+            w.add(pair_id(i, i), torch.randn(z0.shape, generator=g), z0, t5, clip, meta={"seed": i, **(meta or {})},
                   image=codec.decode(z0)[0])
     return folder
 
@@ -389,6 +389,20 @@ def test_a_file_system_without_locks_trains_unlocked_with_a_warning(pairs, tmp_p
     assert r.step == 2
     assert f"cannot lock {tmp_path / 'run' / T.RUN_LOCK_FILE} (No locks available): this run goes on unlocked" \
         in caplog.text
+    # a folder that cannot be written at all is refused there, before the student is built (it was
+    # taken for a file system without locks and failed at the first write, after the models loaded)
+
+    def read_only(path):
+        raise OSError(errno.EROFS, "Read-only file system", str(path))
+
+    def no_build(*args, **kwargs):
+        raise AssertionError("built the student before refusing")
+
+    monkeypatch.setattr(files, "ExclusiveFileLock", read_only)
+    monkeypatch.setattr(T, "build_student", no_build)
+    with pytest.raises(ConfigError, match=r"cannot write into .*ro \(Read-only file system\); give a "
+                                          r"train.output_dir this run can write"):
+        T.train(tiny_config(pairs, tmp_path / "ro", "train.max_steps=2"))
 
 
 def test_a_checkpoint_that_cannot_be_written_is_removed_and_named(pairs, tmp_path, monkeypatch, capsys):
@@ -691,6 +705,61 @@ def test_pairs_with_and_without_stored_images_train_alike(tmp_path, caplog):
     assert r.step == 4 and "2 of the 4 pairs have no stored teacher image" in caplog.text
     with pytest.raises(ConfigError, match="teacher_image='stored' but 2 of the 4 pairs"):
         T.train(tiny_config(folder, tmp_path / "run2", "train.max_steps=1", "data.teacher_image=stored"))
+
+
+def test_damaged_and_incomplete_checkpoints_are_named_not_trusted(pairs, tmp_path, caplog):
+    """A trainer_state.json that cannot be read was taken as empty, which switched the resume
+    checks off (a resume could change the conditioning); a step-N folder without one (a copy cut
+    short) was taken as the newest checkpoint; a damaged optimizer file ended in torch's traceback."""
+    import shutil
+
+    from fluxsr_training import export
+
+    T.train(tiny_config(pairs, tmp_path / "run", "train.max_steps=4", "checkpoint.every=2", "checkpoint.keep_last=2"))
+    ckpts = T.list_checkpoints(tmp_path / "run")
+    assert [c.name for c in ckpts] == ["step-0000002", "step-0000004"]
+    # a step folder without its state file is no checkpoint: the newest complete one is resumed
+    (tmp_path / "run" / T.CHECKPOINT_DIR / "step-0000099").mkdir()
+    assert T.latest_checkpoint(tmp_path / "run") == ckpts[-1]
+    assert T.incomplete_checkpoints(tmp_path / "run") == [tmp_path / "run" / T.CHECKPOINT_DIR / "step-0000099"]
+    with caplog.at_level(logging.WARNING, logger="fluxsr"):
+        T.train(tiny_config(pairs, tmp_path / "run", "train.max_steps=5", "checkpoint.every=2",
+                            "checkpoint.keep_last=3", "train.resume=latest"))
+    assert "step-0000099 has no trainer_state.json, so it is not a checkpoint" in caplog.text
+    assert export.find_checkpoint(tmp_path / "run").name == "step-0000005"
+    # a damaged state file: refused, naming it and the checkpoint before it
+    copy = tmp_path / "copy"
+    shutil.copytree(tmp_path / "run", copy)
+    newest = T.latest_checkpoint(copy)
+    (newest / T.STATE_FILE).write_text('{"step": 5, ', encoding="utf-8")
+    for run in (lambda: T.train(tiny_config(pairs, copy, "train.max_steps=8", "train.resume=latest")),
+                lambda: export.export_student(copy, tmp_path / "exported")):
+        with pytest.raises(T.DamagedCheckpointError, match=rf"checkpoint {re.escape(str(newest))} is damaged: its "
+                                                           rf"trainer_state.json cannot be read .*--resume .*step-0000004"):
+            run()
+    assert not (tmp_path / "exported").exists()
+    # a damaged optimizer state: the same kind of message, not torch's traceback
+    shutil.rmtree(copy)
+    shutil.copytree(tmp_path / "run", copy)
+    optimizer = next(T.latest_checkpoint(copy).glob("optimizer*.bin"))
+    optimizer.write_bytes(optimizer.read_bytes()[:50])
+    with pytest.raises(T.DamagedCheckpointError, match=r"is damaged: its state could not be loaded .*--resume "):
+        T.train(tiny_config(pairs, copy, "train.max_steps=8", "train.resume=latest"))
+
+
+def test_the_run_claims_a_prompt_only_for_pairs_encoded_from_it(tmp_path):
+    """Pairs made with --bundle keep their prompt line (it picks seeds and order) but were not
+    encoded from it: the run's conditioning (and so the exported bundle) claimed it."""
+    import safetensors
+
+    from fluxsr_core.bundle import KEY_PROMPT
+
+    for name, meta, want in (("from_bundle", {"prompt": "photo number 1", "conditioning": "bundle:ee7a"}, None),
+                             ("from_text", {"prompt": "a cat", "conditioning": "text-encoders:3f1c"}, "a cat")):
+        folder = write_pair_folder(tmp_path / name, range(3), meta=meta)
+        result = T.train(tiny_config(folder, tmp_path / f"run_{name}", "train.max_steps=1"))
+        with safetensors.safe_open(str(Path(result.checkpoint) / T.CONDITIONING_FILE), "pt") as f:
+            assert (f.metadata() or {}).get(KEY_PROMPT) == want, name
 
 
 def test_resume_from_a_missing_path_is_a_clear_error(pairs, tmp_path):
@@ -1254,10 +1323,16 @@ def test_cli_summary_names_the_step_of_its_validation_and_warns_of_a_long_warm_u
 
     assert main(tiny_cli_args(pairs, tmp_path / "run", "train.max_steps=2", "data.holdout=1", "validation.every=5",
                               "optim.warmup_steps=5", "train.log_every=1")) == 0
-    out = capsys.readouterr().out
+    captured = capsys.readouterr()
+    out = captured.out
     assert re.search(r"train: step 2/2, loss [0-9.]+, validation PSNR [0-9.]+ dB at step 0 \(before training\)", out)
     assert "optim.warmup_steps=5 is not shorter than train.max_steps=2: the learning rate is still warming up" in out
-    assert "reaches at most 0.004, not optim.lr=0.01" in out
+    # steps 1 and 2 run at lr 0 and 0.01 * 1/5 (diffusers' warm-up): the log says the lr each step ran at
+    assert "reaches at most 0.002, not optim.lr=0.01" in out
+    said = out + captured.err
+    assert re.search(r"step 1/2 \|[^\n]*\| lr 0 \|", said) and re.search(r"step 2/2 \|[^\n]*\| lr 0.002 \|", said)
+    metrics = [json.loads(line) for line in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()]
+    assert [m["lr"] for m in metrics if m.get("kind") == "train"] == [0.0, pytest.approx(0.002)]
     assert T.config_warnings(tiny_config(pairs, tmp_path, "train.max_steps=2", "optim.warmup_steps=1")) == []
 
 

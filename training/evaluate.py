@@ -702,6 +702,9 @@ def evaluate_images(methods: Mapping[str, Mapping[str, Any]], references: Mappin
         built[m] = metric
         labels[m] = metric.label
     used = [m for m in names if m in built]
+    if not used:  # a table of nothing, exit 0, would read as a run that scored
+        raise EvaluationError("none of the metrics asked for can run here: " + "; ".join(
+            f"{METRIC_SPECS[m].title}: {why}" for m, why in skipped.items()))
 
     ref_t = {k: _as_float_tensor(v) for k, v in refs.items()} if any(
         METRIC_SPECS[m].backend != "protocol" for m in used) else {}

@@ -17,7 +17,6 @@ LoRA loader reads the LoRA file onto a native FLUX.
 
 from __future__ import annotations
 
-import json
 import logging
 import os
 from dataclasses import dataclass
@@ -32,7 +31,7 @@ from fluxsr_core.settings import RunSettings
 
 from .trainer import (CHECKPOINT_DIR, CONDITIONING_FILE, CONFIG_FILE, EMA_LORA_FILE, LORA_FILE, STATE_FILE,
                       TrainConfig, bundle_prompt, conditioning_digest, latest_checkpoint, load_train_config,
-                      read_lora_state)
+                      read_checkpoint_state, read_lora_state)
 
 log = logging.getLogger("fluxsr.export")
 
@@ -178,7 +177,7 @@ def export_student(checkpoint: str | os.PathLike, output_dir: str | os.PathLike,
     """
     ckpt = find_checkpoint(checkpoint)
     cfg = checkpoint_config(ckpt)
-    state = json.loads((ckpt / STATE_FILE).read_text(encoding="utf-8"))
+    state = read_checkpoint_state(ckpt)
     ema_file = ckpt / EMA_LORA_FILE
     if use_ema is None:
         use_ema = ema_file.is_file()

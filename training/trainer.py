@@ -36,6 +36,7 @@ Public API: :class:`TrainConfig` (+ :func:`load_train_config`), :func:`train` ->
 from __future__ import annotations
 
 import contextlib
+import errno
 import hashlib
 import importlib.util
 import json
@@ -443,7 +444,7 @@ def config_warnings(cfg: TrainConfig) -> list[str]:
     out = []
     o, steps = cfg.optim, cfg.train.max_steps
     if o.warmup_steps > 0 and o.warmup_steps >= steps:
-        peak = o.lr * min(1.0, steps / o.warmup_steps)
+        peak = o.lr * min(1.0, (steps - 1) / o.warmup_steps)  # step k (from 0) runs at lr * k / warmup_steps
         decay = "" if o.schedule == "constant_with_warmup" else f" and the {o.schedule} decay never starts"
         out.append(f"optim.warmup_steps={o.warmup_steps} is not shorter than train.max_steps={steps}: the learning "
                    f"rate is still warming up when the run ends (it reaches at most {peak:.3g}, not optim.lr="
@@ -1050,12 +1051,35 @@ def _check_resumable(checkpoint: Path, cfg: TrainConfig, state: dict[str, Any],
     return notices
 
 
-def _read_state(checkpoint: Path) -> dict[str, Any]:
-    """A checkpoint's ``trainer_state.json`` (``{}`` when absent or unreadable)."""
+class DamagedCheckpointError(ValueError):
+    """A checkpoint whose files cannot be read; the message names it and the one to use instead."""
+
+
+def damaged_checkpoint(checkpoint: str | os.PathLike, what: str) -> DamagedCheckpointError:
+    """The error for ``checkpoint`` being damaged (``what``: which file, and how), advising the
+    newest complete checkpoint before it, if its run has one."""
+    checkpoint = Path(checkpoint)
+    earlier = [c for c in list_checkpoints(checkpoint.parent.parent)
+               if checkpoint_step(c) < checkpoint_step(checkpoint)] if _CKPT_RE.match(checkpoint.name) else []
+    advice = (f"resume from the one before it (--resume {earlier[-1]}), or move this one away"
+              if earlier else "move it away and start the run again")
+    return DamagedCheckpointError(f"checkpoint {checkpoint} is damaged: {what}; {advice}")
+
+
+def read_checkpoint_state(checkpoint: str | os.PathLike) -> dict[str, Any]:
+    """A checkpoint's ``trainer_state.json``; :class:`DamagedCheckpointError` when it cannot be read.
+
+    Never ``{}`` for a damaged file: the resume checks (conditioning, settings) read it, and an
+    empty state would let a resume change what the student is trained on unnoticed.
+    """
+    path = Path(checkpoint) / STATE_FILE
     try:
-        return json.loads((checkpoint / STATE_FILE).read_text(encoding="utf-8"))
-    except (OSError, ValueError):
-        return {}
+        state = json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, ValueError) as exc:
+        raise damaged_checkpoint(checkpoint, f"its {STATE_FILE} cannot be read ({exc})") from None
+    if not isinstance(state, dict) or not isinstance(state.get("step"), int):
+        raise damaged_checkpoint(checkpoint, f"its {STATE_FILE} holds no step")
+    return state
 
 
 def checkpoint_step(checkpoint: Path) -> int:
@@ -1064,11 +1088,25 @@ def checkpoint_step(checkpoint: Path) -> int:
 
 
 def list_checkpoints(output_dir: str | os.PathLike) -> list[Path]:
-    """Complete checkpoints of a run, oldest first (temporary folders are ignored)."""
+    """Complete checkpoints of a run, oldest first: ``step-N`` folders holding their
+    ``trainer_state.json``, which a checkpoint gets last (it is written into a temporary folder,
+    then renamed). Temporary folders and ``step-N`` folders without it (a copy cut short, a
+    folder made by hand) are not checkpoints: see :func:`incomplete_checkpoints`."""
     root = Path(output_dir) / CHECKPOINT_DIR
     if not root.is_dir():
         return []
-    found = [(checkpoint_step(p), p) for p in root.iterdir() if p.is_dir() and _CKPT_RE.match(p.name)]
+    found = [(checkpoint_step(p), p) for p in root.iterdir()
+             if _CKPT_RE.match(p.name) and p.is_dir() and (p / STATE_FILE).is_file()]
+    return [p for _, p in sorted(found)]
+
+
+def incomplete_checkpoints(output_dir: str | os.PathLike) -> list[Path]:
+    """``step-N`` folders of a run without their ``trainer_state.json``, oldest first."""
+    root = Path(output_dir) / CHECKPOINT_DIR
+    if not root.is_dir():
+        return []
+    found = [(checkpoint_step(p), p) for p in root.iterdir()
+             if _CKPT_RE.match(p.name) and p.is_dir() and not (p / STATE_FILE).is_file()]
     return [p for _, p in sorted(found)]
 
 
@@ -1364,7 +1402,11 @@ class _Run:
         except LockHeldError:
             raise ConfigError(f"another fluxsr-train train is writing {self.out} (it holds {RUN_LOCK_FILE}); wait for "
                               "it to end, or give this run its own train.output_dir") from None
-        except OSError as exc:  # a file system without locks (NFS without lockd, some FUSE mounts)
+        except OSError as exc:
+            if exc.errno in (errno.EROFS, errno.EACCES, errno.EPERM):  # the folder cannot be written at all
+                raise ConfigError(f"cannot write into {self.out} ({exc.strerror or exc}); give a train.output_dir "
+                                  "this run can write (checkpoints, metrics.jsonl and the config go there)") from None
+            # a file system without locks (NFS without lockd, some FUSE mounts)
             log.warning("cannot lock %s (%s): this run goes on unlocked; start no other run into %s meanwhile",
                         self.out / RUN_LOCK_FILE, exc.strerror or exc, self.out)
 
@@ -1461,6 +1503,13 @@ class _Run:
                    f"{self.mixed_precision}, {self.settings.describe()}")
         resume_from = resolve_resume(cfg.train.resume, self.out)
         existing = list_checkpoints(self.out)
+        incomplete = [p for p in incomplete_checkpoints(self.out)
+                      if not existing or checkpoint_step(p) > checkpoint_step(existing[-1])]
+        if incomplete and self.main:
+            log.warning("%s: %s %s no %s, so %s not a checkpoint (a copy cut short?) and %s left alone",
+                        self.out / CHECKPOINT_DIR, ", ".join(p.name for p in incomplete),
+                        "has" if len(incomplete) == 1 else "have", STATE_FILE,
+                        "it is" if len(incomplete) == 1 else "they are", "is" if len(incomplete) == 1 else "are")
         if resume_from is None and existing:
             raise ConfigError(f"{self.out} already holds checkpoints ({existing[-1].name} the newest): continue "
                               "that run with --resume latest, or give this one its own train.output_dir")
@@ -1474,7 +1523,7 @@ class _Run:
             raise ConfigError(f"--resume {resume_from} is not a checkpoint of {self.out}, which holds another run's "
                               f"checkpoints ({existing[-1].name} the newest): resuming here would mix the two runs "
                               f"and prune that one's. Continue it {home}")
-        self.resume_state = _read_state(resume_from) if resume_from is not None else {}
+        self.resume_state = read_checkpoint_state(resume_from) if resume_from is not None else {}
         done = int(self.resume_state.get("step", 0) or 0)
         if resume_from is not None and done >= cfg.train.max_steps:
             # Nothing would be trained, and the summary would report a loss of nan.
@@ -1764,7 +1813,10 @@ class _Run:
             if len(keys) == 1:
                 first = self.pairs[self.train_indices[0]]
                 t5, clip = first["t5"], first["clip_pooled"]
-                self.conditioning_prompt = first["meta"].get("prompt")
+                meta = first["meta"]
+                # pairs made with --bundle keep their prompt line (seeds, order), not what encoded them
+                made_from_bundle = str(meta.get("conditioning", "")).startswith("bundle:")
+                self.conditioning_prompt = None if made_from_bundle else meta.get("prompt")
                 self.conditioning_source = f"pairs folder {folder} (its only one, cond-{keys[0]})"
             elif len(keys) > 1 and self.main:
                 # FluxSR runs the student with one fixed prompt's embeddings; these would be many
@@ -2111,8 +2163,13 @@ class _Run:
         accum = cfg.train.gradient_accumulation_steps
         global_batch = cfg.data.batch_size * acc.num_processes * accum
         if resume_from is not None:
-            acc.load_state(str(resume_from),
-                           **({"load_module_strict": False} if self._distributed("DEEPSPEED") else {}))
+            try:
+                acc.load_state(str(resume_from),
+                               **({"load_module_strict": False} if self._distributed("DEEPSPEED") else {}))
+            except (OSError, RuntimeError, EOFError, ValueError, pickle.UnpicklingError) as exc:
+                # torch and accelerate name neither the checkpoint nor what to do
+                raise damaged_checkpoint(resume_from, f"its state could not be loaded ({type(exc).__name__}: "
+                                                      f"{first_line(exc)})") from exc
             self._info(f"resumed from {resume_from} at step {self.state.step}")
             if self.state.train_pairs is not None and self.state.train_pairs != len(self.train_indices) and self.main:
                 log.warning("the checkpoint was trained on %d pairs, the dataset now has %d for training: the data "
@@ -2189,6 +2246,7 @@ class _Run:
                         self.optimizer.zero_grad(set_to_none=True)
                     for k, v in parts.as_floats().items():
                         sums[k] = sums.get(k, 0.0) + v / accum
+                lr_used = self.scheduler.get_last_lr()[0]  # this step's; step() sets the next one's
                 self.scheduler.step()
                 if self.ema is not None:
                     self.ema.update(self.params)
@@ -2210,14 +2268,13 @@ class _Run:
                     progress.update(1)
                     progress.set_postfix(loss=f"{step_vals['loss']:.4g}")
                 if self.state.step % cfg.train.log_every == 0 or self.state.step == end or interrupted:
-                    lr_now = self.scheduler.get_last_lr()[0]
                     dt = window_seconds / window_n
                     entry = {"step": self.state.step, **{k: v / window_n for k, v in window.items()},
-                             "lr": lr_now, "s_per_step": dt}
+                             "lr": lr_used, "s_per_step": dt}
                     self.history.append(entry)
                     terms = " ".join(f"{k} {entry[k]:.4g}" for k in ("ftd", "mse", "tvlpips", "adl") if k in entry)
                     line = (f"step {self.state.step}/{cfg.train.max_steps} | loss {entry['loss']:.4g} ({terms}) | "
-                            f"lr {lr_now:.3g} | {dt:.2f} s/step")
+                            f"lr {lr_used:.3g} | {dt:.2f} s/step")
                     if progress is not None:
                         progress.write(line)
                     self._info(line) if progress is None else log.debug(line)
@@ -2340,5 +2397,6 @@ __all__ = ["TrainConfig", "ModelConfig", "LoraConfig", "SettingsConfig", "DataCo
            "load_train_config", "check_config", "train", "build_student", "resolve_lora_targets",
            "lora_parameters", "compute_losses", "list_checkpoints", "latest_checkpoint", "resolve_resume",
            "save_lora_state", "read_lora_state", "LORA_FILE", "EMA_LORA_FILE", "CONFIG_FILE", "STATE_FILE",
+           "read_checkpoint_state", "DamagedCheckpointError", "incomplete_checkpoints",
            "CONDITIONING_FILE", "METRICS_FILE", "exit_without_teardown", "TrainingInterrupted", "interrupted_advice", "conditioning_digest", "base_model_identity",
            "config_warnings", "DataSplit", "split_pairs", "end_step"]
