@@ -1284,8 +1284,8 @@ def test_cli_ctrl_c_writes_a_checkpoint_and_says_how_to_continue(pairs, tmp_path
     def interrupt_at(step, how):
         def stop_check(s):
             if s == step:
-                if how == "sigint":
-                    os.kill(os.getpid(), signal.SIGINT)
+                if how in ("sigint", "sigterm"):
+                    os.kill(os.getpid(), signal.SIGINT if how == "sigint" else signal.SIGTERM)
                 else:
                     raise KeyboardInterrupt  # as a second Ctrl-C would, mid-run
             return False
@@ -1308,6 +1308,16 @@ def test_cli_ctrl_c_writes_a_checkpoint_and_says_how_to_continue(pairs, tmp_path
     assert json.loads((ck5 / T.STATE_FILE).read_text())["step"] == 5
     assert json.loads((run / T.METRICS_FILE).read_text().splitlines()[-1]) == {"kind": "interrupt", "step": 5,
                                                                                "saved": True}
+    # SIGTERM (a scheduler's preemption, `kill`): the same, with its own exit code
+    signal.signal(signal.SIGTERM, signal.SIG_DFL)
+    interrupt_at(1, "sigterm")
+    other = tmp_path / "terminated"
+    assert main(tiny_cli_args(pairs, other, "train.max_steps=6", "checkpoint.every=4")) == 143
+    out, err = capsys.readouterr()
+    ck2 = other / T.CHECKPOINT_DIR / "step-0000002"
+    assert "SIGTERM: stopping after this step with a checkpoint" in out + err
+    assert f"interrupted at step 2; checkpoint {ck2} written, no step lost" in err
+    assert signal.getsignal(signal.SIGTERM) is signal.SIG_DFL  # put back after the run
     monkeypatch.setattr(T, "train", real_train)
     assert main([*args, "--resume", "latest"]) == 0
     assert "train: step 6/6" in capsys.readouterr().out

@@ -193,7 +193,7 @@ def _cmd_train(args) -> int:
             interrupted_advice(latest_checkpoint(cfg.train.output_dir))
         if _main_process():  # the launcher forwards Ctrl-C to every process: one advice per job
             print(f"fluxsr-train train: {advice}", file=sys.stderr)
-        return 130
+        return 143 if getattr(exc, "terminated", False) else 130
     if not _main_process():
         return 0  # one summary per job, from the main process
     if r.step > r.start_step or r.checkpoint:

@@ -1140,16 +1140,17 @@ def resolve_resume(resume: str, output_dir: str | os.PathLike) -> Optional[Path]
 # =========================================================================================
 
 class TrainingInterrupted(KeyboardInterrupt):
-    """Ctrl-C stopped :func:`train` during the loop.
+    """Ctrl-C (or SIGTERM) stopped :func:`train` during the loop.
 
     ``step``: the step reached; ``checkpoint``: the newest checkpoint kept (None: none yet);
-    ``saved``: whether that checkpoint was written at the interrupt (then no step is lost).
+    ``saved``: whether that checkpoint was written at the interrupt (then no step is lost);
+    ``terminated``: it was SIGTERM (the command then exits 143, not 130).
     :meth:`advice` says how to continue.
     """
 
-    def __init__(self, step: int, checkpoint: Optional[Path], saved: bool):
+    def __init__(self, step: int, checkpoint: Optional[Path], saved: bool, terminated: bool = False):
         super().__init__(step, checkpoint, saved)
-        self.step, self.checkpoint, self.saved = step, checkpoint, saved
+        self.step, self.checkpoint, self.saved, self.terminated = step, checkpoint, saved, terminated
 
     def advice(self) -> str:
         """One line for the user: what was kept, what was lost, the exact way to continue."""
@@ -1178,41 +1179,48 @@ def interrupted_advice(checkpoint: Optional[Path], step: Optional[int] = None, s
 
 
 class _InterruptRequest:
-    """SIGINT during the loop (main thread only): the first asks the run to stop after the
-    current step with a checkpoint; a second one stops at once, except while a checkpoint is
-    being written (it is let finish: the rename is what makes it complete)."""
+    """SIGINT or SIGTERM during the loop (main thread only): the first asks the run to stop after
+    the current step with a checkpoint (SIGTERM is what a scheduler's preemption or ``kill``
+    sends, with a grace period before SIGKILL); a second one stops at once, except while a
+    checkpoint is being written (it is let finish: the rename is what makes it complete)."""
 
     def __init__(self):
         self.requested = False
+        self.terminated = False
         self.saving = False
-        self._previous = None
+        self._previous: dict[int, Any] = {}
 
     def install(self) -> "_InterruptRequest":
-        # Only over Python's default handler: an ignored SIGINT (a background job) or an
+        # Only over Python's default handlers: an ignored SIGINT (a background job) or an
         # application's own handler is left alone.
-        if threading.current_thread() is threading.main_thread() \
-                and signal.getsignal(signal.SIGINT) is signal.default_int_handler:
-            self._previous = signal.signal(signal.SIGINT, self._handle)
+        if threading.current_thread() is threading.main_thread():
+            for signum, default in ((signal.SIGINT, signal.default_int_handler), (signal.SIGTERM, signal.SIG_DFL)):
+                if signal.getsignal(signum) is default:
+                    self._previous[signum] = signal.signal(signum, self._handle)
         return self
 
     def remove(self) -> None:
-        if self._previous is not None:
-            signal.signal(signal.SIGINT, self._previous)
-            self._previous = None
+        for signum, previous in self._previous.items():
+            signal.signal(signum, previous)
+        self._previous = {}
 
     def _handle(self, signum, frame) -> None:
         if self.requested and not self.saving:
             raise KeyboardInterrupt
         if not self.requested:
-            log.warning("Ctrl-C: stopping after this step with a checkpoint (Ctrl-C again stops at once, losing "
-                        "the steps since the last checkpoint)")
+            what = "SIGTERM" if signum == signal.SIGTERM else "Ctrl-C"
+            log.warning("%s: stopping after this step with a checkpoint (%s again stops at once, losing the steps "
+                        "since the last checkpoint)", what, what)
+        self.terminated = self.terminated or signum == signal.SIGTERM
         self.requested = True
 
 
 def _ignore_sigint(worker_id: int) -> None:
-    """DataLoader worker init: Ctrl-C is the main process's to handle (a worker that dies of it
-    would fail the batch the main process still needs to finish its step)."""
+    """DataLoader worker init: Ctrl-C and SIGTERM (a scheduler signals every process of a job)
+    are the main process's to handle (a worker that dies of one would fail the batch the main
+    process still needs to finish its step). Workers still end with the main process."""
     signal.signal(signal.SIGINT, signal.SIG_IGN)
+    signal.signal(signal.SIGTERM, signal.SIG_IGN)
 
 
 # =========================================================================================
@@ -2300,7 +2308,8 @@ class _Run:
         except KeyboardInterrupt:
             # A second Ctrl-C (or one outside the handler's reach): what is on disk is what is kept.
             self._record_metrics({"kind": "interrupt", "step": self.state.step, "saved": False})
-            raise TrainingInterrupted(self.state.step, latest_checkpoint(self.out), saved=False) from None
+            raise TrainingInterrupted(self.state.step, latest_checkpoint(self.out), saved=False,
+                                      terminated=self.interrupt.terminated) from None
         finally:
             self.interrupt.remove()
             if progress is not None:
@@ -2311,7 +2320,7 @@ class _Run:
         acc.end_training()
         if interrupted:
             self._record_metrics({"kind": "interrupt", "step": self.state.step, "saved": True})
-            raise TrainingInterrupted(self.state.step, last_ckpt, saved=True)
+            raise TrainingInterrupted(self.state.step, last_ckpt, saved=True, terminated=self.interrupt.terminated)
         if resume_from is not None and last_ckpt == resume_from and self.fixed_t5 is not None:
             own = resume_from / CONDITIONING_FILE
             self.conditioning_path = str(own) if own.is_file() else None
