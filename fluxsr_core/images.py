@@ -358,8 +358,8 @@ def _dpi_of(img: Image.Image) -> Optional[tuple[float, float]]:
                 return None
         except Exception:  # noqa: BLE001 - an unreadable EXIF holds no resolution we can trust
             return None
-    if img.format == "TIFF" and 282 not in getattr(img, "tag_v2", {}):
-        return None  # no XResolution tag: Pillow says (1, 1), which would print 80 px 80 inches wide
+    if img.format == "TIFF" and not all(getattr(img, "tag_v2", {}).get(tag) for tag in (282, 283)):
+        return None  # no X/YResolution tag: Pillow says 1 dpi there, which would print 80 px 80 inches wide
     dpi = img.info.get("dpi")
     try:
         x, y = (float(v) for v in dpi)
@@ -1328,9 +1328,11 @@ def _largest_scale_within(h: int, w: int, max_pixels: int) -> float:
     scale = round(math.floor(raw / step) * step, decimals)
     while scale > step and not _fits(_size_for(h, w, scale=scale), max_pixels):
         scale = round(scale - step, decimals)
-    while _fits(_size_for(h, w, scale=round(scale + step, decimals)), max_pixels):  # sides rounded down
-        scale = round(scale + step, decimals)
-    return scale
+    while True:  # the sides are rounded: a little more may still fit
+        larger = round(scale + step, decimals)
+        if larger == scale or not _fits(_size_for(h, w, scale=larger), max_pixels):  # (== : past float precision)
+            return scale
+        scale = larger
 
 
 def _largest_long_side_within(h: int, w: int, max_pixels: int) -> int:

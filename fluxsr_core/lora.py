@@ -762,6 +762,9 @@ def _lora_config_unchecked(ranks: dict[str, int], sd_keys, network_alphas: dict[
 # The down-projection key endings of the LoRA namings ComfyUI reads ("<layer><ending>"); its
 # loader looks for that layer's alpha at "<layer>.alpha" and scales by alpha / rank.
 _DOWN_KEY_ENDINGS = (".lora_A.weight", ".lora_down.weight", "_lora.down.weight")
+# The first part of every layer name of diffusers' FluxTransformer2DModel.
+_DIFFUSERS_TOP_MODULES = frozenset({"transformer_blocks", "single_transformer_blocks", "x_embedder", "context_embedder",
+                                    "norm_out", "proj_out", "time_text_embed"})
 
 
 def alpha_tensors_from_metadata(path: str | os.PathLike, state_dict: Mapping[str, torch.Tensor]
@@ -792,6 +795,13 @@ def alpha_tensors_from_metadata(path: str | os.PathLike, state_dict: Mapping[str
     cfg, source = _lora_config(ranks, [f"{layer}{_DOWN_KEY_ENDINGS[0]}" for layer in layers], {}, md, path, [])
     if source.startswith("none in the file"):
         return {}, None
+    foreign = sorted(m for m, _ in layers.values() if m.split(".", 1)[0] not in _DIFFUSERS_TOP_MODULES)
+    if (cfg.get("alpha_pattern") or {}) and foreign:
+        # the pattern names diffusers' layers; which of these it means needs the naming converted
+        # (load_lora does it against the transformer), which a tensors-only loader never sees
+        raise LoraError(f"{os.path.basename(path)}: its metadata gives per-layer alphas (alpha_pattern) in diffusers "
+                        f"naming, but its layers are named otherwise (e.g. {foreign[0]}), so ComfyUI's loader cannot "
+                        "be told which alpha is whose: use fluxsr upscale, or re-export the LoRA in diffusers naming")
     rslora = bool(cfg.get("use_rslora"))
     out, given = {}, set()
     for layer, (module, rank) in layers.items():

@@ -38,7 +38,7 @@ class UpscaleOptions:
     t_l: float = DEFAULT_T_L
     color_fix: str = "wavelet"
     tiling: TilingConfig = field(default_factory=TilingConfig)
-    max_output_pixels: int = DEFAULT_MAX_OUTPUT_PIXELS
+    max_output_pixels: Optional[int] = DEFAULT_MAX_OUTPUT_PIXELS  # None: no limit
 
     def validate(self) -> "UpscaleOptions":
         """Raise ValueError naming the first impossible setting."""
@@ -46,8 +46,10 @@ class UpscaleOptions:
         if self.color_fix not in COLOR_FIXES:
             raise ValueError(f"unknown colour fix {self.color_fix!r}; choose one of {', '.join(COLOR_FIXES)}")
         tiling.validate_tiling(self.tiling)
-        if not (isinstance(self.max_output_pixels, int) and self.max_output_pixels >= 1):
-            raise ValueError(f"max_output_pixels must be a whole number of pixels >= 1 (got {self.max_output_pixels!r})")
+        limit = self.max_output_pixels  # None: no limit
+        if limit is not None and not (isinstance(limit, (int, float)) and limit >= 1 and float(limit).is_integer()):
+            raise ValueError(f"max_output_pixels must be None (no limit) or a whole number of pixels >= 1 "
+                             f"(got {limit!r})")
         return self
 
 

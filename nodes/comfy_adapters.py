@@ -101,11 +101,11 @@ def make_conditioning(t5: torch.Tensor, clip_pooled: torch.Tensor, settings: Run
         raise ValueError(f"T5 embedding must be [1, L, D], got {tuple(t5.shape)}")
     if clip_pooled.ndim != 2 or clip_pooled.shape[0] != 1:
         raise ValueError(f"CLIP pooled embedding must be [1, D], got {tuple(clip_pooled.shape)}")
-    extra = {
-        "pooled_output": clip_pooled.float(),
-        "guidance": float(settings.guidance),
-        SETTINGS_KEY: _settings_to_dict(settings),
-    }
+    extra = {"pooled_output": clip_pooled.float(), SETTINGS_KEY: _settings_to_dict(settings)}
+    if (settings.source or {}).get("guidance", "default") != "default":
+        # only a chosen value: without one the key stays out (FLUX's 3.5 in a KSampler), so any value
+        # found there later was put there in the graph (FluxGuidance), even one equal to ours
+        extra["guidance"] = float(settings.guidance)
     return [[t5.float(), extra]]
 
 
@@ -588,13 +588,14 @@ class ComfyProgress:
     def _preview(self, latent: Optional[torch.Tensor]):
         if latent is None or self.latent_format is None or self._preview_failed:
             return None
+        device = self.device or latent.device
         try:
             if self._previewer is None:
                 import latent_preview  # noqa: PLC0415 - ComfyUI's module
-                self._previewer = latent_preview.get_previewer(self.device or latent.device, self.latent_format) or False
+                self._previewer = latent_preview.get_previewer(device, self.latent_format) or False
             if self._previewer is False:
                 return None
-            return self._previewer.decode_latent_to_preview_image("JPEG", latent[:1].to(self.device or latent.device))
+            return self._previewer.decode_latent_to_preview_image("JPEG", latent[:1].to(device))
         except Exception as exc:  # noqa: BLE001 - a preview must never break an upscale
             log.debug("FluxSR: no preview (%s)", exc)
             self._preview_failed = True

@@ -11,6 +11,9 @@ from .common import CATEGORY
 
 log = logging.getLogger("fluxsr")
 
+# Where a guidance set on the node's widget is said to come from (in the run settings' source).
+GUIDANCE_WIDGET_SOURCE = "FluxSRConditioning node"
+
 
 class FluxSRConditioning:
     """Loads a FluxSR bundle (fixed T5 + CLIP embeddings and run settings) as CONDITIONING."""
@@ -60,7 +63,7 @@ class FluxSRConditioning:
         settings = loaded.settings
         if guidance and guidance > 0:
             source = dict(settings.source or {})
-            source["guidance"] = "FluxSRConditioning node"
+            source["guidance"] = GUIDANCE_WIDGET_SOURCE
             settings = dataclasses.replace(settings, guidance=float(guidance), source=source)
         log.info("FluxSR conditioning %s: %s", bundle, settings.describe())
         return (comfy_adapters.make_conditioning(loaded.t5, loaded.clip_pooled, settings),)

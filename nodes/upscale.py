@@ -13,6 +13,7 @@ from ..fluxsr_core.settings import DEFAULT_GUIDANCE, DEFAULT_T_L, disagreements
 from ..fluxsr_core.tiling import TilingConfig
 from . import comfy_adapters
 from .common import CATEGORY, TILING_TYPE
+from .conditioning import GUIDANCE_WIDGET_SOURCE
 
 log = logging.getLogger("fluxsr")
 
@@ -35,36 +36,47 @@ def resolve_t_l(widget: float, conditioning: Any, model: Any = None) -> tuple[fl
                          "FluxSR Load LoRA, or set the t_l widget to the value the LoRA was trained with")
 
 
+GUIDANCE_IN_THE_GRAPH = "conditioning: its guidance value (FluxGuidance or a text encoder's widget)"
+
+
 def resolve_guidance(conditioning: Any, model: Any = None) -> tuple[float, str]:
     """Guidance to use and where it came from, in ``fluxsr upscale``'s order: the conditioning's
     when a file or a widget set it (FluxSR Conditioning), or a FluxGuidance / CLIPTextEncodeFlux
     value on a text conditioning; else the LoRA's (kept on the MODEL by FluxSR Load LoRA); else ours.
     """
     settings = comfy_adapters.conditioning_settings(conditioning)
+    source = (settings.source or {}).get("guidance", "default") if settings is not None else "default"
+    written = float(settings.guidance) if source != "default" else None  # FluxSR Conditioning writes only these
     carried = comfy_adapters.conditioning_guidance(conditioning)
-    # a value other than the one FluxSR Conditioning wrote was put there later in the graph
-    # (FluxGuidance ...), as on a text conditioning: chosen
-    if carried is not None and (settings is None or abs(carried - float(settings.guidance)) > 1e-9):
-        return carried, "conditioning: its guidance value (FluxGuidance or a text encoder's widget)"
-    if settings is not None and (settings.source or {}).get("guidance", "default") != "default":
-        return float(settings.guidance), f"conditioning: {settings.source['guidance']}"
+    # a value other than one FluxSR Conditioning wrote was put there in the graph (FluxGuidance,
+    # CLIPTextEncodeFlux): chosen
+    if carried is not None and (written is None or abs(carried - written) > 1e-9):
+        return carried, GUIDANCE_IN_THE_GRAPH
+    if written is not None:
+        return written, f"conditioning: {source}"
     lora = comfy_adapters.model_settings(model)
     if lora is not None and (lora.source or {}).get("guidance", "default") != "default":
         return float(lora.guidance), f"model: {lora.source['guidance']}"
     return DEFAULT_GUIDANCE, "default"
 
 
-def warn_about_the_inputs(model: Any, conditioning: Any, widget_t_l: float) -> None:
+def warn_about_the_inputs(model: Any, conditioning: Any, widget_t_l: float, guidance_source: Optional[str] = None
+                          ) -> None:
     """Log what is likely a mistake but may be meant: a MODEL without any LoRA (FluxSR is FLUX.1-dev
     *plus* its LoRA; a merged checkpoint is fine), and a bundle and a LoRA that disagree on T_L
-    (unless the t_l widget chose) or guidance."""
+    (unless the t_l widget chose) or guidance (unless a widget or FluxGuidance chose: then
+    ``guidance_source``, from :func:`resolve_guidance`, is not the bundle's file)."""
     if comfy_adapters.model_patches(model)[0] == 0:
         log.warning("FluxSR upscale: the MODEL carries no LoRA. FluxSR is FLUX.1-dev plus the FluxSR LoRA "
                     "(FluxSR Load LoRA); plain FLUX.1-dev in one step gives no upscale worth having. Ignore "
                     "this if the LoRA is merged into the model file.")
-    fields = ("guidance",) if widget_t_l and widget_t_l > 0 else ("t_l", "guidance")
-    for difference in disagreements(comfy_adapters.conditioning_settings(conditioning),
-                                    comfy_adapters.model_settings(model), fields):
+    settings = comfy_adapters.conditioning_settings(conditioning)
+    fields = [] if widget_t_l and widget_t_l > 0 else ["t_l"]
+    file_guidance = (settings.source or {}).get("guidance", "default") if settings is not None else "default"
+    if file_guidance not in ("default", GUIDANCE_WIDGET_SOURCE) and guidance_source in (
+            None, f"conditioning: {file_guidance}"):
+        fields.append("guidance")
+    for difference in disagreements(settings, comfy_adapters.model_settings(model), tuple(fields)):
         widget = "FluxSR Upscale's t_l" if difference.startswith("T_L") else "FluxSR Conditioning's guidance"
         log.warning("FluxSR upscale: the conditioning and the MODEL's LoRA disagree: %s; the conditioning's is "
                     "used, as fluxsr upscale does. Set %s widget to choose.", difference, widget)
@@ -186,9 +198,10 @@ class FluxSRUpscale:
                                           tiling=tiling_config).validate()
         velocity = comfy_adapters.make_velocity(model)
         codec = comfy_adapters.make_codec(vae, tiling_config)
-        warn_about_the_inputs(model, conditioning, t_l)
+        warn_about_the_inputs(model, conditioning, t_l, guidance_source)
         log.info("FluxSR upscale: %d image(s) x%g, T_L=%g (%s), guidance %g (%s), colour fix %s, tiles %dpx/%dpx "
-                 "overlap", image.shape[0], scale, t_l_used, t_l_source, guidance, guidance_source, color_fix, tiling_config.latent_tile * 8, tiling_config.latent_overlap * 8)
+                 "overlap", image.shape[0], scale, t_l_used, t_l_source, guidance, guidance_source, color_fix,
+                 tiling_config.latent_tile * 8, tiling_config.latent_overlap * 8)
         latent_format = getattr(getattr(model, "model", None), "latent_format", None)
         progress = comfy_adapters.ComfyProgress(image.shape[0], latent_format, getattr(model, "load_device", None))
 

@@ -813,6 +813,11 @@ def test_resolution_rules(tmp_path):
     with Image.open(tmp_path / "no_dpi.tif") as im:
         assert im.info["dpi"] == (1, 1)  # what Pillow says: 8 px would print 8 inches wide
     assert load_image(tmp_path / "no_dpi.tif").dpi is None
+    # XResolution alone: Pillow fills in 1 for the other side
+    Image.new("RGB", (8, 8)).save(tmp_path / "x_only.tif", tiffinfo={282: 300.0, 296: 2})
+    with Image.open(tmp_path / "x_only.tif") as im:
+        assert 283 not in im.tag_v2
+    assert load_image(tmp_path / "x_only.tif").dpi is None
     Image.new("RGB", (8, 8)).save(tmp_path / "micro.tif", resolution=100000.0, resolution_unit="cm")
     micro = load_image(tmp_path / "micro.tif")
     assert micro.dpi == pytest.approx((254000, 254000))
@@ -1391,6 +1396,8 @@ def test_too_large_advice_is_a_scale_that_is_accepted(h, w, limit):
     assert H * W <= limit
     with pytest.raises(OutputTooLargeError):
         target_size(h, w, scale=float(f"{advised + step:.10g}"), max_output_pixels=limit)  # as typed
+    # huge limits end too (a step past float precision changed nothing and looped for ever)
+    assert I._largest_scale_within(1, 1, 10 ** 30) == pytest.approx(1e15)
     # the sizes are said in digits that are not all zero
     assert " = 0.0 megapixels" not in str(info.value) and "limit of 0.0 MP" not in str(info.value)
 

@@ -833,6 +833,19 @@ def test_metadata_alphas_as_tensors_give_the_scaling_peft_applies(tmp_path, lora
     assert alpha_tensors_from_metadata(_save(tmp_path, "bare.safetensors", sd), sd) == ({}, None)
     ours = safetensors.torch.load_file(str(lora_file))
     assert alpha_tensors_from_metadata(lora_file, ours) == ({}, None)
+    # a per-layer pattern (diffusers' names) over layers named otherwise: which alpha is whose is
+    # known only after the naming is converted, which ComfyUI's loader never sees
+    bfl = {"diffusion_model.double_blocks.0.img_attn.qkv.lora_A.weight": torch.zeros(4, 32),
+           "diffusion_model.double_blocks.0.img_attn.qkv.lora_B.weight": torch.zeros(96, 4)}
+    path = _save(tmp_path, "bfl.safetensors", bfl, metadata={"format": "pt", LORA_ADAPTER_METADATA_KEY: json.dumps(
+        {"r": 4, "lora_alpha": 8, "alpha_pattern": {"single_transformer_blocks.0.proj_out": 2}})})
+    with pytest.raises(LoraError, match=r"alpha_pattern\) in diffusers naming, but its layers are named otherwise "
+                                        r"\(e\.g\. diffusion_model\.double_blocks"):
+        alpha_tensors_from_metadata(path, bfl)
+    path = _save(tmp_path, "bfl_global.safetensors", bfl,
+                 metadata={"format": "pt", LORA_ADAPTER_METADATA_KEY: json.dumps({"r": 4, "lora_alpha": 8})})
+    assert {k: float(v) for k, v in alpha_tensors_from_metadata(path, bfl)[0].items()} == {
+        "diffusion_model.double_blocks.0.img_attn.qkv.alpha": 8.0}  # one alpha for all: no naming needed
 
 
 def test_text_encoder_keys_next_to_diffusers_keys(tmp_path, inputs):

@@ -865,10 +865,22 @@ def test_upscale_guidance_in_the_order_of_fluxsr_upscale(pack, tiny, fake_comfy,
     text = tiny_conditioning(pack, guidance=4.0)  # FluxGuidance on a CLIPTextEncode conditioning
     assert up.resolve_guidance(text, patcher)[:1] == (4.0,)
     assert up.resolve_guidance(text, patcher)[1].startswith("conditioning: its guidance value")
-    # FluxGuidance after FluxSR Conditioning: its value, whether the bundle set one or not
-    for cond in (third_party, ours):
-        after = [[cond[0][0], {**cond[0][1], "guidance": 1.5}]]
-        assert up.resolve_guidance(after, patcher)[0] == 1.5
+    # FluxGuidance after FluxSR Conditioning: its value, whether the bundle set one or not, also
+    # one equal to what the bundle lacks (3.5 over the LoRA's 2)
+    for cond, value in ((third_party, 1.5), (ours, 1.5), (third_party, 3.5)):
+        after = [[cond[0][0], {**cond[0][1], "guidance": value}]]
+        assert up.resolve_guidance(after, patcher) == (value, up.GUIDANCE_IN_THE_GRAPH)
+        caplog.clear()
+        with caplog.at_level(logging.WARNING, logger="fluxsr"):  # chosen in the graph: nothing to warn of
+            up.warn_about_the_inputs(patcher, after, 0.0, up.resolve_guidance(after, patcher)[1])
+        assert "disagree" not in caplog.text
+    # the FluxSR Conditioning widget chose: no warning either
+    widget = tiny_conditioning(pack, t_l=0.3, guidance=5.0, guidance_source="FluxSRConditioning node")
+    caplog.clear()
+    with caplog.at_level(logging.WARNING, logger="fluxsr"):
+        up.warn_about_the_inputs(patcher, widget, 0.0, up.resolve_guidance(widget, patcher)[1])
+    assert up.resolve_guidance(widget, patcher)[0] == 5.0 and "disagree" not in caplog.text
+    caplog.clear()
     bare_text = [[text[0][0], {"pooled_output": text[0][1]["pooled_output"]}]]  # a plain CLIPTextEncode
     assert up.resolve_guidance(bare_text, patcher)[0] == 2.0 and up.resolve_guidance(bare_text)[0] == 3.5
     # the node runs the model at the LoRA's guidance, without touching its input conditioning
@@ -878,7 +890,7 @@ def test_upscale_guidance_in_the_order_of_fluxsr_upscale(pack, tiny, fake_comfy,
         (out,) = node.upscale(image, patcher, FakeVAE(tiny.vae), third_party, scale=2.0)
         (chosen,) = node.upscale(image, patcher, FakeVAE(tiny.vae), ours, scale=2.0)
     assert [c["guidance"] for c in patcher.model.calls] == [2.0, 5.0]
-    assert third_party[0][1]["guidance"] == 3.5
+    assert "guidance" not in third_party[0][1]  # untouched (FluxSR Conditioning writes only a chosen value)
     assert "guidance 2 (model: LoRA a.safetensors)" in caplog.text
     assert "disagree: guidance 5 (bundle tiny.safetensors) against 2 (LoRA a.safetensors)" in caplog.text
     assert "FluxSR Conditioning's guidance widget" in caplog.text

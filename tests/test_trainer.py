@@ -392,13 +392,14 @@ def test_a_file_system_without_locks_trains_unlocked_with_a_warning(pairs, tmp_p
     # a folder that cannot be written at all is refused there, before the student is built (it was
     # taken for a file system without locks and failed at the first write, after the models loaded)
 
-    def read_only(path):
-        raise OSError(errno.EROFS, "Read-only file system", str(path))
+    def read_only(*args, **kwargs):
+        raise OSError(errno.EROFS, "Read-only file system", kwargs.get("dir"))
 
     def no_build(*args, **kwargs):
         raise AssertionError("built the student before refusing")
 
     monkeypatch.setattr(files, "ExclusiveFileLock", read_only)
+    monkeypatch.setattr(T.tempfile, "TemporaryFile", read_only)  # the folder cannot be written either
     monkeypatch.setattr(T, "build_student", no_build)
     with pytest.raises(ConfigError, match=r"cannot write into .*ro \(Read-only file system\); give a "
                                           r"train.output_dir this run can write"):

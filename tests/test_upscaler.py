@@ -122,6 +122,14 @@ def test_out_of_memory_retries_with_smaller_tiles():
     assert retries == [32] and used.latent_tile == 32 and used.latent_overlap <= 8
 
 
+def test_options_take_no_limit_or_a_whole_number_of_pixels():
+    assert upscaler.UpscaleOptions(max_output_pixels=None).validate().max_output_pixels is None
+    assert upscaler.UpscaleOptions(max_output_pixels=64e6).validate().max_output_pixels == 64e6
+    for bad in (0, 0.5, 1.5, -3, "many"):
+        with pytest.raises(ValueError, match="max_output_pixels must be None"):
+            upscaler.UpscaleOptions(max_output_pixels=bad).validate()
+
+
 def test_out_of_memory_gives_up_with_advice():
     class AlwaysOOM(ConstantVelocity):
         raised: BaseException

@@ -36,7 +36,6 @@ Public API: :class:`TrainConfig` (+ :func:`load_train_config`), :func:`train` ->
 from __future__ import annotations
 
 import contextlib
-import errno
 import hashlib
 import importlib.util
 import json
@@ -48,6 +47,7 @@ import re
 import shutil
 import signal
 import sys
+import tempfile
 import threading
 import time
 from dataclasses import dataclass, field
@@ -1205,12 +1205,18 @@ class _InterruptRequest:
         self._previous = {}
 
     def _handle(self, signum, frame) -> None:
-        if self.requested and not self.saving:
+        # Only a second Ctrl-C stops at once: SIGTERM often comes twice (the launcher forwards its
+        # own to each worker's group while the scheduler signals every process), and what ends
+        # a run for good after it is the scheduler's SIGKILL.
+        if self.requested and not self.saving and signum == signal.SIGINT:
             raise KeyboardInterrupt
         if not self.requested:
-            what = "SIGTERM" if signum == signal.SIGTERM else "Ctrl-C"
-            log.warning("%s: stopping after this step with a checkpoint (%s again stops at once, losing the steps "
-                        "since the last checkpoint)", what, what)
+            if signum == signal.SIGTERM:
+                log.warning("SIGTERM: stopping after this step with a checkpoint (another SIGTERM changes nothing; "
+                            "Ctrl-C stops at once, losing the steps since the last checkpoint)")
+            else:
+                log.warning("Ctrl-C: stopping after this step with a checkpoint (Ctrl-C again stops at once, losing "
+                            "the steps since the last checkpoint)")
         self.terminated = self.terminated or signum == signal.SIGTERM
         self.requested = True
 
@@ -1411,9 +1417,12 @@ class _Run:
             raise ConfigError(f"another fluxsr-train train is writing {self.out} (it holds {RUN_LOCK_FILE}); wait for "
                               "it to end, or give this run its own train.output_dir") from None
         except OSError as exc:
-            if exc.errno in (errno.EROFS, errno.EACCES, errno.EPERM):  # the folder cannot be written at all
-                raise ConfigError(f"cannot write into {self.out} ({exc.strerror or exc}); give a train.output_dir "
-                                  "this run can write (checkpoints, metrics.jsonl and the config go there)") from None
+            try:  # whether the folder can be written at all, apart from locking (FUSE mounts answer flock oddly)
+                tempfile.TemporaryFile(dir=self.out).close()
+            except OSError as write_exc:
+                raise ConfigError(f"cannot write into {self.out} ({write_exc.strerror or write_exc}); give a "
+                                  "train.output_dir this run can write (checkpoints, metrics.jsonl and the config "
+                                  "go there)") from None
             # a file system without locks (NFS without lockd, some FUSE mounts)
             log.warning("cannot lock %s (%s): this run goes on unlocked; start no other run into %s meanwhile",
                         self.out / RUN_LOCK_FILE, exc.strerror or exc, self.out)
@@ -1514,10 +1523,11 @@ class _Run:
         incomplete = [p for p in incomplete_checkpoints(self.out)
                       if not existing or checkpoint_step(p) > checkpoint_step(existing[-1])]
         if incomplete and self.main:
-            log.warning("%s: %s %s no %s, so %s not a checkpoint (a copy cut short?) and %s left alone",
-                        self.out / CHECKPOINT_DIR, ", ".join(p.name for p in incomplete),
-                        "has" if len(incomplete) == 1 else "have", STATE_FILE,
-                        "it is" if len(incomplete) == 1 else "they are", "is" if len(incomplete) == 1 else "are")
+            one = len(incomplete) == 1
+            log.warning("%s: %s %s no %s, so %s not a checkpoint (a copy cut short?): not resumed from, and "
+                        "replaced if this run writes a checkpoint of %s step", self.out / CHECKPOINT_DIR,
+                        ", ".join(p.name for p in incomplete), "has" if one else "have", STATE_FILE,
+                        "it is" if one else "they are", "its" if one else "their")
         if resume_from is None and existing:
             raise ConfigError(f"{self.out} already holds checkpoints ({existing[-1].name} the newest): continue "
                               "that run with --resume latest, or give this one its own train.output_dir")
@@ -2175,6 +2185,10 @@ class _Run:
                 acc.load_state(str(resume_from),
                                **({"load_module_strict": False} if self._distributed("DEEPSPEED") else {}))
             except (OSError, RuntimeError, EOFError, ValueError, pickle.UnpicklingError) as exc:
+                from fluxsr_core.upscaler import is_out_of_memory
+
+                if is_out_of_memory(exc):  # the device's fault, not the checkpoint's
+                    raise
                 # torch and accelerate name neither the checkpoint nor what to do
                 raise damaged_checkpoint(resume_from, f"its state could not be loaded ({type(exc).__name__}: "
                                                       f"{first_line(exc)})") from exc
