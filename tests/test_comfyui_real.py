@@ -268,6 +268,35 @@ def test_the_loras_t_l_reaches_the_upscale_through_fluxsr_load_lora(server, mode
     assert np.abs(plain - graph).mean() > 1  # T_L matters: 0.25 is another picture
 
 
+def test_a_loras_alpha_in_its_metadata_reaches_comfyui(server, models_dir, input_image, tmp_path):
+    """A diffusers/peft LoRA keeps lora_alpha in its metadata, which ComfyUI's loader never reads
+    (it takes '.alpha' tensors); FluxSR Load LoRA hands it over, so the graph runs it as `fluxsr
+    upscale` does: at alpha 8 on rank 4, twice the test LoRA's strength."""
+    from safetensors import safe_open
+    from safetensors.torch import save_file
+
+    path, name = input_image
+    source = models_dir / weights.LORA_FILE
+    with safe_open(str(source), "pt") as f:
+        tensors, metadata = {k: f.get_tensor(k) for k in f.keys()}, dict(f.metadata() or {})
+    metadata["lora_adapter_metadata"] = json.dumps({"transformer.r": weights.LORA_RANK,
+                                                    "transformer.lora_alpha": 2 * weights.LORA_RANK})
+    metadata.pop("fluxsr.lora_alpha", None)
+    target = source.with_name("fluxsr-test-lora-alpha8.safetensors")
+    save_file(tensors, str(target), metadata=metadata)
+
+    def lora(prompt: dict) -> None:
+        prompt["2"]["inputs"]["lora_name"] = target.name
+
+    graph = run_upscale_graph(server, name, "lora_alpha8", edit=lora)
+    assert "alpha 8 from its 'lora_adapter_metadata' metadata, given to ComfyUI's loader" in server.log_text()
+    cli = run_cli(models_dir, path, tmp_path / "cli.png", lora=str(target.relative_to(models_dir)))
+    diff = np.abs(cli - graph)
+    assert diff.max() <= 1 and diff.mean() < 0.75, (diff.max(), diff.mean())
+    plain = run_upscale_graph(server, name, "lora_alpha_plain")
+    assert np.abs(plain - graph).max() > 2  # alpha 8 is another strength than the file's alpha = rank
+
+
 def test_upscale_on_a_gguf_model_through_comfyui_gguf(server, models_dir, input_image, object_info):
     """A GGUF FLUX (Q8_0, as ComfyUI-GGUF's converter writes it) loaded by ComfyUI-GGUF's own
     loader, the LoRA through FluxSR Load LoRA: the upscale equals the core's on the
@@ -365,6 +394,12 @@ def test_teacher_workflow_writes_a_pair(server, datasets_root):
     server.run(prompt, timeout=900)  # the teacher node runs again: its pair is stored, the cond file is not
     assert cond_file.is_file() and len(PairDataset(folder)) == 2
     assert torch.equal(PairDataset(folder)[0]["t5"], PairDataset(folder)[1]["t5"])
+    # A graph that only writes pairs (no Save or Preview Image) runs: the sampler is an output node.
+    only_pairs = {k: v for k, v in prompt.items() if v["class_type"] not in ("SaveImage", "PreviewImage")}
+    assert len(only_pairs) < len(prompt)
+    only_pairs["6"] = dict(only_pairs["6"], inputs={**only_pairs["6"]["inputs"], "seed": 7})
+    server.run(only_pairs, timeout=900)
+    assert len(PairDataset(folder)) == 3
     # A folder outside the output folder and the allowed roots is refused when queued.
     prompt["6"]["inputs"]["dataset_folder"] = "../../escaped_pairs"
     with pytest.raises(server_mod.ComfyError, match="outside ComfyUI's output folder"):

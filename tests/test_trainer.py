@@ -763,6 +763,20 @@ def test_the_run_claims_a_prompt_only_for_pairs_encoded_from_it(tmp_path):
             assert (f.metadata() or {}).get(KEY_PROMPT) == want, name
 
 
+def test_a_fresh_run_sets_aside_the_metrics_of_one_killed_before_its_first_checkpoint(pairs, tmp_path):
+    """Appended, the two runs' steps 1..N were interleaved in one metrics.jsonl."""
+    run = tmp_path / "run"
+    run.mkdir()
+    earlier = b'{"kind": "start", "step": 0}\n{"kind": "train", "step": 1, "loss": 9.0}\n'
+    (run / T.METRICS_FILE).write_bytes(earlier)
+    T.train(tiny_config(pairs, run, "train.max_steps=1", "train.log_every=1"))
+    (aside,) = run.glob("metrics.before-*.jsonl")
+    assert aside.read_bytes() == earlier
+    records = [json.loads(line) for line in (run / T.METRICS_FILE).read_text().splitlines()]
+    assert records[0]["kind"] == "start" and [r["step"] for r in records if r["kind"] == "train"] == [1]
+    assert all(r.get("loss") != 9.0 for r in records)
+
+
 def test_resume_from_a_missing_path_is_a_clear_error(pairs, tmp_path):
     with pytest.raises(FileNotFoundError, match="no such checkpoint"):
         T.train(tiny_config(pairs, tmp_path / "x", f"train.resume={str(tmp_path / 'nowhere')!r}"))

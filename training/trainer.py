@@ -2055,6 +2055,18 @@ class _Run:
         log.warning("resumed from step %d: %d later lines of %s were moved to %s", step, len(moved),
                     METRICS_FILE, aside / METRICS_FILE)
 
+    def _set_aside_earlier_metrics(self) -> None:
+        """A fresh run into a folder where a run stopped before its first checkpoint: that run's
+        metrics.jsonl is renamed (``metrics.before-<time>.jsonl``), so this run's steps are not
+        interleaved with its steps of the same numbers."""
+        metrics = self.out / METRICS_FILE
+        if not metrics.is_file():
+            return
+        aside = self.out / f"metrics.before-{time.strftime('%Y%m%dT%H%M%SZ', time.gmtime())}.jsonl"
+        os.replace(metrics, aside)
+        log.warning("%s holds the %s of a run that wrote no checkpoint; it was renamed %s, and this run starts "
+                    "its own", self.out, METRICS_FILE, aside.name)
+
     # -- validation ---------------------------------------------------------------------------
 
     def _validation_set(self) -> list[tuple[str, torch.Tensor]]:
@@ -2204,8 +2216,11 @@ class _Run:
             resumed_step = self.state.step  # the main process's files; a failure there stops every process
             self._on_every_process(lambda: self._set_aside_superseded(resumed_step) if self.main else None,
                                    "set aside what the resumed run replaces")
-        elif cfg.train.resume == "latest":
-            self._info("resume=latest: no checkpoint yet, starting fresh")
+        else:
+            if cfg.train.resume == "latest":
+                self._info("resume=latest: no checkpoint yet, starting fresh")
+            self._on_every_process(lambda: self._set_aside_earlier_metrics() if self.main else None,
+                                   "set aside the metrics of a run that wrote no checkpoint")
         start_step = self.state.step
         self.state.train_pairs = len(self.train_indices)
         if self.state.samples is None:  # a checkpoint from before the counter: its batch is assumed
