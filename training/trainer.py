@@ -1188,6 +1188,7 @@ class _InterruptRequest:
         self.requested = False
         self.terminated = False
         self.saving = False
+        self.quiet = False  # no notice (the other processes of a launch)
         self._previous: dict[int, Any] = {}
 
     def install(self) -> "_InterruptRequest":
@@ -1210,7 +1211,7 @@ class _InterruptRequest:
         # a run for good after it is the scheduler's SIGKILL.
         if self.requested and not self.saving and signum == signal.SIGINT:
             raise KeyboardInterrupt
-        if not self.requested:
+        if not self.requested and not self.quiet:
             if signum == signal.SIGTERM:
                 log.warning("SIGTERM: stopping after this step with a checkpoint (another SIGTERM changes nothing; "
                             "Ctrl-C stops at once, losing the steps since the last checkpoint)")
@@ -2254,6 +2255,7 @@ class _Run:
 
             progress = tqdm(total=cfg.train.max_steps, initial=start_step, desc="training", unit="step",
                             dynamic_ncols=True)
+        self.interrupt.quiet = not self.main  # the launcher signals every process: one notice per run
         self.interrupt.install()
         window: dict[str, float] = {}
         window_n, window_seconds = 0, 0.0  # the steps' own time: checkpoints and validations are not in s_per_step
