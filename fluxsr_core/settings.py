@@ -55,6 +55,15 @@ class RunSettings:
             md[KEY_LORA_RANK] = str(int(self.lora_rank))
         return md
 
+    def source_of(self, name: str) -> str:
+        """Where field ``name``'s value came from (a file's label, a widget, the command line), or
+        ``"default"`` when nothing gave it."""
+        return (self.source or {}).get(name, "default")
+
+    def given(self, name: str) -> bool:
+        """Whether a file, a widget or a flag gave field ``name`` (it is not our default)."""
+        return self.source_of(name) != "default"
+
     def describe(self) -> str:
         """One line naming each value and where it came from (printed by the CLI)."""
         src = self.source or {}
@@ -118,7 +127,7 @@ def disagreements(first: Optional[RunSettings], second: Optional[RunSettings],
     names = {"t_l": "T_L", "guidance": "guidance", "scale": "scale"}
     out = []
     for name in fields:
-        a, b = (first.source or {}).get(name, "default"), (second.source or {}).get(name, "default")
+        a, b = first.source_of(name), second.source_of(name)
         if a != "default" and b != "default" and abs(getattr(first, name) - getattr(second, name)) > 1e-9:
             out.append(f"{names[name]} {getattr(first, name):g} ({a}) against {getattr(second, name):g} ({b})")
     return out
@@ -136,10 +145,9 @@ def merge_settings(*candidates: Optional[RunSettings]) -> RunSettings:
         for cand in candidates:
             if cand is None:
                 continue
-            src = (cand.source or {}).get(field_name, "default")
-            if src != "default":
+            if cand.given(field_name):
                 setattr(out, field_name, getattr(cand, field_name))
-                out.source[field_name] = src
+                out.source[field_name] = cand.source_of(field_name)
                 break
     for cand in candidates:
         if cand is not None and cand.lora_rank is not None:

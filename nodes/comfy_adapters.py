@@ -102,7 +102,7 @@ def make_conditioning(t5: torch.Tensor, clip_pooled: torch.Tensor, settings: Run
     if clip_pooled.ndim != 2 or clip_pooled.shape[0] != 1:
         raise ValueError(f"CLIP pooled embedding must be [1, D], got {tuple(clip_pooled.shape)}")
     extra = {"pooled_output": clip_pooled.float(), SETTINGS_KEY: _settings_to_dict(settings)}
-    if (settings.source or {}).get("guidance", "default") != "default":
+    if settings.given("guidance"):
         # only a chosen value: without one the key stays out (FLUX's 3.5 in a KSampler), so any value
         # found there later was put there in the graph (FluxGuidance), even one equal to ours
         extra["guidance"] = float(settings.guidance)

@@ -83,8 +83,8 @@ class FluxSRLoraLoader:
                          "no metadata)", lora_name, said)
         patched = comfy_adapters.apply_lora(model, state_dict, strength_model, lora_name)
         earlier = comfy_adapters.model_settings(model)
-        carried = settings is not None and (settings.source or {}).get("t_l", "default") != "default"
-        earlier_carried = earlier is not None and (earlier.source or {}).get("t_l", "default") != "default"
+        carried = settings is not None and settings.given("t_l")
+        earlier_carried = earlier is not None and earlier.given("t_l")
         if carried and earlier_carried:
             log.warning("FluxSR Load LoRA: the MODEL already carries a FluxSR LoRA's T_L %g (%s); %s's T_L %g "
                         "replaces it. Two FluxSR LoRAs on one MODEL is rarely meant.", earlier.t_l,

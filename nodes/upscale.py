@@ -27,8 +27,8 @@ def resolve_t_l(widget: float, conditioning: Any, model: Any = None) -> tuple[fl
         return float(widget), "FluxSRUpscale widget"
     lora = comfy_adapters.model_settings(model)
     for settings, where in ((comfy_adapters.conditioning_settings(conditioning), "conditioning"), (lora, "model")):
-        if settings is not None and (settings.source or {}).get("t_l", "default") != "default":
-            return float(settings.t_l), f"{where}: {settings.source['t_l']}"
+        if settings is not None and settings.given("t_l"):
+            return float(settings.t_l), f"{where}: {settings.source_of('t_l')}"
     if lora is not None:  # the LoRA came through FluxSR Load LoRA, and its file has no T_L either
         return DEFAULT_T_L, ("default: neither the conditioning nor the LoRA carries a T_L; set the t_l widget "
                              "to the value the LoRA was trained with")
@@ -45,7 +45,7 @@ def resolve_guidance(conditioning: Any, model: Any = None) -> tuple[float, str]:
     value on a text conditioning; else the LoRA's (kept on the MODEL by FluxSR Load LoRA); else ours.
     """
     settings = comfy_adapters.conditioning_settings(conditioning)
-    source = (settings.source or {}).get("guidance", "default") if settings is not None else "default"
+    source = settings.source_of("guidance") if settings is not None else "default"
     written = float(settings.guidance) if source != "default" else None  # FluxSR Conditioning writes only these
     carried = comfy_adapters.conditioning_guidance(conditioning)
     # a value other than one FluxSR Conditioning wrote was put there in the graph (FluxGuidance,
@@ -55,8 +55,8 @@ def resolve_guidance(conditioning: Any, model: Any = None) -> tuple[float, str]:
     if written is not None:
         return written, f"conditioning: {source}"
     lora = comfy_adapters.model_settings(model)
-    if lora is not None and (lora.source or {}).get("guidance", "default") != "default":
-        return float(lora.guidance), f"model: {lora.source['guidance']}"
+    if lora is not None and lora.given("guidance"):
+        return float(lora.guidance), f"model: {lora.source_of('guidance')}"
     return DEFAULT_GUIDANCE, "default"
 
 
@@ -72,7 +72,7 @@ def warn_about_the_inputs(model: Any, conditioning: Any, widget_t_l: float, guid
                     "this if the LoRA is merged into the model file.")
     settings = comfy_adapters.conditioning_settings(conditioning)
     fields = [] if widget_t_l and widget_t_l > 0 else ["t_l"]
-    file_guidance = (settings.source or {}).get("guidance", "default") if settings is not None else "default"
+    file_guidance = settings.source_of("guidance") if settings is not None else "default"
     if file_guidance not in ("default", GUIDANCE_WIDGET_SOURCE) and guidance_source in (
             None, f"conditioning: {file_guidance}"):
         fields.append("guidance")

@@ -1092,21 +1092,20 @@ def list_checkpoints(output_dir: str | os.PathLike) -> list[Path]:
     ``trainer_state.json``, which a checkpoint gets last (it is written into a temporary folder,
     then renamed). Temporary folders and ``step-N`` folders without it (a copy cut short, a
     folder made by hand) are not checkpoints: see :func:`incomplete_checkpoints`."""
-    root = Path(output_dir) / CHECKPOINT_DIR
-    if not root.is_dir():
-        return []
-    found = [(checkpoint_step(p), p) for p in root.iterdir()
-             if _CKPT_RE.match(p.name) and p.is_dir() and (p / STATE_FILE).is_file()]
-    return [p for _, p in sorted(found)]
+    return [p for p in _step_folders(output_dir) if (p / STATE_FILE).is_file()]
 
 
 def incomplete_checkpoints(output_dir: str | os.PathLike) -> list[Path]:
     """``step-N`` folders of a run without their ``trainer_state.json``, oldest first."""
+    return [p for p in _step_folders(output_dir) if not (p / STATE_FILE).is_file()]
+
+
+def _step_folders(output_dir: str | os.PathLike) -> list[Path]:
+    """The run's ``checkpoints/step-N`` folders, complete or not, oldest first."""
     root = Path(output_dir) / CHECKPOINT_DIR
     if not root.is_dir():
         return []
-    found = [(checkpoint_step(p), p) for p in root.iterdir()
-             if _CKPT_RE.match(p.name) and p.is_dir() and not (p / STATE_FILE).is_file()]
+    found = [(checkpoint_step(p), p) for p in root.iterdir() if _CKPT_RE.match(p.name) and p.is_dir()]
     return [p for _, p in sorted(found)]
 
 
@@ -1811,7 +1810,7 @@ class _Run:
             self._info(f"conditioning: bundle {cfg.data.conditioning} for every pair")
             bs = self.fixed_bundle.settings
             differ = [f"{k} {getattr(bs, k):g} (bundle) vs {getattr(settings, k):g} (config)"
-                      for k in ("t_l", "guidance") if (bs.source or {}).get(k, "default") != "default"
+                      for k in ("t_l", "guidance") if bs.given(k)
                       and abs(getattr(bs, k) - getattr(settings, k)) > 1e-9]
             if differ and self.main:
                 log.warning("the bundle's run settings differ from the training config: %s; training uses the "
