@@ -6,6 +6,7 @@ import json
 import logging
 import os
 import re
+import shutil
 import signal
 import socket
 import subprocess
@@ -601,8 +602,10 @@ def test_resume_takes_softer_changes_with_a_notice(pairs, tmp_path, caplog):
     copy = tmp_path / "kept.safetensors"
     copy.write_bytes((Path(r.checkpoint) / T.CONDITIONING_FILE).read_bytes())
     bundle.unlink()
+    moved = tmp_path / "pairs-moved"
+    shutil.copytree(pairs, moved)
     caplog.set_level(logging.WARNING, logger="fluxsr.train")
-    rest = T.train(tiny_config(pairs, run, "train.max_steps=3", "checkpoint.every=2", "ema.enabled=false",
+    rest = T.train(tiny_config(moved, run, "train.max_steps=3", "checkpoint.every=2", "ema.enabled=false",
                                f"data.conditioning={str(copy)!r}", "data.seed=7", "optim.schedule=cosine",
                                "train.resume=latest"))
     assert rest.start_step == 2 and rest.step == 3
@@ -610,17 +613,23 @@ def test_resume_takes_softer_changes_with_a_notice(pairs, tmp_path, caplog):
     assert "resume: settings changed since step-0000002, the new ones apply from step 2 on" in text
     assert "data.seed 0 -> 7 (the data order" in text and "optim.schedule constant_with_warmup -> cosine" in text
     assert "train.max_steps 4 -> 3" in text and "data.conditioning" not in text
+    assert f"data.pairs {pairs} -> {moved} (the pairs are read from the new folder" in text
+    assert "global batch" not in text  # unchanged
 
 
-def test_resume_with_another_batch_goes_on_from_the_samples_seen(pairs, tmp_path, monkeypatch):
+def test_resume_with_another_batch_goes_on_from_the_samples_seen(pairs, tmp_path, monkeypatch, caplog):
     starts = []
     original = T._StreamBatches.__init__
     monkeypatch.setattr(T._StreamBatches, "__init__",
                         lambda self, batch, rank, world, start: starts.append(start) or original(self, batch, rank, world, start))
     common = ("train.max_steps=6", "checkpoint.every=2")
     T.train(tiny_config(pairs, tmp_path / "run", *common, "train.stop_at=2", "data.batch_size=2"))
+    caplog.set_level(logging.WARNING, logger="fluxsr.train")
     r = T.train(tiny_config(pairs, tmp_path / "run", *common, "train.stop_at=4", "data.batch_size=1",
                             "train.resume=latest"))
+    assert ("resume: the global batch was 2 and is now 1 (1 per process x 1 process(es) x 1 accumulation): "
+            "each step from here on averages 1 samples (optim.lr is not rescaled); the data stream goes on "
+            "from sample 4") in caplog.text
     assert starts == [0, 4]  # 2 steps x batch 2 seen; not 2 steps x the new batch 1
     state = json.loads((Path(r.checkpoint) / T.STATE_FILE).read_text())
     assert state["samples_seen"] == 4 + 2 * 1
@@ -1399,6 +1408,11 @@ def test_cli_train_config_resolution(capsys, tmp_path):
         assert said in capsys.readouterr().err
     # without --config the shipped defaults the README documents, not the dataclasses' own
     assert main(["train", "--print-config", "data.pairs=/d"]) == 0
-    (tmp_path / "plain.toml").write_text(capsys.readouterr().out)
+    printed = capsys.readouterr()
+    (tmp_path / "plain.toml").write_text(printed.out)
+    # the value checks are said, not fatal: a template to fill in
+    assert "note: as it stands, a run of this config is refused: model.transformer is required" in printed.err
+    assert main(["train", "--config", "train_tiny", "--print-config", "data.pairs=/d", "optim.warmup_steps=60"]) == 0
+    assert "note: optim.warmup_steps=60 is not shorter than train.max_steps=50" in capsys.readouterr().err
     assert T.load_train_config(tmp_path / "plain.toml") == T.load_train_config(shipped_config("train_default"),
                                                                                 ["data.pairs=/d"])

@@ -180,8 +180,18 @@ def _cmd_train(args) -> int:
     cfg = load_train_config(_config_path(args.config), overrides)
     if args.print_config:
         from . import config_io
+        from .trainer import check_config, config_warnings
 
         sys.stdout.write(config_io.dump_toml(config_io.to_dict(cfg)))
+        # The value checks a run makes first, said (on stderr, so the printed TOML stays usable)
+        # but not fatal: an incomplete config is a fair template to fill in.
+        try:
+            check_config(cfg)
+        except config_io.ConfigError as exc:
+            print(f"fluxsr-train train: note: as it stands, a run of this config is refused: {exc}", file=sys.stderr)
+        else:
+            for warning in config_warnings(cfg):
+                print(f"fluxsr-train train: note: {warning}", file=sys.stderr)
         return 0
     try:
         r = train(cfg)

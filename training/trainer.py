@@ -977,11 +977,11 @@ def _fmt(v: Any) -> str:
 _RESUME_FIXED = ("settings.t_l", "settings.guidance", "degradation.scale", "ema.enabled", "lora.rank",
                  "lora.alpha", "lora.target_modules", "lora.blocks")
 # Changes a resume takes without a word: bookkeeping, paths, checks made elsewhere
-# (base model and conditioning by content, held-out pairs, optimizer values and batch: their
-# own notices), or the loop's own controls.
+# (base model and conditioning by content, held-out pairs, optimizer values and the global batch:
+# their own notices), or the loop's own controls.
 _RESUME_QUIET = ("train.output_dir", "train.resume", "train.stop_at", "train.log_every", "train.progress_bar",
                  "train.tensorboard", "train.ddp_find_unused_parameters", "checkpoint.", "validation.",
-                 "data.pairs", "data.num_workers", "data.holdout", "data.conditioning", "data.batch_size",
+                 "data.num_workers", "data.holdout", "data.conditioning", "data.batch_size",
                  "model.transformer", "model.init_seed", "model.gradient_checkpointing", "optim.lr", "optim.betas",
                  "optim.weight_decay", "optim.eps", "train.gradient_accumulation_steps")
 _RESUME_CONSEQUENCE = {
@@ -991,6 +991,7 @@ _RESUME_CONSEQUENCE = {
     "optim.warmup_steps": "the learning-rate curve from here on follows the new warm-up",
     "train.max_steps": "the schedule is stretched or cut to the new length",
     "model.base_model": "the exported files will name the new base model",
+    "data.pairs": "the pairs are read from the new folder from here on; the held-out ones stay out by id",
 }
 
 
@@ -2225,6 +2226,14 @@ class _Run:
         self.state.train_pairs = len(self.train_indices)
         if self.state.samples is None:  # a checkpoint from before the counter: its batch is assumed
             self.state.samples = start_step * global_batch
+        then_batch = self.resume_state.get("global_batch") if resume_from is not None else None
+        if then_batch is not None and then_batch != global_batch:
+            # allowed (e.g. more GPUs on resume), but it changes what a step is
+            if self.main:
+                log.warning("resume: the global batch was %s and is now %d (%d per process x %d process(es) x %d "
+                            "accumulation): each step from here on averages %d samples (optim.lr is not "
+                            "rescaled); the data stream goes on from sample %d", then_batch, global_batch,
+                            cfg.data.batch_size, acc.num_processes, accum, global_batch, self.state.samples)
         elif resume_from is not None and self.state.samples != start_step * global_batch:
             self._info(f"the global batch is now {global_batch}: the data stream goes on from sample "
                        f"{self.state.samples}")
