@@ -21,7 +21,7 @@ from pathlib import Path
 from typing import Callable, Optional, Sequence
 
 from .dependencies import UPSCALE_NEEDS, refuse_outdated
-from .files import first_line, nearest_existing
+from .files import first_line, nearest_existing, tolerate_unencodable_console
 
 # What folder scans pick up (Pillow reads them all; .mpo is a camera's multi-picture JPEG), with
 # HEIC/HEIF, AVIF and JPEG 2000 where this install reads them.
@@ -846,6 +846,7 @@ def _raise_terminated(signum, frame):
 def main(argv: Optional[Sequence[str]] = None) -> int:
     """Entry point of the ``fluxsr`` console script. SIGTERM is handled as Ctrl-C while it runs
     (the previous handler is restored on return)."""
+    tolerate_unencodable_console()
     logging.basicConfig(level=logging.WARNING, format="%(message)s")
     parser = build_parser()
     args = parser.parse_args(argv)

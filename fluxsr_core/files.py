@@ -1,5 +1,5 @@
-"""Writing a file so that a failure never leaves a half-written file under its final name, and an
-exclusive lock that the OS releases when its process dies."""
+"""Writing a file so that a failure never leaves a half-written file under its final name, an
+exclusive lock that the OS releases when its process dies, and a console that cannot fail a run."""
 
 from __future__ import annotations
 
@@ -7,6 +7,7 @@ import contextlib
 import errno
 import os
 import stat
+import sys
 import uuid
 from pathlib import Path
 from typing import Callable, Iterator, Sequence, Union
@@ -155,3 +156,17 @@ class ExclusiveFileLock:
         except OSError:
             pass
         self._f.close()
+
+
+def tolerate_unencodable_console() -> None:
+    """Let stdout and stderr replace what their encoding cannot write (``?``) instead of raising.
+
+    A Windows console or a redirect in cp1252 cannot encode a table's arrows or a file name in
+    another script; the ``UnicodeEncodeError`` would end a run whose work is done, before its
+    files are written. A stream a caller set to a non-strict handler is left alone.
+    """
+    for stream in (sys.stdout, sys.stderr):
+        reconfigure = getattr(stream, "reconfigure", None)
+        if reconfigure is not None and getattr(stream, "errors", None) == "strict":
+            with contextlib.suppress(ValueError, OSError):  # a closed or detached stream
+                reconfigure(errors="replace")

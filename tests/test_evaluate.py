@@ -69,6 +69,20 @@ def test_float_tensor_inputs_are_rounded_to_8_bits():
         E.to_uint8_hwc(np.full((4, 4, 3), np.nan))
 
 
+def test_uint8_tensors_are_8_bit_and_images_on_0_255_as_floats_are_refused():
+    """A uint8 CHW tensor (torchvision.io.read_image's) scored as 8-bit; it was read as [0, 1]
+    and clipped to white (PSNR-Y 47.6 for 29.8). A float image on [0, 255] is refused likewise."""
+    a, b = _photo(), _noisy(_photo(), 12)
+    as_tensor = lambda x: torch.from_numpy(x).permute(2, 0, 1).contiguous()  # noqa: E731
+    assert np.array_equal(E.to_uint8_hwc(as_tensor(a)), a)
+    assert E.psnr_y(as_tensor(b), as_tensor(a), 4) == E.psnr_y(b, a, 4) < 40
+    assert E.ssim_y(as_tensor(b)[None], as_tensor(a)[None], 4) == E.ssim_y(b, a, 4)
+    with pytest.raises(ValueError, match=r"a float image must lie in \[0, 1\], this one reaches 2\d\d: divide"):
+        E.psnr_y(b.astype(np.float64), a.astype(np.float64))
+    # a model's small overshoot is clipped, as before
+    assert np.array_equal(E.to_uint8_hwc(np.full((2, 2, 3), 1.2)), np.full((2, 2, 3), 255, np.uint8))
+
+
 def test_psnr_and_ssim_match_scikit_image_on_the_y_channel():
     from skimage.metrics import peak_signal_noise_ratio, structural_similarity
 
@@ -413,8 +427,62 @@ def test_folder_pairing_is_said_where_it_surprises(tmp_path):
     finite = rep.row("sr").per_image["0802"]["psnr_y"]
     assert f"sr: 1 of 2 images are identical to their reference (PSNR-Y inf" in notes
     assert f"the mean of the other 1 is {finite:.2f} dB" in notes
+    # outputs of DIV2K's LR files keep the LR's name (fluxsr upscale lr/ -o out/ writes 0801x4.png)
+    div2k_named = tmp_path / "div2k-named"
+    div2k_named.mkdir()
+    for name in ("0801", "0802"):
+        (div2k_named / f"{name}x4.png").write_bytes((sr / f"{name}.png").read_bytes())
+    same = E.evaluate_folders(div2k_named, hr, 4, lr_dir=lr, metrics="psnr_y")
+    assert same.row("div2k-named").per_image == rep.row("sr").per_image and not any(
+        "no reference" in n for n in same.notes)
+    (div2k_named / "0802x4.png").unlink()
+    with pytest.raises(E.EvaluationError, match=r"no output for 1 reference\(s\), e.g. \['0802'\] .*or with x4 "
+                                                r"after the name as DIV2K's LR files have it"):
+        E.evaluate_folders(div2k_named, hr, 4, metrics="psnr_y")
     Image.fromarray(_photo(48, 64, 0)).save(bad / "0801.png")
     Image.fromarray(_photo(48, 64, 1)).save(bad / "Img.png")
     (hr / "0802.png").rename(hr / "img.png")
     with pytest.raises(E.EvaluationError, match=r"case-sensitive, and these differ only in case: \['img / Img'\]"):
         E.evaluate_folders(bad, hr, 4, metrics="psnr_y")
+
+
+def test_hidden_files_are_skipped_and_every_format_the_upscaler_reads_is_scored(tmp_path):
+    """macOS's ._0801.png beside 0801.png made the run demand an output for '._0801'; a .ppm
+    reference (which fluxsr upscale reads) was passed over without a word."""
+    hr, sr = tmp_path / "hr", tmp_path / "sr"
+    hr.mkdir(), sr.mkdir()
+    ref = _photo(48, 64, 3)
+    Image.fromarray(ref).save(hr / "0801.png")
+    (hr / "._0801.png").write_bytes(b"\x00\x05\x16\x07 AppleDouble resource fork")
+    Image.fromarray(_photo(48, 64, 4)).save(hr / "scan.ppm")
+    for name, img in (("0801", ref), ("scan", _photo(48, 64, 4))):
+        Image.fromarray(_noisy(img, 6)).save(sr / f"{name}.png")
+    assert sorted(E.list_images(hr)) == ["0801", "scan"]
+    rep = E.evaluate_folders(sr, hr, 4, metrics="psnr_y")
+    assert sorted(rep.images) == ["0801", "scan"] and rep.notes == []
+
+
+def test_a_protocol_metric_built_alone_cuts_the_border_its_label_says():
+    a, b = _photo(), _noisy(_photo(), 12)
+    cut, whole = E.build_metric("psnr_y", crop_border=4), E.build_metric("psnr_y")
+    assert "4-px border cut" in cut.label and "no border cut" in whole.label
+    assert cut(b, a) == E.psnr_y(b, a, 4) != whole(b, a) == E.psnr_y(b, a)
+    assert E.build_metric("ssim_y", crop_border=4)(b, a) == E.ssim_y(b, a, 4)
+
+
+def test_a_console_that_cannot_encode_the_table_still_gets_it_and_the_files(tmp_path):
+    """On a cp1252 stdout (a Windows redirect) printing the table's arrows raised after every
+    metric was computed, and --json/--markdown were never written (exit 2)."""
+    import os
+    import subprocess
+
+    hr, sr = tmp_path / "hr", tmp_path / "sr"
+    hr.mkdir(), sr.mkdir()
+    Image.fromarray(_photo(48, 64, 1)).save(hr / "a.png")
+    Image.fromarray(_noisy(_photo(48, 64, 1), 6)).save(sr / "a.png")
+    js, md = tmp_path / "t.json", tmp_path / "t.md"
+    done = subprocess.run([sys.executable, "-m", "fluxsr_training.evaluate", str(sr), "-r", str(hr), "--metrics",
+                           "psnr_y", "--json", str(js), "--markdown", str(md)], capture_output=True,
+                          env={**os.environ, "PYTHONIOENCODING": "cp1252"}, timeout=300)
+    assert done.returncode == 0, done.stderr.decode("cp1252", "replace")
+    assert b"| method | PSNR-Y ? |" in done.stdout and js.is_file() and "PSNR-Y ↑" in md.read_text("utf-8")

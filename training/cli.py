@@ -357,6 +357,9 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
 
 
 def _main(argv: Optional[Sequence[str]] = None) -> int:
+    from fluxsr_core.files import tolerate_unencodable_console
+
+    tolerate_unencodable_console()
     argv = list(sys.argv[1:] if argv is None else argv)
     if argv and argv[0] in ("eval", "demo"):
         # Their own parsers (help included) live in fluxsr_training.evaluate / .demo.

@@ -845,6 +845,8 @@ def _size(n: int) -> str:
 
 def render_markdown(report: dict) -> str:
     """``docs/demo_results.md``: what the demo is, how it was made, the measured numbers."""
+    from .evaluate import bicubic_kernel_words
+
     r = report["recipe"]
     c = r["config"]
     f = r["facts"]
@@ -895,8 +897,8 @@ def render_markdown(report: dict) -> str:
         f"{f['student'].get('last_loss', float('nan')):.4f} at the last.",
         "- Loss weights: the image MSE dominates the one-step branch. A first full run with MSE x2, "
         "TV-LPIPS x0.2 and ADL x0.01 (450 steps) made the student draw a grid with the period of one "
-        "transformer token (16 pixels), PSNR-Y 27.54 dB / SSIM-Y 0.712 on the bicubic-LR held-out set, "
-        "worse than the untrained student; these weights are the fix.",
+        "transformer token (16 pixels), PSNR-Y 27.54 dB / SSIM-Y 0.712 on the bicubic-LR held-out set: no "
+        "better than the untrained student on PSNR-Y, far below it on SSIM-Y; these weights are the fix.",
         "- Export: base transformer and VAE as diffusers-keyed fp16 safetensors, the LoRA in diffusers naming "
         "with the `fluxsr.*` run settings, the conditioning bundle: " +
         ", ".join(f"`{k}` ({_size(v)})" for k, v in r["files"].items()) + ".",
@@ -907,7 +909,9 @@ def render_markdown(report: dict) -> str:
         "`fluxsr_training.evaluate`. ST-LPIPS (AlexNet) is also the network inside the student's TV-LPIPS "
         "loss, so it is not an independent judge; ST-LPIPS-VGG is shown beside it. The trained and untrained "
         "students are the outputs of `fluxsr upscale` itself on the LR files (wavelet colour fix, its default); "
-        "\"untrained\" is `--lora-scale 0`, the teacher alone used as a one-step student.",
+        "\"untrained\" is `--lora-scale 0`, the teacher alone used as a one-step student. The bicubic LR and the "
+        f"bicubic row use {bicubic_kernel_words(DEMO_BICUBIC)} (`fluxsr-train eval --bicubic-kernel "
+        f"{DEMO_BICUBIC}`; the eval command's default is `matlab`, MATLAB's imresize).",
         "",
     ]
     for kind, data in report["lr_kinds"].items():

@@ -20,7 +20,8 @@ the LR images when ``--lr`` is given, else a bicubic (antialiased) downscale of 
 rounded to 8 bits. Its kernel is MATLAB's ``imresize(..., 'bicubic')`` by default
 (:func:`matlab_imresize`: a = -0.5, antialiased when shrinking, symmetric borders), the one
 papers' bicubic rows and LR sets use; ``--bicubic-kernel torch`` takes
-:func:`fluxsr_core.images.resize` (torch's, a = -0.75) instead, about 0.15 dB PSNR-Y higher.
+:func:`fluxsr_core.images.resize` (torch's, a = -0.75) instead, which scores higher (0.12 dB
+PSNR-Y on six scikit-image photos, README).
 
 Perceptual metrics (computed on the whole image, no border cut, as pyiqa's defaults do):
 
@@ -62,11 +63,12 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from fluxsr_core.files import atomic_write_text, nearest_existing
+# scan_suffixes: the images `fluxsr upscale` reads from a folder, so a reference set in any of
+# them is scored and none is silently passed over
+from fluxsr_core.cli import scan_suffixes
+from fluxsr_core.files import atomic_write_text, nearest_existing, tolerate_unencodable_console
 
 PathLike = Union[str, os.PathLike]
-
-IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".webp", ".bmp", ".tif", ".tiff")
 
 # BT.601 studio-range luma on [0, 1] RGB, giving Y on the [0, 255] scale (BasicSR's bgr2ycbcr,
 # written for RGB order).
@@ -95,12 +97,17 @@ class MetricUnavailable(RuntimeError):
 
 # ============================================================================ PSNR-Y / SSIM-Y
 
+# Floats a little above 1 (a model's overshoot) are clipped; far above, the image is on another scale.
+_FLOAT_IMAGE_MAX = 1.5
+
+
 def to_uint8_hwc(image: Union[np.ndarray, torch.Tensor]) -> np.ndarray:
     """An image as an 8-bit ``[H, W, 3]`` array, the form the protocol measures.
 
     Accepts uint8 arrays ``[H, W, 3]`` / ``[H, W]`` (gray is repeated to RGB, as BasicSR's
-    colour reading does), float arrays ``[H, W, 3]`` in ``[0, 1]``, and float tensors
-    ``[3, H, W]`` or ``[1, 3, H, W]`` in ``[0, 1]``. Floats are clipped and rounded to 8 bits.
+    colour reading does), float arrays ``[H, W, 3]`` in ``[0, 1]``, and tensors ``[3, H, W]`` or
+    ``[1, 3, H, W]``: uint8, or float in ``[0, 1]``. Floats are clipped and rounded to 8 bits;
+    a float image reaching above 1.5 (one on ``[0, 255]``) is refused, not clipped to white.
     """
     if isinstance(image, torch.Tensor):
         t = image.detach().to("cpu")
@@ -110,7 +117,8 @@ def to_uint8_hwc(image: Union[np.ndarray, torch.Tensor]) -> np.ndarray:
             t = t[0]
         if t.ndim != 3 or t.shape[0] not in (1, 3):
             raise ValueError(f"expected an image tensor [3, H, W] or [1, 3, H, W], got {tuple(image.shape)}")
-        arr = t.permute(1, 2, 0).float().numpy()
+        # uint8 as torchvision.io.read_image gives it stays 8-bit; other tensors are read as float
+        arr = t.permute(1, 2, 0).numpy() if t.dtype == torch.uint8 else t.permute(1, 2, 0).float().numpy()
     else:
         arr = np.asarray(image)
     if arr.ndim == 2:
@@ -125,6 +133,10 @@ def to_uint8_hwc(image: Union[np.ndarray, torch.Tensor]) -> np.ndarray:
         raise ValueError(f"images must be uint8 or float in [0, 1], got {arr.dtype}")
     if not np.isfinite(arr).all():
         raise ValueError("image contains NaN or infinite values")
+    if arr.size and float(arr.max()) > _FLOAT_IMAGE_MAX:
+        # clipped, an image on [0, 255] (BasicSR's functions take those) would score as near white
+        raise ValueError(f"a float image must lie in [0, 1], this one reaches {float(arr.max()):.4g}: divide an "
+                         "image on [0, 255] by 255, or pass it as uint8")
     return np.clip(np.round(arr.astype(np.float64) * 255.0), 0, 255).astype(np.uint8)
 
 
@@ -389,8 +401,11 @@ def _pyiqa_available() -> bool:
 
 
 def build_metric(name: str, device: Union[str, torch.device] = "cpu",
-                 weights_dir: Optional[PathLike] = None) -> _Metric:
+                 weights_dir: Optional[PathLike] = None, crop_border: int = 0) -> _Metric:
     """Build one metric or raise :class:`MetricUnavailable` saying why it cannot run here.
+
+    ``crop_border``: the pixels PSNR-Y and SSIM-Y cut from each side (the protocol's: the
+    scale; :func:`evaluate_images` passes its own), ignored by the other metrics.
 
     Never downloads: every file the metric needs must already be under ``weights_dir`` (default
     :func:`default_weights_dir`) or, for timm backbones, in the Hugging Face cache.
@@ -401,10 +416,11 @@ def build_metric(name: str, device: Union[str, torch.device] = "cpu",
     device = torch.device(device)
     wdir = Path(weights_dir).expanduser() if weights_dir is not None else default_weights_dir()
     if spec.backend == "protocol":
-        # Scored by evaluate_images with its border; the object carries the label.
+        # evaluate_images scores these itself, with the same border; the object also works alone.
         fn = psnr_y if name == PSNR_Y else ssim_y
-        return _Metric(spec, f"{spec.title} on BT.601 Y (16 + 65.481 R + 128.553 G + 24.966 B), border cut, "
-                             "BasicSR protocol", lambda o, r: fn(to_uint8_hwc(o), to_uint8_hwc(r)))
+        border = f"{crop_border}-px border cut" if crop_border else "no border cut"
+        return _Metric(spec, f"{spec.title} on BT.601 Y (16 + 65.481 R + 128.553 G + 24.966 B), {border}, "
+                             "BasicSR protocol", lambda o, r: fn(to_uint8_hwc(o), to_uint8_hwc(r), crop_border))
     if spec.backend == "pyiqa" and not _pyiqa_available():
         raise MetricUnavailable("pyiqa is not installed (pip install pyiqa, then put its weight files "
                                 "in the weights folder; nothing is downloaded)")
@@ -604,6 +620,11 @@ def matlab_imresize(image, size: tuple[int, int]) -> np.ndarray:
     return np.tensordot(along_rows, cols, axes=(1, 1)).transpose(0, 2, 1)      # [out_h, out_w, C]
 
 
+def bicubic_kernel_words(kernel: str) -> str:
+    """``kernel`` (one of :data:`BICUBIC_KERNELS`) in words, for reports."""
+    return "MATLAB's imresize bicubic" if kernel == "matlab" else "torch's bicubic (a = -0.75, antialiased)"
+
+
 def _bicubic(image, size: tuple[int, int], kernel: str) -> np.ndarray:
     if kernel not in BICUBIC_KERNELS:
         raise ValueError(f"bicubic kernel {kernel!r}; choose one of {', '.join(BICUBIC_KERNELS)}")
@@ -695,7 +716,7 @@ def evaluate_images(methods: Mapping[str, Mapping[str, Any]], references: Mappin
     labels, skipped, built = {}, {}, {}
     for m in names:
         try:
-            metric = build_metric(m, device=device, weights_dir=weights_dir)
+            metric = build_metric(m, device=device, weights_dir=weights_dir, crop_border=border)
         except MetricUnavailable as exc:
             skipped[m] = str(exc)
             continue
@@ -732,7 +753,7 @@ def evaluate_images(methods: Mapping[str, Mapping[str, Any]], references: Mappin
                 notes = [*notes, f"{mname}: {len(vals) - len(finite)} of {len(vals)} images are identical to their "
                                  f"reference (PSNR-Y inf, and so the mean, as BasicSR averages); {rest}"]
         rows.append(res)
-    what = "MATLAB's imresize bicubic" if bicubic_kernel == "matlab" else "torch's bicubic (a = -0.75)"
+    what = bicubic_kernel_words(bicubic_kernel)
     baseline = (f"bicubic baseline ({what}) from the given LR images" if lr_images is not None
                 else f"bicubic baseline ({what}) from a bicubic x{scale} downscale of each reference") if bicubic \
         else "no bicubic baseline"
@@ -748,14 +769,16 @@ def list_images(folder: PathLike) -> dict[str, Path]:
     if not folder.is_dir():
         raise FileNotFoundError(f"image folder not found: {folder}")
     out: dict[str, Path] = {}
+    suffixes = scan_suffixes()
     for p in sorted(folder.iterdir()):
-        if p.is_file() and p.suffix.lower() in IMAGE_SUFFIXES:
+        # dot files are hidden ones (macOS's ._name.png resource forks), as `fluxsr upscale` skips them
+        if p.is_file() and not p.name.startswith(".") and p.suffix.lower() in suffixes:
             if p.stem in out:
                 raise EvaluationError(f"{folder} holds both {out[p.stem].name} and {p.name}; images are "
                                       "matched by name without extension, keep one")
             out[p.stem] = p
     if not out:
-        raise EvaluationError(f"{folder} holds no images ({', '.join(IMAGE_SUFFIXES)})")
+        raise EvaluationError(f"{folder} holds no images ({', '.join(sorted(suffixes))})")
     return out
 
 
@@ -788,30 +811,38 @@ def evaluate_folders(outputs_dir: Union[PathLike, Mapping[str, PathLike]], refer
     methods, notes = {}, []
     for name, folder in out_dirs.items():
         found = list_images(folder)
-        missing = [k for k in refs_paths if k not in found]
+        # outputs of DIV2K's LR files keep the LR's name (fluxsr upscale lr/ writes 0801x4.png)
+        output_of = _matched_names(refs_paths, found, scale)
+        missing = [k for k, v in output_of.items() if v is None]
         if missing:
             raise EvaluationError(f"{folder} has no output for {len(missing)} reference(s), e.g. "
                                   f"{missing[:5]} (outputs are matched to {references_dir} by name "
-                                  f"without extension{_case_hint(missing, found)})")
-        extra = sorted(set(found) - set(refs_paths))
+                                  f"without extension, or with x{scale} after the name as DIV2K's LR files "
+                                  f"have it{_case_hint(missing, found)})")
+        extra = sorted(set(found) - set(output_of.values()))
         if extra:
             notes.append(f"{len(extra)} image(s) of {folder} have no reference in {references_dir} and are not "
                          f"scored, e.g. {extra[:3]}")
-        methods[name] = {k: read_image_8bit(found[k]) for k in refs_paths}
+        methods[name] = {k: read_image_8bit(found[v]) for k, v in output_of.items()}
     lr = None
     if lr_dir is not None:
         lr_paths = list_images(lr_dir)
-        # DIV2K's LR files carry the scale in their names (0801x4.png for 0801.png)
-        lr_of = {k: k if k in lr_paths else f"{k}x{scale}" for k in refs_paths}
-        missing = [k for k, v in lr_of.items() if v not in lr_paths]
+        lr_of = _matched_names(refs_paths, lr_paths, scale)
+        missing = [k for k, v in lr_of.items() if v is None]
         if missing:
             raise EvaluationError(f"{lr_dir} has no LR image for {missing[:5]} (named as the reference, or with "
                                   f"x{scale} after the name as in DIV2K{_case_hint(missing, lr_paths)})")
-        lr = {k: read_image_8bit(lr_paths[lr_of[k]]) for k in refs_paths}
+        lr = {k: read_image_8bit(lr_paths[v]) for k, v in lr_of.items()}
     refs = {k: read_image_8bit(p) for k, p in refs_paths.items()}
     return evaluate_images(methods, refs, scale, lr_images=lr, metrics=metrics, bicubic=bicubic,
                            crop_border=crop_border, device=device, weights_dir=weights_dir,
                            bicubic_kernel=bicubic_kernel, notes=notes)
+
+
+def _matched_names(references: Mapping[str, Path], found: Mapping[str, Path], scale: int) -> dict[str, Optional[str]]:
+    """For each reference name, the name in ``found`` that is its image: the same name, else
+    the name with ``x<scale>`` after it (DIV2K's LR files: 0801x4.png for 0801.png), else None."""
+    return {k: k if k in found else f"{k}x{scale}" if f"{k}x{scale}" in found else None for k in references}
 
 
 def _case_hint(missing: Sequence[str], found: Mapping[str, Path]) -> str:
@@ -902,6 +933,7 @@ def run_eval(args: argparse.Namespace) -> int:
 
 def main_eval(argv: Optional[Sequence[str]] = None) -> int:
     """Entry point of ``fluxsr-train eval``; returns the exit code (2 for unusable inputs)."""
+    tolerate_unencodable_console()
     args = build_eval_parser().parse_args(argv)
     try:
         return run_eval(args)
