@@ -121,19 +121,27 @@ def is_out_of_memory(exc: BaseException) -> bool:
     return isinstance(exc, RuntimeError) and ("out of memory" in text or "can't allocate memory" in text)
 
 
-def smaller_tiling(config: TilingConfig, min_latent_tile: int = 32) -> Optional[TilingConfig]:
-    """Half-size tiles for an out-of-memory retry, or None when tiles are already minimal."""
-    if config.latent_tile <= min_latent_tile and config.tile_batch_size <= 1:
-        return None
+def smaller_tiling(config: TilingConfig, min_latent_tile: int = 32, min_vae_tile: int = 256) -> Optional[TilingConfig]:
+    """Smaller tiles for an out-of-memory retry: first one tile per call, then half-size
+    transformer and VAE tiles (down to ``min_latent_tile`` latent pixels and ``min_vae_tile``
+    pixels; a tile already below its minimum is kept). None when nothing can shrink any more."""
     if config.tile_batch_size > 1:
         return dataclasses.replace(config, tile_batch_size=1)
-    tile = max(min_latent_tile, (config.latent_tile // 2) // 2 * 2)
+    tile = config.latent_tile
+    if tile > min_latent_tile:
+        tile = max(min_latent_tile, (tile // 2) // 2 * 2)
     overlap = min(config.latent_overlap, max(0, (tile // 4) // 2 * 2))
     # VAE tiles stay multiples of 8 pixels (the VAE's factor), overlaps too.
-    vae_tile = max(256, (config.vae_tile // 2) // 8 * 8) if config.vae_tile else 512
-    vae_overlap = min(config.vae_overlap, (vae_tile // 4) // 8 * 8)
-    return dataclasses.replace(config, latent_tile=tile, latent_overlap=overlap,
-                               vae_tile=vae_tile, vae_overlap=vae_overlap)
+    if config.vae_tile:
+        vae_tile = min(config.vae_tile, max(min_vae_tile, (config.vae_tile // 2) // 8 * 8))
+        vae_overlap = min(config.vae_overlap, (vae_tile // 4) // 8 * 8)
+    else:
+        # an untiled VAE starts tiling, with the default's quarter overlap: its overlap of 0
+        # meant "no tiles", and tiles without overlap leave seams
+        vae_tile, vae_overlap = 512, 128
+    smaller = dataclasses.replace(config, latent_tile=tile, latent_overlap=overlap,
+                                  vae_tile=vae_tile, vae_overlap=vae_overlap)
+    return None if smaller == config else smaller
 
 
 class NonFiniteResultError(RuntimeError):
@@ -166,12 +174,15 @@ def upscale_tensor_with_retry(
 
     Returns the image and the tiling that succeeded. ``on_retry(new_tiling, error)`` is told of
     each retry (the CLI and ComfyUI log it); ``configure_codec(tiling)`` lets the caller move its
-    codec to the new VAE tile size. Other errors propagate unchanged; a result with NaN
+    codec to a VAE tile size: to ``options.tiling``'s first, then to each retry's. Other errors propagate unchanged; a result with NaN
     values raises :class:`NonFiniteResultError`. When even the smallest
     tiles do not fit, the error ends with ``out_of_memory_advice`` (what to try, in the caller's
     terms: the CLI's options by default), as :class:`OutOfMemoryAtSmallestTilesError`.
     """
     current = options
+    if configure_codec is not None:
+        # the codec may still hold an earlier call's retry tiles: this image gets the tiles asked for
+        configure_codec(options.tiling)
     while True:
         try:
             result = upscale_tensor(image, model, codec, cond, current, progress, cancel_check)

@@ -122,6 +122,35 @@ def test_out_of_memory_retries_with_smaller_tiles():
     assert retries == [32] and used.latent_tile == 32 and used.latent_overlap <= 8
 
 
+def test_smaller_tiling_shrinks_what_can_shrink_and_keeps_overlaps():
+    """An untiled VAE (0/0) retried at 512 px tiles with 0 overlap (a 16-level seam); at the
+    smallest transformer tiles the VAE tile was no longer tried smaller; a 128 px VAE tile grew."""
+    untiled = upscaler.smaller_tiling(TilingConfig(latent_tile=64, latent_overlap=16, vae_tile=0, vae_overlap=0))
+    assert (untiled.latent_tile, untiled.vae_tile, untiled.vae_overlap) == (32, 512, 128)
+    smallest = TilingConfig(latent_tile=32, latent_overlap=8, vae_tile=1024, vae_overlap=128)
+    steps = []
+    while (smallest := upscaler.smaller_tiling(smallest)) is not None:
+        steps.append((smallest.latent_tile, smallest.vae_tile, smallest.vae_overlap))
+    assert steps == [(32, 512, 128), (32, 256, 64)]
+    small_vae = upscaler.smaller_tiling(TilingConfig(latent_tile=64, latent_overlap=16, vae_tile=128, vae_overlap=32))
+    assert (small_vae.latent_tile, small_vae.vae_tile, small_vae.vae_overlap) == (32, 128, 32)
+    assert upscaler.smaller_tiling(TilingConfig(latent_tile=32, latent_overlap=8, vae_tile=128, vae_overlap=32)) is None
+    batched = upscaler.smaller_tiling(TilingConfig(latent_tile=32, latent_overlap=8, vae_tile=256, tile_batch_size=4))
+    assert batched == TilingConfig(latent_tile=32, latent_overlap=8, vae_tile=256, tile_batch_size=1)
+
+
+def test_each_call_starts_with_the_vae_tiles_asked_for():
+    """After one image's retry the codec kept the smaller VAE tile, so the next image of a
+    `fluxsr upscale` run came out other than alone (up to 7 levels)."""
+    told = []
+    opts = no_fix(scale=4, tiling=TilingConfig(latent_tile=64, latent_overlap=16, vae_tile=1024, vae_overlap=128))
+    for image in (torch.rand(1, 3, 128, 128), torch.rand(1, 3, 16, 16)):
+        upscaler.upscale_tensor_with_retry(image, OOMOnBigTiles(), PixelCodec(), None, opts,
+                                           on_retry=lambda t, e: None,
+                                           configure_codec=lambda t: told.append((t.vae_tile, t.vae_overlap)))
+    assert told == [(1024, 128), (512, 128), (1024, 128)]
+
+
 def test_options_take_no_limit_or_a_whole_number_of_pixels():
     assert upscaler.UpscaleOptions(max_output_pixels=None).validate().max_output_pixels is None
     assert upscaler.UpscaleOptions(max_output_pixels=64e6).validate().max_output_pixels == 64e6
