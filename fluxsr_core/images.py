@@ -395,6 +395,7 @@ def probe_image(path: str | os.PathLike, max_pixels: Optional[int] = DEFAULT_MAX
         p, img = _open_checked(path, max_pixels, check_size)
         with img:
             w, h = img.size
+            _refuse_misread_tiff(p, img)
             if img.mode in _RANGE_CHECKED_MODES and not _unsigned_16bit_samples(img):
                 _wide_gray_to_unit(p, img, notes=[])
     return h, w
@@ -520,9 +521,10 @@ def _open(p: Path) -> Image.Image:
         tiff_hint = ""
         if p.suffix.lower() in (".tif", ".tiff"):
             # Pillow has no float colour mode, nor 32-bit integer colour, so such TIFFs fail here.
-            tiff_hint = (" Pillow reads 8/16-bit TIFFs, and 32-bit float or integer TIFFs with one "
-                         "channel only; a colour TIFF of 32-bit samples (float or integer), or a TIFF "
-                         "of 16- or 64-bit floats, must be re-saved as a 16-bit TIFF or PNG. An ordinary "
+            tiff_hint = (" Pillow reads 8-bit TIFFs, 16-bit grey, RGB and RGBA ones, and 32-bit float or "
+                         "integer TIFFs with one channel only; a 16-bit grey TIFF with alpha, a colour TIFF "
+                         "of 32-bit samples (float or integer), or a TIFF of 16- or 64-bit floats, must be "
+                         "re-saved as a 16-bit TIFF or PNG. An ordinary "
                          "TIFF that fails here is damaged or incomplete: re-export it.")
         raise NotAnImageError(
             f"'{p}' is not an image Pillow can read (unknown or unsupported format). "
@@ -643,8 +645,26 @@ def _is_16bit_color(img: Image.Image) -> bool:
     if img.mode not in ("RGB", "RGBA") or not img.tile:
         return False
     modes = [_rawmode(t) for t in img.tile]
+    # RGBa: a TIFF's premultiplied (associated) alpha
     return all(m is not None and m.split(";")[-1] in ("16B", "16L", "16N") for m in modes) and \
-        all(m.split(";")[0] == img.mode for m in modes)
+        all(m.split(";")[0] == img.mode or (img.mode == "RGBA" and m.split(";")[0] == "RGBa") for m in modes)
+
+
+def _tiff_tag(img: Image.Image, tag: int):
+    """A TIFF tag's value (None for other formats, or when absent)."""
+    tags = getattr(img, "tag_v2", None)
+    return tags.get(tag) if tags is not None else None
+
+
+def _refuse_misread_tiff(p: Path, img: Image.Image) -> None:
+    """Refuse a TIFF of more than 8 bits per sample stored one plane per channel
+    (PlanarConfiguration 2): Pillow decodes its planes as 8-bit and gives wrong colours, silently."""
+    bits = _tiff_tag(img, 258)
+    bits = max(bits) if isinstance(bits, tuple) and bits else bits
+    if _tiff_tag(img, 284) == 2 and isinstance(bits, int) and bits > 8:
+        raise ImageFileError(f"'{p}' is a {bits}-bit TIFF stored one plane per channel (planar), which "
+                             "Pillow decodes into wrong colours; re-save it interleaved (e.g. `magick in.tif "
+                             "-interlace none out.tif`, or GIMP's TIFF export) or as a 16-bit PNG")
 
 
 def _is_16bit_la_png(img: Image.Image) -> bool:
@@ -748,15 +768,24 @@ def _load(p: Path, img: Image.Image) -> LoadedImage:
                        notes, icc)
 
     if _is_16bit_color(img):
+        # A premultiplied (RGBa) file is decoded as straight RGBA, so the bytes come out as they
+        # are stored; the division by alpha is made below on the 16-bit values (Pillow's unpacker
+        # would make it on each byte apart).
+        straight = [_with_rawmode(t, _rawmode(t).replace("RGBa", "RGBA")) for t in tiles]
+        premultiplied = straight != tiles
+        img.tile = straight
         hi = _decode(p, img, lambda im: _transposed_array(im, notes)).astype(np.uint16)
         with _open(p) as low_img:
-            low_img.tile = [_with_rawmode(t, _opposite_16(_rawmode(t))) for t in tiles]
+            low_img.tile = [_with_rawmode(t, _opposite_16(_rawmode(t))) for t in straight]
             lo = _decode(p, low_img, lambda im: _transposed_array(im, [])).astype(np.uint16)
         full = hi * 256 + lo
         alpha = None
         if full.shape[-1] == 4:
             alpha = full[..., 3] / 65535.0
             full = full[..., :3]
+            if premultiplied:
+                seen = alpha[..., None] > 0
+                full = np.where(seen, np.clip(full / np.where(seen, alpha[..., None], 1.0), 0, 65535), 0.0)
         elif isinstance(trns, tuple) and len(trns) == 3:
             alpha = (~np.all(full == np.asarray(trns, np.uint16), axis=-1)).astype(np.float64)
         _note_dark_16bit(p, int(full.min()), int(full.max()), notes)
@@ -766,6 +795,7 @@ def _load(p: Path, img: Image.Image) -> LoadedImage:
     if mode in _WIDE_GRAY_MODES:
         unit, alpha, bit_depth = _wide_gray_to_unit(p, img, notes)
         return _finish(p, unit[..., None], alpha, bit_depth, True, source_mode, notes, icc)
+    _refuse_misread_tiff(p, img)
 
     # 8-bit family. Orientation first (the EXIF/TIFF tags live on the file's image object;
     # converted copies may lose them), then let Pillow convert to one of L, LA, RGB, RGBA.
@@ -816,7 +846,16 @@ def _wide_gray_to_unit(p: Path, img: Image.Image, notes: list[str]
     :func:`probe_image` alike; raises :class:`FloatRangeError` or :class:`IntegerRangeError`."""
     rawmodes = [_rawmode(t) for t in img.tile]  # read before decoding, which empties img.tile
     trns = img.info.get("transparency")
+    # TIFF PhotometricInterpretation 0: 0 is white. Pillow turns 8-bit such files round, not
+    # wider ones, which would come out as negatives.
+    white_is_zero = _tiff_tag(img, 262) == 0
+    if white_is_zero and not all(r in ("I;16", "I;16B", "I;16L", "I;16N") for r in rawmodes):
+        raise ImageFileError(f"'{p}' is a grey TIFF with 0 as white (MinIsWhite) in {img.mode} samples, which "
+                             "FluxSR reads only with 8 or 16 bits; re-save it as an ordinary (MinIsBlack) TIFF "
+                             "or a 16-bit PNG")
     raw = _decode(p, img, lambda im: _transposed_array(im, notes))
+    if white_is_zero:
+        raw = 65535 - raw.astype(np.int64)
     if img.mode == "F":
         unit, bit_depth = _float_to_unit(p, raw.astype(np.float64), notes)
         return unit, None, bit_depth

@@ -425,7 +425,7 @@ def test_folder_pairing_is_said_where_it_surprises(tmp_path):
     assert "1 image(s) of" in notes and "have no reference" in notes and "'extra'" in notes
     assert rep.row("sr").mean["psnr_y"] == float("inf")
     finite = rep.row("sr").per_image["0802"]["psnr_y"]
-    assert f"sr: 1 of 2 images are identical to their reference (PSNR-Y inf" in notes
+    assert "sr: 1 of 2 images are identical to their reference (PSNR-Y inf" in notes
     assert f"the mean of the other 1 is {finite:.2f} dB" in notes
     # outputs of DIV2K's LR files keep the LR's name (fluxsr upscale lr/ -o out/ writes 0801x4.png)
     div2k_named = tmp_path / "div2k-named"

@@ -147,6 +147,31 @@ def test_rgb16_tiff_keeps_16_bits(tmp_path, rng):
             assert li.bit_depth == 16 and np.array_equal(u16(li.rgb), a), (comp, order)
 
 
+def test_16bit_tiffs_pillow_misreads_are_read_right_or_refused(tmp_path, rng):
+    """Planar 16-bit TIFFs loaded as garbage colours (Pillow decodes their planes as 8-bit);
+    16-bit MinIsWhite grey came out as a negative; 16-bit premultiplied alpha fell to 8 bits."""
+    tifffile = pytest.importorskip("tifffile")
+    a = rng.integers(0, 65536, (5, 6, 3), dtype=np.uint16)
+    tifffile.imwrite(tmp_path / "planar.tif", np.moveaxis(a, -1, 0), photometric="rgb", planarconfig="separate")
+    for check in (load_image, I.probe_image):  # the probe refuses it before any model loads
+        with pytest.raises(ImageFileError, match=r"planar.tif' is a 16-bit TIFF stored one plane per channel"):
+            check(tmp_path / "planar.tif")
+    grey = rng.integers(0, 65536, (5, 6), dtype=np.uint16)
+    tifffile.imwrite(tmp_path / "white0.tif", grey, photometric="miniswhite")
+    li = load_image(tmp_path / "white0.tif")
+    assert li.bit_depth == 16 and np.array_equal(u16(li.rgb)[..., 0], 65535 - grey)
+    straight = rng.integers(0, 65536, (5, 6, 3)).astype(np.float64)
+    alpha = rng.integers(1, 65536, (5, 6)).astype(np.float64)
+    alpha[0, 0] = 0
+    stored = np.dstack([np.round(straight * alpha[..., None] / 65535), alpha]).astype(np.uint16)
+    tifffile.imwrite(tmp_path / "assoc.tif", stored, photometric="rgb", extrasamples=["assocalpha"])
+    li = load_image(tmp_path / "assoc.tif")
+    assert li.bit_depth == 16 and np.array_equal(u16(li.alpha)[..., 0], alpha.astype(np.uint16))
+    rgb = li.rgb[0].permute(1, 2, 0).double().numpy() * 65535
+    seen = alpha > 2000  # where the stored premultiplied values keep enough precision to compare
+    assert np.abs(rgb - straight)[seen].max() < 65535 / alpha[seen].min() and (rgb[0, 0] == 0).all()
+
+
 def test_float_tiff_overshoot_clipped(tmp_path):
     """0..1 floats a little past either end (resampling/sharpening overshoot) are clipped, with a note."""
     a = np.array([[-0.05, 0.25], [0.75, 1.08]], np.float32)
