@@ -25,8 +25,8 @@ import torch
 
 from . import latents as L
 from .interfaces import Conditioning
-from .weights import (CorruptWeightsError, FP8_DTYPES, WeightsNotFoundError, WrongModelError, is_gguf_file,
-                      read_safetensors, shipped_config, transformer_state_dict_to_diffusers,
+from .weights import (CorruptWeightsError, FP8_DTYPES, WeightsNotFoundError, WrongModelError, apply_row_scale,
+                      is_gguf_file, read_safetensors, shipped_config, transformer_state_dict_to_diffusers,
                       vae_state_dict_to_diffusers)
 
 log = logging.getLogger(__name__)
@@ -165,6 +165,7 @@ def _instantiate(cls, config: dict, state_dict: dict[str, torch.Tensor], dtype: 
         dtypes = {k: v.dtype for k, v in model.state_dict().items()}
     parts_of, pending = _fused_qkv_keys(model), {}
     fused_of = {part: fused for fused, parts in parts_of.items() for part in parts}
+    row_scales = getattr(state_dict, "row_scales", {})  # a scaled-fp8 file's (weights.RowScaledStateDict)
     # One tensor at a time, replacing in place, so a 23 GB file never exists twice in memory.
     for k in list(state_dict):
         t = state_dict.pop(k)
@@ -172,6 +173,8 @@ def _instantiate(cls, config: dict, state_dict: dict[str, torch.Tensor], dtype: 
             placed = t.to(device=target)
         else:
             placed = t.to(device=target)
+            if k in row_scales:
+                placed = apply_row_scale(placed, row_scales[k])
             if edit is not None:
                 placed = edit(k, placed)
             placed = placed.to(dtypes.get(fused_of.get(k, k), dtype))

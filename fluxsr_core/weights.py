@@ -552,34 +552,63 @@ def _strip_meta(config: Mapping) -> dict:
 
 # ------------------------------------------------------------------------------ fp8 handling
 
-def dequantize_scaled_fp8(sd: dict[str, torch.Tensor], dtype: torch.dtype = torch.float32
-                          ) -> dict[str, torch.Tensor]:
-    """Undo ComfyUI's *scaled* fp8 format: ``weight = weight_fp8 * scale_weight``.
+class RowScaledStateDict(dict):
+    """A state dict some of whose weights are still a scaled-fp8 file's fp8 values:
+    ``row_scales[key]`` (float32, one value per output row) is what each row of ``self[key]``
+    is multiplied by. The model loader applies it one tensor at a time as the tensor goes to
+    its device (``models._instantiate``), so no full-precision copy of the file is ever made
+    (FLUX.1-dev's scaled fp8 file is 12 GB; dequantised at once it took 47 GB of RAM)."""
+
+    def __init__(self, tensors: Mapping[str, torch.Tensor], row_scales: dict[str, torch.Tensor]):
+        super().__init__(tensors)
+        self.row_scales = row_scales
+
+
+def split_scaled_fp8(sd: Mapping[str, torch.Tensor]) -> tuple[dict[str, torch.Tensor], dict[str, torch.Tensor]]:
+    """ComfyUI's *scaled* fp8 format taken apart: ``(tensors, row scales)``, where each scaled
+    weight's true value is ``tensors[key] * row_scales[key]`` per output row.
 
     Such files carry a ``scaled_fp8`` marker and a ``<layer>.scale_weight`` per quantised
     layer (a scalar, or one value per output row); ``scale_input`` only serves fp8 matmuls and
-    is dropped. Applied in BFL key space, before fused tensors (qkv) are split, because the
-    scale belongs to the fused tensor. Returns a new dict; files without scales pass through.
+    is dropped. The scales are float32 ``[rows]`` (a scalar repeated). Files without scales
+    come back as they are, with no scales.
     """
     scale_keys = [k for k in sd if k.endswith(".scale_weight")]
     if not scale_keys and "scaled_fp8" not in sd:
-        return sd
+        return dict(sd), {}
     out = {k: v for k, v in sd.items()
            if k != "scaled_fp8" and not k.endswith((".scale_weight", ".scale_input"))}
+    scales = {}
     for sk in scale_keys:
         wk = sk[: -len(".scale_weight")] + ".weight"
         if wk not in out:
             raise CorruptWeightsError(f"scaled fp8 file has {sk} but no {wk}")
-        w, s = out[wk], sd[sk].to(dtype)
-        if s.numel() == 1:
-            s = s.reshape(())
-        elif s.numel() == w.shape[0]:
-            s = s.reshape(-1, *([1] * (w.ndim - 1)))
-        else:
+        w, s = out[wk], sd[sk].to(torch.float32)
+        if s.numel() not in (1, w.shape[0]):
             raise UnsupportedWeightsError(
                 f"scaled fp8 file: {sk} has shape {tuple(sd[sk].shape)}, which is neither a scalar nor "
                 f"one value per output row of {wk} {tuple(w.shape)}; convert the file to bf16 first")
-        out[wk] = w.to(dtype) * s
+        scales[wk] = s.reshape(-1).expand(w.shape[0]).clone()
+    return out, scales
+
+
+def apply_row_scale(weight: torch.Tensor, row_scale: torch.Tensor, dtype: torch.dtype = torch.float32) -> torch.Tensor:
+    """``weight * row_scale`` per output row (a scaled-fp8 weight's true value), in ``dtype``."""
+    scale = row_scale.to(weight.device, dtype).reshape(-1, *([1] * (weight.ndim - 1)))
+    return weight.to(dtype) * scale
+
+
+def dequantize_scaled_fp8(sd: dict[str, torch.Tensor], dtype: torch.dtype = torch.float32
+                          ) -> dict[str, torch.Tensor]:
+    """Undo ComfyUI's *scaled* fp8 format at once: ``weight = weight_fp8 * scale_weight``
+    (:func:`split_scaled_fp8`); every scaled weight comes back in ``dtype``. Returns a new dict;
+    files without scales pass through. Model loading does not use it: it applies the scales
+    tensor by tensor (:class:`RowScaledStateDict`)."""
+    if not any(k.endswith(".scale_weight") for k in sd) and "scaled_fp8" not in sd:
+        return sd
+    out, scales = split_scaled_fp8(sd)
+    for wk, s in scales.items():
+        out[wk] = apply_row_scale(out[wk], s, dtype)
     return out
 
 
@@ -724,16 +753,27 @@ def transformer_state_dict_to_diffusers(sd: dict[str, torch.Tensor], source: str
     """
     kind = identify_checkpoint(sd.keys())
     if kind == "flux-transformer-bfl":
-        sd = _select_transformer_keys(sd)
-        sd = dequantize_scaled_fp8(sd)
+        sd, scales = split_scaled_fp8(_select_transformer_keys(sd))
         config = infer_transformer_config(sd)
-        return _convert_bfl_transformer(sd), config
+        converted = _convert_bfl_transformer(sd)
+        if scales:
+            converted = RowScaledStateDict(converted, _convert_row_scales(sd, scales))
+        return converted, config
     if kind == "flux-transformer-diffusers":
-        sd = _select_transformer_keys(sd)
-        if any(k.endswith(".scale_weight") for k in sd):
-            sd = dequantize_scaled_fp8(sd)
-        return sd, infer_transformer_config(sd)
+        sd, scales = split_scaled_fp8(_select_transformer_keys(sd))
+        return (RowScaledStateDict(sd, scales) if scales else sd), infer_transformer_config(sd)
     raise _wrong_kind(Path(source), "a FLUX transformer", kind, sd.keys())
+
+
+def _convert_row_scales(bfl: Mapping[str, torch.Tensor], scales: Mapping[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """A BFL file's row scales under the diffusers keys their rows end up in.
+
+    The conversion only splits, joins and reorders rows (q | k | v, the final layer's
+    shift/scale swap), so the same conversion of a stand-in dict, whose every tensor is its
+    rows' scales (1 where the file has none), carries each scale to its rows' new key."""
+    ones = torch.ones(1)
+    stand_in = {k: scales[k] if k in scales else ones.expand(v.shape[0] if v.ndim else 1) for k, v in bfl.items()}
+    return {k: v.contiguous() for k, v in _convert_bfl_transformer(stand_in).items() if not bool((v == 1).all())}
 
 
 # ------------------------------------------------------------------------------ VAE conversion
@@ -1020,7 +1060,7 @@ __all__ = [
     "is_gguf_file", "read_gguf_header", "require_flux_transformer", "gguf_transformer_config", "gguf_transformer_bytes", "read_gguf_transformer",
     "DIFFUSERS_WEIGHTS_NAME", "diffusers_folder_files", "read_diffusers_folder",
     "safe_torch_load_tensors", "identify_checkpoint", "KIND_DESCRIPTIONS", "shipped_config",
-    "dequantize_scaled_fp8", "cast_state_dict", "infer_transformer_config",
+    "dequantize_scaled_fp8", "split_scaled_fp8", "apply_row_scale", "RowScaledStateDict", "cast_state_dict", "infer_transformer_config",
     "transformer_state_dict_to_diffusers", "infer_vae_config", "vae_state_dict_to_diffusers",
     "describe_file", "FP8_DTYPES", "PICKLE_SUFFIXES", "transformer_state_dict_to_bfl", "bfl_row_sources",
     "vae_state_dict_to_bfl",

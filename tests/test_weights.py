@@ -311,6 +311,37 @@ def test_dequantize_scaled_fp8():
     assert W.dequantize_scaled_fp8(plain) is plain
 
 
+def test_a_scaled_fp8_file_is_dequantised_tensor_by_tensor_as_it_loads(tmp_path, tiny_sd):
+    """The whole file was dequantised to fp32 before loading began (47 GB of RAM for FLUX.1-dev's
+    12 GB file): the conversion now keeps the fp8 values and each row's scale under its diffusers
+    key (q | k | v split, the final layer's swap), applied as each tensor is placed."""
+    from fluxsr_core import models
+
+    bfl = W.transformer_state_dict_to_bfl(tiny_sd)
+    gen = torch.Generator().manual_seed(5)
+    scaled = {"scaled_fp8": torch.empty(0, dtype=torch.float8_e4m3fn)}
+    for k, v in bfl.items():
+        if k.endswith(".weight") and v.ndim == 2:
+            rows = (v.abs().amax(dim=1) / 448).clamp_min(1e-8) * (1 + torch.rand(v.shape[0], generator=gen))
+            per_row = "linear1" in k or "qkv" in k or "adaLN" in k or "final_layer" in k
+            scale = rows if per_row else rows.max().reshape(1)
+            scaled[k] = (v / scale.reshape(-1, 1)).to(torch.float8_e4m3fn)
+            scaled[k[: -len(".weight")] + ".scale_weight"] = scale
+        else:
+            scaled[k] = v
+    eager, _ = W.transformer_state_dict_to_diffusers(W.dequantize_scaled_fp8(dict(scaled)))
+    lazy, _ = W.transformer_state_dict_to_diffusers(dict(scaled))
+    assert isinstance(lazy, W.RowScaledStateDict) and set(lazy) == set(eager)
+    assert lazy["single_transformer_blocks.0.attn.to_q.weight"].dtype == torch.float8_e4m3fn
+    assert {"transformer_blocks.0.attn.to_k.weight", "norm_out.linear.weight"} <= set(lazy.row_scales)
+    for k, v in eager.items():
+        got = W.apply_row_scale(lazy[k], lazy.row_scales[k]) if k in lazy.row_scales else lazy[k]
+        assert torch.equal(got.to(v.dtype), v), k
+    save_file(scaled, tmp_path / "scaled-fp8.safetensors")
+    loaded = models.load_transformer(tmp_path / "scaled-fp8.safetensors", dtype="fp32", device="cpu")
+    assert all(torch.equal(p, eager[k].float()) for k, p in loaded.state_dict().items())
+
+
 def test_describe_file(tmp_path, tiny_sd):
     save_file(W.transformer_state_dict_to_bfl(tiny_sd), tmp_path / "flux.safetensors")
     line = W.describe_file(tmp_path / "flux.safetensors")
