@@ -432,6 +432,8 @@ def _prepare_run(args, log):
     cond_bundle = bundle_mod.load_bundle(args.conditioning)
     for line in cond_bundle.report:
         log(f"conditioning: {line}")
+    # the bundle's widths against the transformer's header: a wrong one is said before the loading
+    cond_bundle.check_fits(models.transformer_config_of(args.transformer))
     lora_settings = read_lora_settings(args.lora)  # what load_lora reads from the same metadata
     settings = merge_settings(cond_bundle.settings, lora_settings)
     # scale counts as chosen also when the size is asked another way (then no scale is used)
@@ -485,7 +487,6 @@ def _load_pipeline(args, tiling, log, cond_bundle, settings, device, dtype):
             log(f"fluxsr: LoRA: {note}")
     for note in loaded.notes:
         log(f"fluxsr: {note}")
-    cond_bundle.check_fits(loaded.transformer)
     velocity = models.DiffusersVelocity(loaded.transformer, compute_dtype=dtype)
     codec = models.DiffusersCodec(loaded.vae, compute_dtype=dtype, tile=tiling.vae_tile,
                                   tile_overlap=tiling.vae_overlap)

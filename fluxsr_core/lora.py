@@ -974,6 +974,12 @@ def _refuse_metadata_alpha_when_mixed(md: Mapping[str, str], namings: Mapping[st
                         "one naming.")
 
 
+def check_lora(transformer, path: str | os.PathLike) -> None:
+    """Raise :class:`LoraError` (naming what is wrong) unless the LoRA at ``path`` fits
+    ``transformer``'s layers, as loading it would; ``transformer`` may be a meta-device model."""
+    _read_checked(transformer, path, 1.0)
+
+
 MergeFactors = dict[str, tuple[torch.Tensor, torch.Tensor, float]]
 
 

@@ -384,11 +384,8 @@ def load_vae(source: Union[PathLike, str], dtype: Union[str, torch.dtype] = "aut
     torch_dtype = resolve_dtype(dtype, device if device is not None else "cpu")
     path = Path(str(source)).expanduser()
     if path.is_dir():
+        vae_config_of(path)  # a VAE of other latent channels is refused
         folder = _model_folder(path, "vae", "AutoencoderKL", "a VAE", VAE_HELP)
-        channels = _folder_config(folder).get("latent_channels")
-        if channels != L.LATENT_CHANNELS:
-            raise WrongModelError(f"{path} is a {channels}-channel VAE; FLUX needs its 16-channel VAE "
-                                  f"(ae.safetensors)")
         model = _load_from_folder(folder, AutoencoderKL, torch_dtype, "VAE folder", _placement(device))
     elif path.exists():
         model = _load_from_file(path, AutoencoderKL, vae_state_dict_to_diffusers, torch_dtype, "VAE file",
@@ -685,6 +682,69 @@ def transformer_config_of(source) -> dict:
     if str(source) in RANDOM_INIT_NAMES:
         return shipped_config(f"{RANDOM_INIT_NAMES[str(source)]}-transformer")
     raise WeightsNotFoundError(f"transformer not found: {path}. {TRANSFORMER_HELP}")
+
+
+# FLUX.1's text-to-image transformers take 64 input channels (a 2x2 patch of the 16-channel
+# latent); the Fill, Depth and Canny variants concatenate a condition to it and take more.
+FLUX_IN_CHANNELS = 64
+
+
+def check_model_files(transformer_source, vae_source, lora: Optional[PathLike] = None) -> tuple[dict, list[str]]:
+    """What can be refused without loading a weight, refused before the minutes of loading:
+    the transformer is a FLUX.1 text-to-image transformer (Fill, Depth and Canny, which take a
+    condition in more input channels, are refused), the VAE a 16-channel FLUX VAE, and the LoRA
+    fits the transformer's layers (checked on a model of no memory, the meta device). Headers,
+    config files and the LoRA are read. Returns the transformer's diffusers config and notes
+    (a transformer without guidance embedding, such as FLUX.1-schnell, is noted, not refused).
+    """
+    config = transformer_config_of(transformer_source)
+    in_channels = int(config.get("in_channels", FLUX_IN_CHANNELS))
+    if in_channels != FLUX_IN_CHANNELS:
+        raise WrongModelError(
+            f"{transformer_source} is a FLUX transformer with {in_channels} input channels, not FLUX.1-dev's "
+            f"{FLUX_IN_CHANNELS}: a FLUX.1 Fill, Depth or Canny model, which takes a condition image beside the "
+            "latent. FluxSR runs on FLUX.1-dev itself (flux1-dev.safetensors or one of its fp8/GGUF files)")
+    notes = []
+    if not config.get("guidance_embeds", True):
+        notes.append(f"{Path(str(transformer_source)).name} has no guidance embedding (FLUX.1-schnell?), so the "
+                     "guidance setting has no effect; FluxSR is distilled from FLUX.1-dev, and a FluxSR LoRA made "
+                     "on it gives results off from its own on this model")
+    vae_config_of(vae_source)
+    if lora is not None:
+        from accelerate import init_empty_weights
+        from diffusers import FluxTransformer2DModel
+
+        from . import lora as lora_mod
+
+        with init_empty_weights():
+            meta = FluxTransformer2DModel.from_config(config)
+        lora_mod.check_lora(meta, lora)
+    return config, notes
+
+
+def vae_config_of(source) -> dict:
+    """The diffusers config of a VAE source (file, folder or test name), read from its header
+    or config.json (no weights are loaded); :class:`WrongModelError` for a file that is not a
+    16-channel FLUX VAE, naming what it looks like."""
+    path = Path(str(source)).expanduser()
+    if path.is_dir():
+        config = _folder_config(_model_folder(path, "vae", "AutoencoderKL", "a VAE", VAE_HELP))
+        if config.get("latent_channels") != L.LATENT_CHANNELS:
+            raise WrongModelError(f"{path} is a {config.get('latent_channels')}-channel VAE; FLUX needs its 16-channel "
+                                  "VAE (ae.safetensors)")
+        return config
+    if path.exists():
+        from .weights import WeightsError, meta_state_dict
+
+        try:
+            return vae_state_dict_to_diffusers(meta_state_dict(path, "VAE file"), str(path))[1]
+        except WeightsError as exc:
+            if str(path) in str(exc):
+                raise
+            raise type(exc)(f"{path}: {exc}") from None  # the shape checks' messages name no file
+    if str(source) in RANDOM_INIT_NAMES:
+        return shipped_config(f"{RANDOM_INIT_NAMES[str(source)]}-vae")
+    raise WeightsNotFoundError(f"VAE not found: {path}. {VAE_HELP}")
 
 
 def _header_bytes(files, what: str, dtype: torch.dtype) -> int:
@@ -1225,7 +1285,8 @@ def load_models(transformer_source: PathLike, vae_source: PathLike, memory_mode:
     """Both models loaded and placed for a memory mode, with the LoRA and the speed-ups: the one
     loading path of ``fluxsr upscale`` and ``fluxsr-train pairs``.
 
-    ``auto``: :func:`choose_memory_mode`. ``none``: straight onto the device. A GGUF transformer
+    First :func:`check_model_files` (wrong files are refused before anything loads). ``auto``:
+    :func:`choose_memory_mode`. ``none``: straight onto the device. A GGUF transformer
     (:func:`check_gguf_options`) takes the LoRA as an adapter (said in ``notes``). The fp8 modes:
     :func:`load_transformer_fp8`, built in fp8 as the files load, the LoRA merged on the way or
     (``merge_lora`` False) added afterwards as a peft adapter kept in the compute dtype.
@@ -1237,13 +1298,13 @@ def load_models(transformer_source: PathLike, vae_source: PathLike, memory_mode:
 
     dev = resolve_device(device)
     torch_dtype = resolve_dtype(dtype, dev)
+    _, notes = check_model_files(transformer_source, vae_source, lora)
     reason = "given"
     if memory_mode == "auto":
         memory_mode, reason = choose_memory_mode(transformer_source, vae_source, torch_dtype, dev, lora=lora)
     if memory_mode not in MEMORY_MODES:
         raise ValueError(f"unknown memory mode {memory_mode!r}; use auto or one of {', '.join(MEMORY_MODES)}")
     check_gguf_options(transformer_source, memory_mode, speedups)
-    notes = []
     if lora is not None and merge_lora and is_gguf_file(transformer_source):
         merge_lora = False
         notes.append("the LoRA is kept as an adapter beside the GGUF weights (quantised weights cannot take a merge)")
@@ -1282,6 +1343,7 @@ __all__ = ["resolve_device", "resolve_dtype", "load_transformer", "load_vae", "l
            "fuse_qkv_projections",
            "set_attention_backend",
            "apply_speedups", "DiffusersVelocity", "DiffusersCodec", "build_models", "MEMORY_MODES", "FP8_MODES",
-           "SPEEDUPS", "param_bytes", "transformer_config_of", "weight_bytes_per_mode", "pick_memory_mode", "choose_memory_mode",
+           "SPEEDUPS", "param_bytes", "transformer_config_of", "vae_config_of", "check_model_files",
+           "weight_bytes_per_mode", "pick_memory_mode", "choose_memory_mode",
            "AUTO_HEADROOM_BYTES", "is_gguf_model", "gguf_transformer", "check_gguf_options", "gguf_weight_bytes_per_mode",
            "GGUF_MEMORY_MODES", "GGUF_REFUSED_SPEEDUPS"]

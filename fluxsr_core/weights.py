@@ -452,9 +452,9 @@ KIND_DESCRIPTIONS = {
     "clip-text": "a CLIP text encoder; FluxSR needs no text encoder at run time (it uses fixed embeddings)",
     "t5-text": "a T5 text encoder; FluxSR needs no text encoder at run time (it uses fixed embeddings)",
     "sd-unet": "a Stable Diffusion (SD1.x/SDXL) UNet checkpoint, not FLUX",
+    "sd3-mmdit": "a Stable Diffusion 3 (MMDiT) model or checkpoint, not FLUX (its VAE is not FLUX's either)",
     "unknown": "not a model FluxSR recognises",
 }
-
 
 
 def _strip_any(key: str, prefixes: Iterable[str]) -> str:
@@ -469,7 +469,7 @@ def identify_checkpoint(keys: Iterable[str]) -> str:
 
     Returns one of ``flux-transformer-bfl``, ``flux-transformer-diffusers``, ``flux-vae-bfl``,
     ``flux-vae-diffusers``, ``lora``, ``fluxsr-bundle``, ``clip-text``, ``t5-text``,
-    ``sd-unet``, ``unknown`` (see :data:`KIND_DESCRIPTIONS`). ComfyUI's
+    ``sd-unet``, ``sd3-mmdit``, ``unknown`` (see :data:`KIND_DESCRIPTIONS`). ComfyUI's
     ``model.diffusion_model.`` and LDM's ``first_stage_model.``/``vae.`` prefixes are understood;
     a full ComfyUI checkpoint (transformer + VAE + text encoders) counts as a transformer.
     """
@@ -488,6 +488,8 @@ def identify_checkpoint(keys: Iterable[str]) -> str:
         return "sd-unet"
     if any(k.startswith(("double_blocks.", "single_blocks.")) for k in tkeys) or "img_in.weight" in tkeys:
         return "flux-transformer-bfl"
+    if any(k.startswith("joint_blocks.") for k in tkeys):  # SD3's MMDiT (its checkpoints bundle a VAE)
+        return "sd3-mmdit"
     dkeys = {_strip_any(k, ("transformer.",)) for k in keys}
     if any(k.startswith(("transformer_blocks.", "single_transformer_blocks.")) for k in dkeys) and \
             ("x_embedder.weight" in dkeys or any(k.startswith("single_transformer_blocks.") for k in dkeys)):
@@ -834,6 +836,10 @@ def vae_state_dict_to_diffusers(sd: dict[str, torch.Tensor], source: str = "stat
     which needs only the number of levels from the config; diffusers keys pass through.
     """
     kind = identify_checkpoint(sd.keys())
+    if kind == "flux-transformer-bfl" and any(k.startswith(VAE_PREFIXES) for k in sd):
+        # a ComfyUI FLUX checkpoint (transformer, VAE and text encoders in one file): its VAE
+        sd = _select_vae_keys(sd)
+        kind = identify_checkpoint(sd.keys())
     if kind == "flux-vae-bfl":
         from diffusers.loaders.single_file_utils import convert_ldm_vae_checkpoint
 

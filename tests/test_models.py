@@ -928,3 +928,65 @@ def test_fp8_merge_follows_rslora_and_alpha_patterns_as_peft_does(tmp_path, tran
     with torch.no_grad():
         no_lora = models.DiffusersVelocity(plain)(z, s, cond)
     assert _rel(a, b) < 1e-3 < _rel(b, no_lora)  # the same LoRA, and a LoRA that does something
+
+
+# ------------------------------------------------------------- checks made before loading
+
+def test_wrong_files_are_refused_before_the_transformer_loads(tiny_model_files, tmp_path, monkeypatch):
+    """A FLUX Fill/Depth transformer loaded in full and then failed on every image; a wrong VAE
+    or a LoRA of another width was found only after the transformer's minutes of loading;
+    FLUX.1-schnell ran without a word although the guidance it was given did nothing."""
+    from safetensors.torch import load_file
+
+    from fluxsr_core.lora import LoraError
+
+    bfl = load_file(str(tiny_model_files.transformer))
+    hidden = bfl["img_in.weight"].shape[0]
+    fill = {**bfl, "img_in.weight": torch.zeros(hidden, 384)}
+    save_file(fill, tmp_path / "flux1-fill.safetensors")
+    save_file({k: v for k, v in bfl.items() if not k.startswith("guidance_in.")}, tmp_path / "schnell.safetensors")
+    save_file({"transformer.transformer_blocks.0.attn.to_q.lora_A.weight": torch.zeros(2, 999),
+               "transformer.transformer_blocks.0.attn.to_q.lora_B.weight": torch.zeros(hidden, 2)},
+              tmp_path / "other-width-lora.safetensors")
+
+    def no_loading(*args, **kwargs):
+        raise AssertionError("the transformer was loaded before the files were checked")
+
+    monkeypatch.setattr(models, "load_transformer", no_loading)
+    monkeypatch.setattr(models, "load_transformer_fp8", no_loading)
+    with pytest.raises(W.WrongModelError, match="flux1-fill.safetensors is a FLUX transformer with 384 input "
+                                                "channels, not FLUX.1-dev's 64: a FLUX.1 Fill, Depth or Canny"):
+        models.load_models(tmp_path / "flux1-fill.safetensors", tiny_model_files.vae, "none", "fp32", "cpu")
+    for mode in ("none", "fp8_storage"):
+        with pytest.raises(W.WrongModelError, match="is not a FLUX VAE: it looks like a FLUX transformer"):
+            models.load_models(tiny_model_files.transformer, tiny_model_files.transformer, mode, "fp32", "cpu")
+        with pytest.raises(LoraError):
+            models.load_models(tiny_model_files.transformer, tiny_model_files.vae, mode, "fp32", "cpu",
+                               lora=tmp_path / "other-width-lora.safetensors")
+    _, notes = models.check_model_files(tmp_path / "schnell.safetensors", tiny_model_files.vae)
+    assert notes == ["schnell.safetensors has no guidance embedding (FLUX.1-schnell?), so the guidance setting has "
+                     "no effect; FluxSR is distilled from FLUX.1-dev, and a FluxSR LoRA made on it gives results off "
+                     "from its own on this model"]
+    assert models.check_model_files(tiny_model_files.transformer, tiny_model_files.vae,
+                                    tiny_model_files.lora)[1] == []
+
+
+def test_a_comfyui_flux_checkpoint_gives_its_vae_and_sd3_is_refused(tiny_model_files, tmp_path):
+    """A ComfyUI FLUX checkpoint (transformer + VAE in one file) given as the VAE was refused as
+    'a FLUX transformer, pass it as --transformer'; an SD3 checkpoint was taken as a FLUX VAE."""
+    from safetensors.torch import load_file
+
+    bfl, ae = load_file(str(tiny_model_files.transformer)), load_file(str(tiny_model_files.vae))
+    save_file({**{f"model.diffusion_model.{k}": v for k, v in bfl.items()},
+               **{f"first_stage_model.{k}": v for k, v in ae.items()}}, tmp_path / "flux-checkpoint.safetensors")
+    from_checkpoint = models.load_vae(tmp_path / "flux-checkpoint.safetensors", dtype="fp32")
+    alone = models.load_vae(tiny_model_files.vae, dtype="fp32")
+    assert all(torch.equal(v, alone.state_dict()[k]) for k, v in from_checkpoint.state_dict().items())
+    sd3 = {"model.diffusion_model.joint_blocks.0.x_block.attn.qkv.weight": torch.zeros(6, 2),
+           "model.diffusion_model.x_embedder.proj.weight": torch.zeros(2, 16, 2, 2),
+           **{f"first_stage_model.{k}": v for k, v in ae.items()}}
+    save_file(sd3, tmp_path / "sd3_medium.safetensors")
+    assert W.identify_checkpoint(sd3) == "sd3-mmdit"
+    with pytest.raises(W.WrongModelError, match="sd3_medium.safetensors is not a FLUX VAE: it looks like a Stable "
+                                                r"Diffusion 3 \(MMDiT\) model"):
+        models.vae_config_of(tmp_path / "sd3_medium.safetensors")
