@@ -408,8 +408,9 @@ def load_transformer_fp8(source: Union[PathLike, str], memory_mode: str, dtype: 
     delta there in fp32 (``lora.merge_factors``: peft's merge formula) and is cast to the dtype
     the mode stores it in, so neither RAM nor the device ever holds the model in full precision
     (FLUX.1-dev: 14.3 or 11.1 GiB on the device for fp8_storage / fp8_storage_all, instead of
-    22 GiB of bf16 in RAM first); an fp8 file's weights are kept exactly as they are. A diffusers
-    folder is read the same way, shard by shard; the test names load as usual, merge through
+    22 GiB of bf16 in RAM first); a plain e4m3fn file's weights are kept exactly as they are
+    (an e5m2 or a scaled fp8 file's, scaled as they load, are rounded to e4m3fn again). A
+    diffusers folder is read the same way, shard by shard; the test names load as usual, merge through
     peft, then are cast. ``fuse_qkv``: laid out fused (:func:`fuse_qkv_projections`), each
     attention's q, k and v concatenated as they arrive, after their LoRA merge and cast (the
     cast is per element, so this equals fusing in full precision and casting after).
