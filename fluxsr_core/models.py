@@ -248,9 +248,22 @@ def _load_from_file(path: Path, cls, to_diffusers, dtype: torch.dtype, what: str
 
 
 def _folder_config(folder: Path) -> dict:
+    """A model folder's ``config.json``; a folder quantised by diffusers' quantisers
+    (bitsandbytes, torchao, ...) is refused by name: its weights are not tensors of the model's
+    shapes, and its loading would otherwise end in a 'do not fit' error blaming the file."""
     import json
 
-    return json.loads((folder / "config.json").read_text(encoding="utf-8"))
+    from .weights import UnsupportedWeightsError
+
+    config = json.loads((folder / "config.json").read_text(encoding="utf-8"))
+    quantised = config.get("quantization_config")
+    if quantised:
+        method = quantised.get("quant_method", "an unknown method") if isinstance(quantised, dict) else quantised
+        raise UnsupportedWeightsError(
+            f"{folder} holds weights quantised with {method} (its config.json has a quantization_config), which "
+            "FluxSR does not load: use the bf16 or an fp8 file of FLUX.1-dev (with --memory-mode fp8_storage for "
+            "a small card), or a GGUF file")
+    return config
 
 
 def _load_from_folder(folder: Path, cls, dtype: torch.dtype, what: str, device: Optional[torch.device] = None,

@@ -990,3 +990,18 @@ def test_a_comfyui_flux_checkpoint_gives_its_vae_and_sd3_is_refused(tiny_model_f
     with pytest.raises(W.WrongModelError, match="sd3_medium.safetensors is not a FLUX VAE: it looks like a Stable "
                                                 r"Diffusion 3 \(MMDiT\) model"):
         models.vae_config_of(tmp_path / "sd3_medium.safetensors")
+
+
+def test_a_folder_quantised_by_a_diffusers_quantiser_is_named(transformer_files, tmp_path):
+    """A bitsandbytes NF4 folder (diffusers/FLUX.1-dev-bnb-4bit's layout) was called 'weights
+    from another model'."""
+    import shutil
+
+    folder = tmp_path / "bnb-4bit"
+    shutil.copytree(transformer_files / "folder", folder)
+    config = json.loads((folder / "config.json").read_text())
+    config["quantization_config"] = {"quant_method": "bitsandbytes", "load_in_4bit": True}
+    (folder / "config.json").write_text(json.dumps(config))
+    for read in (models.transformer_config_of, models.load_transformer):
+        with pytest.raises(W.UnsupportedWeightsError, match="bnb-4bit holds weights quantised with bitsandbytes"):
+            read(folder)
