@@ -572,17 +572,31 @@ def split_scaled_fp8(sd: Mapping[str, torch.Tensor]) -> tuple[dict[str, torch.Te
 
     Such files carry a ``scaled_fp8`` marker and a ``<layer>.scale_weight`` per quantised
     layer (a scalar, or one value per output row); ``scale_input`` only serves fp8 matmuls and
-    is dropped. The scales are float32 ``[rows]`` (a scalar repeated). Files without scales
-    come back as they are, with no scales.
+    is dropped. ComfyUI's newer per-layer format is read too: ``<layer>.comfy_quant`` (JSON
+    bytes) saying ``float8_e4m3fn`` or ``float8_e5m2``, with ``<layer>.weight_scale`` (and an
+    ``input_scale``, dropped); its NVFP4 layers are refused (4-bit blocks FluxSR does not
+    compute). The scales are float32 ``[rows]`` (a scalar repeated). Files without scales come
+    back as they are, with no scales.
     """
-    scale_keys = [k for k in sd if k.endswith(".scale_weight")]
+    comfy_layers = [k[: -len(".comfy_quant")] for k in sd if k.endswith(".comfy_quant")]
+    for layer in comfy_layers:
+        fmt = _comfy_quant_format(sd[f"{layer}.comfy_quant"], layer)
+        if fmt not in ("float8_e4m3fn", "float8_e5m2"):
+            raise UnsupportedWeightsError(
+                f"this file is quantised in ComfyUI's {fmt!r} format ({layer}.comfy_quant), which FluxSR does not "
+                "load outside ComfyUI: use it in ComfyUI (FluxSR Upscale takes any MODEL ComfyUI loads), or give "
+                "fluxsr the bf16, an fp8 (e4m3fn, also scaled) or a GGUF file of FLUX.1-dev")
+    scale_keys = [k for k in sd if k.endswith(".scale_weight")] + [f"{layer}.weight_scale" for layer in comfy_layers]
     if not scale_keys and "scaled_fp8" not in sd:
         return dict(sd), {}
-    out = {k: v for k, v in sd.items()
-           if k != "scaled_fp8" and not k.endswith((".scale_weight", ".scale_input"))}
+    dropped = {"scaled_fp8", *scale_keys, *(f"{layer}.{part}" for layer in comfy_layers
+                                            for part in ("comfy_quant", "input_scale"))}
+    out = {k: v for k, v in sd.items() if k not in dropped and not k.endswith(".scale_input")}
     scales = {}
     for sk in scale_keys:
-        wk = sk[: -len(".scale_weight")] + ".weight"
+        if sk not in sd:
+            raise CorruptWeightsError(f"{sk[: -len('.weight_scale')]}.comfy_quant says fp8, but the file has no {sk}")
+        wk = sk.rsplit(".", 1)[0] + ".weight"
         if wk not in out:
             raise CorruptWeightsError(f"scaled fp8 file has {sk} but no {wk}")
         w, s = out[wk], sd[sk].to(torch.float32)
@@ -592,6 +606,17 @@ def split_scaled_fp8(sd: Mapping[str, torch.Tensor]) -> tuple[dict[str, torch.Te
                 f"one value per output row of {wk} {tuple(w.shape)}; convert the file to bf16 first")
         scales[wk] = s.reshape(-1).expand(w.shape[0]).clone()
     return out, scales
+
+
+def _comfy_quant_format(config: torch.Tensor, layer: str) -> str:
+    """The ``format`` a ComfyUI ``<layer>.comfy_quant`` tensor (JSON text as uint8) names."""
+    try:
+        fmt = json.loads(bytes(config.to(torch.uint8).tolist()).decode("utf-8")).get("format")
+    except (ValueError, AttributeError, RuntimeError):
+        fmt = None
+    if not isinstance(fmt, str):
+        raise CorruptWeightsError(f"{layer}.comfy_quant is not ComfyUI's JSON quantisation config with a format")
+    return fmt
 
 
 def apply_row_scale(weight: torch.Tensor, row_scale: torch.Tensor, dtype: torch.dtype = torch.float32) -> torch.Tensor:

@@ -342,6 +342,36 @@ def test_a_scaled_fp8_file_is_dequantised_tensor_by_tensor_as_it_loads(tmp_path,
     assert all(torch.equal(p, eager[k].float()) for k, p in loaded.state_dict().items())
 
 
+def test_comfyuis_per_layer_fp8_format_loads_and_nvfp4_is_named(tmp_path, tiny_sd):
+    """ComfyUI's newer quantised files (``<layer>.comfy_quant`` + ``weight_scale``) were refused
+    as 'keys with no place in a FLUX.1 transformer'."""
+    import json
+
+    from fluxsr_core import models
+
+    bfl = W.transformer_state_dict_to_bfl(tiny_sd)
+    as_bytes = lambda fmt: torch.tensor(list(json.dumps({"format": fmt}).encode()), dtype=torch.uint8)  # noqa: E731
+    quantised, dequantised, nvfp4 = {}, {}, {}
+    for k, v in bfl.items():
+        if k.endswith(".weight") and v.ndim == 2 and k.startswith(("double_blocks", "single_blocks")):
+            layer, scale = k[: -len(".weight")], v.abs().max() / 448
+            quantised[k] = (v / scale).to(torch.float8_e4m3fn)
+            quantised.update({f"{layer}.weight_scale": scale.reshape(()), f"{layer}.input_scale": torch.ones(()),
+                              f"{layer}.comfy_quant": as_bytes("float8_e4m3fn")})
+            dequantised[k] = quantised[k].float() * scale
+            nvfp4.update({k: torch.zeros(v.shape[0], v.shape[1] // 2, dtype=torch.uint8),
+                          f"{layer}.comfy_quant": as_bytes("nvfp4")})
+        else:
+            quantised[k] = dequantised[k] = nvfp4[k] = v
+    save_file(quantised, tmp_path / "comfy-quant-fp8.safetensors")
+    loaded = models.load_transformer(tmp_path / "comfy-quant-fp8.safetensors", dtype="fp32", device="cpu")
+    expected, _ = W.transformer_state_dict_to_diffusers(dequantised)
+    assert all(torch.equal(p, expected[k].float()) for k, p in loaded.state_dict().items())
+    save_file(nvfp4, tmp_path / "nvfp4.safetensors")
+    with pytest.raises(W.UnsupportedWeightsError, match="quantised in ComfyUI's 'nvfp4' format"):
+        models.load_transformer(tmp_path / "nvfp4.safetensors", dtype="fp32", device="cpu")
+
+
 def test_describe_file(tmp_path, tiny_sd):
     save_file(W.transformer_state_dict_to_bfl(tiny_sd), tmp_path / "flux.safetensors")
     line = W.describe_file(tmp_path / "flux.safetensors")
