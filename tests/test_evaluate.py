@@ -486,3 +486,9 @@ def test_a_console_that_cannot_encode_the_table_still_gets_it_and_the_files(tmp_
                           env={**os.environ, "PYTHONIOENCODING": "cp1252"}, timeout=300)
     assert done.returncode == 0, done.stderr.decode("cp1252", "replace")
     assert b"| method | PSNR-Y ? |" in done.stdout and js.is_file() and "PSNR-Y ↑" in md.read_text("utf-8")
+
+
+def test_a_device_that_is_not_there_is_said_before_the_images_are_read(tmp_path, capsys, monkeypatch):
+    monkeypatch.setattr(E, "evaluate_folders", lambda *a, **k: pytest.fail("images read before the device check"))
+    assert E.main_eval([str(tmp_path), "-r", str(tmp_path), "--device", "tpu"]) == 2
+    assert "unknown device" in capsys.readouterr().err

@@ -727,22 +727,22 @@ def evaluate_images(methods: Mapping[str, Mapping[str, Any]], references: Mappin
         raise EvaluationError("none of the metrics asked for can run here: " + "; ".join(
             f"{METRIC_SPECS[m].title}: {why}" for m, why in skipped.items()))
 
-    ref_t = {k: _as_float_tensor(v) for k, v in refs.items()} if any(
-        METRIC_SPECS[m].backend != "protocol" for m in used) else {}
+    # float copies for the networks one image at a time: of a whole set they were gigabytes
+    perceptual = any(METRIC_SPECS[m].backend != "protocol" for m in used)
     rows = []
     for mname, imgs in rows_in.items():
         res = MethodResult(mname)
         for k in image_names:
             out = imgs[k]
             scores = {}
-            out_t = _as_float_tensor(out) if ref_t else None
+            out_t, ref_t = (_as_float_tensor(out), _as_float_tensor(refs[k])) if perceptual else (None, None)
             for m in used:
                 if m == PSNR_Y:
                     scores[m] = psnr_y(out, refs[k], border)
                 elif m == SSIM_Y:
                     scores[m] = ssim_y(out, refs[k], border)
                 else:
-                    scores[m] = built[m](out_t, ref_t[k])
+                    scores[m] = built[m](out_t, ref_t)
             res.per_image[k] = scores
         for m in used:
             vals = [res.per_image[k][m] for k in image_names]
@@ -875,7 +875,7 @@ def build_eval_parser(parser: Optional[argparse.ArgumentParser] = None) -> argpa
     p.add_argument("--bicubic-kernel", choices=BICUBIC_KERNELS, default="matlab",
                    help="the baseline's bicubic: matlab (imresize, as papers' tables; default) or torch "
                         "(the upscaler's own resize, a = -0.75)")
-    p.add_argument("--device", default="cpu", help="cpu, cuda, cuda:N")
+    p.add_argument("--device", default="cpu", help="cpu, cuda, cuda:N, mps or auto")
     p.add_argument("--json", default=None, help="write the JSON table here")
     p.add_argument("--markdown", default=None, help="write the Markdown table here")
     p.add_argument("--per-image", action="store_true", help="also print one table per image")
@@ -915,10 +915,13 @@ def _check_writable(flag: str, path: Optional[str]) -> None:
 def run_eval(args: argparse.Namespace) -> int:
     """Run ``fluxsr-train eval`` from parsed arguments; prints the Markdown table, then writes the
     files asked for (a write that still fails leaves the printed table as the result)."""
+    from fluxsr_core.models import resolve_device
+
     _check_writable("--json", args.json)
     _check_writable("--markdown", args.markdown)
+    device = resolve_device(args.device)  # a device not there is said now, not after every image is read
     report = evaluate_folders(_outputs_arg(args.outputs), args.references, scale=args.scale, lr_dir=args.lr,
-                              metrics=args.metrics, bicubic=not args.no_bicubic, device=args.device,
+                              metrics=args.metrics, bicubic=not args.no_bicubic, device=device,
                               weights_dir=args.weights_dir, crop_border=args.crop_border,
                               bicubic_kernel=args.bicubic_kernel)
     print(report.to_markdown(per_image=args.per_image), end="", flush=True)
