@@ -1590,3 +1590,26 @@ def test_unsupported_or_unrelated_files_are_not_called_damaged(tmp_path):
     (tmp_path / "notes.png").write_text("BMW parts list: 4 wheels, 1 steering wheel\n")
     with pytest.raises(I.NotAnImageError, match="not an image"):
         I.probe_image(tmp_path / "notes.png")
+
+
+@pytest.mark.parametrize("bit_depth", [8, 16])
+def test_saving_in_bands_of_rows_writes_the_same_levels(tmp_path, monkeypatch, bit_depth):
+    """save_image quantises a band of rows at a time (whole-picture float64 copies took 5x the
+    picture's memory): every band boundary must give the levels of one pass."""
+    gen = torch.Generator().manual_seed(3)
+    rgb, alpha = torch.rand(1, 3, 37, 23, generator=gen), torch.rand(1, 1, 37, 23, generator=gen)
+    rgb[0, :, 5, 4] = float("nan")
+    with pytest.raises(ValueError, match="NaN or infinite"):
+        save_image(tmp_path / "nan.png", rgb, alpha, bit_depth=bit_depth)
+    rgb[0, :, 5, 4] = 0.5
+    save_image(tmp_path / "one-pass.png", rgb, alpha, bit_depth=bit_depth)
+    save_image(tmp_path / "grey-one-pass.png", rgb, grayscale=True, bit_depth=bit_depth)
+    monkeypatch.setattr(I, "_QUANTISE_BAND_PIXELS", 23 * 3 + 5)  # bands of 3 rows, the last of 1
+    save_image(tmp_path / "bands.png", rgb, alpha, bit_depth=bit_depth)
+    save_image(tmp_path / "grey-bands.png", rgb, grayscale=True, bit_depth=bit_depth)
+    for one, banded in (("one-pass.png", "bands.png"), ("grey-one-pass.png", "grey-bands.png")):
+        a, b = load_image(tmp_path / one), load_image(tmp_path / banded)
+        assert torch.equal(a.rgb, b.rgb) and (a.alpha is None or torch.equal(a.alpha, b.alpha))
+    levels = 65535 if bit_depth == 16 else 255
+    expected = torch.floor(rgb.double().clamp(0, 1) * levels + 0.5) / levels
+    assert torch.equal(load_image(tmp_path / "bands.png").rgb.double(), expected.float().double())
