@@ -12,8 +12,9 @@ reads it. Its layout::
       quarantine/                               shards and cond files set aside by drop_bad_shards
 
 Shard tensors, per pair ``i`` of the shard: ``"<i>.eps"`` and ``"<i>.z0"`` ``[16, h, w]`` in the
-normalised latent space, optional ``"<i>.image"`` (uint8 ``[3, H, W]``, the teacher's decoded
-image) and ``"<i>.trajectory"`` (``[S, 16, h, w]``). The shard's safetensors metadata holds
+normalised latent space (``h``, ``w`` even: FLUX packs 2x2 latent patches), optional
+``"<i>.image"`` (uint8 ``[3, 8h, 8w]``, the teacher's decoded image) and ``"<i>.trajectory"``
+(``[S, 16, h, w]``); :class:`PairWriter` refuses other sizes. The shard's safetensors metadata holds
 ``fluxsr.pairs`` = a JSON list with one object per pair: ``id``, ``cond`` (the conditioning
 key) and the caller's metadata (seed, resolution, prompt, steps, guidance, sigmas, ...).
 
@@ -84,6 +85,8 @@ import torch
 from safetensors import safe_open
 from safetensors.torch import load as st_load_bytes
 from safetensors.torch import save as st_save_bytes
+
+from .latents import PATCH, PIXEL_MULTIPLE, VAE_DOWNSCALE
 
 logger = logging.getLogger(__name__)
 
@@ -286,6 +289,31 @@ def _unbatch(t: torch.Tensor, ndim: int, name: str, shape_doc: str) -> torch.Ten
     if t.ndim != ndim:
         raise ValueError(f"{name} must be {shape_doc} (one pair, no batch), got shape {tuple(t.shape)}")
     return t.detach().to("cpu").contiguous()
+
+
+def _px(shape: Sequence[int]) -> str:
+    """``"WxH px"`` of a latent shape ``(..., h, w)``: the image size it decodes to."""
+    return f"{int(shape[-1]) * VAE_DOWNSCALE}x{int(shape[-2]) * VAE_DOWNSCALE} px"
+
+
+def latent_size_problem(latent_shape: Sequence[int]) -> Optional[str]:
+    """What makes a pair latent ``(..., h, w)`` unusable by FLUX (odd ``h`` or ``w``: it packs 2x2
+    latent patches into tokens), or None."""
+    h, w = (int(d) for d in latent_shape[-2:])
+    if h % PATCH or w % PATCH:
+        return (f"the latent is {w}x{h} ({_px(latent_shape)}); FLUX packs 2x2 latent patches, so the latent width "
+                f"and height must be even: images must be multiples of {PIXEL_MULTIPLE} px")
+    return None
+
+
+def image_size_problem(image_shape: Sequence[int], latent_shape: Sequence[int]) -> Optional[str]:
+    """What is wrong with a stored teacher image ``(3, H, W)`` for a pair latent ``(..., h, w)``
+    (not ``8h x 8w``: not the image the latent decodes to), or None."""
+    H, W = (int(d) for d in image_shape[-2:])
+    h, w = (int(d) for d in latent_shape[-2:])
+    if (H, W) != (h * VAE_DOWNSCALE, w * VAE_DOWNSCALE):
+        return f"the image is {W}x{H} px but the {w}x{h} latent decodes to {_px(latent_shape)}"
+    return None
 
 
 def conditioning_key(t5: torch.Tensor, clip_pooled: torch.Tensor) -> str:
@@ -586,12 +614,13 @@ class PairWriter:
             image: Optional[torch.Tensor] = None, trajectory: Optional[torch.Tensor] = None) -> bool:
         """Buffer one pair; writes a shard when ``shard_size`` pairs are buffered.
 
-        ``eps``, ``z0``: ``[16, h, w]`` (or ``[1, 16, h, w]``) normalised latents.
+        ``eps``, ``z0``: ``[16, h, w]`` (or ``[1, 16, h, w]``) normalised latents, ``h`` and ``w``
+        even (FLUX packs 2x2 latent patches: images are multiples of 16 px).
         ``cond_t5``: ``[L, 4096]`` / ``[1, L, 4096]``; ``cond_clip``: ``[768]`` / ``[1, 768]``:
         stored once per distinct conditioning in ``cond-<key>.safetensors``.
         ``meta``: JSON-able per-pair metadata (seed, resolution, prompt, steps, guidance,
-        sigmas; tensors become lists). ``image``: uint8 ``[3, H, W]`` (a float image in [0, 1]
-        is rounded to uint8). ``trajectory``: ``[S, 16, h, w]``.
+        sigmas; tensors become lists). ``image``: uint8 ``[3, 8h, 8w]``, the image the latent
+        decodes to (a float image in [0, 1] is rounded to uint8). ``trajectory``: ``[S, 16, h, w]``.
 
         Returns False (and stores nothing) when ``pair_id`` is already stored or buffered, so
         re-running the same ids never duplicates a pair.
@@ -606,10 +635,17 @@ class PairWriter:
         z0 = _unbatch(z0, 3, "z0", "[C, h, w]")
         if eps.shape != z0.shape:
             raise ValueError(f"eps {tuple(eps.shape)} and z0 {tuple(z0.shape)} must have the same shape")
+        problem = latent_size_problem(z0.shape)
+        if problem is not None:  # found here, not inside the model at the first training step
+            raise ValueError(f"pair {pair_id}: {problem}")
         if image is not None:
             image = _unbatch(image, 3, "image", "uint8 [3, H, W]")
             if image.shape[0] != 3:
                 raise ValueError(f"image must be [3, H, W] (channels first), got {tuple(image.shape)}")
+            problem = image_size_problem(image.shape, z0.shape)
+            if problem is not None:  # training compares the two pixel for pixel
+                raise ValueError(f"pair {pair_id}: {problem}; store the image the latent decodes to (or was "
+                                 "encoded from)")
             if image.dtype != torch.uint8:
                 if not image.is_floating_point():
                     raise ValueError(f"image must be uint8 or float in [0, 1], got {image.dtype}")
@@ -916,12 +952,14 @@ class PairWriter:
 
 # --- verification -------------------------------------------------------------------------
 
-# Kinds that mean data named by a manifest cannot be read, or that one id names two different
-# pairs ("conflict"). The others are notes: leftovers of a kill, and true duplicates (the same
-# pair stored by two writers), which readers handle safely. "io-error": the system could not read
-# the file (permission denied, EIO): unlike the others it says nothing about the file's content.
-ERROR_KINDS = ("missing", "truncated", "hash", "unreadable", "mismatch", "conflict", "missing-cond", "bad-cond",
-               "io-error")
+# Kinds that mean data named by a manifest cannot be read, that one id names two different
+# pairs ("conflict"), or that a pair's stored image is not the size its latent decodes to ("size":
+# written before PairWriter refused it; training on it fails). The others are notes: leftovers of
+# a kill, and true duplicates (the same pair stored by two writers), which readers handle safely.
+# "io-error": the system could not read the file (permission denied, EIO): unlike the others it
+# says nothing about the file's content.
+ERROR_KINDS = ("missing", "truncated", "hash", "unreadable", "mismatch", "conflict", "size", "missing-cond",
+               "bad-cond", "io-error")
 # Errors `--drop-bad` leaves in place: the shard may be whole, and setting it aside would make
 # `fluxsr-train pairs` sample its pairs again for a permission or disk problem.
 KEPT_ON_DROP_KINDS = ("io-error",)
@@ -980,10 +1018,11 @@ def _check_shard(folder: Path, e: ManifestEntry, check_hash: bool) -> Optional[P
     return _check_shard_records(folder, e, check_hash)[0]
 
 
-def _check_shard_records(folder: Path, e: ManifestEntry,
-                         check_hash: bool) -> tuple[Optional[PairProblem], list[dict]]:
+def _check_shard_records(folder: Path, e: ManifestEntry, check_hash: bool,
+                         sizes: bool = False) -> tuple[Optional[PairProblem], list[dict]]:
     """``(first problem or None, the shard's pair records)`` of the shard named by ``e``. An
-    OSError reading it (permission denied, EIO) is the problem ``io-error``, not a traceback."""
+    OSError reading it (permission denied, EIO) is the problem ``io-error``, not a traceback.
+    ``sizes``: also check each stored image's size against its latent (the problem ``size``)."""
     path = folder / e.shard
     where = f"(listed in {e.manifest} line {e.line})"
     try:
@@ -1000,7 +1039,7 @@ def _check_shard_records(folder: Path, e: ManifestEntry,
                                    f"shard content is corrupted: sha256 {sha[:12]}... differs from "
                                    f"{e.sha256[:12]}... {where}"), []
         try:
-            records, keys = _read_shard_header(path)
+            records, keys = _read_shard_header(path, shapes=sizes)
         except OSError:
             raise
         except Exception as ex:  # safetensors raises its own error type for a damaged header
@@ -1015,7 +1054,31 @@ def _check_shard_records(folder: Path, e: ManifestEntry,
     for i in range(len(ids)):
         if f"{i}.eps" not in keys or f"{i}.z0" not in keys:
             return PairProblem("unreadable", str(path), f"pair {ids[i]} has no eps/z0 tensor {where}"), []
+    if sizes:
+        prob = _image_size_problem_of_shard(path, ids, keys)
+        if prob is not None:
+            return prob, []
     return None, records
+
+
+def _tensor_shapes(f) -> dict[str, tuple[int, ...]]:
+    """``{tensor name: shape}`` of an open safetensors file, from its header (no tensor is read)."""
+    return {k: tuple(f.get_slice(k).get_shape()) for k in f.keys()}
+
+
+def _image_size_problem_of_shard(path: Path, pairs: Sequence[str],
+                                 shapes: Mapping[str, tuple[int, ...]]) -> Optional[PairProblem]:
+    """The ``size`` problem of a shard holding a pair whose stored image is not the size its latent
+    decodes to (``shapes``: the shard's tensor shapes, from its header), or None."""
+    bad = [(pid, problem) for i, pid in enumerate(pairs) if f"{i}.image" in shapes
+           for problem in [image_size_problem(shapes[f"{i}.image"], shapes[f"{i}.z0"])] if problem]
+    if not bad:
+        return None
+    pid, problem = bad[0]
+    return PairProblem("size", str(path),
+                       f"{len(bad)} of its pairs store an image of another size than their latent, e.g. {pid}: "
+                       f"{problem}. Training on them fails; --drop-bad sets this shard aside (then make its pairs "
+                       "again), or train with data.teacher_image=decode, which decodes z_0 and reads no stored image")
 
 
 def _problem_error(prob: PairProblem, folder: Path) -> PairDataError:
@@ -1025,10 +1088,12 @@ def _problem_error(prob: PairProblem, folder: Path) -> PairDataError:
     return PairDataError(f"{prob.message}: {prob.path}{hint}")
 
 
-def _read_shard_header(path: Path) -> tuple[list[dict], set[str]]:
+def _read_shard_header(path: Path, shapes: bool = False) -> tuple[list[dict], Any]:
+    """``(pair records, tensor names)`` of a shard, from its header; with ``shapes`` the names map
+    to their tensors' shapes (``{name: shape}``; still no tensor is read)."""
     with safe_open(str(path), framework="pt") as f:
         meta = f.metadata() or {}
-        keys = set(f.keys())
+        keys = _tensor_shapes(f) if shapes else set(f.keys())
     if META_KEY_PAIRS not in meta:
         raise ValueError(f"no '{META_KEY_PAIRS}' metadata; not a FluxSR pair shard")
     records = json.loads(meta[META_KEY_PAIRS])
@@ -1100,7 +1165,8 @@ def verify_pairs(folder: str | os.PathLike, check_hash: bool = True) -> VerifyRe
     Errors: a shard a manifest names that is missing, truncated, fails its sha256 (with
     ``check_hash``), cannot be parsed, or holds other pairs than listed; a shard holding a later
     copy of a pair id with other content than the first copy ("conflict": one id given to two
-    different pairs; readers would see only the first); a conditioning file missing or not
+    different pairs; readers would see only the first); a pair whose stored image is not the size
+    its latent decodes to ("size", read from the shard headers); a conditioning file missing or not
     matching its key. Notes (harmless, ignored by readers): torn manifest lines, unlisted
     shards, temporary files, true duplicates (the same pair stored twice; one copy is read).
     """
@@ -1119,7 +1185,7 @@ def verify_pairs(folder: str | os.PathLike, check_hash: bool = True) -> VerifyRe
     for e in scan.entries:
         listed.add(e.shard)
         report.shards += 1
-        prob, records = _check_shard_records(folder, e, check_hash)
+        prob, records = _check_shard_records(folder, e, check_hash, sizes=True)
         if prob is not None:
             report.problems.append(prob)
             continue
@@ -1283,6 +1349,18 @@ def drop_bad_shards(folder: str | os.PathLike, report: Optional[VerifyReport] = 
 # --- reader -------------------------------------------------------------------------------
 
 @dataclass(frozen=True)
+class PairShapes:
+    """A stored pair's tensor shapes, from its shard's header (:meth:`PairDataset.shapes`):
+    ``eps`` and ``z0`` ``(16, h, w)``, ``image`` ``(3, H, W)`` (None when none is stored), and
+    ``cond_key``, the key of its conditioning."""
+
+    eps: tuple[int, ...]
+    z0: tuple[int, ...]
+    image: Optional[tuple[int, ...]]
+    cond_key: str
+
+
+@dataclass(frozen=True)
 class _PairRef:
     pair_id: str
     shard: str
@@ -1395,15 +1473,18 @@ class PairDataset(torch.utils.data.Dataset):
         """Pair ids in dataset order."""
         return [r.pair_id for r in self._refs]
 
-    def _headers(self, refs: Iterable[_PairRef]) -> Iterator[tuple[list[_PairRef], set[str], dict[str, str]]]:
-        """``(refs, tensor names, metadata)`` per shard holding ``refs``: headers only, no tensors."""
+    def _headers(self, refs: Iterable[_PairRef], shapes: bool = False) -> Iterator[tuple[list[_PairRef], Any,
+                                                                                         dict[str, str]]]:
+        """``(refs, tensor names, metadata)`` per shard holding ``refs``: headers only, no tensors.
+        With ``shapes`` the tensor names map to their shapes (``{name: shape}``)."""
         by_shard: dict[str, list[_PairRef]] = collections.defaultdict(list)
         for ref in refs:
             by_shard[ref.shard].append(ref)
         for shard, group in by_shard.items():
             try:
                 with safe_open(str(self.folder / shard), framework="pt") as f:
-                    keys, meta = set(f.keys()), f.metadata() or {}
+                    keys = _tensor_shapes(f) if shapes else set(f.keys())
+                    meta = f.metadata() or {}
             except Exception as e:
                 raise PairDataError(f"shard {self.folder / shard} cannot be read ({e}); "
                                     f"{repair_hint(self.folder)}") from None
@@ -1417,6 +1498,35 @@ class PairDataset(torch.utils.data.Dataset):
         for group, _, meta in self._headers(refs):
             rows = json.loads(meta[META_KEY_PAIRS])
             out.update({ref.pair_id: dict(rows[ref.index]) for ref in group})
+        return out
+
+    def shapes(self, pair_ids: Sequence[str]) -> dict[str, PairShapes]:
+        """``{pair id: its tensors' shapes and conditioning key}`` (:class:`PairShapes`) for the ids
+        this dataset holds, read from the shards' headers only (no tensors): cheap enough for a
+        check of every pair before a run (one header read per shard)."""
+        refs = [self._refs[self._index[pid]] for pid in pair_ids if pid in self._index]
+        out: dict[str, PairShapes] = {}
+        for group, shapes, meta in self._headers(refs, shapes=True):
+            rows = json.loads(meta[META_KEY_PAIRS])
+            for ref in group:
+                i = ref.index
+                out[ref.pair_id] = PairShapes(eps=shapes[f"{i}.eps"], z0=shapes[f"{i}.z0"],
+                                              image=shapes.get(f"{i}.image"), cond_key=str(rows[i].get("cond")))
+        return out
+
+    def conditioning_shapes(self, keys: Iterable[str]) -> dict[str, tuple[tuple[int, ...], tuple[int, ...]]]:
+        """``{conditioning key: (t5 shape, clip_pooled shape)}`` (``[L, D]``, ``[D]``), from the cond
+        files' headers only; a missing or damaged file raises the :class:`PairDataError` reading it
+        would (naming it and what to do)."""
+        out: dict[str, tuple[tuple[int, ...], tuple[int, ...]]] = {}
+        for key in keys:
+            path = self.folder / f"cond-{key}.safetensors"
+            try:
+                with safe_open(str(path), framework="pt") as f:
+                    out[key] = (tuple(f.get_slice("t5").get_shape()), tuple(f.get_slice("clip_pooled").get_shape()))
+            except Exception:  # noqa: BLE001 - reading it whole raises the error that says what is wrong
+                t5, clip = self.conditioning(key)
+                out[key] = (tuple(t5.shape), tuple(clip.shape))
         return out
 
     def stored_image_count(self) -> int:

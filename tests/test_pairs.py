@@ -129,6 +129,27 @@ def test_bad_input_errors(tmp_path):
         PairDataset(tmp_path / "nope")
 
 
+def test_odd_latents_and_images_of_another_size_are_refused_when_added(tmp_path):
+    """A 5x5 latent (40 px: FLUX packs 2x2 latent patches) and an image that is not 8x its latent
+    were stored, verified OK and failed training at its first step."""
+    eps, z0, t5, clip, img = make_pair(IDS[0])
+    with PairWriter(tmp_path, "w0") as w:
+        with pytest.raises(ValueError, match=r"^pair a: the latent is 5x5 \(40x40 px\); FLUX packs 2x2 latent patches, "
+                                             r"so the latent width and height must be even: images must be multiples "
+                                             r"of 16 px$"):
+            w.add("a", torch.randn(16, 5, 5), torch.randn(16, 5, 5), t5, clip)
+        with pytest.raises(ValueError, match="latent is 4x3 .32x24 px.; FLUX packs 2x2"):
+            w.add("a", eps[:, :3], z0[:, :3], t5, clip)
+        with pytest.raises(ValueError, match=r"^pair a: the image is 40x48 px but the 4x4 latent decodes to 32x32 px; "
+                                             r"store the image the latent decodes to \(or was encoded from\)$"):
+            w.add("a", eps, z0, t5, clip, image=torch.rand(3, 48, 40))
+        with pytest.raises(ValueError, match="the image is 32x64 px but the 4x4 latent"):
+            w.add("a", eps, z0, t5, clip, image=img.repeat(1, 2, 1))
+        assert w.buffered == 0 and not list(tmp_path.glob("cond-*"))   # refused before anything is stored
+        assert w.add("a", eps[:, :2], z0[:, :2], t5, clip, image=img[:, :16])  # 32x16 px: fine
+    assert verify_pairs(tmp_path).ok
+
+
 def test_same_writer_id_twice_is_refused(tmp_path):
     with PairWriter(tmp_path, "w0"):
         with pytest.raises(WriterBusyError, match="writer id"):
@@ -438,6 +459,36 @@ def test_a_writer_refuses_a_pair_another_writer_stored_as_another_pair(tmp_path,
 
 
 # --- damage -------------------------------------------------------------------------------
+
+def test_verify_names_a_stored_image_of_another_size_and_drop_bad_sets_it_aside(tmp_path, monkeypatch):
+    """Written before PairWriter refused them, such pairs passed verify and failed training; the
+    sizes come from the shard headers (PairDataset.shapes, no tensor read)."""
+    with monkeypatch.context() as m:
+        m.setattr(P, "image_size_problem", lambda *a: None)          # a writer from before the check
+        with PairWriter(tmp_path, "w0", shard_size=3) as w:
+            for k, pid in enumerate(IDS[:6]):
+                eps, z0, t5, clip, img = make_pair(pid)
+                w.add(pid, eps, z0, t5, clip, image=torch.zeros(3, 64, 64, dtype=torch.uint8) if k == 4 else img)
+    bad = tmp_path / "shard-w0-000002.safetensors"
+    report = verify_pairs(tmp_path)
+    assert [(p.kind, p.path) for p in report.errors] == [("size", str(bad))]
+    assert report.errors[0].message == (
+        f"1 of its pairs store an image of another size than their latent, e.g. {IDS[4]}: the image is 64x64 px but "
+        "the 4x4 latent decodes to 32x32 px. Training on them fails; --drop-bad sets this shard aside (then make its "
+        "pairs again), or train with data.teacher_image=decode, which decodes z_0 and reads no stored image")
+    ds = PairDataset(tmp_path)                                       # still readable, e.g. to decode z_0
+    shapes = ds.shapes([IDS[3], IDS[4], "not-there"])
+    key = conditioning_key(*make_pair(IDS[0])[2:4])
+    assert shapes == {IDS[3]: P.PairShapes((16, H, W), (16, H, W), (3, 32, 32), key),
+                      IDS[4]: P.PairShapes((16, H, W), (16, H, W), (3, 64, 64), key)}
+    assert ds.conditioning_shapes([key]) == {key: ((5, 32), (16,))}
+    dropped = drop_bad_shards(tmp_path, report)
+    assert dropped.dropped == [(bad.name, "size", 3)] and (tmp_path / "quarantine" / bad.name).is_file()
+    assert verify_pairs(tmp_path).ok and PairDataset(tmp_path).ids == IDS[:3]
+    (tmp_path / f"cond-{key}.safetensors").unlink()
+    with pytest.raises(PairDataError, match=f"conditioning file .*cond-{key}.safetensors is missing"):
+        ds.conditioning_shapes([key])
+
 
 def _three_shards(folder: Path):
     with PairWriter(folder, "w0", shard_size=3) as w:
