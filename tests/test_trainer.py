@@ -717,6 +717,80 @@ def test_pairs_with_and_without_stored_images_train_alike(tmp_path, caplog):
         T.train(tiny_config(folder, tmp_path / "run2", "train.max_steps=1", "data.teacher_image=stored"))
 
 
+def write_sized_pairs(folder: Path, sizes, t5_lengths=None, image_sizes=None) -> Path:
+    """Random pairs with latents of ``sizes`` ((h, w) each), their images 8x (or ``image_sizes``),
+    T5 conditionings ``t5_lengths`` tokens long (8 each by default; one conditioning per length)."""
+    g = torch.Generator().manual_seed(0)
+    clip = torch.randn(1, 16, generator=g)
+    with PairWriter(folder, writer_id="t0", shard_size=2, fsync=False) as w:
+        for i, (h, wd) in enumerate(sizes):
+            length = t5_lengths[i] if t5_lengths else 8
+            hw = image_sizes[i] if image_sizes else (8 * h, 8 * wd)
+            w.add(pair_id(i, i), torch.randn(16, h, wd, generator=g), torch.randn(16, h, wd, generator=g),
+                  torch.randn(1, length, 32, generator=torch.Generator().manual_seed(length)), clip,
+                  meta={"seed": i}, image=torch.randint(0, 256, (3, *hw), generator=g, dtype=torch.uint8))
+    return folder
+
+
+def test_pairs_a_run_could_not_use_are_refused_before_any_model(tmp_path, monkeypatch):
+    """Start-up read the first training pair's size only: a folder holding two resolutions (e.g.
+    ComfyUI teacher-node pairs) stopped at the first batch mixing them, maybe hours in, and a
+    resume at that same batch; an odd latent, a stored image of another size or another T5 length
+    failed in a training step. Every training pair's sizes are read from the headers now."""
+    from fluxsr_core import pairs as P
+    from fluxsr_core.pairs import PairDataset
+
+    def check(folder, *extra):
+        cfg = tiny_config(folder, tmp_path / "unused", *extra)
+        ds = PairDataset(folder)
+        split = T.split_pairs(ds, cfg.data)
+        T.check_pair_shapes(ds, split.train_ids, cfg.data, cfg.degradation.scale, split.teacher_image)
+
+    mixed = write_sized_pairs(tmp_path / "mixed", [(4, 4)] * 5 + [(6, 4)])
+    with pytest.MonkeyPatch.context() as m:
+        m.setattr(T, "build_student", lambda *a, **k: pytest.fail("a model was built before the refusal"))
+        with pytest.raises(ConfigError) as e:
+            T.train(tiny_config(mixed, tmp_path / "run", "train.max_steps=2"))
+        assert str(e.value) == (
+            f"the training pairs of {mixed} have 2 sizes: 32x32 px (5 pairs), 32x48 px (1 pair, e.g. {pair_id(5, 5)}); "
+            "a batch (data.batch_size=2) holds pairs of one size, so the run would stop at the first batch that mixes "
+            "them: set data.batch_size=1, or put each size in a folder of its own and train on one")
+        assert not (tmp_path / "run").exists()
+        with pytest.raises(ConfigError, match=rf"^5 training pair\(s\) of {mixed} \(e.g. {pair_id(0, 0)}\) are "
+                                              r"32x32 px, not divisible by degradation.scale=3"):
+            check(mixed, "data.batch_size=1", "degradation.scale=3")
+    check(mixed, "data.holdout=1")  # the odd one out is held out: validation takes one image at a time
+    r = T.train(tiny_config(mixed, tmp_path / "run", "train.max_steps=3", "data.batch_size=1"))
+    assert r.step == 3
+
+    # folders written before PairWriter refused odd latents and images of another size
+    with pytest.MonkeyPatch.context() as m:
+        m.setattr(P, "latent_size_problem", lambda *a: None)
+        m.setattr(P, "image_size_problem", lambda *a: None)
+        odd = write_sized_pairs(tmp_path / "odd", [(5, 5)] * 3)
+        wrong = write_sized_pairs(tmp_path / "image", [(4, 4)] * 3, image_sizes=[(32, 32), (64, 64), (32, 32)])
+    with pytest.raises(ConfigError, match=rf"^3 training pair\(s\) of {odd} \(e.g. {pair_id(0, 0)}\) cannot be trained "
+                                          r"on: the latent is 5x5 \(40x40 px\); FLUX packs 2x2 latent patches, so the "
+                                          r"latent width and height must be even: images must be multiples of 16 px. "
+                                          r"Make them again at a multiple of 16 px, or leave them out"):
+        check(odd, "data.batch_size=1")
+    with pytest.raises(ConfigError, match=rf"^1 training pair\(s\) of {wrong} store an image of another size than "
+                                          rf"their latent, e.g. {pair_id(1, 1)}: the image is 64x64 px but the 4x4 latent "
+                                          rf"decodes to 32x32 px. `fluxsr-train verify {wrong}` lists their shards .*"
+                                          r"data.teacher_image=decode"):
+        check(wrong)
+    check(wrong, "data.teacher_image=decode")  # the stored images are not read
+
+    # a batch stacks the conditionings too
+    lengths = write_sized_pairs(tmp_path / "t5", [(4, 4)] * 4, t5_lengths=[8, 8, 8, 9])
+    with pytest.raises(ConfigError, match=rf"^the training pairs of {lengths} have conditionings of 2 shapes: T5 \[8, 32\] "
+                                          rf"and CLIP \[16\] \(3 pairs\), T5 \[9, 32\] and CLIP \[16\] \(1 pair, e.g. "
+                                          rf"{pair_id(3, 3)}\); a batch \(data.batch_size=2\) stacks them.*set "
+                                          r"data.batch_size=1"):
+        check(lengths)
+    check(lengths, "data.batch_size=1")
+
+
 def test_damaged_and_incomplete_checkpoints_are_named_not_trusted(pairs, tmp_path, caplog):
     """A trainer_state.json that cannot be read was taken as empty, which switched the resume
     checks off (a resume could change the conditioning); a step-N folder without one (a copy cut

@@ -1389,6 +1389,87 @@ def split_pairs(pairs, data: DataConfig, recorded_holdout: Optional[Sequence[str
     return DataSplit(train_ids=train_ids, holdout_ids=holdout_ids, teacher_image=teacher_image)
 
 
+def _sizes_listed(sizes: Sequence[tuple[str, int, str]], limit: int = 4) -> str:
+    """``"1024x1024 px (9,000 pairs), 768x1024 px (12 pairs, e.g. p000013-s13)"``: the commonest first,
+    an example id beside each but the commonest; ``(label, count, example id)`` rows."""
+    rows = sorted(sizes, key=lambda r: -r[1])
+    shown = [f"{label} ({n:,} pair{'s' if n != 1 else ''}" + (f", e.g. {example})" if k else ")")
+             for k, (label, n, example) in enumerate(rows[:limit])]
+    return ", ".join(shown) + (f" and {len(rows) - limit} more" if len(rows) > limit else "")
+
+
+def check_pair_shapes(pairs, train_ids: Sequence[str], data: DataConfig, scale: int, teacher_image: str) -> None:
+    """Refuse training pairs the run could not use, from the shard and conditioning headers only
+    (no tensor is read, so it costs one header read per shard): found here, before any model
+    loads, instead of at the first batch that holds one, maybe hours in (and again on a resume).
+
+    Every distinct latent size must be even (FLUX packs 2x2 latent patches: images are
+    multiples of 16 px) and its image size divisible by ``scale``; with ``data.batch_size`` > 1
+    every pair must have one size and one conditioning shape (a batch stacks them); with
+    ``teacher_image`` not ``decode``, each stored image must be the size its latent decodes to.
+    ``pairs``: a :class:`~fluxsr_core.pairs.PairDataset`. Raises :class:`ConfigError` naming the
+    sizes, how many pairs have each, an example pair, and what to do.
+    """
+    from fluxsr_core.latents import PIXEL_MULTIPLE, VAE_DOWNSCALE
+    from fluxsr_core.pairs import image_size_problem, latent_size_problem
+
+    folder = data.pairs
+    shapes = pairs.shapes(train_ids)
+    by_size: dict[tuple[int, ...], list] = {}   # z0 shape -> [count, an example id]
+    bad_images: list[tuple[str, str]] = []
+    for pid, sh in shapes.items():  # (eps has z0's shape: PairWriter refuses others)
+        row = by_size.setdefault(sh.z0, [0, pid])
+        row[0] += 1
+        if teacher_image != "decode" and sh.image is not None:
+            problem = image_size_problem(sh.image, sh.z0)
+            if problem:
+                bad_images.append((pid, problem))
+
+    def px(shape) -> str:
+        return f"{shape[-1] * VAE_DOWNSCALE}x{shape[-2] * VAE_DOWNSCALE} px"
+
+    for shape, (n, example) in sorted(by_size.items(), key=lambda kv: -kv[1][0]):
+        problem = latent_size_problem(shape)
+        if problem:
+            raise ConfigError(f"{n:,} training pair(s) of {folder} (e.g. {example}) cannot be trained on: {problem}. "
+                              f"Make them again at a multiple of {PIXEL_MULTIPLE} px, or leave them out (a folder "
+                              "of their own)")
+        if (shape[-2] * VAE_DOWNSCALE) % scale or (shape[-1] * VAE_DOWNSCALE) % scale:
+            raise ConfigError(f"{n:,} training pair(s) of {folder} (e.g. {example}) are {px(shape)}, not divisible "
+                              f"by degradation.scale={scale}; use a scale that divides the pair resolution")
+    if bad_images:
+        pid, problem = bad_images[0]
+        raise ConfigError(f"{len(bad_images):,} training pair(s) of {folder} store an image of another size than "
+                          f"their latent, e.g. {pid}: {problem}. `fluxsr-train verify {folder}` lists their shards "
+                          "and --drop-bad sets them aside; or set data.teacher_image=decode (decodes z_0, reads no "
+                          "stored image)")
+    if data.batch_size > 1 and len(by_size) > 1:
+        listed = _sizes_listed([(px(shape) + ("" if shape[0] == 16 else f" with {shape[0]} channels"), n, ex)
+                                for shape, (n, ex) in by_size.items()])
+        raise ConfigError(f"the training pairs of {folder} have {len(by_size)} sizes: {listed}; a batch "
+                          f"(data.batch_size={data.batch_size}) holds pairs of one size, so the run would stop at "
+                          "the first batch that mixes them: set data.batch_size=1, or put each size in a folder of "
+                          "its own and train on one")
+    if data.batch_size > 1:
+        # a batch stacks each pair's conditioning too (also when data.conditioning is a bundle)
+        by_key: dict[str, list] = {}
+        for pid, sh in shapes.items():
+            row = by_key.setdefault(sh.cond_key, [0, pid])
+            row[0] += 1
+        by_cond: dict[tuple, list] = {}
+        for key, cond_shapes in pairs.conditioning_shapes(by_key).items():
+            n, example = by_key[key]
+            row = by_cond.setdefault(cond_shapes, [0, example])
+            row[0] += n
+        if len(by_cond) > 1:
+            listed = _sizes_listed([(f"T5 {list(t5)} and CLIP {list(clip)}", n, ex)
+                                    for (t5, clip), (n, ex) in by_cond.items()])
+            raise ConfigError(f"the training pairs of {folder} have conditionings of {len(by_cond)} shapes: {listed}; "
+                              f"a batch (data.batch_size={data.batch_size}) stacks them, so the run would stop at the "
+                              "first batch that mixes them: set data.batch_size=1, or put the pairs of each T5 "
+                              "length in a folder of their own and train on one")
+
+
 class _Run:
     """One call of :func:`train` (kept in an object so the pieces can share state plainly)."""
 
@@ -1695,7 +1776,10 @@ class _Run:
 
         def decide() -> DataSplit:  # inside: a dataset that cannot be opened stops every process
             self.pairs = PairDataset(cfg.data.pairs, load_image=cfg.data.teacher_image != "decode")
-            return split_pairs(self.pairs, cfg.data, recorded_holdout)
+            split = split_pairs(self.pairs, cfg.data, recorded_holdout)
+            # every training pair's sizes, from the headers (the main process alone: its refusal reaches all)
+            check_pair_shapes(self.pairs, split.train_ids, cfg.data, cfg.degradation.scale, split.teacher_image)
+            return split
 
         split = self._decided_on_main(decide)
         self.holdout_ids, self.teacher_image = split.holdout_ids, split.teacher_image
@@ -1713,11 +1797,9 @@ class _Run:
                                   "start it again")
             self.holdout_indices = sorted(self.pairs.index_of(i) for i in self.holdout_ids if i in present)
             self.train_indices = sorted(self.pairs.index_of(i) for i in split.train_ids)
-            # the first read of a pair's data: here too, a process that cannot read it stops all
-            h, w = (int(d) * 8 for d in self.pairs[self.train_indices[0]]["z0"].shape[-2:])
-            if h % cfg.degradation.scale or w % cfg.degradation.scale:
-                raise ConfigError(f"the pairs are {h}x{w} pixels, not divisible by degradation.scale="
-                                  f"{cfg.degradation.scale}; use a scale that divides the pair resolution")
+            # the first read of a pair's data: here too, a process that cannot read it stops all (the
+            # sizes were checked on the main process, check_pair_shapes)
+            _ = self.pairs[self.train_indices[0]]
 
         self._on_every_process(map_ids)
         self.stream = SampleStream(len(self.train_indices), cfg.data.seed)
@@ -2447,4 +2529,4 @@ __all__ = ["TrainConfig", "ModelConfig", "LoraConfig", "SettingsConfig", "DataCo
            "save_lora_state", "read_lora_state", "LORA_FILE", "EMA_LORA_FILE", "CONFIG_FILE", "STATE_FILE",
            "read_checkpoint_state", "DamagedCheckpointError", "incomplete_checkpoints",
            "CONDITIONING_FILE", "METRICS_FILE", "exit_without_teardown", "TrainingInterrupted", "interrupted_advice", "conditioning_digest", "base_model_identity",
-           "config_warnings", "DataSplit", "split_pairs", "end_step"]
+           "config_warnings", "DataSplit", "split_pairs", "check_pair_shapes", "end_step"]
