@@ -164,6 +164,55 @@ def test_a_resume_with_other_settings_or_an_edited_prompt_file_is_refused(inputs
     assert r.skipped == 2 and len(r.written) == 6
 
 
+def test_a_rerun_with_other_pairs_per_prompt_or_seed_is_refused(inputs, tmp_path, monkeypatch):
+    """Prompt i's seeds are seed + i * pairs_per_prompt + j: a rerun into the same folder with another
+    pairs_per_prompt or --seed was accepted silently, made nearly every pair again (other ids), and
+    started some from another prompt's noise (e.g. 1 -> 2 pairs per prompt: prompt 1's first new
+    pair has prompt 2's old seed). Pairs of a folder older than these recipe keys are still added to."""
+    out = tmp_path / "run"
+    G.generate_pairs(cfg_for(inputs, out, "save_image=false", "limit=3"))   # pairs_per_prompt=2, seed 0
+    rec = PairDataset(out).records([pair_id(0, 0)])[pair_id(0, 0)]
+    assert (rec["pairs_per_prompt"], rec["base_seed"]) == (2, 0)
+    monkeypatch.setattr(models, "load_models", lambda *a, **k: pytest.fail("a model loaded before the refusal"))
+    why = ("Pair seeds follow --seed + prompt index x --pairs-per-prompt, so other values would make nearly every "
+           "pair again, some from another prompt's starting noise")
+    for change, differ, flags in (
+            ("pairs_per_prompt=1", "pairs_per_prompt 2 (stored) vs 1 (now)", "--pairs-per-prompt"),
+            ("seed=1", "base_seed 0 (stored) vs 1 (now)", "--seed"),
+            ("seed=7 pairs_per_prompt=3", "pairs_per_prompt 2 (stored) vs 3 (now), base_seed 0 (stored) vs 7 (now)",
+             "--pairs-per-prompt, --seed")):
+        with pytest.raises(ConfigError) as info:
+            G.generate_pairs(cfg_for(inputs, out, "save_image=false", *change.split()))
+        assert str(info.value) == (f"pair {pair_id(0, 0)} in {out} was made with other settings: {differ}; a folder "
+                                   f"holds pairs made one way ({flags}): resume with the settings of that run, or "
+                                   f"write to another --output. {why}")
+    monkeypatch.undo()
+    assert len(G.generate_pairs(cfg_for(inputs, out, "save_image=false")).written) == 3   # the same values: resumes
+
+    # a prompt with its own JSONL seeds does not use --seed: its pairs record no base_seed
+    jsonl = tmp_path / "seeded.jsonl"
+    jsonl.write_text('{"prompt": "a cat", "seed": 40}\n{"prompt": "a dog"}\n')
+    seeded = tmp_path / "seeded"
+    G.generate_pairs(cfg_for(inputs, seeded, "save_image=false", f"prompts={str(jsonl)!r}", "limit=2"))
+    assert "base_seed" not in PairDataset(seeded).records([pair_id(0, 40)])[pair_id(0, 40)]
+    r = G.generate_pairs(cfg_for(inputs, seeded, "save_image=false", f"prompts={str(jsonl)!r}", "seed=2", "limit=1"))
+    assert r.skipped == 2 and r.written == [pair_id(1, 4)]
+    with pytest.raises(ConfigError, match=rf"^pair {pair_id(0, 40)} in {seeded} was made with other settings: "
+                                          r"pairs_per_prompt 2 .stored. vs 1 .now.; "):
+        G.generate_pairs(cfg_for(inputs, seeded, "save_image=false", f"prompts={str(jsonl)!r}", "pairs_per_prompt=1"))
+
+    # a folder written before pairs_per_prompt and base_seed were recorded: nothing to compare them with
+    old = tmp_path / "old"
+    recipe = G.pair_recipe
+    monkeypatch.setattr(G, "pair_recipe", lambda *a: {k: v for k, v in recipe(*a).items()
+                                                     if k not in ("pairs_per_prompt", "base_seed")})
+    G.generate_pairs(cfg_for(inputs, old, "save_image=false", "limit=2"))
+    monkeypatch.undo()
+    assert "pairs_per_prompt" not in PairDataset(old).records([pair_id(0, 0)])[pair_id(0, 0)]
+    r = G.generate_pairs(cfg_for(inputs, old, "save_image=false", "pairs_per_prompt=1", "limit=1"))
+    assert r.skipped == 1 and r.written == [pair_id(1, 1)]
+
+
 def test_an_edited_prompt_is_named_by_its_line_in_the_file(inputs, tmp_path, monkeypatch):
     """Blank lines hold no prompt, so the prompt index is not the line number: the refusal names
     the line the user has to look at."""

@@ -34,8 +34,9 @@ so a rerun skips what is stored, and an edited prompt file (or another one writt
 folder) is refused, not mixed in.
 
 What else defines a pair is stored in its metadata (:func:`pair_recipe`: size, steps, guidance,
-a fingerprint of the teacher's weights, the conditioning source, the T5 length, the compute dtype
-and the teacher's weight storage), and a run that would add pairs made otherwise to a folder is
+a fingerprint of the teacher's weights, the conditioning source, the T5 length, the compute dtype,
+the teacher's weight storage, and the seed rule's ``pairs_per_prompt`` and ``seed``, which
+change nearly every pair's seed), and a run that would add pairs made otherwise to a folder is
 refused before anything loads, naming the setting. Several processes may write one folder: each
 re-reads the others' manifests before every batch and skips (and never stores twice) pairs
 another has stored meanwhile; its summary counts only the pairs it stored.
@@ -125,12 +126,14 @@ def load_generate_config(path: Optional[str | os.PathLike] = None, overrides: Se
 @dataclass(frozen=True)
 class Job:
     """One pair to make: prompt number ``index`` sampled with ``seed``; ``line``: the prompt's
-    line in its prompt file (1-based, blank lines counted; None when not from a file)."""
+    line in its prompt file (1-based, blank lines counted; None when not from a file);
+    ``own_seed``: its prompt gave its seeds (a JSONL ``"seed"``), so ``--seed`` plays no part."""
 
     index: int
     prompt: str
     seed: int
     line: Optional[int] = None
+    own_seed: bool = False
 
     @property
     def pair_id(self) -> str:
@@ -247,7 +250,10 @@ def _stored_records(folder: str | os.PathLike, pair_ids: Optional[Sequence[str]]
 _RECIPE_FLAGS = {"height": "--height", "width": "--width", "steps": "--steps", "guidance": "--guidance",
                  "teacher_fingerprint": "--transformer", "teacher_weights": "--memory-mode", "dtype": "--dtype",
                  "conditioning": "--bundle / --text-encoders / --clip / --t5",
-                 "max_sequence_length": "--max-sequence-length"}
+                 "max_sequence_length": "--max-sequence-length", "pairs_per_prompt": "--pairs-per-prompt",
+                 "base_seed": "--seed"}
+# Recipe keys that decide which seed each pair id gets (the seed rule).
+_SEED_RULE_KEYS = ("pairs_per_prompt", "base_seed")
 
 
 def _check_stored_pairs_match(cfg: GenerateConfig, recipe: Mapping[str, Any], stored: Sequence[Job],
@@ -275,9 +281,12 @@ def _check_stored_pairs_match(cfg: GenerateConfig, recipe: Mapping[str, Any], st
             texts = [f"{k} {_shown(k, rec[k], rec.get('teacher'))} (stored) vs "
                      f"{_shown(k, recipe[k], _teacher_name(cfg))} (now)" for k in differ]
             flags = ", ".join(dict.fromkeys(_recipe_flag(cfg, k) for k in differ))
+            why = ("" if not set(differ) & set(_SEED_RULE_KEYS) else
+                   ". Pair seeds follow --seed + prompt index x --pairs-per-prompt, so other values would make nearly "
+                   "every pair again, some from another prompt's starting noise")
             raise ConfigError(f"pair {pid} in {cfg.output} was made with other settings: " + ", ".join(texts)
                               + f"; a folder holds pairs made one way ({flags}): resume with the settings of that "
-                              "run, or write to another --output")
+                              "run, or write to another --output" + why)
 
 
 def _shown(key: str, value: Any, teacher: Any) -> str:
@@ -317,7 +326,7 @@ def make_jobs(prompts: Sequence[PromptLine | tuple], seed: int = 0, pairs_per_pr
         if first + pairs_per_prompt - 1 > MAX_SEED:
             raise ValueError(f"{Job(i, prompt, first, line).where} would get seeds past 2**63 - 1 (from {first}); use "
                              "a smaller --seed")
-        jobs.extend(Job(i, prompt, first + j, line) for j in range(pairs_per_prompt))
+        jobs.extend(Job(i, prompt, first + j, line, own_seed=s is not None) for j in range(pairs_per_prompt))
     return jobs
 
 
@@ -435,7 +444,9 @@ def pair_recipe(cfg: GenerateConfig, dtype: torch.dtype, memory_mode: str) -> di
     fp8 memory mode that stores them in fp8, which changes the numbers; the offload modes do not);
     ``dtype`` (the compute dtype); ``conditioning`` (``bundle:<content key>``, or
     ``text-encoders:<fingerprint of both encoders and tokenizers>``) and, with text encoders,
-    ``max_sequence_length`` (the T5 length). Cheap: no model is loaded (a few reads per file)."""
+    ``max_sequence_length`` (the T5 length); ``pairs_per_prompt`` and ``base_seed`` (``--seed``), which
+    give each pair id its seed (a pair whose prompt has its own JSONL seed stores no ``base_seed``:
+    :func:`pair_meta`). Cheap: no model is loaded (a few reads per file)."""
     if cfg.bundle:
         conditioning = f"bundle:{_bundle_key(cfg)}"
     elif cfg.text_encoders or (cfg.clip and cfg.t5):
@@ -448,10 +459,22 @@ def pair_recipe(cfg: GenerateConfig, dtype: torch.dtype, memory_mode: str) -> di
     recipe: dict[str, Any] = {"height": cfg.height, "width": cfg.width, "steps": cfg.steps, "guidance": cfg.guidance,
                               "teacher_fingerprint": teacher_fingerprint(cfg),
                               "teacher_weights": _teacher_weights(memory_mode),
-                              "dtype": str(dtype).replace("torch.", ""), "conditioning": conditioning}
+                              "dtype": str(dtype).replace("torch.", ""), "conditioning": conditioning,
+                              "pairs_per_prompt": cfg.pairs_per_prompt, "base_seed": cfg.seed}
     if not cfg.bundle:
         recipe["max_sequence_length"] = cfg.max_sequence_length
     return recipe
+
+
+def pair_meta(job: Job, recipe: Mapping[str, Any], sigmas: Sequence[float], teacher: str) -> dict[str, Any]:
+    """The metadata stored with ``job``'s pair: its seed, prompt and prompt index, the sigmas, the
+    teacher's name and the ``recipe`` (without ``base_seed`` when its prompt gave its own seeds: a
+    rerun with another ``--seed`` does not change that pair)."""
+    meta = {"seed": job.seed, "prompt": job.prompt, "prompt_index": job.index,
+            "sigmas": [round(float(s), 8) for s in sigmas], "teacher": teacher, **recipe}
+    if job.own_seed:
+        meta.pop("base_seed", None)
+    return meta
 
 
 def _stored_t5_lengths(folder: Path, records: Mapping[str, Mapping]) -> dict[int, str]:
@@ -810,8 +833,7 @@ def generate_pairs(cfg: GenerateConfig, on_pair: Optional[Callable[[str], None]]
                         with torch.no_grad():
                             imgs = codec.decode(z0.to(dev)).float().cpu()
                     for k, job in enumerate(batch):
-                        meta = {"seed": job.seed, "prompt": job.prompt, "prompt_index": job.index,
-                                "sigmas": [round(float(s), 8) for s in sigmas], "teacher": teacher, **recipe}
+                        meta = pair_meta(job, recipe, sigmas, teacher)
                         added = writer.add(job.pair_id, eps[k], z0[k], conds[job.prompt][0], conds[job.prompt][1],
                                            meta=meta, image=None if imgs is None else imgs[k],
                                            trajectory=None if traj is None else traj[k])
@@ -949,4 +971,5 @@ __all__ = ["GenerateConfig", "GenerateResult", "Job", "load_generate_config", "r
            "noise_for", "jobs_for_rank", "parse_part", "sample_batch", "generate_pairs", "check_generate_config", "load_text_encoders",
            "encode_conditionings", "store_conditionings", "StoredConditioning", "PromptLine",
            "MAX_PROMPT_CHARS", "text_encoder_paths", "weights_fingerprint", "teacher_fingerprint", "pair_recipe",
+           "pair_meta",
            "write_student_bundle", "read_single_prompt", "StudentBundleResult"]
