@@ -24,6 +24,7 @@ from typing import Any, Callable, Optional, Union
 import torch
 
 from . import latents as L
+from .files import first_line
 from .interfaces import Conditioning
 from .weights import (CorruptWeightsError, FP8_DTYPES, WeightsNotFoundError, WrongModelError, apply_row_scale,
                       is_gguf_file, read_safetensors, shipped_config, transformer_state_dict_to_diffusers,
@@ -411,6 +412,22 @@ def load_vae(source: Union[PathLike, str], dtype: Union[str, torch.dtype] = "aut
     return _finish(model, torch_dtype, device)
 
 
+def _fp8_probe(device: torch.device) -> None:
+    """Store a float8 tensor on ``device`` and read it back (raises where the backend cannot)."""
+    torch.zeros(1, device=device).to(torch.float8_e4m3fn).to(torch.float32)
+
+
+def _refuse_fp8_where_unsupported(device: torch.device, memory_mode: str) -> None:
+    """A device whose torch backend has no float8 (Apple's MPS, so far) would fail at the
+    first weight with a bare TypeError: say so, and what to use instead, before any loading."""
+    try:
+        _fp8_probe(device)
+    except (TypeError, RuntimeError, NotImplementedError) as exc:
+        raise ValueError(f"memory mode {memory_mode} stores weights as float8, which {device.type} cannot hold with "
+                         f"this torch ({torch.__version__}: {first_line(exc)}); use memory mode none or model_offload "
+                         "(or a GGUF transformer) there") from None
+
+
 def load_transformer_fp8(source: Union[PathLike, str], memory_mode: str, dtype: Union[str, torch.dtype] = "auto",
                          device: Union[str, torch.device] = "auto", lora: Optional[PathLike] = None,
                          lora_scale: float = 1.0, seed: int = 0, fuse_qkv: bool = False):
@@ -437,6 +454,7 @@ def load_transformer_fp8(source: Union[PathLike, str], memory_mode: str, dtype: 
         raise ValueError(f"load_transformer_fp8 is for {', '.join(FP8_MODES)}, not {memory_mode!r}")
     check_gguf_options(source, memory_mode)
     dev = resolve_device(device)
+    _refuse_fp8_where_unsupported(dev, memory_mode)
     torch_dtype = resolve_dtype(dtype, dev)
     every_linear = memory_mode == "fp8_storage_all"
     path = Path(str(source)).expanduser()

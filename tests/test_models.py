@@ -1005,3 +1005,16 @@ def test_a_folder_quantised_by_a_diffusers_quantiser_is_named(transformer_files,
     for read in (models.transformer_config_of, models.load_transformer):
         with pytest.raises(W.UnsupportedWeightsError, match="bnb-4bit holds weights quantised with bitsandbytes"):
             read(folder)
+
+
+def test_an_fp8_mode_on_a_device_without_float8_is_refused_before_loading(tiny_model_files, monkeypatch):
+    """On Apple's MPS torch cannot hold float8: the fp8 modes failed at the first weight with a
+    bare TypeError (uncaught by the CLI)."""
+    def mps_like(device):
+        raise TypeError("Trying to convert Float8_e4m3fn to the MPS backend but it does not have support for that dtype.")
+
+    monkeypatch.setattr(models, "_fp8_probe", mps_like)
+    monkeypatch.setattr(models, "_instantiate", lambda *a, **k: pytest.fail("loading began"))
+    with pytest.raises(ValueError, match=r"memory mode fp8_storage stores weights as float8, which cpu cannot hold "
+                                         r"with this torch .*use memory mode none or model_offload"):
+        models.load_models(tiny_model_files.transformer, tiny_model_files.vae, "fp8_storage", "fp32", "cpu")
