@@ -151,8 +151,10 @@ def _instantiate(cls, config: dict, state_dict: dict[str, torch.Tensor], dtype: 
     the file passes through the page cache (which the OS can drop), one tensor at a time.
 
     ``prepare(meta_model)`` may lay the meta model out first (fp8 storage: each tensor then
-    takes the dtype its parameter has there) and return ``edit(key, tensor_on_device)``, applied
-    to every floating tensor before its cast (a LoRA merge).
+    takes the dtype its parameter has there, or keeps a file's own fp8 values, see
+    :func:`_stored_in_fp8`) and return ``edit(key, tensor_on_device)``, given every floating
+    tensor at its true value before its cast, returning the tensor to use instead (a LoRA
+    merge) or None to leave it as it is.
     """
     from accelerate import init_empty_weights
 
@@ -167,26 +169,32 @@ def _instantiate(cls, config: dict, state_dict: dict[str, torch.Tensor], dtype: 
     parts_of, pending = _fused_qkv_keys(model), {}
     fused_of = {part: fused for fused, parts in parts_of.items() for part in parts}
     row_scales = getattr(state_dict, "row_scales", {})  # a scaled-fp8 file's (weights.RowScaledStateDict)
+    kept_scales = {}  # fp8 weights kept as the file stores them, with the file's row scales
     # One tensor at a time, replacing in place, so a 23 GB file never exists twice in memory.
     for k in list(state_dict):
         t = state_dict.pop(k)
-        if not t.is_floating_point():
-            placed = t.to(device=target)
-        else:
-            placed = t.to(device=target)
-            if k in row_scales:
-                placed = apply_row_scale(placed, row_scales[k])
-            if edit is not None:
-                placed = edit(k, placed)
-            placed = placed.to(dtypes.get(fused_of.get(k, k), dtype))
-        placed = _aligned(placed) if target.type == "cpu" else placed
+        placed = t.to(device=target)
+        if t.is_floating_point():
+            layout = dtypes.get(fused_of.get(k, k), dtype)
+            if layout in FP8_DTYPES:
+                placed, scale = _stored_in_fp8(k, placed, row_scales.get(k), layout, edit)
+                if scale is not None:
+                    kept_scales[k] = scale
+            else:
+                if k in row_scales:
+                    placed = apply_row_scale(placed, row_scales[k])
+                edited = edit(k, placed) if edit is not None else None
+                placed = (placed if edited is None else edited).to(layout)
+        if target.type == "cpu" and placed.dtype not in FP8_DTYPES:  # fp8: each call computes with a copy
+            placed = _aligned(placed)
         fused = fused_of.get(k)
         if fused is None:
             state_dict[k] = placed
         else:  # a fused layout (fuse_qkv): q|k|v concatenated as soon as all three are here
             pending[k] = placed
             if all(part in pending for part in parts_of[fused]):
-                state_dict[fused] = torch.cat([pending.pop(part) for part in parts_of[fused]])
+                state_dict[fused] = _fuse_rows(fused, parts_of[fused], pending, kept_scales,
+                                               dtypes.get(fused, dtype))
         del t, placed
     state_dict.update(pending)  # an incomplete group: reported below as the file's fault
     try:
@@ -203,7 +211,67 @@ def _instantiate(cls, config: dict, state_dict: dict[str, torch.Tensor], dtype: 
     still_meta = [n for n, t in list(model.named_parameters()) + list(model.named_buffers()) if t.is_meta]
     if still_meta:
         raise CorruptWeightsError(f"{source}: no weights for {still_meta[:5]}")
+    for key, scale in kept_scales.items():
+        setattr(model.get_submodule(key.rsplit(".", 1)[0]), _FP8_ROW_SCALE_ATTR, scale)
     return model.eval()
+
+
+def _stored_in_fp8(key: str, weight: torch.Tensor, row_scale: Optional[torch.Tensor], layout: torch.dtype,
+                   edit: Optional[Callable]) -> tuple[torch.Tensor, Optional[torch.Tensor]]:
+    """A tensor an fp8 mode stores in fp8 (``layout``): ``(stored tensor, row scale or None)``,
+    the stored value times the scale per output row being the weight the layer computes with.
+
+    A file's own fp8 values are kept bit for bit, in its own fp8 dtype and with its scales, so
+    an e5m2 or a scaled fp8 file is not rounded a second time (to e4m3fn: a scaled file's
+    weights lay up to half an e4m3fn step off, an e5m2 file's small weights lost their bits).
+    A weight the LoRA changes is merged in fp32 at its true value and stored again over the
+    file's row scale where it has one (a row the merge takes past the fp8 range gets the scale
+    that just holds it); a wider file's weights are cast to ``layout`` as diffusers' layerwise
+    casting does.
+    """
+    if edit is not None:
+        edited = edit(key, weight if row_scale is None else apply_row_scale(weight, row_scale))
+        if edited is not None:
+            if row_scale is None:
+                return edited.to(layout), None
+            stored = weight.dtype if weight.dtype in FP8_DTYPES else layout
+            edited = edited.to(torch.float32)
+            # the file's scale puts its largest weight at the top of the fp8 range: a row the
+            # LoRA pushes past it takes a larger scale, so nothing is clipped
+            reach = edited.abs().reshape(edited.shape[0], -1).amax(dim=1) / torch.finfo(stored).max
+            scale = torch.maximum(row_scale.to(edited.device, torch.float32), reach)
+            rows = scale.reshape(-1, *([1] * (edited.ndim - 1)))
+            return _saturated(edited / rows, stored), scale
+    if weight.dtype in FP8_DTYPES:
+        return weight, None if row_scale is None else row_scale.to(weight.device, torch.float32)
+    if row_scale is not None:
+        weight = apply_row_scale(weight, row_scale)
+    return weight.to(layout), None
+
+
+def _saturated(values: torch.Tensor, fp8: torch.dtype) -> torch.Tensor:
+    """``values`` cast to an fp8 dtype, clamped to its range first (torch's cast saturates some
+    fp8 dtypes and overflows others to inf or NaN)."""
+    limit = torch.finfo(fp8).max
+    return values.clamp_(-limit, limit).to(fp8)
+
+
+def _fuse_rows(fused: str, parts: list[str], pending: dict[str, torch.Tensor], kept_scales: dict[str, torch.Tensor],
+               layout: torch.dtype) -> torch.Tensor:
+    """The q|k|v parts of one fused projection (:func:`fuse_qkv_projections`) concatenated by
+    rows, taken out of ``pending``; their row scales (1 for a part without) join under the
+    fused key. Parts stored in different dtypes are joined at their true values in ``layout``."""
+    tensors = [pending.pop(part) for part in parts]
+    scales = [kept_scales.pop(part, None) for part in parts]
+    if any(s is not None for s in scales):
+        if len({t.dtype for t in tensors}) == 1:
+            kept_scales[fused] = torch.cat([torch.ones(t.shape[0], device=t.device) if s is None else s
+                                            for t, s in zip(tensors, scales)])
+            return torch.cat(tensors)
+        tensors = [t if s is None else apply_row_scale(t, s) for t, s in zip(tensors, scales)]
+    if len({t.dtype for t in tensors}) > 1:
+        tensors = [t.to(torch.float32) for t in tensors]
+    return torch.cat(tensors).to(layout) if tensors[0].dtype not in FP8_DTYPES else torch.cat(tensors)
 
 
 def _random_init(cls, config: dict, dtype: torch.dtype, seed: int):
@@ -285,11 +353,13 @@ def _model_folder(path: Path, subfolder: str, expected_class: str, what: str, he
 
 
 def _align_parameters(model) -> None:
-    """Give every parameter/buffer aligned contiguous storage (see :func:`_aligned`); in place."""
+    """Give every parameter/buffer aligned contiguous storage (see :func:`_aligned`); in place.
+    fp8 weights are left as they are (mapped from the file, not copied): every call computes
+    with a fresh compute-dtype copy of them."""
     with torch.no_grad():
         for module in model.modules():
             for name, p in list(module._parameters.items()):
-                if p is not None and not p.is_meta:
+                if p is not None and not p.is_meta and p.dtype not in FP8_DTYPES:
                     fixed = _aligned(p.data)
                     if fixed is not p.data:
                         p.data = fixed
@@ -438,8 +508,9 @@ def load_transformer_fp8(source: Union[PathLike, str], memory_mode: str, dtype: 
     delta there in fp32 (``lora.merge_factors``: peft's merge formula) and is cast to the dtype
     the mode stores it in, so neither RAM nor the device ever holds the model in full precision
     (FLUX.1-dev: 14.3 or 11.1 GiB on the device for fp8_storage / fp8_storage_all, instead of
-    22 GiB of bf16 in RAM first); a plain e4m3fn file's weights are kept exactly as they are
-    (an e5m2 or a scaled fp8 file's, scaled as they load, are rounded to e4m3fn again). A
+    22 GiB of bf16 in RAM first); an fp8 file's weights are kept exactly as they are, in its
+    own fp8 dtype (e4m3fn or e5m2) and with a scaled file's row scales, which each call applies
+    in fp32 (a LoRA-merged weight is stored again with the file's scale). A
     diffusers folder is read the same way, shard by shard; the test names load as usual, merge through
     peft, then are cast. ``fuse_qkv``: laid out fused (:func:`fuse_qkv_projections`), each
     attention's q, k and v concatenated as they arrive, after their LoRA merge and cast (the
@@ -473,9 +544,9 @@ def load_transformer_fp8(source: Union[PathLike, str], memory_mode: str, dtype: 
             found["factors"], found["info"] = lora_mod.merge_factors(meta, lora, lora_scale)
             factors = found["factors"]
 
-            def edit(key: str, weight: torch.Tensor) -> torch.Tensor:
+            def edit(key: str, weight: torch.Tensor) -> Optional[torch.Tensor]:
                 if key not in factors:
-                    return weight
+                    return None
                 a, b, factor = factors[key]
                 merged_keys.add(key)
                 merged = weight.to(torch.float32)
@@ -523,12 +594,24 @@ def _hook_offload_pair(transformer, vae, device: torch.device) -> None:
 _FP8_COMPUTE_ATTR = "_fluxsr_fp8_compute"
 
 
+# A scaled fp8 file's row scales kept beside its fp8 weights (float32, one per output row). A
+# plain attribute, not a buffer: DDP would broadcast every buffer at every training step.
+_FP8_ROW_SCALE_ATTR = "_fluxsr_fp8_row_scale"
+
+
 def _fp8_linear_forward(self, x: torch.Tensor) -> torch.Tensor:
     """The forward of a Linear whose weights are stored in fp8: a compute-dtype copy for this
-    call only, which dynamo traces (the cast then fuses into the compiled graph)."""
+    call only, which dynamo traces (the cast then fuses into the compiled graph). A scaled
+    file's weight is its fp8 value times the row scale, taken in fp32 and rounded once, the
+    same weight as the file loaded in bf16 (memory mode none)."""
     dtype = getattr(self, _FP8_COMPUTE_ATTR)
     bias = None if self.bias is None else self.bias.to(dtype)
-    return torch.nn.functional.linear(x, self.weight.to(dtype), bias)
+    row_scale = getattr(self, _FP8_ROW_SCALE_ATTR, None)
+    if row_scale is None:
+        weight = self.weight.to(dtype)
+    else:
+        weight = apply_row_scale(self.weight, row_scale).to(dtype)
+    return torch.nn.functional.linear(x, weight, bias)
 
 
 def fp8_layers(transformer, every_linear: bool) -> list[tuple[str, torch.nn.Linear]]:

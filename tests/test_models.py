@@ -72,6 +72,7 @@ def transformer_files(tmp_path_factory, tiny_transformer):
     save_file(bfl, d / "flux1-bfl.safetensors")
     save_file({f"model.diffusion_model.{k}": v for k, v in bfl.items()}, d / "comfy.safetensors")
     save_file({k: v.to(torch.float8_e4m3fn) for k, v in bfl.items()}, d / "fp8.safetensors")
+    save_file({k: v.to(torch.float8_e5m2) for k, v in bfl.items()}, d / "e5m2.safetensors")
     scaled = {"scaled_fp8": torch.empty(0, dtype=torch.float8_e4m3fn)}
     for k, v in bfl.items():
         if k.endswith(".weight") and v.ndim == 2:
@@ -712,6 +713,71 @@ def test_fp8_file_weights_are_kept_as_they_are(transformer_files):
     assert w.dtype == torch.float8_e4m3fn and torch.equal(w.view(torch.uint8), fused.view(torch.uint8))
 
 
+def _row_scales(model) -> dict[str, torch.Tensor]:
+    return {f"{name}.weight": m._fluxsr_fp8_row_scale for name, m in model.named_modules()
+            if getattr(m, "_fluxsr_fp8_row_scale", None) is not None}
+
+
+@pytest.mark.parametrize("mode", models.FP8_MODES)
+@pytest.mark.parametrize("name", ["e5m2.safetensors", "scaled-fp8.safetensors"])
+def test_fp8_modes_keep_an_e5m2_or_a_scaled_file_as_it_is(transformer_files, mode, name):
+    """An e5m2 file's and a scaled fp8 file's weights stay the file's fp8 values (they were
+    rounded to e4m3fn a second time): every fp8 layer computes with the very weight memory mode
+    none loads from the same file (value times row scale in fp32, rounded once to bf16)."""
+    from safetensors import safe_open
+
+    path = transformer_files / name
+    full = dict(models.load_transformer(path, dtype="bf16").named_modules())
+    got, _ = models.load_transformer_fp8(path, mode, dtype="bf16", device="cpu")
+    scales = _row_scales(got)
+    assert bool(scales) == (name == "scaled-fp8.safetensors")
+    stored = torch.float8_e5m2 if name == "e5m2.safetensors" else torch.float8_e4m3fn
+    layers = models.fp8_layers(got, mode == "fp8_storage_all")
+    assert layers
+    x = torch.randn(3, layers[0][1].in_features, generator=torch.Generator().manual_seed(0)).to(torch.bfloat16)
+    for layer_name, layer in layers:
+        assert layer.weight.dtype == stored, layer_name
+        scale = scales.get(f"{layer_name}.weight")
+        assert (scale is None) == (name == "e5m2.safetensors"), layer_name
+        true = layer.weight.to(torch.float32) * (1 if scale is None else scale[:, None])
+        assert torch.equal(true.to(torch.bfloat16), full[layer_name].weight), layer_name
+        if layer.in_features == x.shape[1]:
+            with torch.no_grad():
+                want = torch.nn.functional.linear(x, full[layer_name].weight, layer.bias.to(torch.bfloat16))
+                assert torch.equal(layer(x), want), layer_name
+    with safe_open(str(path), "pt") as f:
+        file_weight = f.get_tensor("double_blocks.0.img_mlp.0.weight")
+    kept = got.transformer_blocks[0].ff.net[0].proj.weight
+    assert torch.equal(kept.view(torch.uint8), file_weight.view(torch.uint8))
+
+
+def test_a_lora_merged_into_a_scaled_fp8_file_is_stored_with_the_files_scale(transformer_files, tiny_model_files):
+    """A LoRA-merged weight of a scaled file is stored again over the file's row scale, grown
+    where the merge passes the fp8 range (the file's largest weight sits at its top): within
+    half an e4m3fn step of the full-precision merge (3 mantissa bits; subnormals: 2^-9 x scale),
+    nothing clipped."""
+    from fluxsr_core.lora import load_lora
+
+    path = transformer_files / "scaled-fp8.safetensors"
+    ref = models.load_transformer(path, dtype="fp32")
+    load_lora(ref, tiny_model_files.lora, merge=True)
+    got, info = models.load_transformer_fp8(path, "fp8_storage_all", dtype="fp32", device="cpu",
+                                            lora=tiny_model_files.lora)
+    assert info.merged
+    scales, ref_modules = _row_scales(got), dict(ref.named_modules())
+    merged = [n for n, _ in models.fp8_layers(got, True) if "to_q" in n]
+    assert merged
+    file_scale = models.load_transformer_fp8(path, "fp8_storage_all", dtype="fp32", device="cpu")[0]
+    grown = [n for n in merged if not torch.equal(scales[f"{n}.weight"], _row_scales(file_scale)[f"{n}.weight"])]
+    assert grown  # the test LoRA takes some rows past the file's range
+    for layer_name in merged:
+        layer, scale = got.get_submodule(layer_name), scales[f"{layer_name}.weight"]
+        assert layer.weight.dtype == torch.float8_e4m3fn
+        true, want = layer.weight.to(torch.float32) * scale[:, None], ref_modules[layer_name].weight
+        bound = want.abs() * 2 ** -4 + scale[:, None] * 2 ** -10 + 1e-7
+        assert bool(((true - want).abs() <= bound).all()), layer_name
+
+
 def test_fp8_load_of_a_folder_is_that_of_the_file(transformer_files, tiny_model_files):
     """A (sharded) diffusers folder streams into an fp8 mode as a single file does: the same
     bytes, LoRA merged on the way (in bf16 the one-rounding merge differs from peft's)."""
@@ -758,12 +824,14 @@ def test_unmerged_lora_beside_streamed_fp8_weights(mode, tiny_model_files, cond,
 
 
 @pytest.mark.parametrize("mode", models.FP8_MODES)
-def test_fp8_load_fuses_qkv_as_the_file_loads(mode, transformer_files, tiny_model_files, cond, inputs):
+@pytest.mark.parametrize("name", ["diffusers.safetensors", "scaled-fp8.safetensors"])
+def test_fp8_load_fuses_qkv_as_the_file_loads(mode, name, transformer_files, tiny_model_files, cond, inputs):
     """fuse_qkv with an fp8 mode streams too: each attention's q, k and v are merged with their
     LoRA, cast and concatenated as they arrive. The fused weights are the unfused load's bytes
-    end to end, and the model computes what the unfused one does."""
+    end to end (a scaled file's row scales joined too), and the model computes what the unfused
+    one does."""
     kw = dict(dtype="fp32", device="cpu", lora=tiny_model_files.lora)
-    path = transformer_files / "diffusers.safetensors"
+    path = transformer_files / name
     fused, info = models.load_transformer_fp8(path, mode, fuse_qkv=True, **kw)
     plain, _ = models.load_transformer_fp8(path, mode, **kw)
     assert info.merged
@@ -776,6 +844,12 @@ def test_fp8_load_fuses_qkv_as_the_file_loads(mode, transformer_files, tiny_mode
         assert v.dtype == want.dtype and torch.equal(v.view(torch.uint8), want.view(torch.uint8)), k
     assert fused_sd["transformer_blocks.0.attn.to_qkv.weight"].dtype == torch.float8_e4m3fn
     assert models.param_bytes(fused) == models.param_bytes(plain)
+    fused_scales, plain_scales = _row_scales(fused), _row_scales(plain)
+    assert bool(fused_scales) == (name == "scaled-fp8.safetensors")
+    for k, parts in groups.items():
+        if k.endswith(".weight") and k in fused_scales:
+            assert torch.equal(fused_scales[k], torch.cat([plain_scales[part] for part in parts])), k
+    assert set(fused_scales) - set(groups) == set(plain_scales) - {p for parts in groups.values() for p in parts}
     z, s = inputs
     with torch.no_grad():
         torch.testing.assert_close(models.DiffusersVelocity(fused)(z, s, cond), models.DiffusersVelocity(plain)(z, s, cond),
