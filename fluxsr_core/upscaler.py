@@ -193,23 +193,28 @@ def upscale_tensor_with_retry(
             if nxt is None:
                 raise OutOfMemoryAtSmallestTilesError(
                     f"out of memory even with the smallest tiles; {out_of_memory_advice}") from exc
-            if torch.cuda.is_available():
-                torch.cuda.empty_cache()
-            if on_retry is not None:
-                on_retry(nxt, exc)
-            else:
-                log.warning("out of memory; retrying with latent tiles of %d (overlap %d)",
-                            nxt.latent_tile, nxt.latent_overlap)
-            if configure_codec is not None:
-                configure_codec(nxt)
-            current = dataclasses.replace(current, tiling=nxt)
-            continue
-        # A NaN survives the clamp and is written as black: say so instead of handing it on.
-        if bool(torch.isnan(result).any()):
-            raise NonFiniteResultError(
-                "the upscale gave NaN values, so no picture is returned: the computation overflowed "
-                "(FLUX overflows in fp16: run it in bf16 or fp32) or the model or VAE weights hold NaN")
-        return result, current.tiling
+            # The traceback's frames hold the failed try's tensors: dropped here, they are free
+            # before the cache is emptied and the caller's on_retry frees more (ComfyUI unloads
+            # models); emptied inside this block, the cache could not give them back.
+            failed = exc.with_traceback(None)
+        else:
+            # A NaN survives the clamp and is written as black: say so instead of handing it on.
+            if bool(torch.isnan(result).any()):
+                raise NonFiniteResultError(
+                    "the upscale gave NaN values, so no picture is returned: the computation overflowed "
+                    "(FLUX overflows in fp16: run it in bf16 or fp32) or the model or VAE weights hold NaN")
+            return result, current.tiling
+        if torch.cuda.is_available():
+            torch.cuda.empty_cache()
+        if on_retry is not None:
+            on_retry(nxt, failed)
+        else:
+            log.warning("out of memory; retrying with latent tiles of %d (overlap %d)",
+                        nxt.latent_tile, nxt.latent_overlap)
+        del failed
+        if configure_codec is not None:
+            configure_codec(nxt)
+        current = dataclasses.replace(current, tiling=nxt)
 
 
 def upscale_colour_and_alpha(

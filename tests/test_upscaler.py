@@ -122,6 +122,33 @@ def test_out_of_memory_retries_with_smaller_tiles():
     assert retries == [32] and used.latent_tile == 32 and used.latent_overlap <= 8
 
 
+def test_the_failed_try_is_let_go_before_the_cache_is_emptied_and_on_retry_runs(monkeypatch):
+    """The out-of-memory error's traceback held the failed try's tensors while the CUDA cache
+    was emptied and ComfyUI was asked to free memory, so neither could give them back."""
+    import weakref
+
+    held = []
+
+    class OOMHoldingActivations(ConstantVelocity):
+        def __call__(self, latent, sigma, cond, position_offset=(0, 0)):
+            if latent.shape[-1] > 32:
+                activations = torch.empty(1 << 16)  # what the failed forward had allocated
+                held.append(weakref.ref(activations))
+                raise torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 20.00 GiB")
+            return super().__call__(latent, sigma, cond, position_offset)
+
+    freed_at = []
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "empty_cache", lambda: freed_at.append(("empty_cache", [r() for r in held])))
+    opts = no_fix(scale=4, tiling=TilingConfig(latent_tile=64, latent_overlap=16))
+    out, used = upscaler.upscale_tensor_with_retry(
+        torch.rand(1, 3, 128, 128), OOMHoldingActivations(), PixelCodec(), None, opts,
+        on_retry=lambda t, e: freed_at.append(("on_retry", [r() for r in held])))
+    assert used.latent_tile == 32 and out.shape[-1] == 512
+    assert [what for what, _ in freed_at] == ["empty_cache", "on_retry"]
+    assert held and all(alive == [None] * len(alive) for _, alive in freed_at)
+
+
 def test_smaller_tiling_shrinks_what_can_shrink_and_keeps_overlaps():
     """An untiled VAE (0/0) retried at 512 px tiles with 0 overlap (a 16-level seam); at the
     smallest transformer tiles the VAE tile was no longer tried smaller; a 128 px VAE tile grew."""
