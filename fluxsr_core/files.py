@@ -20,7 +20,9 @@ def atomic_write(path: PathLike, write: Callable[[str], None]) -> str:
     """``write(tmp)`` into a temporary file beside ``path``, then rename it over ``path``.
 
     The folder is created if needed. On any failure (also Ctrl-C) the temporary file is removed
-    and ``path`` is left as it was. The temporary file is created with mode 0o666, so the umask
+    and ``path`` is left as it was; the file's data reach the disk before the rename, and the
+    rename after it (:func:`fsync_file`, :func:`fsync_dir`), so a crash or a power cut leaves
+    the old file or the new one, never an empty one. The temporary file is created with mode 0o666, so the umask
     applies as for any file the user makes (``tempfile.mkstemp`` and safetensors give 0o600: a
     ComfyUI running as another user could not read a LoRA exported that way). Returns ``path``
     as a string.
@@ -39,7 +41,9 @@ def atomic_write(path: PathLike, write: Callable[[str], None]) -> str:
         mode = stat.S_IMODE(os.stat(tmp).st_mode)
         write(str(tmp))
         os.chmod(tmp, mode)
+        fsync_file(tmp)
         os.replace(tmp, target)
+        fsync_dir(target.parent)
     except BaseException:
         try:
             os.unlink(tmp)
@@ -67,8 +71,12 @@ def replaced_together(targets: Sequence[PathLike]) -> Iterator[list[Path]]:
         staged.append(tmp)
     try:
         yield staged
+        for tmp in staged:
+            fsync_file(tmp)
         for tmp, target in zip(staged, targets):
             os.replace(tmp, target)
+        for folder in dict.fromkeys(target.parent for target in targets):
+            fsync_dir(folder)
     finally:
         for tmp in staged:
             with contextlib.suppress(OSError):
@@ -89,6 +97,43 @@ def first_line(exc: BaseException) -> str:
     """The first line of an error's text (its type's name when it has none), for a one-line report."""
     text = str(exc).strip()
     return text.splitlines()[0] if text else type(exc).__name__
+
+
+def fsync_file(path: PathLike) -> None:
+    """Flush a written file's data to the disk. Before it is renamed over the file it replaces:
+    without it, a crash soon after the rename can leave an empty or partial file in the old
+    one's place (the rename reaches the disk before the data on some file systems)."""
+    fd = os.open(path, os.O_RDWR | getattr(os, "O_BINARY", 0))  # Windows cannot fsync a read-only handle
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def fsync_dir(folder: PathLike) -> None:
+    """Make a rename in ``folder`` durable. Not possible (nor needed) on Windows: ignored there."""
+    try:
+        fd = os.open(folder, os.O_RDONLY)
+    except OSError:
+        return
+    try:
+        os.fsync(fd)
+    except OSError:
+        pass
+    finally:
+        os.close(fd)
+
+
+def fsync_tree(folder: PathLike) -> None:
+    """:func:`fsync_file` every file under ``folder`` and :func:`fsync_dir` every folder in it,
+    itself included: before a folder written by others (accelerate's checkpoint) is renamed
+    into place and what it replaces is deleted."""
+    for here, _, names in os.walk(folder):
+        for name in names:
+            path = os.path.join(here, name)
+            if not os.path.islink(path):
+                fsync_file(path)
+        fsync_dir(here)
 
 
 def atomic_write_text(path: PathLike, text: str) -> str:

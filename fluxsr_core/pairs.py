@@ -86,6 +86,7 @@ from safetensors import safe_open
 from safetensors.torch import load as st_load_bytes
 from safetensors.torch import save as st_save_bytes
 
+from .files import fsync_dir
 from .latents import PATCH, PIXEL_MULTIPLE, VAE_DOWNSCALE
 
 logger = logging.getLogger(__name__)
@@ -231,20 +232,6 @@ def _sha256_file(path: Path, chunk: int = 1 << 22) -> str:
                 break
             h.update(b)
     return h.hexdigest()
-
-
-def _fsync_dir(folder: Path) -> None:
-    """Make a rename durable. Not possible (nor needed) on Windows: ignored there."""
-    try:
-        fd = os.open(folder, os.O_RDONLY)
-    except OSError:
-        return
-    try:
-        os.fsync(fd)
-    except OSError:
-        pass
-    finally:
-        os.close(fd)
 
 
 def _write_file_durably(path: Path, data: bytes, fsync: bool) -> None:
@@ -750,7 +737,7 @@ class PairWriter:
         finally:
             tmp.unlink(missing_ok=True)
         if self.fsync:
-            _fsync_dir(self.folder)
+            fsync_dir(self.folder)
         self._known_conds.add(key)
         return key
 
@@ -860,7 +847,7 @@ class PairWriter:
             tmp.unlink(missing_ok=True)  # a half-written file only takes space (disk full)
             raise
         if self.fsync:
-            _fsync_dir(self.folder)
+            fsync_dir(self.folder)
 
     def _append_raw(self, data: bytes) -> None:
         # One write() on an O_APPEND descriptor: the line lands whole at the end of the file.
@@ -1265,8 +1252,8 @@ def _quarantine(path: Path, quarantine: Path) -> Path:
     while target.exists():
         target, n = quarantine / f"{path.name}.{n}", n + 1
     os.replace(path, target)
-    _fsync_dir(quarantine)
-    _fsync_dir(path.parent)
+    fsync_dir(quarantine)
+    fsync_dir(path.parent)
     return target
 
 
@@ -1290,7 +1277,7 @@ def _rewrite_manifest_without(path: Path, shards: set[str]) -> int:
     tmp = path.with_name(f".{path.name}.tmp")
     _write_file_durably(tmp, b"".join(keep), fsync=True)
     os.replace(tmp, path)
-    _fsync_dir(path.parent)
+    fsync_dir(path.parent)
     return removed
 
 

@@ -80,3 +80,35 @@ def test_files_replaced_together_are_all_replaced_or_none(tmp_path):
             s.write_bytes(text)
     assert [t.read_bytes() for t in targets] == [b"new a", b"new l"]
     assert sorted(os.listdir(tmp_path)) == sorted(["a.bin", long_name])
+
+
+@pytest.mark.skipif(not os.path.isdir("/proc/self/fd"), reason="names the synced files through /proc (Linux)")
+def test_data_reach_the_disk_before_the_rename_and_the_rename_after(tmp_path, monkeypatch):
+    """Without an fsync before the rename, a crash soon after it can leave an empty file where the
+    old one was (the rename reaches the disk first on some file systems): the failure a user sees
+    as a lost LoRA or config after a power cut. Each written file is synced before it is renamed
+    over its target, and the folder after."""
+    events = []
+    real_fsync, real_replace = os.fsync, os.replace
+
+    def fsync(fd):
+        path = os.readlink(f"/proc/self/fd/{fd}")
+        events.append(("fsync", os.path.basename(path), os.path.isdir(path)))
+        real_fsync(fd)
+
+    def replace(src, dst):
+        events.append(("replace", os.path.basename(str(dst)), False))
+        real_replace(src, dst)
+
+    monkeypatch.setattr(os, "fsync", fsync)
+    monkeypatch.setattr(os, "replace", replace)
+    files.atomic_write_text(tmp_path / "config.yaml", "a: 1\n")
+    assert [(e[0], e[2]) for e in events] == [("fsync", False), ("replace", False), ("fsync", True)]
+    assert events[0][1].startswith(".config.yaml.") and events[1][1] == "config.yaml"
+    assert events[2][1] == tmp_path.name
+    events.clear()
+    with files.replaced_together([tmp_path / "a.bin", tmp_path / "b.bin"]) as staged:
+        for s in staged:
+            s.write_bytes(b"new")
+    assert [(e[0], e[2]) for e in events] == [("fsync", False)] * 2 + [("replace", False)] * 2 + [("fsync", True)]
+    assert (tmp_path / "config.yaml").read_text() == "a: 1\n" and (tmp_path / "b.bin").read_bytes() == b"new"

@@ -330,6 +330,35 @@ def test_resuming_an_older_checkpoint_sets_the_later_ones_aside(pairs, tmp_path)
         T.train(tiny_config(pairs, tmp_path / "run", *common, f"train.resume={str(aside / 'step-0000008')!r}"))
 
 
+def test_a_checkpoint_is_on_the_disk_before_its_rename_and_before_older_ones_go(pairs, tmp_path, monkeypatch):
+    """accelerate writes the checkpoint's files without syncing them; it was renamed into place
+    and the older checkpoints pruned at once, so a power cut could leave only the newest, with
+    empty files. Every file in it is now synced before the rename, the folder after it."""
+    seen = []
+    real_tree, real_dir = T.fsync_tree, T.fsync_dir
+
+    def tree(folder):
+        files = sorted(p.name for p in Path(folder).rglob("*") if p.is_file())
+        checkpoints = [c.name for c in T.list_checkpoints(tmp_path / "run")]
+        seen.append(("tree", Path(folder).name, files, checkpoints))
+        real_tree(folder)
+
+    def folder_synced(folder):
+        seen.append(("dir", Path(folder).name, [], [c.name for c in T.list_checkpoints(tmp_path / "run")]))
+        real_dir(folder)
+
+    monkeypatch.setattr(T, "fsync_tree", tree)
+    monkeypatch.setattr(T, "fsync_dir", folder_synced)
+    T.train(tiny_config(pairs, tmp_path / "run", "train.max_steps=3", "checkpoint.every=1", "checkpoint.keep_last=1"))
+    trees = [e for e in seen if e[0] == "tree"]
+    assert len(trees) == 3 and all(not e[1].startswith("step-") for e in trees)  # the temporary folder
+    assert all({T.LORA_FILE, T.STATE_FILE, T.CONFIG_FILE} <= set(e[2]) for e in trees)
+    # each tree sync came while the previous checkpoint was still the only one; the root's after the rename
+    assert [e[3] for e in trees] == [[], ["step-0000001"], ["step-0000002"]]
+    dirs = [e for e in seen if e[0] == "dir" and e[1] == T.CHECKPOINT_DIR]
+    assert [e[3] for e in dirs] == [["step-0000001"], ["step-0000001", "step-0000002"], ["step-0000002", "step-0000003"]]
+
+
 def test_s_per_step_is_the_steps_own_time_without_checkpoints(pairs, tmp_path, monkeypatch):
     """The logged s/step times the training steps: a checkpoint written in the window (here made
     to take 2 s) is not in it. Before, one slow checkpoint made every window's step look slow."""

@@ -59,7 +59,7 @@ import torch.nn.functional as F
 
 from fluxsr_core import flow
 from fluxsr_core.bundle import ConditioningBundle, conditioning_width_problems, load_bundle, save_bundle
-from fluxsr_core.files import atomic_write, first_line
+from fluxsr_core.files import atomic_write, first_line, fsync_dir, fsync_tree
 from fluxsr_core.interfaces import Conditioning
 from fluxsr_core.lora import DEFAULT_ADAPTER_NAME
 from fluxsr_core.models import FP8_MODES
@@ -2061,6 +2061,9 @@ class _Run:
                  "last": self.history[-1] if self.history else None,
                  "time": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())}
         (tmp / STATE_FILE).write_text(json.dumps(state, indent=2), encoding="utf-8")
+        # On the disk before the rename and before older checkpoints go: after a power cut the
+        # newest must not be the only one left, and unreadable.
+        fsync_tree(tmp)
         old = None
         if final.exists():  # the same step saved again after a resume: replace it whole
             old = root / f".old-step-{step:07d}"
@@ -2068,6 +2071,7 @@ class _Run:
                 shutil.rmtree(old)
             os.replace(final, old)
         os.replace(tmp, final)
+        fsync_dir(root)
         if old is not None:
             shutil.rmtree(old, ignore_errors=True)
         for stale in list_checkpoints(self.out)[:-self.cfg.checkpoint.keep_last]:
