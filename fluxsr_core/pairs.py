@@ -1055,8 +1055,16 @@ def _tensor_shapes(f) -> dict[str, tuple[int, ...]]:
 
 def _image_size_problem_of_shard(path: Path, pairs: Sequence[str],
                                  shapes: Mapping[str, tuple[int, ...]]) -> Optional[PairProblem]:
-    """The ``size`` problem of a shard holding a pair whose stored image is not the size its latent
+    """The ``size`` problem of a shard holding a pair whose latent FLUX cannot take (odd: written
+    by another tool, PairWriter refuses it) or whose stored image is not the size its latent
     decodes to (``shapes``: the shard's tensor shapes, from its header), or None."""
+    odd = [(pid, problem) for i, pid in enumerate(pairs)
+           for problem in [latent_size_problem(shapes[f"{i}.z0"])] if problem]
+    if odd:
+        pid, problem = odd[0]
+        return PairProblem("size", str(path),
+                           f"{len(odd)} of its pairs have a latent FLUX cannot take, e.g. {pid}: {problem}. Training "
+                           "on them fails; --drop-bad sets this shard aside (then make its pairs again at such a size)")
     bad = [(pid, problem) for i, pid in enumerate(pairs) if f"{i}.image" in shapes
            for problem in [image_size_problem(shapes[f"{i}.image"], shapes[f"{i}.z0"])] if problem]
     if not bad:
@@ -1152,8 +1160,9 @@ def verify_pairs(folder: str | os.PathLike, check_hash: bool = True) -> VerifyRe
     Errors: a shard a manifest names that is missing, truncated, fails its sha256 (with
     ``check_hash``), cannot be parsed, or holds other pairs than listed; a shard holding a later
     copy of a pair id with other content than the first copy ("conflict": one id given to two
-    different pairs; readers would see only the first); a pair whose stored image is not the size
-    its latent decodes to ("size", read from the shard headers); a conditioning file missing or not
+    different pairs; readers would see only the first); a pair whose latent is odd, or whose
+    stored image is not the size its latent decodes to ("size", read from the shard headers); a
+    conditioning file missing or not
     matching its key. Notes (harmless, ignored by readers): torn manifest lines, unlisted
     shards, temporary files, true duplicates (the same pair stored twice; one copy is read).
     """

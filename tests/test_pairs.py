@@ -490,6 +490,26 @@ def test_verify_names_a_stored_image_of_another_size_and_drop_bad_sets_it_aside(
         ds.conditioning_shapes([key])
 
 
+def test_verify_names_an_odd_latent_written_by_another_tool(tmp_path, monkeypatch):
+    """PairWriter refuses odd latents (FLUX packs 2x2 patches); a shard written without that
+    check passed verify and failed at training start-up only."""
+    with monkeypatch.context() as m:
+        m.setattr(P, "latent_size_problem", lambda *a: None)         # another tool's writer
+        with PairWriter(tmp_path, "w0", shard_size=2) as w:
+            for k, pid in enumerate(IDS[:4]):
+                eps, z0, t5, clip, img = make_pair(pid)
+                if k == 3:
+                    eps, z0, img = eps[:, :3], z0[:, :3], img[:, :24]
+                w.add(pid, eps, z0, t5, clip, image=img)
+    report = verify_pairs(tmp_path)
+    assert [(p.kind, p.path) for p in report.errors] == [("size", str(tmp_path / "shard-w0-000002.safetensors"))]
+    assert report.errors[0].message.startswith(
+        f"1 of its pairs have a latent FLUX cannot take, e.g. {IDS[3]}: the latent is 4x3 (32x24 px); FLUX packs 2x2 "
+        "latent patches")
+    assert drop_bad_shards(tmp_path, report).dropped == [("shard-w0-000002.safetensors", "size", 2)]
+    assert verify_pairs(tmp_path).ok
+
+
 def _three_shards(folder: Path):
     with PairWriter(folder, "w0", shard_size=3) as w:
         for pid in IDS:
