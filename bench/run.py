@@ -352,6 +352,12 @@ def _device_name(device: torch.device) -> str:
     return model or platform.processor() or platform.machine()
 
 
+def _error_text(exc: BaseException) -> str:
+    """``Type: the message's first line``, at most 300 characters (for the report)."""
+    text = str(exc)
+    return f"{type(exc).__name__}: {text.splitlines()[0] if text else ''}"[:300]
+
+
 def rel_l2(a: torch.Tensor, b: torch.Tensor) -> float:
     a, b = a.float(), b.float()
     return float((a - b).norm() / b.norm().clamp_min(1e-12))
@@ -451,7 +457,7 @@ def speedup_variants(transformer, vae, cond, profile, tiles: TilingConfig, dtype
                 detail = ""
                 del t2, v2
         except Exception as exc:  # noqa: BLE001 - one failing change must not cost the rest of a GPU lease
-            report[name] = {"error": f"{type(exc).__name__}: {str(exc).splitlines()[0] if str(exc) else ''}"[:300]}
+            report[name] = {"error": _error_text(exc)}
             gc.collect()
             if after_each is not None:
                 after_each()
@@ -569,44 +575,87 @@ def main(argv=None) -> int:
     def section(title: str) -> None:
         print(f"[{time.perf_counter() - t0:7.1f} s] {title}", file=sys.stderr, flush=True)
 
+    def guarded(key: str, fn: Callable[[], object]):
+        """Run one section; a failure (out of memory, a path only a GPU takes) is recorded under
+        ``report["errors"][key]``, its traceback goes to stderr, and the run goes on: one stage
+        failing must not cost a GPU lease the sections after it. Returns ``fn()``, or None."""
+        failed = False
+        try:
+            return fn()
+        except Exception as exc:  # noqa: BLE001 - see the docstring
+            import traceback
+
+            traceback.print_exc()
+            report.setdefault("errors", {})[key] = _error_text(exc)
+            print(f"section {key} failed: {report['errors'][key]}; going on", file=sys.stderr, flush=True)
+            failed = True
+        if failed:  # the traceback's frames (and their tensors) are gone once the except block ends
+            gc.collect()
+            if device.type == "cuda":
+                torch.cuda.empty_cache()
+                if hasattr(torch._C, "_host_emptyCache"):  # pinned copies a failed group offload made
+                    torch._C._host_emptyCache()
+            save()
+        return None
+
     # tiny runs every part of the full-size report on the CPU, so that path stays tested
     full_report = name in ("full", "tiny")
     with torch.inference_mode():
         section("upscale, parts timed alone")
-        base = run_size(velocity, codec, cond, profile["lr"], tiles, profile["repeats"])
-        report["upscale"] = [base]
+        report["upscale"] = []
+        base = guarded("upscale", lambda: run_size(velocity, codec, cond, profile["lr"], tiles, profile["repeats"]))
+        if base is not None:
+            report["upscale"].append(base)
         if full_report:
-            report["upscale"].append(run_size(velocity, codec, cond, profile["lr"] * 2, tiles, 2))
+            larger = guarded("upscale_larger", lambda: run_size(velocity, codec, cond, profile["lr"] * 2, tiles, 2))
+            if larger is not None:
+                report["upscale"].append(larger)
         save()
         # (2) memory at 4x the pixels (2x the side) with the same fixed tiles
         section("peak memory at 1x and 4x the pixels")
-        m1 = peak_memory(velocity, codec, cond, profile["lr"], tiles, device)
-        m4 = peak_memory(velocity, codec, cond, profile["lr"] * 2, tiles, device)
-        report["memory"] = dict(base_bytes=m1, four_x_bytes=m4, ratio=m4 / m1 if m1 else float("nan"),
-                                method=PeakMemory(device).method)
+
+        def memory() -> None:
+            m1 = peak_memory(velocity, codec, cond, profile["lr"], tiles, device)
+            m4 = peak_memory(velocity, codec, cond, profile["lr"] * 2, tiles, device)
+            report["memory"] = dict(base_bytes=m1, four_x_bytes=m4, ratio=m4 / m1 if m1 else float("nan"),
+                                    method=PeakMemory(device).method)
+
+        guarded("memory", memory)
         # (3) one step vs the teacher sampler at the same (untiled) latent size
         section(f"one step vs the {args.teacher_steps}-step teacher")
-        z_hw = tuple(base["latent"])
+        side = profile["lr"] * 4
+        z_hw = tuple(base["latent"]) if base is not None else (side // 8, side // 8)
         z = torch.randn(1, 16, *z_hw)
-        one, _ = timed(lambda: flow.one_step_sr(velocity, z, 0.25, cond), profile["repeats"])
-        report["teacher"] = teacher_ratio(velocity, cond, z_hw, args.teacher_steps, one)
+        one = guarded("one_step", lambda: timed(lambda: flow.one_step_sr(velocity, z, 0.25, cond),
+                                                profile["repeats"])[0])
+        if one is not None:
+            guarded("teacher", lambda: report.__setitem__(
+                "teacher", teacher_ratio(velocity, cond, z_hw, args.teacher_steps, one)))
         save()
-        if full_report:
+        if full_report and one is not None:
             section("transformer FLOP rate against the matmul rate")
-            flops = transformer_flops(transformer.config, (z_hw[0] // 2) * (z_hw[1] // 2), profile["text"])
-            rate = matmul_rate(device, dtype, 8192 if name == "full" else 256)
-            counted = counted_flops(profile, dtype, base["out"])
-            parts = base["parts_s"]
-            report["transformer_efficiency"] = dict(
-                flops=flops, flops_counted=counted["transformer"], one_forward_s=one,
-                achieved_flops_per_s=flops / one, matmul_flops_per_s=rate, fraction_of_matmul=(flops / one) / rate,
-                upscale_over_transformer=base["total_s"] / parts["transformer_tiled"],
-                # the ratio if every part ran at the transformer's rate: the floor the VAE sets
-                upscale_over_transformer_flops=sum(counted.values()) / counted["transformer"],
-                vae={k: dict(flops=counted[k], seconds=parts[k], fraction_of_matmul=counted[k] / parts[k] / rate)
-                     for k in ("vae_encode", "vae_decode")})
+
+            def efficiency() -> None:
+                flops = transformer_flops(transformer.config, (z_hw[0] // 2) * (z_hw[1] // 2), profile["text"])
+                rate = matmul_rate(device, dtype, 8192 if name == "full" else 256)
+                counted = counted_flops(profile, dtype, z_hw[0] * 8)
+                e = dict(flops=flops, flops_counted=counted["transformer"], one_forward_s=one,
+                         achieved_flops_per_s=flops / one, matmul_flops_per_s=rate,
+                         fraction_of_matmul=(flops / one) / rate,
+                         # the ratio if every part ran at the transformer's rate: the floor the VAE sets
+                         upscale_over_transformer_flops=sum(counted.values()) / counted["transformer"])
+                if base is not None:
+                    parts = base["parts_s"]
+                    e.update(upscale_over_transformer=base["total_s"] / parts["transformer_tiled"],
+                             vae={k: dict(flops=counted[k], seconds=parts[k],
+                                          fraction_of_matmul=counted[k] / parts[k] / rate)
+                                  for k in ("vae_encode", "vae_decode")})
+                report["transformer_efficiency"] = e
+
+            guarded("transformer_efficiency", efficiency)
         section("tiled vs untiled transformer at the larger size")
-        report["tiling_throughput"] = tiling_throughput(velocity, cond, profile["lr"] * 2, tiles, 2)
+        guarded("tiling_throughput", lambda: report.__setitem__(
+            "tiling_throughput", tiling_throughput(velocity, cond, profile["lr"] * 2, tiles, 2)))
         save()
     modes = [m.strip() for m in args.memory_modes.split(",") if m.strip()]
     if "gguf_q8_0" in modes and importlib.util.find_spec("gguf") is None:
@@ -622,12 +671,14 @@ def main(argv=None) -> int:
             section(f"memory modes at {profile['lr'] * 8}px: {', '.join(modes)}")
             report["memory_modes"] = {}
             for mode in modes:
-                report["memory_modes"][mode] = memory_mode(states, profile, device, dtype, mode, tiles)
+                result = guarded(f"memory_mode {mode}", lambda: memory_mode(states, profile, device, dtype, mode, tiles))
+                report["memory_modes"][mode] = (result if result is not None
+                                                else {"error": report["errors"][f"memory_mode {mode}"]})
                 save()
         # Before the speed-ups: the only check of the loaders' direct-to-device paths on CUDA,
         # and quick, while compiling the speed-ups may outlast a lease.
         section("loading the transformer from a single file straight onto the device")
-        report["load_from_file"] = load_from_file(states, device, dtype)
+        guarded("load_from_file", lambda: report.__setitem__("load_from_file", load_from_file(states, device, dtype)))
         save()
         if speedups:
             transformer, vae = (from_state(cls, cfg, {k: v.to(device) for k, v in sd.items()})
@@ -635,8 +686,9 @@ def main(argv=None) -> int:
     if speedups:
         section(f"speed-ups against the unchanged models: {', '.join(speedups)}")
         with torch.inference_mode():
-            speedup_variants(transformer, vae, cond, profile, tiles, dtype, speedups, profile["repeats"],
-                             report=report.setdefault("speedups", {}), after_each=save)
+            guarded("speedups", lambda: speedup_variants(
+                transformer, vae, cond, profile, tiles, dtype, speedups, profile["repeats"],
+                report=report.setdefault("speedups", {}), after_each=save))
         # compiled code and CUDA graph pools hold the variants' modules, and so the weights
         torch.compiler.reset()
     save()
@@ -873,15 +925,17 @@ def markdown(r: dict) -> str:
                      f"{t['speed_ratio']:.1f}x faster.")
     if "transformer_efficiency" in r:
         e = r["transformer_efficiency"]
-        lines.append(f"Transformer: {e['flops'] / 1e12:.3g} TFLOP per forward in {e['one_forward_s'] * 1000:.1f} ms = "
-                     f"{e['achieved_flops_per_s'] / 1e12:.3g} TFLOP/s, {100 * e['fraction_of_matmul']:.0f}% of the "
-                     f"measured {r['dtype']} matmul rate ({e['matmul_flops_per_s'] / 1e12:.3g} TFLOP/s; goal >= 60%). "
-                     f"Whole upscale / transformer alone: {e['upscale_over_transformer']:.2f} (goal <= 1.3; "
+        text = (f"Transformer: {e['flops'] / 1e12:.3g} TFLOP per forward in {e['one_forward_s'] * 1000:.1f} ms = "
+                f"{e['achieved_flops_per_s'] / 1e12:.3g} TFLOP/s, {100 * e['fraction_of_matmul']:.0f}% of the "
+                f"measured {r['dtype']} matmul rate ({e['matmul_flops_per_s'] / 1e12:.3g} TFLOP/s; goal >= 60%).")
+        if "upscale_over_transformer" in e:  # not when the upscale section failed
+            text += (f" Whole upscale / transformer alone: {e['upscale_over_transformer']:.2f} (goal <= 1.3; "
                      f"{e['upscale_over_transformer_flops']:.2f} by FLOPs). VAE encode "
                      f"{e['vae']['vae_encode']['flops'] / 1e12:.3g} TFLOP at "
                      f"{100 * e['vae']['vae_encode']['fraction_of_matmul']:.0f}% of the matmul rate, decode "
                      f"{e['vae']['vae_decode']['flops'] / 1e12:.3g} TFLOP at "
                      f"{100 * e['vae']['vae_decode']['fraction_of_matmul']:.0f}%.")
+        lines.append(text)
     if "tiling_throughput" in r:
         tt = r["tiling_throughput"]
         lines.append(f"Transformer at {tt['out']} px: untiled {tt['untiled_s_per_mp']:.3f} s/MP, {tt['tiles']} tiles "
@@ -917,13 +971,19 @@ def markdown(r: dict) -> str:
                              f"the page cache), {v['weights_bytes'] / 2**30:.2f} GiB of weights, RAM growth at most "
                              f"{v['ram_growth_peak_bytes'] / 2**20:.0f} MiB ({lf['method']}).")
     if r.get("memory_modes"):
-        out_px = next(iter(r["memory_modes"].values()))["out"]
+        out_px = next((v["out"] for v in r["memory_modes"].values() if "out" in v), "?")
         lines += ["", f"| memory mode ({out_px} px output) | peak total MiB (weights included: what must fit) | "
                       f"peak reserved MiB | growth during the upscale MiB (offload modes: weights they bring in "
                       f"included) | s per image | placing s |", "|---|---|---|---|---|---|"]
         for mode, v in r["memory_modes"].items():
+            if "error" in v:
+                lines.append(f"| {mode} | failed: {v['error']} | | | | |")
+                continue
             lines.append(f"| {mode} | {_mib(v['peak_total_bytes'])} | {_mib(v['peak_reserved_bytes'])} | "
                          f"{_mib(v['peak_bytes'])} | {v['seconds']:.2f} | {v['place_s']:.2f} |")
+    if r.get("errors"):
+        lines += ["", "Sections that failed (the run went on; tracebacks in the log):", ""]
+        lines += [f"* {key}: {text}" for key, text in r["errors"].items()]
     return "\n".join(lines) + "\n"
 
 

@@ -146,6 +146,45 @@ def test_a_failing_speedup_is_recorded_and_the_others_still_run(tmp_path):
         (tmp_path / "bench-tiny.md").read_text()
 
 
+def test_a_failing_section_is_recorded_and_the_sections_after_it_still_run(tmp_path, monkeypatch):
+    """Every stage of the report is guarded, not only the speed-ups: a memory mode that fails on
+    the GPU (out of memory, a path only CUDA takes), the teacher, or the single-file load (a full
+    disk) is recorded with its error and the rest of a one-shot GPU lease is still measured."""
+    bench = load_bench("fluxsr_bench_guarded")
+    real = bench.models.apply_memory_mode
+
+    def apply(transformer, vae, mode, device):
+        if mode == "group_offload":
+            raise RuntimeError("CUDA out of memory. Tried to allocate 24.00 GiB\nmore lines")
+        return real(transformer, vae, mode, device)
+
+    def teacher(*args, **kwargs):
+        raise ValueError("teacher broke")
+
+    def load(*args, **kwargs):
+        raise OSError(28, "No space left on device")
+
+    monkeypatch.setattr(bench.models, "apply_memory_mode", apply)
+    monkeypatch.setattr(bench, "teacher_ratio", teacher)
+    monkeypatch.setattr(bench, "load_from_file", load)
+    assert bench.main(["--tiny", "--out", str(tmp_path), "--teacher-steps", "2",
+                       "--memory-modes", "none,group_offload,model_offload", "--speedups", "tile_batch"]) == 0
+    report = json.loads((tmp_path / "bench-tiny.json").read_text())
+    errors = report["errors"]
+    assert errors == {"teacher": "ValueError: teacher broke",
+                      "memory_mode group_offload": "RuntimeError: CUDA out of memory. Tried to allocate 24.00 GiB",
+                      "load_from_file": "OSError: [Errno 28] No space left on device"}
+    assert "teacher" not in report and "load_from_file" not in report
+    # what comes after each failure was measured
+    assert report["transformer_efficiency"]["fraction_of_matmul"] > 0 and report["tiling_throughput"]["tiles"] == 9
+    assert report["memory_modes"]["group_offload"] == {"error": errors["memory_mode group_offload"]}
+    assert report["memory_modes"]["none"]["seconds"] > 0 and report["memory_modes"]["model_offload"]["seconds"] > 0
+    assert report["speedups"]["tile_batch"]["transformer_tiled"]["after_s"] > 0
+    md = (tmp_path / "bench-tiny.md").read_text()
+    assert "| group_offload | failed: RuntimeError: CUDA out of memory" in md and "| model_offload | " in md
+    assert "* load_from_file: OSError: [Errno 28] No space left on device" in md
+
+
 def test_default_tiles_cost_flux1_dev_more_work_at_2048_and_less_at_4096():
     """From the shapes: 1024/256 px tiles make 9 tiles at 2048 px (1.6x the untiled FLOPs: the
     overlaps repeat tokens) and 25 at 4096 px (0.48x: attention over the whole image is quadratic)."""
