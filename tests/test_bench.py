@@ -26,6 +26,11 @@ def test_tiny_benchmark_writes_a_complete_report(tmp_path):
     assert report["teacher"]["steps"] == 3 and report["memory"]["method"]
     assert all(u["total_image_on_device_s"] > 0 and u["device"] == "cpu" for u in report["upscale"])
     assert "image on the device" in (tmp_path / "bench-tiny.md").read_text()
+    # tiling's own cost is split out (issue 5): the tiled transformer less its tiles' forwards
+    for u in report["upscale"]:
+        assert u["tile_forward_s"] > 0
+        assert u["tiling_overhead_s"] == pytest.approx(u["parts_s"]["transformer_tiled"] - u["tiles"] * u["tile_forward_s"])
+    assert "| of it tiling overhead |" in (tmp_path / "bench-tiny.md").read_text()
     # --tiny keeps the whole full-size path running: two sizes, efficiency, every memory mode
     assert len(report["upscale"]) == 2 and report["transformer_efficiency"]["flops"] > 0
     eff = report["transformer_efficiency"]
