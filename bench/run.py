@@ -653,6 +653,9 @@ def main(argv=None) -> int:
                 if base is not None:
                     parts = base["parts_s"]
                     e.update(upscale_over_transformer=base["total_s"] / parts["transformer_tiled"],
+                             # the same with the image already on the device (resize and colour fix there)
+                             upscale_over_transformer_image_on_device=base["total_image_on_device_s"]
+                             / parts["transformer_tiled"],
                              vae={k: dict(flops=counted[k], seconds=parts[k],
                                           fraction_of_matmul=counted[k] / parts[k] / rate)
                                   for k in ("vae_encode", "vae_decode")})
@@ -937,7 +940,8 @@ def markdown(r: dict) -> str:
                 f"measured {r['dtype']} matmul rate ({e['matmul_flops_per_s'] / 1e12:.3g} TFLOP/s; goal >= 60%).")
         if "upscale_over_transformer" in e:  # not when the upscale section failed
             text += (f" Whole upscale / transformer alone: {e['upscale_over_transformer']:.2f} (goal <= 1.3; "
-                     f"{e['upscale_over_transformer_flops']:.2f} by FLOPs). VAE encode "
+                     f"{e.get('upscale_over_transformer_image_on_device', float('nan')):.2f} with the image on the "
+                     f"device; {e['upscale_over_transformer_flops']:.2f} by FLOPs). VAE encode "
                      f"{e['vae']['vae_encode']['flops'] / 1e12:.3g} TFLOP at "
                      f"{100 * e['vae']['vae_encode']['fraction_of_matmul']:.0f}% of the matmul rate, decode "
                      f"{e['vae']['vae_decode']['flops'] / 1e12:.3g} TFLOP at "

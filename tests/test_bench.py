@@ -36,6 +36,8 @@ def test_tiny_benchmark_writes_a_complete_report(tmp_path):
     eff = report["transformer_efficiency"]
     assert eff["flops_counted"] == pytest.approx(eff["flops"], rel=0.1)  # tiny: modulation and embedders weigh more
     assert eff["upscale_over_transformer_flops"] > 1 and eff["vae"]["vae_decode"]["flops"] > 0
+    assert eff["upscale_over_transformer_image_on_device"] == pytest.approx(
+        report["upscale"][0]["total_image_on_device_s"] / report["upscale"][0]["parts_s"]["transformer_tiled"])
     assert set(report["memory_modes"]) == {"none", "fp8_storage", "fp8_storage_all", "model_offload", "group_offload",
                                            "gguf_q8_0"}
     assert all(v["out"] == 128 for v in report["memory_modes"].values())  # at the larger size
