@@ -868,9 +868,18 @@ def load_from_file(states, device, dtype) -> dict:
 
     from fluxsr_core.weights import transformer_state_dict_to_bfl
 
+    import shutil
+
     (_, _, transformer_state), _ = states
     out = {}
     with tempfile.TemporaryDirectory(prefix="fluxsr-bench-") as folder:
+        # FLUX.1-dev: a 24 GB file. Said at once rather than after minutes of writing (a lent
+        # machine's disk also holds its image).
+        need = sum(t.numel() * t.element_size() for t in transformer_state.values())
+        free = shutil.disk_usage(folder).free
+        if free < need + 2**30:
+            raise OSError(f"{free / 2**30:.1f} GiB free in {folder}; the single file needs {need / 2**30:.1f} GiB "
+                          f"and 1 more to spare (set TMPDIR to a larger disk)")
         path = Path(folder) / "flux1-random.safetensors"
         t0 = time.perf_counter()
         bfl = transformer_state_dict_to_bfl(transformer_state)

@@ -192,6 +192,20 @@ def test_a_failing_section_is_recorded_and_the_sections_after_it_still_run(tmp_p
     assert "* load_from_file: OSError: [Errno 28] No space left on device" in md
 
 
+def test_the_single_file_load_is_refused_up_front_on_a_disk_too_small(monkeypatch):
+    """FLUX.1-dev's single file is 24 GB: a disk without room says so before writing any of it."""
+    import shutil
+    from types import SimpleNamespace
+
+    import torch
+
+    bench = load_bench("fluxsr_bench_disk")
+    state = {"w": torch.zeros(1024, 1024)}
+    monkeypatch.setattr(shutil, "disk_usage", lambda path: SimpleNamespace(total=2**31, used=2**31, free=2**29))
+    with pytest.raises(OSError, match=r"0.5 GiB free in .*; the single file needs 0.0 GiB"):
+        bench.load_from_file([(None, None, state), None], torch.device("cpu"), torch.float32)
+
+
 def test_default_tiles_cost_flux1_dev_more_work_at_2048_and_less_at_4096():
     """From the shapes: 1024/256 px tiles make 9 tiles at 2048 px (1.6x the untiled FLOPs: the
     overlaps repeat tokens) and 25 at 4096 px (0.48x: attention over the whole image is quadratic)."""
