@@ -617,16 +617,6 @@ def main(argv=None) -> int:
             if larger is not None:
                 report["upscale"].append(larger)
         save()
-        # (2) memory at 4x the pixels (2x the side) with the same fixed tiles
-        section("peak memory at 1x and 4x the pixels")
-
-        def memory() -> None:
-            m1 = peak_memory(velocity, codec, cond, profile["lr"], tiles, device)
-            m4 = peak_memory(velocity, codec, cond, profile["lr"] * 2, tiles, device)
-            report["memory"] = dict(base_bytes=m1, four_x_bytes=m4, ratio=m4 / m1 if m1 else float("nan"),
-                                    method=PeakMemory(device).method)
-
-        guarded("memory", memory)
         # (3) one step vs the teacher sampler at the same (untiled) latent size
         section(f"one step vs the {args.teacher_steps}-step teacher")
         side = profile["lr"] * 4
@@ -665,6 +655,19 @@ def main(argv=None) -> int:
         section("tiled vs untiled transformer at the larger size")
         guarded("tiling_throughput", lambda: report.__setitem__(
             "tiling_throughput", tiling_throughput(velocity, cond, profile["lr"] * 2, tiles, 2)))
+        save()
+        # (2) memory at 4x the pixels (2x the side) with the same fixed tiles. After every timing:
+        # on the CPU it runs torch's profiler, after which torch's ops run up to 40x slower for a
+        # while (measured: a tiny one-step forward 0.25 s against 0.006 s just before).
+        section("peak memory at 1x and 4x the pixels")
+
+        def memory() -> None:
+            m1 = peak_memory(velocity, codec, cond, profile["lr"], tiles, device)
+            m4 = peak_memory(velocity, codec, cond, profile["lr"] * 2, tiles, device)
+            report["memory"] = dict(base_bytes=m1, four_x_bytes=m4, ratio=m4 / m1 if m1 else float("nan"),
+                                    method=PeakMemory(device).method)
+
+        guarded("memory", memory)
         save()
     modes = [m.strip() for m in args.memory_modes.split(",") if m.strip()]
     if "gguf_q8_0" in modes and importlib.util.find_spec("gguf") is None:
