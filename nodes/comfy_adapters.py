@@ -385,6 +385,25 @@ def _patch_count(model: Any) -> int:
     return sum(len(v) for v in getattr(model, "patches", {}).values())
 
 
+def has_no_guidance_embedding(model: Any) -> bool:
+    """True for a ComfyUI MODEL whose FLUX transformer has no guidance embedding (FLUX.1-schnell
+    and models made from it): ComfyUI then ignores the conditioning's guidance. False for
+    FLUX.1-dev, and whenever the MODEL does not say (not a ComfyUI FLUX model)."""
+    inner = getattr(model, "model", None)
+    embed = getattr(getattr(getattr(inner, "diffusion_model", None), "params", None), "guidance_embed", None)
+    if embed is None:
+        unet_config = getattr(getattr(inner, "model_config", None), "unet_config", None)
+        embed = unet_config.get("guidance_embed") if isinstance(unet_config, dict) else None
+    return embed is False
+
+
+# Said by both nodes (and, in its own words, by fluxsr upscale) for such a MODEL.
+NO_GUIDANCE_EMBEDDING_NOTE = (
+    "the MODEL has no guidance embedding (FLUX.1-schnell?), so the guidance setting has no effect; FluxSR is "
+    "distilled from FLUX.1-dev, and a FluxSR LoRA made on it gives results off from its own on this model: "
+    "pick flux1-dev (or one of its fp8/GGUF files) in the model loader")
+
+
 def model_patches(model: Any) -> tuple[int, str]:
     """``(number of patched weights, short fingerprint)`` of the weight patches (LoRAs) a ComfyUI
     MODEL carries; ``(0, "")`` for a plain model. The fingerprint covers which weights are patched

@@ -294,6 +294,9 @@ class FluxSRTeacherSampler:
             log.warning("FluxSR teacher: the MODEL carries patches on %d weights (a LoRA?); FluxSR's teacher is "
                         "plain FLUX.1-dev. Pairs from it are stored under their own ids (suffix -p%s).",
                         patches[0], patches[1])
+        if comfy_adapters.has_no_guidance_embedding(model):
+            log.warning("FluxSR teacher: %s. Pairs from it teach the student this model's images, not "
+                        "FLUX.1-dev's.", comfy_adapters.NO_GUIDANCE_EMBEDDING_NOTE)
         storage = comfy_adapters.model_weight_storage(model)
         if storage != "full":
             log.warning("FluxSR teacher: the MODEL's weights are stored as %s, which changes the teacher's samples "

@@ -70,6 +70,8 @@ def warn_about_the_inputs(model: Any, conditioning: Any, widget_t_l: float, guid
         log.warning("FluxSR upscale: the MODEL carries no LoRA. FluxSR is FLUX.1-dev plus the FluxSR LoRA "
                     "(FluxSR Load LoRA); plain FLUX.1-dev in one step gives no upscale worth having. Ignore "
                     "this if the LoRA is merged into the model file.")
+    if comfy_adapters.has_no_guidance_embedding(model):
+        log.warning("FluxSR upscale: %s", comfy_adapters.NO_GUIDANCE_EMBEDDING_NOTE)
     settings = comfy_adapters.conditioning_settings(conditioning)
     fields = [] if widget_t_l and widget_t_l > 0 else ["t_l"]
     file_guidance = settings.source_of("guidance") if settings is not None else "default"

@@ -847,6 +847,41 @@ def test_upscale_node_warns_about_a_missing_lora_and_disagreeing_t_ls(pack, capl
     assert "no LoRA" not in caplog.text
 
 
+def test_a_model_without_guidance_embedding_is_named_by_both_nodes(pack, tiny, fake_comfy, caplog):
+    """FLUX.1-schnell in UNETLoader (ComfyUI's FLUX with guidance_embed False) ran the upscale and
+    the teacher without a word, where ``fluxsr upscale`` notes it: both nodes now say so."""
+    import logging
+
+    up = sub(pack, "nodes.upscale")
+    adapters = sub(pack, "nodes.comfy_adapters")
+
+    def flux(guidance_embed, where="params"):
+        inner = types.SimpleNamespace()
+        if where == "params":
+            inner.diffusion_model = types.SimpleNamespace(params=types.SimpleNamespace(guidance_embed=guidance_embed))
+        else:
+            inner.model_config = types.SimpleNamespace(unet_config={"guidance_embed": guidance_embed})
+        return types.SimpleNamespace(model=inner, patches={"w": [(1.0, None, 1.0)]}, model_options={})
+
+    assert adapters.has_no_guidance_embedding(flux(False)) and adapters.has_no_guidance_embedding(flux(False, "config"))
+    for quiet in (flux(True), flux(True, "config"), types.SimpleNamespace(), None):
+        assert not adapters.has_no_guidance_embedding(quiet)
+    with caplog.at_level(logging.WARNING, logger="fluxsr"):
+        up.warn_about_the_inputs(flux(True), tiny_conditioning(pack), 0.0)
+    assert "guidance embedding" not in caplog.text
+    with caplog.at_level(logging.WARNING, logger="fluxsr"):
+        up.warn_about_the_inputs(flux(False), tiny_conditioning(pack), 0.0)
+    assert "FluxSR upscale: the MODEL has no guidance embedding (FLUX.1-schnell?)" in caplog.text
+    caplog.clear()
+    patcher = FakePatcher(tiny.velocity, fake_comfy.CONST)
+    patcher.model.diffusion_model = types.SimpleNamespace(params=types.SimpleNamespace(guidance_embed=False))
+    node = pack.NODE_CLASS_MAPPINGS["FluxSRTeacherSampler"]()
+    with caplog.at_level(logging.WARNING, logger="fluxsr"):
+        node.sample(patcher, tiny_conditioning(pack), FakeVAE(tiny.vae), seed=1, steps=1, width=32, height=32,
+                    trajectory_previews=0)
+    assert "FluxSR teacher: the MODEL has no guidance embedding (FLUX.1-schnell?)" in caplog.text
+
+
 def test_upscale_guidance_in_the_order_of_fluxsr_upscale(pack, tiny, fake_comfy, caplog):
     # conditioning chosen (a bundle's value, the FluxSR Conditioning widget, FluxGuidance on a text
     # conditioning) > the LoRA's (on the MODEL, from FluxSR Load LoRA) > ours
