@@ -468,9 +468,16 @@ def apply_lora(model: Any, lora_state_dict: dict, strength: float, name: str) ->
         patched = comfy.sd.load_lora_for_models(model, None, lora_state_dict, float(strength), 0)[0]
     placed = _patch_count(patched) - _patch_count(model)
     if placed <= 0:
+        text = [k for k in lora_state_dict if is_text_encoder_key(k)]
+        if len(text) == len(lora_state_dict):  # as fluxsr upscale says it: nothing here is for the transformer
+            raise ValueError(f"FluxSR Load LoRA: {name} holds no LoRA tensors for the FLUX transformer (only "
+                             f"{len(text)} text-encoder tensors, which FluxSR does not use: it runs with fixed text "
+                             "embeddings); pick the FluxSR LoRA")
         family = guess_model_family(lora_state_dict)
         what = f"it looks like a LoRA for {family}" if family else "is it a FLUX.1 LoRA, and the MODEL FLUX.1-dev?"
-        raise ValueError(f"FluxSR Load LoRA: none of the {layers or len(lora_state_dict)} layers of {name} fit "
+        # layers in a naming we know; else the tensors (a layer has two or three of them)
+        count = f"{layers} layers" if layers else f"{len(lora_state_dict)} tensors"
+        raise ValueError(f"FluxSR Load LoRA: none of the {count} of {name} fit "
                          f"this MODEL ({what}); connect FLUX.1-dev and pick the FluxSR LoRA")
     _warn_left_out(left_out.keys, name)
     if layers and placed < layers:

@@ -560,13 +560,27 @@ def test_lora_loader_errors(pack, lora_dir, caplog):
                                                   cls().load(lora_dir.flux, "fluxsr.sft", 1.0)[0])[0] == 0.4
     with pytest.raises(ValueError, match="Stable Diffusion / SDXL UNet"):
         cls().load(lora_dir.flux, "sdxl.safetensors", 1.0)
+    # a text-encoder-only LoRA is named as such (it was "none of the 4 layers ... is it a FLUX.1 LoRA?",
+    # counting its tensors as layers), as fluxsr upscale names it
+    from safetensors.torch import save_file
+
+    save_file({f"lora_te1_text_model_encoder_layers_{i}_self_attn_q_proj.lora_{p}.weight": torch.zeros(2, 2)
+               for i in range(2) for p in ("down", "up")}, str(lora_dir.root / "te_only.safetensors"))
+    with pytest.raises(ValueError, match=r"te_only.safetensors holds no LoRA tensors for the FLUX transformer "
+                                         r"\(only 4 text-encoder tensors, which FluxSR does not use"):
+        cls().load(lora_dir.flux, "te_only.safetensors", 1.0)
+    save_file({"something.else.weight": torch.zeros(2, 2), "other.thing.weight": torch.zeros(2, 2)},
+              str(lora_dir.root / "unknown.safetensors"))
+    with pytest.raises(ValueError, match="none of the 2 tensors of unknown.safetensors fit"):
+        cls().load(lora_dir.flux, "unknown.safetensors", 1.0)
     with pytest.raises(lora.LoraError, match="bad_t_l.safetensors.*not a number"):
         cls().load(lora_dir.flux, "bad_t_l.safetensors", 1.0)
     (lora_dir.root / "cut.safetensors").write_bytes((lora_dir.root / "fluxsr.safetensors").read_bytes()[:-7])
     with pytest.raises(lora.WeightsError, match="cut.safetensors"):
         cls().load(lora_dir.flux, "cut.safetensors", 1.0)
     # the bad T_L and the truncated file were refused on the header, before ComfyUI read a tensor
-    assert [os.path.basename(r) for r in lora_dir.reads] == ["fluxsr.sft", "sdxl.safetensors"]
+    assert [os.path.basename(r) for r in lora_dir.reads] == ["fluxsr.sft", "sdxl.safetensors", "te_only.safetensors",
+                                                             "unknown.safetensors"]
     # a LoRA without FluxSR metadata still applies, says so, and leaves T_L to the defaults
     with caplog.at_level(logging.WARNING, logger="fluxsr"):
         (model,) = cls().load(lora_dir.flux, "plain.safetensors", 1.0)
