@@ -22,10 +22,10 @@ def atomic_write(path: PathLike, write: Callable[[str], None]) -> str:
     The folder is created if needed. On any failure (also Ctrl-C) the temporary file is removed
     and ``path`` is left as it was; the file's data reach the disk before the rename, and the
     rename after it (:func:`fsync_file`, :func:`fsync_dir`), so a crash or a power cut leaves
-    the old file or the new one, never an empty one. The temporary file is created with mode 0o666, so the umask
-    applies as for any file the user makes (``tempfile.mkstemp`` and safetensors give 0o600: a
-    ComfyUI running as another user could not read a LoRA exported that way). Returns ``path``
-    as a string.
+    the old file or the new one, never an empty one. The temporary file is created with mode
+    0o666, so the umask applies as for any file the user makes (``tempfile.mkstemp`` and
+    safetensors give 0o600: a ComfyUI running as another user could not read a LoRA exported
+    that way). Returns ``path`` as a string.
     """
     target = Path(path)
     target.parent.mkdir(parents=True, exist_ok=True)
