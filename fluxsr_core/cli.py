@@ -120,7 +120,7 @@ def _finite_float(text: str) -> float:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    from .models import MEMORY_MODES, SPEEDUPS
+    from .models import MEMORY_MODES, SPEEDUPS, VAE_TILE_NORMS
     from .tiling import TilingConfig
     from .upscaler import COLOR_FIXES, DEFAULT_MAX_OUTPUT_PIXELS
 
@@ -169,6 +169,10 @@ def build_parser() -> argparse.ArgumentParser:
     t.add_argument("--vae-tile", type=int, default=defaults.vae_tile,
                    help="VAE tile size in pixels, 0 = untiled (default %(default)s)")
     t.add_argument("--vae-overlap", type=int, default=defaults.vae_overlap)
+    t.add_argument("--vae-tile-norm", choices=VAE_TILE_NORMS, default="image",
+                   help="image (default): VAE tiles normalised with the whole image's statistics, the untiled "
+                        "result up to rounding; tile: diffusers' own tiling, each tile alone (its tone can "
+                        "shift from tile to tile), for the least memory")
     t.add_argument("--blend", choices=("gaussian", "linear", "constant"), default=defaults.blend)
     t.add_argument("--global-position-ids", action="store_true",
                    help="give tiles their global positions (default: tile-local, as in training)")
@@ -489,7 +493,7 @@ def _load_pipeline(args, tiling, log, cond_bundle, settings, device, dtype):
         log(f"fluxsr: {note}")
     velocity = models.DiffusersVelocity(loaded.transformer, compute_dtype=dtype)
     codec = models.DiffusersCodec(loaded.vae, compute_dtype=dtype, tile=tiling.vae_tile,
-                                  tile_overlap=tiling.vae_overlap)
+                                  tile_overlap=tiling.vae_overlap, tile_norm=args.vae_tile_norm)
     return velocity, codec, cond_bundle.to_conditioning(guidance=settings.guidance)
 
 

@@ -1281,6 +1281,39 @@ def _overlap_factor(tile: int, overlap: int) -> Fraction:
     return Fraction(int(overlap), int(tile))
 
 
+VAE_TILE_NORMS = ("image", "tile")
+_WHOLE_IMAGE_TILING_METHODS = ("_tiled_encode", "tiled_decode")
+
+
+def _bind_whole_image_tiling(vae, tile: int, overlap: int, on: bool, stash_device) -> None:
+    """Make diffusers' tiled encode/decode of this ``vae`` run :mod:`fluxsr_core.vae_tiling`
+    (``on``) or its own again. Bound on the instance, where ``AutoencoderKL._encode``/``_decode``
+    look them up: every hook diffusers and accelerate put around ``encode``/``decode`` still runs."""
+    from . import vae_tiling
+
+    for name in _WHOLE_IMAGE_TILING_METHODS:
+        vae.__dict__.pop(name, None)
+    if not on:
+        return
+    problem = vae_tiling.unsupported_reason(vae)
+    if problem is None and not all(callable(getattr(type(vae), n, None)) for n in _WHOLE_IMAGE_TILING_METHODS):
+        problem = "this diffusers version tiles through other methods"
+    if problem:
+        log.warning("VAE tiling: whole-image GroupNorm statistics are not available for this VAE (%s); "
+                    "diffusers' per-tile tiling is used, and tiles may differ slightly in tone", problem)
+        return
+    from diffusers.models.autoencoders.vae import DecoderOutput
+
+    def tiled_encode(x):
+        return vae_tiling.encode_moments(vae, x, tile, overlap, stash_device=stash_device)
+
+    def tiled_decode(z, return_dict=True):
+        sample = vae_tiling.decode(vae, z, tile, overlap, stash_device=stash_device)
+        return DecoderOutput(sample=sample) if return_dict else (sample,)
+
+    vae._tiled_encode, vae.tiled_decode = tiled_encode, tiled_decode
+
+
 class DiffusersCodec:
     """:class:`~fluxsr_core.interfaces.LatentCodec` over diffusers' ``AutoencoderKL`` (the FLUX VAE).
 
@@ -1288,26 +1321,27 @@ class DiffusersCodec:
     *mode* (its mean: deterministic, no sampling) -> ``(raw - 0.1159) * 0.3611``.
     ``decode``: the inverse, clamped to [0, 1]. Outputs keep the input's float dtype and device.
 
-    ``tile > 0`` (pixels, multiple of 8) turns on diffusers' own VAE tiling for images larger
-    than one tile, ``tile_overlap`` pixels shared by neighbours. Where diffusers' tiling falls
-    short, and why we still use it rather than our own:
-      * encode: each tile runs the whole encoder alone, so its GroupNorm statistics are the
-        tile's, not the image's; colours and contrast can shift slightly from tile to tile,
-        and the linear blend over the overlap only hides the seam;
-      * the last tile in a row/column is whatever is left (possibly a thin strip), whose
-        statistics are the least representative;
-      * decode has the same per-tile GroupNorm effect, usually smaller.
-    A larger overlap hides the seams, not the shift itself: with the demo's VAE, 256 px tiles of
-    a 512 px picture differ from the untiled decode by 3.5-3.7 levels (of 255) on average with
-    overlaps from 32 to 96 px (unmeasured on the FLUX VAE). Where memory allows, ``tile`` 0, or a
-    tile as large as the picture, avoids it.
+    ``tile > 0`` (pixels, multiple of 8) tiles images larger than one tile, neighbours sharing
+    ``tile_overlap`` pixels. ``tile_norm`` says how:
+      * ``"image"`` (default): :mod:`fluxsr_core.vae_tiling`, every GroupNorm with the whole
+        image's statistics and the attention over the whole latent: with a halo (half the
+        overlap) that covers the convolutions' reach, the untiled result up to rounding. With
+        the shipped demo VAE, 256 px tiles of a 512 px photo differ from the untiled decode by
+        0.000007 levels (of 255) on average at 128 px overlap, 0.0019 at 64 px; diffusers'
+        tiling by 7.2 at either (tests/test_vae_tiling.py). Memory: about the largest
+        whole-image activation, not one tile's; ``stash_device`` ``"auto"`` keeps the tiles in
+        CPU memory between GroupNorms when the GPU lacks room (``"cpu"``: always; None: never).
+      * ``"tile"``: diffusers' own tiling, each tile normalised alone (colour and contrast shift
+        from tile to tile; the blend hides only the seam), for the least device memory.
+    A VAE :func:`fluxsr_core.vae_tiling.unsupported_reason` refuses gets diffusers' tiling, logged.
     """
 
     downscale = L.VAE_DOWNSCALE
     latent_channels = L.LATENT_CHANNELS
 
     def __init__(self, vae, compute_dtype: Union[str, torch.dtype, None] = None, tile: int = 0,
-                 tile_overlap: int = 0, device: Union[str, torch.device, None] = None):
+                 tile_overlap: int = 0, device: Union[str, torch.device, None] = None, *,
+                 tile_norm: str = "image", stash_device: Union[str, torch.device, None] = "auto"):
         cfg = vae.config
         if int(cfg.latent_channels) != L.LATENT_CHANNELS:
             raise WrongModelError(f"this VAE has {cfg.latent_channels} latent channels; FLUX's has 16")
@@ -1325,6 +1359,10 @@ class DiffusersCodec:
             raise ValueError(f"the VAE's weights are {stored} but compute_dtype is {self.compute_dtype}; "
                              f"load the VAE with dtype={self.compute_dtype}")
         self._device = resolve_device(device) if device is not None else None
+        if tile_norm not in VAE_TILE_NORMS:
+            raise ValueError(f"tile_norm must be one of {', '.join(VAE_TILE_NORMS)} (got {tile_norm!r})")
+        self.tile_norm = tile_norm
+        self.stash_device = stash_device
         self.set_tiling(tile, tile_overlap)
 
     def set_tiling(self, tile: int, tile_overlap: int = 0) -> None:
@@ -1339,6 +1377,8 @@ class DiffusersCodec:
             if not 0 <= tile_overlap < tile or tile_overlap % self.downscale:
                 raise ValueError(f"VAE tile overlap must be a multiple of {self.downscale} pixels and smaller "
                                  f"than the tile {tile} (got {tile_overlap})")
+            # diffusers decides when to tile (an image over one tile) and runs the placement
+            # hooks (model and group offload) around it; "image" replaces only the tiling itself
             self.vae.enable_tiling()
             self.vae.tile_sample_min_size = tile
             self.vae.tile_latent_min_size = tile // self.downscale
@@ -1346,6 +1386,8 @@ class DiffusersCodec:
         else:
             self.vae.disable_tiling()
         self.tile, self.tile_overlap = tile, tile_overlap
+        _bind_whole_image_tiling(self.vae, tile, tile_overlap, self.tile_norm == "image" and tile > 0,
+                                 self.stash_device)
 
     @property
     def device(self) -> torch.device:
@@ -1456,7 +1498,7 @@ def build_models(transformer_source: PathLike, vae_source: PathLike, dtype: Unio
 
 
 __all__ = ["resolve_device", "resolve_dtype", "load_transformer", "load_vae", "load_device", "load_models",
-           "LoadedModels", "load_transformer_fp8", "apply_memory_mode", "store_in_fp8", "fp8_layers", "parse_speedups",
+           "LoadedModels", "VAE_TILE_NORMS", "load_transformer_fp8", "apply_memory_mode", "store_in_fp8", "fp8_layers", "parse_speedups",
            "fuse_qkv_projections",
            "set_attention_backend",
            "apply_speedups", "DiffusersVelocity", "DiffusersCodec", "build_models", "MEMORY_MODES", "FP8_MODES",

@@ -351,6 +351,7 @@ def test_codec_encode_decode(tiny_vae):
 
 
 def test_codec_tiled_vae(tiny_vae):
+    """diffusers' own tiling (tile_norm "tile"); the default is tests/test_vae_tiling.py's."""
     img = torch.rand(1, 3, 128, 128, generator=torch.Generator().manual_seed(7))
     img = torch.nn.functional.avg_pool2d(img, 5, 1, 2)  # some image-like smoothness
     tile, overlap = 64, 32
@@ -359,7 +360,7 @@ def test_codec_tiled_vae(tiny_vae):
         plain = models.DiffusersCodec(tiny_vae, tile=0)
         z0 = plain.encode(img)
         x0 = plain.decode(z0)
-        tiled = models.DiffusersCodec(tiny_vae, tile=tile, tile_overlap=overlap)
+        tiled = models.DiffusersCodec(tiny_vae, tile=tile, tile_overlap=overlap, tile_norm="tile")
         assert tiny_vae.tile_latent_min_size == tile // 8 and tiny_vae.tile_sample_min_size == tile
         z1 = tiled.encode(img)
         x1 = tiled.decode(z0)
@@ -375,7 +376,7 @@ def test_codec_tiled_vae(tiny_vae):
         rel_z, rel_x = _rel(z1, z0), _rel(x1, x0)
         assert 0 < rel_z < TILED_LATENT_REL_TOL and 0 < rel_x < TILED_IMAGE_REL_TOL
         # more overlap, closer to untiled
-        narrow = models.DiffusersCodec(tiny_vae, tile=32, tile_overlap=8)
+        narrow = models.DiffusersCodec(tiny_vae, tile=32, tile_overlap=8, tile_norm="tile")
         assert _rel(narrow.encode(img), z0) > rel_z
         # an image no larger than one tile is not tiled
         small = img[..., :64, :64]
@@ -397,7 +398,7 @@ def test_codec_tiles_land_on_their_pixels(tiny_vae, tile, overlap):
     lat_tile, lat_overlap, lat_step = tile // 8, overlap // 8, step // 8
     try:
         with torch.no_grad():
-            tiled = models.DiffusersCodec(tiny_vae, tile=tile, tile_overlap=overlap)
+            tiled = models.DiffusersCodec(tiny_vae, tile=tile, tile_overlap=overlap, tile_norm="tile")
             z = tiled.encode(img)
             # the second tile is the encoder on exactly the pixels from `step` on; past the
             # blend with the first, its latent columns are kept as they are
