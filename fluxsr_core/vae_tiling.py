@@ -33,11 +33,13 @@ is not, and the codec then keeps diffusers' own tiling.
 
 from __future__ import annotations
 
+import contextlib
 import math
 from dataclasses import dataclass
-from typing import Callable, Optional, Union
+from typing import Callable, Iterator, Optional, Union
 
 import torch
+import torch.nn.functional as F
 
 ALIGN = 8  # tile edges in image pixels: the VAE's whole downscale, so they fall on every level's grid
 
@@ -93,62 +95,190 @@ def tile_boxes(height: int, width: int, tile: int, overlap: int) -> list[TileBox
 class _Step:
     """One operation on a tile's state. ``kind``: ``"call"`` (``x = module(x)``; ``rescale``
     2 or 1/2 for an up/downsampler), ``"save"`` (the resnet's input kept as its residual),
-    ``"residual"`` (``x = (shortcut(saved) + x) / scale``), ``"norm"`` (a GroupNorm: a point
-    where all tiles meet)."""
+    ``"residual"`` (``x = shortcut(saved) + x``), ``"norm"`` (a GroupNorm: a point where all
+    tiles meet)."""
 
     kind: str
-    module: Optional[torch.nn.Module] = None
+    module: Optional[Callable] = None
     rescale: float = 1.0
     scale: float = 1.0
 
 
-def _resnet_steps(resnet) -> list[_Step]:
-    return [_Step("save"), _Step("norm", resnet.norm1), _Step("call", resnet.nonlinearity),
-            _Step("call", resnet.conv1), _Step("norm", resnet.norm2), _Step("call", resnet.nonlinearity),
-            _Step("call", resnet.dropout), _Step("call", resnet.conv2),
-            _Step("residual", resnet.conv_shortcut, scale=float(resnet.output_scale_factor))]
+@dataclass(frozen=True)
+class _Plan:
+    """A VAE half as :func:`_run_plan` runs it: ``head`` untiled, ``steps`` in tiles, ``tail``
+    untiled; ``level``: image pixels per pixel where the tiles start (8 for a decoder)."""
+
+    head: Callable
+    steps: list
+    tail: Callable
+    level: int
 
 
-def _blocks_steps(blocks, samplers_attr: str, rescale: float) -> list[_Step]:
+def _resnet_steps(norm1, act, conv1, norm2, dropout, conv2, shortcut, scale: float = 1.0) -> list[_Step]:
+    return [_Step("save"), _Step("norm", norm1), _Step("call", act), _Step("call", conv1), _Step("norm", norm2),
+            _Step("call", act), _Step("call", dropout), _Step("call", conv2), _Step("residual", shortcut, scale=scale)]
+
+
+# diffusers' layout (AutoencoderKL's Encoder / Decoder, ResnetBlock2D)
+
+def _diffusers_resnet_problem(resnet) -> Optional[str]:
+    if not all(hasattr(resnet, a) for a in ("norm1", "conv1", "norm2", "conv2", "nonlinearity", "dropout",
+                                            "conv_shortcut", "output_scale_factor")):
+        return f"{type(resnet).__name__} is not diffusers' ResnetBlock2D"
+    if getattr(resnet, "upsample", None) is not None or getattr(resnet, "downsample", None) is not None:
+        return "its resnets resample inside"
+    if getattr(resnet, "time_emb_proj", None) is not None:
+        return "its resnets take a time embedding"
+    return _norms_problem(resnet.norm1, resnet.norm2)
+
+
+def _diffusers_level_steps(blocks, samplers_attr: str, rescale: float) -> list[_Step]:
     steps = []
     for block in blocks:
-        for resnet in block.resnets:
-            steps += _resnet_steps(resnet)
+        for r in block.resnets:
+            steps += _resnet_steps(r.norm1, r.nonlinearity, r.conv1, r.norm2, r.dropout, r.conv2, r.conv_shortcut,
+                                   float(r.output_scale_factor))
         for sampler in getattr(block, samplers_attr) or ():
             steps.append(_Step("call", sampler, rescale=rescale))
     return steps
 
 
-def _resnet_problem(resnet) -> Optional[str]:
-    if not all(hasattr(resnet, a) for a in ("norm1", "conv1", "norm2", "conv2", "nonlinearity", "dropout",
-                                            "conv_shortcut", "output_scale_factor")):
-        return f"{type(resnet).__name__} is not diffusers' ResnetBlock2D"
-    if not (isinstance(resnet.norm1, torch.nn.GroupNorm) and isinstance(resnet.norm2, torch.nn.GroupNorm)):
-        return f"its resnets normalise with {type(resnet.norm1).__name__}, not GroupNorm"
-    if getattr(resnet, "upsample", None) is not None or getattr(resnet, "downsample", None) is not None:
-        return "its resnets resample inside"
-    if getattr(resnet, "time_emb_proj", None) is not None:
-        return "its resnets take a time embedding"
-    return None
-
-
-def unsupported_reason(vae) -> Optional[str]:
-    """None when :func:`decode` / :func:`encode_moments` can run ``vae``; else why not, in a few
-    words (the codec logs it and keeps diffusers' per-tile tiling)."""
-    encoder, decoder = getattr(vae, "encoder", None), getattr(vae, "decoder", None)
-    if encoder is None or decoder is None or not hasattr(decoder, "up_blocks") or not hasattr(encoder, "down_blocks"):
-        return f"{type(vae).__name__} is not diffusers' AutoencoderKL"
-    for block in list(encoder.down_blocks) + list(decoder.up_blocks):
+def _diffusers_problem(half, blocks_attr: str) -> Optional[str]:
+    for block in getattr(half, blocks_attr):
         if not hasattr(block, "resnets") or getattr(block, "attentions", None):
             return f"its {type(block).__name__} blocks are not plain resnet blocks"
         for resnet in block.resnets:
-            problem = _resnet_problem(resnet)
+            problem = _diffusers_resnet_problem(resnet)
             if problem:
                 return problem
-    for norm in (encoder.conv_norm_out, decoder.conv_norm_out):
+    return _norms_problem(half.conv_norm_out)
+
+
+def _diffusers_decoder_plan(dec) -> _Plan:
+    def head(z):
+        x = dec.mid_block(dec.conv_in(z), None)
+        return x.to(next(iter(dec.up_blocks.parameters())).dtype)
+
+    steps = _diffusers_level_steps(dec.up_blocks, "upsamplers", 2.0)
+    steps += [_Step("norm", dec.conv_norm_out), _Step("call", dec.conv_act), _Step("call", dec.conv_out)]
+    return _Plan(head, steps, lambda x: x, 2 ** (len(dec.up_blocks) - 1))
+
+
+def _diffusers_encoder_plan(enc) -> _Plan:
+    def tail(x):
+        return enc.conv_out(enc.conv_act(enc.conv_norm_out(enc.mid_block(x))))
+
+    steps = [_Step("call", enc.conv_in)] + _diffusers_level_steps(enc.down_blocks, "downsamplers", 0.5)
+    return _Plan(lambda x: x, steps, tail, 1)
+
+
+# the original latent-diffusion layout (BFL's ae.safetensors; ComfyUI's Encoder / Decoder, ResnetBlock)
+
+def _ldm_resnet_steps(r) -> list[_Step]:
+    shortcut = None
+    if r.in_channels != r.out_channels:
+        shortcut = r.conv_shortcut if getattr(r, "use_conv_shortcut", False) else r.nin_shortcut
+    return _resnet_steps(r.norm1, F.silu, r.conv1, r.norm2, r.dropout, r.conv2, shortcut)
+
+
+def _ldm_problem(half, levels_attr: str, blocks_per_level: int) -> Optional[str]:
+    if getattr(half, "carried", False):
+        return "it is a video VAE (its convolutions carry over frames)"
+    if getattr(half, "tanh_out", False) or getattr(half, "give_pre_end", False):
+        return "its decoder ends otherwise than FLUX's"
+    for level in getattr(half, levels_attr):
+        if len(getattr(level, "attn", ())):
+            return "it has attention inside its levels"
+        if len(level.block) != blocks_per_level:
+            return "its levels have an unexpected number of resnets"
+        for r in level.block:
+            if not all(hasattr(r, a) for a in ("norm1", "conv1", "norm2", "conv2", "dropout", "in_channels",
+                                                "out_channels")):
+                return f"{type(r).__name__} is not a latent-diffusion ResnetBlock"
+            if getattr(r, "temb_proj", None) is not None:
+                return "its resnets take a time embedding"
+            problem = _norms_problem(r.norm1, r.norm2)
+            if problem:
+                return problem
+    return _norms_problem(half.norm_out)
+
+
+def _ldm_decoder_plan(dec) -> _Plan:
+    def head(z):
+        x = dec.mid.block_2(dec.mid.attn_1(dec.mid.block_1(dec.conv_in(z), None)), None)
+        return x
+
+    steps = []
+    for i_level in reversed(range(dec.num_resolutions)):
+        for r in dec.up[i_level].block:
+            steps += _ldm_resnet_steps(r)
+        if i_level != 0:
+            steps.append(_Step("call", dec.up[i_level].upsample, rescale=2.0))
+    steps += [_Step("norm", dec.norm_out), _Step("call", F.silu), _Step("call", dec.conv_out)]
+    return _Plan(head, steps, lambda x: x, 2 ** (dec.num_resolutions - 1))
+
+
+def _ldm_encoder_plan(enc) -> _Plan:
+    def tail(x):
+        x = enc.mid.block_2(enc.mid.attn_1(enc.mid.block_1(x, None)), None)
+        return enc.conv_out(F.silu(enc.norm_out(x)))
+
+    steps = [_Step("call", enc.conv_in)]
+    for i_level in range(enc.num_resolutions):
+        for r in enc.down[i_level].block:
+            steps += _ldm_resnet_steps(r)
+        if i_level != enc.num_resolutions - 1:
+            steps.append(_Step("call", enc.down[i_level].downsample, rescale=0.5))
+    return _Plan(lambda x: x, steps, tail, 1)
+
+
+def _norms_problem(*norms) -> Optional[str]:
+    for norm in norms:
         if not isinstance(norm, torch.nn.GroupNorm):
-            return f"its output norm is {type(norm).__name__}, not GroupNorm"
+            return f"it normalises with {type(norm).__name__}, not GroupNorm"
     return None
+
+
+def _is_diffusers(half) -> bool:
+    return hasattr(half, "up_blocks") or hasattr(half, "down_blocks")
+
+
+def decoder_problem(decoder) -> Optional[str]:
+    """None when :func:`run_decoder` can run ``decoder`` (diffusers' ``Decoder`` or the
+    latent-diffusion one of BFL's files and ComfyUI); else why not, in a few words."""
+    if hasattr(decoder, "up_blocks"):
+        return _diffusers_problem(decoder, "up_blocks")
+    if hasattr(decoder, "up") and hasattr(decoder, "mid") and hasattr(decoder, "num_resolutions"):
+        return _ldm_problem(decoder, "up", getattr(decoder, "num_res_blocks", -1) + 1)
+    return f"{type(decoder).__name__} is not a diffusers or latent-diffusion VAE decoder"
+
+
+def encoder_problem(encoder) -> Optional[str]:
+    """:func:`decoder_problem` for :func:`run_encoder`."""
+    if hasattr(encoder, "down_blocks"):
+        return _diffusers_problem(encoder, "down_blocks")
+    if hasattr(encoder, "down") and hasattr(encoder, "mid") and hasattr(encoder, "num_resolutions"):
+        return _ldm_problem(encoder, "down", getattr(encoder, "num_res_blocks", -1))
+    return f"{type(encoder).__name__} is not a diffusers or latent-diffusion VAE encoder"
+
+
+def unsupported_reason(vae) -> Optional[str]:
+    """None when :func:`decode` / :func:`encode_moments` can run the diffusers ``vae``; else why
+    not, in a few words (the codec logs it and keeps diffusers' per-tile tiling)."""
+    encoder, decoder = getattr(vae, "encoder", None), getattr(vae, "decoder", None)
+    if encoder is None or decoder is None:
+        return f"{type(vae).__name__} is not diffusers' AutoencoderKL"
+    return encoder_problem(encoder) or decoder_problem(decoder)
+
+
+def _plan(half, decoder: bool) -> _Plan:
+    problem = decoder_problem(half) if decoder else encoder_problem(half)
+    if problem:
+        raise NotImplementedError(f"whole-image GroupNorm tiling cannot run this VAE: {problem}")
+    if decoder:
+        return _diffusers_decoder_plan(half) if _is_diffusers(half) else _ldm_decoder_plan(half)
+    return _diffusers_encoder_plan(half) if _is_diffusers(half) else _ldm_encoder_plan(half)
 
 
 # ------------------------------------------------------------------------------ the executor
@@ -191,8 +321,9 @@ def _normalize(x: torch.Tensor, norm: torch.nn.GroupNorm, mean: torch.Tensor, va
     g = x.float().reshape(b, norm.num_groups, -1)
     rstd = torch.rsqrt(var.to(x.device) + norm.eps)
     y = ((g - mean.to(x.device).unsqueeze(2)) * rstd.unsqueeze(2)).reshape(x.shape)
-    if norm.affine:
-        y = y * norm.weight.float().reshape(1, c, 1, 1) + norm.bias.float().reshape(1, c, 1, 1)
+    if norm.affine:  # .to: ComfyUI may keep a VAE's weights elsewhere and cast them per call
+        weight = norm.weight.to(device=x.device, dtype=torch.float32).reshape(1, c, 1, 1)
+        y = y * weight + norm.bias.to(device=x.device, dtype=torch.float32).reshape(1, c, 1, 1)
     return y.to(x.dtype)
 
 
@@ -232,7 +363,7 @@ def _run_steps(steps: list[_Step], tiles: list[_TileState], level: int, device: 
                     saved = x
                 else:  # residual
                     shortcut = step.module(saved) if step.module is not None else saved
-                    x = (shortcut + x) / step.scale
+                    x = shortcut + x if step.scale == 1.0 else (shortcut + x) / step.scale
                     saved = None
             tile.stats = _core_stats(_core(tile, x, end_level), next_norm.num_groups) if next_norm is not None else None
             tile.x = x.to(stash) if stash is not None else x
@@ -242,99 +373,130 @@ def _run_steps(steps: list[_Step], tiles: list[_TileState], level: int, device: 
     return level
 
 
-def _assemble(tiles: list[_TileState], level: int, like: torch.Tensor, height: int, width: int) -> torch.Tensor:
+def _assemble(tiles: list[_TileState], level: int, device: torch.device, height: int, width: int) -> torch.Tensor:
     """The tiles' cores put together into one tensor (image ``height x width`` at ``level``)."""
     first = tiles[0].x
     out = torch.empty(first.shape[0], first.shape[1], height // level, width // level,
-                      dtype=first.dtype, device=like.device)
+                      dtype=first.dtype, device=device)
     for t in tiles:
         b = t.box
         out[..., b.cy0 // level:b.cy1 // level, b.cx0 // level:b.cx1 // level] = _core(t, t.x, level).to(out.device)
     return out
 
 
-def stash_bytes(vae, boxes: list[TileBox], batch: int, dtype: torch.dtype) -> int:
+def _widest_full_size(steps: list[_Step], level: int) -> int:
+    """The most channels a GroupNorm sees at full size (level 1) in ``steps``."""
+    widest = 0
+    for step in steps:
+        if step.rescale != 1.0:
+            level = int(round(level / step.rescale))
+        elif step.kind == "norm" and level == 1:
+            widest = max(widest, int(step.module.num_channels))
+    return widest
+
+
+def stash_bytes(widest_channels: int, boxes: list[TileBox], batch: int, dtype: torch.dtype) -> int:
     """About the most bytes the tiles hold between two GroupNorms: the widest full-size
-    activation (the decoder's upsampled input to its last level, the encoder's first level), an
-    input and a residual, over all tiles with their halos."""
-    widths = list(vae.config.block_out_channels)
-    widest_full_size = max(widths[:2])
+    activation (``widest_channels``: the decoder's upsampled input to its last level), an input
+    and a residual, over all tiles with their halos."""
     pixels = sum((b.y1 - b.y0) * (b.x1 - b.x0) for b in boxes)
-    return 2 * batch * widest_full_size * pixels * torch.empty(0, dtype=dtype).element_size()
+    return 2 * batch * int(widest_channels) * pixels * torch.empty(0, dtype=dtype).element_size()
 
 
-def _stash_device(stash_device: Union[str, torch.device, None], device: torch.device, vae, boxes: list[TileBox],
-                  batch: int, dtype: torch.dtype) -> Optional[torch.device]:
+def _stash_device(stash_device: Union[str, torch.device, None], device: torch.device, need: int
+                  ) -> Optional[torch.device]:
     """Where tiles wait between GroupNorms: None (on ``device``) or the CPU. ``"auto"``: the
-    CPU when a CUDA device has less than twice :func:`stash_bytes` free (the tiles' work needs
-    room beside them), else the device."""
+    CPU when a CUDA device has less than twice ``need`` (:func:`stash_bytes`) free (the tiles'
+    work needs room beside them), else the device."""
     if stash_device is None:
         return None
     if stash_device == "auto":
         if device.type != "cuda":
             return None
         free, _ = torch.cuda.mem_get_info(device)
-        return torch.device("cpu") if free < 2 * stash_bytes(vae, boxes, batch, dtype) else None
+        return torch.device("cpu") if free < 2 * need else None
     stash = torch.device(stash_device)
     return None if stash == device else stash
 
 
+def _run_plan(plan: _Plan, x: torch.Tensor, tile: int, overlap: int, stash_device, cancel_check) -> torch.Tensor:
+    x = plan.head(x)
+    height, width = x.shape[-2] * plan.level, x.shape[-1] * plan.level
+    boxes = tile_boxes(height, width, tile, overlap)
+    device = x.device
+    need = stash_bytes(_widest_full_size(plan.steps, plan.level), boxes, x.shape[0], x.dtype)
+    stash = _stash_device(stash_device, device, need)
+    lv = plan.level
+    tiles = [_TileState(b, x[..., b.y0 // lv:b.y1 // lv, b.x0 // lv:b.x1 // lv]) for b in boxes]
+    del x
+    level = _run_steps(plan.steps, tiles, plan.level, device, stash, cancel_check)
+    out = _assemble(tiles, level, device, height, width)
+    del tiles
+    return plan.tail(out)
+
+
+def run_decoder(decoder, z: torch.Tensor, tile: int, overlap: int,
+                stash_device: Union[str, torch.device, None] = None,
+                cancel_check: Optional[Callable[[], None]] = None) -> torch.Tensor:
+    """What ``decoder(z)`` returns (an image ``[B, 3, 8h, 8w]`` in about [-1, 1] from the raw
+    latent), computed in tiles of at most ``tile`` image pixels, neighbours sharing ``overlap``
+    (see the module's text). ``decoder``: diffusers' or the latent-diffusion layout
+    (:func:`decoder_problem`); ``stash_device``: None, ``"cpu"`` or ``"auto"``."""
+    return _run_plan(_plan(decoder, True), z, tile, overlap, stash_device, cancel_check)
+
+
+def run_encoder(encoder, image: torch.Tensor, tile: int, overlap: int,
+                stash_device: Union[str, torch.device, None] = None,
+                cancel_check: Optional[Callable[[], None]] = None) -> torch.Tensor:
+    """What ``encoder(image)`` returns (the posterior's moments ``[B, 2C, H/8, W/8]`` of an
+    image in [-1, 1], H and W multiples of 8), in tiles as :func:`run_decoder`."""
+    return _run_plan(_plan(encoder, False), image, tile, overlap, stash_device, cancel_check)
+
+
 def decode(vae, z: torch.Tensor, tile: int, overlap: int, stash_device: Union[str, torch.device, None] = None,
            cancel_check: Optional[Callable[[], None]] = None) -> torch.Tensor:
-    """``vae.decoder`` of a raw (not normalised) latent ``[B, C, h, w]``, with ``post_quant_conv``
-    if the VAE has one, in tiles of at most ``tile`` image pixels (see the module's text).
-    Returns what the untiled decoder returns: ``[B, 3, 8h, 8w]`` in about [-1, 1]."""
-    problem = unsupported_reason(vae)
-    if problem:
-        raise NotImplementedError(f"whole-image GroupNorm tiling cannot run this VAE: {problem}")
-    dec = vae.decoder
-    levels = 2 ** (len(dec.up_blocks) - 1)
-    device = z.device
+    """A diffusers ``AutoencoderKL``'s decode of a raw latent (``post_quant_conv`` if it has one,
+    then :func:`run_decoder`)."""
     if getattr(vae, "post_quant_conv", None) is not None:
         z = vae.post_quant_conv(z)
-    x = dec.conv_in(z)
-    x = dec.mid_block(x, None)
-    x = x.to(next(iter(dec.up_blocks.parameters())).dtype)
-    height, width = x.shape[-2] * levels, x.shape[-1] * levels
-    boxes = tile_boxes(height, width, tile, overlap)
-    stash = _stash_device(stash_device, device, vae, boxes, x.shape[0], x.dtype)
-    tiles = [_TileState(b, x[..., b.y0 // levels:b.y1 // levels, b.x0 // levels:b.x1 // levels]) for b in boxes]
-    del x
-    steps = _blocks_steps(dec.up_blocks, "upsamplers", 2.0)
-    steps += [_Step("norm", dec.conv_norm_out), _Step("call", dec.conv_act), _Step("call", dec.conv_out)]
-    level = _run_steps(steps, tiles, levels, device, stash, cancel_check)
-    return _assemble(tiles, level, z, height, width)
+    return run_decoder(vae.decoder, z, tile, overlap, stash_device, cancel_check)
 
 
 def encode_moments(vae, image: torch.Tensor, tile: int, overlap: int,
                    stash_device: Union[str, torch.device, None] = None,
                    cancel_check: Optional[Callable[[], None]] = None) -> torch.Tensor:
-    """``vae.encoder`` of an image ``[B, 3, H, W]`` in [-1, 1] (H, W multiples of 8), with
-    ``quant_conv`` if the VAE has one, in tiles of at most ``tile`` pixels: the posterior's
-    moments ``[B, 2C, H/8, W/8]``, what diffusers' ``_encode`` returns."""
-    problem = unsupported_reason(vae)
-    if problem:
-        raise NotImplementedError(f"whole-image GroupNorm tiling cannot run this VAE: {problem}")
-    enc = vae.encoder
-    height, width = image.shape[-2:]
-    device = image.device
-    boxes = tile_boxes(height, width, tile, overlap)
-    stash = _stash_device(stash_device, device, vae, boxes, image.shape[0], image.dtype)
-    tiles = []
-    for b in boxes:
-        first = enc.conv_in(image[..., b.y0:b.y1, b.x0:b.x1])
-        tiles.append(_TileState(b, first.to(stash) if stash is not None else first))
-        del first
-    steps = _blocks_steps(enc.down_blocks, "downsamplers", 0.5)
-    level = _run_steps(steps, tiles, 1, device, stash, cancel_check)
-    x = _assemble(tiles, level, image, height, width)
-    del tiles
-    # the rest is at 1/8 size: untiled, so the mid block's attention sees the whole image
-    x = enc.mid_block(x)
-    x = enc.conv_out(enc.conv_act(enc.conv_norm_out(x)))
+    """A diffusers ``AutoencoderKL``'s ``_encode``: :func:`run_encoder`, then ``quant_conv`` if it
+    has one; the posterior's moments."""
+    x = run_encoder(vae.encoder, image, tile, overlap, stash_device, cancel_check)
     if getattr(vae, "quant_conv", None) is not None:
         x = vae.quant_conv(x)
     return x
 
 
-__all__ = ["TileBox", "tile_boxes", "unsupported_reason", "stash_bytes", "decode", "encode_moments"]
+@contextlib.contextmanager
+def tiled_forwards(encoder, decoder, tile: int, overlap: int,
+                   stash_device: Union[str, torch.device, None] = "auto",
+                   cancel_check: Optional[Callable[[], None]] = None) -> Iterator[None]:
+    """Within the block, calling ``encoder`` or ``decoder`` (modules :func:`encoder_problem` /
+    :func:`decoder_problem` accept; either may be None) runs :func:`run_encoder` /
+    :func:`run_decoder`: for a VAE whose own code (memory management, dtypes, batching) should
+    stay in charge, as ComfyUI's."""
+    bound = []
+    try:
+        for half, run in ((encoder, run_encoder), (decoder, run_decoder)):
+            if half is None:
+                continue
+
+            def forward(x, *args, _run=run, _half=half, **kwargs):
+                return _run(_half, x, tile, overlap, stash_device, cancel_check)
+
+            half.forward = forward  # an instance attribute: nn.Module.__call__ finds it first
+            bound.append(half)
+        yield
+    finally:
+        for half in bound:
+            half.__dict__.pop("forward", None)
+
+
+__all__ = ["TileBox", "tile_boxes", "decoder_problem", "encoder_problem", "unsupported_reason", "stash_bytes",
+           "run_decoder", "run_encoder", "decode", "encode_moments", "tiled_forwards"]

@@ -31,6 +31,7 @@ from ..fluxsr_core.weights import FP8_DTYPES
 from ..fluxsr_core.latents import LATENT_CHANNELS, LATENT_SCALE, LATENT_SHIFT, VAE_DOWNSCALE, denormalize, normalize
 from ..fluxsr_core.settings import DEFAULT_GUIDANCE, DEFAULT_SCALE, DEFAULT_T_L, RunSettings
 from ..fluxsr_core.tiling import TilingConfig
+from ..fluxsr_core import vae_tiling
 
 log = logging.getLogger("fluxsr")
 
@@ -308,12 +309,27 @@ def check_vae_tiling(vae_tile: int, vae_overlap: int) -> None:
                          f"{int(vae_tile) // 4 // 8 * 8}, is usual)")
 
 
+def _comfy_interrupt_check() -> Optional[Callable[[], None]]:
+    """ComfyUI's own check for a pressed Cancel (raises its InterruptProcessingException), or
+    None outside ComfyUI."""
+    try:
+        import comfy.model_management as mm
+    except ImportError:
+        return None
+    return getattr(mm, "throw_exception_if_processing_interrupted", None)
+
+
 class ComfyCodec:
     """:class:`~fluxsr_core.interfaces.LatentCodec` over a ComfyUI VAE.
 
-    ``vae_tile``/``vae_overlap`` (image pixels, from the tiling options) switch to ComfyUI's own
-    tiled VAE passes when an image is larger than one tile; 0 disables tiling (ComfyUI still
-    falls back to tiles by itself on out-of-memory).
+    ``vae_tile``/``vae_overlap`` (image pixels, from the tiling options) tile images larger than
+    one tile; 0 disables tiling (ComfyUI still falls back to tiles by itself on out-of-memory).
+    The tiles are :mod:`fluxsr_core.vae_tiling`'s, every GroupNorm with the whole image's
+    statistics (the untiled result up to rounding), run inside ComfyUI's own ``encode`` /
+    ``decode`` so its memory management, dtypes and batching stay in charge. ComfyUI's
+    ``encode_tiled``/``decode_tiled`` (each tile normalised alone, three passes of differently
+    shaped tiles averaged, so three times the work) are used for a VAE that
+    :func:`~fluxsr_core.vae_tiling.encoder_problem` refuses, with a warning.
     """
 
     downscale = VAE_DOWNSCALE
@@ -336,13 +352,37 @@ class ComfyCodec:
         self.vae_tile = int(vae_tile or 0)
         self.vae_overlap = int(vae_overlap or 0)
 
+    def _whole_image_half(self, name: str) -> Optional[torch.nn.Module]:
+        """The VAE's ``encoder``/``decoder`` module when whole-image tiling can run it, else None
+        (said once per VAE)."""
+        half = getattr(getattr(self.vae, "first_stage_model", None), name, None)
+        problem = "it has no first_stage_model." + name if half is None else (
+            vae_tiling.encoder_problem(half) if name == "encoder" else vae_tiling.decoder_problem(half))
+        if problem is None:
+            return half
+        warned = getattr(self.vae, "_fluxsr_tiling_warned", set())
+        if name not in warned:
+            log.warning("FluxSR: whole-image VAE tiling cannot run this VAE's %s (%s); ComfyUI's own tiled VAE "
+                        "is used, whose tiles may differ slightly in tone", name, problem)
+            try:
+                self.vae._fluxsr_tiling_warned = warned | {name}
+            except AttributeError:
+                pass
+        return None
+
     def _tiled(self, height: int, width: int) -> bool:
         return self.vae_tile > 0 and max(height, width) > self.vae_tile
 
     def encode(self, image: torch.Tensor) -> torch.Tensor:
         """``[B, 3, H, W]`` in [0, 1] -> normalised latent ``[B, 16, H/8, W/8]``."""
         pixels = image.float().clamp(0.0, 1.0).movedim(1, -1)
-        if self._tiled(image.shape[-2], image.shape[-1]):
+        tiled = self._tiled(image.shape[-2], image.shape[-1])
+        encoder = self._whole_image_half("encoder") if tiled else None
+        if encoder is not None:
+            with vae_tiling.tiled_forwards(encoder, None, self.vae_tile, self.vae_overlap,
+                                           cancel_check=_comfy_interrupt_check()):
+                raw = self.vae.encode(pixels)
+        elif tiled:
             raw = self.vae.encode_tiled(pixels, tile_x=self.vae_tile, tile_y=self.vae_tile,
                                         overlap=self.vae_overlap)
         else:
@@ -356,7 +396,13 @@ class ComfyCodec:
         """Normalised latent -> ``[B, 3, H, W]`` in [0, 1]."""
         raw = denormalize(latent.float())
         h, w = latent.shape[-2] * VAE_DOWNSCALE, latent.shape[-1] * VAE_DOWNSCALE
-        if self._tiled(h, w):
+        tiled = self._tiled(h, w)
+        decoder = self._whole_image_half("decoder") if tiled else None
+        if decoder is not None:
+            with vae_tiling.tiled_forwards(None, decoder, self.vae_tile, self.vae_overlap,
+                                           cancel_check=_comfy_interrupt_check()):
+                pixels = self.vae.decode(raw)
+        elif tiled:
             tile, overlap = _latent_vae_tiling(self.vae_tile, self.vae_overlap)  # as ComfyUI's VAEDecodeTiled
             pixels = self.vae.decode_tiled(raw, tile_x=tile, tile_y=tile, overlap=overlap)
         else:

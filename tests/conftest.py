@@ -173,3 +173,95 @@ def photo_png(tmp_path_factory) -> Path:
     path = tmp_path_factory.mktemp("photos") / "astronaut.png"
     img.save(path)
     return path
+
+
+# --- the latent-diffusion VAE layout (BFL's ae.safetensors, ComfyUI's comfy.ldm ... model.py) -------
+
+class _LdmResnet(torch.nn.Module):
+    """A diffusers ResnetBlock2D's modules under latent-diffusion names, run as there."""
+
+    def __init__(self, r):
+        super().__init__()
+        self.norm1, self.conv1, self.norm2, self.conv2, self.dropout = r.norm1, r.conv1, r.norm2, r.conv2, r.dropout
+        self.in_channels, self.out_channels, self.use_conv_shortcut = r.in_channels, r.out_channels, False
+        if r.conv_shortcut is not None:
+            self.nin_shortcut = r.conv_shortcut
+
+    def forward(self, x, temb=None):
+        f = torch.nn.functional.silu
+        h = self.conv2(self.dropout(f(self.norm2(self.conv1(f(self.norm1(x)))))))
+        return (self.nin_shortcut(x) if self.in_channels != self.out_channels else x) + h
+
+
+class _LdmAttn(torch.nn.Module):
+    def __init__(self, attention):
+        super().__init__()
+        self.attention = attention
+
+    def forward(self, x):
+        return self.attention(x)
+
+
+def _ldm_mid(mid_block):
+    mid = torch.nn.Module()
+    mid.block_1, mid.attn_1 = _LdmResnet(mid_block.resnets[0]), _LdmAttn(mid_block.attentions[0])
+    mid.block_2 = _LdmResnet(mid_block.resnets[1])
+    return mid
+
+
+class _LdmEncoder(torch.nn.Module):
+    def __init__(self, enc):
+        super().__init__()
+        self.conv_in, self.norm_out, self.conv_out = enc.conv_in, enc.conv_norm_out, enc.conv_out
+        self.num_resolutions, self.num_res_blocks = len(enc.down_blocks), len(enc.down_blocks[0].resnets)
+        self.down = torch.nn.ModuleList()
+        for block in enc.down_blocks:
+            level = torch.nn.Module()
+            level.block, level.attn = torch.nn.ModuleList(_LdmResnet(r) for r in block.resnets), torch.nn.ModuleList()
+            if block.downsamplers:
+                level.downsample = block.downsamplers[0]
+            self.down.append(level)
+        self.mid = _ldm_mid(enc.mid_block)
+
+    def forward(self, x):
+        h = self.conv_in(x)
+        for i, level in enumerate(self.down):
+            for block in level.block:
+                h = block(h, None)
+            if i != self.num_resolutions - 1:
+                h = level.downsample(h)
+        h = self.mid.block_2(self.mid.attn_1(self.mid.block_1(h, None)), None)
+        return self.conv_out(torch.nn.functional.silu(self.norm_out(h)))
+
+
+class _LdmDecoder(torch.nn.Module):
+    def __init__(self, dec):
+        super().__init__()
+        self.conv_in, self.norm_out, self.conv_out = dec.conv_in, dec.conv_norm_out, dec.conv_out
+        self.num_resolutions, self.num_res_blocks = len(dec.up_blocks), len(dec.up_blocks[0].resnets) - 1
+        self.mid = _ldm_mid(dec.mid_block)
+        levels = []
+        for block in dec.up_blocks:  # diffusers' up_blocks[k] is level num_resolutions - 1 - k
+            level = torch.nn.Module()
+            level.block, level.attn = torch.nn.ModuleList(_LdmResnet(r) for r in block.resnets), torch.nn.ModuleList()
+            if block.upsamplers:
+                level.upsample = block.upsamplers[0]
+            levels.append(level)
+        self.up = torch.nn.ModuleList(reversed(levels))
+
+    def forward(self, z, **kwargs):
+        h = self.mid.block_2(self.mid.attn_1(self.mid.block_1(self.conv_in(z), None)), None)
+        for i_level in reversed(range(self.num_resolutions)):
+            for block in self.up[i_level].block:
+                h = block(h, None)
+            if i_level != 0:
+                h = self.up[i_level].upsample(h)
+        return self.conv_out(torch.nn.functional.silu(self.norm_out(h)))
+
+
+@pytest.fixture(scope="session")
+def ldm_layout():
+    """``make(diffusers_vae) -> (encoder, decoder)``: the VAE's own modules rearranged in the
+    latent-diffusion layout ComfyUI builds (down[i].block[j], mid.block_1, up[i].upsample ...),
+    computing what the diffusers VAE computes."""
+    return lambda vae: (_LdmEncoder(vae.encoder).eval(), _LdmDecoder(vae.decoder).eval())

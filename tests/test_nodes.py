@@ -794,6 +794,63 @@ def test_comfy_codec_normalises_and_tiles(pack, tiny):
         adapters.ComfyCodec(video).encode(img)
 
 
+class FakeLdmVAE(FakeVAE):
+    """FakeVAE whose encode/decode run a latent-diffusion ``first_stage_model`` as comfy.sd.VAE
+    does (its memory management and batching left out)."""
+
+    def __init__(self, diffusers_vae, ldm_layout):
+        super().__init__(diffusers_vae)
+        self.first_stage_model = torch.nn.Module()
+        self.first_stage_model.encoder, self.first_stage_model.decoder = ldm_layout(diffusers_vae)
+
+    def encode(self, pixels):
+        self.calls.append(("encode", tuple(pixels.shape)))
+        return self.first_stage_model.encoder(pixels.movedim(-1, 1) * 2 - 1)[:, :16]
+
+    def decode(self, raw):
+        self.calls.append(("decode", tuple(raw.shape)))
+        return ((self.first_stage_model.decoder(raw) + 1) / 2).clamp(0, 1).movedim(1, -1)
+
+
+def test_comfy_codec_tiles_inside_comfyuis_own_encode_and_decode(pack, tiny, ldm_layout, monkeypatch, caplog):
+    """Tiled with whole-image statistics through ComfyUI's own VAE.encode/decode (its memory
+    management stays in charge), close to untiled; a VAE without a latent-diffusion
+    first_stage_model gets ComfyUI's tiled passes, with one warning."""
+    adapters = sub(pack, "nodes.comfy_adapters")
+    vae_tiling = sub(pack, "fluxsr_core.vae_tiling")
+    runs = []
+    for name in ("run_encoder", "run_decoder"):
+        real = getattr(vae_tiling, name)
+        monkeypatch.setattr(vae_tiling, name, lambda half, x, *a, _real=real, _name=name, **k:
+                            runs.append(_name) or _real(half, x, *a, **k))
+    vae = FakeLdmVAE(tiny.vae, ldm_layout)
+    codec = adapters.ComfyCodec(vae, vae_tile=192, vae_overlap=88)  # 40 px halos: past the encoder's reach
+    img = torch.nn.functional.avg_pool2d(torch.rand(1, 3, 320, 256, generator=torch.Generator().manual_seed(3)), 5, 1, 2)
+    with torch.no_grad():
+        z = codec.encode(img)
+        untiled_z = tiny.codec.encode(img)
+        out = codec.decode(untiled_z)
+        untiled = tiny.codec.decode(untiled_z)
+        per_tile = tiny.models.DiffusersCodec(tiny.vae, compute_dtype=torch.float32, tile=192, tile_overlap=88,
+                                              tile_norm="tile").decode(untiled_z)
+        tiny.models.DiffusersCodec(tiny.vae, compute_dtype=torch.float32)  # the shared VAE untiled again
+    assert [c[0] for c in vae.calls] == ["encode", "decode"] and runs == ["run_encoder", "run_decoder"]
+    assert (z - untiled_z).abs().max() < 1e-3 * untiled_z.abs().mean()
+    # the tiny decoder reaches past a 40 px halo, so small residuals: 0.07 levels of 255 on average,
+    # where diffusers' per-tile tiling of the same tiles is 12.2 levels off
+    assert (out - untiled).abs().mean() * 255 < 0.2
+    assert (per_tile - untiled).abs().mean() * 255 > 2.0
+    assert "forward" not in vae.first_stage_model.encoder.__dict__
+    plain = FakeVAE(tiny.vae)
+    with caplog.at_level(logging.WARNING, logger="fluxsr"):
+        other = adapters.ComfyCodec(plain, vae_tile=96, vae_overlap=40)
+        other.encode(img)
+        other.encode(img)
+    assert [c[0] for c in plain.calls] == ["encode_tiled", "encode", "encode_tiled", "encode"]
+    assert caplog.text.count("whole-image VAE tiling cannot run this VAE's encoder (it has no "
+                             "first_stage_model.encoder)") == 1
+
+
 def test_vae_tiling_comfyui_cannot_run_is_refused(pack):
     """ComfyUI's encode_tiled/decode_tiled also run half-size tiles with the same overlap: at half
     the tile the step is 0 (ZeroDivisionError), above it no tile runs and the picture is NaN (black)."""

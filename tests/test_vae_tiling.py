@@ -145,7 +145,7 @@ def test_unsupported_vae_keeps_diffusers_tiling_and_says_so(demo_vae, caplog):
     norm = demo_vae.decoder.conv_norm_out
     demo_vae.decoder.conv_norm_out = torch.nn.LayerNorm(16)
     try:
-        assert "output norm is LayerNorm" in vae_tiling.unsupported_reason(demo_vae)
+        assert "normalises with LayerNorm, not GroupNorm" in vae_tiling.unsupported_reason(demo_vae)
         with caplog.at_level(logging.WARNING, logger="fluxsr_core.models"):
             DiffusersCodec(demo_vae, compute_dtype=torch.float32, tile=256, tile_overlap=64)
         assert "tiled_decode" not in demo_vae.__dict__ and demo_vae.use_tiling
@@ -156,18 +156,36 @@ def test_unsupported_vae_keeps_diffusers_tiling_and_says_so(demo_vae, caplog):
         demo_vae.decoder.conv_norm_out = norm
 
 
-def test_auto_stash_moves_tiles_to_cpu_only_when_the_gpu_lacks_room(demo_vae, monkeypatch):
+def _flux_vae_config(**changes):
+    import json
+    from pathlib import Path
+
+    cfg = json.loads((Path(models.__file__).parent / "configs" / "flux1-dev-vae.json").read_text())
+    cfg = {k: v for k, v in cfg.items() if not k.startswith("_") and not k.startswith("latents_")}
+    return {**cfg, **changes}
+
+
+def test_auto_stash_moves_tiles_to_cpu_only_when_the_gpu_lacks_room():
+    from diffusers import AutoencoderKL
+
+    with torch.device("meta"):
+        flux = AutoencoderKL(**_flux_vae_config())
+    # the FLUX decoder's widest full-size GroupNorm input: the 256 channels upsampled into its last level
+    assert vae_tiling._widest_full_size(vae_tiling._plan(flux.decoder, True).steps, 8) == 256
+    assert vae_tiling._widest_full_size(vae_tiling._plan(flux.encoder, False).steps, 1) == 128
     boxes = vae_tiling.tile_boxes(2048, 2048, 1024, 128)
-    need = vae_tiling.stash_bytes(demo_vae, boxes, 1, torch.bfloat16)
-    # widest full-size activation of this VAE (16 channels), input plus residual, halos included
-    assert need == 2 * 16 * sum((b.y1 - b.y0) * (b.x1 - b.x0) for b in boxes) * 2
+    need = vae_tiling.stash_bytes(256, boxes, 1, torch.bfloat16)
+    assert need == 2 * 256 * sum((b.y1 - b.y0) * (b.x1 - b.x0) for b in boxes) * 2  # input and residual, halos too
+    assert 5.0e9 < need < 5.6e9  # 2048 px in 1024 px tiles: 5.3 GB for the FLUX decoder in bf16
     cuda = torch.device("cuda", 0)
     for free, expected in ((need, torch.device("cpu")), (3 * need, None)):
-        monkeypatch.setattr(torch.cuda, "mem_get_info", lambda device=None, free=free: (free, 10 * need))
-        assert vae_tiling._stash_device("auto", cuda, demo_vae, boxes, 1, torch.bfloat16) == expected
-    assert vae_tiling._stash_device("auto", torch.device("cpu"), demo_vae, boxes, 1, torch.bfloat16) is None
-    assert vae_tiling._stash_device("cpu", torch.device("cpu"), demo_vae, boxes, 1, torch.bfloat16) is None
-    assert vae_tiling._stash_device("cpu", cuda, demo_vae, boxes, 1, torch.bfloat16) == torch.device("cpu")
+        with pytest.MonkeyPatch.context() as mp:
+            mp.setattr(torch.cuda, "mem_get_info", lambda device=None, free=free: (free, 10 * need))
+            assert vae_tiling._stash_device("auto", cuda, need) == expected
+    assert vae_tiling._stash_device("auto", torch.device("cpu"), need) is None
+    assert vae_tiling._stash_device("cpu", torch.device("cpu"), need) is None
+    assert vae_tiling._stash_device("cpu", cuda, need) == torch.device("cpu")
+    assert vae_tiling._stash_device(None, cuda, need) is None
 
 
 def test_cancel_check_stops_between_tiles(demo_vae, photo):
@@ -187,16 +205,10 @@ def test_random_flux_architecture_halo_against_the_reach_of_its_convolutions():
     """The FLUX VAE's own layout (three resnets a level), random weights, narrow channels: how
     close tiles come to untiled as the halo grows (relative mean error measured 0.22 without a
     halo, 0.006 at 64 px overlap, 4e-5 at the default 128, 1.3e-6 at 192; diffusers' tiling 0.095)."""
-    import json
-    from pathlib import Path
-
     from diffusers import AutoencoderKL
 
-    cfg = json.loads((Path(models.__file__).parent / "configs" / "flux1-dev-vae.json").read_text())
-    cfg = {k: v for k, v in cfg.items() if not k.startswith("_") and not k.startswith("latents_")}
-    cfg.update(block_out_channels=[32, 32, 64, 64], norm_num_groups=8)
     torch.manual_seed(0)
-    vae = AutoencoderKL(**cfg).eval()
+    vae = AutoencoderKL(**_flux_vae_config(block_out_channels=[32, 32, 64, 64], norm_num_groups=8)).eval()
     z = torch.randn(1, 16, 48, 48)
     with torch.no_grad():
         untiled = vae.decoder(z)
@@ -206,3 +218,26 @@ def test_random_flux_architecture_halo_against_the_reach_of_its_convolutions():
     assert error[192] < 1e-5
     assert error[128] < 1e-3
     assert error[0] > 0.05  # with no halo the tiles' own zero padding shows
+
+
+def test_latent_diffusion_layout_tiles_as_the_diffusers_one(demo_vae, photo, ldm_layout):
+    """The layout ComfyUI builds its VAE in: the same modules rearranged compute the same thing
+    untiled, and tiled with whole-image statistics they match untiled as diffusers' layout does."""
+    encoder, decoder = ldm_layout(demo_vae)
+    assert vae_tiling.encoder_problem(encoder) is None and vae_tiling.decoder_problem(decoder) is None
+    x = photo[..., :256, :384] * 2 - 1
+    with torch.no_grad():
+        moments = encoder(x)
+        torch.testing.assert_close(moments, demo_vae.encoder(x), rtol=0, atol=1e-5)
+        assert (vae_tiling.run_encoder(encoder, x, 128, 64) - moments)[:, :16].abs().mean() < 1e-5
+        z = moments[:, :16]
+        untiled = decoder(z)
+        torch.testing.assert_close(untiled, demo_vae.decoder(z), rtol=0, atol=1e-5)
+        assert _levels(vae_tiling.run_decoder(decoder, z, 128, 64), untiled)[0] < 0.01
+        with vae_tiling.tiled_forwards(encoder, decoder, 128, 64):
+            assert (encoder(x) - moments)[:, :16].abs().mean() < 1e-5
+            bound = decoder(z)
+        assert "forward" not in encoder.__dict__ and "forward" not in decoder.__dict__
+    assert _levels(bound, untiled)[0] < 0.01
+    decoder.tanh_out = True
+    assert "ends otherwise" in vae_tiling.decoder_problem(decoder)
