@@ -288,6 +288,36 @@ def peak_memory(velocity, codec, cond, lr_size: int, tiling_cfg: TilingConfig, d
     return pm.peak
 
 
+def vae_tiling_variants(vae, dtype: torch.dtype, device: torch.device, side: int, tile: int, overlap: int,
+                        repeats: int) -> dict:
+    """VAE encode and decode of a ``side`` px image: untiled, diffusers' per-tile tiling, and
+    whole-image GroupNorm tiling (tiles kept on the device, and in CPU memory): seconds, peak
+    device memory (CUDA only: on the CPU it would need the profiler, which slows what follows),
+    and the difference from untiled (latent relative L2; decoded image, mean levels of 255)."""
+    g = torch.Generator().manual_seed(3)
+    image = torch.nn.functional.avg_pool2d(torch.rand(1, 3, side, side, generator=g), 9, 1, 4).to(device)
+    variants = {"untiled": dict(tile=0), "per_tile": dict(tile_norm="tile"),
+                "whole_image": dict(stash_device=None), "whole_image_cpu_stash": dict(stash_device="cpu")}
+    if device.type != "cuda":
+        del variants["whole_image_cpu_stash"]  # the CPU is the device: nothing to move
+    out, reference = {}, None
+    for name, kw in variants.items():
+        kw = {"tile": tile, "tile_overlap": overlap if kw.get("tile", tile) else 0, **kw}
+        codec = models.DiffusersCodec(vae, compute_dtype=dtype, **kw)
+        t_encode, z = timed(lambda: codec.encode(image), repeats)
+        if reference is None:
+            reference = (z, codec.decode(z))
+        t_decode, x = timed(lambda: codec.decode(reference[0]), repeats)
+        entry = dict(encode_s=t_encode, decode_s=t_decode, latent_rel_l2=rel_l2(z, reference[0]),
+                     image_mean_levels=float((x.float() - reference[1].float()).abs().mean() * 255))
+        if device.type == "cuda":
+            with PeakMemory(device) as pm:
+                codec.decode(codec.encode(image))
+            entry["peak_bytes"] = pm.peak
+        out[name] = entry
+    return dict(side=side, tile=tile, overlap=overlap, variants=out)
+
+
 def teacher_ratio(velocity, cond, latent_hw, steps: int, one_step_s: float) -> dict:
     h, w = latent_hw
     noise = torch.randn(1, 16, h, w, generator=torch.Generator().manual_seed(2))
@@ -656,6 +686,13 @@ def main(argv=None) -> int:
         guarded("tiling_throughput", lambda: report.__setitem__(
             "tiling_throughput", tiling_throughput(velocity, cond, profile["lr"] * 2, tiles, 2)))
         save()
+        if full_report:
+            section("VAE: untiled, per-tile and whole-image GroupNorm tiling at the larger size")
+            guarded("vae_tiling", lambda: report.__setitem__("vae_tiling", vae_tiling_variants(
+                vae, dtype, device, profile["lr"] * 8, profile["vae_tile"], profile["vae_overlap"],
+                1 if name == "full" else 2)))
+            codec.set_tiling(profile["vae_tile"], profile["vae_overlap"])  # the variants re-tiled the shared VAE
+            save()
         # (2) memory at 4x the pixels (2x the side) with the same fixed tiles. After every timing:
         # on the CPU it runs torch's profiler, after which torch's ops run up to 40x slower for a
         # while (measured: a tiny one-step forward 0.25 s against 0.006 s just before).
@@ -969,6 +1006,14 @@ def markdown(r: dict) -> str:
             f = tt["fewer_tiles"]
             lines.append(f"With {f['tile_px']} px tiles ({f['tiles']} tiles): tiled / untiled {f['tiled_over_untiled']:.2f} "
                          f"(FLOP ratio {f['flops_over_untiled']:.2f}).")
+    if "vae_tiling" in r:
+        vt = r["vae_tiling"]
+        lines += ["", f"| VAE at {vt['side']} px ({vt['tile']}/{vt['overlap']} px tiles) | encode s | decode s | "
+                      f"peak MiB | latent rel. L2 to untiled | image mean levels off untiled |", "|---|---|---|---|---|---|"]
+        for vname, v in vt["variants"].items():
+            peak = f"{v['peak_bytes'] / 2**20:.0f}" if "peak_bytes" in v else "-"
+            lines.append(f"| {vname} | {v['encode_s']:.3f} | {v['decode_s']:.3f} | {peak} | {v['latent_rel_l2']:.1e} | "
+                         f"{v['image_mean_levels']:.4f} |")
     if "speedups" in r:
         lines += ["", "| speed-up | measure | before s | after s | speed-up | first call s | output rel. L2 |",
                   "|---|---|---|---|---|---|---|"]
