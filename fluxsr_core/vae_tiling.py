@@ -59,12 +59,16 @@ class TileBox:
     cx1: int
 
 
-def _core_edges(length: int, core: int) -> list[int]:
-    """Edges of ``ceil(length / core)`` cores of near-equal size covering ``[0, length)``, on
-    the :data:`ALIGN` grid (no thin strip at the end, as diffusers' last tile can be)."""
-    count = max(1, math.ceil(length / core))
+def _core_edges(length: int, tile: int, halo: int) -> list[int]:
+    """Edges of the fewest cores of near-equal size, on the :data:`ALIGN` grid, covering
+    ``[0, length)`` such that every core with its halos (clipped at the ends) fits in ``tile``:
+    no thin strip at the end, as diffusers' last tile can be; one core when the length fits."""
     units = length // ALIGN
-    return [round(i * units / count) * ALIGN for i in range(count)] + [length]
+    for count in range(1, units + 1):
+        edges = [round(i * units / count) * ALIGN for i in range(count)] + [length]
+        if all(min(length, b + halo) - max(0, a - halo) <= tile for a, b in zip(edges, edges[1:])):
+            return edges
+    raise ValueError(f"no tiling of {length} px into {tile} px tiles with {halo} px halos")  # tile_boxes prevents it
 
 
 def tile_boxes(height: int, width: int, tile: int, overlap: int) -> list[TileBox]:
@@ -81,7 +85,7 @@ def tile_boxes(height: int, width: int, tile: int, overlap: int) -> list[TileBox
     if core < ALIGN:
         raise ValueError(f"overlap {overlap} leaves no core in a {tile} px tile; use an overlap under half the tile")
     boxes = []
-    ys, xs = _core_edges(height, core), _core_edges(width, core)
+    ys, xs = _core_edges(height, tile, halo), _core_edges(width, tile, halo)
     for cy0, cy1 in zip(ys, ys[1:]):
         for cx0, cx1 in zip(xs, xs[1:]):
             boxes.append(TileBox(max(0, cy0 - halo), min(height, cy1 + halo), max(0, cx0 - halo),
@@ -300,9 +304,8 @@ def _core(state: _TileState, x: torch.Tensor, level: int) -> torch.Tensor:
 def _core_stats(core: torch.Tensor, groups: int) -> tuple:
     """Count, mean and sum of squared deviations per (batch, group), in float32."""
     g = core.float().reshape(core.shape[0], groups, -1)
-    mean = g.mean(dim=2)
-    m2 = (g - mean.unsqueeze(2)).square().sum(dim=2)
-    return g.shape[2], mean, m2
+    var, mean = torch.var_mean(g, dim=2, correction=0)
+    return g.shape[2], mean, var * g.shape[2]
 
 
 def _combine(stats: list[tuple]) -> tuple[torch.Tensor, torch.Tensor]:
@@ -316,15 +319,17 @@ def _combine(stats: list[tuple]) -> tuple[torch.Tensor, torch.Tensor]:
 
 def _normalize(x: torch.Tensor, norm: torch.nn.GroupNorm, mean: torch.Tensor, var: torch.Tensor) -> torch.Tensor:
     """GroupNorm of ``x`` with the given per-(batch, group) statistics, in float32 as torch's own
-    kernels compute half-precision GroupNorm, then back to ``x``'s dtype."""
-    b, c = x.shape[:2]
-    g = x.float().reshape(b, norm.num_groups, -1)
-    rstd = torch.rsqrt(var.to(x.device) + norm.eps)
-    y = ((g - mean.to(x.device).unsqueeze(2)) * rstd.unsqueeze(2)).reshape(x.shape)
+    kernels compute half-precision GroupNorm, then back to ``x``'s dtype: one fused
+    ``x * scale + shift`` per channel (the normalisation and the affine folded together)."""
+    c = x.shape[1]
+    per_group = c // norm.num_groups
+    scale = torch.rsqrt(var.to(x.device) + norm.eps).repeat_interleave(per_group, dim=1)  # [B, C]
+    shift = -mean.to(x.device).repeat_interleave(per_group, dim=1) * scale
     if norm.affine:  # .to: ComfyUI may keep a VAE's weights elsewhere and cast them per call
-        weight = norm.weight.to(device=x.device, dtype=torch.float32).reshape(1, c, 1, 1)
-        y = y * weight + norm.bias.to(device=x.device, dtype=torch.float32).reshape(1, c, 1, 1)
-    return y.to(x.dtype)
+        weight = norm.weight.to(device=x.device, dtype=torch.float32)
+        scale, shift = scale * weight, shift * weight + norm.bias.to(device=x.device, dtype=torch.float32)
+    # float32 math from x as it is (type promotion), without a float32 copy of the tile first
+    return torch.addcmul(shift[..., None, None], x, scale[..., None, None]).to(x.dtype)
 
 
 def _run_steps(steps: list[_Step], tiles: list[_TileState], level: int, device: torch.device,

@@ -241,3 +241,24 @@ def test_latent_diffusion_layout_tiles_as_the_diffusers_one(demo_vae, photo, ldm
     assert _levels(bound, untiled)[0] < 0.01
     decoder.tanh_out = True
     assert "ends otherwise" in vae_tiling.decoder_problem(decoder)
+
+
+def test_an_image_that_fits_one_tile_is_one_tile_and_tiles_are_as_few_as_fit():
+    assert vae_tiling.tile_boxes(512, 384, 512, 128) == [vae_tiling.TileBox(0, 512, 0, 384, 0, 512, 0, 384)]
+    # 2048 px in 1024/128 px tiles: two cores of 1024 would need 1088 px tiles, so three of ~680
+    boxes = vae_tiling.tile_boxes(2048, 2048, 1024, 128)
+    assert len(boxes) == 9 and max(b.y1 - b.y0 for b in boxes) <= 1024
+    assert len(vae_tiling.tile_boxes(1536, 1536, 1024, 128)) == 4  # cores of 768, tiles of 832
+
+
+def test_group_norm_with_given_statistics_matches_torchs(demo_vae):
+    norm = demo_vae.decoder.up_blocks[0].resnets[0].norm1
+    x = torch.randn(2, norm.num_channels, 12, 20) * 3 + 1.5
+    n, mean, m2 = vae_tiling._core_stats(x, norm.num_groups)
+    torch.testing.assert_close(vae_tiling._normalize(x, norm, mean, m2 / n), norm(x), rtol=1e-5, atol=1e-5)
+    half = x.to(torch.bfloat16)  # float32 inside, as torch's kernels: the same as theirs up to bf16's rounding
+    n, mean, m2 = vae_tiling._core_stats(half, norm.num_groups)
+    ours = vae_tiling._normalize(half, norm.to(torch.bfloat16), mean, m2 / n)
+    assert ours.dtype == torch.bfloat16
+    torch.testing.assert_close(ours.float(), norm(half).float(), rtol=0.02, atol=0.02)
+    norm.float()
