@@ -373,20 +373,27 @@ class ComfyCodec:
     def _tiled(self, height: int, width: int) -> bool:
         return self.vae_tile > 0 and max(height, width) > self.vae_tile
 
+    def _run(self, half_name: str, height: int, width: int, plain: Callable[[], Any],
+             comfy_tiled: Callable[[], Any]) -> Any:
+        """``plain()`` (ComfyUI's untiled VAE call) for an image of one tile; for a larger one
+        the same call with the VAE's ``half_name`` module running whole-image tiles, else
+        ``comfy_tiled()`` (ComfyUI's tiled pass)."""
+        if not self._tiled(height, width):
+            return plain()
+        half = self._whole_image_half(half_name)
+        if half is None:
+            return comfy_tiled()
+        encoder, decoder = (half, None) if half_name == "encoder" else (None, half)
+        with vae_tiling.tiled_forwards(encoder, decoder, self.vae_tile, self.vae_overlap,
+                                       cancel_check=_comfy_interrupt_check()):
+            return plain()
+
     def encode(self, image: torch.Tensor) -> torch.Tensor:
         """``[B, 3, H, W]`` in [0, 1] -> normalised latent ``[B, 16, H/8, W/8]``."""
         pixels = image.float().clamp(0.0, 1.0).movedim(1, -1)
-        tiled = self._tiled(image.shape[-2], image.shape[-1])
-        encoder = self._whole_image_half("encoder") if tiled else None
-        if encoder is not None:
-            with vae_tiling.tiled_forwards(encoder, None, self.vae_tile, self.vae_overlap,
-                                           cancel_check=_comfy_interrupt_check()):
-                raw = self.vae.encode(pixels)
-        elif tiled:
-            raw = self.vae.encode_tiled(pixels, tile_x=self.vae_tile, tile_y=self.vae_tile,
-                                        overlap=self.vae_overlap)
-        else:
-            raw = self.vae.encode(pixels)
+        raw = self._run("encoder", image.shape[-2], image.shape[-1], lambda: self.vae.encode(pixels),
+                        lambda: self.vae.encode_tiled(pixels, tile_x=self.vae_tile, tile_y=self.vae_tile,
+                                                      overlap=self.vae_overlap))
         if raw.ndim != 4 or raw.shape[1] != LATENT_CHANNELS:
             raise ValueError(f"the VAE encoded to a latent of shape {tuple(raw.shape)}, not [B, 16, h, w] (a video "
                              "VAE?); FluxSR needs the FLUX VAE (ae.safetensors)")
@@ -395,18 +402,10 @@ class ComfyCodec:
     def decode(self, latent: torch.Tensor) -> torch.Tensor:
         """Normalised latent -> ``[B, 3, H, W]`` in [0, 1]."""
         raw = denormalize(latent.float())
-        h, w = latent.shape[-2] * VAE_DOWNSCALE, latent.shape[-1] * VAE_DOWNSCALE
-        tiled = self._tiled(h, w)
-        decoder = self._whole_image_half("decoder") if tiled else None
-        if decoder is not None:
-            with vae_tiling.tiled_forwards(None, decoder, self.vae_tile, self.vae_overlap,
-                                           cancel_check=_comfy_interrupt_check()):
-                pixels = self.vae.decode(raw)
-        elif tiled:
-            tile, overlap = _latent_vae_tiling(self.vae_tile, self.vae_overlap)  # as ComfyUI's VAEDecodeTiled
-            pixels = self.vae.decode_tiled(raw, tile_x=tile, tile_y=tile, overlap=overlap)
-        else:
-            pixels = self.vae.decode(raw)
+        tile, overlap = _latent_vae_tiling(self.vae_tile, self.vae_overlap)  # as ComfyUI's VAEDecodeTiled
+        pixels = self._run("decoder", latent.shape[-2] * VAE_DOWNSCALE, latent.shape[-1] * VAE_DOWNSCALE,
+                           lambda: self.vae.decode(raw),
+                           lambda: self.vae.decode_tiled(raw, tile_x=tile, tile_y=tile, overlap=overlap))
         if pixels.ndim == 5:  # video-capable VAEs return [B, T, H, W, C]
             pixels = pixels.reshape(-1, *pixels.shape[-3:])
         return pixels[..., :3].movedim(-1, 1).float()
