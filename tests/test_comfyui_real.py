@@ -336,8 +336,11 @@ def test_upscale_with_comfyuis_fp8_weight_dtype(server, models_dir, input_image,
 
 
 # The test VAE is the FLUX architecture with random weights, whose convolutions reach far past
-# the 16 px halo of 128/32 px tiles; measured: TODO levels (ComfyUI's own tiled VAE: TODO).
-VAE_TILED_MAX_MEAN_LEVELS = 100.0
+# the 16 px halo of 128/32 px tiles, and the random transformer between encode and decode
+# magnifies what differs: measured 7.6 levels of 255 on average (ComfyUI 0.8.0). The VAE alone
+# (encode then decode, 384x512 px, the same tiles) is 1.3 levels off untiled, ComfyUI's own
+# tiled VAE 22.3; at 384/128 px tiles 0.0001 against 8.3.
+VAE_TILED_MAX_MEAN_LEVELS = 12.0
 
 
 def test_tiled_workflow_runs(server, input_image):
