@@ -37,11 +37,15 @@ then keep their library's own tiling.
 from __future__ import annotations
 
 import contextlib
+import gc
+import logging
 from dataclasses import dataclass
 from typing import Callable, Iterator, Optional, Union
 
 import torch
 import torch.nn.functional as F
+
+log = logging.getLogger(__name__)
 
 ALIGN = 8  # tile edges in image pixels: the VAE's whole downscale, so they fall on every level's grid
 
@@ -426,19 +430,42 @@ def _stash_device(stash_device: Union[str, torch.device, None], device: torch.de
     return None if stash == device else stash
 
 
+def _fallback_stash(device: torch.device) -> Optional[torch.device]:
+    """Where tiles go when they do not fit on ``device`` beside the work: CPU memory (None on
+    the CPU itself)."""
+    return None if device.type == "cpu" else torch.device("cpu")
+
+
 def _run_plan(plan: _Plan, x: torch.Tensor, tile: int, overlap: int, stash_device, cancel_check) -> torch.Tensor:
-    x = plan.head(x)
-    height, width = x.shape[-2] * plan.level, x.shape[-1] * plan.level
+    source = plan.head(x)  # kept for a retry: the latent-size part (decoder) or the image (encoder)
+    height, width = source.shape[-2] * plan.level, source.shape[-1] * plan.level
     boxes = tile_boxes(height, width, tile, overlap)
-    device = x.device
-    need = stash_bytes(_widest_full_size(plan.steps, plan.level), boxes, x.shape[0], x.dtype)
+    device = source.device
+    need = stash_bytes(_widest_full_size(plan.steps, plan.level), boxes, source.shape[0], source.dtype)
     stash = _stash_device(stash_device, device, need)
     lv = plan.level
-    tiles = [_TileState(b, x[..., b.y0 // lv:b.y1 // lv, b.x0 // lv:b.x1 // lv]) for b in boxes]
-    del x
-    level = _run_steps(plan.steps, tiles, plan.level, device, stash, cancel_check)
+    while True:
+        tiles = [_TileState(b, source[..., b.y0 // lv:b.y1 // lv, b.x0 // lv:b.x1 // lv]) for b in boxes]
+        try:
+            level = _run_steps(plan.steps, tiles, plan.level, device, stash, cancel_check)
+            break
+        except torch.OutOfMemoryError as exc:
+            fallback = _fallback_stash(device)
+            if stash is not None or fallback is None:
+                raise
+            # "auto" guessed that the tiles fit on the device: once more with them in CPU memory,
+            # after the failed try's tensors (held by the traceback's frames too) are gone
+            failed = exc.with_traceback(None)
+        del tiles
+        log.warning("VAE tiling: out of memory with the tiles held on %s (%s); again with them in CPU memory",
+                    device, str(failed).splitlines()[0] if str(failed) else "no message")
+        del failed
+        gc.collect()
+        if device.type == "cuda":
+            torch.cuda.empty_cache()
+        stash = fallback
     out = _assemble(tiles, level, device, height, width)
-    del tiles
+    del tiles, source
     return plan.tail(out)
 
 

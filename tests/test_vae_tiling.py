@@ -262,3 +262,32 @@ def test_group_norm_with_given_statistics_matches_torchs(demo_vae):
     assert ours.dtype == torch.bfloat16
     torch.testing.assert_close(ours.float(), norm(half).float(), rtol=0.02, atol=0.02)
     norm.float()
+
+
+def test_out_of_memory_with_tiles_on_the_device_retries_with_them_in_cpu_memory(demo_vae, monkeypatch, caplog):
+    """stash "auto" keeps tiles on a GPU it reckons roomy enough; when that was wrong, the run goes
+    again with them in CPU memory instead of failing (the upscaler's smaller tiles would not help:
+    the held tiles are the whole image whatever their size)."""
+    z = torch.randn(1, 16, 32, 32, generator=torch.Generator().manual_seed(4))
+    with torch.no_grad():
+        expected = vae_tiling.decode(demo_vae, z, 128, 64, stash_device=None)
+    real_run_steps = vae_tiling._run_steps
+    stashes = []
+
+    def run_steps(steps, tiles, level, device, stash, cancel_check):
+        stashes.append(stash)
+        if stash is None:
+            raise torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 2.00 GiB")
+        return real_run_steps(steps, tiles, level, device, None, cancel_check)  # the CPU is the device here
+
+    monkeypatch.setattr(vae_tiling, "_run_steps", run_steps)
+    monkeypatch.setattr(vae_tiling, "_fallback_stash", lambda device: torch.device("cpu"))
+    with torch.no_grad(), caplog.at_level(logging.WARNING, logger="fluxsr_core.vae_tiling"):
+        out = vae_tiling.decode(demo_vae, z, 128, 64, stash_device="auto")
+    assert stashes == [None, torch.device("cpu")]
+    assert torch.equal(out, expected)  # the retry starts from scratch: nothing of the failed try is left in
+    assert "again with them in CPU memory" in caplog.text and "Tried to allocate 2.00 GiB" in caplog.text
+    # tiles already in CPU memory, or a CPU run: an out-of-memory error is the caller's
+    monkeypatch.setattr(vae_tiling, "_fallback_stash", lambda device: None)
+    with pytest.raises(torch.OutOfMemoryError):
+        vae_tiling.decode(demo_vae, z, 128, 64, stash_device="auto")
