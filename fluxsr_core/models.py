@@ -1299,10 +1299,7 @@ def _bind_whole_image_tiling(vae, tile: int, overlap: int, on: bool, stash_devic
     if problem is None and not all(callable(getattr(type(vae), n, None)) for n in _WHOLE_IMAGE_TILING_METHODS):
         problem = "this diffusers version tiles through other methods"
     if problem:
-        if getattr(vae, "_fluxsr_tiling_warned", None) != problem:  # once per VAE, not at every retry
-            log.warning("VAE tiling: whole-image GroupNorm statistics are not available for this VAE (%s); "
-                        "diffusers' per-tile tiling is used, and tiles may differ slightly in tone", problem)
-            vae._fluxsr_tiling_warned = problem
+        vae_tiling.warn_unsupported_once(vae, "encoder or decoder", problem, "diffusers' per-tile tiling")
         return
     from diffusers.models.autoencoders.vae import DecoderOutput
 

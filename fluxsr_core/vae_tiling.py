@@ -282,6 +282,21 @@ def unsupported_reason(vae) -> Optional[str]:
     return encoder_problem(encoder) or decoder_problem(decoder)
 
 
+def warn_unsupported_once(owner, part: str, problem: str, fallback: str) -> None:
+    """Log that whole-image tiling cannot run ``owner``'s ``part`` (``problem``) and that
+    ``fallback`` runs instead: once per owner, part and problem, not at every call or retry."""
+    said = getattr(owner, "_fluxsr_tiling_warned", None)
+    said = said if isinstance(said, dict) else {}
+    if said.get(part) == problem:
+        return
+    log.warning("VAE tiling: whole-image VAE tiling cannot run this VAE's %s (%s); %s is used, whose tiles may "
+                "differ slightly in tone", part, problem, fallback)
+    try:
+        owner._fluxsr_tiling_warned = {**said, part: problem}
+    except AttributeError:  # an object that takes no attributes: said again next time
+        pass
+
+
 def _plan(half, decoder: bool) -> _Plan:
     problem = decoder_problem(half) if decoder else encoder_problem(half)
     if problem:
@@ -338,26 +353,36 @@ def _normalize(x: torch.Tensor, norm: torch.nn.GroupNorm, mean: torch.Tensor, va
     return torch.addcmul(shift[..., None, None], x, scale[..., None, None]).to(x.dtype)
 
 
+def _levels(steps: list[_Step], level: int) -> tuple[list[int], int]:
+    """The level (image pixels per pixel) of the tensor each step receives, starting at
+    ``level``, and the level after the last step."""
+    at = []
+    for step in steps:
+        at.append(level)
+        if step.rescale != 1.0:
+            level = int(round(level / step.rescale))
+    return at, level
+
+
+def _stashed(t: Optional[torch.Tensor], stash: Optional[torch.device]) -> Optional[torch.Tensor]:
+    return t if t is None or stash is None else t.to(stash)
+
+
 def _run_steps(steps: list[_Step], tiles: list[_TileState], level: int, device: torch.device,
                stash: Optional[torch.device], cancel_check: Optional[Callable[[], None]]) -> int:
     """Run ``steps`` over every tile, meeting at each GroupNorm. ``level``: image pixels per
     pixel at the start; returns it at the end."""
-    segments: list[tuple[Optional[torch.nn.GroupNorm], list[_Step]]] = [(None, [])]
-    for step in steps:
+    at_step, final_level = _levels(steps, level)
+    # (the GroupNorm that starts it, its steps, the level it starts at)
+    segments: list[tuple[Optional[torch.nn.GroupNorm], list[_Step], int]] = [(None, [], level)]
+    for step, at in zip(steps, at_step):
         if step.kind == "norm":
-            segments.append((step.module, []))
+            segments.append((step.module, [], at))
         else:
             segments[-1][1].append(step)
-    levels = []
-    for _, seg in segments:
-        levels.append(level)
-        for step in seg:
-            if step.rescale != 1.0:
-                level = int(round(level / step.rescale))
     combined = None
-    for index, (norm, seg) in enumerate(segments):
-        next_norm = segments[index + 1][0] if index + 1 < len(segments) else None
-        end_level = levels[index + 1] if index + 1 < len(segments) else level
+    for index, (norm, seg, _) in enumerate(segments):
+        next_norm, _, end_level = segments[index + 1] if index + 1 < len(segments) else (None, None, final_level)
         if norm is not None:
             combined = _combine([t.stats for t in tiles])
         for tile in tiles:
@@ -377,11 +402,11 @@ def _run_steps(steps: list[_Step], tiles: list[_TileState], level: int, device: 
                     x = shortcut + x if step.scale == 1.0 else (shortcut + x) / step.scale
                     saved = None
             tile.stats = _core_stats(_core(tile, x, end_level), next_norm.num_groups) if next_norm is not None else None
-            tile.x = x.to(stash) if stash is not None else x
+            tile.x = _stashed(x, stash)
             # the resnet's residual is often its input itself: one tensor, not two copies
-            tile.saved = tile.x if saved is x else (saved.to(stash) if stash is not None and saved is not None else saved)
+            tile.saved = tile.x if saved is x else _stashed(saved, stash)
             del x, saved
-    return level
+    return final_level
 
 
 def _assemble(tiles: list[_TileState], level: int, device: torch.device, height: int, width: int) -> torch.Tensor:
@@ -397,13 +422,9 @@ def _assemble(tiles: list[_TileState], level: int, device: torch.device, height:
 
 def _widest_full_size(steps: list[_Step], level: int) -> int:
     """The most channels a GroupNorm sees at full size (level 1) in ``steps``."""
-    widest = 0
-    for step in steps:
-        if step.rescale != 1.0:
-            level = int(round(level / step.rescale))
-        elif step.kind == "norm" and level == 1:
-            widest = max(widest, int(step.module.num_channels))
-    return widest
+    at_step, _ = _levels(steps, level)
+    return max((int(step.module.num_channels) for step, at in zip(steps, at_step)
+                if step.kind == "norm" and at == 1), default=0)
 
 
 def stash_bytes(widest_channels: int, boxes: list[TileBox], batch: int, dtype: torch.dtype) -> int:
@@ -532,5 +553,6 @@ def tiled_forwards(encoder, decoder, tile: int, overlap: int,
             half.__dict__.pop("forward", None)
 
 
-__all__ = ["TileBox", "tile_boxes", "decoder_problem", "encoder_problem", "unsupported_reason", "stash_bytes",
+__all__ = ["TileBox", "tile_boxes", "decoder_problem", "encoder_problem", "unsupported_reason",
+           "warn_unsupported_once", "stash_bytes",
            "run_decoder", "run_encoder", "decode", "encode_moments", "tiled_forwards"]

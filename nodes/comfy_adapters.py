@@ -360,14 +360,7 @@ class ComfyCodec:
             vae_tiling.encoder_problem(half) if name == "encoder" else vae_tiling.decoder_problem(half))
         if problem is None:
             return half
-        warned = getattr(self.vae, "_fluxsr_tiling_warned", set())
-        if name not in warned:
-            log.warning("FluxSR: whole-image VAE tiling cannot run this VAE's %s (%s); ComfyUI's own tiled VAE "
-                        "is used, whose tiles may differ slightly in tone", name, problem)
-            try:
-                self.vae._fluxsr_tiling_warned = warned | {name}
-            except AttributeError:
-                pass
+        vae_tiling.warn_unsupported_once(self.vae, name, problem, "ComfyUI's own tiled VAE")
         return None
 
     def _tiled(self, height: int, width: int) -> bool:
