@@ -41,7 +41,7 @@ from typing import Callable, Optional
 os.environ.setdefault("KINETO_LOG_LEVEL", "5")
 import torch  # noqa: E402
 
-from fluxsr_core import color, flow, images, models, tiling
+from fluxsr_core import color, flow, images, models, tiling, vae_tiling
 from fluxsr_core.interfaces import Conditioning
 from fluxsr_core.latents import PIXEL_MULTIPLE
 from fluxsr_core.tiling import TilingConfig
@@ -314,6 +314,8 @@ def vae_tiling_variants(vae, dtype: torch.dtype, device: torch.device, side: int
             with PeakMemory(device) as pm:
                 codec.decode(codec.encode(image))
             entry["peak_bytes"] = pm.peak
+        if name.startswith("whole_image"):  # what stash "auto" weighs, to set beside the measured peak
+            entry["decoder_held_bytes_reckoned"] = vae_tiling.held_bytes(vae.decoder, side, side, 1, dtype)
         out[name] = entry
     return dict(side=side, tile=tile, overlap=overlap, variants=out)
 

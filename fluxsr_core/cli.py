@@ -168,11 +168,14 @@ def build_parser() -> argparse.ArgumentParser:
                    help="transformer tile overlap in image pixels (default %(default)s)")
     t.add_argument("--vae-tile", type=int, default=defaults.vae_tile,
                    help="VAE tile size in pixels, 0 = untiled (default %(default)s)")
-    t.add_argument("--vae-overlap", type=int, default=defaults.vae_overlap)
+    t.add_argument("--vae-overlap", type=int, default=defaults.vae_overlap,
+                   help="pixels neighbouring VAE tiles share with --vae-tile-norm tile (default %(default)s); "
+                        "the default tiling needs none")
     t.add_argument("--vae-tile-norm", choices=VAE_TILE_NORMS, default="image",
-                   help="image (default): VAE tiles normalised with the whole image's statistics, the untiled "
-                        "result up to rounding; tile: diffusers' own tiling, each tile alone (its tone can "
-                        "shift from tile to tile), for the least memory")
+                   help="image (default): VAE tiles normalised with the whole image's statistics and cut with "
+                        "halos of the convolutions' reach, the untiled result up to rounding at any tile size; "
+                        "tile: diffusers' own tiling, each tile alone (its tone can shift from tile to tile), "
+                        "for the least memory")
     t.add_argument("--blend", choices=("gaussian", "linear", "constant"), default=defaults.blend)
     t.add_argument("--global-position-ids", action="store_true",
                    help="give tiles their global positions (default: tile-local, as in training)")

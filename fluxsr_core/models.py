@@ -1285,7 +1285,7 @@ VAE_TILE_NORMS = ("image", "tile")
 _WHOLE_IMAGE_TILING_METHODS = ("_tiled_encode", "tiled_decode")
 
 
-def _bind_whole_image_tiling(vae, tile: int, overlap: int, on: bool, stash_device) -> None:
+def _bind_whole_image_tiling(vae, tile: int, on: bool, stash_device) -> None:
     """Make diffusers' tiled encode/decode of this ``vae`` run :mod:`fluxsr_core.vae_tiling`
     (``on``) or its own again. Bound on the instance, where ``AutoencoderKL._encode``/``_decode``
     look them up: every hook diffusers and accelerate put around ``encode``/``decode`` still runs."""
@@ -1304,10 +1304,10 @@ def _bind_whole_image_tiling(vae, tile: int, overlap: int, on: bool, stash_devic
     from diffusers.models.autoencoders.vae import DecoderOutput
 
     def tiled_encode(x):
-        return vae_tiling.encode_moments(vae, x, tile, overlap, stash_device=stash_device)
+        return vae_tiling.encode_moments(vae, x, tile, stash_device=stash_device)
 
     def tiled_decode(z, return_dict=True):
-        sample = vae_tiling.decode(vae, z, tile, overlap, stash_device=stash_device)
+        sample = vae_tiling.decode(vae, z, tile, stash_device=stash_device)
         return DecoderOutput(sample=sample) if return_dict else (sample,)
 
     vae._tiled_encode, vae.tiled_decode = tiled_encode, tiled_decode
@@ -1320,18 +1320,18 @@ class DiffusersCodec:
     *mode* (its mean: deterministic, no sampling) -> ``(raw - 0.1159) * 0.3611``.
     ``decode``: the inverse, clamped to [0, 1]. Outputs keep the input's float dtype and device.
 
-    ``tile > 0`` (pixels, multiple of 8) tiles images larger than one tile, neighbours sharing
-    ``tile_overlap`` pixels. ``tile_norm`` says how:
+    ``tile > 0`` (pixels, multiple of 8) tiles images larger than one tile. ``tile_norm`` says how:
       * ``"image"`` (default): :mod:`fluxsr_core.vae_tiling`, every GroupNorm with the whole
-        image's statistics and the attention over the whole latent: with a halo (half the
-        overlap) that covers the convolutions' reach, the untiled result up to rounding. With
-        the shipped demo VAE, 256 px tiles of a 512 px photo differ from the untiled decode by
-        0.000007 levels (of 255) on average at 128 px overlap, 0.0019 at 64 px; diffusers'
-        tiling by 7.2 at either (tests/test_vae_tiling.py). Memory: about the largest
-        whole-image activation, not one tile's; ``stash_device`` ``"auto"`` keeps the tiles in
-        CPU memory between GroupNorms when the GPU lacks room (``"cpu"``: always; None: never).
-      * ``"tile"``: diffusers' own tiling, each tile normalised alone (colour and contrast shift
-        from tile to tile; the blend hides only the seam), for the least device memory.
+        image's statistics, the attention over the whole latent, and each tile cut again between
+        GroupNorms with a halo its convolutions' reach: the untiled result up to rounding at any
+        tile size (``tile_overlap`` is not needed). With the shipped demo VAE, 256 px tiles of a
+        512 px photo differ from the untiled decode by 0.00001 levels (of 255) on average;
+        diffusers' tiling by 7.2 (tests/test_vae_tiling.py). Memory: about three whole-image
+        activations, not one tile's; ``stash_device`` ``"auto"`` keeps them in CPU memory
+        between GroupNorms when the GPU lacks room (``"cpu"``: always; None: never).
+      * ``"tile"``: diffusers' own tiling, neighbours sharing ``tile_overlap`` pixels, each tile
+        normalised alone (colour and contrast shift from tile to tile; the blend hides only the
+        seam), for the least device memory.
     A VAE :func:`fluxsr_core.vae_tiling.unsupported_reason` refuses gets diffusers' tiling, logged.
     """
 
@@ -1385,8 +1385,7 @@ class DiffusersCodec:
         else:
             self.vae.disable_tiling()
         self.tile, self.tile_overlap = tile, tile_overlap
-        _bind_whole_image_tiling(self.vae, tile, tile_overlap, self.tile_norm == "image" and tile > 0,
-                                 self.stash_device)
+        _bind_whole_image_tiling(self.vae, tile, self.tile_norm == "image" and tile > 0, self.stash_device)
 
     @property
     def device(self) -> torch.device:

@@ -1,30 +1,31 @@
-"""VAE tiling with the whole image's GroupNorm statistics.
+"""VAE tiling with the whole image's GroupNorm statistics: the untiled result, in tiles.
 
 diffusers' VAE tiling (and ComfyUI's) runs the encoder or decoder on each tile alone, so every
 GroupNorm normalises with that tile's mean and variance: a dark tile is brightened, a flat one
 gets more contrast, and the blend over the overlap only hides the seam, not the tone shift. It
-also runs the mid-block attention per tile. Here the VAE runs as a list of operations over all
-tiles at once, as the "Tiled VAE" of multidiffusion-upscaler does, with two differences:
+also runs the mid-block attention per tile, and each tile's zero padding shows near its edges.
+Here the VAE runs as a list of segments, each from one GroupNorm to the next, over all tiles:
 
 * at each GroupNorm every tile adds the sums of its *core* (the part of the image it alone
   owns), and all tiles are normalised with the combined mean and variance: the statistics the
-  untiled VAE would compute, not an estimate from a downscaled copy;
+  untiled VAE computes, not an estimate from a downscaled copy;
+* between two GroupNorms the tiles' cores are put together into the whole activation, and the
+  next segment cuts each tile again from it with a halo as wide as that segment's own
+  convolutions reach (8 to 24 image pixels for the FLUX VAE, counted from the modules): every
+  pixel a core keeps is computed from the same neighbours as untiled, so tiles of any size give
+  the untiled result up to rounding, and the halos add a few percent of work, not the
+  overlaps' tens of percent;
 * the low-resolution part runs untiled, where it costs little: the decoder's ``conv_in`` and mid
   block (its attention sees the whole latent) before the up blocks; the encoder's mid block and
   output layers after the down blocks.
 
-Each tile is its core plus a halo of ``overlap / 2`` pixels (down to the 8 px grid) on each
-side that has a neighbour; only the core is kept. Where the halo covers the convolutions'
-reach, a tiled result equals the untiled one up to rounding; the FLUX decoder's 3x3
-convolutions reach about 100 image pixels and the encoder's about 70. On the FLUX VAE's
-layout with random weights the default 128 px overlap leaves a relative error of 4e-5, 192 px
-1.3e-6, none 0.22 (tests/test_vae_tiling.py).
+No overlap is needed, so none is taken: ``tile`` bounds each piece, halo included.
 
-Cost: the same convolutions as untiled (plus the halos), but between two GroupNorms every
-tile's activation is kept, so the memory is about that of the largest whole-image activation
-(with a residual beside it), not one tile's: for the FLUX decoder at 2048x2048 in 1024 px
-tiles, 256 channels at full size plus halos, :func:`stash_bytes` reckons 5.3 GB in bf16 at
-most. ``stash_device="cpu"`` keeps the tiles in CPU memory between GroupNorms (each moves to
+Cost: the same convolutions as untiled plus the halos, but between two GroupNorms the whole
+activation is held (the segment's input, its output and a resnet's residual), so the memory is
+about three whole-image activations, not one tile's: for the FLUX decoder at 2048x2048,
+:func:`held_bytes` reckons 4.3 GB in bf16 (the untiled decoder holds more, with its own
+temporaries at full size). ``stash_device="cpu"`` keeps them in CPU memory (each tile moves to
 the device and back once per GroupNorm); ``"auto"`` does so when the device lacks room.
 
 Supported layouts: diffusers' ``AutoencoderKL`` (``Encoder``/``Decoder`` with GroupNorm
@@ -48,6 +49,7 @@ import torch.nn.functional as F
 log = logging.getLogger(__name__)
 
 ALIGN = 8  # tile edges in image pixels: the VAE's whole downscale, so they fall on every level's grid
+MIN_CORE = 64  # image pixels: smaller cores would cost more in per-tile work than the memory they save
 
 
 @dataclass(frozen=True)
@@ -77,26 +79,28 @@ def _core_edges(length: int, tile: int, halo: int) -> list[int]:
     raise ValueError(f"no tiling of {length} px into {tile} px tiles with {halo} px halos")  # tile_boxes prevents it
 
 
-def tile_boxes(height: int, width: int, tile: int, overlap: int) -> list[TileBox]:
-    """The tiles of an image ``height x width`` (multiples of 8) for tiles of at most ``tile``
-    pixels whose neighbours share ``overlap`` pixels: cores of at most ``tile - overlap``, a
-    halo of ``overlap / 2`` (down to the 8 px grid) around each, clipped at the image's edge.
-    Row-major order."""
+def tile_boxes(height: int, width: int, tile: int, halo: int) -> list[TileBox]:
+    """The tiles of an image ``height x width`` (multiples of 8) for pieces of at most ``tile``
+    pixels: the fewest near-equal cores that fit with a ``halo`` (a multiple of 8) around each,
+    clipped at the image's edge. Row-major order."""
     if height % ALIGN or width % ALIGN:
         raise ValueError(f"image height and width must be multiples of {ALIGN} (got {height}x{width})")
     if tile <= 0 or tile % ALIGN:
         raise ValueError(f"tile must be a positive multiple of {ALIGN} pixels (got {tile})")
-    halo = (max(0, overlap) // 2) // ALIGN * ALIGN
-    core = tile - 2 * halo
-    if core < ALIGN:
-        raise ValueError(f"overlap {overlap} leaves no core in a {tile} px tile; use an overlap under half the tile")
-    boxes = []
+    if halo < 0 or halo % ALIGN:
+        raise ValueError(f"halo must be a multiple of {ALIGN} pixels (got {halo})")
+    if tile - 2 * halo < ALIGN:
+        raise ValueError(f"a {tile} px tile leaves no core inside {halo} px halos; use tiles of at least "
+                         f"{2 * halo + ALIGN} px")
     ys, xs = _core_edges(height, tile, halo), _core_edges(width, tile, halo)
-    for cy0, cy1 in zip(ys, ys[1:]):
-        for cx0, cx1 in zip(xs, xs[1:]):
-            boxes.append(TileBox(max(0, cy0 - halo), min(height, cy1 + halo), max(0, cx0 - halo),
-                                 min(width, cx1 + halo), cy0, cy1, cx0, cx1))
-    return boxes
+    return [_grown(TileBox(cy0, cy1, cx0, cx1, cy0, cy1, cx0, cx1), halo, height, width)
+            for cy0, cy1 in zip(ys, ys[1:]) for cx0, cx1 in zip(xs, xs[1:])]
+
+
+def _grown(box: TileBox, halo: int, height: int, width: int) -> TileBox:
+    """``box``'s core with ``halo`` pixels around it, clipped at the image's edge."""
+    return TileBox(max(0, box.cy0 - halo), min(height, box.cy1 + halo), max(0, box.cx0 - halo),
+                   min(width, box.cx1 + halo), box.cy0, box.cy1, box.cx0, box.cx1)
 
 
 # ------------------------------------------------------------------ the VAE as a list of steps
@@ -308,18 +312,118 @@ def _plan(half, decoder: bool) -> _Plan:
 
 # ------------------------------------------------------------------------------ the executor
 
-@dataclass
-class _TileState:
-    box: TileBox
-    x: torch.Tensor
-    saved: Optional[torch.Tensor] = None
-    stats: Optional[tuple] = None  # (count, mean, m2) per (batch, group) of the core, for the next norm
+# Modules whose output pixels read their neighbours; everything else in a plan is pointwise
+_SPATIAL = (torch.nn.Conv2d, torch.nn.ConvTranspose2d, torch.nn.AvgPool2d, torch.nn.MaxPool2d)
 
 
-def _core(state: _TileState, x: torch.Tensor, level: int) -> torch.Tensor:
-    """The tile's core within its tensor ``x`` at a level ``level`` image pixels per pixel."""
-    b = state.box
-    return x[..., (b.cy0 - b.y0) // level:(b.cy1 - b.y0) // level, (b.cx0 - b.x0) // level:(b.cx1 - b.x0) // level]
+def _reach(module, level: int, rescale: float) -> float:
+    """Image pixels around a pixel that ``module``'s output reads (it runs at ``level`` image
+    pixels per pixel; ``rescale`` 2 for an upsampler, whose convolution runs after the
+    upsampling): ``(kernel - 1) x dilation`` of every convolution or pooling inside, at its
+    level. Twice a centred kernel's reach, which also covers a downsampler's one-sided padding."""
+    if not isinstance(module, torch.nn.Module):
+        return 0.0  # an activation function
+    inner_level = level / rescale if rescale > 1 else level
+    reach = 0.0
+    for m in module.modules():
+        if isinstance(m, _SPATIAL):
+            kernel, dilation = m.kernel_size, getattr(m, "dilation", 1)
+            kernel = kernel if isinstance(kernel, tuple) else (kernel, kernel)
+            dilation = dilation if isinstance(dilation, tuple) else (dilation, dilation)
+            reach += max((k - 1) * d for k, d in zip(kernel, dilation)) * inner_level
+    return reach
+
+
+def _last_out_channels(steps: list[_Step]) -> Optional[int]:
+    """The channels the last convolution among ``steps`` gives (None when none has one)."""
+    out = None
+    for step in steps:
+        if step.kind == "call" and isinstance(step.module, torch.nn.Module):
+            for m in step.module.modules():
+                if isinstance(m, (torch.nn.Conv2d, torch.nn.ConvTranspose2d)):
+                    out = int(m.out_channels)
+    return out
+
+
+@dataclass(frozen=True)
+class _Segment:
+    """The steps from one GroupNorm (``norm``, applied first; None for the first segment) to the
+    next (``next_norm``, which its output meets; None for the last). Its input is at ``level``
+    image pixels per pixel, its output at ``end_level``; ``halo``: the image pixels a tile needs
+    around its core for these steps alone (their reach, up to the 8 px grid); ``saves``: its
+    output is also a resnet's residual; ``residual``: it adds the one held."""
+
+    norm: Optional[torch.nn.GroupNorm]
+    steps: list
+    level: int
+    end_level: int
+    halo: int
+    next_norm: Optional[torch.nn.GroupNorm]
+    saves: bool
+    residual: bool
+    in_channels: Optional[int]  # None: the plan's input
+    out_channels: Optional[int]  # None: unknown (the input's)
+
+
+def _segments(steps: list[_Step], level: int) -> list[_Segment]:
+    """``steps`` cut at their GroupNorms (see :class:`_Segment`)."""
+    groups: list[tuple[Optional[torch.nn.GroupNorm], list[_Step]]] = [(None, [])]
+    for step in steps:
+        if step.kind == "norm":
+            groups.append((step.module, []))
+        else:
+            groups[-1][1].append(step)
+    segments = []
+    for index, (norm, seg) in enumerate(groups):
+        next_norm = groups[index + 1][0] if index + 1 < len(groups) else None
+        at, end_level = _levels(seg, level)
+        if any(s.kind == "save" for s in seg[:-1]) or any(
+                s.kind == "residual" and lv != level for s, lv in zip(seg, at)):
+            # each segment's residual is cut with its input: a resnet's "save" just before a
+            # GroupNorm and its sum before any resampling, as in both layouts this module knows
+            raise NotImplementedError("whole-image GroupNorm tiling cannot run this VAE: its residuals are "
+                                      "laid out otherwise than a resnet's")
+        reach = sum(_reach(s.module, lv, s.rescale) for s, lv in zip(seg, at) if s.kind in ("call", "residual"))
+        halo = int(-(-reach // ALIGN)) * ALIGN
+        out_channels = int(next_norm.num_channels) if next_norm is not None else _last_out_channels(seg)
+        segments.append(_Segment(norm, seg, level, end_level, halo, next_norm, bool(seg) and seg[-1].kind == "save",
+                                 any(s.kind == "residual" for s in seg),
+                                 int(norm.num_channels) if norm is not None else None, out_channels))
+        level = end_level
+    return segments
+
+
+def _held_bytes(segments: list[_Segment], in_channels: int, height: int, width: int, batch: int,
+                element_size: int) -> int:
+    """The most bytes the whole-image activations take at once: a segment's input, its output
+    and the residual held beside them (when it is not the input itself)."""
+    most, residual, channels = 0, None, in_channels  # residual: (bytes, the index of the segment that gave it)
+    for index, seg in enumerate(segments):
+        size_in = batch * channels * (height // seg.level) * (width // seg.level) * element_size
+        out_channels = seg.out_channels or channels
+        size_out = batch * out_channels * (height // seg.end_level) * (width // seg.end_level) * element_size
+        held = residual[0] if residual is not None and residual[1] != index - 1 else 0
+        passthrough = seg.norm is None and all(s.kind == "save" for s in seg.steps)
+        most = max(most, size_in + (0 if passthrough else size_out) + held)
+        if seg.residual:
+            residual = None
+        if seg.saves:
+            residual = (size_out, index)
+        channels = out_channels
+    return most
+
+
+def held_bytes(half, height: int, width: int, batch: int = 1, dtype: torch.dtype = torch.bfloat16) -> int:
+    """About the most bytes :func:`run_decoder` (``half`` a decoder; ``height x width`` the image
+    it makes) or :func:`run_encoder` (an encoder of that image) holds in whole-image activations
+    at once, beside one tile's work: what ``stash_device`` "auto" weighs against the free memory."""
+    decoder = hasattr(half, "up_blocks") or hasattr(half, "up")
+    plan = _plan(half, decoder)
+    segments = _segments(plan.steps, plan.level)
+    first_conv = next((m for s in segments[0].steps if isinstance(s.module, torch.nn.Module)
+                       for m in s.module.modules() if isinstance(m, torch.nn.Conv2d)), None)
+    in_channels = first_conv.in_channels if first_conv is not None else segments[1].in_channels
+    return _held_bytes(segments, int(in_channels), height, width, batch, torch.empty(0, dtype=dtype).element_size())
 
 
 def _core_stats(core: torch.Tensor, groups: int) -> tuple:
@@ -364,82 +468,73 @@ def _levels(steps: list[_Step], level: int) -> tuple[list[int], int]:
     return at, level
 
 
-def _stashed(t: Optional[torch.Tensor], stash: Optional[torch.device]) -> Optional[torch.Tensor]:
-    return t if t is None or stash is None else t.to(stash)
+def _cut(full: torch.Tensor, box: TileBox, level: int) -> torch.Tensor:
+    """``box`` (core and halo) of a whole-image tensor at ``level`` image pixels per pixel."""
+    return full[..., box.y0 // level:box.y1 // level, box.x0 // level:box.x1 // level]
 
 
-def _run_steps(steps: list[_Step], tiles: list[_TileState], level: int, device: torch.device,
-               stash: Optional[torch.device], cancel_check: Optional[Callable[[], None]]) -> int:
-    """Run ``steps`` over every tile, meeting at each GroupNorm. ``level``: image pixels per
-    pixel at the start; returns it at the end."""
-    at_step, final_level = _levels(steps, level)
-    # (the GroupNorm that starts it, its steps, the level it starts at)
-    segments: list[tuple[Optional[torch.nn.GroupNorm], list[_Step], int]] = [(None, [], level)]
-    for step, at in zip(steps, at_step):
-        if step.kind == "norm":
-            segments.append((step.module, [], at))
-        else:
-            segments[-1][1].append(step)
-    combined = None
-    for index, (norm, seg, _) in enumerate(segments):
-        next_norm, _, end_level = segments[index + 1] if index + 1 < len(segments) else (None, None, final_level)
-        if norm is not None:
-            combined = _combine([t.stats for t in tiles])
-        for tile in tiles:
+def _core(box: TileBox, x: torch.Tensor, level: int) -> torch.Tensor:
+    """The core within a tile's tensor ``x`` (``box`` at ``level``)."""
+    return x[..., (box.cy0 - box.y0) // level:(box.cy1 - box.y0) // level,
+             (box.cx0 - box.x0) // level:(box.cx1 - box.x0) // level]
+
+
+def _core_slices(box: TileBox, level: int) -> tuple:
+    return (..., slice(box.cy0 // level, box.cy1 // level), slice(box.cx0 // level, box.cx1 // level))
+
+
+def _run_segments(segments: list[_Segment], source: torch.Tensor, cores: list[TileBox], height: int, width: int,
+                  device: torch.device, stash: Optional[torch.device],
+                  cancel_check: Optional[Callable[[], None]]) -> torch.Tensor:
+    """Run ``segments`` over the whole-image ``source`` tile by tile: each tile cut from the
+    whole activation with its segment's halo, its core put back into the next one (held on
+    ``stash``, or on ``device`` when None), its core's statistics kept for the GroupNorm ahead."""
+    x_full, residual_full, stats = source, None, []
+    for seg in segments:
+        combined = _combine(stats) if seg.norm is not None else None
+        passthrough = seg.norm is None and all(s.kind == "save" for s in seg.steps)
+        out_full, stats = (x_full if passthrough else None), []
+        for core in cores:
             if cancel_check is not None:
                 cancel_check()
-            x = tile.x.to(device)
-            saved = tile.saved.to(device) if tile.saved is not None else None
-            if norm is not None:
-                x = _normalize(x, norm, *combined)
-            for step in seg:
-                if step.kind == "call":
-                    x = step.module(x)
-                elif step.kind == "save":
-                    saved = x
-                else:  # residual
-                    shortcut = step.module(saved) if step.module is not None else saved
-                    x = shortcut + x if step.scale == 1.0 else (shortcut + x) / step.scale
-                    saved = None
-            tile.stats = _core_stats(_core(tile, x, end_level), next_norm.num_groups) if next_norm is not None else None
-            tile.x = _stashed(x, stash)
-            # the resnet's residual is often its input itself: one tensor, not two copies
-            tile.saved = tile.x if saved is x else _stashed(saved, stash)
-            del x, saved
-    return final_level
-
-
-def _assemble(tiles: list[_TileState], level: int, device: torch.device, height: int, width: int) -> torch.Tensor:
-    """The tiles' cores put together into one tensor (image ``height x width`` at ``level``)."""
-    first = tiles[0].x
-    out = torch.empty(first.shape[0], first.shape[1], height // level, width // level,
-                      dtype=first.dtype, device=device)
-    for t in tiles:
-        b = t.box
-        out[..., b.cy0 // level:b.cy1 // level, b.cx0 // level:b.cx1 // level] = _core(t, t.x, level).to(out.device)
-    return out
-
-
-def _widest_full_size(steps: list[_Step], level: int) -> int:
-    """The most channels a GroupNorm sees at full size (level 1) in ``steps``."""
-    at_step, _ = _levels(steps, level)
-    return max((int(step.module.num_channels) for step, at in zip(steps, at_step)
-                if step.kind == "norm" and at == 1), default=0)
-
-
-def stash_bytes(widest_channels: int, boxes: list[TileBox], batch: int, dtype: torch.dtype) -> int:
-    """About the most bytes the tiles hold between two GroupNorms: the widest full-size
-    activation (``widest_channels``: the decoder's upsampled input to its last level), an input
-    and a residual, over all tiles with their halos."""
-    pixels = sum((b.y1 - b.y0) * (b.x1 - b.x0) for b in boxes)
-    return 2 * batch * int(widest_channels) * pixels * torch.empty(0, dtype=dtype).element_size()
+            if passthrough:  # nothing to compute (the decoder's first resnet input): its statistics only
+                y = x_full[_core_slices(core, seg.level)].to(device)
+                x = residual = None
+            else:
+                box = _grown(core, seg.halo, height, width)
+                x = _cut(x_full, box, seg.level).to(device)
+                residual = _cut(residual_full, box, seg.level).to(device) if seg.residual else None
+                if seg.norm is not None:
+                    x = _normalize(x, seg.norm, *combined)
+                for step in seg.steps:
+                    if step.kind == "call":
+                        x = step.module(x)
+                    elif step.kind == "residual":
+                        shortcut = step.module(residual) if step.module is not None else residual
+                        x = shortcut + x if step.scale == 1.0 else (shortcut + x) / step.scale
+                        residual = None
+                    # "save": this segment's whole output becomes the residual, below
+                y = _core(box, x, seg.end_level)
+                if out_full is None:
+                    out_full = torch.empty(*y.shape[:2], height // seg.end_level, width // seg.end_level,
+                                           dtype=y.dtype, device=stash or device)
+                out_full[_core_slices(core, seg.end_level)] = y
+            if seg.next_norm is not None:
+                stats.append(_core_stats(y, seg.next_norm.num_groups))
+            del x, residual, y
+        if seg.residual:
+            residual_full = None
+        if seg.saves:
+            residual_full = out_full
+        x_full = out_full
+    return x_full
 
 
 def _stash_device(stash_device: Union[str, torch.device, None], device: torch.device, need: int
                   ) -> Optional[torch.device]:
-    """Where tiles wait between GroupNorms: None (on ``device``) or the CPU. ``"auto"``: the
-    CPU when a CUDA device has less than twice ``need`` (:func:`stash_bytes`) free (the tiles'
-    work needs room beside them), else the device."""
+    """Where the whole-image activations wait between GroupNorms: None (on ``device``) or the
+    CPU. ``"auto"``: the CPU when a CUDA device has less than twice ``need`` (:func:`held_bytes`)
+    free (the tiles' work needs room beside them), else the device."""
     if stash_device is None:
         return None
     if stash_device == "auto":
@@ -452,85 +547,81 @@ def _stash_device(stash_device: Union[str, torch.device, None], device: torch.de
 
 
 def _fallback_stash(device: torch.device) -> Optional[torch.device]:
-    """Where tiles go when they do not fit on ``device`` beside the work: CPU memory (None on
-    the CPU itself)."""
+    """Where the activations go when they do not fit on ``device`` beside the work: CPU memory
+    (None on the CPU itself)."""
     return None if device.type == "cpu" else torch.device("cpu")
 
 
-def _run_plan(plan: _Plan, x: torch.Tensor, tile: int, overlap: int, stash_device, cancel_check) -> torch.Tensor:
+def _run_plan(plan: _Plan, x: torch.Tensor, tile: int, stash_device, cancel_check) -> torch.Tensor:
     source = plan.head(x)  # kept for a retry: the latent-size part (decoder) or the image (encoder)
     height, width = source.shape[-2] * plan.level, source.shape[-1] * plan.level
-    boxes = tile_boxes(height, width, tile, overlap)
+    segments = _segments(plan.steps, plan.level)
+    halo = max(seg.halo for seg in segments)
+    # a piece holds its halos and a core worth the per-tile work: a few pixels more than asked
+    # for rather than an error (the whole activations are held anyway, so this costs no memory)
+    cores = tile_boxes(height, width, max(int(tile), 2 * halo + MIN_CORE), halo)
     device = source.device
-    need = stash_bytes(_widest_full_size(plan.steps, plan.level), boxes, source.shape[0], source.dtype)
+    need = _held_bytes(segments, source.shape[1], height, width, source.shape[0], source.element_size())
     stash = _stash_device(stash_device, device, need)
-    lv = plan.level
     while True:
-        tiles = [_TileState(b, source[..., b.y0 // lv:b.y1 // lv, b.x0 // lv:b.x1 // lv]) for b in boxes]
         try:
-            level = _run_steps(plan.steps, tiles, plan.level, device, stash, cancel_check)
+            out = _run_segments(segments, source, cores, height, width, device, stash, cancel_check)
             break
         except torch.OutOfMemoryError as exc:
             fallback = _fallback_stash(device)
             if stash is not None or fallback is None:
                 raise
-            # "auto" guessed that the tiles fit on the device: once more with them in CPU memory,
-            # after the failed try's tensors (held by the traceback's frames too) are gone
+            # "auto" guessed that the activations fit on the device: once more with them in CPU
+            # memory, after the failed try's tensors (held by the traceback's frames too) are gone
             failed = exc.with_traceback(None)
-        del tiles
-        log.warning("VAE tiling: out of memory with the tiles held on %s (%s); again with them in CPU memory",
-                    device, str(failed).splitlines()[0] if str(failed) else "no message")
+        log.warning("VAE tiling: out of memory with the activations held on %s (%s); again with them in CPU "
+                    "memory", device, str(failed).splitlines()[0] if str(failed) else "no message")
         del failed
         gc.collect()
         if device.type == "cuda":
             torch.cuda.empty_cache()
         stash = fallback
-    out = _assemble(tiles, level, device, height, width)
-    del tiles, source
-    return plan.tail(out)
+    del source
+    return plan.tail(out.to(device))
 
-
-def run_decoder(decoder, z: torch.Tensor, tile: int, overlap: int,
-                stash_device: Union[str, torch.device, None] = None,
+def run_decoder(decoder, z: torch.Tensor, tile: int, stash_device: Union[str, torch.device, None] = None,
                 cancel_check: Optional[Callable[[], None]] = None) -> torch.Tensor:
     """What ``decoder(z)`` returns (an image ``[B, 3, 8h, 8w]`` in about [-1, 1] from the raw
-    latent), computed in tiles of at most ``tile`` image pixels, neighbours sharing ``overlap``
-    (see the module's text). ``decoder``: diffusers' or the latent-diffusion layout
-    (:func:`decoder_problem`); ``stash_device``: None, ``"cpu"`` or ``"auto"``."""
-    return _run_plan(_plan(decoder, True), z, tile, overlap, stash_device, cancel_check)
+    latent), computed in pieces of at most ``tile`` image pixels (see the module's text).
+    ``decoder``: diffusers' or the latent-diffusion layout (:func:`decoder_problem`);
+    ``stash_device``: where the whole-image activations wait, None (the device), ``"cpu"`` or
+    ``"auto"``; ``cancel_check``: called before each tile, raises to stop."""
+    return _run_plan(_plan(decoder, True), z, tile, stash_device, cancel_check)
 
 
-def run_encoder(encoder, image: torch.Tensor, tile: int, overlap: int,
-                stash_device: Union[str, torch.device, None] = None,
+def run_encoder(encoder, image: torch.Tensor, tile: int, stash_device: Union[str, torch.device, None] = None,
                 cancel_check: Optional[Callable[[], None]] = None) -> torch.Tensor:
     """What ``encoder(image)`` returns (the posterior's moments ``[B, 2C, H/8, W/8]`` of an
-    image in [-1, 1], H and W multiples of 8), in tiles as :func:`run_decoder`."""
-    return _run_plan(_plan(encoder, False), image, tile, overlap, stash_device, cancel_check)
+    image in [-1, 1], H and W multiples of 8), in pieces as :func:`run_decoder`."""
+    return _run_plan(_plan(encoder, False), image, tile, stash_device, cancel_check)
 
 
-def decode(vae, z: torch.Tensor, tile: int, overlap: int, stash_device: Union[str, torch.device, None] = None,
+def decode(vae, z: torch.Tensor, tile: int, stash_device: Union[str, torch.device, None] = None,
            cancel_check: Optional[Callable[[], None]] = None) -> torch.Tensor:
     """A diffusers ``AutoencoderKL``'s decode of a raw latent (``post_quant_conv`` if it has one,
     then :func:`run_decoder`)."""
     if getattr(vae, "post_quant_conv", None) is not None:
         z = vae.post_quant_conv(z)
-    return run_decoder(vae.decoder, z, tile, overlap, stash_device, cancel_check)
+    return run_decoder(vae.decoder, z, tile, stash_device, cancel_check)
 
 
-def encode_moments(vae, image: torch.Tensor, tile: int, overlap: int,
-                   stash_device: Union[str, torch.device, None] = None,
+def encode_moments(vae, image: torch.Tensor, tile: int, stash_device: Union[str, torch.device, None] = None,
                    cancel_check: Optional[Callable[[], None]] = None) -> torch.Tensor:
     """A diffusers ``AutoencoderKL``'s ``_encode``: :func:`run_encoder`, then ``quant_conv`` if it
     has one; the posterior's moments."""
-    x = run_encoder(vae.encoder, image, tile, overlap, stash_device, cancel_check)
+    x = run_encoder(vae.encoder, image, tile, stash_device, cancel_check)
     if getattr(vae, "quant_conv", None) is not None:
         x = vae.quant_conv(x)
     return x
 
 
 @contextlib.contextmanager
-def tiled_forwards(encoder, decoder, tile: int, overlap: int,
-                   stash_device: Union[str, torch.device, None] = "auto",
+def tiled_forwards(encoder, decoder, tile: int, stash_device: Union[str, torch.device, None] = "auto",
                    cancel_check: Optional[Callable[[], None]] = None) -> Iterator[None]:
     """Within the block, calling ``encoder`` or ``decoder`` (modules :func:`encoder_problem` /
     :func:`decoder_problem` accept; either may be None) runs :func:`run_encoder` /
@@ -543,7 +634,7 @@ def tiled_forwards(encoder, decoder, tile: int, overlap: int,
                 continue
 
             def forward(x, *args, _run=run, _half=half, **kwargs):
-                return _run(_half, x, tile, overlap, stash_device, cancel_check)
+                return _run(_half, x, tile, stash_device, cancel_check)
 
             half.forward = forward  # an instance attribute: nn.Module.__call__ finds it first
             bound.append(half)
@@ -554,5 +645,5 @@ def tiled_forwards(encoder, decoder, tile: int, overlap: int,
 
 
 __all__ = ["TileBox", "tile_boxes", "decoder_problem", "encoder_problem", "unsupported_reason",
-           "warn_unsupported_once", "stash_bytes",
+           "warn_unsupported_once", "held_bytes",
            "run_decoder", "run_encoder", "decode", "encode_moments", "tiled_forwards"]

@@ -377,8 +377,7 @@ class ComfyCodec:
         if half is None:
             return comfy_tiled()
         encoder, decoder = (half, None) if half_name == "encoder" else (None, half)
-        with vae_tiling.tiled_forwards(encoder, decoder, self.vae_tile, self.vae_overlap,
-                                       cancel_check=_comfy_interrupt_check()):
+        with vae_tiling.tiled_forwards(encoder, decoder, self.vae_tile, cancel_check=_comfy_interrupt_check()):
             return plain()
 
     def encode(self, image: torch.Tensor) -> torch.Tensor:

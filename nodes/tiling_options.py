@@ -63,13 +63,15 @@ class FluxSRTilingOptions:
                     "default": _DEFAULT.vae_tile, "min": 0, "max": 8192, "step": 64,
                     "tooltip": "VAE tile size in pixels; 0 encodes and decodes the whole image at "
                                "once (ComfyUI still falls back to tiles on out-of-memory). The tiles "
-                               "share the whole image's normalisation, so they give the untiled "
-                               "picture without tone shifts between tiles."}),
+                               "share the whole image's normalisation and are cut with halos as wide "
+                               "as the convolutions reach, so any size gives the untiled picture, "
+                               "without seams or tone shifts between tiles."}),
                 "vae_tile_overlap": ("INT", {
                     "default": _DEFAULT.vae_overlap, "min": 0, "max": 1024, "step": 32,
-                    "tooltip": "Overlap between VAE tiles in pixels; less than half the VAE tile "
-                               "(ComfyUI's tiled VAE, the fallback, also runs half-size tiles), a "
-                               "quarter is usual. 128 or more leaves no visible difference from untiled."}),
+                    "tooltip": "Overlap between VAE tiles in pixels, for ComfyUI's own tiled VAE "
+                               "only (the fallback for a VAE of another layout; FluxSR's VAE tiles "
+                               "need none); less than half the VAE tile (that fallback also runs "
+                               "half-size tiles), a quarter is usual."}),
                 "blend": (list(BLENDS), {
                     "default": _DEFAULT.blend,
                     "tooltip": "How overlapping tiles are weighted: gaussian (smooth, default), "
