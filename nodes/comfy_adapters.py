@@ -18,11 +18,12 @@ conditioning helpers) without ComfyUI installed.
 
 from __future__ import annotations
 
+import contextlib
 import inspect
 import logging
 import math
 import uuid
-from typing import Any, Callable, Optional
+from typing import Any, Callable, Iterator, Optional
 
 import torch
 
@@ -319,6 +320,42 @@ def _comfy_interrupt_check() -> Optional[Callable[[], None]]:
     return getattr(mm, "throw_exception_if_processing_interrupted", None)
 
 
+@contextlib.contextmanager
+def _tiled_memory_reckoning(vae: Any, half_name: str, half: torch.nn.Module, tile: int) -> Iterator[None]:
+    """Within the block, ComfyUI's VAE reckons the memory of an encode or decode (what it frees
+    other models for, and how many images it runs at once) for whole-image tiles: the
+    activations they hold (:func:`~fluxsr_core.vae_tiling.held_bytes`) and its own figure for
+    one tile, never more than its figure for the untiled pass. Its ``memory_used_encode`` /
+    ``memory_used_decode`` reckon an untiled pass (its own tiled VAE uses them too, a TODO in
+    comfy/sd.py): at 2048 px about 18 GB for the FLUX decoder in bf16, which would unload the
+    diffusion model on a 24 GB card before every decode."""
+    name = "memory_used_encode" if half_name == "encoder" else "memory_used_decode"
+    untiled = getattr(vae, name, None)
+    if not callable(untiled):
+        yield
+        return
+    pixels_per = 1 if half_name == "encoder" else VAE_DOWNSCALE  # encode: [B, 3, H, W]; decode: the latent
+
+    def reckon(shape, dtype, *args, **kwargs):
+        whole = untiled(shape, dtype, *args, **kwargs)
+        if len(shape) != 4:
+            return whole
+        side = max(1, int(tile) // pixels_per)
+        one_tile = untiled((*shape[:2], min(shape[2], side), min(shape[3], side)), dtype, *args, **kwargs)
+        held = vae_tiling.held_bytes(half, shape[2] * pixels_per, shape[3] * pixels_per, 1, dtype)
+        return min(whole, held + one_tile)
+
+    own = name in getattr(vae, "__dict__", {})  # comfy.sd.VAE sets them per instance, in __init__
+    setattr(vae, name, reckon)
+    try:
+        yield
+    finally:
+        if own:
+            setattr(vae, name, untiled)
+        else:
+            delattr(vae, name)
+
+
 class ComfyCodec:
     """:class:`~fluxsr_core.interfaces.LatentCodec` over a ComfyUI VAE.
 
@@ -377,7 +414,8 @@ class ComfyCodec:
         if half is None:
             return comfy_tiled()
         encoder, decoder = (half, None) if half_name == "encoder" else (None, half)
-        with vae_tiling.tiled_forwards(encoder, decoder, self.vae_tile, cancel_check=_comfy_interrupt_check()):
+        with vae_tiling.tiled_forwards(encoder, decoder, self.vae_tile, cancel_check=_comfy_interrupt_check()), \
+                _tiled_memory_reckoning(self.vae, half_name, half, self.vae_tile):
             return plain()
 
     def encode(self, image: torch.Tensor) -> torch.Tensor:

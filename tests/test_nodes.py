@@ -802,13 +802,20 @@ class FakeLdmVAE(FakeVAE):
         super().__init__(diffusers_vae)
         self.first_stage_model = torch.nn.Module()
         self.first_stage_model.encoder, self.first_stage_model.decoder = ldm_layout(diffusers_vae)
+        # comfy.sd.VAE's reckoning of an untiled pass (AutoencoderKL's), per instance as there
+        self.memory_used_encode = lambda shape, dtype: 1767 * shape[2] * shape[3] * dtype.itemsize
+        self.memory_used_decode = lambda shape, dtype: 2178 * shape[2] * shape[3] * 64 * dtype.itemsize
+        self.memory_required = []  # what encode/decode would ask load_models_gpu for
 
     def encode(self, pixels):
         self.calls.append(("encode", tuple(pixels.shape)))
-        return self.first_stage_model.encoder(pixels.movedim(-1, 1) * 2 - 1)[:, :16]
+        x = pixels.movedim(-1, 1)
+        self.memory_required.append(self.memory_used_encode(x.shape, torch.bfloat16))
+        return self.first_stage_model.encoder(x * 2 - 1)[:, :16]
 
     def decode(self, raw):
         self.calls.append(("decode", tuple(raw.shape)))
+        self.memory_required.append(self.memory_used_decode(raw.shape, torch.bfloat16))
         return ((self.first_stage_model.decoder(raw) + 1) / 2).clamp(0, 1).movedim(1, -1)
 
 
@@ -835,6 +842,14 @@ def test_comfy_codec_tiles_inside_comfyuis_own_encode_and_decode(pack, tiny, ldm
                                               tile_norm="tile").decode(untiled_z)
         tiny.models.DiffusersCodec(tiny.vae, compute_dtype=torch.float32)  # the shared VAE untiled again
     assert [c[0] for c in vae.calls] == ["encode", "decode"] and runs == ["run_encoder", "run_decoder"]
+    # ComfyUI's memory reckoning of the tiled pass: the held activations and one 192 px tile (the
+    # encoder's 24x24 latent, the decoder's), not the untiled pass; put back afterwards
+    encoder, decoder = vae.first_stage_model.encoder, vae.first_stage_model.decoder
+    bf16 = torch.bfloat16
+    assert vae.memory_required == [vae_tiling.held_bytes(encoder, 320, 256, 1, bf16) + 1767 * 192 * 192 * 2,
+                                   vae_tiling.held_bytes(decoder, 320, 256, 1, bf16) + 2178 * 24 * 24 * 64 * 2]
+    assert vae.memory_required[1] < 2178 * 40 * 32 * 64 * 2  # the untiled reckoning
+    assert vae.memory_used_decode((1, 16, 40, 32), bf16) == 2178 * 40 * 32 * 64 * 2
     assert (z - untiled_z).abs().max() < 1e-3 * untiled_z.abs().mean()
     # the untiled picture up to rounding, where diffusers' per-tile tiling of the same tiles is
     # 12.2 levels of 255 off on average
