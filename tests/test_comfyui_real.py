@@ -335,12 +335,12 @@ def test_upscale_with_comfyuis_fp8_weight_dtype(server, models_dir, input_image,
     assert 0.3 < np.abs(outs["none"] - outs["fp8_storage_all"]).mean()
 
 
-# The test VAE is the FLUX architecture with random weights, whose convolutions reach far past
-# the 16 px halo of 128/32 px tiles, and the random transformer between encode and decode
-# magnifies what differs: measured 7.6 levels of 255 on average (ComfyUI 0.8.0). The VAE alone
-# (encode then decode, 384x512 px, the same tiles) is 1.3 levels off untiled, ComfyUI's own
-# tiled VAE 22.3; at 384/128 px tiles 0.0001 against 8.3.
-VAE_TILED_MAX_MEAN_LEVELS = 12.0
+# The test VAE is the FLUX architecture with random weights, and the random transformer between
+# encode and decode magnifies what differs; the whole-image tiles (vae_tiling) give the untiled
+# picture up to rounding: measured under 0.0005 levels of 255 on average (ComfyUI 0.8.0 and
+# 0.3.64). Per-tile tiling (the pack's 0.7.3 halos) was 7.6 levels off here, ComfyUI's own
+# tiled VAE 22.3 on the VAE alone.
+VAE_TILED_MAX_MEAN_LEVELS = 0.05
 
 
 def test_tiled_workflow_runs(server, input_image):
@@ -361,7 +361,7 @@ def test_tiled_workflow_runs(server, input_image):
     untiled_prompt["7"]["inputs"]["filename_prefix"] = "vae_untiled"
     (untiled_file,) = server.output_files(server.run(untiled_prompt, timeout=900))
     off = np.abs(picture.astype(np.float64) - load_png(untiled_file).astype(np.float64)).mean()
-    print(f"tiled VAE vs untiled: {off:.3f} levels of 255 on average")
+    print(f"tiled VAE vs untiled: {off:.6f} levels of 255 on average")
     assert off < VAE_TILED_MAX_MEAN_LEVELS
     # An overlap of half the tile is refused when queued, before any model loads (ComfyUI would
     # divide by zero there, and above it return NaN, a black picture); so are values out of the
