@@ -20,7 +20,7 @@ from ..fluxsr_core import flow, images, pairs
 from ..fluxsr_core.flow import seeded_noise  # the seed convention shared with fluxsr-train pairs
 from ..fluxsr_core.latents import PIXEL_MULTIPLE, denormalize
 from . import comfy_adapters
-from .common import CATEGORY
+from .common import CATEGORY, range_problem
 
 log = logging.getLogger("fluxsr")
 
@@ -267,8 +267,18 @@ class FluxSRTeacherSampler:
         return dataset_folder_token(dataset_folder)
 
     @classmethod
-    def VALIDATE_INPUTS(cls, dataset_folder=""):
-        # at queue time, not after 28 steps of sampling
+    def VALIDATE_INPUTS(cls, dataset_folder="", width=None, height=None):
+        # at queue time, not after the models load (the size) or 28 steps of sampling (the
+        # folder). The page's widgets step by 16, but a prompt sent to the API need not; ComfyUI
+        # skips its own min/max checks for the inputs named here, so range_problem makes them.
+        problem = range_problem(cls, {"width": width, "height": height})
+        if problem is not None:
+            return problem
+        for name, value in (("width", width), ("height", height)):
+            if isinstance(value, int) and value % PIXEL_MULTIPLE:
+                below = value // PIXEL_MULTIPLE * PIXEL_MULTIPLE
+                return (f"{name} must be a multiple of {PIXEL_MULTIPLE} pixels (FLUX packs 2x2 latent pixels of 8 "
+                        f"px into a token), got {value}: use {below} or {below + PIXEL_MULTIPLE}")
         if dataset_folder and dataset_folder.strip():
             try:
                 resolve_dataset_folder(dataset_folder)

@@ -387,6 +387,12 @@ def test_teacher_workflow_writes_a_pair(server, datasets_root):
     prompt["6"]["inputs"].update(steps=2, width=80, height=64, trajectory_previews=2, seed=5,
                                  dataset_folder=str(folder))
     prompt["7"]["inputs"]["filename_prefix"] = "teacher"
+    # a size the latent cannot take is refused when queued (the page's widgets step by 16; a
+    # prompt sent to the API need not), before the models load
+    odd = copy.deepcopy(prompt)
+    odd["6"]["inputs"]["width"] = 72
+    with pytest.raises(server_mod.ComfyError, match="width must be a multiple of 16 pixels .*got 72: use 64 or 80"):
+        server.queue(odd)
     entry = server.run(prompt, timeout=900)
     saved = server.output_files(entry)
     assert [load_png(p).shape for p in saved if "teacher" in p.name] == [(64, 80, 3)]

@@ -1230,6 +1230,12 @@ def test_teacher_dataset_folder_stays_inside_the_allowed_folders(pack, tmp_path,
     node = pack.NODE_CLASS_MAPPINGS["FluxSRTeacherSampler"]
     assert "FLUXSR_DATASET_ROOTS" in node.VALIDATE_INPUTS(dataset_folder="../escaped")
     assert node.VALIDATE_INPUTS(dataset_folder="fluxsr_pairs") is True and node.VALIDATE_INPUTS() is True
+    # a size the latent cannot take, from a prompt sent to the API (the page steps by 16)
+    assert node.VALIDATE_INPUTS(width=1000, height=1024) == (
+        "width must be a multiple of 16 pixels (FLUX packs 2x2 latent pixels of 8 px into a token), got 1000: "
+        "use 992 or 1008")
+    assert "height must be a multiple of 16" in node.VALIDATE_INPUTS(width=1024, height=520)
+    assert node.VALIDATE_INPUTS(width=1024, height=None) is True  # linked: checked when the node runs
     monkeypatch.setenv(teacher.DATASET_ROOTS_ENV, os.pathsep.join([str(tmp_path / "nowhere"), str(tmp_path)]))
     assert teacher.resolve_dataset_folder(str(tmp_path / "elsewhere")) == os.path.realpath(tmp_path / "elsewhere")
     assert teacher.resolve_dataset_folder("../escaped") == os.path.realpath(tmp_path / "escaped")
