@@ -689,10 +689,12 @@ def store_in_fp8(transformer, compute: torch.dtype, every_linear: bool) -> None:
 GIB = 2 ** 30
 # What ``auto`` leaves free beside the weights for the activations of an upscale with the
 # default 1024 px tiles. Measured (bench/run.py --full-size --activation-peaks, FLUX.1-dev's width,
-# bf16, torch's CPU kernels, 2026-12-01): a whole x4 upscale to 2048 px peaks at 2.45 GiB beyond
-# the weights (VAE decode of one tile 2.38, encode 1.51, transformer 0.45). The other GiB is for
-# what CUDA adds and the CPU cannot show (cuBLAS/cuDNN workspaces, the caching allocator's
-# slack): an allowance until a GPU run measures it.
+# bf16, torch's CPU kernels): the VAE decode of one 1024 px tile peaks at 2.50 GiB beyond the
+# weights (2026-12-03). A whole x4 upscale to 2048 px peaks at 5.41 GiB with the VAE's whole-image
+# activations (4.0 GiB, vae_tiling.held_bytes) on the device; with less than twice those free
+# vae_tiling holds them in CPU memory, so this headroom needs only the tile's work. The other GiB
+# is for what CUDA adds and the CPU cannot show (cuBLAS/cuDNN workspaces, the caching
+# allocator's slack): an allowance until a GPU run measures it.
 AUTO_HEADROOM_BYTES = int(3.5 * GIB)
 # The order auto tries, fastest first; model_offload needs as much room as none, so never wins.
 AUTO_ORDER = ("none", "fp8_storage", "fp8_storage_all", "group_offload")
@@ -948,7 +950,8 @@ def apply_memory_mode(transformer, vae, mode: str, device: Union[str, torch.devi
       ``fp8_e4m3fn`` weight dtype stores FLUX's linears (ComfyUI stores every parameter in fp8;
       here the output projection, the q/k norm scales and unmerged LoRA layers stay in the
       compute dtype). FLUX.1-dev's transformer: 11.1 GiB, the mode meant for 16 GB
-      cards (a whole 2048 px upscale needs 2.45 GiB more, measured with torch's CPU kernels).
+      cards (a 2048 px upscale needs about 2.5 GiB more with the VAE's whole-image activations in
+      CPU memory, 5.4 GiB with them on the device; measured with torch's CPU kernels).
 
     The compute dtype is the one the models were loaded in. Records the execution device on
     both models so :class:`DiffusersVelocity`/:class:`DiffusersCodec` send inputs there.
