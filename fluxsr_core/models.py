@@ -659,8 +659,9 @@ def store_in_fp8(transformer, compute: torch.dtype, every_linear: bool) -> None:
     meta included; a second call for the same mode does nothing).
 
     The layers are diffusers' layerwise casting's, but only their weights are rounded to fp8
-    (the biases stay: about 4 MB for FLUX.1-dev; with biases ten times the tiny test model's
-    initial ones, the velocity's relative error from fp32 halved, 0.031 to 0.015), and not
+    (the biases stay: 4 MB in bf16 for FLUX.1-dev, 6 MB under fp8_storage_all; with biases
+    ten times the tiny test model's initial ones, the velocity's relative error from fp32
+    halved, 0.031 to 0.015), and not
     through its hooks, which re-create the layer's parameters in the compute dtype before each
     call and cast them back to fp8 after it. Here each call casts once, for the call only, and
     the forward stays traceable, so ``compile`` takes whole blocks. Measured with
@@ -677,7 +678,7 @@ def store_in_fp8(transformer, compute: torch.dtype, every_linear: bool) -> None:
     import types
 
     for _, layer in fp8_layers(transformer, every_linear):
-        # the weight only: a bias is one number per output (FLUX.1-dev's take 4 MB in bf16)
+        # the weight only: a bias is one number per output (FLUX.1-dev's: 4 to 6 MB in bf16)
         # and is added after the product, where e4m3fn's 3 mantissa bits would be its error
         # alone; diffusers' layerwise casting rounds the biases too
         layer.weight = torch.nn.Parameter(layer.weight.detach().to(torch.float8_e4m3fn),
