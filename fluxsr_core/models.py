@@ -1339,7 +1339,9 @@ class DiffusersCodec:
         512 px photo differ from the untiled decode by 0.00001 levels (of 255) on average;
         diffusers' tiling by 7.2 (tests/test_vae_tiling.py). Memory: about three whole-image
         activations, not one tile's; ``stash_device`` ``"auto"`` keeps them in CPU memory
-        between GroupNorms when the GPU lacks room (``"cpu"``: always; None: never).
+        between GroupNorms when the GPU lacks room (``"cpu"``: always; None: never), and in CPU
+        memory they take no more than is available there: past it, parts of the VAE are
+        recomputed for each GroupNorm instead (the same result, more work).
       * ``"tile"``: diffusers' own tiling, neighbours sharing ``tile_overlap`` pixels, each tile
         normalised alone (colour and contrast shift from tile to tile; the blend hides only the
         seam), for the least device memory.

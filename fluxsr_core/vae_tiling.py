@@ -28,6 +28,16 @@ about three whole-image activations, not one tile's: for the FLUX decoder at 204
 temporaries at full size). ``stash_device="cpu"`` keeps them in CPU memory (each tile moves to
 the device and back once per GroupNorm); ``"auto"`` does so when the device lacks room.
 
+Held in CPU memory, they must also fit there: past what is available the system kills the
+process, with no error to catch (the FLUX decoder at 8192x8192 would hold 64 GiB in bf16). Within
+a memory limit (what is available, or ``memory_limit``) the segments whose whole activations do
+not fit are *recomputed* instead: from the last activation held, one pass over the tiles for
+each GroupNorm on the way runs them up to it, with the halo of all their reach, for its
+statistics, and only the last pass keeps its output. The result is the same; the work grows
+with the number of GroupNorms recomputed (:func:`_schedule` picks the runs with the least work
+that fit: for the FLUX decoder at 4096 px, 16 GiB held whole, about 1.6x the decoder's work
+in 8 GiB and 4x in 4 GiB; the encoder 1.15x and 1.6x).
+
 Supported layouts: diffusers' ``AutoencoderKL`` (``Encoder``/``Decoder`` with GroupNorm
 ``ResnetBlock2D``; the FLUX and SD VAEs) and the original latent-diffusion one that BFL's
 ``ae.safetensors`` and ComfyUI build (``down[i].block[j]``, ``mid.block_1`` ...).
@@ -38,6 +48,7 @@ then keep their library's own tiling.
 from __future__ import annotations
 
 import contextlib
+import functools
 import gc
 import logging
 from dataclasses import dataclass
@@ -334,6 +345,20 @@ def _reach(module, level: int, rescale: float) -> float:
     return reach
 
 
+def _work(module, level: int, rescale: float) -> float:
+    """Multiply-adds per image pixel of ``module``'s convolutions (it runs at ``level`` image
+    pixels per pixel; ``rescale`` as :func:`_reach`): each at the level of its output."""
+    if not isinstance(module, torch.nn.Module):
+        return 0.0
+    out_level = level / rescale
+    work = 0.0
+    for m in module.modules():
+        if isinstance(m, (torch.nn.Conv2d, torch.nn.ConvTranspose2d)):
+            kernel = m.kernel_size if isinstance(m.kernel_size, tuple) else (m.kernel_size, m.kernel_size)
+            work += m.in_channels * m.out_channels / m.groups * kernel[0] * kernel[1] / out_level ** 2
+    return work
+
+
 def _last_out_channels(steps: list[_Step]) -> Optional[int]:
     """The channels the last convolution among ``steps`` gives (None when none has one)."""
     out = None
@@ -363,6 +388,13 @@ class _Segment:
     residual: bool
     in_channels: Optional[int]  # None: the plan's input
     out_channels: Optional[int]  # None: unknown (the input's)
+    reach: float = 0.0  # the halo before rounding up to the grid (chains add them up)
+    work: float = 0.0  # multiply-adds per image pixel, its convolutions' (what a recomputation costs)
+
+
+def _on_grid(reach: float) -> int:
+    """A halo of ``reach`` image pixels, up to the :data:`ALIGN` grid."""
+    return int(-(-reach // ALIGN)) * ALIGN
 
 
 def _segments(steps: list[_Step], level: int) -> list[_Segment]:
@@ -383,34 +415,199 @@ def _segments(steps: list[_Step], level: int) -> list[_Segment]:
             # GroupNorm and its sum before any resampling, as in both layouts this module knows
             raise NotImplementedError("whole-image GroupNorm tiling cannot run this VAE: its residuals are "
                                       "laid out otherwise than a resnet's")
-        reach = sum(_reach(s.module, lv, s.rescale) for s, lv in zip(seg, at) if s.kind in ("call", "residual"))
-        halo = int(-(-reach // ALIGN)) * ALIGN
+        computing = [(s, lv) for s, lv in zip(seg, at) if s.kind in ("call", "residual")]
+        reach = sum(_reach(s.module, lv, s.rescale) for s, lv in computing)
         out_channels = int(next_norm.num_channels) if next_norm is not None else _last_out_channels(seg)
-        segments.append(_Segment(norm, seg, level, end_level, halo, next_norm, bool(seg) and seg[-1].kind == "save",
-                                 any(s.kind == "residual" for s in seg),
-                                 int(norm.num_channels) if norm is not None else None, out_channels))
+        segments.append(_Segment(norm, seg, level, end_level, _on_grid(reach), next_norm,
+                                 bool(seg) and seg[-1].kind == "save", any(s.kind == "residual" for s in seg),
+                                 int(norm.num_channels) if norm is not None else None, out_channels,
+                                 reach, sum(_work(s.module, lv, s.rescale) for s, lv in computing)))
         level = end_level
     return segments
 
 
-def _held_bytes(segments: list[_Segment], in_channels: int, height: int, width: int, batch: int,
-                element_size: int) -> int:
-    """The most bytes the whole-image activations take at once: a segment's input, its output
-    and the residual held beside them (when it is not the input itself)."""
-    most, residual, channels = 0, None, in_channels  # residual: (bytes, the index of the segment that gave it)
-    for index, seg in enumerate(segments):
-        size_in = batch * channels * (height // seg.level) * (width // seg.level) * element_size
-        out_channels = seg.out_channels or channels
-        size_out = batch * out_channels * (height // seg.end_level) * (width // seg.end_level) * element_size
-        held = residual[0] if residual is not None and residual[1] != index - 1 else 0
-        passthrough = seg.norm is None and all(s.kind == "save" for s in seg.steps)
-        most = max(most, size_in + (0 if passthrough else size_out) + held)
+def _passthrough(seg: _Segment) -> bool:
+    """A segment that computes nothing (the decoder's first: the first resnet's input saved)."""
+    return seg.norm is None and all(s.kind == "save" for s in seg.steps)
+
+
+def _boundary_bytes(segments: list[_Segment], in_channels: int, height: int, width: int, batch: int,
+                    element_size: int) -> list[int]:
+    """Bytes of the whole-image activation at each boundary: ``[0]`` the plan's input, ``[i]``
+    segment ``i - 1``'s output."""
+    sizes, channels = [batch * in_channels * (height // segments[0].level) * (width // segments[0].level)
+                       * element_size], in_channels
+    for seg in segments:
+        channels = seg.out_channels or channels
+        sizes.append(batch * channels * (height // seg.end_level) * (width // seg.end_level) * element_size)
+    return sizes
+
+
+def _held_peak(segments: list[_Segment], sizes: list[int], start: int, end: int) -> int:
+    """The most bytes of whole-image activations at once while segments ``start:end`` run one
+    after the other, each over all tiles (``start`` a :func:`_clean_boundaries` one): a segment's
+    input, its output and the residual held beside them (when it is not the input itself)."""
+    most = 0
+    residual = start if start > 0 and segments[start - 1].saves else None  # the boundary it is at
+    for index in range(start, end):
+        seg = segments[index]
+        held = sizes[residual] if residual is not None and residual != index else 0
+        most = max(most, sizes[index] + (0 if _passthrough(seg) else sizes[index + 1]) + held)
         if seg.residual:
             residual = None
         if seg.saves:
-            residual = (size_out, index)
-        channels = out_channels
+            residual = index + 1
     return most
+
+
+def _held_bytes(segments: list[_Segment], in_channels: int, height: int, width: int, batch: int,
+                element_size: int) -> int:
+    """The most bytes the whole-image activations take at once when every segment's are held."""
+    sizes = _boundary_bytes(segments, in_channels, height, width, batch, element_size)
+    return _held_peak(segments, sizes, 0, len(segments))
+
+
+def _clean_boundaries(segments: list[_Segment]) -> list[int]:
+    """The boundaries where no residual waits but the activation there itself (not halfway
+    through a resnet): where a recomputed run may start and end."""
+    clean, pending = [0], None
+    for index, seg in enumerate(segments):
+        if seg.residual:
+            pending = None
+        if seg.saves:
+            pending = index + 1
+        if pending is None or pending == index + 1:
+            clean.append(index + 1)
+    return clean
+
+
+@dataclass(frozen=True)
+class _Run:
+    """Segments ``start:end``, each over all tiles with its whole activation held
+    (``recomputed`` False), or recomputed: for each GroupNorm on the way one pass over the tiles
+    runs them from the held input up to it, for its statistics; only the input and the output
+    are held whole (:func:`_run_recomputed`)."""
+
+    start: int
+    end: int
+    recomputed: bool
+
+
+@functools.lru_cache(maxsize=4096)
+def _halo_factor(height: int, width: int, tile: int, halo: int, chain_halo: int) -> float:
+    """The pixels computed over the image's, for pieces cut with ``halo`` around the cores
+    :func:`_cores` lays out for ``chain_halo``: the work the halos add."""
+    computed = sum((b.y1 - b.y0) * (b.x1 - b.x0) for b in (
+        _grown(core, halo, height, width) for core in _cores(height, width, tile, chain_halo)))
+    return computed / (height * width)
+
+
+def _held_work(segments: list[_Segment], start: int, end: int, shape: tuple[int, int, int]) -> float:
+    """The work of segments ``start:end`` run held, each over the tiles :func:`_run_segments`
+    lays out for all segments' halos (in units of :attr:`_Segment.work`; ``shape``: the image's
+    height and width and the tile)."""
+    widest = max(seg.halo for seg in segments)
+    return sum(seg.work * _halo_factor(*shape, seg.halo, widest) for seg in segments[start:end])
+
+
+def _recomputed_work(segments: list[_Segment], start: int, end: int, shape: tuple[int, int, int]) -> float:
+    """The work of segments ``start:end`` recomputed (:func:`_run_recomputed`): pass ``k`` runs
+    ``start..k`` again, in pieces with the halo of their reach around cores laid out for the
+    whole run's."""
+    halos = [_on_grid(sum(s.reach for s in segments[start:k + 1])) for k in range(start, end)]
+    return sum(_halo_factor(*shape, halos[k - start], halos[-1]) * sum(s.work for s in segments[start:k + 1])
+               for k in range(start, end))
+
+
+def _schedule(segments: list[_Segment], sizes: list[int], limit: Optional[int], shape: tuple[int, int, int]
+              ) -> tuple[list[_Run], float]:
+    """The runs with the least work whose whole-image activations never take more than ``limit``
+    bytes at once (None: no limit), and their work over all segments' held (``shape``: the
+    image's height and width and the tile). Where no runs keep within ``limit``, the cheapest
+    that keep within the plan's input and output."""
+    n = len(segments)
+    if limit is None or _held_peak(segments, sizes, 0, n) <= limit:
+        return [_Run(0, n, False)], 1.0
+    clean = _clean_boundaries(segments)
+
+    def cheapest(limit: int) -> Optional[tuple[float, list[_Run]]]:
+        best: dict[int, tuple[float, list[_Run]]] = {0: (0.0, [])}
+        for q in clean[1:]:
+            options = []
+            for p in (p for p in clean if p < q and p in best):
+                work, runs = best[p]
+                if _held_peak(segments, sizes, p, q) <= limit:
+                    options.append((work + _held_work(segments, p, q, shape), runs + [_Run(p, q, False)]))
+                if sizes[p] + sizes[q] <= limit:
+                    options.append((work + _recomputed_work(segments, p, q, shape), runs + [_Run(p, q, True)]))
+            if options:
+                best[q] = min(options, key=lambda option: option[0])
+        return best.get(n)
+
+    work, runs = cheapest(limit) or cheapest(sizes[0] + sizes[n])
+    merged: list[_Run] = []
+    for run in runs:  # held runs side by side are one
+        if merged and not run.recomputed and not merged[-1].recomputed:
+            run = _Run(merged.pop().start, run.end, False)
+        merged.append(run)
+    return merged, work / max(_held_work(segments, 0, n, shape), 1e-30)
+
+
+_MEMINFO, _CGROUP = "/proc/meminfo", "/sys/fs/cgroup"  # Linux's; tests point them elsewhere
+
+
+def _available_cpu_bytes() -> Optional[int]:
+    """CPU memory this process can still take: the system's available memory, and within a
+    cgroup v2 memory limit (a container's) what is left under it; None where neither is known."""
+    found = []
+    try:
+        import psutil  # ComfyUI's own requirement; the CLI does without it on Linux
+
+        found.append(int(psutil.virtual_memory().available))
+    except Exception:  # noqa: BLE001 - not installed, or no reading on this system
+        try:
+            with open(_MEMINFO) as meminfo:
+                for line in meminfo:
+                    if line.startswith("MemAvailable:"):
+                        found.append(int(line.split()[1]) * 1024)
+        except (OSError, ValueError, IndexError):
+            pass
+    try:
+        with open(f"{_CGROUP}/memory.max") as f:
+            cap = f.read().strip()
+        if cap != "max":
+            with open(f"{_CGROUP}/memory.current") as f:
+                found.append(int(cap) - int(f.read().strip()))
+    except (OSError, ValueError):
+        pass
+    return min(found) if found else None
+
+
+# Of the CPU memory available, what the held activations may take: the rest stays for the
+# process's other growth (the decoded image, its conversion, a tile's work moving through).
+CPU_HOLD_FRACTION = 0.8
+# A tile's own work beside the held activations, as a multiple of its held bytes at its size
+# (FLUX decoder, 1024 px tile, bf16, torch's CPU kernels: 2561 MiB measured, 1024 MiB reckoned).
+TILE_WORK_FACTOR = 3
+
+
+def _auto_limit(segments: list[_Segment], in_channels: int, batch: int, element_size: int, tile: int,
+                hold: torch.device, device: torch.device) -> Optional[int]:
+    """The bytes the whole-image activations may take when they are held in CPU memory (``hold``
+    the CPU): :data:`CPU_HOLD_FRACTION` of what is available, less a tile's work where the CPU
+    also computes; None (no limit) on a GPU, whose out-of-memory error is caught and retried,
+    or where the available memory is unknown. Over what is available, the process would be
+    killed by the system, not given an error."""
+    if hold.type != "cpu":
+        return None
+    available = _available_cpu_bytes()
+    if available is None:
+        return None
+    tile_work = 0
+    if device.type == "cpu":
+        side = max(int(tile) // ALIGN * ALIGN, ALIGN)
+        tile_work = TILE_WORK_FACTOR * _held_bytes(segments, in_channels, side, side, batch, element_size)
+    return max(0, int(available * CPU_HOLD_FRACTION) - tile_work)
 
 
 def held_bytes(half, height: int, width: int, batch: int = 1, dtype: torch.dtype = torch.bfloat16) -> int:
@@ -483,50 +680,125 @@ def _core_slices(box: TileBox, level: int) -> tuple:
     return (..., slice(box.cy0 // level, box.cy1 // level), slice(box.cx0 // level, box.cx1 // level))
 
 
-def _run_segments(segments: list[_Segment], source: torch.Tensor, cores: list[TileBox], height: int, width: int,
-                  device: torch.device, stash: Optional[torch.device],
-                  cancel_check: Optional[Callable[[], None]]) -> torch.Tensor:
-    """Run ``segments`` over the whole-image ``source`` tile by tile: each tile cut from the
-    whole activation with its segment's halo, its core put back into the next one (held on
-    ``stash``, or on ``device`` when None), its core's statistics kept for the GroupNorm ahead."""
-    x_full, residual_full, stats = source, None, []
-    for seg in segments:
-        combined = _combine(stats) if seg.norm is not None else None
-        passthrough = seg.norm is None and all(s.kind == "save" for s in seg.steps)
-        out_full, stats = (x_full if passthrough else None), []
+def _cores(height: int, width: int, tile: int, halo: int) -> list[TileBox]:
+    # a piece holds its halos and a core worth the per-tile work: a few pixels more than asked
+    # for rather than an error (the whole activations are held anyway, so this costs no memory)
+    return tile_boxes(height, width, max(int(tile), 2 * halo + MIN_CORE), halo)
+
+
+def _apply(seg: _Segment, x: torch.Tensor, residual: Optional[torch.Tensor], statistics
+           ) -> tuple[torch.Tensor, Optional[torch.Tensor]]:
+    """``seg`` on one tile ``x``: its GroupNorm with the whole image's ``statistics``, then its
+    steps, ``residual`` the tile's resnet input where one is added. Returns the output and the
+    residual after it (the output, where the segment saves one)."""
+    if seg.norm is not None:
+        x = _normalize(x, seg.norm, *statistics)
+    for step in seg.steps:
+        if step.kind == "call":
+            x = step.module(x)
+        elif step.kind == "residual":
+            shortcut = step.module(residual) if step.module is not None else residual
+            x = shortcut + x if step.scale == 1.0 else (shortcut + x) / step.scale
+            residual = None
+        elif step.kind == "save":
+            residual = x
+    return x, residual
+
+
+def _put(out_full: Optional[torch.Tensor], y: torch.Tensor, core: TileBox, level: int, height: int, width: int,
+         where: torch.device) -> torch.Tensor:
+    """``y``, a tile's core at ``level``, written into the whole activation (made on ``where``
+    at the first tile)."""
+    if out_full is None:
+        out_full = torch.empty(*y.shape[:2], height // level, width // level, dtype=y.dtype, device=where)
+    out_full[_core_slices(core, level)] = y
+    return out_full
+
+
+def _run_held(seg: _Segment, x_full: torch.Tensor, residual_full: Optional[torch.Tensor], stats: list,
+              cores: list[TileBox], height: int, width: int, device: torch.device, stash: Optional[torch.device],
+              cancel_check: Optional[Callable[[], None]]) -> tuple[torch.Tensor, list]:
+    """One segment over all tiles: each cut from the whole activation ``x_full`` with the
+    segment's halo, normalised with the statistics of ``stats`` (the tiles' cores'), its core
+    put into the whole output (held on ``stash``, or on ``device`` when None). Returns the
+    output and its cores' statistics for the GroupNorm ahead."""
+    combined = _combine(stats) if seg.norm is not None else None
+    passthrough = _passthrough(seg)
+    out_full, next_stats = (x_full if passthrough else None), []
+    for core in cores:
+        if cancel_check is not None:
+            cancel_check()
+        if passthrough:  # nothing to compute: its statistics only
+            y = x_full[_core_slices(core, seg.level)].to(device)
+        else:
+            box = _grown(core, seg.halo, height, width)
+            x = _cut(x_full, box, seg.level).to(device)
+            residual = _cut(residual_full, box, seg.level).to(device) if seg.residual else None
+            x, _ = _apply(seg, x, residual, combined)
+            y = _core(box, x, seg.end_level)
+            out_full = _put(out_full, y, core, seg.end_level, height, width, stash or device)
+            del x, residual
+        if seg.next_norm is not None:
+            next_stats.append(_core_stats(y, seg.next_norm.num_groups))
+        del y
+    return out_full, next_stats
+
+
+def _run_recomputed(chain: list[_Segment], x_full: torch.Tensor, residual_is_input: bool, stats: list, tile: int,
+                    height: int, width: int, device: torch.device, stash: Optional[torch.device],
+                    cancel_check: Optional[Callable[[], None]]) -> tuple[torch.Tensor, list]:
+    """The segments ``chain`` from the whole activation ``x_full`` with only their output held
+    whole: pass ``k`` runs each tile through ``chain[:k + 1]`` (cut with the halo of all their
+    reach, every GroupNorm with the statistics the passes before found) for the statistics of
+    its output's core; the last pass writes the output. The untiled result still, for about
+    ``len(chain)`` times the work (:func:`_recomputed_work`). ``residual_is_input``: the first
+    resnet's residual is ``x_full`` itself."""
+    halos = [_on_grid(sum(s.reach for s in chain[:k + 1])) for k in range(len(chain))]
+    cores = _cores(height, width, tile, halos[-1])
+    combined = [_combine(stats) if chain[0].norm is not None else None]
+    out_full, next_stats = None, []
+    for k in range(len(chain)):
+        last, next_stats = k == len(chain) - 1, []
         for core in cores:
             if cancel_check is not None:
                 cancel_check()
-            if passthrough:  # nothing to compute (the decoder's first resnet input): its statistics only
-                y = x_full[_core_slices(core, seg.level)].to(device)
-                x = residual = None
-            else:
-                box = _grown(core, seg.halo, height, width)
-                x = _cut(x_full, box, seg.level).to(device)
-                residual = _cut(residual_full, box, seg.level).to(device) if seg.residual else None
-                if seg.norm is not None:
-                    x = _normalize(x, seg.norm, *combined)
-                for step in seg.steps:
-                    if step.kind == "call":
-                        x = step.module(x)
-                    elif step.kind == "residual":
-                        shortcut = step.module(residual) if step.module is not None else residual
-                        x = shortcut + x if step.scale == 1.0 else (shortcut + x) / step.scale
-                        residual = None
-                    # "save": this segment's whole output becomes the residual, below
-                y = _core(box, x, seg.end_level)
-                if out_full is None:
-                    out_full = torch.empty(*y.shape[:2], height // seg.end_level, width // seg.end_level,
-                                           dtype=y.dtype, device=stash or device)
-                out_full[_core_slices(core, seg.end_level)] = y
-            if seg.next_norm is not None:
-                stats.append(_core_stats(y, seg.next_norm.num_groups))
-            del x, residual, y
-        if seg.residual:
-            residual_full = None
-        if seg.saves:
-            residual_full = out_full
-        x_full = out_full
+            box = _grown(core, halos[k], height, width)
+            x = _cut(x_full, box, chain[0].level).to(device)
+            residual = x if residual_is_input else None
+            for seg, statistics in zip(chain[:k + 1], combined):
+                x, residual = _apply(seg, x, residual, statistics)
+            y = _core(box, x, chain[k].end_level)
+            del x, residual
+            if chain[k].next_norm is not None:
+                next_stats.append(_core_stats(y, chain[k].next_norm.num_groups))
+            if last:
+                out_full = _put(out_full, y, core, chain[k].end_level, height, width, stash or device)
+            del y
+        if not last:
+            combined.append(_combine(next_stats))
+    return out_full, next_stats
+
+
+def _run_segments(segments: list[_Segment], runs: list[_Run], source: torch.Tensor, tile: int, height: int,
+                  width: int, device: torch.device, stash: Optional[torch.device],
+                  cancel_check: Optional[Callable[[], None]]) -> torch.Tensor:
+    """Run ``segments`` over the whole-image ``source`` as ``runs`` (:func:`_schedule`) say."""
+    held_cores = _cores(height, width, tile, max(seg.halo for seg in segments))
+    x_full, residual_full, stats = source, None, []
+    for run in runs:
+        if run.recomputed:
+            residual_is_input = run.start > 0 and segments[run.start - 1].saves
+            x_full, stats = _run_recomputed(segments[run.start:run.end], x_full, residual_is_input, stats, tile,
+                                            height, width, device, stash, cancel_check)
+            residual_full = x_full if segments[run.end - 1].saves else None
+            continue
+        for seg in segments[run.start:run.end]:
+            x_full, stats = _run_held(seg, x_full, residual_full, stats, held_cores, height, width, device, stash,
+                                      cancel_check)
+            if seg.residual:
+                residual_full = None
+            if seg.saves:
+                residual_full = x_full
     return x_full
 
 
@@ -552,20 +824,32 @@ def _fallback_stash(device: torch.device) -> Optional[torch.device]:
     return None if device.type == "cpu" else torch.device("cpu")
 
 
-def _run_plan(plan: _Plan, x: torch.Tensor, tile: int, stash_device, cancel_check) -> torch.Tensor:
+def _size(n: int) -> str:
+    return f"{n / 2 ** 30:.1f} GiB" if n >= 2 ** 30 else f"{n / 2 ** 20:.0f} MiB"
+
+
+def _run_plan(plan: _Plan, x: torch.Tensor, tile: int, stash_device, cancel_check,
+              memory_limit: Optional[int] = None, part: str = "VAE") -> torch.Tensor:
     source = plan.head(x)  # kept for a retry: the latent-size part (decoder) or the image (encoder)
     height, width = source.shape[-2] * plan.level, source.shape[-1] * plan.level
     segments = _segments(plan.steps, plan.level)
-    halo = max(seg.halo for seg in segments)
-    # a piece holds its halos and a core worth the per-tile work: a few pixels more than asked
-    # for rather than an error (the whole activations are held anyway, so this costs no memory)
-    cores = tile_boxes(height, width, max(int(tile), 2 * halo + MIN_CORE), halo)
-    device = source.device
-    need = _held_bytes(segments, source.shape[1], height, width, source.shape[0], source.element_size())
+    device, batch, element_size = source.device, source.shape[0], source.element_size()
+    sizes = _boundary_bytes(segments, source.shape[1], height, width, batch, element_size)
+    need = _held_peak(segments, sizes, 0, len(segments))
     stash = _stash_device(stash_device, device, need)
     while True:
+        limit = memory_limit if memory_limit is not None else _auto_limit(
+            segments, source.shape[1], batch, element_size, tile, stash or device, device)
+        runs, work = _schedule(segments, sizes, limit, (height, width, int(tile)))
+        if len(runs) > 1 or runs[0].recomputed:
+            recomputed = sum(run.end - run.start for run in runs if run.recomputed)
+            log.warning("VAE tiling: the %s's whole-image activations would take %s at once, more than the %s %s; "
+                        "%d of its %d segments between GroupNorms are recomputed for each GroupNorm's statistics "
+                        "instead (the same result, about %.1fx its work)", part, _size(need), _size(limit or 0),
+                        "given" if memory_limit is not None else "of CPU memory they may take", recomputed,
+                        len(segments), work)
         try:
-            out = _run_segments(segments, source, cores, height, width, device, stash, cancel_check)
+            out = _run_segments(segments, runs, source, tile, height, width, device, stash, cancel_check)
             break
         except torch.OutOfMemoryError as exc:
             fallback = _fallback_stash(device)
@@ -584,37 +868,43 @@ def _run_plan(plan: _Plan, x: torch.Tensor, tile: int, stash_device, cancel_chec
     del source
     return plan.tail(out.to(device))
 
+
 def run_decoder(decoder, z: torch.Tensor, tile: int, stash_device: Union[str, torch.device, None] = None,
-                cancel_check: Optional[Callable[[], None]] = None) -> torch.Tensor:
+                cancel_check: Optional[Callable[[], None]] = None, memory_limit: Optional[int] = None
+                ) -> torch.Tensor:
     """What ``decoder(z)`` returns (an image ``[B, 3, 8h, 8w]`` in about [-1, 1] from the raw
     latent), computed in pieces of at most ``tile`` image pixels (see the module's text).
     ``decoder``: diffusers' or the latent-diffusion layout (:func:`decoder_problem`);
     ``stash_device``: where the whole-image activations wait, None (the device), ``"cpu"`` or
-    ``"auto"``; ``cancel_check``: called before each tile, raises to stop."""
-    return _run_plan(_plan(decoder, True), z, tile, stash_device, cancel_check)
+    ``"auto"``; ``cancel_check``: called before each tile, raises to stop; ``memory_limit``: the
+    bytes those activations may take at once (None: in CPU memory, what is available there; on a
+    GPU, no limit), kept to by recomputing parts of the decoder (the same result, more work)."""
+    return _run_plan(_plan(decoder, True), z, tile, stash_device, cancel_check, memory_limit, "decoder")
 
 
 def run_encoder(encoder, image: torch.Tensor, tile: int, stash_device: Union[str, torch.device, None] = None,
-                cancel_check: Optional[Callable[[], None]] = None) -> torch.Tensor:
+                cancel_check: Optional[Callable[[], None]] = None, memory_limit: Optional[int] = None
+                ) -> torch.Tensor:
     """What ``encoder(image)`` returns (the posterior's moments ``[B, 2C, H/8, W/8]`` of an
     image in [-1, 1], H and W multiples of 8), in pieces as :func:`run_decoder`."""
-    return _run_plan(_plan(encoder, False), image, tile, stash_device, cancel_check)
+    return _run_plan(_plan(encoder, False), image, tile, stash_device, cancel_check, memory_limit, "encoder")
 
 
 def decode(vae, z: torch.Tensor, tile: int, stash_device: Union[str, torch.device, None] = None,
-           cancel_check: Optional[Callable[[], None]] = None) -> torch.Tensor:
+           cancel_check: Optional[Callable[[], None]] = None, memory_limit: Optional[int] = None) -> torch.Tensor:
     """A diffusers ``AutoencoderKL``'s decode of a raw latent (``post_quant_conv`` if it has one,
     then :func:`run_decoder`)."""
     if getattr(vae, "post_quant_conv", None) is not None:
         z = vae.post_quant_conv(z)
-    return run_decoder(vae.decoder, z, tile, stash_device, cancel_check)
+    return run_decoder(vae.decoder, z, tile, stash_device, cancel_check, memory_limit)
 
 
 def encode_moments(vae, image: torch.Tensor, tile: int, stash_device: Union[str, torch.device, None] = None,
-                   cancel_check: Optional[Callable[[], None]] = None) -> torch.Tensor:
+                   cancel_check: Optional[Callable[[], None]] = None, memory_limit: Optional[int] = None
+                   ) -> torch.Tensor:
     """A diffusers ``AutoencoderKL``'s ``_encode``: :func:`run_encoder`, then ``quant_conv`` if it
     has one; the posterior's moments."""
-    x = run_encoder(vae.encoder, image, tile, stash_device, cancel_check)
+    x = run_encoder(vae.encoder, image, tile, stash_device, cancel_check, memory_limit)
     if getattr(vae, "quant_conv", None) is not None:
         x = vae.quant_conv(x)
     return x

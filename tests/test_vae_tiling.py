@@ -297,12 +297,12 @@ def test_out_of_memory_with_tiles_on_the_device_retries_with_them_in_cpu_memory(
     real_run_segments = vae_tiling._run_segments
     stashes = []
 
-    def run_segments(segments, source, cores, height, width, device, stash, cancel_check):
+    def run_segments(segments, runs, source, tile, height, width, device, stash, cancel_check):
         stashes.append(stash)
         if stash is None:
             raise torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 2.00 GiB")
         # the CPU is the device here
-        return real_run_segments(segments, source, cores, height, width, device, None, cancel_check)
+        return real_run_segments(segments, runs, source, tile, height, width, device, None, cancel_check)
 
     monkeypatch.setattr(vae_tiling, "_run_segments", run_segments)
     monkeypatch.setattr(vae_tiling, "_fallback_stash", lambda device: torch.device("cpu"))
@@ -315,3 +315,125 @@ def test_out_of_memory_with_tiles_on_the_device_retries_with_them_in_cpu_memory(
     monkeypatch.setattr(vae_tiling, "_fallback_stash", lambda device: None)
     with pytest.raises(torch.OutOfMemoryError):
         vae_tiling.decode(demo_vae, z, 128, stash_device="auto")
+
+
+def _narrow_flux_vae():
+    from diffusers import AutoencoderKL
+
+    torch.manual_seed(0)
+    return AutoencoderKL(**_flux_vae_config(block_out_channels=[32, 32, 64, 64], norm_num_groups=8)).eval()
+
+
+def _runs_peak(segments, sizes, runs):
+    """The most bytes of whole-image activations the runs hold at once."""
+    return max(sizes[r.start] + sizes[r.end] if r.recomputed else vae_tiling._held_peak(segments, sizes, r.start, r.end)
+               for r in runs)
+
+
+def test_a_memory_limit_is_kept_by_recomputing_and_the_result_stays_untiled():
+    """Over a memory limit the segments whose whole activations do not fit are recomputed from
+    the last one held, one pass per GroupNorm for its statistics: the held activations stay
+    within the limit and the result is still the untiled VAE's (FLUX layout, random weights)."""
+    vae = _narrow_flux_vae()
+    z = torch.randn(1, 16, 32, 40, generator=torch.Generator().manual_seed(1))
+    x = torch.rand(1, 3, 256, 320, generator=torch.Generator().manual_seed(2)) * 2 - 1
+    with torch.no_grad():
+        untiled, moments = vae.decoder(z), vae.encoder(x)
+        for half, run, source, reference in ((vae.decoder, vae_tiling.run_decoder, z, untiled),
+                                             (vae.encoder, vae_tiling.run_encoder, x, moments)):
+            decoder = half is vae.decoder
+            plan = vae_tiling._plan(half, decoder)
+            segments = vae_tiling._segments(plan.steps, plan.level)
+            sizes = vae_tiling._boundary_bytes(segments, 64 if decoder else 3, 256, 320, 1, 4)
+            need = vae_tiling.held_bytes(half, 256, 320, dtype=torch.float32)
+            assert need == vae_tiling._held_peak(segments, sizes, 0, len(segments))
+            works = []
+            for fraction in (0.5, 0.25, 0.0):
+                runs, work = vae_tiling._schedule(segments, sizes, int(fraction * need), (256, 320, 96))
+                clean = vae_tiling._clean_boundaries(segments)
+                assert any(r.recomputed for r in runs) and runs[0].start == 0 and runs[-1].end == len(segments)
+                assert all(r.start in clean and r.end in clean and a.end == b.start for r, a, b in
+                           zip(runs[1:], runs, runs[1:]))
+                # within the limit; at no room at all, within the input and output themselves
+                assert _runs_peak(segments, sizes, runs) <= max(int(fraction * need), sizes[0] + sizes[-1])
+                works.append(work)
+                out = run(half, source, 96, memory_limit=int(fraction * need))
+                error = ((out - reference).abs().mean() / reference.abs().mean()).item()
+                assert error < 1e-5, (half.__class__.__name__, fraction, error)
+            assert 1 < works[0] <= works[1] <= works[2]  # less memory, more work
+            assert vae_tiling._schedule(segments, sizes, need, (256, 320, 96)) == ([vae_tiling._Run(0, len(segments), False)], 1.0)
+            assert vae_tiling._schedule(segments, sizes, None, (256, 320, 96))[1] == 1.0
+
+
+def test_memory_limit_bounds_the_measured_peak(caplog):
+    """The peak of torch's CPU allocations during a decode follows the limit (measured: 101 MiB
+    untiled-held, 50 MiB at a 48 MiB limit, 28 MiB at 24), and the run says what it does."""
+    import importlib.util
+    from pathlib import Path
+
+    spec = importlib.util.spec_from_file_location("fluxsr_bench_for_vae_tiling",
+                                                  Path(__file__).resolve().parents[1] / "bench" / "run.py")
+    bench = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(bench)
+    vae = _narrow_flux_vae()
+    z = torch.randn(1, 16, 64, 64, generator=torch.Generator().manual_seed(3))
+    need = vae_tiling.held_bytes(vae.decoder, 512, 512, dtype=torch.float32)
+    peaks = {}
+    with torch.no_grad():
+        for limit in (None, need // 2, need // 4):
+            with bench.PeakMemory(torch.device("cpu")) as pm, \
+                    caplog.at_level(logging.WARNING, logger="fluxsr_core.vae_tiling"):
+                vae_tiling.decode(vae, z, 128, memory_limit=limit)
+            peaks[limit] = pm.peak
+    assert peaks[None] > need
+    assert peaks[need // 2] < 0.6 * peaks[None] and peaks[need // 4] < 0.35 * peaks[None]
+    assert "would take 96 MiB at once, more than the 48 MiB given" in caplog.text
+    assert "recomputed for each GroupNorm's statistics" in caplog.text
+
+
+def test_activations_held_in_cpu_memory_keep_to_what_is_available(demo_vae, photo, monkeypatch, caplog):
+    """Held in CPU memory (the CPU the device, or the stash beside a GPU), the whole-image
+    activations take no more than CPU_HOLD_FRACTION of the memory available, less a tile's work
+    where the CPU computes too: past it the system kills the process, no error to catch."""
+    plan = vae_tiling._plan(demo_vae.decoder, True)
+    segments = vae_tiling._segments(plan.steps, plan.level)
+    cpu, cuda = torch.device("cpu"), torch.device("cuda", 0)
+    monkeypatch.setattr(vae_tiling, "_available_cpu_bytes", lambda: 100 * 2 ** 20)
+    tile_work = vae_tiling.TILE_WORK_FACTOR * vae_tiling._held_bytes(segments, 16, 128, 128, 1, 4)
+    assert 0 < tile_work < 80 * 2 ** 20
+    assert vae_tiling._auto_limit(segments, 16, 1, 4, 128, cpu, cpu) == 80 * 2 ** 20 - tile_work
+    assert vae_tiling._auto_limit(segments, 16, 1, 4, 128, cpu, cuda) == 80 * 2 ** 20  # the work is the GPU's
+    assert vae_tiling._auto_limit(segments, 16, 1, 4, 128, cuda, cuda) is None  # a GPU's OOM is caught and retried
+    monkeypatch.setattr(vae_tiling, "_available_cpu_bytes", lambda: None)
+    assert vae_tiling._auto_limit(segments, 16, 1, 4, 128, cpu, cpu) is None
+    z = torch.randn(1, 16, 64, 64, generator=torch.Generator().manual_seed(4))
+    with torch.no_grad():
+        expected = vae_tiling.decode(demo_vae, z, 128)
+        need = vae_tiling.held_bytes(demo_vae.decoder, 512, 512, dtype=torch.float32)
+        monkeypatch.setattr(vae_tiling, "_available_cpu_bytes", lambda: int(need / vae_tiling.CPU_HOLD_FRACTION) // 2)
+        with caplog.at_level(logging.WARNING, logger="fluxsr_core.vae_tiling"):
+            out = vae_tiling.decode(demo_vae, z, 128, stash_device="auto")
+    assert "of CPU memory they may take" in caplog.text
+    assert _levels(out, expected)[1] < 0.01
+
+
+def test_available_cpu_memory_is_the_least_of_the_system_and_the_container(tmp_path, monkeypatch):
+    import sys
+
+    meminfo = tmp_path / "meminfo"
+    meminfo.write_text("MemTotal:       32000000 kB\nMemFree:         1000000 kB\nMemAvailable:   20000000 kB\n")
+    cgroup = tmp_path / "cgroup"
+    cgroup.mkdir()
+    monkeypatch.setitem(sys.modules, "psutil", None)  # not installed: /proc/meminfo is read
+    monkeypatch.setattr(vae_tiling, "_MEMINFO", str(meminfo))
+    monkeypatch.setattr(vae_tiling, "_CGROUP", str(cgroup))
+    assert vae_tiling._available_cpu_bytes() == 20000000 * 1024  # no cgroup files: the system's
+    (cgroup / "memory.max").write_text("max\n")
+    assert vae_tiling._available_cpu_bytes() == 20000000 * 1024
+    (cgroup / "memory.max").write_text(f"{8 * 2 ** 30}\n")
+    (cgroup / "memory.current").write_text(f"{3 * 2 ** 30}\n")
+    assert vae_tiling._available_cpu_bytes() == 5 * 2 ** 30  # a container's limit, less what it uses
+    meminfo.unlink()
+    assert vae_tiling._available_cpu_bytes() == 5 * 2 ** 30
+    (cgroup / "memory.max").unlink()
+    assert vae_tiling._available_cpu_bytes() is None
