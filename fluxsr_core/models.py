@@ -1296,7 +1296,7 @@ VAE_TILE_NORMS = ("image", "tile")
 _WHOLE_IMAGE_TILING_METHODS = ("_tiled_encode", "tiled_decode")
 
 
-def _bind_whole_image_tiling(vae, tile: int, on: bool, stash_device) -> None:
+def _bind_whole_image_tiling(vae, tile: int, on: bool, stash_device, memory_limit: Optional[int] = None) -> None:
     """Make diffusers' tiled encode/decode of this ``vae`` run :mod:`fluxsr_core.vae_tiling`
     (``on``) or its own again. Bound on the instance, where ``AutoencoderKL._encode``/``_decode``
     look them up: every hook diffusers and accelerate put around ``encode``/``decode`` still runs."""
@@ -1315,10 +1315,10 @@ def _bind_whole_image_tiling(vae, tile: int, on: bool, stash_device) -> None:
     from diffusers.models.autoencoders.vae import DecoderOutput
 
     def tiled_encode(x):
-        return vae_tiling.encode_moments(vae, x, tile, stash_device=stash_device)
+        return vae_tiling.encode_moments(vae, x, tile, stash_device=stash_device, memory_limit=memory_limit)
 
     def tiled_decode(z, return_dict=True):
-        sample = vae_tiling.decode(vae, z, tile, stash_device=stash_device)
+        sample = vae_tiling.decode(vae, z, tile, stash_device=stash_device, memory_limit=memory_limit)
         return DecoderOutput(sample=sample) if return_dict else (sample,)
 
     vae._tiled_encode, vae.tiled_decode = tiled_encode, tiled_decode
@@ -1341,7 +1341,8 @@ class DiffusersCodec:
         activations, not one tile's; ``stash_device`` ``"auto"`` keeps them in CPU memory
         between GroupNorms when the GPU lacks room (``"cpu"``: always; None: never), and in CPU
         memory they take no more than is available there: past it, parts of the VAE are
-        recomputed for each GroupNorm instead (the same result, more work).
+        recomputed for each GroupNorm instead (the same result, more work). ``memory_limit``
+        (bytes) bounds them wherever they are held.
       * ``"tile"``: diffusers' own tiling, neighbours sharing ``tile_overlap`` pixels, each tile
         normalised alone (colour and contrast shift from tile to tile; the blend hides only the
         seam), for the least device memory.
@@ -1353,7 +1354,8 @@ class DiffusersCodec:
 
     def __init__(self, vae, compute_dtype: Union[str, torch.dtype, None] = None, tile: int = 0,
                  tile_overlap: int = 0, device: Union[str, torch.device, None] = None, *,
-                 tile_norm: str = "image", stash_device: Union[str, torch.device, None] = "auto"):
+                 tile_norm: str = "image", stash_device: Union[str, torch.device, None] = "auto",
+                 memory_limit: Optional[int] = None):
         cfg = vae.config
         if int(cfg.latent_channels) != L.LATENT_CHANNELS:
             raise WrongModelError(f"this VAE has {cfg.latent_channels} latent channels; FLUX's has 16")
@@ -1375,6 +1377,7 @@ class DiffusersCodec:
             raise ValueError(f"tile_norm must be one of {', '.join(VAE_TILE_NORMS)} (got {tile_norm!r})")
         self.tile_norm = tile_norm
         self.stash_device = stash_device
+        self.memory_limit = memory_limit
         self.set_tiling(tile, tile_overlap)
 
     def set_tiling(self, tile: int, tile_overlap: int = 0) -> None:
@@ -1398,7 +1401,8 @@ class DiffusersCodec:
         else:
             self.vae.disable_tiling()
         self.tile, self.tile_overlap = tile, tile_overlap
-        _bind_whole_image_tiling(self.vae, tile, self.tile_norm == "image" and tile > 0, self.stash_device)
+        _bind_whole_image_tiling(self.vae, tile, self.tile_norm == "image" and tile > 0, self.stash_device,
+                                 self.memory_limit)
 
     @property
     def device(self) -> torch.device:

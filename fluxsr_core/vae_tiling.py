@@ -824,6 +824,9 @@ def _fallback_stash(device: torch.device) -> Optional[torch.device]:
     return None if device.type == "cpu" else torch.device("cpu")
 
 
+_SAID: set = set()
+
+
 def _size(n: int) -> str:
     return f"{n / 2 ** 30:.1f} GiB" if n >= 2 ** 30 else f"{n / 2 ** 20:.0f} MiB"
 
@@ -843,11 +846,13 @@ def _run_plan(plan: _Plan, x: torch.Tensor, tile: int, stash_device, cancel_chec
         runs, work = _schedule(segments, sizes, limit, (height, width, int(tile)))
         if len(runs) > 1 or runs[0].recomputed:
             recomputed = sum(run.end - run.start for run in runs if run.recomputed)
-            log.warning("VAE tiling: the %s's whole-image activations would take %s at once, more than the %s %s; "
+            key = (part, need, limit, tuple(runs))  # said once as a warning, then as info (a folder of images)
+            (log.info if key in _SAID else log.warning)("VAE tiling: the %s's whole-image activations would take %s at once, more than the %s %s; "
                         "%d of its %d segments between GroupNorms are recomputed for each GroupNorm's statistics "
                         "instead (the same result, about %.1fx its work)", part, _size(need), _size(limit or 0),
                         "given" if memory_limit is not None else "of CPU memory they may take", recomputed,
                         len(segments), work)
+            _SAID.add(key)
         try:
             out = _run_segments(segments, runs, source, tile, height, width, device, stash, cancel_check)
             break

@@ -24,6 +24,11 @@ def test_tiny_benchmark_writes_a_complete_report(tmp_path):
     assert set(report["upscale"][0]["parts_s"]) == {"resize_pad", "vae_encode", "transformer_tiled",
                                                     "vae_decode", "color_fix"}
     assert report["teacher"]["steps"] == 3 and report["memory"]["method"]
+    # the 4x upscale again with the VAE's whole-image activations held to the base size's
+    memory = report["memory"]
+    assert memory["four_x_limited_bytes"] > 0 and memory["four_x_limited_upscale_s"] > 0
+    assert memory["ratio_limited"] == pytest.approx(memory["four_x_limited_bytes"] / memory["base_bytes"])
+    assert "held to the base size's" in (tmp_path / "bench-tiny.md").read_text()
     assert all(u["total_image_on_device_s"] > 0 and u["device"] == "cpu" for u in report["upscale"])
     assert "image on the device" in (tmp_path / "bench-tiny.md").read_text()
     # tiling's own cost is split out (issue 5): the tiled transformer less its tiles' forwards
