@@ -843,6 +843,14 @@ def _run_plan(plan: _Plan, x: torch.Tensor, tile: int, stash_device, cancel_chec
     while True:
         limit = memory_limit if memory_limit is not None else _auto_limit(
             segments, source.shape[1], batch, element_size, tile, stash or device, device)
+        if limit is not None and torch.is_grad_enabled():
+            # autograd keeps every pass's activations for the backward pass: recomputing would
+            # hold more, not less (the upscaler and ComfyUI's nodes run without autograd)
+            if need > limit:
+                log.warning("VAE tiling: the %s's whole-image activations (%s) are over the %s they may take, "
+                            "but autograd is recording, so they are held whole: run it under torch.no_grad() "
+                            "to keep within it", part, _size(need), _size(limit))
+            limit = None
         runs, work = _schedule(segments, sizes, limit, (height, width, int(tile)))
         if len(runs) > 1 or runs[0].recomputed:
             recomputed = sum(run.end - run.start for run in runs if run.recomputed)

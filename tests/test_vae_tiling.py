@@ -437,3 +437,16 @@ def test_available_cpu_memory_is_the_least_of_the_system_and_the_container(tmp_p
     assert vae_tiling._available_cpu_bytes() == 5 * 2 ** 30
     (cgroup / "memory.max").unlink()
     assert vae_tiling._available_cpu_bytes() is None
+
+
+def test_under_autograd_a_memory_limit_holds_the_activations_whole_and_says_so(caplog):
+    """Recomputing under autograd would keep every pass's graph (measured in a script without
+    no_grad: the process was killed); the activations are held whole and the log says why."""
+    vae = _narrow_flux_vae()
+    z = torch.randn(1, 16, 16, 16, generator=torch.Generator().manual_seed(5))
+    with torch.no_grad():
+        expected = vae_tiling.decode(vae, z, 64)
+    with caplog.at_level(logging.WARNING, logger="fluxsr_core.vae_tiling"):
+        out = vae_tiling.decode(vae, z, 64, memory_limit=1)
+    assert out.requires_grad and torch.allclose(out, expected, atol=1e-5)
+    assert "autograd is recording" in caplog.text and "recomputed" not in caplog.text
