@@ -752,7 +752,9 @@ def _run_recomputed(chain: list[_Segment], x_full: torch.Tensor, residual_is_inp
     reach, every GroupNorm with the statistics the passes before found) for the statistics of
     its output's core; the last pass writes the output. The untiled result still, for about
     ``len(chain)`` times the work (:func:`_recomputed_work`). ``residual_is_input``: the first
-    resnet's residual is ``x_full`` itself."""
+    resnet's residual is ``x_full`` itself. A long chain's halo can make its pieces larger than
+    ``tile`` (two halos and a 64 px core): at very tight limits a piece's own work, which the
+    schedule does not count, sets the peak."""
     halos = [_on_grid(sum(s.reach for s in chain[:k + 1])) for k in range(len(chain))]
     cores = _cores(height, width, tile, halos[-1])
     combined = [_combine(stats) if chain[0].norm is not None else None]
