@@ -712,22 +712,23 @@ def main(argv=None) -> int:
             # the VAE recomputes instead (vae_tiling's memory_limit): its time first (see above)
             limit = max(vae_tiling.held_bytes(half, profile["lr"] * 4, profile["lr"] * 4, 1, dtype)
                         for half in (vae.encoder, vae.decoder))
-            times = {}
-            for key, value in (("unlimited", None), ("limited", limit)):
+
+            def vae_limit(value) -> None:
                 codec.memory_limit = value
-                codec.set_tiling(codec.tile, codec.tile_overlap)
-                times[key] = upscale_seconds(velocity, codec, cond, profile["lr"] * 2, tiles)
-            codec.memory_limit = None
-            codec.set_tiling(codec.tile, codec.tile_overlap)
-            m1 = peak_memory(velocity, codec, cond, profile["lr"], tiles, device)
-            m4 = peak_memory(velocity, codec, cond, profile["lr"] * 2, tiles, device)
-            codec.memory_limit = limit
-            codec.set_tiling(codec.tile, codec.tile_overlap)
+                codec.set_tiling(codec.tile, codec.tile_overlap)  # binds the limit
+
+            times = {}
             try:
+                for key, value in (("unlimited", None), ("limited", limit)):
+                    vae_limit(value)
+                    times[key] = upscale_seconds(velocity, codec, cond, profile["lr"] * 2, tiles)
+                vae_limit(None)
+                m1 = peak_memory(velocity, codec, cond, profile["lr"], tiles, device)
+                m4 = peak_memory(velocity, codec, cond, profile["lr"] * 2, tiles, device)
+                vae_limit(limit)
                 m4_limited = peak_memory(velocity, codec, cond, profile["lr"] * 2, tiles, device)
             finally:
-                codec.memory_limit = None
-                codec.set_tiling(codec.tile, codec.tile_overlap)
+                vae_limit(None)
             report["memory"] = dict(base_bytes=m1, four_x_bytes=m4, ratio=m4 / m1 if m1 else float("nan"),
                                     method=PeakMemory(device).method, vae_memory_limit_bytes=limit,
                                     four_x_limited_bytes=m4_limited,
