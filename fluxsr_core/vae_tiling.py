@@ -558,7 +558,8 @@ _MEMINFO, _CGROUP = "/proc/meminfo", "/sys/fs/cgroup"  # Linux's; tests point th
 
 def _available_cpu_bytes() -> Optional[int]:
     """CPU memory this process can still take: the system's available memory, and within a
-    cgroup v2 memory limit (a container's) what is left under it; None where neither is known."""
+    cgroup memory limit (a container's, v2 or v1) what is left under it; None where neither is
+    known."""
     found = []
     try:
         import psutil  # ComfyUI's own requirement; the CLI does without it on Linux
@@ -572,14 +573,18 @@ def _available_cpu_bytes() -> Optional[int]:
                         found.append(int(line.split()[1]) * 1024)
         except (OSError, ValueError, IndexError):
             pass
-    try:
-        with open(f"{_CGROUP}/memory.max") as f:
-            cap = f.read().strip()
-        if cap != "max":
-            with open(f"{_CGROUP}/memory.current") as f:
-                found.append(int(cap) - int(f.read().strip()))
-    except (OSError, ValueError):
-        pass
+    # cgroup v2, then v1 (whose "no limit" is a number near 2**63)
+    for cap_file, used_file in (("memory.max", "memory.current"),
+                                ("memory/memory.limit_in_bytes", "memory/memory.usage_in_bytes")):
+        try:
+            with open(f"{_CGROUP}/{cap_file}") as f:
+                cap = f.read().strip()
+            if cap != "max" and int(cap) < 2 ** 60:
+                with open(f"{_CGROUP}/{used_file}") as f:
+                    found.append(int(cap) - int(f.read().strip()))
+            break
+        except (OSError, ValueError):
+            continue
     return min(found) if found else None
 
 

@@ -437,6 +437,12 @@ def test_available_cpu_memory_is_the_least_of_the_system_and_the_container(tmp_p
     assert vae_tiling._available_cpu_bytes() == 5 * 2 ** 30
     (cgroup / "memory.max").unlink()
     assert vae_tiling._available_cpu_bytes() is None
+    (cgroup / "memory").mkdir()  # cgroup v1: "no limit" is a huge number
+    (cgroup / "memory" / "memory.limit_in_bytes").write_text("9223372036854771712\n")
+    (cgroup / "memory" / "memory.usage_in_bytes").write_text(f"{2 ** 30}\n")
+    assert vae_tiling._available_cpu_bytes() is None
+    (cgroup / "memory" / "memory.limit_in_bytes").write_text(f"{4 * 2 ** 30}\n")
+    assert vae_tiling._available_cpu_bytes() == 3 * 2 ** 30
 
 
 def test_under_autograd_a_memory_limit_holds_the_activations_whole_and_says_so(caplog):
