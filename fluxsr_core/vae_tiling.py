@@ -443,20 +443,29 @@ def _boundary_bytes(segments: list[_Segment], in_channels: int, height: int, wid
     return sizes
 
 
+def _pending_residuals(segments: list[_Segment]) -> list[Optional[int]]:
+    """For each boundary (``[i]``: before segment ``i``; ``[n]``: after the last), the boundary
+    whose activation waits there as a resnet's residual, or None."""
+    pending, waiting = [None], None
+    for index, seg in enumerate(segments):
+        if seg.residual:
+            waiting = None
+        if seg.saves:
+            waiting = index + 1
+        pending.append(waiting)
+    return pending
+
+
 def _held_peak(segments: list[_Segment], sizes: list[int], start: int, end: int) -> int:
     """The most bytes of whole-image activations at once while segments ``start:end`` run one
     after the other, each over all tiles (``start`` a :func:`_clean_boundaries` one): a segment's
     input, its output and the residual held beside them (when it is not the input itself)."""
+    pending = _pending_residuals(segments)
     most = 0
-    residual = start if start > 0 and segments[start - 1].saves else None  # the boundary it is at
     for index in range(start, end):
-        seg = segments[index]
+        residual = pending[index]
         held = sizes[residual] if residual is not None and residual != index else 0
-        most = max(most, sizes[index] + (0 if _passthrough(seg) else sizes[index + 1]) + held)
-        if seg.residual:
-            residual = None
-        if seg.saves:
-            residual = index + 1
+        most = max(most, sizes[index] + (0 if _passthrough(segments[index]) else sizes[index + 1]) + held)
     return most
 
 
@@ -470,15 +479,7 @@ def _held_bytes(segments: list[_Segment], in_channels: int, height: int, width: 
 def _clean_boundaries(segments: list[_Segment]) -> list[int]:
     """The boundaries where no residual waits but the activation there itself (not halfway
     through a resnet): where a recomputed run may start and end."""
-    clean, pending = [0], None
-    for index, seg in enumerate(segments):
-        if seg.residual:
-            pending = None
-        if seg.saves:
-            pending = index + 1
-        if pending is None or pending == index + 1:
-            clean.append(index + 1)
-    return clean
+    return [index for index, residual in enumerate(_pending_residuals(segments)) if residual in (None, index)]
 
 
 @dataclass(frozen=True)
@@ -510,11 +511,16 @@ def _held_work(segments: list[_Segment], start: int, end: int, shape: tuple[int,
     return sum(seg.work * _halo_factor(*shape, seg.halo, widest) for seg in segments[start:end])
 
 
+def _chain_halos(chain: list[_Segment]) -> list[int]:
+    """The halo pass ``k`` of a recomputed run cuts its pieces with: all of ``chain[:k + 1]``'s reach."""
+    return [_on_grid(sum(s.reach for s in chain[:k + 1])) for k in range(len(chain))]
+
+
 def _recomputed_work(segments: list[_Segment], start: int, end: int, shape: tuple[int, int, int]) -> float:
     """The work of segments ``start:end`` recomputed (:func:`_run_recomputed`): pass ``k`` runs
     ``start..k`` again, in pieces with the halo of their reach around cores laid out for the
     whole run's."""
-    halos = [_on_grid(sum(s.reach for s in segments[start:k + 1])) for k in range(start, end)]
+    halos = _chain_halos(segments[start:end])
     return sum(_halo_factor(*shape, halos[k - start], halos[-1]) * sum(s.work for s in segments[start:k + 1])
                for k in range(start, end))
 
@@ -760,7 +766,7 @@ def _run_recomputed(chain: list[_Segment], x_full: torch.Tensor, residual_is_inp
     resnet's residual is ``x_full`` itself. A long chain's halo can make its pieces larger than
     ``tile`` (two halos and a 64 px core): at very tight limits a piece's own work, which the
     schedule does not count, sets the peak."""
-    halos = [_on_grid(sum(s.reach for s in chain[:k + 1])) for k in range(len(chain))]
+    halos = _chain_halos(chain)
     cores = _cores(height, width, tile, halos[-1])
     combined = [_combine(stats) if chain[0].norm is not None else None]
     out_full, next_stats = None, []
@@ -835,6 +841,7 @@ _SAID: set = set()
 
 
 def _size(n: int) -> str:
+    """Bytes for the log, in GiB or MiB."""
     return f"{n / 2 ** 30:.1f} GiB" if n >= 2 ** 30 else f"{n / 2 ** 20:.0f} MiB"
 
 
@@ -861,12 +868,12 @@ def _run_plan(plan: _Plan, x: torch.Tensor, tile: int, stash_device, cancel_chec
         runs, work = _schedule(segments, sizes, limit, (height, width, int(tile)))
         if len(runs) > 1 or runs[0].recomputed:
             recomputed = sum(run.end - run.start for run in runs if run.recomputed)
-            key = (part, need, limit, tuple(runs))  # said once as a warning, then as info (a folder of images)
-            (log.info if key in _SAID else log.warning)("VAE tiling: the %s's whole-image activations would take %s at once, more than the %s %s; "
-                        "%d of its %d segments between GroupNorms are recomputed for each GroupNorm's statistics "
-                        "instead (the same result, about %.1fx its work)", part, _size(need), _size(limit or 0),
-                        "given" if memory_limit is not None else "of CPU memory they may take", recomputed,
-                        len(segments), work)
+            key = (part, need, limit, tuple(runs))
+            say = log.info if key in _SAID else log.warning  # a warning once, then info (a folder of images)
+            say("VAE tiling: the %s's whole-image activations would take %s at once, more than the %s %s; %d of its "
+                "%d segments between GroupNorms are recomputed for each GroupNorm's statistics instead (the same "
+                "result, about %.1fx its work)", part, _size(need), _size(limit or 0),
+                "given" if memory_limit is not None else "of CPU memory they may take", recomputed, len(segments), work)
             _SAID.add(key)
         try:
             out = _run_segments(segments, runs, source, tile, height, width, device, stash, cancel_check)
