@@ -24,6 +24,7 @@ from typing import Any, Callable, Optional, Union
 import torch
 
 from . import latents as L
+from . import memory
 from .files import first_line
 from .interfaces import Conditioning
 from .weights import (CorruptWeightsError, FP8_DTYPES, WeightsNotFoundError, WrongModelError, apply_row_scale,
@@ -919,8 +920,7 @@ def choose_memory_mode(transformer_source, vae_source, dtype: Union[str, torch.d
                                              torch_dtype)
     else:
         weights = weight_bytes_per_mode(transformer_config_of(transformer_source), vae_bytes, torch_dtype)
-    free, _ = torch.cuda.mem_get_info(dev)
-    return pick_memory_mode(weights, free, headroom_bytes)
+    return pick_memory_mode(weights, memory.free_device_bytes(dev), headroom_bytes)
 
 
 def load_device(memory_mode: str, device: Union[str, torch.device]) -> torch.device:

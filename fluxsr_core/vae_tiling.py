@@ -57,6 +57,8 @@ from typing import Callable, Iterator, Optional, Union
 import torch
 import torch.nn.functional as F
 
+from . import memory
+
 log = logging.getLogger(__name__)
 
 ALIGN = 8  # tile edges in image pixels: the VAE's whole downscale, so they fall on every level's grid
@@ -559,41 +561,6 @@ def _schedule(segments: list[_Segment], sizes: list[int], limit: Optional[int], 
     return merged, work / max(_held_work(segments, 0, n, shape), 1e-30)
 
 
-_MEMINFO, _CGROUP = "/proc/meminfo", "/sys/fs/cgroup"  # Linux's; tests point them elsewhere
-
-
-def _available_cpu_bytes() -> Optional[int]:
-    """CPU memory this process can still take: the system's available memory, and within a
-    cgroup memory limit (a container's, v2 or v1) what is left under it; None where neither is
-    known."""
-    found = []
-    try:
-        import psutil  # ComfyUI's own requirement; the CLI does without it on Linux
-
-        found.append(int(psutil.virtual_memory().available))
-    except Exception:  # noqa: BLE001 - not installed, or no reading on this system
-        try:
-            with open(_MEMINFO) as meminfo:
-                for line in meminfo:
-                    if line.startswith("MemAvailable:"):
-                        found.append(int(line.split()[1]) * 1024)
-        except (OSError, ValueError, IndexError):
-            pass
-    # cgroup v2, then v1 (whose "no limit" is a number near 2**63)
-    for cap_file, used_file in (("memory.max", "memory.current"),
-                                ("memory/memory.limit_in_bytes", "memory/memory.usage_in_bytes")):
-        try:
-            with open(f"{_CGROUP}/{cap_file}") as f:
-                cap = f.read().strip()
-            if cap != "max" and int(cap) < 2 ** 60:
-                with open(f"{_CGROUP}/{used_file}") as f:
-                    found.append(int(cap) - int(f.read().strip()))
-            break
-        except (OSError, ValueError):
-            continue
-    return min(found) if found else None
-
-
 # Of the CPU memory available, what the held activations may take: the rest stays for the
 # process's other growth (the decoded image, its conversion, a tile's work moving through).
 CPU_HOLD_FRACTION = 0.8
@@ -602,29 +569,40 @@ CPU_HOLD_FRACTION = 0.8
 TILE_WORK_FACTOR = 3
 
 
-def _auto_limit(segments: list[_Segment], in_channels: int, batch: int, element_size: int, tile: int,
-                hold: torch.device, device: torch.device) -> Optional[int]:
+# What one tile's work takes beside the held activations, in bytes, for a batch of images of
+# height x width pixels in a dtype: the caller's own figure (ComfyUI's, so that what it frees
+# and what the tiling weighs agree), else :func:`_tile_work_bytes`.
+TileWork = Callable[[int, int, int, torch.dtype], int]
+
+
+def _tile_work_bytes(segments: list[_Segment], in_channels: int, batch: int, element_size: int, tile: int,
+                     height: int, width: int) -> int:
+    """Our figure for one tile's work: :data:`TILE_WORK_FACTOR` times the activations held at the
+    tile's size (the image's, where it is smaller)."""
+    side = max(int(tile) // ALIGN * ALIGN, ALIGN)
+    return TILE_WORK_FACTOR * _held_bytes(segments, in_channels, min(height, side), min(width, side), batch,
+                                          element_size)
+
+
+def _auto_limit(tile_work: int, hold: torch.device, device: torch.device) -> Optional[int]:
     """The bytes the whole-image activations may take when they are held in CPU memory (``hold``
-    the CPU): :data:`CPU_HOLD_FRACTION` of what is available, less a tile's work where the CPU
-    also computes; None (no limit) on a GPU, whose out-of-memory error is caught and retried,
-    or where the available memory is unknown. Over what is available, the process would be
-    killed by the system, not given an error."""
+    the CPU): :data:`CPU_HOLD_FRACTION` of what is available, less ``tile_work`` (one tile's
+    work) where the CPU also computes; None (no limit) on a GPU, whose out-of-memory error is
+    caught and retried, or where the available memory is unknown. Over what is available, the
+    process would be killed by the system, not given an error."""
     if hold.type != "cpu":
         return None
-    available = _available_cpu_bytes()
+    available = memory.available_cpu_bytes()
     if available is None:
         return None
-    tile_work = 0
-    if device.type == "cpu":
-        side = max(int(tile) // ALIGN * ALIGN, ALIGN)
-        tile_work = TILE_WORK_FACTOR * _held_bytes(segments, in_channels, side, side, batch, element_size)
-    return max(0, int(available * CPU_HOLD_FRACTION) - tile_work)
+    return max(0, int(available * CPU_HOLD_FRACTION) - (tile_work if device.type == "cpu" else 0))
 
 
 def held_bytes(half, height: int, width: int, batch: int = 1, dtype: torch.dtype = torch.bfloat16) -> int:
     """About the most bytes :func:`run_decoder` (``half`` a decoder; ``height x width`` the image
     it makes) or :func:`run_encoder` (an encoder of that image) holds in whole-image activations
-    at once, beside one tile's work: what ``stash_device`` "auto" weighs against the free memory."""
+    at once, beside one tile's work: with that work, what ``stash_device`` "auto" weighs against
+    the device's free memory."""
     decoder = hasattr(half, "up_blocks") or hasattr(half, "up")
     plan = _plan(half, decoder)
     segments = _segments(plan.steps, plan.level)
@@ -815,18 +793,20 @@ def _run_segments(segments: list[_Segment], runs: list[_Run], source: torch.Tens
     return x_full
 
 
-def _stash_device(stash_device: Union[str, torch.device, None], device: torch.device, need: int
-                  ) -> Optional[torch.device]:
+def _stash_device(stash_device: Union[str, torch.device, None], device: torch.device, need: int,
+                  tile_work: int) -> Optional[torch.device]:
     """Where the whole-image activations wait between GroupNorms: None (on ``device``) or the
-    CPU. ``"auto"``: the CPU when a CUDA device has less than twice ``need`` (:func:`held_bytes`)
-    free (the tiles' work needs room beside them), else the device."""
+    CPU. ``"auto"``: the CPU when a CUDA device has less free (:func:`memory.free_device_bytes`)
+    than ``need`` (:func:`held_bytes`) and one tile's work beside it, else the device (where
+    that was too little after all, the out-of-memory error is caught and the run goes again
+    with them in CPU memory)."""
     if stash_device is None:
         return None
     if stash_device == "auto":
-        if device.type != "cuda":
+        free = memory.free_device_bytes(device)
+        if free is None:
             return None
-        free, _ = torch.cuda.mem_get_info(device)
-        return torch.device("cpu") if free < 2 * need else None
+        return torch.device("cpu") if free < need + tile_work else None
     stash = torch.device(stash_device)
     return None if stash == device else stash
 
@@ -846,17 +826,19 @@ def _size(n: int) -> str:
 
 
 def _run_plan(plan: _Plan, x: torch.Tensor, tile: int, stash_device, cancel_check,
-              memory_limit: Optional[int] = None, part: str = "VAE") -> torch.Tensor:
+              memory_limit: Optional[int] = None, part: str = "VAE", tile_work: Optional[TileWork] = None
+              ) -> torch.Tensor:
     source = plan.head(x)  # kept for a retry: the latent-size part (decoder) or the image (encoder)
     height, width = source.shape[-2] * plan.level, source.shape[-1] * plan.level
     segments = _segments(plan.steps, plan.level)
     device, batch, element_size = source.device, source.shape[0], source.element_size()
     sizes = _boundary_bytes(segments, source.shape[1], height, width, batch, element_size)
     need = _held_peak(segments, sizes, 0, len(segments))
-    stash = _stash_device(stash_device, device, need)
+    work_bytes = (tile_work(batch, height, width, source.dtype) if tile_work is not None else
+                  _tile_work_bytes(segments, source.shape[1], batch, element_size, tile, height, width))
+    stash = _stash_device(stash_device, device, need, work_bytes)
     while True:
-        limit = memory_limit if memory_limit is not None else _auto_limit(
-            segments, source.shape[1], batch, element_size, tile, stash or device, device)
+        limit = memory_limit if memory_limit is not None else _auto_limit(work_bytes, stash or device, device)
         if limit is not None and torch.is_grad_enabled():
             # autograd keeps every pass's activations for the backward pass: recomputing would
             # hold more, not less (the upscaler and ComfyUI's nodes run without autograd)
@@ -897,24 +879,27 @@ def _run_plan(plan: _Plan, x: torch.Tensor, tile: int, stash_device, cancel_chec
 
 
 def run_decoder(decoder, z: torch.Tensor, tile: int, stash_device: Union[str, torch.device, None] = None,
-                cancel_check: Optional[Callable[[], None]] = None, memory_limit: Optional[int] = None
-                ) -> torch.Tensor:
+                cancel_check: Optional[Callable[[], None]] = None, memory_limit: Optional[int] = None,
+                tile_work: Optional[TileWork] = None) -> torch.Tensor:
     """What ``decoder(z)`` returns (an image ``[B, 3, 8h, 8w]`` in about [-1, 1] from the raw
     latent), computed in pieces of at most ``tile`` image pixels (see the module's text).
     ``decoder``: diffusers' or the latent-diffusion layout (:func:`decoder_problem`);
     ``stash_device``: where the whole-image activations wait, None (the device), ``"cpu"`` or
     ``"auto"``; ``cancel_check``: called before each tile, raises to stop; ``memory_limit``: the
     bytes those activations may take at once (None: in CPU memory, what is available there; on a
-    GPU, no limit), kept to by recomputing parts of the decoder (the same result, more work)."""
-    return _run_plan(_plan(decoder, True), z, tile, stash_device, cancel_check, memory_limit, "decoder")
+    GPU, no limit), kept to by recomputing parts of the decoder (the same result, more work);
+    ``tile_work``: the caller's figure for one tile's work beside them (:data:`TileWork`), which
+    ``"auto"`` and the CPU memory limit count (None: ours)."""
+    return _run_plan(_plan(decoder, True), z, tile, stash_device, cancel_check, memory_limit, "decoder", tile_work)
 
 
 def run_encoder(encoder, image: torch.Tensor, tile: int, stash_device: Union[str, torch.device, None] = None,
-                cancel_check: Optional[Callable[[], None]] = None, memory_limit: Optional[int] = None
-                ) -> torch.Tensor:
+                cancel_check: Optional[Callable[[], None]] = None, memory_limit: Optional[int] = None,
+                tile_work: Optional[TileWork] = None) -> torch.Tensor:
     """What ``encoder(image)`` returns (the posterior's moments ``[B, 2C, H/8, W/8]`` of an
     image in [-1, 1], H and W multiples of 8), in pieces as :func:`run_decoder`."""
-    return _run_plan(_plan(encoder, False), image, tile, stash_device, cancel_check, memory_limit, "encoder")
+    return _run_plan(_plan(encoder, False), image, tile, stash_device, cancel_check, memory_limit, "encoder",
+                     tile_work)
 
 
 def decode(vae, z: torch.Tensor, tile: int, stash_device: Union[str, torch.device, None] = None,
@@ -939,19 +924,21 @@ def encode_moments(vae, image: torch.Tensor, tile: int, stash_device: Union[str,
 
 @contextlib.contextmanager
 def tiled_forwards(encoder, decoder, tile: int, stash_device: Union[str, torch.device, None] = "auto",
-                   cancel_check: Optional[Callable[[], None]] = None) -> Iterator[None]:
+                   cancel_check: Optional[Callable[[], None]] = None,
+                   tile_work: Optional[dict[str, TileWork]] = None) -> Iterator[None]:
     """Within the block, calling ``encoder`` or ``decoder`` (modules :func:`encoder_problem` /
     :func:`decoder_problem` accept; either may be None) runs :func:`run_encoder` /
     :func:`run_decoder`: for a VAE whose own code (memory management, dtypes, batching) should
-    stay in charge, as ComfyUI's."""
+    stay in charge, as ComfyUI's. ``tile_work``: ``{"encoder": ..., "decoder": ...}``, the
+    owner's :data:`TileWork` figures (absent: ours)."""
     bound = []
     try:
-        for half, run in ((encoder, run_encoder), (decoder, run_decoder)):
+        for name, half, run in (("encoder", encoder, run_encoder), ("decoder", decoder, run_decoder)):
             if half is None:
                 continue
 
-            def forward(x, *args, _run=run, _half=half, **kwargs):
-                return _run(_half, x, tile, stash_device, cancel_check)
+            def forward(x, *args, _run=run, _half=half, _work=(tile_work or {}).get(name), **kwargs):
+                return _run(_half, x, tile, stash_device, cancel_check, tile_work=_work)
 
             half.forward = forward  # an instance attribute: nn.Module.__call__ finds it first
             bound.append(half)
@@ -961,6 +948,6 @@ def tiled_forwards(encoder, decoder, tile: int, stash_device: Union[str, torch.d
             half.__dict__.pop("forward", None)
 
 
-__all__ = ["TileBox", "tile_boxes", "decoder_problem", "encoder_problem", "unsupported_reason",
+__all__ = ["TileBox", "TileWork", "tile_boxes", "decoder_problem", "encoder_problem", "unsupported_reason",
            "warn_unsupported_once", "held_bytes",
            "run_decoder", "run_encoder", "decode", "encode_moments", "tiled_forwards"]

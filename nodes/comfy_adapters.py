@@ -321,34 +321,43 @@ def _comfy_interrupt_check() -> Optional[Callable[[], None]]:
 
 
 @contextlib.contextmanager
-def _tiled_memory_reckoning(vae: Any, half_name: str, half: torch.nn.Module, tile: int) -> Iterator[None]:
+def _tiled_memory_reckoning(vae: Any, half_name: str, half: torch.nn.Module, tile: int
+                            ) -> Iterator[Optional[vae_tiling.TileWork]]:
     """Within the block, ComfyUI's VAE reckons the memory of an encode or decode (what it frees
     other models for, and how many images it runs at once) for whole-image tiles: the
     activations they hold (:func:`~fluxsr_core.vae_tiling.held_bytes`) and its own figure for
     one tile, never more than its figure for the untiled pass. Its ``memory_used_encode`` /
     ``memory_used_decode`` reckon an untiled pass (its own tiled VAE uses them too, a TODO in
     comfy/sd.py): at 2048 px about 18 GB for the FLUX decoder in bf16, which would unload the
-    diffusion model on a 24 GB card before every decode."""
+    diffusion model on a 24 GB card before every decode.
+
+    Yields that figure for one tile (:data:`~fluxsr_core.vae_tiling.TileWork`; None for a VAE
+    without the reckoning) for the tiling's own weighing, so that where ComfyUI freed room for
+    the held activations beside one tile, the tiling keeps them there."""
     name = "memory_used_encode" if half_name == "encoder" else "memory_used_decode"
     untiled = getattr(vae, name, None)
     if not callable(untiled):
-        yield
+        yield None
         return
-    pixels_per = 1 if half_name == "encoder" else VAE_DOWNSCALE  # encode: [B, 3, H, W]; decode: the latent
+    # encode: [B, 3, H, W] pixels; decode: the [B, 16, H/8, W/8] latent
+    pixels_per, channels = (1, 3) if half_name == "encoder" else (VAE_DOWNSCALE, LATENT_CHANNELS)
+    side = max(1, int(tile) // pixels_per)
+
+    def one_tile(batch: int, height: int, width: int, dtype: torch.dtype) -> int:
+        shape = (1, channels, min(height // pixels_per, side), min(width // pixels_per, side))
+        return int(batch) * int(untiled(shape, dtype))
 
     def reckon(shape, dtype, *args, **kwargs):
         whole = untiled(shape, dtype, *args, **kwargs)
         if len(shape) != 4:
             return whole
-        side = max(1, int(tile) // pixels_per)
-        one_tile = untiled((*shape[:2], min(shape[2], side), min(shape[3], side)), dtype, *args, **kwargs)
-        held = vae_tiling.held_bytes(half, shape[2] * pixels_per, shape[3] * pixels_per, 1, dtype)
-        return min(whole, held + one_tile)
+        height, width = shape[2] * pixels_per, shape[3] * pixels_per
+        return min(whole, vae_tiling.held_bytes(half, height, width, 1, dtype) + one_tile(1, height, width, dtype))
 
     own = name in getattr(vae, "__dict__", {})  # comfy.sd.VAE sets them per instance, in __init__
     setattr(vae, name, reckon)
     try:
-        yield
+        yield one_tile
     finally:
         if own:
             setattr(vae, name, untiled)
@@ -414,8 +423,9 @@ class ComfyCodec:
         if half is None:
             return comfy_tiled()
         encoder, decoder = (half, None) if half_name == "encoder" else (None, half)
-        with vae_tiling.tiled_forwards(encoder, decoder, self.vae_tile, cancel_check=_comfy_interrupt_check()), \
-                _tiled_memory_reckoning(self.vae, half_name, half, self.vae_tile):
+        with _tiled_memory_reckoning(self.vae, half_name, half, self.vae_tile) as tile_work, \
+                vae_tiling.tiled_forwards(encoder, decoder, self.vae_tile, cancel_check=_comfy_interrupt_check(),
+                                          tile_work={half_name: tile_work} if tile_work else None):
             return plain()
 
     def encode(self, image: torch.Tensor) -> torch.Tensor:

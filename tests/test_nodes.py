@@ -806,16 +806,17 @@ class FakeLdmVAE(FakeVAE):
         self.memory_used_encode = lambda shape, dtype: 1767 * shape[2] * shape[3] * dtype.itemsize
         self.memory_used_decode = lambda shape, dtype: 2178 * shape[2] * shape[3] * 64 * dtype.itemsize
         self.memory_required = []  # what encode/decode would ask load_models_gpu for
+        self.vae_dtype = torch.float32  # comfy.sd.VAE reckons in the dtype it runs the VAE in
 
     def encode(self, pixels):
         self.calls.append(("encode", tuple(pixels.shape)))
         x = pixels.movedim(-1, 1)
-        self.memory_required.append(self.memory_used_encode(x.shape, torch.bfloat16))
+        self.memory_required.append(self.memory_used_encode(x.shape, self.vae_dtype))
         return self.first_stage_model.encoder(x * 2 - 1)[:, :16]
 
     def decode(self, raw):
         self.calls.append(("decode", tuple(raw.shape)))
-        self.memory_required.append(self.memory_used_decode(raw.shape, torch.bfloat16))
+        self.memory_required.append(self.memory_used_decode(raw.shape, self.vae_dtype))
         return ((self.first_stage_model.decoder(raw) + 1) / 2).clamp(0, 1).movedim(1, -1)
 
 
@@ -830,6 +831,10 @@ def test_comfy_codec_tiles_inside_comfyuis_own_encode_and_decode(pack, tiny, ldm
         real = getattr(vae_tiling, name)
         monkeypatch.setattr(vae_tiling, name, lambda half, x, *a, _real=real, _name=name, **k:
                             runs.append(_name) or _real(half, x, *a, **k))
+    weighed = []  # what the tiling weighs the device's free memory against: held activations, one tile's work
+    real_stash = vae_tiling._stash_device
+    monkeypatch.setattr(vae_tiling, "_stash_device", lambda stash, device, need, work:
+                        weighed.append(need + work) or real_stash(stash, device, need, work))
     vae = FakeLdmVAE(tiny.vae, ldm_layout)
     codec = adapters.ComfyCodec(vae, vae_tile=192, vae_overlap=88)  # the overlap: for ComfyUI's fallback only
     img = torch.nn.functional.avg_pool2d(torch.rand(1, 3, 320, 256, generator=torch.Generator().manual_seed(3)), 5, 1, 2)
@@ -845,11 +850,13 @@ def test_comfy_codec_tiles_inside_comfyuis_own_encode_and_decode(pack, tiny, ldm
     # ComfyUI's memory reckoning of the tiled pass: the held activations and one 192 px tile (the
     # encoder's 24x24 latent, the decoder's), not the untiled pass; put back afterwards
     encoder, decoder = vae.first_stage_model.encoder, vae.first_stage_model.decoder
-    bf16 = torch.bfloat16
-    assert vae.memory_required == [vae_tiling.held_bytes(encoder, 320, 256, 1, bf16) + 1767 * 192 * 192 * 2,
-                                   vae_tiling.held_bytes(decoder, 320, 256, 1, bf16) + 2178 * 24 * 24 * 64 * 2]
-    assert vae.memory_required[1] < 2178 * 40 * 32 * 64 * 2  # the untiled reckoning
-    assert vae.memory_used_decode((1, 16, 40, 32), bf16) == 2178 * 40 * 32 * 64 * 2
+    fp32 = torch.float32
+    assert vae.memory_required == [vae_tiling.held_bytes(encoder, 320, 256, 1, fp32) + 1767 * 192 * 192 * 4,
+                                   vae_tiling.held_bytes(decoder, 320, 256, 1, fp32) + 2178 * 24 * 24 * 64 * 4]
+    assert vae.memory_required[1] < 2178 * 40 * 32 * 64 * 4  # the untiled reckoning
+    # and the tiling keeps them on the device when it has what ComfyUI was asked to free for them
+    assert weighed == vae.memory_required
+    assert vae.memory_used_decode((1, 16, 40, 32), torch.bfloat16) == 2178 * 40 * 32 * 64 * 2
     assert (z - untiled_z).abs().max() < 1e-3 * untiled_z.abs().mean()
     # the untiled picture up to rounding, where diffusers' per-tile tiling of the same tiles is
     # 12.2 levels of 255 off on average

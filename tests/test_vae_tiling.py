@@ -9,7 +9,7 @@ import numpy as np
 import pytest
 import torch
 
-from fluxsr_core import models, vae_tiling
+from fluxsr_core import memory, models, vae_tiling
 from fluxsr_core.models import DiffusersCodec, load_vae
 
 DEMO_VAE = "fluxsr_core/demo/vae.safetensors"
@@ -181,14 +181,19 @@ def test_auto_stash_moves_activations_to_cpu_only_when_the_gpu_lacks_room():
     # the encoder's: a full-size resnet's second half, 128 channels in, out and residual
     assert vae_tiling.held_bytes(flux.encoder, 2048, 2048, dtype=torch.bfloat16) == 3 * 128 * 2048 * 2048 * 2
     cuda = torch.device("cuda", 0)
-    for free, expected in ((need, torch.device("cpu")), (3 * need, None)):
+    work = 2 ** 30  # one tile's work beside them
+    # the driver's free memory and, after a model ran, what torch's cache holds unused: both count
+    for driver_free, cached, expected in ((need + work - 1, 0, torch.device("cpu")), (need + work, 0, None),
+                                          (need, work - 1, torch.device("cpu")), (need, work, None)):
         with pytest.MonkeyPatch.context() as mp:
-            mp.setattr(torch.cuda, "mem_get_info", lambda device=None, free=free: (free, 10 * need))
-            assert vae_tiling._stash_device("auto", cuda, need) == expected
-    assert vae_tiling._stash_device("auto", torch.device("cpu"), need) is None
-    assert vae_tiling._stash_device("cpu", torch.device("cpu"), need) is None
-    assert vae_tiling._stash_device("cpu", cuda, need) == torch.device("cpu")
-    assert vae_tiling._stash_device(None, cuda, need) is None
+            mp.setattr(torch.cuda, "mem_get_info", lambda device=None, free=driver_free: (free, 10 * need))
+            mp.setattr(torch.cuda, "memory_reserved", lambda device=None, cached=cached: 3 * work + cached)
+            mp.setattr(torch.cuda, "memory_allocated", lambda device=None: 3 * work)
+            assert vae_tiling._stash_device("auto", cuda, need, work) == expected, (driver_free, cached)
+    assert vae_tiling._stash_device("auto", torch.device("cpu"), need, work) is None
+    assert vae_tiling._stash_device("cpu", torch.device("cpu"), need, work) is None
+    assert vae_tiling._stash_device("cpu", cuda, need, work) == torch.device("cpu")
+    assert vae_tiling._stash_device(None, cuda, need, work) is None
 
 
 def test_cancel_check_stops_between_tiles(demo_vae, photo):
@@ -398,51 +403,27 @@ def test_activations_held_in_cpu_memory_keep_to_what_is_available(demo_vae, phot
     plan = vae_tiling._plan(demo_vae.decoder, True)
     segments = vae_tiling._segments(plan.steps, plan.level)
     cpu, cuda = torch.device("cpu"), torch.device("cuda", 0)
-    monkeypatch.setattr(vae_tiling, "_available_cpu_bytes", lambda: 100 * 2 ** 20)
-    tile_work = vae_tiling.TILE_WORK_FACTOR * vae_tiling._held_bytes(segments, 16, 128, 128, 1, 4)
+    monkeypatch.setattr(memory, "available_cpu_bytes", lambda: 100 * 2 ** 20)
+    # our figure for one tile's work: three times what the tile's size holds (the image's, smaller)
+    tile_work = vae_tiling._tile_work_bytes(segments, 16, 1, 4, 128, 512, 512)
+    assert tile_work == vae_tiling.TILE_WORK_FACTOR * vae_tiling._held_bytes(segments, 16, 128, 128, 1, 4)
+    assert vae_tiling._tile_work_bytes(segments, 16, 1, 4, 128, 512, 64) == \
+        vae_tiling.TILE_WORK_FACTOR * vae_tiling._held_bytes(segments, 16, 128, 64, 1, 4)
     assert 0 < tile_work < 80 * 2 ** 20
-    assert vae_tiling._auto_limit(segments, 16, 1, 4, 128, cpu, cpu) == 80 * 2 ** 20 - tile_work
-    assert vae_tiling._auto_limit(segments, 16, 1, 4, 128, cpu, cuda) == 80 * 2 ** 20  # the work is the GPU's
-    assert vae_tiling._auto_limit(segments, 16, 1, 4, 128, cuda, cuda) is None  # a GPU's OOM is caught and retried
-    monkeypatch.setattr(vae_tiling, "_available_cpu_bytes", lambda: None)
-    assert vae_tiling._auto_limit(segments, 16, 1, 4, 128, cpu, cpu) is None
+    assert vae_tiling._auto_limit(tile_work, cpu, cpu) == 80 * 2 ** 20 - tile_work
+    assert vae_tiling._auto_limit(tile_work, cpu, cuda) == 80 * 2 ** 20  # the work is the GPU's
+    assert vae_tiling._auto_limit(tile_work, cuda, cuda) is None  # a GPU's OOM is caught and retried
+    monkeypatch.setattr(memory, "available_cpu_bytes", lambda: None)
+    assert vae_tiling._auto_limit(tile_work, cpu, cpu) is None
     z = torch.randn(1, 16, 64, 64, generator=torch.Generator().manual_seed(4))
     with torch.no_grad():
         expected = vae_tiling.decode(demo_vae, z, 128)
         need = vae_tiling.held_bytes(demo_vae.decoder, 512, 512, dtype=torch.float32)
-        monkeypatch.setattr(vae_tiling, "_available_cpu_bytes", lambda: int(need / vae_tiling.CPU_HOLD_FRACTION) // 2)
+        monkeypatch.setattr(memory, "available_cpu_bytes", lambda: int(need / vae_tiling.CPU_HOLD_FRACTION) // 2)
         with caplog.at_level(logging.WARNING, logger="fluxsr_core.vae_tiling"):
             out = vae_tiling.decode(demo_vae, z, 128, stash_device="auto")
     assert "of CPU memory they may take" in caplog.text
     assert _levels(out, expected)[1] < 0.01
-
-
-def test_available_cpu_memory_is_the_least_of_the_system_and_the_container(tmp_path, monkeypatch):
-    import sys
-
-    meminfo = tmp_path / "meminfo"
-    meminfo.write_text("MemTotal:       32000000 kB\nMemFree:         1000000 kB\nMemAvailable:   20000000 kB\n")
-    cgroup = tmp_path / "cgroup"
-    cgroup.mkdir()
-    monkeypatch.setitem(sys.modules, "psutil", None)  # not installed: /proc/meminfo is read
-    monkeypatch.setattr(vae_tiling, "_MEMINFO", str(meminfo))
-    monkeypatch.setattr(vae_tiling, "_CGROUP", str(cgroup))
-    assert vae_tiling._available_cpu_bytes() == 20000000 * 1024  # no cgroup files: the system's
-    (cgroup / "memory.max").write_text("max\n")
-    assert vae_tiling._available_cpu_bytes() == 20000000 * 1024
-    (cgroup / "memory.max").write_text(f"{8 * 2 ** 30}\n")
-    (cgroup / "memory.current").write_text(f"{3 * 2 ** 30}\n")
-    assert vae_tiling._available_cpu_bytes() == 5 * 2 ** 30  # a container's limit, less what it uses
-    meminfo.unlink()
-    assert vae_tiling._available_cpu_bytes() == 5 * 2 ** 30
-    (cgroup / "memory.max").unlink()
-    assert vae_tiling._available_cpu_bytes() is None
-    (cgroup / "memory").mkdir()  # cgroup v1: "no limit" is a huge number
-    (cgroup / "memory" / "memory.limit_in_bytes").write_text("9223372036854771712\n")
-    (cgroup / "memory" / "memory.usage_in_bytes").write_text(f"{2 ** 30}\n")
-    assert vae_tiling._available_cpu_bytes() is None
-    (cgroup / "memory" / "memory.limit_in_bytes").write_text(f"{4 * 2 ** 30}\n")
-    assert vae_tiling._available_cpu_bytes() == 3 * 2 ** 30
 
 
 def test_under_autograd_a_memory_limit_holds_the_activations_whole_and_says_so(caplog):
