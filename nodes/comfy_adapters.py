@@ -189,6 +189,35 @@ def _check_widths(diffusion_model: Any, tokens: Any, pooled: Any) -> None:
                            "with FLUX's DualCLIPLoader (clip_l + t5xxl, type flux)")
 
 
+# The wrapper kinds around the model call itself (comfy.patcher_extension.WrappersMP); the others
+# wrap a sampler's loop, which a one-step pass never runs.
+_MODEL_CALL_WRAPPERS = ("apply_model", "diffusion_model")
+
+
+def model_call_options(patcher: Any) -> tuple[dict, list]:
+    """The MODEL's ``transformer_options`` as ComfyUI's samplers hand them to the model
+    (``prepare_model_patcher`` in comfy/sampler_helpers.py): with the wrappers registered on the
+    patcher itself merged in, so that ComfyUI's TorchCompileModel (an apply_model wrapper) still
+    compiles the model here. Only the kinds around the model call are taken, and not those of a
+    key that also wraps the sampler's loop (EasyCache, LazyCache: their state is set up per
+    sampling run, which a one-step pass never has). Returns ``(options, keys left out)``."""
+    base = dict((getattr(patcher, "model_options", None) or {}).get("transformer_options", {}))
+    registered = getattr(patcher, "wrappers", None) or {}
+    sampler_keys = {key for kind, by_key in registered.items() if kind not in _MODEL_CALL_WRAPPERS for key in by_key}
+    wrappers = {kind: {key: list(funcs) for key, funcs in by_key.items()}
+                for kind, by_key in (base.get("wrappers") or {}).items()}
+    left_out = []
+    for kind in _MODEL_CALL_WRAPPERS:
+        for key, funcs in (registered.get(kind) or {}).items():
+            if key in sampler_keys:
+                left_out.append(key)
+            elif funcs:
+                wrappers.setdefault(kind, {}).setdefault(key, []).extend(funcs)
+    if wrappers:
+        base["wrappers"] = wrappers
+    return base, sorted({str(k) for k in left_out})
+
+
 class ComfyVelocity:
     """:class:`~fluxsr_core.interfaces.VelocityModel` over a ComfyUI MODEL (``ModelPatcher``).
 
@@ -204,6 +233,7 @@ class ComfyVelocity:
         self.patcher = model
         self._cache: dict = {}
         self._warned_rope = False
+        self._warned_wrappers = False
 
     # ComfyUI's loader decides where and how much of the model goes on the GPU.
     def _load(self, shape: tuple) -> None:
@@ -260,9 +290,15 @@ class ComfyVelocity:
             raise ValueError("the velocity is undefined at sigma 0 (ComfyUI returns x0 there)")
 
         options = getattr(patcher, "model_options", {}) or {}
+        call_options, left_out = model_call_options(patcher)
+        if left_out and not self._warned_wrappers:
+            log.warning("FluxSR: the MODEL's %s wrapper%s not run: %s the sampler's loop, which a one-step "
+                        "upscale has none of", ", ".join(left_out), "s are" if len(left_out) > 1 else " is",
+                        "they wrap" if len(left_out) > 1 else "it wraps")
+            self._warned_wrappers = True
         total, weight = None, 0.0
         for kwargs, strength in self._model_conds(cond, x):
-            transformer_options = dict(options.get("transformer_options", {}))
+            transformer_options = dict(call_options)
             transformer_options.update(cond_or_uncond=[0], uuids=[uuid.uuid4()], sigmas=sigma)
             if position_offset != (0, 0):
                 if not self._warned_rope and not _supports_rope_shift(getattr(inner, "diffusion_model", None)):

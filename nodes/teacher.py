@@ -135,6 +135,15 @@ def write_pair(folder: str, result: TeacherResult, core_cond: Any, seed: int, st
 DATASET_ROOTS_ENV = "FLUXSR_DATASET_ROOTS"
 
 
+def _within(root: str, path: str) -> bool:
+    """Whether ``path`` lies in ``root`` (both real, absolute); paths on two Windows drives have
+    no common path (``commonpath`` raises ValueError) and are not."""
+    try:
+        return os.path.commonpath([root, path]) == root
+    except ValueError:
+        return False
+
+
 def resolve_dataset_folder(folder: str) -> str:
     """The dataset folder as an absolute path: relative paths are inside ComfyUI's output folder.
 
@@ -155,7 +164,7 @@ def resolve_dataset_folder(folder: str) -> str:
         if path == root:  # shards, manifests and locks would lie loose among the user's pictures
             raise ValueError(f"dataset folder {folder!r} is {path}, the allowed folder itself: name a folder inside "
                              f"it for the pairs (e.g. fluxsr_pairs)")
-        if os.path.commonpath([root, path]) == root:
+        if _within(root, path):
             return path
     raise ValueError(
         f"dataset folder {folder!r} is {path}, outside ComfyUI's output folder ({base}): give a path "

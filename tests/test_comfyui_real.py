@@ -69,7 +69,9 @@ check = _load("workflow_check")
 
 
 def read_workflow(name: str) -> dict:
-    return json.loads((REPO / "workflows" / f"{name}.json").read_text(encoding="utf-8"))
+    """A shipped workflow: ``name`` in UI format from workflows/, ``name_api`` from workflows/api/."""
+    folder = REPO / "workflows" / ("api" if name.endswith("_api") else "")
+    return json.loads((folder / f"{name}.json").read_text(encoding="utf-8"))
 
 
 @pytest.fixture(scope="module")
@@ -155,6 +157,15 @@ def test_pack_registers_its_nodes(server, object_info):
     log = server.log_text()
     assert server_mod.PACK_DIR_NAME in log  # listed under "Import times for custom nodes"
     assert "IMPORT FAILED" not in "\n".join(ln for ln in log.splitlines() if server_mod.PACK_DIR_NAME in ln)
+
+
+def test_the_template_browser_lists_each_workflow_once(server):
+    """ComfyUI's /workflow_templates, what Workflow > Browse Templates shows under the pack: each
+    UI workflow once (a copy in a second listed folder showed twice), no API-format file (its
+    page opens one as an empty graph)."""
+    templates = server.get("/workflow_templates")
+    assert sorted(templates[server_mod.PACK_DIR_NAME]) == ["fluxsr_teacher_pairs", "fluxsr_upscale",
+                                                           "fluxsr_upscale_tiled"]
 
 
 @pytest.mark.parametrize("name", ["fluxsr_upscale", "fluxsr_upscale_tiled", "fluxsr_teacher_pairs"])

@@ -700,6 +700,32 @@ def test_an_rgba_image_keeps_its_colour_at_the_edges(pack, lossless_codec):
 
 # --- the adapters over ComfyUI's MODEL and VAE --------------------------------------------------
 
+def test_comfy_velocity_hands_the_model_the_wrappers_registered_on_the_patcher(pack, tiny, fake_comfy, caplog):
+    """As ComfyUI's samplers merge the patcher's own wrappers into transformer_options (where
+    BaseModel.apply_model and FLUX's forward look them up): TorchCompileModel's apply_model
+    wrapper reaches the model. A key that also wraps the sampler's loop (EasyCache) is left out,
+    with one warning: its per-sampling state is never set up by a one-step pass."""
+    adapters = sub(pack, "nodes.comfy_adapters")
+    cond = tiny_conditioning(pack, t_l=0.3)
+    patcher = FakePatcher(tiny.velocity, fake_comfy.CONST)
+    mine, compiled, cache_forward, cache_sample = (lambda *a: None), (lambda *a: None), (lambda *a: None), (lambda *a: None)
+    patcher.model_options["transformer_options"]["wrappers"] = {"apply_model": {"mine": [mine]}}
+    patcher.wrappers = {"apply_model": {"torch.compile": [compiled]},
+                        "diffusion_model": {"easycache": [cache_forward]},
+                        "outer_sample": {"easycache": [cache_sample]}}
+    vel = adapters.ComfyVelocity(patcher)
+    x = torch.randn(1, 16, 8, 6, generator=torch.Generator().manual_seed(1))
+    with caplog.at_level(logging.WARNING, logger="fluxsr"):
+        vel(x, torch.tensor([0.3]), cond)
+        vel(x, torch.tensor([0.3]), cond)
+    handed = patcher.model.calls[-1]["transformer_options"]["wrappers"]
+    assert handed == {"apply_model": {"mine": [mine], "torch.compile": [compiled]}}
+    # the MODEL's own dicts are left as they were (ComfyUI clones share them)
+    assert patcher.model_options["transformer_options"]["wrappers"] == {"apply_model": {"mine": [mine]}}
+    assert patcher.wrappers["apply_model"] == {"torch.compile": [compiled]}
+    assert caplog.text.count("the MODEL's easycache wrapper is not run: it wraps the sampler's loop") == 1
+
+
 def test_comfy_velocity_recovers_the_velocity(pack, tiny, fake_comfy):
     adapters = sub(pack, "nodes.comfy_adapters")
     cond = tiny_conditioning(pack, t_l=0.3)
@@ -1248,6 +1274,24 @@ def test_teacher_dataset_folder_stays_inside_the_allowed_folders(pack, tmp_path,
     assert teacher.resolve_dataset_folder("../escaped") == os.path.realpath(tmp_path / "escaped")
     with pytest.raises(ValueError, match="the allowed folder itself"):
         teacher.resolve_dataset_folder(str(tmp_path))
+
+
+def test_teacher_dataset_folder_on_another_windows_drive_than_the_output(pack, monkeypatch):
+    """A root on another drive (D:, a UNC share) than ComfyUI's output folder: the output folder is
+    tried first, and Windows' commonpath raises for paths on two drives; the next root still counts."""
+    import ntpath
+
+    teacher = sub(pack, "nodes.teacher")
+    windows = types.SimpleNamespace(path=ntpath, pathsep=";", getcwd=lambda: "C:\\ComfyUI",
+                                    environ={teacher.DATASET_ROOTS_ENV: "\\\\nas\\share\\sets;D:\\datasets"})
+    monkeypatch.setattr(teacher, "os", windows)
+    monkeypatch.setitem(sys.modules, "folder_paths",
+                        types.SimpleNamespace(get_output_directory=lambda: "C:\\ComfyUI\\output"))
+    assert teacher.resolve_dataset_folder("D:\\datasets\\pairs") == "D:\\datasets\\pairs"
+    assert teacher.resolve_dataset_folder("\\\\nas\\share\\sets\\a") == "\\\\nas\\share\\sets\\a"
+    assert teacher.resolve_dataset_folder("pairs") == "C:\\ComfyUI\\output\\pairs"
+    with pytest.raises(ValueError, match="outside ComfyUI's output folder"):
+        teacher.resolve_dataset_folder("E:\\elsewhere")
 
 
 def test_teacher_reruns_when_its_dataset_folder_is_gone(pack, tiny, fake_comfy, tmp_path, monkeypatch):

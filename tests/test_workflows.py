@@ -63,15 +63,23 @@ def specs():
 
 
 def read(folder: str, name: str) -> dict:
-    return json.loads((REPO / folder / f"{name}.json").read_text(encoding="utf-8"))
+    """A shipped workflow: ``name`` in UI format from workflows/, ``name_api`` from workflows/api/."""
+    sub = "api" if name.endswith("_api") else ""
+    return json.loads((REPO / folder / sub / f"{name}.json").read_text(encoding="utf-8"))
 
 
-def test_every_workflow_is_there_twice_and_copied():
-    files = sorted(p.name for p in (REPO / "workflows").glob("*.json"))
-    assert files == sorted([f"{n}.json" for n in NAMES] + [f"{n}_api.json" for n in NAMES])
-    for name in files:
-        assert (REPO / "example_workflows" / name).read_bytes() == (REPO / "workflows" / name).read_bytes(), \
-            f"example_workflows/{name} differs from workflows/{name}"
+# The folders of a node pack whose *.json ComfyUI's template browser lists
+# (app/custom_node_manager.py, 0.3.64 and 0.8.0 alike).
+TEMPLATE_FOLDERS = ("example_workflows", "example", "examples", "workflow", "workflows")
+
+
+def test_every_workflow_is_a_template_once_and_its_api_form_is_not():
+    """ComfyUI lists each of these folders' JSON files as the pack's templates: a copy in two of
+    them shows twice, and an API-format file opens as an empty graph."""
+    listed = sorted(p.relative_to(REPO).as_posix() for f in TEMPLATE_FOLDERS for p in (REPO / f).glob("*.json"))
+    assert listed == sorted(f"workflows/{n}.json" for n in NAMES)
+    api = sorted(p.name for p in (REPO / "workflows" / "api").glob("*.json"))
+    assert api == sorted(f"{n}_api.json" for n in NAMES)
 
 
 @pytest.mark.parametrize("name", NAMES)

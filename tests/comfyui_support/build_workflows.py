@@ -1,6 +1,11 @@
 """Write the FluxSR example workflows (UI and API format) from one description each.
 
-    python tests/comfyui_support/build_workflows.py        # rewrites workflows/ and example_workflows/
+    python tests/comfyui_support/build_workflows.py        # rewrites workflows/ and workflows/api/
+
+The UI files lie in workflows/, one of the folders ComfyUI's template browser lists (Workflow >
+Browse Templates, under the pack's name; it also lists example_workflows/ and three other names, so
+a copy there would show each twice); the API-format ones, for scripts posting to /prompt, in
+workflows/api/, which it does not list (its page would load one as an empty graph).
 
 Each workflow is described once (nodes, widget values, links, layout); both formats are derived
 from it, so they cannot drift apart. tests/test_workflows.py checks the written files against
@@ -248,11 +253,11 @@ def all_workflows() -> list[Workflow]:
 
 
 def write(folder: Path) -> list[Path]:
-    folder.mkdir(parents=True, exist_ok=True)
+    """The UI files into ``folder``, the API ones into ``folder/api``; returns their paths."""
     written = []
     for wf in all_workflows():
-        for suffix, data in (("", to_ui(wf)), ("_api", to_api(wf))):
-            path = folder / f"{wf.name}{suffix}.json"
+        for path, data in ((folder / f"{wf.name}.json", to_ui(wf)), (folder / "api" / f"{wf.name}_api.json", to_api(wf))):
+            path.parent.mkdir(parents=True, exist_ok=True)
             tmp = path.with_name(path.name + ".tmp")
             tmp.write_text(json.dumps(data, indent=2, ensure_ascii=False) + "\n", encoding="utf-8")
             os.replace(tmp, path)
@@ -261,7 +266,6 @@ def write(folder: Path) -> list[Path]:
 
 
 if __name__ == "__main__":
-    for target in (REPO / "workflows", REPO / "example_workflows"):
-        for p in write(target):
-            print(p.relative_to(REPO))
+    for p in write(REPO / "workflows"):
+        print(p.relative_to(REPO))
     sys.exit(0)
