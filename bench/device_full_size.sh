@@ -19,6 +19,10 @@ if compgen -G ".whl/*.whl" >/dev/null; then
         --target /tmp/fluxsr-site .whl/*.whl || exit 1
     export PYTHONPATH=/tmp/fluxsr-site
 fi
+# Without diffusers nothing below can run: stop here, before the device time goes on imports that fail.
+"$python" -c "import diffusers" 2>&1 | tee "$out/gpu.txt" || {  # pipefail: the import's status
+    echo "diffusers is not importable: run bench/fetch_device_wheels.sh first and carry .whl/" | tee -a "$out/gpu.txt"
+    exit 1; }
 # fluxsr_core straight from the checkout: nothing to install on a machine without a registry.
 export PYTHONPATH="$PWD${PYTHONPATH:+:$PYTHONPATH}" PYTHONUNBUFFERED=1
 { nvidia-smi --query-gpu=name,memory.total,driver_version,clocks.max.sm --format=csv

@@ -714,8 +714,8 @@ def weight_bytes_per_mode(transformer_config: dict, vae_bytes: int,
     Meta-device models, nothing allocated: ``none`` both models; the fp8 modes the transformer
     laid out by the mode itself (:func:`store_in_fp8`) plus the VAE; ``model_offload`` the larger
     model; ``group_offload`` the layers outside the repeated blocks plus two of the largest
-    block (the one running and the one prefetched). FLUX.1-dev in bf16: 22.3, 14.3, 11.2, 22.2,
-    1.4 GiB.
+    block (the one running and the one prefetched), and the VAE. FLUX.1-dev in bf16: 22.3, 14.3,
+    11.2, 22.2, 1.5 GiB.
     """
     from accelerate import init_empty_weights
     from diffusers import FluxTransformer2DModel
@@ -737,7 +737,7 @@ def weight_bytes_per_mode(transformer_config: dict, vae_bytes: int,
         store_in_fp8(laid_out, torch_dtype, every_linear=mode == "fp8_storage_all")
         out[mode] = param_bytes(laid_out) + vae_bytes
     out["model_offload"] = max(t_bytes, vae_bytes)
-    out["group_offload"] = t_bytes - sum(blocks) + 2 * max(blocks, default=0)
+    out["group_offload"] = t_bytes - sum(blocks) + 2 * max(blocks, default=0) + vae_bytes  # the VAE stays whole
     return out
 
 
@@ -755,7 +755,7 @@ def gguf_weight_bytes_per_mode(transformer_source, vae_bytes: int, lora_bytes: i
     workspace = sizes["largest_quantised"] * (2 + resolve_dtype(dtype, "cpu").itemsize)
     return {"none": t_bytes + vae_bytes + lora_bytes + workspace,
             "model_offload": max(t_bytes + lora_bytes, vae_bytes) + workspace,
-            "group_offload": sizes["rest"] + 2 * max(sizes["blocks"], default=0) + workspace}
+            "group_offload": sizes["rest"] + 2 * max(sizes["blocks"], default=0) + vae_bytes + workspace}
 
 
 def check_gguf_options(transformer_source, memory_mode: Optional[str], speedups=()) -> None:
@@ -939,7 +939,8 @@ def apply_memory_mode(transformer, vae, mode: str, device: Union[str, torch.devi
     * ``model_offload``: both on the CPU; each moves to the device while it runs and the other
       goes back (accelerate's ``cpu_offload_with_hook``). Needs room for the largest model.
     * ``group_offload``: diffusers' ``enable_group_offload`` (block level, one block per group)
-      on both; only one transformer block is on the device at a time. Slowest, least memory.
+      on the transformer: only one of its blocks is on the device at a time (and the next,
+      prefetched on CUDA); the VAE on the device whole. Slowest, least memory.
     * ``fp8_storage``: the Linear weights diffusers' ``enable_layerwise_casting`` would cast
       (their biases stay in the compute dtype), stored as ``float8_e4m3fn`` and cast per call
       to the compute dtype
@@ -969,14 +970,14 @@ def apply_memory_mode(transformer, vae, mode: str, device: Union[str, torch.devi
     elif mode == "model_offload":
         _hook_offload_pair(transformer, vae, dev)
     elif mode == "group_offload":
-        for m in (transformer, vae):
-            m.to("cpu")
-            # CUDA streams (prefetching the next block) only for the transformer: diffusers
-            # learns the prefetch order from a top-level forward, which the VAE never gets
-            # (FluxSR calls vae.encode/decode).
-            m.enable_group_offload(onload_device=dev, offload_device=torch.device("cpu"),
-                                   offload_type="block_level", num_blocks_per_group=1,
-                                   use_stream=dev.type == "cuda" and m is transformer)
+        transformer.to("cpu")
+        transformer.enable_group_offload(onload_device=dev, offload_device=torch.device("cpu"),
+                                         offload_type="block_level", num_blocks_per_group=1,
+                                         use_stream=dev.type == "cuda")
+        # The VAE stays on the device whole (FLUX's: 160 MiB in bf16): diffusers' offload hooks sit
+        # on the forward of its encoder, decoder and their blocks, which the whole-image tiling
+        # never calls (it runs their layers one by one), so their weights would stay in CPU memory.
+        vae.to(dev)
     elif mode in FP8_MODES:
         if is_gguf_model(transformer):
             raise ValueError(f"memory mode {mode} stores a transformer's weights in fp8; this one holds GGUF-quantised "
@@ -1127,7 +1128,10 @@ def apply_speedups(transformer, vae, speedups, *, compile_backend: str = "induct
       With ``group_offload`` each block's graph breaks at its onload and offload; the fp8 modes
       compile whole blocks, their casts included.
     * ``compile_cudagraphs``: the same with ``mode="reduce-overhead"``: CUDA graphs replay each
-      block's kernels without per-kernel launch cost (the single step has fixed shapes).
+      block's kernels without per-kernel launch cost (the single step has fixed shapes). Each
+      block's output, still in the graphs' memory pool, is the next replay's input, which torch's
+      CUDA-graph trees refuse unless told to clone such outputs
+      (:func:`_clone_outputs_between_cudagraph_runs`).
     * ``channels_last_vae``: the VAE's convolution weights in channels-last memory format, the
       layout cuDNN's fastest convolution kernels use.
     * ``cudnn_attention``: diffusers' attention backend ``_native_cudnn`` (torch's SDPA held to
@@ -1166,12 +1170,36 @@ def apply_speedups(transformer, vae, speedups, *, compile_backend: str = "induct
         fullgraph = _compiles_whole_blocks(memory_mode)
         if not fullgraph:
             log.info("compile with memory mode %s: the blocks' graphs break at its hooks", memory_mode)
+        if name == "compile_cudagraphs":
+            _clone_outputs_between_cudagraph_runs()
         if hasattr(transformer, "compile_repeated_blocks"):
             transformer.compile_repeated_blocks(fullgraph=fullgraph, backend=compile_backend, **options)
         else:  # diffusers < 0.35: the same per-block compilation by hand
             for block in list(transformer.transformer_blocks) + list(transformer.single_transformer_blocks):
                 block.compile(fullgraph=fullgraph, backend=compile_backend, **options)
     return names
+
+
+_CUDAGRAPH_CLONING_OPTION = "cudagraph_trees_generation_cloning"  # torch._inductor.config.triton's, 2.14+
+
+
+def _clone_outputs_between_cudagraph_runs() -> bool:
+    """Let one block's CUDA-graph output feed the next replay of the same graph. Blocks compiled
+    one by one with CUDA graphs (FLUX's loop hands each block's output to the next) stop with
+    "accessing tensor output of CUDAGraphs that has been overwritten by a subsequent run"
+    (pytorch/pytorch#152887, open); torch 2.14's inductor option
+    ``triton.cudagraph_trees_generation_cloning = "user_visible"`` copies such outputs out of
+    the graphs' pool first (process-wide: it only adds copies where the error would be). On an
+    older torch a warning says what may happen; returns whether the option was set."""
+    import torch._inductor.config as inductor_config
+
+    if hasattr(inductor_config.triton, _CUDAGRAPH_CLONING_OPTION):
+        setattr(inductor_config.triton, _CUDAGRAPH_CLONING_OPTION, "user_visible")
+        return True
+    log.warning("compile_cudagraphs on torch %s: its CUDA graphs per block may refuse one block's output as the "
+                "next block's input (\"accessing tensor output of CUDAGraphs that has been overwritten\", "
+                "pytorch/pytorch#152887), which torch 2.14 and newer clone; use compile if it does", torch.__version__)
+    return False
 
 
 def _param_dtype(module) -> torch.dtype:
@@ -1393,7 +1421,7 @@ class DiffusersCodec:
                 raise ValueError(f"VAE tile overlap must be a multiple of {self.downscale} pixels and smaller "
                                  f"than the tile {tile} (got {tile_overlap})")
             # diffusers decides when to tile (an image over one tile) and runs the placement
-            # hooks (model and group offload) around it; "image" replaces only the tiling itself
+            # hook (model offload) around it; "image" replaces only the tiling itself
             self.vae.enable_tiling()
             self.vae.tile_sample_min_size = tile
             self.vae.tile_latent_min_size = tile // self.downscale

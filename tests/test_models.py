@@ -619,6 +619,27 @@ def test_speedups_refuse_what_they_would_get_wrong(tiny_model_files):
         models.apply_speedups(placed, vae, "fuse_qkv")
 
 
+def test_compile_cudagraphs_lets_a_blocks_output_feed_the_next_replay(monkeypatch, caplog):
+    """Blocks compiled one by one with CUDA graphs hand each output, in the graphs' pool, to the
+    next replay of the same graph (pytorch/pytorch#152887): torch's option to clone such outputs
+    is set; on a torch without it a warning says what may happen. Compiling is lazy: nothing
+    compiles here."""
+    import torch._inductor.config as inductor_config
+
+    monkeypatch.setattr(inductor_config.triton, "cudagraph_trees_generation_cloning", None)
+    vae = models.load_vae("tiny", dtype="fp32")
+    assert models.apply_speedups(models.load_transformer("tiny", dtype="fp32"), vae, "compile_cudagraphs") == \
+        ["compile_cudagraphs"]
+    assert inductor_config.triton.cudagraph_trees_generation_cloning == "user_visible"
+    monkeypatch.setattr(inductor_config.triton, "cudagraph_trees_generation_cloning", None)
+    models.apply_speedups(models.load_transformer("tiny", dtype="fp32"), vae, "compile")
+    assert inductor_config.triton.cudagraph_trees_generation_cloning is None  # plain compile leaves it
+    monkeypatch.setattr(models, "_CUDAGRAPH_CLONING_OPTION", "an_option_older_torch_lacks")
+    with caplog.at_level(logging.WARNING, logger="fluxsr_core.models"):
+        models.apply_speedups(models.load_transformer("tiny", dtype="fp32"), vae, "compile_cudagraphs")
+    assert "pytorch/pytorch#152887" in caplog.text and "use compile if it does" in caplog.text
+
+
 def test_load_device_follows_the_memory_mode():
     """Weights that will all live on the device are loaded straight there (no copy in RAM);
     the offload modes and fp8_storage (which casts after the LoRA merge) load to the CPU."""
@@ -628,6 +649,22 @@ def test_load_device_follows_the_memory_mode():
     if torch.cuda.is_available():  # pragma: no cover - no GPU in CI
         assert models.load_device("none", "cuda").type == "cuda"
         assert models.load_device("fp8_storage", "cuda").type == "cpu"
+
+
+def test_group_offload_offloads_the_transformer_and_keeps_the_vae_whole_on_the_device(tiny_model_files):
+    """diffusers' group offloading moves weights in hooks on the forward of the VAE's encoder,
+    decoder and blocks, which the whole-image VAE tiling never calls (it runs their layers one by
+    one): an offloaded VAE's weights would stay in CPU memory beside CUDA inputs. Only the
+    transformer is offloaded; the VAE's bytes count in the mode's weights."""
+    from diffusers.hooks.group_offloading import _is_group_offload_enabled
+
+    transformer, vae = models.load_transformer("tiny", dtype="fp32"), models.load_vae("tiny", dtype="fp32")
+    models.apply_memory_mode(transformer, vae, "group_offload", "cpu")
+    assert _is_group_offload_enabled(transformer)
+    assert not any(getattr(m, "_diffusers_hook", None) is not None for m in vae.modules())
+    vae_bytes = sum(p.numel() * 4 for p in vae.parameters())
+    with_vae = models.weight_bytes_per_mode(dict(transformer.config), vae_bytes, "fp32")["group_offload"]
+    assert with_vae - models.weight_bytes_per_mode(dict(transformer.config), 0, "fp32")["group_offload"] == vae_bytes
 
 
 def test_file_loaded_onto_a_device_places_every_tensor(transformer_files, tiny_transformer, cond, inputs):
