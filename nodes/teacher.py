@@ -136,12 +136,14 @@ DATASET_ROOTS_ENV = "FLUXSR_DATASET_ROOTS"
 
 
 def _within(root: str, path: str) -> bool:
-    """Whether ``path`` lies in ``root`` (both real, absolute); paths on two Windows drives have
-    no common path (``commonpath`` raises ValueError) and are not."""
+    """Whether ``path`` lies in ``root`` (both real, absolute). ``relpath`` rather than
+    ``commonpath``, which on Windows raises for a network share's root (``\\\\nas\\share``);
+    both raise ValueError for paths on two drives, which are not within each other."""
     try:
-        return os.path.commonpath([root, path]) == root
+        rel = os.path.relpath(path, root)
     except ValueError:
         return False
+    return rel != os.pardir and not rel.startswith(os.pardir + os.sep) and not os.path.isabs(rel)
 
 
 def resolve_dataset_folder(folder: str) -> str:

@@ -1282,14 +1282,17 @@ def test_teacher_dataset_folder_on_another_windows_drive_than_the_output(pack, m
     import ntpath
 
     teacher = sub(pack, "nodes.teacher")
-    windows = types.SimpleNamespace(path=ntpath, pathsep=";", getcwd=lambda: "C:\\ComfyUI",
-                                    environ={teacher.DATASET_ROOTS_ENV: "\\\\nas\\share\\sets;D:\\datasets"})
+    windows = types.SimpleNamespace(path=ntpath, pathsep=";", sep="\\", pardir="..", getcwd=lambda: "C:\\ComfyUI",
+                                    environ={teacher.DATASET_ROOTS_ENV: "\\\\nas\\share\\sets;D:\\datasets;\\\\nas2\\pairs"})
     monkeypatch.setattr(teacher, "os", windows)
     monkeypatch.setitem(sys.modules, "folder_paths",
                         types.SimpleNamespace(get_output_directory=lambda: "C:\\ComfyUI\\output"))
     assert teacher.resolve_dataset_folder("D:\\datasets\\pairs") == "D:\\datasets\\pairs"
     assert teacher.resolve_dataset_folder("\\\\nas\\share\\sets\\a") == "\\\\nas\\share\\sets\\a"
     assert teacher.resolve_dataset_folder("pairs") == "C:\\ComfyUI\\output\\pairs"
+    assert teacher.resolve_dataset_folder("\\\\nas2\\pairs\\run1") == "\\\\nas2\\pairs\\run1"  # a share's root
+    with pytest.raises(ValueError, match="outside ComfyUI's output folder"):
+        teacher.resolve_dataset_folder("D:\\datasets2\\x")  # beside a root, not in it
     with pytest.raises(ValueError, match="outside ComfyUI's output folder"):
         teacher.resolve_dataset_folder("E:\\elsewhere")
 
