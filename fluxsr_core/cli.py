@@ -435,6 +435,10 @@ def _prepare_run(args, log):
     elif missing:
         raise UsageError(f"missing {', '.join(missing)}\n\n{MODEL_FILES_HELP}")
     device = models.resolve_device(args.device)
+    if device.type == "cuda":  # --device cuda:N: what torch and diffusers make on "the" GPU (streams) go there
+        import torch
+
+        torch.cuda.set_device(device)
     dtype = models.resolve_dtype(args.dtype, device)
     cond_bundle = bundle_mod.load_bundle(args.conditioning)
     for line in cond_bundle.report:

@@ -15,6 +15,8 @@
 
 from __future__ import annotations
 
+import contextlib
+import inspect
 import logging
 from dataclasses import dataclass, field
 from fractions import Fraction
@@ -106,9 +108,12 @@ def resolve_dtype(name: Union[str, torch.dtype, None] = "auto",
                   device: Union[str, torch.device, None] = None) -> torch.dtype:
     """``bf16`` | ``fp16`` | ``fp32`` | ``auto`` (or a torch dtype) -> compute dtype.
 
-    ``auto``: bf16 on CUDA GPUs that support it (fp16 on older ones), fp16 on MPS, fp32 on
-    CPU (bf16 matmuls on CPU are slow and fp16 ones are missing on some builds). ``device``
-    defaults to :func:`resolve_device` ``("auto")``.
+    ``auto``: bf16 on CUDA GPUs with bf16 hardware (compute capability 8 and up: Ampere and
+    later), fp16 on older ones (T4, V100: ``torch.cuda.is_bf16_supported()`` says yes there too,
+    by emulation, and torch's fused attention has no bf16 kernel below sm80, so every attention
+    would take the slow math path), fp16 on MPS, fp32 on CPU (bf16 matmuls on CPU are slow and
+    fp16 ones are missing on some builds). ``device`` defaults to :func:`resolve_device`
+    ``("auto")``; its own capability decides, not the current GPU's.
     """
     if isinstance(name, torch.dtype):
         if name not in (torch.bfloat16, torch.float16, torch.float32):
@@ -121,7 +126,8 @@ def resolve_dtype(name: Union[str, torch.dtype, None] = "auto",
         raise ValueError(f"unknown dtype {name!r}; use auto, bf16, fp16 or fp32")
     dev = resolve_device(device if device is not None else "auto")
     if dev.type == "cuda":
-        return torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
+        major, _ = torch.cuda.get_device_capability(dev)
+        return torch.bfloat16 if major >= 8 else torch.float16
     if dev.type == "mps":
         return torch.float16
     return torch.float32
@@ -174,6 +180,7 @@ def _instantiate(cls, config: dict, state_dict: dict[str, torch.Tensor], dtype: 
     # One tensor at a time, replacing in place, so a 23 GB file never exists twice in memory.
     for k in list(state_dict):
         t = state_dict.pop(k)
+        t = _storable_on(target, t, dtype)
         placed = t.to(device=target)
         if t.is_floating_point():
             layout = dtypes.get(fused_of.get(k, k), dtype)
@@ -215,6 +222,30 @@ def _instantiate(cls, config: dict, state_dict: dict[str, torch.Tensor], dtype: 
     for key, scale in kept_scales.items():
         setattr(model.get_submodule(key.rsplit(".", 1)[0]), _FP8_ROW_SCALE_ATTR, scale)
     return model.eval()
+
+
+def _pin_as_it_goes(transformer_bytes: int) -> bool:
+    """Whether diffusers' streamed group offloading should pin each block as it moves it
+    (``low_cpu_mem_usage``, slower) instead of keeping a pinned copy of all the weights, made
+    beside the transformer already in CPU memory before the copies replace it: for FLUX.1-dev in
+    bf16, 22 GiB more at once, page-locked. Pinned as it goes where CPU memory has less than
+    that and a quarter more available (:func:`memory.available_cpu_bytes`)."""
+    available = memory.available_cpu_bytes()
+    pin_as_it_goes = available is not None and available < transformer_bytes * 5 // 4
+    if pin_as_it_goes:
+        log.info("group_offload: %.1f GiB of CPU memory available, %.1f GiB of weights: each block is pinned as it "
+                 "moves (slower) rather than all at once", available / GIB, transformer_bytes / GIB)
+    return pin_as_it_goes
+
+
+def _storable_on(target: torch.device, t: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+    """``t`` in a dtype ``target`` can hold: an fp8 file's weight bound for Apple's MPS, which has
+    no float8 in most torch releases (moving one there raises TypeError), widened to ``dtype``
+    on the CPU first, exactly (every e4m3fn and e5m2 value is a bf16, fp16 and fp32 value);
+    anything else as it is."""
+    if target.type == "mps" and t.dtype in FP8_DTYPES:
+        return t.to(dtype)
+    return t
 
 
 def _stored_in_fp8(key: str, weight: torch.Tensor, row_scale: Optional[torch.Tensor], layout: torch.dtype,
@@ -971,9 +1002,15 @@ def apply_memory_mode(transformer, vae, mode: str, device: Union[str, torch.devi
         _hook_offload_pair(transformer, vae, dev)
     elif mode == "group_offload":
         transformer.to("cpu")
-        transformer.enable_group_offload(onload_device=dev, offload_device=torch.device("cpu"),
-                                         offload_type="block_level", num_blocks_per_group=1,
-                                         use_stream=dev.type == "cuda")
+        streamed = dev.type == "cuda"
+        options = {}
+        if streamed and "low_cpu_mem_usage" in inspect.signature(transformer.enable_group_offload).parameters:
+            options["low_cpu_mem_usage"] = _pin_as_it_goes(param_bytes(transformer))
+        # the prefetch stream is made on the current CUDA device: dev's, not cuda:0's
+        with torch.cuda.device(dev) if streamed else contextlib.nullcontext():
+            transformer.enable_group_offload(onload_device=dev, offload_device=torch.device("cpu"),
+                                             offload_type="block_level", num_blocks_per_group=1,
+                                             use_stream=streamed, **options)
         # The VAE stays on the device whole (FLUX's: 160 MiB in bf16): diffusers' offload hooks sit
         # on the forward of its encoder, decoder and their blocks, which the whole-image tiling
         # never calls (it runs their layers one by one), so their weights would stay in CPU memory.
@@ -1058,12 +1095,13 @@ def _speedup_names(speedups) -> list[str]:
     return [s.strip() for s in (speedups.split(",") if isinstance(speedups, str) else speedups) if s.strip()]
 
 
-def parse_speedups(speedups, merge_lora: bool = True, memory_mode: Optional[str] = None) -> list[str]:
+def parse_speedups(speedups, merge_lora: bool = True, memory_mode: Optional[str] = None,
+                   device: Union[str, torch.device, None] = None) -> list[str]:
     """``"fuse_qkv,compile"`` (or a list of names) -> the list of names, checked before any model
     is loaded: unknown names, two compile modes or two attention backends at once, an attention
-    backend without a CUDA GPU, ``fuse_qkv`` with a LoRA kept unmerged (``merge_lora`` False)
-    and ``compile_cudagraphs`` with an offload mode (when ``memory_mode`` is given) raise
-    ValueError."""
+    backend without a CUDA GPU (or, ``device`` given, where the models do not run on one),
+    ``fuse_qkv`` with a LoRA kept unmerged (``merge_lora`` False) and ``compile_cudagraphs``
+    with an offload mode (when ``memory_mode`` is given) raise ValueError."""
     names = _speedup_names(speedups)
     unknown = [s for s in names if s not in SPEEDUPS]
     if unknown:
@@ -1074,6 +1112,9 @@ def parse_speedups(speedups, merge_lora: bool = True, memory_mode: Optional[str]
     for name in _ATTENTION_BACKENDS:
         if name in names and not torch.cuda.is_available():
             raise ValueError(f"{name} needs a CUDA GPU (its attention kernel is CUDA's)")
+        if name in names and device is not None and torch.device(device).type != "cuda":
+            raise ValueError(f"{name} needs the models on a CUDA GPU (its attention kernel is CUDA's); the device is "
+                             f"{torch.device(device)}")
     if "fuse_qkv" in names and not merge_lora:
         raise ValueError("fuse_qkv needs the LoRA merged (an unmerged LoRA on to_q/to_k/to_v would be left out "
                          "of the fused projection); merge it, or leave fuse_qkv out")
@@ -1510,7 +1551,7 @@ def load_models(transformer_source: PathLike, vae_source: PathLike, memory_mode:
     if lora is not None and merge_lora and is_gguf_file(transformer_source):
         merge_lora = False
         notes.append("the LoRA is kept as an adapter beside the GGUF weights (quantised weights cannot take a merge)")
-    names = parse_speedups(speedups, merge_lora=lora is None or merge_lora, memory_mode=memory_mode)
+    names = parse_speedups(speedups, merge_lora=lora is None or merge_lora, memory_mode=memory_mode, device=dev)
     direct_fp8 = memory_mode in FP8_MODES
     where = dev if direct_fp8 else load_device(memory_mode, dev)
     info = None

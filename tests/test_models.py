@@ -115,6 +115,56 @@ def test_resolve_device_and_dtype():
         models.resolve_dtype("int8")
 
 
+def test_auto_dtype_follows_the_chosen_gpus_bf16_hardware(monkeypatch):
+    """bf16 from compute capability 8 (Ampere) up, fp16 below (T4 7.5, V100 7.0), where
+    torch.cuda.is_bf16_supported() also says yes (by emulation) but torch's fused attention has
+    no bf16 kernel; the capability of the device asked for, not of the current GPU."""
+    asked = []
+    monkeypatch.setattr(models, "resolve_device", lambda device="auto": torch.device(device))
+    monkeypatch.setattr(torch.cuda, "is_bf16_supported", lambda including_emulation=True: True)
+    for capability, expected in (((7, 0), torch.float16), ((7, 5), torch.float16), ((8, 0), torch.bfloat16),
+                                 ((9, 0), torch.bfloat16)):
+        monkeypatch.setattr(torch.cuda, "get_device_capability",
+                            lambda device=None, c=capability: asked.append(device) or c)
+        assert models.resolve_dtype("auto", "cuda:1") is expected, capability
+    assert asked and all(torch.device(d) == torch.device("cuda", 1) for d in asked)
+
+
+def test_attention_backends_need_the_models_on_a_cuda_device(monkeypatch):
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)  # a CUDA machine, the models elsewhere
+    assert models.parse_speedups("flash_attention", device="cuda:0") == ["flash_attention"]
+    for device in ("cpu", "mps"):
+        with pytest.raises(ValueError, match=f"cudnn_attention needs the models on a CUDA GPU.*device is {device}"):
+            models.parse_speedups("cudnn_attention", device=device)
+
+
+def test_fp8_weights_bound_for_mps_are_widened_exactly_on_the_cpu():
+    """Apple's MPS has no float8 in most torch releases (moving one there raises TypeError):
+    an fp8 file's weights are widened first; every e4m3fn / e5m2 value is a bf16 value."""
+    values = torch.linspace(-448, 448, 1001)
+    for fp8 in (torch.float8_e4m3fn, torch.float8_e5m2):
+        stored = values.to(fp8)
+        widened = models._storable_on(torch.device("mps"), stored, torch.bfloat16)
+        assert widened.dtype == torch.bfloat16 and widened.device.type == "cpu"
+        assert torch.equal(widened.float(), stored.float())
+        assert models._storable_on(torch.device("cuda", 0), stored, torch.bfloat16) is stored  # CUDA stores fp8
+    plain = torch.ones(3)
+    assert models._storable_on(torch.device("mps"), plain, torch.bfloat16) is plain
+
+
+def test_streamed_group_offload_pins_as_it_goes_where_cpu_memory_is_short(monkeypatch, caplog):
+    """diffusers keeps a pinned copy of all the weights for its stream, made beside the CPU copy:
+    twice the transformer at once. Where CPU memory lacks that, each block is pinned as it moves."""
+    from fluxsr_core import memory
+
+    gib = 2 ** 30
+    for available, expected in ((40 * gib, False), (26 * gib, True), (None, False)):
+        monkeypatch.setattr(memory, "available_cpu_bytes", lambda a=available: a)
+        with caplog.at_level(logging.INFO, logger="fluxsr_core.models"):
+            assert models._pin_as_it_goes(22 * gib) is expected, available
+    assert "pinned as it moves" in caplog.text
+
+
 # ----------------------------------------------------------------------- loading layouts
 
 @pytest.mark.parametrize("name", ["folder", "sharded", "pipeline", "diffusers.safetensors", "flux1-bfl.safetensors",
