@@ -717,6 +717,60 @@ def test_settings_that_would_be_silently_ignored_are_refused(pairs, tmp_path, mo
         T.train(tiny_config(pairs, tmp_path / "c", "train.max_steps=1"))
 
 
+def test_resume_with_another_accumulation_count_syncs_at_the_end_of_each_window(pairs, tmp_path, monkeypatch):
+    """accelerate restores its micro-batch counter and syncs when it reaches a multiple of the
+    accumulation count: resumed with 3 micro-batches per step after a run of 2, every step
+    stepped after its 2nd micro-batch and the 3rd leaked into the next. The counter starts afresh."""
+    import contextlib
+
+    import accelerate
+
+    syncs = []
+    real = accelerate.Accelerator.accumulate
+
+    @contextlib.contextmanager
+    def accumulate(self, *models_):
+        with real(self, *models_):
+            syncs.append(self.sync_gradients)
+            yield
+
+    monkeypatch.setattr(accelerate.Accelerator, "accumulate", accumulate)
+    common = ("train.max_steps=6", "checkpoint.every=2", "data.batch_size=1")
+    T.train(tiny_config(pairs, tmp_path / "run", *common, "train.stop_at=2", "train.gradient_accumulation_steps=2"))
+    assert syncs == [False, True] * 2
+    syncs.clear()
+    T.train(tiny_config(pairs, tmp_path / "run", *common, "train.stop_at=4", "train.gradient_accumulation_steps=3",
+                        "train.resume=latest"))
+    assert syncs == [False, False, True] * 2
+
+
+def test_deepspeed_setups_the_trainer_cannot_run_are_refused_and_the_batch_size_filled():
+    """ZeRO-3 partitions the LoRA itself (empty tensors in checkpoints and export); an accelerate
+    config without a DeepSpeed file leaves the micro-batch "auto", which accelerate fills only
+    from DataLoaders handed to prepare (the trainer hands none)."""
+    assert T.deepspeed_setup_problem({"zero_optimization": {"stage": 2}}) is None
+    assert T.deepspeed_setup_problem(None) is None
+    assert "ZeRO stage 3 is not supported" in T.deepspeed_setup_problem({"zero_optimization": {"stage": 3}})
+    config = {"train_micro_batch_size_per_gpu": "auto", "zero_optimization": {"stage": 2}}
+    T.fill_deepspeed_batch_size(config, 2)
+    assert config["train_micro_batch_size_per_gpu"] == 2
+    config = {"train_micro_batch_size_per_gpu": 4}
+    T.fill_deepspeed_batch_size(config, 2)  # a DeepSpeed file's own value stays
+    assert config["train_micro_batch_size_per_gpu"] == 4
+
+
+def test_mixed_precision_fp16_on_the_cpu_is_refused_and_auto_follows_the_gpus_hardware(monkeypatch):
+    with pytest.raises(ConfigError, match="train.mixed_precision=fp16 needs a GPU"):
+        T._mixed_precision("fp16", "cpu")
+    assert T._mixed_precision("bf16", "cpu") == "bf16" and T._mixed_precision("auto", "cpu") == "no"
+    from fluxsr_core import models
+
+    monkeypatch.setattr(models, "resolve_device", lambda device="auto": torch.device("cuda", 0))
+    for capability, expected in (((7, 0), "fp16"), ((8, 6), "bf16")):
+        monkeypatch.setattr(torch.cuda, "get_device_capability", lambda device=None, c=capability: c)
+        assert T._mixed_precision("auto", "cuda") == expected
+
+
 def test_deepspeed_clipping_must_agree_with_max_grad_norm():
     assert T.deepspeed_clipping_problem({"gradient_clipping": 1.0}, 1.0) is None
     assert T.deepspeed_clipping_problem({"gradient_clipping": "auto"}, 0.5) is None

@@ -1292,11 +1292,39 @@ def _make_optimizer(params: list[torch.nn.Parameter], cfg: OptimConfig, device: 
 
 
 def _mixed_precision(name: str, device_type: str) -> str:
+    """accelerate's mixed precision for ``train.mixed_precision`` on ``device_type``: ``auto``
+    is bf16 on GPUs with bf16 hardware and fp16 on older ones (as the upscaler's dtype), none on
+    the CPU. fp16 on the CPU is refused: accelerate would run fp32 there without a word."""
     if name == "auto":
         if device_type == "cuda":
-            return "bf16" if torch.cuda.is_bf16_supported() else "fp16"
+            from fluxsr_core import models
+
+            return "bf16" if models.resolve_dtype("auto", "cuda") is torch.bfloat16 else "fp16"
         return "no"
+    if name == "fp16" and device_type == "cpu":
+        raise ConfigError("train.mixed_precision=fp16 needs a GPU: on the CPU accelerate runs fp32 without saying "
+                          "so; use no (or bf16)")
     return name
+
+
+def deepspeed_setup_problem(ds_config: Optional[dict]) -> Optional[str]:
+    """Why the trainer cannot run under this DeepSpeed config, or None: ZeRO stage 3 partitions
+    every parameter, the LoRA's too, so its saved and exported tensors would be empty
+    partitions, and the validation the main process runs alone would wait for the others'
+    gathers."""
+    stage = ((ds_config or {}).get("zero_optimization") or {}).get("stage")
+    if stage is not None and stage != "auto" and int(stage) >= 3:
+        return ("DeepSpeed ZeRO stage 3 is not supported (it partitions the LoRA itself: checkpoints and the export "
+                "would hold empty tensors); use zero_stage 2 (accelerate_deepspeed_flux.yaml) or FSDP")
+    return None
+
+
+def fill_deepspeed_batch_size(ds_config: dict, batch_size: int) -> None:
+    """Put ``data.batch_size`` in a DeepSpeed config whose micro-batch size is "auto" (an
+    accelerate config without a DeepSpeed file): accelerate fills it from the DataLoaders handed
+    to ``prepare``, and the trainer hands it none, so ``prepare`` would refuse to start."""
+    if ds_config.get("train_micro_batch_size_per_gpu", "auto") == "auto":
+        ds_config["train_micro_batch_size_per_gpu"] = int(batch_size)
 
 
 def _load_validation_images(cfg: TrainConfig, say_notes: bool = True) -> list[tuple[str, torch.Tensor]]:
@@ -1516,6 +1544,8 @@ class _Run:
         from accelerate import Accelerator
         from accelerate.utils import DistributedDataParallelKwargs, ProjectConfiguration, parse_flag_from_env
 
+        from fluxsr_core import models
+
         cfg = self.cfg
         device_probe = "cuda" if torch.cuda.is_available() and not parse_flag_from_env("ACCELERATE_USE_CPU") else "cpu"
         self.mixed_precision = mp = _mixed_precision(cfg.train.mixed_precision, device_probe)
@@ -1556,13 +1586,25 @@ class _Run:
             raise ConfigError(f"model.memory_mode={cfg.model.memory_mode} does not combine with DeepSpeed (its bf16 "
                               "engine re-casts every weight); use memory_mode=none with ZeRO-2")
         if self._distributed("DEEPSPEED"):
-            problem = deepspeed_clipping_problem(getattr(acc.state.deepspeed_plugin, "deepspeed_config", None),
-                                                 cfg.optim.max_grad_norm)
+            ds_config = getattr(acc.state.deepspeed_plugin, "deepspeed_config", None)
+            problem = (deepspeed_setup_problem(ds_config)
+                       or deepspeed_clipping_problem(ds_config, cfg.optim.max_grad_norm))
             if problem:
                 raise ConfigError(problem)
+            if ds_config is not None:
+                fill_deepspeed_batch_size(ds_config, cfg.data.batch_size)
         if self._distributed("FSDP") and cfg.model.memory_mode in FP8_MODES:
             raise ConfigError(f"model.memory_mode={cfg.model.memory_mode} does not combine with FSDP (it flattens "
                               "fp8 and bf16 weights into one buffer); use memory_mode=none")
+        fsdp_plugin = getattr(acc.state, "fsdp_plugin", None)
+        if (self._distributed("FSDP") and int(getattr(fsdp_plugin, "fsdp_version", 1) or 1) == 1
+                and models.resolve_dtype(cfg.model.dtype, device_probe) is not torch.float32):
+            # FSDP 1 flattens each wrapped block's weights into one buffer of one dtype: the fp32
+            # LoRA beside a bf16 base cannot be flattened ("Must flatten tensors with uniform dtype")
+            raise ConfigError(f"FSDP (fsdp_version 1) needs model.dtype=fp32: it flattens each block's frozen weights and "
+                              f"its fp32 LoRA into one buffer of one dtype, and model.dtype={cfg.model.dtype} is "
+                              f"{models.resolve_dtype(cfg.model.dtype, device_probe)} (its mixed precision still "
+                              f"computes in {mp})")
         if self._distributed("FSDP") and cfg.validation.every:
             # validation runs the whole student on the main process, which FSDP has sharded
             raise ConfigError("validation.every needs the whole model on one process, which FSDP shards; set "
@@ -2291,6 +2333,12 @@ class _Run:
                 # torch and accelerate name neither the checkpoint nor what to do
                 raise damaged_checkpoint(resume_from, f"its state could not be loaded ({type(exc).__name__}: "
                                                       f"{first_line(exc)})") from exc
+            # accelerate restores its micro-batch counter, and syncs (and steps) when it reaches a
+            # multiple of the accumulation count: with another train.gradient_accumulation_steps
+            # than the checkpoint's, steps would end mid-window, and a rank without its own saved
+            # counter (more processes than before) would all-reduce out of step with the others.
+            # The loop always runs whole windows, so every rank starts counting afresh.
+            acc.step = 0
             self._info(f"resumed from {resume_from} at step {self.state.step}")
             if self.state.train_pairs is not None and self.state.train_pairs != len(self.train_indices) and self.main:
                 log.warning("the checkpoint was trained on %d pairs, the dataset now has %d for training: the data "
