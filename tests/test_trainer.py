@@ -717,6 +717,33 @@ def test_settings_that_would_be_silently_ignored_are_refused(pairs, tmp_path, mo
         T.train(tiny_config(pairs, tmp_path / "c", "train.max_steps=1"))
 
 
+def test_lora_and_adl_selections_the_model_cannot_take_are_refused_before_it_loads(pairs, tmp_path, monkeypatch):
+    """A LoRA block, target or ADL block the transformer lacks, and the 8-bit AdamW without
+    bitsandbytes, are refused from the model's layout before its weights load (on FLUX.1-dev
+    they were found only after minutes of loading 24 GB), and the run folder is not made."""
+    import importlib.util
+
+    monkeypatch.setattr(T, "build_student", lambda *a, **k: pytest.fail("a model was built before the refusal"))
+    run = tmp_path / "run"
+    for setting, message in [
+            ("lora.blocks='double:5'", r"^lora.blocks: block selection 'double:5': index 5 is out of range; this model has 1 double "),
+            ("lora.target_modules=['attn.to_q', 'attn.to_qq']", r"^lora.target_modules \['attn.to_qq'\] match no "
+                                                               r"linear layer of the selected blocks"),
+            ("loss.adl_blocks='single:9'", r"^loss.adl_blocks='single:9' with loss.adl_form=tokens: block selection "
+                                           r"'single:9': index 9 is out of range"),
+            ("loss.adl_blocks='double:-1;triple:0'", r"^loss.adl_blocks='double:-1;triple:0' with "
+                                                     r"loss.adl_form=tokens: ")]:
+        with pytest.raises(ConfigError, match=message):
+            T.train(tiny_config(pairs, run, "train.max_steps=2", "loss.w_adl=0.1", setting))
+    monkeypatch.undo()
+    real_find_spec = importlib.util.find_spec
+    monkeypatch.setattr(importlib.util, "find_spec",
+                        lambda name, *a, **k: None if name == "bitsandbytes" else real_find_spec(name, *a, **k))
+    with pytest.raises(ConfigError, match="^optim.adam_8bit=true needs bitsandbytes: pip install bitsandbytes"):
+        T.train(tiny_config(pairs, run, "train.max_steps=2", "optim.adam_8bit=true"))
+    assert not run.exists()
+
+
 def test_resume_with_another_accumulation_count_syncs_at_the_end_of_each_window(pairs, tmp_path, monkeypatch):
     """accelerate restores its micro-batch counter and syncs when it reaches a multiple of the
     accumulation count: resumed with 3 micro-batches per step after a run of 2, every step

@@ -433,6 +433,11 @@ def check_config(cfg: TrainConfig) -> None:
 
     if cfg.loss.w_tvlpips > 0 and cfg.loss.perceptual not in PERCEPTUAL_KINDS:
         raise ConfigError(f"loss.perceptual={cfg.loss.perceptual!r}; choose one of {', '.join(PERCEPTUAL_KINDS)}")
+    if cfg.optim.adam_8bit == "true" and importlib.util.find_spec("bitsandbytes") is None:
+        raise ConfigError(_NEEDS_BITSANDBYTES)
+
+
+_NEEDS_BITSANDBYTES = "optim.adam_8bit=true needs bitsandbytes: pip install bitsandbytes (or set optim.adam_8bit=false)"
 
 
 _SCHEDULES = ("constant", "constant_with_warmup", "cosine", "linear", "cosine_with_restarts", "polynomial")
@@ -521,6 +526,30 @@ def resolve_lora_targets(transformer, targets: Sequence[str], blocks: str = "dou
     if not names:
         raise ConfigError("the LoRA targets no layer; check lora.target_modules and lora.blocks")
     return names
+
+
+def adl_hook_for(cfg: TrainConfig, transformer) -> ADLHook:
+    """The ADL hook ``cfg.loss`` asks for on ``transformer``, inactive until captured;
+    :class:`ConfigError` naming ``loss.adl_blocks`` and ``loss.adl_form`` for a selection the
+    model cannot take (a block it does not have, an attention without FLUX's q/k norms)."""
+    try:
+        return make_adl_hook(transformer, cfg.loss.adl_form, cfg.loss.adl_blocks, queries=cfg.loss.adl_queries,
+                             active=False)
+    except ValueError as exc:
+        raise ConfigError(f"loss.adl_blocks={cfg.loss.adl_blocks!r} with loss.adl_form={cfg.loss.adl_form}: "
+                          f"{exc}") from None
+
+
+def check_student_layout(cfg: TrainConfig, transformer_config: dict) -> None:
+    """Refuse a ``lora.target_modules``, ``lora.blocks`` or ``loss.adl_blocks`` the transformer of
+    ``transformer_config`` cannot take: the very checks the loaded student gets, run on its
+    empty (meta-device) layout, so they come before the minutes of loading 12B weights."""
+    from fluxsr_core.models import empty_transformer
+
+    layout = empty_transformer(transformer_config)
+    resolve_lora_targets(layout, cfg.lora.target_modules, cfg.lora.blocks)
+    if cfg.loss.w_adl > 0:
+        adl_hook_for(cfg, layout).remove()
 
 
 def build_student(cfg: TrainConfig, device: torch.device | str = "cpu"):
@@ -1281,8 +1310,7 @@ def _make_optimizer(params: list[torch.nn.Parameter], cfg: OptimConfig, device: 
             import bitsandbytes as bnb
         except ImportError:
             if cfg.adam_8bit == "true":
-                raise ConfigError("optim.adam_8bit=true needs bitsandbytes: pip install bitsandbytes "
-                                  "(or set optim.adam_8bit=false)") from None
+                raise ConfigError(_NEEDS_BITSANDBYTES) from None
             use_8bit = False
         else:
             return bnb.optim.AdamW8bit(params, lr=cfg.lr, betas=tuple(cfg.betas), eps=cfg.eps,
@@ -1684,11 +1712,15 @@ class _Run:
         return resume_from
 
     def _preflight_conditioning(self, resume_from: Optional[Path]) -> None:
-        """The conditioning, its check against the checkpoint's, the validation set's refusals
-        (:meth:`_preflight`'s last part)."""
+        """The conditioning, its checks against the checkpoint's and the transformer's, the LoRA's
+        and ADL's layout checks, the validation set's refusals (:meth:`_preflight`'s last part)."""
+        from fluxsr_core.models import transformer_config_of
+
         cfg = self.cfg
         self._setup_conditioning()
-        self._check_conditioning_fits()
+        transformer_config = transformer_config_of(cfg.model.transformer)
+        self._check_conditioning_fits(transformer_config)
+        check_student_layout(cfg, transformer_config)
         if resume_from is not None and "conditioning_sha256" in self.resume_state:
             then = self.resume_state["conditioning_sha256"]
             if then != self.conditioning_sha256:
@@ -1792,8 +1824,7 @@ class _Run:
 
         self.adl_hook = None
         if cfg.loss.w_adl > 0:
-            self.adl_hook = make_adl_hook(self.transformer, cfg.loss.adl_form, cfg.loss.adl_blocks,
-                                          queries=cfg.loss.adl_queries, active=False)
+            self.adl_hook = adl_hook_for(cfg, self.transformer)
             form = cfg.loss.adl_form + (f", {cfg.loss.adl_queries} queries" if cfg.loss.adl_form == "attention" else "")
             self._info(f"ADL ({form}) on blocks {', '.join(self.adl_hook.labels)} (weight {cfg.loss.w_adl:g})")
 
@@ -1905,12 +1936,9 @@ class _Run:
             raise value
         return value
 
-    def _check_conditioning_fits(self) -> None:
-        """Refuse a conditioning whose widths the transformer cannot take, from the transformer's
-        header or config.json (no weights loaded), so it is found before the minutes of loading."""
-        from fluxsr_core.models import transformer_config_of
-
-        config = transformer_config_of(self.cfg.model.transformer)
+    def _check_conditioning_fits(self, config: dict) -> None:
+        """Refuse a conditioning whose widths the transformer of ``config`` (read from its header
+        or config.json, no weights loaded) cannot take, before the minutes of loading."""
         if self.fixed_bundle is not None:
             self.fixed_bundle.check_fits(config)
             return
