@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import logging
+import math
 import os
 import re
 import shutil
@@ -259,6 +260,36 @@ def test_stop_and_resume_gives_the_same_weights_bit_for_bit(pairs, tmp_path):
     # resuming a finished run is refused: nothing is left to train
     with pytest.raises(ConfigError, match="is at step 6 and train.max_steps is 6: nothing is left to train"):
         T.train(tiny_config(pairs, tmp_path / "part", *common, "train.resume=latest"))
+
+
+def test_a_checkpoint_trained_without_fp16_resumes_in_fp16_with_a_fresh_loss_scale(pairs, tmp_path, monkeypatch,
+                                                                                   caplog):
+    """bf16 (or fp32) checkpoints hold no loss-scale state (scaler.pt); resumed with fp16 mixed
+    precision, accelerate asked for it and the checkpoint was called damaged. Now the loss scale
+    starts afresh, with a notice, and the next checkpoint holds it. fp16 needs a GPU, so a CPU
+    GradScaler stands in for the one accelerate makes for fp16."""
+    from accelerate.utils.constants import SCALER_NAME
+
+    common = ("train.max_steps=4", "checkpoint.every=2", "ema.enabled=false")
+    first = T.train(tiny_config(pairs, tmp_path / "run", *common, "train.stop_at=2"))
+    assert not (Path(first.checkpoint) / SCALER_NAME).exists()
+    setup = T._Run._setup_accelerator
+
+    def with_loss_scaling(self):
+        setup(self)
+        self.accelerator.scaler = torch.amp.GradScaler("cpu", init_scale=1024.0)
+
+    monkeypatch.setattr(T._Run, "_setup_accelerator", with_loss_scaling)
+    caplog.clear()
+    rest = T.train(tiny_config(pairs, tmp_path / "run", *common, "train.resume=latest"))
+    assert rest.start_step == 2 and rest.step == 4 and all(math.isfinite(v) for v in rest.losses)
+    assert f"holds no fp16 loss scale (no {SCALER_NAME}: it was trained without fp16 mixed precision)" in caplog.text
+    saved = torch.load(Path(rest.checkpoint) / SCALER_NAME, weights_only=True)
+    assert saved["scale"] > 0 and saved["_growth_tracker"] == 2  # two steps scaled since the fresh start
+    monkeypatch.undo()  # and back again: a checkpoint's scaler.pt is ignored by a run without fp16
+    more = T.train(tiny_config(pairs, tmp_path / "run", "train.max_steps=5", "checkpoint.every=2",
+                               "ema.enabled=false", "train.resume=latest"))
+    assert more.start_step == 4 and more.step == 5
 
 
 def test_sigkill_then_resume_matches_an_uninterrupted_run(pairs, tmp_path):

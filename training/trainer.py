@@ -2060,6 +2060,36 @@ class _Run:
                                      f"{list(p.shape)}; resume with the LoRA rank it was made with")
                 p.copy_(sd[k].to(p.device, p.dtype))
 
+    def _load_checkpoint(self, checkpoint: Path) -> None:
+        """accelerate's state from ``checkpoint``; :class:`DamagedCheckpointError` when it cannot be read.
+
+        A checkpoint trained without fp16 holds no loss-scale state (accelerate's ``scaler.pt``),
+        which accelerate would ask for and fail on: resumed in fp16, the scaler starts afresh, as
+        in a fresh fp16 run (it finds its scale within the first steps, skipping those that overflow).
+        """
+        from accelerate.utils.constants import SCALER_NAME
+
+        acc = self.accelerator
+        scaler = getattr(acc, "scaler", None)
+        fresh_scaler = scaler is not None and not (checkpoint / SCALER_NAME).is_file()
+        if fresh_scaler:
+            acc.scaler = None  # what load_state restores from; the prepared optimizer keeps its own reference
+        try:
+            acc.load_state(str(checkpoint), **({"load_module_strict": False} if self._distributed("DEEPSPEED") else {}))
+        except (OSError, RuntimeError, EOFError, ValueError, pickle.UnpicklingError) as exc:
+            from fluxsr_core.upscaler import is_out_of_memory
+
+            if is_out_of_memory(exc):  # the device's fault, not the checkpoint's
+                raise
+            # torch and accelerate name neither the checkpoint nor what to do
+            raise damaged_checkpoint(checkpoint, f"its state could not be loaded ({type(exc).__name__}: "
+                                                 f"{first_line(exc)})") from exc
+        finally:
+            acc.scaler = scaler
+        if fresh_scaler and self.main:
+            log.warning("checkpoint %s holds no fp16 loss scale (no %s: it was trained without fp16 mixed "
+                        "precision): the loss scale starts afresh, as in a new fp16 run", checkpoint, SCALER_NAME)
+
     def save_checkpoint(self) -> Path:
         """Write a checkpoint of the current step (atomically: a temporary folder, renamed)."""
         self.interrupt.saving = True   # a second Ctrl-C now would leave the rename half done
@@ -2350,17 +2380,7 @@ class _Run:
         accum = cfg.train.gradient_accumulation_steps
         global_batch = cfg.data.batch_size * acc.num_processes * accum
         if resume_from is not None:
-            try:
-                acc.load_state(str(resume_from),
-                               **({"load_module_strict": False} if self._distributed("DEEPSPEED") else {}))
-            except (OSError, RuntimeError, EOFError, ValueError, pickle.UnpicklingError) as exc:
-                from fluxsr_core.upscaler import is_out_of_memory
-
-                if is_out_of_memory(exc):  # the device's fault, not the checkpoint's
-                    raise
-                # torch and accelerate name neither the checkpoint nor what to do
-                raise damaged_checkpoint(resume_from, f"its state could not be loaded ({type(exc).__name__}: "
-                                                      f"{first_line(exc)})") from exc
+            self._load_checkpoint(resume_from)
             # accelerate restores its micro-batch counter, and syncs (and steps) when it reaches a
             # multiple of the accumulation count: with another train.gradient_accumulation_steps
             # than the checkpoint's, steps would end mid-window, and a rank without its own saved
