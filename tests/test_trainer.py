@@ -226,6 +226,10 @@ def test_zero_weight_terms_are_not_even_built(pairs, tmp_path, monkeypatch, capl
     r = T.train(tiny_config(pairs, tmp_path / "on", "train.max_steps=2", "ema.enabled=false", "loss.w_adl=0.5",
                             "loss.w_tvlpips=0.1", "loss.perceptual=random-test", "loss.adl_blocks=single:0",
                             "train.log_every=1"))
+    # one on the empty layout (the preflight's check, removed at once), one on the student
+    on_layout = [h for h, _ in built_hooks if next(h.transformer.parameters()).is_meta]
+    assert len(on_layout) == 1 and on_layout[0]._handles == []
+    built_hooks = [(h, b) for h, b in built_hooks if h not in on_layout]
     assert [b for _, b in built_hooks] == ["single:0"] and built_perceptual[0][0] == "random-test"
     assert "TV-LPIPS with random-backbone LPIPS (TEST ONLY" in caplog.text  # the log names the network
     assert "ADL (tokens) on blocks single:0 (weight 0.5)" in caplog.text
@@ -1133,6 +1137,55 @@ def test_a_failure_in_a_training_step_on_one_process_stops_both(pairs, tmp_path,
     out = failed_two_process_run(script, pairs, tmp_path)
     assert message in out, out[-3000:]                      # rank 0's own error, naming rank 1's
     assert not list((tmp_path / "run").glob("checkpoints/*")), "no checkpoint of a failed step"
+
+
+@pytest.mark.parametrize("failure,message", [
+    ("validation", "process 0 could not validate step 0: RuntimeError: simulated failure of rank 0's validation"),
+    ("metrics", "process 0 could not write metrics.jsonl: OSError: [Errno 28] No space left on device"),
+    ("checkpoint folder", "process 0 could not write checkpoint step 2: PermissionError: [Errno 13] Permission "
+                          "denied")])
+def test_a_failure_in_the_main_process_alone_stops_the_others(pairs, tmp_path, failure, message):
+    """The main process alone validates, appends to metrics.jsonl and makes each checkpoint's
+    folder: when that fails there (an out-of-memory in validation, a full disk), rank 1 stops too,
+    with an error naming rank 0's. Before, rank 1 went on to the next collective and waited there
+    (`accelerate launch` on one machine then killed it without a word; processes started by other
+    means waited for the group's timeout)."""
+    script = tmp_path / "run_train.py"
+    script.write_text(textwrap.dedent(f"""
+        import errno, os, sys
+        import fluxsr_core.upscaler
+        from fluxsr_training import trainer as T
+
+        if int(os.environ["RANK"]) == 0:
+            if "{failure}" == "validation":
+                def fail(*args, **kwargs):
+                    raise RuntimeError("simulated failure of rank 0's validation")
+
+                fluxsr_core.upscaler.upscale_tensor = fail
+            elif "{failure}" == "metrics":
+                real = T._Run._append_metrics
+
+                def full(self, record):
+                    if record["kind"] == "train":
+                        raise OSError(errno.ENOSPC, "No space left on device")
+                    real(self, record)
+
+                T._Run._append_metrics = full
+            else:
+                real = T.Path.mkdir
+
+                def refused(self, *args, **kwargs):
+                    if self.name.startswith(".tmp-step-"):
+                        raise PermissionError(errno.EACCES, "Permission denied", str(self))
+                    real(self, *args, **kwargs)
+
+                T.Path.mkdir = refused
+        T.train(T.load_train_config(None, sys.argv[1:]))
+    """))
+    extra = ("validation.every=2", "data.holdout=1") if failure == "validation" else ()
+    out = failed_two_process_run(script, pairs, tmp_path, "train.log_every=1", *extra)
+    assert message in out, out[-3000:]  # rank 1's error, naming rank 0's
+    assert not list((tmp_path / "run").glob("checkpoints/*")), "no checkpoint was written"
 
 
 def test_a_checkpoint_write_failing_on_one_process_stops_both_and_leaves_no_part(pairs, tmp_path):

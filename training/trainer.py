@@ -2099,21 +2099,25 @@ class _Run:
             self.interrupt.saving = False
 
     def _write_checkpoint(self) -> Path:
-        acc = self.accelerator
         step = self.state.step
         root = self.out / CHECKPOINT_DIR
         final = root / f"step-{step:07d}"
         tmp = root / f".tmp-step-{step:07d}"
-        if self.main:
-            root.mkdir(parents=True, exist_ok=True)
-            if tmp.exists():
-                shutil.rmtree(tmp)
-            tmp.mkdir()
-        acc.wait_for_everyone()
         what = f"write checkpoint step {step}"
+
+        def make_folder() -> None:
+            if self.main:
+                root.mkdir(parents=True, exist_ok=True)
+                if tmp.exists():
+                    shutil.rmtree(tmp)
+                tmp.mkdir()
+
         try:
             # Each part on every process, so that a rank whose write fails (each writes its own
-            # RNG state) stops the others too instead of leaving them at the next collective.
+            # RNG state, the main process the folder and the files) stops the others too instead
+            # of leaving them at the next collective; the first one's all-reduce is the barrier
+            # before the others write into the folder.
+            self._on_every_process(make_folder, what)
             self._on_every_process(lambda: self._save_state_into(tmp), what)
             self._on_every_process(lambda: self._finish_checkpoint(tmp, final, root, step) if self.main else None,
                                    what)  # its all-reduce is the barrier after the rename
@@ -2271,47 +2275,55 @@ class _Run:
             self._val_set = items
         return self._val_set
 
-    @torch.no_grad()
     def validate(self) -> Optional[dict[str, Any]]:
+        """The validation of the current step on the main process (its record; None on the others
+        or with nothing to validate on). Guarded: its failure there (an out-of-memory, a full disk
+        for the images) stops every process, which would otherwise wait at the next collective."""
+        return self._on_every_process(lambda: self._validate_on_main() if self.main else None,
+                                      f"validate step {self.state.step}")
+
+    @torch.no_grad()
+    def _validate_on_main(self) -> Optional[dict[str, Any]]:
+        """:meth:`validate`'s work: PSNR-Y of the student's one-step upscale of each validation
+        image's degraded copy, logged, recorded in metrics.jsonl and (``validation.save_images``)
+        saved as images."""
         from fluxsr_core import images
         from fluxsr_core.upscaler import UpscaleOptions, upscale_tensor
 
         acc = self.accelerator
-        result = None
-        if self.main:
-            val = self._validation_set()
-            if val:
-                opts = UpscaleOptions(scale=float(self.cfg.degradation.scale), t_l=self.cfg.settings.t_l,
-                                      color_fix=self.cfg.validation.color_fix)
-                self.transformer.eval()
-                use_ema = self.ema is not None and self.cfg.validation.use_ema
-                ctx = self.ema.applied_to(self.params) if use_ema else contextlib.nullcontext()
-                per_image, folder = [], self.out / "validation" / f"step-{self.state.step:07d}"
-                with ctx, acc.autocast():
-                    for k, (name, hr) in enumerate(val):
-                        lr = degrade(hr, self.cfg.degradation, seed=self.cfg.validation.seed + k)
-                        sr = upscale_tensor(lr, self.eval_velocity, self.codec, self.val_cond, opts).float().cpu()
-                        bic = images.resize(lr, tuple(hr.shape[-2:])).clamp(0, 1)
-                        scale = self.cfg.degradation.scale
-                        per_image.append({"name": name, "psnr": _psnr(sr, hr, scale),
-                                          "bicubic_psnr": _psnr(bic, hr, scale)})
-                        if self.cfg.validation.save_images:
-                            images.save_image(folder / f"{name}-sr.png", sr)
-                            if self.state.step == 0 or not (folder.parent / f"{name}-lr.png").exists():
-                                images.save_image(folder.parent / f"{name}-lr.png", lr)
-                                images.save_image(folder.parent / f"{name}-hr.png", hr)
-                self.transformer.train()
-                result = {"step": self.state.step, "ema": use_ema,
-                          "psnr": sum(r["psnr"] for r in per_image) / len(per_image),
-                          "bicubic_psnr": sum(r["bicubic_psnr"] for r in per_image) / len(per_image),
-                          "images": per_image}
-                self._info(f"validation step {self.state.step}: PSNR-Y {result['psnr']:.2f} dB "
-                           f"(bicubic {result['bicubic_psnr']:.2f} dB) on {len(per_image)} image(s)"
-                           f"{' with EMA weights' if use_ema else ''}")
-                acc.log({"val/psnr": result["psnr"], "val/bicubic_psnr": result["bicubic_psnr"]},
-                        step=self.state.step)
-                self._record_metrics({"kind": "validation", **result})
-        acc.wait_for_everyone()
+        val = self._validation_set()
+        if not val:
+            return None
+        opts = UpscaleOptions(scale=float(self.cfg.degradation.scale), t_l=self.cfg.settings.t_l,
+                              color_fix=self.cfg.validation.color_fix)
+        self.transformer.eval()
+        use_ema = self.ema is not None and self.cfg.validation.use_ema
+        ctx = self.ema.applied_to(self.params) if use_ema else contextlib.nullcontext()
+        per_image, folder = [], self.out / "validation" / f"step-{self.state.step:07d}"
+        with ctx, acc.autocast():
+            for k, (name, hr) in enumerate(val):
+                lr = degrade(hr, self.cfg.degradation, seed=self.cfg.validation.seed + k)
+                sr = upscale_tensor(lr, self.eval_velocity, self.codec, self.val_cond, opts).float().cpu()
+                bic = images.resize(lr, tuple(hr.shape[-2:])).clamp(0, 1)
+                scale = self.cfg.degradation.scale
+                per_image.append({"name": name, "psnr": _psnr(sr, hr, scale),
+                                  "bicubic_psnr": _psnr(bic, hr, scale)})
+                if self.cfg.validation.save_images:
+                    images.save_image(folder / f"{name}-sr.png", sr)
+                    if self.state.step == 0 or not (folder.parent / f"{name}-lr.png").exists():
+                        images.save_image(folder.parent / f"{name}-lr.png", lr)
+                        images.save_image(folder.parent / f"{name}-hr.png", hr)
+        self.transformer.train()
+        result = {"step": self.state.step, "ema": use_ema,
+                  "psnr": sum(r["psnr"] for r in per_image) / len(per_image),
+                  "bicubic_psnr": sum(r["bicubic_psnr"] for r in per_image) / len(per_image),
+                  "images": per_image}
+        self._info(f"validation step {self.state.step}: PSNR-Y {result['psnr']:.2f} dB "
+                   f"(bicubic {result['bicubic_psnr']:.2f} dB) on {len(per_image)} image(s)"
+                   f"{' with EMA weights' if use_ema else ''}")
+        acc.log({"val/psnr": result["psnr"], "val/bicubic_psnr": result["bicubic_psnr"]},
+                step=self.state.step)
+        self._append_metrics({"kind": "validation", **result})
         return result
 
     # -- the loop ------------------------------------------------------------------------------
@@ -2320,9 +2332,22 @@ class _Run:
         if getattr(self, "main", True):
             log.info(msg)
 
-    def _record_metrics(self, record: dict[str, Any]) -> None:
+    def _record_metrics(self, record: dict[str, Any], then: Optional[Callable[[], None]] = None) -> None:
+        """:meth:`_append_metrics` on the main process (and ``then()``, more of its work), called by
+        every process: a failure there (a full disk) stops every process, which would otherwise
+        wait at the next collective."""
+        def work() -> None:
+            if self.main:
+                self._append_metrics(record)
+                if then is not None:
+                    then()
+
+        self._on_every_process(work, f"write {METRICS_FILE}")
+
+    def _append_metrics(self, record: dict[str, Any]) -> None:
         """Append one JSON line to ``<output_dir>/metrics.jsonl`` (main process; flushed at once),
-        so the numbers outlive stdout whether or not tensorboard is installed."""
+        so the numbers outlive stdout whether or not tensorboard is installed. Called on the main
+        process alone, outside :meth:`_record_metrics`, only where no collective follows."""
         if not self.main:
             return
         path = self.out / METRICS_FILE
@@ -2419,11 +2444,10 @@ class _Run:
         elif resume_from is not None and self.state.samples != start_step * global_batch:
             self._info(f"the global batch is now {global_batch}: the data stream goes on from sample "
                        f"{self.state.samples}")
-        if self.main:
-            cfg.save(self.out / CONFIG_FILE)
         self._record_metrics({"kind": "resume" if resume_from is not None else "start", "step": start_step,
                               "checkpoint": str(resume_from) if resume_from is not None else None,
-                              "time": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())})
+                              "time": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())},
+                             then=lambda: cfg.save(self.out / CONFIG_FILE))
 
         sampler = _StreamBatches(cfg.data.batch_size, acc.process_index, acc.num_processes, self.state.samples)
         items = _TrainItems(self.pairs, self.train_indices, self.stream, cfg.degradation, self.teacher_image)
@@ -2507,8 +2531,8 @@ class _Run:
                     if progress is not None:
                         progress.write(line)
                     self._info(line) if progress is None else log.debug(line)
-                    acc.log({f"train/{k}": v for k, v in entry.items() if k != "step"}, step=self.state.step)
-                    self._record_metrics({"kind": "train", **entry})
+                    self._record_metrics({"kind": "train", **entry}, then=lambda: acc.log(
+                        {f"train/{k}": v for k, v in entry.items() if k != "step"}, step=self.state.step))
                     window, window_n, window_seconds = {}, 0, 0.0
                 if interrupted:
                     break  # the checkpoint of this step is written below
@@ -2528,7 +2552,8 @@ class _Run:
                     last_ckpt = resume_from
         except KeyboardInterrupt:
             # A second Ctrl-C (or one outside the handler's reach): what is on disk is what is kept.
-            self._record_metrics({"kind": "interrupt", "step": self.state.step, "saved": False})
+            # the others may be anywhere (or gone): this process's own record, no collective
+            self._append_metrics({"kind": "interrupt", "step": self.state.step, "saved": False})
             raise TrainingInterrupted(self.state.step, latest_checkpoint(self.out), saved=False,
                                       terminated=self.interrupt.terminated) from None
         finally:
@@ -2538,9 +2563,10 @@ class _Run:
         stopped = stopped or interrupted or self.state.step < cfg.train.max_steps
         if self.adl_hook is not None:
             self.adl_hook.remove()
+        if interrupted:  # before end_training, which ends the process group
+            self._record_metrics({"kind": "interrupt", "step": self.state.step, "saved": True})
         acc.end_training()
         if interrupted:
-            self._record_metrics({"kind": "interrupt", "step": self.state.step, "saved": True})
             raise TrainingInterrupted(self.state.step, last_ckpt, saved=True, terminated=self.interrupt.terminated)
         if resume_from is not None and last_ckpt == resume_from and self.fixed_t5 is not None:
             own = resume_from / CONDITIONING_FILE
