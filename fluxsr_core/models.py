@@ -111,8 +111,10 @@ def resolve_dtype(name: Union[str, torch.dtype, None] = "auto",
     ``auto``: bf16 on CUDA GPUs with bf16 hardware (compute capability 8 and up: Ampere and
     later), fp16 on older ones (T4, V100: ``torch.cuda.is_bf16_supported()`` says yes there too,
     by emulation, and torch's fused attention has no bf16 kernel below sm80, so every attention
-    would take the slow math path), fp16 on MPS, fp32 on CPU (bf16 matmuls on CPU are slow and
-    fp16 ones are missing on some builds). ``device`` defaults to :func:`resolve_device`
+    would take the slow math path), on MPS bf16 from macOS 14 (where Metal has it; FLUX's
+    activations overflow fp16, and from macOS 14.5 fp16 attention gives black images, as
+    ComfyUI also found) and fp16 before, fp32 on CPU (bf16 matmuls on CPU are slow and fp16
+    ones are missing on some builds). ``device`` defaults to :func:`resolve_device`
     ``("auto")``; its own capability decides, not the current GPU's.
     """
     if isinstance(name, torch.dtype):
@@ -129,8 +131,18 @@ def resolve_dtype(name: Union[str, torch.dtype, None] = "auto",
         major, _ = torch.cuda.get_device_capability(dev)
         return torch.bfloat16 if major >= 8 else torch.float16
     if dev.type == "mps":
-        return torch.float16
+        return torch.bfloat16 if _macos_version() >= (14,) else torch.float16
     return torch.float32
+
+
+def _macos_version() -> tuple[int, ...]:
+    """The macOS version as numbers (``(14, 5)``); ``()`` elsewhere or when unreadable."""
+    import platform
+
+    try:
+        return tuple(int(n) for n in platform.mac_ver()[0].split(".") if n)
+    except ValueError:
+        return ()
 
 
 # ------------------------------------------------------------------------------- assembling

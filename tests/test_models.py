@@ -130,6 +130,18 @@ def test_auto_dtype_follows_the_chosen_gpus_bf16_hardware(monkeypatch):
     assert asked and all(torch.device(d) == torch.device("cuda", 1) for d in asked)
 
 
+def test_auto_dtype_on_a_mac_is_bf16_from_macos_14(monkeypatch):
+    """Metal has bf16 from macOS 14; fp16 overflows in FLUX's activations (and its attention gives
+    black images from macOS 14.5), so fp16 is only for older macOS."""
+    import platform
+
+    monkeypatch.setattr(models, "resolve_device", lambda device="auto": torch.device("mps"))
+    for version, expected in (("13.6.1", torch.float16), ("14.0", torch.bfloat16), ("15.1", torch.bfloat16),
+                              ("", torch.float16)):
+        monkeypatch.setattr(platform, "mac_ver", lambda v=version: (v, ("", "", ""), "arm64"))
+        assert models.resolve_dtype("auto", "mps") is expected, version
+
+
 def test_attention_backends_need_the_models_on_a_cuda_device(monkeypatch):
     monkeypatch.setattr(torch.cuda, "is_available", lambda: True)  # a CUDA machine, the models elsewhere
     assert models.parse_speedups("flash_attention", device="cuda:0") == ["flash_attention"]
