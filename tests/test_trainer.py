@@ -1267,6 +1267,48 @@ def test_two_cpu_processes_match_one_with_the_same_global_batch(pairs, tmp_path)
     assert max(float((a[k] - b[k]).abs().max()) for k in a) < 1e-2 * moved
 
 
+def test_the_frozen_base_is_not_broadcast_so_fp8_storage_trains_on_two_cpu_processes(pairs, tmp_path):
+    """DDP broadcasts every parameter of the model it wraps from rank 0, the frozen base too: 24 GB
+    of FLUX.1-dev in bf16 that every process has just loaded from the same file, and with fp8
+    storage a dtype gloo cannot send ("Invalid scalar type"), so two CPU processes could not train
+    in fp8. The LoRA alone is synced now; the base is checked to be the same by content instead,
+    and a process that loaded another one is refused by name."""
+    script = tmp_path / "run_train.py"
+    script.write_text(textwrap.dedent("""
+        import os, sys
+        import torch
+        from fluxsr_training import trainer as T
+
+        rank, overrides = int(os.environ["RANK"]), sys.argv[1:]
+        broadcast = []
+        real = torch.distributed._broadcast_coalesced
+
+        def counting(group, tensors, *args, **kwargs):
+            broadcast.extend(t.numel() for t in tensors)
+            return real(group, tensors, *args, **kwargs)
+
+        torch.distributed._broadcast_coalesced = counting
+        if "other-base" in overrides:  # rank 1 on another node, with another file at the same path
+            overrides = [o for o in overrides if o != "other-base"] + (["model.init_seed=7"] if rank == 1 else [])
+        T.train(T.load_train_config(None, overrides))
+        print(f"rank {rank} broadcast {sum(broadcast)} values", flush=True)
+        T.exit_without_teardown(0)
+    """))
+    args = [*TWO_PROCESS_TRAIN_ARGS, f"data.pairs={str(pairs)!r}", "model.memory_mode=fp8_storage"]
+    proc = launch_two_cpu_processes(script, [*args, f"train.output_dir={str(tmp_path / 'run')!r}"])
+    out = proc.stdout + proc.stderr
+    assert proc.returncode == 0, out[-3000:]
+    # the LoRA alone: rank 4 on 17 layers of the tiny model (6,784 values, as its log says)
+    assert "rank 0 broadcast 6784 values" in out and "rank 1 broadcast 6784 values" in out, out[-3000:]
+    assert (tmp_path / "run" / T.CHECKPOINT_DIR / "step-0000002" / T.LORA_FILE).is_file()
+    proc = launch_two_cpu_processes(script, [*args, "other-base", f"train.output_dir={str(tmp_path / 'other')!r}"])
+    out = proc.stdout + proc.stderr
+    assert proc.returncode != 0
+    assert ("process 1 loads another base model than process 0 from model.transformer=tiny (compared by content)"
+            in out), out[-3000:]
+    assert not (tmp_path / "other" / T.CHECKPOINT_DIR).exists()
+
+
 def test_a_decision_of_the_main_process_reaches_the_others_errors_included(monkeypatch):
     """What `_decided_on_main` gives every process (a fake broadcast carries the main process's box
     to the other one): the main's result, not a decision of their own; the main's refusal,

@@ -1653,6 +1653,7 @@ class _Run:
         try:
             self._on_every_process(lambda: self._take_run_lock() if self.main else None, "lock the run folder")
             resume_from = self._on_every_process(self._preflight_resume, "check the run folder")
+            self._check_one_base_everywhere()
             self._setup_data(self.resume_state.get("holdout_ids") if resume_from is not None else None)
             self._on_every_process(lambda: self._preflight_conditioning(resume_from), "set up the conditioning")
         except BaseException:
@@ -1710,6 +1711,22 @@ class _Run:
         self.resume_notices = (_check_resumable(resume_from, cfg, self.resume_state, self.base_identity)
                                if resume_from is not None else [])
         return resume_from
+
+    def _check_one_base_everywhere(self) -> None:
+        """Refuse a launch whose processes load different base models, compared by content (a
+        node with another file at ``model.transformer``'s path): the frozen base is not broadcast
+        from the main process (:meth:`_prepare_models`), so each process trains on what it loads."""
+        acc = self.accelerator
+        if acc.num_processes == 1:
+            return
+        from accelerate.utils import gather_object
+
+        identities = gather_object([self.base_identity])
+        other = next((rank for rank, identity in enumerate(identities) if identity != identities[0]), None)
+        if other is not None:
+            raise ConfigError(f"process {other} loads another base model than process 0 from model.transformer="
+                              f"{self.cfg.model.transformer} (compared by content): every process, on every node, "
+                              "must load the same file; copy the main node's to the others")
 
     def _preflight_conditioning(self, resume_from: Optional[Path]) -> None:
         """The conditioning, its checks against the checkpoint's and the transformer's, the LoRA's
@@ -1805,6 +1822,11 @@ class _Run:
         # process, changing the schedule with the process count).
         self.scheduler = get_scheduler(cfg.optim.schedule, optimizer, num_warmup_steps=cfg.optim.warmup_steps,
                                        num_training_steps=cfg.train.max_steps)
+        # Every process loaded the same frozen base (checked by content in the preflight): DDP would
+        # broadcast all of it from the main process as it wraps the model (24 GB of FLUX.1-dev in
+        # bf16, and fp8 storage gloo cannot send at all); the trainable LoRA alone is synced.
+        torch.nn.parallel.DistributedDataParallel._set_params_and_buffers_to_ignore_for_model(
+            self.transformer, [n for n, p in self.transformer.named_parameters() if not p.requires_grad])
         self.model, self.optimizer = acc.prepare(self.transformer, optimizer)
         self.ema = LoraEMA(self.params, cfg.ema.decay, cfg.ema.warmup) if cfg.ema.enabled else None
         self.state = _TrainState()
