@@ -74,6 +74,8 @@ class Terminated(KeyboardInterrupt):
 class Job:
     source: Path
     target: Path
+    # the target was found among the inputs and taken for an earlier run's output (collect_jobs)
+    earlier_output: bool = False
 
     @property
     def output_format(self) -> str:
@@ -227,7 +229,8 @@ def _tiling_from_args(args):
 
 
 def collect_jobs(inputs: Sequence[Path], output: Path, output_is_folder: bool = False,
-                 output_format: Optional[str] = None) -> tuple[list[Job], list[tuple[Path, str]]]:
+                 output_format: Optional[str] = None,
+                 overwrite: bool = False) -> tuple[list[Job], list[tuple[Path, str]]]:
     """Expand folders, map each input to ``<stem>.png`` (or the suffix of ``output_format``, one
     of :data:`OUTPUT_FORMATS`); a single input may name a .png, .jpg/.jpeg or .webp file (unless
     ``output_is_folder``: the user typed ``-o`` with a trailing slash), whose suffix must then
@@ -241,6 +244,11 @@ def collect_jobs(inputs: Sequence[Path], output: Path, output_is_folder: bool = 
     clash with another input's output nor load the models.
     Output folders are checked for writing apart (:func:`_check_writable`), once the existing
     outputs to skip are known.
+
+    Writing into a folder that is also read (``-o photos`` on ``photos``): ``a.jpg`` beside
+    ``a.png``, with ``a.jpg`` this run's output name for ``a.png``, is taken for an earlier run's
+    output, not an input, so the run can be run again. Nothing in a file says whether it is one,
+    so with ``overwrite`` such a file is refused rather than replaced: it may be a photo of its own.
     """
     from .images import broken_link_message, missing_file_message
 
@@ -287,16 +295,21 @@ def collect_jobs(inputs: Sequence[Path], output: Path, output_is_folder: bool = 
             same = f"{f} is given twice" if first == f else f"{first} and {f} are the same file"
             raise UsageError(f"{same}; give each input once")
     files = unique
-    earlier_outputs: set = set()
-    if output_format not in (None, "png"):
-        # An earlier run into a folder it also reads (-o in --format jpg): a.jpg beside a.png is
-        # a.png's output, not an input (else the rerun that goes on would clash, a.png and a.jpg
-        # -> a.jpg). A PNG output of an in-place run is refused below as replacing its input.
-        outputs = {_identity(output / f"{f.stem}{OUTPUT_FORMATS[output_format]}") for f in files
-                   if f.suffix.lower() != OUTPUT_FORMATS[output_format]}
-        earlier = {i: id(f) for i, f in first_by_identity.items() if id(f) in scanned and i in outputs}
-        earlier_outputs, dropped = set(earlier), set(earlier.values())
-        files = [f for f in files if id(f) not in dropped]
+    # An earlier run into a folder it also reads (-o photos on photos, --format jpg): a.jpg beside
+    # a.png is a.png's output, not an input (else the rerun that goes on would clash, a.png and
+    # a.jpg -> a.jpg); so is a.png beside a.jpg for PNG outputs. An input whose output is itself
+    # (a.png -> a.png) is refused below as replacing its input.
+    out_suffix = OUTPUT_FORMATS[output_format or "png"]
+    outputs = {_identity(output / f"{f.stem}{out_suffix}"): f for f in files if f.suffix.lower() != out_suffix}
+    earlier = {i: f for i, f in first_by_identity.items() if id(f) in scanned and i in outputs}
+    if earlier and overwrite:
+        i, f = next(iter(earlier.items()))
+        raise UsageError(f"--overwrite would replace {f}, taken for the output of {outputs[i]} by an earlier run "
+                         f"into this folder, but it may be a picture of its own (nothing in a file says which): "
+                         f"write to another folder with -o, or move the earlier outputs away first"
+                         + (f" ({len(earlier)} such files)" if len(earlier) > 1 else ""))
+    earlier_outputs, dropped = set(earlier), {id(f) for f in earlier.values()}
+    files = [f for f in files if id(f) not in dropped]
     suffix = output.suffix.lower()
     if not output_is_folder and suffix in OUTPUT_SUFFIXES and not output.is_dir():
         given = len(files) + len(unreadable)
@@ -322,6 +335,8 @@ def collect_jobs(inputs: Sequence[Path], output: Path, output_is_folder: bool = 
             jobs.append(Job(f, target))
         if clashes:
             raise UsageError("outputs would be written twice; rename one of each: " + "; ".join(clashes))
+    for j in jobs:
+        j.earlier_output = _identity(j.target) in earlier_outputs
     sources = set(first_by_identity) - earlier_outputs
     replaced = [j for j in jobs if _identity(j.target) in sources]
     if replaced:
@@ -552,8 +567,8 @@ def run_upscale(args) -> int:
             raise UsageError(str(exc)) from None
     parse_speedups(args.speedups, merge_lora=not args.no_merge_lora, memory_mode=args.memory_mode)
     output_text = os.fspath(args.output)  # as typed: Path() would drop a trailing slash
-    jobs, unreadable = collect_jobs(args.inputs, Path(output_text),
-                                    output_is_folder=output_text.endswith(("/", os.sep)), output_format=args.format)
+    jobs, unreadable = collect_jobs(args.inputs, Path(output_text), output_is_folder=output_text.endswith(("/", os.sep)),
+                                    output_format=args.format, overwrite=args.overwrite)
     if args.quality is not None and any(j.target.suffix.lower() == ".png" for j in jobs):
         raise UsageError("--quality is for JPEG and WebP outputs; these are PNG, which is lossless (add --format "
                          "jpg or webp, or give a .jpg or .webp -o)")
@@ -579,7 +594,10 @@ def run_upscale(args) -> int:
         if args.overwrite or not j.target.exists():
             todo.append(j)
         else:
-            log(f"skip {j.source}: {j.target} exists (use --overwrite to replace it)")
+            log(f"skip {j.source}: {j.target} exists ("
+                + ("taken for its output by an earlier run into this folder, so not upscaled itself; if it is a "
+                   "picture of its own, write to another folder with -o" if j.earlier_output
+                   else "use --overwrite to replace it") + ")")
     # Only where something will be written: a rerun whose outputs all exist writes nothing.
     _check_writable(todo)
     skipped = len(jobs) - len(todo)

@@ -929,6 +929,43 @@ def test_an_in_place_jpeg_run_can_be_run_again(tmp_path, capsys):
     assert f"skip {folder / 'a.png'}: {folder / 'a.jpg'} exists" in err and "1 upscaled, 1 skipped" in err, err
 
 
+def test_an_in_place_png_run_over_jpegs_can_be_run_again(tmp_path, capsys):
+    """`-o` the input folder of JPEGs, PNG outputs: the rerun takes a.png for a.jpg's output (not
+    an input whose output a.png is itself, refused as replacing its input) and says why it is skipped."""
+    from fluxsr_core.demo_model import demo_paths
+
+    folder = tmp_path / "photos"
+    folder.mkdir()
+    Image.new("RGB", (24, 16), (90, 30, 160)).save(folder / "a.jpg")
+    args = ["upscale", str(folder), "-o", str(folder), *demo_paths().cli_args(), "--device", "cpu", "-q", "--scale", "2"]
+    assert cli.main(args) == 0 and Image.open(folder / "a.png").size == (48, 32)
+    capsys.readouterr()
+    Image.new("RGB", (24, 16)).save(folder / "b.jpg")
+    assert cli.main(args) == 0
+    err = capsys.readouterr().err
+    assert f"skip {folder / 'a.jpg'}: {folder / 'a.png'} exists (taken for its output by an earlier run" in err, err
+    assert "1 upscaled, 1 skipped" in err and Image.open(folder / "b.png").size == (48, 32)
+
+
+def test_overwrite_in_place_refuses_to_replace_a_file_that_may_be_a_picture_of_its_own(tmp_path, capsys):
+    """A folder holding a.png and a different photo a.jpg, upscaled in place to JPEG with
+    --overwrite: a.jpg would be taken for a.png's earlier output and replaced. Refused before
+    anything is written, naming both files; both are left as they were."""
+    from fluxsr_core.demo_model import demo_paths
+
+    folder = tmp_path / "mix"
+    folder.mkdir()
+    Image.new("RGB", (24, 16), (90, 30, 160)).save(folder / "a.png")
+    Image.new("RGB", (40, 40), (10, 200, 10)).save(folder / "a.jpg")
+    before = {p.name: p.read_bytes() for p in folder.iterdir()}
+    args = ["upscale", str(folder), "-o", str(folder), "--format", "jpg", "--overwrite", *demo_paths().cli_args(),
+            "--device", "cpu", "-q", "--scale", "2"]
+    assert cli.main(args) == 2
+    err = capsys.readouterr().err
+    assert f"--overwrite would replace {folder / 'a.jpg'}, taken for the output of {folder / 'a.png'}" in err, err
+    assert "write to another folder with -o" in err
+    assert {p.name: p.read_bytes() for p in folder.iterdir()} == before
+
 def test_the_lora_is_reported_with_its_notes(tmp_path, photo_png, tiny_model_files, capsys):
     """What the LoRA file turned out to be (rank, alpha, layers, merged) and its notes, here a
     FLUX.1-schnell base in its metadata: said before the upscale. Before, a LoRA's notes (text-encoder
