@@ -431,6 +431,20 @@ def scan_manifests(folder: str | os.PathLike) -> ManifestScan:
     return total
 
 
+def stored_record(folder: str | os.PathLike, pair_id: str) -> Optional[tuple[str, Optional[dict[str, Any]]]]:
+    """``(shard, stored metadata)`` of pair ``pair_id`` in ``folder``, from the manifests and that
+    one shard's header (no tensors, no other shard: cheap in a folder of thousands); the metadata
+    is None when the shard cannot be read. None when no manifest lists the pair."""
+    for entry in reversed(scan_manifests(folder).entries):
+        if pair_id in entry.pairs:
+            try:
+                records, _ = _read_shard_header(Path(folder) / entry.shard)
+            except Exception:  # noqa: BLE001 - a damaged shard is the dataset checks' to report
+                return entry.shard, None
+            return entry.shard, next((r for r in records if r.get("id") == pair_id), None)
+    return None
+
+
 # --- writer -------------------------------------------------------------------------------
 
 class _WriterLock:

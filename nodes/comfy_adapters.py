@@ -133,20 +133,23 @@ def conditioning_to_core(conditioning: Any, guidance: Optional[float] = None) ->
 
 # --- velocity model over a ComfyUI MODEL ------------------------------------------------------
 
-def check_flux_model(model: Any) -> None:
-    """Raise ValueError unless ``model`` is a ComfyUI MODEL of a FLUX-style flow transformer."""
+def check_flux_model(model: Any, teacher: bool = False) -> None:
+    """Raise ValueError unless ``model`` is a ComfyUI MODEL of a FLUX-style flow transformer.
+    ``teacher``: for the Teacher Sampler, whose advice is plain FLUX.1-dev, without the LoRA."""
     inner = getattr(model, "model", None)
     fmt = getattr(inner, "latent_format", None)
     if inner is None or fmt is None or not hasattr(inner, "apply_model"):
         raise ValueError("the model input is not a ComfyUI MODEL; connect a UNETLoader (FLUX.1-dev) "
-                         "followed by FluxSR Load LoRA with the FluxSR LoRA")
+                         + ("straight to the Teacher Sampler, without the FluxSR LoRA (the teacher is the plain "
+                            "base model)" if teacher else "followed by FluxSR Load LoRA with the FluxSR LoRA"))
     channels = getattr(fmt, "latent_channels", None)
     scale, shift = getattr(fmt, "scale_factor", None), getattr(fmt, "shift_factor", None)
     if channels != LATENT_CHANNELS or scale is None or shift is None or \
             not (math.isclose(scale, LATENT_SCALE, rel_tol=1e-4) and math.isclose(shift, LATENT_SHIFT, rel_tol=1e-4)):
         raise ValueError(
             f"the MODEL is not a FLUX.1 model (latent format {type(fmt).__name__}); FluxSR needs "
-            "FLUX.1-dev (UNETLoader) with the FluxSR LoRA")
+            + ("FLUX.1-dev (UNETLoader) without the FluxSR LoRA as its teacher" if teacher
+               else "FLUX.1-dev (UNETLoader) with the FluxSR LoRA"))
     img_in = getattr(getattr(inner, "diffusion_model", None), "img_in", None)
     packed = getattr(img_in, "in_features", LATENT_CHANNELS * 4)
     if packed != LATENT_CHANNELS * 4:  # 2x2 patches of the 16-channel latent, nothing concatenated
@@ -228,8 +231,8 @@ class ComfyVelocity:
     are refused with a clear error (they have no meaning for a one-step tile pass).
     """
 
-    def __init__(self, model: Any):
-        check_flux_model(model)
+    def __init__(self, model: Any, teacher: bool = False):
+        check_flux_model(model, teacher)
         self.patcher = model
         self._cache: dict = {}
         self._warned_rope = False
@@ -545,10 +548,20 @@ def model_patches(model: Any) -> tuple[int, str]:
 _FLOAT_GGUF_TYPES = ("F32", "F16", "BF16")
 
 
+def _fp8_name(dtype: Any, layout: str = "") -> str:
+    """``"fp8"`` for e4m3fn (FLUX's fp8 files, and the name pairs have always recorded), else
+    ``"fp8_<format>"`` (``fp8_e5m2``): the two round weights differently, so their teachers differ.
+    ``layout``: a comfy_kitchen layout's name, which says the format when its storage dtype does not."""
+    if "e5m2" in layout.lower():
+        return "fp8_e5m2"
+    name = str(dtype).replace("torch.", "")
+    return "fp8_" + name.replace("float8_", "") if dtype in FP8_DTYPES and name != "float8_e4m3fn" else "fp8"
+
+
 def model_weight_storage(model: Any) -> str:
     """How a ComfyUI MODEL stores its diffusion model's weights, as pairs record it: ``"full"``;
-    ``"fp8"`` (UNETLoader's fp8 weight dtypes, or a scaled-fp8 file that ComfyUI 0.8 holds as
-    comfy_kitchen's ``QuantizedTensor``, whose dtype reads bf16); ``"nvfp4"`` (such a tensor in
+    ``"fp8"`` (UNETLoader's fp8_e4m3fn weight dtype, or a scaled-fp8 file that ComfyUI 0.8 holds as
+    comfy_kitchen's ``QuantizedTensor``, whose dtype reads bf16), ``"fp8_e5m2"`` (the other); ``"nvfp4"`` (such a tensor in
     an FP4 layout); ``"gguf-<types>"`` (ComfyUI-GGUF's GGMLTensor weights, e.g. ``gguf-Q8_0``).
     Each changes the numbers a teacher samples."""
     diffusion = getattr(getattr(model, "model", None), "diffusion_model", None)
@@ -563,12 +576,80 @@ def model_weight_storage(model: Any) -> str:
             if name not in _FLOAT_GGUF_TYPES:
                 gguf_types.add(name)
         elif layout is not None and hasattr(param, "storage_dtype"):  # comfy_kitchen's QuantizedTensor
-            kinds.add("nvfp4" if "fp4" in str(getattr(layout, "__name__", layout)).lower() else "fp8")
+            layout_name = str(getattr(layout, "__name__", layout))
+            kinds.add("nvfp4" if "fp4" in layout_name.lower()
+                      else _fp8_name(getattr(param, "storage_dtype", None), layout_name))
         elif param.dtype in FP8_DTYPES:
-            kinds.add("fp8")
+            kinds.add(_fp8_name(param.dtype))
     if gguf_types:
         return "gguf-" + "+".join(sorted(gguf_types))
     return "+".join(sorted(kinds)) if kinds else "full"
+
+
+_FINGERPRINT_WEIGHTS = 16  # weights sampled, spread over the model (a fine-tune changes them all)
+_FINGERPRINT_VALUES = 256  # bytes per weight; per patch tensor, 32
+
+
+def _sampled_bytes(tensor: Any, count: int) -> bytes:
+    """``count`` bytes spread evenly over a tensor's storage (its packed blocks for ComfyUI-GGUF's
+    GGMLTensor and comfy_kitchen's QuantizedTensor), with its dtype and shape; only they leave
+    the device."""
+    data = getattr(tensor, "_qdata", None)  # comfy_kitchen's QuantizedTensor keeps its bytes there
+    data = (data if isinstance(data, torch.Tensor) else tensor).detach()
+    if type(data) not in (torch.Tensor, torch.nn.Parameter):
+        data = torch.Tensor.as_subclass(data, torch.Tensor)  # a GGMLTensor's shape is the unpacked one
+    head = f"{data.dtype}{tuple(data.shape)}".encode()
+    if data.device.type == "meta" or data.numel() == 0:
+        return head
+    raw = data.reshape(-1).contiguous().view(torch.uint8)
+    index = torch.linspace(0, raw.numel() - 1, min(count, raw.numel())).round().long().to(raw.device)
+    return head + raw[index].cpu().numpy().tobytes()
+
+
+def _patch_parts(value: Any, depth: int = 0):
+    """The tensors and numbers of a ComfyUI weight patch (a LoRAAdapter's ``weights``, or the
+    older ``("lora", (up, down, alpha, ...))`` tuples), in order."""
+    if isinstance(value, torch.Tensor) or isinstance(value, (int, float, str)) or value is None:
+        yield value
+    elif depth < 5:
+        if isinstance(value, (list, tuple)):
+            for item in value:
+                yield from _patch_parts(item, depth + 1)
+        elif isinstance(value, dict):
+            for key in sorted(value, key=str):
+                yield key
+                yield from _patch_parts(value[key], depth + 1)
+        elif hasattr(value, "weights"):  # comfy.weight_adapter's adapters
+            yield type(value).__name__
+            yield from _patch_parts(value.weights, depth + 1)
+
+
+def teacher_model_fingerprint(model: Any) -> str:
+    """16 hex digits telling one teacher MODEL's numbers from another's, for pairs to record:
+    bytes sampled from its diffusion model's weights (spread over the model: FLUX.1-dev,
+    FLUX.1-schnell and a fine-tune of either differ everywhere) and from its patches' values
+    (two LoRAs on the same layers at the same strength, which :func:`model_patches` cannot tell
+    apart). Patched weights are not sampled: ComfyUI adds a LoRA into them while the model is
+    loaded and takes it out after, so they read differently by when the node runs. A cheap
+    sample, not a hash of 24 GB. "" when the MODEL has no diffusion model to read (not ComfyUI's)."""
+    import hashlib
+
+    diffusion = getattr(getattr(model, "model", None), "diffusion_model", None)
+    if not isinstance(diffusion, torch.nn.Module):
+        return ""
+    found = getattr(model, "patches", None)
+    found = found if isinstance(found, dict) else {}
+    weights = [(n, p) for n, p in diffusion.named_parameters() if f"diffusion_model.{n}" not in found]
+    step = max(1, len(weights) // _FINGERPRINT_WEIGHTS)
+    digest = hashlib.sha256()
+    for name, param in weights[::step][:_FINGERPRINT_WEIGHTS]:
+        digest.update(name.encode() + _sampled_bytes(param, _FINGERPRINT_VALUES))
+    for key in sorted(found):
+        digest.update(str(key).encode())
+        for entry in found[key]:
+            for part in _patch_parts(entry):
+                digest.update(_sampled_bytes(part, 32) if isinstance(part, torch.Tensor) else repr(part).encode())
+    return digest.hexdigest()[:16]
 
 
 def apply_lora(model: Any, lora_state_dict: dict, strength: float, name: str) -> Any:
@@ -675,9 +756,9 @@ def model_settings(model: Any) -> Optional[RunSettings]:
 
 # --- factories (CI tests replace these with diffusers-backed ones) ---------------------------
 
-def make_velocity(model: Any) -> Any:
-    """The velocity model for a MODEL input."""
-    return ComfyVelocity(model)
+def make_velocity(model: Any, teacher: bool = False) -> Any:
+    """The velocity model for a MODEL input (``teacher``: the Teacher Sampler's, plain FLUX.1-dev)."""
+    return ComfyVelocity(model, teacher)
 
 
 # The teacher decodes whole images: ComfyUI tiles by itself only when memory runs out.

@@ -99,22 +99,48 @@ def teacher_pair_id(cond_key: str, seed: int, width: int, height: int, steps: in
     return pid if weights == "full" else f"{pid}-w{weights}"
 
 
+def pair_id_for(core_cond: Any, seed: int, width: int, height: int, steps: int, patches: str = "",
+                weights: str = "full") -> str:
+    """:func:`teacher_pair_id` of a core conditioning (its content key)."""
+    key = pairs.conditioning_key(core_cond.t5.reshape(-1, core_cond.t5.shape[-1]), core_cond.clip_pooled.reshape(-1))
+    return teacher_pair_id(key, seed, width, height, steps, core_cond.guidance, patches, weights)
+
+
+def check_same_teacher(folder: str, pair_id: str, teacher_model: str) -> None:
+    """ValueError when ``folder`` already stores ``pair_id`` sampled by another teacher MODEL
+    (:func:`~.comfy_adapters.teacher_model_fingerprint`): the id would be the same, so this
+    MODEL's pair would silently not be stored. Pairs that record no fingerprint are not compared."""
+    found = pairs.stored_record(folder, pair_id) if teacher_model else None
+    if found is None or found[1] is None:
+        return
+    shard, record = found
+    stored = record.get("teacher_model")
+    if isinstance(stored, str) and stored and stored != teacher_model:
+        raise ValueError(
+            f"FluxSR teacher: pair {pair_id} in {folder} ({shard}) was sampled by another teacher MODEL (weights "
+            f"fingerprint {stored}; this MODEL's is {teacher_model}: other weights, such as a fine-tune or "
+            "FLUX.1-schnell, or a LoRA with other values): both give the same pair id, so this MODEL's pair would "
+            "not be stored. Give this MODEL a dataset folder of its own")
+
+
 def write_pair(folder: str, result: TeacherResult, core_cond: Any, seed: int, steps: int,
                width: int, height: int, patches: tuple[int, str] = (0, ""),
-               weights: str = "full") -> tuple[str, Optional[str]]:
-    """Add the pair to ``folder`` as one new shard; returns ``(pair_id, shard name or None)``.
+               weights: str = "full", teacher_model: str = "") -> tuple[str, Optional[str], bool]:
+    """Add the pair to ``folder`` as one new shard; returns ``(pair_id, shard, added)``.
 
-    None means the same pair was already stored (re-running a graph never duplicates pairs).
+    ``added`` False means the same pair was already stored (re-running a graph never duplicates
+    pairs); ``shard`` is then the one holding it (None if no manifest lists it any more).
     ``patches``: :func:`~.comfy_adapters.model_patches` of the teacher MODEL, kept in the id and the metadata;
     ``weights``: its :func:`~.comfy_adapters.model_weight_storage`, recorded as ``teacher_weights`` (and in
-    the id, when not ``full``).
+    the id, when not ``full``); ``teacher_model``: its :func:`~.comfy_adapters.teacher_model_fingerprint`,
+    recorded as ``teacher_model`` (compared by :func:`check_same_teacher`).
     """
-    key = pairs.conditioning_key(core_cond.t5.reshape(-1, core_cond.t5.shape[-1]),
-                                 core_cond.clip_pooled.reshape(-1))
-    pid = teacher_pair_id(key, seed, width, height, steps, core_cond.guidance, patches[1], weights)
+    pid = pair_id_for(core_cond, seed, width, height, steps, patches[1], weights)
     meta = {"seed": int(seed), "width": int(width), "height": int(height), "steps": int(steps),
             "guidance": float(core_cond.guidance), "sigmas": [float(s) for s in result.sigmas],
             "source": "ComfyUI FluxSRTeacherSampler", "teacher_weights": weights}
+    if teacher_model:
+        meta["teacher_model"] = teacher_model
     if patches[0]:
         meta.update(teacher_patched_weights=int(patches[0]), teacher_patches=patches[1])
     writer_id = ("comfyui-" + pairs.default_writer_id())[:100]
@@ -125,10 +151,8 @@ def write_pair(folder: str, result: TeacherResult, core_cond: Any, seed: int, st
         writer.store_conditioning(core_cond.t5, core_cond.clip_pooled)
         added = writer.add(pid, result.noise[0], result.z0[0], core_cond.t5, core_cond.clip_pooled,
                            meta=meta, image=result.image[0])
-    if not added:
-        return pid, None
-    shard = next((e.shard for e in reversed(pairs.scan_manifests(folder).entries) if pid in e.pairs), None)
-    return pid, shard
+    found = pairs.stored_record(folder, pid)
+    return pid, (found[0] if found else None), added
 
 
 # Folders (os.pathsep-separated) where datasets may go besides ComfyUI's output folder.
@@ -182,17 +206,21 @@ def _folder_identity(path: str) -> str:
     return f"{st.st_dev}:{st.st_ino}"
 
 
-# Per dataset folder: (the value IS_CHANGED gave, the folder identity that value stands for). The
-# node's own first run creates the folder; that must not count as a change, or the next queue
-# would sample again for nothing. Only the node's process sees this; a restart empties ComfyUI's
-# cache too.
-_FOLDER_TOKENS: dict[str, tuple[str, str]] = {}
+# Per dataset folder: (the value IS_CHANGED gave, the folder identity that value stands for, the
+# shards of the pairs that value's runs stored or found). The node's own first run creates the
+# folder; that must not count as a change, or the next queue would sample again for nothing. The
+# shards tell a folder deleted and made again from the one that was there: the new one may get the
+# old one's inode (ext4 hands a freed inode out again at once). Only the node's process sees this;
+# a restart empties ComfyUI's cache too.
+_FOLDER_TOKENS: dict[str, tuple[str, str, tuple[str, ...]]] = {}
 _FOLDER_TOKENS_LOCK = threading.Lock()
+_TRACKED_SHARDS = 256  # per folder, the latest; an older pair's loss goes unnoticed (a rerun is harmless)
 
 
 def dataset_folder_token(folder: str) -> str:
     """ComfyUI's IS_CHANGED value for ``folder``: ``"none"``, or a token that changes when the
-    folder is deleted or replaced by another one, but not when this node created it."""
+    folder is deleted or replaced by another one, or loses a pair this node stored or found there,
+    but not when this node created it or wrote into it."""
     if not folder or not folder.strip():
         return "none"
     try:
@@ -202,19 +230,22 @@ def dataset_folder_token(folder: str) -> str:
     identity = _folder_identity(path)
     with _FOLDER_TOKENS_LOCK:
         known = _FOLDER_TOKENS.get(path)
-        if known is not None and known[1] == identity:
+        if known is not None and known[1] == identity and all(os.path.exists(os.path.join(path, shard))
+                                                              for shard in known[2]):
             return known[0]
         token = f"{identity}#{uuid.uuid4().hex[:8]}"
-        _FOLDER_TOKENS[path] = (token, identity)
+        _FOLDER_TOKENS[path] = (token, identity, ())
         return token
 
 
-def _folder_written(path: str) -> None:
-    """After a run wrote into ``path``: the folder it may have created keeps the queued token."""
+def _folder_written(path: str, shard: Optional[str]) -> None:
+    """After a run stored (or found) its pair in ``shard`` of ``path``: the folder it may have
+    created keeps the queued token, and that shard's loss will change it."""
     with _FOLDER_TOKENS_LOCK:
         known = _FOLDER_TOKENS.get(path)
         if known is not None:
-            _FOLDER_TOKENS[path] = (known[0], _folder_identity(path))
+            shards = tuple(s for s in known[2] if s != shard) + ((shard,) if shard else ())
+            _FOLDER_TOKENS[path] = (known[0], _folder_identity(path), shards[-_TRACKED_SHARDS:])
 
 
 class FluxSRTeacherSampler:
@@ -299,7 +330,7 @@ class FluxSRTeacherSampler:
 
     def sample(self, model, conditioning, vae, seed, steps, width, height, trajectory_previews=4,
                dataset_folder=""):
-        velocity = comfy_adapters.make_velocity(model)
+        velocity = comfy_adapters.make_velocity(model, teacher=True)
         codec = comfy_adapters.make_codec(vae, comfy_adapters.NO_VAE_TILING)
         core_cond = comfy_adapters.conditioning_to_core(conditioning)
         if dataset_folder and dataset_folder.strip() and len(conditioning) > 1:
@@ -323,14 +354,19 @@ class FluxSRTeacherSampler:
             log.warning("FluxSR teacher: the MODEL's weights are stored as %s, which changes the teacher's samples "
                         "(FluxSR distils FLUX.1-dev; fluxsr-train pairs refuses GGUF). Pairs from it record "
                         "teacher_weights %s and are stored under their own ids (suffix -w%s).", storage, storage, storage)
+        teacher_model = ""
+        if folder is not None:  # before 28 steps of sampling, not after
+            teacher_model = comfy_adapters.teacher_model_fingerprint(model)
+            check_same_teacher(folder, pair_id_for(core_cond, int(seed), int(width), int(height), int(steps),
+                                                   patches[1], storage), teacher_model)
         result = sample_teacher(velocity, codec, conditioning, int(seed), int(steps), int(width), int(height),
                                 int(trajectory_previews), progress=progress.for_item(0),
                                 cancel_check=comfy_adapters.cancel_check)
         if folder is not None:
-            pid, shard = write_pair(folder, result, core_cond, int(seed), int(steps), int(width), int(height),
-                                    patches, storage)
-            _folder_written(folder)
-            if shard:
+            pid, shard, added = write_pair(folder, result, core_cond, int(seed), int(steps), int(width),
+                                           int(height), patches, storage, teacher_model)
+            _folder_written(folder, shard)
+            if added:
                 log.info("FluxSR teacher: pair %s written to %s (%s)", pid, folder, shard)
             else:
                 log.warning("FluxSR teacher: pair %s is already in %s; not written again (change the seed for "

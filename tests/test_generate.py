@@ -287,6 +287,33 @@ def test_pairs_record_what_made_them_and_a_rerun_that_would_mix_others_in_is_ref
     assert r.skipped == 2 and len(r.written) == 4
 
 
+def test_stored_images_record_their_vae_and_another_vae_is_refused(inputs, tmp_path, monkeypatch):
+    """The stored images are the VAE's decodes: a rerun with another VAE mixed in other images
+    without a word. Recorded (only with images: the latents owe the VAE nothing) and compared; a
+    VAE path that does not exist is said before the output folder is made."""
+    out = tmp_path / "run"
+    G.generate_pairs(cfg_for(inputs, out, "limit=1"))
+    rec = PairDataset(out).records([pair_id(0, 0)])[pair_id(0, 0)]
+    assert rec["vae_fingerprint"] == "tiny:init_seed=5" and rec["vae"] == "tiny"
+    for fn in ("load_models", "transformer_config_of"):
+        monkeypatch.setattr(models, fn, lambda *a, **k: pytest.fail("a model loaded before the refusal"))
+    other = tmp_path / "other-ae.safetensors"
+    other.write_bytes(b"x" * 3000)
+    with pytest.raises(ConfigError, match=rf"^pair {pair_id(0, 0)} in {out} was made with other settings: vae_fingerprint "
+                                          r"tiny:init_seed=5 of 'tiny' .stored. vs 3000:\w{16} of 'other-ae.safetensors' "
+                                          r".now.; a folder holds pairs made one way \(--vae\)"):
+        G.generate_pairs(cfg_for(inputs, out, f"vae={str(other)!r}"))
+    fresh = tmp_path / "fresh"
+    with pytest.raises(FileNotFoundError, match="VAE not found: .*nowhere.safetensors. Pass the FLUX VAE"):
+        G.generate_pairs(cfg_for(inputs, fresh, f"vae={str(tmp_path / 'nowhere.safetensors')!r}"))
+    assert not fresh.exists()
+    monkeypatch.undo()
+    without_images = tmp_path / "latents"
+    G.generate_pairs(cfg_for(inputs, without_images, "limit=1", "save_image=false"))
+    rec = PairDataset(without_images).records([pair_id(0, 0)])[pair_id(0, 0)]
+    assert "vae_fingerprint" not in rec and "vae" not in rec
+
+
 def test_memory_mode_auto_keeps_the_teacher_weights_its_folder_was_made_with(inputs, tmp_path, monkeypatch):
     """auto chooses by free GPU memory, and an fp8 mode is part of the recipe: a rerun on a busier GPU
     was refused as "made with other settings", and ranks deciding alone could mix fp8 and full

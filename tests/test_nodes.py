@@ -777,6 +777,12 @@ def test_comfy_velocity_refuses_models_that_are_not_flux(pack, tiny, fake_comfy)
         adapters.ComfyVelocity(patcher)
     with pytest.raises(ValueError, match="not a ComfyUI MODEL"):
         adapters.ComfyVelocity(object())
+    patcher = FakePatcher(tiny.velocity, fake_comfy.CONST)
+    patcher.model.latent_format.scale_factor = 0.13025
+    with pytest.raises(ValueError, match="FluxSR needs FLUX.1-dev .UNETLoader. without the FluxSR LoRA as its teacher"):
+        adapters.ComfyVelocity(patcher, teacher=True)  # the teacher is the plain base model
+    with pytest.raises(ValueError, match="straight to the Teacher Sampler, without the FluxSR LoRA"):
+        adapters.make_velocity(object(), teacher=True)
     patcher = FakePatcher(tiny.velocity, fake_comfy.CONST)  # FLUX Fill: 384 = 64 + mask and masked image
     patcher.model.diffusion_model = types.SimpleNamespace(img_in=torch.nn.Linear(384, 8))
     with pytest.raises(ValueError, match="384 input features per token.*Fill"):
@@ -1240,6 +1246,78 @@ def test_a_quantised_teacher_model_is_recorded_and_kept_apart(pack, tiny, fake_c
     assert adapters.model_weight_storage(patcher) == "nvfp4"
     kitchen.weight.layout_cls = "TensorCoreFP8E4M3Layout"
     assert adapters.model_weight_storage(patcher) == "fp8"
+    kitchen.weight.layout_cls = "TensorCoreFP8E5M2Layout"
+    assert adapters.model_weight_storage(patcher) == "fp8_e5m2"
+    # UNETLoader's fp8_e5m2 rounds the weights otherwise than e4m3fn: another teacher, another id
+    fp8.weight.data = fp8.weight.data.float().to(torch.float8_e5m2)
+    patcher.model.diffusion_model = fp8
+    assert adapters.model_weight_storage(patcher) == "fp8_e5m2"
+
+
+def test_a_teacher_model_is_told_from_another_by_its_weights_and_patch_values(pack, tiny, fake_comfy):
+    """The fingerprint pairs record: other weights (a fine-tune, FLUX.1-schnell) or another LoRA's
+    values on the same layers at the same strength give another; the weights ComfyUI patches in
+    place while the model is loaded do not move it; GGUF's packed blocks are read as stored."""
+    adapters = sub(pack, "nodes.comfy_adapters")
+    patcher = FakePatcher(tiny.velocity, fake_comfy.CONST)
+    assert adapters.teacher_model_fingerprint(patcher) == ""  # no diffusion model to read
+    torch.manual_seed(0)
+    patcher.model.diffusion_model = torch.nn.Sequential(*(torch.nn.Linear(32, 32) for _ in range(40)))
+    base = adapters.teacher_model_fingerprint(patcher)
+    assert len(base) == 16 and adapters.teacher_model_fingerprint(patcher) == base
+    with torch.no_grad():
+        for layer in patcher.model.diffusion_model:  # a fine-tune moves every weight a little
+            layer.weight.add_(1e-3)
+    tuned = adapters.teacher_model_fingerprint(patcher)
+    assert tuned != base
+    up, down = torch.randn(32, 4), torch.randn(4, 32)
+    patcher.patches = {"diffusion_model.3.weight": [(1.0, ("lora", (up, down, 4.0, None)), 1.0, None, None)]}
+    lora = adapters.teacher_model_fingerprint(patcher)
+    with torch.no_grad():  # as ComfyUI loading the model: the LoRA added into the weight it patches
+        patcher.model.diffusion_model[3].weight.add_(up @ down)
+    assert adapters.teacher_model_fingerprint(patcher) == lora != tuned
+    patcher.patches = {"diffusion_model.3.weight": [(1.0, ("lora", (up + 0.5, down, 4.0, None)), 1.0, None, None)]}
+    assert adapters.teacher_model_fingerprint(patcher) not in (lora, tuned)  # other values, same layer and strength
+    assert adapters.model_patches(patcher)[1] == adapters.model_patches(types.SimpleNamespace(patches={
+        "diffusion_model.3.weight": [(1.0, ("lora", (up, down, 4.0, None)), 1.0, None, None)]}))[1]
+    packed = torch.nn.Linear(4, 64)
+    packed.weight.tensor_type = types.SimpleNamespace(name="Q8_0")
+    patcher.patches, patcher.model.diffusion_model = {}, packed
+    before = adapters.teacher_model_fingerprint(patcher)
+    with torch.no_grad():
+        packed.weight[5, 2] += 1
+    assert adapters.teacher_model_fingerprint(patcher) != before
+
+
+def test_the_teacher_refuses_a_folder_whose_pair_another_model_sampled(pack, tiny, fake_comfy, tmp_path,
+                                                                      monkeypatch):
+    """The same conditioning, seed, size and steps from two teacher MODELs (FLUX.1-dev, then a
+    fine-tune of it) give the same pair id: the second pair was silently not stored (the node
+    said it was "already in" the folder). Refused now, before the sampling, naming both."""
+    pairs = sub(pack, "fluxsr_core.pairs")
+    teacher = sub(pack, "nodes.teacher")
+    monkeypatch.setenv(teacher.DATASET_ROOTS_ENV, str(tmp_path))
+    node = pack.NODE_CLASS_MAPPINGS["FluxSRTeacherSampler"]()
+    cond = tiny_conditioning(pack)
+    patcher = FakePatcher(tiny.velocity, fake_comfy.CONST)
+    patcher.model.diffusion_model = torch.nn.Linear(8, 8)
+    folder = str(tmp_path / "pairs")
+    run = lambda: node.sample(patcher, cond, FakeVAE(tiny.vae), seed=5, steps=2, width=32, height=32,
+                              trajectory_previews=0, dataset_folder=folder)
+    run()
+    run()  # the same MODEL again: stored once, no error
+    data = pairs.PairDataset(folder)
+    assert len(data) == 1 and data[0]["meta"]["teacher_model"] == sub(
+        pack, "nodes.comfy_adapters").teacher_model_fingerprint(patcher)
+    with torch.no_grad():
+        patcher.model.diffusion_model.weight.mul_(1.01)
+    sampled = []
+    monkeypatch.setattr(teacher, "sample_teacher", lambda *a, **k: sampled.append(a))
+    with pytest.raises(ValueError, match=r"pair c\w+-s5-32x32-n2-g3.5 in .*pairs .shard-.* was sampled by another "
+                                         r"teacher MODEL .weights fingerprint \w{16}; this MODEL's is \w{16}.*"
+                                         "a dataset folder of its own"):
+        run()
+    assert sampled == [] and len(pairs.PairDataset(folder)) == 1
 
 
 def test_teacher_dataset_folder_stays_inside_the_allowed_folders(pack, tmp_path, monkeypatch):
@@ -1323,9 +1401,18 @@ def test_teacher_reruns_when_its_dataset_folder_is_gone(pack, tiny, fake_comfy, 
     run()  # the pair is written again, into the new folder
     assert len(sub(pack, "fluxsr_core.pairs").PairDataset(out / "pairs")) == 1
     assert cls.IS_CHANGED(dataset_folder="pairs", seed=5) == gone
+    # a folder deleted and made again may get the old one's inode (ext4 reuses a freed one at
+    # once): the same inode emptied stands for it, and the pair it lost is what tells
+    for f in (out / "pairs").iterdir():
+        f.unlink()
+    lost = cls.IS_CHANGED(dataset_folder="pairs", seed=5)
+    assert lost not in (first, gone)
+    run()
+    assert len(sub(pack, "fluxsr_core.pairs").PairDataset(out / "pairs")) == 1
+    assert cls.IS_CHANGED(dataset_folder="pairs", seed=5) == lost
     (out / "pairs").rename(out / "pairs.older")
     (out / "pairs").mkdir()  # replaced by another folder
-    assert cls.IS_CHANGED(dataset_folder="pairs", seed=5) not in (first, gone)
+    assert cls.IS_CHANGED(dataset_folder="pairs", seed=5) not in (first, gone, lost)
     assert cls.IS_CHANGED(dataset_folder="../escaped") == "refused"  # VALIDATE_INPUTS reports it
 
 

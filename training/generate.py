@@ -248,7 +248,8 @@ def _stored_records(folder: str | os.PathLike, pair_ids: Optional[Sequence[str]]
 
 # What a recipe key is set by, for the refusal's advice.
 _RECIPE_FLAGS = {"height": "--height", "width": "--width", "steps": "--steps", "guidance": "--guidance",
-                 "teacher_fingerprint": "--transformer", "teacher_weights": "--memory-mode", "dtype": "--dtype",
+                 "teacher_fingerprint": "--transformer", "vae_fingerprint": "--vae",
+                 "teacher_weights": "--memory-mode", "dtype": "--dtype",
                  "conditioning": "--bundle / --text-encoders / --clip / --t5",
                  "max_sequence_length": "--max-sequence-length", "pairs_per_prompt": "--pairs-per-prompt",
                  "base_seed": "--seed"}
@@ -278,8 +279,10 @@ def _check_stored_pairs_match(cfg: GenerateConfig, recipe: Mapping[str, Any], st
             continue
         differ = [k for k, v in recipe.items() if k in rec and not _same_value(rec[k], v)]
         if differ:
-            texts = [f"{k} {_shown(k, rec[k], rec.get('teacher'))} (stored) vs "
-                     f"{_shown(k, recipe[k], _teacher_name(cfg))} (now)" for k in differ]
+            names = {"teacher_fingerprint": (rec.get("teacher"), _teacher_name(cfg)),
+                     "vae_fingerprint": (rec.get("vae"), _model_name(cfg.vae))}
+            texts = [f"{k} {_shown(k, rec[k], names.get(k, ('', ''))[0])} (stored) vs "
+                     f"{_shown(k, recipe[k], names.get(k, ('', ''))[1])} (now)" for k in differ]
             flags = ", ".join(dict.fromkeys(_recipe_flag(cfg, k) for k in differ))
             why = ("" if not set(differ) & set(_SEED_RULE_KEYS) else
                    ". Pair seeds follow --seed + prompt index x --pairs-per-prompt, so other values would make nearly "
@@ -289,16 +292,17 @@ def _check_stored_pairs_match(cfg: GenerateConfig, recipe: Mapping[str, Any], st
                               "run, or write to another --output" + why)
 
 
-def _shown(key: str, value: Any, teacher: Any) -> str:
-    """A recipe value for a message; a teacher fingerprint with the teacher's name beside it."""
-    return f"{value} of {teacher!r}" if key == "teacher_fingerprint" and teacher else str(value)
+def _shown(key: str, value: Any, name: Any) -> str:
+    """A recipe value for a message; a model fingerprint with the model's name beside it."""
+    return f"{value} of {name!r}" if key in ("teacher_fingerprint", "vae_fingerprint") and name else str(value)
 
 
 def _recipe_flag(cfg: GenerateConfig, key: str) -> str:
     from fluxsr_core.models import RANDOM_INIT_NAMES
 
-    if key == "teacher_fingerprint" and str(cfg.transformer) in RANDOM_INIT_NAMES:
-        return "--transformer, --init-seed"  # a test model: its weights come from the seed
+    model = {"teacher_fingerprint": cfg.transformer, "vae_fingerprint": cfg.vae}.get(key)
+    if model is not None and str(model) in RANDOM_INIT_NAMES:  # a test model: its weights come from the seed
+        return f"{_RECIPE_FLAGS[key]}, --init-seed"
     return _RECIPE_FLAGS.get(key, key)
 
 
@@ -413,21 +417,38 @@ def load_text_encoders(cfg: GenerateConfig, dtype: torch.dtype, device: torch.de
 # --- what defines a pair ---------------------------------------------------------------------
 
 def _teacher_name(cfg: GenerateConfig) -> str:
-    return os.path.basename(os.path.normpath(str(cfg.transformer)))
+    return _model_name(cfg.transformer)
+
+
+def _model_name(value: Any) -> str:
+    return os.path.basename(os.path.normpath(str(value)))
 
 
 def teacher_fingerprint(cfg: GenerateConfig) -> str:
     """What identifies the teacher's weights (:func:`weights_fingerprint` of ``cfg.transformer``);
     a test model name built from a seed (``tiny``) is identified by that seed."""
-    from fluxsr_core.models import RANDOM_INIT_NAMES, TRANSFORMER_HELP
+    from fluxsr_core.models import TRANSFORMER_HELP
+
+    return _model_fingerprint(cfg.transformer, cfg.init_seed, "transformer", TRANSFORMER_HELP)
+
+
+def vae_fingerprint(cfg: GenerateConfig) -> str:
+    """The same for ``cfg.vae``, which decodes the pairs' stored images (the latents owe it nothing)."""
+    from fluxsr_core.models import VAE_HELP
+
+    return _model_fingerprint(cfg.vae, cfg.init_seed, "VAE", VAE_HELP)
+
+
+def _model_fingerprint(value: str, init_seed: int, what: str, advice: str) -> str:
+    from fluxsr_core.models import RANDOM_INIT_NAMES
     from fluxsr_core.weights import WeightsNotFoundError
 
-    path = Path(str(cfg.transformer)).expanduser()
+    path = Path(str(value)).expanduser()
     if path.exists():
         return weights_fingerprint(path)
-    if str(cfg.transformer) in RANDOM_INIT_NAMES:
-        return f"{cfg.transformer}:init_seed={cfg.init_seed}"
-    raise WeightsNotFoundError(f"transformer not found: {path}. {TRANSFORMER_HELP}")
+    if str(value) in RANDOM_INIT_NAMES:
+        return f"{value}:init_seed={init_seed}"
+    raise WeightsNotFoundError(f"{what} not found: {path}. {advice}")
 
 
 def _bundle_key(cfg: GenerateConfig) -> str:
@@ -440,7 +461,8 @@ def _bundle_key(cfg: GenerateConfig) -> str:
 def pair_recipe(cfg: GenerateConfig, dtype: torch.dtype, memory_mode: str) -> dict[str, Any]:
     """What defines this run's pairs besides prompt and seed, as stored in every pair's metadata
     and compared on a rerun: ``height``, ``width``, ``steps``, ``guidance``;
-    ``teacher_fingerprint`` (:func:`teacher_fingerprint`); ``teacher_weights`` (``full``, or the
+    ``teacher_fingerprint`` (:func:`teacher_fingerprint`); ``vae_fingerprint`` (:func:`vae_fingerprint`,
+    when images are stored: they are its decodes); ``teacher_weights`` (``full``, or the
     fp8 memory mode that stores them in fp8, which changes the numbers; the offload modes do not);
     ``dtype`` (the compute dtype); ``conditioning`` (``bundle:<content key>``, or
     ``text-encoders:<fingerprint of both encoders and tokenizers>``) and, with text encoders,
@@ -461,17 +483,25 @@ def pair_recipe(cfg: GenerateConfig, dtype: torch.dtype, memory_mode: str) -> di
                               "teacher_weights": _teacher_weights(memory_mode),
                               "dtype": str(dtype).replace("torch.", ""), "conditioning": conditioning,
                               "pairs_per_prompt": cfg.pairs_per_prompt, "base_seed": cfg.seed}
+    # Found before the output folder is made, stored images or not: the run loads the VAE either way.
+    vae = vae_fingerprint(cfg)
+    if cfg.save_image:  # the stored images are the VAE's decodes: another VAE, other images
+        recipe["vae_fingerprint"] = vae
     if not cfg.bundle:
         recipe["max_sequence_length"] = cfg.max_sequence_length
     return recipe
 
 
-def pair_meta(job: Job, recipe: Mapping[str, Any], sigmas: Sequence[float], teacher: str) -> dict[str, Any]:
+def pair_meta(job: Job, recipe: Mapping[str, Any], sigmas: Sequence[float], teacher: str,
+              vae: str = "") -> dict[str, Any]:
     """The metadata stored with ``job``'s pair: its seed, prompt and prompt index, the sigmas, the
-    teacher's name and the ``recipe`` (without ``base_seed`` when its prompt gave its own seeds: a
-    rerun with another ``--seed`` does not change that pair)."""
+    teacher's name (and the VAE's, when the recipe has its fingerprint) and the ``recipe`` (without
+    ``base_seed`` when its prompt gave its own seeds: a rerun with another ``--seed`` does not
+    change that pair)."""
     meta = {"seed": job.seed, "prompt": job.prompt, "prompt_index": job.index,
             "sigmas": [round(float(s), 8) for s in sigmas], "teacher": teacher, **recipe}
+    if vae and "vae_fingerprint" in recipe:
+        meta["vae"] = vae
     if job.own_seed:
         meta.pop("base_seed", None)
     return meta
@@ -833,7 +863,7 @@ def generate_pairs(cfg: GenerateConfig, on_pair: Optional[Callable[[str], None]]
                         with torch.no_grad():
                             imgs = codec.decode(z0.to(dev)).float().cpu()
                     for k, job in enumerate(batch):
-                        meta = pair_meta(job, recipe, sigmas, teacher)
+                        meta = pair_meta(job, recipe, sigmas, teacher, _model_name(cfg.vae))
                         added = writer.add(job.pair_id, eps[k], z0[k], conds[job.prompt][0], conds[job.prompt][1],
                                            meta=meta, image=None if imgs is None else imgs[k],
                                            trajectory=None if traj is None else traj[k])
