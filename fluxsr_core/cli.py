@@ -217,14 +217,17 @@ def _tiling_from_args(args):
         raise UsageError(f"--vae-tile must be 0 (untiled) or a positive multiple of 8 pixels (got {args.vae_tile})")
     if args.vae_overlap < 0 or args.vae_overlap % 8:
         raise UsageError(f"--vae-overlap must be 0 or a positive multiple of 8 pixels (got {args.vae_overlap})")
-    if args.vae_tile and args.vae_overlap >= args.vae_tile:
-        whose = ", its default" if args.vae_overlap == TilingConfig().vae_overlap else ""
-        raise UsageError(f"--vae-overlap ({args.vae_overlap} px{whose}) must be smaller than --vae-tile "
-                         f"({args.vae_tile} px); a quarter of the tile is usual: --vae-overlap "
-                         f"{args.vae_tile // 4 // 8 * 8}")
+    vae_overlap = args.vae_overlap
+    if args.vae_tile and vae_overlap >= args.vae_tile:
+        if getattr(args, "vae_tile_norm", "tile") == "tile":
+            whose = ", its default" if vae_overlap == TilingConfig().vae_overlap else ""
+            raise UsageError(f"--vae-overlap ({vae_overlap} px{whose}) must be smaller than --vae-tile "
+                             f"({args.vae_tile} px) with --vae-tile-norm tile; a quarter of the tile is usual: "
+                             f"--vae-overlap {args.vae_tile // 4 // 8 * 8}")
+        vae_overlap = 0  # whole-image tiles are cut with halos of the convolutions' reach: no overlap is used
     return validate_tiling(TilingConfig(
         latent_tile=args.tile // 8, latent_overlap=args.tile_overlap // 8,
-        vae_tile=args.vae_tile, vae_overlap=args.vae_overlap, blend=args.blend,
+        vae_tile=args.vae_tile, vae_overlap=vae_overlap, blend=args.blend,
         global_position_ids=args.global_position_ids, tile_batch_size=args.tile_batch, fit_tiles=args.tile_fit))
 
 
@@ -360,7 +363,7 @@ def _folder_images(folder: Path) -> tuple[list[Path], list[tuple[Path, str]]]:
     reported, not dropped. Subfolders, other names and hidden files (macOS's "._x.png"
     AppleDouble files hold no image) are left alone. A folder that cannot be listed is itself
     the one unreadable input."""
-    from .images import broken_link_message
+    from .images import broken_link_message, unsupported_format_message
 
     found: list[Path] = []
     unreadable: list[tuple[Path, str]] = []
@@ -376,7 +379,13 @@ def _folder_images(folder: Path) -> tuple[list[Path], list[tuple[Path, str]]]:
         return [], [(folder, f"the folder cannot be listed ({exc.strerror or exc}); {advice}")]
     suffixes = scan_suffixes()
     for entry in entries:
-        if entry.name.startswith(".") or entry.suffix.lower() not in suffixes:
+        if entry.name.startswith("."):
+            continue
+        if entry.suffix.lower() not in suffixes:
+            # a phone's HEIC photos, say, without pillow-heif: said, not passed over in silence
+            unsupported = unsupported_format_message(entry)
+            if unsupported is not None and entry.is_file():
+                unreadable.append((entry, unsupported))
             continue
         broken = broken_link_message(entry)
         if broken is not None:

@@ -514,9 +514,13 @@ def _open(p: Path) -> Image.Image:
         return Image.open(p)
     except UnidentifiedImageError as e:
         kind = _signature_kind(p)
+        unsupported = unsupported_format_message(p, kind) if kind in ("HEIC", "AVIF") else None
+        if unsupported is not None:
+            raise NotAnImageError(unsupported) from e
         if kind is not None:
             raise TruncatedImageError(
-                f"'{p}' starts like a {kind} file but its header cannot be read: the file is damaged "
+                f"'{p}' starts like {'an' if kind == 'AVIF' else 'a'} {kind} file but its header cannot be "
+                f"read: the file is damaged "
                 f"or incomplete (an interrupted download or copy?). Re-download or re-export it.") from e
         tiff_hint = ""
         if p.suffix.lower() in (".tif", ".tiff"):
@@ -567,7 +571,31 @@ def _signature_kind(p: Path) -> Optional[str]:
         return "WebP"
     if head[:2] == b"BM" and head[6:10] == b"\x00\x00\x00\x00":  # "BM", file size, 4 reserved zero bytes
         return "BMP"
+    if head[4:8] == b"ftyp":  # ISO media (HEIF's and AVIF's container): the major brand names the codec
+        return _FTYP_BRANDS.get(head[8:12])
     return next((kind for magic, kind in _SIGNATURES if head.startswith(magic)), None)
+
+
+_FTYP_BRANDS = {b"avif": "AVIF", b"avis": "AVIF", **dict.fromkeys(
+    (b"heic", b"heix", b"heim", b"heis", b"hevc", b"hevx", b"hevm", b"hevs", b"mif1", b"msf1"), "HEIC")}
+# Formats only some installs read: (name, what makes this one read it), by file name suffix.
+_OPTIONAL_FORMATS = {
+    **dict.fromkeys((".heic", ".heif"), ("HEIC", "install the pillow-heif plugin (pip install pillow-heif)")),
+    ".avif": ("AVIF", "install a Pillow built with AVIF (PyPI's wheels are, from Pillow 11.3)"),
+    **dict.fromkeys((".jp2", ".j2k", ".jpx"), ("JPEG 2000", "install a Pillow built with OpenJPEG (PyPI's "
+                                                            "wheels are)")),
+}
+
+
+def unsupported_format_message(p: Path, kind: Optional[str] = None) -> Optional[str]:
+    """Why ``p`` cannot be read here when it is (by its name, or by ``kind``, its first bytes') a
+    HEIC, AVIF or JPEG 2000 file that this install has no reader for, and what to install; None
+    when it is none of them or this install reads it."""
+    readable = optional_image_suffixes()
+    for suffix, (name, advice) in _OPTIONAL_FORMATS.items():
+        if (kind == name or (kind is None and Path(p).suffix.lower() == suffix)) and suffix not in readable:
+            return f"'{p}' is a {name} file, which this install cannot read: {advice}, or convert it to PNG or JPEG"
+    return None
 
 
 def optional_image_suffixes() -> frozenset[str]:

@@ -230,9 +230,9 @@ def test_wrong_file_for_transformer_is_named(tmp_path, photo_png, tiny_model_fil
                                        (["--tile-overlap", "-16"],
                                         "--tile-overlap must be 0 or a positive multiple of 16 pixels (got -16)"),
                                        (["--vae-tile", "-8"], "--vae-tile must be 0 (untiled) or a positive"),
-                                       (["--vae-tile", "64"], "--vae-overlap (128 px, its default) must be smaller "
-                                                              "than --vae-tile (64 px); a quarter of the tile is "
-                                                              "usual: --vae-overlap 16"),
+                                       (["--vae-tile", "64", "--vae-tile-norm", "tile"],
+                                        "--vae-overlap (128 px, its default) must be smaller than --vae-tile (64 px) "
+                                        "with --vae-tile-norm tile; a quarter of the tile is usual: --vae-overlap 16"),
                                        (["--vae-overlap", "12"], "--vae-overlap must be 0 or a positive multiple"),
                                        (["--speedups", "turbo"], "unknown speed-up"),
                                        (["--speedups", "compile,compile_cudagraphs"], "one of compile"),
@@ -242,6 +242,17 @@ def test_wrong_file_for_transformer_is_named(tmp_path, photo_png, tiny_model_fil
 def test_impossible_settings(tmp_path, photo_png, tiny_model_files, capsys, extra, msg):
     code = cli.main(["upscale", str(photo_png), "-o", str(tmp_path / "o")] + model_args(tiny_model_files) + extra)
     assert code == 2 and msg in capsys.readouterr().err
+
+
+def test_small_vae_tiles_of_the_default_whole_image_tiling_need_no_overlap(tmp_path, photo_png, capsys):
+    """--vae-tile 64 was refused as smaller than the default --vae-overlap 128, which the default
+    tiling (--vae-tile-norm image, halos of the convolutions' reach) does not use at all."""
+    from fluxsr_core.demo_model import demo_paths
+
+    out = tmp_path / "o.png"
+    assert cli.main(["upscale", str(photo_png), "-o", str(out), *demo_paths().cli_args(), "--device", "cpu", "-q",
+                     "--scale", "2", "--vae-tile", "64"]) == 0, capsys.readouterr().err
+    assert Image.open(out).size == tuple(2 * s for s in Image.open(photo_png).size)
 
 
 def test_many_inputs_to_a_file_name_is_refused(tmp_path, photo_png, capsys):
@@ -520,6 +531,24 @@ def test_bad_headers_fail_before_the_models_load(tmp_path, photo_png, tiny_model
     assert not (tmp_path / "out2").exists()
 
 
+def test_heic_photos_in_a_folder_are_said_without_pillow_heif(tmp_path, photo_png, capsys, monkeypatch):
+    """A phone's folder of HEIC photos, pillow-heif not installed: the scan passed them over in
+    silence (a folder of them alone "holds no images"). Each now fails by name, saying what to install."""
+    from fluxsr_core import images
+    from fluxsr_core.demo_model import demo_paths
+
+    monkeypatch.setattr(images, "_register_optional_openers", lambda: False)
+    folder = tmp_path / "phone"
+    folder.mkdir()
+    (folder / "a.png").write_bytes(photo_png.read_bytes())
+    (folder / "IMG_0002.HEIC").write_bytes(b"\x00\x00\x00\x18ftypheic" + bytes(100))
+    code = cli.main(["upscale", str(folder), "-o", str(tmp_path / "out"), *demo_paths().cli_args(), "--device", "cpu",
+                     "-q", "--scale", "2"])
+    err = capsys.readouterr().err
+    assert code == 1 and f"FAIL {folder / 'IMG_0002.HEIC'}: '{folder / 'IMG_0002.HEIC'}' is a HEIC file" in err, err
+    assert "install the pillow-heif plugin" in err and "1 upscaled, 0 skipped, 1 failed" in err
+
+
 def test_pixel_values_out_of_range_fail_before_the_models_load(tmp_path, photo_png, tiny_model_files, capsys,
                                                               monkeypatch):
     """A float TIFF with HDR highlights and a 32-bit integer TIFF with values above 16 bits are
@@ -775,7 +804,7 @@ def test_a_second_ctrl_c_while_the_last_write_finishes_still_reports(tmp_path, p
 
 def test_folder_scans_skip_hidden_files_and_take_heic_when_it_can_be_read(tmp_path, photo_png, monkeypatch):
     """.hidden.png and macOS's ._x.png AppleDouble files are not inputs of a folder scan (one given by
-    name is); .heic files are, where pillow-heif is installed (simulated)."""
+    name is); .heic files are, where pillow-heif is installed (simulated), and else fail by name."""
     from fluxsr_core import images
 
     folder = tmp_path / "in"
@@ -784,7 +813,10 @@ def test_folder_scans_skip_hidden_files_and_take_heic_when_it_can_be_read(tmp_pa
         (folder / name).write_bytes(photo_png.read_bytes())
     monkeypatch.setattr(images, "optional_image_suffixes", lambda: frozenset())
     jobs, unreadable = cli.collect_jobs([folder], tmp_path / "out")
-    assert [j.source.name for j in jobs] == ["a.png"] and unreadable == []
+    assert [j.source.name for j in jobs] == ["a.png"]
+    assert [(p.name, why.split(": ")[1]) for p, why in unreadable] == [("photo.heic", "install the pillow-heif plugin "
+                                                                        "(pip install pillow-heif), or convert it to "
+                                                                        "PNG or JPEG")]
     jobs, _ = cli.collect_jobs([folder / ".hidden.png"], tmp_path / "out")
     assert [j.target.name for j in jobs] == [".hidden.png"]
     monkeypatch.setattr(images, "optional_image_suffixes", lambda: frozenset({".heic", ".heif"}))

@@ -502,6 +502,30 @@ def test_a_png_cut_inside_its_header_is_called_damaged(tmp_path, rng):
             call(tmp_path / "head.png")
 
 
+def test_heif_containers_are_named_by_their_brand_cut_or_unreadable_here(tmp_path, rng, monkeypatch):
+    """An AVIF cut inside its header was called an unknown or unsupported format (AVIF had no
+    signature: its ISO-media "ftyp" box names the codec); a HEIC without pillow-heif is named as
+    HEIC, with what to install, not called unknown."""
+    from PIL import features
+
+    if not features.check("avif"):
+        pytest.skip("this Pillow writes no AVIF")
+    Image.fromarray(rng.integers(0, 256, (64, 64, 3), dtype=np.uint8)).save(tmp_path / "full.avif")
+    data = (tmp_path / "full.avif").read_bytes()
+    for cut in (12, 40, len(data) // 2):
+        (tmp_path / "cut.avif").write_bytes(data[:cut])
+        with pytest.raises(TruncatedImageError, match=r"cut.avif' starts like an AVIF file.*damaged or incomplete"):
+            load_image(tmp_path / "cut.avif")
+    heic = tmp_path / "IMG_0001.HEIC"
+    heic.write_bytes(b"\x00\x00\x00\x18ftypheic\x00\x00\x00\x00mif1heic" + bytes(200))
+    monkeypatch.setattr(I, "_register_optional_openers", lambda: False)  # as without pillow-heif
+    with pytest.raises(NotAnImageError, match=r"IMG_0001.HEIC' is a HEIC file, which this install cannot read: "
+                                              r"install the pillow-heif plugin \(pip install pillow-heif\)"):
+        load_image(heic)
+    assert I.unsupported_format_message(tmp_path / "a.png") is None
+    assert "AVIF" not in str(I.unsupported_format_message(tmp_path / "a.avif"))  # this Pillow reads AVIF
+
+
 @pytest.mark.parametrize("fmt, save", [("jpg", {"format": "JPEG", "exif": b"Exif\x00\x00" + b"\x00" * 3000}),
                                        ("png", {"format": "PNG"}), ("bmp", {"format": "BMP"}),
                                        ("tif", {"format": "TIFF"}), ("webp", {"format": "WEBP"})])
