@@ -669,6 +669,17 @@ def _opposite_16(rawmode: str) -> str:
     return rawmode[:-1] + ("B" if order == "L" else "L")
 
 
+def _wide_ppm_maxval(img: Image.Image) -> int:
+    """A binary colour PPM's maximum sample value when it is over 255 (16-bit samples), else 0."""
+    if img.format != "PPM" or img.mode != "RGB" or len(img.tile) != 1:
+        return 0
+    tile = img.tile[0]
+    args = tile[3] if isinstance(tile[3], tuple) else ()
+    if tile[0] != "ppm" or len(args) < 2 or not isinstance(args[1], int) or args[1] <= 255:
+        return 0
+    return args[1]
+
+
 def _is_16bit_color(img: Image.Image) -> bool:
     if img.mode not in ("RGB", "RGBA") or not img.tile:
         return False
@@ -795,6 +806,22 @@ def _load(p: Path, img: Image.Image) -> LoadedImage:
         return _finish(p, gray[..., None] / 65535.0, alpha / 65535.0, 16, True, "LA;16",
                        notes, icc)
 
+    ppm_maxval = _wide_ppm_maxval(img)
+    if ppm_maxval:
+        # Pillow's PPM decoder scales samples over 255 down to 8 bits; the format is plain
+        # big-endian samples after the header, so they are read here whole.
+        width, height = img.size
+        with open(p, "rb") as f:
+            f.seek(tiles[0][2])
+            data = f.read(width * height * 3 * 2)
+        if len(data) < width * height * 3 * 2:
+            raise TruncatedImageError(f"'{p}' is a 16-bit PPM cut short: {len(data):,} of its "
+                                      f"{width * height * 6:,} bytes of samples are there. Re-download or re-export it.")
+        full = np.frombuffer(data, ">u2").reshape(height, width, 3).astype(np.float64)
+        full = np.clip(full, 0, ppm_maxval) / ppm_maxval
+        _note_dark_16bit(p, int(full.min() * 65535), int(full.max() * 65535), notes)
+        return _finish(p, full, None, 16, False, "RGB;16", notes, icc)
+
     if _is_16bit_color(img):
         # A premultiplied (RGBa) file is decoded as straight RGBA, so the bytes come out as they
         # are stored; the division by alpha is made below on the 16-bit values (Pillow's unpacker
@@ -830,6 +857,10 @@ def _load(p: Path, img: Image.Image) -> LoadedImage:
     has_palette_alpha = mode == "PA" or (mode == "P" and "transparency" in img.info)
     img = _decode(p, img, lambda im: _upright(im, notes))
     if mode == "CMYK":
+        if any((_rawmode(t) or "").startswith("CMYK;16") for t in tiles):
+            notes.append(f"{p.name} is a 16-bit CMYK image: read at 8 bits per channel (colour management converts "
+                         "CMYK at 8 bits), so the output is 8-bit; convert it to 16-bit RGB first to keep the "
+                         "16 bits")
         img = _cmyk_to_rgb(img, notes)
         icc = None  # the result is sRGB
     elif mode in ("P", "PA"):

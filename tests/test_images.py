@@ -502,6 +502,31 @@ def test_a_png_cut_inside_its_header_is_called_damaged(tmp_path, rng):
             call(tmp_path / "head.png")
 
 
+@pytest.mark.parametrize("maxval", [65535, 1023])
+def test_a_16bit_ppm_keeps_its_16_bits(tmp_path, rng, maxval):
+    """Pillow's PPM decoder scales samples over 255 down to 8 bits: a 16-bit PPM was written 8-bit
+    without a word. Its samples (big-endian, after the header) are read whole; a file cut short
+    is damaged."""
+    samples = rng.integers(0, maxval + 1, (6, 5, 3)).astype(">u2")
+    data = f"P6\n5 6\n{maxval}\n".encode() + samples.tobytes()
+    (tmp_path / "deep.ppm").write_bytes(data)
+    loaded = load_image(tmp_path / "deep.ppm")
+    assert loaded.bit_depth == 16 and loaded.rgb.shape == (1, 3, 6, 5)
+    expected = torch.from_numpy(samples.astype(np.float64) / maxval).permute(2, 0, 1)[None].float()
+    torch.testing.assert_close(loaded.rgb, expected, atol=1e-7, rtol=0)
+    (tmp_path / "cut.ppm").write_bytes(data[:-10])
+    with pytest.raises(TruncatedImageError, match="cut.ppm' is a 16-bit PPM cut short"):
+        load_image(tmp_path / "cut.ppm")
+
+
+def test_a_16bit_cmyk_tiff_says_it_is_read_at_8_bits(tmp_path, rng):
+    tifffile = pytest.importorskip("tifffile")
+    tifffile.imwrite(tmp_path / "press.tif", rng.integers(0, 65536, (8, 8, 4)).astype(np.uint16),
+                     photometric="separated")
+    loaded = load_image(tmp_path / "press.tif")
+    assert loaded.bit_depth == 8 and any("press.tif is a 16-bit CMYK image: read at 8 bits" in n for n in loaded.notes)
+
+
 def test_heif_containers_are_named_by_their_brand_cut_or_unreadable_here(tmp_path, rng, monkeypatch):
     """An AVIF cut inside its header was called an unknown or unsupported format (AVIF had no
     signature: its ISO-media "ftyp" box names the codec); a HEIC without pillow-heif is named as
