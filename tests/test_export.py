@@ -255,6 +255,30 @@ def test_an_earlier_export_is_kept_unless_overwrite_and_never_half_replaced(run,
     assert sorted(p.name for p in (tmp_path / "blocked").iterdir()) == ["conditioning.safetensors"]
 
 
+def test_a_file_as_the_folder_and_a_cut_checkpoint_file_are_named_with_what_to_do(run, tmp_path):
+    """`-o` an existing file stopped with a bare "File exists"; a truncated EMA file in the
+    checkpoint was to be "re-downloaded" (training wrote it): named now, with the earlier
+    checkpoint or the raw weights beside it to use instead."""
+    import shutil
+
+    (tmp_path / "taken").write_text("a file")
+    with pytest.raises(ExportError, match=r"-o .*taken is a file; the export writes a folder .*give a folder's path"):
+        export_student(run.output_dir, tmp_path / "taken")
+    with pytest.raises(ExportError, match=r"the export folder .*taken/sub cannot be made .*choose another -o"):
+        export_student(run.output_dir, tmp_path / "taken" / "sub")
+    copy = Path(shutil.copytree(run.output_dir, tmp_path / "run"))
+    newest = T.latest_checkpoint(copy)
+    ema = newest / T.EMA_LORA_FILE
+    ema.write_bytes(ema.read_bytes()[:100])
+    with pytest.raises(T.DamagedCheckpointError) as info:
+        export_student(copy, tmp_path / "out")
+    said = str(info.value)
+    assert f"checkpoint {newest} is damaged: {T.EMA_LORA_FILE} is truncated or not a safetensors file" in said
+    assert said.endswith("(cut short as it was written: a killed run, a full disk?); export its raw weights with --no-ema")
+    assert "download" not in said and not (tmp_path / "out").exists()
+    assert export_student(copy, tmp_path / "out", use_ema=False).ema is False
+
+
 def test_a_bundle_for_another_model_is_refused(run, tmp_path):
     from fluxsr_core.bundle import save_bundle
     from fluxsr_core.settings import RunSettings

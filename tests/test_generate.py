@@ -437,6 +437,26 @@ def test_a_second_prompt_file_written_into_the_folder_meanwhile_is_refused_at_on
                                                                                               "a bird"}
 
 
+def test_flag_paths_with_emoji_reach_the_config_and_verify_calls_an_empty_folder_no_dataset(inputs, tmp_path, capsys):
+    """A flag's value became a TOML override through json.dumps, whose \\ud83d-style escapes of an
+    emoji TOML refuses: `--output "pairs 📷"` stopped as a bad config. And `verify` called a
+    folder without pairs (the wrong one, say) usable."""
+    root, bundle, prompts = inputs
+    out = tmp_path / "pairs 📷"
+    args = ["pairs", "--transformer", "tiny", "--vae", "tiny", "--dtype", "fp32", "--device", "cpu",
+            "--prompts", str(prompts), "--output", str(out), "--bundle", str(bundle), "--steps", "2", "--height", "16",
+            "--width", "16", "--no-save-image", "--no-progress-bar", "--no-fsync", "--limit", "1"]
+    assert cli_main(args) == 0, capsys.readouterr()
+    assert len(PairDataset(out)) == 1
+    capsys.readouterr()
+    assert cli_main(["verify", str(out)]) == 0 and "is usable" in capsys.readouterr().out
+    (tmp_path / "empty").mkdir()
+    assert cli_main(["verify", str(tmp_path / "empty")]) == 1
+    said = capsys.readouterr().out
+    assert "holds no pairs (no manifest-*.jsonl lists any): not a pair dataset, or not yet" in said
+    assert "is usable" not in said
+
+
 def test_verify_lists_damage_and_drop_bad_lets_pairs_make_the_lost_pairs_again(inputs, tmp_path, capsys):
     """A damaged or deleted shard blocked `pairs` and `train`, and the only advice was a Python call."""
     from fluxsr_core.pairs import PairWriter

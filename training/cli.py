@@ -117,6 +117,11 @@ def _cmd_verify(args) -> int:
 
     report = verify_pairs(args.folder)
     print(report)
+    if report.ok and not report.pairs:  # nothing to train on is no usable dataset (a wrong folder?)
+        print(f"verify: {args.folder} holds no pairs (no manifest-*.jsonl lists any): not a pair dataset, or not yet; "
+              "check the folder, or make pairs into it with `fluxsr-train pairs --output` (or the ComfyUI Teacher "
+              "Sampler)")
+        return 1
     if report.ok:
         print(f"verify: {args.folder} is usable" + (" (the notes are harmless)" if report.notes else ""))
         return 0
@@ -157,7 +162,7 @@ def _quote(v) -> str:
         return str(v)
     import json
 
-    return json.dumps(str(v))
+    return json.dumps(str(v), ensure_ascii=False)  # TOML takes no \ud83d-style surrogate escapes (an emoji path)
 
 
 # --- train ---------------------------------------------------------------------------------

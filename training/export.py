@@ -28,10 +28,11 @@ from fluxsr_core.bundle import ConditioningBundle, load_bundle, save_bundle
 from fluxsr_core.files import replaced_together
 from fluxsr_core.lora import save_lora
 from fluxsr_core.settings import RunSettings
+from fluxsr_core.weights import CorruptWeightsError
 
 from .trainer import (CHECKPOINT_DIR, CONDITIONING_FILE, CONFIG_FILE, EMA_LORA_FILE, LORA_FILE, STATE_FILE,
-                      TrainConfig, bundle_prompt, conditioning_digest, latest_checkpoint, load_train_config,
-                      read_checkpoint_state, read_lora_state)
+                      DamagedCheckpointError, TrainConfig, bundle_prompt, conditioning_digest, latest_checkpoint,
+                      list_checkpoints, load_train_config, read_checkpoint_state, read_lora_state)
 
 log = logging.getLogger("fluxsr.export")
 
@@ -187,7 +188,15 @@ def export_student(checkpoint: str | os.PathLike, output_dir: str | os.PathLike,
     src = ema_file if use_ema else ckpt / LORA_FILE
     if not src.is_file():
         raise FileNotFoundError(f"{ckpt} lacks {src.name}; the checkpoint is incomplete")
-    tensors, rank, alpha = read_lora_state(src)
+    try:
+        tensors, rank, alpha = read_lora_state(src)
+    except CorruptWeightsError as exc:
+        others = [c for c in list_checkpoints(ckpt.parent.parent) if c != ckpt] if ckpt.parent.name == CHECKPOINT_DIR \
+            else []
+        advice = [f"export an earlier checkpoint ({others[-1]})" if others else "",
+                  "export its raw weights with --no-ema" if use_ema and (ckpt / LORA_FILE).is_file() else ""]
+        advice = " or ".join(a for a in advice if a) or "train again from its run's last whole checkpoint"
+        raise DamagedCheckpointError(f"checkpoint {ckpt} is damaged: {exc}; {advice}") from None
     if (rank, alpha) != (cfg.lora.rank, cfg.lora.alpha):
         raise ExportError(f"{src}: rank {rank}, alpha {alpha:g} disagree with its {CONFIG_FILE} "
                           f"(rank {cfg.lora.rank}, alpha {cfg.lora.alpha:g}); the checkpoint was edited")
@@ -208,7 +217,13 @@ def export_student(checkpoint: str | os.PathLike, output_dir: str | os.PathLike,
     if taken and not overwrite:
         raise ExportError(f"{out} holds {' and '.join(taken)} already (an earlier export?); pass --overwrite to "
                           "replace them, or choose another -o")
-    out.mkdir(parents=True, exist_ok=True)
+    if out.exists() and not out.is_dir():
+        raise ExportError(f"-o {out} is a file; the export writes a folder (the LoRA and the conditioning bundle, "
+                          f"{lora_name} and {bundle_name}): give a folder's path")
+    try:
+        out.mkdir(parents=True, exist_ok=True)
+    except OSError as exc:  # a file where a folder above it should be, no permission, ...
+        raise ExportError(f"the export folder {out} cannot be made ({exc.strerror or exc}); choose another -o") from None
     with replaced_together(targets) as staged:
         save_lora(staged[0], tensors, settings, rank=cfg.lora.rank, alpha=cfg.lora.alpha,
                   extra_metadata={"fluxsr.step": str(step), "fluxsr.weights": "ema" if use_ema else "raw",

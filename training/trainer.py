@@ -648,9 +648,13 @@ def read_lora_state(path: str | os.PathLike) -> tuple[dict[str, torch.Tensor], i
     """``(tensors, rank, alpha)`` of a file written by :func:`save_lora_state`."""
     from fluxsr_core.lora import KEY_LORA_ALPHA
     from fluxsr_core.settings import KEY_LORA_RANK
-    from fluxsr_core.weights import read_safetensors
+    from fluxsr_core.weights import CorruptWeightsError, read_safetensors
 
-    sd, md = read_safetensors(path, "LoRA checkpoint")
+    try:
+        sd, md = read_safetensors(path, "LoRA checkpoint")
+    except CorruptWeightsError:  # its own advice is to download the file again: training wrote this one
+        raise CorruptWeightsError(f"{os.path.basename(path)} is truncated or not a safetensors file (cut short as it "
+                                  "was written: a killed run, a full disk?)") from None
     md = md or {}
     if KEY_LORA_RANK not in md or KEY_LORA_ALPHA not in md:
         raise ValueError(f"{path} is not a FluxSR training checkpoint LoRA (no {KEY_LORA_RANK}/{KEY_LORA_ALPHA})")
