@@ -131,6 +131,10 @@ def test_size_mismatch_and_tiny_images_are_clear_errors():
         E.psnr_y(_photo(8, 8), _photo(8, 8), crop_border=4)
     with pytest.raises(E.EvaluationError, match="at least 11x11"):
         E.ssim_y(_photo(16, 16), _photo(16, 16), crop_border=4)
+    # in a set, the error names the image (and the method) it is about
+    refs = {"big.png": _photo(64, 64), "tiny.png": _photo(16, 16)}
+    with pytest.raises(E.EvaluationError, match=r"^ours, image tiny.png: SSIM needs images of at least 11x11"):
+        E.evaluate_images({"ours": dict(refs)}, refs, scale=4, metrics=["psnr_y", "ssim_y"], bicubic=False)
 
 
 # --------------------------------------------------------------------------- bicubic

@@ -737,12 +737,15 @@ def evaluate_images(methods: Mapping[str, Mapping[str, Any]], references: Mappin
             scores = {}
             out_t, ref_t = (_as_float_tensor(out), _as_float_tensor(refs[k])) if perceptual else (None, None)
             for m in used:
-                if m == PSNR_Y:
-                    scores[m] = psnr_y(out, refs[k], border)
-                elif m == SSIM_Y:
-                    scores[m] = ssim_y(out, refs[k], border)
-                else:
-                    scores[m] = built[m](out_t, ref_t)
+                try:
+                    if m == PSNR_Y:
+                        scores[m] = psnr_y(out, refs[k], border)
+                    elif m == SSIM_Y:
+                        scores[m] = ssim_y(out, refs[k], border)
+                    else:
+                        scores[m] = built[m](out_t, ref_t)
+                except EvaluationError as exc:  # which image: a set of hundreds stopped on "an image of 8x8"
+                    raise EvaluationError(f"{mname}, image {k}: {exc}") from None
             res.per_image[k] = scores
         for m in used:
             vals = [res.per_image[k][m] for k in image_names]
