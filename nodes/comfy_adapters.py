@@ -264,6 +264,12 @@ class ComfyVelocity:
                 if extra.get(bad) is not None:
                     raise ValueError(f"{what} is not supported by FluxSR's one-step upscale; connect a "
                                      "plain FLUX conditioning (FluxSRConditioning)")
+            start, end = extra.get("start_percent", 0.0), extra.get("end_percent", 1.0)
+            if (start, end) != (0.0, 1.0):  # ComfyUI's samplers drop it outside its range; it was used throughout
+                raise ValueError(f"the conditioning applies from {start:.0%} to {end:.0%} of the sampling only "
+                                 "(ConditioningSetTimestepRange), which FluxSR does not follow: the one-step upscale "
+                                 "runs at one timestep, and a teacher pair stores one conditioning for every step; "
+                                 "connect it without the timestep range")
             _check_widths(getattr(inner, "diffusion_model", None), tokens, extra.get("pooled_output"))
             params = {k: v for k, v in extra.items() if k != SETTINGS_KEY}
             if tokens is not None:

@@ -762,6 +762,9 @@ def test_comfy_velocity_averages_entries_and_refuses_areas(pack, tiny, fake_comf
     torch.testing.assert_close(vel(x, sigma, [a, b]), (va + 3 * vb) / 4, atol=1e-5, rtol=1e-5)
     with pytest.raises(ValueError, match="area conditioning"):
         vel(x, sigma, [[a[0], dict(a[1], area=(8, 8, 0, 0))]])
+    with pytest.raises(ValueError, match=r"applies from 0% to 50% of the sampling only .ConditioningSetTimestepRange"):
+        vel(x, sigma, [[a[0], dict(a[1], start_percent=0.0, end_percent=0.5)]])
+    vel(x, sigma, [[a[0], dict(a[1], start_percent=0.0, end_percent=1.0)]])  # the whole range: as without
     with pytest.raises(ValueError, match="sigma 0"):
         vel(x, torch.tensor([0.0]), [a])
 
