@@ -5,4 +5,4 @@ training package (``fluxsr_training``) both build on the two interfaces in
 :mod:`fluxsr_core.interfaces`.
 """
 
-__version__ = "0.7.7"
+__version__ = "0.7.8"

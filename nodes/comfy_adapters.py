@@ -608,7 +608,9 @@ def _sampled_bytes(tensor: Any, count: int) -> bytes:
     if data.device.type == "meta" or data.numel() == 0:
         return head
     raw = data.reshape(-1).contiguous().view(torch.uint8)
-    index = torch.linspace(0, raw.numel() - 1, min(count, raw.numel())).round().long().to(raw.device)
+    n, k = raw.numel(), min(count, raw.numel())
+    # in integers: float32 linspace overshoots the last index past 2**24 bytes (a FLUX weight)
+    index = (torch.arange(k, dtype=torch.int64) * (n - 1) // max(k - 1, 1)).to(raw.device)
     return head + raw[index].cpu().numpy().tobytes()
 
 

@@ -1283,6 +1283,10 @@ def test_a_teacher_model_is_told_from_another_by_its_weights_and_patch_values(pa
     assert adapters.teacher_model_fingerprint(patcher) not in (lora, tuned)  # other values, same layer and strength
     assert adapters.model_patches(patcher)[1] == adapters.model_patches(types.SimpleNamespace(patches={
         "diffusion_model.3.weight": [(1.0, ("lora", (up, down, 4.0, None)), 1.0, None, None)]}))[1]
+    large = torch.nn.Linear(1, 1)  # over 2**24 bytes, where float32 index arithmetic runs past the end
+    large.weight = torch.nn.Parameter(torch.zeros(2 ** 22 + 3, 3), requires_grad=False)
+    patcher.patches, patcher.model.diffusion_model = {}, large
+    assert len(adapters.teacher_model_fingerprint(patcher)) == 16
     packed = torch.nn.Linear(4, 64)
     packed.weight.tensor_type = types.SimpleNamespace(name="Q8_0")
     patcher.patches, patcher.model.diffusion_model = {}, packed
