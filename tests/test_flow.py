@@ -101,7 +101,8 @@ def test_ftd_quantities_hand_numbers():
     assert flow.teacher_velocity(eps, z0).item() == 1.0
     assert flow.sr_velocity(z_l, z0, t_l).item() == 1.0          # (1.25 - 1) / 0.25
     assert flow.noise_to_lr_velocity(eps, z_l, t_l).item() == 1.0  # (2 - 1.25) / 0.75
-    # u = (1 - T_L) u_L + T_L u_SR holds on the straight line
+    # u = (1 - T_L) u_L + T_L u_SR: an identity of the three definitions (any z_L, on the line
+    # or not), checked here as one more guard on their signs and denominators
     u = flow.teacher_velocity(eps, z0)
     u_l = flow.noise_to_lr_velocity(eps, z_l, t_l)
     u_sr = flow.sr_velocity(z_l, z0, t_l)
@@ -155,8 +156,10 @@ def test_ftd_loss_is_a_scaled_regression_on_the_sr_velocity():
     t_l, t = 0.25, torch.tensor([0.4, 0.8])
     weights = torch.randn(16, 16)
     model = lambda z, s, cond, position_offset=(0, 0): torch.einsum("oc,bchw->bohw", weights, z) * s.view(-1, 1, 1, 1)
-    v_t = model(flow.ftd_interpolate(z_l, eps, t, t_l), t, None)
-    expected = (t_l / (1 - t_l)) ** 2 * ((v_t - flow.sr_velocity(z_l, z0, t_l)) ** 2).mean()
+    tt = t.view(-1, 1, 1, 1)
+    z_t = ((1 - tt) * z_l + (tt - t_l) * eps) / (1 - t_l)  # FLUXSR.md's z_t, written out (not ftd_interpolate)
+    v_t = model(z_t, t, None)
+    expected = (t_l / (1 - t_l)) ** 2 * ((v_t - (z_l - z0) / t_l) ** 2).mean()
     assert flow.ftd_loss(model, z_l, z0, eps, t, t_l, None).item() == pytest.approx(expected.item(), rel=1e-5)
 
 

@@ -133,12 +133,24 @@ def test_linear_ramp_over_overlap_sums_to_one():
 
 
 @pytest.mark.parametrize("profile", BLEND_PROFILES)
-def test_normalised_weights_sum_to_one_everywhere(profile):
-    # Identity fn on ones: the output is sum(w_i * 1) / sum(w_i), i.e. the accumulated
-    # normalised weight at each pixel.
+def test_every_pixel_is_the_weighted_mean_of_the_tiles_covering_it(profile):
+    """Each tile returns its own constant (its top-left value): every output pixel must be
+    sum_k w_k(p) c_k / sum_k w_k(p) over the tiles k covering it, with the weights placed where
+    the tiles lie. (Ones from every tile, the old check, give 1 for any positive weights.)"""
     cfg = TilingConfig(latent_tile=16, latent_overlap=6, blend=profile)
-    out = tiled_apply(lambda x, o: torch.ones_like(x), torch.zeros(2, 16, 50, 38), cfg)
-    assert (out - 1).abs().max() < 1e-6
+    h, w = 50, 38
+    rows, cols = torch.meshgrid(torch.arange(h, dtype=torch.float64), torch.arange(w, dtype=torch.float64),
+                                indexing="ij")
+    latent = (rows * 1000 + cols).expand(2, 16, h, w).clone()
+    out = tiled_apply(lambda x, o: x[..., :1, :1].expand_as(x).clone(), latent, cfg)
+    num, den = torch.zeros(h, w, dtype=torch.float64), torch.zeros(h, w, dtype=torch.float64)
+    weights = blend_weights(16, 16, profile, dtype=torch.float64, ramp=6 if profile == "linear" else None)
+    for r, c in tile_grid(h, w, cfg):
+        num[r:r + 16, c:c + 16] += weights * (r * 1000 + c)
+        den[r:r + 16, c:c + 16] += weights
+    assert len(tile_grid(h, w, cfg)) > 4 and bool((den > 0).all())
+    torch.testing.assert_close(out[0, 0].double(), num / den, rtol=0, atol=1e-6 * 50000)
+    torch.testing.assert_close(out[1, 15], out[0, 0])
 
 
 # --- tiled application -----------------------------------------------------------------------

@@ -267,3 +267,22 @@ def test_the_colour_under_transparent_pixels_does_not_bleed_into_the_edges(tmp_p
     result = upscaler.upscale_loaded_image(images.load_image(tmp_path / "grey.png"), ConstantVelocity(),
                                            lossless_codec, None, UpscaleOptions(scale=4, color_fix="none"))
     assert result.gray_in_color and torch.equal(result.rgb[:, 0], result.rgb[:, 2])
+
+
+def test_the_default_colour_fix_takes_the_upsampled_input_s_colours():
+    """A model that shifts red up and blue down by 0.1 (z_H = z_L - T_L v): the default colour fix
+    (wavelet) gives back the colours of the upsampled input, which the output keeps without it."""
+    class Cast:
+        def __call__(self, z, sigma, cond, position_offset=(0, 0)):
+            v = torch.zeros_like(z)
+            v[:, 0], v[:, 2] = -0.4, 0.4
+            return v
+
+    g = torch.Generator().manual_seed(0)
+    image = (0.3 + 0.4 * F.interpolate(torch.rand(1, 3, 4, 4, generator=g), size=(32, 32), mode="bicubic")).clamp(0, 1)
+    upsampled = F.interpolate(image, size=(64, 64), mode="bicubic").clamp(0, 1).mean((2, 3))
+    plain = upscaler.upscale_tensor(image, Cast(), PixelCodec(), None, UpscaleOptions(scale=2, t_l=0.25, color_fix="none"))
+    torch.testing.assert_close(plain.mean((2, 3)) - upsampled, torch.tensor([[0.1, 0.0, -0.1]]), atol=2e-3, rtol=0)
+    assert UpscaleOptions().color_fix == "wavelet"
+    fixed = upscaler.upscale_tensor(image, Cast(), PixelCodec(), None, UpscaleOptions(scale=2, t_l=0.25))
+    assert (fixed.mean((2, 3)) - upsampled).abs().max() < 1e-3
