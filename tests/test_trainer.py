@@ -394,6 +394,51 @@ def test_a_checkpoint_is_on_the_disk_before_its_rename_and_before_older_ones_go(
     assert [e[3] for e in dirs] == [["step-0000001"], ["step-0000001", "step-0000002"], ["step-0000002", "step-0000003"]]
 
 
+@pytest.mark.parametrize("max_grad_norm", [1.0, 0.0])
+def test_a_nan_gradient_under_a_finite_loss_stops_the_run_and_keeps_the_good_checkpoints(pairs, tmp_path,
+                                                                                          monkeypatch, max_grad_norm):
+    """A finite loss whose gradient is NaN (a bf16 overflow in the backward) went through the clip
+    into the optimizer and the EMA; the next checkpoint saved the NaN LoRA and its rotation
+    removed the good ones, so no resume could work. Refused before the step, clipped or not."""
+    original = T.compute_losses
+    calls = {"n": 0}
+
+    def overflowing_backward(velocity, codec, **kw):
+        parts = original(velocity, codec, **kw)
+        calls["n"] += 1
+        if calls["n"] == 3:  # d sqrt(x) / dx at 0 is inf, times 0: a NaN gradient for a loss of + 0
+            p = next(p for p in velocity.transformer.parameters() if p.requires_grad)
+            parts.total = parts.total + (p * 0).sum().sqrt()
+        return parts
+
+    monkeypatch.setattr(T, "compute_losses", overflowing_backward)
+    out = tmp_path / "run"
+    cfg = tiny_config(pairs, out, "train.max_steps=6", "checkpoint.every=2", "checkpoint.keep_last=1",
+                      f"optim.max_grad_norm={max_grad_norm}")
+    with pytest.raises(FloatingPointError, match=r"the gradient is not finite \(norm nan\) at step 3 although the loss "
+                                                 r"is; the LoRA and its EMA are left as they were after step 2"):
+        T.train(cfg)
+    kept = sorted(p.name for p in (out / T.CHECKPOINT_DIR).iterdir())
+    assert kept == ["step-0000002"]
+    assert all(bool(torch.isfinite(t).all()) for t in lora_file(out / T.CHECKPOINT_DIR / kept[0]).values())
+    monkeypatch.undo()
+    resumed = T.train(tiny_config(pairs, out, "train.max_steps=4", "checkpoint.every=2", "checkpoint.keep_last=1",
+                                  f"optim.max_grad_norm={max_grad_norm}", "train.resume=latest"))
+    assert Path(resumed.checkpoint).name == "step-0000004"
+
+
+def test_a_checkpoint_of_a_lora_holding_nan_is_not_written(pairs, tmp_path, monkeypatch):
+    out = tmp_path / "run"
+    trainer = T._Run(tiny_config(pairs, out, "train.max_steps=2", "checkpoint.every=1", "checkpoint.keep_last=1"))
+    original = trainer._non_finite_weights
+    monkeypatch.setattr(trainer, "_non_finite_weights", lambda: ["double_blocks.0.lora_A"]
+                        if trainer.state.step == 2 else original())
+    with pytest.raises(FloatingPointError, match="the LoRA at step 2 holds inf or NaN .1 tensors, double_blocks.0.lora_A "
+                                                 "first., so no checkpoint of it is written and the earlier ones"):
+        trainer.run()
+    assert sorted(p.name for p in (out / T.CHECKPOINT_DIR).iterdir()) == ["step-0000001"]
+
+
 def test_s_per_step_is_the_steps_own_time_without_checkpoints(pairs, tmp_path, monkeypatch):
     """The logged s/step times the training steps: a checkpoint written in the window (here made
     to take 2 s) is not in it. Before, one slow checkpoint made every window's step look slow."""

@@ -2132,6 +2132,12 @@ class _Run:
         what = f"write checkpoint step {step}"
 
         def make_folder() -> None:
+            bad = self._non_finite_weights()
+            if bad:  # never a checkpoint that cannot be resumed, pushing out those that can
+                raise FloatingPointError(
+                    f"the LoRA at step {step} holds inf or NaN ({len(bad)} tensors, {bad[0]} first), so no checkpoint "
+                    f"of it is written and the earlier ones in {root} are kept: resume from the last of them, with "
+                    "a lower optim.lr")
             if self.main:
                 root.mkdir(parents=True, exist_ok=True)
                 if tmp.exists():
@@ -2414,9 +2420,36 @@ class _Run:
                                perceptual=self.perceptual, adl_hook=self.adl_hook,
                                adl_seeds=[self.stream.adl_seed(p) for p in batch["pos"]])
         if not torch.isfinite(parts.total):
-            raise FloatingPointError(f"loss is {float(parts.total)} at step {self.state.step + 1}; "
+            raise FloatingPointError(f"loss is {float(parts.total.detach())} at step {self.state.step + 1}; "
                                      "lower optim.lr or check the data")
         return parts
+
+    def _clip_and_check_gradient(self) -> None:
+        """Clip the gradient to ``optim.max_grad_norm`` (0: not clipped, only measured) and refuse a
+        non-finite one: a finite loss can still have an inf or NaN gradient (a bf16 overflow in the
+        backward), which the optimizer step would write into the LoRA and the EMA, and the next
+        checkpoint would then push the good ones out. fp16's loss scale handles it itself (its
+        step is skipped and the scale lowered). Every process sees the same norm, taken after the
+        gradients are reduced, so all stop together."""
+        cfg, acc = self.cfg, self.accelerator
+        # FSDP clips through its own module: give it all of the model's parameters.
+        params = self.model.parameters() if self._distributed("FSDP") else list(self.params.values())
+        max_norm = cfg.optim.max_grad_norm if cfg.optim.max_grad_norm > 0 else float("inf")
+        norm = acc.clip_grad_norm_(params, max_norm)  # None under DeepSpeed, which clips itself
+        if norm is None or acc.scaler is not None or bool(torch.isfinite(torch.as_tensor(norm))):
+            return
+        raise FloatingPointError(
+            f"the gradient is not finite (norm {float(norm)}) at step {self.state.step + 1} although the loss is; "
+            f"the LoRA and its EMA are left as they were after step {self.state.step}, and no checkpoint of this "
+            "step is written. Lower optim.lr (or keep optim.max_grad_norm on), or train in fp32 "
+            "(model.dtype=fp32) if bf16 overflows; resume from the last checkpoint")
+
+    def _non_finite_weights(self) -> list[str]:
+        """Names of the LoRA tensors (and EMA shadows) holding inf or NaN on this process."""
+        bad = [n for n, p in self.params.items() if not bool(torch.isfinite(p.detach()).all())]
+        if self.ema is not None:
+            bad += [f"EMA {n}" for n, p in self.ema.shadow.items() if not bool(torch.isfinite(p).all())]
+        return bad
 
     def run(self) -> TrainResult:
         t_start = time.time()
@@ -2517,10 +2550,8 @@ class _Run:
                         parts = self._on_every_process(lambda: self._micro_step_losses(batches),
                                                        f"run training step {self.state.step + 1}")
                         acc.backward(parts.total)
-                        if acc.sync_gradients and cfg.optim.max_grad_norm > 0:
-                            # FSDP clips through its own module: give it all of the model's parameters.
-                            acc.clip_grad_norm_(self.model.parameters() if self._distributed("FSDP")
-                                                else list(self.params.values()), cfg.optim.max_grad_norm)
+                        if acc.sync_gradients:
+                            self._clip_and_check_gradient()
                         self.optimizer.step()
                         self.optimizer.zero_grad(set_to_none=True)
                     for k, v in parts.as_floats().items():
