@@ -260,10 +260,12 @@ class ComfyVelocity:
         prepared = []
         for tokens, extra in _check_conditioning(conditioning):
             for bad, what in (("area", "area conditioning"), ("mask", "mask conditioning"),
-                              ("control", "ControlNet conditioning"), ("gligen", "GLIGEN conditioning")):
+                              ("control", "ControlNet conditioning"), ("gligen", "GLIGEN conditioning"),
+                              ("hooks", "a conditioning with hooks (Set CLIP Hooks, hook LoRAs)")):
                 if extra.get(bad) is not None:
+                    advice = " (a LoRA goes on the MODEL: FluxSR Load LoRA)" if bad == "hooks" else ""
                     raise ValueError(f"{what} is not supported by FluxSR's one-step upscale; connect a "
-                                     "plain FLUX conditioning (FluxSRConditioning)")
+                                     f"plain FLUX conditioning (FluxSRConditioning){advice}")
             start, end = extra.get("start_percent", 0.0), extra.get("end_percent", 1.0)
             if (start, end) != (0.0, 1.0):  # ComfyUI's samplers drop it outside its range; it was used throughout
                 raise ValueError(f"the conditioning applies from {start:.0%} to {end:.0%} of the sampling only "
@@ -637,8 +639,9 @@ def teacher_model_fingerprint(model: Any) -> str:
     bytes sampled from its diffusion model's weights (spread over the model: FLUX.1-dev,
     FLUX.1-schnell and a fine-tune of either differ everywhere) and from its patches' values
     (two LoRAs on the same layers at the same strength, which :func:`model_patches` cannot tell
-    apart). Patched weights are not sampled: ComfyUI adds a LoRA into them while the model is
-    loaded and takes it out after, so they read differently by when the node runs. A cheap
+    apart). The MODEL's own patched weights are not sampled, and the others are read as they were
+    before any patch (ComfyUI adds a LoRA into the weights while a MODEL is loaded, and its clones
+    share them), so the value does not move with what ran before. A cheap
     sample, not a hash of 24 GB. "" when the MODEL has no diffusion model to read (not ComfyUI's)."""
     import hashlib
 
@@ -647,11 +650,18 @@ def teacher_model_fingerprint(model: Any) -> str:
         return ""
     found = getattr(model, "patches", None)
     found = found if isinstance(found, dict) else {}
+    # Clones of one MODEL share its weights: another clone's LoRA (FluxSR Load LoRA's, say, from an
+    # upscale run just before) stays added into them until a clone without it loads. ComfyUI keeps
+    # every patched weight's original in the shared ``backup``: read from there.
+    backup = getattr(model, "backup", None)
+    backup = backup if isinstance(backup, dict) else {}
     weights = [(n, p) for n, p in diffusion.named_parameters() if f"diffusion_model.{n}" not in found]
     step = max(1, len(weights) // _FINGERPRINT_WEIGHTS)
     digest = hashlib.sha256()
     for name, param in weights[::step][:_FINGERPRINT_WEIGHTS]:
-        digest.update(name.encode() + _sampled_bytes(param, _FINGERPRINT_VALUES))
+        original = getattr(backup.get(f"diffusion_model.{name}"), "weight", None)
+        tensor = original if isinstance(original, torch.Tensor) else param
+        digest.update(name.encode() + _sampled_bytes(tensor, _FINGERPRINT_VALUES))
     for key in sorted(found):
         digest.update(str(key).encode())
         for entry in found[key]:

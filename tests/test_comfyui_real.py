@@ -537,3 +537,51 @@ def test_ui_workflows_load_in_comfyuis_page(server, tmp_path):
 
     picture = np.asarray(Image.open(shot).convert("L"), dtype=np.float32)
     assert picture.shape == (940, 1600) and picture.std() > 10  # a drawn graph, not a blank page
+
+
+def test_the_teacher_fingerprint_ignores_another_clone_s_lora_left_in_the_weights(tmp_path):
+    """ComfyUI's clones of one MODEL share its weights, and a clone's LoRA stays added into them
+    (an upscale through FluxSR Load LoRA just before) until a clone without it loads: the teacher's
+    fingerprint read them so, and refused its own folder ("sampled by another teacher MODEL").
+    With ComfyUI's own ModelPatcher and loader: the same value fresh, after the LoRA clone's load,
+    and after the teacher's own load."""
+    script = tmp_path / "fingerprint.py"
+    script.write_text(f"""
+import importlib.util, sys
+sys.argv = ["fingerprint", "--cpu"]
+sys.path.insert(0, {str(COMFYUI_DIR)!r})
+import comfy.options
+comfy.options.enable_args_parsing()
+import torch
+import comfy.model_management as mm
+import comfy.model_patcher as mp
+spec = importlib.util.spec_from_file_location("fluxsr_pack", {str(REPO / "__init__.py")!r},
+                                              submodule_search_locations=[{str(REPO)!r}])
+pack = importlib.util.module_from_spec(spec)
+sys.modules["fluxsr_pack"] = pack
+spec.loader.exec_module(pack)
+adapters = sys.modules["fluxsr_pack.nodes.comfy_adapters"]
+
+class Model(torch.nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.diffusion_model = torch.nn.Sequential(*(torch.nn.Linear(64, 64) for _ in range(20)))
+
+base = mp.ModelPatcher(Model(), load_device=torch.device("cpu"), offload_device=torch.device("cpu"))
+seen = [adapters.teacher_model_fingerprint(base)]
+lora = base.clone()
+lora.add_patches({{f"diffusion_model.{{i}}.weight": ("diff", (torch.randn(64, 64),)) for i in range(0, 20, 2)}}, 1.0)
+mm.load_models_gpu([lora])
+changed = not torch.equal(base.model.diffusion_model[0].weight, lora.backup["diffusion_model.0.weight"].weight)
+seen.append(adapters.teacher_model_fingerprint(base))
+mm.load_models_gpu([base])
+seen.append(adapters.teacher_model_fingerprint(base))
+print("FINGERPRINTS", changed, *seen)
+""")
+    python = os.environ.get("COMFYUI_PYTHON", sys.executable)
+    r = subprocess.run([python, str(script)], capture_output=True, text=True, timeout=300, cwd=COMFYUI_DIR)
+    line = next((ln for ln in r.stdout.splitlines() if ln.startswith("FINGERPRINTS")), None)
+    assert line is not None, r.stdout[-2000:] + r.stderr[-4000:]
+    _, lora_was_in_the_weights, fresh, after_lora, after_own_load = line.split()
+    assert lora_was_in_the_weights == "True"  # the case the test is about did happen
+    assert len(fresh) == 16 and fresh == after_lora == after_own_load

@@ -765,6 +765,8 @@ def test_comfy_velocity_averages_entries_and_refuses_areas(pack, tiny, fake_comf
     with pytest.raises(ValueError, match=r"applies from 0% to 50% of the sampling only .ConditioningSetTimestepRange"):
         vel(x, sigma, [[a[0], dict(a[1], start_percent=0.0, end_percent=0.5)]])
     vel(x, sigma, [[a[0], dict(a[1], start_percent=0.0, end_percent=1.0)]])  # the whole range: as without
+    with pytest.raises(ValueError, match=r"hooks .Set CLIP Hooks, hook LoRAs. is not supported.*FluxSR Load LoRA"):
+        vel(x, sigma, [[a[0], dict(a[1], hooks=object())]])  # ComfyUI would apply them; we would not
     with pytest.raises(ValueError, match="sigma 0"):
         vel(x, torch.tensor([0.0]), [a])
 
@@ -1279,6 +1281,17 @@ def test_a_teacher_model_is_told_from_another_by_its_weights_and_patch_values(pa
     with torch.no_grad():  # as ComfyUI loading the model: the LoRA added into the weight it patches
         patcher.model.diffusion_model[3].weight.add_(up @ down)
     assert adapters.teacher_model_fingerprint(patcher) == lora != tuned
+    # another clone's LoRA left added into a weight it shares (an upscale run before): read from ComfyUI's backup
+    shared = patcher.model.diffusion_model[0].weight  # the first weight is among those sampled
+    patcher.backup = {"diffusion_model.0.weight": types.SimpleNamespace(weight=shared.detach().clone(),
+                                                                         inplace_update=True)}
+    with torch.no_grad():
+        shared.add_(0.25)
+    assert adapters.teacher_model_fingerprint(patcher) == lora
+    patcher.backup = {}
+    assert adapters.teacher_model_fingerprint(patcher) != lora
+    with torch.no_grad():
+        shared.sub_(0.25)
     patcher.patches = {"diffusion_model.3.weight": [(1.0, ("lora", (up + 0.5, down, 4.0, None)), 1.0, None, None)]}
     assert adapters.teacher_model_fingerprint(patcher) not in (lora, tuned)  # other values, same layer and strength
     assert adapters.model_patches(patcher)[1] == adapters.model_patches(types.SimpleNamespace(patches={
