@@ -1771,3 +1771,37 @@ def test_cli_train_config_resolution(capsys, tmp_path):
     assert "note: optim.warmup_steps=60 is not shorter than train.max_steps=50" in capsys.readouterr().err
     assert T.load_train_config(tmp_path / "plain.toml") == T.load_train_config(shipped_config("train_default"),
                                                                                 ["data.pairs=/d"])
+
+
+def test_a_users_config_can_extend_train_default_and_is_told_what_it_leaves_to_the_builtin_defaults(tmp_path,
+                                                                                                   capsys):
+    """A config of one's own holding only what it changes fell back to the dataclass defaults for
+    the rest (no gradient checkpointing, no held-out pairs, no validation) without a word.
+    `extends` starts it from another config (a shipped name, or a path beside it); without it
+    the CLI says which train_default settings it leaves to the built-in defaults."""
+    from fluxsr_training.cli import main, shipped_config
+    from fluxsr_training.config_io import ConfigError
+
+    mine = tmp_path / "mine.toml"
+    mine.write_text('[optim]\nlr = 5e-5\n')
+    assert main(["train", "--config", str(mine), "--print-config", "data.pairs=/d"]) == 0
+    err = capsys.readouterr().err
+    assert f"note: {mine} extends no config, so the" in err
+    assert "model.gradient_checkpointing False (train_default: True)" in err
+    assert 'put  extends = "train_default"  at the top of the file' in err
+    mine.write_text('extends = "train_default"\n[optim]\nlr = 5e-5\n')
+    cfg = T.load_train_config(mine)
+    assert cfg == T.load_train_config(shipped_config("train_default"), ["optim.lr=5e-5"])
+    assert main(["train", "--config", str(mine), "--print-config", "data.pairs=/d"]) == 0
+    assert "extends no config" not in capsys.readouterr().err
+    (tmp_path / "sub").mkdir()
+    child = tmp_path / "sub" / "child.toml"
+    child.write_text('extends = "../mine.toml"\n[lora]\nrank = 16\n')  # a path, from the file's own folder
+    layered = T.load_train_config(child)
+    assert (layered.optim.lr, layered.lora.rank, layered.model.gradient_checkpointing) == (5e-5, 16, True)
+    mine.write_text('extends = "sub/child.toml"\n')
+    with pytest.raises(ConfigError, match="'extends' goes round in a circle"):
+        T.load_train_config(child)
+    mine.write_text('extends = "train_nothing"\n')
+    with pytest.raises(ConfigError, match="extends = 'train_nothing': config 'train_nothing' is neither a file nor"):
+        T.load_train_config(mine)

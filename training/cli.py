@@ -20,23 +20,14 @@ import logging
 import os
 import sys
 import typing
-from importlib import resources
 from pathlib import Path
 from typing import Optional, Sequence
 
 from fluxsr_core.dependencies import refuse_outdated
 
+from .config_io import shipped_config
+
 log = logging.getLogger("fluxsr.train")
-
-
-def shipped_config(name: str) -> Path:
-    """A config shipped in ``fluxsr_training/configs`` by name (``train_tiny`` or ``train_tiny.toml``)."""
-    root = Path(str(resources.files("fluxsr_training.configs")))
-    for cand in (root / name, root / f"{name}.toml"):
-        if cand.is_file():
-            return cand
-    shipped = sorted(p.name for p in root.glob("*.toml"))
-    raise FileNotFoundError(f"config {name!r} is neither a file nor a shipped config ({', '.join(shipped)})")
 
 
 def _config_path(value: Optional[str]) -> Optional[Path]:
@@ -44,6 +35,31 @@ def _config_path(value: Optional[str]) -> Optional[Path]:
         return None
     p = Path(value)
     return p if p.is_file() else shipped_config(value)
+
+
+def _unlayered_config_note(path: Optional[Path]) -> Optional[str]:
+    """For a user's config that extends nothing: the train_default settings it leaves to the
+    built-in defaults, which differ (no gradient checkpointing, no held-out pairs, ...), or None."""
+    from . import config_io
+    from .trainer import TrainConfig
+
+    if path is None or path.resolve().parent == config_io.SHIPPED_CONFIGS:
+        return None
+    own = config_io.load_toml(path)
+    if config_io.EXTENDS_KEY in own:
+        return None
+    default = config_io.to_dict(config_io.from_dict(TrainConfig, config_io.load_toml(
+        config_io.shipped_config("train_default"))))
+    builtin = config_io.to_dict(TrainConfig())
+    left = [f"{sec}.{key} {builtin[sec].get(key)!r} (train_default: {value!r})"
+            for sec, table in default.items() if isinstance(table, dict)
+            for key, value in table.items()
+            if key not in (own.get(sec) or {}) and builtin.get(sec, {}).get(key) != value]
+    if not left:
+        return None
+    return (f"{path} extends no config, so the {len(left)} settings it leaves out that train_default sets otherwise "
+            f"take the built-in defaults: {'; '.join(left[:6])}{'; ...' if len(left) > 6 else ''}. To start from "
+            f"train_default instead, put  {config_io.EXTENDS_KEY} = \"train_default\"  at the top of the file")
 
 
 def _setup_logging(verbose: bool) -> None:
@@ -182,7 +198,11 @@ def _cmd_train(args) -> int:
         args.resume = "latest"
     if args.resume is not None:
         overrides.append(f"train.resume={_quote(args.resume)}")
-    cfg = load_train_config(_config_path(args.config), overrides)
+    config_path = _config_path(args.config)
+    cfg = load_train_config(config_path, overrides)
+    note = _unlayered_config_note(config_path) if _main_process() else None
+    if note:
+        print(f"fluxsr-train train: note: {note}", file=sys.stderr)
     if args.print_config:
         from . import config_io
         from .trainer import check_config, config_warnings

@@ -236,12 +236,54 @@ def load_toml(path: Union[str, os.PathLike]) -> dict[str, Any]:
         raise ConfigError(f"{p} is not valid TOML: {exc}") from None
 
 
+SHIPPED_CONFIGS = Path(__file__).resolve().parent / "configs"
+EXTENDS_KEY = "extends"
+
+
+def shipped_config(name: str) -> Path:
+    """A config shipped in ``fluxsr_training/configs`` by name (``train_tiny`` or ``train_tiny.toml``)."""
+    for cand in (SHIPPED_CONFIGS / name, SHIPPED_CONFIGS / f"{name}.toml"):
+        if cand.is_file():
+            return cand
+    shipped = sorted(p.name for p in SHIPPED_CONFIGS.glob("*.toml"))
+    raise FileNotFoundError(f"config {name!r} is neither a file nor a shipped config ({', '.join(shipped)})")
+
+
+def _merged(base: Mapping[str, Any], top: Mapping[str, Any]) -> dict[str, Any]:
+    out = dict(base)
+    for k, v in top.items():
+        out[k] = _merged(out[k], v) if isinstance(v, Mapping) and isinstance(out.get(k), Mapping) else v
+    return out
+
+
+def load_layered_toml(path: Union[str, os.PathLike], _seen: tuple[Path, ...] = ()) -> dict[str, Any]:
+    """A TOML config's values over those of the config its top-level ``extends`` names (a path,
+    relative to the file's folder, or a shipped config's name such as ``train_default``), and so
+    on down: a user's config can hold only what it changes."""
+    p = Path(path).resolve()
+    if p in _seen:
+        raise ConfigError(f"{p}: '{EXTENDS_KEY}' goes round in a circle ({' -> '.join(str(s) for s in _seen + (p,))})")
+    values = load_toml(p)
+    parent = values.pop(EXTENDS_KEY, None)
+    if parent is None:
+        return values
+    if not isinstance(parent, str) or not parent:
+        raise ConfigError(f"{p}: '{EXTENDS_KEY}' must name a config file or a shipped config (got {parent!r})")
+    candidate = p.parent / parent
+    try:
+        base = candidate if candidate.is_file() else shipped_config(parent)
+    except FileNotFoundError as exc:
+        raise ConfigError(f"{p}: {EXTENDS_KEY} = {parent!r}: {exc}") from None
+    return _merged(load_layered_toml(base, _seen + (p,)), values)
+
+
 def load_config(cls: type[T], path: Union[str, os.PathLike, None] = None,
                 overrides: Sequence[str] = ()) -> T:
-    """``cls`` from defaults, then the TOML file ``path`` (if given), then ``overrides``."""
+    """``cls`` from defaults, then the TOML file ``path`` (if given, over the config it
+    ``extends``: :func:`load_layered_toml`), then ``overrides``."""
     cfg = cls()
     if path is not None:
-        values = load_toml(path)  # its errors name the file already
+        values = load_layered_toml(path)  # its errors name the file already
         try:
             cfg = from_dict(cls, values)
         except ConfigError as exc:
@@ -294,4 +336,4 @@ def save_config(cfg: Any, path: Union[str, os.PathLike], header: str = "") -> st
 
 
 __all__ = ["ConfigError", "from_dict", "to_dict", "apply_overrides", "parse_override_value", "load_toml",
-           "load_config", "dump_toml", "save_config"]
+           "load_layered_toml", "shipped_config", "load_config", "dump_toml", "save_config"]
