@@ -797,6 +797,22 @@ def test_settings_that_would_be_silently_ignored_are_refused(pairs, tmp_path, mo
         T.train(tiny_config(pairs, tmp_path / "c", "train.max_steps=1"))
 
 
+def test_the_launchers_mixed_precision_is_not_dropped_without_a_word(pairs, tmp_path, monkeypatch, caplog):
+    """`accelerate launch --mixed_precision bf16` set ACCELERATE_MIXED_PRECISION, which the trainer's
+    own train.mixed_precision overrode silently (the first log line said "no")."""
+    import logging
+
+    monkeypatch.setenv("ACCELERATE_MIXED_PRECISION", "bf16")
+    caplog.set_level(logging.WARNING, logger="fluxsr")
+    T.train(tiny_config(pairs, tmp_path / "run", "train.max_steps=1"))
+    assert ("accelerate launch asked for mixed precision bf16, but this run uses no (train.mixed_precision=auto): "
+            "set train.mixed_precision=bf16 to train in bf16") in caplog.text
+    caplog.clear()
+    monkeypatch.setenv("ACCELERATE_MIXED_PRECISION", "no")  # accelerate launch's own default: nothing to say
+    T.train(tiny_config(pairs, tmp_path / "again", "train.max_steps=1"))
+    assert "accelerate launch asked" not in caplog.text
+
+
 def test_lora_and_adl_selections_the_model_cannot_take_are_refused_before_it_loads(pairs, tmp_path, monkeypatch):
     """A LoRA block, target or ADL block the transformer lacks, and the 8-bit AdamW without
     bitsandbytes, are refused from the model's layout before its weights load (on FLUX.1-dev

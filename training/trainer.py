@@ -1595,6 +1595,13 @@ class _Run:
             kwargs_handlers=[DistributedDataParallelKwargs(
                 find_unused_parameters=cfg.train.ddp_find_unused_parameters)],
         )
+        launched = os.environ.get("ACCELERATE_MIXED_PRECISION", "no").strip().lower() or "no"
+        if launched not in ("no", mp) and acc.is_main_process:
+            # accelerate launch passes its --mixed_precision (or its config's) on; the trainer's
+            # own setting wins, as it decides how checkpoints resume: said, not silently dropped
+            log.warning("accelerate launch asked for mixed precision %s, but this run uses %s (train.mixed_precision="
+                        "%s): set train.mixed_precision=%s to train in %s", launched, mp, cfg.train.mixed_precision,
+                        launched, launched)
         world = int(os.environ.get("WORLD_SIZE", "1") or 1)
         if world > 1 and acc.num_processes == 1:
             # torchrun/accelerate started several processes but accelerate did not join them
@@ -1640,7 +1647,7 @@ class _Run:
         if self._distributed("FSDP") and cfg.validation.every:
             # validation runs the whole student on the main process, which FSDP has sharded
             raise ConfigError("validation.every needs the whole model on one process, which FSDP shards; set "
-                              "validation.every=0 and score exported checkpoints with `fluxsr-train evaluate`")
+                              "validation.every=0 and score exported checkpoints with `fluxsr-train eval`")
 
     def _preflight(self) -> Optional[Path]:
         """Every refusal that needs no model, before any model is built or any file written.
