@@ -51,6 +51,10 @@ TRANSFORMER_HELP = ("Pass a FLUX.1 transformer: a single .safetensors file (flux
                     "BFL/ComfyUI keys, an fp8 release, or diffusers keys), a GGUF file "
                     "(flux1-dev-Q8_0.gguf; needs pip install gguf) or a diffusers folder "
                     "(with config.json, or a pipeline folder with a transformer/ subfolder).")
+# Training's base and teacher: no GGUF (its quantised weights would change what the student learns).
+TRANSFORMER_HELP_NO_GGUF = ("Pass a FLUX.1 transformer: a single .safetensors file (flux1-dev.safetensors in "
+                            "BFL/ComfyUI keys, an fp8 release, or diffusers keys) or a diffusers folder (with "
+                            "config.json, or a pipeline folder with a transformer/ subfolder); not a GGUF file.")
 VAE_HELP = ("Pass the FLUX VAE: ae.safetensors, a diffusers VAE .safetensors file, or a diffusers "
             "folder (with config.json, or a pipeline folder with a vae/ subfolder).")
 

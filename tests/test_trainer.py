@@ -797,6 +797,28 @@ def test_settings_that_would_be_silently_ignored_are_refused(pairs, tmp_path, mo
         T.train(tiny_config(pairs, tmp_path / "c", "train.max_steps=1"))
 
 
+def test_a_resume_onto_the_other_optimizer_is_refused_and_a_move_to_another_folder_is_said(pairs, tmp_path, caplog):
+    """optim.adam_8bit=auto picks the 8-bit AdamW where bitsandbytes is installed: a resume on a
+    machine without it put AdamW8bit's state into torch's AdamW (a bare KeyError at the first
+    step). The optimizer is recorded and a mismatch refused before any model loads. A resume into
+    another train.output_dir goes on there, and says so."""
+    import json
+    import logging
+
+    first = T.train(tiny_config(pairs, tmp_path / "run", "train.max_steps=2", "checkpoint.every=2"))
+    state_file = Path(first.checkpoint) / T.STATE_FILE
+    state = json.loads(state_file.read_text())
+    assert state["optimizer"] == T.ADAMW
+    caplog.set_level(logging.INFO, logger="fluxsr")
+    moved = T.train(tiny_config(pairs, tmp_path / "elsewhere", "train.max_steps=3", f"train.resume={first.checkpoint!r}"))
+    assert f"continuing the run of {first.checkpoint} in train.output_dir={tmp_path / 'elsewhere'}" in caplog.text
+    assert Path(moved.checkpoint).parent == tmp_path / "elsewhere" / T.CHECKPOINT_DIR
+    state_file.write_text(json.dumps({**state, "optimizer": T.ADAMW_8BIT}))
+    with pytest.raises(ConfigError, match=r"was trained with AdamW8bit \(bitsandbytes\), and this run would make AdamW "
+                                          r"\(torch\) \(optim.adam_8bit=auto on cpu\).*install bitsandbytes"):
+        T.train(tiny_config(pairs, tmp_path / "run", "train.max_steps=4", "train.resume=latest"))
+
+
 def test_the_launchers_mixed_precision_is_not_dropped_without_a_word(pairs, tmp_path, monkeypatch, caplog):
     """`accelerate launch --mixed_precision bf16` set ACCELERATE_MIXED_PRECISION, which the trainer's
     own train.mixed_precision overrode silently (the first log line said "no")."""
@@ -1821,3 +1843,18 @@ def test_a_users_config_can_extend_train_default_and_is_told_what_it_leaves_to_t
     mine.write_text('extends = "train_nothing"\n')
     with pytest.raises(ConfigError, match="extends = 'train_nothing': config 'train_nothing' is neither a file nor"):
         T.load_train_config(mine)
+
+
+def test_a_missing_base_is_not_advised_to_be_a_gguf_file_which_training_refuses(pairs, tmp_path):
+    with pytest.raises(FileNotFoundError) as info:
+        T.train(tiny_config(pairs, tmp_path / "run", f"model.transformer={str(tmp_path / 'flux1-dev.safetensors')!r}"))
+    said = str(info.value)
+    assert "no such file or folder" in said and "not a GGUF file" in said and "pip install gguf" not in said
+
+
+def test_train_default_validates_every_pair_it_holds_out():
+    """holdout 8 with validation.count 4 kept four pairs out of training that no validation used."""
+    from fluxsr_training.cli import shipped_config
+
+    cfg = T.load_train_config(shipped_config("train_default"))
+    assert cfg.data.holdout > 0 and cfg.validation.count >= cfg.data.holdout

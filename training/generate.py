@@ -427,9 +427,9 @@ def _model_name(value: Any) -> str:
 def teacher_fingerprint(cfg: GenerateConfig) -> str:
     """What identifies the teacher's weights (:func:`weights_fingerprint` of ``cfg.transformer``);
     a test model name built from a seed (``tiny``) is identified by that seed."""
-    from fluxsr_core.models import TRANSFORMER_HELP
+    from fluxsr_core.models import TRANSFORMER_HELP_NO_GGUF
 
-    return _model_fingerprint(cfg.transformer, cfg.init_seed, "transformer", TRANSFORMER_HELP)
+    return _model_fingerprint(cfg.transformer, cfg.init_seed, "transformer", TRANSFORMER_HELP_NO_GGUF)
 
 
 def vae_fingerprint(cfg: GenerateConfig) -> str:

@@ -958,7 +958,7 @@ def base_model_identity(transformer: str, init_seed: int = 0) -> dict[str, Any]:
     Any other path that does not exist raises :class:`~fluxsr_core.weights.WeightsNotFoundError`
     naming it (before any model is built).
     """
-    from fluxsr_core.models import RANDOM_INIT_NAMES, TRANSFORMER_HELP
+    from fluxsr_core.models import RANDOM_INIT_NAMES, TRANSFORMER_HELP_NO_GGUF
     from fluxsr_core.weights import WeightsNotFoundError, weights_fingerprint
 
     p = Path(transformer).expanduser()
@@ -966,7 +966,7 @@ def base_model_identity(transformer: str, init_seed: int = 0) -> dict[str, Any]:
         return {"weights_fingerprint": weights_fingerprint(_transformer_weights_root(p))}
     if str(transformer) in RANDOM_INIT_NAMES:
         return {"test_model": str(transformer), "init_seed": int(init_seed)}
-    raise WeightsNotFoundError(f"model.transformer {transformer}: no such file or folder ({p}). {TRANSFORMER_HELP}")
+    raise WeightsNotFoundError(f"model.transformer {transformer}: no such file or folder ({p}). {TRANSFORMER_HELP_NO_GGUF}")
 
 
 # The identity checkpoints recorded before the sampled fingerprint: its key, and what it read.
@@ -1307,20 +1307,33 @@ def _psnr(a: torch.Tensor, b: torch.Tensor, scale: int) -> float:
     return psnr_y(a.float().clamp(0, 1), b.float().clamp(0, 1), crop_border=int(scale))
 
 
-def _make_optimizer(params: list[torch.nn.Parameter], cfg: OptimConfig, device: torch.device):
+ADAMW_8BIT, ADAMW = "AdamW8bit (bitsandbytes)", "AdamW (torch)"
+
+
+def optimizer_choice(cfg: OptimConfig, device: torch.device) -> str:
+    """The optimizer ``optim.adam_8bit`` gives on ``device`` (:data:`ADAMW_8BIT` or :data:`ADAMW`):
+    ``auto`` is the 8-bit one on CUDA where bitsandbytes is installed. Known before anything is
+    built, so a resume whose checkpoint holds the other one's state is refused up front."""
     use_8bit = cfg.adam_8bit == "true" or (cfg.adam_8bit == "auto" and device.type == "cuda")
-    if use_8bit:
+    if use_8bit and importlib.util.find_spec("bitsandbytes") is not None:
+        return ADAMW_8BIT
+    if use_8bit and cfg.adam_8bit == "true":
+        raise ConfigError(_NEEDS_BITSANDBYTES)
+    return ADAMW
+
+
+def _make_optimizer(params: list[torch.nn.Parameter], cfg: OptimConfig, device: torch.device):
+    name = optimizer_choice(cfg, device)
+    if name == ADAMW_8BIT:
         try:
             import bitsandbytes as bnb
-        except ImportError:
-            if cfg.adam_8bit == "true":
-                raise ConfigError(_NEEDS_BITSANDBYTES) from None
-            use_8bit = False
-        else:
-            return bnb.optim.AdamW8bit(params, lr=cfg.lr, betas=tuple(cfg.betas), eps=cfg.eps,
-                                       weight_decay=cfg.weight_decay), "AdamW8bit (bitsandbytes)"
+        except ImportError as exc:  # installed, but broken (a CUDA library it cannot find, ...)
+            raise ConfigError(f"bitsandbytes is installed but cannot be imported ({exc}); fix it, or set "
+                              "optim.adam_8bit=false") from None
+        return bnb.optim.AdamW8bit(params, lr=cfg.lr, betas=tuple(cfg.betas), eps=cfg.eps,
+                                   weight_decay=cfg.weight_decay), name
     return torch.optim.AdamW(params, lr=cfg.lr, betas=tuple(cfg.betas), eps=cfg.eps,
-                             weight_decay=cfg.weight_decay), "AdamW (torch)"
+                             weight_decay=cfg.weight_decay), name
 
 
 def _mixed_precision(name: str, device_type: str) -> str:
@@ -1718,6 +1731,17 @@ class _Run:
                               f"nothing is left to train. To train on, raise it above {done} (e.g. train.stop_at="
                               f"{min(done + cfg.train.stop_at, cfg.train.max_steps)}), or set train.stop_at=0 to "
                               f"train to train.max_steps={cfg.train.max_steps}")
+        if resume_from is not None:
+            trained_with, now = self.resume_state.get("optimizer"), optimizer_choice(cfg.optim, acc.device)
+            if isinstance(trained_with, str) and trained_with != now:  # older checkpoints do not say
+                fix = ("install bitsandbytes (or set optim.adam_8bit=true where it is)" if trained_with == ADAMW_8BIT
+                       else "set optim.adam_8bit=false")
+                raise ConfigError(f"checkpoint {resume_from} was trained with {trained_with}, and this run would make "
+                                  f"{now} (optim.adam_8bit={cfg.optim.adam_8bit} on {acc.device.type}): the one's "
+                                  f"state cannot go on in the other; {fix}")
+            if own not in Path(resume_from).resolve().parents:
+                self._info(f"continuing the run of {resume_from} in train.output_dir={self.out}: its checkpoints go "
+                           "there from now on")
         self.base_identity = base_model_identity(cfg.model.transformer, cfg.model.init_seed)
         self.resume_notices = (_check_resumable(resume_from, cfg, self.resume_state, self.base_identity)
                                if resume_from is not None else [])
@@ -2192,7 +2216,7 @@ class _Run:
         state = {"step": step, "max_steps": self.cfg.train.max_steps, "processes": acc.num_processes,
                  "global_batch": self.cfg.data.batch_size * acc.num_processes
                  * self.cfg.train.gradient_accumulation_steps,
-                 "samples_seen": self.state.samples,
+                 "samples_seen": self.state.samples, "optimizer": self.optimizer_name,
                  "lora": LORA_FILE, "ema_lora": EMA_LORA_FILE if self.ema is not None else None,
                  # file names inside this folder; the hash is what export and resume check
                  "conditioning": CONDITIONING_FILE if self.fixed_t5 is not None else None,
