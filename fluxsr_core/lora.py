@@ -686,6 +686,27 @@ def _adapter_config_from_metadata(md: Mapping[str, str], path: str, notes: list[
     return cfg
 
 
+PEFT_CONFIG_NAME = "adapter_config.json"  # what peft's save_pretrained writes beside adapter_model.safetensors
+
+
+def _adapter_config_beside(path: str, notes: list[str]) -> dict:
+    """The peft LoraConfig in ``adapter_config.json`` beside the file: peft's ``save_pretrained``
+    keeps ``lora_alpha`` there, not in the safetensors, and without it the LoRA would run at
+    rank / alpha of its strength. ``{}`` when there is none (or it is not a LoRA's config)."""
+    beside = os.path.join(os.path.dirname(os.path.abspath(path)), PEFT_CONFIG_NAME)
+    if not os.path.isfile(beside):
+        return {}
+    try:
+        with open(beside, encoding="utf-8") as f:
+            cfg = json.load(f)
+    except (OSError, ValueError) as exc:
+        notes.append(f"ignored {PEFT_CONFIG_NAME} beside it: it cannot be read ({exc})")
+        return {}
+    if not isinstance(cfg, dict) or str(cfg.get("peft_type", "LORA")).upper() != "LORA":
+        return {}
+    return cfg
+
+
 def _lora_config(ranks: dict[str, int], sd_keys, network_alphas: dict[str, float],
                  md: Mapping[str, str], path: str, notes: list[str]) -> tuple[dict, str]:
     cfg, source = _lora_config_unchecked(ranks, sd_keys, network_alphas, md, path, notes)
@@ -700,7 +721,8 @@ def _lora_config(ranks: dict[str, int], sd_keys, network_alphas: dict[str, float
 def _lora_config_unchecked(ranks: dict[str, int], sd_keys, network_alphas: dict[str, float],
                            md: Mapping[str, str], path: str, notes: list[str]) -> tuple[dict, str]:
     """LoraConfig kwargs: ranks from the tensors, alpha from ``.alpha`` tensors, else the file's
-    adapter metadata, else ``fluxsr.lora_alpha``, else alpha = rank (the diffusers convention).
+    adapter metadata, else ``fluxsr.lora_alpha``, else peft's ``adapter_config.json`` beside the
+    file, else alpha = rank (the diffusers convention).
 
     Built with diffusers' own ``get_peft_kwargs`` so rank/alpha patterns mean what they mean there.
     """
@@ -728,6 +750,11 @@ def _lora_config_unchecked(ranks: dict[str, int], sd_keys, network_alphas: dict[
     if alphas:
         return cfg, "alpha tensors in the file"
     file_cfg = _adapter_config_from_metadata(md, path, notes)
+    where = f"'{LORA_ADAPTER_METADATA_KEY}' metadata"
+    if "lora_alpha" not in file_cfg and KEY_LORA_ALPHA not in md:
+        beside = _adapter_config_beside(path, notes)
+        if "lora_alpha" in beside:
+            file_cfg, where = beside, f"{PEFT_CONFIG_NAME} beside it"
     if "lora_alpha" in file_cfg:
         for key in _SAFE_CONFIG_FIELDS:
             if key in file_cfg and file_cfg[key] is not None:
@@ -735,17 +762,17 @@ def _lora_config_unchecked(ranks: dict[str, int], sd_keys, network_alphas: dict[
         try:
             cfg["lora_alpha"] = float(cfg["lora_alpha"])
         except (TypeError, ValueError):
-            raise LoraError(f"{os.path.basename(path)}: its '{LORA_ADAPTER_METADATA_KEY}' metadata gives lora_alpha "
-                            f"{cfg['lora_alpha']!r}, not a number; re-export the LoRA") from None
+            raise LoraError(f"{os.path.basename(path)}: its {where} gives lora_alpha {cfg['lora_alpha']!r}, not a "
+                            "number; re-export the LoRA") from None
         try:
             meta_rank = None if file_cfg.get("r") is None else int(file_cfg["r"])
         except (TypeError, ValueError):
             meta_rank = None
             notes.append(f"ignored the metadata's rank {file_cfg['r']!r}: not a whole number")
         if meta_rank is not None and meta_rank != cfg["r"] and not file_cfg.get("rank_pattern"):
-            notes.append(f"metadata says rank {file_cfg['r']} but the tensors have rank {cfg['r']}; "
+            notes.append(f"{where} says rank {file_cfg['r']} but the tensors have rank {cfg['r']}; "
                          "the tensors were used")
-        return cfg, f"'{LORA_ADAPTER_METADATA_KEY}' metadata"
+        return cfg, where
     if KEY_LORA_ALPHA in md:
         try:
             cfg["lora_alpha"] = float(md[KEY_LORA_ALPHA])

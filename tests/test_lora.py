@@ -1071,3 +1071,32 @@ def test_small_lora_header_is_not_taken_for_a_pickle(tmp_path):
     assert path.read_bytes()[:9] == b"\x80" + b"\x00" * 7 + b"{"  # header length 128
     with pytest.raises(LoraError, match="has lora_A but no lora_B"):  # read, then judged as a LoRA
         load_lora(fresh_transformer(), path)
+
+
+def test_a_peft_save_pretrained_folder_gets_its_alpha_from_adapter_config_json(tmp_path):
+    """peft's save_pretrained keeps lora_alpha in adapter_config.json beside
+    adapter_model.safetensors, not in the file: it was read as alpha = rank, so an r=4, alpha=16
+    LoRA ran at a quarter of its strength. Merged here, it equals peft's own merge."""
+    import json
+
+    from peft import LoraConfig, get_peft_model
+
+    model = get_peft_model(fresh_transformer(), LoraConfig(r=4, lora_alpha=16, target_modules=["to_q", "to_k"]))
+    g = torch.Generator().manual_seed(3)
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if "lora_" in name:
+                p.copy_(torch.randn(p.shape, generator=g) * 0.2)
+    folder = tmp_path / "peft_save"
+    model.save_pretrained(folder)
+    assert json.loads((folder / "adapter_config.json").read_text())["lora_alpha"] == 16
+    want = model.merge_and_unload().state_dict()
+    merged = fresh_transformer()
+    info = load_lora(merged, folder / "adapter_model.safetensors", merge=True)
+    assert "alpha 16 (adapter_config.json beside it)" in info.describe()
+    for key in ("transformer_blocks.0.attn.to_q.weight", "single_transformer_blocks.0.attn.to_k.weight"):
+        torch.testing.assert_close(merged.state_dict()[key], want[key], atol=1e-6, rtol=1e-5)
+    (folder / "adapter_config.json").write_text("{not json")  # said, and alpha = rank as before
+    info = load_lora(fresh_transformer(), folder / "adapter_model.safetensors", merge=True)
+    assert "alpha 4 (none in the file" in info.describe()
+    assert any("ignored adapter_config.json beside it: it cannot be read" in n for n in info.notes)
