@@ -340,7 +340,10 @@ def teacher_ratio(velocity, cond, latent_hw, steps: int, one_step_s: float) -> d
     h, w = latent_hw
     noise = torch.randn(1, 16, h, w, generator=torch.Generator().manual_seed(2))
     sigmas = flow.flux_sigmas(steps, (h // 2) * (w // 2))
-    t, _ = timed(lambda: flow.euler_sample(velocity, noise, sigmas, cond), 1)
+    # once: the one-step timings warmed the model up at this very shape (twice was 6 s of a lease)
+    t0 = now()
+    flow.euler_sample(velocity, noise, sigmas, cond)
+    t = now() - t0
     return dict(steps=steps, teacher_s=t, one_step_s=one_step_s, speed_ratio=t / one_step_s)
 
 
@@ -450,7 +453,8 @@ def speedup_variants(transformer, vae, cond, profile, tiles: TilingConfig, dtype
             t0 = now()
             jobs[key]()
             first = now() - t0
-            seconds, result = timed(jobs[key], repeats)
+            # the 9-tile 2048 px pass takes seconds on an H200: 2 timed runs, not 5, per variant
+            seconds, result = timed(jobs[key], min(repeats, 2) if key == "transformer_tiled" else repeats)
             out[key] = dict(seconds=seconds, first_call_s=first, result=result)
         return out
 
@@ -484,6 +488,14 @@ def speedup_variants(transformer, vae, cond, profile, tiles: TilingConfig, dtype
             # would be reused, or its recompiles would exhaust the limit and leave this one eager.
             torch.compiler.reset()
             counters.clear()
+        if name == "compile_cudagraphs" and not models.cudagraph_output_cloning_available():
+            # FLUX's block loop needs torch 2.14's output cloning (pytorch#152887): without it the
+            # variant fails after compiling and recording, a minute of a lease for an error
+            report[name] = {"error": f"skipped: needs torch 2.14 or newer (cudagraph output cloning, "
+                                     f"pytorch/pytorch#152887); this torch is {torch.__version__}"}
+            if after_each is not None:
+                after_each()
+            continue
         try:
             if name == "compile_fp8":
                 t2 = rebuild(transformer)
@@ -591,8 +603,9 @@ def main(argv=None) -> int:
         return 0
     speedups = args.speedups
     if speedups is None:
-        # compile last: the slowest to set up, so a run cut short loses the least
-        speedups = "fuse_qkv,channels_last_vae,tile_batch,tile_fit,flash_attention,cudnn_attention,compile," \
+        # compile right after the quick transformer changes (the one most likely to pay), its fp8
+        # and CUDA-graph forms last: the slowest to set up, so a run cut short loses the least
+        speedups = "fuse_qkv,cudnn_attention,flash_attention,compile,tile_batch,channels_last_vae,tile_fit," \
             "compile_fp8,compile_cudagraphs" \
             if device.type == "cuda" else \
             "fuse_qkv,channels_last_vae,tile_batch,tile_fit"
@@ -889,6 +902,12 @@ def memory_mode(states, profile, device, dtype, mode: str, tiles: TilingConfig) 
         quantise_s, placed_as = now() - t0, "none"
     else:
         transformer = from_state(t_cls, t_config, t_state)
+    pinning = {}
+    if mode == "group_offload":  # what decided whether the stream pins all at once or block by block
+        from fluxsr_core import memory
+
+        pinning = dict(pinned_copy_bytes=models.pinned_copy_bytes(transformer),
+                       cpu_available_bytes=memory.available_cpu_bytes())
     t0 = now()
     models.apply_memory_mode(transformer, vae, placed_as, device)
     place_s = now() - t0
@@ -904,8 +923,16 @@ def memory_mode(states, profile, device, dtype, mode: str, tiles: TilingConfig) 
             t0 = now()
             upscale_tensor(lr, velocity, codec, cond, options)
             t = now() - t0
+    outside = None
+    if device.type == "cuda":
+        # the CUDA context and the kernels' modules (cuBLAS, cuDNN, flash) loaded on first use:
+        # on the card, but outside torch's allocator, so outside its peaks
+        free, total = torch.cuda.mem_get_info(device)
+        outside = total - free - torch.cuda.memory_reserved(device)
     out = dict(out=profile["lr"] * 8, peak_bytes=pm.peak, peak_total_bytes=pm.total, peak_reserved_bytes=pm.reserved,
-               seconds=t, place_s=place_s, allocated_before_bytes=leftover, quantise_s=quantise_s)
+               outside_torch_bytes=outside,
+               must_fit_bytes=None if outside is None or pm.reserved is None else pm.reserved + outside,
+               seconds=t, place_s=place_s, allocated_before_bytes=leftover, quantise_s=quantise_s, **pinning)
     del transformer, vae, velocity, codec
     gc.collect()
     if mode == "group_offload" and hasattr(torch._C, "_host_emptyCache"):
@@ -1085,15 +1112,24 @@ def markdown(r: dict) -> str:
                              f"{v['ram_growth_peak_bytes'] / 2**20:.0f} MiB ({lf['method']}).")
     if r.get("memory_modes"):
         out_px = next((v["out"] for v in r["memory_modes"].values() if "out" in v), "?")
-        lines += ["", f"| memory mode ({out_px} px output) | peak total MiB (weights included: what must fit) | "
-                      f"peak reserved MiB | growth during the upscale MiB (offload modes: weights they bring in "
-                      f"included) | s per image | placing s |", "|---|---|---|---|---|---|"]
+        lines += ["", f"| memory mode ({out_px} px output) | peak total MiB (weights included) | "
+                      f"peak reserved MiB | + outside torch (CUDA context, kernels) = must fit MiB | growth during "
+                      f"the upscale MiB (offload modes: weights they bring in included) | s per image | placing s |",
+                  "|---|---|---|---|---|---|---|"]
         for mode, v in r["memory_modes"].items():
             if "error" in v:
-                lines.append(f"| {mode} | failed: {v['error']} | | | | |")
+                lines.append(f"| {mode} | failed: {v['error']} | | | | | |")
                 continue
-            lines.append(f"| {mode} | {_mib(v['peak_total_bytes'])} | {_mib(v['peak_reserved_bytes'])} | "
+            fit = "-" if v.get("must_fit_bytes") is None else \
+                f"{_mib(v['outside_torch_bytes'])} = {_mib(v['must_fit_bytes'])}"
+            lines.append(f"| {mode} | {_mib(v['peak_total_bytes'])} | {_mib(v['peak_reserved_bytes'])} | {fit} | "
                          f"{_mib(v['peak_bytes'])} | {v['seconds']:.2f} | {v['place_s']:.2f} |")
+        for mode, v in r["memory_modes"].items():
+            if v.get("pinned_copy_bytes") is not None:
+                available = v.get("cpu_available_bytes")
+                lines.append(f"\n{mode}: a pinned copy of the weights takes {v['pinned_copy_bytes'] / 2**30:.1f} GiB "
+                             f"(torch rounds each tensor to a power of two); CPU memory available "
+                             f"{'unknown' if available is None else f'{available / 2**30:.1f} GiB'}.")
     if r.get("errors"):
         lines += ["", "Sections that failed (the run went on; tracebacks in the log):", ""]
         lines += [f"* {key}: {text}" for key, text in r["errors"].items()]

@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import contextlib
 import inspect
+import itertools
 import logging
 from dataclasses import dataclass, field
 from fractions import Fraction
@@ -240,17 +241,25 @@ def _instantiate(cls, config: dict, state_dict: dict[str, torch.Tensor], dtype: 
     return model.eval()
 
 
-def _pin_as_it_goes(transformer_bytes: int) -> bool:
+def pinned_copy_bytes(module: torch.nn.Module) -> int:
+    """Page-locked bytes a pinned copy of ``module``'s tensors takes: torch's pinned allocator
+    rounds each allocation up to a power of two (its CachingHostAllocator), so FLUX.1-dev's
+    22.2 GiB of bf16 weights take 34.6 GiB pinned, tensor by tensor."""
+    sizes = (t.numel() * t.element_size() for t in itertools.chain(module.parameters(), module.buffers()))
+    return sum(1 << (n - 1).bit_length() if n > 1 else n for n in sizes)
+
+
+def _pin_as_it_goes(pinned_bytes: int) -> bool:
     """Whether diffusers' streamed group offloading should pin each block as it moves it
-    (``low_cpu_mem_usage``, slower) instead of keeping a pinned copy of all the weights, made
-    beside the transformer already in CPU memory before the copies replace it: for FLUX.1-dev in
-    bf16, 22 GiB more at once, page-locked. Pinned as it goes where CPU memory has less than
-    that and a quarter more available (:func:`memory.available_cpu_bytes`)."""
+    (``low_cpu_mem_usage``, slower) instead of keeping a pinned copy of all the weights
+    (``pinned_bytes``, :func:`pinned_copy_bytes`), made beside the transformer already in CPU
+    memory before the copies replace it. Pinned as it goes where CPU memory has less than that
+    and a quarter more available (:func:`memory.available_cpu_bytes`)."""
     available = memory.available_cpu_bytes()
-    pin_as_it_goes = available is not None and available < transformer_bytes * 5 // 4
+    pin_as_it_goes = available is not None and available < pinned_bytes * 5 // 4
     if pin_as_it_goes:
-        log.info("group_offload: %.1f GiB of CPU memory available, %.1f GiB of weights: each block is pinned as it "
-                 "moves (slower) rather than all at once", available / GIB, transformer_bytes / GIB)
+        log.info("group_offload: %.1f GiB of CPU memory available, a pinned copy of the weights takes %.1f GiB: each "
+                 "block is pinned as it moves (slower) rather than all at once", available / GIB, pinned_bytes / GIB)
     return pin_as_it_goes
 
 
@@ -1032,7 +1041,7 @@ def apply_memory_mode(transformer, vae, mode: str, device: Union[str, torch.devi
         streamed = dev.type == "cuda"
         options = {}
         if streamed and "low_cpu_mem_usage" in inspect.signature(transformer.enable_group_offload).parameters:
-            options["low_cpu_mem_usage"] = _pin_as_it_goes(param_bytes(transformer))
+            options["low_cpu_mem_usage"] = _pin_as_it_goes(pinned_copy_bytes(transformer))
         # the prefetch stream is made on the current CUDA device: dev's, not cuda:0's
         with torch.cuda.device(dev) if streamed else contextlib.nullcontext():
             transformer.enable_group_offload(onload_device=dev, offload_device=torch.device("cpu"),
@@ -1251,6 +1260,14 @@ def apply_speedups(transformer, vae, speedups, *, compile_backend: str = "induct
 _CUDAGRAPH_CLONING_OPTION = "cudagraph_trees_generation_cloning"  # torch._inductor.config.triton's, 2.14+
 
 
+def cudagraph_output_cloning_available() -> bool:
+    """Whether this torch can copy a CUDA graph's outputs out of its pool before the next replay
+    (torch 2.14's inductor option; see :func:`_clone_outputs_between_cudagraph_runs`)."""
+    import torch._inductor.config as inductor_config
+
+    return hasattr(inductor_config.triton, _CUDAGRAPH_CLONING_OPTION)
+
+
 def _clone_outputs_between_cudagraph_runs() -> bool:
     """Let one block's CUDA-graph output feed the next replay of the same graph. Blocks compiled
     one by one with CUDA graphs (FLUX's loop hands each block's output to the next) stop with
@@ -1261,7 +1278,7 @@ def _clone_outputs_between_cudagraph_runs() -> bool:
     older torch a warning says what may happen; returns whether the option was set."""
     import torch._inductor.config as inductor_config
 
-    if hasattr(inductor_config.triton, _CUDAGRAPH_CLONING_OPTION):
+    if cudagraph_output_cloning_available():
         setattr(inductor_config.triton, _CUDAGRAPH_CLONING_OPTION, "user_visible")
         return True
     log.warning("compile_cudagraphs on torch %s: its CUDA graphs per block may refuse one block's output as the "

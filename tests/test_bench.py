@@ -386,3 +386,26 @@ def test_the_benchs_q8_0_quantiser_is_gguf_q8_0():
     assert float((ours_read - theirs_read).abs().max()) <= float(scale) * 1.01  # a rounding tie at most one step apart
     assert float((ours_read - weight).abs().max()) <= float(scale) * 0.51  # within half a step of the input
     assert torch.all(ours_read[3, :32] == 0)
+
+
+def test_compile_cudagraphs_is_skipped_with_its_reason_where_torch_cannot_clone_the_graphs_outputs(monkeypatch):
+    """On torch < 2.14 (the lent GPU's 2.11) FLUX's block loop fails under CUDA graphs after
+    compiling and recording (pytorch#152887): a lease's minute for an error. Skipped, saying why,
+    and the variants after it still run."""
+    import torch
+
+    from fluxsr_core import models
+    from fluxsr_core.tiling import TilingConfig
+
+    bench = load_bench("fluxsr_bench_run8")
+    monkeypatch.setattr(models, "cudagraph_output_cloning_available", lambda: False)
+    profile = bench.PROFILES["tiny"]
+    transformer, vae = bench.build(profile, torch.device("cpu"), torch.float32)
+    cond = bench.conditioning(transformer, profile["text"], "cpu", torch.float32)
+    tiles = TilingConfig(latent_tile=profile["tile"], latent_overlap=profile["overlap"])
+    with torch.inference_mode():
+        report = bench.speedup_variants(transformer, vae, cond, profile, tiles, torch.float32,
+                                        ["compile_cudagraphs", "tile_fit"], 1)
+    assert report["compile_cudagraphs"] == {"error": "skipped: needs torch 2.14 or newer (cudagraph output cloning, "
+                                                     f"pytorch/pytorch#152887); this torch is {torch.__version__}"}
+    assert "transformer_tiled" in report["tile_fit"]

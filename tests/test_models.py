@@ -175,6 +175,13 @@ def test_streamed_group_offload_pins_as_it_goes_where_cpu_memory_is_short(monkey
         with caplog.at_level(logging.INFO, logger="fluxsr_core.models"):
             assert models._pin_as_it_goes(22 * gib) is expected, available
     assert "pinned as it moves" in caplog.text
+    # torch's pinned allocator rounds each tensor up to a power of two: FLUX.1-dev's 22.2 GiB of
+    # bf16 weights take 34.6 GiB pinned, so 30 GB free is too little for the copy (it fit 22 GiB)
+    flux = models.empty_transformer(W.shipped_config("flux1-dev-transformer")).to(torch.bfloat16)
+    assert models.param_bytes(flux) / gib == pytest.approx(22.17, abs=0.01)
+    assert models.pinned_copy_bytes(flux) / gib == pytest.approx(34.6, abs=0.1)
+    linear = torch.nn.Linear(3, 5)  # 60 + 20 bytes: 64 + 32 pinned
+    assert models.pinned_copy_bytes(linear) == 96
 
 
 # ----------------------------------------------------------------------- loading layouts
