@@ -229,10 +229,13 @@ def _instantiate(cls, config: dict, state_dict: dict[str, torch.Tensor], dtype: 
         raise CorruptWeightsError(f"{source}: the weights do not fit a {cls.__name__} with its config "
                                   f"({detail[-1].strip() if detail else exc}); the config or the weights are "
                                   f"from another model") from None
-    if result.missing_keys or result.unexpected_keys:
+    # load_state_dict does not count a key under a child that is None (a layer the config left
+    # out) as unexpected: compared here, such a tensor is not dropped unnoticed
+    unexpected = sorted(set(result.unexpected_keys) | (set(state_dict) - set(model.state_dict())))
+    if result.missing_keys or unexpected:
         from .weights import keys_do_not_fit
 
-        raise keys_do_not_fit(source, f"a {cls.__name__}", result.missing_keys, result.unexpected_keys)
+        raise keys_do_not_fit(source, f"a {cls.__name__}", result.missing_keys, unexpected)
     still_meta = [n for n, t in list(model.named_parameters()) + list(model.named_buffers()) if t.is_meta]
     if still_meta:
         raise CorruptWeightsError(f"{source}: no weights for {still_meta[:5]}")

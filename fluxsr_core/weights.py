@@ -848,7 +848,8 @@ def infer_vae_config(sd: Mapping[str, torch.Tensor]) -> dict:
         "in_channels": in_ch, "out_channels": out_ch,
         "down_block_types": ["DownEncoderBlock2D"] * n, "up_block_types": ["UpDecoderBlock2D"] * n,
         "use_quant_conv": "quant_conv.weight" in sd, "use_post_quant_conv": "post_quant_conv.weight" in sd,
-        "mid_block_add_attention": "encoder.mid_block.attentions.0.to_q.weight" in sd,
+        # any of its tensors: from one key alone, a file missing it lost all the others unnoticed
+        "mid_block_add_attention": any(".mid_block.attentions." in k for k in sd),
     })
     return config
 

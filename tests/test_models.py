@@ -1210,3 +1210,18 @@ def test_an_fp8_mode_on_a_device_without_float8_is_refused_before_loading(tiny_m
     with pytest.raises(ValueError, match=r"memory mode fp8_storage stores weights as float8, which cpu cannot hold "
                                          r"with this torch .*use memory mode none or model_offload"):
         models.load_models(tiny_model_files.transformer, tiny_model_files.vae, "fp8_storage", "fp32", "cpu")
+
+
+def test_a_vae_file_missing_one_mid_attention_tensor_is_refused_not_loaded_without_attention(tmp_path):
+    """Whether the VAE has mid-block attention was read off one key: a file without
+    encoder.mid.attn_1.q.weight was built without attention in the encoder and the decoder, and
+    its other 19 attention tensors were dropped without a word (the decode off by 1.3)."""
+    from safetensors.torch import save_file
+
+    bfl = W.vae_state_dict_to_bfl(models.load_vae("tiny", dtype="fp32").state_dict())
+    assert "encoder.mid.attn_1.q.weight" in bfl
+    del bfl["encoder.mid.attn_1.q.weight"]
+    save_file(bfl, tmp_path / "ae.safetensors")
+    with pytest.raises(W.CorruptWeightsError, match=r"does not fit a AutoencoderKL .*missing "
+                                                    r"\['encoder.mid_block.attentions.0.to_q.weight'\]"):
+        models.load_vae(tmp_path / "ae.safetensors", dtype="fp32")
