@@ -2,10 +2,13 @@
 
 The student is FLUX.1-dev plus a LoRA. Files use diffusers/peft naming
 (``transformer.single_transformer_blocks.0.attn.to_q.lora_A.weight``), which diffusers'
-``FluxPipeline.load_lora_weights`` and ComfyUI's LoRA loaders both read. All LoRA machinery is
+``FluxPipeline.load_lora_weights`` and ComfyUI's LoRA loaders both read. Applying a LoRA is
 peft's, driven through diffusers (``load_lora_adapter``, ``set_adapters``, ``fuse_lora``,
-``unload_lora``); this module only checks that a file fits the transformer, explains clearly when
-it does not, and carries the FluxSR run settings in the file's metadata.
+``unload_lora``), and so are most namings' conversions (diffusers' converters). Our own: the
+BFL/ComfyUI naming (each ``linear1``/``qkv`` LoRA split into q, k, v and the MLP), kohya layers
+outside the blocks, the alphas a file keeps only in its metadata (or peft's adapter_config.json
+beside it), the merge into fp8-stored weights (:func:`merge_factors`), the checks that a file fits
+the transformer with messages saying what does not, and the FluxSR run settings in the metadata.
 
 LoRA arithmetic (peft's): ``W' = W + scale * (alpha / r) * B @ A`` for every targeted linear layer,
 with ``A = lora_A [r, in]``, ``B = lora_B [out, r]``; ``alpha / sqrt(r)`` with rsLoRA.

@@ -631,9 +631,9 @@ def dequantize_scaled_fp8(sd: dict[str, torch.Tensor], dtype: torch.dtype = torc
     (:func:`split_scaled_fp8`); every scaled weight comes back in ``dtype``. Returns a new dict;
     files without scales pass through. Model loading does not use it: it applies the scales
     tensor by tensor (:class:`RowScaledStateDict`)."""
-    if not any(k.endswith(".scale_weight") for k in sd) and "scaled_fp8" not in sd:
+    out, scales = split_scaled_fp8(sd)  # both formats (.scale_weight and .comfy_quant/.weight_scale)
+    if not scales and "scaled_fp8" not in sd:
         return sd
-    out, scales = split_scaled_fp8(sd)
     for wk, s in scales.items():
         out[wk] = apply_row_scale(out[wk], s, dtype)
     return out
@@ -686,6 +686,9 @@ def _convert_bfl_transformer(sd: dict[str, torch.Tensor]) -> dict[str, torch.Ten
         for i in range(n_single):
             for part in ("weight", "bias"):
                 key = f"single_blocks.{i}.linear1.{part}"
+                if key not in work:  # as the converter says it at FLUX.1's own width
+                    raise CorruptWeightsError(f"the file lacks {key!r}: it is incomplete or not a FLUX.1 "
+                                              "transformer in BFL keys")
                 t = work.pop(key)
                 mlp = t.shape[0] - 3 * hidden
                 if mlp != _DIFFUSERS_CONVERTER_MLP_RATIO * hidden:
@@ -774,8 +777,10 @@ def transformer_state_dict_to_diffusers(sd: dict[str, torch.Tensor], source: str
                                         ) -> tuple[dict[str, torch.Tensor], dict]:
     """Any FLUX transformer state dict -> ``(diffusers-keyed state dict, diffusers config)``.
 
-    BFL/ComfyUI keys are converted (scaled fp8 dequantised first); diffusers keys pass
-    through. Tensors keep their dtype (fp8 stays fp8; the caller casts). Other kinds of
+    BFL/ComfyUI keys are converted; diffusers keys pass through. Tensors keep their dtype (fp8
+    stays fp8; the caller casts). A scaled-fp8 file comes back as a :class:`RowScaledStateDict`:
+    its tensors still hold the raw fp8 values, their row scales apart (applied tensor by tensor
+    when loaded, or :func:`apply_row_scale`); a plain cast would lose the scales. Other kinds of
     model raise :class:`WrongModelError` naming what the file looks like.
     """
     kind = identify_checkpoint(sd.keys())
@@ -1064,9 +1069,11 @@ def _file_digest(path: Path, h) -> int:
 def weights_fingerprint(*paths: PathLike) -> str:
     """``"<bytes>:<16 hex>"``: a cheap fingerprint of model files or folders (every file in a
     folder, hidden files and ``.md`` left out): their sizes and a sampled hash (see
-    :func:`_file_digest`), not a full hash. Other weights (a fine-tune, a merged LoRA, an fp8
+    :func:`_file_digest`), not a full hash. Other weights changed throughout (a fine-tune, an fp8
     file, another seed) give another fingerprint, as the samples are spread over the whole file
-    and not only its ends; moving or renaming a file or folder does not change it. The one
+    and not only its ends; a change confined to some tensors (a LoRA merged into a few layers)
+    can fall between the samples of a large file and leave it as it was. Moving or renaming a
+    file or folder does not change it. The one
     algorithm ``fluxsr-train pairs`` (its teacher, the path given) and ``fluxsr-train train`` (the
     base model of a resume, a pipeline folder's ``transformer/``) fingerprint weights with; the
     two values are not compared with each other."""

@@ -370,6 +370,10 @@ def test_comfyuis_per_layer_fp8_format_loads_and_nvfp4_is_named(tmp_path, tiny_s
     save_file(nvfp4, tmp_path / "nvfp4.safetensors")
     with pytest.raises(W.UnsupportedWeightsError, match="quantised in ComfyUI's 'nvfp4' format"):
         models.load_transformer(tmp_path / "nvfp4.safetensors", dtype="fp32", device="cpu")
+    # the public dequantiser knows the per-layer format too (it passed its raw fp8 values through)
+    at_once = W.dequantize_scaled_fp8(quantised)
+    assert not any(k.endswith((".comfy_quant", ".weight_scale", ".input_scale")) for k in at_once)
+    assert all(torch.equal(at_once[k].float(), dequantised[k].float()) for k in dequantised)
 
 
 def test_describe_file(tmp_path, tiny_sd):
