@@ -392,8 +392,8 @@ _KOHYA_PLAIN_SUFFIXES = (".lora_down.weight", ".lora_up.weight", ".alpha")
 
 def _kohya_layers(sd: dict[str, torch.Tensor], path: str, naming: str,
                   ) -> tuple[dict[str, torch.Tensor], dict[str, float], dict[str, float], dict[str, int]]:
-    """kohya-style layers (``lora_unet_double_blocks_0_img_attn_qkv``, or diffusers module names
-    as ``lora_transformer_...``) through diffusers' converter, one kohya layer at a time.
+    """kohya layers (``lora_unet_double_blocks_0_img_attn_qkv``) through diffusers' converter,
+    one kohya layer at a time.
 
     diffusers folds each layer's ``alpha / r`` into its A/B, so peft must then apply alpha = rank
     there; converting layer by layer tells which diffusers layers got which of the file's alphas.
@@ -437,6 +437,51 @@ def _kohya_layers(sd: dict[str, torch.Tensor], path: str, naming: str,
     return out, alphas, file_alphas, file_ranks
 
 
+_KOHYA_DIFFUSERS_PREFIX = "lora_transformer_"
+
+
+def _kohya_diffusers_layers(sd: dict[str, torch.Tensor], transformer, path: str
+                            ) -> tuple[dict[str, torch.Tensor], dict[str, float], dict[str, float], dict[str, int]]:
+    """``lora_transformer_<diffusers module, '.' as '_'>`` layers (OneTrainer, ai-toolkit's
+    kohya-style saves) matched to the transformer's own linear layers by that flattened name.
+    Our own, not diffusers' converter: that one names a sub-module only inside ``attn``, so
+    ``ff.net.0.proj``, ``proj_mlp`` or ``norm1.linear`` went to their block and the file was
+    refused. The names are diffusers' own, so every layer maps one to one, its alpha kept as the
+    file gives it (peft applies ``alpha / r``); returns what :func:`_kohya_layers` does."""
+    name = os.path.basename(path)
+    flat = {module.replace(".", "_"): module for module, layer in transformer.named_modules()
+            if isinstance(layer, torch.nn.Linear)}
+    groups: dict[str, dict[str, torch.Tensor]] = {}
+    for k, v in sd.items():
+        groups.setdefault(k.split(".", 1)[0], {})[k] = v
+    out, alphas = {}, {}
+    for layer, group in groups.items():
+        odd = sorted(k for k in group if not k.endswith(_KOHYA_PLAIN_SUFFIXES))
+        if odd:
+            raise LoraError(f"{name}: '{odd[0]}' is no lora_down/lora_up weight or alpha; FluxSR merges plain "
+                            f"LoRAs (no DoRA magnitudes, no LyCORIS weight or bias diffs) in {_KOHYA_DIFFUSERS} "
+                            "naming, and leaving that part out would change what the LoRA does")
+        module = flat.get(layer[len(_KOHYA_DIFFUSERS_PREFIX):])
+        if module is None:
+            raise LoraError(f"{name}: '{layer}' names no linear layer of this FLUX transformer ({_KOHYA_DIFFUSERS} "
+                            "naming: its diffusers module name with '_' for '.'); is it a LoRA for another model?")
+        missing = [part for part in ("lora_down", "lora_up") if f"{layer}.{part}.weight" not in group]
+        if missing:
+            raise LoraError(f"{name}: layer '{layer}' has no {missing[0]}.weight; the file is incomplete")
+        target = TRANSFORMER_PREFIX + module
+        out[f"{target}.lora_A.weight"] = group[f"{layer}.lora_down.weight"]
+        out[f"{target}.lora_B.weight"] = group[f"{layer}.lora_up.weight"]
+        alpha = group.get(f"{layer}.alpha")
+        if alpha is not None:
+            value = float(alpha.reshape(-1)[0]) if alpha.numel() == 1 else math.nan
+            if not math.isfinite(value):
+                shown = repr(value) if alpha.numel() == 1 else f"of shape {list(alpha.shape)}"
+                raise LoraError(f"{name}: LoRA alpha {shown} of '{layer}' is not a finite number; the file's "
+                                "alpha tensors are damaged. Re-export the LoRA")
+            alphas[f"{target}.alpha"] = value
+    return out, alphas, {}, {}
+
+
 # The namings a FLUX LoRA's keys come in. A file may mix them (LoRAs merged by hand, trainers that
 # add layers in another naming); diffusers' converter would then keep one naming and drop the rest
 # unannounced, so each is converted on its own and the results joined (see _to_diffusers_naming).
@@ -462,7 +507,7 @@ def _naming_of(key: str, top_modules) -> str:
         return _BFL
     if key.startswith("lora_unet"):
         return _KOHYA
-    if key.startswith("lora_transformer_"):
+    if key.startswith(_KOHYA_DIFFUSERS_PREFIX):
         return _KOHYA_DIFFUSERS
     if key.startswith(TRANSFORMER_PREFIX):
         return _DIFFUSERS
@@ -504,7 +549,7 @@ def _convert_naming(naming: str, sd: dict[str, torch.Tensor], transformer, path:
         blocks, block_alphas, file_alphas, file_ranks = _kohya_layers(rest, path, naming)
         return {**blocks, **outside}, {**block_alphas, **outside_alphas}, file_alphas, file_ranks
     if naming == _KOHYA_DIFFUSERS:
-        return _kohya_layers(sd, path, naming)
+        return _kohya_diffusers_layers(sd, transformer, path)
     if naming == _DIFFUSERS_BARE:
         sd = {TRANSFORMER_PREFIX + k: v for k, v in sd.items()}
     if naming in (_DIFFUSERS, _DIFFUSERS_BARE):
@@ -972,7 +1017,8 @@ def _read_checked(transformer, path, scale: float) -> _LoraFile:
         # the alphas reported are the file's, not the alpha = rank peft applies to folded layers
         own = [k for k in conv.alphas if k.removeprefix(TRANSFORMER_PREFIX).removesuffix(".alpha")
                not in conv.file_alphas]
-        those = f"those of {len(conv.file_alphas)} layers " if own else ""
+        n = len(conv.file_alphas)
+        those = f"those of {n} layer{'s' if n != 1 else ''} " if own else ""
         alpha_source = f"'.alpha' tensors ({those}{_FOLDED})"
     return _LoraFile(path, scale, conv.sd, md, ranks, cfg, alpha_source, notes, conv.file_alphas, conv.file_ranks)
 

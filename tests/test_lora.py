@@ -753,7 +753,8 @@ def test_every_naming_in_one_file(tmp_path, inputs):
     assert any("ignored 1 text-encoder" in n for n in info.notes)
     reported = {m: (alpha or r) for *_, alpha, m in layers}
     assert info.alpha == 1.0 and info.alphas == {m: a for m, a in reported.items() if a != 1.0}
-    assert "those of 2 layers folded into the weights by diffusers' kohya converter" in info.alpha_source
+    # the kohya block layer's (lora_transformer_* layers map one to one, their alphas as given)
+    assert "those of 1 layer folded into the weights by diffusers' kohya converter" in info.alpha_source
     got = model.state_dict()
     assert set(got) == set(want)
     for key in want:
@@ -1100,3 +1101,33 @@ def test_a_peft_save_pretrained_folder_gets_its_alpha_from_adapter_config_json(t
     info = load_lora(fresh_transformer(), folder / "adapter_model.safetensors", merge=True)
     assert "alpha 4 (none in the file" in info.describe()
     assert any("ignored adapter_config.json beside it: it cannot be read" in n for n in info.notes)
+
+
+def test_kohya_style_diffusers_names_reach_every_linear_layer(tmp_path):
+    """OneTrainer's and ai-toolkit's lora_transformer_<module> layers outside attention
+    (ff.net.0.proj, proj_mlp, norm1.linear) went, through diffusers' converter, to their block
+    and the file was refused ("targets a FluxTransformerBlock"); each now merges as by hand,
+    with its own alpha."""
+    g = torch.Generator().manual_seed(44)
+    base = fresh_transformer().state_dict()
+    modules = {"transformer_blocks.0.ff.net.0.proj": 4.0, "single_transformer_blocks.0.proj_mlp": None,
+               "transformer_blocks.0.norm1.linear": 1.0, "transformer_blocks.0.attn.to_q": 2.0}
+    r, sd, want = 2, {}, dict(base)
+    for module, alpha in modules.items():
+        out_f, in_f = base[f"{module}.weight"].shape
+        a, b = _pair(g, out_f, in_f, r)
+        stem = "lora_transformer_" + module.replace(".", "_")
+        sd[f"{stem}.lora_down.weight"], sd[f"{stem}.lora_up.weight"] = a, b
+        if alpha is not None:
+            sd[f"{stem}.alpha"] = torch.tensor(alpha)
+        want[f"{module}.weight"] = base[f"{module}.weight"] + ((alpha or r) / r) * b @ a
+    model = fresh_transformer()
+    info = load_lora(model, _save(tmp_path, "onetrainer.safetensors", sd), merge=True)
+    assert info.target_modules == sorted(modules)
+    got = model.state_dict()
+    for key in want:
+        torch.testing.assert_close(got[key], want[key], rtol=0, atol=1e-6, msg=key)
+    sd["lora_transformer_transformer_blocks_0_attn_to_nothing.lora_down.weight"] = torch.zeros(2, 4)
+    sd["lora_transformer_transformer_blocks_0_attn_to_nothing.lora_up.weight"] = torch.zeros(4, 2)
+    with pytest.raises(LoraError, match="'lora_transformer_transformer_blocks_0_attn_to_nothing' names no linear layer"):
+        load_lora(fresh_transformer(), _save(tmp_path, "other.safetensors", sd))
