@@ -1440,6 +1440,9 @@ def _bind_whole_image_tiling(vae, tile: int, on: bool, stash_device, memory_limi
     vae._tiled_encode, vae.tiled_decode = tiled_encode, tiled_decode
 
 
+_SD3_VAE = (0.0609, 1.5305)  # (shift_factor, scaling_factor) of SD3's and SD3.5's 16-channel VAE
+
+
 class DiffusersCodec:
     """:class:`~fluxsr_core.interfaces.LatentCodec` over diffusers' ``AutoencoderKL`` (the FLUX VAE).
 
@@ -1476,6 +1479,11 @@ class DiffusersCodec:
         if int(cfg.latent_channels) != L.LATENT_CHANNELS:
             raise WrongModelError(f"this VAE has {cfg.latent_channels} latent channels; FLUX's has 16")
         shift, scale = cfg.get("shift_factor"), cfg.get("scaling_factor")
+        if shift is not None and scale is not None and abs(shift - _SD3_VAE[0]) < 1e-4 and abs(scale - _SD3_VAE[1]) < 1e-4:
+            # the same shapes as FLUX's, so only its config tells: its latents are another space
+            raise WrongModelError(f"this is the SD3/SD3.5 VAE (shift_factor {shift}, scaling_factor {scale}), not "
+                                  f"FLUX's ({L.LATENT_SHIFT}, {L.LATENT_SCALE}); its latents are not FLUX's, so the "
+                                  "colours would come out wrong. Pass FLUX.1-dev's ae.safetensors (or its vae/ folder)")
         if shift is None or scale is None or abs(shift - L.LATENT_SHIFT) > 1e-4 or abs(scale - L.LATENT_SCALE) > 1e-4:
             # We always normalise with FLUX's constants (the transformer was trained on them), so
             # a differing config value is unused; it usually means a hand-written config.json.

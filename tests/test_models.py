@@ -488,6 +488,10 @@ def test_codec_checks_vae_config(caplog):
     with caplog.at_level(logging.WARNING, logger="fluxsr_core.models"):
         models.DiffusersCodec(vae)
     assert "FLUX's are 0.1159 and 0.3611" in caplog.text
+    # SD3's VAE has FLUX's shapes (it loaded, and gave wrong colours): its config values tell
+    vae.register_to_config(shift_factor=0.0609, scaling_factor=1.5305)
+    with pytest.raises(W.WrongModelError, match=r"this is the SD3/SD3.5 VAE .*Pass FLUX.1-dev's ae.safetensors"):
+        models.DiffusersCodec(vae)
     with pytest.raises(ValueError, match="load the VAE with dtype"):
         models.DiffusersCodec(models.load_vae("tiny", dtype="fp32"), compute_dtype="bf16")
 
