@@ -390,6 +390,34 @@ def _as_peft_reads_it(sd: dict[str, torch.Tensor], path: str) -> dict[str, torch
 _KOHYA_PLAIN_SUFFIXES = (".lora_down.weight", ".lora_up.weight", ".alpha")
 
 
+def _layer_groups(sd: Mapping[str, torch.Tensor], name: str, naming: str) -> dict[str, dict[str, torch.Tensor]]:
+    """kohya-style tensors by layer (``<layer>.lora_down.weight``, ``.lora_up.weight``, ``.alpha``);
+    refuses any other part (a DoRA scale, a LyCORIS diff), which leaving out would change the LoRA."""
+    groups: dict[str, dict[str, torch.Tensor]] = {}
+    for k, v in sd.items():
+        groups.setdefault(k.split(".", 1)[0], {})[k] = v
+    for group in groups.values():
+        odd = sorted(k for k in group if not k.endswith(_KOHYA_PLAIN_SUFFIXES))
+        if odd:  # diffusers' converter would drop these with a log line only
+            raise LoraError(f"{name}: '{odd[0]}' is no lora_down/lora_up weight or alpha; FluxSR merges plain "
+                            f"LoRAs (no DoRA magnitudes, no LyCORIS weight or bias diffs) in {naming} naming, "
+                            "and leaving that part out would change what the LoRA does")
+    return groups
+
+
+def _layer_alpha(group: Mapping[str, torch.Tensor], layer: str, name: str) -> Optional[float]:
+    """The layer's ``.alpha`` as a number (None when it has none); a damaged one is refused."""
+    alpha = group.get(f"{layer}.alpha")
+    if alpha is None:
+        return None
+    value = float(alpha.reshape(-1)[0]) if alpha.numel() == 1 else math.nan
+    if not math.isfinite(value):
+        shown = repr(value) if alpha.numel() == 1 else f"of shape {list(alpha.shape)}"
+        raise LoraError(f"{name}: LoRA alpha {shown} of '{layer}' is not a finite number; the file's "
+                        "alpha tensors are damaged. Re-export the LoRA")
+    return value
+
+
 def _kohya_layers(sd: dict[str, torch.Tensor], path: str, naming: str,
                   ) -> tuple[dict[str, torch.Tensor], dict[str, float], dict[str, float], dict[str, int]]:
     """kohya layers (``lora_unet_double_blocks_0_img_attn_qkv``) through diffusers' converter,
@@ -404,16 +432,8 @@ def _kohya_layers(sd: dict[str, torch.Tensor], path: str, naming: str,
     :class:`LoraInfo` reports).
     """
     name = os.path.basename(path)
-    groups: dict[str, dict[str, torch.Tensor]] = {}
-    for k, v in sd.items():
-        groups.setdefault(k.split(".", 1)[0], {})[k] = v
     out, alphas, file_alphas, file_ranks = {}, {}, {}, {}
-    for layer, group in groups.items():
-        odd = sorted(k for k in group if not k.endswith(_KOHYA_PLAIN_SUFFIXES))
-        if odd:  # diffusers' converter would drop these (DoRA scales, LyCORIS diffs) with a log line only
-            raise LoraError(f"{name}: '{odd[0]}' is no lora_down/lora_up weight or alpha; FluxSR merges plain "
-                            f"LoRAs (no DoRA magnitudes, no LyCORIS weight or bias diffs) in {naming} naming, "
-                            "and leaving that part out would change what the LoRA does")
+    for layer, group in _layer_groups(sd, name, naming).items():
         converted, _ = _diffusers_converter(group, path)
         targets = [k[: -len(".lora_A.weight")] for k in converted if k.endswith(".lora_A.weight")]
         if not targets:  # diffusers' kohya converter drops keys it does not know, unannounced
@@ -423,13 +443,8 @@ def _kohya_layers(sd: dict[str, torch.Tensor], path: str, naming: str,
         for target in targets:
             if converted[f"{target}.lora_A.weight"].shape[0] != rank:
                 file_ranks[_module_of(target + ".lora_A.weight")] = rank
-        alpha = group.get(f"{layer}.alpha")
-        if alpha is not None:
-            value = float(alpha.reshape(-1)[0]) if alpha.numel() == 1 else math.nan
-            if not math.isfinite(value):
-                shown = repr(value) if alpha.numel() == 1 else f"of shape {list(alpha.shape)}"
-                raise LoraError(f"{name}: LoRA alpha {shown} of '{layer}' is not a finite number; the file's "
-                                "alpha tensors are damaged. Re-export the LoRA")
+        value = _layer_alpha(group, layer, name)
+        if value is not None:
             for target in targets:
                 file_alphas[_module_of(target + ".lora_A.weight")] = value
                 alphas[f"{target}.alpha"] = float(converted[f"{target}.lora_A.weight"].shape[0])
@@ -451,16 +466,8 @@ def _kohya_diffusers_layers(sd: dict[str, torch.Tensor], transformer, path: str
     name = os.path.basename(path)
     flat = {module.replace(".", "_"): module for module, layer in transformer.named_modules()
             if isinstance(layer, torch.nn.Linear)}
-    groups: dict[str, dict[str, torch.Tensor]] = {}
-    for k, v in sd.items():
-        groups.setdefault(k.split(".", 1)[0], {})[k] = v
     out, alphas = {}, {}
-    for layer, group in groups.items():
-        odd = sorted(k for k in group if not k.endswith(_KOHYA_PLAIN_SUFFIXES))
-        if odd:
-            raise LoraError(f"{name}: '{odd[0]}' is no lora_down/lora_up weight or alpha; FluxSR merges plain "
-                            f"LoRAs (no DoRA magnitudes, no LyCORIS weight or bias diffs) in {_KOHYA_DIFFUSERS} "
-                            "naming, and leaving that part out would change what the LoRA does")
+    for layer, group in _layer_groups(sd, name, _KOHYA_DIFFUSERS).items():
         module = flat.get(layer[len(_KOHYA_DIFFUSERS_PREFIX):])
         if module is None:
             raise LoraError(f"{name}: '{layer}' names no linear layer of this FLUX transformer ({_KOHYA_DIFFUSERS} "
@@ -471,13 +478,8 @@ def _kohya_diffusers_layers(sd: dict[str, torch.Tensor], transformer, path: str
         target = TRANSFORMER_PREFIX + module
         out[f"{target}.lora_A.weight"] = group[f"{layer}.lora_down.weight"]
         out[f"{target}.lora_B.weight"] = group[f"{layer}.lora_up.weight"]
-        alpha = group.get(f"{layer}.alpha")
-        if alpha is not None:
-            value = float(alpha.reshape(-1)[0]) if alpha.numel() == 1 else math.nan
-            if not math.isfinite(value):
-                shown = repr(value) if alpha.numel() == 1 else f"of shape {list(alpha.shape)}"
-                raise LoraError(f"{name}: LoRA alpha {shown} of '{layer}' is not a finite number; the file's "
-                                "alpha tensors are damaged. Re-export the LoRA")
+        value = _layer_alpha(group, layer, name)
+        if value is not None:
             alphas[f"{target}.alpha"] = value
     return out, alphas, {}, {}
 
