@@ -192,7 +192,7 @@ def build_parser() -> argparse.ArgumentParser:
     d.add_argument("--memory-mode", default="auto", choices=("auto",) + MEMORY_MODES,
                    help="for small GPUs: CPU offload (diffusers' hooks) or fp8 weight storage; FLUX.1-dev's "
                         "weights on the GPU: none 22.3 GiB, fp8_storage 14.3, fp8_storage_all 11.2 (modulation "
-                        "in fp8 too, as ComfyUI's fp8), model_offload 22.2, group_offload 1.4. auto (default): "
+                        "in fp8 too, as ComfyUI's fp8), model_offload 22.2, group_offload 1.5. auto (default): "
                         "the fastest whose weights leave 3.5 GiB of the GPU's free memory (none off CUDA)")
     d.add_argument("--speedups", default="",
                    help=f"opt-in, comma-separated: {', '.join(SPEEDUPS)} (see bench/run.py for measured "

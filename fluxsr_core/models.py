@@ -567,7 +567,7 @@ def load_transformer_fp8(source: Union[PathLike, str], memory_mode: str, dtype: 
     A single file is read one tensor at a time: each weight goes to the device, takes its LoRA
     delta there in fp32 (``lora.merge_factors``: peft's merge formula) and is cast to the dtype
     the mode stores it in, so neither RAM nor the device ever holds the model in full precision
-    (FLUX.1-dev: 14.3 or 11.1 GiB on the device for fp8_storage / fp8_storage_all, instead of
+    (FLUX.1-dev: 14.3 or 11.2 GiB on the device for fp8_storage / fp8_storage_all, instead of
     22 GiB of bf16 in RAM first); an fp8 file's weights are kept exactly as they are, in its
     own fp8 dtype (e4m3fn or e5m2) and with a scaled file's row scales, which each call applies
     in fp32 (a LoRA-merged weight is stored again with the file's scale). A
@@ -1021,7 +1021,7 @@ def apply_memory_mode(transformer, vae, mode: str, device: Union[str, torch.devi
     * ``fp8_storage_all``: ``fp8_storage`` with the modulation linears in fp8 too, as ComfyUI's
       ``fp8_e4m3fn`` weight dtype stores FLUX's linears (ComfyUI stores every parameter in fp8;
       here the output projection, the q/k norm scales and unmerged LoRA layers stay in the
-      compute dtype). FLUX.1-dev's transformer: 11.1 GiB, the mode meant for 16 GB
+      compute dtype). FLUX.1-dev's transformer: 11.2 GiB, the mode meant for 16 GB
       cards (a 2048 px upscale needs about 2.5 GiB more with the VAE's whole-image activations in
       CPU memory, 5.4 GiB with them on the device; measured with torch's CPU kernels).
 
