@@ -91,8 +91,9 @@ def _positive_float(text: str) -> float:
 
 
 def _output_megapixels(text: str) -> float:
+    # round, not int: 4.1 * 1e6 is 4099999.9999999995 in floats, and the limit lost a pixel
     value = _positive_float(text)
-    if int(value * 1e6) < 1:
+    if round(value * 1e6) < 1:
         raise argparse.ArgumentTypeError(f"must be at least 0.000001 (one pixel; got {text})")
     return value
 
@@ -619,7 +620,9 @@ def run_upscale(args) -> int:
     cond_bundle, settings, device, dtype = _prepare_run(args, log)
     options = UpscaleOptions(scale=settings.scale, long_side=args.long_side, megapixels=args.megapixels,
                              t_l=settings.t_l, color_fix=args.color_fix, tiling=tiling,
-                             max_output_pixels=int(args.max_output_megapixels * 1e6)).validate()
+                             max_output_pixels=round(args.max_output_megapixels * 1e6)).validate()
+
+    input_pixels: dict[Path, int] = {}  # by source, from the headers: an output smaller is said
 
     def check_size_for(job: Job) -> Callable[[int, int], None]:
         """The size check of ``job``'s input: the output within the size limit, and within what
@@ -627,6 +630,7 @@ def run_upscale(args) -> int:
         limit = _MAX_SIDE.get(job.output_format)
 
         def check_size(h: int, w: int) -> None:
+            input_pixels[job.source] = h * w
             long_side = max(output_size(h, w, options))
             if limit is not None and long_side > limit:
                 raise ValueError(f"the output's long side would be {long_side:,} pixels, but "
@@ -685,6 +689,9 @@ def run_upscale(args) -> int:
         done += 1
         h, w = result.rgb.shape[-2:]
         say(f"ok   {job.source} -> {job.target} ({w}x{h})")
+        if h * w < input_pixels.get(job.source, 0):  # asked for (--long-side, --megapixels, a scale below 1)
+            say(f"note {job.target}: {w}x{h} is smaller than the input: it was scaled down before the model ran, "
+                "as the size asked for says")
         for note in notes:  # what the file's format could not hold
             say(f"note {job.target}: {note}")
 

@@ -1416,9 +1416,12 @@ def target_size(h: int, w: int, scale: Optional[float] = None, long_side: Option
             lower = f"Lower the megapixels (at most {fit_megapixels:g} MP for this {w}x{h} input)"
         else:
             lower = f"Lower the scale (at most {fit_scale:g}x for this {w}x{h} input)"
+        asked, allowed = _megapixels_text(H * W), _megapixels_text(limit)
+        if asked == allowed:  # 67.1 more than 67.1: exact pixel counts instead
+            asked, allowed = f"{H * W:,} pixels, {asked}", f"{limit:,} pixels, {allowed}"
         raise OutputTooLargeError(
-            f"the output would be {W}x{H} = {_megapixels_text(H * W)} megapixels, more than the limit of "
-            f"{_megapixels_text(limit)} MP (max_output_pixels={limit}). {lower} or raise the limit "
+            f"the output would be {W}x{H} = {asked} megapixels, more than the limit of "
+            f"{allowed} MP (max_output_pixels={limit}). {lower} or raise the limit "
             f"(fluxsr upscale --max-output-megapixels) if this machine has the memory.",
             size=(H, W), input_size=(h, w), max_scale=fit_scale, max_long_side=fit_long_side,
             max_megapixels=fit_megapixels)

@@ -1018,3 +1018,29 @@ def test_the_lora_is_reported_with_its_notes(tmp_path, photo_png, tiny_model_fil
     assert "fluxsr: LoRA schnell-lora.safetensors: rank 4, alpha 4" in err and "merged into the weights" in err
     assert ("fluxsr: LoRA: its metadata says it was trained on FLUX.1-schnell "
             "(modelspec.architecture='flux-1-schnell/lora')") in err
+
+
+def test_a_decimal_output_limit_is_the_pixels_it_says_and_a_smaller_output_is_noted(tmp_path, capsys):
+    """--max-output-megapixels 0.001956 let 1955 pixels through (int() of 1955.9999999999998), so an
+    output of exactly the limit was refused; 4.1 and 8.2 lost a pixel too. And a long side below
+    the input's downscales, which is now said."""
+    from fluxsr_core.demo_model import demo_paths
+
+    source = tmp_path / "strip.png"
+    Image.new("RGB", (12, 163), (90, 30, 160)).save(source)
+    common = [*demo_paths().cli_args(), "--device", "cpu", "-q"]
+    assert cli.main(["upscale", str(source), "-o", str(tmp_path / "same.png"), "--scale", "1",
+                     "--max-output-megapixels", "0.001956", *common]) == 0, capsys.readouterr().err
+    capsys.readouterr()
+    assert cli.main(["upscale", str(source), "-o", str(tmp_path / "small.png"), "--long-side", "80", *common]) == 0
+    err = capsys.readouterr().err
+    assert Image.open(tmp_path / "small.png").size == (6, 80)
+    assert f"note {tmp_path / 'small.png'}: 6x80 is smaller than the input: it was scaled down" in err
+
+
+def test_a_refusal_just_over_the_limit_says_the_exact_pixels():
+    from fluxsr_core.images import OutputTooLargeError, target_size
+
+    with pytest.raises(OutputTooLargeError, match=r"8193x8192 = 67,117,056 pixels, 67.1 megapixels, more than the limit "
+                                                  r"of 67,108,864 pixels, 67.1 MP"):
+        target_size(8192, 8193, scale=1, max_output_pixels=8192 * 8192)
