@@ -22,12 +22,17 @@ def atomic_write(path: PathLike, write: Callable[[str], None]) -> str:
     The folder is created if needed. On any failure (also Ctrl-C) the temporary file is removed
     and ``path`` is left as it was; the file's data reach the disk before the rename, and the
     rename after it (:func:`fsync_file`, :func:`fsync_dir`), so a crash or a power cut leaves
-    the old file or the new one, never an empty one. The temporary file is created with mode
-    0o666, so the umask applies as for any file the user makes (``tempfile.mkstemp`` and
-    safetensors give 0o600: a ComfyUI running as another user could not read a LoRA exported
-    that way). Returns ``path`` as a string.
+    the old file or the new one, never an empty one. A new file gets mode 0o666 less the umask,
+    as any file the user makes (``tempfile.mkstemp`` and safetensors give 0o600: a ComfyUI
+    running as another user could not read a LoRA exported that way); a file replaced keeps its
+    own mode (a private 0o600 one stays private). ``path`` a symbolic link: the file it points
+    to is replaced, as Pillow, ``cp`` and editors write through it, and the link stays. The
+    file is written owner-writable whatever the umask (0o222 too), its final mode set last.
+    Returns ``path`` as a string.
     """
     target = Path(path)
+    if target.is_symlink():
+        target = Path(os.path.realpath(target))
     target.parent.mkdir(parents=True, exist_ok=True)
     token = uuid.uuid4().hex[:12]
     tmp = target.with_name(f".{target.name}.{token}.tmp")
@@ -35,13 +40,22 @@ def atomic_write(path: PathLike, write: Callable[[str], None]) -> str:
         tmp = target.with_name(f".fluxsr-{token}.tmp")
     try:
         os.close(os.open(tmp, os.O_CREAT | os.O_EXCL | os.O_WRONLY, 0o666))
-        # What the umask made of 0o666, read back (Python cannot read the umask without changing
-        # it); set again after writing, since some writers replace the file (safetensors makes
-        # its output 0o600).
-        mode = stat.S_IMODE(os.stat(tmp).st_mode)
+        # The mode: the replaced file's, else what the umask made of 0o666, read back (Python
+        # cannot read the umask without changing it). Set last, since some writers replace the
+        # file (safetensors makes its output 0o600) and a read-only mode would stop the writing
+        # and the fsync, which reopen it.
+        try:
+            old = os.stat(target)
+            mode = stat.S_IMODE(old.st_mode) if stat.S_ISREG(old.st_mode) else None
+        except OSError:
+            mode = None
+        if mode is None:
+            mode = stat.S_IMODE(os.stat(tmp).st_mode)
+        os.chmod(tmp, mode | stat.S_IRUSR | stat.S_IWUSR)
         write(str(tmp))
-        os.chmod(tmp, mode)
+        os.chmod(tmp, mode | stat.S_IRUSR | stat.S_IWUSR)
         fsync_file(tmp)
+        os.chmod(tmp, mode)
         os.replace(tmp, target)
         fsync_dir(target.parent)
     except BaseException:

@@ -324,8 +324,24 @@ _MAX_TEXT_CHARS = 1 << 20  # per entry: more is a data dump, not a caption
 
 
 def carried_text(img: Image.Image, notes: Optional[list[str]] = None) -> dict[str, str]:
-    """A PNG's descriptive text chunks (:data:`PNG_TEXT_KEYS`), by keyword; empty for other
-    formats. An entry over a million characters is left out with a note."""
+    """A PNG's descriptive text chunks (:data:`PNG_TEXT_KEYS`), by keyword, or a JPEG's comment
+    (its COM segment) as ``Comment``; empty for other formats. An entry over a million
+    characters is left out with a note."""
+    if img.format == "JPEG":
+        raw = img.info.get("comment")
+        if not isinstance(raw, (bytes, str)) or not raw:
+            return {}
+        try:
+            comment = raw.decode("utf-8") if isinstance(raw, bytes) else raw
+        except UnicodeDecodeError:  # older tools wrote Latin-1
+            comment = raw.decode("latin-1")
+        comment = comment.rstrip("\0")
+        if len(comment) > _MAX_TEXT_CHARS:
+            if notes is not None:
+                notes.append(f"its JPEG comment ({len(comment):,} characters) is too long to copy; the result is "
+                             "written without it")
+            return {}
+        return {"Comment": comment} if comment else {}
     if img.format != "PNG":
         return {}
     try:
@@ -1160,6 +1176,10 @@ def save_image(path: str | os.PathLike, rgb: torch.Tensor, alpha: Optional[torch
             kw["comment"] = text["Comment"].encode("utf-8")  # (its length checked by _text_for)
         if fmt in ("JPEG", "WEBP"):
             kw["quality"] = quality
+        if fmt == "JPEG" and quality >= JPEG_FULL_CHROMA_QUALITY:
+            # Pillow's default 4:2:0 halves the colour's resolution, at any quality: the colour
+            # detail the upscale just made; 4:4:4 at the high qualities people pick to keep it
+            kw["subsampling"] = 0
         im.save(tmp, format=fmt, **kw)
 
     atomic_write(p, write)
@@ -1170,6 +1190,10 @@ def save_image(path: str | os.PathLike, rgb: torch.Tensor, alpha: Optional[torch
             warnings.warn(f"{p.name}: {message}", stacklevel=2)
     return p
 
+
+# From this JPEG quality up (the CLI's default 95 included) the colour is stored at full
+# resolution (4:4:4) rather than Pillow's 4:2:0; below it, where size matters, it is halved.
+JPEG_FULL_CHROMA_QUALITY = 90
 
 # Pixels quantised per band of rows: the float64 copies of the whole picture took 5x its own
 # float32 size (1.3 GiB extra for a 4096 px RGBA 8-bit save; banded: 0.2 GiB).

@@ -112,3 +112,31 @@ def test_data_reach_the_disk_before_the_rename_and_the_rename_after(tmp_path, mo
             s.write_bytes(b"new")
     assert [(e[0], e[2]) for e in events] == [("fsync", False)] * 2 + [("replace", False)] * 2 + [("fsync", True)]
     assert (tmp_path / "config.yaml").read_text() == "a: 1\n" and (tmp_path / "b.bin").read_bytes() == b"new"
+
+
+def test_a_replaced_file_keeps_its_mode_a_link_is_written_through_and_any_umask_can_write(tmp_path):
+    """--overwrite of a private 0o600 picture made it 0o644 (the umask's mode); over a symbolic
+    link the link was replaced by a file while the picture it points to stayed old; under umask
+    0o222 the temporary file was read-only while being written (a non-root user could not)."""
+    import stat as st
+
+    private = tmp_path / "private.png"
+    private.write_bytes(b"old")
+    private.chmod(0o600)
+    files.atomic_write(private, lambda tmp: open(tmp, "wb").write(b"new"))
+    assert private.read_bytes() == b"new" and st.S_IMODE(private.stat().st_mode) == 0o600
+    real = tmp_path / "real.png"
+    real.write_bytes(b"old")
+    link = tmp_path / "link.png"
+    link.symlink_to(real)
+    files.atomic_write(link, lambda tmp: open(tmp, "wb").write(b"new"))
+    assert link.is_symlink() and real.read_bytes() == b"new"
+    seen = []
+    old_umask = os.umask(0o222)
+    try:
+        files.atomic_write(tmp_path / "fresh.png",
+                           lambda tmp: (seen.append(st.S_IMODE(os.stat(tmp).st_mode)), open(tmp, "wb").write(b"x")))
+    finally:
+        os.umask(old_umask)
+    assert seen[0] & st.S_IWUSR  # writable while written
+    assert st.S_IMODE((tmp_path / "fresh.png").stat().st_mode) == 0o444  # the umask's mode in the end

@@ -1662,3 +1662,29 @@ def test_saving_in_bands_of_rows_writes_the_same_levels(tmp_path, monkeypatch, b
     levels = 65535 if bit_depth == 16 else 255
     expected = torch.floor(rgb.double().clamp(0, 1) * levels + 0.5) / levels
     assert torch.equal(load_image(tmp_path / "bands.png").rgb.double(), expected.float().double())
+
+
+def test_jpeg_outputs_keep_full_colour_resolution_at_high_quality(tmp_path, rng):
+    """Pillow's JPEG default subsamples colour 4:2:0 at any quality, halving the colour detail an
+    upscale makes; from quality 90 (the CLI's default 95) it is stored 4:4:4, below that 4:2:0."""
+    from PIL import JpegImagePlugin
+
+    rgb = torch.from_numpy(rng.random((1, 3, 32, 48))).float()
+    for quality, sampling in ((95, 0), (90, 0), (75, 2)):
+        out = I.save_image(tmp_path / f"q{quality}.jpg", rgb, quality=quality)
+        assert JpegImagePlugin.get_sampling(Image.open(out)) == sampling, quality
+
+
+def test_a_jpegs_comment_is_carried_as_its_comment(tmp_path, rng):
+    """A JPEG's COM segment was lost without a note: it is now the picture's Comment, written
+    back as a JPEG comment or a PNG Comment text chunk."""
+    arr = rng.integers(0, 256, (16, 24, 3), dtype=np.uint8)
+    Image.fromarray(arr).save(tmp_path / "c.jpg", comment="my caption: café".encode())
+    loaded = load_image(tmp_path / "c.jpg")
+    assert loaded.text == {"Comment": "my caption: café"}
+    I.save_image(tmp_path / "o.jpg", loaded.rgb, text=loaded.text)
+    assert Image.open(tmp_path / "o.jpg").info["comment"] == "my caption: café".encode()
+    I.save_image(tmp_path / "o.png", loaded.rgb, text=loaded.text)
+    assert Image.open(tmp_path / "o.png").text["Comment"] == "my caption: café"
+    Image.fromarray(arr).save(tmp_path / "latin.jpg", comment="caf\xe9".encode("latin-1"))
+    assert load_image(tmp_path / "latin.jpg").text == {"Comment": "café"}
