@@ -321,6 +321,8 @@ def _xmp_packet(img: Image.Image) -> Optional[bytes | str]:
 PNG_TEXT_KEYS = ("Title", "Author", "Description", "Copyright", "Creation Time", "Software", "Disclaimer",
                  "Warning", "Source", "Comment")
 _MAX_TEXT_CHARS = 1 << 20  # per entry: more is a data dump, not a caption
+# Text chunks that hold metadata carried on its own (XMP; ImageMagick's raw EXIF/XMP profiles).
+_TEXT_CARRIED_APART = ("XML:com.adobe.xmp", "Raw profile type ")
 
 
 def carried_text(img: Image.Image, notes: Optional[list[str]] = None) -> dict[str, str]:
@@ -361,6 +363,12 @@ def carried_text(img: Image.Image, notes: Optional[list[str]] = None) -> dict[st
                              "the result is written without it")
             continue
         kept[key] = str(value)
+    left = sorted(k for k, v in chunks.items() if k not in PNG_TEXT_KEYS and isinstance(v, str) and v
+                  and not k.startswith(_TEXT_CARRIED_APART))
+    if left and notes is not None:  # left out on purpose (see PNG_TEXT_KEYS), but said
+        shown = ", ".join(repr(k) for k in left[:4]) + (f" and {len(left) - 4} more" if len(left) > 4 else "")
+        notes.append(f"its PNG text {shown} is not carried: only the text that describes the picture is (Title, "
+                     "Author, Description, Copyright, ...), not a generator's record of how the source was made")
     return kept
 
 

@@ -1290,6 +1290,9 @@ def test_png_text_carries_what_describes_the_picture_not_a_generators_graph(tmp_
     loaded = load_image(tmp_path / "src.png")
     assert loaded.text == {"Title": "Sea at dusk", "Author": "\u0399\u03c9\u03ac\u03bd\u03bd\u03b7\u03c2",
                            "Description": "long " * 400, "Copyright": "\u00a9 J\u00f6rg"}
+    assert [n for n in loaded.notes if "PNG text" in n] == [
+        "its PNG text 'parameters', 'prompt', 'workflow' is not carried: only the text that describes the picture is "
+        "(Title, Author, Description, Copyright, ...), not a generator's record of how the source was made"]
     for name, bit_depth in (("o.png", 8), ("o16.png", 16)):
         save_image(tmp_path / name, loaded.rgb, bit_depth=bit_depth, text=loaded.text)
         with Image.open(tmp_path / name) as out:
