@@ -220,7 +220,7 @@ def _tiling_from_args(args):
         raise UsageError(f"--vae-overlap must be 0 or a positive multiple of 8 pixels (got {args.vae_overlap})")
     vae_overlap = args.vae_overlap
     if args.vae_tile and vae_overlap >= args.vae_tile:
-        if getattr(args, "vae_tile_norm", "tile") == "tile":
+        if args.vae_tile_norm == "tile":
             whose = ", its default" if vae_overlap == TilingConfig().vae_overlap else ""
             raise UsageError(f"--vae-overlap ({vae_overlap} px{whose}) must be smaller than --vae-tile "
                              f"({args.vae_tile} px) with --vae-tile-norm tile; a quarter of the tile is usual: "

@@ -123,10 +123,11 @@ def check_same_teacher(folder: str, pair_id: str, teacher_model: str) -> None:
             "not be stored. Give this MODEL a dataset folder of its own")
 
 
-def write_pair(folder: str, result: TeacherResult, core_cond: Any, seed: int, steps: int,
+def write_pair(folder: str, pid: str, result: TeacherResult, core_cond: Any, seed: int, steps: int,
                width: int, height: int, patches: tuple[int, str] = (0, ""),
-               weights: str = "full", teacher_model: str = "") -> tuple[str, Optional[str], bool]:
-    """Add the pair to ``folder`` as one new shard; returns ``(pair_id, shard, added)``.
+               weights: str = "full", teacher_model: str = "") -> tuple[Optional[str], bool]:
+    """Add the pair ``pid`` (:func:`pair_id_for`) to ``folder`` as one new shard; returns
+    ``(shard, added)``.
 
     ``added`` False means the same pair was already stored (re-running a graph never duplicates
     pairs); ``shard`` is then the one holding it (None if no manifest lists it any more).
@@ -135,7 +136,6 @@ def write_pair(folder: str, result: TeacherResult, core_cond: Any, seed: int, st
     the id, when not ``full``); ``teacher_model``: its :func:`~.comfy_adapters.teacher_model_fingerprint`,
     recorded as ``teacher_model`` (compared by :func:`check_same_teacher`).
     """
-    pid = pair_id_for(core_cond, seed, width, height, steps, patches[1], weights)
     meta = {"seed": int(seed), "width": int(width), "height": int(height), "steps": int(steps),
             "guidance": float(core_cond.guidance), "sigmas": [float(s) for s in result.sigmas],
             "source": "ComfyUI FluxSRTeacherSampler", "teacher_weights": weights}
@@ -152,7 +152,7 @@ def write_pair(folder: str, result: TeacherResult, core_cond: Any, seed: int, st
         added = writer.add(pid, result.noise[0], result.z0[0], core_cond.t5, core_cond.clip_pooled,
                            meta=meta, image=result.image[0])
     found = pairs.stored_record(folder, pid)
-    return pid, (found[0] if found else None), added
+    return (found[0] if found else None), added
 
 
 # Folders (os.pathsep-separated) where datasets may go besides ComfyUI's output folder.
@@ -354,17 +354,17 @@ class FluxSRTeacherSampler:
             log.warning("FluxSR teacher: the MODEL's weights are stored as %s, which changes the teacher's samples "
                         "(FluxSR distils FLUX.1-dev; fluxsr-train pairs refuses GGUF). Pairs from it record "
                         "teacher_weights %s and are stored under their own ids (suffix -w%s).", storage, storage, storage)
-        teacher_model = ""
+        teacher_model = pid = ""
         if folder is not None:  # before 28 steps of sampling, not after
             teacher_model = comfy_adapters.teacher_model_fingerprint(model)
-            check_same_teacher(folder, pair_id_for(core_cond, int(seed), int(width), int(height), int(steps),
-                                                   patches[1], storage), teacher_model)
+            pid = pair_id_for(core_cond, int(seed), int(width), int(height), int(steps), patches[1], storage)
+            check_same_teacher(folder, pid, teacher_model)
         result = sample_teacher(velocity, codec, conditioning, int(seed), int(steps), int(width), int(height),
                                 int(trajectory_previews), progress=progress.for_item(0),
                                 cancel_check=comfy_adapters.cancel_check)
         if folder is not None:
-            pid, shard, added = write_pair(folder, result, core_cond, int(seed), int(steps), int(width),
-                                           int(height), patches, storage, teacher_model)
+            shard, added = write_pair(folder, pid, result, core_cond, int(seed), int(steps), int(width),
+                                      int(height), patches, storage, teacher_model)
             _folder_written(folder, shard)
             if added:
                 log.info("FluxSR teacher: pair %s written to %s (%s)", pid, folder, shard)

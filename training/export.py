@@ -31,8 +31,8 @@ from fluxsr_core.settings import RunSettings
 from fluxsr_core.weights import CorruptWeightsError
 
 from .trainer import (CHECKPOINT_DIR, CONDITIONING_FILE, CONFIG_FILE, EMA_LORA_FILE, LORA_FILE, STATE_FILE,
-                      DamagedCheckpointError, TrainConfig, bundle_prompt, conditioning_digest, latest_checkpoint,
-                      list_checkpoints, load_train_config, read_checkpoint_state, read_lora_state)
+                      DamagedCheckpointError, TrainConfig, bundle_prompt, checkpoint_before, conditioning_digest,
+                      latest_checkpoint, load_train_config, read_checkpoint_state, read_lora_state)
 
 log = logging.getLogger("fluxsr.export")
 
@@ -191,9 +191,8 @@ def export_student(checkpoint: str | os.PathLike, output_dir: str | os.PathLike,
     try:
         tensors, rank, alpha = read_lora_state(src)
     except CorruptWeightsError as exc:
-        others = [c for c in list_checkpoints(ckpt.parent.parent) if c != ckpt] if ckpt.parent.name == CHECKPOINT_DIR \
-            else []
-        advice = [f"export an earlier checkpoint ({others[-1]})" if others else "",
+        earlier = checkpoint_before(ckpt)
+        advice = [f"export an earlier checkpoint ({earlier})" if earlier else "",
                   "export its raw weights with --no-ema" if use_ema and (ckpt / LORA_FILE).is_file() else ""]
         advice = " or ".join(a for a in advice if a) or "train again from its run's last whole checkpoint"
         raise DamagedCheckpointError(f"checkpoint {ckpt} is damaged: {exc}; {advice}") from None

@@ -1089,13 +1089,22 @@ class DamagedCheckpointError(ValueError):
     """A checkpoint whose files cannot be read; the message names it and the one to use instead."""
 
 
+def checkpoint_before(checkpoint: str | os.PathLike) -> Optional[Path]:
+    """The newest complete checkpoint of ``checkpoint``'s run before it, or None (none, or
+    ``checkpoint`` is no ``step-N`` folder of a run)."""
+    checkpoint = Path(checkpoint)
+    if not _CKPT_RE.match(checkpoint.name):
+        return None
+    earlier = [c for c in list_checkpoints(checkpoint.parent.parent) if checkpoint_step(c) < checkpoint_step(checkpoint)]
+    return earlier[-1] if earlier else None
+
+
 def damaged_checkpoint(checkpoint: str | os.PathLike, what: str) -> DamagedCheckpointError:
     """The error for ``checkpoint`` being damaged (``what``: which file, and how), advising the
     newest complete checkpoint before it, if its run has one."""
     checkpoint = Path(checkpoint)
-    earlier = [c for c in list_checkpoints(checkpoint.parent.parent)
-               if checkpoint_step(c) < checkpoint_step(checkpoint)] if _CKPT_RE.match(checkpoint.name) else []
-    advice = (f"resume from the one before it (--resume {earlier[-1]}), or move this one away"
+    earlier = checkpoint_before(checkpoint)
+    advice = (f"resume from the one before it (--resume {earlier}), or move this one away"
               if earlier else "move it away and start the run again")
     return DamagedCheckpointError(f"checkpoint {checkpoint} is damaged: {what}; {advice}")
 
